@@ -1,0 +1,216 @@
+//! The CloudEvents bindings shared by the HTTP ingress and the NATS transport: binary mode
+//! (`ce-` headers, data as the body) and structured mode (`application/cloudevents+json`).
+//! A message with neither is still an event: id, time and type are filled in.
+
+use crate::event::{Event, now_rfc3339};
+use bytes::Bytes;
+
+/// Media type of structured-mode CloudEvents.
+pub const STRUCTURED: &str = "application/cloudevents+json";
+
+/// Headers that describe the transport, not the event; never copied into extensions.
+const TRANSPORT_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "user-agent",
+    "accept",
+    "accept-encoding",
+    "connection",
+    "authorization",
+    "transfer-encoding",
+    "expect",
+];
+
+/// Builds the event that arrived on `subject` with `headers` and `body`.
+pub fn decode<'a>(
+    subject: &str,
+    headers: impl Iterator<Item = (&'a str, &'a str)>,
+    body: Bytes,
+) -> Result<Event, String> {
+    let headers: Vec<(String, &str)> = headers.map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
+    let content_type = headers
+        .iter()
+        .find(|(k, _)| k == "content-type")
+        .map(|(_, v)| *v);
+    if content_type.is_some_and(|c| c.starts_with(STRUCTURED)) {
+        return decode_structured(subject, &body);
+    }
+    let has_ce_id = headers.iter().any(|(k, _)| k == "ce-id");
+    let mut ev = Event::new(subject, body);
+    ev.datacontenttype = content_type.map(str::to_owned);
+    for (name, value) in headers {
+        let value = percent_decode(value);
+        match name.strip_prefix("ce-") {
+            Some("id") => ev.id = value,
+            Some("source") => ev.source = value,
+            Some("type") => ev.ty = value,
+            Some("time") => ev.time = value,
+            Some("specversion") | Some("subject") => {}
+            Some(ext) => ev.extensions.push((ext.to_string(), value)),
+            None if name == "content-type" => {}
+            None if name == "nats-msg-id" => {
+                if !has_ce_id {
+                    ev.id = value.clone();
+                }
+                ev.extensions.push((name, value));
+            }
+            None if TRANSPORT_HEADERS.contains(&name.as_str()) => {}
+            None => ev.extensions.push((name, value)),
+        }
+    }
+    if ev.id.is_empty() {
+        return Err("ce-id is empty".into());
+    }
+    Ok(ev)
+}
+
+fn decode_structured(subject: &str, body: &[u8]) -> Result<Event, String> {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| format!("structured CloudEvent is not valid JSON: {e}"))?;
+    let obj = v
+        .as_object()
+        .ok_or("structured CloudEvent is not a JSON object")?;
+    let text = |k: &str| obj.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    let mut ev = Event::new(subject, Bytes::new());
+    if let Some(id) = text("id") {
+        ev.id = id;
+    }
+    if let Some(s) = text("source") {
+        ev.source = s;
+    }
+    if let Some(t) = text("type") {
+        ev.ty = t;
+    }
+    ev.time = text("time").unwrap_or_else(now_rfc3339);
+    ev.datacontenttype = text("datacontenttype");
+    ev.data = if let Some(b64) = text("data_base64") {
+        Bytes::from(base64_decode(&b64).ok_or("data_base64 is not valid base64")?)
+    } else {
+        match obj.get("data") {
+            None | Some(serde_json::Value::Null) => Bytes::new(),
+            Some(serde_json::Value::String(s))
+                if ev
+                    .datacontenttype
+                    .as_deref()
+                    .is_some_and(|c| !c.contains("json")) =>
+            {
+                Bytes::from(s.clone().into_bytes())
+            }
+            Some(other) => {
+                if ev.datacontenttype.is_none() {
+                    ev.datacontenttype = Some("application/json".into());
+                }
+                Bytes::from(serde_json::to_vec(other).expect("re-encoding JSON"))
+            }
+        }
+    };
+    for (k, v) in obj {
+        let known = [
+            "id",
+            "source",
+            "type",
+            "time",
+            "datacontenttype",
+            "data",
+            "data_base64",
+            "specversion",
+            "subject",
+        ];
+        if !known.contains(&k.as_str()) {
+            let value = v
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| v.to_string());
+            ev.extensions.push((k.to_ascii_lowercase(), value));
+        }
+    }
+    Ok(ev)
+}
+
+/// Decodes `%XX` escapes (the CloudEvents binary-mode header encoding); invalid escapes stay.
+pub fn percent_decode(s: &str) -> String {
+    if !s.contains('%') {
+        return s.to_string();
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.bytes().filter(|c| !c.is_ascii_whitespace() && *c != b'=') {
+        let v = ALPHABET.iter().position(|a| *a == c)? as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binary_mode_maps_ce_headers() {
+        let h = [
+            ("ce-id", "e-1"),
+            ("ce-source", "/shop"),
+            ("ce-type", "order.v1"),
+            ("ce-tenant", "acme%20co"),
+            ("content-type", "application/json"),
+        ];
+        let ev = decode("orders.created", h.into_iter(), Bytes::from_static(b"{}")).unwrap();
+        assert_eq!(
+            (ev.id.as_str(), ev.source.as_str(), ev.ty.as_str()),
+            ("e-1", "/shop", "order.v1")
+        );
+        assert_eq!(ev.header("tenant"), Some("acme co"));
+        assert_eq!(ev.datacontenttype.as_deref(), Some("application/json"));
+        assert_eq!(ev.subject, "orders.created");
+    }
+
+    #[test]
+    fn plain_message_gets_id_time_and_type() {
+        let ev = decode("a.b", std::iter::empty(), Bytes::from_static(b"x")).unwrap();
+        assert!(!ev.id.is_empty());
+        assert_eq!(ev.ty, "a.b");
+        assert!(ev.time.ends_with('Z'));
+    }
+
+    #[test]
+    fn structured_mode_reads_the_envelope() {
+        let body = br#"{"specversion":"1.0","id":"s-1","source":"/x","type":"t","data":{"a":1},"tenant":"acme"}"#;
+        let h = [("content-type", "application/cloudevents+json")];
+        let ev = decode("a.b", h.into_iter(), Bytes::from_static(body)).unwrap();
+        assert_eq!(ev.id, "s-1");
+        assert_eq!(ev.data, Bytes::from_static(br#"{"a":1}"#));
+        assert_eq!(ev.header("tenant"), Some("acme"));
+        let bad = decode("a.b", h.into_iter(), Bytes::from_static(b"{nope"));
+        assert!(bad.unwrap_err().contains("not valid JSON"));
+    }
+
+    #[test]
+    fn base64_data_decodes() {
+        assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
+    }
+}

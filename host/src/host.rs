@@ -1,0 +1,139 @@
+//! The host: wires config, transport, sandbox, router and API together, and shuts them down.
+
+use crate::api;
+use crate::config::Config;
+use crate::event::Event;
+use crate::kv::{KvStore, MemoryKv};
+use crate::loader::{self, Rejected};
+use crate::router::Router;
+use crate::sandbox::Sandbox;
+use crate::transport::Transport;
+use crate::transport::embedded::EmbeddedBus;
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
+
+/// A running host.
+pub struct Host {
+    transport: Arc<dyn Transport>,
+    router: Arc<Router>,
+    kv: Arc<dyn KvStore>,
+    rejected: Arc<Mutex<Vec<Rejected>>>,
+    http_addr: Option<SocketAddr>,
+    stop_http: Option<oneshot::Sender<()>>,
+    http_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Host {
+    /// Loads the plugins folder, subscribes every plugin and starts the HTTP API.
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let transport: Arc<dyn Transport> = Arc::new(EmbeddedBus::new());
+        let kv: Arc<dyn KvStore> = Arc::new(MemoryKv::new());
+        let mut settings = config.sandbox.clone();
+        settings.max_memory_mib = settings.max_memory_mib.max(config.limits.memory_mib).max(
+            config
+                .plugins
+                .values()
+                .filter_map(|p| p.limits.as_ref())
+                .map(|l| l.memory_mib)
+                .max()
+                .unwrap_or(0),
+        );
+        let sandbox = Sandbox::new(settings)?;
+        let router = Arc::new(Router::new(transport.clone()));
+
+        let (loaded, rejected) = loader::load_dir(&sandbox, &config, &kv).await?;
+        for (path, plugin) in loaded {
+            let name = plugin.name().to_string();
+            router
+                .install(plugin, config.flow_for(&name))
+                .await
+                .with_context(|| format!("subscribing plugin {name} from {}", path.display()))?;
+        }
+        let rejected = Arc::new(Mutex::new(rejected));
+
+        let (mut http_addr, mut stop_http, mut http_task) = (None, None, None);
+        if let Some(addr) = config.http {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the HTTP API to {addr}"))?;
+            http_addr = Some(listener.local_addr()?);
+            let state = api::ApiState {
+                transport: transport.clone(),
+                router: router.clone(),
+                rejected: rejected.clone(),
+                max_event_bytes: config.limits.max_event_bytes as usize,
+            };
+            let (tx, rx) = oneshot::channel::<()>();
+            stop_http = Some(tx);
+            http_task = Some(tokio::spawn(async move {
+                let app = api::router(state);
+                let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+                    let _ = rx.await;
+                });
+                if let Err(e) = serve.await {
+                    tracing::error!("HTTP API stopped: {e}");
+                }
+            }));
+            tracing::info!(addr = %http_addr.expect("bound"), "HTTP API listening");
+        }
+        tracing::info!(
+            transport = transport.name(),
+            plugins = router.names().len(),
+            rejected = rejected.lock().expect("poisoned").len(),
+            "host ready"
+        );
+        Ok(Self {
+            transport,
+            router,
+            kv,
+            rejected,
+            http_addr,
+            stop_http,
+            http_task,
+        })
+    }
+
+    /// Publishes an event into the bus, as a producer would.
+    pub async fn publish(&self, event: Event) -> anyhow::Result<()> {
+        self.transport.publish(event).await.context("publishing")
+    }
+
+    /// Observes every event matching `patterns` (outputs included).
+    pub async fn observe(&self, patterns: &[&str]) -> anyhow::Result<mpsc::Receiver<Arc<Event>>> {
+        let patterns = patterns.iter().map(|s| s.to_string()).collect();
+        Ok(self.transport.observe(patterns, 1 << 16).await?)
+    }
+
+    /// The plugin kv store.
+    pub fn kv(&self) -> &Arc<dyn KvStore> {
+        &self.kv
+    }
+
+    /// The live plugins.
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// Files that could not be loaded.
+    pub fn rejected(&self) -> Vec<Rejected> {
+        self.rejected.lock().expect("poisoned").clone()
+    }
+
+    /// Where the HTTP API listens.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// Stops the HTTP API and waits for it.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.stop_http.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.http_task.take() {
+            let _ = task.await;
+        }
+        tracing::info!("host stopped");
+    }
+}

@@ -1,0 +1,176 @@
+//! Plugin key-value state: the store behind the `kv` import.
+//!
+//! Every handler attempt works on a [`Txn`]: reads are recorded with the version they saw,
+//! writes are buffered. When the handler returns Ok the transaction commits atomically, or
+//! fails with a conflict if another event changed a key it read meanwhile; dispatch then runs
+//! the handler again. So concurrent events never lose each other's updates, and a failed
+//! attempt leaves no trace.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+/// Why a kv operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KvError {
+    /// Another event changed `key` after this attempt read it.
+    #[error("kv conflict on key {0:?}")]
+    Conflict(String),
+    /// The store could not be reached.
+    #[error("kv store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A value and the version it was written at (versions start at 1 and only grow).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    /// The bytes.
+    pub value: Vec<u8>,
+    /// Its version.
+    pub version: u64,
+}
+
+/// A namespaced, versioned key-value store.
+pub trait KvStore: Send + Sync {
+    /// Reads `key` in namespace `ns`.
+    fn get(&self, ns: &str, key: &str) -> Result<Option<Versioned>, KvError>;
+    /// Applies `txn` atomically if none of the keys it read changed since.
+    fn commit(&self, ns: &str, txn: &Txn) -> Result<(), KvError>;
+}
+
+/// One attempt's reads and buffered writes.
+#[derive(Debug, Default, Clone)]
+pub struct Txn {
+    /// Key → version seen (0 = absent).
+    pub reads: HashMap<String, u64>,
+    /// Key → new value (`None` = delete).
+    pub writes: BTreeMap<String, Option<Vec<u8>>>,
+}
+
+impl Txn {
+    /// Reads through the transaction: its own writes first, then the store.
+    pub fn get(
+        &mut self,
+        store: &dyn KvStore,
+        ns: &str,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, KvError> {
+        if let Some(w) = self.writes.get(key) {
+            return Ok(w.clone());
+        }
+        let got = store.get(ns, key)?;
+        self.reads
+            .entry(key.to_string())
+            .or_insert(got.as_ref().map_or(0, |v| v.version));
+        Ok(got.map(|v| v.value))
+    }
+
+    /// Buffers a write.
+    pub fn set(&mut self, key: &str, value: Vec<u8>) {
+        self.writes.insert(key.to_string(), Some(value));
+    }
+
+    /// Buffers a delete.
+    pub fn delete(&mut self, key: &str) {
+        self.writes.insert(key.to_string(), None);
+    }
+
+    /// Whether the transaction wrote anything.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+}
+
+/// The in-memory store (state is lost on restart).
+#[derive(Default)]
+pub struct MemoryKv {
+    data: Mutex<HashMap<(String, String), Versioned>>,
+    clock: Mutex<u64>,
+}
+
+impl MemoryKv {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl KvStore for MemoryKv {
+    fn get(&self, ns: &str, key: &str) -> Result<Option<Versioned>, KvError> {
+        let data = self
+            .data
+            .lock()
+            .map_err(|_| KvError::Unavailable("poisoned".into()))?;
+        Ok(data.get(&(ns.to_string(), key.to_string())).cloned())
+    }
+
+    fn commit(&self, ns: &str, txn: &Txn) -> Result<(), KvError> {
+        let mut data = self
+            .data
+            .lock()
+            .map_err(|_| KvError::Unavailable("poisoned".into()))?;
+        for (key, seen) in &txn.reads {
+            let now = data
+                .get(&(ns.to_string(), key.clone()))
+                .map_or(0, |v| v.version);
+            if now != *seen {
+                return Err(KvError::Conflict(key.clone()));
+            }
+        }
+        let mut clock = self
+            .clock
+            .lock()
+            .map_err(|_| KvError::Unavailable("poisoned".into()))?;
+        *clock += 1;
+        for (key, value) in &txn.writes {
+            let k = (ns.to_string(), key.clone());
+            match value {
+                Some(v) => {
+                    data.insert(
+                        k,
+                        Versioned {
+                            value: v.clone(),
+                            version: *clock,
+                        },
+                    );
+                }
+                None => {
+                    data.remove(&k);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_detects_a_concurrent_change() {
+        let kv = MemoryKv::new();
+        let mut a = Txn::default();
+        let mut b = Txn::default();
+        assert_eq!(a.get(&kv, "p", "n").unwrap(), None);
+        assert_eq!(b.get(&kv, "p", "n").unwrap(), None);
+        a.set("n", b"1".to_vec());
+        b.set("n", b"1".to_vec());
+        kv.commit("p", &a).unwrap();
+        assert_eq!(kv.commit("p", &b), Err(KvError::Conflict("n".into())));
+        assert_eq!(kv.get("p", "n").unwrap().unwrap().value, b"1");
+    }
+
+    #[test]
+    fn namespaces_are_separate_and_reads_see_own_writes() {
+        let kv = MemoryKv::new();
+        let mut t = Txn::default();
+        t.set("k", b"v".to_vec());
+        assert_eq!(t.get(&kv, "p", "k").unwrap(), Some(b"v".to_vec()));
+        kv.commit("p", &t).unwrap();
+        assert!(kv.get("q", "k").unwrap().is_none());
+        let mut d = Txn::default();
+        d.delete("k");
+        kv.commit("p", &d).unwrap();
+        assert!(kv.get("p", "k").unwrap().is_none());
+    }
+}

@@ -1,0 +1,24 @@
+//! plugbus: a WebAssembly-pluggable event-handler host.
+//!
+//! See `ARCHITECTURE.md` for the codemap. In one line: a [`transport`] delivers events, the
+//! [`router`] hands each to every plugin whose subscription matches, [`dispatch`] runs it
+//! through the [`sandbox`] and settles it, and what the handler published goes back out
+//! through the transport.
+
+pub mod api;
+pub mod cloudevents;
+pub mod config;
+pub mod dispatch;
+pub mod event;
+pub mod host;
+pub mod kv;
+pub mod loader;
+pub mod manifest;
+pub mod router;
+pub mod sandbox;
+pub mod subject;
+pub mod transport;
+
+pub use config::Config;
+pub use event::Event;
+pub use host::Host;

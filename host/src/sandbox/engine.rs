@@ -1,0 +1,206 @@
+//! The wasmtime engine: pooling allocator, epoch ticker, the linker with our imports.
+
+use super::bindings;
+use super::limits::Limits;
+use super::plugin::{Plugin, PluginSettings};
+use super::state::{HostState, PluginCtx};
+use super::validate::{self, LoadError};
+use crate::kv::MemoryKv;
+use crate::manifest::Manifest;
+use crate::subject::PatternSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+
+/// How often the epoch advances: the granularity of deadlines and of yielding to the runtime.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Engine-wide settings (per-plugin ones are in [`Limits`]).
+#[derive(Debug, Clone)]
+pub struct SandboxSettings {
+    /// How many instances may be live at once across all plugins (pool size).
+    pub max_instances: u32,
+    /// The largest memory cap any plugin may have (pool slot size), in MiB.
+    pub max_memory_mib: u64,
+    /// Wasm stack cap, in bytes (engine-wide: wasmtime sets it per engine).
+    pub max_stack_bytes: usize,
+}
+
+impl Default for SandboxSettings {
+    fn default() -> Self {
+        Self {
+            max_instances: 256,
+            max_memory_mib: 64,
+            max_stack_bytes: 512 * 1024,
+        }
+    }
+}
+
+/// Stops the epoch ticker thread when the last sandbox handle goes.
+struct Ticker {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The compiler and runtime for plugins. Cheap to clone.
+#[derive(Clone)]
+pub struct Sandbox {
+    engine: Engine,
+    linker: Arc<Linker<HostState>>,
+    settings: SandboxSettings,
+    _ticker: Arc<Ticker>,
+}
+
+impl Sandbox {
+    /// Builds the engine; fails with a clear message if the pool cannot be reserved.
+    pub fn new(settings: SandboxSettings) -> anyhow::Result<Self> {
+        let mut pool = PoolingAllocationConfig::new();
+        let n = settings.max_instances.max(1);
+        pool.total_component_instances(n)
+            .total_core_instances(n.saturating_mul(16))
+            .max_core_instances_per_component(64)
+            .total_memories(n.saturating_mul(2))
+            .max_memories_per_component(4)
+            .total_tables(n.saturating_mul(8))
+            .total_stacks(n)
+            .max_memory_size((settings.max_memory_mib as usize).saturating_mul(1024 * 1024));
+        let mut config = Config::new();
+        config
+            .epoch_interruption(true)
+            .max_wasm_stack(settings.max_stack_bytes)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot set up the sandbox pool for {n} instances of up to {} MiB: {e} \
+                 (lower sandbox.max_instances or the memory caps)",
+                settings.max_memory_mib
+            )
+        })?;
+
+        let mut linker = Linker::<HostState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| anyhow::anyhow!("linking WASI: {e}"))?;
+        bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| anyhow::anyhow!("linking the plugbus imports: {e}"))?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let engine = engine.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("plugbus-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                })?;
+        }
+        Ok(Self {
+            engine,
+            linker: Arc::new(linker),
+            settings,
+            _ticker: Arc::new(Ticker { stop }),
+        })
+    }
+
+    /// The wasmtime engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The engine-wide settings.
+    pub fn settings(&self) -> &SandboxSettings {
+        &self.settings
+    }
+
+    /// Compiles and validates `bytes` (blocking: call it off the async runtime) and reads the
+    /// manifest. `settings` gives the limits, config and kv for the plugin once it is named.
+    pub async fn load(
+        &self,
+        bytes: &[u8],
+        settings: impl FnOnce(&Manifest) -> PluginSettings,
+    ) -> Result<Plugin, LoadError> {
+        validate::check_header(bytes)?;
+        let component = {
+            let engine = self.engine.clone();
+            let bytes = bytes.to_vec();
+            tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
+                .await
+                .map_err(|e| LoadError::Invalid(format!("compiler task failed: {e}")))?
+                .map_err(|e| LoadError::Invalid(format!("{e:#}")))?
+        };
+        self.prepare(component, validate::content_hash(bytes), settings)
+            .await
+    }
+
+    /// Validates a compiled component and reads its manifest.
+    pub async fn prepare(
+        &self,
+        component: Component,
+        hash: String,
+        settings: impl FnOnce(&Manifest) -> PluginSettings,
+    ) -> Result<Plugin, LoadError> {
+        validate::check_imports(&self.engine, &component)?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| LoadError::Invalid(format!("cannot link: {e:#}")))?;
+        let pre = bindings::PluginPre::new(pre).map_err(|e| {
+            LoadError::Invalid(format!("does not export plugbus:handler/handler: {e:#}"))
+        })?;
+        let manifest = self.read_manifest(&pre).await?;
+        let settings = settings(&manifest);
+        let publishes = PatternSet::parse(&manifest.publishes)
+            .map_err(|e| LoadError::Manifest(e.to_string()))?;
+        let ctx = PluginCtx {
+            name: manifest.name.as_str().into(),
+            limits: settings.limits,
+            publishes,
+            config: settings.config,
+            kv: settings.kv,
+        };
+        Ok(Plugin::new(
+            self.engine.clone(),
+            pre,
+            manifest,
+            hash,
+            Arc::new(ctx),
+        ))
+    }
+
+    async fn read_manifest(
+        &self,
+        pre: &bindings::PluginPre<HostState>,
+    ) -> Result<Manifest, LoadError> {
+        let ctx = Arc::new(PluginCtx {
+            name: "(loading)".into(),
+            limits: Limits {
+                deadline: Duration::from_secs(2),
+                ..Limits::default()
+            },
+            publishes: PatternSet::default(),
+            config: Default::default(),
+            kv: Arc::new(MemoryKv::new()),
+        });
+        let mut store = Store::new(&self.engine, HostState::new(ctx, "manifest", "manifest"));
+        super::plugin::arm_store(&mut store);
+        let instance = pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| LoadError::Invalid(format!("cannot instantiate: {e:#}")))?;
+        let raw = instance
+            .plugbus_handler_handler()
+            .call_manifest(&mut store)
+            .await
+            .map_err(|e| LoadError::Manifest(format!("manifest() failed: {e:#}")))?;
+        Manifest::from_wit(raw).map_err(LoadError::Manifest)
+    }
+}

@@ -1,0 +1,19 @@
+//! The sandbox: wasmtime, the limits, and the host functions a plugin may call.
+//!
+//! It owns compiling and validating components ([`Sandbox::load`]) and running one attempt of
+//! one event in a fresh instance ([`Plugin::handle`]). Invariant: nothing under `sandbox/`
+//! knows about transports, retries or subjects beyond the publish allow-list; a failure in
+//! here is returned as a value ([`Failure`]), never a panic or a host crash.
+
+pub mod bindings;
+mod engine;
+pub mod limits;
+mod plugin;
+pub mod state;
+mod stdio;
+mod validate;
+
+pub use engine::{Sandbox, SandboxSettings};
+pub use limits::Limits;
+pub use plugin::{Attempt, Failure, Plugin, PluginSettings};
+pub use validate::{LoadError, allowed_import};

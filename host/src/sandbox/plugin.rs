@@ -1,0 +1,236 @@
+//! A loaded plugin: its pre-linked component and manifest; runs one attempt per call.
+
+use super::bindings::{self, types as wit};
+use super::limits::Limits;
+use super::state::{HostState, PluginCtx};
+use crate::event::{Event, Output};
+use crate::kv::{KvError, KvStore, Txn};
+use crate::manifest::Manifest;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
+
+/// What the operator set for one plugin.
+pub struct PluginSettings {
+    /// Its limits.
+    pub limits: Limits,
+    /// Values for the `config` import.
+    pub config: HashMap<String, String>,
+    /// Its kv store.
+    pub kv: Arc<dyn KvStore>,
+}
+
+/// Why an attempt failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The handler asked to be retried.
+    Retry(String),
+    /// The handler rejected the event (poison).
+    Reject(String),
+    /// The instance trapped, panicked, ran out of time or memory: retried like `Retry`.
+    Trap(String),
+}
+
+impl Failure {
+    /// The message for logs and dead letters.
+    pub fn message(&self) -> &str {
+        match self {
+            Failure::Retry(m) | Failure::Reject(m) | Failure::Trap(m) => m,
+        }
+    }
+
+    /// Whether another attempt may succeed.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, Failure::Reject(_))
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Retry(m) => write!(f, "handler asked to retry: {m}"),
+            Failure::Reject(m) => write!(f, "handler rejected the event: {m}"),
+            Failure::Trap(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+/// The result of one attempt.
+pub struct Attempt {
+    /// Ok, or why not.
+    pub result: Result<(), Failure>,
+    /// What the handler published (to release only on Ok).
+    pub outputs: Vec<Output>,
+    /// Its kv reads and writes (to commit only on Ok).
+    pub txn: Txn,
+    /// How long the attempt took, instantiation included.
+    pub elapsed: Duration,
+}
+
+/// A validated, pre-linked plugin, ready to run events.
+pub struct Plugin {
+    engine: Engine,
+    pre: bindings::PluginPre<HostState>,
+    manifest: Manifest,
+    hash: String,
+    ctx: Arc<PluginCtx>,
+}
+
+/// Installs the memory limiter and the deadline on a fresh store.
+pub(super) fn arm_store(store: &mut Store<HostState>) {
+    store.limiter(|s| &mut s.limiter);
+    // Every epoch tick (see `engine::EPOCH_TICK`) the running guest yields to the async runtime,
+    // so a looping plugin never starves others, and traps once its deadline has passed.
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(|mut cx| {
+        let state = cx.data_mut();
+        let deadline = state.plugin.limits.deadline;
+        if state.started.elapsed() >= deadline {
+            state.deadline_hit = true;
+            return Err(wasmtime::Error::msg(format!(
+                "deadline of {} exceeded",
+                humantime::format_duration(deadline)
+            )));
+        }
+        Ok(UpdateDeadline::Yield(1))
+    });
+}
+
+impl Plugin {
+    pub(super) fn new(
+        engine: Engine,
+        pre: bindings::PluginPre<HostState>,
+        manifest: Manifest,
+        hash: String,
+        ctx: Arc<PluginCtx>,
+    ) -> Self {
+        Self {
+            engine,
+            pre,
+            manifest,
+            hash,
+            ctx,
+        }
+    }
+
+    /// The plugin's name (its identity).
+    pub fn name(&self) -> &str {
+        &self.manifest.name
+    }
+
+    /// Its validated manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// SHA-256 of the component bytes, hex.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    /// Its effective limits.
+    pub fn limits(&self) -> &Limits {
+        &self.ctx.limits
+    }
+
+    /// Commits an attempt's kv writes; a conflict means the attempt must run again.
+    pub fn commit(&self, txn: &Txn) -> Result<(), KvError> {
+        if txn.is_empty() {
+            return Ok(());
+        }
+        self.ctx.kv.commit(&self.ctx.name, txn)
+    }
+
+    /// Runs one attempt of `event` in a fresh instance.
+    pub async fn handle(&self, event: &Event, attempt: u32) -> Attempt {
+        let started = Instant::now();
+        let state = HostState::new(self.ctx.clone(), &event.id, &event.subject);
+        let mut store = Store::new(&self.engine, state);
+        arm_store(&mut store);
+        let call = async {
+            let instance = self.pre.instantiate_async(&mut store).await?;
+            instance
+                .plugbus_handler_handler()
+                .call_handle(&mut store, &to_wit(event, attempt))
+                .await
+        };
+        let result = match call.await {
+            Ok(Ok(())) => match store.data().refused.clone() {
+                // A refused publish that the handler swallowed still fails the event: its
+                // outputs are incomplete.
+                Some(why) => Err(Failure::Reject(format!("publish refused: {why}"))),
+                None => Ok(()),
+            },
+            Ok(Err(wit::HandlerError::Retry(m))) => Err(Failure::Retry(m)),
+            Ok(Err(wit::HandlerError::Reject(m))) => Err(Failure::Reject(m)),
+            Err(e) => Err(Failure::Trap(describe_trap(&e, store.data()))),
+        };
+        let state = store.into_data();
+        self.forward_stdio(&state);
+        let ok = result.is_ok();
+        Attempt {
+            result,
+            outputs: if ok { state.outputs } else { Vec::new() },
+            txn: if ok { state.txn } else { Txn::default() },
+            elapsed: started.elapsed(),
+        }
+    }
+
+    fn forward_stdio(&self, state: &HostState) {
+        for (stream, capture) in [("stdout", &state.stdout), ("stderr", &state.stderr)] {
+            let (lines, dropped) = capture.take_lines();
+            for line in lines {
+                tracing::info!(target: "plugin", plugin = %self.ctx.name, event_id = %state.event_id, subject = %state.subject, stream, "{line}");
+            }
+            if dropped > 0 {
+                tracing::warn!(plugin = %self.ctx.name, event_id = %state.event_id, stream, dropped, "plugin output over the per-event cap was cut");
+            }
+        }
+    }
+}
+
+fn to_wit(event: &Event, attempt: u32) -> wit::Event {
+    wit::Event {
+        id: event.id.clone(),
+        source: event.source.clone(),
+        type_: event.ty.clone(),
+        subject: event.subject.clone(),
+        time: event.time.clone(),
+        datacontenttype: event.datacontenttype.clone(),
+        extensions: event.extensions.clone(),
+        data: event.data.to_vec(),
+        attempt,
+        reply_to: event.reply_to.clone(),
+    }
+}
+
+/// Names the cause of a failed call in the words a user would search for.
+fn describe_trap(err: &wasmtime::Error, state: &HostState) -> String {
+    let limits = &state.plugin.limits;
+    if state.deadline_hit {
+        return format!(
+            "deadline of {} exceeded",
+            humantime::format_duration(limits.deadline)
+        );
+    }
+    if state.limiter.breached {
+        return format!("memory limit {} MiB reached", limits.memory_mib);
+    }
+    let panic = state
+        .stderr
+        .take_lines()
+        .0
+        .into_iter()
+        .find(|l| l.contains("panicked at"))
+        .map(|l| format!(" ({l})"))
+        .unwrap_or_default();
+    match err.downcast_ref::<Trap>() {
+        Some(Trap::StackOverflow) => "stack overflow (wasm stack limit reached)".to_string(),
+        Some(Trap::UnreachableCodeReached) if !panic.is_empty() => {
+            format!("handler panicked{panic}")
+        }
+        Some(trap) => format!("trap: {trap}{panic}"),
+        None => format!("{err:#}"),
+    }
+}

@@ -1,0 +1,127 @@
+//! A plugin's stdout and stderr: captured per event, capped, then written to the host log.
+//!
+//! The guest never sees an error from writing (a chatty plugin is truncated, not crashed);
+//! what is cut is counted and reported with the log lines.
+
+use bytes::Bytes;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tokio::io::AsyncWrite;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+
+#[derive(Default)]
+struct Buffer {
+    bytes: Vec<u8>,
+    dropped: usize,
+}
+
+/// A capped in-memory sink for one stream of one event.
+#[derive(Clone)]
+pub struct Capture {
+    cap: usize,
+    buf: Arc<Mutex<Buffer>>,
+}
+
+impl Capture {
+    /// A sink keeping at most `cap` bytes.
+    pub fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            buf: Arc::default(),
+        }
+    }
+
+    fn push(&self, data: &[u8]) {
+        let mut b = self.buf.lock().expect("capture poisoned");
+        let room = self.cap.saturating_sub(b.bytes.len());
+        let take = room.min(data.len());
+        b.bytes.extend_from_slice(&data[..take]);
+        b.dropped += data.len() - take;
+    }
+
+    /// The captured lines (lossy UTF-8, empty lines skipped) and how many bytes were cut.
+    pub fn take_lines(&self) -> (Vec<String>, usize) {
+        let mut b = self.buf.lock().expect("capture poisoned");
+        let bytes = std::mem::take(&mut b.bytes);
+        let dropped = std::mem::take(&mut b.dropped);
+        let text = String::from_utf8_lossy(&bytes);
+        let lines = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect();
+        (lines, dropped)
+    }
+}
+
+impl IsTerminal for Capture {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for Capture {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for Capture {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for Capture {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.push(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(64 * 1024)
+    }
+}
+
+impl AsyncWrite for Capture {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.push(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_over_the_cap_is_cut_and_counted() {
+        let c = Capture::new(10);
+        c.push(b"hello\nworld\nand more");
+        let (lines, dropped) = c.take_lines();
+        assert_eq!(lines, vec!["hello", "worl"]);
+        assert_eq!(dropped, 10);
+    }
+}
