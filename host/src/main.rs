@@ -102,10 +102,8 @@ async fn main() -> anyhow::Result<()> {
                     .insert(key.into(), value.into());
             }
             let host = Host::start(config).await?;
-            tokio::signal::ctrl_c()
-                .await
-                .context("waiting for ctrl-c")?;
-            tracing::info!("stopping");
+            let signal = wait_for_stop_signal().await?;
+            tracing::info!(signal, "stopping");
             host.shutdown().await;
             Ok(())
         }
@@ -165,4 +163,14 @@ async fn publish(
     }
     println!("{}", body["id"].as_str().unwrap_or_default());
     Ok(())
+}
+
+/// Waits for SIGINT (Ctrl-C) or SIGTERM (systemd's stop).
+async fn wait_for_stop_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.map(|_| "SIGINT").context("waiting for Ctrl-C"),
+        _ = term.recv() => Ok("SIGTERM"),
+    }
 }

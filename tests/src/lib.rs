@@ -1,1 +1,200 @@
-//! Shared scaffolding for the end-to-end tests.
+//! Shared scaffolding for the end-to-end tests: build the handler components once, start a
+//! host on a temp plugins folder, publish, and wait for what comes out.
+
+use plugbus::{Config, Event, Host};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Every handler crate the tests use.
+pub const COMPONENTS: &[&str] = &[
+    "inventory",
+    "payments",
+    "shipping",
+    "notify",
+    "audit",
+    "faulty",
+    "sneaky",
+];
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"))
+}
+
+/// Builds every test and example component once per test binary (a no-op when fresh).
+fn build_components() -> &'static PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(workspace()).args(["build", "--quiet", "--target", "wasm32-wasip2", "--profile", "plugin"]);
+        for c in COMPONENTS {
+            cmd.args(["-p", c]);
+        }
+        let status = cmd.status().expect("running cargo to build the components");
+        assert!(status.success(), "building the components failed (is the wasm32-wasip2 target installed? run scripts/test)");
+        target_dir().join("wasm32-wasip2").join("plugin")
+    })
+}
+
+/// The path of a built component, e.g. `wasm("inventory")`.
+pub fn wasm(name: &str) -> PathBuf {
+    build_components().join(format!("{name}.wasm"))
+}
+
+/// The `plugbus` binary built by `cargo build -p plugbus` (the test script builds it first).
+pub fn plugbus_bin() -> PathBuf {
+    let bin = target_dir().join("debug").join("plugbus");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p plugbus` (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A host running on a temp plugins folder.
+pub struct TestHost {
+    /// The host.
+    pub host: Host,
+    /// The plugins folder.
+    pub dir: tempfile::TempDir,
+}
+
+impl TestHost {
+    /// A host with these components in its plugins folder and the HTTP API on a free port.
+    pub async fn start(components: &[&str]) -> Self {
+        Self::start_with(components, |_| {}).await
+    }
+
+    /// Like [`TestHost::start`], with a chance to change the config first.
+    pub async fn start_with(components: &[&str], tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for c in components {
+            std::fs::copy(wasm(c), dir.path().join(format!("{c}.wasm")))
+                .expect("copying a component");
+        }
+        let mut config = Config {
+            plugins_dir: dir.path().to_path_buf(),
+            http: Some("127.0.0.1:0".parse().unwrap()),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let host = Host::start(config).await.expect("host starts");
+        Self { host, dir }
+    }
+
+    /// Publishes `data` on `subject`.
+    pub async fn publish(&self, subject: &str, data: impl Into<bytes_compat::Bytes>) -> String {
+        let ev = Event::new(subject, data.into().0);
+        let id = ev.id.clone();
+        self.host.publish(ev).await.expect("publish");
+        id
+    }
+
+    /// Observes every event matching `patterns` from now on.
+    pub async fn observe(&self, patterns: &[&str]) -> Observer {
+        Observer(self.host.observe(patterns).await.expect("observe"))
+    }
+
+    /// The counters of `plugin` (received, ok, failed, attempts, in_flight).
+    pub fn counter(&self, plugin: &str, name: &str) -> u64 {
+        self.host
+            .router()
+            .plugins()
+            .into_iter()
+            .find(|p| p.name == plugin)
+            .unwrap_or_else(|| panic!("plugin {plugin} is not loaded"))
+            .counters[name]
+    }
+
+    /// Waits until `plugin`'s counter `name` reaches `at_least`.
+    pub async fn wait_counter(&self, plugin: &str, name: &str, at_least: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.counter(plugin, name) < at_least {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{plugin}.{name} stayed at {} (wanted {at_least})",
+                self.counter(plugin, name)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The base URL of the HTTP API.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.host.http_addr().expect("HTTP API on"))
+    }
+}
+
+/// Events seen on the bus.
+pub struct Observer(pub mpsc::Receiver<Arc<Event>>);
+
+impl Observer {
+    /// Waits (up to 30 s) for the next event matching `pred`, skipping others.
+    pub async fn next_where(&mut self, pred: impl Fn(&Event) -> bool) -> Arc<Event> {
+        let wait = async {
+            loop {
+                let ev = self.0.recv().await.expect("bus closed");
+                if pred(&ev) {
+                    return ev;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), wait)
+            .await
+            .expect("timed out waiting for an event")
+    }
+
+    /// Waits for the next event on `subject`.
+    pub async fn next_on(&mut self, subject: &str) -> Arc<Event> {
+        self.next_where(|e| e.subject == subject).await
+    }
+
+    /// Collects everything that arrives within `quiet` of the previous event.
+    pub async fn drain(&mut self, quiet: Duration) -> Vec<Arc<Event>> {
+        let mut out = Vec::new();
+        while let Ok(Some(ev)) = tokio::time::timeout(quiet, self.0.recv()).await {
+            out.push(ev);
+        }
+        out
+    }
+}
+
+/// Lets tests pass `&str`, `String` or `Vec<u8>` as data.
+pub mod bytes_compat {
+    /// Owned payload bytes.
+    pub struct Bytes(pub Vec<u8>);
+    impl From<&str> for Bytes {
+        fn from(s: &str) -> Self {
+            Bytes(s.as_bytes().to_vec())
+        }
+    }
+    impl From<String> for Bytes {
+        fn from(s: String) -> Self {
+            Bytes(s.into_bytes())
+        }
+    }
+    impl From<Vec<u8>> for Bytes {
+        fn from(v: Vec<u8>) -> Self {
+            Bytes(v)
+        }
+    }
+}
+
+/// An order as the example pipeline expects it.
+pub fn order(id: &str, sku: &str, qty: u64) -> String {
+    serde_json::json!({ "order_id": id, "sku": sku, "qty": qty, "email": format!("{id}@example.com"), "amount_cents": 1000 * qty })
+        .to_string()
+}

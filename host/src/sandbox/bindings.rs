@@ -6,5 +6,5 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub use exports::plugbus::handler::handler::Guest;
-pub use plugbus::handler::types;
+pub use self::exports::plugbus::handler::handler::Guest;
+pub use self::plugbus::handler::types;

@@ -140,11 +140,10 @@ fn expand(opts: Options, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> 
     Ok(quote! {
         #func
 
-        #[doc(hidden)]
-        mod __plugbus_plugin {
+        const _: () = {
             use ::plugbus_sdk::__private as __p;
 
-            pub struct Plugin;
+            struct Plugin;
 
             impl __p::Guest for Plugin {
                 fn manifest() -> __p::Manifest {
@@ -166,11 +165,11 @@ fn expand(opts: Options, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> 
                 }
 
                 fn handle(event: __p::WitEvent) -> Result<(), __p::WitHandlerError> {
-                    __p::run(event, super::#fn_name)
+                    __p::run(event, #fn_name)
                 }
             }
 
             ::plugbus_sdk::__bindings::__export_plugin!(Plugin);
-        }
+        };
     })
 }

@@ -1,0 +1,97 @@
+//! A handler that misbehaves on purpose, for the fault tests. The subject's last token picks
+//! the fault: `faulty.<fault>`; every other handler-visible effect is an output on
+//! `faulty.out.<fault>` carrying the attempt number, so tests can see what ran.
+use plugbus_sdk::{Event, HandlerError, handler, kv, publish, publish_json};
+use std::hint::black_box;
+
+fn recurse(n: u64) -> u64 {
+    if black_box(n) == u64::MAX {
+        0
+    } else {
+        1 + recurse(black_box(n + 1)) + black_box(1)
+    }
+}
+
+fn busy_for_ms(ms: u64) {
+    let start = std::time::SystemTime::now();
+    while start.elapsed().map(|d| d.as_millis() as u64).unwrap_or(0) < ms {
+        black_box(0);
+    }
+}
+
+#[handler(
+    name = "faulty",
+    subscribe = ["faulty.*"],
+    publishes = ["faulty.out.>"],
+    order_by_header = "key"
+)]
+fn misbehave(ev: Event) -> Result<(), HandlerError> {
+    let fault = ev
+        .subject()
+        .rsplit('.')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let out = format!("faulty.out.{fault}");
+    let arg: u64 = ev
+        .text()
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0);
+    match fault.as_str() {
+        "ok" => {}
+        "trap" => core::arch::wasm32::unreachable(),
+        "panic" => panic!("the handler gave up on event {}", ev.id()),
+        "loop" => loop {
+            black_box(0);
+        },
+        "recurse" => {
+            black_box(recurse(0));
+        }
+        "grow" => {
+            let mut hog: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hog.push(vec![1u8; 1 << 20]);
+                black_box(&hog);
+            }
+        }
+        "flood" => {
+            for i in 0..1000 {
+                publish(&out, i.to_string())?;
+            }
+        }
+        "sys" => publish("$SYS.x", b"boom")?,
+        "unlisted" => publish("payments.captured", b"sneaky")?,
+        "big" => publish(&out, vec![0u8; 2 << 20])?,
+        "chatty" => {
+            for i in 0..100_000 {
+                println!("line {i} of a very chatty plugin");
+            }
+        }
+        "retry" => return Err(HandlerError::retry("not now")),
+        "reject" => return Err(HandlerError::reject("never")),
+        // Fails until the attempt number reaches `arg`, then succeeds.
+        "flaky" if ev.attempt() < arg as u32 => {
+            publish(&out, format!("lost attempt {}", ev.attempt()))?;
+            return Err(HandlerError::retry(format!(
+                "attempt {} failed",
+                ev.attempt()
+            )));
+        }
+        "flaky" => {}
+        // Busy for `arg` milliseconds.
+        "slow" => busy_for_ms(arg),
+        // Counts in kv under the event's `key` header, checking order via `seq`.
+        "count" => {
+            let key = ev.header("key").unwrap_or("none").to_string();
+            let n = kv::get_json::<u64>(&key)?.unwrap_or(0) + 1;
+            kv::set_json(&key, &n)?;
+        }
+        other => return Err(HandlerError::reject(format!("unknown fault {other:?}"))),
+    }
+    publish_json(
+        &out,
+        &serde_json::json!({ "attempt": ev.attempt(), "data": ev.text().unwrap_or("") }),
+    )?;
+    Ok(())
+}
