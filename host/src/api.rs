@@ -10,7 +10,7 @@ use crate::subject::validate_subject;
 use crate::transport::Transport;
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -26,6 +26,8 @@ pub struct ApiState {
     pub router: Arc<Router>,
     /// Files that could not be loaded.
     pub rejected: Arc<Mutex<Vec<Rejected>>>,
+    /// Kept dead letters.
+    pub dead_letters: Arc<crate::deadletter::DeadLetters>,
     /// Largest accepted body.
     pub max_event_bytes: usize,
 }
@@ -33,12 +35,11 @@ pub struct ApiState {
 /// The API's routes.
 pub fn router(state: ApiState) -> axum::Router {
     axum::Router::new()
-        .route(
-            "/healthz",
-            get(|| async { Json(json!({ "status": "ok" })) }),
-        )
+        .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/v1/plugins", get(plugins))
         .route("/v1/events/{subject}", post(publish))
+        .route("/v1/dlq", get(dlq_list))
+        .route("/v1/dlq/replay", post(dlq_replay))
         .route("/v1/events", post(empty_subject))
         .route("/v1/events/", post(empty_subject))
         .layer(DefaultBodyLimit::disable())
@@ -50,10 +51,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 async fn empty_subject() -> Response {
-    error(
-        StatusCode::BAD_REQUEST,
-        "the subject is empty: POST /v1/events/{subject}",
-    )
+    error(StatusCode::BAD_REQUEST, "the subject is empty: POST /v1/events/{subject}")
 }
 
 async fn publish(
@@ -70,10 +68,7 @@ async fn publish(
         Err(_) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "the body is over the {}-byte event limit",
-                    state.max_event_bytes
-                ),
+                format!("the body is over the {}-byte event limit", state.max_event_bytes),
             );
         }
     };
@@ -100,7 +95,35 @@ async fn plugins(State(state): State<ApiState>) -> Response {
 }
 
 fn header_pairs(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
-    headers
-        .iter()
-        .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str(), v)))
+    headers.iter().filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str(), v)))
+}
+
+#[derive(serde::Deserialize)]
+struct DlqQuery {
+    plugin: Option<String>,
+}
+
+async fn dlq_list(State(state): State<ApiState>, Query(q): Query<DlqQuery>) -> Response {
+    Json(json!({ "dead_letters": state.dead_letters.list(q.plugin.as_deref()) })).into_response()
+}
+
+/// Re-publishes kept dead letters to their original subjects (fresh ids, `plugbus-replay-of`).
+async fn dlq_replay(State(state): State<ApiState>, Query(q): Query<DlqQuery>) -> Response {
+    let taken = state.dead_letters.take(q.plugin.as_deref());
+    let mut replayed = Vec::new();
+    let mut failed = Vec::new();
+    for entry in taken {
+        let Some(event) = crate::deadletter::replay_event(&entry.event) else { continue };
+        let id = event.id.clone();
+        match state.transport.publish(event).await {
+            Ok(()) => replayed.push(json!({ "dead_letter": entry.event.id, "id": id })),
+            Err(e) => {
+                tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id, "replay failed: {e}");
+                failed.push(entry);
+            }
+        }
+    }
+    let kept = failed.len();
+    state.dead_letters.restore(failed);
+    Json(json!({ "replayed": replayed, "failed": kept })).into_response()
 }

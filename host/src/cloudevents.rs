@@ -28,10 +28,7 @@ pub fn decode<'a>(
     body: Bytes,
 ) -> Result<Event, String> {
     let headers: Vec<(String, &str)> = headers.map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
-    let content_type = headers
-        .iter()
-        .find(|(k, _)| k == "content-type")
-        .map(|(_, v)| *v);
+    let content_type = headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| *v);
     if content_type.is_some_and(|c| c.starts_with(STRUCTURED)) {
         return decode_structured(subject, &body);
     }
@@ -65,11 +62,9 @@ pub fn decode<'a>(
 }
 
 fn decode_structured(subject: &str, body: &[u8]) -> Result<Event, String> {
-    let v: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| format!("structured CloudEvent is not valid JSON: {e}"))?;
-    let obj = v
-        .as_object()
-        .ok_or("structured CloudEvent is not a JSON object")?;
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("structured CloudEvent is not valid JSON: {e}"))?;
+    let obj = v.as_object().ok_or("structured CloudEvent is not a JSON object")?;
     let text = |k: &str| obj.get(k).and_then(|v| v.as_str()).map(str::to_owned);
     let mut ev = Event::new(subject, Bytes::new());
     if let Some(id) = text("id") {
@@ -89,10 +84,7 @@ fn decode_structured(subject: &str, body: &[u8]) -> Result<Event, String> {
         match obj.get("data") {
             None | Some(serde_json::Value::Null) => Bytes::new(),
             Some(serde_json::Value::String(s))
-                if ev
-                    .datacontenttype
-                    .as_deref()
-                    .is_some_and(|c| !c.contains("json")) =>
+                if ev.datacontenttype.as_deref().is_some_and(|c| !c.contains("json")) =>
             {
                 Bytes::from(s.clone().into_bytes())
             }
@@ -105,22 +97,10 @@ fn decode_structured(subject: &str, body: &[u8]) -> Result<Event, String> {
         }
     };
     for (k, v) in obj {
-        let known = [
-            "id",
-            "source",
-            "type",
-            "time",
-            "datacontenttype",
-            "data",
-            "data_base64",
-            "specversion",
-            "subject",
-        ];
+        let known =
+            ["id", "source", "type", "time", "datacontenttype", "data", "data_base64", "specversion", "subject"];
         if !known.contains(&k.as_str()) {
-            let value = v
-                .as_str()
-                .map(str::to_owned)
-                .unwrap_or_else(|| v.to_string());
+            let value = v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
             ev.extensions.push((k.to_ascii_lowercase(), value));
         }
     }
@@ -180,10 +160,7 @@ mod tests {
             ("content-type", "application/json"),
         ];
         let ev = decode("orders.created", h.into_iter(), Bytes::from_static(b"{}")).unwrap();
-        assert_eq!(
-            (ev.id.as_str(), ev.source.as_str(), ev.ty.as_str()),
-            ("e-1", "/shop", "order.v1")
-        );
+        assert_eq!((ev.id.as_str(), ev.source.as_str(), ev.ty.as_str()), ("e-1", "/shop", "order.v1"));
         assert_eq!(ev.header("tenant"), Some("acme co"));
         assert_eq!(ev.datacontenttype.as_deref(), Some("application/json"));
         assert_eq!(ev.subject, "orders.created");

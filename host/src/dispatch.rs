@@ -1,107 +1,217 @@
-//! Dispatch: runs one delivery through one plugin and settles it.
+//! Dispatch: one delivery through one plugin, from first attempt to ack or dead letter.
 //!
-//! It owns what happens around the handler: the event size check, kv commit (and re-running
-//! on a kv conflict), releasing outputs only after success, and acking. Invariant: every
-//! delivery ends in exactly one of ack (handled) or term (failed, reported); nothing is
-//! dropped without a log line naming plugin, subject and event id.
+//! It owns the delivery semantics both transports share: the event size check, attempts with
+//! exponential backoff and full jitter, kv commit (re-running the attempt on a kv conflict),
+//! releasing outputs only after success, dead letters, and settling with the transport.
+//! Invariant: every delivery ends in exactly one of ack (handled) or term (dead-lettered, or
+//! logged when it was itself a dead letter); nothing ends without a log line naming plugin,
+//! subject and event id.
 
+use crate::deadletter::{self, DeadLetters};
+use crate::event::Event;
+use crate::kv::KvError;
+use crate::retry::RetryPolicy;
 use crate::sandbox::{Failure, Plugin};
 use crate::transport::{Delivery, Transport};
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::Semaphore;
 
 /// How often an attempt is re-run when another event changed the kv keys it read.
 const MAX_KV_CONFLICT_RERUNS: u32 = 100;
 
-/// Counters for one plugin, shown in `/v1/plugins`.
+/// Counters for one plugin (`/v1/plugins`, metrics).
 #[derive(Debug, Default)]
 pub struct PluginStats {
     /// Deliveries received.
     pub received: AtomicU64,
     /// Handled with Ok, outputs released.
     pub ok: AtomicU64,
-    /// Failed (after the last attempt).
-    pub failed: AtomicU64,
+    /// Attempts that failed and were retried.
+    pub retried: AtomicU64,
+    /// Deliveries dead-lettered.
+    pub dead_lettered: AtomicU64,
     /// Handler runs, including re-runs after kv conflicts.
     pub attempts: AtomicU64,
-    /// Deliveries being handled now.
+    /// Attempts running in the sandbox now.
     pub in_flight: AtomicU64,
+    /// The most attempts that ever ran at once.
+    pub peak_in_flight: AtomicU64,
+    /// Deliveries taken from the queue and not yet settled (waiting in a lane, backing off, running).
+    pub pending: AtomicU64,
+    /// Outputs released.
+    pub outputs: AtomicU64,
+    /// Ids of the deliveries pending now, for the drain report.
+    pending_ids: Mutex<BTreeMap<u64, String>>,
+    next_seq: AtomicU64,
+}
+
+impl PluginStats {
+    /// Registers a delivery as pending; returns its ticket.
+    pub fn admit(&self, event_id: &str) -> u64 {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        self.pending_ids.lock().expect("stats poisoned").insert(seq, event_id.to_string());
+        seq
+    }
+
+    /// Marks a delivery settled.
+    pub fn settle(&self, ticket: u64) {
+        self.pending_ids.lock().expect("stats poisoned").remove(&ticket);
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Ids of the deliveries still pending.
+    pub fn pending_ids(&self) -> Vec<String> {
+        self.pending_ids.lock().expect("stats poisoned").values().cloned().collect()
+    }
+}
+
+/// Everything dispatch needs to run deliveries for one plugin.
+pub struct PluginRuntime {
+    /// The plugin's name.
+    pub name: String,
+    /// The version serving now (hot reload swaps it; a delivery's next attempt uses the new one).
+    pub current: RwLock<Arc<Plugin>>,
+    /// Counters.
+    pub stats: PluginStats,
+    /// Retry policy.
+    pub retry: RetryPolicy,
+    /// Dead-letter subject.
+    pub dead_letter_subject: String,
+    /// Where outputs and dead letters go.
+    pub transport: Arc<dyn Transport>,
+    /// Kept dead letters.
+    pub dead_letters: Arc<DeadLetters>,
+    /// Bounds the attempts running at once.
+    pub run_permits: Semaphore,
+}
+
+impl PluginRuntime {
+    /// The version serving now.
+    pub fn plugin(&self) -> Arc<Plugin> {
+        self.current.read().expect("slot poisoned").clone()
+    }
 }
 
 /// How a delivery ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Handled; this many outputs were released.
-    Handled(usize),
-    /// Not handled, with the reason.
-    Failed(Failure),
+    /// Handled after this many attempts; this many outputs were released.
+    Handled {
+        /// Attempts made.
+        attempts: u32,
+        /// Outputs released.
+        outputs: usize,
+    },
+    /// Dead-lettered after this many attempts.
+    DeadLettered {
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        failure: Failure,
+    },
 }
 
-/// Runs `delivery` through `plugin` and settles it with the transport.
-pub async fn deliver(
-    plugin: &Plugin,
-    delivery: Delivery,
-    transport: &Arc<dyn Transport>,
-    stats: &PluginStats,
-) -> Outcome {
-    stats.received.fetch_add(1, Ordering::Relaxed);
-    stats.in_flight.fetch_add(1, Ordering::Relaxed);
-    let outcome = run(plugin, &delivery, transport, stats).await;
-    stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+/// Runs `delivery` until it is handled or dead-lettered, and settles it with the transport.
+pub async fn deliver(rt: &PluginRuntime, delivery: Delivery) -> Outcome {
+    rt.stats.received.fetch_add(1, Ordering::Relaxed);
     let ev = &delivery.event;
+    let outcome = attempts(rt, ev).await;
     match &outcome {
-        Outcome::Handled(outputs) => {
-            stats.ok.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(plugin = plugin.name(), subject = %ev.subject, event_id = %ev.id, outputs, "handled");
+        Outcome::Handled { attempts, outputs } => {
+            rt.stats.ok.fetch_add(1, Ordering::Relaxed);
+            rt.stats.outputs.fetch_add(*outputs as u64, Ordering::Relaxed);
+            tracing::debug!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempts, outputs, "handled");
             delivery.acker.ack().await;
         }
-        Outcome::Failed(failure) => {
-            stats.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(plugin = plugin.name(), subject = %ev.subject, event_id = %ev.id, "event failed: {failure}");
+        Outcome::DeadLettered { attempts, failure } => {
+            rt.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            dead_letter(rt, ev, failure, *attempts).await;
             delivery.acker.term().await;
         }
     }
     outcome
 }
 
-async fn run(
-    plugin: &Plugin,
-    delivery: &Delivery,
-    transport: &Arc<dyn Transport>,
-    stats: &PluginStats,
-) -> Outcome {
-    let ev = &delivery.event;
-    let max = plugin.limits().max_event_bytes;
-    if ev.data.len() as u64 > max {
-        return Outcome::Failed(Failure::Reject(format!(
-            "event of {} bytes is over the {max}-byte limit",
-            ev.data.len()
-        )));
+async fn attempts(rt: &PluginRuntime, ev: &Event) -> Outcome {
+    let max_bytes = rt.plugin().limits().max_event_bytes;
+    if ev.data.len() as u64 > max_bytes {
+        let failure = Failure::Reject(format!("event of {} bytes is over the {max_bytes}-byte limit", ev.data.len()));
+        return Outcome::DeadLettered { attempts: 0, failure };
     }
+    let mut attempt = 1;
+    loop {
+        let result = {
+            let _permit = rt.run_permits.acquire().await.expect("run permits never close");
+            let now = rt.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+            rt.stats.peak_in_flight.fetch_max(now, Ordering::Relaxed);
+            let r = run_attempt(rt, &rt.plugin(), ev, attempt).await;
+            rt.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            r
+        };
+        match result {
+            Ok(outputs) => return Outcome::Handled { attempts: attempt, outputs },
+            Err(failure) if failure.is_retryable() && attempt < rt.retry.max_attempts => {
+                let wait = rt.retry.backoff(attempt);
+                rt.stats.retried.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempt,
+                    retry_in_ms = wait.as_millis() as u64, "attempt failed, will retry: {failure}"
+                );
+                // The run permit is released while waiting: other events keep flowing.
+                tokio::time::sleep(wait).await;
+                attempt += 1;
+            }
+            Err(failure) => return Outcome::DeadLettered { attempts: attempt, failure },
+        }
+    }
+}
+
+/// One attempt: run the handler (again on kv conflict), commit kv, release outputs.
+async fn run_attempt(rt: &PluginRuntime, plugin: &Plugin, ev: &Event, attempt: u32) -> Result<usize, Failure> {
     let mut reruns = 0;
     loop {
-        stats.attempts.fetch_add(1, Ordering::Relaxed);
-        let attempt = plugin.handle(ev, 1).await;
-        if let Err(failure) = attempt.result {
-            return Outcome::Failed(failure);
-        }
-        match plugin.commit(&attempt.txn) {
+        rt.stats.attempts.fetch_add(1, Ordering::Relaxed);
+        let run = plugin.handle(ev, attempt).await;
+        run.result?;
+        match plugin.commit(&run.txn) {
             Ok(()) => {}
-            Err(crate::kv::KvError::Conflict(key)) if reruns < MAX_KV_CONFLICT_RERUNS => {
+            Err(KvError::Conflict(key)) if reruns < MAX_KV_CONFLICT_RERUNS => {
                 reruns += 1;
-                tracing::debug!(plugin = plugin.name(), event_id = %ev.id, key, "kv conflict, running again");
+                tracing::debug!(plugin = %rt.name, event_id = %ev.id, key, "kv conflict, running again");
                 continue;
             }
-            Err(e) => return Outcome::Failed(Failure::Retry(e.to_string())),
+            Err(e) => return Err(Failure::Retry(e.to_string())),
         }
-        let count = attempt.outputs.len();
-        for (i, output) in attempt.outputs.into_iter().enumerate() {
+        let count = run.outputs.len();
+        for (i, output) in run.outputs.into_iter().enumerate() {
             let out = output.into_event(ev, plugin.name(), i);
             let (subject, id) = (out.subject.clone(), out.id.clone());
-            if let Err(e) = transport.publish(out).await {
-                tracing::error!(plugin = plugin.name(), subject, event_id = id, caused_by = %ev.id, "output not published: {e}");
-            }
+            // Output ids are deterministic, so a retry after a partial publish does not
+            // duplicate on a deduplicating transport.
+            rt.transport.publish(out).await.map_err(|e| {
+                tracing::error!(plugin = %rt.name, subject, event_id = id, caused_by = %ev.id, "output not published: {e}");
+                Failure::Retry(format!("output to {subject} not published: {e}"))
+            })?;
         }
-        return Outcome::Handled(count);
+        return Ok(count);
+    }
+}
+
+async fn dead_letter(rt: &PluginRuntime, ev: &Event, failure: &Failure, attempts: u32) {
+    let (plugin, subject, id) = (&rt.name, &ev.subject, &ev.id);
+    if deadletter::is_dead_letter(ev) {
+        tracing::error!(plugin = %plugin, subject = %subject, event_id = %id, attempts,
+            "a dead letter failed in its handler and is not dead-lettered again: {failure}");
+        return;
+    }
+    tracing::error!(plugin = %plugin, subject = %subject, event_id = %id, attempts,
+        dead_letter = %rt.dead_letter_subject, "event dead-lettered: {failure}");
+    let dead = deadletter::dead_letter_event(ev, plugin, &rt.dead_letter_subject, &failure.to_string(), attempts);
+    rt.dead_letters.push(plugin, dead.clone());
+    if let Err(e) = rt.transport.publish(dead).await {
+        tracing::error!(plugin = %plugin, event_id = %id, "dead letter kept but not published: {e}");
     }
 }

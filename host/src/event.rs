@@ -49,17 +49,13 @@ impl Event {
 
     /// Adds a header (extension attribute); the name is lower-cased.
     pub fn with_header(mut self, name: &str, value: impl Into<String>) -> Self {
-        self.extensions
-            .push((name.to_ascii_lowercase(), value.into()));
+        self.extensions.push((name.to_ascii_lowercase(), value.into()));
         self
     }
 
     /// The first header with this name (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.extensions
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.extensions.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -138,10 +134,7 @@ mod tests {
         let out = Output {
             subject: "b".into(),
             data: Bytes::from_static(b"{}"),
-            headers: vec![
-                ("DataContentType".into(), "application/json".into()),
-                ("k".into(), "v".into()),
-            ],
+            headers: vec![("DataContentType".into(), "application/json".into()), ("k".into(), "v".into())],
         };
         let ev = out.into_event(&input, "p", 0);
         assert_eq!(ev.datacontenttype.as_deref(), Some("application/json"));

@@ -2,9 +2,11 @@
 
 use crate::api;
 use crate::config::Config;
+use crate::deadletter::DeadLetters;
 use crate::event::Event;
 use crate::kv::{KvStore, MemoryKv};
 use crate::loader::{self, Rejected};
+use crate::router::DrainReport;
 use crate::router::Router;
 use crate::sandbox::Sandbox;
 use crate::transport::Transport;
@@ -19,6 +21,8 @@ pub struct Host {
     transport: Arc<dyn Transport>,
     router: Arc<Router>,
     kv: Arc<dyn KvStore>,
+    dead_letters: Arc<DeadLetters>,
+    drain_timeout: std::time::Duration,
     rejected: Arc<Mutex<Vec<Rejected>>>,
     http_addr: Option<SocketAddr>,
     stop_http: Option<oneshot::Sender<()>>,
@@ -31,23 +35,19 @@ impl Host {
         let transport: Arc<dyn Transport> = Arc::new(EmbeddedBus::new());
         let kv: Arc<dyn KvStore> = Arc::new(MemoryKv::new());
         let mut settings = config.sandbox.clone();
-        settings.max_memory_mib = settings.max_memory_mib.max(config.limits.memory_mib).max(
-            config
-                .plugins
-                .values()
-                .filter_map(|p| p.limits.as_ref())
-                .map(|l| l.memory_mib)
-                .max()
-                .unwrap_or(0),
-        );
+        settings.max_memory_mib = settings
+            .max_memory_mib
+            .max(config.limits.memory_mib)
+            .max(config.plugins.values().filter_map(|p| p.limits.as_ref()).map(|l| l.memory_mib).max().unwrap_or(0));
         let sandbox = Sandbox::new(settings)?;
-        let router = Arc::new(Router::new(transport.clone()));
+        let dead_letters = Arc::new(DeadLetters::new(10_000));
+        let router = Arc::new(Router::new(transport.clone(), dead_letters.clone()));
 
         let (loaded, rejected) = loader::load_dir(&sandbox, &config, &kv).await?;
         for (path, plugin) in loaded {
             let name = plugin.name().to_string();
             router
-                .install(plugin, config.flow_for(&name))
+                .install(plugin, config.delivering_for(&name))
                 .await
                 .with_context(|| format!("subscribing plugin {name} from {}", path.display()))?;
         }
@@ -55,14 +55,14 @@ impl Host {
 
         let (mut http_addr, mut stop_http, mut http_task) = (None, None, None);
         if let Some(addr) = config.http {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the HTTP API to {addr}"))?;
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the HTTP API to {addr}"))?;
             http_addr = Some(listener.local_addr()?);
             let state = api::ApiState {
                 transport: transport.clone(),
                 router: router.clone(),
                 rejected: rejected.clone(),
+                dead_letters: dead_letters.clone(),
                 max_event_bytes: config.limits.max_event_bytes as usize,
             };
             let (tx, rx) = oneshot::channel::<()>();
@@ -88,6 +88,8 @@ impl Host {
             transport,
             router,
             kv,
+            dead_letters,
+            drain_timeout: config.drain_timeout,
             rejected,
             http_addr,
             stop_http,
@@ -126,14 +128,27 @@ impl Host {
         self.http_addr
     }
 
-    /// Stops the HTTP API and waits for it.
-    pub async fn shutdown(mut self) {
+    /// The dead letters this host kept.
+    pub fn dead_letters(&self) -> &Arc<DeadLetters> {
+        &self.dead_letters
+    }
+
+    /// Stops gracefully: stops the HTTP ingress, lets queued and in-flight events (and the
+    /// events they publish) finish within the drain timeout, and reports what was left.
+    pub async fn shutdown(mut self) -> DrainReport {
         if let Some(tx) = self.stop_http.take() {
             let _ = tx.send(());
         }
         if let Some(task) = self.http_task.take() {
             let _ = task.await;
         }
-        tracing::info!("host stopped");
+        tracing::info!(timeout = ?self.drain_timeout, "draining");
+        let report = self.router.drain(self.drain_timeout).await;
+        if report.is_clean() {
+            tracing::info!("drained: every accepted event was handled; host stopped");
+        } else {
+            tracing::warn!(report = ?report, "host stopped with events unhandled");
+        }
+        report
     }
 }

@@ -48,19 +48,12 @@ pub struct Txn {
 
 impl Txn {
     /// Reads through the transaction: its own writes first, then the store.
-    pub fn get(
-        &mut self,
-        store: &dyn KvStore,
-        ns: &str,
-        key: &str,
-    ) -> Result<Option<Vec<u8>>, KvError> {
+    pub fn get(&mut self, store: &dyn KvStore, ns: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
         if let Some(w) = self.writes.get(key) {
             return Ok(w.clone());
         }
         let got = store.get(ns, key)?;
-        self.reads
-            .entry(key.to_string())
-            .or_insert(got.as_ref().map_or(0, |v| v.version));
+        self.reads.entry(key.to_string()).or_insert(got.as_ref().map_or(0, |v| v.version));
         Ok(got.map(|v| v.value))
     }
 
@@ -96,42 +89,25 @@ impl MemoryKv {
 
 impl KvStore for MemoryKv {
     fn get(&self, ns: &str, key: &str) -> Result<Option<Versioned>, KvError> {
-        let data = self
-            .data
-            .lock()
-            .map_err(|_| KvError::Unavailable("poisoned".into()))?;
+        let data = self.data.lock().map_err(|_| KvError::Unavailable("poisoned".into()))?;
         Ok(data.get(&(ns.to_string(), key.to_string())).cloned())
     }
 
     fn commit(&self, ns: &str, txn: &Txn) -> Result<(), KvError> {
-        let mut data = self
-            .data
-            .lock()
-            .map_err(|_| KvError::Unavailable("poisoned".into()))?;
+        let mut data = self.data.lock().map_err(|_| KvError::Unavailable("poisoned".into()))?;
         for (key, seen) in &txn.reads {
-            let now = data
-                .get(&(ns.to_string(), key.clone()))
-                .map_or(0, |v| v.version);
+            let now = data.get(&(ns.to_string(), key.clone())).map_or(0, |v| v.version);
             if now != *seen {
                 return Err(KvError::Conflict(key.clone()));
             }
         }
-        let mut clock = self
-            .clock
-            .lock()
-            .map_err(|_| KvError::Unavailable("poisoned".into()))?;
+        let mut clock = self.clock.lock().map_err(|_| KvError::Unavailable("poisoned".into()))?;
         *clock += 1;
         for (key, value) in &txn.writes {
             let k = (ns.to_string(), key.clone());
             match value {
                 Some(v) => {
-                    data.insert(
-                        k,
-                        Versioned {
-                            value: v.clone(),
-                            version: *clock,
-                        },
-                    );
+                    data.insert(k, Versioned { value: v.clone(), version: *clock });
                 }
                 None => {
                     data.remove(&k);

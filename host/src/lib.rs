@@ -8,12 +8,14 @@
 pub mod api;
 pub mod cloudevents;
 pub mod config;
+pub mod deadletter;
 pub mod dispatch;
 pub mod event;
 pub mod host;
 pub mod kv;
 pub mod loader;
 pub mod manifest;
+pub mod retry;
 pub mod router;
 pub mod sandbox;
 pub mod subject;

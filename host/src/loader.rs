@@ -24,9 +24,8 @@ pub async fn load_file(
     config: &Config,
     kv: &Arc<dyn KvStore>,
 ) -> Result<Plugin, LoadError> {
-    let bytes = tokio::fs::read(path)
-        .await
-        .map_err(|e| LoadError::NotAComponent(format!("cannot read the file: {e}")))?;
+    let bytes =
+        tokio::fs::read(path).await.map_err(|e| LoadError::NotAComponent(format!("cannot read the file: {e}")))?;
     sandbox
         .load(&bytes, |m| PluginSettings {
             limits: config.limits_for(&m.name),
@@ -55,8 +54,7 @@ pub async fn load_dir(
 ) -> anyhow::Result<(Vec<(PathBuf, Plugin)>, Vec<Rejected>)> {
     use anyhow::Context;
     let dir = &config.plugins_dir;
-    let files =
-        wasm_files(dir).with_context(|| format!("reading the plugins folder {}", dir.display()))?;
+    let files = wasm_files(dir).with_context(|| format!("reading the plugins folder {}", dir.display()))?;
     let mut loaded: Vec<(PathBuf, Plugin)> = Vec::new();
     let mut rejected = Vec::new();
     let mut by_name: HashMap<String, PathBuf> = HashMap::new();
@@ -64,11 +62,8 @@ pub async fn load_dir(
         match load_file(sandbox, &path, config, kv).await {
             Ok(plugin) => {
                 if let Some(first) = by_name.get(plugin.name()) {
-                    let reason = format!(
-                        "declares plugin name {:?}, already taken by {}",
-                        plugin.name(),
-                        first.display()
-                    );
+                    let reason =
+                        format!("declares plugin name {:?}, already taken by {}", plugin.name(), first.display());
                     tracing::error!(file = %path.display(), "plugin not loaded: {reason}");
                     rejected.push(Rejected { path, reason });
                     continue;
@@ -79,10 +74,7 @@ pub async fn load_dir(
             }
             Err(e) => {
                 tracing::error!(file = %path.display(), "plugin not loaded: {e}");
-                rejected.push(Rejected {
-                    path,
-                    reason: e.to_string(),
-                });
+                rejected.push(Rejected { path, reason: e.to_string() });
             }
         }
     }

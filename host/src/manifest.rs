@@ -73,10 +73,7 @@ impl Manifest {
     pub fn validate(&self) -> Result<(), String> {
         let name_ok = !self.name.is_empty()
             && self.name.len() <= 64
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            && self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
         if !name_ok {
             return Err(format!(
                 "manifest field `name` {:?} must be 1-64 characters of a-z, A-Z, 0-9, '-' or '_'",
@@ -84,31 +81,23 @@ impl Manifest {
             ));
         }
         if self.subscriptions.is_empty() {
-            return Err(
-                "manifest field `subscriptions` is empty: the plugin would never run".into(),
-            );
+            return Err("manifest field `subscriptions` is empty: the plugin would never run".into());
         }
         for (i, s) in self.subscriptions.iter().enumerate() {
-            Pattern::parse(&s.pattern)
-                .map_err(|e| format!("manifest field `subscriptions[{i}].pattern`: {e}"))?;
+            Pattern::parse(&s.pattern).map_err(|e| format!("manifest field `subscriptions[{i}].pattern`: {e}"))?;
             if let Some(q) = &s.queue_group
                 && (q.is_empty() || q.contains(char::is_whitespace))
             {
-                return Err(format!(
-                    "manifest field `subscriptions[{i}].queue-group` {q:?} is empty or has spaces"
-                ));
+                return Err(format!("manifest field `subscriptions[{i}].queue-group` {q:?} is empty or has spaces"));
             }
             if let Some(OrderKey::Header(h)) = &s.order_by
                 && h.is_empty()
             {
-                return Err(format!(
-                    "manifest field `subscriptions[{i}].order-by` names an empty header"
-                ));
+                return Err(format!("manifest field `subscriptions[{i}].order-by` names an empty header"));
             }
         }
         for (i, p) in self.publishes.iter().enumerate() {
-            let pattern =
-                Pattern::parse(p).map_err(|e| format!("manifest field `publishes[{i}]`: {e}"))?;
+            let pattern = Pattern::parse(p).map_err(|e| format!("manifest field `publishes[{i}]`: {e}"))?;
             if pattern.reaches_system() {
                 return Err(format!(
                     "manifest field `publishes[{i}]` {p:?} could reach a system subject ($SYS.>, $JS.>, _INBOX.>)"
@@ -120,10 +109,7 @@ impl Manifest {
 
     /// The subscription patterns.
     pub fn patterns(&self) -> Vec<String> {
-        self.subscriptions
-            .iter()
-            .map(|s| s.pattern.clone())
-            .collect()
+        self.subscriptions.iter().map(|s| s.pattern.clone()).collect()
     }
 }
 
@@ -158,11 +144,7 @@ mod tests {
         assert!(m.validate().unwrap_err().contains("`name`"));
         let mut m = manifest();
         m.subscriptions[0].pattern = "orders..x".into();
-        assert!(
-            m.validate()
-                .unwrap_err()
-                .contains("subscriptions[0].pattern")
-        );
+        assert!(m.validate().unwrap_err().contains("subscriptions[0].pattern"));
         let mut m = manifest();
         m.publishes.push("$SYS.>".into());
         assert!(m.validate().unwrap_err().contains("publishes[1]"));

@@ -1,40 +1,59 @@
-//! The router: which plugins are live, what each subscribes to, and the per-plugin worker that
-//! takes deliveries off the plugin's queue and runs them concurrently (bounded).
+//! The router: which plugins are live, what each subscribes to, and each plugin's worker,
+//! which takes deliveries off the plugin's queue and runs them: concurrently (bounded), or in
+//! ordering lanes when a subscription asks for order per key.
 //!
-//! Invariant: the router never runs wasm itself and never blocks on one plugin on behalf of
-//! another: each plugin has its own queue, worker and concurrency bound.
+//! Invariant: the router never runs wasm itself and never lets one plugin block another: each
+//! plugin has its own queue, worker, lanes and bounds.
 
-use crate::dispatch::{self, PluginStats};
+use crate::deadletter::DeadLetters;
+use crate::dispatch::{self, PluginRuntime, PluginStats};
+use crate::event::Event;
+use crate::manifest::OrderKey;
+use crate::retry::RetryPolicy;
 use crate::sandbox::Plugin;
-use crate::transport::{Subscription, SubscriptionSpec, Transport, TransportError};
-use serde::Serialize;
-use std::collections::BTreeMap;
+use crate::subject::Pattern;
+use crate::transport::{Delivery, Subscription, SubscriptionSpec, Transport, TransportError};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, RwLock};
-use tokio::sync::Semaphore;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 /// How deliveries for one plugin are queued and run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Flow {
-    /// Deliveries running at once.
+    /// Attempts running at once.
     pub concurrency: usize,
-    /// Deliveries waiting in the queue before the transport pauses.
+    /// Deliveries taken but not settled (queued in lanes, backing off, running) before the
+    /// transport is paused for this plugin.
     pub queue: usize,
 }
 
 impl Default for Flow {
     fn default() -> Self {
-        Self {
-            concurrency: 16,
-            queue: 1024,
-        }
+        Self { concurrency: 16, queue: 1024 }
     }
 }
 
-/// A live plugin: the version serving now, its counters and its worker.
+/// Per-plugin delivery settings the router applies.
+#[derive(Debug, Clone)]
+pub struct Delivering {
+    /// Queue and concurrency.
+    pub flow: Flow,
+    /// Retry policy.
+    pub retry: RetryPolicy,
+    /// Dead-letter subject.
+    pub dead_letter_subject: String,
+}
+
+/// A live plugin.
 struct Entry {
-    current: Arc<RwLock<Arc<Plugin>>>,
-    stats: Arc<PluginStats>,
+    runtime: Arc<PluginRuntime>,
+    patterns: Vec<String>,
+    queue_depth: Box<dyn Fn() -> usize + Send + Sync>,
     worker: JoinHandle<()>,
 }
 
@@ -53,7 +72,7 @@ pub struct PluginInfo {
     pub version: String,
     /// Content hash of the component.
     pub hash: String,
-    /// `serving`.
+    /// `serving <version>`.
     pub state: String,
     /// Subscription patterns.
     pub subscriptions: Vec<String>,
@@ -61,81 +80,94 @@ pub struct PluginInfo {
     pub publishes: Vec<String>,
     /// Effective limits.
     pub limits: crate::sandbox::Limits,
-    /// Deliveries received / ok / failed / attempts / in flight.
+    /// Where its dead letters go.
+    pub dead_letter_subject: String,
+    /// Counters: received, ok, retried, dead_lettered, attempts, in_flight, pending, queued, outputs.
     pub counters: BTreeMap<&'static str, u64>,
+}
+
+/// What a drain left behind.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DrainReport {
+    /// Plugin → ids of deliveries not settled when the drain timed out.
+    pub unfinished: BTreeMap<String, Vec<String>>,
+    /// Plugin → deliveries still waiting in its queue.
+    pub queued: BTreeMap<String, usize>,
+}
+
+impl DrainReport {
+    /// Whether everything finished.
+    pub fn is_clean(&self) -> bool {
+        self.unfinished.values().all(Vec::is_empty) && self.queued.values().all(|n| *n == 0)
+    }
 }
 
 /// The set of live plugins.
 pub struct Router {
     transport: Arc<dyn Transport>,
+    dead_letters: Arc<DeadLetters>,
     entries: Mutex<BTreeMap<String, Entry>>,
 }
 
 impl Router {
     /// A router with no plugins.
-    pub fn new(transport: Arc<dyn Transport>) -> Self {
-        Self {
-            transport,
-            entries: Mutex::new(BTreeMap::new()),
-        }
+    pub fn new(transport: Arc<dyn Transport>, dead_letters: Arc<DeadLetters>) -> Self {
+        Self { transport, dead_letters, entries: Mutex::new(BTreeMap::new()) }
     }
 
     /// Makes `plugin` live: subscribes it and starts its worker.
-    pub async fn install(&self, plugin: Plugin, flow: Flow) -> Result<(), TransportError> {
+    pub async fn install(&self, plugin: Plugin, delivering: Delivering) -> Result<(), TransportError> {
         let name = plugin.name().to_string();
-        let manifest = plugin.manifest();
-        let queue_group = manifest
+        let patterns = plugin.manifest().patterns();
+        let queue_group = plugin
+            .manifest()
             .subscriptions
             .iter()
             .find_map(|s| s.queue_group.clone())
             .unwrap_or_else(|| format!("plugbus.{name}"));
         let spec = SubscriptionSpec {
             plugin: name.clone(),
-            patterns: manifest.patterns(),
+            patterns: patterns.clone(),
             queue_group,
-            capacity: flow.queue,
+            capacity: delivering.flow.queue,
         };
         let subscription = self.transport.subscribe(spec).await?;
-        let current = Arc::new(RwLock::new(Arc::new(plugin)));
-        let stats = Arc::new(PluginStats::default());
-        let worker = tokio::spawn(run_worker(
-            current.clone(),
-            stats.clone(),
-            subscription,
-            self.transport.clone(),
-            flow,
-        ));
+        let runtime = Arc::new(PluginRuntime {
+            name: name.clone(),
+            current: RwLock::new(Arc::new(plugin)),
+            stats: PluginStats::default(),
+            retry: delivering.retry,
+            dead_letter_subject: delivering.dead_letter_subject,
+            transport: self.transport.clone(),
+            dead_letters: self.dead_letters.clone(),
+            run_permits: Semaphore::new(delivering.flow.concurrency.max(1)),
+        });
+        let queue_depth = subscription.depth_probe();
+        let worker = tokio::spawn(run_worker(runtime.clone(), subscription, delivering.flow));
         tracing::info!(plugin = %name, "plugin serving");
-        self.entries.lock().expect("router poisoned").insert(
-            name,
-            Entry {
-                current,
-                stats,
-                worker,
-            },
-        );
+        let entry = Entry { runtime, patterns, queue_depth, worker };
+        self.entries.lock().expect("router poisoned").insert(name, entry);
         Ok(())
     }
 
     /// Names of the live plugins.
     pub fn names(&self) -> Vec<String> {
-        self.entries
-            .lock()
-            .expect("router poisoned")
-            .keys()
-            .cloned()
-            .collect()
+        self.entries.lock().expect("router poisoned").keys().cloned().collect()
+    }
+
+    /// The subscription patterns of a live plugin.
+    pub fn patterns(&self, name: &str) -> Option<Vec<String>> {
+        self.entries.lock().expect("router poisoned").get(name).map(|e| e.patterns.clone())
     }
 
     /// Descriptions of the live plugins.
     pub fn plugins(&self) -> Vec<PluginInfo> {
-        use std::sync::atomic::Ordering::Relaxed;
         let entries = self.entries.lock().expect("router poisoned");
         entries
             .iter()
             .map(|(name, e)| {
-                let p = e.current.read().expect("slot poisoned").clone();
-                let s = &e.stats;
+                let p = e.runtime.plugin();
+                let s = &e.runtime.stats;
                 PluginInfo {
                     name: name.clone(),
                     version: p.manifest().version.clone(),
@@ -144,37 +176,155 @@ impl Router {
                     subscriptions: p.manifest().patterns(),
                     publishes: p.manifest().publishes.clone(),
                     limits: p.limits().clone(),
+                    dead_letter_subject: e.runtime.dead_letter_subject.clone(),
                     counters: BTreeMap::from([
                         ("received", s.received.load(Relaxed)),
                         ("ok", s.ok.load(Relaxed)),
-                        ("failed", s.failed.load(Relaxed)),
+                        ("retried", s.retried.load(Relaxed)),
+                        ("dead_lettered", s.dead_lettered.load(Relaxed)),
                         ("attempts", s.attempts.load(Relaxed)),
                         ("in_flight", s.in_flight.load(Relaxed)),
+                        ("peak_in_flight", s.peak_in_flight.load(Relaxed)),
+                        ("pending", s.pending.load(Relaxed)),
+                        ("queued", (e.queue_depth)() as u64),
+                        ("outputs", s.outputs.load(Relaxed)),
                     ]),
                 }
             })
             .collect()
     }
+
+    /// Whether no plugin has anything queued or pending.
+    pub fn is_idle(&self) -> bool {
+        let entries = self.entries.lock().expect("router poisoned");
+        entries.values().all(|e| e.runtime.stats.pending.load(Relaxed) == 0 && (e.queue_depth)() == 0)
+    }
+
+    /// Waits until every queued and pending delivery has settled (outputs included: on the
+    /// embedded bus they are deliveries too), or `timeout` passes; reports what was left.
+    /// The caller stops intake first.
+    pub async fn drain(&self, timeout: Duration) -> DrainReport {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.is_idle() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let entries = self.entries.lock().expect("router poisoned");
+        let mut report = DrainReport::default();
+        for (name, e) in entries.iter() {
+            let ids = e.runtime.stats.pending_ids();
+            let queued = (e.queue_depth)();
+            if !ids.is_empty() || queued > 0 {
+                tracing::warn!(plugin = %name, unfinished = ids.len(), queued, ids = ?ids, "drain timed out: these events were not handled");
+            }
+            report.unfinished.insert(name.clone(), ids);
+            report.queued.insert(name.clone(), queued);
+        }
+        report
+    }
 }
 
-async fn run_worker(
-    current: Arc<RwLock<Arc<Plugin>>>,
-    stats: Arc<PluginStats>,
-    mut subscription: Subscription,
-    transport: Arc<dyn Transport>,
-    flow: Flow,
-) {
-    let permits = Arc::new(Semaphore::new(flow.concurrency.max(1)));
-    while let Some(delivery) = subscription.deliveries.recv().await {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            break;
+/// Where an event goes inside one plugin: which subscriptions order by which key.
+struct OrderRule {
+    pattern: Pattern,
+    key: Option<OrderKey>,
+}
+
+fn order_rules(plugin: &Plugin) -> Vec<OrderRule> {
+    plugin
+        .manifest()
+        .subscriptions
+        .iter()
+        .filter_map(|s| Pattern::parse(&s.pattern).ok().map(|pattern| OrderRule { pattern, key: s.order_by.clone() }))
+        .collect()
+}
+
+/// The ordering key of `event`: from the first matching subscription that orders. `None`
+/// (no ordering, or the header is missing) means the event runs unordered.
+fn ordering_key(rules: &[OrderRule], event: &Event) -> Option<String> {
+    let rule = rules.iter().find(|r| r.pattern.matches(&event.subject))?;
+    match rule.key.as_ref()? {
+        OrderKey::Header(h) => event.header(h).map(str::to_owned),
+        OrderKey::SubjectToken(i) => event.subject.split('.').nth(*i as usize).map(str::to_owned),
+    }
+}
+
+type LaneItem = (Delivery, u64, OwnedSemaphorePermit);
+
+/// Keys being worked on, with the deliveries waiting behind the one running.
+#[derive(Default)]
+struct Lanes(Mutex<HashMap<String, VecDeque<LaneItem>>>);
+
+impl Lanes {
+    /// Queues the item behind its key; returns it back if the lane was idle (caller runs it).
+    fn enqueue(&self, key: &str, item: LaneItem) -> Option<LaneItem> {
+        let mut lanes = self.0.lock().expect("lanes poisoned");
+        match lanes.get_mut(key) {
+            Some(waiting) => {
+                waiting.push_back(item);
+                None
+            }
+            None => {
+                lanes.insert(key.to_string(), VecDeque::new());
+                Some(item)
+            }
+        }
+    }
+
+    /// The next item of the lane, or `None` (and the lane closes).
+    fn next(&self, key: &str) -> Option<LaneItem> {
+        let mut lanes = self.0.lock().expect("lanes poisoned");
+        let next = lanes.get_mut(key).and_then(VecDeque::pop_front);
+        if next.is_none() {
+            lanes.remove(key);
+        }
+        next
+    }
+}
+
+async fn run_worker(rt: Arc<PluginRuntime>, mut subscription: Subscription, flow: Flow) {
+    let admission = Arc::new(Semaphore::new(flow.queue.max(1)));
+    let lanes = Arc::new(Lanes::default());
+    let mut rules_for: Option<(usize, Arc<Vec<OrderRule>>)> = None;
+    loop {
+        // Taking a delivery needs room: a plugin with `queue` deliveries unsettled stops
+        // taking more, its transport queue fills, and the transport pauses (backpressure).
+        let Ok(admit) = admission.clone().acquire_owned().await else { break };
+        let Some(delivery) = subscription.deliveries.recv().await else { break };
+        let ticket = rt.stats.admit(&delivery.event.id);
+        let plugin = rt.plugin();
+        let rules = match &rules_for {
+            Some((ptr, rules)) if *ptr == Arc::as_ptr(&plugin) as usize => rules.clone(),
+            _ => {
+                let rules = Arc::new(order_rules(&plugin));
+                rules_for = Some((Arc::as_ptr(&plugin) as usize, rules.clone()));
+                rules
+            }
         };
-        // New deliveries always go to the version serving now; one in flight keeps its own.
-        let plugin = current.read().expect("slot poisoned").clone();
-        let (transport, stats) = (transport.clone(), stats.clone());
-        tokio::spawn(async move {
-            dispatch::deliver(&plugin, delivery, &transport, &stats).await;
-            drop(permit);
-        });
+        match ordering_key(&rules, &delivery.event) {
+            None => {
+                let rt = rt.clone();
+                tokio::spawn(async move {
+                    dispatch::deliver(&rt, delivery).await;
+                    rt.stats.settle(ticket);
+                    drop(admit);
+                });
+            }
+            Some(key) => {
+                if let Some(first) = lanes.enqueue(&key, (delivery, ticket, admit)) {
+                    tokio::spawn(run_lane(rt.clone(), lanes.clone(), key, first));
+                }
+            }
+        }
+    }
+}
+
+/// Runs one key's deliveries strictly one after another, retries included.
+async fn run_lane(rt: Arc<PluginRuntime>, lanes: Arc<Lanes>, key: String, first: LaneItem) {
+    let mut item = Some(first);
+    while let Some((delivery, ticket, admit)) = item {
+        dispatch::deliver(&rt, delivery).await;
+        rt.stats.settle(ticket);
+        drop(admit);
+        item = lanes.next(&key);
     }
 }

@@ -19,11 +19,7 @@ pub struct SubjectError {
 }
 
 fn check_tokens(what: &'static str, raw: &str, wildcards: bool) -> Result<(), SubjectError> {
-    let err = |reason| SubjectError {
-        what,
-        raw: raw.to_string(),
-        reason,
-    };
+    let err = |reason| SubjectError { what, raw: raw.to_string(), reason };
     if raw.is_empty() {
         return Err(err("it is empty"));
     }
@@ -33,9 +29,7 @@ fn check_tokens(what: &'static str, raw: &str, wildcards: bool) -> Result<(), Su
     let tokens: Vec<&str> = raw.split('.').collect();
     for (i, token) in tokens.iter().enumerate() {
         if token.is_empty() {
-            return Err(err(
-                "it has an empty token (leading, trailing or double dot)",
-            ));
+            return Err(err("it has an empty token (leading, trailing or double dot)"));
         }
         if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(err("it contains whitespace or a control character"));
@@ -87,10 +81,7 @@ impl Pattern {
                 lit => Token::Literal(lit.to_string()),
             })
             .collect();
-        Ok(Self {
-            raw: raw.to_string(),
-            tokens,
-        })
+        Ok(Self { raw: raw.to_string(), tokens })
     }
 
     /// The pattern as written.
@@ -142,12 +133,7 @@ fn overlap(a: &[Token], b: &[Token]) -> bool {
 
 fn system_patterns() -> &'static [Pattern] {
     static SYSTEM: std::sync::OnceLock<Vec<Pattern>> = std::sync::OnceLock::new();
-    SYSTEM.get_or_init(|| {
-        SYSTEM_PATTERNS
-            .iter()
-            .map(|p| Pattern::parse(p).expect("valid"))
-            .collect()
-    })
+    SYSTEM.get_or_init(|| SYSTEM_PATTERNS.iter().map(|p| Pattern::parse(p).expect("valid")).collect())
 }
 
 /// Whether a concrete subject is a system subject no plugin may publish to.
@@ -168,10 +154,7 @@ pub struct PatternSet(Vec<Pattern>);
 impl PatternSet {
     /// Parses every pattern, failing on the first invalid one.
     pub fn parse<S: AsRef<str>>(raw: &[S]) -> Result<Self, SubjectError> {
-        raw.iter()
-            .map(|p| Pattern::parse(p.as_ref()))
-            .collect::<Result<Vec<_>, _>>()
-            .map(Self)
+        raw.iter().map(|p| Pattern::parse(p.as_ref())).collect::<Result<Vec<_>, _>>().map(Self)
     }
 
     /// Whether any pattern matches `subject`.

@@ -106,9 +106,7 @@ impl Event {
     /// assert_eq!(ev.header("tenant"), Some("acme"));
     /// ```
     pub fn with_header(mut self, name: &str, value: impl Into<String>) -> Self {
-        self.inner
-            .extensions
-            .push((name.to_ascii_lowercase(), value.into()));
+        self.inner.extensions.push((name.to_ascii_lowercase(), value.into()));
         self
     }
 
@@ -189,8 +187,7 @@ impl Event {
     /// assert_eq!(ev.text().unwrap(), "hello");
     /// ```
     pub fn text(&self) -> Result<&str, HandlerError> {
-        std::str::from_utf8(&self.inner.data)
-            .map_err(|e| HandlerError::reject(format!("event data is not UTF-8: {e}")))
+        std::str::from_utf8(&self.inner.data).map_err(|e| HandlerError::reject(format!("event data is not UTF-8: {e}")))
     }
 
     /// The payload parsed as JSON into `T`; malformed JSON rejects the event (a poison event
@@ -215,11 +212,7 @@ impl Event {
     /// assert_eq!(ev.header("Tenant"), Some("acme"));
     /// ```
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.inner
-            .extensions
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.inner.extensions.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     /// Every header, in arrival order.
@@ -229,10 +222,7 @@ impl Event {
     /// assert_eq!(ev.headers().count(), 1);
     /// ```
     pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.inner
-            .extensions
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
+        self.inner.extensions.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
     /// 1 on the first delivery, 2 on the first retry, and so on.
@@ -402,12 +392,8 @@ pub fn publish_with_headers(
     data: impl AsRef<[u8]>,
     headers: &[(&str, &str)],
 ) -> Result<(), PublishError> {
-    let headers: Vec<(String, String)> = headers
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    __bindings::plugbus::handler::bus::publish(subject, data.as_ref(), &headers)
-        .map_err(PublishError::from)
+    let headers: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    __bindings::plugbus::handler::bus::publish(subject, data.as_ref(), &headers).map_err(PublishError::from)
 }
 
 /// Publishes `value` serialized as JSON (`datacontenttype: application/json`).
@@ -514,9 +500,9 @@ pub mod kv {
     pub fn get_json<T: DeserializeOwned>(key: &str) -> Result<Option<T>, KvError> {
         match get(key)? {
             None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| KvError::Decode(format!("key {key:?}: {e}"))),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes).map(Some).map_err(|e| KvError::Decode(format!("key {key:?}: {e}")))
+            }
         }
     }
 
@@ -602,15 +588,12 @@ pub mod log {
 pub mod __private {
     pub use super::__bindings::exports::plugbus::handler::handler::Guest;
     pub use super::__bindings::plugbus::handler::types::{
-        DeliverPolicy, Event as WitEvent, HandlerError as WitHandlerError, OrderKey,
-        PluginManifest as Manifest, Subscription,
+        DeliverPolicy, Event as WitEvent, HandlerError as WitHandlerError, OrderKey, PluginManifest as Manifest,
+        Subscription,
     };
 
     /// Runs the user's function on a WIT event.
-    pub fn run(
-        event: WitEvent,
-        f: fn(super::Event) -> Result<(), super::HandlerError>,
-    ) -> Result<(), WitHandlerError> {
+    pub fn run(event: WitEvent, f: fn(super::Event) -> Result<(), super::HandlerError>) -> Result<(), WitHandlerError> {
         f(super::Event::__from_wit(event)).map_err(super::HandlerError::__into_wit)
     }
 }

@@ -9,28 +9,15 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Every handler crate the tests use.
-pub const COMPONENTS: &[&str] = &[
-    "inventory",
-    "payments",
-    "shipping",
-    "notify",
-    "audit",
-    "faulty",
-    "sneaky",
-];
+pub const COMPONENTS: &[&str] = &["inventory", "payments", "shipping", "notify", "audit", "faulty", "sneaky", "echo"];
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"))
 }
 
 /// Builds every test and example component once per test binary (a no-op when fresh).
@@ -43,7 +30,10 @@ fn build_components() -> &'static PathBuf {
             cmd.args(["-p", c]);
         }
         let status = cmd.status().expect("running cargo to build the components");
-        assert!(status.success(), "building the components failed (is the wasm32-wasip2 target installed? run scripts/test)");
+        assert!(
+            status.success(),
+            "building the components failed (is the wasm32-wasip2 target installed? run scripts/test)"
+        );
         target_dir().join("wasm32-wasip2").join("plugin")
     })
 }
@@ -56,11 +46,7 @@ pub fn wasm(name: &str) -> PathBuf {
 /// The `plugbus` binary built by `cargo build -p plugbus` (the test script builds it first).
 pub fn plugbus_bin() -> PathBuf {
     let bin = target_dir().join("debug").join("plugbus");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p plugbus` (scripts/test does)",
-        bin.display()
-    );
+    assert!(bin.exists(), "{} is missing: run `cargo build -p plugbus` (scripts/test does)", bin.display());
     bin
 }
 
@@ -82,8 +68,7 @@ impl TestHost {
     pub async fn start_with(components: &[&str], tweak: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         for c in components {
-            std::fs::copy(wasm(c), dir.path().join(format!("{c}.wasm")))
-                .expect("copying a component");
+            std::fs::copy(wasm(c), dir.path().join(format!("{c}.wasm"))).expect("copying a component");
         }
         let mut config = Config {
             plugins_dir: dir.path().to_path_buf(),
@@ -152,9 +137,7 @@ impl Observer {
                 }
             }
         };
-        tokio::time::timeout(Duration::from_secs(30), wait)
-            .await
-            .expect("timed out waiting for an event")
+        tokio::time::timeout(Duration::from_secs(30), wait).await.expect("timed out waiting for an event")
     }
 
     /// Waits for the next event on `subject`.
@@ -197,4 +180,14 @@ pub mod bytes_compat {
 pub fn order(id: &str, sku: &str, qty: u64) -> String {
     serde_json::json!({ "order_id": id, "sku": sku, "qty": qty, "email": format!("{id}@example.com"), "amount_cents": 1000 * qty })
         .to_string()
+}
+
+/// Config tweak: retries that take milliseconds, not seconds (3 attempts, 5 ms → 20 ms).
+pub fn fast_retries(config: &mut Config) {
+    config.retry = plugbus::retry::RetryPolicy {
+        max_attempts: 3,
+        initial: Duration::from_millis(5),
+        factor: 2.0,
+        max: Duration::from_millis(20),
+    };
 }

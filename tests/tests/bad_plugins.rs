@@ -9,26 +9,16 @@ async fn bad_files_are_reported_and_the_good_plugin_serves() {
     let dir = tmp.path().to_path_buf();
     std::fs::write(dir.join("audit.wasm"), &good).unwrap();
     std::fs::write(dir.join("empty.wasm"), b"").unwrap();
-    std::fs::write(
-        dir.join("random.wasm"),
-        (0..4096u32)
-            .map(|i| (i * 7919 % 251) as u8)
-            .collect::<Vec<_>>(),
-    )
-    .unwrap();
+    std::fs::write(dir.join("random.wasm"), (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect::<Vec<_>>()).unwrap();
     std::fs::write(dir.join("notes.wasm"), b"this is a text file, not wasm").unwrap();
     std::fs::write(dir.join("core.wasm"), b"\0asm\x01\0\0\0").unwrap();
     std::fs::write(dir.join("truncated.wasm"), &good[..good.len() / 2]).unwrap();
     std::fs::copy(wasm("sneaky"), dir.join("sneaky.wasm")).unwrap();
     std::fs::write(dir.join("readme.txt"), b"not a .wasm file: ignored").unwrap();
 
-    let host = plugbus::Host::start(plugbus::Config {
-        plugins_dir: dir.clone(),
-        http: None,
-        ..Default::default()
-    })
-    .await
-    .expect("the host starts despite bad files");
+    let host = plugbus::Host::start(plugbus::Config { plugins_dir: dir.clone(), http: None, ..Default::default() })
+        .await
+        .expect("the host starts despite bad files");
     let rejected = host.rejected();
     let reason = |file: &str| {
         rejected
@@ -45,16 +35,11 @@ async fn bad_files_are_reported_and_the_good_plugin_serves() {
     assert!(reason("core.wasm").contains("core WebAssembly module, not a component"));
     assert!(reason("truncated.wasm").contains("invalid component"));
     let sneaky = reason("sneaky.wasm");
-    assert!(
-        sneaky.contains("wasi:sockets/tcp@") && sneaky.contains("wasi:filesystem/preopens@"),
-        "{sneaky}"
-    );
+    assert!(sneaky.contains("wasi:sockets/tcp@") && sneaky.contains("wasi:filesystem/preopens@"), "{sneaky}");
     assert_eq!(host.router().names(), vec!["audit".to_string()]);
 
     let mut seen = host.observe(&["orders.>"]).await.unwrap();
-    host.publish(plugbus::Event::new("orders.created", "{}"))
-        .await
-        .unwrap();
+    host.publish(plugbus::Event::new("orders.created", "{}")).await.unwrap();
     seen.recv().await.unwrap();
 }
 
@@ -64,18 +49,10 @@ async fn two_files_with_one_plugin_name_are_an_error_naming_both() {
     let dir = tmp.path().to_path_buf();
     std::fs::copy(wasm("audit"), dir.join("audit.wasm")).unwrap();
     std::fs::copy(wasm("audit"), dir.join("audit-copy.wasm")).unwrap();
-    let host = plugbus::Host::start(plugbus::Config {
-        plugins_dir: dir,
-        http: None,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let host =
+        plugbus::Host::start(plugbus::Config { plugins_dir: dir, http: None, ..Default::default() }).await.unwrap();
     let rejected = host.rejected();
     assert_eq!(rejected.len(), 1);
     assert!(rejected[0].path.ends_with("audit.wasm"), "{rejected:?}");
-    assert!(
-        rejected[0].reason.contains("audit-copy.wasm"),
-        "{rejected:?}"
-    );
+    assert!(rejected[0].reason.contains("audit-copy.wasm"), "{rejected:?}");
 }

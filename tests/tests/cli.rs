@@ -15,21 +15,14 @@ impl Drop for Running {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn wait_healthy(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let addr = url.trim_start_matches("http://").to_string();
     while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "plugbus run did not come up on {url}"
-        );
+        assert!(Instant::now() < deadline, "plugbus run did not come up on {url}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -48,12 +41,7 @@ fn publish_reaches_a_running_host_and_prints_the_event_id() {
         Command::new(plugbus_bin())
             .args(["run", "--plugins"])
             .arg(dir.path())
-            .args([
-                "--http",
-                &format!("127.0.0.1:{port}"),
-                "--log-format",
-                "json",
-            ])
+            .args(["--http", &format!("127.0.0.1:{port}"), "--log-format", "json"])
             .env("RUST_LOG", "info")
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -66,11 +54,7 @@ fn publish_reaches_a_running_host_and_prints_the_event_id() {
         .arg(plugbus_tests::order("cli-1", "widget", 1))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(!id.is_empty());
 
@@ -82,24 +66,15 @@ fn publish_reaches_a_running_host_and_prints_the_event_id() {
             let line = text.lines().find(|l| l.contains("is on its way")).unwrap();
             let v: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
             assert_eq!(v["fields"]["plugin"], "notify", "{line}");
-            assert!(
-                text.contains("broken.wasm"),
-                "the bad file is not named in the log"
-            );
+            assert!(text.contains("broken.wasm"), "the bad file is not named in the log");
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the chain never reached notify:\n{text}"
-        );
+        assert!(Instant::now() < deadline, "the chain never reached notify:\n{text}");
         std::thread::sleep(Duration::from_millis(50));
     }
 
     // a bad subject from the CLI is refused with the reason, and a non-zero exit
-    let out = Command::new(plugbus_bin())
-        .args(["publish", "--url", &url, "orders created", "x"])
-        .output()
-        .unwrap();
+    let out = Command::new(plugbus_bin()).args(["publish", "--url", &url, "orders created", "x"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("whitespace"));
     drop(host);
@@ -109,13 +84,7 @@ fn publish_reaches_a_running_host_and_prints_the_event_id() {
 fn publish_without_a_host_says_so() {
     let port = free_port();
     let out = Command::new(plugbus_bin())
-        .args([
-            "publish",
-            "--url",
-            &format!("http://127.0.0.1:{port}"),
-            "a.b",
-            "x",
-        ])
+        .args(["publish", "--url", &format!("http://127.0.0.1:{port}"), "a.b", "x"])
         .output()
         .unwrap();
     assert!(!out.status.success());

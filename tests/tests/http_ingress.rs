@@ -4,12 +4,7 @@
 use plugbus_tests::TestHost;
 
 async fn post(url: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
-    let resp = reqwest::Client::new()
-        .post(url)
-        .body(body)
-        .send()
-        .await
-        .expect("request");
+    let resp = reqwest::Client::new().post(url).body(body).send().await.expect("request");
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or_default())
 }
@@ -52,26 +47,13 @@ async fn malformed_requests_get_a_json_error_saying_what_was_wrong() {
     for (path, status, needle) in cases {
         let (got, body) = post(&format!("{base}{path}"), b"{}".to_vec()).await;
         assert_eq!(got, status, "{path}: {body}");
-        let msg = body["error"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{path}: no JSON error: {body}"));
+        let msg = body["error"].as_str().unwrap_or_else(|| panic!("{path}: no JSON error: {body}"));
         assert!(msg.contains(needle), "{path}: {msg}");
     }
-    let (got, body) = post(
-        &format!("{base}/v1/events/orders.created"),
-        vec![b'x'; 1024 * 1024 + 1],
-    )
-    .await;
+    let (got, body) = post(&format!("{base}/v1/events/orders.created"), vec![b'x'; 1024 * 1024 + 1]).await;
     assert_eq!(got, 413, "{body}");
-    assert!(
-        body["error"].as_str().unwrap().contains("1048576"),
-        "{body}"
-    );
+    assert!(body["error"].as_str().unwrap().contains("1048576"), "{body}");
     // exactly at the limit is fine
-    let (got, _) = post(
-        &format!("{base}/v1/events/orders.created"),
-        vec![b'x'; 1024 * 1024],
-    )
-    .await;
+    let (got, _) = post(&format!("{base}/v1/events/orders.created"), vec![b'x'; 1024 * 1024]).await;
     assert_eq!(got, 202);
 }

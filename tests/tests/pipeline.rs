@@ -14,10 +14,7 @@ async fn an_order_flows_from_created_to_shipped_and_notify_runs() {
     let reserved = seen.next_on("inventory.reserved").await;
     assert_eq!(reserved.source, "plugbus/inventory");
     let captured = seen.next_on("payments.captured").await;
-    assert_eq!(
-        captured.header("plugbus-caused-by"),
-        Some(reserved.id.as_str())
-    );
+    assert_eq!(captured.header("plugbus-caused-by"), Some(reserved.id.as_str()));
     let shipped = seen.next_on("shipping.started").await;
     let body: serde_json::Value = serde_json::from_slice(&shipped.data).unwrap();
     assert_eq!(body["tracking"], "TRK-O-1");
@@ -33,25 +30,14 @@ async fn an_order_flows_from_created_to_shipped_and_notify_runs() {
 async fn an_out_of_stock_order_is_rejected_and_the_customer_told() {
     let t = TestHost::start(PIPELINE).await;
     let mut seen = t.observe(&["inventory.>", "payments.>"]).await;
-    t.publish("orders.created", order("o-9", "unobtainium", 1))
-        .await;
-    let rejected = seen
-        .next_where(|e| e.subject.starts_with("inventory."))
-        .await;
+    t.publish("orders.created", order("o-9", "unobtainium", 1)).await;
+    let rejected = seen.next_where(|e| e.subject.starts_with("inventory.")).await;
     assert_eq!(rejected.subject, "inventory.rejected");
     let body: serde_json::Value = serde_json::from_slice(&rejected.data).unwrap();
     assert_eq!(body["order"]["order_id"], "o-9");
-    assert!(
-        body["reason"].as_str().unwrap().contains("in stock"),
-        "{body}"
-    );
+    assert!(body["reason"].as_str().unwrap().contains("in stock"), "{body}");
     t.wait_counter("notify", "ok", 1).await;
-    assert!(
-        seen.drain(Duration::from_millis(300))
-            .await
-            .iter()
-            .all(|e| !e.subject.starts_with("payments."))
-    );
+    assert!(seen.drain(Duration::from_millis(300)).await.iter().all(|e| !e.subject.starts_with("payments.")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,28 +46,17 @@ async fn kv_holds_the_reserved_count_even_with_concurrent_orders() {
     let mut seen = t.observe(&["inventory.*"]).await;
     // 5 orders of 1 widget at once: each reads and writes the same kv keys concurrently.
     for i in 0..5 {
-        t.publish("orders.created", order(&format!("c-{i}"), "widget", 1))
-            .await;
+        t.publish("orders.created", order(&format!("c-{i}"), "widget", 1)).await;
     }
     for _ in 0..5 {
         seen.next_on("inventory.reserved").await;
     }
     t.wait_counter("inventory", "ok", 5).await;
-    let get = |k: &str| {
-        t.host
-            .kv()
-            .get("inventory", k)
-            .unwrap()
-            .map(|v| String::from_utf8(v.value).unwrap())
-    };
+    let get = |k: &str| t.host.kv().get("inventory", k).unwrap().map(|v| String::from_utf8(v.value).unwrap());
     assert_eq!(get("reserved/widget").as_deref(), Some("5"));
     assert_eq!(get("stock/widget").as_deref(), Some("5"));
     // the stock then runs out: 10 widgets at start, 5 reserved, an order for 6 is refused
-    t.publish("orders.created", order("c-big", "widget", 6))
-        .await;
-    assert_eq!(
-        seen.next_on("inventory.rejected").await.subject,
-        "inventory.rejected"
-    );
+    t.publish("orders.created", order("c-big", "widget", 6)).await;
+    assert_eq!(seen.next_on("inventory.rejected").await.subject, "inventory.rejected");
     assert_eq!(get("reserved/widget").as_deref(), Some("5"));
 }

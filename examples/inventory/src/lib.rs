@@ -13,13 +13,11 @@ struct Order {
 }
 
 fn initial_stock(sku: &str) -> u64 {
-    config::get(&format!("stock.{sku}"))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(match sku {
-            "widget" => 10,
-            "gadget" => 5,
-            _ => 0,
-        })
+    config::get(&format!("stock.{sku}")).and_then(|v| v.parse().ok()).unwrap_or(match sku {
+        "widget" => 10,
+        "gadget" => 5,
+        _ => 0,
+    })
 }
 
 #[handler(subscribe = ["orders.created"], publishes = ["inventory.>"])]
@@ -28,28 +26,16 @@ fn reserve(ev: Event) -> Result<(), HandlerError> {
     let stock_key = format!("stock/{}", order.sku);
     let stock = kv::get_json::<u64>(&stock_key)?.unwrap_or_else(|| initial_stock(&order.sku));
     if stock < order.qty {
-        log::warn(format!(
-            "order {}: {} x {} wanted, {stock} in stock",
-            order.order_id, order.qty, order.sku
-        ));
+        log::warn(format!("order {}: {} x {} wanted, {stock} in stock", order.order_id, order.qty, order.sku));
         let reason = format!("only {stock} x {} in stock", order.sku);
-        publish_json(
-            "inventory.rejected",
-            &serde_json::json!({ "order": order, "reason": reason }),
-        )?;
+        publish_json("inventory.rejected", &serde_json::json!({ "order": order, "reason": reason }))?;
         return Ok(());
     }
     kv::set_json(&stock_key, &(stock - order.qty))?;
     let reserved_key = format!("reserved/{}", order.sku);
     let reserved = kv::get_json::<u64>(&reserved_key)?.unwrap_or(0) + order.qty;
     kv::set_json(&reserved_key, &reserved)?;
-    log::info(format!(
-        "order {}: reserved {} x {} ({} left)",
-        order.order_id,
-        order.qty,
-        order.sku,
-        stock - order.qty
-    ));
+    log::info(format!("order {}: reserved {} x {} ({} left)", order.order_id, order.qty, order.sku, stock - order.qty));
     publish_json("inventory.reserved", &order)?;
     Ok(())
 }

@@ -13,10 +13,7 @@ struct Reserved {
 fn capture(ev: Event) -> Result<(), HandlerError> {
     let order: Reserved = ev.json()?;
     if order.amount_cents == 0 {
-        return Err(HandlerError::reject(format!(
-            "order {} has nothing to charge",
-            order.order_id
-        )));
+        return Err(HandlerError::reject(format!("order {} has nothing to charge", order.order_id)));
     }
     log::info(format!(
         "order {}: captured {}.{:02}",

@@ -12,10 +12,7 @@ struct Paid {
 fn ship(ev: Event) -> Result<(), HandlerError> {
     let paid: Paid = ev.json()?;
     let tracking = format!("TRK-{}", paid.order_id.to_uppercase());
-    log::info(format!(
-        "order {}: handed to the carrier as {tracking}",
-        paid.order_id
-    ));
+    log::info(format!("order {}: handed to the carrier as {tracking}", paid.order_id));
     publish_json(
         "shipping.started",
         &serde_json::json!({ "order_id": paid.order_id, "email": paid.email, "tracking": tracking }),

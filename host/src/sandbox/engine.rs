@@ -30,11 +30,7 @@ pub struct SandboxSettings {
 
 impl Default for SandboxSettings {
     fn default() -> Self {
-        Self {
-            max_instances: 256,
-            max_memory_mib: 64,
-            max_stack_bytes: 512 * 1024,
-        }
+        Self { max_instances: 256, max_memory_mib: 64, max_stack_bytes: 512 * 1024 }
     }
 }
 
@@ -85,8 +81,7 @@ impl Sandbox {
         })?;
 
         let mut linker = Linker::<HostState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-            .map_err(|e| anyhow::anyhow!("linking WASI: {e}"))?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("linking WASI: {e}"))?;
         bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| anyhow::anyhow!("linking the plugbus imports: {e}"))?;
 
@@ -94,21 +89,14 @@ impl Sandbox {
         {
             let engine = engine.clone();
             let stop = stop.clone();
-            std::thread::Builder::new()
-                .name("plugbus-epoch".into())
-                .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(EPOCH_TICK);
-                        engine.increment_epoch();
-                    }
-                })?;
+            std::thread::Builder::new().name("plugbus-epoch".into()).spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })?;
         }
-        Ok(Self {
-            engine,
-            linker: Arc::new(linker),
-            settings,
-            _ticker: Arc::new(Ticker { stop }),
-        })
+        Ok(Self { engine, linker: Arc::new(linker), settings, _ticker: Arc::new(Ticker { stop }) })
     }
 
     /// The wasmtime engine.
@@ -137,8 +125,7 @@ impl Sandbox {
                 .map_err(|e| LoadError::Invalid(format!("compiler task failed: {e}")))?
                 .map_err(|e| LoadError::Invalid(format!("{e:#}")))?
         };
-        self.prepare(component, validate::content_hash(bytes), settings)
-            .await
+        self.prepare(component, validate::content_hash(bytes), settings).await
     }
 
     /// Validates a compiled component and reads its manifest.
@@ -149,17 +136,13 @@ impl Sandbox {
         settings: impl FnOnce(&Manifest) -> PluginSettings,
     ) -> Result<Plugin, LoadError> {
         validate::check_imports(&self.engine, &component)?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| LoadError::Invalid(format!("cannot link: {e:#}")))?;
-        let pre = bindings::PluginPre::new(pre).map_err(|e| {
-            LoadError::Invalid(format!("does not export plugbus:handler/handler: {e:#}"))
-        })?;
+        let pre =
+            self.linker.instantiate_pre(&component).map_err(|e| LoadError::Invalid(format!("cannot link: {e:#}")))?;
+        let pre = bindings::PluginPre::new(pre)
+            .map_err(|e| LoadError::Invalid(format!("does not export plugbus:handler/handler: {e:#}")))?;
         let manifest = self.read_manifest(&pre).await?;
         let settings = settings(&manifest);
-        let publishes = PatternSet::parse(&manifest.publishes)
-            .map_err(|e| LoadError::Manifest(e.to_string()))?;
+        let publishes = PatternSet::parse(&manifest.publishes).map_err(|e| LoadError::Manifest(e.to_string()))?;
         let ctx = PluginCtx {
             name: manifest.name.as_str().into(),
             limits: settings.limits,
@@ -167,25 +150,13 @@ impl Sandbox {
             config: settings.config,
             kv: settings.kv,
         };
-        Ok(Plugin::new(
-            self.engine.clone(),
-            pre,
-            manifest,
-            hash,
-            Arc::new(ctx),
-        ))
+        Ok(Plugin::new(self.engine.clone(), pre, manifest, hash, Arc::new(ctx)))
     }
 
-    async fn read_manifest(
-        &self,
-        pre: &bindings::PluginPre<HostState>,
-    ) -> Result<Manifest, LoadError> {
+    async fn read_manifest(&self, pre: &bindings::PluginPre<HostState>) -> Result<Manifest, LoadError> {
         let ctx = Arc::new(PluginCtx {
             name: "(loading)".into(),
-            limits: Limits {
-                deadline: Duration::from_secs(2),
-                ..Limits::default()
-            },
+            limits: Limits { deadline: Duration::from_secs(2), ..Limits::default() },
             publishes: PatternSet::default(),
             config: Default::default(),
             kv: Arc::new(MemoryKv::new()),

@@ -60,20 +60,12 @@ pub struct MemoryLimiter {
 impl MemoryLimiter {
     /// A limiter for `cap` bytes.
     pub fn new(cap: usize) -> Self {
-        Self {
-            cap,
-            breached: false,
-        }
+        Self { cap, breached: false }
     }
 }
 
 impl wasmtime::ResourceLimiter for MemoryLimiter {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _max: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
         if desired > self.cap {
             self.breached = true;
             return Err(wasmtime::Error::msg(format!(
@@ -85,12 +77,7 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
         Ok(true)
     }
 
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _max: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
         Ok(desired <= 100_000)
     }
 }

@@ -88,10 +88,7 @@ pub(super) fn arm_store(store: &mut Store<HostState>) {
         let deadline = state.plugin.limits.deadline;
         if state.started.elapsed() >= deadline {
             state.deadline_hit = true;
-            return Err(wasmtime::Error::msg(format!(
-                "deadline of {} exceeded",
-                humantime::format_duration(deadline)
-            )));
+            return Err(wasmtime::Error::msg(format!("deadline of {} exceeded", humantime::format_duration(deadline))));
         }
         Ok(UpdateDeadline::Yield(1))
     });
@@ -105,13 +102,7 @@ impl Plugin {
         hash: String,
         ctx: Arc<PluginCtx>,
     ) -> Self {
-        Self {
-            engine,
-            pre,
-            manifest,
-            hash,
-            ctx,
-        }
+        Self { engine, pre, manifest, hash, ctx }
     }
 
     /// The plugin's name (its identity).
@@ -150,10 +141,7 @@ impl Plugin {
         arm_store(&mut store);
         let call = async {
             let instance = self.pre.instantiate_async(&mut store).await?;
-            instance
-                .plugbus_handler_handler()
-                .call_handle(&mut store, &to_wit(event, attempt))
-                .await
+            instance.plugbus_handler_handler().call_handle(&mut store, &to_wit(event, attempt)).await
         };
         let result = match call.await {
             Ok(Ok(())) => match store.data().refused.clone() {
@@ -209,21 +197,21 @@ fn to_wit(event: &Event, attempt: u32) -> wit::Event {
 fn describe_trap(err: &wasmtime::Error, state: &HostState) -> String {
     let limits = &state.plugin.limits;
     if state.deadline_hit {
-        return format!(
-            "deadline of {} exceeded",
-            humantime::format_duration(limits.deadline)
-        );
+        return format!("deadline of {} exceeded", humantime::format_duration(limits.deadline));
     }
     if state.limiter.breached {
         return format!("memory limit {} MiB reached", limits.memory_mib);
     }
-    let panic = state
-        .stderr
-        .take_lines()
-        .0
-        .into_iter()
-        .find(|l| l.contains("panicked at"))
-        .map(|l| format!(" ({l})"))
+    // Rust's panic hook writes "thread '...' panicked at FILE:LINE:COL:" then the message.
+    let lines = state.stderr.peek_lines();
+    let panic = lines
+        .iter()
+        .position(|l| l.contains("panicked at"))
+        .map(|i| {
+            let at = lines[i].split("panicked at ").nth(1).unwrap_or_default().trim_end_matches(':');
+            let msg = lines.get(i + 1).map(String::as_str).unwrap_or_default();
+            format!(": {msg} (at {at})")
+        })
         .unwrap_or_default();
     match err.downcast_ref::<Trap>() {
         Some(Trap::StackOverflow) => "stack overflow (wasm stack limit reached)".to_string(),

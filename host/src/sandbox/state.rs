@@ -66,10 +66,7 @@ impl HostState {
         let stderr = Capture::new(log_cap);
         // Locked down: no preopened directories, no environment, no arguments, no network.
         // Stdio goes to capped captures; clocks and random are WASI's defaults.
-        let wasi = WasiCtx::builder()
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .build();
+        let wasi = WasiCtx::builder().stdout(stdout.clone()).stderr(stderr.clone()).build();
         Self {
             wasi,
             table: ResourceTable::new(),
@@ -91,9 +88,7 @@ impl HostState {
 
     fn refuse(&mut self, err: types::PublishError) -> Result<(), types::PublishError> {
         let why = match &err {
-            types::PublishError::Denied(m)
-            | types::PublishError::Limit(m)
-            | types::PublishError::Invalid(m) => m,
+            types::PublishError::Denied(m) | types::PublishError::Limit(m) | types::PublishError::Invalid(m) => m,
         };
         tracing::warn!(plugin = %self.plugin.name, event_id = %self.event_id, subject = %self.subject, "publish refused: {why}");
         self.refused = Some(why.clone());
@@ -103,10 +98,7 @@ impl HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 
@@ -123,46 +115,26 @@ impl bus::Host for HostState {
             return self.refuse(types::PublishError::Invalid(e.to_string()));
         }
         if is_system_subject(&subject) {
-            return self.refuse(types::PublishError::Denied(format!(
-                "{subject:?} is a system subject"
-            )));
+            return self.refuse(types::PublishError::Denied(format!("{subject:?} is a system subject")));
         }
         if !self.plugin.publishes.matches(&subject) {
             return self.refuse(types::PublishError::Denied(format!(
                 "{subject:?} is not in the manifest's publishes {:?}",
-                self.plugin
-                    .publishes
-                    .iter()
-                    .map(|p| p.as_str())
-                    .collect::<Vec<_>>()
+                self.plugin.publishes.iter().map(|p| p.as_str()).collect::<Vec<_>>()
             )));
         }
         let limits = &self.plugin.limits;
         if self.outputs.len() as u64 >= u64::from(limits.max_publishes) {
-            let msg = format!(
-                "publish limit of {} per event reached",
-                limits.max_publishes
-            );
+            let msg = format!("publish limit of {} per event reached", limits.max_publishes);
             return self.refuse(types::PublishError::Limit(msg));
         }
-        let size = (data.len()
-            + headers
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>()) as u64;
+        let size = (data.len() + headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()) as u64;
         if self.output_bytes + size > limits.max_output_bytes {
-            let msg = format!(
-                "output limit of {} bytes per event reached",
-                limits.max_output_bytes
-            );
+            let msg = format!("output limit of {} bytes per event reached", limits.max_output_bytes);
             return self.refuse(types::PublishError::Limit(msg));
         }
         self.output_bytes += size;
-        self.outputs.push(Output {
-            subject,
-            data: data.into(),
-            headers,
-        });
+        self.outputs.push(Output { subject, data: data.into(), headers });
         Ok(())
     }
 }
@@ -215,9 +187,7 @@ impl kv::Host for HostState {
     fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, types::KvError> {
         self.check_kv_size(&key, 0)?;
         let store = self.plugin.kv.clone();
-        self.txn
-            .get(&*store, &self.plugin.name, &key)
-            .map_err(kv_err)
+        self.txn.get(&*store, &self.plugin.name, &key).map_err(kv_err)
     }
 
     fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), types::KvError> {

@@ -28,10 +28,7 @@ pub struct Capture {
 impl Capture {
     /// A sink keeping at most `cap` bytes.
     pub fn new(cap: usize) -> Self {
-        Self {
-            cap,
-            buf: Arc::default(),
-        }
+        Self { cap, buf: Arc::default() }
     }
 
     fn push(&self, data: &[u8]) {
@@ -42,17 +39,19 @@ impl Capture {
         b.dropped += data.len() - take;
     }
 
+    /// The captured lines so far, leaving them in place.
+    pub fn peek_lines(&self) -> Vec<String> {
+        let b = self.buf.lock().expect("capture poisoned");
+        String::from_utf8_lossy(&b.bytes).lines().map(str::to_owned).collect()
+    }
+
     /// The captured lines (lossy UTF-8, empty lines skipped) and how many bytes were cut.
     pub fn take_lines(&self) -> (Vec<String>, usize) {
         let mut b = self.buf.lock().expect("capture poisoned");
         let bytes = std::mem::take(&mut b.bytes);
         let dropped = std::mem::take(&mut b.dropped);
         let text = String::from_utf8_lossy(&bytes);
-        let lines = text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(str::to_owned)
-            .collect();
+        let lines = text.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect();
         (lines, dropped)
     }
 }
@@ -94,11 +93,7 @@ impl OutputStream for Capture {
 }
 
 impl AsyncWrite for Capture {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.push(buf);
         Poll::Ready(Ok(buf.len()))
     }

@@ -23,10 +23,7 @@ pub enum LoadError {
 
 /// Hex SHA-256 of the component bytes.
 pub fn content_hash(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Cheap checks on the first bytes, for clear messages before the parser's.
@@ -35,9 +32,7 @@ pub fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
         return Err(LoadError::NotAComponent("the file is empty".into()));
     }
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
-        return Err(LoadError::NotAComponent(
-            "not a WebAssembly file (no \\0asm header)".into(),
-        ));
+        return Err(LoadError::NotAComponent("not a WebAssembly file (no \\0asm header)".into()));
     }
     match bytes[4..8] {
         [0x0d, 0x00, 0x01, 0x00] => Ok(()),
@@ -46,9 +41,7 @@ pub fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
              `--target wasm32-wasip2` and the plugbus SDK"
                 .into(),
         )),
-        _ => Err(LoadError::NotAComponent(
-            "unknown WebAssembly version or layer".into(),
-        )),
+        _ => Err(LoadError::NotAComponent("unknown WebAssembly version or layer".into())),
     }
 }
 
@@ -86,14 +79,7 @@ pub fn allowed_import(name: &str) -> bool {
 /// Fails with every import outside the contract, by full name.
 pub fn check_imports(engine: &Engine, component: &Component) -> Result<(), LoadError> {
     let ty = component.component_type();
-    let bad: Vec<String> = ty
-        .imports(engine)
-        .map(|(name, _)| name.to_string())
-        .filter(|n| !allowed_import(n))
-        .collect();
-    if bad.is_empty() {
-        Ok(())
-    } else {
-        Err(LoadError::ForbiddenImports(bad))
-    }
+    let bad: Vec<String> =
+        ty.imports(engine).map(|(name, _)| name.to_string()).filter(|n| !allowed_import(n)).collect();
+    if bad.is_empty() { Ok(()) } else { Err(LoadError::ForbiddenImports(bad)) }
 }

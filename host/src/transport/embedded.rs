@@ -76,28 +76,16 @@ impl Transport for EmbeddedBus {
         let targets: Vec<Arc<Sub>> = {
             let mut table = self.table.write().expect("bus table poisoned");
             table.observers.retain(|o| !o.tx.is_closed());
-            for o in table
-                .observers
-                .iter()
-                .filter(|o| o.patterns.matches(&event.subject))
-            {
+            for o in table.observers.iter().filter(|o| o.patterns.matches(&event.subject)) {
                 if o.tx.try_send(event.clone()).is_err() {
                     self.observer_misses.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(subject = %event.subject, "a slow observer missed an event");
                 }
             }
-            table
-                .subs
-                .iter()
-                .filter(|s| s.patterns.matches(&event.subject))
-                .cloned()
-                .collect()
+            table.subs.iter().filter(|s| s.patterns.matches(&event.subject)).cloned().collect()
         };
         for sub in targets {
-            let delivery = Delivery {
-                event: event.clone(),
-                acker: Box::new(NoAck),
-            };
+            let delivery = Delivery { event: event.clone(), acker: Box::new(NoAck) };
             // A closed queue means the plugin was unsubscribed meanwhile (removed or reloaded
             // with other subjects): the event is no longer for it.
             let _ = sub.tx.send(delivery).await;
@@ -109,18 +97,9 @@ impl Transport for EmbeddedBus {
         let patterns = PatternSet::parse(&spec.patterns)?;
         let (tx, rx) = mpsc::channel(spec.capacity.max(1));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.table
-            .write()
-            .expect("bus table poisoned")
-            .subs
-            .push(Arc::new(Sub { id, patterns, tx }));
-        Ok(Subscription::new(
-            rx,
-            Unsubscribe {
-                table: self.table.clone(),
-                id,
-            },
-        ))
+        let subscription = Subscription::new(&tx, rx, Unsubscribe { table: self.table.clone(), id });
+        self.table.write().expect("bus table poisoned").subs.push(Arc::new(Sub { id, patterns, tx }));
+        Ok(subscription)
     }
 
     async fn observe(
@@ -130,11 +109,7 @@ impl Transport for EmbeddedBus {
     ) -> Result<mpsc::Receiver<Arc<Event>>, TransportError> {
         let patterns = PatternSet::parse(&patterns)?;
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        self.table
-            .write()
-            .expect("bus table poisoned")
-            .observers
-            .push(Observer { patterns, tx });
+        self.table.write().expect("bus table poisoned").observers.push(Observer { patterns, tx });
         Ok(rx)
     }
 }
@@ -155,18 +130,10 @@ mod tests {
     #[tokio::test]
     async fn delivers_once_per_subscription_even_when_several_patterns_match() {
         let bus = EmbeddedBus::new();
-        let mut a = bus
-            .subscribe(spec(&["orders.*", "orders.>"], 8))
-            .await
-            .unwrap();
+        let mut a = bus.subscribe(spec(&["orders.*", "orders.>"], 8)).await.unwrap();
         let mut b = bus.subscribe(spec(&["payments.>"], 8)).await.unwrap();
-        bus.publish(Event::new("orders.created", "x"))
-            .await
-            .unwrap();
-        assert_eq!(
-            a.deliveries.recv().await.unwrap().event.subject,
-            "orders.created"
-        );
+        bus.publish(Event::new("orders.created", "x")).await.unwrap();
+        assert_eq!(a.deliveries.recv().await.unwrap().event.subject, "orders.created");
         assert!(a.deliveries.try_recv().is_err());
         assert!(b.deliveries.try_recv().is_err());
     }

@@ -72,16 +72,25 @@ pub struct Delivery {
 pub struct Subscription {
     /// The plugin's queue of deliveries.
     pub deliveries: mpsc::Receiver<Delivery>,
+    weak: mpsc::WeakSender<Delivery>,
     _guard: Box<dyn Send + Sync>,
 }
 
 impl Subscription {
-    /// Wraps a receiver and a guard that unsubscribes when dropped.
-    pub fn new(deliveries: mpsc::Receiver<Delivery>, guard: impl Send + Sync + 'static) -> Self {
-        Self {
-            deliveries,
-            _guard: Box::new(guard),
-        }
+    /// Wraps the queue (`tx` is only used to measure its depth) and a guard that unsubscribes
+    /// when dropped.
+    pub fn new(
+        tx: &mpsc::Sender<Delivery>,
+        deliveries: mpsc::Receiver<Delivery>,
+        guard: impl Send + Sync + 'static,
+    ) -> Self {
+        Self { deliveries, weak: tx.downgrade(), _guard: Box::new(guard) }
+    }
+
+    /// A probe for how many deliveries wait in the queue (for metrics and drain).
+    pub fn depth_probe(&self) -> Box<dyn Fn() -> usize + Send + Sync> {
+        let weak = self.weak.clone();
+        Box::new(move || weak.upgrade().map_or(0, |tx| tx.max_capacity() - tx.capacity()))
     }
 }
 

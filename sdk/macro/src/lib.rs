@@ -38,11 +38,7 @@ struct Options {
 
 impl Options {
     fn parse(&mut self, meta: syn::meta::ParseNestedMeta) -> syn::Result<()> {
-        let key = meta
-            .path
-            .get_ident()
-            .map(|i| i.to_string())
-            .unwrap_or_default();
+        let key = meta.path.get_ident().map(|i| i.to_string()).unwrap_or_default();
         match key.as_str() {
             "subscribe" => {
                 self.subscribe = string_list(&meta.value()?.parse::<Expr>()?)?;
@@ -61,10 +57,7 @@ impl Options {
                     "all" => true,
                     "new" => false,
                     _ => {
-                        return Err(syn::Error::new(
-                            v.span(),
-                            "deliver must be \"all\" or \"new\"",
-                        ));
+                        return Err(syn::Error::new(v.span(), "deliver must be \"all\" or \"new\""));
                     }
                 };
             }
@@ -81,17 +74,12 @@ impl Options {
 
 fn string_list(expr: &Expr) -> syn::Result<Vec<LitStr>> {
     let Expr::Array(ExprArray { elems, .. }) = expr else {
-        return Err(syn::Error::new_spanned(
-            expr,
-            "expected a list of strings: [\"a.b\", \"c.>\"]",
-        ));
+        return Err(syn::Error::new_spanned(expr, "expected a list of strings: [\"a.b\", \"c.>\"]"));
     };
     elems
         .iter()
         .map(|e| match e {
-            Expr::Lit(ExprLit {
-                lit: Lit::Str(s), ..
-            }) => Ok(s.clone()),
+            Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => Ok(s.clone()),
             other => Err(syn::Error::new_spanned(other, "expected a string literal")),
         })
         .collect()
@@ -105,10 +93,7 @@ fn expand(opts: Options, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> 
         ));
     }
     if opts.order_by_header.is_some() && opts.order_by_token.is_some() {
-        return Err(syn::Error::new(
-            Span::call_site(),
-            "choose one of order_by_header and order_by_token",
-        ));
+        return Err(syn::Error::new(Span::call_site(), "choose one of order_by_header and order_by_token"));
     }
     let fn_name = &func.sig.ident;
     let name = match &opts.name {
@@ -129,11 +114,7 @@ fn expand(opts: Options, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> 
         _ => quote!(None),
     };
     let durable = opts.durable;
-    let deliver = if opts.deliver_all {
-        quote!(__p::DeliverPolicy::All)
-    } else {
-        quote!(__p::DeliverPolicy::New)
-    };
+    let deliver = if opts.deliver_all { quote!(__p::DeliverPolicy::All) } else { quote!(__p::DeliverPolicy::New) };
     let subscribe = &opts.subscribe;
     let publishes = &opts.publishes;
 

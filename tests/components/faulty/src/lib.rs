@@ -5,11 +5,7 @@ use plugbus_sdk::{Event, HandlerError, handler, kv, publish, publish_json};
 use std::hint::black_box;
 
 fn recurse(n: u64) -> u64 {
-    if black_box(n) == u64::MAX {
-        0
-    } else {
-        1 + recurse(black_box(n + 1)) + black_box(1)
-    }
+    if black_box(n) == u64::MAX { 0 } else { 1 + recurse(black_box(n + 1)) + black_box(1) }
 }
 
 fn busy_for_ms(ms: u64) {
@@ -26,18 +22,9 @@ fn busy_for_ms(ms: u64) {
     order_by_header = "key"
 )]
 fn misbehave(ev: Event) -> Result<(), HandlerError> {
-    let fault = ev
-        .subject()
-        .rsplit('.')
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let fault = ev.subject().rsplit('.').next().unwrap_or_default().to_string();
     let out = format!("faulty.out.{fault}");
-    let arg: u64 = ev
-        .text()
-        .ok()
-        .and_then(|t| t.trim().parse().ok())
-        .unwrap_or(0);
+    let arg: u64 = ev.text().ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0);
     match fault.as_str() {
         "ok" => {}
         "trap" => core::arch::wasm32::unreachable(),
@@ -73,14 +60,24 @@ fn misbehave(ev: Event) -> Result<(), HandlerError> {
         // Fails until the attempt number reaches `arg`, then succeeds.
         "flaky" if ev.attempt() < arg as u32 => {
             publish(&out, format!("lost attempt {}", ev.attempt()))?;
-            return Err(HandlerError::retry(format!(
-                "attempt {} failed",
-                ev.attempt()
-            )));
+            return Err(HandlerError::retry(format!("attempt {} failed", ev.attempt())));
         }
         "flaky" => {}
         // Busy for `arg` milliseconds.
         "slow" => busy_for_ms(arg),
+        // Ordered work item: {"seq": n, "delay": ms, "fail_until": attempt}; fails (retry)
+        // until the attempt reaches fail_until, then is busy for delay ms and reports its seq.
+        "step" => {
+            let step: serde_json::Value = ev.json()?;
+            let fail_until = step["fail_until"].as_u64().unwrap_or(0) as u32;
+            if ev.attempt() < fail_until {
+                return Err(HandlerError::retry(format!("step fails attempt {}", ev.attempt())));
+            }
+            busy_for_ms(step["delay"].as_u64().unwrap_or(0));
+            let key = ev.header("key").unwrap_or("none");
+            publish_json(&out, &serde_json::json!({ "key": key, "seq": step["seq"], "attempt": ev.attempt() }))?;
+            return Ok(());
+        }
         // Counts in kv under the event's `key` header, checking order via `seq`.
         "count" => {
             let key = ev.header("key").unwrap_or("none").to_string();
@@ -89,9 +86,6 @@ fn misbehave(ev: Event) -> Result<(), HandlerError> {
         }
         other => return Err(HandlerError::reject(format!("unknown fault {other:?}"))),
     }
-    publish_json(
-        &out,
-        &serde_json::json!({ "attempt": ev.attempt(), "data": ev.text().unwrap_or("") }),
-    )?;
+    publish_json(&out, &serde_json::json!({ "attempt": ev.attempt(), "data": ev.text().unwrap_or("") }))?;
     Ok(())
 }

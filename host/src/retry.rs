@@ -1,0 +1,66 @@
+//! Retry policy: exponential backoff with full jitter.
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// How a failed delivery is retried before it is dead-lettered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (1 = never retry).
+    pub max_attempts: u32,
+    /// Backoff ceiling before the first retry.
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    /// Growth of the ceiling per attempt.
+    pub factor: f64,
+    /// Largest backoff.
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self { max_attempts: 5, initial: Duration::from_millis(100), factor: 2.0, max: Duration::from_secs(30) }
+    }
+}
+
+impl RetryPolicy {
+    /// The ceiling of the wait after failed attempt `attempt` (1-based): `initial * factor^(attempt-1)`, capped.
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        let exp = self.factor.max(1.0).powi(attempt.saturating_sub(1).min(64) as i32);
+        let secs = (self.initial.as_secs_f64() * exp).min(self.max.as_secs_f64());
+        Duration::from_secs_f64(secs.max(0.0))
+    }
+
+    /// The wait after failed attempt `attempt`: uniformly random in `[0, ceiling]` (full jitter),
+    /// so many events failing together do not retry together.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        self.ceiling(attempt).mul_f64(fastrand::f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ceilings_grow_exponentially_and_stop_at_max() {
+        let p = RetryPolicy::default();
+        assert_eq!(p.ceiling(1), Duration::from_millis(100));
+        assert_eq!(p.ceiling(2), Duration::from_millis(200));
+        assert_eq!(p.ceiling(4), Duration::from_millis(800));
+        assert_eq!(p.ceiling(30), Duration::from_secs(30));
+        assert_eq!(p.ceiling(u32::MAX), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn backoff_stays_within_the_ceiling() {
+        let p = RetryPolicy::default();
+        for attempt in 1..10 {
+            for _ in 0..100 {
+                assert!(p.backoff(attempt) <= p.ceiling(attempt));
+            }
+        }
+    }
+}

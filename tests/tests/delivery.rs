@@ -1,0 +1,178 @@
+//! Delivery semantics: retries with backoff, dead letters, isolation between plugins, order per
+//! key, backpressure and drain.
+
+use plugbus::deadletter::headers;
+use plugbus::retry::RetryPolicy;
+use plugbus::router::Flow;
+use plugbus_tests::{TestHost, fast_retries};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_twice_then_succeeds_handled_once_outputs_once() {
+    let policy =
+        RetryPolicy { max_attempts: 5, initial: Duration::from_millis(100), factor: 2.0, max: Duration::from_secs(1) };
+    let p = policy.clone();
+    let t = TestHost::start_with(&["faulty"], move |c| c.retry = p).await;
+    let mut seen = t.observe(&["faulty.out.>", "plugbus.dlq.>"]).await;
+    let started = Instant::now();
+    t.publish("faulty.flaky", "3").await;
+    let out = seen.next_on("faulty.out.flaky").await;
+    let elapsed = started.elapsed();
+    let body: serde_json::Value = serde_json::from_slice(&out.data).unwrap();
+    assert_eq!(body["attempt"], 3, "the handler saw attempts 1..3 and succeeded on the 3rd");
+    t.wait_counter("faulty", "ok", 1).await;
+    assert_eq!(t.counter("faulty", "retried"), 2);
+    assert_eq!(t.counter("faulty", "dead_lettered"), 0);
+    // the two failed attempts' outputs ("lost attempt N") never escaped, the success's came once
+    let rest = seen.drain(Duration::from_millis(300)).await;
+    assert!(rest.is_empty(), "unexpected extra events: {rest:?}");
+    // full jitter: each wait is in [0, ceiling]; two waits at most 100 ms + 200 ms
+    let bound = policy.ceiling(1) + policy.ceiling(2) + Duration::from_secs(5);
+    assert!(elapsed < bound, "retries took {elapsed:?}, over the backoff bound {bound:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_dead_letters_at_once_with_every_header() {
+    let t = TestHost::start_with(&["faulty"], fast_retries).await;
+    let mut seen = t.observe(&["plugbus.dlq.>"]).await;
+    let ev = plugbus::Event::new("faulty.reject", "payload").with_header("tenant", "acme");
+    let id = ev.id.clone();
+    t.host.publish(ev).await.unwrap();
+    let dead = seen.next_on("plugbus.dlq.faulty").await;
+    assert_eq!(dead.data, "payload");
+    assert_eq!(dead.header("tenant"), Some("acme"));
+    assert_eq!(dead.header(headers::PLUGIN), Some("faulty"));
+    assert_eq!(dead.header(headers::ATTEMPTS), Some("1"));
+    assert_eq!(dead.header(headers::ORIGINAL_SUBJECT), Some("faulty.reject"));
+    assert_eq!(dead.header(headers::ORIGINAL_ID), Some(id.as_str()));
+    assert!(dead.header(headers::ERROR).unwrap().contains("never"));
+    assert!(dead.header(headers::FAILED_AT).unwrap().ends_with('Z'));
+    assert_eq!(t.counter("faulty", "retried"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_retries_dead_letter_with_the_last_error_and_replay_works() {
+    let t = TestHost::start_with(&["faulty"], fast_retries).await;
+    let mut seen = t.observe(&["plugbus.dlq.>", "faulty.retry"]).await;
+    t.publish("faulty.retry", "").await;
+    seen.next_on("faulty.retry").await;
+    let dead = seen.next_on("plugbus.dlq.faulty").await;
+    assert_eq!(dead.header(headers::ATTEMPTS), Some("3"));
+    assert!(dead.header(headers::ERROR).unwrap().contains("not now"));
+    assert_eq!(t.counter("faulty", "retried"), 2);
+
+    // the operator replays it over HTTP: back on its original subject, with a fresh id
+    assert_eq!(t.host.dead_letters().list(Some("faulty")).len(), 1);
+    let resp: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/v1/dlq/replay?plugin=faulty", t.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(resp["replayed"].as_array().unwrap().len(), 1, "{resp}");
+    let again = seen.next_on("faulty.retry").await;
+    assert_eq!(again.header(headers::REPLAY_OF), Some(dead.id.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_plugin_does_not_delay_a_fast_one_on_the_same_subject() {
+    let t = TestHost::start(&["faulty", "echo"]).await;
+    let mut seen = t.observe(&["faulty.out.>", "echo.>"]).await;
+    t.publish("faulty.slow", "1500").await;
+    for _ in 0..20 {
+        t.publish("faulty.ok", "").await;
+    }
+    // every echo of the 21 events (and faulty's own fast ones) lands before the slow one ends
+    let mut order = Vec::new();
+    while !order.iter().any(|s: &String| s == "faulty.out.slow") {
+        order.push(seen.next_where(|_| true).await.subject.clone());
+    }
+    let echoes = order.iter().filter(|s| s.starts_with("echo.")).count();
+    assert_eq!(echoes, 21, "the fast plugin waited for the slow one: {order:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_per_key_holds_across_retries_while_keys_run_in_parallel() {
+    let t = TestHost::start_with(&["faulty"], |c| {
+        c.retry = RetryPolicy {
+            max_attempts: 5,
+            initial: Duration::from_millis(2),
+            factor: 2.0,
+            max: Duration::from_millis(10),
+        };
+        c.flow = Flow { concurrency: 8, queue: 256 };
+    })
+    .await;
+    let mut seen = t.observe(&["faulty.out.step"]).await;
+    let mut rng = 0x2545F4914F6CDD1Du64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    const EVENTS: u64 = 1000;
+    const KEYS: u64 = 50;
+    for seq in 0..EVENTS {
+        let key = format!("k{}", next() % KEYS);
+        let delay = next() % 3;
+        let fail_until = if next() % 10 == 0 { 1 + next() % 3 } else { 0 };
+        let data = serde_json::json!({ "seq": seq, "delay": delay, "fail_until": fail_until }).to_string();
+        t.host.publish(plugbus::Event::new("faulty.step", data).with_header("key", key)).await.unwrap();
+    }
+    let mut last: HashMap<String, u64> = HashMap::new();
+    for _ in 0..EVENTS {
+        let out = seen.next_on("faulty.out.step").await;
+        let v: serde_json::Value = serde_json::from_slice(&out.data).unwrap();
+        let (key, seq) = (v["key"].as_str().unwrap().to_string(), v["seq"].as_u64().unwrap());
+        if let Some(prev) = last.insert(key.clone(), seq) {
+            assert!(prev < seq, "key {key}: event {seq} handled after {prev}");
+        }
+    }
+    assert!(t.counter("faulty", "retried") > 0, "no retry happened: the test lost its point");
+    assert!(t.counter("faulty", "peak_in_flight") > 1, "keys never ran in parallel");
+    assert_eq!(t.counter("faulty", "dead_lettered"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_applies_backpressure_and_loses_nothing() {
+    let t = TestHost::start_with(&["faulty"], |c| c.flow = Flow { concurrency: 1, queue: 2 }).await;
+    const N: u64 = 10_000;
+    for _ in 0..N {
+        t.publish("faulty.ok", "").await;
+    }
+    t.wait_counter("faulty", "ok", N).await;
+    assert_eq!(t.counter("faulty", "received"), N);
+    assert_eq!(t.counter("faulty", "dead_lettered"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_finishes_what_was_accepted_and_reports_the_rest() {
+    // generous timeout: everything accepted is handled
+    let t = TestHost::start_with(&["faulty"], |c| c.flow = Flow { concurrency: 2, queue: 1024 }).await;
+    for _ in 0..200 {
+        t.publish("faulty.slow", "2").await;
+    }
+    let report = t.host.shutdown().await;
+    assert!(report.is_clean(), "{report:?}");
+
+    // tiny timeout: what is left is reported, and handled + reported = accepted
+    let t = TestHost::start_with(&["faulty"], |c| {
+        c.flow = Flow { concurrency: 1, queue: 1024 };
+        c.drain_timeout = Duration::from_millis(50);
+    })
+    .await;
+    let router = t.host.router().clone();
+    for _ in 0..200 {
+        t.publish("faulty.slow", "5").await;
+    }
+    let report = t.host.shutdown().await;
+    let handled = router.plugins()[0].counters["ok"];
+    let unfinished = report.unfinished["faulty"].len() as u64;
+    let queued = report.queued["faulty"] as u64;
+    assert!(!report.is_clean());
+    assert!(handled + unfinished + queued >= 200, "{handled} + {unfinished} + {queued} < 200: events vanished");
+}
