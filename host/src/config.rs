@@ -1,83 +1,240 @@
 //! The host's settings: one `Config`, the single source of truth for every knob.
+//!
+//! Layers, later wins: built-in defaults, the TOML file (`--config`), environment variables
+//! `PLUGBUS_*` (nested keys with `__`: `PLUGBUS_LIMITS__MEMORY_MIB=32`), then command-line flags.
+//! Unknown keys are errors, not silently ignored. A `[plugins.<name>]` table overrides any
+//! subset of the defaults for one plugin.
 
 use crate::retry::RetryPolicy;
 use crate::router::{Delivering, Flow};
 use crate::sandbox::{Limits, SandboxSettings};
-use std::collections::HashMap;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-/// Settings of one plugin, by name.
-#[derive(Debug, Clone, Default)]
+/// Settings of one plugin, by name: each table overrides only the keys it names.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PluginConfig {
-    /// Limits overriding the defaults.
-    pub limits: Option<Limits>,
-    /// Values for the plugin's `config` import.
-    pub config: HashMap<String, String>,
-    /// Concurrency and queue overriding the defaults.
-    pub flow: Option<Flow>,
-    /// Retry policy overriding the default.
-    pub retry: Option<RetryPolicy>,
-    /// Dead-letter subject overriding `plugbus.dlq.<plugin>`.
+    /// Overrides of `[limits]`.
+    pub limits: Map<String, Value>,
+    /// Overrides of `[flow]`.
+    pub flow: Map<String, Value>,
+    /// Overrides of `[retry]`.
+    pub retry: Map<String, Value>,
+    /// Dead-letter subject (default `plugbus.dlq.<plugin>`).
     pub dead_letter: Option<String>,
+    /// Values for the plugin's `config` import.
+    pub config: BTreeMap<String, Value>,
 }
 
 /// Everything the host needs to start.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// The plugins folder.
     pub plugins_dir: PathBuf,
+    /// Where the host keeps state (kv, dead letters, compile cache).
+    pub data_dir: PathBuf,
     /// Where the HTTP API listens; `None` for no API.
     pub http: Option<SocketAddr>,
+    /// How long a stop waits for queued and in-flight events.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
     /// Default limits for every plugin.
     pub limits: Limits,
     /// Default queue and concurrency per plugin.
     pub flow: Flow,
     /// Default retry policy.
     pub retry: RetryPolicy,
-    /// How long a stop waits for queued and in-flight events.
-    pub drain_timeout: std::time::Duration,
     /// Engine-wide sandbox settings.
     pub sandbox: SandboxSettings,
     /// Per-plugin settings.
-    pub plugins: HashMap<String, PluginConfig>,
+    pub plugins: BTreeMap<String, PluginConfig>,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
             plugins_dir: PathBuf::from("plugins"),
+            data_dir: PathBuf::from(".plugbus"),
             http: Some(SocketAddr::from(([127, 0, 0, 1], 7070))),
+            drain_timeout: Duration::from_secs(30),
             limits: Limits::default(),
             flow: Flow::default(),
             retry: RetryPolicy::default(),
-            drain_timeout: std::time::Duration::from_secs(30),
             sandbox: SandboxSettings::default(),
-            plugins: HashMap::new(),
+            plugins: BTreeMap::new(),
         }
     }
 }
 
+/// Overlays `overrides` on `base` and decodes the result; errors name the key.
+fn overlay<T: Serialize + DeserializeOwned>(base: &T, overrides: &Map<String, Value>, at: &str) -> Result<T, String> {
+    if overrides.is_empty() {
+        return serde_json::to_value(base).and_then(serde_json::from_value).map_err(|e| format!("{at}: {e}"));
+    }
+    let mut merged = serde_json::to_value(base).map_err(|e| format!("{at}: {e}"))?;
+    if let Value::Object(m) = &mut merged {
+        for (k, v) in overrides {
+            m.insert(k.clone(), v.clone());
+        }
+    }
+    serde_json::from_value(merged).map_err(|e| format!("{at}: {e}"))
+}
+
 impl Config {
+    /// Loads defaults ← `file` ← `PLUGBUS_*` env; fails naming the file, the key and what was
+    /// expected. Flags are applied by the caller on the result, then [`Config::validate`].
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            anyhow::ensure!(path.is_file(), "config file {} does not exist", path.display());
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(Env::prefixed("PLUGBUS_").split("__").ignore(&[
+            "url",
+            "log_format",
+            "api_token",
+            "demo_port",
+        ]));
+        let config: Config = figment.extract().map_err(|e| {
+            let mut msg = String::from("invalid configuration");
+            for err in e {
+                msg.push_str(&format!("\n  - {err}"));
+            }
+            anyhow::anyhow!(msg)
+        })?;
+        Ok(config)
+    }
+
+    /// Checks every per-plugin table against the defaults; errors name the key.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for (name, p) in &self.plugins {
+            overlay(&self.limits, &p.limits, &format!("plugins.{name}.limits")).map_err(anyhow::Error::msg)?;
+            overlay(&self.flow, &p.flow, &format!("plugins.{name}.flow")).map_err(anyhow::Error::msg)?;
+            overlay(&self.retry, &p.retry, &format!("plugins.{name}.retry")).map_err(anyhow::Error::msg)?;
+            if let Some(s) = &p.dead_letter {
+                crate::subject::validate_subject(s).map_err(|e| anyhow::anyhow!("plugins.{name}.dead_letter: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// The effective limits of `plugin`.
     pub fn limits_for(&self, plugin: &str) -> Limits {
-        self.plugins.get(plugin).and_then(|p| p.limits.clone()).unwrap_or_else(|| self.limits.clone())
+        match self.plugins.get(plugin) {
+            Some(p) => overlay(&self.limits, &p.limits, plugin).unwrap_or_else(|_| self.limits.clone()),
+            None => self.limits.clone(),
+        }
     }
 
     /// How deliveries to `plugin` are queued, retried and dead-lettered.
     pub fn delivering_for(&self, plugin: &str) -> Delivering {
         let p = self.plugins.get(plugin);
+        let none = Map::new();
         Delivering {
-            flow: p.and_then(|p| p.flow).unwrap_or(self.flow),
-            retry: p.and_then(|p| p.retry.clone()).unwrap_or_else(|| self.retry.clone()),
+            flow: overlay(&self.flow, p.map_or(&none, |p| &p.flow), plugin).unwrap_or(self.flow),
+            retry: overlay(&self.retry, p.map_or(&none, |p| &p.retry), plugin).unwrap_or_else(|_| self.retry.clone()),
             dead_letter_subject: p
                 .and_then(|p| p.dead_letter.clone())
                 .unwrap_or_else(|| format!("plugbus.dlq.{plugin}")),
         }
     }
 
-    /// The operator's `config` values for `plugin`.
+    /// The operator's `config` values for `plugin` (scalars as text).
     pub fn values_for(&self, plugin: &str) -> HashMap<String, String> {
-        self.plugins.get(plugin).map(|p| p.config.clone()).unwrap_or_default()
+        let Some(p) = self.plugins.get(plugin) else { return HashMap::new() };
+        p.config
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())))
+            .collect()
+    }
+
+    /// The largest memory cap of any plugin, in MiB (sizes the sandbox pool).
+    pub fn max_memory_mib(&self) -> u64 {
+        self.plugins.keys().map(|n| self.limits_for(n).memory_mib).fold(self.limits.memory_mib, u64::max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> tempfile_path::TempPath {
+        tempfile_path::write(text)
+    }
+
+    /// A tiny temp-file helper (no extra dependency).
+    mod tempfile_path {
+        pub struct TempPath(pub std::path::PathBuf);
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        pub fn write(text: &str) -> TempPath {
+            static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = std::env::temp_dir().join(format!("plugbus-config-{}-{n}.toml", std::process::id()));
+            std::fs::write(&path, text).unwrap();
+            TempPath(path)
+        }
+    }
+
+    #[test]
+    fn a_plugin_table_overrides_only_what_it_names() {
+        let f = write(
+            r#"
+            [limits]
+            deadline = "2s"
+            [plugins.inventory]
+            limits = { memory_mib = 32 }
+            retry = { max_attempts = 2 }
+            dead_letter = "dead.inventory"
+            config = { "stock.widget" = 7, sender = "x@y" }
+            "#,
+        );
+        let c = Config::load(Some(&f.0)).unwrap();
+        c.validate().unwrap();
+        let l = c.limits_for("inventory");
+        assert_eq!((l.memory_mib, l.deadline), (32, Duration::from_secs(2)));
+        assert_eq!(c.limits_for("other").memory_mib, 64);
+        let d = c.delivering_for("inventory");
+        assert_eq!((d.retry.max_attempts, d.retry.initial), (2, Duration::from_millis(100)));
+        assert_eq!(d.dead_letter_subject, "dead.inventory");
+        assert_eq!(c.delivering_for("other").dead_letter_subject, "plugbus.dlq.other");
+        assert_eq!(c.values_for("inventory")["stock.widget"], "7");
+        assert_eq!(c.max_memory_mib(), 64);
+    }
+
+    #[test]
+    fn unknown_and_mistyped_keys_are_errors_naming_the_key() {
+        let f = write("plugins_folder = \"x\"\n");
+        let e = Config::load(Some(&f.0)).unwrap_err().to_string();
+        assert!(e.contains("plugins_folder"), "{e}");
+
+        let f = write("[limits]\nmemory_mib = \"lots\"\n");
+        let e = Config::load(Some(&f.0)).unwrap_err().to_string();
+        assert!(e.contains("memory_mib") && e.contains(&f.0.display().to_string()), "{e}");
+
+        let f = write("[plugins.inventory]\nlimits = { memory = 3 }\n");
+        let e = Config::load(Some(&f.0)).unwrap().validate().unwrap_err().to_string();
+        assert!(e.contains("plugins.inventory.limits") && e.contains("memory"), "{e}");
+
+        let f = write("[limits\n");
+        assert!(Config::load(Some(&f.0)).is_err());
+        assert!(
+            Config::load(Some(Path::new("/nonexistent/plugbus.toml")))
+                .unwrap_err()
+                .to_string()
+                .contains("does not exist")
+        );
     }
 }

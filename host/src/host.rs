@@ -34,11 +34,9 @@ impl Host {
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         let transport: Arc<dyn Transport> = Arc::new(EmbeddedBus::new());
         let kv: Arc<dyn KvStore> = Arc::new(MemoryKv::new());
+        config.validate()?;
         let mut settings = config.sandbox.clone();
-        settings.max_memory_mib = settings
-            .max_memory_mib
-            .max(config.limits.memory_mib)
-            .max(config.plugins.values().filter_map(|p| p.limits.as_ref()).map(|l| l.memory_mib).max().unwrap_or(0));
+        settings.max_memory_mib = settings.max_memory_mib.max(config.max_memory_mib());
         let sandbox = Sandbox::new(settings)?;
         let dead_letters = Arc::new(DeadLetters::new(10_000));
         let router = Arc::new(Router::new(transport.clone(), dead_letters.clone()));
@@ -50,6 +48,11 @@ impl Host {
                 .install(plugin, config.delivering_for(&name))
                 .await
                 .with_context(|| format!("subscribing plugin {name} from {}", path.display()))?;
+        }
+        for name in config.plugins.keys() {
+            if !router.names().contains(name) {
+                tracing::warn!(plugin = %name, "the config has a [plugins.{name}] table but no such plugin is loaded");
+            }
         }
         let rejected = Arc::new(Mutex::new(rejected));
 

@@ -12,6 +12,7 @@ pub mod deadletter;
 pub mod dispatch;
 pub mod event;
 pub mod host;
+pub mod inspect;
 pub mod kv;
 pub mod loader;
 pub mod manifest;

@@ -21,6 +21,86 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct RunArgs {
+    /// A TOML config file (see examples/deploy/plugbus.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The plugins folder [default: plugins].
+    #[arg(long, value_name = "DIR")]
+    plugins: Option<PathBuf>,
+    /// Where state is kept (kv, dead letters, compile cache) [default: .plugbus].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address of the HTTP API (event ingress, health, metrics, plugins) [default: 127.0.0.1:7070].
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
+    /// Default memory cap per plugin instance, in MiB [default: 64].
+    #[arg(long, value_name = "MIB")]
+    memory_mib: Option<u64>,
+    /// Default wall-clock deadline per event, e.g. 5s or 250ms [default: 5s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    deadline: Option<std::time::Duration>,
+    /// Default publishes allowed per event [default: 100].
+    #[arg(long, value_name = "N")]
+    max_publishes: Option<u32>,
+    /// Default attempts per event before it is dead-lettered [default: 5].
+    #[arg(long, value_name = "N")]
+    max_attempts: Option<u32>,
+    /// Default attempts running at once per plugin [default: 16].
+    #[arg(long, value_name = "N")]
+    concurrency: Option<usize>,
+    /// Instances that may be live at once across all plugins (sandbox pool size) [default: 256].
+    #[arg(long, value_name = "N")]
+    max_instances: Option<u32>,
+    /// Operator config for a plugin, as PLUGIN.KEY=VALUE (repeatable); the plugin reads it
+    /// through `plugbus_sdk::config::get("KEY")`.
+    #[arg(long = "plugin-config", value_name = "PLUGIN.KEY=VALUE")]
+    plugin_config: Vec<String>,
+}
+
+impl RunArgs {
+    /// The config file and env, with these flags on top.
+    fn config(self) -> anyhow::Result<Config> {
+        let mut c = Config::load(self.config.as_deref())?;
+        if let Some(v) = self.plugins {
+            c.plugins_dir = v;
+        }
+        if let Some(v) = self.data_dir {
+            c.data_dir = v;
+        }
+        if let Some(v) = self.http {
+            c.http = Some(v);
+        }
+        if let Some(v) = self.memory_mib {
+            c.limits.memory_mib = v;
+        }
+        if let Some(v) = self.deadline {
+            c.limits.deadline = v;
+        }
+        if let Some(v) = self.max_publishes {
+            c.limits.max_publishes = v;
+        }
+        if let Some(v) = self.max_attempts {
+            c.retry.max_attempts = v;
+        }
+        if let Some(v) = self.concurrency {
+            c.flow.concurrency = v;
+        }
+        if let Some(v) = self.max_instances {
+            c.sandbox.max_instances = v;
+        }
+        for entry in self.plugin_config {
+            let bad = || format!("--plugin-config {entry:?}: expected PLUGIN.KEY=VALUE");
+            let (key, value) = entry.split_once('=').with_context(bad)?;
+            let (plugin, key) = key.split_once('.').with_context(bad)?;
+            c.plugins.entry(plugin.to_string()).or_default().config.insert(key.into(), value.into());
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
 #[derive(Subcommand)]
 enum DlqAction {
     /// Print the kept dead letters as JSON.
@@ -38,18 +118,10 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the host: load every plugin in the folder, subscribe, serve events until stopped.
-    Run {
-        /// The plugins folder.
-        #[arg(long, default_value = "plugins", env = "PLUGBUS_PLUGINS")]
-        plugins: PathBuf,
-        /// Address of the HTTP API (event ingress, health, plugin list).
-        #[arg(long, default_value = "127.0.0.1:7070", env = "PLUGBUS_HTTP")]
-        http: SocketAddr,
-        /// Operator config for a plugin, as PLUGIN.KEY=VALUE (repeatable); the plugin reads it
-        /// through `plugbus_sdk::config::get("KEY")`.
-        #[arg(long = "plugin-config", value_name = "PLUGIN.KEY=VALUE")]
-        plugin_config: Vec<String>,
-    },
+    ///
+    /// Settings come from built-in defaults, then the TOML file given with --config, then
+    /// PLUGBUS_* environment variables (PLUGBUS_LIMITS__MEMORY_MIB=32), then these flags.
+    Run(RunArgs),
     /// Dead letters kept by a running host: list them, or replay them to their original subjects.
     Dlq {
         #[command(subcommand)]
@@ -60,6 +132,18 @@ enum Command {
         /// The host's HTTP API.
         #[arg(long, default_value = "http://127.0.0.1:7070", env = "PLUGBUS_URL", global = true)]
         url: String,
+    },
+    /// Check a component the way the host would load it: manifest, imports, exports, limits
+    /// and a verdict. Exit code 0 when loadable, 1 when not.
+    Inspect {
+        /// The component to inspect.
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Apply this config file's limits.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Publish one event to a running host through its HTTP API.
     Publish {
@@ -93,18 +177,9 @@ fn init_logging(format: LogFormat) {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { plugins, http, plugin_config } => {
+        Command::Run(args) => {
             init_logging(cli.log_format);
-            let mut config = Config { plugins_dir: plugins, http: Some(http), ..Config::default() };
-            for entry in plugin_config {
-                let (key, value) = entry
-                    .split_once('=')
-                    .with_context(|| format!("--plugin-config {entry:?}: expected PLUGIN.KEY=VALUE"))?;
-                let (plugin, key) = key
-                    .split_once('.')
-                    .with_context(|| format!("--plugin-config {entry:?}: expected PLUGIN.KEY=VALUE"))?;
-                config.plugins.entry(plugin.to_string()).or_default().config.insert(key.into(), value.into());
-            }
+            let config = args.config()?;
             let host = Host::start(config).await?;
             let signal = wait_for_stop_signal().await?;
             tracing::info!(signal, "stopping: draining (a second signal stops at once)");
@@ -115,6 +190,21 @@ async fn main() -> anyhow::Result<()> {
                     std::process::exit(130);
                 }
             }
+        }
+        Command::Inspect { file, json, config } => {
+            let config = Config::load(config.as_deref())?;
+            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let sandbox = plugbus::sandbox::Sandbox::new(plugbus::sandbox::SandboxSettings {
+                max_instances: 4,
+                ..config.sandbox.clone()
+            })?;
+            let report = plugbus::inspect::inspect(&sandbox, &file.display().to_string(), &bytes, &config).await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{report}");
+            }
+            std::process::exit(if report.loadable { 0 } else { 1 });
         }
         Command::Dlq { action, plugin, url } => dlq(&url, action, plugin.as_deref()).await,
         Command::Publish { subject, data, headers, json, url } => publish(&url, &subject, data, &headers, json).await,

@@ -101,7 +101,10 @@ impl TestHost {
             .into_iter()
             .find(|p| p.name == plugin)
             .unwrap_or_else(|| panic!("plugin {plugin} is not loaded"))
-            .counters[name]
+            .counters
+            .get(name)
+            .copied()
+            .unwrap_or_else(|| panic!("no counter named {name}"))
     }
 
     /// Waits until `plugin`'s counter `name` reaches `at_least`.

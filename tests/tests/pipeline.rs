@@ -21,7 +21,7 @@ async fn an_order_flows_from_created_to_shipped_and_notify_runs() {
     assert_eq!(shipped.datacontenttype.as_deref(), Some("application/json"));
 
     t.wait_counter("notify", "ok", 1).await;
-    assert_eq!(t.counter("notify", "failed"), 0);
+    assert_eq!(t.counter("notify", "dead_lettered"), 0);
     // audit saw the four pipeline subjects through its wildcard subscriptions
     t.wait_counter("audit", "ok", 4).await;
 }

@@ -18,7 +18,8 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// Engine-wide settings (per-plugin ones are in [`Limits`]).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SandboxSettings {
     /// How many instances may be live at once across all plugins (pool size).
     pub max_instances: u32,
@@ -150,7 +151,7 @@ impl Sandbox {
             config: settings.config,
             kv: settings.kv,
         };
-        Ok(Plugin::new(self.engine.clone(), pre, manifest, hash, Arc::new(ctx)))
+        Ok(Plugin::new(self.engine.clone(), self._ticker.clone(), pre, manifest, hash, Arc::new(ctx)))
     }
 
     async fn read_manifest(&self, pre: &bindings::PluginPre<HostState>) -> Result<Manifest, LoadError> {

@@ -16,4 +16,4 @@ mod validate;
 pub use engine::{Sandbox, SandboxSettings};
 pub use limits::Limits;
 pub use plugin::{Attempt, Failure, Plugin, PluginSettings};
-pub use validate::{LoadError, allowed_import};
+pub use validate::{LoadError, allowed_import, check_header, content_hash};

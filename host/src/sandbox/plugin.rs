@@ -71,6 +71,8 @@ pub struct Attempt {
 /// A validated, pre-linked plugin, ready to run events.
 pub struct Plugin {
     engine: Engine,
+    /// Keeps the epoch ticker running while any plugin lives (deadlines depend on it).
+    _ticker: Arc<dyn std::any::Any + Send + Sync>,
     pre: bindings::PluginPre<HostState>,
     manifest: Manifest,
     hash: String,
@@ -97,12 +99,13 @@ pub(super) fn arm_store(store: &mut Store<HostState>) {
 impl Plugin {
     pub(super) fn new(
         engine: Engine,
+        ticker: Arc<dyn std::any::Any + Send + Sync>,
         pre: bindings::PluginPre<HostState>,
         manifest: Manifest,
         hash: String,
         ctx: Arc<PluginCtx>,
     ) -> Self {
-        Self { engine, pre, manifest, hash, ctx }
+        Self { engine, _ticker: ticker, pre, manifest, hash, ctx }
     }
 
     /// The plugin's name (its identity).

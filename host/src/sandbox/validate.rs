@@ -66,8 +66,6 @@ const ALLOWED_WASI: &[&str] = &[
     "wasi:random/random",
     "wasi:random/insecure",
     "wasi:random/insecure-seed",
-    // Rust's std imports the filesystem types (no preopens are given, so no file can be opened).
-    "wasi:filesystem/types",
 ];
 
 /// Whether an import name (`ns:pkg/iface@version`) is part of the contract.

@@ -55,6 +55,7 @@ fn misbehave(ev: Event) -> Result<(), HandlerError> {
                 println!("line {i} of a very chatty plugin");
             }
         }
+        "kvbig" => kv::set("big", vec![0u8; 1 << 20])?,
         "retry" => return Err(HandlerError::retry("not now")),
         "reject" => return Err(HandlerError::reject("never")),
         // Fails until the attempt number reaches `arg`, then succeeds.

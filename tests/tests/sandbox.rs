@@ -1,0 +1,134 @@
+//! The fault matrix: every way a handler can misbehave fails that one event, with a dead letter
+//! naming the plugin, the event and the cause; the host stays up, other plugins keep serving,
+//! and the next event to the same plugin succeeds.
+
+use plugbus::deadletter::headers;
+use plugbus_tests::{TestHost, fast_retries};
+use std::time::Duration;
+
+async fn host() -> TestHost {
+    TestHost::start_with(&["faulty", "echo"], |c| {
+        fast_retries(c);
+        let faulty = c.plugins.entry("faulty".into()).or_default();
+        faulty.limits.insert("deadline".into(), "300ms".into());
+        faulty.limits.insert("memory_mib".into(), 32.into());
+        faulty.limits.insert("max_kv_value_bytes".into(), 65536.into());
+        faulty.limits.insert("max_event_bytes".into(), 4096.into());
+    })
+    .await
+}
+
+/// Publishes `faulty.<fault>`, waits for its dead letter, returns the error it carries.
+async fn dead_letter_of(t: &TestHost, fault: &str, data: Vec<u8>) -> String {
+    let mut seen = t.observe(&["plugbus.dlq.faulty"]).await;
+    let id = t.publish(&format!("faulty.{fault}"), data).await;
+    let dead = seen.next_where(|e| e.header(headers::ORIGINAL_ID) == Some(id.as_str())).await;
+    assert_eq!(dead.header(headers::PLUGIN), Some("faulty"));
+    dead.header(headers::ERROR).unwrap().to_string()
+}
+
+async fn still_serving(t: &TestHost, after: &str) {
+    let mut seen = t.observe(&["faulty.out.ok", "echo.faulty.ok"]).await;
+    let id = t.publish("faulty.ok", "").await;
+    let ours = |e: &plugbus::Event| e.header("plugbus-caused-by") == Some(id.as_str());
+    let a = seen.next_where(ours).await.subject.clone();
+    let b = seen.next_where(ours).await.subject.clone();
+    let mut got = [a, b];
+    got.sort();
+    assert_eq!(got, ["echo.faulty.ok".to_string(), "faulty.out.ok".to_string()], "after {after}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fault_fails_only_its_event_with_the_cause_named() {
+    let t = host().await;
+    let cases: &[(&str, &str)] = &[
+        ("trap", "unreachable"),
+        ("panic", "handler panicked: the handler gave up"),
+        ("loop", "deadline of 300ms exceeded"),
+        ("recurse", "stack overflow"),
+        ("grow", "memory limit 32 MiB reached"),
+        ("flood", "publish limit of 100 per event reached"),
+        ("sys", "\"$SYS.x\" is a system subject"),
+        ("unlisted", "not in the manifest's publishes"),
+        ("big", "output limit of 1048576 bytes per event reached"),
+        ("kvbig", "over the 65536-byte cap"),
+    ];
+    for (fault, cause) in cases {
+        let error = dead_letter_of(&t, fault, Vec::new()).await;
+        assert!(error.contains(cause), "{fault}: dead letter says {error:?}, expected it to name {cause:?}");
+        still_serving(&t, fault).await;
+    }
+    let error = dead_letter_of(&t, "ok", vec![b'x'; 4097]).await;
+    assert!(error.contains("event of 4097 bytes is over the 4096-byte limit"), "{error}");
+    still_serving(&t, "oversized event").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chatty_plugin_is_cut_off_in_the_log_not_failed() {
+    let t = TestHost::start(&["faulty"]).await;
+    let mut seen = t.observe(&["faulty.out.chatty"]).await;
+    t.publish("faulty.chatty", "").await;
+    seen.next_on("faulty.out.chatty").await;
+    assert_eq!(t.counter("faulty", "dead_lettered"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_looping_plugin_does_not_starve_the_others() {
+    // both runtime workers busy with looping instances would stall everything without the
+    // epoch yield; the fast neighbour must still answer while they loop
+    let t = TestHost::start_with(&["faulty", "echo"], |c| {
+        let faulty = c.plugins.entry("faulty".into()).or_default();
+        faulty.limits.insert("deadline".into(), "3s".into());
+        faulty.retry.insert("max_attempts".into(), 1.into());
+    })
+    .await;
+    let mut seen = t.observe(&["echo.orders.created", "plugbus.dlq.faulty"]).await;
+    for _ in 0..4 {
+        t.publish("faulty.loop", "").await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    t.publish("orders.created", "{}").await;
+    let first = seen.next_where(|_| true).await;
+    assert_eq!(first.subject, "echo.orders.created", "the fast plugin waited for the looping ones");
+}
+
+#[test]
+fn a_pool_the_machine_cannot_hold_is_a_clear_error_at_start() {
+    let err = plugbus::sandbox::Sandbox::new(plugbus::sandbox::SandboxSettings {
+        max_instances: 100_000_000,
+        max_memory_mib: 4096,
+        max_stack_bytes: 512 * 1024,
+    })
+    .err()
+    .expect("a 100M-instance pool cannot be reserved");
+    let msg = err.to_string();
+    assert!(msg.contains("cannot set up the sandbox pool for 100000000 instances"), "{msg}");
+}
+
+#[test]
+fn inspect_gives_a_verdict_and_an_exit_code() {
+    let bin = plugbus_tests::plugbus_bin();
+    let ok = std::process::Command::new(&bin).arg("inspect").arg(plugbus_tests::wasm("inventory")).output().unwrap();
+    assert!(ok.status.success());
+    let text = String::from_utf8(ok.stdout).unwrap();
+    assert!(text.contains("plugin     inventory") && text.contains("verdict    loadable"), "{text}");
+    assert!(text.contains("subscribes orders.created") && text.contains("memory 64 MiB"), "{text}");
+
+    let bad = std::process::Command::new(&bin)
+        .args(["inspect", "--json"])
+        .arg(plugbus_tests::wasm("sneaky"))
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&bad.stdout).unwrap();
+    assert_eq!(v["loadable"], false);
+    let problems = v["problems"].to_string();
+    assert!(problems.contains("wasi:sockets/tcp@") && problems.contains("wasi:filesystem/preopens@"), "{problems}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    let out = std::process::Command::new(&bin).arg("inspect").arg(&core).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("core WebAssembly module"));
+}
