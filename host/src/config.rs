@@ -47,6 +47,10 @@ pub struct Config {
     /// How long a stop waits for queued and in-flight events.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Watch the plugins folder and hot-reload changes.
+    pub watch: bool,
+    /// Keep compiled components under `data_dir/cache` so restarts skip compilation.
+    pub compile_cache: bool,
     /// Default limits for every plugin.
     pub limits: Limits,
     /// Default queue and concurrency per plugin.
@@ -66,6 +70,8 @@ impl Default for Config {
             data_dir: PathBuf::from(".plugbus"),
             http: Some(SocketAddr::from(([127, 0, 0, 1], 7070))),
             drain_timeout: Duration::from_secs(30),
+            watch: true,
+            compile_cache: true,
             limits: Limits::default(),
             flow: Flow::default(),
             retry: RetryPolicy::default(),

@@ -6,6 +6,7 @@ use crate::deadletter::DeadLetters;
 use crate::event::Event;
 use crate::kv::{KvStore, MemoryKv};
 use crate::loader::{self, Rejected};
+use crate::reload::{self, ReloadStats, Reloader};
 use crate::router::DrainReport;
 use crate::router::Router;
 use crate::sandbox::Sandbox;
@@ -21,6 +22,8 @@ pub struct Host {
     transport: Arc<dyn Transport>,
     router: Arc<Router>,
     kv: Arc<dyn KvStore>,
+    reloader: Arc<Reloader>,
+    _watcher: Option<reload::WatchGuard>,
     dead_letters: Arc<DeadLetters>,
     drain_timeout: std::time::Duration,
     rejected: Arc<Mutex<Vec<Rejected>>>,
@@ -37,17 +40,22 @@ impl Host {
         config.validate()?;
         let mut settings = config.sandbox.clone();
         settings.max_memory_mib = settings.max_memory_mib.max(config.max_memory_mib());
-        let sandbox = Sandbox::new(settings)?;
+        let mut sandbox = Sandbox::new(settings)?;
+        if config.compile_cache {
+            sandbox = sandbox.with_cache(&config.data_dir.join("cache"))?;
+        }
         let dead_letters = Arc::new(DeadLetters::new(10_000));
         let router = Arc::new(Router::new(transport.clone(), dead_letters.clone()));
 
         let (loaded, rejected) = loader::load_dir(&sandbox, &config, &kv).await?;
+        let mut files = std::collections::HashMap::new();
         for (path, plugin) in loaded {
             let name = plugin.name().to_string();
             router
                 .install(plugin, config.delivering_for(&name))
                 .await
                 .with_context(|| format!("subscribing plugin {name} from {}", path.display()))?;
+            files.insert(path, name);
         }
         for name in config.plugins.keys() {
             if !router.names().contains(name) {
@@ -55,6 +63,16 @@ impl Host {
             }
         }
         let rejected = Arc::new(Mutex::new(rejected));
+        let reloader = Arc::new(Reloader {
+            sandbox,
+            config: config.clone(),
+            kv: kv.clone(),
+            router: router.clone(),
+            rejected: rejected.clone(),
+            files: Mutex::new(files),
+            stats: ReloadStats::default(),
+        });
+        let watcher = if config.watch { Some(reload::watch(reloader.clone())?) } else { None };
 
         let (mut http_addr, mut stop_http, mut http_task) = (None, None, None);
         if let Some(addr) = config.http {
@@ -91,6 +109,8 @@ impl Host {
             transport,
             router,
             kv,
+            reloader,
+            _watcher: watcher,
             dead_letters,
             drain_timeout: config.drain_timeout,
             rejected,
@@ -129,6 +149,11 @@ impl Host {
     /// Where the HTTP API listens.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+
+    /// The reloader: its sandbox (compile cache counters) and reload counters.
+    pub fn reloader(&self) -> &Arc<Reloader> {
+        &self.reloader
     }
 
     /// The dead letters this host kept.

@@ -16,6 +16,7 @@ pub mod inspect;
 pub mod kv;
 pub mod loader;
 pub mod manifest;
+pub mod reload;
 pub mod retry;
 pub mod router;
 pub mod sandbox;

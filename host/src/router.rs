@@ -50,17 +50,27 @@ pub struct Delivering {
 }
 
 /// A live plugin.
+///
+/// Dropping it unsubscribes; the worker then drains what is already queued and exits, so a
+/// removed plugin finishes the events it had accepted.
 struct Entry {
     runtime: Arc<PluginRuntime>,
     patterns: Vec<String>,
+    subscription_id: u64,
     queue_depth: Box<dyn Fn() -> usize + Send + Sync>,
-    worker: JoinHandle<()>,
+    _subscribed: Box<dyn Send + Sync>,
+    _worker: JoinHandle<()>,
 }
 
-impl Drop for Entry {
-    fn drop(&mut self) {
-        self.worker.abort();
-    }
+/// How a swap went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Swapped {
+    /// The version that served before.
+    pub old_version: String,
+    /// Its content hash.
+    pub old_hash: String,
+    /// Whether the subscription patterns changed (and were re-targeted).
+    pub resubscribed: bool,
 }
 
 /// What `/v1/plugins` shows for one plugin.
@@ -131,7 +141,7 @@ impl Router {
             queue_group,
             capacity: delivering.flow.queue,
         };
-        let subscription = self.transport.subscribe(spec).await?;
+        let mut subscription = self.transport.subscribe(spec).await?;
         let runtime = Arc::new(PluginRuntime {
             name: name.clone(),
             current: RwLock::new(Arc::new(plugin)),
@@ -143,11 +153,52 @@ impl Router {
             run_permits: Semaphore::new(delivering.flow.concurrency.max(1)),
         });
         let queue_depth = subscription.depth_probe();
+        let subscription_id = subscription.id;
+        let subscribed = subscription.take_guard();
         let worker = tokio::spawn(run_worker(runtime.clone(), subscription, delivering.flow));
         tracing::info!(plugin = %name, "plugin serving");
-        let entry = Entry { runtime, patterns, queue_depth, worker };
+        let entry = Entry { runtime, patterns, subscription_id, queue_depth, _subscribed: subscribed, _worker: worker };
         self.entries.lock().expect("router poisoned").insert(name, entry);
         Ok(())
+    }
+
+    /// Whether a plugin of this name is live.
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.lock().expect("router poisoned").contains_key(name)
+    }
+
+    /// Replaces the version of a live plugin atomically: deliveries in flight finish on the
+    /// old version, every later one (and every later retry) runs on the new. If the
+    /// subscriptions changed, the transport re-targets them in place (no gap, no duplicate).
+    pub async fn swap(&self, plugin: Plugin) -> Result<Swapped, TransportError> {
+        let name = plugin.name().to_string();
+        let new_patterns = plugin.manifest().patterns();
+        let (runtime, old_patterns, subscription_id) = {
+            let entries = self.entries.lock().expect("router poisoned");
+            let e = entries.get(&name).ok_or_else(|| TransportError::Closed(format!("plugin {name} is not live")))?;
+            (e.runtime.clone(), e.patterns.clone(), e.subscription_id)
+        };
+        let resubscribed = old_patterns != new_patterns;
+        if resubscribed {
+            self.transport.retarget(subscription_id, new_patterns.clone()).await?;
+        }
+        let old = {
+            let mut current = runtime.current.write().expect("slot poisoned");
+            std::mem::replace(&mut *current, Arc::new(plugin))
+        };
+        if let Some(e) = self.entries.lock().expect("router poisoned").get_mut(&name) {
+            e.patterns = new_patterns;
+        }
+        Ok(Swapped { old_version: old.manifest().version.clone(), old_hash: old.hash().to_string(), resubscribed })
+    }
+
+    /// Takes a plugin out: unsubscribes it; what it already accepted still finishes.
+    pub fn remove(&self, name: &str) -> bool {
+        let removed = self.entries.lock().expect("router poisoned").remove(name);
+        if removed.is_some() {
+            tracing::info!(plugin = %name, "plugin removed: unsubscribed");
+        }
+        removed.is_some()
     }
 
     /// Names of the live plugins.

@@ -9,7 +9,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Every handler crate the tests use.
-pub const COMPONENTS: &[&str] = &["inventory", "payments", "shipping", "notify", "audit", "faulty", "sneaky", "echo"];
+pub const COMPONENTS: &[&str] =
+    &["inventory", "payments", "shipping", "notify", "audit", "faulty", "sneaky", "echo", "echo2"];
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
@@ -56,6 +57,8 @@ pub struct TestHost {
     pub host: Host,
     /// The plugins folder.
     pub dir: tempfile::TempDir,
+    /// The data folder (kv, compile cache).
+    pub data: tempfile::TempDir,
 }
 
 impl TestHost {
@@ -70,14 +73,16 @@ impl TestHost {
         for c in components {
             std::fs::copy(wasm(c), dir.path().join(format!("{c}.wasm"))).expect("copying a component");
         }
+        let data = tempfile::tempdir().expect("temp dir");
         let mut config = Config {
             plugins_dir: dir.path().to_path_buf(),
+            data_dir: data.path().to_path_buf(),
             http: Some("127.0.0.1:0".parse().unwrap()),
             ..Config::default()
         };
         tweak(&mut config);
         let host = Host::start(config).await.expect("host starts");
-        Self { host, dir }
+        Self { host, dir, data }
     }
 
     /// Publishes `data` on `subject`.
@@ -193,4 +198,13 @@ pub fn fast_retries(config: &mut Config) {
         factor: 2.0,
         max: Duration::from_millis(20),
     };
+}
+
+/// Waits (up to 30 s) until `cond` holds, polling.
+pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -1,6 +1,7 @@
 //! The wasmtime engine: pooling allocator, epoch ticker, the linker with our imports.
 
 use super::bindings;
+use super::cache::{CacheStats, CompileCache};
 use super::limits::Limits;
 use super::plugin::{Plugin, PluginSettings};
 use super::state::{HostState, PluginCtx};
@@ -50,6 +51,8 @@ impl Drop for Ticker {
 #[derive(Clone)]
 pub struct Sandbox {
     engine: Engine,
+    cache: Option<Arc<CompileCache>>,
+    cache_stats: Arc<CacheStats>,
     linker: Arc<Linker<HostState>>,
     settings: SandboxSettings,
     _ticker: Arc<Ticker>,
@@ -97,7 +100,27 @@ impl Sandbox {
                 }
             })?;
         }
-        Ok(Self { engine, linker: Arc::new(linker), settings, _ticker: Arc::new(Ticker { stop }) })
+        Ok(Self {
+            engine,
+            cache: None,
+            cache_stats: Arc::default(),
+            linker: Arc::new(linker),
+            settings,
+            _ticker: Arc::new(Ticker { stop }),
+        })
+    }
+
+    /// Keeps compiled components in `dir` so restarts skip compilation.
+    pub fn with_cache(mut self, dir: &std::path::Path) -> anyhow::Result<Self> {
+        let cache = CompileCache::new(dir, &self.engine)
+            .map_err(|e| anyhow::anyhow!("cannot use {} as the compile cache: {e}", dir.display()))?;
+        self.cache = Some(Arc::new(cache));
+        Ok(self)
+    }
+
+    /// How many components were compiled and how many came from the cache.
+    pub fn cache_stats(&self) -> &CacheStats {
+        &self.cache_stats
     }
 
     /// The wasmtime engine.
@@ -118,15 +141,23 @@ impl Sandbox {
         settings: impl FnOnce(&Manifest) -> PluginSettings,
     ) -> Result<Plugin, LoadError> {
         validate::check_header(bytes)?;
+        let hash = validate::content_hash(bytes);
         let component = {
-            let engine = self.engine.clone();
-            let bytes = bytes.to_vec();
-            tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
-                .await
-                .map_err(|e| LoadError::Invalid(format!("compiler task failed: {e}")))?
-                .map_err(|e| LoadError::Invalid(format!("{e:#}")))?
+            let (engine, cache, stats) = (self.engine.clone(), self.cache.clone(), self.cache_stats.clone());
+            let (bytes, key) = (bytes.to_vec(), hash.clone());
+            // Compiling takes milliseconds to seconds: never on the async runtime's workers.
+            tokio::task::spawn_blocking(move || match cache {
+                Some(cache) => cache.compile(&engine, &bytes, &key, &stats),
+                None => {
+                    stats.compiled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Component::new(&engine, &bytes)
+                }
+            })
+            .await
+            .map_err(|e| LoadError::Invalid(format!("compiler task failed: {e}")))?
+            .map_err(|e| LoadError::Invalid(format!("{e:#}")))?
         };
-        self.prepare(component, validate::content_hash(bytes), settings).await
+        self.prepare(component, hash, settings).await
     }
 
     /// Validates a compiled component and reads its manifest.

@@ -6,6 +6,7 @@
 //! here is returned as a value ([`Failure`]), never a panic or a host crash.
 
 pub mod bindings;
+mod cache;
 mod engine;
 pub mod limits;
 mod plugin;
@@ -13,6 +14,7 @@ pub mod state;
 mod stdio;
 mod validate;
 
+pub use cache::CacheStats;
 pub use engine::{Sandbox, SandboxSettings};
 pub use limits::Limits;
 pub use plugin::{Attempt, Failure, Plugin, PluginSettings};

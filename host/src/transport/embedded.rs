@@ -97,9 +97,21 @@ impl Transport for EmbeddedBus {
         let patterns = PatternSet::parse(&spec.patterns)?;
         let (tx, rx) = mpsc::channel(spec.capacity.max(1));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let subscription = Subscription::new(&tx, rx, Unsubscribe { table: self.table.clone(), id });
+        let subscription = Subscription::new(id, &tx, rx, Unsubscribe { table: self.table.clone(), id });
         self.table.write().expect("bus table poisoned").subs.push(Arc::new(Sub { id, patterns, tx }));
         Ok(subscription)
+    }
+
+    async fn retarget(&self, subscription: u64, patterns: Vec<String>) -> Result<(), TransportError> {
+        let patterns = PatternSet::parse(&patterns)?;
+        let mut table = self.table.write().expect("bus table poisoned");
+        let slot = table
+            .subs
+            .iter_mut()
+            .find(|s| s.id == subscription)
+            .ok_or_else(|| TransportError::Closed(format!("subscription {subscription} is gone")))?;
+        *slot = Arc::new(Sub { id: slot.id, patterns, tx: slot.tx.clone() });
+        Ok(())
     }
 
     async fn observe(
@@ -167,6 +179,17 @@ mod tests {
             bus.publish(Event::new("x", "")).await.unwrap();
         }
         assert!(bus.table.read().unwrap().subs.is_empty());
+    }
+
+    #[tokio::test]
+    async fn retarget_switches_patterns_in_place() {
+        let bus = EmbeddedBus::new();
+        let mut sub = bus.subscribe(spec(&["a"], 8)).await.unwrap();
+        bus.retarget(sub.id, vec!["b".into()]).await.unwrap();
+        bus.publish(Event::new("a", "")).await.unwrap();
+        bus.publish(Event::new("b", "")).await.unwrap();
+        assert_eq!(sub.deliveries.recv().await.unwrap().event.subject, "b");
+        assert!(sub.deliveries.try_recv().is_err());
     }
 
     #[tokio::test]

@@ -72,19 +72,28 @@ pub struct Delivery {
 pub struct Subscription {
     /// The plugin's queue of deliveries.
     pub deliveries: mpsc::Receiver<Delivery>,
+    /// Identifies the subscription to the transport (for [`Transport::retarget`]).
+    pub id: u64,
     weak: mpsc::WeakSender<Delivery>,
-    _guard: Box<dyn Send + Sync>,
+    guard: Option<Box<dyn Send + Sync>>,
 }
 
 impl Subscription {
     /// Wraps the queue (`tx` is only used to measure its depth) and a guard that unsubscribes
     /// when dropped.
     pub fn new(
+        id: u64,
         tx: &mpsc::Sender<Delivery>,
         deliveries: mpsc::Receiver<Delivery>,
         guard: impl Send + Sync + 'static,
     ) -> Self {
-        Self { deliveries, weak: tx.downgrade(), _guard: Box::new(guard) }
+        Self { deliveries, id, weak: tx.downgrade(), guard: Some(Box::new(guard)) }
+    }
+
+    /// Takes the guard out: the subscription lasts until the guard is dropped, while the
+    /// queue can still be drained by whoever owns `deliveries`.
+    pub fn take_guard(&mut self) -> Box<dyn Send + Sync> {
+        self.guard.take().unwrap_or_else(|| Box::new(()))
     }
 
     /// A probe for how many deliveries wait in the queue (for metrics and drain).
@@ -105,6 +114,10 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Subscribes a plugin; deliveries arrive on the returned subscription's queue.
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription, TransportError>;
+
+    /// Changes the patterns of a live subscription in place: events matching only the old
+    /// patterns stop, events matching the new ones start, nothing in between is lost or doubled.
+    async fn retarget(&self, subscription: u64, patterns: Vec<String>) -> Result<(), TransportError>;
 
     /// Observes every event matching `patterns` without taking part in delivery (the live tail,
     /// tests). An observer that falls more than `capacity` events behind misses events.

@@ -1,0 +1,233 @@
+//! Hot reload: the plugins folder is watched; adding, replacing (in place or by rename),
+//! removing and renaming a `.wasm` take effect without a restart.
+//!
+//! Each change is compiled off the event loop and validated, then swapped in atomically by the
+//! router (in-flight events finish on the old version, new ones go to the new). A file still
+//! being written is waited for, not reported; a file that stays invalid once it settles is
+//! reported (log, `/v1/plugins`, load-error counter) and the previous version keeps serving.
+//! Invariant: a bad file never takes a serving plugin down.
+
+use crate::config::Config;
+use crate::kv::KvStore;
+use crate::loader::{self, Rejected};
+use crate::router::Router;
+use crate::sandbox::{LoadError, Plugin, Sandbox};
+use notify::{RecursiveMode, Watcher};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::mpsc;
+
+/// Quiet time after the last file event before a change is acted on.
+const DEBOUNCE: Duration = Duration::from_millis(75);
+/// How long an invalid file may keep changing (being written) before it is reported.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// Counters of reloads (shown in metrics).
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    /// Versions swapped in, plugins added or removed.
+    pub reloads: AtomicU64,
+    /// Files reported as not loadable.
+    pub load_errors: AtomicU64,
+}
+
+/// What the reloader needs; shared with the host.
+pub struct Reloader {
+    /// Where plugins live.
+    pub sandbox: Sandbox,
+    /// Settings (limits, config per plugin).
+    pub config: Config,
+    /// Plugin state.
+    pub kv: Arc<dyn KvStore>,
+    /// The live plugins.
+    pub router: Arc<Router>,
+    /// Files that could not be loaded (path → reason), shared with the API.
+    pub rejected: Arc<Mutex<Vec<Rejected>>>,
+    /// Which file each live plugin came from.
+    pub files: Mutex<HashMap<PathBuf, String>>,
+    /// Counters.
+    pub stats: ReloadStats,
+}
+
+impl Reloader {
+    fn reject(&self, path: &Path, reason: String) {
+        self.stats.load_errors.fetch_add(1, Ordering::Relaxed);
+        let serving = self.files.lock().expect("poisoned").get(path).cloned();
+        match &serving {
+            Some(name) => {
+                tracing::error!(file = %path.display(), plugin = %name, "reload rejected, the previous version keeps serving: {reason}")
+            }
+            None => tracing::error!(file = %path.display(), "plugin not loaded: {reason}"),
+        }
+        let mut rejected = self.rejected.lock().expect("poisoned");
+        rejected.retain(|r| r.path != path);
+        rejected.push(Rejected { path: path.to_path_buf(), reason });
+    }
+
+    fn clear_rejection(&self, path: &Path) {
+        self.rejected.lock().expect("poisoned").retain(|r| r.path != path);
+    }
+
+    /// Applies the current state of one file.
+    pub async fn apply(&self, path: &Path, changed_at: Instant) {
+        if !path.exists() {
+            self.clear_rejection(path);
+            let gone = self.files.lock().expect("poisoned").remove(path);
+            if let Some(name) = gone {
+                // A rename shows as remove + add; the add may already have taken the name over.
+                let still_elsewhere = self.files.lock().expect("poisoned").values().any(|n| *n == name);
+                if !still_elsewhere && self.router.remove(&name) {
+                    self.stats.reloads.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(plugin = %name, file = %path.display(), "plugin removed with its file");
+                }
+            }
+            return;
+        }
+        let plugin = match self.load_settled(path).await {
+            Ok(p) => p,
+            Err(reason) => return self.reject(path, reason),
+        };
+        self.install(path, plugin, changed_at).await;
+    }
+
+    /// Loads the file, waiting while it is still being written.
+    async fn load_settled(&self, path: &Path) -> Result<Plugin, String> {
+        let started = Instant::now();
+        let mut last_seen = file_state(path);
+        loop {
+            let result = loader::load_file(&self.sandbox, path, &self.config, &self.kv).await;
+            let transient = matches!(result, Err(LoadError::NotAComponent(_) | LoadError::Invalid(_)));
+            if !transient || started.elapsed() > SETTLE {
+                return result.map_err(|e| e.to_string());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = file_state(path);
+            if now.is_none() {
+                return Err("the file disappeared while loading".into());
+            }
+            if now == last_seen && started.elapsed() > Duration::from_millis(500) {
+                // Settled and still invalid: report it.
+                return result.map_err(|e| e.to_string());
+            }
+            last_seen = now;
+        }
+    }
+
+    async fn install(&self, path: &Path, plugin: Plugin, changed_at: Instant) {
+        let name = plugin.name().to_string();
+        let (version, hash) = (plugin.manifest().version.clone(), plugin.hash().to_string());
+        // The plugin this file held before, if it declared another name.
+        let previous = self.files.lock().expect("poisoned").get(path).cloned();
+        let owner = self
+            .files
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .find(|(p, n)| **n == name && p.as_path() != path)
+            .map(|(p, _)| p.clone());
+        if let Some(other) = owner {
+            if other.exists() {
+                return self
+                    .reject(path, format!("declares plugin name {name:?}, already taken by {}", other.display()));
+            }
+            // Renamed: the old path is gone; this file takes the plugin over.
+            self.files.lock().expect("poisoned").remove(&other);
+        }
+        let outcome = if self.router.contains(&name) {
+            match self.router.swap(plugin).await {
+                Ok(swapped) => {
+                    tracing::info!(
+                        plugin = %name, file = %path.display(),
+                        old_version = %swapped.old_version, old_hash = &swapped.old_hash[..12],
+                        new_version = %version, new_hash = &hash[..12],
+                        resubscribed = swapped.resubscribed,
+                        swap_ms = changed_at.elapsed().as_millis() as u64,
+                        "plugin reloaded"
+                    );
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        } else {
+            let delivering = self.config.delivering_for(&name);
+            match self.router.install(plugin, delivering).await {
+                Ok(()) => {
+                    tracing::info!(plugin = %name, file = %path.display(), version = %version, hash = &hash[..12], load_ms = changed_at.elapsed().as_millis() as u64, "plugin added");
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                self.stats.reloads.fetch_add(1, Ordering::Relaxed);
+                self.clear_rejection(path);
+                self.files.lock().expect("poisoned").insert(path.to_path_buf(), name.clone());
+                if let Some(prev) = previous.filter(|p| *p != name) {
+                    self.router.remove(&prev);
+                }
+            }
+            Err(e) => self.reject(path, format!("could not subscribe: {e}")),
+        }
+    }
+}
+
+fn file_state(path: &Path) -> Option<(u64, Option<SystemTime>)> {
+    std::fs::metadata(path).ok().map(|m| (m.len(), m.modified().ok()))
+}
+
+fn is_plugin_file(path: &Path) -> bool {
+    path.extension().is_some_and(|x| x == "wasm")
+}
+
+/// Watches the plugins folder until the returned guard is dropped.
+pub fn watch(reloader: Arc<Reloader>) -> anyhow::Result<WatchGuard> {
+    let dir = reloader.config.plugins_dir.clone();
+    let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+        Ok(event) => {
+            for path in event.paths {
+                if is_plugin_file(&path) {
+                    let _ = tx.send(path);
+                }
+            }
+        }
+        Err(e) => tracing::error!("watching the plugins folder: {e}"),
+    })?;
+    watcher
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .map_err(|e| anyhow::anyhow!("cannot watch the plugins folder {}: {e}", dir.display()))?;
+    let task = tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let changed_at = Instant::now();
+            let mut paths = BTreeSet::from([first]);
+            // Debounce: gather everything that changes together (a copy, a rename pair).
+            while let Ok(Some(p)) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+                paths.insert(p);
+            }
+            // Present files first: a rename's new path takes the plugin over before its old
+            // path is seen gone, so the plugin never stops serving.
+            let (gone, present): (Vec<PathBuf>, Vec<PathBuf>) = paths.into_iter().partition(|p| !p.exists());
+            for path in present.iter().chain(gone.iter()) {
+                reloader.apply(path, changed_at).await;
+            }
+        }
+    });
+    tracing::info!(dir = %dir.display(), "watching the plugins folder");
+    Ok(WatchGuard { _watcher: watcher, task })
+}
+
+/// Stops watching when dropped.
+pub struct WatchGuard {
+    _watcher: notify::RecommendedWatcher,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,156 @@
+//! Hot reload: replace, half-written, garbage, remove, rename, and a warm compile cache.
+
+use plugbus::{Config, Event, Host};
+use plugbus_tests::{TestHost, eventually, wasm};
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+fn echo_version(subject: &str) -> &'static str {
+    if subject.starts_with("echo.v2.") { "v2" } else { "v1" }
+}
+
+/// Publishes `n` events steadily while `during` runs; returns input id → the versions whose
+/// output answered it.
+async fn steady_flow(
+    t: &TestHost,
+    n: usize,
+    during: impl std::future::Future<Output = ()>,
+) -> HashMap<String, Vec<&'static str>> {
+    let mut seen = t.observe(&["echo.>"]).await;
+    let publisher = async {
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            ids.push(t.publish("orders.created", "{}").await);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        ids
+    };
+    let (ids, ()) = tokio::join!(publisher, during);
+    let mut answered: HashMap<String, Vec<&'static str>> = ids.iter().map(|id| (id.clone(), Vec::new())).collect();
+    let mut outputs = 0;
+    while outputs < n {
+        let out = seen.next_where(|_| true).await;
+        let cause = out.header("plugbus-caused-by").unwrap().to_string();
+        answered.get_mut(&cause).expect("an output for an event we did not publish").push(echo_version(&out.subject));
+        outputs += 1;
+    }
+    let late = seen.drain(Duration::from_millis(300)).await;
+    assert!(late.is_empty(), "duplicate outputs: {late:?}");
+    answered
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_a_plugin_under_load_loses_and_doubles_nothing() {
+    let t = TestHost::start(&["echo"]).await;
+    let dir = t.dir.path().to_path_buf();
+    let answered = steady_flow(&t, 600, async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // the way `mv tmp x.wasm` deploys: an atomic rename over the live file
+        std::fs::copy(wasm("echo2"), dir.join("echo.tmp")).unwrap();
+        std::fs::rename(dir.join("echo.tmp"), dir.join("echo.wasm")).unwrap();
+    })
+    .await;
+    assert!(answered.values().all(|v| v.len() == 1), "an event was lost or handled twice");
+    let v2 = answered.values().filter(|v| v[0] == "v2").count();
+    assert!(v2 > 0 && v2 < 600, "the switch did not happen under load: {v2} of 600 on v2");
+    assert!(t.host.reloader().stats.reloads.load(Ordering::Relaxed) >= 1);
+    let info = t.host.router().plugins();
+    assert_eq!(info[0].version, "2.0.0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_written_in_chunks_is_waited_for_then_served() {
+    let t = TestHost::start(&["echo"]).await;
+    let bytes = std::fs::read(wasm("echo2")).unwrap();
+    let path = t.dir.path().join("echo.wasm");
+    {
+        let mut f = std::fs::File::create(&path).unwrap(); // `cp` over the live file: truncate, then write
+        for chunk in bytes.chunks(bytes.len() / 3 + 1) {
+            f.write_all(chunk).unwrap();
+            f.flush().unwrap();
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    let router = t.host.router().clone();
+    eventually("v2 serves", || router.plugins()[0].version == "2.0.0").await;
+    assert!(t.host.rejected().is_empty(), "a half-written file was reported: {:?}", t.host.rejected());
+    assert_eq!(t.host.reloader().stats.load_errors.load(Ordering::Relaxed), 0);
+    let mut seen = t.observe(&["echo.>"]).await;
+    t.publish("orders.created", "{}").await;
+    assert_eq!(seen.next_where(|_| true).await.subject, "echo.v2.orders.created");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_is_rejected_and_the_old_version_keeps_serving() {
+    let t = TestHost::start(&["echo"]).await;
+    let path = t.dir.path().join("echo.wasm");
+    std::fs::write(&path, b"definitely not wasm").unwrap();
+    let host = &t.host;
+    eventually("the garbage is reported", || !host.rejected().is_empty()).await;
+    let r = &host.rejected()[0];
+    assert!(r.path.ends_with("echo.wasm") && r.reason.contains("not a WebAssembly file"), "{r:?}");
+    let body: serde_json::Value = reqwest::get(format!("{}/v1/plugins", t.url())).await.unwrap().json().await.unwrap();
+    assert!(body["rejected"][0]["state"].as_str().unwrap().starts_with("rejected: "), "{body}");
+    assert_eq!(body["plugins"][0]["state"], "serving 0.1.0", "{body}");
+
+    let mut seen = t.observe(&["echo.>"]).await;
+    t.publish("orders.created", "{}").await;
+    assert_eq!(seen.next_where(|_| true).await.subject, "echo.orders.created", "the old version stopped serving");
+
+    std::fs::copy(wasm("echo2"), &path).unwrap();
+    let router = t.host.router().clone();
+    eventually("v2 serves", || router.plugins()[0].version == "2.0.0").await;
+    eventually("the rejection is cleared", || host.rejected().is_empty()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_unsubscribes_and_renaming_keeps_serving() {
+    let t = TestHost::start(&["echo", "audit"]).await;
+    let dir = t.dir.path().to_path_buf();
+
+    // rename under load: no gap, nothing doubled
+    let answered = steady_flow(&t, 300, async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        std::fs::rename(dir.join("echo.wasm"), dir.join("echo-renamed.wasm")).unwrap();
+    })
+    .await;
+    assert!(answered.values().all(|v| v.len() == 1), "an event was lost or handled twice across the rename");
+    assert!(t.host.router().contains("echo"));
+
+    // remove: its subscriptions are gone
+    std::fs::remove_file(dir.join("echo-renamed.wasm")).unwrap();
+    let router = t.host.router().clone();
+    eventually("echo is removed", || !router.contains("echo")).await;
+    let mut seen = t.observe(&["echo.>"]).await;
+    t.publish("orders.created", "{}").await;
+    t.wait_counter("audit", "ok", 301).await;
+    assert!(seen.drain(Duration::from_millis(300)).await.is_empty(), "a removed plugin still received events");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_a_warm_cache_compiles_nothing() {
+    let plugins = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    for c in ["inventory", "payments", "shipping"] {
+        std::fs::copy(wasm(c), plugins.path().join(format!("{c}.wasm"))).unwrap();
+    }
+    let config = Config {
+        plugins_dir: plugins.path().to_path_buf(),
+        data_dir: data.path().to_path_buf(),
+        http: None,
+        ..Config::default()
+    };
+    let cold = Host::start(config.clone()).await.unwrap();
+    let stats = &cold.reloader().sandbox.cache_stats();
+    assert_eq!((stats.compiled.load(Ordering::Relaxed), stats.hits.load(Ordering::Relaxed)), (3, 0));
+    cold.shutdown().await;
+
+    let warm = Host::start(config).await.unwrap();
+    let stats = &warm.reloader().sandbox.cache_stats();
+    assert_eq!((stats.compiled.load(Ordering::Relaxed), stats.hits.load(Ordering::Relaxed)), (0, 3));
+    let mut seen = warm.observe(&["inventory.>"]).await.unwrap();
+    warm.publish(Event::new("orders.created", plugbus_tests::order("w-1", "widget", 1))).await.unwrap();
+    assert_eq!(seen.recv().await.unwrap().subject, "inventory.reserved");
+}
