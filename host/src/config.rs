@@ -47,8 +47,12 @@ pub struct Config {
     /// How long a stop waits for queued and in-flight events.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// When set, every API route but `/healthz` needs `Authorization: Bearer <token>`.
+    pub api_token: Option<String>,
     /// Watch the plugins folder and hot-reload changes.
     pub watch: bool,
+    /// Keep plugin kv in `data_dir/kv.redb` (survives restarts); off keeps it in memory.
+    pub persistent_kv: bool,
     /// Keep compiled components under `data_dir/cache` so restarts skip compilation.
     pub compile_cache: bool,
     /// Default limits for every plugin.
@@ -70,8 +74,10 @@ impl Default for Config {
             data_dir: PathBuf::from(".plugbus"),
             http: Some(SocketAddr::from(([127, 0, 0, 1], 7070))),
             drain_timeout: Duration::from_secs(30),
+            api_token: None,
             watch: true,
             compile_cache: true,
+            persistent_kv: true,
             limits: Limits::default(),
             flow: Flow::default(),
             retry: RetryPolicy::default(),

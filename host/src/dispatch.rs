@@ -10,6 +10,7 @@
 use crate::deadletter::{self, DeadLetters};
 use crate::event::Event;
 use crate::kv::KvError;
+use crate::metrics::Metrics;
 use crate::retry::RetryPolicy;
 use crate::sandbox::{Failure, Plugin};
 use crate::transport::{Delivery, Transport};
@@ -86,6 +87,8 @@ pub struct PluginRuntime {
     pub dead_letters: Arc<DeadLetters>,
     /// Bounds the attempts running at once.
     pub run_permits: Semaphore,
+    /// Where counters go.
+    pub metrics: Arc<Metrics>,
 }
 
 impl PluginRuntime {
@@ -118,15 +121,19 @@ pub enum Outcome {
 pub async fn deliver(rt: &PluginRuntime, delivery: Delivery) -> Outcome {
     rt.stats.received.fetch_add(1, Ordering::Relaxed);
     let ev = &delivery.event;
+    let labels = Metrics::event(&rt.name, &ev.subject);
+    rt.metrics.received.get_or_create(&labels).inc();
     let outcome = attempts(rt, ev).await;
     match &outcome {
         Outcome::Handled { attempts, outputs } => {
+            rt.metrics.handled.get_or_create(&labels).inc();
             rt.stats.ok.fetch_add(1, Ordering::Relaxed);
             rt.stats.outputs.fetch_add(*outputs as u64, Ordering::Relaxed);
             tracing::debug!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempts, outputs, "handled");
             delivery.acker.ack().await;
         }
         Outcome::DeadLettered { attempts, failure } => {
+            rt.metrics.dead_lettered.get_or_create(&labels).inc();
             rt.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             dead_letter(rt, ev, failure, *attempts).await;
             delivery.acker.term().await;
@@ -156,6 +163,7 @@ async fn attempts(rt: &PluginRuntime, ev: &Event) -> Outcome {
             Err(failure) if failure.is_retryable() && attempt < rt.retry.max_attempts => {
                 let wait = rt.retry.backoff(attempt);
                 rt.stats.retried.fetch_add(1, Ordering::Relaxed);
+                rt.metrics.retried.get_or_create(&Metrics::event(&rt.name, &ev.subject)).inc();
                 tracing::warn!(
                     plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempt,
                     retry_in_ms = wait.as_millis() as u64, "attempt failed, will retry: {failure}"
@@ -175,6 +183,7 @@ async fn run_attempt(rt: &PluginRuntime, plugin: &Plugin, ev: &Event, attempt: u
     loop {
         rt.stats.attempts.fetch_add(1, Ordering::Relaxed);
         let run = plugin.handle(ev, attempt).await;
+        rt.metrics.observe_attempt(&rt.name, run.elapsed);
         run.result?;
         match plugin.commit(&run.txn) {
             Ok(()) => {}

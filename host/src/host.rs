@@ -4,8 +4,9 @@ use crate::api;
 use crate::config::Config;
 use crate::deadletter::DeadLetters;
 use crate::event::Event;
-use crate::kv::{KvStore, MemoryKv};
+use crate::kv::{KvStore, MemoryKv, RedbKv};
 use crate::loader::{self, Rejected};
+use crate::metrics::{FileLabels, Metrics};
 use crate::reload::{self, ReloadStats, Reloader};
 use crate::router::DrainReport;
 use crate::router::Router;
@@ -36,7 +37,12 @@ impl Host {
     /// Loads the plugins folder, subscribes every plugin and starts the HTTP API.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         let transport: Arc<dyn Transport> = Arc::new(EmbeddedBus::new());
-        let kv: Arc<dyn KvStore> = Arc::new(MemoryKv::new());
+        let kv: Arc<dyn KvStore> = if config.persistent_kv {
+            let path = config.data_dir.join("kv.redb");
+            Arc::new(RedbKv::open(&path).with_context(|| format!("opening the kv store {}", path.display()))?)
+        } else {
+            Arc::new(MemoryKv::new())
+        };
         config.validate()?;
         let mut settings = config.sandbox.clone();
         settings.max_memory_mib = settings.max_memory_mib.max(config.max_memory_mib());
@@ -45,7 +51,8 @@ impl Host {
             sandbox = sandbox.with_cache(&config.data_dir.join("cache"))?;
         }
         let dead_letters = Arc::new(DeadLetters::new(10_000));
-        let router = Arc::new(Router::new(transport.clone(), dead_letters.clone()));
+        let metrics = Arc::new(Metrics::default());
+        let router = Arc::new(Router::new(transport.clone(), dead_letters.clone(), metrics.clone()));
 
         let (loaded, rejected) = loader::load_dir(&sandbox, &config, &kv).await?;
         let mut files = std::collections::HashMap::new();
@@ -62,6 +69,10 @@ impl Host {
                 tracing::warn!(plugin = %name, "the config has a [plugins.{name}] table but no such plugin is loaded");
             }
         }
+        for r in &rejected {
+            let file = r.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            metrics.load_errors.get_or_create(&FileLabels { file }).inc();
+        }
         let rejected = Arc::new(Mutex::new(rejected));
         let reloader = Arc::new(Reloader {
             sandbox,
@@ -71,6 +82,7 @@ impl Host {
             rejected: rejected.clone(),
             files: Mutex::new(files),
             stats: ReloadStats::default(),
+            metrics: metrics.clone(),
         });
         let watcher = if config.watch { Some(reload::watch(reloader.clone())?) } else { None };
 
@@ -84,6 +96,9 @@ impl Host {
                 router: router.clone(),
                 rejected: rejected.clone(),
                 dead_letters: dead_letters.clone(),
+                metrics: metrics.clone(),
+                reloader: reloader.clone(),
+                api_token: config.api_token.clone(),
                 max_event_bytes: config.limits.max_event_bytes as usize,
             };
             let (tx, rx) = oneshot::channel::<()>();
@@ -172,6 +187,8 @@ impl Host {
         }
         tracing::info!(timeout = ?self.drain_timeout, "draining");
         let report = self.router.drain(self.drain_timeout).await;
+        self._watcher = None;
+        self.router.close().await;
         if report.is_clean() {
             tracing::info!("drained: every accepted event was handled; host stopped");
         } else {

@@ -118,9 +118,111 @@ impl KvStore for MemoryKv {
     }
 }
 
+/// The persistent store of the embedded default: one redb file in the data dir.
+///
+/// redb is a pure-Rust, ACID, copy-on-write B-tree in one file: crash-safe commits without a
+/// server, which is what plugin state on a single box needs.
+pub struct RedbKv {
+    db: redb::Database,
+}
+
+const DATA: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("kv");
+const META: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+
+fn unavailable(e: impl std::fmt::Display) -> KvError {
+    KvError::Unavailable(e.to_string())
+}
+
+fn db_key(ns: &str, key: &str) -> String {
+    format!("{ns}\u{0}{key}")
+}
+
+fn decode(stored: &[u8]) -> Versioned {
+    let (version, value) = stored.split_at(8.min(stored.len()));
+    Versioned { value: value.to_vec(), version: u64::from_be_bytes(version.try_into().unwrap_or([0; 8])) }
+}
+
+impl RedbKv {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &std::path::Path) -> Result<Self, KvError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(unavailable)?;
+        }
+        let db = redb::Database::create(path).map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
+        let txn = db.begin_write().map_err(unavailable)?;
+        txn.open_table(DATA).map_err(unavailable)?;
+        txn.open_table(META).map_err(unavailable)?;
+        txn.commit().map_err(unavailable)?;
+        Ok(Self { db })
+    }
+}
+
+impl KvStore for RedbKv {
+    fn get(&self, ns: &str, key: &str) -> Result<Option<Versioned>, KvError> {
+        use redb::ReadableDatabase;
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let table = txn.open_table(DATA).map_err(unavailable)?;
+        Ok(table.get(db_key(ns, key).as_str()).map_err(unavailable)?.map(|v| decode(v.value())))
+    }
+
+    fn commit(&self, ns: &str, txn: &Txn) -> Result<(), KvError> {
+        use redb::ReadableTable;
+        // redb has one writer at a time: checking the reads and writing happen atomically.
+        let w = self.db.begin_write().map_err(unavailable)?;
+        {
+            let mut data = w.open_table(DATA).map_err(unavailable)?;
+            for (key, seen) in &txn.reads {
+                let now =
+                    data.get(db_key(ns, key).as_str()).map_err(unavailable)?.map_or(0, |v| decode(v.value()).version);
+                if now != *seen {
+                    return Err(KvError::Conflict(key.clone()));
+                }
+            }
+            let mut meta = w.open_table(META).map_err(unavailable)?;
+            let clock = meta.get("clock").map_err(unavailable)?.map_or(0, |v| v.value()) + 1;
+            meta.insert("clock", clock).map_err(unavailable)?;
+            for (key, value) in &txn.writes {
+                let k = db_key(ns, key);
+                match value {
+                    Some(v) => {
+                        let mut stored = clock.to_be_bytes().to_vec();
+                        stored.extend_from_slice(v);
+                        data.insert(k.as_str(), stored.as_slice()).map_err(unavailable)?;
+                    }
+                    None => {
+                        data.remove(k.as_str()).map_err(unavailable)?;
+                    }
+                }
+            }
+        }
+        w.commit().map_err(unavailable)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redb_store_persists_and_detects_conflicts() {
+        let dir = std::env::temp_dir().join(format!("plugbus-kv-{}", std::process::id()));
+        let path = dir.join("kv.redb");
+        {
+            let kv = RedbKv::open(&path).unwrap();
+            let mut a = Txn::default();
+            let mut b = Txn::default();
+            assert_eq!(a.get(&kv, "p", "n").unwrap(), None);
+            assert_eq!(b.get(&kv, "p", "n").unwrap(), None);
+            a.set("n", b"1".to_vec());
+            b.set("n", b"2".to_vec());
+            kv.commit("p", &a).unwrap();
+            assert_eq!(kv.commit("p", &b), Err(KvError::Conflict("n".into())));
+        }
+        let kv = RedbKv::open(&path).unwrap();
+        assert_eq!(kv.get("p", "n").unwrap().unwrap().value, b"1");
+        assert!(kv.get("q", "n").unwrap().is_none());
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn commit_detects_a_concurrent_change() {

@@ -16,10 +16,12 @@ pub mod inspect;
 pub mod kv;
 pub mod loader;
 pub mod manifest;
+pub mod metrics;
 pub mod reload;
 pub mod retry;
 pub mod router;
 pub mod sandbox;
+pub mod scaffold;
 pub mod subject;
 pub mod transport;
 

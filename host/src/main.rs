@@ -17,6 +17,10 @@ struct Cli {
     #[arg(long, value_enum, default_value_t = LogFormat::Pretty, global = true, env = "PLUGBUS_LOG_FORMAT")]
     log_format: LogFormat,
 
+    /// Bearer token for the HTTP API (client commands send it; `run` requires it when set).
+    #[arg(long, global = true, env = "PLUGBUS_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -145,6 +149,31 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Print every event matching PATTERN as it flows through a running host (`*`, `>` wildcards).
+    Tail {
+        /// Subject pattern, e.g. `orders.>`.
+        pattern: String,
+        /// The host's HTTP API.
+        #[arg(long, default_value = "http://127.0.0.1:7070", env = "PLUGBUS_URL")]
+        url: String,
+    },
+    /// List the plugins of a running host, with their state and counters.
+    Plugins {
+        /// The host's HTTP API.
+        #[arg(long, default_value = "http://127.0.0.1:7070", env = "PLUGBUS_URL")]
+        url: String,
+    },
+    /// Create a handler crate NAME from the template: build it for wasm32-wasip2 and drop it in.
+    New {
+        /// The handler's name (also the plugin's name).
+        name: String,
+        /// Where to create it.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Path to the plugbus-sdk crate [default: the SDK this binary was built from].
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
     /// Publish one event to a running host through its HTTP API.
     Publish {
         /// The subject, e.g. `orders.created`.
@@ -179,7 +208,10 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             init_logging(cli.log_format);
-            let config = args.config()?;
+            let mut config = args.config()?;
+            if cli.api_token.is_some() {
+                config.api_token = cli.api_token.clone();
+            }
             let host = Host::start(config).await?;
             let signal = wait_for_stop_signal().await?;
             tracing::info!(signal, "stopping: draining (a second signal stops at once)");
@@ -206,12 +238,32 @@ async fn main() -> anyhow::Result<()> {
             }
             std::process::exit(if report.loadable { 0 } else { 1 });
         }
-        Command::Dlq { action, plugin, url } => dlq(&url, action, plugin.as_deref()).await,
-        Command::Publish { subject, data, headers, json, url } => publish(&url, &subject, data, &headers, json).await,
+        Command::Tail { pattern, url } => tail(&client(cli.api_token.as_deref())?, &url, &pattern).await,
+        Command::Plugins { url } => plugins(&client(cli.api_token.as_deref())?, &url).await,
+        Command::New { name, dir, sdk } => {
+            let sdk = sdk.unwrap_or_else(plugbus::scaffold::default_sdk);
+            let created = plugbus::scaffold::new_handler(&name, &dir, &sdk)?;
+            println!("created {}", created.display());
+            println!("next: cd {} && cargo build --release --target wasm32-wasip2", created.display());
+            Ok(())
+        }
+        Command::Dlq { action, plugin, url } => {
+            dlq(&client(cli.api_token.as_deref())?, &url, action, plugin.as_deref()).await
+        }
+        Command::Publish { subject, data, headers, json, url } => {
+            publish(&client(cli.api_token.as_deref())?, &url, &subject, data, &headers, json).await
+        }
     }
 }
 
-async fn publish(url: &str, subject: &str, data: String, headers: &[String], json: bool) -> anyhow::Result<()> {
+async fn publish(
+    client: &reqwest::Client,
+    url: &str,
+    subject: &str,
+    data: String,
+    headers: &[String],
+    json: bool,
+) -> anyhow::Result<()> {
     let data = if data == "-" {
         let mut buf = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut buf).context("reading the payload from stdin")?;
@@ -225,7 +277,7 @@ async fn publish(url: &str, subject: &str, data: String, headers: &[String], jso
         .map_err(|_| anyhow::anyhow!("--url {url:?} cannot take a path"))?
         .pop_if_empty()
         .extend(["v1", "events", subject]);
-    let mut req = reqwest::Client::new().post(endpoint).body(data);
+    let mut req = client.post(endpoint).body(data);
     if json {
         req = req.header("content-type", "application/json");
     }
@@ -253,9 +305,8 @@ async fn wait_for_stop_signal() -> anyhow::Result<&'static str> {
     }
 }
 
-async fn dlq(url: &str, action: DlqAction, plugin: Option<&str>) -> anyhow::Result<()> {
+async fn dlq(client: &reqwest::Client, url: &str, action: DlqAction, plugin: Option<&str>) -> anyhow::Result<()> {
     let base = url.trim_end_matches('/');
-    let client = reqwest::Client::new();
     let req = match action {
         DlqAction::List => client.get(format!("{base}/v1/dlq")),
         DlqAction::Replay => client.post(format!("{base}/v1/dlq/replay")),
@@ -271,5 +322,80 @@ async fn dlq(url: &str, action: DlqAction, plugin: Option<&str>) -> anyhow::Resu
         anyhow::bail!("the host refused ({status}): {}", body["error"].as_str().unwrap_or("no reason given"));
     }
     println!("{}", serde_json::to_string_pretty(&body)?);
+    Ok(())
+}
+
+/// An HTTP client that sends the API token on every request, when there is one.
+fn client(token: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = token {
+        let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+            .context("the API token is not a valid header value")?;
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    Ok(reqwest::Client::builder().default_headers(headers).build()?)
+}
+
+async fn tail(client: &reqwest::Client, url: &str, pattern: &str) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let mut endpoint = reqwest::Url::parse(url).with_context(|| format!("--url {url:?} is not a URL"))?;
+    endpoint
+        .path_segments_mut()
+        .map_err(|_| anyhow::anyhow!("--url {url:?} cannot take a path"))?
+        .pop_if_empty()
+        .extend(["v1", "events", pattern]);
+    let resp = client.get(endpoint).send().await.with_context(|| format!("no plugbus host answering at {url}"))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        anyhow::bail!("the host refused the tail ({status}): {}", body["error"].as_str().unwrap_or("no reason given"));
+    }
+    let mut stream = resp.bytes_stream();
+    let mut buf = String::new();
+    while let Some(chunk) = stream.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk.context("the stream broke")?));
+        while let Some(end) = buf.find('\n') {
+            let line: String = buf.drain(..=end).collect();
+            if let Some(data) = line.trim_end().strip_prefix("data: ") {
+                println!("{data}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn plugins(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    let base = url.trim_end_matches('/');
+    let resp = client
+        .get(format!("{base}/v1/plugins"))
+        .send()
+        .await
+        .with_context(|| format!("no plugbus host answering at {url}"))?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!("the host refused ({status}): {}", body["error"].as_str().unwrap_or("no reason given"));
+    }
+    println!(
+        "{:<20} {:<18} {:>9} {:>9} {:>8} {:>6}  subscriptions",
+        "PLUGIN", "STATE", "RECEIVED", "OK", "RETRIED", "DEAD"
+    );
+    for p in body["plugins"].as_array().into_iter().flatten() {
+        let c = &p["counters"];
+        let subs: Vec<&str> = p["subscriptions"].as_array().into_iter().flatten().filter_map(|s| s.as_str()).collect();
+        println!(
+            "{:<20} {:<18} {:>9} {:>9} {:>8} {:>6}  {}",
+            p["name"].as_str().unwrap_or("?"),
+            p["state"].as_str().unwrap_or("?"),
+            c["received"],
+            c["ok"],
+            c["retried"],
+            c["dead_lettered"],
+            subs.join(", ")
+        );
+    }
+    for r in body["rejected"].as_array().into_iter().flatten() {
+        println!("{:<20} {}", r["file"].as_str().unwrap_or("?"), r["state"].as_str().unwrap_or("?"));
+    }
     Ok(())
 }

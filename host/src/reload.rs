@@ -50,11 +50,15 @@ pub struct Reloader {
     pub files: Mutex<HashMap<PathBuf, String>>,
     /// Counters.
     pub stats: ReloadStats,
+    /// Where reload and load-error counters go.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Reloader {
     fn reject(&self, path: &Path, reason: String) {
         self.stats.load_errors.fetch_add(1, Ordering::Relaxed);
+        let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        self.metrics.load_errors.get_or_create(&crate::metrics::FileLabels { file }).inc();
         let serving = self.files.lock().expect("poisoned").get(path).cloned();
         match &serving {
             Some(name) => {
@@ -164,6 +168,7 @@ impl Reloader {
         match outcome {
             Ok(()) => {
                 self.stats.reloads.fetch_add(1, Ordering::Relaxed);
+                self.metrics.reloads.get_or_create(&crate::metrics::PluginLabels { plugin: name.clone() }).inc();
                 self.clear_rejection(path);
                 self.files.lock().expect("poisoned").insert(path.to_path_buf(), name.clone());
                 if let Some(prev) = previous.filter(|p| *p != name) {

@@ -9,6 +9,7 @@ use crate::deadletter::DeadLetters;
 use crate::dispatch::{self, PluginRuntime, PluginStats};
 use crate::event::Event;
 use crate::manifest::OrderKey;
+use crate::metrics::{Metrics, PluginLabels};
 use crate::retry::RetryPolicy;
 use crate::sandbox::Plugin;
 use crate::subject::Pattern;
@@ -103,6 +104,8 @@ pub struct DrainReport {
     pub unfinished: BTreeMap<String, Vec<String>>,
     /// Plugin → deliveries still waiting in its queue.
     pub queued: BTreeMap<String, usize>,
+    /// Plugin → deliveries handled since start.
+    pub handled: BTreeMap<String, u64>,
 }
 
 impl DrainReport {
@@ -115,14 +118,26 @@ impl DrainReport {
 /// The set of live plugins.
 pub struct Router {
     transport: Arc<dyn Transport>,
+    metrics: Arc<Metrics>,
     dead_letters: Arc<DeadLetters>,
     entries: Mutex<BTreeMap<String, Entry>>,
 }
 
 impl Router {
     /// A router with no plugins.
-    pub fn new(transport: Arc<dyn Transport>, dead_letters: Arc<DeadLetters>) -> Self {
-        Self { transport, dead_letters, entries: Mutex::new(BTreeMap::new()) }
+    pub fn new(transport: Arc<dyn Transport>, dead_letters: Arc<DeadLetters>, metrics: Arc<Metrics>) -> Self {
+        Self { transport, metrics, dead_letters, entries: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// Updates the gauges read at scrape time.
+    pub fn refresh_gauges(&self) {
+        let entries = self.entries.lock().expect("router poisoned");
+        self.metrics.plugins.set(entries.len() as i64);
+        for (name, e) in entries.iter() {
+            let labels = PluginLabels { plugin: name.clone() };
+            self.metrics.in_flight.get_or_create(&labels).set(e.runtime.stats.in_flight.load(Relaxed) as i64);
+            self.metrics.queue_depth.get_or_create(&labels).set((e.queue_depth)() as i64);
+        }
     }
 
     /// Makes `plugin` live: subscribes it and starts its worker.
@@ -151,6 +166,7 @@ impl Router {
             transport: self.transport.clone(),
             dead_letters: self.dead_letters.clone(),
             run_permits: Semaphore::new(delivering.flow.concurrency.max(1)),
+            metrics: self.metrics.clone(),
         });
         let queue_depth = subscription.depth_probe();
         let subscription_id = subscription.id;
@@ -199,6 +215,16 @@ impl Router {
             tracing::info!(plugin = %name, "plugin removed: unsubscribed");
         }
         removed.is_some()
+    }
+
+    /// Takes every plugin out and waits for their workers to end (after a drain).
+    pub async fn close(&self) {
+        let entries = std::mem::take(&mut *self.entries.lock().expect("router poisoned"));
+        for (_, entry) in entries {
+            let Entry { _subscribed, _worker, .. } = entry;
+            drop(_subscribed);
+            let _ = tokio::time::timeout(Duration::from_secs(5), _worker).await;
+        }
     }
 
     /// Names of the live plugins.
@@ -269,6 +295,7 @@ impl Router {
             }
             report.unfinished.insert(name.clone(), ids);
             report.queued.insert(name.clone(), queued);
+            report.handled.insert(name.clone(), e.runtime.stats.ok.load(Relaxed));
         }
         report
     }

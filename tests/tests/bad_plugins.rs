@@ -16,9 +16,14 @@ async fn bad_files_are_reported_and_the_good_plugin_serves() {
     std::fs::copy(wasm("sneaky"), dir.join("sneaky.wasm")).unwrap();
     std::fs::write(dir.join("readme.txt"), b"not a .wasm file: ignored").unwrap();
 
-    let host = plugbus::Host::start(plugbus::Config { plugins_dir: dir.clone(), http: None, ..Default::default() })
-        .await
-        .expect("the host starts despite bad files");
+    let host = plugbus::Host::start(plugbus::Config {
+        data_dir: dir.join("data"),
+        plugins_dir: dir.clone(),
+        http: None,
+        ..Default::default()
+    })
+    .await
+    .expect("the host starts despite bad files");
     let rejected = host.rejected();
     let reason = |file: &str| {
         rejected
@@ -49,8 +54,14 @@ async fn two_files_with_one_plugin_name_are_an_error_naming_both() {
     let dir = tmp.path().to_path_buf();
     std::fs::copy(wasm("audit"), dir.join("audit.wasm")).unwrap();
     std::fs::copy(wasm("audit"), dir.join("audit-copy.wasm")).unwrap();
-    let host =
-        plugbus::Host::start(plugbus::Config { plugins_dir: dir, http: None, ..Default::default() }).await.unwrap();
+    let host = plugbus::Host::start(plugbus::Config {
+        data_dir: dir.join("data"),
+        plugins_dir: dir,
+        http: None,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let rejected = host.rejected();
     assert_eq!(rejected.len(), 1);
     assert!(rejected[0].path.ends_with("audit.wasm"), "{rejected:?}");

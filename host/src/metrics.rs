@@ -1,0 +1,125 @@
+//! Metrics a user can scrape: the one place that names them. `/metrics` serves them in the
+//! Prometheus text format.
+//!
+//! Counters are per plugin and subject; gauges (in flight, queue depth, cache) are read from the
+//! router and sandbox at scrape time so the hot path only bumps counters.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Labels of per-event counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    /// The plugin.
+    pub plugin: String,
+    /// The subject the event arrived on.
+    pub subject: String,
+}
+
+/// Labels of per-plugin metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    /// The plugin.
+    pub plugin: String,
+}
+
+/// Labels of per-file metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FileLabels {
+    /// The file in the plugins folder.
+    pub file: String,
+}
+
+/// Every metric of the host.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    /// Deliveries received.
+    pub received: Family<EventLabels, Counter>,
+    /// Deliveries handled (Ok, outputs released).
+    pub handled: Family<EventLabels, Counter>,
+    /// Failed attempts that were retried.
+    pub retried: Family<EventLabels, Counter>,
+    /// Deliveries dead-lettered.
+    pub dead_lettered: Family<EventLabels, Counter>,
+    /// Handler duration per attempt (instantiation included).
+    pub handler_seconds: Family<PluginLabels, Histogram>,
+    /// Attempts running now.
+    pub in_flight: Family<PluginLabels, Gauge>,
+    /// Deliveries waiting in the plugin's queue.
+    pub queue_depth: Family<PluginLabels, Gauge>,
+    /// Versions swapped in, added or removed.
+    pub reloads: Family<PluginLabels, Counter>,
+    /// Files that could not be loaded.
+    pub load_errors: Family<FileLabels, Counter>,
+    /// Components compiled (cache misses included).
+    pub compiled: Gauge,
+    /// Components read from the compile cache.
+    pub cache_hits: Gauge,
+    /// Plugins serving.
+    pub plugins: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut r = Registry::with_prefix("plugbus");
+        let m = Self {
+            registry: Mutex::new(Registry::default()),
+            received: Family::default(),
+            handled: Family::default(),
+            retried: Family::default(),
+            dead_lettered: Family::default(),
+            handler_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_01, 2.5, 16))),
+            in_flight: Family::default(),
+            queue_depth: Family::default(),
+            reloads: Family::default(),
+            load_errors: Family::default(),
+            compiled: Gauge::default(),
+            cache_hits: Gauge::default(),
+            plugins: Gauge::default(),
+        };
+        r.register("events_received", "Events delivered to a plugin", m.received.clone());
+        r.register("events_handled", "Events a plugin handled successfully", m.handled.clone());
+        r.register("events_retried", "Failed attempts that were retried", m.retried.clone());
+        r.register("events_dead_lettered", "Events sent to the dead-letter subject", m.dead_lettered.clone());
+        r.register(
+            "handler_duration_seconds",
+            "Handler attempt duration, instantiation included",
+            m.handler_seconds.clone(),
+        );
+        r.register("in_flight", "Handler attempts running now", m.in_flight.clone());
+        r.register("queue_depth", "Events waiting in a plugin's queue", m.queue_depth.clone());
+        r.register("reloads", "Plugin versions added, swapped in or removed", m.reloads.clone());
+        r.register("load_errors", "Plugin files that could not be loaded", m.load_errors.clone());
+        r.register("components_compiled", "Components compiled since start", m.compiled.clone());
+        r.register("compile_cache_hits", "Components read from the compile cache since start", m.cache_hits.clone());
+        r.register("plugins", "Plugins serving", m.plugins.clone());
+        *m.registry.lock().expect("metrics poisoned") = r;
+        m
+    }
+}
+
+impl Metrics {
+    /// Labels for one event of one plugin.
+    pub fn event(plugin: &str, subject: &str) -> EventLabels {
+        EventLabels { plugin: plugin.to_string(), subject: subject.to_string() }
+    }
+
+    /// Records one attempt's duration.
+    pub fn observe_attempt(&self, plugin: &str, elapsed: Duration) {
+        self.handler_seconds.get_or_create(&PluginLabels { plugin: plugin.to_string() }).observe(elapsed.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().expect("metrics poisoned");
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encoding into a String");
+        out
+    }
+}

@@ -1,0 +1,231 @@
+//! Operating plugbus as a service: metrics, live tail, API token, config errors, scaffolding,
+//! persistent kv, and a graceful stop on SIGTERM.
+
+use plugbus::{Config, Event, Host};
+use plugbus_tests::{TestHost, fast_retries, order, plugbus_bin, wasm};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_a_known_workload() {
+    let t = TestHost::start_with(&["inventory", "payments", "shipping", "notify", "faulty"], fast_retries).await;
+    let mut seen = t.observe(&["shipping.started", "plugbus.dlq.>"]).await;
+    t.publish("orders.created", order("m-1", "widget", 1)).await;
+    t.publish("faulty.retry", "").await;
+    seen.next_on("shipping.started").await;
+    seen.next_on("plugbus.dlq.faulty").await;
+    t.wait_counter("notify", "ok", 1).await;
+    let text = reqwest::get(format!("{}/metrics", t.url())).await.unwrap().text().await.unwrap();
+    for line in [
+        r#"plugbus_events_received_total{plugin="inventory",subject="orders.created"} 1"#,
+        r#"plugbus_events_handled_total{plugin="payments",subject="inventory.reserved"} 1"#,
+        r#"plugbus_events_handled_total{plugin="notify",subject="shipping.started"} 1"#,
+        r#"plugbus_events_retried_total{plugin="faulty",subject="faulty.retry"} 2"#,
+        r#"plugbus_events_dead_lettered_total{plugin="faulty",subject="faulty.retry"} 1"#,
+        r#"plugbus_handler_duration_seconds_count{plugin="inventory"} 1"#,
+        r#"plugbus_in_flight{plugin="inventory"} 0"#,
+        "plugbus_plugins 5",
+        "plugbus_components_compiled 5",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_tail_streams_exactly_the_matching_events() {
+    use futures::StreamExt;
+    let t = TestHost::start(&["audit"]).await;
+    let resp = reqwest::get(format!("{}/v1/events/orders.*", t.url())).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut stream = resp.bytes_stream();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for subject in ["orders.created", "payments.captured", "orders.created.eu", "orders.updated"] {
+        t.publish(subject, "{}").await;
+    }
+    let mut got = Vec::new();
+    let mut buf = String::new();
+    while got.len() < 2 {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.unwrap().unwrap().unwrap();
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        for line in buf.lines().filter_map(|l| l.strip_prefix("data: ")) {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            got.push(v["subject"].as_str().unwrap().to_string());
+        }
+        buf.clear();
+    }
+    assert_eq!(got, ["orders.created", "orders.updated"]);
+
+    let bad = reqwest::get(format!("{}/v1/events/orders.%3E.x", t.url())).await.unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_token_guards_everything_but_healthz() {
+    let t = TestHost::start_with(&["audit"], |c| c.api_token = Some("s3cret".into())).await;
+    let client = reqwest::Client::new();
+    let url = t.url();
+    assert_eq!(client.get(format!("{url}/healthz")).send().await.unwrap().status().as_u16(), 200);
+    for (method, path) in
+        [("GET", "/v1/plugins"), ("GET", "/metrics"), ("POST", "/v1/events/orders.created"), ("GET", "/readyz")]
+    {
+        let req = client.request(method.parse().unwrap(), format!("{url}{path}"));
+        assert_eq!(req.try_clone().unwrap().send().await.unwrap().status().as_u16(), 401, "{path} without a token");
+        let wrong = req.try_clone().unwrap().bearer_auth("nope").send().await.unwrap();
+        assert_eq!(wrong.status().as_u16(), 401, "{path} with a wrong token");
+        let ok = req.bearer_auth("s3cret").body("{}").send().await.unwrap();
+        assert!(ok.status().is_success(), "{path} with the token: {}", ok.status());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_survives_a_restart() {
+    let plugins = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("inventory"), plugins.path().join("inventory.wasm")).unwrap();
+    let config = Config {
+        plugins_dir: plugins.path().to_path_buf(),
+        data_dir: data.path().to_path_buf(),
+        http: None,
+        ..Config::default()
+    };
+    for (i, expected) in [(1, "3"), (2, "6")] {
+        let host = Host::start(config.clone()).await.unwrap();
+        let mut seen = host.observe(&["inventory.reserved"]).await.unwrap();
+        host.publish(Event::new("orders.created", order(&format!("r-{i}"), "widget", 3))).await.unwrap();
+        seen.recv().await.unwrap();
+        let reserved = host.kv().get("inventory", "reserved/widget").unwrap().unwrap().value;
+        assert_eq!(String::from_utf8(reserved).unwrap(), expected, "run {i}");
+        host.shutdown().await;
+    }
+}
+
+#[test]
+fn a_bad_config_fails_at_start_naming_the_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("unknown.toml", "plugin_dir = \"x\"\n", "plugin_dir"),
+        ("mistyped.toml", "[limits]\nmemory_mib = \"lots\"\n", "memory_mib"),
+        ("broken.toml", "[limits\n", "broken.toml"),
+        ("plugin.toml", "[plugins.inventory]\nflow = { lanes = 3 }\n", "plugins.inventory.flow"),
+    ];
+    for (file, text, needle) in cases {
+        let path = dir.path().join(file);
+        std::fs::write(&path, text).unwrap();
+        let out =
+            Command::new(plugbus_bin()).args(["run", "--http", "127.0.0.1:0", "--config"]).arg(&path).output().unwrap();
+        assert!(!out.status.success(), "{file} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{file}: the error does not name {needle:?}: {err}");
+    }
+}
+
+#[test]
+fn sigterm_mid_burst_drains_and_exits_zero() {
+    let plugins = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("faulty"), plugins.path().join("faulty.wasm")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let log = plugins.path().join("host.log");
+    let mut child = Command::new(plugbus_bin())
+        .args(["run", "--log-format", "json", "--concurrency", "2", "--http", &format!("127.0.0.1:{port}")])
+        .arg("--plugins")
+        .arg(plugins.path())
+        .arg("--data-dir")
+        .arg(data.path())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the host did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let client = reqwest::blocking_free::Client::new(port);
+    let mut accepted = 0;
+    for _ in 0..100 {
+        if client.post("/v1/events/faulty.slow", "10") == 202 {
+            accepted += 1;
+        }
+    }
+    assert_eq!(accepted, 100);
+    unsafe { libc_kill(child.id() as i32, 15) };
+    let status = child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "exit {status}: {text}");
+    assert!(text.contains("every accepted event was handled"), "{text}");
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// A minimal blocking HTTP POST over a TcpStream (the test has no blocking HTTP client).
+mod reqwest {
+    pub use ::reqwest::*;
+    pub mod blocking_free {
+        use std::io::{Read, Write};
+        pub struct Client(u16);
+        impl Client {
+            pub fn new(port: u16) -> Self {
+                Client(port)
+            }
+            pub fn post(&self, path: &str, body: &str) -> u16 {
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", self.0)).unwrap();
+                write!(
+                    s,
+                    "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+                let mut resp = String::new();
+                s.read_to_string(&mut resp).unwrap();
+                resp.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+            }
+        }
+    }
+}
+
+#[test]
+fn plugbus_new_scaffolds_a_crate_that_builds_loads_and_handles() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(plugbus_bin()).args(["new", "order-audit", "--dir"]).arg(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let krate = dir.path().join("order-audit");
+    let target = plugbus_tests::workspace().join("target").join("scaffold");
+    let build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2"])
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(&krate)
+        .status()
+        .unwrap();
+    assert!(build.success(), "the generated crate does not build");
+    let component = target.join("wasm32-wasip2/release/order_audit.wasm");
+    let inspect = Command::new(plugbus_bin()).arg("inspect").arg(&component).output().unwrap();
+    assert!(inspect.status.success(), "{}", String::from_utf8_lossy(&inspect.stdout));
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let plugins = tempfile::tempdir().unwrap();
+        std::fs::copy(&component, plugins.path().join("order-audit.wasm")).unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let host = Host::start(Config {
+            plugins_dir: plugins.path().to_path_buf(),
+            data_dir: data.path().to_path_buf(),
+            http: None,
+            ..Config::default()
+        })
+        .await
+        .unwrap();
+        let mut seen = host.observe(&["order-audit.>"]).await.unwrap();
+        host.publish(Event::new("orders.created", r#"{"order_id":"n-1"}"#)).await.unwrap();
+        let out = tokio::time::timeout(Duration::from_secs(30), seen.recv()).await.unwrap().unwrap();
+        assert_eq!(out.subject, "order-audit.seen");
+    });
+
+    let again = Command::new(plugbus_bin()).args(["new", "order-audit", "--dir"]).arg(dir.path()).output().unwrap();
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    let bad = Command::new(plugbus_bin()).args(["new", "Bad Name", "--dir"]).arg(dir.path()).output().unwrap();
+    assert!(!bad.status.success());
+}
