@@ -229,3 +229,12 @@ fn plugbus_new_scaffolds_a_crate_that_builds_loads_and_handles() {
     let bad = Command::new(plugbus_bin()).args(["new", "Bad Name", "--dir"]).arg(dir.path()).output().unwrap();
     assert!(!bad.status.success());
 }
+
+#[test]
+fn the_sample_deploy_config_is_valid() {
+    let path = plugbus_tests::workspace().join("examples/deploy/plugbus.toml");
+    let config = Config::load(Some(&path)).expect("examples/deploy/plugbus.toml loads");
+    config.validate().expect("and validates");
+    assert_eq!(config.limits_for("inventory").memory_mib, 32);
+    assert_eq!(config.delivering_for("notify").dead_letter_subject, "plugbus.dlq.mail");
+}
