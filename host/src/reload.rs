@@ -140,6 +140,13 @@ impl Reloader {
             // Renamed: the old path is gone; this file takes the plugin over.
             self.files.lock().expect("poisoned").remove(&other);
         }
+        if self.router.current_hash(&name).as_deref() == Some(hash.as_str())
+            && self.files.lock().expect("poisoned").get(path) == Some(&name)
+        {
+            tracing::debug!(plugin = %name, file = %path.display(), "file touched but unchanged: nothing to reload");
+            self.clear_rejection(path);
+            return;
+        }
         let outcome = if self.router.contains(&name) {
             match self.router.swap(plugin).await {
                 Ok(swapped) => {
@@ -194,6 +201,17 @@ pub fn watch(reloader: Arc<Reloader>) -> anyhow::Result<WatchGuard> {
     let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
         Ok(event) => {
+            use notify::EventKind;
+            use notify::event::{AccessKind, AccessMode};
+            // Reading a file (as the loader does) raises access events: only changes count.
+            let relevant = match event.kind {
+                EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
+                EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+                _ => false,
+            };
+            if !relevant {
+                return;
+            }
             for path in event.paths {
                 if is_plugin_file(&path) {
                     let _ = tx.send(path);

@@ -217,6 +217,11 @@ impl Router {
         removed.is_some()
     }
 
+    /// The content hash of the version serving now.
+    pub fn current_hash(&self, name: &str) -> Option<String> {
+        self.entries.lock().expect("router poisoned").get(name).map(|e| e.runtime.plugin().hash().to_string())
+    }
+
     /// Takes every plugin out and waits for their workers to end (after a drain).
     pub async fn close(&self) {
         let entries = std::mem::take(&mut *self.entries.lock().expect("router poisoned"));

@@ -58,6 +58,10 @@ async fn replacing_a_plugin_under_load_loses_and_doubles_nothing() {
     assert!(t.host.reloader().stats.reloads.load(Ordering::Relaxed) >= 1);
     let info = t.host.router().plugins();
     assert_eq!(info[0].version, "2.0.0");
+    // once swapped, it stays put: reading the file must not look like a change
+    let reloads = t.host.reloader().stats.reloads.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(t.host.reloader().stats.reloads.load(Ordering::Relaxed), reloads, "the plugin keeps reloading itself");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
