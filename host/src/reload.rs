@@ -204,11 +204,13 @@ pub fn watch(reloader: Arc<Reloader>) -> anyhow::Result<WatchGuard> {
             use notify::EventKind;
             use notify::event::{AccessKind, AccessMode};
             // Reading a file (as the loader does) raises access events: only changes count.
-            let relevant = match event.kind {
-                EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
-                EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-                _ => false,
-            };
+            let relevant = matches!(
+                event.kind,
+                EventKind::Create(_)
+                    | EventKind::Modify(_)
+                    | EventKind::Remove(_)
+                    | EventKind::Access(AccessKind::Close(AccessMode::Write))
+            );
             if !relevant {
                 return;
             }

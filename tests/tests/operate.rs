@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_a_known_workload() {
     let t = TestHost::start_with(&["inventory", "payments", "shipping", "notify", "faulty"], fast_retries).await;
-    let mut seen = t.observe(&["shipping.started", "plugbus.dlq.>"]).await;
+    let mut shipped = t.observe(&["shipping.started"]).await;
+    let mut dead = t.observe(&["plugbus.dlq.>"]).await;
     t.publish("orders.created", order("m-1", "widget", 1)).await;
     t.publish("faulty.retry", "").await;
-    seen.next_on("shipping.started").await;
-    seen.next_on("plugbus.dlq.faulty").await;
+    shipped.next_on("shipping.started").await;
+    dead.next_on("plugbus.dlq.faulty").await;
     t.wait_counter("notify", "ok", 1).await;
     let text = reqwest::get(format!("{}/metrics", t.url())).await.unwrap().text().await.unwrap();
     for line in [

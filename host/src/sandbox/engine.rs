@@ -70,7 +70,14 @@ impl Sandbox {
             .max_memories_per_component(4)
             .total_tables(n.saturating_mul(8))
             .total_stacks(n)
-            .max_memory_size((settings.max_memory_mib as usize).saturating_mul(1024 * 1024));
+            .max_memory_size((settings.max_memory_mib as usize).saturating_mul(1024 * 1024))
+            // Reset a returned slot by rewriting its dirty pages (found with PAGEMAP_SCAN) instead
+            // of madvise: no cross-CPU TLB shootdown per event. Measured with plugbus-bench on
+            // 2 cores: bare instantiate+call 21.7k/s → 45.8k/s on one task, 16.1k → 91.7k on two.
+            // Falls back to madvise on kernels before 6.7.
+            .pagemap_scan(wasmtime::Enabled::Auto)
+            .linear_memory_keep_resident(4 << 20)
+            .table_keep_resident(64 << 10);
         let mut config = Config::new();
         config
             .epoch_interruption(true)

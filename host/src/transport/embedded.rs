@@ -73,17 +73,26 @@ impl Transport for EmbeddedBus {
     async fn publish(&self, event: Event) -> Result<(), TransportError> {
         validate_subject(&event.subject)?;
         let event = Arc::new(event);
-        let targets: Vec<Arc<Sub>> = {
-            let mut table = self.table.write().expect("bus table poisoned");
-            table.observers.retain(|o| !o.tx.is_closed());
+        let (targets, observer_gone) = {
+            let table = self.table.read().expect("bus table poisoned");
+            let mut gone = false;
             for o in table.observers.iter().filter(|o| o.patterns.matches(&event.subject)) {
-                if o.tx.try_send(event.clone()).is_err() {
-                    self.observer_misses.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(subject = %event.subject, "a slow observer missed an event");
+                match o.tx.try_send(event.clone()) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Closed(_)) => gone = true,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        self.observer_misses.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(subject = %event.subject, "a slow observer missed an event");
+                    }
                 }
             }
-            table.subs.iter().filter(|s| s.patterns.matches(&event.subject)).cloned().collect()
+            let targets: Vec<Arc<Sub>> =
+                table.subs.iter().filter(|s| s.patterns.matches(&event.subject)).cloned().collect();
+            (targets, gone)
         };
+        if observer_gone {
+            self.table.write().expect("bus table poisoned").observers.retain(|o| !o.tx.is_closed());
+        }
         for sub in targets {
             let delivery = Delivery { event: event.clone(), acker: Box::new(NoAck) };
             // A closed queue means the plugin was unsubscribed meanwhile (removed or reloaded

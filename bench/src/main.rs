@@ -1,0 +1,95 @@
+//! `plugbus-bench`: how fast plugbus dispatches events, each figure next to a baseline measured
+//! in the same run (the rules are in BENCH.md).
+//!
+//! Everything runs in this process: hosts are started with `plugbus::Host::start`, events go in
+//! with `host.publish` and outputs are seen with `host.observe`, so latency is publish → output
+//! observed on the monotonic clock. The handler is `bench/handler` (built by
+//! `scripts/build-plugins`); N distinct plugins are renamed byte-for-byte copies of it.
+//!
+//! ```text
+//! cargo run --release -p plugbus-bench -- [--quick] [SCENARIO...]
+//! ```
+//!
+//! One table row per scenario on stdout, one JSON line per scenario appended to
+//! `target/bench/results.jsonl`. `--quick` runs each scenario once, briefly, with 5 plugins
+//! instead of 50 in cold-start and memory (CI: keeps the harness from rotting, asserts nothing
+//! about speed); without it every scenario runs 3 times for a few seconds and each figure is
+//! the median of the 3.
+
+mod components;
+mod driver;
+mod report;
+mod scenarios;
+
+use report::Row;
+use std::time::Duration;
+
+/// How long to measure, and how often.
+#[derive(Debug, Clone, Copy)]
+pub struct Mode {
+    /// `--quick`.
+    pub quick: bool,
+    /// Warm-up before each measurement.
+    pub warmup: Duration,
+    /// Length of each measurement.
+    pub measure: Duration,
+    /// Runs per scenario (the median is reported).
+    pub runs: usize,
+    /// Plugins in cold-start and memory: 50, or 5 with `--quick` (50 compiles take many seconds).
+    pub plugins: usize,
+    /// Deliveries in memory's burst: 10,000, or 1,000 with `--quick`.
+    pub burst: usize,
+}
+
+impl Mode {
+    fn new(quick: bool) -> Self {
+        if quick {
+            let (warmup, measure) = (Duration::from_millis(50), Duration::from_millis(200));
+            Self { quick, warmup, measure, runs: 1, plugins: 5, burst: 1_000 }
+        } else {
+            let (warmup, measure) = (Duration::from_millis(500), Duration::from_secs(3));
+            Self { quick, warmup, measure, runs: 3, plugins: 50, burst: 10_000 }
+        }
+    }
+}
+
+/// The scenarios this harness implements, in the order they run.
+const SCENARIOS: &[&str] = &["embedded-1", "fanout-10", "keyed", "cold-start", "memory"];
+/// Scenarios of BENCH.md that need NATS or hot reload, not measured here yet.
+const NOT_YET: &[&str] = &["nats-core", "jetstream", "reload"];
+
+fn main() -> anyhow::Result<()> {
+    let mut quick = false;
+    let mut wanted = Vec::new();
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--quick" => quick = true,
+            "-h" | "--help" => {
+                println!("usage: plugbus-bench [--quick] [SCENARIO...]\nscenarios: {}", SCENARIOS.join(" "));
+                return Ok(());
+            }
+            s if SCENARIOS.contains(&s) => wanted.push(s.to_string()),
+            s if NOT_YET.contains(&s) => anyhow::bail!("scenario {s} is not implemented by this harness yet"),
+            s => anyhow::bail!("unknown argument {s:?}; scenarios: {}", SCENARIOS.join(" ")),
+        }
+    }
+    if wanted.is_empty() {
+        wanted = SCENARIOS.iter().map(|s| s.to_string()).collect();
+    }
+    let mode = Mode::new(quick);
+    let handler = components::handler_wasm()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut out = report::Report::open(&components::target_dir(), mode)?;
+    out.header();
+    for id in wanted {
+        let mut runs = Vec::new();
+        for _ in 0..mode.runs {
+            report::reset_peak_rss();
+            let row: Row = runtime.block_on(scenarios::run(&id, mode, &handler))?;
+            runs.push(row);
+        }
+        out.row(&Row::median(runs))?;
+    }
+    println!("\nresults appended to {}", out.path().display());
+    Ok(())
+}

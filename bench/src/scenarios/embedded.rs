@@ -1,0 +1,229 @@
+//! `embedded-1`: one plugin on the embedded bus, 1 KiB JSON events, a fresh instance per
+//! event; the handler parses the JSON and publishes one output. 64 events outstanding, so the
+//! p50/p99 include queueing (Little's law: 64 / rate); `idle_p50_us`/`idle_p99_us` are the
+//! same path with one event outstanding.
+//!
+//! Baselines, same run, same event, same handler logic:
+//! - wasm floor: `plugbus::sandbox` without router or bus: `Plugin::handle` (instantiate + one
+//!   call) in a loop, 1 task and 2 tasks. The ratio is plugbus / the 2-task floor (the host
+//!   also has both cores).
+//! - bare wasmtime: our own `Engine` (pooling, epoch interruption, as `sandbox/engine.rs`) and
+//!   linker; per event a `Store`, `InstancePre::instantiate_async` and `call_handle`: what
+//!   the `Plugin` wrapper itself adds. Also measured with a tuned pool (`bare_tuned_*`:
+//!   `pagemap_scan` + `linear_memory_keep_resident` + `table_keep_resident`, resetting slots
+//!   with memset instead of `madvise`), a candidate engine config for the host.
+//! - native floor: the same logic as a plain Rust function behind the same `EmbeddedBus`
+//!   (subscribe, a task per delivery, publish the output): what the sandbox costs.
+
+use super::{HostRun, WINDOW, host_run};
+use crate::Mode;
+use crate::driver::{self, Load};
+use crate::report::Row;
+use anyhow::Context;
+use plugbus::Event;
+use plugbus::event::Output;
+use plugbus::kv::MemoryKv;
+use plugbus::sandbox::bindings::{self, types as wit};
+use plugbus::sandbox::state::{HostState, PluginCtx};
+use plugbus::sandbox::{Limits, PluginSettings, Sandbox, SandboxSettings};
+use plugbus::subject::PatternSet;
+use plugbus::transport::embedded::EmbeddedBus;
+use plugbus::transport::{SubscriptionSpec, Transport};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+
+pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
+    let HostRun { load, retried, dead_lettered, .. } = host_run(mode, handler, 1, WINDOW, None, |_| {}).await?;
+    let idle = host_run(mode, handler, 1, 1, None, |_| {}).await?.load;
+    let floor1 = sandbox_floor(mode, handler, 1).await?;
+    let floor2 = sandbox_floor(mode, handler, 2).await?;
+    let bare = Arc::new(Bare::new(handler, false)?);
+    let bare1 = bare_floor(mode, &bare, 1).await?;
+    let bare2 = bare_floor(mode, &bare, 2).await?;
+    drop(bare);
+    let tuned = Arc::new(Bare::new(handler, true)?);
+    let tuned1 = bare_floor(mode, &tuned, 1).await?;
+    let tuned2 = bare_floor(mode, &tuned, 2).await?;
+    drop(tuned);
+    let native = native_floor(mode).await?;
+    let rate = load.rate();
+    Ok(Row {
+        events_per_s: Some(rate),
+        p50_us: Some(load.percentile_us(50)),
+        p99_us: Some(load.percentile_us(99)),
+        baseline: "wasm floor: Plugin::handle, 2 tasks".into(),
+        baseline_value: Some(floor2.rate()),
+        ratio: Some(rate / floor2.rate()),
+        extra: BTreeMap::from([
+            ("idle_p50_us".into(), idle.percentile_us(50)),
+            ("idle_p99_us".into(), idle.percentile_us(99)),
+            ("wasm_floor_1task".into(), floor1.rate()),
+            ("wasm_floor_1task_p50_us".into(), floor1.percentile_us(50)),
+            ("wasm_floor_2tasks".into(), floor2.rate()),
+            ("bare_wasmtime_1task".into(), bare1.rate()),
+            ("bare_wasmtime_2tasks".into(), bare2.rate()),
+            ("bare_tuned_1task".into(), tuned1.rate()),
+            ("bare_tuned_2tasks".into(), tuned2.rate()),
+            ("native_floor".into(), native.rate()),
+            ("native_p50_us".into(), native.percentile_us(50)),
+            ("vs_native".into(), rate / native.rate()),
+            ("retried".into(), retried as f64),
+            ("dead_lettered".into(), dead_lettered as f64),
+        ]),
+        ..Row::default()
+    })
+}
+
+fn input(seq: u64) -> Event {
+    Event::new("bench.in.e1", driver::payload(seq, ""))
+}
+
+/// `Plugin::handle` in a loop: the public sandbox API, no router, no bus.
+async fn sandbox_floor(mode: Mode, handler: &[u8], tasks: usize) -> anyhow::Result<Load> {
+    let sandbox = Sandbox::new(SandboxSettings::default())?;
+    let settings =
+        |_: &_| PluginSettings { limits: Limits::default(), config: Default::default(), kv: Arc::new(MemoryKv::new()) };
+    let plugin = Arc::new(sandbox.load(handler, settings).await?);
+    driver::direct_loop(mode, tasks, move |seq| {
+        let plugin = plugin.clone();
+        async move {
+            let attempt = plugin.handle(&input(seq), 1).await;
+            attempt.result.map_err(|f| anyhow::anyhow!("the handler failed: {f}"))?;
+            anyhow::ensure!(attempt.outputs.len() == 1, "expected 1 output, got {}", attempt.outputs.len());
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// An engine set up as `sandbox/engine.rs` sets it up with `SandboxSettings::default()`:
+/// pooling allocator, epoch interruption. `tuned` resets pool slots with memset (only the
+/// pages dirtied, found with `pagemap_scan`) instead of `madvise`, which on this VM costs a
+/// TLB-shootdown IPI per instance.
+pub fn engine(tuned: bool) -> anyhow::Result<Engine> {
+    let s = SandboxSettings::default();
+    let n = s.max_instances;
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(n)
+        .total_core_instances(n * 16)
+        .max_core_instances_per_component(64)
+        .total_memories(n * 2)
+        .max_memories_per_component(4)
+        .total_tables(n * 8)
+        .total_stacks(n)
+        .max_memory_size(s.max_memory_mib as usize * 1024 * 1024);
+    if tuned {
+        pool.pagemap_scan(wasmtime::Enabled::Auto).linear_memory_keep_resident(4 << 20).table_keep_resident(64 << 10);
+    }
+    let mut config = wasmtime::Config::new();
+    config
+        .epoch_interruption(true)
+        .max_wasm_stack(s.max_stack_bytes)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Ok(Engine::new(&config)?)
+}
+
+/// Wasmtime with nothing of plugbus but its host state (the WASI context and the imports).
+struct Bare {
+    engine: Engine,
+    pre: bindings::PluginPre<HostState>,
+    ctx: Arc<PluginCtx>,
+}
+
+impl Bare {
+    fn new(handler: &[u8], tuned: bool) -> anyhow::Result<Self> {
+        let engine = engine(tuned)?;
+        let mut linker = Linker::<HostState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+        let component = Component::new(&engine, handler)?;
+        let pre = bindings::PluginPre::new(linker.instantiate_pre(&component)?)?;
+        let ctx = Arc::new(PluginCtx {
+            name: "bench-plugin-000".into(),
+            limits: Limits::default(),
+            publishes: PatternSet::parse(&["bench.out.>"])?,
+            config: Default::default(),
+            kv: Arc::new(MemoryKv::new()),
+        });
+        Ok(Self { engine, pre, ctx })
+    }
+
+    async fn handle(&self, ev: &Event) -> anyhow::Result<()> {
+        let mut store = Store::new(&self.engine, HostState::new(self.ctx.clone(), &ev.id, &ev.subject));
+        store.limiter(|s| &mut s.limiter);
+        // No ticker advances this engine's epoch: the deadline is never reached, but the
+        // checks compiled into the code run as in the host.
+        store.set_epoch_deadline(1 << 40);
+        let instance = self.pre.instantiate_async(&mut store).await?;
+        let wit_event = wit::Event {
+            id: ev.id.clone(),
+            source: ev.source.clone(),
+            type_: ev.ty.clone(),
+            subject: ev.subject.clone(),
+            time: ev.time.clone(),
+            datacontenttype: ev.datacontenttype.clone(),
+            extensions: ev.extensions.clone(),
+            data: ev.data.to_vec(),
+            attempt: 1,
+            reply_to: None,
+        };
+        let result = instance.plugbus_handler_handler().call_handle(&mut store, &wit_event).await?;
+        result.map_err(|e| anyhow::anyhow!("the handler failed: {e:?}"))?;
+        anyhow::ensure!(store.data().outputs.len() == 1, "expected 1 output");
+        Ok(())
+    }
+}
+
+async fn bare_floor(mode: Mode, bare: &Arc<Bare>, tasks: usize) -> anyhow::Result<Load> {
+    let bare = bare.clone();
+    driver::direct_loop(mode, tasks, move |seq| {
+        let bare = bare.clone();
+        async move { bare.handle(&input(seq)).await }
+    })
+    .await
+}
+
+/// The handler's logic in Rust.
+fn native_handler(ev: &Event) -> anyhow::Result<Output> {
+    let input: serde_json::Value = serde_json::from_slice(&ev.data)?;
+    let token = ev.subject.rsplit('.').next().unwrap_or("none");
+    let fields = input.as_object().map_or(0, |o| o.len());
+    let out = serde_json::json!({ "seq": input["seq"], "key": input["key"], "fields": fields });
+    Ok(Output {
+        subject: format!("bench.out.{token}"),
+        data: serde_json::to_vec(&out)?.into(),
+        headers: vec![("datacontenttype".into(), "application/json".into())],
+    })
+}
+
+/// `native_handler` behind the embedded bus, a task per delivery as the router does.
+async fn native_floor(mode: Mode) -> anyhow::Result<Load> {
+    let bus = EmbeddedBus::new();
+    let spec = SubscriptionSpec {
+        plugin: "native".into(),
+        patterns: vec!["bench.in.>".into()],
+        queue_group: "native".into(),
+        capacity: 1024,
+    };
+    let mut sub = bus.subscribe(spec).await?;
+    let mut outputs = bus.observe(vec!["bench.out.>".into()], 1 << 16).await?;
+    let worker = {
+        let bus = bus.clone();
+        tokio::spawn(async move {
+            while let Some(delivery) = sub.deliveries.recv().await {
+                let bus = bus.clone();
+                tokio::spawn(async move {
+                    let ev = &delivery.event;
+                    let out = native_handler(ev).expect("the bench payload is JSON");
+                    bus.publish(out.into_event(ev, "native", 0)).await.expect("publishing the output");
+                });
+            }
+        })
+    };
+    let publish = async |ev| bus.publish(ev).await.context("publishing");
+    let load = driver::closed_loop(mode, WINDOW, 1, &mut outputs, input, publish, |_| {}).await;
+    worker.abort();
+    load
+}

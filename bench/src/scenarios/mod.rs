@@ -1,0 +1,81 @@
+//! The scenarios of BENCH.md this harness measures, one module each, and the host load they
+//! share.
+
+mod cold_start;
+mod embedded;
+mod fanout;
+mod keyed;
+mod memory;
+
+use crate::Mode;
+use crate::components::BenchHost;
+use crate::driver::{self, Load, Out};
+use crate::report::{self, Row};
+use plugbus::Event;
+
+/// Runs scenario `id` once.
+pub async fn run(id: &str, mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
+    let mut row = match id {
+        "embedded-1" => embedded::run(mode, handler).await?,
+        "fanout-10" => fanout::run(mode, handler).await?,
+        "keyed" => keyed::run(mode, handler).await?,
+        "cold-start" => cold_start::run(mode, handler).await?,
+        "memory" => memory::run(mode, handler).await?,
+        other => anyhow::bail!("unknown scenario {other}"),
+    };
+    row.scenario = id.to_string();
+    row.peak_rss_mib = report::peak_rss_mib();
+    Ok(row)
+}
+
+/// Events outstanding in the closed loops (unless a scenario needs more).
+pub const WINDOW: usize = 64;
+
+/// What a closed loop against a host saw.
+pub struct HostRun {
+    /// Throughput and latency.
+    pub load: Load,
+    /// Attempts retried, summed over plugins (0 unless something failed).
+    pub retried: u64,
+    /// Deliveries dead-lettered, summed over plugins.
+    pub dead_lettered: u64,
+    /// Most attempts running at once in one plugin.
+    pub peak_in_flight: u64,
+}
+
+/// Starts a host on `plugins` copies of the handler and keeps `window` events outstanding on
+/// `bench.in.e1`; an event is done when all `plugins` outputs arrived. With `keys`, each
+/// event gets header `key` = one of `keys` keys, chosen pseudo-randomly.
+pub async fn host_run(
+    mode: Mode,
+    handler: &[u8],
+    plugins: usize,
+    window: usize,
+    keys: Option<u64>,
+    check: impl FnMut(&Out),
+) -> anyhow::Result<HostRun> {
+    let bench = BenchHost::start(handler, plugins, |c| c.flow.queue = c.flow.queue.max(2 * window)).await?;
+    let mut outputs = bench.host.observe(&["bench.out.>"]).await?;
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    let make = |seq| match keys {
+        None => Event::new("bench.in.e1", driver::payload(seq, "")),
+        Some(n) => {
+            // xorshift64: cheap and deterministic.
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let key = format!("k{}", rng % n);
+            Event::new("bench.in.e1", driver::payload(seq, &key)).with_header("key", key)
+        }
+    };
+    let publish = async |ev| Ok(bench.host.publish(ev).await?);
+    let load = driver::closed_loop(mode, window, plugins as u32, &mut outputs, make, publish, check).await?;
+    let run = HostRun {
+        load,
+        retried: bench.counter("retried"),
+        dead_lettered: bench.counter("dead_lettered"),
+        peak_in_flight: bench.counter_max("peak_in_flight"),
+    };
+    bench.stop().await?;
+    Ok(run)
+}
