@@ -70,7 +70,7 @@ fn count_files(dir: &Path) -> usize {
 async fn compile_floor(handler: &[u8], n: usize) -> anyhow::Result<Duration> {
     let copies: Vec<Vec<u8>> = (0..n).map(|i| components::renamed(handler, i)).collect();
     tokio::task::spawn_blocking(move || {
-        let engine = super::embedded::engine(false)?;
+        let engine = super::embedded::engine(false, true)?;
         let started = Instant::now();
         for bytes in &copies {
             wasmtime::component::Component::new(&engine, bytes)?;

@@ -39,14 +39,18 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
     let idle = host_run(mode, handler, 1, 1, None, |_| {}).await?.load;
     let floor1 = sandbox_floor(mode, handler, 1).await?;
     let floor2 = sandbox_floor(mode, handler, 2).await?;
-    let bare = Arc::new(Bare::new(handler, false)?);
+    let bare = Arc::new(Bare::new(handler, false, true)?);
     let bare1 = bare_floor(mode, &bare, 1).await?;
     let bare2 = bare_floor(mode, &bare, 2).await?;
     drop(bare);
-    let tuned = Arc::new(Bare::new(handler, true)?);
+    let tuned = Arc::new(Bare::new(handler, true, true)?);
     let tuned1 = bare_floor(mode, &tuned, 1).await?;
     let tuned2 = bare_floor(mode, &tuned, 2).await?;
     drop(tuned);
+    // The same without epoch interruption: what the wall-clock deadline costs per event.
+    let no_epoch = Arc::new(Bare::new(handler, true, false)?);
+    let no_epoch1 = bare_floor(mode, &no_epoch, 1).await?;
+    drop(no_epoch);
     let native = native_floor(mode).await?;
     let rate = load.rate();
     Ok(Row {
@@ -66,6 +70,7 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
             ("bare_wasmtime_2tasks".into(), bare2.rate()),
             ("bare_tuned_1task".into(), tuned1.rate()),
             ("bare_tuned_2tasks".into(), tuned2.rate()),
+            ("bare_tuned_no_epoch_1task".into(), no_epoch1.rate()),
             ("native_floor".into(), native.rate()),
             ("native_p50_us".into(), native.percentile_us(50)),
             ("vs_native".into(), rate / native.rate()),
@@ -102,7 +107,7 @@ async fn sandbox_floor(mode: Mode, handler: &[u8], tasks: usize) -> anyhow::Resu
 /// pooling allocator, epoch interruption. `tuned` resets pool slots with memset (only the
 /// pages dirtied, found with `pagemap_scan`) instead of `madvise`, which on this VM costs a
 /// TLB-shootdown IPI per instance.
-pub fn engine(tuned: bool) -> anyhow::Result<Engine> {
+pub fn engine(tuned: bool, epochs: bool) -> anyhow::Result<Engine> {
     let s = SandboxSettings::default();
     let n = s.max_instances;
     let mut pool = PoolingAllocationConfig::new();
@@ -119,7 +124,7 @@ pub fn engine(tuned: bool) -> anyhow::Result<Engine> {
     }
     let mut config = wasmtime::Config::new();
     config
-        .epoch_interruption(true)
+        .epoch_interruption(epochs)
         .max_wasm_stack(s.max_stack_bytes)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     Ok(Engine::new(&config)?)
@@ -128,13 +133,14 @@ pub fn engine(tuned: bool) -> anyhow::Result<Engine> {
 /// Wasmtime with nothing of plugbus but its host state (the WASI context and the imports).
 struct Bare {
     engine: Engine,
+    epochs: bool,
     pre: bindings::PluginPre<HostState>,
     ctx: Arc<PluginCtx>,
 }
 
 impl Bare {
-    fn new(handler: &[u8], tuned: bool) -> anyhow::Result<Self> {
-        let engine = engine(tuned)?;
+    fn new(handler: &[u8], tuned: bool, epochs: bool) -> anyhow::Result<Self> {
+        let engine = engine(tuned, epochs)?;
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
@@ -147,7 +153,7 @@ impl Bare {
             config: Default::default(),
             kv: Arc::new(MemoryKv::new()),
         });
-        Ok(Self { engine, pre, ctx })
+        Ok(Self { engine, epochs, pre, ctx })
     }
 
     async fn handle(&self, ev: &Event) -> anyhow::Result<()> {
@@ -155,7 +161,9 @@ impl Bare {
         store.limiter(|s| &mut s.limiter);
         // No ticker advances this engine's epoch: the deadline is never reached, but the
         // checks compiled into the code run as in the host.
-        store.set_epoch_deadline(1 << 40);
+        if self.epochs {
+            store.set_epoch_deadline(1 << 40);
+        }
         let instance = self.pre.instantiate_async(&mut store).await?;
         let wit_event = wit::Event {
             id: ev.id.clone(),
