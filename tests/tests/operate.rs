@@ -239,3 +239,34 @@ fn the_sample_deploy_config_is_valid() {
     assert_eq!(config.limits_for("inventory").memory_mib, 32);
     assert_eq!(config.delivering_for("notify").dead_letter_subject, "plugbus.dlq.mail");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_table_for_an_unknown_plugin_is_a_warning_not_an_error() {
+    let plugins = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("audit"), plugins.path().join("audit.wasm")).unwrap();
+    let config_file = plugins.path().join("plugbus.toml");
+    std::fs::write(&config_file, "[plugins.ghost]\nconfig = { a = \"b\" }\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let log = data.path().join("host.log");
+    let mut child = Command::new(plugbus_bin())
+        .args(["run", "--log-format", "json", "--http", &format!("127.0.0.1:{port}"), "--config"])
+        .arg(&config_file)
+        .arg("--plugins")
+        .arg(plugins.path())
+        .arg("--data-dir")
+        .arg(data.path())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the host did not start: {}", std::fs::read_to_string(&log).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = text.lines().find(|l| l.contains("[plugins.ghost]")).unwrap_or_else(|| panic!("no warning: {text}"));
+    assert!(line.contains("WARN") && line.contains("no such plugin is loaded"), "{line}");
+}
