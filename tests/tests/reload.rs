@@ -45,7 +45,7 @@ async fn steady_flow(
 async fn replacing_a_plugin_under_load_loses_and_doubles_nothing() {
     let t = TestHost::start(&["echo"]).await;
     let dir = t.dir.path().to_path_buf();
-    let answered = steady_flow(&t, 600, async {
+    let answered = steady_flow(&t, 1500, async {
         tokio::time::sleep(Duration::from_millis(200)).await;
         // the way `mv tmp x.wasm` deploys: an atomic rename over the live file
         std::fs::copy(wasm("echo2"), dir.join("echo.tmp")).unwrap();
@@ -54,7 +54,7 @@ async fn replacing_a_plugin_under_load_loses_and_doubles_nothing() {
     .await;
     assert!(answered.values().all(|v| v.len() == 1), "an event was lost or handled twice");
     let v2 = answered.values().filter(|v| v[0] == "v2").count();
-    assert!(v2 > 0 && v2 < 600, "the switch did not happen under load: {v2} of 600 on v2");
+    assert!(v2 > 0 && v2 < 1500, "the switch did not happen under load: {v2} of 1500 on v2");
     assert!(t.host.reloader().stats.reloads.load(Ordering::Relaxed) >= 1);
     let info = t.host.router().plugins();
     assert_eq!(info[0].version, "2.0.0");
