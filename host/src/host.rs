@@ -6,7 +6,7 @@ use crate::deadletter::DeadLetters;
 use crate::event::Event;
 use crate::kv::{KvStore, MemoryKv, RedbKv};
 use crate::loader::{self, Rejected};
-use crate::metrics::{FileLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::reload::{self, ReloadStats, Reloader};
 use crate::router::DrainReport;
 use crate::router::Router;
@@ -24,7 +24,7 @@ pub struct Host {
     router: Arc<Router>,
     kv: Arc<dyn KvStore>,
     reloader: Arc<Reloader>,
-    _watcher: Option<reload::WatchGuard>,
+    watcher: Option<reload::WatchGuard>,
     dead_letters: Arc<DeadLetters>,
     drain_timeout: std::time::Duration,
     rejected: Arc<Mutex<Vec<Rejected>>>,
@@ -70,8 +70,7 @@ impl Host {
             }
         }
         for r in &rejected {
-            let file = r.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-            metrics.load_errors.get_or_create(&FileLabels { file }).inc();
+            metrics.load_error(&r.path);
         }
         let rejected = Arc::new(Mutex::new(rejected));
         let reloader = Arc::new(Reloader {
@@ -125,7 +124,7 @@ impl Host {
             router,
             kv,
             reloader,
-            _watcher: watcher,
+            watcher,
             dead_letters,
             drain_timeout: config.drain_timeout,
             rejected,
@@ -187,7 +186,9 @@ impl Host {
         }
         tracing::info!(timeout = ?self.drain_timeout, "draining");
         let report = self.router.drain(self.drain_timeout).await;
-        self._watcher = None;
+        if let Some(watcher) = self.watcher.take() {
+            watcher.stop().await;
+        }
         self.router.close().await;
         if report.is_clean() {
             tracing::info!("drained: every accepted event was handled; host stopped");

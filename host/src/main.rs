@@ -271,13 +271,7 @@ async fn publish(
     } else {
         data
     };
-    let mut endpoint = reqwest::Url::parse(url).with_context(|| format!("--url {url:?} is not a URL"))?;
-    endpoint
-        .path_segments_mut()
-        .map_err(|_| anyhow::anyhow!("--url {url:?} cannot take a path"))?
-        .pop_if_empty()
-        .extend(["v1", "events", subject]);
-    let mut req = client.post(endpoint).body(data);
+    let mut req = client.post(api_url(url, &["v1", "events", subject])?).body(data);
     if json {
         req = req.header("content-type", "application/json");
     }
@@ -285,12 +279,7 @@ async fn publish(
         let (k, v) = h.split_once('=').with_context(|| format!("-H {h:?}: expected NAME=VALUE"))?;
         req = req.header(format!("ce-{}", k.trim()), v.trim());
     }
-    let resp = req.send().await.with_context(|| format!("no plugbus host answering at {url}"))?;
-    let status = resp.status();
-    let body: serde_json::Value = resp.json().await.unwrap_or_default();
-    if !status.is_success() {
-        anyhow::bail!("the host refused the event ({status}): {}", body["error"].as_str().unwrap_or("no reason given"));
-    }
+    let body: serde_json::Value = send(req, url).await?.json().await.unwrap_or_default();
     println!("{}", body["id"].as_str().unwrap_or_default());
     Ok(())
 }
@@ -306,23 +295,40 @@ async fn wait_for_stop_signal() -> anyhow::Result<&'static str> {
 }
 
 async fn dlq(client: &reqwest::Client, url: &str, action: DlqAction, plugin: Option<&str>) -> anyhow::Result<()> {
-    let base = url.trim_end_matches('/');
     let req = match action {
-        DlqAction::List => client.get(format!("{base}/v1/dlq")),
-        DlqAction::Replay => client.post(format!("{base}/v1/dlq/replay")),
+        DlqAction::List => client.get(api_url(url, &["v1", "dlq"])?),
+        DlqAction::Replay => client.post(api_url(url, &["v1", "dlq", "replay"])?),
     };
     let req = match plugin {
         Some(p) => req.query(&[("plugin", p)]),
         None => req,
     };
-    let resp = req.send().await.with_context(|| format!("no plugbus host answering at {url}"))?;
-    let status = resp.status();
-    let body: serde_json::Value = resp.json().await.unwrap_or_default();
-    if !status.is_success() {
-        anyhow::bail!("the host refused ({status}): {}", body["error"].as_str().unwrap_or("no reason given"));
-    }
+    let body: serde_json::Value = send(req, url).await?.json().await.unwrap_or_default();
     println!("{}", serde_json::to_string_pretty(&body)?);
     Ok(())
+}
+
+/// `url` with these path segments appended (each percent-encoded: a subject may hold `>`).
+fn api_url(url: &str, segments: &[&str]) -> anyhow::Result<reqwest::Url> {
+    let mut endpoint = reqwest::Url::parse(url).with_context(|| format!("--url {url:?} is not a URL"))?;
+    endpoint
+        .path_segments_mut()
+        .map_err(|_| anyhow::anyhow!("--url {url:?} cannot take a path"))?
+        .pop_if_empty()
+        .extend(segments);
+    Ok(endpoint)
+}
+
+/// Sends a request to the host; an unreachable host and a refusal (with the host's reason)
+/// are errors.
+async fn send(req: reqwest::RequestBuilder, url: &str) -> anyhow::Result<reqwest::Response> {
+    let resp = req.send().await.with_context(|| format!("no plugbus host answering at {url}"))?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    anyhow::bail!("the host refused ({status}): {}", body["error"].as_str().unwrap_or("no reason given"))
 }
 
 /// An HTTP client that sends the API token on every request, when there is one.
@@ -338,18 +344,7 @@ fn client(token: Option<&str>) -> anyhow::Result<reqwest::Client> {
 
 async fn tail(client: &reqwest::Client, url: &str, pattern: &str) -> anyhow::Result<()> {
     use futures::StreamExt;
-    let mut endpoint = reqwest::Url::parse(url).with_context(|| format!("--url {url:?} is not a URL"))?;
-    endpoint
-        .path_segments_mut()
-        .map_err(|_| anyhow::anyhow!("--url {url:?} cannot take a path"))?
-        .pop_if_empty()
-        .extend(["v1", "events", pattern]);
-    let resp = client.get(endpoint).send().await.with_context(|| format!("no plugbus host answering at {url}"))?;
-    if !resp.status().is_success() {
-        let status = resp.status();
-        let body: serde_json::Value = resp.json().await.unwrap_or_default();
-        anyhow::bail!("the host refused the tail ({status}): {}", body["error"].as_str().unwrap_or("no reason given"));
-    }
+    let resp = send(client.get(api_url(url, &["v1", "events", pattern])?), url).await?;
     let mut stream = resp.bytes_stream();
     let mut buf = String::new();
     while let Some(chunk) = stream.next().await {
@@ -365,17 +360,8 @@ async fn tail(client: &reqwest::Client, url: &str, pattern: &str) -> anyhow::Res
 }
 
 async fn plugins(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
-    let base = url.trim_end_matches('/');
-    let resp = client
-        .get(format!("{base}/v1/plugins"))
-        .send()
-        .await
-        .with_context(|| format!("no plugbus host answering at {url}"))?;
-    let status = resp.status();
-    let body: serde_json::Value = resp.json().await.unwrap_or_default();
-    if !status.is_success() {
-        anyhow::bail!("the host refused ({status}): {}", body["error"].as_str().unwrap_or("no reason given"));
-    }
+    let body: serde_json::Value =
+        send(client.get(api_url(url, &["v1", "plugins"])?), url).await?.json().await.unwrap_or_default();
     println!(
         "{:<20} {:<18} {:>9} {:>9} {:>8} {:>6}  subscriptions",
         "PLUGIN", "STATE", "RECEIVED", "OK", "RETRIED", "DEAD"

@@ -115,6 +115,12 @@ impl Metrics {
         self.handler_seconds.get_or_create(&PluginLabels { plugin: plugin.to_string() }).observe(elapsed.as_secs_f64());
     }
 
+    /// Counts a file of the plugins folder that could not be loaded.
+    pub fn load_error(&self, path: &std::path::Path) {
+        let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        self.load_errors.get_or_create(&FileLabels { file }).inc();
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();

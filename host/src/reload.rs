@@ -57,8 +57,7 @@ pub struct Reloader {
 impl Reloader {
     fn reject(&self, path: &Path, reason: String) {
         self.stats.load_errors.fetch_add(1, Ordering::Relaxed);
-        let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-        self.metrics.load_errors.get_or_create(&crate::metrics::FileLabels { file }).inc();
+        self.metrics.load_error(path);
         let serving = self.files.lock().expect("poisoned").get(path).cloned();
         match &serving {
             Some(name) => {
@@ -249,6 +248,14 @@ pub fn watch(reloader: Arc<Reloader>) -> anyhow::Result<WatchGuard> {
 pub struct WatchGuard {
     _watcher: notify::RecommendedWatcher,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl WatchGuard {
+    /// Stops watching and waits until the reload task (and what it holds) is gone.
+    pub async fn stop(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
 }
 
 impl Drop for WatchGuard {

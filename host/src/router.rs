@@ -237,11 +237,6 @@ impl Router {
         self.entries.lock().expect("router poisoned").keys().cloned().collect()
     }
 
-    /// The subscription patterns of a live plugin.
-    pub fn patterns(&self, name: &str) -> Option<Vec<String>> {
-        self.entries.lock().expect("router poisoned").get(name).map(|e| e.patterns.clone())
-    }
-
     /// Descriptions of the live plugins.
     pub fn plugins(&self) -> Vec<PluginInfo> {
         let entries = self.entries.lock().expect("router poisoned");
@@ -368,7 +363,11 @@ async fn run_worker(rt: Arc<PluginRuntime>, mut subscription: Subscription, flow
     let admission = Arc::new(Semaphore::new(flow.queue.max(1)));
     let lanes = Arc::new(Lanes::default());
     let mut rules_for: Option<(usize, Arc<Vec<OrderRule>>)> = None;
+    // Every delivery and lane task of this plugin: the worker ends only when they have, so a
+    // closed router holds nothing of the plugin (its kv handle included).
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
+        while tasks.try_join_next().is_some() {}
         // Taking a delivery needs room: a plugin with `queue` deliveries unsettled stops
         // taking more, its transport queue fills, and the transport pauses (backpressure).
         let Ok(admit) = admission.clone().acquire_owned().await else { break };
@@ -386,7 +385,7 @@ async fn run_worker(rt: Arc<PluginRuntime>, mut subscription: Subscription, flow
         match ordering_key(&rules, &delivery.event) {
             None => {
                 let rt = rt.clone();
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     dispatch::deliver(&rt, delivery).await;
                     rt.stats.settle(ticket);
                     drop(admit);
@@ -394,11 +393,12 @@ async fn run_worker(rt: Arc<PluginRuntime>, mut subscription: Subscription, flow
             }
             Some(key) => {
                 if let Some(first) = lanes.enqueue(&key, (delivery, ticket, admit)) {
-                    tokio::spawn(run_lane(rt.clone(), lanes.clone(), key, first));
+                    tasks.spawn(run_lane(rt.clone(), lanes.clone(), key, first));
                 }
             }
         }
     }
+    while tasks.join_next().await.is_some() {}
 }
 
 /// Runs one key's deliveries strictly one after another, retries included.
