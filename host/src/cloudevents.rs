@@ -107,6 +107,48 @@ fn decode_structured(subject: &str, body: &[u8]) -> Result<Event, String> {
     Ok(ev)
 }
 
+/// The binary-mode headers of `ev` (data goes as the body): `ce-` attributes, `content-type`,
+/// and extensions: as `ce-<name>` when the name is a valid CloudEvents attribute name
+/// (lower-case letters and digits), else under their own name. Values are percent-encoded,
+/// so [`decode`] gives the same event back.
+pub fn encode_binary(ev: &Event) -> Vec<(String, String)> {
+    let mut headers = Vec::with_capacity(ev.extensions.len() + 6);
+    headers.push(("ce-specversion".to_string(), "1.0".to_string()));
+    headers.push(("ce-id".to_string(), percent_encode(&ev.id)));
+    headers.push(("ce-source".to_string(), percent_encode(&ev.source)));
+    headers.push(("ce-type".to_string(), percent_encode(&ev.ty)));
+    headers.push(("ce-time".to_string(), percent_encode(&ev.time)));
+    if let Some(ct) = &ev.datacontenttype {
+        headers.push(("content-type".to_string(), ct.clone()));
+    }
+    for (name, value) in &ev.extensions {
+        if name == "nats-msg-id" || name.starts_with("ce-") || name == "content-type" {
+            continue;
+        }
+        let is_attribute = !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        let name = if is_attribute { format!("ce-{name}") } else { name.clone() };
+        headers.push((name, percent_encode(value)));
+    }
+    headers
+}
+
+/// Encodes what a header value may not carry as-is: `%`, `"`, space, controls and non-ASCII.
+pub fn percent_encode(s: &str) -> String {
+    let plain = |b: u8| b.is_ascii_graphic() && b != b'%' && b != b'"';
+    if s.bytes().all(plain) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for b in s.bytes() {
+        if plain(b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Decodes `%XX` escapes (the CloudEvents binary-mode header encoding); invalid escapes stay.
 pub fn percent_decode(s: &str) -> String {
     if !s.contains('%') {
@@ -189,5 +231,19 @@ mod tests {
     #[test]
     fn base64_data_decodes() {
         assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
+    }
+
+    #[test]
+    fn binary_encoding_round_trips_through_decode() {
+        let mut ev = Event::new("orders.created", "{}")
+            .with_header("tenant", "acme co, \"ü\" 100%")
+            .with_header("plugbus-caused-by", "e-0");
+        ev.datacontenttype = Some("application/json".into());
+        ev.source = "/shop eu".into();
+        let headers = encode_binary(&ev);
+        assert!(headers.iter().any(|(k, v)| k == "ce-tenant" && !v.contains(' ')));
+        assert!(headers.iter().any(|(k, _)| k == "plugbus-caused-by"));
+        let back = decode(&ev.subject, headers.iter().map(|(k, v)| (k.as_str(), v.as_str())), ev.data.clone()).unwrap();
+        assert_eq!(back, ev);
     }
 }

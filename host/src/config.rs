@@ -8,6 +8,7 @@
 use crate::retry::RetryPolicy;
 use crate::router::{Delivering, Flow};
 use crate::sandbox::{Limits, SandboxSettings};
+use crate::transport::nats::NatsSettings;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::de::DeserializeOwned;
@@ -32,6 +33,8 @@ pub struct PluginConfig {
     pub dead_letter: Option<String>,
     /// Values for the plugin's `config` import.
     pub config: BTreeMap<String, Value>,
+    /// Force durable (JetStream) delivery on or off for every subscription of the plugin.
+    pub durable: Option<bool>,
 }
 
 /// Everything the host needs to start.
@@ -63,6 +66,8 @@ pub struct Config {
     pub retry: RetryPolicy,
     /// Engine-wide sandbox settings.
     pub sandbox: SandboxSettings,
+    /// NATS: set `url` to join a NATS deployment instead of running the embedded bus.
+    pub nats: NatsSettings,
     /// Per-plugin settings.
     pub plugins: BTreeMap<String, PluginConfig>,
 }
@@ -82,6 +87,7 @@ impl Default for Config {
             flow: Flow::default(),
             retry: RetryPolicy::default(),
             sandbox: SandboxSettings::default(),
+            nats: NatsSettings::default(),
             plugins: BTreeMap::new(),
         }
     }
@@ -115,6 +121,10 @@ impl Config {
             "log_format",
             "api_token",
             "demo_port",
+            "nats_url",
+            "nats_user",
+            "nats_password",
+            "nats_token",
         ]));
         let config: Config = figment.extract().map_err(|e| {
             let mut msg = String::from("invalid configuration");
@@ -157,6 +167,7 @@ impl Config {
             dead_letter_subject: p
                 .and_then(|p| p.dead_letter.clone())
                 .unwrap_or_else(|| format!("plugbus.dlq.{plugin}")),
+            durable: p.and_then(|p| p.durable),
         }
     }
 

@@ -3,9 +3,10 @@
 //! It owns the delivery semantics both transports share: the event size check, attempts with
 //! exponential backoff and full jitter, kv commit (re-running the attempt on a kv conflict),
 //! releasing outputs only after success, dead letters, and settling with the transport.
-//! Invariant: every delivery ends in exactly one of ack (handled) or term (dead-lettered, or
-//! logged when it was itself a dead letter); nothing ends without a log line naming plugin,
-//! subject and event id.
+//! Invariant: every delivery ends in exactly one of ack (handled), nak (handed back to a
+//! redelivering transport: a retry, or a dead letter the transport did not take) or term
+//! (dead-lettered, or logged when it was itself a dead letter); nothing ends without a log line
+//! naming plugin, subject and event id.
 
 use crate::deadletter::{self, DeadLetters};
 use crate::event::Event;
@@ -108,6 +109,13 @@ pub enum Outcome {
         /// Outputs released.
         outputs: usize,
     },
+    /// Failed; handed back to the transport to deliver again after `wait` (any host may take it).
+    Redelivering {
+        /// The attempt that failed.
+        attempt: u32,
+        /// The backoff before the next attempt.
+        wait: std::time::Duration,
+    },
     /// Dead-lettered after this many attempts.
     DeadLettered {
         /// Attempts made.
@@ -117,13 +125,30 @@ pub enum Outcome {
     },
 }
 
-/// Runs `delivery` until it is handled or dead-lettered, and settles it with the transport.
-pub async fn deliver(rt: &PluginRuntime, delivery: Delivery) -> Outcome {
+/// Where the retries of a delivery wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryIn {
+    /// In this host, holding the delivery (and its ordering lane) across the backoff.
+    Host,
+    /// In the transport: `nak` with the backoff delay, when the transport redelivers.
+    Transport,
+}
+
+/// Runs `delivery` until it is handled, handed back for redelivery, or dead-lettered, and
+/// settles it with the transport.
+pub async fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) -> Outcome {
     rt.stats.received.fetch_add(1, Ordering::Relaxed);
     let ev = &delivery.event;
     let labels = Metrics::event(&rt.name, &ev.subject);
     rt.metrics.received.get_or_create(&labels).inc();
-    let outcome = attempts(rt, ev).await;
+    let by_transport = retry_in == RetryIn::Transport && delivery.redeliverable;
+    let outcome = match &delivery.defect {
+        Some(why) => {
+            let failure = Failure::Reject(format!("the message is not a valid event: {why}"));
+            Outcome::DeadLettered { attempts: 0, failure }
+        }
+        None => attempts(rt, ev, delivery.attempt.max(1), by_transport).await,
+    };
     match &outcome {
         Outcome::Handled { attempts, outputs } => {
             rt.metrics.handled.get_or_create(&labels).inc();
@@ -132,23 +157,28 @@ pub async fn deliver(rt: &PluginRuntime, delivery: Delivery) -> Outcome {
             tracing::debug!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempts, outputs, "handled");
             delivery.acker.ack().await;
         }
+        Outcome::Redelivering { wait, .. } => delivery.acker.nak(*wait).await,
         Outcome::DeadLettered { attempts, failure } => {
             rt.metrics.dead_lettered.get_or_create(&labels).inc();
             rt.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            dead_letter(rt, ev, failure, *attempts).await;
-            delivery.acker.term().await;
+            match dead_letter(rt, ev, failure, *attempts).await {
+                Ok(()) => delivery.acker.term().await,
+                // Not kept anywhere durable: let the transport bring it back rather than lose it.
+                Err(()) if delivery.redeliverable => delivery.acker.nak(rt.retry.backoff(*attempts)).await,
+                Err(()) => delivery.acker.term().await,
+            }
         }
     }
     outcome
 }
 
-async fn attempts(rt: &PluginRuntime, ev: &Event) -> Outcome {
+async fn attempts(rt: &PluginRuntime, ev: &Event, first: u32, by_transport: bool) -> Outcome {
     let max_bytes = rt.plugin().limits().max_event_bytes;
     if ev.data.len() as u64 > max_bytes {
         let failure = Failure::Reject(format!("event of {} bytes is over the {max_bytes}-byte limit", ev.data.len()));
         return Outcome::DeadLettered { attempts: 0, failure };
     }
-    let mut attempt = 1;
+    let mut attempt = first;
     loop {
         let result = {
             let _permit = rt.run_permits.acquire().await.expect("run permits never close");
@@ -168,6 +198,9 @@ async fn attempts(rt: &PluginRuntime, ev: &Event) -> Outcome {
                     plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempt,
                     retry_in_ms = wait.as_millis() as u64, "attempt failed, will retry: {failure}"
                 );
+                if by_transport {
+                    return Outcome::Redelivering { attempt, wait };
+                }
                 // The run permit is released while waiting: other events keep flowing.
                 tokio::time::sleep(wait).await;
                 attempt += 1;
@@ -209,18 +242,19 @@ async fn run_attempt(rt: &PluginRuntime, plugin: &Plugin, ev: &Event, attempt: u
     }
 }
 
-async fn dead_letter(rt: &PluginRuntime, ev: &Event, failure: &Failure, attempts: u32) {
+/// Keeps and publishes the dead letter; `Err` when the transport did not take it.
+async fn dead_letter(rt: &PluginRuntime, ev: &Event, failure: &Failure, attempts: u32) -> Result<(), ()> {
     let (plugin, subject, id) = (&rt.name, &ev.subject, &ev.id);
     if deadletter::is_dead_letter(ev) {
         tracing::error!(plugin = %plugin, subject = %subject, event_id = %id, attempts,
             "a dead letter failed in its handler and is not dead-lettered again: {failure}");
-        return;
+        return Ok(());
     }
     tracing::error!(plugin = %plugin, subject = %subject, event_id = %id, attempts,
         dead_letter = %rt.dead_letter_subject, "event dead-lettered: {failure}");
     let dead = deadletter::dead_letter_event(ev, plugin, &rt.dead_letter_subject, &failure.to_string(), attempts);
     rt.dead_letters.push(plugin, dead.clone());
-    if let Err(e) = rt.transport.publish(dead).await {
-        tracing::error!(plugin = %plugin, event_id = %id, "dead letter kept but not published: {e}");
-    }
+    rt.transport.publish(dead).await.map_err(|e| {
+        tracing::error!(plugin = %plugin, event_id = %id, "dead letter kept here but not published: {e}");
+    })
 }

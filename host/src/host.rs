@@ -13,6 +13,7 @@ use crate::router::Router;
 use crate::sandbox::Sandbox;
 use crate::transport::Transport;
 use crate::transport::embedded::EmbeddedBus;
+use crate::transport::nats::NatsTransport;
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -36,14 +37,19 @@ pub struct Host {
 impl Host {
     /// Loads the plugins folder, subscribes every plugin and starts the HTTP API.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
-        let transport: Arc<dyn Transport> = Arc::new(EmbeddedBus::new());
+        config.validate()?;
+        let transport: Arc<dyn Transport> = match &config.nats.url {
+            Some(url) => {
+                Arc::new(NatsTransport::connect(&config.nats).await.with_context(|| format!("joining NATS at {url}"))?)
+            }
+            None => Arc::new(EmbeddedBus::new()),
+        };
         let kv: Arc<dyn KvStore> = if config.persistent_kv {
             let path = config.data_dir.join("kv.redb");
             Arc::new(RedbKv::open(&path).with_context(|| format!("opening the kv store {}", path.display()))?)
         } else {
             Arc::new(MemoryKv::new())
         };
-        config.validate()?;
         let mut settings = config.sandbox.clone();
         settings.max_memory_mib = settings.max_memory_mib.max(config.max_memory_mib());
         let mut sandbox = Sandbox::new(settings)?;
@@ -134,6 +140,11 @@ impl Host {
         })
     }
 
+    /// The transport the host is attached to.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
+    }
+
     /// Publishes an event into the bus, as a producer would.
     pub async fn publish(&self, event: Event) -> anyhow::Result<()> {
         self.transport.publish(event).await.context("publishing")
@@ -183,6 +194,11 @@ impl Host {
         }
         if let Some(task) = self.http_task.take() {
             let _ = task.await;
+        }
+        if self.transport.is_external() {
+            // Nothing new is taken from the broker; what this host took still finishes (a
+            // durable event it cannot finish goes back to the broker unacked).
+            self.router.stop_intake();
         }
         tracing::info!(timeout = ?self.drain_timeout, "draining");
         let report = self.router.drain(self.drain_timeout).await;

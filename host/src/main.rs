@@ -57,6 +57,24 @@ struct RunArgs {
     /// Instances that may be live at once across all plugins (sandbox pool size) [default: 256].
     #[arg(long, value_name = "N")]
     max_instances: Option<u32>,
+    /// Join a NATS deployment at this URL instead of running the embedded bus.
+    #[arg(long = "nats", value_name = "URL", env = "PLUGBUS_NATS_URL")]
+    nats: Option<String>,
+    /// NATS credentials file (JWT + NKey).
+    #[arg(long, value_name = "FILE", requires = "nats")]
+    nats_creds: Option<PathBuf>,
+    /// PEM file of CA certificates to trust for NATS over TLS.
+    #[arg(long, value_name = "FILE", requires = "nats")]
+    nats_tls_ca: Option<PathBuf>,
+    /// NATS user name (with --nats-password).
+    #[arg(long, value_name = "USER", env = "PLUGBUS_NATS_USER")]
+    nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, value_name = "PASSWORD", env = "PLUGBUS_NATS_PASSWORD", hide_env_values = true)]
+    nats_password: Option<String>,
+    /// NATS auth token.
+    #[arg(long, value_name = "TOKEN", env = "PLUGBUS_NATS_TOKEN", hide_env_values = true)]
+    nats_token: Option<String>,
     /// Operator config for a plugin, as PLUGIN.KEY=VALUE (repeatable); the plugin reads it
     /// through `plugbus_sdk::config::get("KEY")`.
     #[arg(long = "plugin-config", value_name = "PLUGIN.KEY=VALUE")]
@@ -94,6 +112,24 @@ impl RunArgs {
         if let Some(v) = self.max_instances {
             c.sandbox.max_instances = v;
         }
+        if let Some(v) = self.nats {
+            c.nats.url = Some(v);
+        }
+        if let Some(v) = self.nats_creds {
+            c.nats.creds = Some(v);
+        }
+        if let Some(v) = self.nats_tls_ca {
+            c.nats.tls_ca = Some(v);
+        }
+        if let Some(v) = self.nats_user {
+            c.nats.user = Some(v);
+        }
+        if let Some(v) = self.nats_password {
+            c.nats.password = Some(v);
+        }
+        if let Some(v) = self.nats_token {
+            c.nats.token = Some(v);
+        }
         for entry in self.plugin_config {
             let bad = || format!("--plugin-config {entry:?}: expected PLUGIN.KEY=VALUE");
             let (key, value) = entry.split_once('=').with_context(bad)?;
@@ -125,7 +161,7 @@ enum Command {
     ///
     /// Settings come from built-in defaults, then the TOML file given with --config, then
     /// PLUGBUS_* environment variables (PLUGBUS_LIMITS__MEMORY_MIB=32), then these flags.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Dead letters kept by a running host: list them, or replay them to their original subjects.
     Dlq {
         #[command(subcommand)]

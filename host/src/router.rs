@@ -6,14 +6,14 @@
 //! plugin has its own queue, worker, lanes and bounds.
 
 use crate::deadletter::DeadLetters;
-use crate::dispatch::{self, PluginRuntime, PluginStats};
+use crate::dispatch::{self, PluginRuntime, PluginStats, RetryIn};
 use crate::event::Event;
 use crate::manifest::OrderKey;
 use crate::metrics::{Metrics, PluginLabels};
 use crate::retry::RetryPolicy;
 use crate::sandbox::Plugin;
 use crate::subject::Pattern;
-use crate::transport::{Delivery, Subscription, SubscriptionSpec, Transport, TransportError};
+use crate::transport::{Delivery, Durability, Subscription, SubscriptionSpec, Transport, TransportError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
@@ -48,6 +48,33 @@ pub struct Delivering {
     pub retry: RetryPolicy,
     /// Dead-letter subject.
     pub dead_letter_subject: String,
+    /// Operator override of durability: `Some(true)` makes every subscription of the plugin
+    /// durable, `Some(false)` none; `None` follows the manifest.
+    pub durable: Option<bool>,
+}
+
+impl Delivering {
+    /// What to ask the transport for `plugin`: its patterns, queue group and durability. A
+    /// plugin is durable as a whole when any of its subscriptions asks (or the operator says so),
+    /// so an event matching two of its patterns is never delivered twice by two mechanisms.
+    pub fn subscription(&self, plugin: &Plugin) -> SubscriptionSpec {
+        let m = plugin.manifest();
+        let name = plugin.name().to_string();
+        let queue_group =
+            m.subscriptions.iter().find_map(|s| s.queue_group.clone()).unwrap_or_else(|| format!("plugbus.{name}"));
+        let durable = self.durable.unwrap_or_else(|| m.subscriptions.iter().any(|s| s.durable));
+        SubscriptionSpec {
+            plugin: name,
+            patterns: m.patterns(),
+            queue_group,
+            capacity: self.flow.queue,
+            durable: durable.then(|| Durability {
+                deliver_all: m.subscriptions.iter().any(|s| s.deliver_all),
+                max_deliver: self.retry.max_attempts.saturating_mul(2).max(self.retry.max_attempts + 1),
+                dead_letter: Some(self.dead_letter_subject.clone()),
+            }),
+        }
+    }
 }
 
 /// A live plugin.
@@ -56,11 +83,12 @@ pub struct Delivering {
 /// removed plugin finishes the events it had accepted.
 struct Entry {
     runtime: Arc<PluginRuntime>,
-    patterns: Vec<String>,
+    delivering: Delivering,
+    spec: SubscriptionSpec,
     subscription_id: u64,
     queue_depth: Box<dyn Fn() -> usize + Send + Sync>,
-    _subscribed: Box<dyn Send + Sync>,
-    _worker: JoinHandle<()>,
+    subscribed: Option<Box<dyn Send + Sync>>,
+    worker: JoinHandle<()>,
 }
 
 /// How a swap went.
@@ -143,26 +171,14 @@ impl Router {
     /// Makes `plugin` live: subscribes it and starts its worker.
     pub async fn install(&self, plugin: Plugin, delivering: Delivering) -> Result<(), TransportError> {
         let name = plugin.name().to_string();
-        let patterns = plugin.manifest().patterns();
-        let queue_group = plugin
-            .manifest()
-            .subscriptions
-            .iter()
-            .find_map(|s| s.queue_group.clone())
-            .unwrap_or_else(|| format!("plugbus.{name}"));
-        let spec = SubscriptionSpec {
-            plugin: name.clone(),
-            patterns: patterns.clone(),
-            queue_group,
-            capacity: delivering.flow.queue,
-        };
-        let mut subscription = self.transport.subscribe(spec).await?;
+        let spec = delivering.subscription(&plugin);
+        let mut subscription = self.transport.subscribe(spec.clone()).await?;
         let runtime = Arc::new(PluginRuntime {
             name: name.clone(),
             current: RwLock::new(Arc::new(plugin)),
             stats: PluginStats::default(),
-            retry: delivering.retry,
-            dead_letter_subject: delivering.dead_letter_subject,
+            retry: delivering.retry.clone(),
+            dead_letter_subject: delivering.dead_letter_subject.clone(),
             transport: self.transport.clone(),
             dead_letters: self.dead_letters.clone(),
             run_permits: Semaphore::new(delivering.flow.concurrency.max(1)),
@@ -173,7 +189,8 @@ impl Router {
         let subscribed = subscription.take_guard();
         let worker = tokio::spawn(run_worker(runtime.clone(), subscription, delivering.flow));
         tracing::info!(plugin = %name, "plugin serving");
-        let entry = Entry { runtime, patterns, subscription_id, queue_depth, _subscribed: subscribed, _worker: worker };
+        let entry =
+            Entry { runtime, delivering, spec, subscription_id, queue_depth, subscribed: Some(subscribed), worker };
         self.entries.lock().expect("router poisoned").insert(name, entry);
         Ok(())
     }
@@ -188,22 +205,22 @@ impl Router {
     /// subscriptions changed, the transport re-targets them in place (no gap, no duplicate).
     pub async fn swap(&self, plugin: Plugin) -> Result<Swapped, TransportError> {
         let name = plugin.name().to_string();
-        let new_patterns = plugin.manifest().patterns();
-        let (runtime, old_patterns, subscription_id) = {
+        let (runtime, old_spec, new_spec, subscription_id) = {
             let entries = self.entries.lock().expect("router poisoned");
             let e = entries.get(&name).ok_or_else(|| TransportError::Closed(format!("plugin {name} is not live")))?;
-            (e.runtime.clone(), e.patterns.clone(), e.subscription_id)
+            (e.runtime.clone(), e.spec.clone(), e.delivering.subscription(&plugin), e.subscription_id)
         };
-        let resubscribed = old_patterns != new_patterns;
+        let resubscribed = (&old_spec.patterns, &old_spec.queue_group, &old_spec.durable)
+            != (&new_spec.patterns, &new_spec.queue_group, &new_spec.durable);
         if resubscribed {
-            self.transport.retarget(subscription_id, new_patterns.clone()).await?;
+            self.transport.retarget(subscription_id, &new_spec).await?;
         }
         let old = {
             let mut current = runtime.current.write().expect("slot poisoned");
             std::mem::replace(&mut *current, Arc::new(plugin))
         };
         if let Some(e) = self.entries.lock().expect("router poisoned").get_mut(&name) {
-            e.patterns = new_patterns;
+            e.spec = new_spec;
         }
         Ok(Swapped { old_version: old.manifest().version.clone(), old_hash: old.hash().to_string(), resubscribed })
     }
@@ -226,9 +243,18 @@ impl Router {
     pub async fn close(&self) {
         let entries = std::mem::take(&mut *self.entries.lock().expect("router poisoned"));
         for (_, entry) in entries {
-            let Entry { _subscribed, _worker, .. } = entry;
-            drop(_subscribed);
-            let _ = tokio::time::timeout(Duration::from_secs(5), _worker).await;
+            let Entry { subscribed, worker, .. } = entry;
+            drop(subscribed);
+            let _ = tokio::time::timeout(Duration::from_secs(5), worker).await;
+        }
+    }
+
+    /// Unsubscribes every plugin but keeps its worker: what was taken still runs (a stop on a
+    /// broker, before the drain).
+    pub fn stop_intake(&self) {
+        let mut entries = self.entries.lock().expect("router poisoned");
+        for e in entries.values_mut() {
+            e.subscribed.take();
         }
     }
 
@@ -386,7 +412,7 @@ async fn run_worker(rt: Arc<PluginRuntime>, mut subscription: Subscription, flow
             None => {
                 let rt = rt.clone();
                 tasks.spawn(async move {
-                    dispatch::deliver(&rt, delivery).await;
+                    dispatch::deliver(&rt, delivery, RetryIn::Transport).await;
                     rt.stats.settle(ticket);
                     drop(admit);
                 });
@@ -405,7 +431,8 @@ async fn run_worker(rt: Arc<PluginRuntime>, mut subscription: Subscription, flow
 async fn run_lane(rt: Arc<PluginRuntime>, lanes: Arc<Lanes>, key: String, first: LaneItem) {
     let mut item = Some(first);
     while let Some((delivery, ticket, admit)) = item {
-        dispatch::deliver(&rt, delivery).await;
+        // Retries wait here, holding the lane: the key's later events must not overtake.
+        dispatch::deliver(&rt, delivery, RetryIn::Host).await;
         rt.stats.settle(ticket);
         drop(admit);
         item = lanes.next(&key);

@@ -115,6 +115,11 @@ impl Pattern {
         overlap(&self.tokens, &other.tokens)
     }
 
+    /// Whether every subject `other` matches, this pattern matches too.
+    pub fn covers(&self, other: &Pattern) -> bool {
+        covers(&self.tokens, &other.tokens)
+    }
+
     /// Whether the pattern can reach one of the [`SYSTEM_PATTERNS`].
     pub fn reaches_system(&self) -> bool {
         system_patterns().iter().any(|s| self.overlaps(s))
@@ -129,6 +134,35 @@ fn overlap(a: &[Token], b: &[Token]) -> bool {
         (Some(Token::Literal(x)), Some(Token::Literal(y))) if x != y => false,
         _ => overlap(&a[1..], &b[1..]),
     }
+}
+
+fn covers(a: &[Token], b: &[Token]) -> bool {
+    match (a.first(), b.first()) {
+        (None, None) => true,
+        (Some(Token::Tail), Some(_)) => true,
+        (None, _) | (_, None) | (_, Some(Token::Tail)) => false,
+        (Some(Token::One), Some(_)) => covers(&a[1..], &b[1..]),
+        (Some(Token::Literal(x)), Some(Token::Literal(y))) if x == y => covers(&a[1..], &b[1..]),
+        _ => false,
+    }
+}
+
+/// The patterns that are not covered by another one in the list (first of equals kept): a
+/// subscription to the result receives each event once where the full list would duplicate.
+pub fn without_covered(patterns: &[String]) -> Vec<String> {
+    let parsed: Vec<Option<Pattern>> = patterns.iter().map(|p| Pattern::parse(p).ok()).collect();
+    let mut kept = Vec::new();
+    for (i, p) in parsed.iter().enumerate() {
+        let Some(p) = p else { continue };
+        let covered = parsed
+            .iter()
+            .enumerate()
+            .any(|(j, q)| j != i && q.as_ref().is_some_and(|q| q.covers(p) && (!p.covers(q) || j < i)));
+        if !covered {
+            kept.push(patterns[i].clone());
+        }
+    }
+    kept
 }
 
 fn system_patterns() -> &'static [Pattern] {
@@ -212,5 +246,19 @@ mod tests {
         }
         assert!(is_system_subject("$SYS.x"));
         assert!(!is_system_subject("SYS.x"));
+    }
+
+    #[test]
+    fn covers_and_reduces_overlapping_subscriptions() {
+        let p = |s: &str| Pattern::parse(s).unwrap();
+        assert!(p("orders.>").covers(&p("orders.*")));
+        assert!(p("orders.>").covers(&p("orders.a.b")));
+        assert!(!p("orders.*").covers(&p("orders.>")));
+        assert!(p("*.created").covers(&p("orders.created")));
+        assert!(!p("orders.*").covers(&p("*.created")));
+        assert!(!p("orders.>").covers(&p("orders")));
+        let v = |xs: &[&str]| xs.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(without_covered(&v(&["orders.*", "orders.>", "orders.>", "x"])), v(&["orders.>", "x"]));
+        assert_eq!(without_covered(&v(&["orders.*", "*.created"])), v(&["orders.*", "*.created"]));
     }
 }

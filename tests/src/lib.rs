@@ -1,6 +1,8 @@
 //! Shared scaffolding for the end-to-end tests: build the handler components once, start a
 //! host on a temp plugins folder, publish, and wait for what comes out.
 
+pub mod nats;
+
 use plugbus::{Config, Event, Host};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,7 +12,7 @@ use tokio::sync::mpsc;
 
 /// Every handler crate the tests use.
 pub const COMPONENTS: &[&str] =
-    &["inventory", "payments", "shipping", "notify", "audit", "faulty", "sneaky", "echo", "echo2"];
+    &["inventory", "payments", "shipping", "notify", "audit", "faulty", "sneaky", "echo", "echo2", "attrs"];
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
@@ -65,6 +67,15 @@ impl TestHost {
     /// A host with these components in its plugins folder and the HTTP API on a free port.
     pub async fn start(components: &[&str]) -> Self {
         Self::start_with(components, |_| {}).await
+    }
+
+    /// Like [`TestHost::start_with`], on `bus`.
+    pub async fn start_on(bus: &Bus<'_>, components: &[&str], tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::start_with(components, |c| {
+            bus.configure(c, components);
+            tweak(c);
+        })
+        .await
     }
 
     /// Like [`TestHost::start`], with a chance to change the config first.
@@ -128,6 +139,32 @@ impl TestHost {
     /// The base URL of the HTTP API.
     pub fn url(&self) -> String {
         format!("http://{}", self.host.http_addr().expect("HTTP API on"))
+    }
+}
+
+/// Which transport a shared test case runs on.
+pub enum Bus<'a> {
+    /// The embedded bus.
+    Embedded,
+    /// NATS with every plugin durable (JetStream).
+    JetStream(&'a nats::NatsServer),
+    /// Core NATS (queue groups).
+    Core(&'a nats::NatsServer),
+}
+
+impl Bus<'_> {
+    /// Points `config` at this bus; on JetStream, makes `plugins` durable.
+    pub fn configure(&self, config: &mut Config, plugins: &[&str]) {
+        match self {
+            Bus::Embedded => {}
+            Bus::Core(server) => config.nats.url = Some(server.url()),
+            Bus::JetStream(server) => {
+                config.nats.url = Some(server.url());
+                for p in plugins {
+                    config.plugins.entry(p.to_string()).or_default().durable = Some(true);
+                }
+            }
+        }
     }
 }
 

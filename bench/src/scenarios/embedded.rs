@@ -214,6 +214,7 @@ async fn native_floor(mode: Mode) -> anyhow::Result<Load> {
         patterns: vec!["bench.in.>".into()],
         queue_group: "native".into(),
         capacity: 1024,
+        durable: None,
     };
     let mut sub = bus.subscribe(spec).await?;
     let mut outputs = bus.observe(vec!["bench.out.>".into()], 1 << 16).await?;

@@ -4,7 +4,7 @@
 //! subscription's queue is full (backpressure): nothing is dropped. Observers (the live tail)
 //! never slow the bus: they miss events instead, and the miss is counted and logged.
 
-use super::{Delivery, NoAck, Subscription, SubscriptionSpec, Transport, TransportError};
+use super::{Delivery, Subscription, SubscriptionSpec, Transport, TransportError};
 use crate::event::Event;
 use crate::subject::{PatternSet, validate_subject};
 use async_trait::async_trait;
@@ -94,7 +94,7 @@ impl Transport for EmbeddedBus {
             self.table.write().expect("bus table poisoned").observers.retain(|o| !o.tx.is_closed());
         }
         for sub in targets {
-            let delivery = Delivery { event: event.clone(), acker: Box::new(NoAck) };
+            let delivery = Delivery::once(event.clone());
             // A closed queue means the plugin was unsubscribed meanwhile (removed or reloaded
             // with other subjects): the event is no longer for it.
             let _ = sub.tx.send(delivery).await;
@@ -111,8 +111,8 @@ impl Transport for EmbeddedBus {
         Ok(subscription)
     }
 
-    async fn retarget(&self, subscription: u64, patterns: Vec<String>) -> Result<(), TransportError> {
-        let patterns = PatternSet::parse(&patterns)?;
+    async fn retarget(&self, subscription: u64, spec: &SubscriptionSpec) -> Result<(), TransportError> {
+        let patterns = PatternSet::parse(&spec.patterns)?;
         let mut table = self.table.write().expect("bus table poisoned");
         let slot = table
             .subs
@@ -145,6 +145,7 @@ mod tests {
             patterns: patterns.iter().map(|s| s.to_string()).collect(),
             queue_group: "plugbus.p".into(),
             capacity,
+            durable: None,
         }
     }
 
@@ -194,7 +195,7 @@ mod tests {
     async fn retarget_switches_patterns_in_place() {
         let bus = EmbeddedBus::new();
         let mut sub = bus.subscribe(spec(&["a"], 8)).await.unwrap();
-        bus.retarget(sub.id, vec!["b".into()]).await.unwrap();
+        bus.retarget(sub.id, &spec(&["b"], 8)).await.unwrap();
         bus.publish(Event::new("a", "")).await.unwrap();
         bus.publish(Event::new("b", "")).await.unwrap();
         assert_eq!(sub.deliveries.recv().await.unwrap().event.subject, "b");

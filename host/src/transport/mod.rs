@@ -1,11 +1,12 @@
 //! Transports: where events come from and where outputs go.
 //!
 //! One trait, [`Transport`], with two implementations: [`embedded`] (an in-process bus, the
-//! default) and NATS (later). A transport knows subjects and deliveries; it knows nothing of
+//! default) and [`nats`] (core subjects with queue groups, JetStream durable consumers). A transport knows subjects and deliveries; it knows nothing of
 //! plugins' code, retries or the sandbox. Invariant: a transport never drops an accepted event
 //! silently: it either delivers it, applies backpressure, or returns an error to the publisher.
 
 pub mod embedded;
+pub mod nats;
 
 use crate::event::Event;
 use async_trait::async_trait;
@@ -22,6 +23,9 @@ pub enum TransportError {
     /// The transport is shut down or disconnected.
     #[error("transport closed: {0}")]
     Closed(String),
+    /// The broker refused or failed the request.
+    #[error("{0}")]
+    Broker(String),
 }
 
 /// What to subscribe for one plugin.
@@ -35,6 +39,20 @@ pub struct SubscriptionSpec {
     pub queue_group: String,
     /// How many deliveries may wait in the plugin's queue before the transport pauses.
     pub capacity: usize,
+    /// At-least-once delivery from a durable consumer, when the transport has one.
+    pub durable: Option<Durability>,
+}
+
+/// What a durable subscription asks of the transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Durability {
+    /// On first creation, start from the oldest event the stream holds (else from new ones).
+    pub deliver_all: bool,
+    /// Deliveries after which the transport gives up on an event by itself (a backstop: the
+    /// host dead-letters before this).
+    pub max_deliver: u32,
+    /// Where the plugin's dead letters go: the transport keeps them durably too.
+    pub dead_letter: Option<String>,
 }
 
 /// Settles one delivery with the transport once dispatch is done with it.
@@ -66,6 +84,19 @@ pub struct Delivery {
     pub event: Arc<Event>,
     /// How to settle it.
     pub acker: Box<dyn Acker>,
+    /// The number of this attempt (1 on first delivery; a durable transport counts redeliveries).
+    pub attempt: u32,
+    /// Whether the transport delivers it again after a `nak` (so retries may leave the host).
+    pub redeliverable: bool,
+    /// Why the message could not be read as an event (it is dead-lettered without running).
+    pub defect: Option<String>,
+}
+
+impl Delivery {
+    /// A first delivery with nothing to settle and no redelivery.
+    pub fn once(event: Arc<Event>) -> Self {
+        Self { event, acker: Box::new(NoAck), attempt: 1, redeliverable: false, defect: None }
+    }
 }
 
 /// A live subscription: deliveries arrive on `deliveries`; dropping it unsubscribes.
@@ -115,9 +146,9 @@ pub trait Transport: Send + Sync + 'static {
     /// Subscribes a plugin; deliveries arrive on the returned subscription's queue.
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription, TransportError>;
 
-    /// Changes the patterns of a live subscription in place: events matching only the old
-    /// patterns stop, events matching the new ones start, nothing in between is lost or doubled.
-    async fn retarget(&self, subscription: u64, patterns: Vec<String>) -> Result<(), TransportError>;
+    /// Changes the patterns (and durability) of a live subscription in place: events matching
+    /// only the old patterns stop, events matching the new ones start, the queue stays.
+    async fn retarget(&self, subscription: u64, spec: &SubscriptionSpec) -> Result<(), TransportError>;
 
     /// Observes every event matching `patterns` without taking part in delivery (the live tail,
     /// tests). An observer that falls more than `capacity` events behind misses events.
@@ -130,5 +161,12 @@ pub trait Transport: Send + Sync + 'static {
     /// Whether the transport can currently deliver (used by `/readyz`).
     fn is_connected(&self) -> bool {
         true
+    }
+
+    /// Whether events come from outside this host (a broker). A stop then unsubscribes first
+    /// and drains what was taken; on an in-process bus the plugins stay subscribed during the
+    /// drain, because the events they publish are deliveries too.
+    fn is_external(&self) -> bool {
+        false
     }
 }

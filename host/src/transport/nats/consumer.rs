@@ -1,0 +1,206 @@
+//! JetStream durable pull consumers: one per plugin (per queue group) per stream, shared by
+//! every host running the plugin. Messages become deliveries; their acker maps ack / nak with
+//! delay / term onto JetStream, and a ticker sends `in-progress` for every message held longer
+//! than a third of `ack_wait` (queued or running), so a slow handler is not redelivered under it.
+
+use super::wire;
+use crate::transport::{Acker, Delivery, Durability, TransportError};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::message::AckKind;
+use async_nats::jetstream::{self, consumer::pull::MessagesErrorKind};
+use async_nats::{Client, Subject};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Messages taken from JetStream and not yet settled, with when they arrived.
+#[derive(Default)]
+pub struct Held {
+    items: Mutex<HashMap<u64, (Subject, Instant)>>,
+    next: AtomicU64,
+}
+
+impl Held {
+    fn hold(&self, reply: Subject) -> u64 {
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        self.items.lock().expect("held poisoned").insert(token, (reply, Instant::now()));
+        token
+    }
+
+    fn release(&self, token: u64) {
+        self.items.lock().expect("held poisoned").remove(&token);
+    }
+
+    /// Sends `in-progress` for every message held longer than `after`, every `after`.
+    pub async fn keep_alive(self: Arc<Self>, client: Client, after: Duration) {
+        let mut tick = tokio::time::interval(after);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let due: Vec<Subject> = {
+                let items = self.items.lock().expect("held poisoned");
+                items.values().filter(|(_, at)| at.elapsed() >= after).map(|(reply, _)| reply.clone()).collect()
+            };
+            for reply in due {
+                let _ = client.publish(reply, Bytes::from_static(b"+WPI")).await;
+            }
+        }
+    }
+}
+
+struct JsAcker {
+    acker: jetstream::message::Acker,
+    held: Arc<Held>,
+    token: u64,
+    plugin: Arc<str>,
+}
+
+impl JsAcker {
+    async fn settle(&self, kind: AckKind) {
+        self.held.release(self.token);
+        if let Err(e) = self.acker.ack_with(kind).await {
+            tracing::warn!(plugin = %self.plugin, "JetStream did not take the settlement (the event will come again): {e}");
+        }
+    }
+}
+
+impl Drop for JsAcker {
+    fn drop(&mut self) {
+        self.held.release(self.token);
+    }
+}
+
+#[async_trait]
+impl Acker for JsAcker {
+    async fn ack(&self) {
+        self.settle(AckKind::Ack).await;
+    }
+    async fn nak(&self, delay: Duration) {
+        self.settle(AckKind::Nak(Some(delay))).await;
+    }
+    async fn term(&self) {
+        self.settle(AckKind::Term).await;
+    }
+}
+
+/// Where a durable consumer lives and what it takes.
+#[derive(Clone)]
+pub struct ConsumerSpec {
+    /// The stream.
+    pub stream: String,
+    /// The durable name (shared by every host running the plugin).
+    pub name: String,
+    /// Subject filters inside the stream.
+    pub filters: Vec<String>,
+    /// Start position and redelivery backstop.
+    pub durability: Durability,
+    /// How long JetStream waits for a settlement before redelivering.
+    pub ack_wait: Duration,
+}
+
+/// Creates the durable consumer, or updates its filters (keeping where it started from).
+pub async fn ensure(js: &jetstream::Context, spec: &ConsumerSpec) -> Result<PullConsumer, TransportError> {
+    let broker = |what: &str, e: &dyn std::fmt::Display| {
+        TransportError::Broker(format!("{what} consumer {} on stream {}: {e}", spec.name, spec.stream))
+    };
+    let stream = js.get_stream(&spec.stream).await.map_err(|e| broker("finding the stream for", &e))?;
+    let deliver_policy = match stream.consumer_info(&spec.name).await {
+        Ok(info) => info.config.deliver_policy,
+        Err(_) if spec.durability.deliver_all => DeliverPolicy::All,
+        Err(_) => DeliverPolicy::New,
+    };
+    let (filter_subject, filter_subjects) = match spec.filters.as_slice() {
+        [one] => (one.clone(), Vec::new()),
+        many => (String::new(), many.to_vec()),
+    };
+    let config = pull::Config {
+        durable_name: Some(spec.name.clone()),
+        description: Some("plugbus plugin deliveries".into()),
+        deliver_policy,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: spec.ack_wait,
+        max_deliver: i64::from(spec.durability.max_deliver.max(1)),
+        filter_subject,
+        filter_subjects,
+        max_ack_pending: 20_000,
+        ..Default::default()
+    };
+    stream.create_consumer(config).await.map_err(|e| broker("creating", &e))
+}
+
+/// Pulls from the consumer into the plugin's queue until the queue closes; reopens the pull
+/// after errors and re-creates the consumer if it was deleted.
+pub async fn pump(
+    js: jetstream::Context,
+    spec: ConsumerSpec,
+    mut consumer: PullConsumer,
+    tx: mpsc::Sender<Delivery>,
+    held: Arc<Held>,
+    plugin: Arc<str>,
+    batch: usize,
+) {
+    loop {
+        let opened = consumer
+            .stream()
+            .max_messages_per_batch(batch.clamp(1, 1000))
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await;
+        let mut messages = match opened {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(plugin = %plugin, stream = %spec.stream, "cannot pull from JetStream yet: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Ok(c) = ensure(&js, &spec).await {
+                    consumer = c;
+                }
+                continue;
+            }
+        };
+        let mut recreate = false;
+        while let Some(next) = messages.next().await {
+            match next {
+                Ok(msg) => {
+                    let delivery = delivery_of(msg, &held, &plugin);
+                    if tx.send(delivery).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) if matches!(e.kind(), MessagesErrorKind::ConsumerDeleted | MessagesErrorKind::NoResponders) => {
+                    tracing::warn!(plugin = %plugin, stream = %spec.stream, "JetStream consumer gone ({e}); re-creating it");
+                    recreate = true;
+                    break;
+                }
+                Err(e) => tracing::debug!(plugin = %plugin, stream = %spec.stream, "JetStream pull: {e}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if recreate {
+            match ensure(&js, &spec).await {
+                Ok(c) => consumer = c,
+                Err(e) => tracing::warn!(plugin = %plugin, "{e}"),
+            }
+        }
+    }
+}
+
+fn delivery_of(msg: jetstream::Message, held: &Arc<Held>, plugin: &Arc<str>) -> Delivery {
+    let attempt = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+    let (message, acker) = msg.split();
+    let token = held.hold(message.reply.clone().unwrap_or_else(|| Subject::from_static("")));
+    let acker = Box::new(JsAcker { acker, held: held.clone(), token, plugin: plugin.clone() });
+    let subject = message.subject.to_string();
+    match wire::event_of(&subject, message.headers.as_ref(), message.payload.clone()) {
+        Ok(ev) => Delivery { event: Arc::new(ev), acker, attempt, redeliverable: true, defect: None },
+        Err(why) => {
+            let raw = crate::event::Event::new(subject, message.payload);
+            Delivery { event: Arc::new(raw), acker, attempt, redeliverable: true, defect: Some(why) }
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! The NATS transport: the host joins a NATS deployment instead of running the embedded bus.
+//!
+//! - A plain subscription becomes core NATS queue subscriptions ([`queue_group`]): each event is
+//!   handled once per plugin across every host, at most once.
+//! - A durable subscription (manifest `durable`, or `[plugins.NAME] durable = true`) becomes a
+//!   JetStream durable pull consumer per stream ([`consumer`]): at least once, acked only after
+//!   the handler returned Ok and JetStream acknowledged every output.
+//! - A publish to a subject some stream captures waits for the stream's ack and carries
+//!   `Nats-Msg-Id` = the event id, so a redelivered input does not duplicate its outputs.
+//! - Messages are CloudEvents in the NATS binding ([`wire`]).
+
+mod consumer;
+mod queue_group;
+mod streams;
+mod wire;
+
+use super::{Delivery, Subscription, SubscriptionSpec, Transport, TransportError};
+use crate::event::Event;
+use crate::subject::{PatternSet, validate_subject, without_covered};
+use async_nats::jetstream;
+use async_trait::async_trait;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use streams::StreamIndex;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// A stream the operator declares; the host creates it or updates its subjects.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamDef {
+    /// The subjects it captures.
+    pub subjects: Vec<String>,
+}
+
+/// How to reach NATS, and JetStream defaults (`[nats]` in the config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsSettings {
+    /// Server URL(s), comma-separated; unset runs the embedded bus.
+    pub url: Option<String>,
+    /// A `.creds` file (JWT + NKey).
+    pub creds: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust; turns TLS on.
+    pub tls_ca: Option<PathBuf>,
+    /// User name (with `password`).
+    pub user: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+    /// Auth token.
+    pub token: Option<String>,
+    /// Connection name shown by the server.
+    pub name: String,
+    /// How long JetStream waits for a settlement before redelivering.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// How long a publish waits for a stream's ack.
+    #[serde(with = "humantime_serde")]
+    pub publish_timeout: Duration,
+    /// Create a stream when a durable subscription's subjects are in none.
+    pub auto_streams: bool,
+    /// Duplicate window of the streams the host creates (outputs are deduplicated inside it).
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// Streams to create (or whose subjects to update) at start.
+    pub streams: BTreeMap<String, StreamDef>,
+}
+
+impl Default for NatsSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            creds: None,
+            tls_ca: None,
+            user: None,
+            password: None,
+            token: None,
+            name: "plugbus".into(),
+            ack_wait: Duration::from_secs(30),
+            publish_timeout: Duration::from_secs(5),
+            auto_streams: true,
+            duplicate_window: Duration::from_secs(120),
+            streams: BTreeMap::new(),
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct Task(JoinHandle<()>);
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What feeds one plugin's queue now.
+struct Feed {
+    tx: mpsc::Sender<Delivery>,
+    plugin: Arc<str>,
+    /// Core pattern → its queue subscription.
+    core: HashMap<String, Task>,
+    /// Stream → (filters, its pull consumer pump).
+    durable: HashMap<String, (Vec<String>, Task)>,
+}
+
+/// The host's NATS connection.
+pub struct NatsTransport {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    settings: NatsSettings,
+    connected: Arc<AtomicBool>,
+    index: Arc<StreamIndex>,
+    held: Arc<consumer::Held>,
+    feeds: Arc<tokio::sync::Mutex<HashMap<u64, Feed>>>,
+    next_id: AtomicU64,
+    /// Events an observer missed because it fell behind.
+    observer_misses: Arc<AtomicU64>,
+    _background: Vec<Task>,
+}
+
+impl NatsTransport {
+    /// Connects, declares the configured streams and reads which subjects streams capture.
+    pub async fn connect(settings: &NatsSettings) -> Result<Self, TransportError> {
+        let url = settings.url.clone().ok_or_else(|| TransportError::Broker("no NATS url configured".into()))?;
+        let connected = Arc::new(AtomicBool::new(false));
+        let flag = connected.clone();
+        let mut options = async_nats::ConnectOptions::new()
+            .name(&settings.name)
+            .connection_timeout(Duration::from_secs(5))
+            .event_callback(move |event| {
+                let flag = flag.clone();
+                async move { on_event(&flag, event) }
+            });
+        if let Some(creds) = &settings.creds {
+            options = options.credentials_file(creds).await.map_err(|e| {
+                TransportError::Broker(format!("reading the NATS credentials file {}: {e}", creds.display()))
+            })?;
+        }
+        if let Some(ca) = &settings.tls_ca {
+            anyhow_free_check(ca.is_file(), || format!("the NATS TLS CA file {} does not exist", ca.display()))?;
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        match (&settings.user, &settings.password, &settings.token) {
+            (Some(u), Some(p), _) => options = options.user_and_password(u.clone(), p.clone()),
+            (Some(_), None, _) | (None, Some(_), _) => {
+                return Err(TransportError::Broker("NATS user and password must be given together".into()));
+            }
+            (None, None, Some(t)) => options = options.token(t.clone()),
+            _ => {}
+        }
+        let client = options
+            .connect(url.as_str())
+            .await
+            .map_err(|e| TransportError::Broker(format!("cannot connect to NATS at {url}: {e}")))?;
+        connected.store(true, Ordering::Relaxed);
+        let js = jetstream::ContextBuilder::new().timeout(settings.publish_timeout).build(client.clone());
+        let index = Arc::new(StreamIndex::default());
+        if !settings.streams.is_empty() {
+            streams::declare(&js, settings).await?;
+        }
+        if let Err(e) = index.refresh(&js).await {
+            tracing::warn!("JetStream is not available, only core NATS will work: {e}");
+        }
+        let held = Arc::new(consumer::Held::default());
+        let keep_alive = Task(tokio::spawn(held.clone().keep_alive(client.clone(), settings.ack_wait / 3)));
+        let refresh = {
+            let (js, index) = (js.clone(), index.clone());
+            Task(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    if let Err(e) = index.refresh(&js).await {
+                        tracing::debug!("refreshing the JetStream stream list: {e}");
+                    }
+                }
+            }))
+        };
+        tracing::info!(url = %url, server = %client.server_info().version, "connected to NATS");
+        Ok(Self {
+            client,
+            js,
+            settings: settings.clone(),
+            connected,
+            index,
+            held,
+            feeds: Default::default(),
+            next_id: AtomicU64::new(1),
+            observer_misses: Default::default(),
+            _background: vec![keep_alive, refresh],
+        })
+    }
+
+    /// The raw client (tests, the bench).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// How many events observers missed because they fell behind.
+    pub fn observer_misses(&self) -> u64 {
+        self.observer_misses.load(Ordering::Relaxed)
+    }
+
+    /// Makes `feed` take exactly what `spec` asks for: core subscriptions or durable consumers.
+    async fn apply(&self, feed: &mut Feed, spec: &SubscriptionSpec) -> Result<(), TransportError> {
+        PatternSet::parse(&spec.patterns)?;
+        let patterns = without_covered(&spec.patterns);
+        if patterns.len() < spec.patterns.len() {
+            tracing::debug!(plugin = %spec.plugin, kept = ?patterns, "patterns covered by others are not subscribed twice");
+        }
+        match &spec.durable {
+            Some(durability) => {
+                let mut plan: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                for p in &patterns {
+                    for stream in streams::capture(&self.js, &self.index, &self.settings, p).await? {
+                        plan.entry(stream).or_default().push(p.clone());
+                    }
+                }
+                if let Some(dead_letter) = &durability.dead_letter {
+                    streams::capture(&self.js, &self.index, &self.settings, dead_letter).await?;
+                }
+                let name = streams::stream_token(&spec.queue_group).to_ascii_lowercase();
+                for (stream, filters) in &plan {
+                    if feed.durable.get(stream).is_some_and(|(f, _)| f == filters) {
+                        continue;
+                    }
+                    let cspec = consumer::ConsumerSpec {
+                        stream: stream.clone(),
+                        name: name.clone(),
+                        filters: filters.clone(),
+                        durability: durability.clone(),
+                        ack_wait: self.settings.ack_wait,
+                    };
+                    let c = consumer::ensure(&self.js, &cspec).await?;
+                    match feed.durable.get_mut(stream) {
+                        Some(slot) => slot.0 = filters.clone(),
+                        None => {
+                            let pump = consumer::pump(
+                                self.js.clone(),
+                                cspec,
+                                c,
+                                feed.tx.clone(),
+                                self.held.clone(),
+                                feed.plugin.clone(),
+                                spec.capacity,
+                            );
+                            feed.durable.insert(stream.clone(), (filters.clone(), Task(tokio::spawn(pump))));
+                        }
+                    }
+                    tracing::info!(plugin = %spec.plugin, stream = %stream, consumer = %name, filters = ?filters, "durable JetStream consumer");
+                }
+                feed.durable.retain(|stream, _| plan.contains_key(stream));
+                feed.core.clear();
+            }
+            None => {
+                for p in &patterns {
+                    if feed.core.contains_key(p) {
+                        continue;
+                    }
+                    let sub = self.client.queue_subscribe(p.clone(), spec.queue_group.clone()).await.map_err(|e| {
+                        TransportError::Broker(format!("subscribing {} to {p} on NATS: {e}", spec.plugin))
+                    })?;
+                    feed.core.insert(p.clone(), Task(tokio::spawn(queue_group::pump(sub, feed.tx.clone()))));
+                }
+                feed.core.retain(|p, _| patterns.contains(p));
+                feed.durable.clear();
+                tracing::info!(plugin = %spec.plugin, patterns = ?patterns, queue_group = %spec.queue_group, "core NATS queue subscriptions");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn anyhow_free_check(ok: bool, msg: impl FnOnce() -> String) -> Result<(), TransportError> {
+    if ok { Ok(()) } else { Err(TransportError::Broker(msg())) }
+}
+
+fn on_event(connected: &AtomicBool, event: async_nats::Event) {
+    match event {
+        async_nats::Event::Connected => {
+            connected.store(true, Ordering::Relaxed);
+            tracing::info!("NATS connection (re)established");
+        }
+        async_nats::Event::Disconnected => {
+            connected.store(false, Ordering::Relaxed);
+            tracing::warn!(
+                "NATS connection lost; reconnecting (JetStream deliveries resume, core messages meanwhile are missed)"
+            );
+        }
+        async_nats::Event::Closed => {
+            connected.store(false, Ordering::Relaxed);
+            tracing::warn!("NATS connection closed");
+        }
+        async_nats::Event::SlowConsumer(sid) => {
+            tracing::warn!(
+                subscription = sid,
+                "NATS slow consumer: core messages dropped for a subscription that fell behind"
+            );
+        }
+        other => tracing::info!("NATS: {other}"),
+    }
+}
+
+/// Unsubscribes a plugin's feed when the router lets go of it.
+struct Unsubscribe {
+    feeds: Arc<tokio::sync::Mutex<HashMap<u64, Feed>>>,
+    id: u64,
+}
+
+impl Drop for Unsubscribe {
+    fn drop(&mut self) {
+        let id = self.id;
+        if let Ok(mut feeds) = self.feeds.try_lock() {
+            feeds.remove(&id);
+            return;
+        }
+        // Busy (a subscribe or retarget is running): unsubscribe as soon as it is done.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let feeds = self.feeds.clone();
+            rt.spawn(async move {
+                feeds.lock().await.remove(&id);
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for NatsTransport {
+    fn name(&self) -> &'static str {
+        "nats"
+    }
+
+    async fn publish(&self, event: Event) -> Result<(), TransportError> {
+        validate_subject(&event.subject)?;
+        let (headers, payload) = wire::message_of(&event);
+        let subject = event.subject;
+        if self.index.captures(&subject) {
+            let ack = self
+                .js
+                .publish_with_headers(subject.clone(), headers, payload)
+                .await
+                .map_err(|e| TransportError::Broker(format!("publishing to {subject} on JetStream: {e}")))?;
+            let ack = ack.await.map_err(|e| {
+                TransportError::Broker(format!("JetStream did not acknowledge the event on {subject}: {e}"))
+            })?;
+            if ack.duplicate {
+                tracing::debug!(subject = %subject, event_id = %event.id, "JetStream already had this event (duplicate dropped)");
+            }
+        } else {
+            self.client
+                .publish_with_headers(subject.clone(), headers, payload)
+                .await
+                .map_err(|e| TransportError::Broker(format!("publishing to {subject} on NATS: {e}")))?;
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription, TransportError> {
+        let (tx, rx) = mpsc::channel(spec.capacity.max(1));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut feed =
+            Feed { tx: tx.clone(), plugin: spec.plugin.as_str().into(), core: HashMap::new(), durable: HashMap::new() };
+        self.apply(&mut feed, &spec).await?;
+        self.feeds.lock().await.insert(id, feed);
+        Ok(Subscription::new(id, &tx, rx, Unsubscribe { feeds: self.feeds.clone(), id }))
+    }
+
+    async fn retarget(&self, subscription: u64, spec: &SubscriptionSpec) -> Result<(), TransportError> {
+        let mut feeds = self.feeds.lock().await;
+        let feed = feeds
+            .get_mut(&subscription)
+            .ok_or_else(|| TransportError::Closed(format!("subscription {subscription} is gone")))?;
+        self.apply(feed, spec).await
+    }
+
+    async fn observe(
+        &self,
+        patterns: Vec<String>,
+        capacity: usize,
+    ) -> Result<mpsc::Receiver<Arc<Event>>, TransportError> {
+        PatternSet::parse(&patterns)?;
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        for p in without_covered(&patterns) {
+            let mut sub = self
+                .client
+                .subscribe(p.clone())
+                .await
+                .map_err(|e| TransportError::Broker(format!("observing {p} on NATS: {e}")))?;
+            let (tx, misses) = (tx.clone(), self.observer_misses.clone());
+            tokio::spawn(async move {
+                while let Some(msg) = sub.next().await {
+                    let Ok(ev) = wire::event_of(msg.subject.as_str(), msg.headers.as_ref(), msg.payload) else {
+                        continue;
+                    };
+                    match tx.try_send(Arc::new(ev)) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            misses.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => break,
+                    }
+                }
+            });
+        }
+        Ok(rx)
+    }
+
+    fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    fn is_external(&self) -> bool {
+        true
+    }
+}

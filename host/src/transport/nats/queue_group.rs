@@ -1,0 +1,28 @@
+//! Core NATS subscriptions: one queue subscription per pattern, in the plugin's queue group,
+//! so each event is handled once per plugin across every host. At-most-once: a message in
+//! flight when a host dies is gone (use a durable subscription for at-least-once).
+
+use super::wire;
+use crate::event::Event;
+use crate::transport::Delivery;
+use async_nats::Subscriber;
+use futures::StreamExt;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// Moves messages from the subscription into the plugin's queue until either closes.
+pub async fn pump(mut sub: Subscriber, tx: mpsc::Sender<Delivery>) {
+    while let Some(msg) = sub.next().await {
+        let subject = msg.subject.to_string();
+        let delivery = match wire::event_of(&subject, msg.headers.as_ref(), msg.payload.clone()) {
+            Ok(mut ev) => {
+                ev.reply_to = msg.reply.map(|r| r.to_string());
+                Delivery::once(Arc::new(ev))
+            }
+            Err(why) => Delivery { defect: Some(why), ..Delivery::once(Arc::new(Event::new(subject, msg.payload))) },
+        };
+        if tx.send(delivery).await.is_err() {
+            break;
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! NATS messages ↔ events: the CloudEvents NATS binding.
+//!
+//! In: binary mode (`ce-` headers), structured mode (`Content-Type: application/cloudevents+json`)
+//! or a plain message (id from `Nats-Msg-Id` or generated, `type` = subject, `time` = receipt).
+//! Out: binary mode, with `Nats-Msg-Id` = the event id so JetStream drops a re-published copy.
+
+use crate::cloudevents;
+use crate::event::Event;
+use async_nats::HeaderMap;
+use async_nats::header::{HeaderName, HeaderValue};
+use bytes::Bytes;
+use std::str::FromStr;
+
+/// The header JetStream deduplicates on.
+pub const MSG_ID: &str = "Nats-Msg-Id";
+
+/// The event a NATS message carries; the error says what is malformed.
+pub fn event_of(subject: &str, headers: Option<&HeaderMap>, payload: Bytes) -> Result<Event, String> {
+    let pairs: Vec<(&str, &str)> = headers
+        .into_iter()
+        .flat_map(|h| h.iter())
+        .flat_map(|(name, values)| values.iter().map(move |v| (AsRef::<str>::as_ref(name), v.as_str())))
+        .collect();
+    cloudevents::decode(subject, pairs.into_iter(), payload)
+}
+
+/// The headers and payload that carry `ev` (binary mode). Headers NATS cannot carry (a name
+/// with `:` or control characters, a value with a line break) are left out and logged.
+pub fn message_of(ev: &Event) -> (HeaderMap, Bytes) {
+    let mut headers = HeaderMap::new();
+    for (name, value) in cloudevents::encode_binary(ev) {
+        let parsed = HeaderName::from_str(&name).ok().filter(|_| !value.contains(['\r', '\n']));
+        match parsed {
+            Some(n) => headers.append(n, HeaderValue::from(value.as_str())),
+            None => tracing::warn!(subject = %ev.subject, event_id = %ev.id, header = %name,
+                "header left out: NATS cannot carry this name or value"),
+        }
+    }
+    headers.insert(MSG_ID, ev.id.as_str());
+    (headers, ev.data.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_survives_the_trip_through_nats_headers() {
+        let mut ev = Event::new("orders.created", "{}").with_header("tenant", "acme co").with_header("trace-id", "t1");
+        ev.datacontenttype = Some("application/json".into());
+        let (headers, payload) = message_of(&ev);
+        assert_eq!(headers.get(MSG_ID).map(|v| v.as_str()), Some(ev.id.as_str()));
+        let mut back = event_of(&ev.subject, Some(&headers), payload).unwrap();
+        assert_eq!(back.header("nats-msg-id"), Some(ev.id.as_str()));
+        back.extensions.retain(|(k, _)| k != "nats-msg-id");
+        back.extensions.sort();
+        ev.extensions.sort();
+        assert_eq!(back, ev);
+    }
+
+    #[test]
+    fn a_plain_message_takes_its_id_from_nats_msg_id() {
+        let mut h = HeaderMap::new();
+        h.insert(MSG_ID, "m-1");
+        let ev = event_of("a.b", Some(&h), Bytes::from_static(b"x")).unwrap();
+        assert_eq!((ev.id.as_str(), ev.ty.as_str()), ("m-1", "a.b"));
+        assert!(!event_of("a.b", None, Bytes::new()).unwrap().id.is_empty());
+    }
+
+    #[test]
+    fn a_header_nats_cannot_carry_is_left_out() {
+        let ev = Event::new("a", "").with_header("bad:name", "v").with_header("ok", "v");
+        let (headers, _) = message_of(&ev);
+        assert!(headers.get("ce-ok").is_some());
+        assert_eq!(headers.iter().filter(|(k, _)| AsRef::<str>::as_ref(k).contains(':')).count(), 0);
+    }
+}
