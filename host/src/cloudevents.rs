@@ -27,13 +27,28 @@ pub fn decode<'a>(
     headers: impl Iterator<Item = (&'a str, &'a str)>,
     body: Bytes,
 ) -> Result<Event, String> {
+    decode_with_id(subject, headers, body, None)
+}
+
+/// Like [`decode`]; a message that names no id (no `ce-id`, no `Nats-Msg-Id`, no `id` in the
+/// envelope) gets `fallback_id` (a durable transport passes one that is the same on every
+/// redelivery, so the event's outputs keep their ids) or a fresh one.
+pub fn decode_with_id<'a>(
+    subject: &str,
+    headers: impl Iterator<Item = (&'a str, &'a str)>,
+    body: Bytes,
+    fallback_id: Option<String>,
+) -> Result<Event, String> {
     let headers: Vec<(String, &str)> = headers.map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
     let content_type = headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| *v);
     if content_type.is_some_and(|c| c.starts_with(STRUCTURED)) {
-        return decode_structured(subject, &body);
+        return decode_structured(subject, &body, fallback_id);
     }
     let has_ce_id = headers.iter().any(|(k, _)| k == "ce-id");
     let mut ev = Event::new(subject, body);
+    if let Some(id) = fallback_id {
+        ev.id = id;
+    }
     ev.datacontenttype = content_type.map(str::to_owned);
     for (name, value) in headers {
         let value = percent_decode(value);
@@ -61,13 +76,13 @@ pub fn decode<'a>(
     Ok(ev)
 }
 
-fn decode_structured(subject: &str, body: &[u8]) -> Result<Event, String> {
+fn decode_structured(subject: &str, body: &[u8], fallback_id: Option<String>) -> Result<Event, String> {
     let v: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| format!("structured CloudEvent is not valid JSON: {e}"))?;
     let obj = v.as_object().ok_or("structured CloudEvent is not a JSON object")?;
     let text = |k: &str| obj.get(k).and_then(|v| v.as_str()).map(str::to_owned);
     let mut ev = Event::new(subject, Bytes::new());
-    if let Some(id) = text("id") {
+    if let Some(id) = text("id").or(fallback_id) {
         ev.id = id;
     }
     if let Some(s) = text("source") {

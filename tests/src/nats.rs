@@ -40,6 +40,11 @@ impl NatsServer {
         s
     }
 
+    /// Starts the server again after [`NatsServer::stop`] (same port and store).
+    pub async fn start_again(&mut self) {
+        self.spawn().await;
+    }
+
     async fn spawn(&mut self) {
         let child = Command::new(binary())
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])

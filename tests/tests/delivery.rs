@@ -1,19 +1,42 @@
 //! Delivery semantics: retries with backoff, dead letters, isolation between plugins, order per
-//! key, backpressure and drain.
+//! key, backpressure and drain. The retry and dead-letter cases run on both transports: the
+//! embedded bus and JetStream (where a retry is a `nak` with the backoff delay).
 
 use plugbus::deadletter::headers;
 use plugbus::retry::RetryPolicy;
 use plugbus::router::Flow;
-use plugbus_tests::{TestHost, fast_retries};
+use plugbus_tests::nats::NatsServer;
+use plugbus_tests::{Bus, TestHost, fast_retries};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fails_twice_then_succeeds_handled_once_outputs_once() {
+/// Runs a shared case on the embedded bus and on JetStream.
+macro_rules! on_both_transports {
+    ($case:ident) => {
+        mod $case {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$case(&super::Bus::Embedded).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn jetstream() {
+                let server = super::NatsServer::start().await;
+                super::$case(&super::Bus::JetStream(&server)).await;
+            }
+        }
+    };
+}
+
+on_both_transports!(fails_twice_then_succeeds_handled_once_outputs_once);
+on_both_transports!(reject_dead_letters_at_once_with_every_header);
+on_both_transports!(exhausted_retries_dead_letter_with_the_last_error_and_replay_works);
+
+async fn fails_twice_then_succeeds_handled_once_outputs_once(bus: &Bus<'_>) {
     let policy =
         RetryPolicy { max_attempts: 5, initial: Duration::from_millis(100), factor: 2.0, max: Duration::from_secs(1) };
     let p = policy.clone();
-    let t = TestHost::start_with(&["faulty"], move |c| c.retry = p).await;
+    let t = TestHost::start_on(bus, &["faulty"], move |c| c.retry = p).await;
     let mut seen = t.observe(&["faulty.out.>", "plugbus.dlq.>"]).await;
     let started = Instant::now();
     t.publish("faulty.flaky", "3").await;
@@ -24,6 +47,9 @@ async fn fails_twice_then_succeeds_handled_once_outputs_once() {
     t.wait_counter("faulty", "ok", 1).await;
     assert_eq!(t.counter("faulty", "retried"), 2);
     assert_eq!(t.counter("faulty", "dead_lettered"), 0);
+    // on JetStream each retry went back through the broker (nak with delay): 3 deliveries
+    let deliveries = if matches!(bus, Bus::JetStream(_)) { 3 } else { 1 };
+    assert_eq!(t.counter("faulty", "received"), deliveries);
     // the two failed attempts' outputs ("lost attempt N") never escaped, the success's came once
     let rest = seen.drain(Duration::from_millis(300)).await;
     assert!(rest.is_empty(), "unexpected extra events: {rest:?}");
@@ -32,9 +58,8 @@ async fn fails_twice_then_succeeds_handled_once_outputs_once() {
     assert!(elapsed < bound, "retries took {elapsed:?}, over the backoff bound {bound:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reject_dead_letters_at_once_with_every_header() {
-    let t = TestHost::start_with(&["faulty"], fast_retries).await;
+async fn reject_dead_letters_at_once_with_every_header(bus: &Bus<'_>) {
+    let t = TestHost::start_on(bus, &["faulty"], fast_retries).await;
     let mut seen = t.observe(&["plugbus.dlq.>"]).await;
     let ev = plugbus::Event::new("faulty.reject", "payload").with_header("tenant", "acme");
     let id = ev.id.clone();
@@ -51,9 +76,8 @@ async fn reject_dead_letters_at_once_with_every_header() {
     assert_eq!(t.counter("faulty", "retried"), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exhausted_retries_dead_letter_with_the_last_error_and_replay_works() {
-    let t = TestHost::start_with(&["faulty"], fast_retries).await;
+async fn exhausted_retries_dead_letter_with_the_last_error_and_replay_works(bus: &Bus<'_>) {
+    let t = TestHost::start_on(bus, &["faulty"], fast_retries).await;
     let mut seen = t.observe(&["plugbus.dlq.>", "faulty.retry"]).await;
     t.publish("faulty.retry", "").await;
     seen.next_on("faulty.retry").await;

@@ -191,12 +191,15 @@ pub async fn pump(
 }
 
 fn delivery_of(msg: jetstream::Message, held: &Arc<Held>, plugin: &Arc<str>) -> Delivery {
-    let attempt = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+    let info = msg.info().ok();
+    let attempt = info.as_ref().map_or(1, |i| i.delivered.max(1) as u32);
+    // A message that names no id is known by its place in the stream: the same on redelivery.
+    let fallback_id = info.as_ref().map(|i| format!("{}-{}", i.stream, i.stream_sequence));
     let (message, acker) = msg.split();
     let token = held.hold(message.reply.clone().unwrap_or_else(|| Subject::from_static("")));
     let acker = Box::new(JsAcker { acker, held: held.clone(), token, plugin: plugin.clone() });
     let subject = message.subject.to_string();
-    match wire::event_of(&subject, message.headers.as_ref(), message.payload.clone()) {
+    match wire::event_of(&subject, message.headers.as_ref(), message.payload.clone(), fallback_id) {
         Ok(ev) => Delivery { event: Arc::new(ev), acker, attempt, redeliverable: true, defect: None },
         Err(why) => {
             let raw = crate::event::Event::new(subject, message.payload);

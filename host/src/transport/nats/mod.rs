@@ -268,6 +268,9 @@ impl NatsTransport {
                 }
                 feed.core.retain(|p, _| patterns.contains(p));
                 feed.durable.clear();
+                // Once subscribe returns, the server has the subscriptions: nothing published
+                // after it is missed.
+                self.client.flush().await.map_err(|e| TransportError::Broker(format!("flushing to NATS: {e}")))?;
                 tracing::info!(plugin = %spec.plugin, patterns = ?patterns, queue_group = %spec.queue_group, "core NATS queue subscriptions");
             }
         }
@@ -390,10 +393,11 @@ impl Transport for NatsTransport {
                 .subscribe(p.clone())
                 .await
                 .map_err(|e| TransportError::Broker(format!("observing {p} on NATS: {e}")))?;
+            self.client.flush().await.map_err(|e| TransportError::Broker(format!("flushing to NATS: {e}")))?;
             let (tx, misses) = (tx.clone(), self.observer_misses.clone());
             tokio::spawn(async move {
                 while let Some(msg) = sub.next().await {
-                    let Ok(ev) = wire::event_of(msg.subject.as_str(), msg.headers.as_ref(), msg.payload) else {
+                    let Ok(ev) = wire::event_of(msg.subject.as_str(), msg.headers.as_ref(), msg.payload, None) else {
                         continue;
                     };
                     match tx.try_send(Arc::new(ev)) {

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 pub async fn pump(mut sub: Subscriber, tx: mpsc::Sender<Delivery>) {
     while let Some(msg) = sub.next().await {
         let subject = msg.subject.to_string();
-        let delivery = match wire::event_of(&subject, msg.headers.as_ref(), msg.payload.clone()) {
+        let delivery = match wire::event_of(&subject, msg.headers.as_ref(), msg.payload.clone(), None) {
             Ok(mut ev) => {
                 ev.reply_to = msg.reply.map(|r| r.to_string());
                 Delivery::once(Arc::new(ev))

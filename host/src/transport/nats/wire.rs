@@ -14,14 +14,20 @@ use std::str::FromStr;
 /// The header JetStream deduplicates on.
 pub const MSG_ID: &str = "Nats-Msg-Id";
 
-/// The event a NATS message carries; the error says what is malformed.
-pub fn event_of(subject: &str, headers: Option<&HeaderMap>, payload: Bytes) -> Result<Event, String> {
+/// The event a NATS message carries; the error says what is malformed. A message naming no id
+/// gets `fallback_id`, or a fresh one.
+pub fn event_of(
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: Bytes,
+    fallback_id: Option<String>,
+) -> Result<Event, String> {
     let pairs: Vec<(&str, &str)> = headers
         .into_iter()
         .flat_map(|h| h.iter())
         .flat_map(|(name, values)| values.iter().map(move |v| (AsRef::<str>::as_ref(name), v.as_str())))
         .collect();
-    cloudevents::decode(subject, pairs.into_iter(), payload)
+    cloudevents::decode_with_id(subject, pairs.into_iter(), payload, fallback_id)
 }
 
 /// The headers and payload that carry `ev` (binary mode). Headers NATS cannot carry (a name
@@ -50,7 +56,7 @@ mod tests {
         ev.datacontenttype = Some("application/json".into());
         let (headers, payload) = message_of(&ev);
         assert_eq!(headers.get(MSG_ID).map(|v| v.as_str()), Some(ev.id.as_str()));
-        let mut back = event_of(&ev.subject, Some(&headers), payload).unwrap();
+        let mut back = event_of(&ev.subject, Some(&headers), payload, None).unwrap();
         assert_eq!(back.header("nats-msg-id"), Some(ev.id.as_str()));
         back.extensions.retain(|(k, _)| k != "nats-msg-id");
         back.extensions.sort();
@@ -62,9 +68,10 @@ mod tests {
     fn a_plain_message_takes_its_id_from_nats_msg_id() {
         let mut h = HeaderMap::new();
         h.insert(MSG_ID, "m-1");
-        let ev = event_of("a.b", Some(&h), Bytes::from_static(b"x")).unwrap();
+        let ev = event_of("a.b", Some(&h), Bytes::from_static(b"x"), Some("s-1".into())).unwrap();
         assert_eq!((ev.id.as_str(), ev.ty.as_str()), ("m-1", "a.b"));
-        assert!(!event_of("a.b", None, Bytes::new()).unwrap().id.is_empty());
+        assert!(!event_of("a.b", None, Bytes::new(), None).unwrap().id.is_empty());
+        assert_eq!(event_of("a.b", None, Bytes::new(), Some("ORDERS-7".into())).unwrap().id, "ORDERS-7");
     }
 
     #[test]
