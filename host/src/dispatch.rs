@@ -218,7 +218,7 @@ async fn run_attempt(rt: &PluginRuntime, plugin: &Plugin, ev: &Event, attempt: u
         let run = plugin.handle(ev, attempt).await;
         rt.metrics.observe_attempt(&rt.name, run.elapsed);
         run.result?;
-        match plugin.commit(&run.txn) {
+        match plugin.commit(&run.txn).await {
             Ok(()) => {}
             Err(KvError::Conflict(key)) if reruns < MAX_KV_CONFLICT_RERUNS => {
                 reruns += 1;

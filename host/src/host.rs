@@ -4,6 +4,7 @@ use crate::api;
 use crate::config::Config;
 use crate::deadletter::DeadLetters;
 use crate::event::Event;
+use crate::kv::jetstream::JetStreamKv;
 use crate::kv::{KvStore, MemoryKv, RedbKv};
 use crate::loader::{self, Rejected};
 use crate::metrics::Metrics;
@@ -38,17 +39,20 @@ impl Host {
     /// Loads the plugins folder, subscribes every plugin and starts the HTTP API.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         config.validate()?;
-        let transport: Arc<dyn Transport> = match &config.nats.url {
+        let (transport, kv): (Arc<dyn Transport>, Arc<dyn KvStore>) = match &config.nats.url {
             Some(url) => {
-                Arc::new(NatsTransport::connect(&config.nats).await.with_context(|| format!("joining NATS at {url}"))?)
+                let nats =
+                    NatsTransport::connect(&config.nats).await.with_context(|| format!("joining NATS at {url}"))?;
+                // On NATS, plugin state lives in JetStream KV: every host running the plugin shares it.
+                let kv = Arc::new(JetStreamKv::new(nats.jetstream().clone()));
+                (Arc::new(nats), kv)
             }
-            None => Arc::new(EmbeddedBus::new()),
-        };
-        let kv: Arc<dyn KvStore> = if config.persistent_kv {
-            let path = config.data_dir.join("kv.redb");
-            Arc::new(RedbKv::open(&path).with_context(|| format!("opening the kv store {}", path.display()))?)
-        } else {
-            Arc::new(MemoryKv::new())
+            None if config.persistent_kv => {
+                let path = config.data_dir.join("kv.redb");
+                let kv = RedbKv::open(&path).with_context(|| format!("opening the kv store {}", path.display()))?;
+                (Arc::new(EmbeddedBus::new()), Arc::new(kv))
+            }
+            None => (Arc::new(EmbeddedBus::new()), Arc::new(MemoryKv::new())),
         };
         let mut settings = config.sandbox.clone();
         settings.max_memory_mib = settings.max_memory_mib.max(config.max_memory_mib());

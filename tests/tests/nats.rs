@@ -339,3 +339,31 @@ async fn jetstream_a_broker_restart_mid_stream_loses_nothing_and_the_host_recove
     assert_eq!((messages, ids.len()), (N, N), "every input handled, outputs not duplicated");
     eventually("the host handled every event", || t.counter("echo", "ok") >= N as u64).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_lives_in_jetstream_and_two_hosts_never_lose_an_update() {
+    let server = NatsServer::start().await;
+    let a = TestHost::start_on(&Bus::Core(&server), &["inventory"], |_| {}).await;
+    let b = TestHost::start_on(&Bus::Core(&server), &["inventory"], |_| {}).await;
+    let client = server.client().await;
+    let mut out = client.subscribe("inventory.*").await.unwrap();
+    client.flush().await.unwrap();
+    // 12 orders of one widget, at once, shared by two hosts: the stock of 10 is reserved exactly
+    for i in 0..12 {
+        client.publish("orders.created", plugbus_tests::order(&format!("o{i}"), "widget", 1).into()).await.unwrap();
+    }
+    client.flush().await.unwrap();
+    let mut by_subject: HashMap<String, usize> = HashMap::new();
+    for _ in 0..12 {
+        *by_subject.entry(next(&mut out).await.subject.to_string()).or_default() += 1;
+    }
+    assert_eq!(by_subject.get("inventory.reserved"), Some(&10), "{by_subject:?}");
+    assert_eq!(by_subject.get("inventory.rejected"), Some(&2), "{by_subject:?}");
+    assert!(a.counter("inventory", "ok") > 0 && b.counter("inventory", "ok") > 0);
+    // the state is in the plugin's JetStream KV bucket, seen the same from either host
+    let bucket = jetstream::new(client).get_key_value("plugbus_inventory").await.unwrap();
+    assert_eq!(bucket.get("reserved/widget").await.unwrap().unwrap(), "10");
+    assert_eq!(bucket.get("stock/widget").await.unwrap().unwrap(), "0");
+    let v = b.host.kv().get("inventory", "reserved/widget").await.unwrap().unwrap();
+    assert_eq!(v.value, b"10");
+}

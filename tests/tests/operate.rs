@@ -94,7 +94,7 @@ async fn kv_survives_a_restart() {
         let mut seen = host.observe(&["inventory.reserved"]).await.unwrap();
         host.publish(Event::new("orders.created", order(&format!("r-{i}"), "widget", 3))).await.unwrap();
         seen.recv().await.unwrap();
-        let reserved = host.kv().get("inventory", "reserved/widget").unwrap().unwrap().value;
+        let reserved = host.kv().get("inventory", "reserved/widget").await.unwrap().unwrap().value;
         assert_eq!(String::from_utf8(reserved).unwrap(), expected, "run {i}");
         host.shutdown().await;
     }

@@ -52,11 +52,12 @@ async fn kv_holds_the_reserved_count_even_with_concurrent_orders() {
         seen.next_on("inventory.reserved").await;
     }
     t.wait_counter("inventory", "ok", 5).await;
-    let get = |k: &str| t.host.kv().get("inventory", k).unwrap().map(|v| String::from_utf8(v.value).unwrap());
-    assert_eq!(get("reserved/widget").as_deref(), Some("5"));
-    assert_eq!(get("stock/widget").as_deref(), Some("5"));
+    let get =
+        async |k: &str| t.host.kv().get("inventory", k).await.unwrap().map(|v| String::from_utf8(v.value).unwrap());
+    assert_eq!(get("reserved/widget").await.as_deref(), Some("5"));
+    assert_eq!(get("stock/widget").await.as_deref(), Some("5"));
     // the stock then runs out: 10 widgets at start, 5 reserved, an order for 6 is refused
     t.publish("orders.created", order("c-big", "widget", 6)).await;
     assert_eq!(seen.next_on("inventory.rejected").await.subject, "inventory.rejected");
-    assert_eq!(get("reserved/widget").as_deref(), Some("5"));
+    assert_eq!(get("reserved/widget").await.as_deref(), Some("5"));
 }

@@ -4,6 +4,8 @@ wasmtime::component::bindgen!({
     world: "plugin",
     path: "../wit",
     exports: { default: async },
+    // kv reads may go over the network (JetStream KV); everything else answers from memory.
+    imports: { "plugbus:handler/kv.get": async },
 });
 
 pub use self::exports::plugbus::handler::handler::Guest;

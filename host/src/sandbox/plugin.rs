@@ -129,11 +129,11 @@ impl Plugin {
     }
 
     /// Commits an attempt's kv writes; a conflict means the attempt must run again.
-    pub fn commit(&self, txn: &Txn) -> Result<(), KvError> {
+    pub async fn commit(&self, txn: &Txn) -> Result<(), KvError> {
         if txn.is_empty() {
             return Ok(());
         }
-        self.ctx.kv.commit(&self.ctx.name, txn)
+        self.ctx.kv.commit(&self.ctx.name, txn).await
     }
 
     /// Runs one attempt of `event` in a fresh instance.

@@ -184,10 +184,10 @@ fn kv_err(e: crate::kv::KvError) -> types::KvError {
 }
 
 impl kv::Host for HostState {
-    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, types::KvError> {
+    async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, types::KvError> {
         self.check_kv_size(&key, 0)?;
         let store = self.plugin.kv.clone();
-        self.txn.get(&*store, &self.plugin.name, &key).map_err(kv_err)
+        self.txn.get(&*store, &self.plugin.name, &key).await.map_err(kv_err)
     }
 
     fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), types::KvError> {

@@ -200,6 +200,11 @@ impl NatsTransport {
         &self.client
     }
 
+    /// The JetStream context (the kv buckets use it).
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
     /// How many events observers missed because they fell behind.
     pub fn observer_misses(&self) -> u64 {
         self.observer_misses.load(Ordering::Relaxed)
@@ -223,7 +228,7 @@ impl NatsTransport {
                 if let Some(dead_letter) = &durability.dead_letter {
                     streams::capture(&self.js, &self.index, &self.settings, dead_letter).await?;
                 }
-                let name = streams::stream_token(&spec.queue_group).to_ascii_lowercase();
+                let name = name_token(&spec.queue_group).to_ascii_lowercase();
                 for (stream, filters) in &plan {
                     if feed.durable.get(stream).is_some_and(|(f, _)| f == filters) {
                         continue;
@@ -276,6 +281,11 @@ impl NatsTransport {
         }
         Ok(())
     }
+}
+
+/// A stream, consumer or bucket name from free text: letters, digits, `_` and `-`.
+pub fn name_token(s: &str) -> String {
+    streams::stream_token(s)
 }
 
 fn anyhow_free_check(ok: bool, msg: impl FnOnce() -> String) -> Result<(), TransportError> {

@@ -6,6 +6,8 @@
 //! the handler again. So concurrent events never lose each other's updates, and a failed
 //! attempt leaves no trace.
 
+pub mod jetstream;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
@@ -30,11 +32,17 @@ pub struct Versioned {
 }
 
 /// A namespaced, versioned key-value store.
+#[async_trait::async_trait]
 pub trait KvStore: Send + Sync {
     /// Reads `key` in namespace `ns`.
-    fn get(&self, ns: &str, key: &str) -> Result<Option<Versioned>, KvError>;
-    /// Applies `txn` atomically if none of the keys it read changed since.
-    fn commit(&self, ns: &str, txn: &Txn) -> Result<(), KvError>;
+    async fn get(&self, ns: &str, key: &str) -> Result<Option<Versioned>, KvError>;
+    /// Applies `txn` if none of the keys it read changed since.
+    async fn commit(&self, ns: &str, txn: &Txn) -> Result<(), KvError>;
+
+    /// The value of `key` (`None` when absent or deleted) and the version a commit checks.
+    async fn read(&self, ns: &str, key: &str) -> Result<(Option<Vec<u8>>, u64), KvError> {
+        Ok(self.get(ns, key).await?.map_or((None, 0), |v| (Some(v.value), v.version)))
+    }
 }
 
 /// One attempt's reads and buffered writes.
@@ -48,13 +56,13 @@ pub struct Txn {
 
 impl Txn {
     /// Reads through the transaction: its own writes first, then the store.
-    pub fn get(&mut self, store: &dyn KvStore, ns: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+    pub async fn get(&mut self, store: &dyn KvStore, ns: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
         if let Some(w) = self.writes.get(key) {
             return Ok(w.clone());
         }
-        let got = store.get(ns, key)?;
-        self.reads.entry(key.to_string()).or_insert(got.as_ref().map_or(0, |v| v.version));
-        Ok(got.map(|v| v.value))
+        let (value, version) = store.read(ns, key).await?;
+        self.reads.entry(key.to_string()).or_insert(version);
+        Ok(value)
     }
 
     /// Buffers a write.
@@ -87,13 +95,14 @@ impl MemoryKv {
     }
 }
 
+#[async_trait::async_trait]
 impl KvStore for MemoryKv {
-    fn get(&self, ns: &str, key: &str) -> Result<Option<Versioned>, KvError> {
+    async fn get(&self, ns: &str, key: &str) -> Result<Option<Versioned>, KvError> {
         let data = self.data.lock().map_err(|_| KvError::Unavailable("poisoned".into()))?;
         Ok(data.get(&(ns.to_string(), key.to_string())).cloned())
     }
 
-    fn commit(&self, ns: &str, txn: &Txn) -> Result<(), KvError> {
+    async fn commit(&self, ns: &str, txn: &Txn) -> Result<(), KvError> {
         let mut data = self.data.lock().map_err(|_| KvError::Unavailable("poisoned".into()))?;
         for (key, seen) in &txn.reads {
             let now = data.get(&(ns.to_string(), key.clone())).map_or(0, |v| v.version);
@@ -157,15 +166,16 @@ impl RedbKv {
     }
 }
 
+#[async_trait::async_trait]
 impl KvStore for RedbKv {
-    fn get(&self, ns: &str, key: &str) -> Result<Option<Versioned>, KvError> {
+    async fn get(&self, ns: &str, key: &str) -> Result<Option<Versioned>, KvError> {
         use redb::ReadableDatabase;
         let txn = self.db.begin_read().map_err(unavailable)?;
         let table = txn.open_table(DATA).map_err(unavailable)?;
         Ok(table.get(db_key(ns, key).as_str()).map_err(unavailable)?.map(|v| decode(v.value())))
     }
 
-    fn commit(&self, ns: &str, txn: &Txn) -> Result<(), KvError> {
+    async fn commit(&self, ns: &str, txn: &Txn) -> Result<(), KvError> {
         use redb::ReadableTable;
         // redb has one writer at a time: checking the reads and writing happen atomically.
         let w = self.db.begin_write().map_err(unavailable)?;
@@ -203,52 +213,52 @@ impl KvStore for RedbKv {
 mod tests {
     use super::*;
 
-    #[test]
-    fn redb_store_persists_and_detects_conflicts() {
+    #[tokio::test]
+    async fn redb_store_persists_and_detects_conflicts() {
         let dir = std::env::temp_dir().join(format!("plugbus-kv-{}", std::process::id()));
         let path = dir.join("kv.redb");
         {
             let kv = RedbKv::open(&path).unwrap();
             let mut a = Txn::default();
             let mut b = Txn::default();
-            assert_eq!(a.get(&kv, "p", "n").unwrap(), None);
-            assert_eq!(b.get(&kv, "p", "n").unwrap(), None);
+            assert_eq!(a.get(&kv, "p", "n").await.unwrap(), None);
+            assert_eq!(b.get(&kv, "p", "n").await.unwrap(), None);
             a.set("n", b"1".to_vec());
             b.set("n", b"2".to_vec());
-            kv.commit("p", &a).unwrap();
-            assert_eq!(kv.commit("p", &b), Err(KvError::Conflict("n".into())));
+            kv.commit("p", &a).await.unwrap();
+            assert_eq!(kv.commit("p", &b).await, Err(KvError::Conflict("n".into())));
         }
         let kv = RedbKv::open(&path).unwrap();
-        assert_eq!(kv.get("p", "n").unwrap().unwrap().value, b"1");
-        assert!(kv.get("q", "n").unwrap().is_none());
+        assert_eq!(kv.get("p", "n").await.unwrap().unwrap().value, b"1");
+        assert!(kv.get("q", "n").await.unwrap().is_none());
         let _ = std::fs::remove_dir_all(dir);
     }
 
-    #[test]
-    fn commit_detects_a_concurrent_change() {
+    #[tokio::test]
+    async fn commit_detects_a_concurrent_change() {
         let kv = MemoryKv::new();
         let mut a = Txn::default();
         let mut b = Txn::default();
-        assert_eq!(a.get(&kv, "p", "n").unwrap(), None);
-        assert_eq!(b.get(&kv, "p", "n").unwrap(), None);
+        assert_eq!(a.get(&kv, "p", "n").await.unwrap(), None);
+        assert_eq!(b.get(&kv, "p", "n").await.unwrap(), None);
         a.set("n", b"1".to_vec());
         b.set("n", b"1".to_vec());
-        kv.commit("p", &a).unwrap();
-        assert_eq!(kv.commit("p", &b), Err(KvError::Conflict("n".into())));
-        assert_eq!(kv.get("p", "n").unwrap().unwrap().value, b"1");
+        kv.commit("p", &a).await.unwrap();
+        assert_eq!(kv.commit("p", &b).await, Err(KvError::Conflict("n".into())));
+        assert_eq!(kv.get("p", "n").await.unwrap().unwrap().value, b"1");
     }
 
-    #[test]
-    fn namespaces_are_separate_and_reads_see_own_writes() {
+    #[tokio::test]
+    async fn namespaces_are_separate_and_reads_see_own_writes() {
         let kv = MemoryKv::new();
         let mut t = Txn::default();
         t.set("k", b"v".to_vec());
-        assert_eq!(t.get(&kv, "p", "k").unwrap(), Some(b"v".to_vec()));
-        kv.commit("p", &t).unwrap();
-        assert!(kv.get("q", "k").unwrap().is_none());
+        assert_eq!(t.get(&kv, "p", "k").await.unwrap(), Some(b"v".to_vec()));
+        kv.commit("p", &t).await.unwrap();
+        assert!(kv.get("q", "k").await.unwrap().is_none());
         let mut d = Txn::default();
         d.delete("k");
-        kv.commit("p", &d).unwrap();
-        assert!(kv.get("p", "k").unwrap().is_none());
+        kv.commit("p", &d).await.unwrap();
+        assert!(kv.get("p", "k").await.unwrap().is_none());
     }
 }

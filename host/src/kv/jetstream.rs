@@ -1,0 +1,211 @@
+//! Plugin kv on a NATS deployment: one JetStream KV bucket per plugin (`plugbus_<plugin>`),
+//! shared by every host running the plugin.
+//!
+//! A transaction's writes commit as one JetStream atomic batch (nats-server 2.12+, the bucket's
+//! stream has `allow_atomic`): every written key carries `Nats-Expected-Last-Subject-Sequence`
+//! = the revision the attempt read (0 = absent), so either all writes land or none does and the
+//! attempt re-runs, as on the embedded store. A key only read is checked just before the batch.
+//! A single write is a plain compare-and-set (`update` / `create`).
+
+use super::{KvError, KvStore, Txn, Versioned};
+use async_nats::jetstream::{self, kv};
+use std::collections::HashMap;
+
+/// JetStream KV buckets, one per plugin.
+pub struct JetStreamKv {
+    js: jetstream::Context,
+    buckets: tokio::sync::Mutex<HashMap<String, kv::Store>>,
+}
+
+impl JetStreamKv {
+    /// A store on `js`; buckets are created on first use.
+    pub fn new(js: jetstream::Context) -> Self {
+        Self { js, buckets: Default::default() }
+    }
+
+    async fn bucket(&self, ns: &str) -> Result<kv::Store, KvError> {
+        let mut buckets = self.buckets.lock().await;
+        if let Some(b) = buckets.get(ns) {
+            return Ok(b.clone());
+        }
+        let name = format!("plugbus_{}", crate::transport::nats::name_token(ns).to_ascii_lowercase());
+        let store = match self.js.get_key_value(&name).await {
+            Ok(s) => s,
+            Err(_) => self
+                .js
+                .create_key_value(kv::Config {
+                    bucket: name.clone(),
+                    description: format!("plugbus kv of plugin {ns}"),
+                    history: 1,
+                    storage: jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| KvError::Unavailable(format!("creating the JetStream KV bucket {name}: {e}")))?,
+        };
+        let mut stream = self
+            .js
+            .get_stream(&store.stream_name)
+            .await
+            .map_err(|e| KvError::Unavailable(format!("reading the JetStream KV bucket {name}: {e}")))?;
+        let config = stream.info().await.map(|i| i.config.clone());
+        if let Ok(mut config) = config
+            && !config.allow_atomic_publish
+        {
+            config.allow_atomic_publish = true;
+            self.js.update_stream(config).await.map_err(|e| {
+                KvError::Unavailable(format!(
+                    "turning on atomic batches for the JetStream KV bucket {name} (needs nats-server 2.12+): {e}"
+                ))
+            })?;
+        }
+        buckets.insert(ns.to_string(), store.clone());
+        Ok(store)
+    }
+
+    /// Writes every key of `txn` in one atomic batch, each checked against the revision read.
+    async fn commit_batch(&self, store: &kv::Store, txn: &Txn) -> Result<(), KvError> {
+        let client = self.js.client();
+        let batch = uuid::Uuid::now_v7().to_string();
+        let count = txn.writes.len();
+        for (i, (key, value)) in txn.writes.iter().enumerate() {
+            let subject = format!("{}{}", store.prefix, nats_key(key));
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Nats-Batch-Id", batch.as_str());
+            h.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
+            if let Some(seen) = txn.reads.get(key) {
+                h.insert("Nats-Expected-Last-Subject-Sequence", seen.to_string().as_str());
+            }
+            let payload = match value {
+                Some(v) => bytes::Bytes::from(v.clone()),
+                None => {
+                    h.insert("KV-Operation", "DEL");
+                    bytes::Bytes::new()
+                }
+            };
+            if i + 1 < count {
+                client.publish_with_headers(subject, h, payload).await.map_err(|e| unavailable("writing", key, e))?;
+                continue;
+            }
+            h.insert("Nats-Batch-Commit", "1");
+            let reply = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                client.request_with_headers(subject, h, payload),
+            )
+            .await
+            .map_err(|_| unavailable("committing", key, "no answer within 5 s"))?
+            .map_err(|e| unavailable("committing", key, e))?;
+            let answer: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
+            if let Some(err) = answer.get("error") {
+                let description = err["description"].as_str().unwrap_or_default();
+                if description.contains("wrong last sequence") || err["err_code"] == 10071 {
+                    return Err(KvError::Conflict(key.clone()));
+                }
+                return Err(unavailable("committing the batch with", key, description));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A NATS KV key for any plugin key: characters outside `[A-Za-z0-9-/_.]` (and `=`) become
+/// `=XX`; dots too when they would make an empty token.
+pub fn nats_key(key: &str) -> String {
+    let escape_dots = key.is_empty() || key.starts_with('.') || key.ends_with('.') || key.contains("..");
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        let plain = b.is_ascii_alphanumeric() || matches!(b, b'-' | b'/' | b'_') || (b == b'.' && !escape_dots);
+        if plain {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("={b:02X}"));
+        }
+    }
+    if out.is_empty() { "=".into() } else { out }
+}
+
+fn unavailable(what: &str, key: &str, e: impl std::fmt::Display) -> KvError {
+    KvError::Unavailable(format!("{what} kv key {key:?} on JetStream: {e}"))
+}
+
+/// The value (`None` if absent or deleted) and the revision of the key's last entry, a delete
+/// marker included: that is what `Nats-Expected-Last-Subject-Sequence` compares against.
+async fn read_entry(store: &kv::Store, key: &str) -> Result<(Option<Vec<u8>>, u64), KvError> {
+    let entry = store.entry(nats_key(key)).await.map_err(|e| unavailable("reading", key, e))?;
+    Ok(entry.map_or((None, 0), |e| {
+        let value = (e.operation == kv::Operation::Put).then(|| e.value.to_vec());
+        (value, e.revision)
+    }))
+}
+
+#[async_trait::async_trait]
+impl KvStore for JetStreamKv {
+    async fn get(&self, ns: &str, key: &str) -> Result<Option<Versioned>, KvError> {
+        let store = self.bucket(ns).await?;
+        let entry = store.entry(nats_key(key)).await.map_err(|e| unavailable("reading", key, e))?;
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .map(|e| Versioned { value: e.value.to_vec(), version: e.revision }))
+    }
+
+    async fn read(&self, ns: &str, key: &str) -> Result<(Option<Vec<u8>>, u64), KvError> {
+        read_entry(&self.bucket(ns).await?, key).await
+    }
+
+    async fn commit(&self, ns: &str, txn: &Txn) -> Result<(), KvError> {
+        let store = self.bucket(ns).await?;
+        // Check every read first (a stale attempt fails before it writes anything), then write
+        // each key with compare-and-set (which catches a change since the check).
+        for (key, seen) in &txn.reads {
+            if read_entry(&store, key).await?.1 != *seen {
+                return Err(KvError::Conflict(key.clone()));
+            }
+        }
+        if txn.writes.len() > 1 {
+            return self.commit_batch(&store, txn).await;
+        }
+        for (key, value) in &txn.writes {
+            let k = nats_key(key);
+            let conflict = |e: &dyn std::fmt::Display| unavailable("writing", key, e);
+            match (value, txn.reads.get(key)) {
+                (Some(v), Some(0)) => match store.create(&k, v.clone().into()).await {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                        return Err(KvError::Conflict(key.clone()));
+                    }
+                    Err(e) => return Err(conflict(&e)),
+                },
+                (Some(v), Some(seen)) => match store.update(&k, v.clone().into(), *seen).await {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                        return Err(KvError::Conflict(key.clone()));
+                    }
+                    Err(e) => return Err(conflict(&e)),
+                },
+                (Some(v), None) => {
+                    store.put(&k, v.clone().into()).await.map_err(|e| conflict(&e))?;
+                }
+                (None, Some(seen)) if *seen > 0 => {
+                    store.delete_expect_revision(&k, Some(*seen)).await.map_err(|_| KvError::Conflict(key.clone()))?;
+                }
+                (None, _) => store.delete(&k).await.map_err(|e| conflict(&e))?,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nats_key;
+
+    #[test]
+    fn any_plugin_key_becomes_a_valid_nats_key() {
+        assert_eq!(nats_key("stock/widget"), "stock/widget");
+        assert_eq!(nats_key("count/orders.created"), "count/orders.created");
+        assert_eq!(nats_key("a b=c"), "a=20b=3Dc");
+        assert_eq!(nats_key(".x"), "=2Ex");
+        assert_eq!(nats_key("a..b"), "a=2E=2Eb");
+        assert_ne!(nats_key("a b"), nats_key("a_b"));
+    }
+}
