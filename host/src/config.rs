@@ -7,7 +7,7 @@
 
 use crate::retry::RetryPolicy;
 use crate::router::{Delivering, Flow};
-use crate::sandbox::{Limits, SandboxSettings};
+use crate::sandbox::{InstanceMode, Limits, SandboxSettings};
 use crate::transport::nats::NatsSettings;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -35,6 +35,9 @@ pub struct PluginConfig {
     pub config: BTreeMap<String, Value>,
     /// Force durable (JetStream) delivery on or off for every subscription of the plugin.
     pub durable: Option<bool>,
+    /// `"reuse"`: warm instances reused across events (stateless handlers only); same as
+    /// `limits = { instance = "reuse" }`.
+    pub instance: Option<InstanceMode>,
 }
 
 /// Everything the host needs to start.
@@ -152,7 +155,13 @@ impl Config {
     /// The effective limits of `plugin`.
     pub fn limits_for(&self, plugin: &str) -> Limits {
         match self.plugins.get(plugin) {
-            Some(p) => overlay(&self.limits, &p.limits, plugin).unwrap_or_else(|_| self.limits.clone()),
+            Some(p) => {
+                let mut limits = overlay(&self.limits, &p.limits, plugin).unwrap_or_else(|_| self.limits.clone());
+                if let Some(mode) = p.instance {
+                    limits.instance = mode;
+                }
+                limits
+            }
             None => self.limits.clone(),
         }
     }
@@ -222,6 +231,7 @@ mod tests {
             retry = { max_attempts = 2 }
             dead_letter = "dead.inventory"
             config = { "stock.widget" = 7, sender = "x@y" }
+            instance = "reuse"
             "#,
         );
         let c = Config::load(Some(&f.0)).unwrap();
@@ -229,6 +239,7 @@ mod tests {
         let l = c.limits_for("inventory");
         assert_eq!((l.memory_mib, l.deadline), (32, Duration::from_secs(2)));
         assert_eq!(c.limits_for("other").memory_mib, 64);
+        assert_eq!((l.instance, c.limits_for("other").instance), (InstanceMode::Reuse, InstanceMode::Fresh));
         let d = c.delivering_for("inventory");
         assert_eq!((d.retry.max_attempts, d.retry.initial), (2, Duration::from_millis(100)));
         assert_eq!(d.dead_letter_subject, "dead.inventory");

@@ -132,3 +132,46 @@ fn inspect_gives_a_verdict_and_an_exit_code() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("core WebAssembly module"));
 }
+
+/// What `faulty.global` reports: how many events its instance has handled.
+async fn instance_events(t: &TestHost, seen: &mut plugbus_tests::Observer) -> u64 {
+    t.publish("faulty.global", "").await;
+    let out = seen.next_on("faulty.out.global").await;
+    serde_json::from_slice::<serde_json::Value>(&out.data).unwrap()["instance_events"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_instances_share_nothing_between_events() {
+    let t = TestHost::start(&["faulty"]).await;
+    let mut seen = t.observe(&["faulty.out.>"]).await;
+    for _ in 0..3 {
+        assert_eq!(instance_events(&t, &mut seen).await, 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_reuse_keeps_warm_instances_and_recycles_them_after_a_trap_or_n_events() {
+    let t = TestHost::start_with(&["faulty"], |c| {
+        plugbus_tests::fast_retries(c);
+        c.flow.concurrency = 1;
+        let p = c.plugins.entry("faulty".into()).or_default();
+        p.instance = Some(plugbus::sandbox::InstanceMode::Reuse);
+        p.limits.insert("recycle_after".into(), 4.into());
+    })
+    .await;
+    let mut seen = t.observe(&["faulty.out.>"]).await;
+    // one warm instance serves event after event
+    for expected in 1..=3 {
+        assert_eq!(instance_events(&t, &mut seen).await, expected);
+    }
+    // a trap throws the instance away: the next event gets a new one
+    let mut dlq = t.observe(&["plugbus.dlq.faulty"]).await;
+    t.publish("faulty.trap", "").await;
+    dlq.next_on("plugbus.dlq.faulty").await;
+    assert_eq!(instance_events(&t, &mut seen).await, 1);
+    // and after `recycle_after` (4) events an instance is replaced
+    for expected in 2..=4 {
+        assert_eq!(instance_events(&t, &mut seen).await, expected);
+    }
+    assert_eq!(instance_events(&t, &mut seen).await, 1);
+}

@@ -26,6 +26,22 @@ pub struct Limits {
     pub max_kv_value_bytes: u64,
     /// Bytes of stdout/stderr/log kept per event; the rest is cut and counted.
     pub max_log_bytes: u64,
+    /// `fresh`: a new instance per attempt (nothing survives an event). `reuse`: a pool of warm
+    /// instances, for handlers that keep no state between events (globals survive!).
+    pub instance: InstanceMode,
+    /// With `reuse`: an instance is dropped after this many events (and after any trap).
+    pub recycle_after: u32,
+}
+
+/// How instances are used across events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceMode {
+    /// A fresh instance per attempt: the default, full isolation between events.
+    #[default]
+    Fresh,
+    /// Warm instances reused across events: much faster, for stateless handlers.
+    Reuse,
 }
 
 impl Default for Limits {
@@ -38,6 +54,8 @@ impl Default for Limits {
             max_event_bytes: 1024 * 1024,
             max_kv_value_bytes: 256 * 1024,
             max_log_bytes: 64 * 1024,
+            instance: InstanceMode::Fresh,
+            recycle_after: 10_000,
         }
     }
 }

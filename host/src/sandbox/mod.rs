@@ -1,7 +1,8 @@
 //! The sandbox: wasmtime, the limits, and the host functions a plugin may call.
 //!
 //! It owns compiling and validating components ([`Sandbox::load`]) and running one attempt of
-//! one event in a fresh instance ([`Plugin::handle`]). Invariant: nothing under `sandbox/`
+//! one event in a fresh instance, or a warm one for plugins set to `instance = "reuse"`
+//! ([`Plugin::handle`]). Invariant: nothing under `sandbox/`
 //! knows about transports, retries or subjects beyond the publish allow-list; a failure in
 //! here is returned as a value ([`Failure`]), never a panic or a host crash.
 
@@ -16,6 +17,6 @@ mod validate;
 
 pub use cache::CacheStats;
 pub use engine::{Sandbox, SandboxSettings};
-pub use limits::Limits;
+pub use limits::{InstanceMode, Limits};
 pub use plugin::{Attempt, Failure, Plugin, PluginSettings};
 pub use validate::{LoadError, allowed_import, check_header, content_hash};

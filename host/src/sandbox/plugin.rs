@@ -1,13 +1,13 @@
 //! A loaded plugin: its pre-linked component and manifest; runs one attempt per call.
 
 use super::bindings::{self, types as wit};
-use super::limits::Limits;
+use super::limits::{InstanceMode, Limits};
 use super::state::{HostState, PluginCtx};
 use crate::event::{Event, Output};
 use crate::kv::{KvError, KvStore, Txn};
 use crate::manifest::Manifest;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
@@ -77,6 +77,15 @@ pub struct Plugin {
     manifest: Manifest,
     hash: String,
     ctx: Arc<PluginCtx>,
+    /// Idle instances (`instance = "reuse"` only).
+    warm: Mutex<Vec<Warm>>,
+}
+
+/// An instantiated plugin kept between events, with its store.
+struct Warm {
+    store: Store<HostState>,
+    instance: bindings::Plugin,
+    uses: u32,
 }
 
 /// Installs the memory limiter and the deadline on a fresh store.
@@ -105,7 +114,7 @@ impl Plugin {
         hash: String,
         ctx: Arc<PluginCtx>,
     ) -> Self {
-        Self { engine, _ticker: ticker, pre, manifest, hash, ctx }
+        Self { engine, _ticker: ticker, pre, manifest, hash, ctx, warm: Mutex::new(Vec::new()) }
     }
 
     /// The plugin's name (its identity).
@@ -136,8 +145,11 @@ impl Plugin {
         self.ctx.kv.commit(&self.ctx.name, txn).await
     }
 
-    /// Runs one attempt of `event` in a fresh instance.
+    /// Runs one attempt of `event`: in a fresh instance, or with `instance = "reuse"` in a warm one.
     pub async fn handle(&self, event: &Event, attempt: u32) -> Attempt {
+        if self.ctx.limits.instance == InstanceMode::Reuse {
+            return self.handle_warm(event, attempt).await;
+        }
         let started = Instant::now();
         let state = HostState::new(self.ctx.clone(), &event.id, &event.subject);
         let mut store = Store::new(&self.engine, state);
@@ -146,17 +158,8 @@ impl Plugin {
             let instance = self.pre.instantiate_async(&mut store).await?;
             instance.plugbus_handler_handler().call_handle(&mut store, &to_wit(event, attempt)).await
         };
-        let result = match call.await {
-            Ok(Ok(())) => match store.data().refused.clone() {
-                // A refused publish that the handler swallowed still fails the event: its
-                // outputs are incomplete.
-                Some(why) => Err(Failure::Reject(format!("publish refused: {why}"))),
-                None => Ok(()),
-            },
-            Ok(Err(wit::HandlerError::Retry(m))) => Err(Failure::Retry(m)),
-            Ok(Err(wit::HandlerError::Reject(m))) => Err(Failure::Reject(m)),
-            Err(e) => Err(Failure::Trap(describe_trap(&e, store.data()))),
-        };
+        let call = call.await;
+        let result = self.outcome(call, store.data());
         let state = store.into_data();
         self.forward_stdio(&state);
         let ok = result.is_ok();
@@ -165,6 +168,64 @@ impl Plugin {
             outputs: if ok { state.outputs } else { Vec::new() },
             txn: if ok { state.txn } else { Txn::default() },
             elapsed: started.elapsed(),
+        }
+    }
+
+    /// One attempt in a warm instance: taken from the idle list (or made), put back after the
+    /// call unless it trapped or has served `recycle_after` events.
+    async fn handle_warm(&self, event: &Event, attempt: u32) -> Attempt {
+        let started = Instant::now();
+        let idle = self.warm.lock().expect("warm pool poisoned").pop();
+        let mut warm = match idle {
+            Some(mut w) => {
+                w.store.data_mut().reset_for(&event.id, &event.subject);
+                w.store.set_epoch_deadline(1);
+                w
+            }
+            None => {
+                let mut store = Store::new(&self.engine, HostState::new(self.ctx.clone(), &event.id, &event.subject));
+                arm_store(&mut store);
+                match self.pre.instantiate_async(&mut store).await {
+                    Ok(instance) => Warm { store, instance, uses: 0 },
+                    Err(e) => {
+                        let failure = Failure::Trap(describe_trap(&e, store.data()));
+                        self.forward_stdio(store.data());
+                        return Attempt {
+                            result: Err(failure),
+                            outputs: Vec::new(),
+                            txn: Txn::default(),
+                            elapsed: started.elapsed(),
+                        };
+                    }
+                }
+            }
+        };
+        let call = warm.instance.plugbus_handler_handler().call_handle(&mut warm.store, &to_wit(event, attempt)).await;
+        let trapped = call.is_err();
+        let result = self.outcome(call, warm.store.data());
+        let state = warm.store.data_mut();
+        self.forward_stdio(state);
+        let ok = result.is_ok();
+        let outputs = if ok { std::mem::take(&mut state.outputs) } else { Vec::new() };
+        let txn = if ok { std::mem::take(&mut state.txn) } else { Txn::default() };
+        warm.uses += 1;
+        if !trapped && warm.uses < self.ctx.limits.recycle_after {
+            self.warm.lock().expect("warm pool poisoned").push(warm);
+        }
+        Attempt { result, outputs, txn, elapsed: started.elapsed() }
+    }
+
+    fn outcome(&self, call: wasmtime::Result<Result<(), wit::HandlerError>>, state: &HostState) -> Result<(), Failure> {
+        match call {
+            Ok(Ok(())) => match state.refused.clone() {
+                // A refused publish that the handler swallowed still fails the event: its
+                // outputs are incomplete.
+                Some(why) => Err(Failure::Reject(format!("publish refused: {why}"))),
+                None => Ok(()),
+            },
+            Ok(Err(wit::HandlerError::Retry(m))) => Err(Failure::Retry(m)),
+            Ok(Err(wit::HandlerError::Reject(m))) => Err(Failure::Reject(m)),
+            Err(e) => Err(Failure::Trap(describe_trap(&e, state))),
         }
     }
 

@@ -86,6 +86,22 @@ impl HostState {
         }
     }
 
+    /// Readies a warm store for the next event: the per-attempt buffers start empty and the
+    /// deadline counts from now. (stdout/stderr were drained when the last attempt ended.)
+    pub fn reset_for(&mut self, event_id: &str, subject: &str) {
+        self.event_id.clear();
+        self.event_id.push_str(event_id);
+        self.subject.clear();
+        self.subject.push_str(subject);
+        self.outputs.clear();
+        self.output_bytes = 0;
+        self.refused = None;
+        self.txn = Txn::default();
+        self.log_bytes = 0;
+        self.started = Instant::now();
+        self.deadline_hit = false;
+    }
+
     fn refuse(&mut self, err: types::PublishError) -> Result<(), types::PublishError> {
         let why = match &err {
             types::PublishError::Denied(m) | types::PublishError::Limit(m) | types::PublishError::Invalid(m) => m,

@@ -85,6 +85,13 @@ fn misbehave(ev: Event) -> Result<(), HandlerError> {
             let n = kv::get_json::<u64>(&key)?.unwrap_or(0) + 1;
             kv::set_json(&key, &n)?;
         }
+        // How many events this instance has handled (1 with a fresh instance per event).
+        "global" => {
+            static SEEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = SEEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            publish_json(&out, &serde_json::json!({ "instance_events": n }))?;
+            return Ok(());
+        }
         other => return Err(HandlerError::reject(format!("unknown fault {other:?}"))),
     }
     publish_json(&out, &serde_json::json!({ "attempt": ev.attempt(), "data": ev.text().unwrap_or("") }))?;
