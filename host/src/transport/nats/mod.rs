@@ -406,7 +406,13 @@ impl Transport for NatsTransport {
             self.client.flush().await.map_err(|e| TransportError::Broker(format!("flushing to NATS: {e}")))?;
             let (tx, misses) = (tx.clone(), self.observer_misses.clone());
             tokio::spawn(async move {
-                while let Some(msg) = sub.next().await {
+                // Ends (and unsubscribes) when the observer goes away, even if nothing arrives.
+                loop {
+                    let msg = tokio::select! {
+                        msg = sub.next() => msg,
+                        _ = tx.closed() => None,
+                    };
+                    let Some(msg) = msg else { break };
                     let Ok(ev) = wire::event_of(msg.subject.as_str(), msg.headers.as_ref(), msg.payload, None) else {
                         continue;
                     };
