@@ -11,11 +11,10 @@
 use crate::deadletter::{self, DeadLetters};
 use crate::event::Event;
 use crate::kv::KvError;
-use crate::metrics::Metrics;
+use crate::metrics::PluginMetrics;
 use crate::retry::RetryPolicy;
 use crate::sandbox::{Failure, Plugin};
 use crate::transport::{Delivery, Transport};
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::Semaphore;
@@ -44,29 +43,49 @@ pub struct PluginStats {
     pub pending: AtomicU64,
     /// Outputs released.
     pub outputs: AtomicU64,
-    /// Ids of the deliveries pending now, for the drain report.
-    pending_ids: Mutex<BTreeMap<u64, String>>,
-    next_seq: AtomicU64,
+    /// The deliveries pending now, for the drain report.
+    pending_events: Mutex<Slots>,
+}
+
+/// A slab of pending events: a slot is reused once settled, so admitting allocates nothing in
+/// the steady state.
+#[derive(Debug, Default)]
+struct Slots {
+    slots: Vec<Option<Arc<Event>>>,
+    free: Vec<usize>,
 }
 
 impl PluginStats {
     /// Registers a delivery as pending; returns its ticket.
-    pub fn admit(&self, event_id: &str) -> u64 {
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+    pub fn admit(&self, event: &Arc<Event>) -> usize {
         self.pending.fetch_add(1, Ordering::Relaxed);
-        self.pending_ids.lock().expect("stats poisoned").insert(seq, event_id.to_string());
-        seq
+        let mut s = self.pending_events.lock().expect("stats poisoned");
+        match s.free.pop() {
+            Some(i) => {
+                s.slots[i] = Some(event.clone());
+                i
+            }
+            None => {
+                s.slots.push(Some(event.clone()));
+                s.slots.len() - 1
+            }
+        }
     }
 
     /// Marks a delivery settled.
-    pub fn settle(&self, ticket: u64) {
-        self.pending_ids.lock().expect("stats poisoned").remove(&ticket);
+    pub fn settle(&self, ticket: usize) {
+        let mut s = self.pending_events.lock().expect("stats poisoned");
+        if s.slots.get_mut(ticket).and_then(Option::take).is_some() {
+            s.free.push(ticket);
+        }
+        drop(s);
         self.pending.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Ids of the deliveries still pending.
     pub fn pending_ids(&self) -> Vec<String> {
-        self.pending_ids.lock().expect("stats poisoned").values().cloned().collect()
+        let s = self.pending_events.lock().expect("stats poisoned");
+        s.slots.iter().flatten().map(|e| e.id.clone()).collect()
     }
 }
 
@@ -89,7 +108,7 @@ pub struct PluginRuntime {
     /// Bounds the attempts running at once.
     pub run_permits: Semaphore,
     /// Where counters go.
-    pub metrics: Arc<Metrics>,
+    pub metrics: PluginMetrics,
 }
 
 impl PluginRuntime {
@@ -139,8 +158,8 @@ pub enum RetryIn {
 pub async fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) -> Outcome {
     rt.stats.received.fetch_add(1, Ordering::Relaxed);
     let ev = &delivery.event;
-    let labels = Metrics::event(&rt.name, &ev.subject);
-    rt.metrics.received.get_or_create(&labels).inc();
+    let counters = rt.metrics.event(&ev.subject);
+    counters.received.inc();
     let by_transport = retry_in == RetryIn::Transport && delivery.redeliverable;
     let outcome = match &delivery.defect {
         Some(why) => {
@@ -151,7 +170,7 @@ pub async fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) 
     };
     match &outcome {
         Outcome::Handled { attempts, outputs } => {
-            rt.metrics.handled.get_or_create(&labels).inc();
+            counters.handled.inc();
             rt.stats.ok.fetch_add(1, Ordering::Relaxed);
             rt.stats.outputs.fetch_add(*outputs as u64, Ordering::Relaxed);
             tracing::debug!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempts, outputs, "handled");
@@ -159,7 +178,7 @@ pub async fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) 
         }
         Outcome::Redelivering { wait, .. } => delivery.acker.nak(*wait).await,
         Outcome::DeadLettered { attempts, failure } => {
-            rt.metrics.dead_lettered.get_or_create(&labels).inc();
+            counters.dead_lettered.inc();
             rt.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             match dead_letter(rt, ev, failure, *attempts).await {
                 Ok(()) => delivery.acker.term().await,
@@ -193,7 +212,7 @@ async fn attempts(rt: &PluginRuntime, ev: &Event, first: u32, by_transport: bool
             Err(failure) if failure.is_retryable() && attempt < rt.retry.max_attempts => {
                 let wait = rt.retry.backoff(attempt);
                 rt.stats.retried.fetch_add(1, Ordering::Relaxed);
-                rt.metrics.retried.get_or_create(&Metrics::event(&rt.name, &ev.subject)).inc();
+                rt.metrics.event(&ev.subject).retried.inc();
                 tracing::warn!(
                     plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempt,
                     retry_in_ms = wait.as_millis() as u64, "attempt failed, will retry: {failure}"
@@ -216,7 +235,7 @@ async fn run_attempt(rt: &PluginRuntime, plugin: &Plugin, ev: &Event, attempt: u
     loop {
         rt.stats.attempts.fetch_add(1, Ordering::Relaxed);
         let run = plugin.handle(ev, attempt).await;
-        rt.metrics.observe_attempt(&rt.name, run.elapsed);
+        rt.metrics.handler_seconds.observe(run.elapsed.as_secs_f64());
         run.result?;
         match plugin.commit(&run.txn).await {
             Ok(()) => {}

@@ -11,7 +11,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::Mutex;
-use std::time::Duration;
 
 /// Labels of per-event counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,15 +103,58 @@ impl Default for Metrics {
     }
 }
 
+/// The per-event counters of one (plugin, subject), looked up once and kept by the plugin.
+#[derive(Clone)]
+pub struct EventCounters {
+    /// `plugbus_events_received_total`.
+    pub received: Counter,
+    /// `plugbus_events_handled_total`.
+    pub handled: Counter,
+    /// `plugbus_events_retried_total`.
+    pub retried: Counter,
+    /// `plugbus_events_dead_lettered_total`.
+    pub dead_lettered: Counter,
+}
+
+/// One plugin's handles: the duration histogram and the event counters by subject, so the hot
+/// path neither builds label sets nor hashes them more than once per event.
+pub struct PluginMetrics {
+    plugin: String,
+    family: std::sync::Arc<Metrics>,
+    /// `plugbus_handler_duration_seconds{plugin}`.
+    pub handler_seconds: Histogram,
+    by_subject: std::sync::RwLock<std::collections::HashMap<String, EventCounters>>,
+}
+
+impl PluginMetrics {
+    /// The handles of `plugin` in `metrics`.
+    pub fn new(metrics: std::sync::Arc<Metrics>, plugin: &str) -> Self {
+        let handler_seconds = metrics.handler_seconds.get_or_create(&PluginLabels { plugin: plugin.into() }).clone();
+        Self { plugin: plugin.into(), family: metrics, handler_seconds, by_subject: Default::default() }
+    }
+
+    /// The counters of events on `subject`.
+    pub fn event(&self, subject: &str) -> EventCounters {
+        if let Some(c) = self.by_subject.read().expect("metrics poisoned").get(subject) {
+            return c.clone();
+        }
+        let labels = Metrics::event(&self.plugin, subject);
+        let m = &self.family;
+        let counters = EventCounters {
+            received: m.received.get_or_create(&labels).clone(),
+            handled: m.handled.get_or_create(&labels).clone(),
+            retried: m.retried.get_or_create(&labels).clone(),
+            dead_lettered: m.dead_lettered.get_or_create(&labels).clone(),
+        };
+        self.by_subject.write().expect("metrics poisoned").insert(subject.to_string(), counters.clone());
+        counters
+    }
+}
+
 impl Metrics {
     /// Labels for one event of one plugin.
     pub fn event(plugin: &str, subject: &str) -> EventLabels {
         EventLabels { plugin: plugin.to_string(), subject: subject.to_string() }
-    }
-
-    /// Records one attempt's duration.
-    pub fn observe_attempt(&self, plugin: &str, elapsed: Duration) {
-        self.handler_seconds.get_or_create(&PluginLabels { plugin: plugin.to_string() }).observe(elapsed.as_secs_f64());
     }
 
     /// Counts a file of the plugins folder that could not be loaded.

@@ -9,7 +9,7 @@ use crate::deadletter::DeadLetters;
 use crate::dispatch::{self, PluginRuntime, PluginStats, RetryIn};
 use crate::event::Event;
 use crate::manifest::OrderKey;
-use crate::metrics::{Metrics, PluginLabels};
+use crate::metrics::{Metrics, PluginLabels, PluginMetrics};
 use crate::retry::RetryPolicy;
 use crate::sandbox::Plugin;
 use crate::subject::Pattern;
@@ -182,7 +182,7 @@ impl Router {
             transport: self.transport.clone(),
             dead_letters: self.dead_letters.clone(),
             run_permits: Semaphore::new(delivering.flow.concurrency.max(1)),
-            metrics: self.metrics.clone(),
+            metrics: PluginMetrics::new(self.metrics.clone(), &name),
         });
         let queue_depth = subscription.depth_probe();
         let subscription_id = subscription.id;
@@ -352,7 +352,7 @@ fn ordering_key(rules: &[OrderRule], event: &Event) -> Option<String> {
     }
 }
 
-type LaneItem = (Delivery, u64, OwnedSemaphorePermit);
+type LaneItem = (Delivery, usize, OwnedSemaphorePermit);
 
 /// Keys being worked on, with the deliveries waiting behind the one running.
 #[derive(Default)]
@@ -398,7 +398,7 @@ async fn run_worker(rt: Arc<PluginRuntime>, mut subscription: Subscription, flow
         // taking more, its transport queue fills, and the transport pauses (backpressure).
         let Ok(admit) = admission.clone().acquire_owned().await else { break };
         let Some(delivery) = subscription.deliveries.recv().await else { break };
-        let ticket = rt.stats.admit(&delivery.event.id);
+        let ticket = rt.stats.admit(&delivery.event);
         let plugin = rt.plugin();
         let rules = match &rules_for {
             Some((ptr, rules)) if *ptr == Arc::as_ptr(&plugin) as usize => rules.clone(),
