@@ -386,14 +386,11 @@ impl Lanes {
 }
 
 async fn run_worker(rt: Arc<PluginRuntime>, mut subscription: Subscription, flow: Flow) {
-    let admission = Arc::new(Semaphore::new(flow.queue.max(1)));
+    let capacity = flow.queue.max(1);
+    let admission = Arc::new(Semaphore::new(capacity));
     let lanes = Arc::new(Lanes::default());
     let mut rules_for: Option<(usize, Arc<Vec<OrderRule>>)> = None;
-    // Every delivery and lane task of this plugin: the worker ends only when they have, so a
-    // closed router holds nothing of the plugin (its kv handle included).
-    let mut tasks = tokio::task::JoinSet::new();
     loop {
-        while tasks.try_join_next().is_some() {}
         // Taking a delivery needs room: a plugin with `queue` deliveries unsettled stops
         // taking more, its transport queue fills, and the transport pauses (backpressure).
         let Ok(admit) = admission.clone().acquire_owned().await else { break };
@@ -411,30 +408,42 @@ async fn run_worker(rt: Arc<PluginRuntime>, mut subscription: Subscription, flow
         match ordering_key(&rules, &delivery.event) {
             None => {
                 let rt = rt.clone();
-                tasks.spawn(async move {
+                tokio::spawn(async move {
                     dispatch::deliver(&rt, delivery, RetryIn::Transport).await;
                     rt.stats.settle(ticket);
+                    // The plugin (and its kv handle) is let go before the permit: once the
+                    // worker holds every permit, no task holds anything of the plugin.
+                    drop(rt);
                     drop(admit);
                 });
             }
             Some(key) => {
                 if let Some(first) = lanes.enqueue(&key, (delivery, ticket, admit)) {
-                    tasks.spawn(run_lane(rt.clone(), lanes.clone(), key, first));
+                    tokio::spawn(run_lane(rt.clone(), lanes.clone(), key, first));
                 }
             }
         }
     }
-    while tasks.join_next().await.is_some() {}
+    // Every delivery and lane task holds a permit until it is done with the plugin: holding
+    // them all means none is left, so a closed router holds nothing of the plugin.
+    let _all = admission.acquire_many(capacity as u32).await;
 }
 
 /// Runs one key's deliveries strictly one after another, retries included.
 async fn run_lane(rt: Arc<PluginRuntime>, lanes: Arc<Lanes>, key: String, first: LaneItem) {
+    let mut rt = Some(rt);
     let mut item = Some(first);
-    while let Some((delivery, ticket, admit)) = item {
+    while let Some((delivery, ticket, admit)) = item.take() {
+        let runtime = rt.as_ref().expect("held until the last item");
         // Retries wait here, holding the lane: the key's later events must not overtake.
-        dispatch::deliver(&rt, delivery, RetryIn::Host).await;
-        rt.stats.settle(ticket);
-        drop(admit);
+        dispatch::deliver(runtime, delivery, RetryIn::Host).await;
+        runtime.stats.settle(ticket);
         item = lanes.next(&key);
+        if item.is_none() {
+            // The last item of the lane: let go of the plugin before the permit.
+            rt = None;
+        }
+        drop(admit);
     }
+    drop(rt);
 }

@@ -15,7 +15,10 @@ async fn metrics_count_a_known_workload() {
     t.publish("faulty.retry", "").await;
     shipped.next_on("shipping.started").await;
     dead.next_on("plugbus.dlq.faulty").await;
-    t.wait_counter("notify", "ok", 1).await;
+    // a plugin counts an event handled after its outputs are out: wait for each count
+    for plugin in ["inventory", "payments", "shipping", "notify"] {
+        t.wait_counter(plugin, "ok", 1).await;
+    }
     let text = reqwest::get(format!("{}/metrics", t.url())).await.unwrap().text().await.unwrap();
     for line in [
         r#"plugbus_events_received_total{plugin="inventory",subject="orders.created"} 1"#,
