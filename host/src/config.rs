@@ -35,9 +35,22 @@ pub struct PluginConfig {
     pub config: BTreeMap<String, Value>,
     /// Force durable (JetStream) delivery on or off for every subscription of the plugin.
     pub durable: Option<bool>,
+    /// Where a new durable consumer of the plugin starts: `"all"` (the stream's first event,
+    /// to rebuild state) or `"new"`; overrides the manifest's `deliver`.
+    pub deliver: Option<Deliver>,
     /// `"reuse"`: warm instances reused across events (stateless handlers only); same as
     /// `limits = { instance = "reuse" }`.
     pub instance: Option<InstanceMode>,
+}
+
+/// Where a new durable consumer starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Deliver {
+    /// Every event the stream holds.
+    All,
+    /// Events published from now on.
+    New,
 }
 
 /// Everything the host needs to start.
@@ -177,6 +190,7 @@ impl Config {
                 .and_then(|p| p.dead_letter.clone())
                 .unwrap_or_else(|| format!("plugbus.dlq.{plugin}")),
             durable: p.and_then(|p| p.durable),
+            deliver_all: p.and_then(|p| p.deliver).map(|d| d == Deliver::All),
         }
     }
 

@@ -51,6 +51,8 @@ pub struct Delivering {
     /// Operator override of durability: `Some(true)` makes every subscription of the plugin
     /// durable, `Some(false)` none; `None` follows the manifest.
     pub durable: Option<bool>,
+    /// Operator override of where a new durable consumer starts (`Some(true)`: the stream's start).
+    pub deliver_all: Option<bool>,
 }
 
 impl Delivering {
@@ -69,7 +71,7 @@ impl Delivering {
             queue_group,
             capacity: self.flow.queue,
             durable: durable.then(|| Durability {
-                deliver_all: m.subscriptions.iter().any(|s| s.deliver_all),
+                deliver_all: self.deliver_all.unwrap_or_else(|| m.subscriptions.iter().any(|s| s.deliver_all)),
                 max_deliver: self.retry.max_attempts.saturating_mul(2).max(self.retry.max_attempts + 1),
                 dead_letter: Some(self.dead_letter_subject.clone()),
             }),

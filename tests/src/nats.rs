@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 /// A running `nats-server -js`.
 pub struct NatsServer {
     child: Option<Child>,
+    args: Vec<String>,
     /// Its client port on 127.0.0.1.
     pub port: u16,
     /// Its JetStream store.
@@ -35,7 +36,17 @@ fn free_port() -> u16 {
 impl NatsServer {
     /// Starts a server and waits until JetStream answers.
     pub async fn start() -> Self {
-        let mut s = Self { child: None, port: free_port(), store: tempfile::tempdir().expect("temp dir") };
+        Self::start_with(&[]).await
+    }
+
+    /// Starts a server with extra command-line arguments (e.g. `--user`, `--pass`).
+    pub async fn start_with(args: &[&str]) -> Self {
+        let mut s = Self {
+            child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            port: free_port(),
+            store: tempfile::tempdir().expect("temp dir"),
+        };
         s.spawn().await;
         s
     }
@@ -49,6 +60,7 @@ impl NatsServer {
         let child = Command::new(binary())
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
             .arg(self.store.path())
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -60,13 +72,14 @@ impl NatsServer {
     async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(client) = async_nats::connect(self.url()).await {
-                let js = async_nats::jetstream::new(client);
-                if js.query_account().await.is_ok() {
-                    return;
-                }
-            }
-            assert!(Instant::now() < deadline, "nats-server on port {} did not become ready", self.port);
+            let last = match self.connect().await {
+                Ok(client) => match async_nats::jetstream::new(client).query_account().await {
+                    Ok(_) => return,
+                    Err(e) => format!("JetStream: {e}"),
+                },
+                Err(e) => format!("connect: {e}"),
+            };
+            assert!(Instant::now() < deadline, "nats-server on port {} did not become ready ({last})", self.port);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -74,6 +87,15 @@ impl NatsServer {
     /// `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn connect(&self) -> Result<async_nats::Client, async_nats::ConnectError> {
+        let arg = |name: &str| self.args.iter().position(|a| a == name).and_then(|i| self.args.get(i + 1)).cloned();
+        let options = match (arg("--user"), arg("--pass")) {
+            (Some(u), Some(p)) => async_nats::ConnectOptions::with_user_and_password(u, p),
+            _ => async_nats::ConnectOptions::new(),
+        };
+        options.connect(self.url()).await
     }
 
     /// Kills the server (its store stays).
@@ -92,7 +114,7 @@ impl NatsServer {
 
     /// A client of its own (what a producer or an outside check uses).
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(self.url()).await.expect("connecting to the test nats-server")
+        self.connect().await.expect("connecting to the test nats-server")
     }
 }
 

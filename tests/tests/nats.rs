@@ -367,3 +367,61 @@ async fn kv_lives_in_jetstream_and_two_hosts_never_lose_an_update() {
     let v = b.host.kv().get("inventory", "reserved/widget").await.unwrap().unwrap();
     assert_eq!(v.value, b"10");
 }
+
+/// A stream with 5 events in it, then a new durable echo plugin, then one more event: how many
+/// events the plugin handled in the end.
+async fn durable_echo_after_history(deliver: Option<plugbus::config::Deliver>) -> u64 {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    js.create_stream(jetstream::stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for i in 0..5 {
+        js.publish(format!("orders.old{i}"), "x".into()).await.unwrap().await.unwrap();
+    }
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["echo"], |c| {
+        c.plugins.entry("echo".into()).or_default().deliver = deliver;
+    })
+    .await;
+    let mut seen = t.observe(&["echo.orders.new"]).await;
+    js.publish("orders.new", "x".into()).await.unwrap().await.unwrap();
+    seen.next_on("echo.orders.new").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    t.counter("echo", "ok")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_durable_plugin_starts_with_new_events_or_with_the_whole_stream() {
+    assert_eq!(durable_echo_after_history(None).await, 1, "deliver = new (the default) skips what was there");
+    let all = durable_echo_after_history(Some(plugbus::config::Deliver::All)).await;
+    assert_eq!(all, 6, "deliver = all replays the stream from its start");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_are_used_and_bad_ones_fail_the_start_clearly() {
+    let server = NatsServer::start_with(&["--user", "plugbus", "--pass", "s3cret"]).await;
+    let start = async |user: &str, pass: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config =
+            Config { plugins_dir: dir.path().into(), data_dir: dir.path().into(), http: None, ..Config::default() };
+        config.nats.url = Some(server.url());
+        config.nats.user = Some(user.into());
+        config.nats.password = Some(pass.into());
+        plugbus::Host::start(config).await.map(|h| h.transport().is_connected())
+    };
+    assert!(start("plugbus", "s3cret").await.expect("right credentials connect"));
+    let err = format!("{:#}", start("plugbus", "wrong").await.err().expect("wrong password fails"));
+    assert!(err.contains("NATS") && err.to_lowercase().contains("auth"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config =
+        Config { plugins_dir: dir.path().into(), data_dir: dir.path().into(), http: None, ..Config::default() };
+    config.nats.url = Some(server.url());
+    config.nats.tls_ca = Some("/nonexistent/ca.pem".into());
+    let err = format!("{:#}", plugbus::Host::start(config).await.err().expect("a missing CA file fails"));
+    assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+}
