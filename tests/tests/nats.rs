@@ -414,7 +414,7 @@ async fn credentials_are_used_and_bad_ones_fail_the_start_clearly() {
         plugbus::Host::start(config).await.map(|h| h.transport().is_connected())
     };
     assert!(start("plugbus", "s3cret").await.expect("right credentials connect"));
-    let err = format!("{:#}", start("plugbus", "wrong").await.err().expect("wrong password fails"));
+    let err = format!("{:#}", start("plugbus", "wrong").await.expect_err("wrong password fails"));
     assert!(err.contains("NATS") && err.to_lowercase().contains("auth"), "{err}");
 
     let dir = tempfile::tempdir().unwrap();
