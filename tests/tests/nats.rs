@@ -425,3 +425,20 @@ async fn credentials_are_used_and_bad_ones_fail_the_start_clearly() {
     let err = format!("{:#}", plugbus::Host::start(config).await.err().expect("a missing CA file fails"));
     assert!(err.contains("/nonexistent/ca.pem"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_handler_slower_than_ack_wait_is_kept_alive_not_redelivered() {
+    let server = NatsServer::start().await;
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
+        c.nats.ack_wait = Duration::from_secs(1);
+    })
+    .await;
+    let mut seen = t.observe(&["faulty.out.>"]).await;
+    // busy for 2.5 s: two and a half ack waits; `in-progress` every third of one keeps it ours
+    t.publish("faulty.slow", "2500").await;
+    seen.next_on("faulty.out.slow").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(t.counter("faulty", "received"), 1, "redelivered while still running");
+    assert_eq!(t.counter("faulty", "ok"), 1);
+    assert!(seen.drain(Duration::from_millis(200)).await.is_empty());
+}

@@ -26,9 +26,11 @@ pub struct Held {
 }
 
 impl Held {
-    fn hold(&self, reply: Subject) -> u64 {
+    fn hold(&self, reply: Option<Subject>) -> u64 {
         let token = self.next.fetch_add(1, Ordering::Relaxed);
-        self.items.lock().expect("held poisoned").insert(token, (reply, Instant::now()));
+        if let Some(reply) = reply {
+            self.items.lock().expect("held poisoned").insert(token, (reply, Instant::now()));
+        }
         token
     }
 
@@ -195,8 +197,10 @@ fn delivery_of(msg: jetstream::Message, held: &Arc<Held>, plugin: &Arc<str>) -> 
     let attempt = info.as_ref().map_or(1, |i| i.delivered.max(1) as u32);
     // A message that names no id is known by its place in the stream: the same on redelivery.
     let fallback_id = info.as_ref().map(|i| format!("{}-{}", i.stream, i.stream_sequence));
+    // The ack subject: `split` moves it into the acker, the keep-alive needs it too.
+    let reply = msg.message.reply.clone();
     let (message, acker) = msg.split();
-    let token = held.hold(message.reply.clone().unwrap_or_else(|| Subject::from_static("")));
+    let token = held.hold(reply);
     let acker = Box::new(JsAcker { acker, held: held.clone(), token, plugin: plugin.clone() });
     let subject = message.subject.to_string();
     match wire::event_of(&subject, message.headers.as_ref(), message.payload.clone(), fallback_id) {
