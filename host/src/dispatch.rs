@@ -199,14 +199,7 @@ async fn attempts(rt: &PluginRuntime, ev: &Event, first: u32, by_transport: bool
     }
     let mut attempt = first;
     loop {
-        let result = {
-            let _permit = rt.run_permits.acquire().await.expect("run permits never close");
-            let now = rt.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-            rt.stats.peak_in_flight.fetch_max(now, Ordering::Relaxed);
-            let r = run_attempt(rt, &rt.plugin(), ev, attempt).await;
-            rt.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-            r
-        };
+        let result = run_attempt(rt, &rt.plugin(), ev, attempt).await;
         match result {
             Ok(outputs) => return Outcome::Handled { attempts: attempt, outputs },
             Err(failure) if failure.is_retryable() && attempt < rt.retry.max_attempts => {
@@ -234,7 +227,16 @@ async fn run_attempt(rt: &PluginRuntime, plugin: &Plugin, ev: &Event, attempt: u
     let mut reruns = 0;
     loop {
         rt.stats.attempts.fetch_add(1, Ordering::Relaxed);
-        let run = plugin.handle(ev, attempt).await;
+        let run = {
+            // The permit bounds handlers running in the sandbox; committing kv and waiting for
+            // the transport to take the outputs happen without it.
+            let _permit = rt.run_permits.acquire().await.expect("run permits never close");
+            let now = rt.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+            rt.stats.peak_in_flight.fetch_max(now, Ordering::Relaxed);
+            let run = plugin.handle(ev, attempt).await;
+            rt.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            run
+        };
         rt.metrics.handler_seconds.observe(run.elapsed.as_secs_f64());
         run.result?;
         match plugin.commit(&run.txn).await {

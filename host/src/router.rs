@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Flow {
-    /// Attempts running at once.
+    /// Handlers running at once in the sandbox (kv commits and output publishes wait outside it).
     pub concurrency: usize,
     /// Deliveries taken but not settled (queued in lanes, backing off, running) before the
     /// transport is paused for this plugin.
