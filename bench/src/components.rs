@@ -47,6 +47,31 @@ pub fn renamed(bytes: &[u8], i: usize) -> Vec<u8> {
     copy
 }
 
+/// A copy of the component whose manifest declares another version (the last digit of the
+/// crate version it was built with, changed in place: same length, so the component stays
+/// valid): a byte-different build of the same plugin, for hot-reload swaps. The version string
+/// is found as the one occurrence not preceded by `@` (those are WIT interface versions).
+pub fn rebuilt(bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let version = env!("CARGO_PKG_VERSION").as_bytes();
+    let found: Vec<usize> = bytes
+        .windows(version.len())
+        .enumerate()
+        .filter(|(at, w)| *w == version && (*at == 0 || bytes[at - 1] != b'@'))
+        .map(|(at, _)| at)
+        .collect();
+    let [at] = found[..] else {
+        anyhow::bail!(
+            "the handler holds its version {:?} {} times outside WIT names, not once: cannot make a second build",
+            env!("CARGO_PKG_VERSION"),
+            found.len()
+        );
+    };
+    let last = at + version.len() - 1;
+    let mut copy = bytes.to_vec();
+    copy[last] = if copy[last] == b'9' { b'8' } else { copy[last] + 1 };
+    Ok(copy)
+}
+
 /// A temp plugins folder holding `n` distinct copies.
 pub fn plugins_dir(bytes: &[u8], n: usize) -> anyhow::Result<tempfile::TempDir> {
     let dir = tempfile::Builder::new().prefix("plugbus-bench-plugins").tempdir()?;
@@ -66,7 +91,7 @@ pub fn config(plugins: &Path, data_dir: &Path) -> Config {
 pub struct BenchHost {
     /// The host.
     pub host: Host,
-    _plugins: tempfile::TempDir,
+    plugins: tempfile::TempDir,
     _data: tempfile::TempDir,
 }
 
@@ -80,7 +105,12 @@ impl BenchHost {
         let host = Host::start(config).await?;
         let live = host.router().names().len();
         anyhow::ensure!(live == n, "{live} of {n} plugins loaded; rejected: {:?}", host.rejected());
-        Ok(Self { host, _plugins: plugins, _data: data })
+        Ok(Self { host, plugins, _data: data })
+    }
+
+    /// The plugins folder the host loaded (and watches, with `watch`).
+    pub fn plugins_dir(&self) -> &Path {
+        self.plugins.path()
     }
 
     /// Sum of one counter over every plugin.

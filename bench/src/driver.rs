@@ -1,11 +1,15 @@
 //! Load generators: a closed loop over a bus (keep `window` events outstanding, time each from
-//! publish to its last output observed) and a direct loop for the floors (no bus at all).
+//! publish to its last output observed), an open loop (publish at a fixed rate whatever the
+//! host does) and a direct loop for the floors (no bus at all).
 
 use crate::Mode;
 use plugbus::Event;
+use plugbus::transport::Transport;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 
 /// How long the driver waits for an output before calling the run stuck.
 const STALL: Duration = Duration::from_secs(20);
@@ -115,6 +119,156 @@ pub async fn closed_loop(
                 load.latencies.push(done - slot.0);
             }
         }
+    }
+}
+
+/// A fixed-rate publisher: event `seq` is due at `start + seq / rate` and is published as soon
+/// as it is due, whether or not earlier ones were handled (an open loop: a host that stalls
+/// does not slow the schedule). Latency is publish → first output, as in the closed loop; how
+/// late each publish was against its schedule is kept too (`OpenRun::window`'s `lag`), so a
+/// publish held up by backpressure shows rather than hiding a stall (timer ticks are 1 ms, so
+/// up to about 1 ms of lag is the clock, not the host). Every output is counted per `seq`, so
+/// losses and duplicates show.
+pub struct OpenLoop {
+    start: Instant,
+    rate: f64,
+    stop: Arc<AtomicBool>,
+    publisher: JoinHandle<anyhow::Result<Vec<Instant>>>,
+    collector: JoinHandle<anyhow::Result<Seen>>,
+    distinct: Arc<AtomicU64>,
+    stop_collector: oneshot::Sender<()>,
+}
+
+/// Per `seq`: outputs seen and when the first one arrived.
+#[derive(Default)]
+struct Seen {
+    outputs: Vec<u32>,
+    first: Vec<Option<Instant>>,
+}
+
+impl OpenLoop {
+    /// Starts publishing `make(seq)` on `transport` at `rate` events/s; one output per event is
+    /// expected on `outputs`.
+    pub fn start(
+        rate: f64,
+        transport: Arc<dyn Transport>,
+        make: impl Fn(u64) -> Event + Send + 'static,
+        mut outputs: mpsc::Receiver<Arc<Event>>,
+    ) -> Self {
+        let start = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let due = move |seq: u64| start + Duration::from_secs_f64(seq as f64 / rate);
+        let publisher = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                // When each event was published.
+                let mut sent = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let now = Instant::now();
+                    while due(sent.len() as u64) <= now {
+                        let event = make(sent.len() as u64);
+                        sent.push(Instant::now());
+                        transport.publish(event).await?;
+                    }
+                    tokio::time::sleep_until(due(sent.len() as u64).into()).await;
+                }
+                Ok(sent)
+            })
+        };
+        let distinct = Arc::new(AtomicU64::new(0));
+        let (stop_collector, mut stopped) = oneshot::channel();
+        let collector = {
+            let distinct = distinct.clone();
+            tokio::spawn(async move {
+                let mut seen = Seen::default();
+                loop {
+                    let ev = tokio::select! {
+                        biased;
+                        ev = outputs.recv() => ev,
+                        _ = &mut stopped => None,
+                    };
+                    let Some(ev) = ev else { return Ok(seen) };
+                    let at = Instant::now();
+                    let seq = serde_json::from_slice::<Out>(&ev.data)?.seq as usize;
+                    if seen.outputs.len() <= seq {
+                        seen.outputs.resize(seq + 1, 0);
+                        seen.first.resize(seq + 1, None);
+                    }
+                    seen.outputs[seq] += 1;
+                    if seen.first[seq].is_none() {
+                        seen.first[seq] = Some(at);
+                        distinct.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        Self { start, rate, stop, publisher, collector, distinct, stop_collector }
+    }
+
+    /// Stops publishing, waits (up to the stall limit) until every published event has an
+    /// output, then a little longer for late duplicates.
+    pub async fn finish(self) -> anyhow::Result<OpenRun> {
+        self.stop.store(true, Ordering::Relaxed);
+        let sent = self.publisher.await??;
+        let published = sent.len() as u64;
+        let deadline = Instant::now() + STALL;
+        while self.distinct.load(Ordering::Relaxed) < published && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = self.stop_collector.send(());
+        let Seen { mut outputs, mut first } = self.collector.await??;
+        anyhow::ensure!(outputs.len() as u64 <= published, "an output for an event never published");
+        outputs.resize(published as usize, 0);
+        first.resize(published as usize, None);
+        Ok(OpenRun { start: self.start, rate: self.rate, outputs, sent, first })
+    }
+}
+
+/// What an open loop saw, per event.
+pub struct OpenRun {
+    start: Instant,
+    rate: f64,
+    /// Outputs per `seq` (1 each when nothing was lost or handled twice).
+    pub outputs: Vec<u32>,
+    sent: Vec<Instant>,
+    first: Vec<Option<Instant>>,
+}
+
+impl OpenRun {
+    /// Events published.
+    pub fn published(&self) -> u64 {
+        self.outputs.len() as u64
+    }
+
+    /// Events with no output.
+    pub fn lost(&self) -> u64 {
+        self.outputs.iter().filter(|&&n| n == 0).count() as u64
+    }
+
+    /// Outputs beyond the first of their event.
+    pub fn duplicates(&self) -> u64 {
+        self.outputs.iter().map(|&n| u64::from(n.saturating_sub(1))).sum()
+    }
+
+    /// Between `from` and `to`: the events whose first output arrived in the window, the
+    /// latency (publish → first output) of the events published in it, and how late those
+    /// publishes were against the schedule (`lag`, as a [`Load`] of latencies).
+    pub fn window(&self, from: Instant, to: Instant) -> (Load, Load) {
+        let mut load = Load { elapsed: to - from, ..Load::default() };
+        let mut lag = load.clone();
+        for (seq, (first, &sent)) in self.first.iter().zip(&self.sent).enumerate() {
+            let Some(first) = *first else { continue };
+            if first >= from && first < to {
+                load.events += 1;
+            }
+            if sent >= from && sent < to {
+                let due = self.start + Duration::from_secs_f64(seq as f64 / self.rate);
+                load.latencies.push(first - sent);
+                lag.latencies.push(sent.saturating_duration_since(due));
+            }
+        }
+        (load, lag)
     }
 }
 

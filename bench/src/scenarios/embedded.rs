@@ -194,7 +194,7 @@ async fn bare_floor(mode: Mode, bare: &Arc<Bare>, tasks: usize) -> anyhow::Resul
 }
 
 /// The handler's logic in Rust.
-fn native_handler(ev: &Event) -> anyhow::Result<Output> {
+pub(super) fn native_handler(ev: &Event) -> anyhow::Result<Output> {
     let input: serde_json::Value = serde_json::from_slice(&ev.data)?;
     let token = ev.subject.rsplit('.').next().unwrap_or("none");
     let fields = input.as_object().map_or(0, |o| o.len());

@@ -4,8 +4,12 @@
 mod cold_start;
 mod embedded;
 mod fanout;
+mod jetstream;
 mod keyed;
 mod memory;
+mod nats_core;
+mod reload;
+mod reuse;
 
 use crate::Mode;
 use crate::components::BenchHost;
@@ -19,6 +23,10 @@ pub async fn run(id: &str, mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
         "embedded-1" => embedded::run(mode, handler).await?,
         "fanout-10" => fanout::run(mode, handler).await?,
         "keyed" => keyed::run(mode, handler).await?,
+        "nats-core" => nats_core::run(mode, handler).await?,
+        "jetstream" => jetstream::run(mode, handler).await?,
+        "reload" => reload::run(mode, handler).await?,
+        "reuse" => reuse::run(mode, handler).await?,
         "cold-start" => cold_start::run(mode, handler).await?,
         "memory" => memory::run(mode, handler).await?,
         other => anyhow::bail!("unknown scenario {other}"),

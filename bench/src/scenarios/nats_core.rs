@@ -1,0 +1,213 @@
+//! `nats-core`: two hosts in this process on one `nats-server` (started by the bench), each
+//! running the bench handler, subscribed through core NATS in the plugin's queue group, so
+//! each event is handled by one of them. A raw `async-nats` producer keeps 64 events
+//! outstanding on `bench.in.e1` (plain messages, the 1 KiB JSON of `driver::payload`); a raw
+//! subscriber on `bench.out.>` (another connection) completes each. Latency = publish →
+//! output observed, one broker hop in and one out.
+//!
+//! Baseline, same run, same server, same payload: the **broker floor**, a raw publisher and a
+//! raw subscriber (two connections) that only counts, in the same closed loop (64
+//! outstanding, one broker hop); ratio = plugbus / floor. Also in `extra`:
+//! - `native_relay_floor`: the handler's logic as plain Rust on two raw connections in one
+//!   queue group (two "hosts"), each republishing its output: the same two hops as plugbus,
+//!   without the sandbox, the router or CloudEvents.
+//! - `flat_out_floor`: the raw publisher publishing bursts of 10,000 flat out for `measure`,
+//!   each burst counted whole by the raw subscriber before the next (so at most one burst is
+//!   buffered); `flat_out_dropped` = published − counted (a subscriber falling behind loses
+//!   core messages).
+
+use super::WINDOW;
+use super::embedded::native_handler;
+use crate::Mode;
+use crate::components::BenchHost;
+use crate::driver::{self, Load};
+use crate::nats::{self, Forward, NatsServer};
+use crate::report::Row;
+use anyhow::Context;
+use futures::StreamExt;
+use plugbus::Event;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+const HOSTS: usize = 2;
+
+pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
+    let server = NatsServer::start().await?;
+    if std::env::var_os("FLOOR_ONLY").is_some() {
+        let floor = floor_run(mode, &server).await.context("the broker floor")?;
+        return Ok(Row { events_per_s: Some(floor.rate()), ..Row::default() });
+    }
+    let Hosts { load, handled, retried, dead_lettered } = hosts_run(mode, handler, &server).await?;
+    let floor = floor_run(mode, &server).await.context("the broker floor")?;
+    let native = native_relay_run(mode, &server).await.context("the native relay floor")?;
+    let (flat, flat_dropped) = flat_out(mode, &server).await.context("the flat-out floor")?;
+    let (rate, total) = (load.rate(), handled.iter().sum::<u64>().max(1));
+    let mut extra = BTreeMap::from([
+        ("native_relay_floor".into(), native.rate()),
+        ("native_relay_p50_us".into(), native.percentile_us(50)),
+        ("vs_native_relay".into(), rate / native.rate()),
+        ("floor_p50_us".into(), floor.percentile_us(50)),
+        ("floor_p99_us".into(), floor.percentile_us(99)),
+        ("flat_out_floor".into(), flat),
+        ("flat_out_dropped".into(), flat_dropped as f64),
+        ("retried".into(), retried as f64),
+        ("dead_lettered".into(), dead_lettered as f64),
+    ]);
+    for (i, h) in handled.iter().enumerate() {
+        extra.insert(format!("host{i}_share"), *h as f64 / total as f64);
+    }
+    Ok(Row {
+        events_per_s: Some(rate),
+        p50_us: Some(load.percentile_us(50)),
+        p99_us: Some(load.percentile_us(99)),
+        baseline: "broker floor: raw pub → raw sub".into(),
+        baseline_value: Some(floor.rate()),
+        ratio: Some(rate / floor.rate()),
+        extra,
+        notes: format!("{HOSTS} hosts, 1 queue group; floor = same closed loop, 1 hop, no handler"),
+        ..Row::default()
+    })
+}
+
+/// What the two-host closed loop saw.
+struct Hosts {
+    load: Load,
+    /// Events each host handled.
+    handled: Vec<u64>,
+    retried: u64,
+    dead_lettered: u64,
+}
+
+async fn hosts_run(mode: Mode, handler: &[u8], server: &NatsServer) -> anyhow::Result<Hosts> {
+    let mut hosts = Vec::new();
+    for _ in 0..HOSTS {
+        let bench = BenchHost::start(handler, 1, |c| {
+            c.nats.url = Some(server.url());
+            c.flow.queue = c.flow.queue.max(2 * WINDOW);
+        })
+        .await?;
+        anyhow::ensure!(bench.host.transport().name() == "nats", "the host is not on NATS");
+        hosts.push(bench);
+    }
+    let (producer, observer) = (server.client().await?, server.client().await?);
+    let mut outputs = nats::forward(&observer, "bench.out.>", Forward::Whole).await?;
+    let make = |seq| Event::new("bench.in.e1", driver::payload(seq, ""));
+    let publish = async |ev: Event| Ok(producer.publish(ev.subject, ev.data).await?);
+    let load = driver::closed_loop(mode, WINDOW, 1, &mut outputs, make, publish, |_| {}).await.with_context(|| {
+        let counters: Vec<_> = hosts.iter().flat_map(|h| h.host.router().plugins()).map(|p| p.counters).collect();
+        format!("{HOSTS} hosts on NATS core; their counters: {counters:?}")
+    })?;
+    let run = Hosts {
+        load,
+        handled: hosts.iter().map(|h| h.counter("ok")).collect(),
+        retried: hosts.iter().map(|h| h.counter("retried")).sum(),
+        dead_lettered: hosts.iter().map(|h| h.counter("dead_lettered")).sum(),
+    };
+    for bench in hosts {
+        bench.stop().await?;
+    }
+    Ok(run)
+}
+
+/// Raw publisher → raw subscriber that only counts (passes `seq` on), 64 outstanding.
+async fn floor_run(mode: Mode, server: &NatsServer) -> anyhow::Result<Load> {
+    let (producer, counter) = (server.client().await?, server.client().await?);
+    let mut delivered = nats::forward(&counter, "floor.in.>", Forward::Seq).await?;
+    let mut published = 0;
+    let mut got = 0;
+    let make = |seq| {
+        published = seq + 1;
+        Event::new("floor.in.e1", driver::payload(seq, ""))
+    };
+    let publish = async |ev: Event| Ok(producer.publish(ev.subject, ev.data).await?);
+    let r = driver::closed_loop(mode, WINDOW, 1, &mut delivered, make, publish, |_| got += 1).await;
+    if r.is_err() {
+        eprintln!(
+            "STALL published={published} got={got} producer={:?} counter={:?}",
+            producer.statistics(),
+            counter.statistics()
+        );
+        counter.flush().await?;
+        eprintln!("after counter flush: counter={:?}", counter.statistics());
+        let more = tokio::time::timeout(std::time::Duration::from_secs(2), delivered.recv()).await;
+        eprintln!("after flush: got one more: {}; counter={:?}", more.is_ok(), counter.statistics());
+    }
+    r
+}
+
+/// The handler's logic in Rust on two raw connections sharing a queue group, each message
+/// parsed and its output published, as the two hosts do.
+async fn native_relay_run(mode: Mode, server: &NatsServer) -> anyhow::Result<Load> {
+    let mut workers = Vec::new();
+    for _ in 0..HOSTS {
+        let client = server.client().await?;
+        let mut sub = client.queue_subscribe("relay.in.>".to_string(), "relay".to_string()).await?;
+        client.flush().await?;
+        workers.push(tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let out = native_handler(&Event::new(msg.subject.as_str(), msg.payload))?;
+                client.publish(format!("relay.{}", out.subject), out.data).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let (producer, observer) = (server.client().await?, server.client().await?);
+    let mut outputs = nats::forward(&observer, "relay.bench.out.>", Forward::Whole).await?;
+    let make = |seq| Event::new("relay.in.e1", driver::payload(seq, ""));
+    let publish = async |ev: Event| Ok(producer.publish(ev.subject, ev.data).await?);
+    let load = driver::closed_loop(mode, WINDOW, 1, &mut outputs, make, publish, |_| {}).await;
+    for w in workers {
+        w.abort();
+    }
+    load
+}
+
+/// Messages per burst of the flat-out floor (bounds what is buffered: about 10 MiB).
+const BURST: u64 = 10_000;
+
+/// Publishes bursts of `BURST` messages flat out, each counted whole by a raw subscriber
+/// before the next, for `measure`; (rate, messages never counted).
+async fn flat_out(mode: Mode, server: &NatsServer) -> anyhow::Result<(f64, u64)> {
+    let (producer, counter) = (server.client().await?, server.client().await?);
+    let mut sub = counter.subscribe("flat.>".to_string()).await?;
+    counter.flush().await?;
+    let (count, target, done) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(Notify::new()));
+    let task = {
+        let (count, target, done) = (count.clone(), target.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while sub.next().await.is_some() {
+                n += 1;
+                count.store(n, Ordering::Relaxed);
+                if n >= target.load(Ordering::Relaxed) {
+                    done.notify_one();
+                }
+            }
+        })
+    };
+    let payload: bytes::Bytes = driver::payload(0, "").into();
+    let started = Instant::now();
+    let (mut sent, mut lost) = (0, 0);
+    while started.elapsed() < mode.measure {
+        let want = sent + BURST - lost;
+        target.store(want, Ordering::Relaxed);
+        for _ in 0..BURST {
+            producer.publish("flat.e1", payload.clone()).await?;
+        }
+        sent += BURST;
+        while count.load(Ordering::Relaxed) < want {
+            // Messages of the burst were dropped (a slow consumer): given up after 2 s.
+            if tokio::time::timeout(Duration::from_secs(2), done.notified()).await.is_err() {
+                lost = sent - count.load(Ordering::Relaxed);
+                break;
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    task.abort();
+    let counted = count.load(Ordering::Relaxed);
+    Ok((counted as f64 / elapsed.as_secs_f64(), sent.saturating_sub(counted)))
+}
