@@ -275,7 +275,7 @@ impl NatsTransport {
                 feed.durable.clear();
                 // Once subscribe returns, the server has the subscriptions: nothing published
                 // after it is missed.
-                self.client.flush().await.map_err(|e| TransportError::Broker(format!("flushing to NATS: {e}")))?;
+                self.registered().await?;
                 tracing::info!(plugin = %spec.plugin, patterns = ?patterns, queue_group = %spec.queue_group, "core NATS queue subscriptions");
             }
         }
@@ -286,6 +286,24 @@ impl NatsTransport {
 /// A stream, consumer or bucket name from free text: letters, digits, `_` and `-`.
 pub fn name_token(s: &str) -> String {
     streams::stream_token(s)
+}
+
+impl NatsTransport {
+    /// Returns once the server has processed everything this connection sent before (so its
+    /// subscriptions are registered): a message to our own inbox comes back only after that.
+    /// `Client::flush` is not enough: it only empties the client's buffer into the socket.
+    async fn registered(&self) -> Result<(), TransportError> {
+        let broker =
+            |e: &dyn std::fmt::Display| TransportError::Broker(format!("confirming a subscription with NATS: {e}"));
+        let inbox = self.client.new_inbox();
+        let mut echo = self.client.subscribe(inbox.clone()).await.map_err(|e| broker(&e))?;
+        self.client.publish(inbox, bytes::Bytes::new()).await.map_err(|e| broker(&e))?;
+        match tokio::time::timeout(Duration::from_secs(10), echo.next()).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(broker(&"the subscription closed")),
+            Err(_) => Err(broker(&"no echo from the server within 10 s")),
+        }
+    }
 }
 
 fn anyhow_free_check(ok: bool, msg: impl FnOnce() -> String) -> Result<(), TransportError> {
@@ -403,7 +421,7 @@ impl Transport for NatsTransport {
                 .subscribe(p.clone())
                 .await
                 .map_err(|e| TransportError::Broker(format!("observing {p} on NATS: {e}")))?;
-            self.client.flush().await.map_err(|e| TransportError::Broker(format!("flushing to NATS: {e}")))?;
+            self.registered().await?;
             let (tx, misses) = (tx.clone(), self.observer_misses.clone());
             tokio::spawn(async move {
                 // Ends (and unsubscribes) when the observer goes away, even if nothing arrives.
