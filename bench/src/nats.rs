@@ -140,7 +140,7 @@ pub async fn forward(
     what: Forward,
 ) -> anyhow::Result<mpsc::Receiver<Arc<Event>>> {
     let mut sub = client.subscribe(pattern.to_string()).await?;
-    client.flush().await?;
+    registered(client).await?;
     let (tx, rx) = mpsc::channel(1 << 16);
     tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
@@ -151,6 +151,21 @@ pub async fn forward(
         }
     });
     Ok(rx)
+}
+
+/// Returns once the server has processed everything `client` sent before (its subscriptions
+/// are registered), by a message to itself. `Client::flush` is not enough: it only empties
+/// the client's buffer into the socket, and a message another connection publishes before the
+/// server read the `SUB` is not delivered (core NATS), which stalls a closed loop for good.
+pub async fn registered(client: &async_nats::Client) -> anyhow::Result<()> {
+    let inbox = client.new_inbox();
+    let mut echo = client.subscribe(inbox.clone()).await?;
+    client.publish(inbox, bytes::Bytes::new()).await?;
+    tokio::time::timeout(Duration::from_secs(10), echo.next())
+        .await
+        .context("the NATS server did not echo a message within 10 s")?
+        .context("subscription closed")?;
+    Ok(())
 }
 
 /// The payload a forwarder passes on.

@@ -2,8 +2,9 @@
 //! running the bench handler, subscribed through core NATS in the plugin's queue group, so
 //! each event is handled by one of them. A raw `async-nats` producer keeps 64 events
 //! outstanding on `bench.in.e1` (plain messages, the 1 KiB JSON of `driver::payload`); a raw
-//! subscriber on `bench.out.>` (another connection) completes each. Latency = publish →
-//! output observed, one broker hop in and one out.
+//! subscriber on `bench.out.e1` (another connection) completes each. Latency = publish →
+//! output observed, one broker hop in and one out. Before the loop, probes on `bench.in.probe`
+//! are published until both hosts have handled one (see `every_host_serving`).
 //!
 //! Baseline, same run, same server, same payload: the **broker floor**, a raw publisher and a
 //! raw subscriber (two connections) that only counts, in the same closed loop (64
@@ -36,10 +37,6 @@ const HOSTS: usize = 2;
 
 pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
     let server = NatsServer::start().await?;
-    if std::env::var_os("FLOOR_ONLY").is_some() {
-        let floor = floor_run(mode, &server).await.context("the broker floor")?;
-        return Ok(Row { events_per_s: Some(floor.rate()), ..Row::default() });
-    }
     let Hosts { load, handled, retried, dead_lettered } = hosts_run(mode, handler, &server).await?;
     let floor = floor_run(mode, &server).await.context("the broker floor")?;
     let native = native_relay_run(mode, &server).await.context("the native relay floor")?;
@@ -93,7 +90,8 @@ async fn hosts_run(mode: Mode, handler: &[u8], server: &NatsServer) -> anyhow::R
         hosts.push(bench);
     }
     let (producer, observer) = (server.client().await?, server.client().await?);
-    let mut outputs = nats::forward(&observer, "bench.out.>", Forward::Whole).await?;
+    every_host_serving(&producer, &hosts).await?;
+    let mut outputs = nats::forward(&observer, "bench.out.e1", Forward::Whole).await?;
     let make = |seq| Event::new("bench.in.e1", driver::payload(seq, ""));
     let publish = async |ev: Event| Ok(producer.publish(ev.subject, ev.data).await?);
     let load = driver::closed_loop(mode, WINDOW, 1, &mut outputs, make, publish, |_| {}).await.with_context(|| {
@@ -112,30 +110,27 @@ async fn hosts_run(mode: Mode, handler: &[u8], server: &NatsServer) -> anyhow::R
     Ok(run)
 }
 
+/// Publishes probes on `bench.in.probe` (outputs on `bench.out.probe`, which the loop does not
+/// observe) until every host has handled one: `Host::start` returning does not mean the server
+/// has registered the host's queue subscription yet (the transport only flushes its socket),
+/// and a core message published before that is lost, which would stall the closed loop.
+async fn every_host_serving(producer: &async_nats::Client, hosts: &[BenchHost]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hosts.iter().any(|h| h.counter("ok") == 0) {
+        anyhow::ensure!(Instant::now() < deadline, "the hosts did not all serve a probe within 10 s");
+        producer.publish("bench.in.probe", driver::payload(0, "probe").into()).await?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
 /// Raw publisher → raw subscriber that only counts (passes `seq` on), 64 outstanding.
 async fn floor_run(mode: Mode, server: &NatsServer) -> anyhow::Result<Load> {
     let (producer, counter) = (server.client().await?, server.client().await?);
     let mut delivered = nats::forward(&counter, "floor.in.>", Forward::Seq).await?;
-    let mut published = 0;
-    let mut got = 0;
-    let make = |seq| {
-        published = seq + 1;
-        Event::new("floor.in.e1", driver::payload(seq, ""))
-    };
+    let make = |seq| Event::new("floor.in.e1", driver::payload(seq, ""));
     let publish = async |ev: Event| Ok(producer.publish(ev.subject, ev.data).await?);
-    let r = driver::closed_loop(mode, WINDOW, 1, &mut delivered, make, publish, |_| got += 1).await;
-    if r.is_err() {
-        eprintln!(
-            "STALL published={published} got={got} producer={:?} counter={:?}",
-            producer.statistics(),
-            counter.statistics()
-        );
-        counter.flush().await?;
-        eprintln!("after counter flush: counter={:?}", counter.statistics());
-        let more = tokio::time::timeout(std::time::Duration::from_secs(2), delivered.recv()).await;
-        eprintln!("after flush: got one more: {}; counter={:?}", more.is_ok(), counter.statistics());
-    }
-    r
+    driver::closed_loop(mode, WINDOW, 1, &mut delivered, make, publish, |_| {}).await
 }
 
 /// The handler's logic in Rust on two raw connections sharing a queue group, each message
@@ -145,7 +140,7 @@ async fn native_relay_run(mode: Mode, server: &NatsServer) -> anyhow::Result<Loa
     for _ in 0..HOSTS {
         let client = server.client().await?;
         let mut sub = client.queue_subscribe("relay.in.>".to_string(), "relay".to_string()).await?;
-        client.flush().await?;
+        nats::registered(&client).await?;
         workers.push(tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
                 let out = native_handler(&Event::new(msg.subject.as_str(), msg.payload))?;
@@ -173,7 +168,7 @@ const BURST: u64 = 10_000;
 async fn flat_out(mode: Mode, server: &NatsServer) -> anyhow::Result<(f64, u64)> {
     let (producer, counter) = (server.client().await?, server.client().await?);
     let mut sub = counter.subscribe("flat.>".to_string()).await?;
-    counter.flush().await?;
+    nats::registered(&counter).await?;
     let (count, target, done) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(Notify::new()));
     let task = {
         let (count, target, done) = (count.clone(), target.clone(), done.clone());
