@@ -37,8 +37,8 @@ use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Stor
 pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
     let HostRun { load, retried, dead_lettered, .. } = host_run(mode, handler, 1, WINDOW, None, |_| {}).await?;
     let idle = host_run(mode, handler, 1, 1, None, |_| {}).await?.load;
-    let floor1 = sandbox_floor(mode, handler, 1).await?;
-    let floor2 = sandbox_floor(mode, handler, 2).await?;
+    let floor1 = sandbox_floor(mode, handler, 1, Limits::default()).await?;
+    let floor2 = sandbox_floor(mode, handler, 2, Limits::default()).await?;
     let bare = Arc::new(Bare::new(handler, false, true)?);
     let bare1 = bare_floor(mode, &bare, 1).await?;
     let bare2 = bare_floor(mode, &bare, 2).await?;
@@ -81,15 +81,14 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
     })
 }
 
-fn input(seq: u64) -> Event {
+pub(super) fn input(seq: u64) -> Event {
     Event::new("bench.in.e1", driver::payload(seq, ""))
 }
 
 /// `Plugin::handle` in a loop: the public sandbox API, no router, no bus.
-async fn sandbox_floor(mode: Mode, handler: &[u8], tasks: usize) -> anyhow::Result<Load> {
+pub(super) async fn sandbox_floor(mode: Mode, handler: &[u8], tasks: usize, limits: Limits) -> anyhow::Result<Load> {
     let sandbox = Sandbox::new(SandboxSettings::default())?;
-    let settings =
-        |_: &_| PluginSettings { limits: Limits::default(), config: Default::default(), kv: Arc::new(MemoryKv::new()) };
+    let settings = |_: &_| PluginSettings { limits, config: Default::default(), kv: Arc::new(MemoryKv::new()) };
     let plugin = Arc::new(sandbox.load(handler, settings).await?);
     driver::direct_loop(mode, tasks, move |seq| {
         let plugin = plugin.clone();

@@ -5,22 +5,16 @@
 //! Baseline, same run: the reused-instance wasm floor, `Plugin::handle` in reuse mode in a loop
 //! on 2 tasks (no router, no bus). `idle_*` is the same host with one event outstanding.
 
+use super::embedded::{input, sandbox_floor};
 use crate::Mode;
 use crate::components::BenchHost;
 use crate::driver::{self, Load};
 use crate::report::Row;
-use plugbus::Event;
-use plugbus::kv::MemoryKv;
-use plugbus::sandbox::{InstanceMode, Limits, PluginSettings, Sandbox, SandboxSettings};
+use plugbus::sandbox::{InstanceMode, Limits};
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 /// Events outstanding: enough to keep both cores busy when each event costs a few µs.
 const WINDOW: usize = 256;
-
-fn input(seq: u64) -> Event {
-    Event::new("bench.in.e1", driver::payload(seq, ""))
-}
 
 async fn host_load(mode: Mode, handler: &[u8], window: usize) -> anyhow::Result<(Load, u64)> {
     let bench = BenchHost::start(handler, 1, |c| {
@@ -36,31 +30,12 @@ async fn host_load(mode: Mode, handler: &[u8], window: usize) -> anyhow::Result<
     Ok((load, failed))
 }
 
-async fn floor(mode: Mode, handler: &[u8], tasks: usize) -> anyhow::Result<Load> {
-    let sandbox = Sandbox::new(SandboxSettings::default())?;
-    let settings = |_: &_| PluginSettings {
-        limits: Limits { instance: InstanceMode::Reuse, ..Limits::default() },
-        config: Default::default(),
-        kv: Arc::new(MemoryKv::new()),
-    };
-    let plugin = Arc::new(sandbox.load(handler, settings).await?);
-    driver::direct_loop(mode, tasks, move |seq| {
-        let plugin = plugin.clone();
-        async move {
-            let attempt = plugin.handle(&input(seq), 1).await;
-            attempt.result.map_err(|f| anyhow::anyhow!("the handler failed: {f}"))?;
-            anyhow::ensure!(attempt.outputs.len() == 1, "expected 1 output, got {}", attempt.outputs.len());
-            Ok(())
-        }
-    })
-    .await
-}
-
 pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
     let (load, failed) = host_load(mode, handler, WINDOW).await?;
     let (idle, _) = host_load(mode, handler, 1).await?;
-    let floor1 = floor(mode, handler, 1).await?;
-    let floor2 = floor(mode, handler, 2).await?;
+    let reuse = || Limits { instance: InstanceMode::Reuse, ..Limits::default() };
+    let floor1 = sandbox_floor(mode, handler, 1, reuse()).await?;
+    let floor2 = sandbox_floor(mode, handler, 2, reuse()).await?;
     let rate = load.rate();
     Ok(Row {
         events_per_s: Some(rate),
