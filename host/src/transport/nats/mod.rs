@@ -143,7 +143,9 @@ impl NatsTransport {
             })?;
         }
         if let Some(ca) = &settings.tls_ca {
-            anyhow_free_check(ca.is_file(), || format!("the NATS TLS CA file {} does not exist", ca.display()))?;
+            if !ca.is_file() {
+                return Err(TransportError::Broker(format!("the NATS TLS CA file {} does not exist", ca.display())));
+            }
             options = options.add_root_certificates(ca.clone()).require_tls(true);
         }
         match (&settings.user, &settings.password, &settings.token) {
@@ -208,6 +210,22 @@ impl NatsTransport {
     /// How many events observers missed because they fell behind.
     pub fn observer_misses(&self) -> u64 {
         self.observer_misses.load(Ordering::Relaxed)
+    }
+
+    /// Returns once the server has processed everything this connection sent before (so its
+    /// subscriptions are registered): a message to our own inbox comes back only after that.
+    /// `Client::flush` is not enough: it only empties the client's buffer into the socket.
+    async fn registered(&self) -> Result<(), TransportError> {
+        let broker =
+            |e: &dyn std::fmt::Display| TransportError::Broker(format!("confirming a subscription with NATS: {e}"));
+        let inbox = self.client.new_inbox();
+        let mut echo = self.client.subscribe(inbox.clone()).await.map_err(|e| broker(&e))?;
+        self.client.publish(inbox, bytes::Bytes::new()).await.map_err(|e| broker(&e))?;
+        match tokio::time::timeout(Duration::from_secs(10), echo.next()).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(broker(&"the subscription closed")),
+            Err(_) => Err(broker(&"no echo from the server within 10 s")),
+        }
     }
 
     /// Makes `feed` take exactly what `spec` asks for: core subscriptions or durable consumers.
@@ -286,28 +304,6 @@ impl NatsTransport {
 /// A stream, consumer or bucket name from free text: letters, digits, `_` and `-`.
 pub fn name_token(s: &str) -> String {
     streams::stream_token(s)
-}
-
-impl NatsTransport {
-    /// Returns once the server has processed everything this connection sent before (so its
-    /// subscriptions are registered): a message to our own inbox comes back only after that.
-    /// `Client::flush` is not enough: it only empties the client's buffer into the socket.
-    async fn registered(&self) -> Result<(), TransportError> {
-        let broker =
-            |e: &dyn std::fmt::Display| TransportError::Broker(format!("confirming a subscription with NATS: {e}"));
-        let inbox = self.client.new_inbox();
-        let mut echo = self.client.subscribe(inbox.clone()).await.map_err(|e| broker(&e))?;
-        self.client.publish(inbox, bytes::Bytes::new()).await.map_err(|e| broker(&e))?;
-        match tokio::time::timeout(Duration::from_secs(10), echo.next()).await {
-            Ok(Some(_)) => Ok(()),
-            Ok(None) => Err(broker(&"the subscription closed")),
-            Err(_) => Err(broker(&"no echo from the server within 10 s")),
-        }
-    }
-}
-
-fn anyhow_free_check(ok: bool, msg: impl FnOnce() -> String) -> Result<(), TransportError> {
-    if ok { Ok(()) } else { Err(TransportError::Broker(msg())) }
 }
 
 fn on_event(connected: &AtomicBool, event: async_nats::Event) {
