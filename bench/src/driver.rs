@@ -75,13 +75,16 @@ pub struct Out {
 /// an event completes when `per_event` outputs carrying its `seq` were observed on `outputs`.
 /// `check` sees every output (for order checks). After the window it waits for the outstanding
 /// events so the host is idle again.
-pub async fn closed_loop(
+///
+/// `publish` is a closure returning a future rather than an `AsyncFn`: an async closure that
+/// borrows makes the scenario's future not `Send` (rustc #100013), and scenarios run as tasks.
+pub async fn closed_loop<P: Future<Output = anyhow::Result<()>>>(
     mode: Mode,
     window: usize,
     per_event: u32,
     outputs: &mut mpsc::Receiver<Arc<Event>>,
     mut make: impl FnMut(u64) -> Event,
-    publish: impl AsyncFn(Event) -> anyhow::Result<()>,
+    publish: impl Fn(Event) -> P,
     mut check: impl FnMut(&Out),
 ) -> anyhow::Result<Load> {
     let start = Instant::now();

@@ -37,6 +37,9 @@ use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Stor
 pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
     let HostRun { load, retried, dead_lettered, .. } = host_run(mode, handler, 1, WINDOW, None, |_| {}).await?;
     let idle = host_run(mode, handler, 1, 1, None, |_| {}).await?.load;
+    let one_core =
+        on_one_thread(handler, move |h| async move { Ok(host_run(mode, &h, 1, WINDOW, None, |_| {}).await?.load) })
+            .await?;
     let floor1 = sandbox_floor(mode, handler, 1, Limits::default()).await?;
     let floor2 = sandbox_floor(mode, handler, 2, Limits::default()).await?;
     let bare = Arc::new(Bare::new(handler, false, true)?);
@@ -63,6 +66,9 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
         extra: BTreeMap::from([
             ("idle_p50_us".into(), idle.percentile_us(50)),
             ("idle_p99_us".into(), idle.percentile_us(99)),
+            ("plugbus_1thread".into(), one_core.rate()),
+            ("plugbus_1thread_vs_floor_1task".into(), one_core.rate() / floor1.rate()),
+            ("plugbus_vs_1thread".into(), rate / one_core.rate()),
             ("wasm_floor_1task".into(), floor1.rate()),
             ("wasm_floor_1task_p50_us".into(), floor1.percentile_us(50)),
             ("wasm_floor_2tasks".into(), floor2.rate()),
@@ -79,6 +85,21 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
         ]),
         ..Row::default()
     })
+}
+
+/// Runs `f(handler)` on a current-thread runtime of its own thread: the host, its tasks and the
+/// driver on one core's worth of threads (the epoch ticker aside), for the one-core figure.
+pub(super) async fn on_one_thread<F, Fut>(handler: &[u8], f: F) -> anyhow::Result<Load>
+where
+    F: FnOnce(Vec<u8>) -> Fut + Send + 'static,
+    Fut: Future<Output = anyhow::Result<Load>>,
+{
+    let handler = handler.to_vec();
+    let thread = std::thread::Builder::new()
+        .name("one-thread-host".into())
+        .spawn(move || tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f(handler)))?;
+    tokio::task::spawn_blocking(move || thread.join().map_err(|_| anyhow::anyhow!("the one-thread run panicked"))?)
+        .await?
 }
 
 pub(super) fn input(seq: u64) -> Event {
@@ -230,7 +251,8 @@ async fn native_floor(mode: Mode) -> anyhow::Result<Load> {
             }
         })
     };
-    let publish = async |ev| bus.publish(ev).await.context("publishing");
+    let bus = &bus;
+    let publish = |ev| async move { bus.publish(ev).await.context("publishing") };
     let load = driver::closed_loop(mode, WINDOW, 1, &mut outputs, input, publish, |_| {}).await;
     worker.abort();
     load

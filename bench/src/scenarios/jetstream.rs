@@ -132,7 +132,8 @@ async fn durable_run(mode: Mode, handler: &[u8], server: &NatsServer) -> anyhow:
         published = seq + 1;
         Event::new("bench.in.e1", driver::payload(seq, ""))
     };
-    let publish = async |ev: Event| js_publish(&js, ev.subject, &ev.id, ev.data, &ack_errors).await;
+    let (js, ack_errors) = (&js, &ack_errors);
+    let publish = |ev: Event| async move { js_publish(js, ev.subject, &ev.id, ev.data, ack_errors).await };
     let load = driver::closed_loop(mode, WINDOW, 1, &mut outputs, make, publish, |_| {}).await.with_context(|| {
         let counters: Vec<_> = bench.host.router().plugins().into_iter().map(|p| p.counters).collect();
         format!("the durable host; its counters: {counters:?}")
@@ -284,7 +285,8 @@ async fn floor_run(mode: Mode, server: &NatsServer, relay: bool) -> anyhow::Resu
     };
     let ack_errors = Arc::new(AtomicU64::new(0));
     let make = |seq| Event::new(format!("{prefix}.in.e1"), driver::payload(seq, ""));
-    let publish = async |ev: Event| js_publish(&js, ev.subject, &ev.id, ev.data, &ack_errors).await;
+    let (js, ack_errors) = (&js, &ack_errors);
+    let publish = |ev: Event| async move { js_publish(js, ev.subject, &ev.id, ev.data, ack_errors).await };
     let load = driver::closed_loop(mode, WINDOW, 1, &mut delivered, make, publish, |_| {}).await;
     worker.abort();
     anyhow::ensure!(ack_errors.load(Ordering::Relaxed) == 0, "the floor's publishes were not all acknowledged");

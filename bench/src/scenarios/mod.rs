@@ -76,7 +76,8 @@ pub async fn host_run(
             Event::new("bench.in.e1", driver::payload(seq, &key)).with_header("key", key)
         }
     };
-    let publish = async |ev| Ok(bench.host.publish(ev).await?);
+    let host = &bench.host;
+    let publish = |ev| async move { Ok(host.publish(ev).await?) };
     let load = driver::closed_loop(mode, window, plugins as u32, &mut outputs, make, publish, check).await?;
     let run = HostRun {
         load,

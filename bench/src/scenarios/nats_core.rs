@@ -93,7 +93,8 @@ async fn hosts_run(mode: Mode, handler: &[u8], server: &NatsServer) -> anyhow::R
     every_host_serving(&producer, &hosts).await?;
     let mut outputs = nats::forward(&observer, "bench.out.e1", Forward::Whole).await?;
     let make = |seq| Event::new("bench.in.e1", driver::payload(seq, ""));
-    let publish = async |ev: Event| Ok(producer.publish(ev.subject, ev.data).await?);
+    let producer = &producer;
+    let publish = |ev: Event| async move { Ok(producer.publish(ev.subject, ev.data).await?) };
     let load = driver::closed_loop(mode, WINDOW, 1, &mut outputs, make, publish, |_| {}).await.with_context(|| {
         let counters: Vec<_> = hosts.iter().flat_map(|h| h.host.router().plugins()).map(|p| p.counters).collect();
         format!("{HOSTS} hosts on NATS core; their counters: {counters:?}")
@@ -129,7 +130,8 @@ async fn floor_run(mode: Mode, server: &NatsServer) -> anyhow::Result<Load> {
     let (producer, counter) = (server.client().await?, server.client().await?);
     let mut delivered = nats::forward(&counter, "floor.in.>", Forward::Seq).await?;
     let make = |seq| Event::new("floor.in.e1", driver::payload(seq, ""));
-    let publish = async |ev: Event| Ok(producer.publish(ev.subject, ev.data).await?);
+    let producer = &producer;
+    let publish = |ev: Event| async move { Ok(producer.publish(ev.subject, ev.data).await?) };
     driver::closed_loop(mode, WINDOW, 1, &mut delivered, make, publish, |_| {}).await
 }
 
@@ -152,7 +154,8 @@ async fn native_relay_run(mode: Mode, server: &NatsServer) -> anyhow::Result<Loa
     let (producer, observer) = (server.client().await?, server.client().await?);
     let mut outputs = nats::forward(&observer, "relay.bench.out.>", Forward::Whole).await?;
     let make = |seq| Event::new("relay.in.e1", driver::payload(seq, ""));
-    let publish = async |ev: Event| Ok(producer.publish(ev.subject, ev.data).await?);
+    let producer = &producer;
+    let publish = |ev: Event| async move { Ok(producer.publish(ev.subject, ev.data).await?) };
     let load = driver::closed_loop(mode, WINDOW, 1, &mut outputs, make, publish, |_| {}).await;
     for w in workers {
         w.abort();

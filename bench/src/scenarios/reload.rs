@@ -59,7 +59,8 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
     anyhow::ensure!(swapper.serving(&router) == Some(0), "the host is not serving the handler");
 
     let mut outputs = bench.host.observe(&["bench.out.>"]).await?;
-    let publish = async |ev| Ok(bench.host.publish(ev).await?);
+    let host = &bench.host;
+    let publish = |ev| async move { Ok(host.publish(ev).await?) };
     let capacity = driver::closed_loop(mode, WINDOW, 1, &mut outputs, input, publish, |_| {}).await?.rate();
     let rate = capacity * LOAD;
 
