@@ -102,3 +102,7 @@ fn main() -> anyhow::Result<()> {
     println!("\nresults appended to {}", out.path().display());
     Ok(())
 }
+
+/// The allocator of the `plugbus` binary (host/src/main.rs), so the figures are the host's.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;

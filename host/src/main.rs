@@ -238,6 +238,13 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// mimalloc rather than glibc malloc: events are allocated on one worker thread and freed on
+/// another, and glibc's arena locks made workers sleep on each other (`__lll_lock_wait_private`
+/// was 18% of the context switches in the embedded-1 bench); with mimalloc embedded-1 went from
+/// 53.9k to 62.3k events/s on 2 cores (same machine, same day).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

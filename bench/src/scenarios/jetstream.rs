@@ -143,7 +143,7 @@ async fn durable_run(mode: Mode, handler: &[u8], server: &NatsServer) -> anyhow:
     // Everything settled: nothing pending, nothing unacked (or 20 s passed).
     let deadline = Instant::now() + Duration::from_secs(20);
     let info = loop {
-        let info = consumer_info(&js, "BENCH", &durable).await?;
+        let info = consumer_info(js, "BENCH", &durable).await?;
         if (info.num_pending == 0 && info.num_ack_pending == 0) || Instant::now() > deadline {
             break info;
         }
@@ -151,7 +151,7 @@ async fn durable_run(mode: Mode, handler: &[u8], server: &NatsServer) -> anyhow:
     };
     let (handled, retried, dead_lettered) =
         (bench.counter("ok"), bench.counter("retried"), bench.counter("dead_lettered"));
-    let per_seq = stream_seqs(&js, "BENCHOUT").await?;
+    let per_seq = stream_seqs(js, "BENCHOUT").await?;
     bench.stop().await?;
     let out_messages: u64 = per_seq.values().map(|&n| u64::from(n)).sum();
     let out_duplicates = out_messages - per_seq.len() as u64;

@@ -77,7 +77,7 @@ pub async fn host_run(
         }
     };
     let host = &bench.host;
-    let publish = |ev| async move { Ok(host.publish(ev).await?) };
+    let publish = |ev| async move { host.publish(ev).await };
     let load = driver::closed_loop(mode, window, plugins as u32, &mut outputs, make, publish, check).await?;
     let run = HostRun {
         load,

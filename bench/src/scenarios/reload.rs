@@ -60,7 +60,7 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
 
     let mut outputs = bench.host.observe(&["bench.out.>"]).await?;
     let host = &bench.host;
-    let publish = |ev| async move { Ok(host.publish(ev).await?) };
+    let publish = |ev| async move { host.publish(ev).await };
     let capacity = driver::closed_loop(mode, WINDOW, 1, &mut outputs, input, publish, |_| {}).await?.rate();
     let rate = capacity * LOAD;
 

@@ -24,7 +24,7 @@ async fn host_load(mode: Mode, handler: &[u8], window: usize) -> anyhow::Result<
     .await?;
     let mut outputs = bench.host.observe(&["bench.out.>"]).await?;
     let host = &bench.host;
-    let publish = |ev| async move { Ok(host.publish(ev).await?) };
+    let publish = |ev| async move { host.publish(ev).await };
     let load = driver::closed_loop(mode, window, 1, &mut outputs, input, publish, |_| {}).await?;
     let failed = bench.counter("retried") + bench.counter("dead_lettered");
     bench.stop().await?;

@@ -66,7 +66,7 @@ impl JetStreamKv {
     /// Writes every key of `txn` in one atomic batch, each checked against the revision read.
     async fn commit_batch(&self, store: &kv::Store, txn: &Txn) -> Result<(), KvError> {
         let client = self.js.client();
-        let batch = uuid::Uuid::now_v7().to_string();
+        let batch = crate::event::new_id();
         let count = txn.writes.len();
         for (i, (key, value)) in txn.writes.iter().enumerate() {
             let subject = format!("{}{}", store.prefix, nats_key(key));

@@ -83,6 +83,11 @@ impl Sandbox {
             .epoch_interruption(true)
             .max_wasm_stack(settings.max_stack_bytes)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        // `PLUGBUS_PERF_MAP=1` writes /tmp/perf-<pid>.map so `perf report` names the plugins'
+        // compiled functions (profiling a handler; off by default).
+        if std::env::var_os("PLUGBUS_PERF_MAP").is_some_and(|v| v == "1") {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config).map_err(|e| {
             anyhow::anyhow!(
                 "cannot set up the sandbox pool for {n} instances of up to {} MiB: {e} \
