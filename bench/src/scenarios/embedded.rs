@@ -1,7 +1,11 @@
 //! `embedded-1`: one plugin on the embedded bus, 1 KiB JSON events, a fresh instance per
 //! event; the handler parses the JSON and publishes one output. 64 events outstanding, so the
 //! p50/p99 include queueing (Little's law: 64 / rate); `idle_p50_us`/`idle_p99_us` are the
-//! same path with one event outstanding.
+//! same path with one event outstanding. `plugbus_1thread` is the same host with everything
+//! (host tasks and driver) on one current-thread runtime: the one-core figure, compared with
+//! the 1-task floor (`plugbus_1thread_vs_floor_1task`, target ≥ 0.8) and with the 2-core
+//! figure (`plugbus_vs_1thread`, target ≥ 1.7; `floor_2tasks_vs_1task` is how wasmtime alone
+//! scales on the same machine).
 //!
 //! Baselines, same run, same event, same handler logic:
 //! - wasm floor: `plugbus::sandbox` without router or bus: `Plugin::handle` (instantiate + one
@@ -69,6 +73,8 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
             ("plugbus_1thread".into(), one_core.rate()),
             ("plugbus_1thread_vs_floor_1task".into(), one_core.rate() / floor1.rate()),
             ("plugbus_vs_1thread".into(), rate / one_core.rate()),
+            // How far wasmtime itself scales from one core to two on this machine.
+            ("floor_2tasks_vs_1task".into(), floor2.rate() / floor1.rate()),
             ("wasm_floor_1task".into(), floor1.rate()),
             ("wasm_floor_1task_p50_us".into(), floor1.percentile_us(50)),
             ("wasm_floor_2tasks".into(), floor2.rate()),

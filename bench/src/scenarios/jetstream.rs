@@ -13,6 +13,10 @@
 //! `out_missing` (inputs published but without an output) must be 0, `out_messages` must equal
 //! `handled` and `published`; `unacked` is what the consumer still held after 20 s.
 //!
+//! `reuse_instances` is the same run with `instance = "reuse"` on a fresh server (what the
+//! sandbox's fresh instance costs on this path); `reuse_clean` = 1 when it, too, lost,
+//! duplicated and left unacked nothing.
+//!
 //! Baseline, same run, same server: the **JetStream broker floor**, a raw JetStream publisher
 //! (same pipelining, same `Nats-Msg-Id`) and a raw durable pull consumer that acks each message
 //! and passes it on, no handler, in the same closed loop; ratio = plugbus / floor. Also
@@ -31,6 +35,7 @@ use anyhow::Context;
 use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
 use plugbus::Event;
+use plugbus::sandbox::InstanceMode;
 use plugbus::transport::nats::StreamDef;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -42,7 +47,10 @@ const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
     let server = NatsServer::start().await?;
-    let d = durable_run(mode, handler, &server).await?;
+    let d = durable_run(mode, handler, &server, InstanceMode::Fresh).await?;
+    // The same with `instance = "reuse"`, on a server of its own (the streams start empty).
+    let reuse = durable_run(mode, handler, &NatsServer::start().await?, InstanceMode::Reuse).await?;
+    let reuse_clean = reuse.out_duplicates == 0 && reuse.out_missing == 0 && reuse.unacked == 0;
     let floor = floor_run(mode, &server, false).await.context("the JetStream floor")?;
     let native = floor_run(mode, &server, true).await.context("the native relay floor")?;
     let rate = d.load.rate();
@@ -56,6 +64,8 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
         ratio: Some(rate / floor.rate()),
         extra: BTreeMap::from([
             ("acked_per_s".into(), d.acked_per_s),
+            ("reuse_instances".into(), reuse.load.rate()),
+            ("reuse_clean".into(), f64::from(u8::from(reuse_clean))),
             ("published".into(), d.published as f64),
             ("handled".into(), d.handled as f64),
             ("out_messages".into(), d.out_messages as f64),
@@ -97,9 +107,15 @@ struct Durable {
     dead_lettered: u64,
 }
 
-async fn durable_run(mode: Mode, handler: &[u8], server: &NatsServer) -> anyhow::Result<Durable> {
+async fn durable_run(
+    mode: Mode,
+    handler: &[u8],
+    server: &NatsServer,
+    instance: InstanceMode,
+) -> anyhow::Result<Durable> {
     let name = components::plugin_name(0);
     let bench = BenchHost::start(handler, 1, |c| {
+        c.limits.instance = instance;
         c.nats.url = Some(server.url());
         c.nats.streams.insert("BENCH".into(), StreamDef { subjects: vec!["bench.in.>".into()] });
         c.nats.streams.insert("BENCHOUT".into(), StreamDef { subjects: vec!["bench.out.>".into()] });

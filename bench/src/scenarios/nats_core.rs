@@ -6,6 +6,9 @@
 //! output observed, one broker hop in and one out. Before the loop, probes on `bench.in.probe`
 //! are published until both hosts have handled one (see `every_host_serving`).
 //!
+//! `reuse_instances` is the same two hosts with `instance = "reuse"` (what the sandbox's fresh
+//! instance costs on this path).
+//!
 //! Baseline, same run, same server, same payload: the **broker floor**, a raw publisher and a
 //! raw subscriber (two connections) that only counts, in the same closed loop (64
 //! outstanding, one broker hop); ratio = plugbus / floor. Also in `extra`:
@@ -27,6 +30,7 @@ use crate::report::Row;
 use anyhow::Context;
 use futures::StreamExt;
 use plugbus::Event;
+use plugbus::sandbox::InstanceMode;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,13 +41,18 @@ const HOSTS: usize = 2;
 
 pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
     let server = NatsServer::start().await?;
-    let Hosts { load, handled, retried, dead_lettered } = hosts_run(mode, handler, &server).await?;
+    let Hosts { load, handled, retried, dead_lettered } =
+        hosts_run(mode, handler, &server, InstanceMode::Fresh).await?;
+    let reuse = hosts_run(mode, handler, &server, InstanceMode::Reuse).await?.load;
     let floor = floor_run(mode, &server).await.context("the broker floor")?;
     let native = native_relay_run(mode, &server).await.context("the native relay floor")?;
     let (flat, flat_dropped) = flat_out(mode, &server).await.context("the flat-out floor")?;
     let (rate, total) = (load.rate(), handled.iter().sum::<u64>().max(1));
     let mut extra = BTreeMap::from([
+        ("reuse_instances".into(), reuse.rate()),
+        ("reuse_vs_floor".into(), reuse.rate() / floor.rate()),
         ("native_relay_floor".into(), native.rate()),
+        ("native_relay_vs_floor".into(), native.rate() / floor.rate()),
         ("native_relay_p50_us".into(), native.percentile_us(50)),
         ("vs_native_relay".into(), rate / native.rate()),
         ("floor_p50_us".into(), floor.percentile_us(50)),
@@ -78,10 +87,11 @@ struct Hosts {
     dead_lettered: u64,
 }
 
-async fn hosts_run(mode: Mode, handler: &[u8], server: &NatsServer) -> anyhow::Result<Hosts> {
+async fn hosts_run(mode: Mode, handler: &[u8], server: &NatsServer, instance: InstanceMode) -> anyhow::Result<Hosts> {
     let mut hosts = Vec::new();
     for _ in 0..HOSTS {
         let bench = BenchHost::start(handler, 1, |c| {
+            c.limits.instance = instance;
             c.nats.url = Some(server.url());
             c.flow.queue = c.flow.queue.max(2 * WINDOW);
         })
