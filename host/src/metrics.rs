@@ -123,7 +123,9 @@ pub struct PluginMetrics {
     family: std::sync::Arc<Metrics>,
     /// `plugbus_handler_duration_seconds{plugin}`.
     pub handler_seconds: Histogram,
-    by_subject: std::sync::RwLock<std::collections::HashMap<String, EventCounters>>,
+    /// Behind an `Arc`: one reference count per event instead of one per counter (each a cache
+    /// line the two cores pass back and forth).
+    by_subject: std::sync::RwLock<std::collections::HashMap<String, std::sync::Arc<EventCounters>>>,
 }
 
 impl PluginMetrics {
@@ -134,18 +136,18 @@ impl PluginMetrics {
     }
 
     /// The counters of events on `subject`.
-    pub fn event(&self, subject: &str) -> EventCounters {
+    pub fn event(&self, subject: &str) -> std::sync::Arc<EventCounters> {
         if let Some(c) = self.by_subject.read().expect("metrics poisoned").get(subject) {
             return c.clone();
         }
         let labels = Metrics::event(&self.plugin, subject);
         let m = &self.family;
-        let counters = EventCounters {
+        let counters = std::sync::Arc::new(EventCounters {
             received: m.received.get_or_create(&labels).clone(),
             handled: m.handled.get_or_create(&labels).clone(),
             retried: m.retried.get_or_create(&labels).clone(),
             dead_lettered: m.dead_lettered.get_or_create(&labels).clone(),
-        };
+        });
         self.by_subject.write().expect("metrics poisoned").insert(subject.to_string(), counters.clone());
         counters
     }

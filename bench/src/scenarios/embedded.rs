@@ -191,19 +191,20 @@ impl Bare {
             store.set_epoch_deadline(1 << 40);
         }
         let instance = self.pre.instantiate_async(&mut store).await?;
+        let headers: Vec<(&str, &str)> = ev.extensions.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let wit_event = wit::Event {
-            id: ev.id.clone(),
-            source: ev.source.clone(),
-            type_: ev.ty.clone(),
-            subject: ev.subject.clone(),
-            time: ev.time.clone(),
-            datacontenttype: ev.datacontenttype.clone(),
-            extensions: ev.extensions.clone(),
-            data: ev.data.to_vec(),
+            id: &ev.id,
+            source: &ev.source,
+            type_: &ev.ty,
+            subject: &ev.subject,
+            time: &ev.time,
+            datacontenttype: ev.datacontenttype.as_deref(),
+            extensions: &headers,
+            data: &ev.data,
             attempt: 1,
             reply_to: None,
         };
-        let result = instance.plugbus_handler_handler().call_handle(&mut store, &wit_event).await?;
+        let result = instance.plugbus_handler_handler().call_handle(&mut store, wit_event).await?;
         result.map_err(|e| anyhow::anyhow!("the handler failed: {e:?}"))?;
         anyhow::ensure!(store.data().outputs.len() == 1, "expected 1 output");
         Ok(())

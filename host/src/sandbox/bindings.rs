@@ -6,6 +6,9 @@ wasmtime::component::bindgen!({
     exports: { default: async },
     // kv reads may go over the network (JetStream KV); everything else answers from memory.
     imports: { "plugbus:handler/kv.get": async },
+    // The event goes into the guest from borrowed fields: no String or 1 KiB Vec copied per
+    // attempt just to be copied again into guest memory.
+    ownership: Borrowing { duplicate_if_necessary: true },
 });
 
 pub use self::exports::plugbus::handler::handler::Guest;

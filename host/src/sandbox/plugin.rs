@@ -156,7 +156,8 @@ impl Plugin {
         arm_store(&mut store);
         let call = async {
             let instance = self.pre.instantiate_async(&mut store).await?;
-            instance.plugbus_handler_handler().call_handle(&mut store, &to_wit(event, attempt)).await
+            let headers = header_refs(event);
+            instance.plugbus_handler_handler().call_handle(&mut store, to_wit(event, &headers, attempt)).await
         };
         let call = call.await;
         let result = self.outcome(call, store.data());
@@ -200,7 +201,9 @@ impl Plugin {
                 }
             }
         };
-        let call = warm.instance.plugbus_handler_handler().call_handle(&mut warm.store, &to_wit(event, attempt)).await;
+        let headers = header_refs(event);
+        let wit_event = to_wit(event, &headers, attempt);
+        let call = warm.instance.plugbus_handler_handler().call_handle(&mut warm.store, wit_event).await;
         let trapped = call.is_err();
         let result = self.outcome(call, warm.store.data());
         let state = warm.store.data_mut();
@@ -242,19 +245,26 @@ impl Plugin {
     }
 }
 
-fn to_wit(event: &Event, attempt: u32) -> wit::Event {
+/// The WIT view of `event`, borrowing its fields (`headers` is `event.extensions` as pairs of
+/// `&str`, from [`header_refs`]); the canonical ABI copies them into guest memory once.
+fn to_wit<'a>(event: &'a Event, headers: &'a [(&'a str, &'a str)], attempt: u32) -> wit::Event<'a> {
     wit::Event {
-        id: event.id.clone(),
-        source: event.source.clone(),
-        type_: event.ty.clone(),
-        subject: event.subject.clone(),
-        time: event.time.clone(),
-        datacontenttype: event.datacontenttype.clone(),
-        extensions: event.extensions.clone(),
-        data: event.data.to_vec(),
+        id: &event.id,
+        source: &event.source,
+        type_: &event.ty,
+        subject: &event.subject,
+        time: &event.time,
+        datacontenttype: event.datacontenttype.as_deref(),
+        extensions: headers,
+        data: &event.data,
         attempt,
-        reply_to: event.reply_to.clone(),
+        reply_to: event.reply_to.as_deref(),
     }
+}
+
+/// `event.extensions` as borrowed pairs, for [`to_wit`].
+fn header_refs(event: &Event) -> Vec<(&str, &str)> {
+    event.extensions.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
 /// Names the cause of a failed call in the words a user would search for.
