@@ -95,7 +95,7 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
 
 /// Runs `f(handler)` on a current-thread runtime of its own thread: the host, its tasks and the
 /// driver on one core's worth of threads (the epoch ticker aside), for the one-core figure.
-pub(super) async fn on_one_thread<F, Fut>(handler: &[u8], f: F) -> anyhow::Result<Load>
+async fn on_one_thread<F, Fut>(handler: &[u8], f: F) -> anyhow::Result<Load>
 where
     F: FnOnce(Vec<u8>) -> Fut + Send + 'static,
     Fut: Future<Output = anyhow::Result<Load>>,
