@@ -9,7 +9,7 @@
 //! naming plugin, subject and event id.
 
 use crate::deadletter::{self, DeadLetters};
-use crate::event::Event;
+use crate::event::{Event, Output};
 use crate::kv::KvError;
 use crate::metrics::PluginMetrics;
 use crate::retry::RetryPolicy;
@@ -180,7 +180,7 @@ pub async fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) 
         Outcome::DeadLettered { attempts, failure } => {
             counters.dead_lettered.inc();
             rt.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            match dead_letter(rt, ev, failure, *attempts).await {
+            match dead_letter(rt, ev, &failure.to_string(), *attempts).await {
                 Ok(()) => delivery.acker.term().await,
                 // Not kept anywhere durable: let the transport bring it back rather than lose it.
                 Err(()) if delivery.redeliverable => delivery.acker.nak(rt.retry.backoff(*attempts)).await,
@@ -201,7 +201,10 @@ async fn attempts(rt: &PluginRuntime, ev: &Event, first: u32, by_transport: bool
     loop {
         let result = run_attempt(rt, &rt.plugin(), ev, attempt).await;
         match result {
-            Ok(outputs) => return Outcome::Handled { attempts: attempt, outputs },
+            Ok(outputs) => {
+                let outputs = release_outputs(rt, ev, outputs).await;
+                return Outcome::Handled { attempts: attempt, outputs };
+            }
             Err(failure) if failure.is_retryable() && attempt < rt.retry.max_attempts => {
                 let wait = rt.retry.backoff(attempt);
                 rt.stats.retried.fetch_add(1, Ordering::Relaxed);
@@ -222,8 +225,9 @@ async fn attempts(rt: &PluginRuntime, ev: &Event, first: u32, by_transport: bool
     }
 }
 
-/// One attempt: run the handler (again on kv conflict), commit kv, release outputs.
-async fn run_attempt(rt: &PluginRuntime, plugin: &Plugin, ev: &Event, attempt: u32) -> Result<usize, Failure> {
+/// One attempt: run the handler (again on kv conflict) and commit its kv writes; returns the
+/// outputs to release. After the commit the handler never runs again for this delivery.
+async fn run_attempt(rt: &PluginRuntime, plugin: &Plugin, ev: &Event, attempt: u32) -> Result<Vec<Output>, Failure> {
     let mut reruns = 0;
     loop {
         rt.stats.attempts.fetch_add(1, Ordering::Relaxed);
@@ -240,31 +244,55 @@ async fn run_attempt(rt: &PluginRuntime, plugin: &Plugin, ev: &Event, attempt: u
         rt.metrics.handler_seconds.observe(run.elapsed.as_secs_f64());
         run.result?;
         match plugin.commit(&run.txn).await {
-            Ok(()) => {}
+            Ok(()) => return Ok(run.outputs),
             Err(KvError::Conflict(key)) if reruns < MAX_KV_CONFLICT_RERUNS => {
                 reruns += 1;
                 tracing::debug!(plugin = %rt.name, event_id = %ev.id, key, "kv conflict, running again");
-                continue;
             }
             Err(e) => return Err(Failure::Retry(e.to_string())),
         }
-        let count = run.outputs.len();
-        for (i, output) in run.outputs.into_iter().enumerate() {
-            let out = output.into_event(ev, plugin.name(), i);
-            let (subject, id) = (out.subject.clone(), out.id.clone());
-            // Output ids are deterministic, so a retry after a partial publish does not
-            // duplicate on a deduplicating transport.
-            rt.transport.publish(out).await.map_err(|e| {
-                tracing::error!(plugin = %rt.name, subject, event_id = id, caused_by = %ev.id, "output not published: {e}");
-                Failure::Retry(format!("output to {subject} not published: {e}"))
-            })?;
-        }
-        return Ok(count);
     }
 }
 
+/// Releases the outputs of an attempt whose kv writes committed; returns how many the transport
+/// took. The handler is not run again for them: an output the transport refuses is published
+/// again by itself, with the plugin's backoff (its id is deterministic, so a deduplicating
+/// transport drops a second copy); one still refused after `retry.max_attempts` tries is
+/// dead-lettered by itself (a replay publishes it to its subject). Nothing is committed twice and
+/// nothing is lost.
+async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Output>) -> usize {
+    let mut released = 0;
+    for (i, output) in outputs.into_iter().enumerate() {
+        let out = Arc::new(output.into_event(ev, &rt.name, i));
+        let mut tries = 1;
+        loop {
+            let err = match rt.transport.publish_output(out.clone()).await {
+                Ok(()) => {
+                    released += 1;
+                    break;
+                }
+                Err(e) => e,
+            };
+            let (subject, id) = (&out.subject, &out.id);
+            if tries >= rt.retry.max_attempts {
+                tracing::error!(plugin = %rt.name, subject = %subject, event_id = %id, caused_by = %ev.id, tries,
+                    "output not published; dead-lettering the output (the handler's kv writes stand): {err}");
+                let why = format!("output to {subject} not published after {tries} tries: {err}");
+                let _ = dead_letter(rt, &out, &why, tries).await;
+                break;
+            }
+            let wait = rt.retry.backoff(tries);
+            tracing::warn!(plugin = %rt.name, subject = %subject, event_id = %id, caused_by = %ev.id, tries,
+                retry_in_ms = wait.as_millis() as u64, "output not published, publishing it again: {err}");
+            tokio::time::sleep(wait).await;
+            tries += 1;
+        }
+    }
+    released
+}
+
 /// Keeps and publishes the dead letter; `Err` when the transport did not take it.
-async fn dead_letter(rt: &PluginRuntime, ev: &Event, failure: &Failure, attempts: u32) -> Result<(), ()> {
+async fn dead_letter(rt: &PluginRuntime, ev: &Event, failure: &str, attempts: u32) -> Result<(), ()> {
     let (plugin, subject, id) = (&rt.name, &ev.subject, &ev.id);
     if deadletter::is_dead_letter(ev) {
         tracing::error!(plugin = %plugin, subject = %subject, event_id = %id, attempts,
@@ -273,9 +301,9 @@ async fn dead_letter(rt: &PluginRuntime, ev: &Event, failure: &Failure, attempts
     }
     tracing::error!(plugin = %plugin, subject = %subject, event_id = %id, attempts,
         dead_letter = %rt.dead_letter_subject, "event dead-lettered: {failure}");
-    let dead = deadletter::dead_letter_event(ev, plugin, &rt.dead_letter_subject, &failure.to_string(), attempts);
+    let dead = deadletter::dead_letter_event(ev, plugin, &rt.dead_letter_subject, failure, attempts);
     rt.dead_letters.push(plugin, dead.clone());
-    rt.transport.publish(dead).await.map_err(|e| {
+    rt.transport.publish_output(Arc::new(dead)).await.map_err(|e| {
         tracing::error!(plugin = %plugin, event_id = %id, "dead letter kept here but not published: {e}");
     })
 }

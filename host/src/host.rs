@@ -54,6 +54,13 @@ impl Host {
             }
             None => (Arc::new(EmbeddedBus::new()), Arc::new(MemoryKv::new())),
         };
+        Self::start_on(config, transport, kv).await
+    }
+
+    /// Like [`Host::start`], on a transport and kv store the caller made (tests wrap a transport
+    /// to inject faults).
+    pub async fn start_on(config: Config, transport: Arc<dyn Transport>, kv: Arc<dyn KvStore>) -> anyhow::Result<Self> {
+        config.validate()?;
         let mut settings = config.sandbox.clone();
         settings.max_memory_mib = settings.max_memory_mib.max(config.max_memory_mib());
         let mut sandbox = Sandbox::new(settings)?;

@@ -31,11 +31,15 @@ pub struct Flow {
     /// Deliveries taken but not settled (queued in lanes, backing off, running) before the
     /// transport is paused for this plugin.
     pub queue: usize,
+    /// MiB of handlers' outputs (its own included) that may wait for this plugin beyond a full
+    /// queue on the embedded bus. Outputs never wait for a queue (a cycle through the bus would
+    /// wait forever); past this bound an output is refused and retried by its producer.
+    pub buffer_mib: u64,
 }
 
 impl Default for Flow {
     fn default() -> Self {
-        Self { concurrency: 16, queue: 1024 }
+        Self { concurrency: 16, queue: 1024, buffer_mib: 64 }
     }
 }
 
@@ -70,6 +74,7 @@ impl Delivering {
             patterns: m.patterns(),
             queue_group,
             capacity: self.flow.queue,
+            buffer_bytes: self.flow.buffer_mib.saturating_mul(1 << 20),
             durable: durable.then(|| Durability {
                 deliver_all: self.deliver_all.unwrap_or_else(|| m.subscriptions.iter().any(|s| s.deliver_all)),
                 max_deliver: self.retry.max_attempts.saturating_mul(2).max(self.retry.max_attempts + 1),

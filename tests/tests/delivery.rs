@@ -127,7 +127,7 @@ async fn order_per_key_holds_across_retries_while_keys_run_in_parallel() {
             factor: 2.0,
             max: Duration::from_millis(10),
         };
-        c.flow = Flow { concurrency: 8, queue: 256 };
+        c.flow = Flow { concurrency: 8, queue: 256, ..Flow::default() };
     })
     .await;
     let mut seen = t.observe(&["faulty.out.step"]).await;
@@ -163,7 +163,7 @@ async fn order_per_key_holds_across_retries_while_keys_run_in_parallel() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_applies_backpressure_and_loses_nothing() {
-    let t = TestHost::start_with(&["faulty"], |c| c.flow = Flow { concurrency: 1, queue: 2 }).await;
+    let t = TestHost::start_with(&["faulty"], |c| c.flow = Flow { concurrency: 1, queue: 2, ..Flow::default() }).await;
     const N: u64 = 10_000;
     for _ in 0..N {
         t.publish("faulty.ok", "").await;
@@ -176,7 +176,8 @@ async fn a_full_queue_applies_backpressure_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_finishes_what_was_accepted_and_reports_the_rest() {
     // generous timeout: everything accepted is handled
-    let t = TestHost::start_with(&["faulty"], |c| c.flow = Flow { concurrency: 2, queue: 1024 }).await;
+    let t =
+        TestHost::start_with(&["faulty"], |c| c.flow = Flow { concurrency: 2, queue: 1024, ..Flow::default() }).await;
     for _ in 0..200 {
         t.publish("faulty.slow", "2").await;
     }
@@ -185,7 +186,7 @@ async fn drain_finishes_what_was_accepted_and_reports_the_rest() {
 
     // tiny timeout: what is left is reported, and handled + reported = accepted
     let t = TestHost::start_with(&["faulty"], |c| {
-        c.flow = Flow { concurrency: 1, queue: 1024 };
+        c.flow = Flow { concurrency: 1, queue: 1024, ..Flow::default() };
         c.drain_timeout = Duration::from_millis(50);
     })
     .await;

@@ -241,6 +241,7 @@ async fn native_floor(mode: Mode) -> anyhow::Result<Load> {
         patterns: vec!["bench.in.>".into()],
         queue_group: "native".into(),
         capacity: 1024,
+        buffer_bytes: 64 << 20,
         durable: None,
     };
     let mut sub = bus.subscribe(spec).await?;
@@ -253,7 +254,7 @@ async fn native_floor(mode: Mode) -> anyhow::Result<Load> {
                 tokio::spawn(async move {
                     let ev = &delivery.event;
                     let out = native_handler(ev).expect("the bench payload is JSON");
-                    bus.publish(out.into_event(ev, "native", 0)).await.expect("publishing the output");
+                    bus.publish_output(Arc::new(out.into_event(ev, "native", 0))).await.expect("publishing the output");
                 });
             }
         })

@@ -1,21 +1,121 @@
 //! The embedded bus: an in-process transport, the default, needing no server.
 //!
-//! Each subscription has its own bounded queue. Publishing waits while a matching
-//! subscription's queue is full (backpressure): nothing is dropped. Observers (the live tail)
-//! never slow the bus: they miss events instead, and the miss is counted and logged.
+//! Each subscription has its own bounded queue. A producer's [`Transport::publish`] waits while
+//! a matching subscription's queue is full (backpressure): nothing is dropped. A handler's
+//! outputs ([`Transport::publish_output`]) never wait on a queue: a plugin's outputs can come
+//! back to its own queue (a countdown, a `>` subscriber), and waiting there while holding the
+//! plugin's capacity would wait forever. They go behind the queue into the subscription's
+//! overflow, bounded in bytes (`flow.buffer_mib`); past that bound the output is refused
+//! ([`TransportError::Full`]) and dispatch retries it, so a runaway plugin fills only its own
+//! buffer. Observers (the live tail) never slow the bus: they miss events instead, and the miss
+//! is counted and logged.
 
 use super::{Delivery, Subscription, SubscriptionSpec, Transport, TransportError};
 use crate::event::Event;
 use crate::subject::{PatternSet, validate_subject};
 use async_trait::async_trait;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::mpsc;
+
+/// What an event waiting in an overflow is charged on top of its data and headers (the event
+/// record, its id strings, the queue slot): a million empty events are not free.
+const OVERFLOW_ENTRY_COST: u64 = 512;
 
 struct Sub {
     id: u64,
     patterns: PatternSet,
     tx: mpsc::Sender<Delivery>,
+    overflow: Arc<Overflow>,
+}
+
+/// Outputs waiting behind a full queue, in order, and the task that moves them into it.
+struct Overflow {
+    state: Mutex<OverflowState>,
+    /// The most bytes that may wait.
+    budget: u64,
+    plugin: String,
+}
+
+#[derive(Default)]
+struct OverflowState {
+    events: VecDeque<(Arc<Event>, u64)>,
+    bytes: u64,
+    pumping: bool,
+}
+
+impl Overflow {
+    fn new(plugin: &str, budget: u64) -> Arc<Self> {
+        Arc::new(Self { state: Mutex::default(), budget, plugin: plugin.to_string() })
+    }
+
+    /// Whether an event of `cost` bytes can be taken now (into the queue or behind it).
+    fn check_room(&self, state: &OverflowState, tx: &mpsc::Sender<Delivery>, cost: u64) -> Result<(), TransportError> {
+        let queue_has_room = state.events.is_empty() && tx.capacity() > 0;
+        if queue_has_room || tx.is_closed() || state.bytes + cost <= self.budget {
+            return Ok(());
+        }
+        Err(TransportError::Full(format!(
+            "plugin {} has {} events ({} bytes) waiting beyond its queue; its flow.buffer_mib is {} MiB",
+            self.plugin,
+            state.events.len(),
+            state.bytes,
+            self.budget >> 20
+        )))
+    }
+
+    /// Takes `event` without waiting: straight into the queue when it has room and nothing waits
+    /// before it, else behind the queue. The caller checked the room.
+    fn take(self: &Arc<Self>, state: &mut OverflowState, tx: &mpsc::Sender<Delivery>, event: &Arc<Event>, cost: u64) {
+        if state.events.is_empty() {
+            match tx.try_send(Delivery::once(event.clone())) {
+                // Closed: unsubscribed meanwhile, the event is no longer for it.
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
+                Err(mpsc::error::TrySendError::Full(_)) => {}
+            }
+        }
+        state.events.push_back((event.clone(), cost));
+        state.bytes += cost;
+        if !state.pumping {
+            state.pumping = true;
+            tokio::spawn(self.clone().pump(tx.clone()));
+        }
+    }
+
+    /// Moves waiting events into the queue as it makes room, oldest first; ends when none wait.
+    async fn pump(self: Arc<Self>, tx: mpsc::Sender<Delivery>) {
+        loop {
+            let Ok(slot) = tx.reserve().await else {
+                // The plugin unsubscribed: what waited is no longer for it.
+                let mut state = self.state.lock().expect("overflow poisoned");
+                state.events.clear();
+                state.bytes = 0;
+                state.pumping = false;
+                return;
+            };
+            let mut state = self.state.lock().expect("overflow poisoned");
+            let Some((event, cost)) = state.events.pop_front() else {
+                state.pumping = false;
+                return;
+            };
+            state.bytes -= cost;
+            slot.send(Delivery::once(event));
+            if state.events.is_empty() {
+                state.pumping = false;
+                return;
+            }
+        }
+    }
+
+    fn waiting(&self) -> usize {
+        self.state.lock().expect("overflow poisoned").events.len()
+    }
+}
+
+fn event_cost(event: &Event) -> u64 {
+    let headers: usize = event.extensions.iter().map(|(k, v)| k.len() + v.len()).sum();
+    OVERFLOW_ENTRY_COST + (event.data.len() + headers + event.id.len() + event.subject.len()) as u64
 }
 
 struct Observer {
@@ -48,6 +148,38 @@ impl EmbeddedBus {
     pub fn observer_misses(&self) -> u64 {
         self.observer_misses.load(Ordering::Relaxed)
     }
+
+    /// How many outputs wait in overflows beyond the queues, over every subscription.
+    pub fn overflowing(&self) -> usize {
+        self.table.read().expect("bus table poisoned").subs.iter().map(|s| s.overflow.waiting()).sum()
+    }
+
+    fn notify_observers(&self, event: &Arc<Event>) {
+        let observer_gone = {
+            let table = self.table.read().expect("bus table poisoned");
+            let mut gone = false;
+            for o in table.observers.iter().filter(|o| o.patterns.matches(&event.subject)) {
+                match o.tx.try_send(event.clone()) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Closed(_)) => gone = true,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        self.observer_misses.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(subject = %event.subject, "a slow observer missed an event");
+                    }
+                }
+            }
+            gone
+        };
+        if observer_gone {
+            self.table.write().expect("bus table poisoned").observers.retain(|o| !o.tx.is_closed());
+        }
+    }
+
+    /// The subscriptions `event` goes to, in subscription order.
+    fn targets(&self, event: &Event) -> Vec<Arc<Sub>> {
+        let table = self.table.read().expect("bus table poisoned");
+        table.subs.iter().filter(|s| s.patterns.matches(&event.subject)).cloned().collect()
+    }
 }
 
 /// Removes the subscription from the table when the plugin lets go of it.
@@ -73,32 +205,31 @@ impl Transport for EmbeddedBus {
     async fn publish(&self, event: Event) -> Result<(), TransportError> {
         validate_subject(&event.subject)?;
         let event = Arc::new(event);
-        let (targets, observer_gone) = {
-            let table = self.table.read().expect("bus table poisoned");
-            let mut gone = false;
-            for o in table.observers.iter().filter(|o| o.patterns.matches(&event.subject)) {
-                match o.tx.try_send(event.clone()) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Closed(_)) => gone = true,
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        self.observer_misses.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(subject = %event.subject, "a slow observer missed an event");
-                    }
-                }
-            }
-            let targets: Vec<Arc<Sub>> =
-                table.subs.iter().filter(|s| s.patterns.matches(&event.subject)).cloned().collect();
-            (targets, gone)
-        };
-        if observer_gone {
-            self.table.write().expect("bus table poisoned").observers.retain(|o| !o.tx.is_closed());
-        }
-        for sub in targets {
-            let delivery = Delivery::once(event.clone());
+        self.notify_observers(&event);
+        for sub in self.targets(&event) {
             // A closed queue means the plugin was unsubscribed meanwhile (removed or reloaded
             // with other subjects): the event is no longer for it.
-            let _ = sub.tx.send(delivery).await;
+            let _ = sub.tx.send(Delivery::once(event.clone())).await;
         }
+        Ok(())
+    }
+
+    async fn publish_output(&self, event: Arc<Event>) -> Result<(), TransportError> {
+        validate_subject(&event.subject)?;
+        let targets = self.targets(&event);
+        // All or none: every target's overflow is locked (in subscription order, so two
+        // publishers cannot deadlock) and checked before any takes it, so a refused output
+        // reached no one and its retry delivers it once.
+        let mut locked: Vec<_> = targets.iter().map(|s| s.overflow.state.lock().expect("overflow poisoned")).collect();
+        let cost = event_cost(&event);
+        for (sub, state) in targets.iter().zip(&locked) {
+            sub.overflow.check_room(state, &sub.tx, cost)?;
+        }
+        for (sub, state) in targets.iter().zip(locked.iter_mut()) {
+            sub.overflow.take(state, &sub.tx, &event, cost);
+        }
+        drop(locked);
+        self.notify_observers(&event);
         Ok(())
     }
 
@@ -107,7 +238,8 @@ impl Transport for EmbeddedBus {
         let (tx, rx) = mpsc::channel(spec.capacity.max(1));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let subscription = Subscription::new(id, &tx, rx, Unsubscribe { table: self.table.clone(), id });
-        self.table.write().expect("bus table poisoned").subs.push(Arc::new(Sub { id, patterns, tx }));
+        let overflow = Overflow::new(&spec.plugin, spec.buffer_bytes);
+        self.table.write().expect("bus table poisoned").subs.push(Arc::new(Sub { id, patterns, tx, overflow }));
         Ok(subscription)
     }
 
@@ -119,7 +251,7 @@ impl Transport for EmbeddedBus {
             .iter_mut()
             .find(|s| s.id == subscription)
             .ok_or_else(|| TransportError::Closed(format!("subscription {subscription} is gone")))?;
-        *slot = Arc::new(Sub { id: slot.id, patterns, tx: slot.tx.clone() });
+        *slot = Arc::new(Sub { id: slot.id, patterns, tx: slot.tx.clone(), overflow: slot.overflow.clone() });
         Ok(())
     }
 
@@ -145,6 +277,7 @@ mod tests {
             patterns: patterns.iter().map(|s| s.to_string()).collect(),
             queue_group: "plugbus.p".into(),
             capacity,
+            buffer_bytes: 1 << 20,
             durable: None,
         }
     }
@@ -200,6 +333,52 @@ mod tests {
         bus.publish(Event::new("b", "")).await.unwrap();
         assert_eq!(sub.deliveries.recv().await.unwrap().event.subject, "b");
         assert!(sub.deliveries.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn outputs_never_wait_on_a_full_queue_and_keep_their_order() {
+        let bus = EmbeddedBus::new();
+        let mut sub = bus.subscribe(spec(&["x"], 2)).await.unwrap();
+        // Nobody reads yet: with a queue of 2, a waiting publish would hang here.
+        for i in 0..100 {
+            bus.publish_output(Arc::new(Event::new("x", i.to_string()))).await.unwrap();
+        }
+        assert_eq!(bus.overflowing(), 98);
+        for i in 0..100 {
+            let d = tokio::time::timeout(std::time::Duration::from_secs(5), sub.deliveries.recv()).await;
+            assert_eq!(d.unwrap().unwrap().event.data, i.to_string());
+        }
+        assert_eq!(bus.overflowing(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_output_beyond_the_buffer_is_refused_and_reaches_no_one() {
+        let bus = EmbeddedBus::new();
+        let mut small = bus.subscribe(spec(&["x"], 1)).await.unwrap();
+        let mut roomy = bus.subscribe(spec(&["x"], 1 << 16)).await.unwrap();
+        let big = vec![0u8; 300 * 1024];
+        let mut refused = None;
+        for i in 0..10 {
+            if let Err(e) = bus.publish_output(Arc::new(Event::new("x", big.clone()))).await {
+                refused = Some((i, e));
+                break;
+            }
+        }
+        // 1 in the queue, 3 x 300 KiB behind it fill the 1 MiB buffer: the 5th is refused.
+        let (i, e) = refused.expect("the buffer filled");
+        assert_eq!(i, 4);
+        assert!(matches!(e, TransportError::Full(_)), "{e}");
+        assert!(e.to_string().contains("flow.buffer_mib"), "{e}");
+        let mut got = 0;
+        while roomy.deliveries.try_recv().is_ok() {
+            got += 1;
+        }
+        assert_eq!(got, 4, "the refused output reached no subscriber");
+        for _ in 0..4 {
+            small.deliveries.recv().await.unwrap();
+        }
+        // Room again once the plugin caught up.
+        bus.publish_output(Arc::new(Event::new("x", big))).await.unwrap();
     }
 
     #[tokio::test]

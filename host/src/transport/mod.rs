@@ -26,6 +26,9 @@ pub enum TransportError {
     /// The broker refused or failed the request.
     #[error("{0}")]
     Broker(String),
+    /// No room for the event now (a handler's output beyond a plugin's buffer): try again later.
+    #[error("no room: {0}")]
+    Full(String),
 }
 
 /// What to subscribe for one plugin.
@@ -39,6 +42,8 @@ pub struct SubscriptionSpec {
     pub queue_group: String,
     /// How many deliveries may wait in the plugin's queue before the transport pauses.
     pub capacity: usize,
+    /// Bytes of handler outputs that may wait beyond a full queue (in-process transports).
+    pub buffer_bytes: u64,
     /// At-least-once delivery from a durable consumer, when the transport has one.
     pub durable: Option<Durability>,
 }
@@ -140,8 +145,18 @@ pub trait Transport: Send + Sync + 'static {
     /// A short name for logs: `embedded`, `nats`.
     fn name(&self) -> &'static str;
 
-    /// Publishes one event; returns once the transport accepted it.
+    /// Publishes one event from a producer (HTTP ingress, `plugbus publish`, a replay);
+    /// returns once the transport accepted it, waiting while a consumer is full (backpressure).
     async fn publish(&self, event: Event) -> Result<(), TransportError>;
+
+    /// Publishes a handler's output or a dead letter. It must never wait on a plugin's queue:
+    /// outputs may come back to the plugin that made them, whose capacity the waiting delivery
+    /// holds (a cycle would wait forever). When there is no room it fails with
+    /// [`TransportError::Full`] and dispatch retries. A broker never waits on its consumers, so
+    /// the default is [`Transport::publish`].
+    async fn publish_output(&self, event: Arc<Event>) -> Result<(), TransportError> {
+        self.publish(Arc::unwrap_or_clone(event)).await
+    }
 
     /// Subscribes a plugin; deliveries arrive on the returned subscription's queue.
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription, TransportError>;

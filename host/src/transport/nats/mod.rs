@@ -125,6 +125,32 @@ pub struct NatsTransport {
 }
 
 impl NatsTransport {
+    /// Publishes `event`; on a subject a stream captures, waits for the stream's ack.
+    async fn publish_event(&self, event: &Event) -> Result<(), TransportError> {
+        validate_subject(&event.subject)?;
+        let (headers, payload) = wire::message_of(event);
+        let subject = event.subject.clone();
+        if self.index.captures(&subject) {
+            let ack = self
+                .js
+                .publish_with_headers(subject.clone(), headers, payload)
+                .await
+                .map_err(|e| TransportError::Broker(format!("publishing to {subject} on JetStream: {e}")))?;
+            let ack = ack.await.map_err(|e| {
+                TransportError::Broker(format!("JetStream did not acknowledge the event on {subject}: {e}"))
+            })?;
+            if ack.duplicate {
+                tracing::debug!(subject = %subject, event_id = %event.id, "JetStream already had this event (duplicate dropped)");
+            }
+        } else {
+            self.client
+                .publish_with_headers(subject.clone(), headers, payload)
+                .await
+                .map_err(|e| TransportError::Broker(format!("publishing to {subject} on NATS: {e}")))?;
+        }
+        Ok(())
+    }
+
     /// Connects, declares the configured streams and reads which subjects streams capture.
     pub async fn connect(settings: &NatsSettings) -> Result<Self, TransportError> {
         let url = settings.url.clone().ok_or_else(|| TransportError::Broker("no NATS url configured".into()))?;
@@ -362,28 +388,11 @@ impl Transport for NatsTransport {
     }
 
     async fn publish(&self, event: Event) -> Result<(), TransportError> {
-        validate_subject(&event.subject)?;
-        let (headers, payload) = wire::message_of(&event);
-        let subject = event.subject;
-        if self.index.captures(&subject) {
-            let ack = self
-                .js
-                .publish_with_headers(subject.clone(), headers, payload)
-                .await
-                .map_err(|e| TransportError::Broker(format!("publishing to {subject} on JetStream: {e}")))?;
-            let ack = ack.await.map_err(|e| {
-                TransportError::Broker(format!("JetStream did not acknowledge the event on {subject}: {e}"))
-            })?;
-            if ack.duplicate {
-                tracing::debug!(subject = %subject, event_id = %event.id, "JetStream already had this event (duplicate dropped)");
-            }
-        } else {
-            self.client
-                .publish_with_headers(subject.clone(), headers, payload)
-                .await
-                .map_err(|e| TransportError::Broker(format!("publishing to {subject} on NATS: {e}")))?;
-        }
-        Ok(())
+        self.publish_event(&event).await
+    }
+
+    async fn publish_output(&self, event: Arc<Event>) -> Result<(), TransportError> {
+        self.publish_event(&event).await
     }
 
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription, TransportError> {

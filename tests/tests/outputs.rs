@@ -1,0 +1,120 @@
+//! Nothing is committed twice: after an attempt's kv writes committed, the handler never runs
+//! again for that delivery. An output the transport refuses is published again by itself; one
+//! still refused after the retries is dead-lettered by itself.
+
+use async_trait::async_trait;
+use plugbus::kv::{KvStore, MemoryKv};
+use plugbus::transport::embedded::EmbeddedBus;
+use plugbus::transport::{Subscription, SubscriptionSpec, Transport, TransportError};
+use plugbus::{Config, Event, Host};
+use plugbus_tests::{eventually, fast_retries, order, wasm};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// The embedded bus, but the first `failures` outputs on `subject` are refused.
+struct FailingOutputs {
+    bus: EmbeddedBus,
+    subject: &'static str,
+    failures: AtomicU32,
+    refused: AtomicU32,
+}
+
+#[async_trait]
+impl Transport for FailingOutputs {
+    fn name(&self) -> &'static str {
+        "failing"
+    }
+    async fn publish(&self, event: Event) -> Result<(), TransportError> {
+        self.bus.publish(event).await
+    }
+    async fn publish_output(&self, event: Arc<Event>) -> Result<(), TransportError> {
+        if event.subject == self.subject
+            && self.failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+        {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(TransportError::Broker(format!("injected: {} refused", event.subject)));
+        }
+        self.bus.publish_output(event).await
+    }
+    async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription, TransportError> {
+        self.bus.subscribe(spec).await
+    }
+    async fn retarget(&self, subscription: u64, spec: &SubscriptionSpec) -> Result<(), TransportError> {
+        self.bus.retarget(subscription, spec).await
+    }
+    async fn observe(
+        &self,
+        patterns: Vec<String>,
+        capacity: usize,
+    ) -> Result<mpsc::Receiver<Arc<Event>>, TransportError> {
+        self.bus.observe(patterns, capacity).await
+    }
+}
+
+struct Setup {
+    host: Host,
+    transport: Arc<FailingOutputs>,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+async fn start(failures: u32) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("inventory"), dir.path().join("inventory.wasm")).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut config =
+        Config { plugins_dir: dir.path().into(), data_dir: data.path().into(), http: None, ..Config::default() };
+    fast_retries(&mut config);
+    let transport = Arc::new(FailingOutputs {
+        bus: EmbeddedBus::new(),
+        subject: "inventory.reserved",
+        failures: AtomicU32::new(failures),
+        refused: AtomicU32::new(0),
+    });
+    let kv: Arc<dyn KvStore> = Arc::new(MemoryKv::new());
+    let host = Host::start_on(config, transport.clone(), kv).await.expect("host starts");
+    Setup { host, transport, _dirs: (dir, data) }
+}
+
+async fn stock(host: &Host) -> u64 {
+    let v = host.kv().get("inventory", "stock/widget").await.unwrap().expect("stock was written");
+    serde_json::from_slice(&v.value).unwrap()
+}
+
+fn counter(host: &Host, name: &str) -> u64 {
+    host.router().plugins().into_iter().find(|p| p.name == "inventory").unwrap().counters[name]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_output_is_published_again_without_running_the_handler_again() {
+    let s = start(1).await;
+    let mut seen = s.host.observe(&["inventory.>"]).await.unwrap();
+    s.host.publish(Event::new("orders.created", order("o1", "widget", 3))).await.unwrap();
+    let reserved = tokio::time::timeout(Duration::from_secs(30), seen.recv()).await.expect("an output").unwrap();
+    assert_eq!(reserved.subject, "inventory.reserved");
+    eventually("the delivery is settled", || counter(&s.host, "ok") == 1).await;
+    assert_eq!(s.transport.refused.load(Ordering::SeqCst), 1, "the first publish was refused");
+    assert_eq!(counter(&s.host, "attempts"), 1, "the handler ran once");
+    assert_eq!(stock(&s.host).await, 7, "10 in stock, 3 reserved once");
+    assert!(tokio::time::timeout(Duration::from_millis(300), seen.recv()).await.is_err(), "the output came once");
+    assert!(s.host.dead_letters().list(None).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_refused_every_time_is_dead_lettered_by_itself_and_kv_stands() {
+    let s = start(u32::MAX).await;
+    s.host.publish(Event::new("orders.created", order("o2", "widget", 4))).await.unwrap();
+    eventually("the output is dead-lettered", || !s.host.dead_letters().list(Some("inventory")).is_empty()).await;
+    eventually("the delivery is settled", || counter(&s.host, "ok") == 1).await;
+    let dead = s.host.dead_letters().list(Some("inventory"));
+    assert_eq!(dead.len(), 1);
+    let ev = &dead[0].event;
+    assert_eq!(ev.header("plugbus-original-subject"), Some("inventory.reserved"), "the dead letter is the output");
+    let error = ev.header("plugbus-error").unwrap();
+    assert!(error.contains("not published after 3 tries") && error.contains("injected"), "{error}");
+    assert_eq!(s.transport.refused.load(Ordering::SeqCst), 3, "published three times");
+    assert_eq!(counter(&s.host, "attempts"), 1, "the handler ran once");
+    assert_eq!(counter(&s.host, "dead_lettered"), 0, "the input itself was handled");
+    assert_eq!(stock(&s.host).await, 6, "10 in stock, 4 reserved once");
+}
