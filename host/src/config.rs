@@ -8,6 +8,7 @@
 use crate::retry::RetryPolicy;
 use crate::router::{Delivering, Flow};
 use crate::sandbox::{InstanceMode, Limits, SandboxSettings};
+use crate::transport::log::BusSettings;
 use crate::transport::nats::NatsSettings;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -84,6 +85,8 @@ pub struct Config {
     pub sandbox: SandboxSettings,
     /// NATS: set `url` to join a NATS deployment instead of running the embedded bus.
     pub nats: NatsSettings,
+    /// The embedded bus: its durable log and when it syncs.
+    pub bus: BusSettings,
     /// Per-plugin settings.
     pub plugins: BTreeMap<String, PluginConfig>,
 }
@@ -104,6 +107,7 @@ impl Default for Config {
             retry: RetryPolicy::default(),
             sandbox: SandboxSettings::default(),
             nats: NatsSettings::default(),
+            bus: BusSettings::default(),
             plugins: BTreeMap::new(),
         }
     }

@@ -14,6 +14,7 @@ use crate::router::Router;
 use crate::sandbox::Sandbox;
 use crate::transport::Transport;
 use crate::transport::embedded::EmbeddedBus;
+use crate::transport::log::DurableLog;
 use crate::transport::nats::NatsTransport;
 use anyhow::Context;
 use std::net::SocketAddr;
@@ -47,12 +48,23 @@ impl Host {
                 let kv = Arc::new(JetStreamKv::new(nats.jetstream().clone()));
                 (Arc::new(nats), kv)
             }
-            None if config.persistent_kv => {
-                let path = config.data_dir.join("kv.redb");
-                let kv = RedbKv::open(&path).with_context(|| format!("opening the kv store {}", path.display()))?;
-                (Arc::new(EmbeddedBus::new()), Arc::new(kv))
+            None => {
+                let transport = if config.bus.durable {
+                    let path = config.data_dir.join("bus.redb");
+                    let log =
+                        DurableLog::open(&path, config.bus.sync).context("opening the embedded bus's event log")?;
+                    EmbeddedBus::durable(log)
+                } else {
+                    EmbeddedBus::new()
+                };
+                let kv: Arc<dyn KvStore> = if config.persistent_kv {
+                    let path = config.data_dir.join("kv.redb");
+                    Arc::new(RedbKv::open(&path).with_context(|| format!("opening the kv store {}", path.display()))?)
+                } else {
+                    Arc::new(MemoryKv::new())
+                };
+                (Arc::new(transport), kv)
             }
-            None => (Arc::new(EmbeddedBus::new()), Arc::new(MemoryKv::new())),
         };
         Self::start_on(config, transport, kv).await
     }

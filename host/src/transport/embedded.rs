@@ -10,7 +10,8 @@
 //! buffer. Observers (the live tail) never slow the bus: they miss events instead, and the miss
 //! is counted and logged.
 
-use super::{Delivery, Subscription, SubscriptionSpec, Transport, TransportError};
+use super::log::{Appended, DurableLog};
+use super::{Acker, Delivery, Subscription, SubscriptionSpec, Transport, TransportError};
 use crate::event::Event;
 use crate::subject::{PatternSet, validate_subject};
 use async_trait::async_trait;
@@ -25,9 +26,45 @@ const OVERFLOW_ENTRY_COST: u64 = 512;
 
 struct Sub {
     id: u64,
+    plugin: Arc<str>,
     patterns: PatternSet,
     tx: mpsc::Sender<Delivery>,
     overflow: Arc<Overflow>,
+}
+
+/// Settles a delivery in the durable log: handled or dead-lettered, it is not delivered again;
+/// handed back (`nak`), it stays pending and runs again at the next start.
+struct LogAck {
+    log: Arc<DurableLog>,
+    plugin: Arc<str>,
+    seq: u64,
+}
+
+#[async_trait]
+impl Acker for LogAck {
+    async fn ack(&self) {
+        self.log.ack(self.plugin.clone(), self.seq);
+    }
+    async fn nak(&self, _delay: std::time::Duration) {}
+    async fn term(&self) {
+        self.log.ack(self.plugin.clone(), self.seq);
+    }
+}
+
+/// Where an event stands in the log: not logged (in-memory bus), or its sequence number.
+#[derive(Clone, Copy)]
+struct Logged(Option<u64>);
+
+impl Overflow {
+    fn delivery(&self, event: Arc<Event>, logged: Logged) -> Delivery {
+        match (logged.0, &self.log) {
+            (Some(seq), Some(log)) => Delivery {
+                acker: Box::new(LogAck { log: log.clone(), plugin: self.plugin.clone(), seq }),
+                ..Delivery::once(event)
+            },
+            _ => Delivery::once(event),
+        }
+    }
 }
 
 /// Outputs waiting behind a full queue, in order, and the task that moves them into it.
@@ -35,19 +72,20 @@ struct Overflow {
     state: Mutex<OverflowState>,
     /// The most bytes that may wait.
     budget: u64,
-    plugin: String,
+    plugin: Arc<str>,
+    log: Option<Arc<DurableLog>>,
 }
 
 #[derive(Default)]
 struct OverflowState {
-    events: VecDeque<(Arc<Event>, u64)>,
+    events: VecDeque<(Arc<Event>, u64, Logged)>,
     bytes: u64,
     pumping: bool,
 }
 
 impl Overflow {
-    fn new(plugin: &str, budget: u64) -> Arc<Self> {
-        Arc::new(Self { state: Mutex::default(), budget, plugin: plugin.to_string() })
+    fn new(plugin: Arc<str>, budget: u64, log: Option<Arc<DurableLog>>) -> Arc<Self> {
+        Arc::new(Self { state: Mutex::default(), budget, plugin, log })
     }
 
     /// Whether an event of `cost` bytes can be taken now (into the queue or behind it).
@@ -67,15 +105,22 @@ impl Overflow {
 
     /// Takes `event` without waiting: straight into the queue when it has room and nothing waits
     /// before it, else behind the queue. The caller checked the room.
-    fn take(self: &Arc<Self>, state: &mut OverflowState, tx: &mpsc::Sender<Delivery>, event: &Arc<Event>, cost: u64) {
+    fn take(
+        self: &Arc<Self>,
+        state: &mut OverflowState,
+        tx: &mpsc::Sender<Delivery>,
+        event: &Arc<Event>,
+        cost: u64,
+        logged: Logged,
+    ) {
         if state.events.is_empty() {
-            match tx.try_send(Delivery::once(event.clone())) {
+            match tx.try_send(self.delivery(event.clone(), logged)) {
                 // Closed: unsubscribed meanwhile, the event is no longer for it.
                 Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
                 Err(mpsc::error::TrySendError::Full(_)) => {}
             }
         }
-        state.events.push_back((event.clone(), cost));
+        state.events.push_back((event.clone(), cost, logged));
         state.bytes += cost;
         if !state.pumping {
             state.pumping = true;
@@ -95,12 +140,12 @@ impl Overflow {
                 return;
             };
             let mut state = self.state.lock().expect("overflow poisoned");
-            let Some((event, cost)) = state.events.pop_front() else {
+            let Some((event, cost, logged)) = state.events.pop_front() else {
                 state.pumping = false;
                 return;
             };
             state.bytes -= cost;
-            slot.send(Delivery::once(event));
+            slot.send(self.delivery(event, logged));
             if state.events.is_empty() {
                 state.pumping = false;
                 return;
@@ -136,12 +181,56 @@ pub struct EmbeddedBus {
     next_id: Arc<AtomicU64>,
     /// Events an observer missed because it fell behind.
     observer_misses: Arc<AtomicU64>,
+    /// Where accepted events are kept until every plugin settled them (`None`: in memory only).
+    log: Option<Arc<DurableLog>>,
 }
 
 impl EmbeddedBus {
-    /// An empty bus.
+    /// An empty in-memory bus: what it accepted is lost if the process dies.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty bus that appends every accepted event to `log` before accepting it, and
+    /// redelivers a plugin's unsettled events when it subscribes.
+    pub fn durable(log: Arc<DurableLog>) -> Self {
+        Self { log: Some(log), ..Self::default() }
+    }
+
+    /// A producer's event: room in every target's queue first (backpressure), then into the
+    /// log, then to the targets.
+    async fn accept(&self, event: Arc<Event>) -> Result<(), TransportError> {
+        let targets = self.targets(&event);
+        let mut slots = Vec::with_capacity(targets.len());
+        for sub in &targets {
+            // Closed: unsubscribed meanwhile, the event is no longer for it.
+            slots.push(sub.tx.reserve().await.ok());
+        }
+        let Some(logged) = self.append(&event, &targets, false).await? else { return Ok(()) };
+        self.notify_observers(&event);
+        for (sub, slot) in targets.iter().zip(slots) {
+            if let Some(slot) = slot {
+                slot.send(sub.overflow.delivery(event.clone(), logged));
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends `event` for `targets` when the bus is durable; `None` when it was already
+    /// appended (a re-published output).
+    async fn append(
+        &self,
+        event: &Arc<Event>,
+        targets: &[Arc<Sub>],
+        dedupe: bool,
+    ) -> Result<Option<Logged>, TransportError> {
+        let Some(log) = &self.log else { return Ok(Some(Logged(None))) };
+        let plugins = targets.iter().map(|s| s.plugin.clone()).collect();
+        match log.append(event.clone(), plugins, dedupe).await {
+            Ok(Appended::At(seq)) => Ok(Some(Logged(Some(seq)))),
+            Ok(Appended::Duplicate) => Ok(None),
+            Err(e) => Err(TransportError::Broker(e.to_string())),
+        }
     }
 
     /// How many events observers missed because they fell behind.
@@ -205,30 +294,34 @@ impl Transport for EmbeddedBus {
     async fn publish(&self, event: Event) -> Result<(), TransportError> {
         validate_subject(&event.subject)?;
         let event = Arc::new(event);
-        self.notify_observers(&event);
-        for sub in self.targets(&event) {
-            // A closed queue means the plugin was unsubscribed meanwhile (removed or reloaded
-            // with other subjects): the event is no longer for it.
-            let _ = sub.tx.send(Delivery::once(event.clone())).await;
+        if self.log.is_none() {
+            return self.accept(event).await;
         }
-        Ok(())
+        // In a task of its own, so a producer that goes away (an HTTP client hanging up) cannot
+        // leave an event logged but not queued.
+        let bus = self.clone();
+        let accept = tokio::spawn(async move { bus.accept(event).await });
+        accept.await.map_err(|e| TransportError::Closed(format!("accepting the event: {e}")))?
     }
 
     async fn publish_output(&self, event: Arc<Event>) -> Result<(), TransportError> {
         validate_subject(&event.subject)?;
         let targets = self.targets(&event);
-        // All or none: every target's overflow is locked (in subscription order, so two
-        // publishers cannot deadlock) and checked before any takes it, so a refused output
-        // reached no one and its retry delivers it once.
-        let mut locked: Vec<_> = targets.iter().map(|s| s.overflow.state.lock().expect("overflow poisoned")).collect();
         let cost = event_cost(&event);
-        for (sub, state) in targets.iter().zip(&locked) {
-            sub.overflow.check_room(state, &sub.tx, cost)?;
+        // All or none: every target's room is checked before the event is logged or queued,
+        // so a refused output reached no one and its retry delivers it once.
+        for sub in &targets {
+            let state = sub.overflow.state.lock().expect("overflow poisoned");
+            sub.overflow.check_room(&state, &sub.tx, cost)?;
         }
-        for (sub, state) in targets.iter().zip(locked.iter_mut()) {
-            sub.overflow.take(state, &sub.tx, &event, cost);
+        let Some(logged) = self.append(&event, &targets, true).await? else {
+            // Logged before (the same output of a re-run after a crash): delivered then.
+            return Ok(());
+        };
+        for sub in &targets {
+            let mut state = sub.overflow.state.lock().expect("overflow poisoned");
+            sub.overflow.take(&mut state, &sub.tx, &event, cost, logged);
         }
-        drop(locked);
         self.notify_observers(&event);
         Ok(())
     }
@@ -238,8 +331,21 @@ impl Transport for EmbeddedBus {
         let (tx, rx) = mpsc::channel(spec.capacity.max(1));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let subscription = Subscription::new(id, &tx, rx, Unsubscribe { table: self.table.clone(), id });
-        let overflow = Overflow::new(&spec.plugin, spec.buffer_bytes);
-        self.table.write().expect("bus table poisoned").subs.push(Arc::new(Sub { id, patterns, tx, overflow }));
+        let plugin: Arc<str> = spec.plugin.as_str().into();
+        let overflow = Overflow::new(plugin.clone(), spec.buffer_bytes, self.log.clone());
+        if let Some(log) = &self.log {
+            // What the plugin had not settled when the host last stopped runs first.
+            let unsettled = log.unsettled(&spec.plugin).map_err(|e| TransportError::Broker(e.to_string()))?;
+            if !unsettled.is_empty() {
+                tracing::info!(plugin = %spec.plugin, events = unsettled.len(), "redelivering events not settled before the last stop");
+            }
+            let mut state = overflow.state.lock().expect("overflow poisoned");
+            for u in unsettled {
+                let cost = event_cost(&u.event);
+                overflow.take(&mut state, &tx, &u.event, cost, Logged(Some(u.seq)));
+            }
+        }
+        self.table.write().expect("bus table poisoned").subs.push(Arc::new(Sub { id, plugin, patterns, tx, overflow }));
         Ok(subscription)
     }
 
@@ -251,7 +357,13 @@ impl Transport for EmbeddedBus {
             .iter_mut()
             .find(|s| s.id == subscription)
             .ok_or_else(|| TransportError::Closed(format!("subscription {subscription} is gone")))?;
-        *slot = Arc::new(Sub { id: slot.id, patterns, tx: slot.tx.clone(), overflow: slot.overflow.clone() });
+        *slot = Arc::new(Sub {
+            id: slot.id,
+            plugin: slot.plugin.clone(),
+            patterns,
+            tx: slot.tx.clone(),
+            overflow: slot.overflow.clone(),
+        });
         Ok(())
     }
 

@@ -6,6 +6,7 @@
 //! silently: it either delivers it, applies backpressure, or returns an error to the publisher.
 
 pub mod embedded;
+pub mod log;
 pub mod nats;
 
 use crate::event::Event;

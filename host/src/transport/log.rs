@@ -1,0 +1,524 @@
+//! The embedded bus's durable log: every accepted event in a redb file in `data_dir`, and for
+//! each plugin the deliveries it has not settled yet. An event is appended (and, with
+//! `bus.sync = "always"`, on disk) before `publish` returns, so a `202` survives `kill -9`; after
+//! a restart every unsettled delivery runs again.
+//!
+//! One writer thread owns every write: appends and acks queue up while a commit is in progress
+//! and go into the next commit together (group commit: one `fsync` per batch, not per event).
+//! A batch of acks alone is committed without `fsync` (a lost ack is a redelivery, never a
+//! loss). Outputs are deduplicated by (source, id): a handler re-run after a crash publishes
+//! outputs with the same ids, and the log keeps the first.
+
+use crate::event::Event;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use tokio::sync::oneshot;
+
+/// seq → the encoded event.
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// (plugin, seq) → (): a delivery not settled yet.
+const PENDING: TableDefinition<(&str, u64), ()> = TableDefinition::new("pending");
+/// "source\0id" → seq, for outputs: a re-published output is kept once.
+const IDS: TableDefinition<&str, u64> = TableDefinition::new("ids");
+/// "next_seq" → the next sequence number.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// The most operations one commit takes.
+const MAX_BATCH: usize = 4096;
+
+/// When an append is on disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncPolicy {
+    /// Every commit is `fsync`ed before the events in it are acknowledged (appends waiting at the
+    /// same time share one commit). Nothing acknowledged is lost, even on power loss.
+    #[default]
+    Always,
+    /// Commits reach the OS at once and are `fsync`ed at most every 100 ms: a process crash may
+    /// lose acknowledged events written since the last `fsync` (redb keeps unsynced commits in
+    /// its own cache), a power loss too.
+    Batch,
+    /// Never `fsync` until the host stops: fastest, survives only a clean stop.
+    None,
+}
+
+/// `[bus]`: the embedded bus.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusSettings {
+    /// Keep accepted events in `data_dir/bus.redb` until every plugin settled them (a `202`
+    /// survives `kill -9`). Off: in memory only, lost if the process dies.
+    pub durable: bool,
+    /// When an append is on disk: `always` (default), `batch` or `none`.
+    pub sync: SyncPolicy,
+}
+
+impl Default for BusSettings {
+    fn default() -> Self {
+        Self { durable: true, sync: SyncPolicy::Always }
+    }
+}
+
+/// Why the log failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The file could not be opened: damaged, or not a log.
+    #[error(
+        "the event log {path} cannot be opened: {why}. If the file is damaged, move it aside to start with an empty log (accepted, unhandled events in it are then not delivered)"
+    )]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// What redb said.
+        why: String,
+    },
+    /// Another process (or host) has the log open.
+    #[error("the event log {path} is in use: is another plugbus running with this data_dir?")]
+    InUse {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A write or read failed (a full disk, an I/O error).
+    #[error("the event log {path} failed: {why}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        why: String,
+    },
+    /// A stored record could not be read back.
+    #[error("the event log {path} holds a record that cannot be read (seq {seq}): {why}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The record.
+        seq: u64,
+        /// What was wrong.
+        why: String,
+    },
+    /// The writer thread is gone (the host is stopping).
+    #[error("the event log is closed")]
+    Closed,
+}
+
+enum Op {
+    Append {
+        event: Arc<Event>,
+        plugins: Vec<Arc<str>>,
+        dedupe: bool,
+        done: oneshot::Sender<Result<Appended, LogError>>,
+    },
+    Ack {
+        plugin: Arc<str>,
+        seq: u64,
+    },
+    Sync {
+        done: oneshot::Sender<Result<(), LogError>>,
+    },
+}
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored under this sequence number.
+    At(u64),
+    /// An output with this (source, id) was stored before: not stored again.
+    Duplicate,
+}
+
+/// The durable log. Cheap to share.
+pub struct DurableLog {
+    db: Arc<Database>,
+    path: PathBuf,
+    ops: std_mpsc::Sender<Op>,
+}
+
+/// One unsettled delivery read back at start.
+pub struct Unsettled {
+    /// Its sequence number.
+    pub seq: u64,
+    /// The event.
+    pub event: Arc<Event>,
+}
+
+impl DurableLog {
+    /// Opens (or creates) the log at `path` and starts its writer thread.
+    pub fn open(path: &Path, sync: SyncPolicy) -> Result<Arc<Self>, LogError> {
+        let open_err = |why: String| LogError::Open { path: path.to_path_buf(), why };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| open_err(format!("creating {}: {e}", dir.display())))?;
+        }
+        let db = open_when_free(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => LogError::InUse { path: path.to_path_buf() },
+            e => open_err(e.to_string()),
+        })?;
+        let w = db.begin_write().map_err(|e| open_err(e.to_string()))?;
+        {
+            w.open_table(EVENTS).map_err(|e| open_err(e.to_string()))?;
+            w.open_table(PENDING).map_err(|e| open_err(e.to_string()))?;
+            w.open_table(IDS).map_err(|e| open_err(e.to_string()))?;
+            w.open_table(META).map_err(|e| open_err(e.to_string()))?;
+        }
+        w.commit().map_err(|e| open_err(e.to_string()))?;
+        let db = Arc::new(db);
+        let (ops, rx) = std_mpsc::channel();
+        let writer = Writer { db: db.clone(), path: path.to_path_buf(), sync };
+        std::thread::Builder::new()
+            .name("plugbus-log".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| LogError::Io { path: path.to_path_buf(), why: format!("starting the writer: {e}") })?;
+        Ok(Arc::new(Self { db, path: path.to_path_buf(), ops }))
+    }
+
+    /// Appends `event` with a pending delivery for each of `plugins`; returns once it is
+    /// committed (on disk with `sync = "always"`). With `dedupe`, an event whose (source, id) was
+    /// appended before is not appended again.
+    pub async fn append(&self, event: Arc<Event>, plugins: Vec<Arc<str>>, dedupe: bool) -> Result<Appended, LogError> {
+        let (done, wait) = oneshot::channel();
+        self.ops.send(Op::Append { event, plugins, dedupe, done }).map_err(|_| LogError::Closed)?;
+        wait.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Settles `plugin`'s delivery of `seq` (handled or dead-lettered): it is not delivered again.
+    pub fn ack(&self, plugin: Arc<str>, seq: u64) {
+        // A closed log means the host is stopping: the delivery runs again at the next start.
+        let _ = self.ops.send(Op::Ack { plugin, seq });
+    }
+
+    /// Waits until everything sent before is committed and on disk.
+    pub async fn sync(&self) -> Result<(), LogError> {
+        let (done, wait) = oneshot::channel();
+        self.ops.send(Op::Sync { done }).map_err(|_| LogError::Closed)?;
+        wait.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Up to `limit` events from sequence number `from` on, oldest first.
+    pub fn read(&self, from: u64, limit: usize) -> Result<Vec<(u64, Arc<Event>)>, LogError> {
+        let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
+        let r = self.db.begin_read().map_err(|e| io(&e))?;
+        let events = r.open_table(EVENTS).map_err(|e| io(&e))?;
+        let mut out = Vec::new();
+        for row in events.range(from..).map_err(|e| io(&e))?.take(limit) {
+            let (seq, stored) = row.map_err(|e| io(&e))?;
+            let seq = seq.value();
+            let event =
+                decode(stored.value()).map_err(|why| LogError::Corrupt { path: self.path.clone(), seq, why })?;
+            out.push((seq, Arc::new(event)));
+        }
+        Ok(out)
+    }
+
+    /// The deliveries of `plugin` not settled yet, oldest first.
+    pub fn unsettled(&self, plugin: &str) -> Result<Vec<Unsettled>, LogError> {
+        let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
+        let r = self.db.begin_read().map_err(|e| io(&e))?;
+        let pending = r.open_table(PENDING).map_err(|e| io(&e))?;
+        let events = r.open_table(EVENTS).map_err(|e| io(&e))?;
+        let mut out = Vec::new();
+        for row in pending.range((plugin, 0)..=(plugin, u64::MAX)).map_err(|e| io(&e))? {
+            let (key, _) = row.map_err(|e| io(&e))?;
+            let seq = key.value().1;
+            let Some(stored) = events.get(seq).map_err(|e| io(&e))? else {
+                return Err(LogError::Corrupt {
+                    path: self.path.clone(),
+                    seq,
+                    why: "pending, but not in the log".into(),
+                });
+            };
+            let event =
+                decode(stored.value()).map_err(|why| LogError::Corrupt { path: self.path.clone(), seq, why })?;
+            out.push(Unsettled { seq, event: Arc::new(event) });
+        }
+        Ok(out)
+    }
+}
+
+/// Opens the file, waiting up to 2 s while it is locked: a host stopping in this process lets go
+/// of it when its last task ends.
+fn open_when_free(path: &Path) -> Result<Database, redb::DatabaseError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match Database::create(path) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+struct Writer {
+    db: Arc<Database>,
+    path: PathBuf,
+    sync: SyncPolicy,
+}
+
+impl Writer {
+    fn run(self, rx: std_mpsc::Receiver<Op>) {
+        let mut last_sync = std::time::Instant::now();
+        let mut unsynced = false;
+        loop {
+            let first = match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                Ok(op) => op,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                    if unsynced {
+                        unsynced = self.commit(Vec::new(), true).is_err();
+                        last_sync = std::time::Instant::now();
+                    }
+                    continue;
+                }
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            let wants_sync = batch.iter().any(|op| matches!(op, Op::Sync { .. }));
+            let has_appends = batch.iter().any(|op| matches!(op, Op::Append { .. }));
+            let durable = wants_sync
+                || match self.sync {
+                    SyncPolicy::Always => has_appends,
+                    SyncPolicy::Batch => last_sync.elapsed() >= std::time::Duration::from_millis(100),
+                    SyncPolicy::None => false,
+                };
+            match self.commit(batch, durable) {
+                Ok(()) if durable => {
+                    unsynced = false;
+                    last_sync = std::time::Instant::now();
+                }
+                Ok(()) => unsynced = self.sync != SyncPolicy::None || unsynced,
+                Err(()) => {}
+            }
+        }
+        // The host is stopping: make everything on disk.
+        let _ = self.commit(Vec::new(), true);
+    }
+
+    /// Commits one batch; answers every op in it. `Err` when the commit failed (each op was told).
+    fn commit(&self, batch: Vec<Op>, durable: bool) -> Result<(), ()> {
+        let mut answers: Vec<(oneshot::Sender<Result<Appended, LogError>>, Appended)> = Vec::new();
+        let mut syncs = Vec::new();
+        let result = (|| -> Result<(), String> {
+            let mut w = self.db.begin_write().map_err(|e| e.to_string())?;
+            w.set_durability(if durable { redb::Durability::Immediate } else { redb::Durability::None })
+                .map_err(|e| e.to_string())?;
+            {
+                let mut events = w.open_table(EVENTS).map_err(|e| e.to_string())?;
+                let mut pending = w.open_table(PENDING).map_err(|e| e.to_string())?;
+                let mut ids = w.open_table(IDS).map_err(|e| e.to_string())?;
+                let mut meta = w.open_table(META).map_err(|e| e.to_string())?;
+                let mut next = meta.get("next_seq").map_err(|e| e.to_string())?.map_or(1, |v| v.value());
+                let mut record = Vec::new();
+                for op in batch {
+                    match op {
+                        Op::Append { event, plugins, dedupe, done } => {
+                            let key = format!("{}\u{0}{}", event.source, event.id);
+                            if dedupe && ids.get(key.as_str()).map_err(|e| e.to_string())?.is_some() {
+                                answers.push((done, Appended::Duplicate));
+                                continue;
+                            }
+                            let seq = next;
+                            next += 1;
+                            record.clear();
+                            encode(&event, &mut record);
+                            events.insert(seq, record.as_slice()).map_err(|e| e.to_string())?;
+                            if dedupe {
+                                ids.insert(key.as_str(), seq).map_err(|e| e.to_string())?;
+                            }
+                            for p in &plugins {
+                                pending.insert((&**p, seq), ()).map_err(|e| e.to_string())?;
+                            }
+                            answers.push((done, Appended::At(seq)));
+                        }
+                        Op::Ack { plugin, seq } => {
+                            pending.remove((&*plugin, seq)).map_err(|e| e.to_string())?;
+                        }
+                        Op::Sync { done } => syncs.push(done),
+                    }
+                }
+                meta.insert("next_seq", next).map_err(|e| e.to_string())?;
+            }
+            w.commit().map_err(|e| e.to_string())
+        })();
+        match result {
+            Ok(()) => {
+                for (done, appended) in answers {
+                    let _ = done.send(Ok(appended));
+                }
+                for done in syncs {
+                    let _ = done.send(Ok(()));
+                }
+                Ok(())
+            }
+            Err(why) => {
+                tracing::error!(log = %self.path.display(), "event log commit failed: {why}");
+                for (done, _) in answers {
+                    let _ = done.send(Err(LogError::Io { path: self.path.clone(), why: why.clone() }));
+                }
+                for done in syncs {
+                    let _ = done.send(Err(LogError::Io { path: self.path.clone(), why: why.clone() }));
+                }
+                Err(())
+            }
+        }
+    }
+}
+
+/// The record format of one event: a version byte, then each field as a little-endian `u32`
+/// length and its bytes (`datacontenttype` and `reply_to` with a presence byte first).
+const RECORD_VERSION: u8 = 1;
+
+fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn put_opt(out: &mut Vec<u8>, value: Option<&str>) {
+    match value {
+        Some(v) => {
+            out.push(1);
+            put(out, v.as_bytes());
+        }
+        None => out.push(0),
+    }
+}
+
+fn encode(ev: &Event, out: &mut Vec<u8>) {
+    out.push(RECORD_VERSION);
+    for field in [&ev.id, &ev.source, &ev.ty, &ev.subject, &ev.time] {
+        put(out, field.as_bytes());
+    }
+    put_opt(out, ev.datacontenttype.as_deref());
+    put_opt(out, ev.reply_to.as_deref());
+    out.extend_from_slice(&(ev.extensions.len() as u32).to_le_bytes());
+    for (k, v) in &ev.extensions {
+        put(out, k.as_bytes());
+        put(out, v.as_bytes());
+    }
+    put(out, &ev.data);
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.0.len() < n {
+            return Err(format!("record ends {} bytes early", n - self.0.len()));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u32(&mut self) -> Result<usize, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")) as usize)
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], String> {
+        let n = self.u32()?;
+        self.take(n)
+    }
+    fn string(&mut self) -> Result<String, String> {
+        String::from_utf8(self.bytes()?.to_vec()).map_err(|e| format!("a text field is not UTF-8: {e}"))
+    }
+    fn opt(&mut self) -> Result<Option<String>, String> {
+        match self.take(1)?[0] {
+            0 => Ok(None),
+            1 => self.string().map(Some),
+            b => Err(format!("bad presence byte {b}")),
+        }
+    }
+}
+
+fn decode(stored: &[u8]) -> Result<Event, String> {
+    let mut r = Reader(stored);
+    let version = r.take(1)?[0];
+    if version != RECORD_VERSION {
+        return Err(format!("unknown record version {version}"));
+    }
+    let (id, source, ty, subject, time) = (r.string()?, r.string()?, r.string()?, r.string()?, r.string()?);
+    let (datacontenttype, reply_to) = (r.opt()?, r.opt()?);
+    let n = r.u32()?;
+    let mut extensions = Vec::with_capacity(n.min(1024));
+    for _ in 0..n {
+        extensions.push((r.string()?, r.string()?));
+    }
+    let data = bytes::Bytes::copy_from_slice(r.bytes()?);
+    if !r.0.is_empty() {
+        return Err(format!("{} bytes after the record", r.0.len()));
+    }
+    Ok(Event { id, source, ty, subject, time, datacontenttype, extensions, data, reply_to })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Event {
+        let mut ev = Event::new("orders.created", "{\"x\":1}").with_header("tenant", "acme");
+        ev.datacontenttype = Some("application/json".into());
+        ev
+    }
+
+    #[test]
+    fn records_round_trip_and_damage_is_named() {
+        let ev = sample();
+        let mut buf = Vec::new();
+        encode(&ev, &mut buf);
+        assert_eq!(decode(&buf).unwrap(), ev);
+        assert!(decode(&buf[..buf.len() - 1]).unwrap_err().contains("ends 1 bytes early"));
+        buf[0] = 9;
+        assert!(decode(&buf).unwrap_err().contains("unknown record version 9"));
+    }
+
+    #[tokio::test]
+    async fn unsettled_deliveries_survive_a_reopen_and_acks_settle_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        {
+            let log = DurableLog::open(&path, SyncPolicy::Always).unwrap();
+            let s1 = log.append(Arc::new(sample()), vec![a.clone(), b.clone()], false).await.unwrap();
+            let s2 = log.append(Arc::new(sample()), vec![a.clone()], false).await.unwrap();
+            assert_eq!((s1, s2), (Appended::At(1), Appended::At(2)));
+            log.ack(a.clone(), 1);
+            log.sync().await.unwrap();
+        }
+        // The writer thread of the first handle lets go of the file when its sender is dropped.
+        let log = loop {
+            match DurableLog::open(&path, SyncPolicy::Always) {
+                Ok(log) => break log,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        };
+        let seqs = |p: &str| log.unsettled(p).unwrap().iter().map(|u| u.seq).collect::<Vec<_>>();
+        assert_eq!(seqs("a"), vec![2]);
+        assert_eq!(seqs("b"), vec![1]);
+        assert_eq!(log.unsettled("a").unwrap()[0].event.subject, "orders.created");
+        let s3 = log.append(Arc::new(sample()), vec![], false).await.unwrap();
+        assert_eq!(s3, Appended::At(3), "sequence numbers continue after a reopen");
+    }
+
+    #[tokio::test]
+    async fn an_output_appended_twice_is_kept_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DurableLog::open(&dir.path().join("bus.redb"), SyncPolicy::Always).unwrap();
+        let out = Arc::new(sample());
+        assert_eq!(log.append(out.clone(), vec!["p".into()], true).await.unwrap(), Appended::At(1));
+        assert_eq!(log.append(out, vec!["p".into()], true).await.unwrap(), Appended::Duplicate);
+        assert_eq!(log.unsettled("p").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_damaged_file_is_named_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let err = DurableLog::open(&path, SyncPolicy::Always).err().expect("refused").to_string();
+        assert!(err.contains("bus.redb") && err.contains("move it aside"), "{err}");
+    }
+}

@@ -1,0 +1,131 @@
+//! The embedded bus loses nothing it accepted: `kill -9` mid-stream, restart, and every event
+//! that got a `202` is handled, with no output twice (counted by id in the durable log).
+
+use plugbus::transport::log::{DurableLog, SyncPolicy};
+use plugbus_tests::{plugbus_bin, wasm};
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const EVENTS: usize = 60;
+
+fn start(plugins: &Path, data: &Path, port: u16, log: &Path) -> Child {
+    let child = Command::new(plugbus_bin())
+        .args(["run", "--concurrency", "1", "--http", &format!("127.0.0.1:{port}")])
+        .arg("--plugins")
+        .arg(plugins)
+        .arg("--data-dir")
+        .arg(data)
+        .stderr(std::fs::File::options().create(true).append(true).open(log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the host did not come up: {}", std::fs::read_to_string(log).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+async fn wait_ok(client: &reqwest::Client, port: u16, at_least: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let plugins: serde_json::Value =
+            client.get(format!("http://127.0.0.1:{port}/v1/plugins")).send().await.unwrap().json().await.unwrap();
+        if plugins["plugins"][0]["counters"]["ok"].as_u64().unwrap_or(0) >= at_least {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no progress: {plugins}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Opens the log once the host let go of it; returns input id → how many outputs it caused.
+async fn outputs_in_log(data: &Path) -> HashMap<String, usize> {
+    let path = data.join("bus.redb");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        match DurableLog::open(&path, SyncPolicy::Always) {
+            Ok(log) => break log,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let mut caused = HashMap::new();
+    for (_, ev) in log.read(0, usize::MAX).unwrap() {
+        if ev.subject == "faulty.out.slow" {
+            *caused.entry(ev.header("plugbus-caused-by").unwrap().to_string()).or_default() += 1;
+        }
+    }
+    caused
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_no_accepted_event_and_repeats_no_output() {
+    let plugins = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("faulty"), plugins.path().join("faulty.wasm")).unwrap();
+    let host_log = data.path().join("host.log");
+    let port = free_port();
+    let mut child = start(plugins.path(), data.path(), port, &host_log);
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    let posting = Instant::now();
+    for _ in 0..EVENTS {
+        let resp =
+            client.post(format!("http://127.0.0.1:{port}/v1/events/faulty.slow")).body("100").send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 202);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    // 60 events of 100 ms, one at a time: about 6 s of work. Kill it once a few are handled.
+    wait_ok(&client, port, 5).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let posting = posting.elapsed();
+    let before = outputs_in_log(data.path()).await;
+    assert!(!before.is_empty() && before.len() < EVENTS, "killed mid-stream: {} of {EVENTS} handled", before.len());
+
+    let port = free_port();
+    let started = Instant::now();
+    let mut child = start(plugins.path(), data.path(), port, &host_log);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let plugins: serde_json::Value =
+            client.get(format!("http://127.0.0.1:{port}/v1/plugins")).send().await.unwrap().json().await.unwrap();
+        let pending = plugins["plugins"][0]["counters"]["pending"].as_u64();
+        let queued = plugins["plugins"][0]["counters"]["queued"].as_u64();
+        let ok = plugins["plugins"][0]["counters"]["ok"].as_u64().unwrap_or(0);
+        if ok > 0 && pending == Some(0) && queued == Some(0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the restarted host did not finish: {plugins}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "crash: {EVENTS} accepted in {posting:?}; {} of {EVENTS} handled before the kill; resumed and finished in {:?}",
+        before.len(),
+        started.elapsed()
+    );
+    unsafe { libc_kill(child.id() as i32, 15) };
+    assert!(child.wait().unwrap().success());
+    let after = outputs_in_log(data.path()).await;
+    for id in &ids {
+        assert_eq!(after.get(id), Some(&1), "event {id}: one output, exactly");
+    }
+    assert_eq!(after.len(), EVENTS);
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
