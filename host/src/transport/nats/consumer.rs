@@ -143,10 +143,10 @@ pub async fn pump(
     mut consumer: PullConsumer,
     tx: mpsc::Sender<Delivery>,
     held: Arc<Held>,
-    plugin: Arc<str>,
     batch: usize,
     filter: super::Filter,
 ) {
+    let plugin = filter.plugin.clone();
     loop {
         let opened = consumer
             .stream()

@@ -123,7 +123,6 @@ impl Filter {
 /// What feeds one plugin's queue now.
 struct Feed {
     tx: mpsc::Sender<Delivery>,
-    plugin: Arc<str>,
     filter: Filter,
     /// Core pattern → its queue subscription.
     core: HashMap<String, Task>,
@@ -290,7 +289,6 @@ impl NatsTransport {
                                 c,
                                 feed.tx.clone(),
                                 self.held.clone(),
-                                feed.plugin.clone(),
                                 spec.capacity,
                                 feed.filter.clone(),
                             );
@@ -468,8 +466,8 @@ impl Transport for NatsTransport {
         let (tx, rx) = mpsc::channel(spec.capacity.max(1));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let plugin: Arc<str> = spec.plugin.as_str().into();
-        let filter = Filter { plugin: plugin.clone(), patterns: Default::default() };
-        let mut feed = Feed { tx: tx.clone(), plugin, filter, core: HashMap::new(), durable: HashMap::new() };
+        let filter = Filter { plugin, patterns: Default::default() };
+        let mut feed = Feed { tx: tx.clone(), filter, core: HashMap::new(), durable: HashMap::new() };
         self.apply(&mut feed, &spec).await?;
         self.feeds.lock().await.insert(id, feed);
         Ok(Subscription::new(id, &tx, rx, Unsubscribe { feeds: self.feeds.clone(), id }))
