@@ -42,6 +42,12 @@ pub struct PluginConfig {
     /// `"reuse"`: warm instances reused across events (stateless handlers only); same as
     /// `limits = { instance = "reuse" }`.
     pub instance: Option<InstanceMode>,
+    /// The file in the plugins folder that is this plugin (a bare `*.wasm` name), when it is
+    /// not `<NAME>.wasm`. A plugin is who the operator names it: by its file, or here.
+    pub file: Option<String>,
+    /// The queue group (and JetStream durable) the plugin's work is shared through across hosts;
+    /// default `plugbus.<NAME>`, or the manifest's own group under it.
+    pub queue_group: Option<String>,
 }
 
 /// Where a new durable consumer starts.
@@ -89,6 +95,9 @@ pub struct Config {
     pub bus: BusSettings,
     /// Per-plugin settings.
     pub plugins: BTreeMap<String, PluginConfig>,
+    /// The largest plugin file the loader reads, in bytes (checked before reading and while
+    /// reading): a bigger file is refused, never read into memory.
+    pub max_wasm_bytes: u64,
 }
 
 impl Default for Config {
@@ -109,6 +118,7 @@ impl Default for Config {
             nats: NatsSettings::default(),
             bus: BusSettings::default(),
             plugins: BTreeMap::new(),
+            max_wasm_bytes: 64 << 20,
         }
     }
 }
@@ -165,8 +175,44 @@ impl Config {
             if let Some(s) = &p.dead_letter {
                 crate::subject::validate_subject(s).map_err(|e| anyhow::anyhow!("plugins.{name}.dead_letter: {e}"))?;
             }
+            if let Some(q) = &p.queue_group {
+                crate::manifest::check_queue_group(q)
+                    .map_err(|why| anyhow::anyhow!("plugins.{name}.queue_group {q:?} {why}"))?;
+            }
+            if let Some(file) = &p.file {
+                anyhow::ensure!(
+                    crate::manifest::valid_plugin_name(name),
+                    "plugins.{name}.file: the plugin name {name:?} must be 1-64 characters of a-z, A-Z, 0-9, '-' or '_'"
+                );
+                let bare = Path::new(file).file_name().is_some_and(|f| f == file.as_str());
+                anyhow::ensure!(
+                    bare && file.ends_with(".wasm") && file != ".wasm",
+                    "plugins.{name}.file {file:?} must be a file name in the plugins folder ending in .wasm (no directories)"
+                );
+                if let Some((other, _)) =
+                    self.plugins.iter().find(|(n, o)| *n != name && o.file.as_deref() == Some(file.as_str()))
+                {
+                    anyhow::bail!("plugins.{name}.file {file:?} is also plugins.{other}.file: a file is one plugin");
+                }
+            }
         }
+        anyhow::ensure!(self.max_wasm_bytes > 0, "max_wasm_bytes must be more than 0");
         Ok(())
+    }
+
+    /// The plugin `[plugins.NAME] file` binds the file `file_name` to, if any.
+    pub fn plugin_bound_to(&self, file_name: &str) -> Option<&str> {
+        self.plugins.iter().find(|(_, p)| p.file.as_deref() == Some(file_name)).map(|(n, _)| n.as_str())
+    }
+
+    /// The file `[plugins.NAME] file` names for `plugin`, if any.
+    pub fn file_of(&self, plugin: &str) -> Option<&str> {
+        self.plugins.get(plugin).and_then(|p| p.file.as_deref())
+    }
+
+    /// The operator's queue group for `plugin`, if any.
+    pub fn queue_group_for(&self, plugin: &str) -> Option<&str> {
+        self.plugins.get(plugin).and_then(|p| p.queue_group.as_deref())
     }
 
     /// The effective limits of `plugin`.

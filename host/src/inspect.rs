@@ -1,11 +1,14 @@
-//! `plugbus inspect FILE.wasm`: what a component is, what it imports and exports, the limits it
-//! would run under, and whether the host would load it (with every reason it would not).
+//! `plugbus inspect FILE.wasm`: what a component is, what it imports and exports, the plugin it
+//! would be (the identity its file name or the config gives it, which its manifest must agree
+//! with), the limits it would run under, and whether the host would load it (with every reason
+//! it would not).
 
 use crate::config::Config;
 use crate::kv::MemoryKv;
 use crate::manifest::Manifest;
 use crate::sandbox::{Limits, LoadError, PluginSettings, Sandbox, allowed_import};
 use serde::Serialize;
+use std::path::Path;
 use std::sync::Arc;
 use wasmtime::component::Component;
 
@@ -18,11 +21,15 @@ pub struct Inspection {
     pub size: usize,
     /// SHA-256 of its bytes.
     pub hash: String,
+    /// The plugin the host would run it as: its file name without `.wasm`, or the plugin a
+    /// `[plugins.NAME] file` entry binds it to. `None` when the file name names no plugin.
+    pub identity: Option<String>,
     /// Whether the host would load it.
     pub loadable: bool,
     /// Every reason it would not.
     pub problems: Vec<String>,
-    /// Its manifest, when it could be read.
+    /// Its manifest, when it could be read (as declared: `name` is the manifest's claim; a
+    /// loadable plugin runs as `identity`).
     pub manifest: Option<Manifest>,
     /// Its imports, by full name.
     pub imports: Vec<String>,
@@ -38,6 +45,7 @@ pub async fn inspect(sandbox: &Sandbox, file: &str, bytes: &[u8], config: &Confi
         file: file.to_string(),
         size: bytes.len(),
         hash: crate::sandbox::content_hash(bytes),
+        identity: None,
         loadable: false,
         problems: Vec::new(),
         manifest: None,
@@ -64,30 +72,60 @@ pub async fn inspect(sandbox: &Sandbox, file: &str, bytes: &[u8], config: &Confi
         report.problems.push(LoadError::ForbiddenImports(forbidden).to_string());
         return report;
     }
+    let identity = match crate::loader::identity_of(Path::new(file), config) {
+        Ok(id) => Some(id),
+        Err(e) => {
+            report.problems.push(e.to_string());
+            None
+        }
+    };
+    report.identity = identity.clone();
     let kv = Arc::new(MemoryKv::new());
-    match sandbox
-        .prepare(component, report.hash.clone(), |m| PluginSettings {
-            limits: config.limits_for(&m.name),
-            config: config.values_for(&m.name),
-            kv,
+    let mut declared: Option<Manifest> = None;
+    let result = sandbox
+        .prepare_bound(component, report.hash.clone(), |m| {
+            declared = Some(m.clone());
+            // Without an identity, the rest is still checked as the manifest's own name.
+            let id = identity.clone().unwrap_or_else(|| m.name.clone());
+            m.bind(&id, config.queue_group_for(&id))
+                .map_err(|e| LoadError::Manifest(format!("the file {} is plugin {id:?}: {e}", file_name(file))))?;
+            Ok(PluginSettings { limits: config.limits_for(&id), config: config.values_for(&id), kv })
         })
-        .await
-    {
+        .await;
+    report.manifest = declared;
+    match result {
         Ok(plugin) => {
             report.limits = Some(plugin.limits().clone());
-            report.manifest = Some(plugin.manifest().clone());
-            report.loadable = true;
+            if let Some(m) = &mut report.manifest {
+                m.queue_group = plugin.manifest().queue_group.clone();
+            }
+            report.loadable = report.problems.is_empty();
         }
         Err(e) => report.problems.push(e.to_string()),
     }
     report
 }
 
+fn file_name(file: &str) -> String {
+    Path::new(file).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| file.to_string())
+}
+
 impl std::fmt::Display for Inspection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "{} ({} bytes, sha256 {})", self.file, self.size, &self.hash[..16])?;
+        match (&self.identity, &self.manifest) {
+            (Some(id), Some(m)) if *id == m.name => writeln!(f, "plugin     {id} {}", m.version)?,
+            (Some(id), Some(m)) => writeln!(f, "plugin     {id} {} (its manifest says {:?})", m.version, m.name)?,
+            (Some(id), None) => writeln!(f, "plugin     {id} (by its file name)")?,
+            (None, Some(m)) => {
+                writeln!(f, "plugin     none: the file name names no plugin (manifest says {:?})", m.name)?
+            }
+            (None, None) => {}
+        }
+        if let Some(g) = self.manifest.as_ref().and_then(|m| m.queue_group.as_ref()) {
+            writeln!(f, "queue      {g}")?;
+        }
         if let Some(m) = &self.manifest {
-            writeln!(f, "plugin     {} {}", m.name, m.version)?;
             for s in &m.subscriptions {
                 let mut extra = Vec::new();
                 if let Some(q) = &s.queue_group {

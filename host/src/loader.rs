@@ -1,10 +1,23 @@
-//! Loading the plugins folder: every `*.wasm` file is read, compiled, validated and named by
-//! its manifest. A bad file is reported (path and reason) and skipped; it never stops the host.
+//! Loading the plugins folder: every `*.wasm` file is read, compiled, validated and bound to the
+//! identity the operator gave it. A bad file is reported (path and reason) and skipped; it never
+//! stops the host.
+//!
+//! - **Identity.** A plugin is who the operator names it: `payments.wasm` is plugin `payments`,
+//!   unless a `[plugins.NAME] file = "payments-v3.wasm"` entry names the file. Its config
+//!   values, limits, kv namespace, queue group and dead-letter subject all follow that name. The
+//!   manifest's `name` must agree with it (equal, or equal with `-` read as `_`, as cargo names
+//!   files), or the file is refused with both names: a `00-evil.wasm` declaring
+//!   `name = "payments"` gets nothing of payments'.
+//! - **Files.** Only regular files (or symlinks to one) of at most `max_wasm_bytes` are read:
+//!   the type is checked before opening (`symlink_metadata`, then the target), the file is opened
+//!   non-blocking (a FIFO never hangs the loader) and checked again after opening (`fstat`), and
+//!   the read stops at the cap, whatever the size said.
 
 use crate::config::Config;
 use crate::kv::KvStore;
 use crate::sandbox::{LoadError, Plugin, PluginSettings, Sandbox};
 use std::collections::HashMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -17,36 +30,152 @@ pub struct Rejected {
     pub reason: String,
 }
 
-/// Loads one file.
+/// Why a file in the plugins folder is not loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FileError {
+    /// Refused before its content mattered: not a regular file, over `max_wasm_bytes`, or a name
+    /// that is no plugin's. Final: waiting does not change it.
+    #[error("{0}")]
+    Refused(String),
+    /// Read, but not a loadable plugin.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+}
+
+/// The identity of the plugin file `path`: the plugin a `[plugins.NAME] file` entry binds it
+/// to, else its file name without `.wasm`. Refused: a file name that is not a plugin name, and
+/// `<NAME>.wasm` when `[plugins.NAME] file` names another file.
+pub fn identity_of(path: &Path, config: &Config) -> Result<String, FileError> {
+    let refused = |why: String| Err(FileError::Refused(why));
+    let Some(file) = path.file_name().and_then(|f| f.to_str()) else {
+        return refused(format!("the file name {:?} is not UTF-8: it cannot name a plugin", path.file_name()));
+    };
+    if let Some(bound) = config.plugin_bound_to(file) {
+        return Ok(bound.to_string());
+    }
+    let stem = file.strip_suffix(".wasm").unwrap_or(file);
+    if !crate::manifest::valid_plugin_name(stem) {
+        return refused(format!(
+            "the file name {file:?} does not name a plugin: a plugin is named by its file ({stem:?} would need to \
+             be 1-64 characters of a-z, A-Z, 0-9, '-' or '_') or by `[plugins.NAME] file = {file:?}` in the config"
+        ));
+    }
+    if let Some(bound) = config.file_of(stem) {
+        return refused(format!(
+            "plugin {stem:?} is the file {bound:?} (`[plugins.{stem}] file` in the config), not this one"
+        ));
+    }
+    Ok(stem.to_string())
+}
+
+/// What kind of thing a non-regular file is, for the refusal.
+fn kind_of(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_symlink() {
+        "a symlink"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Reads a plugin file: only a regular file (or a symlink to one), at most `cap` bytes.
+/// Blocking: call it off the async runtime.
+pub fn read_plugin_file(path: &Path, cap: u64) -> Result<Vec<u8>, FileError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let unreadable =
+        |e: std::io::Error| FileError::Load(LoadError::NotAComponent(format!("cannot read the file: {e}")));
+    let too_big = |n: u64| {
+        FileError::Refused(format!("the file is {n} bytes, over the {cap}-byte cap (max_wasm_bytes): not read"))
+    };
+    let link = std::fs::symlink_metadata(path).map_err(unreadable)?;
+    if link.file_type().is_symlink() {
+        // The operator's folder may hold symlinks to builds elsewhere; never to a device or FIFO.
+        let target = std::fs::metadata(path).map_err(unreadable)?;
+        if !target.is_file() {
+            return Err(FileError::Refused(format!(
+                "a symlink to {}, not to a regular file: not read",
+                kind_of(target.file_type())
+            )));
+        }
+    } else if !link.is_file() {
+        return Err(FileError::Refused(format!("{}, not a regular file: not read", kind_of(link.file_type()))));
+    }
+    // Non-blocking: were it swapped for a FIFO since the check, opening returns at once (and
+    // the check below refuses it) instead of waiting for a writer.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(unreadable)?;
+    let opened = file.metadata().map_err(unreadable)?;
+    if !opened.is_file() {
+        return Err(FileError::Refused(format!("{}, not a regular file: not read", kind_of(opened.file_type()))));
+    }
+    if opened.len() > cap {
+        return Err(too_big(opened.len()));
+    }
+    let mut bytes = Vec::with_capacity(opened.len() as usize);
+    // The size may change while reading (a file still being written): the cap holds anyway.
+    (&mut file).take(cap + 1).read_to_end(&mut bytes).map_err(unreadable)?;
+    if bytes.len() as u64 > cap {
+        return Err(too_big(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+/// Loads one file as the plugin the operator named it (see [`identity_of`]).
 pub async fn load_file(
     sandbox: &Sandbox,
     path: &Path,
     config: &Config,
     kv: &Arc<dyn KvStore>,
-) -> Result<Plugin, LoadError> {
-    let bytes =
-        tokio::fs::read(path).await.map_err(|e| LoadError::NotAComponent(format!("cannot read the file: {e}")))?;
-    sandbox
-        .load(&bytes, |m| PluginSettings {
-            limits: config.limits_for(&m.name),
-            config: config.values_for(&m.name),
-            kv: kv.clone(),
-        })
+) -> Result<Plugin, FileError> {
+    let identity = identity_of(path, config)?;
+    let (owned, cap) = (path.to_path_buf(), config.max_wasm_bytes);
+    let bytes = tokio::task::spawn_blocking(move || read_plugin_file(&owned, cap))
         .await
+        .map_err(|e| FileError::Load(LoadError::NotAComponent(format!("cannot read the file: {e}"))))??;
+    let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let plugin = sandbox
+        .load_bound(&bytes, |m| {
+            m.bind(&identity, config.queue_group_for(&identity))
+                .map_err(|e| LoadError::Manifest(format!("the file {file} is plugin {identity:?}: {e}")))?;
+            // Everything the operator gives a plugin goes by the identity, never by the claim.
+            Ok(PluginSettings {
+                limits: config.limits_for(&identity),
+                config: config.values_for(&identity),
+                kv: kv.clone(),
+            })
+        })
+        .await?;
+    debug_assert_eq!(plugin.name(), identity);
+    Ok(plugin)
 }
 
-/// The `*.wasm` files of `dir`, sorted by name.
+/// The `*.wasm` entries of `dir`, sorted by name: every kind of file, so that one the loader
+/// refuses (a FIFO, a symlink to a device) is reported rather than silently skipped.
 pub fn wasm_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "wasm"))
+        .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
         .collect();
     files.sort();
     Ok(files)
 }
 
 /// Loads every plugin in `config.plugins_dir`; returns the loaded ones and the rejected files.
-/// Two files declaring the same plugin name are both reported; the first (by file name) loads.
+/// Each file is the plugin its name (or the config) makes it, so no file can take another's
+/// name; a manifest that claims another name is refused.
 pub async fn load_dir(
     sandbox: &Sandbox,
     config: &Config,
@@ -61,9 +190,9 @@ pub async fn load_dir(
     for path in files {
         match load_file(sandbox, &path, config, kv).await {
             Ok(plugin) => {
+                // Cannot happen (a name is one file), kept as a guard.
                 if let Some(first) = by_name.get(plugin.name()) {
-                    let reason =
-                        format!("declares plugin name {:?}, already taken by {}", plugin.name(), first.display());
+                    let reason = format!("is plugin {:?}, already loaded from {}", plugin.name(), first.display());
                     tracing::error!(file = %path.display(), "plugin not loaded: {reason}");
                     rejected.push(Rejected { path, reason });
                     continue;
@@ -79,4 +208,50 @@ pub async fn load_dir(
         }
     }
     Ok((loaded, rejected))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_is_the_plugin_its_name_or_the_config_says() {
+        let mut config = Config::default();
+        assert_eq!(identity_of(Path::new("/p/payments.wasm"), &config).unwrap(), "payments");
+        assert_eq!(identity_of(Path::new("/p/00-evil.wasm"), &config).unwrap(), "00-evil");
+        let e = identity_of(Path::new("/p/my.plugin.wasm"), &config).unwrap_err().to_string();
+        assert!(e.contains("my.plugin.wasm") && e.contains("file ="), "{e}");
+        config.plugins.entry("payments".into()).or_default().file = Some("payments-v3.wasm".into());
+        assert_eq!(identity_of(Path::new("/p/payments-v3.wasm"), &config).unwrap(), "payments");
+        let e = identity_of(Path::new("/p/payments.wasm"), &config).unwrap_err().to_string();
+        assert!(e.contains("payments-v3.wasm"), "{e}");
+    }
+
+    #[test]
+    fn only_regular_files_under_the_cap_are_read() {
+        let dir = tempfile_dir();
+        let file = dir.join("a.wasm");
+        std::fs::write(&file, vec![7u8; 100]).unwrap();
+        assert_eq!(read_plugin_file(&file, 100).unwrap().len(), 100);
+        let e = read_plugin_file(&file, 99).unwrap_err().to_string();
+        assert!(e.contains("100 bytes") && e.contains("max_wasm_bytes"), "{e}");
+        let link = dir.join("zero.wasm");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        let e = read_plugin_file(&link, 1 << 20).unwrap_err().to_string();
+        assert!(e.contains("symlink to a character device"), "{e}");
+        let good_link = dir.join("good.wasm");
+        std::os::unix::fs::symlink(&file, &good_link).unwrap();
+        assert_eq!(read_plugin_file(&good_link, 100).unwrap().len(), 100);
+        let e = read_plugin_file(&dir, 100).unwrap_err().to_string();
+        assert!(e.contains("a directory"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("plugbus-loader-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
 }

@@ -1,5 +1,9 @@
-//! A plugin's manifest as the host uses it: who the plugin is, what it subscribes to and
-//! where it may publish. Converted from the WIT record and validated once, at load.
+//! A plugin's manifest as the host uses it: what it subscribes to and where it may publish.
+//! Converted from the WIT record and validated once, at load.
+//!
+//! Who the plugin *is* is not the manifest's to say: the operator names it (its file name, or
+//! a `[plugins.NAME] file = ...` entry), and [`Manifest::bind`] checks the manifest against that
+//! identity: a `name` that disagrees is refused, a queue group is only ever the plugin's own.
 
 use crate::sandbox::bindings::types as wit;
 use crate::subject::Pattern;
@@ -33,7 +37,8 @@ pub struct SubscriptionDef {
 /// A validated manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Manifest {
-    /// Identity of the plugin.
+    /// The plugin's name: what the manifest declared until [`Manifest::bind`], then the identity
+    /// the operator gave the plugin (which the declaration had to agree with).
     pub name: String,
     /// Its version.
     pub version: String,
@@ -41,6 +46,46 @@ pub struct Manifest {
     pub subscriptions: Vec<SubscriptionDef>,
     /// Where it may publish.
     pub publishes: Vec<String>,
+    /// The queue group (and so the durable consumer) the plugin is delivered through, set by
+    /// [`Manifest::bind`]: the operator's, or the manifest's own under `plugbus.<identity>`, or
+    /// `plugbus.<identity>`. `None` until bound: an unbound manifest's claims reach no transport.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_group: Option<String>,
+}
+
+/// The longest queue group a manifest or the operator may set.
+pub const MAX_QUEUE_GROUP_LEN: usize = 128;
+
+/// Whether `name` can be a plugin's identity: 1-64 characters of a-z, A-Z, 0-9, `-`, `_`.
+pub fn valid_plugin_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Whether a declared manifest name agrees with the identity: equal, or equal once `-` is read
+/// as `_` (cargo names `order-handler`'s component `order_handler.wasm`, while the SDK's default
+/// manifest name is the package name `order-handler`). Case matters.
+pub fn names_agree(declared: &str, identity: &str) -> bool {
+    declared == identity
+        || (declared.len() == identity.len()
+            && declared
+                .bytes()
+                .zip(identity.bytes())
+                .all(|(a, b)| a == b || (matches!(a, b'-' | b'_') && matches!(b, b'-' | b'_'))))
+}
+
+/// Checks a queue group the operator or a manifest sets: not empty, no spaces or control
+/// characters, at most [`MAX_QUEUE_GROUP_LEN`] bytes.
+pub fn check_queue_group(q: &str) -> Result<(), &'static str> {
+    if q.is_empty() {
+        return Err("is empty");
+    }
+    if q.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("has spaces or control characters");
+    }
+    if q.len() > MAX_QUEUE_GROUP_LEN {
+        return Err("is longer than 128 bytes");
+    }
+    Ok(())
 }
 
 impl Manifest {
@@ -64,6 +109,7 @@ impl Manifest {
                 })
                 .collect(),
             publishes: m.publishes,
+            queue_group: None,
         };
         manifest.validate()?;
         Ok(manifest)
@@ -71,10 +117,7 @@ impl Manifest {
 
     /// Checks every field; the first problem found is returned, naming the field.
     pub fn validate(&self) -> Result<(), String> {
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= 64
-            && self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-        if !name_ok {
+        if !valid_plugin_name(&self.name) {
             return Err(format!(
                 "manifest field `name` {:?} must be 1-64 characters of a-z, A-Z, 0-9, '-' or '_'",
                 self.name
@@ -84,11 +127,19 @@ impl Manifest {
             return Err("manifest field `subscriptions` is empty: the plugin would never run".into());
         }
         for (i, s) in self.subscriptions.iter().enumerate() {
-            Pattern::parse(&s.pattern).map_err(|e| format!("manifest field `subscriptions[{i}].pattern`: {e}"))?;
+            let pattern =
+                Pattern::parse(&s.pattern).map_err(|e| format!("manifest field `subscriptions[{i}].pattern`: {e}"))?;
+            if pattern.reaches_system() {
+                return Err(format!(
+                    "manifest field `subscriptions[{i}].pattern` {:?} names a system subject \
+                     (one starting with `$` or `_INBOX` is the broker's, never a plugin's)",
+                    s.pattern
+                ));
+            }
             if let Some(q) = &s.queue_group
-                && (q.is_empty() || q.contains(char::is_whitespace))
+                && let Err(why) = check_queue_group(q)
             {
-                return Err(format!("manifest field `subscriptions[{i}].queue-group` {q:?} is empty or has spaces"));
+                return Err(format!("manifest field `subscriptions[{i}].queue-group` {q:?} {why}"));
             }
             if let Some(OrderKey::Header(h)) = &s.order_by
                 && h.is_empty()
@@ -100,10 +151,66 @@ impl Manifest {
             let pattern = Pattern::parse(p).map_err(|e| format!("manifest field `publishes[{i}]`: {e}"))?;
             if pattern.reaches_system() {
                 return Err(format!(
-                    "manifest field `publishes[{i}]` {p:?} could reach a system subject ($SYS.>, $JS.>, _INBOX.>)"
+                    "manifest field `publishes[{i}]` {p:?} names a system subject \
+                     (one starting with `$` or `_INBOX` is the broker's, never a plugin's)"
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Binds the manifest to `identity`, the name the operator gave the plugin, and settles its
+    /// queue group. Refused, naming the field: a declared `name` that disagrees with the identity
+    /// (see [`names_agree`]), a queue group that is not `plugbus.<identity>` or under it
+    /// (`plugbus.<identity>.<suffix>`: a manifest may split its own plugin's work, never join
+    /// another's), or subscriptions asking for different queue groups. `operator_queue_group`
+    /// (`[plugins.NAME] queue_group`) wins over the manifest's. On success `name` is `identity`.
+    pub fn bind(&mut self, identity: &str, operator_queue_group: Option<&str>) -> Result<(), String> {
+        if !valid_plugin_name(identity) {
+            return Err(format!("the plugin name {identity:?} must be 1-64 characters of a-z, A-Z, 0-9, '-' or '_'"));
+        }
+        if !names_agree(&self.name, identity) {
+            return Err(format!(
+                "manifest field `name` {:?} disagrees with the plugin's name {identity:?}: a plugin is who the \
+                 operator names it (its file name, or `[plugins.NAME] file = ...`), not who its manifest says",
+                self.name
+            ));
+        }
+        let own = format!("plugbus.{identity}");
+        let mut declared: Option<&str> = None;
+        for (i, s) in self.subscriptions.iter().enumerate() {
+            let Some(q) = s.queue_group.as_deref() else { continue };
+            let under_own =
+                q == own || q.strip_prefix(own.as_str()).is_some_and(|rest| rest.len() > 1 && rest.starts_with('.'));
+            if !under_own {
+                return Err(format!(
+                    "manifest field `subscriptions[{i}].queue-group` {q:?} is not this plugin's: a manifest may \
+                     only use {own:?} or a group under it ({own}.<suffix>); the operator sets any other \
+                     with `[plugins.{identity}] queue_group`"
+                ));
+            }
+            match declared {
+                Some(first) if first != q => {
+                    return Err(format!(
+                        "manifest field `subscriptions[{i}].queue-group` {q:?} differs from an earlier \
+                         subscription's {first:?}: a plugin has one queue group"
+                    ));
+                }
+                _ => declared = Some(q),
+            }
+        }
+        let group = match (operator_queue_group, declared) {
+            (Some(op), declared) => {
+                if let Some(d) = declared.filter(|d| *d != op) {
+                    tracing::info!(plugin = %identity, manifest = %d, operator = %op, "the operator's queue group replaces the manifest's");
+                }
+                op.to_string()
+            }
+            (None, Some(d)) => d.to_string(),
+            (None, None) => own,
+        };
+        self.name = identity.to_string();
+        self.queue_group = Some(group);
         Ok(())
     }
 
@@ -129,6 +236,7 @@ mod tests {
                 deliver_all: false,
             }],
             publishes: vec!["inventory.>".into()],
+            queue_group: None,
         }
     }
 
@@ -148,11 +256,58 @@ mod tests {
         let mut m = manifest();
         m.publishes.push("$SYS.>".into());
         assert!(m.validate().unwrap_err().contains("publishes[1]"));
+        for sys in ["$KV.plugbus_payments.>", "_INBOX.>", "$JS.ACK.>", "$SYS.>"] {
+            let mut m = manifest();
+            m.publishes.push(sys.into());
+            let e = m.validate().unwrap_err();
+            assert!(e.contains("publishes[1]") && e.contains("system subject"), "{e}");
+            let mut m = manifest();
+            m.subscriptions[0].pattern = sys.into();
+            let e = m.validate().unwrap_err();
+            assert!(e.contains("subscriptions[0].pattern") && e.contains("system subject"), "{e}");
+        }
+        // Wildcards never reach a system subject: `>` is no way in.
         let mut m = manifest();
         m.publishes = vec![">".into()];
-        assert!(m.validate().unwrap_err().contains("system subject"));
+        m.validate().unwrap();
         let mut m = manifest();
         m.subscriptions.clear();
         assert!(m.validate().unwrap_err().contains("subscriptions"));
+    }
+
+    #[test]
+    fn bind_refuses_a_name_that_is_not_the_identity() {
+        let mut m = manifest();
+        let e = m.bind("00-evil", None).unwrap_err();
+        assert!(e.contains("\"inventory\"") && e.contains("\"00-evil\""), "{e}");
+        let mut m = manifest();
+        assert!(m.bind("Inventory", None).is_err(), "case matters");
+        let mut m = manifest();
+        m.name = "order-handler".into();
+        m.bind("order_handler", None).unwrap();
+        assert_eq!((m.name.as_str(), m.queue_group.as_deref()), ("order_handler", Some("plugbus.order_handler")));
+    }
+
+    #[test]
+    fn a_manifest_queue_group_is_only_ever_its_own() {
+        let with_group = |q: &str| {
+            let mut m = manifest();
+            m.subscriptions[0].queue_group = Some(q.into());
+            m
+        };
+        for stolen in ["plugbus.payments", "plugbus.inventory_x", "plugbus.inventoryx", "plugbus.inventory.", "other"] {
+            let e = with_group(stolen).bind("inventory", None).unwrap_err();
+            assert!(e.contains("subscriptions[0].queue-group") && e.contains("plugbus.inventory"), "{stolen}: {e}");
+        }
+        let mut m = with_group("plugbus.inventory.eu");
+        m.bind("inventory", None).unwrap();
+        assert_eq!(m.queue_group.as_deref(), Some("plugbus.inventory.eu"));
+        // The operator's group wins, whatever the manifest says.
+        let mut m = with_group("plugbus.inventory.eu");
+        m.bind("inventory", Some("shared.stock")).unwrap();
+        assert_eq!(m.queue_group.as_deref(), Some("shared.stock"));
+        let mut m = manifest();
+        m.bind("inventory", None).unwrap();
+        assert_eq!(m.queue_group.as_deref(), Some("plugbus.inventory"));
     }
 }

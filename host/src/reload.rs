@@ -6,10 +6,16 @@
 //! being written is waited for, not reported; a file that stays invalid once it settles is
 //! reported (log, `/v1/plugins`, load-error counter) and the previous version keeps serving.
 //! Invariant: a bad file never takes a serving plugin down.
+//!
+//! A file is the plugin its name (or `[plugins.NAME] file`) makes it ([`loader::identity_of`]),
+//! so a rename is a removal and an addition: `echo.wasm` → `echo-v2.wasm` removes plugin `echo`
+//! and loads `echo-v2`, which is refused if its manifest still says `echo` (the file keeps being
+//! reported until it is renamed back or the config binds it). Nothing a file declares can move
+//! another file's plugin.
 
 use crate::config::Config;
 use crate::kv::KvStore;
-use crate::loader::{self, Rejected};
+use crate::loader::{self, FileError, Rejected};
 use crate::router::Router;
 use crate::sandbox::{LoadError, Plugin, Sandbox};
 use notify::{RecursiveMode, Watcher};
@@ -76,11 +82,11 @@ impl Reloader {
 
     /// Applies the current state of one file.
     pub async fn apply(&self, path: &Path, changed_at: Instant) {
-        if !path.exists() {
+        if is_gone(path) {
             self.clear_rejection(path);
             let gone = self.files.lock().expect("poisoned").remove(path);
             if let Some(name) = gone {
-                // A rename shows as remove + add; the add may already have taken the name over.
+                // A name is one file; kept as a guard against removing a plugin another path serves.
                 let still_elsewhere = self.files.lock().expect("poisoned").values().any(|n| *n == name);
                 if !still_elsewhere && self.router.remove(&name) {
                     self.stats.reloads.fetch_add(1, Ordering::Relaxed);
@@ -102,7 +108,7 @@ impl Reloader {
         let mut last_seen = file_state(path);
         loop {
             let result = loader::load_file(&self.sandbox, path, &self.config, &self.kv).await;
-            let transient = matches!(result, Err(LoadError::NotAComponent(_) | LoadError::Invalid(_)));
+            let transient = matches!(result, Err(FileError::Load(LoadError::NotAComponent(_) | LoadError::Invalid(_))));
             if !transient || started.elapsed() > SETTLE {
                 return result.map_err(|e| e.to_string());
             }
@@ -120,10 +126,11 @@ impl Reloader {
     }
 
     async fn install(&self, path: &Path, plugin: Plugin, changed_at: Instant) {
+        // The identity the loader bound: the file's name or its config entry, never a claim.
         let name = plugin.name().to_string();
         let (version, hash) = (plugin.manifest().version.clone(), plugin.hash().to_string());
-        // The plugin this file held before, if it declared another name.
-        let previous = self.files.lock().expect("poisoned").get(path).cloned();
+        // A name is one file (the loader refuses `<NAME>.wasm` when the config names another
+        // file): another live path with this name would be a bug, never a takeover.
         let owner = self
             .files
             .lock()
@@ -131,13 +138,10 @@ impl Reloader {
             .iter()
             .find(|(p, n)| **n == name && p.as_path() != path)
             .map(|(p, _)| p.clone());
-        if let Some(other) = owner {
-            if other.exists() {
-                return self
-                    .reject(path, format!("declares plugin name {name:?}, already taken by {}", other.display()));
-            }
-            // Renamed: the old path is gone; this file takes the plugin over.
-            self.files.lock().expect("poisoned").remove(&other);
+        if let Some(other) = owner
+            && !is_gone(&other)
+        {
+            return self.reject(path, format!("is plugin {name:?}, already served from {}", other.display()));
         }
         if self.router.current_hash(&name).as_deref() == Some(hash.as_str())
             && self.files.lock().expect("poisoned").get(path) == Some(&name)
@@ -177,13 +181,15 @@ impl Reloader {
                 self.metrics.reloads.get_or_create(&crate::metrics::PluginLabels { plugin: name.clone() }).inc();
                 self.clear_rejection(path);
                 self.files.lock().expect("poisoned").insert(path.to_path_buf(), name.clone());
-                if let Some(prev) = previous.filter(|p| *p != name) {
-                    self.router.remove(&prev);
-                }
             }
             Err(e) => self.reject(path, format!("could not subscribe: {e}")),
         }
     }
+}
+
+/// Whether nothing is at `path` any more (a dangling symlink is still there: it is reported).
+fn is_gone(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_err()
 }
 
 fn file_state(path: &Path) -> Option<(u64, Option<SystemTime>)> {
@@ -232,9 +238,9 @@ pub fn watch(reloader: Arc<Reloader>) -> anyhow::Result<WatchGuard> {
             while let Ok(Some(p)) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {
                 paths.insert(p);
             }
-            // Present files first: a rename's new path takes the plugin over before its old
-            // path is seen gone, so the plugin never stops serving.
-            let (gone, present): (Vec<PathBuf>, Vec<PathBuf>) = paths.into_iter().partition(|p| !p.exists());
+            // Present files first, then the gone ones (a rename is the new name's plugin added,
+            // the old name's removed).
+            let (gone, present): (Vec<PathBuf>, Vec<PathBuf>) = paths.into_iter().partition(|p| is_gone(p));
             for path in present.iter().chain(gone.iter()) {
                 reloader.apply(path, changed_at).await;
             }

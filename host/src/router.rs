@@ -63,11 +63,15 @@ impl Delivering {
     /// What to ask the transport for `plugin`: its patterns, queue group and durability. A
     /// plugin is durable as a whole when any of its subscriptions asks (or the operator says so),
     /// so an event matching two of its patterns is never delivered twice by two mechanisms.
+    ///
+    /// The queue group (and so the JetStream durable name) is the one bound at load from the
+    /// plugin's identity ([`Manifest::bind`](crate::manifest::Manifest::bind): the operator's,
+    /// or the manifest's own under `plugbus.<plugin>`), never a subscription's raw claim: a
+    /// plugin declaring `plugbus.payments` never joins payments' group.
     pub fn subscription(&self, plugin: &Plugin) -> SubscriptionSpec {
         let m = plugin.manifest();
         let name = plugin.name().to_string();
-        let queue_group =
-            m.subscriptions.iter().find_map(|s| s.queue_group.clone()).unwrap_or_else(|| format!("plugbus.{name}"));
+        let queue_group = m.queue_group.clone().unwrap_or_else(|| format!("plugbus.{name}"));
         let durable = self.durable.unwrap_or_else(|| m.subscriptions.iter().any(|s| s.durable));
         SubscriptionSpec {
             plugin: name,

@@ -3,11 +3,23 @@
 //!
 //! This module is the one place that decides what a valid subject or pattern is and whether a
 //! pattern matches; the embedded bus, the publish allow-list and the HTTP ingress all use it.
+//!
+//! Two rules protect what is not a plugin's, on top of NATS's matching:
+//! - **System subjects** ([`is_system_subject`]): anything starting with `$` (`$SYS`, `$JS`,
+//!   `$KV`, `$O`, ...) or `_INBOX` is the broker's or a client's own. No plugin publishes or
+//!   subscribes to one (the manifest is refused), the HTTP ingress refuses them, and a wildcard
+//!   never matches one: `>`, `*.>` and `*.x` see none of them, as in NATS's own rule for `$`.
+//! - **Dead letters** (`plugbus.dlq.<plugin>`): a wildcard reaches them only when the pattern
+//!   names `plugbus.dlq` literally (`plugbus.dlq.>`, `plugbus.dlq.*`); `>`, `plugbus.>` or
+//!   `*.dlq.x` do not see other plugins' dead letters.
+//!
+//! [`Pattern::matches`] applies both; [`Pattern::matches_nats`] is the broker's plain rule, for
+//! questions about what the broker itself does (which stream captures a subject).
 
 use std::fmt;
 
-/// Subjects a plugin may never publish to, whatever its manifest says.
-pub const SYSTEM_PATTERNS: &[&str] = &["$SYS.>", "$JS.>", "_INBOX.>"];
+/// The prefix of dead-letter subjects (`plugbus.dlq.<plugin>` by default).
+pub const DEAD_LETTER_PREFIX: &str = "plugbus.dlq.";
 
 /// Why a subject or pattern is not valid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -89,8 +101,35 @@ impl Pattern {
         &self.raw
     }
 
-    /// Whether the concrete `subject` matches.
+    /// Whether the concrete `subject` matches, as a plugin's subscription or allow-list sees it:
+    /// NATS matching, except that a wildcard never reaches a system subject, and reaches a dead
+    /// letter only under a literal `plugbus.dlq` (see the module docs).
     pub fn matches(&self, subject: &str) -> bool {
+        if !self.reaches(subject) {
+            return false;
+        }
+        self.matches_nats(subject)
+    }
+
+    /// Whether `subject` is one this pattern may reach at all: a system subject only by a literal
+    /// first token, a dead letter only by literal `plugbus.dlq` first tokens.
+    fn reaches(&self, subject: &str) -> bool {
+        let literal = |i: usize, want: Option<&str>| match self.tokens.get(i) {
+            Some(Token::Literal(l)) => want.is_none_or(|w| l == w),
+            _ => false,
+        };
+        if is_system_subject(subject) && !literal(0, None) {
+            return false;
+        }
+        if is_dead_letter_subject(subject) && !(literal(0, Some("plugbus")) && literal(1, Some("dlq"))) {
+            return false;
+        }
+        true
+    }
+
+    /// Whether the concrete `subject` matches by NATS's plain rule (what the broker does: a
+    /// stream capturing `>` holds `plugbus.dlq.x` too). Not for deciding what a plugin gets.
+    pub fn matches_nats(&self, subject: &str) -> bool {
         let mut parts = subject.split('.');
         for token in &self.tokens {
             match token {
@@ -115,14 +154,35 @@ impl Pattern {
         overlap(&self.tokens, &other.tokens)
     }
 
+    /// Whether some subject `other` holds (by the broker's rule: a stream's subjects) is one this
+    /// pattern [`matches`](Pattern::matches): like [`overlaps`](Pattern::overlaps), less what
+    /// only a system subject or a dead letter would share (a plugin's `>` has no business with a
+    /// KV bucket's stream `$KV.x.>` or with `plugbus.dlq.>`).
+    pub fn may_reach(&self, other: &Pattern) -> bool {
+        if !self.overlaps(other) {
+            return false;
+        }
+        let literal =
+            |p: &Pattern, i: usize, want: &str| matches!(p.tokens.get(i), Some(Token::Literal(l)) if l == want);
+        let names_dead_letters = |p: &Pattern| literal(p, 0, "plugbus") && literal(p, 1, "dlq");
+        if other.reaches_system() && !self.reaches_system() {
+            return false;
+        }
+        if names_dead_letters(other) && other.tokens.len() > 2 && !names_dead_letters(self) {
+            return false;
+        }
+        true
+    }
+
     /// Whether every subject `other` matches, this pattern matches too.
     pub fn covers(&self, other: &Pattern) -> bool {
         covers(&self.tokens, &other.tokens)
     }
 
-    /// Whether the pattern can reach one of the [`SYSTEM_PATTERNS`].
+    /// Whether the pattern can reach a system subject (see [`is_system_subject`]): only a
+    /// pattern whose first token is literally a system one can, since wildcards never match them.
     pub fn reaches_system(&self) -> bool {
-        system_patterns().iter().any(|s| self.overlaps(s))
+        matches!(self.tokens.first(), Some(Token::Literal(first)) if is_system_subject(first))
     }
 }
 
@@ -165,14 +225,16 @@ pub fn without_covered(patterns: &[String]) -> Vec<String> {
     kept
 }
 
-fn system_patterns() -> &'static [Pattern] {
-    static SYSTEM: std::sync::OnceLock<Vec<Pattern>> = std::sync::OnceLock::new();
-    SYSTEM.get_or_init(|| SYSTEM_PATTERNS.iter().map(|p| Pattern::parse(p).expect("valid")).collect())
+/// Whether a subject (or a pattern's first token) is a system subject: it starts with `$`
+/// (`$SYS`, `$JS`, `$KV`, `$O`, `$MQTT`, ...: NATS reserves them) or `_INBOX` (replies). The one
+/// rule for what no plugin may publish or subscribe to and the HTTP ingress refuses.
+pub fn is_system_subject(subject: &str) -> bool {
+    subject.starts_with('$') || subject.starts_with("_INBOX")
 }
 
-/// Whether a concrete subject is a system subject no plugin may publish to.
-pub fn is_system_subject(subject: &str) -> bool {
-    system_patterns().iter().any(|p| p.matches(subject))
+/// Whether a subject is a dead letter by the default naming (`plugbus.dlq.<something>`).
+pub fn is_dead_letter_subject(subject: &str) -> bool {
+    subject.len() > DEAD_LETTER_PREFIX.len() && subject.starts_with(DEAD_LETTER_PREFIX)
 }
 
 impl fmt::Display for Pattern {
@@ -238,14 +300,56 @@ mod tests {
 
     #[test]
     fn system_reach_is_detected() {
-        for p in [">", "*.>", "$SYS.>", "$JS.API.x", "_INBOX.*", "*.*"] {
+        for p in ["$SYS.>", "$JS.API.x", "_INBOX.*", "$KV.plugbus_other.>", "$O.x", "$G", "_INBOX_custom.x"] {
             assert!(Pattern::parse(p).unwrap().reaches_system(), "{p}");
         }
-        for p in ["orders.>", "inventory.*", "a"] {
+        for p in ["orders.>", "inventory.*", "a", ">", "*.>", "*.*", "x.$SYS"] {
             assert!(!Pattern::parse(p).unwrap().reaches_system(), "{p}");
         }
         assert!(is_system_subject("$SYS.x"));
+        assert!(is_system_subject("$KV.plugbus_payments.key"));
+        assert!(is_system_subject("_INBOX.abc.def"));
         assert!(!is_system_subject("SYS.x"));
+        assert!(!is_system_subject("orders.$x"));
+    }
+
+    #[test]
+    fn wildcards_never_match_system_subjects() {
+        for p in [">", "*.>", "*.*.>", "*.ACK.>", "*"] {
+            for s in ["$KV.plugbus_payments.k", "$JS.ACK.S.c.1.2.3.4.5", "$SYS.SERVER.x", "_INBOX.x", "$G"] {
+                assert!(!m(p, s), "{p} matched {s}");
+            }
+        }
+        // The broker itself does deliver them to `>`: that is why the NATS feeds filter.
+        assert!(Pattern::parse(">").unwrap().matches_nats("$KV.plugbus_payments.k"));
+        // A literal first token names the system subject: the broker's rule, kept for operators.
+        assert!(m("$KV.>", "$KV.plugbus_payments.k"));
+        assert!(m("_INBOX.*", "_INBOX.x"));
+    }
+
+    #[test]
+    fn streams_of_system_subjects_and_dead_letters_are_out_of_a_wildcards_reach() {
+        let p = |s: &str| Pattern::parse(s).unwrap();
+        assert!(!p(">").may_reach(&p("$KV.plugbus_payments.>")));
+        assert!(!p(">").may_reach(&p("plugbus.dlq.>")));
+        assert!(!p("plugbus.>").may_reach(&p("plugbus.dlq.>")));
+        assert!(p("plugbus.dlq.>").may_reach(&p("plugbus.dlq.>")));
+        assert!(p(">").may_reach(&p("orders.>")));
+        assert!(p(">").may_reach(&p(">")), "a catch-all stream holds ordinary subjects too");
+        assert!(!p("orders.>").may_reach(&p("payments.>")));
+    }
+
+    #[test]
+    fn dead_letters_reach_only_patterns_that_name_them() {
+        for p in [">", "plugbus.>", "*.dlq.payments", "*.*.payments", "plugbus.*.>", "*.>"] {
+            assert!(!m(p, "plugbus.dlq.payments"), "{p} saw another plugin's dead letter");
+            assert!(Pattern::parse(p).unwrap().matches_nats("plugbus.dlq.payments"), "{p}");
+        }
+        for p in ["plugbus.dlq.>", "plugbus.dlq.*", "plugbus.dlq.payments"] {
+            assert!(m(p, "plugbus.dlq.payments"), "{p}");
+        }
+        assert!(m("plugbus.>", "plugbus.other.x"));
+        assert!(m(">", "plugbus.dlq"), "not a dead letter: no plugin token");
     }
 
     #[test]

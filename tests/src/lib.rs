@@ -11,8 +11,24 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Every handler crate the tests use.
-pub const COMPONENTS: &[&str] =
-    &["inventory", "payments", "shipping", "notify", "audit", "faulty", "sneaky", "echo", "echo2", "attrs", "cycler"];
+pub const COMPONENTS: &[&str] = &[
+    "inventory",
+    "payments",
+    "shipping",
+    "notify",
+    "audit",
+    "faulty",
+    "sneaky",
+    "echo",
+    "echo2",
+    "attrs",
+    "cycler",
+    "imposter",
+    "thief",
+    "kvspy",
+    "snoop",
+    "sysmon",
+];
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
@@ -80,9 +96,17 @@ impl TestHost {
 
     /// Like [`TestHost::start`], with a chance to change the config first.
     pub async fn start_with(components: &[&str], tweak: impl FnOnce(&mut Config)) -> Self {
+        let files: Vec<(String, &str)> = components.iter().map(|c| (format!("{c}.wasm"), *c)).collect();
+        let files: Vec<(&str, &str)> = files.iter().map(|(f, c)| (f.as_str(), *c)).collect();
+        Self::start_files(&files, tweak).await
+    }
+
+    /// Like [`TestHost::start_with`], each component copied under a file name of its own:
+    /// `(file name, component)` (a plugin is named by its file).
+    pub async fn start_files(files: &[(&str, &str)], tweak: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        for c in components {
-            std::fs::copy(wasm(c), dir.path().join(format!("{c}.wasm"))).expect("copying a component");
+        for (file, c) in files {
+            std::fs::copy(wasm(c), dir.path().join(file)).expect("copying a component");
         }
         let data = tempfile::tempdir().expect("temp dir");
         let mut config = Config {

@@ -49,10 +49,11 @@ async fn bad_files_are_reported_and_the_good_plugin_serves() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_files_with_one_plugin_name_are_an_error_naming_both() {
+async fn a_copy_under_another_name_is_refused_naming_both_and_the_original_serves() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     std::fs::copy(wasm("audit"), dir.join("audit.wasm")).unwrap();
+    // Sorts before `audit.wasm`: by its manifest it once took the name `audit` first.
     std::fs::copy(wasm("audit"), dir.join("audit-copy.wasm")).unwrap();
     let host = plugbus::Host::start(plugbus::Config {
         data_dir: dir.join("data"),
@@ -64,6 +65,7 @@ async fn two_files_with_one_plugin_name_are_an_error_naming_both() {
     .unwrap();
     let rejected = host.rejected();
     assert_eq!(rejected.len(), 1);
-    assert!(rejected[0].path.ends_with("audit.wasm"), "{rejected:?}");
-    assert!(rejected[0].reason.contains("audit-copy.wasm"), "{rejected:?}");
+    assert!(rejected[0].path.ends_with("audit-copy.wasm"), "{rejected:?}");
+    assert!(rejected[0].reason.contains("\"audit\"") && rejected[0].reason.contains("\"audit-copy\""), "{rejected:?}");
+    assert_eq!(host.router().names(), vec!["audit".to_string()]);
 }

@@ -1,5 +1,5 @@
-//! Plugin kv on a NATS deployment: one JetStream KV bucket per plugin (`plugbus_<plugin>`),
-//! shared by every host running the plugin.
+//! Plugin kv on a NATS deployment: one JetStream KV bucket per plugin (`plugbus_<plugin>`,
+//! see [`bucket_name`]), shared by every host running the plugin.
 //!
 //! A transaction's writes commit as one JetStream atomic batch (nats-server 2.12+, the bucket's
 //! stream has `allow_atomic`): every written key carries `Nats-Expected-Last-Subject-Sequence`
@@ -10,6 +10,12 @@
 use super::{KvError, KvStore, Txn, Versioned};
 use async_nats::jetstream::{self, kv};
 use std::collections::HashMap;
+
+/// The KV bucket of plugin `ns`: `plugbus_<plugin>` for a lower-case name, an escaped form for
+/// any other (`Payments` → `plugbus--payments`), so no two plugins ever share a bucket.
+pub fn bucket_name(ns: &str) -> String {
+    crate::transport::nats::scoped_name("plugbus", ns)
+}
 
 /// JetStream KV buckets, one per plugin.
 pub struct JetStreamKv {
@@ -28,7 +34,7 @@ impl JetStreamKv {
         if let Some(b) = buckets.get(ns) {
             return Ok(b.clone());
         }
-        let name = format!("plugbus_{}", crate::transport::nats::name_token(ns).to_ascii_lowercase());
+        let name = bucket_name(ns);
         let store = match self.js.get_key_value(&name).await {
             Ok(s) => s,
             Err(_) => self

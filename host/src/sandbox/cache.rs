@@ -1,11 +1,24 @@
 //! The compile cache: compiled components on disk, keyed by the SHA-256 of the wasm bytes and
 //! a fingerprint of the engine's settings, so a restart with many plugins skips compilation.
 //!
-//! Entries are only read back into the engine they fit (wasmtime checks the fingerprint and
-//! version on deserialize); a corrupt or stale entry is recompiled and overwritten. The cache
-//! directory belongs to the host: whoever can write it can run native code in the host.
+//! A compiled component is native code: loading one from disk runs whatever it holds. So every
+//! entry is verified before it is loaded: `<entry>.cwasm.tag` holds an HMAC-SHA256 of the entry
+//! (its name and bytes) under a random 32-byte key in `data_dir/cache.key` (created `0600`;
+//! one that is not a regular file of this user, or is readable or writable by anyone else, is
+//! replaced, which recompiles everything). The entry is read into memory, its tag checked in
+//! constant time, and only those bytes are deserialized: a missing or wrong tag means the entry
+//! is recompiled and overwritten (logged), never loaded.
+//!
+//! Trust boundary: `data_dir` is the host's own. The key protects against whoever can write the
+//! cache directory but cannot read the key (another user or service given the directory, a
+//! backup restore, a shared volume): they cannot make an entry the host will run. Whoever can
+//! read the key, or runs as the host's user, can run code in the host anyway.
 
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use wasmtime::Engine;
@@ -18,25 +31,79 @@ pub struct CacheStats {
     pub compiled: AtomicU64,
     /// Components read back from the cache.
     pub hits: AtomicU64,
+    /// Cache entries refused because their tag was missing or wrong (then recompiled).
+    pub rejected: AtomicU64,
 }
 
-/// A directory of serialized components.
+/// The key's length in bytes.
+const KEY_LEN: usize = 32;
+/// The largest cache entry read back (a compiled component of a 64 MiB wasm is far smaller).
+const MAX_ENTRY_BYTES: u64 = 1 << 30;
+
+/// A directory of serialized components, each with its tag.
 pub struct CompileCache {
     dir: PathBuf,
     engine_key: String,
+    key: [u8; KEY_LEN],
 }
 
 impl CompileCache {
-    /// A cache in `dir` for `engine` (created if missing).
+    /// A cache in `dir` for `engine` (created if missing), with its key in `<dir>.key` (created
+    /// if missing, replaced if unsafe).
     pub fn new(dir: &Path, engine: &Engine) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let mut h = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
-        Ok(Self { dir: dir.to_path_buf(), engine_key: format!("{:016x}", h.finish()) })
+        let key = load_or_make_key(&key_path(dir))?;
+        Ok(Self { dir: dir.to_path_buf(), engine_key: format!("{:016x}", h.finish()), key })
     }
 
     fn path(&self, wasm_hash: &str) -> PathBuf {
         self.dir.join(format!("{wasm_hash}-{}.cwasm", self.engine_key))
+    }
+
+    fn mac(&self, name: &str, bytes: &[u8]) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(b"plugbus compile cache v1\0");
+        mac.update(name.as_bytes());
+        mac.update(b"\0");
+        mac.update(bytes);
+        mac
+    }
+
+    /// The cached component for `wasm_hash`, if its entry is there and its tag is right.
+    fn read_verified(&self, engine: &Engine, wasm_hash: &str, stats: &CacheStats) -> Option<Component> {
+        let path = self.path(wasm_hash);
+        let name = path.file_name()?.to_string_lossy().into_owned();
+        let bytes = match read_regular(&path, MAX_ENTRY_BYTES) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                stats.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(file = %path.display(), "compile cache entry unreadable, recompiling: {e}");
+                return None;
+            }
+        };
+        let tag = read_regular(&tag_path(&path), 64).unwrap_or_default();
+        if self.mac(&name, &bytes).verify_slice(&tag).is_err() {
+            stats.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                file = %path.display(),
+                "compile cache entry failed verification (no tag, or not made by this host): not loaded, recompiling"
+            );
+            return None;
+        }
+        // SAFETY: these exact bytes carry a valid HMAC under this host's own key, so they are
+        // what `Component::serialize` of this host wrote (an attacker cannot forge the tag
+        // without the key); the bytes are in memory, so nothing can change them after the check.
+        // wasmtime still checks version and settings compatibility.
+        match unsafe { Component::deserialize(engine, &bytes) } {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), "compile cache entry unusable, recompiling: {e}");
+                None
+            }
+        }
     }
 
     /// Compiles `bytes` or reads the cached result.
@@ -47,31 +114,168 @@ impl CompileCache {
         wasm_hash: &str,
         stats: &CacheStats,
     ) -> wasmtime::Result<Component> {
-        let path = self.path(wasm_hash);
-        if path.exists() {
-            // SAFETY: the file was written by `Component::serialize` of this host into its own
-            // cache directory; wasmtime checks version and settings compatibility on load.
-            match unsafe { Component::deserialize_file(engine, &path) } {
-                Ok(c) => {
-                    stats.hits.fetch_add(1, Ordering::Relaxed);
-                    return Ok(c);
-                }
-                Err(e) => tracing::warn!(file = %path.display(), "compile cache entry unusable, recompiling: {e}"),
-            }
+        if let Some(c) = self.read_verified(engine, wasm_hash, stats) {
+            stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(c);
         }
         let component = Component::new(engine, bytes)?;
         stats.compiled.fetch_add(1, Ordering::Relaxed);
         match component.serialize() {
             Ok(serialized) => {
-                let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-                let written = std::fs::write(&tmp, serialized).and_then(|_| std::fs::rename(&tmp, &path));
-                if let Err(e) = written {
-                    tracing::warn!(file = %path.display(), "could not write the compile cache: {e}");
-                    let _ = std::fs::remove_file(&tmp);
+                if let Err(e) = self.write_entry(wasm_hash, &serialized) {
+                    tracing::warn!(file = %self.path(wasm_hash).display(), "could not write the compile cache: {e}");
                 }
             }
             Err(e) => tracing::warn!("could not serialize a component for the cache: {e}"),
         }
         Ok(component)
+    }
+
+    /// Writes the entry, then its tag (each by rename: a crash in between leaves an entry whose
+    /// tag does not match, which is recompiled).
+    fn write_entry(&self, wasm_hash: &str, serialized: &[u8]) -> std::io::Result<()> {
+        let path = self.path(wasm_hash);
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tag = self.mac(&name, serialized).finalize().into_bytes();
+        write_atomically(&path, serialized)?;
+        write_atomically(&tag_path(&path), &tag)
+    }
+}
+
+fn key_path(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "cache".into());
+    name.push(".key");
+    dir.with_file_name(name)
+}
+
+fn tag_path(entry: &Path) -> PathBuf {
+    let mut name = entry.as_os_str().to_os_string();
+    name.push(".tag");
+    PathBuf::from(name)
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_os_string();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let written = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Reads a regular file (never through a symlink, never a FIFO or device) of at most `cap` bytes.
+fn read_regular(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
+    let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(invalid("not a regular file".into()));
+    }
+    if meta.len() > cap {
+        return Err(invalid(format!("{} bytes, over {cap}", meta.len())));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    (&mut file).take(cap + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > cap {
+        return Err(invalid(format!("over {cap} bytes")));
+    }
+    Ok(bytes)
+}
+
+/// Why a key file is not safe to use, if it is not.
+fn unsafe_key(meta: &std::fs::Metadata) -> Option<String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !meta.file_type().is_file() {
+        return Some("not a regular file".into());
+    }
+    if meta.uid() != me {
+        return Some(format!("owned by uid {}, not this host's uid {me}", meta.uid()));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Some(format!("its mode {:o} lets others read or write it", meta.mode() & 0o777));
+    }
+    if meta.len() != KEY_LEN as u64 {
+        return Some(format!("{} bytes, not {KEY_LEN}", meta.len()));
+    }
+    None
+}
+
+/// Reads the key at `path`, or makes one: a key file that is not a regular file of this user
+/// with mode `0600` (or stricter) and 32 bytes is replaced (every entry is then recompiled).
+fn load_or_make_key(path: &Path) -> std::io::Result<[u8; KEY_LEN]> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => match unsafe_key(&meta) {
+            None => {
+                let bytes = read_regular(path, KEY_LEN as u64)?;
+                // Checked again on the file actually read (it may have changed in between).
+                let opened = std::fs::symlink_metadata(path)?;
+                if let (Ok(key), None) = (<[u8; KEY_LEN]>::try_from(bytes.as_slice()), unsafe_key(&opened)) {
+                    return Ok(key);
+                }
+                tracing::warn!(file = %path.display(), "the compile cache key changed while read: making a new one");
+            }
+            Some(why) => tracing::warn!(
+                file = %path.display(),
+                "the compile cache key is not safe ({why}): making a new one; every cached component is recompiled"
+            ),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut key = [0u8; KEY_LEN];
+    getrandom::fill(&mut key).map_err(|e| std::io::Error::other(format!("no randomness for the cache key: {e}")))?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    file.write_all(&key)?;
+    file.sync_all()?;
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn hmac_sha256_matches_rfc_4231() {
+        // RFC 4231 test case 2.
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"Jefe").unwrap();
+        mac.update(b"what do ya want for nothing?");
+        let hex: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+    }
+
+    #[test]
+    fn an_unsafe_key_is_replaced_and_a_safe_one_kept() {
+        let dir = std::env::temp_dir().join(format!("plugbus-cache-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cache.key");
+        let first = load_or_make_key(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(load_or_make_key(&path).unwrap(), first, "a safe key is kept");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let second = load_or_make_key(&path).unwrap();
+        assert_ne!(second, first, "a key others can read is no key");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+        load_or_make_key(&path).unwrap();
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file(), "a symlinked key is replaced by a file");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

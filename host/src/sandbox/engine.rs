@@ -152,6 +152,17 @@ impl Sandbox {
         bytes: &[u8],
         settings: impl FnOnce(&Manifest) -> PluginSettings,
     ) -> Result<Plugin, LoadError> {
+        self.load_bound(bytes, |m| Ok(settings(m))).await
+    }
+
+    /// Like [`Sandbox::load`], where `bind` may change the manifest before the plugin is made
+    /// (the loader binds it to the identity the operator gave the file, [`Manifest::bind`]) or
+    /// refuse it; the plugin's name (kv namespace, logs) is the manifest's name after `bind`.
+    pub async fn load_bound(
+        &self,
+        bytes: &[u8],
+        bind: impl FnOnce(&mut Manifest) -> Result<PluginSettings, LoadError>,
+    ) -> Result<Plugin, LoadError> {
         validate::check_header(bytes)?;
         let hash = validate::content_hash(bytes);
         let component = {
@@ -169,7 +180,7 @@ impl Sandbox {
             .map_err(|e| LoadError::Invalid(format!("compiler task failed: {e}")))?
             .map_err(|e| LoadError::Invalid(format!("{e:#}")))?
         };
-        self.prepare(component, hash, settings).await
+        self.prepare_bound(component, hash, bind).await
     }
 
     /// Validates a compiled component and reads its manifest.
@@ -179,13 +190,23 @@ impl Sandbox {
         hash: String,
         settings: impl FnOnce(&Manifest) -> PluginSettings,
     ) -> Result<Plugin, LoadError> {
+        self.prepare_bound(component, hash, |m| Ok(settings(m))).await
+    }
+
+    /// Like [`Sandbox::prepare`], with `bind` as in [`Sandbox::load_bound`].
+    pub async fn prepare_bound(
+        &self,
+        component: Component,
+        hash: String,
+        bind: impl FnOnce(&mut Manifest) -> Result<PluginSettings, LoadError>,
+    ) -> Result<Plugin, LoadError> {
         validate::check_imports(&self.engine, &component)?;
         let pre =
             self.linker.instantiate_pre(&component).map_err(|e| LoadError::Invalid(format!("cannot link: {e:#}")))?;
         let pre = bindings::PluginPre::new(pre)
             .map_err(|e| LoadError::Invalid(format!("does not export plugbus:handler/handler: {e:#}")))?;
-        let manifest = self.read_manifest(&pre).await?;
-        let settings = settings(&manifest);
+        let mut manifest = self.read_manifest(&pre).await?;
+        let settings = bind(&mut manifest)?;
         let publishes = PatternSet::parse(&manifest.publishes).map_err(|e| LoadError::Manifest(e.to_string()))?;
         let ctx = PluginCtx {
             name: manifest.name.as_str().into(),

@@ -143,9 +143,10 @@ pub async fn pump(
     mut consumer: PullConsumer,
     tx: mpsc::Sender<Delivery>,
     held: Arc<Held>,
-    plugin: Arc<str>,
     batch: usize,
+    filter: super::Filter,
 ) {
+    let plugin = filter.plugin.clone();
     loop {
         let opened = consumer
             .stream()
@@ -168,6 +169,13 @@ pub async fn pump(
         let mut recreate = false;
         while let Some(next) = messages.next().await {
             match next {
+                Ok(msg) if !filter.admits(msg.subject.as_str()) => {
+                    // Not the plugin's (a system subject or another plugin's dead letter in a
+                    // stream its wildcard overlaps): settled without running.
+                    if let Err(e) = msg.ack().await {
+                        tracing::debug!(plugin = %plugin, "acking a message the plugin does not take: {e}");
+                    }
+                }
                 Ok(msg) => {
                     let delivery = delivery_of(msg, &held, &plugin);
                     if tx.send(delivery).await.is_err() {

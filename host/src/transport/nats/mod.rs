@@ -99,10 +99,31 @@ impl Drop for Task {
     }
 }
 
+/// Which messages a plugin's feed takes: the server matches by NATS's rule, where `>` reaches
+/// `$` subjects, `_INBOX` replies and every dead letter; a plugin takes only what its patterns
+/// reach by [`Pattern::matches`](crate::subject::Pattern::matches). Shared by the feed's pumps
+/// and updated in place on retarget.
+#[derive(Clone)]
+pub struct Filter {
+    plugin: Arc<str>,
+    patterns: Arc<std::sync::RwLock<PatternSet>>,
+}
+
+impl Filter {
+    /// Whether the plugin takes a message on `subject`; logs the ones it does not.
+    pub fn admits(&self, subject: &str) -> bool {
+        let ok = self.patterns.read().expect("filter poisoned").matches(subject);
+        if !ok {
+            tracing::debug!(plugin = %self.plugin, subject = %subject, "not delivered: a system subject or dead letter the plugin's patterns do not name");
+        }
+        ok
+    }
+}
+
 /// What feeds one plugin's queue now.
 struct Feed {
     tx: mpsc::Sender<Delivery>,
-    plugin: Arc<str>,
+    filter: Filter,
     /// Core pattern → its queue subscription.
     core: HashMap<String, Task>,
     /// Stream → (filters, its pull consumer pump).
@@ -256,7 +277,7 @@ impl NatsTransport {
 
     /// Makes `feed` take exactly what `spec` asks for: core subscriptions or durable consumers.
     async fn apply(&self, feed: &mut Feed, spec: &SubscriptionSpec) -> Result<(), TransportError> {
-        PatternSet::parse(&spec.patterns)?;
+        *feed.filter.patterns.write().expect("filter poisoned") = PatternSet::parse(&spec.patterns)?;
         let patterns = without_covered(&spec.patterns);
         if patterns.len() < spec.patterns.len() {
             tracing::debug!(plugin = %spec.plugin, kept = ?patterns, "patterns covered by others are not subscribed twice");
@@ -272,7 +293,7 @@ impl NatsTransport {
                 if let Some(dead_letter) = &durability.dead_letter {
                     streams::capture(&self.js, &self.index, &self.settings, dead_letter).await?;
                 }
-                let name = name_token(&spec.queue_group).to_ascii_lowercase();
+                let name = durable_name(&spec.queue_group);
                 for (stream, filters) in &plan {
                     if feed.durable.get(stream).is_some_and(|(f, _)| f == filters) {
                         continue;
@@ -294,8 +315,8 @@ impl NatsTransport {
                                 c,
                                 feed.tx.clone(),
                                 self.held.clone(),
-                                feed.plugin.clone(),
                                 spec.capacity,
+                                feed.filter.clone(),
                             );
                             feed.durable.insert(stream.clone(), (filters.clone(), Task(tokio::spawn(pump))));
                         }
@@ -313,7 +334,10 @@ impl NatsTransport {
                     let sub = self.client.queue_subscribe(p.clone(), spec.queue_group.clone()).await.map_err(|e| {
                         TransportError::Broker(format!("subscribing {} to {p} on NATS: {e}", spec.plugin))
                     })?;
-                    feed.core.insert(p.clone(), Task(tokio::spawn(queue_group::pump(sub, feed.tx.clone()))));
+                    feed.core.insert(
+                        p.clone(),
+                        Task(tokio::spawn(queue_group::pump(sub, feed.tx.clone(), feed.filter.clone()))),
+                    );
                 }
                 feed.core.retain(|p, _| patterns.contains(p));
                 feed.durable.clear();
@@ -327,9 +351,61 @@ impl NatsTransport {
     }
 }
 
-/// A stream, consumer or bucket name from free text: letters, digits, `_` and `-`.
-pub fn name_token(s: &str) -> String {
-    streams::stream_token(s)
+/// A JetStream name (KV bucket, consumer) for `text` under `prefix`, injective: two different
+/// texts never share a name (a plugin `Payments` never meets `payments`' bucket). Text of
+/// lower-case letters, digits, `_` and `-` is kept as it is after a `_` (`plugbus_payments`);
+/// any other text is escaped after a `-` instead (`Payments` → `plugbus--payments`, see
+/// [`escape_name`]), so the two kinds never meet; a name too long for JetStream becomes a hash
+/// of the text (`plugbus-H<hex>`: escaped text has no upper case, so it meets neither).
+pub fn scoped_name(prefix: &str, text: &str) -> String {
+    let name = if kept_as_is(text) { format!("{prefix}_{text}") } else { format!("{prefix}-{}", escape_name(text)) };
+    fit(prefix, name, text)
+}
+
+/// The JetStream durable consumer name of a plugin's queue group, injective like
+/// [`scoped_name`]: the default group `plugbus.<id>` gives `plugbus_<id>` (as it always did)
+/// when `<id>` is lower-case; any other group is escaped whole after `plugbus-`
+/// (`plugbus.evil.x` → `plugbus-plugbus-_evil-_x`), so no group can name another's consumer.
+pub fn durable_name(queue_group: &str) -> String {
+    let name = match queue_group.strip_prefix("plugbus.") {
+        Some(id) if kept_as_is(id) => format!("plugbus_{id}"),
+        _ => format!("plugbus-{}", escape_name(queue_group)),
+    };
+    fit("plugbus", name, queue_group)
+}
+
+fn kept_as_is(text: &str) -> bool {
+    !text.is_empty() && text.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'))
+}
+
+fn fit(prefix: &str, name: String, text: &str) -> String {
+    if name.len() <= MAX_NAME_LEN {
+        return name;
+    }
+    format!("{prefix}-H{}", &crate::sandbox::content_hash(text.as_bytes())[..40])
+}
+
+/// JetStream names are kept well under the server's 255-character limit.
+const MAX_NAME_LEN: usize = 200;
+
+/// Escapes free text into `a-z`, `0-9`, `_` and `-`, as a prefix code (so different texts never
+/// give one result): `a-z`, `0-9`, `_` stay; `A-Z` become `-` and the lower-case letter; `-`
+/// becomes `--`; `.` becomes `-_`; any other byte becomes `-` and its three decimal digits.
+pub fn escape_name(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    for b in text.bytes() {
+        match b {
+            b'a'..=b'z' | b'0'..=b'9' | b'_' => out.push(b as char),
+            b'A'..=b'Z' => {
+                out.push('-');
+                out.push(b.to_ascii_lowercase() as char);
+            }
+            b'-' => out.push_str("--"),
+            b'.' => out.push_str("-_"),
+            other => out.push_str(&format!("-{other:03}")),
+        }
+    }
+    out
 }
 
 fn on_event(connected: &AtomicBool, event: async_nats::Event) {
@@ -398,8 +474,9 @@ impl Transport for NatsTransport {
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription, TransportError> {
         let (tx, rx) = mpsc::channel(spec.capacity.max(1));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut feed =
-            Feed { tx: tx.clone(), plugin: spec.plugin.as_str().into(), core: HashMap::new(), durable: HashMap::new() };
+        let plugin: Arc<str> = spec.plugin.as_str().into();
+        let filter = Filter { plugin, patterns: Default::default() };
+        let mut feed = Feed { tx: tx.clone(), filter, core: HashMap::new(), durable: HashMap::new() };
         self.apply(&mut feed, &spec).await?;
         self.feeds.lock().await.insert(id, feed);
         Ok(Subscription::new(id, &tx, rx, Unsubscribe { feeds: self.feeds.clone(), id }))
@@ -418,7 +495,9 @@ impl Transport for NatsTransport {
         patterns: Vec<String>,
         capacity: usize,
     ) -> Result<mpsc::Receiver<Arc<Event>>, TransportError> {
-        PatternSet::parse(&patterns)?;
+        // Observers see what the embedded bus would show them: no `$`/`_INBOX` subject or
+        // dead letter their patterns do not name (the server would deliver those to `>`).
+        let set = Arc::new(PatternSet::parse(&patterns)?);
         let (tx, rx) = mpsc::channel(capacity.max(1));
         for p in without_covered(&patterns) {
             let mut sub = self
@@ -427,7 +506,7 @@ impl Transport for NatsTransport {
                 .await
                 .map_err(|e| TransportError::Broker(format!("observing {p} on NATS: {e}")))?;
             self.registered().await?;
-            let (tx, misses) = (tx.clone(), self.observer_misses.clone());
+            let (tx, misses, set) = (tx.clone(), self.observer_misses.clone(), set.clone());
             tokio::spawn(async move {
                 // Ends (and unsubscribes) when the observer goes away, even if nothing arrives.
                 loop {
@@ -436,6 +515,9 @@ impl Transport for NatsTransport {
                         _ = tx.closed() => None,
                     };
                     let Some(msg) = msg else { break };
+                    if !set.matches(msg.subject.as_str()) {
+                        continue;
+                    }
                     let Ok(ev) = wire::event_of(msg.subject.as_str(), msg.headers.as_ref(), msg.payload, None) else {
                         continue;
                     };
@@ -458,5 +540,67 @@ impl Transport for NatsTransport {
 
     fn is_external(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jetstream_names_never_collide() {
+        let texts = [
+            "payments",
+            "Payments",
+            "PAYMENTS",
+            "pay-ments",
+            "pay_ments",
+            "payMents",
+            "pay--ments",
+            "pay.ments",
+            "-payments",
+            "_payments",
+            "a-b",
+            "aB",
+            "a_b",
+            "a.b",
+            "a-_b",
+            "a--b",
+            "x-065",
+            "xA",
+            "é",
+            "-195-169",
+        ];
+        let mut seen = std::collections::HashMap::new();
+        for t in texts {
+            let name = scoped_name("plugbus", t);
+            assert!(name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'), "{name}");
+            assert_eq!(seen.insert(name.clone(), t), None, "{t:?} and another text share {name}");
+        }
+        assert_eq!(scoped_name("plugbus", "payments"), "plugbus_payments");
+        assert_eq!(scoped_name("plugbus", "Payments"), "plugbus--payments");
+        let groups = [
+            "plugbus.payments",
+            "plugbus.Payments",
+            "plugbus_payments",
+            "plugbus.payments.x",
+            "plugbus.evil.payments",
+            "plugbus.evil_payments",
+            "payments",
+            "shared_stock",
+            "shared.stock",
+            "a-b",
+            "aB",
+            "plugbus.a-b",
+        ];
+        let mut seen = std::collections::HashMap::new();
+        for g in groups {
+            let name = durable_name(g);
+            assert!(!name.contains('.'), "{name}");
+            assert_eq!(seen.insert(name.clone(), g), None, "{g:?} and another group share {name}");
+        }
+        assert_eq!(durable_name("plugbus.payments"), "plugbus_payments", "the default durable keeps its name");
+        let long = "x".repeat(128);
+        assert!(durable_name(&format!("plugbus.{long}.{long}")).len() <= MAX_NAME_LEN);
     }
 }

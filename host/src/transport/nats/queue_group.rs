@@ -2,7 +2,7 @@
 //! so each event is handled once per plugin across every host. At-most-once: a message in
 //! flight when a host dies is gone (use a durable subscription for at-least-once).
 
-use super::wire;
+use super::{Filter, wire};
 use crate::event::Event;
 use crate::transport::Delivery;
 use async_nats::Subscriber;
@@ -10,10 +10,16 @@ use futures::StreamExt;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
-/// Moves messages from the subscription into the plugin's queue until either closes.
-pub async fn pump(mut sub: Subscriber, tx: mpsc::Sender<Delivery>) {
+/// Moves messages from the subscription into the plugin's queue until either closes. A message
+/// the plugin's patterns do not reach by plugbus's rule (the server gives `>` subscribers `$`
+/// subjects, `_INBOX` replies and other plugins' dead letters) is dropped unrun: see
+/// [`Filter`].
+pub async fn pump(mut sub: Subscriber, tx: mpsc::Sender<Delivery>, filter: Filter) {
     while let Some(msg) = sub.next().await {
         let subject = msg.subject.to_string();
+        if !filter.admits(&subject) {
+            continue;
+        }
         let delivery = match wire::event_of(&subject, msg.headers.as_ref(), msg.payload.clone(), None) {
             Ok(mut ev) => {
                 ev.reply_to = msg.reply.map(|r| r.to_string());

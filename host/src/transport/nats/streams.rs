@@ -16,15 +16,21 @@ pub struct StreamIndex {
 }
 
 impl StreamIndex {
-    /// Whether some stream captures `subject`.
+    /// Whether some stream captures `subject` (by the broker's plain rule: a `>` stream holds dead
+    /// letters too).
     pub fn captures(&self, subject: &str) -> bool {
-        self.streams.read().expect("stream index poisoned").iter().any(|(_, ps)| ps.iter().any(|p| p.matches(subject)))
+        self.streams
+            .read()
+            .expect("stream index poisoned")
+            .iter()
+            .any(|(_, ps)| ps.iter().any(|p| p.matches_nats(subject)))
     }
 
-    /// The streams holding some subject `pattern` matches.
+    /// The streams holding some subject `pattern` matches (never a KV bucket's or the dead
+    /// letters' stream for a wildcard that cannot reach them: see [`Pattern::may_reach`]).
     pub fn overlapping(&self, pattern: &Pattern) -> Vec<String> {
         let streams = self.streams.read().expect("stream index poisoned");
-        streams.iter().filter(|(_, ps)| ps.iter().any(|p| p.overlaps(pattern))).map(|(n, _)| n.clone()).collect()
+        streams.iter().filter(|(_, ps)| ps.iter().any(|p| pattern.may_reach(p))).map(|(n, _)| n.clone()).collect()
     }
 
     /// Reads every stream's subjects from the server.
