@@ -86,6 +86,8 @@ pub struct Config {
     pub nats: NatsSettings,
     /// Per-plugin settings.
     pub plugins: BTreeMap<String, PluginConfig>,
+    /// The HTTP API's defences: publish timeout, allowed web origins, live-tail bounds.
+    pub api: crate::api::ApiSettings,
 }
 
 impl Default for Config {
@@ -105,6 +107,7 @@ impl Default for Config {
             sandbox: SandboxSettings::default(),
             nats: NatsSettings::default(),
             plugins: BTreeMap::new(),
+            api: crate::api::ApiSettings::default(),
         }
     }
 }
