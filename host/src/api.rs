@@ -276,18 +276,26 @@ impl Drop for TailSlot {
     }
 }
 
-/// What a tail's stream holds: the serialized events waiting for the client, their bytes, its slot.
+/// What a tail's stream holds: the events waiting for the client, their bytes, its slot.
 struct TailStream {
-    rx: mpsc::UnboundedReceiver<String>,
+    rx: mpsc::UnboundedReceiver<(Arc<crate::event::Event>, usize)>,
     buffered: Arc<AtomicUsize>,
     _slot: TailSlot,
 }
 
+/// The bytes a tail holds by keeping `ev` (its data, attributes and headers).
+fn held_bytes(ev: &crate::event::Event) -> usize {
+    let attrs = ev.id.len() + ev.source.len() + ev.ty.len() + ev.subject.len() + ev.time.len();
+    let headers: usize = ev.extensions.iter().map(|(k, v)| k.len() + v.len() + 16).sum();
+    ev.data.len() + attrs + headers + 128
+}
+
 /// `GET /v1/events/{pattern}`: a Server-Sent-Events stream of every event matching the pattern.
 ///
-/// A forwarder task takes events from the transport as they come and keeps them, serialized, for
-/// the client, up to `api.tail_buffer_bytes`; what a client that does not read would push past
-/// that is dropped for it (and counted), so a stalled client holds a bounded amount.
+/// A forwarder task takes events from the transport as they come (it only counts bytes, so it
+/// keeps up with the bus) and keeps them for the client up to `api.tail_buffer_bytes`; what a
+/// client that does not read would push past that is dropped for it (and counted), so a stalled
+/// client holds a bounded amount. Events are serialized as the client takes them.
 async fn tail(State(api): State<Api>, Path(pattern): Path<String>) -> Response {
     use axum::response::sse::{Event as Sse, KeepAlive};
     if let Err(e) = crate::subject::Pattern::parse(&pattern) {
@@ -308,7 +316,7 @@ async fn tail(State(api): State<Api>, Path(pattern): Path<String>) -> Response {
         Ok(rx) => rx,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
-    let (tx, rx) = mpsc::unbounded_channel::<String>();
+    let (tx, rx) = mpsc::unbounded_channel();
     let buffered = Arc::new(AtomicUsize::new(0));
     let budget = api.settings.tail_buffer_bytes;
     let (held, dropped) = (buffered.clone(), metrics.tail_events_dropped.clone());
@@ -321,14 +329,7 @@ async fn tail(State(api): State<Api>, Path(pattern): Path<String>) -> Response {
                 _ = tx.closed() => None,
             };
             let Some(ev) = ev else { break };
-            let body = json!({
-                "id": ev.id, "source": ev.source, "type": ev.ty, "subject": ev.subject, "time": ev.time,
-                "datacontenttype": ev.datacontenttype, "headers": ev.extensions,
-                "data": String::from_utf8_lossy(&ev.data),
-            })
-            .to_string();
-            drop(ev);
-            let len = body.len();
+            let len = held_bytes(&ev);
             if held.load(Ordering::Acquire) + len > budget {
                 dropped.inc();
                 if dropped_here == 0 {
@@ -338,7 +339,7 @@ async fn tail(State(api): State<Api>, Path(pattern): Path<String>) -> Response {
                 continue;
             }
             held.fetch_add(len, Ordering::AcqRel);
-            if tx.send(body).is_err() {
+            if tx.send((ev, len)).is_err() {
                 break;
             }
         }
@@ -348,9 +349,15 @@ async fn tail(State(api): State<Api>, Path(pattern): Path<String>) -> Response {
     });
     let state = TailStream { rx, buffered, _slot: slot };
     let stream = futures::stream::unfold(state, |mut st| async move {
-        let body = st.rx.recv().await?;
-        st.buffered.fetch_sub(body.len(), Ordering::AcqRel);
-        Some((Ok::<_, std::convert::Infallible>(Sse::default().event("event").data(body)), st))
+        let (ev, len) = st.rx.recv().await?;
+        let body = json!({
+            "id": ev.id, "source": ev.source, "type": ev.ty, "subject": ev.subject, "time": ev.time,
+            "datacontenttype": ev.datacontenttype, "headers": ev.extensions,
+            "data": String::from_utf8_lossy(&ev.data),
+        });
+        drop(ev);
+        st.buffered.fetch_sub(len, Ordering::AcqRel);
+        Some((Ok::<_, std::convert::Infallible>(Sse::default().event("event").data(body.to_string())), st))
     });
     axum::response::sse::Sse::new(stream).keep_alive(KeepAlive::new().interval(TAIL_KEEP_ALIVE)).into_response()
 }
