@@ -159,6 +159,9 @@ pub struct EventCounters {
     pub dead_lettered: Counter,
 }
 
+/// A plugin's subscription patterns, in manifest order, each with its counters.
+type Subscriptions = Arc<[(Pattern, Arc<EventCounters>)]>;
+
 /// One plugin's handles: the duration histogram and the event counters of each of its
 /// subscription patterns, so the hot path neither builds label sets nor hashes them.
 ///
@@ -171,7 +174,7 @@ pub struct PluginMetrics {
     pub handler_seconds: Histogram,
     /// The patterns in manifest order with their counters. Behind an `Arc`: one reference count
     /// per event instead of one per counter (each a cache line the two cores pass back and forth).
-    by_subscription: RwLock<Arc<[(Pattern, Arc<EventCounters>)]>>,
+    by_subscription: RwLock<Subscriptions>,
     unsubscribed: Arc<EventCounters>,
 }
 
@@ -194,7 +197,7 @@ impl PluginMetrics {
     /// Follows a hot reload: the counters of `patterns` (a pattern kept across the reload keeps
     /// counting where it was; the handles of patterns dropped are let go).
     pub fn set_subscriptions(&self, patterns: &[String]) {
-        let table: Arc<[(Pattern, Arc<EventCounters>)]> = patterns
+        let table: Subscriptions = patterns
             .iter()
             .filter_map(|p| Pattern::parse(p).ok())
             .map(|p| {

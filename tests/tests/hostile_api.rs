@@ -635,7 +635,8 @@ fn python_cloudevents() -> Option<std::path::PathBuf> {
     if !installed(&dir) {
         eprintln!("==> installing the CloudEvents Python SDK into {} (pip install cloudevents)", dir.display());
         let status = Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--upgrade", "--target"])
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-warn-conflicts"])
+            .args(["--upgrade", "--target"])
             .arg(&dir)
             .arg("cloudevents>=2.2,<3")
             .status();
