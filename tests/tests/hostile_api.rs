@@ -372,6 +372,9 @@ async fn a_stalled_tail_holds_a_bounded_buffer_and_counts_what_it_dropped() {
     let before = rss();
     for i in 0..EVENTS {
         t.host.publish(plugbus::Event::new(format!("bulk.{i}"), vec![b'x'; SIZE])).await.unwrap();
+        // Paced so the tail's forwarder sees every event (the bus drops events for an observer
+        // that falls behind before the tail could count them).
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let dropped = || async { sample(&metrics_text(&t.url()).await, "plugbus_tail_events_dropped_total") };
     let deadline = Instant::now() + Duration::from_secs(30);
