@@ -1,8 +1,17 @@
-//! The HTTP API (axum): event ingress, health and plugin listing.
+//! The HTTP API (axum): event ingress, health, plugin listing, live tails, dead letters.
 //!
-//! Invariant: a request either gets its event accepted by the transport (202 with the id) or a
-//! JSON error saying what was wrong; a slow plugin never turns into an error here (at worst
-//! the answer waits for backpressure).
+//! Invariants:
+//! - A request either gets its event accepted by the transport (202 with the id) or a JSON error
+//!   saying what was wrong; an ingress publish the bus cannot take within `api.publish_timeout`
+//!   (a plugin's queue is full) answers `503` with `Retry-After`, never hangs.
+//! - A web page cannot use the API: a request carrying an `Origin` (or a cross-site
+//!   `Sec-Fetch-Site`) is refused unless `api.allowed_origins` lists the origin, and on a
+//!   loopback listener a `Host` that is not a loopback name is refused (DNS rebinding).
+//! - Nothing a client holds open grows without bound: at most `api.max_tails` live tails, each
+//!   buffering at most `api.tail_buffer_bytes` for a client that does not read (then dropping,
+//!   counted in `/metrics`).
+//! - A dead-letter replay runs to its end in its own task: a client that goes away midway loses
+//!   no dead letter.
 
 use crate::loader::Rejected;
 use crate::router::Router;
@@ -11,11 +20,45 @@ use crate::transport::Transport;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+/// `[api]` in the config: how the HTTP API protects the host from its clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSettings {
+    /// How long an ingress publish may wait for the bus to take the event (a subscriber's
+    /// queue is full) before the answer is `503` with `Retry-After`.
+    #[serde(with = "humantime_serde")]
+    pub publish_timeout: Duration,
+    /// Web origins (`https://dash.example.com`) whose pages may call the API (CORS). A request
+    /// from any other page is refused.
+    pub allowed_origins: Vec<String>,
+    /// Live tails (`GET /v1/events/{pattern}`, `plugbus tail`) open at once; more get `503`.
+    pub max_tails: usize,
+    /// Bytes of events one tail holds for a client that does not keep up; events beyond are
+    /// dropped for that tail and counted (`plugbus_tail_events_dropped_total`).
+    pub tail_buffer_bytes: usize,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            publish_timeout: Duration::from_secs(5),
+            allowed_origins: Vec::new(),
+            max_tails: 16,
+            tail_buffer_bytes: 8 << 20,
+        }
+    }
+}
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -30,7 +73,7 @@ pub struct ApiState {
     pub dead_letters: Arc<crate::deadletter::DeadLetters>,
     /// Counters and gauges.
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// Reload state (compile cache counters).
+    /// Reload state (compile cache counters) and the host's config (`[api]`, `http`).
     pub reloader: Arc<crate::reload::Reloader>,
     /// Bearer token guarding every route but `/healthz`.
     pub api_token: Option<String>,
@@ -38,8 +81,35 @@ pub struct ApiState {
     pub max_event_bytes: usize,
 }
 
+/// The state behind every route: the caller's [`ApiState`] and what the API itself keeps.
+struct Inner {
+    s: ApiState,
+    settings: ApiSettings,
+    /// Whether the API listens on a loopback address only (then `Host` must be a loopback name).
+    loopback: bool,
+    /// SHA-256 of the token: compared digest to digest in constant time, so neither the
+    /// token's bytes nor its length leak through timing.
+    token_digest: Option<[u8; 32]>,
+    /// One permit per live tail.
+    tails: Arc<Semaphore>,
+}
+
+type Api = Arc<Inner>;
+
+/// Observer queue between the transport and a tail's forwarder; the forwarder empties it at
+/// once, so it only absorbs bursts (events beyond are missed and counted by the transport).
+const TAIL_OBSERVER_CAPACITY: usize = 16;
+
+/// How often an idle tail sends a keep-alive comment (also how soon a vanished client is noticed).
+const TAIL_KEEP_ALIVE: Duration = Duration::from_secs(5);
+
 /// The API's routes.
 pub fn router(state: ApiState) -> axum::Router {
+    let settings = state.reloader.config.api.clone();
+    let loopback = state.reloader.config.http.is_some_and(|a| is_loopback_ip(a.ip()));
+    let token_digest = state.api_token.as_deref().map(digest);
+    let tails = Arc::new(Semaphore::new(settings.max_tails));
+    let api: Api = Arc::new(Inner { s: state, settings, loopback, token_digest, tails });
     let guarded = axum::Router::new()
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -50,30 +120,132 @@ pub fn router(state: ApiState) -> axum::Router {
         .route("/v1/events", post(empty_subject))
         .route("/v1/events/", post(empty_subject))
         .layer(DefaultBodyLimit::disable())
-        .layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
+        .layer(axum::middleware::from_fn_with_state(api.clone(), guard));
     axum::Router::new()
         .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
         .merge(guarded)
-        .with_state(state)
+        .with_state(api)
 }
 
-/// Checks `Authorization: Bearer <token>` when the host has a token.
-async fn require_token(
-    State(state): State<ApiState>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    if let Some(token) = &state.api_token {
-        let given =
-            req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(token.as_str()) {
+fn digest(token: &str) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Every guarded route: refuses web pages and foreign `Host` names, answers CORS preflights of
+/// allowed origins, then checks `Authorization: Bearer <token>` when the host has a token.
+async fn guard(State(api): State<Api>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let origin = match api.check_browser(req.headers(), req.uri()) {
+        Ok(origin) => origin,
+        Err(why) => {
+            api.s.metrics.browser_refused.inc();
+            tracing::warn!(method = %req.method(), path = %req.uri().path(), "API request refused: {why}");
+            return error(StatusCode::FORBIDDEN, why);
+        }
+    };
+    if let Some(origin) = &origin
+        && req.method() == Method::OPTIONS
+    {
+        return preflight(origin, req.headers());
+    }
+    if let Some(expected) = &api.token_digest {
+        use subtle::ConstantTimeEq;
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer);
+        let ok = given.is_some_and(|g| bool::from(digest(g)[..].ct_eq(&expected[..])));
+        if !ok {
             return error(StatusCode::UNAUTHORIZED, "missing or wrong API token (Authorization: Bearer <token>)");
         }
     }
-    next.run(req).await
+    let mut resp = next.run(req).await;
+    if let Some(origin) = origin {
+        allow_origin(resp.headers_mut(), &origin);
+    }
+    resp
 }
 
-async fn readyz(State(state): State<ApiState>) -> Response {
+/// The token of `Authorization: Bearer <token>` (the scheme is case-insensitive).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+impl Inner {
+    /// `Ok(Some(origin))` for a request from an allowed web origin, `Ok(None)` for a request
+    /// from no web page (curl, the CLI, Prometheus), `Err` naming why a request is refused.
+    fn check_browser(&self, headers: &HeaderMap, uri: &axum::http::Uri) -> Result<Option<String>, String> {
+        if self.loopback {
+            let host = headers.get(header::HOST).map(|h| h.to_str().unwrap_or("<not text>")).or(uri.host());
+            if let Some(host) = host
+                && !is_loopback_host(host)
+            {
+                return Err(format!(
+                    "Host {host:?} is not a loopback name: the API listens on loopback only and answers to \
+                     localhost, 127.0.0.1 and [::1] (a web page reaching it through its own DNS name is refused)"
+                ));
+            }
+        }
+        let origin = headers.get(header::ORIGIN).map(|o| o.to_str().unwrap_or("<not text>").to_string());
+        if let Some(origin) = origin {
+            let wanted = origin.trim_end_matches('/');
+            if self.settings.allowed_origins.iter().any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(wanted)) {
+                return Ok(Some(origin));
+            }
+            return Err(format!(
+                "requests from web pages are refused: Origin {origin:?} is not in api.allowed_origins"
+            ));
+        }
+        // A browser request without `Origin` (a no-cors GET from an <img>, a navigation): its
+        // fetch metadata says where it came from.
+        match headers.get("sec-fetch-site").map(|v| v.to_str().unwrap_or("<not text>")) {
+            None | Some("none") | Some("same-origin") => Ok(None),
+            Some(site) => Err(format!(
+                "requests from web pages are refused: Sec-Fetch-Site is {site:?} and the request names no \
+                 Origin listed in api.allowed_origins"
+            )),
+        }
+    }
+}
+
+/// The answer to a CORS preflight from an allowed origin.
+fn preflight(origin: &str, headers: &HeaderMap) -> Response {
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    let h = resp.headers_mut();
+    allow_origin(h, origin);
+    h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST"));
+    if let Some(asked) = headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked.clone());
+    }
+    h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+    resp
+}
+
+fn allow_origin(h: &mut HeaderMap, origin: &str) {
+    if let Ok(v) = HeaderValue::from_str(origin) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+    }
+    h.append(header::VARY, HeaderValue::from_static("Origin"));
+}
+
+fn is_loopback_ip(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
+/// Whether a `Host` header names this machine's loopback: `localhost`, `*.localhost` (RFC 6761:
+/// browsers never resolve them through DNS), or a loopback IP; any port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((ip, _)) => ip,
+            None => return false,
+        },
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost") || name.parse::<IpAddr>().is_ok_and(is_loopback_ip)
+}
+
+async fn readyz(State(api): State<Api>) -> Response {
+    let state = &api.s;
     let connected = state.transport.is_connected();
     let body =
         Json(json!({ "ready": connected, "transport": state.transport.name(), "plugins": state.router.names().len() }));
@@ -81,54 +253,160 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     (status, body).into_response()
 }
 
-async fn metrics(State(state): State<ApiState>) -> Response {
+async fn metrics(State(api): State<Api>) -> Response {
     use std::sync::atomic::Ordering::Relaxed;
+    let state = &api.s;
     state.router.refresh_gauges();
     let cache = state.reloader.sandbox.cache_stats();
     state.metrics.compiled.set(cache.compiled.load(Relaxed) as i64);
     state.metrics.cache_hits.set(cache.hits.load(Relaxed) as i64);
     let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-    ([(axum::http::header::CONTENT_TYPE, content_type)], state.metrics.encode()).into_response()
+    ([(header::CONTENT_TYPE, content_type)], state.metrics.encode()).into_response()
+}
+
+/// A live tail's slot: counted in `plugbus_tails_open` while the client is connected.
+struct TailSlot {
+    _permit: OwnedSemaphorePermit,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Drop for TailSlot {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// What a tail's stream holds: the events waiting for the client, their bytes, its slot.
+struct TailStream {
+    rx: mpsc::UnboundedReceiver<(Arc<crate::event::Event>, usize)>,
+    buffered: Arc<AtomicUsize>,
+    _slot: TailSlot,
+}
+
+/// The bytes a tail holds by keeping `ev` (its data, attributes and headers).
+fn held_bytes(ev: &crate::event::Event) -> usize {
+    let attrs = ev.id.len() + ev.source.len() + ev.ty.len() + ev.subject.len() + ev.time.len();
+    let headers: usize = ev.extensions.iter().map(|(k, v)| k.len() + v.len() + 16).sum();
+    ev.data.len() + attrs + headers + 128
 }
 
 /// `GET /v1/events/{pattern}`: a Server-Sent-Events stream of every event matching the pattern.
-async fn tail(State(state): State<ApiState>, Path(pattern): Path<String>) -> Response {
+///
+/// A forwarder task takes events from the transport as they come (it only counts bytes, so it
+/// keeps up with the bus) and keeps them for the client up to `api.tail_buffer_bytes`; what a
+/// client that does not read would push past that is dropped for it (and counted), so a stalled
+/// client holds a bounded amount. Events are serialized as the client takes them.
+async fn tail(State(api): State<Api>, Path(pattern): Path<String>) -> Response {
     use axum::response::sse::{Event as Sse, KeepAlive};
     if let Err(e) = crate::subject::Pattern::parse(&pattern) {
         return error(StatusCode::BAD_REQUEST, e.to_string());
     }
-    let rx = match state.transport.observe(vec![pattern], 4096).await {
+    let metrics = &api.s.metrics;
+    let Ok(permit) = api.tails.clone().try_acquire_owned() else {
+        metrics.tails_refused.inc();
+        let msg = format!(
+            "too many live tails: {} are open (api.max_tails); close one or raise the limit",
+            api.settings.max_tails
+        );
+        return with_retry_after(error(StatusCode::SERVICE_UNAVAILABLE, msg), 1);
+    };
+    metrics.tails_open.inc();
+    let slot = TailSlot { _permit: permit, gauge: metrics.tails_open.clone() };
+    let mut events = match api.s.transport.observe(vec![pattern.clone()], TAIL_OBSERVER_CAPACITY).await {
         Ok(rx) => rx,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        let ev = rx.recv().await?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let buffered = Arc::new(AtomicUsize::new(0));
+    let budget = api.settings.tail_buffer_bytes;
+    let (held, dropped) = (buffered.clone(), metrics.tail_events_dropped.clone());
+    tokio::spawn(async move {
+        let mut dropped_here = 0u64;
+        loop {
+            let ev = tokio::select! {
+                ev = events.recv() => ev,
+                // The client went away: stop observing even if nothing matches any more.
+                _ = tx.closed() => None,
+            };
+            let Some(ev) = ev else { break };
+            let len = held_bytes(&ev);
+            if held.load(Ordering::Acquire) + len > budget {
+                dropped.inc();
+                if dropped_here == 0 {
+                    tracing::warn!(pattern = %pattern, budget, "a live tail's client is not keeping up: events dropped for it");
+                }
+                dropped_here += 1;
+                continue;
+            }
+            held.fetch_add(len, Ordering::AcqRel);
+            if tx.send((ev, len)).is_err() {
+                break;
+            }
+        }
+        if dropped_here > 0 {
+            tracing::info!(pattern = %pattern, dropped = dropped_here, "live tail closed");
+        }
+    });
+    let state = TailStream { rx, buffered, _slot: slot };
+    let stream = futures::stream::unfold(state, |mut st| async move {
+        let (ev, len) = st.rx.recv().await?;
         let body = json!({
             "id": ev.id, "source": ev.source, "type": ev.ty, "subject": ev.subject, "time": ev.time,
             "datacontenttype": ev.datacontenttype, "headers": ev.extensions,
             "data": String::from_utf8_lossy(&ev.data),
         });
-        Some((Ok::<_, std::convert::Infallible>(Sse::default().event("event").data(body.to_string())), rx))
+        drop(ev);
+        st.buffered.fetch_sub(len, Ordering::AcqRel);
+        Some((Ok::<_, std::convert::Infallible>(Sse::default().event("event").data(body.to_string())), st))
     });
-    axum::response::sse::Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+    axum::response::sse::Sse::new(stream).keep_alive(KeepAlive::new().interval(TAIL_KEEP_ALIVE)).into_response()
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
+fn with_retry_after(mut resp: Response, seconds: u64) -> Response {
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    resp
+}
+
 async fn empty_subject() -> Response {
     error(StatusCode::BAD_REQUEST, "the subject is empty: POST /v1/events/{subject}")
 }
 
-async fn publish(
-    State(state): State<ApiState>,
-    Path(subject): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+/// Prefix of the header and extension names only the host sets (dead-letter marks,
+/// `plugbus-caused-by`, `plugbus-replay-of`, ...).
+const RESERVED_PREFIX: &str = "plugbus-";
+
+/// Why a client may not publish to `subject`: NATS's own subjects (`$...`, `_INBOX...`).
+fn system_subject(subject: &str) -> Option<String> {
+    let inbox = subject == "_INBOX" || subject.starts_with("_INBOX.");
+    (subject.starts_with('$') || inbox || crate::subject::is_system_subject(subject)).then(|| {
+        format!("{subject:?} is a system subject: subjects starting with `$` or `_INBOX` cannot be published here")
+    })
+}
+
+/// The first header a client may not set: a name starting with `plugbus-`, or `ce-plugbus-`.
+fn reserved_header(headers: &HeaderMap) -> Option<String> {
+    headers.keys().map(|k| k.as_str()).find_map(|name| {
+        let attr = name.strip_prefix("ce-").unwrap_or(name);
+        attr.starts_with(RESERVED_PREFIX).then(|| {
+            format!("header {name:?} is reserved for the host: names starting with `{RESERVED_PREFIX}` cannot be set")
+        })
+    })
+}
+
+async fn publish(State(api): State<Api>, Path(subject): Path<String>, headers: HeaderMap, body: Body) -> Response {
+    let state = &api.s;
     if let Err(e) = validate_subject(&subject) {
         return error(StatusCode::BAD_REQUEST, e.to_string());
+    }
+    if let Some(why) = system_subject(&subject) {
+        return error(StatusCode::BAD_REQUEST, why);
+    }
+    if let Some(why) = reserved_header(&headers) {
+        return error(StatusCode::BAD_REQUEST, why);
     }
     let data = match axum::body::to_bytes(body, state.max_event_bytes).await {
         Ok(b) => b,
@@ -143,14 +421,38 @@ async fn publish(
         Ok(ev) => ev,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
+    if let Some((name, _)) = event.extensions.iter().find(|(k, _)| k.starts_with(RESERVED_PREFIX)) {
+        let msg = format!(
+            "attribute {name:?} is reserved for the host: names starting with `{RESERVED_PREFIX}` cannot be set"
+        );
+        return error(StatusCode::BAD_REQUEST, msg);
+    }
     let id = event.id.clone();
-    match state.transport.publish(event).await {
-        Ok(()) => (StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    let timeout = api.settings.publish_timeout;
+    match tokio::time::timeout(timeout, state.transport.publish(event)).await {
+        Ok(Ok(())) => (StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response(),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(_) => {
+            state.metrics.ingress_timeouts.inc();
+            tracing::warn!(subject = %subject, event_id = %id, ?timeout,
+                "ingress event not taken by the bus in time (a subscriber's queue is full): answered 503");
+            let msg = format!(
+                "the bus did not take the event within {} (api.publish_timeout): a subscriber's queue is full; \
+                 retry later with the same ce-id (plugins that already took it may see it twice)",
+                humantime::format_duration(timeout)
+            );
+            with_retry_after(error(StatusCode::SERVICE_UNAVAILABLE, msg), retry_after_secs(timeout))
+        }
     }
 }
 
-async fn plugins(State(state): State<ApiState>) -> Response {
+/// `Retry-After` for a publish that timed out: the timeout, in whole seconds, at least 1.
+fn retry_after_secs(timeout: Duration) -> u64 {
+    timeout.as_secs_f64().ceil().max(1.0) as u64
+}
+
+async fn plugins(State(api): State<Api>) -> Response {
+    let state = &api.s;
     let rejected: Vec<_> = state
         .rejected
         .lock()
@@ -170,27 +472,119 @@ struct DlqQuery {
     plugin: Option<String>,
 }
 
-async fn dlq_list(State(state): State<ApiState>, Query(q): Query<DlqQuery>) -> Response {
-    Json(json!({ "dead_letters": state.dead_letters.list(q.plugin.as_deref()) })).into_response()
+async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqQuery>) -> Response {
+    Json(json!({ "dead_letters": api.s.dead_letters.list(q.plugin.as_deref()) })).into_response()
 }
 
 /// Re-publishes kept dead letters to their original subjects (fresh ids, `plugbus-replay-of`).
-async fn dlq_replay(State(state): State<ApiState>, Query(q): Query<DlqQuery>) -> Response {
-    let taken = state.dead_letters.take(q.plugin.as_deref());
+///
+/// The replay runs in its own task: the entries it took out of the store are re-published, or
+/// put back when the bus does not take them within `api.publish_timeout`, whether or not the
+/// client waits for the answer.
+async fn dlq_replay(State(api): State<Api>, Query(q): Query<DlqQuery>) -> Response {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task_api = api.clone();
+    tokio::spawn(async move {
+        let report = replay(&task_api, q.plugin.as_deref()).await;
+        if tx.send(report.clone()).is_err() {
+            tracing::info!(replayed = report["replayed"].as_array().map_or(0, Vec::len),
+                failed = %report["failed"], "dead-letter replay finished after its client went away");
+        }
+    });
+    match rx.await {
+        Ok(report) => Json(report).into_response(),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the replay task ended without a report (see the log)"),
+    }
+}
+
+async fn replay(api: &Inner, plugin: Option<&str>) -> serde_json::Value {
+    let state = &api.s;
+    let taken = state.dead_letters.take(plugin);
     let mut replayed = Vec::new();
     let mut failed = Vec::new();
     for entry in taken {
         let Some(event) = crate::deadletter::replay_event(&entry.event) else { continue };
         let id = event.id.clone();
-        match state.transport.publish(event).await {
+        let published = match tokio::time::timeout(api.settings.publish_timeout, state.transport.publish(event)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => {
+                Err(format!("the bus did not take it within {:?} (api.publish_timeout)", api.settings.publish_timeout))
+            }
+        };
+        match published {
             Ok(()) => replayed.push(json!({ "dead_letter": entry.event.id, "id": id })),
             Err(e) => {
-                tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id, "replay failed: {e}");
+                tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id, "replay failed, the dead letter is kept: {e}");
                 failed.push(entry);
             }
         }
     }
     let kept = failed.len();
     state.dead_letters.restore(failed);
-    Json(json!({ "replayed": replayed, "failed": kept })).into_response()
+    json!({ "replayed": replayed, "failed": kept })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts_are_told_from_foreign_names() {
+        for ok in [
+            "localhost",
+            "localhost:7070",
+            "LOCALHOST:1",
+            "api.localhost:7070",
+            "127.0.0.1",
+            "127.0.0.1:7070",
+            "127.3.2.1:80",
+            "[::1]:7070",
+            "[::1]",
+            "[::ffff:127.0.0.1]:7070",
+        ] {
+            assert!(is_loopback_host(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:7070",
+            "localhost.evil.example",
+            "10.0.0.1:7070",
+            "[::2]:7070",
+            "0.0.0.0:7070",
+            "[::1",
+            "localhost.",
+        ] {
+            assert!(!is_loopback_host(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_the_token_exact() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer abc"), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearerabc"), None);
+    }
+
+    #[test]
+    fn system_subjects_and_reserved_headers_are_named() {
+        for s in ["$SYS.x", "$JS.API.INFO", "$KV.plugbus_payments.k", "_INBOX.abc", "_INBOX"] {
+            assert!(system_subject(s).is_some_and(|m| m.contains(s)), "{s}");
+        }
+        for s in ["orders.created", "SYS.x", "INBOX.x", "_INBOXES.x"] {
+            assert!(system_subject(s).is_none(), "{s}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert("ce-tenant", HeaderValue::from_static("a"));
+        assert!(reserved_header(&h).is_none());
+        h.insert("ce-plugbus-error", HeaderValue::from_static("x"));
+        assert!(reserved_header(&h).unwrap().contains("ce-plugbus-error"));
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_at_least_one() {
+        assert_eq!(retry_after_secs(Duration::from_millis(300)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(5)), 5);
+        assert_eq!(retry_after_secs(Duration::from_millis(5001)), 6);
+    }
 }

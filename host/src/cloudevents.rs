@@ -1,6 +1,12 @@
 //! The CloudEvents bindings shared by the HTTP ingress and the NATS transport: binary mode
 //! (`ce-` headers, data as the body) and structured mode (`application/cloudevents+json`).
 //! A message with neither is still an event: id, time and type are filled in.
+//!
+//! Which mode a message is in follows the CloudEvents SDKs: a `ce-specversion` header makes it
+//! binary mode, the `application/cloudevents+json` content type structured mode. A message in
+//! either mode must be a valid CloudEvents 1.0 event: `specversion` `1.0` and a non-empty `id`,
+//! `source` and `type`; the error names the attribute that is wrong. `ce-` headers without
+//! `ce-specversion` (`plugbus publish -H`) are read as the attributes of a plain event.
 
 use crate::event::{Event, now_rfc3339};
 use bytes::Bytes;
@@ -44,6 +50,9 @@ pub fn decode_with_id<'a>(
     if content_type.is_some_and(|c| c.starts_with(STRUCTURED)) {
         return decode_structured(subject, &body, fallback_id);
     }
+    if let Some((_, version)) = headers.iter().find(|(k, _)| k == "ce-specversion") {
+        check_binary(version, &headers)?;
+    }
     let has_ce_id = headers.iter().any(|(k, _)| k == "ce-id");
     let mut ev = Event::new(subject, body);
     if let Some(id) = fallback_id {
@@ -80,6 +89,7 @@ fn decode_structured(subject: &str, body: &[u8], fallback_id: Option<String>) ->
     let v: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| format!("structured CloudEvent is not valid JSON: {e}"))?;
     let obj = v.as_object().ok_or("structured CloudEvent is not a JSON object")?;
+    check_structured(obj)?;
     let text = |k: &str| obj.get(k).and_then(|v| v.as_str()).map(str::to_owned);
     let mut ev = Event::new(subject, Bytes::new());
     if let Some(id) = text("id").or(fallback_id) {
@@ -120,6 +130,73 @@ fn decode_structured(subject: &str, body: &[u8], fallback_id: Option<String>) ->
         }
     }
     Ok(ev)
+}
+
+/// The CloudEvents version this host reads and writes.
+pub const SPECVERSION: &str = "1.0";
+
+/// The attributes every CloudEvents 1.0 event has, besides `specversion`.
+const REQUIRED: [&str; 3] = ["id", "source", "type"];
+
+/// Checks a binary-mode message (it has `ce-specversion`): version 1.0, `ce-id`, `ce-source`
+/// and `ce-type` present and not empty.
+fn check_binary(version: &str, headers: &[(String, &str)]) -> Result<(), String> {
+    if version.trim() != SPECVERSION {
+        return Err(format!(
+            "ce-specversion is {version:?}: only CloudEvents {SPECVERSION} is accepted (attribute `specversion`)"
+        ));
+    }
+    for attr in REQUIRED {
+        let name = format!("ce-{attr}");
+        match headers.iter().find(|(k, _)| *k == name) {
+            None => {
+                return Err(format!(
+                    "the {name} header is missing: a binary-mode CloudEvent (it has ce-specversion) needs \
+                     attribute `{attr}`"
+                ));
+            }
+            Some((_, v)) if v.trim().is_empty() => {
+                return Err(format!("the {name} header is empty (attribute `{attr}`)"));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Checks a structured-mode envelope: `specversion` "1.0", `id`, `source` and `type` non-empty
+/// strings.
+fn check_structured(obj: &serde_json::Map<String, serde_json::Value>) -> Result<(), String> {
+    match obj.get("specversion") {
+        None => return Err("the structured CloudEvent has no `specversion` attribute".into()),
+        Some(serde_json::Value::String(v)) if v == SPECVERSION => {}
+        Some(other) => {
+            return Err(format!(
+                "`specversion` is {other}: only CloudEvents {SPECVERSION} is accepted (attribute `specversion`)"
+            ));
+        }
+    }
+    for attr in REQUIRED {
+        match obj.get(attr) {
+            None => {
+                return Err(format!(
+                    "the structured CloudEvent has no `{attr}` attribute (CloudEvents {SPECVERSION} requires id, \
+                     source and type)"
+                ));
+            }
+            Some(serde_json::Value::String(v)) if v.trim().is_empty() => {
+                return Err(format!("attribute `{attr}` of the structured CloudEvent is empty"));
+            }
+            Some(serde_json::Value::String(_)) => {}
+            Some(other) => {
+                return Err(format!("attribute `{attr}` of the structured CloudEvent is {other}, not a string"));
+            }
+        }
+    }
+    if obj.contains_key("data") && obj.contains_key("data_base64") {
+        return Err("the structured CloudEvent has both `data` and `data_base64`".into());
+    }
+    Ok(())
 }
 
 /// The binary-mode headers of `ev` (data goes as the body): `ce-` attributes, `content-type`,
@@ -241,6 +318,40 @@ mod tests {
         assert_eq!(ev.header("tenant"), Some("acme"));
         let bad = decode("a.b", h.into_iter(), Bytes::from_static(b"{nope"));
         assert!(bad.unwrap_err().contains("not valid JSON"));
+    }
+
+    #[test]
+    fn an_invalid_cloudevent_is_refused_naming_the_attribute() {
+        let structured = [("content-type", "application/cloudevents+json")];
+        let cases: &[(&[u8], &str)] = &[
+            (br#"{"specversion":"0.1","type":"t","source":"/s"}"#, "specversion"),
+            (br#"{"type":"t","source":"/s","id":"1"}"#, "specversion"),
+            (br#"{"specversion":"1.0","type":"t","source":"/s"}"#, "`id`"),
+            (br#"{"specversion":"1.0","id":"1","type":"t"}"#, "`source`"),
+            (br#"{"specversion":"1.0","id":"1","source":"/s"}"#, "`type`"),
+            (br#"{"specversion":"1.0","id":"","source":"/s","type":"t"}"#, "`id`"),
+            (br#"{"specversion":"1.0","id":7,"source":"/s","type":"t"}"#, "`id`"),
+            (br#"{"specversion":1.0,"id":"1","source":"/s","type":"t"}"#, "specversion"),
+        ];
+        for (body, needle) in cases {
+            let e = decode("a.b", structured.into_iter(), Bytes::from_static(body)).unwrap_err();
+            assert!(e.contains(needle), "{}: {e}", String::from_utf8_lossy(body));
+        }
+        let full = [("ce-specversion", "1.0"), ("ce-id", "1"), ("ce-source", "/s"), ("ce-type", "t")];
+        assert!(decode("a.b", full.into_iter(), Bytes::new()).is_ok());
+        for (i, attr) in ["specversion", "id", "source", "type"].iter().enumerate() {
+            let mut h = full.to_vec();
+            if i == 0 {
+                h[0].1 = "0.3";
+            } else {
+                h.remove(i);
+            }
+            let e = decode("a.b", h.into_iter(), Bytes::new()).unwrap_err();
+            assert!(e.contains(&format!("ce-{attr}")) && e.contains(&format!("`{attr}`")), "{e}");
+        }
+        // Without ce-specversion the ce- headers are a plain event's attributes, as before.
+        let ev = decode("a.b", [("ce-id", "x"), ("ce-tenant", "t")].into_iter(), Bytes::new()).unwrap();
+        assert_eq!((ev.id.as_str(), ev.header("tenant")), ("x", Some("t")));
     }
 
     #[test]

@@ -98,6 +98,8 @@ pub struct Config {
     /// The largest plugin file the loader reads, in bytes (checked before reading and while
     /// reading): a bigger file is refused, never read into memory.
     pub max_wasm_bytes: u64,
+    /// The HTTP API's defences: publish timeout, allowed web origins, live-tail bounds.
+    pub api: crate::api::ApiSettings,
 }
 
 impl Default for Config {
@@ -119,6 +121,7 @@ impl Default for Config {
             bus: BusSettings::default(),
             plugins: BTreeMap::new(),
             max_wasm_bytes: 64 << 20,
+            api: crate::api::ApiSettings::default(),
         }
     }
 }

@@ -1,25 +1,34 @@
 //! Metrics a user can scrape: the one place that names them. `/metrics` serves them in the
 //! Prometheus text format.
 //!
-//! Counters are per plugin and subject; gauges (in flight, queue depth, cache) are read from the
-//! router and sandbox at scrape time so the hot path only bumps counters.
+//! Counters are per plugin and subscription (the pattern that matched, as the manifest wrote it),
+//! never per concrete subject: subjects carry ids (`orders.<id>.created`), so a label taken from
+//! traffic would grow the host and `/metrics` with every new id. Every label value here comes from
+//! configuration (plugin names, manifest patterns, file names). Gauges (in flight, queue depth,
+//! cache, live tails) are read or set outside the hot path, which only bumps counters.
 
+use crate::subject::Pattern;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Labels of per-event counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabels {
     /// The plugin.
     pub plugin: String,
-    /// The subject the event arrived on.
-    pub subject: String,
+    /// The subscription pattern that matched the event (first in manifest order), or
+    /// [`UNSUBSCRIBED`] for an event no current pattern matches (queued before a hot reload
+    /// changed the patterns).
+    pub subscription: String,
 }
+
+/// The `subscription` label of an event that no current pattern of its plugin matches.
+pub const UNSUBSCRIBED: &str = "(none)";
 
 /// Labels of per-plugin metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -62,6 +71,18 @@ pub struct Metrics {
     pub cache_hits: Gauge,
     /// Plugins serving.
     pub plugins: Gauge,
+    /// Live tails (`GET /v1/events/{pattern}`) open now.
+    pub tails_open: Gauge,
+    /// Tails refused because `api.max_tails` were open.
+    pub tails_refused: Counter,
+    /// Events a live tail dropped because its client did not keep up (its buffer was full).
+    pub tail_events_dropped: Counter,
+    /// Ingress publishes answered `503` because the bus did not take the event within
+    /// `api.publish_timeout`.
+    pub ingress_timeouts: Counter,
+    /// Requests refused as coming from a web page (`Origin`, `Sec-Fetch-Site`) or through a
+    /// foreign `Host` name (DNS rebinding).
+    pub browser_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -81,6 +102,11 @@ impl Default for Metrics {
             compiled: Gauge::default(),
             cache_hits: Gauge::default(),
             plugins: Gauge::default(),
+            tails_open: Gauge::default(),
+            tails_refused: Counter::default(),
+            tail_events_dropped: Counter::default(),
+            ingress_timeouts: Counter::default(),
+            browser_refused: Counter::default(),
         };
         r.register("events_received", "Events delivered to a plugin", m.received.clone());
         r.register("events_handled", "Events a plugin handled successfully", m.handled.clone());
@@ -98,12 +124,29 @@ impl Default for Metrics {
         r.register("components_compiled", "Components compiled since start", m.compiled.clone());
         r.register("compile_cache_hits", "Components read from the compile cache since start", m.cache_hits.clone());
         r.register("plugins", "Plugins serving", m.plugins.clone());
+        r.register("tails_open", "Live tails (SSE) open now", m.tails_open.clone());
+        r.register("tails_refused", "Live tails refused because api.max_tails were open", m.tails_refused.clone());
+        r.register(
+            "tail_events_dropped",
+            "Events a live tail dropped because its client did not keep up",
+            m.tail_events_dropped.clone(),
+        );
+        r.register(
+            "ingress_timeouts",
+            "HTTP events answered 503 because the bus did not take them within api.publish_timeout",
+            m.ingress_timeouts.clone(),
+        );
+        r.register(
+            "api_browser_refused",
+            "API requests refused as coming from a web page or through a foreign Host name",
+            m.browser_refused.clone(),
+        );
         *m.registry.lock().expect("metrics poisoned") = r;
         m
     }
 }
 
-/// The per-event counters of one (plugin, subject), looked up once and kept by the plugin.
+/// The per-event counters of one (plugin, subscription), looked up once and kept by the plugin.
 #[derive(Clone)]
 pub struct EventCounters {
     /// `plugbus_events_received_total`.
@@ -116,47 +159,80 @@ pub struct EventCounters {
     pub dead_lettered: Counter,
 }
 
-/// One plugin's handles: the duration histogram and the event counters by subject, so the hot
-/// path neither builds label sets nor hashes them more than once per event.
+/// A plugin's subscription patterns, in manifest order, each with its counters.
+type Subscriptions = Arc<[(Pattern, Arc<EventCounters>)]>;
+
+/// One plugin's handles: the duration histogram and the event counters of each of its
+/// subscription patterns, so the hot path neither builds label sets nor hashes them.
+///
+/// Bounded by configuration: one entry per pattern of the version serving now (replaced on hot
+/// reload), plus one for events no current pattern matches; nothing is keyed by a subject.
 pub struct PluginMetrics {
     plugin: String,
-    family: std::sync::Arc<Metrics>,
+    family: Arc<Metrics>,
     /// `plugbus_handler_duration_seconds{plugin}`.
     pub handler_seconds: Histogram,
-    /// Behind an `Arc`: one reference count per event instead of one per counter (each a cache
-    /// line the two cores pass back and forth).
-    by_subject: std::sync::RwLock<std::collections::HashMap<String, std::sync::Arc<EventCounters>>>,
+    /// The patterns in manifest order with their counters. Behind an `Arc`: one reference count
+    /// per event instead of one per counter (each a cache line the two cores pass back and forth).
+    by_subscription: RwLock<Subscriptions>,
+    unsubscribed: Arc<EventCounters>,
 }
 
 impl PluginMetrics {
-    /// The handles of `plugin` in `metrics`.
-    pub fn new(metrics: std::sync::Arc<Metrics>, plugin: &str) -> Self {
+    /// The handles of `plugin` (subscribed to `patterns`) in `metrics`.
+    pub fn new(metrics: Arc<Metrics>, plugin: &str, patterns: &[String]) -> Self {
         let handler_seconds = metrics.handler_seconds.get_or_create(&PluginLabels { plugin: plugin.into() }).clone();
-        Self { plugin: plugin.into(), family: metrics, handler_seconds, by_subject: Default::default() }
+        let unsubscribed = Arc::new(metrics.counters(plugin, UNSUBSCRIBED));
+        let this = Self {
+            plugin: plugin.into(),
+            family: metrics,
+            handler_seconds,
+            by_subscription: RwLock::new(Arc::from(Vec::new())),
+            unsubscribed,
+        };
+        this.set_subscriptions(patterns);
+        this
     }
 
-    /// The counters of events on `subject`.
-    pub fn event(&self, subject: &str) -> std::sync::Arc<EventCounters> {
-        if let Some(c) = self.by_subject.read().expect("metrics poisoned").get(subject) {
-            return c.clone();
+    /// Follows a hot reload: the counters of `patterns` (a pattern kept across the reload keeps
+    /// counting where it was; the handles of patterns dropped are let go).
+    pub fn set_subscriptions(&self, patterns: &[String]) {
+        let table: Subscriptions = patterns
+            .iter()
+            .filter_map(|p| Pattern::parse(p).ok())
+            .map(|p| {
+                let counters = Arc::new(self.family.counters(&self.plugin, p.as_str()));
+                (p, counters)
+            })
+            .collect();
+        *self.by_subscription.write().expect("metrics poisoned") = table;
+    }
+
+    /// The counters of an event on `subject`: those of the first pattern that matches it.
+    pub fn event(&self, subject: &str) -> Arc<EventCounters> {
+        let table = self.by_subscription.read().expect("metrics poisoned");
+        match table.iter().find(|(p, _)| p.matches(subject)) {
+            Some((_, counters)) => counters.clone(),
+            None => self.unsubscribed.clone(),
         }
-        let labels = Metrics::event(&self.plugin, subject);
-        let m = &self.family;
-        let counters = std::sync::Arc::new(EventCounters {
-            received: m.received.get_or_create(&labels).clone(),
-            handled: m.handled.get_or_create(&labels).clone(),
-            retried: m.retried.get_or_create(&labels).clone(),
-            dead_lettered: m.dead_lettered.get_or_create(&labels).clone(),
-        });
-        self.by_subject.write().expect("metrics poisoned").insert(subject.to_string(), counters.clone());
-        counters
     }
 }
 
 impl Metrics {
-    /// Labels for one event of one plugin.
-    pub fn event(plugin: &str, subject: &str) -> EventLabels {
-        EventLabels { plugin: plugin.to_string(), subject: subject.to_string() }
+    /// Labels for the events of one plugin that one of its subscriptions matched.
+    pub fn event(plugin: &str, subscription: &str) -> EventLabels {
+        EventLabels { plugin: plugin.to_string(), subscription: subscription.to_string() }
+    }
+
+    /// The event counters of (plugin, subscription), created on first use.
+    fn counters(&self, plugin: &str, subscription: &str) -> EventCounters {
+        let labels = Self::event(plugin, subscription);
+        EventCounters {
+            received: self.received.get_or_create(&labels).clone(),
+            handled: self.handled.get_or_create(&labels).clone(),
+            retried: self.retried.get_or_create(&labels).clone(),
+            dead_lettered: self.dead_lettered.get_or_create(&labels).clone(),
+        }
     }
 
     /// Counts a file of the plugins folder that could not be loaded.
@@ -171,5 +247,48 @@ impl Metrics {
         let registry = self.registry.lock().expect("metrics poisoned");
         prometheus_client::encoding::text::encode(&mut out, &registry).expect("encoding into a String");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(m: &Metrics) -> usize {
+        m.encode().lines().filter(|l| l.starts_with("plugbus_events_")).count()
+    }
+
+    #[test]
+    fn counters_are_labelled_by_the_subscription_never_by_the_subject() {
+        let m = Arc::new(Metrics::default());
+        let p = PluginMetrics::new(m.clone(), "orders", &["orders.*.created".into(), "orders.>".into()]);
+        let before = series(&m);
+        for i in 0..10_000 {
+            p.event(&format!("orders.{i}.created")).received.inc();
+            p.event(&format!("orders.{i}.paid")).handled.inc();
+        }
+        p.event("elsewhere").received.inc();
+        assert_eq!(series(&m), before, "a subject made a series");
+        let text = m.encode();
+        assert!(
+            text.contains(r#"plugbus_events_received_total{plugin="orders",subscription="orders.*.created"} 10000"#)
+        );
+        assert!(text.contains(r#"plugbus_events_handled_total{plugin="orders",subscription="orders.>"} 10000"#));
+        assert!(text.contains(r#"plugbus_events_received_total{plugin="orders",subscription="(none)"} 1"#));
+        assert!(!text.contains("orders.17."), "{text}");
+    }
+
+    #[test]
+    fn a_reload_swaps_the_patterns_and_a_kept_pattern_keeps_counting() {
+        let m = Arc::new(Metrics::default());
+        let p = PluginMetrics::new(m.clone(), "x", &["a.*".into()]);
+        p.event("a.1").received.inc();
+        p.set_subscriptions(&["b.*".into(), "a.*".into()]);
+        p.event("a.2").received.inc();
+        p.event("b.2").received.inc();
+        assert_eq!(p.by_subscription.read().unwrap().len(), 2);
+        let text = m.encode();
+        assert!(text.contains(r#"plugbus_events_received_total{plugin="x",subscription="a.*"} 2"#), "{text}");
+        assert!(text.contains(r#"plugbus_events_received_total{plugin="x",subscription="b.*"} 1"#), "{text}");
     }
 }

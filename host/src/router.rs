@@ -193,7 +193,7 @@ impl Router {
             transport: self.transport.clone(),
             dead_letters: self.dead_letters.clone(),
             run_permits: Semaphore::new(delivering.flow.concurrency.max(1)),
-            metrics: PluginMetrics::new(self.metrics.clone(), &name),
+            metrics: PluginMetrics::new(self.metrics.clone(), &name, &spec.patterns),
         });
         let queue_depth = subscription.depth_probe();
         let subscription_id = subscription.id;
@@ -230,6 +230,7 @@ impl Router {
             let mut current = runtime.current.write().expect("slot poisoned");
             std::mem::replace(&mut *current, Arc::new(plugin))
         };
+        runtime.metrics.set_subscriptions(&new_spec.patterns);
         if let Some(e) = self.entries.lock().expect("router poisoned").get_mut(&name) {
             e.spec = new_spec;
         }

@@ -21,11 +21,11 @@ async fn metrics_count_a_known_workload() {
     }
     let text = reqwest::get(format!("{}/metrics", t.url())).await.unwrap().text().await.unwrap();
     for line in [
-        r#"plugbus_events_received_total{plugin="inventory",subject="orders.created"} 1"#,
-        r#"plugbus_events_handled_total{plugin="payments",subject="inventory.reserved"} 1"#,
-        r#"plugbus_events_handled_total{plugin="notify",subject="shipping.started"} 1"#,
-        r#"plugbus_events_retried_total{plugin="faulty",subject="faulty.retry"} 2"#,
-        r#"plugbus_events_dead_lettered_total{plugin="faulty",subject="faulty.retry"} 1"#,
+        r#"plugbus_events_received_total{plugin="inventory",subscription="orders.created"} 1"#,
+        r#"plugbus_events_handled_total{plugin="payments",subscription="inventory.reserved"} 1"#,
+        r#"plugbus_events_handled_total{plugin="notify",subscription="shipping.started"} 1"#,
+        r#"plugbus_events_retried_total{plugin="faulty",subscription="faulty.*"} 2"#,
+        r#"plugbus_events_dead_lettered_total{plugin="faulty",subscription="faulty.*"} 1"#,
         r#"plugbus_handler_duration_seconds_count{plugin="inventory"} 1"#,
         r#"plugbus_in_flight{plugin="inventory"} 0"#,
         "plugbus_plugins 5",
@@ -179,7 +179,7 @@ mod reqwest {
                 let mut s = std::net::TcpStream::connect(("127.0.0.1", self.0)).unwrap();
                 write!(
                     s,
-                    "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
                 )
                 .unwrap();

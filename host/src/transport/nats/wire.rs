@@ -3,6 +3,11 @@
 //! In: binary mode (`ce-` headers), structured mode (`Content-Type: application/cloudevents+json`)
 //! or a plain message (id from `Nats-Msg-Id` or generated, `type` = subject, `time` = receipt).
 //! Out: binary mode, with `Nats-Msg-Id` = the event id so JetStream drops a re-published copy.
+//!
+//! A message that claims to be a CloudEvent (a `ce-specversion` header, or the structured content
+//! type) but is not a valid 1.0 one (another `specversion`, no `id`, `source` or `type`) is an
+//! error here like malformed JSON: the transports make it a delivery with `defect` set, which
+//! dispatch dead-letters without running the handler.
 
 use crate::cloudevents;
 use crate::event::Event;
@@ -72,6 +77,21 @@ mod tests {
         assert_eq!((ev.id.as_str(), ev.ty.as_str()), ("m-1", "a.b"));
         assert!(!event_of("a.b", None, Bytes::new(), None).unwrap().id.is_empty());
         assert_eq!(event_of("a.b", None, Bytes::new(), Some("ORDERS-7".into())).unwrap().id, "ORDERS-7");
+    }
+
+    #[test]
+    fn a_message_claiming_an_invalid_cloudevent_is_an_error_naming_the_attribute() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [("ce-specversion", "0.3"), ("ce-id", "1"), ("ce-source", "/s"), ("ce-type", "t")] {
+            h.insert(k, v);
+        }
+        assert!(event_of("a.b", Some(&h), Bytes::new(), None).unwrap_err().contains("specversion"));
+        h.insert("ce-specversion", "1.0");
+        assert!(event_of("a.b", Some(&h), Bytes::new(), None).is_ok());
+        let mut h = HeaderMap::new();
+        h.insert("Content-Type", "application/cloudevents+json");
+        let body = Bytes::from_static(br#"{"specversion":"1.0","source":"/s","type":"t"}"#);
+        assert!(event_of("a.b", Some(&h), body, Some("s-1".into())).unwrap_err().contains("`id`"));
     }
 
     #[test]
