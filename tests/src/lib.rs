@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 /// Every handler crate the tests use.
 pub const COMPONENTS: &[&str] =
-    &["inventory", "payments", "shipping", "notify", "audit", "faulty", "sneaky", "echo", "echo2", "attrs"];
+    &["inventory", "payments", "shipping", "notify", "audit", "faulty", "sneaky", "echo", "echo2", "attrs", "hostile"];
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
