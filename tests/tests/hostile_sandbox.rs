@@ -123,7 +123,7 @@ async fn failure_text_and_echoed_subjects_are_cut_to_a_few_kib_saying_where() {
     assert!(error.len() < 5000, "{}", error.len());
     // 16 MiB of reject text is more than one call may copy out of the guest
     let error = dead_letter_of(&t, "reject", "16777216").await;
-    assert!(error.contains("the handler passed more than 1123328 bytes to the host in one call"), "{error}");
+    assert!(error.contains("the handler passed more than 4296704 bytes to the host in one call"), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,7 +346,14 @@ async fn seven_hostile_events_at_once_do_not_grow_the_host_or_its_log() {
     let deadline = Instant::now() + Duration::from_secs(120);
     while dead_letters().await < 1 + attacks.len() {
         peak_sampled = peak_sampled.max(proc_kib(pid, "VmRSS:"));
-        assert!(Instant::now() < deadline, "not every attack was dead-lettered");
+        assert!(
+            Instant::now() < deadline,
+            "not every attack was dead-lettered within 120 s: {} of {}; RSS {} MiB before, {} MiB at the sampled peak",
+            dead_letters().await - 1,
+            attacks.len(),
+            rss_before / 1024,
+            peak_sampled / 1024
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let took = started.elapsed();

@@ -99,16 +99,18 @@ impl Limits {
     }
 
     /// The most bytes one call from the guest may make the host copy out of guest memory
-    /// (wasmtime's hostcall fuel, set on every store; the guest traps past it): the largest
-    /// legitimate call (a publish of `max_output_bytes` with `max_headers` headers, a kv write
-    /// of a key and value at the cap, a log line, the handler's result) plus 64 KiB of slack.
-    /// Without it a 48 MiB string in one refused call is 48 MiB the host allocates.
+    /// (wasmtime's hostcall fuel, set on every store; the guest traps past it): four times the
+    /// largest legitimate call (a publish of `max_output_bytes` with `max_headers` headers, a kv
+    /// write of a key and value at the cap, a log line), plus 64 KiB. Four times, so a call a
+    /// little over a limit still reaches the host function and the handler sees the limit's
+    /// error; far over it (a 48 MiB subject, 400,000 headers, 16 MiB of reject text) the call
+    /// traps before the host allocates it.
     pub fn hostcall_bytes(&self) -> usize {
         let headers = u64::from(self.max_headers) * 2 * ENTRY_COST;
         let largest = (self.max_output_bytes + headers + MAX_SUBJECT_BYTES as u64)
             .max(2 * self.max_kv_value_bytes)
             .max(self.max_log_bytes);
-        usize::try_from(largest.saturating_add(64 * 1024)).unwrap_or(usize::MAX)
+        usize::try_from(largest.saturating_mul(4).saturating_add(64 * 1024)).unwrap_or(usize::MAX)
     }
 }
 
