@@ -136,11 +136,6 @@ impl Plugin {
         self
     }
 
-    /// The size of the guest's own stack in linear memory, when the sandbox could read it.
-    pub fn guest_stack_bytes(&self) -> Option<u32> {
-        self.stack.map(|s| s.bytes)
-    }
-
     /// The plugin's name (its identity).
     pub fn name(&self) -> &str {
         &self.manifest.name
@@ -363,7 +358,8 @@ fn describe_trap(err: &wasmtime::Error, state: &HostState, overflow: Option<Gues
     if state.limiter.breached {
         return format!("memory limit {} MiB reached", limits.memory_mib);
     }
-    if err.chain().any(|e| e.to_string().contains("fuel allocated for hostcalls has been exhausted")) {
+    // wasmtime's `HostcallFuelExhausted` is private: known by its words, at the root of the chain.
+    if err.chain().last().is_some_and(|e| e.to_string().contains("fuel allocated for hostcalls has been exhausted")) {
         return format!(
             "the handler passed more than {} bytes to the host in one call (the per-call copy limit, \
              from max_output_bytes / max_kv_value_bytes / max_log_bytes)",
