@@ -164,10 +164,11 @@ impl bus::Host for HostState {
             return self.refuse(types::PublishError::Denied(format!("{} is a system subject", quoted(&subject))));
         }
         if !self.plugin.publishes.matches(&subject) {
+            let allowed = format!("{:?}", self.plugin.publishes.iter().map(|p| p.as_str()).collect::<Vec<_>>());
             return self.refuse(types::PublishError::Denied(format!(
-                "{} is not in the manifest's publishes {:?}",
+                "{} is not in the manifest's publishes {}",
                 quoted(&subject),
-                self.plugin.publishes.iter().map(|p| p.as_str()).collect::<Vec<_>>()
+                cut(&allowed)
             )));
         }
         let limits = &self.plugin.limits;
