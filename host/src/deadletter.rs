@@ -3,8 +3,15 @@
 //! A dead letter is also published as an event on the plugin's dead-letter subject (default
 //! `plugbus.dlq.<plugin>`), carrying the original data and headers plus `plugbus-error`,
 //! `plugbus-plugin`, `plugbus-attempts`, `plugbus-original-subject` and `plugbus-failed-at`.
+//!
+//! Whether an event is a dead letter is read from marks no plugin can set: a plugin's outputs
+//! never carry `plugbus-*` headers (refused at publish, see [`crate::event::is_reserved_header`])
+//! and their `source` is always `plugbus/<plugin>`, set by the host.
+//!
+//! The kept store is bounded in entries and in bytes; the oldest go first, logged. Failure
+//! text in `plugbus-error` is cut (see [`crate::event::cut_to`]).
 
-use crate::event::{Event, now_rfc3339, output_id};
+use crate::event::{ECHO_BYTES, Event, cut_to, now_rfc3339, output_id};
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -28,12 +35,16 @@ pub mod headers {
     pub const REPLAY_OF: &str = "plugbus-replay-of";
 }
 
-/// Builds the dead-letter event of `original`.
+/// The longest `plugbus-error` a dead letter carries: the failure text is built from pieces
+/// each cut at [`ECHO_BYTES`]; this bounds the whole.
+pub const MAX_ERROR_BYTES: usize = 2 * ECHO_BYTES;
+
+/// Builds the dead-letter event of `original`; `error` is cut at [`MAX_ERROR_BYTES`].
 pub fn dead_letter_event(original: &Event, plugin: &str, subject: &str, error: &str, attempts: u32) -> Event {
     let mut extensions: Vec<(String, String)> =
         original.extensions.iter().filter(|(k, _)| !k.starts_with("plugbus-")).cloned().collect();
     extensions.extend([
-        (headers::ERROR.to_string(), error.to_string()),
+        (headers::ERROR.to_string(), cut_to(error, MAX_ERROR_BYTES).into_owned()),
         (headers::PLUGIN.to_string(), plugin.to_string()),
         (headers::ATTEMPTS.to_string(), attempts.to_string()),
         (headers::ORIGINAL_SUBJECT.to_string(), original.subject.clone()),
@@ -41,7 +52,7 @@ pub fn dead_letter_event(original: &Event, plugin: &str, subject: &str, error: &
         (headers::FAILED_AT.to_string(), now_rfc3339()),
     ]);
     Event {
-        id: output_id(&original.id, plugin, usize::MAX),
+        id: output_id(&original.source, &original.id, plugin, usize::MAX),
         source: format!("plugbus/{plugin}"),
         ty: original.ty.clone(),
         subject: subject.to_string(),
@@ -54,8 +65,14 @@ pub fn dead_letter_event(original: &Event, plugin: &str, subject: &str, error: &
 }
 
 /// Whether `event` is itself a dead letter (its failure is logged, never dead-lettered again).
+///
+/// The mark is the host's: `source` is `plugbus/<plugin>` *and* a `plugbus-error` header is
+/// present. A plugin's output has that source but can never carry a `plugbus-*` header; an
+/// event from outside with a `plugbus-error` header does not have a `plugbus/` source unless a
+/// publisher with direct access to the bus forges both (the bus is the operator's: see
+/// ARCHITECTURE.md's trust boundaries).
 pub fn is_dead_letter(event: &Event) -> bool {
-    event.header(headers::ORIGINAL_SUBJECT).is_some() && event.header(headers::ERROR).is_some()
+    event.source.starts_with("plugbus/") && event.header(headers::ERROR).is_some()
 }
 
 /// The event a replay publishes: the original subject, data and headers, a fresh id.
@@ -91,52 +108,120 @@ fn serialize_event<S: serde::Serializer>(ev: &Event, s: S) -> Result<S::Ok, S::E
     m.end()
 }
 
-/// The dead letters this host produced, newest last, bounded (the oldest go first, logged).
+/// What one kept entry costs on top of its bytes (the entry, its strings' and the deque's
+/// bookkeeping), so many tiny dead letters are charged too.
+const ENTRY_OVERHEAD: usize = 256;
+
+/// The default byte budget of the kept store (see [`DeadLetters::with_max_bytes`]).
+pub const DEFAULT_MAX_BYTES: usize = 64 << 20;
+
+/// The bytes the store charges for keeping `ev`.
+fn entry_bytes(plugin: &str, ev: &Event) -> usize {
+    let strings = [&ev.id, &ev.source, &ev.ty, &ev.subject, &ev.time].iter().map(|s| s.len()).sum::<usize>();
+    let headers = ev.extensions.iter().map(|(k, v)| k.len() + v.len() + 64).sum::<usize>();
+    ENTRY_OVERHEAD
+        + plugin.len()
+        + strings
+        + ev.datacontenttype.as_ref().map_or(0, String::len)
+        + ev.reply_to.as_ref().map_or(0, String::len)
+        + headers
+        + ev.data.len()
+}
+
+struct Kept {
+    items: VecDeque<Entry>,
+    bytes: usize,
+}
+
+/// The dead letters this host produced, newest last, bounded in count and in bytes (the
+/// oldest go first, logged: they were published on their dead-letter subjects).
 pub struct DeadLetters {
-    items: Mutex<VecDeque<Entry>>,
+    kept: Mutex<Kept>,
     next: AtomicU64,
     cap: usize,
+    max_bytes: usize,
 }
 
 impl DeadLetters {
-    /// A store keeping at most `cap` dead letters.
+    /// A store keeping at most `cap` dead letters and [`DEFAULT_MAX_BYTES`] bytes.
     pub fn new(cap: usize) -> Self {
-        Self { items: Mutex::new(VecDeque::new()), next: AtomicU64::new(1), cap: cap.max(1) }
+        Self::with_max_bytes(cap, DEFAULT_MAX_BYTES)
     }
 
-    /// Keeps one.
+    /// A store keeping at most `cap` dead letters and `max_bytes` bytes (data, headers and a
+    /// fixed cost per entry).
+    pub fn with_max_bytes(cap: usize, max_bytes: usize) -> Self {
+        Self {
+            kept: Mutex::new(Kept { items: VecDeque::new(), bytes: 0 }),
+            next: AtomicU64::new(1),
+            cap: cap.max(1),
+            max_bytes,
+        }
+    }
+
+    /// Keeps one (a dead letter larger than the whole budget is not kept, logged).
     pub fn push(&self, plugin: &str, event: Event) {
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut items = self.items.lock().expect("dlq poisoned");
-        if items.len() == self.cap
-            && let Some(old) = items.pop_front()
-        {
-            tracing::warn!(plugin = %old.plugin, event_id = %old.event.id, "dead-letter store full: oldest entry forgotten (it was published on its dead-letter subject)");
+        let size = entry_bytes(plugin, &event);
+        if size > self.max_bytes {
+            tracing::warn!(plugin, event_id = %event.id, bytes = size, max_bytes = self.max_bytes,
+                "dead letter too large to keep for replay (it was published on its dead-letter subject)");
+            return;
         }
-        items.push_back(Entry { seq, plugin: plugin.to_string(), event });
+        let mut kept = self.kept.lock().expect("dlq poisoned");
+        kept.items.push_back(Entry { seq, plugin: plugin.to_string(), event });
+        kept.bytes += size;
+        self.evict(&mut kept);
+    }
+
+    /// Forgets the oldest entries until the store is within its bounds; one log line.
+    fn evict(&self, kept: &mut Kept) {
+        let (mut forgotten, mut freed, mut oldest) = (0usize, 0usize, None);
+        while kept.items.len() > self.cap || kept.bytes > self.max_bytes {
+            let Some(old) = kept.items.pop_front() else { break };
+            let size = entry_bytes(&old.plugin, &old.event);
+            kept.bytes -= size;
+            freed += size;
+            forgotten += 1;
+            oldest.get_or_insert((old.plugin, old.event.id));
+        }
+        if let Some((plugin, event_id)) = oldest {
+            tracing::warn!(plugin = %plugin, event_id = %event_id, forgotten, freed_bytes = freed,
+                max_entries = self.cap, max_bytes = self.max_bytes,
+                "dead-letter store full: oldest entries forgotten (they were published on their dead-letter subjects)");
+        }
     }
 
     /// The kept dead letters, optionally of one plugin.
     pub fn list(&self, plugin: Option<&str>) -> Vec<Entry> {
-        let items = self.items.lock().expect("dlq poisoned");
-        items.iter().filter(|e| plugin.is_none_or(|p| e.plugin == p)).cloned().collect()
+        let kept = self.kept.lock().expect("dlq poisoned");
+        kept.items.iter().filter(|e| plugin.is_none_or(|p| e.plugin == p)).cloned().collect()
+    }
+
+    /// How many dead letters are kept, and the bytes charged for them.
+    pub fn usage(&self) -> (usize, usize) {
+        let kept = self.kept.lock().expect("dlq poisoned");
+        (kept.items.len(), kept.bytes)
     }
 
     /// Removes and returns the dead letters (optionally of one plugin) to replay.
     pub fn take(&self, plugin: Option<&str>) -> Vec<Entry> {
-        let mut items = self.items.lock().expect("dlq poisoned");
-        let (taken, kept): (Vec<Entry>, Vec<Entry>) =
-            items.drain(..).partition(|e| plugin.is_none_or(|p| e.plugin == p));
-        items.extend(kept);
+        let mut kept = self.kept.lock().expect("dlq poisoned");
+        let (taken, rest): (Vec<Entry>, Vec<Entry>) =
+            kept.items.drain(..).partition(|e| plugin.is_none_or(|p| e.plugin == p));
+        kept.items.extend(rest);
+        kept.bytes -= taken.iter().map(|e| entry_bytes(&e.plugin, &e.event)).sum::<usize>();
         taken
     }
 
-    /// Puts back entries whose replay failed.
+    /// Puts back entries whose replay failed (oldest first again; still within the bounds).
     pub fn restore(&self, entries: Vec<Entry>) {
-        let mut items = self.items.lock().expect("dlq poisoned");
+        let mut kept = self.kept.lock().expect("dlq poisoned");
         for e in entries.into_iter().rev() {
-            items.push_front(e);
+            kept.bytes += entry_bytes(&e.plugin, &e.event);
+            kept.items.push_front(e);
         }
+        self.evict(&mut kept);
     }
 }
 
@@ -154,6 +239,11 @@ mod tests {
         assert_eq!(dead.header(headers::ORIGINAL_SUBJECT), Some("orders.created"));
         assert_eq!(dead.header("tenant"), Some("acme"));
         assert!(is_dead_letter(&dead) && !is_dead_letter(&original));
+        // the mark is the host's: a plugbus-error header from anyone but the host is not one
+        let forged = Event::new("orders.created", "{}")
+            .with_header(headers::ERROR, "x")
+            .with_header(headers::ORIGINAL_SUBJECT, "orders.created");
+        assert!(!is_dead_letter(&forged));
         let again = replay_event(&dead).unwrap();
         assert_eq!(again.subject, "orders.created");
         assert_eq!(again.header("tenant"), Some("acme"));
@@ -171,5 +261,36 @@ mod tests {
         assert_eq!(s.take(Some("a")).len(), 1);
         assert_eq!(s.list(None).len(), 1);
         assert_eq!(s.list(Some("b")).len(), 1);
+    }
+
+    #[test]
+    fn the_store_is_bounded_in_bytes_oldest_first() {
+        let s = DeadLetters::with_max_bytes(10_000, 3 * 1024 * 1024);
+        for i in 0..10 {
+            s.push("p", Event::new(format!("x.{i}"), vec![0u8; 1 << 20]));
+        }
+        let (n, bytes) = s.usage();
+        assert_eq!(n, 2, "three 1 MiB entries plus their overhead do not fit 3 MiB");
+        assert!(bytes <= 3 * 1024 * 1024);
+        let kept: Vec<String> = s.list(None).into_iter().map(|e| e.event.subject).collect();
+        assert_eq!(kept, ["x.8", "x.9"]);
+        // one over the whole budget is not kept, and forgets nothing
+        s.push("p", Event::new("huge", vec![0u8; 4 << 20]));
+        assert_eq!(s.usage().0, 2);
+        // taking and restoring keeps the accounting right
+        let taken = s.take(None);
+        assert_eq!(s.usage(), (0, 0));
+        s.restore(taken);
+        assert_eq!(s.usage(), (2, bytes));
+    }
+
+    #[test]
+    fn a_huge_error_is_cut_in_the_dead_letter() {
+        let original = Event::new("orders.created", "{}");
+        let error = "E".repeat(16 << 20);
+        let dead = dead_letter_event(&original, "p", "plugbus.dlq.p", &error, 1);
+        let header = dead.header(headers::ERROR).unwrap();
+        assert!(header.len() < MAX_ERROR_BYTES + 64, "{}", header.len());
+        assert!(header.ends_with("… [cut at 8192 of 16777216 bytes]"));
     }
 }

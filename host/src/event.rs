@@ -87,8 +87,10 @@ pub struct Output {
 }
 
 impl Output {
-    /// The event this output becomes. Its id is derived from (input id, plugin, output index),
-    /// so a redelivered input produces outputs with the same ids: transports deduplicate on it.
+    /// The event this output becomes. Its id is derived from (input source, input id, plugin,
+    /// output index), so a redelivered input produces outputs with the same ids: transports
+    /// deduplicate on it. Its `source` is `plugbus/<plugin>`, set by the host: the plugin cannot
+    /// choose it (reserved names are refused at publish, see [`is_reserved_header`]).
     pub fn into_event(self, input: &Event, plugin: &str, index: usize) -> Event {
         let mut datacontenttype = None;
         let mut extensions = Vec::with_capacity(self.headers.len() + 1);
@@ -96,13 +98,14 @@ impl Output {
             let k = k.to_ascii_lowercase();
             if k == "datacontenttype" || k == "content-type" {
                 datacontenttype = Some(v);
-            } else {
+            } else if !is_reserved_header(&k) {
+                // Refused at publish already; dropped here too, so no path lets one through.
                 extensions.push((k, v));
             }
         }
         extensions.push(("plugbus-caused-by".into(), input.id.clone()));
         Event {
-            id: output_id(&input.id, plugin, index),
+            id: output_id(&input.source, &input.id, plugin, index),
             source: format!("plugbus/{plugin}"),
             ty: self.subject.clone(),
             subject: self.subject,
@@ -115,13 +118,16 @@ impl Output {
     }
 }
 
-/// Deterministic id of the `index`th output of `plugin` for input `input_id`.
-pub fn output_id(input_id: &str, plugin: &str, index: usize) -> String {
+/// Deterministic id of the `index`th output of `plugin` for the input (`input_source`,
+/// `input_id`). CloudEvents ids are unique per source only, so the source is part of it: a
+/// publisher reusing another's `id` does not make its outputs look like duplicates. Each field
+/// is length-prefixed, so no two different inputs hash the same bytes.
+pub fn output_id(input_source: &str, input_id: &str, plugin: &str, index: usize) -> String {
     let mut h = Sha256::new();
-    h.update(input_id.as_bytes());
-    h.update([0]);
-    h.update(plugin.as_bytes());
-    h.update([0]);
+    for field in [input_source, input_id, plugin] {
+        h.update((field.len() as u64).to_be_bytes());
+        h.update(field.as_bytes());
+    }
     h.update((index as u64).to_be_bytes());
     let digest = h.finalize();
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -133,21 +139,102 @@ pub fn output_id(input_id: &str, plugin: &str, index: usize) -> String {
     id
 }
 
+/// CloudEvents context attributes the host sets on every event it publishes.
+const CORE_ATTRIBUTES: &[&str] = &["id", "source", "type", "time", "specversion", "subject", "datacontenttype"];
+
+/// Whether a plugin may not set the output header `name`: the host's own headers and the
+/// event's identity, which downstream plugins, dead-letter handling and dedup trust.
+///
+/// Reserved (ASCII case-insensitive): `plugbus-*` (the host's marks: dead letters, causes),
+/// `nats-*` (headers the NATS server acts on: `Nats-Msg-Id` dedup, `Nats-Rollup`, expected
+/// sequences, TTLs), and the CloudEvents core attributes `id`, `source`, `type`, `time`,
+/// `specversion`, `subject`, `datacontenttype`, each also with a `ce-` or `ce_` prefix (how
+/// the binary bindings spell them), which also covers `ce-plugbus-*`.
+///
+/// Not reserved: `datacontenttype` and `content-type` without a prefix. They say what the
+/// plugin's own data is (the SDK's `publish_json` sets `datacontenttype: application/json`);
+/// the host lifts them into the output's `datacontenttype` attribute.
+pub fn is_reserved_header(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    if lower == "datacontenttype" || lower == "content-type" {
+        return false;
+    }
+    let base = lower.strip_prefix("ce-").or_else(|| lower.strip_prefix("ce_")).unwrap_or(&lower);
+    ["plugbus-", "plugbus_", "nats-", "nats_"].iter().any(|p| base.starts_with(p)) || CORE_ATTRIBUTES.contains(&base)
+}
+
+/// How many bytes of a string a plugin (or a remote publisher) controls the host repeats in a
+/// log line, an error message or a dead-letter header: failure text, subjects, keys, header
+/// names. The rest is cut by [`cut`], saying where.
+pub const ECHO_BYTES: usize = 4096;
+
+/// The one place that decides how much of an untrusted string is echoed: `None` when `text`
+/// fits in `limit`, else the byte index to cut it at (always a character boundary). Each
+/// character counts `weight(c)`: its UTF-8 length for plain text, (at least) its escaped length
+/// for quoted text, so quoting never makes an echo longer than `limit`. Stops at the limit: a
+/// 48 MiB string costs 4 KiB of work.
+fn cut_point(text: &str, limit: usize, weight: impl Fn(char) -> usize) -> Option<usize> {
+    let mut used = 0;
+    for (i, c) in text.char_indices() {
+        used += weight(c);
+        if used > limit {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// What follows a cut string: where it was cut and how long it was.
+fn cut_note(end: usize, len: usize) -> String {
+    format!("… [cut at {end} of {len} bytes]")
+}
+
+/// `text` itself when it is at most `limit` bytes, else its first `limit` bytes followed by
+/// `… [cut at <limit> of <len> bytes]`. Use [`cut`] (the [`ECHO_BYTES`] limit) unless a larger
+/// whole is being bounded.
+pub fn cut_to(text: &str, limit: usize) -> std::borrow::Cow<'_, str> {
+    match cut_point(text, limit, char::len_utf8) {
+        None => std::borrow::Cow::Borrowed(text),
+        Some(end) => std::borrow::Cow::Owned(format!("{}{}", &text[..end], cut_note(end, text.len()))),
+    }
+}
+
+/// [`cut_to`] at [`ECHO_BYTES`]: for failure text a plugin wrote (a reject or retry message, a
+/// panic message).
+pub fn cut(text: &str) -> std::borrow::Cow<'_, str> {
+    cut_to(text, ECHO_BYTES)
+}
+
+/// `text` quoted and escaped like `{:?}`, at most [`ECHO_BYTES`] of escaped text (a 48 MiB
+/// subject is never escaped in full): for echoing subjects, keys and header names inside a
+/// message.
+pub fn quoted(text: &str) -> String {
+    match cut_point(text, ECHO_BYTES, |c| c.escape_debug().len()) {
+        None => format!("{text:?}"),
+        Some(end) => format!("{:?}{}", &text[..end], cut_note(end, text.len())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn output_ids_are_stable_and_distinct() {
-        assert_eq!(output_id("e1", "p", 0), output_id("e1", "p", 0));
-        assert_ne!(output_id("e1", "p", 0), output_id("e1", "p", 1));
-        assert_ne!(output_id("e1", "p", 0), output_id("e1", "q", 0));
-        assert_eq!(output_id("e1", "p", 0).len(), 32);
-        // The first 16 bytes of SHA-256("e1\0p\0" + 0u64 big-endian), lower-case hex.
+        assert_eq!(output_id("s", "e1", "p", 0), output_id("s", "e1", "p", 0));
+        assert_ne!(output_id("s", "e1", "p", 0), output_id("s", "e1", "p", 1));
+        assert_ne!(output_id("s", "e1", "p", 0), output_id("s", "e1", "q", 0));
+        // CloudEvents ids are unique per source: another source reusing the id is another event
+        assert_ne!(output_id("s", "e1", "p", 0), output_id("t", "e1", "p", 0));
+        // fields are length-prefixed: moving bytes between them changes the id
+        assert_ne!(output_id("ab", "c", "p", 0), output_id("a", "bc", "p", 0));
+        assert_eq!(output_id("s", "e1", "p", 0).len(), 32);
+        // The first 16 bytes of SHA-256 over each field length-prefixed (u64 big-endian), then
+        // the index (u64 big-endian), lower-case hex.
         let mut h = Sha256::new();
-        h.update(b"e1\0p\0\0\0\0\0\0\0\0\0");
+        h.update(b"\0\0\0\0\0\0\0\x01s\0\0\0\0\0\0\0\x02e1\0\0\0\0\0\0\0\x01p\0\0\0\0\0\0\0\0");
         let want: String = h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(output_id("e1", "p", 0), want);
+        assert_eq!(output_id("s", "e1", "p", 0), want);
     }
 
     #[test]
@@ -176,5 +263,71 @@ mod tests {
         assert_eq!(ev.header("k"), Some("v"));
         assert_eq!(ev.header("plugbus-caused-by"), Some(input.id.as_str()));
         assert_eq!(ev.source, "plugbus/p");
+    }
+
+    #[test]
+    fn reserved_headers_are_the_hosts_marks_and_the_core_attributes_in_every_spelling() {
+        for name in [
+            "plugbus-error",
+            "PLUGBUS-ORIGINAL-SUBJECT",
+            "plugbus-plugin",
+            "plugbus-caused-by",
+            "plugbus_error",
+            "ce-plugbus-error",
+            "id",
+            "ID",
+            "source",
+            "ce-source",
+            "CE_Source",
+            "type",
+            "time",
+            "specversion",
+            "ce-specversion",
+            "subject",
+            "ce-subject",
+            "ce-datacontenttype",
+            "ce_datacontenttype",
+            "Nats-Msg-Id",
+            "nats-rollup",
+            "Nats-Expected-Last-Sequence",
+        ] {
+            assert!(is_reserved_header(name), "{name} should be reserved");
+        }
+        for name in ["datacontenttype", "Content-Type", "order-id", "tenant", "traceparent", "ce-tenant", "sourcecode"]
+        {
+            assert!(!is_reserved_header(name), "{name} should be free");
+        }
+    }
+
+    #[test]
+    fn reserved_headers_never_reach_an_output_event() {
+        let input = Event::new("a", "x");
+        let out = Output {
+            subject: "b".into(),
+            data: Bytes::new(),
+            headers: vec![("ce-source".into(), "forged".into()), ("plugbus-error".into(), "x".into())],
+        };
+        let ev = out.into_event(&input, "p", 0);
+        assert_eq!(ev.source, "plugbus/p");
+        assert!(ev.header("ce-source").is_none() && ev.header("plugbus-error").is_none());
+    }
+
+    #[test]
+    fn untrusted_text_is_cut_saying_where() {
+        assert_eq!(cut("short"), "short");
+        let long = "E".repeat(16 << 20);
+        let c = cut(&long);
+        assert!(c.starts_with(&"E".repeat(ECHO_BYTES)));
+        assert!(c.ends_with("… [cut at 4096 of 16777216 bytes]"), "{}", &c[ECHO_BYTES..]);
+        assert!(c.len() < ECHO_BYTES + 64);
+        // never inside a character
+        let wide = "é".repeat(3000);
+        let c = cut(&wide);
+        assert!(c.ends_with("… [cut at 4096 of 6000 bytes]"), "{}", &c[4000..]);
+        // quoting escapes only what is kept
+        let q = quoted(&"\n".repeat(1 << 20));
+        assert!(q.len() < ECHO_BYTES + 64, "{}", q.len());
+        assert!(q.ends_with("… [cut at 2048 of 1048576 bytes]"), "{}", &q[4000..]);
+        assert_eq!(quoted("a.b"), "\"a.b\"");
     }
 }

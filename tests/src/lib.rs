@@ -28,6 +28,7 @@ pub const COMPONENTS: &[&str] = &[
     "kvspy",
     "snoop",
     "sysmon",
+    "hostile",
 ];
 
 /// The workspace root.

@@ -45,13 +45,27 @@ pub trait KvStore: Send + Sync {
     }
 }
 
+/// What the host charges for one key in a transaction on top of the key's and value's bytes
+/// (its map node and allocations): 3,000 empty writes are not free.
+pub const ENTRY_COST: u64 = 64;
+
 /// One attempt's reads and buffered writes.
+///
+/// It counts what it holds ([`Txn::held_bytes`]: keys and values written, keys read, each plus
+/// [`ENTRY_COST`]) so the sandbox can bound it per attempt (`limits.max_kv_writes`,
+/// `max_kv_reads`, `max_kv_write_bytes`).
 #[derive(Debug, Default, Clone)]
 pub struct Txn {
     /// Key → version seen (0 = absent).
     pub reads: HashMap<String, u64>,
     /// Key → new value (`None` = delete).
     pub writes: BTreeMap<String, Option<Vec<u8>>>,
+    /// Bytes held by `reads` and `writes`, as charged.
+    held: u64,
+}
+
+fn write_cost(key: &str, value: Option<&[u8]>) -> u64 {
+    (key.len() + value.map_or(0, <[u8]>::len)) as u64 + ENTRY_COST
 }
 
 impl Txn {
@@ -61,23 +75,46 @@ impl Txn {
             return Ok(w.clone());
         }
         let (value, version) = store.read(ns, key).await?;
-        self.reads.entry(key.to_string()).or_insert(version);
+        if !self.reads.contains_key(key) {
+            self.held += key.len() as u64 + ENTRY_COST;
+            self.reads.insert(key.to_string(), version);
+        }
         Ok(value)
     }
 
     /// Buffers a write.
     pub fn set(&mut self, key: &str, value: Vec<u8>) {
+        self.held = self.held_after_write(key, Some(value.len()));
         self.writes.insert(key.to_string(), Some(value));
     }
 
     /// Buffers a delete.
     pub fn delete(&mut self, key: &str) {
+        self.held = self.held_after_write(key, None);
         self.writes.insert(key.to_string(), None);
     }
 
     /// Whether the transaction wrote anything.
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()
+    }
+
+    /// The bytes this transaction holds: keys and values written, keys read, each plus
+    /// [`ENTRY_COST`].
+    pub fn held_bytes(&self) -> u64 {
+        self.held
+    }
+
+    /// What [`Txn::held_bytes`] would be after writing `value_len` bytes (`None`: a delete)
+    /// under `key` (a rewrite of a key replaces its old value).
+    pub fn held_after_write(&self, key: &str, value_len: Option<usize>) -> u64 {
+        let old = self.writes.get(key).map_or(0, |v| write_cost(key, v.as_deref()));
+        self.held - old + (key.len() + value_len.unwrap_or(0)) as u64 + ENTRY_COST
+    }
+
+    /// Whether a [`Txn::get`] of `key` would read the store and add a key to `reads`.
+    pub fn would_read(&self, key: &str) -> bool {
+        !self.writes.contains_key(key) && !self.reads.contains_key(key)
     }
 }
 
@@ -260,5 +297,28 @@ mod tests {
         d.delete("k");
         kv.commit("p", &d).await.unwrap();
         assert!(kv.get("p", "k").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_transaction_counts_what_it_holds_per_entry() {
+        let kv = MemoryKv::new();
+        let mut t = Txn::default();
+        t.set("k", vec![0; 10]);
+        assert_eq!(t.held_bytes(), 11 + ENTRY_COST);
+        t.set("k", vec![0; 100]); // a rewrite replaces, not adds
+        assert_eq!(t.held_bytes(), 101 + ENTRY_COST);
+        t.delete("k");
+        assert_eq!(t.held_bytes(), 1 + ENTRY_COST);
+        for i in 0..1000 {
+            t.set(&format!("{i:04}"), Vec::new()); // empty writes are not free
+        }
+        assert_eq!(t.held_bytes(), 1 + ENTRY_COST + 1000 * (4 + ENTRY_COST));
+        let before = t.held_bytes();
+        assert!(t.would_read("r"));
+        t.get(&kv, "p", "r").await.unwrap();
+        t.get(&kv, "p", "r").await.unwrap(); // read once, charged once
+        assert_eq!(t.held_bytes(), before + 1 + ENTRY_COST);
+        assert!(!t.would_read("r") && !t.would_read("0001"));
+        assert_eq!(t.held_after_write("0001", Some(5)), t.held_bytes() + 5);
     }
 }

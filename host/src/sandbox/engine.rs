@@ -82,6 +82,10 @@ impl Sandbox {
         config
             .epoch_interruption(true)
             .max_wasm_stack(settings.max_stack_bytes)
+            // A trap carries handles to the store's globals, so `plugin` can read the guest's
+            // stack pointer and name its own stack overflowing (see `guest_stack`). Handles, not
+            // copies: cheap, and only on traps.
+            .coredump_on_trap(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         // `PLUGBUS_PERF_MAP=1` writes /tmp/perf-<pid>.map so `perf report` names the plugins'
         // compiled functions (profiling a handler; off by default).
@@ -180,7 +184,8 @@ impl Sandbox {
             .map_err(|e| LoadError::Invalid(format!("compiler task failed: {e}")))?
             .map_err(|e| LoadError::Invalid(format!("{e:#}")))?
         };
-        self.prepare_bound(component, hash, bind).await
+        let stack = super::guest_stack::GuestStack::of_component(bytes);
+        Ok(self.prepare_bound(component, hash, bind).await?.with_guest_stack(stack))
     }
 
     /// Validates a compiled component and reads its manifest.
@@ -231,12 +236,12 @@ impl Sandbox {
         let instance = pre
             .instantiate_async(&mut store)
             .await
-            .map_err(|e| LoadError::Invalid(format!("cannot instantiate: {e:#}")))?;
+            .map_err(|e| LoadError::Invalid(format!("cannot instantiate: {}", super::plugin::error_text(&e))))?;
         let raw = instance
             .plugbus_handler_handler()
             .call_manifest(&mut store)
             .await
-            .map_err(|e| LoadError::Manifest(format!("manifest() failed: {e:#}")))?;
+            .map_err(|e| LoadError::Manifest(format!("manifest() failed: {}", super::plugin::error_text(&e))))?;
         Manifest::from_wit(raw).map_err(LoadError::Manifest)
     }
 }

@@ -1,8 +1,14 @@
 //! Per-plugin limits: the defaults, and how each is enforced.
 //!
 //! Memory is capped by [`MemoryLimiter`] (a `ResourceLimiter`: growing past the cap traps);
-//! wall-clock time by epoch interruption (see `engine`); publishes, output bytes, kv values and
-//! log volume by the host functions in `state`.
+//! wall-clock time by epoch interruption (see `engine`); publishes, output bytes and headers,
+//! kv values, keys and transaction size, and log volume by the host functions in `state`; what
+//! one host call may copy out of the guest by wasmtime's hostcall fuel
+//! ([`Limits::hostcall_bytes`]); WASI resources by the store's resource-table capacity
+//! ([`MAX_RESOURCES`]).
+//!
+//! Everything a plugin makes the host hold for one event is bounded in count and in bytes, each
+//! entry (output, header, kv key) charged [`ENTRY_COST`] on top of its bytes.
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -24,6 +30,15 @@ pub struct Limits {
     pub max_event_bytes: u64,
     /// Largest kv value (and key) the plugin may store.
     pub max_kv_value_bytes: u64,
+    /// Headers one output may carry.
+    pub max_headers: u32,
+    /// Distinct kv keys one attempt may write (sets and deletes).
+    pub max_kv_writes: u32,
+    /// Bytes one attempt's kv transaction may hold: keys and values written and keys read,
+    /// each plus a fixed 64 per key.
+    pub max_kv_write_bytes: u64,
+    /// Distinct kv keys one attempt may read from the store.
+    pub max_kv_reads: u32,
     /// Bytes of stdout/stderr/log kept per event; the rest is cut and counted.
     pub max_log_bytes: u64,
     /// `fresh`: a new instance per attempt (nothing survives an event). `reuse`: a pool of warm
@@ -53,6 +68,10 @@ impl Default for Limits {
             max_output_bytes: 1024 * 1024,
             max_event_bytes: 1024 * 1024,
             max_kv_value_bytes: 256 * 1024,
+            max_headers: 64,
+            max_kv_writes: 1_000,
+            max_kv_write_bytes: 16 * 1024 * 1024,
+            max_kv_reads: 1_000,
             max_log_bytes: 64 * 1024,
             instance: InstanceMode::Fresh,
             recycle_after: 10_000,
@@ -60,10 +79,38 @@ impl Default for Limits {
     }
 }
 
+/// What the host charges for one output, header or kv key on top of its bytes (the `String`s,
+/// the tuple, the map node): 400,000 empty headers are not free.
+pub const ENTRY_COST: u64 = crate::kv::ENTRY_COST;
+
+/// The most WASI resources (streams, pollables, …) and component handles one store may hold at
+/// once. A handler needs a handful (stdout, stderr, a clock pollable); wasmtime's defaults
+/// (1,000,000 and 100,000) let a guest make the host allocate hundreds of MiB of table entries.
+pub const MAX_RESOURCES: usize = 1_024;
+
+/// The longest subject a plugin may publish to, in bytes (`subject::validate_subject` refuses
+/// longer ones; checked first so the refusal never copies a huge subject).
+pub const MAX_SUBJECT_BYTES: usize = 1_024;
+
 impl Limits {
     /// The memory cap in bytes.
     pub fn memory_bytes(&self) -> usize {
         (self.memory_mib as usize).saturating_mul(1024 * 1024)
+    }
+
+    /// The most bytes one call from the guest may make the host copy out of guest memory
+    /// (wasmtime's hostcall fuel, set on every store; the guest traps past it): four times the
+    /// largest legitimate call (a publish of `max_output_bytes` with `max_headers` headers, a kv
+    /// write of a key and value at the cap, a log line), plus 64 KiB. Four times, so a call a
+    /// little over a limit still reaches the host function and the handler sees the limit's
+    /// error; far over it (a 48 MiB subject, 400,000 headers, 16 MiB of reject text) the call
+    /// traps before the host allocates it.
+    pub fn hostcall_bytes(&self) -> usize {
+        let headers = u64::from(self.max_headers) * 2 * ENTRY_COST;
+        let largest = (self.max_output_bytes + headers + MAX_SUBJECT_BYTES as u64)
+            .max(2 * self.max_kv_value_bytes)
+            .max(self.max_log_bytes);
+        usize::try_from(largest.saturating_mul(4).saturating_add(64 * 1024)).unwrap_or(usize::MAX)
     }
 }
 

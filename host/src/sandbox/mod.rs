@@ -9,6 +9,7 @@
 pub mod bindings;
 mod cache;
 mod engine;
+mod guest_stack;
 pub mod limits;
 mod plugin;
 pub mod state;

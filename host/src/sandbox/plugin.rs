@@ -1,12 +1,15 @@
 //! A loaded plugin: its pre-linked component and manifest; runs one attempt per call.
 
 use super::bindings::{self, types as wit};
-use super::limits::{InstanceMode, Limits};
+use super::guest_stack::{self, GuestStack};
+use super::limits::{InstanceMode, Limits, MAX_RESOURCES};
 use super::state::{HostState, PluginCtx};
-use crate::event::{Event, Output};
+use crate::event::{Event, Output, cut, cut_to};
 use crate::kv::{KvError, KvStore, Txn};
 use crate::manifest::Manifest;
+use futures::FutureExt;
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
@@ -79,7 +82,13 @@ pub struct Plugin {
     ctx: Arc<PluginCtx>,
     /// Idle instances (`instance = "reuse"` only).
     warm: Mutex<Vec<Warm>>,
+    /// Where the guest keeps its own stack, when known (to name its overflow).
+    stack: Option<GuestStack>,
 }
+
+/// The longest failure text the sandbox reports: a message built around at most two echoed
+/// pieces, each cut at [`crate::event::ECHO_BYTES`].
+const MAX_FAILURE_BYTES: usize = crate::deadletter::MAX_ERROR_BYTES - 128;
 
 /// An instantiated plugin kept between events, with its store.
 struct Warm {
@@ -88,9 +97,13 @@ struct Warm {
     uses: u32,
 }
 
-/// Installs the memory limiter and the deadline on a fresh store.
+/// Installs the memory limiter, the per-call copy limit (hostcall fuel), the handle cap and the
+/// deadline on a fresh store.
 pub(super) fn arm_store(store: &mut Store<HostState>) {
     store.limiter(|s| &mut s.limiter);
+    let fuel = store.data().plugin.limits.hostcall_bytes();
+    store.set_hostcall_fuel(fuel);
+    store.set_max_component_handles(MAX_RESOURCES);
     // Every epoch tick (see `engine::EPOCH_TICK`) the running guest yields to the async runtime,
     // so a looping plugin never starves others, and traps once its deadline has passed.
     store.set_epoch_deadline(1);
@@ -114,7 +127,13 @@ impl Plugin {
         hash: String,
         ctx: Arc<PluginCtx>,
     ) -> Self {
-        Self { engine, _ticker: ticker, pre, manifest, hash, ctx, warm: Mutex::new(Vec::new()) }
+        Self { engine, _ticker: ticker, pre, manifest, hash, ctx, warm: Mutex::new(Vec::new()), stack: None }
+    }
+
+    /// Records where the guest keeps its stack (read from its bytes at load).
+    pub(super) fn with_guest_stack(mut self, stack: Option<GuestStack>) -> Self {
+        self.stack = stack;
+        self
     }
 
     /// The plugin's name (its identity).
@@ -146,10 +165,41 @@ impl Plugin {
     }
 
     /// Runs one attempt of `event`: in a fresh instance, or with `instance = "reuse"` in a warm one.
+    ///
+    /// Never unwinds: a host function that panics (a bug in the host, or in a kv store) fails
+    /// the attempt as a trap would (`host error: …`, retried), its store and instance dropped
+    /// (a warm one is not put back), so an ordered lane or a worker is never wedged by it.
     pub async fn handle(&self, event: &Event, attempt: u32) -> Attempt {
-        if self.ctx.limits.instance == InstanceMode::Reuse {
-            return self.handle_warm(event, attempt).await;
+        let started = Instant::now();
+        let run = async {
+            if self.ctx.limits.instance == InstanceMode::Reuse {
+                self.handle_warm(event, attempt).await
+            } else {
+                self.handle_fresh(event, attempt).await
+            }
+        };
+        match AssertUnwindSafe(run).catch_unwind().await {
+            Ok(attempt) => attempt,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".into());
+                let what = cut(&what);
+                tracing::error!(plugin = %self.ctx.name, event_id = %event.id, subject = %event.subject, attempt,
+                    "a host function panicked during the attempt; it fails as a trap would (not the handler's fault): {what}");
+                Attempt {
+                    result: Err(Failure::Trap(format!("host error: a host function panicked: {what}"))),
+                    outputs: Vec::new(),
+                    txn: Txn::default(),
+                    elapsed: started.elapsed(),
+                }
+            }
         }
+    }
+
+    async fn handle_fresh(&self, event: &Event, attempt: u32) -> Attempt {
         let started = Instant::now();
         let state = HostState::new(self.ctx.clone(), &event.id, &event.subject);
         let mut store = Store::new(&self.engine, state);
@@ -160,7 +210,7 @@ impl Plugin {
             instance.plugbus_handler_handler().call_handle(&mut store, to_wit(event, &headers, attempt)).await
         };
         let call = call.await;
-        let result = self.outcome(call, store.data());
+        let result = self.outcome(call, &mut store);
         let state = store.into_data();
         self.forward_stdio(&state);
         let ok = result.is_ok();
@@ -189,7 +239,7 @@ impl Plugin {
                 match self.pre.instantiate_async(&mut store).await {
                     Ok(instance) => Warm { store, instance, uses: 0 },
                     Err(e) => {
-                        let failure = Failure::Trap(describe_trap(&e, store.data()));
+                        let failure = Failure::Trap(describe_trap(&e, store.data(), None));
                         self.forward_stdio(store.data());
                         return Attempt {
                             result: Err(failure),
@@ -205,7 +255,7 @@ impl Plugin {
         let wit_event = to_wit(event, &headers, attempt);
         let call = warm.instance.plugbus_handler_handler().call_handle(&mut warm.store, wit_event).await;
         let trapped = call.is_err();
-        let result = self.outcome(call, warm.store.data());
+        let result = self.outcome(call, &mut warm.store);
         let state = warm.store.data_mut();
         self.forward_stdio(state);
         let ok = result.is_ok();
@@ -218,18 +268,49 @@ impl Plugin {
         Attempt { result, outputs, txn, elapsed: started.elapsed() }
     }
 
-    fn outcome(&self, call: wasmtime::Result<Result<(), wit::HandlerError>>, state: &HostState) -> Result<(), Failure> {
+    fn outcome(
+        &self,
+        call: wasmtime::Result<Result<(), wit::HandlerError>>,
+        store: &mut Store<HostState>,
+    ) -> Result<(), Failure> {
+        let overflow = match &call {
+            Err(e) => self.guest_stack_overflowed(e, store),
+            Ok(_) => None,
+        };
+        let state = store.data();
         match call {
-            Ok(Ok(())) => match state.refused.clone() {
+            Ok(Ok(())) => match &state.refused {
                 // A refused publish that the handler swallowed still fails the event: its
                 // outputs are incomplete.
-                Some(why) => Err(Failure::Reject(format!("publish refused: {why}"))),
+                Some(why) => Err(Failure::Reject(format!("publish refused: {}", cut_to(why, MAX_FAILURE_BYTES)))),
                 None => Ok(()),
             },
-            Ok(Err(wit::HandlerError::Retry(m))) => Err(Failure::Retry(m)),
-            Ok(Err(wit::HandlerError::Reject(m))) => Err(Failure::Reject(m)),
-            Err(e) => Err(Failure::Trap(describe_trap(&e, state))),
+            // The handler's own words, cut to a few KiB: they go to logs and dead letters.
+            Ok(Err(wit::HandlerError::Retry(m))) => Err(Failure::Retry(cut(&m).into_owned())),
+            Ok(Err(wit::HandlerError::Reject(m))) => Err(Failure::Reject(cut(&m).into_owned())),
+            Err(e) => Err(Failure::Trap(describe_trap(&e, state, overflow))),
         }
+    }
+
+    /// The guest's own stack, when an out-of-bounds trap is it overflowing (see `guest_stack`):
+    /// the faulting address, when wasmtime has one, is a pointer that went below 0; or the
+    /// guest's stack pointer, read from the core dump wasmtime attaches to the trap, did.
+    fn guest_stack_overflowed(&self, err: &wasmtime::Error, store: &mut Store<HostState>) -> Option<GuestStack> {
+        let stack = self.stack?;
+        if !matches!(err.downcast_ref::<Trap>(), Some(Trap::MemoryOutOfBounds)) {
+            return None;
+        }
+        if guest_stack::fault_address(err).is_some_and(|a| stack.overflowed_at(a)) {
+            return Some(stack);
+        }
+        let dump = err.downcast_ref::<wasmtime::WasmCoreDump>()?;
+        let overflowed = dump.globals().iter().any(|g| {
+            let ty = g.ty(&*store);
+            ty.mutability() == wasmtime::Mutability::Var
+                && matches!(ty.content(), wasmtime::ValType::I32)
+                && g.get(&mut *store).i32().is_some_and(|sp| stack.pointer_overflowed(sp as u32))
+        });
+        overflowed.then_some(stack)
     }
 
     fn forward_stdio(&self, state: &HostState) {
@@ -268,13 +349,31 @@ fn header_refs(event: &Event) -> Vec<(&str, &str)> {
 }
 
 /// Names the cause of a failed call in the words a user would search for.
-fn describe_trap(err: &wasmtime::Error, state: &HostState) -> String {
+/// `overflow`: the guest's own stack, when the trap is it overflowing.
+fn describe_trap(err: &wasmtime::Error, state: &HostState, overflow: Option<GuestStack>) -> String {
     let limits = &state.plugin.limits;
     if state.deadline_hit {
         return format!("deadline of {} exceeded", humantime::format_duration(limits.deadline));
     }
     if state.limiter.breached {
         return format!("memory limit {} MiB reached", limits.memory_mib);
+    }
+    // wasmtime's `HostcallFuelExhausted` is private: known by its words, at the root of the chain.
+    if err.chain().last().is_some_and(|e| e.to_string().contains("fuel allocated for hostcalls has been exhausted")) {
+        return format!(
+            "the handler passed more than {} bytes to the host in one call (the per-call copy limit, \
+             from max_output_bytes / max_kv_value_bytes / max_log_bytes)",
+            limits.hostcall_bytes()
+        );
+    }
+    let table_full = |e: &(dyn std::error::Error + 'static)| {
+        matches!(
+            e.downcast_ref::<wasmtime::component::ResourceTableError>(),
+            Some(wasmtime::component::ResourceTableError::Full)
+        )
+    };
+    if err.chain().any(table_full) {
+        return format!("the handler holds more than {MAX_RESOURCES} WASI resources (streams, pollables) at once");
     }
     // Rust's panic hook writes "thread '...' panicked at FILE:LINE:COL:" then the message.
     let lines = state.stderr.peek_lines();
@@ -284,15 +383,32 @@ fn describe_trap(err: &wasmtime::Error, state: &HostState) -> String {
         .map(|i| {
             let at = lines[i].split("panicked at ").nth(1).unwrap_or_default().trim_end_matches(':');
             let msg = lines.get(i + 1).map(String::as_str).unwrap_or_default();
-            format!(": {msg} (at {at})")
+            format!(": {} (at {})", cut(msg), cut(at))
         })
         .unwrap_or_default();
-    match err.downcast_ref::<Trap>() {
+    let text = match err.downcast_ref::<Trap>() {
         Some(Trap::StackOverflow) => "stack overflow (wasm stack limit reached)".to_string(),
+        Some(Trap::MemoryOutOfBounds) if overflow.is_some() => {
+            let kib = overflow.map_or(0, |s| s.bytes / 1024);
+            format!("stack overflow in the handler (its stack is {kib} KiB)")
+        }
         Some(Trap::UnreachableCodeReached) if !panic.is_empty() => {
             format!("handler panicked{panic}")
         }
         Some(trap) => format!("trap: {trap}{panic}"),
-        None => format!("{err:#}"),
-    }
+        None => error_text(err),
+    };
+    cut_to(&text, MAX_FAILURE_BYTES).into_owned()
+}
+
+/// `err` and its causes, `: `-separated, without the wasm backtrace and core dump wasmtime
+/// attaches to traps (they name no cause, and a core dump lists every module and global).
+pub(super) fn error_text(err: &wasmtime::Error) -> String {
+    // Context layers do not downcast as chain elements: known by their first words.
+    const ATTACHMENTS: [&str; 2] = ["error while executing at wasm backtrace:", "wasm coredump generated while"];
+    err.chain()
+        .map(|e| e.to_string())
+        .filter(|t| !ATTACHMENTS.iter().any(|a| t.starts_with(a)))
+        .collect::<Vec<_>>()
+        .join(": ")
 }

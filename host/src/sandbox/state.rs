@@ -3,9 +3,9 @@
 //! transaction). Nothing here is shared between events.
 
 use super::bindings::plugbus::handler::{bus, config, kv, logging, types};
-use super::limits::{Limits, MemoryLimiter};
+use super::limits::{ENTRY_COST, Limits, MAX_RESOURCES, MAX_SUBJECT_BYTES, MemoryLimiter};
 use super::stdio::Capture;
-use crate::event::Output;
+use crate::event::{Output, cut, is_reserved_header, quoted};
 use crate::kv::{KvStore, Txn};
 use crate::subject::{PatternSet, is_system_subject, validate_subject};
 use std::collections::HashMap;
@@ -67,9 +67,11 @@ impl HostState {
         // Locked down: no preopened directories, no environment, no arguments, no network.
         // Stdio goes to capped captures; clocks and random are WASI's defaults.
         let wasi = WasiCtx::builder().stdout(stdout.clone()).stderr(stderr.clone()).build();
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCES);
         Self {
             wasi,
-            table: ResourceTable::new(),
+            table,
             limiter: MemoryLimiter::new(plugin.limits.memory_bytes()),
             plugin,
             event_id: event_id.to_string(),
@@ -112,6 +114,27 @@ impl HostState {
     }
 }
 
+/// Why a header name cannot go on an output: empty, not an HTTP/NATS header token (a name
+/// carrying `:`, spaces or line breaks would corrupt a NATS header block), or reserved.
+fn check_header_name(name: &str) -> Result<(), types::PublishError> {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if name.is_empty() || name.len() > MAX_SUBJECT_BYTES || !name.bytes().all(token) {
+        return Err(types::PublishError::Invalid(format!(
+            "header name {} is not a valid header name (letters, digits and !#$%&'*+-.^_`|~, at most \
+             {MAX_SUBJECT_BYTES} bytes)",
+            quoted(name)
+        )));
+    }
+    if is_reserved_header(name) {
+        return Err(types::PublishError::Denied(format!(
+            "header {} is reserved: the host sets plugbus-*, nats-* and the CloudEvents attributes \
+             (id, source, type, time, specversion, subject; datacontenttype only without a prefix)",
+            quoted(name)
+        )));
+    }
+    Ok(())
+}
+
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
@@ -127,16 +150,25 @@ impl bus::Host for HostState {
         data: Vec<u8>,
         headers: Vec<(String, String)>,
     ) -> Result<(), types::PublishError> {
+        // Checked before `validate_subject`, whose error would copy (and escape) all of it.
+        if subject.len() > MAX_SUBJECT_BYTES {
+            return self.refuse(types::PublishError::Invalid(format!(
+                "subject {} is longer than {MAX_SUBJECT_BYTES} bytes",
+                quoted(&subject)
+            )));
+        }
         if let Err(e) = validate_subject(&subject) {
-            return self.refuse(types::PublishError::Invalid(e.to_string()));
+            return self.refuse(types::PublishError::Invalid(cut(&e.to_string()).into_owned()));
         }
         if is_system_subject(&subject) {
-            return self.refuse(types::PublishError::Denied(format!("{subject:?} is a system subject")));
+            return self.refuse(types::PublishError::Denied(format!("{} is a system subject", quoted(&subject))));
         }
         if !self.plugin.publishes.matches(&subject) {
+            let allowed = format!("{:?}", self.plugin.publishes.iter().map(|p| p.as_str()).collect::<Vec<_>>());
             return self.refuse(types::PublishError::Denied(format!(
-                "{subject:?} is not in the manifest's publishes {:?}",
-                self.plugin.publishes.iter().map(|p| p.as_str()).collect::<Vec<_>>()
+                "{} is not in the manifest's publishes {}",
+                quoted(&subject),
+                cut(&allowed)
             )));
         }
         let limits = &self.plugin.limits;
@@ -144,7 +176,19 @@ impl bus::Host for HostState {
             let msg = format!("publish limit of {} per event reached", limits.max_publishes);
             return self.refuse(types::PublishError::Limit(msg));
         }
-        let size = (data.len() + headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()) as u64;
+        if headers.len() as u64 > u64::from(limits.max_headers) {
+            let msg = format!("header limit of {} per output reached ({} given)", limits.max_headers, headers.len());
+            return self.refuse(types::PublishError::Limit(msg));
+        }
+        for (name, _) in &headers {
+            if let Err(e) = check_header_name(name) {
+                return self.refuse(e);
+            }
+        }
+        // Every output and every header costs ENTRY_COST on top of its bytes.
+        let size = (subject.len() + data.len()) as u64
+            + ENTRY_COST
+            + headers.iter().map(|(k, v)| (k.len() + v.len()) as u64 + ENTRY_COST).sum::<u64>();
         if self.output_bytes + size > limits.max_output_bytes {
             let msg = format!("output limit of {} bytes per event reached", limits.max_output_bytes);
             return self.refuse(types::PublishError::Limit(msg));
@@ -187,8 +231,35 @@ impl HostState {
         let cap = self.plugin.limits.max_kv_value_bytes;
         if key.len() as u64 > cap || value as u64 > cap {
             return Err(types::KvError::TooLarge(format!(
-                "key {key:?}: {} bytes over the {cap}-byte cap",
+                "key {}: {} bytes over the {cap}-byte cap",
+                quoted(key),
                 key.len().max(value)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses a write (`value`: `None` for a delete) that would take this attempt's
+    /// transaction past `max_kv_writes` keys or `max_kv_write_bytes`.
+    fn check_kv_write(&self, key: &str, value: Option<usize>) -> Result<(), types::KvError> {
+        self.check_kv_size(key, value.unwrap_or(0))?;
+        let limits = &self.plugin.limits;
+        if !self.txn.writes.contains_key(key) && self.txn.writes.len() as u64 >= u64::from(limits.max_kv_writes) {
+            return Err(types::KvError::TooLarge(format!(
+                "kv write limit of {} keys per event reached (key {})",
+                limits.max_kv_writes,
+                quoted(key)
+            )));
+        }
+        self.check_kv_held(self.txn.held_after_write(key, value))
+    }
+
+    fn check_kv_held(&self, held: u64) -> Result<(), types::KvError> {
+        let cap = self.plugin.limits.max_kv_write_bytes;
+        if held > cap {
+            return Err(types::KvError::TooLarge(format!(
+                "kv limit of {cap} bytes per event reached (keys and values written and keys read, \
+                 {ENTRY_COST} bytes more per key)"
             )));
         }
         Ok(())
@@ -196,24 +267,35 @@ impl HostState {
 }
 
 fn kv_err(e: crate::kv::KvError) -> types::KvError {
-    types::KvError::Unavailable(e.to_string())
+    types::KvError::Unavailable(cut(&e.to_string()).into_owned())
 }
 
 impl kv::Host for HostState {
     async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, types::KvError> {
         self.check_kv_size(&key, 0)?;
+        if self.txn.would_read(&key) {
+            let limits = &self.plugin.limits;
+            if self.txn.reads.len() as u64 >= u64::from(limits.max_kv_reads) {
+                return Err(types::KvError::TooLarge(format!(
+                    "kv read limit of {} keys per event reached (key {})",
+                    limits.max_kv_reads,
+                    quoted(&key)
+                )));
+            }
+            self.check_kv_held(self.txn.held_bytes() + key.len() as u64 + ENTRY_COST)?;
+        }
         let store = self.plugin.kv.clone();
         self.txn.get(&*store, &self.plugin.name, &key).await.map_err(kv_err)
     }
 
     fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), types::KvError> {
-        self.check_kv_size(&key, value.len())?;
+        self.check_kv_write(&key, Some(value.len()))?;
         self.txn.set(&key, value);
         Ok(())
     }
 
     fn delete(&mut self, key: String) -> Result<(), types::KvError> {
-        self.check_kv_size(&key, 0)?;
+        self.check_kv_write(&key, None)?;
         self.txn.delete(&key);
         Ok(())
     }

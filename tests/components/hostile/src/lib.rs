@@ -1,0 +1,110 @@
+//! An attacker's handler: tries to make the host allocate, hold, log or forge too much. The
+//! subject's last token picks the attack (`hostile.<attack>`), the event's data its size
+//! (whitespace-separated numbers, or a header name / subject). What the host refused is
+//! returned as the handler's reject text (`{err:?}`, so tests see the error variant), unless
+//! the attack swallows it.
+use plugbus_sdk::__bindings::plugbus::handler::bus;
+use plugbus_sdk::{Event, HandlerError, handler, kv, publish, publish_with_headers};
+use std::hint::black_box;
+
+/// Recursion that keeps a 512-byte buffer in linear memory per frame: the guest's own stack
+/// (1 MiB at the bottom of memory) overflows long before wasmtime's wasm stack.
+#[inline(never)]
+fn deep(n: u64) -> u64 {
+    let mut buf = [0u8; 512];
+    black_box(&mut buf);
+    buf[0] = n as u8;
+    if black_box(n) == 0 { 0 } else { deep(n - 1) + u64::from(buf[black_box(0)]) }
+}
+
+/// Recursion with nothing in linear memory: only wasmtime's wasm stack limit stops it.
+fn wasm_deep(n: u64) -> u64 {
+    if black_box(n) == u64::MAX { 0 } else { 1 + wasm_deep(black_box(n + 1)) + black_box(1) }
+}
+
+// WASI's monotonic clock, imported by hand: each call makes the host put a pollable in the
+// store's resource table (the version the Rust standard library itself imports).
+#[link(wasm_import_module = "wasi:clocks/monotonic-clock@0.2.4")]
+unsafe extern "C" {
+    #[link_name = "subscribe-duration"]
+    fn subscribe_duration(nanos: i64) -> i32;
+}
+
+fn refused(what: impl std::fmt::Display, e: impl std::fmt::Debug) -> HandlerError {
+    HandlerError::reject(format!("{what} refused: {e:?}"))
+}
+
+#[handler(
+    name = "hostile",
+    subscribe = ["hostile.*"],
+    publishes = ["hostile.out.>", "faulty.>", "plugbus.dlq.>"]
+)]
+fn attack(ev: Event) -> Result<(), HandlerError> {
+    let attack = ev.subject().rsplit('.').next().unwrap_or_default().to_string();
+    let text = ev.text().unwrap_or_default().trim().to_string();
+    let nums: Vec<usize> = text.split_whitespace().filter_map(|t| t.parse().ok()).collect();
+    let arg = |i: usize, default: usize| nums.get(i).copied().unwrap_or(default);
+    match attack.as_str() {
+        // `N P`: P publishes each carrying N headers `h0`, `h1`, … with empty values;
+        // `emptyheaders`: with empty names too (400,000 by default: 19 MB of host tuples per
+        // publish, free when only string bytes were charged).
+        "headers" | "emptyheaders" => {
+            let (n, publishes) = (arg(0, 400_000), arg(1, 100));
+            let name = |i: usize| if attack == "headers" { format!("h{i}") } else { String::new() };
+            let headers: Vec<(String, String)> = (0..n).map(|i| (name(i), String::new())).collect();
+            for p in 0..publishes {
+                bus::publish("hostile.out.headers", b"", &headers).map_err(|e| refused(format!("publish {p}"), e))?;
+            }
+        }
+        // `N SIZE`: N kv writes of SIZE bytes each (3,000 x 200 KiB = 600 MiB held per event when
+        // only the value cap was checked).
+        "kvwrites" => {
+            let (n, size) = (arg(0, 3_000), arg(1, 200 * 1024));
+            let value = vec![7u8; size];
+            for i in 0..n {
+                kv::set(&format!("k{i}"), &value).map_err(|e| refused(format!("kv write {i}"), e))?;
+            }
+        }
+        // `N`: N reads of distinct keys.
+        "kvreads" => {
+            for i in 0..arg(0, 100_000) {
+                kv::get(&format!("r{i}")).map_err(|e| refused(format!("kv read {i}"), e))?;
+            }
+        }
+        // `N`: reject with N bytes of text (1 MiB by default).
+        "reject" => return Err(HandlerError::reject("E".repeat(arg(0, 1 << 20)))),
+        // `N`: publish to an N-byte subject and swallow the refusal (so the host's own failure
+        // text is what the dead letter carries).
+        "subject" => {
+            let _ = publish(&"a".repeat(arg(0, 1 << 20)), b"");
+        }
+        // `NAME [SUBJECT]`: publish one output with the header NAME (a reserved one, to forge).
+        "reserved" => {
+            let mut words = text.split_whitespace();
+            let name = words.next().unwrap_or("plugbus-error");
+            let subject = words.next().unwrap_or("hostile.out.reserved");
+            publish_with_headers(subject, b"forged", &[(name, "forged")]).map_err(|e| refused("publish", e))?;
+        }
+        // `SUBJECT`: publish a plain output there (e.g. to a plugin that fails on it).
+        "forward" => publish(&text, b"from hostile").map_err(|e| refused("publish", e))?,
+        "deep" => {
+            black_box(deep(black_box(10_000_000)));
+        }
+        // An out-of-bounds read that is not the stack: must not be called a stack overflow.
+        "oob" => {
+            black_box(unsafe { core::ptr::read_volatile(black_box(0x7000_0000usize) as *const u8) });
+        }
+        "wasmdeep" => {
+            black_box(wasm_deep(0));
+        }
+        // `N`: N pollables, never dropped.
+        "resources" => {
+            for _ in 0..arg(0, 1_000_000) {
+                black_box(unsafe { subscribe_duration(1) });
+            }
+        }
+        "ok" => publish("hostile.out.ok", b"ok").map_err(|e| refused("publish", e))?,
+        other => return Err(HandlerError::reject(format!("unknown attack {other:?}"))),
+    }
+    Ok(())
+}
