@@ -226,10 +226,11 @@ pub fn without_covered(patterns: &[String]) -> Vec<String> {
 }
 
 /// Whether a subject (or a pattern's first token) is a system subject: it starts with `$`
-/// (`$SYS`, `$JS`, `$KV`, `$O`, `$MQTT`, ...: NATS reserves them) or `_INBOX` (replies). The one
-/// rule for what no plugin may publish or subscribe to and the HTTP ingress refuses.
+/// (`$SYS`, `$JS`, `$KV`, `$O`, `$MQTT`, ...: NATS reserves them) or its first token is `_INBOX`
+/// (replies; `_INBOXES.x` is an ordinary subject). The one rule for what no plugin may publish or
+/// subscribe to and the HTTP ingress refuses.
 pub fn is_system_subject(subject: &str) -> bool {
-    subject.starts_with('$') || subject.starts_with("_INBOX")
+    subject.starts_with('$') || subject.split('.').next() == Some("_INBOX")
 }
 
 /// Whether a subject is a dead letter by the default naming (`plugbus.dlq.<something>`).
@@ -300,10 +301,10 @@ mod tests {
 
     #[test]
     fn system_reach_is_detected() {
-        for p in ["$SYS.>", "$JS.API.x", "_INBOX.*", "$KV.plugbus_other.>", "$O.x", "$G", "_INBOX_custom.x"] {
+        for p in ["$SYS.>", "$JS.API.x", "_INBOX.*", "$KV.plugbus_other.>", "$O.x", "$G", "_INBOX"] {
             assert!(Pattern::parse(p).unwrap().reaches_system(), "{p}");
         }
-        for p in ["orders.>", "inventory.*", "a", ">", "*.>", "*.*", "x.$SYS"] {
+        for p in ["orders.>", "inventory.*", "a", ">", "*.>", "*.*", "x.$SYS", "_INBOXES.x"] {
             assert!(!Pattern::parse(p).unwrap().reaches_system(), "{p}");
         }
         assert!(is_system_subject("$SYS.x"));

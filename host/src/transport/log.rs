@@ -26,6 +26,9 @@ const IDS: TableDefinition<&str, u64> = TableDefinition::new("ids");
 /// "next_seq" → the next sequence number.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
+/// redb's page cache for the log: what the host holds in memory for it, whatever its size on disk.
+const LOG_CACHE_BYTES: usize = 32 << 20;
+
 /// The most operations one commit takes.
 const MAX_BATCH: usize = 4096;
 
@@ -241,7 +244,8 @@ impl DurableLog {
 fn open_when_free(path: &Path) -> Result<Database, redb::DatabaseError> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     loop {
-        match Database::create(path) {
+        // redb's page cache would otherwise grow with what is written (up to 1 GiB).
+        match redb::Builder::new().set_cache_size(LOG_CACHE_BYTES).create(path) {
             Err(redb::DatabaseError::DatabaseAlreadyOpen) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
