@@ -59,7 +59,7 @@ impl Mode {
 
 /// The scenarios this harness implements, in the order they run.
 const SCENARIOS: &[&str] =
-    &["embedded-1", "reuse", "fanout-10", "keyed", "nats-core", "jetstream", "reload", "cold-start", "memory"];
+    &["embedded-1", "embedded-durable", "reuse", "fanout-10", "keyed", "nats-core", "jetstream", "reload", "cold-start", "memory"];
 /// Scenarios of BENCH.md not measured here yet.
 const NOT_YET: &[&str] = &[];
 

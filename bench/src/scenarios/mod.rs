@@ -2,6 +2,7 @@
 //! share.
 
 mod cold_start;
+mod durable;
 mod embedded;
 mod fanout;
 mod jetstream;
@@ -21,6 +22,7 @@ use plugbus::Event;
 pub async fn run(id: &str, mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
     let mut row = match id {
         "embedded-1" => embedded::run(mode, handler).await?,
+        "embedded-durable" => durable::run(mode, handler).await?,
         "fanout-10" => fanout::run(mode, handler).await?,
         "keyed" => keyed::run(mode, handler).await?,
         "nats-core" => nats_core::run(mode, handler).await?,
@@ -62,7 +64,24 @@ pub async fn host_run(
     keys: Option<u64>,
     check: impl FnMut(&Out),
 ) -> anyhow::Result<HostRun> {
-    let bench = BenchHost::start(handler, plugins, |c| c.flow.queue = c.flow.queue.max(2 * window)).await?;
+    host_run_with(mode, handler, plugins, window, keys, check, |_| {}).await
+}
+
+/// Like [`host_run`], with a chance to change the host's config.
+pub async fn host_run_with(
+    mode: Mode,
+    handler: &[u8],
+    plugins: usize,
+    window: usize,
+    keys: Option<u64>,
+    check: impl FnMut(&Out),
+    tweak: impl FnOnce(&mut plugbus::Config),
+) -> anyhow::Result<HostRun> {
+    let bench = BenchHost::start(handler, plugins, |c| {
+        c.flow.queue = c.flow.queue.max(2 * window);
+        tweak(c);
+    })
+    .await?;
     let mut outputs = bench.host.observe(&["bench.out.>"]).await?;
     let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
     let make = |seq| match keys {

@@ -1,0 +1,42 @@
+//! `embedded-durable`: embedded-1's workload with the durable event log at the default
+//! `bus.sync = "always"` (every accepted event committed and fsynced before `publish` returns;
+//! appends waiting together share one commit). Baseline: the in-memory embedded-1 of the same
+//! run. Latency is from `Host::publish` (what `POST /v1/events` calls) to the output.
+//! `sync_none` is the same with `bus.sync = "none"`: what the fsync itself costs.
+
+use super::{HostRun, WINDOW, host_run, host_run_with};
+use crate::Mode;
+use crate::report::Row;
+use plugbus::transport::log::SyncPolicy;
+use std::collections::BTreeMap;
+
+pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
+    let memory = host_run(mode, handler, 1, WINDOW, None, |_| {}).await?.load;
+    let HostRun { load, retried, dead_lettered, .. } =
+        host_run_with(mode, handler, 1, WINDOW, None, |_| {}, |c| c.bus.durable = true).await?;
+    let idle = host_run_with(mode, handler, 1, 1, None, |_| {}, |c| c.bus.durable = true).await?.load;
+    let no_sync = host_run_with(mode, handler, 1, WINDOW, None, |_| {}, |c| {
+        c.bus.durable = true;
+        c.bus.sync = SyncPolicy::None;
+    })
+    .await?
+    .load;
+    let rate = load.rate();
+    Ok(Row {
+        events_per_s: Some(rate),
+        p50_us: Some(load.percentile_us(50)),
+        p99_us: Some(load.percentile_us(99)),
+        baseline: "in-memory embedded-1".into(),
+        baseline_value: Some(memory.rate()),
+        ratio: Some(rate / memory.rate()),
+        extra: BTreeMap::from([
+            ("idle_p50_us".into(), idle.percentile_us(50)),
+            ("idle_p99_us".into(), idle.percentile_us(99)),
+            ("sync_none".into(), no_sync.rate()),
+            ("sync_none_vs_memory".into(), no_sync.rate() / memory.rate()),
+            ("retried".into(), retried as f64),
+            ("dead_lettered".into(), dead_lettered as f64),
+        ]),
+        ..Row::default()
+    })
+}
