@@ -84,8 +84,12 @@ pub fn plugins_dir(bytes: &[u8], n: usize) -> anyhow::Result<tempfile::TempDir> 
 /// The config every bench host uses: no HTTP API, state in `data_dir` (a temp dir, so the
 /// compile cache, if the host has one, starts empty).
 pub fn config(plugins: &Path, data_dir: &Path) -> Config {
-    let mut config =
-        Config { plugins_dir: plugins.to_path_buf(), data_dir: data_dir.to_path_buf(), http: None, ..Config::default() };
+    let mut config = Config {
+        plugins_dir: plugins.to_path_buf(),
+        data_dir: data_dir.to_path_buf(),
+        http: None,
+        ..Config::default()
+    };
     // The scenarios measure the in-memory embedded bus unless they ask for the durable log
     // (embedded-durable compares the two).
     config.bus.durable = false;

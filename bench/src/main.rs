@@ -58,8 +58,18 @@ impl Mode {
 }
 
 /// The scenarios this harness implements, in the order they run.
-const SCENARIOS: &[&str] =
-    &["embedded-1", "embedded-durable", "reuse", "fanout-10", "keyed", "nats-core", "jetstream", "reload", "cold-start", "memory"];
+const SCENARIOS: &[&str] = &[
+    "embedded-1",
+    "embedded-durable",
+    "reuse",
+    "fanout-10",
+    "keyed",
+    "nats-core",
+    "jetstream",
+    "reload",
+    "cold-start",
+    "memory",
+];
 /// Scenarios of BENCH.md not measured here yet.
 const NOT_YET: &[&str] = &[];
 

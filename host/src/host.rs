@@ -51,8 +51,8 @@ impl Host {
             None => {
                 let transport = if config.bus.durable {
                     let path = config.data_dir.join("bus.redb");
-                    let log =
-                        DurableLog::open(&path, config.bus.sync).context("opening the embedded bus's event log")?;
+                    let log = DurableLog::open_with(&path, config.bus.sync, config.bus.retention.clone())
+                        .context("opening the embedded bus's event log")?;
                     EmbeddedBus::durable(log)
                 } else {
                     EmbeddedBus::new()

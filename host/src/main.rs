@@ -268,7 +268,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Inspect { file, json, config } => {
             let config = Config::load(config.as_deref())?;
-            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            // The loader's own reader: a regular file (or a symlink to one) of at most
+            // max_wasm_bytes; a FIFO or device is refused, never waited on.
+            let bytes = plugbus::loader::read_plugin_file(&file, config.max_wasm_bytes)
+                .with_context(|| format!("reading {}", file.display()))?;
             let sandbox = plugbus::sandbox::Sandbox::new(plugbus::sandbox::SandboxSettings {
                 max_instances: 4,
                 ..config.sandbox.clone()

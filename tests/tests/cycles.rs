@@ -32,6 +32,8 @@ async fn a_plugin_feeding_its_own_subject_finishes_every_branch() {
     const DEPTH: u32 = 7;
     let t = TestHost::start_with(&["cycler"], |c| c.flow = Flow { concurrency: 4, queue: 16, ..Flow::default() }).await;
     let mut leaves = t.observe(&["tree.leaf"]).await;
+    let before = rss_mib();
+    let started = std::time::Instant::now();
     let client = reqwest::Client::new();
     let url = format!("{}/v1/events/tree.node", t.url());
     let posts = (0..ROOTS).map(|i| {
@@ -51,6 +53,12 @@ async fn a_plugin_feeding_its_own_subject_finishes_every_branch() {
     assert!(per_root.values().all(|n| *n == want), "every branch finished once: {per_root:?}");
     let nodes = (ROOTS * ((1usize << (DEPTH + 1)) - 1)) as u64;
     t.wait_counter("cycler", "ok", nodes).await;
+    let grown = rss_mib().saturating_sub(before);
+    eprintln!(
+        "cycle burst: {nodes} node events through a queue of 16 in {:?}; RSS grew {grown} MiB",
+        started.elapsed()
+    );
+    assert!(grown < 256, "RSS grew by {grown} MiB during the cycle burst");
     assert_eq!(t.counter("cycler", "dead_lettered"), 0);
     assert!(t.host.dead_letters().list(None).is_empty());
 }

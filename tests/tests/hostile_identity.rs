@@ -359,3 +359,32 @@ async fn a_cache_key_others_can_read_is_replaced_and_everything_recompiled() {
     assert_ne!(std::fs::read(&key).unwrap(), old, "a key others could read was kept");
     second.shutdown().await;
 }
+
+#[test]
+fn inspect_refuses_a_fifo_instead_of_hanging_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe.wasm");
+    mkfifo(&fifo);
+    let mut child = Command::new(plugbus_bin())
+        .arg("inspect")
+        .arg(&fifo)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("plugbus inspect hung on a FIFO");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!status.success());
+    assert!(stderr.contains("FIFO"), "{stderr}");
+}

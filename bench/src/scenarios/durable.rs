@@ -1,24 +1,35 @@
 //! `embedded-durable`: embedded-1's workload with the durable event log at the default
 //! `bus.sync = "always"` (every accepted event committed and fsynced before `publish` returns;
 //! appends waiting together share one commit). Baseline: the in-memory embedded-1 of the same
-//! run. Latency is from `Host::publish` (what `POST /v1/events` calls) to the output.
+//! run, with the same producers: a task per event, as concurrent HTTP clients are (each waits
+//! for its own `202`). Latency is from the publish (what `POST /v1/events` calls) to the output.
 //! `sync_none` is the same with `bus.sync = "none"`: what the fsync itself costs.
 
-use super::{HostRun, WINDOW, host_run, host_run_with};
+use super::{HostRun, Producers, WINDOW, host_run_by};
 use crate::Mode;
 use crate::report::Row;
 use plugbus::transport::log::SyncPolicy;
 use std::collections::BTreeMap;
 
 pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
-    let memory = host_run(mode, handler, 1, WINDOW, None, |_| {}).await?.load;
+    let by = Producers::PerEvent;
+    let memory = host_run_by(mode, handler, 1, WINDOW, None, |_| {}, |_| {}, by).await?.load;
     let HostRun { load, retried, dead_lettered, .. } =
-        host_run_with(mode, handler, 1, WINDOW, None, |_| {}, |c| c.bus.durable = true).await?;
-    let idle = host_run_with(mode, handler, 1, 1, None, |_| {}, |c| c.bus.durable = true).await?.load;
-    let no_sync = host_run_with(mode, handler, 1, WINDOW, None, |_| {}, |c| {
-        c.bus.durable = true;
-        c.bus.sync = SyncPolicy::None;
-    })
+        host_run_by(mode, handler, 1, WINDOW, None, |_| {}, |c| c.bus.durable = true, by).await?;
+    let idle = host_run_by(mode, handler, 1, 1, None, |_| {}, |c| c.bus.durable = true, by).await?.load;
+    let no_sync = host_run_by(
+        mode,
+        handler,
+        1,
+        WINDOW,
+        None,
+        |_| {},
+        |c| {
+            c.bus.durable = true;
+            c.bus.sync = SyncPolicy::None;
+        },
+        by,
+    )
     .await?
     .load;
     let rate = load.rate();

@@ -67,6 +67,16 @@ pub async fn host_run(
     host_run_with(mode, handler, plugins, window, keys, check, |_| {}).await
 }
 
+/// How the closed loop hands events to the host.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Producers {
+    /// One producer: each publish returns before the next is made.
+    One,
+    /// A producer per event (as concurrent HTTP clients are): each publish runs in a task of its
+    /// own, so publishes waiting for the durable log's commit share it (group commit).
+    PerEvent,
+}
+
 /// Like [`host_run`], with a chance to change the host's config.
 pub async fn host_run_with(
     mode: Mode,
@@ -76,6 +86,21 @@ pub async fn host_run_with(
     keys: Option<u64>,
     check: impl FnMut(&Out),
     tweak: impl FnOnce(&mut plugbus::Config),
+) -> anyhow::Result<HostRun> {
+    host_run_by(mode, handler, plugins, window, keys, check, tweak, Producers::One).await
+}
+
+/// Like [`host_run_with`], with the producers as `producers` says.
+#[allow(clippy::too_many_arguments)]
+pub async fn host_run_by(
+    mode: Mode,
+    handler: &[u8],
+    plugins: usize,
+    window: usize,
+    keys: Option<u64>,
+    check: impl FnMut(&Out),
+    tweak: impl FnOnce(&mut plugbus::Config),
+    producers: Producers,
 ) -> anyhow::Result<HostRun> {
     let bench = BenchHost::start(handler, plugins, |c| {
         c.flow.queue = c.flow.queue.max(2 * window);
@@ -96,7 +121,24 @@ pub async fn host_run_with(
         }
     };
     let host = &bench.host;
-    let publish = |ev| async move { host.publish(ev).await };
+    let transport = host.transport().clone();
+    let publish = |ev| {
+        let transport = transport.clone();
+        async move {
+            match producers {
+                Producers::One => host.publish(ev).await,
+                Producers::PerEvent => {
+                    // The loop counts outputs, so a publish that failed shows as a stall.
+                    tokio::spawn(async move {
+                        if let Err(e) = transport.publish(ev).await {
+                            eprintln!("publish failed: {e}");
+                        }
+                    });
+                    Ok(())
+                }
+            }
+        }
+    };
     let load = driver::closed_loop(mode, window, plugins as u32, &mut outputs, make, publish, check).await?;
     let run = HostRun {
         load,

@@ -314,9 +314,26 @@ impl Transport for EmbeddedBus {
             let state = sub.overflow.state.lock().expect("overflow poisoned");
             sub.overflow.check_room(&state, &sub.tx, cost)?;
         }
-        let Some(logged) = self.append(&event, &targets, true).await? else {
-            // Logged before (the same output of a re-run after a crash): delivered then.
-            return Ok(());
+        // An output of an event delivered for the first time cannot be in the log yet.
+        let first_time_output = match (&self.log, event.header("plugbus-caused-by")) {
+            (Some(log), Some(input)) => !log.was_redelivered(input),
+            _ => false,
+        };
+        let logged = match &self.log {
+            // Logged without waiting for the commit: the ack of its input is sent after it, so
+            // it never commits before it.
+            Some(log) if first_time_output => {
+                let plugins = targets.iter().map(|s| s.plugin.clone()).collect();
+                Logged(Some(
+                    log.append_nowait(event.clone(), plugins).map_err(|e| TransportError::Broker(e.to_string()))?,
+                ))
+            }
+            // A dead letter, or an output of an event run again after a restart: it may be in
+            // the log already, and then it is not delivered again.
+            _ => match self.append(&event, &targets, true).await? {
+                Some(logged) => logged,
+                None => return Ok(()),
+            },
         };
         for sub in &targets {
             let mut state = sub.overflow.state.lock().expect("overflow poisoned");

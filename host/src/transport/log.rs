@@ -23,7 +23,9 @@ const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const PENDING: TableDefinition<(&str, u64), ()> = TableDefinition::new("pending");
 /// "source\0id" → seq, for outputs: a re-published output is kept once.
 const IDS: TableDefinition<&str, u64> = TableDefinition::new("ids");
-/// "next_seq" → the next sequence number.
+/// seq → how many plugins have not settled it (absent: none); retention never drops these.
+const REFS: TableDefinition<u64, u32> = TableDefinition::new("refs");
+/// "next_seq" → the next sequence number; "bytes" → the bytes of the records kept.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// redb's page cache for the log: what the host holds in memory for it, whatever its size on disk.
@@ -57,11 +59,32 @@ pub struct BusSettings {
     pub durable: bool,
     /// When an append is on disk: `always` (default), `batch` or `none`.
     pub sync: SyncPolicy,
+    /// How much history the log keeps for replays.
+    pub retention: Retention,
 }
 
 impl Default for BusSettings {
     fn default() -> Self {
-        Self { durable: true, sync: SyncPolicy::Always }
+        Self { durable: true, sync: SyncPolicy::Always, retention: Retention::default() }
+    }
+}
+
+/// `[bus.retention]`: settled events older than `max_age`, or the oldest settled ones beyond
+/// `max_mib`, are dropped from the log (logged and counted). An event some plugin has not
+/// settled is never dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Retention {
+    /// Keep settled events this long (`"7d"`, `"12h"`).
+    #[serde(with = "humantime_serde")]
+    pub max_age: std::time::Duration,
+    /// Keep at most this many MiB of records.
+    pub max_mib: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self { max_age: std::time::Duration::from_secs(7 * 24 * 3600), max_mib: 1024 }
     }
 }
 
@@ -109,10 +132,13 @@ pub enum LogError {
 
 enum Op {
     Append {
+        seq: u64,
         event: Arc<Event>,
         plugins: Vec<Arc<str>>,
         dedupe: bool,
-        done: oneshot::Sender<Result<Appended, LogError>>,
+        /// `None`: nobody waits (a handler's output: the ack of its input comes later on the same
+        /// channel, so it never commits before the output).
+        done: Option<oneshot::Sender<Result<Appended, LogError>>>,
     },
     Ack {
         plugin: Arc<str>,
@@ -137,6 +163,11 @@ pub struct DurableLog {
     db: Arc<Database>,
     path: PathBuf,
     ops: std_mpsc::Sender<Op>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+    /// The next sequence number, handed out when an append is sent.
+    next_seq: std::sync::atomic::AtomicU64,
+    /// Ids of the events redelivered at start: their outputs may be in the log already.
+    redelivered: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// One unsettled delivery read back at start.
@@ -150,6 +181,11 @@ pub struct Unsettled {
 impl DurableLog {
     /// Opens (or creates) the log at `path` and starts its writer thread.
     pub fn open(path: &Path, sync: SyncPolicy) -> Result<Arc<Self>, LogError> {
+        Self::open_with(path, sync, Retention::default())
+    }
+
+    /// Like [`DurableLog::open`], keeping history as `retention` says.
+    pub fn open_with(path: &Path, sync: SyncPolicy, retention: Retention) -> Result<Arc<Self>, LogError> {
         let open_err = |why: String| LogError::Open { path: path.to_path_buf(), why };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| open_err(format!("creating {}: {e}", dir.display())))?;
@@ -164,16 +200,37 @@ impl DurableLog {
             w.open_table(PENDING).map_err(|e| open_err(e.to_string()))?;
             w.open_table(IDS).map_err(|e| open_err(e.to_string()))?;
             w.open_table(META).map_err(|e| open_err(e.to_string()))?;
+            w.open_table(REFS).map_err(|e| open_err(e.to_string()))?;
         }
         w.commit().map_err(|e| open_err(e.to_string()))?;
+        let next_seq = {
+            let r = db.begin_read().map_err(|e| open_err(e.to_string()))?;
+            let meta = r.open_table(META).map_err(|e| open_err(e.to_string()))?;
+            meta.get("next_seq").map_err(|e| open_err(e.to_string()))?.map_or(1, |v| v.value())
+        };
         let db = Arc::new(db);
         let (ops, rx) = std_mpsc::channel();
-        let writer = Writer { db: db.clone(), path: path.to_path_buf(), sync };
+        let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let writer = Writer {
+            db: db.clone(),
+            path: path.to_path_buf(),
+            sync,
+            retention,
+            dropped: dropped.clone(),
+            poisoned: false.into(),
+        };
         std::thread::Builder::new()
             .name("plugbus-log".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| LogError::Io { path: path.to_path_buf(), why: format!("starting the writer: {e}") })?;
-        Ok(Arc::new(Self { db, path: path.to_path_buf(), ops }))
+        Ok(Arc::new(Self {
+            db,
+            path: path.to_path_buf(),
+            ops,
+            dropped,
+            next_seq: next_seq.into(),
+            redelivered: Default::default(),
+        }))
     }
 
     /// Appends `event` with a pending delivery for each of `plugins`; returns once it is
@@ -181,8 +238,24 @@ impl DurableLog {
     /// appended before is not appended again.
     pub async fn append(&self, event: Arc<Event>, plugins: Vec<Arc<str>>, dedupe: bool) -> Result<Appended, LogError> {
         let (done, wait) = oneshot::channel();
-        self.ops.send(Op::Append { event, plugins, dedupe, done }).map_err(|_| LogError::Closed)?;
+        let seq = self.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.ops.send(Op::Append { seq, event, plugins, dedupe, done: Some(done) }).map_err(|_| LogError::Closed)?;
         wait.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Appends a handler's output without waiting for the commit; returns its sequence number.
+    /// Safe because the log commits in the order it is sent: the ack of the input that caused
+    /// it (and of the output itself, downstream) is sent later, so neither commits before it.
+    pub fn append_nowait(&self, event: Arc<Event>, plugins: Vec<Arc<str>>) -> Result<u64, LogError> {
+        let seq = self.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.ops.send(Op::Append { seq, event, plugins, dedupe: true, done: None }).map_err(|_| LogError::Closed)?;
+        Ok(seq)
+    }
+
+    /// Whether the event with this id was redelivered at start (its outputs may be logged).
+    pub fn was_redelivered(&self, id: &str) -> bool {
+        let redelivered = self.redelivered.lock().expect("redelivered poisoned");
+        !redelivered.is_empty() && redelivered.contains(id)
     }
 
     /// Settles `plugin`'s delivery of `seq` (handled or dead-lettered): it is not delivered again.
@@ -196,6 +269,11 @@ impl DurableLog {
         let (done, wait) = oneshot::channel();
         self.ops.send(Op::Sync { done }).map_err(|_| LogError::Closed)?;
         wait.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Events retention dropped since the log was opened.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Up to `limit` events from sequence number `from` on, oldest first.
@@ -235,6 +313,7 @@ impl DurableLog {
                 decode(stored.value()).map_err(|why| LogError::Corrupt { path: self.path.clone(), seq, why })?;
             out.push(Unsettled { seq, event: Arc::new(event) });
         }
+        self.redelivered.lock().expect("redelivered poisoned").extend(out.iter().map(|u| u.event.id.clone()));
         Ok(out)
     }
 }
@@ -258,13 +337,28 @@ struct Writer {
     db: Arc<Database>,
     path: PathBuf,
     sync: SyncPolicy,
+    retention: Retention,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+    /// Set when a commit holding outputs nobody waited for failed: committing anything later
+    /// (the ack of their input) could settle an event whose outputs are not in the log.
+    poisoned: std::sync::atomic::AtomicBool,
 }
+
+/// Answers to the ops of one batch, sent once it committed (or failed).
+type Answers = Vec<(oneshot::Sender<Result<Appended, LogError>>, Appended)>;
 
 impl Writer {
     fn run(self, rx: std_mpsc::Receiver<Op>) {
         let mut last_sync = std::time::Instant::now();
+        let mut last_trim = std::time::Instant::now();
         let mut unsynced = false;
         loop {
+            if last_trim.elapsed() >= std::time::Duration::from_secs(1) {
+                last_trim = std::time::Instant::now();
+                if let Err(why) = self.trim() {
+                    tracing::error!(log = %self.path.display(), "event log retention failed: {why}");
+                }
+            }
             let first = match rx.recv_timeout(std::time::Duration::from_millis(100)) {
                 Ok(op) => op,
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {
@@ -304,11 +398,67 @@ impl Writer {
         let _ = self.commit(Vec::new(), true);
     }
 
+    /// Drops settled events beyond the retention (older than `max_age`, or the oldest beyond
+    /// `max_mib`), with their output ids; never one a plugin has not settled.
+    fn trim(&self) -> Result<(), String> {
+        let max_bytes = self.retention.max_mib.saturating_mul(1 << 20);
+        let cutoff = unix_ms().saturating_sub(self.retention.max_age.as_millis() as u64);
+        let mut w = self.db.begin_write().map_err(|e| e.to_string())?;
+        w.set_durability(redb::Durability::None).map_err(|e| e.to_string())?;
+        let (mut dropped, mut freed, mut first, mut last) = (0u64, 0u64, None, 0);
+        {
+            let mut events = w.open_table(EVENTS).map_err(|e| e.to_string())?;
+            let mut ids = w.open_table(IDS).map_err(|e| e.to_string())?;
+            let refs = w.open_table(REFS).map_err(|e| e.to_string())?;
+            let mut meta = w.open_table(META).map_err(|e| e.to_string())?;
+            let mut bytes = meta.get("bytes").map_err(|e| e.to_string())?.map_or(0, |v| v.value());
+            let mut doomed = Vec::new();
+            for row in events.iter().map_err(|e| e.to_string())? {
+                let (seq, stored) = row.map_err(|e| e.to_string())?;
+                let (seq, stored) = (seq.value(), stored.value());
+                let old = appended_ms(stored).is_none_or(|t| t < cutoff);
+                if !old && bytes <= max_bytes {
+                    break;
+                }
+                if refs.get(seq).map_err(|e| e.to_string())?.is_some() {
+                    continue;
+                }
+                bytes = bytes.saturating_sub(stored.len() as u64);
+                freed += stored.len() as u64;
+                let key = decode(stored).ok().map(|ev| format!("{}\u{0}{}", ev.source, ev.id));
+                doomed.push((seq, key));
+            }
+            for (seq, key) in doomed {
+                events.remove(seq).map_err(|e| e.to_string())?;
+                if let Some(key) = key
+                    && ids.get(key.as_str()).map_err(|e| e.to_string())?.is_some_and(|v| v.value() == seq)
+                {
+                    ids.remove(key.as_str()).map_err(|e| e.to_string())?;
+                }
+                first.get_or_insert(seq);
+                last = seq;
+                dropped += 1;
+            }
+            meta.insert("bytes", bytes).map_err(|e| e.to_string())?;
+        }
+        w.commit().map_err(|e| e.to_string())?;
+        if let Some(first) = first {
+            self.dropped.fetch_add(dropped, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(log = %self.path.display(), dropped, bytes = freed, first_seq = first, last_seq = last,
+                "retention dropped settled events (bus.retention)");
+        }
+        Ok(())
+    }
+
     /// Commits one batch; answers every op in it. `Err` when the commit failed (each op was told).
     fn commit(&self, batch: Vec<Op>, durable: bool) -> Result<(), ()> {
-        let mut answers: Vec<(oneshot::Sender<Result<Appended, LogError>>, Appended)> = Vec::new();
+        let mut answers: Answers = Vec::new();
+        let mut unanswered = 0usize;
         let mut syncs = Vec::new();
         let result = (|| -> Result<(), String> {
+            if self.poisoned.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err("an earlier commit holding handlers' outputs failed: nothing is settled until the host restarts (the unsettled events then run again)".into());
+            }
             let mut w = self.db.begin_write().map_err(|e| e.to_string())?;
             w.set_durability(if durable { redb::Durability::Immediate } else { redb::Durability::None })
                 .map_err(|e| e.to_string())?;
@@ -317,36 +467,57 @@ impl Writer {
                 let mut pending = w.open_table(PENDING).map_err(|e| e.to_string())?;
                 let mut ids = w.open_table(IDS).map_err(|e| e.to_string())?;
                 let mut meta = w.open_table(META).map_err(|e| e.to_string())?;
+                let mut refs = w.open_table(REFS).map_err(|e| e.to_string())?;
                 let mut next = meta.get("next_seq").map_err(|e| e.to_string())?.map_or(1, |v| v.value());
+                let mut bytes = meta.get("bytes").map_err(|e| e.to_string())?.map_or(0, |v| v.value());
+                let now_ms = unix_ms();
                 let mut record = Vec::new();
                 for op in batch {
                     match op {
-                        Op::Append { event, plugins, dedupe, done } => {
+                        Op::Append { seq, event, plugins, dedupe, done } => {
                             let key = format!("{}\u{0}{}", event.source, event.id);
                             if dedupe && ids.get(key.as_str()).map_err(|e| e.to_string())?.is_some() {
-                                answers.push((done, Appended::Duplicate));
+                                match done {
+                                    Some(done) => answers.push((done, Appended::Duplicate)),
+                                    None => tracing::warn!(log = %self.path.display(), event_id = %event.id,
+                                        "an output logged before was delivered again"),
+                                }
                                 continue;
                             }
-                            let seq = next;
-                            next += 1;
+                            next = next.max(seq + 1);
                             record.clear();
-                            encode(&event, &mut record);
+                            encode(&event, now_ms, &mut record);
                             events.insert(seq, record.as_slice()).map_err(|e| e.to_string())?;
+                            bytes += record.len() as u64;
+                            if !plugins.is_empty() {
+                                refs.insert(seq, plugins.len() as u32).map_err(|e| e.to_string())?;
+                            }
                             if dedupe {
                                 ids.insert(key.as_str(), seq).map_err(|e| e.to_string())?;
                             }
                             for p in &plugins {
                                 pending.insert((&**p, seq), ()).map_err(|e| e.to_string())?;
                             }
-                            answers.push((done, Appended::At(seq)));
+                            match done {
+                                Some(done) => answers.push((done, Appended::At(seq))),
+                                None => unanswered += 1,
+                            }
                         }
                         Op::Ack { plugin, seq } => {
-                            pending.remove((&*plugin, seq)).map_err(|e| e.to_string())?;
+                            if pending.remove((&*plugin, seq)).map_err(|e| e.to_string())?.is_some() {
+                                let left = refs.get(seq).map_err(|e| e.to_string())?.map_or(0, |v| v.value());
+                                if left <= 1 {
+                                    refs.remove(seq).map_err(|e| e.to_string())?;
+                                } else {
+                                    refs.insert(seq, left - 1).map_err(|e| e.to_string())?;
+                                }
+                            }
                         }
                         Op::Sync { done } => syncs.push(done),
                     }
                 }
                 meta.insert("next_seq", next).map_err(|e| e.to_string())?;
+                meta.insert("bytes", bytes).map_err(|e| e.to_string())?;
             }
             w.commit().map_err(|e| e.to_string())
         })();
@@ -361,7 +532,10 @@ impl Writer {
                 Ok(())
             }
             Err(why) => {
-                tracing::error!(log = %self.path.display(), "event log commit failed: {why}");
+                tracing::error!(log = %self.path.display(), outputs_not_logged = unanswered, "event log commit failed: {why}");
+                if unanswered > 0 {
+                    self.poisoned.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 for (done, _) in answers {
                     let _ = done.send(Err(LogError::Io { path: self.path.clone(), why: why.clone() }));
                 }
@@ -374,8 +548,9 @@ impl Writer {
     }
 }
 
-/// The record format of one event: a version byte, then each field as a little-endian `u32`
-/// length and its bytes (`datacontenttype` and `reply_to` with a presence byte first).
+/// The record format of one event: a version byte, the append time (unix ms, `u64` LE), then
+/// each field as a little-endian `u32` length and its bytes (`datacontenttype` and `reply_to`
+/// with a presence byte first).
 const RECORD_VERSION: u8 = 1;
 
 fn put(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -393,8 +568,18 @@ fn put_opt(out: &mut Vec<u8>, value: Option<&str>) {
     }
 }
 
-fn encode(ev: &Event, out: &mut Vec<u8>) {
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// When the record was appended.
+fn appended_ms(stored: &[u8]) -> Option<u64> {
+    stored.get(1..9).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+}
+
+fn encode(ev: &Event, appended_ms: u64, out: &mut Vec<u8>) {
     out.push(RECORD_VERSION);
+    out.extend_from_slice(&appended_ms.to_le_bytes());
     for field in [&ev.id, &ev.source, &ev.ty, &ev.subject, &ev.time] {
         put(out, field.as_bytes());
     }
@@ -444,6 +629,7 @@ fn decode(stored: &[u8]) -> Result<Event, String> {
     if version != RECORD_VERSION {
         return Err(format!("unknown record version {version}"));
     }
+    r.take(8)?;
     let (id, source, ty, subject, time) = (r.string()?, r.string()?, r.string()?, r.string()?, r.string()?);
     let (datacontenttype, reply_to) = (r.opt()?, r.opt()?);
     let n = r.u32()?;
@@ -472,7 +658,7 @@ mod tests {
     fn records_round_trip_and_damage_is_named() {
         let ev = sample();
         let mut buf = Vec::new();
-        encode(&ev, &mut buf);
+        encode(&ev, 1, &mut buf);
         assert_eq!(decode(&buf).unwrap(), ev);
         assert!(decode(&buf[..buf.len() - 1]).unwrap_err().contains("ends 1 bytes early"));
         buf[0] = 9;
@@ -515,6 +701,38 @@ mod tests {
         assert_eq!(log.append(out.clone(), vec!["p".into()], true).await.unwrap(), Appended::At(1));
         assert_eq!(log.append(out, vec!["p".into()], true).await.unwrap(), Appended::Duplicate);
         assert_eq!(log.unsettled("p").unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn retention_drops_settled_history_and_never_an_unsettled_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention { max_age: std::time::Duration::ZERO, max_mib: 1024 };
+        let log = DurableLog::open_with(&dir.path().join("bus.redb"), SyncPolicy::Always, retention).unwrap();
+        let p: Arc<str> = "p".into();
+        log.append(Arc::new(sample()), vec![], false).await.unwrap();
+        let Appended::At(kept) = log.append(Arc::new(sample()), vec![p.clone()], false).await.unwrap() else {
+            panic!("appended")
+        };
+        let out = Arc::new(sample());
+        log.append(out.clone(), vec![], true).await.unwrap();
+        let wait_dropped = |n: u64| {
+            let log = log.clone();
+            async move {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while log.dropped() < n {
+                    assert!(std::time::Instant::now() < deadline, "dropped {} of {n}", log.dropped());
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        };
+        wait_dropped(2).await;
+        let left: Vec<u64> = log.read(0, 10).unwrap().iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(left, vec![kept], "the unsettled event stays");
+        log.ack(p, kept);
+        wait_dropped(3).await;
+        assert!(log.read(0, 10).unwrap().is_empty());
+        // Its output id went with it: the same output may be logged again.
+        assert_eq!(log.append(out, vec![], true).await.unwrap(), Appended::At(4));
     }
 
     #[test]
