@@ -315,11 +315,13 @@ impl Logs {
         LOGS.get_or_init(|| {
             let logs = Logs(Arc::default());
             let writer = logs.clone();
-            tracing_subscriber::fmt()
-                .json()
-                .with_max_level(tracing::Level::DEBUG)
-                .with_writer(move || writer.clone())
-                .try_init()
+            use tracing_subscriber::layer::SubscriberExt;
+            // the host's own lines (debug included) and plugins' stdout/stderr, not wasmtime's
+            let only_ours = tracing_subscriber::filter::Targets::new()
+                .with_target("plugbus", tracing::Level::DEBUG)
+                .with_target("plugin", tracing::Level::INFO);
+            let subscriber = tracing_subscriber::fmt().json().with_writer(move || writer.clone()).finish().with(only_ours);
+            tracing::subscriber::set_global_default(subscriber)
                 .expect("installing the log capture (another global subscriber was set first)");
             logs
         })
