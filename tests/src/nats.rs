@@ -19,7 +19,14 @@ pub struct NatsServer {
 
 fn binary() -> PathBuf {
     let bin = std::env::var_os("NATS_SERVER_BIN").map(PathBuf::from).unwrap_or_else(|| "nats-server".into());
-    let ok = Command::new(&bin).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    let ok = Command::new(&bin)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
+        .and_then(|mut child| crate::wait_within(&mut child, Duration::from_secs(20)))
+        .is_some_and(|status| status.success());
     assert!(
         ok,
         "{} not found or not runnable: the NATS tests need a real server (scripts/test installs one with \
@@ -39,7 +46,7 @@ impl NatsServer {
         Self::start_with(&[]).await
     }
 
-    /// Starts a server with extra command-line arguments (e.g. `--user`, `--pass`).
+    /// Starts a server with extra command-line arguments (e.g. `--user`, `--pass`, `--auth`).
     pub async fn start_with(args: &[&str]) -> Self {
         let mut s = Self {
             child: None,
@@ -91,8 +98,9 @@ impl NatsServer {
 
     async fn connect(&self) -> Result<async_nats::Client, async_nats::ConnectError> {
         let arg = |name: &str| self.args.iter().position(|a| a == name).and_then(|i| self.args.get(i + 1)).cloned();
-        let options = match (arg("--user"), arg("--pass")) {
-            (Some(u), Some(p)) => async_nats::ConnectOptions::with_user_and_password(u, p),
+        let options = match (arg("--user"), arg("--pass"), arg("--auth")) {
+            (Some(u), Some(p), _) => async_nats::ConnectOptions::with_user_and_password(u, p),
+            (_, _, Some(token)) => async_nats::ConnectOptions::with_token(token),
             _ => async_nats::ConnectOptions::new(),
         };
         options.connect(self.url()).await
