@@ -741,3 +741,48 @@ async fn a_token_is_used_and_a_wrong_one_fails_the_start_clearly() {
     let err = format!("{:#}", start("wrong").await.err().expect("a wrong token fails"));
     assert!(err.contains("NATS") && err.to_lowercase().contains("auth"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creds_file_is_used_and_a_bad_one_fails_the_start_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let operator = plugbus_tests::nats::Operator::new();
+    let [conf, creds, stranger, garbage] =
+        ["server.conf", "host.creds", "stranger.creds", "garbage.creds"].map(|f| dir.path().join(f));
+    std::fs::write(&conf, operator.server_config()).unwrap();
+    std::fs::write(&creds, operator.user_creds("plugbus-host")).unwrap();
+    std::fs::write(&stranger, operator.stranger_creds("stranger")).unwrap();
+    std::fs::write(&garbage, "not a creds file").unwrap();
+    let client_creds = dir.path().join("client.creds");
+    std::fs::write(&client_creds, operator.user_creds("test-client")).unwrap();
+    let server = NatsServer::start_with_creds(&conf, &client_creds).await;
+
+    let start = async |creds: &std::path::Path, durable: bool| {
+        let plugins = tempfile::tempdir().unwrap();
+        std::fs::copy(wasm("echo"), plugins.path().join("echo.wasm")).unwrap();
+        let mut config = Config {
+            plugins_dir: plugins.path().into(),
+            data_dir: plugins.path().join("data"),
+            http: None,
+            ..Config::default()
+        };
+        config.nats.url = Some(server.url());
+        config.nats.creds = Some(creds.to_path_buf());
+        config.plugins.entry("echo".into()).or_default().durable = Some(durable);
+        plugbus::Host::start(config).await.map(|host| (host, plugins))
+    };
+    // the host's user of the account connects, and JetStream (a durable consumer) works for it
+    let (host, _plugins) = start(&creds, true).await.expect("the creds file connects");
+    assert!(host.transport().is_connected());
+    let client = server.client().await;
+    let mut echoes = client.subscribe("echo.orders.c").await.unwrap();
+    client.flush().await.unwrap();
+    let js = jetstream::new(client.clone());
+    js.publish("orders.c", "x".into()).await.unwrap().await.unwrap();
+    assert_eq!(next(&mut echoes).await.payload, "x");
+
+    // a user of an account the server does not trust is refused, and so is a file that is no creds
+    let err = format!("{:#}", start(&stranger, false).await.err().expect("a stranger's creds fail"));
+    assert!(err.contains("NATS") && err.to_lowercase().contains("auth"), "{err}");
+    let err = format!("{:#}", start(&garbage, false).await.err().expect("a garbage creds file fails"));
+    assert!(err.contains(&garbage.display().to_string()), "the error does not name the file: {err}");
+}
