@@ -320,7 +320,8 @@ impl Logs {
             let only_ours = tracing_subscriber::filter::Targets::new()
                 .with_target("plugbus", tracing::Level::DEBUG)
                 .with_target("plugin", tracing::Level::INFO);
-            let subscriber = tracing_subscriber::fmt().json().with_writer(move || writer.clone()).finish().with(only_ours);
+            let subscriber =
+                tracing_subscriber::fmt().json().with_writer(move || writer.clone()).finish().with(only_ours);
             tracing::subscriber::set_global_default(subscriber)
                 .expect("installing the log capture (another global subscriber was set first)");
             logs
@@ -336,10 +337,7 @@ impl Logs {
 
     /// The lines whose `fields` have every `(name, value)` of `fields`.
     pub fn with_fields(&self, fields: &[(&str, &str)]) -> Vec<serde_json::Value> {
-        self.lines()
-            .into_iter()
-            .filter(|l| fields.iter().all(|(k, v)| l["fields"][*k].as_str() == Some(*v)))
-            .collect()
+        self.lines().into_iter().filter(|l| fields.iter().all(|(k, v)| l["fields"][*k].as_str() == Some(*v))).collect()
     }
 }
 
@@ -358,7 +356,8 @@ impl std::io::Write for Logs {
 /// a component declare what no SDK build would, by rewriting a placeholder string in its data.
 pub fn patch_bytes(bytes: &[u8], from: &str, to: &str) -> Vec<u8> {
     assert_eq!(from.len(), to.len(), "a patch must keep the length: {from:?} -> {to:?}");
-    let hits: Vec<usize> = bytes.windows(from.len()).enumerate().filter(|(_, w)| *w == from.as_bytes()).map(|(i, _)| i).collect();
+    let hits: Vec<usize> =
+        bytes.windows(from.len()).enumerate().filter(|(_, w)| *w == from.as_bytes()).map(|(i, _)| i).collect();
     assert_eq!(hits.len(), 1, "{from:?} must occur exactly once in the component, found at {hits:?}");
     let mut out = bytes.to_vec();
     out[hits[0]..hits[0] + to.len()].copy_from_slice(to.as_bytes());
@@ -366,7 +365,11 @@ pub fn patch_bytes(bytes: &[u8], from: &str, to: &str) -> Vec<u8> {
 }
 
 /// Polls an async condition every 50 ms until it holds; fails the test after `timeout`.
-pub async fn eventually_async<F: std::future::Future<Output = bool>>(what: &str, timeout: Duration, cond: impl Fn() -> F) {
+pub async fn eventually_async<F: std::future::Future<Output = bool>>(
+    what: &str,
+    timeout: Duration,
+    cond: impl Fn() -> F,
+) {
     let deadline = tokio::time::Instant::now() + timeout;
     while !cond().await {
         assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting until {what}");

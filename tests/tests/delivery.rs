@@ -172,8 +172,8 @@ async fn order_per_key_holds_across_retries_while_keys_run_in_parallel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_applies_backpressure_and_loses_nothing() {
     const QUEUE: usize = 2;
-    let t = TestHost::start_with(&["faulty"], |c| c.flow = Flow { concurrency: 1, queue: QUEUE, ..Flow::default() })
-        .await;
+    let t =
+        TestHost::start_with(&["faulty"], |c| c.flow = Flow { concurrency: 1, queue: QUEUE, ..Flow::default() }).await;
     // slow events (300 ms each, one at a time): a bounded queue fills within a few publishes and
     // the next publish waits; an unbounded one would take them all at once
     let mut quick = 0;
@@ -190,7 +190,11 @@ async fn a_full_queue_applies_backpressure_and_loses_nothing() {
         let waited = Instant::now();
         tokio::time::timeout(Duration::from_secs(10), publish).await.expect("the paused publish completes");
         assert!(t.counter("faulty", "ok") >= 1, "the publish went through before any event was settled");
-        assert!(waited.elapsed() < Duration::from_secs(5), "paused for {:?}, far longer than one event", waited.elapsed());
+        assert!(
+            waited.elapsed() < Duration::from_secs(5),
+            "paused for {:?}, far longer than one event",
+            waited.elapsed()
+        );
         break;
     }
     assert!(quick >= QUEUE, "only {quick} publishes went through before the pause");

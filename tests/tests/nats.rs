@@ -661,12 +661,8 @@ async fn jetstream_streams_are_made_for_durable_subscriptions_unless_auto_stream
     let plugins = tempfile::tempdir().unwrap();
     std::fs::copy(wasm("faulty"), plugins.path().join("faulty.wasm")).unwrap();
     let data = tempfile::tempdir().unwrap();
-    let mut config = Config {
-        plugins_dir: plugins.path().into(),
-        data_dir: data.path().into(),
-        http: None,
-        ..Config::default()
-    };
+    let mut config =
+        Config { plugins_dir: plugins.path().into(), data_dir: data.path().into(), http: None, ..Config::default() };
     Bus::JetStream(&bare).configure(&mut config, &["faulty"]);
     config.nats.auto_streams = false;
     let err = format!("{:#}", plugbus::Host::start(config.clone()).await.err().expect("the start fails"));
@@ -674,8 +670,14 @@ async fn jetstream_streams_are_made_for_durable_subscriptions_unless_auto_stream
     let bare_js = jetstream::new(bare.client().await);
     assert!(bare_js.get_stream("PLUGBUS_FAULTY").await.is_err(), "a stream was made with auto_streams off");
     // declared streams are enough
-    config.nats.streams.insert("FAULTY".into(), plugbus::transport::nats::StreamDef { subjects: vec!["faulty.>".into()] });
-    config.nats.streams.insert("DLQ".into(), plugbus::transport::nats::StreamDef { subjects: vec!["plugbus.dlq.>".into()] });
+    config
+        .nats
+        .streams
+        .insert("FAULTY".into(), plugbus::transport::nats::StreamDef { subjects: vec!["faulty.>".into()] });
+    config
+        .nats
+        .streams
+        .insert("DLQ".into(), plugbus::transport::nats::StreamDef { subjects: vec!["plugbus.dlq.>".into()] });
     let host = plugbus::Host::start(config).await.expect("declared streams capture everything");
     assert!(host.router().contains("faulty"));
 }

@@ -245,7 +245,8 @@ mod reqwest {
                 s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
                 write!(
                     s,
-                    "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:{}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    self.0,
                     body.len()
                 )
                 .unwrap();

@@ -70,7 +70,11 @@ async fn every_fault_fails_only_its_event_with_the_cause_named() {
     // every event above was settled before its neighbour's outputs came: anything the flood or
     // the oversized output had let out would be here by now
     let escapes = escaped.drain(Duration::from_millis(200)).await;
-    assert!(escapes.is_empty(), "outputs of failed events escaped: {:?}", escapes.iter().map(|e| &e.subject).collect::<Vec<_>>());
+    assert!(
+        escapes.is_empty(),
+        "outputs of failed events escaped: {:?}",
+        escapes.iter().map(|e| &e.subject).collect::<Vec<_>>()
+    );
 
     // an event over max_event_bytes is dead-lettered unread: no attempt ran
     let attempts = t.counter("faulty", "attempts");
@@ -103,7 +107,8 @@ async fn a_chatty_plugin_is_cut_off_in_the_log_not_failed() {
     let printed: usize = (0..100_000).map(|i| format!("line {i} of a very chatty plugin\n").len()).sum();
     // the lines kept went to the log, tagged with the plugin and the event, up to the cap ...
     let kept = logs.with_fields(&[("plugin", "faulty"), ("event_id", id.as_str()), ("stream", "stdout")]);
-    let lines: Vec<&str> = kept.iter().filter(|l| l["target"] == "plugin").filter_map(|l| l["fields"]["message"].as_str()).collect();
+    let lines: Vec<&str> =
+        kept.iter().filter(|l| l["target"] == "plugin").filter_map(|l| l["fields"]["message"].as_str()).collect();
     assert_eq!(lines.first().copied(), Some("line 0 of a very chatty plugin"), "{kept:?}");
     // (the last line kept may be cut short, without its newline)
     let kept_bytes = lines.join("\n").len();
@@ -161,7 +166,8 @@ async fn a_pool_the_machine_cannot_hold_stops_the_host_at_start_with_a_clear_err
         ..Config::default()
     };
     config.sandbox.max_instances = 100_000_000;
-    let err = format!("{:#}", plugbus::Host::start(config).await.err().expect("a 100M-instance pool cannot be reserved"));
+    let err =
+        format!("{:#}", plugbus::Host::start(config).await.err().expect("a 100M-instance pool cannot be reserved"));
     assert!(err.contains(needle), "{err}");
 
     // the binary: `plugbus run --max-instances` exits non-zero, saying so
