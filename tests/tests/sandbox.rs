@@ -63,8 +63,16 @@ async fn every_fault_fails_only_its_event_with_the_cause_named() {
         ("kvbig", "over the 65536-byte cap"),
     ];
     for (fault, cause) in cases {
-        let error = error_of(&*dead_letter_of(&t, fault, Vec::new()).await);
+        let dead = dead_letter_of(&t, fault, Vec::new()).await;
+        let error = error_of(&dead);
         assert!(error.contains(cause), "{fault}: dead letter says {error:?}, expected it to name {cause:?}");
+        if ["flood", "sys", "unlisted", "big", "kvbig"].contains(fault) {
+            // the refused call returned the error to the handler, which gave up with it (faulty
+            // passes it on with `?`); a host that failed the event behind the handler's back
+            // would report `publish refused: …` after a handler that returned Ok
+            assert!(error.starts_with("handler rejected the event: "), "{fault}: the handler did not see it: {error}");
+            assert_eq!(dead.header(headers::ATTEMPTS), Some("1"), "{fault}: a rejection is not retried");
+        }
         still_serving(&t, fault).await;
     }
     // every event above was settled before its neighbour's outputs came: anything the flood or
