@@ -220,6 +220,7 @@ async fn drain_finishes_what_was_accepted_and_reports_the_rest() {
     }
     let report = t.host.shutdown().await;
     assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.handled["faulty"], 200, "the drain returned before every accepted event was handled");
 
     // tiny timeout: what is left is reported, and handled + reported = accepted
     let t = TestHost::start_with(&["faulty"], |c| {
