@@ -29,6 +29,7 @@ pub const COMPONENTS: &[&str] = &[
     "snoop",
     "sysmon",
     "hostile",
+    "manifesto",
 ];
 
 /// The workspace root.
@@ -268,5 +269,124 @@ pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
     while !cond() {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs `cmd` to completion with its output captured, killing it if it is still running after
+/// `timeout` (then the test fails with what it printed so far) instead of hanging the test.
+pub fn output_within(cmd: &mut Command, timeout: Duration) -> std::process::Output {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawning a command");
+    let read = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = read(Box::new(child.stdout.take().expect("piped stdout")));
+    let stderr = read(Box::new(child.stderr.take().expect("piped stderr")));
+    let status = wait_within(&mut child, timeout);
+    let (stdout, stderr) = (stdout.join().expect("stdout reader"), stderr.join().expect("stderr reader"));
+    match status {
+        Some(status) => std::process::Output { status, stdout, stderr },
+        None => panic!(
+            "{cmd:?} still running after {timeout:?}: killed.\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        ),
+    }
+}
+
+/// Waits up to `timeout` for `child` to exit; kills it and returns `None` if it did not.
+pub fn wait_within(child: &mut std::process::Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for a child process") {
+            return Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The host's log lines (JSON, one per line) written while a test runs in this process.
+///
+/// A test binary has one global subscriber: the first call installs it, later calls share it.
+/// Lines of every test in the binary land here, so look for your event id or plugin.
+#[derive(Clone)]
+pub struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Logs {
+    /// Starts capturing (once per test binary) and returns the shared buffer.
+    pub fn capture() -> Logs {
+        static LOGS: OnceLock<Logs> = OnceLock::new();
+        LOGS.get_or_init(|| {
+            let logs = Logs(Arc::default());
+            let writer = logs.clone();
+            use tracing_subscriber::layer::SubscriberExt;
+            // the host's own lines (debug included) and plugins' stdout/stderr, not wasmtime's
+            let only_ours = tracing_subscriber::filter::Targets::new()
+                .with_target("plugbus", tracing::Level::DEBUG)
+                .with_target("plugin", tracing::Level::INFO);
+            let subscriber =
+                tracing_subscriber::fmt().json().with_writer(move || writer.clone()).finish().with(only_ours);
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("installing the log capture (another global subscriber was set first)");
+            logs
+        })
+        .clone()
+    }
+
+    /// Every captured line, parsed.
+    pub fn lines(&self) -> Vec<serde_json::Value> {
+        let bytes = self.0.lock().expect("log buffer poisoned").clone();
+        String::from_utf8_lossy(&bytes).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    /// The lines whose `fields` have every `(name, value)` of `fields`.
+    pub fn with_fields(&self, fields: &[(&str, &str)]) -> Vec<serde_json::Value> {
+        self.lines().into_iter().filter(|l| fields.iter().all(|(k, v)| l["fields"][*k].as_str() == Some(*v))).collect()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer poisoned").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `bytes` with the one occurrence of `from` replaced by `to` (same length): how the tests make
+/// a component declare what no SDK build would, by rewriting a placeholder string in its data.
+pub fn patch_bytes(bytes: &[u8], from: &str, to: &str) -> Vec<u8> {
+    assert_eq!(from.len(), to.len(), "a patch must keep the length: {from:?} -> {to:?}");
+    let hits: Vec<usize> =
+        bytes.windows(from.len()).enumerate().filter(|(_, w)| *w == from.as_bytes()).map(|(i, _)| i).collect();
+    assert_eq!(hits.len(), 1, "{from:?} must occur exactly once in the component, found at {hits:?}");
+    let mut out = bytes.to_vec();
+    out[hits[0]..hits[0] + to.len()].copy_from_slice(to.as_bytes());
+    out
+}
+
+/// Polls an async condition every 50 ms until it holds; fails the test after `timeout`.
+pub async fn eventually_async<F: std::future::Future<Output = bool>>(
+    what: &str,
+    timeout: Duration,
+    cond: impl Fn() -> F,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 pub struct NatsServer {
     child: Option<Child>,
     args: Vec<String>,
+    /// The credentials file the test's own clients use (operator mode).
+    client_creds: Option<PathBuf>,
     /// Its client port on 127.0.0.1.
     pub port: u16,
     /// Its JetStream store.
@@ -19,7 +21,14 @@ pub struct NatsServer {
 
 fn binary() -> PathBuf {
     let bin = std::env::var_os("NATS_SERVER_BIN").map(PathBuf::from).unwrap_or_else(|| "nats-server".into());
-    let ok = Command::new(&bin).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    let ok = Command::new(&bin)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
+        .and_then(|mut child| crate::wait_within(&mut child, Duration::from_secs(20)))
+        .is_some_and(|status| status.success());
     assert!(
         ok,
         "{} not found or not runnable: the NATS tests need a real server (scripts/test installs one with \
@@ -39,10 +48,22 @@ impl NatsServer {
         Self::start_with(&[]).await
     }
 
-    /// Starts a server with extra command-line arguments (e.g. `--user`, `--pass`).
+    /// Starts a server with extra command-line arguments (e.g. `--user`, `--pass`, `--auth`).
     pub async fn start_with(args: &[&str]) -> Self {
+        Self::start_inner(args, None).await
+    }
+
+    /// Starts a server in operator mode (JWT auth): the config of [`Operator::server_config`],
+    /// the test's own clients connecting with `creds`.
+    pub async fn start_with_creds(config: &std::path::Path, creds: &std::path::Path) -> Self {
+        let config = config.display().to_string();
+        Self::start_inner(&["-c", &config], Some(creds.to_path_buf())).await
+    }
+
+    async fn start_inner(args: &[&str], client_creds: Option<PathBuf>) -> Self {
         let mut s = Self {
             child: None,
+            client_creds,
             args: args.iter().map(|a| a.to_string()).collect(),
             port: free_port(),
             store: tempfile::tempdir().expect("temp dir"),
@@ -62,7 +83,7 @@ impl NatsServer {
             .arg(self.store.path())
             .args(&self.args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(self.log()).expect("the server's log file"))
             .spawn()
             .expect("starting nats-server");
         self.child = Some(child);
@@ -79,9 +100,19 @@ impl NatsServer {
                 },
                 Err(e) => format!("connect: {e}"),
             };
-            assert!(Instant::now() < deadline, "nats-server on port {} did not become ready ({last})", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "nats-server on port {} did not become ready ({last}); its log:\n{}",
+                self.port,
+                std::fs::read_to_string(self.log()).unwrap_or_default()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Where the server writes its log (in its store folder).
+    fn log(&self) -> PathBuf {
+        self.store.path().join("nats-server.log")
     }
 
     /// `nats://127.0.0.1:<port>`.
@@ -91,9 +122,13 @@ impl NatsServer {
 
     async fn connect(&self) -> Result<async_nats::Client, async_nats::ConnectError> {
         let arg = |name: &str| self.args.iter().position(|a| a == name).and_then(|i| self.args.get(i + 1)).cloned();
-        let options = match (arg("--user"), arg("--pass")) {
-            (Some(u), Some(p)) => async_nats::ConnectOptions::with_user_and_password(u, p),
-            _ => async_nats::ConnectOptions::new(),
+        let options = match (arg("--user"), arg("--pass"), arg("--auth")) {
+            (Some(u), Some(p), _) => async_nats::ConnectOptions::with_user_and_password(u, p),
+            (_, _, Some(token)) => async_nats::ConnectOptions::with_token(token),
+            _ => match &self.client_creds {
+                Some(creds) => async_nats::ConnectOptions::with_credentials_file(creds).await?,
+                None => async_nats::ConnectOptions::new(),
+            },
         };
         options.connect(self.url()).await
     }
@@ -121,5 +156,120 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Decentralized (JWT) auth for a test server: an operator, one account with JetStream, and
+/// `.creds` files for its users, signed here with nkeys the way `nsc` would.
+pub struct Operator {
+    operator: nkeys::KeyPair,
+    account: nkeys::KeyPair,
+    system: nkeys::KeyPair,
+}
+
+impl Default for Operator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Operator {
+    /// A fresh operator and account.
+    pub fn new() -> Self {
+        Self {
+            operator: nkeys::KeyPair::new_operator(),
+            account: nkeys::KeyPair::new_account(),
+            system: nkeys::KeyPair::new_account(),
+        }
+    }
+
+    /// A signed JWT: `claims` issued by `issuer` about `subject`.
+    fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let iat = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let claims = serde_json::json!({
+            "jti": format!("{name}-{iat}-{}", subject.len()),
+            "iat": iat,
+            "iss": issuer.public_key(),
+            "name": name,
+            "sub": subject,
+            "nats": nats,
+        });
+        let header = b64.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+        let body = format!("{header}.{}", b64.encode(claims.to_string()));
+        let sig = issuer.sign(body.as_bytes()).expect("signing a JWT");
+        format!("{body}.{}", b64.encode(sig))
+    }
+
+    /// The server config (`nats-server -c`): operator mode, the account preloaded with JetStream
+    /// (and a system account, which JetStream needs).
+    pub fn server_config(&self) -> String {
+        let operator = Self::jwt(
+            &self.operator,
+            &self.operator.public_key(),
+            "plugbus-test-operator",
+            serde_json::json!({ "type": "operator", "version": 2 }),
+        );
+        let account = Self::jwt(
+            &self.operator,
+            &self.account.public_key(),
+            "plugbus-test-account",
+            serde_json::json!({
+                "limits": {
+                    "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true,
+                    "conn": -1, "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1
+                },
+                "default_permissions": { "pub": {}, "sub": {} },
+                "type": "account",
+                "version": 2
+            }),
+        );
+        // JetStream needs a system account (which itself has no JetStream)
+        let system = Self::jwt(
+            &self.operator,
+            &self.system.public_key(),
+            "SYS",
+            serde_json::json!({
+                "limits": { "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true,
+                            "conn": -1, "leaf": -1 },
+                "default_permissions": { "pub": {}, "sub": {} },
+                "type": "account",
+                "version": 2
+            }),
+        );
+        format!(
+            "operator: {operator}\nsystem_account: {sys}\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {acc}: {account}\n  {sys}: {system}\n}}\n",
+            sys = self.system.public_key(),
+            acc = self.account.public_key(),
+        )
+    }
+
+    /// A `.creds` file (user JWT + seed) for a new user of the account.
+    pub fn user_creds(&self, name: &str) -> String {
+        Self::creds_signed_by(&self.account, name)
+    }
+
+    /// A `.creds` file for a user of an account the server does not know.
+    pub fn stranger_creds(&self, name: &str) -> String {
+        Self::creds_signed_by(&nkeys::KeyPair::new_account(), name)
+    }
+
+    fn creds_signed_by(account: &nkeys::KeyPair, name: &str) -> String {
+        let user = nkeys::KeyPair::new_user();
+        let jwt = Self::jwt(
+            account,
+            &user.public_key(),
+            name,
+            serde_json::json!({
+                "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2
+            }),
+        );
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().expect("a user seed")
+        )
     }
 }

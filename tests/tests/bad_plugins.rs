@@ -1,6 +1,29 @@
 //! Files in the plugins folder that are not plugins: reported by name and reason, never fatal.
 
-use plugbus_tests::wasm;
+use plugbus_tests::{TestHost, eventually, patch_bytes, wasm};
+use std::time::Duration;
+
+/// `GET {url}{path}` as text.
+async fn get(url: &str, path: &str) -> String {
+    let resp = tokio::time::timeout(Duration::from_secs(10), reqwest::get(format!("{url}{path}")))
+        .await
+        .unwrap_or_else(|_| panic!("GET {path} did not answer within 10 s"))
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    assert!(resp.status().is_success(), "GET {path}: {}", resp.status());
+    resp.text().await.unwrap()
+}
+
+/// A host on `dir` (its plugins folder as is) with the HTTP API on a free port.
+async fn host_on(dir: &std::path::Path) -> plugbus::Host {
+    plugbus::Host::start(plugbus::Config {
+        data_dir: dir.join("data"),
+        plugins_dir: dir.to_path_buf(),
+        http: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
+    })
+    .await
+    .expect("the host starts despite bad files")
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_files_are_reported_and_the_good_plugin_serves() {
@@ -16,14 +39,7 @@ async fn bad_files_are_reported_and_the_good_plugin_serves() {
     std::fs::copy(wasm("sneaky"), dir.join("sneaky.wasm")).unwrap();
     std::fs::write(dir.join("readme.txt"), b"not a .wasm file: ignored").unwrap();
 
-    let host = plugbus::Host::start(plugbus::Config {
-        data_dir: dir.join("data"),
-        plugins_dir: dir.clone(),
-        http: None,
-        ..Default::default()
-    })
-    .await
-    .expect("the host starts despite bad files");
+    let host = host_on(&dir).await;
     let rejected = host.rejected();
     let reason = |file: &str| {
         rejected
@@ -43,9 +59,37 @@ async fn bad_files_are_reported_and_the_good_plugin_serves() {
     assert!(sneaky.contains("wasi:sockets/tcp@") && sneaky.contains("wasi:filesystem/preopens@"), "{sneaky}");
     assert_eq!(host.router().names(), vec!["audit".to_string()]);
 
+    // what an operator sees: `/v1/plugins` lists each file as `rejected: <reason>` ...
+    let url = format!("http://{}", host.http_addr().unwrap());
+    let body: serde_json::Value = serde_json::from_str(&get(&url, "/v1/plugins").await).unwrap();
+    let listed = body["rejected"].as_array().unwrap_or_else(|| panic!("no rejected list: {body}"));
+    assert_eq!(listed.len(), 6, "{body}");
+    for file in ["empty.wasm", "random.wasm", "notes.wasm", "core.wasm", "truncated.wasm", "sneaky.wasm"] {
+        let entry = listed
+            .iter()
+            .find(|r| r["file"].as_str().is_some_and(|f| f.ends_with(file)))
+            .unwrap_or_else(|| panic!("{file} not in /v1/plugins: {body}"));
+        let state = entry["state"].as_str().unwrap();
+        assert_eq!(state, format!("rejected: {}", reason(file)), "{file}");
+    }
+    assert_eq!(body["plugins"][0]["name"], "audit", "{body}");
+    assert!(body["plugins"][0]["state"].as_str().unwrap().starts_with("serving "), "{body}");
+    // ... and `/metrics` counts each one by file name
+    let metrics = get(&url, "/metrics").await;
+    for file in ["empty.wasm", "random.wasm", "notes.wasm", "core.wasm", "truncated.wasm", "sneaky.wasm"] {
+        let line = format!("plugbus_load_errors_total{{file=\"{file}\"}} 1");
+        assert!(metrics.contains(&line), "missing {line:?} in:\n{metrics}");
+    }
+    assert!(!metrics.contains("plugbus_load_errors_total{file=\"audit.wasm\"}"), "{metrics}");
+    assert!(!metrics.contains("readme.txt"), "a non-.wasm file was looked at:\n{metrics}");
+
     let mut seen = host.observe(&["orders.>"]).await.unwrap();
     host.publish(plugbus::Event::new("orders.created", "{}")).await.unwrap();
-    seen.recv().await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await.expect("the event within 10 s");
+    assert_eq!(ev.expect("bus open").subject, "orders.created");
+    let router = host.router().clone();
+    let audited = || router.plugins()[0].counters["ok"] == 1;
+    eventually("audit handled the event", audited).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,4 +112,56 @@ async fn a_copy_under_another_name_is_refused_naming_both_and_the_original_serve
     assert!(rejected[0].path.ends_with("audit-copy.wasm"), "{rejected:?}");
     assert!(rejected[0].reason.contains("\"audit\"") && rejected[0].reason.contains("\"audit-copy\""), "{rejected:?}");
     assert_eq!(host.router().names(), vec!["audit".to_string()]);
+}
+
+/// The manifest rewrites of `tests/components/manifesto`: (placeholder, bad value, the field
+/// the refusal must name).
+const BAD_MANIFESTS: &[(&str, &str, &str)] = &[
+    ("Zj.JS", "$JS.>", "publishes[1]"),
+    ("Zsys.X", "$SYS.>", "publishes[2]"),
+    ("Zinbox.X", "_INBOX.>", "publishes[3]"),
+    ("Zsub.pat", "bad..pat", "subscriptions[1].pattern"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_declaring_an_invalid_manifest_is_refused_naming_the_field() {
+    let good = std::fs::read(wasm("manifesto")).unwrap();
+    // unpatched, the component is a plugin like any other: what is refused below is the patch
+    let t = TestHost::start(&["manifesto"]).await;
+    assert!(t.host.rejected().is_empty(), "{:?}", t.host.rejected());
+    let mut seen = t.observe(&["manifesto.out"]).await;
+    t.publish("manifesto.in", "hi").await;
+    assert_eq!(seen.next_on("manifesto.out").await.data, "hi");
+    drop(t);
+
+    for (placeholder, bad, field) in BAD_MANIFESTS {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::copy(wasm("audit"), tmp.path().join("audit.wasm")).unwrap();
+        std::fs::write(tmp.path().join("manifesto.wasm"), patch_bytes(&good, placeholder, bad)).unwrap();
+        let host = host_on(tmp.path()).await;
+        let rejected = host.rejected();
+        assert_eq!(rejected.len(), 1, "{bad}: {rejected:?}");
+        let why = &rejected[0].reason;
+        assert!(rejected[0].path.ends_with("manifesto.wasm"), "{bad}: {rejected:?}");
+        assert!(why.contains(&format!("manifest field `{field}`")) && why.contains(bad), "{bad}: {why}");
+        assert_eq!(host.router().names(), vec!["audit".to_string()], "{bad}: the plugin was loaded anyway");
+        let url = format!("http://{}", host.http_addr().unwrap());
+        let body: serde_json::Value = serde_json::from_str(&get(&url, "/v1/plugins").await).unwrap();
+        assert_eq!(body["rejected"][0]["state"], format!("rejected: {why}"), "{body}");
+        host.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_manifest_dropped_into_a_running_host_is_refused_and_counted() {
+    let good = std::fs::read(wasm("manifesto")).unwrap();
+    let t = TestHost::start(&["audit"]).await;
+    std::fs::write(t.dir.path().join("manifesto.wasm"), patch_bytes(&good, "Zj.JS", "$JS.>")).unwrap();
+    let host = &t.host;
+    eventually("the file is reported", || !host.rejected().is_empty()).await;
+    let r = &host.rejected()[0];
+    assert!(r.path.ends_with("manifesto.wasm") && r.reason.contains("publishes[1]"), "{r:?}");
+    assert!(!host.router().contains("manifesto"));
+    let metrics = get(&t.url(), "/metrics").await;
+    assert!(metrics.contains("plugbus_load_errors_total{file=\"manifesto.wasm\"} 1"), "{metrics}");
 }

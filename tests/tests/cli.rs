@@ -1,7 +1,7 @@
 //! The `plugbus` binary as a user runs it: `plugbus run` in one terminal, `plugbus publish` in
 //! another.
 
-use plugbus_tests::{plugbus_bin, wasm};
+use plugbus_tests::{output_within, plugbus_bin, wasm};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -49,11 +49,12 @@ fn publish_reaches_a_running_host_and_prints_the_event_id() {
     );
     wait_healthy(&url);
 
-    let out = Command::new(plugbus_bin())
-        .args(["publish", "--url", &url, "--json", "orders.created"])
-        .arg(plugbus_tests::order("cli-1", "widget", 1))
-        .output()
-        .unwrap();
+    let out = output_within(
+        Command::new(plugbus_bin())
+            .args(["publish", "--url", &url, "--json", "orders.created"])
+            .arg(plugbus_tests::order("cli-1", "widget", 1)),
+        Duration::from_secs(30),
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(!id.is_empty());
@@ -74,7 +75,10 @@ fn publish_reaches_a_running_host_and_prints_the_event_id() {
     }
 
     // a bad subject from the CLI is refused with the reason, and a non-zero exit
-    let out = Command::new(plugbus_bin()).args(["publish", "--url", &url, "orders created", "x"]).output().unwrap();
+    let out = output_within(
+        Command::new(plugbus_bin()).args(["publish", "--url", &url, "orders created", "x"]),
+        Duration::from_secs(30),
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("whitespace"));
     drop(host);
@@ -83,10 +87,10 @@ fn publish_reaches_a_running_host_and_prints_the_event_id() {
 #[test]
 fn publish_without_a_host_says_so() {
     let port = free_port();
-    let out = Command::new(plugbus_bin())
-        .args(["publish", "--url", &format!("http://127.0.0.1:{port}"), "a.b", "x"])
-        .output()
-        .unwrap();
+    let out = output_within(
+        Command::new(plugbus_bin()).args(["publish", "--url", &format!("http://127.0.0.1:{port}"), "a.b", "x"]),
+        Duration::from_secs(30),
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no plugbus host answering"));
 }

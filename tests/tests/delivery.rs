@@ -1,6 +1,7 @@
 //! Delivery semantics: retries with backoff, dead letters, isolation between plugins, order per
-//! key, backpressure and drain. The retry and dead-letter cases run on both transports: the
-//! embedded bus and JetStream (where a retry is a `nak` with the backoff delay).
+//! key, backpressure and drain. The retry and dead-letter cases run on every transport: the
+//! embedded bus, core NATS (retries wait in the host) and JetStream (where a retry is a `nak`
+//! with the backoff delay).
 
 use plugbus::deadletter::headers;
 use plugbus::retry::RetryPolicy;
@@ -10,13 +11,19 @@ use plugbus_tests::{Bus, TestHost, fast_retries};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// Runs a shared case on the embedded bus and on JetStream.
-macro_rules! on_both_transports {
+/// Runs a shared case on the embedded bus, core NATS and JetStream.
+macro_rules! on_every_transport {
     ($case:ident) => {
         mod $case {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn embedded() {
                 super::$case(&super::Bus::Embedded).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn core_nats() {
+                let server = super::NatsServer::start().await;
+                super::$case(&super::Bus::Core(&server)).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,9 +35,9 @@ macro_rules! on_both_transports {
     };
 }
 
-on_both_transports!(fails_twice_then_succeeds_handled_once_outputs_once);
-on_both_transports!(reject_dead_letters_at_once_with_every_header);
-on_both_transports!(exhausted_retries_dead_letter_with_the_last_error_and_replay_works);
+on_every_transport!(fails_twice_then_succeeds_handled_once_outputs_once);
+on_every_transport!(reject_dead_letters_at_once_with_every_header);
+on_every_transport!(exhausted_retries_dead_letter_with_the_last_error_and_replay_works);
 
 async fn fails_twice_then_succeeds_handled_once_outputs_once(bus: &Bus<'_>) {
     let policy =
@@ -47,7 +54,8 @@ async fn fails_twice_then_succeeds_handled_once_outputs_once(bus: &Bus<'_>) {
     t.wait_counter("faulty", "ok", 1).await;
     assert_eq!(t.counter("faulty", "retried"), 2);
     assert_eq!(t.counter("faulty", "dead_lettered"), 0);
-    // on JetStream each retry went back through the broker (nak with delay): 3 deliveries
+    // on JetStream each retry went back through the broker (nak with delay): 3 deliveries;
+    // on the embedded bus and core NATS the retries waited in the host: 1
     let deliveries = if matches!(bus, Bus::JetStream(_)) { 3 } else { 1 };
     assert_eq!(t.counter("faulty", "received"), deliveries);
     // the two failed attempts' outputs ("lost attempt N") never escaped, the success's came once
@@ -163,13 +171,42 @@ async fn order_per_key_holds_across_retries_while_keys_run_in_parallel() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_applies_backpressure_and_loses_nothing() {
-    let t = TestHost::start_with(&["faulty"], |c| c.flow = Flow { concurrency: 1, queue: 2, ..Flow::default() }).await;
+    const QUEUE: usize = 2;
+    let t =
+        TestHost::start_with(&["faulty"], |c| c.flow = Flow { concurrency: 1, queue: QUEUE, ..Flow::default() }).await;
+    // slow events (300 ms each, one at a time): a bounded queue fills within a few publishes and
+    // the next publish waits; an unbounded one would take them all at once
+    let mut quick = 0;
+    loop {
+        let publish = t.publish("faulty.slow", "300");
+        tokio::pin!(publish);
+        if tokio::time::timeout(Duration::from_millis(150), &mut publish).await.is_ok() {
+            quick += 1;
+            // room for: QUEUE admitted by the plugin, QUEUE in its transport queue, one in hand
+            assert!(quick <= 2 * QUEUE + 1, "{quick} slow events taken at once by a queue of {QUEUE}: no backpressure");
+            continue;
+        }
+        // the producer is paused ... until the plugin settles an event and makes room
+        let waited = Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), publish).await.expect("the paused publish completes");
+        assert!(t.counter("faulty", "ok") >= 1, "the publish went through before any event was settled");
+        assert!(
+            waited.elapsed() < Duration::from_secs(5),
+            "paused for {:?}, far longer than one event",
+            waited.elapsed()
+        );
+        break;
+    }
+    assert!(quick >= QUEUE, "only {quick} publishes went through before the pause");
+    let slow = quick as u64 + 1;
+
+    // a long burst through the same small queue: every event arrives, none is lost
     const N: u64 = 10_000;
     for _ in 0..N {
         t.publish("faulty.ok", "").await;
     }
-    t.wait_counter("faulty", "ok", N).await;
-    assert_eq!(t.counter("faulty", "received"), N);
+    t.wait_counter("faulty", "ok", N + slow).await;
+    assert_eq!(t.counter("faulty", "received"), N + slow);
     assert_eq!(t.counter("faulty", "dead_lettered"), 0);
 }
 
@@ -183,6 +220,7 @@ async fn drain_finishes_what_was_accepted_and_reports_the_rest() {
     }
     let report = t.host.shutdown().await;
     assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.handled["faulty"], 200, "the drain returned before every accepted event was handled");
 
     // tiny timeout: what is left is reported, and handled + reported = accepted
     let t = TestHost::start_with(&["faulty"], |c| {

@@ -3,15 +3,31 @@
 
 use plugbus::deadletter::headers;
 use plugbus_tests::{TestHost, fast_retries};
+use std::time::Duration;
+
+/// `src/lib.rs:LINE:COL)` at the end of `text`'s `(at …)`: where a panic happened.
+fn panic_location(text: &str) -> Option<(String, u32, u32)> {
+    let at = text.rsplit_once("(at ")?.1.strip_suffix(')')?;
+    let mut parts = at.rsplitn(3, ':');
+    let col = parts.next()?.parse().ok()?;
+    let line = parts.next()?.parse().ok()?;
+    Some((parts.next()?.to_string(), line, col))
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_trapping_handler_fails_only_that_delivery() {
+async fn a_trapping_handler_is_retried_then_dead_lettered_and_fails_only_that_delivery() {
     let t = TestHost::start_with(&["faulty", "audit"], fast_retries).await;
     let mut seen = t.observe(&["faulty.out.>", "orders.>", "plugbus.dlq.>"]).await;
     let trap = t.publish("faulty.trap", "").await;
     let dead = seen.next_on("plugbus.dlq.faulty").await;
     assert_eq!(dead.header(headers::ORIGINAL_ID), Some(trap.as_str()));
-    assert!(dead.header(headers::ERROR).unwrap().contains("unreachable"), "{:?}", dead.header(headers::ERROR));
+    let error = dead.header(headers::ERROR).unwrap();
+    assert!(error.contains("wasm trap: wasm `unreachable` instruction executed"), "{error}");
+    // a trap is retried: every one of the 3 attempts (fast_retries) ran, then the dead letter
+    assert_eq!(dead.header(headers::ATTEMPTS), Some("3"));
+    assert_eq!(t.counter("faulty", "attempts"), 3);
+    assert_eq!(t.counter("faulty", "retried"), 2);
+    assert_eq!(t.counter("faulty", "dead_lettered"), 1);
     // the same plugin serves the next event, and another plugin was never disturbed
     t.publish("faulty.ok", "").await;
     assert_eq!(seen.next_on("faulty.out.ok").await.subject, "faulty.out.ok");
@@ -22,13 +38,19 @@ async fn a_trapping_handler_fails_only_that_delivery() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panic_is_reported_with_its_message() {
+async fn a_panic_is_reported_with_its_message_and_where_it_happened() {
     let t = TestHost::start_with(&["faulty"], fast_retries).await;
     let mut seen = t.observe(&["plugbus.dlq.>"]).await;
-    t.publish("faulty.panic", "").await;
+    let id = t.publish("faulty.panic", "").await;
     let dead = seen.next_on("plugbus.dlq.faulty").await;
     let error = dead.header(headers::ERROR).unwrap();
-    assert!(error.contains("panicked") && error.contains("the handler gave up"), "{error}");
+    assert!(error.starts_with("handler panicked: "), "{error}");
+    assert!(error.contains(&format!("the handler gave up on event {id}")), "{error}");
+    let (file, line, col) = panic_location(error).unwrap_or_else(|| panic!("no `(at file:line:col)` in {error:?}"));
+    assert!(file.ends_with("src/lib.rs") && line > 0 && col > 0, "{error}");
+    // a panic is a trap: retried like one
+    assert_eq!(dead.header(headers::ATTEMPTS), Some("3"));
+    assert_eq!(t.counter("faulty", "retried"), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,7 +60,10 @@ async fn a_failed_attempt_releases_none_of_its_outputs() {
     // publishes to faulty.out.flaky, then returns retry, every attempt: nothing may escape
     t.publish("faulty.flaky", "99").await;
     t.wait_counter("faulty", "dead_lettered", 1).await;
+    assert_eq!(t.counter("faulty", "attempts"), 3, "every attempt ran (and published)");
     t.publish("faulty.ok", "").await;
     let next = seen.next_where(|_| true).await;
     assert_eq!(next.subject, "faulty.out.ok", "an output of a failed attempt escaped");
+    let rest = seen.drain(Duration::from_millis(200)).await;
+    assert!(rest.is_empty(), "an output of a failed attempt escaped: {rest:?}");
 }

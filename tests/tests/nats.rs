@@ -1,10 +1,14 @@
 //! The NATS transport against a real nats-server: fan-out on wildcards, queue groups across
 //! hosts, CloudEvents in and out, JetStream at-least-once through a host crash and a broker
-//! restart. (Retry and dead-letter cases run on both transports in `delivery.rs`.)
+//! restart, keyed retries in place, dead letters kept in `PLUGBUS_DLQ` (the input `term`ed, or
+//! `nak`ed when the dead letter cannot be kept, up to `max_deliver`), streams made on demand or
+//! refused with `auto_streams = false`, core subscriptions after a broker restart, and auth.
+//! (Retry and dead-letter cases run on every transport in `delivery.rs`.)
 
 use async_nats::jetstream;
 use futures::StreamExt;
 use plugbus::Config;
+use plugbus::deadletter::headers;
 use plugbus_tests::nats::NatsServer;
 use plugbus_tests::{Bus, TestHost, eventually, plugbus_bin, wasm};
 use serde_json::Value;
@@ -269,6 +273,9 @@ async fn jetstream_a_host_killed_mid_stream_loses_nothing_and_duplicates_no_outp
     host.0.kill().unwrap();
     host.0.wait().unwrap();
     assert!((100..N as u64).contains(&at_kill), "killed mid-stream ({at_kill} of {N} handled)");
+    // the dead host held messages it never acked: only a redelivery can finish them
+    let held = js.get_stream("ORDERS").await.unwrap().consumer_info("plugbus_echo").await.unwrap().num_ack_pending;
+    assert!(held > 0, "the killed host held no unacked message: nothing to redeliver");
 
     let _host = spawn_host(&server, plugins.path(), data.path(), "second.log");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
@@ -286,6 +293,11 @@ async fn jetstream_a_host_killed_mid_stream_loses_nothing_and_duplicates_no_outp
         info.num_ack_pending == 0 && info.num_pending == 0
     })
     .await;
+    // and they were redelivered: the consumer made more deliveries than the stream has messages
+    let info = js.get_stream("ORDERS").await.unwrap().consumer_info("plugbus_echo").await.unwrap();
+    let (deliveries, messages) = (info.delivered.consumer_sequence, info.delivered.stream_sequence);
+    assert_eq!(messages, N as u64);
+    assert!(deliveries > messages, "{deliveries} deliveries of {messages} messages: nothing was redelivered");
 }
 
 async fn eventually_async<F: std::future::Future<Output = bool>>(cond: impl Fn() -> F) {
@@ -342,30 +354,52 @@ async fn jetstream_a_broker_restart_mid_stream_loses_nothing_and_the_host_recove
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_lives_in_jetstream_and_two_hosts_never_lose_an_update() {
+    const ROUNDS: usize = 10;
     let server = NatsServer::start().await;
-    let a = TestHost::start_on(&Bus::Core(&server), &["inventory"], |_| {}).await;
-    let b = TestHost::start_on(&Bus::Core(&server), &["inventory"], |_| {}).await;
+    let stock = |c: &mut Config| {
+        let inventory = c.plugins.entry("inventory".into()).or_default();
+        for r in 0..ROUNDS {
+            inventory.config.insert(format!("stock.w{r}"), 10.into());
+        }
+    };
+    let a = TestHost::start_on(&Bus::Core(&server), &["inventory"], stock).await;
+    let b = TestHost::start_on(&Bus::Core(&server), &["inventory"], stock).await;
     let client = server.client().await;
     let mut out = client.subscribe("inventory.*").await.unwrap();
     client.flush().await.unwrap();
-    // 12 orders of one widget, at once, shared by two hosts: the stock of 10 is reserved exactly
-    for i in 0..12 {
-        client.publish("orders.created", plugbus_tests::order(&format!("o{i}"), "widget", 1).into()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let sum = |name: &str| a.counter("inventory", name) + b.counter("inventory", name);
+    // Rounds of 12 orders of one sku at once, shared by two hosts: the stock of 10 is reserved
+    // exactly, every round. Rounds go on until two attempts collided on the kv keys (one re-ran:
+    // more attempts than deliveries), so the test has seen the conflict it is about.
+    let mut rounds = 0u64;
+    for round in 0..ROUNDS {
+        rounds += 1;
+        let sku = format!("w{round}");
+        for i in 0..12 {
+            let order = plugbus_tests::order(&format!("o{round}-{i}"), &sku, 1);
+            client.publish("orders.created", order.into()).await.unwrap();
+        }
+        client.flush().await.unwrap();
+        let mut by_subject: HashMap<String, usize> = HashMap::new();
+        for _ in 0..12 {
+            *by_subject.entry(next(&mut out).await.subject.to_string()).or_default() += 1;
+        }
+        assert_eq!(by_subject.get("inventory.reserved"), Some(&10), "round {round}: {by_subject:?}");
+        assert_eq!(by_subject.get("inventory.rejected"), Some(&2), "round {round}: {by_subject:?}");
+        // the state is in the plugin's JetStream KV bucket, seen the same from either host
+        let bucket = js.get_key_value("plugbus_inventory").await.expect("the plugin's bucket plugbus_inventory");
+        assert_eq!(bucket.get(format!("reserved/{sku}")).await.unwrap().unwrap(), "10", "round {round}");
+        assert_eq!(bucket.get(format!("stock/{sku}")).await.unwrap().unwrap(), "0", "round {round}");
+        let v = b.host.kv().get("inventory", &format!("reserved/{sku}")).await.unwrap().unwrap();
+        assert_eq!(v.value, b"10");
+        eventually("both hosts settled the round", || sum("ok") == 12 * rounds).await;
+        if sum("attempts") > sum("received") {
+            break;
+        }
     }
-    client.flush().await.unwrap();
-    let mut by_subject: HashMap<String, usize> = HashMap::new();
-    for _ in 0..12 {
-        *by_subject.entry(next(&mut out).await.subject.to_string()).or_default() += 1;
-    }
-    assert_eq!(by_subject.get("inventory.reserved"), Some(&10), "{by_subject:?}");
-    assert_eq!(by_subject.get("inventory.rejected"), Some(&2), "{by_subject:?}");
-    assert!(a.counter("inventory", "ok") > 0 && b.counter("inventory", "ok") > 0);
-    // the state is in the plugin's JetStream KV bucket, seen the same from either host
-    let bucket = jetstream::new(client).get_key_value("plugbus_inventory").await.unwrap();
-    assert_eq!(bucket.get("reserved/widget").await.unwrap().unwrap(), "10");
-    assert_eq!(bucket.get("stock/widget").await.unwrap().unwrap(), "0");
-    let v = b.host.kv().get("inventory", "reserved/widget").await.unwrap().unwrap();
-    assert_eq!(v.value, b"10");
+    assert!(sum("attempts") > sum("received"), "no kv conflict in {rounds} rounds: the test never exercised one");
+    assert!(a.counter("inventory", "ok") > 0 && b.counter("inventory", "ok") > 0, "both hosts worked");
 }
 
 /// A stream with 5 events in it, then a new durable echo plugin, then one more event: how many
@@ -441,4 +475,316 @@ async fn jetstream_a_handler_slower_than_ack_wait_is_kept_alive_not_redelivered(
     assert_eq!(t.counter("faulty", "received"), 1, "redelivered while still running");
     assert_eq!(t.counter("faulty", "ok"), 1);
     assert!(seen.drain(Duration::from_millis(200)).await.is_empty());
+}
+
+/// The one consumer on the stream that captures `subject` (the plugin's durable).
+async fn consumer_on(js: &jetstream::Context, subject: &str) -> jetstream::consumer::Info {
+    let name = js.stream_by_subject(subject).await.unwrap_or_else(|e| panic!("no stream captures {subject}: {e}"));
+    let stream = js.get_stream(&name).await.unwrap();
+    let infos: Vec<_> = stream.consumers().collect().await;
+    assert_eq!(infos.len(), 1, "one consumer on {name}: {infos:?}");
+    infos.into_iter().next().unwrap().unwrap()
+}
+
+/// JetStream's consumer advisories (`$JS.EVENT.ADVISORY.CONSUMER.<KIND>.…`), seen by a client.
+struct Advisories(async_nats::Subscriber);
+
+impl Advisories {
+    async fn watch(client: &async_nats::Client) -> Self {
+        let sub = client.subscribe("$JS.EVENT.ADVISORY.CONSUMER.>").await.unwrap();
+        client.flush().await.unwrap();
+        Self(sub)
+    }
+
+    /// Waits (up to `within`) for the next advisory of `kind` (e.g. `MSG_TERMINATED`); returns
+    /// it and how many advisories of each other kind came before it.
+    async fn next(&mut self, kind: &str, within: Duration) -> (Value, HashMap<String, usize>) {
+        let mut before: HashMap<String, usize> = HashMap::new();
+        let wait = async {
+            loop {
+                let msg = self.0.next().await.expect("advisories open");
+                let seen = msg.subject.trim_start_matches("$JS.EVENT.ADVISORY.CONSUMER.");
+                let seen = seen.split('.').next().unwrap_or_default().to_string();
+                if seen == kind {
+                    return serde_json::from_slice::<Value>(&msg.payload).unwrap();
+                }
+                *before.entry(seen).or_default() += 1;
+            }
+        };
+        let advisory =
+            tokio::time::timeout(within, wait).await.unwrap_or_else(|_| panic!("no {kind} advisory within {within:?}"));
+        (advisory, before)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_plugin_ordering_by_key_retries_in_place_holding_the_key() {
+    let server = NatsServer::start().await;
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
+        c.retry = plugbus::retry::RetryPolicy {
+            max_attempts: 5,
+            initial: Duration::from_millis(5),
+            factor: 2.0,
+            max: Duration::from_millis(20),
+        };
+    })
+    .await;
+    let mut seen = t.observe(&["faulty.out.step"]).await;
+    // faulty orders by the `key` header; every 5th event fails twice before it succeeds
+    const EVENTS: u64 = 30;
+    let failing = (0..EVENTS).filter(|i| i % 5 == 0).count() as u64;
+    for seq in 0..EVENTS {
+        let fail_until = if seq % 5 == 0 { 3 } else { 0 };
+        let data = serde_json::json!({ "seq": seq, "delay": seq % 3, "fail_until": fail_until }).to_string();
+        let ev = plugbus::Event::new("faulty.step", data).with_header("key", format!("k{}", seq % 3));
+        t.host.publish(ev).await.unwrap();
+    }
+    let mut last: HashMap<String, u64> = HashMap::new();
+    for _ in 0..EVENTS {
+        let out = seen.next_on("faulty.out.step").await;
+        let v: Value = serde_json::from_slice(&out.data).unwrap();
+        let (key, seq) = (v["key"].as_str().unwrap().to_string(), v["seq"].as_u64().unwrap());
+        let expected_attempt = if seq % 5 == 0 { 3 } else { 1 };
+        assert_eq!(v["attempt"], expected_attempt, "event {seq}");
+        if let Some(prev) = last.insert(key.clone(), seq) {
+            assert!(prev < seq, "key {key}: event {seq} handled after {prev}");
+        }
+    }
+    t.wait_counter("faulty", "ok", EVENTS).await;
+    assert_eq!(t.counter("faulty", "retried"), 2 * failing);
+    // the retries ran in this host, holding the key: JetStream delivered each message once
+    assert_eq!(t.counter("faulty", "received"), EVENTS, "a keyed retry went back through the broker");
+    let js = jetstream::new(server.client().await);
+    let info = consumer_on(&js, "faulty.step").await;
+    assert_eq!(info.delivered.consumer_sequence, EVENTS, "JetStream redelivered: {info:?}");
+    assert_eq!((info.num_ack_pending, info.num_pending), (0, 0), "{info:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_dead_letter_is_kept_in_the_plugbus_dlq_stream_and_its_input_termed() {
+    let server = NatsServer::start().await;
+    let client = server.client().await;
+    let mut advisories = Advisories::watch(&client).await;
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], plugbus_tests::fast_retries).await;
+    let mut dlq = t.observe(&["plugbus.dlq.>"]).await;
+    let ev = plugbus::Event::new("faulty.reject", "payload").with_header("tenant", "acme");
+    let id = ev.id.clone();
+    t.host.publish(ev).await.unwrap();
+    dlq.next_on("plugbus.dlq.faulty").await;
+
+    // the dead letter is kept in the PLUGBUS_DLQ stream, with the input's data and the headers
+    let js = jetstream::new(client.clone());
+    let mut stream = js.get_stream("PLUGBUS_DLQ").await.expect("the host made the PLUGBUS_DLQ stream");
+    let info = stream.info().await.unwrap().clone();
+    assert_eq!(info.config.subjects, vec!["plugbus.dlq.>".to_string()]);
+    assert_eq!(info.state.messages, 1);
+    let raw = stream.get_raw_message(info.state.last_sequence).await.unwrap();
+    let pairs = raw.headers.iter().flat_map(|(k, vs)| vs.iter().map(move |v| (AsRef::<str>::as_ref(k), v.as_str())));
+    let dead = plugbus::cloudevents::decode(raw.subject.as_str(), pairs, raw.payload.clone()).unwrap();
+    assert_eq!(dead.subject, "plugbus.dlq.faulty");
+    assert_eq!(dead.data, "payload");
+    assert_eq!(dead.header("tenant"), Some("acme"));
+    assert_eq!(dead.header(headers::PLUGIN), Some("faulty"));
+    assert_eq!(dead.header(headers::ORIGINAL_ID), Some(id.as_str()));
+    assert_eq!(dead.header(headers::ATTEMPTS), Some("1"));
+    assert!(dead.header(headers::ERROR).unwrap().contains("never"), "{dead:?}");
+
+    // then the input was `term`ed: JetStream says so, and never delivers it again
+    let input = js.stream_by_subject("faulty.reject").await.unwrap();
+    let input_seq = js.get_stream(&input).await.unwrap().info().await.unwrap().state.last_sequence;
+    let (termed, _) = advisories.next("MSG_TERMINATED", Duration::from_secs(10)).await;
+    assert_eq!(termed["stream"], input.as_str(), "{termed}");
+    assert_eq!(termed["stream_seq"], input_seq, "{termed}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(t.counter("faulty", "received"), 1, "a termed input came again");
+    let info = consumer_on(&js, "faulty.reject").await;
+    assert_eq!((info.num_ack_pending, info.num_pending, info.delivered.consumer_sequence), (0, 0, 1), "{info:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_dead_letter_that_cannot_be_kept_naks_the_input_until_max_deliver() {
+    let server = NatsServer::start().await;
+    let client = server.client().await;
+    let js = jetstream::new(client.clone());
+    // the dead-letter subject's stream is full and refuses more: a dead letter cannot be kept
+    js.create_stream(jetstream::stream::Config {
+        name: "DEAD".into(),
+        subjects: vec!["dead.faulty".into()],
+        max_messages: 1,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js.publish("dead.faulty", "filler".into()).await.unwrap().await.unwrap();
+    let mut advisories = Advisories::watch(&client).await;
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
+        plugbus_tests::fast_retries(c); // 3 attempts: max_deliver is twice that
+        c.plugins.entry("faulty".into()).or_default().dead_letter = Some("dead.faulty".into());
+    })
+    .await;
+    assert_eq!(consumer_on(&js, "faulty.reject").await.config.max_deliver, 6);
+    t.publish("faulty.reject", "poison").await;
+
+    // rejected at once every time, yet it comes back: each delivery was `nak`ed, not lost ...
+    let (maxed, before) = advisories.next("MAX_DELIVERIES", Duration::from_secs(20)).await;
+    assert_eq!(maxed["deliveries"], 6, "{maxed}");
+    assert!(before.get("MSG_NAKED").copied().unwrap_or(0) >= 5, "the deliveries were not naked: {before:?}");
+    assert_eq!(before.get("MSG_TERMINATED"), None, "the input was termed although its dead letter was not kept");
+    t.wait_counter("faulty", "received", 6).await;
+    // ... until JetStream's max_deliver backstop: no 7th delivery
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(t.counter("faulty", "received"), 6);
+    assert_eq!(t.counter("faulty", "ok"), 0);
+    assert_eq!(t.counter("faulty", "attempts"), 6, "one attempt per delivery: a reject is not retried in place");
+    let dead = js.get_stream("DEAD").await.unwrap().info().await.unwrap().state.messages;
+    assert_eq!(dead, 1, "the full stream took a dead letter after all");
+    // the host still keeps what it could not publish, for a replay
+    assert!(!t.host.dead_letters().list(Some("faulty")).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_streams_are_made_for_durable_subscriptions_unless_auto_streams_is_off() {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    {
+        let _t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |_| {}).await;
+        let mut made = js.get_stream("PLUGBUS_FAULTY").await.expect("a stream for faulty.*");
+        let subjects = made.info().await.unwrap().config.subjects.clone();
+        assert_eq!(subjects, vec!["faulty".to_string(), "faulty.>".to_string()]);
+        let mut dlq = js.get_stream("PLUGBUS_DLQ").await.expect("a stream for the dead letters");
+        assert_eq!(dlq.info().await.unwrap().config.subjects, vec!["plugbus.dlq.>".to_string()]);
+    }
+
+    // with auto_streams = false on a server without those streams, the start fails saying why
+    let bare = NatsServer::start().await;
+    let plugins = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("faulty"), plugins.path().join("faulty.wasm")).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut config =
+        Config { plugins_dir: plugins.path().into(), data_dir: data.path().into(), http: None, ..Config::default() };
+    Bus::JetStream(&bare).configure(&mut config, &["faulty"]);
+    config.nats.auto_streams = false;
+    let err = format!("{:#}", plugbus::Host::start(config.clone()).await.err().expect("the start fails"));
+    assert!(err.contains("no JetStream stream captures faulty.*") && err.contains("auto_streams"), "{err}");
+    let bare_js = jetstream::new(bare.client().await);
+    assert!(bare_js.get_stream("PLUGBUS_FAULTY").await.is_err(), "a stream was made with auto_streams off");
+    // declared streams are enough
+    config
+        .nats
+        .streams
+        .insert("FAULTY".into(), plugbus::transport::nats::StreamDef { subjects: vec!["faulty.>".into()] });
+    config
+        .nats
+        .streams
+        .insert("DLQ".into(), plugbus::transport::nats::StreamDef { subjects: vec!["plugbus.dlq.>".into()] });
+    let host = plugbus::Host::start(config).await.expect("declared streams capture everything");
+    assert!(host.router().contains("faulty"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_nats_subscriptions_come_back_after_a_broker_restart() {
+    let mut server = NatsServer::start().await;
+    let t = TestHost::start_on(&Bus::Core(&server), &["echo"], |_| {}).await;
+    let ready = format!("{}/readyz", t.url());
+    let echo_of = async |server: &NatsServer, subject: &str| {
+        let client = server.client().await;
+        let mut echoes = client.subscribe(format!("echo.{subject}")).await.unwrap();
+        client.flush().await.unwrap();
+        // at-most-once: what is published before the host has resubscribed is missed; publish
+        // again until the host answers
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            client.publish(subject.to_string(), "x".into()).await.unwrap();
+            client.flush().await.unwrap();
+            if let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(250), echoes.next()).await {
+                return msg;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no echo of {subject} within 30 s");
+        }
+    };
+    echo_of(&server, "orders.before").await;
+    t.wait_counter("echo", "ok", 1).await;
+
+    server.stop();
+    eventually_async(|| async { reqwest::get(&ready).await.map(|r| r.status().as_u16() == 503).unwrap_or(false) })
+        .await;
+    server.start_again().await;
+    eventually_async(|| async { reqwest::get(&ready).await.map(|r| r.status().is_success()).unwrap_or(false) }).await;
+    let msg = echo_of(&server, "orders.after").await;
+    assert_eq!(msg.subject.as_str(), "echo.orders.after");
+    t.wait_counter("echo", "ok", 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_is_used_and_a_wrong_one_fails_the_start_clearly() {
+    let server = NatsServer::start_with(&["--auth", "t0ken"]).await;
+    let start = async |token: &str| {
+        let plugins = tempfile::tempdir().unwrap();
+        std::fs::copy(wasm("echo"), plugins.path().join("echo.wasm")).unwrap();
+        let mut config = Config {
+            plugins_dir: plugins.path().into(),
+            data_dir: plugins.path().join("data"),
+            http: None,
+            ..Config::default()
+        };
+        config.nats.url = Some(server.url());
+        config.nats.token = Some(token.into());
+        plugbus::Host::start(config).await.map(|host| (host, plugins))
+    };
+    let (host, _plugins) = start("t0ken").await.expect("the right token connects");
+    assert!(host.transport().is_connected());
+    // and it works end to end through the authenticated connection
+    let client = server.client().await;
+    let mut echoes = client.subscribe("echo.orders.t").await.unwrap();
+    client.flush().await.unwrap();
+    client.publish("orders.t", "x".into()).await.unwrap();
+    assert_eq!(next(&mut echoes).await.payload, "x");
+    let err = format!("{:#}", start("wrong").await.err().expect("a wrong token fails"));
+    assert!(err.contains("NATS") && err.to_lowercase().contains("auth"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creds_file_is_used_and_a_bad_one_fails_the_start_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let operator = plugbus_tests::nats::Operator::new();
+    let [conf, creds, stranger, garbage] =
+        ["server.conf", "host.creds", "stranger.creds", "garbage.creds"].map(|f| dir.path().join(f));
+    std::fs::write(&conf, operator.server_config()).unwrap();
+    std::fs::write(&creds, operator.user_creds("plugbus-host")).unwrap();
+    std::fs::write(&stranger, operator.stranger_creds("stranger")).unwrap();
+    std::fs::write(&garbage, "not a creds file").unwrap();
+    let client_creds = dir.path().join("client.creds");
+    std::fs::write(&client_creds, operator.user_creds("test-client")).unwrap();
+    let server = NatsServer::start_with_creds(&conf, &client_creds).await;
+
+    let start = async |creds: &std::path::Path, durable: bool| {
+        let plugins = tempfile::tempdir().unwrap();
+        std::fs::copy(wasm("echo"), plugins.path().join("echo.wasm")).unwrap();
+        let mut config = Config {
+            plugins_dir: plugins.path().into(),
+            data_dir: plugins.path().join("data"),
+            http: None,
+            ..Config::default()
+        };
+        config.nats.url = Some(server.url());
+        config.nats.creds = Some(creds.to_path_buf());
+        config.plugins.entry("echo".into()).or_default().durable = Some(durable);
+        plugbus::Host::start(config).await.map(|host| (host, plugins))
+    };
+    // the host's user of the account connects, and JetStream (a durable consumer) works for it
+    let (host, _plugins) = start(&creds, true).await.expect("the creds file connects");
+    assert!(host.transport().is_connected());
+    let client = server.client().await;
+    let mut echoes = client.subscribe("echo.orders.c").await.unwrap();
+    client.flush().await.unwrap();
+    let js = jetstream::new(client.clone());
+    js.publish("orders.c", "x".into()).await.unwrap().await.unwrap();
+    assert_eq!(next(&mut echoes).await.payload, "x");
+
+    // a user of an account the server does not trust is refused, and so is a file that is no creds
+    let err = format!("{:#}", start(&stranger, false).await.err().expect("a stranger's creds fail"));
+    assert!(err.contains("NATS") && err.to_lowercase().contains("auth"), "{err}");
+    let err = format!("{:#}", start(&garbage, false).await.err().expect("a garbage creds file fails"));
+    assert!(err.contains(&garbage.display().to_string()), "the error does not name the file: {err}");
 }

@@ -2,7 +2,7 @@
 //! persistent kv, and a graceful stop on SIGTERM.
 
 use plugbus::{Config, Event, Host};
-use plugbus_tests::{TestHost, fast_retries, order, plugbus_bin, wasm};
+use plugbus_tests::{TestHost, fast_retries, order, output_within, plugbus_bin, wait_within, wasm};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,19 +20,37 @@ async fn metrics_count_a_known_workload() {
         t.wait_counter(plugin, "ok", 1).await;
     }
     let text = reqwest::get(format!("{}/metrics", t.url())).await.unwrap().text().await.unwrap();
-    for line in [
-        r#"plugbus_events_received_total{plugin="inventory",subscription="orders.created"} 1"#,
-        r#"plugbus_events_handled_total{plugin="payments",subscription="inventory.reserved"} 1"#,
-        r#"plugbus_events_handled_total{plugin="notify",subscription="shipping.started"} 1"#,
-        r#"plugbus_events_retried_total{plugin="faulty",subscription="faulty.*"} 2"#,
-        r#"plugbus_events_dead_lettered_total{plugin="faulty",subscription="faulty.*"} 1"#,
-        r#"plugbus_handler_duration_seconds_count{plugin="inventory"} 1"#,
-        r#"plugbus_in_flight{plugin="inventory"} 0"#,
-        "plugbus_plugins 5",
-        "plugbus_components_compiled 5",
+    // by metric name and plugin; the other labels (which subject, or which pattern) may vary
+    for (name, plugin, value) in [
+        ("plugbus_events_received_total", "inventory", 1.0),
+        ("plugbus_events_handled_total", "payments", 1.0),
+        ("plugbus_events_handled_total", "notify", 1.0),
+        ("plugbus_events_retried_total", "faulty", 2.0),
+        ("plugbus_events_dead_lettered_total", "faulty", 1.0),
+        ("plugbus_events_dead_lettered_total", "inventory", 0.0),
+        ("plugbus_handler_duration_seconds_count", "inventory", 1.0),
+        ("plugbus_in_flight", "inventory", 0.0),
     ] {
-        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        assert_eq!(metric(&text, name, plugin), value, "{name}{{plugin=\"{plugin}\"}} in:\n{text}");
     }
+    for line in ["plugbus_plugins 5", "plugbus_components_compiled 5"] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+    }
+}
+
+/// The sum of every series of metric `name` labelled `plugin="<plugin>"` in a Prometheus text
+/// exposition (0 when there is none).
+fn metric(text: &str, name: &str, plugin: &str) -> f64 {
+    let label = format!("plugin=\"{plugin}\"");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, labels) = series.split_once('{')?;
+            let labels = labels.strip_suffix('}')?;
+            (metric == name && labels.split(',').any(|kv| kv == label)).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,7 +114,7 @@ async fn kv_survives_a_restart() {
         let host = Host::start(config.clone()).await.unwrap();
         let mut seen = host.observe(&["inventory.reserved"]).await.unwrap();
         host.publish(Event::new("orders.created", order(&format!("r-{i}"), "widget", 3))).await.unwrap();
-        seen.recv().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(30), seen.recv()).await.expect("an output within 30 s").unwrap();
         let reserved = host.kv().get("inventory", "reserved/widget").await.unwrap().unwrap().value;
         assert_eq!(String::from_utf8(reserved).unwrap(), expected, "run {i}");
         host.shutdown().await;
@@ -115,8 +133,10 @@ fn a_bad_config_fails_at_start_naming_the_file_and_key() {
     for (file, text, needle) in cases {
         let path = dir.path().join(file);
         std::fs::write(&path, text).unwrap();
-        let out =
-            Command::new(plugbus_bin()).args(["run", "--http", "127.0.0.1:0", "--config"]).arg(&path).output().unwrap();
+        let out = output_within(
+            Command::new(plugbus_bin()).args(["run", "--http", "127.0.0.1:0", "--config"]).arg(&path),
+            Duration::from_secs(60),
+        );
         assert!(!out.status.success(), "{file} was accepted");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{file}: the error does not name {needle:?}: {err}");
@@ -124,40 +144,84 @@ fn a_bad_config_fails_at_start_naming_the_file_and_key() {
 }
 
 #[test]
-fn sigterm_mid_burst_drains_and_exits_zero() {
+fn sigterm_with_events_in_flight_finishes_them_and_their_outputs_then_exits_zero() {
+    const EVENTS: usize = 12;
     let plugins = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
     std::fs::copy(wasm("faulty"), plugins.path().join("faulty.wasm")).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let log = plugins.path().join("host.log");
-    let mut child = Command::new(plugbus_bin())
-        .args(["run", "--log-format", "json", "--concurrency", "2", "--http", &format!("127.0.0.1:{port}")])
+    let child = Command::new(plugbus_bin())
+        .args(["run", "--log-format", "json", "--concurrency", "1", "--http", &format!("127.0.0.1:{port}")])
         .arg("--plugins")
         .arg(plugins.path())
         .arg("--data-dir")
         .arg(data.path())
+        // one debug line per handled delivery (with its outputs): how the test counts them
+        .env("RUST_LOG", "info,plugbus::dispatch=debug")
         .stderr(std::fs::File::create(&log).unwrap())
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
+    let mut child = Killed(child);
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "the host did not come up");
         std::thread::sleep(Duration::from_millis(50));
     }
     let client = reqwest::blocking_free::Client::new(port);
-    let mut accepted = 0;
-    for _ in 0..100 {
-        if client.post("/v1/events/faulty.slow", "10") == 202 {
-            accepted += 1;
-        }
+    // 12 events of 400 ms each, one at a time (the other runtime worker serves the posts): about
+    // 5 s of work queued and running
+    let mut accepted = Vec::new();
+    for _ in 0..EVENTS {
+        let (status, body) = client.request("POST", "/v1/events/faulty.slow", "400");
+        assert_eq!(status, 202, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        accepted.push(v["id"].as_str().unwrap().to_string());
     }
-    assert_eq!(accepted, 100);
-    unsafe { libc_kill(child.id() as i32, 15) };
-    let status = child.wait().unwrap();
+    let (_, plugins_now) = client.request("GET", "/v1/plugins", "");
+    let v: serde_json::Value = serde_json::from_str(&plugins_now).unwrap();
+    let c = &v["plugins"][0]["counters"];
+    let unsettled = c["pending"].as_u64().unwrap() + c["queued"].as_u64().unwrap();
+    assert!(unsettled > EVENTS as u64 / 2, "most events should still be waiting at SIGTERM: {c}");
+    unsafe { libc_kill(child.0.id() as i32, 15) };
+    let status = wait_within(&mut child.0, Duration::from_secs(60)).expect("the host exits within 60 s of SIGTERM");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(status.success(), "exit {status}: {text}");
-    assert!(text.contains("every accepted event was handled"), "{text}");
+
+    // every accepted event was handled, most of them after the signal, each with its output
+    let lines: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let message = |l: &serde_json::Value| l["fields"]["message"].as_str().unwrap_or_default().to_string();
+    let signal_at = lines
+        .iter()
+        .position(|l| message(l).starts_with("stopping") && l["fields"]["signal"] == "SIGTERM")
+        .unwrap_or_else(|| panic!("no stopping line for SIGTERM: {text}"));
+    let handled: Vec<(usize, &serde_json::Value)> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| message(l) == "handled" && l["fields"]["plugin"] == "faulty")
+        .collect();
+    let ids: std::collections::BTreeSet<&str> =
+        handled.iter().filter_map(|(_, l)| l["fields"]["event_id"].as_str()).collect();
+    let want: std::collections::BTreeSet<&str> = accepted.iter().map(String::as_str).collect();
+    assert_eq!(ids, want, "accepted events not handled (or handled twice) by the drain: {text}");
+    assert_eq!(handled.len(), EVENTS, "{text}");
+    let outputs: u64 = handled.iter().map(|(_, l)| l["fields"]["outputs"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(outputs, EVENTS as u64, "every handled event released its output");
+    let after_signal = handled.iter().filter(|(i, _)| *i > signal_at).count();
+    assert!(after_signal > EVENTS / 2, "only {after_signal} events were handled after SIGTERM: nothing was in flight");
+    let drained = lines.iter().position(|l| message(l).contains("every accepted event was handled"));
+    assert!(drained.is_some_and(|d| d > handled.last().unwrap().0), "no clean drain line after the last event: {text}");
+}
+
+/// Kills the child if the test fails before it exits.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 unsafe extern "C" {
@@ -175,17 +239,22 @@ mod reqwest {
             pub fn new(port: u16) -> Self {
                 Client(port)
             }
-            pub fn post(&self, path: &str, body: &str) -> u16 {
+            /// Sends one request; returns the status and the body.
+            pub fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
                 let mut s = std::net::TcpStream::connect(("127.0.0.1", self.0)).unwrap();
+                s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
                 write!(
                     s,
-                    "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:{}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    self.0,
                     body.len()
                 )
                 .unwrap();
                 let mut resp = String::new();
-                s.read_to_string(&mut resp).unwrap();
-                resp.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+                s.read_to_string(&mut resp).expect("a response within 30 s");
+                let status = resp.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+                let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+                (status, body)
             }
         }
     }
@@ -194,19 +263,21 @@ mod reqwest {
 #[test]
 fn plugbus_new_scaffolds_a_crate_that_builds_loads_and_handles() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(plugbus_bin()).args(["new", "order-audit", "--dir"]).arg(dir.path()).output().unwrap();
+    let run = |cmd: &mut Command| output_within(cmd, Duration::from_secs(60));
+    let out = run(Command::new(plugbus_bin()).args(["new", "order-audit", "--dir"]).arg(dir.path()));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let krate = dir.path().join("order-audit");
     let target = plugbus_tests::workspace().join("target").join("scaffold");
-    let build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2"])
-        .env("CARGO_TARGET_DIR", &target)
-        .current_dir(&krate)
-        .status()
-        .unwrap();
-    assert!(build.success(), "the generated crate does not build");
+    let build = output_within(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2"])
+            .env("CARGO_TARGET_DIR", &target)
+            .current_dir(&krate),
+        Duration::from_secs(900),
+    );
+    assert!(build.status.success(), "the generated crate does not build: {}", String::from_utf8_lossy(&build.stderr));
     let component = target.join("wasm32-wasip2/release/order_audit.wasm");
-    let inspect = Command::new(plugbus_bin()).arg("inspect").arg(&component).output().unwrap();
+    let inspect = run(Command::new(plugbus_bin()).arg("inspect").arg(&component));
     assert!(inspect.status.success(), "{}", String::from_utf8_lossy(&inspect.stdout));
 
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -228,9 +299,9 @@ fn plugbus_new_scaffolds_a_crate_that_builds_loads_and_handles() {
         assert_eq!(out.subject, "order-audit.seen");
     });
 
-    let again = Command::new(plugbus_bin()).args(["new", "order-audit", "--dir"]).arg(dir.path()).output().unwrap();
+    let again = run(Command::new(plugbus_bin()).args(["new", "order-audit", "--dir"]).arg(dir.path()));
     assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("already exists"));
-    let bad = Command::new(plugbus_bin()).args(["new", "Bad Name", "--dir"]).arg(dir.path()).output().unwrap();
+    let bad = run(Command::new(plugbus_bin()).args(["new", "Bad Name", "--dir"]).arg(dir.path()));
     assert!(!bad.status.success());
 }
 

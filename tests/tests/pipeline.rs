@@ -42,22 +42,41 @@ async fn an_out_of_stock_order_is_rejected_and_the_customer_told() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_holds_the_reserved_count_even_with_concurrent_orders() {
-    let t = TestHost::start(PIPELINE).await;
+    const ROUNDS: usize = 20;
+    let t = TestHost::start_with(PIPELINE, |c| {
+        let inventory = c.plugins.entry("inventory".into()).or_default();
+        for r in 0..ROUNDS {
+            inventory.config.insert(format!("stock.w{r}"), 10.into());
+        }
+    })
+    .await;
     let mut seen = t.observe(&["inventory.*"]).await;
-    // 5 orders of 1 widget at once: each reads and writes the same kv keys concurrently.
-    for i in 0..5 {
-        t.publish("orders.created", order(&format!("c-{i}"), "widget", 1)).await;
-    }
-    for _ in 0..5 {
-        seen.next_on("inventory.reserved").await;
-    }
-    t.wait_counter("inventory", "ok", 5).await;
     let get =
         async |k: &str| t.host.kv().get("inventory", k).await.unwrap().map(|v| String::from_utf8(v.value).unwrap());
-    assert_eq!(get("reserved/widget").await.as_deref(), Some("5"));
-    assert_eq!(get("stock/widget").await.as_deref(), Some("5"));
-    // the stock then runs out: 10 widgets at start, 5 reserved, an order for 6 is refused
-    t.publish("orders.created", order("c-big", "widget", 6)).await;
-    assert_eq!(seen.next_on("inventory.rejected").await.subject, "inventory.rejected");
-    assert_eq!(get("reserved/widget").await.as_deref(), Some("5"));
+    // Rounds of 5 orders of 1 of the same sku at once: each reads and writes the same kv keys
+    // concurrently. A round ends right when two attempts collided (a kv conflict re-runs one:
+    // the plugin counts more attempts than deliveries); every round must count exactly.
+    let mut sku = String::new();
+    for round in 0..ROUNDS {
+        sku = format!("w{round}");
+        let orders = (0..5).map(|i| t.publish("orders.created", order(&format!("c-{round}-{i}"), &sku, 1)));
+        futures::future::join_all(orders).await;
+        for _ in 0..5 {
+            seen.next_on("inventory.reserved").await;
+        }
+        t.wait_counter("inventory", "ok", 5 * (round as u64 + 1)).await;
+        assert_eq!(get(&format!("reserved/{sku}")).await.as_deref(), Some("5"), "round {round}");
+        assert_eq!(get(&format!("stock/{sku}")).await.as_deref(), Some("5"), "round {round}");
+        if t.counter("inventory", "attempts") > t.counter("inventory", "received") {
+            break;
+        }
+    }
+    assert!(
+        t.counter("inventory", "attempts") > t.counter("inventory", "received"),
+        "no kv conflict in {ROUNDS} rounds of concurrent orders: the test never exercised one"
+    );
+    // the stock then runs out: 10 at start, 5 reserved, an order for 6 is refused
+    t.publish("orders.created", order("c-big", &sku, 6)).await;
+    assert_eq!(seen.next_where(|e| e.subject != "inventory.reserved").await.subject, "inventory.rejected");
+    assert_eq!(get(&format!("reserved/{sku}")).await.as_deref(), Some("5"));
 }

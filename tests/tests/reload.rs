@@ -87,6 +87,43 @@ async fn a_file_written_in_chunks_is_waited_for_then_served() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_stays_half_written_is_reported_and_the_old_version_keeps_serving() {
+    let t = TestHost::start(&["echo"]).await;
+    let bytes = std::fs::read(wasm("echo2")).unwrap();
+    let path = t.dir.path().join("echo.wasm");
+    // `cp` over the live file that never finishes: truncated, half written, the writer still open
+    let mut writer = std::fs::File::create(&path).unwrap();
+    writer.write_all(&bytes[..bytes.len() / 2]).unwrap();
+    writer.flush().unwrap();
+    let host = &t.host;
+    eventually("the half-written file is reported", || !host.rejected().is_empty()).await;
+    let r = &host.rejected()[0];
+    assert!(r.path.ends_with("echo.wasm") && r.reason.contains("invalid component"), "{r:?}");
+    assert_eq!(host.reloader().stats.load_errors.load(Ordering::Relaxed), 1);
+    let body: serde_json::Value = reqwest::get(format!("{}/v1/plugins", t.url())).await.unwrap().json().await.unwrap();
+    assert_eq!(body["rejected"][0]["state"], format!("rejected: {}", r.reason), "{body}");
+    assert_eq!(body["plugins"][0]["state"], "serving 0.1.0", "{body}");
+    let metrics = reqwest::get(format!("{}/metrics", t.url())).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("plugbus_load_errors_total{file=\"echo.wasm\"} 1"), "{metrics}");
+
+    // the old version keeps serving, for as long as the file stays broken
+    let mut seen = t.observe(&["echo.>"]).await;
+    for _ in 0..3 {
+        t.publish("orders.created", "{}").await;
+        assert_eq!(seen.next_where(|_| true).await.subject, "echo.orders.created", "the old version stopped serving");
+    }
+    assert_eq!(host.router().plugins()[0].version, "0.1.0");
+    assert_eq!(host.reloader().stats.reloads.load(Ordering::Relaxed), 0, "a half-written file was swapped in");
+
+    // finishing the file later swaps the new version in and clears the report
+    writer.write_all(&bytes[bytes.len() / 2..]).unwrap();
+    drop(writer);
+    let router = t.host.router().clone();
+    eventually("v2 serves", || router.plugins()[0].version == "2.0.0").await;
+    eventually("the rejection is cleared", || host.rejected().is_empty()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_is_rejected_and_the_old_version_keeps_serving() {
     let t = TestHost::start(&["echo"]).await;
     let path = t.dir.path().join("echo.wasm");
@@ -156,5 +193,6 @@ async fn a_restart_with_a_warm_cache_compiles_nothing() {
     assert_eq!((stats.compiled.load(Ordering::Relaxed), stats.hits.load(Ordering::Relaxed)), (0, 3));
     let mut seen = warm.observe(&["inventory.>"]).await.unwrap();
     warm.publish(Event::new("orders.created", plugbus_tests::order("w-1", "widget", 1))).await.unwrap();
-    assert_eq!(seen.recv().await.unwrap().subject, "inventory.reserved");
+    let out = tokio::time::timeout(Duration::from_secs(30), seen.recv()).await.expect("an output within 30 s");
+    assert_eq!(out.expect("bus open").subject, "inventory.reserved");
 }

@@ -3,7 +3,10 @@
 //! and the next event to the same plugin succeeds.
 
 use plugbus::deadletter::headers;
-use plugbus_tests::{TestHost, fast_retries};
+use plugbus::{Config, Event};
+use plugbus_tests::{Logs, TestHost, fast_retries, output_within, plugbus_bin, wasm};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 async fn host() -> TestHost {
@@ -18,12 +21,16 @@ async fn host() -> TestHost {
     .await
 }
 
-/// Publishes `faulty.<fault>`, waits for its dead letter, returns the error it carries.
-async fn dead_letter_of(t: &TestHost, fault: &str, data: Vec<u8>) -> String {
+/// Publishes `faulty.<fault>`, waits for its dead letter and returns it.
+async fn dead_letter_of(t: &TestHost, fault: &str, data: Vec<u8>) -> Arc<Event> {
     let mut seen = t.observe(&["plugbus.dlq.faulty"]).await;
     let id = t.publish(&format!("faulty.{fault}"), data).await;
     let dead = seen.next_where(|e| e.header(headers::ORIGINAL_ID) == Some(id.as_str())).await;
     assert_eq!(dead.header(headers::PLUGIN), Some("faulty"));
+    dead
+}
+
+fn error_of(dead: &Event) -> String {
     dead.header(headers::ERROR).unwrap().to_string()
 }
 
@@ -41,6 +48,8 @@ async fn still_serving(t: &TestHost, after: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fault_fails_only_its_event_with_the_cause_named() {
     let t = host().await;
+    // what the flood and the oversized output published before their limit: none may escape
+    let mut escaped = t.observe(&["faulty.out.flood", "faulty.out.big", "faulty.out.sys", "faulty.out.unlisted"]).await;
     let cases: &[(&str, &str)] = &[
         ("trap", "unreachable"),
         ("panic", "handler panicked: the handler gave up"),
@@ -54,22 +63,71 @@ async fn every_fault_fails_only_its_event_with_the_cause_named() {
         ("kvbig", "over the 65536-byte cap"),
     ];
     for (fault, cause) in cases {
-        let error = dead_letter_of(&t, fault, Vec::new()).await;
+        let dead = dead_letter_of(&t, fault, Vec::new()).await;
+        let error = error_of(&dead);
         assert!(error.contains(cause), "{fault}: dead letter says {error:?}, expected it to name {cause:?}");
+        if ["flood", "sys", "unlisted", "big", "kvbig"].contains(fault) {
+            // the refused call returned the error to the handler, which gave up with it (faulty
+            // passes it on with `?`); a host that failed the event behind the handler's back
+            // would report `publish refused: …` after a handler that returned Ok
+            assert!(error.starts_with("handler rejected the event: "), "{fault}: the handler did not see it: {error}");
+            assert_eq!(dead.header(headers::ATTEMPTS), Some("1"), "{fault}: a rejection is not retried");
+        }
         still_serving(&t, fault).await;
     }
-    let error = dead_letter_of(&t, "ok", vec![b'x'; 4097]).await;
+    // every event above was settled before its neighbour's outputs came: anything the flood or
+    // the oversized output had let out would be here by now
+    let escapes = escaped.drain(Duration::from_millis(200)).await;
+    assert!(
+        escapes.is_empty(),
+        "outputs of failed events escaped: {:?}",
+        escapes.iter().map(|e| &e.subject).collect::<Vec<_>>()
+    );
+
+    // an event over max_event_bytes is dead-lettered unread: no attempt ran
+    let attempts = t.counter("faulty", "attempts");
+    let retried = t.counter("faulty", "retried");
+    let dead = dead_letter_of(&t, "ok", vec![b'x'; 4097]).await;
+    let error = error_of(&dead);
     assert!(error.contains("event of 4097 bytes is over the 4096-byte limit"), "{error}");
+    assert_eq!(dead.header(headers::ATTEMPTS), Some("0"), "the oversized event was handed to the plugin");
+    assert_eq!(dead.data.len(), 4097, "the dead letter keeps the event's data");
+    assert_eq!(t.counter("faulty", "attempts"), attempts, "the plugin ran on an oversized event");
+    assert_eq!(t.counter("faulty", "retried"), retried);
     still_serving(&t, "oversized event").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chatty_plugin_is_cut_off_in_the_log_not_failed() {
-    let t = TestHost::start(&["faulty"]).await;
+    const CAP: usize = 4096;
+    let logs = Logs::capture();
+    let t = TestHost::start_with(&["faulty"], |c| {
+        c.plugins.entry("faulty".into()).or_default().limits.insert("max_log_bytes".into(), CAP.into());
+    })
+    .await;
     let mut seen = t.observe(&["faulty.out.chatty"]).await;
-    t.publish("faulty.chatty", "").await;
+    let id = t.publish("faulty.chatty", "").await;
     seen.next_on("faulty.out.chatty").await;
+    t.wait_counter("faulty", "ok", 1).await;
     assert_eq!(t.counter("faulty", "dead_lettered"), 0);
+
+    // what the plugin printed: 100,000 lines (see tests/components/faulty)
+    let printed: usize = (0..100_000).map(|i| format!("line {i} of a very chatty plugin\n").len()).sum();
+    // the lines kept went to the log, tagged with the plugin and the event, up to the cap ...
+    let kept = logs.with_fields(&[("plugin", "faulty"), ("event_id", id.as_str()), ("stream", "stdout")]);
+    let lines: Vec<&str> =
+        kept.iter().filter(|l| l["target"] == "plugin").filter_map(|l| l["fields"]["message"].as_str()).collect();
+    assert_eq!(lines.first().copied(), Some("line 0 of a very chatty plugin"), "{kept:?}");
+    // (the last line kept may be cut short, without its newline)
+    let kept_bytes = lines.join("\n").len();
+    assert!(kept_bytes <= CAP, "{kept_bytes} bytes of plugin output logged, over the {CAP}-byte cap");
+    // ... and the cut is logged once, as a warning saying how much was cut
+    let cut: Vec<_> = kept.iter().filter(|l| l["fields"]["dropped"].is_u64()).collect();
+    assert_eq!(cut.len(), 1, "the cut is not logged once: {kept:?}");
+    assert_eq!(cut[0]["level"], "WARN", "{}", cut[0]);
+    assert!(cut[0]["fields"]["message"].as_str().unwrap().contains("cut"), "{}", cut[0]);
+    let dropped = cut[0]["fields"]["dropped"].as_u64().unwrap() as usize;
+    assert!(dropped >= printed - CAP, "{dropped} bytes said cut, but {printed} printed and at most {CAP} kept");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,39 +144,65 @@ async fn a_looping_plugin_does_not_starve_the_others() {
     for _ in 0..4 {
         t.publish("faulty.loop", "").await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // all four loop in the sandbox at once: more than the runtime's two workers
+    t.wait_counter("faulty", "in_flight", 4).await;
     t.publish("orders.created", "{}").await;
     let first = seen.next_where(|_| true).await;
     assert_eq!(first.subject, "echo.orders.created", "the fast plugin waited for the looping ones");
+    assert_eq!(t.counter("faulty", "in_flight"), 4, "the loops had stopped before the neighbour answered");
+    assert_eq!(t.counter("faulty", "dead_lettered"), 0);
+    // and the loops do end, at their deadline
+    for _ in 0..4 {
+        let dead = seen.next_on("plugbus.dlq.faulty").await;
+        let error = dead.header(headers::ERROR).unwrap();
+        assert!(error.contains("deadline of 3s exceeded"), "{error}");
+    }
 }
 
-#[test]
-fn a_pool_the_machine_cannot_hold_is_a_clear_error_at_start() {
-    let err = plugbus::sandbox::Sandbox::new(plugbus::sandbox::SandboxSettings {
-        max_instances: 100_000_000,
-        max_memory_mib: 4096,
-        max_stack_bytes: 512 * 1024,
-    })
-    .err()
-    .expect("a 100M-instance pool cannot be reserved");
-    let msg = err.to_string();
-    assert!(msg.contains("cannot set up the sandbox pool for 100000000 instances"), "{msg}");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_the_machine_cannot_hold_stops_the_host_at_start_with_a_clear_error() {
+    let plugins = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("audit"), plugins.path().join("audit.wasm")).unwrap();
+    let needle = "cannot set up the sandbox pool for 100000000 instances";
+
+    // the library: Host::start refuses
+    let mut config = Config {
+        plugins_dir: plugins.path().to_path_buf(),
+        data_dir: data.path().to_path_buf(),
+        http: None,
+        ..Config::default()
+    };
+    config.sandbox.max_instances = 100_000_000;
+    let err =
+        format!("{:#}", plugbus::Host::start(config).await.err().expect("a 100M-instance pool cannot be reserved"));
+    assert!(err.contains(needle), "{err}");
+
+    // the binary: `plugbus run --max-instances` exits non-zero, saying so
+    let out = output_within(
+        Command::new(plugbus_bin())
+            .args(["run", "--http", "127.0.0.1:0", "--max-instances", "100000000", "--plugins"])
+            .arg(plugins.path())
+            .arg("--data-dir")
+            .arg(data.path()),
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the host started with an impossible pool: {stderr}");
+    assert!(stderr.contains(needle), "{stderr}");
 }
 
 #[test]
 fn inspect_gives_a_verdict_and_an_exit_code() {
     let bin = plugbus_tests::plugbus_bin();
-    let ok = std::process::Command::new(&bin).arg("inspect").arg(plugbus_tests::wasm("inventory")).output().unwrap();
+    let run = |cmd: &mut Command| output_within(cmd, Duration::from_secs(60));
+    let ok = run(Command::new(&bin).arg("inspect").arg(wasm("inventory")));
     assert!(ok.status.success());
     let text = String::from_utf8(ok.stdout).unwrap();
     assert!(text.contains("plugin     inventory") && text.contains("verdict    loadable"), "{text}");
     assert!(text.contains("subscribes orders.created") && text.contains("memory 64 MiB"), "{text}");
 
-    let bad = std::process::Command::new(&bin)
-        .args(["inspect", "--json"])
-        .arg(plugbus_tests::wasm("sneaky"))
-        .output()
-        .unwrap();
+    let bad = run(Command::new(&bin).args(["inspect", "--json"]).arg(wasm("sneaky")));
     assert_eq!(bad.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&bad.stdout).unwrap();
     assert_eq!(v["loadable"], false);
@@ -128,7 +212,7 @@ fn inspect_gives_a_verdict_and_an_exit_code() {
     let dir = tempfile::tempdir().unwrap();
     let core = dir.path().join("core.wasm");
     std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
-    let out = std::process::Command::new(&bin).arg("inspect").arg(&core).output().unwrap();
+    let out = run(Command::new(&bin).arg("inspect").arg(&core));
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("core WebAssembly module"));
 }
