@@ -140,6 +140,8 @@ pub struct DeadLetters {
     next: AtomicU64,
     cap: usize,
     max_bytes: usize,
+    /// Where they are kept across restarts (`None`: in memory only).
+    file: Option<crate::dlq_file::DlqFile>,
 }
 
 impl DeadLetters {
@@ -156,6 +158,37 @@ impl DeadLetters {
             next: AtomicU64::new(1),
             cap: cap.max(1),
             max_bytes,
+            file: None,
+        }
+    }
+
+    /// A store like [`DeadLetters::new`] kept in `file` too: what it held at the last stop is
+    /// back, and every change is written through.
+    pub fn persistent(cap: usize, path: &std::path::Path) -> Result<Self, crate::dlq_file::DlqFileError> {
+        let (file, kept) = crate::dlq_file::DlqFile::open(path)?;
+        let mut store = Self::with_max_bytes(cap, DEFAULT_MAX_BYTES);
+        {
+            let mut k = store.kept.lock().expect("dlq poisoned");
+            for (seq, plugin, event) in kept {
+                k.bytes += entry_bytes(&plugin, &event);
+                store.next.fetch_max(seq + 1, Ordering::Relaxed);
+                k.items.push_back(Entry { seq, plugin, event });
+            }
+        }
+        store.file = Some(file);
+        Ok(store)
+    }
+
+    /// Writes a change through to the file; a failure is logged (the entry is still kept here
+    /// and was published on its dead-letter subject).
+    fn write_through(
+        &self,
+        change: impl FnOnce(&crate::dlq_file::DlqFile) -> Result<(), crate::dlq_file::DlqFileError>,
+    ) {
+        if let Some(file) = &self.file
+            && let Err(e) = change(file)
+        {
+            tracing::error!("dead letters not kept across a restart: {e}");
         }
     }
 
@@ -168,6 +201,7 @@ impl DeadLetters {
                 "dead letter too large to keep for replay (it was published on its dead-letter subject)");
             return;
         }
+        self.write_through(|f| f.insert(seq, plugin, &event));
         let mut kept = self.kept.lock().expect("dlq poisoned");
         kept.items.push_back(Entry { seq, plugin: plugin.to_string(), event });
         kept.bytes += size;
@@ -177,13 +211,18 @@ impl DeadLetters {
     /// Forgets the oldest entries until the store is within its bounds; one log line.
     fn evict(&self, kept: &mut Kept) {
         let (mut forgotten, mut freed, mut oldest) = (0usize, 0usize, None);
+        let mut gone = Vec::new();
         while kept.items.len() > self.cap || kept.bytes > self.max_bytes {
             let Some(old) = kept.items.pop_front() else { break };
+            gone.push(old.seq);
             let size = entry_bytes(&old.plugin, &old.event);
             kept.bytes -= size;
             freed += size;
             forgotten += 1;
             oldest.get_or_insert((old.plugin, old.event.id));
+        }
+        if !gone.is_empty() {
+            self.write_through(|f| f.remove(&gone));
         }
         if let Some((plugin, event_id)) = oldest {
             tracing::warn!(plugin = %plugin, event_id = %event_id, forgotten, freed_bytes = freed,
@@ -211,6 +250,9 @@ impl DeadLetters {
             kept.items.drain(..).partition(|e| plugin.is_none_or(|p| e.plugin == p));
         kept.items.extend(rest);
         kept.bytes -= taken.iter().map(|e| entry_bytes(&e.plugin, &e.event)).sum::<usize>();
+        drop(kept);
+        let seqs: Vec<u64> = taken.iter().map(|e| e.seq).collect();
+        self.write_through(|f| f.remove(&seqs));
         taken
     }
 
@@ -218,6 +260,7 @@ impl DeadLetters {
     pub fn restore(&self, entries: Vec<Entry>) {
         let mut kept = self.kept.lock().expect("dlq poisoned");
         for e in entries.into_iter().rev() {
+            self.write_through(|f| f.insert(e.seq, &e.plugin, &e.event));
             kept.bytes += entry_bytes(&e.plugin, &e.event);
             kept.items.push_front(e);
         }

@@ -79,7 +79,17 @@ impl Host {
         if config.compile_cache {
             sandbox = sandbox.with_cache(&config.data_dir.join("cache"))?;
         }
-        let dead_letters = Arc::new(DeadLetters::new(10_000));
+        let dead_letters = if config.persistent_kv {
+            let path = config.data_dir.join("dlq.redb");
+            let store = DeadLetters::persistent(10_000, &path).context("opening the kept dead letters")?;
+            let kept = store.usage().0;
+            if kept > 0 {
+                tracing::info!(kept, file = %path.display(), "dead letters kept from before the last stop");
+            }
+            Arc::new(store)
+        } else {
+            Arc::new(DeadLetters::new(10_000))
+        };
         let metrics = Arc::new(Metrics::default());
         let router = Arc::new(Router::new(transport.clone(), dead_letters.clone(), metrics.clone()));
 

@@ -10,6 +10,7 @@ pub mod cloudevents;
 pub mod config;
 pub mod deadletter;
 pub mod dispatch;
+pub mod dlq_file;
 pub mod event;
 pub mod host;
 pub mod inspect;

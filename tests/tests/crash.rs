@@ -129,3 +129,43 @@ unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_survive_a_restart_and_a_replayed_one_stays_gone() {
+    use plugbus::{Config, Event, Host};
+    let plugins = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("faulty"), plugins.path().join("faulty.wasm")).unwrap();
+    let config = Config {
+        plugins_dir: plugins.path().to_path_buf(),
+        data_dir: data.path().to_path_buf(),
+        http: None,
+        ..Config::default()
+    };
+    let host = Host::start(config.clone()).await.unwrap();
+    for i in 0..2 {
+        host.publish(Event::new("faulty.reject", format!("poison {i}"))).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while host.dead_letters().list(None).len() < 2 {
+        assert!(Instant::now() < deadline, "no dead letters");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    host.shutdown().await;
+
+    let host = Host::start(config.clone()).await.unwrap();
+    let kept = host.dead_letters().list(Some("faulty"));
+    assert_eq!(kept.len(), 2, "both dead letters are back after the restart");
+    assert!(kept[0].event.header("plugbus-error").unwrap().contains("never"));
+    assert_eq!(kept[0].event.data, "poison 0".as_bytes());
+    // One is taken for replay (as `POST /v1/dlq/replay` does): it stays gone after a restart.
+    let taken = host.dead_letters().take(None);
+    host.dead_letters().restore(taken[1..].to_vec());
+    host.shutdown().await;
+
+    let host = Host::start(config).await.unwrap();
+    let kept = host.dead_letters().list(None);
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].event.data, "poison 1".as_bytes());
+    host.shutdown().await;
+}

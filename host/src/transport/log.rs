@@ -577,7 +577,7 @@ fn appended_ms(stored: &[u8]) -> Option<u64> {
     stored.get(1..9).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
 }
 
-fn encode(ev: &Event, appended_ms: u64, out: &mut Vec<u8>) {
+pub(crate) fn encode(ev: &Event, appended_ms: u64, out: &mut Vec<u8>) {
     out.push(RECORD_VERSION);
     out.extend_from_slice(&appended_ms.to_le_bytes());
     for field in [&ev.id, &ev.source, &ev.ty, &ev.subject, &ev.time] {
@@ -623,7 +623,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn decode(stored: &[u8]) -> Result<Event, String> {
+pub(crate) fn decode(stored: &[u8]) -> Result<Event, String> {
     let mut r = Reader(stored);
     let version = r.take(1)?[0];
     if version != RECORD_VERSION {
