@@ -18,6 +18,9 @@ pub struct DlqFileError {
     why: String,
 }
 
+/// One kept dead letter read back: its sequence number, its plugin, the dead-letter event.
+pub type KeptLetter = (u64, String, Event);
+
 /// The dead-letter file.
 pub struct DlqFile {
     db: Database,
@@ -26,7 +29,7 @@ pub struct DlqFile {
 
 impl DlqFile {
     /// Opens (or creates) the file; returns it with what it keeps, oldest first.
-    pub fn open(path: &Path) -> Result<(Self, Vec<(u64, String, Event)>), DlqFileError> {
+    pub fn open(path: &Path) -> Result<(Self, Vec<KeptLetter>), DlqFileError> {
         let err = |why: String| DlqFileError { path: path.to_path_buf(), why };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
