@@ -117,6 +117,7 @@ pub fn router(state: ApiState) -> axum::Router {
         .route("/v1/events/{subject}", post(publish).get(tail))
         .route("/v1/dlq", get(dlq_list))
         .route("/v1/dlq/replay", post(dlq_replay))
+        .route("/v1/replay", post(replay_log))
         .route("/v1/events", post(empty_subject))
         .route("/v1/events/", post(empty_subject))
         .layer(DefaultBodyLimit::disable())
@@ -465,6 +466,23 @@ async fn plugins(State(api): State<Api>) -> Response {
 
 fn header_pairs(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
     headers.iter().filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str(), v)))
+}
+
+#[derive(serde::Deserialize)]
+struct ReplayQuery {
+    plugin: String,
+    #[serde(default)]
+    from: u64,
+}
+
+/// Delivers again to one plugin every event the bus keeps from sequence number `from` on that
+/// its subscription matches (the embedded bus's log), to rebuild its state.
+async fn replay_log(State(api): State<Api>, Query(q): Query<ReplayQuery>) -> Response {
+    match api.s.transport.replay(&q.plugin, q.from).await {
+        Ok(events) => Json(json!({ "plugin": q.plugin, "from": q.from, "events": events })).into_response(),
+        Err(crate::transport::TransportError::Closed(m)) => error(StatusCode::NOT_FOUND, m),
+        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+    }
 }
 
 #[derive(serde::Deserialize)]

@@ -173,6 +173,19 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:7070", env = "PLUGBUS_URL", global = true)]
         url: String,
     },
+    /// Deliver again to one plugin every event the embedded bus's log keeps (from a sequence
+    /// number on) that its subscription matches: rebuild a read model from history.
+    Replay {
+        /// The plugin to rewind.
+        #[arg(long)]
+        plugin: String,
+        /// The first sequence number to deliver again (default: the oldest kept).
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// The host's HTTP API.
+        #[arg(long, default_value = "http://127.0.0.1:7070", env = "PLUGBUS_URL")]
+        url: String,
+    },
     /// Check a component the way the host would load it: manifest, imports, exports, limits
     /// and a verdict. Exit code 0 when loadable, 1 when not.
     Inspect {
@@ -291,6 +304,14 @@ async fn main() -> anyhow::Result<()> {
             let created = plugbus::scaffold::new_handler(&name, &dir, &sdk)?;
             println!("created {}", created.display());
             println!("next: cd {} && cargo build --release --target wasm32-wasip2", created.display());
+            Ok(())
+        }
+        Command::Replay { plugin, from, url } => {
+            let client = client(cli.api_token.as_deref())?;
+            let req = client.post(api_url(&url, &["v1", "replay"])?).query(&[("plugin", plugin.as_str())]);
+            let req = req.query(&[("from", from)]);
+            let body: serde_json::Value = send(req, &url).await?.json().await.unwrap_or_default();
+            println!("{}", serde_json::to_string_pretty(&body)?);
             Ok(())
         }
         Command::Dlq { action, plugin, url } => {

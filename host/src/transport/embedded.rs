@@ -158,6 +158,65 @@ impl Overflow {
     }
 }
 
+/// Deliveries read back from the log into a plugin's overflow, a page at a time while the
+/// overflow has room (a long history never sits in memory at once).
+enum Load {
+    /// Everything the plugin has pending below this sequence number (the last run's leftovers).
+    Below(u64),
+    /// These sequence numbers (a replay).
+    Seqs(Vec<u64>),
+}
+
+/// Events read from the log per page.
+const LOAD_PAGE: usize = 1024;
+
+impl Load {
+    async fn run(self, log: Arc<DurableLog>, overflow: Arc<Overflow>, tx: mpsc::Sender<Delivery>, plugin: Arc<str>) {
+        let (mut from, mut loaded) = (0u64, 0usize);
+        let mut seqs = match &self {
+            Load::Seqs(seqs) => seqs.chunks(LOAD_PAGE),
+            Load::Below(_) => [].chunks(LOAD_PAGE),
+        };
+        loop {
+            // Room first: half the buffer free.
+            while overflow.state.lock().expect("overflow poisoned").bytes > overflow.budget / 2 {
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            let page = match &self {
+                Load::Below(until) => log.unsettled_page(&plugin, from, LOAD_PAGE).map(|mut page| {
+                    page.retain(|u| u.seq < *until);
+                    page
+                }),
+                Load::Seqs(_) => match seqs.next() {
+                    Some(chunk) => log.read_seqs(chunk),
+                    None => Ok(Vec::new()),
+                },
+            };
+            let page = match page {
+                Ok(page) if page.is_empty() => break,
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::error!(plugin = %plugin, "reading deliveries back from the event log: {e}");
+                    return;
+                }
+            };
+            from = page.last().map_or(from, |u| u.seq + 1);
+            loaded += page.len();
+            let mut state = overflow.state.lock().expect("overflow poisoned");
+            for u in page {
+                let cost = event_cost(&u.event);
+                overflow.take(&mut state, &tx, &u.event, cost, Logged(Some(u.seq)));
+            }
+        }
+        if loaded > 0 {
+            tracing::info!(plugin = %plugin, events = loaded, "delivered again from the event log");
+        }
+    }
+}
+
 fn event_cost(event: &Event) -> u64 {
     let headers: usize = event.extensions.iter().map(|(k, v)| k.len() + v.len()).sum();
     OVERFLOW_ENTRY_COST + (event.data.len() + headers + event.id.len() + event.subject.len()) as u64
@@ -351,19 +410,44 @@ impl Transport for EmbeddedBus {
         let plugin: Arc<str> = spec.plugin.as_str().into();
         let overflow = Overflow::new(plugin.clone(), spec.buffer_bytes, self.log.clone());
         if let Some(log) = &self.log {
-            // What the plugin had not settled when the host last stopped runs first.
-            let unsettled = log.unsettled(&spec.plugin).map_err(|e| TransportError::Broker(e.to_string()))?;
-            if !unsettled.is_empty() {
-                tracing::info!(plugin = %spec.plugin, events = unsettled.len(), "redelivering events not settled before the last stop");
+            let broker = |e: super::log::LogError| TransportError::Broker(e.to_string());
+            // Pending rows below `until` are from before this subscription: what the last run
+            // left unsettled (and, for a new plugin with `deliver = "all"`, the history).
+            let until = log.next_seq();
+            let new = log.register(plugin.clone()).await.map_err(broker)?;
+            if new && spec.durable.as_ref().is_some_and(|d| d.deliver_all) {
+                let wanted = patterns.clone();
+                let made = log.backfill(plugin.clone(), move |s| wanted.matches(s), 0).await.map_err(broker)?;
+                tracing::info!(plugin = %spec.plugin, events = made.len(), "a new plugin with deliver = \"all\": the log's history is delivered to it");
             }
-            let mut state = overflow.state.lock().expect("overflow poisoned");
-            for u in unsettled {
-                let cost = event_cost(&u.event);
-                overflow.take(&mut state, &tx, &u.event, cost, Logged(Some(u.seq)));
-            }
+            let load = Load::Below(until);
+            tokio::spawn(load.run(log.clone(), overflow.clone(), tx.clone(), plugin.clone()));
         }
         self.table.write().expect("bus table poisoned").subs.push(Arc::new(Sub { id, plugin, patterns, tx, overflow }));
         Ok(subscription)
+    }
+
+    async fn replay(&self, plugin: &str, from: u64) -> Result<usize, TransportError> {
+        let Some(log) = &self.log else {
+            return Err(TransportError::Broker(format!(
+                "replay of {plugin}: the embedded bus keeps no history with bus.durable = false"
+            )));
+        };
+        let sub = {
+            let table = self.table.read().expect("bus table poisoned");
+            table.subs.iter().find(|s| &*s.plugin == plugin).cloned()
+        };
+        let sub =
+            sub.ok_or_else(|| TransportError::Closed(format!("replay: no plugin named {plugin} is subscribed")))?;
+        let patterns = sub.patterns.clone();
+        let made = log
+            .backfill(sub.plugin.clone(), move |s| patterns.matches(s), from)
+            .await
+            .map_err(|e| TransportError::Broker(e.to_string()))?;
+        let count = made.len();
+        tracing::info!(plugin, from, events = count, "replay: the log's events are delivered to the plugin again");
+        tokio::spawn(Load::Seqs(made).run(log.clone(), sub.overflow.clone(), sub.tx.clone(), sub.plugin.clone()));
+        Ok(count)
     }
 
     async fn retarget(&self, subscription: u64, spec: &SubscriptionSpec) -> Result<(), TransportError> {

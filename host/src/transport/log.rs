@@ -23,6 +23,8 @@ const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const PENDING: TableDefinition<(&str, u64), ()> = TableDefinition::new("pending");
 /// "source\0id" → seq, for outputs: a re-published output is kept once.
 const IDS: TableDefinition<&str, u64> = TableDefinition::new("ids");
+/// plugin → the sequence number when it first subscribed (a plugin not here is new to the log).
+const SUBSCRIBERS: TableDefinition<&str, u64> = TableDefinition::new("subscribers");
 /// seq → how many plugins have not settled it (absent: none); retention never drops these.
 const REFS: TableDefinition<u64, u32> = TableDefinition::new("refs");
 /// "next_seq" → the next sequence number; "bytes" → the bytes of the records kept.
@@ -147,6 +149,19 @@ enum Op {
     Sync {
         done: oneshot::Sender<Result<(), LogError>>,
     },
+    /// Records `plugin` as a subscriber; answers whether it was new to the log.
+    Register {
+        plugin: Arc<str>,
+        done: oneshot::Sender<Result<bool, LogError>>,
+    },
+    /// Makes every kept event from `from` on whose subject `matches` pending for `plugin`
+    /// (a replay); answers how many became pending.
+    Backfill {
+        plugin: Arc<str>,
+        matches: Box<dyn Fn(&str) -> bool + Send>,
+        from: u64,
+        done: oneshot::Sender<Result<Vec<u64>, LogError>>,
+    },
 }
 
 /// What an append did.
@@ -201,6 +216,7 @@ impl DurableLog {
             w.open_table(IDS).map_err(|e| open_err(e.to_string()))?;
             w.open_table(META).map_err(|e| open_err(e.to_string()))?;
             w.open_table(REFS).map_err(|e| open_err(e.to_string()))?;
+            w.open_table(SUBSCRIBERS).map_err(|e| open_err(e.to_string()))?;
         }
         w.commit().map_err(|e| open_err(e.to_string()))?;
         let next_seq = {
@@ -292,14 +308,64 @@ impl DurableLog {
         Ok(out)
     }
 
+    /// The sequence number the next append gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The events under `seqs` (those retention dropped are left out), as deliveries to run
+    /// again: their outputs may be in the log already.
+    pub fn read_seqs(&self, seqs: &[u64]) -> Result<Vec<Unsettled>, LogError> {
+        let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
+        let r = self.db.begin_read().map_err(|e| io(&e))?;
+        let events = r.open_table(EVENTS).map_err(|e| io(&e))?;
+        let mut out = Vec::with_capacity(seqs.len());
+        for &seq in seqs {
+            if let Some(stored) = events.get(seq).map_err(|e| io(&e))? {
+                let event =
+                    decode(stored.value()).map_err(|why| LogError::Corrupt { path: self.path.clone(), seq, why })?;
+                out.push(Unsettled { seq, event: Arc::new(event) });
+            }
+        }
+        self.redelivered.lock().expect("redelivered poisoned").extend(out.iter().map(|u| u.event.id.clone()));
+        Ok(out)
+    }
+
+    /// Records `plugin` as a subscriber of the log; `true` when it had never subscribed before.
+    pub async fn register(&self, plugin: Arc<str>) -> Result<bool, LogError> {
+        let (done, wait) = oneshot::channel();
+        self.ops.send(Op::Register { plugin, done }).map_err(|_| LogError::Closed)?;
+        wait.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Makes every kept event from sequence number `from` on whose subject `matches` pending for
+    /// `plugin` again (a replay, or `deliver = "all"` for a new plugin); returns the sequence
+    /// numbers that became pending (those already pending, in flight, are left alone).
+    pub async fn backfill(
+        &self,
+        plugin: Arc<str>,
+        matches: impl Fn(&str) -> bool + Send + 'static,
+        from: u64,
+    ) -> Result<Vec<u64>, LogError> {
+        let (done, wait) = oneshot::channel();
+        let matches = Box::new(matches);
+        self.ops.send(Op::Backfill { plugin, matches, from, done }).map_err(|_| LogError::Closed)?;
+        wait.await.map_err(|_| LogError::Closed)?
+    }
+
     /// The deliveries of `plugin` not settled yet, oldest first.
     pub fn unsettled(&self, plugin: &str) -> Result<Vec<Unsettled>, LogError> {
+        self.unsettled_page(plugin, 0, usize::MAX)
+    }
+
+    /// Up to `limit` of the deliveries of `plugin` not settled yet, from sequence number `from`.
+    pub fn unsettled_page(&self, plugin: &str, from: u64, limit: usize) -> Result<Vec<Unsettled>, LogError> {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
         let r = self.db.begin_read().map_err(|e| io(&e))?;
         let pending = r.open_table(PENDING).map_err(|e| io(&e))?;
         let events = r.open_table(EVENTS).map_err(|e| io(&e))?;
         let mut out = Vec::new();
-        for row in pending.range((plugin, 0)..=(plugin, u64::MAX)).map_err(|e| io(&e))? {
+        for row in pending.range((plugin, from)..=(plugin, u64::MAX)).map_err(|e| io(&e))?.take(limit) {
             let (key, _) = row.map_err(|e| io(&e))?;
             let seq = key.value().1;
             let Some(stored) = events.get(seq).map_err(|e| io(&e))? else {
@@ -377,7 +443,8 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let wants_sync = batch.iter().any(|op| matches!(op, Op::Sync { .. }));
+            let wants_sync =
+                batch.iter().any(|op| matches!(op, Op::Sync { .. } | Op::Register { .. } | Op::Backfill { .. }));
             let has_appends = batch.iter().any(|op| matches!(op, Op::Append { .. }));
             let durable = wants_sync
                 || match self.sync {
@@ -454,6 +521,8 @@ impl Writer {
     fn commit(&self, batch: Vec<Op>, durable: bool) -> Result<(), ()> {
         let mut answers: Answers = Vec::new();
         let mut unanswered = 0usize;
+        let mut registered: Vec<(oneshot::Sender<Result<bool, LogError>>, bool)> = Vec::new();
+        let mut backfilled: Vec<(oneshot::Sender<Result<Vec<u64>, LogError>>, Vec<u64>)> = Vec::new();
         let mut syncs = Vec::new();
         let result = (|| -> Result<(), String> {
             if self.poisoned.load(std::sync::atomic::Ordering::Relaxed) {
@@ -514,6 +583,33 @@ impl Writer {
                             }
                         }
                         Op::Sync { done } => syncs.push(done),
+                        Op::Register { plugin, done } => {
+                            let mut subscribers = w.open_table(SUBSCRIBERS).map_err(|e| e.to_string())?;
+                            let new = subscribers.get(&*plugin).map_err(|e| e.to_string())?.is_none();
+                            if new {
+                                subscribers.insert(&*plugin, next).map_err(|e| e.to_string())?;
+                            }
+                            registered.push((done, new));
+                        }
+                        Op::Backfill { plugin, matches, from, done } => {
+                            let mut made = Vec::new();
+                            let mut wanted = Vec::new();
+                            for row in events.range(from..).map_err(|e| e.to_string())? {
+                                let (seq, stored) = row.map_err(|e| e.to_string())?;
+                                let subject = decode(stored.value()).map(|ev| ev.subject).unwrap_or_default();
+                                if matches(&subject) {
+                                    wanted.push(seq.value());
+                                }
+                            }
+                            for seq in wanted {
+                                if pending.insert((&*plugin, seq), ()).map_err(|e| e.to_string())?.is_none() {
+                                    let n = refs.get(seq).map_err(|e| e.to_string())?.map_or(0, |v| v.value());
+                                    refs.insert(seq, n + 1).map_err(|e| e.to_string())?;
+                                    made.push(seq);
+                                }
+                            }
+                            backfilled.push((done, made));
+                        }
                     }
                 }
                 meta.insert("next_seq", next).map_err(|e| e.to_string())?;
@@ -529,6 +625,12 @@ impl Writer {
                 for done in syncs {
                     let _ = done.send(Ok(()));
                 }
+                for (done, new) in registered {
+                    let _ = done.send(Ok(new));
+                }
+                for (done, made) in backfilled {
+                    let _ = done.send(Ok(made));
+                }
                 Ok(())
             }
             Err(why) => {
@@ -540,6 +642,12 @@ impl Writer {
                     let _ = done.send(Err(LogError::Io { path: self.path.clone(), why: why.clone() }));
                 }
                 for done in syncs {
+                    let _ = done.send(Err(LogError::Io { path: self.path.clone(), why: why.clone() }));
+                }
+                for (done, _) in registered {
+                    let _ = done.send(Err(LogError::Io { path: self.path.clone(), why: why.clone() }));
+                }
+                for (done, _) in backfilled {
                     let _ = done.send(Err(LogError::Io { path: self.path.clone(), why: why.clone() }));
                 }
                 Err(())

@@ -174,6 +174,17 @@ pub trait Transport: Send + Sync + 'static {
         capacity: usize,
     ) -> Result<mpsc::Receiver<Arc<Event>>, TransportError>;
 
+    /// Delivers again to `plugin` every event the transport keeps from sequence number `from` on
+    /// that its subscription matches (to rebuild its state); returns how many. Transports that
+    /// keep no history refuse.
+    async fn replay(&self, plugin: &str, from: u64) -> Result<usize, TransportError> {
+        let _ = from;
+        Err(TransportError::Broker(format!(
+            "replay of {plugin}: the {} transport cannot rewind a plugin (on NATS, use a new durable plugin with deliver = \"all\")",
+            self.name()
+        )))
+    }
+
     /// Whether the transport can currently deliver (used by `/readyz`).
     fn is_connected(&self) -> bool {
         true
