@@ -410,6 +410,9 @@ struct Writer {
     poisoned: std::sync::atomic::AtomicBool,
 }
 
+/// A backfill's answer and the sequence numbers it made pending.
+type Backfilled = (oneshot::Sender<Result<Vec<u64>, LogError>>, Vec<u64>);
+
 /// Answers to the ops of one batch, sent once it committed (or failed).
 type Answers = Vec<(oneshot::Sender<Result<Appended, LogError>>, Appended)>;
 
@@ -522,7 +525,7 @@ impl Writer {
         let mut answers: Answers = Vec::new();
         let mut unanswered = 0usize;
         let mut registered: Vec<(oneshot::Sender<Result<bool, LogError>>, bool)> = Vec::new();
-        let mut backfilled: Vec<(oneshot::Sender<Result<Vec<u64>, LogError>>, Vec<u64>)> = Vec::new();
+        let mut backfilled: Vec<Backfilled> = Vec::new();
         let mut syncs = Vec::new();
         let result = (|| -> Result<(), String> {
             if self.poisoned.load(std::sync::atomic::Ordering::Relaxed) {
