@@ -64,7 +64,7 @@ pub async fn host_run(
     keys: Option<u64>,
     check: impl FnMut(&Out),
 ) -> anyhow::Result<HostRun> {
-    host_run_with(mode, handler, plugins, window, keys, check, |_| {}).await
+    host_run_by(mode, handler, plugins, window, keys, check, |_| {}, Producers::One).await
 }
 
 /// How the closed loop hands events to the host.
@@ -77,20 +77,8 @@ pub enum Producers {
     PerEvent,
 }
 
-/// Like [`host_run`], with a chance to change the host's config.
-pub async fn host_run_with(
-    mode: Mode,
-    handler: &[u8],
-    plugins: usize,
-    window: usize,
-    keys: Option<u64>,
-    check: impl FnMut(&Out),
-    tweak: impl FnOnce(&mut plugbus::Config),
-) -> anyhow::Result<HostRun> {
-    host_run_by(mode, handler, plugins, window, keys, check, tweak, Producers::One).await
-}
-
-/// Like [`host_run_with`], with the producers as `producers` says.
+/// Like [`host_run`], with a chance to change the host's config, and the producers as
+/// `producers` says.
 #[allow(clippy::too_many_arguments)]
 pub async fn host_run_by(
     mode: Mode,
