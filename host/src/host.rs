@@ -21,6 +21,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 
+/// How long a stop lets open HTTP requests finish before closing their connections.
+const HTTP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A running host.
 pub struct Host {
     transport: Arc<dyn Transport>,
@@ -225,8 +228,14 @@ impl Host {
         if let Some(tx) = self.stop_http.take() {
             let _ = tx.send(());
         }
-        if let Some(task) = self.http_task.take() {
-            let _ = task.await;
+        if let Some(mut task) = self.http_task.take() {
+            // Requests in progress get a moment to finish; a live tail (an SSE stream) never ends
+            // by itself, so after that the server is stopped with its connections.
+            if tokio::time::timeout(HTTP_GRACE, &mut task).await.is_err() {
+                tracing::info!(grace = ?HTTP_GRACE, "HTTP connections still open (live tails): closing them");
+                task.abort();
+                let _ = task.await;
+            }
         }
         if self.transport.is_external() {
             // Nothing new is taken from the broker; what this host took still finishes (a

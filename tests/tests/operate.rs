@@ -344,3 +344,14 @@ async fn a_config_table_for_an_unknown_plugin_is_a_warning_not_an_error() {
     let line = text.lines().find(|l| l.contains("[plugins.ghost]")).unwrap_or_else(|| panic!("no warning: {text}"));
     assert!(line.contains("WARN") && line.contains("no such plugin is loaded"), "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_live_tail_does_not_hold_up_a_stop() {
+    let t = plugbus_tests::TestHost::start(&["echo"]).await;
+    let resp = ::reqwest::Client::new().get(format!("{}/v1/events/orders.%3E", t.url())).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    // The tail stays open (its body is never read to the end) while the host stops.
+    let stop = tokio::time::timeout(Duration::from_secs(15), t.host.shutdown()).await;
+    assert!(stop.is_ok(), "the stop waited on an open live tail");
+    drop(resp);
+}
