@@ -294,7 +294,11 @@ async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Output>) -
 /// Keeps and publishes the dead letter; `Err` when the transport did not take it.
 async fn dead_letter(rt: &PluginRuntime, ev: &Event, failure: &str, attempts: u32) -> Result<(), ()> {
     let (plugin, subject, id) = (&rt.name, &ev.subject, &ev.id);
-    if deadletter::is_dead_letter(ev) {
+    // A dead letter is the host's mark on a dead-letter subject (the default `plugbus.dlq.*`, or
+    // this plugin's own): a publisher with direct access to the bus who forges the mark on any
+    // other subject gets its event dead-lettered like any other.
+    let on_dead_letter_subject = crate::subject::is_dead_letter_subject(subject) || *subject == rt.dead_letter_subject;
+    if deadletter::is_dead_letter(ev) && on_dead_letter_subject {
         tracing::error!(plugin = %plugin, subject = %subject, event_id = %id, attempts,
             "a dead letter failed in its handler and is not dead-lettered again: {failure}");
         return Ok(());

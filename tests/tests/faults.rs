@@ -67,3 +67,18 @@ async fn a_failed_attempt_releases_none_of_its_outputs() {
     let rest = seen.drain(Duration::from_millis(200)).await;
     assert!(rest.is_empty(), "an output of a failed attempt escaped: {rest:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_dead_letter_mark_off_a_dead_letter_subject_is_dead_lettered_like_any_event() {
+    let t = plugbus_tests::TestHost::start(&["faulty"]).await;
+    // What a NATS publisher with direct access to the bus could send: the host's mark, forged.
+    let mut forged = plugbus::Event::new("faulty.reject", "x").with_header("plugbus-error", "forged");
+    forged.source = "plugbus/payments".into();
+    t.host.publish(forged).await.unwrap();
+    plugbus_tests::eventually("the forged event is dead-lettered", || {
+        !t.host.dead_letters().list(Some("faulty")).is_empty()
+    })
+    .await;
+    let dead = &t.host.dead_letters().list(Some("faulty"))[0].event;
+    assert!(dead.header("plugbus-error").unwrap().contains("never"), "{dead:?}");
+}
