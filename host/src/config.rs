@@ -158,6 +158,8 @@ impl Config {
             "nats_user",
             "nats_password",
             "nats_token",
+            "fault_abort_after_kv_commit",
+            "perf_map",
         ]));
         let config: Config = figment.extract().map_err(|e| {
             let mut msg = String::from("invalid configuration");

@@ -9,8 +9,9 @@
 //! naming plugin, subject and event id.
 
 use crate::deadletter::{self, DeadLetters};
-use crate::event::{Event, Output};
+use crate::event::Event;
 use crate::kv::KvError;
+use crate::kv::Outbox;
 use crate::metrics::PluginMetrics;
 use crate::retry::RetryPolicy;
 use crate::sandbox::{Failure, Plugin};
@@ -18,6 +19,14 @@ use crate::transport::{Delivery, Transport};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::Semaphore;
+
+/// Fault injection for the crash tests: with `PLUGBUS_FAULT_ABORT_AFTER_KV_COMMIT=1` the process
+/// aborts right after an attempt's kv writes committed, before its outputs are released and its
+/// input acked (the window the outbox closes). Read once.
+fn fault_abort_after_kv_commit() -> bool {
+    static SET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SET.get_or_init(|| std::env::var_os("PLUGBUS_FAULT_ABORT_AFTER_KV_COMMIT").is_some_and(|v| v == "1"))
+}
 
 /// How often an attempt is re-run when another event changed the kv keys it read.
 const MAX_KV_CONFLICT_RERUNS: u32 = 100;
@@ -166,7 +175,17 @@ pub async fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) 
             let failure = Failure::Reject(format!("the message is not a valid event: {why}"));
             Outcome::DeadLettered { attempts: 0, failure }
         }
-        None => attempts(rt, ev, delivery.attempt.max(1), by_transport).await,
+        None => match delivery.handled.clone() {
+            // Its kv writes committed (with these outputs) before the host stopped: it is not
+            // run again; its outputs are released and it is acked.
+            Some(outputs) => {
+                tracing::info!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, outputs = outputs.len(),
+                    "handled before the last stop (kv committed): releasing its outputs without running it again");
+                let outputs = release_outputs(rt, ev, outputs).await;
+                Outcome::Handled { attempts: 0, outputs }
+            }
+            None => attempts(rt, ev, delivery.attempt.max(1), by_transport, delivery.acker.position()).await,
+        },
     };
     match &outcome {
         Outcome::Handled { attempts, outputs } => {
@@ -191,7 +210,13 @@ pub async fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) 
     outcome
 }
 
-async fn attempts(rt: &PluginRuntime, ev: &Event, first: u32, by_transport: bool) -> Outcome {
+async fn attempts(
+    rt: &PluginRuntime,
+    ev: &Event,
+    first: u32,
+    by_transport: bool,
+    position: Option<(Arc<str>, u64)>,
+) -> Outcome {
     let max_bytes = rt.plugin().limits().max_event_bytes;
     if ev.data.len() as u64 > max_bytes {
         let failure = Failure::Reject(format!("event of {} bytes is over the {max_bytes}-byte limit", ev.data.len()));
@@ -199,7 +224,7 @@ async fn attempts(rt: &PluginRuntime, ev: &Event, first: u32, by_transport: bool
     }
     let mut attempt = first;
     loop {
-        let result = run_attempt(rt, &rt.plugin(), ev, attempt).await;
+        let result = run_attempt(rt, &rt.plugin(), ev, attempt, position.clone()).await;
         match result {
             Ok(outputs) => {
                 let outputs = release_outputs(rt, ev, outputs).await;
@@ -226,8 +251,16 @@ async fn attempts(rt: &PluginRuntime, ev: &Event, first: u32, by_transport: bool
 }
 
 /// One attempt: run the handler (again on kv conflict) and commit its kv writes; returns the
-/// outputs to release. After the commit the handler never runs again for this delivery.
-async fn run_attempt(rt: &PluginRuntime, plugin: &Plugin, ev: &Event, attempt: u32) -> Result<Vec<Output>, Failure> {
+/// outputs to release. After the commit the handler never runs again for this delivery: where
+/// the transport keeps a log (`position`), the outputs commit with the kv writes (an outbox), so
+/// a crash before the ack releases them at the next start instead of running the handler again.
+async fn run_attempt(
+    rt: &PluginRuntime,
+    plugin: &Plugin,
+    ev: &Event,
+    attempt: u32,
+    position: Option<(Arc<str>, u64)>,
+) -> Result<Vec<Arc<Event>>, Failure> {
     let mut reruns = 0;
     loop {
         rt.stats.attempts.fetch_add(1, Ordering::Relaxed);
@@ -243,8 +276,22 @@ async fn run_attempt(rt: &PluginRuntime, plugin: &Plugin, ev: &Event, attempt: u
         };
         rt.metrics.handler_seconds.observe(run.elapsed.as_secs_f64());
         run.result?;
-        match plugin.commit(&run.txn).await {
-            Ok(()) => return Ok(run.outputs),
+        let outputs: Vec<Arc<Event>> =
+            run.outputs.into_iter().enumerate().map(|(i, o)| Arc::new(o.into_event(ev, &rt.name, i))).collect();
+        let outbox = match &position {
+            Some((plugin, seq)) if !run.txn.writes.is_empty() => {
+                Some(Outbox { plugin: plugin.clone(), seq: *seq, outputs: outputs.clone() })
+            }
+            _ => None,
+        };
+        match plugin.commit_settling(&run.txn, outbox).await {
+            Ok(()) => {
+                if !run.txn.writes.is_empty() && fault_abort_after_kv_commit() {
+                    tracing::error!(plugin = %rt.name, event_id = %ev.id, "PLUGBUS_FAULT_ABORT_AFTER_KV_COMMIT: aborting");
+                    std::process::abort();
+                }
+                return Ok(outputs);
+            }
             Err(KvError::Conflict(key)) if reruns < MAX_KV_CONFLICT_RERUNS => {
                 reruns += 1;
                 tracing::debug!(plugin = %rt.name, event_id = %ev.id, key, "kv conflict, running again");
@@ -260,10 +307,9 @@ async fn run_attempt(rt: &PluginRuntime, plugin: &Plugin, ev: &Event, attempt: u
 /// transport drops a second copy); one still refused after `retry.max_attempts` tries is
 /// dead-lettered by itself (a replay publishes it to its subject). Nothing is committed twice and
 /// nothing is lost.
-async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Output>) -> usize {
+async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Arc<Event>>) -> usize {
     let mut released = 0;
-    for (i, output) in outputs.into_iter().enumerate() {
-        let out = Arc::new(output.into_event(ev, &rt.name, i));
+    for out in outputs {
         let mut tries = 1;
         loop {
             let err = match rt.transport.publish_output(out.clone()).await {

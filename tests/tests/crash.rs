@@ -11,7 +11,12 @@ use std::time::{Duration, Instant};
 const EVENTS: usize = 60;
 
 fn start(plugins: &Path, data: &Path, port: u16, log: &Path) -> Child {
+    start_env(plugins, data, port, log, &[])
+}
+
+fn start_env(plugins: &Path, data: &Path, port: u16, log: &Path, env: &[(&str, &str)]) -> Child {
     let child = Command::new(plugbus_bin())
+        .envs(env.iter().copied())
         .args(["run", "--concurrency", "1", "--http", &format!("127.0.0.1:{port}")])
         .arg("--plugins")
         .arg(plugins)
@@ -77,6 +82,7 @@ async fn sigkill_mid_stream_loses_no_accepted_event_and_repeats_no_output() {
     let host_log = data.path().join("host.log");
     let port = free_port();
     let mut child = start(plugins.path(), data.path(), port, &host_log);
+    let _reaper = KillOnDrop(child.id());
     let client = reqwest::Client::new();
     let mut ids = Vec::new();
     let posting = Instant::now();
@@ -98,6 +104,7 @@ async fn sigkill_mid_stream_loses_no_accepted_event_and_repeats_no_output() {
     let port = free_port();
     let started = Instant::now();
     let mut child = start(plugins.path(), data.path(), port, &host_log);
+    let _reaper = KillOnDrop(child.id());
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let plugins: serde_json::Value =
@@ -128,6 +135,16 @@ async fn sigkill_mid_stream_loses_no_accepted_event_and_repeats_no_output() {
 unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// Kills a child host when the test ends, passed or not (a host left running would hold the
+/// test's ports and files).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        unsafe { libc_kill(self.0 as i32, 9) };
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,4 +185,58 @@ async fn dead_letters_survive_a_restart_and_a_replayed_one_stays_gone() {
     assert_eq!(kept.len(), 1);
     assert_eq!(kept[0].event.data, "poison 1".as_bytes());
     host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_kv_commit_releases_the_outputs_without_running_the_handler_again() {
+    use plugbus::{Config, Host};
+    let plugins = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("inventory"), plugins.path().join("inventory.wasm")).unwrap();
+    let host_log = data.path().join("host.log");
+    let port = free_port();
+    // Injected: the process aborts right after the attempt's kv writes committed.
+    let env = [("PLUGBUS_FAULT_ABORT_AFTER_KV_COMMIT", "1")];
+    let mut child = start_env(plugins.path(), data.path(), port, &host_log, &env);
+    let _reaper = KillOnDrop(child.id());
+    let client = reqwest::Client::new();
+    let order = plugbus_tests::order("c-1", "widget", 3);
+    let resp = client.post(format!("http://127.0.0.1:{port}/v1/events/orders.created")).body(order).send().await;
+    assert_eq!(resp.unwrap().status().as_u16(), 202);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the injected abort did not happen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!status.success(), "aborted: {status}");
+    assert!(std::fs::read_to_string(&host_log).unwrap().contains("PLUGBUS_FAULT_ABORT_AFTER_KV_COMMIT"));
+
+    let port = free_port();
+    let mut child = start(plugins.path(), data.path(), port, &host_log);
+    let _reaper = KillOnDrop(child.id());
+    wait_ok(&client, port, 1).await;
+    let plugins_now: serde_json::Value =
+        client.get(format!("http://127.0.0.1:{port}/v1/plugins")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(plugins_now["plugins"][0]["counters"]["attempts"], 0, "not run again: {plugins_now}");
+    unsafe { libc_kill(child.id() as i32, 15) };
+    assert!(child.wait().unwrap().success());
+
+    // The reservation was applied once, and its output released once.
+    let config = Config {
+        plugins_dir: plugins.path().to_path_buf(),
+        data_dir: data.path().to_path_buf(),
+        http: None,
+        ..Config::default()
+    };
+    let host = Host::start(config).await.unwrap();
+    let reserved = host.kv().get("inventory", "reserved/widget").await.unwrap().expect("reserved");
+    assert_eq!(String::from_utf8(reserved.value).unwrap(), "3");
+    host.shutdown().await;
+    let log = DurableLog::open(&data.path().join("bus.redb"), SyncPolicy::Always).unwrap();
+    let outputs =
+        log.read(0, usize::MAX).unwrap().into_iter().filter(|(_, ev)| ev.subject == "inventory.reserved").count();
+    assert_eq!(outputs, 1);
 }

@@ -7,6 +7,7 @@
 //! attempt leaves no trace.
 
 pub mod jetstream;
+pub mod log;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -39,10 +40,28 @@ pub trait KvStore: Send + Sync {
     /// Applies `txn` if none of the keys it read changed since.
     async fn commit(&self, ns: &str, txn: &Txn) -> Result<(), KvError>;
 
+    /// Like [`KvStore::commit`], keeping `outbox` (the attempt's outputs, until its input is
+    /// acked) in the same transaction where the store can (the durable embedded bus's log).
+    async fn commit_settling(&self, ns: &str, txn: &Txn, outbox: Option<Outbox>) -> Result<(), KvError> {
+        let _ = outbox;
+        self.commit(ns, txn).await
+    }
+
     /// The value of `key` (`None` when absent or deleted) and the version a commit checks.
     async fn read(&self, ns: &str, key: &str) -> Result<(Option<Vec<u8>>, u64), KvError> {
         Ok(self.get(ns, key).await?.map_or((None, 0), |v| (Some(v.value), v.version)))
     }
+}
+
+/// The outputs of an attempt whose kv writes commit, kept until its input is acked.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    /// The plugin.
+    pub plugin: std::sync::Arc<str>,
+    /// The input's sequence number in the transport's log.
+    pub seq: u64,
+    /// The outputs, as they will be published.
+    pub outputs: Vec<std::sync::Arc<crate::event::Event>>,
 }
 
 /// What the host charges for one key in a transaction on top of the key's and value's bytes
@@ -200,6 +219,19 @@ impl RedbKv {
         txn.open_table(META).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
         Ok(Self { db })
+    }
+
+    /// Every entry, as (`ns\0key`, value and version): to move the store into another.
+    pub fn export(&self) -> Result<Vec<(String, Versioned)>, KvError> {
+        use redb::{ReadableDatabase, ReadableTable};
+        let r = self.db.begin_read().map_err(unavailable)?;
+        let table = r.open_table(DATA).map_err(unavailable)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(unavailable)? {
+            let (k, v) = row.map_err(unavailable)?;
+            out.push((k.value().to_string(), decode(v.value())));
+        }
+        Ok(out)
     }
 }
 

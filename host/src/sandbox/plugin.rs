@@ -158,10 +158,16 @@ impl Plugin {
 
     /// Commits an attempt's kv writes; a conflict means the attempt must run again.
     pub async fn commit(&self, txn: &Txn) -> Result<(), KvError> {
+        self.commit_settling(txn, None).await
+    }
+
+    /// Like [`Plugin::commit`], with the attempt's outbox in the same transaction where the kv
+    /// store can keep it.
+    pub async fn commit_settling(&self, txn: &Txn, outbox: Option<crate::kv::Outbox>) -> Result<(), KvError> {
         if txn.is_empty() {
             return Ok(());
         }
-        self.ctx.kv.commit(&self.ctx.name, txn).await
+        self.ctx.kv.commit_settling(&self.ctx.name, txn, outbox).await
     }
 
     /// Runs one attempt of `event`: in a fresh instance, or with `instance = "reuse"` in a warm one.

@@ -49,6 +49,9 @@ impl Acker for LogAck {
     async fn term(&self) {
         self.log.ack(self.plugin.clone(), self.seq);
     }
+    fn position(&self) -> Option<(Arc<str>, u64)> {
+        Some((self.plugin.clone(), self.seq))
+    }
 }
 
 /// Where an event stands in the log: not logged (in-memory bus), or its sequence number.
@@ -58,10 +61,21 @@ struct Logged(Option<u64>);
 impl Overflow {
     fn delivery(&self, event: Arc<Event>, logged: Logged) -> Delivery {
         match (logged.0, &self.log) {
-            (Some(seq), Some(log)) => Delivery {
-                acker: Box::new(LogAck { log: log.clone(), plugin: self.plugin.clone(), seq }),
-                ..Delivery::once(event)
-            },
+            (Some(seq), Some(log)) => {
+                // Read back after a restart: its kv writes may have committed with an outbox.
+                let handled = match log.was_redelivered(&event.id) {
+                    true => log.outbox(&self.plugin, seq).unwrap_or_else(|e| {
+                        tracing::error!(plugin = %self.plugin, event_id = %event.id, "reading its outbox: {e}");
+                        None
+                    }),
+                    false => None,
+                };
+                Delivery {
+                    acker: Box::new(LogAck { log: log.clone(), plugin: self.plugin.clone(), seq }),
+                    handled,
+                    ..Delivery::once(event)
+                }
+            }
             _ => Delivery::once(event),
         }
     }

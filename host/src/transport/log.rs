@@ -10,6 +10,7 @@
 //! outputs with the same ids, and the log keeps the first.
 
 use crate::event::Event;
+use crate::kv::Outbox;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -25,6 +26,13 @@ const PENDING: TableDefinition<(&str, u64), ()> = TableDefinition::new("pending"
 const IDS: TableDefinition<&str, u64> = TableDefinition::new("ids");
 /// plugin → the sequence number when it first subscribed (a plugin not here is new to the log).
 const SUBSCRIBERS: TableDefinition<&str, u64> = TableDefinition::new("subscribers");
+/// "ns\0key" → version (u64 LE) then the value: plugin kv, in the same file as the log so a
+/// handler's kv writes commit together with its outbox.
+const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
+/// (plugin, input seq) → the input's outputs (u32 count, then u32 length + record each): written
+/// in the transaction that commits the attempt's kv writes, removed with the input's ack. An
+/// unsettled input found here at start is not run again: its outputs are released.
+const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("outbox");
 /// seq → how many plugins have not settled it (absent: none); retention never drops these.
 const REFS: TableDefinition<u64, u32> = TableDefinition::new("refs");
 /// "next_seq" → the next sequence number; "bytes" → the bytes of the records kept.
@@ -149,6 +157,13 @@ enum Op {
     Sync {
         done: oneshot::Sender<Result<(), LogError>>,
     },
+    /// Commits a kv transaction if no key it read changed, and with it the attempt's outbox.
+    KvCommit {
+        ns: Arc<str>,
+        txn: crate::kv::Txn,
+        outbox: Option<Outbox>,
+        done: oneshot::Sender<Result<(), crate::kv::KvError>>,
+    },
     /// Records `plugin` as a subscriber; answers whether it was new to the log.
     Register {
         plugin: Arc<str>,
@@ -217,6 +232,8 @@ impl DurableLog {
             w.open_table(META).map_err(|e| open_err(e.to_string()))?;
             w.open_table(REFS).map_err(|e| open_err(e.to_string()))?;
             w.open_table(SUBSCRIBERS).map_err(|e| open_err(e.to_string()))?;
+            w.open_table(KV).map_err(|e| open_err(e.to_string()))?;
+            w.open_table(OUTBOX).map_err(|e| open_err(e.to_string()))?;
         }
         w.commit().map_err(|e| open_err(e.to_string()))?;
         let next_seq = {
@@ -306,6 +323,73 @@ impl DurableLog {
             out.push((seq, Arc::new(event)));
         }
         Ok(out)
+    }
+
+    /// Reads `key` of namespace `ns` from the log's kv.
+    pub fn kv_get(&self, ns: &str, key: &str) -> Result<Option<crate::kv::Versioned>, crate::kv::KvError> {
+        let unavailable = |e: &dyn std::fmt::Display| crate::kv::KvError::Unavailable(e.to_string());
+        let r = self.db.begin_read().map_err(|e| unavailable(&e))?;
+        let kv = r.open_table(KV).map_err(|e| unavailable(&e))?;
+        let stored = kv.get(kv_key(ns, key).as_str()).map_err(|e| unavailable(&e))?;
+        Ok(stored.map(|v| {
+            let v = v.value();
+            let (version, value) = v.split_at(8.min(v.len()));
+            crate::kv::Versioned {
+                version: u64::from_le_bytes(version.try_into().unwrap_or([0; 8])),
+                value: value.to_vec(),
+            }
+        }))
+    }
+
+    /// Commits `txn` in namespace `ns` if no key it read changed, with `outbox` in the same
+    /// transaction.
+    pub async fn kv_commit(
+        &self,
+        ns: &str,
+        txn: &crate::kv::Txn,
+        outbox: Option<Outbox>,
+    ) -> Result<(), crate::kv::KvError> {
+        let closed = || crate::kv::KvError::Unavailable("the event log is closed".into());
+        let (done, wait) = oneshot::channel();
+        let op = Op::KvCommit { ns: ns.into(), txn: txn.clone(), outbox, done };
+        self.ops.send(op).map_err(|_| closed())?;
+        wait.await.map_err(|_| closed())?
+    }
+
+    /// Takes in kv entries (`ns\0key` → value and version) from another store, once, at start.
+    pub fn import_kv(&self, rows: &[(String, crate::kv::Versioned)]) -> Result<(), LogError> {
+        let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
+        let w = self.db.begin_write().map_err(|e| io(&e))?;
+        {
+            let mut kv = w.open_table(KV).map_err(|e| io(&e))?;
+            let mut meta = w.open_table(META).map_err(|e| io(&e))?;
+            let mut clock = meta.get("kv_clock").map_err(|e| io(&e))?.map_or(0, |v| v.value());
+            for (key, v) in rows {
+                let mut stored = v.version.to_le_bytes().to_vec();
+                stored.extend_from_slice(&v.value);
+                kv.insert(key.as_str(), stored.as_slice()).map_err(|e| io(&e))?;
+                clock = clock.max(v.version);
+            }
+            meta.insert("kv_clock", clock).map_err(|e| io(&e))?;
+        }
+        w.commit().map_err(|e| io(&e))
+    }
+
+    /// The outputs kept for `plugin`'s input `seq` (its kv writes committed, the input not acked).
+    pub fn outbox(&self, plugin: &str, seq: u64) -> Result<Option<Vec<Arc<Event>>>, LogError> {
+        let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
+        let r = self.db.begin_read().map_err(|e| io(&e))?;
+        let outbox = r.open_table(OUTBOX).map_err(|e| io(&e))?;
+        let Some(stored) = outbox.get((plugin, seq)).map_err(|e| io(&e))? else { return Ok(None) };
+        let corrupt = |why: String| LogError::Corrupt { path: self.path.clone(), seq, why };
+        let mut r = Reader(stored.value());
+        let n = r.u32().map_err(corrupt)?;
+        let mut outputs = Vec::with_capacity(n.min(1024));
+        for _ in 0..n {
+            let record = r.bytes().map_err(corrupt)?;
+            outputs.push(Arc::new(decode(record).map_err(corrupt)?));
+        }
+        Ok(Some(outputs))
     }
 
     /// The sequence number the next append gets.
@@ -448,7 +532,7 @@ impl Writer {
             }
             let wants_sync =
                 batch.iter().any(|op| matches!(op, Op::Sync { .. } | Op::Register { .. } | Op::Backfill { .. }));
-            let has_appends = batch.iter().any(|op| matches!(op, Op::Append { .. }));
+            let has_appends = batch.iter().any(|op| matches!(op, Op::Append { .. } | Op::KvCommit { .. }));
             let durable = wants_sync
                 || match self.sync {
                     SyncPolicy::Always => has_appends,
@@ -526,6 +610,8 @@ impl Writer {
         let mut unanswered = 0usize;
         let mut registered: Vec<(oneshot::Sender<Result<bool, LogError>>, bool)> = Vec::new();
         let mut backfilled: Vec<Backfilled> = Vec::new();
+        let mut kv_answers: Vec<(oneshot::Sender<Result<(), crate::kv::KvError>>, Result<(), crate::kv::KvError>)> =
+            Vec::new();
         let mut syncs = Vec::new();
         let result = (|| -> Result<(), String> {
             if self.poisoned.load(std::sync::atomic::Ordering::Relaxed) {
@@ -576,6 +662,10 @@ impl Writer {
                             }
                         }
                         Op::Ack { plugin, seq } => {
+                            w.open_table(OUTBOX)
+                                .map_err(|e| e.to_string())?
+                                .remove((&*plugin, seq))
+                                .map_err(|e| e.to_string())?;
                             if pending.remove((&*plugin, seq)).map_err(|e| e.to_string())?.is_some() {
                                 let left = refs.get(seq).map_err(|e| e.to_string())?.map_or(0, |v| v.value());
                                 if left <= 1 {
@@ -586,6 +676,54 @@ impl Writer {
                             }
                         }
                         Op::Sync { done } => syncs.push(done),
+                        Op::KvCommit { ns, txn, outbox, done } => {
+                            let mut kv = w.open_table(KV).map_err(|e| e.to_string())?;
+                            let mut conflict = None;
+                            for (key, seen) in &txn.reads {
+                                let now = kv
+                                    .get(kv_key(&ns, key).as_str())
+                                    .map_err(|e| e.to_string())?
+                                    .map_or(0, |v| u64::from_le_bytes(v.value()[..8].try_into().unwrap_or([0; 8])));
+                                if now != *seen {
+                                    conflict = Some(key.clone());
+                                    break;
+                                }
+                            }
+                            if let Some(key) = conflict {
+                                kv_answers.push((done, Err(crate::kv::KvError::Conflict(key))));
+                                continue;
+                            }
+                            let version = meta.get("kv_clock").map_err(|e| e.to_string())?.map_or(0, |v| v.value()) + 1;
+                            meta.insert("kv_clock", version).map_err(|e| e.to_string())?;
+                            for (key, value) in &txn.writes {
+                                let k = kv_key(&ns, key);
+                                match value {
+                                    Some(v) => {
+                                        let mut stored = Vec::with_capacity(8 + v.len());
+                                        stored.extend_from_slice(&version.to_le_bytes());
+                                        stored.extend_from_slice(v);
+                                        kv.insert(k.as_str(), stored.as_slice()).map_err(|e| e.to_string())?;
+                                    }
+                                    None => {
+                                        kv.remove(k.as_str()).map_err(|e| e.to_string())?;
+                                    }
+                                }
+                            }
+                            if let Some(outbox) = outbox {
+                                let mut kept = Vec::new();
+                                kept.extend_from_slice(&(outbox.outputs.len() as u32).to_le_bytes());
+                                for ev in &outbox.outputs {
+                                    record.clear();
+                                    encode(ev, now_ms, &mut record);
+                                    put(&mut kept, &record);
+                                }
+                                let mut table = w.open_table(OUTBOX).map_err(|e| e.to_string())?;
+                                table
+                                    .insert((&*outbox.plugin, outbox.seq), kept.as_slice())
+                                    .map_err(|e| e.to_string())?;
+                            }
+                            kv_answers.push((done, Ok(())));
+                        }
                         Op::Register { plugin, done } => {
                             let mut subscribers = w.open_table(SUBSCRIBERS).map_err(|e| e.to_string())?;
                             let new = subscribers.get(&*plugin).map_err(|e| e.to_string())?.is_none();
@@ -631,6 +769,9 @@ impl Writer {
                 for (done, new) in registered {
                     let _ = done.send(Ok(new));
                 }
+                for (done, result) in kv_answers {
+                    let _ = done.send(result);
+                }
                 for (done, made) in backfilled {
                     let _ = done.send(Ok(made));
                 }
@@ -649,6 +790,9 @@ impl Writer {
                 }
                 for (done, _) in registered {
                     let _ = done.send(Err(LogError::Io { path: self.path.clone(), why: why.clone() }));
+                }
+                for (done, _) in kv_answers {
+                    let _ = done.send(Err(crate::kv::KvError::Unavailable(why.clone())));
                 }
                 for (done, _) in backfilled {
                     let _ = done.send(Err(LogError::Io { path: self.path.clone(), why: why.clone() }));
@@ -677,6 +821,10 @@ fn put_opt(out: &mut Vec<u8>, value: Option<&str>) {
         }
         None => out.push(0),
     }
+}
+
+fn kv_key(ns: &str, key: &str) -> String {
+    format!("{ns}\u{0}{key}")
 }
 
 fn unix_ms() -> u64 {

@@ -72,6 +72,12 @@ pub trait Acker: Send + Sync {
     async fn nak(&self, delay: Duration);
     /// Dead-lettered: never deliver again.
     async fn term(&self);
+
+    /// Where the delivery sits in the transport's own log (plugin, sequence number), when the
+    /// transport keeps one: an attempt's kv commit then keeps its outbox under it.
+    fn position(&self) -> Option<(Arc<str>, u64)> {
+        None
+    }
 }
 
 /// An acker with nothing to settle.
@@ -96,12 +102,15 @@ pub struct Delivery {
     pub redeliverable: bool,
     /// Why the message could not be read as an event (it is dead-lettered without running).
     pub defect: Option<String>,
+    /// The outputs of an attempt whose kv writes committed before the host stopped: the event
+    /// is not run again, these are released and it is acked.
+    pub handled: Option<Vec<Arc<Event>>>,
 }
 
 impl Delivery {
     /// A first delivery with nothing to settle and no redelivery.
     pub fn once(event: Arc<Event>) -> Self {
-        Self { event, acker: Box::new(NoAck), attempt: 1, redeliverable: false, defect: None }
+        Self { event, acker: Box::new(NoAck), attempt: 1, redeliverable: false, defect: None, handled: None }
     }
 }
 
