@@ -494,6 +494,9 @@ struct Writer {
     poisoned: std::sync::atomic::AtomicBool,
 }
 
+/// A kv commit's answer and its result.
+type KvAnswer = (oneshot::Sender<Result<(), crate::kv::KvError>>, Result<(), crate::kv::KvError>);
+
 /// A backfill's answer and the sequence numbers it made pending.
 type Backfilled = (oneshot::Sender<Result<Vec<u64>, LogError>>, Vec<u64>);
 
@@ -610,8 +613,7 @@ impl Writer {
         let mut unanswered = 0usize;
         let mut registered: Vec<(oneshot::Sender<Result<bool, LogError>>, bool)> = Vec::new();
         let mut backfilled: Vec<Backfilled> = Vec::new();
-        let mut kv_answers: Vec<(oneshot::Sender<Result<(), crate::kv::KvError>>, Result<(), crate::kv::KvError>)> =
-            Vec::new();
+        let mut kv_answers: Vec<KvAnswer> = Vec::new();
         let mut syncs = Vec::new();
         let result = (|| -> Result<(), String> {
             if self.poisoned.load(std::sync::atomic::Ordering::Relaxed) {
