@@ -198,6 +198,8 @@ pub struct DurableLog {
     next_seq: std::sync::atomic::AtomicU64,
     /// Ids of the events redelivered at start: their outputs may be in the log already.
     redelivered: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Whether `redelivered` ever held an id: first deliveries (the hot path) skip its lock.
+    any_redelivered: std::sync::atomic::AtomicBool,
 }
 
 /// One unsettled delivery read back at start.
@@ -263,6 +265,7 @@ impl DurableLog {
             dropped,
             next_seq: next_seq.into(),
             redelivered: Default::default(),
+            any_redelivered: false.into(),
         }))
     }
 
@@ -287,8 +290,17 @@ impl DurableLog {
 
     /// Whether the event with this id was redelivered at start (its outputs may be logged).
     pub fn was_redelivered(&self, id: &str) -> bool {
-        let redelivered = self.redelivered.lock().expect("redelivered poisoned");
-        !redelivered.is_empty() && redelivered.contains(id)
+        self.any_redelivered.load(std::sync::atomic::Ordering::Acquire)
+            && self.redelivered.lock().expect("redelivered poisoned").contains(id)
+    }
+
+    /// Remembers that these events are delivered again (their outputs may be logged already).
+    fn mark_redelivered(&self, events: &[Unsettled]) {
+        if events.is_empty() {
+            return;
+        }
+        self.redelivered.lock().expect("redelivered poisoned").extend(events.iter().map(|u| u.event.id.clone()));
+        self.any_redelivered.store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Settles `plugin`'s delivery of `seq` (handled or dead-lettered): it is not delivered again.
@@ -411,7 +423,7 @@ impl DurableLog {
                 out.push(Unsettled { seq, event: Arc::new(event) });
             }
         }
-        self.redelivered.lock().expect("redelivered poisoned").extend(out.iter().map(|u| u.event.id.clone()));
+        self.mark_redelivered(&out);
         Ok(out)
     }
 
@@ -463,7 +475,7 @@ impl DurableLog {
                 decode(stored.value()).map_err(|why| LogError::Corrupt { path: self.path.clone(), seq, why })?;
             out.push(Unsettled { seq, event: Arc::new(event) });
         }
-        self.redelivered.lock().expect("redelivered poisoned").extend(out.iter().map(|u| u.event.id.clone()));
+        self.mark_redelivered(&out);
         Ok(out)
     }
 }
