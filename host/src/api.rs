@@ -472,14 +472,19 @@ fn header_pairs(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
 struct ReplayQuery {
     plugin: String,
     #[serde(default)]
-    from: u64,
+    from: String,
 }
 
-/// Delivers again to one plugin every event the bus keeps from sequence number `from` on that
-/// its subscription matches (the embedded bus's log), to rebuild its state.
+/// Delivers again to one plugin every event the bus keeps from `from` on (a sequence number, an
+/// RFC 3339 time or a duration ago) that its subscription matches (the embedded bus's log), to
+/// rebuild its state.
 async fn replay_log(State(api): State<Api>, Query(q): Query<ReplayQuery>) -> Response {
-    match api.s.transport.replay(&q.plugin, q.from).await {
-        Ok(events) => Json(json!({ "plugin": q.plugin, "from": q.from, "events": events })).into_response(),
+    let from = match crate::transport::ReplayFrom::parse(&q.from, std::time::SystemTime::now()) {
+        Ok(from) => from,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+    };
+    match api.s.transport.replay(&q.plugin, from).await {
+        Ok(events) => Json(json!({ "plugin": q.plugin, "from": from.to_string(), "events": events })).into_response(),
         Err(crate::transport::TransportError::Closed(m)) => error(StatusCode::NOT_FOUND, m),
         Err(e) => error(StatusCode::CONFLICT, e.to_string()),
     }

@@ -179,9 +179,11 @@ enum Command {
         /// The plugin to rewind.
         #[arg(long)]
         plugin: String,
-        /// The first sequence number to deliver again (default: the oldest kept).
-        #[arg(long, default_value_t = 0)]
-        from: u64,
+        /// Where to start: a sequence number (`1200`), an RFC 3339 time
+        /// (`2026-11-30T07:00:00Z`) or a duration ago (`90m`, `2h`); default: the oldest kept.
+        /// Outputs the handler made before keep their ids, so downstream sees each once.
+        #[arg(long, default_value = "0")]
+        from: String,
         /// The host's HTTP API.
         #[arg(long, default_value = "http://127.0.0.1:7070", env = "PLUGBUS_URL")]
         url: String,
@@ -309,7 +311,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Replay { plugin, from, url } => {
             let client = client(cli.api_token.as_deref())?;
             let req = client.post(api_url(&url, &["v1", "replay"])?).query(&[("plugin", plugin.as_str())]);
-            let req = req.query(&[("from", from)]);
+            let req = req.query(&[("from", from.as_str())]);
             let body: serde_json::Value = send(req, &url).await?.json().await.unwrap_or_default();
             println!("{}", serde_json::to_string_pretty(&body)?);
             Ok(())

@@ -76,3 +76,36 @@ async fn replay_on_the_in_memory_bus_says_why_not() {
     let body: serde_json::Value = resp.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("bus.durable = false"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_from_a_time_delivers_only_what_was_appended_since() {
+    let t = plugbus_tests::TestHost::start(&["echo"]).await;
+    for i in 0..3 {
+        t.host.publish(Event::new("orders.created", order(&format!("old-{i}"), "widget", 1))).await.unwrap();
+    }
+    wait_counter(&t.host, "echo", "ok", 3).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let since = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for i in 0..2 {
+        t.host.publish(Event::new("orders.created", order(&format!("new-{i}"), "widget", 1))).await.unwrap();
+    }
+    wait_counter(&t.host, "echo", "ok", 5).await;
+    let client = reqwest::Client::new();
+    let replay = |from: String| {
+        let req = client.post(format!("{}/v1/replay", t.url())).query(&[("plugin", "echo"), ("from", from.as_str())]);
+        async move {
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let (status, body) = replay(since.clone()).await;
+    assert_eq!((status, &body["events"]), (200, &serde_json::json!(2)), "from {since}: {body}");
+    wait_counter(&t.host, "echo", "ok", 7).await;
+    let (status, body) = replay("1h".into()).await;
+    assert_eq!((status, &body["events"]), (200, &serde_json::json!(5)), "an hour ago: {body}");
+    let (status, body) = replay("yesterday-ish".into()).await;
+    assert_eq!(status, 400, "{body}");
+    let why = body["error"].as_str().unwrap();
+    assert!(why.contains("yesterday-ish") && why.contains("RFC 3339"), "{why}");
+}

@@ -431,7 +431,10 @@ impl Transport for EmbeddedBus {
             let new = log.register(plugin.clone()).await.map_err(broker)?;
             if new && spec.durable.as_ref().is_some_and(|d| d.deliver_all) {
                 let wanted = patterns.clone();
-                let made = log.backfill(plugin.clone(), move |s| wanted.matches(s), 0).await.map_err(broker)?;
+                let made = log
+                    .backfill(plugin.clone(), move |s| wanted.matches(s), super::ReplayFrom::Seq(0))
+                    .await
+                    .map_err(broker)?;
                 tracing::info!(plugin = %spec.plugin, events = made.len(), "a new plugin with deliver = \"all\": the log's history is delivered to it");
             }
             let load = Load::Below(until);
@@ -441,7 +444,7 @@ impl Transport for EmbeddedBus {
         Ok(subscription)
     }
 
-    async fn replay(&self, plugin: &str, from: u64) -> Result<usize, TransportError> {
+    async fn replay(&self, plugin: &str, from: super::ReplayFrom) -> Result<usize, TransportError> {
         let Some(log) = &self.log else {
             return Err(TransportError::Broker(format!(
                 "replay of {plugin}: the embedded bus keeps no history with bus.durable = false"
@@ -459,7 +462,7 @@ impl Transport for EmbeddedBus {
             .await
             .map_err(|e| TransportError::Broker(e.to_string()))?;
         let count = made.len();
-        tracing::info!(plugin, from, events = count, "replay: the log's events are delivered to the plugin again");
+        tracing::info!(plugin, %from, events = count, "replay: the log's events are delivered to the plugin again");
         tokio::spawn(Load::Seqs(made).run(log.clone(), sub.overflow.clone(), sub.tx.clone(), sub.plugin.clone()));
         Ok(count)
     }

@@ -174,9 +174,39 @@ enum Op {
     Backfill {
         plugin: Arc<str>,
         matches: Box<dyn Fn(&str) -> bool + Send>,
-        from: u64,
+        from: super::ReplayFrom,
         done: oneshot::Sender<Result<Vec<u64>, LogError>>,
     },
+}
+
+impl Op {
+    /// A copy of an op nobody waits for (an output, an ack), to try again after a failed commit.
+    fn retry_copy(&self) -> Option<Op> {
+        match self {
+            Op::Append { seq, event, plugins, dedupe, done: None } => Some(Op::Append {
+                seq: *seq,
+                event: event.clone(),
+                plugins: plugins.clone(),
+                dedupe: *dedupe,
+                done: None,
+            }),
+            Op::Ack { plugin, seq } => Some(Op::Ack { plugin: plugin.clone(), seq: *seq }),
+            _ => None,
+        }
+    }
+
+    /// Tells whoever waits for this op that its commit failed.
+    fn fail(self, path: &Path, why: &str) {
+        let io = || LogError::Io { path: path.to_path_buf(), why: why.to_string() };
+        match self {
+            Op::Append { done: Some(done), .. } => drop(done.send(Err(io()))),
+            Op::Sync { done } => drop(done.send(Err(io()))),
+            Op::KvCommit { done, .. } => drop(done.send(Err(crate::kv::KvError::Unavailable(why.to_string())))),
+            Op::Register { done, .. } => drop(done.send(Err(io()))),
+            Op::Backfill { done, .. } => drop(done.send(Err(io()))),
+            Op::Append { done: None, .. } | Op::Ack { .. } => {}
+        }
+    }
 }
 
 /// What an append did.
@@ -190,7 +220,7 @@ pub enum Appended {
 
 /// The durable log. Cheap to share.
 pub struct DurableLog {
-    db: Arc<Database>,
+    store: Arc<Store>,
     path: PathBuf,
     ops: std_mpsc::Sender<Op>,
     dropped: Arc<std::sync::atomic::AtomicU64>,
@@ -243,23 +273,23 @@ impl DurableLog {
             let meta = r.open_table(META).map_err(|e| open_err(e.to_string()))?;
             meta.get("next_seq").map_err(|e| open_err(e.to_string()))?.map_or(1, |v| v.value())
         };
-        let db = Arc::new(db);
+        let store = Arc::new(Store { path: path.to_path_buf(), db: std::sync::RwLock::new(Some(Arc::new(db))) });
         let (ops, rx) = std_mpsc::channel();
         let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let writer = Writer {
-            db: db.clone(),
+            store: store.clone(),
             path: path.to_path_buf(),
             sync,
             retention,
             dropped: dropped.clone(),
-            poisoned: false.into(),
+            failed: false.into(),
         };
         std::thread::Builder::new()
             .name("plugbus-log".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| LogError::Io { path: path.to_path_buf(), why: format!("starting the writer: {e}") })?;
         Ok(Arc::new(Self {
-            db,
+            store,
             path: path.to_path_buf(),
             ops,
             dropped,
@@ -324,7 +354,7 @@ impl DurableLog {
     /// Up to `limit` events from sequence number `from` on, oldest first.
     pub fn read(&self, from: u64, limit: usize) -> Result<Vec<(u64, Arc<Event>)>, LogError> {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
-        let r = self.db.begin_read().map_err(|e| io(&e))?;
+        let r = self.store.get().map_err(|e| io(&e))?.begin_read().map_err(|e| io(&e))?;
         let events = r.open_table(EVENTS).map_err(|e| io(&e))?;
         let mut out = Vec::new();
         for row in events.range(from..).map_err(|e| io(&e))?.take(limit) {
@@ -340,7 +370,7 @@ impl DurableLog {
     /// Reads `key` of namespace `ns` from the log's kv.
     pub fn kv_get(&self, ns: &str, key: &str) -> Result<Option<crate::kv::Versioned>, crate::kv::KvError> {
         let unavailable = |e: &dyn std::fmt::Display| crate::kv::KvError::Unavailable(e.to_string());
-        let r = self.db.begin_read().map_err(|e| unavailable(&e))?;
+        let r = self.store.get().map_err(|e| unavailable(&e))?.begin_read().map_err(|e| unavailable(&e))?;
         let kv = r.open_table(KV).map_err(|e| unavailable(&e))?;
         let stored = kv.get(kv_key(ns, key).as_str()).map_err(|e| unavailable(&e))?;
         Ok(stored.map(|v| {
@@ -371,7 +401,7 @@ impl DurableLog {
     /// Takes in kv entries (`ns\0key` → value and version) from another store, once, at start.
     pub fn import_kv(&self, rows: &[(String, crate::kv::Versioned)]) -> Result<(), LogError> {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
-        let w = self.db.begin_write().map_err(|e| io(&e))?;
+        let w = self.store.get().map_err(|e| io(&e))?.begin_write().map_err(|e| io(&e))?;
         {
             let mut kv = w.open_table(KV).map_err(|e| io(&e))?;
             let mut meta = w.open_table(META).map_err(|e| io(&e))?;
@@ -390,7 +420,7 @@ impl DurableLog {
     /// The outputs kept for `plugin`'s input `seq` (its kv writes committed, the input not acked).
     pub fn outbox(&self, plugin: &str, seq: u64) -> Result<Option<Vec<Arc<Event>>>, LogError> {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
-        let r = self.db.begin_read().map_err(|e| io(&e))?;
+        let r = self.store.get().map_err(|e| io(&e))?.begin_read().map_err(|e| io(&e))?;
         let outbox = r.open_table(OUTBOX).map_err(|e| io(&e))?;
         let Some(stored) = outbox.get((plugin, seq)).map_err(|e| io(&e))? else { return Ok(None) };
         let corrupt = |why: String| LogError::Corrupt { path: self.path.clone(), seq, why };
@@ -413,7 +443,7 @@ impl DurableLog {
     /// again: their outputs may be in the log already.
     pub fn read_seqs(&self, seqs: &[u64]) -> Result<Vec<Unsettled>, LogError> {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
-        let r = self.db.begin_read().map_err(|e| io(&e))?;
+        let r = self.store.get().map_err(|e| io(&e))?.begin_read().map_err(|e| io(&e))?;
         let events = r.open_table(EVENTS).map_err(|e| io(&e))?;
         let mut out = Vec::with_capacity(seqs.len());
         for &seq in seqs {
@@ -441,7 +471,7 @@ impl DurableLog {
         &self,
         plugin: Arc<str>,
         matches: impl Fn(&str) -> bool + Send + 'static,
-        from: u64,
+        from: super::ReplayFrom,
     ) -> Result<Vec<u64>, LogError> {
         let (done, wait) = oneshot::channel();
         let matches = Box::new(matches);
@@ -457,7 +487,7 @@ impl DurableLog {
     /// Up to `limit` of the deliveries of `plugin` not settled yet, from sequence number `from`.
     pub fn unsettled_page(&self, plugin: &str, from: u64, limit: usize) -> Result<Vec<Unsettled>, LogError> {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
-        let r = self.db.begin_read().map_err(|e| io(&e))?;
+        let r = self.store.get().map_err(|e| io(&e))?.begin_read().map_err(|e| io(&e))?;
         let pending = r.open_table(PENDING).map_err(|e| io(&e))?;
         let events = r.open_table(EVENTS).map_err(|e| io(&e))?;
         let mut out = Vec::new();
@@ -480,6 +510,47 @@ impl DurableLog {
     }
 }
 
+/// The open database. After a failed write redb refuses every operation until the database is
+/// closed and opened again: the writer then reopens it here (readers meanwhile get an error).
+struct Store {
+    path: PathBuf,
+    db: std::sync::RwLock<Option<Arc<Database>>>,
+}
+
+impl Store {
+    fn get(&self) -> Result<Arc<Database>, String> {
+        self.db
+            .read()
+            .expect("log store poisoned")
+            .clone()
+            .ok_or_else(|| format!("{} is being reopened after a failed write (a full disk?)", self.path.display()))
+    }
+
+    /// Closes the database (once readers let go of it) and opens it again.
+    fn reopen(&self) -> Result<(), String> {
+        let old = self.db.write().expect("log store poisoned").take();
+        if let Some(mut old) = old {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => break drop(db),
+                    Err(shared) if std::time::Instant::now() < deadline => {
+                        old = shared;
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    Err(shared) => {
+                        *self.db.write().expect("log store poisoned") = Some(shared);
+                        return Err("a reader kept the log open for 5 s".into());
+                    }
+                }
+            }
+        }
+        let db = open_when_free(&self.path).map_err(|e| format!("reopening {}: {e}", self.path.display()))?;
+        *self.db.write().expect("log store poisoned") = Some(Arc::new(db));
+        Ok(())
+    }
+}
+
 /// Opens the file, waiting up to 2 s while it is locked: a host stopping in this process lets go
 /// of it when its last task ends.
 fn open_when_free(path: &Path) -> Result<Database, redb::DatabaseError> {
@@ -496,14 +567,13 @@ fn open_when_free(path: &Path) -> Result<Database, redb::DatabaseError> {
 }
 
 struct Writer {
-    db: Arc<Database>,
+    store: Arc<Store>,
     path: PathBuf,
     sync: SyncPolicy,
     retention: Retention,
     dropped: Arc<std::sync::atomic::AtomicU64>,
-    /// Set when a commit holding outputs nobody waited for failed: committing anything later
-    /// (the ack of their input) could settle an event whose outputs are not in the log.
-    poisoned: std::sync::atomic::AtomicBool,
+    /// Whether the last commit failed: the database is reopened before the next one.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 /// A kv commit's answer and its result.
@@ -520,6 +590,9 @@ impl Writer {
         let mut last_sync = std::time::Instant::now();
         let mut last_trim = std::time::Instant::now();
         let mut unsynced = false;
+        // Ops nobody waits for (handlers' outputs, acks) of a commit that failed: they go first
+        // in the next commit, so the log still commits in the order it was sent.
+        let mut carried: Vec<Op> = Vec::new();
         loop {
             if last_trim.elapsed() >= std::time::Duration::from_secs(1) {
                 last_trim = std::time::Instant::now();
@@ -530,15 +603,19 @@ impl Writer {
             let first = match rx.recv_timeout(std::time::Duration::from_millis(100)) {
                 Ok(op) => op,
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                    if unsynced {
-                        unsynced = self.commit(Vec::new(), true).is_err();
+                    if unsynced || !carried.is_empty() {
+                        match self.commit(std::mem::take(&mut carried), true) {
+                            Ok(()) => unsynced = false,
+                            Err(retry) => carried = retry,
+                        }
                         last_sync = std::time::Instant::now();
                     }
                     continue;
                 }
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
             };
-            let mut batch = vec![first];
+            let mut batch = std::mem::take(&mut carried);
+            batch.push(first);
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(op) => batch.push(op),
@@ -560,11 +637,16 @@ impl Writer {
                     last_sync = std::time::Instant::now();
                 }
                 Ok(()) => unsynced = self.sync != SyncPolicy::None || unsynced,
-                Err(()) => {}
+                Err(retry) => carried = retry,
             }
         }
         // The host is stopping: make everything on disk.
-        let _ = self.commit(Vec::new(), true);
+        if let Err(lost) = self.commit(carried, true)
+            && !lost.is_empty()
+        {
+            tracing::error!(log = %self.path.display(), ops = lost.len(),
+                "the event log could not commit handlers' outputs and acks before the stop: their inputs run again at the next start");
+        }
     }
 
     /// Drops settled events beyond the retention (older than `max_age`, or the oldest beyond
@@ -572,7 +654,7 @@ impl Writer {
     fn trim(&self) -> Result<(), String> {
         let max_bytes = self.retention.max_mib.saturating_mul(1 << 20);
         let cutoff = unix_ms().saturating_sub(self.retention.max_age.as_millis() as u64);
-        let mut w = self.db.begin_write().map_err(|e| e.to_string())?;
+        let mut w = self.store.get()?.begin_write().map_err(|e| e.to_string())?;
         w.set_durability(redb::Durability::None).map_err(|e| e.to_string())?;
         let (mut dropped, mut freed, mut first, mut last) = (0u64, 0u64, None, 0);
         {
@@ -619,19 +701,23 @@ impl Writer {
         Ok(())
     }
 
-    /// Commits one batch; answers every op in it. `Err` when the commit failed (each op was told).
-    fn commit(&self, batch: Vec<Op>, durable: bool) -> Result<(), ()> {
+    /// Commits one batch; answers every op in it. When the commit failed each op that has a
+    /// waiter is told, and the ops nobody waits for (outputs, acks) come back to be tried again.
+    fn commit(&self, batch: Vec<Op>, durable: bool) -> Result<(), Vec<Op>> {
         let mut answers: Answers = Vec::new();
-        let mut unanswered = 0usize;
+        let retry: Vec<Op> = batch.iter().filter_map(Op::retry_copy).collect();
+        let mut ops = batch.into_iter();
         let mut registered: Vec<(oneshot::Sender<Result<bool, LogError>>, bool)> = Vec::new();
         let mut backfilled: Vec<Backfilled> = Vec::new();
         let mut kv_answers: Vec<KvAnswer> = Vec::new();
         let mut syncs = Vec::new();
         let result = (|| -> Result<(), String> {
-            if self.poisoned.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err("an earlier commit holding handlers' outputs failed: nothing is settled until the host restarts (the unsettled events then run again)".into());
+            if self.failed.load(std::sync::atomic::Ordering::Relaxed) {
+                self.store.reopen()?;
+                self.failed.store(false, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(log = %self.path.display(), "event log reopened after a failed write");
             }
-            let mut w = self.db.begin_write().map_err(|e| e.to_string())?;
+            let mut w = self.store.get()?.begin_write().map_err(|e| e.to_string())?;
             w.set_durability(if durable { redb::Durability::Immediate } else { redb::Durability::None })
                 .map_err(|e| e.to_string())?;
             {
@@ -644,7 +730,7 @@ impl Writer {
                 let mut bytes = meta.get("bytes").map_err(|e| e.to_string())?.map_or(0, |v| v.value());
                 let now_ms = unix_ms();
                 let mut record = Vec::new();
-                for op in batch {
+                for op in ops.by_ref() {
                     match op {
                         Op::Append { seq, event, plugins, dedupe, done } => {
                             let key = format!("{}\u{0}{}", event.source, event.id);
@@ -670,9 +756,8 @@ impl Writer {
                             for p in &plugins {
                                 pending.insert((&**p, seq), ()).map_err(|e| e.to_string())?;
                             }
-                            match done {
-                                Some(done) => answers.push((done, Appended::At(seq))),
-                                None => unanswered += 1,
+                            if let Some(done) = done {
+                                answers.push((done, Appended::At(seq)));
                             }
                         }
                         Op::Ack { plugin, seq } => {
@@ -749,8 +834,14 @@ impl Writer {
                         Op::Backfill { plugin, matches, from, done } => {
                             let mut made = Vec::new();
                             let mut wanted = Vec::new();
-                            for row in events.range(from..).map_err(|e| e.to_string())? {
+                            let since_ms = from.since_ms();
+                            for row in events.range(from.first_seq()..).map_err(|e| e.to_string())? {
                                 let (seq, stored) = row.map_err(|e| e.to_string())?;
+                                // A time compares with each record's append time (not a search:
+                                // a clock set back would otherwise hide events).
+                                if since_ms > 0 && appended_ms(stored.value()).is_some_and(|t| t < since_ms) {
+                                    continue;
+                                }
                                 let subject = decode(stored.value()).map(|ev| ev.subject).unwrap_or_default();
                                 if matches(&subject) {
                                     wanted.push(seq.value());
@@ -792,10 +883,9 @@ impl Writer {
                 Ok(())
             }
             Err(why) => {
-                tracing::error!(log = %self.path.display(), outputs_not_logged = unanswered, "event log commit failed: {why}");
-                if unanswered > 0 {
-                    self.poisoned.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
+                tracing::error!(log = %self.path.display(), outputs_and_acks_kept_to_retry = retry.len(),
+                    "event log commit failed: {why}");
+                self.failed.store(true, std::sync::atomic::Ordering::Relaxed);
                 for (done, _) in answers {
                     let _ = done.send(Err(LogError::Io { path: self.path.clone(), why: why.clone() }));
                 }
@@ -811,7 +901,10 @@ impl Writer {
                 for (done, _) in backfilled {
                     let _ = done.send(Err(LogError::Io { path: self.path.clone(), why: why.clone() }));
                 }
-                Err(())
+                for op in ops {
+                    op.fail(&self.path, &why);
+                }
+                Err(retry)
             }
         }
     }

@@ -32,6 +32,64 @@ pub enum TransportError {
     Full(String),
 }
 
+/// Where a replay starts: a sequence number of the log, or the time events were appended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayFrom {
+    /// The first sequence number to deliver again (0: the oldest kept).
+    Seq(u64),
+    /// Events appended at or after this time.
+    Time(std::time::SystemTime),
+}
+
+impl ReplayFrom {
+    /// Reads `--from`: a sequence number (`1200`), an RFC 3339 time (`2026-11-30T07:00:00Z`),
+    /// or a duration back from `now` (`90m`, `2h`, `7d`).
+    pub fn parse(text: &str, now: std::time::SystemTime) -> Result<Self, String> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(Self::Seq(0));
+        }
+        if let Ok(seq) = text.parse::<u64>() {
+            return Ok(Self::Seq(seq));
+        }
+        if let Ok(time) = humantime::parse_rfc3339_weak(text) {
+            return Ok(Self::Time(time));
+        }
+        if let Ok(ago) = humantime::parse_duration(text) {
+            return Ok(Self::Time(now.checked_sub(ago).unwrap_or(std::time::UNIX_EPOCH)));
+        }
+        Err(format!(
+            "from {:?}: expected a sequence number (1200), an RFC 3339 time (2026-11-30T07:00:00Z) or a duration ago (90m, 2h, 7d)",
+            crate::event::cut(text)
+        ))
+    }
+
+    /// The append time in unix milliseconds an event must have to be replayed (0 for a sequence).
+    pub fn since_ms(self) -> u64 {
+        match self {
+            Self::Seq(_) => 0,
+            Self::Time(t) => t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        }
+    }
+
+    /// The first sequence number to look at.
+    pub fn first_seq(self) -> u64 {
+        match self {
+            Self::Seq(seq) => seq,
+            Self::Time(_) => 0,
+        }
+    }
+}
+
+impl std::fmt::Display for ReplayFrom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Seq(seq) => write!(f, "seq {seq}"),
+            Self::Time(t) => write!(f, "{}", humantime::format_rfc3339_millis(*t)),
+        }
+    }
+}
+
 /// What to subscribe for one plugin.
 #[derive(Debug, Clone)]
 pub struct SubscriptionSpec {
@@ -183,10 +241,10 @@ pub trait Transport: Send + Sync + 'static {
         capacity: usize,
     ) -> Result<mpsc::Receiver<Arc<Event>>, TransportError>;
 
-    /// Delivers again to `plugin` every event the transport keeps from sequence number `from` on
-    /// that its subscription matches (to rebuild its state); returns how many. Transports that
+    /// Delivers again to `plugin` every event the transport keeps from `from` on (a sequence
+    /// number or an append time) that its subscription matches (to rebuild its state); returns how many. Transports that
     /// keep no history refuse.
-    async fn replay(&self, plugin: &str, from: u64) -> Result<usize, TransportError> {
+    async fn replay(&self, plugin: &str, from: ReplayFrom) -> Result<usize, TransportError> {
         let _ = from;
         Err(TransportError::Broker(format!(
             "replay of {plugin}: the {} transport cannot rewind a plugin (on NATS, use a new durable plugin with deliver = \"all\")",
@@ -204,5 +262,24 @@ pub trait Transport: Send + Sync + 'static {
     /// drain, because the events they publish are deliveries too.
     fn is_external(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReplayFrom;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    #[test]
+    fn replay_from_reads_a_sequence_a_time_or_a_duration_ago() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert_eq!(ReplayFrom::parse("", now), Ok(ReplayFrom::Seq(0)));
+        assert_eq!(ReplayFrom::parse("1200", now), Ok(ReplayFrom::Seq(1200)));
+        let at = ReplayFrom::parse("2026-11-30T07:00:00Z", now).unwrap();
+        assert_eq!(at.since_ms(), 1_796_022_000_000);
+        assert_eq!(ReplayFrom::parse("2h", now), Ok(ReplayFrom::Time(now - Duration::from_secs(7200))));
+        let why = ReplayFrom::parse("-5", now).unwrap_err();
+        assert!(why.contains("\"-5\"") && why.contains("RFC 3339"), "{why}");
+        assert!(ReplayFrom::parse("1h", SystemTime::now()).unwrap().since_ms() > 0);
     }
 }

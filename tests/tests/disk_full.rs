@@ -1,0 +1,118 @@
+//! A full disk under the embedded bus's durable log: ingress answers `503` and keeps nothing
+//! of a refused event, every `202` event is handled once, and the bus recovers by itself when
+//! space returns (redb refuses every operation after a failed write until it is reopened: the
+//! log's writer reopens it).
+//!
+//! The disk is a real 24 MiB tmpfs the test mounts (it needs root or CAP_SYS_ADMIN; in CI a
+//! failed mount fails the test, elsewhere it is skipped with a message).
+
+use plugbus_tests::{TestHost, order};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A tmpfs mounted for the test, unmounted when dropped.
+struct Tmpfs(PathBuf, tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(mib: u32) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("running mount");
+        if out.status.success() {
+            return Some(Self(dir.path().to_path_buf(), dir));
+        }
+        let why = String::from_utf8_lossy(&out.stderr);
+        assert!(std::env::var("CI").is_err(), "mounting a tmpfs for the full-disk test failed (run as root): {why}");
+        eprintln!("skipping the full-disk test: mounting a tmpfs failed ({why})");
+        None
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = &self.1;
+    }
+}
+
+/// Fills the file system under `dir` with `file` until a write fails.
+fn fill(file: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(file).unwrap();
+    let chunk = vec![7u8; 64 << 10];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_answers_503_keeps_nothing_half_accepted_and_recovers() {
+    let Some(disk) = Tmpfs::mount(24) else { return };
+    let data = disk.path().join("data");
+    let t = TestHost::start_with(&["echo"], |c| c.data_dir = data.clone()).await;
+    let client = reqwest::Client::new();
+    let post = |i: usize| {
+        let req = client
+            .post(format!("{}/v1/events/orders.created", t.url()))
+            .header("content-type", "application/json")
+            .body(order(&format!("o-{i}"), &"w".repeat(16 << 10), 1));
+        async move {
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    let mut accepted = 0u64;
+    for i in 0..5 {
+        assert_eq!(post(i).await.0, 202);
+        accepted += 1;
+    }
+    t.wait_counter("echo", "ok", accepted).await;
+
+    // The disk fills up: ingress refuses with 503 and says why.
+    fill(&disk.path().join("filler"));
+    let mut refused = None;
+    for i in 5..2_000 {
+        match post(i).await {
+            (202, _) => accepted += 1,
+            (503, body) => {
+                refused = Some(body);
+                break;
+            }
+            (status, body) => panic!("POST {i}: {status} {body}"),
+        }
+    }
+    let body = refused.expect("a full disk never refused an event");
+    assert!(body.contains("bus.redb") && body.contains("No space left"), "the 503 names the log and why: {body}");
+    for i in 0..3 {
+        assert_eq!(post(10_000 + i).await.0, 503, "still full");
+    }
+
+    // Space returns: the bus takes events again by itself, and every 202 event runs once.
+    std::fs::remove_file(disk.path().join("filler")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = post(20_000).await;
+        if status == 202 {
+            accepted += 1;
+            break;
+        }
+        assert!(Instant::now() < deadline, "the bus did not recover after space returned: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 0..5 {
+        assert_eq!(post(30_000 + i).await.0, 202);
+        accepted += 1;
+    }
+    t.wait_counter("echo", "ok", accepted).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(t.counter("echo", "received"), accepted, "each accepted event once, no refused one");
+    assert_eq!((t.counter("echo", "retried"), t.counter("echo", "dead_lettered")), (0, 0));
+    t.host.shutdown().await;
+}
