@@ -33,7 +33,7 @@ const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 /// in the transaction that commits the attempt's kv writes, removed with the input's ack. An
 /// unsettled input found here at start is not run again: its outputs are released.
 const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("outbox");
-/// seq → how many plugins have not settled it (absent: none); retention never drops these.
+/// An old table (how many plugins still owed each event), deleted at open: `pending` says.
 const REFS: TableDefinition<u64, u32> = TableDefinition::new("refs");
 /// "next_seq" → the next sequence number; "bytes" → the bytes of the records kept.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -262,7 +262,8 @@ impl DurableLog {
             w.open_table(PENDING).map_err(|e| open_err(e.to_string()))?;
             w.open_table(IDS).map_err(|e| open_err(e.to_string()))?;
             w.open_table(META).map_err(|e| open_err(e.to_string()))?;
-            w.open_table(REFS).map_err(|e| open_err(e.to_string()))?;
+            // Versions before 0.1 counted per event the plugins that still owed it; pending says.
+            w.delete_table(REFS).map_err(|e| open_err(e.to_string()))?;
             w.open_table(SUBSCRIBERS).map_err(|e| open_err(e.to_string()))?;
             w.open_table(KV).map_err(|e| open_err(e.to_string()))?;
             w.open_table(OUTBOX).map_err(|e| open_err(e.to_string()))?;
@@ -272,6 +273,17 @@ impl DurableLog {
             let r = db.begin_read().map_err(|e| open_err(e.to_string()))?;
             let meta = r.open_table(META).map_err(|e| open_err(e.to_string()))?;
             meta.get("next_seq").map_err(|e| open_err(e.to_string()))?.map_or(1, |v| v.value())
+        };
+        let outboxed = {
+            let r = db.begin_read().map_err(|e| open_err(e.to_string()))?;
+            let outbox = r.open_table(OUTBOX).map_err(|e| open_err(e.to_string()))?;
+            let mut kept = std::collections::HashSet::new();
+            for row in outbox.iter().map_err(|e| open_err(e.to_string()))? {
+                let (key, _) = row.map_err(|e| open_err(e.to_string()))?;
+                let (plugin, seq) = key.value();
+                kept.insert((Arc::<str>::from(plugin), seq));
+            }
+            kept
         };
         let store = Arc::new(Store { path: path.to_path_buf(), db: std::sync::RwLock::new(Some(Arc::new(db))) });
         let (ops, rx) = std_mpsc::channel();
@@ -283,6 +295,7 @@ impl DurableLog {
             retention,
             dropped: dropped.clone(),
             failed: false.into(),
+            outboxed: std::sync::Mutex::new(outboxed),
         };
         std::thread::Builder::new()
             .name("plugbus-log".into())
@@ -574,6 +587,28 @@ struct Writer {
     dropped: Arc<std::sync::atomic::AtomicU64>,
     /// Whether the last commit failed: the database is reopened before the next one.
     failed: std::sync::atomic::AtomicBool,
+    /// The (plugin, seq) of the outbox entries in the log: an ack removes one only when there is
+    /// one (most deliveries write no kv).
+    outboxed: std::sync::Mutex<std::collections::HashSet<(Arc<str>, u64)>>,
+}
+
+/// The plugins with a pending delivery (one range lookup per plugin, not a scan).
+fn owing_plugins(pending: &impl ReadableTable<(&'static str, u64), ()>) -> Result<Vec<String>, String> {
+    let mut plugins = Vec::new();
+    let mut after = String::new();
+    loop {
+        let from = (after.as_str(), u64::MAX);
+        let next = pending.range(from..).map_err(|e| e.to_string())?.next();
+        let Some(row) = next else { break };
+        let (key, _) = row.map_err(|e| e.to_string())?;
+        let plugin = key.value().0.to_string();
+        if plugin == after {
+            break;
+        }
+        after = plugin.clone();
+        plugins.push(plugin);
+    }
+    Ok(plugins)
 }
 
 /// A kv commit's answer and its result.
@@ -660,7 +695,8 @@ impl Writer {
         {
             let mut events = w.open_table(EVENTS).map_err(|e| e.to_string())?;
             let mut ids = w.open_table(IDS).map_err(|e| e.to_string())?;
-            let refs = w.open_table(REFS).map_err(|e| e.to_string())?;
+            let pending = w.open_table(PENDING).map_err(|e| e.to_string())?;
+            let owing = owing_plugins(&pending)?;
             let mut meta = w.open_table(META).map_err(|e| e.to_string())?;
             let mut bytes = meta.get("bytes").map_err(|e| e.to_string())?.map_or(0, |v| v.value());
             let mut doomed = Vec::new();
@@ -671,7 +707,11 @@ impl Writer {
                 if !old && bytes <= max_bytes {
                     break;
                 }
-                if refs.get(seq).map_err(|e| e.to_string())?.is_some() {
+                let mut owed = false;
+                for plugin in &owing {
+                    owed |= pending.get((plugin.as_str(), seq)).map_err(|e| e.to_string())?.is_some();
+                }
+                if owed {
                     continue;
                 }
                 bytes = bytes.saturating_sub(stored.len() as u64);
@@ -725,7 +765,6 @@ impl Writer {
                 let mut pending = w.open_table(PENDING).map_err(|e| e.to_string())?;
                 let mut ids = w.open_table(IDS).map_err(|e| e.to_string())?;
                 let mut meta = w.open_table(META).map_err(|e| e.to_string())?;
-                let mut refs = w.open_table(REFS).map_err(|e| e.to_string())?;
                 let mut next = meta.get("next_seq").map_err(|e| e.to_string())?.map_or(1, |v| v.value());
                 let mut bytes = meta.get("bytes").map_err(|e| e.to_string())?.map_or(0, |v| v.value());
                 let now_ms = unix_ms();
@@ -734,7 +773,14 @@ impl Writer {
                     match op {
                         Op::Append { seq, event, plugins, dedupe, done } => {
                             let key = format!("{}\u{0}{}", event.source, event.id);
-                            if dedupe && ids.get(key.as_str()).map_err(|e| e.to_string())?.is_some() {
+                            // One lookup: the insert answers whether the id was there (then the
+                            // first sequence number is put back).
+                            let before = match dedupe {
+                                true => ids.insert(key.as_str(), seq).map_err(|e| e.to_string())?.map(|v| v.value()),
+                                false => None,
+                            };
+                            if let Some(first) = before {
+                                ids.insert(key.as_str(), first).map_err(|e| e.to_string())?;
                                 match done {
                                     Some(done) => answers.push((done, Appended::Duplicate)),
                                     None => tracing::warn!(log = %self.path.display(), event_id = %event.id,
@@ -747,12 +793,6 @@ impl Writer {
                             encode(&event, now_ms, &mut record);
                             events.insert(seq, record.as_slice()).map_err(|e| e.to_string())?;
                             bytes += record.len() as u64;
-                            if !plugins.is_empty() {
-                                refs.insert(seq, plugins.len() as u32).map_err(|e| e.to_string())?;
-                            }
-                            if dedupe {
-                                ids.insert(key.as_str(), seq).map_err(|e| e.to_string())?;
-                            }
                             for p in &plugins {
                                 pending.insert((&**p, seq), ()).map_err(|e| e.to_string())?;
                             }
@@ -761,18 +801,13 @@ impl Writer {
                             }
                         }
                         Op::Ack { plugin, seq } => {
-                            w.open_table(OUTBOX)
-                                .map_err(|e| e.to_string())?
-                                .remove((&*plugin, seq))
-                                .map_err(|e| e.to_string())?;
-                            if pending.remove((&*plugin, seq)).map_err(|e| e.to_string())?.is_some() {
-                                let left = refs.get(seq).map_err(|e| e.to_string())?.map_or(0, |v| v.value());
-                                if left <= 1 {
-                                    refs.remove(seq).map_err(|e| e.to_string())?;
-                                } else {
-                                    refs.insert(seq, left - 1).map_err(|e| e.to_string())?;
-                                }
+                            if self.outboxed.lock().expect("outboxed poisoned").remove(&(plugin.clone(), seq)) {
+                                w.open_table(OUTBOX)
+                                    .map_err(|e| e.to_string())?
+                                    .remove((&*plugin, seq))
+                                    .map_err(|e| e.to_string())?;
                             }
+                            pending.remove((&*plugin, seq)).map_err(|e| e.to_string())?;
                         }
                         Op::Sync { done } => syncs.push(done),
                         Op::KvCommit { ns, txn, outbox, done } => {
@@ -820,6 +855,11 @@ impl Writer {
                                 table
                                     .insert((&*outbox.plugin, outbox.seq), kept.as_slice())
                                     .map_err(|e| e.to_string())?;
+                                // Kept even if this commit fails: an ack then removes nothing.
+                                self.outboxed
+                                    .lock()
+                                    .expect("outboxed poisoned")
+                                    .insert((outbox.plugin.clone(), outbox.seq));
                             }
                             kv_answers.push((done, Ok(())));
                         }
@@ -849,8 +889,6 @@ impl Writer {
                             }
                             for seq in wanted {
                                 if pending.insert((&*plugin, seq), ()).map_err(|e| e.to_string())?.is_none() {
-                                    let n = refs.get(seq).map_err(|e| e.to_string())?.map_or(0, |v| v.value());
-                                    refs.insert(seq, n + 1).map_err(|e| e.to_string())?;
                                     made.push(seq);
                                 }
                             }
@@ -1074,9 +1112,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let retention = Retention { max_age: std::time::Duration::ZERO, max_mib: 1024 };
         let log = DurableLog::open_with(&dir.path().join("bus.redb"), SyncPolicy::Always, retention).unwrap();
-        let p: Arc<str> = "p".into();
+        let (p, q, z): (Arc<str>, Arc<str>, Arc<str>) = ("p".into(), "q".into(), "z".into());
         log.append(Arc::new(sample()), vec![], false).await.unwrap();
-        let Appended::At(kept) = log.append(Arc::new(sample()), vec![p.clone()], false).await.unwrap() else {
+        let Appended::At(kept) = log.append(Arc::new(sample()), vec![p.clone(), q.clone()], false).await.unwrap()
+        else {
             panic!("appended")
         };
         let out = Arc::new(sample());
@@ -1094,11 +1133,21 @@ mod tests {
         wait_dropped(2).await;
         let left: Vec<u64> = log.read(0, 10).unwrap().iter().map(|(seq, _)| *seq).collect();
         assert_eq!(left, vec![kept], "the unsettled event stays");
+        // Another plugin owing an event of its own does not keep this one.
+        let Appended::At(other) = log.append(Arc::new(sample()), vec![z.clone()], false).await.unwrap() else {
+            panic!("appended")
+        };
         log.ack(p, kept);
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let left: Vec<u64> = log.read(0, 10).unwrap().iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(left, vec![kept, other], "q still owes it");
+        log.ack(q, kept);
         wait_dropped(3).await;
+        log.ack(z, other);
+        wait_dropped(4).await;
         assert!(log.read(0, 10).unwrap().is_empty());
         // Its output id went with it: the same output may be logged again.
-        assert_eq!(log.append(out, vec![], true).await.unwrap(), Appended::At(4));
+        assert_eq!(log.append(out, vec![], true).await.unwrap(), Appended::At(5));
     }
 
     #[test]
