@@ -716,7 +716,7 @@ impl Writer {
                 }
                 bytes = bytes.saturating_sub(stored.len() as u64);
                 freed += stored.len() as u64;
-                let key = decode(stored).ok().map(|ev| format!("{}\u{0}{}", ev.source, ev.id));
+                let key = decode(stored).ok().map(|ev| dedupe_key(&ev));
                 doomed.push((seq, key));
             }
             for (seq, key) in doomed {
@@ -772,7 +772,7 @@ impl Writer {
                 for op in ops.by_ref() {
                     match op {
                         Op::Append { seq, event, plugins, dedupe, done } => {
-                            let key = format!("{}\u{0}{}", event.source, event.id);
+                            let key = dedupe_key(&event);
                             // One lookup: the insert answers whether the id was there (then the
                             // first sequence number is put back).
                             let before = match dedupe {
@@ -965,6 +965,16 @@ fn put_opt(out: &mut Vec<u8>, value: Option<&str>) {
             put(out, v.as_bytes());
         }
         None => out.push(0),
+    }
+}
+
+/// The key under which an output's (source, id) is remembered. An output's id is a hash, so it
+/// is prefixed with its input's id (a time-ordered UUIDv7): new keys land at the end of the
+/// B-tree, next to each other, instead of dirtying a random page each.
+fn dedupe_key(event: &Event) -> String {
+    match event.header("plugbus-caused-by") {
+        Some(input) => format!("{input}\u{0}{}\u{0}{}", event.source, event.id),
+        None => format!("{}\u{0}{}", event.source, event.id),
     }
 }
 
