@@ -1,7 +1,7 @@
 //! The event a handler receives, and how a test builds one.
 
-use crate::HandlerError;
 use crate::__bindings::plugbus::handler::types as wit;
+use crate::HandlerError;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -295,4 +295,3 @@ impl Event {
         self.inner.reply_to.as_deref()
     }
 }
-

@@ -17,7 +17,10 @@ fn a_publish_outside_the_allow_list_is_denied_and_releases_nothing() {
     let run = TestHost::new().run(sneaky, Event::new("orders.created", "{}"));
     let err = run.result.unwrap_err();
     assert!(!err.is_retry(), "a denied publish rejects: {err}");
-    assert!(err.message().contains("\"payments.captured\" is not in the manifest's publishes [\"inventory.>\"]"), "{err}");
+    assert!(
+        err.message().contains("\"payments.captured\" is not in the manifest's publishes [\"inventory.>\"]"),
+        "{err}"
+    );
     assert!(run.published.is_empty(), "the allowed output before the denied one is not released either");
 }
 
@@ -101,7 +104,11 @@ fn writes_then_fails(ev: Event) -> Result<(), HandlerError> {
 #[test]
 fn a_failed_run_leaves_kv_unchanged_and_publishes_nothing() {
     let start = TestHost::new().with_kv("a", "1").with_kv("b", "2");
-    for (subject, retry, text) in [("stock.retry", true, "later"), ("stock.reject", false, "never"), ("stock.panic", true, "handler panicked: boom")] {
+    for (subject, retry, text) in [
+        ("stock.retry", true, "later"),
+        ("stock.reject", false, "never"),
+        ("stock.panic", true, "handler panicked: boom"),
+    ] {
         let mut host = start.clone();
         let run = host.run(writes_then_fails, Event::new(subject, ""));
         let err = run.result.expect_err(subject);
@@ -153,7 +160,9 @@ fn greedy(_ev: Event) -> Result<(), HandlerError> {
 }
 
 #[test]
-#[should_panic(expected = "would refuse this handler at load: manifest field `publishes[0]` \"$SYS.>\" names a system subject")]
+#[should_panic(
+    expected = "would refuse this handler at load: manifest field `publishes[0]` \"$SYS.>\" names a system subject"
+)]
 fn a_manifest_the_host_would_refuse_fails_the_test() {
     TestHost::new().run(greedy, Event::new("a.b", ""));
 }

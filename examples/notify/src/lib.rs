@@ -32,7 +32,8 @@ mod tests {
 
     #[test]
     fn logs_the_mail_for_a_rejected_order_from_the_configured_sender() {
-        let rejected = json!({ "order": { "order_id": "o-1", "email": "a@example.com" }, "reason": "only 0 x widget in stock" });
+        let rejected =
+            json!({ "order": { "order_id": "o-1", "email": "a@example.com" }, "reason": "only 0 x widget in stock" });
         let run = TestHost::new()
             .with_config("sender", "ops@example.com")
             .run(notify, Event::new_json("inventory.rejected", &rejected));

@@ -63,7 +63,8 @@ mod tests {
     use serde_json::{Value, json};
 
     fn reserved(amount_cents: u64) -> Event {
-        let order = json!({ "order_id": "o-1", "email": "a@example.com", "amount_cents": amount_cents, "sku": "widget" });
+        let order =
+            json!({ "order_id": "o-1", "email": "a@example.com", "amount_cents": amount_cents, "sku": "widget" });
         Event::new_json("inventory.reserved", &order).with_id("evt-9")
     }
 

@@ -278,8 +278,14 @@ impl TestHost {
     {
         let subject = event.subject().to_string();
         if event.data().len() as u64 > self.limits.max_event_bytes {
-            let why = format!("event of {} bytes is over the {}-byte limit", event.data().len(), self.limits.max_event_bytes);
-            return Run { result: Err(HandlerError::reject(why)), published: Vec::new(), kv: self.kv.clone(), logs: Vec::new() };
+            let why =
+                format!("event of {} bytes is over the {}-byte limit", event.data().len(), self.limits.max_event_bytes);
+            return Run {
+                result: Err(HandlerError::reject(why)),
+                published: Vec::new(),
+                kv: self.kv.clone(),
+                logs: Vec::new(),
+            };
         }
         let session = Session::new(self);
         SESSION.with(|cell| {
@@ -468,8 +474,7 @@ impl Published {
     /// assert_eq!(run.published[0].text(), "hi");
     /// ```
     pub fn text(&self) -> &str {
-        std::str::from_utf8(&self.data)
-            .unwrap_or_else(|e| panic!("the output on {:?} is not UTF-8: {e}", self.subject))
+        std::str::from_utf8(&self.data).unwrap_or_else(|e| panic!("the output on {:?} is not UTF-8: {e}", self.subject))
     }
 
     /// A header by case-insensitive name (the first when it repeats).
@@ -544,7 +549,10 @@ impl KvStore {
     pub fn get_json<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
         let bytes = self.0.get(key)?;
         Some(serde_json::from_slice(bytes).unwrap_or_else(|e| {
-            panic!("kv value under {key:?} is not the JSON asked for: {e}; its value: {}", String::from_utf8_lossy(bytes))
+            panic!(
+                "kv value under {key:?} is not the JSON asked for: {e}; its value: {}",
+                String::from_utf8_lossy(bytes)
+            )
         }))
     }
 
@@ -641,7 +649,10 @@ fn valid_plugin_name(name: &str) -> bool {
 /// What the host would say at load about a declared manifest, if it refused it.
 fn load_error(d: &Declared) -> Option<String> {
     if !valid_plugin_name(d.name) {
-        return Some(format!("manifest field `name` {:?} must be 1-64 characters of a-z, A-Z, 0-9, '-' or '_'", d.name));
+        return Some(format!(
+            "manifest field `name` {:?} must be 1-64 characters of a-z, A-Z, 0-9, '-' or '_'",
+            d.name
+        ));
     }
     if d.subscribe.is_empty() {
         return Some("manifest field `subscriptions` is empty: the plugin would never run".into());
@@ -903,4 +914,3 @@ pub(crate) mod calls {
         }
     }
 }
-
