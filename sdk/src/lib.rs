@@ -153,6 +153,8 @@
 //! sees ([`PublishError::Limit`], [`kv::KvError::TooLarge`]) or, for memory and time, the
 //! attempt fails and is retried.
 
+#![warn(missing_docs)]
+
 extern crate self as plugbus_sdk;
 
 mod error;

@@ -141,6 +141,11 @@ fn expand(opts: Options, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> 
     Ok(quote! {
         #func
 
+        // Natively the function is used by tests only; this keeps a plain `cargo build` free
+        // of dead-code warnings and checks the signature on every target.
+        #[cfg(not(target_arch = "wasm32"))]
+        const _: fn(::plugbus_sdk::Event) -> ::core::result::Result<(), ::plugbus_sdk::HandlerError> = #fn_name;
+
         // The component glue exists only in the component: natively there is nothing to export
         // (and several handlers may live in one test binary).
         #[cfg(target_arch = "wasm32")]
