@@ -9,3 +9,19 @@ fn audit(ev: Event) -> Result<(), HandlerError> {
     log::debug(format!("{} #{n}: event {}", ev.subject(), ev.id()));
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::audit;
+    use plugbus_sdk::{Event, testing::TestHost};
+
+    #[test]
+    fn counts_each_subject_separately() {
+        let mut host = TestHost::new();
+        for subject in ["orders.created", "payments.captured", "orders.created"] {
+            assert_eq!(host.run(audit, Event::new(subject, "{}")).result, Ok(()));
+        }
+        assert_eq!(host.kv().get_json::<u64>("count/orders.created"), Some(2));
+        assert_eq!(host.kv().get_json::<u64>("count/payments.captured"), Some(1));
+    }
+}

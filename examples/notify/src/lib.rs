@@ -23,3 +23,25 @@ fn notify(ev: Event) -> Result<(), HandlerError> {
     log::info(format!("e-mail from {sender} {text}"));
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::notify;
+    use plugbus_sdk::{Event, testing::TestHost};
+    use serde_json::json;
+
+    #[test]
+    fn logs_the_mail_for_a_rejected_order_from_the_configured_sender() {
+        let rejected =
+            json!({ "order": { "order_id": "o-1", "email": "a@example.com" }, "reason": "only 0 x widget in stock" });
+        let run = TestHost::new()
+            .with_config("sender", "ops@example.com")
+            .run(notify, Event::new_json("inventory.rejected", &rejected));
+        assert_eq!(run.result, Ok(()));
+        assert!(run.published.is_empty());
+        assert_eq!(
+            run.logs[0].message,
+            "e-mail from ops@example.com to a@example.com: sorry, we could not take order o-1: only 0 x widget in stock"
+        );
+    }
+}

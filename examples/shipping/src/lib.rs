@@ -19,3 +19,22 @@ fn ship(ev: Event) -> Result<(), HandlerError> {
     )?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ship;
+    use plugbus_sdk::{Event, testing::TestHost};
+    use serde_json::json;
+
+    #[test]
+    fn a_paid_order_gets_a_tracking_number() {
+        let paid = Event::new_json("payments.captured", &json!({ "order_id": "o-1", "email": "a@example.com" }));
+        let run = TestHost::new().run(ship, paid);
+        assert_eq!(run.result, Ok(()));
+        assert_eq!(run.published[0].subject, "shipping.started");
+        assert_eq!(
+            run.published[0].json::<serde_json::Value>(),
+            json!({ "order_id": "o-1", "email": "a@example.com", "tracking": "TRK-O-1" })
+        );
+    }
+}

@@ -10,6 +10,11 @@ use syn::{Expr, ExprArray, ExprLit, ItemFn, Lit, LitStr, parse_macro_input};
 /// Options: `subscribe = [..]` (required), `publishes = [..]`, `name = ".."` (default: the crate
 /// name), `version = ".."` (default: the crate version), `queue_group = ".."`,
 /// `order_by_header = ".."` or `order_by_token = N`, `durable = true`, `deliver = "all" | "new"`.
+///
+/// The function stays an ordinary function, callable by its own name. On the native target
+/// (`cargo test`) it declares its manifest to `plugbus_sdk::testing::TestHost` when called, so a
+/// test applies the same `publishes` allow-list and subscriptions as the host; on `wasm32` the
+/// attribute adds the component's exports (`manifest()` and `handle()`) instead.
 #[proc_macro_attribute]
 pub fn handler(attr: TokenStream, item: TokenStream) -> TokenStream {
     let func = parse_macro_input!(item as ItemFn);
@@ -95,7 +100,8 @@ fn expand(opts: Options, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> 
     if opts.order_by_header.is_some() && opts.order_by_token.is_some() {
         return Err(syn::Error::new(Span::call_site(), "choose one of order_by_header and order_by_token"));
     }
-    let fn_name = &func.sig.ident;
+    let mut func = func;
+    let fn_name = func.sig.ident.clone();
     let name = match &opts.name {
         Some(n) => quote!(#n),
         None => quote!(env!("CARGO_PKG_NAME")),
@@ -118,9 +124,31 @@ fn expand(opts: Options, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> 
     let subscribe = &opts.subscribe;
     let publishes = &opts.publishes;
 
+    // Natively (`cargo test`), the function first tells the SDK's test host who it is, so a
+    // `TestHost::run` applies the same allow-list and subscriptions as the real host. The
+    // function keeps its name and signature; on wasm32 the statement is not there at all.
+    let declare: syn::Stmt = syn::parse_quote! {
+        #[cfg(not(target_arch = "wasm32"))]
+        ::plugbus_sdk::__private::declare(::plugbus_sdk::__private::Declared {
+            name: #name,
+            version: #version,
+            subscribe: &[#(#subscribe),*],
+            publishes: &[#(#publishes),*],
+        });
+    };
+    func.block.stmts.insert(0, declare);
+
     Ok(quote! {
         #func
 
+        // Natively the function is used by tests only; this keeps a plain `cargo build` free
+        // of dead-code warnings and checks the signature on every target.
+        #[cfg(not(target_arch = "wasm32"))]
+        const _: fn(::plugbus_sdk::Event) -> ::core::result::Result<(), ::plugbus_sdk::HandlerError> = #fn_name;
+
+        // The component glue exists only in the component: natively there is nothing to export
+        // (and several handlers may live in one test binary).
+        #[cfg(target_arch = "wasm32")]
         const _: () = {
             use ::plugbus_sdk::__private as __p;
 

@@ -1,0 +1,339 @@
+//! `TestHost` applies the host's rules: each test names the production behaviour it mirrors and
+//! fails if the test host drifts from it.
+
+use plugbus_sdk::testing::{Limits, TestHost};
+use plugbus_sdk::{Event, HandlerError, PublishError, handler, kv, log, publish, publish_json, publish_with_headers};
+use serde_json::{Value, json};
+
+#[handler(subscribe = ["orders.created"], publishes = ["inventory.>"])]
+fn sneaky(ev: Event) -> Result<(), HandlerError> {
+    publish("inventory.reserved", ev.data())?;
+    publish("payments.captured", ev.data())?;
+    Ok(())
+}
+
+#[test]
+fn a_publish_outside_the_allow_list_is_denied_and_releases_nothing() {
+    let run = TestHost::new().run(sneaky, Event::new("orders.created", "{}"));
+    let err = run.result.unwrap_err();
+    assert!(!err.is_retry(), "a denied publish rejects: {err}");
+    assert!(
+        err.message().contains("\"payments.captured\" is not in the manifest's publishes [\"inventory.>\"]"),
+        "{err}"
+    );
+    assert!(run.published.is_empty(), "the allowed output before the denied one is not released either");
+}
+
+#[handler(subscribe = ["orders.created"], publishes = ["inventory.>"])]
+fn swallows(_ev: Event) -> Result<(), HandlerError> {
+    let denied = publish("billing.x", b"");
+    assert!(matches!(denied, Err(PublishError::Denied(_))), "{denied:?}");
+    publish("inventory.reserved", b"")?;
+    Ok(())
+}
+
+#[test]
+fn a_swallowed_refusal_still_rejects_the_event() {
+    let run = TestHost::new().run(swallows, Event::new("orders.created", ""));
+    let err = run.result.unwrap_err();
+    assert!(err.message().starts_with("publish refused: \"billing.x\""), "{err}");
+    assert!(run.published.is_empty());
+}
+
+#[handler(subscribe = ["orders.created"], publishes = [">"])]
+fn wide(ev: Event) -> Result<(), HandlerError> {
+    let target = ev.text()?.to_string();
+    publish(&target, b"")?;
+    Ok(())
+}
+
+#[test]
+fn subjects_follow_the_hosts_rules_even_under_a_catch_all() {
+    let mut host = TestHost::new();
+    let denied = |host: &mut TestHost, subject: &str| host.run(wide, Event::new("orders.created", subject)).result;
+    assert_eq!(denied(&mut host, "a.b.c"), Ok(()));
+    for (subject, why) in [
+        ("$SYS.x", "is a system subject"),
+        ("_INBOX.abc", "is a system subject"),
+        ("plugbus.dlq.payments", "is not in the manifest's publishes"),
+        ("a..b", "empty token"),
+        ("a.*", "cannot contain the wildcards"),
+        ("a b", "whitespace"),
+    ] {
+        let err = denied(&mut host, subject).unwrap_err();
+        assert!(err.message().contains(why), "{subject}: {err}");
+    }
+    let long = "a".repeat(1025);
+    assert!(denied(&mut host, &long).unwrap_err().message().contains("longer than 1024 bytes"));
+}
+
+#[handler(subscribe = ["orders.*"], publishes = ["orders.*.seen", "audit.>"])]
+fn patterns(ev: Event) -> Result<(), HandlerError> {
+    publish(ev.text()?, b"")?;
+    Ok(())
+}
+
+#[test]
+fn wildcards_in_the_allow_list_match_like_nats() {
+    let mut host = TestHost::new();
+    let mut ok = |subject: &str| host.run(patterns, Event::new("orders.created", subject)).result.is_ok();
+    assert!(ok("orders.o1.seen"));
+    assert!(!ok("orders.o1.o2.seen"), "`*` is one token");
+    assert!(!ok("orders.seen"));
+    assert!(ok("audit.a"));
+    assert!(ok("audit.a.b.c"), "`>` is one or more trailing tokens");
+    assert!(!ok("audit"), "`>` needs at least one token");
+}
+
+#[handler(subscribe = ["stock.*"], publishes = ["stock.changed"])]
+fn writes_then_fails(ev: Event) -> Result<(), HandlerError> {
+    kv::set("a", "changed")?;
+    kv::delete("b")?;
+    kv::set("new", "x")?;
+    assert_eq!(kv::get("a")?.as_deref(), Some(&b"changed"[..]), "reads see the attempt's own writes");
+    assert_eq!(kv::get("b")?, None);
+    publish("stock.changed", b"")?;
+    match ev.subject() {
+        "stock.retry" => Err(HandlerError::retry("later")),
+        "stock.reject" => Err(HandlerError::reject("never")),
+        "stock.panic" => panic!("boom"),
+        _ => Ok(()),
+    }
+}
+
+#[test]
+fn a_failed_run_leaves_kv_unchanged_and_publishes_nothing() {
+    let start = TestHost::new().with_kv("a", "1").with_kv("b", "2");
+    for (subject, retry, text) in [
+        ("stock.retry", true, "later"),
+        ("stock.reject", false, "never"),
+        ("stock.panic", true, "handler panicked: boom"),
+    ] {
+        let mut host = start.clone();
+        let run = host.run(writes_then_fails, Event::new(subject, ""));
+        let err = run.result.expect_err(subject);
+        assert_eq!((err.is_retry(), err.message()), (retry, text), "{subject}");
+        assert!(run.published.is_empty(), "{subject}: outputs released");
+        assert_eq!(run.kv, *start.kv(), "{subject}: kv changed");
+        assert_eq!(host.kv(), start.kv(), "{subject}: the host's store changed");
+    }
+    let mut host = start.clone();
+    let run = host.run(writes_then_fails, Event::new("stock.ok", ""));
+    assert_eq!(run.result, Ok(()));
+    assert_eq!(run.published.len(), 1);
+    assert_eq!(run.kv_get("a"), Some(&b"changed"[..]));
+    assert_eq!(run.kv_get("b"), None);
+    assert_eq!(run.kv_get("new"), Some(&b"x"[..]));
+    assert_eq!(host.kv(), &run.kv, "a successful run commits to the host's store");
+}
+
+#[handler(subscribe = ["payments.due"], publishes = ["payments.captured"])]
+fn flaky(ev: Event) -> Result<(), HandlerError> {
+    if ev.attempt() < 3 {
+        log::warn(format!("attempt {}: gateway busy", ev.attempt()));
+        return Err(HandlerError::retry("gateway busy"));
+    }
+    publish_json("payments.captured", &json!({ "attempt": ev.attempt() }))?;
+    Ok(())
+}
+
+#[test]
+fn retry_logic_is_tested_with_with_attempt() {
+    let mut host = TestHost::new();
+    let first = host.run(flaky, Event::new("payments.due", ""));
+    assert_eq!(first.result, Err(HandlerError::retry("gateway busy")));
+    assert_eq!(first.logs[0].to_string(), "WARN attempt 1: gateway busy", "logs are kept on failure");
+    let third = host.run(flaky, Event::new("payments.due", "").with_attempt(3));
+    assert_eq!(third.result, Ok(()));
+    assert_eq!(third.published[0].json::<Value>(), json!({ "attempt": 3 }));
+}
+
+#[test]
+#[should_panic(expected = "matches none of")]
+fn an_event_the_host_would_never_deliver_fails_the_test() {
+    TestHost::new().run(flaky, Event::new("payments.refunded", ""));
+}
+
+#[handler(subscribe = ["a.b"], publishes = ["$SYS.>"])]
+fn greedy(_ev: Event) -> Result<(), HandlerError> {
+    Ok(())
+}
+
+#[test]
+#[should_panic(
+    expected = "would refuse this handler at load: manifest field `publishes[0]` \"$SYS.>\" names a system subject"
+)]
+fn a_manifest_the_host_would_refuse_fails_the_test() {
+    TestHost::new().run(greedy, Event::new("a.b", ""));
+}
+
+#[handler(subscribe = ["a.b"], publishes = ["out.>"])]
+fn headers(ev: Event) -> Result<(), HandlerError> {
+    let name = ev.text()?;
+    publish_with_headers("out.x", b"", &[(name, "v")])?;
+    Ok(())
+}
+
+#[test]
+fn reserved_and_malformed_header_names_are_refused() {
+    let mut host = TestHost::new();
+    let mut run = |name: &str| host.run(headers, Event::new("a.b", name)).result;
+    assert_eq!(run("tenant"), Ok(()));
+    assert_eq!(run("datacontenttype"), Ok(()), "the plugin's own data type is allowed");
+    for reserved in ["plugbus-error", "Nats-Msg-Id", "id", "ce-source", "ce_type", "ce-datacontenttype"] {
+        assert!(run(reserved).unwrap_err().message().contains("is reserved"), "{reserved}");
+    }
+    for bad in ["", "a b", "a:b", "a\nb"] {
+        assert!(run(bad).unwrap_err().message().contains("not a valid header name"), "{bad:?}");
+    }
+}
+
+#[handler(subscribe = ["batch.ready"], publishes = ["items.>"])]
+fn fan_out(ev: Event) -> Result<(), HandlerError> {
+    let (count, size): (usize, usize) = ev.json()?;
+    for i in 0..count {
+        publish(&format!("items.{i}"), vec![b'x'; size])?;
+    }
+    Ok(())
+}
+
+#[test]
+fn publish_count_and_byte_caps_apply_per_event() {
+    let mut host = TestHost::new();
+    assert_eq!(host.run(fan_out, Event::new("batch.ready", "[100, 1]")).result, Ok(()));
+    let err = host.run(fan_out, Event::new("batch.ready", "[101, 1]")).result.unwrap_err();
+    assert!(err.message().contains("publish limit of 100 per event reached"), "{err}");
+    let err = host.run(fan_out, Event::new("batch.ready", "[2, 600000]")).result.unwrap_err();
+    assert!(err.message().contains("output limit of 1048576 bytes per event reached"), "{err}");
+
+    let mut tight = TestHost::new().with_limits(Limits { max_publishes: 2, ..Limits::default() });
+    assert!(tight.run(fan_out, Event::new("batch.ready", "[3, 1]")).result.is_err());
+}
+
+#[test]
+fn an_event_over_max_event_bytes_is_rejected_unrun() {
+    let big = Event::new("batch.ready", vec![b' '; 1024 * 1024 + 1]);
+    let run = TestHost::new().run(|_| panic!("must not run"), big);
+    assert_eq!(run.result, Err(HandlerError::reject("event of 1048577 bytes is over the 1048576-byte limit")));
+}
+
+#[handler(subscribe = ["kv.big"])]
+fn big_kv(ev: Event) -> Result<(), HandlerError> {
+    let size: usize = ev.json()?;
+    kv::set("k", vec![0u8; size])?;
+    Ok(())
+}
+
+#[test]
+fn kv_values_over_the_cap_are_too_large() {
+    let mut host = TestHost::new();
+    assert_eq!(host.run(big_kv, Event::new("kv.big", "262144")).result, Ok(()));
+    let err = host.run(big_kv, Event::new("kv.big", "262145")).result.unwrap_err();
+    assert!(err.message().contains("kv value too large: key \"k\": 262145 bytes over the 262144-byte cap"), "{err}");
+}
+
+#[test]
+fn kv_write_and_read_counts_are_capped_per_attempt() {
+    let limits = Limits { max_kv_writes: 2, max_kv_reads: 2, ..Limits::default() };
+    let mut host = TestHost::new().with_limits(limits);
+    let run = host.run(
+        |_| {
+            kv::set("a", "1")?;
+            kv::set("b", "1")?;
+            kv::set("a", "2")?; // a rewrite is not a new key
+            assert!(matches!(kv::set("c", "1"), Err(kv::KvError::TooLarge(m)) if m.contains("write limit of 2 keys")));
+            kv::get("x")?;
+            kv::get("y")?;
+            kv::get("x")?; // read before: not a new key
+            kv::get("a")?; // own write: not a read of the store
+            assert!(matches!(kv::get("z"), Err(kv::KvError::TooLarge(m)) if m.contains("read limit of 2 keys")));
+            Ok(())
+        },
+        Event::new("any", ""),
+    );
+    assert_eq!(run.result, Ok(()));
+    assert_eq!(run.kv_get("a"), Some(&b"2"[..]));
+}
+
+#[test]
+fn config_and_logs_reach_the_handler_and_the_run() {
+    let run = TestHost::new().with_config("sender", "ops@example.com").run(
+        |_| {
+            log::info(plugbus_sdk::config::get("sender").unwrap_or_default());
+            log::debug(format!("{:?}", plugbus_sdk::config::get("missing")));
+            Ok(())
+        },
+        Event::new("any", ""),
+    );
+    let lines: Vec<String> = run.logs.iter().map(ToString::to_string).collect();
+    assert_eq!(lines, ["INFO ops@example.com", "DEBUG None"]);
+}
+
+#[test]
+fn log_text_past_the_cap_is_dropped() {
+    let run = TestHost::new().run(
+        |_| {
+            for _ in 0..100 {
+                log::info("x".repeat(1024));
+            }
+            Ok(())
+        },
+        Event::new("any", ""),
+    );
+    assert_eq!(run.logs.len(), 64);
+}
+
+#[test]
+fn a_plain_function_has_no_publishes() {
+    let run = TestHost::new().run(|_| Ok(publish("a.b", b"")?), Event::new("any", ""));
+    let err = run.result.unwrap_err();
+    assert!(err.message().contains("not a #[handler]"), "{err}");
+}
+
+#[test]
+fn a_closure_calling_a_handler_gets_its_manifest() {
+    let run = TestHost::new().run(|ev| sneaky(ev.with_attempt(2)), Event::new("orders.created", "{}"));
+    assert!(run.result.unwrap_err().message().contains("payments.captured"));
+}
+
+#[test]
+fn the_handler_stays_callable_by_its_own_name() {
+    // Outside a TestHost, a handler that touches no host call runs as a plain function...
+    assert_eq!(patterns_free(Event::new("a.b", "")), Ok(()));
+    // ...and a host call says where it should have run.
+    let panic = std::panic::catch_unwind(|| sneaky(Event::new("orders.created", ""))).unwrap_err();
+    let text = panic.downcast_ref::<String>().unwrap();
+    assert!(text.contains("plugbus_sdk::publish was called outside TestHost::run"), "{text}");
+}
+
+#[handler(subscribe = ["a.b"])]
+fn patterns_free(ev: Event) -> Result<(), HandlerError> {
+    ev.text()?;
+    Ok(())
+}
+
+#[test]
+fn runs_on_separate_threads_do_not_see_each_other() {
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut host = TestHost::new();
+                for _ in 0..50 {
+                    let run = host.run(
+                        |_| {
+                            let n = kv::get_json::<u64>("n")?.unwrap_or(0);
+                            kv::set_json("n", &(n + 1))?;
+                            Ok(())
+                        },
+                        Event::new("any", "").with_id(format!("t{i}")),
+                    );
+                    run.result.unwrap();
+                }
+                host.kv().get_json::<u64>("n")
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), Some(50));
+    }
+}
