@@ -495,8 +495,42 @@ struct DlqQuery {
     plugin: Option<String>,
 }
 
+/// The most dead letters one listing or replay reads from a broker.
+const BROKER_DLQ_LIMIT: usize = 10_000;
+
+/// The kept dead letters: those the broker keeps for every host (NATS: the `PLUGBUS_DLQ`
+/// stream), then this host's own that the broker does not hold (on the embedded bus: all).
+async fn kept_dead_letters(
+    api: &Inner,
+    plugin: Option<&str>,
+) -> Result<(Vec<crate::deadletter::Entry>, Vec<crate::deadletter::Entry>), String> {
+    let local = api.s.dead_letters.list(plugin);
+    match api.s.transport.kept_dead_letters(plugin, BROKER_DLQ_LIMIT).await {
+        Ok(None) => Ok((Vec::new(), local)),
+        Ok(Some(broker)) => {
+            let held: std::collections::HashSet<&str> = broker.iter().map(|e| e.event.id.as_str()).collect();
+            let local = local.into_iter().filter(|e| !held.contains(e.event.id.as_str())).collect();
+            Ok((broker, local))
+        }
+        Err(e) => Err(format!("reading the broker's dead letters: {e}")),
+    }
+}
+
 async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqQuery>) -> Response {
-    Json(json!({ "dead_letters": api.s.dead_letters.list(q.plugin.as_deref()) })).into_response()
+    match kept_dead_letters(&api, q.plugin.as_deref()).await {
+        Ok((broker, local)) => {
+            let tag = |entries: Vec<crate::deadletter::Entry>, kept_by: &'static str| {
+                entries.into_iter().map(move |e| {
+                    let mut v = serde_json::to_value(e).unwrap_or_default();
+                    v["kept_by"] = json!(kept_by);
+                    v
+                })
+            };
+            let all: Vec<serde_json::Value> = tag(broker, "broker").chain(tag(local, "host")).collect();
+            Json(json!({ "dead_letters": all })).into_response()
+        }
+        Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, why),
+    }
 }
 
 /// Re-publishes kept dead letters to their original subjects (fresh ids, `plugbus-replay-of`).
@@ -522,19 +556,42 @@ async fn dlq_replay(State(api): State<Api>, Query(q): Query<DlqQuery>) -> Respon
 
 async fn replay(api: &Inner, plugin: Option<&str>) -> serde_json::Value {
     let state = &api.s;
-    let taken = state.dead_letters.take(plugin);
     let mut replayed = Vec::new();
-    let mut failed = Vec::new();
-    for entry in taken {
+    // The broker's first: each is removed from its stream once the bus took its replay.
+    let broker = match state.transport.kept_dead_letters(plugin, BROKER_DLQ_LIMIT).await {
+        Ok(kept) => kept.unwrap_or_default(),
+        Err(e) => {
+            return json!({ "replayed": replayed, "failed": 0, "error": format!("reading the broker's dead letters: {e}") });
+        }
+    };
+    let mut broker_failed = 0usize;
+    let held: std::collections::HashSet<String> = broker.iter().map(|e| e.event.id.clone()).collect();
+    // This host's own, taken out of its store now (the replays below may make new ones, which
+    // wait for the next replay); put back when the bus does not take them.
+    let (_, rest): (Vec<_>, Vec<_>) =
+        state.dead_letters.take(plugin).into_iter().partition(|e| held.contains(&e.event.id));
+    for entry in broker {
         let Some(event) = crate::deadletter::replay_event(&entry.event) else { continue };
         let id = event.id.clone();
-        let published = match tokio::time::timeout(api.settings.publish_timeout, state.transport.publish(event)).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => {
-                Err(format!("the bus did not take it within {:?} (api.publish_timeout)", api.settings.publish_timeout))
+        match publish_in_time(api, event).await {
+            Ok(()) => {
+                if let Err(e) = state.transport.forget_dead_letter(entry.seq).await {
+                    tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id,
+                        "dead letter replayed but still kept by the broker (a later replay repeats it): {e}");
+                }
+                replayed.push(json!({ "dead_letter": entry.event.id, "id": id }));
             }
-        };
-        match published {
+            Err(e) => {
+                tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id, "replay failed, the dead letter is kept: {e}");
+                broker_failed += 1;
+            }
+        }
+    }
+    let mut failed = Vec::new();
+    for entry in rest {
+        let Some(event) = crate::deadletter::replay_event(&entry.event) else { continue };
+        let id = event.id.clone();
+        match publish_in_time(api, event).await {
             Ok(()) => replayed.push(json!({ "dead_letter": entry.event.id, "id": id })),
             Err(e) => {
                 tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id, "replay failed, the dead letter is kept: {e}");
@@ -542,9 +599,19 @@ async fn replay(api: &Inner, plugin: Option<&str>) -> serde_json::Value {
             }
         }
     }
-    let kept = failed.len();
+    let kept = failed.len() + broker_failed;
     state.dead_letters.restore(failed);
     json!({ "replayed": replayed, "failed": kept })
+}
+
+/// Publishes a replayed event, giving up after `api.publish_timeout`.
+async fn publish_in_time(api: &Inner, event: crate::event::Event) -> Result<(), String> {
+    match tokio::time::timeout(api.settings.publish_timeout, api.s.transport.publish(event)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => {
+            Err(format!("the bus did not take it within {:?} (api.publish_timeout)", api.settings.publish_timeout))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -788,3 +788,50 @@ async fn a_creds_file_is_used_and_a_bad_one_fails_the_start_clearly() {
     let err = format!("{:#}", start(&garbage, false).await.err().expect("a garbage creds file fails"));
     assert!(err.contains(&garbage.display().to_string()), "the error does not name the file: {err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_dead_letters_are_listed_and_replayed_from_the_stream_by_any_host() {
+    let server = NatsServer::start().await;
+    let a = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], plugbus_tests::fast_retries).await;
+    let mut dlq = a.observe(&["plugbus.dlq.>"]).await;
+    let ev = plugbus::Event::new("faulty.reject", "payload");
+    let id = ev.id.clone();
+    a.host.publish(ev).await.unwrap();
+    dlq.next_on("plugbus.dlq.faulty").await;
+    a.host.shutdown().await;
+
+    // Another host, with a data_dir of its own: the dead letter comes from the broker.
+    let b = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], plugbus_tests::fast_retries).await;
+    let client = reqwest::Client::new();
+    let list = |plugin: &'static str| {
+        let req = client.get(format!("{}/v1/dlq", b.url())).query(&[("plugin", plugin)]);
+        async move { req.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let listed = list("faulty").await;
+    let entries = listed["dead_letters"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{listed}");
+    assert_eq!(entries[0]["kept_by"], "broker", "{listed}");
+    assert_eq!(entries[0]["plugin"], "faulty", "{listed}");
+    let seq = entries[0]["seq"].as_u64().unwrap();
+    let headers: Vec<(String, String)> = serde_json::from_value(entries[0]["event"]["headers"].clone()).unwrap();
+    assert!(headers.contains(&(headers::ORIGINAL_ID.to_string(), id.clone())), "{listed}");
+    assert_eq!(list("nobody").await["dead_letters"], serde_json::json!([]), "filtered by plugin");
+
+    let mut dlq = b.observe(&["plugbus.dlq.>"]).await;
+    let report: Value =
+        client.post(format!("{}/v1/dlq/replay?plugin=faulty", b.url())).send().await.unwrap().json().await.unwrap();
+    assert_eq!(report["replayed"].as_array().map(Vec::len), Some(1), "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    // The replay fails again (faulty rejects it): a new dead letter; the old one left the stream.
+    let again = dlq.next_on("plugbus.dlq.faulty").await;
+    assert_ne!(again.header(headers::ORIGINAL_ID), Some(id.as_str()));
+    let js = jetstream::new(server.client().await);
+    let stream = js.get_stream("PLUGBUS_DLQ").await.unwrap();
+    assert!(stream.get_raw_message(seq).await.is_err(), "the replayed dead letter is gone from the stream");
+    plugbus_tests::eventually_async("only the new dead letter is listed", Duration::from_secs(10), || async {
+        let listed = list("faulty").await;
+        let entries = listed["dead_letters"].as_array().unwrap().clone();
+        entries.len() == 1 && entries[0]["seq"].as_u64() != Some(seq) && entries[0]["kept_by"] == "broker"
+    })
+    .await;
+}

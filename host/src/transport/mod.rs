@@ -252,6 +252,23 @@ pub trait Transport: Send + Sync + 'static {
         )))
     }
 
+    /// The dead letters the broker keeps for every host attached to it (of `plugin`, when given;
+    /// oldest first, at most `limit`), each under the broker's own sequence number. `None`: the
+    /// broker keeps none, and the host's own store is the record.
+    async fn kept_dead_letters(
+        &self,
+        plugin: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<crate::deadletter::Entry>>, TransportError> {
+        let _ = (plugin, limit);
+        Ok(None)
+    }
+
+    /// Removes a dead letter the broker keeps (its replay was taken by the bus).
+    async fn forget_dead_letter(&self, seq: u64) -> Result<(), TransportError> {
+        Err(TransportError::Broker(format!("the {} transport keeps no dead letters (seq {seq})", self.name())))
+    }
+
     /// Whether the transport can currently deliver (used by `/readyz`).
     fn is_connected(&self) -> bool {
         true

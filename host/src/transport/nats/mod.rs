@@ -10,6 +10,7 @@
 //! - Messages are CloudEvents in the NATS binding ([`wire`]).
 
 mod consumer;
+pub mod dead_letters;
 mod queue_group;
 mod streams;
 mod wire;
@@ -536,6 +537,18 @@ impl Transport for NatsTransport {
 
     fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    async fn kept_dead_letters(
+        &self,
+        plugin: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<crate::deadletter::Entry>>, TransportError> {
+        dead_letters::list(&self.js, plugin, limit).await
+    }
+
+    async fn forget_dead_letter(&self, seq: u64) -> Result<(), TransportError> {
+        dead_letters::forget(&self.js, seq).await
     }
 
     fn is_external(&self) -> bool {

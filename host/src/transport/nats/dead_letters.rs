@@ -1,0 +1,90 @@
+//! Dead letters as JetStream keeps them: the `PLUGBUS_DLQ` stream (`plugbus.dlq.>`) holds the
+//! dead letters of every host attached to the broker, so `plugbus dlq list|replay` reads them
+//! from there, not from one host's memory, and they survive any host's restart.
+
+use super::wire;
+use crate::deadletter::{Entry, headers};
+use crate::transport::TransportError;
+use async_nats::jetstream;
+
+/// The stream the host creates for dead letters (see `streams.rs`).
+pub const STREAM: &str = "PLUGBUS_DLQ";
+/// What it captures.
+const SUBJECTS: &str = "plugbus.dlq.>";
+/// The most bytes of dead letters one listing holds (as the host's own store).
+const MAX_BYTES: usize = crate::deadletter::DEFAULT_MAX_BYTES;
+
+/// The stream, or `None` when the broker keeps none (no durable plugin ever dead-lettered
+/// here, or JetStream is off on this server or account).
+async fn stream(js: &jetstream::Context) -> Result<Option<jetstream::stream::Stream>, TransportError> {
+    use jetstream::ErrorCode;
+    use jetstream::context::GetStreamErrorKind;
+    match js.get_stream(STREAM).await {
+        Ok(s) => Ok(Some(s)),
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(j)
+                if [
+                    ErrorCode::STREAM_NOT_FOUND,
+                    ErrorCode::JETSTREAM_NOT_ENABLED,
+                    ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT,
+                ]
+                .contains(&j.error_code()) =>
+            {
+                Ok(None)
+            }
+            // No JetStream answers on this server at all.
+            GetStreamErrorKind::Request if e.to_string().contains("does not exist") => Ok(None),
+            _ => Err(TransportError::Broker(format!("reading the {STREAM} stream: {e}"))),
+        },
+    }
+}
+
+/// Up to `limit` dead letters the stream keeps (of `plugin`, when given), oldest first; each
+/// entry's `seq` is its stream sequence number. `None` when there is no stream.
+pub async fn list(
+    js: &jetstream::Context,
+    plugin: Option<&str>,
+    limit: usize,
+) -> Result<Option<Vec<Entry>>, TransportError> {
+    let Some(stream) = stream(js).await? else { return Ok(None) };
+    let subject = plugin.map_or_else(|| SUBJECTS.to_string(), |p| format!("plugbus.dlq.{p}"));
+    let (mut out, mut bytes, mut next) = (Vec::new(), 0usize, 1u64);
+    while out.len() < limit && bytes < MAX_BYTES {
+        let msg = match stream.get_first_raw_message_by_subject(&subject, next).await {
+            Ok(msg) => msg,
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => break,
+            Err(e) => return Err(TransportError::Broker(format!("reading {STREAM} at {next}: {e}"))),
+        };
+        next = msg.sequence + 1;
+        bytes += msg.payload.len();
+        let event = match wire::event_of(&msg.subject, Some(&msg.headers), msg.payload, None) {
+            Ok(event) => event,
+            Err(why) => {
+                tracing::warn!(
+                    stream = STREAM,
+                    seq = msg.sequence,
+                    "a message in the dead-letter stream is not an event: {why}"
+                );
+                continue;
+            }
+        };
+        let Some(owner) = event.header(headers::PLUGIN).map(str::to_string) else { continue };
+        if plugin.is_some_and(|p| p != owner) {
+            continue;
+        }
+        out.push(Entry { seq: msg.sequence, plugin: owner, event });
+    }
+    Ok(Some(out))
+}
+
+/// Removes the dead letter at `seq` (after its replay was taken).
+pub async fn forget(js: &jetstream::Context, seq: u64) -> Result<(), TransportError> {
+    let Some(stream) = stream(js).await? else {
+        return Err(TransportError::Broker(format!("the {STREAM} stream is gone")));
+    };
+    stream
+        .delete_message(seq)
+        .await
+        .map(drop)
+        .map_err(|e| TransportError::Broker(format!("removing dead letter {seq} from {STREAM}: {e}")))
+}
