@@ -69,11 +69,16 @@ const SCENARIOS: &[&str] = &[
     "reload",
     "cold-start",
     "memory",
+    "crash",
 ];
 /// Scenarios of BENCH.md not measured here yet.
 const NOT_YET: &[&str] = &[];
 
 fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "--crash-child") {
+        return scenarios::crash::child(&args[1..]);
+    }
     let mut quick = false;
     let mut wanted = Vec::new();
     for arg in std::env::args().skip(1) {

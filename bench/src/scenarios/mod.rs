@@ -2,6 +2,7 @@
 //! share.
 
 mod cold_start;
+pub mod crash;
 mod durable;
 mod embedded;
 mod fanout;
@@ -31,6 +32,7 @@ pub async fn run(id: &str, mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
         "reuse" => reuse::run(mode, handler).await?,
         "cold-start" => cold_start::run(mode, handler).await?,
         "memory" => memory::run(mode, handler).await?,
+        "crash" => crash::run(mode, handler).await?,
         other => anyhow::bail!("unknown scenario {other}"),
     };
     row.scenario = id.to_string();
