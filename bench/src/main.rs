@@ -70,6 +70,7 @@ const SCENARIOS: &[&str] = &[
     "cold-start",
     "memory",
     "crash",
+    "pipeline-5",
 ];
 /// Scenarios of BENCH.md not measured here yet.
 const NOT_YET: &[&str] = &[];

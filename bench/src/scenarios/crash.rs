@@ -70,20 +70,21 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
 
 fn measure(plugins: &Path, data: &Path, total: u64) -> anyhow::Result<Row> {
     let mut accepted: HashMap<String, u64> = HashMap::new();
-    let read_acks = |host: &mut HostChild, accepted: &mut HashMap<String, u64>, stop_at: usize| -> anyhow::Result<u64> {
-        let mut last = 0;
-        while accepted.len() < stop_at {
-            let Some(line) = host.next()? else { break };
-            if line == "done" {
-                break;
+    let read_acks =
+        |host: &mut HostChild, accepted: &mut HashMap<String, u64>, stop_at: usize| -> anyhow::Result<u64> {
+            let mut last = 0;
+            while accepted.len() < stop_at {
+                let Some(line) = host.next()? else { break };
+                if line == "done" {
+                    break;
+                }
+                let (seq, id) = line.split_once(' ').ok_or_else(|| anyhow::anyhow!("the host child said {line:?}"))?;
+                let seq: u64 = seq.parse()?;
+                last = last.max(seq);
+                accepted.insert(id.to_string(), seq);
             }
-            let (seq, id) = line.split_once(' ').ok_or_else(|| anyhow::anyhow!("the host child said {line:?}"))?;
-            let seq: u64 = seq.parse()?;
-            last = last.max(seq);
-            accepted.insert(id.to_string(), seq);
-        }
-        Ok(last)
-    };
+            Ok(last)
+        };
     // First run: killed once half the events were accepted.
     let (mut first, _) = HostChild::start(plugins, data, 0, total)?;
     let last = read_acks(&mut first, &mut accepted, total as usize / 2)?;
@@ -176,7 +177,8 @@ pub fn child(args: &[String]) -> anyhow::Result<()> {
             done??;
         }
         println!("done");
-        let host = std::sync::Arc::into_inner(host).ok_or_else(|| anyhow::anyhow!("a producer still holds the host"))?;
+        let host =
+            std::sync::Arc::into_inner(host).ok_or_else(|| anyhow::anyhow!("a producer still holds the host"))?;
         let report = host.shutdown().await;
         anyhow::ensure!(report.is_clean(), "host stopped with events unhandled: {report:?}");
         Ok(())

@@ -1,7 +1,10 @@
 //! Counts every pipeline event per subject in kv (`count/<subject>`): wildcard subscriptions.
+//! Events of one domain (the subject's first token) run one at a time (`order_by_token = 0`):
+//! every event of a subject writes the same counter, and run side by side their kv
+//! transactions would conflict and run again and again.
 use plugbus_sdk::{Event, HandlerError, handler, kv, log};
 
-#[handler(subscribe = ["orders.>", "inventory.*", "payments.*", "shipping.*"])]
+#[handler(subscribe = ["orders.>", "inventory.*", "payments.*", "shipping.*"], order_by_token = 0)]
 fn audit(ev: Event) -> Result<(), HandlerError> {
     let key = format!("count/{}", ev.subject());
     let n = kv::get_json::<u64>(&key)?.unwrap_or(0) + 1;
