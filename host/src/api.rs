@@ -365,11 +365,15 @@ async fn tail(State(api): State<Api>, Path(pattern): Path<String>, Query(q): Que
     let state = TailStream { rx, buffered, _slot: slot };
     let stream = futures::stream::unfold(state, move |mut st| async move {
         let (ev, len) = st.rx.recv().await?;
-        let body = if cloudevents { crate::cloudevents::to_json(&ev) } else { json!({
-            "id": ev.id, "source": ev.source, "type": ev.ty, "subject": ev.subject, "time": ev.time,
-            "datacontenttype": ev.datacontenttype, "headers": ev.extensions,
-            "data": String::from_utf8_lossy(&ev.data),
-        }) };
+        let body = if cloudevents {
+            crate::cloudevents::to_json(&ev)
+        } else {
+            json!({
+                "id": ev.id, "source": ev.source, "type": ev.ty, "subject": ev.subject, "time": ev.time,
+                "datacontenttype": ev.datacontenttype, "headers": ev.extensions,
+                "data": String::from_utf8_lossy(&ev.data),
+            })
+        };
         drop(ev);
         st.buffered.fetch_sub(len, Ordering::AcqRel);
         Some((Ok::<_, std::convert::Infallible>(Sse::default().event("event").data(body.to_string())), st))

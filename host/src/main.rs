@@ -493,7 +493,12 @@ fn client(token: Option<&str>) -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder().default_headers(headers).build()?)
 }
 
-async fn tail(client: &reqwest::Client, url: &str, pattern: &str, record: Option<&std::path::Path>) -> anyhow::Result<()> {
+async fn tail(
+    client: &reqwest::Client,
+    url: &str,
+    pattern: &str,
+    record: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     use futures::StreamExt;
     use std::io::Write;
     let mut req = client.get(api_url(url, &["v1", "events", pattern])?);

@@ -91,10 +91,8 @@ async fn record_then_test_then_a_changed_component_fails_with_a_diff_then_update
     let ids = [first.id.clone(), second.id.clone()];
     t.host.publish(first).await.unwrap();
     t.host.publish(second).await.unwrap();
-    wait_for("two recorded lines", async || {
-        std::fs::read_to_string(&cases).is_ok_and(|s| s.lines().count() >= 2)
-    })
-    .await;
+    wait_for("two recorded lines", async || std::fs::read_to_string(&cases).is_ok_and(|s| s.lines().count() >= 2))
+        .await;
     drop(tail);
 
     // The recording is CloudEvents JSON, exact.
@@ -112,7 +110,10 @@ async fn record_then_test_then_a_changed_component_fails_with_a_diff_then_update
     let echo = component_as(dir.path(), "echo", "echo.wasm");
     let (code, out, _) = test(&echo, &cases, &[]);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains(&format!("case 1 (line 1, event {}): no expectation yet; got ok with 1 output(s)", ids[0])), "{out}");
+    assert!(
+        out.contains(&format!("case 1 (line 1, event {}): no expectation yet; got ok with 1 output(s)", ids[0])),
+        "{out}"
+    );
 
     // --update keeps what it does; then it passes.
     let (code, out, err) = test(&echo, &cases, &["--update"]);
@@ -123,7 +124,10 @@ async fn record_then_test_then_a_changed_component_fails_with_a_diff_then_update
         snap[0]["expect"],
         json!({"result": "ok", "outputs": [{"subject": "echo.orders.created", "data": {"order_id": "o-1", "qty": 2}}]})
     );
-    assert_eq!(snap[1]["expect"]["outputs"][0], json!({"subject": "echo.orders.paid", "data": {"text": "paid in full"}}));
+    assert_eq!(
+        snap[1]["expect"]["outputs"][0],
+        json!({"subject": "echo.orders.paid", "data": {"text": "paid in full"}})
+    );
     let (code, out, err) = test(&echo, &cases, &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("2 case(s): 2 passed, 0 failed"), "{out}");
@@ -135,7 +139,9 @@ async fn record_then_test_then_a_changed_component_fails_with_a_diff_then_update
     assert_eq!(code, 1, "{out}");
     assert!(out.contains(&format!("case 1 (line 1, event {}): differs", ids[0])), "{out}");
     assert!(
-        out.contains("  outputs[0].subject:\n    expected \"echo.orders.created\"\n    got      \"echo.v2.orders.created\""),
+        out.contains(
+            "  outputs[0].subject:\n    expected \"echo.orders.created\"\n    got      \"echo.v2.orders.created\""
+        ),
         "{out}"
     );
     assert!(out.contains("2 case(s): 0 passed, 2 failed"), "{out}");
@@ -148,7 +154,9 @@ async fn record_then_test_then_a_changed_component_fails_with_a_diff_then_update
     assert_eq!(code, 1, "{out}");
     assert!(out.contains(&format!("case 2 (line 2, event {}): differs", ids[1])), "{out}");
     assert!(
-        out.contains("  outputs[0].data:\n    expected {\"text\":\"paid in part\"}\n    got      {\"text\":\"paid in full\"}"),
+        out.contains(
+            "  outputs[0].data:\n    expected {\"text\":\"paid in part\"}\n    got      {\"text\":\"paid in full\"}"
+        ),
         "{out}"
     );
     assert!(!out.contains("case 1 "), "case 1 still matches: {out}");
@@ -255,7 +263,8 @@ async fn dlq_export_turns_dead_letters_into_cases_that_plugbus_test_runs() {
     std::fs::write(&cases, &out.stdout).unwrap();
     let exported = lines(&cases);
     assert_eq!(exported.len(), 2, "{exported:?}");
-    let by_id = |id: &str| exported.iter().find(|c| c["event"]["id"] == id).unwrap_or_else(|| panic!("{id} not exported"));
+    let by_id =
+        |id: &str| exported.iter().find(|c| c["event"]["id"] == id).unwrap_or_else(|| panic!("{id} not exported"));
     let r = by_id(&ids[0]);
     assert_eq!(r["event"]["subject"], "faulty.reject", "the original subject, not the dead-letter subject");
     assert_eq!((r["event"]["source"].as_str(), r["event"]["tenant"].as_str()), (Some("/shop"), Some("acme co")));
@@ -313,7 +322,10 @@ fn bad_input_is_one_line_naming_the_file_the_line_and_what_is_wrong() {
     std::fs::write(&broken, b"garbage").unwrap();
     write_lines(&cases, &[good]);
     let err = bad(&broken, &cases);
-    assert!(err.contains(&format!("{}: the component does not load: not a WebAssembly file", broken.display())), "{err}");
+    assert!(
+        err.contains(&format!("{}: the component does not load: not a WebAssembly file", broken.display())),
+        "{err}"
+    );
 
     let missing = dir.path().join("missing.jsonl");
     let err = bad(&echo, &missing);

@@ -90,11 +90,9 @@ pub fn compare(expect: &Expect, outcome: &Outcome) -> Vec<Mismatch> {
                 (Some((subject, data)), None) => {
                     out.push(Mismatch::Missing { index, subject: subject.clone(), data: data.clone() })
                 }
-                (None, Some(got)) => out.push(Mismatch::Extra {
-                    index,
-                    subject: got.subject.clone(),
-                    data: bytes_to_value(&got.data),
-                }),
+                (None, Some(got)) => {
+                    out.push(Mismatch::Extra { index, subject: got.subject.clone(), data: bytes_to_value(&got.data) })
+                }
                 (None, None) => {}
             }
         }

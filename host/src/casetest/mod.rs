@@ -106,7 +106,13 @@ pub async fn test_file(runner: &Runner, cases: &Path, update: bool) -> Result<Re
         if update {
             case.expect = Some(Expect::of(&outcome, case.expect.as_ref(), !case.kv.is_empty()));
         }
-        reports.push(CaseReport { number: i + 1, line: case.line, event_id: case.event.id.clone(), outcome, mismatches });
+        reports.push(CaseReport {
+            number: i + 1,
+            line: case.line,
+            event_id: case.event.id.clone(),
+            outcome,
+            mismatches,
+        });
     }
     if update {
         file.write()?;

@@ -90,7 +90,11 @@ pub struct Runner {
 impl Runner {
     /// Loads `component` as the host would (its file name is its identity; `config`'s limits;
     /// `plugin_config` as its `config` values).
-    pub async fn load(component: &Path, config: &Config, plugin_config: &[(String, String)]) -> Result<Self, CaseError> {
+    pub async fn load(
+        component: &Path,
+        config: &Config,
+        plugin_config: &[(String, String)],
+    ) -> Result<Self, CaseError> {
         let load_error = |reason: String| CaseError::Load { file: component.to_path_buf(), reason };
         let mut config = config.clone();
         if !plugin_config.is_empty() {
@@ -146,11 +150,5 @@ impl Runner {
 
 fn failed(failure: Failure, case: &Case) -> Outcome {
     let verdict = if failure.is_retryable() { Verdict::Retry } else { Verdict::Reject };
-    Outcome {
-        verdict,
-        message: Some(failure.to_string()),
-        outputs: Vec::new(),
-        kv: case.kv.clone(),
-        wrote_kv: false,
-    }
+    Outcome { verdict, message: Some(failure.to_string()), outputs: Vec::new(), kv: case.kv.clone(), wrote_kv: false }
 }

@@ -10,6 +10,9 @@ fn roll(ev: Event) -> Result<(), HandlerError> {
     let random = std::collections::hash_map::RandomState::new().hash_one(ev.id());
     let rolls = kv::get_json::<u64>("rolls")?.unwrap_or(0) + 1;
     kv::set_json("rolls", &rolls)?;
-    publish_json("dice.out", &serde_json::json!({ "now_ns": now.to_string(), "random": random.to_string(), "rolls": rolls }))?;
+    publish_json(
+        "dice.out",
+        &serde_json::json!({ "now_ns": now.to_string(), "random": random.to_string(), "rolls": rolls }),
+    )?;
     Ok(())
 }
