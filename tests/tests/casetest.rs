@@ -331,3 +331,12 @@ fn bad_input_is_one_line_naming_the_file_the_line_and_what_is_wrong() {
     let err = bad(&echo, &missing);
     assert!(err.contains(&format!("{}: cannot read the case file", missing.display())), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tail_format_other_than_plain_or_cloudevents_is_refused_naming_it() {
+    let t = TestHost::start(&["echo"]).await;
+    let resp = reqwest::get(format!("{}/v1/events/orders.*?format=yaml", t.url())).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("format \"yaml\""), "{body}");
+}
