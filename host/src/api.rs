@@ -297,11 +297,25 @@ fn held_bytes(ev: &crate::event::Event) -> usize {
 /// keeps up with the bus) and keeps them for the client up to `api.tail_buffer_bytes`; what a
 /// client that does not read would push past that is dropped for it (and counted), so a stalled
 /// client holds a bounded amount. Events are serialized as the client takes them.
-async fn tail(State(api): State<Api>, Path(pattern): Path<String>) -> Response {
+/// `GET /v1/events/{pattern}?format=cloudevents`: each event in the CloudEvents JSON shape
+/// ([`crate::cloudevents::to_json`], exact data) instead of the plain view.
+#[derive(serde::Deserialize)]
+struct TailQuery {
+    format: Option<String>,
+}
+
+async fn tail(State(api): State<Api>, Path(pattern): Path<String>, Query(q): Query<TailQuery>) -> Response {
     use axum::response::sse::{Event as Sse, KeepAlive};
     if let Err(e) = crate::subject::Pattern::parse(&pattern) {
         return error(StatusCode::BAD_REQUEST, e.to_string());
     }
+    let cloudevents = match q.format.as_deref() {
+        None | Some("plain") => false,
+        Some("cloudevents") => true,
+        Some(other) => {
+            return error(StatusCode::BAD_REQUEST, format!("format {other:?}: expected `plain` or `cloudevents`"));
+        }
+    };
     let metrics = &api.s.metrics;
     let Ok(permit) = api.tails.clone().try_acquire_owned() else {
         metrics.tails_refused.inc();
@@ -349,13 +363,17 @@ async fn tail(State(api): State<Api>, Path(pattern): Path<String>) -> Response {
         }
     });
     let state = TailStream { rx, buffered, _slot: slot };
-    let stream = futures::stream::unfold(state, |mut st| async move {
+    let stream = futures::stream::unfold(state, move |mut st| async move {
         let (ev, len) = st.rx.recv().await?;
-        let body = json!({
-            "id": ev.id, "source": ev.source, "type": ev.ty, "subject": ev.subject, "time": ev.time,
-            "datacontenttype": ev.datacontenttype, "headers": ev.extensions,
-            "data": String::from_utf8_lossy(&ev.data),
-        });
+        let body = if cloudevents {
+            crate::cloudevents::to_json(&ev)
+        } else {
+            json!({
+                "id": ev.id, "source": ev.source, "type": ev.ty, "subject": ev.subject, "time": ev.time,
+                "datacontenttype": ev.datacontenttype, "headers": ev.extensions,
+                "data": String::from_utf8_lossy(&ev.data),
+            })
+        };
         drop(ev);
         st.buffered.fetch_sub(len, Ordering::AcqRel);
         Some((Ok::<_, std::convert::Infallible>(Sse::default().event("event").data(body.to_string())), st))

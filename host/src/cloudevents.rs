@@ -224,6 +224,122 @@ pub fn encode_binary(ev: &Event) -> Vec<(String, String)> {
     headers
 }
 
+/// Whether a `datacontenttype` says the data is JSON (`application/json`, `…+json`).
+fn is_json_type(ct: &str) -> bool {
+    let media = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    media == "application/json" || media == "text/json" || media.ends_with("+json")
+}
+
+/// The one place that decides the CloudEvents JSON shape of an event (what `plugbus tail
+/// --record` writes and `plugbus test` reads): `specversion`, `id`, `source`, `type`, `subject`,
+/// `time`, `datacontenttype` (when set), the data, and every header as a top-level extension.
+///
+/// The data is `data` as a JSON value when the content type is JSON and the bytes parse, `data`
+/// as a string when the content type is not JSON (or absent) and the bytes are UTF-8, else
+/// `data_base64`. [`from_json`] reads it back to the same event (JSON data re-encoded compactly).
+pub fn to_json(ev: &Event) -> serde_json::Value {
+    use serde_json::Value;
+    let mut m = serde_json::Map::new();
+    m.insert("specversion".into(), SPECVERSION.into());
+    m.insert("id".into(), ev.id.clone().into());
+    m.insert("source".into(), ev.source.clone().into());
+    m.insert("type".into(), ev.ty.clone().into());
+    m.insert("subject".into(), ev.subject.clone().into());
+    m.insert("time".into(), ev.time.clone().into());
+    if let Some(ct) = &ev.datacontenttype {
+        m.insert("datacontenttype".into(), ct.clone().into());
+    }
+    let json_type = ev.datacontenttype.as_deref().is_some_and(is_json_type);
+    let as_json = if json_type { serde_json::from_slice::<Value>(&ev.data).ok() } else { None };
+    match (as_json, std::str::from_utf8(&ev.data)) {
+        (Some(v), _) => {
+            m.insert("data".into(), v);
+        }
+        (None, Ok(text)) if !json_type => {
+            m.insert("data".into(), text.into());
+        }
+        _ if ev.data.is_empty() => {}
+        _ => {
+            m.insert("data_base64".into(), base64_encode(&ev.data).into());
+        }
+    }
+    for (name, value) in &ev.extensions {
+        m.entry(name.clone()).or_insert_with(|| value.clone().into());
+    }
+    Value::Object(m)
+}
+
+/// Why a CloudEvents JSON record (see [`to_json`]) is not an event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JsonEventError {
+    /// Not a JSON object.
+    #[error("the event is not a JSON object")]
+    NotAnObject,
+    /// A required attribute is missing, empty or not a string.
+    #[error("the event has no `{0}` (a non-empty string)")]
+    Missing(&'static str),
+    /// `data_base64` does not decode.
+    #[error("`data_base64` is not valid base64")]
+    BadBase64,
+    /// Both `data` and `data_base64`.
+    #[error("the event has both `data` and `data_base64`")]
+    BothData,
+}
+
+/// Reads an event written by [`to_json`] (or by hand in that shape): `subject`, `id`, `source`
+/// and `type` are required; `time` may be absent (then empty); other string attributes are
+/// headers (other values become their JSON text).
+pub fn from_json(v: &serde_json::Value) -> Result<Event, JsonEventError> {
+    use serde_json::Value;
+    let obj = v.as_object().ok_or(JsonEventError::NotAnObject)?;
+    let text = |k: &'static str| match obj.get(k) {
+        Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
+        _ => Err(JsonEventError::Missing(k)),
+    };
+    let subject = text("subject")?;
+    let mut ev = Event::new(subject, Bytes::new());
+    ev.id = text("id")?;
+    ev.source = text("source")?;
+    ev.ty = text("type")?;
+    ev.time = obj.get("time").and_then(Value::as_str).unwrap_or_default().to_string();
+    ev.datacontenttype = obj.get("datacontenttype").and_then(Value::as_str).map(str::to_owned);
+    if obj.contains_key("data") && obj.contains_key("data_base64") {
+        return Err(JsonEventError::BothData);
+    }
+    let json_type = ev.datacontenttype.as_deref().is_some_and(is_json_type);
+    ev.data = match (obj.get("data_base64"), obj.get("data")) {
+        (Some(b64), _) => Bytes::from(b64.as_str().and_then(base64_decode).ok_or(JsonEventError::BadBase64)?),
+        (None, None | Some(Value::Null)) => Bytes::new(),
+        (None, Some(Value::String(s))) if !json_type => Bytes::from(s.clone().into_bytes()),
+        (None, Some(other)) => Bytes::from(serde_json::to_vec(other).expect("re-encoding JSON")),
+    };
+    const KNOWN: [&str; 9] =
+        ["id", "source", "type", "time", "datacontenttype", "data", "data_base64", "specversion", "subject"];
+    for (k, v) in obj.iter().filter(|(k, _)| !KNOWN.contains(&k.as_str())) {
+        let value = v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+        ev.extensions.push((k.to_ascii_lowercase(), value));
+    }
+    Ok(ev)
+}
+
+/// Standard base64 with padding.
+pub fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 /// Encodes what a header value may not carry as-is: `%`, `"`, space, controls and non-ASCII.
 pub fn percent_encode(s: &str) -> String {
     let plain = |b: u8| b.is_ascii_graphic() && b != b'%' && b != b'"';
@@ -264,7 +380,8 @@ pub fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
+/// Decodes standard base64 (padding and whitespace ignored); `None` on a foreign character.
+pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = Vec::with_capacity(s.len() * 3 / 4);
     let (mut acc, mut bits) = (0u32, 0u32);
@@ -371,5 +488,25 @@ mod tests {
         assert!(headers.iter().any(|(k, _)| k == "plugbus-caused-by"));
         let back = decode(&ev.subject, headers.iter().map(|(k, v)| (k.as_str(), v.as_str())), ev.data.clone()).unwrap();
         assert_eq!(back, ev);
+    }
+
+    #[test]
+    fn json_shape_round_trips_text_json_and_binary() {
+        let mut json = Event::new("orders.created", r#"{"a":1}"#).with_header("tenant", "acme");
+        json.datacontenttype = Some("application/json".into());
+        let text = Event::new("t.x", "hello ü");
+        let binary = Event::new("b.x", vec![0u8, 159, 146, 150, 255]);
+        for ev in [json, text, binary] {
+            let v = to_json(&ev);
+            assert_eq!(from_json(&v).unwrap(), ev, "{v}");
+        }
+        let mut json = Event::new("a.b", r#"{"a":1}"#);
+        json.datacontenttype = Some("application/cloudevents-batch+json".into());
+        assert_eq!(to_json(&json)["data"]["a"], 1);
+        assert!(to_json(&Event::new("b", vec![255u8]))["data_base64"].is_string());
+        assert_eq!(base64_encode(b"hello"), "aGVsbG8=");
+        let v = serde_json::json!({"id": "1", "source": "s", "type": "t"});
+        assert_eq!(from_json(&v).unwrap_err(), JsonEventError::Missing("subject"));
+        assert_eq!(from_json(&serde_json::json!([1])).unwrap_err(), JsonEventError::NotAnObject);
     }
 }

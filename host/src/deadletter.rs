@@ -31,6 +31,8 @@ pub mod headers {
     pub const ORIGINAL_ID: &str = "plugbus-original-id";
     /// When it was dead-lettered.
     pub const FAILED_AT: &str = "plugbus-failed-at";
+    /// The original event's `source` (with its id, what its outputs' ids derive from).
+    pub const ORIGINAL_SOURCE: &str = "plugbus-original-source";
     /// On a replayed event: the id of the dead letter it came from.
     pub const REPLAY_OF: &str = "plugbus-replay-of";
 }
@@ -50,6 +52,7 @@ pub fn dead_letter_event(original: &Event, plugin: &str, subject: &str, error: &
         (headers::ORIGINAL_SUBJECT.to_string(), original.subject.clone()),
         (headers::ORIGINAL_ID.to_string(), original.id.clone()),
         (headers::FAILED_AT.to_string(), now_rfc3339()),
+        (headers::ORIGINAL_SOURCE.to_string(), original.source.clone()),
     ]);
     Event {
         id: output_id(&original.source, &original.id, plugin, usize::MAX),
@@ -105,6 +108,14 @@ fn serialize_event<S: serde::Serializer>(ev: &Event, s: S) -> Result<S::Ok, S::E
     m.serialize_entry("subject", &ev.subject)?;
     m.serialize_entry("headers", &ev.extensions)?;
     m.serialize_entry("data", &String::from_utf8_lossy(&ev.data))?;
+    // The rest of the event, exact, so a dead letter can be turned back into the event that
+    // failed (`plugbus dlq export`).
+    m.serialize_entry("type", &ev.ty)?;
+    m.serialize_entry("time", &ev.time)?;
+    m.serialize_entry("datacontenttype", &ev.datacontenttype)?;
+    if std::str::from_utf8(&ev.data).is_err() {
+        m.serialize_entry("data_base64", &crate::cloudevents::base64_encode(&ev.data))?;
+    }
     m.end()
 }
 

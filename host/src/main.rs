@@ -147,6 +147,9 @@ enum DlqAction {
     List,
     /// Re-publish the kept dead letters to their original subjects (with fresh ids).
     Replay,
+    /// Print the kept dead letters as case lines for `plugbus test` (the event that failed,
+    /// expecting what happened): `plugbus dlq export > cases.jsonl`.
+    Export,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -204,9 +207,32 @@ enum Command {
     Tail {
         /// Subject pattern, e.g. `orders.>`.
         pattern: String,
+        /// Also append each event to FILE as one CloudEvents JSON line (exact data), a case
+        /// file for `plugbus test`.
+        #[arg(long, value_name = "FILE")]
+        record: Option<PathBuf>,
         /// The host's HTTP API.
         #[arg(long, default_value = "http://127.0.0.1:7070", env = "PLUGBUS_URL")]
         url: String,
+    },
+    /// Run recorded events (CASES, JSON lines) through a component in the real sandbox and
+    /// compare what it does with each case's `expect`. Exit code 0 when all match, 1 when a
+    /// case differs (a diff per case is printed), 2 when the input is bad.
+    Test {
+        /// The component.
+        plugin: PathBuf,
+        /// The case file: lines of recorded events (`plugbus tail --record`) or
+        /// `{"event", "kv", "expect"}` cases.
+        cases: PathBuf,
+        /// A value for the plugin's `config` import, as KEY=VALUE (repeatable).
+        #[arg(long = "plugin-config", value_name = "KEY=VALUE")]
+        plugin_config: Vec<String>,
+        /// Rewrite the case file with what the component does now as each case's expectation.
+        #[arg(long)]
+        update: bool,
+        /// Apply this config file's limits.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// List the plugins of a running host, with their state and counters.
     Plugins {
@@ -244,8 +270,13 @@ enum Command {
 }
 
 fn init_logging(format: LogFormat) {
+    init_logging_at(format, "info");
+}
+
+/// Logs at `default` (unless `RUST_LOG` says otherwise) to stderr.
+fn init_logging_at(format: LogFormat, default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Pretty => builder.compact().init(),
@@ -299,7 +330,23 @@ async fn main() -> anyhow::Result<()> {
             }
             std::process::exit(if report.loadable { 0 } else { 1 });
         }
-        Command::Tail { pattern, url } => tail(&client(cli.api_token.as_deref())?, &url, &pattern).await,
+        Command::Tail { pattern, url, record } => {
+            tail(&client(cli.api_token.as_deref())?, &url, &pattern, record.as_deref()).await
+        }
+        Command::Test { plugin, cases, plugin_config, update, config } => {
+            // Warnings (a refused publish, a cut log) on stderr; the handler's own log lines
+            // with RUST_LOG=info.
+            init_logging_at(cli.log_format, "warn");
+            let code = match test_cases(&plugin, &cases, &plugin_config, update, config.as_deref()).await {
+                Ok(true) => 0,
+                Ok(false) => 1,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    2
+                }
+            };
+            std::process::exit(code);
+        }
         Command::Plugins { url } => plugins(&client(cli.api_token.as_deref())?, &url).await,
         Command::New { name, dir, sdk } => {
             let sdk = sdk.unwrap_or_else(plugbus::scaffold::default_sdk);
@@ -363,8 +410,43 @@ async fn wait_for_stop_signal() -> anyhow::Result<&'static str> {
     }
 }
 
+/// `plugbus test`: Ok(whether every case met its expectation).
+async fn test_cases(
+    plugin: &std::path::Path,
+    cases: &std::path::Path,
+    plugin_config: &[String],
+    update: bool,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<bool> {
+    let config = Config::load(config).context("reading the config")?;
+    let mut values = Vec::with_capacity(plugin_config.len());
+    for entry in plugin_config {
+        let (k, v) = entry.split_once('=').with_context(|| format!("--plugin-config {entry:?}: expected KEY=VALUE"))?;
+        values.push((k.to_string(), v.to_string()));
+    }
+    let runner = plugbus::casetest::Runner::load(plugin, &config, &values).await?;
+    let report = plugbus::casetest::test_file(&runner, cases, update).await?;
+    print!("{report}");
+    Ok(report.passed())
+}
+
 async fn dlq(client: &reqwest::Client, url: &str, action: DlqAction, plugin: Option<&str>) -> anyhow::Result<()> {
     let req = match action {
+        DlqAction::Export => {
+            let req = client.get(api_url(url, &["v1", "dlq"])?);
+            let req = match plugin {
+                Some(p) => req.query(&[("plugin", p)]),
+                None => req,
+            };
+            let body: serde_json::Value = send(req, url).await?.json().await.context("reading the dead letters")?;
+            let mut out = std::io::stdout().lock();
+            for entry in body["dead_letters"].as_array().into_iter().flatten() {
+                let case = plugbus::casetest::dlq::case_from_entry(entry)
+                    .map_err(|e| anyhow::anyhow!("dead letter {}: {e}", entry["event"]["id"]))?;
+                std::io::Write::write_all(&mut out, format!("{case}\n").as_bytes()).context("writing to stdout")?;
+            }
+            return Ok(());
+        }
         DlqAction::List => client.get(api_url(url, &["v1", "dlq"])?),
         DlqAction::Replay => client.post(api_url(url, &["v1", "dlq", "replay"])?),
     };
@@ -411,9 +493,24 @@ fn client(token: Option<&str>) -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder().default_headers(headers).build()?)
 }
 
-async fn tail(client: &reqwest::Client, url: &str, pattern: &str) -> anyhow::Result<()> {
+async fn tail(
+    client: &reqwest::Client,
+    url: &str,
+    pattern: &str,
+    record: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     use futures::StreamExt;
-    let resp = send(client.get(api_url(url, &["v1", "events", pattern])?), url).await?;
+    use std::io::Write;
+    let mut req = client.get(api_url(url, &["v1", "events", pattern])?);
+    let mut file = match record {
+        Some(path) => {
+            req = req.query(&[("format", "cloudevents")]);
+            let f = std::fs::OpenOptions::new().create(true).append(true).open(path);
+            Some(f.with_context(|| format!("--record {}: cannot open it for writing", path.display()))?)
+        }
+        None => None,
+    };
+    let resp = send(req, url).await?;
     let mut stream = resp.bytes_stream();
     let mut buf = String::new();
     while let Some(chunk) = stream.next().await {
@@ -422,6 +519,11 @@ async fn tail(client: &reqwest::Client, url: &str, pattern: &str) -> anyhow::Res
             let line: String = buf.drain(..=end).collect();
             if let Some(data) = line.trim_end().strip_prefix("data: ") {
                 println!("{data}");
+                if let (Some(f), Some(path)) = (file.as_mut(), record) {
+                    // One write per line, straight to the file: a stopped tail keeps every line.
+                    f.write_all(format!("{data}\n").as_bytes())
+                        .with_context(|| format!("--record {}: writing failed", path.display()))?;
+                }
             }
         }
     }

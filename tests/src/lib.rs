@@ -30,6 +30,7 @@ pub const COMPONENTS: &[&str] = &[
     "sysmon",
     "hostile",
     "manifesto",
+    "dice",
 ];
 
 /// The workspace root.

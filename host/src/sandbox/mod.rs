@@ -15,9 +15,11 @@ mod plugin;
 pub mod state;
 mod stdio;
 mod validate;
+mod world;
 
 pub use cache::CacheStats;
 pub use engine::{Sandbox, SandboxSettings};
 pub use limits::{InstanceMode, Limits};
 pub use plugin::{Attempt, Failure, Plugin, PluginSettings};
 pub use validate::{LoadError, allowed_import, check_header, content_hash};
+pub use world::FixedWorld;

@@ -4,6 +4,7 @@ use super::bindings::{self, types as wit};
 use super::guest_stack::{self, GuestStack};
 use super::limits::{InstanceMode, Limits, MAX_RESOURCES};
 use super::state::{HostState, PluginCtx};
+use super::world::FixedWorld;
 use crate::event::{Event, Output, cut, cut_to};
 use crate::kv::{KvError, KvStore, Txn};
 use crate::manifest::Manifest;
@@ -176,12 +177,22 @@ impl Plugin {
     /// the attempt as a trap would (`host error: …`, retried), its store and instance dropped
     /// (a warm one is not put back), so an ordered lane or a worker is never wedged by it.
     pub async fn handle(&self, event: &Event, attempt: u32) -> Attempt {
+        self.handle_in(event, attempt, None).await
+    }
+
+    /// Runs one attempt of `event` in a fresh instance whose clocks and random are fixed by
+    /// `world` (whatever the plugin's instance mode): the same event gives the same attempt.
+    pub async fn handle_fixed(&self, event: &Event, attempt: u32, world: &FixedWorld) -> Attempt {
+        self.handle_in(event, attempt, Some(world)).await
+    }
+
+    async fn handle_in(&self, event: &Event, attempt: u32, world: Option<&FixedWorld>) -> Attempt {
         let started = Instant::now();
         let run = async {
-            if self.ctx.limits.instance == InstanceMode::Reuse {
+            if self.ctx.limits.instance == InstanceMode::Reuse && world.is_none() {
                 self.handle_warm(event, attempt).await
             } else {
-                self.handle_fresh(event, attempt).await
+                self.handle_fresh(event, attempt, world).await
             }
         };
         match AssertUnwindSafe(run).catch_unwind().await {
@@ -205,9 +216,9 @@ impl Plugin {
         }
     }
 
-    async fn handle_fresh(&self, event: &Event, attempt: u32) -> Attempt {
+    async fn handle_fresh(&self, event: &Event, attempt: u32, world: Option<&FixedWorld>) -> Attempt {
         let started = Instant::now();
-        let state = HostState::new(self.ctx.clone(), &event.id, &event.subject);
+        let state = HostState::in_world(self.ctx.clone(), &event.id, &event.subject, world);
         let mut store = Store::new(&self.engine, state);
         arm_store(&mut store);
         let call = async {

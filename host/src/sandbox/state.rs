@@ -5,6 +5,7 @@
 use super::bindings::plugbus::handler::{bus, config, kv, logging, types};
 use super::limits::{ENTRY_COST, Limits, MAX_RESOURCES, MAX_SUBJECT_BYTES, MemoryLimiter};
 use super::stdio::Capture;
+use super::world::FixedWorld;
 use crate::event::{Output, cut, is_reserved_header, quoted};
 use crate::kv::{KvStore, Txn};
 use crate::subject::{PatternSet, is_system_subject, validate_subject};
@@ -61,12 +62,23 @@ pub struct HostState {
 impl HostState {
     /// Fresh state for one attempt of `event_id` on `subject`.
     pub fn new(plugin: Arc<PluginCtx>, event_id: &str, subject: &str) -> Self {
+        Self::in_world(plugin, event_id, subject, None)
+    }
+
+    /// Like [`HostState::new`]; with `world`, the handler's clocks and random are fixed by it
+    /// (a repeatable run, `plugbus test`) instead of WASI's real ones.
+    pub fn in_world(plugin: Arc<PluginCtx>, event_id: &str, subject: &str, world: Option<&FixedWorld>) -> Self {
         let log_cap = plugin.limits.max_log_bytes as usize;
         let stdout = Capture::new(log_cap);
         let stderr = Capture::new(log_cap);
         // Locked down: no preopened directories, no environment, no arguments, no network.
         // Stdio goes to capped captures; clocks and random are WASI's defaults.
-        let wasi = WasiCtx::builder().stdout(stdout.clone()).stderr(stderr.clone()).build();
+        let mut builder = WasiCtx::builder();
+        builder.stdout(stdout.clone()).stderr(stderr.clone());
+        if let Some(world) = world {
+            world.install(&mut builder);
+        }
+        let wasi = builder.build();
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_RESOURCES);
         Self {

@@ -1,0 +1,69 @@
+//! `plugbus dlq export`: a kept dead letter (an entry of `GET /v1/dlq`) back into the event
+//! that failed, as a case line whose expectation is what happened (retry or reject).
+
+use crate::cloudevents::{base64_decode, to_json};
+use crate::deadletter::headers;
+use crate::event::Event;
+use serde_json::{Value, json};
+
+/// The case line of one `GET /v1/dlq` entry: `{"event", "attempt", "expect": {"result"},
+/// "dead_letter": {"plugin", "error", "attempts", "id"}}`. The error names what is missing.
+pub fn case_from_entry(entry: &Value) -> Result<Value, String> {
+    let dead = &entry["event"];
+    let mut hdrs: Vec<(String, String)> = Vec::new();
+    for pair in dead["headers"].as_array().ok_or("the dead letter has no `headers`")? {
+        match (pair.get(0).and_then(Value::as_str), pair.get(1).and_then(Value::as_str)) {
+            (Some(k), Some(v)) => hdrs.push((k.to_string(), v.to_string())),
+            _ => return Err(format!("a header of the dead letter is not [name, value]: {pair}")),
+        }
+    }
+    let header = |name: &str| hdrs.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let subject = header(headers::ORIGINAL_SUBJECT).ok_or("the dead letter has no plugbus-original-subject")?;
+    let text = |k: &str| dead[k].as_str().unwrap_or_default().to_string();
+    let data = match dead["data_base64"].as_str() {
+        Some(b64) => base64_decode(b64).ok_or("the dead letter's data_base64 is not valid base64")?,
+        None => text("data").into_bytes(),
+    };
+    let mut ev = Event::new(subject, data);
+    ev.id = header(headers::ORIGINAL_ID).unwrap_or_else(|| text("id"));
+    // A dead letter from a host that did not record the source: the host's default one.
+    ev.source = header(headers::ORIGINAL_SOURCE).unwrap_or_else(|| "plugbus".into());
+    ev.ty = text("type");
+    if ev.ty.is_empty() {
+        ev.ty = ev.subject.clone();
+    }
+    ev.time = text("time");
+    ev.datacontenttype = dead["datacontenttype"].as_str().map(str::to_owned);
+    ev.extensions = hdrs.iter().filter(|(k, _)| !k.starts_with("plugbus-")).cloned().collect();
+    let error = header(headers::ERROR).unwrap_or_default();
+    let attempts: u32 = header(headers::ATTEMPTS).and_then(|a| a.parse().ok()).unwrap_or(1);
+    // The host marks a reject by the words of `Failure::Reject`'s display.
+    let result = if error.starts_with("handler rejected the event") { "reject" } else { "retry" };
+    Ok(json!({
+        "event": to_json(&ev),
+        "attempt": attempts.max(1),
+        "expect": { "result": result },
+        "dead_letter": { "plugin": entry["plugin"], "id": dead["id"], "error": error, "attempts": attempts },
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deadletter::{Entry, dead_letter_event};
+
+    #[test]
+    fn a_dead_letter_becomes_the_event_that_failed() {
+        let mut original = Event::new("orders.created", r#"{"n":1}"#).with_header("tenant", "acme");
+        original.source = "/shop".into();
+        original.datacontenttype = Some("application/json".into());
+        let failure = crate::sandbox::Failure::Reject("never".into()).to_string();
+        let dead = dead_letter_event(&original, "faulty", "plugbus.dlq.faulty", &failure, 1);
+        let entry = serde_json::to_value(Entry { seq: 1, plugin: "faulty".into(), event: dead }).unwrap();
+        let case = case_from_entry(&entry).unwrap();
+        assert_eq!(crate::cloudevents::from_json(&case["event"]).unwrap(), original);
+        assert_eq!(case["expect"]["result"], "reject");
+        assert_eq!(case["dead_letter"]["plugin"], "faulty");
+        assert!(case_from_entry(&json!({"event": {"headers": []}})).unwrap_err().contains("original-subject"));
+    }
+}

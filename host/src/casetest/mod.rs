@@ -1,0 +1,146 @@
+//! `plugbus test`: recorded events run through the real component in the real sandbox, the
+//! outcome compared with each case's expectation (snapshot testing).
+//!
+//! - [`case`]: the case file (JSON lines: a recorded CloudEvents JSON event, or
+//!   `{"event", "kv", "expect"}`), read with errors naming the file and line.
+//! - [`runner`]: loads the component the way the host does (same loader, limits, config) and
+//!   runs each case in a fresh instance whose clocks and random are fixed by the event
+//!   ([`crate::sandbox::FixedWorld`]), kv starting from the case's.
+//! - [`diff`]: expected vs got, per field, as readable text.
+//! - [`dlq`]: a kept dead letter (`GET /v1/dlq`) turned back into the case that failed.
+//!
+//! Never: a second sandbox (it runs [`crate::sandbox::Plugin::handle_fixed`]), network or a bus
+//! (outputs are collected, never published), or a kv store beyond the case's own in memory.
+
+pub mod case;
+pub mod diff;
+pub mod dlq;
+pub mod runner;
+
+pub use case::{Case, CaseFile, Expect, Verdict};
+pub use diff::{Mismatch, compare};
+pub use runner::{Outcome, Runner};
+
+use std::path::{Path, PathBuf};
+
+/// Why a case file could not be tested (not: a case that differs; see [`Report`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CaseError {
+    /// The file cannot be read or written.
+    #[error("{}: {what}: {source}", file.display())]
+    Io {
+        /// The file.
+        file: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// One line of the case file is not a case.
+    #[error("{}:{line}: {what}", file.display())]
+    Line {
+        /// The case file.
+        file: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// The component does not load (the loader's reason).
+    #[error("{}: the component does not load: {reason}", file.display())]
+    Load {
+        /// The component file.
+        file: PathBuf,
+        /// The loader's reason.
+        reason: String,
+    },
+    /// The sandbox could not be set up.
+    #[error("the sandbox could not start: {0}")]
+    Sandbox(String),
+}
+
+/// What one case did, and how it compares.
+#[derive(Debug)]
+pub struct CaseReport {
+    /// 1-based case number (its position among the cases).
+    pub number: usize,
+    /// Its line in the file.
+    pub line: usize,
+    /// The event's id.
+    pub event_id: String,
+    /// What the component did.
+    pub outcome: Outcome,
+    /// How it differs from the expectation (`None`: the case has none yet).
+    pub mismatches: Option<Vec<Mismatch>>,
+}
+
+/// The result of testing one case file.
+#[derive(Debug)]
+pub struct Report {
+    /// Per case, in file order.
+    pub cases: Vec<CaseReport>,
+    /// Whether the file was rewritten with the current behaviour (`--update`).
+    pub updated: bool,
+}
+
+impl Report {
+    /// Cases that differ from their expectation, or have none.
+    pub fn failed(&self) -> usize {
+        self.cases.iter().filter(|c| c.mismatches.as_ref().is_none_or(|m| !m.is_empty())).count()
+    }
+
+    /// Whether every case met its expectation (or the file was just updated).
+    pub fn passed(&self) -> bool {
+        self.updated || self.failed() == 0
+    }
+}
+
+/// Runs every case of `cases` through `runner`; with `update`, rewrites the file with what the
+/// component did as each case's expectation.
+pub async fn test_file(runner: &Runner, cases: &Path, update: bool) -> Result<Report, CaseError> {
+    let mut file = CaseFile::read(cases)?;
+    let mut reports = Vec::with_capacity(file.cases.len());
+    for (i, case) in file.cases.iter_mut().enumerate() {
+        let outcome = runner.run(case).await;
+        let mismatches = case.expect.as_ref().map(|e| compare(e, &outcome));
+        if update {
+            case.expect = Some(Expect::of(&outcome, case.expect.as_ref(), !case.kv.is_empty()));
+        }
+        reports.push(CaseReport {
+            number: i + 1,
+            line: case.line,
+            event_id: case.event.id.clone(),
+            outcome,
+            mismatches,
+        });
+    }
+    if update {
+        file.write()?;
+    }
+    Ok(Report { cases: reports, updated: update })
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for c in &self.cases {
+            let head = format!("case {} (line {}, event {})", c.number, c.line, c.event_id);
+            match &c.mismatches {
+                _ if self.updated => {}
+                None => writeln!(f, "{head}: no expectation yet; got {} (run with --update to keep it)", c.outcome)?,
+                Some(m) if m.is_empty() => {}
+                Some(m) => {
+                    writeln!(f, "{head}: differs")?;
+                    for mismatch in m {
+                        write!(f, "{mismatch}")?;
+                    }
+                }
+            }
+        }
+        let n = self.cases.len();
+        if self.updated {
+            writeln!(f, "{n} case(s): expectations updated")
+        } else {
+            writeln!(f, "{n} case(s): {} passed, {} failed", n - self.failed(), self.failed())
+        }
+    }
+}

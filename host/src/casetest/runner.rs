@@ -1,0 +1,154 @@
+//! Runs cases through the real component: loaded by the host's loader (same identity, limits
+//! and config), each case in a fresh instance with the case's kv and a fixed world.
+
+use super::CaseError;
+use super::case::{Case, Verdict};
+use crate::config::Config;
+use crate::kv::{KvError, KvStore, MemoryKv, Txn, Versioned};
+use crate::sandbox::{Failure, FixedWorld, Plugin, Sandbox, SandboxSettings};
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// One output of a case, as it would be published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputGot {
+    /// Its id (derived from the input's source and id, the plugin and its index).
+    pub id: String,
+    /// Where it would go.
+    pub subject: String,
+    /// Its payload.
+    pub data: Bytes,
+}
+
+/// What the component did with one case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Ok, retry or reject.
+    pub verdict: Verdict,
+    /// Why it failed (the text a dead letter would carry).
+    pub message: Option<String>,
+    /// What it published (released only on Ok, so empty otherwise).
+    pub outputs: Vec<OutputGot>,
+    /// The plugin's kv after the event: the case's kv with the handler's writes on Ok.
+    pub kv: BTreeMap<String, Vec<u8>>,
+    /// Whether it wrote (or deleted) any key.
+    pub wrote_kv: bool,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.message {
+            Some(m) => write!(f, "{} ({})", self.verdict, crate::event::cut(m)),
+            None => write!(f, "{} with {} output(s)", self.verdict, self.outputs.len()),
+        }
+    }
+}
+
+/// The kv store of the case being run: replaced, in memory, before each case.
+#[derive(Default)]
+struct CaseKv {
+    current: Mutex<Arc<MemoryKv>>,
+}
+
+impl CaseKv {
+    async fn reset(&self, ns: &str, entries: &BTreeMap<String, Vec<u8>>) -> Result<(), KvError> {
+        let kv = MemoryKv::new();
+        let mut txn = Txn::default();
+        for (k, v) in entries {
+            txn.set(k, v.clone());
+        }
+        kv.commit(ns, &txn).await?;
+        *self.current.lock().map_err(|_| KvError::Unavailable("poisoned".into()))? = Arc::new(kv);
+        Ok(())
+    }
+
+    fn store(&self) -> Result<Arc<MemoryKv>, KvError> {
+        Ok(self.current.lock().map_err(|_| KvError::Unavailable("poisoned".into()))?.clone())
+    }
+}
+
+#[async_trait::async_trait]
+impl KvStore for CaseKv {
+    async fn get(&self, ns: &str, key: &str) -> Result<Option<Versioned>, KvError> {
+        self.store()?.get(ns, key).await
+    }
+
+    async fn commit(&self, ns: &str, txn: &Txn) -> Result<(), KvError> {
+        self.store()?.commit(ns, txn).await
+    }
+}
+
+/// A component loaded for testing.
+pub struct Runner {
+    plugin: Plugin,
+    kv: Arc<CaseKv>,
+    _sandbox: Sandbox,
+}
+
+impl Runner {
+    /// Loads `component` as the host would (its file name is its identity; `config`'s limits;
+    /// `plugin_config` as its `config` values).
+    pub async fn load(
+        component: &Path,
+        config: &Config,
+        plugin_config: &[(String, String)],
+    ) -> Result<Self, CaseError> {
+        let load_error = |reason: String| CaseError::Load { file: component.to_path_buf(), reason };
+        let mut config = config.clone();
+        if !plugin_config.is_empty() {
+            let identity = crate::loader::identity_of(component, &config).map_err(|e| load_error(e.to_string()))?;
+            let values = &mut config.plugins.entry(identity).or_default().config;
+            values.extend(plugin_config.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))));
+        }
+        let sandbox = Sandbox::new(SandboxSettings { max_instances: 4, ..config.sandbox.clone() })
+            .map_err(|e| CaseError::Sandbox(format!("{e:#}")))?;
+        let kv = Arc::new(CaseKv::default());
+        let store: Arc<dyn KvStore> = kv.clone();
+        let plugin = crate::loader::load_file(&sandbox, component, &config, &store)
+            .await
+            .map_err(|e| load_error(e.to_string()))?;
+        Ok(Self { plugin, kv, _sandbox: sandbox })
+    }
+
+    /// The plugin's name (its identity).
+    pub fn name(&self) -> &str {
+        self.plugin.name()
+    }
+
+    /// Runs one case: a fresh instance, the case's kv, clocks and random fixed by its event.
+    pub async fn run(&self, case: &Case) -> Outcome {
+        let name = self.plugin.name().to_string();
+        if let Err(e) = self.kv.reset(&name, &case.kv).await {
+            return failed(Failure::Trap(format!("host error: the case's kv could not be set: {e}")), case);
+        }
+        let world = FixedWorld::of(&case.event);
+        let attempt = self.plugin.handle_fixed(&case.event, case.attempt, &world).await;
+        if let Err(failure) = attempt.result {
+            return failed(failure, case);
+        }
+        let outputs = attempt
+            .outputs
+            .into_iter()
+            .enumerate()
+            .map(|(i, o)| {
+                let ev = o.into_event(&case.event, &name, i);
+                OutputGot { id: ev.id, subject: ev.subject, data: ev.data }
+            })
+            .collect();
+        let mut kv = case.kv.clone();
+        for (k, v) in &attempt.txn.writes {
+            match v {
+                Some(v) => kv.insert(k.clone(), v.clone()),
+                None => kv.remove(k),
+            };
+        }
+        Outcome { verdict: Verdict::Ok, message: None, outputs, kv, wrote_kv: !attempt.txn.is_empty() }
+    }
+}
+
+fn failed(failure: Failure, case: &Case) -> Outcome {
+    let verdict = if failure.is_retryable() { Verdict::Retry } else { Verdict::Reject };
+    Outcome { verdict, message: Some(failure.to_string()), outputs: Vec::new(), kv: case.kv.clone(), wrote_kv: false }
+}

@@ -1,0 +1,342 @@
+//! `plugbus tail --record`, `plugbus test` and `plugbus dlq export`: recorded events run
+//! through the real component, compared with their expectations, updated as snapshots.
+
+use plugbus::Event;
+use plugbus_tests::{TestHost, output_within, plugbus_bin, wasm};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A child process killed (and reaped) when the test ends, however it ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `plugbus ARGS…`, its output once it exits.
+fn plugbus(args: &[&str]) -> Output {
+    output_within(Command::new(plugbus_bin()).args(args), WAIT)
+}
+
+/// `plugbus test COMPONENT CASES EXTRA…`: (exit code, stdout, stderr).
+fn test(component: &Path, cases: &Path, extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec!["test", component.to_str().unwrap(), cases.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = plugbus(&args);
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
+}
+
+fn write_lines(path: &Path, values: &[Value]) {
+    let text: String = values.iter().map(|v| format!("{v}\n")).collect();
+    std::fs::write(path, text).unwrap();
+}
+
+/// A component copied into `dir` under `file` (a plugin is named by its file).
+fn component_as(dir: &Path, component: &str, file: &str) -> PathBuf {
+    let path = dir.join(file);
+    std::fs::copy(wasm(component), &path).unwrap();
+    path
+}
+
+/// Waits until `cond` holds, polling; panics with `what` after [`WAIT`].
+async fn wait_for(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn event(subject: &str, data: &str, json: bool) -> Event {
+    let mut ev = Event::new(subject, data.to_string()).with_header("tenant", "acme co");
+    ev.source = "/shop".into();
+    if json {
+        ev.datacontenttype = Some("application/json".into());
+    }
+    ev
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn record_then_test_then_a_changed_component_fails_with_a_diff_then_update_passes() {
+    let t = TestHost::start(&["echo"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cases = dir.path().join("cases.jsonl");
+    let tail = Running(
+        Command::new(plugbus_bin())
+            .args(["tail", "orders.*", "--record", cases.to_str().unwrap(), "--url", &t.url()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let metrics = format!("{}/metrics", t.url());
+    wait_for("the tail to open", async || {
+        let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
+        text.lines().any(|l| !l.starts_with('#') && l.contains("tails_open") && l.ends_with(" 1"))
+    })
+    .await;
+    let first = event("orders.created", r#"{"order_id": "o-1", "qty": 2}"#, true);
+    let second = event("orders.paid", "paid in full", false);
+    let ids = [first.id.clone(), second.id.clone()];
+    t.host.publish(first).await.unwrap();
+    t.host.publish(second).await.unwrap();
+    wait_for("two recorded lines", async || std::fs::read_to_string(&cases).is_ok_and(|s| s.lines().count() >= 2))
+        .await;
+    drop(tail);
+
+    // The recording is CloudEvents JSON, exact.
+    let recorded = lines(&cases);
+    assert_eq!(recorded.len(), 2, "{recorded:?}");
+    assert_eq!(recorded[0]["id"], ids[0].as_str());
+    assert_eq!((recorded[0]["specversion"].as_str(), recorded[0]["source"].as_str()), (Some("1.0"), Some("/shop")));
+    assert_eq!(recorded[0]["subject"], "orders.created");
+    assert_eq!(recorded[0]["datacontenttype"], "application/json");
+    assert_eq!(recorded[0]["data"], json!({"order_id": "o-1", "qty": 2}));
+    assert_eq!(recorded[0]["tenant"], "acme co");
+    assert_eq!(recorded[1]["data"], "paid in full");
+
+    // No expectation yet: not a pass.
+    let echo = component_as(dir.path(), "echo", "echo.wasm");
+    let (code, out, _) = test(&echo, &cases, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("case 1 (line 1, event {}): no expectation yet; got ok with 1 output(s)", ids[0])),
+        "{out}"
+    );
+
+    // --update keeps what it does; then it passes.
+    let (code, out, err) = test(&echo, &cases, &["--update"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let snap = lines(&cases);
+    assert_eq!(snap[0]["event"], recorded[0], "the event is kept as recorded");
+    assert_eq!(
+        snap[0]["expect"],
+        json!({"result": "ok", "outputs": [{"subject": "echo.orders.created", "data": {"order_id": "o-1", "qty": 2}}]})
+    );
+    assert_eq!(
+        snap[1]["expect"]["outputs"][0],
+        json!({"subject": "echo.orders.paid", "data": {"text": "paid in full"}})
+    );
+    let (code, out, err) = test(&echo, &cases, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("2 case(s): 2 passed, 0 failed"), "{out}");
+
+    // Another build of the plugin (echo v2 publishes elsewhere): a diff per case, exit 1.
+    let v2_dir = tempfile::tempdir().unwrap();
+    let v2 = component_as(v2_dir.path(), "echo2", "echo.wasm");
+    let (code, out, _) = test(&v2, &cases, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("case 1 (line 1, event {}): differs", ids[0])), "{out}");
+    assert!(
+        out.contains(
+            "  outputs[0].subject:\n    expected \"echo.orders.created\"\n    got      \"echo.v2.orders.created\""
+        ),
+        "{out}"
+    );
+    assert!(out.contains("2 case(s): 0 passed, 2 failed"), "{out}");
+
+    // A changed expectation fails on the field that changed, and only there.
+    let mut edited = snap.clone();
+    edited[1]["expect"]["outputs"][0]["data"] = json!({"text": "paid in part"});
+    write_lines(&cases, &edited);
+    let (code, out, _) = test(&echo, &cases, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("case 2 (line 2, event {}): differs", ids[1])), "{out}");
+    assert!(
+        out.contains(
+            "  outputs[0].data:\n    expected {\"text\":\"paid in part\"}\n    got      {\"text\":\"paid in full\"}"
+        ),
+        "{out}"
+    );
+    assert!(!out.contains("case 1 "), "case 1 still matches: {out}");
+
+    // --update with v2 accepts v2's behaviour; v2 passes, v1 now differs.
+    assert_eq!(test(&v2, &cases, &["--update"]).0, 0);
+    assert_eq!(lines(&cases)[0]["expect"]["outputs"][0]["subject"], "echo.v2.orders.created");
+    let (code, out, _) = test(&v2, &cases, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(test(&echo, &cases, &[]).0, 1);
+}
+
+fn order_case(id: &str, sku: &str, qty: u64, kv: Option<Value>) -> Value {
+    let order = json!({"order_id": id, "sku": sku, "qty": qty, "email": "a@example.com", "amount_cents": 500});
+    let event = json!({"specversion": "1.0", "id": id, "source": "/shop", "type": "order.created",
+        "subject": "orders.created", "time": "2026-11-30T07:00:00Z", "datacontenttype": "application/json",
+        "data": order});
+    match kv {
+        Some(kv) => json!({"event": event, "kv": kv}),
+        None => json!({"event": event}),
+    }
+}
+
+#[test]
+fn kv_comes_from_the_case_and_config_from_the_flags_and_the_kv_after_is_compared() {
+    let dir = tempfile::tempdir().unwrap();
+    let inventory = component_as(dir.path(), "inventory", "inventory.wasm");
+    let cases = dir.path().join("cases.jsonl");
+    write_lines(
+        &cases,
+        &[order_case("o-1", "widget", 2, Some(json!({"stock/widget": 1}))), order_case("o-2", "gizmo", 2, None)],
+    );
+    let config = ["--plugin-config", "stock.gizmo=3"];
+    let (code, out, err) = test(&inventory, &cases, &[config[0], config[1], "--update"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let snap = lines(&cases);
+    // Out of stock: answered, nothing reserved, the case's kv unchanged.
+    assert_eq!(snap[0]["expect"]["outputs"][0]["subject"], "inventory.rejected");
+    assert_eq!(snap[0]["expect"]["outputs"][0]["data"]["reason"], "only 1 x widget in stock");
+    assert_eq!(snap[0]["expect"]["kv"], json!({"stock/widget": 1}));
+    // The operator's stock (from --plugin-config) reserved from.
+    assert_eq!(snap[1]["expect"]["outputs"][0]["subject"], "inventory.reserved");
+    assert_eq!(snap[1]["expect"]["kv"], json!({"stock/gizmo": 1, "reserved/gizmo": 2}));
+    assert_eq!(test(&inventory, &cases, &config).0, 0);
+
+    // Without the config the gizmo is out of stock: the diff names outputs and kv.
+    let (code, out, _) = test(&inventory, &cases, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("case 2 (line 2, event o-2): differs"), "{out}");
+    assert!(out.contains("expected \"inventory.reserved\"\n    got      \"inventory.rejected\""), "{out}");
+    assert!(out.contains("  kv[\"stock/gizmo\"]:\n    expected 1\n    got      (absent)"), "{out}");
+
+    // A changed kv expectation fails on that key.
+    let mut edited = snap.clone();
+    edited[1]["expect"]["kv"]["reserved/gizmo"] = json!(3);
+    write_lines(&cases, &edited);
+    let (code, out, _) = test(&inventory, &cases, &config);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("  kv[\"reserved/gizmo\"]:\n    expected 3\n    got      2"), "{out}");
+}
+
+#[test]
+fn a_run_is_repeatable_clocks_and_random_are_fixed_per_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let dice = component_as(dir.path(), "dice", "dice.wasm");
+    let ev = |id: &str| {
+        json!({"specversion": "1.0", "id": id, "source": "/table", "type": "roll", "subject": "dice.roll",
+            "time": "2026-11-30T07:00:00Z", "data": "go"})
+    };
+    let (a, b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+    for f in [&a, &b] {
+        write_lines(f, &[ev("r-1"), ev("r-2"), json!({"event": ev("r-1"), "kv": {"rolls": 41}})]);
+        let (code, out, err) = test(&dice, f, &["--update"]);
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    assert_eq!(std::fs::read_to_string(&a).unwrap(), std::fs::read_to_string(&b).unwrap(), "two runs differ");
+    let snap = lines(&a);
+    let data = |i: usize| snap[i]["expect"]["outputs"][0]["data"].clone();
+    // The wall clock starts at the event's time.
+    assert_eq!(data(0)["now_ns"], "1796022000000000000", "{}", data(0));
+    // Random is seeded by the event: another event, other numbers; the same event, the same.
+    assert_ne!(data(0)["random"], data(1)["random"]);
+    assert_eq!(data(0)["random"], data(2)["random"]);
+    assert_eq!((data(0)["rolls"].clone(), data(2)["rolls"].clone()), (json!(1), json!(42)));
+    // And the snapshot passes on a third run.
+    let (code, out, _) = test(&dice, &a, &[]);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dlq_export_turns_dead_letters_into_cases_that_plugbus_test_runs() {
+    let t = TestHost::start_with(&["faulty"], |c| c.retry.max_attempts = 1).await;
+    let rejected = event("faulty.reject", "1", false);
+    let retried = event("faulty.retry", "2", false);
+    let ids = [rejected.id.clone(), retried.id.clone()];
+    t.host.publish(rejected).await.unwrap();
+    t.host.publish(retried).await.unwrap();
+    t.wait_counter("faulty", "dead_lettered", 2).await;
+
+    let out = plugbus(&["dlq", "export", "--plugin", "faulty", "--url", &t.url()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = tempfile::tempdir().unwrap();
+    let cases = dir.path().join("dead.jsonl");
+    std::fs::write(&cases, &out.stdout).unwrap();
+    let exported = lines(&cases);
+    assert_eq!(exported.len(), 2, "{exported:?}");
+    let by_id =
+        |id: &str| exported.iter().find(|c| c["event"]["id"] == id).unwrap_or_else(|| panic!("{id} not exported"));
+    let r = by_id(&ids[0]);
+    assert_eq!(r["event"]["subject"], "faulty.reject", "the original subject, not the dead-letter subject");
+    assert_eq!((r["event"]["source"].as_str(), r["event"]["tenant"].as_str()), (Some("/shop"), Some("acme co")));
+    assert_eq!(r["event"]["data"], "1");
+    assert_eq!(r["expect"], json!({"result": "reject"}));
+    assert!(r["dead_letter"]["error"].as_str().unwrap().contains("never"), "{r}");
+    assert_eq!(by_id(&ids[1])["expect"], json!({"result": "retry"}));
+
+    // The component still does what it did: both cases pass.
+    let faulty = component_as(dir.path(), "faulty", "faulty.wasm");
+    let (code, out, err) = test(&faulty, &cases, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("2 case(s): 2 passed, 0 failed"), "{out}");
+    // A "fixed" expectation the component does not meet fails, naming the failure.
+    let mut fixed = exported.clone();
+    for c in &mut fixed {
+        c["expect"]["result"] = json!("ok");
+    }
+    write_lines(&cases, &fixed);
+    let (code, out, _) = test(&faulty, &cases, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("  result: expected ok, got reject (handler rejected the event: never)"), "{out}");
+}
+
+/// Bad input: exit 2 and one line on stderr naming the file, the line and what is wrong.
+fn bad(component: &Path, cases: &Path) -> String {
+    let (code, out, err) = test(component, cases, &[]);
+    assert_eq!(code, 2, "stdout: {out}\nstderr: {err}");
+    let err = err.trim_end();
+    assert_eq!(err.lines().count(), 1, "not one line: {err}");
+    err.to_string()
+}
+
+#[test]
+fn bad_input_is_one_line_naming_the_file_the_line_and_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let echo = component_as(dir.path(), "echo", "echo.wasm");
+    let cases = dir.path().join("cases.jsonl");
+    let good = json!({"specversion": "1.0", "id": "1", "source": "s", "type": "t", "subject": "orders.created"});
+    let c = cases.display();
+
+    std::fs::write(&cases, format!("{good}\n{{\"id\": \n")).unwrap();
+    let err = bad(&echo, &cases);
+    assert!(err.contains(&format!("{c}:2: not valid JSON")), "{err}");
+
+    write_lines(&cases, &[good.clone(), good.clone(), json!({"id": "1", "source": "s", "type": "t"})]);
+    let err = bad(&echo, &cases);
+    assert!(err.contains(&format!("{c}:3: the event has no `subject`")), "{err}");
+
+    write_lines(&cases, &[json!({"event": good, "expect": {"result": "maybe"}})]);
+    let err = bad(&echo, &cases);
+    assert!(err.contains(&format!("{c}:1: `expect.result` is \"maybe\"")), "{err}");
+
+    let broken = dir.path().join("broken.wasm");
+    std::fs::write(&broken, b"garbage").unwrap();
+    write_lines(&cases, &[good]);
+    let err = bad(&broken, &cases);
+    assert!(
+        err.contains(&format!("{}: the component does not load: not a WebAssembly file", broken.display())),
+        "{err}"
+    );
+
+    let missing = dir.path().join("missing.jsonl");
+    let err = bad(&echo, &missing);
+    assert!(err.contains(&format!("{}: cannot read the case file", missing.display())), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tail_format_other_than_plain_or_cloudevents_is_refused_naming_it() {
+    let t = TestHost::start(&["echo"]).await;
+    let resp = reqwest::get(format!("{}/v1/events/orders.*?format=yaml", t.url())).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("format \"yaml\""), "{body}");
+}
