@@ -8,8 +8,8 @@
 use crate::retry::RetryPolicy;
 use crate::router::{Delivering, Flow};
 use crate::sandbox::{InstanceMode, Limits, SandboxSettings};
-use crate::transport::log::BusSettings;
-use crate::transport::nats::NatsSettings;
+use crate::backend::embedded::log::BusSettings;
+use crate::backend::nats::NatsSettings;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::de::DeserializeOwned;
@@ -172,7 +172,25 @@ impl Config {
     }
 
     /// Checks every per-plugin table against the defaults; errors name the key.
+    /// The backend: `[bus] kind`, else NATS when `nats.url` is set, else the embedded bus.
+    pub fn bus_kind(&self) -> anyhow::Result<crate::backend::BusKind> {
+        use crate::backend::BusKind;
+        match (self.bus.kind, &self.nats.url) {
+            (Some(BusKind::Nats), None) => {
+                anyhow::bail!("bus.kind = \"nats\" needs nats.url (or --nats URL): which server to join")
+            }
+            (Some(BusKind::Embedded), Some(url)) => anyhow::bail!(
+                "bus.kind = \"embedded\" but nats.url is set ({url}): remove one (--nats also selects NATS)"
+            ),
+            (Some(kind), _) => Ok(kind),
+            (None, Some(_)) => Ok(BusKind::Nats),
+            (None, None) => Ok(BusKind::Embedded),
+        }
+    }
+
+    /// Checks what serde cannot: the overlays, subjects, names and the backend choice.
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.bus_kind()?;
         for (name, p) in &self.plugins {
             overlay(&self.limits, &p.limits, &format!("plugins.{name}.limits")).map_err(anyhow::Error::msg)?;
             overlay(&self.flow, &p.flow, &format!("plugins.{name}.flow")).map_err(anyhow::Error::msg)?;
@@ -267,6 +285,27 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bus_kind_is_chosen_in_one_place_and_contradictions_are_named() {
+        use crate::backend::BusKind;
+        let from = |text: &str| {
+            Config::load(Some(&write(text).0)).and_then(|c| {
+                c.validate()?;
+                Ok(c)
+            })
+        };
+        assert_eq!(from("").unwrap().bus_kind().unwrap(), BusKind::Embedded);
+        assert_eq!(from("[nats]\nurl = \"nats://127.0.0.1:1\"").unwrap().bus_kind().unwrap(), BusKind::Nats);
+        let c = from("[bus]\nkind = \"embedded\"\ndurable = false").unwrap();
+        assert_eq!((c.bus_kind().unwrap(), c.bus.durable), (BusKind::Embedded, false));
+        let why = from("[bus]\nkind = \"nats\"").unwrap_err().to_string();
+        assert!(why.contains("bus.kind = \"nats\" needs nats.url"), "{why}");
+        let why = from("[bus]\nkind = \"embedded\"\n[nats]\nurl = \"nats://x:1\"").unwrap_err().to_string();
+        assert!(why.contains("nats.url is set (nats://x:1)"), "{why}");
+        let why = format!("{:#}", from("[bus]\nkind = \"kafka\"").unwrap_err());
+        assert!(why.contains("kafka") && why.contains("kind"), "{why}");
+    }
 
     fn write(text: &str) -> tempfile_path::TempPath {
         tempfile_path::write(text)

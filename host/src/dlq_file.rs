@@ -3,7 +3,7 @@
 //! eviction or a replay removes; at start the store is read back in order.
 
 use crate::event::Event;
-use crate::transport::log::{decode, encode};
+use crate::backend::embedded::log::{decode, encode};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
 

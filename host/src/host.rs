@@ -4,9 +4,7 @@ use crate::api;
 use crate::config::Config;
 use crate::deadletter::DeadLetters;
 use crate::event::Event;
-use crate::kv::jetstream::JetStreamKv;
-use crate::kv::log::LogKv;
-use crate::kv::{KvStore, MemoryKv, RedbKv};
+use crate::kv::KvStore;
 use crate::loader::{self, Rejected};
 use crate::metrics::Metrics;
 use crate::reload::{self, ReloadStats, Reloader};
@@ -14,29 +12,10 @@ use crate::router::DrainReport;
 use crate::router::Router;
 use crate::sandbox::Sandbox;
 use crate::transport::Transport;
-use crate::transport::embedded::EmbeddedBus;
-use crate::transport::log::DurableLog;
-use crate::transport::nats::NatsTransport;
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
-
-/// Moves plugin kv kept by an earlier version in `kv.redb` into the event log's file, once (the
-/// old file is renamed `kv.redb.imported`).
-fn import_kv(kv_path: &std::path::Path, log: &DurableLog) -> anyhow::Result<()> {
-    if !kv_path.exists() {
-        return Ok(());
-    }
-    let rows = RedbKv::open(kv_path)
-        .and_then(|old| old.export())
-        .with_context(|| format!("reading the kv store {} to move it into the event log", kv_path.display()))?;
-    log.import_kv(&rows).context("moving plugin kv into the event log")?;
-    let done = kv_path.with_extension("redb.imported");
-    std::fs::rename(kv_path, &done).with_context(|| format!("renaming {} after moving it", kv_path.display()))?;
-    tracing::info!(entries = rows.len(), from = %kv_path.display(), kept_as = %done.display(), "plugin kv moved into the event log");
-    Ok(())
-}
 
 /// How long a stop lets open HTTP requests finish before closing their connections.
 const HTTP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -60,41 +39,7 @@ impl Host {
     /// Loads the plugins folder, subscribes every plugin and starts the HTTP API.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         config.validate()?;
-        let (transport, kv): (Arc<dyn Transport>, Arc<dyn KvStore>) = match &config.nats.url {
-            Some(url) => {
-                let nats =
-                    NatsTransport::connect(&config.nats).await.with_context(|| format!("joining NATS at {url}"))?;
-                // On NATS, plugin state lives in JetStream KV: every host running the plugin shares it.
-                let kv = Arc::new(JetStreamKv::new(nats.jetstream().clone()));
-                (Arc::new(nats), kv)
-            }
-            None => {
-                let kv_path = config.data_dir.join("kv.redb");
-                let (transport, kv): (EmbeddedBus, Arc<dyn KvStore>) = match (config.bus.durable, config.persistent_kv)
-                {
-                    (true, persistent) => {
-                        let path = config.data_dir.join("bus.redb");
-                        let log = DurableLog::open_with(&path, config.bus.sync, config.bus.retention.clone())
-                            .context("opening the embedded bus's event log")?;
-                        let kv: Arc<dyn KvStore> = if persistent {
-                            import_kv(&kv_path, &log)?;
-                            // Kv in the log's file: an attempt's kv writes commit with its outbox.
-                            Arc::new(LogKv::new(log.clone()))
-                        } else {
-                            Arc::new(MemoryKv::new())
-                        };
-                        (EmbeddedBus::durable(log), kv)
-                    }
-                    (false, true) => {
-                        let kv = RedbKv::open(&kv_path)
-                            .with_context(|| format!("opening the kv store {}", kv_path.display()))?;
-                        (EmbeddedBus::new(), Arc::new(kv))
-                    }
-                    (false, false) => (EmbeddedBus::new(), Arc::new(MemoryKv::new())),
-                };
-                (Arc::new(transport), kv)
-            }
-        };
+        let crate::backend::Backend { transport, kv } = crate::backend::open(&config).await?;
         Self::start_on(config, transport, kv).await
     }
 

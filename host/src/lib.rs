@@ -6,6 +6,7 @@
 //! through the transport.
 
 pub mod api;
+pub mod backend;
 pub mod casetest;
 pub mod cloudevents;
 pub mod config;

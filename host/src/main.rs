@@ -114,6 +114,7 @@ impl RunArgs {
         }
         if let Some(v) = self.nats {
             c.nats.url = Some(v);
+            c.bus.kind = Some(plugbus::backend::BusKind::Nats);
         }
         if let Some(v) = self.nats_creds {
             c.nats.creds = Some(v);

@@ -1,7 +1,7 @@
 //! The embedded bus loses nothing it accepted: `kill -9` mid-stream, restart, and every event
 //! that got a `202` is handled, with no output twice (counted by id in the durable log).
 
-use plugbus::transport::log::{DurableLog, SyncPolicy};
+use plugbus::backend::embedded::log::{DurableLog, SyncPolicy};
 use plugbus_tests::{plugbus_bin, wasm};
 use std::collections::HashMap;
 use std::path::Path;

@@ -314,7 +314,7 @@ async fn eventually_async<F: std::future::Future<Output = bool>>(cond: impl Fn()
 async fn jetstream_a_broker_restart_mid_stream_loses_nothing_and_the_host_recovers() {
     let mut server = NatsServer::start().await;
     let t = TestHost::start_on(&Bus::JetStream(&server), &["echo"], |c| {
-        c.nats.streams.insert("ECHO".into(), plugbus::transport::nats::StreamDef { subjects: vec!["echo.>".into()] });
+        c.nats.streams.insert("ECHO".into(), plugbus::backend::nats::StreamDef { subjects: vec!["echo.>".into()] });
     })
     .await;
     let producer = server.client().await;
@@ -673,11 +673,11 @@ async fn jetstream_streams_are_made_for_durable_subscriptions_unless_auto_stream
     config
         .nats
         .streams
-        .insert("FAULTY".into(), plugbus::transport::nats::StreamDef { subjects: vec!["faulty.>".into()] });
+        .insert("FAULTY".into(), plugbus::backend::nats::StreamDef { subjects: vec!["faulty.>".into()] });
     config
         .nats
         .streams
-        .insert("DLQ".into(), plugbus::transport::nats::StreamDef { subjects: vec!["plugbus.dlq.>".into()] });
+        .insert("DLQ".into(), plugbus::backend::nats::StreamDef { subjects: vec!["plugbus.dlq.>".into()] });
     let host = plugbus::Host::start(config).await.expect("declared streams capture everything");
     assert!(host.router().contains("faulty"));
 }

@@ -4,7 +4,7 @@
 
 use async_trait::async_trait;
 use plugbus::kv::{KvStore, MemoryKv};
-use plugbus::transport::embedded::EmbeddedBus;
+use plugbus::backend::embedded::bus::EmbeddedBus;
 use plugbus::transport::{Subscription, SubscriptionSpec, Transport, TransportError};
 use plugbus::{Config, Event, Host};
 use plugbus_tests::{eventually, fast_retries, order, wasm};

@@ -13,7 +13,7 @@ use crate::Mode;
 use crate::components;
 use crate::report::Row;
 use plugbus::Event;
-use plugbus::transport::log::{DurableLog, SyncPolicy};
+use plugbus::backend::embedded::log::{DurableLog, SyncPolicy};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;

@@ -10,7 +10,7 @@
 use super::{HostRun, Producers, WINDOW, host_run_by};
 use crate::Mode;
 use crate::report::Row;
-use plugbus::transport::log::SyncPolicy;
+use plugbus::backend::embedded::log::SyncPolicy;
 use std::collections::BTreeMap;
 
 pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {

@@ -31,7 +31,7 @@ use plugbus::sandbox::bindings::{self, types as wit};
 use plugbus::sandbox::state::{HostState, PluginCtx};
 use plugbus::sandbox::{Limits, PluginSettings, Sandbox, SandboxSettings};
 use plugbus::subject::PatternSet;
-use plugbus::transport::embedded::EmbeddedBus;
+use plugbus::backend::embedded::bus::EmbeddedBus;
 use plugbus::transport::{SubscriptionSpec, Transport};
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -36,7 +36,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
 use plugbus::Event;
 use plugbus::sandbox::InstanceMode;
-use plugbus::transport::nats::StreamDef;
+use plugbus::backend::nats::StreamDef;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

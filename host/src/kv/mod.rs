@@ -6,8 +6,6 @@
 //! the handler again. So concurrent events never lose each other's updates, and a failed
 //! attempt leaves no trace.
 
-pub mod jetstream;
-pub mod log;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;

@@ -5,9 +5,6 @@
 //! plugins' code, retries or the sandbox. Invariant: a transport never drops an accepted event
 //! silently: it either delivers it, applies backpressure, or returns an error to the publisher.
 
-pub mod embedded;
-pub mod log;
-pub mod nats;
 
 use crate::event::Event;
 use async_trait::async_trait;

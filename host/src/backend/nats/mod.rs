@@ -10,12 +10,13 @@
 //! - Messages are CloudEvents in the NATS binding ([`wire`]).
 
 mod consumer;
+pub mod kv;
 pub mod dead_letters;
 mod queue_group;
 mod streams;
 mod wire;
 
-use super::{Delivery, Subscription, SubscriptionSpec, Transport, TransportError};
+use crate::transport::{Delivery, Subscription, SubscriptionSpec, Transport, TransportError};
 use crate::event::Event;
 use crate::subject::{PatternSet, validate_subject, without_covered};
 use async_nats::jetstream;
@@ -30,6 +31,16 @@ use std::time::Duration;
 use streams::StreamIndex;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+
+/// Joins NATS as `[nats]` says; plugin kv lives in JetStream KV, shared by every host running
+/// the plugin.
+pub async fn open(config: &crate::config::Config) -> anyhow::Result<super::Backend> {
+    use anyhow::Context;
+    let url = config.nats.url.as_deref().unwrap_or("(no nats.url)");
+    let nats = NatsTransport::connect(&config.nats).await.with_context(|| format!("joining NATS at {url}"))?;
+    let kv = Arc::new(kv::JetStreamKv::new(nats.jetstream().clone()));
+    Ok(super::Backend { transport: Arc::new(nats), kv })
+}
 
 /// A stream the operator declares; the host creates it or updates its subjects.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

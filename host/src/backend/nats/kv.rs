@@ -7,14 +7,14 @@
 //! attempt re-runs, as on the embedded store. A key only read is checked just before the batch.
 //! A single write is a plain compare-and-set (`update` / `create`).
 
-use super::{KvError, KvStore, Txn, Versioned};
+use crate::kv::{KvError, KvStore, Txn, Versioned};
 use async_nats::jetstream::{self, kv};
 use std::collections::HashMap;
 
 /// The KV bucket of plugin `ns`: `plugbus_<plugin>` for a lower-case name, an escaped form for
 /// any other (`Payments` → `plugbus--payments`), so no two plugins ever share a bucket.
 pub fn bucket_name(ns: &str) -> String {
-    crate::transport::nats::scoped_name("plugbus", ns)
+    crate::backend::nats::scoped_name("plugbus", ns)
 }
 
 /// JetStream KV buckets, one per plugin.

@@ -11,7 +11,7 @@
 //! is counted and logged.
 
 use super::log::{Appended, DurableLog};
-use super::{Acker, Delivery, Subscription, SubscriptionSpec, Transport, TransportError};
+use crate::transport::{Acker, Delivery, Subscription, SubscriptionSpec, Transport, TransportError};
 use crate::event::Event;
 use crate::subject::{PatternSet, validate_subject};
 use async_trait::async_trait;
@@ -432,7 +432,7 @@ impl Transport for EmbeddedBus {
             if new && spec.durable.as_ref().is_some_and(|d| d.deliver_all) {
                 let wanted = patterns.clone();
                 let made = log
-                    .backfill(plugin.clone(), move |s| wanted.matches(s), super::ReplayFrom::Seq(0))
+                    .backfill(plugin.clone(), move |s| wanted.matches(s), crate::transport::ReplayFrom::Seq(0))
                     .await
                     .map_err(broker)?;
                 tracing::info!(plugin = %spec.plugin, events = made.len(), "a new plugin with deliver = \"all\": the log's history is delivered to it");
@@ -444,7 +444,7 @@ impl Transport for EmbeddedBus {
         Ok(subscription)
     }
 
-    async fn replay(&self, plugin: &str, from: super::ReplayFrom) -> Result<usize, TransportError> {
+    async fn replay(&self, plugin: &str, from: crate::transport::ReplayFrom) -> Result<usize, TransportError> {
         let Some(log) = &self.log else {
             return Err(TransportError::Broker(format!(
                 "replay of {plugin}: the embedded bus keeps no history with bus.durable = false"

@@ -64,6 +64,8 @@ pub enum SyncPolicy {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BusSettings {
+    /// Which backend: `embedded` or `nats` (unset: `nats` when `nats.url` is set).
+    pub kind: Option<crate::backend::BusKind>,
     /// Keep accepted events in `data_dir/bus.redb` until every plugin settled them (a `202`
     /// survives `kill -9`). Off: in memory only, lost if the process dies.
     pub durable: bool,
@@ -75,7 +77,7 @@ pub struct BusSettings {
 
 impl Default for BusSettings {
     fn default() -> Self {
-        Self { durable: true, sync: SyncPolicy::Always, retention: Retention::default() }
+        Self { kind: None, durable: true, sync: SyncPolicy::Always, retention: Retention::default() }
     }
 }
 
@@ -174,7 +176,7 @@ enum Op {
     Backfill {
         plugin: Arc<str>,
         matches: Box<dyn Fn(&str) -> bool + Send>,
-        from: super::ReplayFrom,
+        from: crate::transport::ReplayFrom,
         done: oneshot::Sender<Result<Vec<u64>, LogError>>,
     },
 }
@@ -484,7 +486,7 @@ impl DurableLog {
         &self,
         plugin: Arc<str>,
         matches: impl Fn(&str) -> bool + Send + 'static,
-        from: super::ReplayFrom,
+        from: crate::transport::ReplayFrom,
     ) -> Result<Vec<u64>, LogError> {
         let (done, wait) = oneshot::channel();
         let matches = Box::new(matches);
