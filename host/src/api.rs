@@ -5,8 +5,10 @@
 //!   saying what was wrong; an ingress publish the bus cannot take within `api.publish_timeout`
 //!   (a plugin's queue is full) answers `503` with `Retry-After`, never hangs.
 //! - A web page cannot use the API: a request carrying an `Origin` (or a cross-site
-//!   `Sec-Fetch-Site`) is refused unless `api.allowed_origins` lists the origin, and on a
-//!   loopback listener a `Host` that is not a loopback name is refused (DNS rebinding).
+//!   `Sec-Fetch-Site`) is refused unless `api.allowed_origins` lists the origin or it is the
+//!   host's own dashboard (`Origin` equal to the `Host`, fetch metadata `same-origin`, and a
+//!   loopback listener or an API token), and on a loopback listener a `Host` that is not a
+//!   loopback name is refused (DNS rebinding).
 //! - Nothing a client holds open grows without bound: at most `api.max_tails` live tails, each
 //!   buffering at most `api.tail_buffer_bytes` for a client that does not read (then dropping,
 //!   counted in `/metrics`).
@@ -114,9 +116,12 @@ pub fn router(state: ApiState) -> axum::Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/plugins", get(plugins))
+        .route("/v1/stats", get(stats))
         .route("/v1/events/{subject}", post(publish).get(tail))
         .route("/v1/dlq", get(dlq_list))
         .route("/v1/dlq/replay", post(dlq_replay))
+        .route("/v1/dlq/{id}", get(dlq_get))
+        .route("/v1/dlq/{id}/replay", post(dlq_replay_one))
         .route("/v1/replay", post(replay_log))
         .route("/v1/events", post(empty_subject))
         .route("/v1/events/", post(empty_subject))
@@ -124,6 +129,7 @@ pub fn router(state: ApiState) -> axum::Router {
         .layer(axum::middleware::from_fn_with_state(api.clone(), guard));
     axum::Router::new()
         .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
+        .merge(crate::dashboard::routes())
         .merge(guarded)
         .with_state(api)
 }
@@ -171,6 +177,23 @@ fn bearer(value: &str) -> Option<&str> {
 }
 
 impl Inner {
+    /// Whether a request naming `origin` comes from a page this host served itself (the
+    /// dashboard): the origin is `http://<Host>` (or https) and the fetch metadata, when sent,
+    /// says same-origin. Trusted only where a DNS-rebinding page cannot pose as the host: on a
+    /// loopback listener (its `Host` was checked to be a loopback name) or with an API token (a
+    /// page from another name never holds the token the dashboard keeps for its own origin).
+    fn same_origin(&self, headers: &HeaderMap, origin: &str) -> bool {
+        if !self.loopback && self.token_digest.is_none() {
+            return false;
+        }
+        let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else { return false };
+        let site_ok = headers.get("sec-fetch-site").is_none_or(|v| v.as_bytes() == b"same-origin");
+        let served_here = ["http://", "https://"]
+            .iter()
+            .any(|scheme| origin.strip_prefix(scheme).is_some_and(|rest| rest.eq_ignore_ascii_case(host)));
+        site_ok && served_here
+    }
+
     /// `Ok(Some(origin))` for a request from an allowed web origin, `Ok(None)` for a request
     /// from no web page (curl, the CLI, Prometheus), `Err` naming why a request is refused.
     fn check_browser(&self, headers: &HeaderMap, uri: &axum::http::Uri) -> Result<Option<String>, String> {
@@ -190,6 +213,10 @@ impl Inner {
             let wanted = origin.trim_end_matches('/');
             if self.settings.allowed_origins.iter().any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(wanted)) {
                 return Ok(Some(origin));
+            }
+            if self.same_origin(headers, wanted) {
+                // The host's own page (the dashboard at `GET /`): no CORS headers needed.
+                return Ok(None);
             }
             return Err(format!(
                 "requests from web pages are refused: Origin {origin:?} is not in api.allowed_origins"
@@ -521,8 +548,11 @@ async fn dlq_replay(State(api): State<Api>, Query(q): Query<DlqQuery>) -> Respon
 }
 
 async fn replay(api: &Inner, plugin: Option<&str>) -> serde_json::Value {
+    replay_entries(api, api.s.dead_letters.take(plugin)).await
+}
+
+async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>) -> serde_json::Value {
     let state = &api.s;
-    let taken = state.dead_letters.take(plugin);
     let mut replayed = Vec::new();
     let mut failed = Vec::new();
     for entry in taken {
@@ -545,6 +575,57 @@ async fn replay(api: &Inner, plugin: Option<&str>) -> serde_json::Value {
     let kept = failed.len();
     state.dead_letters.restore(failed);
     json!({ "replayed": replayed, "failed": kept })
+}
+
+/// `GET /v1/dlq/{id}`: one kept dead letter, by the id of its dead-letter event.
+async fn dlq_get(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    match api.s.dead_letters.get(&id) {
+        Some(entry) => Json(json!({ "dead_letter": entry })).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no kept dead letter has id {id:?} (see GET /v1/dlq)")),
+    }
+}
+
+/// `POST /v1/dlq/{id}/replay`: re-publishes one kept dead letter (fresh id, `plugbus-replay-of`);
+/// like the bulk replay, in its own task, and put back when the bus does not take it.
+async fn dlq_replay_one(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    let Some(entry) = api.s.dead_letters.take_id(&id) else {
+        return error(StatusCode::NOT_FOUND, format!("no kept dead letter has id {id:?} (see GET /v1/dlq)"));
+    };
+    let task_api = api.clone();
+    let report = tokio::spawn(async move { replay_entries(&task_api, vec![entry]).await }).await;
+    match report {
+        Ok(report) if report["failed"] == 0 => Json(report).into_response(),
+        Ok(report) => (StatusCode::SERVICE_UNAVAILABLE, Json(report)).into_response(),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the replay task ended without a report (see the log)"),
+    }
+}
+
+/// `GET /v1/stats`: per plugin the last minute and the totals, the pipeline graph, the
+/// rejected files (what the dashboard shows; see [`crate::stats`]).
+async fn stats(State(api): State<Api>) -> Response {
+    let state = &api.s;
+    let plugins = state.router.plugins();
+    let windows = state.router.windows();
+    let graph = crate::stats::graph(&plugins, &windows);
+    let rows = plugins
+        .iter()
+        .map(|p| crate::stats::plugin_stats(p, windows.get(&p.name).cloned().unwrap_or_default()))
+        .collect();
+    let rejected = state
+        .rejected
+        .lock()
+        .expect("poisoned")
+        .iter()
+        .map(|r| crate::stats::RejectedFile { file: r.path.display().to_string(), reason: r.reason.clone() })
+        .collect();
+    Json(crate::stats::Stats {
+        window_seconds: crate::window::SECONDS as u64,
+        plugins: rows,
+        graph,
+        rejected,
+        dead_letters_kept: state.dead_letters.usage().0,
+    })
+    .into_response()
 }
 
 #[cfg(test)]

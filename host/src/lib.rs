@@ -8,6 +8,7 @@
 pub mod api;
 pub mod cloudevents;
 pub mod config;
+pub mod dashboard;
 pub mod deadletter;
 pub mod dispatch;
 pub mod dlq_file;
@@ -23,8 +24,10 @@ pub mod retry;
 pub mod router;
 pub mod sandbox;
 pub mod scaffold;
+pub mod stats;
 pub mod subject;
 pub mod transport;
+pub mod window;
 
 pub use config::Config;
 pub use event::Event;

@@ -1,7 +1,9 @@
 //! The `plugbus` command line: run the host, publish an event.
 
+mod cli;
+
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use plugbus::{Config, Host};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -143,10 +145,18 @@ impl RunArgs {
 
 #[derive(Subcommand)]
 enum DlqAction {
-    /// Print the kept dead letters as JSON.
-    List,
+    /// List the kept dead letters (a table; `--json` for the API's answer).
+    List {
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-publish the kept dead letters to their original subjects (with fresh ids).
-    Replay,
+    Replay {
+        /// Print the API's JSON report instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -200,16 +210,24 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
-    /// Print every event matching PATTERN as it flows through a running host (`*`, `>` wildcards).
+    /// Print every event matching PATTERN as it flows through a running host (`*`, `>` wildcards):
+    /// time, subject, id and the start of the data, one line each (`--json` for the records).
     Tail {
         /// Subject pattern, e.g. `orders.>`.
         pattern: String,
+        /// Print each event's full JSON record, one per line.
+        #[arg(long)]
+        json: bool,
         /// The host's HTTP API.
         #[arg(long, default_value = "http://127.0.0.1:7070", env = "PLUGBUS_URL")]
         url: String,
     },
-    /// List the plugins of a running host, with their state and counters.
+    /// List the plugins of a running host, with their state and counters (a table; `--json` for
+    /// the API's answer).
     Plugins {
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
         /// The host's HTTP API.
         #[arg(long, default_value = "http://127.0.0.1:7070", env = "PLUGBUS_URL")]
         url: String,
@@ -225,6 +243,13 @@ enum Command {
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
+    /// Print a shell completion script (e.g. `plugbus completions bash > /etc/bash_completion.d/plugbus`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `plugbus man > plugbus.1`.
+    Man,
     /// Publish one event to a running host through its HTTP API.
     Publish {
         /// The subject, e.g. `orders.created`.
@@ -260,9 +285,28 @@ fn init_logging(format: LogFormat) {
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Runs the command; a user error (a bad flag value, a host that is not there, a refusal) is
+/// one line with its causes and exit code 1, never a backtrace: `RUST_BACKTRACE` only shows
+/// on a panic (a bug).
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            cli::report_error(&anyhow::Error::new(e).context("starting the async runtime"));
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            cli::report_error(&e);
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             init_logging(cli.log_format);
@@ -299,8 +343,15 @@ async fn main() -> anyhow::Result<()> {
             }
             std::process::exit(if report.loadable { 0 } else { 1 });
         }
-        Command::Tail { pattern, url } => tail(&client(cli.api_token.as_deref())?, &url, &pattern).await,
-        Command::Plugins { url } => plugins(&client(cli.api_token.as_deref())?, &url).await,
+        Command::Tail { pattern, url, json } => tail(&client(cli.api_token.as_deref())?, &url, &pattern, json).await,
+        Command::Plugins { url, json } => plugins(&client(cli.api_token.as_deref())?, &url, json).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "plugbus", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()).context("writing the man page")
+        }
         Command::New { name, dir, sdk } => {
             let sdk = sdk.unwrap_or_else(plugbus::scaffold::default_sdk);
             let created = plugbus::scaffold::new_handler(&name, &dir, &sdk)?;
@@ -364,16 +415,22 @@ async fn wait_for_stop_signal() -> anyhow::Result<&'static str> {
 }
 
 async fn dlq(client: &reqwest::Client, url: &str, action: DlqAction, plugin: Option<&str>) -> anyhow::Result<()> {
-    let req = match action {
-        DlqAction::List => client.get(api_url(url, &["v1", "dlq"])?),
-        DlqAction::Replay => client.post(api_url(url, &["v1", "dlq", "replay"])?),
+    let (req, json) = match action {
+        DlqAction::List { json } => (client.get(api_url(url, &["v1", "dlq"])?), json),
+        DlqAction::Replay { json } => (client.post(api_url(url, &["v1", "dlq", "replay"])?), json),
     };
     let req = match plugin {
         Some(p) => req.query(&[("plugin", p)]),
         None => req,
     };
-    let body: serde_json::Value = send(req, url).await?.json().await.unwrap_or_default();
-    println!("{}", serde_json::to_string_pretty(&body)?);
+    let body: serde_json::Value = send(req, url).await?.json().await.context("reading the host's answer")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+    } else if matches!(action, DlqAction::List { .. }) {
+        println!("{}", cli::dlq_table(&body));
+    } else {
+        println!("{}", cli::replay_summary(&body));
+    }
     Ok(())
 }
 
@@ -411,8 +468,10 @@ fn client(token: Option<&str>) -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder().default_headers(headers).build()?)
 }
 
-async fn tail(client: &reqwest::Client, url: &str, pattern: &str) -> anyhow::Result<()> {
+async fn tail(client: &reqwest::Client, url: &str, pattern: &str, json: bool) -> anyhow::Result<()> {
     use futures::StreamExt;
+    use std::io::{IsTerminal, Write};
+    let colour = cli::colour(std::io::stdout().is_terminal());
     let resp = send(client.get(api_url(url, &["v1", "events", pattern])?), url).await?;
     let mut stream = resp.bytes_stream();
     let mut buf = String::new();
@@ -421,36 +480,30 @@ async fn tail(client: &reqwest::Client, url: &str, pattern: &str) -> anyhow::Res
         while let Some(end) = buf.find('\n') {
             let line: String = buf.drain(..=end).collect();
             if let Some(data) = line.trim_end().strip_prefix("data: ") {
-                println!("{data}");
+                let shown = match serde_json::from_str::<serde_json::Value>(data) {
+                    Ok(record) if !json => cli::tail_line(&record, colour),
+                    _ => data.to_string(),
+                };
+                // A closed pipe (`plugbus tail '>' | head`) ends the tail quietly.
+                if writeln!(std::io::stdout(), "{shown}").is_err() {
+                    return Ok(());
+                }
             }
         }
     }
     Ok(())
 }
 
-async fn plugins(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
-    let body: serde_json::Value =
-        send(client.get(api_url(url, &["v1", "plugins"])?), url).await?.json().await.unwrap_or_default();
-    println!(
-        "{:<20} {:<18} {:>9} {:>9} {:>8} {:>6}  subscriptions",
-        "PLUGIN", "STATE", "RECEIVED", "OK", "RETRIED", "DEAD"
-    );
-    for p in body["plugins"].as_array().into_iter().flatten() {
-        let c = &p["counters"];
-        let subs: Vec<&str> = p["subscriptions"].as_array().into_iter().flatten().filter_map(|s| s.as_str()).collect();
-        println!(
-            "{:<20} {:<18} {:>9} {:>9} {:>8} {:>6}  {}",
-            p["name"].as_str().unwrap_or("?"),
-            p["state"].as_str().unwrap_or("?"),
-            c["received"],
-            c["ok"],
-            c["retried"],
-            c["dead_lettered"],
-            subs.join(", ")
-        );
-    }
-    for r in body["rejected"].as_array().into_iter().flatten() {
-        println!("{:<20} {}", r["file"].as_str().unwrap_or("?"), r["state"].as_str().unwrap_or("?"));
+async fn plugins(client: &reqwest::Client, url: &str, json: bool) -> anyhow::Result<()> {
+    let body: serde_json::Value = send(client.get(api_url(url, &["v1", "plugins"])?), url)
+        .await?
+        .json()
+        .await
+        .context("reading the host's answer")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+    } else {
+        println!("{}", cli::plugins_table(&body));
     }
     Ok(())
 }
