@@ -25,11 +25,13 @@ async function api(path, init = {}) {
   return resp;
 }
 
-function status(text, bad) {
-  const s = $("#status");
+function show(where, text, bad) {
+  const s = $(where);
   s.textContent = text;
   s.className = bad ? "bad" : "";
 }
+const status = (text, bad) => show("#status", text, bad);
+const notice = (text, bad) => show("#notice", text, bad);
 
 function el(tag, attrs = {}, ...children) {
   const e = document.createElement(tag);
@@ -127,9 +129,9 @@ function header(ev, name) {
 async function replay(path) {
   try {
     const report = await (await api(path, { method: "POST" })).json();
-    status(`replayed ${report.replayed.length}, ${report.failed} kept`);
+    notice(`replayed ${report.replayed.length}, ${report.failed} kept`);
   } catch (e) {
-    status("replay failed: " + e.message, true);
+    notice("replay failed: " + e.message, true);
   }
   refresh();
 }
@@ -162,8 +164,7 @@ async function refresh() {
     drawGraph(stats.graph);
     drawPlugins(stats);
     drawDlq(dlq.dead_letters);
-    if (!$("#status").classList.contains("bad") || $("#status").textContent.startsWith("host"))
-      status(`${stats.plugins.length} plugins serving · updated ${new Date().toLocaleTimeString()}`);
+    status(`${stats.plugins.length} plugins serving · updated ${new Date().toLocaleTimeString()}`);
   } catch (e) {
     status("host: " + e.message, true);
   }
@@ -202,7 +203,7 @@ async function tail(pattern) {
       }
     }
   } catch (e) {
-    if (e.name !== "AbortError") status("tail: " + e.message, true);
+    if (e.name !== "AbortError") notice("tail: " + e.message, true);
   }
   tailAbort = null;
   $("#tail-button").textContent = "Start";
@@ -219,7 +220,7 @@ $("#token-form").addEventListener("submit", (e) => {
   token = $("#token").value.trim();
   sessionStorage.setItem(TOKEN_KEY, token);
   $("#token-form").hidden = true;
-  status("token set");
+  notice("token set");
   refresh();
 });
 
