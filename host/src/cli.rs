@@ -35,6 +35,11 @@ fn table(header: &[&str], right: &[usize]) -> Table {
     t
 }
 
+/// A table's lines without the padding comfy-table leaves after the last column.
+fn render(t: &Table) -> String {
+    t.to_string().lines().map(str::trim_end).collect::<Vec<_>>().join("\n")
+}
+
 fn text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
@@ -75,7 +80,7 @@ pub fn plugins_table(body: &Value) -> String {
             subs.join(", "),
         ]);
     }
-    let mut out = t.to_string();
+    let mut out = render(&t);
     let rejected: Vec<&Value> = body["rejected"].as_array().into_iter().flatten().collect();
     if !rejected.is_empty() {
         let mut r = table(&["REJECTED FILE", "REASON"], &[]);
@@ -84,19 +89,13 @@ pub fn plugins_table(body: &Value) -> String {
             r.add_row(vec![text(&f["file"]), reason.strip_prefix("rejected: ").unwrap_or(&reason).to_string()]);
         }
         out.push_str("\n\n");
-        out.push_str(&r.to_string());
+        out.push_str(&render(&r));
     }
     out
 }
 
 fn header<'a>(event: &'a Value, name: &str) -> &'a str {
-    event["headers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|h| h[0] == name)
-        .and_then(|h| h[1].as_str())
-        .unwrap_or("-")
+    event["headers"].as_array().into_iter().flatten().find(|h| h[0] == name).and_then(|h| h[1].as_str()).unwrap_or("-")
 }
 
 /// `plugbus dlq list`: the answer of `GET /v1/dlq` as a table (the error cut to one short line).
@@ -117,7 +116,7 @@ pub fn dlq_table(body: &Value) -> String {
     if letters.is_empty() {
         return "no dead letters kept".into();
     }
-    t.to_string()
+    render(&t)
 }
 
 /// `plugbus dlq replay`: what was replayed.

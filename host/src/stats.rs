@@ -186,7 +186,13 @@ pub fn graph(plugins: &[PluginInfo], windows: &BTreeMap<String, Summary>) -> Gra
         let Ok(pp) = Pattern::parse(p) else { continue };
         for s in subscribed.iter().filter(|s| *s != p) {
             if Pattern::parse(s).is_ok_and(|sp| sp.overlaps(&pp)) {
-                g.edges.push(Edge { from: subject_id(p), to: subject_id(s), kind: "matches", rate: 0.0, error_rate: 0.0 });
+                g.edges.push(Edge {
+                    from: subject_id(p),
+                    to: subject_id(s),
+                    kind: "matches",
+                    rate: 0.0,
+                    error_rate: 0.0,
+                });
             }
         }
     }

@@ -144,7 +144,11 @@ fn wait_output(args: &[&str], want: &str) -> String {
 fn user_errors_are_one_line_without_a_backtrace_even_with_rust_backtrace() {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
-    for args in [vec!["publish", "--url", &url, "a.b", "x"], vec!["plugins", "--url", "not a url"], vec!["dlq", "list", "--url", &url]] {
+    for args in [
+        vec!["publish", "--url", &url, "a.b", "x"],
+        vec!["plugins", "--url", "not a url"],
+        vec!["dlq", "list", "--url", &url],
+    ] {
         let out = cli(&args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
@@ -171,7 +175,8 @@ fn listings_are_aligned_tables_with_json_for_machines() {
     let col = lines[0].find("PLUGIN").unwrap();
     assert_eq!(&lines[1][col..col + "faulty".len()], "faulty", "not under its header:\n{table}");
     assert!(lines[1].contains("faulty.retry"), "{table}");
-    let json: serde_json::Value = serde_json::from_str(&stdout(&cli(&["dlq", "list", "--json", "--url", &url]))).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&cli(&["dlq", "list", "--json", "--url", &url]))).unwrap();
     assert_eq!(json["dead_letters"][0]["plugin"], "faulty");
 
     let table = stdout(&cli(&["plugins", "--url", &url]));
@@ -196,9 +201,8 @@ fn tail_prints_one_readable_line_per_event_and_json_on_request() {
         if json {
             args.push("--json");
         }
-        let mut tail = Running(
-            Command::new(plugbus_bin()).args(&args).stdout(std::process::Stdio::piped()).spawn().unwrap(),
-        );
+        let mut tail =
+            Running(Command::new(plugbus_bin()).args(&args).stdout(std::process::Stdio::piped()).spawn().unwrap());
         let out = tail.0.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

@@ -12,7 +12,12 @@ async fn stats(t: &TestHost) -> Value {
 }
 
 fn plugin<'a>(stats: &'a Value, name: &str) -> &'a Value {
-    stats["plugins"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap_or_else(|| panic!("{name} in {stats}"))
+    stats["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("{name} in {stats}"))
 }
 
 fn has_edge(stats: &Value, from: &str, to: &str, kind: &str) -> bool {
@@ -69,7 +74,8 @@ async fn stats_show_the_last_minute_the_graph_and_the_rejected_files() {
 async fn the_stats_grow_with_configuration_never_with_traffic() {
     let t = TestHost::start(&["audit"]).await;
     let before = stats(&t).await;
-    let size = |s: &Value| (s["graph"]["nodes"].as_array().unwrap().len(), s["graph"]["edges"].as_array().unwrap().len());
+    let size =
+        |s: &Value| (s["graph"]["nodes"].as_array().unwrap().len(), s["graph"]["edges"].as_array().unwrap().len());
     for i in 0..300 {
         t.publish(&format!("orders.id{i}.created"), "{}").await;
     }
@@ -163,17 +169,20 @@ async fn the_page_s_own_origin_may_replay_and_another_site_may_not() {
         assert_eq!(resp.status().as_u16(), 403, "Origin {origin}, Host {host}, Sec-Fetch-Site {site}");
     }
     assert_eq!(t.host.dead_letters().list(None).len(), 1, "a refused request replayed");
-    for (origin, host) in [(format!("http://127.0.0.1:{port}"), format!("127.0.0.1:{port}")),
-        (format!("http://localhost:{port}"), format!("localhost:{port}"))]
-    {
-        let resp = from_page(client.get(format!("{}/v1/stats", t.url())), &origin, &host, "same-origin").send().await.unwrap();
+    for (origin, host) in [
+        (format!("http://127.0.0.1:{port}"), format!("127.0.0.1:{port}")),
+        (format!("http://localhost:{port}"), format!("localhost:{port}")),
+    ] {
+        let resp =
+            from_page(client.get(format!("{}/v1/stats", t.url())), &origin, &host, "same-origin").send().await.unwrap();
         assert_eq!(resp.status().as_u16(), 200, "{origin}");
         assert!(!resp.headers().contains_key("access-control-allow-origin"), "same-origin needs no CORS");
     }
-    let resp = from_page(client.post(&url), &format!("http://127.0.0.1:{port}"), &format!("127.0.0.1:{port}"), "same-origin")
-        .send()
-        .await
-        .unwrap();
+    let resp =
+        from_page(client.post(&url), &format!("http://127.0.0.1:{port}"), &format!("127.0.0.1:{port}"), "same-origin")
+            .send()
+            .await
+            .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     let report: Value = resp.json().await.unwrap();
     assert_eq!(report["replayed"].as_array().unwrap().len(), 1, "{report}");
