@@ -11,7 +11,11 @@ use std::io::IsTerminal;
 /// Whether to colour what goes to this stream: a terminal, and `NO_COLOR` unset or empty
 /// (<https://no-color.org>).
 pub fn colour(is_terminal: bool) -> bool {
-    is_terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+    colour_with(is_terminal, std::env::var_os("NO_COLOR").as_deref())
+}
+
+fn colour_with(is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 fn paint(on: bool, code: &str, text: &str) -> String {
@@ -160,6 +164,15 @@ mod tests {
         assert_eq!(&lines[1][end - 4..end], "1234", "{out}");
         assert_eq!(&lines[2][end - 1..end], "4", "{out}");
         assert!(out.contains("broken.wasm") && out.contains("not a component") && !out.contains("rejected: "));
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_and_never_with_no_color() {
+        use std::ffi::OsStr;
+        assert!(colour_with(true, None));
+        assert!(colour_with(true, Some(OsStr::new(""))), "an empty NO_COLOR does not count");
+        assert!(!colour_with(true, Some(OsStr::new("1"))));
+        assert!(!colour_with(false, None));
     }
 
     #[test]

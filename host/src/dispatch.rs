@@ -196,8 +196,7 @@ pub async fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) 
             counters.handled.inc();
             rt.stats.ok.fetch_add(1, Ordering::Relaxed);
             rt.stats.outputs.fetch_add(*outputs as u64, Ordering::Relaxed);
-            rt.stats.window.mark(Mark::Handled);
-            rt.stats.window.outputs(*outputs as u64);
+            rt.stats.window.handled(*outputs as u64);
             tracing::debug!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempts, outputs, "handled");
             delivery.acker.ack().await;
         }

@@ -47,8 +47,6 @@ impl Slot {
 pub enum Mark {
     /// A delivery arrived.
     Received,
-    /// A delivery was handled.
-    Handled,
     /// An attempt failed and was retried.
     Retried,
     /// A delivery was dead-lettered.
@@ -127,16 +125,17 @@ impl Window {
         let slot = self.slot(now_second());
         let counter = match what {
             Mark::Received => &slot.received,
-            Mark::Handled => &slot.handled,
             Mark::Retried => &slot.retried,
             Mark::DeadLettered => &slot.dead_lettered,
         };
         counter.fetch_add(1, Relaxed);
     }
 
-    /// Counts outputs released now.
-    pub fn outputs(&self, n: u64) {
-        self.slot(now_second()).outputs.fetch_add(n, Relaxed);
+    /// Counts a delivery handled now, with the outputs it released.
+    pub fn handled(&self, outputs: u64) {
+        let slot = self.slot(now_second());
+        slot.handled.fetch_add(1, Relaxed);
+        slot.outputs.fetch_add(outputs, Relaxed);
     }
 
     /// Records one handler attempt's time.
