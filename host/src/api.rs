@@ -522,8 +522,16 @@ struct DlqQuery {
     plugin: Option<String>,
 }
 
-async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqQuery>) -> Response {
-    Json(json!({ "dead_letters": api.s.dead_letters.list(q.plugin.as_deref()) })).into_response()
+#[derive(serde::Deserialize)]
+struct DlqListQuery {
+    plugin: Option<String>,
+    /// Only the newest this many (the dashboard polls with a limit).
+    limit: Option<usize>,
+}
+
+async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqListQuery>) -> Response {
+    let (dead_letters, total) = api.s.dead_letters.newest(q.plugin.as_deref(), q.limit.unwrap_or(usize::MAX));
+    Json(json!({ "dead_letters": dead_letters, "total": total })).into_response()
 }
 
 /// Re-publishes kept dead letters to their original subjects (fresh ids, `plugbus-replay-of`).

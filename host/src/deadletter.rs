@@ -237,6 +237,17 @@ impl DeadLetters {
         kept.items.iter().filter(|e| plugin.is_none_or(|p| e.plugin == p)).cloned().collect()
     }
 
+    /// The newest `limit` kept dead letters (optionally of one plugin), oldest first, and how many
+    /// are kept in all (of that plugin): a page can poll this without copying the whole store.
+    pub fn newest(&self, plugin: Option<&str>, limit: usize) -> (Vec<Entry>, usize) {
+        let kept = self.kept.lock().expect("dlq poisoned");
+        let mine = |e: &&Entry| plugin.is_none_or(|p| e.plugin == p);
+        let total = kept.items.iter().filter(mine).count();
+        let mut newest: Vec<Entry> = kept.items.iter().rev().filter(mine).take(limit).cloned().collect();
+        newest.reverse();
+        (newest, total)
+    }
+
     /// The kept dead letter whose (dead-letter event) id is `id`.
     pub fn get(&self, id: &str) -> Option<Entry> {
         let kept = self.kept.lock().expect("dlq poisoned");

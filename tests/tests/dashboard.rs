@@ -95,6 +95,11 @@ async fn one_dead_letter_is_read_and_replayed_by_its_id() {
     t.publish("faulty.retry", "").await;
     let other = dead.next_on("plugbus.dlq.faulty").await;
     let client = reqwest::Client::new();
+    // The page polls only the newest few, and learns how many are kept.
+    let newest: Value = client.get(format!("{}/v1/dlq?limit=1", t.url())).send().await.unwrap().json().await.unwrap();
+    assert_eq!(newest["total"], 2, "{newest}");
+    assert_eq!(newest["dead_letters"].as_array().unwrap().len(), 1);
+    assert_eq!(newest["dead_letters"][0]["event"]["id"], other.id.as_str(), "{newest}");
     let one = format!("{}/v1/dlq/{}", t.url(), letter.id);
     let got: Value = client.get(&one).send().await.unwrap().json().await.unwrap();
     assert_eq!(got["dead_letter"]["event"]["id"], letter.id.as_str());

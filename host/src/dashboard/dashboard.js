@@ -136,15 +136,15 @@ async function replay(path) {
   refresh();
 }
 
-function drawDlq(entries) {
-  $("#dlq-count").textContent = `(${entries.length} kept)`;
+function drawDlq(entries, total) {
+  $("#dlq-count").textContent = total > entries.length ? `(${total} kept, newest ${entries.length} shown)` : `(${total} kept)`;
   const plugins = [...new Set(entries.map((d) => d.plugin))];
   $("#dlq-plugins").replaceChildren(...plugins.map((p) => {
     const b = el("button", { type: "button" }, `Replay all of ${p}`);
     b.onclick = () => replay(`/v1/dlq/replay?plugin=${encodeURIComponent(p)}`);
     return b;
   }));
-  $("#dlq tbody").replaceChildren(...entries.slice(-200).reverse().map((d) => {
+  $("#dlq tbody").replaceChildren(...entries.slice().reverse().map((d) => {
     const ev = d.event;
     const b = el("button", { type: "button" }, "Replay");
     b.onclick = () => replay(`/v1/dlq/${encodeURIComponent(ev.id)}/replay`);
@@ -159,11 +159,11 @@ async function refresh() {
   try {
     const [stats, dlq] = await Promise.all([
       api("/v1/stats").then((r) => r.json()),
-      api("/v1/dlq").then((r) => r.json()),
+      api("/v1/dlq?limit=100").then((r) => r.json()),
     ]);
     drawGraph(stats.graph);
     drawPlugins(stats);
-    drawDlq(dlq.dead_letters);
+    drawDlq(dlq.dead_letters, dlq.total);
     status(`${stats.plugins.length} plugins serving · updated ${new Date().toLocaleTimeString()}`);
   } catch (e) {
     status("host: " + e.message, true);
