@@ -153,6 +153,9 @@ enum DlqAction {
     },
     /// Re-publish the kept dead letters to their original subjects (with fresh ids).
     Replay {
+        /// Only this dead letter (its ID as `plugbus dlq list` shows it).
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
         /// Print the API's JSON report instead of a summary.
         #[arg(long)]
         json: bool,
@@ -415,9 +418,13 @@ async fn wait_for_stop_signal() -> anyhow::Result<&'static str> {
 }
 
 async fn dlq(client: &reqwest::Client, url: &str, action: DlqAction, plugin: Option<&str>) -> anyhow::Result<()> {
-    let (req, json) = match action {
-        DlqAction::List { json } => (client.get(api_url(url, &["v1", "dlq"])?), json),
-        DlqAction::Replay { json } => (client.post(api_url(url, &["v1", "dlq", "replay"])?), json),
+    if let (DlqAction::Replay { id: Some(_), .. }, Some(_)) = (&action, plugin) {
+        anyhow::bail!("--id and --plugin cannot be used together: --id names one dead letter");
+    }
+    let (req, json) = match &action {
+        DlqAction::List { json } => (client.get(api_url(url, &["v1", "dlq"])?), *json),
+        DlqAction::Replay { id: Some(id), json } => (client.post(api_url(url, &["v1", "dlq", id, "replay"])?), *json),
+        DlqAction::Replay { id: None, json } => (client.post(api_url(url, &["v1", "dlq", "replay"])?), *json),
     };
     let req = match plugin {
         Some(p) => req.query(&[("plugin", p)]),

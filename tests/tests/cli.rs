@@ -178,7 +178,7 @@ fn listings_are_aligned_tables_with_json_for_machines() {
     let json: serde_json::Value =
         serde_json::from_str(&stdout(&cli(&["dlq", "list", "--json", "--url", &url]))).unwrap();
     assert_eq!(json["dead_letters"][0]["plugin"], "faulty");
-
+    let id = json["dead_letters"][0]["event"]["id"].as_str().unwrap().to_string();
     let table = stdout(&cli(&["plugins", "--url", &url]));
     let lines: Vec<&str> = table.lines().collect();
     let end = lines[0].find("RECEIVED").unwrap() + "RECEIVED".len();
@@ -189,6 +189,16 @@ fn listings_are_aligned_tables_with_json_for_machines() {
     assert!(table.contains("broken.wasm"), "the rejected file is listed:\n{table}");
     let json: serde_json::Value = serde_json::from_str(&stdout(&cli(&["plugins", "--json", "--url", &url]))).unwrap();
     assert_eq!(json["plugins"].as_array().unwrap().len(), 2);
+
+    let replayed = stdout(&cli(&["dlq", "replay", "--id", &id, "--url", &url]));
+    assert!(replayed.starts_with("replayed 1 dead letter"), "{replayed}");
+    let again = cli(&["dlq", "replay", "--id", &id, "--url", &url]);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success() && err.contains(&id) && err.trim_end().lines().count() == 1, "{err}");
+    // The example: a bad subject is one line naming why, with RUST_BACKTRACE=1.
+    let bad = cli(&["publish", "--url", &url, "bad subject", "x"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("whitespace") && err.trim_end().lines().count() == 1, "{err}");
     drop(host);
 }
 
