@@ -5,8 +5,10 @@
 //!   saying what was wrong; an ingress publish the bus cannot take within `api.publish_timeout`
 //!   (a plugin's queue is full) answers `503` with `Retry-After`, never hangs.
 //! - A web page cannot use the API: a request carrying an `Origin` (or a cross-site
-//!   `Sec-Fetch-Site`) is refused unless `api.allowed_origins` lists the origin, and on a
-//!   loopback listener a `Host` that is not a loopback name is refused (DNS rebinding).
+//!   `Sec-Fetch-Site`) is refused unless `api.allowed_origins` lists the origin or it is the
+//!   host's own dashboard (`Origin` equal to the `Host`, fetch metadata `same-origin`, and a
+//!   loopback listener or an API token), and on a loopback listener a `Host` that is not a
+//!   loopback name is refused (DNS rebinding).
 //! - Nothing a client holds open grows without bound: at most `api.max_tails` live tails, each
 //!   buffering at most `api.tail_buffer_bytes` for a client that does not read (then dropping,
 //!   counted in `/metrics`).
@@ -114,9 +116,12 @@ pub fn router(state: ApiState) -> axum::Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/plugins", get(plugins))
+        .route("/v1/stats", get(stats))
         .route("/v1/events/{subject}", post(publish).get(tail))
         .route("/v1/dlq", get(dlq_list))
         .route("/v1/dlq/replay", post(dlq_replay))
+        .route("/v1/dlq/{id}", get(dlq_get))
+        .route("/v1/dlq/{id}/replay", post(dlq_replay_one))
         .route("/v1/replay", post(replay_log))
         .route("/v1/events", post(empty_subject))
         .route("/v1/events/", post(empty_subject))
@@ -124,6 +129,7 @@ pub fn router(state: ApiState) -> axum::Router {
         .layer(axum::middleware::from_fn_with_state(api.clone(), guard));
     axum::Router::new()
         .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
+        .merge(crate::dashboard::routes())
         .merge(guarded)
         .with_state(api)
 }
@@ -171,6 +177,23 @@ fn bearer(value: &str) -> Option<&str> {
 }
 
 impl Inner {
+    /// Whether a request naming `origin` comes from a page this host served itself (the
+    /// dashboard): the origin is `http://<Host>` (or https) and the fetch metadata, when sent,
+    /// says same-origin. Trusted only where a DNS-rebinding page cannot pose as the host: on a
+    /// loopback listener (its `Host` was checked to be a loopback name) or with an API token (a
+    /// page from another name never holds the token the dashboard keeps for its own origin).
+    fn same_origin(&self, headers: &HeaderMap, origin: &str) -> bool {
+        if !self.loopback && self.token_digest.is_none() {
+            return false;
+        }
+        let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else { return false };
+        let site_ok = headers.get("sec-fetch-site").is_none_or(|v| v.as_bytes() == b"same-origin");
+        let served_here = ["http://", "https://"]
+            .iter()
+            .any(|scheme| origin.strip_prefix(scheme).is_some_and(|rest| rest.eq_ignore_ascii_case(host)));
+        site_ok && served_here
+    }
+
     /// `Ok(Some(origin))` for a request from an allowed web origin, `Ok(None)` for a request
     /// from no web page (curl, the CLI, Prometheus), `Err` naming why a request is refused.
     fn check_browser(&self, headers: &HeaderMap, uri: &axum::http::Uri) -> Result<Option<String>, String> {
@@ -190,6 +213,10 @@ impl Inner {
             let wanted = origin.trim_end_matches('/');
             if self.settings.allowed_origins.iter().any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(wanted)) {
                 return Ok(Some(origin));
+            }
+            if self.same_origin(headers, wanted) {
+                // The host's own page (the dashboard at `GET /`): no CORS headers needed.
+                return Ok(None);
             }
             return Err(format!(
                 "requests from web pages are refused: Origin {origin:?} is not in api.allowed_origins"
@@ -534,21 +561,38 @@ async fn kept_dead_letters(
     }
 }
 
-async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqQuery>) -> Response {
+#[derive(serde::Deserialize)]
+struct DlqListQuery {
+    plugin: Option<String>,
+    /// Only the newest this many (the dashboard polls with a limit).
+    limit: Option<usize>,
+}
+
+async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqListQuery>) -> Response {
+    let limit = q.limit.unwrap_or(usize::MAX);
+    // Without a broker's store, the host's own newest page (no copy of the whole store).
+    if api.s.transport.kept_dead_letters(None, 0).await.ok().flatten().is_none() {
+        let (dead_letters, total) = api.s.dead_letters.newest(q.plugin.as_deref(), limit);
+        let tagged: Vec<serde_json::Value> = dead_letters.into_iter().map(|e| tag(e, "host")).collect();
+        return Json(json!({ "dead_letters": tagged, "total": total })).into_response();
+    }
     match kept_dead_letters(&api, q.plugin.as_deref()).await {
         Ok((broker, local)) => {
-            let tag = |entries: Vec<crate::deadletter::Entry>, kept_by: &'static str| {
-                entries.into_iter().map(move |e| {
-                    let mut v = serde_json::to_value(e).unwrap_or_default();
-                    v["kept_by"] = json!(kept_by);
-                    v
-                })
-            };
-            let all: Vec<serde_json::Value> = tag(broker, "broker").chain(tag(local, "host")).collect();
-            Json(json!({ "dead_letters": all })).into_response()
+            let mut all: Vec<serde_json::Value> =
+                broker.into_iter().map(|e| tag(e, "broker")).chain(local.into_iter().map(|e| tag(e, "host"))).collect();
+            let total = all.len();
+            all.drain(..total.saturating_sub(limit));
+            Json(json!({ "dead_letters": all, "total": total })).into_response()
         }
         Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, why),
     }
+}
+
+/// A listed dead letter, saying who keeps it (`broker` or `host`).
+fn tag(entry: crate::deadletter::Entry, kept_by: &str) -> serde_json::Value {
+    let mut v = serde_json::to_value(entry).unwrap_or_default();
+    v["kept_by"] = json!(kept_by);
+    v
 }
 
 /// Re-publishes kept dead letters to their original subjects (fresh ids, `plugbus-replay-of`).
@@ -573,27 +617,33 @@ async fn dlq_replay(State(api): State<Api>, Query(q): Query<DlqQuery>) -> Respon
 }
 
 async fn replay(api: &Inner, plugin: Option<&str>) -> serde_json::Value {
-    let state = &api.s;
-    let mut replayed = Vec::new();
-    // The broker's first: each is removed from its stream once the bus took its replay.
-    let broker = match state.transport.kept_dead_letters(plugin, BROKER_DLQ_LIMIT).await {
+    let broker = match api.s.transport.kept_dead_letters(plugin, BROKER_DLQ_LIMIT).await {
         Ok(kept) => kept.unwrap_or_default(),
         Err(e) => {
-            return json!({ "replayed": replayed, "failed": 0, "error": format!("reading the broker's dead letters: {e}") });
+            return json!({ "replayed": [], "failed": 0, "error": format!("reading the broker's dead letters: {e}") });
         }
     };
-    let mut broker_failed = 0usize;
     let held: std::collections::HashSet<String> = broker.iter().map(|e| e.event.id.clone()).collect();
     // This host's own, taken out of its store now (the replays below may make new ones, which
-    // wait for the next replay); put back when the bus does not take them.
-    let (_, rest): (Vec<_>, Vec<_>) =
-        state.dead_letters.take(plugin).into_iter().partition(|e| held.contains(&e.event.id));
-    for entry in broker {
+    // wait for the next replay); those the broker holds too are replayed from the broker.
+    let (_, mine): (Vec<_>, Vec<_>) =
+        api.s.dead_letters.take(plugin).into_iter().partition(|e| held.contains(&e.event.id));
+    let (mut replayed, mut failed) = replay_from_broker(api, broker).await;
+    let local = replay_entries(api, mine).await;
+    replayed.extend(local["replayed"].as_array().cloned().unwrap_or_default());
+    failed += local["failed"].as_u64().unwrap_or(0) as usize;
+    json!({ "replayed": replayed, "failed": failed })
+}
+
+/// Replays dead letters the broker keeps; each leaves the broker once the bus took its replay.
+async fn replay_from_broker(api: &Inner, entries: Vec<crate::deadletter::Entry>) -> (Vec<serde_json::Value>, usize) {
+    let (mut replayed, mut failed) = (Vec::new(), 0);
+    for entry in entries {
         let Some(event) = crate::deadletter::replay_event(&entry.event) else { continue };
         let id = event.id.clone();
         match publish_in_time(api, event).await {
             Ok(()) => {
-                if let Err(e) = state.transport.forget_dead_letter(entry.seq).await {
+                if let Err(e) = api.s.transport.forget_dead_letter(entry.seq).await {
                     tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id,
                         "dead letter replayed but still kept by the broker (a later replay repeats it): {e}");
                 }
@@ -601,12 +651,19 @@ async fn replay(api: &Inner, plugin: Option<&str>) -> serde_json::Value {
             }
             Err(e) => {
                 tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id, "replay failed, the dead letter is kept: {e}");
-                broker_failed += 1;
+                failed += 1;
             }
         }
     }
+    (replayed, failed)
+}
+
+/// Replays this host's own dead letters, taken out of its store; those the bus does not take
+/// are put back.
+async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>) -> serde_json::Value {
+    let mut replayed = Vec::new();
     let mut failed = Vec::new();
-    for entry in rest {
+    for entry in taken {
         let Some(event) = crate::deadletter::replay_event(&entry.event) else { continue };
         let id = event.id.clone();
         match publish_in_time(api, event).await {
@@ -617,8 +674,8 @@ async fn replay(api: &Inner, plugin: Option<&str>) -> serde_json::Value {
             }
         }
     }
-    let kept = failed.len() + broker_failed;
-    state.dead_letters.restore(failed);
+    let kept = failed.len();
+    api.s.dead_letters.restore(failed);
     json!({ "replayed": replayed, "failed": kept })
 }
 
@@ -630,6 +687,76 @@ async fn publish_in_time(api: &Inner, event: crate::event::Event) -> Result<(), 
             Err(format!("the bus did not take it within {:?} (api.publish_timeout)", api.settings.publish_timeout))
         }
     }
+}
+
+/// `GET /v1/dlq/{id}`: one kept dead letter, by the id of its dead-letter event.
+async fn dlq_get(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    let kept = match api.s.dead_letters.get(&id) {
+        Some(entry) => Some(entry),
+        None => broker_entry(&api, &id).await,
+    };
+    match kept {
+        Some(entry) => Json(json!({ "dead_letter": entry })).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no kept dead letter has id {id:?} (see GET /v1/dlq)")),
+    }
+}
+
+/// The dead letter `id` as the broker keeps it, if it does.
+async fn broker_entry(api: &Inner, id: &str) -> Option<crate::deadletter::Entry> {
+    let kept = api.s.transport.kept_dead_letters(None, BROKER_DLQ_LIMIT).await.ok().flatten()?;
+    kept.into_iter().find(|e| e.event.id == id)
+}
+
+/// `POST /v1/dlq/{id}/replay`: re-publishes one kept dead letter (fresh id, `plugbus-replay-of`);
+/// like the bulk replay, in its own task, and put back when the bus does not take it.
+async fn dlq_replay_one(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    let task_api = api.clone();
+    let report = match api.s.dead_letters.take_id(&id) {
+        Some(entry) => tokio::spawn(async move { replay_entries(&task_api, vec![entry]).await }).await,
+        None => {
+            let Some(entry) = broker_entry(&api, &id).await else {
+                return error(StatusCode::NOT_FOUND, format!("no kept dead letter has id {id:?} (see GET /v1/dlq)"));
+            };
+            tokio::spawn(async move {
+                let (replayed, failed) = replay_from_broker(&task_api, vec![entry]).await;
+                json!({ "replayed": replayed, "failed": failed })
+            })
+            .await
+        }
+    };
+    match report {
+        Ok(report) if report["failed"] == 0 => Json(report).into_response(),
+        Ok(report) => (StatusCode::SERVICE_UNAVAILABLE, Json(report)).into_response(),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the replay task ended without a report (see the log)"),
+    }
+}
+
+/// `GET /v1/stats`: per plugin the last minute and the totals, the pipeline graph, the
+/// rejected files (what the dashboard shows; see [`crate::stats`]).
+async fn stats(State(api): State<Api>) -> Response {
+    let state = &api.s;
+    let plugins = state.router.plugins();
+    let windows = state.router.windows();
+    let graph = crate::stats::graph(&plugins, &windows);
+    let rows = plugins
+        .iter()
+        .map(|p| crate::stats::plugin_stats(p, windows.get(&p.name).cloned().unwrap_or_default()))
+        .collect();
+    let rejected = state
+        .rejected
+        .lock()
+        .expect("poisoned")
+        .iter()
+        .map(|r| crate::stats::RejectedFile { file: r.path.display().to_string(), reason: r.reason.clone() })
+        .collect();
+    Json(crate::stats::Stats {
+        window_seconds: crate::window::SECONDS as u64,
+        plugins: rows,
+        graph,
+        rejected,
+        dead_letters_kept: state.dead_letters.usage().0,
+    })
+    .into_response()
 }
 
 #[cfg(test)]

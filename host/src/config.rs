@@ -5,11 +5,11 @@
 //! Unknown keys are errors, not silently ignored. A `[plugins.<name>]` table overrides any
 //! subset of the defaults for one plugin.
 
+use crate::backend::embedded::log::BusSettings;
+use crate::backend::nats::NatsSettings;
 use crate::retry::RetryPolicy;
 use crate::router::{Delivering, Flow};
 use crate::sandbox::{InstanceMode, Limits, SandboxSettings};
-use crate::backend::embedded::log::BusSettings;
-use crate::backend::nats::NatsSettings;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::de::DeserializeOwned;

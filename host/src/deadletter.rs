@@ -248,6 +248,35 @@ impl DeadLetters {
         kept.items.iter().filter(|e| plugin.is_none_or(|p| e.plugin == p)).cloned().collect()
     }
 
+    /// The newest `limit` kept dead letters (optionally of one plugin), oldest first, and how many
+    /// are kept in all (of that plugin): a page can poll this without copying the whole store.
+    pub fn newest(&self, plugin: Option<&str>, limit: usize) -> (Vec<Entry>, usize) {
+        let kept = self.kept.lock().expect("dlq poisoned");
+        let mine = |e: &&Entry| plugin.is_none_or(|p| e.plugin == p);
+        let total = kept.items.iter().filter(mine).count();
+        let mut newest: Vec<Entry> = kept.items.iter().rev().filter(mine).take(limit).cloned().collect();
+        newest.reverse();
+        (newest, total)
+    }
+
+    /// The kept dead letter whose (dead-letter event) id is `id`.
+    pub fn get(&self, id: &str) -> Option<Entry> {
+        let kept = self.kept.lock().expect("dlq poisoned");
+        kept.items.iter().find(|e| e.event.id == id).cloned()
+    }
+
+    /// Removes and returns the kept dead letter `id` to replay it (put it back with
+    /// [`restore`](Self::restore) if the replay fails).
+    pub fn take_id(&self, id: &str) -> Option<Entry> {
+        let mut kept = self.kept.lock().expect("dlq poisoned");
+        let at = kept.items.iter().position(|e| e.event.id == id)?;
+        let entry = kept.items.remove(at)?;
+        kept.bytes -= entry_bytes(&entry.plugin, &entry.event);
+        drop(kept);
+        self.write_through(|f| f.remove(&[entry.seq]));
+        Some(entry)
+    }
+
     /// How many dead letters are kept, and the bytes charged for them.
     pub fn usage(&self) -> (usize, usize) {
         let kept = self.kept.lock().expect("dlq poisoned");

@@ -16,6 +16,7 @@ use crate::metrics::PluginMetrics;
 use crate::retry::RetryPolicy;
 use crate::sandbox::{Failure, Plugin};
 use crate::transport::{Delivery, Transport};
+use crate::window::Mark;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::Semaphore;
@@ -52,6 +53,8 @@ pub struct PluginStats {
     pub pending: AtomicU64,
     /// Outputs released.
     pub outputs: AtomicU64,
+    /// The last minute (rates, handler times) for `GET /v1/stats`.
+    pub window: crate::window::Window,
     /// The deliveries pending now, for the drain report.
     pending_events: Mutex<Slots>,
 }
@@ -166,6 +169,7 @@ pub enum RetryIn {
 /// settles it with the transport.
 pub async fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) -> Outcome {
     rt.stats.received.fetch_add(1, Ordering::Relaxed);
+    rt.stats.window.mark(Mark::Received);
     let ev = &delivery.event;
     let counters = rt.metrics.event(&ev.subject);
     counters.received.inc();
@@ -192,6 +196,7 @@ pub async fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) 
             counters.handled.inc();
             rt.stats.ok.fetch_add(1, Ordering::Relaxed);
             rt.stats.outputs.fetch_add(*outputs as u64, Ordering::Relaxed);
+            rt.stats.window.handled(*outputs as u64);
             tracing::debug!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempts, outputs, "handled");
             delivery.acker.ack().await;
         }
@@ -199,6 +204,7 @@ pub async fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) 
         Outcome::DeadLettered { attempts, failure } => {
             counters.dead_lettered.inc();
             rt.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            rt.stats.window.mark(Mark::DeadLettered);
             match dead_letter(rt, ev, &failure.to_string(), *attempts).await {
                 Ok(()) => delivery.acker.term().await,
                 // Not kept anywhere durable: let the transport bring it back rather than lose it.
@@ -233,6 +239,7 @@ async fn attempts(
             Err(failure) if failure.is_retryable() && attempt < rt.retry.max_attempts => {
                 let wait = rt.retry.backoff(attempt);
                 rt.stats.retried.fetch_add(1, Ordering::Relaxed);
+                rt.stats.window.mark(Mark::Retried);
                 rt.metrics.event(&ev.subject).retried.inc();
                 tracing::warn!(
                     plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempt,
@@ -275,6 +282,7 @@ async fn run_attempt(
             run
         };
         rt.metrics.handler_seconds.observe(run.elapsed.as_secs_f64());
+        rt.stats.window.time(run.elapsed);
         run.result?;
         let outputs: Vec<Arc<Event>> =
             run.outputs.into_iter().enumerate().map(|(i, o)| Arc::new(o.into_event(ev, &rt.name, i))).collect();

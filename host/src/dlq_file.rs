@@ -2,8 +2,8 @@
 //! a restart. [`crate::deadletter::DeadLetters`] writes through to it: a push inserts, an
 //! eviction or a replay removes; at start the store is read back in order.
 
-use crate::event::Event;
 use crate::backend::embedded::log::{decode, encode};
+use crate::event::Event;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
 

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod casetest;
 pub mod cloudevents;
 pub mod config;
+pub mod dashboard;
 pub mod deadletter;
 pub mod dispatch;
 pub mod dlq_file;
@@ -25,8 +26,10 @@ pub mod retry;
 pub mod router;
 pub mod sandbox;
 pub mod scaffold;
+pub mod stats;
 pub mod subject;
 pub mod transport;
+pub mod window;
 
 pub use config::Config;
 pub use event::Event;

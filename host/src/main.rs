@@ -1,7 +1,9 @@
 //! The `plugbus` command line: run the host, publish an event.
 
+mod cli;
+
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use plugbus::{Config, Host};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -144,10 +146,21 @@ impl RunArgs {
 
 #[derive(Subcommand)]
 enum DlqAction {
-    /// Print the kept dead letters as JSON.
-    List,
+    /// List the kept dead letters (a table; `--json` for the API's answer).
+    List {
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-publish the kept dead letters to their original subjects (with fresh ids).
-    Replay,
+    Replay {
+        /// Only this dead letter (its ID as `plugbus dlq list` shows it).
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
+        /// Print the API's JSON report instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the kept dead letters as case lines for `plugbus test` (the event that failed,
     /// expecting what happened): `plugbus dlq export > cases.jsonl`.
     Export,
@@ -204,7 +217,8 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
-    /// Print every event matching PATTERN as it flows through a running host (`*`, `>` wildcards).
+    /// Print every event matching PATTERN as it flows through a running host (`*`, `>` wildcards):
+    /// time, subject, id and the start of the data, one line each (`--json` for the records).
     Tail {
         /// Subject pattern, e.g. `orders.>`.
         pattern: String,
@@ -212,6 +226,9 @@ enum Command {
         /// file for `plugbus test`.
         #[arg(long, value_name = "FILE")]
         record: Option<PathBuf>,
+        /// Print each event's full JSON record, one per line.
+        #[arg(long)]
+        json: bool,
         /// The host's HTTP API.
         #[arg(long, default_value = "http://127.0.0.1:7070", env = "PLUGBUS_URL")]
         url: String,
@@ -235,8 +252,12 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
-    /// List the plugins of a running host, with their state and counters.
+    /// List the plugins of a running host, with their state and counters (a table; `--json` for
+    /// the API's answer).
     Plugins {
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
         /// The host's HTTP API.
         #[arg(long, default_value = "http://127.0.0.1:7070", env = "PLUGBUS_URL")]
         url: String,
@@ -252,6 +273,13 @@ enum Command {
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
+    /// Print a shell completion script (e.g. `plugbus completions bash > /etc/bash_completion.d/plugbus`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `plugbus man > plugbus.1`.
+    Man,
     /// Publish one event to a running host through its HTTP API.
     Publish {
         /// The subject, e.g. `orders.created`.
@@ -292,9 +320,28 @@ fn init_logging_at(format: LogFormat, default: &str) {
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Runs the command; a user error (a bad flag value, a host that is not there, a refusal) is
+/// one line with its causes and exit code 1, never a backtrace: `RUST_BACKTRACE` only shows
+/// on a panic (a bug).
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            cli::report_error(&anyhow::Error::new(e).context("starting the async runtime"));
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            cli::report_error(&e);
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             init_logging(cli.log_format);
@@ -331,8 +378,8 @@ async fn main() -> anyhow::Result<()> {
             }
             std::process::exit(if report.loadable { 0 } else { 1 });
         }
-        Command::Tail { pattern, url, record } => {
-            tail(&client(cli.api_token.as_deref())?, &url, &pattern, record.as_deref()).await
+        Command::Tail { pattern, url, record, json } => {
+            tail(&client(cli.api_token.as_deref())?, &url, &pattern, record.as_deref(), json).await
         }
         Command::Test { plugin, cases, plugin_config, update, config } => {
             // Warnings (a refused publish, a cut log) on stderr; the handler's own log lines
@@ -348,7 +395,14 @@ async fn main() -> anyhow::Result<()> {
             };
             std::process::exit(code);
         }
-        Command::Plugins { url } => plugins(&client(cli.api_token.as_deref())?, &url).await,
+        Command::Plugins { url, json } => plugins(&client(cli.api_token.as_deref())?, &url, json).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "plugbus", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()).context("writing the man page")
+        }
         Command::New { name, dir, sdk } => {
             let sdk = sdk.unwrap_or_else(plugbus::scaffold::default_sdk);
             let created = plugbus::scaffold::new_handler(&name, &dir, &sdk)?;
@@ -432,7 +486,10 @@ async fn test_cases(
 }
 
 async fn dlq(client: &reqwest::Client, url: &str, action: DlqAction, plugin: Option<&str>) -> anyhow::Result<()> {
-    let req = match action {
+    if let (DlqAction::Replay { id: Some(_), .. }, Some(_)) = (&action, plugin) {
+        anyhow::bail!("--id and --plugin cannot be used together: --id names one dead letter");
+    }
+    let (req, json) = match &action {
         DlqAction::Export => {
             let req = client.get(api_url(url, &["v1", "dlq"])?);
             let req = match plugin {
@@ -448,15 +505,22 @@ async fn dlq(client: &reqwest::Client, url: &str, action: DlqAction, plugin: Opt
             }
             return Ok(());
         }
-        DlqAction::List => client.get(api_url(url, &["v1", "dlq"])?),
-        DlqAction::Replay => client.post(api_url(url, &["v1", "dlq", "replay"])?),
+        DlqAction::List { json } => (client.get(api_url(url, &["v1", "dlq"])?), *json),
+        DlqAction::Replay { id: Some(id), json } => (client.post(api_url(url, &["v1", "dlq", id, "replay"])?), *json),
+        DlqAction::Replay { id: None, json } => (client.post(api_url(url, &["v1", "dlq", "replay"])?), *json),
     };
     let req = match plugin {
         Some(p) => req.query(&[("plugin", p)]),
         None => req,
     };
-    let body: serde_json::Value = send(req, url).await?.json().await.unwrap_or_default();
-    println!("{}", serde_json::to_string_pretty(&body)?);
+    let body: serde_json::Value = send(req, url).await?.json().await.context("reading the host's answer")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+    } else if matches!(action, DlqAction::List { .. }) {
+        println!("{}", cli::dlq_table(&body));
+    } else {
+        println!("{}", cli::replay_summary(&body));
+    }
     Ok(())
 }
 
@@ -499,9 +563,11 @@ async fn tail(
     url: &str,
     pattern: &str,
     record: Option<&std::path::Path>,
+    json: bool,
 ) -> anyhow::Result<()> {
     use futures::StreamExt;
-    use std::io::Write;
+    use std::io::{IsTerminal, Write};
+    let colour = cli::colour(std::io::stdout().is_terminal());
     let mut req = client.get(api_url(url, &["v1", "events", pattern])?);
     let mut file = match record {
         Some(path) => {
@@ -519,11 +585,18 @@ async fn tail(
         while let Some(end) = buf.find('\n') {
             let line: String = buf.drain(..=end).collect();
             if let Some(data) = line.trim_end().strip_prefix("data: ") {
-                println!("{data}");
                 if let (Some(f), Some(path)) = (file.as_mut(), record) {
                     // One write per line, straight to the file: a stopped tail keeps every line.
                     f.write_all(format!("{data}\n").as_bytes())
                         .with_context(|| format!("--record {}: writing failed", path.display()))?;
+                }
+                let shown = match serde_json::from_str::<serde_json::Value>(data) {
+                    Ok(record) if !json => cli::tail_line(&record, colour),
+                    _ => data.to_string(),
+                };
+                // A closed pipe (`plugbus tail '>' | head`) ends the tail quietly.
+                if writeln!(std::io::stdout(), "{shown}").is_err() {
+                    return Ok(());
                 }
             }
         }
@@ -531,29 +604,16 @@ async fn tail(
     Ok(())
 }
 
-async fn plugins(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
-    let body: serde_json::Value =
-        send(client.get(api_url(url, &["v1", "plugins"])?), url).await?.json().await.unwrap_or_default();
-    println!(
-        "{:<20} {:<18} {:>9} {:>9} {:>8} {:>6}  subscriptions",
-        "PLUGIN", "STATE", "RECEIVED", "OK", "RETRIED", "DEAD"
-    );
-    for p in body["plugins"].as_array().into_iter().flatten() {
-        let c = &p["counters"];
-        let subs: Vec<&str> = p["subscriptions"].as_array().into_iter().flatten().filter_map(|s| s.as_str()).collect();
-        println!(
-            "{:<20} {:<18} {:>9} {:>9} {:>8} {:>6}  {}",
-            p["name"].as_str().unwrap_or("?"),
-            p["state"].as_str().unwrap_or("?"),
-            c["received"],
-            c["ok"],
-            c["retried"],
-            c["dead_lettered"],
-            subs.join(", ")
-        );
-    }
-    for r in body["rejected"].as_array().into_iter().flatten() {
-        println!("{:<20} {}", r["file"].as_str().unwrap_or("?"), r["state"].as_str().unwrap_or("?"));
+async fn plugins(client: &reqwest::Client, url: &str, json: bool) -> anyhow::Result<()> {
+    let body: serde_json::Value = send(client.get(api_url(url, &["v1", "plugins"])?), url)
+        .await?
+        .json()
+        .await
+        .context("reading the host's answer")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+    } else {
+        println!("{}", cli::plugins_table(&body));
     }
     Ok(())
 }

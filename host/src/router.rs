@@ -309,6 +309,12 @@ impl Router {
             .collect()
     }
 
+    /// Each live plugin's last minute (`GET /v1/stats`).
+    pub fn windows(&self) -> BTreeMap<String, crate::window::Summary> {
+        let entries = self.entries.lock().expect("router poisoned");
+        entries.iter().map(|(name, e)| (name.clone(), e.runtime.stats.window.summary())).collect()
+    }
+
     /// Whether no plugin has anything queued or pending.
     pub fn is_idle(&self) -> bool {
         let entries = self.entries.lock().expect("router poisoned");

@@ -94,3 +94,165 @@ fn publish_without_a_host_says_so() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no plugbus host answering"));
 }
+
+/// A host run by the binary on these components, with its API on a free port.
+fn run_host(dir: &std::path::Path, components: &[&str], extra: &[&str]) -> (Running, String) {
+    for c in components {
+        std::fs::copy(wasm(c), dir.join(format!("{c}.wasm"))).unwrap();
+    }
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let host = Running(
+        Command::new(plugbus_bin())
+            .args(["run", "--plugins"])
+            .arg(dir)
+            .arg("--data-dir")
+            .arg(dir.join(".data"))
+            .args(["--http", &format!("127.0.0.1:{port}")])
+            .args(extra)
+            .stderr(std::fs::File::create(dir.join("host.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_healthy(&url);
+    (host, url)
+}
+
+fn cli(args: &[&str]) -> std::process::Output {
+    output_within(Command::new(plugbus_bin()).args(args).env("RUST_BACKTRACE", "1"), Duration::from_secs(30))
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// Waits until `args` prints something containing `want`.
+fn wait_output(args: &[&str], want: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = stdout(&cli(args));
+        if text.contains(want) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "{args:?} never showed {want:?}:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn user_errors_are_one_line_without_a_backtrace_even_with_rust_backtrace() {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    for args in [
+        vec!["publish", "--url", &url, "a.b", "x"],
+        vec!["plugins", "--url", "not a url"],
+        vec!["dlq", "list", "--url", &url],
+    ] {
+        let out = cli(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: not one line:\n{err}");
+        assert!(err.starts_with("error: "), "{err}");
+        assert!(!err.contains("backtrace") && !err.contains("Backtrace") && !err.contains("\x1b["), "{err}");
+    }
+    // The causes are on that line: what failed, then why.
+    let err = String::from_utf8_lossy(&cli(&["publish", "--url", &url, "a.b", "x"]).stderr).to_string();
+    assert!(err.contains("no plugbus host answering") && err.matches(": ").count() >= 2, "{err}");
+}
+
+#[test]
+fn listings_are_aligned_tables_with_json_for_machines() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("broken.wasm"), b"garbage").unwrap();
+    let (host, url) = run_host(dir.path(), &["inventory", "faulty"], &["--max-attempts", "1"]);
+    let out = cli(&["publish", "--url", &url, "faulty.retry", "boom"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let table = wait_output(&["dlq", "list", "--url", &url], "faulty");
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].contains("ID") && lines[0].contains("PLUGIN") && lines[0].contains("ERROR"), "{table}");
+    let col = lines[0].find("PLUGIN").unwrap();
+    assert_eq!(&lines[1][col..col + "faulty".len()], "faulty", "not under its header:\n{table}");
+    assert!(lines[1].contains("faulty.retry"), "{table}");
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&cli(&["dlq", "list", "--json", "--url", &url]))).unwrap();
+    assert_eq!(json["dead_letters"][0]["plugin"], "faulty");
+    let id = json["dead_letters"][0]["event"]["id"].as_str().unwrap().to_string();
+    let table = stdout(&cli(&["plugins", "--url", &url]));
+    let lines: Vec<&str> = table.lines().collect();
+    let end = lines[0].find("RECEIVED").unwrap() + "RECEIVED".len();
+    let faulty = lines.iter().find(|l| l.trim_start().starts_with("faulty")).unwrap_or_else(|| panic!("{table}"));
+    // numbers are right-aligned under their header
+    assert_eq!(&faulty[end - 1..end], "1", "{table}");
+    assert_eq!(faulty.as_bytes()[end], b' ', "{table}");
+    assert!(table.contains("broken.wasm"), "the rejected file is listed:\n{table}");
+    let json: serde_json::Value = serde_json::from_str(&stdout(&cli(&["plugins", "--json", "--url", &url]))).unwrap();
+    assert_eq!(json["plugins"].as_array().unwrap().len(), 2);
+
+    let replayed = stdout(&cli(&["dlq", "replay", "--id", &id, "--url", &url]));
+    assert!(replayed.starts_with("replayed 1 dead letter"), "{replayed}");
+    let again = cli(&["dlq", "replay", "--id", &id, "--url", &url]);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success() && err.contains(&id) && err.trim_end().lines().count() == 1, "{err}");
+    // The issue's example: a bad subject is one line naming why, with RUST_BACKTRACE=1.
+    let bad = cli(&["publish", "--url", &url, "bad subject", "x"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("whitespace") && err.trim_end().lines().count() == 1, "{err}");
+    drop(host);
+}
+
+#[test]
+fn tail_prints_one_readable_line_per_event_and_json_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (host, url) = run_host(dir.path(), &["audit"], &[]);
+    for (json, expect_json) in [(false, false), (true, true)] {
+        let mut args = vec!["tail", "--url", url.as_str(), "orders.>"];
+        if json {
+            args.push("--json");
+        }
+        let mut tail =
+            Running(Command::new(plugbus_bin()).args(&args).stdout(std::process::Stdio::piped()).spawn().unwrap());
+        let out = tail.0.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        // The tail subscribes once connected: publish until a line comes.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let line = loop {
+            let out = cli(&["publish", "--url", &url, "orders.created", r#"{"order_id":"t-1"}"#]);
+            assert!(out.status.success());
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(300)) {
+                break line;
+            }
+            assert!(Instant::now() < deadline, "plugbus tail printed nothing");
+        };
+        if expect_json {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            assert_eq!(v["subject"], "orders.created");
+        } else {
+            assert!(line.contains("orders.created") && line.contains(r#"{"order_id":"t-1"}"#), "{line}");
+            assert!(!line.starts_with('{') && !line.contains('\x1b'), "{line}");
+            assert!(line.as_bytes()[2] == b':' && line.as_bytes()[5] == b':', "starts with the time: {line}");
+        }
+        drop(tail);
+    }
+    drop(host);
+}
+
+#[test]
+fn completions_and_the_man_page_come_from_the_clap_definitions() {
+    for shell in ["bash", "zsh", "fish"] {
+        let text = stdout(&cli(&["completions", shell]));
+        assert!(text.contains("plugbus") && text.contains("dlq") && text.contains("replay"), "{shell}");
+    }
+    let man = stdout(&cli(&["man"]));
+    assert!(man.starts_with(".ie") || man.contains(".TH plugbus"), "{}", &man[..200.min(man.len())]);
+    assert!(man.contains("completions") && man.contains("tail"));
+    let bad = cli(&["completions", "cmd.exe"]);
+    assert!(!bad.status.success());
+}

@@ -3,8 +3,8 @@
 //! still refused after the retries is dead-lettered by itself.
 
 use async_trait::async_trait;
-use plugbus::kv::{KvStore, MemoryKv};
 use plugbus::backend::embedded::bus::EmbeddedBus;
+use plugbus::kv::{KvStore, MemoryKv};
 use plugbus::transport::{Subscription, SubscriptionSpec, Transport, TransportError};
 use plugbus::{Config, Event, Host};
 use plugbus_tests::{eventually, fast_retries, order, wasm};

@@ -6,7 +6,6 @@
 //! the handler again. So concurrent events never lose each other's updates, and a failed
 //! attempt leaves no trace.
 
-
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 

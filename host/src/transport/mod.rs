@@ -5,7 +5,6 @@
 //! plugins' code, retries or the sandbox. Invariant: a transport never drops an accepted event
 //! silently: it either delivers it, applies backpressure, or returns an error to the publisher.
 
-
 use crate::event::Event;
 use async_trait::async_trait;
 use std::sync::Arc;

@@ -11,9 +11,9 @@
 //! is counted and logged.
 
 use super::log::{Appended, DurableLog};
-use crate::transport::{Acker, Delivery, Subscription, SubscriptionSpec, Transport, TransportError};
 use crate::event::Event;
 use crate::subject::{PatternSet, validate_subject};
+use crate::transport::{Acker, Delivery, Subscription, SubscriptionSpec, Transport, TransportError};
 use async_trait::async_trait;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};

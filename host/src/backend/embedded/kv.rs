@@ -2,9 +2,9 @@
 //! the log's writer, so an attempt's kv writes commit in one transaction with its outbox (the
 //! outputs to release), and a handler never runs again after its kv writes committed.
 
+use crate::backend::embedded::log::DurableLog;
 use crate::kv::Outbox;
 use crate::kv::{KvError, KvStore, Txn, Versioned};
-use crate::backend::embedded::log::DurableLog;
 use std::sync::Arc;
 
 /// The kv store of the durable embedded bus.

@@ -10,15 +10,15 @@
 //! - Messages are CloudEvents in the NATS binding ([`wire`]).
 
 mod consumer;
-pub mod kv;
 pub mod dead_letters;
+pub mod kv;
 mod queue_group;
 mod streams;
 mod wire;
 
-use crate::transport::{Delivery, Subscription, SubscriptionSpec, Transport, TransportError};
 use crate::event::Event;
 use crate::subject::{PatternSet, validate_subject, without_covered};
+use crate::transport::{Delivery, Subscription, SubscriptionSpec, Transport, TransportError};
 use async_nats::jetstream;
 use async_trait::async_trait;
 use futures::StreamExt;

@@ -1,0 +1,188 @@
+//! How the `plugbus` binary shows things to people: aligned tables (comfy-table), one-line
+//! errors, the readable tail, colour only on a terminal and never with `NO_COLOR`.
+//!
+//! Invariants: nothing here decides anything (it formats what the API answered); `--json`
+//! output never goes through here; no ANSI escape reaches a pipe or a file.
+
+use comfy_table::{CellAlignment, ContentArrangement, Table, presets};
+use serde_json::Value;
+use std::io::IsTerminal;
+
+/// Whether to colour what goes to this stream: a terminal, and `NO_COLOR` unset or empty
+/// (<https://no-color.org>).
+pub fn colour(is_terminal: bool) -> bool {
+    colour_with(is_terminal, std::env::var_os("NO_COLOR").as_deref())
+}
+
+fn colour_with(is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+fn paint(on: bool, code: &str, text: &str) -> String {
+    if on { format!("\x1b[{code}m{text}\x1b[0m") } else { text.to_string() }
+}
+
+/// Prints a user error as one line: the error and its causes, `: `-separated, no backtrace.
+pub fn report_error(e: &anyhow::Error) {
+    let on = colour(std::io::stderr().is_terminal());
+    eprintln!("{} {e:#}", paint(on, "1;31", "error:"));
+}
+
+fn table(header: &[&str], right: &[usize]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(presets::NOTHING).set_content_arrangement(ContentArrangement::Disabled).set_header(header.to_vec());
+    for &i in right {
+        if let Some(c) = t.column_mut(i) {
+            c.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    t
+}
+
+/// A table's lines without the padding comfy-table leaves after the last column.
+fn render(t: &Table) -> String {
+    t.to_string().lines().map(str::trim_end).collect::<Vec<_>>().join("\n")
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn short(s: &str, max: usize) -> String {
+    let one_line: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if one_line.chars().count() <= max {
+        return one_line;
+    }
+    let mut cut: String = one_line.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
+/// `plugbus plugins`: the answer of `GET /v1/plugins` as a table, then the rejected files.
+pub fn plugins_table(body: &Value) -> String {
+    let mut t = table(
+        &["PLUGIN", "VERSION", "STATE", "RECEIVED", "OK", "RETRIED", "DEAD", "IN FLIGHT", "QUEUED", "SUBSCRIPTIONS"],
+        &[3, 4, 5, 6, 7, 8],
+    );
+    for p in body["plugins"].as_array().into_iter().flatten() {
+        let c = &p["counters"];
+        let subs: Vec<String> = p["subscriptions"].as_array().into_iter().flatten().map(text).collect();
+        t.add_row(vec![
+            text(&p["name"]),
+            text(&p["version"]),
+            text(&p["state"]),
+            text(&c["received"]),
+            text(&c["ok"]),
+            text(&c["retried"]),
+            text(&c["dead_lettered"]),
+            text(&c["in_flight"]),
+            text(&c["queued"]),
+            subs.join(", "),
+        ]);
+    }
+    let mut out = render(&t);
+    let rejected: Vec<&Value> = body["rejected"].as_array().into_iter().flatten().collect();
+    if !rejected.is_empty() {
+        let mut r = table(&["REJECTED FILE", "REASON"], &[]);
+        for f in rejected {
+            let reason = text(&f["state"]);
+            r.add_row(vec![text(&f["file"]), reason.strip_prefix("rejected: ").unwrap_or(&reason).to_string()]);
+        }
+        out.push_str("\n\n");
+        out.push_str(&render(&r));
+    }
+    out
+}
+
+fn header<'a>(event: &'a Value, name: &str) -> &'a str {
+    event["headers"].as_array().into_iter().flatten().find(|h| h[0] == name).and_then(|h| h[1].as_str()).unwrap_or("-")
+}
+
+/// `plugbus dlq list`: the answer of `GET /v1/dlq` as a table (the error cut to one short line).
+pub fn dlq_table(body: &Value) -> String {
+    let mut t = table(&["ID", "PLUGIN", "SUBJECT", "ATTEMPTS", "FAILED AT", "ERROR"], &[3]);
+    let letters: Vec<&Value> = body["dead_letters"].as_array().into_iter().flatten().collect();
+    for d in &letters {
+        let ev = &d["event"];
+        t.add_row(vec![
+            text(&ev["id"]),
+            text(&d["plugin"]),
+            header(ev, "plugbus-original-subject").to_string(),
+            header(ev, "plugbus-attempts").to_string(),
+            header(ev, "plugbus-failed-at").to_string(),
+            short(header(ev, "plugbus-error"), 80),
+        ]);
+    }
+    if letters.is_empty() {
+        return "no dead letters kept".into();
+    }
+    render(&t)
+}
+
+/// `plugbus dlq replay`: what was replayed.
+pub fn replay_summary(body: &Value) -> String {
+    let replayed = body["replayed"].as_array().map_or(0, Vec::len);
+    format!("replayed {replayed} dead letter(s); {} kept (the bus did not take them)", text(&body["failed"]))
+}
+
+/// `plugbus tail`: one event as `time  subject  id  data…` on one line.
+pub fn tail_line(record: &Value, on: bool) -> String {
+    let time = record["time"].as_str().unwrap_or("");
+    // RFC 3339: the time of day is enough on a live tail.
+    let clock = time.split_once('T').map_or(time, |(_, t)| t.trim_end_matches('Z'));
+    let clock: String = clock.chars().take(12).collect();
+    let subject = record["subject"].as_str().unwrap_or("?");
+    format!(
+        "{} {} {} {}",
+        paint(on, "2", &format!("{clock:<12}")),
+        paint(on, "36", &format!("{subject:<24}")),
+        paint(on, "2", &text(&record["id"])),
+        short(record["data"].as_str().unwrap_or(""), 100)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_plugins_table_is_aligned_under_its_header() {
+        let body = json!({ "plugins": [
+            { "name": "inventory", "version": "0.1.0", "state": "serving 0.1.0", "subscriptions": ["orders.created"],
+              "counters": { "received": 1234, "ok": 1234, "retried": 0, "dead_lettered": 0, "in_flight": 0, "queued": 0 } },
+            { "name": "x", "version": "2", "state": "serving 2", "subscriptions": ["a", "b"],
+              "counters": { "received": 4, "ok": 3, "retried": 17, "dead_lettered": 1, "in_flight": 1, "queued": 9 } },
+        ], "rejected": [{ "file": "/p/broken.wasm", "state": "rejected: not a component" }] });
+        let out = plugins_table(&body);
+        let lines: Vec<&str> = out.lines().collect();
+        let end = lines[0].find("RECEIVED").unwrap() + "RECEIVED".len();
+        assert_eq!(&lines[1][end - 4..end], "1234", "{out}");
+        assert_eq!(&lines[2][end - 1..end], "4", "{out}");
+        assert!(out.contains("broken.wasm") && out.contains("not a component") && !out.contains("rejected: "));
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_and_never_with_no_color() {
+        use std::ffi::OsStr;
+        assert!(colour_with(true, None));
+        assert!(colour_with(true, Some(OsStr::new(""))), "an empty NO_COLOR does not count");
+        assert!(!colour_with(true, Some(OsStr::new("1"))));
+        assert!(!colour_with(false, None));
+    }
+
+    #[test]
+    fn a_tail_line_is_short_and_plain_off_a_terminal() {
+        let rec = json!({ "time": "2026-11-30T07:00:01.123456Z", "subject": "orders.created", "id": "abc",
+            "data": format!("{{\"a\":\"{}\"}}\n", "x".repeat(500)) });
+        let line = tail_line(&rec, false);
+        assert!(line.starts_with("07:00:01.123 "), "{line}");
+        assert!(line.contains("orders.created") && line.contains("abc") && line.ends_with('…'), "{line}");
+        assert!(!line.contains('\x1b') && !line.contains('\n') && line.chars().count() < 160, "{line}");
+        assert!(tail_line(&rec, true).contains('\x1b'));
+    }
+}
