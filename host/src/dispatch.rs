@@ -10,11 +10,12 @@
 
 use crate::deadletter::{self, DeadLetters};
 use crate::event::Event;
+use crate::fate::{self, DeliveryError, Fate, Settle};
 use crate::kv::KvError;
 use crate::kv::Outbox;
 use crate::metrics::PluginMetrics;
 use crate::retry::RetryPolicy;
-use crate::sandbox::{Failure, Plugin};
+use crate::sandbox::Plugin;
 use crate::transport::{Delivery, Transport};
 use crate::window::Mark;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -151,8 +152,8 @@ pub enum Outcome {
     DeadLettered {
         /// Attempts made.
         attempts: u32,
-        /// The last failure.
-        failure: Failure,
+        /// Why.
+        failure: DeliveryError,
     },
 }
 
@@ -175,10 +176,7 @@ pub async fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) 
     counters.received.inc();
     let by_transport = retry_in == RetryIn::Transport && delivery.redeliverable;
     let outcome = match &delivery.defect {
-        Some(why) => {
-            let failure = Failure::Reject(format!("the message is not a valid event: {why}"));
-            Outcome::DeadLettered { attempts: 0, failure }
-        }
+        Some(why) => Outcome::DeadLettered { attempts: 0, failure: DeliveryError::Undecodable(why.clone()) },
         None => match delivery.handled.clone() {
             // Its kv writes committed (with these outputs) before the host stopped: it is not
             // run again; its outputs are released and it is acked.
@@ -205,11 +203,11 @@ pub async fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) 
             counters.dead_lettered.inc();
             rt.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             rt.stats.window.mark(Mark::DeadLettered);
-            match dead_letter(rt, ev, &failure.to_string(), *attempts).await {
-                Ok(()) => delivery.acker.term().await,
-                // Not kept anywhere durable: let the transport bring it back rather than lose it.
-                Err(()) if delivery.redeliverable => delivery.acker.nak(rt.retry.backoff(*attempts)).await,
-                Err(()) => delivery.acker.term().await,
+            let kept = dead_letter(rt, ev, &failure.to_string(), *attempts).await.is_ok();
+            match fate::settle_dead_letter(kept, delivery.redeliverable, *attempts, &rt.retry) {
+                Settle::Term => delivery.acker.term().await,
+                Settle::Nak(wait) => delivery.acker.nak(wait).await,
+                Settle::Ack => delivery.acker.ack().await,
             }
         }
     }
@@ -225,7 +223,7 @@ async fn attempts(
 ) -> Outcome {
     let max_bytes = rt.plugin().limits().max_event_bytes;
     if ev.data.len() as u64 > max_bytes {
-        let failure = Failure::Reject(format!("event of {} bytes is over the {max_bytes}-byte limit", ev.data.len()));
+        let failure = DeliveryError::Oversize { bytes: ev.data.len(), limit: max_bytes };
         return Outcome::DeadLettered { attempts: 0, failure };
     }
     let mut attempt = first;
@@ -236,8 +234,11 @@ async fn attempts(
                 let outputs = release_outputs(rt, ev, outputs).await;
                 return Outcome::Handled { attempts: attempt, outputs };
             }
-            Err(failure) if failure.is_retryable() && attempt < rt.retry.max_attempts => {
-                let wait = rt.retry.backoff(attempt);
+            Err(failure) => {
+                let fate = fate::decide(&failure, attempt, &rt.retry, by_transport);
+                let (Fate::RetryHere(wait) | Fate::Redeliver(wait)) = fate else {
+                    return Outcome::DeadLettered { attempts: attempt, failure };
+                };
                 rt.stats.retried.fetch_add(1, Ordering::Relaxed);
                 rt.stats.window.mark(Mark::Retried);
                 rt.metrics.event(&ev.subject).retried.inc();
@@ -245,14 +246,13 @@ async fn attempts(
                     plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempt,
                     retry_in_ms = wait.as_millis() as u64, "attempt failed, will retry: {failure}"
                 );
-                if by_transport {
+                if fate == Fate::Redeliver(wait) {
                     return Outcome::Redelivering { attempt, wait };
                 }
                 // The run permit is released while waiting: other events keep flowing.
                 tokio::time::sleep(wait).await;
                 attempt += 1;
             }
-            Err(failure) => return Outcome::DeadLettered { attempts: attempt, failure },
         }
     }
 }
@@ -267,7 +267,7 @@ async fn run_attempt(
     ev: &Event,
     attempt: u32,
     position: Option<(Arc<str>, u64)>,
-) -> Result<Vec<Arc<Event>>, Failure> {
+) -> Result<Vec<Arc<Event>>, DeliveryError> {
     let mut reruns = 0;
     loop {
         rt.stats.attempts.fetch_add(1, Ordering::Relaxed);
@@ -283,7 +283,7 @@ async fn run_attempt(
         };
         rt.metrics.handler_seconds.observe(run.elapsed.as_secs_f64());
         rt.stats.window.time(run.elapsed);
-        run.result?;
+        run.result.map_err(DeliveryError::Handler)?;
         let outputs: Vec<Arc<Event>> =
             run.outputs.into_iter().enumerate().map(|(i, o)| Arc::new(o.into_event(ev, &rt.name, i))).collect();
         let outbox = match &position {
@@ -304,7 +304,7 @@ async fn run_attempt(
                 reruns += 1;
                 tracing::debug!(plugin = %rt.name, event_id = %ev.id, key, "kv conflict, running again");
             }
-            Err(e) => return Err(Failure::Retry(e.to_string())),
+            Err(e) => return Err(DeliveryError::Kv(e.to_string())),
         }
     }
 }
@@ -328,14 +328,14 @@ async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Arc<Event>
                 Err(e) => e,
             };
             let (subject, id) = (&out.subject, &out.id);
-            if tries >= rt.retry.max_attempts {
+            let fate = fate::decide(&DeliveryError::Publish(err.to_string()), tries, &rt.retry, false);
+            let Fate::RetryHere(wait) = fate else {
                 tracing::error!(plugin = %rt.name, subject = %subject, event_id = %id, caused_by = %ev.id, tries,
                     "output not published; dead-lettering the output (the handler's kv writes stand): {err}");
                 let why = format!("output to {subject} not published after {tries} tries: {err}");
                 let _ = dead_letter(rt, &out, &why, tries).await;
                 break;
-            }
-            let wait = rt.retry.backoff(tries);
+            };
             tracing::warn!(plugin = %rt.name, subject = %subject, event_id = %id, caused_by = %ev.id, tries,
                 retry_in_ms = wait.as_millis() as u64, "output not published, publishing it again: {err}");
             tokio::time::sleep(wait).await;

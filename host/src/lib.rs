@@ -15,6 +15,7 @@ pub mod deadletter;
 pub mod dispatch;
 pub mod dlq_file;
 pub mod event;
+pub mod fate;
 pub mod host;
 pub mod inspect;
 pub mod kv;

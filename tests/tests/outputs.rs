@@ -118,3 +118,35 @@ async fn an_output_refused_every_time_is_dead_lettered_by_itself_and_kv_stands()
     assert_eq!(counter(&s.host, "dead_lettered"), 0, "the input itself was handled");
     assert_eq!(stock(&s.host).await, 6, "10 in stock, 4 reserved once");
 }
+
+/// A kv store whose commits always fail (a broken disk, a lost broker).
+struct BrokenKv(MemoryKv);
+
+#[async_trait::async_trait]
+impl KvStore for BrokenKv {
+    async fn get(&self, ns: &str, key: &str) -> Result<Option<plugbus::kv::Versioned>, plugbus::kv::KvError> {
+        self.0.get(ns, key).await
+    }
+    async fn commit(&self, _ns: &str, _txn: &plugbus::kv::Txn) -> Result<(), plugbus::kv::KvError> {
+        Err(plugbus::kv::KvError::Unavailable("injected: the store is gone".into()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_store_failure_is_the_hosts_not_the_handlers() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("inventory"), dir.path().join("inventory.wasm")).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut config =
+        Config { plugins_dir: dir.path().into(), data_dir: data.path().into(), http: None, ..Config::default() };
+    fast_retries(&mut config);
+    let kv: Arc<dyn KvStore> = Arc::new(BrokenKv(MemoryKv::new()));
+    let host = Host::start_on(config, Arc::new(EmbeddedBus::new()), kv).await.expect("host starts");
+    host.publish(Event::new("orders.created", order("o3", "widget", 1))).await.unwrap();
+    eventually("the event is dead-lettered", || !host.dead_letters().list(Some("inventory")).is_empty()).await;
+    let dead = host.dead_letters().list(Some("inventory"));
+    let error = dead[0].event.header("plugbus-error").unwrap();
+    assert!(error.starts_with("host error: the kv store did not commit"), "{error}");
+    assert!(error.contains("injected") && !error.contains("handler asked"), "{error}");
+    assert_eq!(counter(&host, "retried"), 2, "retried like any transient failure");
+}

@@ -1,0 +1,140 @@
+//! A delivery's fate: the one place that decides, after a failure, whether the event is tried
+//! again in this host, handed back to the transport for redelivery, or dead-lettered, and how
+//! a delivery is settled with its transport. Dispatch runs attempts and reports what went wrong
+//! as a [`DeliveryError`]; it never decides a fate itself.
+
+use crate::retry::RetryPolicy;
+use crate::sandbox::Failure;
+use std::time::Duration;
+
+/// Why an attempt or a delivery failed, attributed truthfully: a host or broker failure is
+/// never reported as the handler's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryError {
+    /// The handler failed: asked to retry, rejected the event, or trapped.
+    Handler(Failure),
+    /// The kv store could not commit the attempt's writes (not the handler's doing).
+    Kv(String),
+    /// The transport did not take an output or a dead letter.
+    Publish(String),
+    /// The event is larger than the plugin's `max_event_bytes`: it is never run.
+    Oversize {
+        /// The event's data size.
+        bytes: usize,
+        /// The plugin's limit.
+        limit: u64,
+    },
+    /// The message could not be read as an event: it is never run.
+    Undecodable(String),
+}
+
+impl DeliveryError {
+    /// Whether another attempt may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            DeliveryError::Handler(f) => f.is_retryable(),
+            DeliveryError::Kv(_) | DeliveryError::Publish(_) => true,
+            DeliveryError::Oversize { .. } | DeliveryError::Undecodable(_) => false,
+        }
+    }
+}
+
+impl std::fmt::Display for DeliveryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeliveryError::Handler(failure) => write!(f, "{failure}"),
+            DeliveryError::Kv(why) => write!(f, "host error: the kv store did not commit the attempt: {why}"),
+            DeliveryError::Publish(why) => write!(f, "host error: the bus did not take it: {why}"),
+            DeliveryError::Oversize { bytes, limit } => {
+                write!(f, "event of {bytes} bytes is over the {limit}-byte limit")
+            }
+            DeliveryError::Undecodable(why) => write!(f, "the message is not a valid event: {why}"),
+        }
+    }
+}
+
+/// What happens after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// Wait this long and try again in this host (the delivery and its ordering lane are held).
+    RetryHere(Duration),
+    /// Hand it back to the transport to deliver again after this long (any host may take it).
+    Redeliver(Duration),
+    /// Give up: dead-letter it.
+    DeadLetter,
+}
+
+/// Decides the fate of a delivery whose attempt number `attempt` (1-based) failed with `error`.
+/// `redelivering`: the transport redelivers after a `nak` and the plugin lets it hold retries.
+pub fn decide(error: &DeliveryError, attempt: u32, policy: &RetryPolicy, redelivering: bool) -> Fate {
+    if !error.is_retryable() || attempt >= policy.max_attempts {
+        return Fate::DeadLetter;
+    }
+    let wait = policy.backoff(attempt);
+    if redelivering { Fate::Redeliver(wait) } else { Fate::RetryHere(wait) }
+}
+
+/// How a delivery is settled with its transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Handled: never deliver again.
+    Ack,
+    /// Deliver again after this long.
+    Nak(Duration),
+    /// Never deliver again (dead-lettered, or a dead letter that failed).
+    Term,
+}
+
+/// How a dead-lettered delivery is settled: `term` once the dead letter is kept; when the
+/// transport did not take it, a redelivering transport gets it back (`nak`) rather than lose it.
+pub fn settle_dead_letter(kept: bool, redeliverable: bool, attempts: u32, policy: &RetryPolicy) -> Settle {
+    match (kept, redeliverable) {
+        (true, _) | (false, false) => Settle::Term,
+        (false, true) => Settle::Nak(policy.backoff(attempts.max(1))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy { max_attempts: 3, ..RetryPolicy::default() }
+    }
+
+    #[test]
+    fn retryable_failures_retry_until_the_last_attempt_then_dead_letter() {
+        let retry = DeliveryError::Handler(Failure::Retry("busy".into()));
+        assert!(matches!(decide(&retry, 1, &policy(), false), Fate::RetryHere(_)));
+        assert!(matches!(decide(&retry, 2, &policy(), true), Fate::Redeliver(_)));
+        assert_eq!(decide(&retry, 3, &policy(), false), Fate::DeadLetter);
+        let kv = DeliveryError::Kv("disk full".into());
+        assert!(matches!(decide(&kv, 1, &policy(), false), Fate::RetryHere(_)));
+    }
+
+    #[test]
+    fn poison_is_dead_lettered_at_once() {
+        for error in [
+            DeliveryError::Handler(Failure::Reject("bad order".into())),
+            DeliveryError::Oversize { bytes: 10, limit: 5 },
+            DeliveryError::Undecodable("not JSON".into()),
+        ] {
+            assert_eq!(decide(&error, 1, &policy(), true), Fate::DeadLetter, "{error}");
+        }
+    }
+
+    #[test]
+    fn host_failures_are_never_reported_as_the_handlers() {
+        let kv = DeliveryError::Kv("the event log is closed".into()).to_string();
+        assert!(kv.starts_with("host error:") && !kv.contains("handler"), "{kv}");
+        let handler = DeliveryError::Handler(Failure::Retry("busy".into())).to_string();
+        assert!(handler.starts_with("handler asked to retry"), "{handler}");
+    }
+
+    #[test]
+    fn a_dead_letter_the_bus_did_not_take_comes_back_when_the_transport_can_redeliver() {
+        assert_eq!(settle_dead_letter(true, true, 3, &policy()), Settle::Term);
+        assert_eq!(settle_dead_letter(false, false, 3, &policy()), Settle::Term);
+        assert!(matches!(settle_dead_letter(false, true, 3, &policy()), Settle::Nak(_)));
+    }
+}
