@@ -76,12 +76,12 @@ impl Delivering {
         SubscriptionSpec {
             plugin: name,
             patterns: m.patterns(),
-            queue_group,
+            group: queue_group,
             capacity: self.flow.queue,
             buffer_bytes: self.flow.buffer_mib.saturating_mul(1 << 20),
             durable: durable.then(|| Durability {
                 deliver_all: self.deliver_all.unwrap_or_else(|| m.subscriptions.iter().any(|s| s.deliver_all)),
-                max_deliver: self.retry.max_attempts.saturating_mul(2).max(self.retry.max_attempts + 1),
+                give_up_after: self.retry.max_attempts.saturating_mul(2).max(self.retry.max_attempts + 1),
                 dead_letter: Some(self.dead_letter_subject.clone()),
             }),
         }
@@ -221,8 +221,8 @@ impl Router {
             let e = entries.get(&name).ok_or_else(|| TransportError::Closed(format!("plugin {name} is not live")))?;
             (e.runtime.clone(), e.spec.clone(), e.delivering.subscription(&plugin), e.subscription_id)
         };
-        let resubscribed = (&old_spec.patterns, &old_spec.queue_group, &old_spec.durable)
-            != (&new_spec.patterns, &new_spec.queue_group, &new_spec.durable);
+        let resubscribed = (&old_spec.patterns, &old_spec.group, &old_spec.durable)
+            != (&new_spec.patterns, &new_spec.group, &new_spec.durable);
         if resubscribed {
             self.transport.retarget(subscription_id, &new_spec).await?;
         }

@@ -239,7 +239,7 @@ async fn native_floor(mode: Mode) -> anyhow::Result<Load> {
     let spec = SubscriptionSpec {
         plugin: "native".into(),
         patterns: vec!["bench.in.>".into()],
-        queue_group: "native".into(),
+        group: "native".into(),
         capacity: 1024,
         buffer_bytes: 64 << 20,
         durable: None,

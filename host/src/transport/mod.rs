@@ -93,8 +93,9 @@ pub struct SubscriptionSpec {
     pub plugin: String,
     /// Subject patterns; an event matching several is delivered once.
     pub patterns: Vec<String>,
-    /// Queue group shared by every host running this plugin.
-    pub queue_group: String,
+    /// The name every host running this plugin shares, so each event goes to one of them (a
+    /// consumer group: NATS's queue group and durable consumer name on the NATS backend).
+    pub group: String,
     /// How many deliveries may wait in the plugin's queue before the transport pauses.
     pub capacity: usize,
     /// Bytes of handler outputs that may wait beyond a full queue (in-process transports).
@@ -110,7 +111,7 @@ pub struct Durability {
     pub deliver_all: bool,
     /// Deliveries after which the transport gives up on an event by itself (a backstop: the
     /// host dead-letters before this).
-    pub max_deliver: u32,
+    pub give_up_after: u32,
     /// Where the plugin's dead letters go: the transport keeps them durably too.
     pub dead_letter: Option<String>,
 }

@@ -505,7 +505,7 @@ mod tests {
         SubscriptionSpec {
             plugin: "p".into(),
             patterns: patterns.iter().map(|s| s.to_string()).collect(),
-            queue_group: "plugbus.p".into(),
+            group: "plugbus.p".into(),
             capacity,
             buffer_bytes: 1 << 20,
             durable: None,

@@ -126,7 +126,7 @@ pub async fn ensure(js: &jetstream::Context, spec: &ConsumerSpec) -> Result<Pull
         deliver_policy,
         ack_policy: AckPolicy::Explicit,
         ack_wait: spec.ack_wait,
-        max_deliver: i64::from(spec.durability.max_deliver.max(1)),
+        max_deliver: i64::from(spec.durability.give_up_after.max(1)),
         filter_subject,
         filter_subjects,
         max_ack_pending: 20_000,

@@ -305,7 +305,7 @@ impl NatsTransport {
                 if let Some(dead_letter) = &durability.dead_letter {
                     streams::capture(&self.js, &self.index, &self.settings, dead_letter).await?;
                 }
-                let name = durable_name(&spec.queue_group);
+                let name = durable_name(&spec.group);
                 for (stream, filters) in &plan {
                     if feed.durable.get(stream).is_some_and(|(f, _)| f == filters) {
                         continue;
@@ -343,7 +343,7 @@ impl NatsTransport {
                     if feed.core.contains_key(p) {
                         continue;
                     }
-                    let sub = self.client.queue_subscribe(p.clone(), spec.queue_group.clone()).await.map_err(|e| {
+                    let sub = self.client.queue_subscribe(p.clone(), spec.group.clone()).await.map_err(|e| {
                         TransportError::Broker(format!("subscribing {} to {p} on NATS: {e}", spec.plugin))
                     })?;
                     feed.core.insert(
@@ -356,7 +356,7 @@ impl NatsTransport {
                 // Once subscribe returns, the server has the subscriptions: nothing published
                 // after it is missed.
                 self.registered().await?;
-                tracing::info!(plugin = %spec.plugin, patterns = ?patterns, queue_group = %spec.queue_group, "core NATS queue subscriptions");
+                tracing::info!(plugin = %spec.plugin, patterns = ?patterns, queue_group = %spec.group, "core NATS queue subscriptions");
             }
         }
         Ok(())
