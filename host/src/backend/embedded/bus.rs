@@ -88,6 +88,8 @@ struct Overflow {
     budget: u64,
     plugin: Arc<str>,
     log: Option<Arc<DurableLog>>,
+    /// Woken when what waits drops to half the budget (a history load waits for that).
+    drained: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -99,7 +101,7 @@ struct OverflowState {
 
 impl Overflow {
     fn new(plugin: Arc<str>, budget: u64, log: Option<Arc<DurableLog>>) -> Arc<Self> {
-        Arc::new(Self { state: Mutex::default(), budget, plugin, log })
+        Arc::new(Self { state: Mutex::default(), budget, plugin, log, drained: tokio::sync::Notify::new() })
     }
 
     /// Whether an event of `cost` bytes can be taken now (into the queue or behind it).
@@ -151,6 +153,7 @@ impl Overflow {
                 state.events.clear();
                 state.bytes = 0;
                 state.pumping = false;
+                self.drained.notify_waiters();
                 return;
             };
             let mut state = self.state.lock().expect("overflow poisoned");
@@ -159,6 +162,9 @@ impl Overflow {
                 return;
             };
             state.bytes -= cost;
+            if state.bytes <= self.budget / 2 {
+                self.drained.notify_waiters();
+            }
             slot.send(self.delivery(event, logged));
             if state.events.is_empty() {
                 state.pumping = false;
@@ -192,12 +198,18 @@ impl Load {
             Load::Below(_) => [].chunks(LOAD_PAGE),
         };
         loop {
-            // Room first: half the buffer free.
-            while overflow.state.lock().expect("overflow poisoned").bytes > overflow.budget / 2 {
+            // Room first: half the buffer free (the pump says when).
+            loop {
+                let drained = overflow.drained.notified();
+                tokio::pin!(drained);
+                drained.as_mut().enable();
+                if overflow.state.lock().expect("overflow poisoned").bytes <= overflow.budget / 2 {
+                    break;
+                }
                 if tx.is_closed() {
                     return;
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drained).await;
             }
             let page = match &self {
                 Load::Below(until) => log.unsettled_page(&plugin, from, LOAD_PAGE).map(|mut page| {
@@ -205,7 +217,7 @@ impl Load {
                     page
                 }),
                 Load::Seqs(_) => match seqs.next() {
-                    Some(chunk) => log.read_seqs(chunk),
+                    Some(chunk) => log.read_seqs(&plugin, chunk),
                     None => Ok(Vec::new()),
                 },
             };

@@ -228,10 +228,19 @@ pub struct DurableLog {
     dropped: Arc<std::sync::atomic::AtomicU64>,
     /// The next sequence number, handed out when an append is sent.
     next_seq: std::sync::atomic::AtomicU64,
-    /// Ids of the events redelivered at start: their outputs may be in the log already.
-    redelivered: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The events read back to run again (at start, or for a replay) and not settled yet: their
+    /// outputs may be in the log already.
+    redelivered: std::sync::Mutex<Redelivered>,
     /// Whether `redelivered` ever held an id: first deliveries (the hot path) skip its lock.
     any_redelivered: std::sync::atomic::AtomicBool,
+}
+
+/// The deliveries read back to run again and not settled yet, and how many of them each
+/// event id has (one per plugin).
+#[derive(Default)]
+struct Redelivered {
+    ids: std::collections::HashMap<String, u32>,
+    by_delivery: std::collections::HashMap<(Arc<str>, u64), String>,
 }
 
 /// One unsettled delivery read back at start.
@@ -333,23 +342,49 @@ impl DurableLog {
         Ok(seq)
     }
 
-    /// Whether the event with this id was redelivered at start (its outputs may be logged).
+    /// Whether the event with this id was read back to run again and is not settled yet (its
+    /// outputs may be logged).
     pub fn was_redelivered(&self, id: &str) -> bool {
         self.any_redelivered.load(std::sync::atomic::Ordering::Acquire)
-            && self.redelivered.lock().expect("redelivered poisoned").contains(id)
+            && self.redelivered.lock().expect("redelivered poisoned").ids.contains_key(id)
     }
 
-    /// Remembers that these events are delivered again (their outputs may be logged already).
-    fn mark_redelivered(&self, events: &[Unsettled]) {
+    /// How many read-back deliveries are not settled yet (they are forgotten as they settle).
+    pub fn redelivered_pending(&self) -> usize {
+        self.redelivered.lock().expect("redelivered poisoned").by_delivery.len()
+    }
+
+    /// Remembers that `plugin` gets these events again (their outputs may be logged already).
+    fn mark_redelivered(&self, plugin: &str, events: &[Unsettled]) {
         if events.is_empty() {
             return;
         }
-        self.redelivered.lock().expect("redelivered poisoned").extend(events.iter().map(|u| u.event.id.clone()));
+        let mut r = self.redelivered.lock().expect("redelivered poisoned");
+        for u in events {
+            if r.by_delivery.insert((plugin.into(), u.seq), u.event.id.clone()).is_none() {
+                *r.ids.entry(u.event.id.clone()).or_default() += 1;
+            }
+        }
         self.any_redelivered.store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Settles `plugin`'s delivery of `seq` (handled or dead-lettered): it is not delivered again.
     pub fn ack(&self, plugin: Arc<str>, seq: u64) {
+        if self.any_redelivered.load(std::sync::atomic::Ordering::Acquire) {
+            let mut r = self.redelivered.lock().expect("redelivered poisoned");
+            if let Some(id) = r.by_delivery.remove(&(plugin.clone(), seq))
+                && let Some(n) = r.ids.get_mut(&id)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    r.ids.remove(&id);
+                }
+            }
+            if r.by_delivery.is_empty() {
+                // Every read-back delivery settled: first deliveries skip the lock again.
+                self.any_redelivered.store(false, std::sync::atomic::Ordering::Release);
+            }
+        }
         // A closed log means the host is stopping: the delivery runs again at the next start.
         let _ = self.ops.send(Op::Ack { plugin, seq });
     }
@@ -456,7 +491,7 @@ impl DurableLog {
 
     /// The events under `seqs` (those retention dropped are left out), as deliveries to run
     /// again: their outputs may be in the log already.
-    pub fn read_seqs(&self, seqs: &[u64]) -> Result<Vec<Unsettled>, LogError> {
+    pub fn read_seqs(&self, plugin: &str, seqs: &[u64]) -> Result<Vec<Unsettled>, LogError> {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
         let r = self.store.get().map_err(|e| io(&e))?.begin_read().map_err(|e| io(&e))?;
         let events = r.open_table(EVENTS).map_err(|e| io(&e))?;
@@ -468,7 +503,7 @@ impl DurableLog {
                 out.push(Unsettled { seq, event: Arc::new(event) });
             }
         }
-        self.mark_redelivered(&out);
+        self.mark_redelivered(plugin, &out);
         Ok(out)
     }
 
@@ -520,7 +555,7 @@ impl DurableLog {
                 decode(stored.value()).map_err(|why| LogError::Corrupt { path: self.path.clone(), seq, why })?;
             out.push(Unsettled { seq, event: Arc::new(event) });
         }
-        self.mark_redelivered(&out);
+        self.mark_redelivered(plugin, &out);
         Ok(out)
     }
 }
@@ -1107,6 +1142,15 @@ mod tests {
         assert_eq!(log.unsettled("a").unwrap()[0].event.subject, "orders.created");
         let s3 = log.append(Arc::new(sample()), vec![], false).await.unwrap();
         assert_eq!(s3, Appended::At(3), "sequence numbers continue after a reopen");
+        // Read back to run again: remembered until settled, then forgotten (a replay of a
+        // million events must not keep a million ids).
+        let id = log.unsettled("b").unwrap()[0].event.id.clone();
+        assert!(log.was_redelivered(&id));
+        assert_eq!(log.redelivered_pending(), 2, "a's 2 and b's 1");
+        log.ack(a.clone(), 2);
+        log.ack(b.clone(), 1);
+        assert_eq!(log.redelivered_pending(), 0);
+        assert!(!log.was_redelivered(&id));
     }
 
     #[tokio::test]
