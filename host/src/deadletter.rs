@@ -35,6 +35,8 @@ pub mod headers {
     pub const ORIGINAL_SOURCE: &str = "plugbus-original-source";
     /// On a replayed event: the id of the dead letter it came from.
     pub const REPLAY_OF: &str = "plugbus-replay-of";
+    /// On a dead letter of a dead letter: how deep (1). One that fails again is only logged.
+    pub const DEPTH: &str = "plugbus-dead-letter-depth";
 }
 
 /// The longest `plugbus-error` a dead letter carries: the failure text is built from pieces
@@ -54,6 +56,10 @@ pub fn dead_letter_event(original: &Event, plugin: &str, subject: &str, error: &
         (headers::FAILED_AT.to_string(), now_rfc3339()),
         (headers::ORIGINAL_SOURCE.to_string(), original.source.clone()),
     ]);
+    let depth = nesting(original);
+    if depth > 0 {
+        extensions.push((headers::DEPTH.to_string(), depth.to_string()));
+    }
     Event {
         id: output_id(&original.source, &original.id, plugin, usize::MAX),
         source: format!("plugbus/{plugin}"),
@@ -65,6 +71,15 @@ pub fn dead_letter_event(original: &Event, plugin: &str, subject: &str, error: &
         data: original.data.clone(),
         reply_to: None,
     }
+}
+
+/// How deep a dead letter of `original` would be: 0 for an ordinary event, one more than the
+/// original's depth when it carries the host's dead-letter mark.
+pub fn nesting(original: &Event) -> u32 {
+    if !is_dead_letter(original) {
+        return 0;
+    }
+    original.header(headers::DEPTH).and_then(|d| d.parse::<u32>().ok()).unwrap_or(0).saturating_add(1)
 }
 
 /// Whether `event` is itself a dead letter (its failure is logged, never dead-lettered again).

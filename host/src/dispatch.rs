@@ -352,7 +352,9 @@ async fn dead_letter(rt: &PluginRuntime, ev: &Event, failure: &str, attempts: u3
     // this plugin's own): a publisher with direct access to the bus who forges the mark on any
     // other subject gets its event dead-lettered like any other.
     let on_dead_letter_subject = crate::subject::is_dead_letter_subject(subject) || *subject == rt.dead_letter_subject;
-    if deadletter::is_dead_letter(ev) && on_dead_letter_subject {
+    // A dead letter of a dead letter is kept once; when that fails too (two plugins whose
+    // dead-letter subjects feed each other), it is only logged: nesting never runs away.
+    if deadletter::is_dead_letter(ev) && (on_dead_letter_subject || deadletter::nesting(ev) > 1) {
         tracing::error!(plugin = %plugin, subject = %subject, event_id = %id, attempts,
             "a dead letter failed in its handler and is not dead-lettered again: {failure}");
         return Ok(());

@@ -82,3 +82,24 @@ async fn a_forged_dead_letter_mark_off_a_dead_letter_subject_is_dead_lettered_li
     let dead = &t.host.dead_letters().list(Some("faulty"))[0].event;
     assert!(dead.header("plugbus-error").unwrap().contains("never"), "{dead:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_plugins_failing_on_each_others_dead_letters_stop_after_one_nesting() {
+    // faulty's dead letters go to a subject hostile handles (and fails on), hostile's to one
+    // faulty fails on: without a bound, every failure would nest the last dead letter again.
+    let t = plugbus_tests::TestHost::start_with(&["faulty", "hostile"], |c| {
+        c.plugins.entry("faulty".into()).or_default().dead_letter = Some("hostile.bounce".into());
+        c.plugins.entry("hostile".into()).or_default().dead_letter = Some("faulty.reject".into());
+    })
+    .await;
+    t.publish("faulty.reject", "x").await;
+    plugbus_tests::eventually("faulty dead-lettered the event", || t.counter("faulty", "dead_lettered") >= 1).await;
+    plugbus_tests::eventually("hostile dead-lettered that dead letter", || t.counter("hostile", "dead_lettered") >= 1)
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let kept = t.host.dead_letters().list(None);
+    assert_eq!(kept.len(), 2, "the event, and its dead letter once: {kept:#?}");
+    assert_eq!(t.counter("faulty", "received"), 2, "faulty saw the event and the nested dead letter, no more");
+    let nested = kept.iter().find(|e| e.plugin == "hostile").expect("hostile's dead letter");
+    assert_eq!(nested.event.header("plugbus-dead-letter-depth"), Some("1"), "{nested:?}");
+}
