@@ -27,6 +27,7 @@ pub mod retry;
 pub mod router;
 pub mod sandbox;
 pub mod scaffold;
+pub mod service;
 pub mod stats;
 pub mod subject;
 pub mod transport;

@@ -349,9 +349,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if cli.api_token.is_some() {
                 config.api_token = cli.api_token.clone();
             }
-            let host = Host::start(config).await?;
+            let host = std::sync::Arc::new(Host::start(config).await?);
+            plugbus::service::ready(&host);
+            let watchdog = plugbus::service::watchdog(&host);
             let signal = wait_for_stop_signal().await?;
             tracing::info!(signal, "stopping: draining (a second signal stops at once)");
+            plugbus::service::stopping();
+            if let Some(w) = watchdog {
+                w.abort();
+            }
+            let host = std::sync::Arc::into_inner(host).context("the host is still shared at the stop")?;
             tokio::select! {
                 _ = host.shutdown() => Ok(()),
                 second = wait_for_stop_signal() => {
