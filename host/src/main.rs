@@ -269,7 +269,8 @@ enum Command {
         /// Where to create it.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
-        /// Path to the plugbus-sdk crate [default: the SDK this binary was built from].
+        /// A local plugbus-sdk crate to depend on [default: `plugbus-sdk = "0.x"` from crates.io,
+        /// the series this binary speaks].
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
@@ -404,8 +405,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()).context("writing the man page")
         }
         Command::New { name, dir, sdk } => {
-            let sdk = sdk.unwrap_or_else(plugbus::scaffold::default_sdk);
-            let created = plugbus::scaffold::new_handler(&name, &dir, &sdk)?;
+            let created = plugbus::scaffold::new_handler(&name, &dir, &plugbus::scaffold::Sdk::from_flag(sdk))?;
             println!("created {}", created.display());
             println!("next: cd {} && cargo build --release --target wasm32-wasip2", created.display());
             Ok(())
