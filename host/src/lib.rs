@@ -13,6 +13,7 @@ pub mod config;
 pub mod contract;
 pub mod dashboard;
 pub mod deadletter;
+pub mod dev;
 pub mod dispatch;
 pub mod dlq_file;
 pub mod event;
