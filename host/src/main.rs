@@ -265,7 +265,7 @@ enum Command {
     /// Watch a handler crate: rebuild it for wasm32-wasip2 on save and deploy it to a host,
     /// one line per rebuild (`built in N s, live in M ms`, the compile error, or the refusal).
     Dev {
-        /// The handler crate [default: .].
+        /// The handler crate.
         #[arg(value_name = "CRATE_DIR", default_value = ".")]
         krate: PathBuf,
         /// The running host's plugins folder [default: the one its /v1/plugins names].

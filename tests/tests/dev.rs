@@ -95,7 +95,10 @@ async fn plugbus_dev_rebuilds_an_edit_and_it_goes_live() {
     let mut dev = Dev { child, lines: rx, seen: Vec::new() };
 
     let watching = dev.next_line(Duration::from_secs(60));
-    assert!(watching.starts_with("watching ") && watching.contains(&plugins.path().display().to_string()), "{watching}");
+    assert!(
+        watching.starts_with("watching ") && watching.contains(&plugins.path().display().to_string()),
+        "{watching}"
+    );
     // The first build may compile the SDK's dependencies: generous.
     let first = dev.next_line(Duration::from_secs(900));
     assert!(first.starts_with("built in ") && first.contains(", live in "), "{first}");
