@@ -16,6 +16,29 @@ struct Dev {
 }
 
 impl Dev {
+    /// `plugbus dev CRATE ARGS...`, building into the scaffold tests' shared target dir.
+    fn spawn(krate: &std::path::Path, args: &[&str]) -> Dev {
+        let mut child = Command::new(plugbus_bin())
+            .arg("dev")
+            .arg(krate)
+            .args(args)
+            .env("CARGO_TARGET_DIR", target())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Dev { child, lines: rx, seen: Vec::new() }
+    }
+
     /// The next line, failing the test after `timeout` with every line seen so far.
     fn next_line(&mut self, timeout: Duration) -> String {
         match self.lines.recv_timeout(timeout) {
@@ -46,20 +69,28 @@ fn sha256_of(path: &std::path::Path) -> String {
     plugbus::sandbox::content_hash(&std::fs::read(path).unwrap())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plugbus_dev_rebuilds_an_edit_and_it_goes_live() {
-    let dir = tempfile::tempdir().unwrap();
+/// Shared with the scaffold test in operate.rs: the SDK and its dependencies are built once.
+fn target() -> std::path::PathBuf {
+    plugbus_tests::workspace().join("target").join("scaffold")
+}
+
+/// `plugbus new NAME --sdk <this checkout's sdk/>` in `dir`.
+fn new_crate(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
     let sdk = plugbus_tests::workspace().join("sdk");
     let out = output_within(
-        Command::new(plugbus_bin()).args(["new", "dev-probe", "--dir"]).arg(dir.path()).arg("--sdk").arg(&sdk),
+        Command::new(plugbus_bin()).args(["new", name, "--dir"]).arg(dir).arg("--sdk").arg(&sdk),
         Duration::from_secs(60),
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let krate = dir.path().join("dev-probe");
+    dir.join(name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugbus_dev_rebuilds_an_edit_and_it_goes_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let krate = new_crate(dir.path(), "dev-probe");
     let lib_rs = krate.join("src/lib.rs");
-    // Shared with the scaffold test in operate.rs: the SDK and its dependencies are built once.
-    let target = plugbus_tests::workspace().join("target").join("scaffold");
-    let artifact = target.join("wasm32-wasip2/release/dev_probe.wasm");
+    let artifact = target().join("wasm32-wasip2/release/dev_probe.wasm");
 
     let plugins = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
@@ -74,25 +105,7 @@ async fn plugbus_dev_rebuilds_an_edit_and_it_goes_live() {
     let url = format!("http://{}", host.http_addr().unwrap());
 
     // No --plugins: the host's /v1/plugins names its folder.
-    let mut child = Command::new(plugbus_bin())
-        .arg("dev")
-        .arg(&krate)
-        .args(["--url", &url, "--debounce", "100ms"])
-        .env("CARGO_TARGET_DIR", &target)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut dev = Dev { child, lines: rx, seen: Vec::new() };
+    let mut dev = Dev::spawn(&krate, &["--url", &url, "--debounce", "100ms"]);
 
     let watching = dev.next_line(Duration::from_secs(60));
     assert!(
@@ -144,4 +157,32 @@ async fn plugbus_dev_rebuilds_an_edit_and_it_goes_live() {
 
     drop(dev);
     host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugbus_dev_run_serves_the_crate_on_a_host_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let krate = new_crate(dir.path(), "dev-run-probe");
+    let data = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let http = format!("127.0.0.1:{port}");
+    let plugins = dir.path().join("plugins");
+    let mut dev = Dev::spawn(
+        &krate,
+        &[
+            "--run",
+            "--http",
+            &http,
+            "--plugins",
+            plugins.to_str().unwrap(),
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+    );
+    let watching = dev.next_line(Duration::from_secs(60));
+    assert!(watching.contains(&format!("http://{http}")), "{watching}");
+    let live = dev.next_line(Duration::from_secs(900));
+    assert!(live.starts_with("built in ") && live.contains(", live in "), "{live}");
+    let hash = serving(&format!("http://{http}"), "dev-run-probe").await.expect("served by the dev host");
+    assert_eq!(hash, sha256_of(&plugins.join("dev-run-probe.wasm")));
 }
