@@ -471,9 +471,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             result
         }
         Command::New { name, dir, sdk } => {
+            let sdk_flag_was_none = sdk.is_none();
             let created = plugbus::scaffold::new_handler(&name, &dir, &plugbus::scaffold::Sdk::from_flag(sdk))?;
             println!("created {}", created.display());
-            println!("next: cd {} && cargo build --release --target wasm32-wasip2", created.display());
+            if sdk_flag_was_none {
+                println!("it depends on plugbus-sdk from crates.io (--sdk PATH for a local SDK checkout)");
+            }
+            println!("next: cd {} && cargo test && plugbus dev --run", created.display());
             Ok(())
         }
         Command::Replay { plugin, from, url } => {
