@@ -268,6 +268,8 @@ pub async fn deploy(
         if now.load_errors > before.load_errors
             && let Some(reason) = now.rejected
         {
+            // One line, whatever the loader's message holds (an error chain may span lines).
+            let reason = reason.split_whitespace().collect::<Vec<_>>().join(" ");
             return Ok(Outcome::Refused { built, reason });
         }
         if copied.elapsed() > timeout {
