@@ -506,7 +506,9 @@ async fn plugins(State(api): State<Api>) -> Response {
         .iter()
         .map(|r| json!({ "file": r.path.display().to_string(), "state": format!("rejected: {}", r.reason) }))
         .collect();
-    Json(json!({ "plugins": state.router.plugins(), "rejected": rejected })).into_response()
+    // `plugins_dir`: where `plugbus dev` copies a rebuilt handler when not told (`--plugins`).
+    let plugins_dir = api.s.reloader.config.plugins_dir.display().to_string();
+    Json(json!({ "plugins": state.router.plugins(), "rejected": rejected, "plugins_dir": plugins_dir })).into_response()
 }
 
 fn header_pairs(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {

@@ -28,6 +28,9 @@ pub struct Inspection {
     pub loadable: bool,
     /// Every reason it would not.
     pub problems: Vec<String>,
+    /// The contract (and SDK) version it declares it was built against; `None` when it declares
+    /// none (loadable, with a warning) or the declaration is refused (see `problems`).
+    pub contract: Option<crate::contract::Declared>,
     /// Its manifest, when it could be read (as declared: `name` is the manifest's claim; a
     /// loadable plugin runs as `identity`).
     pub manifest: Option<Manifest>,
@@ -48,6 +51,7 @@ pub async fn inspect(sandbox: &Sandbox, file: &str, bytes: &[u8], config: &Confi
         identity: None,
         loadable: false,
         problems: Vec::new(),
+        contract: None,
         manifest: None,
         imports: Vec::new(),
         exports: Vec::new(),
@@ -56,6 +60,10 @@ pub async fn inspect(sandbox: &Sandbox, file: &str, bytes: &[u8], config: &Confi
     if let Err(e) = crate::sandbox::check_header(bytes) {
         report.problems.push(e.to_string());
         return report;
+    }
+    match crate::contract::check(bytes) {
+        Ok(declared) => report.contract = declared,
+        Err(e) => report.problems.push(e.to_string()),
     }
     let component = match Component::new(sandbox.engine(), bytes) {
         Ok(c) => c,
@@ -121,6 +129,14 @@ impl std::fmt::Display for Inspection {
                 writeln!(f, "plugin     none: the file name names no plugin (manifest says {:?})", m.name)?
             }
             (None, None) => {}
+        }
+        match &self.contract {
+            Some(c) => writeln!(f, "contract   {c} (this host speaks {})", crate::contract::CONTRACT_VERSION)?,
+            None if self.problems.iter().any(|p| p.contains("plugbus contract") || p.contains("plugbus-contract")) => {}
+            None => writeln!(
+                f,
+                "contract   not declared (built with an older plugbus-sdk, or without it): loaded with a warning"
+            )?,
         }
         if let Some(g) = self.manifest.as_ref().and_then(|m| m.queue_group.as_ref()) {
             writeln!(f, "queue      {g}")?;

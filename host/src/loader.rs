@@ -12,6 +12,9 @@
 //!   the type is checked before opening (`symlink_metadata`, then the target), the file is opened
 //!   non-blocking (a FIFO never hangs the loader) and checked again after opening (`fstat`), and
 //!   the read stops at the cap, whatever the size said.
+//! - **Contract.** A component built against a contract version this host does not speak is
+//!   refused with both versions named; one that declares none is loaded with a warning
+//!   ([`crate::contract`]).
 
 use crate::config::Config;
 use crate::kv::KvStore;
@@ -146,6 +149,14 @@ pub async fn load_file(
         .await
         .map_err(|e| FileError::Load(LoadError::NotAComponent(format!("cannot read the file: {e}"))))??;
     let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    if crate::contract::check(&bytes)?.is_none() {
+        tracing::warn!(
+            file = %path.display(),
+            plugin = %identity,
+            "the component declares no plugbus contract version (built with an older plugbus-sdk, or without it): \
+             loading it anyway; rebuild it to have its contract checked"
+        );
+    }
     let plugin = sandbox
         .load_bound(&bytes, |m| {
             m.bind(&identity, config.queue_group_for(&identity))

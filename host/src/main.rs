@@ -262,6 +262,35 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:7070", env = "PLUGBUS_URL")]
         url: String,
     },
+    /// Watch a handler crate: rebuild it for wasm32-wasip2 on save and deploy it to a host,
+    /// one line per rebuild (`built in N s, live in M ms`, the compile error, or the refusal).
+    Dev {
+        /// The handler crate.
+        #[arg(value_name = "CRATE_DIR", default_value = ".")]
+        krate: PathBuf,
+        /// The running host's plugins folder [default: the one its /v1/plugins names].
+        #[arg(long, value_name = "DIR")]
+        plugins: Option<PathBuf>,
+        /// Run a host on the embedded bus here instead (plugins and data under the crate's
+        /// target dir unless --plugins / --data-dir say otherwise).
+        #[arg(long)]
+        run: bool,
+        /// With --run: where the host keeps its state.
+        #[arg(long, value_name = "DIR", requires = "run")]
+        data_dir: Option<PathBuf>,
+        /// With --run: the address of its HTTP API [default: 127.0.0.1:7070].
+        #[arg(long, value_name = "ADDR", requires = "run")]
+        http: Option<SocketAddr>,
+        /// The cargo profile to build with.
+        #[arg(long, default_value = "release")]
+        profile: String,
+        /// Quiet time after the last change before building, e.g. 150ms.
+        #[arg(long, default_value = "150ms", value_parser = humantime::parse_duration)]
+        debounce: std::time::Duration,
+        /// The host's HTTP API (without --run).
+        #[arg(long, default_value = "http://127.0.0.1:7070", env = "PLUGBUS_URL", conflicts_with = "run")]
+        url: String,
+    },
     /// Create a handler crate NAME from the template: build it for wasm32-wasip2 and drop it in.
     New {
         /// The handler's name (also the plugin's name).
@@ -269,7 +298,8 @@ enum Command {
         /// Where to create it.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
-        /// Path to the plugbus-sdk crate [default: the SDK this binary was built from].
+        /// A local plugbus-sdk crate to depend on [default: `plugbus-sdk = "0.x"` from crates.io,
+        /// the series this binary speaks].
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
@@ -410,11 +440,51 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Man => {
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()).context("writing the man page")
         }
+        Command::Dev { krate, plugins, run, data_dir, http, profile, debounce, url } => {
+            let mut opts = plugbus::dev::Options {
+                krate,
+                plugins,
+                url,
+                profile,
+                debounce,
+                live_timeout: std::time::Duration::from_secs(10),
+            };
+            let client = client(cli.api_token.as_deref())?;
+            let print = |line: &str| println!("{line}");
+            if !run {
+                return tokio::select! {
+                    r = plugbus::dev::watch(&client, &opts, print) => r,
+                    s = wait_for_stop_signal() => s.map(|_| ()),
+                };
+            }
+            init_logging_at(cli.log_format, "warn");
+            let krate = plugbus::dev::Crate::read(&opts.krate)?;
+            let home = krate.target_dir.join("plugbus-dev");
+            let plugins = opts.plugins.clone().unwrap_or_else(|| home.join("plugins"));
+            std::fs::create_dir_all(&plugins).with_context(|| format!("creating {}", plugins.display()))?;
+            let mut config = Config::load(None)?;
+            config.plugins_dir = plugins.clone();
+            config.data_dir = data_dir.unwrap_or_else(|| home.join("data"));
+            config.http = Some(http.unwrap_or_else(|| "127.0.0.1:7070".parse().expect("an address")));
+            config.api_token = cli.api_token.clone();
+            let host = Host::start(config).await?;
+            opts.url = format!("http://{}", host.http_addr().context("the host has no HTTP API")?);
+            opts.plugins = Some(plugins);
+            let result = tokio::select! {
+                r = plugbus::dev::watch(&client, &opts, print) => r,
+                s = wait_for_stop_signal() => s.map(|_| ()),
+            };
+            host.shutdown().await;
+            result
+        }
         Command::New { name, dir, sdk } => {
-            let sdk = sdk.unwrap_or_else(plugbus::scaffold::default_sdk);
-            let created = plugbus::scaffold::new_handler(&name, &dir, &sdk)?;
+            let sdk_flag_was_none = sdk.is_none();
+            let created = plugbus::scaffold::new_handler(&name, &dir, &plugbus::scaffold::Sdk::from_flag(sdk))?;
             println!("created {}", created.display());
-            println!("next: cd {} && cargo build --release --target wasm32-wasip2", created.display());
+            if sdk_flag_was_none {
+                println!("it depends on plugbus-sdk from crates.io (--sdk PATH for a local SDK checkout)");
+            }
+            println!("next: cd {} && cargo test && plugbus dev --run", created.display());
             Ok(())
         }
         Command::Replay { plugin, from, url } => {

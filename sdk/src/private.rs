@@ -32,3 +32,35 @@ pub struct Declared {
 pub fn declare(declared: Declared) {
     crate::testing::declare(declared);
 }
+
+/// The version of the WIT contract this SDK speaks: `package plugbus:handler@…` in
+/// `wit/plugbus.wit` (a test keeps the two equal).
+pub const CONTRACT_VERSION: &str = "0.1.0";
+
+/// What every component built with this SDK carries in its `plugbus-contract` custom section:
+/// the contract it was built against and the SDK that built it, one line. The host reads it at
+/// load and refuses a component whose contract it does not speak, naming both versions.
+pub const CONTRACT_SECTION_TEXT: &str = concat!("plugbus:handler@0.1.0 plugbus-sdk@", env!("CARGO_PKG_VERSION"), "\n");
+
+/// [`CONTRACT_SECTION_TEXT`] as the byte array the `#[handler]` attribute places in the section.
+pub const CONTRACT_SECTION: [u8; CONTRACT_SECTION_TEXT.len()] = {
+    let text = CONTRACT_SECTION_TEXT.as_bytes();
+    let mut out = [0u8; CONTRACT_SECTION_TEXT.len()];
+    let mut i = 0;
+    while i < text.len() {
+        out[i] = text[i];
+        i += 1;
+    }
+    out
+};
+
+#[cfg(test)]
+mod contract_tests {
+    #[test]
+    fn the_contract_version_is_the_wit_package_version() {
+        let wit = include_str!("../wit/plugbus.wit");
+        let declared = format!("package plugbus:handler@{};", super::CONTRACT_VERSION);
+        assert!(wit.lines().any(|l| l.trim() == declared), "wit/plugbus.wit does not say {declared:?}");
+        assert!(super::CONTRACT_SECTION_TEXT.starts_with(&format!("plugbus:handler@{} ", super::CONTRACT_VERSION)));
+    }
+}

@@ -264,7 +264,10 @@ mod reqwest {
 fn plugbus_new_scaffolds_a_crate_that_builds_loads_and_handles() {
     let dir = tempfile::tempdir().unwrap();
     let run = |cmd: &mut Command| output_within(cmd, Duration::from_secs(60));
-    let out = run(Command::new(plugbus_bin()).args(["new", "order-audit", "--dir"]).arg(dir.path()));
+    // The SDK of this checkout (`--sdk`): offline, and the crate under test is this one.
+    let sdk = plugbus_tests::workspace().join("sdk");
+    let out =
+        run(Command::new(plugbus_bin()).args(["new", "order-audit", "--dir"]).arg(dir.path()).arg("--sdk").arg(&sdk));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let krate = dir.path().join("order-audit");
     let target = plugbus_tests::workspace().join("target").join("scaffold");

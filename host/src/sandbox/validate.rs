@@ -19,6 +19,10 @@ pub enum LoadError {
     /// The manifest is invalid (the message names the field).
     #[error("invalid manifest: {0}")]
     Manifest(String),
+    /// Built against a contract version this host does not speak (both named), or an
+    /// unreadable `plugbus-contract` section (`crate::contract`).
+    #[error("{0}")]
+    Contract(String),
 }
 
 /// Hex SHA-256 of the component bytes.

@@ -152,6 +152,12 @@ fn expand(opts: Options, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> 
         const _: () = {
             use ::plugbus_sdk::__private as __p;
 
+            // The contract and SDK versions this component was built with, read by the host
+            // at load (it refuses a contract it does not speak, naming both versions).
+            #[unsafe(link_section = "plugbus-contract")]
+            #[used]
+            static __PLUGBUS_CONTRACT: [u8; __p::CONTRACT_SECTION.len()] = __p::CONTRACT_SECTION;
+
             struct Plugin;
 
             impl __p::Guest for Plugin {

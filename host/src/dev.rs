@@ -1,0 +1,371 @@
+//! `plugbus dev [CRATE_DIR]`: the handler author's edit loop.
+//!
+//! Watches a handler crate (`src/`, `Cargo.toml`, `build.rs`), rebuilds it for `wasm32-wasip2`
+//! after a save (debounced), copies the component into a host's plugins folder (written beside
+//! it, then renamed: the host's reloader never sees half a file) and waits until the host's
+//! `GET /v1/plugins` serves the new content hash. One line per rebuild:
+//! `built in 2.1 s, live in 140 ms (order-audit 0.1.0, sha256 1a2b3c4d5e6f)`, or the compile
+//! error, or the host's refusal (imports, manifest, contract), each in one line. The host's
+//! plugins folder is `--plugins DIR`, else the one its `/v1/plugins` names; `plugbus dev --run`
+//! runs a host on the embedded bus in the same process instead.
+//!
+//! It never deploys a build that failed to compile (the host keeps serving the last good one),
+//! and never writes anywhere in the plugins folder but `<package>.wasm` and its temporary twin.
+
+use anyhow::Context;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// What `plugbus dev` was asked to do.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The handler crate.
+    pub krate: PathBuf,
+    /// The host's plugins folder; `None`: the one the host's `/v1/plugins` names.
+    pub plugins: Option<PathBuf>,
+    /// The host's HTTP API.
+    pub url: String,
+    /// The cargo profile to build with (`release`: the template's small, fast profile).
+    pub profile: String,
+    /// Quiet time after the last change before building.
+    pub debounce: Duration,
+    /// How long to wait for the host to serve a copied build.
+    pub live_timeout: Duration,
+}
+
+/// The crate being watched, as `cargo metadata` describes it.
+#[derive(Debug, Clone)]
+pub struct Crate {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// The package name: the plugin's name and file name (`<package>.wasm`).
+    pub package: String,
+    /// The library target's name (the artifact's file name).
+    pub lib: String,
+    /// Where cargo puts its output (`CARGO_TARGET_DIR` honoured).
+    pub target_dir: PathBuf,
+}
+
+impl Crate {
+    /// Reads the crate at `dir` with `cargo metadata`.
+    pub fn read(dir: &Path) -> anyhow::Result<Crate> {
+        let manifest = dir.join("Cargo.toml");
+        anyhow::ensure!(manifest.is_file(), "{} is not a crate (no Cargo.toml there)", dir.display());
+        let out = std::process::Command::new(cargo())
+            .args(["metadata", "--no-deps", "--format-version", "1", "--manifest-path"])
+            .arg(&manifest)
+            .output()
+            .context("running cargo metadata")?;
+        anyhow::ensure!(out.status.success(), "cargo metadata: {}", first_error(&String::from_utf8_lossy(&out.stderr)));
+        let meta: serde_json::Value = serde_json::from_slice(&out.stdout).context("reading cargo metadata")?;
+        let manifest = manifest.canonicalize()?;
+        let package = meta["packages"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["manifest_path"].as_str().map(Path::new) == Some(&manifest)))
+            .with_context(|| format!("cargo metadata does not list the package of {}", manifest.display()))?;
+        let lib = package["targets"]
+            .as_array()
+            .and_then(|ts| ts.iter().find(|t| t["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "cdylib"))))
+            .and_then(|t| t["name"].as_str())
+            .map(|n| n.replace('-', "_"))
+            .with_context(|| {
+                format!("{} has no cdylib target: a handler crate has `[lib] crate-type = [\"cdylib\"]`", dir.display())
+            })?;
+        Ok(Crate {
+            dir: dir.to_path_buf(),
+            package: package["name"].as_str().unwrap_or_default().to_string(),
+            lib,
+            target_dir: PathBuf::from(meta["target_directory"].as_str().context("no target_directory")?),
+        })
+    }
+
+    /// Where a build with `profile` leaves the component.
+    pub fn artifact(&self, profile: &str) -> PathBuf {
+        let dir = if profile == "dev" || profile == "test" { "debug" } else { profile };
+        self.target_dir.join("wasm32-wasip2").join(dir).join(format!("{}.wasm", self.lib))
+    }
+}
+
+/// One rebuild's outcome: [`std::fmt::Display`] is its one line.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The host serves the new build.
+    Live { built: Duration, live: Duration, version: String, hash: String },
+    /// The build produced the component the host already has.
+    Unchanged { built: Duration },
+    /// The crate did not compile; the host keeps the last good build.
+    CompileError { line: String },
+    /// The host refused the component (imports, manifest, contract); it keeps the last good one.
+    Refused { built: Duration, reason: String },
+    /// Copied, but no answer from the host about it (no host, or it watches another folder).
+    Copied { built: Duration, to: PathBuf, why: String },
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = |d: &Duration| format!("{:.1} s", d.as_secs_f64());
+        match self {
+            Outcome::Live { built, live, version, hash } => write!(
+                f,
+                "built in {}, live in {} ms ({version}, sha256 {})",
+                secs(built),
+                live.as_millis(),
+                &hash[..hash.len().min(12)]
+            ),
+            Outcome::Unchanged { built } => {
+                write!(f, "built in {}, unchanged: the host already serves it", secs(built))
+            }
+            Outcome::CompileError { line } => write!(f, "compile error: {line}"),
+            Outcome::Refused { built, reason } => {
+                write!(
+                    f,
+                    "built in {}, refused by the host (the previous version keeps serving): {reason}",
+                    secs(built)
+                )
+            }
+            Outcome::Copied { built, to, why } => {
+                write!(f, "built in {}, copied to {}, {why}", secs(built), to.display())
+            }
+        }
+    }
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// The first error of cargo's `--message-format short` output, in one line, with the count
+/// of the rest.
+fn first_error(stderr: &str) -> String {
+    let errors: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| (l.starts_with("error") || l.contains(": error")) && !l.starts_with("error: could not compile"))
+        .collect();
+    let Some(first) = errors.first() else {
+        return stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("failed, no message").trim().to_string();
+    };
+    let mut line = crate::event::cut(first).to_string();
+    if first.contains("can't find crate for `core`") || first.contains("can't find crate for `std`") {
+        line.push_str(" (is the target installed? rustup target add wasm32-wasip2)");
+    }
+    if errors.len() > 1 {
+        line.push_str(&format!(" (+{} more)", errors.len() - 1));
+    }
+    line
+}
+
+/// Builds the crate for `wasm32-wasip2`; the component's bytes, or the compile error's line.
+pub async fn build(krate: &Crate, profile: &str) -> Result<Vec<u8>, String> {
+    let out = tokio::process::Command::new(cargo())
+        .args(["build", "--target", "wasm32-wasip2", "--message-format", "short", "--profile", profile])
+        .current_dir(&krate.dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !out.status.success() {
+        return Err(first_error(&String::from_utf8_lossy(&out.stderr)));
+    }
+    let path = krate.artifact(profile);
+    std::fs::read(&path).map_err(|e| format!("cargo built, but {} cannot be read: {e}", path.display()))
+}
+
+/// What the host says about one plugin file.
+#[derive(Debug, Default)]
+struct HostView {
+    /// (version, hash) of the plugin serving under the name.
+    serving: Option<(String, String)>,
+    /// The host's rejection of the file, if any.
+    rejected: Option<String>,
+    /// `plugbus_load_errors_total` for the file: grows with every refusal.
+    load_errors: u64,
+}
+
+async fn get(client: &reqwest::Client, url: &str, path: &str) -> anyhow::Result<reqwest::Response> {
+    let url = format!("{}{path}", url.trim_end_matches('/'));
+    let resp = client.get(&url).timeout(Duration::from_secs(5)).send().await.with_context(|| format!("GET {url}"))?;
+    anyhow::ensure!(resp.status().is_success(), "GET {url}: {}", resp.status());
+    Ok(resp)
+}
+
+async fn host_view(client: &reqwest::Client, url: &str, name: &str, file: &str) -> anyhow::Result<HostView> {
+    let plugins: serde_json::Value = get(client, url, "/v1/plugins").await?.json().await?;
+    let serving = plugins["plugins"].as_array().and_then(|ps| ps.iter().find(|p| p["name"] == name)).map(|p| {
+        (p["version"].as_str().unwrap_or_default().to_string(), p["hash"].as_str().unwrap_or_default().to_string())
+    });
+    let rejected = plugins["rejected"]
+        .as_array()
+        .and_then(|rs| {
+            rs.iter().find(|r| r["file"].as_str().and_then(|f| Path::new(f).file_name()).is_some_and(|f| f == file))
+        })
+        .and_then(|r| r["state"].as_str())
+        .map(|s| s.strip_prefix("rejected: ").unwrap_or(s).to_string());
+    let metrics = get(client, url, "/metrics").await?.text().await?;
+    let label = format!("file=\"{file}\"");
+    let load_errors = metrics
+        .lines()
+        .filter(|l| l.starts_with("plugbus_load_errors_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum();
+    Ok(HostView { serving, rejected, load_errors })
+}
+
+/// The host's plugins folder, as its `/v1/plugins` names it.
+pub async fn plugins_dir_of(client: &reqwest::Client, url: &str) -> anyhow::Result<PathBuf> {
+    let plugins: serde_json::Value = get(client, url, "/v1/plugins")
+        .await
+        .with_context(|| format!("no plugbus host answering at {url}: start one, or pass --run or --plugins DIR"))?
+        .json()
+        .await?;
+    let dir =
+        plugins["plugins_dir"].as_str().context("the host does not name its plugins folder: pass --plugins DIR")?;
+    Ok(PathBuf::from(dir))
+}
+
+/// Copies `bytes` into `plugins/<name>.wasm` (beside it first, then a rename) and waits until
+/// the host serves them or refuses them.
+pub async fn deploy(
+    client: &reqwest::Client,
+    url: &str,
+    plugins: &Path,
+    name: &str,
+    bytes: &[u8],
+    built: Duration,
+    timeout: Duration,
+) -> anyhow::Result<Outcome> {
+    let file = format!("{name}.wasm");
+    let hash = crate::sandbox::content_hash(bytes);
+    let before = host_view(client, url, name, &file).await.ok();
+    if before.as_ref().and_then(|b| b.serving.as_ref()).is_some_and(|(_, h)| *h == hash) {
+        return Ok(Outcome::Unchanged { built });
+    }
+    // Not `*.wasm`: the reloader ignores the temporary file; the rename is one event.
+    let temp = plugins.join(format!(".{file}.plugbus-dev"));
+    std::fs::write(&temp, bytes).with_context(|| format!("writing {}", temp.display()))?;
+    let target = plugins.join(&file);
+    std::fs::rename(&temp, &target).with_context(|| format!("renaming into {}", target.display()))?;
+    let copied = Instant::now();
+    let Some(before) = before else {
+        return Ok(Outcome::Copied {
+            built,
+            to: target,
+            why: format!("no host answering at {url} to confirm it live"),
+        });
+    };
+    loop {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let now = host_view(client, url, name, &file).await?;
+        if let Some((version, served)) = now.serving.filter(|(_, h)| *h == hash) {
+            return Ok(Outcome::Live {
+                built,
+                live: copied.elapsed(),
+                version: format!("{name} {version}"),
+                hash: served,
+            });
+        }
+        if now.load_errors > before.load_errors
+            && let Some(reason) = now.rejected
+        {
+            // One line, whatever the loader's message holds (an error chain may span lines).
+            let reason = reason.split_whitespace().collect::<Vec<_>>().join(" ");
+            return Ok(Outcome::Refused { built, reason });
+        }
+        if copied.elapsed() > timeout {
+            return Ok(Outcome::Copied {
+                built,
+                to: target,
+                why: format!("not live after {} s: does the host at {url} watch that folder?", timeout.as_secs()),
+            });
+        }
+    }
+}
+
+/// One build-and-deploy round.
+pub async fn round(client: &reqwest::Client, opts: &Options, krate: &Crate, plugins: &Path) -> Outcome {
+    let started = Instant::now();
+    match build(krate, &opts.profile).await {
+        Err(line) => Outcome::CompileError { line },
+        Ok(bytes) => {
+            let built = started.elapsed();
+            deploy(client, &opts.url, plugins, &krate.package, &bytes, built, opts.live_timeout)
+                .await
+                .unwrap_or_else(|e| Outcome::Copied { built, to: plugins.to_path_buf(), why: format!("{e:#}") })
+        }
+    }
+}
+
+/// Whether a changed path should trigger a rebuild: not an editor's swap or backup file.
+fn relevant(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    !(name.starts_with('.') || name.ends_with('~') || name.ends_with(".swp") || name.ends_with(".tmp"))
+}
+
+/// Builds once, then once per (debounced) change to the crate's sources, forever; calls `line`
+/// with each outcome's line.
+pub async fn watch(client: &reqwest::Client, opts: &Options, mut line: impl FnMut(&str)) -> anyhow::Result<()> {
+    use notify::{RecursiveMode, Watcher};
+    let krate = Crate::read(&opts.krate)?;
+    let plugins = match &opts.plugins {
+        Some(p) => p.clone(),
+        None => plugins_dir_of(client, &opts.url).await?,
+    };
+    anyhow::ensure!(plugins.is_dir(), "the plugins folder {} does not exist", plugins.display());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res
+            && !matches!(ev.kind, notify::EventKind::Access(_))
+            && ev.paths.iter().any(|p| relevant(p))
+        {
+            let _ = tx.send(());
+        }
+    })?;
+    watcher.watch(&krate.dir.join("src"), RecursiveMode::Recursive).context("watching src/")?;
+    watcher.watch(&krate.dir.join("Cargo.toml"), RecursiveMode::NonRecursive).context("watching Cargo.toml")?;
+    if krate.dir.join("build.rs").is_file() {
+        watcher.watch(&krate.dir.join("build.rs"), RecursiveMode::NonRecursive)?;
+    }
+    line(&format!(
+        "watching {} ({}), deploying to {} for the host at {}",
+        krate.dir.display(),
+        krate.package,
+        plugins.display(),
+        opts.url
+    ));
+    loop {
+        let outcome = round(client, opts, &krate, &plugins).await;
+        line(&outcome.to_string());
+        rx.recv().await.context("the file watcher stopped")?;
+        // Debounce: an editor's save is often several events; build once they are quiet.
+        while let Ok(Some(())) = tokio::time::timeout(opts.debounce, rx.recv()).await {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_compile_error_is_one_line_with_the_count_of_the_rest() {
+        let stderr = "   Compiling x v0.1.0\nsrc/lib.rs:3:5: error[E0425]: cannot find value `y` in this scope\n\
+                      src/lib.rs:9:1: error: expected item\nwarning: unused\n\
+                      error: could not compile `x` (lib) due to 2 previous errors\n";
+        assert_eq!(first_error(stderr), "src/lib.rs:3:5: error[E0425]: cannot find value `y` in this scope (+1 more)");
+        assert!(first_error("error[E0463]: can't find crate for `core`\n").contains("rustup target add wasm32-wasip2"));
+    }
+
+    #[test]
+    fn outcomes_are_one_line() {
+        let live = Outcome::Live {
+            built: Duration::from_millis(2140),
+            live: Duration::from_millis(140),
+            version: "order-audit 0.1.0".into(),
+            hash: "1a2b3c4d5e6f7a8b9c".into(),
+        };
+        assert_eq!(live.to_string(), "built in 2.1 s, live in 140 ms (order-audit 0.1.0, sha256 1a2b3c4d5e6f)");
+        let refused = Outcome::Refused { built: Duration::from_secs(3), reason: "imports outside".into() };
+        assert!(!refused.to_string().contains('\n'));
+        assert!(relevant(Path::new("src/lib.rs")) && !relevant(Path::new("src/.lib.rs.swp")));
+    }
+}
