@@ -87,73 +87,15 @@ fn parse(text: &[u8]) -> Option<Declared> {
 
 /// The contents of the first `plugbus-contract` custom section of the component, its core
 /// modules or nested components; `None` when there is none or the binary is not understood.
+/// (wasmparser, the parser wasmtime itself uses, walks the nesting.)
 pub fn section(component: &[u8]) -> Option<Vec<u8>> {
-    let mut found = None;
-    walk(component, &mut found);
-    found
-}
-
-fn walk(binary: &[u8], found: &mut Option<Vec<u8>>) -> Option<()> {
-    let mut r = Reader { bytes: binary, pos: 0 };
-    let header = r.take(8)?;
-    if &header[..4] != b"\0asm" {
-        return None;
-    }
-    let component = header[4..8] == [0x0d, 0x00, 0x01, 0x00];
-    while r.pos < binary.len() && found.is_none() {
-        let id = r.byte()?;
-        let size = usize::try_from(r.uleb()?).ok()?;
-        let body = r.take(size)?;
-        match id {
-            0 => {
-                let mut s = Reader { bytes: body, pos: 0 };
-                let n = usize::try_from(s.uleb()?).ok()?;
-                if s.take(n)? == SECTION.as_bytes() {
-                    *found = Some(body[s.pos..].to_vec());
-                }
-            }
-            // A core module (section 1) or a nested component (section 4) of a component.
-            1 | 4 if component => {
-                walk(body, found);
-            }
+    for payload in wasmparser::Parser::new(0).parse_all(component) {
+        match payload.ok()? {
+            wasmparser::Payload::CustomSection(c) if c.name() == SECTION => return Some(c.data().to_vec()),
             _ => {}
         }
     }
-    Some(())
-}
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn byte(&mut self) -> Option<u8> {
-        let b = *self.bytes.get(self.pos)?;
-        self.pos += 1;
-        Some(b)
-    }
-
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let s = self.bytes.get(self.pos..self.pos.checked_add(n)?)?;
-        self.pos += n;
-        Some(s)
-    }
-
-    fn uleb(&mut self) -> Option<u64> {
-        let (mut value, mut shift) = (0u64, 0u32);
-        loop {
-            let b = self.byte()?;
-            if shift >= 64 {
-                return None;
-            }
-            value |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Some(value);
-            }
-            shift += 7;
-        }
-    }
+    None
 }
 
 #[cfg(test)]

@@ -149,14 +149,7 @@ pub async fn load_file(
         .await
         .map_err(|e| FileError::Load(LoadError::NotAComponent(format!("cannot read the file: {e}"))))??;
     let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-    if crate::contract::check(&bytes)?.is_none() {
-        tracing::warn!(
-            file = %path.display(),
-            plugin = %identity,
-            "the component declares no plugbus contract version (built with an older plugbus-sdk, or without it): \
-             loading it anyway; rebuild it to have its contract checked"
-        );
-    }
+    let undeclared = crate::contract::check(&bytes)?.is_none();
     let plugin = sandbox
         .load_bound(&bytes, |m| {
             m.bind(&identity, config.queue_group_for(&identity))
@@ -169,6 +162,15 @@ pub async fn load_file(
             })
         })
         .await?;
+    // Said only of a component that loads: a file that is not one gets one error, not two lines.
+    if undeclared {
+        tracing::warn!(
+            file = %path.display(),
+            plugin = %identity,
+            "the component declares no plugbus contract version (built with an older plugbus-sdk, or without it): \
+             loading it anyway; rebuild it to have its contract checked"
+        );
+    }
     debug_assert_eq!(plugin.name(), identity);
     Ok(plugin)
 }

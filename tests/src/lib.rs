@@ -391,3 +391,14 @@ pub async fn eventually_async<F: std::future::Future<Output = bool>>(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A child process (a `plugbus run`) killed and reaped when the test ends, passed or not: a
+/// host left running would hold the test's ports and files (and the build lock's inherited fd).
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

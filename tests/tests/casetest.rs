@@ -2,24 +2,16 @@
 //! through the real component, compared with their expectations, updated as snapshots.
 
 use plugbus::Event;
+use plugbus_tests::Running;
 use plugbus_tests::{TestHost, output_within, plugbus_bin, wasm};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(60);
 
 /// A child process killed (and reaped) when the test ends, however it ends.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `plugbus ARGS…`, its output once it exits.
 fn plugbus(args: &[&str]) -> Output {
     output_within(Command::new(plugbus_bin()).args(args), WAIT)

@@ -1,18 +1,10 @@
 //! The `plugbus` binary as a user runs it: `plugbus run` in one terminal, `plugbus publish` in
 //! another.
 
+use plugbus_tests::Running;
 use plugbus_tests::{output_within, plugbus_bin, wasm};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

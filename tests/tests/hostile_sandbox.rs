@@ -5,8 +5,9 @@
 use plugbus::deadletter::headers;
 use plugbus::sandbox::{Failure, InstanceMode, Limits, PluginSettings, Sandbox, SandboxSettings};
 use plugbus::{Config, Event};
+use plugbus_tests::Running;
 use plugbus_tests::{TestHost, fast_retries, plugbus_bin, wasm};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -259,15 +260,6 @@ async fn a_panicking_host_function_fails_the_attempt_like_a_trap_and_the_plugin_
             assert!(ok.result.is_ok(), "{mode:?}: the next event failed: {:?}", ok.result);
             assert_eq!(ok.outputs.len(), 1);
         }
-    }
-}
-
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -2,6 +2,7 @@
 //! persistent kv, and a graceful stop on SIGTERM.
 
 use plugbus::{Config, Event, Host};
+use plugbus_tests::Running;
 use plugbus_tests::{TestHost, fast_retries, order, output_within, plugbus_bin, wait_within, wasm};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -163,7 +164,7 @@ fn sigterm_with_events_in_flight_finishes_them_and_their_outputs_then_exits_zero
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let mut child = Killed(child);
+    let mut child = Running(child);
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "the host did not come up");
@@ -212,16 +213,6 @@ fn sigterm_with_events_in_flight_finishes_them_and_their_outputs_then_exits_zero
     assert!(after_signal > EVENTS / 2, "only {after_signal} events were handled after SIGTERM: nothing was in flight");
     let drained = lines.iter().position(|l| message(l).contains("every accepted event was handled"));
     assert!(drained.is_some_and(|d| d > handled.last().unwrap().0), "no clean drain line after the last event: {text}");
-}
-
-/// Kills the child if the test fails before it exits.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 unsafe extern "C" {

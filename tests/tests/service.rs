@@ -2,19 +2,11 @@
 //! transport is connected, with a status line; pings the watchdog when `WATCHDOG_USEC` asks;
 //! says STOPPING=1 at SIGTERM. The test plays systemd's part with a datagram socket.
 
+use plugbus_tests::Running;
 use plugbus_tests::{plugbus_bin, wasm};
 use std::os::unix::net::UnixDatagram;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 unsafe extern "C" {
     #[link_name = "kill"]
