@@ -11,6 +11,7 @@ mod cache;
 mod engine;
 mod guest_stack;
 pub mod limits;
+pub mod outbound;
 mod plugin;
 pub mod state;
 mod stdio;
