@@ -352,7 +352,15 @@ async fn send(
         .build()
         .map_err(|_| Error::HttpRequestUriInvalid)?;
     let body = http_body_util::Full::new(body).map_err(|never| match never {}).boxed_unsync();
-    let conn: Box<dyn Future<Output = Result<(), Error>> + Send> = Box::new(async move { Ok(conn.await?) });
+    // The connection's I/O runs on its own task, never past the request's end time.
+    let conn = tokio::spawn(tokio::time::timeout_at(target.ends, conn));
+    let conn: Box<dyn Future<Output = Result<(), Error>> + Send> = Box::new(async move {
+        match conn.await {
+            Ok(Ok(done)) => done.map_err(Error::from),
+            Ok(Err(_)) => Err(Error::ConnectionReadTimeout),
+            Err(_) => Ok(()),
+        }
+    });
     let response = sender.send_request(http::Request::from_parts(parts, body)).await?;
     let max = limits.max_outbound_response_bytes;
     if let Some(len) = response.body().size_hint().exact().filter(|&n| n > max) {

@@ -1,0 +1,208 @@
+//! Outbound HTTP from handlers against real HTTP servers the tests start: the adversary is a
+//! plugin (or the network it is pointed at) trying to reach what the operator did not grant:
+//! another port, loopback through a name, a redirect to a refused host, a huge or endless
+//! response. The `caller` component makes the calls an event describes and publishes each
+//! outcome (`caller.out.ok` / `caller.out.err`).
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use plugbus::Config;
+use plugbus::sandbox::{PluginSettings, Sandbox, SandboxSettings};
+use plugbus_tests::{TestHost, fast_retries, wasm};
+use serde_json::{Value, json};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What the test server saw: (path, idempotency key) per request.
+type Seen = Arc<Mutex<Vec<(String, String)>>>;
+
+/// A local HTTP server: `/ok`, `/redirect` (to `http://localhost:PORT/ok`), `/big` (4 KiB with
+/// a length), `/stream` (4 KiB, chunked), `/slow` (answers after 10 s).
+struct Server {
+    port: u16,
+    seen: Seen,
+}
+
+impl Server {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen: Seen = Arc::default();
+        let app = Router::new().route("/{what}", get(answer).post(answer)).with_state((seen.clone(), port));
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { port, seen }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn seen(&self, path: &str) -> Vec<String> {
+        self.seen.lock().unwrap().iter().filter(|(p, _)| p == path).map(|(_, k)| k.clone()).collect()
+    }
+}
+
+async fn answer(
+    State((seen, port)): State<(Seen, u16)>,
+    Path(what): Path<String>,
+    headers: HeaderMap,
+) -> axum::response::Response {
+    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    seen.lock().unwrap().push((format!("/{what}"), key));
+    match what.as_str() {
+        "ok" => "pong".into_response(),
+        "redirect" => (StatusCode::FOUND, [(header::LOCATION, format!("http://localhost:{port}/ok"))]).into_response(),
+        "big" => vec![b'x'; 4096].into_response(),
+        "stream" => {
+            let chunks = (0..4).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'y'; 1024])));
+            axum::body::Body::from_stream(futures::stream::iter(chunks)).into_response()
+        }
+        "slow" => {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            "late".into_response()
+        }
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// A host running `caller`, granted `grants`, with `tweak` applied to its limits.
+async fn host(grants: Vec<String>, limits: &[(&str, Value)]) -> TestHost {
+    TestHost::start_with(&["caller"], |c: &mut Config| {
+        fast_retries(c);
+        let p = c.plugins.entry("caller".into()).or_default();
+        p.allowed_outbound = grants;
+        for (k, v) in limits {
+            p.limits.insert(k.to_string(), v.clone());
+        }
+    })
+    .await
+}
+
+/// Publishes a call spec and returns the first outcome it caused.
+async fn call(t: &TestHost, spec: Value) -> (String, Value) {
+    let mut seen = t.observe(&["caller.out.>", "plugbus.dlq.caller"]).await;
+    let id = t.publish("caller.go", spec.to_string()).await;
+    let out = seen
+        .next_where(|e| {
+            e.header("plugbus-caused-by") == Some(id.as_str())
+                || e.header(plugbus::deadletter::headers::ORIGINAL_ID) == Some(id.as_str())
+        })
+        .await;
+    if let Some(error) = out.header(plugbus::deadletter::headers::ERROR) {
+        panic!("the call was dead-lettered: {error}");
+    }
+    (out.subject.clone(), serde_json::from_slice(&out.data).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_call_carries_the_same_idempotency_key_on_every_retry() {
+    let server = Server::start().await;
+    let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &[]).await;
+    let (subject, out) = call(&t, json!({ "url": server.url("/ok"), "fail_before": 3 })).await;
+    assert_eq!(subject, "caller.out.ok", "{out}");
+    assert_eq!(out["body"], "pong");
+    assert_eq!(out["attempt"], 3);
+    let keys = server.seen("/ok");
+    assert_eq!(keys.len(), 3, "one call per attempt: {keys:?}");
+    assert!(keys[0].len() == 32 && keys[0].bytes().all(|b| b.is_ascii_hexdigit()), "{keys:?}");
+    assert!(keys.iter().all(|k| *k == keys[0]), "the key changed between retries: {keys:?}");
+
+    // Another event, two calls: new keys, one per call.
+    let (subject, _) = call(&t, json!({ "url": server.url("/ok"), "calls": 2 })).await;
+    assert_eq!(subject, "caller.out.ok");
+    let keys = server.seen("/ok");
+    assert_eq!(keys.len(), 5);
+    assert!(keys[3] != keys[0] && keys[4] != keys[3], "{keys:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_not_granted_is_refused_with_the_reason() {
+    let (granted, other) = (Server::start().await, Server::start().await);
+    let t = host(vec![format!("http://127.0.0.1:{}", granted.port)], &[]).await;
+    let (subject, out) = call(&t, json!({ "url": other.url("/ok") })).await;
+    assert_eq!(subject, "caller.out.err", "{out}");
+    let error = out["error"].as_str().unwrap();
+    assert!(error.contains(&format!("http://127.0.0.1:{} is not granted", other.port)), "{error}");
+    assert!(error.contains("[plugins.caller] allowed_outbound"), "{error}");
+    assert!(out["kind"].as_str().unwrap().starts_with("Refused"), "{out}");
+    assert!(other.seen("/ok").is_empty(), "the refused server was reached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_resolving_to_loopback_is_refused_unless_granted_by_address() {
+    let server = Server::start().await;
+    // `localhost` is granted by name (and requested by the manifest): it resolves to loopback,
+    // which only an exact address grants.
+    let grants = vec![format!("http://localhost:{}", server.port), format!("http://127.0.0.1:{}", server.port)];
+    let t = host(grants, &[]).await;
+    let (subject, out) = call(&t, json!({ "url": format!("http://localhost:{}/ok", server.port) })).await;
+    assert_eq!(subject, "caller.out.err", "{out}");
+    let error = out["error"].as_str().unwrap();
+    assert!(error.contains("localhost resolves to") && error.contains("(loopback)"), "{error}");
+    assert!(server.seen("/ok").is_empty(), "the loopback server was reached through a name");
+    // The same server by its exact address is reachable.
+    let (subject, out) = call(&t, json!({ "url": server.url("/ok") })).await;
+    assert_eq!(subject, "caller.out.ok", "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_to_a_refused_host_is_refused() {
+    let server = Server::start().await;
+    let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &[]).await;
+    let (subject, out) = call(&t, json!({ "url": server.url("/redirect") })).await;
+    assert_eq!(subject, "caller.out.err", "{out}");
+    let error = out["error"].as_str().unwrap();
+    assert!(error.contains(&format!("http://localhost:{} is not granted", server.port)), "{error}");
+    assert_eq!(server.seen("/redirect").len(), 1);
+    assert!(server.seen("/ok").is_empty(), "the redirect was followed to a refused host");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_response_is_refused() {
+    let server = Server::start().await;
+    let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &[("max_outbound_response_bytes", json!(2048))])
+        .await;
+    for path in ["/big", "/stream"] {
+        let (subject, out) = call(&t, json!({ "url": server.url(path) })).await;
+        assert_eq!(subject, "caller.out.err", "{path}: {out}");
+        assert!(out["kind"].as_str().unwrap().starts_with("TooLarge"), "{path}: {out}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_server_times_out_within_the_limit() {
+    let server = Server::start().await;
+    let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &[("outbound_timeout", json!("300ms"))]).await;
+    let started = Instant::now();
+    let (subject, out) = call(&t, json!({ "url": server.url("/slow") })).await;
+    assert_eq!(subject, "caller.out.err", "{out}");
+    assert_eq!(out["kind"], "Timeout", "{out}");
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_client_is_linked_only_when_granted_and_only_for_plugins_that_ask() {
+    let sandbox = Sandbox::new(SandboxSettings::default()).unwrap();
+    let settings = |grants: Vec<String>| {
+        move |_: &_| PluginSettings {
+            limits: Default::default(),
+            config: Default::default(),
+            kv: Arc::new(plugbus::kv::MemoryKv::new()),
+            allowed_outbound: grants,
+        }
+    };
+    let caller = std::fs::read(wasm("caller")).unwrap();
+    let err = sandbox.load(&caller, settings(Vec::new())).await.err().expect("refused without a grant").to_string();
+    assert!(err.contains("wasi:http/outgoing-handler") && err.contains("allowed_outbound"), "{err}");
+    let plugin = sandbox.load(&caller, settings(vec!["http://127.0.0.1:8080".into()])).await.unwrap();
+    assert_eq!(plugin.manifest().outbound, ["http://127.0.0.1:*", "http://localhost:*"]);
+    assert_eq!(plugin.outbound().granted, ["http://127.0.0.1:8080"]);
+
+    // A handler that never calls http imports none of it.
+    let echo = std::fs::read(wasm("echo")).unwrap();
+    let imports = plugbus::inspect::inspect(&sandbox, "echo.wasm", &echo, &Config::default()).await.imports;
+    assert!(!imports.iter().any(|i| i.starts_with("wasi:http")), "{imports:?}");
+}
