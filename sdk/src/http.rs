@@ -267,7 +267,13 @@ pub(crate) mod wasm {
         };
         let split = rest.find(['/', '?']).unwrap_or(rest.len());
         let (authority, path) = rest.split_at(split);
-        let path = if path.is_empty() { "/".to_string() } else if path.starts_with('?') { format!("/{path}") } else { path.to_string() };
+        let path = if path.is_empty() {
+            "/".to_string()
+        } else if path.starts_with('?') {
+            format!("/{path}")
+        } else {
+            path.to_string()
+        };
         let headers = Fields::new();
         for (k, v) in &req.headers {
             headers.append(k, v.as_bytes()).map_err(|e| HttpError::InvalidRequest(format!("header {k}: {e:?}")))?;

@@ -163,8 +163,8 @@ async fn a_redirect_to_a_refused_host_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_response_is_refused() {
     let server = Server::start().await;
-    let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &[("max_outbound_response_bytes", json!(2048))])
-        .await;
+    let t =
+        host(vec![format!("http://127.0.0.1:{}", server.port)], &[("max_outbound_response_bytes", json!(2048))]).await;
     for path in ["/big", "/stream"] {
         let (subject, out) = call(&t, json!({ "url": server.url(path) })).await;
         assert_eq!(subject, "caller.out.err", "{path}: {out}");
@@ -184,6 +184,26 @@ async fn a_slow_server_times_out_within_the_limit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_past_the_per_event_limit_are_refused() {
+    let server = Server::start().await;
+    let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &[("max_outbound_requests", json!(2))]).await;
+    let mut seen = t.observe(&["caller.out.>"]).await;
+    let id = t.publish("caller.go", json!({ "url": server.url("/ok"), "calls": 3 }).to_string()).await;
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        let e = seen.next_where(|e| e.header("plugbus-caused-by") == Some(id.as_str())).await;
+        outcomes.push((e.subject.clone(), serde_json::from_slice::<Value>(&e.data).unwrap()));
+    }
+    outcomes.sort_by_key(|(_, v)| v["index"].as_u64());
+    assert_eq!(outcomes[0].0, "caller.out.ok");
+    assert_eq!(outcomes[1].0, "caller.out.ok");
+    assert_eq!(outcomes[2].0, "caller.out.err", "{outcomes:?}");
+    let error = outcomes[2].1["error"].as_str().unwrap();
+    assert!(error.contains("outbound request limit of 2 per event reached"), "{error}");
+    assert_eq!(server.seen("/ok").len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http_client_is_linked_only_when_granted_and_only_for_plugins_that_ask() {
     let sandbox = Sandbox::new(SandboxSettings::default()).unwrap();
     let settings = |grants: Vec<String>| {
@@ -200,6 +220,16 @@ async fn the_http_client_is_linked_only_when_granted_and_only_for_plugins_that_a
     let plugin = sandbox.load(&caller, settings(vec!["http://127.0.0.1:8080".into()])).await.unwrap();
     assert_eq!(plugin.manifest().outbound, ["http://127.0.0.1:*", "http://localhost:*"]);
     assert_eq!(plugin.outbound().granted, ["http://127.0.0.1:8080"]);
+    // `plugbus inspect` shows both sides.
+    let mut config = Config::default();
+    config.plugins.entry("caller".into()).or_default().allowed_outbound = vec!["http://127.0.0.1:8080".into()];
+    let report = plugbus::inspect::inspect(&sandbox, "caller.wasm", &caller, &config).await;
+    assert!(report.loadable, "{report}");
+    let text = report.to_string();
+    assert!(text.contains("outbound   requested http://127.0.0.1:*, http://localhost:*"), "{text}");
+    assert!(text.contains("granted   http://127.0.0.1:8080"), "{text}");
+    let refused = plugbus::inspect::inspect(&sandbox, "caller.wasm", &caller, &Config::default()).await;
+    assert!(!refused.loadable && refused.to_string().contains("allowed_outbound"), "{refused}");
 
     // A handler that never calls http imports none of it.
     let echo = std::fs::read(wasm("echo")).unwrap();

@@ -252,10 +252,8 @@ impl Outbound {
         let index = self.calls;
         self.calls += 1;
         if self.calls > self.limits.max_outbound_requests {
-            return Err(self.refuse(format!(
-                "outbound request limit of {} per event reached",
-                self.limits.max_outbound_requests
-            )));
+            return Err(self
+                .refuse(format!("outbound request limit of {} per event reached", self.limits.max_outbound_requests)));
         }
         let uri = request.uri();
         let scheme = uri.scheme_str().unwrap_or("https").to_ascii_lowercase();
@@ -272,7 +270,9 @@ impl Outbound {
             return Err(self.refuse(format!("request body of {len} bytes is over the {cap}-byte limit")));
         }
         let key = idempotency_key(&self.event_id, &self.plugin, index);
-        request.headers_mut().insert(IDEMPOTENCY_KEY, http::HeaderValue::from_str(&key).expect("hex is a header value"));
+        request
+            .headers_mut()
+            .insert(IDEMPOTENCY_KEY, http::HeaderValue::from_str(&key).expect("hex is a header value"));
         let ends = (Instant::now() + self.limits.outbound_timeout).min(self.deadline);
         Ok((request, Target { scheme, host, port, ends }))
     }
@@ -286,7 +286,8 @@ struct Target {
     ends: Instant,
 }
 
-type SendResult = wasmtime_wasi_http::Result<(http::Response<WasiBody>, Box<dyn Future<Output = Result<(), Error>> + Send>)>;
+type SendResult =
+    wasmtime_wasi_http::Result<(http::Response<WasiBody>, Box<dyn Future<Output = Result<(), Error>> + Send>)>;
 
 impl WasiHttpHooks for Outbound {
     fn send_request(
@@ -367,8 +368,13 @@ async fn send(
         return Err(Error::HttpResponseBodySize(Some(len)));
     }
     let response = response.map(|incoming| {
-        CappedBody { inner: incoming, left: max, deadline: Box::pin(tokio::time::sleep_until(target.ends)), _permit: permit }
-            .boxed_unsync()
+        CappedBody {
+            inner: incoming,
+            left: max,
+            deadline: Box::pin(tokio::time::sleep_until(target.ends)),
+            _permit: permit,
+        }
+        .boxed_unsync()
     });
     Ok((response, conn))
 }
@@ -481,7 +487,21 @@ mod tests {
 
     #[test]
     fn special_addresses_are_not_public() {
-        for ip in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "169.254.1.1", "100.64.0.1", "0.0.0.0", "::1", "fe80::1", "fd00::1", "::ffff:127.0.0.1", "64:ff9b::a9fe:a9fe"] {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "169.254.1.1",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+        ] {
             assert!(non_public(ip.parse().unwrap()).is_some(), "{ip}");
         }
         for ip in ["93.184.216.34", "2606:4700::1111", "8.8.8.8"] {

@@ -3,8 +3,8 @@
 //! transaction). Nothing here is shared between events.
 
 use super::bindings::plugbus::handler::{bus, config, kv, logging, types};
-use super::outbound::{Outbound, OutboundPolicy};
 use super::limits::{ENTRY_COST, Limits, MAX_RESOURCES, MAX_SUBJECT_BYTES, MemoryLimiter};
+use super::outbound::{Outbound, OutboundPolicy};
 use super::stdio::Capture;
 use super::world::FixedWorld;
 use crate::event::{Output, cut, is_reserved_header, quoted};
