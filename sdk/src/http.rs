@@ -46,7 +46,8 @@ pub enum HttpError {
         /// The host's words.
         reason: String,
     },
-    /// The destination's circuit breaker is open (reserved: the host does not open breakers yet).
+    /// The destination's circuit breaker is open: too many failures in a row; calls fail at
+    /// once until the cool-down has passed (then one probe goes through).
     CircuitOpen {
         /// The destination host.
         host: String,
@@ -83,7 +84,8 @@ impl fmt::Display for HttpError {
 
 impl std::error::Error for HttpError {}
 
-/// `?` in a handler: timeouts, open circuits and network failures retry the event; a refusal,
+/// `?` in a handler: timeouts, open circuits and network failures retry the event (the host's
+/// backoff applies; an open circuit's `retry_after` is not yet passed to it); a refusal,
 /// an oversized body or a bad request rejects it (dead letter with the reason).
 impl From<HttpError> for HandlerError {
     fn from(e: HttpError) -> Self {
@@ -220,10 +222,14 @@ pub fn post_json<T: serde::Serialize + ?Sized>(url: &str, value: &T) -> Result<R
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 pub(crate) const REFUSED_PREFIX: &str = "plugbus refused: ";
 
+/// What the host puts before `<host> retry_after_ms=<n>` when a breaker is open.
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+pub(crate) const CIRCUIT_OPEN_PREFIX: &str = "plugbus circuit open: ";
+
 /// The component side: `wasi:http/outgoing-handler`.
 #[cfg(target_arch = "wasm32")]
 pub(crate) mod wasm {
-    use super::{HttpError, REFUSED_PREFIX, Request, Response};
+    use super::{CIRCUIT_OPEN_PREFIX, HttpError, REFUSED_PREFIX, Request, Response};
     use crate::__http_bindings::wasi::http::outgoing_handler;
     use crate::__http_bindings::wasi::http::types::{
         ErrorCode, Fields, IncomingBody, Method, OutgoingBody, OutgoingRequest, Scheme,
@@ -234,6 +240,14 @@ pub(crate) mod wasm {
         match e {
             ErrorCode::InternalError(Some(m)) if m.starts_with(REFUSED_PREFIX) => {
                 HttpError::Refused { reason: m[REFUSED_PREFIX.len()..].to_string() }
+            }
+            ErrorCode::InternalError(Some(m)) if m.starts_with(CIRCUIT_OPEN_PREFIX) => {
+                let rest = &m[CIRCUIT_OPEN_PREFIX.len()..];
+                let (host, ms) = rest.split_once(" retry_after_ms=").unwrap_or((rest, "0"));
+                HttpError::CircuitOpen {
+                    host: host.to_string(),
+                    retry_after: std::time::Duration::from_millis(ms.parse().unwrap_or(0)),
+                }
             }
             ErrorCode::ConnectionTimeout | ErrorCode::ConnectionReadTimeout | ErrorCode::HttpResponseTimeout => {
                 HttpError::Timeout

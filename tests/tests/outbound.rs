@@ -54,6 +54,7 @@ async fn answer(
     seen.lock().unwrap().push((format!("/{what}"), key));
     match what.as_str() {
         "ok" => "pong".into_response(),
+        "fail" => (StatusCode::INTERNAL_SERVER_ERROR, "down").into_response(),
         "redirect" => (StatusCode::FOUND, [(header::LOCATION, format!("http://localhost:{port}/ok"))]).into_response(),
         "big" => vec![b'x'; 4096].into_response(),
         "stream" => {
@@ -201,6 +202,46 @@ async fn calls_past_the_per_event_limit_are_refused() {
     let error = outcomes[2].1["error"].as_str().unwrap();
     assert!(error.contains("outbound request limit of 2 per event reached"), "{error}");
     assert_eq!(server.seen("/ok").len(), 2);
+}
+
+/// The caller's breaker for `host` as `/v1/plugins` shows it.
+fn breaker(t: &TestHost, host: &str) -> Option<plugbus::sandbox::BreakerView> {
+    let caller = t.host.router().plugins().into_iter().find(|p| p.name == "caller")?;
+    caller.outbound?.breakers.into_iter().find(|b| b.host == host)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_opens_after_n_failures_and_closes_after_the_cool_down() {
+    let server = Server::start().await;
+    let limits = [("outbound_breaker_failures", json!(2)), ("outbound_breaker_cooldown", json!("1s"))];
+    let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &limits).await;
+    let mut seen = t.observe(&["caller.out.>"]).await;
+    let id = t.publish("caller.go", json!({ "url": server.url("/fail"), "calls": 3 }).to_string()).await;
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        let e = seen.next_where(|e| e.header("plugbus-caused-by") == Some(id.as_str())).await;
+        outcomes.push(serde_json::from_slice::<Value>(&e.data).unwrap());
+    }
+    outcomes.sort_by_key(|v| v["index"].as_u64());
+    assert_eq!(outcomes[0]["status"], 500);
+    assert_eq!(outcomes[1]["status"], 500);
+    let kind = outcomes[2]["kind"].as_str().unwrap();
+    assert!(kind.starts_with("CircuitOpen { host: \"127.0.0.1\""), "{outcomes:?}");
+    assert_eq!(server.seen("/fail").len(), 2, "the open breaker let a call through");
+    assert_eq!(breaker(&t, "127.0.0.1").unwrap().state, "open");
+    let metrics = reqwest::get(format!("{}/metrics", t.url())).await.unwrap().text().await.unwrap();
+    let line = metrics.lines().find(|l| l.contains("outbound_breaker_open{") && l.contains("caller")).unwrap_or("");
+    assert!(line.ends_with(" 1"), "{line:?} in\n{metrics}");
+
+    // After the cool-down one probe goes through; its success closes the breaker.
+    plugbus_tests::eventually("the breaker half-opens", || {
+        breaker(&t, "127.0.0.1").is_some_and(|b| b.state == "half-open")
+    })
+    .await;
+    let (subject, out) = call(&t, json!({ "url": server.url("/ok") })).await;
+    assert_eq!(subject, "caller.out.ok", "{out}");
+    let b = breaker(&t, "127.0.0.1").unwrap();
+    assert_eq!((b.state, b.opened), ("closed", 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -57,6 +57,11 @@ pub struct Limits {
     pub outbound_timeout: Duration,
     /// Outbound requests of this plugin in flight at once, across all its events.
     pub max_outbound_concurrency: u32,
+    /// Failures in a row (connect errors, timeouts, 5xx) to one host that open its breaker.
+    pub outbound_breaker_failures: u32,
+    /// How long an open breaker fails calls at once before letting one probe through.
+    #[serde(with = "humantime_serde")]
+    pub outbound_breaker_cooldown: Duration,
 }
 
 /// How instances are used across events.
@@ -91,6 +96,8 @@ impl Default for Limits {
             max_outbound_response_bytes: 1024 * 1024,
             outbound_timeout: Duration::from_secs(5),
             max_outbound_concurrency: 8,
+            outbound_breaker_failures: 5,
+            outbound_breaker_cooldown: Duration::from_secs(30),
         }
     }
 }

@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
+use super::breaker::Breakers;
 use super::limits::Limits;
 
 /// The header every outbound request carries.
@@ -37,6 +38,10 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// What a guest sees in `internal-error` when the host refuses a call (the SDK reads it).
 pub const REFUSED_PREFIX: &str = "plugbus refused: ";
+
+/// What a guest sees in `internal-error` when a breaker is open:
+/// `plugbus circuit open: <host> retry_after_ms=<n>` (the SDK reads it).
+pub const CIRCUIT_OPEN_PREFIX: &str = "plugbus circuit open: ";
 
 /// One allowed destination: `scheme://host[:port]` (port `*`: any).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +107,17 @@ fn split_host_port(s: &str) -> Option<(&str, Option<&str>)> {
     }
 }
 
+/// A plugin's outbound HTTP as `/v1/plugins` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OutboundInfo {
+    /// What its manifest asks for.
+    pub requested: Vec<String>,
+    /// What the operator grants.
+    pub granted: Vec<String>,
+    /// Its breakers that have seen a failure, by host.
+    pub breakers: Vec<super::breaker::BreakerView>,
+}
+
 /// One plugin's outbound policy, shared by all its attempts.
 pub struct OutboundPolicy {
     /// What the manifest asked for, as written.
@@ -111,6 +127,8 @@ pub struct OutboundPolicy {
     requested_rules: Vec<Rule>,
     granted_rules: Vec<Rule>,
     slots: Arc<Semaphore>,
+    /// Its circuit breakers, per destination host.
+    pub breakers: Breakers,
 }
 
 impl OutboundPolicy {
@@ -124,7 +142,21 @@ impl OutboundPolicy {
             requested_rules: rules(requested),
             granted_rules: rules(granted),
             slots: Arc::new(Semaphore::new(limits.max_outbound_concurrency.max(1) as usize)),
+            breakers: Breakers::new(limits.outbound_breaker_failures, limits.outbound_breaker_cooldown),
         }
+    }
+
+    /// What `/v1/plugins` shows: requested, granted and the breakers that have seen failures;
+    /// `None` for a plugin that asks for nothing and is granted nothing.
+    pub fn info(&self) -> Option<OutboundInfo> {
+        if self.requested.is_empty() && self.granted.is_empty() {
+            return None;
+        }
+        Some(OutboundInfo {
+            requested: self.requested.clone(),
+            granted: self.granted.clone(),
+            breakers: self.breakers.views(),
+        })
     }
 
     /// No outbound access at all.
@@ -269,12 +301,20 @@ impl Outbound {
         if let Some(len) = request.body().size_hint().exact().filter(|&n| n > cap) {
             return Err(self.refuse(format!("request body of {len} bytes is over the {cap}-byte limit")));
         }
+        let probe = match self.policy.breakers.admit(&host) {
+            Ok(probe) => probe,
+            Err(retry_after) => {
+                tracing::warn!(plugin = %self.plugin, event_id = %self.event_id, host, "outbound request failed at once: circuit open");
+                let ms = retry_after.as_millis();
+                return Err(Error::InternalError(Some(format!("{CIRCUIT_OPEN_PREFIX}{host} retry_after_ms={ms}"))));
+            }
+        };
         let key = idempotency_key(&self.event_id, &self.plugin, index);
         request
             .headers_mut()
             .insert(IDEMPOTENCY_KEY, http::HeaderValue::from_str(&key).expect("hex is a header value"));
         let ends = (Instant::now() + self.limits.outbound_timeout).min(self.deadline);
-        Ok((request, Target { scheme, host, port, ends }))
+        Ok((request, Target { scheme, host, port, ends, probe }))
     }
 }
 
@@ -284,6 +324,8 @@ struct Target {
     host: String,
     port: u16,
     ends: Instant,
+    /// Whether this call is its breaker's half-open probe.
+    probe: bool,
 }
 
 type SendResult =
@@ -297,7 +339,7 @@ impl WasiHttpHooks for Outbound {
         _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> Box<dyn Future<Output = SendResult> + Send> {
         let admitted = self.admit(request);
-        let (slots, limits) = (self.policy.slots.clone(), self.limits.clone());
+        let (slots, limits, policy) = (self.policy.slots.clone(), self.limits.clone(), self.policy.clone());
         let (plugin, event_id) = (self.plugin.clone(), self.event_id.clone());
         Box::new(async move {
             let (request, target) = admitted?;
@@ -306,14 +348,24 @@ impl WasiHttpHooks for Outbound {
                 Error::InternalError(Some(format!("{REFUSED_PREFIX}{reason}")))
             };
             let ends = target.ends;
-            match tokio::time::timeout_at(ends, send(request, &target, slots, &limits, &refuse)).await {
+            let result = match tokio::time::timeout_at(ends, send(request, &target, slots, &limits, &refuse)).await {
                 Ok(r) => r,
                 Err(_) => {
                     tracing::warn!(plugin = %plugin, event_id = %event_id, host = %target.host,
                         "outbound request timed out");
                     Err(Error::ConnectionTimeout)
                 }
+            };
+            // The breaker counts what the destination did, not the host's own refusals.
+            let (breakers, host) = (&policy.breakers, target.host.as_str());
+            match &result {
+                Ok((response, _)) => breakers.record(host, response.status().as_u16() < 500, target.probe),
+                Err(Error::InternalError(_) | Error::HttpRequestBodySize(_) | Error::HttpResponseBodySize(_)) => {
+                    breakers.release(host, target.probe)
+                }
+                Err(_) => breakers.record(host, false, target.probe),
             }
+            result
         })
     }
 }
