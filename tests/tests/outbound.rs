@@ -185,6 +185,34 @@ async fn a_slow_server_times_out_within_the_limit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_never_outlasts_the_event_deadline() {
+    let server = Server::start().await;
+    let limits = [("outbound_timeout", json!("30s")), ("deadline", json!("400ms"))];
+    let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &limits).await;
+    let mut dead = t.observe(&["plugbus.dlq.caller"]).await;
+    let started = Instant::now();
+    let id = t.publish("caller.go", json!({ "url": server.url("/slow") }).to_string()).await;
+    let letter = dead.next_where(|e| e.header(plugbus::deadletter::headers::ORIGINAL_ID) == Some(id.as_str())).await;
+    let error = letter.header(plugbus::deadletter::headers::ERROR).unwrap();
+    assert!(error.contains("deadline of 400ms exceeded"), "{error}");
+    // three attempts of at most 400 ms each (plus backoff), not 30 s or the server's 10 s
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert_eq!(server.seen("/slow").len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_cannot_choose_its_idempotency_key() {
+    let server = Server::start().await;
+    let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &[]).await;
+    let spec = json!({ "url": server.url("/ok"), "key": "forged" });
+    let (subject, _) = call(&t, spec).await;
+    assert_eq!(subject, "caller.out.ok");
+    let keys = server.seen("/ok");
+    assert_eq!(keys.len(), 1);
+    assert!(keys[0] != "forged" && keys[0].len() == 32, "{keys:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_past_the_per_event_limit_are_refused() {
     let server = Server::start().await;
     let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &[("max_outbound_requests", json!(2))]).await;

@@ -1,5 +1,6 @@
 //! Outbound HTTP from a handler. The event's data says what to do:
-//! `{"url": "...", "method": "GET"|"POST", "body": "...", "calls": 1, "fail_before": 1}`.
+//! `{"url": "...", "method": "GET"|"POST", "body": "...", "calls": 1, "fail_before": 1, "key": "..."}`
+//! (`key`: an `Idempotency-Key` the handler tries to set itself).
 //! Each call's outcome is published to `caller.out.ok` (`{status, body, attempt, index}`) or
 //! `caller.out.err` (`{error, attempt, index}`); with `fail_before = N` the attempts before the
 //! N-th ask to be retried after making their calls (the same calls on every attempt).
@@ -19,7 +20,10 @@ fn call(ev: Event) -> Result<(), HandlerError> {
     let body = spec["body"].as_str().unwrap_or_default().as_bytes().to_vec();
     let calls = spec["calls"].as_u64().unwrap_or(1);
     for index in 0..calls {
-        let req = http::Request { body: body.clone(), ..http::Request::new(method, url) };
+        let mut req = http::Request { body: body.clone(), ..http::Request::new(method, url) };
+        if let Some(key) = spec["key"].as_str() {
+            req = req.header("Idempotency-Key", key);
+        }
         match req.send() {
             Ok(res) => publish_json(
                 "caller.out.ok",
