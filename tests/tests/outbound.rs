@@ -13,6 +13,7 @@ use plugbus::Config;
 use plugbus::sandbox::{PluginSettings, Sandbox, SandboxSettings};
 use plugbus_tests::{TestHost, fast_retries, wasm};
 use serde_json::{Value, json};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,16 +25,21 @@ type Seen = Arc<Mutex<Vec<(String, String)>>>;
 struct Server {
     port: u16,
     seen: Seen,
+    /// `/gate` requests in flight now, and the most at once.
+    gate: Gate,
 }
+
+type Gate = Arc<(AtomicUsize, AtomicUsize)>;
 
 impl Server {
     async fn start() -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let seen: Seen = Arc::default();
-        let app = Router::new().route("/{what}", get(answer).post(answer)).with_state((seen.clone(), port));
+        let (seen, gate): (Seen, Gate) = Default::default();
+        let app =
+            Router::new().route("/{what}", get(answer).post(answer)).with_state((seen.clone(), port, gate.clone()));
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Self { port, seen }
+        Self { port, seen, gate }
     }
 
     fn url(&self, path: &str) -> String {
@@ -46,7 +52,7 @@ impl Server {
 }
 
 async fn answer(
-    State((seen, port)): State<(Seen, u16)>,
+    State((seen, port, gate)): State<(Seen, u16, Gate)>,
     Path(what): Path<String>,
     headers: HeaderMap,
 ) -> axum::response::Response {
@@ -55,6 +61,13 @@ async fn answer(
     match what.as_str() {
         "ok" => "pong".into_response(),
         "fail" => (StatusCode::INTERNAL_SERVER_ERROR, "down").into_response(),
+        "gate" => {
+            let now = gate.0.fetch_add(1, Ordering::SeqCst) + 1;
+            gate.1.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            gate.0.fetch_sub(1, Ordering::SeqCst);
+            "through".into_response()
+        }
         "redirect" => (StatusCode::FOUND, [(header::LOCATION, format!("http://localhost:{port}/ok"))]).into_response(),
         "big" => vec![b'x'; 4096].into_response(),
         "stream" => {
@@ -210,6 +223,27 @@ async fn a_guest_cannot_choose_its_idempotency_key() {
     let keys = server.seen("/ok");
     assert_eq!(keys.len(), 1);
     assert!(keys[0] != "forged" && keys[0].len() == 32, "{keys:?}");
+}
+
+/// The most `/gate` calls in flight at once when two events each make one, concurrently.
+async fn most_at_once(concurrency: u32) -> usize {
+    let server = Server::start().await;
+    let limits = [("max_outbound_concurrency", json!(concurrency))];
+    let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &limits).await;
+    let mut seen = t.observe(&["caller.out.>"]).await;
+    let spec = json!({ "url": server.url("/gate") }).to_string();
+    let ids = [t.publish("caller.go", spec.clone()).await, t.publish("caller.go", spec).await];
+    for _ in 0..2 {
+        let e = seen.next_where(|e| ids.iter().any(|id| e.header("plugbus-caused-by") == Some(id.as_str()))).await;
+        assert_eq!(e.subject, "caller.out.ok", "{:?}", String::from_utf8_lossy(&e.data));
+    }
+    server.gate.1.load(Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_concurrency_is_bounded_per_plugin() {
+    assert_eq!(most_at_once(8).await, 2, "the two events' calls overlap when allowed");
+    assert_eq!(most_at_once(1).await, 1, "max_outbound_concurrency = 1 let two calls out at once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
