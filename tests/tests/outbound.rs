@@ -334,6 +334,17 @@ async fn the_http_client_is_linked_only_when_granted_and_only_for_plugins_that_a
     let refused = plugbus::inspect::inspect(&sandbox, "caller.wasm", &caller, &Config::default()).await;
     assert!(!refused.loadable && refused.to_string().contains("allowed_outbound"), "{refused}");
 
+    // A repeatable run (`plugbus test`) makes no call, even when granted.
+    let server = Server::start().await;
+    let grant = vec![format!("http://127.0.0.1:{}", server.port)];
+    let plugin = sandbox.load(&caller, settings(grant)).await.unwrap();
+    let ev = plugbus::Event::new("caller.go", json!({ "url": server.url("/ok") }).to_string());
+    let attempt = plugin.handle_fixed(&ev, 1, &plugbus::sandbox::FixedWorld::of(&ev)).await;
+    assert!(attempt.result.is_ok(), "{:?}", attempt.result);
+    let out = String::from_utf8_lossy(&attempt.outputs[0].data).into_owned();
+    assert!(out.contains("outbound HTTP is off in repeatable runs"), "{out}");
+    assert!(server.seen("/ok").is_empty());
+
     // A handler that never calls http imports none of it.
     let echo = std::fs::read(wasm("echo")).unwrap();
     let imports = plugbus::inspect::inspect(&sandbox, "echo.wasm", &echo, &Config::default()).await.imports;

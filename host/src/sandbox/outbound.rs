@@ -259,6 +259,8 @@ pub struct Outbound {
     pub calls: u32,
     /// When the event's deadline passes (set before every call).
     pub deadline: Instant,
+    /// A repeatable run (`plugbus test`): nothing goes out, every call is refused.
+    pub offline: bool,
 }
 
 impl Outbound {
@@ -271,6 +273,7 @@ impl Outbound {
             event_id: event_id.to_string(),
             calls: 0,
             deadline: Instant::now() + limits.deadline,
+            offline: false,
         }
     }
 
@@ -283,6 +286,9 @@ impl Outbound {
     fn admit(&mut self, mut request: http::Request<WasiBody>) -> Result<(http::Request<WasiBody>, Target), Error> {
         let index = self.calls;
         self.calls += 1;
+        if self.offline {
+            return Err(self.refuse("outbound HTTP is off in repeatable runs (`plugbus test`)".into()));
+        }
         if self.calls > self.limits.max_outbound_requests {
             return Err(self
                 .refuse(format!("outbound request limit of {} per event reached", self.limits.max_outbound_requests)));

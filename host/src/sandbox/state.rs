@@ -87,7 +87,9 @@ impl HostState {
         let wasi = builder.build();
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_RESOURCES);
-        let outbound = Outbound::new(plugin.outbound.clone(), plugin.name.clone(), &plugin.limits, event_id);
+        let mut outbound = Outbound::new(plugin.outbound.clone(), plugin.name.clone(), &plugin.limits, event_id);
+        // A repeatable run must not reach the outside world.
+        outbound.offline = world.is_some();
         Self {
             wasi,
             table,
