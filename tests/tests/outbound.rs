@@ -175,10 +175,15 @@ async fn a_redirect_to_a_refused_host_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_oversized_response_is_refused() {
+async fn an_oversized_response_or_request_is_refused() {
     let server = Server::start().await;
-    let t =
-        host(vec![format!("http://127.0.0.1:{}", server.port)], &[("max_outbound_response_bytes", json!(2048))]).await;
+    let limits = [("max_outbound_response_bytes", json!(2048)), ("max_outbound_request_bytes", json!(1024))];
+    let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &limits).await;
+    let spec = json!({ "url": server.url("/ok"), "method": "POST", "body": "z".repeat(4096) });
+    let (subject, out) = call(&t, spec).await;
+    assert_eq!(subject, "caller.out.err", "{out}");
+    assert_eq!(out["kind"], "TooLarge { what: \"request body\" }", "{out}");
+    assert!(server.seen("/ok").is_empty(), "the oversized request went out");
     for path in ["/big", "/stream"] {
         let (subject, out) = call(&t, json!({ "url": server.url(path) })).await;
         assert_eq!(subject, "caller.out.err", "{path}: {out}");

@@ -33,6 +33,9 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 use super::breaker::Breakers;
 use super::limits::Limits;
 
+/// How long a connection's I/O may outlive its request's end time (see `send`).
+const CONN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The header every outbound request carries.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
@@ -305,7 +308,8 @@ impl Outbound {
         }
         let cap = self.limits.max_outbound_request_bytes;
         if let Some(len) = request.body().size_hint().exact().filter(|&n| n > cap) {
-            return Err(self.refuse(format!("request body of {len} bytes is over the {cap}-byte limit")));
+            tracing::warn!(plugin = %self.plugin, event_id = %self.event_id, "outbound request body of {len} bytes is over the {cap}-byte limit");
+            return Err(Error::HttpRequestBodySize(Some(len)));
         }
         let probe = match self.policy.breakers.admit(&host) {
             Ok(probe) => probe,
@@ -393,7 +397,10 @@ async fn send(
         Err(e) => {
             return Err(match e.downcast::<Error>() {
                 Ok(inner) => *inner,
-                Err(_) => refuse(format!("request body is over the {cap}-byte limit")),
+                Err(_) => {
+                    tracing::warn!("outbound request body over the {cap}-byte limit");
+                    Error::HttpRequestBodySize(None)
+                }
             });
         }
     };
@@ -412,7 +419,8 @@ async fn send(
         .map_err(|_| Error::HttpRequestUriInvalid)?;
     let body = http_body_util::Full::new(body).map_err(|never| match never {}).boxed_unsync();
     // The connection's I/O runs on its own task, never past the request's end time.
-    let conn = tokio::spawn(tokio::time::timeout_at(target.ends, conn));
+    // (A second past it: the request's own timeout, not the connection's end, must say "timeout".)
+    let conn = tokio::spawn(tokio::time::timeout_at(target.ends + CONN_GRACE, conn));
     let conn: Box<dyn Future<Output = Result<(), Error>> + Send> = Box::new(async move {
         match conn.await {
             Ok(Ok(done)) => done.map_err(Error::from),
@@ -420,7 +428,12 @@ async fn send(
             Err(_) => Ok(()),
         }
     });
-    let response = sender.send_request(http::Request::from_parts(parts, body)).await?;
+    let response = match sender.send_request(http::Request::from_parts(parts, body)).await {
+        Ok(r) => r,
+        // The connection ended because the request's time was up.
+        Err(_) if Instant::now() >= target.ends => return Err(Error::ConnectionTimeout),
+        Err(e) => return Err(e.into()),
+    };
     let max = limits.max_outbound_response_bytes;
     if let Some(len) = response.body().size_hint().exact().filter(|&n| n > max) {
         return Err(Error::HttpResponseBodySize(Some(len)));
