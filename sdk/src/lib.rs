@@ -177,7 +177,8 @@ pub use publish::{publish, publish_json, publish_with_headers};
 /// Turns `fn(Event) -> Result<(), HandlerError>` into a plugbus plugin component.
 ///
 /// Options: `subscribe = [..]` (required: subject patterns with NATS wildcards `*` and `>`),
-/// `publishes = [..]` (the subjects the handler may publish to), `name = ".."` and
+/// `publishes = [..]` (the subjects the handler may publish to), `outbound = [..]` (the HTTP
+/// destinations it may call, `scheme://host[:port]`, see [`http`]), `name = ".."` and
 /// `version = ".."` (default: the crate's), `queue_group = ".."`, `order_by_header = ".."` or
 /// `order_by_token = N`, `durable = true`, `deliver = "all" | "new"`.
 ///
