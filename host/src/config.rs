@@ -48,6 +48,10 @@ pub struct PluginConfig {
     /// The queue group (and JetStream durable) the plugin's work is shared through across hosts;
     /// default `plugbus.<NAME>`, or the manifest's own group under it.
     pub queue_group: Option<String>,
+    /// Outbound HTTP destinations granted to the plugin (`scheme://host[:port]`, port `*` for
+    /// any): a call goes out only when its manifest asks for the destination too. Loopback,
+    /// private and link-local addresses only by exact IP.
+    pub allowed_outbound: Vec<String>,
 }
 
 /// Where a new durable consumer starts.
@@ -195,6 +199,10 @@ impl Config {
             overlay(&self.limits, &p.limits, &format!("plugins.{name}.limits")).map_err(anyhow::Error::msg)?;
             overlay(&self.flow, &p.flow, &format!("plugins.{name}.flow")).map_err(anyhow::Error::msg)?;
             overlay(&self.retry, &p.retry, &format!("plugins.{name}.retry")).map_err(anyhow::Error::msg)?;
+            for (i, o) in p.allowed_outbound.iter().enumerate() {
+                crate::sandbox::outbound::Rule::parse(o)
+                    .map_err(|e| anyhow::anyhow!("plugins.{name}.allowed_outbound[{i}]: {e}"))?;
+            }
             if let Some(s) = &p.dead_letter {
                 crate::subject::validate_subject(s).map_err(|e| anyhow::anyhow!("plugins.{name}.dead_letter: {e}"))?;
             }
@@ -265,6 +273,11 @@ impl Config {
             durable: p.and_then(|p| p.durable),
             deliver_all: p.and_then(|p| p.deliver).map(|d| d == Deliver::All),
         }
+    }
+
+    /// The outbound HTTP destinations granted to `plugin`.
+    pub fn outbound_for(&self, plugin: &str) -> Vec<String> {
+        self.plugins.get(plugin).map(|p| p.allowed_outbound.clone()).unwrap_or_default()
     }
 
     /// The operator's `config` values for `plugin` (scalars as text).

@@ -40,6 +40,9 @@ pub struct Inspection {
     pub exports: Vec<String>,
     /// The limits it would run under with this config.
     pub limits: Option<Limits>,
+    /// The outbound HTTP destinations the config grants it (its manifest's `outbound` are the
+    /// requested ones; a call goes out only when both allow it).
+    pub granted_outbound: Vec<String>,
 }
 
 /// Inspects `bytes` as the host would load them under `config`.
@@ -56,6 +59,7 @@ pub async fn inspect(sandbox: &Sandbox, file: &str, bytes: &[u8], config: &Confi
         imports: Vec::new(),
         exports: Vec::new(),
         limits: None,
+        granted_outbound: Vec::new(),
     };
     if let Err(e) = crate::sandbox::check_header(bytes) {
         report.problems.push(e.to_string());
@@ -90,6 +94,7 @@ pub async fn inspect(sandbox: &Sandbox, file: &str, bytes: &[u8], config: &Confi
     report.identity = identity.clone();
     let kv = Arc::new(MemoryKv::new());
     let mut declared: Option<Manifest> = None;
+    let mut granted = Vec::new();
     let result = sandbox
         .prepare_bound(component, report.hash.clone(), |m| {
             declared = Some(m.clone());
@@ -97,10 +102,17 @@ pub async fn inspect(sandbox: &Sandbox, file: &str, bytes: &[u8], config: &Confi
             let id = identity.clone().unwrap_or_else(|| m.name.clone());
             m.bind(&id, config.queue_group_for(&id))
                 .map_err(|e| LoadError::Manifest(format!("the file {} is plugin {id:?}: {e}", file_name(file))))?;
-            Ok(PluginSettings { limits: config.limits_for(&id), config: config.values_for(&id), kv })
+            granted = config.outbound_for(&id);
+            Ok(PluginSettings {
+                limits: config.limits_for(&id),
+                config: config.values_for(&id),
+                kv,
+                allowed_outbound: granted.clone(),
+            })
         })
         .await;
     report.manifest = declared;
+    report.granted_outbound = granted;
     match result {
         Ok(plugin) => {
             report.limits = Some(plugin.limits().clone());
@@ -161,6 +173,12 @@ impl std::fmt::Display for Inspection {
                 "publishes  {}",
                 if m.publishes.is_empty() { "(nothing)".into() } else { m.publishes.join(", ") }
             )?;
+        }
+        let requested = self.manifest.as_ref().map(|m| m.outbound.clone()).unwrap_or_default();
+        if !requested.is_empty() || !self.granted_outbound.is_empty() {
+            let list = |l: &[String]| if l.is_empty() { "(none)".to_string() } else { l.join(", ") };
+            writeln!(f, "outbound   requested {}", list(&requested))?;
+            writeln!(f, "           granted   {}", list(&self.granted_outbound))?;
         }
         writeln!(f, "imports")?;
         for i in &self.imports {

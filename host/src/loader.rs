@@ -159,6 +159,7 @@ pub async fn load_file(
                 limits: config.limits_for(&identity),
                 config: config.values_for(&identity),
                 kv: kv.clone(),
+                allowed_outbound: config.outbound_for(&identity),
             })
         })
         .await?;

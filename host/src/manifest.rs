@@ -51,6 +51,10 @@ pub struct Manifest {
     /// `plugbus.<identity>`. `None` until bound: an unbound manifest's claims reach no transport.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_group: Option<String>,
+    /// The outbound HTTP destinations it asks for (`scheme://host[:port]`), from the optional
+    /// `outbound` export; empty when it asks for none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub outbound: Vec<String>,
 }
 
 /// The longest queue group a manifest or the operator may set.
@@ -110,9 +114,21 @@ impl Manifest {
                 .collect(),
             publishes: m.publishes,
             queue_group: None,
+            outbound: Vec::new(),
         };
         manifest.validate()?;
         Ok(manifest)
+    }
+
+    /// Checks the `outbound` destinations (at most 64, each `scheme://host[:port]`).
+    pub fn validate_outbound(&self) -> Result<(), String> {
+        if self.outbound.len() > 64 {
+            return Err(format!("manifest field `outbound` lists {} destinations, over 64", self.outbound.len()));
+        }
+        for (i, o) in self.outbound.iter().enumerate() {
+            crate::sandbox::outbound::Rule::parse(o).map_err(|e| format!("manifest field `outbound[{i}]`: {e}"))?;
+        }
+        Ok(())
     }
 
     /// Checks every field; the first problem found is returned, naming the field.
@@ -237,6 +253,7 @@ mod tests {
             }],
             publishes: vec!["inventory.>".into()],
             queue_group: None,
+            outbound: Vec::new(),
         }
     }
 

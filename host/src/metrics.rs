@@ -37,6 +37,15 @@ pub struct PluginLabels {
     pub plugin: String,
 }
 
+/// Labels of per-destination outbound metrics (the host is one the operator granted).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BreakerLabels {
+    /// The plugin.
+    pub plugin: String,
+    /// The destination host.
+    pub host: String,
+}
+
 /// Labels of per-file metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FileLabels {
@@ -47,6 +56,10 @@ pub struct FileLabels {
 /// Every metric of the host.
 pub struct Metrics {
     registry: Mutex<Registry>,
+    /// Outbound circuit breakers: 1 open or half-open, 0 closed.
+    pub breaker_open: Family<BreakerLabels, Gauge>,
+    /// How many times each outbound circuit breaker opened.
+    pub breaker_opened: Family<BreakerLabels, Gauge>,
     /// Deliveries received.
     pub received: Family<EventLabels, Counter>,
     /// Deliveries handled (Ok, outputs released).
@@ -99,6 +112,8 @@ impl Default for Metrics {
             queue_depth: Family::default(),
             reloads: Family::default(),
             load_errors: Family::default(),
+            breaker_open: Family::default(),
+            breaker_opened: Family::default(),
             compiled: Gauge::default(),
             cache_hits: Gauge::default(),
             plugins: Gauge::default(),
@@ -120,6 +135,16 @@ impl Default for Metrics {
         r.register("in_flight", "Handler attempts running now", m.in_flight.clone());
         r.register("queue_depth", "Events waiting in a plugin's queue", m.queue_depth.clone());
         r.register("reloads", "Plugin versions added, swapped in or removed", m.reloads.clone());
+        r.register(
+            "outbound_breaker_open",
+            "Outbound circuit breakers per plugin and host: 1 open or half-open, 0 closed",
+            m.breaker_open.clone(),
+        );
+        r.register(
+            "outbound_breaker_opened",
+            "Times an outbound circuit breaker opened, per plugin and host",
+            m.breaker_opened.clone(),
+        );
         r.register("load_errors", "Plugin files that could not be loaded", m.load_errors.clone());
         r.register("components_compiled", "Components compiled since start", m.compiled.clone());
         r.register("compile_cache_hits", "Components read from the compile cache since start", m.cache_hits.clone());

@@ -134,6 +134,9 @@ pub struct PluginInfo {
     pub dead_letter_subject: String,
     /// Counters: received, ok, retried, dead_lettered, attempts, in_flight, pending, queued, outputs.
     pub counters: BTreeMap<&'static str, u64>,
+    /// Outbound HTTP (requested, granted, breakers), when it asks for or is granted any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbound: Option<crate::sandbox::outbound::OutboundInfo>,
 }
 
 /// What a drain left behind.
@@ -176,6 +179,11 @@ impl Router {
             let labels = PluginLabels { plugin: name.clone() };
             self.metrics.in_flight.get_or_create(&labels).set(e.runtime.stats.in_flight.load(Relaxed) as i64);
             self.metrics.queue_depth.get_or_create(&labels).set((e.queue_depth)() as i64);
+            for b in e.runtime.plugin().outbound().breakers.views() {
+                let labels = crate::metrics::BreakerLabels { plugin: name.clone(), host: b.host };
+                self.metrics.breaker_open.get_or_create(&labels).set(i64::from(b.state != "closed"));
+                self.metrics.breaker_opened.get_or_create(&labels).set(b.opened as i64);
+            }
         }
     }
 
@@ -292,6 +300,7 @@ impl Router {
                     publishes: p.manifest().publishes.clone(),
                     limits: p.limits().clone(),
                     dead_letter_subject: e.runtime.dead_letter_subject.clone(),
+                    outbound: p.outbound().info(),
                     counters: BTreeMap::from([
                         ("received", s.received.load(Relaxed)),
                         ("ok", s.ok.load(Relaxed)),

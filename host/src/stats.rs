@@ -238,6 +238,7 @@ mod tests {
             limits: Default::default(),
             dead_letter_subject: format!("plugbus.dlq.{name}"),
             counters: BTreeMap::new(),
+            outbound: None,
         }
     }
 

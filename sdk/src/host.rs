@@ -6,8 +6,10 @@
 //! (`cargo test`) they are the thread-local [`TestHost`](crate::testing::TestHost) of the
 //! running test. Both sides have the same signatures, in the SDK's own types.
 
+#[cfg(target_arch = "wasm32")]
+pub(crate) use crate::http::wasm::send as http_send;
 #[cfg(not(target_arch = "wasm32"))]
-pub(crate) use crate::testing::calls::{config_get, kv_delete, kv_get, kv_set, log, publish};
+pub(crate) use crate::testing::calls::{config_get, http_send, kv_delete, kv_get, kv_set, log, publish};
 #[cfg(target_arch = "wasm32")]
 pub(crate) use wasm::{config_get, kv_delete, kv_get, kv_set, log, publish};
 

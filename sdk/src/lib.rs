@@ -146,7 +146,8 @@
 //! A handler can publish to the subjects its `publishes` allows ([`publish`], [`publish_json`],
 //! [`publish_with_headers`]; never a `$` or `_INBOX` subject, never the host's own headers), read
 //! and write its own [`kv`], read its [`config`], [`log`], write to stdout and stderr (captured
-//! per event), read the wall clock and random numbers. Nothing else: no files, no sockets, no
+//! per event), read the wall clock and random numbers, and call the HTTP destinations its
+//! `outbound` asks for and the operator grants ([`http`]). Nothing else: no files, no sockets, no
 //! environment variables, no other plugin's state. Each event gets a memory cap (64 MiB), a
 //! deadline (5 s) and caps on publishes (100), output bytes (1 MiB) and kv use per event; the
 //! operator can change every one per plugin. Past a cap the call fails with an error the handler
@@ -163,6 +164,7 @@ mod host;
 mod publish;
 
 pub mod config;
+pub mod http;
 pub mod kv;
 pub mod log;
 #[cfg(not(target_arch = "wasm32"))]
@@ -175,7 +177,8 @@ pub use publish::{publish, publish_json, publish_with_headers};
 /// Turns `fn(Event) -> Result<(), HandlerError>` into a plugbus plugin component.
 ///
 /// Options: `subscribe = [..]` (required: subject patterns with NATS wildcards `*` and `>`),
-/// `publishes = [..]` (the subjects the handler may publish to), `name = ".."` and
+/// `publishes = [..]` (the subjects the handler may publish to), `outbound = [..]` (the HTTP
+/// destinations it may call, `scheme://host[:port]`, see [`http`]), `name = ".."` and
 /// `version = ".."` (default: the crate's), `queue_group = ".."`, `order_by_header = ".."` or
 /// `order_by_token = N`, `durable = true`, `deliver = "all" | "new"`.
 ///
@@ -198,7 +201,7 @@ pub use plugbus_sdk_macro::handler;
 #[doc(hidden)]
 pub mod __bindings {
     wit_bindgen::generate!({
-        world: "plugin",
+        world: "sdk-plugin",
         path: "wit",
         pub_export_macro: true,
         export_macro_name: "__export_plugin",
@@ -206,6 +209,19 @@ pub mod __bindings {
         runtime_path: "plugbus_sdk::__bindings::__wit_bindgen::rt",
     });
     pub use wit_bindgen as __wit_bindgen;
+}
+
+/// `wasi:http` client bindings (the `http-client` world), used by [`http`] in the component only:
+/// a handler that never calls [`http`] imports none of it.
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub mod __http_bindings {
+    wit_bindgen::generate!({
+        world: "http-client",
+        path: "wit",
+        runtime_path: "plugbus_sdk::__bindings::__wit_bindgen::rt",
+        generate_all,
+    });
 }
 
 #[doc(hidden)]

@@ -1,6 +1,7 @@
 //! What the `#[handler]` attribute expands to; not a public API.
 
 pub use crate::__bindings::exports::plugbus::handler::handler::Guest;
+pub use crate::__bindings::exports::plugbus::handler::outbound::Guest as OutboundGuest;
 pub use crate::__bindings::plugbus::handler::types::{
     DeliverPolicy, Event as WitEvent, HandlerError as WitHandlerError, OrderKey, PluginManifest as Manifest,
     Subscription,
@@ -23,6 +24,8 @@ pub struct Declared {
     pub subscribe: &'static [&'static str],
     /// `publishes = [..]`.
     pub publishes: &'static [&'static str],
+    /// `outbound = [..]`.
+    pub outbound: &'static [&'static str],
 }
 
 /// Called first thing by a `#[handler]` function on the native target: tells a running

@@ -244,7 +244,12 @@ async fn a_panicking_host_function_fails_the_attempt_like_a_trap_and_the_plugin_
     for mode in [InstanceMode::Fresh, InstanceMode::Reuse] {
         let limits = Limits { instance: mode, ..Limits::default() };
         let plugin = sandbox
-            .load(&bytes, |_| PluginSettings { limits, config: Default::default(), kv: Arc::new(PanickingKv) })
+            .load(&bytes, |_| PluginSettings {
+                limits,
+                config: Default::default(),
+                kv: Arc::new(PanickingKv),
+                allowed_outbound: Vec::new(),
+            })
             .await
             .unwrap();
         for _ in 0..3 {

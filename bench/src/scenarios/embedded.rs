@@ -115,7 +115,12 @@ pub(super) fn input(seq: u64) -> Event {
 /// `Plugin::handle` in a loop: the public sandbox API, no router, no bus.
 pub(super) async fn sandbox_floor(mode: Mode, handler: &[u8], tasks: usize, limits: Limits) -> anyhow::Result<Load> {
     let sandbox = Sandbox::new(SandboxSettings::default())?;
-    let settings = |_: &_| PluginSettings { limits, config: Default::default(), kv: Arc::new(MemoryKv::new()) };
+    let settings = |_: &_| PluginSettings {
+        limits,
+        config: Default::default(),
+        kv: Arc::new(MemoryKv::new()),
+        allowed_outbound: Vec::new(),
+    };
     let plugin = Arc::new(sandbox.load(handler, settings).await?);
     driver::direct_loop(mode, tasks, move |seq| {
         let plugin = plugin.clone();
@@ -178,6 +183,7 @@ impl Bare {
             publishes: PatternSet::parse(&["bench.out.>"])?,
             config: Default::default(),
             kv: Arc::new(MemoryKv::new()),
+            outbound: Arc::new(plugbus::sandbox::outbound::OutboundPolicy::none()),
         });
         Ok(Self { engine, epochs, pre, ctx })
     }

@@ -3,6 +3,7 @@
 use super::bindings;
 use super::cache::{CacheStats, CompileCache};
 use super::limits::Limits;
+use super::outbound::OutboundPolicy;
 use super::plugin::{Plugin, PluginSettings};
 use super::state::{HostState, PluginCtx};
 use super::validate::{self, LoadError};
@@ -54,6 +55,8 @@ pub struct Sandbox {
     cache: Option<Arc<CompileCache>>,
     cache_stats: Arc<CacheStats>,
     linker: Arc<Linker<HostState>>,
+    /// `linker` plus the `wasi:http` client, for plugins granted outbound HTTP.
+    http_linker: Arc<Linker<HostState>>,
     settings: SandboxSettings,
     _ticker: Arc<Ticker>,
 }
@@ -104,6 +107,9 @@ impl Sandbox {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("linking WASI: {e}"))?;
         bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| anyhow::anyhow!("linking the plugbus imports: {e}"))?;
+        let mut http_linker = linker.clone();
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut http_linker)
+            .map_err(|e| anyhow::anyhow!("linking wasi:http: {e}"))?;
 
         let stop = Arc::new(AtomicBool::new(false));
         {
@@ -121,6 +127,7 @@ impl Sandbox {
             cache: None,
             cache_stats: Arc::default(),
             linker: Arc::new(linker),
+            http_linker: Arc::new(http_linker),
             settings,
             _ticker: Arc::new(Ticker { stop }),
         })
@@ -206,19 +213,36 @@ impl Sandbox {
         bind: impl FnOnce(&mut Manifest) -> Result<PluginSettings, LoadError>,
     ) -> Result<Plugin, LoadError> {
         validate::check_imports(&self.engine, &component)?;
-        let pre =
-            self.linker.instantiate_pre(&component).map_err(|e| LoadError::Invalid(format!("cannot link: {e:#}")))?;
+        let http = validate::http_imports(&self.engine, &component);
+        let linker = if http.is_empty() { &self.linker } else { &self.http_linker };
+        let pre = linker.instantiate_pre(&component).map_err(|e| LoadError::Invalid(format!("cannot link: {e:#}")))?;
         let pre = bindings::PluginPre::new(pre)
             .map_err(|e| LoadError::Invalid(format!("does not export plugbus:handler/handler: {e:#}")))?;
         let mut manifest = self.read_manifest(&pre).await?;
         let settings = bind(&mut manifest)?;
         let publishes = PatternSet::parse(&manifest.publishes).map_err(|e| LoadError::Manifest(e.to_string()))?;
+        let outbound = OutboundPolicy::new(&manifest.outbound, &settings.allowed_outbound, &settings.limits);
+        // The HTTP client is linked only for a plugin that asks for destinations the operator grants.
+        if !http.is_empty() && !outbound.any_granted() {
+            let why = if manifest.outbound.is_empty() {
+                "its manifest asks for no `outbound` destination".to_string()
+            } else {
+                format!(
+                    "none of the `outbound` destinations it asks for ({}) is granted: add them to \
+                     [plugins.{}] allowed_outbound",
+                    manifest.outbound.join(", "),
+                    manifest.name
+                )
+            };
+            return Err(LoadError::ForbiddenImports(http.into_iter().map(|i| format!("{i} ({why})")).collect()));
+        }
         let ctx = PluginCtx {
             name: manifest.name.as_str().into(),
             limits: settings.limits,
             publishes,
             config: settings.config,
             kv: settings.kv,
+            outbound: Arc::new(outbound),
         };
         Ok(Plugin::new(self.engine.clone(), self._ticker.clone(), pre, manifest, hash, Arc::new(ctx)))
     }
@@ -230,18 +254,48 @@ impl Sandbox {
             publishes: PatternSet::default(),
             config: Default::default(),
             kv: Arc::new(MemoryKv::new()),
+            outbound: Arc::new(OutboundPolicy::none()),
         });
         let mut store = Store::new(&self.engine, HostState::new(ctx, "manifest", "manifest"));
         super::plugin::arm_store(&mut store);
-        let instance = pre
+        let raw_instance = pre
+            .instance_pre()
             .instantiate_async(&mut store)
             .await
             .map_err(|e| LoadError::Invalid(format!("cannot instantiate: {}", super::plugin::error_text(&e))))?;
+        let instance = bindings::Plugin::new(&mut store, &raw_instance)
+            .map_err(|e| LoadError::Invalid(format!("does not export plugbus:handler/handler: {e:#}")))?;
         let raw = instance
             .plugbus_handler_handler()
             .call_manifest(&mut store)
             .await
             .map_err(|e| LoadError::Manifest(format!("manifest() failed: {}", super::plugin::error_text(&e))))?;
-        Manifest::from_wit(raw).map_err(LoadError::Manifest)
+        let mut manifest = Manifest::from_wit(raw).map_err(LoadError::Manifest)?;
+        manifest.outbound = requested_outbound(&mut store, &raw_instance).await?;
+        manifest.validate_outbound().map_err(LoadError::Manifest)?;
+        Ok(manifest)
     }
 }
+
+/// The optional `plugbus:handler/outbound` export: the destinations the plugin asks for (none
+/// when the component does not export it, as components built before it existed do not).
+async fn requested_outbound(
+    store: &mut Store<HostState>,
+    instance: &wasmtime::component::Instance,
+) -> Result<Vec<String>, LoadError> {
+    let Some(iface) = instance.get_export_index(&mut *store, None, OUTBOUND_EXPORT) else {
+        return Ok(Vec::new());
+    };
+    let bad = |e: String| LoadError::Manifest(format!("{OUTBOUND_EXPORT}: {e}"));
+    let func = instance
+        .get_export_index(&mut *store, Some(&iface), "requested")
+        .ok_or_else(|| bad("exports no `requested` function".into()))?;
+    let func = instance
+        .get_typed_func::<(), (Vec<String>,)>(&mut *store, &func)
+        .map_err(|e| bad(format!("`requested` has the wrong type: {e}")))?;
+    let (list,) = func.call_async(&mut *store, ()).await.map_err(|e| bad(super::plugin::error_text(&e)))?;
+    Ok(list)
+}
+
+/// The name of the optional export that lists a plugin's outbound destinations.
+const OUTBOUND_EXPORT: &str = "plugbus:handler/outbound@0.1.0";

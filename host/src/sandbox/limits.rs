@@ -46,6 +46,22 @@ pub struct Limits {
     pub instance: InstanceMode,
     /// With `reuse`: an instance is dropped after this many events (and after any trap).
     pub recycle_after: u32,
+    /// Outbound HTTP requests one attempt may make (see `outbound`).
+    pub max_outbound_requests: u32,
+    /// Largest outbound request body, in bytes.
+    pub max_outbound_request_bytes: u64,
+    /// Largest outbound response body, in bytes.
+    pub max_outbound_response_bytes: u64,
+    /// Per-request timeout (connect to last body byte); never past the event's deadline.
+    #[serde(with = "humantime_serde")]
+    pub outbound_timeout: Duration,
+    /// Outbound requests of this plugin in flight at once, across all its events.
+    pub max_outbound_concurrency: u32,
+    /// Failures in a row (connect errors, timeouts, 5xx) to one host that open its breaker.
+    pub outbound_breaker_failures: u32,
+    /// How long an open breaker fails calls at once before letting one probe through.
+    #[serde(with = "humantime_serde")]
+    pub outbound_breaker_cooldown: Duration,
 }
 
 /// How instances are used across events.
@@ -75,6 +91,13 @@ impl Default for Limits {
             max_log_bytes: 64 * 1024,
             instance: InstanceMode::Fresh,
             recycle_after: 10_000,
+            max_outbound_requests: 16,
+            max_outbound_request_bytes: 1024 * 1024,
+            max_outbound_response_bytes: 1024 * 1024,
+            outbound_timeout: Duration::from_secs(5),
+            max_outbound_concurrency: 8,
+            outbound_breaker_failures: 5,
+            outbound_breaker_cooldown: Duration::from_secs(30),
         }
     }
 }

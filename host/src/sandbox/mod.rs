@@ -7,16 +7,19 @@
 //! here is returned as a value ([`Failure`]), never a panic or a host crash.
 
 pub mod bindings;
+mod breaker;
 mod cache;
 mod engine;
 mod guest_stack;
 pub mod limits;
+pub mod outbound;
 mod plugin;
 pub mod state;
 mod stdio;
 mod validate;
 mod world;
 
+pub use breaker::BreakerView;
 pub use cache::CacheStats;
 pub use engine::{Sandbox, SandboxSettings};
 pub use limits::{InstanceMode, Limits};

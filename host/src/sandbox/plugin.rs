@@ -23,6 +23,8 @@ pub struct PluginSettings {
     pub config: HashMap<String, String>,
     /// Its kv store.
     pub kv: Arc<dyn KvStore>,
+    /// The outbound HTTP destinations the operator grants it (`allowed_outbound`).
+    pub allowed_outbound: Vec<String>,
 }
 
 /// Why an attempt failed.
@@ -150,6 +152,11 @@ impl Plugin {
     /// SHA-256 of the component bytes, hex.
     pub fn hash(&self) -> &str {
         &self.hash
+    }
+
+    /// What it may call over HTTP: requested by its manifest and granted by the operator.
+    pub fn outbound(&self) -> &super::outbound::OutboundPolicy {
+        &self.ctx.outbound
     }
 
     /// Its effective limits.

@@ -4,6 +4,7 @@
 
 use super::bindings::plugbus::handler::{bus, config, kv, logging, types};
 use super::limits::{ENTRY_COST, Limits, MAX_RESOURCES, MAX_SUBJECT_BYTES, MemoryLimiter};
+use super::outbound::{Outbound, OutboundPolicy};
 use super::stdio::Capture;
 use super::world::FixedWorld;
 use crate::event::{Output, cut, is_reserved_header, quoted};
@@ -27,6 +28,8 @@ pub struct PluginCtx {
     pub config: HashMap<String, String>,
     /// Where `kv` reads and commits.
     pub kv: Arc<dyn KvStore>,
+    /// Where it may send HTTP requests (requested and granted).
+    pub outbound: Arc<OutboundPolicy>,
 }
 
 /// The data of one store (one instance, one attempt).
@@ -57,6 +60,9 @@ pub struct HostState {
     pub started: Instant,
     /// Set when the deadline interrupted the call.
     pub deadline_hit: bool,
+    http: wasmtime_wasi_http::WasiHttpCtx,
+    /// The outbound HTTP policy of this attempt (`wasi:http` hooks).
+    pub outbound: Outbound,
 }
 
 impl HostState {
@@ -81,6 +87,9 @@ impl HostState {
         let wasi = builder.build();
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_RESOURCES);
+        let mut outbound = Outbound::new(plugin.outbound.clone(), plugin.name.clone(), &plugin.limits, event_id);
+        // A repeatable run must not reach the outside world.
+        outbound.offline = world.is_some();
         Self {
             wasi,
             table,
@@ -97,6 +106,8 @@ impl HostState {
             log_bytes: 0,
             started: Instant::now(),
             deadline_hit: false,
+            http: wasmtime_wasi_http::WasiHttpCtx::new(),
+            outbound,
         }
     }
 
@@ -114,6 +125,9 @@ impl HostState {
         self.log_bytes = 0;
         self.started = Instant::now();
         self.deadline_hit = false;
+        self.outbound.event_id.clear();
+        self.outbound.event_id.push_str(event_id);
+        self.outbound.calls = 0;
     }
 
     fn refuse(&mut self, err: types::PublishError) -> Result<(), types::PublishError> {
@@ -150,6 +164,14 @@ fn check_header_name(name: &str) -> Result<(), types::PublishError> {
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl wasmtime_wasi_http::WasiHttpView for HostState {
+    fn http(&mut self) -> wasmtime_wasi_http::WasiHttpCtxView<'_> {
+        // The deadline counts from when this attempt started (a warm store restarts it).
+        self.outbound.deadline = tokio::time::Instant::from_std(self.started + self.plugin.limits.deadline);
+        wasmtime_wasi_http::WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.outbound }
     }
 }
 

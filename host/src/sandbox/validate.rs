@@ -72,10 +72,25 @@ const ALLOWED_WASI: &[&str] = &[
     "wasi:random/insecure-seed",
 ];
 
-/// Whether an import name (`ns:pkg/iface@version`) is part of the contract.
+/// The outbound HTTP client: linked only for a plugin whose manifest asks for destinations the
+/// operator grants (see `outbound`).
+const HTTP_CLIENT: &[&str] = &["wasi:http/types", "wasi:http/outgoing-handler"];
+
+/// Whether an import name (`ns:pkg/iface@version`) is part of the contract (the HTTP client
+/// included: whether this plugin gets it is decided once its manifest is read).
 pub fn allowed_import(name: &str) -> bool {
     let unversioned = name.split('@').next().unwrap_or(name);
-    unversioned.starts_with("plugbus:handler/") || ALLOWED_WASI.contains(&unversioned)
+    unversioned.starts_with("plugbus:handler/") || ALLOWED_WASI.contains(&unversioned) || is_http_import(name)
+}
+
+/// Whether an import is the outbound HTTP client.
+pub fn is_http_import(name: &str) -> bool {
+    HTTP_CLIENT.contains(&name.split('@').next().unwrap_or(name))
+}
+
+/// The component's HTTP client imports, by full name.
+pub fn http_imports(engine: &Engine, component: &Component) -> Vec<String> {
+    component.component_type().imports(engine).map(|(n, _)| n.to_string()).filter(|n| is_http_import(n)).collect()
 }
 
 /// Fails with every import outside the contract, by full name.

@@ -7,7 +7,8 @@ use syn::{Expr, ExprArray, ExprLit, ItemFn, Lit, LitStr, parse_macro_input};
 
 /// Turns `fn(Event) -> Result<(), HandlerError>` into a plugbus plugin component.
 ///
-/// Options: `subscribe = [..]` (required), `publishes = [..]`, `name = ".."` (default: the crate
+/// Options: `subscribe = [..]` (required), `publishes = [..]`, `outbound = [..]` (HTTP
+/// destinations, `scheme://host[:port]`), `name = ".."` (default: the crate
 /// name), `version = ".."` (default: the crate version), `queue_group = ".."`,
 /// `order_by_header = ".."` or `order_by_token = N`, `durable = true`, `deliver = "all" | "new"`.
 ///
@@ -31,6 +32,7 @@ pub fn handler(attr: TokenStream, item: TokenStream) -> TokenStream {
 struct Options {
     subscribe: Vec<LitStr>,
     publishes: Vec<LitStr>,
+    outbound: Vec<LitStr>,
     name: Option<LitStr>,
     version: Option<LitStr>,
     queue_group: Option<LitStr>,
@@ -50,6 +52,7 @@ impl Options {
                 self.seen_subscribe = true;
             }
             "publishes" => self.publishes = string_list(&meta.value()?.parse::<Expr>()?)?,
+            "outbound" => self.outbound = string_list(&meta.value()?.parse::<Expr>()?)?,
             "name" => self.name = Some(meta.value()?.parse()?),
             "version" => self.version = Some(meta.value()?.parse()?),
             "queue_group" => self.queue_group = Some(meta.value()?.parse()?),
@@ -68,7 +71,7 @@ impl Options {
             }
             _ => {
                 return Err(meta.error(
-                    "unknown option; expected subscribe, publishes, name, version, queue_group, \
+                    "unknown option; expected subscribe, publishes, outbound, name, version, queue_group, \
                      order_by_header, order_by_token, durable or deliver",
                 ));
             }
@@ -123,6 +126,7 @@ fn expand(opts: Options, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> 
     let deliver = if opts.deliver_all { quote!(__p::DeliverPolicy::All) } else { quote!(__p::DeliverPolicy::New) };
     let subscribe = &opts.subscribe;
     let publishes = &opts.publishes;
+    let outbound = &opts.outbound;
 
     // Natively (`cargo test`), the function first tells the SDK's test host who it is, so a
     // `TestHost::run` applies the same allow-list and subscriptions as the real host. The
@@ -134,6 +138,7 @@ fn expand(opts: Options, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> 
             version: #version,
             subscribe: &[#(#subscribe),*],
             publishes: &[#(#publishes),*],
+            outbound: &[#(#outbound),*],
         });
     };
     func.block.stmts.insert(0, declare);
@@ -181,6 +186,12 @@ fn expand(opts: Options, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> 
 
                 fn handle(event: __p::WitEvent) -> Result<(), __p::WitHandlerError> {
                     __p::run(event, #fn_name)
+                }
+            }
+
+            impl __p::OutboundGuest for Plugin {
+                fn requested() -> ::std::vec::Vec<::std::string::String> {
+                    [#(#outbound),*].iter().map(|o: &&str| o.to_string()).collect()
                 }
             }
 

@@ -153,6 +153,7 @@ pub struct TestHost {
     config: HashMap<String, String>,
     kv: KvStore,
     limits: Limits,
+    http: Vec<(String, crate::http::Response)>,
 }
 
 impl TestHost {
@@ -164,6 +165,31 @@ impl TestHost {
     /// ```
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Answers outbound requests to exactly `url` (any method) with `status` and `body`; a
+    /// request to a URL without a stub fails with [`HttpError::Refused`](crate::http::HttpError),
+    /// as does one outside the handler's `outbound` list (as the host would refuse it). The
+    /// operator's grant is assumed.
+    ///
+    /// ```
+    /// use plugbus_sdk::{Event, HandlerError, handler, http, testing::TestHost};
+    ///
+    /// #[handler(subscribe = ["mail.send"], outbound = ["https://mail.example.com"])]
+    /// fn send(ev: Event) -> Result<(), HandlerError> {
+    ///     http::post_json("https://mail.example.com/v1/send", &ev.json::<serde_json::Value>()?)?;
+    ///     Ok(())
+    /// }
+    ///
+    /// let run = TestHost::new().with_http("https://mail.example.com/v1/send", 202, "").run(send, Event::new("mail.send", "{}"));
+    /// assert_eq!(run.result, Ok(()));
+    /// let unstubbed = TestHost::new().run(send, Event::new("mail.send", "{}"));
+    /// assert!(unstubbed.result.unwrap_err().message().contains("no stub"));
+    /// ```
+    pub fn with_http(mut self, url: impl Into<String>, status: u16, body: impl AsRef<[u8]>) -> Self {
+        let response = crate::http::Response { status, headers: Vec::new(), body: body.as_ref().to_vec() };
+        self.http.push((url.into(), response));
+        self
     }
 
     /// Sets an operator config value (`[plugins.NAME.config]`), read by
@@ -285,6 +311,7 @@ impl TestHost {
                 published: Vec::new(),
                 kv: self.kv.clone(),
                 logs: Vec::new(),
+                http_calls: Vec::new(),
             };
         }
         let session = Session::new(self);
@@ -334,7 +361,7 @@ impl TestHost {
                 Err(HandlerError::retry(format!("handler panicked: {what}")))
             }
         };
-        let Session { writes, outputs, logs, .. } = session;
+        let Session { writes, outputs, logs, http_calls, .. } = session;
         let published = if result.is_ok() {
             for (key, value) in writes {
                 match value {
@@ -346,7 +373,7 @@ impl TestHost {
         } else {
             Vec::new()
         };
-        Run { result, published, kv: self.kv.clone(), logs }
+        Run { result, published, kv: self.kv.clone(), logs, http_calls }
     }
 }
 
@@ -382,6 +409,8 @@ pub struct Run {
     pub kv: KvStore,
     /// What the handler logged, in order (kept even when it failed, as the host logs it).
     pub logs: Vec<LogLine>,
+    /// The outbound HTTP requests it made, in order (refused ones included).
+    pub http_calls: Vec<crate::http::Request>,
 }
 
 impl Run {
@@ -693,6 +722,8 @@ struct Session {
     refused: Option<String>,
     logs: Vec<LogLine>,
     log_bytes: u64,
+    http: Vec<(String, crate::http::Response)>,
+    http_calls: Vec<crate::http::Request>,
 }
 
 thread_local! {
@@ -716,6 +747,8 @@ impl Session {
             refused: None,
             logs: Vec::new(),
             log_bytes: 0,
+            http: host.http.clone(),
+            http_calls: Vec::new(),
         }
     }
 
@@ -851,6 +884,48 @@ impl Session {
     }
 }
 
+impl Session {
+    fn http_send(&mut self, req: &crate::http::Request) -> Result<crate::http::Response, crate::http::HttpError> {
+        use crate::http::HttpError;
+        self.http_calls.push(req.clone());
+        let origin = origin_of(&req.url);
+        if let Some(d) = &self.declared
+            && !d.outbound.iter().any(|o| origin_allows(o, &origin))
+        {
+            return Err(HttpError::Refused {
+                reason: format!("{origin} is not in the plugin's manifest `outbound` list"),
+            });
+        }
+        match self.http.iter().find(|(url, _)| *url == req.url) {
+            Some((_, r)) => Ok(r.clone()),
+            None => Err(HttpError::Refused {
+                reason: format!("no stub for {} {} (TestHost::with_http)", req.method, req.url),
+            }),
+        }
+    }
+}
+
+/// `scheme://host:port` of a URL (the default port filled in).
+fn origin_of(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest).to_ascii_lowercase();
+    let has_port = authority.rsplit_once(':').is_some_and(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()));
+    if has_port {
+        format!("{scheme}://{authority}")
+    } else {
+        format!("{scheme}://{authority}:{}", if scheme == "https" { 443 } else { 80 })
+    }
+}
+
+/// Whether the `outbound` entry `rule` allows `origin` (from [`origin_of`]).
+fn origin_allows(rule: &str, origin: &str) -> bool {
+    let rule = rule.trim_end_matches('/');
+    match rule.strip_suffix(":*") {
+        Some(prefix) => origin.rsplit_once(':').is_some_and(|(o, _)| o == prefix.to_ascii_lowercase()),
+        None => origin_of(rule) == origin,
+    }
+}
+
 /// Records the manifest of the `#[handler]` being run (the first one called wins).
 pub(crate) fn declare(declared: Declared) {
     SESSION.with(|cell| {
@@ -894,6 +969,10 @@ pub(crate) mod calls {
 
     pub(crate) fn kv_delete(key: &str) -> Result<(), KvError> {
         with_session("plugbus_sdk::kv::delete", |s| s.kv_write(key, None))
+    }
+
+    pub(crate) fn http_send(req: &crate::http::Request) -> Result<crate::http::Response, crate::http::HttpError> {
+        with_session("plugbus_sdk::http", |s| s.http_send(req))
     }
 
     pub(crate) fn config_get(key: &str) -> Option<String> {

@@ -1,0 +1,357 @@
+//! Outbound HTTP from handlers against real HTTP servers the tests start: the adversary is a
+//! plugin (or the network it is pointed at) trying to reach what the operator did not grant:
+//! another port, loopback through a name, a redirect to a refused host, a huge or endless
+//! response. The `caller` component makes the calls an event describes and publishes each
+//! outcome (`caller.out.ok` / `caller.out.err`).
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use plugbus::Config;
+use plugbus::sandbox::{PluginSettings, Sandbox, SandboxSettings};
+use plugbus_tests::{TestHost, fast_retries, wasm};
+use serde_json::{Value, json};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What the test server saw: (path, idempotency key) per request.
+type Seen = Arc<Mutex<Vec<(String, String)>>>;
+
+/// A local HTTP server: `/ok`, `/redirect` (to `http://localhost:PORT/ok`), `/big` (4 KiB with
+/// a length), `/stream` (4 KiB, chunked), `/slow` (answers after 10 s).
+struct Server {
+    port: u16,
+    seen: Seen,
+    /// `/gate` requests in flight now, and the most at once.
+    gate: Gate,
+}
+
+type Gate = Arc<(AtomicUsize, AtomicUsize)>;
+
+impl Server {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (seen, gate): (Seen, Gate) = Default::default();
+        let app =
+            Router::new().route("/{what}", get(answer).post(answer)).with_state((seen.clone(), port, gate.clone()));
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { port, seen, gate }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn seen(&self, path: &str) -> Vec<String> {
+        self.seen.lock().unwrap().iter().filter(|(p, _)| p == path).map(|(_, k)| k.clone()).collect()
+    }
+}
+
+async fn answer(
+    State((seen, port, gate)): State<(Seen, u16, Gate)>,
+    Path(what): Path<String>,
+    headers: HeaderMap,
+) -> axum::response::Response {
+    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    seen.lock().unwrap().push((format!("/{what}"), key));
+    match what.as_str() {
+        "ok" => "pong".into_response(),
+        "fail" => (StatusCode::INTERNAL_SERVER_ERROR, "down").into_response(),
+        "gate" => {
+            let now = gate.0.fetch_add(1, Ordering::SeqCst) + 1;
+            gate.1.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            gate.0.fetch_sub(1, Ordering::SeqCst);
+            "through".into_response()
+        }
+        "redirect" => (StatusCode::FOUND, [(header::LOCATION, format!("http://localhost:{port}/ok"))]).into_response(),
+        "big" => vec![b'x'; 4096].into_response(),
+        "stream" => {
+            let chunks = (0..4).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'y'; 1024])));
+            axum::body::Body::from_stream(futures::stream::iter(chunks)).into_response()
+        }
+        "slow" => {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            "late".into_response()
+        }
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// A host running `caller`, granted `grants`, with `tweak` applied to its limits.
+async fn host(grants: Vec<String>, limits: &[(&str, Value)]) -> TestHost {
+    TestHost::start_with(&["caller"], |c: &mut Config| {
+        fast_retries(c);
+        let p = c.plugins.entry("caller".into()).or_default();
+        p.allowed_outbound = grants;
+        for (k, v) in limits {
+            p.limits.insert(k.to_string(), v.clone());
+        }
+    })
+    .await
+}
+
+/// Publishes a call spec and returns the first outcome it caused.
+async fn call(t: &TestHost, spec: Value) -> (String, Value) {
+    let mut seen = t.observe(&["caller.out.>", "plugbus.dlq.caller"]).await;
+    let id = t.publish("caller.go", spec.to_string()).await;
+    let out = seen
+        .next_where(|e| {
+            e.header("plugbus-caused-by") == Some(id.as_str())
+                || e.header(plugbus::deadletter::headers::ORIGINAL_ID) == Some(id.as_str())
+        })
+        .await;
+    if let Some(error) = out.header(plugbus::deadletter::headers::ERROR) {
+        panic!("the call was dead-lettered: {error}");
+    }
+    (out.subject.clone(), serde_json::from_slice(&out.data).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_call_carries_the_same_idempotency_key_on_every_retry() {
+    let server = Server::start().await;
+    let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &[]).await;
+    let (subject, out) = call(&t, json!({ "url": server.url("/ok"), "fail_before": 3 })).await;
+    assert_eq!(subject, "caller.out.ok", "{out}");
+    assert_eq!(out["body"], "pong");
+    assert_eq!(out["attempt"], 3);
+    let keys = server.seen("/ok");
+    assert_eq!(keys.len(), 3, "one call per attempt: {keys:?}");
+    assert!(keys[0].len() == 32 && keys[0].bytes().all(|b| b.is_ascii_hexdigit()), "{keys:?}");
+    assert!(keys.iter().all(|k| *k == keys[0]), "the key changed between retries: {keys:?}");
+
+    // Another event, two calls: new keys, one per call.
+    let (subject, _) = call(&t, json!({ "url": server.url("/ok"), "calls": 2 })).await;
+    assert_eq!(subject, "caller.out.ok");
+    let keys = server.seen("/ok");
+    assert_eq!(keys.len(), 5);
+    assert!(keys[3] != keys[0] && keys[4] != keys[3], "{keys:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_not_granted_is_refused_with_the_reason() {
+    let (granted, other) = (Server::start().await, Server::start().await);
+    let t = host(vec![format!("http://127.0.0.1:{}", granted.port)], &[]).await;
+    let (subject, out) = call(&t, json!({ "url": other.url("/ok") })).await;
+    assert_eq!(subject, "caller.out.err", "{out}");
+    let error = out["error"].as_str().unwrap();
+    assert!(error.contains(&format!("http://127.0.0.1:{} is not granted", other.port)), "{error}");
+    assert!(error.contains("[plugins.caller] allowed_outbound"), "{error}");
+    assert!(out["kind"].as_str().unwrap().starts_with("Refused"), "{out}");
+    assert!(other.seen("/ok").is_empty(), "the refused server was reached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_resolving_to_loopback_is_refused_unless_granted_by_address() {
+    let server = Server::start().await;
+    // `localhost` is granted by name (and requested by the manifest): it resolves to loopback,
+    // which only an exact address grants.
+    let grants = vec![format!("http://localhost:{}", server.port), format!("http://127.0.0.1:{}", server.port)];
+    let t = host(grants, &[]).await;
+    let (subject, out) = call(&t, json!({ "url": format!("http://localhost:{}/ok", server.port) })).await;
+    assert_eq!(subject, "caller.out.err", "{out}");
+    let error = out["error"].as_str().unwrap();
+    assert!(error.contains("localhost resolves to") && error.contains("(loopback)"), "{error}");
+    assert!(server.seen("/ok").is_empty(), "the loopback server was reached through a name");
+    // The same server by its exact address is reachable.
+    let (subject, out) = call(&t, json!({ "url": server.url("/ok") })).await;
+    assert_eq!(subject, "caller.out.ok", "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_to_a_refused_host_is_refused() {
+    let server = Server::start().await;
+    let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &[]).await;
+    let (subject, out) = call(&t, json!({ "url": server.url("/redirect") })).await;
+    assert_eq!(subject, "caller.out.err", "{out}");
+    let error = out["error"].as_str().unwrap();
+    assert!(error.contains(&format!("http://localhost:{} is not granted", server.port)), "{error}");
+    assert_eq!(server.seen("/redirect").len(), 1);
+    assert!(server.seen("/ok").is_empty(), "the redirect was followed to a refused host");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_response_or_request_is_refused() {
+    let server = Server::start().await;
+    let limits = [("max_outbound_response_bytes", json!(2048)), ("max_outbound_request_bytes", json!(1024))];
+    let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &limits).await;
+    let spec = json!({ "url": server.url("/ok"), "method": "POST", "body": "z".repeat(4096) });
+    let (subject, out) = call(&t, spec).await;
+    assert_eq!(subject, "caller.out.err", "{out}");
+    assert_eq!(out["kind"], "TooLarge { what: \"request body\" }", "{out}");
+    assert!(server.seen("/ok").is_empty(), "the oversized request went out");
+    for path in ["/big", "/stream"] {
+        let (subject, out) = call(&t, json!({ "url": server.url(path) })).await;
+        assert_eq!(subject, "caller.out.err", "{path}: {out}");
+        assert!(out["kind"].as_str().unwrap().starts_with("TooLarge"), "{path}: {out}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_server_times_out_within_the_limit() {
+    let server = Server::start().await;
+    let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &[("outbound_timeout", json!("300ms"))]).await;
+    let started = Instant::now();
+    let (subject, out) = call(&t, json!({ "url": server.url("/slow") })).await;
+    assert_eq!(subject, "caller.out.err", "{out}");
+    assert_eq!(out["kind"], "Timeout", "{out}");
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_never_outlasts_the_event_deadline() {
+    let server = Server::start().await;
+    let limits = [("outbound_timeout", json!("30s")), ("deadline", json!("400ms"))];
+    let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &limits).await;
+    let mut dead = t.observe(&["plugbus.dlq.caller"]).await;
+    let started = Instant::now();
+    let id = t.publish("caller.go", json!({ "url": server.url("/slow") }).to_string()).await;
+    let letter = dead.next_where(|e| e.header(plugbus::deadletter::headers::ORIGINAL_ID) == Some(id.as_str())).await;
+    let error = letter.header(plugbus::deadletter::headers::ERROR).unwrap();
+    assert!(error.contains("deadline of 400ms exceeded"), "{error}");
+    // three attempts of at most 400 ms each (plus backoff), not 30 s or the server's 10 s
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert_eq!(server.seen("/slow").len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_cannot_choose_its_idempotency_key() {
+    let server = Server::start().await;
+    let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &[]).await;
+    let spec = json!({ "url": server.url("/ok"), "key": "forged" });
+    let (subject, _) = call(&t, spec).await;
+    assert_eq!(subject, "caller.out.ok");
+    let keys = server.seen("/ok");
+    assert_eq!(keys.len(), 1);
+    assert!(keys[0] != "forged" && keys[0].len() == 32, "{keys:?}");
+}
+
+/// The most `/gate` calls in flight at once when two events each make one, concurrently.
+async fn most_at_once(concurrency: u32) -> usize {
+    let server = Server::start().await;
+    let limits = [("max_outbound_concurrency", json!(concurrency))];
+    let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &limits).await;
+    let mut seen = t.observe(&["caller.out.>"]).await;
+    let spec = json!({ "url": server.url("/gate") }).to_string();
+    let ids = [t.publish("caller.go", spec.clone()).await, t.publish("caller.go", spec).await];
+    for _ in 0..2 {
+        let e = seen.next_where(|e| ids.iter().any(|id| e.header("plugbus-caused-by") == Some(id.as_str()))).await;
+        assert_eq!(e.subject, "caller.out.ok", "{:?}", String::from_utf8_lossy(&e.data));
+    }
+    server.gate.1.load(Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_concurrency_is_bounded_per_plugin() {
+    assert_eq!(most_at_once(8).await, 2, "the two events' calls overlap when allowed");
+    assert_eq!(most_at_once(1).await, 1, "max_outbound_concurrency = 1 let two calls out at once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_past_the_per_event_limit_are_refused() {
+    let server = Server::start().await;
+    let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &[("max_outbound_requests", json!(2))]).await;
+    let mut seen = t.observe(&["caller.out.>"]).await;
+    let id = t.publish("caller.go", json!({ "url": server.url("/ok"), "calls": 3 }).to_string()).await;
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        let e = seen.next_where(|e| e.header("plugbus-caused-by") == Some(id.as_str())).await;
+        outcomes.push((e.subject.clone(), serde_json::from_slice::<Value>(&e.data).unwrap()));
+    }
+    outcomes.sort_by_key(|(_, v)| v["index"].as_u64());
+    assert_eq!(outcomes[0].0, "caller.out.ok");
+    assert_eq!(outcomes[1].0, "caller.out.ok");
+    assert_eq!(outcomes[2].0, "caller.out.err", "{outcomes:?}");
+    let error = outcomes[2].1["error"].as_str().unwrap();
+    assert!(error.contains("outbound request limit of 2 per event reached"), "{error}");
+    assert_eq!(server.seen("/ok").len(), 2);
+}
+
+/// The caller's breaker for `host` as `/v1/plugins` shows it.
+fn breaker(t: &TestHost, host: &str) -> Option<plugbus::sandbox::BreakerView> {
+    let caller = t.host.router().plugins().into_iter().find(|p| p.name == "caller")?;
+    caller.outbound?.breakers.into_iter().find(|b| b.host == host)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_opens_after_n_failures_and_closes_after_the_cool_down() {
+    let server = Server::start().await;
+    let limits = [("outbound_breaker_failures", json!(2)), ("outbound_breaker_cooldown", json!("1s"))];
+    let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &limits).await;
+    let mut seen = t.observe(&["caller.out.>"]).await;
+    let id = t.publish("caller.go", json!({ "url": server.url("/fail"), "calls": 3 }).to_string()).await;
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        let e = seen.next_where(|e| e.header("plugbus-caused-by") == Some(id.as_str())).await;
+        outcomes.push(serde_json::from_slice::<Value>(&e.data).unwrap());
+    }
+    outcomes.sort_by_key(|v| v["index"].as_u64());
+    assert_eq!(outcomes[0]["status"], 500);
+    assert_eq!(outcomes[1]["status"], 500);
+    let kind = outcomes[2]["kind"].as_str().unwrap();
+    assert!(kind.starts_with("CircuitOpen { host: \"127.0.0.1\""), "{outcomes:?}");
+    assert_eq!(server.seen("/fail").len(), 2, "the open breaker let a call through");
+    assert_eq!(breaker(&t, "127.0.0.1").unwrap().state, "open");
+    let metrics = reqwest::get(format!("{}/metrics", t.url())).await.unwrap().text().await.unwrap();
+    let line = metrics.lines().find(|l| l.contains("outbound_breaker_open{") && l.contains("caller")).unwrap_or("");
+    assert!(line.ends_with(" 1"), "{line:?} in\n{metrics}");
+
+    // After the cool-down one probe goes through; its success closes the breaker.
+    plugbus_tests::eventually("the breaker half-opens", || {
+        breaker(&t, "127.0.0.1").is_some_and(|b| b.state == "half-open")
+    })
+    .await;
+    let (subject, out) = call(&t, json!({ "url": server.url("/ok") })).await;
+    assert_eq!(subject, "caller.out.ok", "{out}");
+    let b = breaker(&t, "127.0.0.1").unwrap();
+    assert_eq!((b.state, b.opened), ("closed", 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_client_is_linked_only_when_granted_and_only_for_plugins_that_ask() {
+    let sandbox = Sandbox::new(SandboxSettings::default()).unwrap();
+    let settings = |grants: Vec<String>| {
+        move |_: &_| PluginSettings {
+            limits: Default::default(),
+            config: Default::default(),
+            kv: Arc::new(plugbus::kv::MemoryKv::new()),
+            allowed_outbound: grants,
+        }
+    };
+    let caller = std::fs::read(wasm("caller")).unwrap();
+    let err = sandbox.load(&caller, settings(Vec::new())).await.err().expect("refused without a grant").to_string();
+    assert!(err.contains("wasi:http/outgoing-handler") && err.contains("allowed_outbound"), "{err}");
+    let plugin = sandbox.load(&caller, settings(vec!["http://127.0.0.1:8080".into()])).await.unwrap();
+    assert_eq!(plugin.manifest().outbound, ["http://127.0.0.1:*", "http://localhost:*"]);
+    assert_eq!(plugin.outbound().granted, ["http://127.0.0.1:8080"]);
+    // `plugbus inspect` shows both sides.
+    let mut config = Config::default();
+    config.plugins.entry("caller".into()).or_default().allowed_outbound = vec!["http://127.0.0.1:8080".into()];
+    let report = plugbus::inspect::inspect(&sandbox, "caller.wasm", &caller, &config).await;
+    assert!(report.loadable, "{report}");
+    let text = report.to_string();
+    assert!(text.contains("outbound   requested http://127.0.0.1:*, http://localhost:*"), "{text}");
+    assert!(text.contains("granted   http://127.0.0.1:8080"), "{text}");
+    let refused = plugbus::inspect::inspect(&sandbox, "caller.wasm", &caller, &Config::default()).await;
+    assert!(!refused.loadable && refused.to_string().contains("allowed_outbound"), "{refused}");
+
+    // A repeatable run (`plugbus test`) makes no call, even when granted.
+    let server = Server::start().await;
+    let grant = vec![format!("http://127.0.0.1:{}", server.port)];
+    let plugin = sandbox.load(&caller, settings(grant)).await.unwrap();
+    let ev = plugbus::Event::new("caller.go", json!({ "url": server.url("/ok") }).to_string());
+    let attempt = plugin.handle_fixed(&ev, 1, &plugbus::sandbox::FixedWorld::of(&ev)).await;
+    assert!(attempt.result.is_ok(), "{:?}", attempt.result);
+    let out = String::from_utf8_lossy(&attempt.outputs[0].data).into_owned();
+    assert!(out.contains("outbound HTTP is off in repeatable runs"), "{out}");
+    assert!(server.seen("/ok").is_empty());
+
+    // A handler that never calls http imports none of it.
+    let echo = std::fs::read(wasm("echo")).unwrap();
+    let imports = plugbus::inspect::inspect(&sandbox, "echo.wasm", &echo, &Config::default()).await.imports;
+    assert!(!imports.iter().any(|i| i.starts_with("wasi:http")), "{imports:?}");
+}
