@@ -22,6 +22,9 @@ fn wait_healthy(url: &str) {
 #[test]
 fn publish_reaches_a_running_host_and_prints_the_event_id() {
     let dir = tempfile::tempdir().unwrap();
+    // Its own data_dir: the default (`.plugbus` in the working directory) keeps kv across runs,
+    // and the widget stock ran out after ten.
+    let data = tempfile::tempdir().unwrap();
     for c in ["inventory", "payments", "shipping", "notify"] {
         std::fs::copy(wasm(c), dir.path().join(format!("{c}.wasm"))).unwrap();
     }
@@ -33,6 +36,8 @@ fn publish_reaches_a_running_host_and_prints_the_event_id() {
         Command::new(plugbus_bin())
             .args(["run", "--plugins"])
             .arg(dir.path())
+            .arg("--data-dir")
+            .arg(data.path())
             .args(["--http", &format!("127.0.0.1:{port}"), "--log-format", "json"])
             .env("RUST_LOG", "info")
             .stderr(std::fs::File::create(&log).unwrap())
