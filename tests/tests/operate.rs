@@ -270,6 +270,17 @@ fn plugbus_new_scaffolds_a_crate_that_builds_loads_and_handles() {
         Duration::from_secs(900),
     );
     assert!(build.status.success(), "the generated crate does not build: {}", String::from_utf8_lossy(&build.stderr));
+    // The template's own unit test (TestHost, no wasm) passes with a plain `cargo test`.
+    let tested = output_within(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["test", "--quiet"])
+            .env("CARGO_TARGET_DIR", &target)
+            .current_dir(&krate),
+        Duration::from_secs(900),
+    );
+    let said = String::from_utf8_lossy(&tested.stdout);
+    assert!(tested.status.success(), "the template's test fails: {said}{}", String::from_utf8_lossy(&tested.stderr));
+    assert!(said.contains("test result: ok") && !said.contains(" 0 passed"), "no test ran: {said}");
     let component = target.join("wasm32-wasip2/release/order_audit.wasm");
     let inspect = run(Command::new(plugbus_bin()).arg("inspect").arg(&component));
     assert!(inspect.status.success(), "{}", String::from_utf8_lossy(&inspect.stdout));
