@@ -227,6 +227,16 @@ pub fn non_public(ip: IpAddr) -> Option<&'static str> {
                 Some("private (unique local)")
             } else if v6.is_multicast() {
                 Some("multicast")
+            } else if s[..6] == [0; 6] {
+                // IPv4-compatible (`::127.0.0.1`, deprecated but still parsed): the embedded one.
+                let v4 = std::net::Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+                non_public(IpAddr::V4(v4))
+            } else if s[0] == 0x2002 {
+                // 6to4 carries an IPv4 address in its second and third segments.
+                let v4 = std::net::Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8);
+                non_public(IpAddr::V4(v4))
+            } else if s[0] == 0x2001 && s[1] == 0x0db8 {
+                Some("documentation")
             } else if s[0] == 0x64 && s[1] == 0xff9b {
                 // NAT64 of an IPv4 address: judge the embedded one.
                 let v4 = std::net::Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
@@ -572,10 +582,15 @@ mod tests {
             "fd00::1",
             "::ffff:127.0.0.1",
             "64:ff9b::a9fe:a9fe",
+            "::127.0.0.1",
+            "::a9fe:a9fe",
+            "2002:7f00:1::1",
+            "2002:a9fe:a9fe::",
+            "2001:db8::1",
         ] {
             assert!(non_public(ip.parse().unwrap()).is_some(), "{ip}");
         }
-        for ip in ["93.184.216.34", "2606:4700::1111", "8.8.8.8"] {
+        for ip in ["93.184.216.34", "2606:4700::1111", "8.8.8.8", "2002:5db8:d822::1"] {
             assert!(non_public(ip.parse().unwrap()).is_none(), "{ip}");
         }
     }
