@@ -4,6 +4,7 @@
 
 use super::bindings::plugbus::handler::{bus, config, kv, logging, types};
 use super::limits::{ENTRY_COST, Limits, MAX_RESOURCES, MAX_SUBJECT_BYTES, MemoryLimiter};
+use super::record::Seen;
 use super::stdio::Capture;
 use super::world::FixedWorld;
 use crate::event::{Output, cut, is_reserved_header, quoted};
@@ -57,6 +58,8 @@ pub struct HostState {
     pub started: Instant,
     /// Set when the deadline interrupted the call.
     pub deadline_hit: bool,
+    /// What this attempt read and logged (bounded), for a dead letter's record.
+    pub seen: Seen,
 }
 
 impl HostState {
@@ -97,6 +100,7 @@ impl HostState {
             log_bytes: 0,
             started: Instant::now(),
             deadline_hit: false,
+            seen: Seen::default(),
         }
     }
 
@@ -114,6 +118,7 @@ impl HostState {
         self.log_bytes = 0;
         self.started = Instant::now();
         self.deadline_hit = false;
+        self.seen = Seen::default();
     }
 
     fn refuse(&mut self, err: types::PublishError) -> Result<(), types::PublishError> {
@@ -215,9 +220,18 @@ impl logging::Host for HostState {
     fn log(&mut self, level: types::LogLevel, message: String) {
         self.log_bytes += message.len() as u64;
         if self.log_bytes > self.plugin.limits.max_log_bytes {
+            self.seen.truncated = true;
             return;
         }
         let (plugin, event_id, subject) = (&*self.plugin.name, &self.event_id, &self.subject);
+        let name = match level {
+            types::LogLevel::Trace => "TRACE",
+            types::LogLevel::Debug => "DEBUG",
+            types::LogLevel::Info => "INFO",
+            types::LogLevel::Warn => "WARN",
+            types::LogLevel::Error => "ERROR",
+        };
+        self.seen.log(name, &message);
         match level {
             types::LogLevel::Trace => {
                 tracing::trace!(target: "plugin", plugin, event_id, subject, "{message}")
@@ -296,8 +310,14 @@ impl kv::Host for HostState {
             }
             self.check_kv_held(self.txn.held_bytes() + key.len() as u64 + ENTRY_COST)?;
         }
+        let fresh = self.txn.would_read(&key);
         let store = self.plugin.kv.clone();
-        self.txn.get(&*store, &self.plugin.name, &key).await.map_err(kv_err)
+        let value = self.txn.get(&*store, &self.plugin.name, &key).await.map_err(kv_err)?;
+        if fresh {
+            let version = self.txn.reads.get(&key).copied().unwrap_or(0);
+            self.seen.kv_read(&key, value.as_deref(), version);
+        }
+        Ok(value)
     }
 
     fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), types::KvError> {
@@ -315,6 +335,8 @@ impl kv::Host for HostState {
 
 impl config::Host for HostState {
     fn get(&mut self, key: String) -> Option<String> {
-        self.plugin.config.get(&key).cloned()
+        let value = self.plugin.config.get(&key).cloned();
+        self.seen.config_read(&key, value.as_deref());
+        value
     }
 }
