@@ -31,6 +31,7 @@ pub const COMPONENTS: &[&str] = &[
     "hostile",
     "manifesto",
     "dice",
+    "picky",
 ];
 
 /// The workspace root.
