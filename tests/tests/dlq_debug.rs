@@ -275,3 +275,53 @@ async fn when_the_failed_version_is_gone_it_says_so_and_runs_only_the_candidate(
     assert!(answer["failed"]["why"].as_str().unwrap().contains("only the candidate ran"), "{answer}");
     assert_eq!(answer["candidate"]["result"], "ok", "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_record_is_of_the_last_attempt_and_debug_runs_that_attempt() {
+    let t = TestHost::start_with(&["faulty"], |c| {
+        plugbus_tests::fast_retries(c);
+        c.api_token = Some(TOKEN.into());
+    })
+    .await;
+    // Fails every attempt before the 9th: the third and last is dead-lettered.
+    t.publish("faulty.flaky", "9").await;
+    t.wait_counter("faulty", "dead_lettered", 1).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let id = loop {
+        let list = get(&t, "/v1/dlq").await;
+        if let Some(id) = list["dead_letters"][0]["event"]["id"].as_str() {
+            break id.to_string();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no dead letter kept: {list}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let record = &get(&t, &format!("/v1/dlq/{id}")).await["dead_letter"]["record"];
+    assert_eq!(record["attempt"], 3, "{record}");
+    assert_eq!(record["error"], "handler asked to retry: attempt 3 failed");
+    let (status, answer) = debug(&t, &id, None).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["failed"]["result"], "retry");
+    assert_eq!(answer["failed"]["error"], "handler asked to retry: attempt 3 failed", "the same attempt number");
+    // Its lost output is reported, not published.
+    assert!(answer["failed"]["outputs"].as_array().unwrap().is_empty(), "a failed attempt releases nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_instance_records_its_failed_attempt_too() {
+    let t = TestHost::start_with(&["picky"], |c| {
+        setup(c);
+        c.plugins.entry("picky".into()).or_default().limits.insert("instance".into(), "reuse".into());
+    })
+    .await;
+    set_kv(&t, &[("stock", b"7".to_vec())]).await;
+    t.publish("picky.order", "1").await; // handled: its reads are not kept anywhere
+    t.wait_counter("picky", "ok", 1).await;
+    t.publish("picky.order", "9").await;
+    let id = dead_letter_id(&t).await;
+    let record = &get(&t, &format!("/v1/dlq/{id}")).await["dead_letter"]["record"];
+    let listed = get(&t, "/v1/dlq").await;
+    assert_eq!(record["kv"].as_array().unwrap().len(), 1, "only this attempt's reads: {record} {listed}");
+    assert_eq!(record["kv"][0]["value"], "6");
+    assert_eq!(record["stdout"].as_array().unwrap().len(), 1, "only this attempt's lines: {record}");
+    assert_eq!(record["logs"][0], "WARN want 9, stock 6, limit 3");
+}

@@ -308,7 +308,9 @@ impl Plugin {
         let ok = result.is_ok();
         let outputs = if ok { std::mem::take(&mut state.outputs) } else { Vec::new() };
         let txn = if ok { std::mem::take(&mut state.txn) } else { Txn::default() };
-        let seen = (!ok).then(|| Box::new(std::mem::take(&mut state.seen)));
+        // Taken either way: an idle warm instance holds no record.
+        let seen = std::mem::take(&mut state.seen);
+        let seen = (!ok).then(|| Box::new(seen));
         warm.uses += 1;
         if !trapped && warm.uses < self.ctx.limits.recycle_after {
             self.warm.lock().expect("warm pool poisoned").push(warm);
