@@ -122,6 +122,7 @@ pub fn router(state: ApiState) -> axum::Router {
         .route("/v1/dlq/replay", post(dlq_replay))
         .route("/v1/dlq/{id}", get(dlq_get))
         .route("/v1/dlq/{id}/replay", post(dlq_replay_one))
+        .route("/v1/dlq/{id}/debug", post(dlq_debug))
         .route("/v1/replay", post(replay_log))
         .route("/v1/events", post(empty_subject))
         .route("/v1/events/", post(empty_subject))
@@ -730,6 +731,51 @@ async fn dlq_replay_one(State(api): State<Api>, Path(id): Path<String>) -> Respo
         Ok(report) if report["failed"] == 0 => Json(report).into_response(),
         Ok(report) => (StatusCode::SERVICE_UNAVAILABLE, Json(report)).into_response(),
         Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the replay task ended without a report (see the log)"),
+    }
+}
+
+/// `POST /v1/dlq/{id}/debug`: runs one kept dead letter again exactly as it ran (recorded kv
+/// and config reads fed back, the same attempt number, ids, time and random fixed by the
+/// event) on the version that failed and, when the body holds component bytes
+/// (`application/wasm`, at most `max_wasm_bytes`), on that candidate; answers both outcomes.
+/// Publishes nothing and writes no kv (see [`crate::dlq_debug`]).
+async fn dlq_debug(State(api): State<Api>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> Response {
+    let cap = api.s.reloader.config.max_wasm_bytes;
+    let too_big = || {
+        error(StatusCode::PAYLOAD_TOO_LARGE, format!("the candidate component is over max_wasm_bytes ({cap} bytes)"))
+    };
+    let declared = headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > cap) {
+        return too_big();
+    }
+    let Ok(bytes) = axum::body::to_bytes(body, usize::try_from(cap).unwrap_or(usize::MAX)).await else {
+        return too_big();
+    };
+    let kind = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let kind = kind.split(';').next().unwrap_or("").trim();
+    if !bytes.is_empty() && !kind.eq_ignore_ascii_case("application/wasm") {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("a candidate component is sent as Content-Type: application/wasm (got {kind:?})"),
+        );
+    }
+    let entry = match api.s.dead_letters.get(&id) {
+        Some(entry) => entry,
+        None => match broker_entry(&api, &id).await {
+            Some(entry) => entry,
+            None => {
+                return error(StatusCode::NOT_FOUND, format!("no kept dead letter has id {id:?} (see GET /v1/dlq)"));
+            }
+        },
+    };
+    let serving = api.s.router.current(&entry.plugin);
+    let candidate = (!bytes.is_empty()).then_some(&bytes[..]);
+    let reloader = &api.s.reloader;
+    match crate::dlq_debug::debug(&entry, serving, &reloader.sandbox, &reloader.config, candidate).await {
+        Ok(answer) => Json(answer).into_response(),
+        Err(e @ crate::dlq_debug::DebugError::Kv(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e @ crate::dlq_debug::DebugError::Gone { .. }) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
     }
 }
 

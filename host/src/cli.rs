@@ -123,6 +123,81 @@ pub fn dlq_table(body: &Value) -> String {
     render(&t)
 }
 
+/// `plugbus dlq debug`: the answer of `POST /v1/dlq/{id}/debug`, the failed version and the
+/// candidate side by side (one row per aspect; lists one item a line).
+pub fn debug_report(body: &Value) -> String {
+    let failed = &body["failed"];
+    let candidate = &body["candidate"];
+    let with_candidate = !candidate.is_null();
+    let mut head = vec!["", "FAILED VERSION"];
+    if with_candidate {
+        head.push("CANDIDATE");
+    }
+    let mut t = table(&head, &[]);
+    let version = |v: &Value| {
+        let hash: String = text(&v["version"]).chars().take(12).collect();
+        match v["plugin_version"].as_str() {
+            Some(pv) => format!("{hash} ({pv})"),
+            None => hash,
+        }
+    };
+    let result = |v: &Value| {
+        if v["ran"] == false {
+            return format!("not run: {}", text(&v["why"]));
+        }
+        match v["error"].as_str() {
+            Some(e) => format!("{}: {}", text(&v["result"]), short(e, 100)),
+            None => text(&v["result"]),
+        }
+    };
+    let lines = |v: &Value, f: &dyn Fn(&Value) -> String| -> String {
+        let items: Vec<String> = v.as_array().into_iter().flatten().map(|i| short(&f(i), 100)).collect();
+        if items.is_empty() { "-".into() } else { items.join("\n") }
+    };
+    let outputs = |v: &Value| lines(&v["outputs"], &|o| format!("{} {}", text(&o["subject"]), text(&o["data"])));
+    let kv_writes = |v: &Value| {
+        let items: Vec<String> = v["kv_writes"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, val)| short(&format!("{k} = {}", text(val)), 100))
+            .collect();
+        if items.is_empty() { "-".into() } else { items.join("\n") }
+    };
+    let plain = |v: &Value, key: &str| lines(&v[key], &text);
+    type Row<'a> = (&'a str, Box<dyn Fn(&Value) -> String + 'a>);
+    let rows: Vec<Row> = vec![
+        ("version", Box::new(version)),
+        ("result", Box::new(result)),
+        ("outputs", Box::new(outputs)),
+        ("kv writes", Box::new(kv_writes)),
+        ("logs", Box::new(move |v| plain(v, "logs"))),
+        ("stdout", Box::new(move |v| plain(v, "stdout"))),
+        ("stderr", Box::new(move |v| plain(v, "stderr"))),
+    ];
+    for (name, f) in &rows {
+        let mut row = vec![name.to_string(), f(failed)];
+        if with_candidate {
+            row.push(f(candidate));
+        }
+        t.add_row(row);
+    }
+    let mut out = format!(
+        "dead letter {} of {}: event {} on {}, attempt {}, run again with the kv and config it read\n",
+        text(&body["dead_letter"]),
+        text(&body["plugin"]),
+        text(&body["event_id"]),
+        text(&body["subject"]),
+        text(&body["attempt"]),
+    );
+    if body["record_truncated"] == true {
+        out.push_str(&format!("warning: {}\n", text(&body["note"])));
+    }
+    out.push('\n');
+    out.push_str(&render(&t));
+    out
+}
+
 /// `plugbus dlq replay`: what was replayed.
 pub fn replay_summary(body: &Value) -> String {
     let replayed = body["replayed"].as_array().map_or(0, Vec::len);

@@ -12,7 +12,7 @@
 //! text in `plugbus-error` is cut (see [`crate::event::cut_to`]).
 
 use crate::event::{ECHO_BYTES, Event, cut_to, now_rfc3339, output_id};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -104,6 +104,34 @@ pub fn replay_event(dead: &Event) -> Option<Event> {
     Some(ev)
 }
 
+/// What the failed attempt of a dead letter saw, kept with it in this host's store (never on
+/// the bus): enough to run it again exactly (`POST /v1/dlq/{id}/debug`). Bounded: the reads
+/// and lines at [`crate::sandbox::MAX_SEEN_BYTES`], the error at [`MAX_ERROR_BYTES`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The content hash of the plugin version that failed.
+    pub version: String,
+    /// The attempt number that failed (what the handler saw as `attempt`).
+    pub attempt: u32,
+    /// Why it failed.
+    pub error: String,
+    /// What it read (kv, config) and logged.
+    #[serde(flatten)]
+    pub seen: crate::sandbox::Seen,
+}
+
+impl Record {
+    /// The record of a failed attempt of `version`; `error` is cut at [`MAX_ERROR_BYTES`].
+    pub fn new(version: &str, attempt: u32, error: &str, seen: crate::sandbox::Seen) -> Self {
+        Self { version: version.to_string(), attempt, error: cut_to(error, MAX_ERROR_BYTES).into_owned(), seen }
+    }
+
+    /// The bytes the store charges for it.
+    fn bytes(&self) -> usize {
+        self.version.len() + self.error.len() + self.seen.bytes()
+    }
+}
+
 /// A kept dead letter.
 #[derive(Debug, Clone, Serialize)]
 pub struct Entry {
@@ -114,6 +142,9 @@ pub struct Entry {
     /// The dead-letter event (as published).
     #[serde(serialize_with = "serialize_event")]
     pub event: Event,
+    /// What the failed attempt saw (`None`: the event never ran, or a broker keeps it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub record: Option<Box<Record>>,
 }
 
 fn serialize_event<S: serde::Serializer>(ev: &Event, s: S) -> Result<S::Ok, S::Error> {
@@ -140,6 +171,11 @@ const ENTRY_OVERHEAD: usize = 256;
 
 /// The default byte budget of the kept store (see [`DeadLetters::with_max_bytes`]).
 pub const DEFAULT_MAX_BYTES: usize = 64 << 20;
+
+/// The bytes the store charges for keeping `entry`.
+fn kept_bytes(entry: &Entry) -> usize {
+    entry_bytes(&entry.plugin, &entry.event) + entry.record.as_ref().map_or(0, |r| r.bytes())
+}
 
 /// The bytes the store charges for keeping `ev`.
 fn entry_bytes(plugin: &str, ev: &Event) -> usize {
@@ -195,10 +231,11 @@ impl DeadLetters {
         let mut store = Self::with_max_bytes(cap, DEFAULT_MAX_BYTES);
         {
             let mut k = store.kept.lock().expect("dlq poisoned");
-            for (seq, plugin, event) in kept {
-                k.bytes += entry_bytes(&plugin, &event);
+            for (seq, plugin, event, record) in kept {
+                let entry = Entry { seq, plugin, event, record };
+                k.bytes += kept_bytes(&entry);
                 store.next.fetch_max(seq + 1, Ordering::Relaxed);
-                k.items.push_back(Entry { seq, plugin, event });
+                k.items.push_back(entry);
             }
         }
         store.file = Some(file);
@@ -220,16 +257,22 @@ impl DeadLetters {
 
     /// Keeps one (a dead letter larger than the whole budget is not kept, logged).
     pub fn push(&self, plugin: &str, event: Event) {
+        self.push_recorded(plugin, event, None);
+    }
+
+    /// Keeps one with what its failed attempt saw.
+    pub fn push_recorded(&self, plugin: &str, event: Event, record: Option<Box<Record>>) {
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
-        let size = entry_bytes(plugin, &event);
+        let entry = Entry { seq, plugin: plugin.to_string(), event, record };
+        let size = kept_bytes(&entry);
         if size > self.max_bytes {
-            tracing::warn!(plugin, event_id = %event.id, bytes = size, max_bytes = self.max_bytes,
+            tracing::warn!(plugin, event_id = %entry.event.id, bytes = size, max_bytes = self.max_bytes,
                 "dead letter too large to keep for replay (it was published on its dead-letter subject)");
             return;
         }
-        self.write_through(|f| f.insert(seq, plugin, &event));
+        self.write_through(|f| f.insert(seq, plugin, &entry.event, entry.record.as_deref()));
         let mut kept = self.kept.lock().expect("dlq poisoned");
-        kept.items.push_back(Entry { seq, plugin: plugin.to_string(), event });
+        kept.items.push_back(entry);
         kept.bytes += size;
         self.evict(&mut kept);
     }
@@ -241,7 +284,7 @@ impl DeadLetters {
         while kept.items.len() > self.cap || kept.bytes > self.max_bytes {
             let Some(old) = kept.items.pop_front() else { break };
             gone.push(old.seq);
-            let size = entry_bytes(&old.plugin, &old.event);
+            let size = kept_bytes(&old);
             kept.bytes -= size;
             freed += size;
             forgotten += 1;
@@ -286,7 +329,7 @@ impl DeadLetters {
         let mut kept = self.kept.lock().expect("dlq poisoned");
         let at = kept.items.iter().position(|e| e.event.id == id)?;
         let entry = kept.items.remove(at)?;
-        kept.bytes -= entry_bytes(&entry.plugin, &entry.event);
+        kept.bytes -= kept_bytes(&entry);
         drop(kept);
         self.write_through(|f| f.remove(&[entry.seq]));
         Some(entry)
@@ -304,7 +347,7 @@ impl DeadLetters {
         let (taken, rest): (Vec<Entry>, Vec<Entry>) =
             kept.items.drain(..).partition(|e| plugin.is_none_or(|p| e.plugin == p));
         kept.items.extend(rest);
-        kept.bytes -= taken.iter().map(|e| entry_bytes(&e.plugin, &e.event)).sum::<usize>();
+        kept.bytes -= taken.iter().map(kept_bytes).sum::<usize>();
         drop(kept);
         let seqs: Vec<u64> = taken.iter().map(|e| e.seq).collect();
         self.write_through(|f| f.remove(&seqs));
@@ -315,8 +358,8 @@ impl DeadLetters {
     pub fn restore(&self, entries: Vec<Entry>) {
         let mut kept = self.kept.lock().expect("dlq poisoned");
         for e in entries.into_iter().rev() {
-            self.write_through(|f| f.insert(e.seq, &e.plugin, &e.event));
-            kept.bytes += entry_bytes(&e.plugin, &e.event);
+            self.write_through(|f| f.insert(e.seq, &e.plugin, &e.event, e.record.as_deref()));
+            kept.bytes += kept_bytes(&e);
             kept.items.push_front(e);
         }
         self.evict(&mut kept);

@@ -8,7 +8,7 @@
 //! (dead-lettered, or logged when it was itself a dead letter); nothing ends without a log line
 //! naming plugin, subject and event id.
 
-use crate::deadletter::{self, DeadLetters};
+use crate::deadletter::{self, DeadLetters, Record};
 use crate::event::Event;
 use crate::fate::{self, DeliveryError, Fate, Settle};
 use crate::kv::KvError;
@@ -175,6 +175,8 @@ pub async fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) 
     let counters = rt.metrics.event(&ev.subject);
     counters.received.inc();
     let by_transport = retry_in == RetryIn::Transport && delivery.redeliverable;
+    // What the failed attempt saw, when the delivery ends dead-lettered.
+    let mut record = None;
     let outcome = match &delivery.defect {
         Some(why) => Outcome::DeadLettered { attempts: 0, failure: DeliveryError::Undecodable(why.clone()) },
         None => match delivery.handled.clone() {
@@ -186,7 +188,10 @@ pub async fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) 
                 let outputs = release_outputs(rt, ev, outputs).await;
                 Outcome::Handled { attempts: 0, outputs }
             }
-            None => attempts(rt, ev, delivery.attempt.max(1), by_transport, delivery.acker.position()).await,
+            None => {
+                let first = delivery.attempt.max(1);
+                attempts(rt, ev, first, by_transport, delivery.acker.position(), &mut record).await
+            }
         },
     };
     match &outcome {
@@ -203,7 +208,7 @@ pub async fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) 
             counters.dead_lettered.inc();
             rt.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             rt.stats.window.mark(Mark::DeadLettered);
-            let kept = dead_letter(rt, ev, &failure.to_string(), *attempts).await.is_ok();
+            let kept = dead_letter(rt, ev, &failure.to_string(), *attempts, record).await.is_ok();
             match fate::settle_dead_letter(kept, delivery.redeliverable, *attempts, &rt.retry) {
                 Settle::Term => delivery.acker.term().await,
                 Settle::Nak(wait) => delivery.acker.nak(wait).await,
@@ -214,12 +219,15 @@ pub async fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) 
     outcome
 }
 
+/// Runs attempts from `first`; when the delivery is dead-lettered after a handler failure,
+/// `record` gets what that last attempt saw.
 async fn attempts(
     rt: &PluginRuntime,
     ev: &Event,
     first: u32,
     by_transport: bool,
     position: Option<(Arc<str>, u64)>,
+    record: &mut Option<Box<Record>>,
 ) -> Outcome {
     let max_bytes = rt.plugin().limits().max_event_bytes;
     if ev.data.len() as u64 > max_bytes {
@@ -228,7 +236,9 @@ async fn attempts(
     }
     let mut attempt = first;
     loop {
-        let result = run_attempt(rt, &rt.plugin(), ev, attempt, position.clone()).await;
+        let plugin = rt.plugin();
+        let mut seen = None;
+        let result = run_attempt(rt, &plugin, ev, attempt, position.clone(), &mut seen).await;
         match result {
             Ok(outputs) => {
                 let outputs = release_outputs(rt, ev, outputs).await;
@@ -237,6 +247,7 @@ async fn attempts(
             Err(failure) => {
                 let fate = fate::decide(&failure, attempt, &rt.retry, by_transport);
                 let (Fate::RetryHere(wait) | Fate::Redeliver(wait)) = fate else {
+                    *record = seen.map(|s| Box::new(Record::new(plugin.hash(), attempt, &failure.to_string(), *s)));
                     return Outcome::DeadLettered { attempts: attempt, failure };
                 };
                 rt.stats.retried.fetch_add(1, Ordering::Relaxed);
@@ -261,12 +272,14 @@ async fn attempts(
 /// outputs to release. After the commit the handler never runs again for this delivery: where
 /// the transport keeps a log (`position`), the outputs commit with the kv writes (an outbox), so
 /// a crash before the ack releases them at the next start instead of running the handler again.
+/// When the handler fails, `seen` gets what it read and logged (moved, not copied).
 async fn run_attempt(
     rt: &PluginRuntime,
     plugin: &Plugin,
     ev: &Event,
     attempt: u32,
     position: Option<(Arc<str>, u64)>,
+    seen: &mut Option<Box<crate::sandbox::Seen>>,
 ) -> Result<Vec<Arc<Event>>, DeliveryError> {
     let mut reruns = 0;
     loop {
@@ -283,7 +296,10 @@ async fn run_attempt(
         };
         rt.metrics.handler_seconds.observe(run.elapsed.as_secs_f64());
         rt.stats.window.time(run.elapsed);
-        run.result.map_err(DeliveryError::Handler)?;
+        if let Err(failure) = run.result {
+            *seen = run.seen;
+            return Err(DeliveryError::Handler(failure));
+        }
         let outputs: Vec<Arc<Event>> =
             run.outputs.into_iter().enumerate().map(|(i, o)| Arc::new(o.into_event(ev, &rt.name, i))).collect();
         let outbox = match &position {
@@ -333,7 +349,7 @@ async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Arc<Event>
                 tracing::error!(plugin = %rt.name, subject = %subject, event_id = %id, caused_by = %ev.id, tries,
                     "output not published; dead-lettering the output (the handler's kv writes stand): {err}");
                 let why = format!("output to {subject} not published after {tries} tries: {err}");
-                let _ = dead_letter(rt, &out, &why, tries).await;
+                let _ = dead_letter(rt, &out, &why, tries, None).await;
                 break;
             };
             tracing::warn!(plugin = %rt.name, subject = %subject, event_id = %id, caused_by = %ev.id, tries,
@@ -345,8 +361,15 @@ async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Arc<Event>
     released
 }
 
-/// Keeps and publishes the dead letter; `Err` when the transport did not take it.
-async fn dead_letter(rt: &PluginRuntime, ev: &Event, failure: &str, attempts: u32) -> Result<(), ()> {
+/// Keeps (with what its failed attempt saw, `record`, in this host's store only: never on the
+/// bus) and publishes the dead letter; `Err` when the transport did not take it.
+async fn dead_letter(
+    rt: &PluginRuntime,
+    ev: &Event,
+    failure: &str,
+    attempts: u32,
+    record: Option<Box<Record>>,
+) -> Result<(), ()> {
     let (plugin, subject, id) = (&rt.name, &ev.subject, &ev.id);
     // A dead letter is the host's mark on a dead-letter subject (the default `plugbus.dlq.*`, or
     // this plugin's own): a publisher with direct access to the bus who forges the mark on any
@@ -362,7 +385,7 @@ async fn dead_letter(rt: &PluginRuntime, ev: &Event, failure: &str, attempts: u3
     tracing::error!(plugin = %plugin, subject = %subject, event_id = %id, attempts,
         dead_letter = %rt.dead_letter_subject, "event dead-lettered: {failure}");
     let dead = deadletter::dead_letter_event(ev, plugin, &rt.dead_letter_subject, failure, attempts);
-    rt.dead_letters.push(plugin, dead.clone());
+    rt.dead_letters.push_recorded(plugin, dead.clone(), record);
     rt.transport.publish_output(Arc::new(dead)).await.map_err(|e| {
         tracing::error!(plugin = %plugin, event_id = %id, "dead letter kept here but not published: {e}");
     })

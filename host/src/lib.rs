@@ -15,6 +15,7 @@ pub mod dashboard;
 pub mod deadletter;
 pub mod dev;
 pub mod dispatch;
+pub mod dlq_debug;
 pub mod dlq_file;
 pub mod event;
 pub mod fate;

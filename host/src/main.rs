@@ -164,6 +164,19 @@ enum DlqAction {
     /// Print the kept dead letters as case lines for `plugbus test` (the event that failed,
     /// expecting what happened): `plugbus dlq export > cases.jsonl`.
     Export,
+    /// Run one dead letter again exactly as it ran (the kv and config values it read, the same
+    /// attempt, ids, time and random) on the version that failed and, with --against, on a
+    /// candidate; print both outcomes side by side. Nothing is published or written.
+    Debug {
+        /// The dead letter (its ID as `plugbus dlq list` shows it).
+        id: String,
+        /// A candidate component to run it on too (a fixed build of the handler).
+        #[arg(long, value_name = "NEW.wasm")]
+        against: Option<PathBuf>,
+        /// Print the API's JSON answer instead of the side-by-side text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -567,6 +580,23 @@ async fn dlq(client: &reqwest::Client, url: &str, action: DlqAction, plugin: Opt
         anyhow::bail!("--id and --plugin cannot be used together: --id names one dead letter");
     }
     let (req, json) = match &action {
+        DlqAction::Debug { id, against, json } => {
+            let req = client.post(api_url(url, &["v1", "dlq", id, "debug"])?);
+            let req = match against {
+                Some(path) => {
+                    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                    req.header(reqwest::header::CONTENT_TYPE, "application/wasm").body(bytes)
+                }
+                None => req,
+            };
+            let body: serde_json::Value = send(req, url).await?.json().await.context("reading the host's answer")?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&body)?);
+            } else {
+                println!("{}", cli::debug_report(&body));
+            }
+            return Ok(());
+        }
         DlqAction::Export => {
             let req = client.get(api_url(url, &["v1", "dlq"])?);
             let req = match plugin {

@@ -254,6 +254,11 @@ impl Router {
         removed.is_some()
     }
 
+    /// The version of `name` serving now.
+    pub fn current(&self, name: &str) -> Option<Arc<Plugin>> {
+        self.entries.lock().expect("router poisoned").get(name).map(|e| e.runtime.plugin())
+    }
+
     /// The content hash of the version serving now.
     pub fn current_hash(&self, name: &str) -> Option<String> {
         self.entries.lock().expect("router poisoned").get(name).map(|e| e.runtime.plugin().hash().to_string())

@@ -32,6 +32,7 @@ pub const COMPONENTS: &[&str] = &[
     "manifesto",
     "dice",
     "caller",
+    "picky",
 ];
 
 /// The workspace root.

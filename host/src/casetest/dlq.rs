@@ -59,7 +59,7 @@ mod tests {
         original.datacontenttype = Some("application/json".into());
         let failure = crate::sandbox::Failure::Reject("never".into()).to_string();
         let dead = dead_letter_event(&original, "faulty", "plugbus.dlq.faulty", &failure, 1);
-        let entry = serde_json::to_value(Entry { seq: 1, plugin: "faulty".into(), event: dead }).unwrap();
+        let entry = serde_json::to_value(Entry { seq: 1, plugin: "faulty".into(), event: dead, record: None }).unwrap();
         let case = case_from_entry(&entry).unwrap();
         assert_eq!(crate::cloudevents::from_json(&case["event"]).unwrap(), original);
         assert_eq!(case["expect"]["result"], "reject");

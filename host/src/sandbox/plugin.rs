@@ -3,6 +3,7 @@
 use super::bindings::{self, types as wit};
 use super::guest_stack::{self, GuestStack};
 use super::limits::{InstanceMode, Limits, MAX_RESOURCES};
+use super::record::Seen;
 use super::state::{HostState, PluginCtx};
 use super::world::FixedWorld;
 use crate::event::{Event, Output, cut, cut_to};
@@ -72,6 +73,8 @@ pub struct Attempt {
     pub txn: Txn,
     /// How long the attempt took, instantiation included.
     pub elapsed: Duration,
+    /// What it read and logged (bounded): kept when it failed, or ran in a fixed world.
+    pub seen: Option<Box<Seen>>,
 }
 
 /// A validated, pre-linked plugin, ready to run events.
@@ -164,6 +167,31 @@ impl Plugin {
         &self.ctx.limits
     }
 
+    /// The same compiled version with other `config` values and another kv store, running
+    /// every event in a fresh instance (a dead letter's debug run: recorded reads fed back,
+    /// nothing reaching the plugin's real kv).
+    pub fn rebound(&self, config: HashMap<String, String>, kv: Arc<dyn KvStore>) -> Plugin {
+        let ctx = PluginCtx {
+            name: self.ctx.name.clone(),
+            limits: Limits { instance: InstanceMode::Fresh, ..self.ctx.limits.clone() },
+            publishes: self.ctx.publishes.clone(),
+            config,
+            kv,
+            // The same grants; a repeatable (fixed-world) run refuses every call anyway.
+            outbound: self.ctx.outbound.clone(),
+        };
+        Plugin {
+            warm: Mutex::new(Vec::new()),
+            ctx: Arc::new(ctx),
+            pre: self.pre.clone(),
+            manifest: self.manifest.clone(),
+            hash: self.hash.clone(),
+            engine: self.engine.clone(),
+            _ticker: self._ticker.clone(),
+            stack: self.stack,
+        }
+    }
+
     /// Commits an attempt's kv writes; a conflict means the attempt must run again.
     pub async fn commit(&self, txn: &Txn) -> Result<(), KvError> {
         self.commit_settling(txn, None).await
@@ -218,6 +246,7 @@ impl Plugin {
                     outputs: Vec::new(),
                     txn: Txn::default(),
                     elapsed: started.elapsed(),
+                    seen: None,
                 }
             }
         }
@@ -235,14 +264,16 @@ impl Plugin {
         };
         let call = call.await;
         let result = self.outcome(call, &mut store);
-        let state = store.into_data();
-        self.forward_stdio(&state);
+        let mut state = store.into_data();
+        self.forward_stdio(&mut state);
         let ok = result.is_ok();
+        let seen = (!ok || world.is_some()).then(|| Box::new(std::mem::take(&mut state.seen)));
         Attempt {
             result,
             outputs: if ok { state.outputs } else { Vec::new() },
             txn: if ok { state.txn } else { Txn::default() },
             elapsed: started.elapsed(),
+            seen,
         }
     }
 
@@ -264,12 +295,13 @@ impl Plugin {
                     Ok(instance) => Warm { store, instance, uses: 0 },
                     Err(e) => {
                         let failure = Failure::Trap(describe_trap(&e, store.data(), None));
-                        self.forward_stdio(store.data());
+                        self.forward_stdio(store.data_mut());
                         return Attempt {
                             result: Err(failure),
                             outputs: Vec::new(),
                             txn: Txn::default(),
                             elapsed: started.elapsed(),
+                            seen: Some(Box::new(std::mem::take(&mut store.data_mut().seen))),
                         };
                     }
                 }
@@ -285,11 +317,14 @@ impl Plugin {
         let ok = result.is_ok();
         let outputs = if ok { std::mem::take(&mut state.outputs) } else { Vec::new() };
         let txn = if ok { std::mem::take(&mut state.txn) } else { Txn::default() };
+        // Taken either way: an idle warm instance holds no record.
+        let seen = std::mem::take(&mut state.seen);
+        let seen = (!ok).then(|| Box::new(seen));
         warm.uses += 1;
         if !trapped && warm.uses < self.ctx.limits.recycle_after {
             self.warm.lock().expect("warm pool poisoned").push(warm);
         }
-        Attempt { result, outputs, txn, elapsed: started.elapsed() }
+        Attempt { result, outputs, txn, elapsed: started.elapsed(), seen }
     }
 
     fn outcome(
@@ -337,15 +372,18 @@ impl Plugin {
         overflowed.then_some(stack)
     }
 
-    fn forward_stdio(&self, state: &HostState) {
-        for (stream, capture) in [("stdout", &state.stdout), ("stderr", &state.stderr)] {
+    /// Writes the guest's stdout and stderr to the host log, and moves the lines into the
+    /// attempt's record (`state.seen`).
+    fn forward_stdio(&self, state: &mut HostState) {
+        for (stream, capture) in [("stdout", state.stdout.clone()), ("stderr", state.stderr.clone())] {
             let (lines, dropped) = capture.take_lines();
-            for line in lines {
+            for line in &lines {
                 tracing::info!(target: "plugin", plugin = %self.ctx.name, event_id = %state.event_id, subject = %state.subject, stream, "{line}");
             }
             if dropped > 0 {
                 tracing::warn!(plugin = %self.ctx.name, event_id = %state.event_id, stream, dropped, "plugin output over the per-event cap was cut");
             }
+            state.seen.output(stream == "stderr", lines, dropped);
         }
     }
 }

@@ -5,6 +5,7 @@
 use super::bindings::plugbus::handler::{bus, config, kv, logging, types};
 use super::limits::{ENTRY_COST, Limits, MAX_RESOURCES, MAX_SUBJECT_BYTES, MemoryLimiter};
 use super::outbound::{Outbound, OutboundPolicy};
+use super::record::Seen;
 use super::stdio::Capture;
 use super::world::FixedWorld;
 use crate::event::{Output, cut, is_reserved_header, quoted};
@@ -63,6 +64,8 @@ pub struct HostState {
     http: wasmtime_wasi_http::WasiHttpCtx,
     /// The outbound HTTP policy of this attempt (`wasi:http` hooks).
     pub outbound: Outbound,
+    /// What this attempt read and logged (bounded), for a dead letter's record.
+    pub seen: Seen,
 }
 
 impl HostState {
@@ -108,6 +111,7 @@ impl HostState {
             deadline_hit: false,
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
             outbound,
+            seen: Seen::default(),
         }
     }
 
@@ -128,6 +132,7 @@ impl HostState {
         self.outbound.event_id.clear();
         self.outbound.event_id.push_str(event_id);
         self.outbound.calls = 0;
+        self.seen = Seen::default();
     }
 
     fn refuse(&mut self, err: types::PublishError) -> Result<(), types::PublishError> {
@@ -237,9 +242,18 @@ impl logging::Host for HostState {
     fn log(&mut self, level: types::LogLevel, message: String) {
         self.log_bytes += message.len() as u64;
         if self.log_bytes > self.plugin.limits.max_log_bytes {
+            self.seen.truncated = true;
             return;
         }
         let (plugin, event_id, subject) = (&*self.plugin.name, &self.event_id, &self.subject);
+        let name = match level {
+            types::LogLevel::Trace => "TRACE",
+            types::LogLevel::Debug => "DEBUG",
+            types::LogLevel::Info => "INFO",
+            types::LogLevel::Warn => "WARN",
+            types::LogLevel::Error => "ERROR",
+        };
+        self.seen.log(name, &message);
         match level {
             types::LogLevel::Trace => {
                 tracing::trace!(target: "plugin", plugin, event_id, subject, "{message}")
@@ -318,8 +332,14 @@ impl kv::Host for HostState {
             }
             self.check_kv_held(self.txn.held_bytes() + key.len() as u64 + ENTRY_COST)?;
         }
+        let fresh = self.txn.would_read(&key);
         let store = self.plugin.kv.clone();
-        self.txn.get(&*store, &self.plugin.name, &key).await.map_err(kv_err)
+        let value = self.txn.get(&*store, &self.plugin.name, &key).await.map_err(kv_err)?;
+        if fresh {
+            let version = self.txn.reads.get(&key).copied().unwrap_or(0);
+            self.seen.kv_read(&key, value.as_deref(), version);
+        }
+        Ok(value)
     }
 
     fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), types::KvError> {
@@ -337,6 +357,8 @@ impl kv::Host for HostState {
 
 impl config::Host for HostState {
     fn get(&mut self, key: String) -> Option<String> {
-        self.plugin.config.get(&key).cloned()
+        let value = self.plugin.config.get(&key).cloned();
+        self.seen.config_read(&key, value.as_deref());
+        value
     }
 }

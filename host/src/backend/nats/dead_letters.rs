@@ -72,7 +72,7 @@ pub async fn list(
         if plugin.is_some_and(|p| p != owner) {
             continue;
         }
-        out.push(Entry { seq: msg.sequence, plugin: owner, event });
+        out.push(Entry { seq: msg.sequence, plugin: owner, event, record: None });
     }
     Ok(Some(out))
 }

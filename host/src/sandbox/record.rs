@@ -1,0 +1,160 @@
+//! What one attempt saw: the kv values and config values it read and what it logged, kept
+//! (bounded) so a dead letter can say what its failed attempt saw and be run again exactly
+//! (`POST /v1/dlq/{id}/debug`). Capturing costs a copy of each kv value read, at most
+//! [`MAX_SEEN_BYTES`] per attempt; the record is kept only when the delivery is dead-lettered.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The most bytes one attempt's record holds (values, keys, lines): past it, what does not
+/// fit is left out and the record is marked `truncated`.
+pub const MAX_SEEN_BYTES: usize = 1 << 20;
+
+/// What each recorded item costs on top of its bytes.
+const ITEM_COST: usize = 32;
+
+/// One kv key the attempt read from the store (not its own writes).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvRead {
+    /// The key.
+    pub key: String,
+    /// The value read, when it is UTF-8 (absent keys have neither `value` nor `value_base64`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// The value read, when it is not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_base64: Option<String>,
+    /// The version it had (0: absent).
+    pub version: u64,
+    /// The value did not fit the record and was left out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cut: bool,
+}
+
+impl KvRead {
+    /// The value's bytes (`None`: absent, or cut).
+    pub fn bytes(&self) -> Option<Vec<u8>> {
+        match (&self.value, &self.value_base64) {
+            (Some(v), _) => Some(v.clone().into_bytes()),
+            (None, Some(b)) => crate::cloudevents::base64_decode(b),
+            (None, None) => None,
+        }
+    }
+}
+
+/// What an attempt saw, bounded by [`MAX_SEEN_BYTES`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seen {
+    /// The kv keys read from the store, in the order first read.
+    #[serde(default)]
+    pub kv: Vec<KvRead>,
+    /// The config keys read and their values (`null`: not set).
+    #[serde(default)]
+    pub config: BTreeMap<String, Option<String>>,
+    /// The guest's stdout lines.
+    #[serde(default)]
+    pub stdout: Vec<String>,
+    /// The guest's stderr lines.
+    #[serde(default)]
+    pub stderr: Vec<String>,
+    /// What it logged through the `logging` import (`LEVEL message`).
+    #[serde(default)]
+    pub logs: Vec<String>,
+    /// Something did not fit and was left out (or the guest's own output was cut).
+    #[serde(default)]
+    pub truncated: bool,
+    #[serde(skip)]
+    bytes: usize,
+}
+
+impl Seen {
+    /// Takes `n` bytes of the budget when they fit; otherwise marks the record truncated.
+    fn charge(&mut self, n: usize) -> bool {
+        if self.bytes + n + ITEM_COST > MAX_SEEN_BYTES {
+            self.truncated = true;
+            return false;
+        }
+        self.bytes += n + ITEM_COST;
+        true
+    }
+
+    /// The bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Records a kv read from the store.
+    pub fn kv_read(&mut self, key: &str, value: Option<&[u8]>, version: u64) {
+        if !self.charge(key.len()) {
+            return;
+        }
+        let mut read = KvRead { key: key.to_string(), version, ..KvRead::default() };
+        if let Some(v) = value {
+            let (text, b64) = match std::str::from_utf8(v) {
+                Ok(t) => (Some(t), None),
+                Err(_) => (None, Some(crate::cloudevents::base64_encode(v))),
+            };
+            let len = text.map_or(0, str::len) + b64.as_ref().map_or(0, String::len);
+            if self.charge(len) {
+                read.value = text.map(str::to_owned);
+                read.value_base64 = b64;
+            } else {
+                read.cut = true;
+            }
+        }
+        self.kv.push(read);
+    }
+
+    /// Records a config read (the first read of a key).
+    pub fn config_read(&mut self, key: &str, value: Option<&str>) {
+        if self.config.contains_key(key) || !self.charge(key.len() + value.map_or(0, str::len)) {
+            return;
+        }
+        self.config.insert(key.to_string(), value.map(str::to_owned));
+    }
+
+    /// Records a line the handler logged.
+    pub fn log(&mut self, level: &str, message: &str) {
+        if self.charge(level.len() + 1 + message.len()) {
+            self.logs.push(format!("{level} {message}"));
+        }
+    }
+
+    /// Records the guest's stdout or stderr lines; `dropped`: bytes its capture already cut.
+    pub fn output(&mut self, stderr: bool, lines: Vec<String>, dropped: usize) {
+        if dropped > 0 {
+            self.truncated = true;
+        }
+        for line in lines {
+            if !self.charge(line.len()) {
+                return;
+            }
+            if stderr { &mut self.stderr } else { &mut self.stdout }.push(line);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_record_is_bounded_and_says_so() {
+        let mut s = Seen::default();
+        s.kv_read("small", Some(b"1"), 3);
+        s.kv_read("big", Some(&vec![b'x'; MAX_SEEN_BYTES]), 1);
+        s.kv_read("bin", Some(&[0xff, 0]), 2);
+        s.kv_read("gone", None, 0);
+        assert!(s.truncated);
+        assert!(s.bytes() <= MAX_SEEN_BYTES);
+        assert_eq!(s.kv[0].bytes(), Some(b"1".to_vec()));
+        assert!(s.kv[1].cut && s.kv[1].bytes().is_none() && s.kv[1].version == 1);
+        assert_eq!(s.kv[2].bytes(), Some(vec![0xff, 0]));
+        assert_eq!((s.kv[3].bytes(), s.kv[3].version), (None, 0));
+        s.config_read("limit", Some("3"));
+        s.config_read("limit", Some("changed"));
+        assert_eq!(s.config["limit"].as_deref(), Some("3"));
+        let back: Seen = serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        assert_eq!(back.kv, s.kv);
+    }
+}
