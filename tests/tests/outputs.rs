@@ -60,6 +60,11 @@ struct Setup {
 }
 
 async fn start(failures: u32) -> Setup {
+    start_with(failures, Arc::new(MemoryKv::new())).await
+}
+
+/// inventory on an embedded bus whose first `failures` outputs are refused, over `kv`.
+async fn start_with(failures: u32, kv: Arc<dyn KvStore>) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(wasm("inventory"), dir.path().join("inventory.wasm")).unwrap();
     let data = tempfile::tempdir().unwrap();
@@ -72,7 +77,6 @@ async fn start(failures: u32) -> Setup {
         failures: AtomicU32::new(failures),
         refused: AtomicU32::new(0),
     });
-    let kv: Arc<dyn KvStore> = Arc::new(MemoryKv::new());
     let host = Host::start_on(config, transport.clone(), kv).await.expect("host starts");
     Setup { host, transport, _dirs: (dir, data) }
 }
@@ -134,19 +138,13 @@ impl KvStore for BrokenKv {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kv_store_failure_is_the_hosts_not_the_handlers() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(wasm("inventory"), dir.path().join("inventory.wasm")).unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let mut config =
-        Config { plugins_dir: dir.path().into(), data_dir: data.path().into(), http: None, ..Config::default() };
-    fast_retries(&mut config);
-    let kv: Arc<dyn KvStore> = Arc::new(BrokenKv(MemoryKv::new()));
-    let host = Host::start_on(config, Arc::new(EmbeddedBus::new()), kv).await.expect("host starts");
+    let s = start_with(0, Arc::new(BrokenKv(MemoryKv::new()))).await;
+    let host = &s.host;
     host.publish(Event::new("orders.created", order("o3", "widget", 1))).await.unwrap();
     eventually("the event is dead-lettered", || !host.dead_letters().list(Some("inventory")).is_empty()).await;
     let dead = host.dead_letters().list(Some("inventory"));
     let error = dead[0].event.header("plugbus-error").unwrap();
     assert!(error.starts_with("host error: the kv store did not commit"), "{error}");
     assert!(error.contains("injected") && !error.contains("handler asked"), "{error}");
-    assert_eq!(counter(&host, "retried"), 2, "retried like any transient failure");
+    assert_eq!(counter(host, "retried"), 2, "retried like any transient failure");
 }
