@@ -31,6 +31,13 @@ impl Load {
         self.events as f64 / self.elapsed.as_secs_f64()
     }
 
+    /// Adds another slice of the same measurement (see `Mode::slice`).
+    pub fn merge(&mut self, slice: Load) {
+        self.events += slice.events;
+        self.elapsed += slice.elapsed;
+        self.latencies.extend(slice.latencies);
+    }
+
     /// The `p`th percentile latency, in µs.
     pub fn percentile_us(&self, p: usize) -> f64 {
         let mut v = self.latencies.clone();

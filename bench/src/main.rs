@@ -18,6 +18,10 @@
 //! instead of 50 in cold-start and memory, and 5 plugin replacements instead of 100 in reload
 //! (CI: keeps the harness from rotting, asserts nothing about speed); without it every scenario
 //! runs 3 times for a few seconds and each figure is the median of the 3.
+//!
+//! In a full run the two sides of each headline ratio (plugbus and its floor, relay or in-memory
+//! baseline) take turns in 4 short slices rather than running one after the other: this VM's
+//! speed drifts by tens of percent over minutes, and a ratio must compare like with like.
 
 mod components;
 mod driver;
@@ -27,6 +31,9 @@ mod scenarios;
 
 use report::Row;
 use std::time::Duration;
+
+/// Slices per interleaved measurement in a full run (see [`Mode::slices`]).
+const SLICES: usize = 4;
 
 /// How long to measure, and how often.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +53,24 @@ pub struct Mode {
 }
 
 impl Mode {
+    /// One of the `slices` short slices a ratio's two sides are measured in, taking turns (this
+    /// VM's speed drifts by tens of percent over minutes: measured one after the other, a host run
+    /// and its floor would compare two different machines). Each slice measures `measure /
+    /// slices` after half the warm-up (every slice starts its own host or loop). `--quick` does
+    /// not slice.
+    pub fn slices(self) -> usize {
+        if self.quick { 1 } else { SLICES }
+    }
+
+    /// The mode of one slice (see [`Mode::slices`]).
+    pub fn slice(self) -> Mode {
+        let n = self.slices() as u32;
+        if n == 1 {
+            return self;
+        }
+        Mode { warmup: self.warmup / 2, measure: self.measure / n, ..self }
+    }
+
     fn new(quick: bool) -> Self {
         if quick {
             let (warmup, measure) = (Duration::from_millis(50), Duration::from_millis(200));

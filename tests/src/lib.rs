@@ -120,6 +120,11 @@ impl TestHost {
             http: Some("127.0.0.1:0".parse().unwrap()),
             ..Config::default()
         };
+        // The durable log without waiting for each commit's `fsync` (at most every 5 s, and at a
+        // clean stop): the same code path, minutes less of CI on a busy disk. What `fsync`
+        // guarantees across a crash is tested with child processes killed by SIGKILL (`crash`)
+        // at the default `sync = "always"`.
+        config.bus.sync = plugbus::backend::embedded::log::SyncPolicy::None;
         tweak(&mut config);
         let host = Host::start(config).await.expect("host starts");
         Self { host, dir, data }
@@ -403,4 +408,21 @@ impl Drop for Running {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The text of a host's `/metrics`.
+pub async fn metrics_text(url: &str) -> String {
+    reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap()
+}
+
+/// The value of the sample `name` (with its labels, as printed) in a `/metrics` text.
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Held by every test that measures the test process's own RSS, so no two of them run at once
+/// (the `memory` binary holds only such tests).
+pub async fn measuring_memory() -> tokio::sync::MutexGuard<'static, ()> {
+    static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    ALONE.lock().await
 }

@@ -9,15 +9,21 @@
 
 use super::{HostRun, Producers, WINDOW, host_run_by};
 use crate::Mode;
+use crate::driver::Load;
 use crate::report::Row;
 use plugbus::backend::embedded::log::SyncPolicy;
 use std::collections::BTreeMap;
 
 pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
     let by = Producers::PerEvent;
-    let memory = host_run_by(mode, handler, 1, WINDOW, None, |_| {}, |_| {}, by).await?.load;
-    let HostRun { load, retried, dead_lettered, .. } =
-        host_run_by(mode, handler, 1, WINDOW, None, |_| {}, |c| c.bus.durable = true, by).await?;
+    // The ratio's sides take turns in short slices (see `Mode::slice`).
+    let (mut memory, mut run) = (Load::default(), HostRun::default());
+    let slice = mode.slice();
+    for _ in 0..mode.slices() {
+        memory.merge(host_run_by(slice, handler, 1, WINDOW, None, |_| {}, |_| {}, by).await?.load);
+        run.merge(host_run_by(slice, handler, 1, WINDOW, None, |_| {}, |c| c.bus.durable = true, by).await?);
+    }
+    let HostRun { load, retried, dead_lettered, .. } = run;
     let idle = host_run_by(mode, handler, 1, 1, None, |_| {}, |c| c.bus.durable = true, by).await?.load;
     let no_sync = host_run_by(
         mode,

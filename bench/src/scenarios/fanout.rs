@@ -7,14 +7,21 @@
 
 use super::{HostRun, WINDOW, host_run};
 use crate::Mode;
+use crate::driver::Load;
 use crate::report::Row;
 use std::collections::BTreeMap;
 
 const PLUGINS: usize = 10;
 
 pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
-    let HostRun { load, retried, dead_lettered, .. } = host_run(mode, handler, PLUGINS, WINDOW, None, |_| {}).await?;
-    let single = host_run(mode, handler, 1, WINDOW, None, |_| {}).await?.load.rate();
+    // The ratio's sides take turns in short slices (see `Mode::slice`).
+    let (mut run, mut single) = (HostRun::default(), Load::default());
+    let slice = mode.slice();
+    for _ in 0..mode.slices() {
+        run.merge(host_run(slice, handler, PLUGINS, WINDOW, None, |_| {}).await?);
+        single.merge(host_run(slice, handler, 1, WINDOW, None, |_| {}).await?.load);
+    }
+    let (HostRun { load, retried, dead_lettered, .. }, single) = (run, single.rate());
     let delivered = load.rate() * PLUGINS as f64;
     Ok(Row {
         events_per_s: Some(delivered),

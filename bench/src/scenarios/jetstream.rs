@@ -46,13 +46,21 @@ use std::time::{Duration, Instant};
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
+    // The target's two sides (plugbus and the native relay) take turns in short slices (see
+    // `Mode::slice`), each plugbus slice on a server of its own (its streams start empty, so
+    // what they hold afterwards is that slice's).
+    let (mut d, mut native) = (Durable::default(), Load::default());
+    let slice = mode.slice();
+    for _ in 0..mode.slices() {
+        d.merge(durable_run(slice, handler, &NatsServer::start().await?, InstanceMode::Fresh).await?);
+        native.merge(floor_run(slice, &NatsServer::start().await?, true).await.context("the native relay floor")?);
+    }
+    d.acked_per_s /= mode.slices() as f64;
     let server = NatsServer::start().await?;
-    let d = durable_run(mode, handler, &server, InstanceMode::Fresh).await?;
     // The same with `instance = "reuse"`, on a server of its own (the streams start empty).
     let reuse = durable_run(mode, handler, &NatsServer::start().await?, InstanceMode::Reuse).await?;
     let reuse_clean = reuse.out_duplicates == 0 && reuse.out_missing == 0 && reuse.unacked == 0;
     let floor = floor_run(mode, &server, false).await.context("the JetStream floor")?;
-    let native = floor_run(mode, &server, true).await.context("the native relay floor")?;
     let rate = d.load.rate();
     let clean = d.out_duplicates == 0 && d.out_missing == 0 && d.unacked == 0 && d.out_messages == d.published;
     Ok(Row {
@@ -92,6 +100,7 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
 }
 
 /// What the durable host run saw, and what the streams hold afterwards.
+#[derive(Default)]
 struct Durable {
     load: Load,
     acked_per_s: f64,
@@ -105,6 +114,24 @@ struct Durable {
     ack_errors: u64,
     retried: u64,
     dead_lettered: u64,
+}
+
+impl Durable {
+    /// Adds another slice's figures (`acked_per_s` is summed: the caller averages it).
+    fn merge(&mut self, slice: Durable) {
+        self.load.merge(slice.load);
+        self.acked_per_s += slice.acked_per_s;
+        self.published += slice.published;
+        self.handled += slice.handled;
+        self.out_messages += slice.out_messages;
+        self.out_duplicates += slice.out_duplicates;
+        self.out_missing += slice.out_missing;
+        self.unacked += slice.unacked;
+        self.redelivered += slice.redelivered;
+        self.ack_errors += slice.ack_errors;
+        self.retried += slice.retried;
+        self.dead_lettered += slice.dead_lettered;
+    }
 }
 
 async fn durable_run(

@@ -46,6 +46,7 @@ pub async fn run(id: &str, mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
 pub const WINDOW: usize = 64;
 
 /// What a closed loop against a host saw.
+#[derive(Default)]
 pub struct HostRun {
     /// Throughput and latency.
     pub load: Load,
@@ -55,6 +56,16 @@ pub struct HostRun {
     pub dead_lettered: u64,
     /// Most attempts running at once in one plugin.
     pub peak_in_flight: u64,
+}
+
+impl HostRun {
+    /// Adds another slice of the same run (see `Mode::slice`).
+    pub fn merge(&mut self, slice: HostRun) {
+        self.load.merge(slice.load);
+        self.retried += slice.retried;
+        self.dead_lettered += slice.dead_lettered;
+        self.peak_in_flight = self.peak_in_flight.max(slice.peak_in_flight);
+    }
 }
 
 /// Starts a host on `plugins` copies of the handler and keeps `window` events outstanding on

@@ -41,11 +41,17 @@ const HOSTS: usize = 2;
 
 pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
     let server = NatsServer::start().await?;
-    let Hosts { load, handled, retried, dead_lettered } =
-        hosts_run(mode, handler, &server, InstanceMode::Fresh).await?;
+    // The target's two sides (plugbus and the native relay) take turns in short slices (see
+    // `Mode::slice`).
+    let (mut hosts, mut native) = (Hosts::default(), Load::default());
+    let slice = mode.slice();
+    for _ in 0..mode.slices() {
+        hosts.merge(hosts_run(slice, handler, &server, InstanceMode::Fresh).await?);
+        native.merge(native_relay_run(slice, &server).await.context("the native relay floor")?);
+    }
+    let Hosts { load, handled, retried, dead_lettered } = hosts;
     let reuse = hosts_run(mode, handler, &server, InstanceMode::Reuse).await?.load;
     let floor = floor_run(mode, &server).await.context("the broker floor")?;
-    let native = native_relay_run(mode, &server).await.context("the native relay floor")?;
     let (flat, flat_dropped) = flat_out(mode, &server).await.context("the flat-out floor")?;
     let (rate, total) = (load.rate(), handled.iter().sum::<u64>().max(1));
     let mut extra = BTreeMap::from([
@@ -79,12 +85,26 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
 }
 
 /// What the two-host closed loop saw.
+#[derive(Default)]
 struct Hosts {
     load: Load,
     /// Events each host handled.
     handled: Vec<u64>,
     retried: u64,
     dead_lettered: u64,
+}
+
+impl Hosts {
+    /// Adds another slice of the same run.
+    fn merge(&mut self, slice: Hosts) {
+        self.load.merge(slice.load);
+        self.handled.resize(self.handled.len().max(slice.handled.len()), 0);
+        for (sum, n) in self.handled.iter_mut().zip(slice.handled) {
+            *sum += n;
+        }
+        self.retried += slice.retried;
+        self.dead_lettered += slice.dead_lettered;
+    }
 }
 
 async fn hosts_run(mode: Mode, handler: &[u8], server: &NatsServer, instance: InstanceMode) -> anyhow::Result<Hosts> {

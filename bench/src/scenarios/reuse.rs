@@ -32,11 +32,18 @@ async fn host_load(mode: Mode, handler: &[u8], window: usize) -> anyhow::Result<
 }
 
 pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
-    let (load, failed) = host_load(mode, handler, WINDOW).await?;
-    let (idle, _) = host_load(mode, handler, 1).await?;
     let reuse = || Limits { instance: InstanceMode::Reuse, ..Limits::default() };
+    // The ratio's sides take turns in short slices (see `Mode::slice`).
+    let (mut load, mut failed, mut floor2) = (Load::default(), 0, Load::default());
+    let slice = mode.slice();
+    for _ in 0..mode.slices() {
+        let (l, f) = host_load(slice, handler, WINDOW).await?;
+        load.merge(l);
+        failed += f;
+        floor2.merge(sandbox_floor(slice, handler, 2, reuse()).await?);
+    }
+    let (idle, _) = host_load(mode, handler, 1).await?;
     let floor1 = sandbox_floor(mode, handler, 1, reuse()).await?;
-    let floor2 = sandbox_floor(mode, handler, 2, reuse()).await?;
     let rate = load.rate();
     Ok(Row {
         events_per_s: Some(rate),

@@ -4,7 +4,7 @@
 //! buffer while the ingress and other plugins keep serving.
 
 use plugbus::router::Flow;
-use plugbus_tests::{TestHost, eventually, fast_retries};
+use plugbus_tests::{TestHost, eventually, fast_retries, measuring_memory};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ async fn post(client: &reqwest::Client, url: &str, body: String) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_feeding_its_own_subject_finishes_every_branch() {
+    let _alone = measuring_memory().await;
     // Each root makes a tree of 2^8 - 1 = 255 node events and 128 leaves, all through the
     // plugin's own queue of 16: 32 roots at once are 8,160 events through a queue of 16.
     const ROOTS: usize = 32;
@@ -65,6 +66,7 @@ async fn a_plugin_feeding_its_own_subject_finishes_every_branch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runaway_plugin_fills_only_its_own_buffer() {
+    let _alone = measuring_memory().await;
     let t = TestHost::start_with(&["cycler", "echo"], |c| {
         fast_retries(c);
         c.flow = Flow { concurrency: 4, queue: 16, buffer_mib: 1 };

@@ -56,7 +56,12 @@ fn fill(file: &Path) {
 async fn a_full_disk_answers_503_keeps_nothing_half_accepted_and_recovers() {
     let Some(disk) = Tmpfs::mount(24) else { return };
     let data = disk.path().join("data");
-    let t = TestHost::start_with(&["echo"], |c| c.data_dir = data.clone()).await;
+    // At the default `sync = "always"` (TestHost lowers it): every commit reaches the disk at once.
+    let t = TestHost::start_with(&["echo"], |c| {
+        c.data_dir = data.clone();
+        c.bus.sync = plugbus::backend::embedded::log::SyncPolicy::Always;
+    })
+    .await;
     let client = reqwest::Client::new();
     let post = |i: usize| {
         let req = client
