@@ -568,6 +568,8 @@ async fn request(
         Ok(reply) => {
             let mut resp = (StatusCode::OK, reply.data.clone()).into_response();
             let out = resp.headers_mut();
+            // `Bytes` answered `application/octet-stream`: the reply's own type replaces it.
+            out.remove(header::CONTENT_TYPE);
             for (name, value) in crate::cloudevents::encode_binary(&reply) {
                 if let (Ok(n), Ok(v)) = (header::HeaderName::try_from(name.as_str()), HeaderValue::from_str(&value)) {
                     out.append(n, v);

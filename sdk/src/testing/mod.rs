@@ -54,6 +54,11 @@
 //! - Checked loudly, as the host would at load or never do: a `#[handler]` whose manifest the
 //!   host would refuse, or an event on a subject none of its subscriptions match, makes
 //!   [`TestHost::run`] panic (the test is wrong, not the handler).
+//! - Request/reply: a [`request`](crate::request) is answered by the stub
+//!   [`TestHost::with_reply`] gives its subject (no stub: `NoResponders`), after the same subject
+//!   and per-event checks as the host's; [`Run::requests`] lists what was asked. A
+//!   [`reply`](crate::reply) goes only to the event's own `reply_to` (set it with
+//!   [`Event::with_reply_to`]), once, and is in [`Run::reply`] only when the run succeeded.
 //! - Not modelled: deadlines, memory caps, instance freshness (a native test shares statics
 //!   between runs; the host gives each delivery a fresh instance), concurrent writers to kv.
 //! - The SDK's host calls panic outside `TestHost::run` on the native target (there is no host
