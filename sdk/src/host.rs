@@ -10,7 +10,9 @@
 #[cfg(target_arch = "wasm32")]
 pub(crate) use crate::http::wasm::send as http_send;
 #[cfg(not(target_arch = "wasm32"))]
-pub(crate) use crate::testing::calls::{config_get, http_send, kv_delete, kv_get, kv_set, log, publish, reply, request};
+pub(crate) use crate::testing::calls::{
+    config_get, http_send, kv_delete, kv_get, kv_set, log, publish, reply, request,
+};
 #[cfg(target_arch = "wasm32")]
 pub(crate) use wasm::{config_get, kv_delete, kv_get, kv_set, log, publish, reply, request};
 

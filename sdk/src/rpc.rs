@@ -128,8 +128,8 @@ pub fn reply_with_headers(ev: &Event, data: impl AsRef<[u8]>, headers: &[(&str, 
 /// assert_eq!(reply.header("datacontenttype"), Some("application/json"));
 /// ```
 pub fn reply_json<T: Serialize + ?Sized>(ev: &Event, value: &T) -> Result<(), ReplyError> {
-    let data = serde_json::to_vec(value)
-        .map_err(|e| ReplyError::Invalid(format!("value does not serialize to JSON: {e}")))?;
+    let data =
+        serde_json::to_vec(value).map_err(|e| ReplyError::Invalid(format!("value does not serialize to JSON: {e}")))?;
     reply_with_headers(ev, data, &[("datacontenttype", "application/json")])
 }
 

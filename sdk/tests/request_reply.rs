@@ -89,7 +89,10 @@ fn quote(ev: Event) -> Result<(), HandlerError> {
         Some("forged") => {
             let forged = ev.clone().with_reply_to("reply-made-up");
             let refused = reply(&forged, "x");
-            assert!(matches!(refused, Err(ReplyError::Denied(ref m)) if m.contains("is not the reply-to")), "{refused:?}");
+            assert!(
+                matches!(refused, Err(ReplyError::Denied(ref m)) if m.contains("is not the reply-to")),
+                "{refused:?}"
+            );
         }
         Some("fail") => {
             reply(&ev, "never seen")?;

@@ -268,7 +268,8 @@ async fn a_component_built_against_contract_0_1_0_still_loads_and_runs() {
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{report}");
     assert!(!report.contains("plugbus:handler/rpc"), "echo imports rpc: {report}");
-    let asker = std::process::Command::new(plugbus_bin()).args(["inspect", "--json"]).arg(wasm("asker")).output().unwrap();
+    let asker =
+        std::process::Command::new(plugbus_bin()).args(["inspect", "--json"]).arg(wasm("asker")).output().unwrap();
     assert!(String::from_utf8_lossy(&asker.stdout).contains("plugbus:handler/rpc@0.1.1"));
 
     // echo as an SDK for contract 0.1.0 built it: every `@0.1.1` name (imports, the handler
@@ -278,7 +279,8 @@ async fn a_component_built_against_contract_0_1_0_still_loads_and_runs() {
     let t = TestHost::start(&[]).await;
     let mut seen = t.observe(&["echo.>"]).await;
     std::fs::write(t.dir.path().join("echo.wasm"), &old).unwrap();
-    plugbus_tests::eventually("the 0.1.0 echo is serving", || t.host.router().names() == vec!["echo".to_string()]).await;
+    plugbus_tests::eventually("the 0.1.0 echo is serving", || t.host.router().names() == vec!["echo".to_string()])
+        .await;
     assert!(t.host.rejected().is_empty(), "{:?}", t.host.rejected());
     t.publish("orders.created", "old").await;
     assert_eq!(seen.next_on("echo.orders.created").await.data, "old");

@@ -382,10 +382,8 @@ impl rpc::Host for HostState {
         // A request's bytes count in the event's output budget, as a publish's do.
         let size = (subject.len() + data.len()) as u64 + ENTRY_COST + header_bytes;
         if self.output_bytes + size > limits.max_output_bytes {
-            let msg = format!(
-                "output limit of {} bytes per event reached (requests count in it)",
-                limits.max_output_bytes
-            );
+            let msg =
+                format!("output limit of {} bytes per event reached (requests count in it)", limits.max_output_bytes);
             return self.refuse_request(rpc::RequestError::Limit(msg));
         }
         self.output_bytes += size;
@@ -394,7 +392,8 @@ impl rpc::Host for HostState {
         let left = self.deadline_at().saturating_duration_since(Instant::now());
         let timeout = asked.min(left);
         let max_reply = limits.max_reply_bytes;
-        let event = Output { subject: subject.clone(), data: data.into(), headers }.into_request(&self.event_id, &self.plugin.name);
+        let event = Output { subject: subject.clone(), data: data.into(), headers }
+            .into_request(&self.event_id, &self.plugin.name);
         let request_id = event.id.clone();
         tracing::debug!(plugin = %self.plugin.name, event_id = %self.event_id, request = %subject, request_id = %request_id,
             timeout_ms = timeout.as_millis() as u64, "request sent");
@@ -445,7 +444,12 @@ impl rpc::Host for HostState {
         })
     }
 
-    fn reply(&mut self, reply_to: String, data: Vec<u8>, headers: Vec<(String, String)>) -> Result<(), rpc::ReplyError> {
+    fn reply(
+        &mut self,
+        reply_to: String,
+        data: Vec<u8>,
+        headers: Vec<(String, String)>,
+    ) -> Result<(), rpc::ReplyError> {
         match &self.reply_token {
             None => {
                 return self.refuse_reply(rpc::ReplyError::Denied(
@@ -462,7 +466,8 @@ impl rpc::Host for HostState {
             Some(_) => {}
         }
         if self.reply.is_some() {
-            return self.refuse_reply(rpc::ReplyError::Limit("this attempt already replied (one reply per event)".into()));
+            return self
+                .refuse_reply(rpc::ReplyError::Limit("this attempt already replied (one reply per event)".into()));
         }
         let header_bytes = match check_headers(&self.plugin.limits, &headers) {
             Ok(bytes) => bytes,

@@ -860,10 +860,14 @@ impl Session {
         };
         self.check_subject(subject).map_err(as_request)?;
         if self.requests.len() as u64 >= u64::from(self.limits.max_requests) {
-            return Err(RequestError::Limit(format!("request limit of {} per event reached", self.limits.max_requests)));
+            return Err(RequestError::Limit(format!(
+                "request limit of {} per event reached",
+                self.limits.max_requests
+            )));
         }
         if headers.len() as u64 > u64::from(self.limits.max_headers) {
-            let why = format!("header limit of {} per output reached ({} given)", self.limits.max_headers, headers.len());
+            let why =
+                format!("header limit of {} per output reached ({} given)", self.limits.max_headers, headers.len());
             return Err(RequestError::Limit(why));
         }
         for (name, _) in headers {
@@ -902,7 +906,11 @@ impl Session {
     fn reply(&mut self, reply_to: &str, data: &[u8], headers: &[(String, String)]) -> Result<(), crate::ReplyError> {
         use crate::ReplyError;
         match &self.reply_to {
-            None => return Err(ReplyError::Denied("the event being handled has no reply-to: nobody asked for a reply".into())),
+            None => {
+                return Err(ReplyError::Denied(
+                    "the event being handled has no reply-to: nobody asked for a reply".into(),
+                ));
+            }
             Some(token) if token != reply_to => {
                 return Err(ReplyError::Denied(format!(
                     "{} is not the reply-to of the event being handled (a reply goes only to the request this \
@@ -916,7 +924,8 @@ impl Session {
             return Err(ReplyError::Limit("this attempt already replied (one reply per event)".into()));
         }
         if headers.len() as u64 > u64::from(self.limits.max_headers) {
-            let why = format!("header limit of {} per output reached ({} given)", self.limits.max_headers, headers.len());
+            let why =
+                format!("header limit of {} per output reached ({} given)", self.limits.max_headers, headers.len());
             return Err(ReplyError::Limit(why));
         }
         for (name, _) in headers {
@@ -930,8 +939,10 @@ impl Session {
             + ENTRY_COST
             + headers.iter().map(|(k, v)| (k.len() + v.len()) as u64 + ENTRY_COST).sum::<u64>();
         if self.output_bytes + size > self.limits.max_output_bytes {
-            let why =
-                format!("output limit of {} bytes per event reached (the reply counts in it)", self.limits.max_output_bytes);
+            let why = format!(
+                "output limit of {} bytes per event reached (the reply counts in it)",
+                self.limits.max_output_bytes
+            );
             return Err(ReplyError::Limit(why));
         }
         self.output_bytes += size;
