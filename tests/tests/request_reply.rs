@@ -308,3 +308,21 @@ async fn a_reply_over_max_reply_bytes_is_refused() {
     assert!(got["message"].as_str().unwrap().contains("1000 bytes, over max_reply_bytes (100)"), "{got}");
     answer.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_a_reply_holds_no_worker_thread() {
+    let t = start(&Bus::Embedded).await;
+    let mut seen = t.observe(&["asked.one"]).await;
+    // Four requests waiting 3 s each on a runtime of two worker threads...
+    for _ in 0..4 {
+        t.publish("ask.one", json!({ "subject": "rpc.silent", "data": "", "timeout_ms": 3000 }).to_string()).await;
+    }
+    t.wait_counter("responder", "ok", 4).await;
+    // ...while another request is asked and answered at once.
+    let started = Instant::now();
+    t.publish("ask.one", json!({ "subject": "rpc.echo", "data": "quick", "timeout_ms": 3000 }).to_string()).await;
+    let first = seen.next_on("asked.one").await;
+    let first: Value = serde_json::from_slice(&first.data).unwrap();
+    assert_eq!(first["ok"], "QUICK", "the quick request was not the first answered: {first}");
+    assert!(started.elapsed() < Duration::from_millis(1500), "answered after {:?}", started.elapsed());
+}
