@@ -124,6 +124,7 @@ pub fn router(state: ApiState) -> axum::Router {
         .route("/v1/dlq/{id}/replay", post(dlq_replay_one))
         .route("/v1/dlq/{id}/debug", post(dlq_debug))
         .route("/v1/replay", post(replay_log))
+        .route("/v1/request/{subject}", post(request))
         .route("/v1/events", post(empty_subject))
         .route("/v1/events/", post(empty_subject))
         .layer(DefaultBodyLimit::disable())
@@ -490,6 +491,101 @@ async fn publish(State(api): State<Api>, Path(subject): Path<String>, headers: H
             );
             with_retry_after(error(StatusCode::SERVICE_UNAVAILABLE, msg), retry_after_secs(timeout))
         }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct RequestQuery {
+    /// How long to wait for the reply (`500ms`, `2s`); default and maximum in `crate::rpc`.
+    timeout: Option<String>,
+}
+
+/// `POST /v1/request/{subject}`: the body (and `Content-Type`, `ce-*` headers, as for
+/// `POST /v1/events`) goes out as a request; the first reply comes back as the answer: its data
+/// as the body, its `datacontenttype` as `Content-Type`, its attributes as `ce-*` headers. `504`
+/// when no reply came within `?timeout=` (default 5 s, at most 60 s), `503` when nothing
+/// subscribes to the subject or the bus cannot take the request.
+async fn request(
+    State(api): State<Api>,
+    Path(subject): Path<String>,
+    Query(q): Query<RequestQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    use crate::rpc::{API_DEFAULT_TIMEOUT, API_MAX_TIMEOUT, RequestError};
+    let state = &api.s;
+    let timeout = match q.timeout.as_deref().map(str::trim) {
+        None | Some("") => API_DEFAULT_TIMEOUT,
+        Some(text) => match humantime::parse_duration(text) {
+            Ok(t) if t > API_MAX_TIMEOUT => {
+                let max = humantime::format_duration(API_MAX_TIMEOUT);
+                return error(StatusCode::BAD_REQUEST, format!("timeout {text:?} is over the maximum of {max}"));
+            }
+            Ok(t) if t.is_zero() => return error(StatusCode::BAD_REQUEST, "timeout must be more than 0"),
+            Ok(t) => t,
+            Err(e) => {
+                let why = format!("timeout {:?}: {e} (expected a duration like 500ms or 2s)", crate::event::cut(text));
+                return error(StatusCode::BAD_REQUEST, why);
+            }
+        },
+    };
+    if let Err(e) = validate_subject(&subject) {
+        return error(StatusCode::BAD_REQUEST, e.to_string());
+    }
+    if let Some(why) = system_subject(&subject) {
+        return error(StatusCode::BAD_REQUEST, why);
+    }
+    if let Some(why) = reserved_header(&headers) {
+        return error(StatusCode::BAD_REQUEST, why);
+    }
+    let data = match axum::body::to_bytes(body, state.max_event_bytes).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is over the {}-byte event limit", state.max_event_bytes),
+            );
+        }
+    };
+    let event = match crate::cloudevents::decode(&subject, header_pairs(&headers), data) {
+        Ok(ev) => ev,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    if let Some((name, _)) = event.extensions.iter().find(|(k, _)| k.starts_with(RESERVED_PREFIX)) {
+        let msg = format!(
+            "attribute {name:?} is reserved for the host: names starting with `{RESERVED_PREFIX}` cannot be set"
+        );
+        return error(StatusCode::BAD_REQUEST, msg);
+    }
+    let id = event.id.clone();
+    // The transport bounds its own wait by `timeout`; this bounds a transport that does not.
+    let asked = state.transport.request(event, timeout, true);
+    let answer = match tokio::time::timeout(timeout + Duration::from_secs(1), asked).await {
+        Ok(answer) => answer,
+        Err(_) => Err(RequestError::Timeout { subject: subject.clone(), after: timeout }),
+    };
+    match answer {
+        Ok(reply) => {
+            let mut resp = (StatusCode::OK, reply.data.clone()).into_response();
+            let out = resp.headers_mut();
+            // `Bytes` answered `application/octet-stream`: the reply's own type replaces it.
+            out.remove(header::CONTENT_TYPE);
+            for (name, value) in crate::cloudevents::encode_binary(&reply) {
+                if let (Ok(n), Ok(v)) = (header::HeaderName::try_from(name.as_str()), HeaderValue::from_str(&value)) {
+                    out.append(n, v);
+                }
+            }
+            if reply.datacontenttype.is_none() {
+                out.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            }
+            resp
+        }
+        Err(e @ RequestError::Timeout { .. }) => {
+            state.metrics.api_request_timeouts.inc();
+            tracing::info!(subject = %subject, event_id = %id, ?timeout, "request answered 504: {e}");
+            error(StatusCode::GATEWAY_TIMEOUT, e.to_string())
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 

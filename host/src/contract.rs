@@ -2,16 +2,23 @@
 //!
 //! Components built with `plugbus-sdk` carry a `plugbus-contract` custom section (the
 //! `#[handler]` attribute places it in the component's core module): one line,
-//! `plugbus:handler@0.1.0 plugbus-sdk@0.1.0`. The host reads it before compiling: a contract
+//! `plugbus:handler@0.1.1 plugbus-sdk@0.1.0`. The host reads it before compiling: a contract
 //! of another major version (for `0.x`, another minor: semver's rule before 1.0) is refused,
 //! naming both versions; a component without the section (built before the SDK wrote it, or
 //! without the SDK) is loaded, and the loader logs a warning.
+//!
+//! Within a series the contract only grows, and its patch version says how far: 0.1.1 added the
+//! `rpc` interface (request/reply). A component built against 0.1.0 imports `…@0.1.0` names and
+//! loads unchanged (wasmtime resolves imports and exports semver-compatibly: `@0.1.0` finds the
+//! host's `@0.1.1`); a component that does not call `request`/`reply` does not import `rpc` at
+//! all. One built against a newer patch than this host speaks loads when it uses nothing the
+//! host lacks; otherwise linking fails naming the missing import.
 
 use crate::sandbox::LoadError;
 
 /// The WIT contract this host speaks: `package plugbus:handler@…` in `wit/plugbus.wit` (a test
 /// keeps the two equal).
-pub const CONTRACT_VERSION: &str = "0.1.0";
+pub const CONTRACT_VERSION: &str = "0.1.1";
 
 /// The custom section the SDK writes.
 pub const SECTION: &str = "plugbus-contract";
@@ -19,7 +26,7 @@ pub const SECTION: &str = "plugbus-contract";
 /// What a component declares about how it was built.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Declared {
-    /// The contract version (`0.1.0`).
+    /// The contract version (`0.1.1`).
     pub contract: String,
     /// The SDK version that built it, when the section names one.
     pub sdk: Option<String>,

@@ -240,7 +240,10 @@ async fn attempts(
         let mut seen = None;
         let result = run_attempt(rt, &plugin, ev, attempt, position.clone(), &mut seen).await;
         match result {
-            Ok(outputs) => {
+            Ok((outputs, reply)) => {
+                if let Some(reply) = reply {
+                    send_reply(rt, ev, reply).await;
+                }
                 let outputs = release_outputs(rt, ev, outputs).await;
                 return Outcome::Handled { attempts: attempt, outputs };
             }
@@ -269,7 +272,7 @@ async fn attempts(
 }
 
 /// One attempt: run the handler (again on kv conflict) and commit its kv writes; returns the
-/// outputs to release. After the commit the handler never runs again for this delivery: where
+/// outputs and the reply to release. After the commit the handler never runs again for this delivery: where
 /// the transport keeps a log (`position`), the outputs commit with the kv writes (an outbox), so
 /// a crash before the ack releases them at the next start instead of running the handler again.
 /// When the handler fails, `seen` gets what it read and logged (moved, not copied).
@@ -280,7 +283,7 @@ async fn run_attempt(
     attempt: u32,
     position: Option<(Arc<str>, u64)>,
     seen: &mut Option<Box<crate::sandbox::Seen>>,
-) -> Result<Vec<Arc<Event>>, DeliveryError> {
+) -> Result<(Vec<Arc<Event>>, Option<Event>), DeliveryError> {
     let mut reruns = 0;
     loop {
         rt.stats.attempts.fetch_add(1, Ordering::Relaxed);
@@ -314,7 +317,8 @@ async fn run_attempt(
                     tracing::error!(plugin = %rt.name, event_id = %ev.id, "PLUGBUS_FAULT_ABORT_AFTER_KV_COMMIT: aborting");
                     std::process::abort();
                 }
-                return Ok(outputs);
+                let reply = run.reply.map(|r| r.into_reply(ev, &rt.name));
+                return Ok((outputs, reply));
             }
             Err(KvError::Conflict(key)) if reruns < MAX_KV_CONFLICT_RERUNS => {
                 reruns += 1;
@@ -359,6 +363,21 @@ async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Arc<Event>
         }
     }
     released
+}
+
+/// Sends the reply of an attempt that returned Ok (after its kv writes committed, before its
+/// outputs) to the reply address of the event it handled. A reply nobody waits for any more
+/// (the requester timed out, or another plugin answered first) is dropped and counted
+/// (`plugbus_replies_dropped_total`); a reply is never retried: the requester has a timeout.
+async fn send_reply(rt: &PluginRuntime, ev: &Event, reply: Event) {
+    let Some(to) = &ev.reply_to else { return };
+    let dropped = match rt.transport.reply(to, reply).await {
+        Ok(true) => return,
+        Ok(false) => "nobody waits for it any more (the request timed out, or another reply came first)".to_string(),
+        Err(e) => format!("the transport did not take it: {e}"),
+    };
+    rt.metrics.replies_dropped.inc();
+    tracing::info!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, "reply dropped: {dropped}");
 }
 
 /// Keeps (with what its failed attempt saw, `record`, in this host's store only: never on the

@@ -118,6 +118,62 @@ impl Output {
     }
 }
 
+impl Output {
+    /// The event a plugin's request sends: a fresh id (every request is a new question),
+    /// `source` = `plugbus/<plugin>`, `plugbus-caused-by` = the event being handled; the reply
+    /// address is the transport's to set.
+    pub fn into_request(self, caused_by: &str, plugin: &str) -> Event {
+        let (datacontenttype, mut extensions) = lift_headers(self.headers);
+        extensions.push(("plugbus-caused-by".into(), caused_by.to_string()));
+        Event {
+            id: new_id(),
+            source: format!("plugbus/{plugin}"),
+            ty: self.subject.clone(),
+            subject: self.subject,
+            time: now_rfc3339(),
+            datacontenttype,
+            extensions,
+            data: self.data,
+            reply_to: None,
+        }
+    }
+
+    /// The reply a plugin gave to `input` (a request): on the subject asked on, its id derived
+    /// from (input source, input id, plugin) like an output's, so a retried attempt's reply has
+    /// the same id.
+    pub fn into_reply(self, input: &Event, plugin: &str) -> Event {
+        let (datacontenttype, mut extensions) = lift_headers(self.headers);
+        extensions.push(("plugbus-caused-by".into(), input.id.clone()));
+        Event {
+            id: output_id(&input.source, &input.id, plugin, usize::MAX),
+            source: format!("plugbus/{plugin}"),
+            ty: input.subject.clone(),
+            subject: input.subject.clone(),
+            time: now_rfc3339(),
+            datacontenttype,
+            extensions,
+            data: self.data,
+            reply_to: None,
+        }
+    }
+}
+
+/// A plugin's headers as an event's: `datacontenttype` (or `content-type`) lifted into the
+/// attribute, reserved names dropped (refused at the call already), names lower-cased.
+fn lift_headers(headers: Vec<(String, String)>) -> (Option<String>, Vec<(String, String)>) {
+    let mut datacontenttype = None;
+    let mut extensions = Vec::with_capacity(headers.len() + 1);
+    for (k, v) in headers {
+        let k = k.to_ascii_lowercase();
+        if k == "datacontenttype" || k == "content-type" {
+            datacontenttype = Some(v);
+        } else if !is_reserved_header(&k) {
+            extensions.push((k, v));
+        }
+    }
+    (datacontenttype, extensions)
+}
+
 /// Deterministic id of the `index`th output of `plugin` for the input (`input_source`,
 /// `input_id`). CloudEvents ids are unique per source only, so the source is part of it: a
 /// publisher reusing another's `id` does not make its outputs look like duplicates. Each field

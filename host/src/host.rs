@@ -53,6 +53,7 @@ impl Host {
         if config.compile_cache {
             sandbox = sandbox.with_cache(&config.data_dir.join("cache"))?;
         }
+        let sandbox = sandbox.with_requester(Arc::new(crate::rpc::TransportRequester(transport.clone())));
         let dead_letters = if config.persistent_kv {
             let path = config.data_dir.join("dlq.redb");
             let store = DeadLetters::persistent(10_000, &path).context("opening the kept dead letters")?;

@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod reload;
 pub mod retry;
 pub mod router;
+pub mod rpc;
 pub mod sandbox;
 pub mod scaffold;
 pub mod service;

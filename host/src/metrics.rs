@@ -96,6 +96,10 @@ pub struct Metrics {
     /// Requests refused as coming from a web page (`Origin`, `Sec-Fetch-Site`) or through a
     /// foreign `Host` name (DNS rebinding).
     pub browser_refused: Counter,
+    /// Replies a plugin gave that found no request waiting (timed out, or answered already).
+    pub replies_dropped: Family<PluginLabels, Counter>,
+    /// `POST /v1/request/{subject}` answered `504`: no reply within its timeout.
+    pub api_request_timeouts: Counter,
 }
 
 impl Default for Metrics {
@@ -122,6 +126,8 @@ impl Default for Metrics {
             tail_events_dropped: Counter::default(),
             ingress_timeouts: Counter::default(),
             browser_refused: Counter::default(),
+            replies_dropped: Family::default(),
+            api_request_timeouts: Counter::default(),
         };
         r.register("events_received", "Events delivered to a plugin", m.received.clone());
         r.register("events_handled", "Events a plugin handled successfully", m.handled.clone());
@@ -166,6 +172,16 @@ impl Default for Metrics {
             "API requests refused as coming from a web page or through a foreign Host name",
             m.browser_refused.clone(),
         );
+        r.register(
+            "replies_dropped",
+            "Replies a plugin gave that found no request waiting (it timed out, or another reply came first)",
+            m.replies_dropped.clone(),
+        );
+        r.register(
+            "api_request_timeouts",
+            "POST /v1/request answered 504: no reply within the timeout",
+            m.api_request_timeouts.clone(),
+        );
         *m.registry.lock().expect("metrics poisoned") = r;
         m
     }
@@ -197,6 +213,8 @@ pub struct PluginMetrics {
     family: Arc<Metrics>,
     /// `plugbus_handler_duration_seconds{plugin}`.
     pub handler_seconds: Histogram,
+    /// `plugbus_replies_dropped_total{plugin}`.
+    pub replies_dropped: Counter,
     /// The patterns in manifest order with their counters. Behind an `Arc`: one reference count
     /// per event instead of one per counter (each a cache line the two cores pass back and forth).
     by_subscription: RwLock<Subscriptions>,
@@ -208,10 +226,12 @@ impl PluginMetrics {
     pub fn new(metrics: Arc<Metrics>, plugin: &str, patterns: &[String]) -> Self {
         let handler_seconds = metrics.handler_seconds.get_or_create(&PluginLabels { plugin: plugin.into() }).clone();
         let unsubscribed = Arc::new(metrics.counters(plugin, UNSUBSCRIBED));
+        let replies_dropped = metrics.replies_dropped.get_or_create(&PluginLabels { plugin: plugin.into() }).clone();
         let this = Self {
             plugin: plugin.into(),
             family: metrics,
             handler_seconds,
+            replies_dropped,
             by_subscription: RwLock::new(Arc::from(Vec::new())),
             unsubscribed,
         };

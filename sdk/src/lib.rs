@@ -141,6 +141,38 @@
 //! `deliver = "all"` (a new plugin replays the history the bus keeps: rebuild a read model),
 //! `queue_group`, `name` and `version`; see [`handler`].
 //!
+//! ## Request/reply
+//!
+//! [`request`] asks on a subject (one the handler's `publishes` allows) and waits for one reply,
+//! within the event's deadline; a handler answers a request with [`reply`] when
+//! [`Event::reply_to`] is set. The reply is released with the attempt's outputs, only on `Ok`.
+//! Unit tests stub replies with [`testing::TestHost::with_reply`]:
+//!
+//! ```
+//! use plugbus_sdk::{Event, HandlerError, handler, testing::TestHost};
+//! use std::time::Duration;
+//!
+//! #[handler(subscribe = ["orders.created"], publishes = ["stock.check"])]
+//! fn check(ev: Event) -> Result<(), HandlerError> {
+//!     let answer = plugbus_sdk::request("stock.check", ev.data(), Duration::from_millis(500))?;
+//!     if answer.text()? != "in stock" {
+//!         return Err(HandlerError::reject("out of stock"));
+//!     }
+//!     Ok(())
+//! }
+//!
+//! #[handler(subscribe = ["stock.check"])]
+//! fn stock(ev: Event) -> Result<(), HandlerError> {
+//!     plugbus_sdk::reply(&ev, "in stock")?;
+//!     Ok(())
+//! }
+//!
+//! let asked = TestHost::new().with_reply("stock.check", "in stock").run(check, Event::new("orders.created", "w"));
+//! assert_eq!(asked.result, Ok(()));
+//! let answered = TestHost::new().run(stock, Event::new("stock.check", "w").with_reply_to("r-1"));
+//! assert_eq!(answered.reply.unwrap().text(), "in stock");
+//! ```
+//!
 //! ## What the sandbox allows
 //!
 //! A handler can publish to the subjects its `publishes` allows ([`publish`], [`publish_json`],
@@ -162,6 +194,7 @@ mod error;
 mod event;
 mod host;
 mod publish;
+mod rpc;
 
 pub mod config;
 pub mod http;
@@ -173,6 +206,7 @@ pub mod testing;
 pub use error::{HandlerError, PublishError};
 pub use event::Event;
 pub use publish::{publish, publish_json, publish_with_headers};
+pub use rpc::{ReplyError, RequestError, reply, reply_json, reply_with_headers, request, request_with_headers};
 
 /// Turns `fn(Event) -> Result<(), HandlerError>` into a plugbus plugin component.
 ///

@@ -38,12 +38,12 @@ pub fn declare(declared: Declared) {
 
 /// The version of the WIT contract this SDK speaks: `package plugbus:handler@…` in
 /// `wit/plugbus.wit` (a test keeps the two equal).
-pub const CONTRACT_VERSION: &str = "0.1.0";
+pub const CONTRACT_VERSION: &str = "0.1.1";
 
 /// What every component built with this SDK carries in its `plugbus-contract` custom section:
 /// the contract it was built against and the SDK that built it, one line. The host reads it at
 /// load and refuses a component whose contract it does not speak, naming both versions.
-pub const CONTRACT_SECTION_TEXT: &str = concat!("plugbus:handler@0.1.0 plugbus-sdk@", env!("CARGO_PKG_VERSION"), "\n");
+pub const CONTRACT_SECTION_TEXT: &str = concat!("plugbus:handler@0.1.1 plugbus-sdk@", env!("CARGO_PKG_VERSION"), "\n");
 
 /// [`CONTRACT_SECTION_TEXT`] as the byte array the `#[handler]` attribute places in the section.
 pub const CONTRACT_SECTION: [u8; CONTRACT_SECTION_TEXT.len()] = {

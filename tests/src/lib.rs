@@ -33,6 +33,8 @@ pub const COMPONENTS: &[&str] = &[
     "dice",
     "caller",
     "picky",
+    "asker",
+    "responder",
 ];
 
 /// The workspace root.

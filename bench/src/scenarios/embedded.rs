@@ -193,6 +193,7 @@ impl Bare {
             config: Default::default(),
             kv: Arc::new(MemoryKv::new()),
             outbound: Arc::new(plugbus::sandbox::outbound::OutboundPolicy::none()),
+            requester: Arc::new(plugbus::rpc::NoRequests),
         });
         Ok(Self { engine, epochs, pre, ctx })
     }
@@ -207,7 +208,7 @@ impl Bare {
         }
         let instance = self.pre.instantiate_async(&mut store).await?;
         let headers: Vec<(&str, &str)> = ev.extensions.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let wit_event = wit::Event {
+        let wit_event = wit::EventParam {
             id: &ev.id,
             source: &ev.source,
             type_: &ev.ty,

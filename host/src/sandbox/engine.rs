@@ -58,6 +58,8 @@ pub struct Sandbox {
     /// `linker` plus the `wasi:http` client, for plugins granted outbound HTTP.
     http_linker: Arc<Linker<HostState>>,
     settings: SandboxSettings,
+    /// Where plugins' requests (request/reply) go; refused until the host wires the transport.
+    requester: Arc<dyn crate::rpc::Requester>,
     _ticker: Arc<Ticker>,
 }
 
@@ -129,8 +131,15 @@ impl Sandbox {
             linker: Arc::new(linker),
             http_linker: Arc::new(http_linker),
             settings,
+            requester: Arc::new(crate::rpc::NoRequests),
             _ticker: Arc::new(Ticker { stop }),
         })
+    }
+
+    /// Sends plugins' requests (request/reply) through `requester` (the host's transport).
+    pub fn with_requester(mut self, requester: Arc<dyn crate::rpc::Requester>) -> Self {
+        self.requester = requester;
+        self
     }
 
     /// Keeps compiled components in `dir` so restarts skip compilation.
@@ -243,6 +252,7 @@ impl Sandbox {
             config: settings.config,
             kv: settings.kv,
             outbound: Arc::new(outbound),
+            requester: self.requester.clone(),
         };
         Ok(Plugin::new(self.engine.clone(), self._ticker.clone(), pre, manifest, hash, Arc::new(ctx)))
     }
@@ -255,6 +265,7 @@ impl Sandbox {
             config: Default::default(),
             kv: Arc::new(MemoryKv::new()),
             outbound: Arc::new(OutboundPolicy::none()),
+            requester: Arc::new(crate::rpc::NoRequests),
         });
         let mut store = Store::new(&self.engine, HostState::new(ctx, "manifest", "manifest"));
         super::plugin::arm_store(&mut store);
@@ -298,4 +309,6 @@ async fn requested_outbound(
 }
 
 /// The name of the optional export that lists a plugin's outbound destinations.
-const OUTBOUND_EXPORT: &str = "plugbus:handler/outbound@0.1.0";
+/// (wasmtime finds a semver-compatible export: a component built against 0.1.0 exports
+/// `outbound@0.1.0`, found by this 0.1.1 name.)
+const OUTBOUND_EXPORT: &str = "plugbus:handler/outbound@0.1.1";

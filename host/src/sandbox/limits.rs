@@ -62,6 +62,10 @@ pub struct Limits {
     /// How long an open breaker fails calls at once before letting one probe through.
     #[serde(with = "humantime_serde")]
     pub outbound_breaker_cooldown: Duration,
+    /// Requests (request/reply) one attempt may make; their bytes count in `max_output_bytes`.
+    pub max_requests: u32,
+    /// Largest reply (data and headers) a request accepts; a larger one is a `limit` error.
+    pub max_reply_bytes: u64,
 }
 
 /// How instances are used across events.
@@ -98,6 +102,8 @@ impl Default for Limits {
             max_outbound_concurrency: 8,
             outbound_breaker_failures: 5,
             outbound_breaker_cooldown: Duration::from_secs(30),
+            max_requests: 16,
+            max_reply_bytes: 1024 * 1024,
         }
     }
 }

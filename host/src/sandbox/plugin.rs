@@ -75,6 +75,8 @@ pub struct Attempt {
     pub elapsed: Duration,
     /// What it read and logged (bounded): kept when it failed, or ran in a fixed world.
     pub seen: Option<Box<Seen>>,
+    /// Its reply to the event (a request), to release with the outputs only on Ok.
+    pub reply: Option<Output>,
 }
 
 /// A validated, pre-linked plugin, ready to run events.
@@ -179,6 +181,7 @@ impl Plugin {
             kv,
             // The same grants; a repeatable (fixed-world) run refuses every call anyway.
             outbound: self.ctx.outbound.clone(),
+            requester: self.ctx.requester.clone(),
         };
         Plugin {
             warm: Mutex::new(Vec::new()),
@@ -247,6 +250,7 @@ impl Plugin {
                     txn: Txn::default(),
                     elapsed: started.elapsed(),
                     seen: None,
+                    reply: None,
                 }
             }
         }
@@ -254,13 +258,16 @@ impl Plugin {
 
     async fn handle_fresh(&self, event: &Event, attempt: u32, world: Option<&FixedWorld>) -> Attempt {
         let started = Instant::now();
-        let state = HostState::in_world(self.ctx.clone(), &event.id, &event.subject, world);
+        let mut state = HostState::in_world(self.ctx.clone(), &event.id, &event.subject, world);
+        state.set_reply_to(event.reply_to.as_deref());
+        let token = state.reply_token.clone();
         let mut store = Store::new(&self.engine, state);
         arm_store(&mut store);
         let call = async {
             let instance = self.pre.instantiate_async(&mut store).await?;
             let headers = header_refs(event);
-            instance.plugbus_handler_handler().call_handle(&mut store, to_wit(event, &headers, attempt)).await
+            let wit_event = to_wit(event, &headers, attempt, token.as_deref());
+            instance.plugbus_handler_handler().call_handle(&mut store, wit_event).await
         };
         let call = call.await;
         let result = self.outcome(call, &mut store);
@@ -274,6 +281,7 @@ impl Plugin {
             txn: if ok { state.txn } else { Txn::default() },
             elapsed: started.elapsed(),
             seen,
+            reply: if ok { state.reply } else { None },
         }
     }
 
@@ -302,13 +310,16 @@ impl Plugin {
                             txn: Txn::default(),
                             elapsed: started.elapsed(),
                             seen: Some(Box::new(std::mem::take(&mut store.data_mut().seen))),
+                            reply: None,
                         };
                     }
                 }
             }
         };
+        warm.store.data_mut().set_reply_to(event.reply_to.as_deref());
+        let token = warm.store.data().reply_token.clone();
         let headers = header_refs(event);
-        let wit_event = to_wit(event, &headers, attempt);
+        let wit_event = to_wit(event, &headers, attempt, token.as_deref());
         let call = warm.instance.plugbus_handler_handler().call_handle(&mut warm.store, wit_event).await;
         let trapped = call.is_err();
         let result = self.outcome(call, &mut warm.store);
@@ -317,6 +328,7 @@ impl Plugin {
         let ok = result.is_ok();
         let outputs = if ok { std::mem::take(&mut state.outputs) } else { Vec::new() };
         let txn = if ok { std::mem::take(&mut state.txn) } else { Txn::default() };
+        let reply = if ok { state.reply.take() } else { None };
         // Taken either way: an idle warm instance holds no record.
         let seen = std::mem::take(&mut state.seen);
         let seen = (!ok).then(|| Box::new(seen));
@@ -324,7 +336,7 @@ impl Plugin {
         if !trapped && warm.uses < self.ctx.limits.recycle_after {
             self.warm.lock().expect("warm pool poisoned").push(warm);
         }
-        Attempt { result, outputs, txn, elapsed: started.elapsed(), seen }
+        Attempt { result, outputs, txn, elapsed: started.elapsed(), seen, reply }
     }
 
     fn outcome(
@@ -389,9 +401,15 @@ impl Plugin {
 }
 
 /// The WIT view of `event`, borrowing its fields (`headers` is `event.extensions` as pairs of
-/// `&str`, from [`header_refs`]); the canonical ABI copies them into guest memory once.
-fn to_wit<'a>(event: &'a Event, headers: &'a [(&'a str, &'a str)], attempt: u32) -> wit::Event<'a> {
-    wit::Event {
+/// `&str`, from [`header_refs`]); the canonical ABI copies them into guest memory once. Its
+/// `reply-to` is `reply_token`, never the host's reply address.
+fn to_wit<'a>(
+    event: &'a Event,
+    headers: &'a [(&'a str, &'a str)],
+    attempt: u32,
+    reply_token: Option<&'a str>,
+) -> wit::EventParam<'a> {
+    wit::EventParam {
         id: &event.id,
         source: &event.source,
         type_: &event.ty,
@@ -401,7 +419,7 @@ fn to_wit<'a>(event: &'a Event, headers: &'a [(&'a str, &'a str)], attempt: u32)
         extensions: headers,
         data: &event.data,
         attempt,
-        reply_to: event.reply_to.as_deref(),
+        reply_to: reply_token,
     }
 }
 

@@ -2,7 +2,7 @@
 //! plugin's limits, and the per-attempt buffers the host imports write into (outputs, kv
 //! transaction). Nothing here is shared between events.
 
-use super::bindings::plugbus::handler::{bus, config, kv, logging, types};
+use super::bindings::plugbus::handler::{bus, config, kv, logging, rpc, types};
 use super::limits::{ENTRY_COST, Limits, MAX_RESOURCES, MAX_SUBJECT_BYTES, MemoryLimiter};
 use super::outbound::{Outbound, OutboundPolicy};
 use super::record::Seen;
@@ -31,6 +31,8 @@ pub struct PluginCtx {
     pub kv: Arc<dyn KvStore>,
     /// Where it may send HTTP requests (requested and granted).
     pub outbound: Arc<OutboundPolicy>,
+    /// Where its requests (request/reply) go.
+    pub requester: Arc<dyn crate::rpc::Requester>,
 }
 
 /// The data of one store (one instance, one attempt).
@@ -66,6 +68,14 @@ pub struct HostState {
     pub outbound: Outbound,
     /// What this attempt read and logged (bounded), for a dead letter's record.
     pub seen: Seen,
+    /// The event's reply address (the host's: an inbox or a slot token), when it has one.
+    reply_to: Option<String>,
+    /// What the plugin sees as the event's `reply-to` (`rpc::reply_token` of `reply_to`).
+    pub reply_token: Option<String>,
+    /// This attempt's reply, released with its outputs only on Ok.
+    pub reply: Option<Output>,
+    /// Requests this attempt made.
+    requests: u32,
 }
 
 impl HostState {
@@ -112,7 +122,22 @@ impl HostState {
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
             outbound,
             seen: Seen::default(),
+            reply_to: None,
+            reply_token: None,
+            reply: None,
+            requests: 0,
         }
+    }
+
+    /// Sets the reply address of the event this store runs (the plugin sees only its token).
+    pub fn set_reply_to(&mut self, reply_to: Option<&str>) {
+        self.reply_token = reply_to.map(crate::rpc::reply_token);
+        self.reply_to = reply_to.map(str::to_string);
+    }
+
+    /// When this attempt's deadline passes.
+    fn deadline_at(&self) -> Instant {
+        self.started + self.plugin.limits.deadline
     }
 
     /// Readies a warm store for the next event: the per-attempt buffers start empty and the
@@ -133,6 +158,10 @@ impl HostState {
         self.outbound.event_id.push_str(event_id);
         self.outbound.calls = 0;
         self.seen = Seen::default();
+        self.reply_to = None;
+        self.reply_token = None;
+        self.reply = None;
+        self.requests = 0;
     }
 
     fn refuse(&mut self, err: types::PublishError) -> Result<(), types::PublishError> {
@@ -189,45 +218,20 @@ impl bus::Host for HostState {
         data: Vec<u8>,
         headers: Vec<(String, String)>,
     ) -> Result<(), types::PublishError> {
-        // Checked before `validate_subject`, whose error would copy (and escape) all of it.
-        if subject.len() > MAX_SUBJECT_BYTES {
-            return self.refuse(types::PublishError::Invalid(format!(
-                "subject {} is longer than {MAX_SUBJECT_BYTES} bytes",
-                quoted(&subject)
-            )));
-        }
-        if let Err(e) = validate_subject(&subject) {
-            return self.refuse(types::PublishError::Invalid(cut(&e.to_string()).into_owned()));
-        }
-        if is_system_subject(&subject) {
-            return self.refuse(types::PublishError::Denied(format!("{} is a system subject", quoted(&subject))));
-        }
-        if !self.plugin.publishes.matches(&subject) {
-            let allowed = format!("{:?}", self.plugin.publishes.iter().map(|p| p.as_str()).collect::<Vec<_>>());
-            return self.refuse(types::PublishError::Denied(format!(
-                "{} is not in the manifest's publishes {}",
-                quoted(&subject),
-                cut(&allowed)
-            )));
+        if let Err(e) = check_subject(self, &subject) {
+            return self.refuse(e);
         }
         let limits = &self.plugin.limits;
         if self.outputs.len() as u64 >= u64::from(limits.max_publishes) {
             let msg = format!("publish limit of {} per event reached", limits.max_publishes);
             return self.refuse(types::PublishError::Limit(msg));
         }
-        if headers.len() as u64 > u64::from(limits.max_headers) {
-            let msg = format!("header limit of {} per output reached ({} given)", limits.max_headers, headers.len());
-            return self.refuse(types::PublishError::Limit(msg));
-        }
-        for (name, _) in &headers {
-            if let Err(e) = check_header_name(name) {
-                return self.refuse(e);
-            }
-        }
+        let header_bytes = match check_headers(limits, &headers) {
+            Ok(bytes) => bytes,
+            Err(e) => return self.refuse(e),
+        };
         // Every output and every header costs ENTRY_COST on top of its bytes.
-        let size = (subject.len() + data.len()) as u64
-            + ENTRY_COST
-            + headers.iter().map(|(k, v)| (k.len() + v.len()) as u64 + ENTRY_COST).sum::<u64>();
+        let size = (subject.len() + data.len()) as u64 + ENTRY_COST + header_bytes;
         if self.output_bytes + size > limits.max_output_bytes {
             let msg = format!("output limit of {} bytes per event reached", limits.max_output_bytes);
             return self.refuse(types::PublishError::Limit(msg));
@@ -271,6 +275,213 @@ impl logging::Host for HostState {
                 tracing::error!(target: "plugin", plugin, event_id, subject, "{message}")
             }
         }
+    }
+}
+
+/// The refusals `publish` and `request` share: the subject (length, validity, system subjects,
+/// the manifest's `publishes`).
+fn check_subject(state: &HostState, subject: &str) -> Result<(), types::PublishError> {
+    // Checked before `validate_subject`, whose error would copy (and escape) all of it.
+    if subject.len() > MAX_SUBJECT_BYTES {
+        return Err(types::PublishError::Invalid(format!(
+            "subject {} is longer than {MAX_SUBJECT_BYTES} bytes",
+            quoted(subject)
+        )));
+    }
+    if let Err(e) = validate_subject(subject) {
+        return Err(types::PublishError::Invalid(cut(&e.to_string()).into_owned()));
+    }
+    if is_system_subject(subject) {
+        return Err(types::PublishError::Denied(format!("{} is a system subject", quoted(subject))));
+    }
+    if !state.plugin.publishes.matches(subject) {
+        let allowed = format!("{:?}", state.plugin.publishes.iter().map(|p| p.as_str()).collect::<Vec<_>>());
+        return Err(types::PublishError::Denied(format!(
+            "{} is not in the manifest's publishes {}",
+            quoted(subject),
+            cut(&allowed)
+        )));
+    }
+    Ok(())
+}
+
+/// Checks `headers` for an output, a request or a reply; returns what they cost.
+fn check_headers(limits: &super::limits::Limits, headers: &[(String, String)]) -> Result<u64, types::PublishError> {
+    if headers.len() as u64 > u64::from(limits.max_headers) {
+        let msg = format!("header limit of {} per output reached ({} given)", limits.max_headers, headers.len());
+        return Err(types::PublishError::Limit(msg));
+    }
+    for (name, _) in headers {
+        check_header_name(name)?;
+    }
+    Ok(headers.iter().map(|(k, v)| (k.len() + v.len()) as u64 + ENTRY_COST).sum())
+}
+
+fn request_err(e: types::PublishError) -> rpc::RequestError {
+    match e {
+        types::PublishError::Denied(m) => rpc::RequestError::Denied(m),
+        types::PublishError::Limit(m) => rpc::RequestError::Limit(m),
+        types::PublishError::Invalid(m) => rpc::RequestError::Invalid(m),
+    }
+}
+
+fn reply_err(e: types::PublishError) -> rpc::ReplyError {
+    match e {
+        types::PublishError::Denied(m) => rpc::ReplyError::Denied(m),
+        types::PublishError::Limit(m) => rpc::ReplyError::Limit(m),
+        types::PublishError::Invalid(m) => rpc::ReplyError::Invalid(m),
+    }
+}
+
+impl HostState {
+    fn refuse_request(&self, err: rpc::RequestError) -> Result<types::EventResult, rpc::RequestError> {
+        let why = match &err {
+            rpc::RequestError::Denied(m)
+            | rpc::RequestError::Limit(m)
+            | rpc::RequestError::Invalid(m)
+            | rpc::RequestError::Timeout(m)
+            | rpc::RequestError::NoResponders(m)
+            | rpc::RequestError::Unavailable(m) => m,
+        };
+        tracing::warn!(plugin = %self.plugin.name, event_id = %self.event_id, subject = %self.subject, "request refused: {why}");
+        Err(err)
+    }
+
+    fn refuse_reply(&self, err: rpc::ReplyError) -> Result<(), rpc::ReplyError> {
+        let (rpc::ReplyError::Denied(why) | rpc::ReplyError::Limit(why) | rpc::ReplyError::Invalid(why)) = &err;
+        tracing::warn!(plugin = %self.plugin.name, event_id = %self.event_id, subject = %self.subject, "reply refused: {why}");
+        Err(err)
+    }
+}
+
+impl rpc::Host for HostState {
+    async fn request(
+        &mut self,
+        subject: String,
+        data: Vec<u8>,
+        headers: Vec<(String, String)>,
+        timeout_ms: u64,
+    ) -> Result<types::EventResult, rpc::RequestError> {
+        if self.outbound.offline {
+            return self.refuse_request(rpc::RequestError::Unavailable(
+                "requests are off in a repeatable run (plugbus test, dlq debug): nothing leaves the sandbox".into(),
+            ));
+        }
+        if let Err(e) = check_subject(self, &subject) {
+            return self.refuse_request(request_err(e));
+        }
+        let limits = &self.plugin.limits;
+        if self.requests >= limits.max_requests {
+            let msg = format!("request limit of {} per event reached", limits.max_requests);
+            return self.refuse_request(rpc::RequestError::Limit(msg));
+        }
+        let header_bytes = match check_headers(limits, &headers) {
+            Ok(bytes) => bytes,
+            Err(e) => return self.refuse_request(request_err(e)),
+        };
+        // A request's bytes count in the event's output budget, as a publish's do.
+        let size = (subject.len() + data.len()) as u64 + ENTRY_COST + header_bytes;
+        if self.output_bytes + size > limits.max_output_bytes {
+            let msg =
+                format!("output limit of {} bytes per event reached (requests count in it)", limits.max_output_bytes);
+            return self.refuse_request(rpc::RequestError::Limit(msg));
+        }
+        self.output_bytes += size;
+        self.requests += 1;
+        let asked = std::time::Duration::from_millis(timeout_ms);
+        let left = self.deadline_at().saturating_duration_since(Instant::now());
+        let timeout = asked.min(left);
+        let max_reply = limits.max_reply_bytes;
+        let event = Output { subject: subject.clone(), data: data.into(), headers }
+            .into_request(&self.event_id, &self.plugin.name);
+        let request_id = event.id.clone();
+        tracing::debug!(plugin = %self.plugin.name, event_id = %self.event_id, request = %subject, request_id = %request_id,
+            timeout_ms = timeout.as_millis() as u64, "request sent");
+        let requester = self.plugin.requester.clone();
+        let answer = if timeout.is_zero() {
+            Err(crate::rpc::RequestError::Timeout { subject: subject.clone(), after: timeout })
+        } else {
+            requester.request(event, timeout).await
+        };
+        let reply = match answer {
+            Ok(reply) => reply,
+            Err(e) => {
+                let text = match (&e, timeout < asked) {
+                    (crate::rpc::RequestError::Timeout { .. }, true) => format!(
+                        "{e} (the timeout asked, {}, was cut to what was left of the event's deadline of {})",
+                        humantime::format_duration(asked),
+                        humantime::format_duration(self.plugin.limits.deadline)
+                    ),
+                    _ => e.to_string(),
+                };
+                let err = match e {
+                    crate::rpc::RequestError::Timeout { .. } => rpc::RequestError::Timeout(text),
+                    crate::rpc::RequestError::NoResponders(_) => rpc::RequestError::NoResponders(text),
+                    crate::rpc::RequestError::Unavailable(_) => rpc::RequestError::Unavailable(cut(&text).into_owned()),
+                };
+                return self.refuse_request(err);
+            }
+        };
+        let reply_bytes =
+            reply.data.len() as u64 + reply.extensions.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>();
+        if reply_bytes > max_reply {
+            return self.refuse_request(rpc::RequestError::Limit(format!(
+                "the reply on {} is {reply_bytes} bytes, over max_reply_bytes ({max_reply})",
+                quoted(&subject)
+            )));
+        }
+        Ok(types::EventResult {
+            id: reply.id,
+            source: reply.source,
+            type_: reply.ty,
+            subject,
+            time: reply.time,
+            datacontenttype: reply.datacontenttype,
+            extensions: reply.extensions,
+            data: reply.data.to_vec(),
+            attempt: 1,
+            reply_to: None,
+        })
+    }
+
+    fn reply(
+        &mut self,
+        reply_to: String,
+        data: Vec<u8>,
+        headers: Vec<(String, String)>,
+    ) -> Result<(), rpc::ReplyError> {
+        match &self.reply_token {
+            None => {
+                return self.refuse_reply(rpc::ReplyError::Denied(
+                    "the event being handled has no reply-to: nobody asked for a reply".into(),
+                ));
+            }
+            Some(token) if *token != reply_to => {
+                return self.refuse_reply(rpc::ReplyError::Denied(format!(
+                    "{} is not the reply-to of the event being handled (a reply goes only to the request \
+                     this attempt handles)",
+                    quoted(&reply_to)
+                )));
+            }
+            Some(_) => {}
+        }
+        if self.reply.is_some() {
+            return self
+                .refuse_reply(rpc::ReplyError::Limit("this attempt already replied (one reply per event)".into()));
+        }
+        let header_bytes = match check_headers(&self.plugin.limits, &headers) {
+            Ok(bytes) => bytes,
+            Err(e) => return self.refuse_reply(reply_err(e)),
+        };
+        let size = data.len() as u64 + ENTRY_COST + header_bytes;
+        let limit = self.plugin.limits.max_output_bytes;
+        if self.output_bytes + size > limit {
+            let msg = format!("output limit of {limit} bytes per event reached (the reply counts in it)");
+            return self.refuse_reply(rpc::ReplyError::Limit(msg));
+        }
+        self.output_bytes += size;
+        self.reply = Some(Output { subject: self.subject.clone(), data: data.into(), headers });
+        Ok(())
     }
 }
 

@@ -266,6 +266,32 @@ pub trait Transport: Send + Sync + 'static {
         Err(TransportError::Broker(format!("the {} transport keeps no dead letters (seq {seq})", self.name())))
     }
 
+    /// Publishes `event` with a reply address the transport makes and waits up to `timeout` for
+    /// one reply, whose `subject` is the one asked on (the address is the host's, never shown).
+    /// `producer`: an API client asking (it may wait for room, as a producer's publish does);
+    /// otherwise a plugin asking, whose request never waits on a queue (like an output).
+    async fn request(
+        &self,
+        event: Event,
+        timeout: Duration,
+        producer: bool,
+    ) -> Result<Event, crate::rpc::RequestError> {
+        let _ = (timeout, producer);
+        Err(crate::rpc::RequestError::Unavailable(format!(
+            "the {} transport has no request/reply (asked on {})",
+            self.name(),
+            event.subject
+        )))
+    }
+
+    /// Sends a handler's reply to the reply address `to` of the event it handled. `Ok(false)`:
+    /// nobody waits for it any more (the requester timed out, or another reply came first); it
+    /// was dropped. A broker that cannot tell answers `Ok(true)` once it took the reply.
+    async fn reply(&self, to: &str, event: Event) -> Result<bool, TransportError> {
+        let _ = event;
+        Err(TransportError::Broker(format!("the {} transport cannot reply to {to}", self.name())))
+    }
+
     /// Whether the transport can currently deliver (used by `/readyz`).
     fn is_connected(&self) -> bool {
         true

@@ -54,6 +54,11 @@
 //! - Checked loudly, as the host would at load or never do: a `#[handler]` whose manifest the
 //!   host would refuse, or an event on a subject none of its subscriptions match, makes
 //!   [`TestHost::run`] panic (the test is wrong, not the handler).
+//! - Request/reply: a [`request`](crate::request) is answered by the stub
+//!   [`TestHost::with_reply`] gives its subject (no stub: `NoResponders`), after the same subject
+//!   and per-event checks as the host's; [`Run::requests`] lists what was asked. A
+//!   [`reply`](crate::reply) goes only to the event's own `reply_to` (set it with
+//!   [`Event::with_reply_to`]), once, and is in [`Run::reply`] only when the run succeeded.
 //! - Not modelled: deadlines, memory caps, instance freshness (a native test shares statics
 //!   between runs; the host gives each delivery a fresh instance), concurrent writers to kv.
 //! - The SDK's host calls panic outside `TestHost::run` on the native target (there is no host
@@ -109,6 +114,10 @@ pub struct Limits {
     pub max_kv_reads: u32,
     /// Bytes of log text kept per event; later lines are dropped.
     pub max_log_bytes: u64,
+    /// Requests ([`request`](crate::request)) one event may make.
+    pub max_requests: u32,
+    /// Largest reply a request accepts.
+    pub max_reply_bytes: u64,
 }
 
 impl Default for Limits {
@@ -123,6 +132,8 @@ impl Default for Limits {
             max_kv_write_bytes: 16 * 1024 * 1024,
             max_kv_reads: 1_000,
             max_log_bytes: 64 * 1024,
+            max_requests: 16,
+            max_reply_bytes: 1024 * 1024,
         }
     }
 }
@@ -154,6 +165,7 @@ pub struct TestHost {
     kv: KvStore,
     limits: Limits,
     http: Vec<(String, crate::http::Response)>,
+    replies: Vec<(String, Vec<u8>)>,
 }
 
 impl TestHost {
@@ -189,6 +201,34 @@ impl TestHost {
     pub fn with_http(mut self, url: impl Into<String>, status: u16, body: impl AsRef<[u8]>) -> Self {
         let response = crate::http::Response { status, headers: Vec::new(), body: body.as_ref().to_vec() };
         self.http.push((url.into(), response));
+        self
+    }
+
+    /// Answers [`request`](crate::request)s on exactly `subject` with `data` (as another plugin's
+    /// [`reply`](crate::reply) would). A request on a subject without a stub fails with
+    /// [`RequestError::NoResponders`](crate::RequestError) (as the host says when nothing
+    /// subscribes), and one outside the handler's `publishes` with `Denied`, as the host would.
+    ///
+    /// ```
+    /// use plugbus_sdk::{Event, HandlerError, RequestError, handler, testing::TestHost};
+    /// use std::time::Duration;
+    ///
+    /// #[handler(subscribe = ["orders.created"], publishes = ["fraud.score"])]
+    /// fn screen(ev: Event) -> Result<(), HandlerError> {
+    ///     match plugbus_sdk::request("fraud.score", ev.data(), Duration::from_secs(1)) {
+    ///         Ok(score) if score.text()? == "high" => Err(HandlerError::reject("fraud")),
+    ///         Ok(_) => Ok(()),
+    ///         Err(RequestError::NoResponders(_)) => Ok(()), // no scorer deployed: let it through
+    ///         Err(e) => Err(e.into()),
+    ///     }
+    /// }
+    ///
+    /// let high = TestHost::new().with_reply("fraud.score", "high").run(screen, Event::new("orders.created", ""));
+    /// assert!(high.result.is_err());
+    /// assert_eq!(TestHost::new().run(screen, Event::new("orders.created", "")).result, Ok(()));
+    /// ```
+    pub fn with_reply(mut self, subject: impl Into<String>, data: impl AsRef<[u8]>) -> Self {
+        self.replies.push((subject.into(), data.as_ref().to_vec()));
         self
     }
 
@@ -312,9 +352,13 @@ impl TestHost {
                 kv: self.kv.clone(),
                 logs: Vec::new(),
                 http_calls: Vec::new(),
+                requests: Vec::new(),
+                reply: None,
             };
         }
-        let session = Session::new(self);
+        let mut session = Session::new(self);
+        session.reply_to = event.reply_to().map(str::to_string);
+        session.subject = subject.clone();
         SESSION.with(|cell| {
             let mut slot = cell.borrow_mut();
             assert!(slot.is_none(), "TestHost::run was called inside a running handler");
@@ -361,7 +405,8 @@ impl TestHost {
                 Err(HandlerError::retry(format!("handler panicked: {what}")))
             }
         };
-        let Session { writes, outputs, logs, http_calls, .. } = session;
+        let Session { writes, outputs, logs, http_calls, requests, reply, .. } = session;
+        let reply = if result.is_ok() { reply } else { None };
         let published = if result.is_ok() {
             for (key, value) in writes {
                 match value {
@@ -373,7 +418,7 @@ impl TestHost {
         } else {
             Vec::new()
         };
-        Run { result, published, kv: self.kv.clone(), logs, http_calls }
+        Run { result, published, kv: self.kv.clone(), logs, http_calls, requests, reply }
     }
 }
 
@@ -411,6 +456,11 @@ pub struct Run {
     pub logs: Vec<LogLine>,
     /// The outbound HTTP requests it made, in order (refused ones included).
     pub http_calls: Vec<crate::http::Request>,
+    /// The [`request`](crate::request)s it sent, in order (refused ones are not here): unlike
+    /// outputs, a request goes out during the attempt, so they are kept even when it failed.
+    pub requests: Vec<Published>,
+    /// Its [`reply`](crate::reply) (on the subject it handled), released only when `result` is `Ok`.
+    pub reply: Option<Published>,
 }
 
 impl Run {
@@ -724,6 +774,12 @@ struct Session {
     log_bytes: u64,
     http: Vec<(String, crate::http::Response)>,
     http_calls: Vec<crate::http::Request>,
+    replies: Vec<(String, Vec<u8>)>,
+    requests: Vec<Published>,
+    /// The reply-to of the event being run.
+    reply_to: Option<String>,
+    reply: Option<Published>,
+    subject: String,
 }
 
 thread_local! {
@@ -749,6 +805,11 @@ impl Session {
             log_bytes: 0,
             http: host.http.clone(),
             http_calls: Vec::new(),
+            replies: host.replies.clone(),
+            requests: Vec::new(),
+            reply_to: None,
+            reply: None,
+            subject: String::new(),
         }
     }
 
@@ -758,17 +819,17 @@ impl Session {
         Err(err)
     }
 
-    /// The host's `bus::publish`, check for check.
-    fn publish(&mut self, subject: &str, data: &[u8], headers: &[(String, String)]) -> Result<(), PublishError> {
+    /// The host's subject checks for a publish or a request.
+    fn check_subject(&self, subject: &str) -> Result<(), PublishError> {
         if subject.len() > MAX_SUBJECT_BYTES {
             let why = format!("subject {} is longer than {MAX_SUBJECT_BYTES} bytes", quoted(subject));
-            return self.refuse(PublishError::Invalid(why));
+            return Err(PublishError::Invalid(why));
         }
         if let Err(e) = validate_subject(subject) {
-            return self.refuse(PublishError::Invalid(e));
+            return Err(PublishError::Invalid(e));
         }
         if is_system_subject(subject) {
-            return self.refuse(PublishError::Denied(format!("{} is a system subject", quoted(subject))));
+            return Err(PublishError::Denied(format!("{} is a system subject", quoted(subject))));
         }
         if !self.publishes.iter().any(|p| p.matches(subject)) {
             let allowed: Vec<&str> = self.publishes.iter().map(Pattern::as_str).collect();
@@ -778,7 +839,121 @@ impl Session {
                 ""
             };
             let why = format!("{} is not in the manifest's publishes {allowed:?}{hint}", quoted(subject));
-            return self.refuse(PublishError::Denied(why));
+            return Err(PublishError::Denied(why));
+        }
+        Ok(())
+    }
+
+    /// The host's `rpc::request`, check for check; the reply is the stub for the subject.
+    fn request(
+        &mut self,
+        subject: &str,
+        data: &[u8],
+        headers: &[(String, String)],
+        timeout_ms: u64,
+    ) -> Result<Event, crate::RequestError> {
+        use crate::RequestError;
+        let as_request = |e: PublishError| match e {
+            PublishError::Denied(m) => RequestError::Denied(m),
+            PublishError::Limit(m) => RequestError::Limit(m),
+            PublishError::Invalid(m) => RequestError::Invalid(m),
+        };
+        self.check_subject(subject).map_err(as_request)?;
+        if self.requests.len() as u64 >= u64::from(self.limits.max_requests) {
+            return Err(RequestError::Limit(format!(
+                "request limit of {} per event reached",
+                self.limits.max_requests
+            )));
+        }
+        if headers.len() as u64 > u64::from(self.limits.max_headers) {
+            let why =
+                format!("header limit of {} per output reached ({} given)", self.limits.max_headers, headers.len());
+            return Err(RequestError::Limit(why));
+        }
+        for (name, _) in headers {
+            check_header_name(name).map_err(as_request)?;
+        }
+        let size = (subject.len() + data.len()) as u64
+            + ENTRY_COST
+            + headers.iter().map(|(k, v)| (k.len() + v.len()) as u64 + ENTRY_COST).sum::<u64>();
+        if self.output_bytes + size > self.limits.max_output_bytes {
+            let why = format!(
+                "output limit of {} bytes per event reached (requests count in it)",
+                self.limits.max_output_bytes
+            );
+            return Err(RequestError::Limit(why));
+        }
+        self.output_bytes += size;
+        self.requests.push(Published { subject: subject.to_string(), data: data.to_vec(), headers: headers.to_vec() });
+        if timeout_ms == 0 {
+            return Err(RequestError::Timeout(format!("no reply on {subject} within 0s")));
+        }
+        match self.replies.iter().find(|(s, _)| s == subject) {
+            Some((_, reply)) if reply.len() as u64 > self.limits.max_reply_bytes => Err(RequestError::Limit(format!(
+                "the reply on {} is {} bytes, over max_reply_bytes ({})",
+                quoted(subject),
+                reply.len(),
+                self.limits.max_reply_bytes
+            ))),
+            Some((_, reply)) => Ok(Event::new(subject, reply.clone()).with_source("plugbus-sdk/test-reply")),
+            None => Err(RequestError::NoResponders(format!(
+                "no responders: nothing subscribes to {subject} (no TestHost::with_reply stub for it)"
+            ))),
+        }
+    }
+
+    /// The host's `rpc::reply`, check for check.
+    fn reply(&mut self, reply_to: &str, data: &[u8], headers: &[(String, String)]) -> Result<(), crate::ReplyError> {
+        use crate::ReplyError;
+        match &self.reply_to {
+            None => {
+                return Err(ReplyError::Denied(
+                    "the event being handled has no reply-to: nobody asked for a reply".into(),
+                ));
+            }
+            Some(token) if token != reply_to => {
+                return Err(ReplyError::Denied(format!(
+                    "{} is not the reply-to of the event being handled (a reply goes only to the request this \
+                     attempt handles)",
+                    quoted(reply_to)
+                )));
+            }
+            Some(_) => {}
+        }
+        if self.reply.is_some() {
+            return Err(ReplyError::Limit("this attempt already replied (one reply per event)".into()));
+        }
+        if headers.len() as u64 > u64::from(self.limits.max_headers) {
+            let why =
+                format!("header limit of {} per output reached ({} given)", self.limits.max_headers, headers.len());
+            return Err(ReplyError::Limit(why));
+        }
+        for (name, _) in headers {
+            check_header_name(name).map_err(|e| match e {
+                PublishError::Denied(m) => ReplyError::Denied(m),
+                PublishError::Limit(m) => ReplyError::Limit(m),
+                PublishError::Invalid(m) => ReplyError::Invalid(m),
+            })?;
+        }
+        let size = data.len() as u64
+            + ENTRY_COST
+            + headers.iter().map(|(k, v)| (k.len() + v.len()) as u64 + ENTRY_COST).sum::<u64>();
+        if self.output_bytes + size > self.limits.max_output_bytes {
+            let why = format!(
+                "output limit of {} bytes per event reached (the reply counts in it)",
+                self.limits.max_output_bytes
+            );
+            return Err(ReplyError::Limit(why));
+        }
+        self.output_bytes += size;
+        self.reply = Some(Published { subject: self.subject.clone(), data: data.to_vec(), headers: headers.to_vec() });
+        Ok(())
+    }
+
+    /// The host's `bus::publish`, check for check.
+    fn publish(&mut self, subject: &str, data: &[u8], headers: &[(String, String)]) -> Result<(), PublishError> {
+        if let Err(e) = self.check_subject(subject) {
+            return self.refuse(e);
         }
         let limits = &self.limits;
         if self.outputs.len() as u64 >= u64::from(limits.max_publishes) {
@@ -969,6 +1144,19 @@ pub(crate) mod calls {
 
     pub(crate) fn kv_delete(key: &str) -> Result<(), KvError> {
         with_session("plugbus_sdk::kv::delete", |s| s.kv_write(key, None))
+    }
+
+    pub(crate) fn request(
+        subject: &str,
+        data: &[u8],
+        headers: &[(String, String)],
+        timeout_ms: u64,
+    ) -> Result<crate::Event, crate::RequestError> {
+        with_session("plugbus_sdk::request", |s| s.request(subject, data, headers, timeout_ms))
+    }
+
+    pub(crate) fn reply(reply_to: &str, data: &[u8], headers: &[(String, String)]) -> Result<(), crate::ReplyError> {
+        with_session("plugbus_sdk::reply", |s| s.reply(reply_to, data, headers))
     }
 
     pub(crate) fn http_send(req: &crate::http::Request) -> Result<crate::http::Response, crate::http::HttpError> {

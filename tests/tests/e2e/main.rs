@@ -25,4 +25,5 @@ mod outputs;
 mod pipeline;
 mod reload;
 mod replay;
+mod request_reply;
 mod service;

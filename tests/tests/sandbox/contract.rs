@@ -7,7 +7,7 @@ use std::process::Command;
 
 /// The SDK writes the contract line right after the section's name: patching the pair keeps
 /// the rodata copy of the text (the SDK's constant) out of the match.
-const SECTION_0_1: &str = "plugbus-contractplugbus:handler@0.1.0 plugbus-sdk@0.1.0";
+const SECTION_0_1: &str = "plugbus-contractplugbus:handler@0.1.1 plugbus-sdk@0.1.0";
 
 async fn host_on(dir: &std::path::Path) -> plugbus::Host {
     plugbus::Host::start(plugbus::Config {
@@ -56,7 +56,7 @@ fn inspect_shows_the_contract_version() {
     let out = Command::new(plugbus_bin()).arg("inspect").arg(wasm("echo")).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("contract   plugbus contract 0.1.0 (plugbus-sdk 0.1.0) (this host speaks 0.1.0)"), "{text}");
+    assert!(text.contains("contract   plugbus contract 0.1.1 (plugbus-sdk 0.1.0) (this host speaks 0.1.1)"), "{text}");
 
     let tmp = tempfile::tempdir().unwrap();
     let newer = tmp.path().join("echo.wasm");

@@ -12,12 +12,14 @@
 
 use super::log::{Appended, DurableLog};
 use crate::event::Event;
+use crate::rpc::{Replies, RequestError};
 use crate::subject::{PatternSet, validate_subject};
 use crate::transport::{Acker, Delivery, Subscription, SubscriptionSpec, Transport, TransportError};
 use async_trait::async_trait;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// What an event waiting in an overflow is charged on top of its data and headers (the event
@@ -268,6 +270,8 @@ pub struct EmbeddedBus {
     observer_misses: Arc<AtomicU64>,
     /// Where accepted events are kept until every plugin settled them (`None`: in memory only).
     log: Option<Arc<DurableLog>>,
+    /// Requests waiting for a reply, by the reply token they carry.
+    replies: Arc<Replies>,
 }
 
 impl EmbeddedBus {
@@ -321,6 +325,11 @@ impl EmbeddedBus {
     /// How many events observers missed because they fell behind.
     pub fn observer_misses(&self) -> u64 {
         self.observer_misses.load(Ordering::Relaxed)
+    }
+
+    /// Replies that found no request waiting (it timed out, or another reply came first).
+    pub fn replies_dropped(&self) -> u64 {
+        self.replies.dropped.load(Ordering::Relaxed)
     }
 
     /// How many outputs wait in overflows beyond the queues, over every subscription.
@@ -426,6 +435,37 @@ impl Transport for EmbeddedBus {
         }
         self.notify_observers(&event);
         Ok(())
+    }
+
+    /// A request is not logged: like a core NATS request it is at most once (a requester that
+    /// gets no reply asks again), and after a restart nobody would wait for its reply. It goes to
+    /// every matching plugin like an output (never waiting on a queue: `Full` when a plugin's
+    /// buffer is full); the first reply wins, later ones are dropped and counted.
+    async fn request(&self, mut event: Event, timeout: Duration, _producer: bool) -> Result<Event, RequestError> {
+        validate_subject(&event.subject).map_err(|e| RequestError::Unavailable(e.to_string()))?;
+        let subject = event.subject.clone();
+        let targets = self.targets(&event);
+        if targets.is_empty() {
+            return Err(RequestError::NoResponders(subject));
+        }
+        let slot = self.replies.open()?;
+        event.reply_to = Some(slot.token.clone());
+        let event = Arc::new(event);
+        let cost = event_cost(&event);
+        for sub in &targets {
+            let state = sub.overflow.state.lock().expect("overflow poisoned");
+            sub.overflow.check_room(&state, &sub.tx, cost).map_err(|e| RequestError::Unavailable(e.to_string()))?;
+        }
+        for sub in &targets {
+            let mut state = sub.overflow.state.lock().expect("overflow poisoned");
+            sub.overflow.take(&mut state, &sub.tx, &event, cost, Logged(None));
+        }
+        self.notify_observers(&event);
+        slot.wait(&subject, timeout).await
+    }
+
+    async fn reply(&self, to: &str, event: Event) -> Result<bool, TransportError> {
+        Ok(self.replies.answer(to, event))
     }
 
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription, TransportError> {

@@ -42,6 +42,14 @@ pub async fn open(config: &crate::config::Config) -> anyhow::Result<super::Backe
     Ok(super::Backend { transport: Arc::new(nats), kv })
 }
 
+/// Whether `subject` is a request's reply inbox (`_INBOX.…`, what NATS clients make by
+/// default): the only reply address a message from NATS may give a plugin's reply. A publisher
+/// setting `reply` to an ordinary subject cannot steer a plugin's reply onto it (past the
+/// plugin's `publishes`, with the host's credentials).
+pub fn is_inbox(subject: &str) -> bool {
+    subject.strip_prefix("_INBOX.").is_some_and(|rest| !rest.is_empty()) && validate_subject(subject).is_ok()
+}
+
 /// A stream the operator declares; the host creates it or updates its subjects.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -481,6 +489,58 @@ impl Transport for NatsTransport {
 
     async fn publish_output(&self, event: Arc<Event>) -> Result<(), TransportError> {
         self.publish_event(&event).await
+    }
+
+    /// NATS request/reply: the client's own inbox (`_INBOX.…`, muxed by async-nats), a
+    /// no-responders status when nothing subscribes. The reply's subject is set back to the one
+    /// asked on: the inbox is the host's and never reaches a plugin.
+    async fn request(
+        &self,
+        event: Event,
+        timeout: Duration,
+        _producer: bool,
+    ) -> Result<Event, crate::rpc::RequestError> {
+        use crate::rpc::RequestError;
+        let subject = event.subject.clone();
+        validate_subject(&subject).map_err(|e| RequestError::Unavailable(e.to_string()))?;
+        if self.index.captures(&subject) {
+            // The stream would answer first, with its publish ack; a durable consumer's message
+            // carries no reply address.
+            return Err(RequestError::Unavailable(format!(
+                "a JetStream stream captures {subject}: request/reply runs on core NATS subjects only"
+            )));
+        }
+        let (headers, payload) = wire::message_of(&event);
+        let request = async_nats::Request::new().headers(headers).payload(payload).timeout(Some(timeout));
+        let msg = match self.client.send_request(subject.clone(), request).await {
+            Ok(msg) => msg,
+            Err(e) => {
+                return Err(match e.kind() {
+                    async_nats::RequestErrorKind::TimedOut => RequestError::Timeout { subject, after: timeout },
+                    async_nats::RequestErrorKind::NoResponders => RequestError::NoResponders(subject),
+                    _ => RequestError::Unavailable(format!("requesting on {subject} over NATS: {e}")),
+                });
+            }
+        };
+        let mut reply = wire::event_of(&subject, msg.headers.as_ref(), msg.payload, None)
+            .map_err(|why| RequestError::Unavailable(format!("the reply on {subject} is not a valid event: {why}")))?;
+        reply.subject = subject;
+        reply.reply_to = None;
+        Ok(reply)
+    }
+
+    /// Publishes the reply on the requester's inbox. Core NATS cannot tell whether anyone still
+    /// waits there: `Ok(true)` once the client took it.
+    async fn reply(&self, to: &str, event: Event) -> Result<bool, TransportError> {
+        if !is_inbox(to) {
+            return Err(TransportError::Broker(format!("{} is not a reply inbox", crate::event::quoted(to))));
+        }
+        let (headers, payload) = wire::message_of(&event);
+        self.client
+            .publish_with_headers(to.to_string(), headers, payload)
+            .await
+            .map_err(|e| TransportError::Broker(format!("publishing a reply on NATS: {e}")))?;
+        Ok(true)
     }
 
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription, TransportError> {

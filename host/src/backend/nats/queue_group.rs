@@ -22,7 +22,8 @@ pub async fn pump(mut sub: Subscriber, tx: mpsc::Sender<Delivery>, filter: Filte
         }
         let delivery = match wire::event_of(&subject, msg.headers.as_ref(), msg.payload.clone(), None) {
             Ok(mut ev) => {
-                ev.reply_to = msg.reply.map(|r| r.to_string());
+                // Only an inbox is a reply address: anything else is ignored (see `is_inbox`).
+                ev.reply_to = msg.reply.map(|r| r.to_string()).filter(|r| super::is_inbox(r));
                 Delivery::once(Arc::new(ev))
             }
             Err(why) => Delivery { defect: Some(why), ..Delivery::once(Arc::new(Event::new(subject, msg.payload))) },

@@ -1,0 +1,190 @@
+//! Request/reply: a plugin (or an API client) asks on a subject and waits for one reply.
+//!
+//! The pieces every side shares live here, so that neither the sandbox nor a transport needs to
+//! know the other: [`RequestError`] (why no reply came), [`Requester`] (what the sandbox calls,
+//! wired by the host to the transport), [`Replies`] (the in-memory reply slots of the embedded
+//! bus, keyed by a token the host made), and [`reply_token`] (what a plugin sees as its event's
+//! `reply-to`).
+//!
+//! A reply address is the host's own: on NATS an `_INBOX.…` subject, on the embedded bus a slot
+//! token. A plugin never sees it: its event's `reply-to` is an opaque token derived from it
+//! ([`reply_token`]), and its `reply` is accepted only for the event it is handling. Showing the
+//! inbox would hand untrusted code a capability: whoever knows an inbox can answer in the
+//! requester's place (a plugin could pass it out through a log line or an outbound call).
+
+use crate::event::Event;
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// The longest timeout `POST /v1/request/{subject}` accepts, and its default.
+pub const API_MAX_TIMEOUT: Duration = Duration::from_secs(60);
+/// See [`API_MAX_TIMEOUT`].
+pub const API_DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many requests may wait for a reply at once on one embedded bus (plugins' and the API's):
+/// every slot is bounded by its timeout, and this bounds them all.
+pub const MAX_PENDING_REQUESTS: usize = 65_536;
+
+/// Why a request got no reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// No reply within the timeout.
+    #[error("no reply on {subject} within {}", humantime::format_duration(*.after))]
+    Timeout {
+        /// The subject asked on.
+        subject: String,
+        /// How long the requester waited.
+        after: Duration,
+    },
+    /// Nobody subscribes to the subject.
+    #[error("no responders: nothing subscribes to {0}")]
+    NoResponders(String),
+    /// The transport could not take the request now (a full queue, a disconnected broker).
+    #[error("request not sent: {0}")]
+    Unavailable(String),
+}
+
+/// What sends a plugin's request and waits for its reply: the host wires it to the transport.
+#[async_trait]
+pub trait Requester: Send + Sync {
+    /// Publishes `event` with a reply address the transport makes, and waits up to `timeout`
+    /// for one reply (its subject: the one asked on).
+    async fn request(&self, event: Event, timeout: Duration) -> Result<Event, RequestError>;
+}
+
+/// A requester that refuses every request (before the host wires one: reading a manifest).
+pub struct NoRequests;
+
+#[async_trait]
+impl Requester for NoRequests {
+    async fn request(&self, event: Event, _timeout: Duration) -> Result<Event, RequestError> {
+        Err(RequestError::Unavailable(format!("no bus to send the request on {} through", event.subject)))
+    }
+}
+
+/// A transport as a [`Requester`]: a plugin's request is an output (it never waits on a
+/// queue: a plugin asking itself would wait on its own capacity).
+pub struct TransportRequester(pub Arc<dyn crate::transport::Transport>);
+
+#[async_trait]
+impl Requester for TransportRequester {
+    async fn request(&self, event: Event, timeout: Duration) -> Result<Event, RequestError> {
+        self.0.request(event, timeout, false).await
+    }
+}
+
+/// The token a plugin sees as the `reply-to` of an event whose real reply address is `address`:
+/// opaque (the address is not recoverable from it) and stable across the event's retries.
+pub fn reply_token(address: &str) -> String {
+    let digest = Sha256::digest(address.as_bytes());
+    let mut token = String::from("reply-");
+    for b in &digest[..12] {
+        token.push_str(&format!("{b:02x}"));
+    }
+    token
+}
+
+/// The embedded bus's reply slots: one per request waiting, keyed by a host-made token, removed
+/// when the reply arrives or the requester stops waiting. A reply to a token no one waits on
+/// (the requester timed out, or another responder answered first) is dropped and counted.
+#[derive(Default)]
+pub struct Replies {
+    slots: Mutex<HashMap<String, oneshot::Sender<Event>>>,
+    /// Replies that found no one waiting.
+    pub dropped: AtomicU64,
+}
+
+/// One waiting request's slot; dropping it removes the slot.
+pub struct Slot {
+    /// The reply address the request carries.
+    pub token: String,
+    rx: Option<oneshot::Receiver<Event>>,
+    replies: Arc<Replies>,
+}
+
+impl Replies {
+    /// Opens a slot, or refuses when [`MAX_PENDING_REQUESTS`] wait already.
+    pub fn open(self: &Arc<Self>) -> Result<Slot, RequestError> {
+        let token = format!("_INBOX.plugbus.{}", crate::event::new_id());
+        let (tx, rx) = oneshot::channel();
+        let mut slots = self.slots.lock().expect("reply slots poisoned");
+        if slots.len() >= MAX_PENDING_REQUESTS {
+            return Err(RequestError::Unavailable(format!(
+                "{MAX_PENDING_REQUESTS} requests are waiting for replies already"
+            )));
+        }
+        slots.insert(token.clone(), tx);
+        Ok(Slot { token, rx: Some(rx), replies: self.clone() })
+    }
+
+    /// Hands `reply` to the request waiting on `token`; `false` (and counted) when none waits.
+    pub fn answer(&self, token: &str, reply: Event) -> bool {
+        let waiting = self.slots.lock().expect("reply slots poisoned").remove(token);
+        let taken = waiting.is_some_and(|tx| tx.send(reply).is_ok());
+        if !taken {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        taken
+    }
+
+    /// Requests waiting now.
+    pub fn waiting(&self) -> usize {
+        self.slots.lock().expect("reply slots poisoned").len()
+    }
+}
+
+impl Slot {
+    /// Waits up to `timeout` for the reply.
+    pub async fn wait(mut self, subject: &str, timeout: Duration) -> Result<Event, RequestError> {
+        let rx = self.rx.take().expect("a slot is waited on once");
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            // The sender went away without a reply: only when the slot was removed, i.e. never
+            // while we hold it; read as a timeout anyway.
+            Ok(Err(_)) | Err(_) => Err(RequestError::Timeout { subject: subject.to_string(), after: timeout }),
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.replies.slots.lock().expect("reply slots poisoned").remove(&self.token);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_reply_reaches_its_slot_once_and_a_late_one_is_dropped_and_counted() {
+        let replies = Arc::new(Replies::default());
+        let slot = replies.open().unwrap();
+        let token = slot.token.clone();
+        assert!(replies.answer(&token, Event::new("q", "first")));
+        assert!(!replies.answer(&token, Event::new("q", "second")), "a second reply found a slot");
+        assert_eq!(slot.wait("q", Duration::from_secs(1)).await.unwrap().data, "first");
+        assert_eq!(replies.dropped.load(Ordering::Relaxed), 1);
+
+        let slot = replies.open().unwrap();
+        let token = slot.token.clone();
+        let err = slot.wait("q", Duration::from_millis(20)).await.unwrap_err();
+        assert!(matches!(err, RequestError::Timeout { .. }), "{err}");
+        assert_eq!(replies.waiting(), 0, "a timed-out slot stays");
+        assert!(!replies.answer(&token, Event::new("q", "late")));
+        assert_eq!(replies.dropped.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn the_token_a_plugin_sees_does_not_show_the_inbox() {
+        let t = reply_token("_INBOX.abc.def");
+        assert!(t.starts_with("reply-") && !t.contains("INBOX"), "{t}");
+        assert_eq!(t, reply_token("_INBOX.abc.def"));
+        assert_ne!(t, reply_token("_INBOX.abc.deg"));
+    }
+}
