@@ -70,7 +70,7 @@ async fn click_and_see_replayed(t: &TestHost, page: &Page<'_>, button: &str, id:
     let mut again = t.observe(&["orders.created"]).await;
     ok(page, page.click(button).await);
     let replayed = again.next_where(|e| e.extensions.iter().any(|(k, v)| k == "plugbus-replay-of" && v == id)).await;
-    assert_eq!(replayed.data, b"this is not an order");
+    assert_eq!(&replayed.data[..], b"this is not an order");
     let resp = api_get(t, &format!("/v1/dlq/{id}"), token).await;
     assert_eq!(resp.status().as_u16(), 404, "dead letter {id} is still kept after the replay");
     ok(page, page.wait_for("the page reports the replay", "document.querySelector('#notice').textContent.startsWith('replayed 1')", WAIT).await);
