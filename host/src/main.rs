@@ -401,7 +401,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let on_load = |done: usize, total: usize, file: Option<&std::path::Path>| {
                 // One plugin is not worth a bar.
                 if total > 1 {
-                    progress.update(done, total, &file.and_then(|f| f.file_name()).unwrap_or_default().to_string_lossy());
+                    progress.update(
+                        done,
+                        total,
+                        &file.and_then(|f| f.file_name()).unwrap_or_default().to_string_lossy(),
+                    );
                 }
             };
             let host = Host::start_reporting(config, &on_load).await;
@@ -599,8 +603,10 @@ async fn test_cases(
 /// reason. Whether every file is loadable.
 async fn inspect_folder(dir: &std::path::Path, json: bool, config: &Config) -> anyhow::Result<bool> {
     let files = plugbus::loader::wasm_files(dir).with_context(|| format!("reading the folder {}", dir.display()))?;
-    let sandbox =
-        plugbus::sandbox::Sandbox::new(plugbus::sandbox::SandboxSettings { max_instances: 4, ..config.sandbox.clone() })?;
+    let sandbox = plugbus::sandbox::Sandbox::new(plugbus::sandbox::SandboxSettings {
+        max_instances: 4,
+        ..config.sandbox.clone()
+    })?;
     let progress = cli::Progress::new("inspecting", false);
     let mut reports = Vec::with_capacity(files.len());
     for (done, file) in files.iter().enumerate() {
@@ -663,7 +669,9 @@ async fn dlq(client: &reqwest::Client, url: &str, action: DlqAction, plugin: Opt
         }
         DlqAction::List { json } => (client.get(api_url(url, &["v1", "dlq"])?), *json),
         DlqAction::Replay { id: Some(id), json } => (client.post(api_url(url, &["v1", "dlq", id, "replay"])?), *json),
-        DlqAction::Replay { id: None, json: false } if cli::progress_shown(std::io::IsTerminal::is_terminal(&std::io::stderr()), false) => {
+        DlqAction::Replay { id: None, json: false }
+            if cli::progress_shown(std::io::IsTerminal::is_terminal(&std::io::stderr()), false) =>
+        {
             return replay_with_progress(client, url, plugin).await;
         }
         DlqAction::Replay { id: None, json } => (client.post(api_url(url, &["v1", "dlq", "replay"])?), *json),
@@ -691,8 +699,11 @@ async fn replay_with_progress(client: &reqwest::Client, url: &str, plugin: Optio
         Some(p) => req.query(&[("plugin", p)]),
         None => req,
     };
-    let listed: serde_json::Value =
-        send(with_plugin(client.get(api_url(url, &["v1", "dlq"])?)), url).await?.json().await.context("reading the dead letters")?;
+    let listed: serde_json::Value = send(with_plugin(client.get(api_url(url, &["v1", "dlq"])?)), url)
+        .await?
+        .json()
+        .await
+        .context("reading the dead letters")?;
     let letters: Vec<&serde_json::Value> = listed["dead_letters"].as_array().into_iter().flatten().collect();
     if letters.iter().any(|d| d["kept_by"] != "host") {
         let req = with_plugin(client.post(api_url(url, &["v1", "dlq", "replay"])?));

@@ -115,7 +115,8 @@ impl Browser {
         };
         let ws = browser.wait_for_endpoint().await?;
         let uri: http::Uri = ws.parse().with_context(|| format!("the DevTools endpoint {ws:?}"))?;
-        let (socket, _) = ClientBuilder::from_uri(uri).connect().await.with_context(|| format!("connecting to {ws}"))?;
+        let (socket, _) =
+            ClientBuilder::from_uri(uri).connect().await.with_context(|| format!("connecting to {ws}"))?;
         let (mut sink, mut stream) = socket.split();
         let (out, mut out_rx) = mpsc::unbounded_channel::<String>();
         tokio::spawn(async move {
@@ -253,10 +254,7 @@ impl Page<'_> {
     /// The value of `expression` (awaited when it is a promise); a thrown exception is an error.
     pub async fn eval(&self, expression: &str) -> anyhow::Result<Value> {
         let r = self
-            .call(
-                "Runtime.evaluate",
-                json!({ "expression": expression, "returnByValue": true, "awaitPromise": true }),
-            )
+            .call("Runtime.evaluate", json!({ "expression": expression, "returnByValue": true, "awaitPromise": true }))
             .await?;
         if let Some(ex) = r.get("exceptionDetails") {
             bail!("{expression}: threw {}", ex["exception"]["description"].as_str().unwrap_or(&ex.to_string()));
@@ -318,7 +316,9 @@ impl Page<'_> {
     /// Types `text` into the element matching `selector` (focused first), as a keyboard would.
     pub async fn type_into(&self, selector: &str, text: &str) -> anyhow::Result<()> {
         let sel = serde_json::to_string(selector)?;
-        let found = self.eval(&format!("(() => {{ const e = document.querySelector({sel}); e && e.focus(); return !!e; }})()")).await?;
+        let found = self
+            .eval(&format!("(() => {{ const e = document.querySelector({sel}); e && e.focus(); return !!e; }})()"))
+            .await?;
         if found != Value::Bool(true) {
             bail!("no element matches {selector}");
         }
@@ -350,7 +350,9 @@ impl Page<'_> {
                             .as_array()
                             .into_iter()
                             .flatten()
-                            .map(|a| a["value"].as_str().map(str::to_string).unwrap_or_else(|| a["description"].to_string()))
+                            .map(|a| {
+                                a["value"].as_str().map(str::to_string).unwrap_or_else(|| a["description"].to_string())
+                            })
                             .collect();
                         Some(format!("console.error: {}", args.join(" ")))
                     }

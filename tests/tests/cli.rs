@@ -257,7 +257,10 @@ fn completions_and_the_man_page_come_from_the_clap_definitions() {
 /// What a progress bar leaves in a pipe or a file when it should not be there: carriage-return
 /// redraws, escapes, the bar itself.
 fn assert_no_progress(what: &str, text: &str) {
-    assert!(!text.contains('\r') && !text.contains('\x1b') && !text.contains("[=="), "{what}: progress in a pipe:\n{text:?}");
+    assert!(
+        !text.contains('\r') && !text.contains('\x1b') && !text.contains("[=="),
+        "{what}: progress in a pipe:\n{text:?}"
+    );
 }
 
 #[test]

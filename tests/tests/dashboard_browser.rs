@@ -73,18 +73,28 @@ async fn click_and_see_replayed(t: &TestHost, page: &Page<'_>, button: &str, id:
     assert_eq!(&replayed.data[..], b"this is not an order");
     let resp = api_get(t, &format!("/v1/dlq/{id}"), token).await;
     assert_eq!(resp.status().as_u16(), 404, "dead letter {id} is still kept after the replay");
-    ok(page, page.wait_for("the page reports the replay", "document.querySelector('#notice').textContent.startsWith('replayed 1')", WAIT).await);
+    ok(
+        page,
+        page.wait_for(
+            "the page reports the replay",
+            "document.querySelector('#notice').textContent.startsWith('replayed 1')",
+            WAIT,
+        )
+        .await,
+    );
 }
 
 /// Starts the live tail on the page, publishes an order and waits for its row.
 async fn tail_shows_an_order(t: &TestHost, page: &Page<'_>, order_id: &str) {
     ok(page, page.click("#tail-button").await);
-    ok(page, page.wait_for("the tail is running", "document.querySelector('#tail-button').textContent === 'Stop'", WAIT).await);
-    // The tail subscribes once its request reached the host: publish until a row comes.
-    let row = format!(
-        "[...document.querySelectorAll('#tail tbody tr')].some(r => r.textContent.includes({}))",
-        js(order_id)
+    ok(
+        page,
+        page.wait_for("the tail is running", "document.querySelector('#tail-button').textContent === 'Stop'", WAIT)
+            .await,
     );
+    // The tail subscribes once its request reached the host: publish until a row comes.
+    let row =
+        format!("[...document.querySelectorAll('#tail tbody tr')].some(r => r.textContent.includes({}))", js(order_id));
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         t.publish("orders.created", order(order_id, "widget", 1)).await;
@@ -100,8 +110,7 @@ async fn tail_shows_an_order(t: &TestHost, page: &Page<'_>, order_id: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_the_pipeline_counts_events_and_replays_a_dead_letter() {
-    let Some(chromium) = chromium_or_skip("the_page_shows_the_pipeline_counts_events_and_replays_a_dead_letter")
-    else {
+    let Some(chromium) = chromium_or_skip("the_page_shows_the_pipeline_counts_events_and_replays_a_dead_letter") else {
         return;
     };
     let t = TestHost::start(&DEMO).await;
@@ -110,12 +119,19 @@ async fn the_page_shows_the_pipeline_counts_events_and_replays_a_dead_letter() {
     ok(&page, page.goto(&format!("{}/", t.url())).await);
 
     // The five plugins, one row each, and their boxes in the graph.
-    ok(&page, page.wait_for("five plugin rows", "document.querySelectorAll('#plugins tbody tr').length === 5", WAIT).await);
-    let rows = ok(&page, page.eval("[...document.querySelectorAll('#plugins tbody tr')].map(r => r.dataset.plugin).sort()").await);
+    ok(
+        &page,
+        page.wait_for("five plugin rows", "document.querySelectorAll('#plugins tbody tr').length === 5", WAIT).await,
+    );
+    let rows = ok(
+        &page,
+        page.eval("[...document.querySelectorAll('#plugins tbody tr')].map(r => r.dataset.plugin).sort()").await,
+    );
     let mut want = DEMO.to_vec();
     want.sort();
     assert_eq!(rows, json!(want));
-    let boxes = ok(&page, page.eval("[...document.querySelectorAll('#graph g.plugin')].map(g => g.dataset.id).sort()").await);
+    let boxes =
+        ok(&page, page.eval("[...document.querySelectorAll('#graph g.plugin')].map(g => g.dataset.id).sort()").await);
     assert_eq!(boxes, json!(want.iter().map(|p| format!("plugin:{p}")).collect::<Vec<_>>()));
 
     // Every edge of the host's graph is drawn (both ends placed), the chain's among them.
@@ -148,7 +164,15 @@ async fn the_page_shows_the_pipeline_counts_events_and_replays_a_dead_letter() {
         ok(&page, page.wait_for(&format!("{p} shows {n} received"), &expr, WAIT).await);
     }
     assert_ne!(ok(&page, page.eval(&cell("inventory", "p50")).await), json!("–"), "no handler time after 3 events");
-    ok(&page, page.wait_for("inventory's box turns green", "document.querySelector('#graph g[data-id=\"plugin:inventory\"] rect').classList.contains('ok')", WAIT).await);
+    ok(
+        &page,
+        page.wait_for(
+            "inventory's box turns green",
+            "document.querySelector('#graph g[data-id=\"plugin:inventory\"] rect').classList.contains('ok')",
+            WAIT,
+        )
+        .await,
+    );
 
     // The live tail.
     tail_shows_an_order(&t, &page, "tail-1").await;
@@ -159,7 +183,11 @@ async fn the_page_shows_the_pipeline_counts_events_and_replays_a_dead_letter() {
     ok(&page, page.wait_for("the dead letter is listed", &format!("document.querySelector({})", js(&row)), WAIT).await);
     let text = ok(&page, page.eval(&format!("document.querySelector({}).textContent", js(&row))).await);
     assert!(text.as_str().unwrap().contains("not the expected JSON"), "{text}");
-    ok(&page, page.wait_for("inventory counts its dead letter", &format!("{} === '1'", cell("inventory", "dead")), WAIT).await);
+    ok(
+        &page,
+        page.wait_for("inventory counts its dead letter", &format!("{} === '1'", cell("inventory", "dead")), WAIT)
+            .await,
+    );
     click_and_see_replayed(&t, &page, &format!("{row} button"), &id, None).await;
 
     assert_eq!(page.errors(), Vec::<String>::new(), "the page reported errors");
@@ -184,12 +212,27 @@ async fn with_an_api_token_the_page_asks_for_it_and_sends_it_on_every_call() {
     // A wrong token is refused, and the page says so.
     ok(&page, page.type_into("#token", "wrong").await);
     ok(&page, page.click("#token-form button").await);
-    ok(&page, page.wait_for("the wrong token is refused", &format!("{asks} && document.querySelector('#status').textContent.includes('refused')"), WAIT).await);
-    assert_eq!(ok(&page, page.eval("document.querySelector('#token').value").await), json!(""), "the token stays in the form");
+    ok(
+        &page,
+        page.wait_for(
+            "the wrong token is refused",
+            &format!("{asks} && document.querySelector('#status').textContent.includes('refused')"),
+            WAIT,
+        )
+        .await,
+    );
+    assert_eq!(
+        ok(&page, page.eval("document.querySelector('#token').value").await),
+        json!(""),
+        "the token stays in the form"
+    );
 
     ok(&page, page.type_into("#token", "s3cret").await);
     ok(&page, page.click("#token-form button").await);
-    ok(&page, page.wait_for("five plugin rows", "document.querySelectorAll('#plugins tbody tr').length === 5", WAIT).await);
+    ok(
+        &page,
+        page.wait_for("five plugin rows", "document.querySelectorAll('#plugins tbody tr').length === 5", WAIT).await,
+    );
     assert_eq!(ok(&page, page.eval("document.querySelector('#token-form').hidden").await), json!(true));
     let row = format!("#dlq tr[data-id={}]", js(&id));
     ok(&page, page.wait_for("the dead letter is listed", &format!("document.querySelector({})", js(&row)), WAIT).await);
@@ -199,7 +242,8 @@ async fn with_an_api_token_the_page_asks_for_it_and_sends_it_on_every_call() {
     click_and_see_replayed(&t, &page, "#dlq-plugins button", &id, Some("s3cret")).await;
 
     // The only errors: the browser logging the 401s the page got before it had the token.
-    let errors: Vec<String> = page.errors().into_iter().filter(|e| !(e.contains("network") && e.contains("401"))).collect();
+    let errors: Vec<String> =
+        page.errors().into_iter().filter(|e| !(e.contains("network") && e.contains("401"))).collect();
     assert_eq!(errors, Vec::<String>::new(), "the page reported errors");
 }
 
@@ -213,7 +257,10 @@ async fn a_screenshot_of_the_demo_running() {
     let browser = Browser::launch(&chromium).await.expect("launching Chromium");
     let page = browser.page(1280, 900).await.unwrap();
     ok(&page, page.goto(&format!("{}/", t.url())).await);
-    ok(&page, page.wait_for("five plugin rows", "document.querySelectorAll('#plugins tbody tr').length === 5", WAIT).await);
+    ok(
+        &page,
+        page.wait_for("five plugin rows", "document.querySelectorAll('#plugins tbody tr').length === 5", WAIT).await,
+    );
     tail_shows_an_order(&t, &page, "o-1001").await;
     let mut orders = vec![
         json!({"order_id":"o-1002","sku":"gadget","qty":1,"email":"bob@example.com","amount_cents":4999}),
@@ -227,8 +274,16 @@ async fn a_screenshot_of_the_demo_running() {
     }
     dead_letter(&t).await;
     t.wait_counter("notify", "ok", 8).await;
-    ok(&page, page.wait_for("the dead letter is listed", "document.querySelectorAll('#dlq tbody tr').length === 1", WAIT).await);
-    ok(&page, page.wait_for("notify's row counts the orders", &format!("Number({}) >= 8", cell("notify", "received")), WAIT).await);
+    ok(
+        &page,
+        page.wait_for("the dead letter is listed", "document.querySelectorAll('#dlq tbody tr').length === 1", WAIT)
+            .await,
+    );
+    ok(
+        &page,
+        page.wait_for("notify's row counts the orders", &format!("Number({}) >= 8", cell("notify", "received")), WAIT)
+            .await,
+    );
     let png = ok(&page, page.screenshot(1280).await);
     let path = match std::env::var_os("PLUGBUS_SCREENSHOT") {
         Some(p) => std::path::PathBuf::from(p),
