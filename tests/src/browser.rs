@@ -107,7 +107,7 @@ impl Browser {
         // From here on, dropping `browser` kills it (even if connecting fails).
         let mut browser = Browser {
             child,
-            profile: profile,
+            profile,
             out: mpsc::unbounded_channel().0,
             pending: Arc::default(),
             events: Arc::default(),
