@@ -294,3 +294,38 @@ async fn a_screenshot_of_the_demo_running() {
     assert!(png.len() > 10_000, "a blank screenshot? {} bytes", png.len());
     assert_eq!(page.errors(), Vec::<String>::new(), "the page reported errors");
 }
+
+/// The harness can fail a page: a console error, an uncaught exception and a failed request are
+/// each reported by [`Page::errors`] (which the tests above assert empty).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_error_capture_sees_console_errors_uncaught_exceptions_and_failed_requests() {
+    let Some(chromium) =
+        chromium_or_skip("the_error_capture_sees_console_errors_uncaught_exceptions_and_failed_requests")
+    else {
+        return;
+    };
+    let t = TestHost::start(&["audit"]).await;
+    let browser = Browser::launch(&chromium).await.expect("launching Chromium");
+    let page = browser.page(800, 600).await.unwrap();
+    ok(&page, page.goto(&format!("{}/", t.url())).await);
+    ok(
+        &page,
+        page.wait_for("the page is up", "document.querySelectorAll('#plugins tbody tr').length === 1", WAIT).await,
+    );
+    assert_eq!(page.errors(), Vec::<String>::new());
+    ok(
+        &page,
+        page.eval("console.error('boom'); setTimeout(() => { throw new Error('uncaught boom'); }); fetch('/no-such-asset'); 1")
+            .await,
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let errors = page.errors();
+        let seen = |what: &str| errors.iter().any(|e| e.contains(what));
+        if seen("console.error: boom") && seen("uncaught exception: Error: uncaught boom") && seen("404") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not every error was reported: {errors:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
