@@ -220,6 +220,81 @@ pub fn tail_line(record: &Value, on: bool) -> String {
     )
 }
 
+/// Whether to draw a progress bar on stderr: only on a terminal, and not between JSON log
+/// lines (whatever reads those would get the bar's redraws mixed in).
+pub fn progress_shown(stderr_is_terminal: bool, json_logs: bool) -> bool {
+    stderr_is_terminal && !json_logs
+}
+
+/// The progress bar being drawn, if any: log lines are written above it ([`LogWriter`]).
+static BAR: std::sync::Mutex<Option<indicatif::ProgressBar>> = std::sync::Mutex::new(None);
+
+/// Progress on stderr for work that takes seconds (compiling a folder of plugins, replaying
+/// many dead letters): an indicatif bar when [`progress_shown`], in colour only when
+/// [`colour`] allows; nothing at all otherwise (a pipe or a file gets no `\r` redraws and no
+/// escapes). Cleared from the screen when dropped.
+pub struct Progress(Option<indicatif::ProgressBar>);
+
+impl Progress {
+    /// A bar for `what` ("compiling plugins"); drawn from the first [`Progress::update`].
+    pub fn new(what: &str, json_logs: bool) -> Progress {
+        let stderr = std::io::stderr().is_terminal();
+        if !progress_shown(stderr, json_logs) {
+            return Progress(None);
+        }
+        let template = if colour(stderr) {
+            "{prefix:.bold} [{bar:30.cyan/blue}] {pos}/{len} {elapsed} {wide_msg:.dim}"
+        } else {
+            "{prefix} [{bar:30}] {pos}/{len} {elapsed} {wide_msg}"
+        };
+        let style = indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> ");
+        let bar = indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr())
+            .with_style(style)
+            .with_prefix(what.to_string());
+        *BAR.lock().unwrap_or_else(|e| e.into_inner()) = Some(bar.clone());
+        Progress(Some(bar))
+    }
+
+    /// `done` of `total` finished, `now` in progress.
+    pub fn update(&self, done: usize, total: usize, now: &str) {
+        if let Some(bar) = &self.0 {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            bar.set_message(now.to_string());
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(bar) = self.0.take() {
+            bar.finish_and_clear();
+            *BAR.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+    }
+}
+
+/// stderr for log lines: written above the progress bar while one is drawn, so neither
+/// garbles the other.
+pub struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let bar = BAR.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match bar {
+            Some(bar) => bar.suspend(|| std::io::stderr().write_all(buf))?,
+            None => std::io::stderr().write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +323,18 @@ mod tests {
         assert!(colour_with(true, Some(OsStr::new(""))), "an empty NO_COLOR does not count");
         assert!(!colour_with(true, Some(OsStr::new("1"))));
         assert!(!colour_with(false, None));
+    }
+
+    #[test]
+    fn progress_only_on_a_terminal_and_never_between_json_logs() {
+        assert!(progress_shown(true, false));
+        assert!(!progress_shown(false, false));
+        assert!(!progress_shown(true, true));
+        // Off a terminal a bar is nothing at all: updates and drop draw nothing.
+        let p = Progress(None);
+        p.update(1, 2, "x.wasm");
+        drop(p);
+        assert!(BAR.lock().unwrap().is_none());
     }
 
     #[test]

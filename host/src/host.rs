@@ -38,14 +38,29 @@ pub struct Host {
 impl Host {
     /// Loads the plugins folder, subscribes every plugin and starts the HTTP API.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
+        Self::start_reporting(config, &|_, _, _| {}).await
+    }
+
+    /// Like [`Host::start`], telling `on_load` how far loading the plugins folder has come (the
+    /// CLI's progress bar).
+    pub async fn start_reporting(config: Config, on_load: loader::OnLoad<'_>) -> anyhow::Result<Self> {
         config.validate()?;
         let crate::backend::Backend { transport, kv } = crate::backend::open(&config).await?;
-        Self::start_on(config, transport, kv).await
+        Self::start_on_reporting(config, transport, kv, on_load).await
     }
 
     /// Like [`Host::start`], on a transport and kv store the caller made (tests wrap a transport
     /// to inject faults).
     pub async fn start_on(config: Config, transport: Arc<dyn Transport>, kv: Arc<dyn KvStore>) -> anyhow::Result<Self> {
+        Self::start_on_reporting(config, transport, kv, &|_, _, _| {}).await
+    }
+
+    async fn start_on_reporting(
+        config: Config,
+        transport: Arc<dyn Transport>,
+        kv: Arc<dyn KvStore>,
+        on_load: loader::OnLoad<'_>,
+    ) -> anyhow::Result<Self> {
         config.validate()?;
         let mut settings = config.sandbox.clone();
         settings.max_memory_mib = settings.max_memory_mib.max(config.max_memory_mib());
@@ -68,7 +83,7 @@ impl Host {
         let metrics = Arc::new(Metrics::default());
         let router = Arc::new(Router::new(transport.clone(), dead_letters.clone(), metrics.clone()));
 
-        let (loaded, rejected) = loader::load_dir(&sandbox, &config, &kv).await?;
+        let (loaded, rejected) = loader::load_dir_reporting(&sandbox, &config, &kv, on_load).await?;
         let mut files = std::collections::HashMap::new();
         for (path, plugin) in loaded {
             let name = plugin.name().to_string();

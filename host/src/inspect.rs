@@ -45,6 +45,25 @@ pub struct Inspection {
     pub granted_outbound: Vec<String>,
 }
 
+/// The verdict on a file the loader would not read (a FIFO, a device, over `max_wasm_bytes`):
+/// not loadable, for `why`.
+pub fn unreadable(file: &str, why: &str) -> Inspection {
+    Inspection {
+        file: file.to_string(),
+        size: 0,
+        hash: String::new(),
+        identity: None,
+        loadable: false,
+        problems: vec![why.to_string()],
+        contract: None,
+        manifest: None,
+        imports: Vec::new(),
+        exports: Vec::new(),
+        limits: None,
+        granted_outbound: Vec::new(),
+    }
+}
+
 /// Inspects `bytes` as the host would load them under `config`.
 pub async fn inspect(sandbox: &Sandbox, file: &str, bytes: &[u8], config: &Config) -> Inspection {
     let mut report = Inspection {

@@ -187,6 +187,11 @@ pub fn wasm_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Told how far loading the plugins folder has come, to draw progress (`plugbus run` on a
+/// terminal): `(files done, files in all, the file loading now)` before each file, and
+/// `(all, all, None)` at the end.
+pub type OnLoad<'a> = &'a (dyn Fn(usize, usize, Option<&Path>) + Send + Sync);
+
 /// Loads every plugin in `config.plugins_dir`; returns the loaded ones and the rejected files.
 /// Each file is the plugin its name (or the config) makes it, so no file can take another's
 /// name; a manifest that claims another name is refused.
@@ -195,13 +200,25 @@ pub async fn load_dir(
     config: &Config,
     kv: &Arc<dyn KvStore>,
 ) -> anyhow::Result<(Vec<(PathBuf, Plugin)>, Vec<Rejected>)> {
+    load_dir_reporting(sandbox, config, kv, &|_, _, _| {}).await
+}
+
+/// Like [`load_dir`], telling `on_load` of each file (see [`OnLoad`]).
+pub async fn load_dir_reporting(
+    sandbox: &Sandbox,
+    config: &Config,
+    kv: &Arc<dyn KvStore>,
+    on_load: OnLoad<'_>,
+) -> anyhow::Result<(Vec<(PathBuf, Plugin)>, Vec<Rejected>)> {
     use anyhow::Context;
     let dir = &config.plugins_dir;
     let files = wasm_files(dir).with_context(|| format!("reading the plugins folder {}", dir.display()))?;
     let mut loaded: Vec<(PathBuf, Plugin)> = Vec::new();
     let mut rejected = Vec::new();
     let mut by_name: HashMap<String, PathBuf> = HashMap::new();
-    for path in files {
+    let total = files.len();
+    for (done, path) in files.into_iter().enumerate() {
+        on_load(done, total, Some(&path));
         match load_file(sandbox, &path, config, kv).await {
             Ok(plugin) => {
                 // Cannot happen (a name is one file), kept as a guard.
@@ -221,6 +238,7 @@ pub async fn load_dir(
             }
         }
     }
+    on_load(total, total, None);
     Ok((loaded, rejected))
 }
 

@@ -219,9 +219,10 @@ enum Command {
         url: String,
     },
     /// Check a component the way the host would load it: manifest, imports, exports, limits
-    /// and a verdict. Exit code 0 when loadable, 1 when not.
+    /// and a verdict. Exit code 0 when loadable, 1 when not. Given a folder, every `*.wasm` in
+    /// it, as the host would load the plugins folder (exit code 0 when all are loadable).
     Inspect {
-        /// The component to inspect.
+        /// The component to inspect, or a plugins folder.
         file: PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -349,7 +350,11 @@ fn init_logging(format: LogFormat) {
 fn init_logging_at(format: LogFormat, default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Above a progress bar while one is drawn; escapes only on a terminal without NO_COLOR.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(|| cli::LogWriter)
+        .with_ansi(cli::colour(std::io::IsTerminal::is_terminal(&std::io::stderr())));
     match format {
         LogFormat::Pretty => builder.compact().init(),
         LogFormat::Json => builder.json().init(),
@@ -392,7 +397,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if cli.api_token.is_some() {
                 config.api_token = cli.api_token.clone();
             }
-            let host = std::sync::Arc::new(Host::start(config).await?);
+            let progress = cli::Progress::new("loading plugins", matches!(cli.log_format, LogFormat::Json));
+            let on_load = |done: usize, total: usize, file: Option<&std::path::Path>| {
+                // One plugin is not worth a bar.
+                if total > 1 {
+                    progress.update(
+                        done,
+                        total,
+                        &file.and_then(|f| f.file_name()).unwrap_or_default().to_string_lossy(),
+                    );
+                }
+            };
+            let host = Host::start_reporting(config, &on_load).await;
+            drop(progress);
+            let host = std::sync::Arc::new(host?);
             plugbus::service::ready(&host);
             let watchdog = plugbus::service::watchdog(&host);
             let signal = wait_for_stop_signal().await?;
@@ -409,6 +427,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     std::process::exit(130);
                 }
             }
+        }
+        Command::Inspect { file, json, config } if file.is_dir() => {
+            let config = Config::load(config.as_deref())?;
+            let loadable = inspect_folder(&file, json, &config).await?;
+            std::process::exit(if loadable { 0 } else { 1 });
         }
         Command::Inspect { file, json, config } => {
             let config = Config::load(config.as_deref())?;
@@ -575,6 +598,38 @@ async fn test_cases(
     Ok(report.passed())
 }
 
+/// `plugbus inspect DIR`: every `*.wasm` of the folder, with a progress bar on a terminal
+/// (compiling takes seconds each); a file the loader would not read is a report with that
+/// reason. Whether every file is loadable.
+async fn inspect_folder(dir: &std::path::Path, json: bool, config: &Config) -> anyhow::Result<bool> {
+    let files = plugbus::loader::wasm_files(dir).with_context(|| format!("reading the folder {}", dir.display()))?;
+    let sandbox = plugbus::sandbox::Sandbox::new(plugbus::sandbox::SandboxSettings {
+        max_instances: 4,
+        ..config.sandbox.clone()
+    })?;
+    let progress = cli::Progress::new("inspecting", false);
+    let mut reports = Vec::with_capacity(files.len());
+    for (done, file) in files.iter().enumerate() {
+        let name = file.display().to_string();
+        progress.update(done, files.len(), &file.file_name().unwrap_or_default().to_string_lossy());
+        let report = match plugbus::loader::read_plugin_file(file, config.max_wasm_bytes) {
+            Ok(bytes) => plugbus::inspect::inspect(&sandbox, &name, &bytes, config).await,
+            Err(e) => plugbus::inspect::unreadable(&name, &e.to_string()),
+        };
+        reports.push(report);
+    }
+    drop(progress);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else if reports.is_empty() {
+        println!("no *.wasm files in {}", dir.display());
+    } else {
+        let texts: Vec<String> = reports.iter().map(|r| r.to_string()).collect();
+        println!("{}", texts.join("\n"));
+    }
+    Ok(reports.iter().all(|r| r.loadable))
+}
+
 async fn dlq(client: &reqwest::Client, url: &str, action: DlqAction, plugin: Option<&str>) -> anyhow::Result<()> {
     if let (DlqAction::Replay { id: Some(_), .. }, Some(_)) = (&action, plugin) {
         anyhow::bail!("--id and --plugin cannot be used together: --id names one dead letter");
@@ -614,6 +669,11 @@ async fn dlq(client: &reqwest::Client, url: &str, action: DlqAction, plugin: Opt
         }
         DlqAction::List { json } => (client.get(api_url(url, &["v1", "dlq"])?), *json),
         DlqAction::Replay { id: Some(id), json } => (client.post(api_url(url, &["v1", "dlq", id, "replay"])?), *json),
+        DlqAction::Replay { id: None, json: false }
+            if cli::progress_shown(std::io::IsTerminal::is_terminal(&std::io::stderr()), false) =>
+        {
+            return replay_with_progress(client, url, plugin).await;
+        }
         DlqAction::Replay { id: None, json } => (client.post(api_url(url, &["v1", "dlq", "replay"])?), *json),
     };
     let req = match plugin {
@@ -628,6 +688,48 @@ async fn dlq(client: &reqwest::Client, url: &str, action: DlqAction, plugin: Opt
     } else {
         println!("{}", cli::replay_summary(&body));
     }
+    Ok(())
+}
+
+/// `plugbus dlq replay` on a terminal: the kept dead letters one by one with a progress bar.
+/// Only when the host alone keeps them all (the embedded bus): a dead letter a broker keeps too
+/// is left to the one bulk replay, which replays it from the broker once.
+async fn replay_with_progress(client: &reqwest::Client, url: &str, plugin: Option<&str>) -> anyhow::Result<()> {
+    let with_plugin = |req: reqwest::RequestBuilder| match plugin {
+        Some(p) => req.query(&[("plugin", p)]),
+        None => req,
+    };
+    let listed: serde_json::Value = send(with_plugin(client.get(api_url(url, &["v1", "dlq"])?)), url)
+        .await?
+        .json()
+        .await
+        .context("reading the dead letters")?;
+    let letters: Vec<&serde_json::Value> = listed["dead_letters"].as_array().into_iter().flatten().collect();
+    if letters.iter().any(|d| d["kept_by"] != "host") {
+        let req = with_plugin(client.post(api_url(url, &["v1", "dlq", "replay"])?));
+        let body: serde_json::Value = send(req, url).await?.json().await.context("reading the host's answer")?;
+        println!("{}", cli::replay_summary(&body));
+        return Ok(());
+    }
+    let progress = cli::Progress::new("replaying", false);
+    let (mut replayed, mut failed) = (Vec::new(), 0u64);
+    for (done, d) in letters.iter().enumerate() {
+        let id = d["event"]["id"].as_str().unwrap_or_default();
+        progress.update(done, letters.len(), id);
+        let resp = client.post(api_url(url, &["v1", "dlq", id, "replay"])?).send().await;
+        let resp = resp.with_context(|| format!("no plugbus host answering at {url}"))?;
+        match resp.status().as_u16() {
+            // Replayed by someone else meanwhile: nothing left to do for it.
+            404 => {}
+            _ => {
+                let body: serde_json::Value = resp.json().await.unwrap_or_default();
+                replayed.extend(body["replayed"].as_array().cloned().unwrap_or_default());
+                failed += body["failed"].as_u64().unwrap_or(1);
+            }
+        }
+    }
+    drop(progress);
+    println!("{}", cli::replay_summary(&serde_json::json!({ "replayed": replayed, "failed": failed })));
     Ok(())
 }
 

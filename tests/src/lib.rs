@@ -1,6 +1,7 @@
 //! Shared scaffolding for the end-to-end tests: build the handler components once, start a
 //! host on a temp plugins folder, publish, and wait for what comes out.
 
+pub mod browser;
 pub mod nats;
 
 use plugbus::{Config, Event, Host};

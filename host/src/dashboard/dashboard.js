@@ -10,12 +10,20 @@ function headers() {
   return token ? { Authorization: "Bearer " + token } : {};
 }
 
-// Calls the API; a 401 asks for the token (once, kept for this tab).
+// Set while the API answers 401: polling pauses until the user gives a token.
+let needToken = false;
+
+// Calls the API; a 401 asks for the token (kept for this tab; a refused one is forgotten).
 async function api(path, init = {}) {
   const resp = await fetch(path, { ...init, headers: { ...headers(), ...(init.headers || {}) } });
   if (resp.status === 401) {
+    const refused = token !== "";
+    token = "";
+    sessionStorage.removeItem(TOKEN_KEY);
+    needToken = true;
     $("#token-form").hidden = false;
-    throw new Error("the API needs a token");
+    $("#token").focus();
+    throw new Error(refused ? "the API refused the token: enter the right one" : "the API needs a token");
   }
   if (!resp.ok) {
     let why = resp.statusText;
@@ -83,6 +91,7 @@ function drawGraph(graph) {
     const path = svg("path", {
       d: `M${x1},${y1} C${mid},${y1} ${mid},${y2} ${x2},${y2}`,
       class: "edge " + e.kind,
+      "data-from": e.from, "data-to": e.to, "data-kind": e.kind,
       "stroke-width": 1 + Math.min(5, Math.log10(1 + e.rate * 10)),
     });
     if (e.kind === "subscribe" && e.rate) path.classList.add(health(e.rate, e.error_rate));
@@ -91,7 +100,7 @@ function drawGraph(graph) {
   }
   for (const n of graph.nodes) {
     const p = pos[n.id];
-    const group = svg("g", { class: n.kind, transform: `translate(${p.x},${p.y})` });
+    const group = svg("g", { class: n.kind, "data-id": n.id, transform: `translate(${p.x},${p.y})` });
     const rect = svg("rect", { width: boxW, height: boxH, rx: 4 });
     let label = n.label;
     if (n.kind === "plugin") {
@@ -106,14 +115,16 @@ function drawGraph(graph) {
 function drawPlugins(stats) {
   const rows = stats.plugins.map((p) => {
     const limits = `${p.limits.memory_mib} MiB, ${p.limits.deadline}, ${p.limits.max_publishes} pub`;
+    const num = (col, v) => el("td", { class: "num", "data-col": col }, v);
     const tr = el("tr", { "data-plugin": p.name },
-      el("td", {}, p.name), el("td", {}, p.version),
-      el("td", { class: "num" }, fmt(p.events_per_second, 2)),
-      el("td", { class: "num" }, fmt(p.error_rate * 100, 0) + "%"),
-      el("td", { class: "num" }, ms(p.p50_ms)), el("td", { class: "num" }, ms(p.p99_ms)),
-      el("td", { class: "num" }, p.retries), el("td", { class: "num" }, p.dead_letters),
-      el("td", { class: "num" }, p.queue_depth), el("td", { class: "num" }, p.in_flight),
-      el("td", {}, limits));
+      el("td", { "data-col": "name" }, p.name), el("td", { "data-col": "version" }, p.version),
+      num("received", p.last_minute.received),
+      num("rate", fmt(p.events_per_second, 2)),
+      num("errors", fmt(p.error_rate * 100, 0) + "%"),
+      num("p50", ms(p.p50_ms)), num("p99", ms(p.p99_ms)),
+      num("retries", p.retries), num("dead", p.dead_letters),
+      num("queue", p.queue_depth), num("in-flight", p.in_flight),
+      el("td", { "data-col": "limits" }, limits));
     return tr;
   });
   $("#plugins tbody").replaceChildren(...rows);
@@ -148,7 +159,7 @@ function drawDlq(entries, total) {
     const ev = d.event;
     const b = el("button", { type: "button" }, "Replay");
     b.onclick = () => replay(`/v1/dlq/${encodeURIComponent(ev.id)}/replay`);
-    return el("tr", {},
+    return el("tr", { "data-id": ev.id },
       el("td", {}, header(ev, "plugbus-failed-at")), el("td", {}, d.plugin),
       el("td", {}, header(ev, "plugbus-original-subject")),
       el("td", { class: "data" }, header(ev, "plugbus-error")), el("td", {}, ev.id), el("td", {}, b));
@@ -156,6 +167,7 @@ function drawDlq(entries, total) {
 }
 
 async function refresh() {
+  if (needToken) return;
   try {
     const [stats, dlq] = await Promise.all([
       api("/v1/stats").then((r) => r.json()),
@@ -218,9 +230,13 @@ $("#tail-form").addEventListener("submit", (e) => {
 $("#token-form").addEventListener("submit", (e) => {
   e.preventDefault();
   token = $("#token").value.trim();
+  $("#token").value = "";
+  if (!token) return;
   sessionStorage.setItem(TOKEN_KEY, token);
   $("#token-form").hidden = true;
-  notice("token set");
+  needToken = false;
+  status("checking the token…");
+  notice("");
   refresh();
 });
 

@@ -253,3 +253,102 @@ fn completions_and_the_man_page_come_from_the_clap_definitions() {
     let bad = cli(&["completions", "cmd.exe"]);
     assert!(!bad.status.success());
 }
+
+/// What a progress bar leaves in a pipe or a file when it should not be there: carriage-return
+/// redraws, escapes, the bar itself.
+fn assert_no_progress(what: &str, text: &str) {
+    assert!(
+        !text.contains('\r') && !text.contains('\x1b') && !text.contains("[=="),
+        "{what}: progress in a pipe:\n{text:?}"
+    );
+}
+
+#[test]
+fn progress_bars_never_reach_a_pipe_or_a_log_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = ["inventory", "payments", "shipping", "notify", "audit", "faulty"];
+    for c in plugins {
+        std::fs::copy(wasm(c), dir.path().join(format!("{c}.wasm"))).unwrap();
+    }
+    std::fs::write(dir.path().join("broken.wasm"), b"garbage").unwrap();
+
+    // `inspect DIR`: every file, one verdict each; exit 1 for the broken one.
+    let out = cli(&["inspect", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout.clone()).unwrap();
+    for c in plugins.iter().chain(&["broken"]) {
+        assert!(text.contains(&format!("{c}.wasm")), "{c} missing:\n{text}");
+    }
+    assert_no_progress("inspect DIR stdout", &text);
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "inspect DIR wrote to a piped stderr");
+    let out = cli(&["inspect", "--json", dir.path().to_str().unwrap()]);
+    let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let verdicts: Vec<(String, bool)> = reports
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["file"].as_str().unwrap().rsplit('/').next().unwrap().to_string(), r["loadable"] == true))
+        .collect();
+    assert_eq!(verdicts.len(), 7, "{verdicts:?}");
+    assert!(verdicts.iter().all(|(f, ok)| *ok == (f != "broken.wasm")), "{verdicts:?}");
+
+    // `run` loading the folder: its log file has lines, no bar and no colour.
+    let (host, url) = run_host(dir.path(), &[], &["--max-attempts", "1"]);
+    for i in 0..3 {
+        let out = cli(&["publish", "--url", &url, "faulty.retry", &format!("boom {i}")]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let json: serde_json::Value =
+            serde_json::from_str(&stdout(&cli(&["dlq", "list", "--json", "--url", &url]))).unwrap();
+        if json["total"] == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "three dead letters never showed: {json}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // `dlq replay` of them all: the summary on stdout, nothing on stderr.
+    let out = cli(&["dlq", "replay", "--url", &url]);
+    let text = stdout(&out);
+    assert!(text.starts_with("replayed 3 dead letter(s)"), "{text}");
+    assert_no_progress("dlq replay stdout", &text);
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "dlq replay wrote to a piped stderr");
+    drop(host);
+    let log = std::fs::read_to_string(dir.path().join("host.log")).unwrap();
+    assert!(log.contains("plugin loaded") && log.contains("broken.wasm"), "{log}");
+    assert_no_progress("plugbus run's log file", &log);
+}
+
+/// On a terminal (a pseudo-terminal from util-linux `script`), `inspect DIR` draws its bar, in
+/// colour unless `NO_COLOR` is set.
+#[test]
+fn on_a_terminal_the_bar_shows_and_no_color_takes_its_colour_away() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: no `script` (util-linux) to make a pseudo-terminal");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for c in ["inventory", "payments", "shipping", "notify", "audit"] {
+        std::fs::copy(wasm(c), dir.path().join(format!("{c}.wasm"))).unwrap();
+    }
+    let run = |no_color: bool| {
+        let line = format!("{} inspect {} >/dev/null", plugbus_bin().display(), dir.path().display());
+        let mut cmd = Command::new("script");
+        cmd.args(["-qefc", &line, "/dev/null"]).env("TERM", "xterm");
+        if no_color {
+            cmd.env("NO_COLOR", "1");
+        } else {
+            cmd.env_remove("NO_COLOR");
+        }
+        let out = output_within(&mut cmd, Duration::from_secs(60));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let coloured = run(false);
+    assert!(coloured.contains("inspecting") && coloured.contains("/5"), "no bar on a terminal: {coloured:?}");
+    assert!(coloured.contains("\x1b[36m") || coloured.contains("\x1b[1m"), "no colour on a terminal: {coloured:?}");
+    let plain = run(true);
+    assert!(plain.contains("inspecting") && plain.contains("/5"), "no bar with NO_COLOR: {plain:?}");
+    assert!(!plain.contains("\x1b[36m") && !plain.contains("\x1b[1m"), "colour with NO_COLOR: {plain:?}");
+}

@@ -9,6 +9,7 @@ mod casetest;
 mod cli;
 mod crash;
 mod dashboard;
+mod dashboard_browser;
 mod delivery;
 mod dev;
 mod disk_full;
