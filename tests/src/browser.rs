@@ -23,12 +23,12 @@ use tokio_websockets::{ClientBuilder, Message};
 /// The longest one CDP command may take.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The browser binaries tried, in order (`PLUGBUS_CHROMIUM` first when set).
+/// The browser binaries tried, in order (`CHROMIUM_BIN` first when set).
 const CANDIDATES: &[&str] = &["chromium", "chromium-browser", "google-chrome", "google-chrome-stable"];
 
-/// The Chromium to run: `PLUGBUS_CHROMIUM`, else the first of [`CANDIDATES`] on `PATH`.
+/// The Chromium to run: `CHROMIUM_BIN`, else the first of [`CANDIDATES`] on `PATH`.
 pub fn find_chromium() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("PLUGBUS_CHROMIUM") {
+    if let Some(p) = std::env::var_os("CHROMIUM_BIN") {
         return Some(PathBuf::from(p));
     }
     let path = std::env::var_os("PATH")?;
@@ -46,7 +46,7 @@ pub fn chromium_or_skip(test: &str) -> Option<PathBuf> {
     match find_chromium() {
         Some(p) => Some(p),
         None if in_ci() => panic!(
-            "{test}: no Chromium found (tried $PLUGBUS_CHROMIUM, {CANDIDATES:?} on PATH) and CI=true: \
+            "{test}: no Chromium found (tried $CHROMIUM_BIN, {CANDIDATES:?} on PATH) and CI=true: \
              the browser tests are required in CI (`apt-get install -y chromium`; scripts/test does it)"
         ),
         None => {
@@ -55,7 +55,7 @@ pub fn chromium_or_skip(test: &str) -> Option<PathBuf> {
                  ************************************************************************\n\
                  * SKIPPED {test}: no Chromium found.\n\
                  * Install it (`apt-get install -y chromium`, as scripts/test does) or\n\
-                 * point PLUGBUS_CHROMIUM at one. In CI (CI=true) this is a failure.\n\
+                 * point CHROMIUM_BIN at one. In CI (CI=true) this is a failure.\n\
                  ************************************************************************\n"
             );
             None

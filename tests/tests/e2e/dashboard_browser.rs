@@ -5,7 +5,7 @@
 //!
 //! Needs a Chromium (`apt-get install -y chromium`; `scripts/test` installs it): without one the
 //! tests say so loudly and pass, except in CI (`CI=true`) where that is a failure.
-//! `PLUGBUS_SCREENSHOT=docs/dashboard.png` (`scripts/screenshot`) keeps the demo's screenshot.
+//! `DASHBOARD_SCREENSHOT=docs/dashboard.png` (`scripts/screenshot`) keeps the demo's screenshot.
 
 use plugbus_tests::browser::{Browser, Page, chromium_or_skip};
 use plugbus_tests::{TestHost, order};
@@ -248,7 +248,7 @@ async fn with_an_api_token_the_page_asks_for_it_and_sends_it_on_every_call() {
 }
 
 /// The demo as `scripts/demo` runs it (its three orders, and one malformed order for a dead
-/// letter), on screen: the PNG goes to `PLUGBUS_SCREENSHOT` (`scripts/screenshot` points it at
+/// letter), on screen: the PNG goes to `DASHBOARD_SCREENSHOT` (`scripts/screenshot` points it at
 /// `docs/dashboard.png`), else to a temp file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_screenshot_of_the_demo_running() {
@@ -285,7 +285,7 @@ async fn a_screenshot_of_the_demo_running() {
             .await,
     );
     let png = ok(&page, page.screenshot(1280).await);
-    let path = match std::env::var_os("PLUGBUS_SCREENSHOT") {
+    let path = match std::env::var_os("DASHBOARD_SCREENSHOT") {
         Some(p) => std::path::PathBuf::from(p),
         None => std::env::temp_dir().join(format!("plugbus-dashboard-{}.png", std::process::id())),
     };
