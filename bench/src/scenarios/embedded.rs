@@ -121,7 +121,8 @@ pub(super) fn input(seq: u64) -> Event {
     Event::new("bench.in.e1", driver::payload(seq, ""))
 }
 
-/// `Plugin::handle` in a loop: the public sandbox API, no router, no bus.
+/// `Plugin::handle` in a loop: the public sandbox API, no router, no bus. Each output is parsed
+/// and matched to its event as the closed loop does.
 pub(super) async fn sandbox_floor(mode: Mode, handler: &[u8], tasks: usize, limits: Limits) -> anyhow::Result<Load> {
     let sandbox = Sandbox::new(SandboxSettings::default())?;
     let settings = |_: &_| PluginSettings {
@@ -137,6 +138,10 @@ pub(super) async fn sandbox_floor(mode: Mode, handler: &[u8], tasks: usize, limi
             let attempt = plugin.handle(&input(seq), 1).await;
             attempt.result.map_err(|f| anyhow::anyhow!("the handler failed: {f}"))?;
             anyhow::ensure!(attempt.outputs.len() == 1, "expected 1 output, got {}", attempt.outputs.len());
+            // What the closed loop does with every output it sees (it finds the event by `seq`),
+            // so the harness's own work is on both sides of the ratio.
+            let out: driver::Out = serde_json::from_slice(&attempt.outputs[0].data)?;
+            anyhow::ensure!(out.seq == seq, "output of event {} for event {seq}", out.seq);
             Ok(())
         }
     })

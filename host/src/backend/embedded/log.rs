@@ -811,6 +811,13 @@ impl Writer {
                 for op in ops.by_ref() {
                     match op {
                         Op::Append { seq, event, plugins, dedupe, done } => {
+                            // Every waiter goes into its answers before the first write that can
+                            // fail: a failure answers them all with why (a waiter dropped
+                            // mid-batch would read "the event log is closed").
+                            let answer = done.map(|done| {
+                                answers.push((done, Appended::At(seq)));
+                                answers.len() - 1
+                            });
                             let key = dedupe_key(&event);
                             // One lookup: the insert answers whether the id was there (then the
                             // first sequence number is put back).
@@ -820,8 +827,8 @@ impl Writer {
                             };
                             if let Some(first) = before {
                                 ids.insert(key.as_str(), first).map_err(|e| e.to_string())?;
-                                match done {
-                                    Some(done) => answers.push((done, Appended::Duplicate)),
+                                match answer {
+                                    Some(i) => answers[i].1 = Appended::Duplicate,
                                     None => tracing::warn!(log = %self.path.display(), event_id = %event.id,
                                         "an output logged before was delivered again"),
                                 }
@@ -835,9 +842,6 @@ impl Writer {
                             for p in &plugins {
                                 pending.insert((&**p, seq), ()).map_err(|e| e.to_string())?;
                             }
-                            if let Some(done) = done {
-                                answers.push((done, Appended::At(seq)));
-                            }
                         }
                         Op::Ack { plugin, seq } => {
                             if self.outboxed.lock().expect("outboxed poisoned").remove(&(plugin.clone(), seq)) {
@@ -850,6 +854,9 @@ impl Writer {
                         }
                         Op::Sync { done } => syncs.push(done),
                         Op::KvCommit { ns, txn, outbox, done } => {
+                            // Answered before the first write that can fail (see `Append`).
+                            kv_answers.push((done, Ok(())));
+                            let answer = kv_answers.len() - 1;
                             let mut kv = w.open_table(KV).map_err(|e| e.to_string())?;
                             let mut conflict = None;
                             for (key, seen) in &txn.reads {
@@ -863,7 +870,7 @@ impl Writer {
                                 }
                             }
                             if let Some(key) = conflict {
-                                kv_answers.push((done, Err(crate::kv::KvError::Conflict(key))));
+                                kv_answers[answer].1 = Err(crate::kv::KvError::Conflict(key));
                                 continue;
                             }
                             let version = meta.get("kv_clock").map_err(|e| e.to_string())?.map_or(0, |v| v.value()) + 1;
@@ -900,17 +907,22 @@ impl Writer {
                                     .expect("outboxed poisoned")
                                     .insert((outbox.plugin.clone(), outbox.seq));
                             }
-                            kv_answers.push((done, Ok(())));
                         }
                         Op::Register { plugin, done } => {
+                            // Answered before the first write that can fail (see `Append`).
+                            registered.push((done, false));
+                            let answer = registered.len() - 1;
                             let mut subscribers = w.open_table(SUBSCRIBERS).map_err(|e| e.to_string())?;
                             let new = subscribers.get(&*plugin).map_err(|e| e.to_string())?.is_none();
                             if new {
                                 subscribers.insert(&*plugin, next).map_err(|e| e.to_string())?;
                             }
-                            registered.push((done, new));
+                            registered[answer].1 = new;
                         }
                         Op::Backfill { plugin, matches, from, done } => {
+                            // Answered before the first write that can fail (see `Append`).
+                            backfilled.push((done, Vec::new()));
+                            let answer = backfilled.len() - 1;
                             let mut made = Vec::new();
                             let mut wanted = Vec::new();
                             let since_ms = from.since_ms();
@@ -931,7 +943,7 @@ impl Writer {
                                     made.push(seq);
                                 }
                             }
-                            backfilled.push((done, made));
+                            backfilled[answer].1 = made;
                         }
                     }
                 }
