@@ -178,7 +178,11 @@ impl std::fmt::Display for Inspection {
         if !requested.is_empty() || !self.granted_outbound.is_empty() {
             let list = |l: &[String]| if l.is_empty() { "(none)".to_string() } else { l.join(", ") };
             writeln!(f, "outbound   requested {}", list(&requested))?;
-            writeln!(f, "           granted   {}", list(&self.granted_outbound))?;
+            let granted = match self.granted_outbound.is_empty() {
+                true => "(none: it loads without the HTTP client; an event that calls out is dead-lettered)".to_string(),
+                false => list(&self.granted_outbound),
+            };
+            writeln!(f, "           granted   {granted}")?;
         }
         writeln!(f, "imports")?;
         for i in &self.imports {

@@ -75,6 +75,9 @@ pub struct Attempt {
     pub elapsed: Duration,
     /// What it read and logged (bounded): kept when it failed, or ran in a fixed world.
     pub seen: Option<Box<Seen>>,
+    /// The longest `retry_after` of the calls an open circuit breaker refused during the
+    /// attempt (`None`: no call was refused for an open circuit).
+    pub circuit_open: Option<Duration>,
 }
 
 /// A validated, pre-linked plugin, ready to run events.
@@ -247,6 +250,7 @@ impl Plugin {
                     txn: Txn::default(),
                     elapsed: started.elapsed(),
                     seen: None,
+                    circuit_open: None,
                 }
             }
         }
@@ -274,6 +278,7 @@ impl Plugin {
             txn: if ok { state.txn } else { Txn::default() },
             elapsed: started.elapsed(),
             seen,
+            circuit_open: state.outbound.circuit_open,
         }
     }
 
@@ -302,6 +307,7 @@ impl Plugin {
                             txn: Txn::default(),
                             elapsed: started.elapsed(),
                             seen: Some(Box::new(std::mem::take(&mut store.data_mut().seen))),
+                            circuit_open: None,
                         };
                     }
                 }
@@ -320,11 +326,12 @@ impl Plugin {
         // Taken either way: an idle warm instance holds no record.
         let seen = std::mem::take(&mut state.seen);
         let seen = (!ok).then(|| Box::new(seen));
+        let circuit_open = state.outbound.circuit_open.take();
         warm.uses += 1;
         if !trapped && warm.uses < self.ctx.limits.recycle_after {
             self.warm.lock().expect("warm pool poisoned").push(warm);
         }
-        Attempt { result, outputs, txn, elapsed: started.elapsed(), seen }
+        Attempt { result, outputs, txn, elapsed: started.elapsed(), seen, circuit_open }
     }
 
     fn outcome(
@@ -347,7 +354,11 @@ impl Plugin {
             // The handler's own words, cut to a few KiB: they go to logs and dead letters.
             Ok(Err(wit::HandlerError::Retry(m))) => Err(Failure::Retry(cut(&m).into_owned())),
             Ok(Err(wit::HandlerError::Reject(m))) => Err(Failure::Reject(cut(&m).into_owned())),
-            Err(e) => Err(Failure::Trap(describe_trap(&e, state, overflow))),
+            Err(e) => match ungranted_http(&e, state) {
+                // No retry makes a grant appear: dead-letter now, naming it.
+                Some(why) => Err(Failure::Reject(why)),
+                None => Err(Failure::Trap(describe_trap(&e, state, overflow))),
+            },
         }
     }
 
@@ -461,6 +472,20 @@ fn describe_trap(err: &wasmtime::Error, state: &HostState, overflow: Option<Gues
         None => error_text(err),
     };
     cut_to(&text, MAX_FAILURE_BYTES).into_owned()
+}
+
+/// Why the attempt failed, when it is a `wasi:http` call of a plugin that asks for outbound
+/// destinations the operator granted none of (its HTTP imports trap, `Sandbox::prepare_bound`).
+fn ungranted_http(err: &wasmtime::Error, state: &HostState) -> Option<String> {
+    let stub = err.chain().any(|e| e.to_string().contains("unknown import: `wasi:http/"));
+    let outbound = &state.plugin.outbound;
+    (stub && !outbound.any_granted()).then(|| {
+        format!(
+            "outbound HTTP is not granted: the plugin asks for {} and [plugins.{}] allowed_outbound grants none of it",
+            cut(&outbound.requested.join(", ")),
+            state.plugin.name
+        )
+    })
 }
 
 /// `err` and its causes, `: `-separated, without the wasm backtrace and core dump wasmtime
