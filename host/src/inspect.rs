@@ -179,7 +179,7 @@ impl std::fmt::Display for Inspection {
             let list = |l: &[String]| if l.is_empty() { "(none)".to_string() } else { l.join(", ") };
             writeln!(f, "outbound   requested {}", list(&requested))?;
             let granted = match self.granted_outbound.is_empty() {
-                true => "(none: it loads without the HTTP client; an event that calls out is dead-lettered)".to_string(),
+                true => "(none: it loads, and every call it makes is refused)".to_string(),
                 false => list(&self.granted_outbound),
             };
             writeln!(f, "           granted   {granted}")?;

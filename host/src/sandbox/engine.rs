@@ -215,39 +215,29 @@ impl Sandbox {
         validate::check_imports(&self.engine, &component)?;
         let http = validate::http_imports(&self.engine, &component);
         let linker = if http.is_empty() { &self.linker } else { &self.http_linker };
-        let pre_of = |linker: &Linker<HostState>| {
-            let pre =
-                linker.instantiate_pre(&component).map_err(|e| LoadError::Invalid(format!("cannot link: {e:#}")))?;
-            bindings::PluginPre::new(pre)
-                .map_err(|e| LoadError::Invalid(format!("does not export plugbus:handler/handler: {e:#}")))
-        };
-        let mut pre = pre_of(linker)?;
+        let pre = linker.instantiate_pre(&component).map_err(|e| LoadError::Invalid(format!("cannot link: {e:#}")))?;
+        let pre = bindings::PluginPre::new(pre)
+            .map_err(|e| LoadError::Invalid(format!("does not export plugbus:handler/handler: {e:#}")))?;
         let mut manifest = self.read_manifest(&pre).await?;
         let settings = bind(&mut manifest)?;
         let publishes = PatternSet::parse(&manifest.publishes).map_err(|e| LoadError::Manifest(e.to_string()))?;
         let outbound = OutboundPolicy::new(&manifest.outbound, &settings.allowed_outbound, &settings.limits);
-        // The HTTP client is linked only for a plugin that asks for destinations the operator grants.
         if !http.is_empty() && !outbound.any_granted() {
+            // A component that imports the HTTP client without saying what it would call is hiding something.
             if manifest.outbound.is_empty() {
                 let why = "its manifest asks for no `outbound` destination";
                 return Err(LoadError::ForbiddenImports(http.into_iter().map(|i| format!("{i} ({why})")).collect()));
             }
-            // It says what it would call and the operator granted none of it: it loads (its
-            // calls may be optional, e.g. a URL from config), without the HTTP client: every
-            // `wasi:http` function traps, and the attempt is rejected naming the missing grant
-            // (`plugin::ungranted_http`). Nothing of wasi:http's implementation is reachable.
+            // It says what it would call and the operator granted none of it: it loads (its calls
+            // may be optional, e.g. a URL from config), and every call is refused by the policy
+            // before anything is resolved or sent (`Refused: … is not granted to the plugin`).
             tracing::warn!(
                 plugin = %manifest.name,
                 "asks for outbound HTTP to {} but [plugins.{}] allowed_outbound grants none of it: it loads, \
-                 and an event that makes an HTTP call is dead-lettered naming the missing grant",
+                 and every HTTP call it makes is refused",
                 manifest.outbound.join(", "),
                 manifest.name
             );
-            let mut denied = (*self.linker).clone();
-            denied
-                .define_unknown_imports_as_traps(&component)
-                .map_err(|e| LoadError::Invalid(format!("cannot link: {e:#}")))?;
-            pre = pre_of(&denied)?;
         }
         let ctx = PluginCtx {
             name: manifest.name.as_str().into(),

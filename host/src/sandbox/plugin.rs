@@ -354,11 +354,7 @@ impl Plugin {
             // The handler's own words, cut to a few KiB: they go to logs and dead letters.
             Ok(Err(wit::HandlerError::Retry(m))) => Err(Failure::Retry(cut(&m).into_owned())),
             Ok(Err(wit::HandlerError::Reject(m))) => Err(Failure::Reject(cut(&m).into_owned())),
-            Err(e) => match ungranted_http(&e, state) {
-                // No retry makes a grant appear: dead-letter now, naming it.
-                Some(why) => Err(Failure::Reject(why)),
-                None => Err(Failure::Trap(describe_trap(&e, state, overflow))),
-            },
+            Err(e) => Err(Failure::Trap(describe_trap(&e, state, overflow))),
         }
     }
 
@@ -472,20 +468,6 @@ fn describe_trap(err: &wasmtime::Error, state: &HostState, overflow: Option<Gues
         None => error_text(err),
     };
     cut_to(&text, MAX_FAILURE_BYTES).into_owned()
-}
-
-/// Why the attempt failed, when it is a `wasi:http` call of a plugin that asks for outbound
-/// destinations the operator granted none of (its HTTP imports trap, `Sandbox::prepare_bound`).
-fn ungranted_http(err: &wasmtime::Error, state: &HostState) -> Option<String> {
-    let stub = err.chain().any(|e| e.to_string().contains("unknown import: `wasi:http/"));
-    let outbound = &state.plugin.outbound;
-    (stub && !outbound.any_granted()).then(|| {
-        format!(
-            "outbound HTTP is not granted: the plugin asks for {} and [plugins.{}] allowed_outbound grants none of it",
-            cut(&outbound.requested.join(", ")),
-            state.plugin.name
-        )
-    })
 }
 
 /// `err` and its causes, `: `-separated, without the wasm backtrace and core dump wasmtime
