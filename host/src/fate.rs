@@ -183,19 +183,27 @@ mod tests {
         }
         // A longer normal backoff wins.
         let slow = RetryPolicy { initial: Duration::from_secs(100), max: Duration::from_secs(100), ..p.clone() };
-        assert!(matches!(decide_after(&retry, 1, Circuit { open: Some(Duration::from_millis(1)), waited: Duration::ZERO }, &slow, false),
-            Fate::WaitForCircuit(w) if w <= Duration::from_secs(100)));
+        assert!(
+            matches!(decide_after(&retry, 1, Circuit { open: Some(Duration::from_millis(1)), waited: Duration::ZERO }, &slow, false),
+            Fate::WaitForCircuit(w) if w <= Duration::from_secs(100))
+        );
         // The budget spent: charged like any retry, still not sooner than the breaker allows,
         // and the last attempt dead-letters (a provider that never comes back).
-        assert!(matches!(decide_after(&retry, 1, open(60), &p, false), Fate::RetryHere(w) if w >= Duration::from_secs(10)));
-        assert!(matches!(decide_after(&retry, 2, open(61), &p, true), Fate::Redeliver(w) if w >= Duration::from_secs(10)));
+        assert!(
+            matches!(decide_after(&retry, 1, open(60), &p, false), Fate::RetryHere(w) if w >= Duration::from_secs(10))
+        );
+        assert!(
+            matches!(decide_after(&retry, 2, open(61), &p, true), Fate::Redeliver(w) if w >= Duration::from_secs(10))
+        );
         assert_eq!(decide_after(&retry, 3, open(61), &p, false), Fate::DeadLetter);
         // No circuit refused: the plain rule; a reject or a trap is not waited for.
         assert_eq!(decide_after(&retry, 3, Circuit::default(), &p, false), Fate::DeadLetter);
         let reject = DeliveryError::Handler(Failure::Reject("declined".into()));
         assert_eq!(decide_after(&reject, 1, open(0), &p, false), Fate::DeadLetter);
         let trap = DeliveryError::Handler(Failure::Trap("unwrap on CircuitOpen".into()));
-        assert!(matches!(decide_after(&trap, 1, open(0), &p, false), Fate::RetryHere(w) if w >= Duration::from_secs(10)));
+        assert!(
+            matches!(decide_after(&trap, 1, open(0), &p, false), Fate::RetryHere(w) if w >= Duration::from_secs(10))
+        );
         assert_eq!(decide_after(&trap, 3, open(0), &p, false), Fate::DeadLetter);
     }
 

@@ -311,7 +311,11 @@ async fn dead_letter_where(t: &TestHost, what: &str, which: impl Fn(&str) -> boo
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let list = get(t, "/v1/dlq").await;
-        let found = list["dead_letters"].as_array().into_iter().flatten().find(|e| which(e["event"]["data"].as_str().unwrap_or("")));
+        let found = list["dead_letters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| which(e["event"]["data"].as_str().unwrap_or("")));
         if let Some(entry) = found {
             return entry.clone();
         }
@@ -339,7 +343,11 @@ async fn a_warm_instance_records_its_failed_attempt_too() {
     let echo = dead_letter_where(&t, "picky.out", |d| d.contains("\"want\":1")).await;
     let record = &echo["record"];
     assert!(record["error"].as_str().unwrap_or("").contains("not a number"), "{echo}");
-    assert_eq!(record["kv"].as_array().map(Vec::len), Some(0), "the last event's reads leaked into this record: {echo}");
+    assert_eq!(
+        record["kv"].as_array().map(Vec::len),
+        Some(0),
+        "the last event's reads leaked into this record: {echo}"
+    );
     assert_eq!(record["stdout"].as_array().map(Vec::len), Some(1), "only this attempt's lines: {echo}");
     assert_eq!(record["logs"].as_array().map(Vec::len), Some(0), "{echo}");
 

@@ -39,9 +39,12 @@ impl Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (seen, gate, down): (Seen, Gate, Arc<AtomicBool>) = Default::default();
-        let app = Router::new()
-            .route("/{what}", get(answer).post(answer))
-            .with_state((seen.clone(), port, gate.clone(), down.clone()));
+        let app = Router::new().route("/{what}", get(answer).post(answer)).with_state((
+            seen.clone(),
+            port,
+            gate.clone(),
+            down.clone(),
+        ));
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Self { port, seen, gate, down }
     }
@@ -339,7 +342,8 @@ async fn jetstream_an_open_breaker_makes_the_event_wait_without_a_redelivery() {
     let nats = NatsServer::start().await;
     waits_out_an_open_breaker(&Bus::JetStream(&nats)).await;
     let js = async_nats::jetstream::new(nats.client().await);
-    let stream = js.get_stream(js.stream_by_subject("caller.go").await.expect("a stream captures caller.go")).await.unwrap();
+    let stream =
+        js.get_stream(js.stream_by_subject("caller.go").await.expect("a stream captures caller.go")).await.unwrap();
     let infos: Vec<_> = futures::StreamExt::collect(stream.consumers()).await;
     let [Ok(info)] = &infos[..] else { panic!("one consumer on caller.go: {infos:?}") };
     assert_eq!(info.delivered.consumer_sequence, 2, "JetStream delivered again: the wait was a nak: {info:?}");
@@ -427,7 +431,11 @@ async fn the_http_client_is_linked_only_when_granted_and_only_for_plugins_that_a
     let attempt = ungranted.handle(&ev, 1).await;
     assert!(attempt.result.is_ok(), "{:?}", attempt.result);
     let out = String::from_utf8_lossy(&attempt.outputs[0].data).into_owned();
-    assert!(out.contains("Refused") && out.contains("is not granted to the plugin (operator: [plugins.caller] allowed_outbound)"), "{out}");
+    assert!(
+        out.contains("Refused")
+            && out.contains("is not granted to the plugin (operator: [plugins.caller] allowed_outbound)"),
+        "{out}"
+    );
     assert!(server.seen("/ok").is_empty());
     let plugin = sandbox.load(&caller, settings(vec!["http://127.0.0.1:8080".into()])).await.unwrap();
     assert_eq!(plugin.manifest().outbound, ["http://127.0.0.1:*", "http://localhost:*"]);
@@ -442,7 +450,10 @@ async fn the_http_client_is_linked_only_when_granted_and_only_for_plugins_that_a
     assert!(text.contains("granted   http://127.0.0.1:8080"), "{text}");
     let ungranted = plugbus::inspect::inspect(&sandbox, "caller.wasm", &caller, &Config::default()).await;
     assert!(ungranted.loadable, "{ungranted}");
-    assert!(ungranted.to_string().contains("granted   (none: it loads, and every call it makes is refused)"), "{ungranted}");
+    assert!(
+        ungranted.to_string().contains("granted   (none: it loads, and every call it makes is refused)"),
+        "{ungranted}"
+    );
 
     // A repeatable run (`plugbus test`) makes no call, even when granted.
     let grant = vec![format!("http://127.0.0.1:{}", server.port)];

@@ -34,7 +34,12 @@ async fn server() -> anyhow::Result<u16> {
 }
 
 /// Median time of a `caller` attempt making `calls` calls to `url`, in µs.
-async fn sandbox_p50_us(mode: Mode, plugin: &Arc<plugbus::sandbox::Plugin>, url: &str, calls: u64) -> anyhow::Result<f64> {
+async fn sandbox_p50_us(
+    mode: Mode,
+    plugin: &Arc<plugbus::sandbox::Plugin>,
+    url: &str,
+    calls: u64,
+) -> anyhow::Result<f64> {
     let spec = serde_json::json!({ "url": url, "calls": calls }).to_string();
     let plugin = plugin.clone();
     let load = driver::direct_loop(mode, 1, move |seq| {
@@ -45,7 +50,11 @@ async fn sandbox_p50_us(mode: Mode, plugin: &Arc<plugbus::sandbox::Plugin>, url:
             let attempt = plugin.handle(&ev, 1).await;
             attempt.result.map_err(|f| anyhow::anyhow!("the caller failed: {f}"))?;
             let ok = attempt.outputs.iter().filter(|o| o.subject == "caller.out.ok").count() as u64;
-            anyhow::ensure!(ok == calls, "{ok} of {calls} calls succeeded: {:?}", attempt.outputs.first().map(|o| String::from_utf8_lossy(&o.data).into_owned()));
+            anyhow::ensure!(
+                ok == calls,
+                "{ok} of {calls} calls succeeded: {:?}",
+                attempt.outputs.first().map(|o| String::from_utf8_lossy(&o.data).into_owned())
+            );
             Ok(())
         }
     })
@@ -70,7 +79,8 @@ async fn reqwest_p50_us(mode: Mode, client: reqwest::Client, url: &str) -> anyho
 
 pub async fn run(mode: Mode, _handler: &[u8]) -> anyhow::Result<Row> {
     let path = target_dir().join("wasm32-wasip2/plugin/caller.wasm");
-    let caller = std::fs::read(&path).with_context(|| format!("reading {} (run scripts/build-plugins first)", path.display()))?;
+    let caller = std::fs::read(&path)
+        .with_context(|| format!("reading {} (run scripts/build-plugins first)", path.display()))?;
     let port = server().await?;
     let url = format!("http://127.0.0.1:{port}/ok");
     let sandbox = Sandbox::new(SandboxSettings::default())?;

@@ -48,7 +48,9 @@ fn notify(ev: Event) -> Result<(), HandlerError> {
             log::info(format!("e-mail from {sender} to {to}: {text} (sent, {})", id.as_deref().unwrap_or("no id")));
             Ok(())
         }
-        400..=499 => Err(HandlerError::reject(format!("the mail API refused the message ({}): {}", res.status, res.text()))),
+        400..=499 => {
+            Err(HandlerError::reject(format!("the mail API refused the message ({}): {}", res.status, res.text())))
+        }
         s => Err(HandlerError::retry(format!("the mail API answered {s}"))),
     }
 }

@@ -141,7 +141,9 @@ mod tests {
 
     #[test]
     fn captures_a_reserved_order_through_the_provider() {
-        let run = with_provider().with_http(CHARGES, 201, r#"{"id":"ch_7","status":"captured"}"#).run(capture, reserved(1250));
+        let run = with_provider()
+            .with_http(CHARGES, 201, r#"{"id":"ch_7","status":"captured"}"#)
+            .run(capture, reserved(1250));
         assert_eq!(run.result, Ok(()));
         assert_eq!(run.http_calls.len(), 1);
         assert_eq!(run.http_calls[0].method, "POST");

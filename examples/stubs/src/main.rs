@@ -40,7 +40,11 @@ struct Api {
 
 impl Api {
     /// The first answer given for `key`, or `make`'s (remembered under `key`).
-    fn answer(&mut self, key: Option<&str>, make: impl FnOnce(u64) -> (StatusCode, Value)) -> (StatusCode, Value, bool) {
+    fn answer(
+        &mut self,
+        key: Option<&str>,
+        make: impl FnOnce(u64) -> (StatusCode, Value),
+    ) -> (StatusCode, Value, bool) {
         if let Some((status, body)) = key.and_then(|k| self.answers.get(k)) {
             return (*status, body.clone(), true);
         }
@@ -91,7 +95,8 @@ async fn charge(State(api): State<Shared>, headers: HeaderMap, body: Bytes) -> R
         if amount > MAX_CHARGE_CENTS {
             (StatusCode::PAYMENT_REQUIRED, json!({ "error": "card_declined", "order_id": order }))
         } else {
-            let charge = json!({ "id": format!("ch_{n}"), "status": "captured", "order_id": order, "amount_cents": amount });
+            let charge =
+                json!({ "id": format!("ch_{n}"), "status": "captured", "order_id": order, "amount_cents": amount });
             (StatusCode::CREATED, charge)
         }
     });
