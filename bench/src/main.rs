@@ -96,6 +96,7 @@ const SCENARIOS: &[&str] = &[
     "memory",
     "crash",
     "pipeline-5",
+    "outbound",
 ];
 /// Scenarios of BENCH.md not measured here yet.
 const NOT_YET: &[&str] = &[];

@@ -42,6 +42,9 @@ pub struct PluginStats {
     pub ok: AtomicU64,
     /// Attempts that failed and were retried.
     pub retried: AtomicU64,
+    /// Of those, attempts run again after waiting for an open circuit breaker (not counted
+    /// against `max_attempts`).
+    pub circuit_waits: AtomicU64,
     /// Deliveries dead-lettered.
     pub dead_lettered: AtomicU64,
     /// Handler runs, including re-runs after kv conflicts.
@@ -235,10 +238,13 @@ async fn attempts(
         return Outcome::DeadLettered { attempts: 0, failure };
     }
     let mut attempt = first;
+    // How long this delivery waited for open circuit breakers (not charged as attempts).
+    let mut circuit_waited = std::time::Duration::ZERO;
     loop {
         let plugin = rt.plugin();
         let mut seen = None;
-        let result = run_attempt(rt, &plugin, ev, attempt, position.clone(), &mut seen).await;
+        let mut circuit_open = None;
+        let result = run_attempt(rt, &plugin, ev, attempt, position.clone(), &mut seen, &mut circuit_open).await;
         match result {
             Ok((outputs, reply)) => {
                 if let Some(reply) = reply {
@@ -248,7 +254,24 @@ async fn attempts(
                 return Outcome::Handled { attempts: attempt, outputs };
             }
             Err(failure) => {
-                let fate = fate::decide(&failure, attempt, &rt.retry, by_transport);
+                let circuit = fate::Circuit { open: circuit_open, waited: circuit_waited };
+                let fate = fate::decide_after(&failure, attempt, circuit, &rt.retry, by_transport);
+                if let Fate::WaitForCircuit(wait) = fate {
+                    rt.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    rt.stats.circuit_waits.fetch_add(1, Ordering::Relaxed);
+                    rt.stats.window.mark(Mark::Retried);
+                    rt.metrics.event(&ev.subject).retried.inc();
+                    tracing::warn!(
+                        plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempt,
+                        retry_in_ms = wait.as_millis() as u64, circuit_waited_ms = circuit_waited.as_millis() as u64,
+                        "an open circuit breaker refused the attempt's outbound call: waiting out its cool-down, \
+                         then the same attempt again (not counted against max_attempts): {failure}"
+                    );
+                    // Held here on every transport: a `nak` would count as a delivery there.
+                    tokio::time::sleep(wait).await;
+                    circuit_waited += wait;
+                    continue;
+                }
                 let (Fate::RetryHere(wait) | Fate::Redeliver(wait)) = fate else {
                     *record = seen.map(|s| Box::new(Record::new(plugin.hash(), attempt, &failure.to_string(), *s)));
                     return Outcome::DeadLettered { attempts: attempt, failure };
@@ -275,7 +298,8 @@ async fn attempts(
 /// outputs and the reply to release. After the commit the handler never runs again for this delivery: where
 /// the transport keeps a log (`position`), the outputs commit with the kv writes (an outbox), so
 /// a crash before the ack releases them at the next start instead of running the handler again.
-/// When the handler fails, `seen` gets what it read and logged (moved, not copied).
+/// When the handler fails, `seen` gets what it read and logged (moved, not copied), and
+/// `circuit_open` the longest `retry_after` of the calls open breakers refused.
 async fn run_attempt(
     rt: &PluginRuntime,
     plugin: &Plugin,
@@ -283,6 +307,7 @@ async fn run_attempt(
     attempt: u32,
     position: Option<(Arc<str>, u64)>,
     seen: &mut Option<Box<crate::sandbox::Seen>>,
+    circuit_open: &mut Option<std::time::Duration>,
 ) -> Result<(Vec<Arc<Event>>, Option<Event>), DeliveryError> {
     let mut reruns = 0;
     loop {
@@ -301,6 +326,7 @@ async fn run_attempt(
         rt.stats.window.time(run.elapsed);
         if let Err(failure) = run.result {
             *seen = run.seen;
+            *circuit_open = run.circuit_open;
             return Err(DeliveryError::Handler(failure));
         }
         let outputs: Vec<Arc<Event>> =

@@ -62,15 +62,61 @@ pub enum Fate {
     Redeliver(Duration),
     /// Give up: dead-letter it.
     DeadLetter,
+    /// The attempt asked to retry after an open circuit breaker refused one of its outbound
+    /// calls: wait this long in this host (at least the breaker's cool-down) and run the same
+    /// attempt again. Not charged against `max_attempts` (the destination is down, not the
+    /// event), and never handed to the transport: a `nak` would count as a delivery there.
+    WaitForCircuit(Duration),
 }
+
+/// What dispatch knows of a failed attempt beyond its error: whether open circuit breakers
+/// refused its outbound calls, and how long the delivery already waited for them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Circuit {
+    /// The longest `retry_after` of the calls an open breaker refused during the attempt
+    /// (`None`: none was refused).
+    pub open: Option<Duration>,
+    /// How long this delivery has waited for open breakers so far ([`Fate::WaitForCircuit`]s).
+    pub waited: Duration,
+}
+
+/// The most a breaker wait is spread past the cool-down (a tenth of it, at most this), so the
+/// events waiting on one breaker do not all come back at the same instant.
+const CIRCUIT_JITTER_MAX: Duration = Duration::from_secs(1);
 
 /// Decides the fate of a delivery whose attempt number `attempt` (1-based) failed with `error`.
 /// `redelivering`: the transport redelivers after a `nak` and the plugin lets it hold retries.
 pub fn decide(error: &DeliveryError, attempt: u32, policy: &RetryPolicy, redelivering: bool) -> Fate {
+    decide_after(error, attempt, Circuit::default(), policy, redelivering)
+}
+
+/// [`decide`], knowing what open circuit breakers did to the attempt (`circuit`).
+///
+/// An attempt that asked to retry (`retry`, what the SDK makes of `CircuitOpen`) after an open
+/// breaker refused one of its calls waits `max(backoff, retry_after)` (plus a little jitter) and
+/// runs again as the same attempt, until the delivery has waited `policy.max_circuit_wait` in
+/// all; then such an attempt is charged like any other, and its retry still waits at least the
+/// breaker's `retry_after` (a retry sooner would only be refused again). So a provider that is
+/// down for a while makes events wait, and one that never comes back still ends in dead letters
+/// after at most `max_circuit_wait` plus `max_attempts` cool-downs.
+pub fn decide_after(
+    error: &DeliveryError,
+    attempt: u32,
+    circuit: Circuit,
+    policy: &RetryPolicy,
+    redelivering: bool,
+) -> Fate {
+    let retry_after = circuit.open.filter(|_| error.is_retryable());
+    if let (DeliveryError::Handler(Failure::Retry(_)), Some(after)) = (error, retry_after)
+        && circuit.waited < policy.max_circuit_wait
+    {
+        let jitter = after.mul_f64(0.1).min(CIRCUIT_JITTER_MAX).mul_f64(fastrand::f64());
+        return Fate::WaitForCircuit(policy.backoff(attempt).max(after + jitter));
+    }
     if !error.is_retryable() || attempt >= policy.max_attempts {
         return Fate::DeadLetter;
     }
-    let wait = policy.backoff(attempt);
+    let wait = policy.backoff(attempt).max(retry_after.unwrap_or_default());
     if redelivering { Fate::Redeliver(wait) } else { Fate::RetryHere(wait) }
 }
 
@@ -121,6 +167,44 @@ mod tests {
         ] {
             assert_eq!(decide(&error, 1, &policy(), true), Fate::DeadLetter, "{error}");
         }
+    }
+
+    #[test]
+    fn a_retry_after_an_open_circuit_waits_the_cool_down_uncharged_until_the_budget_is_spent() {
+        let p = RetryPolicy { max_circuit_wait: Duration::from_secs(60), ..policy() };
+        let retry = DeliveryError::Handler(Failure::Retry("circuit open for pay.example".into()));
+        let open = |waited| Circuit { open: Some(Duration::from_secs(10)), waited: Duration::from_secs(waited) };
+        // Even on the last attempt, and even where the transport redelivers: wait here.
+        for (attempt, redelivering) in [(1, false), (3, true), (7, false)] {
+            let Fate::WaitForCircuit(wait) = decide_after(&retry, attempt, open(0), &p, redelivering) else {
+                panic!("attempt {attempt}: not a circuit wait");
+            };
+            assert!(wait >= Duration::from_secs(10) && wait <= Duration::from_secs(11), "{wait:?}");
+        }
+        // A longer normal backoff wins.
+        let slow = RetryPolicy { initial: Duration::from_secs(100), max: Duration::from_secs(100), ..p.clone() };
+        assert!(
+            matches!(decide_after(&retry, 1, Circuit { open: Some(Duration::from_millis(1)), waited: Duration::ZERO }, &slow, false),
+            Fate::WaitForCircuit(w) if w <= Duration::from_secs(100))
+        );
+        // The budget spent: charged like any retry, still not sooner than the breaker allows,
+        // and the last attempt dead-letters (a provider that never comes back).
+        assert!(
+            matches!(decide_after(&retry, 1, open(60), &p, false), Fate::RetryHere(w) if w >= Duration::from_secs(10))
+        );
+        assert!(
+            matches!(decide_after(&retry, 2, open(61), &p, true), Fate::Redeliver(w) if w >= Duration::from_secs(10))
+        );
+        assert_eq!(decide_after(&retry, 3, open(61), &p, false), Fate::DeadLetter);
+        // No circuit refused: the plain rule; a reject or a trap is not waited for.
+        assert_eq!(decide_after(&retry, 3, Circuit::default(), &p, false), Fate::DeadLetter);
+        let reject = DeliveryError::Handler(Failure::Reject("declined".into()));
+        assert_eq!(decide_after(&reject, 1, open(0), &p, false), Fate::DeadLetter);
+        let trap = DeliveryError::Handler(Failure::Trap("unwrap on CircuitOpen".into()));
+        assert!(
+            matches!(decide_after(&trap, 1, open(0), &p, false), Fate::RetryHere(w) if w >= Duration::from_secs(10))
+        );
+        assert_eq!(decide_after(&trap, 3, open(0), &p, false), Fate::DeadLetter);
     }
 
     #[test]

@@ -197,7 +197,11 @@ impl std::fmt::Display for Inspection {
         if !requested.is_empty() || !self.granted_outbound.is_empty() {
             let list = |l: &[String]| if l.is_empty() { "(none)".to_string() } else { l.join(", ") };
             writeln!(f, "outbound   requested {}", list(&requested))?;
-            writeln!(f, "           granted   {}", list(&self.granted_outbound))?;
+            let granted = match self.granted_outbound.is_empty() {
+                true => "(none: it loads, and every call it makes is refused)".to_string(),
+                false => list(&self.granted_outbound),
+            };
+            writeln!(f, "           granted   {granted}")?;
         }
         writeln!(f, "imports")?;
         for i in &self.imports {

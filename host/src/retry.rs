@@ -17,11 +17,24 @@ pub struct RetryPolicy {
     /// Largest backoff.
     #[serde(with = "humantime_serde")]
     pub max: Duration,
+    /// How long one delivery may wait in all for open circuit breakers without its attempts
+    /// being charged: an attempt that asks to retry after an open breaker refused one of its
+    /// outbound calls waits out the breaker's cool-down and runs again as the same attempt,
+    /// until the delivery has waited this long; past it, such an attempt counts like any
+    /// other (so an event whose provider never comes back still ends in a dead letter).
+    #[serde(with = "humantime_serde")]
+    pub max_circuit_wait: Duration,
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { max_attempts: 5, initial: Duration::from_millis(100), factor: 2.0, max: Duration::from_secs(30) }
+        Self {
+            max_attempts: 5,
+            initial: Duration::from_millis(100),
+            factor: 2.0,
+            max: Duration::from_secs(30),
+            max_circuit_wait: Duration::from_secs(15 * 60),
+        }
     }
 }
 

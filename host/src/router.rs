@@ -132,7 +132,7 @@ pub struct PluginInfo {
     pub limits: crate::sandbox::Limits,
     /// Where its dead letters go.
     pub dead_letter_subject: String,
-    /// Counters: received, ok, retried, dead_lettered, attempts, in_flight, pending, queued, outputs.
+    /// Counters: received, ok, retried, circuit_waits, dead_lettered, attempts, in_flight, pending, queued, outputs.
     pub counters: BTreeMap<&'static str, u64>,
     /// Outbound HTTP (requested, granted, breakers), when it asks for or is granted any.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -310,6 +310,7 @@ impl Router {
                         ("received", s.received.load(Relaxed)),
                         ("ok", s.ok.load(Relaxed)),
                         ("retried", s.retried.load(Relaxed)),
+                        ("circuit_waits", s.circuit_waits.load(Relaxed)),
                         ("dead_lettered", s.dead_lettered.load(Relaxed)),
                         ("attempts", s.attempts.load(Relaxed)),
                         ("in_flight", s.in_flight.load(Relaxed)),

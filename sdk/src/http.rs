@@ -47,7 +47,9 @@ pub enum HttpError {
         reason: String,
     },
     /// The destination's circuit breaker is open: too many failures in a row; calls fail at
-    /// once until the cool-down has passed (then one probe goes through).
+    /// once until the cool-down has passed (then one probe goes through). Returned with `?`,
+    /// the event waits out the cool-down without being charged an attempt (see
+    /// `From<HttpError>` for [`HandlerError`]).
     CircuitOpen {
         /// The destination host.
         host: String,
@@ -84,9 +86,15 @@ impl fmt::Display for HttpError {
 
 impl std::error::Error for HttpError {}
 
-/// `?` in a handler: timeouts, open circuits and network failures retry the event (the host's
-/// backoff applies; an open circuit's `retry_after` is not yet passed to it); a refusal,
+/// `?` in a handler: timeouts, open circuits and network failures retry the event; a refusal,
 /// an oversized body or a bad request rejects it (dead letter with the reason).
+///
+/// An open circuit needs nothing more from the handler: the host saw its breaker refuse the
+/// call, so when the attempt asks to retry it waits at least the breaker's `retry_after` and
+/// runs the *same* attempt again ([`Event::attempt`](crate::Event::attempt) unchanged, not
+/// counted against `max_attempts`), up to the operator's `[retry] max_circuit_wait` per event
+/// (default 15 minutes; past it such retries count like any other, so a provider that never
+/// comes back still ends in a dead letter).
 impl From<HttpError> for HandlerError {
     fn from(e: HttpError) -> Self {
         match e {

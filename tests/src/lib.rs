@@ -271,6 +271,7 @@ pub fn fast_retries(config: &mut Config) {
         initial: Duration::from_millis(5),
         factor: 2.0,
         max: Duration::from_millis(20),
+        ..plugbus::retry::RetryPolicy::default()
     };
 }
 

@@ -10,6 +10,7 @@ mod jetstream;
 mod keyed;
 mod memory;
 mod nats_core;
+mod outbound;
 mod pipeline;
 mod reload;
 mod reuse;
@@ -35,6 +36,7 @@ pub async fn run(id: &str, mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
         "memory" => memory::run(mode, handler).await?,
         "crash" => crash::run(mode, handler).await?,
         "pipeline-5" => pipeline::run(mode, handler).await?,
+        "outbound" => outbound::run(mode, handler).await?,
         other => anyhow::bail!("unknown scenario {other}"),
     };
     row.scenario = id.to_string();

@@ -231,19 +231,22 @@ impl Sandbox {
         let settings = bind(&mut manifest)?;
         let publishes = PatternSet::parse(&manifest.publishes).map_err(|e| LoadError::Manifest(e.to_string()))?;
         let outbound = OutboundPolicy::new(&manifest.outbound, &settings.allowed_outbound, &settings.limits);
-        // The HTTP client is linked only for a plugin that asks for destinations the operator grants.
         if !http.is_empty() && !outbound.any_granted() {
-            let why = if manifest.outbound.is_empty() {
-                "its manifest asks for no `outbound` destination".to_string()
-            } else {
-                format!(
-                    "none of the `outbound` destinations it asks for ({}) is granted: add them to \
-                     [plugins.{}] allowed_outbound",
-                    manifest.outbound.join(", "),
-                    manifest.name
-                )
-            };
-            return Err(LoadError::ForbiddenImports(http.into_iter().map(|i| format!("{i} ({why})")).collect()));
+            // A component that imports the HTTP client without saying what it would call is hiding something.
+            if manifest.outbound.is_empty() {
+                let why = "its manifest asks for no `outbound` destination";
+                return Err(LoadError::ForbiddenImports(http.into_iter().map(|i| format!("{i} ({why})")).collect()));
+            }
+            // It says what it would call and the operator granted none of it: it loads (its calls
+            // may be optional, e.g. a URL from config), and every call is refused by the policy
+            // before anything is resolved or sent (`Refused: … is not granted to the plugin`).
+            tracing::warn!(
+                plugin = %manifest.name,
+                "asks for outbound HTTP to {} but [plugins.{}] allowed_outbound grants none of it: it loads, \
+                 and every HTTP call it makes is refused",
+                manifest.outbound.join(", "),
+                manifest.name
+            );
         }
         let ctx = PluginCtx {
             name: manifest.name.as_str().into(),

@@ -274,6 +274,10 @@ pub struct Outbound {
     pub deadline: Instant,
     /// A repeatable run (`plugbus test`): nothing goes out, every call is refused.
     pub offline: bool,
+    /// The longest `retry_after` of the calls this attempt's open breakers refused (`None`:
+    /// none was refused): when the attempt then asks to retry, dispatch waits at least this long
+    /// and runs it again without charging an attempt (`fate::decide`).
+    pub circuit_open: Option<std::time::Duration>,
 }
 
 impl Outbound {
@@ -287,6 +291,7 @@ impl Outbound {
             calls: 0,
             deadline: Instant::now() + limits.deadline,
             offline: false,
+            circuit_open: None,
         }
     }
 
@@ -325,6 +330,7 @@ impl Outbound {
             Ok(probe) => probe,
             Err(retry_after) => {
                 tracing::warn!(plugin = %self.plugin, event_id = %self.event_id, host, "outbound request failed at once: circuit open");
+                self.circuit_open = Some(self.circuit_open.map_or(retry_after, |r| r.max(retry_after)));
                 let ms = retry_after.as_millis();
                 return Err(Error::InternalError(Some(format!("{CIRCUIT_OPEN_PREFIX}{host} retry_after_ms={ms}"))));
             }

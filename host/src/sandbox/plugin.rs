@@ -77,6 +77,9 @@ pub struct Attempt {
     pub seen: Option<Box<Seen>>,
     /// Its reply to the event (a request), to release with the outputs only on Ok.
     pub reply: Option<Output>,
+    /// The longest `retry_after` of the calls an open circuit breaker refused during the
+    /// attempt (`None`: no call was refused for an open circuit).
+    pub circuit_open: Option<Duration>,
 }
 
 /// A validated, pre-linked plugin, ready to run events.
@@ -251,6 +254,7 @@ impl Plugin {
                     elapsed: started.elapsed(),
                     seen: None,
                     reply: None,
+                    circuit_open: None,
                 }
             }
         }
@@ -282,6 +286,7 @@ impl Plugin {
             elapsed: started.elapsed(),
             seen,
             reply: if ok { state.reply } else { None },
+            circuit_open: state.outbound.circuit_open,
         }
     }
 
@@ -311,6 +316,7 @@ impl Plugin {
                             elapsed: started.elapsed(),
                             seen: Some(Box::new(std::mem::take(&mut store.data_mut().seen))),
                             reply: None,
+                            circuit_open: None,
                         };
                     }
                 }
@@ -332,11 +338,12 @@ impl Plugin {
         // Taken either way: an idle warm instance holds no record.
         let seen = std::mem::take(&mut state.seen);
         let seen = (!ok).then(|| Box::new(seen));
+        let circuit_open = state.outbound.circuit_open.take();
         warm.uses += 1;
         if !trapped && warm.uses < self.ctx.limits.recycle_after {
             self.warm.lock().expect("warm pool poisoned").push(warm);
         }
-        Attempt { result, outputs, txn, elapsed: started.elapsed(), seen, reply }
+        Attempt { result, outputs, txn, elapsed: started.elapsed(), seen, reply, circuit_open }
     }
 
     fn outcome(

@@ -157,6 +157,7 @@ impl HostState {
         self.outbound.event_id.clear();
         self.outbound.event_id.push_str(event_id);
         self.outbound.calls = 0;
+        self.outbound.circuit_open = None;
         self.seen = Seen::default();
         self.reply_to = None;
         self.reply_token = None;

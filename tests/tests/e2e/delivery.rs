@@ -40,8 +40,13 @@ on_every_transport!(reject_dead_letters_at_once_with_every_header);
 on_every_transport!(exhausted_retries_dead_letter_with_the_last_error_and_replay_works);
 
 async fn fails_twice_then_succeeds_handled_once_outputs_once(bus: &Bus<'_>) {
-    let policy =
-        RetryPolicy { max_attempts: 5, initial: Duration::from_millis(100), factor: 2.0, max: Duration::from_secs(1) };
+    let policy = RetryPolicy {
+        max_attempts: 5,
+        initial: Duration::from_millis(100),
+        factor: 2.0,
+        max: Duration::from_secs(1),
+        ..RetryPolicy::default()
+    };
     let p = policy.clone();
     let t = TestHost::start_on(bus, &["faulty"], move |c| c.retry = p).await;
     let mut seen = t.observe(&["faulty.out.>", "plugbus.dlq.>"]).await;
@@ -134,6 +139,7 @@ async fn order_per_key_holds_across_retries_while_keys_run_in_parallel() {
             initial: Duration::from_millis(2),
             factor: 2.0,
             max: Duration::from_millis(10),
+            ..RetryPolicy::default()
         };
         c.flow = Flow { concurrency: 8, queue: 256, ..Flow::default() };
     })

@@ -526,6 +526,7 @@ async fn jetstream_a_plugin_ordering_by_key_retries_in_place_holding_the_key() {
             initial: Duration::from_millis(5),
             factor: 2.0,
             max: Duration::from_millis(20),
+            ..plugbus::retry::RetryPolicy::default()
         };
     })
     .await;

@@ -11,9 +11,10 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use plugbus::Config;
 use plugbus::sandbox::{PluginSettings, Sandbox, SandboxSettings};
-use plugbus_tests::{TestHost, fast_retries, wasm};
+use plugbus_tests::nats::NatsServer;
+use plugbus_tests::{Bus, TestHost, fast_retries, wasm};
 use serde_json::{Value, json};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,8 @@ struct Server {
     seen: Seen,
     /// `/gate` requests in flight now, and the most at once.
     gate: Gate,
+    /// While set, `/flaky` answers 500 (a provider that is down); then `recovered`.
+    down: Arc<AtomicBool>,
 }
 
 type Gate = Arc<(AtomicUsize, AtomicUsize)>;
@@ -35,11 +38,15 @@ impl Server {
     async fn start() -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let (seen, gate): (Seen, Gate) = Default::default();
-        let app =
-            Router::new().route("/{what}", get(answer).post(answer)).with_state((seen.clone(), port, gate.clone()));
+        let (seen, gate, down): (Seen, Gate, Arc<AtomicBool>) = Default::default();
+        let app = Router::new().route("/{what}", get(answer).post(answer)).with_state((
+            seen.clone(),
+            port,
+            gate.clone(),
+            down.clone(),
+        ));
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Self { port, seen, gate }
+        Self { port, seen, gate, down }
     }
 
     fn url(&self, path: &str) -> String {
@@ -52,7 +59,7 @@ impl Server {
 }
 
 async fn answer(
-    State((seen, port, gate)): State<(Seen, u16, Gate)>,
+    State((seen, port, gate, down)): State<(Seen, u16, Gate, Arc<AtomicBool>)>,
     Path(what): Path<String>,
     headers: HeaderMap,
 ) -> axum::response::Response {
@@ -61,6 +68,8 @@ async fn answer(
     match what.as_str() {
         "ok" => "pong".into_response(),
         "fail" => (StatusCode::INTERNAL_SERVER_ERROR, "down").into_response(),
+        "flaky" if down.load(Ordering::SeqCst) => (StatusCode::INTERNAL_SERVER_ERROR, "down").into_response(),
+        "flaky" => "recovered".into_response(),
         "gate" => {
             let now = gate.0.fetch_add(1, Ordering::SeqCst) + 1;
             gate.1.fetch_max(now, Ordering::SeqCst);
@@ -84,7 +93,12 @@ async fn answer(
 
 /// A host running `caller`, granted `grants`, with `tweak` applied to its limits.
 async fn host(grants: Vec<String>, limits: &[(&str, Value)]) -> TestHost {
-    TestHost::start_with(&["caller"], |c: &mut Config| {
+    host_on(&Bus::Embedded, grants, limits).await
+}
+
+/// [`host`] on `bus`.
+async fn host_on(bus: &Bus<'_>, grants: Vec<String>, limits: &[(&str, Value)]) -> TestHost {
+    TestHost::start_on(bus, &["caller"], |c: &mut Config| {
         fast_retries(c);
         let p = c.plugins.entry("caller".into()).or_default();
         p.allowed_outbound = grants;
@@ -311,6 +325,92 @@ async fn the_breaker_opens_after_n_failures_and_closes_after_the_cool_down() {
     assert_eq!((b.state, b.opened), ("closed", 1));
 }
 
+/// The adversary is an outage: a provider down long enough to open the breaker. An event that
+/// needs it must wait for the cool-down (not burn its attempts on instant refusals and be
+/// dead-lettered in milliseconds), go through as the half-open probe once the provider is back,
+/// and see the attempt number it would have seen without the outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_breaker_makes_the_event_wait_its_cool_down_without_burning_attempts() {
+    waits_out_an_open_breaker(&Bus::Embedded).await;
+}
+
+/// The same on JetStream: the wait is held in the host (kept alive with `in-progress`), not
+/// `nak`ed: JetStream delivers each of the two events once, so its delivery count (the attempt
+/// number there, capped by `max_deliver`) is not spent either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_an_open_breaker_makes_the_event_wait_without_a_redelivery() {
+    let nats = NatsServer::start().await;
+    waits_out_an_open_breaker(&Bus::JetStream(&nats)).await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let stream =
+        js.get_stream(js.stream_by_subject("caller.go").await.expect("a stream captures caller.go")).await.unwrap();
+    let infos: Vec<_> = futures::StreamExt::collect(stream.consumers()).await;
+    let [Ok(info)] = &infos[..] else { panic!("one consumer on caller.go: {infos:?}") };
+    assert_eq!(info.delivered.consumer_sequence, 2, "JetStream delivered again: the wait was a nak: {info:?}");
+}
+
+async fn waits_out_an_open_breaker(bus: &Bus<'_>) {
+    let server = Server::start().await;
+    server.down.store(true, Ordering::SeqCst);
+    let cooldown = Duration::from_secs(2);
+    let limits = [("outbound_breaker_failures", json!(2)), ("outbound_breaker_cooldown", json!("2s"))];
+    // fast_retries: 3 attempts 5-20 ms apart, all within the cool-down if the refusals counted.
+    let t = host_on(bus, vec![format!("http://127.0.0.1:{}", server.port)], &limits).await;
+    // Two failed calls open the breaker (this caller swallows its errors).
+    let (_, out) = call(&t, json!({ "url": server.url("/flaky"), "calls": 2 })).await;
+    assert_eq!(out["status"], 500, "{out}");
+    plugbus_tests::eventually("the breaker opens", || breaker(&t, "127.0.0.1").is_some_and(|b| b.state == "open"))
+        .await;
+    let opened = Instant::now();
+    // The provider is back, but the breaker does not know it until its probe.
+    server.down.store(false, Ordering::SeqCst);
+
+    let (subject, out) = call(&t, json!({ "url": server.url("/flaky"), "strict": true })).await;
+    assert_eq!(subject, "caller.out.ok", "{out}");
+    assert_eq!(out["body"], "recovered");
+    assert_eq!(out["attempt"], 1, "the waits for the breaker were charged as attempts: {out}");
+    assert!(opened.elapsed() >= cooldown - Duration::from_millis(100), "went through before the cool-down");
+    assert!(t.counter("caller", "circuit_waits") >= 1, "the event never met the open breaker: the test lost its point");
+    assert_eq!(t.counter("caller", "dead_lettered"), 0);
+    // It waited instead of hammering: two failures, then the one probe that closed the breaker.
+    assert_eq!(server.seen("/flaky").len(), 3, "{:?}", server.seen("/flaky"));
+    let b = breaker(&t, "127.0.0.1").unwrap();
+    assert_eq!((b.state, b.opened), ("closed", 1));
+}
+
+/// A provider that never comes back: an event still ends in a dead letter. Each cool-down its
+/// attempt is the probe, which fails and counts; the refusals between probes do not. With
+/// `max_circuit_wait = "0s"` no wait is free: the refusals count too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_never_comes_back_still_ends_in_a_dead_letter() {
+    for (budget, waits, calls, least_ms) in [("10m", 2, 3, 550), ("0s", 0, 2, 250)] {
+        let server = Server::start().await;
+        server.down.store(true, Ordering::SeqCst);
+        let limits = [("outbound_breaker_failures", json!(1)), ("outbound_breaker_cooldown", json!("300ms"))];
+        let t = TestHost::start_with(&["caller"], |c: &mut Config| {
+            fast_retries(c);
+            c.retry.max_circuit_wait = humantime::parse_duration(budget).unwrap();
+            let p = c.plugins.entry("caller".into()).or_default();
+            p.allowed_outbound = vec![format!("http://127.0.0.1:{}", server.port)];
+            for (k, v) in limits {
+                p.limits.insert(k.to_string(), v.clone());
+            }
+        })
+        .await;
+        let mut seen = t.observe(&["plugbus.dlq.caller"]).await;
+        let started = Instant::now();
+        t.publish("caller.go", json!({ "url": server.url("/flaky"), "strict": true }).to_string()).await;
+        let dead = seen.next_on("plugbus.dlq.caller").await;
+        let error = dead.header(plugbus::deadletter::headers::ERROR).unwrap_or_default().to_string();
+        let attempts = dead.header(plugbus::deadletter::headers::ATTEMPTS).unwrap_or_default().to_string();
+        assert_eq!(attempts, "3", "budget {budget}: {error}");
+        assert_eq!(t.counter("caller", "circuit_waits"), waits, "budget {budget}");
+        assert_eq!(server.seen("/flaky").len(), calls, "budget {budget}: one call per probe, none between");
+        // Every retry after a refusal waited for the breaker, counted or not.
+        assert!(started.elapsed() >= Duration::from_millis(least_ms), "budget {budget}: {:?}", started.elapsed());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http_client_is_linked_only_when_granted_and_only_for_plugins_that_ask() {
     let sandbox = Sandbox::new(SandboxSettings::default()).unwrap();
@@ -323,8 +423,20 @@ async fn the_http_client_is_linked_only_when_granted_and_only_for_plugins_that_a
         }
     };
     let caller = std::fs::read(wasm("caller")).unwrap();
-    let err = sandbox.load(&caller, settings(Vec::new())).await.err().expect("refused without a grant").to_string();
-    assert!(err.contains("wasi:http/outgoing-handler") && err.contains("allowed_outbound"), "{err}");
+    // Asked for but not granted: it loads (its calls may be optional), and every call is
+    // refused naming the missing grant; nothing is sent.
+    let server = Server::start().await;
+    let ungranted = sandbox.load(&caller, settings(Vec::new())).await.expect("loads without a grant");
+    let ev = plugbus::Event::new("caller.go", json!({ "url": server.url("/ok") }).to_string());
+    let attempt = ungranted.handle(&ev, 1).await;
+    assert!(attempt.result.is_ok(), "{:?}", attempt.result);
+    let out = String::from_utf8_lossy(&attempt.outputs[0].data).into_owned();
+    assert!(
+        out.contains("Refused")
+            && out.contains("is not granted to the plugin (operator: [plugins.caller] allowed_outbound)"),
+        "{out}"
+    );
+    assert!(server.seen("/ok").is_empty());
     let plugin = sandbox.load(&caller, settings(vec!["http://127.0.0.1:8080".into()])).await.unwrap();
     assert_eq!(plugin.manifest().outbound, ["http://127.0.0.1:*", "http://localhost:*"]);
     assert_eq!(plugin.outbound().granted, ["http://127.0.0.1:8080"]);
@@ -336,11 +448,14 @@ async fn the_http_client_is_linked_only_when_granted_and_only_for_plugins_that_a
     let text = report.to_string();
     assert!(text.contains("outbound   requested http://127.0.0.1:*, http://localhost:*"), "{text}");
     assert!(text.contains("granted   http://127.0.0.1:8080"), "{text}");
-    let refused = plugbus::inspect::inspect(&sandbox, "caller.wasm", &caller, &Config::default()).await;
-    assert!(!refused.loadable && refused.to_string().contains("allowed_outbound"), "{refused}");
+    let ungranted = plugbus::inspect::inspect(&sandbox, "caller.wasm", &caller, &Config::default()).await;
+    assert!(ungranted.loadable, "{ungranted}");
+    assert!(
+        ungranted.to_string().contains("granted   (none: it loads, and every call it makes is refused)"),
+        "{ungranted}"
+    );
 
     // A repeatable run (`plugbus test`) makes no call, even when granted.
-    let server = Server::start().await;
     let grant = vec![format!("http://127.0.0.1:{}", server.port)];
     let plugin = sandbox.load(&caller, settings(grant)).await.unwrap();
     let ev = plugbus::Event::new("caller.go", json!({ "url": server.url("/ok") }).to_string());

@@ -3,7 +3,9 @@
 //! (`key`: an `Idempotency-Key` the handler tries to set itself).
 //! Each call's outcome is published to `caller.out.ok` (`{status, body, attempt, index}`) or
 //! `caller.out.err` (`{error, attempt, index}`); with `fail_before = N` the attempts before the
-//! N-th ask to be retried after making their calls (the same calls on every attempt).
+//! N-th ask to be retried after making their calls (the same calls on every attempt); with
+//! `"strict": true` a failed call (or a non-2xx answer) fails the attempt the SDK's default way
+//! (`?`: an open circuit, a timeout or a 5xx asks to retry).
 
 use plugbus_sdk::{Event, HandlerError, handler, http, publish_json};
 use serde_json::{Value, json};
@@ -24,7 +26,12 @@ fn call(ev: Event) -> Result<(), HandlerError> {
         if let Some(key) = spec["key"].as_str() {
             req = req.header("Idempotency-Key", key);
         }
+        let strict = spec["strict"].as_bool().unwrap_or(false);
         match req.send() {
+            Err(e) if strict => return Err(e.into()),
+            Ok(res) if strict && !res.is_success() => {
+                return Err(HandlerError::retry(format!("the server answered {}", res.status)));
+            }
             Ok(res) => publish_json(
                 "caller.out.ok",
                 &json!({ "status": res.status, "body": res.text(), "attempt": ev.attempt(), "index": index }),
