@@ -71,6 +71,8 @@ const SCENARIOS: &[&str] = &[
     "memory",
     "crash",
     "pipeline-5",
+    // Last: it installs the OpenTelemetry layer for the rest of the process.
+    "tracing",
 ];
 /// Scenarios of BENCH.md not measured here yet.
 const NOT_YET: &[&str] = &[];

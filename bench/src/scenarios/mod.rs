@@ -13,6 +13,7 @@ mod nats_core;
 mod pipeline;
 mod reload;
 mod reuse;
+mod tracing;
 
 use crate::Mode;
 use crate::components::BenchHost;
@@ -35,6 +36,7 @@ pub async fn run(id: &str, mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
         "memory" => memory::run(mode, handler).await?,
         "crash" => crash::run(mode, handler).await?,
         "pipeline-5" => pipeline::run(mode, handler).await?,
+        "tracing" => tracing::run(mode, handler).await?,
         other => anyhow::bail!("unknown scenario {other}"),
     };
     row.scenario = id.to_string();

@@ -9,7 +9,9 @@ use super::world::FixedWorld;
 use crate::event::{Event, Output, cut, cut_to};
 use crate::kv::{KvError, KvStore, Txn};
 use crate::manifest::Manifest;
+use crate::telemetry;
 use futures::FutureExt;
+use tracing::Instrument;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
@@ -258,7 +260,7 @@ impl Plugin {
         let mut store = Store::new(&self.engine, state);
         arm_store(&mut store);
         let call = async {
-            let instance = self.pre.instantiate_async(&mut store).await?;
+            let instance = self.pre.instantiate_async(&mut store).instrument(telemetry::step_span("instantiate")).await?;
             let headers = header_refs(event);
             instance.plugbus_handler_handler().call_handle(&mut store, to_wit(event, &headers, attempt)).await
         };
@@ -291,7 +293,7 @@ impl Plugin {
             None => {
                 let mut store = Store::new(&self.engine, HostState::new(self.ctx.clone(), &event.id, &event.subject));
                 arm_store(&mut store);
-                match self.pre.instantiate_async(&mut store).await {
+                match self.pre.instantiate_async(&mut store).instrument(telemetry::step_span("instantiate")).await {
                     Ok(instance) => Warm { store, instance, uses: 0 },
                     Err(e) => {
                         let failure = Failure::Trap(describe_trap(&e, store.data(), None));
