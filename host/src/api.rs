@@ -15,7 +15,6 @@
 //! - A dead-letter replay runs to its end in its own task: a client that goes away midway loses
 //!   no dead letter.
 
-use tracing::Instrument;
 use crate::loader::Rejected;
 use crate::router::Router;
 use crate::subject::validate_subject;
@@ -33,6 +32,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tracing::Instrument;
 
 /// `[api]` in the config: how the HTTP API protects the host from its clients.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -30,7 +30,11 @@ impl Received {
     }
 }
 
-async fn export(State(got): State<Received>, headers: HeaderMap, body: axum::body::Bytes) -> (StatusCode, HeaderMap, Vec<u8>) {
+async fn export(
+    State(got): State<Received>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> (StatusCode, HeaderMap, Vec<u8>) {
     let mut out = HeaderMap::new();
     out.insert(header::CONTENT_TYPE, "application/x-protobuf".parse().unwrap());
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
@@ -74,7 +78,10 @@ fn text(v: Option<&Value>) -> Option<String> {
 
 /// A span's attribute as text.
 fn attr(span: &Span, key: &str) -> Option<String> {
-    span.attributes.iter().find(|kv| kv.key == key).and_then(|kv| text(kv.value.as_ref().and_then(|v| v.value.as_ref())))
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| text(kv.value.as_ref().and_then(|v| v.value.as_ref())))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -98,6 +105,16 @@ fn free_port() -> u16 {
 
 /// `plugbus run` on these components, exporting to `otlp`; its API URL and log file.
 async fn run_host(dir: &std::path::Path, components: &[&str], otlp: &str) -> (Running, String, std::path::PathBuf) {
+    run_host_with(dir, components, otlp, &[]).await
+}
+
+/// Like [`run_host`], with more arguments for `plugbus run`.
+async fn run_host_with(
+    dir: &std::path::Path,
+    components: &[&str],
+    otlp: &str,
+    extra: &[&str],
+) -> (Running, String, std::path::PathBuf) {
     for c in components {
         std::fs::copy(wasm(c), dir.join(format!("{c}.wasm"))).unwrap();
     }
@@ -111,6 +128,7 @@ async fn run_host(dir: &std::path::Path, components: &[&str], otlp: &str) -> (Ru
             .arg("--data-dir")
             .arg(dir.join(".data"))
             .args(["--http", &format!("127.0.0.1:{port}"), "--log-format", "json"])
+            .args(extra)
             .env("RUST_LOG", "info")
             .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
             // Export batches every 100 ms rather than 5 s: the test waits less.
@@ -169,7 +187,9 @@ async fn wait_for<T>(got: &Received, what: &str, pick: impl Fn(&[Span]) -> Optio
 
 /// The delivery span (`process <subject>`) of `plugin` in the trace `trace`.
 fn delivery<'a>(spans: &'a [Span], trace: &[u8], plugin: &str) -> Option<&'a Span> {
-    spans.iter().find(|s| s.trace_id == trace && s.name.starts_with("process ") && attr(s, "plugin").as_deref() == Some(plugin))
+    spans
+        .iter()
+        .find(|s| s.trace_id == trace && s.name.starts_with("process ") && attr(s, "plugin").as_deref() == Some(plugin))
 }
 
 /// Whether `ancestor` is a parent, grandparent, … of `span` among `spans`.
@@ -204,15 +224,17 @@ async fn one_order_is_one_trace_through_the_five_handlers() {
 
     // The ingress started the trace: a root producer span for the post.
     let ingress = wait_for(&got, "the ingress span", |spans| {
-        spans.iter().find(|s| s.name == "publish orders.created" && attr(s, "event_id").as_deref() == Some(&id)).cloned()
+        spans
+            .iter()
+            .find(|s| s.name == "publish orders.created" && attr(s, "event_id").as_deref() == Some(&id))
+            .cloned()
     })
     .await;
     assert!(ingress.parent_span_id.is_empty(), "no traceparent came in: the ingress span is a root");
     let trace = ingress.trace_id.clone();
-    let spans = wait_for(&got, "the notify delivery span", |spans| {
-        delivery(spans, &trace, "notify").map(|_| spans.to_vec())
-    })
-    .await;
+    let spans =
+        wait_for(&got, "the notify delivery span", |spans| delivery(spans, &trace, "notify").map(|_| spans.to_vec()))
+            .await;
 
     // orders.created → inventory → payments → shipping → notify: each delivery a descendant of
     // the one whose output it handles, the first a child of the ingress span.
@@ -249,7 +271,8 @@ async fn one_order_is_one_trace_through_the_five_handlers() {
         assert!(children.contains(&step), "inventory's attempt has no {step:?} child: {children:?}");
     }
     // audit saw the same order's four subjects, in the same trace.
-    let audits = spans.iter().filter(|s| s.name.starts_with("process ") && attr(s, "plugin").as_deref() == Some("audit"));
+    let audits =
+        spans.iter().filter(|s| s.name.starts_with("process ") && attr(s, "plugin").as_deref() == Some("audit"));
     assert!(audits.clone().all(|s| s.trace_id == trace));
     // Every span of this order is in the one trace; the resource names the service.
     assert!(got.spans.lock().unwrap().iter().all(|(service, _)| service == "plugbus"));
@@ -278,8 +301,13 @@ async fn an_incoming_traceparent_is_continued_and_garbage_starts_a_new_trace() {
     // A client's W3C context: the ingress span is its child, the delivery in its trace.
     let (trace, parent) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
     let traceparent = format!("00-{trace}-{parent}-01");
-    let id = post(&url, "orders.created", order("t-2", "widget", 1), &[("traceparent", &traceparent), ("tracestate", "vendor=x")])
-        .await;
+    let id = post(
+        &url,
+        "orders.created",
+        order("t-2", "widget", 1),
+        &[("traceparent", &traceparent), ("tracestate", "vendor=x")],
+    )
+    .await;
     let ingress = wait_for(&got, "the ingress span", |spans| {
         spans.iter().find(|s| attr(s, "event_id").as_deref() == Some(&id) && s.name.starts_with("publish")).cloned()
     })
@@ -309,7 +337,10 @@ async fn an_incoming_traceparent_is_continued_and_garbage_starts_a_new_trace() {
             delivery(spans, &ingress.trace_id, "inventory").map(|_| spans.to_vec())
         })
         .await;
-        assert_eq!(attr(delivery(&spans, &ingress.trace_id, "inventory").unwrap(), "outcome").as_deref(), Some("handled"));
+        assert_eq!(
+            attr(delivery(&spans, &ingress.trace_id, "inventory").unwrap(), "outcome").as_deref(),
+            Some("handled")
+        );
     }
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains(&"f".repeat(8 << 10)), "the huge traceparent was echoed into the log");
@@ -340,4 +371,94 @@ async fn a_handler_cannot_set_the_trace_context_of_its_outputs() {
     let hostile = delivery(&spans, &ingress.trace_id, "hostile").unwrap();
     assert_eq!(parent_of(&spans, faulty).unwrap().parent_span_id, hostile.span_id);
     assert!(spans.iter().all(|s| hex(&s.trace_id) != forged_trace), "a span joined the forged trace");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trace_crosses_nats_jetstream_from_a_publishers_traceparent() {
+    let server = plugbus_tests::nats::NatsServer::start().await;
+    let (otlp, got) = receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Every hop through a JetStream stream and a durable consumer.
+    let config = dir.path().join("plugbus.toml");
+    std::fs::write(
+        &config,
+        r#"
+[plugins.inventory]
+durable = true
+[plugins.payments]
+durable = true
+[plugins.shipping]
+durable = true
+[plugins.notify]
+durable = true
+[nats.streams.ORDERS]
+subjects = ["orders.>"]
+[nats.streams.INVENTORY]
+subjects = ["inventory.>"]
+[nats.streams.PAYMENTS]
+subjects = ["payments.>"]
+[nats.streams.SHIPPING]
+subjects = ["shipping.>"]
+"#,
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let (_host, url, _log) = run_host_with(
+        dir.path(),
+        &["inventory", "payments", "shipping", "notify"],
+        &otlp,
+        &["--nats", &server.url(), "--config", &config],
+    )
+    .await;
+    // Subscribed once ready (a new durable consumer starts at new messages).
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + WAIT;
+    while !client.get(format!("{url}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
+        assert!(Instant::now() < deadline, "the host never became ready on NATS");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // An instrumented NATS publisher: a plain message with the W3C header.
+    let nats = server.client().await;
+    let js = async_nats::jetstream::new(nats);
+    let (trace, parent) = ("5b8efff798038103d269b633813fc60c", "eee19b7ec3c1b174");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("traceparent", format!("00-{trace}-{parent}-01").as_str());
+    headers.insert("Nats-Msg-Id", "nats-order-1");
+    js.publish_with_headers("orders.created", headers, order("n-1", "widget", 1).into()).await.unwrap().await.unwrap();
+    let trace_id: Vec<u8> = (0..16).map(|i| u8::from_str_radix(&trace[2 * i..2 * i + 2], 16).unwrap()).collect();
+    let spans = wait_for(&got, "notify's delivery in the publisher's trace", |spans| {
+        delivery(spans, &trace_id, "notify").map(|_| spans.to_vec())
+    })
+    .await;
+    let chain: Vec<&Span> = ["inventory", "payments", "shipping", "notify"]
+        .iter()
+        .map(|p| delivery(&spans, &trace_id, p).unwrap_or_else(|| panic!("no {p} delivery span in the trace")))
+        .collect();
+    assert_eq!(hex(&chain[0].parent_span_id), parent, "inventory continues the publisher's span");
+    for pair in chain.windows(2) {
+        assert!(descends_from(&spans, pair[1], pair[0]), "{} → {}", pair[0].name, pair[1].name);
+    }
+
+    // A binary-mode CloudEvent with a garbage ce-traceparent: delivered, in a trace of its own.
+    let mut headers = async_nats::HeaderMap::new();
+    for (k, v) in [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "nats-order-2"),
+        ("ce-source", "test"),
+        ("ce-type", "orders.created"),
+        ("ce-traceparent", "00-not-a-trace-context-01"),
+    ] {
+        headers.insert(k, v);
+    }
+    js.publish_with_headers("orders.created", headers, order("n-2", "widget", 1).into()).await.unwrap().await.unwrap();
+    let span = wait_for(&got, "inventory's delivery of the garbage-traced event", |spans| {
+        spans
+            .iter()
+            .find(|s| s.name.starts_with("process ") && attr(s, "event_id").as_deref() == Some("nats-order-2"))
+            .cloned()
+    })
+    .await;
+    assert!(span.parent_span_id.is_empty(), "a garbage context starts a new trace");
+    assert_eq!(attr(&span, "outcome").as_deref(), Some("handled"));
 }

@@ -11,11 +11,11 @@ use crate::kv::{KvError, KvStore, Txn};
 use crate::manifest::Manifest;
 use crate::telemetry;
 use futures::FutureExt;
-use tracing::Instrument;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
 /// What the operator set for one plugin.
@@ -260,7 +260,8 @@ impl Plugin {
         let mut store = Store::new(&self.engine, state);
         arm_store(&mut store);
         let call = async {
-            let instance = self.pre.instantiate_async(&mut store).instrument(telemetry::step_span("instantiate")).await?;
+            let instance =
+                self.pre.instantiate_async(&mut store).instrument(telemetry::step_span("instantiate")).await?;
             let headers = header_refs(event);
             instance.plugbus_handler_handler().call_handle(&mut store, to_wit(event, &headers, attempt)).await
         };
