@@ -122,10 +122,13 @@ fn traces_url(base: &str) -> String {
 
 /// Whether `name` is a trace-context header in any spelling a binding uses (`traceparent`,
 /// `ce-traceparent`, `ce_tracestate`, …): what only the host sets on an output.
+/// Allocates nothing: it runs for every header of every output.
 pub fn is_trace_header(name: &str) -> bool {
-    let lower = name.to_ascii_lowercase();
-    let base = lower.strip_prefix("ce-").or_else(|| lower.strip_prefix("ce_")).unwrap_or(&lower);
-    base == TRACEPARENT || base == TRACESTATE
+    let base = match name.get(..3) {
+        Some(p) if p.eq_ignore_ascii_case("ce-") || p.eq_ignore_ascii_case("ce_") => &name[3..],
+        _ => name,
+    };
+    base.eq_ignore_ascii_case(TRACEPARENT) || base.eq_ignore_ascii_case(TRACESTATE)
 }
 
 fn lower_hex(s: &str) -> bool {
