@@ -97,6 +97,8 @@ const SCENARIOS: &[&str] = &[
     "crash",
     "pipeline-5",
     "outbound",
+    // Last: it installs the OpenTelemetry layer for the rest of the process.
+    "tracing",
 ];
 /// Scenarios of BENCH.md not measured here yet.
 const NOT_YET: &[&str] = &[];

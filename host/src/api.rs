@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tracing::Instrument;
 
 /// `[api]` in the config: how the HTTP API protects the host from its clients.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -465,7 +466,7 @@ async fn publish(State(api): State<Api>, Path(subject): Path<String>, headers: H
             );
         }
     };
-    let event = match crate::cloudevents::decode(&subject, header_pairs(&headers), data) {
+    let mut event = match crate::cloudevents::decode(&subject, header_pairs(&headers), data) {
         Ok(ev) => ev,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
@@ -475,12 +476,20 @@ async fn publish(State(api): State<Api>, Path(subject): Path<String>, headers: H
         );
         return error(StatusCode::BAD_REQUEST, msg);
     }
+    // The W3C trace context (`traceparent` / `tracestate` headers, or `ce-` ones): with tracing
+    // on, this request's span continues it (or starts a trace) and the event carries the span's;
+    // an invalid one is dropped (a new trace), never refused.
+    let span = crate::telemetry::ingress(&mut event);
     let id = event.id.clone();
     let timeout = api.settings.publish_timeout;
-    match tokio::time::timeout(timeout, state.transport.publish(event)).await {
+    match tokio::time::timeout(timeout, state.transport.publish(event)).instrument(span.clone()).await {
         Ok(Ok(())) => (StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response(),
-        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Ok(Err(e)) => {
+            crate::telemetry::fail(&span, &e);
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
         Err(_) => {
+            crate::telemetry::fail(&span, &"not taken by the bus within api.publish_timeout");
             state.metrics.ingress_timeouts.inc();
             tracing::warn!(subject = %subject, event_id = %id, ?timeout,
                 "ingress event not taken by the bus in time (a subscriber's queue is full): answered 503");

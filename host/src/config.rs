@@ -104,6 +104,8 @@ pub struct Config {
     pub max_wasm_bytes: u64,
     /// The HTTP API's defences: publish timeout, allowed web origins, live-tail bounds.
     pub api: crate::api::ApiSettings,
+    /// OpenTelemetry traces: `otlp_endpoint` turns export on (see `telemetry`).
+    pub telemetry: crate::telemetry::TelemetrySettings,
 }
 
 impl Default for Config {
@@ -126,6 +128,7 @@ impl Default for Config {
             plugins: BTreeMap::new(),
             max_wasm_bytes: 64 << 20,
             api: crate::api::ApiSettings::default(),
+            telemetry: crate::telemetry::TelemetrySettings::default(),
         }
     }
 }
@@ -195,6 +198,7 @@ impl Config {
     /// Checks what serde cannot: the overlays, subjects, names and the backend choice.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.bus_kind()?;
+        self.telemetry.validate().map_err(anyhow::Error::msg)?;
         for (name, p) in &self.plugins {
             overlay(&self.limits, &p.limits, &format!("plugins.{name}.limits")).map_err(anyhow::Error::msg)?;
             overlay(&self.flow, &p.flow, &format!("plugins.{name}.flow")).map_err(anyhow::Error::msg)?;

@@ -16,11 +16,13 @@ use crate::kv::Outbox;
 use crate::metrics::PluginMetrics;
 use crate::retry::RetryPolicy;
 use crate::sandbox::Plugin;
+use crate::telemetry;
 use crate::transport::{Delivery, Transport};
 use crate::window::Mark;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 /// Fault injection for the crash tests: with `PLUGBUS_FAULT_ABORT_AFTER_KV_COMMIT=1` the process
 /// aborts right after an attempt's kv writes committed, before its outputs are released and its
@@ -170,8 +172,35 @@ pub enum RetryIn {
 }
 
 /// Runs `delivery` until it is handled, handed back for redelivery, or dead-lettered, and
-/// settles it with the transport.
+/// settles it with the transport. With tracing on, inside a `process <subject>` span (a child
+/// of the context the event carries) that records how it ended.
 pub async fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) -> Outcome {
+    if !telemetry::enabled() {
+        return deliver_in_span(rt, delivery, retry_in).await;
+    }
+    let version = rt.plugin().manifest().version.clone();
+    let span = telemetry::delivery_span(&rt.name, &version, &delivery.event, delivery.queued_at);
+    let outcome = deliver_in_span(rt, delivery, retry_in).instrument(span.clone()).await;
+    match &outcome {
+        Outcome::Handled { attempts, outputs } => {
+            span.record("outcome", "handled");
+            span.record("attempts", attempts);
+            span.record("outputs", *outputs as u64);
+        }
+        Outcome::Redelivering { attempt, .. } => {
+            span.record("outcome", "redelivering");
+            span.record("attempts", attempt);
+        }
+        Outcome::DeadLettered { attempts, failure } => {
+            span.record("outcome", "dead_lettered");
+            span.record("attempts", attempts);
+            telemetry::fail(&span, failure);
+        }
+    }
+    outcome
+}
+
+async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) -> Outcome {
     rt.stats.received.fetch_add(1, Ordering::Relaxed);
     rt.stats.window.mark(Mark::Received);
     let ev = &delivery.event;
@@ -244,16 +273,24 @@ async fn attempts(
         let plugin = rt.plugin();
         let mut seen = None;
         let mut circuit_open = None;
-        let result = run_attempt(rt, &plugin, ev, attempt, position.clone(), &mut seen, &mut circuit_open).await;
+        let span = telemetry::attempt_span(attempt);
+        let result = run_attempt(rt, &plugin, ev, attempt, position.clone(), &mut seen, &mut circuit_open)
+            .instrument(span.clone())
+            .await;
         match result {
             Ok((outputs, reply)) => {
                 if let Some(reply) = reply {
                     send_reply(rt, ev, reply).await;
                 }
-                let outputs = release_outputs(rt, ev, outputs).await;
+                let outputs = release_outputs(rt, ev, outputs).instrument(span.clone()).await;
+                span.record("outcome", "ok");
+                span.record("outputs", outputs as u64);
                 return Outcome::Handled { attempts: attempt, outputs };
             }
             Err(failure) => {
+                span.record("outcome", if failure.is_retryable() { "failed" } else { "rejected" });
+                telemetry::fail(&span, &failure);
+                drop(span);
                 let circuit = fate::Circuit { open: circuit_open, waited: circuit_waited };
                 let fate = fate::decide_after(&failure, attempt, circuit, &rt.retry, by_transport);
                 if let Fate::WaitForCircuit(wait) = fate {
@@ -329,16 +366,31 @@ async fn run_attempt(
             *circuit_open = run.circuit_open;
             return Err(DeliveryError::Handler(failure));
         }
-        let outputs: Vec<Arc<Event>> =
-            run.outputs.into_iter().enumerate().map(|(i, o)| Arc::new(o.into_event(ev, &rt.name, i))).collect();
+        // Every output carries the host's trace context (the attempt's span, or the input's
+        // context passed on when tracing is off), never one the plugin set.
+        let trace = telemetry::output_context(ev);
+        let outputs: Vec<Arc<Event>> = run
+            .outputs
+            .into_iter()
+            .enumerate()
+            .map(|(i, o)| {
+                let mut out = o.into_event(ev, &rt.name, i);
+                telemetry::set_context(&mut out, trace.as_ref());
+                Arc::new(out)
+            })
+            .collect();
         let outbox = match &position {
             Some((plugin, seq)) if !run.txn.writes.is_empty() => {
                 Some(Outbox { plugin: plugin.clone(), seq: *seq, outputs: outputs.clone() })
             }
             _ => None,
         };
-        match plugin.commit_settling(&run.txn, outbox).await {
+        let commit_span = if run.txn.is_empty() { tracing::Span::none() } else { telemetry::step_span("kv commit") };
+        match plugin.commit_settling(&run.txn, outbox).instrument(commit_span).await {
             Ok(()) => {
+                if reruns > 0 && telemetry::enabled() {
+                    tracing::Span::current().record("kv_conflicts", reruns);
+                }
                 if !run.txn.writes.is_empty() && fault_abort_after_kv_commit() {
                     tracing::error!(plugin = %rt.name, event_id = %ev.id, "PLUGBUS_FAULT_ABORT_AFTER_KV_COMMIT: aborting");
                     std::process::abort();
@@ -364,28 +416,9 @@ async fn run_attempt(
 async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Arc<Event>>) -> usize {
     let mut released = 0;
     for out in outputs {
-        let mut tries = 1;
-        loop {
-            let err = match rt.transport.publish_output(out.clone()).await {
-                Ok(()) => {
-                    released += 1;
-                    break;
-                }
-                Err(e) => e,
-            };
-            let (subject, id) = (&out.subject, &out.id);
-            let fate = fate::decide(&DeliveryError::Publish(err.to_string()), tries, &rt.retry, false);
-            let Fate::RetryHere(wait) = fate else {
-                tracing::error!(plugin = %rt.name, subject = %subject, event_id = %id, caused_by = %ev.id, tries,
-                    "output not published; dead-lettering the output (the handler's kv writes stand): {err}");
-                let why = format!("output to {subject} not published after {tries} tries: {err}");
-                let _ = dead_letter(rt, &out, &why, tries, None).await;
-                break;
-            };
-            tracing::warn!(plugin = %rt.name, subject = %subject, event_id = %id, caused_by = %ev.id, tries,
-                retry_in_ms = wait.as_millis() as u64, "output not published, publishing it again: {err}");
-            tokio::time::sleep(wait).await;
-            tries += 1;
+        let span = telemetry::output_span(&out);
+        if release_output(rt, ev, out, &span).instrument(span.clone()).await {
+            released += 1;
         }
     }
     released
@@ -404,6 +437,35 @@ async fn send_reply(rt: &PluginRuntime, ev: &Event, reply: Event) {
     };
     rt.metrics.replies_dropped.inc();
     tracing::info!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, "reply dropped: {dropped}");
+}
+
+/// Publishes one output until the transport takes it (`true`) or it is dead-lettered.
+async fn release_output(rt: &PluginRuntime, ev: &Event, out: Arc<Event>, span: &tracing::Span) -> bool {
+    let mut tries = 1;
+    loop {
+        let err = match rt.transport.publish_output(out.clone()).await {
+            Ok(()) => {
+                span.record("tries", tries);
+                return true;
+            }
+            Err(e) => e,
+        };
+        let (subject, id) = (&out.subject, &out.id);
+        let fate = fate::decide(&DeliveryError::Publish(err.to_string()), tries, &rt.retry, false);
+        let Fate::RetryHere(wait) = fate else {
+            tracing::error!(plugin = %rt.name, subject = %subject, event_id = %id, caused_by = %ev.id, tries,
+                "output not published; dead-lettering the output (the handler's kv writes stand): {err}");
+            let why = format!("output to {subject} not published after {tries} tries: {err}");
+            span.record("tries", tries);
+            telemetry::fail(span, &why);
+            let _ = dead_letter(rt, &out, &why, tries, None).await;
+            return false;
+        };
+        tracing::warn!(plugin = %rt.name, subject = %subject, event_id = %id, caused_by = %ev.id, tries,
+            retry_in_ms = wait.as_millis() as u64, "output not published, publishing it again: {err}");
+        tokio::time::sleep(wait).await;
+        tries += 1;
+    }
 }
 
 /// Keeps (with what its failed attempt saw, `record`, in this host's store only: never on the

@@ -90,7 +90,8 @@ impl Output {
     /// The event this output becomes. Its id is derived from (input source, input id, plugin,
     /// output index), so a redelivered input produces outputs with the same ids: transports
     /// deduplicate on it. Its `source` is `plugbus/<plugin>`, set by the host: the plugin cannot
-    /// choose it (reserved names are refused at publish, see [`is_reserved_header`]).
+    /// choose it (reserved names are refused at publish, see [`is_reserved_header`]). A
+    /// `traceparent` / `tracestate` the plugin set is dropped: the host's context wins.
     pub fn into_event(self, input: &Event, plugin: &str, index: usize) -> Event {
         let mut datacontenttype = None;
         let mut extensions = Vec::with_capacity(self.headers.len() + 1);
@@ -98,8 +99,10 @@ impl Output {
             let k = k.to_ascii_lowercase();
             if k == "datacontenttype" || k == "content-type" {
                 datacontenttype = Some(v);
-            } else if !is_reserved_header(&k) {
-                // Refused at publish already; dropped here too, so no path lets one through.
+            } else if !is_reserved_header(&k) && !crate::telemetry::is_trace_header(&k) {
+                // Reserved names are refused at publish already; dropped here too, so no path
+                // lets one through. A trace context is the host's to set (dispatch sets the
+                // attempt's, `telemetry::set_context`): the plugin's own is dropped.
                 extensions.push((k, v));
             }
         }

@@ -34,6 +34,7 @@ pub mod scaffold;
 pub mod service;
 pub mod stats;
 pub mod subject;
+pub mod telemetry;
 pub mod transport;
 pub mod window;
 

@@ -342,23 +342,30 @@ enum Command {
     },
 }
 
-fn init_logging(format: LogFormat) {
-    init_logging_at(format, "info");
-}
-
 /// Logs at `default` (unless `RUST_LOG` says otherwise) to stderr.
 fn init_logging_at(format: LogFormat, default: &str) {
-    use tracing_subscriber::EnvFilter;
+    init_logging_with(format, default, None);
+}
+
+/// Logs at `default` (unless `RUST_LOG` says otherwise) to stderr and, with `exporter`, turns
+/// the host's trace spans into OpenTelemetry spans (their own filter: the log never shows them).
+fn init_logging_with(format: LogFormat, default: &str, exporter: Option<&plugbus::telemetry::Exporter>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let off = format!("{}=off", plugbus::telemetry::TARGET).parse().expect("a valid directive");
+    let filter = filter.add_directive(off);
     // Above a progress bar while one is drawn; escapes only on a terminal without NO_COLOR.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(|| cli::LogWriter)
         .with_ansi(cli::colour(std::io::IsTerminal::is_terminal(&std::io::stderr())));
-    match format {
-        LogFormat::Pretty => builder.compact().init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let fmt = match format {
+        LogFormat::Pretty => fmt.compact().with_filter(filter).boxed(),
+        LogFormat::Json => fmt.json().with_filter(filter).boxed(),
+    };
+    let otel = exporter.map(|e| e.layer());
+    tracing_subscriber::registry().with(fmt).with(otel).init();
 }
 
 /// mimalloc rather than glibc malloc: events are allocated on one worker thread and freed on
@@ -392,8 +399,20 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
-            init_logging(cli.log_format);
             let mut config = args.config()?;
+            // OpenTelemetry traces when an OTLP endpoint is set (`[telemetry] otlp_endpoint`,
+            // `OTEL_EXPORTER_OTLP_ENDPOINT`); off and free otherwise.
+            let exporter = match plugbus::telemetry::Exporter::start(&config.telemetry) {
+                Ok(e) => e,
+                Err(e) => {
+                    init_logging_at(cli.log_format, "info");
+                    return Err(e);
+                }
+            };
+            init_logging_with(cli.log_format, "info", exporter.as_ref());
+            if let Some(e) = &exporter {
+                tracing::info!(endpoint = %e.endpoint, "exporting OpenTelemetry traces (OTLP/HTTP protobuf)");
+            }
             if cli.api_token.is_some() {
                 config.api_token = cli.api_token.clone();
             }
@@ -421,12 +440,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let host = std::sync::Arc::into_inner(host).context("the host is still shared at the stop")?;
             tokio::select! {
-                _ = host.shutdown() => Ok(()),
+                _ = host.shutdown() => {}
                 second = wait_for_stop_signal() => {
                     tracing::warn!(signal = second?, "second signal: exiting without finishing the drain");
                     std::process::exit(130);
                 }
             }
+            // The spans still buffered go out before the process ends.
+            if let Some(e) = exporter {
+                let _ = tokio::task::spawn_blocking(move || e.shutdown()).await;
+            }
+            Ok(())
         }
         Command::Inspect { file, json, config } if file.is_dir() => {
             let config = Config::load(config.as_deref())?;

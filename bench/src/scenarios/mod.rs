@@ -14,6 +14,7 @@ mod outbound;
 mod pipeline;
 mod reload;
 mod reuse;
+mod tracing;
 
 use crate::Mode;
 use crate::components::BenchHost;
@@ -37,6 +38,7 @@ pub async fn run(id: &str, mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
         "crash" => crash::run(mode, handler).await?,
         "pipeline-5" => pipeline::run(mode, handler).await?,
         "outbound" => outbound::run(mode, handler).await?,
+        "tracing" => tracing::run(mode, handler).await?,
         other => anyhow::bail!("unknown scenario {other}"),
     };
     row.scenario = id.to_string();

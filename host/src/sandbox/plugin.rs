@@ -9,11 +9,13 @@ use super::world::FixedWorld;
 use crate::event::{Event, Output, cut, cut_to};
 use crate::kv::{KvError, KvStore, Txn};
 use crate::manifest::Manifest;
+use crate::telemetry;
 use futures::FutureExt;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
 /// What the operator set for one plugin.
@@ -268,7 +270,8 @@ impl Plugin {
         let mut store = Store::new(&self.engine, state);
         arm_store(&mut store);
         let call = async {
-            let instance = self.pre.instantiate_async(&mut store).await?;
+            let instance =
+                self.pre.instantiate_async(&mut store).instrument(telemetry::step_span("instantiate")).await?;
             let headers = header_refs(event);
             let wit_event = to_wit(event, &headers, attempt, token.as_deref());
             instance.plugbus_handler_handler().call_handle(&mut store, wit_event).await
@@ -304,7 +307,7 @@ impl Plugin {
             None => {
                 let mut store = Store::new(&self.engine, HostState::new(self.ctx.clone(), &event.id, &event.subject));
                 arm_store(&mut store);
-                match self.pre.instantiate_async(&mut store).await {
+                match self.pre.instantiate_async(&mut store).instrument(telemetry::step_span("instantiate")).await {
                     Ok(instance) => Warm { store, instance, uses: 0 },
                     Err(e) => {
                         let failure = Failure::Trap(describe_trap(&e, store.data(), None));

@@ -259,21 +259,24 @@ impl logging::Host for HostState {
             types::LogLevel::Error => "ERROR",
         };
         self.seen.log(name, &message);
+        // With tracing on, the line is an event of the attempt's span and names its trace.
+        let trace_id = crate::telemetry::current_trace_id();
+        let trace_id = trace_id.as_deref();
         match level {
             types::LogLevel::Trace => {
-                tracing::trace!(target: "plugin", plugin, event_id, subject, "{message}")
+                tracing::trace!(target: "plugin", plugin, event_id, subject, trace_id, "{message}")
             }
             types::LogLevel::Debug => {
-                tracing::debug!(target: "plugin", plugin, event_id, subject, "{message}")
+                tracing::debug!(target: "plugin", plugin, event_id, subject, trace_id, "{message}")
             }
             types::LogLevel::Info => {
-                tracing::info!(target: "plugin", plugin, event_id, subject, "{message}")
+                tracing::info!(target: "plugin", plugin, event_id, subject, trace_id, "{message}")
             }
             types::LogLevel::Warn => {
-                tracing::warn!(target: "plugin", plugin, event_id, subject, "{message}")
+                tracing::warn!(target: "plugin", plugin, event_id, subject, trace_id, "{message}")
             }
             types::LogLevel::Error => {
-                tracing::error!(target: "plugin", plugin, event_id, subject, "{message}")
+                tracing::error!(target: "plugin", plugin, event_id, subject, trace_id, "{message}")
             }
         }
     }

@@ -160,12 +160,23 @@ pub struct Delivery {
     /// The outputs of an attempt whose kv writes committed before the host stopped: the event
     /// is not run again, these are released and it is acked.
     pub handled: Option<Vec<Arc<Event>>>,
+    /// When the transport queued it for the plugin (only while tracing is on: the delivery
+    /// span's `queue_wait_ms`).
+    pub queued_at: Option<std::time::Instant>,
 }
 
 impl Delivery {
     /// A first delivery with nothing to settle and no redelivery.
     pub fn once(event: Arc<Event>) -> Self {
-        Self { event, acker: Box::new(NoAck), attempt: 1, redeliverable: false, defect: None, handled: None }
+        Self {
+            event,
+            acker: Box::new(NoAck),
+            attempt: 1,
+            redeliverable: false,
+            defect: None,
+            handled: None,
+            queued_at: crate::telemetry::enabled().then(std::time::Instant::now),
+        }
     }
 }
 

@@ -28,3 +28,4 @@ mod reload;
 mod replay;
 mod request_reply;
 mod service;
+mod tracing_otlp;

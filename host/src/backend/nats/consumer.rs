@@ -212,10 +212,10 @@ fn delivery_of(msg: jetstream::Message, held: &Arc<Held>, plugin: &Arc<str>) -> 
     let acker = Box::new(JsAcker { acker, held: held.clone(), token, plugin: plugin.clone() });
     let subject = message.subject.to_string();
     match wire::event_of(&subject, message.headers.as_ref(), message.payload.clone(), fallback_id) {
-        Ok(ev) => Delivery { event: Arc::new(ev), acker, attempt, redeliverable: true, defect: None, handled: None },
+        Ok(ev) => Delivery { attempt, acker, redeliverable: true, ..Delivery::once(Arc::new(ev)) },
         Err(why) => {
             let raw = crate::event::Event::new(subject, message.payload);
-            Delivery { event: Arc::new(raw), acker, attempt, redeliverable: true, defect: Some(why), handled: None }
+            Delivery { attempt, acker, redeliverable: true, defect: Some(why), ..Delivery::once(Arc::new(raw)) }
         }
     }
 }

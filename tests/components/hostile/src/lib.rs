@@ -78,12 +78,14 @@ fn attack(ev: Event) -> Result<(), HandlerError> {
         "subject" => {
             let _ = publish(&"a".repeat(arg(0, 1 << 20)), b"");
         }
-        // `NAME [SUBJECT]`: publish one output with the header NAME (a reserved one, to forge).
+        // `NAME [SUBJECT [VALUE]]`: publish one output with the header NAME (a reserved one, or a
+        // trace context, to forge) set to VALUE (default `forged`).
         "reserved" => {
             let mut words = text.split_whitespace();
             let name = words.next().unwrap_or("plugbus-error");
             let subject = words.next().unwrap_or("hostile.out.reserved");
-            publish_with_headers(subject, b"forged", &[(name, "forged")]).map_err(|e| refused("publish", e))?;
+            let value = words.next().unwrap_or("forged");
+            publish_with_headers(subject, b"forged", &[(name, value)]).map_err(|e| refused("publish", e))?;
         }
         // `SUBJECT`: publish a plain output there (e.g. to a plugin that fails on it).
         "forward" => publish(&text, b"from hostile").map_err(|e| refused("publish", e))?,
