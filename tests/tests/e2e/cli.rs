@@ -97,22 +97,49 @@ fn run_host(dir: &std::path::Path, components: &[&str], extra: &[&str]) -> (Runn
     for c in components {
         std::fs::copy(wasm(c), dir.join(format!("{c}.wasm"))).unwrap();
     }
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let host = Running(
-        Command::new(plugbus_bin())
-            .args(["run", "--plugins"])
-            .arg(dir)
-            .arg("--data-dir")
-            .arg(dir.join(".data"))
-            .args(["--http", &format!("127.0.0.1:{port}")])
-            .args(extra)
-            .stderr(std::fs::File::create(dir.join("host.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    wait_healthy(&url);
-    (host, url)
+    // A port picked free can be taken by another test before the host binds it: then the host
+    // exits at once, and the next free port is tried.
+    for _ in 0..3 {
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let mut host = Running(
+            Command::new(plugbus_bin())
+                .args(["run", "--plugins"])
+                .arg(dir)
+                .arg("--data-dir")
+                .arg(dir.join(".data"))
+                .args(["--http", &format!("127.0.0.1:{port}")])
+                .args(extra)
+                .stderr(std::fs::File::create(dir.join("host.log")).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        if wait_healthy_or_exit(&url, &mut host.0) {
+            return (host, url);
+        }
+        let log = std::fs::read_to_string(dir.join("host.log")).unwrap_or_default();
+        eprintln!("plugbus run exited before serving on {url}; trying another port. Its log:\n{log}");
+    }
+    panic!("plugbus run did not come up on three ports in a row");
+}
+
+/// Waits until something answers `/healthz` on `url` while the child still runs (`true`), or
+/// the child exited (`false`).
+fn wait_healthy_or_exit(url: &str, child: &mut std::process::Child) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let addr = url.trim_start_matches("http://").to_string();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        if std::net::TcpStream::connect(&addr).is_ok() {
+            // Still ours a moment later (a host that lost the port exits as it starts serving).
+            std::thread::sleep(Duration::from_millis(200));
+            return child.try_wait().unwrap().is_none();
+        }
+        assert!(Instant::now() < deadline, "plugbus run did not come up on {url}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn cli(args: &[&str]) -> std::process::Output {
