@@ -446,36 +446,48 @@ fn reserved_header(headers: &HeaderMap) -> Option<String> {
     })
 }
 
-async fn publish(State(api): State<Api>, Path(subject): Path<String>, headers: HeaderMap, body: Body) -> Response {
-    let state = &api.s;
-    if let Err(e) = validate_subject(&subject) {
-        return error(StatusCode::BAD_REQUEST, e.to_string());
+/// The event a client posts (to `POST /v1/events/{subject}` or `/v1/request/{subject}`): the
+/// subject checked, no system subject, no host header, the body within the event limit, a valid
+/// CloudEvent, no host attribute. `Err` is the answer naming what was wrong.
+async fn incoming_event(
+    state: &ApiState,
+    subject: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<crate::event::Event, Response> {
+    let refuse = |status: StatusCode, why: String| Err(error(status, why));
+    if let Err(e) = validate_subject(subject) {
+        return refuse(StatusCode::BAD_REQUEST, e.to_string());
     }
-    if let Some(why) = system_subject(&subject) {
-        return error(StatusCode::BAD_REQUEST, why);
+    if let Some(why) = system_subject(subject) {
+        return refuse(StatusCode::BAD_REQUEST, why);
     }
-    if let Some(why) = reserved_header(&headers) {
-        return error(StatusCode::BAD_REQUEST, why);
+    if let Some(why) = reserved_header(headers) {
+        return refuse(StatusCode::BAD_REQUEST, why);
     }
-    let data = match axum::body::to_bytes(body, state.max_event_bytes).await {
-        Ok(b) => b,
-        Err(_) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the body is over the {}-byte event limit", state.max_event_bytes),
-            );
-        }
+    let Ok(data) = axum::body::to_bytes(body, state.max_event_bytes).await else {
+        let why = format!("the body is over the {}-byte event limit", state.max_event_bytes);
+        return refuse(StatusCode::PAYLOAD_TOO_LARGE, why);
     };
-    let mut event = match crate::cloudevents::decode(&subject, header_pairs(&headers), data) {
+    let event = match crate::cloudevents::decode(subject, header_pairs(headers), data) {
         Ok(ev) => ev,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e),
     };
     if let Some((name, _)) = event.extensions.iter().find(|(k, _)| k.starts_with(RESERVED_PREFIX)) {
-        let msg = format!(
+        let why = format!(
             "attribute {name:?} is reserved for the host: names starting with `{RESERVED_PREFIX}` cannot be set"
         );
-        return error(StatusCode::BAD_REQUEST, msg);
+        return refuse(StatusCode::BAD_REQUEST, why);
     }
+    Ok(event)
+}
+
+async fn publish(State(api): State<Api>, Path(subject): Path<String>, headers: HeaderMap, body: Body) -> Response {
+    let state = &api.s;
+    let mut event = match incoming_event(state, &subject, &headers, body).await {
+        Ok(ev) => ev,
+        Err(refused) => return refused,
+    };
     // The W3C trace context (`traceparent` / `tracestate` headers, or `ce-` ones): with tracing
     // on, this request's span continues it (or starts a trace) and the event carries the span's;
     // an invalid one is dropped (a new trace), never refused.
@@ -538,34 +550,10 @@ async fn request(
             }
         },
     };
-    if let Err(e) = validate_subject(&subject) {
-        return error(StatusCode::BAD_REQUEST, e.to_string());
-    }
-    if let Some(why) = system_subject(&subject) {
-        return error(StatusCode::BAD_REQUEST, why);
-    }
-    if let Some(why) = reserved_header(&headers) {
-        return error(StatusCode::BAD_REQUEST, why);
-    }
-    let data = match axum::body::to_bytes(body, state.max_event_bytes).await {
-        Ok(b) => b,
-        Err(_) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the body is over the {}-byte event limit", state.max_event_bytes),
-            );
-        }
-    };
-    let event = match crate::cloudevents::decode(&subject, header_pairs(&headers), data) {
+    let event = match incoming_event(state, &subject, &headers, body).await {
         Ok(ev) => ev,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        Err(refused) => return refused,
     };
-    if let Some((name, _)) = event.extensions.iter().find(|(k, _)| k.starts_with(RESERVED_PREFIX)) {
-        let msg = format!(
-            "attribute {name:?} is reserved for the host: names starting with `{RESERVED_PREFIX}` cannot be set"
-        );
-        return error(StatusCode::BAD_REQUEST, msg);
-    }
     let id = event.id.clone();
     // The transport bounds its own wait by `timeout`; this bounds a transport that does not.
     let asked = state.transport.request(event, timeout, true);
