@@ -454,8 +454,8 @@ async fn incoming_event(
     subject: &str,
     headers: &HeaderMap,
     body: Body,
-) -> Result<crate::event::Event, Response> {
-    let refuse = |status: StatusCode, why: String| Err(error(status, why));
+) -> Result<crate::event::Event, Box<Response>> {
+    let refuse = |status: StatusCode, why: String| Err(Box::new(error(status, why)));
     if let Err(e) = validate_subject(subject) {
         return refuse(StatusCode::BAD_REQUEST, e.to_string());
     }
@@ -486,7 +486,7 @@ async fn publish(State(api): State<Api>, Path(subject): Path<String>, headers: H
     let state = &api.s;
     let mut event = match incoming_event(state, &subject, &headers, body).await {
         Ok(ev) => ev,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     // The W3C trace context (`traceparent` / `tracestate` headers, or `ce-` ones): with tracing
     // on, this request's span continues it (or starts a trace) and the event carries the span's;
@@ -552,7 +552,7 @@ async fn request(
     };
     let event = match incoming_event(state, &subject, &headers, body).await {
         Ok(ev) => ev,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let id = event.id.clone();
     // The transport bounds its own wait by `timeout`; this bounds a transport that does not.
