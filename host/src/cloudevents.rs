@@ -25,6 +25,9 @@ const TRANSPORT_HEADERS: &[&str] = &[
     "authorization",
     "transfer-encoding",
     "expect",
+    // The reply inbox of a request stored in a JetStream stream: the host's own capability,
+    // read by the durable consumer (`backend::nats::wire::REPLY_TO`), never shown to a plugin.
+    "plugbus-reply-to",
 ];
 
 /// Builds the event that arrived on `subject` with `headers` and `body`.

@@ -1,5 +1,6 @@
 //! Request/reply (issue #16): `plugbus_sdk::request` / `reply` between two plugins on the embedded
-//! bus and on core NATS, a timeout on both, `POST /v1/request/{subject}` (200, 504 and its
+//! bus, on core NATS and on JetStream (durable responders: the request is stored), a timeout on
+//! each, `POST /v1/request/{subject}` (200, 504 and its
 //! refusals), and each adversary: a subject the plugin may not publish to, a forged reply-to, a
 //! reply sent twice, a huge reply, a flood of requests in one event, a timeout longer than the
 //! event's deadline, a late reply (dropped and counted), a NATS publisher steering a reply onto an
@@ -23,6 +24,14 @@ macro_rules! on_both_buses {
             async fn core_nats() {
                 let server = super::NatsServer::start().await;
                 super::$case(&super::Bus::Core(&server)).await;
+            }
+
+            /// Every plugin durable: the requests are stored in a stream, the responder answers
+            /// from its durable consumer.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn jetstream() {
+                let server = super::NatsServer::start().await;
+                super::$case(&super::Bus::JetStream(&server)).await;
             }
         }
     };
@@ -238,6 +247,36 @@ async fn any_nats_requester_is_answered_and_a_non_inbox_reply_subject_is_ignored
     client.flush().await.unwrap();
     client.publish_with_reply("rpc.echo", "orders.stolen", "x".into()).await.unwrap();
     client.flush().await.unwrap();
+    t.wait_counter("responder", "dead_lettered", 1).await;
+    let leaked = tokio::time::timeout(Duration::from_millis(500), stolen.next()).await;
+    assert!(leaked.is_err(), "a reply reached orders.stolen: {leaked:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_request_is_answered_on_its_inbox_and_an_ordinary_subject_there_is_ignored() {
+    use futures::StreamExt;
+    let server = NatsServer::start().await;
+    let t = start(&Bus::JetStream(&server)).await;
+    let client = server.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    // Any JetStream client stores a request naming its inbox: the durable responder answers there.
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await.unwrap();
+    let mut stolen = client.subscribe("orders.stolen").await.unwrap();
+    client.flush().await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("plugbus-reply-to", inbox.as_str());
+    js.publish_with_headers("rpc.echo", headers, "stored".into()).await.unwrap().await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
+        .await
+        .expect("no reply on the inbox within 10 s")
+        .expect("the inbox subscription closed");
+    assert_eq!(&reply.payload[..], b"STORED");
+    // A publisher naming an ordinary subject there cannot steer the reply onto it: the event has
+    // no reply-to, so the responder's reply is refused (and the event dead-lettered).
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("plugbus-reply-to", "orders.stolen");
+    js.publish_with_headers("rpc.echo", headers, "x".into()).await.unwrap().await.unwrap();
     t.wait_counter("responder", "dead_lettered", 1).await;
     let leaked = tokio::time::timeout(Duration::from_millis(500), stolen.next()).await;
     assert!(leaked.is_err(), "a reply reached orders.stolen: {leaked:?}");

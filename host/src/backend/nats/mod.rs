@@ -166,6 +166,46 @@ pub struct NatsTransport {
 }
 
 impl NatsTransport {
+    /// A request on a subject a JetStream stream captures: the stream's publish ack would take
+    /// the NATS reply subject, so the request is stored with its inbox in [`wire::REPLY_TO`]
+    /// (the durable consumer hands it to the plugin's delivery as its reply address) and the
+    /// reply is awaited on that inbox. Stored means no "no responders": a request nobody
+    /// answers within `timeout` (publish ack included) is a timeout; a consumer that takes it
+    /// later answers an inbox nobody reads.
+    async fn request_stored(
+        &self,
+        subject: String,
+        mut headers: async_nats::HeaderMap,
+        payload: bytes::Bytes,
+        timeout: Duration,
+    ) -> Result<Event, crate::rpc::RequestError> {
+        use crate::rpc::RequestError;
+        let unavailable =
+            |what: String| RequestError::Unavailable(format!("requesting on {subject} over JetStream: {what}"));
+        let inbox = self.client.new_inbox();
+        // Subscribed before the publish, on the same connection: the reply cannot come first.
+        let mut replies = self.client.subscribe(inbox.clone()).await.map_err(|e| unavailable(e.to_string()))?;
+        headers.insert(wire::REPLY_TO, inbox.as_str());
+        let asked = async {
+            let ack = self
+                .js
+                .publish_with_headers(subject.clone(), headers, payload)
+                .await
+                .map_err(|e| unavailable(e.to_string()))?;
+            ack.await.map_err(|e| unavailable(format!("the stream did not take it: {e}")))?;
+            replies.next().await.ok_or_else(|| unavailable("the reply subscription closed".into()))
+        };
+        let msg = match tokio::time::timeout(timeout, asked).await {
+            Ok(reply) => reply?,
+            Err(_) => return Err(RequestError::Timeout { subject, after: timeout }),
+        };
+        let mut reply = wire::event_of(&subject, msg.headers.as_ref(), msg.payload, None)
+            .map_err(|why| unavailable(format!("the reply is not a valid event: {why}")))?;
+        reply.subject = subject;
+        reply.reply_to = None;
+        Ok(reply)
+    }
+
     /// Publishes `event`; on a subject a stream captures, waits for the stream's ack.
     async fn publish_event(&self, event: &Event) -> Result<(), TransportError> {
         validate_subject(&event.subject)?;
@@ -503,14 +543,10 @@ impl Transport for NatsTransport {
         use crate::rpc::RequestError;
         let subject = event.subject.clone();
         validate_subject(&subject).map_err(|e| RequestError::Unavailable(e.to_string()))?;
-        if self.index.captures(&subject) {
-            // The stream would answer first, with its publish ack; a durable consumer's message
-            // carries no reply address.
-            return Err(RequestError::Unavailable(format!(
-                "a JetStream stream captures {subject}: request/reply runs on core NATS subjects only"
-            )));
-        }
         let (headers, payload) = wire::message_of(&event);
+        if self.index.captures(&subject) {
+            return self.request_stored(subject, headers, payload, timeout).await;
+        }
         let request = async_nats::Request::new().headers(headers).payload(payload).timeout(Some(timeout));
         let msg = match self.client.send_request(subject.clone(), request).await {
             Ok(msg) => msg,

@@ -19,6 +19,17 @@ use std::str::FromStr;
 /// The header JetStream deduplicates on.
 pub const MSG_ID: &str = "Nats-Msg-Id";
 
+/// Where a request stored in a JetStream stream wants its reply: the requester's `_INBOX.…`
+/// (a stored message has no NATS reply subject of its own: the stream's publish ack takes it).
+/// Never an extension of the event a plugin sees (`cloudevents` drops it); only an inbox counts.
+pub const REPLY_TO: &str = "plugbus-reply-to";
+
+/// The reply inbox a durable message names in [`REPLY_TO`], if it is one (see `is_inbox`).
+pub fn reply_inbox(headers: Option<&HeaderMap>) -> Option<String> {
+    let value = headers?.get(REPLY_TO)?.as_str();
+    super::is_inbox(value).then(|| value.to_string())
+}
+
 /// The event a NATS message carries; the error says what is malformed. A message naming no id
 /// gets `fallback_id`, or a fresh one.
 pub fn event_of(
@@ -92,6 +103,21 @@ mod tests {
         h.insert("Content-Type", "application/cloudevents+json");
         let body = Bytes::from_static(br#"{"specversion":"1.0","source":"/s","type":"t"}"#);
         assert!(event_of("a.b", Some(&h), body, Some("s-1".into())).unwrap_err().contains("`id`"));
+    }
+
+    #[test]
+    fn a_stored_requests_inbox_is_read_only_when_it_is_an_inbox_and_never_shown_as_an_extension() {
+        let mut h = HeaderMap::new();
+        h.insert(REPLY_TO, "_INBOX.abc.1");
+        assert_eq!(reply_inbox(Some(&h)).as_deref(), Some("_INBOX.abc.1"));
+        let ev = event_of("rpc.echo", Some(&h), Bytes::new(), None).unwrap();
+        assert_eq!(ev.header(REPLY_TO), None, "the plugin would see the inbox: {:?}", ev.extensions);
+        assert_eq!(ev.reply_to, None, "only the durable consumer sets a reply address");
+        for forged in ["orders.stolen", "_INBOX.", "_INBOX.a b", ""] {
+            h.insert(REPLY_TO, forged);
+            assert_eq!(reply_inbox(Some(&h)), None, "{forged:?} is not an inbox");
+        }
+        assert_eq!(reply_inbox(None), None);
     }
 
     #[test]
