@@ -351,6 +351,20 @@ pub fn output_context(input: &Event) -> Option<SpanContext> {
 // ---------------------------------------------------------------------------------------------
 // Export
 
+/// Whether an `OTEL_EXPORTER_OTLP_*PROTOCOL` value is one the exporter speaks: unset or
+/// `http/protobuf`. Anything else (`grpc`, `http/json`) is refused at start with what to do,
+/// rather than sending protobuf over HTTP to a port that expects something else and losing
+/// every span.
+fn check_protocol(value: Option<&str>) -> Result<(), String> {
+    match value.map(str::trim) {
+        None | Some("") | Some("http/protobuf") => Ok(()),
+        Some(_) => Err("plugbus exports OTLP over HTTP with protobuf only (`http/protobuf`); point \
+            `[telemetry] otlp_endpoint` at the collector's OTLP/HTTP port (4318 by default) and \
+            unset the variable or set it to http/protobuf"
+            .into()),
+    }
+}
+
 /// A running exporter: flush and stop it with [`Exporter::shutdown`] before the process ends.
 pub struct Exporter {
     provider: opentelemetry_sdk::trace::SdkTracerProvider,
@@ -369,6 +383,11 @@ impl Exporter {
         use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
         settings.validate().map_err(anyhow::Error::msg)?;
         let Some(endpoint) = settings.traces_endpoint() else { return Ok(None) };
+        for var in ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"] {
+            let value = std::env::var(var).ok();
+            check_protocol(value.as_deref())
+                .map_err(|why| anyhow::anyhow!("{var}={}: {why}", value.unwrap_or_default()))?;
+        }
         let client = RuntimeHttpClient {
             http: reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(10))
@@ -465,6 +484,17 @@ mod tests {
     use super::*;
 
     const GOOD: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn only_otlp_over_http_protobuf_is_accepted_and_grpc_is_refused_naming_what_to_do() {
+        for ok in [None, Some(""), Some("http/protobuf"), Some(" http/protobuf ")] {
+            assert_eq!(check_protocol(ok), Ok(()), "{ok:?}");
+        }
+        for refused in ["grpc", "http/json", "GRPC"] {
+            let why = check_protocol(Some(refused)).unwrap_err();
+            assert!(why.contains("http/protobuf") && why.contains("4318"), "{refused}: {why}");
+        }
+    }
 
     #[test]
     fn traceparent_parses_only_w3c_contexts() {
