@@ -383,10 +383,12 @@ impl Exporter {
         use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
         settings.validate().map_err(anyhow::Error::msg)?;
         let Some(endpoint) = settings.traces_endpoint() else { return Ok(None) };
-        for var in ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"] {
-            let value = std::env::var(var).ok();
-            check_protocol(value.as_deref())
-                .map_err(|why| anyhow::anyhow!("{var}={}: {why}", value.unwrap_or_default()))?;
+        // The signal-specific variable wins over the general one (OpenTelemetry's rule).
+        let protocol = ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]
+            .into_iter()
+            .find_map(|var| std::env::var(var).ok().map(|value| (var, value)));
+        if let Some((var, value)) = protocol {
+            check_protocol(Some(&value)).map_err(|why| anyhow::anyhow!("{var}={value}: {why}"))?;
         }
         let client = RuntimeHttpClient {
             http: reqwest::Client::builder()

@@ -50,6 +50,17 @@ pub fn is_inbox(subject: &str) -> bool {
     subject.strip_prefix("_INBOX.").is_some_and(|rest| !rest.is_empty()) && validate_subject(subject).is_ok()
 }
 
+/// The event a reply message carries, on the subject that was asked (the inbox is the host's
+/// and never reaches a plugin), with no reply address of its own.
+fn reply_event(subject: String, msg: async_nats::Message) -> Result<Event, crate::rpc::RequestError> {
+    let mut reply = wire::event_of(&subject, msg.headers.as_ref(), msg.payload, None).map_err(|why| {
+        crate::rpc::RequestError::Unavailable(format!("the reply on {subject} is not a valid event: {why}"))
+    })?;
+    reply.subject = subject;
+    reply.reply_to = None;
+    Ok(reply)
+}
+
 /// A stream the operator declares; the host creates it or updates its subjects.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -199,11 +210,7 @@ impl NatsTransport {
             Ok(reply) => reply?,
             Err(_) => return Err(RequestError::Timeout { subject, after: timeout }),
         };
-        let mut reply = wire::event_of(&subject, msg.headers.as_ref(), msg.payload, None)
-            .map_err(|why| unavailable(format!("the reply is not a valid event: {why}")))?;
-        reply.subject = subject;
-        reply.reply_to = None;
-        Ok(reply)
+        reply_event(subject, msg)
     }
 
     /// Publishes `event`; on a subject a stream captures, waits for the stream's ack.
@@ -558,11 +565,7 @@ impl Transport for NatsTransport {
                 });
             }
         };
-        let mut reply = wire::event_of(&subject, msg.headers.as_ref(), msg.payload, None)
-            .map_err(|why| RequestError::Unavailable(format!("the reply on {subject} is not a valid event: {why}")))?;
-        reply.subject = subject;
-        reply.reply_to = None;
-        Ok(reply)
+        reply_event(subject, msg)
     }
 
     /// Publishes the reply on the requester's inbox. Core NATS cannot tell whether anyone still
