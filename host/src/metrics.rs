@@ -13,7 +13,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+/// The Prometheus registry the host's metrics are in (what [`crate::transport::Transport::register_metrics`] adds to).
+pub use prometheus_client::registry::Registry;
 use std::sync::{Arc, Mutex, RwLock};
 
 /// Labels of per-event counters.
@@ -284,6 +285,11 @@ impl Metrics {
     pub fn load_error(&self, path: &std::path::Path) {
         let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
         self.load_errors.get_or_create(&FileLabels { file }).inc();
+    }
+
+    /// Lets `register` add metrics kept elsewhere (a transport's own) to the registry.
+    pub fn register_with(&self, register: impl FnOnce(&mut Registry)) {
+        register(&mut self.registry.lock().expect("metrics poisoned"));
     }
 
     /// The Prometheus text exposition.

@@ -5,7 +5,10 @@
 //! for its own `202`). Latency is from the publish (what `POST /v1/events` calls) to the output.
 //! `sync_none` is the same with `bus.sync = "none"`: what the fsync itself costs. `w512_*` is
 //! both again with 512 clients at once: with 64, each client waits for one fsync per event, so
-//! the rate cannot pass 64 / fsync latency however cheap the rest is.
+//! the rate cannot pass 64 / fsync latency however cheap the rest is. `commit_us` and
+//! `ops_per_commit` are the log writer's mean commit (fsync included) and how many appends and
+//! acks each held, from its `plugbus_log_*` metrics: what the durable side costs, without the
+//! VM's drift.
 
 use super::{HostRun, Producers, WINDOW, host_run_by};
 use crate::Mode;
@@ -23,7 +26,7 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
         memory.merge(host_run_by(slice, handler, 1, WINDOW, None, |_| {}, |_| {}, by).await?.load);
         run.merge(host_run_by(slice, handler, 1, WINDOW, None, |_| {}, |c| c.bus.durable = true, by).await?);
     }
-    let HostRun { load, retried, dead_lettered, .. } = run;
+    let HostRun { load, retried, dead_lettered, log, .. } = run;
     let idle = host_run_by(mode, handler, 1, 1, None, |_| {}, |c| c.bus.durable = true, by).await?.load;
     let no_sync = host_run_by(
         mode,
@@ -62,6 +65,8 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
             ("w512_durable".into(), wide_durable.rate()),
             ("w512_ratio".into(), wide_durable.rate() / wide_memory.rate()),
             ("w512_p99_us".into(), wide_durable.percentile_us(99)),
+            ("commit_us".into(), log.commit_us()),
+            ("ops_per_commit".into(), log.operations_per_commit()),
             ("retried".into(), retried as f64),
             ("dead_lettered".into(), dead_lettered as f64),
         ]),

@@ -35,7 +35,7 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
         keys_seen = keys_seen.max(last.len());
         unordered.merge(host_run(slice, handler, 1, WINDOW, None, |_| {}).await?.load);
     }
-    let HostRun { load, retried, dead_lettered, peak_in_flight } = run;
+    let HostRun { load, retried, dead_lettered, peak_in_flight, .. } = run;
     let unordered = unordered.rate();
     let rate = load.rate();
     Ok(Row {

@@ -60,6 +60,48 @@ pub struct HostRun {
     pub dead_lettered: u64,
     /// Most attempts running at once in one plugin.
     pub peak_in_flight: u64,
+    /// What the durable log's writer did over the run, warm-up included (zero in memory).
+    pub log: LogTotals,
+}
+
+/// Sums of the durable log's `plugbus_log_*` metrics over a run.
+#[derive(Default, Clone, Copy)]
+pub struct LogTotals {
+    /// Commits.
+    pub commits: f64,
+    /// Seconds in commits, `fsync` included.
+    pub seconds: f64,
+    /// Operations (appends, acks) committed.
+    pub operations: f64,
+}
+
+impl LogTotals {
+    /// Reads them from `transport`'s own metrics (zero when it keeps no log).
+    fn of(transport: &dyn plugbus::transport::Transport) -> Self {
+        let mut registry = plugbus::metrics::Registry::default();
+        transport.register_metrics(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encoding into a String");
+        let value = |name: &str| {
+            let line = text.lines().find(|l| l.split_whitespace().next() == Some(name));
+            line.and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0.0)
+        };
+        Self {
+            commits: value("log_commits_total"),
+            seconds: value("log_commit_duration_seconds_sum"),
+            operations: value("log_commit_operations_sum"),
+        }
+    }
+
+    /// Mean microseconds per commit.
+    pub fn commit_us(&self) -> f64 {
+        1e6 * self.seconds / self.commits.max(1.0)
+    }
+
+    /// Mean operations per commit.
+    pub fn operations_per_commit(&self) -> f64 {
+        self.operations / self.commits.max(1.0)
+    }
 }
 
 impl HostRun {
@@ -69,6 +111,9 @@ impl HostRun {
         self.retried += slice.retried;
         self.dead_lettered += slice.dead_lettered;
         self.peak_in_flight = self.peak_in_flight.max(slice.peak_in_flight);
+        self.log.commits += slice.log.commits;
+        self.log.seconds += slice.log.seconds;
+        self.log.operations += slice.log.operations;
     }
 }
 
@@ -152,6 +197,7 @@ pub async fn host_run_by(
         retried: bench.counter("retried"),
         dead_lettered: bench.counter("dead_lettered"),
         peak_in_flight: bench.counter_max("peak_in_flight"),
+        log: LogTotals::of(bench.host.transport().as_ref()),
     };
     bench.stop().await?;
     Ok(run)

@@ -234,6 +234,12 @@ pub trait Transport: Send + Sync + 'static {
         self.publish(Arc::unwrap_or_clone(event)).await
     }
 
+    /// Registers the metrics the transport keeps itself (the embedded event log's
+    /// `plugbus_log_*`); `registry` has the `plugbus` prefix.
+    fn register_metrics(&self, registry: &mut crate::metrics::Registry) {
+        let _ = registry;
+    }
+
     /// Subscribes a plugin; deliveries arrive on the returned subscription's queue.
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription, TransportError>;
 

@@ -106,6 +106,9 @@ async fn full_disk(sync: SyncPolicy) {
     }
     let body = refused.expect("a full disk never refused an event");
     assert!(body.contains("bus.redb") && body.contains("No space left"), "the 503 names the log and why: {body}");
+    let metrics = client.get(format!("{}/metrics", t.url())).send().await.unwrap().text().await.unwrap();
+    let failures = metrics.lines().find_map(|l| l.strip_prefix("plugbus_log_commit_failures_total "));
+    assert!(failures.is_some_and(|n| n.parse::<f64>().unwrap() >= 1.0), "the failed commit is counted:\n{metrics}");
     if sync == SyncPolicy::Always {
         for i in 0..3 {
             assert_eq!(post(10_000 + i).await.0, 503, "still full");

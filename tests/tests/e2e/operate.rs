@@ -37,6 +37,21 @@ async fn metrics_count_a_known_workload() {
     for line in ["plugbus_plugins 5", "plugbus_components_compiled 5"] {
         assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
     }
+    // The durable log (the default): the order, the outputs of inventory, payments and
+    // shipping, the retried event and its dead letter, each appended once, in commits that were
+    // timed and counted.
+    let log = |name: &str| -> f64 {
+        let line = text.lines().find(|l| l.split_whitespace().next() == Some(name));
+        line.and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    assert_eq!(log("plugbus_log_appended_total"), 6.0, "appended:\n{text}");
+    assert!(log("plugbus_log_commits_total") >= 1.0);
+    // (the writer keeps committing meanwhile: each is read on its own)
+    assert!(log("plugbus_log_commit_duration_seconds_count") >= 1.0);
+    assert!(log("plugbus_log_commit_operations_sum") >= log("plugbus_log_appended_total"));
+    assert!(log("plugbus_log_record_bytes") > 0.0);
+    assert_eq!(log("plugbus_log_commit_failures_total"), 0.0);
+    assert_eq!(log("plugbus_log_retention_dropped_total"), 0.0);
 }
 
 /// The sum of every series of metric `name` labelled `plugin="<plugin>"` in a Prometheus text

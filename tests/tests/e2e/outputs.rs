@@ -38,6 +38,9 @@ impl Transport for FailingOutputs {
         }
         self.bus.publish_output(event).await
     }
+    fn register_metrics(&self, registry: &mut plugbus::metrics::Registry) {
+        self.bus.register_metrics(registry);
+    }
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription, TransportError> {
         self.bus.subscribe(spec).await
     }

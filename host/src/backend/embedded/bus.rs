@@ -468,6 +468,12 @@ impl Transport for EmbeddedBus {
         Ok(self.replies.answer(to, event))
     }
 
+    fn register_metrics(&self, registry: &mut crate::metrics::Registry) {
+        if let Some(log) = &self.log {
+            log.metrics().register(registry);
+        }
+    }
+
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription, TransportError> {
         let patterns = PatternSet::parse(&spec.patterns)?;
         let (tx, rx) = mpsc::channel(spec.capacity.max(1));

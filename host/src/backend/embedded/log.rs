@@ -11,6 +11,10 @@
 
 use crate::event::Event;
 use crate::kv::Outbox;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -222,12 +226,76 @@ pub enum Appended {
     Duplicate,
 }
 
+/// What the log's writer did, for `/metrics` (`plugbus_log_*`): how well group commit groups,
+/// what a commit costs, what failed and what retention dropped.
+#[derive(Clone)]
+pub struct LogMetrics {
+    /// Commits (each one transaction, many appends and acks).
+    pub commits: Counter,
+    /// Commits that failed (a full disk, an I/O error).
+    pub commit_failures: Counter,
+    /// Seconds per commit, `fsync` included when the commit is durable.
+    pub commit_seconds: Histogram,
+    /// Operations (appends, acks, kv commits, ...) per commit.
+    pub commit_operations: Histogram,
+    /// Events and outputs appended.
+    pub appended: Counter,
+    /// Settled events retention dropped.
+    pub retention_dropped: Counter,
+    /// Bytes of the records the log keeps (what `bus.retention.max_mib` bounds).
+    pub record_bytes: Gauge,
+}
+
+impl Default for LogMetrics {
+    fn default() -> Self {
+        Self {
+            commits: Counter::default(),
+            commit_failures: Counter::default(),
+            commit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 14)),
+            commit_operations: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+            appended: Counter::default(),
+            retention_dropped: Counter::default(),
+            record_bytes: Gauge::default(),
+        }
+    }
+}
+
+impl LogMetrics {
+    /// Registers them as `plugbus_log_*` (`registry` has the `plugbus` prefix).
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("log");
+        r.register("commits", "Commits of the embedded bus's event log (group commits)", self.commits.clone());
+        r.register(
+            "commit_failures",
+            "Event log commits that failed (a full disk, an I/O error); their waiters were answered with the error",
+            self.commit_failures.clone(),
+        );
+        r.register(
+            "commit_duration_seconds",
+            "Time per event log commit, fsync included when durable",
+            self.commit_seconds.clone(),
+        );
+        r.register(
+            "commit_operations",
+            "Appends, acks and kv commits per event log commit",
+            self.commit_operations.clone(),
+        );
+        r.register("appended", "Events and outputs appended to the event log", self.appended.clone());
+        r.register(
+            "retention_dropped",
+            "Settled events the event log dropped under bus.retention",
+            self.retention_dropped.clone(),
+        );
+        r.register("record_bytes", "Bytes of the records the event log keeps", self.record_bytes.clone());
+    }
+}
+
 /// The durable log. Cheap to share.
 pub struct DurableLog {
     store: Arc<Store>,
     path: PathBuf,
     ops: std_mpsc::Sender<Op>,
-    dropped: Arc<std::sync::atomic::AtomicU64>,
+    metrics: LogMetrics,
     /// The next sequence number, handed out when an append is sent.
     next_seq: std::sync::atomic::AtomicU64,
     /// The events read back to run again (at start, or for a replay) and not settled yet: their
@@ -282,10 +350,11 @@ impl DurableLog {
             w.open_table(OUTBOX).map_err(|e| open_err(e.to_string()))?;
         }
         w.commit().map_err(|e| open_err(e.to_string()))?;
-        let next_seq = {
+        let (next_seq, record_bytes) = {
             let r = db.begin_read().map_err(|e| open_err(e.to_string()))?;
             let meta = r.open_table(META).map_err(|e| open_err(e.to_string()))?;
-            meta.get("next_seq").map_err(|e| open_err(e.to_string()))?.map_or(1, |v| v.value())
+            let read = |key: &str| meta.get(key).map(|v| v.map(|v| v.value())).map_err(|e| open_err(e.to_string()));
+            (read("next_seq")?.unwrap_or(1), read("bytes")?.unwrap_or(0))
         };
         let outboxed = {
             let r = db.begin_read().map_err(|e| open_err(e.to_string()))?;
@@ -300,13 +369,14 @@ impl DurableLog {
         };
         let store = Arc::new(Store { path: path.to_path_buf(), db: std::sync::RwLock::new(Some(Arc::new(db))) });
         let (ops, rx) = std_mpsc::channel();
-        let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let metrics = LogMetrics::default();
+        metrics.record_bytes.set(record_bytes as i64);
         let writer = Writer {
             store: store.clone(),
             path: path.to_path_buf(),
             sync,
             retention,
-            dropped: dropped.clone(),
+            metrics: metrics.clone(),
             failed: false.into(),
             outboxed: std::sync::Mutex::new(outboxed),
         };
@@ -318,7 +388,7 @@ impl DurableLog {
             store,
             path: path.to_path_buf(),
             ops,
-            dropped,
+            metrics,
             next_seq: next_seq.into(),
             redelivered: Default::default(),
             any_redelivered: false.into(),
@@ -400,7 +470,12 @@ impl DurableLog {
 
     /// Events retention dropped since the log was opened.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+        self.metrics.retention_dropped.get()
+    }
+
+    /// What the writer did (commits, their cost, retention), for `/metrics`.
+    pub fn metrics(&self) -> &LogMetrics {
+        &self.metrics
     }
 
     /// Up to `limit` events from sequence number `from` on, oldest first.
@@ -623,7 +698,7 @@ struct Writer {
     path: PathBuf,
     sync: SyncPolicy,
     retention: Retention,
-    dropped: Arc<std::sync::atomic::AtomicU64>,
+    metrics: LogMetrics,
     /// Whether the last commit failed: the database is reopened before the next one.
     failed: std::sync::atomic::AtomicBool,
     /// The (plugin, seq) of the outbox entries in the log: an ack removes one only when there is
@@ -731,6 +806,7 @@ impl Writer {
         let mut w = self.store.get()?.begin_write().map_err(|e| e.to_string())?;
         w.set_durability(redb::Durability::None).map_err(|e| e.to_string())?;
         let (mut dropped, mut freed, mut first, mut last) = (0u64, 0u64, None, 0);
+        let bytes_left;
         {
             let mut events = w.open_table(EVENTS).map_err(|e| e.to_string())?;
             let mut ids = w.open_table(IDS).map_err(|e| e.to_string())?;
@@ -770,10 +846,12 @@ impl Writer {
                 dropped += 1;
             }
             meta.insert("bytes", bytes).map_err(|e| e.to_string())?;
+            bytes_left = bytes;
         }
         w.commit().map_err(|e| e.to_string())?;
         if let Some(first) = first {
-            self.dropped.fetch_add(dropped, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.retention_dropped.inc_by(dropped);
+            self.metrics.record_bytes.set(bytes_left as i64);
             tracing::info!(log = %self.path.display(), dropped, bytes = freed, first_seq = first, last_seq = last,
                 "retention dropped settled events (bus.retention)");
         }
@@ -783,6 +861,9 @@ impl Writer {
     /// Commits one batch; answers every op in it. When the commit failed each op that has a
     /// waiter is told, and the ops nobody waits for (outputs, acks) come back to be tried again.
     fn commit(&self, batch: Vec<Op>, durable: bool) -> Result<(), Vec<Op>> {
+        let started = std::time::Instant::now();
+        let operations = batch.len();
+        let (mut appended, mut bytes_kept) = (0u64, 0u64);
         let mut answers: Answers = Vec::new();
         let retry: Vec<Op> = batch.iter().filter_map(Op::retry_copy).collect();
         let mut ops = batch.into_iter();
@@ -839,6 +920,7 @@ impl Writer {
                             encode(&event, now_ms, &mut record);
                             events.insert(seq, record.as_slice()).map_err(|e| e.to_string())?;
                             bytes += record.len() as u64;
+                            appended += 1;
                             for p in &plugins {
                                 pending.insert((&**p, seq), ()).map_err(|e| e.to_string())?;
                             }
@@ -949,11 +1031,17 @@ impl Writer {
                 }
                 meta.insert("next_seq", next).map_err(|e| e.to_string())?;
                 meta.insert("bytes", bytes).map_err(|e| e.to_string())?;
+                bytes_kept = bytes;
             }
             w.commit().map_err(|e| e.to_string())
         })();
+        self.metrics.commits.inc();
+        self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics.commit_operations.observe(operations as f64);
         match result {
             Ok(()) => {
+                self.metrics.appended.inc_by(appended);
+                self.metrics.record_bytes.set(bytes_kept as i64);
                 for (done, appended) in answers {
                     let _ = done.send(Ok(appended));
                 }
@@ -972,6 +1060,7 @@ impl Writer {
                 Ok(())
             }
             Err(why) => {
+                self.metrics.commit_failures.inc();
                 tracing::error!(log = %self.path.display(), outputs_and_acks_kept_to_retry = retry.len(),
                     "event log commit failed: {why}");
                 self.failed.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -1178,6 +1267,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_writer_counts_its_commits_what_they_held_and_what_it_keeps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let log = DurableLog::open(&path, SyncPolicy::Always).unwrap();
+        let p: Arc<str> = "p".into();
+        // 20 appends waiting at once, then one duplicate and 20 acks
+        let appends = (0..20).map(|_| log.append(Arc::new(sample()), vec![p.clone()], false));
+        futures::future::join_all(appends).await;
+        let out = Arc::new(sample());
+        log.append(out.clone(), vec![], true).await.unwrap();
+        assert_eq!(log.append(out, vec![], true).await.unwrap(), Appended::Duplicate);
+        for seq in 1..=20 {
+            log.ack(p.clone(), seq);
+        }
+        log.sync().await.unwrap();
+        let m = log.metrics();
+        assert_eq!(m.appended.get(), 21, "the duplicate is not appended");
+        let commits = m.commits.get();
+        assert!((1..=43).contains(&commits), "{commits} commits");
+        assert_eq!(m.commit_failures.get(), 0);
+        let bytes = m.record_bytes.get();
+        assert!(bytes > 0);
+        // what the log keeps is known again after a restart
+        drop(log);
+        let log = DurableLog::open(&path, SyncPolicy::Always).unwrap();
+        assert_eq!(log.metrics().record_bytes.get(), bytes);
+    }
+
+    #[tokio::test]
     async fn retention_drops_settled_history_and_never_an_unsettled_event() {
         let dir = tempfile::tempdir().unwrap();
         let retention = Retention { max_age: std::time::Duration::ZERO, max_mib: 1024 };
@@ -1216,6 +1334,8 @@ mod tests {
         log.ack(z, other);
         wait_dropped(4).await;
         assert!(log.read(0, 10).unwrap().is_empty());
+        assert_eq!(log.metrics().record_bytes.get(), 0, "nothing kept, nothing counted");
+        assert_eq!(log.metrics().retention_dropped.get(), 4);
         // Its output id went with it: the same output may be logged again.
         assert_eq!(log.append(out, vec![], true).await.unwrap(), Appended::At(5));
     }
