@@ -568,7 +568,7 @@ async fn request(
             // `Bytes` answered `application/octet-stream`: the reply's own type replaces it.
             out.remove(header::CONTENT_TYPE);
             for (name, value) in crate::cloudevents::encode_binary(&reply) {
-                if let (Ok(n), Ok(v)) = (header::HeaderName::try_from(name.as_str()), HeaderValue::from_str(&value)) {
+                if let (Ok(n), Ok(v)) = (header::HeaderName::try_from(name.as_ref()), HeaderValue::from_str(&value)) {
                     out.append(n, v);
                 }
             }

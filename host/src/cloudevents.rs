@@ -8,8 +8,9 @@
 //! `source` and `type`; the error names the attribute that is wrong. `ce-` headers without
 //! `ce-specversion` (`plugbus publish -H`) are read as the attributes of a plain event.
 
-use crate::event::{Event, now_rfc3339};
+use crate::event::{Event, new_id, now_rfc3339};
 use bytes::Bytes;
+use std::borrow::Cow;
 
 /// Media type of structured-mode CloudEvents.
 pub const STRUCTURED: &str = "application/cloudevents+json";
@@ -48,40 +49,48 @@ pub fn decode_with_id<'a>(
     body: Bytes,
     fallback_id: Option<String>,
 ) -> Result<Event, String> {
-    let headers: Vec<(String, &str)> = headers.map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
-    let content_type = headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| *v);
+    // Header names are matched without regard to case; a name is copied (lower-cased) only when
+    // it is kept as an extension.
+    let headers: Vec<(&str, &str)> = headers.collect();
+    let find = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| *v);
+    let content_type = find("content-type");
     if content_type.is_some_and(|c| c.starts_with(STRUCTURED)) {
         return decode_structured(subject, &body, fallback_id);
     }
-    if let Some((_, version)) = headers.iter().find(|(k, _)| k == "ce-specversion") {
-        check_binary(version, &headers)?;
+    if let Some(version) = find("ce-specversion") {
+        check_binary(version, find)?;
     }
-    let has_ce_id = headers.iter().any(|(k, _)| k == "ce-id");
-    let mut ev = Event::new(subject, body);
-    if let Some(id) = fallback_id {
-        ev.id = id;
-    }
+    let has_ce_id = find("ce-id").is_some();
+    // The id and time are made up only when the message names none.
+    let (mut id, mut time) = (None, None);
+    let mut ev = Event::identified(subject, body, String::new(), String::new());
     ev.datacontenttype = content_type.map(str::to_owned);
     for (name, value) in headers {
-        let value = percent_decode(value);
+        let name = match name.bytes().any(|b| b.is_ascii_uppercase()) {
+            true => Cow::Owned(name.to_ascii_lowercase()),
+            false => Cow::Borrowed(name),
+        };
         match name.strip_prefix("ce-") {
-            Some("id") => ev.id = value,
-            Some("source") => ev.source = value,
-            Some("type") => ev.ty = value,
-            Some("time") => ev.time = value,
+            Some("id") => id = Some(percent_decode(value)),
+            Some("source") => ev.source = percent_decode(value),
+            Some("type") => ev.ty = percent_decode(value),
+            Some("time") => time = Some(percent_decode(value)),
             Some("specversion") | Some("subject") => {}
-            Some(ext) => ev.extensions.push((ext.to_string(), value)),
+            Some(ext) => ev.extensions.push((ext.to_string(), percent_decode(value))),
             None if name == "content-type" => {}
             None if name == "nats-msg-id" => {
+                let value = percent_decode(value);
                 if !has_ce_id {
-                    ev.id = value.clone();
+                    id = Some(value.clone());
                 }
-                ev.extensions.push((name, value));
+                ev.extensions.push((name.into_owned(), value));
             }
-            None if TRANSPORT_HEADERS.contains(&name.as_str()) => {}
-            None => ev.extensions.push((name, value)),
+            None if TRANSPORT_HEADERS.contains(&&*name) => {}
+            None => ev.extensions.push((name.into_owned(), percent_decode(value))),
         }
     }
+    ev.id = id.or(fallback_id).unwrap_or_else(new_id);
+    ev.time = time.unwrap_or_else(now_rfc3339);
     if ev.id.is_empty() {
         return Err("ce-id is empty".into());
     }
@@ -141,24 +150,26 @@ pub const SPECVERSION: &str = "1.0";
 /// The attributes every CloudEvents 1.0 event has, besides `specversion`.
 const REQUIRED: [&str; 3] = ["id", "source", "type"];
 
+/// [`REQUIRED`]'s binary-mode headers.
+const REQUIRED_HEADERS: [&str; 3] = ["ce-id", "ce-source", "ce-type"];
+
 /// Checks a binary-mode message (it has `ce-specversion`): version 1.0, `ce-id`, `ce-source`
 /// and `ce-type` present and not empty.
-fn check_binary(version: &str, headers: &[(String, &str)]) -> Result<(), String> {
+fn check_binary<'a>(version: &str, find: impl Fn(&str) -> Option<&'a str>) -> Result<(), String> {
     if version.trim() != SPECVERSION {
         return Err(format!(
             "ce-specversion is {version:?}: only CloudEvents {SPECVERSION} is accepted (attribute `specversion`)"
         ));
     }
-    for attr in REQUIRED {
-        let name = format!("ce-{attr}");
-        match headers.iter().find(|(k, _)| *k == name) {
+    for (attr, name) in REQUIRED.iter().zip(REQUIRED_HEADERS) {
+        match find(name) {
             None => {
                 return Err(format!(
                     "the {name} header is missing: a binary-mode CloudEvent (it has ce-specversion) needs \
                      attribute `{attr}`"
                 ));
             }
-            Some((_, v)) if v.trim().is_empty() => {
+            Some(v) if v.trim().is_empty() => {
                 return Err(format!("the {name} header is empty (attribute `{attr}`)"));
             }
             Some(_) => {}
@@ -205,16 +216,17 @@ fn check_structured(obj: &serde_json::Map<String, serde_json::Value>) -> Result<
 /// The binary-mode headers of `ev` (data goes as the body): `ce-` attributes, `content-type`,
 /// and extensions: as `ce-<name>` when the name is a valid CloudEvents attribute name
 /// (lower-case letters and digits), else under their own name. Values are percent-encoded,
-/// so [`decode`] gives the same event back.
-pub fn encode_binary(ev: &Event) -> Vec<(String, String)> {
+/// so [`decode`] gives the same event back. The names of the core attributes are static (a
+/// transport can use them without parsing or copying).
+pub fn encode_binary(ev: &Event) -> Vec<(Cow<'static, str>, String)> {
     let mut headers = Vec::with_capacity(ev.extensions.len() + 6);
-    headers.push(("ce-specversion".to_string(), "1.0".to_string()));
-    headers.push(("ce-id".to_string(), percent_encode(&ev.id)));
-    headers.push(("ce-source".to_string(), percent_encode(&ev.source)));
-    headers.push(("ce-type".to_string(), percent_encode(&ev.ty)));
-    headers.push(("ce-time".to_string(), percent_encode(&ev.time)));
+    headers.push((Cow::Borrowed("ce-specversion"), SPECVERSION.to_string()));
+    headers.push((Cow::Borrowed("ce-id"), percent_encode(&ev.id)));
+    headers.push((Cow::Borrowed("ce-source"), percent_encode(&ev.source)));
+    headers.push((Cow::Borrowed("ce-type"), percent_encode(&ev.ty)));
+    headers.push((Cow::Borrowed("ce-time"), percent_encode(&ev.time)));
     if let Some(ct) = &ev.datacontenttype {
-        headers.push(("content-type".to_string(), ct.clone()));
+        headers.push((Cow::Borrowed("content-type"), ct.clone()));
     }
     for (name, value) in &ev.extensions {
         if name == "nats-msg-id" || name.starts_with("ce-") || name == "content-type" {
@@ -222,7 +234,7 @@ pub fn encode_binary(ev: &Event) -> Vec<(String, String)> {
         }
         let is_attribute = !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
         let name = if is_attribute { format!("ce-{name}") } else { name.clone() };
-        headers.push((name, percent_encode(value)));
+        headers.push((Cow::Owned(name), percent_encode(value)));
     }
     headers
 }
@@ -429,6 +441,32 @@ mod tests {
     }
 
     #[test]
+    fn header_names_match_in_any_case_and_extensions_are_kept_lower_case() {
+        let h = [
+            ("CE-SpecVersion", "1.0"),
+            ("Ce-Id", "e-1"),
+            ("CE-SOURCE", "/shop"),
+            ("ce-Type", "order.v1"),
+            ("Ce-Time", "2026-11-30T00:00:00Z"),
+            ("CE-Tenant", "acme"),
+            ("X-Trace", "t1"),
+            ("Content-Type", "application/json"),
+            ("User-Agent", "curl"),
+        ];
+        let ev = decode("orders.created", h.into_iter(), Bytes::new()).unwrap();
+        assert_eq!((ev.id.as_str(), ev.source.as_str(), ev.ty.as_str()), ("e-1", "/shop", "order.v1"));
+        assert_eq!(ev.time, "2026-11-30T00:00:00Z", "the message's time, none made up");
+        assert_eq!(ev.datacontenttype.as_deref(), Some("application/json"));
+        assert_eq!(ev.extensions, vec![("tenant".into(), "acme".into()), ("x-trace".into(), "t1".into())]);
+        // A binary-mode message without an id is refused whatever the case of its names.
+        let h = [("CE-SpecVersion", "1.0"), ("CE-SOURCE", "/shop"), ("CE-TYPE", "t")];
+        assert!(decode("a.b", h.into_iter(), Bytes::new()).unwrap_err().contains("ce-id"));
+        // An id named but empty is refused, not replaced by a made-up one.
+        let h = [("ce-id", ""), ("ce-source", "/shop")];
+        assert!(decode("a.b", h.into_iter(), Bytes::new()).unwrap_err().contains("ce-id is empty"));
+    }
+
+    #[test]
     fn structured_mode_reads_the_envelope() {
         let body = br#"{"specversion":"1.0","id":"s-1","source":"/x","type":"t","data":{"a":1},"tenant":"acme"}"#;
         let h = [("content-type", "application/cloudevents+json")];
@@ -489,7 +527,7 @@ mod tests {
         let headers = encode_binary(&ev);
         assert!(headers.iter().any(|(k, v)| k == "ce-tenant" && !v.contains(' ')));
         assert!(headers.iter().any(|(k, _)| k == "plugbus-caused-by"));
-        let back = decode(&ev.subject, headers.iter().map(|(k, v)| (k.as_str(), v.as_str())), ev.data.clone()).unwrap();
+        let back = decode(&ev.subject, headers.iter().map(|(k, v)| (k.as_ref(), v.as_str())), ev.data.clone()).unwrap();
         assert_eq!(back, ev);
     }
 

@@ -33,13 +33,19 @@ pub struct Event {
 impl Event {
     /// A new event with a fresh time-ordered id, `type` = subject and `time` = now.
     pub fn new(subject: impl Into<String>, data: impl Into<Bytes>) -> Self {
+        Self::identified(subject, data, new_id(), now_rfc3339())
+    }
+
+    /// A new event with this `id` and `time` (a decoder that read them makes none up), `type` =
+    /// subject.
+    pub fn identified(subject: impl Into<String>, data: impl Into<Bytes>, id: String, time: String) -> Self {
         let subject = subject.into();
         Self {
-            id: new_id(),
+            id,
             source: "plugbus".into(),
             ty: subject.clone(),
             subject,
-            time: now_rfc3339(),
+            time,
             datacontenttype: None,
             extensions: Vec::new(),
             data: data.into(),

@@ -14,6 +14,7 @@ use crate::event::Event;
 use async_nats::HeaderMap;
 use async_nats::header::{HeaderName, HeaderValue};
 use bytes::Bytes;
+use std::borrow::Cow;
 use std::str::FromStr;
 
 /// The header JetStream deduplicates on.
@@ -38,12 +39,11 @@ pub fn event_of(
     payload: Bytes,
     fallback_id: Option<String>,
 ) -> Result<Event, String> {
-    let pairs: Vec<(&str, &str)> = headers
+    let pairs = headers
         .into_iter()
         .flat_map(|h| h.iter())
-        .flat_map(|(name, values)| values.iter().map(move |v| (AsRef::<str>::as_ref(name), v.as_str())))
-        .collect();
-    cloudevents::decode_with_id(subject, pairs.into_iter(), payload, fallback_id)
+        .flat_map(|(name, values)| values.iter().map(move |v| (AsRef::<str>::as_ref(name), v.as_str())));
+    cloudevents::decode_with_id(subject, pairs, payload, fallback_id)
 }
 
 /// The headers and payload that carry `ev` (binary mode). Headers NATS cannot carry (a name
@@ -51,9 +51,13 @@ pub fn event_of(
 pub fn message_of(ev: &Event) -> (HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
     for (name, value) in cloudevents::encode_binary(ev) {
-        let parsed = HeaderName::from_str(&name).ok().filter(|_| !value.contains(['\r', '\n']));
-        match parsed {
-            Some(n) => headers.append(n, HeaderValue::from(value.as_str())),
+        let parsed = match &name {
+            // The core attributes' names: valid, and nothing to copy.
+            Cow::Borrowed(name) => Some(HeaderName::from_static(name)),
+            Cow::Owned(name) => HeaderName::from_str(name).ok(),
+        };
+        match parsed.filter(|_| !value.contains(['\r', '\n'])) {
+            Some(n) => headers.append(n, HeaderValue::from(value)),
             None => tracing::warn!(subject = %ev.subject, event_id = %ev.id, header = %name,
                 "header left out: NATS cannot carry this name or value"),
         }
