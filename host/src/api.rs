@@ -804,20 +804,29 @@ async fn broker_entry(api: &Inner, id: &str) -> Option<crate::deadletter::Entry>
 }
 
 /// `POST /v1/dlq/{id}/replay`: re-publishes one kept dead letter (fresh id, `plugbus-replay-of`);
-/// like the bulk replay, in its own task, and put back when the bus does not take it.
+/// like the bulk replay, in its own task, and put back when the bus does not take it. As in the
+/// bulk replay, a dead letter the broker keeps is replayed from the broker, which then forgets
+/// it, and this host's copy of it goes too: otherwise the broker's copy would be replayed again
+/// by the next replay, here or on another host.
 async fn dlq_replay_one(State(api): State<Api>, Path(id): Path<String>) -> Response {
     let task_api = api.clone();
-    let report = match api.s.dead_letters.take_id(&id) {
-        Some(entry) => tokio::spawn(async move { replay_entries(&task_api, vec![entry]).await }).await,
-        None => {
-            let Some(entry) = broker_entry(&api, &id).await else {
-                return error(StatusCode::NOT_FOUND, format!("no kept dead letter has id {id:?} (see GET /v1/dlq)"));
-            };
+    let broker = broker_entry(&api, &id).await;
+    let mine = api.s.dead_letters.take_id(&id);
+    let report = match (broker, mine) {
+        (Some(entry), mine) => {
             tokio::spawn(async move {
                 let (replayed, failed) = replay_from_broker(&task_api, vec![entry]).await;
+                // Not replayed: the broker still keeps it, and so does this host.
+                if failed > 0 {
+                    task_api.s.dead_letters.restore(mine.into_iter().collect());
+                }
                 json!({ "replayed": replayed, "failed": failed })
             })
             .await
+        }
+        (None, Some(entry)) => tokio::spawn(async move { replay_entries(&task_api, vec![entry]).await }).await,
+        (None, None) => {
+            return error(StatusCode::NOT_FOUND, format!("no kept dead letter has id {id:?} (see GET /v1/dlq)"));
         }
     };
     match report {

@@ -791,6 +791,40 @@ async fn a_creds_file_is_used_and_a_bad_one_fails_the_start_clearly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_one_dead_letter_replayed_by_the_host_that_keeps_it_too_leaves_the_stream() {
+    let server = NatsServer::start().await;
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], plugbus_tests::fast_retries).await;
+    let mut dlq = t.observe(&["plugbus.dlq.>"]).await;
+    t.host.publish(plugbus::Event::new("faulty.reject", "payload")).await.unwrap();
+    let dead = dlq.next_on("plugbus.dlq.faulty").await;
+    let client = reqwest::Client::new();
+    let list = || {
+        let req = client.get(format!("{}/v1/dlq", t.url())).query(&[("plugin", "faulty")]);
+        async move { req.send().await.unwrap().json::<Value>().await.unwrap()["dead_letters"].clone() }
+    };
+    // This host keeps it (with what the attempt saw) and the stream keeps it: one entry.
+    plugbus_tests::eventually_async("the dead letter is listed", Duration::from_secs(10), || async {
+        list().await.as_array().is_some_and(|e| e.len() == 1 && e[0]["event"]["id"] == dead.id.as_str())
+    })
+    .await;
+    let js = jetstream::new(server.client().await);
+    let stream = js.get_stream("PLUGBUS_DLQ").await.unwrap();
+    let seq = stream.get_last_raw_message_by_subject("plugbus.dlq.faulty").await.unwrap().sequence;
+
+    // The dashboard's per-row replay: the copy in the stream goes too, so no later replay (by
+    // this host or another) runs it a second time.
+    let resp = client.post(format!("{}/v1/dlq/{}/replay", t.url(), dead.id)).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let again = dlq.next_on("plugbus.dlq.faulty").await;
+    assert_ne!(again.id, dead.id);
+    assert!(stream.get_raw_message(seq).await.is_err(), "the replayed dead letter is still in the stream");
+    plugbus_tests::eventually_async("only the new dead letter is listed", Duration::from_secs(10), || async {
+        list().await.as_array().is_some_and(|e| e.len() == 1 && e[0]["event"]["id"] == again.id.as_str())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_dead_letters_are_listed_and_replayed_from_the_stream_by_any_host() {
     let server = NatsServer::start().await;
     let a = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], plugbus_tests::fast_retries).await;
