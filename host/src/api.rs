@@ -95,6 +95,9 @@ struct Inner {
     token_digest: Option<[u8; 32]>,
     /// One permit per live tail.
     tails: Arc<Semaphore>,
+    /// The ids of the dead letters a `POST /v1/dlq/{id}/replay` is replaying now: a second
+    /// request for one of them (a double click) is refused instead of replaying it twice.
+    replaying_one: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 type Api = Arc<Inner>;
@@ -112,7 +115,8 @@ pub fn router(state: ApiState) -> axum::Router {
     let loopback = state.reloader.config.http.is_some_and(|a| is_loopback_ip(a.ip()));
     let token_digest = state.api_token.as_deref().map(digest);
     let tails = Arc::new(Semaphore::new(settings.max_tails));
-    let api: Api = Arc::new(Inner { s: state, settings, loopback, token_digest, tails });
+    let api: Api =
+        Arc::new(Inner { s: state, settings, loopback, token_digest, tails, replaying_one: Default::default() });
     let guarded = axum::Router::new()
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -793,7 +797,10 @@ async fn dlq_get(State(api): State<Api>, Path(id): Path<String>) -> Response {
     };
     match kept {
         Some(entry) => Json(json!({ "dead_letter": entry })).into_response(),
-        None => error(StatusCode::NOT_FOUND, format!("no kept dead letter has id {id:?} (see GET /v1/dlq)")),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no kept dead letter has id {} (see GET /v1/dlq)", crate::event::quoted(&id)),
+        ),
     }
 }
 
@@ -809,12 +816,28 @@ async fn broker_entry(api: &Inner, id: &str) -> Option<crate::deadletter::Entry>
 /// it, and this host's copy of it goes too: otherwise the broker's copy would be replayed again
 /// by the next replay, here or on another host.
 async fn dlq_replay_one(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    if !api.replaying_one.lock().expect("replaying poisoned").insert(id.clone()) {
+        return error(
+            StatusCode::CONFLICT,
+            format!("the dead letter {} is being replayed by another request", crate::event::quoted(&id)),
+        );
+    }
+    // Held by the replay's task: the id is let go when the replay ends, even after this request
+    // was dropped (a client that hung up).
+    struct Replaying(Api, String);
+    impl Drop for Replaying {
+        fn drop(&mut self) {
+            self.0.replaying_one.lock().expect("replaying poisoned").remove(&self.1);
+        }
+    }
+    let replaying = Replaying(api.clone(), id.clone());
     let task_api = api.clone();
     let broker = broker_entry(&api, &id).await;
     let mine = api.s.dead_letters.take_id(&id);
     let report = match (broker, mine) {
         (Some(entry), mine) => {
             tokio::spawn(async move {
+                let _replaying = replaying;
                 let (replayed, failed) = replay_from_broker(&task_api, vec![entry]).await;
                 // Not replayed: the broker still keeps it, and so does this host.
                 if failed > 0 {
@@ -824,9 +847,18 @@ async fn dlq_replay_one(State(api): State<Api>, Path(id): Path<String>) -> Respo
             })
             .await
         }
-        (None, Some(entry)) => tokio::spawn(async move { replay_entries(&task_api, vec![entry]).await }).await,
+        (None, Some(entry)) => {
+            tokio::spawn(async move {
+                let _replaying = replaying;
+                replay_entries(&task_api, vec![entry]).await
+            })
+            .await
+        }
         (None, None) => {
-            return error(StatusCode::NOT_FOUND, format!("no kept dead letter has id {id:?} (see GET /v1/dlq)"));
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("no kept dead letter has id {} (see GET /v1/dlq)", crate::event::quoted(&id)),
+            );
         }
     };
     match report {
@@ -866,7 +898,10 @@ async fn dlq_debug(State(api): State<Api>, Path(id): Path<String>, headers: Head
         None => match broker_entry(&api, &id).await {
             Some(entry) => entry,
             None => {
-                return error(StatusCode::NOT_FOUND, format!("no kept dead letter has id {id:?} (see GET /v1/dlq)"));
+                return error(
+                    StatusCode::NOT_FOUND,
+                    format!("no kept dead letter has id {} (see GET /v1/dlq)", crate::event::quoted(&id)),
+                );
             }
         },
     };

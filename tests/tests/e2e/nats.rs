@@ -811,12 +811,17 @@ async fn jetstream_one_dead_letter_replayed_by_the_host_that_keeps_it_too_leaves
     let stream = js.get_stream("PLUGBUS_DLQ").await.unwrap();
     let seq = stream.get_last_raw_message_by_subject("plugbus.dlq.faulty").await.unwrap().sequence;
 
-    // The dashboard's per-row replay: the copy in the stream goes too, so no later replay (by
-    // this host or another) runs it a second time.
-    let resp = client.post(format!("{}/v1/dlq/{}/replay", t.url(), dead.id)).send().await.unwrap();
-    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    // The dashboard's per-row replay, clicked twice at once: it is replayed once, and the copy
+    // in the stream goes too, so no later replay (by this host or another) runs it again.
+    let replay = || client.post(format!("{}/v1/dlq/{}/replay", t.url(), dead.id)).send();
+    let (first, second) = tokio::join!(replay(), replay());
+    let mut statuses = [first.unwrap().status().as_u16(), second.unwrap().status().as_u16()];
+    statuses.sort();
+    assert!(statuses == [200, 404] || statuses == [200, 409], "{statuses:?}");
     let again = dlq.next_on("plugbus.dlq.faulty").await;
     assert_ne!(again.id, dead.id);
+    let twice = tokio::time::timeout(Duration::from_millis(1500), dlq.next_on("plugbus.dlq.faulty")).await;
+    assert!(twice.is_err(), "the dead letter was replayed twice: {:?}", twice.map(|e| e.id.clone()));
     assert!(stream.get_raw_message(seq).await.is_err(), "the replayed dead letter is still in the stream");
     plugbus_tests::eventually_async("only the new dead letter is listed", Duration::from_secs(10), || async {
         list().await.as_array().is_some_and(|e| e.len() == 1 && e[0]["event"]["id"] == again.id.as_str())
