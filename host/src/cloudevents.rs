@@ -147,11 +147,9 @@ fn decode_structured(subject: &str, body: &[u8], fallback_id: Option<String>) ->
 /// The CloudEvents version this host reads and writes.
 pub const SPECVERSION: &str = "1.0";
 
-/// The attributes every CloudEvents 1.0 event has, besides `specversion`.
-const REQUIRED: [&str; 3] = ["id", "source", "type"];
-
-/// [`REQUIRED`]'s binary-mode headers.
-const REQUIRED_HEADERS: [&str; 3] = ["ce-id", "ce-source", "ce-type"];
+/// The attributes every CloudEvents 1.0 event has, besides `specversion`, each with its
+/// binary-mode header.
+const REQUIRED: [(&str, &str); 3] = [("id", "ce-id"), ("source", "ce-source"), ("type", "ce-type")];
 
 /// Checks a binary-mode message (it has `ce-specversion`): version 1.0, `ce-id`, `ce-source`
 /// and `ce-type` present and not empty.
@@ -161,7 +159,7 @@ fn check_binary<'a>(version: &str, find: impl Fn(&str) -> Option<&'a str>) -> Re
             "ce-specversion is {version:?}: only CloudEvents {SPECVERSION} is accepted (attribute `specversion`)"
         ));
     }
-    for (attr, name) in REQUIRED.iter().zip(REQUIRED_HEADERS) {
+    for (attr, name) in REQUIRED {
         match find(name) {
             None => {
                 return Err(format!(
@@ -190,7 +188,7 @@ fn check_structured(obj: &serde_json::Map<String, serde_json::Value>) -> Result<
             ));
         }
     }
-    for attr in REQUIRED {
+    for (attr, _) in REQUIRED {
         match obj.get(attr) {
             None => {
                 return Err(format!(

@@ -468,11 +468,6 @@ impl DurableLog {
         wait.await.map_err(|_| LogError::Closed)?
     }
 
-    /// Events retention dropped since the log was opened.
-    pub fn dropped(&self) -> u64 {
-        self.metrics.retention_dropped.get()
-    }
-
     /// What the writer did (commits, their cost, retention), for `/metrics`.
     pub fn metrics(&self) -> &LogMetrics {
         &self.metrics
@@ -1312,8 +1307,9 @@ mod tests {
             let log = log.clone();
             async move {
                 let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-                while log.dropped() < n {
-                    assert!(std::time::Instant::now() < deadline, "dropped {} of {n}", log.dropped());
+                let dropped = || log.metrics().retention_dropped.get();
+                while dropped() < n {
+                    assert!(std::time::Instant::now() < deadline, "dropped {} of {n}", dropped());
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             }
