@@ -695,7 +695,7 @@ fn tag(entry: crate::deadletter::Entry, kept_by: &str) -> serde_json::Value {
     v
 }
 
-/// Re-publishes kept dead letters to their original subjects (fresh ids, `plugbus-replay-of`).
+/// Re-publishes kept dead letters to their original subjects (new ids made from the dead letters', `plugbus-replay-of`: see `deadletter::replay_event`).
 ///
 /// The replay runs in its own task: the entries it took out of the store are re-published, or
 /// put back when the bus does not take them within `api.publish_timeout`, whether or not the
@@ -810,7 +810,7 @@ async fn broker_entry(api: &Inner, id: &str) -> Option<crate::deadletter::Entry>
     kept.into_iter().find(|e| e.event.id == id)
 }
 
-/// `POST /v1/dlq/{id}/replay`: re-publishes one kept dead letter (fresh id, `plugbus-replay-of`);
+/// `POST /v1/dlq/{id}/replay`: re-publishes one kept dead letter (a new id made from the dead letter's, `plugbus-replay-of`);
 /// like the bulk replay, in its own task, and put back when the bus does not take it. As in the
 /// bulk replay, a dead letter the broker keeps is replayed from the broker, which then forgets
 /// it, and this host's copy of it goes too: otherwise the broker's copy would be replayed again

@@ -93,16 +93,26 @@ pub fn is_dead_letter(event: &Event) -> bool {
     event.source.starts_with("plugbus/") && event.header(headers::ERROR).is_some()
 }
 
-/// The event a replay publishes: the original subject, data and headers, a fresh id.
+/// The event a replay publishes: the original subject, data and headers, and an id of its own
+/// made from the dead letter's (source, id). The same dead letter replayed twice (two replays
+/// at once on two hosts, or a replay repeated after one that timed out but landed) is the same
+/// event: JetStream drops the second copy by its `Nats-Msg-Id` within the stream's duplicate
+/// window, so the handler runs it once. A dead letter of that replay has an id of its own, so
+/// replaying it again is a new event.
 pub fn replay_event(dead: &Event) -> Option<Event> {
     let subject = dead.header(headers::ORIGINAL_SUBJECT)?.to_string();
     let mut ev = Event::new(subject, dead.data.clone());
+    ev.id = crate::event::output_id(&dead.source, &dead.id, REPLAYER, 0);
     ev.ty = dead.ty.clone();
     ev.datacontenttype = dead.datacontenttype.clone();
     ev.extensions = dead.extensions.iter().filter(|(k, _)| !k.starts_with("plugbus-")).cloned().collect();
     ev.extensions.push((headers::REPLAY_OF.to_string(), dead.id.clone()));
     Some(ev)
 }
+
+/// The name replays are made under in [`replay_event`]'s id (not a valid plugin name, so no
+/// plugin's output can have the id of a replay).
+const REPLAYER: &str = "plugbus/replay";
 
 /// What the failed attempt of a dead letter saw, kept with it in this host's store (never on
 /// the bus): enough to run it again exactly (`POST /v1/dlq/{id}/debug`). Bounded: the reads
@@ -387,6 +397,15 @@ mod tests {
         assert!(!is_dead_letter(&forged));
         let again = replay_event(&dead).unwrap();
         assert_eq!(again.subject, "orders.created");
+        // The same dead letter replays as the same event (JetStream drops a second copy); another
+        // dead letter, and the dead letter of this replay, replay as events of their own.
+        assert_eq!(replay_event(&dead).unwrap().id, again.id);
+        assert_ne!(again.id, dead.id);
+        let other =
+            dead_letter_event(&Event::new("orders.created", "{}"), "inventory", "plugbus.dlq.inventory", "boom", 5);
+        assert_ne!(replay_event(&other).unwrap().id, again.id);
+        let dead_again = dead_letter_event(&again, "inventory", "plugbus.dlq.inventory", "boom", 5);
+        assert_ne!(replay_event(&dead_again).unwrap().id, again.id);
         assert_eq!(again.header("tenant"), Some("acme"));
         assert!(again.header(headers::ERROR).is_none());
         assert_ne!(again.id, original.id);

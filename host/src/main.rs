@@ -152,7 +152,7 @@ enum DlqAction {
         #[arg(long)]
         json: bool,
     },
-    /// Re-publish the kept dead letters to their original subjects (with fresh ids).
+    /// Re-publish the kept dead letters to their original subjects (each with an id of its own, made from the dead letter's).
     Replay {
         /// Only this dead letter (its ID as `plugbus dlq list` shows it).
         #[arg(long, value_name = "ID")]

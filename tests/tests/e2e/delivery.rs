@@ -99,7 +99,7 @@ async fn exhausted_retries_dead_letter_with_the_last_error_and_replay_works(bus:
     assert!(dead.header(headers::ERROR).unwrap().contains("not now"));
     assert_eq!(t.counter("faulty", "retried"), 2);
 
-    // the operator replays it over HTTP: back on its original subject, with a fresh id
+    // the operator replays it over HTTP: back on its original subject, with an id of its own
     assert_eq!(t.host.dead_letters().list(Some("faulty")).len(), 1);
     let resp: serde_json::Value = reqwest::Client::new()
         .post(format!("{}/v1/dlq/replay?plugin=faulty", t.url()))

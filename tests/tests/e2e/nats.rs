@@ -875,3 +875,62 @@ async fn jetstream_dead_letters_are_listed_and_replayed_from_the_stream_by_any_h
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_dead_letter_replayed_by_two_hosts_at_once_runs_once() {
+    let server = NatsServer::start().await;
+    let a = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], plugbus_tests::fast_retries).await;
+    let b = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], plugbus_tests::fast_retries).await;
+    let nats = server.client().await;
+    let mut dlq = nats.subscribe("plugbus.dlq.faulty").await.unwrap();
+    nats.flush().await.unwrap();
+    a.host.publish(plugbus::Event::new("faulty.reject", "payload")).await.unwrap();
+    let first = next(&mut dlq).await;
+    let client = reqwest::Client::new();
+    for host in [&a, &b] {
+        let url = format!("{}/v1/dlq", host.url());
+        plugbus_tests::eventually_async("both hosts list the dead letter", Duration::from_secs(10), || async {
+            let listed: Value = client.get(&url).send().await.unwrap().json().await.unwrap();
+            listed["dead_letters"].as_array().is_some_and(|e| !e.is_empty())
+        })
+        .await;
+    }
+    let js = jetstream::new(nats.clone());
+    let stream = js.get_stream("PLUGBUS_DLQ").await.unwrap();
+    let seq = stream.get_last_raw_message_by_subject("plugbus.dlq.faulty").await.unwrap().sequence;
+
+    // Two operators (or a script on each host) replay the dead letters at the same moment: both
+    // read the broker's copy before either removed it, yet the handler runs it once.
+    let replay = |host: &TestHost| client.post(format!("{}/v1/dlq/replay?plugin=faulty", host.url())).send();
+    let (ra, rb) = tokio::join!(replay(&a), replay(&b));
+    for report in [ra, rb] {
+        let report: Value = report.unwrap().json().await.unwrap();
+        assert_eq!(report["failed"], 0, "{report}");
+    }
+    // faulty rejects the replay again: one new dead letter, not two.
+    let again = next(&mut dlq).await;
+    assert_ne!(again.headers, first.headers);
+    let twice = tokio::time::timeout(Duration::from_millis(1500), dlq.next()).await;
+    assert!(twice.is_err(), "the dead letter was replayed twice: {:?}", twice.map(|m| m.map(|m| m.headers)));
+    assert!(stream.get_raw_message(seq).await.is_err(), "the replayed dead letter is still in the stream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgetting_a_dead_letter_another_replay_removed_first_is_not_an_error() {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: "PLUGBUS_DLQ".into(),
+        subjects: vec!["plugbus.dlq.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let seq = js.publish("plugbus.dlq.faulty", "x".into()).await.unwrap().await.unwrap().sequence;
+    plugbus::backend::nats::dead_letters::forget(&js, seq).await.expect("the first removal");
+    plugbus::backend::nats::dead_letters::forget(&js, seq).await.expect("gone already: not an error");
+    // A failure that is not "gone already" is still one.
+    js.delete_stream("PLUGBUS_DLQ").await.unwrap();
+    let err = plugbus::backend::nats::dead_letters::forget(&js, seq).await.unwrap_err();
+    assert!(err.to_string().contains("PLUGBUS_DLQ"), "{err}");
+}

@@ -77,14 +77,34 @@ pub async fn list(
     Ok(Some(out))
 }
 
-/// Removes the dead letter at `seq` (after its replay was taken).
+/// Removes the dead letter at `seq` (after its replay was taken). One already gone is fine: a
+/// replay on another host (or another replay here) took the same dead letter at the same time
+/// and removed it first; JetStream kept one copy of the replay (it has the same id).
 pub async fn forget(js: &jetstream::Context, seq: u64) -> Result<(), TransportError> {
     let Some(stream) = stream(js).await? else {
         return Err(TransportError::Broker(format!("the {STREAM} stream is gone")));
     };
-    stream
-        .delete_message(seq)
-        .await
-        .map(drop)
-        .map_err(|e| TransportError::Broker(format!("removing dead letter {seq} from {STREAM}: {e}")))
+    match stream.delete_message(seq).await {
+        Ok(_) => Ok(()),
+        Err(e) if already_gone(&e) => {
+            tracing::debug!(stream = STREAM, seq, "the replayed dead letter was removed by another replay");
+            Ok(())
+        }
+        Err(e) => Err(TransportError::Broker(format!("removing dead letter {seq} from {STREAM}: {e}"))),
+    }
+}
+
+/// Whether a delete failed because the message is not in the stream (any more).
+fn already_gone(e: &jetstream::stream::DeleteMessageError) -> bool {
+    match e.kind() {
+        jetstream::stream::DeleteMessageErrorKind::JetStream(j) => {
+            use jetstream::ErrorCode;
+            // The server answers a delete of a message not there with the generic "delete
+            // failed" code and "no message found" as its description.
+            [ErrorCode::NO_MESSAGE_FOUND, ErrorCode::SEQUENCE_NOT_FOUND].contains(&j.error_code())
+                || (j.error_code() == ErrorCode::STREAM_MESSAGE_DELETE_FAILED
+                    && j.to_string().to_ascii_lowercase().contains("no message found"))
+        }
+        _ => false,
+    }
 }
