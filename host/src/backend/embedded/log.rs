@@ -9,6 +9,7 @@
 //! loss). Outputs are deduplicated by (source, id): a handler re-run after a crash publishes
 //! outputs with the same ids, and the log keeps the first.
 
+use super::rows::{self, Lookup, ROWS, RowBuilder};
 use crate::event::Event;
 use crate::kv::Outbox;
 use prometheus_client::metrics::counter::Counter;
@@ -22,8 +23,6 @@ use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use tokio::sync::oneshot;
 
-/// seq → the encoded event.
-const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 /// (plugin, seq) → (): a delivery not settled yet.
 const PENDING: TableDefinition<(&str, u64), ()> = TableDefinition::new("pending");
 /// "source\0id" → seq, for outputs: a re-published output is kept once.
@@ -298,6 +297,10 @@ pub struct DurableLog {
     metrics: LogMetrics,
     /// The next sequence number, handed out when an append is sent.
     next_seq: std::sync::atomic::AtomicU64,
+    /// Held while an append takes its sequence number and is sent: the writer gets appends in
+    /// the order of their sequence numbers, so each commit's row of events holds a range of
+    /// its own (see `rows`).
+    appending: std::sync::Mutex<()>,
     /// The events read back to run again (at start, or for a replay) and not settled yet: their
     /// outputs may be in the log already.
     redelivered: std::sync::Mutex<Redelivered>,
@@ -339,7 +342,7 @@ impl DurableLog {
         })?;
         let w = db.begin_write().map_err(|e| open_err(e.to_string()))?;
         {
-            w.open_table(EVENTS).map_err(|e| open_err(e.to_string()))?;
+            w.open_table(ROWS).map_err(|e| open_err(e.to_string()))?;
             w.open_table(PENDING).map_err(|e| open_err(e.to_string()))?;
             w.open_table(IDS).map_err(|e| open_err(e.to_string()))?;
             w.open_table(META).map_err(|e| open_err(e.to_string()))?;
@@ -350,6 +353,10 @@ impl DurableLog {
             w.open_table(OUTBOX).map_err(|e| open_err(e.to_string()))?;
         }
         w.commit().map_err(|e| open_err(e.to_string()))?;
+        let moved = rows::migrate(&db).map_err(|why| open_err(format!("moving events into rows: {why}")))?;
+        if moved > 0 {
+            tracing::info!(log = %path.display(), events = moved, "the event log's events moved into rows (once, after an upgrade)");
+        }
         let (next_seq, record_bytes) = {
             let r = db.begin_read().map_err(|e| open_err(e.to_string()))?;
             let meta = r.open_table(META).map_err(|e| open_err(e.to_string()))?;
@@ -390,6 +397,7 @@ impl DurableLog {
             ops,
             metrics,
             next_seq: next_seq.into(),
+            appending: Default::default(),
             redelivered: Default::default(),
             any_redelivered: false.into(),
         }))
@@ -400,8 +408,7 @@ impl DurableLog {
     /// appended before is not appended again.
     pub async fn append(&self, event: Arc<Event>, plugins: Vec<Arc<str>>, dedupe: bool) -> Result<Appended, LogError> {
         let (done, wait) = oneshot::channel();
-        let seq = self.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.ops.send(Op::Append { seq, event, plugins, dedupe, done: Some(done) }).map_err(|_| LogError::Closed)?;
+        self.send_append(|seq| Op::Append { seq, event, plugins, dedupe, done: Some(done) })?;
         wait.await.map_err(|_| LogError::Closed)?
     }
 
@@ -409,8 +416,15 @@ impl DurableLog {
     /// Safe because the log commits in the order it is sent: the ack of the input that caused
     /// it (and of the output itself, downstream) is sent later, so neither commits before it.
     pub fn append_nowait(&self, event: Arc<Event>, plugins: Vec<Arc<str>>) -> Result<u64, LogError> {
+        self.send_append(|seq| Op::Append { seq, event, plugins, dedupe: true, done: None })
+    }
+
+    /// Sends the append `op(seq)` with the next sequence number; appends reach the writer in the
+    /// order of their sequence numbers.
+    fn send_append(&self, op: impl FnOnce(u64) -> Op) -> Result<u64, LogError> {
+        let _in_order = self.appending.lock().expect("appending poisoned");
         let seq = self.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.ops.send(Op::Append { seq, event, plugins, dedupe: true, done: None }).map_err(|_| LogError::Closed)?;
+        self.ops.send(op(seq)).map_err(|_| LogError::Closed)?;
         Ok(seq)
     }
 
@@ -477,14 +491,19 @@ impl DurableLog {
     pub fn read(&self, from: u64, limit: usize) -> Result<Vec<(u64, Arc<Event>)>, LogError> {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
         let r = self.store.get().map_err(|e| io(&e))?.begin_read().map_err(|e| io(&e))?;
-        let events = r.open_table(EVENTS).map_err(|e| io(&e))?;
+        let events = r.open_table(ROWS).map_err(|e| io(&e))?;
         let mut out = Vec::new();
-        for row in events.range(from..).map_err(|e| io(&e))?.take(limit) {
-            let (seq, stored) = row.map_err(|e| io(&e))?;
-            let seq = seq.value();
-            let event =
-                decode(stored.value()).map_err(|why| LogError::Corrupt { path: self.path.clone(), seq, why })?;
-            out.push((seq, Arc::new(event)));
+        for row in events.range(from..).map_err(|e| io(&e))? {
+            let (last, stored) = row.map_err(|e| io(&e))?;
+            let corrupt = |seq, why| LogError::Corrupt { path: self.path.clone(), seq, why };
+            for (seq, record) in rows::records(stored.value()).map_err(|why| corrupt(last.value(), why))? {
+                if out.len() == limit {
+                    return Ok(out);
+                }
+                if seq >= from {
+                    out.push((seq, Arc::new(decode(record).map_err(|why| corrupt(seq, why))?)));
+                }
+            }
         }
         Ok(out)
     }
@@ -566,13 +585,13 @@ impl DurableLog {
     pub fn read_seqs(&self, plugin: &str, seqs: &[u64]) -> Result<Vec<Unsettled>, LogError> {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
         let r = self.store.get().map_err(|e| io(&e))?.begin_read().map_err(|e| io(&e))?;
-        let events = r.open_table(EVENTS).map_err(|e| io(&e))?;
+        let events = r.open_table(ROWS).map_err(|e| io(&e))?;
+        let mut lookup = Lookup::new(&events);
         let mut out = Vec::with_capacity(seqs.len());
         for &seq in seqs {
-            if let Some(stored) = events.get(seq).map_err(|e| io(&e))? {
-                let event =
-                    decode(stored.value()).map_err(|why| LogError::Corrupt { path: self.path.clone(), seq, why })?;
-                out.push(Unsettled { seq, event: Arc::new(event) });
+            let corrupt = |why| LogError::Corrupt { path: self.path.clone(), seq, why };
+            if let Some(stored) = lookup.get(seq).map_err(corrupt)? {
+                out.push(Unsettled { seq, event: Arc::new(decode(stored).map_err(corrupt)?) });
             }
         }
         self.mark_redelivered(plugin, &out);
@@ -611,21 +630,17 @@ impl DurableLog {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
         let r = self.store.get().map_err(|e| io(&e))?.begin_read().map_err(|e| io(&e))?;
         let pending = r.open_table(PENDING).map_err(|e| io(&e))?;
-        let events = r.open_table(EVENTS).map_err(|e| io(&e))?;
+        let events = r.open_table(ROWS).map_err(|e| io(&e))?;
+        let mut lookup = Lookup::new(&events);
         let mut out = Vec::new();
         for row in pending.range((plugin, from)..=(plugin, u64::MAX)).map_err(|e| io(&e))?.take(limit) {
             let (key, _) = row.map_err(|e| io(&e))?;
             let seq = key.value().1;
-            let Some(stored) = events.get(seq).map_err(|e| io(&e))? else {
-                return Err(LogError::Corrupt {
-                    path: self.path.clone(),
-                    seq,
-                    why: "pending, but not in the log".into(),
-                });
+            let corrupt = |why| LogError::Corrupt { path: self.path.clone(), seq, why };
+            let Some(stored) = lookup.get(seq).map_err(corrupt)? else {
+                return Err(corrupt("pending, but not in the log".into()));
             };
-            let event =
-                decode(stored.value()).map_err(|why| LogError::Corrupt { path: self.path.clone(), seq, why })?;
-            out.push(Unsettled { seq, event: Arc::new(event) });
+            out.push(Unsettled { seq, event: Arc::new(decode(stored).map_err(corrupt)?) });
         }
         self.mark_redelivered(plugin, &out);
         Ok(out)
@@ -803,42 +818,47 @@ impl Writer {
         let (mut dropped, mut freed, mut first, mut last) = (0u64, 0u64, None, 0);
         let bytes_left;
         {
-            let mut events = w.open_table(EVENTS).map_err(|e| e.to_string())?;
+            let mut events = w.open_table(ROWS).map_err(|e| e.to_string())?;
             let mut ids = w.open_table(IDS).map_err(|e| e.to_string())?;
             let pending = w.open_table(PENDING).map_err(|e| e.to_string())?;
             let owing = owing_plugins(&pending)?;
             let mut meta = w.open_table(META).map_err(|e| e.to_string())?;
             let mut bytes = meta.get("bytes").map_err(|e| e.to_string())?.map_or(0, |v| v.value());
+            // Whole rows go: a row with an event some plugin owes, or one retention would keep,
+            // stays with all its events (a row holds at most one commit's, `rows::ROW_BYTES`).
             let mut doomed = Vec::new();
-            for row in events.iter().map_err(|e| e.to_string())? {
-                let (seq, stored) = row.map_err(|e| e.to_string())?;
-                let (seq, stored) = (seq.value(), stored.value());
-                let old = appended_ms(stored).is_none_or(|t| t < cutoff);
-                if !old && bytes <= max_bytes {
-                    break;
+            'rows: for row in events.iter().map_err(|e| e.to_string())? {
+                let (row_key, stored) = row.map_err(|e| e.to_string())?;
+                let (mut left, mut in_row) = (bytes, Vec::new());
+                for (seq, record) in rows::records(stored.value())? {
+                    let old = appended_ms(record).is_none_or(|t| t < cutoff);
+                    if !old && left <= max_bytes {
+                        break 'rows;
+                    }
+                    for plugin in &owing {
+                        if pending.get((plugin.as_str(), seq)).map_err(|e| e.to_string())?.is_some() {
+                            continue 'rows;
+                        }
+                    }
+                    left = left.saturating_sub(record.len() as u64);
+                    in_row.push((seq, record.len() as u64, decode(record).ok().map(|ev| dedupe_key(&ev))));
                 }
-                let mut owed = false;
-                for plugin in &owing {
-                    owed |= pending.get((plugin.as_str(), seq)).map_err(|e| e.to_string())?.is_some();
-                }
-                if owed {
-                    continue;
-                }
-                bytes = bytes.saturating_sub(stored.len() as u64);
-                freed += stored.len() as u64;
-                let key = decode(stored).ok().map(|ev| dedupe_key(&ev));
-                doomed.push((seq, key));
+                bytes = left;
+                doomed.push((row_key.value(), in_row));
             }
-            for (seq, key) in doomed {
-                events.remove(seq).map_err(|e| e.to_string())?;
-                if let Some(key) = key
-                    && ids.get(key.as_str()).map_err(|e| e.to_string())?.is_some_and(|v| v.value() == seq)
-                {
-                    ids.remove(key.as_str()).map_err(|e| e.to_string())?;
+            for (row_key, in_row) in doomed {
+                events.remove(row_key).map_err(|e| e.to_string())?;
+                for (seq, len, key) in in_row {
+                    if let Some(key) = key
+                        && ids.get(key.as_str()).map_err(|e| e.to_string())?.is_some_and(|v| v.value() == seq)
+                    {
+                        ids.remove(key.as_str()).map_err(|e| e.to_string())?;
+                    }
+                    first.get_or_insert(seq);
+                    last = seq;
+                    dropped += 1;
+                    freed += len;
                 }
-                first.get_or_insert(seq);
-                last = seq;
-                dropped += 1;
             }
             meta.insert("bytes", bytes).map_err(|e| e.to_string())?;
             bytes_left = bytes;
@@ -876,7 +896,8 @@ impl Writer {
             w.set_durability(if durable { redb::Durability::Immediate } else { redb::Durability::None })
                 .map_err(|e| e.to_string())?;
             {
-                let mut events = w.open_table(EVENTS).map_err(|e| e.to_string())?;
+                let mut events = w.open_table(ROWS).map_err(|e| e.to_string())?;
+                let mut row = RowBuilder::default();
                 let mut pending = w.open_table(PENDING).map_err(|e| e.to_string())?;
                 let mut ids = w.open_table(IDS).map_err(|e| e.to_string())?;
                 let mut meta = w.open_table(META).map_err(|e| e.to_string())?;
@@ -911,10 +932,10 @@ impl Writer {
                                 continue;
                             }
                             next = next.max(seq + 1);
-                            record.clear();
-                            encode(&event, now_ms, &mut record);
-                            events.insert(seq, record.as_slice()).map_err(|e| e.to_string())?;
-                            bytes += record.len() as u64;
+                            bytes += row.push(seq, |out| encode(&event, now_ms, out)) as u64;
+                            if row.is_full() {
+                                row.flush(&mut events).map_err(|e| e.to_string())?;
+                            }
                             appended += 1;
                             for p in &plugins {
                                 pending.insert((&**p, seq), ()).map_err(|e| e.to_string())?;
@@ -1003,16 +1024,22 @@ impl Writer {
                             let mut made = Vec::new();
                             let mut wanted = Vec::new();
                             let since_ms = from.since_ms();
-                            for row in events.range(from.first_seq()..).map_err(|e| e.to_string())? {
-                                let (seq, stored) = row.map_err(|e| e.to_string())?;
-                                // A time compares with each record's append time (not a search:
-                                // a clock set back would otherwise hide events).
-                                if since_ms > 0 && appended_ms(stored.value()).is_some_and(|t| t < since_ms) {
-                                    continue;
-                                }
-                                let subject = decode(stored.value()).map(|ev| ev.subject).unwrap_or_default();
-                                if matches(&subject) {
-                                    wanted.push(seq.value());
+                            // The events appended earlier in this commit are read too.
+                            row.flush(&mut events).map_err(|e| e.to_string())?;
+                            for stored in events.range(from.first_seq()..).map_err(|e| e.to_string())? {
+                                let (_, stored) = stored.map_err(|e| e.to_string())?;
+                                for (seq, record) in rows::records(stored.value())? {
+                                    // A time compares with each record's append time (not a
+                                    // search: a clock set back would otherwise hide events).
+                                    if seq < from.first_seq()
+                                        || (since_ms > 0 && appended_ms(record).is_some_and(|t| t < since_ms))
+                                    {
+                                        continue;
+                                    }
+                                    let subject = decode(record).map(|ev| ev.subject).unwrap_or_default();
+                                    if matches(&subject) {
+                                        wanted.push(seq);
+                                    }
                                 }
                             }
                             for seq in wanted {
@@ -1024,6 +1051,7 @@ impl Writer {
                         }
                     }
                 }
+                row.flush(&mut events).map_err(|e| e.to_string())?;
                 meta.insert("next_seq", next).map_err(|e| e.to_string())?;
                 meta.insert("bytes", bytes).map_err(|e| e.to_string())?;
                 bytes_kept = bytes;
@@ -1334,6 +1362,69 @@ mod tests {
         assert_eq!(log.metrics().retention_dropped.get(), 4);
         // Its output id went with it: the same output may be logged again.
         assert_eq!(log.append(out, vec![], true).await.unwrap(), Appended::At(5));
+    }
+
+    #[tokio::test]
+    async fn a_log_from_before_rows_opens_with_its_unsettled_deliveries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        // The layout before rows: an event per row of `events`.
+        let legacy: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+        let (first, second) = (sample(), Event::new("orders.shipped", "{}"));
+        {
+            let db = Database::create(&path).unwrap();
+            let w = db.begin_write().unwrap();
+            {
+                let mut events = w.open_table(legacy).unwrap();
+                let mut pending = w.open_table(PENDING).unwrap();
+                let mut meta = w.open_table(META).unwrap();
+                let mut bytes = 0;
+                for (seq, ev) in [(1u64, &first), (2, &second)] {
+                    let mut record = Vec::new();
+                    encode(ev, unix_ms(), &mut record);
+                    events.insert(seq, record.as_slice()).unwrap();
+                    bytes += record.len() as u64;
+                }
+                pending.insert(("p", 2), ()).unwrap();
+                meta.insert("next_seq", 3).unwrap();
+                meta.insert("bytes", bytes).unwrap();
+            }
+            w.commit().unwrap();
+        }
+        let log = DurableLog::open(&path, SyncPolicy::Always).unwrap();
+        let unsettled = log.unsettled("p").unwrap();
+        assert_eq!(
+            unsettled.iter().map(|u| (u.seq, u.event.id.clone())).collect::<Vec<_>>(),
+            vec![(2, second.id.clone())]
+        );
+        let read: Vec<_> = log.read(0, 10).unwrap().into_iter().map(|(seq, ev)| (seq, ev.id.clone())).collect();
+        assert_eq!(read, vec![(1, first.id.clone()), (2, unsettled[0].event.id.clone())]);
+        assert_eq!(log.append(Arc::new(sample()), vec![], false).await.unwrap(), Appended::At(3));
+        assert_eq!(log.read(2, 10).unwrap().iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![2, 3]);
+    }
+
+    #[tokio::test]
+    async fn events_appended_together_share_a_row_and_each_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DurableLog::open(&dir.path().join("bus.redb"), SyncPolicy::Always).unwrap();
+        let p: Arc<str> = "p".into();
+        let appends = (0..50).map(|i| log.append(Arc::new(Event::new(format!("n.{i}"), "x")), vec![p.clone()], false));
+        let seqs: Vec<u64> = futures::future::join_all(appends)
+            .await
+            .into_iter()
+            .map(|a| match a.unwrap() {
+                Appended::At(seq) => seq,
+                Appended::Duplicate => panic!("not a duplicate"),
+            })
+            .collect();
+        assert!(log.metrics().commits.get() < 50, "appends waiting together share commits");
+        let unsettled = log.unsettled("p").unwrap();
+        assert_eq!(unsettled.iter().map(|u| u.seq).collect::<Vec<_>>(), (1..=50).collect::<Vec<_>>());
+        for (i, seq) in seqs.iter().enumerate() {
+            let found = log.read_seqs("p", &[*seq]).unwrap();
+            assert_eq!(found[0].event.subject, format!("n.{i}"), "seq {seq}");
+        }
+        assert_eq!(log.read(10, 5).unwrap().iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![10, 11, 12, 13, 14]);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod bus;
 pub mod kv;
 pub mod log;
+mod rows;
 
 use super::Backend;
 use crate::config::Config;
