@@ -30,7 +30,7 @@
 use crate::event::Event;
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -54,6 +54,11 @@ const MAX_TRACESTATE_MEMBERS: usize = 32;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
+/// The sampler in force (see [`Sampling`]): the ratio as a threshold on 63 random bits
+/// (`u64::MAX`: all), and whether a parent's decision is followed.
+static SAMPLE_BELOW: AtomicU64 = AtomicU64::new(u64::MAX);
+static FOLLOW_PARENT: AtomicBool = AtomicBool::new(true);
+
 /// Whether spans are being made and exported (an exporter is installed).
 #[inline]
 pub fn enabled() -> bool {
@@ -67,7 +72,7 @@ pub fn set_enabled(on: bool) {
 }
 
 /// `[telemetry]`: where traces go.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TelemetrySettings {
     /// The OTLP/HTTP endpoint's base URL (like `OTEL_EXPORTER_OTLP_ENDPOINT`:
@@ -75,6 +80,106 @@ pub struct TelemetrySettings {
     /// Unset: the standard variables decide (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, then
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`); none set: tracing is off.
     pub otlp_endpoint: Option<String>,
+    /// The share of new traces made and exported, 0.0 to 1.0 (`parentbased_traceidratio`: a
+    /// trace that arrives with a context keeps its sampled flag). Unset: `OTEL_TRACES_SAMPLER`
+    /// / `OTEL_TRACES_SAMPLER_ARG` decide; neither set: every trace (`parentbased_always_on`).
+    pub sample_ratio: Option<f64>,
+}
+
+/// Which traces are made: a share of new traces (`ratio`), and whether a trace that arrives with
+/// a context follows its sampled flag (`follow_parent`, the `parentbased_*` samplers) or is
+/// decided again (`always_on`, `always_off`, `traceidratio`). An unsampled trace makes no span
+/// at all (not just exports none), and carries its context on with the sampled flag off, so the
+/// next hop makes none either.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// The share of traces made, 0.0 to 1.0.
+    pub ratio: f64,
+    /// Whether a parent's decision is followed.
+    pub follow_parent: bool,
+}
+
+impl Sampling {
+    /// What `[telemetry] sample_ratio`, else `OTEL_TRACES_SAMPLER` (`sampler`) and
+    /// `OTEL_TRACES_SAMPLER_ARG` (`arg`), ask for; an error names the value it cannot use.
+    pub fn from(ratio: Option<f64>, sampler: Option<&str>, arg: Option<&str>) -> Result<Self, String> {
+        let share = |what: &str, r: f64| {
+            if (0.0..=1.0).contains(&r) { Ok(r) } else { Err(format!("{what} {r} is not between 0.0 and 1.0")) }
+        };
+        if let Some(r) = ratio {
+            return Ok(Self { ratio: share("telemetry.sample_ratio", r)?, follow_parent: true });
+        }
+        let arg_ratio = || -> Result<f64, String> {
+            match arg.map(str::trim).filter(|a| !a.is_empty()) {
+                None => Ok(1.0),
+                Some(a) => share(
+                    "OTEL_TRACES_SAMPLER_ARG",
+                    a.parse().map_err(|_| format!("OTEL_TRACES_SAMPLER_ARG={a:?} is not a number"))?,
+                ),
+            }
+        };
+        let (ratio, follow_parent) = match sampler.map(str::trim).unwrap_or("") {
+            "" | "parentbased_always_on" => (1.0, true),
+            "parentbased_always_off" => (0.0, true),
+            "parentbased_traceidratio" => (arg_ratio()?, true),
+            "always_on" => (1.0, false),
+            "always_off" => (0.0, false),
+            "traceidratio" => (arg_ratio()?, false),
+            other => {
+                return Err(format!(
+                    "OTEL_TRACES_SAMPLER={other:?} is not a sampler plugbus has: use always_on, always_off, \
+                     traceidratio or their parentbased_ forms (or [telemetry] sample_ratio)"
+                ));
+            }
+        };
+        Ok(Self { ratio, follow_parent })
+    }
+
+    /// The sampler `settings` and the standard variables ask for.
+    pub fn of(settings: &TelemetrySettings) -> Result<Self, String> {
+        let var = |name| std::env::var(name).ok();
+        Self::from(
+            settings.sample_ratio,
+            var("OTEL_TRACES_SAMPLER").as_deref(),
+            var("OTEL_TRACES_SAMPLER_ARG").as_deref(),
+        )
+    }
+
+    /// The ratio as a bound on 63 random bits (as OpenTelemetry's `TraceIdRatioBased` compares
+    /// them); `u64::MAX`: every trace.
+    fn below(&self) -> u64 {
+        if self.ratio >= 1.0 { u64::MAX } else { (self.ratio.max(0.0) * (1u64 << 63) as f64) as u64 }
+    }
+
+    /// Makes it the sampler in force.
+    pub fn install(self) {
+        SAMPLE_BELOW.store(self.below(), Ordering::Relaxed);
+        FOLLOW_PARENT.store(self.follow_parent, Ordering::Relaxed);
+    }
+}
+
+/// Whether a trace arriving with `parent` (or starting here, with none) is made, by the sampler
+/// in force.
+fn sampled(parent: Option<&SpanContext>) -> bool {
+    decide(SAMPLE_BELOW.load(Ordering::Relaxed), FOLLOW_PARENT.load(Ordering::Relaxed), parent, fastrand::u64(..))
+}
+
+/// The sampling decision: a followed parent's flag; else `draw` (a root's random bits) or the
+/// parent's trace id (so every host decides a trace the same) within the share `below`.
+fn decide(below: u64, follow_parent: bool, parent: Option<&SpanContext>, draw: u64) -> bool {
+    let bits = match parent {
+        Some(p) if follow_parent => return p.is_sampled(),
+        Some(p) => u128::from_be_bytes(p.trace_id().to_bytes()) as u64,
+        None => draw,
+    };
+    below == u64::MAX || (bits >> 1) < below
+}
+
+/// A context for a trace started here and not sampled: random ids, the sampled flag off.
+fn unsampled_root() -> SpanContext {
+    let trace = TraceId::from_bytes(fastrand::u128(1..).to_be_bytes());
+    let span = SpanId::from_bytes(fastrand::u64(1..).to_be_bytes());
+    SpanContext::new(trace, span, TraceFlags::default(), false, TraceState::NONE)
 }
 
 impl TelemetrySettings {
@@ -96,6 +201,11 @@ impl TelemetrySettings {
 
     /// Checks the endpoint names an `http://` or `https://` URL.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(r) = self.sample_ratio
+            && !(0.0..=1.0).contains(&r)
+        {
+            return Err(format!("telemetry.sample_ratio {r} is not between 0.0 and 1.0 (the share of traces made)"));
+        }
         if let Some(url) = &self.otlp_endpoint
             && !url.trim().is_empty()
         {
@@ -262,6 +372,13 @@ pub fn ingress(ev: &mut Event) -> Span {
         return Span::none();
     }
     let parent = context_of(ev);
+    if !sampled(parent.as_ref()) {
+        // Not made: the event carries the decision on (its own unsampled root when it had no
+        // context), so no hop after this one makes a span either.
+        let cx = parent.unwrap_or_else(unsampled_root);
+        set_context(ev, Some(&cx));
+        return Span::none();
+    }
     let span = tracing::info_span!(target: TARGET, "publish",
         otel.name = %format_args!("publish {}", ev.subject), otel.kind = "producer",
         subject = %ev.subject, event_id = %ev.id, otel.status_code = tracing::field::Empty,
@@ -275,9 +392,15 @@ pub fn ingress(ev: &mut Event) -> Span {
 }
 
 /// The span of one delivery of `ev` to `plugin` (a `process <subject>` consumer span, child of
-/// the context the event carries, else the root of a new trace); `Span::none()` when off.
+/// the context the event carries, else the root of a new trace); `Span::none()` when off or
+/// not sampled (the attempt's spans are then none too, and its outputs carry the input's
+/// context on).
 pub fn delivery_span(plugin: &str, version: &str, ev: &Event, queued: Option<std::time::Instant>) -> Span {
     if !enabled() {
+        return Span::none();
+    }
+    let parent = context_of(ev);
+    if !sampled(parent.as_ref()) {
         return Span::none();
     }
     let span = tracing::info_span!(target: TARGET, "process",
@@ -286,7 +409,7 @@ pub fn delivery_span(plugin: &str, version: &str, ev: &Event, queued: Option<std
         queue_wait_ms = tracing::field::Empty, outcome = tracing::field::Empty, attempts = tracing::field::Empty,
         outputs = tracing::field::Empty, otel.status_code = tracing::field::Empty,
         otel.status_description = tracing::field::Empty);
-    if let Some(parent) = context_of(ev) {
+    if let Some(parent) = parent {
         adopt(&span, parent);
     }
     if let Some(queued) = queued {
@@ -295,9 +418,15 @@ pub fn delivery_span(plugin: &str, version: &str, ev: &Event, queued: Option<std
     span
 }
 
+/// Whether tracing is on and the span being run now was made (a sampled delivery): a child of
+/// an unsampled delivery is not made either (it would start a trace of its own).
+fn in_made_span() -> bool {
+    enabled() && !Span::current().is_disabled()
+}
+
 /// The span of one attempt (a child of the current delivery span); `Span::none()` when off.
 pub fn attempt_span(attempt: u32) -> Span {
-    if !enabled() {
+    if !in_made_span() {
         return Span::none();
     }
     tracing::info_span!(target: TARGET, "attempt", attempt, outcome = tracing::field::Empty,
@@ -308,7 +437,7 @@ pub fn attempt_span(attempt: u32) -> Span {
 /// A child span of the current one for one of the host's own steps (`instantiate`,
 /// `kv commit`); `Span::none()` when off.
 pub fn step_span(step: &'static str) -> Span {
-    if !enabled() {
+    if !in_made_span() {
         return Span::none();
     }
     tracing::info_span!(target: TARGET, "step", otel.name = step)
@@ -317,7 +446,7 @@ pub fn step_span(step: &'static str) -> Span {
 /// The span of publishing one output (a producer span, its transport's ack included);
 /// `Span::none()` when off.
 pub fn output_span(out: &Event) -> Span {
-    if !enabled() {
+    if !in_made_span() {
         return Span::none();
     }
     tracing::info_span!(target: TARGET, "publish",
@@ -375,8 +504,8 @@ pub struct Exporter {
 impl Exporter {
     /// Starts the OTLP/HTTP (protobuf) exporter to `settings`' endpoint with a batch processor
     /// (its own thread; the HTTP requests run on the current Tokio runtime, through the
-    /// `reqwest` client the host already builds); sampling from `OTEL_TRACES_SAMPLER` /
-    /// `OTEL_TRACES_SAMPLER_ARG` (default: parent-based always-on). `None` when tracing is off.
+    /// `reqwest` client the host already builds); sampling as [`Sampling::of`] says (default:
+    /// parent-based always-on). `None` when tracing is off.
     /// Must be called within a Tokio runtime.
     pub fn start(settings: &TelemetrySettings) -> anyhow::Result<Option<Self>> {
         use anyhow::Context as _;
@@ -410,7 +539,12 @@ impl Exporter {
         }
         let resource =
             resource.with_attribute(opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION"))).build();
+        let sampling = Sampling::of(settings).map_err(anyhow::Error::msg)?;
+        sampling.install();
+        // The host decides which traces are made (an unsampled one makes no span); the SDK
+        // exports every span it is given.
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOn)
             .with_batch_exporter(exporter)
             .with_resource(resource)
             .build();
@@ -496,6 +630,55 @@ mod tests {
             let why = check_protocol(Some(refused)).unwrap_err();
             assert!(why.contains("http/protobuf") && why.contains("4318"), "{refused}: {why}");
         }
+    }
+
+    #[test]
+    fn samplers_are_read_from_the_setting_or_the_standard_variables_and_bad_ones_are_named() {
+        let s = |ratio, sampler, arg| Sampling::from(ratio, sampler, arg);
+        let on = Sampling { ratio: 1.0, follow_parent: true };
+        assert_eq!(s(None, None, None), Ok(on), "default: parentbased_always_on");
+        assert_eq!(s(None, Some("parentbased_always_on"), None), Ok(on));
+        assert_eq!(s(None, Some("always_off"), None), Ok(Sampling { ratio: 0.0, follow_parent: false }));
+        assert_eq!(
+            s(None, Some("parentbased_traceidratio"), Some("0.25")),
+            Ok(Sampling { ratio: 0.25, follow_parent: true })
+        );
+        assert_eq!(s(None, Some("traceidratio"), Some(" 0.5 ")), Ok(Sampling { ratio: 0.5, follow_parent: false }));
+        assert_eq!(
+            s(Some(0.1), Some("always_off"), None),
+            Ok(Sampling { ratio: 0.1, follow_parent: true }),
+            "the setting wins"
+        );
+        assert!(s(None, Some("jaeger_remote"), None).unwrap_err().contains("\"jaeger_remote\""));
+        assert!(s(None, Some("traceidratio"), Some("half")).unwrap_err().contains("OTEL_TRACES_SAMPLER_ARG=\"half\""));
+        assert!(s(None, Some("traceidratio"), Some("1.5")).unwrap_err().contains("not between"));
+        assert!(s(Some(-0.1), None, None).unwrap_err().contains("telemetry.sample_ratio"));
+        let settings = TelemetrySettings { sample_ratio: Some(2.0), ..Default::default() };
+        assert!(settings.validate().unwrap_err().contains("telemetry.sample_ratio 2"));
+    }
+
+    #[test]
+    fn a_share_of_new_traces_is_made_and_a_parent_decides_for_its_children() {
+        let half = Sampling { ratio: 0.5, follow_parent: true }.below();
+        let made = (0..10_000).filter(|_| decide(half, true, None, fastrand::u64(..))).count();
+        assert!((4_000..6_000).contains(&made), "{made} of 10,000 at 0.5");
+        let none = Sampling { ratio: 0.0, follow_parent: true }.below();
+        assert!(!(0..1_000).any(|_| decide(none, true, None, fastrand::u64(..))));
+        let all = Sampling { ratio: 1.0, follow_parent: true }.below();
+        assert!((0..1_000).all(|_| decide(all, true, None, fastrand::u64(..))));
+        let flagged = |sampled: bool| {
+            let flags = if sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
+            SpanContext::new(TraceId::from_bytes([7; 16]), SpanId::from_bytes([1; 8]), flags, true, TraceState::NONE)
+        };
+        // Parent-based: the parent's flag, whatever the share.
+        assert!(decide(none, true, Some(&flagged(true)), 0));
+        assert!(!decide(all, true, Some(&flagged(false)), 0));
+        // Not parent-based: the trace id decides, the same way every time.
+        let by_id = decide(half, false, Some(&flagged(false)), 0);
+        assert!((0..100).all(|_| decide(half, false, Some(&flagged(false)), fastrand::u64(..)) == by_id));
+        // An unsampled root is a valid context with the sampled flag off.
+        let root = unsampled_root();
+        assert!(root.is_valid() && !root.is_sampled());
     }
 
     #[test]
@@ -585,8 +768,12 @@ mod tests {
         assert_eq!(traces_url("http://127.0.0.1:4318"), "http://127.0.0.1:4318/v1/traces");
         assert_eq!(traces_url("http://c:4318/"), "http://c:4318/v1/traces");
         assert_eq!(traces_url("http://c:4318/v1/traces"), "http://c:4318/v1/traces");
-        let s = TelemetrySettings { otlp_endpoint: Some("ftp://x".into()) };
+        let s = TelemetrySettings { otlp_endpoint: Some("ftp://x".into()), ..Default::default() };
         assert!(s.validate().unwrap_err().contains("telemetry.otlp_endpoint"));
-        assert!(TelemetrySettings { otlp_endpoint: Some("http://127.0.0.1:4318".into()) }.validate().is_ok());
+        assert!(
+            TelemetrySettings { otlp_endpoint: Some("http://127.0.0.1:4318".into()), ..Default::default() }
+                .validate()
+                .is_ok()
+        );
     }
 }

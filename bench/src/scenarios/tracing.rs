@@ -5,7 +5,9 @@
 //! layer, the SDK's batch processor and the OTLP/HTTP (protobuf) exporter to a sink this
 //! scenario runs on loopback (it reads each request whole, counts it and answers 200, as a
 //! collector would). The ratio is on / off (target: off within noise of embedded-1, on a cost
-//! worth quoting).
+//! worth quoting). `sampled_1pct_*` is on with 1% of traces sampled (`[telemetry]
+//! sample_ratio = 0.01`): an unsampled trace makes no span, so this is near off.
+//! `otlp_requests` / `otlp_kib` count what both "on" runs exported.
 //!
 //! The OpenTelemetry layer can only be installed once per process: the first run measures off
 //! with no layer at all; later runs (3 without `--quick`) measure off with the layer installed
@@ -50,7 +52,7 @@ async fn install() -> anyhow::Result<Arc<Sink>> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move { axum::serve(listener, app).await });
-    let settings = plugbus::telemetry::TelemetrySettings { otlp_endpoint: Some(url.clone()) };
+    let settings = plugbus::telemetry::TelemetrySettings { otlp_endpoint: Some(url.clone()), ..Default::default() };
     let exporter = plugbus::telemetry::Exporter::start(&settings)?.expect("an endpoint is set");
     use tracing_subscriber::layer::SubscriberExt;
     tracing::subscriber::set_global_default(tracing_subscriber::registry().with(exporter.layer()))?;
@@ -67,8 +69,14 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
     let sink = install().await?;
     let (requests0, bytes0) = (sink.requests.load(Ordering::Relaxed), sink.bytes.load(Ordering::Relaxed));
     let on = host_run(mode, handler, 1, WINDOW, None, |_| {}).await;
+    // On, with 1% of new traces sampled: what a busy host would run with.
+    let sampling = |ratio| plugbus::telemetry::Sampling { ratio, follow_parent: true }.install();
+    sampling(0.01);
+    let sampled = host_run(mode, handler, 1, WINDOW, None, |_| {}).await;
+    sampling(1.0);
     plugbus::telemetry::set_enabled(false);
     let HostRun { load: on, retried, dead_lettered, .. } = on?;
+    let sampled = sampled?.load;
     // The batch processor exports every 5 s or 512 spans: give it a moment to send the rest.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let requests = sink.requests.load(Ordering::Relaxed) - requests0;
@@ -86,6 +94,8 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
             ("off_p50_us".into(), off.percentile_us(50)),
             ("off_p99_us".into(), off.percentile_us(99)),
             ("on_events_per_s".into(), rate_on),
+            ("sampled_1pct_events_per_s".into(), sampled.rate()),
+            ("sampled_1pct_vs_off".into(), sampled.rate() / rate_off),
             ("otlp_requests".into(), requests as f64),
             ("otlp_kib".into(), bytes as f64 / 1024.0),
             ("off_with_layer_installed".into(), if layer_installed { 1.0 } else { 0.0 }),

@@ -462,3 +462,52 @@ subjects = ["shipping.>"]
     assert!(span.parent_span_id.is_empty(), "a garbage context starts a new trace");
     assert_eq!(attr(&span, "outcome").as_deref(), Some("handled"));
 }
+
+/// `ok` of each plugin, from `/v1/plugins`.
+async fn handled(url: &str, plugin: &str) -> u64 {
+    let body: serde_json::Value =
+        reqwest::get(format!("{url}/v1/plugins")).await.unwrap().json().await.unwrap_or_default();
+    let plugins = body["plugins"].as_array().cloned().unwrap_or_default();
+    plugins.iter().find(|p| p["name"] == plugin).and_then(|p| p["counters"]["ok"].as_u64()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsampled_trace_makes_no_span_anywhere_and_a_sampled_parent_still_decides() {
+    let (otlp, got) = receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("plugbus.toml");
+    std::fs::write(&config, "[telemetry]\nsample_ratio = 0.0\n").unwrap();
+    let config = config.to_str().unwrap().to_string();
+    let (_host, url, _log) = run_host_with(dir.path(), &["inventory", "audit"], &otlp, &["--config", &config]).await;
+
+    // No new trace is made: not the ingress's, not a delivery's, not an attempt's or an
+    // output's (each would otherwise be a root of its own).
+    post(&url, "orders.created", order("s-1", "widget", 1), &[]).await;
+    let deadline = Instant::now() + WAIT;
+    while handled(&url, "audit").await < 2 {
+        assert!(Instant::now() < deadline, "audit did not handle the order and inventory's output");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The exporter sends every 100 ms: wait for more than a few rounds.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let spans = got.spans();
+    assert!(spans.is_empty(), "spans of an unsampled trace: {:?}", spans.iter().map(|s| &s.name).collect::<Vec<_>>());
+
+    // A client's sampled context is followed (parentbased): the whole trace is made.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traceparent = format!("00-{trace}-00f067aa0ba902b7-01");
+    post(&url, "orders.created", order("s-2", "widget", 1), &[("traceparent", &traceparent)]).await;
+    let trace_id: Vec<u8> = (0..16).map(|i| u8::from_str_radix(&trace[2 * i..2 * i + 2], 16).unwrap()).collect();
+    wait_for(&got, "audit's delivery of inventory's output in the client's trace", |spans| {
+        spans
+            .iter()
+            .any(|s| {
+                s.trace_id == trace_id
+                    && s.name == "process inventory.reserved"
+                    && attr(s, "plugin").as_deref() == Some("audit")
+            })
+            .then_some(())
+    })
+    .await;
+    assert!(got.spans().iter().all(|s| s.trace_id == trace_id), "only the sampled trace has spans");
+}
