@@ -201,11 +201,8 @@ impl TelemetrySettings {
 
     /// Checks the endpoint names an `http://` or `https://` URL.
     pub fn validate(&self) -> Result<(), String> {
-        if let Some(r) = self.sample_ratio
-            && !(0.0..=1.0).contains(&r)
-        {
-            return Err(format!("telemetry.sample_ratio {r} is not between 0.0 and 1.0 (the share of traces made)"));
-        }
+        // The ratio's one check is `Sampling`'s (no variable is read for a ratio set here).
+        Sampling::from(self.sample_ratio, None, None)?;
         if let Some(url) = &self.otlp_endpoint
             && !url.trim().is_empty()
         {
