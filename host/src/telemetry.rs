@@ -463,15 +463,41 @@ pub fn fail(span: &Span, why: &dyn std::fmt::Display) {
 }
 
 /// The context the outputs of the attempt running now carry: the attempt span's when tracing is
-/// on; off, the valid context the input carried (passed on unchanged), else none.
+/// on and the delivery was made; else the valid context the input carried (passed on
+/// unchanged). A delivery not made whose input carried no context (a NATS message from a
+/// publisher without tracing) passes on an unsampled root of its own, so the next hop follows
+/// the decision instead of starting a trace mid-pipeline; off, none.
 pub fn output_context(input: &Event) -> Option<SpanContext> {
-    if enabled() {
-        let cx = span_context(&Span::current());
-        if cx.is_valid() {
-            return Some(cx);
-        }
+    if !enabled() {
+        return if has_trace_headers(input) { context_of(input) } else { None };
     }
-    if has_trace_headers(input) { context_of(input) } else { None }
+    let cx = span_context(&Span::current());
+    if cx.is_valid() {
+        return Some(cx);
+    }
+    Some(context_of(input).unwrap_or_else(|| unsampled_root_of(input)))
+}
+
+/// The unsampled root a delivery of `input` passes on when `input` carried no context: made
+/// from its (source, id), so every output of the delivery (and of a redelivery) shares one
+/// trace id.
+fn unsampled_root_of(input: &Event) -> SpanContext {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for field in [input.source.as_str(), input.id.as_str()] {
+        h.update((field.len() as u64).to_be_bytes());
+        h.update(field.as_bytes());
+    }
+    let digest: [u8; 32] = h.finalize().into();
+    let trace = u128::from_be_bytes(digest[..16].try_into().expect("16 bytes")).max(1);
+    let span = u64::from_be_bytes(digest[16..24].try_into().expect("8 bytes")).max(1);
+    SpanContext::new(
+        TraceId::from_bytes(trace.to_be_bytes()),
+        SpanId::from_bytes(span.to_be_bytes()),
+        TraceFlags::default(),
+        false,
+        TraceState::NONE,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------

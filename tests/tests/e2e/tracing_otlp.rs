@@ -511,3 +511,49 @@ async fn an_unsampled_trace_makes_no_span_anywhere_and_a_sampled_parent_still_de
     .await;
     assert!(got.spans().iter().all(|s| s.trace_id == trace_id), "only the sampled trace has spans");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsampled_delivery_of_a_message_without_context_passes_the_decision_on() {
+    let server = plugbus_tests::nats::NatsServer::start().await;
+    let (otlp, got) = receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("plugbus.toml");
+    std::fs::write(&config, "[telemetry]\nsample_ratio = 0.0\n").unwrap();
+    let config = config.to_str().unwrap().to_string();
+    let (_host, url, _log) =
+        run_host_with(dir.path(), &["inventory"], &otlp, &["--nats", &server.url(), "--config", &config]).await;
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + WAIT;
+    while !client.get(format!("{url}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
+        assert!(Instant::now() < deadline, "the host never became ready on NATS");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let nats = server.client().await;
+    let mut outputs = nats.subscribe("inventory.reserved").await.unwrap();
+    nats.flush().await.unwrap();
+    // A publisher without tracing: the message carries no context at all.
+    for i in 0..2 {
+        nats.publish("orders.created", order(&format!("u-{i}"), "widget", 1).into()).await.unwrap();
+    }
+    nats.flush().await.unwrap();
+    let mut traces = Vec::new();
+    for _ in 0..2 {
+        let msg = tokio::time::timeout(WAIT, futures::StreamExt::next(&mut outputs))
+            .await
+            .expect("no output of inventory")
+            .unwrap();
+        let headers = msg.headers.clone().unwrap_or_default();
+        let tp = headers
+            .get("traceparent")
+            .or_else(|| headers.get("ce-traceparent"))
+            .unwrap_or_else(|| panic!("the output carries no trace context: {headers:?}"))
+            .to_string();
+        // The next hop follows an unsampled parent; without one it would start a trace
+        // mid-pipeline that this host decided not to make.
+        assert!(tp.starts_with("00-") && tp.ends_with("-00"), "not an unsampled context: {tp}");
+        traces.push(tp[3..35].to_string());
+    }
+    assert_ne!(traces[0], traces[1], "two deliveries share a trace");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(got.spans().is_empty(), "spans of an unsampled delivery: {}", got.spans().len());
+}
