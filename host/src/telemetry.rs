@@ -177,8 +177,12 @@ fn decide(below: u64, follow_parent: bool, parent: Option<&SpanContext>, draw: u
 
 /// A context for a trace started here and not sampled: random ids, the sampled flag off.
 fn unsampled_root() -> SpanContext {
-    let trace = TraceId::from_bytes(fastrand::u128(1..).to_be_bytes());
-    let span = SpanId::from_bytes(fastrand::u64(1..).to_be_bytes());
+    unsampled(fastrand::u128(1..), fastrand::u64(1..))
+}
+
+/// A context with these (non-zero) ids and the sampled flag off.
+fn unsampled(trace: u128, span: u64) -> SpanContext {
+    let (trace, span) = (TraceId::from_bytes(trace.to_be_bytes()), SpanId::from_bytes(span.to_be_bytes()));
     SpanContext::new(trace, span, TraceFlags::default(), false, TraceState::NONE)
 }
 
@@ -491,13 +495,7 @@ fn unsampled_root_of(input: &Event) -> SpanContext {
     let digest: [u8; 32] = h.finalize().into();
     let trace = u128::from_be_bytes(digest[..16].try_into().expect("16 bytes")).max(1);
     let span = u64::from_be_bytes(digest[16..24].try_into().expect("8 bytes")).max(1);
-    SpanContext::new(
-        TraceId::from_bytes(trace.to_be_bytes()),
-        SpanId::from_bytes(span.to_be_bytes()),
-        TraceFlags::default(),
-        false,
-        TraceState::NONE,
-    )
+    unsampled(trace, span)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -411,12 +411,7 @@ subjects = ["shipping.>"]
     )
     .await;
     // Subscribed once ready (a new durable consumer starts at new messages).
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + WAIT;
-    while !client.get(format!("{url}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
-        assert!(Instant::now() < deadline, "the host never became ready on NATS");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_ready(&url).await;
 
     // An instrumented NATS publisher: a plain message with the W3C header.
     let nats = server.client().await;
@@ -461,6 +456,16 @@ subjects = ["shipping.>"]
     .await;
     assert!(span.parent_span_id.is_empty(), "a garbage context starts a new trace");
     assert_eq!(attr(&span, "outcome").as_deref(), Some("handled"));
+}
+
+/// Waits until the host at `url` answers `/readyz` (on NATS: subscribed).
+async fn wait_ready(url: &str) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + WAIT;
+    while !client.get(format!("{url}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
+        assert!(Instant::now() < deadline, "the host never became ready on NATS");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// `ok` of each plugin, from `/v1/plugins`.
@@ -522,12 +527,7 @@ async fn an_unsampled_delivery_of_a_message_without_context_passes_the_decision_
     let config = config.to_str().unwrap().to_string();
     let (_host, url, _log) =
         run_host_with(dir.path(), &["inventory"], &otlp, &["--nats", &server.url(), "--config", &config]).await;
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + WAIT;
-    while !client.get(format!("{url}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
-        assert!(Instant::now() < deadline, "the host never became ready on NATS");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_ready(&url).await;
     let nats = server.client().await;
     let mut outputs = nats.subscribe("inventory.reserved").await.unwrap();
     nats.flush().await.unwrap();
@@ -554,6 +554,7 @@ async fn an_unsampled_delivery_of_a_message_without_context_passes_the_decision_
         traces.push(tp[3..35].to_string());
     }
     assert_ne!(traces[0], traces[1], "two deliveries share a trace");
+    // Nothing can be awaited for an absence: the exporter sends every 100 ms, so a few rounds.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(got.spans().is_empty(), "spans of an unsampled delivery: {}", got.spans().len());
 }
