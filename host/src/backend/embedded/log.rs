@@ -811,6 +811,10 @@ impl Writer {
     /// Drops settled events beyond the retention (older than `max_age`, or the oldest beyond
     /// `max_mib`), with their output ids; never one a plugin has not settled.
     fn trim(&self) -> Result<(), String> {
+        if self.failed.load(std::sync::atomic::Ordering::Relaxed) {
+            // The next commit reopens the database; until then it refuses every write.
+            return Ok(());
+        }
         let max_bytes = self.retention.max_mib.saturating_mul(1 << 20);
         let cutoff = unix_ms().saturating_sub(self.retention.max_age.as_millis() as u64);
         let mut w = self.store.get()?.begin_write().map_err(|e| e.to_string())?;
@@ -887,13 +891,18 @@ impl Writer {
         let mut kv_answers: Vec<KvAnswer> = Vec::new();
         let mut syncs = Vec::new();
         let result = (|| -> Result<(), String> {
-            if self.failed.load(std::sync::atomic::Ordering::Relaxed) {
+            // After a failed write the first commit is durable, whatever `bus.sync` says: a
+            // commit kept only in memory cannot fail on a full disk, so under `sync = "none"` a
+            // trickle of events would each be answered 202 and then dropped from the log by the
+            // next failed flush and reopen, and ingress would never say the disk is full.
+            let reopened = self.failed.load(std::sync::atomic::Ordering::Relaxed);
+            if reopened {
                 self.store.reopen()?;
                 self.failed.store(false, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(log = %self.path.display(), "event log reopened after a failed write");
             }
             let mut w = self.store.get()?.begin_write().map_err(|e| e.to_string())?;
-            w.set_durability(if durable { redb::Durability::Immediate } else { redb::Durability::None })
+            w.set_durability(if durable || reopened { redb::Durability::Immediate } else { redb::Durability::None })
                 .map_err(|e| e.to_string())?;
             {
                 let mut events = w.open_table(ROWS).map_err(|e| e.to_string())?;
