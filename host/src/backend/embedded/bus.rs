@@ -213,25 +213,26 @@ impl Load {
                 }
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drained).await;
             }
+            // A page's last looked-at sequence number: pages go on past records that could not
+            // be read (the log settled those), even a page of nothing else.
             let page = match &self {
-                Load::Below(until) => log.unsettled_page(&plugin, from, LOAD_PAGE).map(|mut page| {
-                    page.retain(|u| u.seq < *until);
-                    page
-                }),
+                Load::Below(until) => {
+                    log.unsettled_page(&plugin, from..*until, LOAD_PAGE).map(|page| (page.deliveries, page.last_seq))
+                }
                 Load::Seqs(_) => match seqs.next() {
-                    Some(chunk) => log.read_seqs(&plugin, chunk),
-                    None => Ok(Vec::new()),
+                    Some(chunk) => log.read_seqs(&plugin, chunk).map(|page| (page, chunk.last().copied())),
+                    None => Ok((Vec::new(), None)),
                 },
             };
-            let page = match page {
-                Ok(page) if page.is_empty() => break,
+            let (page, last) = match page {
                 Ok(page) => page,
                 Err(e) => {
                     tracing::error!(plugin = %plugin, "reading deliveries back from the event log: {e}");
                     return;
                 }
             };
-            from = page.last().map_or(from, |u| u.seq + 1);
+            let Some(last) = last else { break };
+            from = last + 1;
             loaded += page.len();
             let mut state = overflow.state.lock().expect("overflow poisoned");
             for u in page {

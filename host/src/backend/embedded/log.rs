@@ -9,7 +9,7 @@
 //! loss). Outputs are deduplicated by (source, id): a handler re-run after a crash publishes
 //! outputs with the same ids, and the log keeps the first.
 
-use super::rows::{self, Lookup, ROWS, RowBuilder};
+use super::rows::{self, Lookup, LookupError, ROWS, RowBuilder};
 use crate::event::Event;
 use crate::kv::Outbox;
 use prometheus_client::metrics::counter::Counter;
@@ -241,6 +241,8 @@ pub struct LogMetrics {
     pub appended: Counter,
     /// Settled events retention dropped.
     pub retention_dropped: Counter,
+    /// Deliveries settled without running because their record cannot be read (damaged).
+    pub damaged_records: Counter,
     /// Bytes of the records the log keeps (what `bus.retention.max_mib` bounds).
     pub record_bytes: Gauge,
 }
@@ -254,6 +256,7 @@ impl Default for LogMetrics {
             commit_operations: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             appended: Counter::default(),
             retention_dropped: Counter::default(),
+            damaged_records: Counter::default(),
             record_bytes: Gauge::default(),
         }
     }
@@ -284,6 +287,11 @@ impl LogMetrics {
             "retention_dropped",
             "Settled events the event log dropped under bus.retention",
             self.retention_dropped.clone(),
+        );
+        r.register(
+            "damaged_records",
+            "Deliveries the event log settled without running because their record cannot be read (a damaged row)",
+            self.damaged_records.clone(),
         );
         r.register("record_bytes", "Bytes of the records the event log keeps", self.record_bytes.clone());
     }
@@ -581,17 +589,50 @@ impl DurableLog {
     }
 
     /// The events under `seqs` (those retention dropped are left out), as deliveries to run
-    /// again: their outputs may be in the log already.
+    /// again: their outputs may be in the log already. One whose record cannot be read is
+    /// settled without running (see [`DurableLog::read_back`]).
     pub fn read_seqs(&self, plugin: &str, seqs: &[u64]) -> Result<Vec<Unsettled>, LogError> {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
         let r = self.store.get().map_err(|e| io(&e))?.begin_read().map_err(|e| io(&e))?;
         let events = r.open_table(ROWS).map_err(|e| io(&e))?;
-        let mut lookup = Lookup::new(&events);
+        self.read_back(plugin, &events, seqs, false)
+    }
+
+    /// Reads back `plugin`'s deliveries of `seqs` from `rows` to run again. A record that cannot
+    /// be read (its row or record is damaged, or, when `pending`, it is not in the log at all)
+    /// can never run: it is logged, counted (`plugbus_log_damaged_records_total`) and settled
+    /// here, so it neither stops the deliveries after it nor comes back at every start. A read
+    /// that fails (an I/O error) fails the whole read: the delivery stays pending.
+    fn read_back(
+        &self,
+        plugin: &str,
+        rows: &impl ReadableTable<u64, &'static [u8]>,
+        seqs: &[u64],
+        pending: bool,
+    ) -> Result<Vec<Unsettled>, LogError> {
+        let mut lookup = Lookup::new(rows);
         let mut out = Vec::with_capacity(seqs.len());
         for &seq in seqs {
-            let corrupt = |why| LogError::Corrupt { path: self.path.clone(), seq, why };
-            if let Some(stored) = lookup.get(seq).map_err(corrupt)? {
-                out.push(Unsettled { seq, event: Arc::new(decode(stored).map_err(corrupt)?) });
+            let record = match lookup.get(seq) {
+                Ok(Some(stored)) => decode(stored).map(Some),
+                Ok(None) if pending => Err("pending, but not in the log".to_string()),
+                Ok(None) => Ok(None),
+                Err(LookupError::Damaged(why)) => Err(why),
+                Err(LookupError::Storage(why)) => return Err(LogError::Io { path: self.path.clone(), why }),
+            };
+            match record {
+                Ok(Some(event)) => out.push(Unsettled { seq, event: Arc::new(event) }),
+                Ok(None) => {}
+                Err(why) => {
+                    let error = LogError::Corrupt { path: self.path.clone(), seq, why };
+                    tracing::error!(
+                        plugin,
+                        seq,
+                        "a delivery whose record cannot be read is settled without running: {error}"
+                    );
+                    self.metrics.damaged_records.inc();
+                    let _ = self.ops.send(Op::Ack { plugin: plugin.into(), seq });
+                }
             }
         }
         self.mark_redelivered(plugin, &out);
@@ -622,29 +663,35 @@ impl DurableLog {
 
     /// The deliveries of `plugin` not settled yet, oldest first.
     pub fn unsettled(&self, plugin: &str) -> Result<Vec<Unsettled>, LogError> {
-        self.unsettled_page(plugin, 0, usize::MAX)
+        Ok(self.unsettled_page(plugin, 0..u64::MAX, usize::MAX)?.deliveries)
     }
 
-    /// Up to `limit` of the deliveries of `plugin` not settled yet, from sequence number `from`.
-    pub fn unsettled_page(&self, plugin: &str, from: u64, limit: usize) -> Result<Vec<Unsettled>, LogError> {
+    /// Up to `limit` of the deliveries of `plugin` not settled yet with sequence numbers in `seqs`.
+    pub fn unsettled_page(
+        &self,
+        plugin: &str,
+        seqs: std::ops::Range<u64>,
+        limit: usize,
+    ) -> Result<UnsettledPage, LogError> {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
         let r = self.store.get().map_err(|e| io(&e))?.begin_read().map_err(|e| io(&e))?;
         let pending = r.open_table(PENDING).map_err(|e| io(&e))?;
         let events = r.open_table(ROWS).map_err(|e| io(&e))?;
-        let mut lookup = Lookup::new(&events);
-        let mut out = Vec::new();
-        for row in pending.range((plugin, from)..=(plugin, u64::MAX)).map_err(|e| io(&e))?.take(limit) {
-            let (key, _) = row.map_err(|e| io(&e))?;
-            let seq = key.value().1;
-            let corrupt = |why| LogError::Corrupt { path: self.path.clone(), seq, why };
-            let Some(stored) = lookup.get(seq).map_err(corrupt)? else {
-                return Err(corrupt("pending, but not in the log".into()));
-            };
-            out.push(Unsettled { seq, event: Arc::new(decode(stored).map_err(corrupt)?) });
+        let mut owed = Vec::new();
+        for row in pending.range((plugin, seqs.start)..(plugin, seqs.end)).map_err(|e| io(&e))?.take(limit) {
+            owed.push(row.map_err(|e| io(&e))?.0.value().1);
         }
-        self.mark_redelivered(plugin, &out);
-        Ok(out)
+        let deliveries = self.read_back(plugin, &events, &owed, true)?;
+        Ok(UnsettledPage { deliveries, last_seq: owed.last().copied() })
     }
+}
+
+/// A page of a plugin's unsettled deliveries read back.
+pub struct UnsettledPage {
+    /// The deliveries, oldest first (those whose record cannot be read are left out, settled).
+    pub deliveries: Vec<Unsettled>,
+    /// The last pending sequence number the page looked at (`None`: none was left).
+    pub last_seq: Option<u64>,
 }
 
 /// The open database. After a failed write redb refuses every operation until the database is
@@ -820,6 +867,7 @@ impl Writer {
         let mut w = self.store.get()?.begin_write().map_err(|e| e.to_string())?;
         w.set_durability(redb::Durability::None).map_err(|e| e.to_string())?;
         let (mut dropped, mut freed, mut first, mut last) = (0u64, 0u64, None, 0);
+        let mut damaged = Vec::new();
         let bytes_left;
         {
             let mut events = w.open_table(ROWS).map_err(|e| e.to_string())?;
@@ -831,10 +879,28 @@ impl Writer {
             // Whole rows go: a row with an event some plugin owes, or one retention would keep,
             // stays with all its events (a row holds at most one commit's, `rows::ROW_BYTES`).
             let mut doomed = Vec::new();
+            let mut after = 0;
             'rows: for row in events.iter().map_err(|e| e.to_string())? {
                 let (row_key, stored) = row.map_err(|e| e.to_string())?;
+                let first_seq = std::mem::replace(&mut after, row_key.value()) + 1;
                 let (mut left, mut in_row) = (bytes, Vec::new());
-                for (seq, record) in rows::records(stored.value())? {
+                let records = match rows::records(stored.value()) {
+                    Ok(records) => records,
+                    Err(why) => {
+                        // A damaged row cannot be read or replayed: it goes once no plugin owes
+                        // an event in its range (one that does is settled when read back).
+                        for plugin in &owing {
+                            let owed = (plugin.as_str(), first_seq)..=(plugin.as_str(), row_key.value());
+                            if pending.range(owed).map_err(|e| e.to_string())?.next().is_some() {
+                                continue 'rows;
+                            }
+                        }
+                        damaged.push((first_seq..=row_key.value(), why));
+                        doomed.push((row_key.value(), Vec::new()));
+                        continue 'rows;
+                    }
+                };
+                for (seq, record) in records {
                     let old = appended_ms(record).is_none_or(|t| t < cutoff);
                     if !old && left <= max_bytes {
                         break 'rows;
@@ -864,13 +930,26 @@ impl Writer {
                     freed += len;
                 }
             }
+            if !damaged.is_empty() {
+                // What a damaged row held is unknown: the count starts again from what is kept.
+                bytes = 0;
+                for row in events.iter().map_err(|e| e.to_string())? {
+                    let (_, stored) = row.map_err(|e| e.to_string())?;
+                    let records = rows::records(stored.value()).unwrap_or_default();
+                    bytes += records.iter().map(|(_, record)| record.len() as u64).sum::<u64>();
+                }
+            }
             meta.insert("bytes", bytes).map_err(|e| e.to_string())?;
             bytes_left = bytes;
         }
         w.commit().map_err(|e| e.to_string())?;
+        for (seqs, why) in damaged {
+            tracing::error!(log = %self.path.display(), first_seq = seqs.start(), last_seq = seqs.end(),
+                "retention dropped a damaged row of events no plugin owes: {why}");
+        }
+        self.metrics.record_bytes.set(bytes_left as i64);
         if let Some(first) = first {
             self.metrics.retention_dropped.inc_by(dropped);
-            self.metrics.record_bytes.set(bytes_left as i64);
             tracing::info!(log = %self.path.display(), dropped, bytes = freed, first_seq = first, last_seq = last,
                 "retention dropped settled events (bus.retention)");
         }
@@ -1434,6 +1513,75 @@ mod tests {
             assert_eq!(found[0].event.subject, format!("n.{i}"), "seq {seq}");
         }
         assert_eq!(log.read(10, 5).unwrap().iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![10, 11, 12, 13, 14]);
+    }
+
+    /// Opens the log at `path` once the last handle let go of it.
+    async fn reopen(path: &Path, retention: Retention) -> Arc<DurableLog> {
+        loop {
+            match DurableLog::open_with(path, SyncPolicy::Always, retention.clone()) {
+                Ok(log) => break log,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_damaged_record_is_settled_without_running_and_neither_stops_the_rest_nor_retention() {
+        use crate::transport::{SubscriptionSpec, Transport};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let p: Arc<str> = "p".into();
+        {
+            let log = reopen(&path, Retention::default()).await;
+            // One at a time: each event has a row of its own, keyed by its seq.
+            for data in ["one", "two", "three"] {
+                log.append(Arc::new(Event::new("orders.created", data)), vec![p.clone()], false).await.unwrap();
+            }
+        }
+        // The row of event 2 is damaged on disk (a count its bytes cannot hold).
+        loop {
+            match Database::create(&path) {
+                Ok(db) => {
+                    let w = db.begin_write().unwrap();
+                    w.open_table(ROWS).unwrap().insert(2, &[9u8, 0, 0, 0, 1][..]).unwrap();
+                    w.commit().unwrap();
+                    break;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+        let retention = Retention { max_age: std::time::Duration::ZERO, max_mib: 1024 };
+        let log = reopen(&path, retention).await;
+        let bus = super::super::bus::EmbeddedBus::durable(log.clone());
+        let spec = SubscriptionSpec {
+            plugin: "p".into(),
+            patterns: vec![">".into()],
+            group: "plugbus.p".into(),
+            capacity: 8,
+            buffer_bytes: 1 << 20,
+            durable: None,
+        };
+        let mut sub = bus.subscribe(spec).await.unwrap();
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let d = tokio::time::timeout(std::time::Duration::from_secs(5), sub.deliveries.recv()).await;
+            got.push(d.expect("the events after the damaged one are delivered").unwrap().event.data.clone());
+        }
+        assert_eq!(got, [&b"one"[..], &b"three"[..]]);
+        log.sync().await.unwrap();
+        assert_eq!(log.metrics().damaged_records.get(), 1, "counted");
+        let seqs = |log: &DurableLog| log.unsettled("p").unwrap().iter().map(|u| u.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&log), vec![1, 3], "the damaged delivery is settled, the others are not");
+        assert_eq!(log.metrics().damaged_records.get(), 1, "settled once, not again at every read");
+        // Retention gets past the damaged row: once 1 and 3 are settled, nothing is left.
+        log.ack(p.clone(), 1);
+        log.ack(p.clone(), 3);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while log.read(0, 10).map_or(true, |left| !left.is_empty()) {
+            assert!(std::time::Instant::now() < deadline, "retention stalled: {:?}", log.read(0, 10).map(|l| l.len()));
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(log.metrics().record_bytes.get(), 0, "nothing kept, nothing counted");
     }
 
     #[test]

@@ -88,6 +88,15 @@ pub(super) fn records(row: &[u8]) -> Result<Vec<(u64, &[u8])>, String> {
     Ok(out)
 }
 
+/// Why a lookup found nothing it could return.
+#[derive(Debug)]
+pub(super) enum LookupError {
+    /// Reading the database failed (an I/O error): another read may succeed.
+    Storage(String),
+    /// The row holding the event cannot be parsed: no read will ever succeed.
+    Damaged(String),
+}
+
 /// Finds events by sequence number; lookups in ascending order read each row once.
 pub(super) struct Lookup<'t, T> {
     rows: &'t T,
@@ -108,17 +117,19 @@ impl<'t, T: ReadableTable<u64, &'static [u8]>> Lookup<'t, T> {
     }
 
     /// The record of event `seq`, if the log keeps it.
-    pub(super) fn get(&mut self, seq: u64) -> Result<Option<&[u8]>, String> {
+    pub(super) fn get(&mut self, seq: u64) -> Result<Option<&[u8]>, LookupError> {
         let cached = self
             .row
             .as_ref()
             .is_some_and(|row| seq <= row.last && row.index.first().is_some_and(|(first, _)| *first <= seq));
         if !cached {
-            let Some(row) = self.rows.range(seq..).map_err(|e| e.to_string())?.next() else { return Ok(None) };
-            let (key, value) = row.map_err(|e| e.to_string())?;
+            let storage = |e: redb::StorageError| LookupError::Storage(e.to_string());
+            let Some(row) = self.rows.range(seq..).map_err(storage)?.next() else { return Ok(None) };
+            let (key, value) = row.map_err(storage)?;
             let bytes = value.value().to_vec();
             let base = bytes.as_ptr() as usize;
-            let index = records(&bytes)?
+            let index = records(&bytes)
+                .map_err(|why| LookupError::Damaged(format!("the row of events up to seq {}: {why}", key.value())))?
                 .into_iter()
                 .map(|(seq, record)| {
                     let start = record.as_ptr() as usize - base;
