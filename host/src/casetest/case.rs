@@ -8,13 +8,20 @@
 //!  "expect": {"result": "ok", "outputs": [{"subject": "inventory.reserved", "data": {...}}], "kv": {...}}}
 //! ```
 //!
-//! Bytes (kv values, output data) are written as their JSON value when they are JSON, as
+//! A case may stub its handler's outbound HTTP: `"http": [{"method": "POST", "url":
+//! "https://api.example.com/v1/charges", "status": 201, "headers": {...}, "body": {...}}]` (each
+//! answers the first call with its method and URL; a call no stub answers is refused, as is one
+//! to a destination the manifest does not ask for). `expect.http` lists the calls the handler
+//! made: `[{"call": "POST https://...", "body": ...}]`.
+//!
+//! Bytes (kv values, output data, HTTP bodies) are written as their JSON value when they are JSON, as
 //! `{"text": "..."}` when they are other UTF-8, else as `{"base64": "..."}`. Other keys of a
 //! case line (`dead_letter`, notes) are kept as they are when the file is rewritten.
 
 use super::CaseError;
 use crate::cloudevents::{base64_decode, base64_encode, from_json};
 use crate::event::Event;
+use crate::sandbox::http_stubs::{HttpCall, HttpStub};
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -65,6 +72,8 @@ pub struct Expect {
     pub outputs: Option<Vec<(String, Value)>>,
     /// The plugin's kv after the event (every key), values as written in the file.
     pub kv: Option<BTreeMap<String, Value>>,
+    /// The outbound HTTP calls it made, in order: `"METHOD url"` and the body.
+    pub http: Option<Vec<(String, Value)>>,
 }
 
 impl Expect {
@@ -74,7 +83,9 @@ impl Expect {
         let outputs = outcome.outputs.iter().map(|o| (o.subject.clone(), bytes_to_value(&o.data))).collect();
         let with_kv = had_kv || outcome.wrote_kv || previous.is_some_and(|p| p.kv.is_some());
         let kv = with_kv.then(|| outcome.kv.iter().map(|(k, v)| (k.clone(), bytes_to_value(v))).collect());
-        Self { result: outcome.verdict, outputs: Some(outputs), kv }
+        let with_http = !outcome.calls.is_empty() || previous.is_some_and(|p| p.http.is_some());
+        let http = with_http.then(|| outcome.calls.iter().map(|c| (call_line(c), bytes_to_value(&c.body))).collect());
+        Self { result: outcome.verdict, outputs: Some(outputs), kv, http }
     }
 
     fn to_json(&self) -> Value {
@@ -87,8 +98,17 @@ impl Expect {
         if let Some(kv) = &self.kv {
             m.insert("kv".into(), Value::Object(kv.clone().into_iter().collect()));
         }
+        if let Some(http) = &self.http {
+            let list = http.iter().map(|(call, body)| json!({ "call": call, "body": body })).collect();
+            m.insert("http".into(), Value::Array(list));
+        }
         Value::Object(m)
     }
+}
+
+/// How a call is named in a case file: `POST https://api.example.com/v1/charges`.
+pub fn call_line(call: &HttpCall) -> String {
+    format!("{} {}", call.method, call.url)
 }
 
 /// One case.
@@ -102,6 +122,8 @@ pub struct Case {
     pub kv: BTreeMap<String, Vec<u8>>,
     /// The attempt number the handler sees (default 1).
     pub attempt: u32,
+    /// What answers the handler's outbound HTTP calls.
+    pub http: Vec<HttpStub>,
     /// What it should do (`None`: not known yet).
     pub expect: Option<Expect>,
     /// The line as written, for rewriting it.
@@ -133,8 +155,17 @@ impl Case {
                 .filter(|n| *n >= 1)
                 .ok_or_else(|| format!("`attempt` is {v}: expected a whole number from 1"))?,
         };
+        let http = match field("http") {
+            None => Vec::new(),
+            Some(Value::Array(list)) => list
+                .iter()
+                .enumerate()
+                .map(|(i, v)| parse_stub(v).map_err(|e| format!("`http[{i}]`: {e}")))
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err("`http` must be an array of {method, url, status, headers, body}".into()),
+        };
         let expect = field("expect").map(parse_expect).transpose()?;
-        Ok(Self { line, event, kv, attempt, expect, written: obj, bare })
+        Ok(Self { line, event, kv, attempt, http, expect, written: obj, bare })
     }
 
     /// The line for this case as it is now (its expectation included).
@@ -152,6 +183,55 @@ impl Case {
         };
         Value::Object(m)
     }
+}
+
+/// One stubbed response: `url` required; `method` GET, `status` 200, no headers and an empty
+/// body unless given.
+fn parse_stub(v: &Value) -> Result<HttpStub, String> {
+    let Value::Object(obj) = v else {
+        return Err("a stub must be an object {method, url, status, headers, body}".into());
+    };
+    let method = match obj.get("method") {
+        None => "GET".to_string(),
+        Some(m) => m
+            .as_str()
+            .filter(|m| http::Method::from_bytes(m.as_bytes()).is_ok())
+            .ok_or_else(|| format!("`method` is {m}: expected an HTTP method such as \"POST\""))?
+            .to_ascii_uppercase(),
+    };
+    let url = obj.get("url").and_then(Value::as_str).ok_or("no `url` (the URL the handler calls)")?;
+    url.parse::<http::Uri>()
+        .ok()
+        .filter(|u| u.host().is_some())
+        .ok_or_else(|| format!("`url` {url:?} is not an absolute URL"))?;
+    let status = match obj.get("status") {
+        None => 200,
+        Some(s) => s
+            .as_u64()
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|n| (100..=999).contains(n))
+            .ok_or_else(|| format!("`status` is {s}: expected a number from 100 to 999"))?,
+    };
+    let mut headers = Vec::new();
+    match obj.get("headers") {
+        None => {}
+        Some(Value::Object(entries)) => {
+            for (name, value) in entries {
+                let value = value.as_str().ok_or_else(|| format!("`headers` {name:?} must be a string"))?;
+                http::HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| format!("`headers` {name:?} is not a header name"))?;
+                http::HeaderValue::from_str(value)
+                    .map_err(|_| format!("`headers` {name:?} has a value a header cannot carry"))?;
+                headers.push((name.clone(), value.to_string()));
+            }
+        }
+        Some(_) => return Err("`headers` must be an object of name: value".into()),
+    }
+    let body = match obj.get("body") {
+        None => Vec::new(),
+        Some(b) => value_to_bytes(b).map_err(|e| format!("`body`: {e}"))?,
+    };
+    Ok(HttpStub { method, url: url.to_string(), status, headers, body: body.into() })
 }
 
 fn parse_expect(v: &Value) -> Result<Expect, String> {
@@ -189,7 +269,22 @@ fn parse_expect(v: &Value) -> Result<Expect, String> {
         }
         Some(_) => return Err("`expect.kv` must be an object of key: value".into()),
     };
-    Ok(Expect { result, outputs, kv })
+    let http = match obj.get("http") {
+        None => None,
+        Some(Value::Array(list)) => {
+            let mut calls = Vec::with_capacity(list.len());
+            for (i, c) in list.iter().enumerate() {
+                let call = c.get("call").and_then(Value::as_str).filter(|s| s.contains(' '));
+                let call = call.ok_or_else(|| format!("`expect.http[{i}]` has no `call` (\"METHOD url\")"))?;
+                let body = c.get("body").cloned().unwrap_or_else(|| json!({ "text": "" }));
+                value_to_bytes(&body).map_err(|e| format!("`expect.http[{i}].body`: {e}"))?;
+                calls.push((call.to_string(), body));
+            }
+            Some(calls)
+        }
+        Some(_) => return Err("`expect.http` must be an array of {call, body}".into()),
+    };
+    Ok(Expect { result, outputs, kv, http })
 }
 
 /// How bytes are written in a case file: their JSON value, `{"text": ...}` or `{"base64": ...}`.
@@ -297,5 +392,39 @@ mod tests {
         assert!(Case::parse(1, bad).unwrap_err().contains("outputs[0]"));
         let bad = json!({"event": ev, "kv": {"k": {"base64": "%%"}}});
         assert!(Case::parse(1, bad).unwrap_err().contains("\"k\""));
+    }
+
+    #[test]
+    fn http_stubs_are_read_with_defaults_and_bad_ones_are_named() {
+        let ev = json!({"specversion": "1.0", "id": "1", "source": "s", "type": "t", "subject": "a.b"});
+        let stub = |s: Value| Case::parse(1, json!({"event": ev, "http": [s]}));
+        let got = stub(json!({"url": "https://api.example.com/x"})).unwrap().http;
+        let want = HttpStub {
+            method: "GET".into(),
+            url: "https://api.example.com/x".into(),
+            status: 200,
+            headers: vec![],
+            body: Default::default(),
+        };
+        assert_eq!(got, vec![want]);
+        let full = json!({"method": "post", "url": "https://a.example/v1", "status": 402,
+            "headers": {"content-type": "application/json"}, "body": {"error": "declined"}});
+        let got = &stub(full).unwrap().http[0];
+        assert_eq!((got.method.as_str(), got.status, &got.body[..]), ("POST", 402, &br#"{"error":"declined"}"#[..]));
+        for (bad, says) in [
+            (json!({"method": "POST"}), "`http[0]`: no `url`"),
+            (json!({"url": "/relative"}), "not an absolute URL"),
+            (json!({"url": "https://a.example", "status": 42}), "`status` is 42"),
+            (json!({"url": "https://a.example", "method": "GE T"}), "`method`"),
+            (json!({"url": "https://a.example", "headers": {"x": 1}}), "`headers` \"x\" must be a string"),
+            (json!({"url": "https://a.example", "headers": {"bad name": "v"}}), "not a header name"),
+            (json!({"url": "https://a.example", "body": {"base64": "%%"}}), "`body`"),
+            (json!("https://a.example"), "a stub must be an object"),
+        ] {
+            let err = stub(bad.clone()).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        let bad = json!({"event": ev, "expect": {"result": "ok", "http": [{"body": 1}]}});
+        assert!(Case::parse(1, bad).unwrap_err().contains("`expect.http[0]` has no `call`"));
     }
 }

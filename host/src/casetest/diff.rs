@@ -53,6 +53,15 @@ pub enum Mismatch {
         /// Its data.
         data: Value,
     },
+    /// Outbound call `index` differs (`None`: not made, or not expected).
+    Http {
+        /// Which call.
+        index: usize,
+        /// Expected: `"METHOD url"` and the body.
+        expected: Option<(String, Value)>,
+        /// Got.
+        got: Option<(String, Value)>,
+    },
     /// A kv key ends up with another value (`None`: absent).
     Kv {
         /// The key.
@@ -94,6 +103,15 @@ pub fn compare(expect: &Expect, outcome: &Outcome) -> Vec<Mismatch> {
                     out.push(Mismatch::Extra { index, subject: got.subject.clone(), data: bytes_to_value(&got.data) })
                 }
                 (None, None) => {}
+            }
+        }
+    }
+    if let Some(expected) = &expect.http {
+        for index in 0..expected.len().max(outcome.calls.len()) {
+            let e = expected.get(index).map(|(call, body)| (call.clone(), canonical(body)));
+            let g = outcome.calls.get(index).map(|c| (super::case::call_line(c), bytes_to_value(&c.body)));
+            if e != g {
+                out.push(Mismatch::Http { index, expected: e, got: g });
             }
         }
     }
@@ -140,6 +158,12 @@ impl std::fmt::Display for Mismatch {
             }
             Mismatch::Extra { index, subject, data } => {
                 writeln!(f, "  outputs[{index}]: not expected, got {subject:?} {}", show(data))
+            }
+            Mismatch::Http { index, expected, got } => {
+                let call = |c: &Option<(String, Value)>| {
+                    c.as_ref().map_or_else(|| "(no call)".to_string(), |(call, body)| format!("{call} {}", show(body)))
+                };
+                writeln!(f, "  http[{index}]:\n    expected {}\n    got      {}", call(expected), call(got))
             }
             Mismatch::Kv { key, expected, got } => {
                 writeln!(f, "  kv[{key:?}]:\n    expected {}\n    got      {}", show_opt(expected), show_opt(got))

@@ -9,8 +9,9 @@
 //! - [`diff`]: expected vs got, per field, as readable text.
 //! - [`dlq`]: a kept dead letter (`GET /v1/dlq`) turned back into the case that failed.
 //!
-//! Never: a second sandbox (it runs [`crate::sandbox::Plugin::handle_fixed`]), network or a bus
-//! (outputs are collected, never published), or a kv store beyond the case's own in memory.
+//! Never: a second sandbox (it runs [`crate::sandbox::Plugin::handle_fixed`]), network (outbound
+//! HTTP is answered from the case's stubs, [`crate::sandbox::http_stubs`]) or a bus (outputs are
+//! collected, never published), or a kv store beyond the case's own in memory.
 
 pub mod case;
 pub mod diff;

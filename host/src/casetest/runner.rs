@@ -5,6 +5,7 @@ use super::CaseError;
 use super::case::{Case, Verdict};
 use crate::config::Config;
 use crate::kv::{KvError, KvStore, MemoryKv, Txn, Versioned};
+use crate::sandbox::http_stubs::{HttpCall, HttpStubs};
 use crate::sandbox::{Failure, FixedWorld, Plugin, Sandbox, SandboxSettings};
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -35,6 +36,8 @@ pub struct Outcome {
     pub kv: BTreeMap<String, Vec<u8>>,
     /// Whether it wrote (or deleted) any key.
     pub wrote_kv: bool,
+    /// The outbound HTTP calls it made, in order (answered by the case's stubs or refused).
+    pub calls: Vec<HttpCall>,
 }
 
 impl std::fmt::Display for Outcome {
@@ -121,12 +124,14 @@ impl Runner {
     pub async fn run(&self, case: &Case) -> Outcome {
         let name = self.plugin.name().to_string();
         if let Err(e) = self.kv.reset(&name, &case.kv).await {
-            return failed(Failure::Trap(format!("host error: the case's kv could not be set: {e}")), case);
+            return failed(Failure::Trap(format!("host error: the case's kv could not be set: {e}")), case, Vec::new());
         }
-        let world = FixedWorld::of(&case.event);
+        let stubs = HttpStubs::new(case.http.clone());
+        let world = FixedWorld { http: Some(stubs.clone()), ..FixedWorld::of(&case.event) };
         let attempt = self.plugin.handle_fixed(&case.event, case.attempt, &world).await;
+        let calls = stubs.calls();
         if let Err(failure) = attempt.result {
-            return failed(failure, case);
+            return failed(failure, case, calls);
         }
         let outputs = attempt
             .outputs
@@ -144,11 +149,12 @@ impl Runner {
                 None => kv.remove(k),
             };
         }
-        Outcome { verdict: Verdict::Ok, message: None, outputs, kv, wrote_kv: !attempt.txn.is_empty() }
+        Outcome { verdict: Verdict::Ok, message: None, outputs, kv, wrote_kv: !attempt.txn.is_empty(), calls }
     }
 }
 
-fn failed(failure: Failure, case: &Case) -> Outcome {
+fn failed(failure: Failure, case: &Case, calls: Vec<HttpCall>) -> Outcome {
     let verdict = if failure.is_retryable() { Verdict::Retry } else { Verdict::Reject };
-    Outcome { verdict, message: Some(failure.to_string()), outputs: Vec::new(), kv: case.kv.clone(), wrote_kv: false }
+    let message = Some(failure.to_string());
+    Outcome { verdict, message, outputs: Vec::new(), kv: case.kv.clone(), wrote_kv: false, calls }
 }

@@ -11,6 +11,7 @@ mod breaker;
 mod cache;
 mod engine;
 mod guest_stack;
+pub mod http_stubs;
 pub mod limits;
 pub mod outbound;
 mod plugin;

@@ -176,13 +176,15 @@ impl OutboundPolicy {
         })
     }
 
-    /// Why `scheme://host:port` may not be called, if it may not.
-    fn check(&self, plugin: &str, scheme: &str, host: &str, port: u16) -> Result<(), String> {
+    /// Why `scheme://host:port` may not be called, if it may not; with `stubbed` (a repeatable
+    /// run answering calls from stubs) only the manifest's request counts: granting is the
+    /// operator's, at deployment.
+    fn check(&self, plugin: &str, scheme: &str, host: &str, port: u16, stubbed: bool) -> Result<(), String> {
         let dest = format!("{scheme}://{host}:{port}");
         if !self.requested_rules.iter().any(|r| r.allows(scheme, host, port)) {
             return Err(format!("{dest} is not in the plugin's manifest `outbound` list"));
         }
-        if !self.granted_rules.iter().any(|r| r.allows(scheme, host, port)) {
+        if !stubbed && !self.granted_rules.iter().any(|r| r.allows(scheme, host, port)) {
             return Err(format!("{dest} is not granted to the plugin (operator: [plugins.{plugin}] allowed_outbound)"));
         }
         Ok(())
@@ -272,8 +274,11 @@ pub struct Outbound {
     pub calls: u32,
     /// When the event's deadline passes (set before every call).
     pub deadline: Instant,
-    /// A repeatable run (`plugbus test`): nothing goes out, every call is refused.
+    /// A repeatable run (`plugbus test`, `dlq debug`): nothing goes out; a call is answered
+    /// from `stubs` when there are some, else refused.
     pub offline: bool,
+    /// The stubs answering calls in a repeatable run (`plugbus test`'s case `http`).
+    pub stubs: Option<Arc<super::http_stubs::HttpStubs>>,
     /// The longest `retry_after` of the calls this attempt's open breakers refused (`None`:
     /// none was refused): when the attempt then asks to retry, dispatch waits at least this long
     /// and runs it again without charging an attempt (`fate::decide`).
@@ -291,6 +296,7 @@ impl Outbound {
             calls: 0,
             deadline: Instant::now() + limits.deadline,
             offline: false,
+            stubs: None,
             circuit_open: None,
         }
     }
@@ -304,8 +310,9 @@ impl Outbound {
     fn admit(&mut self, mut request: http::Request<WasiBody>) -> Result<(http::Request<WasiBody>, Target), Error> {
         let index = self.calls;
         self.calls += 1;
-        if self.offline {
-            return Err(self.refuse("outbound HTTP is off in repeatable runs (`plugbus test`)".into()));
+        let stubbed = self.offline && self.stubs.is_some();
+        if self.offline && !stubbed {
+            return Err(self.refuse("outbound HTTP is off in repeatable runs (`plugbus test`, `dlq debug`)".into()));
         }
         if self.calls > self.limits.max_outbound_requests {
             return Err(self
@@ -318,7 +325,7 @@ impl Outbound {
             return Err(self.refuse("the request has no host".into()));
         };
         let port = uri.port_u16().unwrap_or(default_port(&scheme));
-        if let Err(why) = self.policy.check(&self.plugin, &scheme, &host, port) {
+        if let Err(why) = self.policy.check(&self.plugin, &scheme, &host, port, stubbed) {
             return Err(self.refuse(why));
         }
         let cap = self.limits.max_outbound_request_bytes;
@@ -326,7 +333,9 @@ impl Outbound {
             tracing::warn!(plugin = %self.plugin, event_id = %self.event_id, "outbound request body of {len} bytes is over the {cap}-byte limit");
             return Err(Error::HttpRequestBodySize(Some(len)));
         }
-        let probe = match self.policy.breakers.admit(&host) {
+        // Stubs never fail as a destination: a repeatable run leaves the breakers alone.
+        let breaker = if stubbed { Ok(false) } else { self.policy.breakers.admit(&host) };
+        let probe = match breaker {
             Ok(probe) => probe,
             Err(retry_after) => {
                 tracing::warn!(plugin = %self.plugin, event_id = %self.event_id, host, "outbound request failed at once: circuit open");
@@ -365,6 +374,13 @@ impl WasiHttpHooks for Outbound {
         _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> Box<dyn Future<Output = SendResult> + Send> {
         let admitted = self.admit(request);
+        if let Some(stubs) = self.stubs.clone().filter(|_| self.offline) {
+            let limits = self.limits.clone();
+            return Box::new(async move {
+                let (request, _) = admitted?;
+                stubs.answer(request, &limits).await
+            });
+        }
         let (slots, limits, policy) = (self.policy.slots.clone(), self.limits.clone(), self.policy.clone());
         let (plugin, event_id) = (self.plugin.clone(), self.event_id.clone());
         Box::new(async move {

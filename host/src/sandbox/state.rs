@@ -103,6 +103,7 @@ impl HostState {
         let mut outbound = Outbound::new(plugin.outbound.clone(), plugin.name.clone(), &plugin.limits, event_id);
         // A repeatable run must not reach the outside world.
         outbound.offline = world.is_some();
+        outbound.stubs = world.and_then(|w| w.http.clone());
         Self {
             wasi,
             table,

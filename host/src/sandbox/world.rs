@@ -15,12 +15,14 @@ const TICK_NANOS: u64 = 1_000;
 const RANDOM_BYTES: usize = 4096;
 
 /// What a deterministic attempt's clocks and random start from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct FixedWorld {
     /// The wall clock's first reading, since the Unix epoch.
     pub wall: Duration,
     /// The seed of every random number the handler sees.
     pub seed: [u8; 32],
+    /// What answers its outbound HTTP calls (`None`: every call is refused).
+    pub http: Option<std::sync::Arc<super::http_stubs::HttpStubs>>,
 }
 
 impl FixedWorld {
@@ -36,7 +38,7 @@ impl FixedWorld {
             h.update((field.len() as u64).to_be_bytes());
             h.update(field.as_bytes());
         }
-        Self { wall, seed: h.finalize().into() }
+        Self { wall, seed: h.finalize().into(), http: None }
     }
 
     /// The WASI context builder with this world's clocks and random installed.
@@ -94,7 +96,7 @@ mod tests {
         ev.time = "2026-11-30T07:00:00.250Z".into();
         let w = FixedWorld::of(&ev);
         assert_eq!(w.wall, Duration::from_millis(1_796_022_000_250));
-        assert_eq!(w, FixedWorld::of(&ev.clone()));
+        assert_eq!((w.wall, w.seed), (FixedWorld::of(&ev.clone()).wall, FixedWorld::of(&ev).seed));
         let mut other = ev.clone();
         other.id.push('x');
         assert_ne!(FixedWorld::of(&other).seed, w.seed);

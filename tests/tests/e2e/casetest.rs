@@ -332,3 +332,78 @@ async fn a_tail_format_other_than_plain_or_cloudevents_is_refused_naming_it() {
     let body: Value = resp.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("format \"yaml\""), "{body}");
 }
+
+/// A `inventory.reserved` event for the payments handler.
+fn reserved_case(order: &str, http: Value) -> Value {
+    let event = json!({"specversion": "1.0", "id": format!("r-{order}"), "source": "/shop", "type": "reserved",
+        "subject": "inventory.reserved", "datacontenttype": "application/json",
+        "data": {"order_id": order, "email": "a@example.com", "amount_cents": 1250}});
+    json!({"event": event, "http": http})
+}
+
+#[test]
+fn outbound_http_is_answered_from_the_cases_stubs_and_the_calls_are_compared() {
+    let dir = tempfile::tempdir().unwrap();
+    let payments = component_as(dir.path(), "payments", "payments.wasm");
+    let cases = dir.path().join("cases.jsonl");
+    let charges = "https://api.payments.example/v1/charges";
+    let stub = |status: u16, body: Value| json!([{"method": "POST", "url": charges, "status": status, "body": body}]);
+    write_lines(
+        &cases,
+        &[
+            reserved_case("o-1", stub(201, json!({"id": "ch_7"}))),
+            reserved_case("o-2", stub(402, json!({"error": "card declined"}))),
+            reserved_case("o-3", stub(503, json!({"text": "down"}))),
+            // No stub for the call: it is refused, never sent anywhere.
+            reserved_case("o-4", json!([{"method": "GET", "url": charges, "body": {"id": "ch_x"}}])),
+        ],
+    );
+    let config = ["--plugin-config", "provider_url=https://api.payments.example"];
+    let (code, out, err) = test(&payments, &cases, &[config[0], config[1], "--update"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let snap = lines(&cases);
+    let sent = json!({"order_id": "o-1", "amount_cents": 1250, "email": "a@example.com"});
+    assert_eq!(snap[0]["expect"]["http"], json!([{"call": format!("POST {charges}"), "body": sent}]));
+    assert_eq!(snap[0]["expect"]["outputs"][0]["subject"], "payments.captured");
+    assert_eq!(snap[0]["expect"]["outputs"][0]["data"]["payment_id"], "ch_7", "the stub's answer reached the handler");
+    assert_eq!(snap[1]["expect"]["outputs"][0]["subject"], "payments.failed");
+    assert!(snap[1]["expect"]["outputs"][0]["data"]["reason"].as_str().unwrap().contains("402"), "{}", snap[1]);
+    assert_eq!(snap[2]["expect"]["result"], "retry", "a 503 is the provider's outage: {}", snap[2]);
+    assert_eq!(snap[3]["expect"]["result"], "reject", "{}", snap[3]);
+    assert_eq!(snap[3]["expect"]["http"][0]["call"], format!("POST {charges}"), "the refused call is listed too");
+    // The snapshot passes again.
+    let (code, out, _) = test(&payments, &cases, &config);
+    assert_eq!(code, 0, "{out}");
+    // Why case 4 failed: no stub left for the call.
+    let (_, out, _) = {
+        let one = dir.path().join("one.jsonl");
+        write_lines(&one, &[reserved_case("o-4", json!([]))]);
+        test(&payments, &one, &config)
+    };
+    assert!(out.contains("no stub for POST https://api.payments.example/v1/charges"), "{out}");
+
+    // Another answer from the provider: the diff names the output; another request: the call.
+    let mut edited = snap.clone();
+    edited[0]["http"][0]["body"] = json!({"id": "ch_8"});
+    edited[1]["expect"]["http"][0]["body"]["amount_cents"] = json!(999);
+    write_lines(&cases, &edited);
+    let (code, out, _) = test(&payments, &cases, &config);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("case 1 (line 1, event r-o-1): differs\n  outputs[0].data:"), "{out}");
+    assert!(out.contains("case 2 (line 2, event r-o-2): differs\n  http[0]:\n    expected POST https://api.payments.example/v1/charges {\"amount_cents\":999"), "{out}");
+
+    // A stub does not open a destination the manifest does not ask for.
+    let evil = dir.path().join("evil.jsonl");
+    let evil_stub =
+        json!([{"method": "POST", "url": "https://evil.example/v1/charges", "status": 201, "body": {"id": "x"}}]);
+    write_lines(&evil, &[reserved_case("o-5", evil_stub)]);
+    let (code, out, _) = test(&payments, &evil, &["--plugin-config", "provider_url=https://evil.example"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("is not in the plugin's manifest `outbound` list"), "{out}");
+
+    // A stub that is not one is named with its place.
+    write_lines(&evil, &[reserved_case("o-6", json!([{"method": "POST", "status": 201}]))]);
+    let (code, out, err) = test(&payments, &evil, &config);
+    assert_ne!(code, 0);
+    assert!(err.contains("evil.jsonl:1: `http[0]`: no `url`"), "{out}{err}");
+}
