@@ -614,6 +614,12 @@ impl DurableLog {
         let mut out = Vec::with_capacity(seqs.len());
         for &seq in seqs {
             let record = match lookup.get(seq) {
+                // A record of a newer version is not damage: a rolled-back host must not settle
+                // what the newer one would run. The read fails, the delivery stays pending.
+                Ok(Some(stored)) if stored.first().is_some_and(|v| *v > RECORD_VERSION) => {
+                    let why = format!("record version {} is newer than this host reads ({RECORD_VERSION})", stored[0]);
+                    return Err(LogError::Corrupt { path: self.path.clone(), seq, why });
+                }
                 Ok(Some(stored)) => decode(stored).map(Some),
                 Ok(None) if pending => Err("pending, but not in the log".to_string()),
                 Ok(None) => Ok(None),
@@ -625,6 +631,15 @@ impl DurableLog {
                 Ok(None) => {}
                 Err(why) => {
                     let error = LogError::Corrupt { path: self.path.clone(), seq, why };
+                    // Its attempt's outputs are kept (kv committed): settling would drop them.
+                    if self.outbox(plugin, seq).map_or(true, |kept| kept.is_some()) {
+                        tracing::error!(
+                            plugin,
+                            seq,
+                            "a delivery whose record cannot be read is left pending: its attempt's outputs are kept in the outbox (or the outbox cannot be read): {error}"
+                        );
+                        continue;
+                    }
                     tracing::error!(
                         plugin,
                         seq,
@@ -809,7 +824,10 @@ impl Writer {
             let first = match rx.recv_timeout(std::time::Duration::from_millis(100)) {
                 Ok(op) => op,
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                    if unsynced || !carried.is_empty() {
+                    // A failed write reopens the database at the next commit: an idle log
+                    // makes one, so retention and readers do not wait for the next event.
+                    let failed = self.failed.load(std::sync::atomic::Ordering::Relaxed);
+                    if unsynced || !carried.is_empty() || failed {
                         match self.commit(std::mem::take(&mut carried), true) {
                             Ok(()) => unsynced = false,
                             Err(retry) => carried = retry,
@@ -1115,8 +1133,18 @@ impl Writer {
                             // The events appended earlier in this commit are read too.
                             row.flush(&mut events).map_err(|e| e.to_string())?;
                             for stored in events.range(from.first_seq()..).map_err(|e| e.to_string())? {
-                                let (_, stored) = stored.map_err(|e| e.to_string())?;
-                                for (seq, record) in rows::records(stored.value())? {
+                                let (row_key, stored) = stored.map_err(|e| e.to_string())?;
+                                // A damaged row cannot be replayed; it must not fail the commit
+                                // (and every append in it) either.
+                                let records = match rows::records(stored.value()) {
+                                    Ok(records) => records,
+                                    Err(why) => {
+                                        tracing::error!(log = %self.path.display(), plugin = %plugin, last_seq = row_key.value(),
+                                            "a replay skips a damaged row of events: {why}");
+                                        continue;
+                                    }
+                                };
+                                for (seq, record) in records {
                                     // A time compares with each record's append time (not a
                                     // search: a clock set back would otherwise hide events).
                                     if seq < from.first_seq()
@@ -1534,16 +1562,21 @@ mod tests {
         {
             let log = reopen(&path, Retention::default()).await;
             // One at a time: each event has a row of its own, keyed by its seq.
-            for data in ["one", "two", "three"] {
+            for data in ["one", "two", "three", "four"] {
                 log.append(Arc::new(Event::new("orders.created", data)), vec![p.clone()], false).await.unwrap();
             }
+            // Event 4's attempt committed its kv writes and kept its outputs, then the host died.
+            let outbox = Outbox { plugin: p.clone(), seq: 4, outputs: vec![Arc::new(Event::new("out.x", "o"))] };
+            log.kv_commit("p", &crate::kv::Txn::default(), Some(outbox)).await.unwrap();
         }
-        // The row of event 2 is damaged on disk (a count its bytes cannot hold).
+        // The rows of events 2 and 4 are damaged on disk (a count their bytes cannot hold).
         loop {
             match Database::create(&path) {
                 Ok(db) => {
                     let w = db.begin_write().unwrap();
-                    w.open_table(ROWS).unwrap().insert(2, &[9u8, 0, 0, 0, 1][..]).unwrap();
+                    for seq in [2u64, 4] {
+                        w.open_table(ROWS).unwrap().insert(seq, &[9u8, 0, 0, 0, 1][..]).unwrap();
+                    }
                     w.commit().unwrap();
                     break;
                 }
@@ -1573,15 +1606,56 @@ mod tests {
         let seqs = |log: &DurableLog| log.unsettled("p").unwrap().iter().map(|u| u.seq).collect::<Vec<_>>();
         assert_eq!(seqs(&log), vec![1, 3], "the damaged delivery is settled, the others are not");
         assert_eq!(log.metrics().damaged_records.get(), 1, "settled once, not again at every read");
-        // Retention gets past the damaged row: once 1 and 3 are settled, nothing is left.
-        log.ack(p.clone(), 1);
-        log.ack(p.clone(), 3);
+        let pending = log.unsettled_page("p", 0..u64::MAX, 10).unwrap();
+        assert_eq!(pending.last_seq, Some(4), "a damaged delivery whose outputs are kept stays pending");
+        assert!(log.outbox("p", 4).unwrap().is_some(), "and so do its outputs");
+        // A replay skips the damaged rows (before, one failed the whole commit).
+        let q: Arc<str> = "q".into();
+        let made = log.backfill(q.clone(), |_| true, crate::transport::ReplayFrom::Seq(0)).await.unwrap();
+        assert_eq!(made, vec![1, 3]);
+        // Retention gets past the damaged rows: once the rest is settled, nothing is left.
+        for seq in [1, 3, 4] {
+            log.ack(p.clone(), seq);
+        }
+        for seq in [1, 3] {
+            log.ack(q.clone(), seq);
+        }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while log.read(0, 10).map_or(true, |left| !left.is_empty()) {
             assert!(std::time::Instant::now() < deadline, "retention stalled: {:?}", log.read(0, 10).map(|l| l.len()));
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         assert_eq!(log.metrics().record_bytes.get(), 0, "nothing kept, nothing counted");
+    }
+
+    #[tokio::test]
+    async fn a_record_of_a_newer_version_is_left_pending_not_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let p: Arc<str> = "p".into();
+        drop(reopen(&path, Retention::default()).await.append(Arc::new(sample()), vec![p.clone()], false).await);
+        loop {
+            match Database::create(&path) {
+                Ok(db) => {
+                    let mut record = Vec::new();
+                    encode(&sample(), 1, &mut record);
+                    record[0] = RECORD_VERSION + 1;
+                    let mut row = RowBuilder::default();
+                    row.push(1, |out| out.extend_from_slice(&record));
+                    let w = db.begin_write().unwrap();
+                    row.flush(&mut w.open_table(ROWS).unwrap()).unwrap();
+                    w.commit().unwrap();
+                    break;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+        let log = reopen(&path, Retention::default()).await;
+        let err = log.unsettled("p").err().expect("a newer record is not read").to_string();
+        assert!(err.contains("newer than this host reads"), "{err}");
+        log.sync().await.unwrap();
+        assert_eq!(log.metrics().damaged_records.get(), 0);
+        assert_eq!(log.unsettled_page("p", 0..2, 10).err().map(|_| ()), Some(()), "still pending");
     }
 
     #[test]

@@ -102,6 +102,9 @@ pub(super) struct Lookup<'t, T> {
     rows: &'t T,
     /// The row read last.
     row: Option<ReadRow>,
+    /// The key of the last row found damaged, and why: its events are not read (and the row
+    /// not copied) again.
+    damaged: Option<(u64, String)>,
 }
 
 /// A row read back: its key, its bytes and where each event is in them.
@@ -113,7 +116,7 @@ struct ReadRow {
 
 impl<'t, T: ReadableTable<u64, &'static [u8]>> Lookup<'t, T> {
     pub(super) fn new(rows: &'t T) -> Self {
-        Self { rows, row: None }
+        Self { rows, row: None, damaged: None }
     }
 
     /// The record of event `seq`, if the log keeps it.
@@ -126,10 +129,19 @@ impl<'t, T: ReadableTable<u64, &'static [u8]>> Lookup<'t, T> {
             let storage = |e: redb::StorageError| LookupError::Storage(e.to_string());
             let Some(row) = self.rows.range(seq..).map_err(storage)?.next() else { return Ok(None) };
             let (key, value) = row.map_err(storage)?;
+            if let Some((last, why)) = &self.damaged
+                && *last == key.value()
+            {
+                return Err(LookupError::Damaged(why.clone()));
+            }
             let bytes = value.value().to_vec();
             let base = bytes.as_ptr() as usize;
             let index = records(&bytes)
-                .map_err(|why| LookupError::Damaged(format!("the row of events up to seq {}: {why}", key.value())))?
+                .map_err(|why| {
+                    let why = format!("the row of events up to seq {}: {why}", key.value());
+                    self.damaged = Some((key.value(), why.clone()));
+                    LookupError::Damaged(why)
+                })?
                 .into_iter()
                 .map(|(seq, record)| {
                     let start = record.as_ptr() as usize - base;
