@@ -778,6 +778,16 @@ struct Writer {
     outboxed: std::sync::Mutex<std::collections::HashSet<(Arc<str>, u64)>>,
 }
 
+/// Whether event `seq` is in `rows` and can be read back (an I/O error says yes: the caller
+/// then keeps what it has rather than log an event twice).
+fn readable(rows: &impl ReadableTable<u64, &'static [u8]>, seq: u64) -> bool {
+    match Lookup::new(rows).get(seq) {
+        Ok(Some(record)) => decode(record).is_ok(),
+        Ok(None) | Err(LookupError::Damaged(_)) => false,
+        Err(LookupError::Storage(_)) => true,
+    }
+}
+
 /// The plugins with a pending delivery (one range lookup per plugin, not a scan).
 fn owing_plugins(pending: &impl ReadableTable<(&'static str, u64), ()>) -> Result<Vec<String>, String> {
     let mut plugins = Vec::new();
@@ -1028,6 +1038,10 @@ impl Writer {
                                 true => ids.insert(key.as_str(), seq).map_err(|e| e.to_string())?.map(|v| v.value()),
                                 false => None,
                             };
+                            // The first copy counts only while it can be read: one in a damaged
+                            // row is logged again (the insert above pointed the id at it), so
+                            // its input's re-run regenerates what the damage lost.
+                            let before = before.filter(|first| row.holds(*first) || readable(&events, *first));
                             if let Some(first) = before {
                                 ids.insert(key.as_str(), first).map_err(|e| e.to_string())?;
                                 match answer {
@@ -1626,6 +1640,40 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         assert_eq!(log.metrics().record_bytes.get(), 0, "nothing kept, nothing counted");
+    }
+
+    #[tokio::test]
+    async fn an_output_whose_first_copy_is_damaged_is_logged_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let out = Arc::new(sample());
+        {
+            let log = reopen(&path, Retention::default()).await;
+            assert_eq!(log.append(out.clone(), vec![], true).await.unwrap(), Appended::At(1));
+            assert_eq!(
+                log.append(out.clone(), vec![], true).await.unwrap(),
+                Appended::Duplicate,
+                "readable: kept once"
+            );
+        }
+        loop {
+            match Database::create(&path) {
+                Ok(db) => {
+                    let w = db.begin_write().unwrap();
+                    w.open_table(ROWS).unwrap().insert(1, &[9u8, 0, 0, 0, 1][..]).unwrap();
+                    w.commit().unwrap();
+                    break;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+        let log = reopen(&path, Retention::default()).await;
+        // Its input ran again after a crash: the output is logged anew, not lost as a duplicate.
+        let Appended::At(seq) = log.append(out.clone(), vec![], true).await.unwrap() else {
+            panic!("a damaged first copy made the output a duplicate")
+        };
+        assert_eq!(log.read_seqs("p", &[seq]).unwrap()[0].event.id, out.id);
+        assert_eq!(log.append(out, vec![], true).await.unwrap(), Appended::Duplicate, "and kept once again");
     }
 
     #[tokio::test]

@@ -24,6 +24,7 @@ pub(super) const ROW_BYTES: usize = 256 << 10;
 pub(super) struct RowBuilder {
     buf: Vec<u8>,
     count: u32,
+    first: u64,
     last: u64,
 }
 
@@ -34,6 +35,7 @@ impl RowBuilder {
         if self.count == 0 {
             self.buf.clear();
             self.buf.extend_from_slice(&0u32.to_le_bytes());
+            self.first = seq;
         }
         self.buf.extend_from_slice(&seq.to_le_bytes());
         let at = self.buf.len();
@@ -44,6 +46,11 @@ impl RowBuilder {
         self.count += 1;
         self.last = seq;
         len
+    }
+
+    /// Whether event `seq` is in the row being built (not written yet).
+    pub(super) fn holds(&self, seq: u64) -> bool {
+        self.count > 0 && (self.first..=self.last).contains(&seq)
     }
 
     /// Whether the row is full (the next event goes into a new one).
