@@ -200,10 +200,11 @@ fn parse_stub(v: &Value) -> Result<HttpStub, String> {
             .to_ascii_uppercase(),
     };
     let url = obj.get("url").and_then(Value::as_str).ok_or("no `url` (the URL the handler calls)")?;
-    url.parse::<http::Uri>()
-        .ok()
-        .filter(|u| u.host().is_some())
-        .ok_or_else(|| format!("`url` {url:?} is not an absolute URL"))?;
+    // No user info: a guest's call never carries it, so such a stub could never answer.
+    let uri = url.parse::<http::Uri>().ok().filter(|u| u.authority().is_some_and(|a| !a.as_str().contains('@')));
+    uri.as_ref()
+        .and_then(crate::sandbox::http_stubs::normal_url)
+        .ok_or_else(|| format!("`url` {url:?} is not an absolute http:// or https:// URL"))?;
     let status = match obj.get("status") {
         None => 200,
         Some(s) => s
@@ -413,7 +414,9 @@ mod tests {
         assert_eq!((got.method.as_str(), got.status, &got.body[..]), ("POST", 402, &br#"{"error":"declined"}"#[..]));
         for (bad, says) in [
             (json!({"method": "POST"}), "`http[0]`: no `url`"),
-            (json!({"url": "/relative"}), "not an absolute URL"),
+            (json!({"url": "/relative"}), "not an absolute http:// or https:// URL"),
+            (json!({"url": "ftp://a.example/x"}), "not an absolute http:// or https:// URL"),
+            (json!({"url": "https://user@a.example/x"}), "not an absolute http:// or https:// URL"),
             (json!({"url": "https://a.example", "status": 42}), "`status` is 42"),
             (json!({"url": "https://a.example", "method": "GE T"}), "`method`"),
             (json!({"url": "https://a.example", "headers": {"x": 1}}), "`headers` \"x\" must be a string"),

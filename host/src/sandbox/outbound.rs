@@ -373,14 +373,26 @@ impl WasiHttpHooks for Outbound {
         _options: Option<RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> Box<dyn Future<Output = SendResult> + Send> {
-        let admitted = self.admit(request);
         if let Some(stubs) = self.stubs.clone().filter(|_| self.offline) {
+            let (method, url) = (request.method().to_string(), request.uri().to_string());
+            let admitted = self.admit(request);
             let limits = self.limits.clone();
             return Box::new(async move {
-                let (request, _) = admitted?;
-                stubs.answer(request, &limits).await
+                let (request, target) = match admitted {
+                    Ok(admitted) => admitted,
+                    Err(refused) => {
+                        stubs.refused(method, url);
+                        return Err(refused);
+                    }
+                };
+                // The event's deadline bounds a stubbed call too (a body never finished).
+                match tokio::time::timeout_at(target.ends, stubs.answer(request, &limits)).await {
+                    Ok(answered) => answered,
+                    Err(_) => Err(Error::ConnectionTimeout),
+                }
             });
         }
+        let admitted = self.admit(request);
         let (slots, limits, policy) = (self.policy.slots.clone(), self.limits.clone(), self.policy.clone());
         let (plugin, event_id) = (self.plugin.clone(), self.event_id.clone());
         Box::new(async move {
