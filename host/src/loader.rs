@@ -143,6 +143,27 @@ pub async fn load_file(
     config: &Config,
     kv: &Arc<dyn KvStore>,
 ) -> Result<Plugin, FileError> {
+    load_file_as(sandbox, path, config, kv, Grants::Operator).await
+}
+
+/// Whose word grants a plugin's outbound destinations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grants {
+    /// The operator's (`[plugins.NAME] allowed_outbound`): the host.
+    Operator,
+    /// Whatever the manifest asks for: a repeatable run (`plugbus test`), whose calls are
+    /// answered from stubs and never leave the sandbox.
+    Requested,
+}
+
+/// [`load_file`], with outbound destinations granted as `grants` says.
+pub async fn load_file_as(
+    sandbox: &Sandbox,
+    path: &Path,
+    config: &Config,
+    kv: &Arc<dyn KvStore>,
+    grants: Grants,
+) -> Result<Plugin, FileError> {
     let identity = identity_of(path, config)?;
     let (owned, cap) = (path.to_path_buf(), config.max_wasm_bytes);
     let bytes = tokio::task::spawn_blocking(move || read_plugin_file(&owned, cap))
@@ -159,7 +180,10 @@ pub async fn load_file(
                 limits: config.limits_for(&identity),
                 config: config.values_for(&identity),
                 kv: kv.clone(),
-                allowed_outbound: config.outbound_for(&identity),
+                allowed_outbound: match grants {
+                    Grants::Operator => config.outbound_for(&identity),
+                    Grants::Requested => m.outbound.clone(),
+                },
             })
         })
         .await?;

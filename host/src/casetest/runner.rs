@@ -109,7 +109,10 @@ impl Runner {
             .map_err(|e| CaseError::Sandbox(format!("{e:#}")))?;
         let kv = Arc::new(CaseKv::default());
         let store: Arc<dyn KvStore> = kv.clone();
-        let plugin = crate::loader::load_file(&sandbox, component, &config, &store)
+        // Its calls are answered from the cases' stubs: what the manifest asks for is granted
+        // (the operator's grant is a deployment's), and the policy still checks each call.
+        let grants = crate::loader::Grants::Requested;
+        let plugin = crate::loader::load_file_as(&sandbox, component, &config, &store, grants)
             .await
             .map_err(|e| load_error(e.to_string()))?;
         Ok(Self { plugin, kv, _sandbox: sandbox })

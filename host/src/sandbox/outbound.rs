@@ -176,15 +176,13 @@ impl OutboundPolicy {
         })
     }
 
-    /// Why `scheme://host:port` may not be called, if it may not; with `stubbed` (a repeatable
-    /// run answering calls from stubs) only the manifest's request counts: granting is the
-    /// operator's, at deployment.
-    fn check(&self, plugin: &str, scheme: &str, host: &str, port: u16, stubbed: bool) -> Result<(), String> {
+    /// Why `scheme://host:port` may not be called, if it may not.
+    fn check(&self, plugin: &str, scheme: &str, host: &str, port: u16) -> Result<(), String> {
         let dest = format!("{scheme}://{host}:{port}");
         if !self.requested_rules.iter().any(|r| r.allows(scheme, host, port)) {
             return Err(format!("{dest} is not in the plugin's manifest `outbound` list"));
         }
-        if !stubbed && !self.granted_rules.iter().any(|r| r.allows(scheme, host, port)) {
+        if !self.granted_rules.iter().any(|r| r.allows(scheme, host, port)) {
             return Err(format!("{dest} is not granted to the plugin (operator: [plugins.{plugin}] allowed_outbound)"));
         }
         Ok(())
@@ -325,7 +323,7 @@ impl Outbound {
             return Err(self.refuse("the request has no host".into()));
         };
         let port = uri.port_u16().unwrap_or(default_port(&scheme));
-        if let Err(why) = self.policy.check(&self.plugin, &scheme, &host, port, stubbed) {
+        if let Err(why) = self.policy.check(&self.plugin, &scheme, &host, port) {
             return Err(self.refuse(why));
         }
         let cap = self.limits.max_outbound_request_bytes;

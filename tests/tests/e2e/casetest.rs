@@ -407,3 +407,17 @@ fn outbound_http_is_answered_from_the_cases_stubs_and_the_calls_are_compared() {
     assert_ne!(code, 0);
     assert!(err.contains("evil.jsonl:1: `http[0]`: no `url`"), "{out}{err}");
 }
+
+#[test]
+fn the_payments_example_cases_pass_against_the_built_example() {
+    let cases = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/payments/cases.jsonl");
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("cases.jsonl");
+    std::fs::copy(&cases, &copy).unwrap();
+    let payments = component_as(dir.path(), "payments", "payments.wasm");
+    let (code, out, err) = test(&payments, &copy, &["--plugin-config", "provider_url=https://api.payments.example"]);
+    assert_eq!(code, 0, "the README's example cases fail:\n{out}{err}");
+    assert!(out.contains("5 case(s): 5 passed, 0 failed"), "{out}");
+    // Its calls are answered from stubs: no warning that the operator granted none.
+    assert!(!err.contains("allowed_outbound grants none"), "{err}");
+}
