@@ -47,6 +47,10 @@ const LOG_CACHE_BYTES: usize = 32 << 20;
 /// The most operations one commit takes.
 const MAX_BATCH: usize = 4096;
 
+/// The most bytes commits kept only in memory may hold (their copies are kept to be applied
+/// again after a failed write): past it the next commit is durable, whatever `bus.sync` says.
+const IN_MEMORY_BYTES: u64 = 32 << 20;
+
 /// When an append is on disk.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -59,9 +63,10 @@ pub enum SyncPolicy {
     /// lose acknowledged events written since the last `fsync` (redb keeps unsynced commits in
     /// its own cache), a power loss too.
     Batch,
-    /// `fsync` at most every 5 s (and when the bus is idle, and at a clean stop): fastest; a
-    /// crash may lose what was acknowledged in the last 5 s. (Never syncing at all would also
-    /// keep redb from reusing freed pages: the file would only grow.)
+    /// `fsync` at most every 5 s (and when the bus is idle, once 32 MiB of commits wait in
+    /// memory, and at a clean stop): fastest; a crash may lose what was acknowledged in the
+    /// last 5 s. (Never syncing at all would also keep redb from reusing freed pages: the file
+    /// would only grow.)
     None,
 }
 
@@ -169,7 +174,9 @@ enum Op {
         ns: Arc<str>,
         txn: crate::kv::Txn,
         outbox: Option<Outbox>,
-        done: oneshot::Sender<Result<(), crate::kv::KvError>>,
+        /// `None`: a commit answered before, applied again after a failed write threw it
+        /// away (see `Op::replay_copy`): applied as it was, without checking its reads.
+        done: Option<oneshot::Sender<Result<(), crate::kv::KvError>>>,
     },
     /// Records `plugin` as a subscriber; answers whether it was new to the log.
     Register {
@@ -187,10 +194,22 @@ enum Op {
 }
 
 impl Op {
-    /// A copy of an op nobody waits for (an output, an ack), to try again after a failed commit.
+    /// A copy of an op nobody waits for (an output, an ack, a commit applied again), to try
+    /// again after a failed commit.
     fn retry_copy(&self) -> Option<Op> {
         match self {
-            Op::Append { seq, event, plugins, dedupe, done: None } => Some(Op::Append {
+            Op::Append { done: None, .. } | Op::Ack { .. } | Op::KvCommit { done: None, .. } => self.replay_copy(),
+            _ => None,
+        }
+    }
+
+    /// A copy, nobody waiting for it, of a write a commit kept only in memory (`bus.sync` =
+    /// `batch` / `none`, or acks): when a later write fails, the database is reopened at its
+    /// last durable commit and these are applied again, first, so nothing answered is undone
+    /// while the process lives.
+    fn replay_copy(&self) -> Option<Op> {
+        match self {
+            Op::Append { seq, event, plugins, dedupe, .. } => Some(Op::Append {
                 seq: *seq,
                 event: event.clone(),
                 plugins: plugins.clone(),
@@ -198,8 +217,27 @@ impl Op {
                 done: None,
             }),
             Op::Ack { plugin, seq } => Some(Op::Ack { plugin: plugin.clone(), seq: *seq }),
-            _ => None,
+            Op::KvCommit { ns, txn, outbox, .. } => {
+                Some(Op::KvCommit { ns: ns.clone(), txn: txn.clone(), outbox: outbox.clone(), done: None })
+            }
+            Op::Sync { .. } | Op::Register { .. } | Op::Backfill { .. } => None,
         }
+    }
+
+    /// About what a copy of this op holds in memory, in bytes.
+    fn cost(&self) -> u64 {
+        let writes = |txn: &crate::kv::Txn| -> usize {
+            txn.writes.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum()
+        };
+        128 + match self {
+            Op::Append { event, .. } => {
+                event.data.len() + event.extensions.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            }
+            Op::KvCommit { txn, outbox, .. } => {
+                writes(txn) + outbox.as_ref().map_or(0, |o| o.outputs.iter().map(|e| e.data.len()).sum())
+            }
+            _ => 0,
+        } as u64
     }
 
     /// Tells whoever waits for this op that its commit failed.
@@ -208,10 +246,12 @@ impl Op {
         match self {
             Op::Append { done: Some(done), .. } => drop(done.send(Err(io()))),
             Op::Sync { done } => drop(done.send(Err(io()))),
-            Op::KvCommit { done, .. } => drop(done.send(Err(crate::kv::KvError::Unavailable(why.to_string())))),
+            Op::KvCommit { done: Some(done), .. } => {
+                drop(done.send(Err(crate::kv::KvError::Unavailable(why.to_string()))))
+            }
             Op::Register { done, .. } => drop(done.send(Err(io()))),
             Op::Backfill { done, .. } => drop(done.send(Err(io()))),
-            Op::Append { done: None, .. } | Op::Ack { .. } => {}
+            Op::Append { done: None, .. } | Op::Ack { .. } | Op::KvCommit { done: None, .. } => {}
         }
     }
 }
@@ -542,7 +582,7 @@ impl DurableLog {
     ) -> Result<(), crate::kv::KvError> {
         let closed = || crate::kv::KvError::Unavailable("the event log is closed".into());
         let (done, wait) = oneshot::channel();
-        let op = Op::KvCommit { ns: ns.into(), txn: txn.clone(), outbox, done };
+        let op = Op::KvCommit { ns: ns.into(), txn: txn.clone(), outbox, done: Some(done) };
         self.ops.send(op).map_err(|_| closed())?;
         wait.await.map_err(|_| closed())?
     }
@@ -824,6 +864,10 @@ impl Writer {
         // Ops nobody waits for (handlers' outputs, acks) of a commit that failed: they go first
         // in the next commit, so the log still commits in the order it was sent.
         let mut carried: Vec<Op> = Vec::new();
+        // What commits kept only in memory since the last durable one did (`Op::replay_copy`):
+        // a failed write throws it away with the reopen, and it is applied again first.
+        let mut in_memory: Vec<Op> = Vec::new();
+        let mut in_memory_bytes = 0u64;
         loop {
             if last_trim.elapsed() >= std::time::Duration::from_secs(1) {
                 last_trim = std::time::Instant::now();
@@ -839,9 +883,13 @@ impl Writer {
                     let failed = self.failed.load(std::sync::atomic::Ordering::Relaxed);
                     if unsynced || !carried.is_empty() || failed {
                         match self.commit(std::mem::take(&mut carried), true) {
-                            Ok(()) => unsynced = false,
-                            Err(retry) => carried = retry,
+                            Ok(()) => {
+                                unsynced = false;
+                                in_memory.clear();
+                            }
+                            Err(retry) => carried = in_memory.drain(..).chain(retry).collect(),
                         }
+                        in_memory_bytes = 0;
                         last_sync = std::time::Instant::now();
                     }
                     continue;
@@ -864,18 +912,37 @@ impl Writer {
                     SyncPolicy::Always => has_appends,
                     SyncPolicy::Batch => last_sync.elapsed() >= std::time::Duration::from_millis(100),
                     SyncPolicy::None => last_sync.elapsed() >= std::time::Duration::from_secs(5),
-                };
+                }
+                // After a failed write the next commit is durable whatever `bus.sync` says, and
+                // once what is kept only in memory (and copied) reaches its bound.
+                || self.failed.load(std::sync::atomic::Ordering::Relaxed)
+                || in_memory_bytes >= IN_MEMORY_BYTES;
+            let replay: Vec<Op> = match durable {
+                true => Vec::new(),
+                false => batch.iter().filter_map(Op::replay_copy).collect(),
+            };
             match self.commit(batch, durable) {
                 Ok(()) if durable => {
                     unsynced = false;
                     last_sync = std::time::Instant::now();
+                    in_memory.clear();
+                    in_memory_bytes = 0;
                 }
-                Ok(()) => unsynced = true,
-                Err(retry) => carried = retry,
+                Ok(()) => {
+                    unsynced = true;
+                    in_memory_bytes += replay.iter().map(Op::cost).sum::<u64>();
+                    in_memory.extend(replay);
+                }
+                Err(retry) => {
+                    carried = in_memory.drain(..).chain(retry).collect();
+                    in_memory_bytes = 0;
+                }
             }
         }
         // The host is stopping: make everything on disk.
-        if let Err(lost) = self.commit(carried, true)
+        // (A failed commit threw away what was kept in memory too.)
+        if let Err(lost) =
+            self.commit(carried, true).map_err(|retry| in_memory.into_iter().chain(retry).collect::<Vec<_>>())
             && !lost.is_empty()
         {
             tracing::error!(log = %self.path.display(), ops = lost.len(),
@@ -1073,11 +1140,14 @@ impl Writer {
                         Op::Sync { done } => syncs.push(done),
                         Op::KvCommit { ns, txn, outbox, done } => {
                             // Answered before the first write that can fail (see `Append`).
-                            kv_answers.push((done, Ok(())));
-                            let answer = kv_answers.len() - 1;
+                            let answer = done.map(|done| {
+                                kv_answers.push((done, Ok(())));
+                                kv_answers.len() - 1
+                            });
                             let mut kv = w.open_table(KV).map_err(|e| e.to_string())?;
                             let mut conflict = None;
-                            for (key, seen) in &txn.reads {
+                            // Applied again: it was checked when first applied, in this order.
+                            for (key, seen) in txn.reads.iter().filter(|_| answer.is_some()) {
                                 let now = kv
                                     .get(kv_key(&ns, key).as_str())
                                     .map_err(|e| e.to_string())?
@@ -1087,7 +1157,7 @@ impl Writer {
                                     break;
                                 }
                             }
-                            if let Some(key) = conflict {
+                            if let (Some(key), Some(answer)) = (conflict, answer) {
                                 kv_answers[answer].1 = Err(crate::kv::KvError::Conflict(key));
                                 continue;
                             }
@@ -1640,6 +1710,69 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         assert_eq!(log.metrics().record_bytes.get(), 0, "nothing kept, nothing counted");
+    }
+
+    /// A small tmpfs, unmounted on drop (`None` outside CI when mounting is not allowed).
+    struct Tmpfs(tempfile::TempDir);
+
+    impl Tmpfs {
+        fn mount(mib: u32) -> Option<Self> {
+            let dir = tempfile::tempdir().unwrap();
+            let out = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+                .arg(dir.path())
+                .output()
+                .expect("running mount");
+            if out.status.success() {
+                return Some(Self(dir));
+            }
+            let why = String::from_utf8_lossy(&out.stderr);
+            assert!(std::env::var("CI").is_err(), "mounting a tmpfs for a full-disk test failed (run as root): {why}");
+            None
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_undoes_nothing_a_commit_kept_in_memory_had_answered() {
+        use std::io::Write;
+        let Some(disk) = Tmpfs::mount(16) else { return };
+        let p: Arc<str> = "p".into();
+        let log =
+            DurableLog::open_with(&disk.0.path().join("bus.redb"), SyncPolicy::None, Retention::default()).unwrap();
+        let filler = disk.0.path().join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while f.write_all(&[7u8; 64 << 10]).is_ok() {}
+        drop(f);
+        // Under `sync = "none"` both commits are kept in memory: answered, not on disk yet.
+        let mut txn = crate::kv::Txn::default();
+        txn.set("k", b"v".to_vec());
+        log.kv_commit("p", &txn, None).await.unwrap();
+        let Appended::At(seq) = log.append(Arc::new(sample()), vec![p.clone()], false).await.unwrap() else {
+            panic!("appended")
+        };
+        // The flush when the log goes idle fails on the full disk (and the reopen throws away
+        // what was kept in memory) ...
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while log.metrics().commit_failures.get() == 0 {
+            assert!(std::time::Instant::now() < deadline, "the flush never failed");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // ... then space returns: what was answered is still there.
+        std::fs::remove_file(&filler).unwrap();
+        while let Err(e) = log.sync().await {
+            assert!(std::time::Instant::now() < deadline, "the log did not recover: {e}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let kept = log.kv_get("p", "k").unwrap().map(|v| v.value);
+        assert_eq!(kept.as_deref(), Some(&b"v"[..]), "an answered kv commit was undone");
+        let pending: Vec<u64> = log.unsettled("p").unwrap().iter().map(|u| u.seq).collect();
+        assert_eq!(pending, vec![seq], "an answered append was undone");
     }
 
     #[tokio::test]
