@@ -205,44 +205,34 @@ impl Op {
                 dedupe: *dedupe,
                 done: None,
             }),
-            Op::Ack { .. } | Op::KvCommit { done: None, .. } => self.replay_copy(),
+            Op::Ack { plugin, seq } => Some(Op::Ack { plugin: plugin.clone(), seq: *seq }),
+            Op::KvCommit { ns, txn, outbox, done: None } => Some(kv_replay(ns, txn, outbox)),
             _ => None,
         }
     }
+}
 
-    /// A copy, nobody waiting for it, of an ack or kv commit a commit kept only in memory
-    /// (`bus.sync` = `batch` / `none`, or ack-only commits): when a later write fails, the
-    /// database is reopened at its last durable commit and these are applied again, first, so
-    /// no kv write answered Ok is undone while the process lives. Appends are not copied (that
-    /// would keep every event of the window in memory): one the reopen throws away was delivered
-    /// already, and is lost only if the process then dies before it is handled, as `batch` and
-    /// `none` say of a crash.
-    fn replay_copy(&self) -> Option<Op> {
-        match self {
-            Op::Ack { plugin, seq } => Some(Op::Ack { plugin: plugin.clone(), seq: *seq }),
-            Op::KvCommit { ns, txn, outbox, .. } => {
-                Some(Op::KvCommit { ns: ns.clone(), txn: txn.clone(), outbox: outbox.clone(), done: None })
-            }
-            Op::Append { .. } | Op::Sync { .. } | Op::Register { .. } | Op::Backfill { .. } => None,
-        }
-    }
+/// A copy, nobody waiting for it, of a kv commit that passed its read check in a commit kept
+/// only in memory (`bus.sync` = `batch` / `none`): when a later write fails, the database is
+/// reopened at its last durable commit and these are applied again, first, so no kv write
+/// answered Ok is undone while the process lives. Its outbox comes back with it, so the input
+/// (its ack undone by the reopen) releases its outputs at the next start instead of running
+/// again. Nothing else is copied: an append or ack the reopen throws away was delivered
+/// already; an undone ack runs its event again at the next start, as a crash would, and an
+/// undone output comes back with it (or from the outbox).
+fn kv_replay(ns: &Arc<str>, txn: &crate::kv::Txn, outbox: &Option<Outbox>) -> Op {
+    Op::KvCommit { ns: ns.clone(), txn: txn.clone(), outbox: outbox.clone(), done: None }
+}
 
-    /// About what a copy of this op holds in memory, in bytes.
-    fn cost(&self) -> u64 {
-        let writes = |txn: &crate::kv::Txn| -> usize {
-            txn.writes.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum()
-        };
-        128 + match self {
-            Op::Append { event, .. } => {
-                event.data.len() + event.extensions.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
-            }
-            Op::KvCommit { txn, outbox, .. } => {
-                writes(txn) + outbox.as_ref().map_or(0, |o| o.outputs.iter().map(|e| e.data.len()).sum())
-            }
-            _ => 0,
-        } as u64
-    }
+/// About what a copy of a kv commit holds in memory, in bytes.
+fn kv_cost(ns: &str, txn: &crate::kv::Txn, outbox: &Option<Outbox>) -> u64 {
+    let writes: usize = txn.writes.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
+    let reads: usize = txn.reads.keys().map(|k| k.len() + 8).sum();
+    let outputs: usize = outbox.as_ref().map_or(0, |o| o.outputs.iter().map(|e| 256 + e.data.len()).sum());
+    (128 + ns.len() + writes + reads + outputs) as u64
+}
 
+impl Op {
     /// Tells whoever waits for this op that its commit failed.
     fn fail(self, path: &Path, why: &str) {
         let io = || LogError::Io { path: path.to_path_buf(), why: why.to_string() };
@@ -414,17 +404,7 @@ impl DurableLog {
             let read = |key: &str| meta.get(key).map(|v| v.map(|v| v.value())).map_err(|e| open_err(e.to_string()));
             (read("next_seq")?.unwrap_or(1), read("bytes")?.unwrap_or(0))
         };
-        let outboxed = {
-            let r = db.begin_read().map_err(|e| open_err(e.to_string()))?;
-            let outbox = r.open_table(OUTBOX).map_err(|e| open_err(e.to_string()))?;
-            let mut kept = std::collections::HashSet::new();
-            for row in outbox.iter().map_err(|e| open_err(e.to_string()))? {
-                let (key, _) = row.map_err(|e| open_err(e.to_string()))?;
-                let (plugin, seq) = key.value();
-                kept.insert((Arc::<str>::from(plugin), seq));
-            }
-            kept
-        };
+        let outboxed = outboxed_in(&db).map_err(open_err)?;
         let store = Arc::new(Store { path: path.to_path_buf(), db: std::sync::RwLock::new(Some(Arc::new(db))) });
         let (ops, rx) = std_mpsc::channel();
         let metrics = LogMetrics::default();
@@ -831,6 +811,19 @@ fn readable(rows: &impl ReadableTable<u64, &'static [u8]>, seq: u64) -> bool {
     }
 }
 
+/// The (plugin, seq) of the outbox entries in `db`.
+fn outboxed_in(db: &Database) -> Result<std::collections::HashSet<(Arc<str>, u64)>, String> {
+    let r = db.begin_read().map_err(|e| e.to_string())?;
+    let outbox = r.open_table(OUTBOX).map_err(|e| e.to_string())?;
+    let mut kept = std::collections::HashSet::new();
+    for row in outbox.iter().map_err(|e| e.to_string())? {
+        let (key, _) = row.map_err(|e| e.to_string())?;
+        let (plugin, seq) = key.value();
+        kept.insert((Arc::<str>::from(plugin), seq));
+    }
+    Ok(kept)
+}
+
 /// The plugins with a pending delivery (one range lookup per plugin, not a scan).
 fn owing_plugins(pending: &impl ReadableTable<(&'static str, u64), ()>) -> Result<Vec<String>, String> {
     let mut plugins = Vec::new();
@@ -850,6 +843,15 @@ fn owing_plugins(pending: &impl ReadableTable<(&'static str, u64), ()>) -> Resul
     Ok(plugins)
 }
 
+/// What a commit kept only in memory did that a failed write must not undo (see `kv_replay`).
+#[derive(Default)]
+struct KeptInMemory {
+    /// Copies of its kv commits that passed their read check.
+    kv_commits: Vec<Op>,
+    /// About what they hold, in bytes.
+    bytes: u64,
+}
+
 /// A kv commit's answer and its result.
 type KvAnswer = (oneshot::Sender<Result<(), crate::kv::KvError>>, Result<(), crate::kv::KvError>);
 
@@ -860,6 +862,14 @@ type Backfilled = (oneshot::Sender<Result<Vec<u64>, LogError>>, Vec<u64>);
 type Answers = Vec<(oneshot::Sender<Result<Appended, LogError>>, Appended)>;
 
 impl Writer {
+    /// After a reopen the outbox is what the last durable commit left: acks undone by it must
+    /// find the entries they remove again.
+    fn reload_outboxed(&self) -> Result<(), String> {
+        let kept = outboxed_in(&*self.store.get()?)?;
+        *self.outboxed.lock().expect("outboxed poisoned") = kept;
+        Ok(())
+    }
+
     fn run(self, rx: std_mpsc::Receiver<Op>) {
         let mut last_sync = std::time::Instant::now();
         let mut last_trim = std::time::Instant::now();
@@ -886,7 +896,7 @@ impl Writer {
                     let failed = self.failed.load(std::sync::atomic::Ordering::Relaxed);
                     if unsynced || !carried.is_empty() || failed {
                         match self.commit(std::mem::take(&mut carried), true) {
-                            Ok(()) => {
+                            Ok(_) => {
                                 unsynced = false;
                                 in_memory.clear();
                             }
@@ -920,21 +930,17 @@ impl Writer {
                 // once what is kept only in memory (and copied) reaches its bound.
                 || self.failed.load(std::sync::atomic::Ordering::Relaxed)
                 || in_memory_bytes >= IN_MEMORY_BYTES;
-            let replay: Vec<Op> = match durable {
-                true => Vec::new(),
-                false => batch.iter().filter_map(Op::replay_copy).collect(),
-            };
             match self.commit(batch, durable) {
-                Ok(()) if durable => {
+                Ok(_) if durable => {
                     unsynced = false;
                     last_sync = std::time::Instant::now();
                     in_memory.clear();
                     in_memory_bytes = 0;
                 }
-                Ok(()) => {
+                Ok(kept) => {
                     unsynced = true;
-                    in_memory_bytes += replay.iter().map(Op::cost).sum::<u64>();
-                    in_memory.extend(replay);
+                    in_memory_bytes += kept.bytes;
+                    in_memory.extend(kept.kv_commits);
                 }
                 Err(retry) => {
                     carried = in_memory.drain(..).chain(retry).collect();
@@ -1056,8 +1062,9 @@ impl Writer {
 
     /// Commits one batch; answers every op in it. When the commit failed each op that has a
     /// waiter is told, and the ops nobody waits for (outputs, acks) come back to be tried again.
-    fn commit(&self, batch: Vec<Op>, durable: bool) -> Result<(), Vec<Op>> {
+    fn commit(&self, batch: Vec<Op>, durable: bool) -> Result<KeptInMemory, Vec<Op>> {
         let started = std::time::Instant::now();
+        let mut kept_in_memory = KeptInMemory::default();
         let operations = batch.len();
         let (mut appended, mut bytes_kept) = (0u64, 0u64);
         let mut answers: Answers = Vec::new();
@@ -1075,9 +1082,11 @@ impl Writer {
             let reopened = self.failed.load(std::sync::atomic::Ordering::Relaxed);
             if reopened {
                 self.store.reopen()?;
+                self.reload_outboxed()?;
                 self.failed.store(false, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(log = %self.path.display(), "event log reopened after a failed write");
             }
+            let in_memory_only = !(durable || reopened);
             let mut w = self.store.get()?.begin_write().map_err(|e| e.to_string())?;
             w.set_durability(if durable || reopened { redb::Durability::Immediate } else { redb::Durability::None })
                 .map_err(|e| e.to_string())?;
@@ -1163,6 +1172,10 @@ impl Writer {
                             if let (Some(key), Some(answer)) = (conflict, answer) {
                                 kv_answers[answer].1 = Err(crate::kv::KvError::Conflict(key));
                                 continue;
+                            }
+                            if in_memory_only && !txn.writes.is_empty() {
+                                kept_in_memory.bytes += kv_cost(&ns, &txn, &outbox);
+                                kept_in_memory.kv_commits.push(kv_replay(&ns, &txn, &outbox));
                             }
                             let version = meta.get("kv_clock").map_err(|e| e.to_string())?.map_or(0, |v| v.value()) + 1;
                             meta.insert("kv_clock", version).map_err(|e| e.to_string())?;
@@ -1283,7 +1296,7 @@ impl Writer {
                 for (done, made) in backfilled {
                     let _ = done.send(Ok(made));
                 }
-                Ok(())
+                Ok(kept_in_memory)
             }
             Err(why) => {
                 self.metrics.commit_failures.inc();
@@ -1742,7 +1755,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_write_undoes_no_kv_write_or_ack_a_commit_kept_in_memory_had_answered() {
+    async fn a_failed_write_undoes_no_kv_write_a_commit_kept_in_memory_had_answered() {
         use std::io::Write;
         let Some(disk) = Tmpfs::mount(16) else { return };
         let p: Arc<str> = "p".into();
@@ -1751,16 +1764,27 @@ mod tests {
         let Appended::At(seq) = log.append(Arc::new(sample()), vec![p.clone()], false).await.unwrap() else {
             panic!("appended")
         };
+        // Event `seq`'s attempt committed its kv write with its outbox, on disk.
+        let outbox = Outbox { plugin: p.clone(), seq, outputs: vec![Arc::new(Event::new("out.x", "o"))] };
+        let mut first = crate::kv::Txn::default();
+        first.set("first", b"1".to_vec());
+        log.kv_commit("p", &first, Some(outbox)).await.unwrap();
         log.sync().await.unwrap();
         let filler = disk.0.path().join("filler");
         let mut f = std::fs::File::create(&filler).unwrap();
         while f.write_all(&[7u8; 64 << 10]).is_ok() {}
         drop(f);
-        // Under `sync = "none"` both are kept in memory: answered, not on disk yet.
+        // Under `sync = "none"` these are kept in memory: answered, not on disk yet. The event
+        // is acked (its outbox entry removed), another attempt commits a kv write.
+        log.ack(p.clone(), seq);
         let mut txn = crate::kv::Txn::default();
         txn.set("k", b"v".to_vec());
         log.kv_commit("p", &txn, None).await.unwrap();
-        log.ack(p.clone(), seq);
+        // Another attempt read `k2` at a version it no longer has: refused, never applied.
+        let mut stale = crate::kv::Txn::default();
+        stale.reads.insert("k2".into(), 7);
+        stale.set("k2", b"stale".to_vec());
+        assert!(matches!(log.kv_commit("p", &stale, None).await, Err(crate::kv::KvError::Conflict(_))));
         // The flush when the log goes idle fails on the full disk (and the reopen throws away
         // what was kept in memory) ...
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -1776,7 +1800,15 @@ mod tests {
         }
         let kept = log.kv_get("p", "k").unwrap().map(|v| v.value);
         assert_eq!(kept.as_deref(), Some(&b"v"[..]), "an answered kv commit was undone");
-        assert!(log.unsettled("p").unwrap().is_empty(), "an ack was undone: the handled event would run again");
+        assert!(log.kv_get("p", "k2").unwrap().is_none(), "a refused kv commit was applied after the reopen");
+        // The ack was undone (as a crash would): the event comes back at the next start, and
+        // its outbox with it, so its outputs are released instead of the handler running again.
+        assert_eq!(log.unsettled("p").unwrap().iter().map(|u| u.seq).collect::<Vec<_>>(), vec![seq]);
+        assert_eq!(log.outbox("p", seq).unwrap().map(|o| o.len()), Some(1), "the undone ack left the outbox");
+        // An ack now finds the outbox entry again (the reopen reloaded them) and removes it.
+        log.ack(p.clone(), seq);
+        log.sync().await.unwrap();
+        assert!(log.outbox("p", seq).unwrap().is_none(), "a stale outbox entry would release old outputs on a replay");
     }
 
     #[tokio::test]
