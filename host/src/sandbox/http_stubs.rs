@@ -64,8 +64,9 @@ pub struct HttpCall {
 /// The stubs of one run and the calls made in it.
 #[derive(Debug, Default)]
 pub struct HttpStubs {
-    /// Each stub and whether it answered a call already.
-    stubs: Mutex<Vec<(HttpStub, bool)>>,
+    /// Each stub, its URL as calls are compared (`normal_url`), and whether it answered a call
+    /// already.
+    stubs: Mutex<Vec<(HttpStub, Option<String>, bool)>>,
     calls: Mutex<Vec<HttpCall>>,
 }
 
@@ -75,7 +76,14 @@ type SendResult =
 impl HttpStubs {
     /// Stubs for one run.
     pub fn new(stubs: Vec<HttpStub>) -> Arc<Self> {
-        Arc::new(Self { stubs: Mutex::new(stubs.into_iter().map(|s| (s, false)).collect()), calls: Mutex::default() })
+        let stubs = stubs
+            .into_iter()
+            .map(|s| {
+                let url = s.url.parse().ok().as_ref().and_then(normal_url);
+                (s, url, false)
+            })
+            .collect();
+        Arc::new(Self { stubs: Mutex::new(stubs), calls: Mutex::default() })
     }
 
     /// The calls made so far, in order.
@@ -121,10 +129,9 @@ impl HttpStubs {
         });
         let stub = {
             let mut stubs = self.stubs.lock().expect("stubs poisoned");
-            let found = stubs.iter_mut().find(|(s, used)| {
-                !*used && s.method == method && s.url.parse().ok().as_ref().and_then(normal_url) == wanted
-            });
-            found.map(|(stub, used)| {
+            let found =
+                stubs.iter_mut().find(|(s, url, used)| !*used && s.method == method && url.is_some() && *url == wanted);
+            found.map(|(stub, _, used)| {
                 *used = true;
                 stub.clone()
             })

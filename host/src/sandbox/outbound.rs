@@ -275,7 +275,8 @@ pub struct Outbound {
     /// A repeatable run (`plugbus test`, `dlq debug`): nothing goes out; a call is answered
     /// from `stubs` when there are some, else refused.
     pub offline: bool,
-    /// The stubs answering calls in a repeatable run (`plugbus test`'s case `http`).
+    /// The stubs answering calls in a repeatable run (`plugbus test`'s case `http`; set only
+    /// with `offline`).
     pub stubs: Option<Arc<super::http_stubs::HttpStubs>>,
     /// The longest `retry_after` of the calls this attempt's open breakers refused (`None`:
     /// none was refused): when the attempt then asks to retry, dispatch waits at least this long
@@ -308,7 +309,7 @@ impl Outbound {
     fn admit(&mut self, mut request: http::Request<WasiBody>) -> Result<(http::Request<WasiBody>, Target), Error> {
         let index = self.calls;
         self.calls += 1;
-        let stubbed = self.offline && self.stubs.is_some();
+        let stubbed = self.stubs.is_some();
         if self.offline && !stubbed {
             return Err(self.refuse("outbound HTTP is off in repeatable runs (`plugbus test`, `dlq debug`)".into()));
         }
@@ -371,7 +372,7 @@ impl WasiHttpHooks for Outbound {
         _options: Option<RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> Box<dyn Future<Output = SendResult> + Send> {
-        if let Some(stubs) = self.stubs.clone().filter(|_| self.offline) {
+        if let Some(stubs) = self.stubs.clone() {
             let (method, url) = (request.method().to_string(), request.uri().to_string());
             let admitted = self.admit(request);
             let limits = self.limits.clone();

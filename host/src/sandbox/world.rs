@@ -96,7 +96,8 @@ mod tests {
         ev.time = "2026-11-30T07:00:00.250Z".into();
         let w = FixedWorld::of(&ev);
         assert_eq!(w.wall, Duration::from_millis(1_796_022_000_250));
-        assert_eq!((w.wall, w.seed), (FixedWorld::of(&ev.clone()).wall, FixedWorld::of(&ev).seed));
+        let again = FixedWorld::of(&ev.clone());
+        assert_eq!((w.wall, w.seed), (again.wall, again.seed));
         let mut other = ev.clone();
         other.id.push('x');
         assert_ne!(FixedWorld::of(&other).seed, w.seed);

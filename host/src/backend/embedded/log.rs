@@ -175,7 +175,7 @@ enum Op {
         txn: crate::kv::Txn,
         outbox: Option<Outbox>,
         /// `None`: a commit answered before, applied again after a failed write threw it
-        /// away (see `Op::replay_copy`): applied as it was, without checking its reads.
+        /// away (see `kv_replay`): applied as it was, without checking its reads.
         done: Option<oneshot::Sender<Result<(), crate::kv::KvError>>>,
     },
     /// Records `plugin` as a subscriber; answers whether it was new to the log.
@@ -210,6 +210,21 @@ impl Op {
             _ => None,
         }
     }
+
+    /// Tells whoever waits for this op that its commit failed.
+    fn fail(self, path: &Path, why: &str) {
+        let io = || LogError::Io { path: path.to_path_buf(), why: why.to_string() };
+        match self {
+            Op::Append { done: Some(done), .. } => drop(done.send(Err(io()))),
+            Op::Sync { done } => drop(done.send(Err(io()))),
+            Op::KvCommit { done: Some(done), .. } => {
+                drop(done.send(Err(crate::kv::KvError::Unavailable(why.to_string()))))
+            }
+            Op::Register { done, .. } => drop(done.send(Err(io()))),
+            Op::Backfill { done, .. } => drop(done.send(Err(io()))),
+            Op::Append { done: None, .. } | Op::Ack { .. } | Op::KvCommit { done: None, .. } => {}
+        }
+    }
 }
 
 /// A copy, nobody waiting for it, of a kv commit that passed its read check in a commit kept
@@ -230,23 +245,6 @@ fn kv_cost(ns: &str, txn: &crate::kv::Txn, outbox: &Option<Outbox>) -> u64 {
     let reads: usize = txn.reads.keys().map(|k| k.len() + 8).sum();
     let outputs: usize = outbox.as_ref().map_or(0, |o| o.outputs.iter().map(|e| 256 + e.data.len()).sum());
     (128 + ns.len() + writes + reads + outputs) as u64
-}
-
-impl Op {
-    /// Tells whoever waits for this op that its commit failed.
-    fn fail(self, path: &Path, why: &str) {
-        let io = || LogError::Io { path: path.to_path_buf(), why: why.to_string() };
-        match self {
-            Op::Append { done: Some(done), .. } => drop(done.send(Err(io()))),
-            Op::Sync { done } => drop(done.send(Err(io()))),
-            Op::KvCommit { done: Some(done), .. } => {
-                drop(done.send(Err(crate::kv::KvError::Unavailable(why.to_string()))))
-            }
-            Op::Register { done, .. } => drop(done.send(Err(io()))),
-            Op::Backfill { done, .. } => drop(done.send(Err(io()))),
-            Op::Append { done: None, .. } | Op::Ack { .. } | Op::KvCommit { done: None, .. } => {}
-        }
-    }
 }
 
 /// What an append did.
@@ -877,8 +875,8 @@ impl Writer {
         // Ops nobody waits for (handlers' outputs, acks) of a commit that failed: they go first
         // in the next commit, so the log still commits in the order it was sent.
         let mut carried: Vec<Op> = Vec::new();
-        // What commits kept only in memory since the last durable one did (`Op::replay_copy`):
-        // a failed write throws it away with the reopen, and it is applied again first.
+        // The kv commits of commits kept only in memory since the last durable one
+        // (`kv_replay`): a failed write throws them away with the reopen; they go again first.
         let mut in_memory: Vec<Op> = Vec::new();
         let mut in_memory_bytes = 0u64;
         loop {
@@ -1643,6 +1641,27 @@ mod tests {
         assert_eq!(log.read(10, 5).unwrap().iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![10, 11, 12, 13, 14]);
     }
 
+    /// Writes `rows` (seq → stored bytes) straight into the file at `path`, once the log let
+    /// go of it: damage as a disk or a bug would leave it.
+    async fn write_rows(path: &Path, rows: &[(u64, Vec<u8>)]) {
+        loop {
+            match Database::create(path) {
+                Ok(db) => {
+                    let w = db.begin_write().unwrap();
+                    for (seq, bytes) in rows {
+                        w.open_table(ROWS).unwrap().insert(*seq, bytes.as_slice()).unwrap();
+                    }
+                    w.commit().unwrap();
+                    return;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    /// A row whose count its bytes cannot hold.
+    const DAMAGED_ROW: [u8; 5] = [9, 0, 0, 0, 1];
+
     /// Opens the log at `path` once the last handle let go of it.
     async fn reopen(path: &Path, retention: Retention) -> Arc<DurableLog> {
         loop {
@@ -1669,20 +1688,8 @@ mod tests {
             let outbox = Outbox { plugin: p.clone(), seq: 4, outputs: vec![Arc::new(Event::new("out.x", "o"))] };
             log.kv_commit("p", &crate::kv::Txn::default(), Some(outbox)).await.unwrap();
         }
-        // The rows of events 2 and 4 are damaged on disk (a count their bytes cannot hold).
-        loop {
-            match Database::create(&path) {
-                Ok(db) => {
-                    let w = db.begin_write().unwrap();
-                    for seq in [2u64, 4] {
-                        w.open_table(ROWS).unwrap().insert(seq, &[9u8, 0, 0, 0, 1][..]).unwrap();
-                    }
-                    w.commit().unwrap();
-                    break;
-                }
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-            }
-        }
+        // The rows of events 2 and 4 are damaged on disk.
+        write_rows(&path, &[(2, DAMAGED_ROW.to_vec()), (4, DAMAGED_ROW.to_vec())]).await;
         let retention = Retention { max_age: std::time::Duration::ZERO, max_mib: 1024 };
         let log = reopen(&path, retention).await;
         let bus = super::super::bus::EmbeddedBus::durable(log.clone());
@@ -1825,17 +1832,7 @@ mod tests {
                 "readable: kept once"
             );
         }
-        loop {
-            match Database::create(&path) {
-                Ok(db) => {
-                    let w = db.begin_write().unwrap();
-                    w.open_table(ROWS).unwrap().insert(1, &[9u8, 0, 0, 0, 1][..]).unwrap();
-                    w.commit().unwrap();
-                    break;
-                }
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-            }
-        }
+        write_rows(&path, &[(1, DAMAGED_ROW.to_vec())]).await;
         let log = reopen(&path, Retention::default()).await;
         // Its input ran again after a crash: the output is logged anew, not lost as a duplicate.
         let Appended::At(seq) = log.append(out.clone(), vec![], true).await.unwrap() else {
@@ -1851,22 +1848,12 @@ mod tests {
         let path = dir.path().join("bus.redb");
         let p: Arc<str> = "p".into();
         drop(reopen(&path, Retention::default()).await.append(Arc::new(sample()), vec![p.clone()], false).await);
-        loop {
-            match Database::create(&path) {
-                Ok(db) => {
-                    let mut record = Vec::new();
-                    encode(&sample(), 1, &mut record);
-                    record[0] = RECORD_VERSION + 1;
-                    let mut row = RowBuilder::default();
-                    row.push(1, |out| out.extend_from_slice(&record));
-                    let w = db.begin_write().unwrap();
-                    row.flush(&mut w.open_table(ROWS).unwrap()).unwrap();
-                    w.commit().unwrap();
-                    break;
-                }
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-            }
-        }
+        let mut record = Vec::new();
+        encode(&sample(), 1, &mut record);
+        record[0] = RECORD_VERSION + 1;
+        let mut row = RowBuilder::default();
+        row.push(1, |out| out.extend_from_slice(&record));
+        write_rows(&path, &[(1, row.bytes().to_vec())]).await;
         let log = reopen(&path, Retention::default()).await;
         let err = log.unsettled("p").err().expect("a newer record is not read").to_string();
         assert!(err.contains("newer than this host reads"), "{err}");

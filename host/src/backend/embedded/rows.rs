@@ -48,6 +48,13 @@ impl RowBuilder {
         len
     }
 
+    /// The row as it will be stored.
+    #[cfg(test)]
+    pub(super) fn bytes(&mut self) -> &[u8] {
+        self.buf[..4].copy_from_slice(&self.count.to_le_bytes());
+        &self.buf
+    }
+
     /// Whether event `seq` is in the row being built (not written yet).
     pub(super) fn holds(&self, seq: u64) -> bool {
         self.count > 0 && (self.first..=self.last).contains(&seq)
