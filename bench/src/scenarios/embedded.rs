@@ -30,7 +30,7 @@ use plugbus::event::Output;
 use plugbus::kv::MemoryKv;
 use plugbus::sandbox::bindings::{self, types as wit};
 use plugbus::sandbox::state::{HostState, PluginCtx};
-use plugbus::sandbox::{Limits, PluginSettings, Sandbox, SandboxSettings};
+use plugbus::sandbox::{Limits, Plugin, PluginSettings, Sandbox, SandboxSettings};
 use plugbus::subject::PatternSet;
 use plugbus::transport::{SubscriptionSpec, Transport};
 use std::collections::BTreeMap;
@@ -124,14 +124,7 @@ pub(super) fn input(seq: u64) -> Event {
 /// `Plugin::handle` in a loop: the public sandbox API, no router, no bus. Each output is parsed
 /// and matched to its event as the closed loop does.
 pub(super) async fn sandbox_floor(mode: Mode, handler: &[u8], tasks: usize, limits: Limits) -> anyhow::Result<Load> {
-    let sandbox = Sandbox::new(SandboxSettings::default())?;
-    let settings = |_: &_| PluginSettings {
-        limits,
-        config: Default::default(),
-        kv: Arc::new(MemoryKv::new()),
-        allowed_outbound: Vec::new(),
-    };
-    let plugin = Arc::new(sandbox.load(handler, settings).await?);
+    let plugin = sandboxed(handler, limits).await?;
     driver::direct_loop(mode, tasks, move |seq| {
         let plugin = plugin.clone();
         async move {
@@ -146,6 +139,19 @@ pub(super) async fn sandbox_floor(mode: Mode, handler: &[u8], tasks: usize, limi
         }
     })
     .await
+}
+
+/// The bench handler loaded through the public sandbox API (its own engine, default settings):
+/// what the floors and the sandboxed relays run, with no router and no bus.
+pub(super) async fn sandboxed(handler: &[u8], limits: Limits) -> anyhow::Result<Arc<Plugin>> {
+    let sandbox = Sandbox::new(SandboxSettings::default())?;
+    let settings = |_: &_| PluginSettings {
+        limits,
+        config: Default::default(),
+        kv: Arc::new(MemoryKv::new()),
+        allowed_outbound: Vec::new(),
+    };
+    Ok(Arc::new(sandbox.load(handler, settings).await?))
 }
 
 /// An engine set up as `sandbox/engine.rs` sets it up with `SandboxSettings::default()`:

@@ -22,10 +22,14 @@
 //! and passes it on, no handler, in the same closed loop; ratio = plugbus / floor. Also
 //! `native_relay_floor`: the same consumer running the handler's logic as plain Rust and
 //! publishing its output to a stream (ack awaited) before acking the input: everything plugbus
-//! does on JetStream but the sandbox, the router and CloudEvents.
+//! does on JetStream but the sandbox, the router and CloudEvents. `sandboxed_relay` is that relay
+//! running the bench handler through `Plugin::handle` (a fresh instance per message): the broker
+//! and the sandbox, nothing of plugbus's own machinery. `sandboxed_relay_vs_native_relay` is the
+//! most any host that sandboxes the handler can reach against the native relay;
+//! `vs_sandboxed_relay` is what plugbus's machinery costs on this path.
 
 use super::WINDOW;
-use super::embedded::native_handler;
+use super::embedded::{native_handler, sandboxed};
 use crate::Mode;
 use crate::components::{self, BenchHost};
 use crate::driver::{self, Load, Out};
@@ -36,7 +40,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
 use plugbus::Event;
 use plugbus::backend::nats::StreamDef;
-use plugbus::sandbox::InstanceMode;
+use plugbus::sandbox::{InstanceMode, Limits, Plugin};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,18 +53,24 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
     // The target's two sides (plugbus and the native relay) take turns in short slices (see
     // `Mode::slice`), each plugbus slice on a server of its own (its streams start empty, so
     // what they hold afterwards is that slice's).
-    let (mut d, mut native) = (Durable::default(), Load::default());
+    // The sandboxed relay is the native relay running the handler in the sandbox: the broker's
+    // and the sandbox's cost together, with nothing of plugbus's own machinery.
+    let plugin = sandboxed(handler, Limits::default()).await?;
+    let (mut d, mut native, mut sandboxed_relay) = (Durable::default(), Load::default(), Load::default());
     let slice = mode.slice();
     for _ in 0..mode.slices() {
         d.merge(durable_run(slice, handler, &NatsServer::start().await?, InstanceMode::Fresh).await?);
-        native.merge(floor_run(slice, &NatsServer::start().await?, true).await.context("the native relay floor")?);
+        let relay = floor_run(slice, &NatsServer::start().await?, Floor::Relay(None)).await;
+        native.merge(relay.context("the native relay floor")?);
+        let relay = floor_run(slice, &NatsServer::start().await?, Floor::Relay(Some(plugin.clone()))).await;
+        sandboxed_relay.merge(relay.context("the sandboxed relay")?);
     }
     d.acked_per_s /= mode.slices() as f64;
     let server = NatsServer::start().await?;
     // The same with `instance = "reuse"`, on a server of its own (the streams start empty).
     let reuse = durable_run(mode, handler, &NatsServer::start().await?, InstanceMode::Reuse).await?;
     let reuse_clean = reuse.out_duplicates == 0 && reuse.out_missing == 0 && reuse.unacked == 0;
-    let floor = floor_run(mode, &server, false).await.context("the JetStream floor")?;
+    let floor = floor_run(mode, &server, Floor::Broker).await.context("the JetStream floor")?;
     let rate = d.load.rate();
     let clean = d.out_duplicates == 0 && d.out_missing == 0 && d.unacked == 0 && d.out_messages == d.published;
     Ok(Row {
@@ -90,6 +100,9 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
             ("native_relay_p50_us".into(), native.percentile_us(50)),
             ("native_relay_p99_us".into(), native.percentile_us(99)),
             ("vs_native_relay".into(), rate / native.rate()),
+            ("sandboxed_relay".into(), sandboxed_relay.rate()),
+            ("sandboxed_relay_vs_native_relay".into(), sandboxed_relay.rate() / native.rate()),
+            ("vs_sandboxed_relay".into(), rate / sandboxed_relay.rate()),
         ]),
         notes: format!(
             "{}; durable consumer, ack after success, 1 js publish per output",
@@ -264,9 +277,23 @@ async fn stream_seqs(js: &jetstream::Context, name: &str) -> anyhow::Result<Hash
     Ok(per_seq)
 }
 
-/// Raw JetStream publisher → raw durable pull consumer (`relay`: running the handler's logic
-/// and publishing the output to a stream first), acking each message, 64 outstanding.
-async fn floor_run(mode: Mode, server: &NatsServer, relay: bool) -> anyhow::Result<Load> {
+/// What a floor run puts behind the raw durable pull consumer.
+enum Floor {
+    /// Nothing: each message is acked and passed on.
+    Broker,
+    /// The handler's logic, its output published to a stream before the input is acked: in
+    /// plain Rust (`None`), or the bench handler through `Plugin::handle`, a fresh instance per
+    /// message as the host runs it.
+    Relay(Option<Arc<Plugin>>),
+}
+
+/// Raw JetStream publisher → raw durable pull consumer (see [`Floor`]), acking each message,
+/// 64 outstanding.
+async fn floor_run(mode: Mode, server: &NatsServer, floor: Floor) -> anyhow::Result<Load> {
+    let (relay, sandboxed) = match floor {
+        Floor::Broker => (false, None),
+        Floor::Relay(sandboxed) => (true, sandboxed),
+    };
     let prefix = if relay { "relay" } else { "floor" };
     let (producer, worker, observer) = (server.client().await?, server.client().await?, server.client().await?);
     let (js, wjs) = (jetstream::new(producer), jetstream::new(worker));
@@ -294,12 +321,19 @@ async fn floor_run(mode: Mode, server: &NatsServer, relay: bool) -> anyhow::Resu
         let outputs = nats::forward(&observer, "relay.out.>", Forward::Whole).await?;
         let worker = tokio::spawn(async move {
             while let Some(msg) = messages.next().await {
-                let (msg, wjs) = (msg?, wjs.clone());
+                let (msg, wjs, sandboxed) = (msg?, wjs.clone(), sandboxed.clone());
                 // Concurrently, as the host runs up to `concurrency` attempts.
                 tokio::spawn(async move {
                     let id = msg.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.as_str().to_string());
                     let ev = Event::new(msg.subject.as_str(), msg.payload.clone());
-                    let out = native_handler(&ev)?;
+                    let out = match sandboxed {
+                        None => native_handler(&ev)?,
+                        Some(plugin) => {
+                            let mut attempt = plugin.handle(&ev, 1).await;
+                            attempt.result.map_err(|f| anyhow::anyhow!("the handler failed: {f}"))?;
+                            attempt.outputs.pop().context("the handler published nothing")?
+                        }
+                    };
                     let mut headers = async_nats::HeaderMap::new();
                     headers.insert("Nats-Msg-Id", format!("{}-out", id.unwrap_or_default()).as_str());
                     let subject = out.subject.replacen("bench.out.", "relay.out.", 1);

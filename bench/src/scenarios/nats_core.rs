@@ -15,13 +15,18 @@
 //! - `native_relay_floor`: the handler's logic as plain Rust on two raw connections in one
 //!   queue group (two "hosts"), each republishing its output: the same two hops as plugbus,
 //!   without the sandbox, the router or CloudEvents.
+//! - `sandboxed_relay`: the native relay running the bench handler through `Plugin::handle` (a
+//!   fresh instance per message) instead of plain Rust: the broker and the sandbox, nothing of
+//!   plugbus's own machinery. `sandboxed_relay_vs_native_relay` is the most any host that
+//!   sandboxes the handler can reach against the native relay; `vs_sandboxed_relay` is what
+//!   plugbus's machinery (router, dispatch, CloudEvents, queues) costs on this path.
 //! - `flat_out_floor`: the raw publisher publishing bursts of 10,000 flat out for `measure`,
 //!   each burst counted whole by the raw subscriber before the next (so at most one burst is
 //!   buffered); `flat_out_dropped` = published − counted (a subscriber falling behind loses
 //!   core messages).
 
 use super::WINDOW;
-use super::embedded::native_handler;
+use super::embedded::{native_handler, sandboxed};
 use crate::Mode;
 use crate::components::BenchHost;
 use crate::driver::{self, Load};
@@ -30,7 +35,7 @@ use crate::report::Row;
 use anyhow::Context;
 use futures::StreamExt;
 use plugbus::Event;
-use plugbus::sandbox::InstanceMode;
+use plugbus::sandbox::{InstanceMode, Limits, Plugin};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,11 +48,16 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
     let server = NatsServer::start().await?;
     // The target's two sides (plugbus and the native relay) take turns in short slices (see
     // `Mode::slice`).
-    let (mut hosts, mut native) = (Hosts::default(), Load::default());
+    // The sandboxed relay is the native relay running the handler in the sandbox: the broker's
+    // and the sandbox's cost together, with nothing of plugbus's own machinery.
+    let plugin = sandboxed(handler, Limits::default()).await?;
+    let (mut hosts, mut native, mut sandboxed_relay) = (Hosts::default(), Load::default(), Load::default());
     let slice = mode.slice();
     for _ in 0..mode.slices() {
         hosts.merge(hosts_run(slice, handler, &server, InstanceMode::Fresh).await?);
-        native.merge(native_relay_run(slice, &server).await.context("the native relay floor")?);
+        native.merge(native_relay_run(slice, &server, None).await.context("the native relay floor")?);
+        let relay = native_relay_run(slice, &server, Some(plugin.clone())).await;
+        sandboxed_relay.merge(relay.context("the sandboxed relay")?);
     }
     let Hosts { load, handled, retried, dead_lettered } = hosts;
     let reuse = hosts_run(mode, handler, &server, InstanceMode::Reuse).await?.load;
@@ -61,6 +71,9 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
         ("native_relay_vs_floor".into(), native.rate() / floor.rate()),
         ("native_relay_p50_us".into(), native.percentile_us(50)),
         ("vs_native_relay".into(), rate / native.rate()),
+        ("sandboxed_relay".into(), sandboxed_relay.rate()),
+        ("sandboxed_relay_vs_native_relay".into(), sandboxed_relay.rate() / native.rate()),
+        ("vs_sandboxed_relay".into(), rate / sandboxed_relay.rate()),
         ("floor_p50_us".into(), floor.percentile_us(50)),
         ("floor_p99_us".into(), floor.percentile_us(99)),
         ("flat_out_floor".into(), flat),
@@ -165,17 +178,27 @@ async fn floor_run(mode: Mode, server: &NatsServer) -> anyhow::Result<Load> {
     driver::closed_loop(mode, WINDOW, 1, &mut delivered, make, publish, |_| {}).await
 }
 
-/// The handler's logic in Rust on two raw connections sharing a queue group, each message
-/// parsed and its output published, as the two hosts do.
-async fn native_relay_run(mode: Mode, server: &NatsServer) -> anyhow::Result<Load> {
+/// The handler's logic on two raw connections sharing a queue group, each message parsed and
+/// its output published, as the two hosts do: in plain Rust, or (`sandboxed`) the bench handler
+/// through `Plugin::handle`, a fresh instance per message as the hosts run it.
+async fn native_relay_run(mode: Mode, server: &NatsServer, sandboxed: Option<Arc<Plugin>>) -> anyhow::Result<Load> {
     let mut workers = Vec::new();
     for _ in 0..HOSTS {
         let client = server.client().await?;
         let mut sub = client.queue_subscribe("relay.in.>".to_string(), "relay".to_string()).await?;
         nats::registered(&client).await?;
+        let sandboxed = sandboxed.clone();
         workers.push(tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
-                let out = native_handler(&Event::new(msg.subject.as_str(), msg.payload))?;
+                let ev = Event::new(msg.subject.as_str(), msg.payload);
+                let out = match &sandboxed {
+                    None => native_handler(&ev)?,
+                    Some(plugin) => {
+                        let mut attempt = plugin.handle(&ev, 1).await;
+                        attempt.result.map_err(|f| anyhow::anyhow!("the handler failed: {f}"))?;
+                        attempt.outputs.pop().context("the handler published nothing")?
+                    }
+                };
                 client.publish(format!("relay.{}", out.subject), out.data).await?;
             }
             anyhow::Ok(())

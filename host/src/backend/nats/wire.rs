@@ -62,7 +62,7 @@ pub fn message_of(ev: &Event) -> (HeaderMap, Bytes) {
                 "header left out: NATS cannot carry this name or value"),
         }
     }
-    headers.insert(MSG_ID, ev.id.as_str());
+    headers.insert(HeaderName::from_static(MSG_ID), ev.id.as_str());
     (headers, ev.data.clone())
 }
 
