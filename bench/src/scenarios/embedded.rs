@@ -154,6 +154,15 @@ pub(super) async fn sandboxed(handler: &[u8], limits: Limits) -> anyhow::Result<
     Ok(Arc::new(sandbox.load(handler, settings).await?))
 }
 
+/// The relays' handler step: the handler's logic in plain Rust, or (`sandboxed`) the bench
+/// handler through `Plugin::handle`, a fresh instance per event as the host runs it.
+pub(super) async fn relay_output(sandboxed: Option<&Plugin>, ev: &Event) -> anyhow::Result<Output> {
+    let Some(plugin) = sandboxed else { return native_handler(ev) };
+    let mut attempt = plugin.handle(ev, 1).await;
+    attempt.result.map_err(|f| anyhow::anyhow!("the handler failed: {f}"))?;
+    attempt.outputs.pop().context("the handler published nothing")
+}
+
 /// An engine set up as `sandbox/engine.rs` sets it up with `SandboxSettings::default()`:
 /// pooling allocator, epoch interruption. `tuned` resets pool slots with memset (only the
 /// pages dirtied, found with `pagemap_scan`) instead of `madvise`, which on this VM costs a

@@ -29,7 +29,7 @@
 //! `vs_sandboxed_relay` is what plugbus's machinery costs on this path.
 
 use super::WINDOW;
-use super::embedded::{native_handler, sandboxed};
+use super::embedded::{relay_output, sandboxed};
 use crate::Mode;
 use crate::components::{self, BenchHost};
 use crate::driver::{self, Load, Out};
@@ -326,14 +326,7 @@ async fn floor_run(mode: Mode, server: &NatsServer, floor: Floor) -> anyhow::Res
                 tokio::spawn(async move {
                     let id = msg.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.as_str().to_string());
                     let ev = Event::new(msg.subject.as_str(), msg.payload.clone());
-                    let out = match sandboxed {
-                        None => native_handler(&ev)?,
-                        Some(plugin) => {
-                            let mut attempt = plugin.handle(&ev, 1).await;
-                            attempt.result.map_err(|f| anyhow::anyhow!("the handler failed: {f}"))?;
-                            attempt.outputs.pop().context("the handler published nothing")?
-                        }
-                    };
+                    let out = relay_output(sandboxed.as_deref(), &ev).await?;
                     let mut headers = async_nats::HeaderMap::new();
                     headers.insert("Nats-Msg-Id", format!("{}-out", id.unwrap_or_default()).as_str());
                     let subject = out.subject.replacen("bench.out.", "relay.out.", 1);

@@ -26,7 +26,7 @@
 //!   core messages).
 
 use super::WINDOW;
-use super::embedded::{native_handler, sandboxed};
+use super::embedded::{relay_output, sandboxed};
 use crate::Mode;
 use crate::components::BenchHost;
 use crate::driver::{self, Load};
@@ -191,14 +191,7 @@ async fn native_relay_run(mode: Mode, server: &NatsServer, sandboxed: Option<Arc
         workers.push(tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
                 let ev = Event::new(msg.subject.as_str(), msg.payload);
-                let out = match &sandboxed {
-                    None => native_handler(&ev)?,
-                    Some(plugin) => {
-                        let mut attempt = plugin.handle(&ev, 1).await;
-                        attempt.result.map_err(|f| anyhow::anyhow!("the handler failed: {f}"))?;
-                        attempt.outputs.pop().context("the handler published nothing")?
-                    }
-                };
+                let out = relay_output(sandboxed.as_deref(), &ev).await?;
                 client.publish(format!("relay.{}", out.subject), out.data).await?;
             }
             anyhow::Ok(())
