@@ -228,13 +228,8 @@ impl Op {
 }
 
 /// A copy, nobody waiting for it, of a kv commit that passed its read check in a commit kept
-/// only in memory (`bus.sync` = `batch` / `none`): when a later write fails, the database is
-/// reopened at its last durable commit and these are applied again, first, so no kv write
-/// answered Ok is undone while the process lives. Its outbox comes back with it, so the input
-/// (its ack undone by the reopen) releases its outputs at the next start instead of running
-/// again. Nothing else is copied: an append or ack the reopen throws away was delivered
-/// already; an undone ack runs its event again at the next start, as a crash would, and an
-/// undone output comes back with it (or from the outbox).
+/// only in memory (`bus.sync` = `batch` / `none`), applied again after a failed write (see
+/// [`KeptInMemory`]) as it was, without checking its reads.
 fn kv_replay(ns: &Arc<str>, txn: &crate::kv::Txn, outbox: &Option<Outbox>) -> Op {
     Op::KvCommit { ns: ns.clone(), txn: txn.clone(), outbox: outbox.clone(), done: None }
 }
@@ -245,6 +240,12 @@ fn kv_cost(ns: &str, txn: &crate::kv::Txn, outbox: &Option<Outbox>) -> u64 {
     let reads: usize = txn.reads.keys().map(|k| k.len() + 8).sum();
     let outputs: usize = outbox.as_ref().map_or(0, |o| o.outputs.iter().map(|e| 256 + e.data.len()).sum());
     (128 + ns.len() + writes + reads + outputs) as u64
+}
+
+/// About what a copy of an append holds in memory, in bytes.
+fn append_cost(event: &Event, plugins: &[Arc<str>]) -> u64 {
+    let headers: usize = event.extensions.iter().map(|(k, v)| k.len() + v.len()).sum();
+    (256 + event.data.len() + headers + plugins.len() * 16) as u64
 }
 
 /// What an append did.
@@ -841,13 +842,26 @@ fn owing_plugins(pending: &impl ReadableTable<(&'static str, u64), ()>) -> Resul
     Ok(plugins)
 }
 
-/// What a commit kept only in memory did that a failed write must not undo (see `kv_replay`).
+/// What a commit kept only in memory (`bus.sync` = `batch` / `none`) did, to do again: when a
+/// later write fails, the database is reopened at its last durable commit, which throws away
+/// every commit since, and these go again first, in their order. So a failed write undoes
+/// nothing the process answered while it lives: no event answered `202` leaves the log (to be
+/// lost by a crash long after the window `bus.sync` names), no kv write answered Ok and no
+/// settled delivery comes back. Only a crash loses them, as `bus.sync` says.
 #[derive(Default)]
 struct KeptInMemory {
-    /// Copies of its kv commits that passed their read check.
-    kv_commits: Vec<Op>,
+    /// Copies, nobody waiting for them, of its appends (not those found to be duplicates), its
+    /// acks and its kv commits that passed their read check.
+    redo: Vec<Op>,
     /// About what they hold, in bytes.
     bytes: u64,
+}
+
+impl KeptInMemory {
+    fn keep(&mut self, op: Op, bytes: u64) {
+        self.redo.push(op);
+        self.bytes += bytes;
+    }
 }
 
 /// A kv commit's answer and its result.
@@ -875,8 +889,8 @@ impl Writer {
         // Ops nobody waits for (handlers' outputs, acks) of a commit that failed: they go first
         // in the next commit, so the log still commits in the order it was sent.
         let mut carried: Vec<Op> = Vec::new();
-        // The kv commits of commits kept only in memory since the last durable one
-        // (`kv_replay`): a failed write throws them away with the reopen; they go again first.
+        // What the commits kept only in memory since the last durable one did ([`KeptInMemory`]):
+        // a failed write throws them away with the reopen; they go again first.
         let mut in_memory: Vec<Op> = Vec::new();
         let mut in_memory_bytes = 0u64;
         loop {
@@ -938,7 +952,7 @@ impl Writer {
                 Ok(kept) => {
                     unsynced = true;
                     in_memory_bytes += kept.bytes;
-                    in_memory.extend(kept.kv_commits);
+                    in_memory.extend(kept.redo);
                 }
                 Err(retry) => {
                     carried = in_memory.drain(..).chain(retry).collect();
@@ -1137,6 +1151,10 @@ impl Writer {
                             for p in &plugins {
                                 pending.insert((&**p, seq), ()).map_err(|e| e.to_string())?;
                             }
+                            if in_memory_only {
+                                let cost = append_cost(&event, &plugins);
+                                kept_in_memory.keep(Op::Append { seq, event, plugins, dedupe, done: None }, cost);
+                            }
                         }
                         Op::Ack { plugin, seq } => {
                             if self.outboxed.lock().expect("outboxed poisoned").remove(&(plugin.clone(), seq)) {
@@ -1146,6 +1164,9 @@ impl Writer {
                                     .map_err(|e| e.to_string())?;
                             }
                             pending.remove((&*plugin, seq)).map_err(|e| e.to_string())?;
+                            if in_memory_only {
+                                kept_in_memory.keep(Op::Ack { plugin, seq }, 64);
+                            }
                         }
                         Op::Sync { done } => syncs.push(done),
                         Op::KvCommit { ns, txn, outbox, done } => {
@@ -1172,8 +1193,7 @@ impl Writer {
                                 continue;
                             }
                             if in_memory_only && !txn.writes.is_empty() {
-                                kept_in_memory.bytes += kv_cost(&ns, &txn, &outbox);
-                                kept_in_memory.kv_commits.push(kv_replay(&ns, &txn, &outbox));
+                                kept_in_memory.keep(kv_replay(&ns, &txn, &outbox), kv_cost(&ns, &txn, &outbox));
                             }
                             let version = meta.get("kv_clock").map_err(|e| e.to_string())?.map_or(0, |v| v.value()) + 1;
                             meta.insert("kv_clock", version).map_err(|e| e.to_string())?;
@@ -1762,7 +1782,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_write_undoes_no_kv_write_a_commit_kept_in_memory_had_answered() {
+    async fn a_failed_write_undoes_nothing_a_commit_kept_in_memory_had_answered() {
         use std::io::Write;
         let Some(disk) = Tmpfs::mount(16) else { return };
         let p: Arc<str> = "p".into();
@@ -1782,11 +1802,19 @@ mod tests {
         while f.write_all(&[7u8; 64 << 10]).is_ok() {}
         drop(f);
         // Under `sync = "none"` these are kept in memory: answered, not on disk yet. The event
-        // is acked (its outbox entry removed), another attempt commits a kv write.
+        // is acked (its outbox entry removed), another attempt commits a kv write, and a
+        // producer's event is accepted (its `202`) with an output of it and a delivery for `q`.
         log.ack(p.clone(), seq);
         let mut txn = crate::kv::Txn::default();
         txn.set("k", b"v".to_vec());
         log.kv_commit("p", &txn, None).await.unwrap();
+        let q: Arc<str> = "q".into();
+        let accepted = Arc::new(Event::new("in.later", "answered 202"));
+        let Appended::At(later) = log.append(accepted.clone(), vec![q.clone()], false).await.unwrap() else {
+            panic!("appended")
+        };
+        let output = Arc::new(Event::new("out.later", "o").with_header("plugbus-caused-by", accepted.id.clone()));
+        let output_seq = log.append_nowait(output.clone(), vec![]).unwrap();
         // Another attempt read `k2` at a version it no longer has: refused, never applied.
         let mut stale = crate::kv::Txn::default();
         stale.reads.insert("k2".into(), 7);
@@ -1808,14 +1836,20 @@ mod tests {
         let kept = log.kv_get("p", "k").unwrap().map(|v| v.value);
         assert_eq!(kept.as_deref(), Some(&b"v"[..]), "an answered kv commit was undone");
         assert!(log.kv_get("p", "k2").unwrap().is_none(), "a refused kv commit was applied after the reopen");
-        // The ack was undone (as a crash would): the event comes back at the next start, and
-        // its outbox with it, so its outputs are released instead of the handler running again.
-        assert_eq!(log.unsettled("p").unwrap().iter().map(|u| u.seq).collect::<Vec<_>>(), vec![seq]);
-        assert_eq!(log.outbox("p", seq).unwrap().map(|o| o.len()), Some(1), "the undone ack left the outbox");
-        // An ack now finds the outbox entry again (the reopen reloaded them) and removes it.
-        log.ack(p.clone(), seq);
-        log.sync().await.unwrap();
-        assert!(log.outbox("p", seq).unwrap().is_none(), "a stale outbox entry would release old outputs on a replay");
+        // The ack was done again: the event stays settled, and its outbox entry gone (a stale
+        // one would release old outputs on a replay).
+        assert!(log.unsettled("p").unwrap().is_empty(), "a settled delivery came back");
+        assert!(log.outbox("p", seq).unwrap().is_none(), "the ack's removal of the outbox entry was undone");
+        // The event answered `202` is in the log with its pending delivery, and its output once.
+        let read: Vec<_> = log.read(later, 10).unwrap().into_iter().map(|(s, ev)| (s, ev.id.clone())).collect();
+        assert_eq!(read, vec![(later, accepted.id.clone()), (output_seq, output.id.clone())]);
+        assert_eq!(log.unsettled("q").unwrap().iter().map(|u| u.seq).collect::<Vec<_>>(), vec![later]);
+        assert_eq!(log.append(output, vec![], true).await.unwrap(), Appended::Duplicate, "the output's id was lost");
+        // And it is on disk: a restart finds it.
+        let path = disk.0.path().join("bus.redb");
+        drop(log);
+        let log = reopen(&path, Retention::default()).await;
+        assert_eq!(log.unsettled("q").unwrap().iter().map(|u| u.seq).collect::<Vec<_>>(), vec![later]);
     }
 
     #[tokio::test]
