@@ -64,14 +64,9 @@ impl Overflow {
     fn delivery(&self, event: Arc<Event>, logged: Logged) -> Delivery {
         match (logged.0, &self.log) {
             (Some(seq), Some(log)) => {
-                // Read back after a restart: its kv writes may have committed with an outbox.
-                let handled = match log.was_redelivered(&event.id) {
-                    true => log.outbox(&self.plugin, seq).unwrap_or_else(|e| {
-                        tracing::error!(plugin = %self.plugin, event_id = %event.id, "reading its outbox: {e}");
-                        None
-                    }),
-                    false => None,
-                };
+                // Read back after a restart: its kv writes may have committed with an outbox,
+                // read with it.
+                let handled = log.take_handled(&self.plugin, seq);
                 Delivery {
                     acker: Box::new(LogAck { log: log.clone(), plugin: self.plugin.clone(), seq }),
                     handled,
@@ -199,6 +194,8 @@ impl Load {
             Load::Seqs(seqs) => seqs.chunks(LOAD_PAGE),
             Load::Below(_) => [].chunks(LOAD_PAGE),
         };
+        // The replay's page being read (kept until it was read: a failed read tries it again).
+        let mut chunk: Option<&[u64]> = None;
         loop {
             // Room first: half the buffer free (the pump says when).
             loop {
@@ -219,18 +216,28 @@ impl Load {
                 Load::Below(until) => {
                     log.unsettled_page(&plugin, from..*until, LOAD_PAGE).map(|page| (page.deliveries, page.last_seq))
                 }
-                Load::Seqs(_) => match seqs.next() {
-                    Some(chunk) => log.read_seqs(&plugin, chunk).map(|page| (page, chunk.last().copied())),
-                    None => Ok((Vec::new(), None)),
-                },
+                Load::Seqs(_) => {
+                    chunk = chunk.or_else(|| seqs.next());
+                    match chunk {
+                        Some(chunk) => log.read_seqs(&plugin, chunk).map(|page| (page, chunk.last().copied())),
+                        None => Ok((Vec::new(), None)),
+                    }
+                }
             };
             let (page, last) = match page {
                 Ok(page) => page,
+                // The log is reopening after a failed write: the same page again, shortly.
+                Err(e @ super::log::LogError::Io { .. }) if !tx.is_closed() => {
+                    tracing::error!(plugin = %plugin, "reading deliveries back from the event log (trying again in 1 s): {e}");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
                 Err(e) => {
                     tracing::error!(plugin = %plugin, "reading deliveries back from the event log: {e}");
                     return;
                 }
             };
+            chunk = None;
             let Some(last) = last else { break };
             from = last + 1;
             loaded += page.len();

@@ -161,6 +161,9 @@ enum Op {
         /// `None`: nobody waits (a handler's output: the ack of its input comes later on the same
         /// channel, so it never commits before the output).
         done: Option<oneshot::Sender<Result<Appended, LogError>>>,
+        /// When it was first appended (unix ms), for an append done again after a failed write
+        /// (see [`KeptInMemory`]): its record keeps its time, which replays and retention read.
+        appended_ms: Option<u64>,
     },
     Ack {
         plugin: Arc<str>,
@@ -198,12 +201,13 @@ impl Op {
     /// again after a failed commit.
     fn retry_copy(&self) -> Option<Op> {
         match self {
-            Op::Append { seq, event, plugins, dedupe, done: None } => Some(Op::Append {
+            Op::Append { seq, event, plugins, dedupe, done: None, appended_ms } => Some(Op::Append {
                 seq: *seq,
                 event: event.clone(),
                 plugins: plugins.clone(),
                 dedupe: *dedupe,
                 done: None,
+                appended_ms: *appended_ms,
             }),
             Op::Ack { plugin, seq } => Some(Op::Ack { plugin: plugin.clone(), seq: *seq }),
             Op::KvCommit { ns, txn, outbox, done: None } => Some(kv_replay(ns, txn, outbox)),
@@ -354,6 +358,8 @@ pub struct DurableLog {
 struct Redelivered {
     ids: std::collections::HashMap<String, u32>,
     by_delivery: std::collections::HashMap<(Arc<str>, u64), String>,
+    /// The outboxes read back with them, until their delivery is made ([`DurableLog::take_handled`]).
+    handled: std::collections::HashMap<(Arc<str>, u64), Vec<Arc<Event>>>,
 }
 
 /// One unsettled delivery read back at start.
@@ -362,6 +368,9 @@ pub struct Unsettled {
     pub seq: u64,
     /// The event.
     pub event: Arc<Event>,
+    /// Its attempt's outputs when its kv writes committed before the stop (its outbox, read in
+    /// the same transaction): it is not run again, these are released.
+    pub handled: Option<Vec<Arc<Event>>>,
 }
 
 impl DurableLog {
@@ -438,7 +447,7 @@ impl DurableLog {
     /// appended before is not appended again.
     pub async fn append(&self, event: Arc<Event>, plugins: Vec<Arc<str>>, dedupe: bool) -> Result<Appended, LogError> {
         let (done, wait) = oneshot::channel();
-        self.send_append(|seq| Op::Append { seq, event, plugins, dedupe, done: Some(done) })?;
+        self.send_append(|seq| Op::Append { seq, event, plugins, dedupe, done: Some(done), appended_ms: None })?;
         wait.await.map_err(|_| LogError::Closed)?
     }
 
@@ -446,7 +455,7 @@ impl DurableLog {
     /// Safe because the log commits in the order it is sent: the ack of the input that caused
     /// it (and of the output itself, downstream) is sent later, so neither commits before it.
     pub fn append_nowait(&self, event: Arc<Event>, plugins: Vec<Arc<str>>) -> Result<u64, LogError> {
-        self.send_append(|seq| Op::Append { seq, event, plugins, dedupe: true, done: None })
+        self.send_append(|seq| Op::Append { seq, event, plugins, dedupe: true, done: None, appended_ms: None })
     }
 
     /// Sends the append `op(seq)` with the next sequence number; appends reach the writer in the
@@ -480,14 +489,28 @@ impl DurableLog {
             if r.by_delivery.insert((plugin.into(), u.seq), u.event.id.clone()).is_none() {
                 *r.ids.entry(u.event.id.clone()).or_default() += 1;
             }
+            if let Some(outputs) = &u.handled {
+                r.handled.insert((plugin.into(), u.seq), outputs.clone());
+            }
         }
         self.any_redelivered.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The outbox read back with `plugin`'s delivery of `seq` (see [`Unsettled::handled`]), once:
+    /// read with the event, not when the delivery is made, so a read failing then (the log
+    /// reopening after a failed write) cannot pass for "no outbox" and run the handler again.
+    pub fn take_handled(&self, plugin: &str, seq: u64) -> Option<Vec<Arc<Event>>> {
+        if !self.any_redelivered.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        self.redelivered.lock().expect("redelivered poisoned").handled.remove(&(Arc::from(plugin), seq))
     }
 
     /// Settles `plugin`'s delivery of `seq` (handled or dead-lettered): it is not delivered again.
     pub fn ack(&self, plugin: Arc<str>, seq: u64) {
         if self.any_redelivered.load(std::sync::atomic::Ordering::Acquire) {
             let mut r = self.redelivered.lock().expect("redelivered poisoned");
+            r.handled.remove(&(plugin.clone(), seq));
             if let Some(id) = r.by_delivery.remove(&(plugin.clone(), seq))
                 && let Some(n) = r.ids.get_mut(&id)
             {
@@ -595,14 +618,7 @@ impl DurableLog {
         let outbox = r.open_table(OUTBOX).map_err(|e| io(&e))?;
         let Some(stored) = outbox.get((plugin, seq)).map_err(|e| io(&e))? else { return Ok(None) };
         let corrupt = |why: String| LogError::Corrupt { path: self.path.clone(), seq, why };
-        let mut r = Reader(stored.value());
-        let n = r.u32().map_err(corrupt)?;
-        let mut outputs = Vec::with_capacity(n.min(1024));
-        for _ in 0..n {
-            let record = r.bytes().map_err(corrupt)?;
-            outputs.push(Arc::new(decode(record).map_err(corrupt)?));
-        }
-        Ok(Some(outputs))
+        decode_outbox(stored.value()).map(Some).map_err(corrupt)
     }
 
     /// The sequence number the next append gets.
@@ -617,18 +633,22 @@ impl DurableLog {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
         let r = self.store.get().map_err(|e| io(&e))?.begin_read().map_err(|e| io(&e))?;
         let events = r.open_table(ROWS).map_err(|e| io(&e))?;
-        self.read_back(plugin, &events, seqs, false)
+        let outboxes = r.open_table(OUTBOX).map_err(|e| io(&e))?;
+        self.read_back(plugin, &events, &outboxes, seqs, false)
     }
 
     /// Reads back `plugin`'s deliveries of `seqs` from `rows` to run again. A record that cannot
     /// be read (its row or record is damaged, or, when `pending`, it is not in the log at all)
     /// can never run: it is logged, counted (`plugbus_log_damaged_records_total`) and settled
     /// here, so it neither stops the deliveries after it nor comes back at every start. A read
-    /// that fails (an I/O error) fails the whole read: the delivery stays pending.
+    /// that fails (an I/O error) fails the whole read: the delivery stays pending. Each
+    /// delivery's outbox is read with it ([`Unsettled::handled`]); one whose outbox is damaged
+    /// is left pending, logged: running it again would apply its kv writes twice.
     fn read_back(
         &self,
         plugin: &str,
         rows: &impl ReadableTable<u64, &'static [u8]>,
+        outboxes: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
         seqs: &[u64],
         pending: bool,
     ) -> Result<Vec<Unsettled>, LogError> {
@@ -649,7 +669,20 @@ impl DurableLog {
                 Err(LookupError::Storage(why)) => return Err(LogError::Io { path: self.path.clone(), why }),
             };
             match record {
-                Ok(Some(event)) => out.push(Unsettled { seq, event: Arc::new(event) }),
+                Ok(Some(event)) => {
+                    let stored = outboxes
+                        .get((plugin, seq))
+                        .map_err(|e| LogError::Io { path: self.path.clone(), why: e.to_string() })?;
+                    let handled = match stored.map(|stored| decode_outbox(stored.value())).transpose() {
+                        Ok(handled) => handled,
+                        Err(why) => {
+                            tracing::error!(plugin, seq, event_id = %event.id,
+                                "a delivery whose outbox (the outputs of its attempt, kv committed) cannot be read is left pending, not run again: {why}");
+                            continue;
+                        }
+                    };
+                    out.push(Unsettled { seq, event: Arc::new(event), handled });
+                }
                 Ok(None) => {}
                 Err(why) => {
                     let error = LogError::Corrupt { path: self.path.clone(), seq, why };
@@ -718,7 +751,8 @@ impl DurableLog {
         for row in pending.range((plugin, seqs.start)..(plugin, seqs.end)).map_err(|e| io(&e))?.take(limit) {
             owed.push(row.map_err(|e| io(&e))?.0.value().1);
         }
-        let deliveries = self.read_back(plugin, &events, &owed, true)?;
+        let outboxes = r.open_table(OUTBOX).map_err(|e| io(&e))?;
+        let deliveries = self.read_back(plugin, &events, &outboxes, &owed, true)?;
         Ok(UnsettledPage { deliveries, last_seq: owed.last().copied() })
     }
 }
@@ -966,8 +1000,10 @@ impl Writer {
             self.commit(carried, true).map_err(|retry| in_memory.into_iter().chain(retry).collect::<Vec<_>>())
             && !lost.is_empty()
         {
-            tracing::error!(log = %self.path.display(), ops = lost.len(),
-                "the event log could not commit handlers' outputs and acks before the stop: their inputs run again at the next start");
+            let accepted = lost.iter().filter(|op| matches!(op, Op::Append { dedupe: false, .. })).count();
+            tracing::error!(log = %self.path.display(), ops = lost.len(), accepted_events = accepted,
+                "the event log could not commit before the stop: accepted events (answered 202 under bus.sync = \"batch\" / \"none\") are lost; \
+                 of the rest, what was settled runs again at the next start, and kv writes kept in memory are lost");
         }
     }
 
@@ -1109,12 +1145,17 @@ impl Writer {
                 let mut ids = w.open_table(IDS).map_err(|e| e.to_string())?;
                 let mut meta = w.open_table(META).map_err(|e| e.to_string())?;
                 let mut next = meta.get("next_seq").map_err(|e| e.to_string())?.map_or(1, |v| v.value());
+                // Appends below it are in the log: a commit can fail after its header reached the
+                // file (its `fsync` failed), and the reopen then finds it; its appends, done again
+                // or retried, must not be stored twice.
+                let logged_below = next;
                 let mut bytes = meta.get("bytes").map_err(|e| e.to_string())?.map_or(0, |v| v.value());
                 let now_ms = unix_ms();
                 let mut record = Vec::new();
                 for op in ops.by_ref() {
                     match op {
-                        Op::Append { seq, event, plugins, dedupe, done } => {
+                        Op::Append { seq, done: None, .. } if seq < logged_below => {}
+                        Op::Append { seq, event, plugins, dedupe, done, appended_ms } => {
                             // Every waiter goes into its answers before the first write that can
                             // fail: a failure answers them all with why (a waiter dropped
                             // mid-batch would read "the event log is closed").
@@ -1143,7 +1184,8 @@ impl Writer {
                                 continue;
                             }
                             next = next.max(seq + 1);
-                            bytes += row.push(seq, |out| encode(&event, now_ms, out)) as u64;
+                            let appended_ms = appended_ms.unwrap_or(now_ms);
+                            bytes += row.push(seq, |out| encode(&event, appended_ms, out)) as u64;
                             if row.is_full() {
                                 row.flush(&mut events).map_err(|e| e.to_string())?;
                             }
@@ -1153,7 +1195,15 @@ impl Writer {
                             }
                             if in_memory_only {
                                 let cost = append_cost(&event, &plugins);
-                                kept_in_memory.keep(Op::Append { seq, event, plugins, dedupe, done: None }, cost);
+                                let redo = Op::Append {
+                                    seq,
+                                    event,
+                                    plugins,
+                                    dedupe,
+                                    done: None,
+                                    appended_ms: Some(appended_ms),
+                                };
+                                kept_in_memory.keep(redo, cost);
                             }
                         }
                         Op::Ack { plugin, seq } => {
@@ -1290,7 +1340,12 @@ impl Writer {
                 meta.insert("bytes", bytes).map_err(|e| e.to_string())?;
                 bytes_kept = bytes;
             }
-            w.commit().map_err(|e| e.to_string())
+            w.commit().map_err(|e| e.to_string())?;
+            #[cfg(test)]
+            if tests::injected_failure_after_landing(&self.path) {
+                return Err("injected: the commit landed, then reported a failure".into());
+            }
+            Ok(())
         })();
         self.metrics.commits.inc();
         self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
@@ -1343,6 +1398,17 @@ impl Writer {
             }
         }
     }
+}
+
+/// An outbox entry's outputs: their count (`u32` LE), then each record with its length.
+fn decode_outbox(stored: &[u8]) -> Result<Vec<Arc<Event>>, String> {
+    let mut r = Reader(stored);
+    let n = r.u32()?;
+    let mut outputs = Vec::with_capacity(n.min(1024));
+    for _ in 0..n {
+        outputs.push(Arc::new(decode(r.bytes()?)?));
+    }
+    Ok(outputs)
 }
 
 /// The record format of one event: a version byte, the append time (unix ms, `u64` LE), then
@@ -1679,6 +1745,60 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn an_outbox_is_read_back_with_its_delivery_and_a_damaged_one_leaves_it_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let p: Arc<str> = "p".into();
+        let output = Arc::new(Event::new("out.x", "o"));
+        let mut seqs = Vec::new();
+        {
+            let log = reopen(&path, Retention::default()).await;
+            for with_outbox in [true, true, false] {
+                let Appended::At(seq) = log.append(Arc::new(sample()), vec![p.clone()], false).await.unwrap() else {
+                    panic!("appended")
+                };
+                if with_outbox {
+                    let mut txn = crate::kv::Txn::default();
+                    txn.set("k", b"v".to_vec());
+                    let outbox = Outbox { plugin: p.clone(), seq, outputs: vec![output.clone()] };
+                    log.kv_commit("p", &txn, Some(outbox)).await.unwrap();
+                }
+                seqs.push(seq);
+            }
+            log.sync().await.unwrap();
+        }
+        let [kept, damaged, plain] = seqs[..] else { unreachable!() };
+        // The second delivery's outbox is damaged on disk.
+        loop {
+            match Database::create(&path) {
+                Ok(db) => {
+                    let w = db.begin_write().unwrap();
+                    w.open_table(OUTBOX).unwrap().insert(("p", damaged), &[9u8, 0, 0, 0][..]).unwrap();
+                    w.commit().unwrap();
+                    break;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+        let log = reopen(&path, Retention::default()).await;
+        let page = log.unsettled_page("p", 0..u64::MAX, 100).unwrap();
+        let read: Vec<(u64, Option<usize>)> =
+            page.deliveries.iter().map(|u| (u.seq, u.handled.as_ref().map(Vec::len))).collect();
+        // The damaged one is not run (its kv writes committed): left pending, not settled.
+        assert_eq!(read, vec![(kept, Some(1)), (plain, None)]);
+        assert_eq!(page.last_seq, Some(plain));
+        // The delivery made of it gets the outbox read with it, once.
+        assert_eq!(log.take_handled("p", kept).map(|o| o[0].id.clone()), Some(output.id.clone()));
+        assert!(log.take_handled("p", kept).is_none());
+        assert!(log.take_handled("p", plain).is_none());
+        log.ack(p.clone(), kept);
+        log.ack(p.clone(), plain);
+        log.sync().await.unwrap();
+        let left: Vec<u64> = log.unsettled_page("p", 0..u64::MAX, 100).unwrap().last_seq.into_iter().collect();
+        assert_eq!(left, vec![damaged], "the delivery with the damaged outbox stays pending");
+    }
+
     /// A row whose count its bytes cannot hold.
     const DAMAGED_ROW: [u8; 5] = [9, 0, 0, 0, 1];
 
@@ -1753,6 +1873,42 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         assert_eq!(log.metrics().record_bytes.get(), 0, "nothing kept, nothing counted");
+    }
+
+    /// Logs whose next commit reports a failure after it landed (as when its `fsync` fails).
+    static FAIL_AFTER_LANDING: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+    pub(super) fn injected_failure_after_landing(path: &Path) -> bool {
+        let mut injected = FAIL_AFTER_LANDING.lock().unwrap();
+        let found = injected.iter().position(|p| p == path);
+        found.map(|i| injected.swap_remove(i)).is_some()
+    }
+
+    #[tokio::test]
+    async fn a_commit_that_landed_but_reported_a_failure_is_not_done_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let log = DurableLog::open_with(&path, SyncPolicy::None, Retention::default()).unwrap();
+        let p: Arc<str> = "p".into();
+        // Kept in memory under `sync = "none"` (answered 202), with an output of it.
+        let input = Arc::new(sample());
+        let Appended::At(seq) = log.append(input.clone(), vec![p.clone()], false).await.unwrap() else {
+            panic!("appended")
+        };
+        let output = Arc::new(Event::new("out.x", "o").with_header("plugbus-caused-by", input.id.clone()));
+        let output_seq = log.append_nowait(output.clone(), vec![]).unwrap();
+        // The durable commit that makes them durable lands, then reports a failure: what was kept
+        // in memory is kept to be done again after the reopen, which finds it already there.
+        FAIL_AFTER_LANDING.lock().unwrap().push(path.clone());
+        assert!(log.sync().await.is_err(), "the injected failure");
+        log.sync().await.unwrap();
+        let read: Vec<u64> = log.read(0, 10).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(read, vec![seq, output_seq]);
+        let mut one = Vec::new();
+        let mut other = Vec::new();
+        encode(&input, 0, &mut one);
+        encode(&output, 0, &mut other);
+        assert_eq!(log.metrics().record_bytes.get() as usize, one.len() + other.len(), "records counted twice");
     }
 
     /// A small tmpfs, unmounted on drop (`None` outside CI when mounting is not allowed).
