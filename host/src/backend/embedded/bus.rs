@@ -87,6 +87,10 @@ struct Overflow {
     log: Option<Arc<DurableLog>>,
     /// Woken when what waits drops to half the budget (a history load waits for that).
     drained: tokio::sync::Notify,
+    /// Whether the deliveries the last run left unsettled are still being read back: a replay
+    /// waits for that (it would make pending again what the read-back has yet to read, and
+    /// both would deliver it).
+    reading_back: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -98,7 +102,14 @@ struct OverflowState {
 
 impl Overflow {
     fn new(plugin: Arc<str>, budget: u64, log: Option<Arc<DurableLog>>) -> Arc<Self> {
-        Arc::new(Self { state: Mutex::default(), budget, plugin, log, drained: tokio::sync::Notify::new() })
+        Arc::new(Self {
+            state: Mutex::default(),
+            budget,
+            plugin,
+            log,
+            drained: tokio::sync::Notify::new(),
+            reading_back: false.into(),
+        })
     }
 
     /// Whether an event of `cost` bytes can be taken now (into the queue or behind it).
@@ -127,10 +138,13 @@ impl Overflow {
         logged: Logged,
     ) {
         if state.events.is_empty() {
-            match tx.try_send(self.delivery(event.clone(), logged)) {
+            // Room first: the delivery is made only when it goes into the queue (making it takes
+            // a read-back outbox, which a delivery thrown away would lose).
+            match tx.try_reserve() {
+                Ok(slot) => return slot.send(self.delivery(event.clone(), logged)),
                 // Closed: unsubscribed meanwhile, the event is no longer for it.
-                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
-                Err(mpsc::error::TrySendError::Full(_)) => {}
+                Err(mpsc::error::TrySendError::Closed(())) => return,
+                Err(mpsc::error::TrySendError::Full(())) => {}
             }
         }
         state.events.push_back((event.clone(), cost, logged));
@@ -187,9 +201,27 @@ enum Load {
 /// Events read from the log per page.
 const LOAD_PAGE: usize = 1024;
 
+/// How long a replay waits for the plugin's read-back of what its last run left before it is
+/// refused.
+const REPLAY_WAITS_FOR_READ_BACK: Duration = Duration::from_secs(2);
+
+/// How many times a page that fails with an I/O error is read again, a second apart (the log
+/// reopening after a failed write takes at most a few): past that, the read-back stops, and what
+/// it did not read runs at the next start.
+const LOAD_RETRIES: u32 = 30;
+
 impl Load {
     async fn run(self, log: Arc<DurableLog>, overflow: Arc<Overflow>, tx: mpsc::Sender<Delivery>, plugin: Arc<str>) {
-        let (mut from, mut loaded) = (0u64, 0usize);
+        // A subscription's read-back (set before it was spawned) ends here, however it ends.
+        let read_back = matches!(self, Load::Below(_));
+        self.load(log, &overflow, tx, plugin).await;
+        if read_back {
+            overflow.reading_back.store(false, Ordering::Release);
+        }
+    }
+
+    async fn load(self, log: Arc<DurableLog>, overflow: &Arc<Overflow>, tx: mpsc::Sender<Delivery>, plugin: Arc<str>) {
+        let (mut from, mut loaded, mut retries) = (0u64, 0usize, 0u32);
         let mut seqs = match &self {
             Load::Seqs(seqs) => seqs.chunks(LOAD_PAGE),
             Load::Below(_) => [].chunks(LOAD_PAGE),
@@ -227,17 +259,19 @@ impl Load {
             let (page, last) = match page {
                 Ok(page) => page,
                 // The log is reopening after a failed write: the same page again, shortly.
-                Err(e @ super::log::LogError::Io { .. }) if !tx.is_closed() => {
+                Err(e @ super::log::LogError::Io { .. }) if !tx.is_closed() && retries < LOAD_RETRIES => {
+                    retries += 1;
                     tracing::error!(plugin = %plugin, "reading deliveries back from the event log (trying again in 1 s): {e}");
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                     continue;
                 }
                 Err(e) => {
-                    tracing::error!(plugin = %plugin, "reading deliveries back from the event log: {e}");
+                    tracing::error!(plugin = %plugin,
+                        "reading deliveries back from the event log: {e}; what was not read runs at the next start");
                     return;
                 }
             };
-            chunk = None;
+            (chunk, retries) = (None, 0);
             let Some(last) = last else { break };
             from = last + 1;
             loaded += page.len();
@@ -504,6 +538,7 @@ impl Transport for EmbeddedBus {
                 tracing::info!(plugin = %spec.plugin, events = made.len(), "a new plugin with deliver = \"all\": the log's history is delivered to it");
             }
             let load = Load::Below(until);
+            overflow.reading_back.store(true, Ordering::Release);
             tokio::spawn(load.run(log.clone(), overflow.clone(), tx.clone(), plugin.clone()));
         }
         self.table.write().expect("bus table poisoned").subs.push(Arc::new(Sub { id, plugin, patterns, tx, overflow }));
@@ -522,6 +557,17 @@ impl Transport for EmbeddedBus {
         };
         let sub =
             sub.ok_or_else(|| TransportError::Closed(format!("replay: no plugin named {plugin} is subscribed")))?;
+        // A plugin just subscribed reads back what its last run left (usually at once).
+        let waited_from = std::time::Instant::now();
+        while sub.overflow.reading_back.load(Ordering::Acquire) {
+            if waited_from.elapsed() >= REPLAY_WAITS_FOR_READ_BACK {
+                return Err(TransportError::Broker(format!(
+                    "replay of {plugin}: the plugin is still reading back the deliveries its last run left unsettled \
+                     (a replay now would deliver some of them twice); try again once that is done"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let patterns = sub.patterns.clone();
         let made = log
             .backfill(sub.plugin.clone(), move |s| patterns.matches(s), from)
@@ -675,6 +721,86 @@ mod tests {
         }
         // Room again once the plugin caught up.
         bus.publish_output(Arc::new(Event::new("x", big))).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_read_back_outbox_reaches_its_delivery_behind_a_full_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let p: Arc<str> = "p".into();
+        let output = Arc::new(Event::new("out.x", "o"));
+        {
+            let log = DurableLog::open(&path, super::super::log::SyncPolicy::Always).unwrap();
+            assert!(log.register(p.clone()).await.unwrap());
+            log.append(Arc::new(Event::new("a.1", "1")), vec![p.clone()], false).await.unwrap();
+            let Appended::At(seq) = log.append(Arc::new(Event::new("a.2", "2")), vec![p.clone()], false).await.unwrap()
+            else {
+                panic!("appended")
+            };
+            // The second one's attempt committed its kv writes with its outputs, then the host died.
+            let mut txn = crate::kv::Txn::default();
+            txn.set("k", b"v".to_vec());
+            let outbox = crate::kv::Outbox { plugin: p.clone(), seq, outputs: vec![output.clone()] };
+            log.kv_commit("p", &txn, Some(outbox)).await.unwrap();
+        }
+        let log = loop {
+            match DurableLog::open(&path, super::super::log::SyncPolicy::Always) {
+                Ok(log) => break log,
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        };
+        let bus = EmbeddedBus::durable(log);
+        // Room for one: the second is read back behind the full queue.
+        let mut sub = bus.subscribe(spec(&["a.>"], 1)).await.unwrap();
+        let first = sub.deliveries.recv().await.unwrap();
+        assert_eq!(first.event.subject, "a.1");
+        assert!(first.handled.is_none());
+        let second = sub.deliveries.recv().await.unwrap();
+        assert_eq!(second.event.subject, "a.2");
+        let released = second.handled.expect("its outbox: the handler must not run again after its kv commit");
+        assert_eq!(released[0].id, output.id);
+    }
+
+    #[tokio::test]
+    async fn a_replay_waits_for_the_read_back_of_what_the_last_run_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let p: Arc<str> = "p".into();
+        // More left unsettled than the plugin's buffer holds: its read-back waits for room.
+        let left = 3000;
+        {
+            let log = DurableLog::open(&path, super::super::log::SyncPolicy::None).unwrap();
+            assert!(log.register(p.clone()).await.unwrap());
+            for i in 0..left {
+                log.append_nowait(Arc::new(Event::new("a.x", format!("{i}"))), vec![p.clone()]).unwrap();
+            }
+            log.sync().await.unwrap();
+        }
+        let log = loop {
+            match DurableLog::open(&path, super::super::log::SyncPolicy::Always) {
+                Ok(log) => break log,
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        };
+        let bus = EmbeddedBus::durable(log);
+        let mut sub = bus.subscribe(spec(&["a.>"], 1)).await.unwrap();
+        let refused = bus.replay("p", crate::transport::ReplayFrom::Seq(0)).await.unwrap_err();
+        assert!(refused.to_string().contains("still reading back"), "{refused}");
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..left {
+            let delivery = tokio::time::timeout(Duration::from_secs(10), sub.deliveries.recv()).await.unwrap().unwrap();
+            assert!(seen.insert(delivery.event.id.clone()), "delivered twice");
+        }
+        // Read back: a replay now makes nothing pending twice (all of it is pending still).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let made = loop {
+            match bus.replay("p", crate::transport::ReplayFrom::Seq(0)).await {
+                Ok(made) => break made,
+                Err(e) => assert!(std::time::Instant::now() < deadline, "{e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(made, 0);
     }
 
     #[tokio::test]

@@ -1007,6 +1007,31 @@ impl Writer {
         }
     }
 
+    /// After a commit that reached `commit()` reported a failure: whether it landed anyway (its
+    /// header reached the file and, say, its `fsync` failed; on some filesystems a full disk
+    /// shows only there). The database is reopened to find out, as the next commit would have
+    /// to. Answering such a commit as failed would be worse than a lost `fsync`: a kv commit
+    /// answered failed runs its handler again on top of its own writes, and a producer told
+    /// `503` sends again an event the log already holds.
+    fn landed(&self, number: u64) -> bool {
+        #[cfg(test)]
+        if tests::landed_check_blocked(&self.path) {
+            return false;
+        }
+        if self.store.reopen().and_then(|()| self.reload_outboxed()).is_err() {
+            // `failed` is set: the next commit tries to reopen again.
+            return false;
+        }
+        let found = self.store.get().ok().and_then(|db| {
+            let r = db.begin_read().ok()?;
+            let meta = r.open_table(META).ok()?;
+            meta.get("commit").ok()?.map(|v| v.value())
+        });
+        // Not landed: the reopened database is at the last commit that did, which the next
+        // commit (durable, as after any failure) builds on; `failed` stays set until then.
+        found == Some(number)
+    }
+
     /// Drops settled events beyond the retention (older than `max_age`, or the oldest beyond
     /// `max_mib`), with their output ids; never one a plugin has not settled.
     fn trim(&self) -> Result<(), String> {
@@ -1122,6 +1147,9 @@ impl Writer {
         let mut backfilled: Vec<Backfilled> = Vec::new();
         let mut kv_answers: Vec<KvAnswer> = Vec::new();
         let mut syncs = Vec::new();
+        // This commit's number (META `commit`), once its transaction reached `commit()`: a failure
+        // reported then may have landed anyway.
+        let mut committing = None;
         let result = (|| -> Result<(), String> {
             // After a failed write the first commit is durable, whatever `bus.sync` says: a
             // commit kept only in memory cannot fail on a full disk, so under `sync = "none"` a
@@ -1338,6 +1366,9 @@ impl Writer {
                 row.flush(&mut events).map_err(|e| e.to_string())?;
                 meta.insert("next_seq", next).map_err(|e| e.to_string())?;
                 meta.insert("bytes", bytes).map_err(|e| e.to_string())?;
+                let number = meta.get("commit").map_err(|e| e.to_string())?.map_or(0, |v| v.value()) + 1;
+                meta.insert("commit", number).map_err(|e| e.to_string())?;
+                committing = Some(number);
                 bytes_kept = bytes;
             }
             w.commit().map_err(|e| e.to_string())?;
@@ -1350,6 +1381,15 @@ impl Writer {
         self.metrics.commits.inc();
         self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
         self.metrics.commit_operations.observe(operations as f64);
+        let result = match (result, committing) {
+            (Err(why), Some(number)) if self.landed(number) => {
+                self.metrics.commit_failures.inc();
+                tracing::warn!(log = %self.path.display(),
+                    "an event log commit reported a failure after it reached the file ({why}): it stands, and is answered as done");
+                Ok(())
+            }
+            (result, _) => result,
+        };
         match result {
             Ok(()) => {
                 self.metrics.appended.inc_by(appended);
@@ -1875,13 +1915,51 @@ mod tests {
         assert_eq!(log.metrics().record_bytes.get(), 0, "nothing kept, nothing counted");
     }
 
-    /// Logs whose next commit reports a failure after it landed (as when its `fsync` fails).
-    static FAIL_AFTER_LANDING: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    /// Logs whose next commit reports a failure after it landed (as when its `fsync` fails),
+    /// and whether the check for that then cannot reopen the database (a reader holds it).
+    static FAIL_AFTER_LANDING: std::sync::Mutex<Vec<(PathBuf, bool)>> = std::sync::Mutex::new(Vec::new());
+    static LANDED_CHECK_BLOCKED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
 
     pub(super) fn injected_failure_after_landing(path: &Path) -> bool {
         let mut injected = FAIL_AFTER_LANDING.lock().unwrap();
-        let found = injected.iter().position(|p| p == path);
-        found.map(|i| injected.swap_remove(i)).is_some()
+        let Some(i) = injected.iter().position(|(p, _)| p == path) else { return false };
+        let (path, blocked) = injected.swap_remove(i);
+        if blocked {
+            LANDED_CHECK_BLOCKED.lock().unwrap().push(path);
+        }
+        true
+    }
+
+    pub(super) fn landed_check_blocked(path: &Path) -> bool {
+        let mut blocked = LANDED_CHECK_BLOCKED.lock().unwrap();
+        let found = blocked.iter().position(|p| p == path);
+        found.map(|i| blocked.swap_remove(i)).is_some()
+    }
+
+    #[tokio::test]
+    async fn a_commit_that_landed_but_reported_a_failure_is_answered_as_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let log = DurableLog::open_with(&path, SyncPolicy::Always, Retention::default()).unwrap();
+        let p: Arc<str> = "p".into();
+        FAIL_AFTER_LANDING.lock().unwrap().push((path.clone(), false));
+        // A producer told 503 would send again an event the log holds.
+        let Appended::At(seq) = log.append(Arc::new(sample()), vec![p.clone()], false).await.unwrap() else {
+            panic!("appended")
+        };
+        FAIL_AFTER_LANDING.lock().unwrap().push((path.clone(), false));
+        // A kv commit answered failed would run its handler again on top of its own writes.
+        let mut txn = crate::kv::Txn::default();
+        txn.reads.insert("k".into(), 0);
+        txn.set("k", b"1".to_vec());
+        let outbox = Outbox { plugin: p.clone(), seq, outputs: vec![Arc::new(Event::new("out.x", "o"))] };
+        log.kv_commit("p", &txn, Some(outbox)).await.expect("it landed: done");
+        assert_eq!(log.kv_get("p", "k").unwrap().map(|v| v.value).as_deref(), Some(&b"1"[..]));
+        assert_eq!(log.outbox("p", seq).unwrap().map(|o| o.len()), Some(1));
+        assert_eq!(log.metrics().commit_failures.get(), 2, "each reported failure is still counted");
+        // And the log goes on.
+        log.append(Arc::new(sample()), vec![p.clone()], false).await.unwrap();
+        assert_eq!(log.read(0, 10).unwrap().len(), 2);
     }
 
     #[tokio::test]
@@ -1897,9 +1975,10 @@ mod tests {
         };
         let output = Arc::new(Event::new("out.x", "o").with_header("plugbus-caused-by", input.id.clone()));
         let output_seq = log.append_nowait(output.clone(), vec![]).unwrap();
-        // The durable commit that makes them durable lands, then reports a failure: what was kept
-        // in memory is kept to be done again after the reopen, which finds it already there.
-        FAIL_AFTER_LANDING.lock().unwrap().push(path.clone());
+        // The durable commit that makes them durable lands, then reports a failure, and the check
+        // for that cannot reopen: what was kept in memory is kept to be done again after the
+        // next commit's reopen, which finds it already there.
+        FAIL_AFTER_LANDING.lock().unwrap().push((path.clone(), true));
         assert!(log.sync().await.is_err(), "the injected failure");
         log.sync().await.unwrap();
         let read: Vec<u64> = log.read(0, 10).unwrap().into_iter().map(|(s, _)| s).collect();
