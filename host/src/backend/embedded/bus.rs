@@ -205,23 +205,30 @@ const LOAD_PAGE: usize = 1024;
 /// refused.
 const REPLAY_WAITS_FOR_READ_BACK: Duration = Duration::from_secs(2);
 
-/// How many times a page that fails with an I/O error is read again, a second apart (the log
-/// reopening after a failed write takes at most a few): past that, the read-back stops, and what
-/// it did not read runs at the next start.
-const LOAD_RETRIES: u32 = 30;
+/// The longest wait before a page that failed with an I/O error is read again (the waits double
+/// from 1 s): a read-back that gave up would leave events answered `202` undelivered while the
+/// host runs.
+const LOAD_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Clears a subscription's `reading_back` however its read-back ends (a panic included: a flag
+/// left set would refuse every replay of the plugin).
+struct ReadBackDone(Arc<Overflow>);
+
+impl Drop for ReadBackDone {
+    fn drop(&mut self) {
+        self.0.reading_back.store(false, Ordering::Release);
+    }
+}
 
 impl Load {
     async fn run(self, log: Arc<DurableLog>, overflow: Arc<Overflow>, tx: mpsc::Sender<Delivery>, plugin: Arc<str>) {
         // A subscription's read-back (set before it was spawned) ends here, however it ends.
-        let read_back = matches!(self, Load::Below(_));
+        let _done = matches!(self, Load::Below(_)).then(|| ReadBackDone(overflow.clone()));
         self.load(log, &overflow, tx, plugin).await;
-        if read_back {
-            overflow.reading_back.store(false, Ordering::Release);
-        }
     }
 
     async fn load(self, log: Arc<DurableLog>, overflow: &Arc<Overflow>, tx: mpsc::Sender<Delivery>, plugin: Arc<str>) {
-        let (mut from, mut loaded, mut retries) = (0u64, 0usize, 0u32);
+        let (mut from, mut loaded, mut retry_in) = (0u64, 0usize, Duration::from_secs(1));
         let mut seqs = match &self {
             Load::Seqs(seqs) => seqs.chunks(LOAD_PAGE),
             Load::Below(_) => [].chunks(LOAD_PAGE),
@@ -259,10 +266,11 @@ impl Load {
             let (page, last) = match page {
                 Ok(page) => page,
                 // The log is reopening after a failed write: the same page again, shortly.
-                Err(e @ super::log::LogError::Io { .. }) if !tx.is_closed() && retries < LOAD_RETRIES => {
-                    retries += 1;
-                    tracing::error!(plugin = %plugin, "reading deliveries back from the event log (trying again in 1 s): {e}");
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                Err(e @ super::log::LogError::Io { .. }) if !tx.is_closed() => {
+                    tracing::error!(plugin = %plugin, retry_in_s = retry_in.as_secs(),
+                        "reading deliveries back from the event log: {e}");
+                    tokio::time::sleep(retry_in).await;
+                    retry_in = (retry_in * 2).min(LOAD_RETRY_MAX);
                     continue;
                 }
                 Err(e) => {
@@ -271,7 +279,7 @@ impl Load {
                     return;
                 }
             };
-            (chunk, retries) = (None, 0);
+            (chunk, retry_in) = (None, Duration::from_secs(1));
             let Some(last) = last else { break };
             from = last + 1;
             loaded += page.len();

@@ -1010,9 +1010,9 @@ impl Writer {
     /// After a commit that reached `commit()` reported a failure: whether it landed anyway (its
     /// header reached the file and, say, its `fsync` failed; on some filesystems a full disk
     /// shows only there). The database is reopened to find out, as the next commit would have
-    /// to. Answering such a commit as failed would be worse than a lost `fsync`: a kv commit
-    /// answered failed runs its handler again on top of its own writes, and a producer told
-    /// `503` sends again an event the log already holds.
+    /// to. A landed commit stands: a kv commit answered failed would run its handler again on top
+    /// of its own writes. What follows builds on it, so a power cut that undoes it undoes them
+    /// too. Only what leaves the process is refused: a producer's `202` and a `sync`.
     fn landed(&self, number: u64) -> bool {
         #[cfg(test)]
         if tests::landed_check_blocked(&self.path) {
@@ -1381,24 +1381,36 @@ impl Writer {
         self.metrics.commits.inc();
         self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
         self.metrics.commit_operations.observe(operations as f64);
+        // A commit that landed after reporting a failure stands (nothing in it is done twice), but
+        // nobody is told it is durable: its `fsync` may be what failed.
+        let mut not_durable = None;
         let result = match (result, committing) {
             (Err(why), Some(number)) if self.landed(number) => {
                 self.metrics.commit_failures.inc();
-                tracing::warn!(log = %self.path.display(),
-                    "an event log commit reported a failure after it reached the file ({why}): it stands, and is answered as done");
+                tracing::error!(log = %self.path.display(),
+                    "an event log commit reported a failure after it reached the file ({why}): it stands (its kv writes, \
+                     outputs and acks are not done again), but its appends' producers are refused (their events run at \
+                     the next start; one sent again is kept twice: at least once)");
+                not_durable = Some(why);
                 Ok(())
             }
             (result, _) => result,
+        };
+        let not_on_disk = || {
+            not_durable.as_ref().map(|why| LogError::Io {
+                path: self.path.clone(),
+                why: format!("{why} (the commit reached the file but may not be on disk)"),
+            })
         };
         match result {
             Ok(()) => {
                 self.metrics.appended.inc_by(appended);
                 self.metrics.record_bytes.set(bytes_kept as i64);
                 for (done, appended) in answers {
-                    let _ = done.send(Ok(appended));
+                    let _ = done.send(not_on_disk().map_or(Ok(appended), Err));
                 }
                 for done in syncs {
-                    let _ = done.send(Ok(()));
+                    let _ = done.send(not_on_disk().map_or(Ok(()), Err));
                 }
                 for (done, new) in registered {
                     let _ = done.send(Ok(new));
@@ -1937,26 +1949,30 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_commit_that_landed_but_reported_a_failure_is_answered_as_done() {
+    async fn a_commit_that_landed_but_reported_a_failure_stands_and_promises_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bus.redb");
         let log = DurableLog::open_with(&path, SyncPolicy::Always, Retention::default()).unwrap();
         let p: Arc<str> = "p".into();
+        // A producer is refused (its commit's `fsync` may be what failed: no 202 without it) ...
         FAIL_AFTER_LANDING.lock().unwrap().push((path.clone(), false));
-        // A producer told 503 would send again an event the log holds.
-        let Appended::At(seq) = log.append(Arc::new(sample()), vec![p.clone()], false).await.unwrap() else {
-            panic!("appended")
-        };
+        let refused = log.append(Arc::new(sample()), vec![p.clone()], false).await.unwrap_err();
+        assert!(refused.to_string().contains("may not be on disk"), "{refused}");
+        // ... but its event stands, pending: it runs at the next start, not lost.
+        let pending = log.unsettled("p").unwrap();
+        assert_eq!(pending.len(), 1);
+        let seq = pending[0].seq;
+        // A kv commit stands and is answered as done: answered failed, its handler would run
+        // again on top of its own writes.
         FAIL_AFTER_LANDING.lock().unwrap().push((path.clone(), false));
-        // A kv commit answered failed would run its handler again on top of its own writes.
         let mut txn = crate::kv::Txn::default();
         txn.reads.insert("k".into(), 0);
         txn.set("k", b"1".to_vec());
         let outbox = Outbox { plugin: p.clone(), seq, outputs: vec![Arc::new(Event::new("out.x", "o"))] };
-        log.kv_commit("p", &txn, Some(outbox)).await.expect("it landed: done");
+        log.kv_commit("p", &txn, Some(outbox)).await.expect("it stands");
         assert_eq!(log.kv_get("p", "k").unwrap().map(|v| v.value).as_deref(), Some(&b"1"[..]));
         assert_eq!(log.outbox("p", seq).unwrap().map(|o| o.len()), Some(1));
-        assert_eq!(log.metrics().commit_failures.get(), 2, "each reported failure is still counted");
+        assert_eq!(log.metrics().commit_failures.get(), 2, "each reported failure is counted");
         // And the log goes on.
         log.append(Arc::new(sample()), vec![p.clone()], false).await.unwrap();
         assert_eq!(log.read(0, 10).unwrap().len(), 2);
