@@ -940,6 +940,10 @@ impl Writer {
                     // A failed write reopens the database at the next commit: an idle log
                     // makes one, so retention and readers do not wait for the next event.
                     let failed = self.failed.load(std::sync::atomic::Ordering::Relaxed);
+                    #[cfg(test)]
+                    if tests::idle_flush_held(&self.path) {
+                        continue;
+                    }
                     if unsynced || !carried.is_empty() || failed {
                         match self.commit(std::mem::take(&mut carried), true) {
                             Ok(_) => {
@@ -1373,7 +1377,7 @@ impl Writer {
             }
             w.commit().map_err(|e| e.to_string())?;
             #[cfg(test)]
-            if tests::injected_failure_after_landing(&self.path) {
+            if tests::injected_failure_after_landing(&self.path, !syncs.is_empty()) {
                 return Err("injected: the commit landed, then reported a failure".into());
             }
             Ok(())
@@ -1928,14 +1932,23 @@ mod tests {
     }
 
     /// Logs whose next commit reports a failure after it landed (as when its `fsync` fails),
-    /// and whether the check for that then cannot reopen the database (a reader holds it).
-    static FAIL_AFTER_LANDING: std::sync::Mutex<Vec<(PathBuf, bool)>> = std::sync::Mutex::new(Vec::new());
+    /// whether the check for that then cannot reopen the database (a reader holds it), and
+    /// whether only a commit holding a `sync` is meant (not an idle flush that comes first).
+    static FAIL_AFTER_LANDING: std::sync::Mutex<Vec<(PathBuf, bool, bool)>> = std::sync::Mutex::new(Vec::new());
     static LANDED_CHECK_BLOCKED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    /// Logs whose idle flush waits (a test's steps must not be cut by one, however slow the machine).
+    static HOLD_IDLE_FLUSH: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
 
-    pub(super) fn injected_failure_after_landing(path: &Path) -> bool {
+    pub(super) fn idle_flush_held(path: &Path) -> bool {
+        HOLD_IDLE_FLUSH.lock().unwrap().iter().any(|p| p == path)
+    }
+
+    pub(super) fn injected_failure_after_landing(path: &Path, holds_sync: bool) -> bool {
         let mut injected = FAIL_AFTER_LANDING.lock().unwrap();
-        let Some(i) = injected.iter().position(|(p, _)| p == path) else { return false };
-        let (path, blocked) = injected.swap_remove(i);
+        let Some(i) = injected.iter().position(|(p, _, on_sync)| p == path && (holds_sync || !on_sync)) else {
+            return false;
+        };
+        let (path, blocked, _) = injected.swap_remove(i);
         if blocked {
             LANDED_CHECK_BLOCKED.lock().unwrap().push(path);
         }
@@ -1955,7 +1968,7 @@ mod tests {
         let log = DurableLog::open_with(&path, SyncPolicy::Always, Retention::default()).unwrap();
         let p: Arc<str> = "p".into();
         // A producer is refused (its commit's `fsync` may be what failed: no 202 without it) ...
-        FAIL_AFTER_LANDING.lock().unwrap().push((path.clone(), false));
+        FAIL_AFTER_LANDING.lock().unwrap().push((path.clone(), false, false));
         let refused = log.append(Arc::new(sample()), vec![p.clone()], false).await.unwrap_err();
         assert!(refused.to_string().contains("may not be on disk"), "{refused}");
         // ... but its event stands, pending: it runs at the next start, not lost.
@@ -1964,7 +1977,7 @@ mod tests {
         let seq = pending[0].seq;
         // A kv commit stands and is answered as done: answered failed, its handler would run
         // again on top of its own writes.
-        FAIL_AFTER_LANDING.lock().unwrap().push((path.clone(), false));
+        FAIL_AFTER_LANDING.lock().unwrap().push((path.clone(), false, false));
         let mut txn = crate::kv::Txn::default();
         txn.reads.insert("k".into(), 0);
         txn.set("k", b"1".to_vec());
@@ -1972,7 +1985,11 @@ mod tests {
         log.kv_commit("p", &txn, Some(outbox)).await.expect("it stands");
         assert_eq!(log.kv_get("p", "k").unwrap().map(|v| v.value).as_deref(), Some(&b"1"[..]));
         assert_eq!(log.outbox("p", seq).unwrap().map(|o| o.len()), Some(1));
-        assert_eq!(log.metrics().commit_failures.get(), 2, "each reported failure is counted");
+        // A `sync` is refused too.
+        FAIL_AFTER_LANDING.lock().unwrap().push((path.clone(), false, true));
+        let refused = log.sync().await.unwrap_err();
+        assert!(refused.to_string().contains("may not be on disk"), "{refused}");
+        assert_eq!(log.metrics().commit_failures.get(), 3, "each reported failure is counted");
         // And the log goes on.
         log.append(Arc::new(sample()), vec![p.clone()], false).await.unwrap();
         assert_eq!(log.read(0, 10).unwrap().len(), 2);
@@ -1994,7 +2011,7 @@ mod tests {
         // The durable commit that makes them durable lands, then reports a failure, and the check
         // for that cannot reopen: what was kept in memory is kept to be done again after the
         // next commit's reopen, which finds it already there.
-        FAIL_AFTER_LANDING.lock().unwrap().push((path.clone(), true));
+        FAIL_AFTER_LANDING.lock().unwrap().push((path.clone(), true, true));
         assert!(log.sync().await.is_err(), "the injected failure");
         log.sync().await.unwrap();
         let read: Vec<u64> = log.read(0, 10).unwrap().into_iter().map(|(s, _)| s).collect();
@@ -2048,6 +2065,10 @@ mod tests {
         first.set("first", b"1".to_vec());
         log.kv_commit("p", &first, Some(outbox)).await.unwrap();
         log.sync().await.unwrap();
+        // No idle flush cuts the steps below short, however slow the machine (it would fail on
+        // the full disk before they are all kept in memory).
+        let path = disk.0.path().join("bus.redb");
+        HOLD_IDLE_FLUSH.lock().unwrap().push(path.clone());
         let filler = disk.0.path().join("filler");
         let mut f = std::fs::File::create(&filler).unwrap();
         while f.write_all(&[7u8; 64 << 10]).is_ok() {}
@@ -2071,6 +2092,7 @@ mod tests {
         stale.reads.insert("k2".into(), 7);
         stale.set("k2", b"stale".to_vec());
         assert!(matches!(log.kv_commit("p", &stale, None).await, Err(crate::kv::KvError::Conflict(_))));
+        HOLD_IDLE_FLUSH.lock().unwrap().retain(|p| *p != path);
         // The flush when the log goes idle fails on the full disk (and the reopen throws away
         // what was kept in memory) ...
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -2097,7 +2119,6 @@ mod tests {
         assert_eq!(log.unsettled("q").unwrap().iter().map(|u| u.seq).collect::<Vec<_>>(), vec![later]);
         assert_eq!(log.append(output, vec![], true).await.unwrap(), Appended::Duplicate, "the output's id was lost");
         // And it is on disk: a restart finds it.
-        let path = disk.0.path().join("bus.redb");
         drop(log);
         let log = reopen(&path, Retention::default()).await;
         assert_eq!(log.unsettled("q").unwrap().iter().map(|u| u.seq).collect::<Vec<_>>(), vec![later]);
