@@ -812,6 +812,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_read_back_that_fails_for_a_while_is_tried_again_and_delivers_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let p: Arc<str> = "p".into();
+        {
+            let log = DurableLog::open(&path, super::super::log::SyncPolicy::Always).unwrap();
+            assert!(log.register(p.clone()).await.unwrap());
+            for i in 0..3 {
+                log.append(Arc::new(Event::new("a.x", format!("{i}"))), vec![p.clone()], false).await.unwrap();
+            }
+        }
+        let log = loop {
+            match DurableLog::open(&path, super::super::log::SyncPolicy::Always) {
+                Ok(log) => break log,
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        };
+        // The first two reads fail (the log reopening after a failed write, say).
+        super::super::log::tests::fail_reads(&path, 2);
+        let bus = EmbeddedBus::durable(log);
+        let mut sub = bus.subscribe(spec(&["a.>"], 8)).await.unwrap();
+        for i in 0..3 {
+            let delivery = tokio::time::timeout(Duration::from_secs(10), sub.deliveries.recv())
+                .await
+                .expect("the read-back gave up")
+                .unwrap();
+            assert_eq!(&delivery.event.data[..], format!("{i}").as_bytes());
+        }
+    }
+
+    #[tokio::test]
     async fn invalid_subject_is_refused() {
         let bus = EmbeddedBus::new();
         assert!(bus.publish(Event::new("a..b", "")).await.is_err());

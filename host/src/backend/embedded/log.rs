@@ -744,6 +744,10 @@ impl DurableLog {
         limit: usize,
     ) -> Result<UnsettledPage, LogError> {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
+        #[cfg(test)]
+        if tests::injected_read_failure(&self.path) {
+            return Err(io(&"injected: the log is reopening"));
+        }
         let r = self.store.get().map_err(|e| io(&e))?.begin_read().map_err(|e| io(&e))?;
         let pending = r.open_table(PENDING).map_err(|e| io(&e))?;
         let events = r.open_table(ROWS).map_err(|e| io(&e))?;
@@ -1578,7 +1582,7 @@ pub(crate) fn decode(stored: &[u8]) -> Result<Event, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn sample() -> Event {
@@ -1938,6 +1942,21 @@ mod tests {
     static LANDED_CHECK_BLOCKED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
     /// Logs whose idle flush waits (a test's steps must not be cut by one, however slow the machine).
     static HOLD_IDLE_FLUSH: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+    /// Logs whose next reads of unsettled deliveries fail with an I/O error, and how many.
+    static FAIL_READS: std::sync::Mutex<Vec<(PathBuf, u32)>> = std::sync::Mutex::new(Vec::new());
+
+    /// Makes the next `n` reads of unsettled deliveries from the log at `path` fail (I/O).
+    pub(crate) fn fail_reads(path: &Path, n: u32) {
+        FAIL_READS.lock().unwrap().push((path.to_path_buf(), n));
+    }
+
+    pub(super) fn injected_read_failure(path: &Path) -> bool {
+        let mut failing = FAIL_READS.lock().unwrap();
+        let Some(left) = failing.iter_mut().find(|(p, n)| p == path && *n > 0) else { return false };
+        left.1 -= 1;
+        true
+    }
 
     pub(super) fn idle_flush_held(path: &Path) -> bool {
         HOLD_IDLE_FLUSH.lock().unwrap().iter().any(|p| p == path)
