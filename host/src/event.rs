@@ -63,6 +63,12 @@ impl Event {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.extensions.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
+
+    /// The bytes of its headers' names and values (what an event held in memory is charged for
+    /// them).
+    pub fn header_bytes(&self) -> usize {
+        self.extensions.iter().map(|(k, v)| k.len() + v.len()).sum()
+    }
 }
 
 /// A fresh UUID v7 (time-ordered to the millisecond). The 74 random bits come from `fastrand`

@@ -296,8 +296,7 @@ impl Load {
 }
 
 fn event_cost(event: &Event) -> u64 {
-    let headers: usize = event.extensions.iter().map(|(k, v)| k.len() + v.len()).sum();
-    OVERFLOW_ENTRY_COST + (event.data.len() + headers + event.id.len() + event.subject.len()) as u64
+    OVERFLOW_ENTRY_COST + (event.data.len() + event.header_bytes() + event.id.len() + event.subject.len()) as u64
 }
 
 struct Observer {
@@ -751,12 +750,7 @@ mod tests {
             let outbox = crate::kv::Outbox { plugin: p.clone(), seq, outputs: vec![output.clone()] };
             log.kv_commit("p", &txn, Some(outbox)).await.unwrap();
         }
-        let log = loop {
-            match DurableLog::open(&path, super::super::log::SyncPolicy::Always) {
-                Ok(log) => break log,
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        };
+        let log = super::super::log::tests::reopen(&path, Default::default()).await;
         let bus = EmbeddedBus::durable(log);
         // Room for one: the second is read back behind the full queue.
         let mut sub = bus.subscribe(spec(&["a.>"], 1)).await.unwrap();
@@ -784,12 +778,7 @@ mod tests {
             }
             log.sync().await.unwrap();
         }
-        let log = loop {
-            match DurableLog::open(&path, super::super::log::SyncPolicy::Always) {
-                Ok(log) => break log,
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        };
+        let log = super::super::log::tests::reopen(&path, Default::default()).await;
         let bus = EmbeddedBus::durable(log);
         let mut sub = bus.subscribe(spec(&["a.>"], 1)).await.unwrap();
         let refused = bus.replay("p", crate::transport::ReplayFrom::Seq(0)).await.unwrap_err();
@@ -823,12 +812,7 @@ mod tests {
                 log.append(Arc::new(Event::new("a.x", format!("{i}"))), vec![p.clone()], false).await.unwrap();
             }
         }
-        let log = loop {
-            match DurableLog::open(&path, super::super::log::SyncPolicy::Always) {
-                Ok(log) => break log,
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        };
+        let log = super::super::log::tests::reopen(&path, Default::default()).await;
         // The first two reads fail (the log reopening after a failed write, say).
         super::super::log::tests::fail_reads(&path, 2);
         let bus = EmbeddedBus::durable(log);

@@ -248,8 +248,7 @@ fn kv_cost(ns: &str, txn: &crate::kv::Txn, outbox: &Option<Outbox>) -> u64 {
 
 /// About what a copy of an append holds in memory, in bytes.
 fn append_cost(event: &Event, plugins: &[Arc<str>]) -> u64 {
-    let headers: usize = event.extensions.iter().map(|(k, v)| k.len() + v.len()).sum();
-    (256 + event.data.len() + headers + plugins.len() * 16) as u64
+    (256 + event.data.len() + event.header_bytes() + plugins.len() * 16) as u64
 }
 
 /// What an append did.
@@ -1790,13 +1789,21 @@ pub(crate) mod tests {
     /// Writes `rows` (seq → stored bytes) straight into the file at `path`, once the log let
     /// go of it: damage as a disk or a bug would leave it.
     async fn write_rows(path: &Path, rows: &[(u64, Vec<u8>)]) {
+        write_raw(path, |w| {
+            for (seq, bytes) in rows {
+                w.open_table(ROWS).unwrap().insert(*seq, bytes.as_slice()).unwrap();
+            }
+        })
+        .await;
+    }
+
+    /// Writes straight into the file at `path` in one transaction, once the log let go of it.
+    async fn write_raw(path: &Path, write: impl Fn(&redb::WriteTransaction)) {
         loop {
             match Database::create(path) {
                 Ok(db) => {
                     let w = db.begin_write().unwrap();
-                    for (seq, bytes) in rows {
-                        w.open_table(ROWS).unwrap().insert(*seq, bytes.as_slice()).unwrap();
-                    }
+                    write(&w);
                     w.commit().unwrap();
                     return;
                 }
@@ -1830,17 +1837,10 @@ pub(crate) mod tests {
         }
         let [kept, damaged, plain] = seqs[..] else { unreachable!() };
         // The second delivery's outbox is damaged on disk.
-        loop {
-            match Database::create(&path) {
-                Ok(db) => {
-                    let w = db.begin_write().unwrap();
-                    w.open_table(OUTBOX).unwrap().insert(("p", damaged), &[9u8, 0, 0, 0][..]).unwrap();
-                    w.commit().unwrap();
-                    break;
-                }
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-            }
-        }
+        write_raw(&path, |w| {
+            w.open_table(OUTBOX).unwrap().insert(("p", damaged), &[9u8, 0, 0, 0][..]).unwrap();
+        })
+        .await;
         let log = reopen(&path, Retention::default()).await;
         let page = log.unsettled_page("p", 0..u64::MAX, 100).unwrap();
         let read: Vec<(u64, Option<usize>)> =
@@ -1863,7 +1863,7 @@ pub(crate) mod tests {
     const DAMAGED_ROW: [u8; 5] = [9, 0, 0, 0, 1];
 
     /// Opens the log at `path` once the last handle let go of it.
-    async fn reopen(path: &Path, retention: Retention) -> Arc<DurableLog> {
+    pub(crate) async fn reopen(path: &Path, retention: Retention) -> Arc<DurableLog> {
         loop {
             match DurableLog::open_with(path, SyncPolicy::Always, retention.clone()) {
                 Ok(log) => break log,
