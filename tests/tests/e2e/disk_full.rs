@@ -74,6 +74,43 @@ async fn a_trickle_of_events_under_sync_none_is_refused_once_the_disk_is_full() 
     full_disk(SyncPolicy::None, Duration::from_millis(150)).await;
 }
 
+/// What the test saw, in order: every assertion prints it, so a failure on a busy CI machine
+/// says which step went differently (a status, a body, a counter).
+#[derive(Default)]
+struct Timeline(Vec<String>);
+
+impl Timeline {
+    fn saw(&mut self, what: String) {
+        self.0.push(what);
+    }
+
+    /// Every counter of `echo` and the log's lines of the metrics, then the steps.
+    fn report(&self, t: &TestHost, metrics: &str) -> String {
+        let counters = ["received", "ok", "retried", "dead_lettered", "in_flight", "queued"]
+            .map(|c| format!("{c}={}", t.counter("echo", c)))
+            .join(" ");
+        let log: Vec<&str> =
+            metrics.lines().filter(|l| l.starts_with("plugbus_log_") && !l.contains("_bucket")).collect();
+        format!("\ncounters: {counters}\nlog metrics:\n{}\nsteps:\n{}", log.join("\n"), self.0.join("\n"))
+    }
+}
+
+/// The host's metrics.
+async fn scrape(client: &reqwest::Client, t: &TestHost) -> String {
+    client.get(format!("{}/metrics", t.url())).send().await.unwrap().text().await.unwrap()
+}
+
+/// Waits for `echo` to have handled `n` events, reporting everything seen when it does not.
+async fn handled(t: &TestHost, client: &reqwest::Client, n: u64, seen: &Timeline) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while t.counter("echo", "ok") < n {
+        if Instant::now() > deadline {
+            panic!("echo handled fewer than {n} events in 30 s{}", seen.report(t, &scrape(client, t).await));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Fills the disk under a host on the durable bus; posts are `gap` apart while it is full.
 async fn full_disk(sync: SyncPolicy, gap: Duration) {
     let Some(disk) = Tmpfs::mount(24) else { return };
@@ -94,15 +131,20 @@ async fn full_disk(sync: SyncPolicy, gap: Duration) {
             (resp.status().as_u16(), resp.text().await.unwrap())
         }
     };
+    let metrics = || scrape(&client, &t);
+    let mut seen = Timeline::default();
     let mut accepted = 0u64;
     for i in 0..5 {
-        assert_eq!(post(i).await.0, 202);
+        let (status, body) = post(i).await;
+        seen.saw(format!("POST {i} before the disk fills: {status} {body}"));
+        assert_eq!(status, 202, "{}", seen.report(&t, &metrics().await));
         accepted += 1;
     }
-    t.wait_counter("echo", "ok", accepted).await;
+    handled(&t, &client, accepted, &seen).await;
 
     // The disk fills up: ingress refuses with 503 and says why.
     fill(&disk.path().join("filler"));
+    seen.saw("the disk is full".into());
     let mut refused = None;
     // A burst fills redb's cache within 2,000 events; a trickle is refused at once.
     let tries = if gap.is_zero() { 2_000 } else { 100 };
@@ -111,20 +153,31 @@ async fn full_disk(sync: SyncPolicy, gap: Duration) {
         match post(i).await {
             (202, _) => accepted += 1,
             (503, body) => {
+                seen.saw(format!("POST {i}: 503 {body} ({} accepted by then)", accepted));
                 refused = Some(body);
                 break;
             }
-            (status, body) => panic!("POST {i}: {status} {body}"),
+            (status, body) => panic!("POST {i}: {status} {body}{}", seen.report(&t, &metrics().await)),
         }
     }
-    let body = refused.expect("a full disk never refused an event");
-    assert!(body.contains("bus.redb") && body.contains("No space left"), "the 503 names the log and why: {body}");
-    let metrics = client.get(format!("{}/metrics", t.url())).send().await.unwrap().text().await.unwrap();
-    let failures = metrics.lines().find_map(|l| l.strip_prefix("plugbus_log_commit_failures_total "));
-    assert!(failures.is_some_and(|n| n.parse::<f64>().unwrap() >= 1.0), "the failed commit is counted:\n{metrics}");
+    let Some(body) = refused else { panic!("a full disk never refused an event{}", seen.report(&t, &metrics().await)) };
+    let failures = metrics().await;
+    assert!(
+        body.contains("bus.redb") && body.contains("No space left"),
+        "the 503 names the log and why{}",
+        seen.report(&t, &failures)
+    );
+    let failed_commits = failures.lines().find_map(|l| l.strip_prefix("plugbus_log_commit_failures_total "));
+    assert!(
+        failed_commits.is_some_and(|n| n.parse::<f64>().unwrap() >= 1.0),
+        "the failed commit is counted{}",
+        seen.report(&t, &failures)
+    );
     if sync == SyncPolicy::Always {
         for i in 0..3 {
-            assert_eq!(post(10_000 + i).await.0, 503, "still full");
+            let (status, body) = post(10_000 + i).await;
+            seen.saw(format!("POST {} while still full: {status} {body}", 10_000 + i));
+            assert_eq!(status, 503, "still full{}", seen.report(&t, &metrics().await));
         }
     }
     // (Under `sync = "none"` a later event may be taken into redb's cache until the next
@@ -132,6 +185,7 @@ async fn full_disk(sync: SyncPolicy, gap: Duration) {
 
     // Space returns: the bus takes events again by itself, and every 202 event runs once.
     std::fs::remove_file(disk.path().join("filler")).unwrap();
+    seen.saw("space returned".into());
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (status, body) = post(20_000).await;
@@ -139,16 +193,24 @@ async fn full_disk(sync: SyncPolicy, gap: Duration) {
             accepted += 1;
             break;
         }
-        assert!(Instant::now() < deadline, "the bus did not recover after space returned: {status} {body}");
+        seen.saw(format!("POST 20000 after space returned: {status} {body}"));
+        assert!(
+            Instant::now() < deadline,
+            "the bus did not recover after space returned{}",
+            seen.report(&t, &metrics().await)
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for i in 0..5 {
-        assert_eq!(post(30_000 + i).await.0, 202);
+        let (status, body) = post(30_000 + i).await;
+        seen.saw(format!("POST {} after the recovery: {status} {body}", 30_000 + i));
+        assert_eq!(status, 202, "{}", seen.report(&t, &metrics().await));
         accepted += 1;
     }
-    t.wait_counter("echo", "ok", accepted).await;
+    handled(&t, &client, accepted, &seen).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(t.counter("echo", "received"), accepted, "each accepted event once, no refused one");
-    assert_eq!((t.counter("echo", "retried"), t.counter("echo", "dead_lettered")), (0, 0));
+    let report = seen.report(&t, &metrics().await);
+    assert_eq!(t.counter("echo", "received"), accepted, "each accepted event once, no refused one{report}");
+    assert_eq!((t.counter("echo", "retried"), t.counter("echo", "dead_lettered")), (0, 0), "{report}");
     t.host.shutdown().await;
 }
