@@ -10,7 +10,7 @@
 //! buffer. Observers (the live tail) never slow the bus: they miss events instead, and the miss
 //! is counted and logged.
 
-use super::log::{Appended, DurableLog};
+use super::log::{Appended, DurableLog, LogError};
 use crate::event::Event;
 use crate::rpc::{Replies, RequestError};
 use crate::subject::{PatternSet, validate_subject};
@@ -344,28 +344,38 @@ impl EmbeddedBus {
             // Closed: unsubscribed meanwhile, the event is no longer for it.
             slots.push(sub.tx.reserve().await.ok());
         }
-        let Some(logged) = self.append(&event, &targets, false).await? else { return Ok(()) };
+        // An event whose commit reported a failure after it landed is in the log all the same:
+        // it is delivered now (not left for the next start), and its producer refused, since
+        // nothing says it is on disk.
+        let (logged, refused) = match &self.log {
+            None => (Logged(None), None),
+            Some(log) => {
+                match log.append(event.clone(), targets.iter().map(|s| s.plugin.clone()).collect(), false).await {
+                    Ok(Appended::At(seq)) => (Logged(Some(seq)), None),
+                    Ok(Appended::Duplicate) => return Ok(()),
+                    Err(e @ LogError::NotOnDisk { seq, .. }) => (Logged(Some(seq)), Some(e)),
+                    Err(e) => return Err(TransportError::Broker(e.to_string())),
+                }
+            }
+        };
         self.notify_observers(&event);
         for (sub, slot) in targets.iter().zip(slots) {
             if let Some(slot) = slot {
                 slot.send(sub.overflow.delivery(event.clone(), logged));
             }
         }
-        Ok(())
+        refused.map_or(Ok(()), |e| Err(TransportError::Broker(e.to_string())))
     }
 
-    /// Appends `event` for `targets` when the bus is durable; `None` when it was already
-    /// appended (a re-published output).
-    async fn append(
-        &self,
-        event: &Arc<Event>,
-        targets: &[Arc<Sub>],
-        dedupe: bool,
-    ) -> Result<Option<Logged>, TransportError> {
+    /// Appends an output that may be in the log already (a dead letter, or an output of an
+    /// event run again after a restart) for `targets` when the bus is durable; `None` when it
+    /// was (not delivered again).
+    async fn append_output(&self, event: &Arc<Event>, targets: &[Arc<Sub>]) -> Result<Option<Logged>, TransportError> {
         let Some(log) = &self.log else { return Ok(Some(Logged(None))) };
         let plugins = targets.iter().map(|s| s.plugin.clone()).collect();
-        match log.append(event.clone(), plugins, dedupe).await {
-            Ok(Appended::At(seq)) => Ok(Some(Logged(Some(seq)))),
+        match log.append(event.clone(), plugins, true).await {
+            // In the log, its commit standing: nobody outside waits for this one to be on disk.
+            Ok(Appended::At(seq)) | Err(LogError::NotOnDisk { seq, .. }) => Ok(Some(Logged(Some(seq)))),
             Ok(Appended::Duplicate) => Ok(None),
             Err(e) => Err(TransportError::Broker(e.to_string())),
         }
@@ -473,7 +483,7 @@ impl Transport for EmbeddedBus {
             }
             // A dead letter, or an output of an event run again after a restart: it may be in
             // the log already, and then it is not delivered again.
-            _ => match self.append(&event, &targets, true).await? {
+            _ => match self.append_output(&event, &targets).await? {
                 Some(logged) => logged,
                 None => return Ok(()),
             },
@@ -761,6 +771,22 @@ mod tests {
         assert_eq!(second.event.subject, "a.2");
         let released = second.handled.expect("its outbox: the handler must not run again after its kv commit");
         assert_eq!(released[0].id, output.id);
+    }
+
+    #[tokio::test]
+    async fn an_event_whose_commit_landed_but_reported_a_failure_is_delivered_and_its_producer_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let bus = EmbeddedBus::durable(DurableLog::open(&path, super::super::log::SyncPolicy::Always).unwrap());
+        let mut sub = bus.subscribe(spec(&["a.>"], 8)).await.unwrap();
+        super::super::log::tests::fail_after_landing(&path);
+        let refused = bus.publish(Event::new("a.1", "1")).await.unwrap_err();
+        assert!(refused.to_string().contains("may not be on disk"), "{refused}");
+        // It is in the log all the same: delivered now, not left for the next start.
+        let delivered = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await;
+        assert_eq!(delivered.expect("delivered at once").unwrap().event.subject, "a.1");
+        bus.publish(Event::new("a.2", "2")).await.unwrap();
+        assert_eq!(sub.deliveries.recv().await.unwrap().event.subject, "a.2");
     }
 
     #[tokio::test]

@@ -50,6 +50,10 @@ const MAX_BATCH: usize = 4096;
 /// The most bytes commits kept only in memory may hold (their copies are kept to be applied
 /// again after a failed write): past it the next commit is durable, whatever `bus.sync` says.
 const IN_MEMORY_BYTES: u64 = 32 << 20;
+/// What the ops kept to commit again after a failed commit (outputs, acks, kv commits answered
+/// before) may hold before new outputs are refused ([`DurableLog::append_nowait`]): while the disk
+/// stays full, plugins that feed each other would otherwise grow them without bound.
+const CARRIED_BYTES: u64 = 32 << 20;
 
 /// When an append is on disk.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +141,19 @@ pub enum LogError {
         /// What failed.
         why: String,
     },
+    /// An append whose commit reported a failure after it reached the file (its `fsync` may be
+    /// what failed): the event is in the log (`seq`), but nothing says it is on disk.
+    #[error(
+        "the event log {path} failed: {why} (the commit reached the file but may not be on disk: the event is kept as seq {seq} and delivered; sent again, it is kept twice)"
+    )]
+    NotOnDisk {
+        /// The file.
+        path: PathBuf,
+        /// Where the event is in the log.
+        seq: u64,
+        /// What failed.
+        why: String,
+    },
     /// A stored record could not be read back.
     #[error("the event log {path} holds a record that cannot be read (seq {seq}): {why}")]
     Corrupt {
@@ -212,6 +229,15 @@ impl Op {
             Op::Ack { plugin, seq } => Some(Op::Ack { plugin: plugin.clone(), seq: *seq }),
             Op::KvCommit { ns, txn, outbox, done: None } => Some(kv_replay(ns, txn, outbox)),
             _ => None,
+        }
+    }
+
+    /// About what this op holds in memory while it waits to be committed again, in bytes.
+    fn cost(&self) -> u64 {
+        match self {
+            Op::Append { event, plugins, .. } => append_cost(event, plugins),
+            Op::KvCommit { ns, txn, outbox, .. } => kv_cost(ns, txn, outbox),
+            _ => 64,
         }
     }
 
@@ -349,6 +375,8 @@ pub struct DurableLog {
     redelivered: std::sync::Mutex<Redelivered>,
     /// Whether `redelivered` ever held an id: first deliveries (the hot path) skip its lock.
     any_redelivered: std::sync::atomic::AtomicBool,
+    /// What the writer keeps to commit again after a failed commit, in bytes ([`CARRIED_BYTES`]).
+    carried_bytes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The deliveries read back to run again and not settled yet, and how many of them each
@@ -416,6 +444,7 @@ impl DurableLog {
         let (ops, rx) = std_mpsc::channel();
         let metrics = LogMetrics::default();
         metrics.record_bytes.set(record_bytes as i64);
+        let carried_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let writer = Writer {
             store: store.clone(),
             path: path.to_path_buf(),
@@ -423,6 +452,7 @@ impl DurableLog {
             retention,
             metrics: metrics.clone(),
             failed: false.into(),
+            carried_bytes: carried_bytes.clone(),
             outboxed: std::sync::Mutex::new(outboxed),
         };
         std::thread::Builder::new()
@@ -438,6 +468,7 @@ impl DurableLog {
             appending: Default::default(),
             redelivered: Default::default(),
             any_redelivered: false.into(),
+            carried_bytes,
         }))
     }
 
@@ -453,7 +484,22 @@ impl DurableLog {
     /// Appends a handler's output without waiting for the commit; returns its sequence number.
     /// Safe because the log commits in the order it is sent: the ack of the input that caused
     /// it (and of the output itself, downstream) is sent later, so neither commits before it.
+    ///
+    /// Refused while what the writer keeps to commit again after failed commits (a full disk)
+    /// holds [`CARRIED_BYTES`] or more: the output is not routed either, and its plugin publishes
+    /// it again with its backoff. Plugins that feed each other cannot grow that without bound.
     pub fn append_nowait(&self, event: Arc<Event>, plugins: Vec<Arc<str>>) -> Result<u64, LogError> {
+        let carried = self.carried_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        if carried >= CARRIED_BYTES {
+            return Err(LogError::Io {
+                path: self.path.clone(),
+                why: format!(
+                    "its commits are failing and it holds {} MiB to commit again when they succeed (a full disk?): \
+                     outputs are refused until then",
+                    carried >> 20
+                ),
+            });
+        }
         self.send_append(|seq| Op::Append { seq, event, plugins, dedupe: true, done: None, appended_ms: None })
     }
 
@@ -832,6 +878,9 @@ struct Writer {
     metrics: LogMetrics,
     /// Whether the last commit failed: the database is reopened before the next one.
     failed: std::sync::atomic::AtomicBool,
+    /// What the ops kept to commit again after a failed commit hold, in bytes (shared with the
+    /// log, which refuses new outputs past [`CARRIED_BYTES`]).
+    carried_bytes: Arc<std::sync::atomic::AtomicU64>,
     /// The (plugin, seq) of the outbox entries in the log: an ack removes one only when there is
     /// one (most deliveries write no kv).
     outboxed: std::sync::Mutex<std::collections::HashSet<(Arc<str>, u64)>>,
@@ -955,6 +1004,7 @@ impl Writer {
                             }
                             Err(retry) => carried = in_memory.drain(..).chain(retry).collect(),
                         }
+                        self.count_carried(&carried);
                         in_memory_bytes = 0;
                         last_sync = std::time::Instant::now();
                     }
@@ -1000,6 +1050,7 @@ impl Writer {
                     in_memory_bytes = 0;
                 }
             }
+            self.count_carried(&carried);
         }
         // The host is stopping: make everything on disk.
         // (A failed commit threw away what was kept in memory too.)
@@ -1012,6 +1063,11 @@ impl Writer {
                 "the event log could not commit before the stop: accepted events (answered 202 under bus.sync = \"batch\" / \"none\") are lost; \
                  of the rest, what was settled runs again at the next start, and kv writes kept in memory are lost");
         }
+    }
+
+    /// Tells the log what the ops kept to commit again hold ([`CARRIED_BYTES`]).
+    fn count_carried(&self, carried: &[Op]) {
+        self.carried_bytes.store(carried.iter().map(Op::cost).sum(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// After a commit that reached `commit()` reported a failure: whether it landed anyway (its
@@ -1396,14 +1452,14 @@ impl Writer {
                 self.metrics.commit_failures.inc();
                 tracing::error!(log = %self.path.display(),
                     "an event log commit reported a failure after it reached the file ({why}): it stands (its kv writes, \
-                     outputs and acks are not done again), but its appends' producers are refused (their events run at \
-                     the next start; one sent again is kept twice: at least once)");
+                     outputs and acks are not done again), but its appends' producers are refused (their events are \
+                     delivered all the same; one sent again is kept twice: at least once)");
                 not_durable = Some(why);
                 Ok(())
             }
             (result, _) => result,
         };
-        let not_on_disk = || {
+        let sync_not_on_disk = || {
             not_durable.as_ref().map(|why| LogError::Io {
                 path: self.path.clone(),
                 why: format!("{why} (the commit reached the file but may not be on disk)"),
@@ -1414,10 +1470,16 @@ impl Writer {
                 self.metrics.appended.inc_by(appended);
                 self.metrics.record_bytes.set(bytes_kept as i64);
                 for (done, appended) in answers {
-                    let _ = done.send(not_on_disk().map_or(Ok(appended), Err));
+                    let answer = match (&not_durable, appended) {
+                        (Some(why), Appended::At(seq)) => {
+                            Err(LogError::NotOnDisk { path: self.path.clone(), seq, why: why.clone() })
+                        }
+                        _ => Ok(appended),
+                    };
+                    let _ = done.send(answer);
                 }
                 for done in syncs {
-                    let _ = done.send(not_on_disk().map_or(Ok(()), Err));
+                    let _ = done.send(sync_not_on_disk().map_or(Ok(()), Err));
                 }
                 for (done, new) in registered {
                     let _ = done.send(Ok(new));
@@ -1946,6 +2008,12 @@ pub(crate) mod tests {
     /// Logs whose next reads of unsettled deliveries fail with an I/O error, and how many.
     static FAIL_READS: std::sync::Mutex<Vec<(PathBuf, u32)>> = std::sync::Mutex::new(Vec::new());
 
+    /// Makes the next commit of the log at `path` report a failure after it landed (as when its
+    /// `fsync` fails).
+    pub(crate) fn fail_after_landing(path: &Path) {
+        FAIL_AFTER_LANDING.lock().unwrap().push((path.to_path_buf(), false, false));
+    }
+
     /// Makes the next `n` reads of unsettled deliveries from the log at `path` fail (I/O).
     pub(crate) fn fail_reads(path: &Path, n: u32) {
         FAIL_READS.lock().unwrap().push((path.to_path_buf(), n));
@@ -1990,7 +2058,7 @@ pub(crate) mod tests {
         FAIL_AFTER_LANDING.lock().unwrap().push((path.clone(), false, false));
         let refused = log.append(Arc::new(sample()), vec![p.clone()], false).await.unwrap_err();
         assert!(refused.to_string().contains("may not be on disk"), "{refused}");
-        // ... but its event stands, pending: it runs at the next start, not lost.
+        // ... but its event stands, pending: not lost (the bus delivers it at once).
         let pending = log.unsettled("p").unwrap();
         assert_eq!(pending.len(), 1);
         let seq = pending[0].seq;
@@ -2066,6 +2134,59 @@ pub(crate) mod tests {
         fn drop(&mut self) {
             let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
         }
+    }
+
+    #[tokio::test]
+    async fn outputs_are_refused_once_what_failed_commits_keep_reaches_its_bound() {
+        use std::io::Write;
+        // Room for what is kept (32 MiB) once space returns, beside what the failed commits
+        // wrote into the file before they failed.
+        let Some(disk) = Tmpfs::mount(128) else { return };
+        let path = disk.0.path().join("bus.redb");
+        let log = DurableLog::open_with(&path, SyncPolicy::Always, Retention::default()).unwrap();
+        let p: Arc<str> = "p".into();
+        let filler = disk.0.path().join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while f.write_all(&[7u8; 64 << 10]).is_ok() {}
+        drop(f);
+        // Plugins that feed each other go on publishing outputs while the disk stays full: each
+        // commit fails, and the outputs are kept to commit again, up to the bound. (One at a
+        // time: each is waited for until the writer has kept it.)
+        let mib = "x".repeat(1 << 20);
+        let kept = || log.carried_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut sent = 0u64;
+        let refused = loop {
+            let before = kept();
+            match log.append_nowait(Arc::new(Event::new("loop.x", mib.clone())), vec![p.clone()]) {
+                Ok(_) => sent += 1,
+                Err(e) => break e.to_string(),
+            }
+            assert!(sent <= CARRIED_BYTES >> 20, "outputs never refused: {sent} taken, {before} bytes kept");
+            while kept() == before {
+                assert!(std::time::Instant::now() < deadline, "output {sent} never kept: {before} bytes kept");
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        };
+        assert!(
+            refused.contains("bus.redb") && refused.contains("outputs are refused"),
+            "the refusal names the log and why: {refused}"
+        );
+        // Each output holds a little over 1 MiB: the 33rd is refused.
+        assert_eq!(sent, CARRIED_BYTES >> 20, "{} bytes kept", kept());
+        // Space returns: what was kept commits (each output once), and outputs are taken again.
+        std::fs::remove_file(&filler).unwrap();
+        while let Err(e) = log.sync().await {
+            assert!(std::time::Instant::now() < deadline, "the log did not recover: {e}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        while kept() > 0 {
+            assert!(std::time::Instant::now() < deadline, "{} bytes still kept after the recovery", kept());
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        log.append_nowait(Arc::new(Event::new("loop.x", "after")), vec![p.clone()]).expect("taken again");
+        log.sync().await.unwrap();
+        assert_eq!(log.unsettled("p").unwrap().len() as u64, sent + 1, "every output taken kept once");
     }
 
     #[tokio::test]
