@@ -459,6 +459,12 @@ impl Transport for EmbeddedBus {
 
     async fn publish_output(&self, event: Arc<Event>) -> Result<(), TransportError> {
         validate_subject(&event.subject)?;
+        // While the log holds too many outputs not committed yet (a full disk), the publisher
+        // waits here, and the delivery that made the output with it: plugins that feed each
+        // other slow down instead of filling the memory, and nothing is refused for it.
+        if let Some(log) = &self.log {
+            log.room_for_outputs().await;
+        }
         let targets = self.targets(&event);
         let cost = event_cost(&event);
         // All or none: every target's room is checked before the event is logged or queued,
@@ -777,16 +783,66 @@ mod tests {
     async fn an_event_whose_commit_landed_but_reported_a_failure_is_delivered_and_its_producer_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bus.redb");
-        let bus = EmbeddedBus::durable(DurableLog::open(&path, super::super::log::SyncPolicy::Always).unwrap());
+        let log = DurableLog::open(&path, super::super::log::SyncPolicy::Always).unwrap();
+        let bus = EmbeddedBus::durable(log.clone());
         let mut sub = bus.subscribe(spec(&["a.>"], 8)).await.unwrap();
         super::super::log::tests::fail_after_landing(&path);
         let refused = bus.publish(Event::new("a.1", "1")).await.unwrap_err();
         assert!(refused.to_string().contains("may not be on disk"), "{refused}");
-        // It is in the log all the same: delivered now, not left for the next start.
+        // It is in the log all the same: delivered now, not left for the next start, and its
+        // ack settles it there.
         let delivered = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await;
-        assert_eq!(delivered.expect("delivered at once").unwrap().event.subject, "a.1");
+        let delivered = delivered.expect("delivered at once").unwrap();
+        assert_eq!(delivered.event.subject, "a.1");
+        let pending = log.unsettled("p").unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(delivered.acker.position(), Some(("p".into(), pending[0].seq)));
+        delivered.acker.ack().await;
+        log.sync().await.unwrap();
+        assert!(log.unsettled("p").unwrap().is_empty(), "its ack did not settle it");
         bus.publish(Event::new("a.2", "2")).await.unwrap();
         assert_eq!(sub.deliveries.recv().await.unwrap().event.subject, "a.2");
+    }
+
+    #[tokio::test]
+    async fn a_publisher_of_outputs_waits_while_the_disk_is_full_and_none_is_refused() {
+        use super::super::log::tests::{Tmpfs, fill_up};
+        let Some(disk) = Tmpfs::mount(128) else { return };
+        let path = disk.0.path().join("bus.redb");
+        let bus = EmbeddedBus::durable(DurableLog::open(&path, super::super::log::SyncPolicy::Always).unwrap());
+        let mut sub = bus.subscribe(spec(&["loop.>"], 64)).await.unwrap();
+        let filler = fill_up(disk.0.path());
+        let mib = "x".repeat(1 << 20);
+        let output = |i: usize| {
+            Arc::new(Event::new("loop.x", mib.clone()).with_header("plugbus-caused-by", format!("input-{i}")))
+        };
+        // Outputs of plugins feeding each other, while the disk stays full: taken (kept to commit
+        // once space returns) until those not yet written reach their bound, then the publisher
+        // waits; never an error, which would spend the output's tries and dead-letter it.
+        let mut published = 0;
+        while let Ok(taken) = tokio::time::timeout(Duration::from_secs(1), bus.publish_output(output(published))).await
+        {
+            taken.expect("an output refused on a full disk");
+            published += 1;
+            assert!(published <= 40, "the publisher never waited");
+        }
+        let waiting = tokio::spawn({
+            let (bus, next) = (bus.clone(), output(published));
+            async move { bus.publish_output(next).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "an output was taken past the bound while the disk was full");
+        std::fs::remove_file(&filler).unwrap();
+        let went_on = tokio::time::timeout(Duration::from_secs(30), waiting).await;
+        went_on.expect("still waiting after space returned").unwrap().expect("taken once space returned");
+        published += 1;
+        for i in 0..published {
+            let delivered = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await;
+            assert_eq!(
+                delivered.expect("every output delivered").unwrap().event.header("plugbus-caused-by"),
+                Some(&*format!("input-{i}"))
+            );
+        }
     }
 
     #[tokio::test]

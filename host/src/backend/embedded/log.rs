@@ -20,6 +20,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc as std_mpsc;
 use tokio::sync::oneshot;
 
@@ -50,10 +51,49 @@ const MAX_BATCH: usize = 4096;
 /// The most bytes commits kept only in memory may hold (their copies are kept to be applied
 /// again after a failed write): past it the next commit is durable, whatever `bus.sync` says.
 const IN_MEMORY_BYTES: u64 = 32 << 20;
-/// What the ops kept to commit again after a failed commit (outputs, acks, kv commits answered
-/// before) may hold before new outputs are refused ([`DurableLog::append_nowait`]): while the disk
-/// stays full, plugins that feed each other would otherwise grow them without bound.
-const CARRIED_BYTES: u64 = 32 << 20;
+/// What handler outputs sent to the writer and not committed yet may hold before publishers of
+/// new ones wait ([`DurableLog::room_for_outputs`]): while the disk stays full (each commit
+/// fails and they are kept to commit again) or the writer falls far behind, plugins that feed
+/// each other would otherwise grow them without bound.
+const UNWRITTEN_OUTPUT_BYTES: u64 = 32 << 20;
+
+/// Handler outputs sent to the writer and not committed yet ([`UNWRITTEN_OUTPUT_BYTES`]).
+struct Unwritten {
+    /// Their bytes (as [`append_cost`] counts them): added when one is sent, taken off by the
+    /// first commit that holds it.
+    bytes: std::sync::atomic::AtomicU64,
+    /// Woken when commits take `bytes` below the bound.
+    fell: tokio::sync::Notify,
+    /// `plugbus_log_unwritten_output_bytes`.
+    gauge: Gauge,
+}
+
+impl Unwritten {
+    fn new(gauge: Gauge) -> Self {
+        Self { bytes: 0.into(), fell: tokio::sync::Notify::new(), gauge }
+    }
+
+    /// `bytes` more are sent.
+    fn add(&self, bytes: u64) {
+        let now = self.bytes.fetch_add(bytes, Relaxed) + bytes;
+        self.gauge.set(now as i64);
+    }
+
+    /// `bytes` of them are committed (or were never sent); wakes waiting publishers when that
+    /// takes them below the bound.
+    fn written(&self, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let sub = |b: u64| Some(b.saturating_sub(bytes));
+        let before = self.bytes.fetch_update(Relaxed, Relaxed, sub).unwrap_or_default();
+        let after = before.saturating_sub(bytes);
+        self.gauge.set(after as i64);
+        if before >= UNWRITTEN_OUTPUT_BYTES && after < UNWRITTEN_OUTPUT_BYTES {
+            self.fell.notify_waiters();
+        }
+    }
+}
 
 /// When an append is on disk.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -232,12 +272,13 @@ impl Op {
         }
     }
 
-    /// About what this op holds in memory while it waits to be committed again, in bytes.
-    fn cost(&self) -> u64 {
+    /// What this op counts in [`Unwritten`]: a handler's output sent by
+    /// [`DurableLog::append_nowait`] and not committed before (a copy kept to be done again after a
+    /// failed write carries its first append time, and was taken off when first committed).
+    fn unwritten_output_bytes(&self) -> u64 {
         match self {
-            Op::Append { event, plugins, .. } => append_cost(event, plugins),
-            Op::KvCommit { ns, txn, outbox, .. } => kv_cost(ns, txn, outbox),
-            _ => 64,
+            Op::Append { event, plugins, done: None, appended_ms: None, .. } => append_cost(event, plugins),
+            _ => 0,
         }
     }
 
@@ -270,6 +311,11 @@ fn kv_cost(ns: &str, txn: &crate::kv::Txn, outbox: &Option<Outbox>) -> u64 {
     let reads: usize = txn.reads.keys().map(|k| k.len() + 8).sum();
     let outputs: usize = outbox.as_ref().map_or(0, |o| o.outputs.iter().map(|e| 256 + e.data.len()).sum());
     (128 + ns.len() + writes + reads + outputs) as u64
+}
+
+/// What the ops count in [`Unwritten`].
+fn unwritten_output_bytes(ops: &[Op]) -> u64 {
+    ops.iter().map(Op::unwritten_output_bytes).sum()
 }
 
 /// About what a copy of an append holds in memory, in bytes.
@@ -306,6 +352,9 @@ pub struct LogMetrics {
     pub damaged_records: Counter,
     /// Bytes of the records the log keeps (what `bus.retention.max_mib` bounds).
     pub record_bytes: Gauge,
+    /// Bytes of handler outputs sent to the log and not committed yet (publishers of new ones
+    /// wait past 32 MiB: a full disk).
+    pub unwritten_output_bytes: Gauge,
 }
 
 impl Default for LogMetrics {
@@ -319,6 +368,7 @@ impl Default for LogMetrics {
             retention_dropped: Counter::default(),
             damaged_records: Counter::default(),
             record_bytes: Gauge::default(),
+            unwritten_output_bytes: Gauge::default(),
         }
     }
 }
@@ -355,6 +405,11 @@ impl LogMetrics {
             self.damaged_records.clone(),
         );
         r.register("record_bytes", "Bytes of the records the event log keeps", self.record_bytes.clone());
+        r.register(
+            "unwritten_output_bytes",
+            "Bytes of handler outputs sent to the event log and not committed yet (publishers of new outputs wait past 32 MiB: a full disk)",
+            self.unwritten_output_bytes.clone(),
+        );
     }
 }
 
@@ -375,8 +430,8 @@ pub struct DurableLog {
     redelivered: std::sync::Mutex<Redelivered>,
     /// Whether `redelivered` ever held an id: first deliveries (the hot path) skip its lock.
     any_redelivered: std::sync::atomic::AtomicBool,
-    /// What the writer keeps to commit again after a failed commit, in bytes ([`CARRIED_BYTES`]).
-    carried_bytes: Arc<std::sync::atomic::AtomicU64>,
+    /// Handler outputs sent to the writer and not committed yet.
+    unwritten: Arc<Unwritten>,
 }
 
 /// The deliveries read back to run again and not settled yet, and how many of them each
@@ -444,7 +499,7 @@ impl DurableLog {
         let (ops, rx) = std_mpsc::channel();
         let metrics = LogMetrics::default();
         metrics.record_bytes.set(record_bytes as i64);
-        let carried_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let unwritten = Arc::new(Unwritten::new(metrics.unwritten_output_bytes.clone()));
         let writer = Writer {
             store: store.clone(),
             path: path.to_path_buf(),
@@ -452,7 +507,7 @@ impl DurableLog {
             retention,
             metrics: metrics.clone(),
             failed: false.into(),
-            carried_bytes: carried_bytes.clone(),
+            unwritten: unwritten.clone(),
             outboxed: std::sync::Mutex::new(outboxed),
         };
         std::thread::Builder::new()
@@ -468,7 +523,7 @@ impl DurableLog {
             appending: Default::default(),
             redelivered: Default::default(),
             any_redelivered: false.into(),
-            carried_bytes,
+            unwritten,
         }))
     }
 
@@ -485,22 +540,34 @@ impl DurableLog {
     /// Safe because the log commits in the order it is sent: the ack of the input that caused
     /// it (and of the output itself, downstream) is sent later, so neither commits before it.
     ///
-    /// Refused while what the writer keeps to commit again after failed commits (a full disk)
-    /// holds [`CARRIED_BYTES`] or more: the output is not routed either, and its plugin publishes
-    /// it again with its backoff. Plugins that feed each other cannot grow that without bound.
+    /// Its bytes count as unwritten until a commit holds it: see [`DurableLog::room_for_outputs`].
     pub fn append_nowait(&self, event: Arc<Event>, plugins: Vec<Arc<str>>) -> Result<u64, LogError> {
-        let carried = self.carried_bytes.load(std::sync::atomic::Ordering::Relaxed);
-        if carried >= CARRIED_BYTES {
-            return Err(LogError::Io {
-                path: self.path.clone(),
-                why: format!(
-                    "its commits are failing and it holds {} MiB to commit again when they succeed (a full disk?): \
-                     outputs are refused until then",
-                    carried >> 20
-                ),
-            });
+        // Counted before it is sent: the writer may commit it (and take it off) at once.
+        let cost = append_cost(&event, &plugins);
+        self.unwritten.add(cost);
+        let sent =
+            self.send_append(|seq| Op::Append { seq, event, plugins, dedupe: true, done: None, appended_ms: None });
+        if sent.is_err() {
+            self.unwritten.written(cost);
         }
-        self.send_append(|seq| Op::Append { seq, event, plugins, dedupe: true, done: None, appended_ms: None })
+        sent
+    }
+
+    /// Returns once handler outputs sent to the writer and not committed yet hold less than
+    /// [`UNWRITTEN_OUTPUT_BYTES`] (at once, unless the disk is full or the writer far behind).
+    /// A publisher of a new output waits here, and the delivery that made it with it: plugins
+    /// that feed each other slow down instead of filling the memory, and no output is refused,
+    /// dropped or dead-lettered for it. The commits that take the outputs below the bound (once
+    /// space returns) wake it.
+    pub async fn room_for_outputs(&self) {
+        loop {
+            let fell = self.unwritten.fell.notified();
+            if self.unwritten.bytes.load(Relaxed) < UNWRITTEN_OUTPUT_BYTES {
+                return;
+            }
+            // The timeout is a backstop: the wake-up is not missed (`fell` was made first).
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(100), fell).await;
+        }
     }
 
     /// Sends the append `op(seq)` with the next sequence number; appends reach the writer in the
@@ -878,9 +945,9 @@ struct Writer {
     metrics: LogMetrics,
     /// Whether the last commit failed: the database is reopened before the next one.
     failed: std::sync::atomic::AtomicBool,
-    /// What the ops kept to commit again after a failed commit hold, in bytes (shared with the
-    /// log, which refuses new outputs past [`CARRIED_BYTES`]).
-    carried_bytes: Arc<std::sync::atomic::AtomicU64>,
+    /// Handler outputs sent and not committed yet (shared with the log, whose publishers of new
+    /// outputs wait past [`UNWRITTEN_OUTPUT_BYTES`]).
+    unwritten: Arc<Unwritten>,
     /// The (plugin, seq) of the outbox entries in the log: an ack removes one only when there is
     /// one (most deliveries write no kv).
     outboxed: std::sync::Mutex<std::collections::HashSet<(Arc<str>, u64)>>,
@@ -997,14 +1064,15 @@ impl Writer {
                         continue;
                     }
                     if unsynced || !carried.is_empty() || failed {
+                        let outputs = unwritten_output_bytes(&carried);
                         match self.commit(std::mem::take(&mut carried), true) {
                             Ok(_) => {
                                 unsynced = false;
                                 in_memory.clear();
+                                self.unwritten.written(outputs);
                             }
                             Err(retry) => carried = in_memory.drain(..).chain(retry).collect(),
                         }
-                        self.count_carried(&carried);
                         in_memory_bytes = 0;
                         last_sync = std::time::Instant::now();
                     }
@@ -1033,7 +1101,12 @@ impl Writer {
                 // once what is kept only in memory (and copied) reaches its bound.
                 || self.failed.load(std::sync::atomic::Ordering::Relaxed)
                 || in_memory_bytes >= IN_MEMORY_BYTES;
-            match self.commit(batch, durable) {
+            let outputs = unwritten_output_bytes(&batch);
+            let committed = self.commit(batch, durable);
+            if committed.is_ok() {
+                self.unwritten.written(outputs);
+            }
+            match committed {
                 Ok(_) if durable => {
                     unsynced = false;
                     last_sync = std::time::Instant::now();
@@ -1050,7 +1123,6 @@ impl Writer {
                     in_memory_bytes = 0;
                 }
             }
-            self.count_carried(&carried);
         }
         // The host is stopping: make everything on disk.
         // (A failed commit threw away what was kept in memory too.)
@@ -1063,11 +1135,6 @@ impl Writer {
                 "the event log could not commit before the stop: accepted events (answered 202 under bus.sync = \"batch\" / \"none\") are lost; \
                  of the rest, what was settled runs again at the next start, and kv writes kept in memory are lost");
         }
-    }
-
-    /// Tells the log what the ops kept to commit again hold ([`CARRIED_BYTES`]).
-    fn count_carried(&self, carried: &[Op]) {
-        self.carried_bytes.store(carried.iter().map(Op::cost).sum(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// After a commit that reached `commit()` reported a failure: whether it landed anyway (its
@@ -2111,10 +2178,19 @@ pub(crate) mod tests {
     }
 
     /// A small tmpfs, unmounted on drop (`None` outside CI when mounting is not allowed).
-    struct Tmpfs(tempfile::TempDir);
+    pub(crate) struct Tmpfs(pub(crate) tempfile::TempDir);
+
+    /// Fills the file system under `dir` until a write fails; returns the file that filled it.
+    pub(crate) fn fill_up(dir: &Path) -> PathBuf {
+        use std::io::Write;
+        let filler = dir.join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while f.write_all(&[7u8; 64 << 10]).is_ok() {}
+        filler
+    }
 
     impl Tmpfs {
-        fn mount(mib: u32) -> Option<Self> {
+        pub(crate) fn mount(mib: u32) -> Option<Self> {
             let dir = tempfile::tempdir().unwrap();
             let out = std::process::Command::new("mount")
                 .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
@@ -2137,61 +2213,49 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn outputs_are_refused_once_what_failed_commits_keep_reaches_its_bound() {
-        use std::io::Write;
+    async fn publishers_of_outputs_wait_once_those_not_yet_written_reach_their_bound() {
         // Room for what is kept (32 MiB) once space returns, beside what the failed commits
         // wrote into the file before they failed.
         let Some(disk) = Tmpfs::mount(128) else { return };
         let path = disk.0.path().join("bus.redb");
         let log = DurableLog::open_with(&path, SyncPolicy::Always, Retention::default()).unwrap();
         let p: Arc<str> = "p".into();
-        let filler = disk.0.path().join("filler");
-        let mut f = std::fs::File::create(&filler).unwrap();
-        while f.write_all(&[7u8; 64 << 10]).is_ok() {}
-        drop(f);
-        // Plugins that feed each other go on publishing outputs while the disk stays full: each
-        // commit fails, and the outputs are kept to commit again, up to the bound. (One at a
-        // time: each is waited for until the writer has kept it.)
+        let filler = fill_up(disk.0.path());
+        // Plugins that feed each other go on publishing outputs while the disk stays full: no
+        // commit can take them, so they add up, to the bound.
         let mib = "x".repeat(1 << 20);
-        let kept = || log.carried_bytes.load(std::sync::atomic::Ordering::Relaxed);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let unwritten = || log.unwritten.bytes.load(Relaxed);
         let mut sent = 0u64;
-        let refused = loop {
-            let before = kept();
-            match log.append_nowait(Arc::new(Event::new("loop.x", mib.clone())), vec![p.clone()]) {
-                Ok(_) => sent += 1,
-                Err(e) => break e.to_string(),
-            }
-            assert!(sent <= CARRIED_BYTES >> 20, "outputs never refused: {sent} taken, {before} bytes kept");
-            while kept() == before {
-                assert!(std::time::Instant::now() < deadline, "output {sent} never kept: {before} bytes kept");
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-        };
-        assert!(
-            refused.contains("bus.redb") && refused.contains("outputs are refused"),
-            "the refusal names the log and why: {refused}"
-        );
-        // Each output holds a little over 1 MiB: the 33rd is refused.
-        assert_eq!(sent, CARRIED_BYTES >> 20, "{} bytes kept", kept());
-        // Space returns: what was kept commits (each output once), and outputs are taken again.
+        while tokio::time::timeout(std::time::Duration::from_millis(300), log.room_for_outputs()).await.is_ok() {
+            log.append_nowait(Arc::new(Event::new("loop.x", mib.clone())), vec![p.clone()]).unwrap();
+            sent += 1;
+            assert!(
+                sent <= UNWRITTEN_OUTPUT_BYTES >> 20,
+                "no publisher waited: {sent} sent, {} bytes unwritten",
+                unwritten()
+            );
+        }
+        // Each holds a little over 1 MiB: the publisher of the 33rd waits.
+        assert_eq!(sent, UNWRITTEN_OUTPUT_BYTES >> 20, "{} bytes unwritten", unwritten());
+        assert!(log.metrics().commit_failures.get() > 0);
+        assert_eq!(log.metrics().unwritten_output_bytes.get() as u64, unwritten());
+        // It goes on once space returns and the outputs commit, each once.
+        let waiting = tokio::spawn({
+            let log = log.clone();
+            async move { log.room_for_outputs().await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "a publisher went on while the disk was full");
         std::fs::remove_file(&filler).unwrap();
-        while let Err(e) = log.sync().await {
-            assert!(std::time::Instant::now() < deadline, "the log did not recover: {e}");
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        while kept() > 0 {
-            assert!(std::time::Instant::now() < deadline, "{} bytes still kept after the recovery", kept());
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        log.append_nowait(Arc::new(Event::new("loop.x", "after")), vec![p.clone()]).expect("taken again");
+        let went_on = tokio::time::timeout(std::time::Duration::from_secs(30), waiting).await;
+        went_on.expect("the publisher still waits after space returned").unwrap();
+        assert_eq!(unwritten(), 0);
         log.sync().await.unwrap();
-        assert_eq!(log.unsettled("p").unwrap().len() as u64, sent + 1, "every output taken kept once");
+        assert_eq!(log.unsettled("p").unwrap().len() as u64, sent, "every output kept once");
     }
 
     #[tokio::test]
     async fn a_failed_write_undoes_nothing_a_commit_kept_in_memory_had_answered() {
-        use std::io::Write;
         let Some(disk) = Tmpfs::mount(16) else { return };
         let p: Arc<str> = "p".into();
         let log =
@@ -2209,10 +2273,7 @@ pub(crate) mod tests {
         // the full disk before they are all kept in memory).
         let path = disk.0.path().join("bus.redb");
         HOLD_IDLE_FLUSH.lock().unwrap().push(path.clone());
-        let filler = disk.0.path().join("filler");
-        let mut f = std::fs::File::create(&filler).unwrap();
-        while f.write_all(&[7u8; 64 << 10]).is_ok() {}
-        drop(f);
+        let filler = fill_up(disk.0.path());
         // Under `sync = "none"` these are kept in memory: answered, not on disk yet. The event
         // is acked (its outbox entry removed), another attempt commits a kv write, and a
         // producer's event is accepted (its `202`) with an output of it and a delivery for `q`.
