@@ -372,12 +372,26 @@ impl EmbeddedBus {
     /// was (not delivered again).
     async fn append_output(&self, event: &Arc<Event>, targets: &[Arc<Sub>]) -> Result<Option<Logged>, TransportError> {
         let Some(log) = &self.log else { return Ok(Some(Logged(None))) };
-        let plugins = targets.iter().map(|s| s.plugin.clone()).collect();
-        match log.append(event.clone(), plugins, true).await {
-            // In the log, its commit standing: nobody outside waits for this one to be on disk.
-            Ok(Appended::At(seq)) | Err(LogError::NotOnDisk { seq, .. }) => Ok(Some(Logged(Some(seq)))),
-            Ok(Appended::Duplicate) => Ok(None),
-            Err(e) => Err(TransportError::Broker(e.to_string())),
+        let plugins: Vec<Arc<str>> = targets.iter().map(|s| s.plugin.clone()).collect();
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match log.append(event.clone(), plugins.clone(), true).await {
+                // In the log, its commit standing: nobody outside waits for this one to be on disk.
+                Ok(Appended::At(seq)) | Err(LogError::NotOnDisk { seq, .. }) => return Ok(Some(Logged(Some(seq)))),
+                Ok(Appended::Duplicate) => return Ok(None),
+                // A failed write (a full disk): the output waits for the log to take it, as a
+                // new one does past its bound. Refused, it would spend its tries and be
+                // dead-lettered (on the same full disk) with its input acked: lost.
+                Err(e @ LogError::Io { .. }) => {
+                    if wait == Duration::from_millis(50) {
+                        tracing::warn!(subject = %event.subject, event_id = %event.id,
+                            "the event log cannot take an output now; trying again until it can: {e}");
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(TransportError::Broker(e.to_string())),
+            }
         }
     }
 
@@ -843,6 +857,33 @@ mod tests {
                 Some(&*format!("input-{i}"))
             );
         }
+    }
+
+    #[tokio::test]
+    async fn an_output_that_may_be_logged_already_waits_out_a_full_disk_instead_of_failing() {
+        use super::super::log::tests::{Tmpfs, fill_up};
+        let Some(disk) = Tmpfs::mount(16) else { return };
+        let path = disk.0.path().join("bus.redb");
+        let bus = EmbeddedBus::durable(DurableLog::open(&path, super::super::log::SyncPolicy::Always).unwrap());
+        let mut sub = bus.subscribe(spec(&["dlq.>"], 8)).await.unwrap();
+        let filler = fill_up(disk.0.path());
+        // A dead letter (or an output of an event run again after a restart) may be in the log
+        // already: its append is waited for. On the full disk it waits; refused, it would be
+        // dead-lettered on the same full disk and its input acked: lost.
+        let dead = Arc::new(Event::new("dlq.x", "x".repeat(256 << 10)));
+        let publishing = tokio::spawn({
+            let (bus, dead) = (bus.clone(), dead.clone());
+            async move { bus.publish_output(dead).await }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if publishing.is_finished() {
+            panic!("answered on the full disk: {:?}", publishing.await.unwrap());
+        }
+        std::fs::remove_file(&filler).unwrap();
+        let taken = tokio::time::timeout(Duration::from_secs(30), publishing).await;
+        taken.expect("still waiting after space returned").unwrap().expect("taken once space returned");
+        let delivered = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await;
+        assert_eq!(delivered.expect("delivered").unwrap().event.id, dead.id);
     }
 
     #[tokio::test]

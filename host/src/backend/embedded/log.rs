@@ -66,17 +66,20 @@ struct Unwritten {
     fell: tokio::sync::Notify,
     /// `plugbus_log_unwritten_output_bytes`.
     gauge: Gauge,
+    /// The writer is gone: nothing will take them below the bound any more (publishers then
+    /// go on, and their sends fail as `Closed`).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Unwritten {
     fn new(gauge: Gauge) -> Self {
-        Self { bytes: 0.into(), fell: tokio::sync::Notify::new(), gauge }
+        Self { bytes: 0.into(), fell: tokio::sync::Notify::new(), gauge, closed: false.into() }
     }
 
     /// `bytes` more are sent.
     fn add(&self, bytes: u64) {
-        let now = self.bytes.fetch_add(bytes, Relaxed) + bytes;
-        self.gauge.set(now as i64);
+        self.bytes.fetch_add(bytes, Relaxed);
+        self.gauge.inc_by(bytes as i64);
     }
 
     /// `bytes` of them are committed (or were never sent); wakes waiting publishers when that
@@ -88,7 +91,7 @@ impl Unwritten {
         let sub = |b: u64| Some(b.saturating_sub(bytes));
         let before = self.bytes.fetch_update(Relaxed, Relaxed, sub).unwrap_or_default();
         let after = before.saturating_sub(bytes);
-        self.gauge.set(after as i64);
+        self.gauge.dec_by((before - after) as i64);
         if before >= UNWRITTEN_OUTPUT_BYTES && after < UNWRITTEN_OUTPUT_BYTES {
             self.fell.notify_waiters();
         }
@@ -311,6 +314,16 @@ fn kv_cost(ns: &str, txn: &crate::kv::Txn, outbox: &Option<Outbox>) -> u64 {
     let reads: usize = txn.reads.keys().map(|k| k.len() + 8).sum();
     let outputs: usize = outbox.as_ref().map_or(0, |o| o.outputs.iter().map(|e| 256 + e.data.len()).sum());
     (128 + ns.len() + writes + reads + outputs) as u64
+}
+
+/// Marks [`Unwritten`] closed and wakes its waiters when the writer thread ends.
+struct WriterGone(Arc<Unwritten>);
+
+impl Drop for WriterGone {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Relaxed);
+        self.0.fell.notify_waiters();
+    }
 }
 
 /// What the ops count in [`Unwritten`].
@@ -562,7 +575,7 @@ impl DurableLog {
     pub async fn room_for_outputs(&self) {
         loop {
             let fell = self.unwritten.fell.notified();
-            if self.unwritten.bytes.load(Relaxed) < UNWRITTEN_OUTPUT_BYTES {
+            if self.unwritten.bytes.load(Relaxed) < UNWRITTEN_OUTPUT_BYTES || self.unwritten.closed.load(Relaxed) {
                 return;
             }
             // The timeout is a backstop: the wake-up is not missed (`fell` was made first).
@@ -1036,6 +1049,8 @@ impl Writer {
     }
 
     fn run(self, rx: std_mpsc::Receiver<Op>) {
+        // However this thread ends (a panic included), publishers waiting for room go on.
+        let _closing = WriterGone(self.unwritten.clone());
         let mut last_sync = std::time::Instant::now();
         let mut last_trim = std::time::Instant::now();
         let mut unsynced = false;
