@@ -264,20 +264,14 @@ impl Router {
         self.entries.lock().expect("router poisoned").get(name).map(|e| e.runtime.plugin().hash().to_string())
     }
 
-    /// Takes every plugin out and waits up to 5 s, all together, for their workers to end (after
-    /// a drain): a worker that does not end (a publisher waiting out a full disk) costs the stop
-    /// 5 s once, not 5 s for each plugin.
+    /// Takes every plugin out and waits for their workers to end (after a drain).
     pub async fn close(&self) {
         let entries = std::mem::take(&mut *self.entries.lock().expect("router poisoned"));
-        let workers: Vec<_> = entries
-            .into_values()
-            .map(|entry| {
-                let Entry { subscribed, worker, .. } = entry;
-                drop(subscribed);
-                worker
-            })
-            .collect();
-        let _ = tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(workers)).await;
+        for (_, entry) in entries {
+            let Entry { subscribed, worker, .. } = entry;
+            drop(subscribed);
+            let _ = tokio::time::timeout(Duration::from_secs(5), worker).await;
+        }
     }
 
     /// Unsubscribes every plugin but keeps its worker: what was taken still runs (a stop on a
