@@ -352,7 +352,7 @@ impl EmbeddedBus {
             Some(log) => {
                 match log.append(event.clone(), targets.iter().map(|s| s.plugin.clone()).collect(), false).await {
                     Ok(Appended::At(seq)) => (Logged(Some(seq)), None),
-                    Ok(Appended::Duplicate) => return Ok(()),
+                    Ok(Appended::Duplicate(_)) => return Ok(()),
                     Err(e @ LogError::NotOnDisk { seq, .. }) => (Logged(Some(seq)), Some(e)),
                     Err(e) => return Err(TransportError::Broker(e.to_string())),
                 }
@@ -374,15 +374,22 @@ impl EmbeddedBus {
         let Some(log) = &self.log else { return Ok(Some(Logged(None))) };
         let plugins: Vec<Arc<str>> = targets.iter().map(|s| s.plugin.clone()).collect();
         let mut wait = Duration::from_millis(50);
+        let mut failed_before = false;
         loop {
             match log.append(event.clone(), plugins.clone(), true).await {
                 // In the log, its commit standing: nobody outside waits for this one to be on disk.
                 Ok(Appended::At(seq)) | Err(LogError::NotOnDisk { seq, .. }) => return Ok(Some(Logged(Some(seq)))),
-                Ok(Appended::Duplicate) => return Ok(None),
+                // After a failed write, a copy found may be this output's own try: its commit
+                // landed though it was answered failed (the look for that could not be made). It
+                // is delivered now rather than at the next start (at least once: a copy from a
+                // run before would be delivered again).
+                Ok(Appended::Duplicate(first)) if failed_before => return Ok(Some(Logged(Some(first)))),
+                Ok(Appended::Duplicate(_)) => return Ok(None),
                 // A failed write (a full disk): the output waits for the log to take it, as a
                 // new one does past its bound. Refused, it would spend its tries and be
                 // dead-lettered (on the same full disk) with its input acked: lost.
                 Err(e @ LogError::Io { .. }) => {
+                    failed_before = true;
                     if wait == Duration::from_millis(50) {
                         tracing::warn!(subject = %event.subject, event_id = %event.id,
                             "the event log cannot take an output now; trying again until it can: {e}");
@@ -884,6 +891,24 @@ mod tests {
         taken.expect("still waiting after space returned").unwrap().expect("taken once space returned");
         let delivered = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await;
         assert_eq!(delivered.expect("delivered").unwrap().event.id, dead.id);
+    }
+
+    #[tokio::test]
+    async fn an_output_whose_commit_landed_though_answered_failed_is_delivered_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let bus = EmbeddedBus::durable(DurableLog::open(&path, super::super::log::SyncPolicy::Always).unwrap());
+        let mut sub = bus.subscribe(spec(&["dlq.>"], 8)).await.unwrap();
+        // A dead letter's commit lands, reports a failure, and the look for whether it landed
+        // cannot be made: answered failed, it is tried again and found in the log.
+        super::super::log::tests::fail_after_landing_unchecked(&path);
+        let dead = Arc::new(Event::new("dlq.x", "dead"));
+        let taken = tokio::time::timeout(Duration::from_secs(10), bus.publish_output(dead.clone())).await;
+        taken.expect("tried again").expect("taken");
+        let delivered = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await;
+        let delivered = delivered.expect("delivered now, not at the next start").unwrap();
+        assert_eq!(delivered.event.id, dead.id);
+        assert_eq!(delivered.acker.position().map(|(_, seq)| seq), Some(1), "as the copy in the log");
     }
 
     #[tokio::test]

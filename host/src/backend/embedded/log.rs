@@ -341,8 +341,9 @@ fn append_cost(event: &Event, plugins: &[Arc<str>]) -> u64 {
 pub enum Appended {
     /// Stored under this sequence number.
     At(u64),
-    /// An output with this (source, id) was stored before: not stored again.
-    Duplicate,
+    /// An output with this (source, id) was stored before, under this sequence number: not
+    /// stored again.
+    Duplicate(u64),
 }
 
 /// What the log's writer did, for `/metrics` (`plugbus_log_*`): how well group commit groups,
@@ -1350,7 +1351,7 @@ impl Writer {
                             if let Some(first) = before {
                                 ids.insert(key.as_str(), first).map_err(|e| e.to_string())?;
                                 match answer {
-                                    Some(i) => answers[i].1 = Appended::Duplicate,
+                                    Some(i) => answers[i].1 = Appended::Duplicate(first),
                                     None => tracing::warn!(log = %self.path.display(), event_id = %event.id,
                                         "an output logged before was delivered again"),
                                 }
@@ -1788,7 +1789,7 @@ pub(crate) mod tests {
         let log = DurableLog::open(&dir.path().join("bus.redb"), SyncPolicy::Always).unwrap();
         let out = Arc::new(sample());
         assert_eq!(log.append(out.clone(), vec!["p".into()], true).await.unwrap(), Appended::At(1));
-        assert_eq!(log.append(out, vec!["p".into()], true).await.unwrap(), Appended::Duplicate);
+        assert!(matches!(log.append(out, vec!["p".into()], true).await.unwrap(), Appended::Duplicate(_)));
         assert_eq!(log.unsettled("p").unwrap().len(), 1);
     }
 
@@ -1803,7 +1804,7 @@ pub(crate) mod tests {
         futures::future::join_all(appends).await;
         let out = Arc::new(sample());
         log.append(out.clone(), vec![], true).await.unwrap();
-        assert_eq!(log.append(out, vec![], true).await.unwrap(), Appended::Duplicate);
+        assert!(matches!(log.append(out, vec![], true).await.unwrap(), Appended::Duplicate(_)));
         for seq in 1..=20 {
             log.ack(p.clone(), seq);
         }
@@ -1917,7 +1918,7 @@ pub(crate) mod tests {
             .into_iter()
             .map(|a| match a.unwrap() {
                 Appended::At(seq) => seq,
-                Appended::Duplicate => panic!("not a duplicate"),
+                Appended::Duplicate(_) => panic!("not a duplicate"),
             })
             .collect();
         assert!(log.metrics().commits.get() < 50, "appends waiting together share commits");
@@ -2094,6 +2095,12 @@ pub(crate) mod tests {
     /// `fsync` fails).
     pub(crate) fn fail_after_landing(path: &Path) {
         FAIL_AFTER_LANDING.lock().unwrap().push((path.to_path_buf(), false, false));
+    }
+
+    /// Like [`fail_after_landing`], and the look for whether it landed cannot be made (a
+    /// double fault): the commit is answered as failed.
+    pub(crate) fn fail_after_landing_unchecked(path: &Path) {
+        FAIL_AFTER_LANDING.lock().unwrap().push((path.to_path_buf(), true, false));
     }
 
     /// Makes the next `n` reads of unsettled deliveries from the log at `path` fail (I/O).
@@ -2333,7 +2340,10 @@ pub(crate) mod tests {
         let read: Vec<_> = log.read(later, 10).unwrap().into_iter().map(|(s, ev)| (s, ev.id.clone())).collect();
         assert_eq!(read, vec![(later, accepted.id.clone()), (output_seq, output.id.clone())]);
         assert_eq!(log.unsettled("q").unwrap().iter().map(|u| u.seq).collect::<Vec<_>>(), vec![later]);
-        assert_eq!(log.append(output, vec![], true).await.unwrap(), Appended::Duplicate, "the output's id was lost");
+        assert!(
+            matches!(log.append(output, vec![], true).await.unwrap(), Appended::Duplicate(_)),
+            "the output's id was lost"
+        );
         // And it is on disk: a restart finds it.
         drop(log);
         let log = reopen(&path, Retention::default()).await;
@@ -2350,7 +2360,7 @@ pub(crate) mod tests {
             assert_eq!(log.append(out.clone(), vec![], true).await.unwrap(), Appended::At(1));
             assert_eq!(
                 log.append(out.clone(), vec![], true).await.unwrap(),
-                Appended::Duplicate,
+                Appended::Duplicate(1),
                 "readable: kept once"
             );
         }
@@ -2361,7 +2371,7 @@ pub(crate) mod tests {
             panic!("a damaged first copy made the output a duplicate")
         };
         assert_eq!(log.read_seqs("p", &[seq]).unwrap()[0].event.id, out.id);
-        assert_eq!(log.append(out, vec![], true).await.unwrap(), Appended::Duplicate, "and kept once again");
+        assert!(matches!(log.append(out, vec![], true).await.unwrap(), Appended::Duplicate(_)), "and kept once again");
     }
 
     #[tokio::test]
