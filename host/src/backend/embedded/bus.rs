@@ -374,22 +374,28 @@ impl EmbeddedBus {
         let Some(log) = &self.log else { return Ok(Some(Logged(None))) };
         let plugins: Vec<Arc<str>> = targets.iter().map(|s| s.plugin.clone()).collect();
         let mut wait = Duration::from_millis(50);
-        let mut failed_before = false;
+        // The sequence numbers of this output's tries answered failed.
+        let mut failed_tries = Vec::new();
         loop {
-            match log.append(event.clone(), plugins.clone(), true).await {
+            match log.append_at(event.clone(), plugins.clone(), true).await {
                 // In the log, its commit standing: nobody outside waits for this one to be on disk.
-                Ok(Appended::At(seq)) | Err(LogError::NotOnDisk { seq, .. }) => return Ok(Some(Logged(Some(seq)))),
-                // After a failed write, a copy found may be this output's own try: its commit
-                // landed though it was answered failed (the look for that could not be made). It
-                // is delivered now rather than at the next start (at least once: a copy from a
-                // run before would be delivered again).
-                Ok(Appended::Duplicate(first)) if failed_before => return Ok(Some(Logged(Some(first)))),
-                Ok(Appended::Duplicate(_)) => return Ok(None),
+                (_, Ok(Appended::At(seq)) | Err(LogError::NotOnDisk { seq, .. })) => {
+                    return Ok(Some(Logged(Some(seq))));
+                }
+                // The copy found is this output's own earlier try: its commit landed though it
+                // was answered failed (the look for that could not be made). It is delivered
+                // now rather than at the next start. A copy logged before this output was
+                // published (a run before, a replay) is not delivered again: it was, or is
+                // pending for its plugins and read back.
+                (_, Ok(Appended::Duplicate(first))) if failed_tries.contains(&first) => {
+                    return Ok(Some(Logged(Some(first))));
+                }
+                (_, Ok(Appended::Duplicate(_))) => return Ok(None),
                 // A failed write (a full disk): the output waits for the log to take it, as a
                 // new one does past its bound. Refused, it would spend its tries and be
                 // dead-lettered (on the same full disk) with its input acked: lost.
-                Err(e @ LogError::Io { .. }) => {
-                    failed_before = true;
+                (seq, Err(e @ LogError::Io { .. })) => {
+                    failed_tries.push(seq);
                     if wait == Duration::from_millis(50) {
                         tracing::warn!(subject = %event.subject, event_id = %event.id,
                             "the event log cannot take an output now; trying again until it can: {e}");
@@ -397,7 +403,7 @@ impl EmbeddedBus {
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(1));
                 }
-                Err(e) => return Err(TransportError::Broker(e.to_string())),
+                (_, Err(e)) => return Err(TransportError::Broker(e.to_string())),
             }
         }
     }
@@ -909,6 +915,25 @@ mod tests {
         let delivered = delivered.expect("delivered now, not at the next start").unwrap();
         assert_eq!(delivered.event.id, dead.id);
         assert_eq!(delivered.acker.position().map(|(_, seq)| seq), Some(1), "as the copy in the log");
+    }
+
+    #[tokio::test]
+    async fn an_output_logged_before_is_not_delivered_again_after_a_failed_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let bus = EmbeddedBus::durable(DurableLog::open(&path, super::super::log::SyncPolicy::Always).unwrap());
+        let mut sub = bus.subscribe(spec(&["dlq.>"], 8)).await.unwrap();
+        let dead = Arc::new(Event::new("dlq.x", "dead"));
+        bus.publish_output(dead.clone()).await.unwrap();
+        assert_eq!(sub.deliveries.recv().await.unwrap().event.id, dead.id);
+        // The same output again (its event run again after a restart, say); its first try is
+        // answered failed (a commit that landed, with no way to look), and the next finds the
+        // copy logged before it was published: not delivered a second time.
+        super::super::log::tests::fail_after_landing_unchecked(&path);
+        let again = tokio::time::timeout(Duration::from_secs(10), bus.publish_output(dead.clone())).await;
+        again.expect("tried again").expect("answered");
+        let twice = tokio::time::timeout(Duration::from_millis(500), sub.deliveries.recv()).await;
+        assert!(twice.is_err(), "delivered a second time: {:?}", twice.map(|d| d.map(|d| d.event.id.clone())));
     }
 
     #[tokio::test]

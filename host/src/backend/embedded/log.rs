@@ -545,9 +545,23 @@ impl DurableLog {
     /// committed (on disk with `sync = "always"`). With `dedupe`, an event whose (source, id) was
     /// appended before is not appended again.
     pub async fn append(&self, event: Arc<Event>, plugins: Vec<Arc<str>>, dedupe: bool) -> Result<Appended, LogError> {
+        self.append_at(event, plugins, dedupe).await.1
+    }
+
+    /// Like [`DurableLog::append`], with the sequence number the append was sent under (`0`
+    /// when it could not be sent): a later try that finds it as a duplicate can tell its own
+    /// earlier try (whose commit landed though answered failed) from a copy logged before.
+    pub async fn append_at(
+        &self,
+        event: Arc<Event>,
+        plugins: Vec<Arc<str>>,
+        dedupe: bool,
+    ) -> (u64, Result<Appended, LogError>) {
         let (done, wait) = oneshot::channel();
-        self.send_append(|seq| Op::Append { seq, event, plugins, dedupe, done: Some(done), appended_ms: None })?;
-        wait.await.map_err(|_| LogError::Closed)?
+        match self.send_append(|seq| Op::Append { seq, event, plugins, dedupe, done: Some(done), appended_ms: None }) {
+            Ok(seq) => (seq, wait.await.map_err(|_| LogError::Closed).and_then(|answer| answer)),
+            Err(e) => (0, Err(e)),
+        }
     }
 
     /// Appends a handler's output without waiting for the commit; returns its sequence number.
