@@ -674,6 +674,21 @@ mod tests {
         }
     }
 
+    /// A durable bus over a new log at `dir/bus.redb` (`sync = "always"`) with plugin `p`
+    /// subscribed to `pattern`: the log's path (for injected faults), the log, the bus and the
+    /// subscription.
+    async fn durable_bus(
+        dir: &std::path::Path,
+        pattern: &str,
+        capacity: usize,
+    ) -> (std::path::PathBuf, Arc<DurableLog>, EmbeddedBus, Subscription) {
+        let path = dir.join("bus.redb");
+        let log = DurableLog::open(&path, super::super::log::SyncPolicy::Always).unwrap();
+        let bus = EmbeddedBus::durable(log.clone());
+        let sub = bus.subscribe(spec(&[pattern], capacity)).await.unwrap();
+        (path, log, bus, sub)
+    }
+
     #[tokio::test]
     async fn delivers_once_per_subscription_even_when_several_patterns_match() {
         let bus = EmbeddedBus::new();
@@ -809,10 +824,7 @@ mod tests {
     #[tokio::test]
     async fn an_event_whose_commit_landed_but_reported_a_failure_is_delivered_and_its_producer_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("bus.redb");
-        let log = DurableLog::open(&path, super::super::log::SyncPolicy::Always).unwrap();
-        let bus = EmbeddedBus::durable(log.clone());
-        let mut sub = bus.subscribe(spec(&["a.>"], 8)).await.unwrap();
+        let (path, log, bus, mut sub) = durable_bus(dir.path(), "a.>", 8).await;
         super::super::log::tests::fail_after_landing(&path);
         let refused = bus.publish(Event::new("a.1", "1")).await.unwrap_err();
         assert!(refused.to_string().contains("may not be on disk"), "{refused}");
@@ -835,9 +847,7 @@ mod tests {
     async fn a_publisher_of_outputs_waits_while_the_disk_is_full_and_none_is_refused() {
         use super::super::log::tests::{Tmpfs, fill_up};
         let Some(disk) = Tmpfs::mount(128) else { return };
-        let path = disk.0.path().join("bus.redb");
-        let bus = EmbeddedBus::durable(DurableLog::open(&path, super::super::log::SyncPolicy::Always).unwrap());
-        let mut sub = bus.subscribe(spec(&["loop.>"], 64)).await.unwrap();
+        let (_, _, bus, mut sub) = durable_bus(disk.0.path(), "loop.>", 64).await;
         let filler = fill_up(disk.0.path());
         let mib = "x".repeat(1 << 20);
         let output = |i: usize| {
@@ -876,9 +886,7 @@ mod tests {
     async fn an_output_that_may_be_logged_already_waits_out_a_full_disk_instead_of_failing() {
         use super::super::log::tests::{Tmpfs, fill_up};
         let Some(disk) = Tmpfs::mount(16) else { return };
-        let path = disk.0.path().join("bus.redb");
-        let bus = EmbeddedBus::durable(DurableLog::open(&path, super::super::log::SyncPolicy::Always).unwrap());
-        let mut sub = bus.subscribe(spec(&["dlq.>"], 8)).await.unwrap();
+        let (_, _, bus, mut sub) = durable_bus(disk.0.path(), "dlq.>", 8).await;
         let filler = fill_up(disk.0.path());
         // A dead letter (or an output of an event run again after a restart) may be in the log
         // already: its append is waited for. On the full disk it waits; refused, it would be
@@ -902,9 +910,7 @@ mod tests {
     #[tokio::test]
     async fn an_output_whose_commit_landed_though_answered_failed_is_delivered_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("bus.redb");
-        let bus = EmbeddedBus::durable(DurableLog::open(&path, super::super::log::SyncPolicy::Always).unwrap());
-        let mut sub = bus.subscribe(spec(&["dlq.>"], 8)).await.unwrap();
+        let (path, _, bus, mut sub) = durable_bus(dir.path(), "dlq.>", 8).await;
         // A dead letter's commit lands, reports a failure, and the look for whether it landed
         // cannot be made: answered failed, it is tried again and found in the log.
         super::super::log::tests::fail_after_landing_unchecked(&path);
@@ -920,9 +926,7 @@ mod tests {
     #[tokio::test]
     async fn an_output_logged_before_is_not_delivered_again_after_a_failed_write() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("bus.redb");
-        let bus = EmbeddedBus::durable(DurableLog::open(&path, super::super::log::SyncPolicy::Always).unwrap());
-        let mut sub = bus.subscribe(spec(&["dlq.>"], 8)).await.unwrap();
+        let (path, _, bus, mut sub) = durable_bus(dir.path(), "dlq.>", 8).await;
         let dead = Arc::new(Event::new("dlq.x", "dead"));
         bus.publish_output(dead.clone()).await.unwrap();
         assert_eq!(sub.deliveries.recv().await.unwrap().event.id, dead.id);
