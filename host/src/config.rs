@@ -85,6 +85,10 @@ pub struct Config {
     pub persistent_kv: bool,
     /// Keep compiled components under `data_dir/cache` so restarts skip compilation.
     pub compile_cache: bool,
+    /// Keep them in this folder instead of `data_dir/cache` (its key beside it, `<folder>.key`).
+    /// Hosts run by the same user may share one: entries are written by rename and named by
+    /// the wasm's hash and the engine's settings.
+    pub compile_cache_dir: Option<PathBuf>,
     /// Default limits for every plugin.
     pub limits: Limits,
     /// Default queue and concurrency per plugin.
@@ -118,6 +122,7 @@ impl Default for Config {
             api_token: None,
             watch: true,
             compile_cache: true,
+            compile_cache_dir: None,
             persistent_kv: true,
             limits: Limits::default(),
             flow: Flow::default(),

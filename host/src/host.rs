@@ -66,7 +66,8 @@ impl Host {
         settings.max_memory_mib = settings.max_memory_mib.max(config.max_memory_mib());
         let mut sandbox = Sandbox::new(settings)?;
         if config.compile_cache {
-            sandbox = sandbox.with_cache(&config.data_dir.join("cache"))?;
+            let dir = config.compile_cache_dir.clone().unwrap_or_else(|| config.data_dir.join("cache"));
+            sandbox = sandbox.with_cache(&dir)?;
         }
         let sandbox = sandbox.with_requester(Arc::new(crate::rpc::TransportRequester(transport.clone())));
         let dead_letters = if config.persistent_kv {

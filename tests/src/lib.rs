@@ -128,6 +128,11 @@ impl TestHost {
         // guarantees across a crash is tested with child processes killed by SIGKILL (`crash`)
         // at the default `sync = "always"`.
         config.bus.sync = plugbus::backend::embedded::log::SyncPolicy::None;
+        // One compile cache for every test host (of every run: entries are named by the wasm's
+        // hash and the engine's settings), so each component is compiled once, not once per
+        // test: compiling was a quarter of the end-to-end tests' CPU time. A test that counts
+        // compilations sets it back to `None` (its own `data_dir/cache`).
+        config.compile_cache_dir = Some(target_dir().join("test-compile-cache"));
         tweak(&mut config);
         let host = Host::start(config).await.expect("host starts");
         Self { host, dir, data }

@@ -155,14 +155,21 @@ fn tag_path(entry: &Path) -> PathBuf {
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_os_string();
-    tmp.push(format!(".tmp{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
+    let tmp = temporary_beside(path);
     let written = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     written
+}
+
+/// A name beside `path` that no other write uses: hosts sharing the folder, and threads of one
+/// host writing the same entry at once, never write into each other's file.
+fn temporary_beside(path: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut tmp = path.as_os_str().to_os_string();
+    tmp.push(format!(".tmp{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+    PathBuf::from(tmp)
 }
 
 /// Reads a regular file (never through a symlink, never a FIFO or device) of at most `cap` bytes.
@@ -208,42 +215,76 @@ fn unsafe_key(meta: &std::fs::Metadata) -> Option<String> {
 
 /// Reads the key at `path`, or makes one: a key file that is not a regular file of this user
 /// with mode `0600` (or stricter) and 32 bytes is replaced (every entry is then recompiled).
+///
+/// A new key is written whole under a name of its own and then linked in place, which fails if
+/// a key appeared meanwhile: hosts sharing the folder never read a key half written (and
+/// replace it as unsafe), and of hosts making one at once all keep the first.
 fn load_or_make_key(path: &Path) -> std::io::Result<[u8; KEY_LEN]> {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) => match unsafe_key(&meta) {
-            None => {
-                let bytes = read_regular(path, KEY_LEN as u64)?;
-                // Checked again on the file actually read (it may have changed in between).
-                let opened = std::fs::symlink_metadata(path)?;
-                if let (Ok(key), None) = (<[u8; KEY_LEN]>::try_from(bytes.as_slice()), unsafe_key(&opened)) {
-                    return Ok(key);
+    for _ in 0..3 {
+        let unsafe_one = match std::fs::symlink_metadata(path) {
+            Ok(meta) => match unsafe_key(&meta) {
+                None => {
+                    let bytes = read_regular(path, KEY_LEN as u64)?;
+                    // Checked again on the file actually read (it may have changed in between).
+                    let opened = std::fs::symlink_metadata(path)?;
+                    if let (Ok(key), None) = (<[u8; KEY_LEN]>::try_from(bytes.as_slice()), unsafe_key(&opened)) {
+                        return Ok(key);
+                    }
+                    tracing::warn!(file = %path.display(), "the compile cache key changed while read: making a new one");
+                    true
                 }
-                tracing::warn!(file = %path.display(), "the compile cache key changed while read: making a new one");
+                Some(why) => {
+                    tracing::warn!(
+                        file = %path.display(),
+                        "the compile cache key is not safe ({why}): making a new one; every cached component is recompiled"
+                    );
+                    true
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e),
+        };
+        // Only a key found unsafe is removed: one found missing may have been made meanwhile.
+        if unsafe_one {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
             }
-            Some(why) => tracing::warn!(
-                file = %path.display(),
-                "the compile cache key is not safe ({why}): making a new one; every cached component is recompiled"
-            ),
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+        }
+        let key = new_key()?;
+        let tmp = temporary_beside(path);
+        let linked = write_key(&tmp, &key).and_then(|_| std::fs::hard_link(&tmp, path));
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => return Ok(key),
+            // Another host made one first: read it (the loop's next turn).
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
+    Err(std::io::Error::other(format!(
+        "{}: the compile cache key kept being replaced while this host read it",
+        path.display()
+    )))
+}
+
+fn new_key() -> std::io::Result<[u8; KEY_LEN]> {
     let mut key = [0u8; KEY_LEN];
     getrandom::fill(&mut key).map_err(|e| std::io::Error::other(format!("no randomness for the cache key: {e}")))?;
+    Ok(key)
+}
+
+/// Writes `key` to a new file at `path`, readable by this user only, and syncs it.
+fn write_key(path: &Path, key: &[u8; KEY_LEN]) -> std::io::Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
-    file.write_all(&key)?;
-    file.sync_all()?;
-    Ok(key)
+    file.write_all(key)?;
+    file.sync_all()
 }
 
 #[cfg(test)]
@@ -277,5 +318,53 @@ mod tests {
         load_or_make_key(&path).unwrap();
         assert!(std::fs::symlink_metadata(&path).unwrap().is_file(), "a symlinked key is replaced by a file");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Hosts sharing one cache folder start at once: every one of them gets the same key (none
+    /// reads a key half written and replaces it, none fails because another made it first).
+    #[test]
+    fn hosts_making_the_key_at_once_all_get_the_same_one() {
+        let dir = tempfile::tempdir().unwrap();
+        for round in 0..20 {
+            let path = dir.path().join(format!("cache{round}.key"));
+            let start = std::sync::Barrier::new(8);
+            let keys: Vec<_> = std::thread::scope(|s| {
+                let threads: Vec<_> = (0..8)
+                    .map(|_| {
+                        s.spawn(|| {
+                            start.wait();
+                            load_or_make_key(&path)
+                        })
+                    })
+                    .collect();
+                threads.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            let keys: Vec<_> = keys.into_iter().map(|k| k.expect("every host gets a key")).collect();
+            assert!(keys.iter().all(|k| *k == keys[0]), "round {round}: hosts got different keys");
+            assert_eq!(std::fs::read(&path).unwrap(), keys[0], "round {round}: the file holds another key");
+        }
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left.len(), 20, "temporary files left beside the keys: {left:?}");
+    }
+
+    /// Threads (or hosts) writing the same entry at once each succeed, and what is left is whole.
+    #[test]
+    fn the_same_entry_written_at_once_is_written_whole_by_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("entry.cwasm");
+        let bytes: Vec<u8> = (0..(1 << 20)).map(|i| (i % 251) as u8).collect();
+        let start = std::sync::Barrier::new(8);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    start.wait();
+                    for _ in 0..10 {
+                        write_atomically(&path, &bytes).expect("each write succeeds");
+                    }
+                });
+            }
+        });
+        assert!(std::fs::read(&path).unwrap() == bytes, "the entry is torn");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "temporary files left beside the entry");
     }
 }
