@@ -196,3 +196,37 @@ async fn a_restart_with_a_warm_cache_compiles_nothing() {
     let out = tokio::time::timeout(Duration::from_secs(30), seen.recv()).await.expect("an output within 30 s");
     assert_eq!(out.expect("bus open").subject, "inventory.reserved");
 }
+
+/// `compile_cache_dir`: two hosts with data folders of their own share one cache folder, and the
+/// second compiles nothing; neither writes a cache into its data folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_sharing_a_compile_cache_dir_compile_each_component_once() {
+    let shared = tempfile::tempdir().unwrap();
+    let cache_dir = shared.path().join("compiled");
+    let mut datas = Vec::new();
+    let mut counts = Vec::new();
+    for _ in 0..2 {
+        let plugins = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        for c in ["inventory", "payments"] {
+            std::fs::copy(wasm(c), plugins.path().join(format!("{c}.wasm"))).unwrap();
+        }
+        let config = Config {
+            plugins_dir: plugins.path().to_path_buf(),
+            data_dir: data.path().to_path_buf(),
+            compile_cache_dir: Some(cache_dir.clone()),
+            http: None,
+            ..Config::default()
+        };
+        let host = Host::start(config).await.unwrap();
+        let stats = host.reloader().sandbox.cache_stats();
+        counts.push((stats.compiled.load(Ordering::Relaxed), stats.hits.load(Ordering::Relaxed)));
+        host.shutdown().await;
+        datas.push(data);
+    }
+    assert_eq!(counts, [(2, 0), (0, 2)], "(compiled, read from the cache) of each host");
+    assert!(shared.path().join("compiled.key").is_file(), "the key beside the shared folder");
+    for data in &datas {
+        assert!(!data.path().join("cache").exists(), "a cache in {}", data.path().display());
+    }
+}
