@@ -356,6 +356,7 @@ fn init_logging_with(format: LogFormat, default: &str, exporter: Option<&plugbus
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let off = format!("{}=off", plugbus::telemetry::TARGET).parse().expect("a valid directive");
     let filter = filter.add_directive(off);
+    let log_level = log_max_level(&filter);
     // Above a progress bar while one is drawn; escapes only on a terminal without NO_COLOR.
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(|| cli::LogWriter)
@@ -366,6 +367,25 @@ fn init_logging_with(format: LogFormat, default: &str, exporter: Option<&plugbus
     };
     let otel = exporter.map(|e| e.layer());
     tracing_subscriber::registry().with(fmt).with(otel).init();
+    // `init` let through `log` (the crate) whatever any layer might want: with an exporter, the
+    // TRACE its spans need. Then every `log::trace!` of wasmtime's compiler passed `log`'s static
+    // check and was dispatched, to be dropped by the filter one record at a time; a third of the
+    // compile time of a host with an exporter, in a profile of the end-to-end tests. The
+    // exporter takes no `log` records, so only the log's own filter decides.
+    log::set_max_level(log_level);
+}
+
+/// The most verbose level `filter` lets through, for the `log` crate's static check.
+fn log_max_level(filter: &tracing_subscriber::EnvFilter) -> log::LevelFilter {
+    use tracing_subscriber::filter::LevelFilter;
+    match filter.max_level_hint() {
+        Some(LevelFilter::OFF) => log::LevelFilter::Off,
+        Some(LevelFilter::ERROR) => log::LevelFilter::Error,
+        Some(LevelFilter::WARN) => log::LevelFilter::Warn,
+        Some(LevelFilter::INFO) => log::LevelFilter::Info,
+        Some(LevelFilter::DEBUG) => log::LevelFilter::Debug,
+        Some(_) | None => log::LevelFilter::Trace,
+    }
 }
 
 /// mimalloc rather than glibc malloc: events are allocated on one worker thread and freed on
@@ -849,4 +869,23 @@ async fn plugins(client: &reqwest::Client, url: &str, json: bool) -> anyhow::Res
         println!("{}", cli::plugins_table(&body));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_max_level;
+    use tracing_subscriber::EnvFilter;
+
+    #[test]
+    fn dependencies_log_records_only_up_to_the_most_verbose_level_the_filter_shows() {
+        for (directives, level) in [
+            ("info", log::LevelFilter::Info),
+            ("warn,plugbus::telemetry=off", log::LevelFilter::Warn),
+            ("info,plugbus::dispatch=debug", log::LevelFilter::Debug),
+            ("info,cranelift_codegen=trace", log::LevelFilter::Trace),
+            ("off", log::LevelFilter::Off),
+        ] {
+            assert_eq!(log_max_level(&EnvFilter::new(directives)), level, "{directives}");
+        }
+    }
 }
