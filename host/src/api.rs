@@ -726,8 +726,9 @@ async fn replay(api: &Inner, plugin: Option<&str>) -> serde_json::Value {
     let held: std::collections::HashSet<String> = broker.iter().map(|e| e.event.id.clone()).collect();
     // This host's own, taken out of its store now (the replays below may make new ones, which
     // wait for the next replay); those the broker holds too are replayed from the broker.
-    let (_, mine): (Vec<_>, Vec<_>) =
+    let (in_broker, mine): (Vec<_>, Vec<_>) =
         api.s.dead_letters.take(plugin).into_iter().partition(|e| held.contains(&e.event.id));
+    api.s.dead_letters.forget(&in_broker);
     let (mut replayed, mut failed) = replay_from_broker(api, broker).await;
     let local = replay_entries(api, mine).await;
     replayed.extend(local["replayed"].as_array().cloned().unwrap_or_default());
@@ -767,7 +768,10 @@ async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>) -> se
         let Some(event) = crate::deadletter::replay_event(&entry.event) else { continue };
         let id = event.id.clone();
         match publish_in_time(api, event).await {
-            Ok(()) => replayed.push(json!({ "dead_letter": entry.event.id, "id": id })),
+            Ok(()) => {
+                api.s.dead_letters.forget(std::slice::from_ref(&entry));
+                replayed.push(json!({ "dead_letter": entry.event.id, "id": id }));
+            }
             Err(e) => {
                 tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id, "replay failed, the dead letter is kept: {e}");
                 failed.push(entry);
@@ -840,8 +844,11 @@ async fn dlq_replay_one(State(api): State<Api>, Path(id): Path<String>) -> Respo
                 let _replaying = replaying;
                 let (replayed, failed) = replay_from_broker(&task_api, vec![entry]).await;
                 // Not replayed: the broker still keeps it, and so does this host.
+                let mine: Vec<_> = mine.into_iter().collect();
                 if failed > 0 {
-                    task_api.s.dead_letters.restore(mine.into_iter().collect());
+                    task_api.s.dead_letters.restore(mine);
+                } else {
+                    task_api.s.dead_letters.forget(&mine);
                 }
                 json!({ "replayed": replayed, "failed": failed })
             })

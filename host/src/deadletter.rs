@@ -13,7 +13,7 @@
 
 use crate::event::{ECHO_BYTES, Event, cut_to, now_rfc3339, output_id};
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -200,9 +200,65 @@ fn entry_bytes(plugin: &str, ev: &Event) -> usize {
         + ev.data.len()
 }
 
+/// The kept entries, oldest first, with what each plugin holds of them.
+#[derive(Default)]
 struct Kept {
     items: VecDeque<Entry>,
     bytes: usize,
+    /// Entries and bytes per plugin: the store's bounds are shared, and a plugin over its share
+    /// loses its own oldest first, never another plugin's.
+    by_plugin: HashMap<String, (usize, usize)>,
+}
+
+impl Kept {
+    fn count(&mut self, entry: &Entry, added: bool) {
+        let size = kept_bytes(entry);
+        let held = self.by_plugin.entry(entry.plugin.clone()).or_default();
+        if added {
+            *held = (held.0 + 1, held.1 + size);
+            self.bytes += size;
+        } else {
+            *held = (held.0 - 1, held.1 - size);
+            self.bytes -= size;
+            if held.0 == 0 {
+                self.by_plugin.remove(&entry.plugin);
+            }
+        }
+    }
+
+    fn push_back(&mut self, entry: Entry) {
+        self.count(&entry, true);
+        self.items.push_back(entry);
+    }
+
+    fn push_front(&mut self, entry: Entry) {
+        self.count(&entry, true);
+        self.items.push_front(entry);
+    }
+
+    fn remove(&mut self, at: usize) -> Option<Entry> {
+        let entry = self.items.remove(at)?;
+        self.count(&entry, false);
+        Some(entry)
+    }
+
+    /// Removes and returns the entries `pick` chooses, oldest first.
+    fn take_where(&mut self, pick: impl Fn(&Entry) -> bool) -> Vec<Entry> {
+        let (taken, rest): (Vec<Entry>, Vec<Entry>) = self.items.drain(..).partition(pick);
+        self.items.extend(rest);
+        for e in &taken {
+            self.count(e, false);
+        }
+        taken
+    }
+
+    /// The oldest entry of the plugin holding the most of what is over its bound: entries when
+    /// `by_count`, bytes otherwise.
+    fn eviction_victim(&self, by_count: bool) -> Option<usize> {
+        let (plugin, _) =
+            self.by_plugin.iter().max_by_key(|(_, (count, bytes))| if by_count { *count } else { *bytes })?;
+        self.items.iter().position(|e| &e.plugin == plugin)
+    }
 }
 
 /// The dead letters this host produced, newest last, bounded in count and in bytes (the
@@ -225,13 +281,7 @@ impl DeadLetters {
     /// A store keeping at most `cap` dead letters and `max_bytes` bytes (data, headers and a
     /// fixed cost per entry).
     pub fn with_max_bytes(cap: usize, max_bytes: usize) -> Self {
-        Self {
-            kept: Mutex::new(Kept { items: VecDeque::new(), bytes: 0 }),
-            next: AtomicU64::new(1),
-            cap: cap.max(1),
-            max_bytes,
-            file: None,
-        }
+        Self { kept: Mutex::new(Kept::default()), next: AtomicU64::new(1), cap: cap.max(1), max_bytes, file: None }
     }
 
     /// A store like [`DeadLetters::new`] kept in `file` too: what it held at the last stop is
@@ -243,9 +293,8 @@ impl DeadLetters {
             let mut k = store.kept.lock().expect("dlq poisoned");
             for (seq, plugin, event, record) in kept {
                 let entry = Entry { seq, plugin, event, record };
-                k.bytes += kept_bytes(&entry);
                 store.next.fetch_max(seq + 1, Ordering::Relaxed);
-                k.items.push_back(entry);
+                k.push_back(entry);
             }
         }
         store.file = Some(file);
@@ -282,21 +331,21 @@ impl DeadLetters {
         }
         self.write_through(|f| f.insert(seq, plugin, &entry.event, entry.record.as_deref()));
         let mut kept = self.kept.lock().expect("dlq poisoned");
-        kept.items.push_back(entry);
-        kept.bytes += size;
+        kept.push_back(entry);
         self.evict(&mut kept);
     }
 
-    /// Forgets the oldest entries until the store is within its bounds; one log line.
+    /// Forgets entries until the store is within its bounds, each time the oldest of the plugin
+    /// holding the most (a plugin that floods the store forgets its own, not the others'); one
+    /// log line.
     fn evict(&self, kept: &mut Kept) {
         let (mut forgotten, mut freed, mut oldest) = (0usize, 0usize, None);
         let mut gone = Vec::new();
         while kept.items.len() > self.cap || kept.bytes > self.max_bytes {
-            let Some(old) = kept.items.pop_front() else { break };
+            let by_count = kept.items.len() > self.cap;
+            let Some(old) = kept.eviction_victim(by_count).and_then(|at| kept.remove(at)) else { break };
             gone.push(old.seq);
-            let size = kept_bytes(&old);
-            kept.bytes -= size;
-            freed += size;
+            freed += kept_bytes(&old);
             forgotten += 1;
             oldest.get_or_insert((old.plugin, old.event.id));
         }
@@ -306,7 +355,7 @@ impl DeadLetters {
         if let Some((plugin, event_id)) = oldest {
             tracing::warn!(plugin = %plugin, event_id = %event_id, forgotten, freed_bytes = freed,
                 max_entries = self.cap, max_bytes = self.max_bytes,
-                "dead-letter store full: oldest entries forgotten (they were published on their dead-letter subjects)");
+                "dead-letter store full: the oldest entries of the plugin holding the most forgotten (they were published on their dead-letter subjects)");
         }
     }
 
@@ -333,16 +382,14 @@ impl DeadLetters {
         kept.items.iter().find(|e| e.event.id == id).cloned()
     }
 
-    /// Removes and returns the kept dead letter `id` to replay it (put it back with
-    /// [`restore`](Self::restore) if the replay fails).
+    /// Removes and returns the kept dead letter `id` to replay it. It leaves the store's memory
+    /// now (no other replay takes it) but its file only when [`forget`](Self::forget) says the
+    /// replay was published: a crash in between keeps it. Put it back with
+    /// [`restore`](Self::restore) if the replay fails.
     pub fn take_id(&self, id: &str) -> Option<Entry> {
         let mut kept = self.kept.lock().expect("dlq poisoned");
         let at = kept.items.iter().position(|e| e.event.id == id)?;
-        let entry = kept.items.remove(at)?;
-        kept.bytes -= kept_bytes(&entry);
-        drop(kept);
-        self.write_through(|f| f.remove(&[entry.seq]));
-        Some(entry)
+        kept.remove(at)
     }
 
     /// How many dead letters are kept, and the bytes charged for them.
@@ -351,26 +398,32 @@ impl DeadLetters {
         (kept.items.len(), kept.bytes)
     }
 
-    /// Removes and returns the dead letters (optionally of one plugin) to replay.
+    /// Removes and returns the dead letters (optionally of one plugin) to replay, like
+    /// [`take_id`](Self::take_id): each stays in the file until [`forget`](Self::forget). A bulk
+    /// replay publishes them one at a time (each may wait for a full queue): a crash or a stop
+    /// meanwhile must not lose those not published yet.
     pub fn take(&self, plugin: Option<&str>) -> Vec<Entry> {
         let mut kept = self.kept.lock().expect("dlq poisoned");
-        let (taken, rest): (Vec<Entry>, Vec<Entry>) =
-            kept.items.drain(..).partition(|e| plugin.is_none_or(|p| e.plugin == p));
-        kept.items.extend(rest);
-        kept.bytes -= taken.iter().map(kept_bytes).sum::<usize>();
-        drop(kept);
-        let seqs: Vec<u64> = taken.iter().map(|e| e.seq).collect();
-        self.write_through(|f| f.remove(&seqs));
-        taken
+        kept.take_where(|e| plugin.is_none_or(|p| e.plugin == p))
     }
 
-    /// Puts back entries whose replay failed (oldest first again; still within the bounds).
+    /// Removes taken entries from the file: their replay was published (or another copy of them
+    /// is kept elsewhere). A crash before this keeps them, and a later replay publishes them
+    /// again under the same replay id (at least once).
+    pub fn forget(&self, taken: &[Entry]) {
+        if taken.is_empty() {
+            return;
+        }
+        let seqs: Vec<u64> = taken.iter().map(|e| e.seq).collect();
+        self.write_through(|f| f.remove(&seqs));
+    }
+
+    /// Puts back taken entries whose replay failed (oldest first again; still within the
+    /// bounds). They never left the file.
     pub fn restore(&self, entries: Vec<Entry>) {
         let mut kept = self.kept.lock().expect("dlq poisoned");
         for e in entries.into_iter().rev() {
-            self.write_through(|f| f.insert(e.seq, &e.plugin, &e.event, e.record.as_deref()));
-            kept.bytes += kept_bytes(&e);
-            kept.items.push_front(e);
+            kept.push_front(e);
         }
         self.evict(&mut kept);
     }
@@ -421,6 +474,52 @@ mod tests {
         assert_eq!(s.take(Some("a")).len(), 1);
         assert_eq!(s.list(None).len(), 1);
         assert_eq!(s.list(Some("b")).len(), 1);
+    }
+
+    /// A plugin that floods the store (a million small dead letters, or a few huge ones) forgets
+    /// its own oldest, never another plugin's.
+    #[test]
+    fn a_plugin_flooding_the_store_forgets_its_own_dead_letters_not_the_others() {
+        let s = DeadLetters::with_max_bytes(10, 1 << 20);
+        s.push("victim", Event::new("v.0", ""));
+        s.push("quiet", Event::new("q.0", vec![0u8; 100_000]));
+        for i in 0..1000 {
+            s.push("flood", Event::new(format!("f.{i}"), ""));
+        }
+        let by = |p: &str| s.list(Some(p)).into_iter().map(|e| e.event.subject).collect::<Vec<_>>();
+        assert_eq!((by("victim"), by("quiet")), (vec!["v.0".to_string()], vec!["q.0".to_string()]), "by count");
+        assert_eq!(by("flood"), (992..1000).map(|i| format!("f.{i}")).collect::<Vec<_>>());
+        // by bytes: the flood's huge ones push out its own, never the quiet plugin's 100 KB
+        for i in 0..20 {
+            s.push("flood", Event::new(format!("h.{i}"), vec![0u8; 300_000]));
+        }
+        assert_eq!((by("victim"), by("quiet")), (vec!["v.0".to_string()], vec!["q.0".to_string()]), "by bytes");
+        assert!(s.usage().1 <= 1 << 20);
+        assert_eq!(by("flood").last().map(String::as_str), Some("h.19"));
+    }
+
+    /// A bulk replay publishes one at a time: entries taken and not yet replayed (forgotten)
+    /// are still in the file if the host dies meanwhile; a failed one put back stays there too.
+    #[test]
+    fn taken_dead_letters_stay_in_the_file_until_their_replay_is_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dlq.redb");
+        {
+            let s = DeadLetters::persistent(100, &path).unwrap();
+            for i in 0..4 {
+                s.push("p", Event::new(format!("x.{i}"), ""));
+            }
+            let taken = s.take(None);
+            assert_eq!(taken.len(), 4);
+            assert!(s.list(None).is_empty(), "taken entries are out of the store");
+            // x.0 replayed, x.1 failed and put back; the host dies before x.2 and x.3.
+            s.forget(&taken[..1]);
+            s.restore(vec![taken[1].clone()]);
+            assert_eq!(s.list(None).len(), 1);
+        }
+        let s = DeadLetters::persistent(100, &path).unwrap();
+        let kept: Vec<String> = s.list(None).into_iter().map(|e| e.event.subject).collect();
+        assert_eq!(kept, ["x.1", "x.2", "x.3"], "after the restart");
     }
 
     #[test]

@@ -117,6 +117,11 @@ pub const ENTRY_COST: u64 = crate::kv::ENTRY_COST;
 /// (1,000,000 and 100,000) let a guest make the host allocate hundreds of MiB of table entries.
 pub const MAX_RESOURCES: usize = 1_024;
 
+/// The longest kv key, in bytes, on every backend. On NATS a key goes into a subject (`$KV.…`,
+/// escaped: up to three bytes per byte), and a subject past the server's control line (4 KiB)
+/// makes it close the host's connection, every plugin's with it.
+pub const MAX_KV_KEY_BYTES: usize = 512;
+
 /// The longest subject a plugin may publish to, in bytes (`subject::validate_subject` refuses
 /// longer ones; checked first so the refusal never copies a huge subject).
 pub const MAX_SUBJECT_BYTES: usize = 1_024;

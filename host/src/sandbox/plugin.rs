@@ -103,6 +103,29 @@ pub struct Plugin {
 /// pieces, each cut at [`crate::event::ECHO_BYTES`].
 const MAX_FAILURE_BYTES: usize = crate::deadletter::MAX_ERROR_BYTES - 128;
 
+/// How long past its deadline an attempt may still be in a call before the call is dropped. The
+/// epoch tick interrupts running wasm at the deadline; this catches a guest waiting in a host
+/// call (a sleep, a pollable that never fires), which no tick reaches.
+const DEADLINE_GRACE: Duration = Duration::from_millis(100);
+
+/// Runs `call` (which uses `store`) until it ends or the attempt's deadline, plus the grace,
+/// has passed since `started`. Then the call is dropped mid-way, `store` is marked as having hit
+/// its deadline, and the answer is that trap: the store must not run anything again.
+async fn within_deadline<T>(
+    store: &mut Store<HostState>,
+    started: Instant,
+    call: impl AsyncFnOnce(&mut Store<HostState>) -> wasmtime::Result<T>,
+) -> wasmtime::Result<T> {
+    let limit = started + store.data().plugin.limits.deadline + DEADLINE_GRACE;
+    match tokio::time::timeout_at(limit.into(), call(store)).await {
+        Ok(done) => done,
+        Err(_) => {
+            store.data_mut().deadline_hit = true;
+            Err(wasmtime::Error::msg("the deadline passed while the handler waited in a host call"))
+        }
+    }
+}
+
 /// An instantiated plugin kept between events, with its store.
 struct Warm {
     store: Store<HostState>,
@@ -269,14 +292,14 @@ impl Plugin {
         let token = state.reply_token.clone();
         let mut store = Store::new(&self.engine, state);
         arm_store(&mut store);
-        let call = async {
+        let call = within_deadline(&mut store, started, async |store| {
             let instance =
-                self.pre.instantiate_async(&mut store).instrument(telemetry::step_span("instantiate")).await?;
+                self.pre.instantiate_async(&mut *store).instrument(telemetry::step_span("instantiate")).await?;
             let headers = header_refs(event);
             let wit_event = to_wit(event, &headers, attempt, token.as_deref());
-            instance.plugbus_handler_handler().call_handle(&mut store, wit_event).await
-        };
-        let call = call.await;
+            instance.plugbus_handler_handler().call_handle(store, wit_event).await
+        })
+        .await;
         let result = self.outcome(call, &mut store);
         let mut state = store.into_data();
         self.forward_stdio(&mut state);
@@ -307,7 +330,11 @@ impl Plugin {
             None => {
                 let mut store = Store::new(&self.engine, HostState::new(self.ctx.clone(), &event.id, &event.subject));
                 arm_store(&mut store);
-                match self.pre.instantiate_async(&mut store).instrument(telemetry::step_span("instantiate")).await {
+                let instantiated = within_deadline(&mut store, started, async |store| {
+                    self.pre.instantiate_async(store).instrument(telemetry::step_span("instantiate")).await
+                })
+                .await;
+                match instantiated {
                     Ok(instance) => Warm { store, instance, uses: 0 },
                     Err(e) => {
                         let failure = Failure::Trap(describe_trap(&e, store.data(), None));
@@ -329,7 +356,10 @@ impl Plugin {
         let token = warm.store.data().reply_token.clone();
         let headers = header_refs(event);
         let wit_event = to_wit(event, &headers, attempt, token.as_deref());
-        let call = warm.instance.plugbus_handler_handler().call_handle(&mut warm.store, wit_event).await;
+        let handler = warm.instance.plugbus_handler_handler();
+        let call =
+            within_deadline(&mut warm.store, started, async |store| handler.call_handle(store, wit_event).await).await;
+        // A trap (or a call dropped at the deadline) leaves the instance unfit to run again.
         let trapped = call.is_err();
         let result = self.outcome(call, &mut warm.store);
         let state = warm.store.data_mut();

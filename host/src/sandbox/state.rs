@@ -492,6 +492,14 @@ impl rpc::Host for HostState {
 
 impl HostState {
     fn check_kv_size(&self, key: &str, value: usize) -> Result<(), types::KvError> {
+        if key.len() > super::limits::MAX_KV_KEY_BYTES {
+            return Err(types::KvError::TooLarge(format!(
+                "kv key {:?}: {} bytes over the {}-byte cap on keys",
+                crate::event::cut_to(key, 64),
+                key.len(),
+                super::limits::MAX_KV_KEY_BYTES
+            )));
+        }
         let cap = self.plugin.limits.max_kv_value_bytes;
         if key.len() as u64 > cap || value as u64 > cap {
             return Err(types::KvError::TooLarge(format!(

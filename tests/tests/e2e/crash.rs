@@ -178,9 +178,12 @@ async fn dead_letters_survive_a_restart_and_a_replayed_one_stays_gone() {
     let mut data: Vec<_> = kept.iter().map(|d| d.event.data.clone()).collect();
     data.sort();
     assert_eq!(data, [b"poison 0".to_vec(), b"poison 1".to_vec()]);
-    // One is taken for replay (as `POST /v1/dlq/replay` does): it stays gone after a restart.
+    // Both are taken for replay (as `POST /v1/dlq/replay` does); the first one's replay is
+    // published (then forgotten), the second's fails (put back): only the second is kept after a
+    // restart.
     let taken = host.dead_letters().take(None);
     let left = taken[1].event.data.clone();
+    host.dead_letters().forget(&taken[..1]);
     host.dead_letters().restore(taken[1..].to_vec());
     host.shutdown().await;
 
@@ -206,7 +209,13 @@ async fn a_crash_after_the_kv_commit_releases_the_outputs_without_running_the_ha
     let client = reqwest::Client::new();
     let order = plugbus_tests::order("c-1", "widget", 3);
     let resp = client.post(format!("http://127.0.0.1:{port}/v1/events/orders.created")).body(order).send().await;
-    assert_eq!(resp.unwrap().status().as_u16(), 202);
+    // The `202` may not reach the client: the handler can run and the process abort before the
+    // HTTP task writes the answer (seen once under load). The request must have reached the
+    // host, though, and what follows checks that the event was taken and handled once.
+    match resp {
+        Ok(resp) => assert_eq!(resp.status().as_u16(), 202),
+        Err(e) => assert!(!e.is_connect(), "the host was not listening: {e}"),
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {

@@ -54,6 +54,7 @@ async fn every_fault_fails_only_its_event_with_the_cause_named() {
         ("trap", "unreachable"),
         ("panic", "handler panicked: the handler gave up"),
         ("loop", "deadline of 300ms exceeded"),
+        ("sleep", "deadline of 300ms exceeded"),
         ("recurse", "stack overflow"),
         ("grow", "memory limit 32 MiB reached"),
         ("flood", "publish limit of 100 per event reached"),
@@ -61,12 +62,13 @@ async fn every_fault_fails_only_its_event_with_the_cause_named() {
         ("unlisted", "not in the manifest's publishes"),
         ("big", "output limit of 1048576 bytes per event reached"),
         ("kvbig", "over the 65536-byte cap"),
+        ("kvkey", "5000 bytes over the 512-byte cap on keys"),
     ];
     for (fault, cause) in cases {
         let dead = dead_letter_of(&t, fault, Vec::new()).await;
         let error = error_of(&dead);
         assert!(error.contains(cause), "{fault}: dead letter says {error:?}, expected it to name {cause:?}");
-        if ["flood", "sys", "unlisted", "big", "kvbig"].contains(fault) {
+        if ["flood", "sys", "unlisted", "big", "kvbig", "kvkey"].contains(fault) {
             // the refused call returned the error to the handler, which gave up with it (faulty
             // passes it on with `?`); a host that failed the event behind the handler's back
             // would report `publish refused: …` after a handler that returned Ok
@@ -241,6 +243,7 @@ async fn instance_reuse_keeps_warm_instances_and_recycles_them_after_a_trap_or_n
         let p = c.plugins.entry("faulty".into()).or_default();
         p.instance = Some(plugbus::sandbox::InstanceMode::Reuse);
         p.limits.insert("recycle_after".into(), 4.into());
+        p.limits.insert("deadline".into(), "300ms".into());
     })
     .await;
     let mut seen = t.observe(&["faulty.out.>"]).await;
@@ -251,6 +254,10 @@ async fn instance_reuse_keeps_warm_instances_and_recycles_them_after_a_trap_or_n
     // a trap throws the instance away: the next event gets a new one
     let mut dlq = t.observe(&["plugbus.dlq.faulty"]).await;
     t.publish("faulty.trap", "").await;
+    dlq.next_on("plugbus.dlq.faulty").await;
+    assert_eq!(instance_events(&t, &mut seen).await, 1);
+    // so does a deadline passed asleep in a host call: the call is dropped with its instance
+    t.publish("faulty.sleep", "").await;
     dlq.next_on("plugbus.dlq.faulty").await;
     assert_eq!(instance_events(&t, &mut seen).await, 1);
     // and after `recycle_after` (4) events an instance is replaced

@@ -56,6 +56,9 @@ fn misbehave(ev: Event) -> Result<(), HandlerError> {
             }
         }
         "kvbig" => kv::set("big", vec![0u8; 1 << 20])?,
+        // A 5,000-byte key (under max_kv_value_bytes): on NATS it would become a subject past
+        // the server's control line.
+        "kvkey" => kv::set(&"k".repeat(5_000), b"v")?,
         "retry" => return Err(HandlerError::retry("not now")),
         "reject" => return Err(HandlerError::reject("never")),
         // Fails until the attempt number reaches `arg`, then succeeds.
@@ -66,6 +69,9 @@ fn misbehave(ev: Event) -> Result<(), HandlerError> {
         "flaky" => {}
         // Busy for `arg` milliseconds.
         "slow" => busy_for_ms(arg),
+        // Asleep for an hour in a host call (`wasi:io/poll`'s block), where no epoch tick
+        // reaches: only a deadline kept by the host's clock ends it.
+        "sleep" => std::thread::sleep(std::time::Duration::from_secs(3600)),
         // Ordered work item: {"seq": n, "delay": ms, "fail_until": attempt}; fails (retry)
         // until the attempt reaches fail_until, then is busy for delay ms and reports its seq.
         "step" => {
