@@ -759,18 +759,26 @@ async fn replay_from_broker(api: &Inner, entries: Vec<crate::deadletter::Entry>)
     (replayed, failed)
 }
 
+/// How many replayed dead letters leave the file together (one commit each batch): a crash
+/// replays at most this many twice.
+const FORGET_BATCH: usize = 100;
+
 /// Replays this host's own dead letters, taken out of its store; those the bus does not take
-/// are put back.
+/// are put back, those it took leave the file in batches.
 async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>) -> serde_json::Value {
     let mut replayed = Vec::new();
     let mut failed = Vec::new();
+    let mut published = Vec::new();
     for entry in taken {
+        if published.len() >= FORGET_BATCH {
+            api.s.dead_letters.forget(&std::mem::take(&mut published));
+        }
         let Some(event) = crate::deadletter::replay_event(&entry.event) else { continue };
         let id = event.id.clone();
         match publish_in_time(api, event).await {
             Ok(()) => {
-                api.s.dead_letters.forget(std::slice::from_ref(&entry));
                 replayed.push(json!({ "dead_letter": entry.event.id, "id": id }));
+                published.push(entry);
             }
             Err(e) => {
                 tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id, "replay failed, the dead letter is kept: {e}");
@@ -778,6 +786,7 @@ async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>) -> se
             }
         }
     }
+    api.s.dead_letters.forget(&published);
     let kept = failed.len();
     api.s.dead_letters.restore(failed);
     json!({ "replayed": replayed, "failed": kept })

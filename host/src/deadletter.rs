@@ -252,12 +252,12 @@ impl Kept {
         taken
     }
 
-    /// The oldest entry of the plugin holding the most of what is over its bound: entries when
-    /// `by_count`, bytes otherwise.
+    /// The oldest entry of the plugin holding the most of what is over its bound (entries when
+    /// `by_count`, bytes otherwise); of plugins holding as much, the oldest entry of them.
     fn eviction_victim(&self, by_count: bool) -> Option<usize> {
-        let (plugin, _) =
-            self.by_plugin.iter().max_by_key(|(_, (count, bytes))| if by_count { *count } else { *bytes })?;
-        self.items.iter().position(|e| &e.plugin == plugin)
+        let held = |&(count, bytes): &(usize, usize)| if by_count { count } else { bytes };
+        let most = self.by_plugin.values().map(held).max()?;
+        self.items.iter().position(|e| self.by_plugin.get(&e.plugin).is_some_and(|h| held(h) == most))
     }
 }
 
@@ -298,6 +298,8 @@ impl DeadLetters {
             }
         }
         store.file = Some(file);
+        // A replay cut short by a crash leaves its entries in the file beside newer ones.
+        store.evict(&mut store.kept.lock().expect("dlq poisoned"));
         Ok(store)
     }
 
@@ -336,8 +338,8 @@ impl DeadLetters {
     }
 
     /// Forgets entries until the store is within its bounds, each time the oldest of the plugin
-    /// holding the most (a plugin that floods the store forgets its own, not the others'); one
-    /// log line.
+    /// holding the most: a plugin that floods the store forgets its own, and can push another
+    /// plugin down to an equal share of the bound, never below; one log line.
     fn evict(&self, kept: &mut Kept) {
         let (mut forgotten, mut freed, mut oldest) = (0usize, 0usize, None);
         let mut gone = Vec::new();
@@ -520,6 +522,14 @@ mod tests {
         let s = DeadLetters::persistent(100, &path).unwrap();
         let kept: Vec<String> = s.list(None).into_iter().map(|e| e.event.subject).collect();
         assert_eq!(kept, ["x.1", "x.2", "x.3"], "after the restart");
+        drop(s);
+        // Taken entries in the file beside newer ones can hold more than the bounds: they hold
+        // again once it is open.
+        let s = DeadLetters::persistent(2, &path).unwrap();
+        let kept: Vec<String> = s.list(None).into_iter().map(|e| e.event.subject).collect();
+        assert_eq!(kept, ["x.2", "x.3"], "within its bound of 2 at the start");
+        drop(s);
+        assert_eq!(DeadLetters::persistent(100, &path).unwrap().usage().0, 2, "the file is within it too");
     }
 
     #[test]

@@ -232,6 +232,23 @@ fn kv_values_over_the_cap_are_too_large() {
     assert!(err.message().contains("kv value too large: key \"k\": 262145 bytes over the 262144-byte cap"), "{err}");
 }
 
+#[handler(subscribe = ["kv.key"])]
+fn long_key(ev: Event) -> Result<(), HandlerError> {
+    let size: usize = ev.json()?;
+    kv::set(&"k".repeat(size), "v")?;
+    Ok(())
+}
+
+/// The host's cap on keys (512 bytes on every backend), with its words.
+#[test]
+fn kv_keys_over_512_bytes_are_too_large() {
+    let mut host = TestHost::new();
+    assert_eq!(host.run(long_key, Event::new("kv.key", "512")).result, Ok(()));
+    let err = host.run(long_key, Event::new("kv.key", "5000")).result.unwrap_err();
+    assert!(err.message().contains("5000 bytes over the 512-byte cap on keys"), "{err}");
+    assert!(err.message().contains("[cut at 64 of 5000 bytes]"), "{err}");
+}
+
 #[test]
 fn kv_write_and_read_counts_are_capped_per_attempt() {
     let limits = Limits { max_kv_writes: 2, max_kv_reads: 2, ..Limits::default() };

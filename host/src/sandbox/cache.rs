@@ -163,12 +163,21 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     written
 }
 
-/// A name beside `path` that no other write uses: hosts sharing the folder, and threads of one
-/// host writing the same entry at once, never write into each other's file.
+/// A name beside `path` that no other write uses: hosts sharing the folder (two containers may
+/// both be pid 1, hence the random part), and threads of one host writing the same entry at
+/// once, never write into each other's file.
 fn temporary_beside(path: &Path) -> PathBuf {
     static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut random = [0u8; 8];
+    // Without randomness the pid and the counter still keep this host's writes apart.
+    let _ = getrandom::fill(&mut random);
     let mut tmp = path.as_os_str().to_os_string();
-    tmp.push(format!(".tmp{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+    tmp.push(format!(
+        ".tmp{}-{}-{:016x}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed),
+        u64::from_le_bytes(random)
+    ));
     PathBuf::from(tmp)
 }
 
@@ -217,10 +226,13 @@ fn unsafe_key(meta: &std::fs::Metadata) -> Option<String> {
 /// with mode `0600` (or stricter) and 32 bytes is replaced (every entry is then recompiled).
 ///
 /// A new key is written whole under a name of its own and then linked in place, which fails if
-/// a key appeared meanwhile: hosts sharing the folder never read a key half written (and
-/// replace it as unsafe), and of hosts making one at once all keep the first.
+/// a key appeared meanwhile; either way the key used is the one then read at `path`: hosts
+/// sharing the folder never read a key half written (and replace it as unsafe), and of hosts
+/// making or replacing one at once all keep the one that stands. Where the filesystem has no
+/// hard links, the key is created in place (a host starting at that moment may read it half
+/// written and replace it: its entries are then recompiled, never loaded unchecked).
 fn load_or_make_key(path: &Path) -> std::io::Result<[u8; KEY_LEN]> {
-    for _ in 0..3 {
+    for _ in 0..4 {
         let unsafe_one = match std::fs::symlink_metadata(path) {
             Ok(meta) => match unsafe_key(&meta) {
                 None => {
@@ -254,13 +266,21 @@ fn load_or_make_key(path: &Path) -> std::io::Result<[u8; KEY_LEN]> {
         }
         let key = new_key()?;
         let tmp = temporary_beside(path);
-        let linked = write_key(&tmp, &key).and_then(|_| std::fs::hard_link(&tmp, path));
+        write_key(&tmp, &key)?;
+        let linked = std::fs::hard_link(&tmp, path);
         let _ = std::fs::remove_file(&tmp);
         match linked {
-            Ok(()) => return Ok(key),
+            // Read back at the loop's next turn: another host replacing an unsafe key at the
+            // same moment may have removed this one and linked its own.
+            Ok(()) => {}
             // Another host made one first: read it (the loop's next turn).
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
+            // No hard links here (vfat, some FUSE and network mounts): made in place.
+            Err(_) => match write_key(path, &key) {
+                Ok(()) => return Ok(key),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            },
         }
     }
     Err(std::io::Error::other(format!(

@@ -117,6 +117,17 @@ pub const ENTRY_COST: u64 = crate::kv::ENTRY_COST;
 /// (1,000,000 and 100,000) let a guest make the host allocate hundreds of MiB of table entries.
 pub const MAX_RESOURCES: usize = 1_024;
 
+/// The largest write to an outgoing HTTP body the host takes (wasmtime-wasi-http's default is
+/// 1 MiB). Until its request is sent and the server reads it, a body holds at most two writes
+/// in the host (one queued, one in the channel): 16 KiB here. A guest making hundreds of bodies
+/// it never sends (a few handles each, up to [`MAX_RESOURCES`]) makes the host hold at most that
+/// for each. The SDK writes 4 KiB at a time.
+pub const OUTGOING_BODY_CHUNK_BYTES: usize = 8 * 1024;
+
+/// The most bytes of names and values one `wasi:http` header map a guest builds may hold
+/// (wasmtime-wasi-http's default is 128 KiB, for each of up to [`MAX_RESOURCES`] maps).
+pub const HTTP_FIELDS_BYTES: usize = 16 * 1024;
+
 /// The longest kv key, in bytes, on every backend. On NATS a key goes into a subject (`$KV.…`,
 /// escaped: up to three bytes per byte), and a subject past the server's control line (4 KiB)
 /// makes it close the host's connection, every plugin's with it.

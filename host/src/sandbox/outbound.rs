@@ -366,6 +366,15 @@ type SendResult =
     wasmtime_wasi_http::Result<(http::Response<WasiBody>, Box<dyn Future<Output = Result<(), Error>> + Send>)>;
 
 impl WasiHttpHooks for Outbound {
+    /// What a body not yet sent holds: see [`super::limits::OUTGOING_BODY_CHUNK_BYTES`].
+    fn p2_outgoing_body_buffer_chunks(&mut self) -> usize {
+        1
+    }
+
+    fn p2_outgoing_body_chunk_size(&mut self) -> usize {
+        super::limits::OUTGOING_BODY_CHUNK_BYTES
+    }
+
     fn send_request(
         &mut self,
         request: http::Request<WasiBody>,

@@ -120,7 +120,7 @@ impl HostState {
             log_bytes: 0,
             started: Instant::now(),
             deadline_hit: false,
-            http: wasmtime_wasi_http::WasiHttpCtx::new(),
+            http: http_ctx(),
             outbound,
             seen: Seen::default(),
             reply_to: None,
@@ -201,6 +201,14 @@ impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
+}
+
+/// `wasi:http`'s state for one store: header maps the guest builds hold at most
+/// [`super::limits::HTTP_FIELDS_BYTES`] each.
+fn http_ctx() -> wasmtime_wasi_http::WasiHttpCtx {
+    let mut ctx = wasmtime_wasi_http::WasiHttpCtx::new();
+    ctx.set_field_size_limit(super::limits::HTTP_FIELDS_BYTES);
+    ctx
 }
 
 impl wasmtime_wasi_http::WasiHttpView for HostState {

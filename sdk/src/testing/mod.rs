@@ -83,6 +83,8 @@ const ENTRY_COST: u64 = 64;
 const MAX_SUBJECT_BYTES: usize = 1024;
 /// How much of a string a message repeats.
 const ECHO_BYTES: usize = 4096;
+/// The longest kv key, in bytes (the host's `MAX_KV_KEY_BYTES`, on every backend).
+const MAX_KV_KEY_BYTES: usize = 512;
 
 /// The host's per-event caps that a unit test can meet, with the host's defaults (the
 /// operator's `[limits]` / `[plugins.NAME.limits]` keys of the same names).
@@ -678,6 +680,18 @@ impl fmt::Debug for KvStore {
     }
 }
 
+/// `text`, or its first `limit` bytes saying where it was cut (the host's `event::cut_to`).
+fn cut_to(text: &str, limit: usize) -> String {
+    if text.len() <= limit {
+        return text.to_string();
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… [cut at {end} of {} bytes]", &text[..end], text.len())
+}
+
 /// `text` quoted like `{:?}`, cut after [`ECHO_BYTES`] bytes, as the host echoes untrusted text.
 fn quoted(text: &str) -> String {
     if text.len() <= ECHO_BYTES {
@@ -982,6 +996,13 @@ impl Session {
     }
 
     fn check_kv_size(&self, key: &str, value: usize) -> Result<(), KvError> {
+        if key.len() > MAX_KV_KEY_BYTES {
+            return Err(KvError::TooLarge(format!(
+                "kv key {:?}: {} bytes over the {MAX_KV_KEY_BYTES}-byte cap on keys",
+                cut_to(key, 64),
+                key.len()
+            )));
+        }
         let cap = self.limits.max_kv_value_bytes;
         if key.len() as u64 > cap || value as u64 > cap {
             return Err(KvError::TooLarge(format!(

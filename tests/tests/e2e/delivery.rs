@@ -112,6 +112,13 @@ async fn exhausted_retries_dead_letter_with_the_last_error_and_replay_works(bus:
     assert_eq!(resp["replayed"].as_array().unwrap().len(), 1, "{resp}");
     let again = seen.next_on("faulty.retry").await;
     assert_eq!(again.header(headers::REPLAY_OF), Some(dead.id.as_str()));
+
+    // it left the store's file too: a restart does not bring it back
+    let plugbus_tests::TestHost { host, data, dir: _dir } = t;
+    host.shutdown().await;
+    let file = plugbus::deadletter::DeadLetters::persistent(10, &data.path().join("dlq.redb")).unwrap();
+    let back: Vec<String> = file.list(None).into_iter().map(|e| e.event.id).collect();
+    assert!(!back.contains(&dead.id), "the replayed dead letter is kept after a restart: {back:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

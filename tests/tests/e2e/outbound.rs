@@ -411,6 +411,31 @@ async fn a_provider_that_never_comes_back_still_ends_in_a_dead_letter() {
     }
 }
 
+/// A guest that builds requests and never sends them (no grant needed): what the host holds for
+/// their bodies and header maps is bounded per body and per map, not wasmtime-wasi-http's 1 MiB
+/// per body and 128 KiB per map (×hundreds of handles per attempt, ×concurrent attempts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_and_headers_staged_and_never_sent_hold_little_in_the_host() {
+    use plugbus::sandbox::limits::{HTTP_FIELDS_BYTES, OUTGOING_BODY_CHUNK_BYTES};
+    let t = host(Vec::new(), &[]).await;
+    let under = HTTP_FIELDS_BYTES as u64 - 1029;
+    let (subject, staged) = call(&t, json!({ "stage": 100, "header_bytes": under })).await;
+    assert_eq!(subject, "caller.out.staged");
+    assert_eq!(staged["bodies"], 100, "{staged}");
+    let body = staged["body_bytes"].as_u64().unwrap();
+    // Two writes per body at most: one queued, one in the channel to the (never started) request.
+    let most = 100 * 2 * OUTGOING_BODY_CHUNK_BYTES as u64;
+    assert!(body > 0 && body <= most, "{body} bytes held for 100 bodies never sent, over {most}");
+    assert!(staged["header_bytes"].as_u64().unwrap() > under - 1029, "{staged}");
+    // One header map past the cap fails the attempt (wasmtime-wasi-http traps), naming it.
+    let mut dead = t.observe(&["plugbus.dlq.caller"]).await;
+    let spec = json!({ "stage": 0, "header_bytes": HTTP_FIELDS_BYTES + 2 * 1029 });
+    t.publish("caller.go", spec.to_string()).await;
+    let error =
+        dead.next_on("plugbus.dlq.caller").await.header(plugbus::deadletter::headers::ERROR).unwrap().to_string();
+    assert!(error.contains("total size of fields exceeds limit"), "{error}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http_client_is_linked_only_when_granted_and_only_for_plugins_that_ask() {
     let sandbox = Sandbox::new(SandboxSettings::default()).unwrap();

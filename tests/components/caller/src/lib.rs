@@ -6,6 +6,9 @@
 //! N-th ask to be retried after making their calls (the same calls on every attempt); with
 //! `"strict": true` a failed call (or a non-2xx answer) fails the attempt the SDK's default way
 //! (`?`: an open circuit, a timeout or a 5xx asks to retry).
+//! `{"stage": N, "header_bytes": H}` is an attack instead: N requests whose bodies are written as
+//! far as the host lets them and never sent, and one header map given H bytes of headers (1 KiB
+//! values); what the host took is published to `caller.out.staged` (`{bodies, body_bytes}`).
 
 use plugbus_sdk::{Event, HandlerError, handler, http, publish_json};
 use serde_json::{Value, json};
@@ -17,6 +20,9 @@ use serde_json::{Value, json};
 )]
 fn call(ev: Event) -> Result<(), HandlerError> {
     let spec: Value = ev.json()?;
+    if let Some(bodies) = spec["stage"].as_u64() {
+        return stage(bodies, spec["header_bytes"].as_u64().unwrap_or(0));
+    }
     let url = spec["url"].as_str().unwrap_or_default();
     let method = spec["method"].as_str().unwrap_or("GET");
     let body = spec["body"].as_str().unwrap_or_default().as_bytes().to_vec();
@@ -45,5 +51,45 @@ fn call(ev: Event) -> Result<(), HandlerError> {
     if u64::from(ev.attempt()) < spec["fail_before"].as_u64().unwrap_or(0) {
         return Err(HandlerError::retry("asked to fail this attempt"));
     }
+    Ok(())
+}
+
+/// Makes the host hold what it will of `bodies` outgoing bodies never sent, and `header_bytes`
+/// in one header map (wasmtime-wasi-http traps the attempt past its cap), and reports it.
+fn stage(bodies: u64, header_bytes: u64) -> Result<(), HandlerError> {
+    use plugbus_sdk::__http_bindings::wasi::http::types::{Fields, OutgoingRequest};
+    let chunk = vec![0u8; 64 * 1024];
+    let mut held = Vec::new();
+    let mut body_bytes = 0u64;
+    for _ in 0..bodies {
+        let request = OutgoingRequest::new(Fields::new());
+        let Ok(body) = request.body() else { break };
+        let Ok(stream) = body.write() else { break };
+        while let Ok(room) = stream.check_write() {
+            let n = (room as usize).min(chunk.len());
+            if n == 0 || stream.write(&chunk[..n]).is_err() {
+                break;
+            }
+            body_bytes += n as u64;
+        }
+        // Dropped child first: a stream before its body, a body before its request.
+        held.push((stream, body, request));
+    }
+    let headers = Fields::new();
+    let value = vec![b'v'; 1024];
+    let mut given = 0u64;
+    for i in 0.. {
+        let name = format!("x-h{i:04}");
+        if given + (name.len() + value.len()) as u64 > header_bytes {
+            break;
+        }
+        headers.append(&name, &value).map_err(|e| HandlerError::reject(format!("append: {e:?}")))?;
+        given += (name.len() + value.len()) as u64;
+    }
+    publish_json(
+        "caller.out.staged",
+        &json!({ "body_bytes": body_bytes, "bodies": held.len(), "header_bytes": given }),
+    )?;
+    drop(held);
     Ok(())
 }
