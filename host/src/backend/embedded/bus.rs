@@ -7,7 +7,8 @@
 //! plugin's capacity would wait forever. They go behind the queue into the subscription's
 //! overflow, bounded in bytes (`flow.buffer_mib`); past that bound the output is refused
 //! ([`TransportError::Full`]) and dispatch retries it, so a runaway plugin fills only its own
-//! buffer. Observers (the live tail) never slow the bus: they miss events instead, and the miss
+//! buffer. Past it, a publisher holding less than an equal share of it is still taken (up to
+//! twice the bound in all): a plugin flooding another's buffer is refused alone. Observers (the live tail) never slow the bus: they miss events instead, and the miss
 //! is counted and logged.
 
 use super::log::{Appended, DurableLog, LogError};
@@ -97,7 +98,28 @@ struct Overflow {
 struct OverflowState {
     events: VecDeque<(Arc<Event>, u64, Logged)>,
     bytes: u64,
+    /// What waits, by publisher (the event's `source`): past the budget, a publisher holding less
+    /// than an equal share of it is still taken, so one plugin flooding another's buffer is
+    /// refused alone.
+    by_source: std::collections::HashMap<String, u64>,
     pumping: bool,
+}
+
+impl OverflowState {
+    fn add(&mut self, event: &Event, cost: u64) {
+        self.bytes += cost;
+        *self.by_source.entry(event.source.clone()).or_default() += cost;
+    }
+
+    fn remove(&mut self, event: &Event, cost: u64) {
+        self.bytes -= cost;
+        if let Some(held) = self.by_source.get_mut(&event.source) {
+            *held -= cost;
+            if *held == 0 {
+                self.by_source.remove(&event.source);
+            }
+        }
+    }
 }
 
 impl Overflow {
@@ -112,10 +134,25 @@ impl Overflow {
         })
     }
 
-    /// Whether an event of `cost` bytes can be taken now (into the queue or behind it).
-    fn check_room(&self, state: &OverflowState, tx: &mpsc::Sender<Delivery>, cost: u64) -> Result<(), TransportError> {
+    /// Whether `event`, of `cost` bytes, can be taken now (into the queue or behind it). Past the
+    /// budget, a publisher that holds less than an equal share of it (among the publishers that
+    /// have events waiting) is taken still, up to twice the budget in all: a plugin flooding
+    /// another's buffer is refused alone, and the outputs of the others are not retried and
+    /// dead-lettered for it.
+    fn check_room(
+        &self,
+        state: &OverflowState,
+        tx: &mpsc::Sender<Delivery>,
+        event: &Event,
+        cost: u64,
+    ) -> Result<(), TransportError> {
         let queue_has_room = state.events.is_empty() && tx.capacity() > 0;
         if queue_has_room || tx.is_closed() || state.bytes + cost <= self.budget {
+            return Ok(());
+        }
+        let held = state.by_source.get(&event.source).copied().unwrap_or(0);
+        let publishers = (state.by_source.len() + usize::from(held == 0)) as u64;
+        if held + cost <= self.budget / publishers && state.bytes + cost <= 2 * self.budget {
             return Ok(());
         }
         Err(TransportError::Full(format!(
@@ -148,7 +185,7 @@ impl Overflow {
             }
         }
         state.events.push_back((event.clone(), cost, logged));
-        state.bytes += cost;
+        state.add(event, cost);
         if !state.pumping {
             state.pumping = true;
             tokio::spawn(self.clone().pump(tx.clone()));
@@ -163,6 +200,7 @@ impl Overflow {
                 let mut state = self.state.lock().expect("overflow poisoned");
                 state.events.clear();
                 state.bytes = 0;
+                state.by_source.clear();
                 state.pumping = false;
                 self.drained.notify_waiters();
                 return;
@@ -172,7 +210,7 @@ impl Overflow {
                 state.pumping = false;
                 return;
             };
-            state.bytes -= cost;
+            state.remove(&event, cost);
             if state.bytes <= self.budget / 2 {
                 self.drained.notify_waiters();
             }
@@ -498,7 +536,7 @@ impl Transport for EmbeddedBus {
         // so a refused output reached no one and its retry delivers it once.
         for sub in &targets {
             let state = sub.overflow.state.lock().expect("overflow poisoned");
-            sub.overflow.check_room(&state, &sub.tx, cost)?;
+            sub.overflow.check_room(&state, &sub.tx, &event, cost)?;
         }
         // An output of an event delivered for the first time cannot be in the log yet.
         let first_time_output = match (&self.log, event.header("plugbus-caused-by")) {
@@ -546,7 +584,9 @@ impl Transport for EmbeddedBus {
         let cost = event_cost(&event);
         for sub in &targets {
             let state = sub.overflow.state.lock().expect("overflow poisoned");
-            sub.overflow.check_room(&state, &sub.tx, cost).map_err(|e| RequestError::Unavailable(e.to_string()))?;
+            sub.overflow
+                .check_room(&state, &sub.tx, &event, cost)
+                .map_err(|e| RequestError::Unavailable(e.to_string()))?;
         }
         for sub in &targets {
             let mut state = sub.overflow.state.lock().expect("overflow poisoned");
@@ -786,6 +826,42 @@ mod tests {
         }
         // Room again once the plugin caught up.
         bus.publish_output(Arc::new(Event::new("x", big))).await.unwrap();
+    }
+
+    /// One plugin flooding another's buffer is refused alone: a publisher holding less than an
+    /// equal share of the buffer is still taken (up to twice the buffer in all), so its delivery
+    /// is neither retried nor dead-lettered for the flood.
+    #[tokio::test]
+    async fn a_flood_into_a_plugins_buffer_refuses_the_flooder_not_other_publishers() {
+        let bus = EmbeddedBus::new();
+        let mut victim = bus.subscribe(spec(&["x"], 1)).await.unwrap();
+        let from = |source: &str| {
+            let mut e = Event::new("x", vec![0u8; 100 * 1024]);
+            e.source = source.into();
+            Arc::new(e)
+        };
+        let mut flooded = 0;
+        while bus.publish_output(from("plugbus/hostile")).await.is_ok() {
+            flooded += 1;
+            assert!(flooded < 100, "the buffer never filled");
+        }
+        // Another publisher: up to an equal share (half of 1 MiB, with two publishers) is taken.
+        let mut taken = 0;
+        while bus.publish_output(from("plugbus/innocent")).await.is_ok() {
+            taken += 1;
+            assert!(taken < 100, "the innocent publisher was never bounded");
+        }
+        assert!(taken >= 4, "the innocent publisher was refused for the flood after {taken} outputs");
+        assert!(bus.publish_output(from("plugbus/hostile")).await.is_err(), "the flooder is refused still");
+        // Every output taken is delivered, in order.
+        let mut got = 0;
+        while tokio::time::timeout(Duration::from_millis(200), victim.deliveries.recv())
+            .await
+            .is_ok_and(|d| d.is_some())
+        {
+            got += 1;
+        }
+        assert_eq!(got, flooded + taken);
     }
 
     #[tokio::test]
