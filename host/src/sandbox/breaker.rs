@@ -77,7 +77,7 @@ impl Breakers {
         s.consecutive_failures = s.consecutive_failures.saturating_add(1);
         let closed = s.open_until.is_none();
         if probe || (closed && s.consecutive_failures >= self.failures) {
-            s.open_until = Some(Instant::now() + self.cooldown);
+            s.open_until = Some(super::limits::instant_after(Instant::now(), self.cooldown));
             s.probe_since = None;
             s.opened += 1;
         }

@@ -137,6 +137,14 @@ pub const MAX_KV_KEY_BYTES: usize = 512;
 /// longer ones; checked first so the refusal never copies a huge subject).
 pub const MAX_SUBJECT_BYTES: usize = 1_024;
 
+/// `start + wait`, for a deadline or a timeout from the limits: one past the clock's range
+/// (`deadline = "500000000000y"`, which `Instant` cannot add and would panic on) is taken as a
+/// century.
+pub fn instant_after(start: std::time::Instant, wait: Duration) -> std::time::Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    start.checked_add(wait.min(CENTURY)).unwrap_or(start)
+}
+
 impl Limits {
     /// The memory cap in bytes.
     pub fn memory_bytes(&self) -> usize {

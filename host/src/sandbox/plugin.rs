@@ -109,14 +109,13 @@ const MAX_FAILURE_BYTES: usize = crate::deadletter::MAX_ERROR_BYTES - 128;
 const DEADLINE_GRACE: Duration = Duration::from_millis(100);
 
 /// Runs `call` (which uses `store`) until it ends or the attempt's deadline, plus the grace,
-/// has passed since `started`. Then the call is dropped mid-way, `store` is marked as having hit
+/// has passed. Then the call is dropped mid-way, `store` is marked as having hit
 /// its deadline, and the answer is that trap: the store must not run anything again.
 async fn within_deadline<T>(
     store: &mut Store<HostState>,
-    started: Instant,
     call: impl AsyncFnOnce(&mut Store<HostState>) -> wasmtime::Result<T>,
 ) -> wasmtime::Result<T> {
-    let limit = started + store.data().plugin.limits.deadline + DEADLINE_GRACE;
+    let limit = store.data().deadline_at() + DEADLINE_GRACE;
     match tokio::time::timeout_at(limit.into(), call(store)).await {
         Ok(done) => done,
         Err(_) => {
@@ -292,7 +291,7 @@ impl Plugin {
         let token = state.reply_token.clone();
         let mut store = Store::new(&self.engine, state);
         arm_store(&mut store);
-        let call = within_deadline(&mut store, started, async |store| {
+        let call = within_deadline(&mut store, async |store| {
             let instance =
                 self.pre.instantiate_async(&mut *store).instrument(telemetry::step_span("instantiate")).await?;
             let headers = header_refs(event);
@@ -330,7 +329,7 @@ impl Plugin {
             None => {
                 let mut store = Store::new(&self.engine, HostState::new(self.ctx.clone(), &event.id, &event.subject));
                 arm_store(&mut store);
-                let instantiated = within_deadline(&mut store, started, async |store| {
+                let instantiated = within_deadline(&mut store, async |store| {
                     self.pre.instantiate_async(store).instrument(telemetry::step_span("instantiate")).await
                 })
                 .await;
@@ -357,8 +356,7 @@ impl Plugin {
         let headers = header_refs(event);
         let wit_event = to_wit(event, &headers, attempt, token.as_deref());
         let handler = warm.instance.plugbus_handler_handler();
-        let call =
-            within_deadline(&mut warm.store, started, async |store| handler.call_handle(store, wit_event).await).await;
+        let call = within_deadline(&mut warm.store, async |store| handler.call_handle(store, wit_event).await).await;
         // A trap (or a call dropped at the deadline) leaves the instance unfit to run again.
         let trapped = call.is_err();
         let result = self.outcome(call, &mut warm.store);

@@ -137,8 +137,8 @@ impl HostState {
     }
 
     /// When this attempt's deadline passes.
-    fn deadline_at(&self) -> Instant {
-        self.started + self.plugin.limits.deadline
+    pub(super) fn deadline_at(&self) -> Instant {
+        super::limits::instant_after(self.started, self.plugin.limits.deadline)
     }
 
     /// Readies a warm store for the next event: the per-attempt buffers start empty and the
@@ -214,7 +214,7 @@ fn http_ctx() -> wasmtime_wasi_http::WasiHttpCtx {
 impl wasmtime_wasi_http::WasiHttpView for HostState {
     fn http(&mut self) -> wasmtime_wasi_http::WasiHttpCtxView<'_> {
         // The deadline counts from when this attempt started (a warm store restarts it).
-        self.outbound.deadline = tokio::time::Instant::from_std(self.started + self.plugin.limits.deadline);
+        self.outbound.deadline = tokio::time::Instant::from_std(self.deadline_at());
         wasmtime_wasi_http::WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.outbound }
     }
 }

@@ -99,6 +99,18 @@ async fn every_fault_fails_only_its_event_with_the_cause_named() {
     still_serving(&t, "oversized event").await;
 }
 
+/// A deadline past the clock's range (`Instant` cannot add it) is a deadline never reached, not
+/// a host panic on every attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_past_the_clocks_range_never_passes() {
+    let t = TestHost::start_with(&["faulty", "echo"], |c| {
+        c.plugins.entry("faulty".into()).or_default().limits.insert("deadline".into(), "500000000000y".into());
+    })
+    .await;
+    still_serving(&t, "a deadline of 500,000,000,000 years").await;
+    assert_eq!(t.counter("faulty", "dead_lettered"), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chatty_plugin_is_cut_off_in_the_log_not_failed() {
     const CAP: usize = 4096;

@@ -94,29 +94,45 @@ struct Overflow {
     reading_back: std::sync::atomic::AtomicBool,
 }
 
+/// Who put an event into an overflow: a plugin (its outputs, requests and dead letters, whose
+/// `source` the host sets: `plugbus/<plugin>`), or anyone else (a producer's request, whose
+/// `source` is the client's; an event read back from the log), who gets no share of its own.
+#[derive(Clone, Copy)]
+enum Publisher<'a> {
+    Plugin(&'a str),
+    Other,
+}
+
+/// An event waiting in an overflow: the event, its cost, its place in the log and who
+/// published it (a plugin's source, to take it off its tally when it leaves).
+type Waiting = (Arc<Event>, u64, Logged, Option<Arc<str>>);
+
 #[derive(Default)]
 struct OverflowState {
-    events: VecDeque<(Arc<Event>, u64, Logged)>,
+    events: VecDeque<Waiting>,
     bytes: u64,
-    /// What waits, by publisher (the event's `source`): past the budget, a publisher holding less
-    /// than an equal share of it is still taken, so one plugin flooding another's buffer is
-    /// refused alone.
-    by_source: std::collections::HashMap<String, u64>,
+    /// What waits, by publishing plugin: past the budget, a plugin holding less than an equal
+    /// share of it is still taken, so one plugin flooding another's buffer is refused alone.
+    by_plugin: std::collections::HashMap<Arc<str>, u64>,
     pumping: bool,
 }
 
 impl OverflowState {
-    fn add(&mut self, event: &Event, cost: u64) {
+    fn add(&mut self, publisher: Option<&Arc<str>>, cost: u64) {
         self.bytes += cost;
-        *self.by_source.entry(event.source.clone()).or_default() += cost;
+        if let Some(p) = publisher {
+            *self.by_plugin.entry(p.clone()).or_default() += cost;
+        }
     }
 
-    fn remove(&mut self, event: &Event, cost: u64) {
+    fn remove(&mut self, publisher: Option<&Arc<str>>, cost: u64) {
         self.bytes -= cost;
-        if let Some(held) = self.by_source.get_mut(&event.source) {
+        if let Some(p) = publisher
+            && let Some(held) = self.by_plugin.get_mut(p)
+        {
             *held -= cost;
             if *held == 0 {
-                self.by_source.remove(&event.source);
+                self.by_plugin.remove(p);
             }
         }
     }
@@ -143,25 +159,36 @@ impl Overflow {
         &self,
         state: &OverflowState,
         tx: &mpsc::Sender<Delivery>,
-        event: &Event,
+        publisher: Publisher<'_>,
         cost: u64,
     ) -> Result<(), TransportError> {
         let queue_has_room = state.events.is_empty() && tx.capacity() > 0;
         if queue_has_room || tx.is_closed() || state.bytes + cost <= self.budget {
             return Ok(());
         }
-        let held = state.by_source.get(&event.source).copied().unwrap_or(0);
-        let publishers = (state.by_source.len() + usize::from(held == 0)) as u64;
-        if held + cost <= self.budget / publishers && state.bytes + cost <= 2 * self.budget {
-            return Ok(());
+        let mut share = None;
+        if let Publisher::Plugin(source) = publisher {
+            let held = state.by_plugin.get(source).copied().unwrap_or(0);
+            let publishers = (state.by_plugin.len() + usize::from(held == 0)) as u64;
+            let equal = self.budget / publishers;
+            if held + cost <= equal && state.bytes + cost <= 2 * self.budget {
+                return Ok(());
+            }
+            share = Some((crate::event::quoted(source), held, publishers, equal));
         }
-        Err(TransportError::Full(format!(
+        let mut why = format!(
             "plugin {} has {} events ({} bytes) waiting beyond its queue; its flow.buffer_mib is {} MiB",
             self.plugin,
             state.events.len(),
             state.bytes,
             self.budget >> 20
-        )))
+        );
+        if let Some((source, held, publishers, equal)) = share {
+            why.push_str(&format!(
+                "; past it each of the {publishers} publishers may hold {equal} bytes, and {source} holds {held}"
+            ));
+        }
+        Err(TransportError::Full(why))
     }
 
     /// Takes `event` without waiting: straight into the queue when it has room and nothing waits
@@ -171,6 +198,7 @@ impl Overflow {
         state: &mut OverflowState,
         tx: &mpsc::Sender<Delivery>,
         event: &Arc<Event>,
+        publisher: Publisher<'_>,
         cost: u64,
         logged: Logged,
     ) {
@@ -184,8 +212,12 @@ impl Overflow {
                 Err(mpsc::error::TrySendError::Full(())) => {}
             }
         }
-        state.events.push_back((event.clone(), cost, logged));
-        state.add(event, cost);
+        let publisher = match publisher {
+            Publisher::Plugin(source) => Some(Arc::from(source)),
+            Publisher::Other => None,
+        };
+        state.add(publisher.as_ref(), cost);
+        state.events.push_back((event.clone(), cost, logged, publisher));
         if !state.pumping {
             state.pumping = true;
             tokio::spawn(self.clone().pump(tx.clone()));
@@ -200,17 +232,17 @@ impl Overflow {
                 let mut state = self.state.lock().expect("overflow poisoned");
                 state.events.clear();
                 state.bytes = 0;
-                state.by_source.clear();
+                state.by_plugin.clear();
                 state.pumping = false;
                 self.drained.notify_waiters();
                 return;
             };
             let mut state = self.state.lock().expect("overflow poisoned");
-            let Some((event, cost, logged)) = state.events.pop_front() else {
+            let Some((event, cost, logged, publisher)) = state.events.pop_front() else {
                 state.pumping = false;
                 return;
             };
-            state.remove(&event, cost);
+            state.remove(publisher.as_ref(), cost);
             if state.bytes <= self.budget / 2 {
                 self.drained.notify_waiters();
             }
@@ -324,7 +356,7 @@ impl Load {
             let mut state = overflow.state.lock().expect("overflow poisoned");
             for u in page {
                 let cost = event_cost(&u.event);
-                overflow.take(&mut state, &tx, &u.event, cost, Logged(Some(u.seq)));
+                overflow.take(&mut state, &tx, &u.event, Publisher::Other, cost, Logged(Some(u.seq)));
             }
         }
         if loaded > 0 {
@@ -334,7 +366,8 @@ impl Load {
 }
 
 fn event_cost(event: &Event) -> u64 {
-    OVERFLOW_ENTRY_COST + (event.data.len() + event.header_bytes() + event.id.len() + event.subject.len()) as u64
+    let strings = event.id.len() + event.subject.len() + event.source.len() + event.ty.len() + event.time.len();
+    OVERFLOW_ENTRY_COST + (event.data.len() + event.header_bytes() + strings) as u64
 }
 
 struct Observer {
@@ -532,11 +565,13 @@ impl Transport for EmbeddedBus {
         }
         let targets = self.targets(&event);
         let cost = event_cost(&event);
+        // A handler's output or a dead letter: its `source` is the host's (`plugbus/<plugin>`).
+        let publisher = Publisher::Plugin(&event.source);
         // All or none: every target's room is checked before the event is logged or queued,
         // so a refused output reached no one and its retry delivers it once.
         for sub in &targets {
             let state = sub.overflow.state.lock().expect("overflow poisoned");
-            sub.overflow.check_room(&state, &sub.tx, &event, cost)?;
+            sub.overflow.check_room(&state, &sub.tx, publisher, cost)?;
         }
         // An output of an event delivered for the first time cannot be in the log yet.
         let first_time_output = match (&self.log, event.header("plugbus-caused-by")) {
@@ -561,7 +596,7 @@ impl Transport for EmbeddedBus {
         };
         for sub in &targets {
             let mut state = sub.overflow.state.lock().expect("overflow poisoned");
-            sub.overflow.take(&mut state, &sub.tx, &event, cost, logged);
+            sub.overflow.take(&mut state, &sub.tx, &event, publisher, cost, logged);
         }
         self.notify_observers(&event);
         Ok(())
@@ -571,7 +606,7 @@ impl Transport for EmbeddedBus {
     /// gets no reply asks again), and after a restart nobody would wait for its reply. It goes to
     /// every matching plugin like an output (never waiting on a queue: `Full` when a plugin's
     /// buffer is full); the first reply wins, later ones are dropped and counted.
-    async fn request(&self, mut event: Event, timeout: Duration, _producer: bool) -> Result<Event, RequestError> {
+    async fn request(&self, mut event: Event, timeout: Duration, producer: bool) -> Result<Event, RequestError> {
         validate_subject(&event.subject).map_err(|e| RequestError::Unavailable(e.to_string()))?;
         let subject = event.subject.clone();
         let targets = self.targets(&event);
@@ -582,15 +617,17 @@ impl Transport for EmbeddedBus {
         event.reply_to = Some(slot.token.clone());
         let event = Arc::new(event);
         let cost = event_cost(&event);
+        // A producer's request carries the client's `source`: it gets no share of its own.
+        let publisher = if producer { Publisher::Other } else { Publisher::Plugin(&event.source) };
         for sub in &targets {
             let state = sub.overflow.state.lock().expect("overflow poisoned");
             sub.overflow
-                .check_room(&state, &sub.tx, &event, cost)
+                .check_room(&state, &sub.tx, publisher, cost)
                 .map_err(|e| RequestError::Unavailable(e.to_string()))?;
         }
         for sub in &targets {
             let mut state = sub.overflow.state.lock().expect("overflow poisoned");
-            sub.overflow.take(&mut state, &sub.tx, &event, cost, Logged(None));
+            sub.overflow.take(&mut state, &sub.tx, &event, publisher, cost, Logged(None));
         }
         self.notify_observers(&event);
         slot.wait(&subject, timeout).await
@@ -851,17 +888,25 @@ mod tests {
             taken += 1;
             assert!(taken < 100, "the innocent publisher was never bounded");
         }
-        assert!(taken >= 4, "the innocent publisher was refused for the flood after {taken} outputs");
-        assert!(bus.publish_output(from("plugbus/hostile")).await.is_err(), "the flooder is refused still");
-        // Every output taken is delivered, in order.
-        let mut got = 0;
-        while tokio::time::timeout(Duration::from_millis(200), victim.deliveries.recv())
-            .await
-            .is_ok_and(|d| d.is_some())
-        {
-            got += 1;
+        // Its equal share: half of the 1 MiB with two publishers, five outputs of 100 KiB.
+        assert_eq!(taken, 5, "the innocent publisher's share");
+        let refused = bus.publish_output(from("plugbus/hostile")).await.unwrap_err().to_string();
+        assert!(
+            refused.contains("each of the 2 publishers may hold") && refused.contains("\"plugbus/hostile\" holds"),
+            "{refused}"
+        );
+        // Every output taken is delivered, in order, and the tallies are back to nothing.
+        let mut got = Vec::new();
+        while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(200), victim.deliveries.recv()).await {
+            got.push(d.event.source.clone());
         }
-        assert_eq!(got, flooded + taken);
+        let expected: Vec<String> = std::iter::repeat_n("plugbus/hostile".to_string(), flooded)
+            .chain(std::iter::repeat_n("plugbus/innocent".to_string(), taken))
+            .collect();
+        assert_eq!(got, expected);
+        let table = bus.table.read().unwrap();
+        let state = table.subs[0].overflow.state.lock().unwrap();
+        assert!(state.by_plugin.is_empty() && state.bytes == 0, "{} bytes left", state.bytes);
     }
 
     #[tokio::test]
