@@ -7,9 +7,9 @@
 //! plugin's capacity would wait forever. They go behind the queue into the subscription's
 //! overflow, bounded in bytes (`flow.buffer_mib`); past that bound the output is refused
 //! ([`TransportError::Full`]) and dispatch retries it, so a runaway plugin fills only its own
-//! buffer. Past it, a publisher holding less than an equal share of it is still taken (up to
-//! twice the bound in all): a plugin flooding another's buffer is refused alone. Observers (the live tail) never slow the bus: they miss events instead, and the miss
-//! is counted and logged.
+//! buffer. Past it, a plugin holding less than an equal share of it is still taken (up to
+//! twice the bound in all): a plugin flooding another's buffer is refused alone. Observers (the
+//! live tail) never slow the bus: they miss events instead, and the miss is counted and logged.
 
 use super::log::{Appended, DurableLog, LogError};
 use crate::event::Event;
