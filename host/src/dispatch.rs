@@ -402,6 +402,7 @@ async fn run_attempt(
                 reruns += 1;
                 tracing::debug!(plugin = %rt.name, event_id = %ev.id, key, "kv conflict, running again");
             }
+            Err(e @ KvError::Quota { .. }) => return Err(DeliveryError::KvQuota(e.to_string())),
             Err(e) => return Err(DeliveryError::Kv(e.to_string())),
         }
     }

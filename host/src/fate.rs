@@ -15,6 +15,9 @@ pub enum DeliveryError {
     Handler(Failure),
     /// The kv store could not commit the attempt's writes (not the handler's doing).
     Kv(String),
+    /// The attempt's kv writes would take the plugin's kv past its `max_kv_bytes`: the
+    /// handler's doing (a later attempt may pass once other events deleted keys).
+    KvQuota(String),
     /// The transport did not take an output or a dead letter.
     Publish(String),
     /// The event is larger than the plugin's `max_event_bytes`: it is never run.
@@ -33,7 +36,7 @@ impl DeliveryError {
     pub fn is_retryable(&self) -> bool {
         match self {
             DeliveryError::Handler(f) => f.is_retryable(),
-            DeliveryError::Kv(_) | DeliveryError::Publish(_) => true,
+            DeliveryError::Kv(_) | DeliveryError::KvQuota(_) | DeliveryError::Publish(_) => true,
             DeliveryError::Oversize { .. } | DeliveryError::Undecodable(_) => false,
         }
     }
@@ -44,6 +47,7 @@ impl std::fmt::Display for DeliveryError {
         match self {
             DeliveryError::Handler(failure) => write!(f, "{failure}"),
             DeliveryError::Kv(why) => write!(f, "host error: the kv store did not commit the attempt: {why}"),
+            DeliveryError::KvQuota(why) => write!(f, "the attempt's kv writes were refused: {why}"),
             DeliveryError::Publish(why) => write!(f, "host error: the bus did not take it: {why}"),
             DeliveryError::Oversize { bytes, limit } => {
                 write!(f, "event of {bytes} bytes is over the {limit}-byte limit")
@@ -213,6 +217,12 @@ mod tests {
         assert!(kv.starts_with("host error:") && !kv.contains("handler"), "{kv}");
         let handler = DeliveryError::Handler(Failure::Retry("busy".into())).to_string();
         assert!(handler.starts_with("handler asked to retry"), "{handler}");
+        // a plugin over its kv quota did it itself: retried (other events may free room), and
+        // not called the host's failure
+        let quota = DeliveryError::KvQuota("the kv of plugin \"p\" would hold …".into());
+        assert!(!quota.to_string().contains("host error"), "{quota}");
+        assert!(matches!(decide(&quota, 1, &policy(), false), Fate::RetryHere(_)));
+        assert_eq!(decide(&quota, 3, &policy(), false), Fate::DeadLetter);
     }
 
     #[test]

@@ -249,6 +249,28 @@ fn kv_keys_over_512_bytes_are_too_large() {
     assert!(err.message().contains("[cut at 64 of 5000 bytes]"), "{err}");
 }
 
+/// The host's quota on what a plugin's kv holds in all (`max_kv_bytes`), across events.
+#[test]
+fn a_run_taking_the_kv_past_its_quota_fails_whole_and_deletes_always_pass() {
+    let limits = Limits { max_kv_bytes: 300, ..Limits::default() };
+    let mut host = TestHost::new().with_limits(limits);
+    let set = |key: &'static str, n: usize| move |_| kv::set(key, vec![7u8; n]).map_err(HandlerError::from);
+    // "a" + 100 bytes + 64 = 165
+    assert_eq!(host.run(set("a", 100), Event::new("any", "")).result, Ok(()));
+    let run = host.run(set("b", 100), Event::new("any", ""));
+    let err = run.result.clone().unwrap_err();
+    assert!(err.message().contains("would hold 330 bytes, over its max_kv_bytes of 300"), "{err}");
+    assert!(err.is_retry(), "another event may free room: {err:?}");
+    assert!(run.kv_get("b").is_none(), "nothing of it is kept");
+    // a rewrite replaces what the key held; a store over a lowered quota may shrink and delete
+    assert_eq!(host.run(set("a", 200), Event::new("any", "")).result, Ok(()));
+    let mut host = host.with_limits(Limits { max_kv_bytes: 100, ..Limits::default() });
+    assert_eq!(host.run(set("a", 150), Event::new("any", "")).result, Ok(()), "it shrinks");
+    assert!(host.run(set("z", 0), Event::new("any", "")).result.is_err(), "it grows");
+    assert_eq!(host.run(|_| kv::delete("a").map_err(HandlerError::from), Event::new("any", "")).result, Ok(()));
+    assert_eq!(host.run(set("z", 30), Event::new("any", "")).result, Ok(()));
+}
+
 #[test]
 fn kv_write_and_read_counts_are_capped_per_attempt() {
     let limits = Limits { max_kv_writes: 2, max_kv_reads: 2, ..Limits::default() };

@@ -6,6 +6,8 @@
 //! the handler again. So concurrent events never lose each other's updates, and a failed
 //! attempt leaves no trace.
 
+pub mod quota;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
@@ -18,6 +20,22 @@ pub enum KvError {
     /// The store could not be reached.
     #[error("kv store unavailable: {0}")]
     Unavailable(String),
+    /// The commit would take the namespace past its quota (`limits.max_kv_bytes`): the plugin's
+    /// own doing, and nothing of it was written.
+    #[error(
+        "the kv of plugin {ns:?} would hold {would_hold} bytes, over its max_kv_bytes of {limit} (it holds {holds}; \
+         each key counts its key, its value and 64 bytes more): the handler must delete keys, or limits.max_kv_bytes be raised"
+    )]
+    Quota {
+        /// The namespace (the plugin).
+        ns: String,
+        /// What it holds now.
+        holds: u64,
+        /// What it would hold after the commit.
+        would_hold: u64,
+        /// Its quota.
+        limit: u64,
+    },
 }
 
 /// A value and the version it was written at (versions start at 1 and only grow).
@@ -78,6 +96,8 @@ pub struct Txn {
     pub writes: BTreeMap<String, Option<Vec<u8>>>,
     /// Bytes held by `reads` and `writes`, as charged.
     held: u64,
+    /// The most the namespace may hold once this commits ([`quota`]; `None`: no bound).
+    pub quota: Option<u64>,
 }
 
 fn write_cost(key: &str, value: Option<&[u8]>) -> u64 {
@@ -85,6 +105,11 @@ fn write_cost(key: &str, value: Option<&[u8]>) -> u64 {
 }
 
 impl Txn {
+    /// An empty transaction whose commit may not take its namespace past `max_kv_bytes`.
+    pub fn with_quota(max_kv_bytes: u64) -> Self {
+        Self { quota: Some(max_kv_bytes), ..Self::default() }
+    }
+
     /// Reads through the transaction: its own writes first, then the store.
     pub async fn get(&mut self, store: &dyn KvStore, ns: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
         if let Some(w) = self.writes.get(key) {
@@ -139,6 +164,8 @@ impl Txn {
 pub struct MemoryKv {
     data: Mutex<HashMap<(String, String), Versioned>>,
     clock: Mutex<u64>,
+    /// Namespace → what its entries count against its quota.
+    usage: Mutex<HashMap<String, u64>>,
 }
 
 impl MemoryKv {
@@ -163,6 +190,12 @@ impl KvStore for MemoryKv {
                 return Err(KvError::Conflict(key.clone()));
             }
         }
+        let mut usage = self.usage.lock().map_err(|_| KvError::Unavailable("poisoned".into()))?;
+        let holds = usage.get(ns).copied().unwrap_or(0);
+        let after =
+            quota::after(holds, txn, |key| Ok(data.get(&(ns.to_string(), key.to_string())).map(|v| v.value.len())))?;
+        quota::check(ns, txn, holds, after)?;
+        usage.insert(ns.to_string(), after);
         let mut clock = self.clock.lock().map_err(|_| KvError::Unavailable("poisoned".into()))?;
         *clock += 1;
         for (key, value) in &txn.writes {
@@ -214,6 +247,7 @@ impl RedbKv {
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(DATA).map_err(unavailable)?;
         txn.open_table(META).map_err(unavailable)?;
+        quota::count_once(&txn, DATA, META).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
         Ok(Self { db })
     }
@@ -254,6 +288,10 @@ impl KvStore for RedbKv {
                     return Err(KvError::Conflict(key.clone()));
                 }
             }
+            let mut usage = w.open_table(quota::USAGE).map_err(unavailable)?;
+            quota::charge(&mut usage, ns, txn, |key| {
+                Ok(data.get(db_key(ns, key).as_str()).map_err(unavailable)?.map(|v| v.value().len().saturating_sub(8)))
+            })?;
             let mut meta = w.open_table(META).map_err(unavailable)?;
             let clock = meta.get("clock").map_err(unavailable)?.map_or(0, |v| v.value()) + 1;
             meta.insert("clock", clock).map_err(unavailable)?;
@@ -276,8 +314,76 @@ impl KvStore for RedbKv {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A namespace's quota on `kv` (empty): a commit past it fails whole; a rewrite counts its
+    /// new size only; namespaces count apart; over a lowered quota, growing fails and shrinking
+    /// or deleting passes. Leaves `q` holding 165 bytes (one key of 100 bytes).
+    pub(crate) async fn quota_holds(kv: &dyn KvStore) {
+        let quota = |limit: u64, writes: &[(&str, Option<usize>)]| {
+            let mut t = Txn::with_quota(limit);
+            for (key, value) in writes {
+                match value {
+                    Some(n) => t.set(key, vec![7; *n]),
+                    None => t.delete(key),
+                }
+            }
+            t
+        };
+        // "a" + 100 bytes + 64 = 165
+        kv.commit("p", &quota(300, &[("a", Some(100))])).await.unwrap();
+        let refused = kv.commit("p", &quota(300, &[("b", Some(100)), ("c", Some(1))])).await;
+        assert_eq!(refused, Err(KvError::Quota { ns: "p".into(), holds: 165, would_hold: 165 + 165 + 66, limit: 300 }));
+        assert!(kv.get("p", "c").await.unwrap().is_none(), "refused whole");
+        assert!(refused.unwrap_err().to_string().contains("over its max_kv_bytes of 300"));
+        // a rewrite replaces what the key held: 265
+        kv.commit("p", &quota(300, &[("a", Some(200))])).await.unwrap();
+        kv.commit("q", &quota(300, &[("b", Some(100))])).await.unwrap();
+        // lowered to 100: 215 passes (it shrinks), one more key does not, a delete does
+        kv.commit("p", &quota(100, &[("a", Some(150))])).await.unwrap();
+        assert!(matches!(kv.commit("p", &quota(100, &[("z", Some(0))])).await, Err(KvError::Quota { holds: 215, .. })));
+        kv.commit("p", &quota(100, &[("a", None)])).await.unwrap();
+        kv.commit("p", &quota(100, &[("z", Some(30))])).await.unwrap();
+        assert_eq!(kv.get("p", "z").await.unwrap().unwrap().value.len(), 30);
+    }
+
+    /// That `kv` counts `q` as holding `holds` bytes: a commit of one byte more than is left fails.
+    pub(crate) async fn quota_counts(kv: &dyn KvStore, holds: u64) {
+        let mut t = Txn::with_quota(holds + 100);
+        t.set("x", vec![7; 100 - 64]); // 1 + 36 + 64 = 101: one byte over
+        assert!(
+            matches!(kv.commit("q", &t).await, Err(KvError::Quota { holds: h, .. }) if h == holds),
+            "q holds {holds}"
+        );
+        let mut t = Txn::with_quota(holds + 100);
+        t.set("x", vec![7; 100 - 65]);
+        kv.commit("q", &t).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_memory_store_keeps_each_namespace_under_its_quota() {
+        let kv = MemoryKv::new();
+        quota_holds(&kv).await;
+        quota_counts(&kv, 165).await;
+    }
+
+    #[tokio::test]
+    async fn the_redb_store_keeps_its_quota_counts_across_a_reopen_and_counts_an_older_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv.redb");
+        quota_holds(&RedbKv::open(&path).unwrap()).await;
+        quota_counts(&RedbKv::open(&path).unwrap(), 165).await;
+        // a file written before quotas: counted once at open
+        let old = dir.path().join("old.redb");
+        {
+            let db = redb::Database::create(&old).unwrap();
+            let w = db.begin_write().unwrap();
+            w.open_table(DATA).unwrap().insert("q\u{0}b", [0u8; 108].as_slice()).unwrap();
+            w.commit().unwrap();
+        }
+        quota_counts(&RedbKv::open(&old).unwrap(), 165).await;
+    }
 
     #[tokio::test]
     async fn redb_store_persists_and_detects_conflicts() {

@@ -39,6 +39,9 @@ pub struct Limits {
     pub max_kv_write_bytes: u64,
     /// Distinct kv keys one attempt may read from the store.
     pub max_kv_reads: u32,
+    /// Bytes the plugin's kv may hold in all, across every event: keys and values, each key
+    /// 64 more (see `kv::quota`). A commit past it fails; deletes always pass.
+    pub max_kv_bytes: u64,
     /// Bytes of stdout/stderr/log kept per event; the rest is cut and counted.
     pub max_log_bytes: u64,
     /// `fresh`: a new instance per attempt (nothing survives an event). `reuse`: a pool of warm
@@ -92,6 +95,7 @@ impl Default for Limits {
             max_kv_writes: 1_000,
             max_kv_write_bytes: 16 * 1024 * 1024,
             max_kv_reads: 1_000,
+            max_kv_bytes: 256 * 1024 * 1024,
             max_log_bytes: 64 * 1024,
             instance: InstanceMode::Fresh,
             recycle_after: 10_000,

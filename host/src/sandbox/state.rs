@@ -104,6 +104,7 @@ impl HostState {
         // A repeatable run must not reach the outside world.
         outbound.offline = world.is_some();
         outbound.stubs = world.and_then(|w| w.http.clone());
+        let txn = Txn::with_quota(plugin.limits.max_kv_bytes);
         Self {
             wasi,
             table,
@@ -114,7 +115,7 @@ impl HostState {
             outputs: Vec::new(),
             output_bytes: 0,
             refused: None,
-            txn: Txn::default(),
+            txn,
             stdout,
             stderr,
             log_bytes: 0,
@@ -151,7 +152,7 @@ impl HostState {
         self.outputs.clear();
         self.output_bytes = 0;
         self.refused = None;
-        self.txn = Txn::default();
+        self.txn = Txn::with_quota(self.plugin.limits.max_kv_bytes);
         self.log_bytes = 0;
         self.started = Instant::now();
         self.deadline_hit = false;

@@ -114,6 +114,10 @@ pub struct Limits {
     pub max_kv_write_bytes: u64,
     /// Distinct kv keys one attempt may read from the store.
     pub max_kv_reads: u32,
+    /// Bytes the store may hold in all, across events (keys and values, 64 more per key): a
+    /// run whose writes would take it past this fails whole and may be retried, as on the host;
+    /// deletes and shrinking writes always pass.
+    pub max_kv_bytes: u64,
     /// Bytes of log text kept per event; later lines are dropped.
     pub max_log_bytes: u64,
     /// Requests ([`request`](crate::request)) one event may make.
@@ -133,6 +137,7 @@ impl Default for Limits {
             max_kv_writes: 1_000,
             max_kv_write_bytes: 16 * 1024 * 1024,
             max_kv_reads: 1_000,
+            max_kv_bytes: 256 * 1024 * 1024,
             max_log_bytes: 64 * 1024,
             max_requests: 16,
             max_reply_bytes: 1024 * 1024,
@@ -408,6 +413,7 @@ impl TestHost {
             }
         };
         let Session { writes, outputs, logs, http_calls, requests, reply, .. } = session;
+        let result = result.and_then(|()| self.kv.check_quota(&writes, self.limits.max_kv_bytes));
         let reply = if result.is_ok() { reply } else { None };
         let published = if result.is_ok() {
             for (key, value) in writes {
@@ -606,7 +612,31 @@ impl fmt::Display for LogLine {
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct KvStore(BTreeMap<String, Vec<u8>>);
 
+/// What an entry counts against `max_kv_bytes`: its key, its value and 64 bytes more.
+fn stored_cost(key: &str, value: &[u8]) -> u64 {
+    (key.len() + value.len()) as u64 + 64
+}
+
 impl KvStore {
+    /// Whether `writes` may commit to a store bound to `limit` bytes (see
+    /// [`Limits::max_kv_bytes`]); the host's words when not.
+    fn check_quota(&self, writes: &BTreeMap<String, Option<Vec<u8>>>, limit: u64) -> Result<(), HandlerError> {
+        let holds: u64 = self.0.iter().map(|(k, v)| stored_cost(k, v)).sum();
+        let (mut gained, mut freed) = (0, 0);
+        for (key, value) in writes {
+            freed += self.0.get(key).map_or(0, |old| stored_cost(key, old));
+            gained += value.as_ref().map_or(0, |v| stored_cost(key, v));
+        }
+        let after = (holds + gained).saturating_sub(freed);
+        if after > limit && after > holds {
+            return Err(HandlerError::retry(format!(
+                "the kv would hold {after} bytes, over its max_kv_bytes of {limit} (it holds {holds}; each key counts \
+                 its key, its value and 64 bytes more)"
+            )));
+        }
+        Ok(())
+    }
+
     /// The value under `key`.
     ///
     /// ```

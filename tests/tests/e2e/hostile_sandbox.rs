@@ -107,6 +107,32 @@ async fn a_kv_flood_is_refused_by_keys_and_by_bytes_and_limits_are_per_plugin() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_filling_its_kv_stops_at_its_quota_and_other_plugins_go_on() {
+    // Each `kvfill` event writes 10 new keys of 10,000 bytes: about 101,000 bytes counted (keys,
+    // values, 64 more per key). Without a quota a plugin doing this on every event fills the
+    // disk the event log shares, and every producer of every plugin is refused.
+    let t = host(|c| {
+        c.plugins.entry("hostile".into()).or_default().limits.insert("max_kv_bytes".into(), 250_000.into());
+    })
+    .await;
+    for _ in 0..2 {
+        t.publish("hostile.kvfill", "10 10000").await;
+    }
+    t.wait_counter("hostile", "ok", 2).await;
+    // the third would take it to about 303,000: refused whole, attributed to the plugin
+    let error = dead_letter_of(&t, "kvfill", "10 10000").await;
+    assert!(error.contains(r#"the kv of plugin "hostile" would hold"#), "{error}");
+    assert!(error.contains("over its max_kv_bytes of 250000"), "{error}");
+    assert!(!error.contains("host error"), "the plugin's doing, not the host's: {error}");
+    // nothing of the refused attempt was kept: what is left under the quota still takes writes
+    t.publish("hostile.kvfill", "4 10000").await;
+    t.wait_counter("hostile", "ok", 3).await;
+    // another plugin's kv is its own
+    t.publish("faulty.count", "").await;
+    t.wait_counter("faulty", "ok", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failure_text_and_echoed_subjects_are_cut_to_a_few_kib_saying_where() {
     let t = host(|_| {}).await;
     // a 1 MiB reject text

@@ -305,7 +305,9 @@ impl Op {
 /// only in memory (`bus.sync` = `batch` / `none`), applied again after a failed write (see
 /// [`KeptInMemory`]) as it was, without checking its reads.
 fn kv_replay(ns: &Arc<str>, txn: &crate::kv::Txn, outbox: &Option<Outbox>) -> Op {
-    Op::KvCommit { ns: ns.clone(), txn: txn.clone(), outbox: outbox.clone(), done: None }
+    let mut txn = txn.clone();
+    txn.quota = None;
+    Op::KvCommit { ns: ns.clone(), txn, outbox: outbox.clone(), done: None }
 }
 
 /// About what a copy of a kv commit holds in memory, in bytes.
@@ -496,6 +498,7 @@ impl DurableLog {
             w.open_table(SUBSCRIBERS).map_err(|e| open_err(e.to_string()))?;
             w.open_table(KV).map_err(|e| open_err(e.to_string()))?;
             w.open_table(OUTBOX).map_err(|e| open_err(e.to_string()))?;
+            crate::kv::quota::count_once(&w, KV, META).map_err(|e| open_err(format!("counting kv usage: {e}")))?;
         }
         w.commit().map_err(|e| open_err(e.to_string()))?;
         let moved = rows::migrate(&db).map_err(|why| open_err(format!("moving events into rows: {why}")))?;
@@ -748,6 +751,7 @@ impl DurableLog {
             }
             meta.insert("kv_clock", clock).map_err(|e| io(&e))?;
         }
+        crate::kv::quota::recount(&w, KV, META).map_err(|e| io(&e))?;
         w.commit().map_err(|e| io(&e))
     }
 
@@ -1430,6 +1434,25 @@ impl Writer {
                                 kv_answers[answer].1 = Err(crate::kv::KvError::Conflict(key));
                                 continue;
                             }
+                            // Refused whole past the namespace's quota (a copy applied again has
+                            // none: it passed when first applied, and only its count is redone).
+                            let mut usage = w.open_table(crate::kv::quota::USAGE).map_err(|e| e.to_string())?;
+                            let charged = crate::kv::quota::charge(&mut usage, &ns, &txn, |key| {
+                                let stored = kv
+                                    .get(kv_key(&ns, key).as_str())
+                                    .map_err(|e| crate::kv::KvError::Unavailable(e.to_string()))?;
+                                Ok(stored.map(|v| v.value().len().saturating_sub(8)))
+                            });
+                            match charged {
+                                Ok(()) => {}
+                                Err(e @ crate::kv::KvError::Quota { .. }) => {
+                                    if let Some(answer) = answer {
+                                        kv_answers[answer].1 = Err(e);
+                                    }
+                                    continue;
+                                }
+                                Err(e) => return Err(e.to_string()),
+                            }
                             if in_memory_only && !txn.writes.is_empty() {
                                 kept_in_memory.keep(kv_replay(&ns, &txn, &outbox), kv_cost(&ns, &txn, &outbox));
                             }
@@ -1969,6 +1992,41 @@ pub(crate) mod tests {
                 Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
             }
         }
+    }
+
+    #[tokio::test]
+    async fn kv_in_the_log_keeps_each_namespace_under_its_quota_across_a_reopen() {
+        use crate::kv::KvStore;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        {
+            let log = DurableLog::open(&path, SyncPolicy::Always).unwrap();
+            crate::kv::tests::quota_holds(&crate::backend::embedded::kv::LogKv::new(log.clone())).await;
+            // a copy applied again after a failed write (no waiter, no quota) is counted, not refused
+            let mut t = crate::kv::Txn::with_quota(1);
+            t.set("y", vec![7; 100]);
+            log.ops.send(kv_replay(&Arc::from("r"), &t, &None)).unwrap();
+            log.sync().await.unwrap();
+        }
+        let log = reopen(&path, Retention::default()).await;
+        let kv = crate::backend::embedded::kv::LogKv::new(log.clone());
+        crate::kv::tests::quota_counts(&kv, 165).await;
+        assert!(kv.get("r", "y").await.unwrap().is_some());
+        let mut t = crate::kv::Txn::with_quota(165);
+        t.set("z", Vec::new());
+        assert!(matches!(kv.commit("r", &t).await, Err(crate::kv::KvError::Quota { holds: 165, .. })));
+    }
+
+    #[tokio::test]
+    async fn a_log_written_before_kv_quotas_counts_its_kv_once_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        write_raw(&path, |w| {
+            w.open_table(KV).unwrap().insert("q\u{0}b", [0u8; 108].as_slice()).unwrap();
+        })
+        .await;
+        let log = DurableLog::open(&path, SyncPolicy::Always).unwrap();
+        crate::kv::tests::quota_counts(&crate::backend::embedded::kv::LogKv::new(log), 165).await;
     }
 
     #[tokio::test]

@@ -65,6 +65,15 @@ fn attack(ev: Event) -> Result<(), HandlerError> {
                 kv::set(&format!("k{i}"), &value).map_err(|e| refused(format!("kv write {i}"), e))?;
             }
         }
+        // `N SIZE`: N new kv keys of SIZE bytes each, named after the event: every event adds
+        // keys, and the plugin's kv grows on the shared disk until its quota (`max_kv_bytes`).
+        "kvfill" => {
+            let (n, size) = (arg(0, 10), arg(1, 10_000));
+            let value = vec![7u8; size];
+            for i in 0..n {
+                kv::set(&format!("{}/{i}", ev.id()), &value).map_err(|e| refused(format!("kv write {i}"), e))?;
+            }
+        }
         // `N`: N reads of distinct keys.
         "kvreads" => {
             for i in 0..arg(0, 100_000) {
