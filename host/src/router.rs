@@ -340,8 +340,7 @@ impl Router {
     /// embedded bus they are deliveries too), or `timeout` passes; reports what was left.
     /// The caller stops intake first.
     pub async fn drain(&self, timeout: Duration) -> DrainReport {
-        let deadline =
-            tokio::time::Instant::from_std(crate::sandbox::limits::instant_after(std::time::Instant::now(), timeout));
+        let deadline = crate::sandbox::limits::tokio_instant_in(timeout);
         while !self.is_idle() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

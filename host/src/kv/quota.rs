@@ -7,6 +7,11 @@
 //! namespace grow: deletes and shrinking rewrites always pass, so a plugin over a lowered quota
 //! can clean up. The redb stores keep each namespace's count in a table of their own ([`USAGE`]),
 //! changed in the transaction that changes the entries.
+//!
+//! What counts is logical bytes: redb may take up to twice that on disk for large values (it
+//! gives them runs of pages, a power of two). The NATS backend does not enforce the quota yet:
+//! its server counts delete markers too (kept for good in a bucket of one revision), and a
+//! stream's `max_bytes` lowered below what it holds makes the server delete its oldest entries.
 
 use super::{ENTRY_COST, KvError, Txn};
 use redb::{ReadableTable, TableDefinition};
@@ -39,13 +44,13 @@ pub fn after(
     let (mut gained, mut freed) = (0u64, 0u64);
     for (key, value) in &txn.writes {
         if let Some(old) = old(key)? {
-            freed += stored_cost(key, old);
+            freed = freed.saturating_add(stored_cost(key, old));
         }
         if let Some(v) = value {
-            gained += stored_cost(key, v.len());
+            gained = gained.saturating_add(stored_cost(key, v.len()));
         }
     }
-    Ok((holds + gained).saturating_sub(freed))
+    Ok(holds.saturating_add(gained).saturating_sub(freed))
 }
 
 /// The `ns\0key` of a redb store's entry, split.
@@ -53,13 +58,19 @@ fn namespace(stored_key: &str) -> Option<(&str, &str)> {
     stored_key.split_once('\u{0}')
 }
 
+/// The meta key holding the store's kv clock (its count of kv commits, under the store's own
+/// key) at which [`USAGE`] was last right. A file written by a version without quotas, or by one
+/// rolled back to, moved its clock without counting: it is counted again at open.
+const COUNTED_AT: &str = "kv_usage_clock";
+
 /// Counts every namespace's entries of `data` (values behind an 8-byte version) into [`USAGE`],
-/// from scratch: at open, when the file has no count yet (written before quotas), or after an
-/// import. `counted` marks it done in the store's meta table.
+/// from scratch, as of the store's kv clock (`meta[clock]`): at open when the count is stale
+/// ([`recount_if_stale`]), and after an import.
 pub(crate) fn recount(
     w: &redb::WriteTransaction,
     data: TableDefinition<&str, &[u8]>,
     meta: TableDefinition<&str, u64>,
+    clock: &str,
 ) -> Result<(), redb::Error> {
     let mut totals: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     {
@@ -67,7 +78,8 @@ pub(crate) fn recount(
         for row in data.iter()? {
             let (k, v) = row?;
             if let Some((ns, key)) = namespace(k.value()) {
-                *totals.entry(ns.to_string()).or_default() += stored_cost(key, v.value().len().saturating_sub(8));
+                let total = totals.entry(ns.to_string()).or_default();
+                *total = total.saturating_add(stored_cost(key, v.value().len().saturating_sub(8)));
             }
         }
     }
@@ -76,23 +88,34 @@ pub(crate) fn recount(
     for (ns, bytes) in &totals {
         usage.insert(ns.as_str(), *bytes)?;
     }
-    w.open_table(meta)?.insert(COUNTED, 1)?;
+    let mut meta = w.open_table(meta)?;
+    let now = meta.get(clock)?.map_or(0, |v| v.value());
+    counted_at(&mut meta, now)?;
     Ok(())
 }
 
-/// The meta key that says [`USAGE`] holds every namespace's count.
-const COUNTED: &str = "kv_usage_counted";
-
-/// [`recount`], unless the file has its counts already.
-pub(crate) fn count_once(
+/// [`recount`], unless [`USAGE`] is right as of the store's kv clock; whether it counted.
+pub(crate) fn recount_if_stale(
     w: &redb::WriteTransaction,
     data: TableDefinition<&str, &[u8]>,
     meta: TableDefinition<&str, u64>,
-) -> Result<(), redb::Error> {
-    let counted = w.open_table(meta)?.get(COUNTED)?.is_some();
-    if !counted {
-        recount(w, data, meta)?;
+    clock: &str,
+) -> Result<bool, redb::Error> {
+    let stale = {
+        let meta = w.open_table(meta)?;
+        let now = meta.get(clock)?.map_or(0, |v| v.value());
+        meta.get(COUNTED_AT)?.map(|v| v.value()) != Some(now)
+    };
+    if stale {
+        recount(w, data, meta, clock)?;
     }
+    Ok(stale)
+}
+
+/// Records that [`USAGE`] is right as of kv clock `clock`: in every kv commit's transaction,
+/// with the clock it sets.
+pub(crate) fn counted_at(meta: &mut redb::Table<&str, u64>, clock: u64) -> Result<(), redb::StorageError> {
+    meta.insert(COUNTED_AT, clock)?;
     Ok(())
 }
 

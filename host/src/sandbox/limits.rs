@@ -149,6 +149,11 @@ pub fn instant_after(start: std::time::Instant, wait: Duration) -> std::time::In
     start.checked_add(wait.min(CENTURY)).unwrap_or(start)
 }
 
+/// [`instant_after`] now, for tokio's timers.
+pub fn tokio_instant_in(wait: Duration) -> tokio::time::Instant {
+    tokio::time::Instant::from_std(instant_after(std::time::Instant::now(), wait))
+}
+
 impl Limits {
     /// The memory cap in bytes.
     pub fn memory_bytes(&self) -> usize {

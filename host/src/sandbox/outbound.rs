@@ -293,7 +293,7 @@ impl Outbound {
             limits: limits.clone(),
             event_id: event_id.to_string(),
             calls: 0,
-            deadline: Instant::from_std(super::limits::instant_after(std::time::Instant::now(), limits.deadline)),
+            deadline: super::limits::tokio_instant_in(limits.deadline),
             offline: false,
             stubs: None,
             circuit_open: None,
@@ -347,9 +347,7 @@ impl Outbound {
         request
             .headers_mut()
             .insert(IDEMPOTENCY_KEY, http::HeaderValue::from_str(&key).expect("hex is a header value"));
-        let ends =
-            Instant::from_std(super::limits::instant_after(std::time::Instant::now(), self.limits.outbound_timeout))
-                .min(self.deadline);
+        let ends = super::limits::tokio_instant_in(self.limits.outbound_timeout).min(self.deadline);
         Ok((request, Target { scheme, host, port, ends, probe }))
     }
 }

@@ -353,56 +353,6 @@ async fn jetstream_a_broker_restart_mid_stream_loses_nothing_and_the_host_recove
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_plugins_kv_on_jetstream_stops_at_its_quota_as_the_server_counts_it() {
-    use plugbus::kv::{KvError, KvStore, Txn};
-    let server = NatsServer::start().await;
-    let js = jetstream::new(server.client().await);
-    let kv = plugbus::backend::nats::kv::JetStreamKv::new(js.clone());
-    let write = |keys: std::ops::Range<usize>, size: usize| {
-        let mut t = Txn::with_quota(50_000);
-        for k in keys {
-            t.set(&format!("k{k}"), vec![7; size]);
-        }
-        t
-    };
-    kv.commit("hoarder", &write(0..3, 10_000)).await.unwrap();
-    // the bucket's stream is bounded by the quota: the server refuses past it
-    let mut stream = js.get_stream("KV_plugbus_hoarder").await.unwrap();
-    assert_eq!(stream.info().await.unwrap().config.max_bytes, 50_000);
-    // three more in one atomic batch: refused whole
-    let refused = kv.commit("hoarder", &write(3..6, 10_000)).await;
-    assert!(matches!(refused, Err(KvError::Quota { limit: 50_000, .. })), "{refused:?}");
-    assert!(refused.unwrap_err().to_string().contains(r#"the kv of plugin "hoarder" would hold"#));
-    assert!(kv.get("hoarder", "k3").await.unwrap().is_none(), "nothing of the batch was written");
-    // one write alone (a put): refused too
-    let refused = kv.commit("hoarder", &write(6..7, 30_000)).await;
-    assert!(matches!(refused, Err(KvError::Quota { .. })), "{refused:?}");
-    // under it, writes go on; another plugin's bucket is its own
-    kv.commit("hoarder", &write(7..8, 5_000)).await.unwrap();
-    kv.commit("other", &write(0..4, 10_000)).await.unwrap();
-    // a deletion takes the plugin back under it
-    let mut t = Txn::with_quota(50_000);
-    for k in 0..3 {
-        t.delete(&format!("k{k}"));
-    }
-    kv.commit("hoarder", &t).await.unwrap();
-    kv.commit("hoarder", &write(8..9, 20_000)).await.unwrap();
-
-    // A bucket already over a quota given later keeps every entry (a stream's max_bytes below
-    // what it holds would make the server remove its oldest messages), and cannot grow.
-    let mut unbounded = Txn::default();
-    for k in 0..3 {
-        unbounded.set(&format!("k{k}"), vec![7; 30_000]);
-    }
-    kv.commit("early", &unbounded).await.unwrap();
-    let refused = kv.commit("early", &write(3..4, 10)).await;
-    assert!(matches!(refused, Err(KvError::Quota { .. })), "{refused:?}");
-    for k in 0..3 {
-        assert_eq!(kv.get("early", &format!("k{k}")).await.unwrap().unwrap().value.len(), 30_000, "k{k} kept");
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_lives_in_jetstream_and_two_hosts_never_lose_an_update() {
     const ROUNDS: usize = 10;
     let server = NatsServer::start().await;

@@ -184,9 +184,11 @@ impl Overflow {
             self.budget >> 20
         );
         if let Some((source, held, publishers, equal)) = share {
-            why.push_str(&format!(
-                "; past it each of the {publishers} publishers may hold {equal} bytes, and {source} holds {held}"
-            ));
+            let each = match publishers {
+                1 => "its one publisher".to_string(),
+                n => format!("each of the {n} publishers"),
+            };
+            why.push_str(&format!("; past it {each} may hold {equal} bytes, and {source} holds {held}"));
         }
         Err(TransportError::Full(why))
     }
@@ -878,10 +880,14 @@ mod tests {
             Arc::new(e)
         };
         let mut flooded = 0;
-        while bus.publish_output(from("plugbus/hostile")).await.is_ok() {
-            flooded += 1;
+        let alone = loop {
+            match bus.publish_output(from("plugbus/hostile")).await {
+                Ok(()) => flooded += 1,
+                Err(e) => break e.to_string(),
+            }
             assert!(flooded < 100, "the buffer never filled");
-        }
+        };
+        assert!(alone.contains("past it its one publisher may hold 1048576 bytes"), "{alone}");
         // Another publisher: up to an equal share (half of 1 MiB, with two publishers) is taken.
         let mut taken = 0;
         while bus.publish_output(from("plugbus/innocent")).await.is_ok() {

@@ -498,7 +498,11 @@ impl DurableLog {
             w.open_table(SUBSCRIBERS).map_err(|e| open_err(e.to_string()))?;
             w.open_table(KV).map_err(|e| open_err(e.to_string()))?;
             w.open_table(OUTBOX).map_err(|e| open_err(e.to_string()))?;
-            crate::kv::quota::count_once(&w, KV, META).map_err(|e| open_err(format!("counting kv usage: {e}")))?;
+            if crate::kv::quota::recount_if_stale(&w, KV, META, "kv_clock")
+                .map_err(|e| open_err(format!("counting the plugins' kv: {e}")))?
+            {
+                tracing::info!(log = %path.display(), "counted each plugin's kv for max_kv_bytes (after an upgrade)");
+            }
         }
         w.commit().map_err(|e| open_err(e.to_string()))?;
         let moved = rows::migrate(&db).map_err(|why| open_err(format!("moving events into rows: {why}")))?;
@@ -751,7 +755,7 @@ impl DurableLog {
             }
             meta.insert("kv_clock", clock).map_err(|e| io(&e))?;
         }
-        crate::kv::quota::recount(&w, KV, META).map_err(|e| io(&e))?;
+        crate::kv::quota::recount(&w, KV, META, "kv_clock").map_err(|e| io(&e))?;
         w.commit().map_err(|e| io(&e))
     }
 
@@ -1458,6 +1462,7 @@ impl Writer {
                             }
                             let version = meta.get("kv_clock").map_err(|e| e.to_string())?.map_or(0, |v| v.value()) + 1;
                             meta.insert("kv_clock", version).map_err(|e| e.to_string())?;
+                            crate::kv::quota::counted_at(&mut meta, version).map_err(|e| e.to_string())?;
                             for (key, value) in &txn.writes {
                                 let k = kv_key(&ns, key);
                                 match value {
@@ -2018,15 +2023,29 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn a_log_written_before_kv_quotas_counts_its_kv_once_at_open() {
+    async fn a_log_written_before_kv_quotas_counts_its_kv_at_open_and_again_after_a_rollback() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bus.redb");
         write_raw(&path, |w| {
             w.open_table(KV).unwrap().insert("q\u{0}b", [0u8; 108].as_slice()).unwrap();
         })
         .await;
+        {
+            let log = DurableLog::open(&path, SyncPolicy::Always).unwrap();
+            crate::kv::tests::quota_counts(&crate::backend::embedded::kv::LogKv::new(log), 165).await;
+        }
+        // A version without quotas run on it again (a rollback) writes without counting: its kv
+        // clock moved, so the next start counts again.
+        write_raw(&path, |w| {
+            w.open_table(KV).unwrap().insert("q\u{0}z", [0u8; 1008].as_slice()).unwrap();
+            let mut meta = w.open_table(META).unwrap();
+            let clock = meta.get("kv_clock").unwrap().unwrap().value();
+            meta.insert("kv_clock", clock + 1).unwrap();
+        })
+        .await;
         let log = DurableLog::open(&path, SyncPolicy::Always).unwrap();
-        crate::kv::tests::quota_counts(&crate::backend::embedded::kv::LogKv::new(log), 165).await;
+        // 165 + 100 (quota_counts' own write) + "z" with 1,000 bytes (1,065)
+        crate::kv::tests::quota_counts(&crate::backend::embedded::kv::LogKv::new(log), 1330).await;
     }
 
     #[tokio::test]

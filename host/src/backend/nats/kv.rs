@@ -20,8 +20,7 @@ pub fn bucket_name(ns: &str) -> String {
 /// JetStream KV buckets, one per plugin.
 pub struct JetStreamKv {
     js: jetstream::Context,
-    /// Each bucket, and the quota its stream was last given (`max_bytes`; `None`: not yet).
-    buckets: tokio::sync::Mutex<HashMap<String, (kv::Store, Option<u64>)>>,
+    buckets: tokio::sync::Mutex<HashMap<String, kv::Store>>,
 }
 
 impl JetStreamKv {
@@ -30,64 +29,11 @@ impl JetStreamKv {
         Self { js, buckets: Default::default() }
     }
 
-    /// The bucket of plugin `ns`, made first if missing; with `quota`, its stream's `max_bytes`
-    /// is that (the server then refuses a write past it: see [`quota_refusal`]).
-    async fn bucket(&self, ns: &str, quota: Option<u64>) -> Result<kv::Store, KvError> {
+    async fn bucket(&self, ns: &str) -> Result<kv::Store, KvError> {
         let mut buckets = self.buckets.lock().await;
-        if let Some((store, applied)) = buckets.get(ns)
-            && (quota.is_none() || *applied == quota)
-        {
-            return Ok(store.clone());
+        if let Some(b) = buckets.get(ns) {
+            return Ok(b.clone());
         }
-        let store = self.open_bucket(ns).await?;
-        let applied = match quota {
-            Some(limit) => {
-                self.limit_bucket(&store, limit).await?;
-                Some(limit)
-            }
-            None => buckets.get(ns).and_then(|(_, applied)| *applied),
-        };
-        buckets.insert(ns.to_string(), (store.clone(), applied));
-        Ok(store)
-    }
-
-    /// Gives the bucket's stream `max_bytes = limit`, never less than it holds: the server
-    /// would make room by removing the oldest messages, the plugin's kv entries. A bucket over
-    /// a quota set (or lowered) later is bounded at what it holds, so it cannot grow, until its
-    /// deletes bring it down (the next start then lowers the bound toward the quota).
-    async fn limit_bucket(&self, store: &kv::Store, limit: u64) -> Result<(), KvError> {
-        let mut stream =
-            self.js.get_stream(&store.stream_name).await.map_err(|e| {
-                KvError::Unavailable(format!("reading the JetStream KV stream {}: {e}", store.stream_name))
-            })?;
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| KvError::Unavailable(format!("reading the JetStream KV stream {}: {e}", store.stream_name)))?;
-        let mut config = info.config.clone();
-        let max_bytes = i64::try_from(limit.max(info.state.bytes)).unwrap_or(i64::MAX);
-        if config.max_bytes != max_bytes {
-            config.max_bytes = max_bytes;
-            self.js.update_stream(config).await.map_err(|e| {
-                KvError::Unavailable(format!("setting max_bytes of the JetStream KV stream {}: {e}", store.stream_name))
-            })?;
-        }
-        Ok(())
-    }
-
-    /// What a write the server refused for the bucket's `max_bytes` means: [`KvError::Quota`],
-    /// with what the bucket holds as the server counts it.
-    async fn quota_refusal(&self, store: &kv::Store, ns: &str, txn: &Txn) -> KvError {
-        let holds = match self.js.get_stream(&store.stream_name).await {
-            Ok(mut stream) => stream.info().await.map_or(0, |i| i.state.bytes),
-            Err(_) => 0,
-        };
-        let written: u64 =
-            txn.writes.iter().map(|(k, v)| crate::kv::quota::stored_cost(k, v.as_ref().map_or(0, Vec::len))).sum();
-        KvError::Quota { ns: ns.to_string(), holds, would_hold: holds + written, limit: txn.quota.unwrap_or(0) }
-    }
-
-    async fn open_bucket(&self, ns: &str) -> Result<kv::Store, KvError> {
         let name = bucket_name(ns);
         let store = match self.js.get_key_value(&name).await {
             Ok(s) => s,
@@ -119,49 +65,8 @@ impl JetStreamKv {
                 ))
             })?;
         }
+        buckets.insert(ns.to_string(), store.clone());
         Ok(store)
-    }
-
-    /// Checks `txn`'s reads, then writes its keys (one atomic batch for several).
-    async fn commit_in(&self, store: &kv::Store, txn: &Txn) -> Result<(), KvError> {
-        // Check every read first (a stale attempt fails before it writes anything), then write
-        // each key with compare-and-set (which catches a change since the check).
-        for (key, seen) in &txn.reads {
-            if read_entry(store, key).await?.1 != *seen {
-                return Err(KvError::Conflict(key.clone()));
-            }
-        }
-        if txn.writes.len() > 1 {
-            return self.commit_batch(store, txn).await;
-        }
-        for (key, value) in &txn.writes {
-            let k = nats_key(key);
-            let conflict = |e: &dyn std::fmt::Display| unavailable("writing", key, e);
-            match (value, txn.reads.get(key)) {
-                (Some(v), Some(0)) => match store.create(&k, v.clone().into()).await {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                        return Err(KvError::Conflict(key.clone()));
-                    }
-                    Err(e) => return Err(conflict(&e)),
-                },
-                (Some(v), Some(seen)) => match store.update(&k, v.clone().into(), *seen).await {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                        return Err(KvError::Conflict(key.clone()));
-                    }
-                    Err(e) => return Err(conflict(&e)),
-                },
-                (Some(v), None) => {
-                    store.put(&k, v.clone().into()).await.map_err(|e| conflict(&e))?;
-                }
-                (None, Some(seen)) if *seen > 0 => {
-                    store.delete_expect_revision(&k, Some(*seen)).await.map_err(|_| KvError::Conflict(key.clone()))?;
-                }
-                (None, _) => store.delete(&k).await.map_err(|e| conflict(&e))?,
-            }
-        }
-        Ok(())
     }
 
     /// Writes every key of `txn` in one atomic batch, each checked against the revision read.
@@ -225,12 +130,6 @@ pub fn nats_key(key: &str) -> String {
     if out.is_empty() { "=".into() } else { out }
 }
 
-/// Whether the server refused a write for the stream's `max_bytes` (its words: "maximum bytes
-/// exceeded").
-fn is_over_max_bytes(why: &str) -> bool {
-    why.contains("maximum bytes exceeded")
-}
-
 fn unavailable(what: &str, key: &str, e: impl std::fmt::Display) -> KvError {
     KvError::Unavailable(format!("{what} kv key {key:?} on JetStream: {e}"))
 }
@@ -248,7 +147,7 @@ async fn read_entry(store: &kv::Store, key: &str) -> Result<(Option<Vec<u8>>, u6
 #[async_trait::async_trait]
 impl KvStore for JetStreamKv {
     async fn get(&self, ns: &str, key: &str) -> Result<Option<Versioned>, KvError> {
-        let store = self.bucket(ns, None).await?;
+        let store = self.bucket(ns).await?;
         let entry = store.entry(nats_key(key)).await.map_err(|e| unavailable("reading", key, e))?;
         Ok(entry
             .filter(|e| e.operation == kv::Operation::Put)
@@ -256,16 +155,49 @@ impl KvStore for JetStreamKv {
     }
 
     async fn read(&self, ns: &str, key: &str) -> Result<(Option<Vec<u8>>, u64), KvError> {
-        read_entry(&self.bucket(ns, None).await?, key).await
+        read_entry(&self.bucket(ns).await?, key).await
     }
 
     async fn commit(&self, ns: &str, txn: &Txn) -> Result<(), KvError> {
-        let store = self.bucket(ns, txn.quota).await?;
-        match self.commit_in(&store, txn).await {
-            // Every write path (a batch, a create, an update, a put) says it in the server's words.
-            Err(KvError::Unavailable(why)) if is_over_max_bytes(&why) => Err(self.quota_refusal(&store, ns, txn).await),
-            other => other,
+        let store = self.bucket(ns).await?;
+        // Check every read first (a stale attempt fails before it writes anything), then write
+        // each key with compare-and-set (which catches a change since the check).
+        for (key, seen) in &txn.reads {
+            if read_entry(&store, key).await?.1 != *seen {
+                return Err(KvError::Conflict(key.clone()));
+            }
         }
+        if txn.writes.len() > 1 {
+            return self.commit_batch(&store, txn).await;
+        }
+        for (key, value) in &txn.writes {
+            let k = nats_key(key);
+            let conflict = |e: &dyn std::fmt::Display| unavailable("writing", key, e);
+            match (value, txn.reads.get(key)) {
+                (Some(v), Some(0)) => match store.create(&k, v.clone().into()).await {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                        return Err(KvError::Conflict(key.clone()));
+                    }
+                    Err(e) => return Err(conflict(&e)),
+                },
+                (Some(v), Some(seen)) => match store.update(&k, v.clone().into(), *seen).await {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                        return Err(KvError::Conflict(key.clone()));
+                    }
+                    Err(e) => return Err(conflict(&e)),
+                },
+                (Some(v), None) => {
+                    store.put(&k, v.clone().into()).await.map_err(|e| conflict(&e))?;
+                }
+                (None, Some(seen)) if *seen > 0 => {
+                    store.delete_expect_revision(&k, Some(*seen)).await.map_err(|_| KvError::Conflict(key.clone()))?;
+                }
+                (None, _) => store.delete(&k).await.map_err(|e| conflict(&e))?,
+            }
+        }
+        Ok(())
     }
 }
 
