@@ -105,19 +105,7 @@ impl Output {
     /// choose it (reserved names are refused at publish, see [`is_reserved_header`]). A
     /// `traceparent` / `tracestate` the plugin set is dropped: the host's context wins.
     pub fn into_event(self, input: &Event, plugin: &str, index: usize) -> Event {
-        let mut datacontenttype = None;
-        let mut extensions = Vec::with_capacity(self.headers.len() + 1);
-        for (k, v) in self.headers {
-            let k = k.to_ascii_lowercase();
-            if k == "datacontenttype" || k == "content-type" {
-                datacontenttype = Some(v);
-            } else if !is_reserved_header(&k) && !crate::telemetry::is_trace_header(&k) {
-                // Reserved names are refused at publish already; dropped here too, so no path
-                // lets one through. A trace context is the host's to set (dispatch sets the
-                // attempt's, `telemetry::set_context`): the plugin's own is dropped.
-                extensions.push((k, v));
-            }
-        }
+        let (datacontenttype, mut extensions) = lift_headers(self.headers);
         extensions.push(("plugbus-caused-by".into(), input.id.clone()));
         Event {
             id: output_id(&input.source, &input.id, plugin, index),
@@ -173,8 +161,12 @@ impl Output {
     }
 }
 
-/// A plugin's headers as an event's: `datacontenttype` (or `content-type`) lifted into the
-/// attribute, reserved names dropped (refused at the call already), names lower-cased.
+/// A plugin's headers as an event's (an output, a request, a reply): `datacontenttype` (or
+/// `content-type`) lifted into the attribute, names lower-cased. Reserved names are refused at
+/// the call already and dropped here too, so no path lets one through. A `traceparent` /
+/// `tracestate` is dropped: a trace context is the host's to set (dispatch sets the attempt's
+/// on outputs, `telemetry::set_context`), and a plugin choosing one would pick the parent and
+/// the sampling of another plugin's spans.
 fn lift_headers(headers: Vec<(String, String)>) -> (Option<String>, Vec<(String, String)>) {
     let mut datacontenttype = None;
     let mut extensions = Vec::with_capacity(headers.len() + 1);
@@ -182,7 +174,7 @@ fn lift_headers(headers: Vec<(String, String)>) -> (Option<String>, Vec<(String,
         let k = k.to_ascii_lowercase();
         if k == "datacontenttype" || k == "content-type" {
             datacontenttype = Some(v);
-        } else if !is_reserved_header(&k) {
+        } else if !is_reserved_header(&k) && !crate::telemetry::is_trace_header(&k) {
             extensions.push((k, v));
         }
     }
@@ -318,6 +310,26 @@ mod tests {
             let (secs, _) = uuid.get_timestamp().unwrap().to_unix();
             let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
             assert!(now.abs_diff(secs) < 60, "{id} is not stamped now");
+        }
+    }
+
+    #[test]
+    fn a_plugins_trace_context_never_reaches_its_outputs_requests_or_replies() {
+        let input = Event::new("a", "x");
+        let out = || Output {
+            subject: "b".into(),
+            data: Bytes::from_static(b"{}"),
+            headers: vec![
+                ("traceparent".into(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+                ("TraceState".into(), "x=1".into()),
+                ("k".into(), "v".into()),
+            ],
+        };
+        for ev in [out().into_event(&input, "p", 0), out().into_request(&input.id, "p"), out().into_reply(&input, "p")]
+        {
+            assert_eq!(ev.header("traceparent"), None, "{ev:?}");
+            assert_eq!(ev.header("tracestate"), None, "{ev:?}");
+            assert_eq!(ev.header("k"), Some("v"));
         }
     }
 

@@ -125,6 +125,34 @@ async fn within_deadline<T>(
     }
 }
 
+/// How long an attempt waits before trying again for an instance slot, while every slot of the
+/// pool all plugins share (`sandbox.max_instances`) is taken by attempts in flight.
+const POOL_RETRY: Duration = Duration::from_millis(5);
+
+/// Instantiates `pre` in `store`, waiting for a slot while the shared pool is full. A full pool
+/// is the host's limit, reached by other plugins' attempts (say, one holding its instances for
+/// its whole deadline): it must not fail this plugin's event as if its handler had trapped.
+/// Gives up, as a host error, when waiting longer would pass the attempt's deadline.
+async fn instantiate_in_pool(
+    pre: &bindings::PluginPre<HostState>,
+    store: &mut Store<HostState>,
+) -> wasmtime::Result<bindings::Plugin> {
+    loop {
+        match pre.instantiate_async(&mut *store).await {
+            Err(e) if e.is::<wasmtime::PoolConcurrencyLimitError>() => {
+                if Instant::now() + POOL_RETRY >= store.data().deadline_at() {
+                    return Err(e.context(
+                        "host error: every instance slot of the pool plugins share (sandbox.max_instances) stayed \
+                         taken by attempts in flight until the deadline",
+                    ));
+                }
+                tokio::time::sleep(POOL_RETRY).await;
+            }
+            done => return done,
+        }
+    }
+}
+
 /// An instantiated plugin kept between events, with its store.
 struct Warm {
     store: Store<HostState>,
@@ -293,7 +321,7 @@ impl Plugin {
         arm_store(&mut store);
         let call = within_deadline(&mut store, async |store| {
             let instance =
-                self.pre.instantiate_async(&mut *store).instrument(telemetry::step_span("instantiate")).await?;
+                instantiate_in_pool(&self.pre, store).instrument(telemetry::step_span("instantiate")).await?;
             let headers = header_refs(event);
             let wit_event = to_wit(event, &headers, attempt, token.as_deref());
             instance.plugbus_handler_handler().call_handle(store, wit_event).await
@@ -330,7 +358,7 @@ impl Plugin {
                 let mut store = Store::new(&self.engine, HostState::new(self.ctx.clone(), &event.id, &event.subject));
                 arm_store(&mut store);
                 let instantiated = within_deadline(&mut store, async |store| {
-                    self.pre.instantiate_async(store).instrument(telemetry::step_span("instantiate")).await
+                    instantiate_in_pool(&self.pre, store).instrument(telemetry::step_span("instantiate")).await
                 })
                 .await;
                 match instantiated {

@@ -133,6 +133,33 @@ async fn a_plugin_filling_its_kv_stops_at_its_quota_and_other_plugins_go_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_holding_every_slot_of_the_shared_pool_delays_other_plugins_never_fails_them() {
+    // Four instance slots for all plugins. `faulty` holds them all for its whole deadline
+    // (asleep in a host call); `echo` (which also takes `faulty.*`) needs slots meanwhile. Its
+    // attempts used to fail as if its handler had trapped ("maximum concurrent … limit"), and
+    // were retried and dead-lettered under its name.
+    let t = TestHost::start_with(&["faulty", "echo"], |c| {
+        fast_retries(c);
+        c.sandbox.max_instances = 4;
+        c.plugins.entry("faulty".into()).or_default().limits.insert("deadline".into(), "1s".into());
+    })
+    .await;
+    for _ in 0..4 {
+        t.publish("faulty.sleep", "").await;
+    }
+    t.wait_counter("echo", "ok", 4).await;
+    t.wait_counter("faulty", "in_flight", 4).await;
+    let started = Instant::now();
+    t.publish("orders.created", "{}").await;
+    t.wait_counter("echo", "ok", 5).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "echo ran while faulty held every slot: the pool was not full"
+    );
+    assert_eq!((t.counter("echo", "retried"), t.counter("echo", "dead_lettered")), (0, 0), "echo waited, never failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failure_text_and_echoed_subjects_are_cut_to_a_few_kib_saying_where() {
     let t = host(|_| {}).await;
     // a 1 MiB reject text

@@ -621,15 +621,27 @@ impl Transport for EmbeddedBus {
         let cost = event_cost(&event);
         // A producer's request carries the client's `source`: it gets no share of its own.
         let publisher = if producer { Publisher::Other } else { Publisher::Plugin(&event.source) };
-        for sub in &targets {
-            let state = sub.overflow.state.lock().expect("overflow poisoned");
-            sub.overflow
-                .check_room(&state, &sub.tx, publisher, cost)
-                .map_err(|e| RequestError::Unavailable(e.to_string()))?;
-        }
+        // Each plugin with room takes it; refused only when none can. (Outputs go to all or
+        // none, so a retry delivers them once; a request is never retried by the bus, and a
+        // plugin that subscribes to the subject and never keeps up must not make every
+        // request on it fail while another plugin answers.)
+        let mut refused = None;
+        let mut taken = 0;
         for sub in &targets {
             let mut state = sub.overflow.state.lock().expect("overflow poisoned");
-            sub.overflow.take(&mut state, &sub.tx, &event, publisher, cost, Logged(None));
+            match sub.overflow.check_room(&state, &sub.tx, publisher, cost) {
+                Ok(()) => {
+                    sub.overflow.take(&mut state, &sub.tx, &event, publisher, cost, Logged(None));
+                    taken += 1;
+                }
+                Err(e) => {
+                    refused.get_or_insert(e);
+                }
+            }
+        }
+        if taken == 0 {
+            let why = refused.map_or_else(|| "no plugin took it".to_string(), |e| e.to_string());
+            return Err(RequestError::Unavailable(why));
         }
         self.notify_observers(&event);
         slot.wait(&subject, timeout).await
@@ -751,6 +763,47 @@ mod tests {
             buffer_bytes: 1 << 20,
             durable: None,
         }
+    }
+
+    /// A plugin that subscribes to a request subject and never keeps up (its queue and buffer
+    /// full) used to fail every request on it (all or none, as for outputs), while another
+    /// plugin answered them.
+    #[tokio::test]
+    async fn a_subscriber_that_never_keeps_up_fails_no_request_another_answers() {
+        let bus = EmbeddedBus::new();
+        let stalled = SubscriptionSpec { plugin: "stalled".into(), buffer_bytes: 4096, ..spec(&["q"], 1) };
+        let _stalled = bus.subscribe(stalled).await.unwrap();
+        let mut answering = bus.subscribe(spec(&["q"], 16)).await.unwrap();
+        let replier = bus.clone();
+        tokio::spawn(async move {
+            while let Some(d) = answering.deliveries.recv().await {
+                let to = d.event.reply_to.clone().unwrap();
+                replier.reply(&to, Event::new("q.reply", "ok")).await.unwrap();
+            }
+        });
+        for i in 0..200 {
+            let got = bus.request(Event::new("q", format!("{i}")), Duration::from_secs(5), false).await;
+            assert!(got.is_ok(), "request {i}: {got:?}");
+        }
+        // With no plugin able to take it, it is refused, saying why.
+        let only_stalled = EmbeddedBus::new();
+        let stalled = SubscriptionSpec { plugin: "stalled".into(), buffer_bytes: 4096, ..spec(&["q"], 1) };
+        let _stalled = only_stalled.subscribe(stalled).await.unwrap();
+        let mut tries = 0;
+        let refused = loop {
+            tries += 1;
+            assert!(tries < 100, "a plugin that never keeps up was never refused requests");
+            match tokio::time::timeout(
+                Duration::from_millis(50),
+                only_stalled.request(Event::new("q", "x"), Duration::from_millis(10), false),
+            )
+            .await
+            {
+                Ok(Err(RequestError::Unavailable(why))) => break why,
+                _ => continue,
+            }
+        };
+        assert!(refused.contains("plugin stalled has"), "{refused}");
     }
 
     /// A durable bus over a new log at `dir/bus.redb` (`sync = "always"`) with plugin `p`
