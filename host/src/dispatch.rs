@@ -153,6 +153,12 @@ pub enum Outcome {
         /// The backoff before the next attempt.
         wait: std::time::Duration,
     },
+    /// A request whose requester stopped waiting (it timed out): settled without running (again)
+    /// after this many attempts; nobody would read its reply.
+    Expired {
+        /// Attempts made before.
+        attempts: u32,
+    },
     /// Dead-lettered after this many attempts.
     DeadLettered {
         /// Attempts made.
@@ -190,6 +196,10 @@ pub async fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) 
         Outcome::Redelivering { attempt, .. } => {
             span.record("outcome", "redelivering");
             span.record("attempts", attempt);
+        }
+        Outcome::Expired { attempts } => {
+            span.record("outcome", "expired");
+            span.record("attempts", attempts);
         }
         Outcome::DeadLettered { attempts, failure } => {
             span.record("outcome", "dead_lettered");
@@ -236,6 +246,12 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
             delivery.acker.ack().await;
         }
         Outcome::Redelivering { wait, .. } => delivery.acker.nak(*wait).await,
+        Outcome::Expired { attempts } => {
+            rt.metrics.requests_expired.inc();
+            tracing::info!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempts,
+                "a request whose requester stopped waiting (it timed out): settled without running it");
+            delivery.acker.ack().await;
+        }
         Outcome::DeadLettered { attempts, failure } => {
             counters.dead_lettered.inc();
             rt.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
@@ -278,7 +294,8 @@ async fn attempts(
             .instrument(span.clone())
             .await;
         match result {
-            Ok((outputs, reply)) => {
+            Ok(Ran::Expired) => return Outcome::Expired { attempts: attempt - first },
+            Ok(Ran::Done(outputs, reply)) => {
                 if let Some(reply) = reply {
                     send_reply(rt, ev, reply).await;
                 }
@@ -331,6 +348,16 @@ async fn attempts(
     }
 }
 
+/// What an attempt that did not fail came to. (Returned once per attempt, never kept: the size
+/// of its larger variant costs nothing a box would save.)
+#[allow(clippy::large_enum_variant)]
+enum Ran {
+    /// The outputs and the reply to release.
+    Done(Vec<Arc<Event>>, Option<Event>),
+    /// Not run: a request whose requester stopped waiting while it waited for its turn.
+    Expired,
+}
+
 /// One attempt: run the handler (again on kv conflict) and commit its kv writes; returns the
 /// outputs and the reply to release. After the commit the handler never runs again for this delivery: where
 /// the transport keeps a log (`position`), the outputs commit with the kv writes (an outbox), so
@@ -345,7 +372,7 @@ async fn run_attempt(
     position: Option<(Arc<str>, u64)>,
     seen: &mut Option<Box<crate::sandbox::Seen>>,
     circuit_open: &mut Option<std::time::Duration>,
-) -> Result<(Vec<Arc<Event>>, Option<Event>), DeliveryError> {
+) -> Result<Ran, DeliveryError> {
     let mut reruns = 0;
     loop {
         rt.stats.attempts.fetch_add(1, Ordering::Relaxed);
@@ -353,6 +380,14 @@ async fn run_attempt(
             // The permit bounds handlers running in the sandbox; committing kv and waiting for
             // the transport to take the outputs happen without it.
             let _permit = rt.run_permits.acquire().await.expect("run permits never close");
+            // A request waits in the queue, for a permit and between retries: its requester may
+            // have given up meanwhile (a kv re-run is part of an attempt that started for it).
+            if let Some(to) = &ev.reply_to
+                && reruns == 0
+                && !rt.transport.awaits_reply(to)
+            {
+                return Ok(Ran::Expired);
+            }
             let now = rt.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
             rt.stats.peak_in_flight.fetch_max(now, Ordering::Relaxed);
             let run = plugin.handle(ev, attempt).await;
@@ -396,7 +431,7 @@ async fn run_attempt(
                     std::process::abort();
                 }
                 let reply = run.reply.map(|r| r.into_reply(ev, &rt.name));
-                return Ok((outputs, reply));
+                return Ok(Ran::Done(outputs, reply));
             }
             Err(KvError::Conflict(key)) if reruns < MAX_KV_CONFLICT_RERUNS => {
                 reruns += 1;

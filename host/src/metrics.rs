@@ -99,6 +99,8 @@ pub struct Metrics {
     pub browser_refused: Counter,
     /// Replies a plugin gave that found no request waiting (timed out, or answered already).
     pub replies_dropped: Family<PluginLabels, Counter>,
+    /// Requests settled without running because their requester stopped waiting.
+    pub requests_expired: Family<PluginLabels, Counter>,
     /// `POST /v1/request/{subject}` answered `504`: no reply within its timeout.
     pub api_request_timeouts: Counter,
 }
@@ -128,6 +130,7 @@ impl Default for Metrics {
             ingress_timeouts: Counter::default(),
             browser_refused: Counter::default(),
             replies_dropped: Family::default(),
+            requests_expired: Family::default(),
             api_request_timeouts: Counter::default(),
         };
         r.register("events_received", "Events delivered to a plugin", m.received.clone());
@@ -179,6 +182,11 @@ impl Default for Metrics {
             m.replies_dropped.clone(),
         );
         r.register(
+            "requests_expired",
+            "Requests a plugin got and did not run: their requester had stopped waiting (timed out)",
+            m.requests_expired.clone(),
+        );
+        r.register(
             "api_request_timeouts",
             "POST /v1/request answered 504: no reply within the timeout",
             m.api_request_timeouts.clone(),
@@ -216,6 +224,8 @@ pub struct PluginMetrics {
     pub handler_seconds: Histogram,
     /// `plugbus_replies_dropped_total{plugin}`.
     pub replies_dropped: Counter,
+    /// `plugbus_requests_expired_total{plugin}`.
+    pub requests_expired: Counter,
     /// The patterns in manifest order with their counters. Behind an `Arc`: one reference count
     /// per event instead of one per counter (each a cache line the two cores pass back and forth).
     by_subscription: RwLock<Subscriptions>,
@@ -228,11 +238,13 @@ impl PluginMetrics {
         let handler_seconds = metrics.handler_seconds.get_or_create(&PluginLabels { plugin: plugin.into() }).clone();
         let unsubscribed = Arc::new(metrics.counters(plugin, UNSUBSCRIBED));
         let replies_dropped = metrics.replies_dropped.get_or_create(&PluginLabels { plugin: plugin.into() }).clone();
+        let requests_expired = metrics.requests_expired.get_or_create(&PluginLabels { plugin: plugin.into() }).clone();
         let this = Self {
             plugin: plugin.into(),
             family: metrics,
             handler_seconds,
             replies_dropped,
+            requests_expired,
             by_subscription: RwLock::new(Arc::from(Vec::new())),
             unsubscribed,
         };

@@ -132,6 +132,11 @@ impl Replies {
         taken
     }
 
+    /// Whether a request still waits on `token`.
+    pub fn is_waiting(&self, token: &str) -> bool {
+        self.slots.lock().expect("reply slots poisoned").get(token).is_some_and(|tx| !tx.is_closed())
+    }
+
     /// Requests waiting now.
     pub fn waiting(&self) -> usize {
         self.slots.lock().expect("reply slots poisoned").len()

@@ -309,6 +309,15 @@ pub trait Transport: Send + Sync + 'static {
         Err(TransportError::Broker(format!("the {} transport cannot reply to {to}", self.name())))
     }
 
+    /// Whether a requester still waits for a reply to `to` (a request's reply address): `false`
+    /// only where the transport knows it stopped (the embedded bus: its slot is gone). Dispatch
+    /// settles such a request without running it (again): nobody would read its reply, and a
+    /// request is at most once.
+    fn awaits_reply(&self, to: &str) -> bool {
+        let _ = to;
+        true
+    }
+
     /// Whether the transport can currently deliver (used by `/readyz`).
     fn is_connected(&self) -> bool {
         true

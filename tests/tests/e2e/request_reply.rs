@@ -214,6 +214,35 @@ async fn a_reply_after_the_requester_timed_out_is_dropped_and_counted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_requester_gave_up_in_the_queue_is_not_run() {
+    // One attempt at a time: a request queued behind an 800 ms one outlives its own 100 ms
+    // timeout. It used to run anyway (and be retried, and dead-lettered under the responder's
+    // name), a question nobody waited for; junk requests with tiny timeouts delayed everyone's.
+    let t = TestHost::start_with(&["asker", "responder"], |c| {
+        fast_retries(c);
+        c.flow.concurrency = 1;
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let late = http.post(format!("{}/v1/request/rpc.late?timeout=5s", t.url())).body("800").send();
+    let queued = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        http.post(format!("{}/v1/request/rpc.echo?timeout=100ms", t.url())).body("hi").send().await.unwrap()
+    };
+    let (late, queued) = tokio::join!(late, queued);
+    assert_eq!(late.unwrap().status(), 200);
+    assert_eq!(queued.status(), 504);
+    let metrics = || async { http.get(format!("{}/metrics", t.url())).send().await.unwrap().text().await.unwrap() };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !metrics().await.contains(r#"plugbus_requests_expired_total{plugin="responder"} 1"#) {
+        assert!(std::time::Instant::now() < deadline, "{}", metrics().await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(t.counter("responder", "ok"), 1, "only the request someone waited for ran");
+    assert!(metrics().await.contains(r#"plugbus_replies_dropped_total{plugin="responder"} 0"#));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_past_the_events_deadline_gets_the_deadline() {
     let t = TestHost::start_with(&["asker", "responder"], |c| {
         c.retry.max_attempts = 1;

@@ -651,6 +651,10 @@ impl Transport for EmbeddedBus {
         Ok(self.replies.answer(to, event))
     }
 
+    fn awaits_reply(&self, to: &str) -> bool {
+        self.replies.is_waiting(to)
+    }
+
     fn register_metrics(&self, registry: &mut crate::metrics::Registry) {
         if let Some(log) = &self.log {
             log.metrics().register(registry);
