@@ -49,6 +49,8 @@ pub struct PluginStats {
     pub circuit_waits: AtomicU64,
     /// Deliveries dead-lettered.
     pub dead_lettered: AtomicU64,
+    /// Requests settled without running: their requester gave up without a reply.
+    pub expired: AtomicU64,
     /// Handler runs, including re-runs after kv conflicts.
     pub attempts: AtomicU64,
     /// Attempts running in the sandbox now.
@@ -247,9 +249,10 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
         }
         Outcome::Redelivering { wait, .. } => delivery.acker.nak(*wait).await,
         Outcome::Expired { attempts } => {
+            rt.stats.expired.fetch_add(1, Ordering::Relaxed);
             rt.metrics.requests_expired.inc();
             tracing::info!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempts,
-                "a request whose requester stopped waiting (it timed out): settled without running it");
+                "a request whose requester gave up without a reply (it timed out): settled without running it");
             delivery.acker.ack().await;
         }
         Outcome::DeadLettered { attempts, failure } => {
@@ -327,6 +330,10 @@ async fn attempts(
                     continue;
                 }
                 let (Fate::RetryHere(wait) | Fate::Redeliver(wait)) = fate else {
+                    // Not a dead letter of the responder's for a question nobody waits for.
+                    if gave_up(rt, ev) {
+                        return Outcome::Expired { attempts: attempt };
+                    }
                     *record = seen.map(|s| Box::new(Record::new(plugin.hash(), attempt, &failure.to_string(), *s)));
                     return Outcome::DeadLettered { attempts: attempt, failure };
                 };
@@ -346,6 +353,11 @@ async fn attempts(
             }
         }
     }
+}
+
+/// Whether `ev` is a request whose requester gave up without a reply (the transport knows).
+fn gave_up(rt: &PluginRuntime, ev: &Event) -> bool {
+    ev.reply_to.as_deref().is_some_and(|to| !rt.transport.awaits_reply(to))
 }
 
 /// What an attempt that did not fail came to. (Returned once per attempt, never kept: the size
@@ -375,19 +387,16 @@ async fn run_attempt(
 ) -> Result<Ran, DeliveryError> {
     let mut reruns = 0;
     loop {
-        rt.stats.attempts.fetch_add(1, Ordering::Relaxed);
         let run = {
             // The permit bounds handlers running in the sandbox; committing kv and waiting for
             // the transport to take the outputs happen without it.
             let _permit = rt.run_permits.acquire().await.expect("run permits never close");
             // A request waits in the queue, for a permit and between retries: its requester may
             // have given up meanwhile (a kv re-run is part of an attempt that started for it).
-            if let Some(to) = &ev.reply_to
-                && reruns == 0
-                && !rt.transport.awaits_reply(to)
-            {
+            if reruns == 0 && gave_up(rt, ev) {
                 return Ok(Ran::Expired);
             }
+            rt.stats.attempts.fetch_add(1, Ordering::Relaxed);
             let now = rt.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
             rt.stats.peak_in_flight.fetch_max(now, Ordering::Relaxed);
             let run = plugin.handle(ev, attempt).await;

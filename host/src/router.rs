@@ -312,6 +312,7 @@ impl Router {
                         ("retried", s.retried.load(Relaxed)),
                         ("circuit_waits", s.circuit_waits.load(Relaxed)),
                         ("dead_lettered", s.dead_lettered.load(Relaxed)),
+                        ("expired", s.expired.load(Relaxed)),
                         ("attempts", s.attempts.load(Relaxed)),
                         ("in_flight", s.in_flight.load(Relaxed)),
                         ("peak_in_flight", s.peak_in_flight.load(Relaxed)),

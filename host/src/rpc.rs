@@ -15,7 +15,7 @@
 use crate::event::Event;
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -95,8 +95,31 @@ pub fn reply_token(address: &str) -> String {
 #[derive(Default)]
 pub struct Replies {
     slots: Mutex<HashMap<String, oneshot::Sender<Event>>>,
+    /// Requests whose requester stopped waiting without a reply (timed out, or went away), the
+    /// newest [`MAX_PENDING_REQUESTS`]: their deliveries still queued are not run.
+    abandoned: Mutex<Abandoned>,
     /// Replies that found no one waiting.
     pub dropped: AtomicU64,
+}
+
+/// Tokens of requests given up without a reply, oldest first, bounded.
+#[derive(Default)]
+struct Abandoned {
+    tokens: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl Abandoned {
+    fn insert(&mut self, token: String) {
+        if self.order.len() >= MAX_PENDING_REQUESTS
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.tokens.remove(&oldest);
+        }
+        if self.tokens.insert(token.clone()) {
+            self.order.push_back(token);
+        }
+    }
 }
 
 /// One waiting request's slot; dropping it removes the slot.
@@ -132,9 +155,12 @@ impl Replies {
         taken
     }
 
-    /// Whether a request still waits on `token`.
-    pub fn is_waiting(&self, token: &str) -> bool {
-        self.slots.lock().expect("reply slots poisoned").get(token).is_some_and(|tx| !tx.is_closed())
+    /// Whether the requester of `token` gave up without a reply (its deliveries still queued
+    /// need not run). A request answered by another plugin is not given up: its other
+    /// subscribers take it as an event like any other. (Past the newest
+    /// [`MAX_PENDING_REQUESTS`] given up, an older one reads as not given up: it runs.)
+    pub fn abandoned(&self, token: &str) -> bool {
+        self.abandoned.lock().expect("abandoned requests poisoned").tokens.contains(token)
     }
 
     /// Requests waiting now.
@@ -158,13 +184,37 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.replies.slots.lock().expect("reply slots poisoned").remove(&self.token);
+        let unanswered = self.replies.slots.lock().expect("reply slots poisoned").remove(&self.token).is_some();
+        if unanswered {
+            self.replies.abandoned.lock().expect("abandoned requests poisoned").insert(std::mem::take(&mut self.token));
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_request_given_up_without_a_reply_is_abandoned_and_an_answered_one_is_not() {
+        let replies = Arc::new(Replies::default());
+        let answered = replies.open().unwrap();
+        let token = answered.token.clone();
+        assert!(replies.answer(&token, Event::new("q", "r")));
+        answered.wait("q", Duration::from_secs(1)).await.unwrap();
+        assert!(!replies.abandoned(&token), "answered by one plugin: the others still take it");
+        let timed_out = replies.open().unwrap();
+        let token = timed_out.token.clone();
+        assert!(!replies.abandoned(&token), "still waiting");
+        assert!(timed_out.wait("q", Duration::from_millis(1)).await.is_err());
+        assert!(replies.abandoned(&token));
+        // bounded: the oldest given up are forgotten (and then run, the safe side)
+        for _ in 0..MAX_PENDING_REQUESTS {
+            drop(replies.open().unwrap());
+        }
+        assert!(!replies.abandoned(&token));
+        assert_eq!(replies.abandoned.lock().unwrap().order.len(), MAX_PENDING_REQUESTS);
+    }
 
     #[tokio::test]
     async fn a_reply_reaches_its_slot_once_and_a_late_one_is_dropped_and_counted() {

@@ -126,32 +126,14 @@ async fn within_deadline<T>(
 }
 
 /// How long an attempt waits before trying again for an instance slot, while every slot of the
-/// pool all plugins share (`sandbox.max_instances`) is taken by attempts in flight.
+/// pool all plugins share (`sandbox.max_instances`) is taken (by attempts in flight, or idle
+/// warm instances of `instance = "reuse"` plugins).
 const POOL_RETRY: Duration = Duration::from_millis(5);
 
-/// Instantiates `pre` in `store`, waiting for a slot while the shared pool is full. A full pool
-/// is the host's limit, reached by other plugins' attempts (say, one holding its instances for
-/// its whole deadline): it must not fail this plugin's event as if its handler had trapped.
-/// Gives up, as a host error, when waiting longer would pass the attempt's deadline.
-async fn instantiate_in_pool(
-    pre: &bindings::PluginPre<HostState>,
-    store: &mut Store<HostState>,
-) -> wasmtime::Result<bindings::Plugin> {
-    loop {
-        match pre.instantiate_async(&mut *store).await {
-            Err(e) if e.is::<wasmtime::PoolConcurrencyLimitError>() => {
-                if Instant::now() + POOL_RETRY >= store.data().deadline_at() {
-                    return Err(e.context(
-                        "host error: every instance slot of the pool plugins share (sandbox.max_instances) stayed \
-                         taken by attempts in flight until the deadline",
-                    ));
-                }
-                tokio::time::sleep(POOL_RETRY).await;
-            }
-            done => return done,
-        }
-    }
-}
+/// The longest an attempt waits for an instance slot (or its deadline, if longer): a hog
+/// holds each of its slots at most its own deadline, so a wait bounded by the waiting plugin's
+/// deadline alone would give up just before slots free when both deadlines are alike.
+const POOL_WAIT_MAX: Duration = Duration::from_secs(30);
 
 /// An instantiated plugin kept between events, with its store.
 struct Warm {
@@ -312,21 +294,67 @@ impl Plugin {
         }
     }
 
+    /// A new armed store (its state from `state`) and an instance of the plugin in it. While
+    /// every slot of the pool all plugins share is taken, it waits, with a new store each try (a
+    /// failed instantiation keeps what it allocated until its store is dropped), up to
+    /// [`POOL_WAIT_MAX`] or the plugin's deadline if longer; then it answers a host error. A
+    /// full pool is the host's limit, reached by other plugins (say, one whose handlers sleep
+    /// until their deadline in every slot): it must not fail this plugin's event as its
+    /// handler's, nor eat its handler's time (its deadline counts from the store of the try that
+    /// got a slot).
+    async fn instantiate(
+        &self,
+        state: impl Fn() -> HostState,
+    ) -> (Store<HostState>, wasmtime::Result<bindings::Plugin>) {
+        let bound = self.ctx.limits.deadline.max(POOL_WAIT_MAX);
+        let give_up = super::limits::instant_after(Instant::now(), bound);
+        loop {
+            let mut store = Store::new(&self.engine, state());
+            arm_store(&mut store);
+            let made = within_deadline(&mut store, async |store| {
+                self.pre.instantiate_async(store).instrument(telemetry::step_span("instantiate")).await
+            })
+            .await;
+            match made {
+                Err(e) if e.is::<wasmtime::PoolConcurrencyLimitError>() => {
+                    if Instant::now() + POOL_RETRY >= give_up {
+                        let e = e.context(format!(
+                            "host error: every instance slot of the pool plugins share (sandbox.max_instances) stayed \
+                             taken for {}",
+                            humantime::format_duration(bound)
+                        ));
+                        return (store, Err(e));
+                    }
+                    drop(store);
+                    tokio::time::sleep(POOL_RETRY).await;
+                }
+                // The handler's deadline counts from this try's store: a wait is not its time.
+                made => return (store, made),
+            }
+        }
+    }
+
     async fn handle_fresh(&self, event: &Event, attempt: u32, world: Option<&FixedWorld>) -> Attempt {
         let started = Instant::now();
-        let mut state = HostState::in_world(self.ctx.clone(), &event.id, &event.subject, world);
-        state.set_reply_to(event.reply_to.as_deref());
-        let token = state.reply_token.clone();
-        let mut store = Store::new(&self.engine, state);
-        arm_store(&mut store);
-        let call = within_deadline(&mut store, async |store| {
-            let instance =
-                instantiate_in_pool(&self.pre, store).instrument(telemetry::step_span("instantiate")).await?;
-            let headers = header_refs(event);
-            let wit_event = to_wit(event, &headers, attempt, token.as_deref());
-            instance.plugbus_handler_handler().call_handle(store, wit_event).await
-        })
-        .await;
+        let (mut store, instance) = self
+            .instantiate(|| {
+                let mut state = HostState::in_world(self.ctx.clone(), &event.id, &event.subject, world);
+                state.set_reply_to(event.reply_to.as_deref());
+                state
+            })
+            .await;
+        let token = store.data().reply_token.clone();
+        let call = match instance {
+            Ok(instance) => {
+                within_deadline(&mut store, async |store| {
+                    let headers = header_refs(event);
+                    let wit_event = to_wit(event, &headers, attempt, token.as_deref());
+                    instance.plugbus_handler_handler().call_handle(store, wit_event).await
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
         let result = self.outcome(call, &mut store);
         let mut state = store.into_data();
         self.forward_stdio(&mut state);
@@ -355,12 +383,8 @@ impl Plugin {
                 w
             }
             None => {
-                let mut store = Store::new(&self.engine, HostState::new(self.ctx.clone(), &event.id, &event.subject));
-                arm_store(&mut store);
-                let instantiated = within_deadline(&mut store, async |store| {
-                    instantiate_in_pool(&self.pre, store).instrument(telemetry::step_span("instantiate")).await
-                })
-                .await;
+                let (mut store, instantiated) =
+                    self.instantiate(|| HostState::new(self.ctx.clone(), &event.id, &event.subject)).await;
                 match instantiated {
                     Ok(instance) => Warm { store, instance, uses: 0 },
                     Err(e) => {

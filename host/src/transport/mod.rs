@@ -309,10 +309,11 @@ pub trait Transport: Send + Sync + 'static {
         Err(TransportError::Broker(format!("the {} transport cannot reply to {to}", self.name())))
     }
 
-    /// Whether a requester still waits for a reply to `to` (a request's reply address): `false`
-    /// only where the transport knows it stopped (the embedded bus: its slot is gone). Dispatch
-    /// settles such a request without running it (again): nobody would read its reply, and a
-    /// request is at most once.
+    /// Whether a request's requester may still read a reply to `to`: `false` only where the
+    /// transport knows it gave up without one (the embedded bus: it timed out). Dispatch
+    /// settles such a request without running it (again): nobody reads its reply, and a
+    /// request is at most once. (A request another plugin answered is still run by its other
+    /// subscribers: to them it is an event.)
     fn awaits_reply(&self, to: &str) -> bool {
         let _ = to;
         true

@@ -239,7 +239,30 @@ async fn a_request_whose_requester_gave_up_in_the_queue_is_not_run() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(t.counter("responder", "ok"), 1, "only the request someone waited for ran");
+    assert_eq!((t.counter("responder", "attempts"), t.counter("responder", "expired")), (1, 1));
+    assert_eq!(t.counter("responder", "received"), 2);
     assert!(metrics().await.contains(r#"plugbus_replies_dropped_total{plugin="responder"} 0"#));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_another_plugin_answered_still_runs_in_its_other_subscribers() {
+    // `snoop` takes everything (`>`) as events; with one attempt at a time and 100 events ahead
+    // of it, it reaches the request long after `responder` answered. Answered is not given up:
+    // it still runs there.
+    let t = TestHost::start_with(&["responder", "snoop"], |c| {
+        fast_retries(c);
+        c.flow.concurrency = 1;
+    })
+    .await;
+    for i in 0..100 {
+        t.publish(&format!("busy.{i}"), "").await;
+    }
+    let http = reqwest::Client::new();
+    let answered = http.post(format!("{}/v1/request/rpc.echo?timeout=5s", t.url())).body("hi").send().await.unwrap();
+    assert_eq!(answered.status(), 200);
+    // 100 events, the request, and snoop's own 101 reports (which it does not report again)
+    t.wait_counter("snoop", "ok", 202).await;
+    assert_eq!(t.counter("snoop", "expired"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

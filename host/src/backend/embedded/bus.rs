@@ -652,7 +652,7 @@ impl Transport for EmbeddedBus {
     }
 
     fn awaits_reply(&self, to: &str) -> bool {
-        self.replies.is_waiting(to)
+        !self.replies.abandoned(to)
     }
 
     fn register_metrics(&self, registry: &mut crate::metrics::Registry) {
