@@ -439,7 +439,12 @@ async fn run_attempt(
                     tracing::error!(plugin = %rt.name, event_id = %ev.id, "PLUGBUS_FAULT_ABORT_AFTER_KV_COMMIT: aborting");
                     std::process::abort();
                 }
-                let reply = run.reply.map(|r| r.into_reply(ev, &rt.name));
+                // The attempt's context, as on its outputs (the plugin's own was dropped).
+                let reply = run.reply.map(|r| {
+                    let mut reply = r.into_reply(ev, &rt.name);
+                    telemetry::set_context(&mut reply, trace.as_ref());
+                    reply
+                });
                 return Ok(Ran::Done(outputs, reply));
             }
             Err(KvError::Conflict(key)) if reruns < MAX_KV_CONFLICT_RERUNS => {

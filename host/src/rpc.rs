@@ -170,6 +170,12 @@ impl Replies {
 }
 
 impl Slot {
+    /// Removes the slot of a request that went to no one: nothing of it is queued, so it is not
+    /// kept as given up (that would push out tokens whose deliveries still wait).
+    pub fn withdraw(self) {
+        self.replies.slots.lock().expect("reply slots poisoned").remove(&self.token);
+    }
+
     /// Waits up to `timeout` for the reply.
     pub async fn wait(mut self, subject: &str, timeout: Duration) -> Result<Event, RequestError> {
         let rx = self.rx.take().expect("a slot is waited on once");
@@ -208,6 +214,11 @@ mod tests {
         assert!(!replies.abandoned(&token), "still waiting");
         assert!(timed_out.wait("q", Duration::from_millis(1)).await.is_err());
         assert!(replies.abandoned(&token));
+        // a request that went to no one is not kept as given up
+        let refused = replies.open().unwrap();
+        let withdrawn = refused.token.clone();
+        refused.withdraw();
+        assert!(!replies.abandoned(&withdrawn));
         // bounded: the oldest given up are forgotten (and then run, the safe side)
         for _ in 0..MAX_PENDING_REQUESTS {
             drop(replies.open().unwrap());

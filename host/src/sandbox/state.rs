@@ -406,8 +406,11 @@ impl rpc::Host for HostState {
         let left = self.deadline_at().saturating_duration_since(Instant::now());
         let timeout = asked.min(left);
         let max_reply = limits.max_reply_bytes;
-        let event = Output { subject: subject.clone(), data: data.into(), headers }
+        let mut event = Output { subject: subject.clone(), data: data.into(), headers }
             .into_request(&self.event_id, &self.plugin.name);
+        // The attempt's context (the host call runs in its span), so the responder's spans join
+        // the requester's trace; the plugin's own was dropped.
+        crate::telemetry::set_context(&mut event, crate::telemetry::current_context().as_ref());
         let request_id = event.id.clone();
         tracing::debug!(plugin = %self.plugin.name, event_id = %self.event_id, request = %subject, request_id = %request_id,
             timeout_ms = timeout.as_millis() as u64, "request sent");

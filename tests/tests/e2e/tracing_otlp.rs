@@ -347,6 +347,27 @@ async fn an_incoming_traceparent_is_continued_and_garbage_starts_a_new_trace() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_and_its_reply_stay_in_the_requesters_trace() {
+    let (otlp, got) = receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_host, url, _log) = run_host(dir.path(), &["asker", "responder"], &otlp).await;
+    let cmd = serde_json::json!({ "subject": "rpc.echo", "data": "hi", "timeout_ms": 5000 }).to_string();
+    let id = post(&url, "ask.one", cmd, &[]).await;
+    let ingress = wait_for(&got, "the ingress span", |spans| {
+        spans.iter().find(|s| attr(s, "event_id").as_deref() == Some(&id) && s.name.starts_with("publish")).cloned()
+    })
+    .await;
+    // The responder's delivery of the request joins the asker's trace, under the asker's attempt.
+    let spans = wait_for(&got, "responder's delivery of the request", |spans| {
+        delivery(spans, &ingress.trace_id, "responder").map(|_| spans.to_vec())
+    })
+    .await;
+    let responder = delivery(&spans, &ingress.trace_id, "responder").unwrap();
+    let asker = delivery(&spans, &ingress.trace_id, "asker").unwrap();
+    assert!(descends_from(&spans, responder, asker), "the request's delivery is not under the asker's");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_cannot_set_the_trace_context_of_its_outputs() {
     let (otlp, got) = receiver().await;
     let dir = tempfile::tempdir().unwrap();

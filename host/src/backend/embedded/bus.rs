@@ -627,7 +627,7 @@ impl Transport for EmbeddedBus {
         // request on it fail while another plugin answers.)
         let mut refused = None;
         let mut taken = 0;
-        for sub in &targets {
+        for sub in targets.iter().filter(|s| !s.tx.is_closed()) {
             let mut state = sub.overflow.state.lock().expect("overflow poisoned");
             match sub.overflow.check_room(&state, &sub.tx, publisher, cost) {
                 Ok(()) => {
@@ -640,6 +640,7 @@ impl Transport for EmbeddedBus {
             }
         }
         if taken == 0 {
+            slot.withdraw();
             let why = refused.map_or_else(|| "no plugin took it".to_string(), |e| e.to_string());
             return Err(RequestError::Unavailable(why));
         }
