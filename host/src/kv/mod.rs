@@ -291,7 +291,7 @@ impl KvStore for RedbKv {
             }
             let mut usage = w.open_table(quota::USAGE).map_err(unavailable)?;
             quota::charge(&mut usage, ns, txn, |key| {
-                Ok(data.get(db_key(ns, key).as_str()).map_err(unavailable)?.map(|v| v.value().len().saturating_sub(8)))
+                Ok(data.get(db_key(ns, key).as_str()).map_err(unavailable)?.map(|v| quota::value_len(v.value())))
             })?;
             let mut meta = w.open_table(META).map_err(unavailable)?;
             let clock = meta.get("clock").map_err(unavailable)?.map_or(0, |v| v.value()) + 1;

@@ -53,6 +53,11 @@ pub fn after(
     Ok(holds.saturating_add(gained).saturating_sub(freed))
 }
 
+/// The bytes of the value in a redb store's entry (stored behind its 8-byte version).
+pub(crate) fn value_len(stored: &[u8]) -> usize {
+    stored.len().saturating_sub(8)
+}
+
 /// The `ns\0key` of a redb store's entry, split.
 fn namespace(stored_key: &str) -> Option<(&str, &str)> {
     stored_key.split_once('\u{0}')
@@ -79,7 +84,7 @@ pub(crate) fn recount(
             let (k, v) = row?;
             if let Some((ns, key)) = namespace(k.value()) {
                 let total = totals.entry(ns.to_string()).or_default();
-                *total = total.saturating_add(stored_cost(key, v.value().len().saturating_sub(8)));
+                *total = total.saturating_add(stored_cost(key, value_len(v.value())));
             }
         }
     }

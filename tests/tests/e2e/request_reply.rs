@@ -213,16 +213,21 @@ async fn a_reply_after_the_requester_timed_out_is_dropped_and_counted() {
     assert!(metrics.contains(r#"plugbus_replies_dropped_total{plugin="responder"} 1"#), "{metrics}");
 }
 
+/// A host running `components`, each plugin one attempt at a time (a request can wait its turn).
+async fn one_attempt_at_a_time(components: &[&str]) -> TestHost {
+    TestHost::start_with(components, |c| {
+        fast_retries(c);
+        c.flow.concurrency = 1;
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_whose_requester_gave_up_in_the_queue_is_not_run() {
     // One attempt at a time: a request queued behind an 800 ms one outlives its own 100 ms
     // timeout. It used to run anyway (and be retried, and dead-lettered under the responder's
     // name), a question nobody waited for; junk requests with tiny timeouts delayed everyone's.
-    let t = TestHost::start_with(&["asker", "responder"], |c| {
-        fast_retries(c);
-        c.flow.concurrency = 1;
-    })
-    .await;
+    let t = one_attempt_at_a_time(&["asker", "responder"]).await;
     let http = reqwest::Client::new();
     let late = http.post(format!("{}/v1/request/rpc.late?timeout=5s", t.url())).body("800").send();
     let queued = async {
@@ -232,16 +237,13 @@ async fn a_request_whose_requester_gave_up_in_the_queue_is_not_run() {
     let (late, queued) = tokio::join!(late, queued);
     assert_eq!(late.unwrap().status(), 200);
     assert_eq!(queued.status(), 504);
-    let metrics = || async { http.get(format!("{}/metrics", t.url())).send().await.unwrap().text().await.unwrap() };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !metrics().await.contains(r#"plugbus_requests_expired_total{plugin="responder"} 1"#) {
-        assert!(std::time::Instant::now() < deadline, "{}", metrics().await);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    t.wait_counter("responder", "expired", 1).await;
     assert_eq!(t.counter("responder", "ok"), 1, "only the request someone waited for ran");
     assert_eq!((t.counter("responder", "attempts"), t.counter("responder", "expired")), (1, 1));
     assert_eq!(t.counter("responder", "received"), 2);
-    assert!(metrics().await.contains(r#"plugbus_replies_dropped_total{plugin="responder"} 0"#));
+    let metrics = http.get(format!("{}/metrics", t.url())).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"plugbus_requests_expired_total{plugin="responder"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"plugbus_replies_dropped_total{plugin="responder"} 0"#), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,11 +251,7 @@ async fn a_request_another_plugin_answered_still_runs_in_its_other_subscribers()
     // `snoop` takes everything (`>`) as events; with one attempt at a time and 100 events ahead
     // of it, it reaches the request long after `responder` answered. Answered is not given up:
     // it still runs there.
-    let t = TestHost::start_with(&["responder", "snoop"], |c| {
-        fast_retries(c);
-        c.flow.concurrency = 1;
-    })
-    .await;
+    let t = one_attempt_at_a_time(&["responder", "snoop"]).await;
     for i in 0..100 {
         t.publish(&format!("busy.{i}"), "").await;
     }

@@ -1445,7 +1445,7 @@ impl Writer {
                                 let stored = kv
                                     .get(kv_key(&ns, key).as_str())
                                     .map_err(|e| crate::kv::KvError::Unavailable(e.to_string()))?;
-                                Ok(stored.map(|v| v.value().len().saturating_sub(8)))
+                                Ok(stored.map(|v| crate::kv::quota::value_len(v.value())))
                             });
                             match charged {
                                 Ok(()) => {}
