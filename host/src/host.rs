@@ -82,7 +82,10 @@ impl Host {
             Arc::new(DeadLetters::new(10_000))
         };
         let metrics = Arc::new(Metrics::default());
-        metrics.register_with(|registry| transport.register_metrics(registry));
+        metrics.register_with(|registry| {
+            transport.register_metrics(registry);
+            sandbox.idle_instances().register_metrics(registry);
+        });
         let router = Arc::new(Router::new(transport.clone(), dead_letters.clone(), metrics.clone()));
 
         let (loaded, rejected) = loader::load_dir_reporting(&sandbox, &config, &kv, on_load).await?;

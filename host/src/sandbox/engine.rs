@@ -2,6 +2,7 @@
 
 use super::bindings;
 use super::cache::{CacheStats, CompileCache};
+use super::idle::IdleInstances;
 use super::limits::Limits;
 use super::outbound::OutboundPolicy;
 use super::plugin::{Plugin, PluginSettings};
@@ -54,6 +55,8 @@ pub struct Sandbox {
     engine: Engine,
     cache: Option<Arc<CompileCache>>,
     cache_stats: Arc<CacheStats>,
+    /// Every plugin's idle warm instances (given up when the pool is full).
+    idle: Arc<IdleInstances>,
     linker: Arc<Linker<HostState>>,
     /// `linker` plus the `wasi:http` client, for plugins granted outbound HTTP.
     http_linker: Arc<Linker<HostState>>,
@@ -128,6 +131,7 @@ impl Sandbox {
             engine,
             cache: None,
             cache_stats: Arc::default(),
+            idle: Arc::default(),
             linker: Arc::new(linker),
             http_linker: Arc::new(http_linker),
             settings,
@@ -153,6 +157,11 @@ impl Sandbox {
     /// How many components were compiled and how many came from the cache.
     pub fn cache_stats(&self) -> &CacheStats {
         &self.cache_stats
+    }
+
+    /// Every plugin's idle warm instances (`instance = "reuse"`): how many gave their slot up.
+    pub fn idle_instances(&self) -> &IdleInstances {
+        &self.idle
     }
 
     /// The wasmtime engine.
@@ -257,7 +266,15 @@ impl Sandbox {
             outbound: Arc::new(outbound),
             requester: self.requester.clone(),
         };
-        Ok(Plugin::new(self.engine.clone(), self._ticker.clone(), pre, manifest, hash, Arc::new(ctx)))
+        Ok(Plugin::new(
+            self.engine.clone(),
+            self._ticker.clone(),
+            pre,
+            manifest,
+            hash,
+            Arc::new(ctx),
+            self.idle.clone(),
+        ))
     }
 
     async fn read_manifest(&self, pre: &bindings::PluginPre<HostState>) -> Result<Manifest, LoadError> {

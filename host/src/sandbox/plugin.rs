@@ -2,6 +2,7 @@
 
 use super::bindings::{self, types as wit};
 use super::guest_stack::{self, GuestStack};
+use super::idle::{IdleInstances, Warm, WarmList};
 use super::limits::{InstanceMode, Limits, MAX_RESOURCES};
 use super::record::Seen;
 use super::state::{HostState, PluginCtx};
@@ -13,7 +14,7 @@ use crate::telemetry;
 use futures::FutureExt;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::Instrument;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
@@ -93,8 +94,10 @@ pub struct Plugin {
     manifest: Manifest,
     hash: String,
     ctx: Arc<PluginCtx>,
-    /// Idle instances (`instance = "reuse"` only).
-    warm: Mutex<Vec<Warm>>,
+    /// Idle instances (`instance = "reuse"` only), known to `idle`.
+    warm: Arc<WarmList>,
+    /// Every plugin's idle instances: one is dropped when the shared pool is full.
+    idle: Arc<IdleInstances>,
     /// Where the guest keeps its own stack, when known (to name its overflow).
     stack: Option<GuestStack>,
 }
@@ -135,13 +138,6 @@ const POOL_RETRY: Duration = Duration::from_millis(5);
 /// deadline alone would give up just before slots free when both deadlines are alike.
 const POOL_WAIT_MAX: Duration = Duration::from_secs(30);
 
-/// An instantiated plugin kept between events, with its store.
-struct Warm {
-    store: Store<HostState>,
-    instance: bindings::Plugin,
-    uses: u32,
-}
-
 /// Installs the memory limiter, the per-call copy limit (hostcall fuel), the handle cap and the
 /// deadline on a fresh store.
 pub(super) fn arm_store(store: &mut Store<HostState>) {
@@ -171,8 +167,10 @@ impl Plugin {
         manifest: Manifest,
         hash: String,
         ctx: Arc<PluginCtx>,
+        idle: Arc<IdleInstances>,
     ) -> Self {
-        Self { engine, _ticker: ticker, pre, manifest, hash, ctx, warm: Mutex::new(Vec::new()), stack: None }
+        let warm = idle.register();
+        Self { engine, _ticker: ticker, pre, manifest, hash, ctx, warm, idle, stack: None }
     }
 
     /// Records where the guest keeps its stack (read from its bytes at load).
@@ -221,7 +219,9 @@ impl Plugin {
             requester: self.ctx.requester.clone(),
         };
         Plugin {
-            warm: Mutex::new(Vec::new()),
+            // Fresh instances only: it keeps none idle.
+            warm: Arc::default(),
+            idle: self.idle.clone(),
             ctx: Arc::new(ctx),
             pre: self.pre.clone(),
             manifest: self.manifest.clone(),
@@ -317,15 +317,19 @@ impl Plugin {
             .await;
             match made {
                 Err(e) if e.is::<wasmtime::PoolConcurrencyLimitError>() => {
+                    // An idle warm instance (of any plugin) is only a cache: its slot goes first.
+                    drop(store);
+                    if self.idle.evict_one() {
+                        continue;
+                    }
                     if Instant::now() + POOL_RETRY >= give_up {
                         let e = e.context(format!(
                             "host error: every instance slot of the pool plugins share (sandbox.max_instances) stayed \
                              taken for {}",
                             humantime::format_duration(bound)
                         ));
-                        return (store, Err(e));
+                        return (Store::new(&self.engine, state()), Err(e));
                     }
-                    drop(store);
                     tokio::time::sleep(POOL_RETRY).await;
                 }
                 // The handler's deadline counts from this try's store: a wait is not its time.

@@ -6,7 +6,7 @@ use plugbus::deadletter::headers;
 use plugbus::sandbox::{Failure, InstanceMode, Limits, PluginSettings, Sandbox, SandboxSettings};
 use plugbus::{Config, Event};
 use plugbus_tests::Running;
-use plugbus_tests::{TestHost, fast_retries, plugbus_bin, wasm};
+use plugbus_tests::{TestHost, fast_retries, metrics_text, plugbus_bin, sample, wasm};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -162,6 +162,42 @@ async fn a_plugin_holding_every_slot_of_the_shared_pool_delays_other_plugins_nev
     assert_eq!(t.counter("responder", "retried"), 0, "the wait for a slot was not the handler's time");
     // (faulty's attempts were running, each for 1 s, when the others' events came: they waited)
     assert!(started.elapsed() >= Duration::from_millis(300), "they ran at once: the pool was not full");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_warm_instances_give_their_slots_to_other_plugins_when_the_pool_is_full() {
+    // Four instance slots for all plugins. `faulty` (`instance = "reuse"`) runs four events at
+    // once, then keeps its four warm instances idle. Those slots used to stay taken for good: every
+    // other plugin's attempt waited 30 s for a slot and failed as a host error, retried and
+    // dead-lettered, while nothing ran at all.
+    let t = TestHost::start_with(&["faulty", "dice"], |c| {
+        fast_retries(c);
+        c.sandbox.max_instances = 4;
+        c.flow.concurrency = 4;
+        c.plugins.entry("faulty".into()).or_default().instance = Some(InstanceMode::Reuse);
+    })
+    .await;
+    // (busy long enough that all four overlap: the two test workers run the guests, and each
+    // publish waits for a turn on them)
+    for _ in 0..4 {
+        t.publish("faulty.slow", "1000").await;
+    }
+    t.wait_counter("faulty", "ok", 4).await;
+    assert_eq!(t.counter("faulty", "peak_in_flight"), 4, "four warm instances: they ran at once");
+    let started = Instant::now();
+    t.publish("dice.roll", "").await;
+    t.wait_counter("dice", "ok", 1).await;
+    assert_eq!((t.counter("dice", "retried"), t.counter("dice", "dead_lettered")), (0, 0), "dice got a slot");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "dice waited {:?} for an idle instance's slot",
+        started.elapsed()
+    );
+    // and `faulty` still runs: a warm instance given up is made again
+    t.publish("faulty.ok", "").await;
+    t.wait_counter("faulty", "ok", 5).await;
+    let evicted = sample(&metrics_text(&t.url()).await, "plugbus_idle_instances_evicted_total");
+    assert_eq!(evicted, Some(1.0), "one idle instance gave its slot up");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

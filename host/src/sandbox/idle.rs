@@ -1,0 +1,79 @@
+//! Idle warm instances (`instance = "reuse"`) across every plugin of a sandbox, so that one
+//! whose slot another plugin needs can give it up.
+//!
+//! A warm instance kept between events holds a slot of the instance pool all plugins share
+//! (`sandbox.max_instances`). Without a way to take it back, a burst to reuse plugins would pin
+//! their slots for good and every other plugin's attempt would wait for a slot that never frees.
+//! An idle instance is only a cache: when the pool is full, dropping one costs its plugin a new
+//! instantiation later, nothing else.
+
+use super::bindings;
+use super::state::HostState;
+use prometheus_client::metrics::counter::Counter;
+use std::sync::{Arc, Mutex, Weak};
+use wasmtime::Store;
+
+/// An instantiated plugin kept between events, with its store.
+pub(super) struct Warm {
+    pub store: Store<HostState>,
+    pub instance: bindings::Plugin,
+    /// Events it has run.
+    pub uses: u32,
+}
+
+/// One plugin's idle warm instances, the most recently used last.
+pub(super) type WarmList = Mutex<Vec<Warm>>;
+
+/// Every plugin's idle list, to take an instance from when the shared pool is full.
+#[derive(Default)]
+pub struct IdleInstances {
+    lists: Mutex<Vec<Weak<WarmList>>>,
+    /// Idle instances dropped to give their slot to another attempt.
+    evicted: Counter,
+}
+
+impl IdleInstances {
+    /// A new idle list for a plugin, known to the registry while the plugin lives.
+    pub(super) fn register(&self) -> Arc<WarmList> {
+        let list = Arc::new(WarmList::default());
+        let mut lists = self.lists.lock().expect("idle lists poisoned");
+        lists.retain(|l| l.strong_count() > 0);
+        lists.push(Arc::downgrade(&list));
+        list
+    }
+
+    /// Drops the least recently used idle instance of the plugin that keeps the most, freeing
+    /// its pool slot; `false` when no plugin keeps one.
+    pub(super) fn evict_one(&self) -> bool {
+        let taken = {
+            let lists = self.lists.lock().expect("idle lists poisoned");
+            let fullest =
+                lists.iter().filter_map(Weak::upgrade).max_by_key(|l| l.lock().expect("warm pool poisoned").len());
+            fullest.and_then(|l| {
+                let mut idle = l.lock().expect("warm pool poisoned");
+                (!idle.is_empty()).then(|| idle.remove(0))
+            })
+        };
+        // Dropped outside the locks: resetting the slot touches its memory.
+        let Some(warm) = taken else { return false };
+        tracing::debug!(plugin = %warm.store.data().plugin.name, uses = warm.uses,
+            "an idle warm instance gave its slot to another attempt (the instance pool is full)");
+        drop(warm);
+        self.evicted.inc();
+        true
+    }
+
+    /// How many idle instances gave their slot up.
+    pub fn evicted(&self) -> u64 {
+        self.evicted.get()
+    }
+
+    /// Registers `plugbus_idle_instances_evicted_total`.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "idle_instances_evicted",
+            "Idle warm instances (instance = \"reuse\") dropped to give their slot of the shared pool to another attempt",
+            self.evicted.clone(),
+        );
+    }
+}
