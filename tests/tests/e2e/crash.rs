@@ -253,3 +253,52 @@ async fn a_crash_after_the_kv_commit_releases_the_outputs_without_running_the_ha
         log.read(0, usize::MAX).unwrap().into_iter().filter(|(_, ev)| ev.subject == "inventory.reserved").count();
     assert_eq!(outputs, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_a_responders_kv_commit_still_releases_its_outputs_once() {
+    // A request is not in the log, but a responder's kv writes and outputs commit together all
+    // the same: a crash between them used to keep the kv write and lose the output.
+    let plugins = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("responder"), plugins.path().join("responder.wasm")).unwrap();
+    let host_log = data.path().join("host.log");
+    let port = free_port();
+    let env = [("PLUGBUS_FAULT_ABORT_AFTER_KV_COMMIT", "1")];
+    let mut child = start_env(plugins.path(), data.path(), port, &host_log, &env);
+    let _reaper = KillOnDrop(child.id());
+    let client = reqwest::Client::new();
+    let url = |port: u16| format!("http://127.0.0.1:{port}/v1/request/rpc.count?timeout=10s");
+    // No answer: the host aborts once the responder's kv write committed.
+    let answer = client.post(url(port)).body("").send().await;
+    assert!(answer.is_err() || !answer.unwrap().status().is_success(), "answered before the abort");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the injected abort did not happen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(std::fs::read_to_string(&host_log).unwrap().contains("PLUGBUS_FAULT_ABORT_AFTER_KV_COMMIT"));
+
+    let port = free_port();
+    let mut child = start(plugins.path(), data.path(), port, &host_log);
+    let _reaper = KillOnDrop(child.id());
+    // The count was written once before the crash, and the next request counts on from it.
+    let answer = client.post(url(port)).body("").send().await.unwrap();
+    assert_eq!(answer.status().as_u16(), 200);
+    assert_eq!(answer.text().await.unwrap(), "2");
+    unsafe { libc_kill(child.id() as i32, 15) };
+    assert!(child.wait().unwrap().success());
+    let host_said = std::fs::read_to_string(&host_log).unwrap();
+    assert!(host_said.contains("a request handled before the last stop"), "{host_said}");
+
+    let log = DurableLog::open(&data.path().join("bus.redb"), SyncPolicy::Always).unwrap();
+    let mut reported: Vec<String> = log
+        .read(0, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .filter(|(_, ev)| ev.subject == "rpc.out.count")
+        .map(|(_, ev)| String::from_utf8(ev.data.to_vec()).unwrap())
+        .collect();
+    reported.sort();
+    assert_eq!(reported, ["1", "2"], "the crashed attempt's output released once, the next one's once");
+    assert!(log.request_outboxes("responder").unwrap().is_empty(), "every request outbox settled");
+}

@@ -481,6 +481,83 @@ impl EmbeddedBus {
         }
     }
 
+    /// Logs a plugin's output or dead letter and queues it for every target, or for none when
+    /// one has no room (`Full`). `first_time_output`: it cannot be in the log yet, so it is
+    /// logged without waiting for the commit; otherwise it is deduplicated.
+    async fn deliver_output(&self, event: Arc<Event>, first_time_output: bool) -> Result<(), TransportError> {
+        let targets = self.targets(&event);
+        let cost = event_cost(&event);
+        // A handler's output or a dead letter: its `source` is the host's (`plugbus/<plugin>`).
+        let publisher = Publisher::Plugin(&event.source);
+        // All or none: every target's room is checked before the event is logged or queued,
+        // so a refused output reached no one and its retry delivers it once.
+        for sub in &targets {
+            let state = sub.overflow.state.lock().expect("overflow poisoned");
+            sub.overflow.check_room(&state, &sub.tx, publisher, cost)?;
+        }
+        let logged = match &self.log {
+            // Logged without waiting for the commit: the ack of its input is sent after it, so
+            // it never commits before it.
+            Some(log) if first_time_output => {
+                let plugins = targets.iter().map(|s| s.plugin.clone()).collect();
+                Logged(Some(
+                    log.append_nowait(event.clone(), plugins).map_err(|e| TransportError::Broker(e.to_string()))?,
+                ))
+            }
+            // A dead letter, or an output of an event run again after a restart: it may be in
+            // the log already, and then it is not delivered again.
+            _ => match self.append_output(&event, &targets).await? {
+                Some(logged) => logged,
+                None => return Ok(()),
+            },
+        };
+        for sub in &targets {
+            let mut state = sub.overflow.state.lock().expect("overflow poisoned");
+            sub.overflow.take(&mut state, &sub.tx, &event, publisher, cost, logged);
+        }
+        self.notify_observers(&event);
+        Ok(())
+    }
+
+    /// Publishes the outputs of `plugin`'s requests whose kv writes committed with them before
+    /// the last stop and which were not settled (a crash between the two), then settles them.
+    /// Some may be in the log already: they are deduplicated, not delivered again. A target's
+    /// full buffer is waited out; a log that cannot be read or written leaves them for the next
+    /// start.
+    async fn release_request_outboxes(self, log: Arc<DurableLog>, plugin: Arc<str>) {
+        let outboxes = match log.request_outboxes(&plugin) {
+            Ok(outboxes) => outboxes,
+            Err(e) => {
+                tracing::error!(plugin = %plugin,
+                    "the outputs of requests handled before the last stop cannot be read; they are tried again at the next start: {e}");
+                return;
+            }
+        };
+        for (key, outputs) in outboxes {
+            tracing::info!(plugin = %plugin, outputs = outputs.len(),
+                "a request handled before the last stop (kv committed): releasing its outputs");
+            for output in outputs {
+                let mut wait = Duration::from_millis(50);
+                loop {
+                    match self.deliver_output(output.clone(), false).await {
+                        Ok(()) => break,
+                        Err(TransportError::Full(why)) => {
+                            tracing::debug!(plugin = %plugin, event_id = %output.id, "waiting for room: {why}");
+                            tokio::time::sleep(wait).await;
+                            wait = (wait * 2).min(Duration::from_secs(1));
+                        }
+                        Err(e) => {
+                            tracing::error!(plugin = %plugin, event_id = %output.id,
+                                "an output of a request handled before the last stop cannot be published now; it is tried again at the next start: {e}");
+                            return;
+                        }
+                    }
+                }
+            }
+            log.ack(plugin.clone(), key);
+        }
+    }
+
     /// How many events observers missed because they fell behind.
     pub fn observer_misses(&self) -> u64 {
         self.observer_misses.load(Ordering::Relaxed)
@@ -565,47 +642,18 @@ impl Transport for EmbeddedBus {
         if let Some(log) = &self.log {
             log.room_for_outputs().await;
         }
-        let targets = self.targets(&event);
-        let cost = event_cost(&event);
-        // A handler's output or a dead letter: its `source` is the host's (`plugbus/<plugin>`).
-        let publisher = Publisher::Plugin(&event.source);
-        // All or none: every target's room is checked before the event is logged or queued,
-        // so a refused output reached no one and its retry delivers it once.
-        for sub in &targets {
-            let state = sub.overflow.state.lock().expect("overflow poisoned");
-            sub.overflow.check_room(&state, &sub.tx, publisher, cost)?;
-        }
         // An output of an event delivered for the first time cannot be in the log yet.
         let first_time_output = match (&self.log, event.header("plugbus-caused-by")) {
             (Some(log), Some(input)) => !log.was_redelivered(input),
             _ => false,
         };
-        let logged = match &self.log {
-            // Logged without waiting for the commit: the ack of its input is sent after it, so
-            // it never commits before it.
-            Some(log) if first_time_output => {
-                let plugins = targets.iter().map(|s| s.plugin.clone()).collect();
-                Logged(Some(
-                    log.append_nowait(event.clone(), plugins).map_err(|e| TransportError::Broker(e.to_string()))?,
-                ))
-            }
-            // A dead letter, or an output of an event run again after a restart: it may be in
-            // the log already, and then it is not delivered again.
-            _ => match self.append_output(&event, &targets).await? {
-                Some(logged) => logged,
-                None => return Ok(()),
-            },
-        };
-        for sub in &targets {
-            let mut state = sub.overflow.state.lock().expect("overflow poisoned");
-            sub.overflow.take(&mut state, &sub.tx, &event, publisher, cost, logged);
-        }
-        self.notify_observers(&event);
-        Ok(())
+        self.deliver_output(event, first_time_output).await
     }
 
     /// A request is not logged: like a core NATS request it is at most once (a requester that
-    /// gets no reply asks again), and after a restart nobody would wait for its reply. It goes to
+    /// gets no reply asks again), and after a restart nobody would wait for its reply (on a
+    /// durable bus each responder's kv writes and outputs still commit together, in an outbox
+    /// under the request's key). It goes to
     /// every matching plugin like an output (never waiting on a queue: `Full` when a plugin's
     /// buffer is full); the first reply wins, later ones are dropped and counted.
     async fn request(&self, mut event: Event, timeout: Duration, producer: bool) -> Result<Event, RequestError> {
@@ -617,6 +665,9 @@ impl Transport for EmbeddedBus {
         }
         let slot = self.replies.open()?;
         event.reply_to = Some(slot.token.clone());
+        // Not in the log, but on a durable bus each responder's kv writes and outputs commit
+        // together in an outbox under this key (see `log::REQUEST_KEYS`).
+        let outbox_key = Logged(self.log.as_ref().map(|log| log.request_key()));
         let event = Arc::new(event);
         let cost = event_cost(&event);
         // A producer's request carries the client's `source`: it gets no share of its own.
@@ -631,7 +682,7 @@ impl Transport for EmbeddedBus {
             let mut state = sub.overflow.state.lock().expect("overflow poisoned");
             match sub.overflow.check_room(&state, &sub.tx, publisher, cost) {
                 Ok(()) => {
-                    sub.overflow.take(&mut state, &sub.tx, &event, publisher, cost, Logged(None));
+                    sub.overflow.take(&mut state, &sub.tx, &event, publisher, cost, outbox_key);
                     taken += 1;
                 }
                 Err(e) => {
@@ -686,6 +737,7 @@ impl Transport for EmbeddedBus {
             let load = Load::Below(until);
             overflow.reading_back.store(true, Ordering::Release);
             tokio::spawn(load.run(log.clone(), overflow.clone(), tx.clone(), plugin.clone()));
+            tokio::spawn(self.clone().release_request_outboxes(log.clone(), plugin.clone()));
         }
         self.table.write().expect("bus table poisoned").subs.push(Arc::new(Sub { id, plugin, patterns, tx, overflow }));
         Ok(subscription)

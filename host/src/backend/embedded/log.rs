@@ -448,7 +448,22 @@ pub struct DurableLog {
     any_redelivered: std::sync::atomic::AtomicBool,
     /// Handler outputs sent to the writer and not committed yet.
     unwritten: Arc<Unwritten>,
+    /// The next key of a request's outbox (see [`REQUEST_KEYS`]).
+    next_request_key: std::sync::atomic::AtomicU64,
+    /// The first key this run hands out: outboxes below it are the last run's.
+    first_request_key: u64,
+    /// The (plugin, key) of requests whose kv writes were sent to commit with an outbox: their
+    /// settling removes it. A request that wrote no kv is settled without a log operation.
+    request_outboxes: std::sync::Mutex<std::collections::HashSet<(Arc<str>, u64)>>,
 }
+
+/// Where the keys of requests' outboxes start. A request is not in the log, so its delivery has
+/// no sequence number; its attempt's kv writes and outputs still commit together, in an outbox
+/// under (responder, key). Sequence numbers never come near this.
+pub const REQUEST_KEYS: u64 = 1 << 63;
+
+/// A request's outbox the last run left: its key and its attempt's outputs.
+pub type RequestOutbox = (u64, Vec<Arc<Event>>);
 
 /// The deliveries read back to run again and not settled yet, and how many of them each
 /// event id has (one per plugin).
@@ -501,7 +516,7 @@ impl DurableLog {
             if crate::kv::quota::recount_if_stale(&w, KV, META, "kv_clock")
                 .map_err(|e| open_err(format!("counting the plugins' kv: {e}")))?
             {
-                tracing::info!(log = %path.display(), "counted each plugin's kv for max_kv_bytes (after an upgrade)");
+                tracing::info!(log = %path.display(), "counted each plugin's kv for max_kv_bytes (a new log, or one a version without quotas wrote since the last count)");
             }
         }
         w.commit().map_err(|e| open_err(e.to_string()))?;
@@ -516,6 +531,8 @@ impl DurableLog {
             (read("next_seq")?.unwrap_or(1), read("bytes")?.unwrap_or(0))
         };
         let outboxed = outboxed_in(&db).map_err(open_err)?;
+        // Past every request outbox the last run left (taken again when their plugin subscribes).
+        let next_request_key = outboxed.iter().map(|(_, key)| key + 1).filter(|k| *k > REQUEST_KEYS).max();
         let store = Arc::new(Store { path: path.to_path_buf(), db: std::sync::RwLock::new(Some(Arc::new(db))) });
         let (ops, rx) = std_mpsc::channel();
         let metrics = LogMetrics::default();
@@ -545,6 +562,9 @@ impl DurableLog {
             redelivered: Default::default(),
             any_redelivered: false.into(),
             unwritten,
+            next_request_key: next_request_key.unwrap_or(REQUEST_KEYS).into(),
+            first_request_key: next_request_key.unwrap_or(REQUEST_KEYS),
+            request_outboxes: Default::default(),
         }))
     }
 
@@ -653,8 +673,42 @@ impl DurableLog {
         self.redelivered.lock().expect("redelivered poisoned").handled.remove(&(Arc::from(plugin), seq))
     }
 
+    /// A key for the outbox of a request's delivery (see [`REQUEST_KEYS`]).
+    pub fn request_key(&self) -> u64 {
+        self.next_request_key.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The request outboxes of `plugin` the last run left (a crash between their kv commit and
+    /// their settling): key and outputs, to publish (deduplicated) and settle. This run's own are
+    /// settled by their deliveries.
+    pub fn request_outboxes(&self, plugin: &str) -> Result<Vec<RequestOutbox>, LogError> {
+        let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
+        let r = self.store.get().map_err(|e| io(&e))?.begin_read().map_err(|e| io(&e))?;
+        let outbox = r.open_table(OUTBOX).map_err(|e| io(&e))?;
+        let mut found = Vec::new();
+        for row in outbox.range((plugin, REQUEST_KEYS)..(plugin, self.first_request_key)).map_err(|e| io(&e))? {
+            let (key, stored) = row.map_err(|e| io(&e))?;
+            let key = key.value().1;
+            let corrupt = |why: String| LogError::Corrupt { path: self.path.clone(), seq: key, why };
+            found.push((key, decode_outbox(stored.value()).map_err(corrupt)?));
+        }
+        self.request_outboxes
+            .lock()
+            .expect("request outboxes poisoned")
+            .extend(found.iter().map(|(key, _)| (Arc::from(plugin), *key)));
+        Ok(found)
+    }
+
     /// Settles `plugin`'s delivery of `seq` (handled or dead-lettered): it is not delivered again.
     pub fn ack(&self, plugin: Arc<str>, seq: u64) {
+        if seq >= REQUEST_KEYS {
+            // A request: only its outbox, if its attempt wrote one, is in the log.
+            let wrote = self.request_outboxes.lock().expect("request outboxes poisoned").remove(&(plugin.clone(), seq));
+            if wrote {
+                let _ = self.ops.send(Op::Ack { plugin, seq });
+            }
+            return;
+        }
         if self.any_redelivered.load(std::sync::atomic::Ordering::Acquire) {
             let mut r = self.redelivered.lock().expect("redelivered poisoned");
             r.handled.remove(&(plugin.clone(), seq));
@@ -733,6 +787,10 @@ impl DurableLog {
         outbox: Option<Outbox>,
     ) -> Result<(), crate::kv::KvError> {
         let closed = || crate::kv::KvError::Unavailable("the event log is closed".into());
+        if let Some(outbox) = outbox.as_ref().filter(|o| o.seq >= REQUEST_KEYS) {
+            let key = (outbox.plugin.clone(), outbox.seq);
+            self.request_outboxes.lock().expect("request outboxes poisoned").insert(key);
+        }
         let (done, wait) = oneshot::channel();
         let op = Op::KvCommit { ns: ns.into(), txn: txn.clone(), outbox, done: Some(done) };
         self.ops.send(op).map_err(|_| closed())?;
@@ -2046,6 +2104,44 @@ pub(crate) mod tests {
         let log = DurableLog::open(&path, SyncPolicy::Always).unwrap();
         // 165 + 100 (quota_counts' own write) + "z" with 1,000 bytes (1,065)
         crate::kv::tests::quota_counts(&crate::backend::embedded::kv::LogKv::new(log), 1330).await;
+    }
+
+    #[tokio::test]
+    async fn a_requests_outbox_left_by_a_crash_is_found_at_the_next_start_and_settled_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let p: Arc<str> = "p".into();
+        let output = Arc::new(Event::new("out.x", "o"));
+        let commit = async |log: &DurableLog, key: u64| {
+            let mut txn = crate::kv::Txn::default();
+            txn.set("k", b"v".to_vec());
+            let outbox = Outbox { plugin: p.clone(), seq: key, outputs: vec![output.clone()] };
+            log.kv_commit("p", &txn, Some(outbox)).await.unwrap();
+        };
+        let left = {
+            let log = reopen(&path, Retention::default()).await;
+            let (left, settled, no_kv) = (log.request_key(), log.request_key(), log.request_key());
+            assert!(left >= REQUEST_KEYS && left < settled);
+            commit(&log, left).await;
+            commit(&log, settled).await;
+            log.ack(p.clone(), settled);
+            // One that wrote no kv is settled without a log operation (and without harm).
+            log.ack(p.clone(), no_kv);
+            // This run's own are settled by their deliveries, not taken as left over.
+            assert!(log.request_outboxes("p").unwrap().is_empty());
+            log.sync().await.unwrap();
+            left
+        };
+        let log = reopen(&path, Retention::default()).await;
+        assert!(log.request_key() > left, "keys go on past those left in the log");
+        let found = log.request_outboxes("p").unwrap();
+        assert_eq!(found.iter().map(|(k, o)| (*k, o[0].id.clone())).collect::<Vec<_>>(), [(left, output.id.clone())]);
+        assert!(log.request_outboxes("q").unwrap().is_empty(), "another plugin's are its own");
+        log.ack(p.clone(), left);
+        log.sync().await.unwrap();
+        drop(log);
+        let log = reopen(&path, Retention::default()).await;
+        assert!(log.request_outboxes("p").unwrap().is_empty(), "settled once, gone");
     }
 
     #[tokio::test]

@@ -1,6 +1,6 @@
 //! The replying side of request/reply, one behaviour per subject under `rpc.`; what a refused
 //! reply said goes to `rpc.out.<case>` (the handler swallows the error to report it).
-use plugbus_sdk::{Event, HandlerError, handler, publish, reply, reply_with_headers};
+use plugbus_sdk::{Event, HandlerError, handler, kv, publish, reply, reply_with_headers};
 
 #[handler(subscribe = ["rpc.>"], publishes = ["rpc.out.>"])]
 fn responder(ev: Event) -> Result<(), HandlerError> {
@@ -14,6 +14,14 @@ fn responder(ev: Event) -> Result<(), HandlerError> {
         }
         // What the plugin sees as its reply-to (never the host's inbox).
         "peek" => reply(&ev, ev.reply_to().unwrap_or("(none)"))?,
+        // Counts its requests in kv, reports the count on `rpc.out.count` and replies it: the
+        // kv write and the output commit together (an outbox), across a crash too.
+        "count" => {
+            let n = kv::get_json::<u64>("count")?.unwrap_or(0) + 1;
+            kv::set_json("count", &n)?;
+            report(n.to_string())?;
+            reply(&ev, n.to_string())?;
+        }
         // Never replies: the requester times out.
         "silent" => {}
         // Replies after `data` milliseconds (busy: the guest has no sleep): too late for a short timeout.
