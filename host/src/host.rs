@@ -98,6 +98,8 @@ impl Host {
                 .with_context(|| format!("subscribing plugin {name} from {}", path.display()))?;
             files.insert(path, name);
         }
+        transport.all_subscribed();
+        warn_if_the_pool_is_short(&config, &router.names(), sandbox.settings().max_instances);
         for name in config.plugins.keys() {
             if !router.names().contains(name) {
                 tracing::warn!(plugin = %name, "the config has a [plugins.{name}] table but no such plugin is loaded");
@@ -246,5 +248,20 @@ impl Host {
             tracing::warn!(report = ?report, "host stopped with events unhandled");
         }
         report
+    }
+}
+
+/// Warns when the plugins may run more attempts at once than the instance pool they share has
+/// slots: when they all do, attempts wait for a slot (and past 30 s fail as a host error).
+fn warn_if_the_pool_is_short(config: &Config, plugins: &[String], max_instances: u32) {
+    let concurrency: usize = plugins.iter().map(|name| config.delivering_for(name).flow.concurrency).sum();
+    if concurrency > max_instances as usize {
+        tracing::warn!(
+            concurrency,
+            max_instances,
+            "the plugins may run {concurrency} attempts at once (the sum of their flow.concurrency) but the instance \
+             pool they share has {max_instances} slots (sandbox.max_instances): when they all run, attempts wait \
+             for a slot; raise sandbox.max_instances or lower flow.concurrency"
+        );
     }
 }

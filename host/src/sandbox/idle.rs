@@ -45,15 +45,21 @@ impl IdleInstances {
     /// Drops the least recently used idle instance of the plugin that keeps the most, freeing
     /// its pool slot; `false` when no plugin keeps one.
     pub(super) fn evict_one(&self) -> bool {
-        let taken = {
+        // The lists are taken out first: a plugin dropped meanwhile may be dropped with the last
+        // of these handles, and its instances with it, which must not happen under the lock.
+        let mut live: Vec<(usize, Arc<WarmList>)> = {
             let lists = self.lists.lock().expect("idle lists poisoned");
-            let fullest =
-                lists.iter().filter_map(Weak::upgrade).max_by_key(|l| l.lock().expect("warm pool poisoned").len());
-            fullest.and_then(|l| {
-                let mut idle = l.lock().expect("warm pool poisoned");
-                (!idle.is_empty()).then(|| idle.remove(0))
-            })
+            lists.iter().filter_map(Weak::upgrade).map(|l| (0, l)).collect()
         };
+        for (len, list) in &mut live {
+            *len = list.lock().expect("warm pool poisoned").len();
+        }
+        live.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
+        // The fullest first; another when it was emptied meanwhile.
+        let taken = live.iter().filter(|(len, _)| *len > 0).find_map(|(_, list)| {
+            let mut idle = list.lock().expect("warm pool poisoned");
+            (!idle.is_empty()).then(|| idle.remove(0))
+        });
         // Dropped outside the locks: resetting the slot touches its memory.
         let Some(warm) = taken else { return false };
         tracing::debug!(plugin = %warm.store.data().plugin.name, uses = warm.uses,

@@ -308,6 +308,9 @@ impl Plugin {
     ) -> (Store<HostState>, wasmtime::Result<bindings::Plugin>) {
         let bound = self.ctx.limits.deadline.max(POOL_WAIT_MAX);
         let give_up = super::limits::instant_after(Instant::now(), bound);
+        // Whether the last try followed an eviction: one eviction per wait, so an attempt that
+        // loses the freed slot to another does not empty every idle list in a loop.
+        let mut evicted = false;
         loop {
             let mut store = Store::new(&self.engine, state());
             arm_store(&mut store);
@@ -319,9 +322,12 @@ impl Plugin {
                 Err(e) if e.is::<wasmtime::PoolConcurrencyLimitError>() => {
                     // An idle warm instance (of any plugin) is only a cache: its slot goes first.
                     drop(store);
-                    if self.idle.evict_one() {
+                    if !evicted && self.idle.evict_one() {
+                        evicted = true;
+                        tokio::task::yield_now().await;
                         continue;
                     }
+                    evicted = false;
                     if Instant::now() + POOL_RETRY >= give_up {
                         let e = e.context(format!(
                             "host error: every instance slot of the pool plugins share (sandbox.max_instances) stayed \

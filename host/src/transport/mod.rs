@@ -243,6 +243,11 @@ pub trait Transport: Send + Sync + 'static {
     /// Subscribes a plugin; deliveries arrive on the returned subscription's queue.
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription, TransportError>;
 
+    /// Told once, when the host has subscribed every plugin it loaded at start: what the last
+    /// run left to publish (the embedded log's request outboxes) goes out then, so no plugin
+    /// loaded later in the start misses it. A plugin subscribing after this is served at once.
+    fn all_subscribed(&self) {}
+
     /// Changes the patterns (and durability) of a live subscription in place: events matching
     /// only the old patterns stop, events matching the new ones start, the queue stays.
     async fn retarget(&self, subscription: u64, spec: &SubscriptionSpec) -> Result<(), TransportError>;

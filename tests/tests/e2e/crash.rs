@@ -261,6 +261,8 @@ async fn a_crash_after_a_responders_kv_commit_still_releases_its_outputs_once() 
     let plugins = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
     std::fs::copy(wasm("responder"), plugins.path().join("responder.wasm")).unwrap();
+    // `snoop` (`>`) subscribes after `responder` at each start: the released output reaches it too.
+    std::fs::copy(wasm("snoop"), plugins.path().join("snoop.wasm")).unwrap();
     let host_log = data.path().join("host.log");
     let port = free_port();
     let env = [("PLUGBUS_FAULT_ABORT_AFTER_KV_COMMIT", "1")];
@@ -291,14 +293,13 @@ async fn a_crash_after_a_responders_kv_commit_still_releases_its_outputs_once() 
     assert!(host_said.contains("a request handled before the last stop"), "{host_said}");
 
     let log = DurableLog::open(&data.path().join("bus.redb"), SyncPolicy::Always).unwrap();
-    let mut reported: Vec<String> = log
-        .read(0, usize::MAX)
-        .unwrap()
-        .into_iter()
-        .filter(|(_, ev)| ev.subject == "rpc.out.count")
-        .map(|(_, ev)| String::from_utf8(ev.data.to_vec()).unwrap())
-        .collect();
+    let events = log.read(0, usize::MAX).unwrap();
+    let text = |ev: &plugbus::Event| String::from_utf8(ev.data.to_vec()).unwrap();
+    let mut reported: Vec<String> =
+        events.iter().filter(|(_, ev)| ev.subject == "rpc.out.count").map(|(_, ev)| text(ev)).collect();
     reported.sort();
     assert_eq!(reported, ["1", "2"], "the crashed attempt's output released once, the next one's once");
+    let seen = events.iter().filter(|(_, ev)| ev.subject == "snoop.saw" && text(ev) == "rpc.out.count").count();
+    assert_eq!(seen, 2, "both outputs reached the plugin that subscribed later");
     assert!(log.request_outboxes("responder").unwrap().is_empty(), "every request outbox settled");
 }

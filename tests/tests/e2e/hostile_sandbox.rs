@@ -193,7 +193,7 @@ async fn idle_warm_instances_give_their_slots_to_other_plugins_when_the_pool_is_
         "dice waited {:?} for an idle instance's slot",
         started.elapsed()
     );
-    // and `faulty` still runs: a warm instance given up is made again
+    // and `faulty` still runs, on the warm instances it kept
     t.publish("faulty.ok", "").await;
     t.wait_counter("faulty", "ok", 5).await;
     let evicted = sample(&metrics_text(&t.url()).await, "plugbus_idle_instances_evicted_total");

@@ -911,7 +911,12 @@ async fn jetstream_dead_letter_replayed_by_two_hosts_at_once_runs_once() {
     let again = next(&mut dlq).await;
     assert_ne!(again.headers, first.headers);
     let twice = tokio::time::timeout(Duration::from_millis(1500), dlq.next()).await;
-    assert!(twice.is_err(), "the dead letter was replayed twice: {:?}", twice.map(|m| m.map(|m| m.headers)));
+    assert!(
+        twice.is_err(),
+        "the dead letter was replayed twice: first {:?}, then {:?}",
+        again.headers,
+        twice.map(|m| m.map(|m| m.headers))
+    );
     assert!(stream.get_raw_message(seq).await.is_err(), "the replayed dead letter is still in the stream");
 }
 

@@ -358,8 +358,12 @@ async fn a_request_and_its_reply_stay_in_the_requesters_trace() {
     })
     .await;
     // The responder's delivery of the request joins the asker's trace, under the asker's attempt.
-    let spans = wait_for(&got, "responder's delivery of the request", |spans| {
-        delivery(spans, &ingress.trace_id, "responder").map(|_| spans.to_vec())
+    // (Both deliveries waited for: the asker's span ends after the reply, and may be exported
+    // in a later batch than the responder's.)
+    let spans = wait_for(&got, "the asker's and the responder's deliveries", |spans| {
+        delivery(spans, &ingress.trace_id, "responder")
+            .and(delivery(spans, &ingress.trace_id, "asker"))
+            .map(|_| spans.to_vec())
     })
     .await;
     let responder = delivery(&spans, &ingress.trace_id, "responder").unwrap();

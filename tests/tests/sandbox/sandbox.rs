@@ -145,6 +145,26 @@ async fn a_chatty_plugin_is_cut_off_in_the_log_not_failed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_smaller_than_the_plugins_concurrency_is_named_at_start() {
+    let logs = Logs::capture();
+    let warned = |logs: &Logs, slots: &str| {
+        logs.lines().into_iter().any(|l| {
+            l["level"] == "WARN"
+                && l["fields"]["max_instances"].as_u64().map(|m| m.to_string()).as_deref() == Some(slots)
+                && l["fields"]["message"].as_str().is_some_and(|m| m.contains("sandbox.max_instances"))
+        })
+    };
+    // two plugins of 16 each: 32 attempts at once, 20 slots
+    let t = TestHost::start_with(&["faulty", "dice"], |c| c.sandbox.max_instances = 20).await;
+    assert!(warned(&logs, "20"), "no warning for 32 attempts over 20 slots");
+    drop(t);
+    // 32 slots are enough
+    let t = TestHost::start_with(&["faulty", "dice"], |c| c.sandbox.max_instances = 32).await;
+    assert!(!warned(&logs, "32"), "a warning though the pool is large enough");
+    drop(t);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_looping_plugin_does_not_starve_the_others() {
     // both runtime workers busy with looping instances would stall everything without the
     // epoch yield; the fast neighbour must still answer while they loop

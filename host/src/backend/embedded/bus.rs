@@ -394,6 +394,9 @@ pub struct EmbeddedBus {
     log: Option<Arc<DurableLog>>,
     /// Requests waiting for a reply, by the reply token they carry.
     replies: Arc<Replies>,
+    /// Whether the host has subscribed every plugin it loaded at start
+    /// ([`Transport::all_subscribed`]): request outboxes are released from then on.
+    all_subscribed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl EmbeddedBus {
@@ -521,36 +524,41 @@ impl EmbeddedBus {
 
     /// Publishes the outputs of `plugin`'s requests whose kv writes committed with them before
     /// the last stop and which were not settled (a crash between the two), then settles them.
-    /// Some may be in the log already: they are deduplicated, not delivered again. A target's
-    /// full buffer is waited out; a log that cannot be read or written leaves them for the next
-    /// start.
+    /// Some may be in the log already: they are deduplicated, not delivered again. A failure
+    /// (a target's full buffer, a log that cannot be read or written now) is tried again, the
+    /// waits doubling from 50 ms to 30 s, for about ten minutes; then they are left in the log
+    /// for the next start. A damaged outbox is logged and left.
     async fn release_request_outboxes(self, log: Arc<DurableLog>, plugin: Arc<str>) {
-        let outboxes = match log.request_outboxes(&plugin) {
-            Ok(outboxes) => outboxes,
-            Err(e) => {
+        let mut wait = Duration::from_millis(50);
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(600);
+        let mut retry = async |why: String| {
+            if tokio::time::Instant::now() >= give_up {
                 tracing::error!(plugin = %plugin,
-                    "the outputs of requests handled before the last stop cannot be read; they are tried again at the next start: {e}");
-                return;
+                    "outputs of requests handled before the last stop are left for the next start: {why}");
+                return false;
+            }
+            tracing::warn!(plugin = %plugin, retry_in_ms = wait.as_millis() as u64,
+                "outputs of requests handled before the last stop cannot be released now: {why}");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(LOAD_RETRY_MAX);
+            true
+        };
+        let outboxes = loop {
+            match log.request_outboxes(&plugin) {
+                Ok(outboxes) => break outboxes,
+                Err(e) if retry(e.to_string()).await => {}
+                Err(_) => return,
             }
         };
         for (key, outputs) in outboxes {
             tracing::info!(plugin = %plugin, outputs = outputs.len(),
                 "a request handled before the last stop (kv committed): releasing its outputs");
             for output in outputs {
-                let mut wait = Duration::from_millis(50);
                 loop {
                     match self.deliver_output(output.clone(), false).await {
                         Ok(()) => break,
-                        Err(TransportError::Full(why)) => {
-                            tracing::debug!(plugin = %plugin, event_id = %output.id, "waiting for room: {why}");
-                            tokio::time::sleep(wait).await;
-                            wait = (wait * 2).min(Duration::from_secs(1));
-                        }
-                        Err(e) => {
-                            tracing::error!(plugin = %plugin, event_id = %output.id,
-                                "an output of a request handled before the last stop cannot be published now; it is tried again at the next start: {e}");
-                            return;
-                        }
+                        Err(e) if retry(format!("event {}: {e}", output.id)).await => {}
+                        Err(_) => return,
                     }
                 }
             }
@@ -707,6 +715,18 @@ impl Transport for EmbeddedBus {
         !self.replies.abandoned(to)
     }
 
+    fn all_subscribed(&self) {
+        let Some(log) = &self.log else { return };
+        if self.all_subscribed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let plugins: std::collections::BTreeSet<Arc<str>> =
+            self.table.read().expect("bus table poisoned").subs.iter().map(|s| s.plugin.clone()).collect();
+        for plugin in plugins {
+            tokio::spawn(self.clone().release_request_outboxes(log.clone(), plugin));
+        }
+    }
+
     fn register_metrics(&self, registry: &mut crate::metrics::Registry) {
         if let Some(log) = &self.log {
             log.metrics().register(registry);
@@ -737,9 +757,19 @@ impl Transport for EmbeddedBus {
             let load = Load::Below(until);
             overflow.reading_back.store(true, Ordering::Release);
             tokio::spawn(load.run(log.clone(), overflow.clone(), tx.clone(), plugin.clone()));
-            tokio::spawn(self.clone().release_request_outboxes(log.clone(), plugin.clone()));
         }
-        self.table.write().expect("bus table poisoned").subs.push(Arc::new(Sub { id, plugin, patterns, tx, overflow }));
+        self.table.write().expect("bus table poisoned").subs.push(Arc::new(Sub {
+            id,
+            plugin: plugin.clone(),
+            patterns,
+            tx,
+            overflow,
+        }));
+        if let Some(log) = &self.log
+            && self.all_subscribed.load(Ordering::Acquire)
+        {
+            tokio::spawn(self.clone().release_request_outboxes(log.clone(), plugin));
+        }
         Ok(subscription)
     }
 

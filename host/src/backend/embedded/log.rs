@@ -532,7 +532,8 @@ impl DurableLog {
         };
         let outboxed = outboxed_in(&db).map_err(open_err)?;
         // Past every request outbox the last run left (taken again when their plugin subscribes).
-        let next_request_key = outboxed.iter().map(|(_, key)| key + 1).filter(|k| *k > REQUEST_KEYS).max();
+        let next_request_key =
+            outboxed.iter().map(|(_, key)| key.saturating_add(1)).filter(|k| *k > REQUEST_KEYS).max();
         let store = Arc::new(Store { path: path.to_path_buf(), db: std::sync::RwLock::new(Some(Arc::new(db))) });
         let (ops, rx) = std_mpsc::channel();
         let metrics = LogMetrics::default();
@@ -689,8 +690,12 @@ impl DurableLog {
         for row in outbox.range((plugin, REQUEST_KEYS)..(plugin, self.first_request_key)).map_err(|e| io(&e))? {
             let (key, stored) = row.map_err(|e| io(&e))?;
             let key = key.value().1;
-            let corrupt = |why: String| LogError::Corrupt { path: self.path.clone(), seq: key, why };
-            found.push((key, decode_outbox(stored.value()).map_err(corrupt)?));
+            match decode_outbox(stored.value()) {
+                Ok(outputs) => found.push((key, outputs)),
+                // Left in the log, not settled: what it kept cannot be published, nor dropped unsaid.
+                Err(why) => tracing::error!(plugin, key, log = %self.path.display(),
+                    "a request's outbox (the outputs of its attempt, kv committed) cannot be read; it is left in the log: {why}"),
+            }
         }
         self.request_outboxes
             .lock()

@@ -4,6 +4,10 @@ use plugbus_sdk::{Event, HandlerError, handler, kv, publish, reply, reply_with_h
 
 #[handler(subscribe = ["rpc.>"], publishes = ["rpc.out.>"])]
 fn responder(ev: Event) -> Result<(), HandlerError> {
+    // Its own reports come back to it (`rpc.>`): taken, never answered or reported on again.
+    if ev.subject().starts_with("rpc.out.") {
+        return Ok(());
+    }
     let case = ev.subject().strip_prefix("rpc.").unwrap_or_default().to_string();
     let report = |what: String| publish(&format!("rpc.out.{case}"), what);
     match case.as_str() {
