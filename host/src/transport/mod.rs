@@ -244,8 +244,9 @@ pub trait Transport: Send + Sync + 'static {
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription, TransportError>;
 
     /// Told once, when the host has subscribed every plugin it loaded at start: what the last
-    /// run left to publish (the embedded log's request outboxes) goes out then, so no plugin
-    /// loaded later in the start misses it. A plugin subscribing after this is served at once.
+    /// run left (the embedded log's unsettled deliveries, run again, and request outboxes) goes
+    /// out then, so no plugin loaded later in the start misses its outputs. A plugin subscribing
+    /// after this is served at once.
     fn all_subscribed(&self) {}
 
     /// Changes the patterns (and durability) of a live subscription in place: events matching

@@ -394,9 +394,20 @@ pub struct EmbeddedBus {
     log: Option<Arc<DurableLog>>,
     /// Requests waiting for a reply, by the reply token they carry.
     replies: Arc<Replies>,
-    /// Whether the host has subscribed every plugin it loaded at start
-    /// ([`Transport::all_subscribed`]): request outboxes are released from then on.
-    all_subscribed: Arc<std::sync::atomic::AtomicBool>,
+    /// Until the host has subscribed every plugin it loaded at start
+    /// ([`Transport::all_subscribed`]; `None` from then on): the read-backs of the plugins
+    /// subscribed so far, started then. What the last run left is run again (or its outbox
+    /// released) only once every plugin that may take its outputs is in the table: an output
+    /// logged before a plugin subscribed would have no pending delivery for it, lost to it.
+    held_back: Arc<Mutex<Option<Vec<HeldBack>>>>,
+}
+
+/// A subscription's read-back of what the last run left, waiting for the start to end.
+struct HeldBack {
+    load: Load,
+    overflow: Arc<Overflow>,
+    tx: mpsc::Sender<Delivery>,
+    plugin: Arc<str>,
 }
 
 impl EmbeddedBus {
@@ -409,6 +420,21 @@ impl EmbeddedBus {
     /// redelivers a plugin's unsettled events when it subscribes.
     pub fn durable(log: Arc<DurableLog>) -> Self {
         Self { log: Some(log), ..Self::default() }
+    }
+
+    /// Like [`EmbeddedBus::durable`] for a host that is starting: what the last run left is
+    /// redelivered (and requests' outboxes released) once it has subscribed every plugin it
+    /// loaded ([`Transport::all_subscribed`]), so their outputs reach plugins subscribed later
+    /// in the start too.
+    pub fn durable_at_start(log: Arc<DurableLog>) -> Self {
+        Self { held_back: Arc::new(Mutex::new(Some(Vec::new()))), ..Self::durable(log) }
+    }
+
+    /// Starts `plugin`'s read-back and the release of its requests' outboxes.
+    fn read_back(&self, log: &Arc<DurableLog>, held: HeldBack) {
+        let HeldBack { load, overflow, tx, plugin } = held;
+        tokio::spawn(load.run(log.clone(), overflow, tx, plugin.clone()));
+        tokio::spawn(self.clone().release_request_outboxes(log.clone(), plugin));
     }
 
     /// A producer's event: room in every target's queue first (backpressure), then into the
@@ -717,13 +743,9 @@ impl Transport for EmbeddedBus {
 
     fn all_subscribed(&self) {
         let Some(log) = &self.log else { return };
-        if self.all_subscribed.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let plugins: std::collections::BTreeSet<Arc<str>> =
-            self.table.read().expect("bus table poisoned").subs.iter().map(|s| s.plugin.clone()).collect();
-        for plugin in plugins {
-            tokio::spawn(self.clone().release_request_outboxes(log.clone(), plugin));
+        let held = self.held_back.lock().expect("held back poisoned").take();
+        for held in held.into_iter().flatten() {
+            self.read_back(log, held);
         }
     }
 
@@ -740,11 +762,12 @@ impl Transport for EmbeddedBus {
         let subscription = Subscription::new(id, &tx, rx, Unsubscribe { table: self.table.clone(), id });
         let plugin: Arc<str> = spec.plugin.as_str().into();
         let overflow = Overflow::new(plugin.clone(), spec.buffer_bytes, self.log.clone());
+        let mut until = 0;
         if let Some(log) = &self.log {
             let broker = |e: super::log::LogError| TransportError::Broker(e.to_string());
             // Pending rows below `until` are from before this subscription: what the last run
             // left unsettled (and, for a new plugin with `deliver = "all"`, the history).
-            let until = log.next_seq();
+            until = log.next_seq();
             let new = log.register(plugin.clone()).await.map_err(broker)?;
             if new && spec.durable.as_ref().is_some_and(|d| d.deliver_all) {
                 let wanted = patterns.clone();
@@ -754,21 +777,21 @@ impl Transport for EmbeddedBus {
                     .map_err(broker)?;
                 tracing::info!(plugin = %spec.plugin, events = made.len(), "a new plugin with deliver = \"all\": the log's history is delivered to it");
             }
-            let load = Load::Below(until);
             overflow.reading_back.store(true, Ordering::Release);
-            tokio::spawn(load.run(log.clone(), overflow.clone(), tx.clone(), plugin.clone()));
         }
         self.table.write().expect("bus table poisoned").subs.push(Arc::new(Sub {
             id,
             plugin: plugin.clone(),
             patterns,
-            tx,
-            overflow,
+            tx: tx.clone(),
+            overflow: overflow.clone(),
         }));
-        if let Some(log) = &self.log
-            && self.all_subscribed.load(Ordering::Acquire)
-        {
-            tokio::spawn(self.clone().release_request_outboxes(log.clone(), plugin));
+        if let Some(log) = &self.log {
+            let held = HeldBack { load: Load::Below(until), overflow, tx, plugin };
+            match self.held_back.lock().expect("held back poisoned").as_mut() {
+                Some(waiting) => waiting.push(held),
+                None => self.read_back(log, held),
+            }
         }
         Ok(subscription)
     }
@@ -1086,6 +1109,39 @@ mod tests {
         assert_eq!(second.event.subject, "a.2");
         let released = second.handled.expect("its outbox: the handler must not run again after its kv commit");
         assert_eq!(released[0].id, output.id);
+    }
+
+    /// At start, what the last run left is run again only once every plugin loaded is
+    /// subscribed: an output of a re-run made before a later plugin subscribed would have no
+    /// pending delivery for it.
+    #[tokio::test]
+    async fn at_start_what_the_last_run_left_waits_until_every_plugin_is_subscribed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let p: Arc<str> = "p".into();
+        {
+            let log = DurableLog::open(&path, super::super::log::SyncPolicy::Always).unwrap();
+            assert!(log.register(p.clone()).await.unwrap());
+            log.append(Arc::new(Event::new("a.1", "1")), vec![p.clone()], false).await.unwrap();
+        }
+        let log = super::super::log::tests::reopen(&path, Default::default()).await;
+        let bus = EmbeddedBus::durable_at_start(log);
+        let mut sub = bus.subscribe(spec(&["a.>"], 8)).await.unwrap();
+        let mut later =
+            bus.subscribe(SubscriptionSpec { plugin: "later".into(), ..spec(&["out.>"], 8) }).await.unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(200), sub.deliveries.recv()).await;
+        assert!(early.is_err(), "read back before every plugin subscribed");
+        bus.all_subscribed();
+        let first = sub.deliveries.recv().await.unwrap();
+        assert_eq!(first.event.subject, "a.1");
+        // its output reaches the plugin subscribed after it
+        bus.publish_output(Arc::new(Event::new("out.1", "o"))).await.unwrap();
+        assert_eq!(later.deliveries.recv().await.unwrap().event.subject, "out.1");
+        // after the start, a plugin subscribing is read back at once
+        drop(sub);
+        let mut again = bus.subscribe(spec(&["a.>"], 8)).await.unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(5), again.deliveries.recv()).await;
+        assert_eq!(read.expect("read back at once").unwrap().event.subject, "a.1");
     }
 
     #[tokio::test]

@@ -30,7 +30,7 @@ pub fn open(config: &Config) -> anyhow::Result<Backend> {
             } else {
                 Arc::new(MemoryKv::new())
             };
-            (EmbeddedBus::durable(log), kv)
+            (EmbeddedBus::durable_at_start(log), kv)
         }
         (false, true) => {
             let kv = RedbKv::open(&kv_path).with_context(|| format!("opening the kv store {}", kv_path.display()))?;
