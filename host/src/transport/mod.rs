@@ -246,7 +246,7 @@ pub trait Transport: Send + Sync + 'static {
     /// Told once, when the host has subscribed every plugin it loaded at start: what the last
     /// run left (the embedded log's unsettled deliveries, run again, and request outboxes) goes
     /// out then, so no plugin loaded later in the start misses its outputs. A plugin subscribing
-    /// after this is served at once.
+    /// after this is served at once. A transport that wraps another must pass it on.
     fn all_subscribed(&self) {}
 
     /// Changes the patterns (and durability) of a live subscription in place: events matching

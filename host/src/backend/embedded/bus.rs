@@ -402,11 +402,12 @@ pub struct EmbeddedBus {
     held_back: Arc<Mutex<Option<Vec<HeldBack>>>>,
 }
 
-/// A subscription's read-back of what the last run left, waiting for the start to end.
+/// A subscription's read-back of what the last run left, waiting for the start to end. (Its
+/// queue is held weakly: a start that fails drops it with the subscription.)
 struct HeldBack {
     load: Load,
     overflow: Arc<Overflow>,
-    tx: mpsc::Sender<Delivery>,
+    tx: mpsc::WeakSender<Delivery>,
     plugin: Arc<str>,
 }
 
@@ -430,9 +431,14 @@ impl EmbeddedBus {
         Self { held_back: Arc::new(Mutex::new(Some(Vec::new()))), ..Self::durable(log) }
     }
 
-    /// Starts `plugin`'s read-back and the release of its requests' outboxes.
+    /// Starts `plugin`'s read-back and the release of its requests' outboxes (nothing when it
+    /// unsubscribed meanwhile).
     fn read_back(&self, log: &Arc<DurableLog>, held: HeldBack) {
         let HeldBack { load, overflow, tx, plugin } = held;
+        let Some(tx) = tx.upgrade() else {
+            overflow.reading_back.store(false, Ordering::Release);
+            return;
+        };
         tokio::spawn(load.run(log.clone(), overflow, tx, plugin.clone()));
         tokio::spawn(self.clone().release_request_outboxes(log.clone(), plugin));
     }
@@ -550,29 +556,30 @@ impl EmbeddedBus {
 
     /// Publishes the outputs of `plugin`'s requests whose kv writes committed with them before
     /// the last stop and which were not settled (a crash between the two), then settles them.
-    /// Some may be in the log already: they are deduplicated, not delivered again. A failure
-    /// (a target's full buffer, a log that cannot be read or written now) is tried again, the
-    /// waits doubling from 50 ms to 30 s, for about ten minutes; then they are left in the log
-    /// for the next start. A damaged outbox is logged and left.
+    /// Some may be in the log already: they are deduplicated, not delivered again. A target's
+    /// full buffer is waited out, however long; a log that cannot be read or written now is
+    /// tried again (waits doubling from 50 ms to 30 s) for about ten minutes, then they are left
+    /// in the log for the next start. A damaged outbox is logged and left.
     async fn release_request_outboxes(self, log: Arc<DurableLog>, plugin: Arc<str>) {
-        let mut wait = Duration::from_millis(50);
+        const FIRST_WAIT: Duration = Duration::from_millis(50);
         let give_up = tokio::time::Instant::now() + Duration::from_secs(600);
-        let mut retry = async |why: String| {
-            if tokio::time::Instant::now() >= give_up {
+        let mut wait = FIRST_WAIT;
+        let retry = async |wait: &mut Duration, why: String, full: bool| {
+            if !full && tokio::time::Instant::now() >= give_up {
                 tracing::error!(plugin = %plugin,
                     "outputs of requests handled before the last stop are left for the next start: {why}");
                 return false;
             }
-            tracing::warn!(plugin = %plugin, retry_in_ms = wait.as_millis() as u64,
+            tracing::debug!(plugin = %plugin, retry_in_ms = wait.as_millis() as u64,
                 "outputs of requests handled before the last stop cannot be released now: {why}");
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(LOAD_RETRY_MAX);
+            tokio::time::sleep(*wait).await;
+            *wait = (*wait * 2).min(if full { Duration::from_secs(1) } else { LOAD_RETRY_MAX });
             true
         };
         let outboxes = loop {
             match log.request_outboxes(&plugin) {
                 Ok(outboxes) => break outboxes,
-                Err(e) if retry(e.to_string()).await => {}
+                Err(e) if retry(&mut wait, e.to_string(), false).await => {}
                 Err(_) => return,
             }
         };
@@ -583,10 +590,15 @@ impl EmbeddedBus {
                 loop {
                     match self.deliver_output(output.clone(), false).await {
                         Ok(()) => break,
-                        Err(e) if retry(format!("event {}: {e}", output.id)).await => {}
-                        Err(_) => return,
+                        Err(e) => {
+                            let full = matches!(e, TransportError::Full(_));
+                            if !retry(&mut wait, format!("event {}: {e}", output.id), full).await {
+                                return;
+                            }
+                        }
                     }
                 }
+                wait = FIRST_WAIT;
             }
             log.ack(plugin.clone(), key);
         }
@@ -776,6 +788,9 @@ impl Transport for EmbeddedBus {
                     .await
                     .map_err(broker)?;
                 tracing::info!(plugin = %spec.plugin, events = made.len(), "a new plugin with deliver = \"all\": the log's history is delivered to it");
+                // Events accepted since `until` was read are in the history too (made pending
+                // for it by the backfill, not delivered live: it is not subscribed yet).
+                until = until.max(made.iter().max().map_or(0, |last| last + 1));
             }
             overflow.reading_back.store(true, Ordering::Release);
         }
@@ -787,7 +802,7 @@ impl Transport for EmbeddedBus {
             overflow: overflow.clone(),
         }));
         if let Some(log) = &self.log {
-            let held = HeldBack { load: Load::Below(until), overflow, tx, plugin };
+            let held = HeldBack { load: Load::Below(until), overflow, tx: tx.downgrade(), plugin };
             match self.held_back.lock().expect("held back poisoned").as_mut() {
                 Some(waiting) => waiting.push(held),
                 None => self.read_back(log, held),
