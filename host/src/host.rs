@@ -84,7 +84,7 @@ impl Host {
         let metrics = Arc::new(Metrics::default());
         metrics.register_with(|registry| {
             transport.register_metrics(registry);
-            sandbox.idle_instances().register_metrics(registry);
+            sandbox.shared_pool().register_metrics(registry);
         });
         let router = Arc::new(Router::new(transport.clone(), dead_letters.clone(), metrics.clone()));
 

@@ -2,10 +2,10 @@
 
 use super::bindings;
 use super::cache::{CacheStats, CompileCache};
-use super::idle::IdleInstances;
 use super::limits::Limits;
 use super::outbound::OutboundPolicy;
 use super::plugin::{Plugin, PluginSettings};
+use super::pool::SharedPool;
 use super::state::{HostState, PluginCtx};
 use super::validate::{self, LoadError};
 use crate::kv::MemoryKv;
@@ -55,8 +55,8 @@ pub struct Sandbox {
     engine: Engine,
     cache: Option<Arc<CompileCache>>,
     cache_stats: Arc<CacheStats>,
-    /// Every plugin's idle warm instances (given up when the pool is full).
-    idle: Arc<IdleInstances>,
+    /// The instance pool all plugins share: their idle warm instances, its waits.
+    pool: Arc<SharedPool>,
     linker: Arc<Linker<HostState>>,
     /// `linker` plus the `wasi:http` client, for plugins granted outbound HTTP.
     http_linker: Arc<Linker<HostState>>,
@@ -131,7 +131,7 @@ impl Sandbox {
             engine,
             cache: None,
             cache_stats: Arc::default(),
-            idle: Arc::default(),
+            pool: Arc::default(),
             linker: Arc::new(linker),
             http_linker: Arc::new(http_linker),
             settings,
@@ -159,9 +159,9 @@ impl Sandbox {
         &self.cache_stats
     }
 
-    /// Every plugin's idle warm instances (`instance = "reuse"`): how many gave their slot up.
-    pub fn idle_instances(&self) -> &IdleInstances {
-        &self.idle
+    /// The instance pool all plugins share: idle warm instances given up, attempts that waited.
+    pub fn shared_pool(&self) -> &SharedPool {
+        &self.pool
     }
 
     /// The wasmtime engine.
@@ -273,7 +273,7 @@ impl Sandbox {
             manifest,
             hash,
             Arc::new(ctx),
-            self.idle.clone(),
+            self.pool.clone(),
         ))
     }
 

@@ -2,8 +2,8 @@
 
 use super::bindings::{self, types as wit};
 use super::guest_stack::{self, GuestStack};
-use super::idle::{IdleInstances, Warm, WarmList};
 use super::limits::{InstanceMode, Limits, MAX_RESOURCES};
+use super::pool::{SharedPool, Warm, WarmList};
 use super::record::Seen;
 use super::state::{HostState, PluginCtx};
 use super::world::FixedWorld;
@@ -94,10 +94,11 @@ pub struct Plugin {
     manifest: Manifest,
     hash: String,
     ctx: Arc<PluginCtx>,
-    /// Idle instances (`instance = "reuse"` only), known to `idle`.
+    /// Idle instances (`instance = "reuse"` only), known to `pool`.
     warm: Arc<WarmList>,
-    /// Every plugin's idle instances: one is dropped when the shared pool is full.
-    idle: Arc<IdleInstances>,
+    /// The instance pool all plugins share: every plugin's idle instances (one is dropped when
+    /// the pool is full) and its waits.
+    pool: Arc<SharedPool>,
     /// Where the guest keeps its own stack, when known (to name its overflow).
     stack: Option<GuestStack>,
 }
@@ -167,10 +168,10 @@ impl Plugin {
         manifest: Manifest,
         hash: String,
         ctx: Arc<PluginCtx>,
-        idle: Arc<IdleInstances>,
+        pool: Arc<SharedPool>,
     ) -> Self {
-        let warm = idle.register();
-        Self { engine, _ticker: ticker, pre, manifest, hash, ctx, warm, idle, stack: None }
+        let warm = pool.register();
+        Self { engine, _ticker: ticker, pre, manifest, hash, ctx, warm, pool, stack: None }
     }
 
     /// Records where the guest keeps its stack (read from its bytes at load).
@@ -221,7 +222,7 @@ impl Plugin {
         Plugin {
             // Fresh instances only: it keeps none idle.
             warm: Arc::default(),
-            idle: self.idle.clone(),
+            pool: self.pool.clone(),
             ctx: Arc::new(ctx),
             pre: self.pre.clone(),
             manifest: self.manifest.clone(),
@@ -311,6 +312,7 @@ impl Plugin {
         // Whether the last try followed an eviction: one eviction per wait, so an attempt that
         // loses the freed slot to another does not empty every idle list in a loop.
         let mut evicted = false;
+        let mut waited = false;
         loop {
             let mut store = Store::new(&self.engine, state());
             arm_store(&mut store);
@@ -322,12 +324,16 @@ impl Plugin {
                 Err(e) if e.is::<wasmtime::PoolConcurrencyLimitError>() => {
                     // An idle warm instance (of any plugin) is only a cache: its slot goes first.
                     drop(store);
-                    if !evicted && self.idle.evict_one() {
+                    if !evicted && self.pool.evict_one() {
                         evicted = true;
                         tokio::task::yield_now().await;
                         continue;
                     }
                     evicted = false;
+                    if !waited {
+                        waited = true;
+                        self.pool.count_wait(&self.ctx.name);
+                    }
                     if Instant::now() + POOL_RETRY >= give_up {
                         let e = e.context(format!(
                             "host error: every instance slot of the pool plugins share (sandbox.max_instances) stayed \

@@ -162,6 +162,12 @@ async fn a_plugin_holding_every_slot_of_the_shared_pool_delays_other_plugins_nev
     assert_eq!(t.counter("responder", "retried"), 0, "the wait for a slot was not the handler's time");
     // (faulty's attempts were running, each for 1 s, when the others' events came: they waited)
     assert!(started.elapsed() >= Duration::from_millis(300), "they ran at once: the pool was not full");
+    // and the operator sees who waited
+    let text = metrics_text(&t.url()).await;
+    for plugin in ["dice", "responder"] {
+        let waits = sample(&text, &format!("plugbus_instance_slot_waits_total{{plugin=\"{plugin}\"}}"));
+        assert_eq!(waits, Some(1.0), "{plugin} waited once for a slot: {text}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

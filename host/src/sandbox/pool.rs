@@ -1,15 +1,17 @@
-//! Idle warm instances (`instance = "reuse"`) across every plugin of a sandbox, so that one
-//! whose slot another plugin needs can give it up.
+//! The instance pool all plugins share (`sandbox.max_instances`), seen from the plugins: every
+//! plugin's idle warm instances (`instance = "reuse"`), so that one whose slot another plugin
+//! needs can give it up, and how often attempts found the pool full.
 //!
-//! A warm instance kept between events holds a slot of the instance pool all plugins share
-//! (`sandbox.max_instances`). Without a way to take it back, a burst to reuse plugins would pin
-//! their slots for good and every other plugin's attempt would wait for a slot that never frees.
-//! An idle instance is only a cache: when the pool is full, dropping one costs its plugin a new
-//! instantiation later, nothing else.
+//! A warm instance kept between events holds a slot of the pool. Without a way to take it back,
+//! a burst to reuse plugins would pin their slots for good and every other plugin's attempt
+//! would wait for a slot that never frees. An idle instance is only a cache: when the pool is
+//! full, dropping one costs its plugin a new instantiation later, nothing else.
 
 use super::bindings;
 use super::state::HostState;
+use crate::metrics::PluginLabels;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use std::sync::{Arc, Mutex, Weak};
 use wasmtime::Store;
 
@@ -24,15 +26,18 @@ pub(super) struct Warm {
 /// One plugin's idle warm instances, the most recently used last.
 pub(super) type WarmList = Mutex<Vec<Warm>>;
 
-/// Every plugin's idle list, to take an instance from when the shared pool is full.
+/// Every plugin's idle list, to take an instance from when the shared pool is full, and the
+/// pool's counters.
 #[derive(Default)]
-pub struct IdleInstances {
+pub struct SharedPool {
     lists: Mutex<Vec<Weak<WarmList>>>,
     /// Idle instances dropped to give their slot to another attempt.
     evicted: Counter,
+    /// Attempts that found every slot taken (no idle instance to drop) and waited, by plugin.
+    waited: Family<PluginLabels, Counter>,
 }
 
-impl IdleInstances {
+impl SharedPool {
     /// A new idle list for a plugin, known to the registry while the plugin lives.
     pub(super) fn register(&self) -> Arc<WarmList> {
         let list = Arc::new(WarmList::default());
@@ -74,12 +79,23 @@ impl IdleInstances {
         self.evicted.get()
     }
 
-    /// Registers `plugbus_idle_instances_evicted_total`.
+    /// Counts an attempt of `plugin` that found every slot taken and waits for one.
+    pub(super) fn count_wait(&self, plugin: &str) {
+        self.waited.get_or_create(&PluginLabels { plugin: plugin.to_string() }).inc();
+    }
+
+    /// Registers `plugbus_idle_instances_evicted_total` and
+    /// `plugbus_instance_slot_waits_total{plugin}`.
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         registry.register(
             "idle_instances_evicted",
             "Idle warm instances (instance = \"reuse\") dropped to give their slot of the shared pool to another attempt",
             self.evicted.clone(),
+        );
+        registry.register(
+            "instance_slot_waits",
+            "Attempts that found every slot of the instance pool plugins share (sandbox.max_instances) taken and waited for one",
+            self.waited.clone(),
         );
     }
 }
