@@ -253,7 +253,8 @@ impl Host {
 
 /// Warns when the plugins may run more attempts at once than the instance pool they share has
 /// slots: when they all do, attempts wait for a slot (and past 30 s fail as a host error).
-fn warn_if_the_pool_is_short(config: &Config, plugins: &[String], max_instances: u32) {
+/// Called at start and when a plugin is added.
+pub(crate) fn warn_if_the_pool_is_short(config: &Config, plugins: &[String], max_instances: u32) {
     let concurrency: usize = plugins.iter().map(|name| config.delivering_for(name).flow.concurrency).sum();
     if concurrency > max_instances as usize {
         tracing::warn!(

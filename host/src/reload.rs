@@ -170,6 +170,11 @@ impl Reloader {
             match self.router.install(plugin, delivering).await {
                 Ok(()) => {
                     tracing::info!(plugin = %name, file = %path.display(), version = %version, hash = &hash[..12], load_ms = changed_at.elapsed().as_millis() as u64, "plugin added");
+                    crate::host::warn_if_the_pool_is_short(
+                        &self.config,
+                        &self.router.names(),
+                        self.sandbox.settings().max_instances,
+                    );
                     Ok(())
                 }
                 Err(e) => Err(e.to_string()),

@@ -7,7 +7,7 @@ use plugbus::{Config, Event};
 use plugbus_tests::{Logs, TestHost, fast_retries, output_within, plugbus_bin, wasm};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 async fn host() -> TestHost {
     TestHost::start_with(&["faulty", "echo"], |c| {
@@ -145,7 +145,7 @@ async fn a_chatty_plugin_is_cut_off_in_the_log_not_failed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pool_smaller_than_the_plugins_concurrency_is_named_at_start() {
+async fn a_pool_smaller_than_the_plugins_concurrency_is_named_at_start_and_on_reload() {
     let logs = Logs::capture();
     let warned = |logs: &Logs, slots: &str| {
         logs.lines().into_iter().any(|l| {
@@ -158,9 +158,16 @@ async fn a_pool_smaller_than_the_plugins_concurrency_is_named_at_start() {
     let t = TestHost::start_with(&["faulty", "dice"], |c| c.sandbox.max_instances = 20).await;
     assert!(warned(&logs, "20"), "no warning for 32 attempts over 20 slots");
     drop(t);
-    // 32 slots are enough
+    // 32 slots are enough ...
     let t = TestHost::start_with(&["faulty", "dice"], |c| c.sandbox.max_instances = 32).await;
     assert!(!warned(&logs, "32"), "a warning though the pool is large enough");
+    // ... until a third plugin is added while the host runs
+    std::fs::copy(wasm("echo"), t.dir.path().join("echo.wasm")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !warned(&logs, "32") {
+        assert!(Instant::now() < deadline, "no warning when a plugin added took the plugins past the pool");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     drop(t);
 }
 
