@@ -1126,6 +1126,43 @@ mod tests {
         assert_eq!(released[0].id, output.id);
     }
 
+    /// Known gap (see the session 18 note): the events the last run left are read back through
+    /// the overflow, while a producer's new event reserves a place in the queue directly, so a
+    /// new event can overtake leftovers still waiting in the overflow, and a subscription that
+    /// orders by key then runs a key's new event before its older one. JetStream's durable
+    /// consumer has no such gap (it delivers in stream order).
+    #[tokio::test]
+    #[ignore = "known gap: a new event overtakes the last run's leftovers (session 18 note, \"left alone\")"]
+    async fn a_new_event_waits_behind_what_the_last_run_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let p: Arc<str> = "p".into();
+        {
+            let log = DurableLog::open(&path, super::super::log::SyncPolicy::Always).unwrap();
+            assert!(log.register(p.clone()).await.unwrap());
+            for i in 0..4 {
+                log.append(Arc::new(Event::new("a.old", format!("{i}"))), vec![p.clone()], false).await.unwrap();
+            }
+        }
+        let log = super::super::log::tests::reopen(&path, Default::default()).await;
+        let bus = EmbeddedBus::durable_at_start(log);
+        // a queue of one: the leftovers wait in the overflow
+        let mut sub = bus.subscribe(spec(&["a.>"], 1)).await.unwrap();
+        bus.all_subscribed();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let publisher = bus.clone();
+        let new = tokio::spawn(async move { publisher.publish(Event::new("a.new", "n")).await.unwrap() });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut order = Vec::new();
+        for _ in 0..5 {
+            let d = sub.deliveries.recv().await.unwrap();
+            order.push(format!("{}:{}", d.event.subject, String::from_utf8_lossy(&d.event.data)));
+            d.acker.ack().await;
+        }
+        new.await.unwrap();
+        assert_eq!(order, ["a.old:0", "a.old:1", "a.old:2", "a.old:3", "a.new:n"]);
+    }
+
     /// At start, what the last run left is run again only once every plugin loaded is
     /// subscribed: an output of a re-run made before a later plugin subscribed would have no
     /// pending delivery for it.
