@@ -74,11 +74,6 @@ impl SharedPool {
         true
     }
 
-    /// How many idle instances gave their slot up.
-    pub fn evicted(&self) -> u64 {
-        self.evicted.get()
-    }
-
     /// Counts an attempt of `plugin` that found every slot taken and waits for one.
     pub(super) fn count_wait(&self, plugin: &str) {
         self.waited.get_or_create(&PluginLabels { plugin: plugin.to_string() }).inc();

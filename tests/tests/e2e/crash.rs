@@ -287,6 +287,22 @@ async fn a_crash_after_a_responders_kv_commit_still_releases_its_outputs_once() 
     let answer = client.post(url(port)).body("").send().await.unwrap();
     assert_eq!(answer.status().as_u16(), 200);
     assert_eq!(answer.text().await.unwrap(), "2");
+    // Everything settled before the stop (what a stop leaves runs at the next start instead):
+    // `snoop` got the released output, the request, the new output and its own three reports.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let plugins: serde_json::Value =
+            client.get(format!("http://127.0.0.1:{port}/v1/plugins")).send().await.unwrap().json().await.unwrap();
+        let all = plugins["plugins"].as_array().unwrap();
+        let idle =
+            all.iter().all(|p| ["pending", "queued", "in_flight"].iter().all(|c| p["counters"][c].as_u64() == Some(0)));
+        let snoop = all.iter().find(|p| p["name"] == "snoop").unwrap();
+        if idle && snoop["counters"]["received"].as_u64() >= Some(6) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the plugins did not settle: {plugins}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     unsafe { libc_kill(child.id() as i32, 15) };
     assert!(child.wait().unwrap().success());
     let host_said = std::fs::read_to_string(&host_log).unwrap();

@@ -531,7 +531,8 @@ impl DurableLog {
             (read("next_seq")?.unwrap_or(1), read("bytes")?.unwrap_or(0))
         };
         let outboxed = outboxed_in(&db).map_err(open_err)?;
-        // Past every request outbox the last run left (taken again when their plugin subscribes).
+        // Past every request outbox the last run left (released once the start has subscribed
+        // every plugin, then settled).
         let next_request_key =
             outboxed.iter().map(|(_, key)| key.saturating_add(1)).filter(|k| *k > REQUEST_KEYS).max();
         let store = Arc::new(Store { path: path.to_path_buf(), db: std::sync::RwLock::new(Some(Arc::new(db))) });
