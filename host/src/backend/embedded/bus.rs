@@ -97,7 +97,10 @@ struct Overflow {
     /// one left by a crash. Not for a new plugin's history (`deliver = "all"`), which may be
     /// long: its producers would wait for all of it.
     holds_producers: std::sync::atomic::AtomicBool,
-    /// Woken when the read-back ends.
+    /// The leftovers are the deliveries below this sequence number (0: none are held for).
+    leftovers_below: AtomicU64,
+    /// Woken when the read-back ends, and when the last leftover waiting in the overflow moves
+    /// into the queue.
     read_back_done: tokio::sync::Notify,
 }
 
@@ -122,6 +125,8 @@ struct OverflowState {
     /// share of it is still taken, so one plugin flooding another's buffer is refused alone.
     by_plugin: std::collections::HashMap<Arc<str>, u64>,
     pumping: bool,
+    /// How many of the events waiting are leftovers of the last run producers wait behind.
+    leftovers: usize,
 }
 
 impl OverflowState {
@@ -155,6 +160,7 @@ impl Overflow {
             drained: tokio::sync::Notify::new(),
             reading_back: false.into(),
             holds_producers: false.into(),
+            leftovers_below: AtomicU64::new(0),
             read_back_done: tokio::sync::Notify::new(),
         })
     }
@@ -228,6 +234,9 @@ impl Overflow {
             Publisher::Other => None,
         };
         state.add(publisher.as_ref(), cost);
+        if self.is_leftover(logged) {
+            state.leftovers += 1;
+        }
         state.events.push_back((event.clone(), cost, logged, publisher));
         if !state.pumping {
             state.pumping = true;
@@ -245,7 +254,9 @@ impl Overflow {
                 state.bytes = 0;
                 state.by_plugin.clear();
                 state.pumping = false;
+                state.leftovers = 0;
                 self.drained.notify_waiters();
+                self.read_back_done.notify_waiters();
                 return;
             };
             let mut state = self.state.lock().expect("overflow poisoned");
@@ -256,6 +267,13 @@ impl Overflow {
             state.remove(publisher.as_ref(), cost);
             if state.bytes <= self.budget / 2 {
                 self.drained.notify_waiters();
+            }
+            if self.is_leftover(logged) {
+                state.leftovers -= 1;
+                if state.leftovers == 0 {
+                    self.end_hold_if_no_leftover(&state);
+                    self.read_back_done.notify_waiters();
+                }
             }
             slot.send(self.delivery(event, logged));
             if state.events.is_empty() {
@@ -269,14 +287,50 @@ impl Overflow {
         self.state.lock().expect("overflow poisoned").events.len()
     }
 
-    /// Waits until the read-back of what the last run left has taken every leftover (at once
-    /// when there is none, or it has): a producer's new event then queues behind them.
+    /// Whether an event of the overflow is a leftover of the last run producers wait behind.
+    fn is_leftover(&self, logged: Logged) -> bool {
+        logged.0.is_some_and(|seq| seq < self.leftovers_below.load(Ordering::Relaxed))
+    }
+
+    /// Once the read-back ended and no leftover waits, producers are held no more, for good
+    /// (they then skip the overflow's lock).
+    fn end_hold_if_no_leftover(&self, state: &OverflowState) {
+        if !self.holds_producers.load(Ordering::Acquire) && state.leftovers == 0 {
+            self.leftovers_below.store(0, Ordering::Release);
+        }
+    }
+
+    /// Stops holding producers behind the leftovers (a read-back that cannot read the log): new
+    /// events may then run before leftovers of the same key.
+    fn release_producers(&self, plugin: &str) {
+        if self.leftovers_below.swap(0, Ordering::AcqRel) == 0 {
+            return;
+        }
+        self.holds_producers.store(false, Ordering::Release);
+        self.state.lock().expect("overflow poisoned").leftovers = 0;
+        self.read_back_done.notify_waiters();
+        tracing::warn!(
+            plugin,
+            "new events for the plugin no longer wait for what the last run left (the log cannot be read now): \
+             one may run before an older event of its key"
+        );
+    }
+
+    /// Waits until the read-back of what the last run left has taken every leftover and the
+    /// last of them has moved into the queue (at once when there is none): a producer's new
+    /// event, which takes a queue slot, then comes after them.
     async fn read_back_of_leftovers(&self) {
+        // Nothing held for (every run but a start with leftovers, and those once they moved).
+        if self.leftovers_below.load(Ordering::Acquire) == 0 {
+            return;
+        }
         loop {
             let done = self.read_back_done.notified();
             tokio::pin!(done);
             done.as_mut().enable();
-            if !self.holds_producers.load(Ordering::Acquire) {
+            if !self.holds_producers.load(Ordering::Acquire)
+                && self.state.lock().expect("overflow poisoned").leftovers == 0
+            {
                 return;
             }
             done.await;
@@ -313,6 +367,7 @@ impl Drop for ReadBackDone {
     fn drop(&mut self) {
         self.0.reading_back.store(false, Ordering::Release);
         self.0.holds_producers.store(false, Ordering::Release);
+        self.0.end_hold_if_no_leftover(&self.0.state.lock().expect("overflow poisoned"));
         self.0.read_back_done.notify_waiters();
     }
 }
@@ -366,6 +421,8 @@ impl Load {
                 Err(e @ super::log::LogError::Io { .. }) if !tx.is_closed() => {
                     tracing::error!(plugin = %plugin, retry_in_s = retry_in.as_secs(),
                         "reading deliveries back from the event log: {e}");
+                    // Producers are not held behind a read-back that cannot go on.
+                    overflow.release_producers(&plugin);
                     tokio::time::sleep(retry_in).await;
                     retry_in = (retry_in * 2).min(LOAD_RETRY_MAX);
                     continue;
@@ -472,7 +529,8 @@ impl EmbeddedBus {
     /// log, then to the targets.
     async fn accept(&self, event: Arc<Event>) -> Result<(), TransportError> {
         let targets = self.targets(&event);
-        // Behind what the last run left for a target, not beside it (see `holds_producers`).
+        // Behind what the last run left for a target, not beside it (see `holds_producers`): the
+        // queue slot is reserved once every leftover is in the queue.
         for sub in &targets {
             sub.overflow.read_back_of_leftovers().await;
         }
@@ -497,20 +555,8 @@ impl EmbeddedBus {
         };
         self.notify_observers(&event);
         for (sub, slot) in targets.iter().zip(slots) {
-            let Some(slot) = slot else { continue };
-            if self.log.is_none() {
+            if let Some(slot) = slot {
                 slot.send(sub.overflow.delivery(event.clone(), logged));
-                continue;
-            }
-            // On a durable bus, behind what waits in the overflow (the last run's leftovers read
-            // back, outputs): the slot reserved was the producer's turn, not a way past them.
-            let mut state = sub.overflow.state.lock().expect("overflow poisoned");
-            if state.events.is_empty() {
-                slot.send(sub.overflow.delivery(event.clone(), logged));
-            } else {
-                drop(slot);
-                let cost = event_cost(&event);
-                sub.overflow.take(&mut state, &sub.tx, &event, Publisher::Other, cost, logged);
             }
         }
         refused.map_or(Ok(()), |e| Err(TransportError::Broker(e.to_string())))
@@ -714,6 +760,11 @@ impl Transport for EmbeddedBus {
         if self.log.is_none() {
             return self.accept(event).await;
         }
+        // Behind what the last run left for its targets, waited for here, where a producer that
+        // gives up (`api.publish_timeout`) leaves nothing behind (`accept` looks again).
+        for sub in self.targets(&event) {
+            sub.overflow.read_back_of_leftovers().await;
+        }
         // In a task of its own, so a producer that goes away (an HTTP client hanging up) cannot
         // leave an event logged but not queued.
         let bus = self.clone();
@@ -834,7 +885,10 @@ impl Transport for EmbeddedBus {
                 until = until.max(made.iter().max().map_or(0, |last| last + 1));
             }
             overflow.reading_back.store(true, Ordering::Release);
-            overflow.holds_producers.store(!new, Ordering::Release);
+            if !new {
+                overflow.leftovers_below.store(until, Ordering::Relaxed);
+                overflow.holds_producers.store(true, Ordering::Release);
+            }
         }
         self.table.write().expect("bus table poisoned").subs.push(Arc::new(Sub {
             id,
@@ -1450,6 +1504,29 @@ mod tests {
                 .unwrap();
             assert_eq!(&delivery.event.data[..], format!("{i}").as_bytes());
         }
+    }
+
+    /// A read-back that cannot read the log (it tries again, for as long as it takes) does not
+    /// hold the plugin's producers meanwhile.
+    #[tokio::test]
+    async fn producers_are_not_held_behind_a_read_back_that_cannot_read_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let p: Arc<str> = "p".into();
+        {
+            let log = DurableLog::open(&path, super::super::log::SyncPolicy::Always).unwrap();
+            assert!(log.register(p.clone()).await.unwrap());
+            log.append(Arc::new(Event::new("a.old", "0")), vec![p.clone()], false).await.unwrap();
+        }
+        let log = super::super::log::tests::reopen(&path, Default::default()).await;
+        super::super::log::tests::fail_reads(&path, 100);
+        let bus = EmbeddedBus::durable(log);
+        let mut sub = bus.subscribe(spec(&["a.>"], 8)).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), bus.publish(Event::new("a.new", "n")))
+            .await
+            .expect("the producer was held behind a read-back that cannot go on")
+            .unwrap();
+        assert_eq!(sub.deliveries.recv().await.unwrap().event.subject, "a.new");
     }
 
     #[tokio::test]
