@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// What an event waiting in an overflow is charged on top of its data and headers (the event
@@ -268,14 +268,17 @@ impl Overflow {
             if state.bytes <= self.budget / 2 {
                 self.drained.notify_waiters();
             }
-            if self.is_leftover(logged) {
+            let leftover = self.is_leftover(logged);
+            slot.send(self.delivery(event, logged));
+            // Counted once it is in the queue (still under the lock): a producer let through by
+            // the count reserves its slot after it, and its event cannot land before it.
+            if leftover {
                 state.leftovers -= 1;
                 if state.leftovers == 0 {
                     self.end_hold_if_no_leftover(&state);
                     self.read_back_done.notify_waiters();
                 }
             }
-            slot.send(self.delivery(event, logged));
             if state.events.is_empty() {
                 state.pumping = false;
                 return;
@@ -359,6 +362,9 @@ const REPLAY_WAITS_FOR_READ_BACK: Duration = Duration::from_secs(2);
 /// host runs.
 const LOAD_RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// How long producers stay held behind a read-back whose reads of the log fail in a row.
+const HOLD_WHILE_FAILING: Duration = Duration::from_secs(2);
+
 /// Clears a subscription's `reading_back` however its read-back ends (a panic included: a flag
 /// left set would refuse every replay of the plugin).
 struct ReadBackDone(Arc<Overflow>);
@@ -381,6 +387,8 @@ impl Load {
 
     async fn load(self, log: Arc<DurableLog>, overflow: &Arc<Overflow>, tx: mpsc::Sender<Delivery>, plugin: Arc<str>) {
         let (mut from, mut loaded, mut retry_in) = (0u64, 0usize, Duration::from_secs(1));
+        // Since when the log could not be read (the reads failing in a row).
+        let mut failing_since: Option<Instant> = None;
         let mut seqs = match &self {
             Load::Seqs(seqs) => seqs.chunks(LOAD_PAGE),
             Load::Below(_) => [].chunks(LOAD_PAGE),
@@ -421,8 +429,11 @@ impl Load {
                 Err(e @ super::log::LogError::Io { .. }) if !tx.is_closed() => {
                     tracing::error!(plugin = %plugin, retry_in_s = retry_in.as_secs(),
                         "reading deliveries back from the event log: {e}");
-                    // Producers are not held behind a read-back that cannot go on.
-                    overflow.release_producers(&plugin);
+                    // Producers are not held long behind a read-back that cannot go on (a
+                    // reopening log answers again within a second).
+                    if failing_since.get_or_insert_with(Instant::now).elapsed() >= HOLD_WHILE_FAILING {
+                        overflow.release_producers(&plugin);
+                    }
                     tokio::time::sleep(retry_in).await;
                     retry_in = (retry_in * 2).min(LOAD_RETRY_MAX);
                     continue;
@@ -433,7 +444,7 @@ impl Load {
                     return;
                 }
             };
-            (chunk, retry_in) = (None, Duration::from_secs(1));
+            (chunk, retry_in, failing_since) = (None, Duration::from_secs(1), None);
             let Some(last) = last else { break };
             from = last + 1;
             loaded += page.len();
@@ -527,13 +538,9 @@ impl EmbeddedBus {
 
     /// A producer's event: room in every target's queue first (backpressure), then into the
     /// log, then to the targets.
-    async fn accept(&self, event: Arc<Event>) -> Result<(), TransportError> {
-        let targets = self.targets(&event);
-        // Behind what the last run left for a target, not beside it (see `holds_producers`): the
-        // queue slot is reserved once every leftover is in the queue.
-        for sub in &targets {
-            sub.overflow.read_back_of_leftovers().await;
-        }
+    /// A producer's event for `targets` (the caller waited for their leftovers: see
+    /// `holds_producers`).
+    async fn accept(&self, event: Arc<Event>, targets: Vec<Arc<Sub>>) -> Result<(), TransportError> {
         let mut slots = Vec::with_capacity(targets.len());
         for sub in &targets {
             // Closed: unsubscribed meanwhile, the event is no longer for it.
@@ -758,17 +765,19 @@ impl Transport for EmbeddedBus {
         validate_subject(&event.subject)?;
         let event = Arc::new(event);
         if self.log.is_none() {
-            return self.accept(event).await;
+            let targets = self.targets(&event);
+            return self.accept(event, targets).await;
         }
         // Behind what the last run left for its targets, waited for here, where a producer that
-        // gives up (`api.publish_timeout`) leaves nothing behind (`accept` looks again).
-        for sub in self.targets(&event) {
+        // gives up (`api.publish_timeout`) leaves nothing behind.
+        let targets = self.targets(&event);
+        for sub in &targets {
             sub.overflow.read_back_of_leftovers().await;
         }
         // In a task of its own, so a producer that goes away (an HTTP client hanging up) cannot
         // leave an event logged but not queued.
         let bus = self.clone();
-        let accept = tokio::spawn(async move { bus.accept(event).await });
+        let accept = tokio::spawn(async move { bus.accept(event, targets).await });
         accept.await.map_err(|e| TransportError::Closed(format!("accepting the event: {e}")))?
     }
 
@@ -1522,7 +1531,7 @@ mod tests {
         super::super::log::tests::fail_reads(&path, 100);
         let bus = EmbeddedBus::durable(log);
         let mut sub = bus.subscribe(spec(&["a.>"], 8)).await.unwrap();
-        tokio::time::timeout(Duration::from_secs(5), bus.publish(Event::new("a.new", "n")))
+        tokio::time::timeout(Duration::from_secs(15), bus.publish(Event::new("a.new", "n")))
             .await
             .expect("the producer was held behind a read-back that cannot go on")
             .unwrap();
