@@ -93,9 +93,10 @@ struct Overflow {
     /// both would deliver it).
     reading_back: std::sync::atomic::AtomicBool,
     /// Whether producers' new events for it wait until the read-back of what the last run left
-    /// has taken every leftover (then they queue behind them): an event never overtakes an older
-    /// one left by a crash. Not for a new plugin's history (`deliver = "all"`), which may be
-    /// long: its producers would wait for all of it.
+    /// has taken every leftover (and, counted in `OverflowState::leftovers`, until the last of
+    /// them is in the queue; then they take their queue slot after them): an event never
+    /// overtakes an older one left by a crash. Not for a new plugin's history
+    /// (`deliver = "all"`), which may be long: its producers would wait for all of it.
     holds_producers: std::sync::atomic::AtomicBool,
     /// The leftovers are the deliveries below this sequence number (0: none are held for).
     leftovers_below: AtomicU64,
@@ -536,10 +537,9 @@ impl EmbeddedBus {
         tokio::spawn(self.clone().release_request_outboxes(log.clone(), plugin));
     }
 
-    /// A producer's event: room in every target's queue first (backpressure), then into the
-    /// log, then to the targets.
     /// A producer's event for `targets` (the caller waited for their leftovers: see
-    /// `holds_producers`).
+    /// `holds_producers`): room in every target's queue first (backpressure), then into the
+    /// log, then to the targets.
     async fn accept(&self, event: Arc<Event>, targets: Vec<Arc<Sub>>) -> Result<(), TransportError> {
         let mut slots = Vec::with_capacity(targets.len());
         for sub in &targets {
