@@ -47,6 +47,20 @@ async fn wait_ok(client: &reqwest::Client, port: u16, at_least: u64) {
     }
 }
 
+/// Waits until a host started with `PLUGBUS_FAULT_ABORT_AFTER_KV_COMMIT=1` has aborted there.
+async fn injected_abort(child: &mut Child, host_log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the injected abort did not happen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!status.success(), "aborted: {status}");
+    assert!(std::fs::read_to_string(host_log).unwrap().contains("PLUGBUS_FAULT_ABORT_AFTER_KV_COMMIT"));
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -216,16 +230,7 @@ async fn a_crash_after_the_kv_commit_releases_the_outputs_without_running_the_ha
         Ok(resp) => assert_eq!(resp.status().as_u16(), 202),
         Err(e) => assert!(!e.is_connect(), "the host was not listening: {e}"),
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the injected abort did not happen");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert!(!status.success(), "aborted: {status}");
-    assert!(std::fs::read_to_string(&host_log).unwrap().contains("PLUGBUS_FAULT_ABORT_AFTER_KV_COMMIT"));
+    injected_abort(&mut child, &host_log).await;
 
     let port = free_port();
     let mut child = start(plugins.path(), data.path(), port, &host_log);
@@ -273,12 +278,7 @@ async fn a_crash_after_a_responders_kv_commit_still_releases_its_outputs_once() 
     // No answer: the host aborts once the responder's kv write committed.
     let answer = client.post(url(port)).body("").send().await;
     assert!(answer.is_err() || !answer.unwrap().status().is_success(), "answered before the abort");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the injected abort did not happen");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(std::fs::read_to_string(&host_log).unwrap().contains("PLUGBUS_FAULT_ABORT_AFTER_KV_COMMIT"));
+    injected_abort(&mut child, &host_log).await;
 
     let port = free_port();
     let mut child = start(plugins.path(), data.path(), port, &host_log);

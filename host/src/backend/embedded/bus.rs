@@ -1051,6 +1051,29 @@ mod tests {
         (path, log, bus, sub)
     }
 
+    /// The log at `path` as the last run left it, opened again as at a start: `events`
+    /// appended with a pending delivery for plugin `p`, none settled.
+    async fn left_by_the_last_run(path: &std::path::Path, events: impl IntoIterator<Item = Event>) -> Arc<DurableLog> {
+        {
+            let log = DurableLog::open(path, super::super::log::SyncPolicy::None).unwrap();
+            assert!(log.register("p".into()).await.unwrap());
+            for event in events {
+                log.append_nowait(Arc::new(event), vec!["p".into()]).unwrap();
+            }
+            log.sync().await.unwrap();
+        }
+        super::super::log::tests::reopen(path, Default::default()).await
+    }
+
+    /// Waits (up to 10 s) until `cond` holds.
+    async fn eventually_true(cond: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(tokio::time::Instant::now() < deadline, "the condition never held");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     #[tokio::test]
     async fn delivers_once_per_subscription_even_when_several_patterns_match() {
         let bus = EmbeddedBus::new();
@@ -1213,10 +1236,7 @@ mod tests {
                 panic!("appended")
             };
             // The second one's attempt committed its kv writes with its outputs, then the host died.
-            let mut txn = crate::kv::Txn::default();
-            txn.set("k", b"v".to_vec());
-            let outbox = crate::kv::Outbox { plugin: p.clone(), seq, outputs: vec![output.clone()] };
-            log.kv_commit("p", &txn, Some(outbox)).await.unwrap();
+            super::super::log::tests::commit_with_outbox(&log, seq, vec![output.clone()]).await;
         }
         let log = super::super::log::tests::reopen(&path, Default::default()).await;
         let bus = EmbeddedBus::durable(log);
@@ -1239,20 +1259,12 @@ mod tests {
     async fn a_new_event_waits_behind_what_the_last_run_left() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bus.redb");
-        let p: Arc<str> = "p".into();
-        {
-            let log = DurableLog::open(&path, super::super::log::SyncPolicy::Always).unwrap();
-            assert!(log.register(p.clone()).await.unwrap());
-            for i in 0..4 {
-                log.append(Arc::new(Event::new("a.old", format!("{i}"))), vec![p.clone()], false).await.unwrap();
-            }
-        }
-        let log = super::super::log::tests::reopen(&path, Default::default()).await;
+        let log = left_by_the_last_run(&path, (0..4).map(|i| Event::new("a.old", format!("{i}")))).await;
         let bus = EmbeddedBus::durable_at_start(log);
         // a queue of one: the leftovers wait in the overflow
         let mut sub = bus.subscribe(spec(&["a.>"], 1)).await.unwrap();
         bus.all_subscribed();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        eventually_true(|| bus.overflowing() == 3).await;
         let publisher = bus.clone();
         let new = tokio::spawn(async move { publisher.publish(Event::new("a.new", "n")).await.unwrap() });
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1273,20 +1285,12 @@ mod tests {
         const LEFT: usize = LOAD_PAGE + 76;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bus.redb");
-        let p: Arc<str> = "p".into();
-        {
-            let log = DurableLog::open(&path, super::super::log::SyncPolicy::None).unwrap();
-            assert!(log.register(p.clone()).await.unwrap());
-            for i in 0..LEFT {
-                log.append_nowait(Arc::new(Event::new("a.old", format!("{i}"))), vec![p.clone()]).unwrap();
-            }
-            log.sync().await.unwrap();
-        }
-        let log = super::super::log::tests::reopen(&path, Default::default()).await;
+        let log = left_by_the_last_run(&path, (0..LEFT).map(|i| Event::new("a.old", format!("{i}")))).await;
         let bus = EmbeddedBus::durable_at_start(log);
         let mut sub = bus.subscribe(SubscriptionSpec { buffer_bytes: 4096, ..spec(&["a.>"], 1) }).await.unwrap();
         bus.all_subscribed();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // the first page read back, the rest not yet
+        eventually_true(|| bus.overflowing() > 0).await;
         let publisher = bus.clone();
         let new = tokio::spawn(async move { publisher.publish(Event::new("a.new", "n")).await.unwrap() });
         let mut got = Vec::new();
@@ -1307,13 +1311,7 @@ mod tests {
     async fn at_start_what_the_last_run_left_waits_until_every_plugin_is_subscribed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bus.redb");
-        let p: Arc<str> = "p".into();
-        {
-            let log = DurableLog::open(&path, super::super::log::SyncPolicy::Always).unwrap();
-            assert!(log.register(p.clone()).await.unwrap());
-            log.append(Arc::new(Event::new("a.1", "1")), vec![p.clone()], false).await.unwrap();
-        }
-        let log = super::super::log::tests::reopen(&path, Default::default()).await;
+        let log = left_by_the_last_run(&path, [Event::new("a.1", "1")]).await;
         let bus = EmbeddedBus::durable_at_start(log);
         let mut sub = bus.subscribe(spec(&["a.>"], 8)).await.unwrap();
         let mut later =
@@ -1456,18 +1454,9 @@ mod tests {
     async fn a_replay_waits_for_the_read_back_of_what_the_last_run_left() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bus.redb");
-        let p: Arc<str> = "p".into();
         // More left unsettled than the plugin's buffer holds: its read-back waits for room.
         let left = 3000;
-        {
-            let log = DurableLog::open(&path, super::super::log::SyncPolicy::None).unwrap();
-            assert!(log.register(p.clone()).await.unwrap());
-            for i in 0..left {
-                log.append_nowait(Arc::new(Event::new("a.x", format!("{i}"))), vec![p.clone()]).unwrap();
-            }
-            log.sync().await.unwrap();
-        }
-        let log = super::super::log::tests::reopen(&path, Default::default()).await;
+        let log = left_by_the_last_run(&path, (0..left).map(|i| Event::new("a.x", format!("{i}")))).await;
         let bus = EmbeddedBus::durable(log);
         let mut sub = bus.subscribe(spec(&["a.>"], 1)).await.unwrap();
         let refused = bus.replay("p", crate::transport::ReplayFrom::Seq(0)).await.unwrap_err();
@@ -1493,15 +1482,7 @@ mod tests {
     async fn a_read_back_that_fails_for_a_while_is_tried_again_and_delivers_everything() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bus.redb");
-        let p: Arc<str> = "p".into();
-        {
-            let log = DurableLog::open(&path, super::super::log::SyncPolicy::Always).unwrap();
-            assert!(log.register(p.clone()).await.unwrap());
-            for i in 0..3 {
-                log.append(Arc::new(Event::new("a.x", format!("{i}"))), vec![p.clone()], false).await.unwrap();
-            }
-        }
-        let log = super::super::log::tests::reopen(&path, Default::default()).await;
+        let log = left_by_the_last_run(&path, (0..3).map(|i| Event::new("a.x", format!("{i}")))).await;
         // The first two reads fail (the log reopening after a failed write, say).
         super::super::log::tests::fail_reads(&path, 2);
         let bus = EmbeddedBus::durable(log);
@@ -1521,13 +1502,7 @@ mod tests {
     async fn producers_are_not_held_behind_a_read_back_that_cannot_read_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bus.redb");
-        let p: Arc<str> = "p".into();
-        {
-            let log = DurableLog::open(&path, super::super::log::SyncPolicy::Always).unwrap();
-            assert!(log.register(p.clone()).await.unwrap());
-            log.append(Arc::new(Event::new("a.old", "0")), vec![p.clone()], false).await.unwrap();
-        }
-        let log = super::super::log::tests::reopen(&path, Default::default()).await;
+        let log = left_by_the_last_run(&path, [Event::new("a.old", "0")]).await;
         super::super::log::tests::fail_reads(&path, 100);
         let bus = EmbeddedBus::durable(log);
         let mut sub = bus.subscribe(spec(&["a.>"], 8)).await.unwrap();

@@ -2118,18 +2118,12 @@ pub(crate) mod tests {
         let path = dir.path().join("bus.redb");
         let p: Arc<str> = "p".into();
         let output = Arc::new(Event::new("out.x", "o"));
-        let commit = async |log: &DurableLog, key: u64| {
-            let mut txn = crate::kv::Txn::default();
-            txn.set("k", b"v".to_vec());
-            let outbox = Outbox { plugin: p.clone(), seq: key, outputs: vec![output.clone()] };
-            log.kv_commit("p", &txn, Some(outbox)).await.unwrap();
-        };
         let left = {
             let log = reopen(&path, Retention::default()).await;
             let (left, settled, no_kv) = (log.request_key(), log.request_key(), log.request_key());
             assert!(left >= REQUEST_KEYS && left < settled);
-            commit(&log, left).await;
-            commit(&log, settled).await;
+            commit_with_outbox(&log, left, vec![output.clone()]).await;
+            commit_with_outbox(&log, settled, vec![output.clone()]).await;
             log.ack(p.clone(), settled);
             // One that wrote no kv is settled without a log operation (and without harm).
             log.ack(p.clone(), no_kv);
@@ -2164,10 +2158,7 @@ pub(crate) mod tests {
                     panic!("appended")
                 };
                 if with_outbox {
-                    let mut txn = crate::kv::Txn::default();
-                    txn.set("k", b"v".to_vec());
-                    let outbox = Outbox { plugin: p.clone(), seq, outputs: vec![output.clone()] };
-                    log.kv_commit("p", &txn, Some(outbox)).await.unwrap();
+                    commit_with_outbox(&log, seq, vec![output.clone()]).await;
                 }
                 seqs.push(seq);
             }
@@ -2201,6 +2192,14 @@ pub(crate) mod tests {
     const DAMAGED_ROW: [u8; 5] = [9, 0, 0, 0, 1];
 
     /// Opens the log at `path` once the last handle let go of it.
+    /// Commits a kv write of plugin `p` with `outputs` kept in the outbox of its delivery `seq`
+    /// (an event's sequence number, or a request's key): what an attempt that returned Ok commits.
+    pub(crate) async fn commit_with_outbox(log: &DurableLog, seq: u64, outputs: Vec<Arc<Event>>) {
+        let mut txn = crate::kv::Txn::default();
+        txn.set("k", b"v".to_vec());
+        log.kv_commit("p", &txn, Some(Outbox { plugin: "p".into(), seq, outputs })).await.unwrap();
+    }
+
     pub(crate) async fn reopen(path: &Path, retention: Retention) -> Arc<DurableLog> {
         loop {
             match DurableLog::open_with(path, SyncPolicy::Always, retention.clone()) {
