@@ -88,35 +88,68 @@ struct Overflow {
     log: Option<Arc<DurableLog>>,
     /// Woken when what waits drops to half the budget (a history load waits for that).
     drained: tokio::sync::Notify,
-    /// Whether the deliveries the last run left unsettled are still being read back: a replay
-    /// waits for that (it would make pending again what the read-back has yet to read, and
-    /// both would deliver it).
+    /// Whether the subscription's read-back (see [`Intake`]) is still going: a replay waits for
+    /// that (it would make pending again what the read-back has yet to read, and both would
+    /// deliver it).
     reading_back: std::sync::atomic::AtomicBool,
-    /// Whether producers' new events for it wait until the read-back of what the last run left
-    /// has taken every leftover (and, counted in `OverflowState::leftovers`, until the last of
-    /// them is in the queue; then they take their queue slot after them): an event never
-    /// overtakes an older one left by a crash. Not for a new plugin's history
-    /// (`deliver = "all"`), which may be long: its producers would wait for all of it.
-    holds_producers: std::sync::atomic::AtomicBool,
-    /// The leftovers are the deliveries below this sequence number (0: none are held for).
-    leftovers_below: AtomicU64,
-    /// Woken when the read-back ends, and when the last leftover waiting in the overflow moves
-    /// into the queue.
-    read_back_done: tokio::sync::Notify,
+    /// Woken when the last event the read-back put into the overflow moves into the queue.
+    read_back_moved: tokio::sync::Notify,
+}
+
+/// Whether a durable subscription takes what the log accepts for it as it is accepted, or
+/// leaves it to its read-back.
+///
+/// A subscription on the durable log starts catching up: its read-back delivers, in the log's
+/// order, what the last run left unsettled, a new `deliver = "all"` plugin's history, and then
+/// every event accepted for it since it subscribed (each has a pending row in the log), until
+/// nothing is left to read. Only then do new events go to it live. So an event never overtakes
+/// an older one of the log for the same plugin, however long the history, and producers are
+/// never held for it (JetStream's durable consumer delivers in stream order too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Intake {
+    /// Events from this sequence number on go to the plugin as they are accepted; the read-back
+    /// reads only below it. (0 on the in-memory bus, which logs nothing.)
+    LiveFrom(u64),
+    /// Events from `since` on accepted for it are left in the log, read back in order (those
+    /// before were accepted before the catch-up began: they go live); `skipped` is the highest
+    /// sequence number so left (it may not be committed yet: an output is logged without
+    /// waiting).
+    CatchingUp { since: u64, skipped: Option<u64> },
+}
+
+impl Default for Intake {
+    fn default() -> Self {
+        Intake::LiveFrom(0)
+    }
+}
+
+/// Where a read-back that found nothing more to read stands.
+enum CatchUp {
+    /// Done: new events go to the plugin live.
+    Done,
+    /// An event left to the log (this one, or one before) may not be committed yet: wait for
+    /// the log, then read again.
+    Uncommitted(u64),
+    /// What it read waits in the overflow still: wait until that moved into the queue, then
+    /// read again (a live event must not overtake it).
+    Moving,
 }
 
 /// Who put an event into an overflow: a plugin (its outputs, requests and dead letters, whose
-/// `source` the host sets: `plugbus/<plugin>`), or anyone else (a producer's request, whose
-/// `source` is the client's; an event read back from the log), who gets no share of its own.
+/// `source` the host sets: `plugbus/<plugin>`), anyone else (a producer's request, whose
+/// `source` is the client's) or the read-back, who get no share of their own.
 #[derive(Clone, Copy)]
 enum Publisher<'a> {
     Plugin(&'a str),
     Other,
+    /// The subscription's read-back (see [`Intake`]).
+    ReadBack,
 }
 
-/// An event waiting in an overflow: the event, its cost, its place in the log and who
-/// published it (a plugin's source, to take it off its tally when it leaves).
-type Waiting = (Arc<Event>, u64, Logged, Option<Arc<str>>);
+/// An event waiting in an overflow: the event, its cost, its place in the log, who published it
+/// (a plugin's source, to take it off its tally when it leaves) and whether the read-back put
+/// it there.
+type Waiting = (Arc<Event>, u64, Logged, Option<Arc<str>>, bool);
 
 #[derive(Default)]
 struct OverflowState {
@@ -126,8 +159,10 @@ struct OverflowState {
     /// share of it is still taken, so one plugin flooding another's buffer is refused alone.
     by_plugin: std::collections::HashMap<Arc<str>, u64>,
     pumping: bool,
-    /// How many of the events waiting are leftovers of the last run producers wait behind.
-    leftovers: usize,
+    /// How many of the events waiting were put there by the read-back.
+    read_back_waiting: usize,
+    /// Whether new events go to the plugin live or are left to the read-back.
+    intake: Intake,
 }
 
 impl OverflowState {
@@ -152,18 +187,79 @@ impl OverflowState {
 }
 
 impl Overflow {
+    /// A subscription's overflow; on the durable log it starts catching up (see [`Intake`]).
     fn new(plugin: Arc<str>, budget: u64, log: Option<Arc<DurableLog>>) -> Arc<Self> {
+        let intake = if log.is_some() { Intake::CatchingUp { since: 0, skipped: None } } else { Intake::LiveFrom(0) };
         Arc::new(Self {
-            state: Mutex::default(),
+            state: Mutex::new(OverflowState { intake, ..OverflowState::default() }),
             budget,
             plugin,
+            reading_back: log.is_some().into(),
             log,
             drained: tokio::sync::Notify::new(),
-            reading_back: false.into(),
-            holds_producers: false.into(),
-            leftovers_below: AtomicU64::new(0),
-            read_back_done: tokio::sync::Notify::new(),
+            read_back_moved: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Whether an event the log accepted for the plugin at `logged` goes to it now; `false`:
+    /// its read-back delivers it from the log, in order (see [`Intake`]).
+    fn goes_live(state: &mut OverflowState, logged: Logged) -> bool {
+        let Some(seq) = logged.0 else { return true };
+        match &mut state.intake {
+            Intake::LiveFrom(from) => seq >= *from,
+            Intake::CatchingUp { since, .. } if seq < *since => true,
+            Intake::CatchingUp { skipped, .. } => {
+                *skipped = Some(skipped.map_or(seq, |s| s.max(seq)));
+                false
+            }
+        }
+    }
+
+    /// Where the read-back stops reading: nowhere while it catches up, else where live
+    /// deliveries begin.
+    fn read_back_end(&self) -> u64 {
+        match self.state.lock().expect("overflow poisoned").intake {
+            Intake::CatchingUp { .. } => super::log::REQUEST_KEYS,
+            Intake::LiveFrom(from) => from,
+        }
+    }
+
+    /// The read-back found nothing pending from `from` on: whether it caught up (new events then
+    /// go to the plugin live). `committed`: every event left to the log up to this sequence
+    /// number was committed before that read (one left and still not read was not logged: a
+    /// duplicate output).
+    fn catch_up_at(&self, from: u64, committed: Option<u64>) -> CatchUp {
+        let mut state = self.state.lock().expect("overflow poisoned");
+        let Intake::CatchingUp { skipped, .. } = state.intake else { return CatchUp::Done };
+        let unread = skipped.filter(|s| *s >= from);
+        if unread.is_some_and(|s| committed.is_none_or(|c| s > c)) {
+            return CatchUp::Uncommitted(unread.unwrap_or_default());
+        }
+        if state.read_back_waiting > 0 {
+            return CatchUp::Moving;
+        }
+        state.intake = Intake::LiveFrom(from.max(unread.map_or(0, |s| s + 1)));
+        CatchUp::Done
+    }
+
+    /// Starts catching up from the log's next sequence number (a replay): events accepted for the
+    /// plugin from then on wait in the log behind the replayed history.
+    fn catch_up_from_now(&self, log: &DurableLog) -> u64 {
+        let mut state = self.state.lock().expect("overflow poisoned");
+        let since = log.next_seq();
+        state.intake = Intake::CatchingUp { since, skipped: None };
+        since
+    }
+
+    /// Stops catching up before the read-back is done (it cannot read the log now, or it ended):
+    /// events from `read` on and past every one left to the log so far go to the plugin live;
+    /// the read-back reads only below that. A new event may then run before an older one of
+    /// its key. `false` when it was not catching up.
+    fn stop_catching_up(&self, read: u64) -> bool {
+        let mut state = self.state.lock().expect("overflow poisoned");
+        let Intake::CatchingUp { since, skipped } = state.intake else { return false };
+        state.intake = Intake::LiveFrom(read.max(since).max(skipped.map_or(0, |s| s + 1)));
+        true
     }
 
     /// Whether `event`, of `cost` bytes, can be taken now (into the queue or behind it). Past the
@@ -230,15 +326,14 @@ impl Overflow {
                 Err(mpsc::error::TrySendError::Full(())) => {}
             }
         }
+        let read_back = matches!(publisher, Publisher::ReadBack);
         let publisher = match publisher {
             Publisher::Plugin(source) => Some(Arc::from(source)),
-            Publisher::Other => None,
+            Publisher::Other | Publisher::ReadBack => None,
         };
         state.add(publisher.as_ref(), cost);
-        if self.is_leftover(logged) {
-            state.leftovers += 1;
-        }
-        state.events.push_back((event.clone(), cost, logged, publisher));
+        state.read_back_waiting += usize::from(read_back);
+        state.events.push_back((event.clone(), cost, logged, publisher, read_back));
         if !state.pumping {
             state.pumping = true;
             tokio::spawn(self.clone().pump(tx.clone()));
@@ -255,13 +350,13 @@ impl Overflow {
                 state.bytes = 0;
                 state.by_plugin.clear();
                 state.pumping = false;
-                state.leftovers = 0;
+                state.read_back_waiting = 0;
                 self.drained.notify_waiters();
-                self.read_back_done.notify_waiters();
+                self.read_back_moved.notify_waiters();
                 return;
             };
             let mut state = self.state.lock().expect("overflow poisoned");
-            let Some((event, cost, logged, publisher)) = state.events.pop_front() else {
+            let Some((event, cost, logged, publisher, read_back)) = state.events.pop_front() else {
                 state.pumping = false;
                 return;
             };
@@ -269,15 +364,13 @@ impl Overflow {
             if state.bytes <= self.budget / 2 {
                 self.drained.notify_waiters();
             }
-            let leftover = self.is_leftover(logged);
             slot.send(self.delivery(event, logged));
-            // Counted once it is in the queue (still under the lock): a producer let through by
-            // the count reserves its slot after it, and its event cannot land before it.
-            if leftover {
-                state.leftovers -= 1;
-                if state.leftovers == 0 {
-                    self.end_hold_if_no_leftover(&state);
-                    self.read_back_done.notify_waiters();
+            // Counted once it is in the queue (still under the lock): the read-back hands over
+            // to live deliveries only when none of its events waits here.
+            if read_back {
+                state.read_back_waiting -= 1;
+                if state.read_back_waiting == 0 {
+                    self.read_back_moved.notify_waiters();
                 }
             }
             if state.events.is_empty() {
@@ -290,65 +383,18 @@ impl Overflow {
     fn waiting(&self) -> usize {
         self.state.lock().expect("overflow poisoned").events.len()
     }
-
-    /// Whether an event of the overflow is a leftover of the last run producers wait behind.
-    fn is_leftover(&self, logged: Logged) -> bool {
-        logged.0.is_some_and(|seq| seq < self.leftovers_below.load(Ordering::Relaxed))
-    }
-
-    /// Once the read-back ended and no leftover waits, producers are held no more, for good
-    /// (they then skip the overflow's lock).
-    fn end_hold_if_no_leftover(&self, state: &OverflowState) {
-        if !self.holds_producers.load(Ordering::Acquire) && state.leftovers == 0 {
-            self.leftovers_below.store(0, Ordering::Release);
-        }
-    }
-
-    /// Stops holding producers behind the leftovers (a read-back that cannot read the log): new
-    /// events may then run before leftovers of the same key.
-    fn release_producers(&self, plugin: &str) {
-        if self.leftovers_below.swap(0, Ordering::AcqRel) == 0 {
-            return;
-        }
-        self.holds_producers.store(false, Ordering::Release);
-        self.state.lock().expect("overflow poisoned").leftovers = 0;
-        self.read_back_done.notify_waiters();
-        tracing::warn!(
-            plugin,
-            "new events for the plugin no longer wait for what the last run left (the log cannot be read now): \
-             one may run before an older event of its key"
-        );
-    }
-
-    /// Waits until the read-back of what the last run left has taken every leftover and the
-    /// last of them has moved into the queue (at once when there is none): a producer's new
-    /// event, which takes a queue slot, then comes after them.
-    async fn read_back_of_leftovers(&self) {
-        // Nothing held for (every run but a start with leftovers, and those once they moved).
-        if self.leftovers_below.load(Ordering::Acquire) == 0 {
-            return;
-        }
-        loop {
-            let done = self.read_back_done.notified();
-            tokio::pin!(done);
-            done.as_mut().enable();
-            if !self.holds_producers.load(Ordering::Acquire)
-                && self.state.lock().expect("overflow poisoned").leftovers == 0
-            {
-                return;
-            }
-            done.await;
-        }
-    }
 }
 
-/// Deliveries read back from the log into a plugin's overflow, a page at a time while the
-/// overflow has room (a long history never sits in memory at once).
-enum Load {
-    /// Everything the plugin has pending below this sequence number (the last run's leftovers).
-    Below(u64),
-    /// These sequence numbers (a replay).
-    Seqs(Vec<u64>),
+/// A subscription's read-back: deliveries read from the log into its overflow in the log's
+/// order, a page at a time while the overflow has room (a long history never sits in memory at
+/// once), until it caught up (see [`Intake`]).
+struct Load {
+    /// First these sequence numbers, in order: a replay's history, made pending again.
+    history: Vec<u64>,
+    /// Then everything the plugin has pending from this sequence number on: from 0 when it
+    /// subscribes (what the last run left, a new plugin's history and what was accepted since),
+    /// from where a replay began after its history.
+    from: u64,
 }
 
 /// Events read from the log per page.
@@ -363,39 +409,45 @@ const REPLAY_WAITS_FOR_READ_BACK: Duration = Duration::from_secs(2);
 /// host runs.
 const LOAD_RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// How long producers stay held behind a read-back whose reads of the log fail in a row.
-const HOLD_WHILE_FAILING: Duration = Duration::from_secs(2);
+/// How long a catching-up read-back whose reads of the log fail in a row keeps new events
+/// waiting in the log before it lets them go to the plugin live.
+const CATCH_UP_WHILE_FAILING: Duration = Duration::from_secs(2);
 
-/// Clears a subscription's `reading_back` however its read-back ends (a panic included: a flag
-/// left set would refuse every replay of the plugin).
+/// Ends a subscription's read-back however it ends (a panic included): `reading_back` cleared (a
+/// flag left set would refuse every replay of the plugin), and new events live (left to the
+/// log for good, they would wait for the next start).
 struct ReadBackDone(Arc<Overflow>);
 
 impl Drop for ReadBackDone {
     fn drop(&mut self) {
         self.0.reading_back.store(false, Ordering::Release);
-        self.0.holds_producers.store(false, Ordering::Release);
-        self.0.end_hold_if_no_leftover(&self.0.state.lock().expect("overflow poisoned"));
-        self.0.read_back_done.notify_waiters();
+        self.0.stop_catching_up(0);
     }
 }
 
 impl Load {
-    async fn run(self, log: Arc<DurableLog>, overflow: Arc<Overflow>, tx: mpsc::Sender<Delivery>, plugin: Arc<str>) {
-        // A subscription's read-back (set before it was spawned) ends here, however it ends.
-        let _done = matches!(self, Load::Below(_)).then(|| ReadBackDone(overflow.clone()));
+    /// Reads back; the read-back (marked before) ends with `done`, however it ends.
+    async fn run(
+        self,
+        done: ReadBackDone,
+        log: Arc<DurableLog>,
+        overflow: Arc<Overflow>,
+        tx: mpsc::Sender<Delivery>,
+        plugin: Arc<str>,
+    ) {
         self.load(log, &overflow, tx, plugin).await;
+        drop(done);
     }
 
     async fn load(self, log: Arc<DurableLog>, overflow: &Arc<Overflow>, tx: mpsc::Sender<Delivery>, plugin: Arc<str>) {
-        let (mut from, mut loaded, mut retry_in) = (0u64, 0usize, Duration::from_secs(1));
+        let (mut from, mut loaded, mut retry_in) = (self.from, 0usize, Duration::from_secs(1));
+        // Events left to the log up to here were committed before the last read (see `catch_up_at`).
+        let mut committed = None;
         // Since when the log could not be read (the reads failing in a row).
         let mut failing_since: Option<Instant> = None;
-        let mut seqs = match &self {
-            Load::Seqs(seqs) => seqs.chunks(LOAD_PAGE),
-            Load::Below(_) => [].chunks(LOAD_PAGE),
-        };
-        // The replay's page being read (kept until it was read: a failed read tries it again).
-        let mut chunk: Option<&[u64]> = None;
+        let mut history = self.history.chunks(LOAD_PAGE);
+        // The history's page being read (kept until it was read: a failed read tries it again).
+        let mut chunk = history.next();
         loop {
             // Room first: half the buffer free (the pump says when).
             loop {
@@ -412,47 +464,73 @@ impl Load {
             }
             // A page's last looked-at sequence number: pages go on past records that could not
             // be read (the log settled those), even a page of nothing else.
-            let page = match &self {
-                Load::Below(until) => {
-                    log.unsettled_page(&plugin, from..*until, LOAD_PAGE).map(|page| (page.deliveries, page.last_seq))
-                }
-                Load::Seqs(_) => {
-                    chunk = chunk.or_else(|| seqs.next());
-                    match chunk {
-                        Some(chunk) => log.read_seqs(&plugin, chunk).map(|page| (page, chunk.last().copied())),
-                        None => Ok((Vec::new(), None)),
-                    }
-                }
+            let read = match chunk {
+                Some(seqs) => log.read_seqs(&plugin, seqs).map(|page| (page, None)),
+                None => log
+                    .unsettled_page(&plugin, from..overflow.read_back_end(), LOAD_PAGE)
+                    .map(|page| (page.deliveries, page.last_seq)),
             };
-            let (page, last) = match page {
+            let (page, last) = match read {
                 Ok(page) => page,
                 // The log is reopening after a failed write: the same page again, shortly.
                 Err(e @ super::log::LogError::Io { .. }) if !tx.is_closed() => {
                     tracing::error!(plugin = %plugin, retry_in_s = retry_in.as_secs(),
                         "reading deliveries back from the event log: {e}");
-                    // Producers are not held long behind a read-back that cannot go on (a
+                    // New events do not wait long behind a read-back that cannot go on (a
                     // reopening log answers again within a second).
-                    if failing_since.get_or_insert_with(Instant::now).elapsed() >= HOLD_WHILE_FAILING {
-                        overflow.release_producers(&plugin);
+                    let failing_for = failing_since.get_or_insert_with(Instant::now).elapsed();
+                    if failing_for >= CATCH_UP_WHILE_FAILING && overflow.stop_catching_up(from) {
+                        tracing::warn!(plugin = %plugin,
+                            "new events go to the plugin as they are accepted while the event log cannot be read: \
+                             one may run before an older event of its key that is still to be read back");
                     }
-                    tokio::time::sleep(retry_in).await;
+                    // Tried again by then at the latest, to let them through in time.
+                    let until_live = CATCH_UP_WHILE_FAILING.saturating_sub(failing_for);
+                    tokio::time::sleep(if until_live.is_zero() { retry_in } else { retry_in.min(until_live) }).await;
                     retry_in = (retry_in * 2).min(LOAD_RETRY_MAX);
                     continue;
                 }
                 Err(e) => {
+                    overflow.stop_catching_up(from);
                     tracing::error!(plugin = %plugin,
                         "reading deliveries back from the event log: {e}; what was not read runs at the next start");
                     return;
                 }
             };
-            (chunk, retry_in, failing_since) = (None, Duration::from_secs(1), None);
-            let Some(last) = last else { break };
-            from = last + 1;
+            (retry_in, failing_since) = (Duration::from_secs(1), None);
+            if chunk.take().is_some() {
+                chunk = history.next();
+            } else if let Some(last) = last {
+                from = last + 1;
+            } else {
+                if tx.is_closed() {
+                    return;
+                }
+                // Nothing more to read: caught up, or not yet.
+                let moved = overflow.read_back_moved.notified();
+                tokio::pin!(moved);
+                moved.as_mut().enable();
+                match overflow.catch_up_at(from, committed) {
+                    CatchUp::Done => break,
+                    CatchUp::Uncommitted(skipped) => match log.sync().await {
+                        Ok(()) => committed = Some(skipped),
+                        Err(e) => {
+                            tracing::warn!(plugin = %plugin, "waiting for the event log to commit: {e}");
+                            tokio::time::sleep(retry_in).await;
+                        }
+                    },
+                    // The timeout is a backstop: the wake-up is not missed (`moved` was made first).
+                    CatchUp::Moving => {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), moved).await;
+                    }
+                }
+                continue;
+            }
             loaded += page.len();
             let mut state = overflow.state.lock().expect("overflow poisoned");
             for u in page {
                 let cost = event_cost(&u.event);
-                overflow.take(&mut state, &tx, &u.event, Publisher::Other, cost, Logged(Some(u.seq)));
+                overflow.take(&mut state, &tx, &u.event, Publisher::ReadBack, cost, Logged(Some(u.seq)));
             }
         }
         if loaded > 0 {
@@ -533,13 +611,13 @@ impl EmbeddedBus {
             drop(ReadBackDone(overflow));
             return;
         };
-        tokio::spawn(load.run(log.clone(), overflow, tx, plugin.clone()));
+        let done = ReadBackDone(overflow.clone());
+        tokio::spawn(load.run(done, log.clone(), overflow, tx, plugin.clone()));
         tokio::spawn(self.clone().release_request_outboxes(log.clone(), plugin));
     }
 
-    /// A producer's event for `targets` (the caller waited for their leftovers: see
-    /// `holds_producers`): room in every target's queue first (backpressure), then into the
-    /// log, then to the targets.
+    /// A producer's event for `targets`: room in every target's queue first (backpressure), then
+    /// into the log, then to the targets that take it live (see [`Intake`]).
     async fn accept(&self, event: Arc<Event>, targets: Vec<Arc<Sub>>) -> Result<(), TransportError> {
         let mut slots = Vec::with_capacity(targets.len());
         for sub in &targets {
@@ -562,7 +640,15 @@ impl EmbeddedBus {
         };
         self.notify_observers(&event);
         for (sub, slot) in targets.iter().zip(slots) {
-            if let Some(slot) = slot {
+            let Some(slot) = slot else { continue };
+            if logged.0.is_none() {
+                slot.send(sub.overflow.delivery(event.clone(), logged));
+                continue;
+            }
+            // Decided and sent under the overflow's lock: the read-back hands over to live
+            // deliveries under it too.
+            let mut state = sub.overflow.state.lock().expect("overflow poisoned");
+            if Overflow::goes_live(&mut state, logged) {
                 slot.send(sub.overflow.delivery(event.clone(), logged));
             }
         }
@@ -642,7 +728,9 @@ impl EmbeddedBus {
         };
         for sub in &targets {
             let mut state = sub.overflow.state.lock().expect("overflow poisoned");
-            sub.overflow.take(&mut state, &sub.tx, &event, publisher, cost, logged);
+            if Overflow::goes_live(&mut state, logged) {
+                sub.overflow.take(&mut state, &sub.tx, &event, publisher, cost, logged);
+            }
         }
         self.notify_observers(&event);
         Ok(())
@@ -768,12 +856,7 @@ impl Transport for EmbeddedBus {
             let targets = self.targets(&event);
             return self.accept(event, targets).await;
         }
-        // Behind what the last run left for its targets, waited for here, where a producer that
-        // gives up (`api.publish_timeout`) leaves nothing behind.
         let targets = self.targets(&event);
-        for sub in &targets {
-            sub.overflow.read_back_of_leftovers().await;
-        }
         // In a task of its own, so a producer that goes away (an HTTP client hanging up) cannot
         // leave an event logged but not queued.
         let bus = self.clone();
@@ -874,13 +957,11 @@ impl Transport for EmbeddedBus {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let subscription = Subscription::new(id, &tx, rx, Unsubscribe { table: self.table.clone(), id });
         let plugin: Arc<str> = spec.plugin.as_str().into();
+        // On the durable log it starts catching up: what was accepted for it before it subscribed
+        // and since is delivered from the log, in order, before anything goes to it live.
         let overflow = Overflow::new(plugin.clone(), spec.buffer_bytes, self.log.clone());
-        let mut until = 0;
         if let Some(log) = &self.log {
             let broker = |e: super::log::LogError| TransportError::Broker(e.to_string());
-            // Pending rows below `until` are from before this subscription: what the last run
-            // left unsettled (and, for a new plugin with `deliver = "all"`, the history).
-            until = log.next_seq();
             let new = log.register(plugin.clone()).await.map_err(broker)?;
             if new && spec.durable.as_ref().is_some_and(|d| d.deliver_all) {
                 let wanted = patterns.clone();
@@ -889,14 +970,6 @@ impl Transport for EmbeddedBus {
                     .await
                     .map_err(broker)?;
                 tracing::info!(plugin = %spec.plugin, events = made.len(), "a new plugin with deliver = \"all\": the log's history is delivered to it");
-                // Events accepted since `until` was read are in the history too (made pending
-                // for it by the backfill, not delivered live: it is not subscribed yet).
-                until = until.max(made.iter().max().map_or(0, |last| last + 1));
-            }
-            overflow.reading_back.store(true, Ordering::Release);
-            if !new {
-                overflow.leftovers_below.store(until, Ordering::Relaxed);
-                overflow.holds_producers.store(true, Ordering::Release);
             }
         }
         self.table.write().expect("bus table poisoned").subs.push(Arc::new(Sub {
@@ -907,7 +980,7 @@ impl Transport for EmbeddedBus {
             overflow: overflow.clone(),
         }));
         if let Some(log) = &self.log {
-            let held = HeldBack { load: Load::Below(until), overflow, tx: tx.downgrade(), plugin };
+            let held = HeldBack { load: Load { history: Vec::new(), from: 0 }, overflow, tx: tx.downgrade(), plugin };
             match self.held_back.lock().expect("held back poisoned").as_mut() {
                 Some(waiting) => waiting.push(held),
                 None => self.read_back(log, held),
@@ -928,25 +1001,43 @@ impl Transport for EmbeddedBus {
         };
         let sub =
             sub.ok_or_else(|| TransportError::Closed(format!("replay: no plugin named {plugin} is subscribed")))?;
-        // A plugin just subscribed reads back what its last run left (usually at once).
+        // One read-back at a time: a plugin just subscribed reads back what its last run left
+        // (usually at once), and a replay's read-back may still run.
         let waited_from = std::time::Instant::now();
-        while sub.overflow.reading_back.load(Ordering::Acquire) {
+        while sub.overflow.reading_back.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err() {
             if waited_from.elapsed() >= REPLAY_WAITS_FOR_READ_BACK {
                 return Err(TransportError::Broker(format!(
-                    "replay of {plugin}: the plugin is still reading back the deliveries its last run left unsettled \
-                     (a replay now would deliver some of them twice); try again once that is done"
+                    "replay of {plugin}: the plugin is still reading back from the event log (what its last run left \
+                     unsettled, or a replay; a replay now would deliver some of it twice); try again once that is done"
                 )));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let patterns = sub.patterns.clone();
-        let made = log
-            .backfill(sub.plugin.clone(), move |s| patterns.matches(s), from)
-            .await
-            .map_err(|e| TransportError::Broker(e.to_string()))?;
-        let count = made.len();
+        let done = ReadBackDone(sub.overflow.clone());
+        // In a task of its own, so a caller that goes away (an HTTP client hanging up) cannot
+        // leave the plugin catching up with no read-back.
+        let (log, made) = (log.clone(), tokio::sync::oneshot::channel());
+        tokio::spawn(async move {
+            // Events accepted for it from now on wait in the log behind the history, in order.
+            let since = sub.overflow.catch_up_from_now(&log);
+            let patterns = sub.patterns.clone();
+            let backfill = log.backfill(sub.plugin.clone(), move |s| patterns.matches(s), from).await;
+            let (history, answer) = match backfill {
+                Ok(history) => {
+                    let count = history.len();
+                    (history, Ok(count))
+                }
+                Err(e) => (Vec::new(), Err(TransportError::Broker(e.to_string()))),
+            };
+            let _ = made.0.send(answer);
+            // Read back even when the backfill failed: what waits in the log since goes to it then.
+            Load { history, from: since }
+                .run(done, log, sub.overflow.clone(), sub.tx.clone(), sub.plugin.clone())
+                .await;
+        });
+        let count =
+            made.1.await.map_err(|_| TransportError::Closed(format!("replay of {plugin}: the task ended")))??;
         tracing::info!(plugin, %from, events = count, "replay: the log's events are delivered to the plugin again");
-        tokio::spawn(Load::Seqs(made).run(log.clone(), sub.overflow.clone(), sub.tx.clone(), sub.plugin.clone()));
         Ok(count)
     }
 
@@ -1496,21 +1587,164 @@ mod tests {
         }
     }
 
-    /// A read-back that cannot read the log (it tries again, for as long as it takes) does not
-    /// hold the plugin's producers meanwhile.
+    /// A read-back that cannot read the log (it tries again, for as long as it takes) holds no
+    /// producer, and after a while lets new events go to the plugin live; what it had left to
+    /// read arrives once the log reads again.
     #[tokio::test]
-    async fn producers_are_not_held_behind_a_read_back_that_cannot_read_the_log() {
+    async fn a_read_back_that_cannot_read_the_log_holds_no_producer_and_lets_new_events_through() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bus.redb");
         let log = left_by_the_last_run(&path, [Event::new("a.old", "0")]).await;
-        super::super::log::tests::fail_reads(&path, 100);
+        super::super::log::tests::fail_reads(&path, 1000);
         let bus = EmbeddedBus::durable(log);
         let mut sub = bus.subscribe(spec(&["a.>"], 8)).await.unwrap();
-        tokio::time::timeout(Duration::from_secs(15), bus.publish(Event::new("a.new", "n")))
+        tokio::time::timeout(Duration::from_secs(5), bus.publish(Event::new("a.new", "n")))
             .await
             .expect("the producer was held behind a read-back that cannot go on")
             .unwrap();
-        assert_eq!(sub.deliveries.recv().await.unwrap().event.subject, "a.new");
+        // left to the log, which cannot be read now
+        let early = tokio::time::timeout(Duration::from_millis(500), sub.deliveries.recv()).await;
+        assert!(early.is_err(), "delivered ahead of the event the last run left");
+        tokio::time::sleep(CATCH_UP_WHILE_FAILING + Duration::from_secs(1)).await;
+        // past that, new events go live
+        bus.publish(Event::new("a.newer", "n")).await.unwrap();
+        let live = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await;
+        assert_eq!(live.expect("held behind a read-back that cannot go on").unwrap().event.subject, "a.newer");
+        super::super::log::tests::heal_reads(&path);
+        let mut rest = Vec::new();
+        for _ in 0..2 {
+            let d = tokio::time::timeout(Duration::from_secs(40), sub.deliveries.recv()).await;
+            rest.push(d.expect("not read back once the log reads again").unwrap().event.subject.clone());
+        }
+        assert_eq!(rest, ["a.old", "a.new"]);
+        let twice = tokio::time::timeout(Duration::from_millis(300), sub.deliveries.recv()).await;
+        assert!(twice.is_err(), "delivered twice: {:?}", twice.map(|d| d.map(|d| d.event.subject.clone())));
+    }
+
+    /// A new plugin with `deliver = "all"` gets the log's history first, then what was accepted
+    /// while it read it, in the log's order: a new event never runs before an older one of its
+    /// key (JetStream's durable consumer delivers in stream order).
+    #[tokio::test]
+    async fn a_new_plugins_history_comes_before_what_is_accepted_while_it_is_read() {
+        const HISTORY: usize = LOAD_PAGE + 76;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let log = DurableLog::open(&path, super::super::log::SyncPolicy::None).unwrap();
+        assert!(log.register("other".into()).await.unwrap());
+        for i in 0..HISTORY {
+            log.append_nowait(Arc::new(Event::new("a.old", format!("{i}"))), vec!["other".into()]).unwrap();
+        }
+        log.sync().await.unwrap();
+        let bus = EmbeddedBus::durable(log);
+        let durable = Some(crate::transport::Durability { deliver_all: true, give_up_after: 10, dead_letter: None });
+        let mut sub =
+            bus.subscribe(SubscriptionSpec { buffer_bytes: 4096, durable, ..spec(&["a.>"], 1) }).await.unwrap();
+        // the first page read back, the rest not yet
+        eventually_true(|| bus.overflowing() > 0).await;
+        let publisher = bus.clone();
+        let new = tokio::spawn(async move {
+            for i in 0..3 {
+                publisher.publish(Event::new("a.new", format!("n{i}"))).await.unwrap();
+            }
+        });
+        let mut got = Vec::new();
+        for _ in 0..HISTORY + 3 {
+            let d = tokio::time::timeout(Duration::from_secs(10), sub.deliveries.recv()).await.unwrap().unwrap();
+            got.push(String::from_utf8_lossy(&d.event.data).to_string());
+            d.acker.ack().await;
+        }
+        new.await.unwrap();
+        let expected: Vec<String> =
+            (0..HISTORY).map(|i| i.to_string()).chain((0..3).map(|i| format!("n{i}"))).collect();
+        assert!(got == expected, "a new event came at {:?}", got.iter().position(|d| d.starts_with('n')));
+        // caught up: the next one goes live, once
+        bus.publish(Event::new("a.new", "live")).await.unwrap();
+        let live = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await.unwrap().unwrap();
+        assert_eq!(&live.event.data[..], b"live");
+        let twice = tokio::time::timeout(Duration::from_millis(300), sub.deliveries.recv()).await;
+        assert!(twice.is_err(), "delivered twice");
+    }
+
+    /// A replay delivers the history again, and what is accepted for the plugin meanwhile comes
+    /// after all of it, in the log's order: a read model rebuilt by a replay never applies a new
+    /// event before an older one of its key (and nothing twice).
+    #[tokio::test]
+    async fn what_is_accepted_during_a_replay_comes_after_the_replayed_history() {
+        const HISTORY: usize = LOAD_PAGE + 76;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let log = DurableLog::open(&path, super::super::log::SyncPolicy::None).unwrap();
+        let bus = EmbeddedBus::durable(log.clone());
+        let mut sub = bus.subscribe(SubscriptionSpec { buffer_bytes: 4096, ..spec(&["a.>"], 1) }).await.unwrap();
+        let publisher = bus.clone();
+        let history = tokio::spawn(async move {
+            for i in 0..HISTORY {
+                publisher.publish(Event::new("a.old", format!("{i}"))).await.unwrap();
+            }
+        });
+        for _ in 0..HISTORY {
+            let d = tokio::time::timeout(Duration::from_secs(10), sub.deliveries.recv()).await.unwrap().unwrap();
+            d.acker.ack().await;
+        }
+        history.await.unwrap();
+        log.sync().await.unwrap();
+        let made = bus.replay("p", crate::transport::ReplayFrom::Seq(0)).await.unwrap();
+        assert_eq!(made, HISTORY);
+        // the first page read back, the rest not yet
+        eventually_true(|| bus.overflowing() > 0).await;
+        let publisher = bus.clone();
+        let new = tokio::spawn(async move {
+            for i in 0..3 {
+                publisher.publish(Event::new("a.new", format!("n{i}"))).await.unwrap();
+            }
+        });
+        let mut got = Vec::new();
+        for _ in 0..HISTORY + 3 {
+            let d = tokio::time::timeout(Duration::from_secs(10), sub.deliveries.recv()).await.unwrap().unwrap();
+            got.push(String::from_utf8_lossy(&d.event.data).to_string());
+            d.acker.ack().await;
+        }
+        new.await.unwrap();
+        let expected: Vec<String> =
+            (0..HISTORY).map(|i| i.to_string()).chain((0..3).map(|i| format!("n{i}"))).collect();
+        assert!(got == expected, "a new event came at {:?}", got.iter().position(|d| d.starts_with('n')));
+        bus.publish(Event::new("a.new", "live")).await.unwrap();
+        let live = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await.unwrap().unwrap();
+        assert_eq!(&live.event.data[..], b"live");
+        let twice = tokio::time::timeout(Duration::from_millis(300), sub.deliveries.recv()).await;
+        assert!(twice.is_err(), "delivered twice");
+    }
+
+    /// An output left to the log while the plugin catches up that the log then drops as a
+    /// duplicate (the same output published twice) never stalls the catch-up: new events go live
+    /// after it.
+    #[tokio::test]
+    async fn a_duplicate_output_left_to_the_log_does_not_stall_the_catch_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let log = left_by_the_last_run(&path, [Event::new("a.old", "0")]).await;
+        let bus = EmbeddedBus::durable_at_start(log);
+        let mut sub = bus.subscribe(spec(&["a.>"], 8)).await.unwrap();
+        // an output of a first delivery (not read back): logged without waiting, deduplicated
+        let mut out = Event::new("a.out", "o");
+        out.extensions.push(("plugbus-caused-by".into(), "some-input".into()));
+        let out = Arc::new(out);
+        bus.publish_output(out.clone()).await.unwrap();
+        bus.publish_output(out).await.unwrap();
+        bus.all_subscribed();
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let d = tokio::time::timeout(Duration::from_secs(10), sub.deliveries.recv()).await.unwrap().unwrap();
+            got.push(d.event.subject.clone());
+        }
+        assert_eq!(got, ["a.old", "a.out"]);
+        let sub_overflow = bus.table.read().unwrap().subs[0].overflow.clone();
+        eventually_true(|| matches!(sub_overflow.state.lock().unwrap().intake, Intake::LiveFrom(_))).await;
+        bus.publish(Event::new("a.new", "n")).await.unwrap();
+        let live = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await.unwrap().unwrap();
+        assert_eq!(live.event.subject, "a.new");
+        let twice = tokio::time::timeout(Duration::from_millis(300), sub.deliveries.recv()).await;
+        assert!(twice.is_err(), "delivered twice");
     }
 
     #[tokio::test]

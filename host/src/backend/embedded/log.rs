@@ -2300,6 +2300,11 @@ pub(crate) mod tests {
         FAIL_READS.lock().unwrap().push((path.to_path_buf(), n));
     }
 
+    /// Ends the read failures [`fail_reads`] made for the log at `path`.
+    pub(crate) fn heal_reads(path: &Path) {
+        FAIL_READS.lock().unwrap().retain(|(p, _)| p != path);
+    }
+
     pub(super) fn injected_read_failure(path: &Path) -> bool {
         let mut failing = FAIL_READS.lock().unwrap();
         let Some(left) = failing.iter_mut().find(|(p, n)| p == path && *n > 0) else { return false };
