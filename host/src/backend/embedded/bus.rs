@@ -92,8 +92,6 @@ struct Overflow {
     /// that (it would make pending again what the read-back has yet to read, and both would
     /// deliver it).
     reading_back: std::sync::atomic::AtomicBool,
-    /// Woken when the last event the read-back put into the overflow moves into the queue.
-    read_back_moved: tokio::sync::Notify,
 }
 
 /// Whether a durable subscription takes what the log accepts for it as it is accepted, or
@@ -102,19 +100,22 @@ struct Overflow {
 /// A subscription on the durable log starts catching up: its read-back delivers, in the log's
 /// order, what the last run left unsettled, a new `deliver = "all"` plugin's history, and then
 /// every event accepted for it since it subscribed (each has a pending row in the log), until
-/// nothing is left to read. Only then do new events go to it live. So an event never overtakes
-/// an older one of the log for the same plugin, however long the history, and producers are
-/// never held for it (JetStream's durable consumer delivers in stream order too).
+/// nothing is left to read. Only then do new events go to it live, behind whatever waits in its
+/// overflow. So an event never overtakes an older one of the log for the same plugin, however
+/// long the history, and no producer waits for a read-back (only, as ever, for room in the
+/// queue). JetStream's durable consumer delivers in stream order too. The exception: a
+/// read-back that cannot read the log for 2 s lets new events through live
+/// ([`CATCH_UP_WHILE_FAILING`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Intake {
     /// Events from this sequence number on go to the plugin as they are accepted; the read-back
     /// reads only below it. (0 on the in-memory bus, which logs nothing.)
     LiveFrom(u64),
-    /// Events from `since` on accepted for it are left in the log, read back in order (those
-    /// before were accepted before the catch-up began: they go live); `skipped` is the highest
-    /// sequence number so left (it may not be committed yet: an output is logged without
-    /// waiting).
-    CatchingUp { since: u64, skipped: Option<u64> },
+    /// Events from `since` on accepted for it are left in the log, read back in order; those
+    /// from `floor` to `since` were accepted before the catch-up began (a replay's) and go live,
+    /// those below `floor` were read back before. `skipped` is the highest sequence number left
+    /// so (it may not be committed yet: an output is logged without waiting).
+    CatchingUp { floor: u64, since: u64, skipped: Option<u64> },
 }
 
 impl Default for Intake {
@@ -127,29 +128,24 @@ impl Default for Intake {
 enum CatchUp {
     /// Done: new events go to the plugin live.
     Done,
-    /// An event left to the log (this one, or one before) may not be committed yet: wait for
-    /// the log, then read again.
+    /// An event left to the log, up to this one, may not be committed yet: wait for the log,
+    /// then read again.
     Uncommitted(u64),
-    /// What it read waits in the overflow still: wait until that moved into the queue, then
-    /// read again (a live event must not overtake it).
-    Moving,
 }
 
 /// Who put an event into an overflow: a plugin (its outputs, requests and dead letters, whose
-/// `source` the host sets: `plugbus/<plugin>`), anyone else (a producer's request, whose
-/// `source` is the client's) or the read-back, who get no share of their own.
+/// `source` the host sets: `plugbus/<plugin>`), or anyone else (a producer's event or request,
+/// whose `source` is the client's; an event read back from the log), who gets no share of its
+/// own.
 #[derive(Clone, Copy)]
 enum Publisher<'a> {
     Plugin(&'a str),
     Other,
-    /// The subscription's read-back (see [`Intake`]).
-    ReadBack,
 }
 
-/// An event waiting in an overflow: the event, its cost, its place in the log, who published it
-/// (a plugin's source, to take it off its tally when it leaves) and whether the read-back put
-/// it there.
-type Waiting = (Arc<Event>, u64, Logged, Option<Arc<str>>, bool);
+/// An event waiting in an overflow: the event, its cost, its place in the log and who
+/// published it (a plugin's source, to take it off its tally when it leaves).
+type Waiting = (Arc<Event>, u64, Logged, Option<Arc<str>>);
 
 #[derive(Default)]
 struct OverflowState {
@@ -159,8 +155,6 @@ struct OverflowState {
     /// share of it is still taken, so one plugin flooding another's buffer is refused alone.
     by_plugin: std::collections::HashMap<Arc<str>, u64>,
     pumping: bool,
-    /// How many of the events waiting were put there by the read-back.
-    read_back_waiting: usize,
     /// Whether new events go to the plugin live or are left to the read-back.
     intake: Intake,
 }
@@ -189,7 +183,8 @@ impl OverflowState {
 impl Overflow {
     /// A subscription's overflow; on the durable log it starts catching up (see [`Intake`]).
     fn new(plugin: Arc<str>, budget: u64, log: Option<Arc<DurableLog>>) -> Arc<Self> {
-        let intake = if log.is_some() { Intake::CatchingUp { since: 0, skipped: None } } else { Intake::LiveFrom(0) };
+        let intake =
+            if log.is_some() { Intake::CatchingUp { floor: 0, since: 0, skipped: None } } else { Intake::LiveFrom(0) };
         Arc::new(Self {
             state: Mutex::new(OverflowState { intake, ..OverflowState::default() }),
             budget,
@@ -197,7 +192,6 @@ impl Overflow {
             reading_back: log.is_some().into(),
             log,
             drained: tokio::sync::Notify::new(),
-            read_back_moved: tokio::sync::Notify::new(),
         })
     }
 
@@ -207,7 +201,7 @@ impl Overflow {
         let Some(seq) = logged.0 else { return true };
         match &mut state.intake {
             Intake::LiveFrom(from) => seq >= *from,
-            Intake::CatchingUp { since, .. } if seq < *since => true,
+            Intake::CatchingUp { floor, since, .. } if seq < *since => seq >= *floor,
             Intake::CatchingUp { skipped, .. } => {
                 *skipped = Some(skipped.map_or(seq, |s| s.max(seq)));
                 false
@@ -225,21 +219,43 @@ impl Overflow {
     }
 
     /// The read-back found nothing pending from `from` on: whether it caught up (new events then
-    /// go to the plugin live). `committed`: every event left to the log up to this sequence
-    /// number was committed before that read (one left and still not read was not logged: a
-    /// duplicate output).
+    /// go to the plugin live, behind what it read). `committed`: every event up to this sequence
+    /// number was committed or dropped before that read (one left and still not read was not
+    /// logged: a duplicate output). After [`Overflow::stop_catching_up`] it is done once it read
+    /// the committed events below where live deliveries begin.
     fn catch_up_at(&self, from: u64, committed: Option<u64>) -> CatchUp {
+        let is_committed = |seq: u64| committed.is_some_and(|c| seq <= c);
         let mut state = self.state.lock().expect("overflow poisoned");
-        let Intake::CatchingUp { skipped, .. } = state.intake else { return CatchUp::Done };
+        let skipped = match state.intake {
+            Intake::LiveFrom(live) if from < live && !is_committed(live - 1) => return CatchUp::Uncommitted(live - 1),
+            Intake::LiveFrom(_) => return CatchUp::Done,
+            Intake::CatchingUp { skipped, .. } => skipped,
+        };
         let unread = skipped.filter(|s| *s >= from);
-        if unread.is_some_and(|s| committed.is_none_or(|c| s > c)) {
-            return CatchUp::Uncommitted(unread.unwrap_or_default());
-        }
-        if state.read_back_waiting > 0 {
-            return CatchUp::Moving;
+        if let Some(s) = unread.filter(|s| !is_committed(*s)) {
+            return CatchUp::Uncommitted(s);
         }
         state.intake = Intake::LiveFrom(from.max(unread.map_or(0, |s| s + 1)));
         CatchUp::Done
+    }
+
+    /// Waits before a read-back tries the log again after it failed (to read, or to commit what
+    /// was left in it); once it has failed for [`CATCH_UP_WHILE_FAILING`] in a row, new events
+    /// go live (a reopening log answers again within a second; one that does not must not keep
+    /// them from the plugin).
+    async fn wait_out_failure(&self, plugin: &str, since: &mut Option<Instant>, retry_in: &mut Duration, read: u64) {
+        let failing_for = since.get_or_insert_with(Instant::now).elapsed();
+        if failing_for >= CATCH_UP_WHILE_FAILING && self.stop_catching_up(read) {
+            tracing::warn!(
+                plugin,
+                "new events go to the plugin as they are accepted while the event log fails: \
+                 one may run before an older event of its key that is still to be read back"
+            );
+        }
+        // Tried again by then at the latest, to let them through in time.
+        let until_live = CATCH_UP_WHILE_FAILING.saturating_sub(failing_for);
+        tokio::time::sleep(if until_live.is_zero() { *retry_in } else { (*retry_in).min(until_live) }).await;
+        *retry_in = (*retry_in * 2).min(LOAD_RETRY_MAX);
     }
 
     /// Starts catching up from the log's next sequence number (a replay): events accepted for the
@@ -247,17 +263,21 @@ impl Overflow {
     fn catch_up_from_now(&self, log: &DurableLog) -> u64 {
         let mut state = self.state.lock().expect("overflow poisoned");
         let since = log.next_seq();
-        state.intake = Intake::CatchingUp { since, skipped: None };
+        let floor = match state.intake {
+            Intake::LiveFrom(floor) | Intake::CatchingUp { floor, .. } => floor,
+        };
+        state.intake = Intake::CatchingUp { floor, since, skipped: None };
         since
     }
 
-    /// Stops catching up before the read-back is done (it cannot read the log now, or it ended):
-    /// events from `read` on and past every one left to the log so far go to the plugin live;
-    /// the read-back reads only below that. A new event may then run before an older one of
-    /// its key. `false` when it was not catching up.
+    /// Stops catching up before the read-back is done (it cannot read or commit the log now, or
+    /// it ended): events from `read` on and past every one left to the log so far go to the
+    /// plugin live; the read-back reads only below that (waiting for what was left there
+    /// uncommitted). A new event may then run before an older one of its key. `false` when it
+    /// was not catching up.
     fn stop_catching_up(&self, read: u64) -> bool {
         let mut state = self.state.lock().expect("overflow poisoned");
-        let Intake::CatchingUp { since, skipped } = state.intake else { return false };
+        let Intake::CatchingUp { since, skipped, .. } = state.intake else { return false };
         state.intake = Intake::LiveFrom(read.max(since).max(skipped.map_or(0, |s| s + 1)));
         true
     }
@@ -326,14 +346,12 @@ impl Overflow {
                 Err(mpsc::error::TrySendError::Full(())) => {}
             }
         }
-        let read_back = matches!(publisher, Publisher::ReadBack);
         let publisher = match publisher {
             Publisher::Plugin(source) => Some(Arc::from(source)),
-            Publisher::Other | Publisher::ReadBack => None,
+            Publisher::Other => None,
         };
         state.add(publisher.as_ref(), cost);
-        state.read_back_waiting += usize::from(read_back);
-        state.events.push_back((event.clone(), cost, logged, publisher, read_back));
+        state.events.push_back((event.clone(), cost, logged, publisher));
         if !state.pumping {
             state.pumping = true;
             tokio::spawn(self.clone().pump(tx.clone()));
@@ -350,13 +368,11 @@ impl Overflow {
                 state.bytes = 0;
                 state.by_plugin.clear();
                 state.pumping = false;
-                state.read_back_waiting = 0;
                 self.drained.notify_waiters();
-                self.read_back_moved.notify_waiters();
                 return;
             };
             let mut state = self.state.lock().expect("overflow poisoned");
-            let Some((event, cost, logged, publisher, read_back)) = state.events.pop_front() else {
+            let Some((event, cost, logged, publisher)) = state.events.pop_front() else {
                 state.pumping = false;
                 return;
             };
@@ -365,14 +381,6 @@ impl Overflow {
                 self.drained.notify_waiters();
             }
             slot.send(self.delivery(event, logged));
-            // Counted once it is in the queue (still under the lock): the read-back hands over
-            // to live deliveries only when none of its events waits here.
-            if read_back {
-                state.read_back_waiting -= 1;
-                if state.read_back_waiting == 0 {
-                    self.read_back_moved.notify_waiters();
-                }
-            }
             if state.events.is_empty() {
                 state.pumping = false;
                 return;
@@ -400,28 +408,30 @@ struct Load {
 /// Events read from the log per page.
 const LOAD_PAGE: usize = 1024;
 
-/// How long a replay waits for the plugin's read-back of what its last run left before it is
-/// refused.
+/// How long a replay waits for the plugin's read-back (of what its last run left, its history,
+/// or a replay before it) before it is refused.
 const REPLAY_WAITS_FOR_READ_BACK: Duration = Duration::from_secs(2);
 
-/// The longest wait before a page that failed with an I/O error is read again (the waits double
+/// The longest wait before a read-back tries the log again after an I/O error (the waits double
 /// from 1 s): a read-back that gave up would leave events answered `202` undelivered while the
-/// host runs.
+/// host runs. (One that meets anything else, which trying again cannot mend, ends: what it left
+/// unread runs at the next start.)
 const LOAD_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// How long a catching-up read-back whose reads of the log fail in a row keeps new events
 /// waiting in the log before it lets them go to the plugin live.
 const CATCH_UP_WHILE_FAILING: Duration = Duration::from_secs(2);
 
-/// Ends a subscription's read-back however it ends (a panic included): `reading_back` cleared (a
-/// flag left set would refuse every replay of the plugin), and new events live (left to the
-/// log for good, they would wait for the next start).
+/// Ends a subscription's read-back however it ends (a panic included): new events live (left
+/// to the log, they would wait for the next start, as do those it left there unread), then
+/// `reading_back` cleared (a flag left set would refuse every replay of the plugin; cleared
+/// first, a replay could begin catching up and be ended here).
 struct ReadBackDone(Arc<Overflow>);
 
 impl Drop for ReadBackDone {
     fn drop(&mut self) {
-        self.0.reading_back.store(false, Ordering::Release);
         self.0.stop_catching_up(0);
+        self.0.reading_back.store(false, Ordering::Release);
     }
 }
 
@@ -476,18 +486,7 @@ impl Load {
                 Err(e @ super::log::LogError::Io { .. }) if !tx.is_closed() => {
                     tracing::error!(plugin = %plugin, retry_in_s = retry_in.as_secs(),
                         "reading deliveries back from the event log: {e}");
-                    // New events do not wait long behind a read-back that cannot go on (a
-                    // reopening log answers again within a second).
-                    let failing_for = failing_since.get_or_insert_with(Instant::now).elapsed();
-                    if failing_for >= CATCH_UP_WHILE_FAILING && overflow.stop_catching_up(from) {
-                        tracing::warn!(plugin = %plugin,
-                            "new events go to the plugin as they are accepted while the event log cannot be read: \
-                             one may run before an older event of its key that is still to be read back");
-                    }
-                    // Tried again by then at the latest, to let them through in time.
-                    let until_live = CATCH_UP_WHILE_FAILING.saturating_sub(failing_for);
-                    tokio::time::sleep(if until_live.is_zero() { retry_in } else { retry_in.min(until_live) }).await;
-                    retry_in = (retry_in * 2).min(LOAD_RETRY_MAX);
+                    overflow.wait_out_failure(&plugin, &mut failing_since, &mut retry_in, from).await;
                     continue;
                 }
                 Err(e) => {
@@ -507,21 +506,13 @@ impl Load {
                     return;
                 }
                 // Nothing more to read: caught up, or not yet.
-                let moved = overflow.read_back_moved.notified();
-                tokio::pin!(moved);
-                moved.as_mut().enable();
-                match overflow.catch_up_at(from, committed) {
-                    CatchUp::Done => break,
-                    CatchUp::Uncommitted(skipped) => match log.sync().await {
-                        Ok(()) => committed = Some(skipped),
-                        Err(e) => {
-                            tracing::warn!(plugin = %plugin, "waiting for the event log to commit: {e}");
-                            tokio::time::sleep(retry_in).await;
-                        }
-                    },
-                    // The timeout is a backstop: the wake-up is not missed (`moved` was made first).
-                    CatchUp::Moving => {
-                        let _ = tokio::time::timeout(Duration::from_secs(1), moved).await;
+                let CatchUp::Uncommitted(skipped) = overflow.catch_up_at(from, committed) else { break };
+                match log.sync().await {
+                    Ok(()) => committed = Some(skipped),
+                    Err(e) => {
+                        tracing::error!(plugin = %plugin, retry_in_s = retry_in.as_secs(),
+                            "waiting for the event log to commit what was left in it for the plugin: {e}");
+                        overflow.wait_out_failure(&plugin, &mut failing_since, &mut retry_in, from).await;
                     }
                 }
                 continue;
@@ -530,7 +521,7 @@ impl Load {
             let mut state = overflow.state.lock().expect("overflow poisoned");
             for u in page {
                 let cost = event_cost(&u.event);
-                overflow.take(&mut state, &tx, &u.event, Publisher::ReadBack, cost, Logged(Some(u.seq)));
+                overflow.take(&mut state, &tx, &u.event, Publisher::Other, cost, Logged(Some(u.seq)));
             }
         }
         if loaded > 0 {
@@ -646,10 +637,17 @@ impl EmbeddedBus {
                 continue;
             }
             // Decided and sent under the overflow's lock: the read-back hands over to live
-            // deliveries under it too.
+            // deliveries under it too, and they go behind what it read (or anything else) still
+            // waiting there.
             let mut state = sub.overflow.state.lock().expect("overflow poisoned");
-            if Overflow::goes_live(&mut state, logged) {
+            if !Overflow::goes_live(&mut state, logged) {
+                continue;
+            }
+            if state.events.is_empty() {
                 slot.send(sub.overflow.delivery(event.clone(), logged));
+            } else {
+                drop(slot);
+                sub.overflow.take(&mut state, &sub.tx, &event, Publisher::Other, event_cost(&event), logged);
             }
         }
         refused.map_or(Ok(()), |e| Err(TransportError::Broker(e.to_string())))
@@ -960,25 +958,29 @@ impl Transport for EmbeddedBus {
         // On the durable log it starts catching up: what was accepted for it before it subscribed
         // and since is delivered from the log, in order, before anything goes to it live.
         let overflow = Overflow::new(plugin.clone(), spec.buffer_bytes, self.log.clone());
-        if let Some(log) = &self.log {
-            let broker = |e: super::log::LogError| TransportError::Broker(e.to_string());
-            let new = log.register(plugin.clone()).await.map_err(broker)?;
-            if new && spec.durable.as_ref().is_some_and(|d| d.deliver_all) {
-                let wanted = patterns.clone();
-                let made = log
-                    .backfill(plugin.clone(), move |s| wanted.matches(s), crate::transport::ReplayFrom::Seq(0))
-                    .await
-                    .map_err(broker)?;
-                tracing::info!(plugin = %spec.plugin, events = made.len(), "a new plugin with deliver = \"all\": the log's history is delivered to it");
-            }
-        }
+        let new = match &self.log {
+            Some(log) => log.register(plugin.clone()).await.map_err(|e| TransportError::Broker(e.to_string()))?,
+            None => false,
+        };
+        // In the table before a new plugin's history is made pending: an event accepted meanwhile
+        // is pending for it too (left in the log while it catches up), not missed by both.
         self.table.write().expect("bus table poisoned").subs.push(Arc::new(Sub {
             id,
             plugin: plugin.clone(),
-            patterns,
+            patterns: patterns.clone(),
             tx: tx.clone(),
             overflow: overflow.clone(),
         }));
+        if let Some(log) = &self.log
+            && new
+            && spec.durable.as_ref().is_some_and(|d| d.deliver_all)
+        {
+            let made = log
+                .backfill(plugin.clone(), move |s| patterns.matches(s), crate::transport::ReplayFrom::Seq(0))
+                .await
+                .map_err(|e| TransportError::Broker(e.to_string()))?;
+            tracing::info!(plugin = %spec.plugin, events = made.len(), "a new plugin with deliver = \"all\": the log's history is delivered to it");
+        }
         if let Some(log) = &self.log {
             let held = HeldBack { load: Load { history: Vec::new(), from: 0 }, overflow, tx: tx.downgrade(), plugin };
             match self.held_back.lock().expect("held back poisoned").as_mut() {
@@ -1713,6 +1715,36 @@ mod tests {
         assert_eq!(&live.event.data[..], b"live");
         let twice = tokio::time::timeout(Duration::from_millis(300), sub.deliveries.recv()).await;
         assert!(twice.is_err(), "delivered twice");
+    }
+
+    /// Where each event goes while a subscription catches up and once it is live: a replay keeps
+    /// what the read-back before it delivered from being delivered live again (an append whose
+    /// producer was slow to look), and after a forced hand-over the read-back waits for what
+    /// was left uncommitted below it.
+    #[tokio::test]
+    async fn the_intake_decides_each_event_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DurableLog::open(&dir.path().join("bus.redb"), super::super::log::SyncPolicy::None).unwrap();
+        for i in 0..20 {
+            log.append_nowait(Arc::new(Event::new("a.x", format!("{i}"))), vec![]).unwrap();
+        }
+        let overflow = Overflow::new("p".into(), 1 << 20, Some(log.clone()));
+        let live = |seq| Overflow::goes_live(&mut overflow.state.lock().unwrap(), Logged(Some(seq)));
+        // caught up at 10: below was read back
+        assert!(matches!(overflow.catch_up_at(10, None), CatchUp::Done));
+        assert!(!live(5) && live(12));
+        // a replay: what the log takes from now on (21, after events 1 to 20) waits behind the history
+        assert_eq!(overflow.catch_up_from_now(&log), 21);
+        assert!(!live(5), "read back before the replay, delivered live again");
+        assert!(live(12) && !live(25));
+        // forced live (the log failing): everything skipped so far stays the read-back's
+        assert!(overflow.stop_catching_up(21));
+        assert!(!live(25) && live(26));
+        assert!(matches!(overflow.catch_up_at(21, None), CatchUp::Uncommitted(25)), "left uncommitted below");
+        assert!(matches!(overflow.catch_up_at(21, Some(25)), CatchUp::Done));
+        assert!(matches!(overflow.catch_up_at(26, None), CatchUp::Done));
+        // the in-memory bus decides nothing
+        assert!(Overflow::goes_live(&mut overflow.state.lock().unwrap(), Logged(None)));
     }
 
     /// An output left to the log while the plugin catches up that the log then drops as a

@@ -366,6 +366,9 @@ pub struct LogMetrics {
     pub retention_dropped: Counter,
     /// Deliveries settled without running because their record cannot be read (damaged).
     pub damaged_records: Counter,
+    /// Outboxes (an attempt's outputs, kept with its kv writes) found unreadable, each time one
+    /// is read: left in the log, neither published nor dropped.
+    pub damaged_outboxes: Counter,
     /// Bytes of the records the log keeps (what `bus.retention.max_mib` bounds).
     pub record_bytes: Gauge,
     /// Bytes of handler outputs sent to the log and not committed yet (publishers of new ones
@@ -383,6 +386,7 @@ impl Default for LogMetrics {
             appended: Counter::default(),
             retention_dropped: Counter::default(),
             damaged_records: Counter::default(),
+            damaged_outboxes: Counter::default(),
             record_bytes: Gauge::default(),
             unwritten_output_bytes: Gauge::default(),
         }
@@ -419,6 +423,11 @@ impl LogMetrics {
             "damaged_records",
             "Deliveries the event log settled without running because their record cannot be read (a damaged row)",
             self.damaged_records.clone(),
+        );
+        r.register(
+            "damaged_outboxes",
+            "Outboxes (the outputs of an attempt whose kv writes committed) the event log found unreadable, each time it read one; they are left in the log, neither published nor dropped",
+            self.damaged_outboxes.clone(),
         );
         r.register("record_bytes", "Bytes of the records the event log keeps", self.record_bytes.clone());
         r.register(
@@ -694,8 +703,11 @@ impl DurableLog {
             match decode_outbox(stored.value()) {
                 Ok(outputs) => found.push((key, outputs)),
                 // Left in the log, not settled: what it kept cannot be published, nor dropped unsaid.
-                Err(why) => tracing::error!(plugin, key, log = %self.path.display(),
-                    "a request's outbox (the outputs of its attempt, kv committed) cannot be read; it is left in the log: {why}"),
+                Err(why) => {
+                    self.metrics.damaged_outboxes.inc();
+                    tracing::error!(plugin, key, log = %self.path.display(),
+                        "a request's outbox (the outputs of its attempt, kv committed) cannot be read; it is left in the log: {why}");
+                }
             }
         }
         self.request_outboxes
@@ -869,10 +881,13 @@ impl DurableLog {
         for &seq in seqs {
             let record = match lookup.get(seq) {
                 // A record of a newer version is not damage: a rolled-back host must not settle
-                // what the newer one would run. The read fails, the delivery stays pending.
+                // what the newer one would run. The delivery stays pending, logged; the read goes
+                // on past it (what comes after it is not held up until a newer host runs).
                 Ok(Some(stored)) if stored.first().is_some_and(|v| *v > RECORD_VERSION) => {
-                    let why = format!("record version {} is newer than this host reads ({RECORD_VERSION})", stored[0]);
-                    return Err(LogError::Corrupt { path: self.path.clone(), seq, why });
+                    tracing::error!(plugin, seq, log = %self.path.display(),
+                        "a delivery whose record was written by a newer plugbus (record version {}; this host reads {RECORD_VERSION}) \
+                         is left pending, not run: run the newer plugbus to deliver it", stored[0]);
+                    continue;
                 }
                 Ok(Some(stored)) => decode(stored).map(Some),
                 Ok(None) if pending => Err("pending, but not in the log".to_string()),
@@ -888,6 +903,7 @@ impl DurableLog {
                     let handled = match stored.map(|stored| decode_outbox(stored.value())).transpose() {
                         Ok(handled) => handled,
                         Err(why) => {
+                            self.metrics.damaged_outboxes.inc();
                             tracing::error!(plugin, seq, event_id = %event.id,
                                 "a delivery whose outbox (the outputs of its attempt, kv committed) cannot be read is left pending, not run again: {why}");
                             continue;
@@ -2145,6 +2161,23 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn a_damaged_request_outbox_is_left_in_the_log_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        drop(reopen(&path, Retention::default()).await);
+        write_raw(&path, |w| {
+            w.open_table(OUTBOX).unwrap().insert(("p", REQUEST_KEYS), &[9u8, 0, 0, 0][..]).unwrap();
+        })
+        .await;
+        for _ in 0..2 {
+            let log = reopen(&path, Retention::default()).await;
+            assert!(log.request_outboxes("p").unwrap().is_empty(), "nothing to publish");
+            assert_eq!(log.metrics().damaged_outboxes.get(), 1, "counted at each start it is seen");
+            assert!(log.request_key() > REQUEST_KEYS, "a new request never takes its key");
+        }
+    }
+
+    #[tokio::test]
     async fn an_outbox_is_read_back_with_its_delivery_and_a_damaged_one_leaves_it_pending() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bus.redb");
@@ -2174,9 +2207,10 @@ pub(crate) mod tests {
         let page = log.unsettled_page("p", 0..u64::MAX, 100).unwrap();
         let read: Vec<(u64, Option<usize>)> =
             page.deliveries.iter().map(|u| (u.seq, u.handled.as_ref().map(Vec::len))).collect();
-        // The damaged one is not run (its kv writes committed): left pending, not settled.
+        // The damaged one is not run (its kv writes committed): left pending, not settled, counted.
         assert_eq!(read, vec![(kept, Some(1)), (plain, None)]);
         assert_eq!(page.last_seq, Some(plain));
+        assert_eq!(log.metrics().damaged_outboxes.get(), 1);
         // The delivery made of it gets the outbox read with it, once.
         assert_eq!(log.take_handled("p", kept).map(|o| o[0].id.clone()), Some(output.id.clone()));
         assert!(log.take_handled("p", kept).is_none());
@@ -2584,11 +2618,12 @@ pub(crate) mod tests {
         row.push(1, |out| out.extend_from_slice(&record));
         write_rows(&path, &[(1, row.bytes().to_vec())]).await;
         let log = reopen(&path, Retention::default()).await;
-        let err = log.unsettled("p").err().expect("a newer record is not read").to_string();
-        assert!(err.contains("newer than this host reads"), "{err}");
+        assert!(log.unsettled("p").unwrap().is_empty(), "a newer record is not run");
         log.sync().await.unwrap();
         assert_eq!(log.metrics().damaged_records.get(), 0);
-        assert_eq!(log.unsettled_page("p", 0..2, 10).err().map(|_| ()), Some(()), "still pending");
+        let page = log.unsettled_page("p", 0..2, 10).unwrap();
+        assert!(page.deliveries.is_empty());
+        assert_eq!(page.last_seq, Some(1), "still pending, and the read goes on past it");
     }
 
     #[test]
