@@ -101,26 +101,51 @@ struct Overflow {
 /// order, what the last run left unsettled, a new `deliver = "all"` plugin's history, and then
 /// every event accepted for it since it subscribed (each has a pending row in the log), until
 /// nothing is left to read. Only then do new events go to it live, behind whatever waits in its
-/// overflow. So an event never overtakes an older one of the log for the same plugin, however
-/// long the history, and no producer waits for a read-back (only, as ever, for room in the
-/// queue). JetStream's durable consumer delivers in stream order too. The exception: a
-/// read-back that cannot read the log for 2 s lets new events through live
+/// overflow. A replay catches up again: its history, then what was accepted since it began. So
+/// an event never overtakes an older one of the log for the same plugin, however long the
+/// history, and no producer waits for a read-back (only, as ever, for room in the queue).
+/// JetStream's durable consumer delivers in stream order too. The exception: a read-back that
+/// cannot read or commit the log for 2 s lets new events through live
 /// ([`CATCH_UP_WHILE_FAILING`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Intake {
-    /// Events from this sequence number on go to the plugin as they are accepted; the read-back
-    /// reads only below it. (0 on the in-memory bus, which logs nothing.)
-    LiveFrom(u64),
-    /// Events from `since` on accepted for it are left in the log, read back in order; those
-    /// from `floor` to `since` were accepted before the catch-up began (a replay's) and go live,
-    /// those below `floor` were read back before. `skipped` is the highest sequence number left
-    /// so (it may not be committed yet: an output is logged without waiting).
-    CatchingUp { floor: u64, since: u64, skipped: Option<u64> },
+///
+/// Each event is decided once, when the producer or publisher that appended it looks (after the
+/// append, which may be late): by its sequence number, which says whether a read-back reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Intake {
+    /// Below this, events are the read-backs' (except those in `live_gaps`); from it on they go
+    /// live, unless it is catching up. (0 on the in-memory bus, which logs nothing.)
+    read_to: u64,
+    /// Ranges accepted live between one read-back's hand-over and a replay's start: no read-back
+    /// reads them, so one decided late still goes live.
+    live_gaps: Vec<std::ops::Range<u64>>,
+    /// While a read-back catches up: events from `since` on are left in the log for it, and
+    /// `skipped` is the highest sequence number left so (it may not be committed yet: an
+    /// output is logged without waiting).
+    catching_up: Option<CatchingUp>,
 }
 
-impl Default for Intake {
-    fn default() -> Self {
-        Intake::LiveFrom(0)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CatchingUp {
+    since: u64,
+    skipped: Option<u64>,
+}
+
+impl Intake {
+    /// Whether the event at `seq` goes to the plugin now; `false`: a read-back delivers it.
+    fn goes_live(&mut self, seq: u64) -> bool {
+        if let Some(c) = &mut self.catching_up
+            && seq >= c.since
+        {
+            c.skipped = Some(c.skipped.map_or(seq, |s| s.max(seq)));
+            return false;
+        }
+        seq >= self.read_to || self.live_gaps.iter().any(|gap| gap.contains(&seq))
+    }
+
+    /// Hands over to live deliveries: events from `read_to` on go live.
+    fn live_from(&mut self, read_to: u64) {
+        self.read_to = self.read_to.max(read_to);
+        self.catching_up = None;
     }
 }
 
@@ -183,8 +208,8 @@ impl OverflowState {
 impl Overflow {
     /// A subscription's overflow; on the durable log it starts catching up (see [`Intake`]).
     fn new(plugin: Arc<str>, budget: u64, log: Option<Arc<DurableLog>>) -> Arc<Self> {
-        let intake =
-            if log.is_some() { Intake::CatchingUp { floor: 0, since: 0, skipped: None } } else { Intake::LiveFrom(0) };
+        let catching_up = log.is_some().then_some(CatchingUp { since: 0, skipped: None });
+        let intake = Intake { catching_up, ..Intake::default() };
         Arc::new(Self {
             state: Mutex::new(OverflowState { intake, ..OverflowState::default() }),
             budget,
@@ -198,24 +223,14 @@ impl Overflow {
     /// Whether an event the log accepted for the plugin at `logged` goes to it now; `false`:
     /// its read-back delivers it from the log, in order (see [`Intake`]).
     fn goes_live(state: &mut OverflowState, logged: Logged) -> bool {
-        let Some(seq) = logged.0 else { return true };
-        match &mut state.intake {
-            Intake::LiveFrom(from) => seq >= *from,
-            Intake::CatchingUp { floor, since, .. } if seq < *since => seq >= *floor,
-            Intake::CatchingUp { skipped, .. } => {
-                *skipped = Some(skipped.map_or(seq, |s| s.max(seq)));
-                false
-            }
-        }
+        logged.0.is_none_or(|seq| state.intake.goes_live(seq))
     }
 
     /// Where the read-back stops reading: nowhere while it catches up, else where live
     /// deliveries begin.
     fn read_back_end(&self) -> u64 {
-        match self.state.lock().expect("overflow poisoned").intake {
-            Intake::CatchingUp { .. } => super::log::REQUEST_KEYS,
-            Intake::LiveFrom(from) => from,
-        }
+        let intake = &self.state.lock().expect("overflow poisoned").intake;
+        if intake.catching_up.is_some() { super::log::REQUEST_KEYS } else { intake.read_to }
     }
 
     /// The read-back found nothing pending from `from` on: whether it caught up (new events then
@@ -226,21 +241,24 @@ impl Overflow {
     fn catch_up_at(&self, from: u64, committed: Option<u64>) -> CatchUp {
         let is_committed = |seq: u64| committed.is_some_and(|c| seq <= c);
         let mut state = self.state.lock().expect("overflow poisoned");
-        let skipped = match state.intake {
-            Intake::LiveFrom(live) if from < live && !is_committed(live - 1) => return CatchUp::Uncommitted(live - 1),
-            Intake::LiveFrom(_) => return CatchUp::Done,
-            Intake::CatchingUp { skipped, .. } => skipped,
+        let Some(CatchingUp { skipped, .. }) = state.intake.catching_up else {
+            let live = state.intake.read_to;
+            if from < live && !is_committed(live - 1) {
+                return CatchUp::Uncommitted(live - 1);
+            }
+            return CatchUp::Done;
         };
         let unread = skipped.filter(|s| *s >= from);
         if let Some(s) = unread.filter(|s| !is_committed(*s)) {
             return CatchUp::Uncommitted(s);
         }
-        state.intake = Intake::LiveFrom(from.max(unread.map_or(0, |s| s + 1)));
+        state.intake.live_from(from.max(unread.map_or(0, |s| s + 1)));
         CatchUp::Done
     }
 
     /// Waits before a read-back tries the log again after it failed (to read, or to commit what
-    /// was left in it); once it has failed for [`CATCH_UP_WHILE_FAILING`] in a row, new events
+    /// was left in it); once it has failed for [`CATCH_UP_WHILE_FAILING`] with no read or commit
+    /// going through in between, new events
     /// go live (a reopening log answers again within a second; one that does not must not keep
     /// them from the plugin).
     async fn wait_out_failure(&self, plugin: &str, since: &mut Option<Instant>, retry_in: &mut Duration, read: u64) {
@@ -263,10 +281,11 @@ impl Overflow {
     fn catch_up_from_now(&self, log: &DurableLog) -> u64 {
         let mut state = self.state.lock().expect("overflow poisoned");
         let since = log.next_seq();
-        let floor = match state.intake {
-            Intake::LiveFrom(floor) | Intake::CatchingUp { floor, .. } => floor,
-        };
-        state.intake = Intake::CatchingUp { floor, since, skipped: None };
+        let intake = &mut state.intake;
+        if intake.catching_up.is_none() && intake.read_to < since {
+            intake.live_gaps.push(intake.read_to..since);
+        }
+        intake.catching_up = Some(CatchingUp { since, skipped: None });
         since
     }
 
@@ -277,8 +296,8 @@ impl Overflow {
     /// was not catching up.
     fn stop_catching_up(&self, read: u64) -> bool {
         let mut state = self.state.lock().expect("overflow poisoned");
-        let Intake::CatchingUp { since, skipped, .. } = state.intake else { return false };
-        state.intake = Intake::LiveFrom(read.max(since).max(skipped.map_or(0, |s| s + 1)));
+        let Some(CatchingUp { since, skipped }) = state.intake.catching_up else { return false };
+        state.intake.live_from(read.max(since).max(skipped.map_or(0, |s| s + 1)));
         true
     }
 
@@ -358,6 +377,26 @@ impl Overflow {
         }
     }
 
+    /// Sends a producer's event into the queue slot it reserved (the producer waited for room:
+    /// backpressure), behind whatever waits in the overflow: the slot then takes the oldest
+    /// waiting event, and the new one waits last in its place.
+    fn send_behind(
+        &self,
+        state: &mut OverflowState,
+        slot: mpsc::Permit<'_, Delivery>,
+        event: &Arc<Event>,
+        logged: Logged,
+    ) {
+        let Some((first, cost, first_logged, publisher)) = state.events.pop_front() else {
+            return slot.send(self.delivery(event.clone(), logged));
+        };
+        state.remove(publisher.as_ref(), cost);
+        slot.send(self.delivery(first, first_logged));
+        let cost = event_cost(event);
+        state.add(None, cost);
+        state.events.push_back((event.clone(), cost, logged, None));
+    }
+
     /// Moves waiting events into the queue as it makes room, oldest first; ends when none wait.
     async fn pump(self: Arc<Self>, tx: mpsc::Sender<Delivery>) {
         loop {
@@ -397,7 +436,8 @@ impl Overflow {
 /// order, a page at a time while the overflow has room (a long history never sits in memory at
 /// once), until it caught up (see [`Intake`]).
 struct Load {
-    /// First these sequence numbers, in order: a replay's history, made pending again.
+    /// First these sequence numbers, in order: a replay's history, made pending again (all below
+    /// `from`).
     history: Vec<u64>,
     /// Then everything the plugin has pending from this sequence number on: from 0 when it
     /// subscribes (what the last run left, a new plugin's history and what was accepted since),
@@ -418,7 +458,7 @@ const REPLAY_WAITS_FOR_READ_BACK: Duration = Duration::from_secs(2);
 /// unread runs at the next start.)
 const LOAD_RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// How long a catching-up read-back whose reads of the log fail in a row keeps new events
+/// How long a catching-up read-back that cannot read or commit the log keeps new events
 /// waiting in the log before it lets them go to the plugin live.
 const CATCH_UP_WHILE_FAILING: Duration = Duration::from_secs(2);
 
@@ -453,7 +493,8 @@ impl Load {
         let (mut from, mut loaded, mut retry_in) = (self.from, 0usize, Duration::from_secs(1));
         // Events left to the log up to here were committed before the last read (see `catch_up_at`).
         let mut committed = None;
-        // Since when the log could not be read (the reads failing in a row).
+        // Since when the log has failed (reads, or commits of what was left in it), with nothing
+        // going through since.
         let mut failing_since: Option<Instant> = None;
         let mut history = self.history.chunks(LOAD_PAGE);
         // The history's page being read (kept until it was read: a failed read tries it again).
@@ -496,7 +537,11 @@ impl Load {
                     return;
                 }
             };
-            (retry_in, failing_since) = (Duration::from_secs(1), None);
+            // Reads and commits going again: the failure is over. (An empty read alone says nothing
+            // of commits: a full disk fails those while reads work.)
+            if chunk.is_some() || !page.is_empty() {
+                (retry_in, failing_since) = (Duration::from_secs(1), None);
+            }
             if chunk.take().is_some() {
                 chunk = history.next();
             } else if let Some(last) = last {
@@ -508,7 +553,10 @@ impl Load {
                 // Nothing more to read: caught up, or not yet.
                 let CatchUp::Uncommitted(skipped) = overflow.catch_up_at(from, committed) else { break };
                 match log.sync().await {
-                    Ok(()) => committed = Some(skipped),
+                    Ok(()) => {
+                        committed = Some(skipped);
+                        (retry_in, failing_since) = (Duration::from_secs(1), None);
+                    }
                     Err(e) => {
                         tracing::error!(plugin = %plugin, retry_in_s = retry_in.as_secs(),
                             "waiting for the event log to commit what was left in it for the plugin: {e}");
@@ -643,12 +691,7 @@ impl EmbeddedBus {
             if !Overflow::goes_live(&mut state, logged) {
                 continue;
             }
-            if state.events.is_empty() {
-                slot.send(sub.overflow.delivery(event.clone(), logged));
-            } else {
-                drop(slot);
-                sub.overflow.take(&mut state, &sub.tx, &event, Publisher::Other, event_cost(&event), logged);
-            }
+            sub.overflow.send_behind(&mut state, slot, &event, logged);
         }
         refused.map_or(Ok(()), |e| Err(TransportError::Broker(e.to_string())))
     }
@@ -706,7 +749,11 @@ impl EmbeddedBus {
         // so a refused output reached no one and its retry delivers it once.
         for sub in &targets {
             let state = sub.overflow.state.lock().expect("overflow poisoned");
-            sub.overflow.check_room(&state, &sub.tx, publisher, cost)?;
+            // One catching up leaves it in the log: it needs no room (its overflow may hold a
+            // page of history well past the budget).
+            if state.intake.catching_up.is_none() || self.log.is_none() {
+                sub.overflow.check_room(&state, &sub.tx, publisher, cost)?;
+            }
         }
         let logged = match &self.log {
             // Logged without waiting for the commit: the ack of its input is sent after it, so
@@ -962,8 +1009,9 @@ impl Transport for EmbeddedBus {
             Some(log) => log.register(plugin.clone()).await.map_err(|e| TransportError::Broker(e.to_string()))?,
             None => false,
         };
-        // In the table before a new plugin's history is made pending: an event accepted meanwhile
-        // is pending for it too (left in the log while it catches up), not missed by both.
+        // In the table before a new plugin's history is made pending: an event whose producer
+        // finds it here is pending for it too (left in the log while it catches up). (One whose
+        // producer took its targets before and appends after the backfill is missed by both.)
         self.table.write().expect("bus table poisoned").subs.push(Arc::new(Sub {
             id,
             plugin: plugin.clone(),
@@ -1025,8 +1073,11 @@ impl Transport for EmbeddedBus {
             let patterns = sub.patterns.clone();
             let backfill = log.backfill(sub.plugin.clone(), move |s| patterns.matches(s), from).await;
             let (history, answer) = match backfill {
-                Ok(history) => {
+                Ok(mut history) => {
                     let count = history.len();
+                    // From `since` on the read-back reads what is pending anyway (an event made
+                    // pending by the backfill there, say after a retarget, is read once).
+                    history.retain(|seq| *seq < since);
                     (history, Ok(count))
                 }
                 Err(e) => (Vec::new(), Err(TransportError::Broker(e.to_string()))),
@@ -1740,11 +1791,50 @@ mod tests {
         // forced live (the log failing): everything skipped so far stays the read-back's
         assert!(overflow.stop_catching_up(21));
         assert!(!live(25) && live(26));
+        assert!(live(12), "accepted before the replay began, decided after it ended");
         assert!(matches!(overflow.catch_up_at(21, None), CatchUp::Uncommitted(25)), "left uncommitted below");
         assert!(matches!(overflow.catch_up_at(21, Some(25)), CatchUp::Done));
         assert!(matches!(overflow.catch_up_at(26, None), CatchUp::Done));
         // the in-memory bus decides nothing
         assert!(Overflow::goes_live(&mut overflow.state.lock().unwrap(), Logged(None)));
+    }
+
+    /// A producer's event goes behind what waits in the overflow through the queue slot it
+    /// waited for: producers still wait for room one by one, none slips past the queue's
+    /// backpressure into the overflow.
+    #[tokio::test]
+    async fn producers_wait_for_room_behind_what_waits_in_the_overflow() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, _log, bus, mut sub) = durable_bus(dir.path(), "a.>", 1).await;
+        let overflow = bus.table.read().unwrap().subs[0].overflow.clone();
+        eventually_true(|| overflow.state.lock().unwrap().intake.catching_up.is_none()).await;
+        // the queue full, two outputs behind it
+        for i in 0..3 {
+            bus.publish_output(Arc::new(Event::new("a.out", format!("{i}")))).await.unwrap();
+        }
+        assert_eq!(bus.overflowing(), 2);
+        let producers: Vec<_> = (0..5)
+            .map(|i| {
+                let bus = bus.clone();
+                tokio::spawn(async move { bus.publish(Event::new("a.new", format!("{i}"))).await.unwrap() })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            got.push(sub.deliveries.recv().await.unwrap());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(bus.overflowing() <= 2, "{} wait beyond a queue of one: producers slipped past it", bus.overflowing());
+        for _ in 0..6 {
+            got.push(tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await.unwrap().unwrap());
+        }
+        for p in producers {
+            p.await.unwrap();
+        }
+        let order: Vec<String> =
+            got.iter().map(|d| format!("{}:{}", d.event.subject, String::from_utf8_lossy(&d.event.data))).collect();
+        assert_eq!(order[..3], ["a.out:0", "a.out:1", "a.out:2"], "{order:?}");
     }
 
     /// An output left to the log while the plugin catches up that the log then drops as a
@@ -1771,7 +1861,7 @@ mod tests {
         }
         assert_eq!(got, ["a.old", "a.out"]);
         let sub_overflow = bus.table.read().unwrap().subs[0].overflow.clone();
-        eventually_true(|| matches!(sub_overflow.state.lock().unwrap().intake, Intake::LiveFrom(_))).await;
+        eventually_true(|| sub_overflow.state.lock().unwrap().intake.catching_up.is_none()).await;
         bus.publish(Event::new("a.new", "n")).await.unwrap();
         let live = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await.unwrap().unwrap();
         assert_eq!(live.event.subject, "a.new");

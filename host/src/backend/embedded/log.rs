@@ -851,8 +851,8 @@ impl DurableLog {
     }
 
     /// The events under `seqs` (those retention dropped are left out), as deliveries to run
-    /// again: their outputs may be in the log already. One whose record cannot be read is
-    /// settled without running (see [`DurableLog::read_back`]).
+    /// again: their outputs may be in the log already. One whose record cannot be read is left
+    /// out (settled without running, or left pending: see [`DurableLog::read_back`]).
     pub fn read_seqs(&self, plugin: &str, seqs: &[u64]) -> Result<Vec<Unsettled>, LogError> {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
         let r = self.store.get().map_err(|e| io(&e))?.begin_read().map_err(|e| io(&e))?;
@@ -991,7 +991,8 @@ impl DurableLog {
 
 /// A page of a plugin's unsettled deliveries read back.
 pub struct UnsettledPage {
-    /// The deliveries, oldest first (those whose record cannot be read are left out, settled).
+    /// The deliveries, oldest first (those whose record cannot be read are left out: settled, or
+    /// left pending when their outbox is kept or damaged or their record is of a newer version).
     pub deliveries: Vec<Unsettled>,
     /// The last pending sequence number the page looked at (`None`: none was left).
     pub last_seq: Option<u64>,
