@@ -1,7 +1,10 @@
 //! The embedded bus: an in-process transport, the default, needing no server.
 //!
 //! Each subscription has its own bounded queue. A producer's [`Transport::publish`] waits while
-//! a matching subscription's queue is full (backpressure): nothing is dropped. A handler's
+//! a matching subscription's queue is full (backpressure), and on the durable log also while
+//! more than its buffer waits in its overflow (where its event may go, behind what waits there):
+//! nothing is dropped. A subscription on the durable log catches up with it before it takes
+//! events live (see [`Intake`]). A handler's
 //! outputs ([`Transport::publish_output`]) never wait on a queue: a plugin's outputs can come
 //! back to its own queue (a countdown, a `>` subscriber), and waiting there while holding the
 //! plugin's capacity would wait forever. They go behind the queue into the subscription's
@@ -79,15 +82,20 @@ impl Overflow {
     }
 }
 
-/// Outputs waiting behind a full queue, in order, and the task that moves them into it.
+/// What waits behind a full queue, in order (outputs, requests, events read back from the log,
+/// and on the durable bus producers' events behind those), and the task that moves it into the
+/// queue.
 struct Overflow {
     state: Mutex<OverflowState>,
     /// The most bytes that may wait.
     budget: u64,
     plugin: Arc<str>,
     log: Option<Arc<DurableLog>>,
-    /// Woken when what waits drops to half the budget (a history load waits for that).
+    /// Woken when what waits drops to half the budget (a read-back and producers wait for that).
     drained: tokio::sync::Notify,
+    /// Set when the plugin unsubscribes: its read-back stops (its worker may still drain the
+    /// queue, so the queue is not closed yet), and leaves the rest to the next subscription.
+    unsubscribed: std::sync::atomic::AtomicBool,
     /// Whether the subscription's read-back (see [`Intake`]) is still going: a replay waits for
     /// that (it would make pending again what the read-back has yet to read, and both would
     /// deliver it).
@@ -124,10 +132,17 @@ struct Intake {
     catching_up: Option<CatchingUp>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct CatchingUp {
     since: u64,
     skipped: Option<u64>,
+    /// Outputs left in the log for the read-back and not read yet, by sequence number, with
+    /// what each counts against the budget (nothing for as many as its queue holds): the bound
+    /// on what a flooding plugin makes wait in the log for one catching up, as the queue and
+    /// overflow are for one live.
+    left: std::collections::HashMap<u64, u64>,
+    /// Their sum.
+    left_bytes: u64,
 }
 
 impl Intake {
@@ -208,7 +223,7 @@ impl OverflowState {
 impl Overflow {
     /// A subscription's overflow; on the durable log it starts catching up (see [`Intake`]).
     fn new(plugin: Arc<str>, budget: u64, log: Option<Arc<DurableLog>>) -> Arc<Self> {
-        let catching_up = log.is_some().then_some(CatchingUp { since: 0, skipped: None });
+        let catching_up = log.is_some().then(CatchingUp::default);
         let intake = Intake { catching_up, ..Intake::default() };
         Arc::new(Self {
             state: Mutex::new(OverflowState { intake, ..OverflowState::default() }),
@@ -217,6 +232,7 @@ impl Overflow {
             reading_back: log.is_some().into(),
             log,
             drained: tokio::sync::Notify::new(),
+            unsubscribed: false.into(),
         })
     }
 
@@ -241,7 +257,7 @@ impl Overflow {
     fn catch_up_at(&self, from: u64, committed: Option<u64>) -> CatchUp {
         let is_committed = |seq: u64| committed.is_some_and(|c| seq <= c);
         let mut state = self.state.lock().expect("overflow poisoned");
-        let Some(CatchingUp { skipped, .. }) = state.intake.catching_up else {
+        let Some(skipped) = state.intake.catching_up.as_ref().map(|c| c.skipped) else {
             let live = state.intake.read_to;
             if from < live && !is_committed(live - 1) {
                 return CatchUp::Uncommitted(live - 1);
@@ -285,7 +301,7 @@ impl Overflow {
         if intake.catching_up.is_none() && intake.read_to < since {
             intake.live_gaps.push(intake.read_to..since);
         }
-        intake.catching_up = Some(CatchingUp { since, skipped: None });
+        intake.catching_up = Some(CatchingUp { since, ..CatchingUp::default() });
         since
     }
 
@@ -296,7 +312,7 @@ impl Overflow {
     /// was not catching up.
     fn stop_catching_up(&self, read: u64) -> bool {
         let mut state = self.state.lock().expect("overflow poisoned");
-        let Some(CatchingUp { since, skipped }) = state.intake.catching_up else { return false };
+        let Some(CatchingUp { since, skipped, .. }) = state.intake.catching_up.take() else { return false };
         state.intake.live_from(read.max(since).max(skipped.map_or(0, |s| s + 1)));
         true
     }
@@ -313,8 +329,16 @@ impl Overflow {
         publisher: Publisher<'_>,
         cost: u64,
     ) -> Result<(), TransportError> {
-        let queue_has_room = state.events.is_empty() && tx.capacity() > 0;
-        if queue_has_room || tx.is_closed() || state.bytes + cost <= self.budget {
+        // What waits for it: in the overflow, and outputs left in the log while it catches up
+        // (those go to no queue).
+        let catching_up = state.intake.catching_up.as_ref();
+        let waiting = state.bytes + catching_up.map_or(0, |c| c.left_bytes);
+        let queue_has_room = match catching_up {
+            None => state.events.is_empty() && tx.capacity() > 0,
+            // As many as its queue holds wait in the log uncharged, as they would in the queue.
+            Some(c) => c.left.len() < tx.max_capacity(),
+        };
+        if queue_has_room || tx.is_closed() || waiting + cost <= self.budget {
             return Ok(());
         }
         let mut share = None;
@@ -322,16 +346,17 @@ impl Overflow {
             let held = state.by_plugin.get(source).copied().unwrap_or(0);
             let publishers = (state.by_plugin.len() + usize::from(held == 0)) as u64;
             let equal = self.budget / publishers;
-            if held + cost <= equal && state.bytes + cost <= 2 * self.budget {
+            if held + cost <= equal && waiting + cost <= 2 * self.budget {
                 return Ok(());
             }
             share = Some((crate::event::quoted(source), held, publishers, equal));
         }
         let mut why = format!(
-            "plugin {} has {} events ({} bytes) waiting beyond its queue; its flow.buffer_mib is {} MiB",
+            "plugin {} has {} events ({} bytes) waiting beyond its queue (or in the event log while it catches up); \
+             its flow.buffer_mib is {} MiB",
             self.plugin,
-            state.events.len(),
-            state.bytes,
+            state.events.len() + catching_up.map_or(0, |c| c.left.len()),
+            waiting,
             self.budget >> 20
         );
         if let Some((source, held, publishers, equal)) = share {
@@ -395,6 +420,33 @@ impl Overflow {
         let cost = event_cost(event);
         state.add(None, cost);
         state.events.push_back((event.clone(), cost, logged, None));
+        if state.bytes <= self.budget / 2 {
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// Waits while more than the budget waits in the overflow of a subscription on the durable
+    /// log (a producer's event may go in behind it: [`Overflow::send_behind`]), holding nothing.
+    /// Producers that looked at once may each add one event past it.
+    async fn room_for_a_producer(&self, tx: &mpsc::Sender<Delivery>) {
+        if self.log.is_none() {
+            return;
+        }
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if self.state.lock().expect("overflow poisoned").bytes <= self.budget || tx.is_closed() {
+                return;
+            }
+            // The timeout is a backstop: the wake-up is not missed (`drained` was made first).
+            let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
+        }
+    }
+
+    /// Whether the subscription is gone: its read-back has nobody to read for.
+    fn is_gone(&self, tx: &mpsc::Sender<Delivery>) -> bool {
+        tx.is_closed() || self.unsubscribed.load(Ordering::Acquire)
     }
 
     /// Moves waiting events into the queue as it makes room, oldest first; ends when none wait.
@@ -508,10 +560,14 @@ impl Load {
                 if overflow.state.lock().expect("overflow poisoned").bytes <= overflow.budget / 2 {
                     break;
                 }
-                if tx.is_closed() {
+                if overflow.is_gone(&tx) {
                     return;
                 }
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drained).await;
+            }
+            // Unsubscribed: the rest is left pending for the next subscription, which reads it.
+            if overflow.is_gone(&tx) {
+                return;
             }
             // A page's last looked-at sequence number: pages go on past records that could not
             // be read (the log settled those), even a page of nothing else.
@@ -524,7 +580,7 @@ impl Load {
             let (page, last) = match read {
                 Ok(page) => page,
                 // The log is reopening after a failed write: the same page again, shortly.
-                Err(e @ super::log::LogError::Io { .. }) if !tx.is_closed() => {
+                Err(e @ super::log::LogError::Io { .. }) if !overflow.is_gone(&tx) => {
                     tracing::error!(plugin = %plugin, retry_in_s = retry_in.as_secs(),
                         "reading deliveries back from the event log: {e}");
                     overflow.wait_out_failure(&plugin, &mut failing_since, &mut retry_in, from).await;
@@ -547,7 +603,7 @@ impl Load {
             } else if let Some(last) = last {
                 from = last + 1;
             } else {
-                if tx.is_closed() {
+                if overflow.is_gone(&tx) {
                     return;
                 }
                 // Nothing more to read: caught up, or not yet.
@@ -569,6 +625,11 @@ impl Load {
             let mut state = overflow.state.lock().expect("overflow poisoned");
             for u in page {
                 let cost = event_cost(&u.event);
+                if let Some(c) = state.intake.catching_up.as_mut()
+                    && let Some(left) = c.left.remove(&u.seq)
+                {
+                    c.left_bytes -= left;
+                }
                 overflow.take(&mut state, &tx, &u.event, Publisher::Other, cost, Logged(Some(u.seq)));
             }
         }
@@ -658,6 +719,9 @@ impl EmbeddedBus {
     /// A producer's event for `targets`: room in every target's queue first (backpressure), then
     /// into the log, then to the targets that take it live (see [`Intake`]).
     async fn accept(&self, event: Arc<Event>, targets: Vec<Arc<Sub>>) -> Result<(), TransportError> {
+        for sub in &targets {
+            sub.overflow.room_for_a_producer(&sub.tx).await;
+        }
         let mut slots = Vec::with_capacity(targets.len());
         for sub in &targets {
             // Closed: unsubscribed meanwhile, the event is no longer for it.
@@ -749,11 +813,9 @@ impl EmbeddedBus {
         // so a refused output reached no one and its retry delivers it once.
         for sub in &targets {
             let state = sub.overflow.state.lock().expect("overflow poisoned");
-            // One catching up leaves it in the log: it needs no room (its overflow may hold a
-            // page of history well past the budget).
-            if state.intake.catching_up.is_none() || self.log.is_none() {
-                sub.overflow.check_room(&state, &sub.tx, publisher, cost)?;
-            }
+            // For one catching up too, which leaves it in the log: the budget bounds what a
+            // flooding plugin makes wait there for it.
+            sub.overflow.check_room(&state, &sub.tx, publisher, cost)?;
         }
         let logged = match &self.log {
             // Logged without waiting for the commit: the ack of its input is sent after it, so
@@ -775,6 +837,11 @@ impl EmbeddedBus {
             let mut state = sub.overflow.state.lock().expect("overflow poisoned");
             if Overflow::goes_live(&mut state, logged) {
                 sub.overflow.take(&mut state, &sub.tx, &event, publisher, cost, logged);
+            } else if let (Some(c), Some(seq)) = (state.intake.catching_up.as_mut(), logged.0) {
+                // Charged past as many as its queue holds (see `check_room`).
+                let charged = if c.left.len() >= sub.tx.max_capacity() { cost } else { 0 };
+                c.left.insert(seq, charged);
+                c.left_bytes += charged;
             }
         }
         self.notify_observers(&event);
@@ -883,6 +950,9 @@ struct Unsubscribe {
 impl Drop for Unsubscribe {
     fn drop(&mut self) {
         if let Ok(mut t) = self.table.write() {
+            for s in t.subs.iter().filter(|s| s.id == self.id) {
+                s.overflow.unsubscribed.store(true, Ordering::Release);
+            }
             t.subs.retain(|s| s.id != self.id);
         }
     }
@@ -1835,6 +1905,41 @@ mod tests {
         let order: Vec<String> =
             got.iter().map(|d| format!("{}:{}", d.event.subject, String::from_utf8_lossy(&d.event.data))).collect();
         assert_eq!(order[..3], ["a.out:0", "a.out:1", "a.out:2"], "{order:?}");
+    }
+
+    /// Outputs left in the log for a plugin catching up count against its buffer as if they
+    /// waited in it: a plugin flooding one that reads back history is refused, not filling the
+    /// disk; once the read-back took them, there is room again.
+    #[tokio::test]
+    async fn outputs_left_in_the_log_for_a_plugin_catching_up_are_bounded_by_its_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let log = left_by_the_last_run(&path, [Event::new("a.old", "0")]).await;
+        let bus = EmbeddedBus::durable_at_start(log);
+        let mut sub = bus.subscribe(SubscriptionSpec { buffer_bytes: 8192, ..spec(&["a.>"], 64) }).await.unwrap();
+        let output = |i: usize| {
+            let mut out = Event::new("a.out", vec![b'x'; 1000]);
+            out.source = "plugbus/flooder".into();
+            out.extensions.push(("plugbus-caused-by".into(), format!("input-{i}")));
+            Arc::new(out)
+        };
+        // held back (the start is not over): every output is left in the log
+        let mut taken = 0;
+        let refused = loop {
+            match bus.publish_output(output(taken)).await {
+                Ok(()) => taken += 1,
+                Err(e) => break e,
+            }
+            assert!(taken < 100, "a plugin catching up took {taken} outputs into a buffer of 8 KiB");
+        };
+        assert!(matches!(refused, TransportError::Full(_)), "{refused}");
+        assert!(taken >= 5, "refused after {taken}");
+        bus.all_subscribed();
+        for _ in 0..=taken {
+            let d = tokio::time::timeout(Duration::from_secs(10), sub.deliveries.recv()).await.unwrap().unwrap();
+            d.acker.ack().await;
+        }
+        bus.publish_output(output(1000)).await.expect("room again once read back");
     }
 
     /// An output left to the log while the plugin catches up that the log then drops as a
