@@ -245,7 +245,9 @@ impl Router {
         Ok(Swapped { old_version: old.manifest().version.clone(), old_hash: old.hash().to_string(), resubscribed })
     }
 
-    /// Takes a plugin out: unsubscribes it; what it already accepted still finishes.
+    /// Takes a plugin out: unsubscribes it; what it already took still finishes. (On the durable
+    /// embedded bus, what waits in the log for its read-back waits for its next subscription:
+    /// a reinstall, or the next start.)
     pub fn remove(&self, name: &str) -> bool {
         let removed = self.entries.lock().expect("router poisoned").remove(name);
         if removed.is_some() {

@@ -91,7 +91,8 @@ struct Overflow {
     budget: u64,
     plugin: Arc<str>,
     log: Option<Arc<DurableLog>>,
-    /// Woken when what waits drops to half the budget (a read-back and producers wait for that).
+    /// Woken when what waits drops to the budget or below (producers wait for that) or to half
+    /// of it (a read-back waits for that).
     drained: tokio::sync::Notify,
     /// Set when the plugin unsubscribes: its read-back stops (its worker may still drain the
     /// queue, so the queue is not closed yet), and leaves the rest to the next subscription.
@@ -111,7 +112,8 @@ struct Overflow {
 /// nothing is left to read. Only then do new events go to it live, behind whatever waits in its
 /// overflow. A replay catches up again: its history, then what was accepted since it began. So
 /// an event never overtakes an older one of the log for the same plugin, however long the
-/// history, and no producer waits for a read-back (only, as ever, for room in the queue).
+/// history, and no producer waits for a read-back (only for room: in the queue, and once live
+/// in the overflow).
 /// JetStream's durable consumer delivers in stream order too. The exception: a read-back that
 /// cannot read or commit the log for 2 s lets new events through live
 /// ([`CATCH_UP_WHILE_FAILING`]).
@@ -140,9 +142,54 @@ struct CatchingUp {
     /// what each counts against the budget (nothing for as many as its queue holds): the bound
     /// on what a flooding plugin makes wait in the log for one catching up, as the queue and
     /// overflow are for one live.
-    left: std::collections::HashMap<u64, u64>,
+    left: std::collections::HashMap<u64, (u64, Option<Arc<str>>)>,
     /// Their sum.
     left_bytes: u64,
+    /// Their sum by publishing plugin (the shares past the budget, as `OverflowState::by_plugin`).
+    left_by_plugin: std::collections::HashMap<Arc<str>, u64>,
+    /// The read-back has taken everything pending below this (nothing below is counted in
+    /// `left`: an output it read before its publisher looked).
+    read_below: u64,
+}
+
+impl CatchingUp {
+    /// Counts an output left in the log at `seq` for the read-back (charged `cost`).
+    fn leave(&mut self, seq: u64, cost: u64, publisher: Option<Arc<str>>) {
+        if seq < self.read_below {
+            return;
+        }
+        if let Some(p) = &publisher {
+            *self.left_by_plugin.entry(p.clone()).or_default() += cost;
+        }
+        self.left_bytes += cost;
+        if let Some((old, old_publisher)) = self.left.insert(seq, (cost, publisher)) {
+            self.forget(old, old_publisher);
+        }
+    }
+
+    /// The read-back took everything pending below `read_below`: what was counted there is off
+    /// the count (read, or never logged: an output the log dropped as a duplicate).
+    fn read_to(&mut self, read_below: u64) {
+        self.read_below = self.read_below.max(read_below);
+        let read: Vec<u64> = self.left.keys().copied().filter(|seq| *seq < self.read_below).collect();
+        for seq in read {
+            if let Some((cost, publisher)) = self.left.remove(&seq) {
+                self.forget(cost, publisher);
+            }
+        }
+    }
+
+    fn forget(&mut self, cost: u64, publisher: Option<Arc<str>>) {
+        self.left_bytes -= cost;
+        if let Some(p) = publisher
+            && let Some(held) = self.left_by_plugin.get_mut(&p)
+        {
+            *held -= cost;
+            if *held == 0 {
+                self.left_by_plugin.remove(&p);
+            }
+        }
+    }
 }
 
 impl Intake {
@@ -329,22 +376,22 @@ impl Overflow {
         publisher: Publisher<'_>,
         cost: u64,
     ) -> Result<(), TransportError> {
-        // What waits for it: in the overflow, and outputs left in the log while it catches up
-        // (those go to no queue).
-        let catching_up = state.intake.catching_up.as_ref();
-        let waiting = state.bytes + catching_up.map_or(0, |c| c.left_bytes);
-        let queue_has_room = match catching_up {
-            None => state.events.is_empty() && tx.capacity() > 0,
-            // As many as its queue holds wait in the log uncharged, as they would in the queue.
-            Some(c) => c.left.len() < tx.max_capacity(),
+        // What waits for it where this one would: an output for one catching up is left in the
+        // log (as many as its queue holds uncharged, as they would be in the queue); anything
+        // else goes to the queue or behind it.
+        let (waiting, count, by_plugin, queue_has_room) = match (&publisher, state.intake.catching_up.as_ref()) {
+            (Publisher::Plugin(_), Some(c)) if self.log.is_some() => {
+                (c.left_bytes, c.left.len(), &c.left_by_plugin, c.left.len() < tx.max_capacity())
+            }
+            _ => (state.bytes, state.events.len(), &state.by_plugin, state.events.is_empty() && tx.capacity() > 0),
         };
         if queue_has_room || tx.is_closed() || waiting + cost <= self.budget {
             return Ok(());
         }
         let mut share = None;
         if let Publisher::Plugin(source) = publisher {
-            let held = state.by_plugin.get(source).copied().unwrap_or(0);
-            let publishers = (state.by_plugin.len() + usize::from(held == 0)) as u64;
+            let held = by_plugin.get(source).copied().unwrap_or(0);
+            let publishers = (by_plugin.len() + usize::from(held == 0)) as u64;
             let equal = self.budget / publishers;
             if held + cost <= equal && waiting + cost <= 2 * self.budget {
                 return Ok(());
@@ -355,7 +402,7 @@ impl Overflow {
             "plugin {} has {} events ({} bytes) waiting beyond its queue (or in the event log while it catches up); \
              its flow.buffer_mib is {} MiB",
             self.plugin,
-            state.events.len() + catching_up.map_or(0, |c| c.left.len()),
+            count,
             waiting,
             self.budget >> 20
         );
@@ -420,7 +467,7 @@ impl Overflow {
         let cost = event_cost(event);
         state.add(None, cost);
         state.events.push_back((event.clone(), cost, logged, None));
-        if state.bytes <= self.budget / 2 {
+        if state.bytes <= self.budget {
             self.drained.notify_waiters();
         }
     }
@@ -436,7 +483,12 @@ impl Overflow {
             let drained = self.drained.notified();
             tokio::pin!(drained);
             drained.as_mut().enable();
-            if self.state.lock().expect("overflow poisoned").bytes <= self.budget || tx.is_closed() {
+            let room = {
+                let state = self.state.lock().expect("overflow poisoned");
+                // Catching up, its event goes to the log, not here.
+                state.bytes <= self.budget || state.intake.catching_up.is_some()
+            };
+            if room || tx.is_closed() {
                 return;
             }
             // The timeout is a backstop: the wake-up is not missed (`drained` was made first).
@@ -468,7 +520,7 @@ impl Overflow {
                 return;
             };
             state.remove(publisher.as_ref(), cost);
-            if state.bytes <= self.budget / 2 {
+            if state.bytes <= self.budget {
                 self.drained.notify_waiters();
             }
             slot.send(self.delivery(event, logged));
@@ -625,12 +677,10 @@ impl Load {
             let mut state = overflow.state.lock().expect("overflow poisoned");
             for u in page {
                 let cost = event_cost(&u.event);
-                if let Some(c) = state.intake.catching_up.as_mut()
-                    && let Some(left) = c.left.remove(&u.seq)
-                {
-                    c.left_bytes -= left;
-                }
                 overflow.take(&mut state, &tx, &u.event, Publisher::Other, cost, Logged(Some(u.seq)));
+            }
+            if let Some(c) = state.intake.catching_up.as_mut() {
+                c.read_to(from);
             }
         }
         if loaded > 0 {
@@ -840,8 +890,7 @@ impl EmbeddedBus {
             } else if let (Some(c), Some(seq)) = (state.intake.catching_up.as_mut(), logged.0) {
                 // Charged past as many as its queue holds (see `check_room`).
                 let charged = if c.left.len() >= sub.tx.max_capacity() { cost } else { 0 };
-                c.left.insert(seq, charged);
-                c.left_bytes += charged;
+                c.leave(seq, charged, Some(Arc::from(event.source.as_str())));
             }
         }
         self.notify_observers(&event);
@@ -1934,6 +1983,12 @@ mod tests {
         };
         assert!(matches!(refused, TransportError::Full(_)), "{refused}");
         assert!(taken >= 5, "refused after {taken}");
+        // the flooder alone: another plugin's output is still taken
+        let mut other = Event::new("a.out", "o");
+        other.source = "plugbus/other".into();
+        other.extensions.push(("plugbus-caused-by".into(), "other-input".into()));
+        bus.publish_output(Arc::new(other)).await.expect("another plugin refused for the flooder");
+        taken += 1;
         bus.all_subscribed();
         for _ in 0..=taken {
             let d = tokio::time::timeout(Duration::from_secs(10), sub.deliveries.recv()).await.unwrap().unwrap();
