@@ -158,7 +158,8 @@ impl CatchingUp {
         if seq < self.read_below {
             return;
         }
-        if let Some(p) = &publisher {
+        // Only what is charged makes a share (as in the overflow, where all of it is).
+        if let Some(p) = publisher.as_ref().filter(|_| cost > 0) {
             *self.left_by_plugin.entry(p.clone()).or_default() += cost;
         }
         self.left_bytes += cost;
@@ -181,7 +182,7 @@ impl CatchingUp {
 
     fn forget(&mut self, cost: u64, publisher: Option<Arc<str>>) {
         self.left_bytes -= cost;
-        if let Some(p) = publisher
+        if let Some(p) = publisher.filter(|_| cost > 0)
             && let Some(held) = self.left_by_plugin.get_mut(&p)
         {
             *held -= cost;
