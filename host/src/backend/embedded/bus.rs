@@ -1797,6 +1797,36 @@ mod tests {
     /// A new plugin with `deliver = "all"` gets the log's history first, then what was accepted
     /// while it read it, in the log's order: a new event never runs before an older one of its
     /// key (JetStream's durable consumer delivers in stream order).
+    /// While `history` events (data `0`, `1`, ...) are read back into `sub` a page at a time,
+    /// three new ones are published: all of the history comes first, then the new ones, in
+    /// order; once caught up, the next one goes live, once.
+    async fn new_events_come_after_the_history(bus: &EmbeddedBus, sub: &mut Subscription, history: usize) {
+        // the first page read back, the rest not yet
+        eventually_true(|| bus.overflowing() > 0).await;
+        let publisher = bus.clone();
+        let new = tokio::spawn(async move {
+            for i in 0..3 {
+                publisher.publish(Event::new("a.new", format!("n{i}"))).await.unwrap();
+            }
+        });
+        let mut got = Vec::new();
+        for _ in 0..history + 3 {
+            let d = tokio::time::timeout(Duration::from_secs(10), sub.deliveries.recv()).await.unwrap().unwrap();
+            got.push(String::from_utf8_lossy(&d.event.data).to_string());
+            d.acker.ack().await;
+        }
+        new.await.unwrap();
+        let expected: Vec<String> =
+            (0..history).map(|i| i.to_string()).chain((0..3).map(|i| format!("n{i}"))).collect();
+        assert!(got == expected, "a new event came at {:?}", got.iter().position(|d| d.starts_with('n')));
+        // caught up: the next one goes live, once
+        bus.publish(Event::new("a.new", "live")).await.unwrap();
+        let live = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await.unwrap().unwrap();
+        assert_eq!(&live.event.data[..], b"live");
+        let twice = tokio::time::timeout(Duration::from_millis(300), sub.deliveries.recv()).await;
+        assert!(twice.is_err(), "delivered twice");
+    }
+
     #[tokio::test]
     async fn a_new_plugins_history_comes_before_what_is_accepted_while_it_is_read() {
         const HISTORY: usize = LOAD_PAGE + 76;
@@ -1812,30 +1842,7 @@ mod tests {
         let durable = Some(crate::transport::Durability { deliver_all: true, give_up_after: 10, dead_letter: None });
         let mut sub =
             bus.subscribe(SubscriptionSpec { buffer_bytes: 4096, durable, ..spec(&["a.>"], 1) }).await.unwrap();
-        // the first page read back, the rest not yet
-        eventually_true(|| bus.overflowing() > 0).await;
-        let publisher = bus.clone();
-        let new = tokio::spawn(async move {
-            for i in 0..3 {
-                publisher.publish(Event::new("a.new", format!("n{i}"))).await.unwrap();
-            }
-        });
-        let mut got = Vec::new();
-        for _ in 0..HISTORY + 3 {
-            let d = tokio::time::timeout(Duration::from_secs(10), sub.deliveries.recv()).await.unwrap().unwrap();
-            got.push(String::from_utf8_lossy(&d.event.data).to_string());
-            d.acker.ack().await;
-        }
-        new.await.unwrap();
-        let expected: Vec<String> =
-            (0..HISTORY).map(|i| i.to_string()).chain((0..3).map(|i| format!("n{i}"))).collect();
-        assert!(got == expected, "a new event came at {:?}", got.iter().position(|d| d.starts_with('n')));
-        // caught up: the next one goes live, once
-        bus.publish(Event::new("a.new", "live")).await.unwrap();
-        let live = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await.unwrap().unwrap();
-        assert_eq!(&live.event.data[..], b"live");
-        let twice = tokio::time::timeout(Duration::from_millis(300), sub.deliveries.recv()).await;
-        assert!(twice.is_err(), "delivered twice");
+        new_events_come_after_the_history(&bus, &mut sub, HISTORY).await;
     }
 
     /// A replay delivers the history again, and what is accepted for the plugin meanwhile comes
@@ -1863,29 +1870,7 @@ mod tests {
         log.sync().await.unwrap();
         let made = bus.replay("p", crate::transport::ReplayFrom::Seq(0)).await.unwrap();
         assert_eq!(made, HISTORY);
-        // the first page read back, the rest not yet
-        eventually_true(|| bus.overflowing() > 0).await;
-        let publisher = bus.clone();
-        let new = tokio::spawn(async move {
-            for i in 0..3 {
-                publisher.publish(Event::new("a.new", format!("n{i}"))).await.unwrap();
-            }
-        });
-        let mut got = Vec::new();
-        for _ in 0..HISTORY + 3 {
-            let d = tokio::time::timeout(Duration::from_secs(10), sub.deliveries.recv()).await.unwrap().unwrap();
-            got.push(String::from_utf8_lossy(&d.event.data).to_string());
-            d.acker.ack().await;
-        }
-        new.await.unwrap();
-        let expected: Vec<String> =
-            (0..HISTORY).map(|i| i.to_string()).chain((0..3).map(|i| format!("n{i}"))).collect();
-        assert!(got == expected, "a new event came at {:?}", got.iter().position(|d| d.starts_with('n')));
-        bus.publish(Event::new("a.new", "live")).await.unwrap();
-        let live = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await.unwrap().unwrap();
-        assert_eq!(&live.event.data[..], b"live");
-        let twice = tokio::time::timeout(Duration::from_millis(300), sub.deliveries.recv()).await;
-        assert!(twice.is_err(), "delivered twice");
+        new_events_come_after_the_history(&bus, &mut sub, HISTORY).await;
     }
 
     /// Where each event goes while a subscription catches up and once it is live: a replay keeps
