@@ -14,7 +14,7 @@
 //! twice the bound in all): a plugin flooding another's buffer is refused alone. Observers (the
 //! live tail) never slow the bus: they miss events instead, and the miss is counted and logged.
 
-use super::log::{Appended, DurableLog, LogError};
+use super::log::{Appended, DurableLog, LogError, SentAppend};
 use crate::event::Event;
 use crate::rpc::{Replies, RequestError};
 use crate::subject::{PatternSet, validate_subject};
@@ -704,6 +704,9 @@ struct Observer {
 struct Table {
     subs: Vec<Arc<Sub>>,
     observers: Vec<Observer>,
+    /// Bumped when a subscription joins or changes its patterns: an append whose targets were
+    /// taken before finds the subscriptions it would miss ([`EmbeddedBus::send_to_log`]).
+    generation: u64,
 }
 
 /// The in-process bus.
@@ -769,7 +772,7 @@ impl EmbeddedBus {
 
     /// A producer's event for `targets`: room in every target's queue first (backpressure), then
     /// into the log, then to the targets that take it live (see [`Intake`]).
-    async fn accept(&self, event: Arc<Event>, targets: Vec<Arc<Sub>>) -> Result<(), TransportError> {
+    async fn accept(&self, event: Arc<Event>, (targets, seen): Targets) -> Result<(), TransportError> {
         for sub in &targets {
             sub.overflow.room_for_a_producer(&sub.tx).await;
         }
@@ -781,13 +784,16 @@ impl EmbeddedBus {
         // An event whose commit reported a failure after it landed is in the log all the same:
         // it is delivered now (not left for the next start), and its producer refused, since
         // nothing says it is on disk.
-        let (logged, refused) = match &self.log {
-            None => (Logged(None), None),
+        let (logged, refused, late) = match &self.log {
+            None => (Logged(None), None, Vec::new()),
             Some(log) => {
-                match log.append(event.clone(), targets.iter().map(|s| s.plugin.clone()).collect(), false).await {
-                    Ok(Appended::At(seq)) => (Logged(Some(seq)), None),
+                let (sent, late) = self
+                    .send_to_log(&event, &targets, seen, |plugins| log.send(event.clone(), plugins, false))
+                    .map_err(|e| TransportError::Broker(e.to_string()))?;
+                match sent.landed().await {
+                    Ok(Appended::At(seq)) => (Logged(Some(seq)), None, late),
                     Ok(Appended::Duplicate(_)) => return Ok(()),
-                    Err(e @ LogError::NotOnDisk { seq, .. }) => (Logged(Some(seq)), Some(e)),
+                    Err(e @ LogError::NotOnDisk { seq, .. }) => (Logged(Some(seq)), Some(e), late),
                     Err(e) => return Err(TransportError::Broker(e.to_string())),
                 }
             }
@@ -808,23 +814,62 @@ impl EmbeddedBus {
             }
             sub.overflow.send_behind(&mut state, slot, &event, logged);
         }
+        // Joined after the targets were taken, so no slot was reserved: taken without waiting
+        // (once per subscription at most, while it catches up it reads the event from the log).
+        for sub in &late {
+            let mut state = sub.overflow.state.lock().expect("overflow poisoned");
+            if Overflow::goes_live(&mut state, logged) {
+                sub.overflow.take(&mut state, &sub.tx, &event, Publisher::Other, event_cost(&event), logged);
+            }
+        }
         refused.map_or(Ok(()), |e| Err(TransportError::Broker(e.to_string())))
+    }
+
+    /// Sends `event`'s append to the log with `send`, for the plugins of `targets` (taken when
+    /// the table stood at `seen`) and of every subscription that joined or changed its patterns
+    /// since and matches it; returns what `send` made and those late subscriptions. Sent under
+    /// the table's lock: a new plugin's history is made pending after it joined the table, so
+    /// an append sent before that is in its history, and one sent after has its pending row
+    /// (with the targets taken alone, one whose producer took them before and appended after
+    /// was in neither, lost to it).
+    fn send_to_log<T>(
+        &self,
+        event: &Event,
+        targets: &[Arc<Sub>],
+        seen: u64,
+        send: impl FnOnce(Vec<Arc<str>>) -> Result<T, LogError>,
+    ) -> Result<(T, Vec<Arc<Sub>>), LogError> {
+        let table = self.table.read().expect("bus table poisoned");
+        let late: Vec<Arc<Sub>> = if table.generation == seen {
+            Vec::new()
+        } else {
+            let targeted = |s: &Sub| targets.iter().any(|t| t.plugin == s.plugin);
+            table.subs.iter().filter(|s| s.patterns.matches(&event.subject) && !targeted(s)).cloned().collect()
+        };
+        let plugins = targets.iter().chain(&late).map(|s| s.plugin.clone()).collect();
+        Ok((send(plugins)?, late))
     }
 
     /// Appends an output that may be in the log already (a dead letter, or an output of an
     /// event run again after a restart) for `targets` when the bus is durable; `None` when it
     /// was (not delivered again).
-    async fn append_output(&self, event: &Arc<Event>, targets: &[Arc<Sub>]) -> Result<Option<Logged>, TransportError> {
-        let Some(log) = &self.log else { return Ok(Some(Logged(None))) };
-        let plugins: Vec<Arc<str>> = targets.iter().map(|s| s.plugin.clone()).collect();
+    async fn append_output(
+        &self,
+        event: &Arc<Event>,
+        (targets, seen): (&[Arc<Sub>], u64),
+    ) -> Result<Option<(Logged, Vec<Arc<Sub>>)>, TransportError> {
+        let Some(log) = &self.log else { return Ok(Some((Logged(None), Vec::new()))) };
         let mut wait = Duration::from_millis(50);
         // The sequence numbers of this output's tries answered failed.
         let mut failed_tries = Vec::new();
         loop {
-            match log.append_at(event.clone(), plugins.clone(), true).await {
+            let (sent, late): (SentAppend, _) = self
+                .send_to_log(event, targets, seen, |plugins| log.send(event.clone(), plugins, true))
+                .map_err(|e| TransportError::Broker(e.to_string()))?;
+            match (sent.seq, sent.landed().await) {
                 // In the log, its commit standing: nobody outside waits for this one to be on disk.
                 (_, Ok(Appended::At(seq)) | Err(LogError::NotOnDisk { seq, .. })) => {
-                    return Ok(Some(Logged(Some(seq))));
+                    return Ok(Some((Logged(Some(seq)), late)));
                 }
                 // The copy found is this output's own earlier try: its commit landed though it
                 // was answered failed (the look for that could not be made). It is delivered
@@ -832,7 +877,7 @@ impl EmbeddedBus {
                 // published (a run before, a replay) is not delivered again: it was, or is
                 // pending for its plugins and read back.
                 (_, Ok(Appended::Duplicate(first))) if failed_tries.contains(&first) => {
-                    return Ok(Some(Logged(Some(first))));
+                    return Ok(Some((Logged(Some(first)), late)));
                 }
                 (_, Ok(Appended::Duplicate(_))) => return Ok(None),
                 // A failed write (a full disk): the output waits for the log to take it, as a
@@ -856,7 +901,7 @@ impl EmbeddedBus {
     /// one has no room (`Full`). `first_time_output`: it cannot be in the log yet, so it is
     /// logged without waiting for the commit; otherwise it is deduplicated.
     async fn deliver_output(&self, event: Arc<Event>, first_time_output: bool) -> Result<(), TransportError> {
-        let targets = self.targets(&event);
+        let (targets, seen) = self.targets(&event);
         let cost = event_cost(&event);
         // A handler's output or a dead letter: its `source` is the host's (`plugbus/<plugin>`).
         let publisher = Publisher::Plugin(&event.source);
@@ -868,23 +913,25 @@ impl EmbeddedBus {
             // flooding plugin makes wait there for it.
             sub.overflow.check_room(&state, &sub.tx, publisher, cost)?;
         }
-        let logged = match &self.log {
+        let (logged, late) = match &self.log {
             // Logged without waiting for the commit: the ack of its input is sent after it, so
             // it never commits before it.
             Some(log) if first_time_output => {
-                let plugins = targets.iter().map(|s| s.plugin.clone()).collect();
-                Logged(Some(
-                    log.append_nowait(event.clone(), plugins).map_err(|e| TransportError::Broker(e.to_string()))?,
-                ))
+                let (seq, late) = self
+                    .send_to_log(&event, &targets, seen, |plugins| log.append_nowait(event.clone(), plugins))
+                    .map_err(|e| TransportError::Broker(e.to_string()))?;
+                (Logged(Some(seq)), late)
             }
             // A dead letter, or an output of an event run again after a restart: it may be in
             // the log already, and then it is not delivered again.
-            _ => match self.append_output(&event, &targets).await? {
+            _ => match self.append_output(&event, (&targets, seen)).await? {
                 Some(logged) => logged,
                 None => return Ok(()),
             },
         };
-        for sub in &targets {
+        // Those that joined since the targets were taken too (their room was not checked: one
+        // output each, once).
+        for sub in targets.iter().chain(&late) {
             let mut state = sub.overflow.state.lock().expect("overflow poisoned");
             if Overflow::goes_live(&mut state, logged) {
                 sub.overflow.take(&mut state, &sub.tx, &event, publisher, cost, logged);
@@ -984,12 +1031,16 @@ impl EmbeddedBus {
         }
     }
 
-    /// The subscriptions `event` goes to, in subscription order.
-    fn targets(&self, event: &Event) -> Vec<Arc<Sub>> {
+    /// The subscriptions `event` goes to, in subscription order, and the table's generation
+    /// they were taken at.
+    fn targets(&self, event: &Event) -> Targets {
         let table = self.table.read().expect("bus table poisoned");
-        table.subs.iter().filter(|s| s.patterns.matches(&event.subject)).cloned().collect()
+        (table.subs.iter().filter(|s| s.patterns.matches(&event.subject)).cloned().collect(), table.generation)
     }
 }
+
+/// The subscriptions an event goes to, and the table's generation they were taken at.
+type Targets = (Vec<Arc<Sub>>, u64);
 
 /// Removes the subscription from the table when the plugin lets go of it.
 struct Unsubscribe {
@@ -1054,7 +1105,7 @@ impl Transport for EmbeddedBus {
     async fn request(&self, mut event: Event, timeout: Duration, producer: bool) -> Result<Event, RequestError> {
         validate_subject(&event.subject).map_err(|e| RequestError::Unavailable(e.to_string()))?;
         let subject = event.subject.clone();
-        let targets = self.targets(&event);
+        let (targets, _) = self.targets(&event);
         if targets.is_empty() {
             return Err(RequestError::NoResponders(subject));
         }
@@ -1130,15 +1181,19 @@ impl Transport for EmbeddedBus {
             None => false,
         };
         // In the table before a new plugin's history is made pending: an event whose producer
-        // finds it here is pending for it too (left in the log while it catches up). (One whose
-        // producer took its targets before and appends after the backfill is missed by both.)
-        self.table.write().expect("bus table poisoned").subs.push(Arc::new(Sub {
-            id,
-            plugin: plugin.clone(),
-            patterns: patterns.clone(),
-            tx: tx.clone(),
-            overflow: overflow.clone(),
-        }));
+        // finds it here, or whose append is sent after (`send_to_log`), is pending for it too
+        // (left in the log while it catches up); one sent before is in the history.
+        {
+            let mut table = self.table.write().expect("bus table poisoned");
+            table.subs.push(Arc::new(Sub {
+                id,
+                plugin: plugin.clone(),
+                patterns: patterns.clone(),
+                tx: tx.clone(),
+                overflow: overflow.clone(),
+            }));
+            table.generation += 1;
+        }
         if let Some(log) = &self.log
             && new
             && spec.durable.as_ref().is_some_and(|d| d.deliver_all)
@@ -1229,6 +1284,7 @@ impl Transport for EmbeddedBus {
             tx: slot.tx.clone(),
             overflow: slot.overflow.clone(),
         });
+        table.generation += 1;
         Ok(())
     }
 
@@ -1843,6 +1899,55 @@ mod tests {
         let mut sub =
             bus.subscribe(SubscriptionSpec { buffer_bytes: 4096, durable, ..spec(&["a.>"], 1) }).await.unwrap();
         new_events_come_after_the_history(&bus, &mut sub, HISTORY).await;
+    }
+
+    /// A producer takes its targets, then waits (for room, or the scheduler) while a new
+    /// `deliver = "all"` plugin subscribes and its history is made pending, then appends: the
+    /// event was neither in that history nor pending for the plugin, lost to it.
+    #[tokio::test]
+    async fn an_event_whose_producer_took_its_targets_before_a_new_plugin_joined_reaches_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DurableLog::open(&dir.path().join("bus.redb"), super::super::log::SyncPolicy::Always).unwrap();
+        let bus = EmbeddedBus::durable(log);
+        let mut other = bus.subscribe(SubscriptionSpec { plugin: "other".into(), ..spec(&["a.>"], 8) }).await.unwrap();
+        bus.publish(Event::new("a.old", "old")).await.unwrap();
+        let event = Arc::new(Event::new("a.new", "new"));
+        let taken_before = bus.targets(&event);
+        let durable = Some(crate::transport::Durability { deliver_all: true, give_up_after: 10, dead_letter: None });
+        let mut joined = bus.subscribe(SubscriptionSpec { durable, ..spec(&["a.>"], 8) }).await.unwrap();
+        bus.accept(event, taken_before).await.unwrap();
+        for want in ["old", "new"] {
+            let d = tokio::time::timeout(Duration::from_secs(5), joined.deliveries.recv()).await;
+            let d = d.unwrap_or_else(|_| panic!("{want:?} never reached the plugin that joined")).unwrap();
+            assert_eq!(String::from_utf8_lossy(&d.event.data), want);
+            d.acker.ack().await;
+            let o = other.deliveries.recv().await.unwrap();
+            assert_eq!(String::from_utf8_lossy(&o.event.data), want);
+        }
+        let twice = tokio::time::timeout(Duration::from_millis(300), joined.deliveries.recv()).await;
+        assert!(twice.is_err(), "delivered twice");
+    }
+
+    /// The same when the plugin that joined has caught up before the producer appends: the event
+    /// goes to it live, though the producer reserved it no room, once.
+    #[tokio::test]
+    async fn an_event_whose_producer_took_its_targets_before_a_plugin_joined_and_caught_up_goes_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_path, _log, bus, _other) = durable_bus(dir.path(), "b.>", 8).await;
+        let event = Arc::new(Event::new("a.new", "late"));
+        let taken_before = bus.targets(&event);
+        assert!(taken_before.0.is_empty());
+        let mut joined = bus.subscribe(SubscriptionSpec { plugin: "q".into(), ..spec(&["a.>"], 8) }).await.unwrap();
+        // caught up: a new event goes to it live
+        let overflow = bus.table.read().unwrap().subs[1].overflow.clone();
+        eventually_true(|| overflow.state.lock().unwrap().intake.catching_up.is_none()).await;
+        bus.accept(event, taken_before).await.unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(5), joined.deliveries.recv()).await;
+        let d = d.expect("the event never reached the plugin that joined").unwrap();
+        assert_eq!(&d.event.data[..], b"late");
+        d.acker.ack().await;
+        let twice = tokio::time::timeout(Duration::from_millis(300), joined.deliveries.recv()).await;
+        assert!(twice.is_err(), "delivered twice");
     }
 
     /// A replay delivers the history again, and what is accepted for the plugin meanwhile comes

@@ -338,6 +338,20 @@ fn append_cost(event: &Event, plugins: &[Arc<str>]) -> u64 {
     (256 + event.data.len() + event.header_bytes() + plugins.len() * 16) as u64
 }
 
+/// An append sent to the writer ([`DurableLog::send`]), not yet answered.
+pub struct SentAppend {
+    /// Its sequence number.
+    pub seq: u64,
+    wait: oneshot::Receiver<Result<Appended, LogError>>,
+}
+
+impl SentAppend {
+    /// Waits until it is committed (or failed).
+    pub async fn landed(self) -> Result<Appended, LogError> {
+        self.wait.await.map_err(|_| LogError::Closed).and_then(|answer| answer)
+    }
+}
+
 /// What an append did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
@@ -583,23 +597,18 @@ impl DurableLog {
     /// committed (on disk with `sync = "always"`). With `dedupe`, an event whose (source, id) was
     /// appended before is not appended again.
     pub async fn append(&self, event: Arc<Event>, plugins: Vec<Arc<str>>, dedupe: bool) -> Result<Appended, LogError> {
-        self.append_at(event, plugins, dedupe).await.1
+        self.send(event, plugins, dedupe)?.landed().await
     }
 
-    /// Like [`DurableLog::append`], with the sequence number the append was sent under (`0`
-    /// when it could not be sent): a later try that finds it as a duplicate can tell its own
-    /// earlier try (whose commit landed though answered failed) from a copy logged before.
-    pub async fn append_at(
-        &self,
-        event: Arc<Event>,
-        plugins: Vec<Arc<str>>,
-        dedupe: bool,
-    ) -> (u64, Result<Appended, LogError>) {
+    /// Sends an append to the writer now, its sequence number fixed: an op sent after this
+    /// call (a backfill) sees it. [`SentAppend::landed`] waits for its commit; a later try that
+    /// finds it as a duplicate can tell its own earlier try (whose commit landed though it was
+    /// answered failed) from a copy logged before by that number.
+    pub fn send(&self, event: Arc<Event>, plugins: Vec<Arc<str>>, dedupe: bool) -> Result<SentAppend, LogError> {
         let (done, wait) = oneshot::channel();
-        match self.send_append(|seq| Op::Append { seq, event, plugins, dedupe, done: Some(done), appended_ms: None }) {
-            Ok(seq) => (seq, wait.await.map_err(|_| LogError::Closed).and_then(|answer| answer)),
-            Err(e) => (0, Err(e)),
-        }
+        let seq =
+            self.send_append(|seq| Op::Append { seq, event, plugins, dedupe, done: Some(done), appended_ms: None })?;
+        Ok(SentAppend { seq, wait })
     }
 
     /// Appends a handler's output without waiting for the commit; returns its sequence number.
