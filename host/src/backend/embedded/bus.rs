@@ -1176,13 +1176,10 @@ impl Transport for EmbeddedBus {
         // On the durable log it starts catching up: what was accepted for it before it subscribed
         // and since is delivered from the log, in order, before anything goes to it live.
         let overflow = Overflow::new(plugin.clone(), spec.buffer_bytes, self.log.clone());
-        let new = match &self.log {
-            Some(log) => log.register(plugin.clone()).await.map_err(|e| TransportError::Broker(e.to_string()))?,
-            None => false,
-        };
-        // In the table before a new plugin's history is made pending: an event whose producer
-        // finds it here, or whose append is sent after (`send_to_log`), is pending for it too
-        // (left in the log while it catches up); one sent before is in the history.
+        // In the table before it is registered and a new plugin's history is made pending: an
+        // event whose producer finds it here, or whose append is sent after (`send_to_log`), is
+        // pending for it too (left in the log while it catches up); one sent before is in the
+        // history.
         {
             let mut table = self.table.write().expect("bus table poisoned");
             table.subs.push(Arc::new(Sub {
@@ -1194,15 +1191,21 @@ impl Transport for EmbeddedBus {
             }));
             table.generation += 1;
         }
-        if let Some(log) = &self.log
-            && new
-            && spec.durable.as_ref().is_some_and(|d| d.deliver_all)
-        {
-            let made = log
-                .backfill(plugin.clone(), move |s| patterns.matches(s), crate::transport::ReplayFrom::Seq(0))
-                .await
-                .map_err(|e| TransportError::Broker(e.to_string()))?;
-            tracing::info!(plugin = %spec.plugin, events = made.len(), "a new plugin with deliver = \"all\": the log's history is delivered to it");
+        if let Some(log) = &self.log {
+            // Registered with its history in one commit: one that fails leaves the plugin new,
+            // and the next subscription makes its history then.
+            let history = spec.durable.as_ref().is_some_and(|d| d.deliver_all).then(|| {
+                let matches: Box<dyn Fn(&str) -> bool + Send> = Box::new(move |s| patterns.matches(s));
+                matches
+            });
+            let wants_history = history.is_some();
+            let registered = log.register_with(plugin.clone(), history).await;
+            // `subscription` drops with the error: out of the table again.
+            let registered = registered.map_err(|e| TransportError::Broker(e.to_string()))?;
+            if let Some(made) = registered.filter(|_| wants_history) {
+                tracing::info!(plugin = %spec.plugin, events = made.len(),
+                    "a new plugin with deliver = \"all\": the log's history is delivered to it");
+            }
         }
         if let Some(log) = &self.log {
             let held = HeldBack { load: Load { history: Vec::new(), from: 0 }, overflow, tx: tx.downgrade(), plugin };
@@ -1926,6 +1929,38 @@ mod tests {
         }
         let twice = tokio::time::timeout(Duration::from_millis(300), joined.deliveries.recv()).await;
         assert!(twice.is_err(), "delivered twice");
+    }
+
+    /// A new `deliver = "all"` plugin whose subscription fails (a full disk) is still new to
+    /// the log: its next subscription, once space returns, gets the history (it is registered
+    /// in the commit that makes the history pending, not before).
+    #[tokio::test]
+    async fn a_new_plugin_whose_subscription_failed_gets_its_history_at_the_next_one() {
+        use super::super::log::tests::{Tmpfs, fill_up};
+        let Some(disk) = Tmpfs::mount(16) else { return };
+        let (_, log, bus, mut other) = durable_bus(disk.0.path(), "a.>", 8).await;
+        for i in 0..3 {
+            bus.publish(Event::new("a.old", format!("{i}"))).await.unwrap();
+            other.deliveries.recv().await.unwrap().acker.ack().await;
+        }
+        let filler = fill_up(disk.0.path());
+        let durable = Some(crate::transport::Durability { deliver_all: true, give_up_after: 10, dead_letter: None });
+        let new = || SubscriptionSpec { plugin: "new".into(), durable: durable.clone(), ..spec(&["a.>"], 8) };
+        let failed = bus.subscribe(new()).await;
+        assert!(failed.is_err(), "subscribed on a full disk");
+        std::fs::remove_file(&filler).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while let Err(e) = log.sync().await {
+            assert!(std::time::Instant::now() < deadline, "the log did not recover: {e}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut joined = bus.subscribe(new()).await.unwrap();
+        for want in ["0", "1", "2"] {
+            let d = tokio::time::timeout(Duration::from_secs(5), joined.deliveries.recv()).await;
+            let d = d.unwrap_or_else(|_| panic!("history event {want} never came")).unwrap();
+            assert_eq!(String::from_utf8_lossy(&d.event.data), want);
+            d.acker.ack().await;
+        }
     }
 
     /// The same when the plugin that joined has caught up before the producer appends: the event

@@ -241,10 +241,12 @@ enum Op {
         /// away (see `kv_replay`): applied as it was, without checking its reads.
         done: Option<oneshot::Sender<Result<(), crate::kv::KvError>>>,
     },
-    /// Records `plugin` as a subscriber; answers whether it was new to the log.
+    /// Records `plugin` as a subscriber; answers `None` when it was not new to the log, else
+    /// the events `history` made pending for it (in the same commit).
     Register {
         plugin: Arc<str>,
-        done: oneshot::Sender<Result<bool, LogError>>,
+        history: Option<Box<dyn Fn(&str) -> bool + Send>>,
+        done: oneshot::Sender<Result<Option<Vec<u64>>, LogError>>,
     },
     /// Makes every kept event from `from` on whose subject `matches` pending for `plugin`
     /// (a replay); answers how many became pending.
@@ -948,8 +950,21 @@ impl DurableLog {
 
     /// Records `plugin` as a subscriber of the log; `true` when it had never subscribed before.
     pub async fn register(&self, plugin: Arc<str>) -> Result<bool, LogError> {
+        Ok(self.register_with(plugin, None).await?.is_some())
+    }
+
+    /// Records `plugin` as a subscriber of the log. When it had never subscribed before, every
+    /// kept event whose subject `history` matches is made pending for it in the same commit
+    /// (`deliver = "all"`), and the answer is `Some` of their sequence numbers: a failure leaves
+    /// neither, so the next subscription tries both again (registered alone, the plugin would
+    /// no longer be new, and its history never made).
+    pub async fn register_with(
+        &self,
+        plugin: Arc<str>,
+        history: Option<Box<dyn Fn(&str) -> bool + Send>>,
+    ) -> Result<Option<Vec<u64>>, LogError> {
         let (done, wait) = oneshot::channel();
-        self.ops.send(Op::Register { plugin, done }).map_err(|_| LogError::Closed)?;
+        self.ops.send(Op::Register { plugin, history, done }).map_err(|_| LogError::Closed)?;
         wait.await.map_err(|_| LogError::Closed)?
     }
 
@@ -1391,6 +1406,52 @@ impl Writer {
         Ok(())
     }
 
+    /// Makes every kept event from `from` on whose subject `matches` pending for `plugin`, in
+    /// the writer's transaction; returns the sequence numbers that became pending (those already
+    /// pending, in flight, are left alone). A damaged row is skipped, logged.
+    fn backfill_in(
+        &self,
+        events: &impl ReadableTable<u64, &'static [u8]>,
+        pending: &mut redb::Table<(&'static str, u64), ()>,
+        plugin: &str,
+        matches: &dyn Fn(&str) -> bool,
+        from: crate::transport::ReplayFrom,
+    ) -> Result<Vec<u64>, String> {
+        let mut made = Vec::new();
+        let mut wanted = Vec::new();
+        let since_ms = from.since_ms();
+        for stored in events.range(from.first_seq()..).map_err(|e| e.to_string())? {
+            let (row_key, stored) = stored.map_err(|e| e.to_string())?;
+            // A damaged row cannot be replayed; it must not fail the commit
+            // (and every append in it) either.
+            let records = match rows::records(stored.value()) {
+                Ok(records) => records,
+                Err(why) => {
+                    tracing::error!(log = %self.path.display(), plugin = %plugin, last_seq = row_key.value(),
+                        "a replay skips a damaged row of events: {why}");
+                    continue;
+                }
+            };
+            for (seq, record) in records {
+                // A time compares with each record's append time (not a
+                // search: a clock set back would otherwise hide events).
+                if seq < from.first_seq() || (since_ms > 0 && appended_ms(record).is_some_and(|t| t < since_ms)) {
+                    continue;
+                }
+                let subject = decode(record).map(|ev| ev.subject).unwrap_or_default();
+                if matches(&subject) {
+                    wanted.push(seq);
+                }
+            }
+        }
+        for seq in wanted {
+            if pending.insert((plugin, seq), ()).map_err(|e| e.to_string())?.is_none() {
+                made.push(seq);
+            }
+        }
+        Ok(made)
+    }
+
     /// Commits one batch; answers every op in it. When the commit failed each op that has a
     /// waiter is told, and the ops nobody waits for (outputs, acks) come back to be tried again.
     fn commit(&self, batch: Vec<Op>, durable: bool) -> Result<KeptInMemory, Vec<Op>> {
@@ -1401,7 +1462,7 @@ impl Writer {
         let mut answers: Answers = Vec::new();
         let retry: Vec<Op> = batch.iter().filter_map(Op::retry_copy).collect();
         let mut ops = batch.into_iter();
-        let mut registered: Vec<(oneshot::Sender<Result<bool, LogError>>, bool)> = Vec::new();
+        let mut registered: Vec<(oneshot::Sender<Result<Option<Vec<u64>>, LogError>>, Option<Vec<u64>>)> = Vec::new();
         let mut backfilled: Vec<Backfilled> = Vec::new();
         let mut kv_answers: Vec<KvAnswer> = Vec::new();
         let mut syncs = Vec::new();
@@ -1586,58 +1647,32 @@ impl Writer {
                                     .insert((outbox.plugin.clone(), outbox.seq));
                             }
                         }
-                        Op::Register { plugin, done } => {
+                        Op::Register { plugin, history, done } => {
                             // Answered before the first write that can fail (see `Append`).
-                            registered.push((done, false));
+                            registered.push((done, None));
                             let answer = registered.len() - 1;
                             let mut subscribers = w.open_table(SUBSCRIBERS).map_err(|e| e.to_string())?;
-                            let new = subscribers.get(&*plugin).map_err(|e| e.to_string())?.is_none();
-                            if new {
+                            if subscribers.get(&*plugin).map_err(|e| e.to_string())?.is_none() {
                                 subscribers.insert(&*plugin, next).map_err(|e| e.to_string())?;
+                                let made = match history {
+                                    Some(matches) => {
+                                        // The events appended earlier in this commit are read too.
+                                        row.flush(&mut events).map_err(|e| e.to_string())?;
+                                        let first = crate::transport::ReplayFrom::Seq(0);
+                                        self.backfill_in(&events, &mut pending, &plugin, &*matches, first)?
+                                    }
+                                    None => Vec::new(),
+                                };
+                                registered[answer].1 = Some(made);
                             }
-                            registered[answer].1 = new;
                         }
                         Op::Backfill { plugin, matches, from, done } => {
                             // Answered before the first write that can fail (see `Append`).
                             backfilled.push((done, Vec::new()));
                             let answer = backfilled.len() - 1;
-                            let mut made = Vec::new();
-                            let mut wanted = Vec::new();
-                            let since_ms = from.since_ms();
                             // The events appended earlier in this commit are read too.
                             row.flush(&mut events).map_err(|e| e.to_string())?;
-                            for stored in events.range(from.first_seq()..).map_err(|e| e.to_string())? {
-                                let (row_key, stored) = stored.map_err(|e| e.to_string())?;
-                                // A damaged row cannot be replayed; it must not fail the commit
-                                // (and every append in it) either.
-                                let records = match rows::records(stored.value()) {
-                                    Ok(records) => records,
-                                    Err(why) => {
-                                        tracing::error!(log = %self.path.display(), plugin = %plugin, last_seq = row_key.value(),
-                                            "a replay skips a damaged row of events: {why}");
-                                        continue;
-                                    }
-                                };
-                                for (seq, record) in records {
-                                    // A time compares with each record's append time (not a
-                                    // search: a clock set back would otherwise hide events).
-                                    if seq < from.first_seq()
-                                        || (since_ms > 0 && appended_ms(record).is_some_and(|t| t < since_ms))
-                                    {
-                                        continue;
-                                    }
-                                    let subject = decode(record).map(|ev| ev.subject).unwrap_or_default();
-                                    if matches(&subject) {
-                                        wanted.push(seq);
-                                    }
-                                }
-                            }
-                            for seq in wanted {
-                                if pending.insert((&*plugin, seq), ()).map_err(|e| e.to_string())?.is_none() {
-                                    made.push(seq);
-                                }
-                            }
-                            backfilled[answer].1 = made;
+                            backfilled[answer].1 = self.backfill_in(&events, &mut pending, &plugin, &*matches, from)?;
                         }
                     }
                 }
