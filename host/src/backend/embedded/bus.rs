@@ -365,7 +365,8 @@ impl Overflow {
         true
     }
 
-    /// Whether `event`, of `cost` bytes, can be taken now (into the queue or behind it). Past the
+    /// Whether `event`, of `cost` bytes, can be taken now (into the queue or behind it, or, for
+    /// an output to one catching up (`into_log`), into the log). Past the
     /// budget, a publisher that holds less than an equal share of it (among the publishers that
     /// have events waiting) is taken still, up to twice the budget in all: a plugin flooding
     /// another's buffer is refused alone, and the outputs of the others are not retried and
@@ -375,13 +376,14 @@ impl Overflow {
         state: &OverflowState,
         tx: &mpsc::Sender<Delivery>,
         publisher: Publisher<'_>,
+        into_log: bool,
         cost: u64,
     ) -> Result<(), TransportError> {
         // What waits for it where this one would: an output for one catching up is left in the
         // log (as many as its queue holds uncharged, as they would be in the queue); anything
-        // else goes to the queue or behind it.
+        // else (a request is never logged) goes to the queue or behind it.
         let (waiting, count, by_plugin, queue_has_room) = match (&publisher, state.intake.catching_up.as_ref()) {
-            (Publisher::Plugin(_), Some(c)) if self.log.is_some() => {
+            (Publisher::Plugin(_), Some(c)) if into_log && self.log.is_some() => {
                 (c.left_bytes, c.left.len(), &c.left_by_plugin, c.left.len() < tx.max_capacity())
             }
             _ => (state.bytes, state.events.len(), &state.by_plugin, state.events.is_empty() && tx.capacity() > 0),
@@ -495,6 +497,11 @@ impl Overflow {
             // The timeout is a backstop: the wake-up is not missed (`drained` was made first).
             let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
         }
+    }
+
+    /// Whether new events for it are left to its read-back (on the durable log).
+    fn is_catching_up(&self) -> bool {
+        self.log.is_some() && self.state.lock().expect("overflow poisoned").intake.catching_up.is_some()
     }
 
     /// Whether the subscription is gone: its read-back has nobody to read for.
@@ -624,10 +631,17 @@ impl Load {
             }
             // A page's last looked-at sequence number: pages go on past records that could not
             // be read (the log settled those), even a page of nothing else.
+            // Up to half the buffer at a time (the other half is what may wait already).
+            let page_bytes = overflow.budget / 2;
+            // What a history's page did not get to (it holds `page_bytes`): read next.
+            let mut rest: &[u64] = &[];
             let read = match chunk {
-                Some(seqs) => log.read_seqs(&plugin, seqs).map(|page| (page, None)),
+                Some(seqs) => log.read_seqs(&plugin, seqs, page_bytes).map(|(page, looked)| {
+                    rest = &seqs[looked..];
+                    (page, None)
+                }),
                 None => log
-                    .unsettled_page(&plugin, from..overflow.read_back_end(), LOAD_PAGE)
+                    .unsettled_page(&plugin, from..overflow.read_back_end(), LOAD_PAGE, page_bytes)
                     .map(|page| (page.deliveries, page.last_seq)),
             };
             let (page, last) = match read {
@@ -652,7 +666,7 @@ impl Load {
                 (retry_in, failing_since) = (Duration::from_secs(1), None);
             }
             if chunk.take().is_some() {
-                chunk = history.next();
+                chunk = if rest.is_empty() { history.next() } else { Some(rest) };
             } else if let Some(last) = last {
                 from = last + 1;
             } else {
@@ -778,8 +792,17 @@ impl EmbeddedBus {
         }
         let mut slots = Vec::with_capacity(targets.len());
         for sub in &targets {
-            // Closed: unsubscribed meanwhile, the event is no longer for it.
-            slots.push(sub.tx.reserve().await.ok());
+            // One catching up takes the event from the log: its queue is its read-back's, and a
+            // producer waiting there would go at its handler's pace.
+            if sub.overflow.is_catching_up() {
+                slots.push(Slot::Unreserved);
+                continue;
+            }
+            slots.push(match sub.tx.reserve().await {
+                Ok(permit) => Slot::Reserved(permit),
+                // Unsubscribed meanwhile, the event is no longer for it.
+                Err(_) => Slot::Closed,
+            });
         }
         // An event whose commit reported a failure after it landed is in the log all the same:
         // it is delivered now (not left for the next start), and its producer refused, since
@@ -799,12 +822,17 @@ impl EmbeddedBus {
             }
         };
         self.notify_observers(&event);
-        for (sub, slot) in targets.iter().zip(slots) {
-            let Some(slot) = slot else { continue };
-            if logged.0.is_none() {
-                slot.send(sub.overflow.delivery(event.clone(), logged));
-                continue;
-            }
+        // Those that joined after the targets were taken have no slot either.
+        let late = late.iter().map(|sub| (sub, Slot::Unreserved));
+        for (sub, slot) in targets.iter().zip(slots).chain(late) {
+            let slot = match slot {
+                Slot::Closed => continue,
+                Slot::Reserved(slot) if logged.0.is_none() => {
+                    slot.send(sub.overflow.delivery(event.clone(), logged));
+                    continue;
+                }
+                slot => slot,
+            };
             // Decided and sent under the overflow's lock: the read-back hands over to live
             // deliveries under it too, and they go behind what it read (or anything else) still
             // waiting there.
@@ -812,14 +840,11 @@ impl EmbeddedBus {
             if !Overflow::goes_live(&mut state, logged) {
                 continue;
             }
-            sub.overflow.send_behind(&mut state, slot, &event, logged);
-        }
-        // Joined after the targets were taken, so no slot was reserved: taken without waiting
-        // (once per subscription at most, while it catches up it reads the event from the log).
-        for sub in &late {
-            let mut state = sub.overflow.state.lock().expect("overflow poisoned");
-            if Overflow::goes_live(&mut state, logged) {
-                sub.overflow.take(&mut state, &sub.tx, &event, Publisher::Other, event_cost(&event), logged);
+            match slot {
+                Slot::Reserved(slot) => sub.overflow.send_behind(&mut state, slot, &event, logged),
+                // It caught up meanwhile: taken without waiting (one event past its buffer at
+                // most, as for producers that looked at once).
+                _ => sub.overflow.take(&mut state, &sub.tx, &event, Publisher::Other, event_cost(&event), logged),
             }
         }
         refused.map_or(Ok(()), |e| Err(TransportError::Broker(e.to_string())))
@@ -911,7 +936,7 @@ impl EmbeddedBus {
             let state = sub.overflow.state.lock().expect("overflow poisoned");
             // For one catching up too, which leaves it in the log: the budget bounds what a
             // flooding plugin makes wait there for it.
-            sub.overflow.check_room(&state, &sub.tx, publisher, cost)?;
+            sub.overflow.check_room(&state, &sub.tx, publisher, true, cost)?;
         }
         let (logged, late) = match &self.log {
             // Logged without waiting for the commit: the ack of its input is sent after it, so
@@ -1042,6 +1067,17 @@ impl EmbeddedBus {
 /// The subscriptions an event goes to, and the table's generation they were taken at.
 type Targets = (Vec<Arc<Sub>>, u64);
 
+/// A producer's room in a target's queue.
+enum Slot<'a> {
+    /// Waited for and held (backpressure).
+    Reserved(mpsc::Permit<'a, Delivery>),
+    /// None waited for: it was catching up (its read-back delivers the event), or joined after
+    /// the targets were taken.
+    Unreserved,
+    /// It unsubscribed: the event is no longer for it.
+    Closed,
+}
+
 /// Removes the subscription from the table when the plugin lets go of it.
 struct Unsubscribe {
     table: Arc<RwLock<Table>>,
@@ -1126,7 +1162,7 @@ impl Transport for EmbeddedBus {
         let mut taken = 0;
         for sub in targets.iter().filter(|s| !s.tx.is_closed()) {
             let mut state = sub.overflow.state.lock().expect("overflow poisoned");
-            match sub.overflow.check_room(&state, &sub.tx, publisher, cost) {
+            match sub.overflow.check_room(&state, &sub.tx, publisher, false, cost) {
                 Ok(()) => {
                     sub.overflow.take(&mut state, &sub.tx, &event, publisher, cost, outbox_key);
                     taken += 1;
@@ -1542,6 +1578,65 @@ mod tests {
         let table = bus.table.read().unwrap();
         let state = table.subs[0].overflow.state.lock().unwrap();
         assert!(state.by_plugin.is_empty() && state.bytes == 0, "{} bytes left", state.bytes);
+    }
+
+    /// A plugin catching up (here: what the last run left, more than its buffer) whose handler
+    /// does not keep up. What waits for it in memory stays within its buffer: a hostile plugin's
+    /// requests (never logged) are refused past it, a page read back holds at most half of it,
+    /// and a producer's event goes to the log without waiting on the queue the read-back fills.
+    #[tokio::test]
+    async fn a_plugin_catching_up_is_bounded_in_memory_and_holds_no_producer() {
+        const BUDGET: u64 = 256 << 10;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let big = "x".repeat(64 << 10);
+        let log = left_by_the_last_run(&path, (0..40).map(|i| Event::new("a.old", format!("{i}{big}")))).await;
+        let bus = EmbeddedBus::durable(log);
+        let mut sub = bus.subscribe(SubscriptionSpec { buffer_bytes: BUDGET, ..spec(&["a.>"], 1) }).await.unwrap();
+        let overflow = bus.table.read().unwrap().subs[0].overflow.clone();
+        eventually_true(|| overflow.waiting() > 0).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let waiting = overflow.state.lock().unwrap().bytes;
+        assert!(waiting <= BUDGET, "a page read back put {waiting} bytes into an overflow of {BUDGET}");
+        assert!(overflow.is_catching_up());
+        // A producer's event: not held behind the read-back's queue.
+        let publishing = tokio::time::timeout(Duration::from_secs(2), bus.publish(Event::new("a.new", "new")));
+        publishing.await.expect("a producer waited on a plugin catching up").unwrap();
+        // A plugin's requests: refused once the buffer is full.
+        let mut refused = None;
+        for i in 0..64 {
+            let mut request = Event::new("a.ask", big.clone());
+            request.source = "plugbus/hostile".into();
+            match bus.request(request, Duration::from_millis(1), false).await {
+                Err(RequestError::Unavailable(why)) => {
+                    refused = Some((i, why));
+                    break;
+                }
+                Err(RequestError::Timeout { .. }) => {}
+                other => panic!("request {i}: {other:?}"),
+            }
+        }
+        let (taken, why) = refused.expect("64 requests of 64 KiB taken into a buffer of 256 KiB");
+        assert!(why.contains("plugin p has"), "{why}");
+        let waiting = overflow.state.lock().unwrap().bytes;
+        assert!(waiting <= 2 * BUDGET + (70 << 10), "{taken} requests left {waiting} bytes waiting");
+        // Everything the log holds for it comes in order, then the new event.
+        let mut got = Vec::new();
+        while let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await {
+            if d.event.subject != "a.ask" {
+                got.push(
+                    String::from_utf8_lossy(&d.event.data[..d.event.data.len().min(3)])
+                        .trim_end_matches('x')
+                        .to_string(),
+                );
+            }
+            d.acker.ack().await;
+            if got.len() == 41 {
+                break;
+            }
+        }
+        let expected: Vec<String> = (0..40).map(|i| i.to_string()).chain(["new".to_string()]).collect();
+        assert_eq!(got, expected);
     }
 
     #[tokio::test]

@@ -864,12 +864,14 @@ impl DurableLog {
     /// The events under `seqs` (those retention dropped are left out), as deliveries to run
     /// again: their outputs may be in the log already. One whose record cannot be read is left
     /// out (settled without running, or left pending: see [`DurableLog::read_back`]).
-    pub fn read_seqs(&self, plugin: &str, seqs: &[u64]) -> Result<Vec<Unsettled>, LogError> {
+    /// Stops once what it read holds `max_bytes` (at least one is read); answers how many of
+    /// `seqs` it looked at too.
+    pub fn read_seqs(&self, plugin: &str, seqs: &[u64], max_bytes: u64) -> Result<(Vec<Unsettled>, usize), LogError> {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
         let r = self.store.get().map_err(|e| io(&e))?.begin_read().map_err(|e| io(&e))?;
         let events = r.open_table(ROWS).map_err(|e| io(&e))?;
         let outboxes = r.open_table(OUTBOX).map_err(|e| io(&e))?;
-        self.read_back(plugin, &events, &outboxes, seqs, false)
+        self.read_back(plugin, &events, &outboxes, seqs, false, max_bytes)
     }
 
     /// Reads back `plugin`'s deliveries of `seqs` from `rows` to run again. A record that cannot
@@ -878,7 +880,9 @@ impl DurableLog {
     /// here, so it neither stops the deliveries after it nor comes back at every start. A read
     /// that fails (an I/O error) fails the whole read: the delivery stays pending. Each
     /// delivery's outbox is read with it ([`Unsettled::handled`]); one whose outbox is damaged
-    /// is left pending, logged: running it again would apply its kv writes twice.
+    /// is left pending, logged: running it again would apply its kv writes twice. Stops once
+    /// the events and outputs read hold `max_bytes` (a page of large events must not fill the
+    /// memory); answers how many of `seqs` it looked at.
     fn read_back(
         &self,
         plugin: &str,
@@ -886,10 +890,16 @@ impl DurableLog {
         outboxes: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
         seqs: &[u64],
         pending: bool,
-    ) -> Result<Vec<Unsettled>, LogError> {
+        max_bytes: u64,
+    ) -> Result<(Vec<Unsettled>, usize), LogError> {
         let mut lookup = Lookup::new(rows);
         let mut out = Vec::with_capacity(seqs.len());
+        let (mut bytes, mut looked) = (0u64, 0);
         for &seq in seqs {
+            if looked > 0 && bytes >= max_bytes {
+                break;
+            }
+            looked += 1;
             let record = match lookup.get(seq) {
                 // A record of a newer version is not damage: a rolled-back host must not settle
                 // what the newer one would run. The delivery stays pending, logged; the read goes
@@ -920,6 +930,8 @@ impl DurableLog {
                             continue;
                         }
                     };
+                    bytes += (event.data.len() + event.header_bytes()) as u64;
+                    bytes += handled.iter().flatten().map(|o| (o.data.len() + o.header_bytes()) as u64).sum::<u64>();
                     out.push(Unsettled { seq, event: Arc::new(event), handled });
                 }
                 Ok(None) => {}
@@ -945,7 +957,7 @@ impl DurableLog {
             }
         }
         self.mark_redelivered(plugin, &out);
-        Ok(out)
+        Ok((out, looked))
     }
 
     /// Records `plugin` as a subscriber of the log; `true` when it had never subscribed before.
@@ -985,15 +997,17 @@ impl DurableLog {
 
     /// The deliveries of `plugin` not settled yet, oldest first.
     pub fn unsettled(&self, plugin: &str) -> Result<Vec<Unsettled>, LogError> {
-        Ok(self.unsettled_page(plugin, 0..u64::MAX, usize::MAX)?.deliveries)
+        Ok(self.unsettled_page(plugin, 0..u64::MAX, usize::MAX, u64::MAX)?.deliveries)
     }
 
-    /// Up to `limit` of the deliveries of `plugin` not settled yet with sequence numbers in `seqs`.
+    /// Up to `limit` of the deliveries of `plugin` not settled yet with sequence numbers in
+    /// `seqs`, fewer once what was read holds `max_bytes` (at least one).
     pub fn unsettled_page(
         &self,
         plugin: &str,
         seqs: std::ops::Range<u64>,
         limit: usize,
+        max_bytes: u64,
     ) -> Result<UnsettledPage, LogError> {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
         #[cfg(test)]
@@ -1008,8 +1022,8 @@ impl DurableLog {
             owed.push(row.map_err(|e| io(&e))?.0.value().1);
         }
         let outboxes = r.open_table(OUTBOX).map_err(|e| io(&e))?;
-        let deliveries = self.read_back(plugin, &events, &outboxes, &owed, true)?;
-        Ok(UnsettledPage { deliveries, last_seq: owed.last().copied() })
+        let (deliveries, looked) = self.read_back(plugin, &events, &outboxes, &owed, true, max_bytes)?;
+        Ok(UnsettledPage { deliveries, last_seq: owed[..looked].last().copied() })
     }
 }
 
@@ -2092,7 +2106,7 @@ pub(crate) mod tests {
         let unsettled = log.unsettled("p").unwrap();
         assert_eq!(unsettled.iter().map(|u| u.seq).collect::<Vec<_>>(), (1..=50).collect::<Vec<_>>());
         for (i, seq) in seqs.iter().enumerate() {
-            let found = log.read_seqs("p", &[*seq]).unwrap();
+            let found = log.read_seqs("p", &[*seq], u64::MAX).unwrap().0;
             assert_eq!(found[0].event.subject, format!("n.{i}"), "seq {seq}");
         }
         assert_eq!(log.read(10, 5).unwrap().iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![10, 11, 12, 13, 14]);
@@ -2249,7 +2263,7 @@ pub(crate) mod tests {
         })
         .await;
         let log = reopen(&path, Retention::default()).await;
-        let page = log.unsettled_page("p", 0..u64::MAX, 100).unwrap();
+        let page = log.unsettled_page("p", 0..u64::MAX, 100, u64::MAX).unwrap();
         let read: Vec<(u64, Option<usize>)> =
             page.deliveries.iter().map(|u| (u.seq, u.handled.as_ref().map(Vec::len))).collect();
         // The damaged one is not run (its kv writes committed): left pending, not settled, counted.
@@ -2263,7 +2277,8 @@ pub(crate) mod tests {
         log.ack(p.clone(), kept);
         log.ack(p.clone(), plain);
         log.sync().await.unwrap();
-        let left: Vec<u64> = log.unsettled_page("p", 0..u64::MAX, 100).unwrap().last_seq.into_iter().collect();
+        let left: Vec<u64> =
+            log.unsettled_page("p", 0..u64::MAX, 100, u64::MAX).unwrap().last_seq.into_iter().collect();
         assert_eq!(left, vec![damaged], "the delivery with the damaged outbox stays pending");
     }
 
@@ -2329,7 +2344,7 @@ pub(crate) mod tests {
         let seqs = |log: &DurableLog| log.unsettled("p").unwrap().iter().map(|u| u.seq).collect::<Vec<_>>();
         assert_eq!(seqs(&log), vec![1, 3], "the damaged delivery is settled, the others are not");
         assert_eq!(log.metrics().damaged_records.get(), 1, "settled once, not again at every read");
-        let pending = log.unsettled_page("p", 0..u64::MAX, 10).unwrap();
+        let pending = log.unsettled_page("p", 0..u64::MAX, 10, u64::MAX).unwrap();
         assert_eq!(pending.last_seq, Some(4), "a damaged delivery whose outputs are kept stays pending");
         assert!(log.outbox("p", 4).unwrap().is_some(), "and so do its outputs");
         // A replay skips the damaged rows (before, one failed the whole commit).
@@ -2646,7 +2661,7 @@ pub(crate) mod tests {
         let Appended::At(seq) = log.append(out.clone(), vec![], true).await.unwrap() else {
             panic!("a damaged first copy made the output a duplicate")
         };
-        assert_eq!(log.read_seqs("p", &[seq]).unwrap()[0].event.id, out.id);
+        assert_eq!(log.read_seqs("p", &[seq], u64::MAX).unwrap().0[0].event.id, out.id);
         assert!(matches!(log.append(out, vec![], true).await.unwrap(), Appended::Duplicate(_)), "and kept once again");
     }
 
@@ -2666,7 +2681,7 @@ pub(crate) mod tests {
         assert!(log.unsettled("p").unwrap().is_empty(), "a newer record is not run");
         log.sync().await.unwrap();
         assert_eq!(log.metrics().damaged_records.get(), 0);
-        let page = log.unsettled_page("p", 0..2, 10).unwrap();
+        let page = log.unsettled_page("p", 0..2, 10, u64::MAX).unwrap();
         assert!(page.deliveries.is_empty());
         assert_eq!(page.last_seq, Some(1), "still pending, and the read goes on past it");
     }
