@@ -247,7 +247,7 @@ impl Router {
 
     /// Takes a plugin out: unsubscribes it; what it already took still finishes. (On the durable
     /// embedded bus, what waits in the log for its read-back waits for its next subscription:
-    /// a reinstall, or the next start.)
+    /// a reinstall, or the next start. A reinstall reads it once what this one took is done.)
     pub fn remove(&self, name: &str) -> bool {
         let removed = self.entries.lock().expect("router poisoned").remove(name);
         if removed.is_some() {

@@ -44,6 +44,10 @@ struct LogAck {
     log: Arc<DurableLog>,
     plugin: Arc<str>,
     seq: u64,
+    /// The subscription that took it, kept until the delivery is gone: a later subscription of
+    /// the plugin reads the log back only once nothing an earlier one took is left
+    /// ([`Load::earlier`]).
+    _taken_by: Arc<Overflow>,
 }
 
 #[async_trait]
@@ -65,14 +69,19 @@ impl Acker for LogAck {
 struct Logged(Option<u64>);
 
 impl Overflow {
-    fn delivery(&self, event: Arc<Event>, logged: Logged) -> Delivery {
+    fn delivery(self: &Arc<Self>, event: Arc<Event>, logged: Logged) -> Delivery {
         match (logged.0, &self.log) {
             (Some(seq), Some(log)) => {
                 // Read back after a restart: its kv writes may have committed with an outbox,
                 // read with it.
                 let handled = log.take_handled(&self.plugin, seq);
                 Delivery {
-                    acker: Box::new(LogAck { log: log.clone(), plugin: self.plugin.clone(), seq }),
+                    acker: Box::new(LogAck {
+                        log: log.clone(),
+                        plugin: self.plugin.clone(),
+                        seq,
+                        _taken_by: self.clone(),
+                    }),
                     handled,
                     ..Delivery::once(event)
                 }
@@ -456,7 +465,7 @@ impl Overflow {
     /// backpressure), behind whatever waits in the overflow: the slot then takes the oldest
     /// waiting event, and the new one waits last in its place.
     fn send_behind(
-        &self,
+        self: &Arc<Self>,
         state: &mut OverflowState,
         slot: mpsc::Permit<'_, Delivery>,
         event: &Arc<Event>,
@@ -555,6 +564,10 @@ struct Load {
     /// subscribes (what the last run left, a new plugin's history and what was accepted since),
     /// from where a replay began after its history.
     from: u64,
+    /// The plugin's earlier subscriptions (it was removed and installed again): nothing is read
+    /// until every delivery they took is gone (handled and settled, or handed back), and their
+    /// acks are committed. Read before, what they still held is pending, and would run twice.
+    earlier: Vec<std::sync::Weak<Overflow>>,
 }
 
 /// Events read from the log per page.
@@ -588,6 +601,45 @@ impl Drop for ReadBackDone {
 }
 
 impl Load {
+    /// Waits until nothing the plugin's `earlier` subscriptions took is left, and their acks
+    /// are committed; `false` when this subscription went first.
+    async fn after_earlier(
+        earlier: &[std::sync::Weak<Overflow>],
+        log: &DurableLog,
+        overflow: &Overflow,
+        tx: &mpsc::Sender<Delivery>,
+        plugin: &str,
+    ) -> bool {
+        if earlier.is_empty() {
+            return true;
+        }
+        let mut told = false;
+        while earlier.iter().any(|e| e.strong_count() > 0) {
+            if overflow.is_gone(tx) {
+                return false;
+            }
+            if !told {
+                tracing::info!(
+                    plugin,
+                    "reading back from the event log once the plugin's previous subscription \
+                    has finished what it took"
+                );
+                told = true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut retry_in = Duration::from_millis(50);
+        while let Err(e) = log.sync().await {
+            if overflow.is_gone(tx) {
+                return false;
+            }
+            tracing::error!(plugin, "waiting for the event log to commit the previous subscription's acks: {e}");
+            tokio::time::sleep(retry_in).await;
+            retry_in = (retry_in * 2).min(LOAD_RETRY_MAX);
+        }
+        true
+    }
+
     /// Reads back; the read-back (marked before) ends with `done`, however it ends.
     async fn run(
         self,
@@ -602,6 +654,9 @@ impl Load {
     }
 
     async fn load(self, log: Arc<DurableLog>, overflow: &Arc<Overflow>, tx: mpsc::Sender<Delivery>, plugin: Arc<str>) {
+        if !Self::after_earlier(&self.earlier, &log, overflow, &tx, &plugin).await {
+            return;
+        }
         let (mut from, mut loaded, mut retry_in) = (self.from, 0usize, Duration::from_secs(1));
         // Events left to the log up to here were committed before the last read (see `catch_up_at`).
         let mut committed = None;
@@ -721,6 +776,9 @@ struct Table {
     /// Bumped when a subscription joins or changes its patterns: an append whose targets were
     /// taken before finds the subscriptions it would miss ([`EmbeddedBus::send_to_log`]).
     generation: u64,
+    /// Subscriptions that left the table, by plugin, while anything holds them (their worker
+    /// still finishes what they took): a later subscription of the plugin reads back after them.
+    retired: Vec<(Arc<str>, std::sync::Weak<Overflow>)>,
 }
 
 /// The in-process bus.
@@ -1087,10 +1145,13 @@ struct Unsubscribe {
 impl Drop for Unsubscribe {
     fn drop(&mut self) {
         if let Ok(mut t) = self.table.write() {
-            for s in t.subs.iter().filter(|s| s.id == self.id) {
+            let Table { subs, retired, .. } = &mut *t;
+            retired.retain(|(_, overflow)| overflow.strong_count() > 0);
+            for s in subs.iter().filter(|s| s.id == self.id) {
                 s.overflow.unsubscribed.store(true, Ordering::Release);
+                retired.push((s.plugin.clone(), Arc::downgrade(&s.overflow)));
             }
-            t.subs.retain(|s| s.id != self.id);
+            subs.retain(|s| s.id != self.id);
         }
     }
 }
@@ -1216,8 +1277,10 @@ impl Transport for EmbeddedBus {
         // event whose producer finds it here, or whose append is sent after (`send_to_log`), is
         // pending for it too (left in the log while it catches up); one sent before is in the
         // history.
-        {
+        let earlier = {
             let mut table = self.table.write().expect("bus table poisoned");
+            table.retired.retain(|(_, overflow)| overflow.strong_count() > 0);
+            let earlier = table.retired.iter().filter(|(p, _)| *p == plugin).map(|(_, o)| o.clone()).collect();
             table.subs.push(Arc::new(Sub {
                 id,
                 plugin: plugin.clone(),
@@ -1226,7 +1289,8 @@ impl Transport for EmbeddedBus {
                 overflow: overflow.clone(),
             }));
             table.generation += 1;
-        }
+            earlier
+        };
         if let Some(log) = &self.log {
             // Registered with its history in one commit: one that fails leaves the plugin new,
             // and the next subscription makes its history then.
@@ -1244,7 +1308,8 @@ impl Transport for EmbeddedBus {
             }
         }
         if let Some(log) = &self.log {
-            let held = HeldBack { load: Load { history: Vec::new(), from: 0 }, overflow, tx: tx.downgrade(), plugin };
+            let held =
+                HeldBack { load: Load { history: Vec::new(), from: 0, earlier }, overflow, tx: tx.downgrade(), plugin };
             match self.held_back.lock().expect("held back poisoned").as_mut() {
                 Some(waiting) => waiting.push(held),
                 None => self.read_back(log, held),
@@ -1298,7 +1363,7 @@ impl Transport for EmbeddedBus {
             };
             let _ = made.0.send(answer);
             // Read back even when the backfill failed: what waits in the log since goes to it then.
-            Load { history, from: since }
+            Load { history, from: since, earlier: Vec::new() }
                 .run(done, log, sub.overflow.clone(), sub.tx.clone(), sub.plugin.clone())
                 .await;
         });
@@ -1742,8 +1807,9 @@ mod tests {
         // its output reaches the plugin subscribed after it
         bus.publish_output(Arc::new(Event::new("out.1", "o"))).await.unwrap();
         assert_eq!(later.deliveries.recv().await.unwrap().event.subject, "out.1");
-        // after the start, a plugin subscribing is read back at once
-        drop(sub);
+        // after the start, a plugin subscribing is read back at once (the delivery of its
+        // earlier subscription handed back unsettled)
+        drop((first, sub));
         let mut again = bus.subscribe(spec(&["a.>"], 8)).await.unwrap();
         let read = tokio::time::timeout(Duration::from_secs(5), again.deliveries.recv()).await;
         assert_eq!(read.expect("read back at once").unwrap().event.subject, "a.1");
@@ -2024,6 +2090,39 @@ mod tests {
         }
         let twice = tokio::time::timeout(Duration::from_millis(300), joined.deliveries.recv()).await;
         assert!(twice.is_err(), "delivered twice");
+    }
+
+    /// A plugin removed (its file deleted) and installed again: its old worker still finishes
+    /// what it took. The new subscription read the log back at once, so what the old one still
+    /// held (pending, not acked yet) ran twice. It now reads after the old one let go: only what
+    /// the old one handed back unsettled, then what came since, in order.
+    #[tokio::test]
+    async fn a_plugin_installed_again_gets_only_what_its_removed_subscription_left_unsettled() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_path, _log, bus, mut old) = durable_bus(dir.path(), "a.>", 8).await;
+        for i in 0..3 {
+            bus.publish(Event::new("a.x", format!("{i}"))).await.unwrap();
+        }
+        let in_flight = old.deliveries.recv().await.unwrap();
+        // Removed: unsubscribed, its worker still holding what it took.
+        drop(old.take_guard());
+        let mut new = bus.subscribe(spec(&["a.>"], 8)).await.unwrap();
+        bus.publish(Event::new("a.x", "3")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The old worker acks the first, the second it had queued, and hands the third back.
+        in_flight.acker.ack().await;
+        let queued = old.deliveries.recv().await.unwrap();
+        assert_eq!(&queued.event.data[..], b"1");
+        queued.acker.ack().await;
+        let handed_back = old.deliveries.recv().await.unwrap();
+        assert_eq!(&handed_back.event.data[..], b"2");
+        drop((handed_back, queued, in_flight, old));
+        let mut got = Vec::new();
+        while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(500), new.deliveries.recv()).await {
+            got.push(String::from_utf8_lossy(&d.event.data).to_string());
+            d.acker.ack().await;
+        }
+        assert_eq!(got, ["2", "3"], "the new subscription got what the old one had settled, or missed some");
     }
 
     /// A new `deliver = "all"` plugin whose subscription fails (a full disk) is still new to
