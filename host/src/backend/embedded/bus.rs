@@ -64,6 +64,14 @@ impl Acker for LogAck {
     }
 }
 
+impl Drop for LogAck {
+    /// Settled, or gone unsettled (handed back, or dropped with its queue): either way no
+    /// longer a read-back's delivery (see [`DurableLog::forget_redelivered`]).
+    fn drop(&mut self) {
+        self.log.forget_redelivered(&self.plugin, self.seq);
+    }
+}
+
 /// Where an event stands in the log: not logged (in-memory bus), or its sequence number.
 #[derive(Clone, Copy)]
 struct Logged(Option<u64>);
@@ -445,7 +453,7 @@ impl Overflow {
             match tx.try_reserve() {
                 Ok(slot) => return slot.send(self.delivery(event.clone(), logged)),
                 // Closed: unsubscribed meanwhile, the event is no longer for it.
-                Err(mpsc::error::TrySendError::Closed(())) => return,
+                Err(mpsc::error::TrySendError::Closed(())) => return self.forget(logged),
                 Err(mpsc::error::TrySendError::Full(())) => {}
             }
         }
@@ -508,6 +516,14 @@ impl Overflow {
         }
     }
 
+    /// An event that will not be delivered to it after all (its subscription ended): if it was
+    /// read back, the log no longer counts it as a read-back's delivery.
+    fn forget(&self, logged: Logged) {
+        if let (Some(log), Some(seq)) = (&self.log, logged.0) {
+            log.forget_redelivered(&self.plugin, seq);
+        }
+    }
+
     /// Whether new events for it are left to its read-back (on the durable log).
     fn is_catching_up(&self) -> bool {
         self.log.is_some() && self.state.lock().expect("overflow poisoned").intake.catching_up.is_some()
@@ -524,7 +540,9 @@ impl Overflow {
             let Ok(slot) = tx.reserve().await else {
                 // The plugin unsubscribed: what waited is no longer for it.
                 let mut state = self.state.lock().expect("overflow poisoned");
-                state.events.clear();
+                for (_, _, logged, _) in state.events.drain(..) {
+                    self.forget(logged);
+                }
                 state.bytes = 0;
                 state.by_plugin.clear();
                 state.pumping = false;
@@ -2123,6 +2141,28 @@ mod tests {
             d.acker.ack().await;
         }
         assert_eq!(got, ["2", "3"], "the new subscription got what the old one had settled, or missed some");
+    }
+
+    /// A delivery read back and handed back unsettled (or dropped with its queue) is no longer
+    /// remembered as a read-back's: the memory for it (and its outbox) stayed until the next
+    /// start, and every output of the plugin took the slow, deduplicating path meanwhile.
+    #[tokio::test]
+    async fn a_read_back_delivery_that_is_gone_unsettled_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let log = left_by_the_last_run(&path, (0..3).map(|i| Event::new("a.x", format!("{i}")))).await;
+        let bus = EmbeddedBus::durable(log.clone());
+        let mut sub = bus.subscribe(spec(&["a.>"], 1)).await.unwrap();
+        let settled = sub.deliveries.recv().await.unwrap();
+        settled.acker.ack().await;
+        drop(settled);
+        let handed_back = sub.deliveries.recv().await.unwrap();
+        assert_eq!(log.redelivered_pending(), 2);
+        drop(handed_back);
+        assert_eq!(log.redelivered_pending(), 1, "a delivery handed back is still remembered");
+        // The third, in the queue, goes with it.
+        drop(sub);
+        eventually_true(|| log.redelivered_pending() == 0).await;
     }
 
     /// A new `deliver = "all"` plugin whose subscription fails (a full disk) is still new to

@@ -738,24 +738,33 @@ impl DurableLog {
             }
             return;
         }
-        if self.any_redelivered.load(std::sync::atomic::Ordering::Acquire) {
-            let mut r = self.redelivered.lock().expect("redelivered poisoned");
-            r.handled.remove(&(plugin.clone(), seq));
-            if let Some(id) = r.by_delivery.remove(&(plugin.clone(), seq))
-                && let Some(n) = r.ids.get_mut(&id)
-            {
-                *n -= 1;
-                if *n == 0 {
-                    r.ids.remove(&id);
-                }
-            }
-            if r.by_delivery.is_empty() {
-                // Every read-back delivery settled: first deliveries skip the lock again.
-                self.any_redelivered.store(false, std::sync::atomic::Ordering::Release);
-            }
-        }
+        self.forget_redelivered(&plugin, seq);
         // A closed log means the host is stopping: the delivery runs again at the next start.
         let _ = self.ops.send(Op::Ack { plugin, seq });
+    }
+
+    /// Forgets that `plugin`'s delivery of `seq` was read back: it settled, or it is gone
+    /// unsettled (handed back, or never made: its subscription ended), and is read again (and
+    /// remembered again) by the next read-back.
+    pub fn forget_redelivered(&self, plugin: &str, seq: u64) {
+        if !self.any_redelivered.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let mut r = self.redelivered.lock().expect("redelivered poisoned");
+        let key = (Arc::<str>::from(plugin), seq);
+        r.handled.remove(&key);
+        if let Some(id) = r.by_delivery.remove(&key)
+            && let Some(n) = r.ids.get_mut(&id)
+        {
+            *n -= 1;
+            if *n == 0 {
+                r.ids.remove(&id);
+            }
+        }
+        if r.by_delivery.is_empty() {
+            // Every read-back delivery settled: first deliveries skip the lock again.
+            self.any_redelivered.store(false, std::sync::atomic::Ordering::Release);
+        }
     }
 
     /// Waits until everything sent before is committed and on disk.
