@@ -990,8 +990,8 @@ impl DurableLog {
     }
 
     /// Makes every kept event from sequence number `from` on whose subject `matches` pending for
-    /// `plugin` again (a replay); returns their sequence numbers (those pending already, in
-    /// flight, included).
+    /// `plugin` again (a replay, or `deliver = "all"` for a new plugin); returns the sequence
+    /// numbers that became pending (those already pending, in flight, are left alone).
     pub async fn backfill(
         &self,
         plugin: Arc<str>,
@@ -1430,9 +1430,8 @@ impl Writer {
     }
 
     /// Makes every kept event from `from` on whose subject `matches` pending for `plugin`, in
-    /// the writer's transaction; returns their sequence numbers, those that were pending already
-    /// included (in flight, say: a replay delivers them again in their place, after what came
-    /// before them). A damaged row is skipped, logged.
+    /// the writer's transaction; returns the sequence numbers that became pending (those already
+    /// pending, in flight, are left alone). A damaged row is skipped, logged.
     fn backfill_in(
         &self,
         events: &impl ReadableTable<u64, &'static [u8]>,
@@ -1441,6 +1440,7 @@ impl Writer {
         matches: &dyn Fn(&str) -> bool,
         from: crate::transport::ReplayFrom,
     ) -> Result<Vec<u64>, String> {
+        let mut made = Vec::new();
         let mut wanted = Vec::new();
         let since_ms = from.since_ms();
         for stored in events.range(from.first_seq()..).map_err(|e| e.to_string())? {
@@ -1467,10 +1467,12 @@ impl Writer {
                 }
             }
         }
-        for seq in &wanted {
-            pending.insert((plugin, *seq), ()).map_err(|e| e.to_string())?;
+        for seq in wanted {
+            if pending.insert((plugin, seq), ()).map_err(|e| e.to_string())?.is_none() {
+                made.push(seq);
+            }
         }
-        Ok(wanted)
+        Ok(made)
     }
 
     /// Commits one batch; answers every op in it. When the commit failed each op that has a
