@@ -48,15 +48,19 @@ struct LogAck {
     /// the plugin reads the log back only once nothing an earlier one took is left
     /// ([`Load::earlier`]).
     _taken_by: Arc<Overflow>,
+    /// Acked (or dead-lettered): the log forgot it then.
+    settled: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
 impl Acker for LogAck {
     async fn ack(&self) {
+        self.settled.store(true, Ordering::Relaxed);
         self.log.ack(self.plugin.clone(), self.seq);
     }
     async fn nak(&self, _delay: std::time::Duration) {}
     async fn term(&self) {
+        self.settled.store(true, Ordering::Relaxed);
         self.log.ack(self.plugin.clone(), self.seq);
     }
     fn position(&self) -> Option<(Arc<str>, u64)> {
@@ -68,7 +72,9 @@ impl Drop for LogAck {
     /// Settled, or gone unsettled (handed back, or dropped with its queue): either way no
     /// longer a read-back's delivery (see [`DurableLog::forget_redelivered`]).
     fn drop(&mut self) {
-        self.log.forget_redelivered(&self.plugin, self.seq);
+        if !self.settled.load(Ordering::Relaxed) {
+            self.log.forget_redelivered(&self.plugin, self.seq);
+        }
     }
 }
 
@@ -89,6 +95,7 @@ impl Overflow {
                         plugin: self.plugin.clone(),
                         seq,
                         _taken_by: self.clone(),
+                        settled: false.into(),
                     }),
                     handled,
                     ..Delivery::once(event)
@@ -494,22 +501,25 @@ impl Overflow {
 
     /// Waits while more than the budget waits in the overflow of a subscription on the durable
     /// log (a producer's event may go in behind it: [`Overflow::send_behind`]), holding nothing.
-    /// Producers that looked at once may each add one event past it.
-    async fn room_for_a_producer(&self, tx: &mpsc::Sender<Delivery>) {
+    /// Producers that looked at once may each add one event past it. Answers whether it is
+    /// catching up (the event then goes to the log, not here).
+    async fn room_for_a_producer(&self, tx: &mpsc::Sender<Delivery>) -> bool {
         if self.log.is_none() {
-            return;
+            return false;
         }
         loop {
             let drained = self.drained.notified();
             tokio::pin!(drained);
             drained.as_mut().enable();
-            let room = {
+            let (room, catching_up) = {
                 let state = self.state.lock().expect("overflow poisoned");
-                // Catching up, its event goes to the log, not here.
-                state.bytes <= self.budget || state.intake.catching_up.is_some()
+                (state.bytes <= self.budget, state.intake.catching_up.is_some())
             };
+            if catching_up {
+                return true;
+            }
             if room || tx.is_closed() {
-                return;
+                return false;
             }
             // The timeout is a backstop: the wake-up is not missed (`drained` was made first).
             let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
@@ -522,11 +532,6 @@ impl Overflow {
         if let (Some(log), Some(seq)) = (&self.log, logged.0) {
             log.forget_redelivered(&self.plugin, seq);
         }
-    }
-
-    /// Whether new events for it are left to its read-back (on the durable log).
-    fn is_catching_up(&self) -> bool {
-        self.log.is_some() && self.state.lock().expect("overflow poisoned").intake.catching_up.is_some()
     }
 
     /// Whether the subscription is gone: its read-back has nobody to read for.
@@ -777,7 +782,8 @@ impl Load {
     }
 }
 
-fn event_cost(event: &Event) -> u64 {
+/// What `event` costs waiting in an overflow (and what a page read back is bounded by).
+pub(super) fn event_cost(event: &Event) -> u64 {
     let strings = event.id.len() + event.subject.len() + event.source.len() + event.ty.len() + event.time.len();
     OVERFLOW_ENTRY_COST + (event.data.len() + event.header_bytes() + strings) as u64
 }
@@ -863,14 +869,15 @@ impl EmbeddedBus {
     /// A producer's event for `targets`: room in every target's queue first (backpressure), then
     /// into the log, then to the targets that take it live (see [`Intake`]).
     async fn accept(&self, event: Arc<Event>, (targets, seen): Targets) -> Result<(), TransportError> {
+        let mut catching_up = Vec::with_capacity(targets.len());
         for sub in &targets {
-            sub.overflow.room_for_a_producer(&sub.tx).await;
+            catching_up.push(sub.overflow.room_for_a_producer(&sub.tx).await);
         }
         let mut slots = Vec::with_capacity(targets.len());
-        for sub in &targets {
+        for (sub, catching_up) in targets.iter().zip(catching_up) {
             // One catching up takes the event from the log: its queue is its read-back's, and a
             // producer waiting there would go at its handler's pace.
-            if sub.overflow.is_catching_up() {
+            if catching_up {
                 slots.push(Slot::Unreserved);
                 continue;
             }
@@ -1681,7 +1688,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let waiting = overflow.state.lock().unwrap().bytes;
         assert!(waiting <= BUDGET, "a page read back put {waiting} bytes into an overflow of {BUDGET}");
-        assert!(overflow.is_catching_up());
+        assert!(overflow.state.lock().unwrap().intake.catching_up.is_some());
         // A producer's event: not held behind the read-back's queue.
         let publishing = tokio::time::timeout(Duration::from_secs(2), bus.publish(Event::new("a.new", "new")));
         publishing.await.expect("a producer waited on a plugin catching up").unwrap();

@@ -249,7 +249,7 @@ enum Op {
         done: oneshot::Sender<Result<Option<Vec<u64>>, LogError>>,
     },
     /// Makes every kept event from `from` on whose subject `matches` pending for `plugin`
-    /// (a replay); answers how many became pending.
+    /// (a replay); answers the sequence numbers that became pending.
     Backfill {
         plugin: Arc<str>,
         matches: Box<dyn Fn(&str) -> bool + Send>,
@@ -746,12 +746,12 @@ impl DurableLog {
     /// Forgets that `plugin`'s delivery of `seq` was read back: it settled, or it is gone
     /// unsettled (handed back, or never made: its subscription ended), and is read again (and
     /// remembered again) by the next read-back.
-    pub fn forget_redelivered(&self, plugin: &str, seq: u64) {
+    pub fn forget_redelivered(&self, plugin: &Arc<str>, seq: u64) {
         if !self.any_redelivered.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
         let mut r = self.redelivered.lock().expect("redelivered poisoned");
-        let key = (Arc::<str>::from(plugin), seq);
+        let key = (plugin.clone(), seq);
         r.handled.remove(&key);
         if let Some(id) = r.by_delivery.remove(&key)
             && let Some(n) = r.ids.get_mut(&id)
@@ -939,8 +939,8 @@ impl DurableLog {
                             continue;
                         }
                     };
-                    bytes += (event.data.len() + event.header_bytes()) as u64;
-                    bytes += handled.iter().flatten().map(|o| (o.data.len() + o.header_bytes()) as u64).sum::<u64>();
+                    bytes += super::bus::event_cost(&event);
+                    bytes += handled.iter().flatten().map(|o| super::bus::event_cost(o)).sum::<u64>();
                     out.push(Unsettled { seq, event: Arc::new(event), handled });
                 }
                 Ok(None) => {}
