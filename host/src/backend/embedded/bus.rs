@@ -1320,7 +1320,7 @@ impl Transport for EmbeddedBus {
             // Registered with its history in one commit: one that fails leaves the plugin new,
             // and the next subscription makes its history then.
             let history = spec.durable.as_ref().is_some_and(|d| d.deliver_all).then(|| {
-                let matches: Box<dyn Fn(&str) -> bool + Send> = Box::new(move |s| patterns.matches(s));
+                let matches: super::log::SubjectMatcher = Box::new(move |s| patterns.matches(s));
                 matches
             });
             let wants_history = history.is_some();

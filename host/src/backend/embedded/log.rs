@@ -245,14 +245,14 @@ enum Op {
     /// the events `history` made pending for it (in the same commit).
     Register {
         plugin: Arc<str>,
-        history: Option<Box<dyn Fn(&str) -> bool + Send>>,
+        history: Option<SubjectMatcher>,
         done: oneshot::Sender<Result<Option<Vec<u64>>, LogError>>,
     },
     /// Makes every kept event from `from` on whose subject `matches` pending for `plugin`
     /// (a replay); answers the sequence numbers that became pending.
     Backfill {
         plugin: Arc<str>,
-        matches: Box<dyn Fn(&str) -> bool + Send>,
+        matches: SubjectMatcher,
         from: crate::transport::ReplayFrom,
         done: oneshot::Sender<Result<Vec<u64>, LogError>>,
     },
@@ -353,6 +353,12 @@ impl SentAppend {
         self.wait.await.map_err(|_| LogError::Closed).and_then(|answer| answer)
     }
 }
+
+/// Which subjects a backfill makes pending.
+pub type SubjectMatcher = Box<dyn Fn(&str) -> bool + Send>;
+
+/// A register op's answer, and what it answers (see [`DurableLog::register_with`]).
+type Registered = (oneshot::Sender<Result<Option<Vec<u64>>, LogError>>, Option<Vec<u64>>);
 
 /// What an append did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -982,7 +988,7 @@ impl DurableLog {
     pub async fn register_with(
         &self,
         plugin: Arc<str>,
-        history: Option<Box<dyn Fn(&str) -> bool + Send>>,
+        history: Option<SubjectMatcher>,
     ) -> Result<Option<Vec<u64>>, LogError> {
         let (done, wait) = oneshot::channel();
         self.ops.send(Op::Register { plugin, history, done }).map_err(|_| LogError::Closed)?;
@@ -1485,7 +1491,7 @@ impl Writer {
         let mut answers: Answers = Vec::new();
         let retry: Vec<Op> = batch.iter().filter_map(Op::retry_copy).collect();
         let mut ops = batch.into_iter();
-        let mut registered: Vec<(oneshot::Sender<Result<Option<Vec<u64>>, LogError>>, Option<Vec<u64>>)> = Vec::new();
+        let mut registered: Vec<Registered> = Vec::new();
         let mut backfilled: Vec<Backfilled> = Vec::new();
         let mut kv_answers: Vec<KvAnswer> = Vec::new();
         let mut syncs = Vec::new();
