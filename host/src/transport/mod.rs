@@ -49,6 +49,11 @@ impl ReplayFrom {
             return Ok(Self::Seq(seq));
         }
         if let Ok(time) = humantime::parse_rfc3339_weak(text) {
+            // Nothing was appended then yet: a replay from it would deliver nothing, and the
+            // events accepted as it began would be left to its empty history.
+            if time > now {
+                return Err(format!("from {:?}: that time is still to come", crate::event::cut(text)));
+            }
             return Ok(Self::Time(time));
         }
         if let Ok(ago) = humantime::parse_duration(text) {
@@ -351,6 +356,8 @@ mod tests {
         let at = ReplayFrom::parse("2026-11-30T07:00:00Z", now).unwrap();
         assert_eq!(at.since_ms(), 1_796_022_000_000);
         assert_eq!(ReplayFrom::parse("2h", now), Ok(ReplayFrom::Time(now - Duration::from_secs(7200))));
+        let to_come = ReplayFrom::parse("2999-01-01T00:00:00Z", now).unwrap_err();
+        assert!(to_come.contains("still to come"), "{to_come}");
         let why = ReplayFrom::parse("-5", now).unwrap_err();
         assert!(why.contains("\"-5\"") && why.contains("RFC 3339"), "{why}");
         assert!(ReplayFrom::parse("1h", SystemTime::now()).unwrap().since_ms() > 0);

@@ -46,8 +46,8 @@ struct LogAck {
     seq: u64,
     /// The subscription that took it, kept until the delivery is gone: a later subscription of
     /// the plugin reads the log back only once nothing an earlier one took is left
-    /// ([`Load::earlier`]).
-    _taken_by: Arc<Overflow>,
+    /// ([`Load::earlier`]); counted in its `in_hand` meanwhile (a replay waits for none).
+    taken_by: Arc<Overflow>,
     /// Acked (or dead-lettered): the log forgot it then.
     settled: std::sync::atomic::AtomicBool,
 }
@@ -75,6 +75,9 @@ impl Drop for LogAck {
         if !self.settled.load(Ordering::Relaxed) {
             self.log.forget_redelivered(&self.plugin, self.seq);
         }
+        if self.seq < super::log::REQUEST_KEYS {
+            self.taken_by.in_hand.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -89,12 +92,15 @@ impl Overflow {
                 // Read back after a restart: its kv writes may have committed with an outbox,
                 // read with it.
                 let handled = log.take_handled(&self.plugin, seq);
+                if seq < super::log::REQUEST_KEYS {
+                    self.in_hand.fetch_add(1, Ordering::AcqRel);
+                }
                 Delivery {
                     acker: Box::new(LogAck {
                         log: log.clone(),
                         plugin: self.plugin.clone(),
                         seq,
-                        _taken_by: self.clone(),
+                        taken_by: self.clone(),
                         settled: false.into(),
                     }),
                     handled,
@@ -125,6 +131,8 @@ struct Overflow {
     /// that (it would make pending again what the read-back has yet to read, and both would
     /// deliver it).
     reading_back: std::sync::atomic::AtomicBool,
+    /// Deliveries of logged events made and not gone yet (in the queue, or taken by the worker).
+    in_hand: std::sync::atomic::AtomicUsize,
 }
 
 /// Whether a durable subscription takes what the log accepts for it as it is accepted, or
@@ -305,6 +313,7 @@ impl Overflow {
             log,
             drained: tokio::sync::Notify::new(),
             unsubscribed: false.into(),
+            in_hand: 0.into(),
         })
     }
 
@@ -364,17 +373,32 @@ impl Overflow {
         *retry_in = (*retry_in * 2).min(LOAD_RETRY_MAX);
     }
 
-    /// Starts catching up from the log's next sequence number (a replay): events accepted for the
-    /// plugin from then on wait in the log behind the replayed history.
-    fn catch_up_from_now(&self, log: &DurableLog) -> u64 {
+    /// Starts catching up from the log's next sequence number (a replay whose history begins at
+    /// `history_from`): events accepted for the plugin from then on wait in the log behind the
+    /// replayed history. Those below it from `history_from` on are the history's, however late
+    /// their producer decides them: none of them goes live any more (the history has each one,
+    /// the backfill being sent after their appends).
+    fn catch_up_from_now(&self, log: &DurableLog, history_from: u64) -> u64 {
         let mut state = self.state.lock().expect("overflow poisoned");
-        let since = log.next_seq();
+        let since = log.next_seq_sent();
         let intake = &mut state.intake;
         if intake.catching_up.is_none() && intake.read_to < since {
             intake.live_gaps.push(intake.read_to..since);
         }
+        for gap in &mut intake.live_gaps {
+            gap.end = gap.end.min(history_from);
+        }
+        intake.live_gaps.retain(|gap| !gap.is_empty());
         intake.catching_up = Some(CatchingUp { since, ..CatchingUp::default() });
         since
+    }
+
+    /// Whether anything the log holds for the plugin is in its hands or on its way there: a
+    /// delivery not gone yet, or an event waiting in the overflow.
+    fn holds_events(&self) -> bool {
+        let state = self.state.lock().expect("overflow poisoned");
+        self.in_hand.load(Ordering::Acquire) > 0
+            || state.events.iter().any(|(_, _, logged, _)| logged.0.is_some_and(|seq| seq < super::log::REQUEST_KEYS))
     }
 
     /// Stops catching up before the read-back is done (it cannot read or commit the log now, or
@@ -1373,7 +1397,13 @@ impl Transport for EmbeddedBus {
         let (log, made) = (log.clone(), tokio::sync::oneshot::channel());
         tokio::spawn(async move {
             // Events accepted for it from now on wait in the log behind the history, in order.
-            let since = sub.overflow.catch_up_from_now(&log);
+            let since = sub.overflow.catch_up_from_now(&log, from.first_seq());
+            // What it already took finishes first: an event still in its hands runs again in
+            // its place in the history (settled by then, it is made pending again), not only
+            // before the history it belongs after, and never twice at once.
+            while sub.overflow.holds_events() && !sub.overflow.is_gone(&sub.tx) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             let patterns = sub.patterns.clone();
             let backfill = log.backfill(sub.plugin.clone(), move |s| patterns.matches(s), from).await;
             let (history, answer) = match backfill {
@@ -1975,7 +2005,8 @@ mod tests {
             let delivery = tokio::time::timeout(Duration::from_secs(10), sub.deliveries.recv()).await.unwrap().unwrap();
             assert!(seen.insert(delivery.event.id.clone()), "delivered twice");
         }
-        // Read back: a replay now makes nothing pending twice (all of it is pending still).
+        // Read back (and handed back unsettled): a replay now delivers each of them once more,
+        // in order, once.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let made = loop {
             match bus.replay("p", crate::transport::ReplayFrom::Seq(0)).await {
@@ -1984,7 +2015,13 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        assert_eq!(made, 0);
+        assert_eq!(made, left);
+        for i in 0..left {
+            let delivery = tokio::time::timeout(Duration::from_secs(10), sub.deliveries.recv()).await.unwrap().unwrap();
+            assert_eq!(String::from_utf8_lossy(&delivery.event.data), i.to_string());
+        }
+        let more = tokio::time::timeout(Duration::from_millis(300), sub.deliveries.recv()).await;
+        assert!(more.is_err(), "the replay delivered more than its history");
     }
 
     #[tokio::test]
@@ -2172,6 +2209,45 @@ mod tests {
         eventually_true(|| log.redelivered_pending() == 0).await;
     }
 
+    /// An event in flight when a replay begins runs again in its place in the history, after
+    /// its current run: a read model rebuilt by the replay ends on it, not on an older event of
+    /// its key. (Left out as "pending already", it ran only before the history it belongs
+    /// after.) The replay waits for what the plugin holds, so no event runs twice at once.
+    #[tokio::test]
+    async fn an_event_in_flight_when_a_replay_begins_comes_again_in_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_path, log, bus, mut sub) = durable_bus(dir.path(), "a.>", 8).await;
+        for i in 0..3 {
+            bus.publish(Event::new("a.x", format!("{i}"))).await.unwrap();
+        }
+        let mut in_flight = None;
+        for _ in 0..3 {
+            let d = sub.deliveries.recv().await.unwrap();
+            if &d.event.data[..] == b"2" {
+                in_flight = Some(d);
+            } else {
+                d.acker.ack().await;
+            }
+        }
+        log.sync().await.unwrap();
+        let replay = tokio::spawn({
+            let bus = bus.clone();
+            async move { bus.replay("p", crate::transport::ReplayFrom::Seq(0)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!replay.is_finished(), "the replay did not wait for the event in flight");
+        let early = tokio::time::timeout(Duration::from_millis(100), sub.deliveries.recv()).await;
+        assert!(early.is_err(), "the history began while an event was in flight");
+        in_flight.unwrap().acker.ack().await;
+        assert_eq!(replay.await.unwrap().unwrap(), 3);
+        let mut got = Vec::new();
+        while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(500), sub.deliveries.recv()).await {
+            got.push(String::from_utf8_lossy(&d.event.data).to_string());
+            d.acker.ack().await;
+        }
+        assert_eq!(got, ["0", "1", "2"]);
+    }
+
     /// A new `deliver = "all"` plugin whose subscription fails (a full disk) is still new to
     /// the log: its next subscription, once space returns, gets the history (it is registered
     /// in the commit that makes the history pending, not before).
@@ -2270,8 +2346,9 @@ mod tests {
         // caught up at 10: below was read back
         assert!(matches!(overflow.catch_up_at(10, None), CatchUp::Done));
         assert!(!live(5) && live(12));
-        // a replay: what the log takes from now on (21, after events 1 to 20) waits behind the history
-        assert_eq!(overflow.catch_up_from_now(&log), 21);
+        // a replay from 21: what the log takes from now on (21, after events 1 to 20) waits behind
+        // the history
+        assert_eq!(overflow.catch_up_from_now(&log, 21), 21);
         assert!(!live(5), "read back before the replay, delivered live again");
         assert!(live(12) && !live(25));
         // forced live (the log failing): everything skipped so far stays the read-back's
@@ -2281,6 +2358,12 @@ mod tests {
         assert!(matches!(overflow.catch_up_at(21, None), CatchUp::Uncommitted(25)), "left uncommitted below");
         assert!(matches!(overflow.catch_up_at(21, Some(25)), CatchUp::Done));
         assert!(matches!(overflow.catch_up_at(26, None), CatchUp::Done));
+        // a replay from 0: an event accepted before it and decided late is the history's (it
+        // holds it), not live as well
+        assert_eq!(overflow.catch_up_from_now(&log, 0), 21);
+        assert!(!live(12), "in the replay's history, and live as well");
+        assert!(matches!(overflow.catch_up_at(21, Some(25)), CatchUp::Done));
+        assert!(!live(12) && live(27));
         // the in-memory bus decides nothing
         assert!(Overflow::goes_live(&mut overflow.state.lock().unwrap(), Logged(None)));
     }

@@ -249,7 +249,7 @@ enum Op {
         done: oneshot::Sender<Result<Option<Vec<u64>>, LogError>>,
     },
     /// Makes every kept event from `from` on whose subject `matches` pending for `plugin`
-    /// (a replay); answers the sequence numbers that became pending.
+    /// (a replay); answers their sequence numbers.
     Backfill {
         plugin: Arc<str>,
         matches: SubjectMatcher,
@@ -876,6 +876,13 @@ impl DurableLog {
         self.next_seq.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// The next sequence number, once every append under a lower one has been sent to the
+    /// writer: an op sent after this (a backfill) sees them all.
+    pub fn next_seq_sent(&self) -> u64 {
+        let _in_order = self.appending.lock().expect("appending poisoned");
+        self.next_seq.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The events under `seqs` (those retention dropped are left out), as deliveries to run
     /// again: their outputs may be in the log already. One whose record cannot be read is left
     /// out (settled without running, or left pending: see [`DurableLog::read_back`]).
@@ -996,8 +1003,8 @@ impl DurableLog {
     }
 
     /// Makes every kept event from sequence number `from` on whose subject `matches` pending for
-    /// `plugin` again (a replay, or `deliver = "all"` for a new plugin); returns the sequence
-    /// numbers that became pending (those already pending, in flight, are left alone).
+    /// `plugin` again (a replay); returns their sequence numbers, those pending already included
+    /// (nothing may be in flight for the plugin then: it would run twice).
     pub async fn backfill(
         &self,
         plugin: Arc<str>,
@@ -1436,8 +1443,9 @@ impl Writer {
     }
 
     /// Makes every kept event from `from` on whose subject `matches` pending for `plugin`, in
-    /// the writer's transaction; returns the sequence numbers that became pending (those already
-    /// pending, in flight, are left alone). A damaged row is skipped, logged.
+    /// the writer's transaction; returns their sequence numbers, those pending already included
+    /// (a replay delivers them in their place: one handed back, or one whose producer has yet
+    /// to decide it). A damaged row is skipped, logged.
     fn backfill_in(
         &self,
         events: &impl ReadableTable<u64, &'static [u8]>,
@@ -1446,7 +1454,6 @@ impl Writer {
         matches: &dyn Fn(&str) -> bool,
         from: crate::transport::ReplayFrom,
     ) -> Result<Vec<u64>, String> {
-        let mut made = Vec::new();
         let mut wanted = Vec::new();
         let since_ms = from.since_ms();
         for stored in events.range(from.first_seq()..).map_err(|e| e.to_string())? {
@@ -1473,12 +1480,10 @@ impl Writer {
                 }
             }
         }
-        for seq in wanted {
-            if pending.insert((plugin, seq), ()).map_err(|e| e.to_string())?.is_none() {
-                made.push(seq);
-            }
+        for seq in &wanted {
+            pending.insert((plugin, *seq), ()).map_err(|e| e.to_string())?;
         }
-        Ok(made)
+        Ok(wanted)
     }
 
     /// Commits one batch; answers every op in it. When the commit failed each op that has a
