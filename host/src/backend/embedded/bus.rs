@@ -169,6 +169,10 @@ struct Intake {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct CatchingUp {
     since: u64,
+    /// A replay's first sequence number (at most `since`): an event from it on and below
+    /// `since` whose producer decides it late is the replay's (pending, read in its place), not
+    /// live as well.
+    history_from: u64,
     skipped: Option<u64>,
     /// Outputs left in the log for the read-back and not read yet, by sequence number, with
     /// what each counts against the budget (nothing for as many as its queue holds): the bound
@@ -228,11 +232,14 @@ impl CatchingUp {
 impl Intake {
     /// Whether the event at `seq` goes to the plugin now; `false`: a read-back delivers it.
     fn goes_live(&mut self, seq: u64) -> bool {
-        if let Some(c) = &mut self.catching_up
-            && seq >= c.since
-        {
-            c.skipped = Some(c.skipped.map_or(seq, |s| s.max(seq)));
-            return false;
+        if let Some(c) = &mut self.catching_up {
+            if seq >= c.since {
+                c.skipped = Some(c.skipped.map_or(seq, |s| s.max(seq)));
+                return false;
+            }
+            if seq >= c.history_from {
+                return false;
+            }
         }
         seq >= self.read_to || self.live_gaps.iter().any(|gap| gap.contains(&seq))
     }
@@ -389,7 +396,8 @@ impl Overflow {
             gap.end = gap.end.min(history_from);
         }
         intake.live_gaps.retain(|gap| !gap.is_empty());
-        intake.catching_up = Some(CatchingUp { since, ..CatchingUp::default() });
+        let history_from = history_from.min(since);
+        intake.catching_up = Some(CatchingUp { since, history_from, ..CatchingUp::default() });
         since
     }
 
@@ -604,12 +612,9 @@ impl Overflow {
 /// order, a page at a time while the overflow has room (a long history never sits in memory at
 /// once), until it caught up (see [`Intake`]).
 struct Load {
-    /// First these sequence numbers, in order: a replay's history, made pending again (all below
-    /// `from`).
-    history: Vec<u64>,
-    /// Then everything the plugin has pending from this sequence number on: from 0 when it
-    /// subscribes (what the last run left, a new plugin's history and what was accepted since),
-    /// from where a replay began after its history.
+    /// Everything the plugin has pending from this sequence number on: from 0 when it subscribes
+    /// (what the last run left, a new plugin's history and what was accepted since), from a
+    /// replay's first (its history, made pending again, then what was accepted since).
     from: u64,
     /// The plugin's earlier subscriptions (it was removed and installed again): nothing is read
     /// until every delivery they took is gone (handled and settled, or handed back), and their
@@ -710,9 +715,6 @@ impl Load {
         // Since when the log has failed (reads, or commits of what was left in it), with nothing
         // going through since.
         let mut failing_since: Option<Instant> = None;
-        let mut history = self.history.chunks(LOAD_PAGE);
-        // The history's page being read (kept until it was read: a failed read tries it again).
-        let mut chunk = history.next();
         loop {
             // Room first: half the buffer free (the pump says when).
             loop {
@@ -735,18 +737,8 @@ impl Load {
             // be read (the log settled those), even a page of nothing else.
             // Up to half the buffer at a time (the other half is what may wait already).
             let page_bytes = overflow.budget / 2;
-            // What a history's page did not get to (it holds `page_bytes`): read next.
-            let mut rest: &[u64] = &[];
-            let read = match chunk {
-                Some(seqs) => log.read_seqs(&plugin, seqs, page_bytes).map(|(page, looked)| {
-                    rest = &seqs[looked..];
-                    (page, None)
-                }),
-                None => log
-                    .unsettled_page(&plugin, from..overflow.read_back_end(), LOAD_PAGE, page_bytes)
-                    .map(|page| (page.deliveries, page.last_seq)),
-            };
-            let (page, last) = match read {
+            let read = log.unsettled_page(&plugin, from..overflow.read_back_end(), LOAD_PAGE, page_bytes);
+            let (page, last) = match read.map(|page| (page.deliveries, page.last_seq)) {
                 Ok(page) => page,
                 // The log is reopening after a failed write: the same page again, shortly.
                 Err(e @ super::log::LogError::Io { .. }) if !overflow.is_gone(&tx) => {
@@ -764,12 +756,10 @@ impl Load {
             };
             // Reads and commits going again: the failure is over. (An empty read alone says nothing
             // of commits: a full disk fails those while reads work.)
-            if chunk.is_some() || !page.is_empty() {
+            if !page.is_empty() {
                 (retry_in, failing_since) = (Duration::from_secs(1), None);
             }
-            if chunk.take().is_some() {
-                chunk = if rest.is_empty() { history.next() } else { Some(rest) };
-            } else if let Some(last) = last {
+            if let Some(last) = last {
                 from = last + 1;
             } else {
                 if overflow.is_gone(&tx) {
@@ -1357,8 +1347,7 @@ impl Transport for EmbeddedBus {
             }
         }
         if let Some(log) = &self.log {
-            let held =
-                HeldBack { load: Load { history: Vec::new(), from: 0, earlier }, overflow, tx: tx.downgrade(), plugin };
+            let held = HeldBack { load: Load { from: 0, earlier }, overflow, tx: tx.downgrade(), plugin };
             match self.held_back.lock().expect("held back poisoned").as_mut() {
                 Some(waiting) => waiting.push(held),
                 None => self.read_back(log, held),
@@ -1398,27 +1387,29 @@ impl Transport for EmbeddedBus {
         tokio::spawn(async move {
             // Events accepted for it from now on wait in the log behind the history, in order.
             let since = sub.overflow.catch_up_from_now(&log, from.first_seq());
-            // What it already took finishes first: an event still in its hands runs again in
-            // its place in the history (settled by then, it is made pending again), not only
-            // before the history it belongs after, and never twice at once.
-            while sub.overflow.holds_events() && !sub.overflow.is_gone(&sub.tx) {
+            // An event in its hands (or on the way there) runs again in its place in the history,
+            // after this run: never twice at once. Its ack may land after the backfill (which
+            // makes settled events pending again), so the backfill is done again once it did.
+            let held = sub.overflow.holds_events();
+            let patterns = sub.patterns.clone();
+            let matches = move |s: &str| patterns.matches(s);
+            let backfill = log.backfill(sub.plugin.clone(), matches.clone(), from).await;
+            let failed = backfill.is_err();
+            let _ =
+                made.0.send(backfill.map(|history| history.len()).map_err(|e| TransportError::Broker(e.to_string())));
+            while held && sub.overflow.holds_events() && !sub.overflow.is_gone(&sub.tx) {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            let patterns = sub.patterns.clone();
-            let backfill = log.backfill(sub.plugin.clone(), move |s| patterns.matches(s), from).await;
-            let (history, answer) = match backfill {
-                Ok(mut history) => {
-                    let count = history.len();
-                    // From `since` on the read-back reads what is pending anyway (an event made
-                    // pending by the backfill there, say after a retarget, is read once).
-                    history.retain(|seq| *seq < since);
-                    (history, Ok(count))
-                }
-                Err(e) => (Vec::new(), Err(TransportError::Broker(e.to_string()))),
-            };
-            let _ = made.0.send(answer);
-            // Read back even when the backfill failed: what waits in the log since goes to it then.
-            Load { history, from: since, earlier: Vec::new() }
+            if held
+                && !failed
+                && let Err(e) = log.backfill(sub.plugin.clone(), matches, from).await
+            {
+                tracing::error!(plugin = %sub.plugin, "replay: an event in flight when it began is not delivered again: {e}");
+            }
+            // Everything pending from the history's first on, in order: the history, what was
+            // pending already (handed back, or decided late by its producer), then what was
+            // accepted since. Read even when the backfill failed.
+            Load { from: from.first_seq().min(since), earlier: Vec::new() }
                 .run(done, log, sub.overflow.clone(), sub.tx.clone(), sub.plugin.clone())
                 .await;
         });
@@ -2212,7 +2203,7 @@ mod tests {
     /// An event in flight when a replay begins runs again in its place in the history, after
     /// its current run: a read model rebuilt by the replay ends on it, not on an older event of
     /// its key. (Left out as "pending already", it ran only before the history it belongs
-    /// after.) The replay waits for what the plugin holds, so no event runs twice at once.
+    /// after.) The history waits for what the plugin holds, so no event runs twice at once.
     #[tokio::test]
     async fn an_event_in_flight_when_a_replay_begins_comes_again_in_its_place() {
         let dir = tempfile::tempdir().unwrap();
@@ -2230,16 +2221,10 @@ mod tests {
             }
         }
         log.sync().await.unwrap();
-        let replay = tokio::spawn({
-            let bus = bus.clone();
-            async move { bus.replay("p", crate::transport::ReplayFrom::Seq(0)).await }
-        });
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(!replay.is_finished(), "the replay did not wait for the event in flight");
-        let early = tokio::time::timeout(Duration::from_millis(100), sub.deliveries.recv()).await;
+        assert_eq!(bus.replay("p", crate::transport::ReplayFrom::Seq(0)).await.unwrap(), 3);
+        let early = tokio::time::timeout(Duration::from_millis(300), sub.deliveries.recv()).await;
         assert!(early.is_err(), "the history began while an event was in flight");
         in_flight.unwrap().acker.ack().await;
-        assert_eq!(replay.await.unwrap().unwrap(), 3);
         let mut got = Vec::new();
         while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(500), sub.deliveries.recv()).await {
             got.push(String::from_utf8_lossy(&d.event.data).to_string());
@@ -2358,14 +2343,20 @@ mod tests {
         assert!(matches!(overflow.catch_up_at(21, None), CatchUp::Uncommitted(25)), "left uncommitted below");
         assert!(matches!(overflow.catch_up_at(21, Some(25)), CatchUp::Done));
         assert!(matches!(overflow.catch_up_at(26, None), CatchUp::Done));
-        // a replay from 0: an event accepted before it and decided late is the history's (it
-        // holds it), not live as well
-        assert_eq!(overflow.catch_up_from_now(&log, 0), 21);
-        assert!(!live(12), "in the replay's history, and live as well");
-        assert!(matches!(overflow.catch_up_at(21, Some(25)), CatchUp::Done));
-        assert!(!live(12) && live(27));
         // the in-memory bus decides nothing
         assert!(Overflow::goes_live(&mut overflow.state.lock().unwrap(), Logged(None)));
+        // A replay from 15 of a plugin live from 10: an event from 15 on accepted before the
+        // replay and decided late is the replay's (pending, read in its place), not live as
+        // well; one below 15 goes live (the replay does not read it).
+        let replayed = Overflow::new("p".into(), 1 << 20, Some(log.clone()));
+        let live = |seq| Overflow::goes_live(&mut replayed.state.lock().unwrap(), Logged(Some(seq)));
+        assert!(matches!(replayed.catch_up_at(10, None), CatchUp::Done));
+        assert_eq!(replayed.catch_up_from_now(&log, 15), 21);
+        assert!(live(12), "below the replay's first, decided late: nobody delivers it");
+        assert!(!live(16), "in the replay's history, and live as well");
+        assert!(!live(22));
+        assert!(matches!(replayed.catch_up_at(21, Some(22)), CatchUp::Done));
+        assert!(!live(16) && !live(22) && live(12) && live(23));
     }
 
     /// A producer's event goes behind what waits in the overflow through the queue slot it
