@@ -154,13 +154,10 @@ struct Overflow {
 /// append, which may be late): by its sequence number, which says whether a read-back reads it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Intake {
-    /// Below this, events are the read-backs' (except those in `live_gaps`); from it on they go
-    /// live, unless it is catching up. (0 on the in-memory bus, which logs nothing.)
+    /// Below this, events are the read-backs'; from it on they go live, unless it is catching
+    /// up. (0 on the in-memory bus, which logs nothing.)
     read_to: u64,
-    /// Ranges accepted live between one read-back's hand-over and a replay's start: no read-back
-    /// reads them, so one decided late still goes live.
-    live_gaps: Vec<std::ops::Range<u64>>,
-    /// While a read-back catches up: events from `since` on are left in the log for it, and
+    /// While a read-back catches up: events from `read_from` on are left in the log for it, and
     /// `skipped` is the highest sequence number left so (it may not be committed yet: an
     /// output is logged without waiting).
     catching_up: Option<CatchingUp>,
@@ -168,11 +165,13 @@ struct Intake {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct CatchingUp {
+    /// Where it began catching up: the log's next sequence number then (0 for a new
+    /// subscription).
     since: u64,
-    /// A replay's first sequence number (at most `since`): an event from it on and below
-    /// `since` whose producer decides it late is the replay's (pending, read in its place), not
-    /// live as well.
-    history_from: u64,
+    /// Where its read-back reads from (at most `since`): for a replay, its first sequence number
+    /// or, if lower, where live deliveries began. An event from here on whose producer decides
+    /// it late is the read-back's (pending, read in its place), not live as well.
+    read_from: u64,
     skipped: Option<u64>,
     /// Outputs left in the log for the read-back and not read yet, by sequence number, with
     /// what each counts against the budget (nothing for as many as its queue holds): the bound
@@ -232,16 +231,13 @@ impl CatchingUp {
 impl Intake {
     /// Whether the event at `seq` goes to the plugin now; `false`: a read-back delivers it.
     fn goes_live(&mut self, seq: u64) -> bool {
-        if let Some(c) = &mut self.catching_up {
-            if seq >= c.since {
-                c.skipped = Some(c.skipped.map_or(seq, |s| s.max(seq)));
-                return false;
-            }
-            if seq >= c.history_from {
-                return false;
-            }
+        if let Some(c) = &mut self.catching_up
+            && seq >= c.read_from
+        {
+            c.skipped = Some(c.skipped.map_or(seq, |s| s.max(seq)));
+            return false;
         }
-        seq >= self.read_to || self.live_gaps.iter().any(|gap| gap.contains(&seq))
+        seq >= self.read_to
     }
 
     /// Hands over to live deliveries: events from `read_to` on go live.
@@ -380,25 +376,22 @@ impl Overflow {
         *retry_in = (*retry_in * 2).min(LOAD_RETRY_MAX);
     }
 
-    /// Starts catching up from the log's next sequence number (a replay whose history begins at
-    /// `history_from`): events accepted for the plugin from then on wait in the log behind the
-    /// replayed history. Those below it from `history_from` on are the history's, however late
-    /// their producer decides them: none of them goes live any more (the history has each one,
-    /// the backfill being sent after their appends).
-    fn catch_up_from_now(&self, log: &DurableLog, history_from: u64) -> u64 {
+    /// Starts catching up again (a replay whose history begins at `first`): answers the log's
+    /// next sequence number and where the read-back reads from. Events accepted for the plugin
+    /// from then on wait in the log behind the history; so do those accepted before whose
+    /// producer has yet to decide them, from the history's first or where live deliveries
+    /// began, whichever is lower (the read-back reads everything pending from there, the
+    /// backfill being sent after their appends): none of them goes live after the history.
+    fn catch_up_from_now(&self, log: &DurableLog, first: u64) -> (u64, u64) {
         let mut state = self.state.lock().expect("overflow poisoned");
         let since = log.next_seq_sent();
         let intake = &mut state.intake;
-        if intake.catching_up.is_none() && intake.read_to < since {
-            intake.live_gaps.push(intake.read_to..since);
+        let mut read_from = first.min(intake.read_to).min(since);
+        if let Some(c) = &intake.catching_up {
+            read_from = read_from.min(c.read_from);
         }
-        for gap in &mut intake.live_gaps {
-            gap.end = gap.end.min(history_from);
-        }
-        intake.live_gaps.retain(|gap| !gap.is_empty());
-        let history_from = history_from.min(since);
-        intake.catching_up = Some(CatchingUp { since, history_from, ..CatchingUp::default() });
-        since
+        intake.catching_up = Some(CatchingUp { since, read_from, ..CatchingUp::default() });
+        (since, read_from)
     }
 
     /// Whether anything the log holds for the plugin is in its hands or on its way there: a
@@ -1153,6 +1146,47 @@ impl EmbeddedBus {
         }
     }
 
+    /// Waits until nothing the plugin held when a replay began is in its hands, then (`again`:
+    /// the first went through) makes its history pending a second time: an event in flight then
+    /// was acked after the first backfill, and is made pending again here. Tried again (waits
+    /// doubling up to 30 s) until it goes through; `None` when the plugin unsubscribed meanwhile.
+    async fn backfill_after_what_it_holds(
+        log: &DurableLog,
+        sub: &Sub,
+        matches: impl Fn(&str) -> bool + Clone + Send + 'static,
+        from: crate::transport::ReplayFrom,
+        again: bool,
+    ) -> Option<()> {
+        let waited_from = Instant::now();
+        let mut told = false;
+        while sub.overflow.holds_events() {
+            if sub.overflow.is_gone(&sub.tx) {
+                return None;
+            }
+            if !told && waited_from.elapsed() >= Duration::from_secs(1) {
+                tracing::info!(plugin = %sub.plugin, "replay: the history waits for the events the plugin still holds");
+                told = true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if !again {
+            return Some(());
+        }
+        let mut retry_in = Duration::from_millis(50);
+        loop {
+            match log.backfill(sub.plugin.clone(), matches.clone(), from).await {
+                Ok(_) => return Some(()),
+                Err(e) => tracing::error!(plugin = %sub.plugin, retry_in_ms = retry_in.as_millis() as u64,
+                    "replay: making the events in flight when it began pending again: {e}"),
+            }
+            if sub.overflow.is_gone(&sub.tx) {
+                return None;
+            }
+            tokio::time::sleep(retry_in).await;
+            retry_in = (retry_in * 2).min(LOAD_RETRY_MAX);
+        }
+    }
+
     /// The subscriptions `event` goes to, in subscription order, and the table's generation
     /// they were taken at.
     fn targets(&self, event: &Event) -> Targets {
@@ -1386,7 +1420,7 @@ impl Transport for EmbeddedBus {
         let (log, made) = (log.clone(), tokio::sync::oneshot::channel());
         tokio::spawn(async move {
             // Events accepted for it from now on wait in the log behind the history, in order.
-            let since = sub.overflow.catch_up_from_now(&log, from.first_seq());
+            let (since, read_from) = sub.overflow.catch_up_from_now(&log, from.first_seq());
             // An event in its hands (or on the way there) runs again in its place in the history,
             // after this run: never twice at once. Its ack may land after the backfill (which
             // makes settled events pending again), so the backfill is done again once it did.
@@ -1395,21 +1429,16 @@ impl Transport for EmbeddedBus {
             let matches = move |s: &str| patterns.matches(s);
             let backfill = log.backfill(sub.plugin.clone(), matches.clone(), from).await;
             let failed = backfill.is_err();
-            let _ =
-                made.0.send(backfill.map(|history| history.len()).map_err(|e| TransportError::Broker(e.to_string())));
-            while held && sub.overflow.holds_events() && !sub.overflow.is_gone(&sub.tx) {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+            // The history: what the backfill found below where the replay began.
+            let count = backfill.map(|history| history.iter().filter(|seq| **seq < since).count());
+            let _ = made.0.send(count.map_err(|e| TransportError::Broker(e.to_string())));
+            if held && Self::backfill_after_what_it_holds(&log, &sub, matches, from, !failed).await.is_none() {
+                return;
             }
-            if held
-                && !failed
-                && let Err(e) = log.backfill(sub.plugin.clone(), matches, from).await
-            {
-                tracing::error!(plugin = %sub.plugin, "replay: an event in flight when it began is not delivered again: {e}");
-            }
-            // Everything pending from the history's first on, in order: the history, what was
-            // pending already (handed back, or decided late by its producer), then what was
-            // accepted since. Read even when the backfill failed.
-            Load { from: from.first_seq().min(since), earlier: Vec::new() }
+            // Everything pending from `read_from` on, in order: the history, what was pending
+            // already (handed back, or decided late by its producer), then what was accepted
+            // since. Read even when the backfill failed.
+            Load { from: read_from, earlier: Vec::new() }
                 .run(done, log, sub.overflow.clone(), sub.tx.clone(), sub.plugin.clone())
                 .await;
         });
@@ -2333,30 +2362,37 @@ mod tests {
         assert!(!live(5) && live(12));
         // a replay from 21: what the log takes from now on (21, after events 1 to 20) waits behind
         // the history
-        assert_eq!(overflow.catch_up_from_now(&log, 21), 21);
+        // (it reads from 10, where live deliveries began: an event from there on accepted before
+        // the replay and decided late is its, not live as well)
+        assert_eq!(overflow.catch_up_from_now(&log, 21), (21, 10));
         assert!(!live(5), "read back before the replay, delivered live again");
-        assert!(live(12) && !live(25));
+        assert!(!live(12) && !live(25));
         // forced live (the log failing): everything skipped so far stays the read-back's
         assert!(overflow.stop_catching_up(21));
         assert!(!live(25) && live(26));
-        assert!(live(12), "accepted before the replay began, decided after it ended");
+        assert!(!live(12), "accepted before the replay began, decided after it ended: the read-back's");
         assert!(matches!(overflow.catch_up_at(21, None), CatchUp::Uncommitted(25)), "left uncommitted below");
         assert!(matches!(overflow.catch_up_at(21, Some(25)), CatchUp::Done));
         assert!(matches!(overflow.catch_up_at(26, None), CatchUp::Done));
         // the in-memory bus decides nothing
         assert!(Overflow::goes_live(&mut overflow.state.lock().unwrap(), Logged(None)));
-        // A replay from 15 of a plugin live from 10: an event from 15 on accepted before the
-        // replay and decided late is the replay's (pending, read in its place), not live as
-        // well; one below 15 goes live (the replay does not read it).
-        let replayed = Overflow::new("p".into(), 1 << 20, Some(log.clone()));
-        let live = |seq| Overflow::goes_live(&mut replayed.state.lock().unwrap(), Logged(Some(seq)));
-        assert!(matches!(replayed.catch_up_at(10, None), CatchUp::Done));
-        assert_eq!(replayed.catch_up_from_now(&log, 15), 21);
-        assert!(live(12), "below the replay's first, decided late: nobody delivers it");
-        assert!(!live(16), "in the replay's history, and live as well");
-        assert!(!live(22));
-        assert!(matches!(replayed.catch_up_at(21, Some(22)), CatchUp::Done));
-        assert!(!live(16) && !live(22) && live(12) && live(23));
+        // A replay from 15 of a plugin live from 10, and one from 5 of a plugin live from 10:
+        // it reads from the lower, and an event from there on accepted before the replay and
+        // decided late is its (pending, read in its place), not live after the history.
+        for (first, reads_from) in [(15, 10), (5, 5)] {
+            let replayed = Overflow::new("p".into(), 1 << 20, Some(log.clone()));
+            let live = |seq| Overflow::goes_live(&mut replayed.state.lock().unwrap(), Logged(Some(seq)));
+            assert!(matches!(replayed.catch_up_at(10, None), CatchUp::Done));
+            assert_eq!(replayed.catch_up_from_now(&log, first), (21, reads_from));
+            assert!(!live(12) && !live(16), "in the replay's history, and live as well");
+            assert!(!live(22));
+            assert!(
+                matches!(replayed.catch_up_at(21, Some(21)), CatchUp::Uncommitted(22)),
+                "decided late, uncommitted"
+            );
+            assert!(matches!(replayed.catch_up_at(21, Some(22)), CatchUp::Done));
+            assert!(!live(16) && !live(22) && !live(12) && live(23));
+        }
     }
 
     /// A producer's event goes behind what waits in the overflow through the queue slot it

@@ -1004,7 +1004,8 @@ impl DurableLog {
 
     /// Makes every kept event from sequence number `from` on whose subject `matches` pending for
     /// `plugin` again (a replay); returns their sequence numbers, those pending already included
-    /// (nothing may be in flight for the plugin then: it would run twice).
+    /// (one in flight for the plugin is pending, and is not delivered again unless it is handed
+    /// back: see the bus's replay).
     pub async fn backfill(
         &self,
         plugin: Arc<str>,
