@@ -390,7 +390,8 @@ impl Overflow {
         if let Some(c) = &intake.catching_up {
             read_from = read_from.min(c.read_from);
         }
-        intake.catching_up = Some(CatchingUp { since, read_from, ..CatchingUp::default() });
+        // Nothing below where it reads from is left to it.
+        intake.catching_up = Some(CatchingUp { since, read_from, read_below: read_from, ..CatchingUp::default() });
         (since, read_from)
     }
 
@@ -403,9 +404,9 @@ impl Overflow {
     }
 
     /// Stops catching up before the read-back is done (it cannot read or commit the log now, or
-    /// it ended): events from `read` on and past every one left to the log so far go to the
-    /// plugin live; the read-back reads only below that (waiting for what was left there
-    /// uncommitted). A new event may then run before an older one of its key. `false` when it
+    /// it ended): events from `read` on, from where it began catching up on (`since`), and past
+    /// every one left to the log so far go to the plugin live; the read-back reads only below
+    /// that (waiting for what was left there uncommitted). A new event may then run before an older one of its key. `false` when it
     /// was not catching up.
     fn stop_catching_up(&self, read: u64) -> bool {
         let mut state = self.state.lock().expect("overflow poisoned");
@@ -607,7 +608,8 @@ impl Overflow {
 struct Load {
     /// Everything the plugin has pending from this sequence number on: from 0 when it subscribes
     /// (what the last run left, a new plugin's history and what was accepted since), from a
-    /// replay's first (its history, made pending again, then what was accepted since).
+    /// replay's `CatchingUp::read_from` (its history, made pending again, and what was pending
+    /// already, in order, then what was accepted since).
     from: u64,
     /// The plugin's earlier subscriptions (it was removed and installed again): nothing is read
     /// until every delivery they took is gone (handled and settled, or handed back), and their
@@ -1146,10 +1148,27 @@ impl EmbeddedBus {
         }
     }
 
+    /// Waits for the log to commit what was sent to it (a replay's acks, after its backfill
+    /// failed), trying again as a read-back does (new events go live after 2 s of failures);
+    /// `false` when the plugin unsubscribed meanwhile.
+    async fn acks_committed(log: &DurableLog, sub: &Sub, read_from: u64) -> bool {
+        let (mut failing_since, mut retry_in) = (None, Duration::from_secs(1));
+        while let Err(e) = log.sync().await {
+            if sub.overflow.is_gone(&sub.tx) {
+                return false;
+            }
+            tracing::error!(plugin = %sub.plugin, "replay: waiting for the event log to commit: {e}");
+            sub.overflow.wait_out_failure(&sub.plugin, &mut failing_since, &mut retry_in, read_from).await;
+        }
+        true
+    }
+
     /// Waits until nothing the plugin held when a replay began is in its hands, then (`again`:
     /// the first went through) makes its history pending a second time: an event in flight then
     /// was acked after the first backfill, and is made pending again here. Tried again (waits
-    /// doubling up to 30 s) until it goes through; `None` when the plugin unsubscribed meanwhile.
+    /// doubling up to 30 s) until it goes through, the plugin catching up meanwhile (no 2 s
+    /// fallback here: let through live, new events could be made pending again by the next try
+    /// and run twice); `None` when the plugin unsubscribed meanwhile.
     async fn backfill_after_what_it_holds(
         log: &DurableLog,
         sub: &Sub,
@@ -1433,6 +1452,12 @@ impl Transport for EmbeddedBus {
             let count = backfill.map(|history| history.iter().filter(|seq| **seq < since).count());
             let _ = made.0.send(count.map_err(|e| TransportError::Broker(e.to_string())));
             if held && Self::backfill_after_what_it_holds(&log, &sub, matches, from, !failed).await.is_none() {
+                return;
+            }
+            // A backfill that went through committed the acks sent before it; after one that
+            // failed, they are committed before anything is read (pending still, what they
+            // settled would run again).
+            if failed && !Self::acks_committed(&log, &sub, read_from).await {
                 return;
             }
             // Everything pending from `read_from` on, in order: the history, what was pending
@@ -2260,6 +2285,33 @@ mod tests {
             d.acker.ack().await;
         }
         assert_eq!(got, ["0", "1", "2"]);
+    }
+
+    /// A replay from above where live deliveries began also reads what is pending below its
+    /// first, in order: an event handed back there (say by a drain that timed out) runs before
+    /// the history, not only at the next start.
+    #[tokio::test]
+    async fn a_replay_reads_what_was_handed_back_below_its_first_before_its_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_path, log, bus, mut sub) = durable_bus(dir.path(), "a.>", 8).await;
+        for i in 0..5 {
+            bus.publish(Event::new("a.x", format!("{i}"))).await.unwrap();
+        }
+        for _ in 0..5 {
+            let d = sub.deliveries.recv().await.unwrap();
+            if &d.event.data[..] != b"1" {
+                d.acker.ack().await;
+            }
+        }
+        log.sync().await.unwrap();
+        // seqs 1 to 5 hold "0" to "4": from 4, the history is "3" and "4"
+        assert_eq!(bus.replay("p", crate::transport::ReplayFrom::Seq(4)).await.unwrap(), 2);
+        let mut got = Vec::new();
+        while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(500), sub.deliveries.recv()).await {
+            got.push(String::from_utf8_lossy(&d.event.data).to_string());
+            d.acker.ack().await;
+        }
+        assert_eq!(got, ["1", "3", "4"]);
     }
 
     /// A new `deliver = "all"` plugin whose subscription fails (a full disk) is still new to
