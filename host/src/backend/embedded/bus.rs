@@ -406,8 +406,8 @@ impl Overflow {
     /// Stops catching up before the read-back is done (it cannot read or commit the log now, or
     /// it ended): events from `read` on, from where it began catching up on (`since`), and past
     /// every one left to the log so far go to the plugin live; the read-back reads only below
-    /// that (waiting for what was left there uncommitted). A new event may then run before an older one of its key. `false` when it
-    /// was not catching up.
+    /// that (waiting for what was left there uncommitted). A new event may then run before an
+    /// older one of its key. `false` when it was not catching up.
     fn stop_catching_up(&self, read: u64) -> bool {
         let mut state = self.state.lock().expect("overflow poisoned");
         let Some(CatchingUp { since, skipped, .. }) = state.intake.catching_up.take() else { return false };
