@@ -1589,6 +1589,16 @@ mod tests {
         super::super::log::tests::reopen(path, Default::default()).await
     }
 
+    /// Takes and acks every delivery until none comes for 500 ms: their data, in order.
+    async fn ack_until_quiet(sub: &mut Subscription) -> Vec<String> {
+        let mut got = Vec::new();
+        while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(500), sub.deliveries.recv()).await {
+            got.push(String::from_utf8_lossy(&d.event.data).to_string());
+            d.acker.ack().await;
+        }
+        got
+    }
+
     /// Waits (up to 10 s) until `cond` holds.
     async fn eventually_true(cond: impl Fn() -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -2224,11 +2234,7 @@ mod tests {
         let handed_back = old.deliveries.recv().await.unwrap();
         assert_eq!(&handed_back.event.data[..], b"2");
         drop((handed_back, queued, in_flight, old));
-        let mut got = Vec::new();
-        while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(500), new.deliveries.recv()).await {
-            got.push(String::from_utf8_lossy(&d.event.data).to_string());
-            d.acker.ack().await;
-        }
+        let got = ack_until_quiet(&mut new).await;
         assert_eq!(got, ["2", "3"], "the new subscription got what the old one had settled, or missed some");
     }
 
@@ -2279,11 +2285,7 @@ mod tests {
         let early = tokio::time::timeout(Duration::from_millis(300), sub.deliveries.recv()).await;
         assert!(early.is_err(), "the history began while an event was in flight");
         in_flight.unwrap().acker.ack().await;
-        let mut got = Vec::new();
-        while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(500), sub.deliveries.recv()).await {
-            got.push(String::from_utf8_lossy(&d.event.data).to_string());
-            d.acker.ack().await;
-        }
+        let got = ack_until_quiet(&mut sub).await;
         assert_eq!(got, ["0", "1", "2"]);
     }
 
@@ -2306,11 +2308,7 @@ mod tests {
         log.sync().await.unwrap();
         // seqs 1 to 5 hold "0" to "4": from 4, the history is "3" and "4"
         assert_eq!(bus.replay("p", crate::transport::ReplayFrom::Seq(4)).await.unwrap(), 2);
-        let mut got = Vec::new();
-        while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(500), sub.deliveries.recv()).await {
-            got.push(String::from_utf8_lossy(&d.event.data).to_string());
-            d.acker.ack().await;
-        }
+        let got = ack_until_quiet(&mut sub).await;
         assert_eq!(got, ["1", "3", "4"]);
     }
 

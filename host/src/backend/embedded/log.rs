@@ -886,14 +886,12 @@ impl DurableLog {
     /// The events under `seqs` (those retention dropped are left out), as deliveries to run
     /// again: their outputs may be in the log already. One whose record cannot be read is left
     /// out (settled without running, or left pending: see [`DurableLog::read_back`]).
-    /// Stops once what it read holds `max_bytes` (at least one is read); answers how many of
-    /// `seqs` it looked at too.
-    pub fn read_seqs(&self, plugin: &str, seqs: &[u64], max_bytes: u64) -> Result<(Vec<Unsettled>, usize), LogError> {
+    pub fn read_seqs(&self, plugin: &str, seqs: &[u64]) -> Result<Vec<Unsettled>, LogError> {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
         let r = self.store.get().map_err(|e| io(&e))?.begin_read().map_err(|e| io(&e))?;
         let events = r.open_table(ROWS).map_err(|e| io(&e))?;
         let outboxes = r.open_table(OUTBOX).map_err(|e| io(&e))?;
-        self.read_back(plugin, &events, &outboxes, seqs, false, max_bytes)
+        Ok(self.read_back(plugin, &events, &outboxes, seqs, false, u64::MAX)?.0)
     }
 
     /// Reads back `plugin`'s deliveries of `seqs` from `rows` to run again. A record that cannot
@@ -2127,7 +2125,7 @@ pub(crate) mod tests {
         let unsettled = log.unsettled("p").unwrap();
         assert_eq!(unsettled.iter().map(|u| u.seq).collect::<Vec<_>>(), (1..=50).collect::<Vec<_>>());
         for (i, seq) in seqs.iter().enumerate() {
-            let found = log.read_seqs("p", &[*seq], u64::MAX).unwrap().0;
+            let found = log.read_seqs("p", &[*seq]).unwrap();
             assert_eq!(found[0].event.subject, format!("n.{i}"), "seq {seq}");
         }
         assert_eq!(log.read(10, 5).unwrap().iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![10, 11, 12, 13, 14]);
@@ -2682,7 +2680,7 @@ pub(crate) mod tests {
         let Appended::At(seq) = log.append(out.clone(), vec![], true).await.unwrap() else {
             panic!("a damaged first copy made the output a duplicate")
         };
-        assert_eq!(log.read_seqs("p", &[seq], u64::MAX).unwrap().0[0].event.id, out.id);
+        assert_eq!(log.read_seqs("p", &[seq]).unwrap()[0].event.id, out.id);
         assert!(matches!(log.append(out, vec![], true).await.unwrap(), Appended::Duplicate(_)), "and kept once again");
     }
 
