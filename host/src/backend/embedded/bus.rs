@@ -52,16 +52,34 @@ struct LogAck {
     settled: std::sync::atomic::AtomicBool,
 }
 
+impl LogAck {
+    /// Settles it in the log (handled or dead-lettered), but one a replay's history includes,
+    /// taken before the replay began, stays pending: the replay's read-back runs it again in its
+    /// place. Decided and sent under the overflow's lock, so every ack is either sent before the
+    /// replay's backfill (which makes it pending again) or keeps it pending: none is lost to the
+    /// history, whatever ends the wait (a removal, a crash, retention).
+    fn settle(&self) {
+        self.settled.store(true, Ordering::Relaxed);
+        if self.seq >= super::log::REQUEST_KEYS {
+            return self.log.ack(self.plugin.clone(), self.seq);
+        }
+        let state = self.taken_by.state.lock().expect("overflow poisoned");
+        if state.replay_holds.as_ref().is_some_and(|held| held.contains(&self.seq)) {
+            self.log.ack_for_replay(self.plugin.clone(), self.seq);
+        } else {
+            self.log.ack(self.plugin.clone(), self.seq);
+        }
+    }
+}
+
 #[async_trait]
 impl Acker for LogAck {
     async fn ack(&self) {
-        self.settled.store(true, Ordering::Relaxed);
-        self.log.ack(self.plugin.clone(), self.seq);
+        self.settle();
     }
     async fn nak(&self, _delay: std::time::Duration) {}
     async fn term(&self) {
-        self.settled.store(true, Ordering::Relaxed);
-        self.log.ack(self.plugin.clone(), self.seq);
+        self.settle();
     }
     fn position(&self) -> Option<(Arc<str>, u64)> {
         Some((self.plugin.clone(), self.seq))
@@ -280,6 +298,10 @@ struct OverflowState {
     pumping: bool,
     /// Whether new events go to the plugin live or are left to the read-back.
     intake: Intake,
+    /// While a replay waits for what the plugin took before it began: the sequence numbers of
+    /// its history (its first up to the log's next then). A delivery of one settled meanwhile
+    /// stays pending ([`LogAck::settle`]).
+    replay_holds: Option<std::ops::Range<u64>>,
 }
 
 impl OverflowState {
@@ -392,15 +414,22 @@ impl Overflow {
         }
         // Nothing below where it reads from is left to it.
         intake.catching_up = Some(CatchingUp { since, read_from, read_below: read_from, ..CatchingUp::default() });
+        // What the plugin took before now and settles from now on stays pending in the history.
+        state.replay_holds = Some(first..since);
         (since, read_from)
     }
 
-    /// Whether anything the log holds for the plugin is in its hands or on its way there: a
-    /// delivery not gone yet, or an event waiting in the overflow.
+    /// Whether anything the log holds for the plugin is in its hands or on its way there (a
+    /// delivery not gone yet, or an event waiting in the overflow); when nothing is, a replay's
+    /// hold ends ([`OverflowState::replay_holds`]).
     fn holds_events(&self) -> bool {
-        let state = self.state.lock().expect("overflow poisoned");
-        self.in_hand.load(Ordering::Acquire) > 0
-            || state.events.iter().any(|(_, _, logged, _)| logged.0.is_some_and(|seq| seq < super::log::REQUEST_KEYS))
+        let mut state = self.state.lock().expect("overflow poisoned");
+        let holds = self.in_hand.load(Ordering::Acquire) > 0
+            || state.events.iter().any(|(_, _, logged, _)| logged.0.is_some_and(|seq| seq < super::log::REQUEST_KEYS));
+        if !holds {
+            state.replay_holds = None;
+        }
+        holds
     }
 
     /// Stops catching up before the read-back is done (it cannot read or commit the log now, or
@@ -1163,19 +1192,11 @@ impl EmbeddedBus {
         true
     }
 
-    /// Waits until nothing the plugin held when a replay began is in its hands, then (`again`:
-    /// the first went through) makes its history pending a second time: an event in flight then
-    /// was acked after the first backfill, and is made pending again here. Tried again (waits
-    /// doubling up to 30 s) until it goes through, the plugin catching up meanwhile (no 2 s
-    /// fallback here: let through live, new events could be made pending again by the next try
-    /// and run twice); `None` when the plugin unsubscribed meanwhile.
-    async fn backfill_after_what_it_holds(
-        log: &DurableLog,
-        sub: &Sub,
-        matches: impl Fn(&str) -> bool + Clone + Send + 'static,
-        from: crate::transport::ReplayFrom,
-        again: bool,
-    ) -> Option<()> {
+    /// Waits until nothing the plugin held when a replay began is in its hands: what it settles
+    /// meanwhile stays pending in the history ([`LogAck::settle`]) and runs again in its place,
+    /// after this run, never twice at once. `None` when the plugin unsubscribed meanwhile (its
+    /// next subscription reads what stayed pending).
+    async fn wait_for_what_it_holds(sub: &Sub) -> Option<()> {
         let waited_from = Instant::now();
         let mut told = false;
         while sub.overflow.holds_events() {
@@ -1188,22 +1209,7 @@ impl EmbeddedBus {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        if !again {
-            return Some(());
-        }
-        let mut retry_in = Duration::from_millis(50);
-        loop {
-            match log.backfill(sub.plugin.clone(), matches.clone(), from).await {
-                Ok(_) => return Some(()),
-                Err(e) => tracing::error!(plugin = %sub.plugin, retry_in_ms = retry_in.as_millis() as u64,
-                    "replay: making the events in flight when it began pending again: {e}"),
-            }
-            if sub.overflow.is_gone(&sub.tx) {
-                return None;
-            }
-            tokio::time::sleep(retry_in).await;
-            retry_in = (retry_in * 2).min(LOAD_RETRY_MAX);
-        }
+        Some(())
     }
 
     /// The subscriptions `event` goes to, in subscription order, and the table's generation
@@ -1440,18 +1446,15 @@ impl Transport for EmbeddedBus {
         tokio::spawn(async move {
             // Events accepted for it from now on wait in the log behind the history, in order.
             let (since, read_from) = sub.overflow.catch_up_from_now(&log, from.first_seq());
-            // An event in its hands (or on the way there) runs again in its place in the history,
-            // after this run: never twice at once. Its ack may land after the backfill (which
-            // makes settled events pending again), so the backfill is done again once it did.
-            let held = sub.overflow.holds_events();
             let patterns = sub.patterns.clone();
-            let matches = move |s: &str| patterns.matches(s);
-            let backfill = log.backfill(sub.plugin.clone(), matches.clone(), from).await;
+            let backfill = log.backfill(sub.plugin.clone(), move |s: &str| patterns.matches(s), from).await;
             let failed = backfill.is_err();
             // The history: what the backfill found below where the replay began.
             let count = backfill.map(|history| history.iter().filter(|seq| **seq < since).count());
             let _ = made.0.send(count.map_err(|e| TransportError::Broker(e.to_string())));
-            if held && Self::backfill_after_what_it_holds(&log, &sub, matches, from, !failed).await.is_none() {
+            // An event in its hands (or on the way there) stays pending when it settles, and
+            // runs again in its place in the history, after this run: never twice at once.
+            if Self::wait_for_what_it_holds(&sub).await.is_none() {
                 return;
             }
             // A backfill that went through committed the acks sent before it; after one that
@@ -2286,6 +2289,42 @@ mod tests {
         assert!(early.is_err(), "the history began while an event was in flight");
         in_flight.unwrap().acker.ack().await;
         let got = ack_until_quiet(&mut sub).await;
+        assert_eq!(got, ["0", "1", "2"]);
+    }
+
+    /// An event in flight when a replay begins stays pending when it is settled while the
+    /// replay waits for it: it is in the history whatever ends the wait. Here the plugin is
+    /// removed meanwhile (its file deleted), and its next subscription reads the whole history;
+    /// a crash or retention at that point would find the same pending row. (It was lost: acked,
+    /// with the backfill that would make it pending again never run.)
+    #[tokio::test]
+    async fn an_event_in_flight_when_a_replay_begins_stays_in_its_history_if_the_plugin_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_path, log, bus, mut old) = durable_bus(dir.path(), "a.>", 8).await;
+        for i in 0..3 {
+            bus.publish(Event::new("a.x", format!("{i}"))).await.unwrap();
+        }
+        let mut in_flight = None;
+        for _ in 0..3 {
+            let d = old.deliveries.recv().await.unwrap();
+            if &d.event.data[..] == b"2" {
+                in_flight = Some(d);
+            } else {
+                d.acker.ack().await;
+            }
+        }
+        log.sync().await.unwrap();
+        assert_eq!(bus.replay("p", crate::transport::ReplayFrom::Seq(0)).await.unwrap(), 3);
+        // Removed while the replay waits; its worker still finishes what it took.
+        drop(old.take_guard());
+        let in_flight = in_flight.unwrap();
+        in_flight.acker.ack().await;
+        log.sync().await.unwrap();
+        let pending: Vec<u64> = log.unsettled("p").unwrap().iter().map(|u| u.seq).collect();
+        assert_eq!(pending, [1, 2, 3], "what the replay held was settled out of its history");
+        drop((in_flight, old));
+        let mut new = bus.subscribe(spec(&["a.>"], 8)).await.unwrap();
+        let got = ack_until_quiet(&mut new).await;
         assert_eq!(got, ["0", "1", "2"]);
     }
 

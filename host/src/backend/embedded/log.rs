@@ -228,6 +228,9 @@ enum Op {
     Ack {
         plugin: Arc<str>,
         seq: u64,
+        /// Only its outbox goes: a delivery a replay's history includes, taken before the
+        /// replay began, stays pending for the replay's read-back ([`DurableLog::ack_for_replay`]).
+        keep_pending: bool,
     },
     Sync {
         done: oneshot::Sender<Result<(), LogError>>,
@@ -271,7 +274,9 @@ impl Op {
                 done: None,
                 appended_ms: *appended_ms,
             }),
-            Op::Ack { plugin, seq } => Some(Op::Ack { plugin: plugin.clone(), seq: *seq }),
+            Op::Ack { plugin, seq, keep_pending } => {
+                Some(Op::Ack { plugin: plugin.clone(), seq: *seq, keep_pending: *keep_pending })
+            }
             Op::KvCommit { ns, txn, outbox, done: None } => Some(kv_replay(ns, txn, outbox)),
             _ => None,
         }
@@ -740,13 +745,23 @@ impl DurableLog {
             // A request: only its outbox, if its attempt wrote one, is in the log.
             let wrote = self.request_outboxes.lock().expect("request outboxes poisoned").remove(&(plugin.clone(), seq));
             if wrote {
-                let _ = self.ops.send(Op::Ack { plugin, seq });
+                let _ = self.ops.send(Op::Ack { plugin, seq, keep_pending: false });
             }
             return;
         }
         self.forget_redelivered(&plugin, seq);
         // A closed log means the host is stopping: the delivery runs again at the next start.
-        let _ = self.ops.send(Op::Ack { plugin, seq });
+        let _ = self.ops.send(Op::Ack { plugin, seq, keep_pending: false });
+    }
+
+    /// Settles `plugin`'s delivery of `seq` that a replay's history includes, taken before the
+    /// replay began: its outbox goes (its outputs were released), it stays pending, and the
+    /// replay's read-back runs it again in its place. Sent while the replay holds it (see the
+    /// bus's `Overflow::replay_holds`), so it is never lost between an ack and a second backfill,
+    /// a crash or retention.
+    pub fn ack_for_replay(&self, plugin: Arc<str>, seq: u64) {
+        self.forget_redelivered(&plugin, seq);
+        let _ = self.ops.send(Op::Ack { plugin, seq, keep_pending: true });
     }
 
     /// Forgets that `plugin`'s delivery of `seq` was read back: it settled, or it is gone
@@ -972,7 +987,7 @@ impl DurableLog {
                         "a delivery whose record cannot be read is settled without running: {error}"
                     );
                     self.metrics.damaged_records.inc();
-                    let _ = self.ops.send(Op::Ack { plugin: plugin.into(), seq });
+                    let _ = self.ops.send(Op::Ack { plugin: plugin.into(), seq, keep_pending: false });
                 }
             }
         }
@@ -1586,16 +1601,18 @@ impl Writer {
                                 kept_in_memory.keep(redo, cost);
                             }
                         }
-                        Op::Ack { plugin, seq } => {
+                        Op::Ack { plugin, seq, keep_pending } => {
                             if self.outboxed.lock().expect("outboxed poisoned").remove(&(plugin.clone(), seq)) {
                                 w.open_table(OUTBOX)
                                     .map_err(|e| e.to_string())?
                                     .remove((&*plugin, seq))
                                     .map_err(|e| e.to_string())?;
                             }
-                            pending.remove((&*plugin, seq)).map_err(|e| e.to_string())?;
+                            if !keep_pending {
+                                pending.remove((&*plugin, seq)).map_err(|e| e.to_string())?;
+                            }
                             if in_memory_only {
-                                kept_in_memory.keep(Op::Ack { plugin, seq }, 64);
+                                kept_in_memory.keep(Op::Ack { plugin, seq, keep_pending }, 64);
                             }
                         }
                         Op::Sync { done } => syncs.push(done),
