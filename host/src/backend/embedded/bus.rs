@@ -348,6 +348,23 @@ impl Overflow {
         logged.0.is_none_or(|seq| state.intake.goes_live(seq))
     }
 
+    /// Counts an event left in the log at `logged` for the read-back of one catching up (an
+    /// output, `publisher` its plugin, or a producer's event): charged `cost` past as many as
+    /// its queue holds, as it would be in the queue and behind it (see `check_room` and
+    /// `room_for_a_producer`).
+    fn left_in_log(
+        state: &mut OverflowState,
+        tx: &mpsc::Sender<Delivery>,
+        logged: Logged,
+        cost: u64,
+        publisher: Option<Arc<str>>,
+    ) {
+        if let (Some(c), Some(seq)) = (state.intake.catching_up.as_mut(), logged.0) {
+            let charged = if c.left.len() >= tx.max_capacity() { cost } else { 0 };
+            c.leave(seq, charged, publisher);
+        }
+    }
+
     /// Where the read-back stops reading: nowhere while it catches up, else where live
     /// deliveries begin.
     fn read_back_end(&self) -> u64 {
@@ -375,6 +392,8 @@ impl Overflow {
             return CatchUp::Uncommitted(s);
         }
         state.intake.live_from(from.max(unread.map_or(0, |s| s + 1)));
+        // Producers waiting for what was left in the log look at its overflow now.
+        self.drained.notify_waiters();
         CatchUp::Done
     }
 
@@ -441,6 +460,7 @@ impl Overflow {
         let mut state = self.state.lock().expect("overflow poisoned");
         let Some(CatchingUp { since, skipped, .. }) = state.intake.catching_up.take() else { return false };
         state.intake.live_from(read.max(since).max(skipped.map_or(0, |s| s + 1)));
+        self.drained.notify_waiters();
         true
     }
 
@@ -554,10 +574,14 @@ impl Overflow {
         }
     }
 
-    /// Waits while more than the budget waits in the overflow of a subscription on the durable
-    /// log (a producer's event may go in behind it: [`Overflow::send_behind`]), holding nothing.
-    /// Producers that looked at once may each add one event past it. Answers whether it is
-    /// catching up (the event then goes to the log, not here).
+    /// Waits while more than the budget waits for a subscription on the durable log, holding
+    /// nothing: in its overflow (a producer's event may go in behind it:
+    /// [`Overflow::send_behind`]), or, while it catches up, left in the log for its read-back
+    /// since it began (what it reads back from before is not counted: that was accepted
+    /// already). So a plugin that falls behind, catching up or not, holds up its producers
+    /// past its buffer instead of filling the disk. Producers that looked at once may each add
+    /// one event past it. Answers whether it is catching up (the event then goes to the log,
+    /// not to its queue).
     async fn room_for_a_producer(&self, tx: &mpsc::Sender<Delivery>) -> bool {
         if self.log.is_none() {
             return false;
@@ -568,13 +592,13 @@ impl Overflow {
             drained.as_mut().enable();
             let (room, catching_up) = {
                 let state = self.state.lock().expect("overflow poisoned");
-                (state.bytes <= self.budget, state.intake.catching_up.is_some())
+                match &state.intake.catching_up {
+                    Some(c) => (c.left_bytes <= self.budget, true),
+                    None => (state.bytes <= self.budget, false),
+                }
             };
-            if catching_up {
-                return true;
-            }
             if room || tx.is_closed() {
-                return false;
+                return catching_up;
             }
             // The timeout is a backstop: the wake-up is not missed (`drained` was made first).
             let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
@@ -812,6 +836,9 @@ impl Load {
             }
             if let Some(c) = state.intake.catching_up.as_mut() {
                 c.read_to(from);
+                if c.left_bytes <= overflow.budget {
+                    overflow.drained.notify_waiters();
+                }
             }
         }
         if loaded > 0 {
@@ -959,6 +986,7 @@ impl EmbeddedBus {
             // waiting there.
             let mut state = sub.overflow.state.lock().expect("overflow poisoned");
             if !Overflow::goes_live(&mut state, logged) {
+                Overflow::left_in_log(&mut state, &sub.tx, logged, event_cost(&event), None);
                 continue;
             }
             match slot {
@@ -1081,10 +1109,8 @@ impl EmbeddedBus {
             let mut state = sub.overflow.state.lock().expect("overflow poisoned");
             if Overflow::goes_live(&mut state, logged) {
                 sub.overflow.take(&mut state, &sub.tx, &event, publisher, cost, logged);
-            } else if let (Some(c), Some(seq)) = (state.intake.catching_up.as_mut(), logged.0) {
-                // Charged past as many as its queue holds (see `check_room`).
-                let charged = if c.left.len() >= sub.tx.max_capacity() { cost } else { 0 };
-                c.leave(seq, charged, Some(Arc::from(event.source.as_str())));
+            } else {
+                Overflow::left_in_log(&mut state, &sub.tx, logged, cost, Some(Arc::from(event.source.as_str())));
             }
         }
         self.notify_observers(&event);
@@ -1815,6 +1841,53 @@ mod tests {
         }
         let expected: Vec<String> = (0..40).map(|i| i.to_string()).chain(["new".to_string()]).collect();
         assert_eq!(got, expected);
+    }
+
+    /// While a plugin catches up (here a replay waiting for the event it holds), what producers
+    /// leave in the log for it is bounded by its buffer as its overflow is when it is live:
+    /// past it they wait, instead of filling the disk while its handler is stuck. Nothing is
+    /// lost and the order holds.
+    #[tokio::test]
+    async fn producers_wait_past_the_buffer_of_a_plugin_catching_up() {
+        const BUDGET: u64 = 256 << 10;
+        let dir = tempfile::tempdir().unwrap();
+        let log = DurableLog::open(&dir.path().join("bus.redb"), super::super::log::SyncPolicy::Always).unwrap();
+        let bus = EmbeddedBus::durable(log);
+        let mut sub = bus.subscribe(SubscriptionSpec { buffer_bytes: BUDGET, ..spec(&["a.>"], 1) }).await.unwrap();
+        bus.publish(Event::new("a.x", "n00")).await.unwrap();
+        let in_flight = sub.deliveries.recv().await.unwrap();
+        assert_eq!(bus.replay("p", crate::transport::ReplayFrom::Seq(0)).await.unwrap(), 1);
+        let published = Arc::new(AtomicU64::new(0));
+        let producer = {
+            let (bus, published) = (bus.clone(), published.clone());
+            let big = "x".repeat(64 << 10);
+            tokio::spawn(async move {
+                for i in 1..=20 {
+                    bus.publish(Event::new("a.x", format!("n{i:02}{big}"))).await.unwrap();
+                    published.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let taken = published.load(Ordering::Relaxed);
+        assert!(
+            taken < 10,
+            "{taken} events of 64 KiB left in the log for a plugin catching up with a buffer of 256 KiB"
+        );
+        assert!(!producer.is_finished());
+        in_flight.acker.ack().await;
+        drop(in_flight);
+        let mut got = Vec::new();
+        while let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await {
+            got.push(String::from_utf8_lossy(&d.event.data[..3]).to_string());
+            d.acker.ack().await;
+            if got.len() == 21 {
+                break;
+            }
+        }
+        let expected: Vec<String> = (0..=20).map(|i| format!("n{i:02}")).collect();
+        assert_eq!(got, expected);
+        tokio::time::timeout(Duration::from_secs(5), producer).await.unwrap().unwrap();
     }
 
     #[tokio::test]
