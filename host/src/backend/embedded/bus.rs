@@ -1473,10 +1473,10 @@ impl Transport for EmbeddedBus {
             // Events accepted for it from now on wait in the log behind the history, in order.
             let (since, read_from) = sub.overflow.catch_up_from_now(&log, from.first_seq());
             let patterns = sub.patterns.clone();
-            let backfill = log.backfill(sub.plugin.clone(), move |s: &str| patterns.matches(s), from).await;
-            let failed = backfill.is_err();
-            // The history: what the backfill found below where the replay began.
-            let count = backfill.map(|history| history.iter().filter(|seq| **seq < since).count());
+            // The history: what the log holds below where the replay began (what was accepted
+            // since is pending for it already).
+            let count = log.backfill(sub.plugin.clone(), move |s: &str| patterns.matches(s), from, since).await;
+            let failed = count.is_err();
             let _ = made.0.send(count.map_err(|e| TransportError::Broker(e.to_string())));
             // An event in its hands (or on the way there) stays pending when it settles, and
             // runs again in its place in the history, after this run: never twice at once.

@@ -47,6 +47,11 @@ const LOG_CACHE_BYTES: usize = 32 << 20;
 
 /// The most operations one commit takes.
 const MAX_BATCH: usize = 4096;
+/// How many records one step of a replay's backfill reads at most: a long history is made
+/// pending in steps, each in its own commit, so the appends and acks of every plugin go through
+/// between them instead of waiting for the whole log to be read.
+/// (64 in tests, so they take several steps.)
+const BACKFILL_STEP_RECORDS: usize = if cfg!(test) { 64 } else { 16_384 };
 
 /// The most bytes commits kept only in memory may hold (their copies are kept to be applied
 /// again after a failed write): past it the next commit is durable, whatever `bus.sync` says.
@@ -251,13 +256,16 @@ enum Op {
         history: Option<SubjectMatcher>,
         done: oneshot::Sender<Result<Option<Vec<u64>>, LogError>>,
     },
-    /// Makes every kept event from `from` on whose subject `matches` pending for `plugin`
-    /// (a replay); answers their sequence numbers.
+    /// One step of a replay's backfill: makes every kept event with a sequence number in `seqs`
+    /// (and appended since `from`'s time, if it has one) whose subject `matches` pending for
+    /// `plugin`, reading at most [`BACKFILL_STEP_RECORDS`] records; answers how many, and
+    /// where the next step begins (`None`: done).
     Backfill {
         plugin: Arc<str>,
-        matches: SubjectMatcher,
+        matches: Arc<dyn Fn(&str) -> bool + Send + Sync>,
         from: crate::transport::ReplayFrom,
-        done: oneshot::Sender<Result<Vec<u64>, LogError>>,
+        seqs: std::ops::Range<u64>,
+        done: oneshot::Sender<Result<BackfillStep, LogError>>,
     },
 }
 
@@ -361,6 +369,9 @@ impl SentAppend {
 
 /// Which subjects a backfill makes pending.
 pub type SubjectMatcher = Box<dyn Fn(&str) -> bool + Send>;
+
+/// What one step of a backfill made pending, and where the next begins (`None`: done).
+type BackfillStep = (usize, Option<u64>);
 
 /// A register op's answer, and what it answers (see [`DurableLog::register_with`]).
 type Registered = (oneshot::Sender<Result<Option<Vec<u64>>, LogError>>, Option<Vec<u64>>);
@@ -1015,20 +1026,33 @@ impl DurableLog {
         wait.await.map_err(|_| LogError::Closed)?
     }
 
-    /// Makes every kept event from sequence number `from` on whose subject `matches` pending for
-    /// `plugin` again (a replay); returns their sequence numbers, those pending already included
-    /// (one in flight for the plugin is pending, and is not delivered again unless it is handed
-    /// back: see the bus's replay).
+    /// Makes every kept event from `from` on, below sequence number `until`, whose subject
+    /// `matches` pending for `plugin` again (a replay); returns how many, those pending already
+    /// included (one in flight for the plugin is pending: see the bus's replay). Done in steps
+    /// of [`BACKFILL_STEP_RECORDS`] records, each its own commit (the log's other work goes on
+    /// between them); a failure or a crash between steps leaves the steps before it pending.
     pub async fn backfill(
         &self,
         plugin: Arc<str>,
-        matches: impl Fn(&str) -> bool + Send + 'static,
+        matches: impl Fn(&str) -> bool + Send + Sync + 'static,
         from: crate::transport::ReplayFrom,
-    ) -> Result<Vec<u64>, LogError> {
-        let (done, wait) = oneshot::channel();
-        let matches = Box::new(matches);
-        self.ops.send(Op::Backfill { plugin, matches, from, done }).map_err(|_| LogError::Closed)?;
-        wait.await.map_err(|_| LogError::Closed)?
+        until: u64,
+    ) -> Result<usize, LogError> {
+        let matches: Arc<dyn Fn(&str) -> bool + Send + Sync> = Arc::new(matches);
+        let (mut made, mut start) = (0, from.first_seq());
+        while start < until {
+            let (done, wait) = oneshot::channel();
+            let step =
+                Op::Backfill { plugin: plugin.clone(), matches: matches.clone(), from, seqs: start..until, done };
+            self.ops.send(step).map_err(|_| LogError::Closed)?;
+            let (count, next) = wait.await.map_err(|_| LogError::Closed)??;
+            made += count;
+            match next {
+                Some(next) => start = next,
+                None => break,
+            }
+        }
+        Ok(made)
     }
 
     /// The deliveries of `plugin` not settled yet, oldest first.
@@ -1212,7 +1236,7 @@ impl KeptInMemory {
 type KvAnswer = (oneshot::Sender<Result<(), crate::kv::KvError>>, Result<(), crate::kv::KvError>);
 
 /// A backfill's answer and the sequence numbers it made pending.
-type Backfilled = (oneshot::Sender<Result<Vec<u64>, LogError>>, Vec<u64>);
+type Backfilled = (oneshot::Sender<Result<BackfillStep, LogError>>, BackfillStep);
 
 /// Answers to the ops of one batch, sent once it committed (or failed).
 type Answers = Vec<(oneshot::Sender<Result<Appended, LogError>>, Appended)>;
@@ -1456,10 +1480,13 @@ impl Writer {
         Ok(())
     }
 
-    /// Makes every kept event from `from` on whose subject `matches` pending for `plugin`, in
-    /// the writer's transaction; returns their sequence numbers, those pending already included
-    /// (a replay delivers them in their place: one handed back, or one whose producer has yet
-    /// to decide it). A damaged row is skipped, logged.
+    /// Makes every kept event with a sequence number in `seqs` (appended since `from`'s time,
+    /// if it has one) whose subject `matches` pending for `plugin`, in the writer's
+    /// transaction, reading whole rows until `max_records` were read; returns their sequence
+    /// numbers, those pending already included (a replay delivers them in their place: one
+    /// handed back, or one whose producer has yet to decide it), and where the rest begins
+    /// when it stopped before `seqs.end`. A damaged row is skipped, logged.
+    #[allow(clippy::too_many_arguments)]
     fn backfill_in(
         &self,
         events: &impl ReadableTable<u64, &'static [u8]>,
@@ -1467,11 +1494,20 @@ impl Writer {
         plugin: &str,
         matches: &dyn Fn(&str) -> bool,
         from: crate::transport::ReplayFrom,
-    ) -> Result<Vec<u64>, String> {
-        let mut wanted = Vec::new();
+        seqs: std::ops::Range<u64>,
+        max_records: usize,
+    ) -> Result<(Vec<u64>, Option<u64>), String> {
+        let (mut wanted, mut read, mut rest) = (Vec::new(), 0, None);
         let since_ms = from.since_ms();
-        for stored in events.range(from.first_seq()..).map_err(|e| e.to_string())? {
+        // A row's key is its last sequence number: the rows from the one holding `seqs.start`.
+        for stored in events.range(seqs.start..).map_err(|e| e.to_string())? {
             let (row_key, stored) = stored.map_err(|e| e.to_string())?;
+            let last = row_key.value();
+            if read >= max_records {
+                break;
+            }
+            // Read up to this row's end: the rest begins after it, if anything is left.
+            rest = Some(last + 1).filter(|next| *next < seqs.end);
             // A damaged row cannot be replayed; it must not fail the commit
             // (and every append in it) either.
             let records = match rows::records(stored.value()) {
@@ -1483,9 +1519,10 @@ impl Writer {
                 }
             };
             for (seq, record) in records {
+                read += 1;
                 // A time compares with each record's append time (not a
                 // search: a clock set back would otherwise hide events).
-                if seq < from.first_seq() || (since_ms > 0 && appended_ms(record).is_some_and(|t| t < since_ms)) {
+                if !seqs.contains(&seq) || (since_ms > 0 && appended_ms(record).is_some_and(|t| t < since_ms)) {
                     continue;
                 }
                 let subject = decode(record).map(|ev| ev.subject).unwrap_or_default();
@@ -1493,11 +1530,18 @@ impl Writer {
                     wanted.push(seq);
                 }
             }
+            if rest.is_none() {
+                break;
+            }
+        }
+        // Stopped at the end of the log (no row left) or of `seqs`: done.
+        if read < max_records {
+            rest = None;
         }
         for seq in &wanted {
             pending.insert((plugin, *seq), ()).map_err(|e| e.to_string())?;
         }
-        Ok(wanted)
+        Ok((wanted, rest))
     }
 
     /// Commits one batch; answers every op in it. When the commit failed each op that has a
@@ -1708,21 +1752,39 @@ impl Writer {
                                     Some(matches) => {
                                         // The events appended earlier in this commit are read too.
                                         row.flush(&mut events).map_err(|e| e.to_string())?;
-                                        let first = crate::transport::ReplayFrom::Seq(0);
-                                        self.backfill_in(&events, &mut pending, &plugin, &*matches, first)?
+                                        let all = crate::transport::ReplayFrom::Seq(0);
+                                        let (made, _) = self.backfill_in(
+                                            &events,
+                                            &mut pending,
+                                            &plugin,
+                                            &*matches,
+                                            all,
+                                            0..u64::MAX,
+                                            usize::MAX,
+                                        )?;
+                                        made
                                     }
                                     None => Vec::new(),
                                 };
                                 registered[answer].1 = Some(made);
                             }
                         }
-                        Op::Backfill { plugin, matches, from, done } => {
+                        Op::Backfill { plugin, matches, from, seqs, done } => {
                             // Answered before the first write that can fail (see `Append`).
-                            backfilled.push((done, Vec::new()));
+                            backfilled.push((done, (0, None)));
                             let answer = backfilled.len() - 1;
                             // The events appended earlier in this commit are read too.
                             row.flush(&mut events).map_err(|e| e.to_string())?;
-                            backfilled[answer].1 = self.backfill_in(&events, &mut pending, &plugin, &*matches, from)?;
+                            let (made, rest) = self.backfill_in(
+                                &events,
+                                &mut pending,
+                                &plugin,
+                                &*matches,
+                                from,
+                                seqs,
+                                BACKFILL_STEP_RECORDS,
+                            )?;
+                            backfilled[answer].1 = (made.len(), rest);
                         }
                     }
                 }
@@ -2385,8 +2447,10 @@ pub(crate) mod tests {
         assert!(log.outbox("p", 4).unwrap().is_some(), "and so do its outputs");
         // A replay skips the damaged rows (before, one failed the whole commit).
         let q: Arc<str> = "q".into();
-        let made = log.backfill(q.clone(), |_| true, crate::transport::ReplayFrom::Seq(0)).await.unwrap();
-        assert_eq!(made, vec![1, 3]);
+        let made = log.backfill(q.clone(), |_| true, crate::transport::ReplayFrom::Seq(0), u64::MAX).await.unwrap();
+        assert_eq!(made, 2);
+        let for_q: Vec<u64> = log.unsettled("q").unwrap().iter().map(|u| u.seq).collect();
+        assert_eq!(for_q, vec![1, 3], "a replay past the damaged row");
         // Retention gets past the damaged rows: once the rest is settled, nothing is left.
         for seq in [1, 3, 4] {
             log.ack(p.clone(), seq);
@@ -2699,6 +2763,30 @@ pub(crate) mod tests {
         };
         assert_eq!(log.read_seqs("p", &[seq]).unwrap()[0].event.id, out.id);
         assert!(matches!(log.append(out, vec![], true).await.unwrap(), Appended::Duplicate(_)), "and kept once again");
+    }
+
+    /// A replay's backfill over many records is made in steps (each its own commit) and makes
+    /// pending exactly the matching events of its range, none of those around it.
+    #[tokio::test]
+    async fn a_backfill_over_many_records_makes_its_range_pending_in_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DurableLog::open(&dir.path().join("bus.redb"), SyncPolicy::None).unwrap();
+        for i in 0..300 {
+            let subject = if i % 2 == 0 { "a.x" } else { "b.x" };
+            // 4 KiB each, not compressible: about 60 to a row (a step reads whole rows).
+            let noise: String = (0..128).map(|_| uuid::Uuid::now_v7().simple().to_string()).collect();
+            let data = format!("{i}{noise}");
+            log.append_nowait(Arc::new(Event::new(subject, data)), vec!["p".into()]).unwrap();
+        }
+        log.sync().await.unwrap();
+        let commits = log.metrics().commits.get();
+        let made = log.backfill("q".into(), |s| s.starts_with("a."), crate::transport::ReplayFrom::Seq(11), 251).await;
+        let want: Vec<u64> = (11..251).filter(|seq| (seq - 1) % 2 == 0).collect();
+        assert_eq!(made.unwrap(), want.len());
+        let for_q: Vec<u64> = log.unsettled("q").unwrap().iter().map(|u| u.seq).collect();
+        assert_eq!(for_q, want);
+        let steps = log.metrics().commits.get() - commits;
+        assert!(steps >= 3, "{steps} commits for 240 records of 4 KiB in steps of {BACKFILL_STEP_RECORDS}");
     }
 
     #[tokio::test]
