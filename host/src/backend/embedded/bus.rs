@@ -64,8 +64,8 @@ impl LogAck {
             return self.log.ack(self.plugin.clone(), self.seq);
         }
         let state = self.taken_by.state.lock().expect("overflow poisoned");
-        if state.replay_holds.as_ref().is_some_and(|held| held.contains(&self.seq)) {
-            self.log.ack_for_replay(self.plugin.clone(), self.seq);
+        if let Some((_, since_ms)) = state.replay_holds.as_ref().filter(|(held, _)| held.contains(&self.seq)) {
+            self.log.ack_for_replay(self.plugin.clone(), self.seq, *since_ms);
         } else {
             self.log.ack(self.plugin.clone(), self.seq);
         }
@@ -298,10 +298,11 @@ struct OverflowState {
     pumping: bool,
     /// Whether new events go to the plugin live or are left to the read-back.
     intake: Intake,
-    /// While a replay waits for what the plugin took before it began: the sequence numbers of
-    /// its history (its first up to the log's next then). A delivery of one settled meanwhile
-    /// stays pending ([`LogAck::settle`]).
-    replay_holds: Option<std::ops::Range<u64>>,
+    /// While a replay waits for what the plugin took before it began: the sequence numbers its
+    /// history may hold (its first up to the log's next then), and its time (`since_ms`, 0 for
+    /// none). A delivery of one of its history settled meanwhile stays pending
+    /// ([`LogAck::settle`]).
+    replay_holds: Option<(std::ops::Range<u64>, u64)>,
 }
 
 impl OverflowState {
@@ -423,7 +424,7 @@ impl Overflow {
     /// producer has yet to decide them, from the history's first or where live deliveries
     /// began, whichever is lower (the read-back reads everything pending from there, the
     /// backfill being sent after their appends): none of them goes live after the history.
-    fn catch_up_from_now(&self, log: &DurableLog, first: u64) -> (u64, u64) {
+    fn catch_up_from_now(&self, log: &DurableLog, first: u64, since_ms: u64) -> (u64, u64) {
         let mut state = self.state.lock().expect("overflow poisoned");
         let since = log.next_seq_sent();
         let intake = &mut state.intake;
@@ -434,7 +435,7 @@ impl Overflow {
         // Nothing below where it reads from is left to it.
         intake.catching_up = Some(CatchingUp { since, read_from, read_below: read_from, ..CatchingUp::default() });
         // What the plugin took before now and settles from now on stays pending in the history.
-        state.replay_holds = Some(first..since);
+        state.replay_holds = Some((first..since, since_ms));
         (since, read_from)
     }
 
@@ -557,12 +558,13 @@ impl Overflow {
     fn send_behind(
         self: &Arc<Self>,
         state: &mut OverflowState,
-        slot: mpsc::Permit<'_, Delivery>,
+        slot: mpsc::OwnedPermit<Delivery>,
         event: &Arc<Event>,
         logged: Logged,
     ) {
         let Some((first, cost, first_logged, publisher)) = state.events.pop_front() else {
-            return slot.send(self.delivery(event.clone(), logged));
+            slot.send(self.delivery(event.clone(), logged));
+            return;
         };
         state.remove(publisher.as_ref(), cost);
         slot.send(self.delivery(first, first_logged));
@@ -933,9 +935,17 @@ impl EmbeddedBus {
 
     /// A producer's event for `targets`: room in every target's queue first (backpressure), then
     /// into the log, then to the targets that take it live (see [`Intake`]).
-    async fn accept(&self, event: Arc<Event>, (targets, seen): Targets) -> Result<(), TransportError> {
+    async fn accept(&self, event: Arc<Event>, targets: Targets) -> Result<(), TransportError> {
+        let slots = Self::room_in(&targets.0).await;
+        self.take_in(event, targets, slots).await
+    }
+
+    /// Waits for room for a producer's event in every target (backpressure), holding it. Nothing
+    /// is taken yet: a producer that stops waiting (an HTTP publish past `api.publish_timeout`,
+    /// answered `503`) leaves nothing behind.
+    async fn room_in(targets: &[Arc<Sub>]) -> Vec<Slot> {
         let mut catching_up = Vec::with_capacity(targets.len());
-        for sub in &targets {
+        for sub in targets {
             catching_up.push(sub.overflow.room_for_a_producer(&sub.tx).await);
         }
         let mut slots = Vec::with_capacity(targets.len());
@@ -946,12 +956,23 @@ impl EmbeddedBus {
                 slots.push(Slot::Unreserved);
                 continue;
             }
-            slots.push(match sub.tx.reserve().await {
+            slots.push(match sub.tx.clone().reserve_owned().await {
                 Ok(permit) => Slot::Reserved(permit),
                 // Unsubscribed meanwhile, the event is no longer for it.
                 Err(_) => Slot::Closed,
             });
         }
+        slots
+    }
+
+    /// Takes a producer's event, with the room `slots` held in `targets`: into the log, then to
+    /// the targets that take it live.
+    async fn take_in(
+        &self,
+        event: Arc<Event>,
+        (targets, seen): Targets,
+        slots: Vec<Slot>,
+    ) -> Result<(), TransportError> {
         // An event whose commit reported a failure after it landed is in the log all the same:
         // it is delivered now (not left for the next start), and its producer refused, since
         // nothing says it is on disk.
@@ -1250,9 +1271,9 @@ impl EmbeddedBus {
 type Targets = (Vec<Arc<Sub>>, u64);
 
 /// A producer's room in a target's queue.
-enum Slot<'a> {
+enum Slot {
     /// Waited for and held (backpressure).
-    Reserved(mpsc::Permit<'a, Delivery>),
+    Reserved(mpsc::OwnedPermit<Delivery>),
     /// None waited for: it was catching up (its read-back delivers the event), or joined after
     /// the targets were taken.
     Unreserved,
@@ -1294,10 +1315,12 @@ impl Transport for EmbeddedBus {
             return self.accept(event, targets).await;
         }
         let targets = self.targets(&event);
+        // Waited for here: a producer that stops waiting has taken nothing.
+        let slots = Self::room_in(&targets.0).await;
         // In a task of its own, so a producer that goes away (an HTTP client hanging up) cannot
         // leave an event logged but not queued.
         let bus = self.clone();
-        let accept = tokio::spawn(async move { bus.accept(event, targets).await });
+        let accept = tokio::spawn(async move { bus.take_in(event, targets, slots).await });
         accept.await.map_err(|e| TransportError::Closed(format!("accepting the event: {e}")))?
     }
 
@@ -1471,7 +1494,7 @@ impl Transport for EmbeddedBus {
         let (log, made) = (log.clone(), tokio::sync::oneshot::channel());
         tokio::spawn(async move {
             // Events accepted for it from now on wait in the log behind the history, in order.
-            let (since, read_from) = sub.overflow.catch_up_from_now(&log, from.first_seq());
+            let (since, read_from) = sub.overflow.catch_up_from_now(&log, from.first_seq(), from.since_ms());
             let patterns = sub.patterns.clone();
             // The history: what the log holds below where the replay began (what was accepted
             // since is pending for it already).
@@ -2401,6 +2424,46 @@ mod tests {
         assert_eq!(got, ["0", "1", "2"]);
     }
 
+    /// An event in flight when a replay from a time begins, appended before that time, is not
+    /// in its history: settled, it is not kept pending, and runs once (it ran again).
+    #[tokio::test]
+    async fn an_event_in_flight_from_before_a_replays_time_is_not_run_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_path, log, bus, mut sub) = durable_bus(dir.path(), "a.>", 8).await;
+        bus.publish(Event::new("a.x", "0")).await.unwrap();
+        let in_flight = sub.deliveries.recv().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let from = std::time::SystemTime::now();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        bus.publish(Event::new("a.x", "1")).await.unwrap();
+        sub.deliveries.recv().await.unwrap().acker.ack().await;
+        log.sync().await.unwrap();
+        assert_eq!(bus.replay("p", crate::transport::ReplayFrom::Time(from)).await.unwrap(), 1);
+        in_flight.acker.ack().await;
+        drop(in_flight);
+        assert_eq!(ack_until_quiet(&mut sub).await, ["1"]);
+    }
+
+    /// A producer that stops waiting for room (an HTTP publish past `api.publish_timeout`,
+    /// answered `503`: "not taken") has taken nothing: the event is not logged and delivered
+    /// later behind its back, so a client that publishes it again gets it once (it was twice).
+    #[tokio::test]
+    async fn a_publish_given_up_while_waiting_for_room_takes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_path, log, bus, mut sub) = durable_bus(dir.path(), "a.>", 1).await;
+        bus.publish(Event::new("a.x", "0")).await.unwrap();
+        let given_up = tokio::time::timeout(Duration::from_millis(200), bus.publish(Event::new("a.x", "1"))).await;
+        assert!(given_up.is_err(), "a full queue took the event");
+        let first = sub.deliveries.recv().await.unwrap();
+        first.acker.ack().await;
+        drop(first);
+        let again = tokio::time::timeout(Duration::from_secs(2), bus.publish(Event::new("a.x", "2"))).await;
+        again.expect("the queue stayed full: the given-up event took its room").unwrap();
+        assert_eq!(ack_until_quiet(&mut sub).await, ["2"]);
+        log.sync().await.unwrap();
+        assert!(log.read(0, 10).unwrap().iter().all(|(_, ev)| &ev.data[..] != b"1"), "the given-up event was logged");
+    }
+
     /// A replay from above where live deliveries began also reads what is pending below its
     /// first, in order: an event handed back there (say by a drain that timed out) runs before
     /// the history, not only at the next start.
@@ -2526,7 +2589,7 @@ mod tests {
         // the history
         // (it reads from 10, where live deliveries began: an event from there on accepted before
         // the replay and decided late is its, not live as well)
-        assert_eq!(overflow.catch_up_from_now(&log, 21), (21, 10));
+        assert_eq!(overflow.catch_up_from_now(&log, 21, 0), (21, 10));
         assert!(!live(5), "read back before the replay, delivered live again");
         assert!(!live(12) && !live(25));
         // forced live (the log failing): everything skipped so far stays the read-back's
@@ -2545,7 +2608,7 @@ mod tests {
             let replayed = Overflow::new("p".into(), 1 << 20, Some(log.clone()));
             let live = |seq| Overflow::goes_live(&mut replayed.state.lock().unwrap(), Logged(Some(seq)));
             assert!(matches!(replayed.catch_up_at(10, None), CatchUp::Done));
-            assert_eq!(replayed.catch_up_from_now(&log, first), (21, reads_from));
+            assert_eq!(replayed.catch_up_from_now(&log, first, 0), (21, reads_from));
             assert!(!live(12) && !live(16), "in the replay's history, and live as well");
             assert!(!live(22));
             assert!(

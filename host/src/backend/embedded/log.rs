@@ -233,9 +233,10 @@ enum Op {
     Ack {
         plugin: Arc<str>,
         seq: u64,
-        /// Only its outbox goes: a delivery a replay's history includes, taken before the
-        /// replay began, stays pending for the replay's read-back ([`DurableLog::ack_for_replay`]).
-        keep_pending: bool,
+        /// `Some(since_ms)`: only its outbox goes, and it stays pending for the replay's
+        /// read-back if it was appended at `since_ms` or later (a delivery a replay's history
+        /// includes, taken before the replay began: [`DurableLog::ack_for_replay`]).
+        keep_pending: Option<u64>,
     },
     Sync {
         done: oneshot::Sender<Result<(), LogError>>,
@@ -502,6 +503,25 @@ pub struct DurableLog {
     /// The (plugin, key) of requests whose kv writes were sent to commit with an outbox: their
     /// settling removes it. A request that wrote no kv is settled without a log operation.
     request_outboxes: std::sync::Mutex<std::collections::HashSet<(Arc<str>, u64)>>,
+    /// The sequence numbers replays' backfills are making pending, step by step: retention
+    /// keeps every row in them until they are done (else it could drop, between two steps, a
+    /// settled event the next step was to make pending).
+    backfilling: Backfills,
+}
+
+/// The ranges replays' backfills are making pending (shared by the log and its writer).
+type Backfills = Arc<std::sync::Mutex<Vec<std::ops::Range<u64>>>>;
+
+/// Keeps a backfill's range from retention while it lives ([`DurableLog::backfilling`]).
+struct Backfilling<'a>(&'a DurableLog, std::ops::Range<u64>);
+
+impl Drop for Backfilling<'_> {
+    fn drop(&mut self) {
+        let mut ranges = self.0.backfilling.lock().expect("backfilling poisoned");
+        if let Some(i) = ranges.iter().position(|r| *r == self.1) {
+            ranges.swap_remove(i);
+        }
+    }
 }
 
 /// Where the keys of requests' outboxes start. A request is not in the log, so its delivery has
@@ -587,7 +607,9 @@ impl DurableLog {
         let metrics = LogMetrics::default();
         metrics.record_bytes.set(record_bytes as i64);
         let unwritten = Arc::new(Unwritten::new(metrics.unwritten_output_bytes.clone()));
+        let backfilling = Backfills::default();
         let writer = Writer {
+            backfilling: backfilling.clone(),
             store: store.clone(),
             path: path.to_path_buf(),
             sync,
@@ -614,6 +636,7 @@ impl DurableLog {
             next_request_key: next_request_key.unwrap_or(REQUEST_KEYS).into(),
             first_request_key: next_request_key.unwrap_or(REQUEST_KEYS),
             request_outboxes: Default::default(),
+            backfilling,
         }))
     }
 
@@ -756,23 +779,24 @@ impl DurableLog {
             // A request: only its outbox, if its attempt wrote one, is in the log.
             let wrote = self.request_outboxes.lock().expect("request outboxes poisoned").remove(&(plugin.clone(), seq));
             if wrote {
-                let _ = self.ops.send(Op::Ack { plugin, seq, keep_pending: false });
+                let _ = self.ops.send(Op::Ack { plugin, seq, keep_pending: None });
             }
             return;
         }
         self.forget_redelivered(&plugin, seq);
         // A closed log means the host is stopping: the delivery runs again at the next start.
-        let _ = self.ops.send(Op::Ack { plugin, seq, keep_pending: false });
+        let _ = self.ops.send(Op::Ack { plugin, seq, keep_pending: None });
     }
 
-    /// Settles `plugin`'s delivery of `seq` that a replay's history includes, taken before the
-    /// replay began: its outbox goes (its outputs were released), it stays pending, and the
-    /// replay's read-back runs it again in its place. Sent while the replay holds it (see the
-    /// bus's `Overflow::replay_holds`), so it is never lost between an ack and a second backfill,
-    /// a crash or retention.
-    pub fn ack_for_replay(&self, plugin: Arc<str>, seq: u64) {
+    /// Settles `plugin`'s delivery of `seq`, taken before a replay began whose history may
+    /// include it (from `seq`, appended at `since_ms` or later: 0 for a replay from a sequence
+    /// number): its outbox goes (its outputs were released), and if it is in the history it
+    /// stays pending, and the replay's read-back runs it again in its place. Sent while the
+    /// replay holds it (see the bus's `OverflowState::replay_holds`), so it is never lost
+    /// between an ack and the backfill, to retention or to a crash.
+    pub fn ack_for_replay(&self, plugin: Arc<str>, seq: u64, since_ms: u64) {
         self.forget_redelivered(&plugin, seq);
-        let _ = self.ops.send(Op::Ack { plugin, seq, keep_pending: true });
+        let _ = self.ops.send(Op::Ack { plugin, seq, keep_pending: Some(since_ms) });
     }
 
     /// Forgets that `plugin`'s delivery of `seq` was read back: it settled, or it is gone
@@ -998,7 +1022,7 @@ impl DurableLog {
                         "a delivery whose record cannot be read is settled without running: {error}"
                     );
                     self.metrics.damaged_records.inc();
-                    let _ = self.ops.send(Op::Ack { plugin: plugin.into(), seq, keep_pending: false });
+                    let _ = self.ops.send(Op::Ack { plugin: plugin.into(), seq, keep_pending: None });
                 }
             }
         }
@@ -1040,12 +1064,22 @@ impl DurableLog {
     ) -> Result<usize, LogError> {
         let matches: Arc<dyn Fn(&str) -> bool + Send + Sync> = Arc::new(matches);
         let (mut made, mut start) = (0, from.first_seq());
+        self.backfilling.lock().expect("backfilling poisoned").push(start..until);
+        let _kept = Backfilling(self, start..until);
         while start < until {
             let (done, wait) = oneshot::channel();
             let step =
                 Op::Backfill { plugin: plugin.clone(), matches: matches.clone(), from, seqs: start..until, done };
             self.ops.send(step).map_err(|_| LogError::Closed)?;
-            let (count, next) = wait.await.map_err(|_| LogError::Closed)??;
+            let step = wait.await.map_err(|_| LogError::Closed).and_then(|answer| answer);
+            // The steps before stay pending (they run): say so.
+            let (count, next) = step.map_err(|e| match e {
+                LogError::Io { path, why } if made > 0 => LogError::Io {
+                    path,
+                    why: format!("{why} (after {made} events below seq {start} were made pending again: they run)"),
+                },
+                e => e,
+            })?;
             made += count;
             match next {
                 Some(next) => start = next,
@@ -1166,6 +1200,8 @@ struct Writer {
     /// The (plugin, seq) of the outbox entries in the log: an ack removes one only when there is
     /// one (most deliveries write no kv).
     outboxed: std::sync::Mutex<std::collections::HashSet<(Arc<str>, u64)>>,
+    /// What retention keeps for replays' backfills (see [`DurableLog::backfilling`]).
+    backfilling: Backfills,
 }
 
 /// Whether event `seq` is in `rows` and can be read back (an I/O error says yes: the caller
@@ -1305,8 +1341,15 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let wants_sync =
-                batch.iter().any(|op| matches!(op, Op::Sync { .. } | Op::Register { .. } | Op::Backfill { .. }));
+            // A replay's ack that keeps its row pending too: the kv commit (and outbox) of its
+            // attempt was durable, and a crash must not find the outbox without the ack's removal
+            // of it (the event would then be released as handled, not run in the history).
+            let wants_sync = batch.iter().any(|op| {
+                matches!(
+                    op,
+                    Op::Sync { .. } | Op::Register { .. } | Op::Backfill { .. } | Op::Ack { keep_pending: Some(_), .. }
+                )
+            });
             let has_appends = batch.iter().any(|op| matches!(op, Op::Append { .. } | Op::KvCommit { .. }));
             let durable = wants_sync
                 || match self.sync {
@@ -1398,6 +1441,7 @@ impl Writer {
             let mut ids = w.open_table(IDS).map_err(|e| e.to_string())?;
             let pending = w.open_table(PENDING).map_err(|e| e.to_string())?;
             let owing = owing_plugins(&pending)?;
+            let backfilling = self.backfilling.lock().expect("backfilling poisoned").clone();
             let mut meta = w.open_table(META).map_err(|e| e.to_string())?;
             let mut bytes = meta.get("bytes").map_err(|e| e.to_string())?.map_or(0, |v| v.value());
             // Whole rows go: a row with an event some plugin owes, or one retention would keep,
@@ -1407,6 +1451,10 @@ impl Writer {
             'rows: for row in events.iter().map_err(|e| e.to_string())? {
                 let (row_key, stored) = row.map_err(|e| e.to_string())?;
                 let first_seq = std::mem::replace(&mut after, row_key.value()) + 1;
+                // A replay's backfill is still to make some of it pending.
+                if backfilling.iter().any(|r| r.start <= row_key.value() && first_seq < r.end) {
+                    continue 'rows;
+                }
                 let (mut left, mut in_row) = (bytes, Vec::new());
                 let records = match rows::records(stored.value()) {
                     Ok(records) => records,
@@ -1652,7 +1700,17 @@ impl Writer {
                                     .remove((&*plugin, seq))
                                     .map_err(|e| e.to_string())?;
                             }
-                            if !keep_pending {
+                            let in_history = match keep_pending {
+                                None => false,
+                                Some(0) => true,
+                                Some(since_ms) => {
+                                    // Its record's append time, as the backfill compares it.
+                                    row.flush(&mut events).map_err(|e| e.to_string())?;
+                                    let appended = Lookup::new(&events).get(seq).ok().flatten().and_then(appended_ms);
+                                    appended.is_some_and(|t| t >= since_ms)
+                                }
+                            };
+                            if !in_history {
                                 pending.remove((&*plugin, seq)).map_err(|e| e.to_string())?;
                             }
                             if in_memory_only {
@@ -2099,6 +2157,30 @@ pub(crate) mod tests {
         drop(log);
         let log = DurableLog::open(&path, SyncPolicy::Always).unwrap();
         assert_eq!(log.metrics().record_bytes.get(), bytes);
+    }
+
+    /// Retention keeps what a replay's backfill is still making pending, step by step: between
+    /// two steps it could drop a settled event the next step was to reach (the history then
+    /// had a silent gap).
+    #[tokio::test]
+    async fn retention_keeps_the_range_a_backfill_is_making_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention { max_age: std::time::Duration::ZERO, max_mib: 1024 };
+        let log = DurableLog::open_with(&dir.path().join("bus.redb"), SyncPolicy::Always, retention).unwrap();
+        let backfill = Backfilling(&log, 0..u64::MAX);
+        log.backfilling.lock().unwrap().push(0..u64::MAX);
+        for _ in 0..3 {
+            log.append(Arc::new(sample()), vec![], false).await.unwrap();
+        }
+        // Retention runs about once a second.
+        tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+        assert_eq!(log.read(0, 10).unwrap().len(), 3, "retention dropped what a backfill was reading");
+        drop(backfill);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !log.read(0, 10).unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "retention kept settled events with no backfill");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     #[tokio::test]
