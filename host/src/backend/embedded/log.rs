@@ -1706,7 +1706,13 @@ impl Writer {
                                 Some(since_ms) => {
                                     // Its record's append time, as the backfill compares it.
                                     row.flush(&mut events).map_err(|e| e.to_string())?;
-                                    let appended = Lookup::new(&events).get(seq).ok().flatten().and_then(appended_ms);
+                                    // A read that fails fails the commit (the ack is tried
+                                    // again): it must not settle an event of the history.
+                                    let appended = match Lookup::new(&events).get(seq) {
+                                        Ok(record) => record.and_then(appended_ms),
+                                        Err(LookupError::Damaged(_)) => None,
+                                        Err(LookupError::Storage(why)) => return Err(why),
+                                    };
                                     appended.is_some_and(|t| t >= since_ms)
                                 }
                             };
