@@ -2359,14 +2359,13 @@ mod tests {
         eventually_true(|| log.redelivered_pending() == 0).await;
     }
 
-    /// An event in flight when a replay begins runs again in its place in the history, after
-    /// its current run: a read model rebuilt by the replay ends on it, not on an older event of
-    /// its key. (Left out as "pending already", it ran only before the history it belongs
-    /// after.) The history waits for what the plugin holds, so no event runs twice at once.
-    #[tokio::test]
-    async fn an_event_in_flight_when_a_replay_begins_comes_again_in_its_place() {
-        let dir = tempfile::tempdir().unwrap();
-        let (_path, log, bus, mut sub) = durable_bus(dir.path(), "a.>", 8).await;
+    /// Events "0" to "2" published on a durable bus in `dir`, the first two acked and the last
+    /// held (in flight), then a replay of `p` from the start begun: the log, the bus, the
+    /// subscription and the delivery in flight.
+    async fn a_replay_begun_holding_the_last_of_three(
+        dir: &std::path::Path,
+    ) -> (Arc<DurableLog>, EmbeddedBus, Subscription, Delivery) {
+        let (_path, log, bus, mut sub) = durable_bus(dir, "a.>", 8).await;
         for i in 0..3 {
             bus.publish(Event::new("a.x", format!("{i}"))).await.unwrap();
         }
@@ -2381,9 +2380,21 @@ mod tests {
         }
         log.sync().await.unwrap();
         assert_eq!(bus.replay("p", crate::transport::ReplayFrom::Seq(0)).await.unwrap(), 3);
+        (log, bus, sub, in_flight.unwrap())
+    }
+
+    /// An event in flight when a replay begins runs again in its place in the history, after
+    /// its current run: a read model rebuilt by the replay ends on it, not on an older event of
+    /// its key. (Left out as "pending already", it ran only before the history it belongs
+    /// after.) The history waits for what the plugin holds, so no event runs twice at once.
+    #[tokio::test]
+    async fn an_event_in_flight_when_a_replay_begins_comes_again_in_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, _bus, mut sub, in_flight) = a_replay_begun_holding_the_last_of_three(dir.path()).await;
         let early = tokio::time::timeout(Duration::from_millis(300), sub.deliveries.recv()).await;
         assert!(early.is_err(), "the history began while an event was in flight");
-        in_flight.unwrap().acker.ack().await;
+        in_flight.acker.ack().await;
+        drop(in_flight);
         let got = ack_until_quiet(&mut sub).await;
         assert_eq!(got, ["0", "1", "2"]);
     }
@@ -2396,24 +2407,9 @@ mod tests {
     #[tokio::test]
     async fn an_event_in_flight_when_a_replay_begins_stays_in_its_history_if_the_plugin_goes() {
         let dir = tempfile::tempdir().unwrap();
-        let (_path, log, bus, mut old) = durable_bus(dir.path(), "a.>", 8).await;
-        for i in 0..3 {
-            bus.publish(Event::new("a.x", format!("{i}"))).await.unwrap();
-        }
-        let mut in_flight = None;
-        for _ in 0..3 {
-            let d = old.deliveries.recv().await.unwrap();
-            if &d.event.data[..] == b"2" {
-                in_flight = Some(d);
-            } else {
-                d.acker.ack().await;
-            }
-        }
-        log.sync().await.unwrap();
-        assert_eq!(bus.replay("p", crate::transport::ReplayFrom::Seq(0)).await.unwrap(), 3);
+        let (log, bus, mut old, in_flight) = a_replay_begun_holding_the_last_of_three(dir.path()).await;
         // Removed while the replay waits; its worker still finishes what it took.
         drop(old.take_guard());
-        let in_flight = in_flight.unwrap();
         in_flight.acker.ack().await;
         log.sync().await.unwrap();
         let pending: Vec<u64> = log.unsettled("p").unwrap().iter().map(|u| u.seq).collect();

@@ -515,6 +515,13 @@ type Backfills = Arc<std::sync::Mutex<Vec<std::ops::Range<u64>>>>;
 /// Keeps a backfill's range from retention while it lives ([`DurableLog::backfilling`]).
 struct Backfilling<'a>(&'a DurableLog, std::ops::Range<u64>);
 
+impl<'a> Backfilling<'a> {
+    fn new(log: &'a DurableLog, seqs: std::ops::Range<u64>) -> Self {
+        log.backfilling.lock().expect("backfilling poisoned").push(seqs.clone());
+        Self(log, seqs)
+    }
+}
+
 impl Drop for Backfilling<'_> {
     fn drop(&mut self) {
         let mut ranges = self.0.backfilling.lock().expect("backfilling poisoned");
@@ -1064,8 +1071,7 @@ impl DurableLog {
     ) -> Result<usize, LogError> {
         let matches: Arc<dyn Fn(&str) -> bool + Send + Sync> = Arc::new(matches);
         let (mut made, mut start) = (0, from.first_seq());
-        self.backfilling.lock().expect("backfilling poisoned").push(start..until);
-        let _kept = Backfilling(self, start..until);
+        let _kept = Backfilling::new(self, start..until);
         while start < until {
             let (done, wait) = oneshot::channel();
             let step =
@@ -2173,8 +2179,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let retention = Retention { max_age: std::time::Duration::ZERO, max_mib: 1024 };
         let log = DurableLog::open_with(&dir.path().join("bus.redb"), SyncPolicy::Always, retention).unwrap();
-        let backfill = Backfilling(&log, 0..u64::MAX);
-        log.backfilling.lock().unwrap().push(0..u64::MAX);
+        let backfill = Backfilling::new(&log, 0..u64::MAX);
         for _ in 0..3 {
             log.append(Arc::new(sample()), vec![], false).await.unwrap();
         }
