@@ -100,6 +100,15 @@ const SCENARIOS: &[&str] = &[
     // Last: it installs the OpenTelemetry layer for the rest of the process.
     "tracing",
 ];
+/// Parts of a scenario alone, for a profiler; run only when named.
+const PARTS: &[&str] = &[
+    "embedded-1-host",
+    "embedded-1-host-1thread",
+    "embedded-1-floor",
+    "embedded-1-floor-1task",
+    "reuse-host",
+    "reuse-floor",
+];
 /// Scenarios of BENCH.md not measured here yet.
 const NOT_YET: &[&str] = &[];
 
@@ -114,10 +123,14 @@ fn main() -> anyhow::Result<()> {
         match arg.as_str() {
             "--quick" => quick = true,
             "-h" | "--help" => {
-                println!("usage: plugbus-bench [--quick] [SCENARIO...]\nscenarios: {}", SCENARIOS.join(" "));
+                println!(
+                    "usage: plugbus-bench [--quick] [SCENARIO...]\nscenarios: {}\nparts, for a profiler: {}",
+                    SCENARIOS.join(" "),
+                    PARTS.join(" ")
+                );
                 return Ok(());
             }
-            s if SCENARIOS.contains(&s) => wanted.push(s.to_string()),
+            s if SCENARIOS.contains(&s) || PARTS.contains(&s) => wanted.push(s.to_string()),
             s if NOT_YET.contains(&s) => anyhow::bail!("scenario {s} is not implemented by this harness yet"),
             s => anyhow::bail!("unknown argument {s:?}; scenarios: {}", SCENARIOS.join(" ")),
         }

@@ -102,6 +102,30 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
     })
 }
 
+/// One side of embedded-1 alone, for a profiler (`perf record … plugbus-bench
+/// embedded-1-host`): `host` on both cores, `host-1thread` on one thread, `floor` and
+/// `floor-1task` the wasm floor on 2 tasks and on 1. No ratio: nothing else runs in the process
+/// meanwhile.
+pub async fn run_part(mode: Mode, handler: &[u8], part: &str) -> anyhow::Result<Row> {
+    let load = match part {
+        "host" => host_run(mode, handler, 1, WINDOW, None, |_| {}).await?.load,
+        "host-1thread" => {
+            on_one_thread(handler, move |h| async move { Ok(host_run(mode, &h, 1, WINDOW, None, |_| {}).await?.load) })
+                .await?
+        }
+        "floor" => sandbox_floor(mode, handler, 2, Limits::default()).await?,
+        "floor-1task" => sandbox_floor(mode, handler, 1, Limits::default()).await?,
+        other => anyhow::bail!("no part {other} of embedded-1"),
+    };
+    Ok(Row {
+        events_per_s: Some(load.rate()),
+        p50_us: Some(load.percentile_us(50)),
+        p99_us: Some(load.percentile_us(99)),
+        notes: format!("embedded-1, {part} alone (for profiling; no baseline)"),
+        ..Row::default()
+    })
+}
+
 /// Runs `f(handler)` on a current-thread runtime of its own thread: the host, its tasks and the
 /// driver on one core's worth of threads (the epoch ticker aside), for the one-core figure.
 async fn on_one_thread<F, Fut>(handler: &[u8], f: F) -> anyhow::Result<Load>

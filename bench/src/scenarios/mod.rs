@@ -39,6 +39,12 @@ pub async fn run(id: &str, mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
         "pipeline-5" => pipeline::run(mode, handler).await?,
         "outbound" => outbound::run(mode, handler).await?,
         "tracing" => tracing::run(mode, handler).await?,
+        "embedded-1-host" => embedded::run_part(mode, handler, "host").await?,
+        "embedded-1-host-1thread" => embedded::run_part(mode, handler, "host-1thread").await?,
+        "embedded-1-floor" => embedded::run_part(mode, handler, "floor").await?,
+        "embedded-1-floor-1task" => embedded::run_part(mode, handler, "floor-1task").await?,
+        "reuse-host" => reuse::run_part(mode, handler, "host").await?,
+        "reuse-floor" => reuse::run_part(mode, handler, "floor").await?,
         other => anyhow::bail!("unknown scenario {other}"),
     };
     row.scenario = id.to_string();
