@@ -16,6 +16,7 @@ use crate::kv::Outbox;
 use crate::metrics::PluginMetrics;
 use crate::retry::RetryPolicy;
 use crate::sandbox::Plugin;
+use crate::shards::Sharded;
 use crate::telemetry;
 use crate::transport::{Delivery, Transport};
 use crate::window::Mark;
@@ -35,9 +36,10 @@ fn fault_abort_after_kv_commit() -> bool {
 /// How often an attempt is re-run when another event changed the kv keys it read.
 const MAX_KV_CONFLICT_RERUNS: u32 = 100;
 
-/// Counters for one plugin (`/v1/plugins`, metrics).
+/// One thread's share of a plugin's counters: added to on the hot path, summed to be read
+/// ([`PluginStats::total`]; see [`crate::shards`]).
 #[derive(Debug, Default)]
-pub struct PluginStats {
+pub struct Counts {
     /// Deliveries received.
     pub received: AtomicU64,
     /// Handled with Ok, outputs released.
@@ -53,14 +55,22 @@ pub struct PluginStats {
     pub expired: AtomicU64,
     /// Handler runs, including re-runs after kv conflicts.
     pub attempts: AtomicU64,
-    /// Attempts running in the sandbox now.
-    pub in_flight: AtomicU64,
-    /// The most attempts that ever ran at once.
-    pub peak_in_flight: AtomicU64,
-    /// Deliveries taken from the queue and not yet settled (waiting in a lane, backing off, running).
+    /// Deliveries taken from the queue and not yet settled (waiting in a lane, backing off,
+    /// running): added on admission, taken back when settled (maybe on another thread).
     pub pending: AtomicU64,
     /// Outputs released.
     pub outputs: AtomicU64,
+}
+
+/// Counters for one plugin (`/v1/plugins`, metrics).
+#[derive(Debug, Default)]
+pub struct PluginStats {
+    /// The counters every delivery adds to, a copy per thread.
+    counts: Sharded<Counts>,
+    /// Attempts running in the sandbox now (one atomic: the peak is taken from it).
+    pub in_flight: AtomicU64,
+    /// The most attempts that ever ran at once.
+    pub peak_in_flight: AtomicU64,
     /// The last minute (rates, handler times) for `GET /v1/stats`.
     pub window: crate::window::Window,
     /// The deliveries pending now, for the drain report.
@@ -76,9 +86,19 @@ struct Slots {
 }
 
 impl PluginStats {
+    /// Adds `n` to the counter `which` (on the calling thread's copy).
+    pub fn add(&self, which: fn(&Counts) -> &AtomicU64, n: u64) {
+        which(self.counts.local()).fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The counter `which`.
+    pub fn total(&self, which: fn(&Counts) -> &AtomicU64) -> u64 {
+        self.counts.sum(which)
+    }
+
     /// Registers a delivery as pending; returns its ticket.
     pub fn admit(&self, event: &Arc<Event>) -> usize {
-        self.pending.fetch_add(1, Ordering::Relaxed);
+        self.add(|c| &c.pending, 1);
         let mut s = self.pending_events.lock().expect("stats poisoned");
         match s.free.pop() {
             Some(i) => {
@@ -99,7 +119,7 @@ impl PluginStats {
             s.free.push(ticket);
         }
         drop(s);
-        self.pending.fetch_sub(1, Ordering::Relaxed);
+        self.counts.local().pending.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Ids of the deliveries still pending.
@@ -113,8 +133,12 @@ impl PluginStats {
 pub struct PluginRuntime {
     /// The plugin's name.
     pub name: String,
-    /// The version serving now (hot reload swaps it; a delivery's next attempt uses the new one).
+    /// The version serving now (hot reload swaps it, with [`PluginRuntime::swap`]; a
+    /// delivery's next attempt uses the new one).
     pub current: RwLock<Arc<Plugin>>,
+    /// Versions swapped in since it was made: what a worker derived from `current` holds while
+    /// this stays (read without taking the lock).
+    pub swaps: AtomicU64,
     /// Counters.
     pub stats: PluginStats,
     /// Retry policy.
@@ -135,6 +159,14 @@ impl PluginRuntime {
     /// The version serving now.
     pub fn plugin(&self) -> Arc<Plugin> {
         self.current.read().expect("slot poisoned").clone()
+    }
+
+    /// Puts `plugin` in service; returns the version that served before.
+    pub fn swap(&self, plugin: Plugin) -> Arc<Plugin> {
+        let mut current = self.current.write().expect("slot poisoned");
+        let old = std::mem::replace(&mut *current, Arc::new(plugin));
+        self.swaps.fetch_add(1, Ordering::Release);
+        old
     }
 }
 
@@ -213,7 +245,7 @@ pub async fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) 
 }
 
 async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) -> Outcome {
-    rt.stats.received.fetch_add(1, Ordering::Relaxed);
+    rt.stats.add(|c| &c.received, 1);
     rt.stats.window.mark(Mark::Received);
     let ev = &delivery.event;
     let counters = rt.metrics.event(&ev.subject);
@@ -241,15 +273,15 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
     match &outcome {
         Outcome::Handled { attempts, outputs } => {
             counters.handled.inc();
-            rt.stats.ok.fetch_add(1, Ordering::Relaxed);
-            rt.stats.outputs.fetch_add(*outputs as u64, Ordering::Relaxed);
+            rt.stats.add(|c| &c.ok, 1);
+            rt.stats.add(|c| &c.outputs, *outputs as u64);
             rt.stats.window.handled(*outputs as u64);
             tracing::debug!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempts, outputs, "handled");
             delivery.acker.ack().await;
         }
         Outcome::Redelivering { wait, .. } => delivery.acker.nak(*wait).await,
         Outcome::Expired { attempts } => {
-            rt.stats.expired.fetch_add(1, Ordering::Relaxed);
+            rt.stats.add(|c| &c.expired, 1);
             rt.metrics.requests_expired.inc();
             tracing::info!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempts,
                 "a request whose requester gave up without a reply (it timed out): settled without running it");
@@ -257,7 +289,7 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
         }
         Outcome::DeadLettered { attempts, failure } => {
             counters.dead_lettered.inc();
-            rt.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            rt.stats.add(|c| &c.dead_lettered, 1);
             rt.stats.window.mark(Mark::DeadLettered);
             let kept = dead_letter(rt, ev, &failure.to_string(), *attempts, record).await.is_ok();
             match fate::settle_dead_letter(kept, delivery.redeliverable, *attempts, &rt.retry) {
@@ -280,7 +312,9 @@ async fn attempts(
     position: Option<(Arc<str>, u64)>,
     record: &mut Option<Box<Record>>,
 ) -> Outcome {
-    let max_bytes = rt.plugin().limits().max_event_bytes;
+    // The version of the first attempt; each later one takes the version serving then.
+    let mut first_version = Some(rt.plugin());
+    let max_bytes = first_version.as_ref().map_or(u64::MAX, |p| p.limits().max_event_bytes);
     if ev.data.len() as u64 > max_bytes {
         let failure = DeliveryError::Oversize { bytes: ev.data.len(), limit: max_bytes };
         return Outcome::DeadLettered { attempts: 0, failure };
@@ -289,7 +323,7 @@ async fn attempts(
     // How long this delivery waited for open circuit breakers (not charged as attempts).
     let mut circuit_waited = std::time::Duration::ZERO;
     loop {
-        let plugin = rt.plugin();
+        let plugin = first_version.take().unwrap_or_else(|| rt.plugin());
         let mut seen = None;
         let mut circuit_open = None;
         let span = telemetry::attempt_span(attempt);
@@ -314,8 +348,8 @@ async fn attempts(
                 let circuit = fate::Circuit { open: circuit_open, waited: circuit_waited };
                 let fate = fate::decide_after(&failure, attempt, circuit, &rt.retry, by_transport);
                 if let Fate::WaitForCircuit(wait) = fate {
-                    rt.stats.retried.fetch_add(1, Ordering::Relaxed);
-                    rt.stats.circuit_waits.fetch_add(1, Ordering::Relaxed);
+                    rt.stats.add(|c| &c.retried, 1);
+                    rt.stats.add(|c| &c.circuit_waits, 1);
                     rt.stats.window.mark(Mark::Retried);
                     rt.metrics.event(&ev.subject).retried.inc();
                     tracing::warn!(
@@ -337,7 +371,7 @@ async fn attempts(
                     *record = seen.map(|s| Box::new(Record::new(plugin.hash(), attempt, &failure.to_string(), *s)));
                     return Outcome::DeadLettered { attempts: attempt, failure };
                 };
-                rt.stats.retried.fetch_add(1, Ordering::Relaxed);
+                rt.stats.add(|c| &c.retried, 1);
                 rt.stats.window.mark(Mark::Retried);
                 rt.metrics.event(&ev.subject).retried.inc();
                 tracing::warn!(
@@ -396,9 +430,12 @@ async fn run_attempt(
             if reruns == 0 && gave_up(rt, ev) {
                 return Ok(Ran::Expired);
             }
-            rt.stats.attempts.fetch_add(1, Ordering::Relaxed);
+            rt.stats.add(|c| &c.attempts, 1);
             let now = rt.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-            rt.stats.peak_in_flight.fetch_max(now, Ordering::Relaxed);
+            // Read first: the peak rarely moves, and a read leaves its cache line shared.
+            if now > rt.stats.peak_in_flight.load(Ordering::Relaxed) {
+                rt.stats.peak_in_flight.fetch_max(now, Ordering::Relaxed);
+            }
             let run = plugin.handle(ev, attempt).await;
             rt.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
             run

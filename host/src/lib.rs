@@ -32,6 +32,7 @@ pub mod rpc;
 pub mod sandbox;
 pub mod scaffold;
 pub mod service;
+pub mod shards;
 pub mod stats;
 pub mod subject;
 pub mod telemetry;

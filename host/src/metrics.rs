@@ -7,12 +7,13 @@
 //! configuration (plugin names, manifest patterns, file names). Gauges (in flight, queue depth,
 //! cache, live tails) are read or set outside the hot path, which only bumps counters.
 
+use crate::shards::{ShardedCounter, ShardedHistogram};
 use crate::subject::Pattern;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::exponential_buckets;
 /// The Prometheus registry the host's metrics are in (what [`crate::transport::Transport::register_metrics`] adds to).
 pub use prometheus_client::registry::Registry;
 use std::sync::{Arc, Mutex, RwLock};
@@ -62,15 +63,15 @@ pub struct Metrics {
     /// How many times each outbound circuit breaker opened.
     pub breaker_opened: Family<BreakerLabels, Gauge>,
     /// Deliveries received.
-    pub received: Family<EventLabels, Counter>,
+    pub received: Family<EventLabels, ShardedCounter>,
     /// Deliveries handled (Ok, outputs released).
-    pub handled: Family<EventLabels, Counter>,
+    pub handled: Family<EventLabels, ShardedCounter>,
     /// Failed attempts that were retried.
-    pub retried: Family<EventLabels, Counter>,
+    pub retried: Family<EventLabels, ShardedCounter>,
     /// Deliveries dead-lettered.
-    pub dead_lettered: Family<EventLabels, Counter>,
+    pub dead_lettered: Family<EventLabels, ShardedCounter>,
     /// Handler duration per attempt (instantiation included).
-    pub handler_seconds: Family<PluginLabels, Histogram>,
+    pub handler_seconds: Family<PluginLabels, ShardedHistogram>,
     /// Attempts running now.
     pub in_flight: Family<PluginLabels, Gauge>,
     /// Deliveries waiting in the plugin's queue.
@@ -114,7 +115,9 @@ impl Default for Metrics {
             handled: Family::default(),
             retried: Family::default(),
             dead_lettered: Family::default(),
-            handler_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_01, 2.5, 16))),
+            handler_seconds: Family::new_with_constructor(|| {
+                ShardedHistogram::new(exponential_buckets(0.000_01, 2.5, 16))
+            }),
             in_flight: Family::default(),
             queue_depth: Family::default(),
             reloads: Family::default(),
@@ -200,13 +203,13 @@ impl Default for Metrics {
 #[derive(Clone)]
 pub struct EventCounters {
     /// `plugbus_events_received_total`.
-    pub received: Counter,
+    pub received: ShardedCounter,
     /// `plugbus_events_handled_total`.
-    pub handled: Counter,
+    pub handled: ShardedCounter,
     /// `plugbus_events_retried_total`.
-    pub retried: Counter,
+    pub retried: ShardedCounter,
     /// `plugbus_events_dead_lettered_total`.
-    pub dead_lettered: Counter,
+    pub dead_lettered: ShardedCounter,
 }
 
 /// A plugin's subscription patterns, in manifest order, each with its counters.
@@ -221,7 +224,7 @@ pub struct PluginMetrics {
     plugin: String,
     family: Arc<Metrics>,
     /// `plugbus_handler_duration_seconds{plugin}`.
-    pub handler_seconds: Histogram,
+    pub handler_seconds: ShardedHistogram,
     /// `plugbus_replies_dropped_total{plugin}`.
     pub replies_dropped: Counter,
     /// `plugbus_requests_expired_total{plugin}`.

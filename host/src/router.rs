@@ -195,6 +195,7 @@ impl Router {
         let runtime = Arc::new(PluginRuntime {
             name: name.clone(),
             current: RwLock::new(Arc::new(plugin)),
+            swaps: Default::default(),
             stats: PluginStats::default(),
             retry: delivering.retry.clone(),
             dead_letter_subject: delivering.dead_letter_subject.clone(),
@@ -234,10 +235,7 @@ impl Router {
         if resubscribed {
             self.transport.retarget(subscription_id, &new_spec).await?;
         }
-        let old = {
-            let mut current = runtime.current.write().expect("slot poisoned");
-            std::mem::replace(&mut *current, Arc::new(plugin))
-        };
+        let old = runtime.swap(plugin);
         runtime.metrics.set_subscriptions(&new_spec.patterns);
         if let Some(e) = self.entries.lock().expect("router poisoned").get_mut(&name) {
             e.spec = new_spec;
@@ -309,18 +307,18 @@ impl Router {
                     dead_letter_subject: e.runtime.dead_letter_subject.clone(),
                     outbound: p.outbound().info(),
                     counters: BTreeMap::from([
-                        ("received", s.received.load(Relaxed)),
-                        ("ok", s.ok.load(Relaxed)),
-                        ("retried", s.retried.load(Relaxed)),
-                        ("circuit_waits", s.circuit_waits.load(Relaxed)),
-                        ("dead_lettered", s.dead_lettered.load(Relaxed)),
-                        ("expired", s.expired.load(Relaxed)),
-                        ("attempts", s.attempts.load(Relaxed)),
+                        ("received", s.total(|c| &c.received)),
+                        ("ok", s.total(|c| &c.ok)),
+                        ("retried", s.total(|c| &c.retried)),
+                        ("circuit_waits", s.total(|c| &c.circuit_waits)),
+                        ("dead_lettered", s.total(|c| &c.dead_lettered)),
+                        ("expired", s.total(|c| &c.expired)),
+                        ("attempts", s.total(|c| &c.attempts)),
                         ("in_flight", s.in_flight.load(Relaxed)),
                         ("peak_in_flight", s.peak_in_flight.load(Relaxed)),
-                        ("pending", s.pending.load(Relaxed)),
+                        ("pending", s.total(|c| &c.pending)),
                         ("queued", (e.queue_depth)() as u64),
-                        ("outputs", s.outputs.load(Relaxed)),
+                        ("outputs", s.total(|c| &c.outputs)),
                     ]),
                 }
             })
@@ -336,7 +334,7 @@ impl Router {
     /// Whether no plugin has anything queued or pending.
     pub fn is_idle(&self) -> bool {
         let entries = self.entries.lock().expect("router poisoned");
-        entries.values().all(|e| e.runtime.stats.pending.load(Relaxed) == 0 && (e.queue_depth)() == 0)
+        entries.values().all(|e| e.runtime.stats.total(|c| &c.pending) == 0 && (e.queue_depth)() == 0)
     }
 
     /// Waits until every queued and pending delivery has settled (outputs included: on the
@@ -357,7 +355,7 @@ impl Router {
             }
             report.unfinished.insert(name.clone(), ids);
             report.queued.insert(name.clone(), queued);
-            report.handled.insert(name.clone(), e.runtime.stats.ok.load(Relaxed));
+            report.handled.insert(name.clone(), e.runtime.stats.total(|c| &c.ok));
         }
         report
     }
@@ -425,23 +423,22 @@ async fn run_worker(rt: Arc<PluginRuntime>, mut subscription: Subscription, flow
     let capacity = flow.queue.max(1);
     let admission = Arc::new(Semaphore::new(capacity));
     let lanes = Arc::new(Lanes::default());
-    let mut rules_for: Option<(usize, Arc<Vec<OrderRule>>)> = None;
+    // The order rules of the version serving, with `rt.swaps` when they were read.
+    let mut rules_for: Option<(u64, Vec<OrderRule>)> = None;
     loop {
         // Taking a delivery needs room: a plugin with `queue` deliveries unsettled stops
         // taking more, its transport queue fills, and the transport pauses (backpressure).
         let Ok(admit) = admission.clone().acquire_owned().await else { break };
         let Some(delivery) = subscription.deliveries.recv().await else { break };
         let ticket = rt.stats.admit(&delivery.event);
-        let plugin = rt.plugin();
+        let swaps = rt.swaps.load(Relaxed);
         let rules = match &rules_for {
-            Some((ptr, rules)) if *ptr == Arc::as_ptr(&plugin) as usize => rules.clone(),
-            _ => {
-                let rules = Arc::new(order_rules(&plugin));
-                rules_for = Some((Arc::as_ptr(&plugin) as usize, rules.clone()));
-                rules
-            }
+            Some((seen, rules)) if *seen == swaps => rules,
+            // `swaps` is bumped after the swap: rules read after a swap but kept under the
+            // count before it are read again at the next delivery.
+            _ => &rules_for.insert((swaps, order_rules(&rt.plugin()))).1,
         };
-        match ordering_key(&rules, &delivery.event) {
+        match ordering_key(rules, &delivery.event) {
             None => {
                 let rt = rt.clone();
                 tokio::spawn(async move {

@@ -3,13 +3,15 @@
 //! histogram, in a ring of one-second slots.
 //!
 //! Invariants:
-//! - Bounded by configuration: one [`Window`] per live plugin, of a fixed size
-//!   ([`SECONDS`] slots of [`LATENCY_BUCKETS`] + 5 counters); nothing is keyed by a subject or
-//!   an event.
+//! - Bounded by configuration: one [`Window`] per live plugin, of a fixed size (a ring of
+//!   [`SECONDS`] slots of [`LATENCY_BUCKETS`] + 5 counters per thread that counted, at most
+//!   [`SHARDS`]); nothing is keyed by a subject or an event.
 //! - The hot path only does relaxed atomic adds (no lock, no allocation). A slot is reset by the
 //!   first writer of a new second; a write racing that reset may be lost or land in the new
 //!   second: the figures are for people, not for billing.
 
+use crate::shards::{SHARDS, shard};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -53,16 +55,12 @@ pub enum Mark {
     DeadLettered,
 }
 
-/// One plugin's last minute.
-#[derive(Debug)]
+/// One plugin's last minute: a ring of slots per thread that counts (see [`crate::shards`]:
+/// one shared ring passed its cache lines between the cores at every event), made when that
+/// thread first counts, summed to be read.
+#[derive(Debug, Default)]
 pub struct Window {
-    slots: Box<[Slot]>,
-}
-
-impl Default for Window {
-    fn default() -> Self {
-        Self { slots: (0..SECONDS).map(|_| Slot::default()).collect() }
-    }
+    rings: [OnceLock<Box<[Slot]>>; SHARDS],
 }
 
 /// The sums of a window.
@@ -111,8 +109,10 @@ fn bound_ms(bucket: usize) -> f64 {
 }
 
 impl Window {
+    /// The calling thread's slot for `second`.
     fn slot(&self, second: u64) -> &Slot {
-        let slot = &self.slots[(second % SECONDS as u64) as usize];
+        let ring = self.rings[shard()].get_or_init(|| (0..SECONDS).map(|_| Slot::default()).collect());
+        let slot = &ring[(second % SECONDS as u64) as usize];
         let seen = slot.second.load(Relaxed);
         if seen != second && slot.second.compare_exchange(seen, second, Relaxed, Relaxed).is_ok() {
             slot.reset();
@@ -151,7 +151,7 @@ impl Window {
     fn summary_at(&self, now: u64) -> Summary {
         let mut s = Summary { seconds: SECONDS as u64, ..Summary::default() };
         let mut latency = [0u64; LATENCY_BUCKETS];
-        for slot in self.slots.iter() {
+        for slot in self.rings.iter().filter_map(OnceLock::get).flat_map(|ring| ring.iter()) {
             let second = slot.second.load(Relaxed);
             if second == 0 || second > now || now - second >= SECONDS as u64 {
                 continue;
@@ -220,6 +220,23 @@ mod tests {
         assert_eq!(w.summary_at(now + 60).received, 0);
         w.slot(now + 60);
         assert_eq!(w.summary_at(now + 60), Summary { seconds: 60, ..Summary::default() });
+    }
+
+    #[test]
+    fn counts_from_every_thread_are_summed() {
+        let w = std::sync::Arc::new(Window::default());
+        let threads: Vec<_> = (0..2 * SHARDS)
+            .map(|_| {
+                let w = w.clone();
+                std::thread::spawn(move || {
+                    w.mark(Mark::Received);
+                    w.handled(2);
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        let s = w.summary();
+        assert_eq!((s.received, s.handled, s.outputs), (2 * SHARDS as u64, 2 * SHARDS as u64, 4 * SHARDS as u64));
     }
 
     #[test]
