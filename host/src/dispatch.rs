@@ -55,9 +55,6 @@ pub struct Counts {
     pub expired: AtomicU64,
     /// Handler runs, including re-runs after kv conflicts.
     pub attempts: AtomicU64,
-    /// Deliveries taken from the queue and not yet settled (waiting in a lane, backing off,
-    /// running): added on admission, taken back when settled (maybe on another thread).
-    pub pending: AtomicU64,
     /// Outputs released.
     pub outputs: AtomicU64,
 }
@@ -98,7 +95,6 @@ impl PluginStats {
 
     /// Registers a delivery as pending; returns its ticket.
     pub fn admit(&self, event: &Arc<Event>) -> usize {
-        self.add(|c| &c.pending, 1);
         let mut s = self.pending_events.lock().expect("stats poisoned");
         match s.free.pop() {
             Some(i) => {
@@ -118,8 +114,14 @@ impl PluginStats {
         if s.slots.get_mut(ticket).and_then(Option::take).is_some() {
             s.free.push(ticket);
         }
-        drop(s);
-        self.counts.local().pending.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Deliveries taken from the queue and not yet settled (waiting in a lane, backing off,
+    /// running). Exact: counted under the lock admission and settling take anyway (a sharded
+    /// count, added on one thread and taken back on another, can read 0 while one is pending).
+    pub fn pending(&self) -> u64 {
+        let s = self.pending_events.lock().expect("stats poisoned");
+        (s.slots.len() - s.free.len()) as u64
     }
 
     /// Ids of the deliveries still pending.
@@ -133,12 +135,8 @@ impl PluginStats {
 pub struct PluginRuntime {
     /// The plugin's name.
     pub name: String,
-    /// The version serving now (hot reload swaps it, with [`PluginRuntime::swap`]; a
-    /// delivery's next attempt uses the new one).
-    pub current: RwLock<Arc<Plugin>>,
-    /// Versions swapped in since it was made: what a worker derived from `current` holds while
-    /// this stays (read without taking the lock).
-    pub swaps: AtomicU64,
+    /// The version serving now (hot reload swaps it; a delivery's next attempt uses the new one).
+    pub current: Serving,
     /// Counters.
     pub stats: PluginStats,
     /// Retry policy.
@@ -158,15 +156,40 @@ pub struct PluginRuntime {
 impl PluginRuntime {
     /// The version serving now.
     pub fn plugin(&self) -> Arc<Plugin> {
-        self.current.read().expect("slot poisoned").clone()
+        self.current.plugin()
+    }
+}
+
+/// The version of a plugin serving now, and how many times it was swapped.
+pub struct Serving {
+    plugin: RwLock<Arc<Plugin>>,
+    swaps: AtomicU64,
+}
+
+impl Serving {
+    /// `plugin` serving.
+    pub fn new(plugin: Plugin) -> Self {
+        Self { plugin: RwLock::new(Arc::new(plugin)), swaps: AtomicU64::new(0) }
+    }
+
+    /// The version serving now.
+    pub fn plugin(&self) -> Arc<Plugin> {
+        self.plugin.read().expect("slot poisoned").clone()
     }
 
     /// Puts `plugin` in service; returns the version that served before.
     pub fn swap(&self, plugin: Plugin) -> Arc<Plugin> {
-        let mut current = self.current.write().expect("slot poisoned");
-        let old = std::mem::replace(&mut *current, Arc::new(plugin));
-        self.swaps.fetch_add(1, Ordering::Release);
+        let mut serving = self.plugin.write().expect("slot poisoned");
+        let old = std::mem::replace(&mut *serving, Arc::new(plugin));
+        // Under the lock: one who reads the new count reads the new version after it.
+        self.swaps.fetch_add(1, Ordering::Relaxed);
         old
+    }
+
+    /// Versions swapped in since it was made: what was derived from [`Serving::plugin`] holds
+    /// while this stays (read without taking the lock).
+    pub fn swaps(&self) -> u64 {
+        self.swaps.load(Ordering::Relaxed)
     }
 }
 
@@ -583,4 +606,30 @@ async fn dead_letter(
     rt.transport.publish_output(Arc::new(dead)).await.map_err(|e| {
         tracing::error!(plugin = %plugin, event_id = %id, "dead letter kept here but not published: {e}");
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_is_exact_when_deliveries_settle_on_other_threads() {
+        let stats = Arc::new(PluginStats::default());
+        let event = Arc::new(Event::new("a.b", "{}"));
+        let tickets: Vec<usize> = (0..4).map(|_| stats.admit(&event)).collect();
+        assert_eq!(stats.pending(), 4);
+        // Settled on other threads than the one that admitted them, one at a time: the count
+        // never reads below what is still pending.
+        for (left, ticket) in (0..4u64).rev().zip(tickets) {
+            let s = stats.clone();
+            std::thread::spawn(move || s.settle(ticket)).join().unwrap();
+            assert_eq!(stats.pending(), left);
+        }
+        // A ticket settled twice is not counted twice.
+        let ticket = stats.admit(&event);
+        stats.settle(ticket);
+        stats.settle(ticket);
+        assert_eq!(stats.pending(), 0);
+        assert!(stats.pending_ids().is_empty());
+    }
 }

@@ -6,7 +6,7 @@
 //! plugin has its own queue, worker, lanes and bounds.
 
 use crate::deadletter::DeadLetters;
-use crate::dispatch::{self, PluginRuntime, PluginStats, RetryIn};
+use crate::dispatch::{self, PluginRuntime, PluginStats, RetryIn, Serving};
 use crate::event::Event;
 use crate::manifest::OrderKey;
 use crate::metrics::{Metrics, PluginLabels, PluginMetrics};
@@ -17,7 +17,7 @@ use crate::transport::{Delivery, Durability, Subscription, SubscriptionSpec, Tra
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -194,8 +194,7 @@ impl Router {
         let mut subscription = self.transport.subscribe(spec.clone()).await?;
         let runtime = Arc::new(PluginRuntime {
             name: name.clone(),
-            current: RwLock::new(Arc::new(plugin)),
-            swaps: Default::default(),
+            current: Serving::new(plugin),
             stats: PluginStats::default(),
             retry: delivering.retry.clone(),
             dead_letter_subject: delivering.dead_letter_subject.clone(),
@@ -235,7 +234,7 @@ impl Router {
         if resubscribed {
             self.transport.retarget(subscription_id, &new_spec).await?;
         }
-        let old = runtime.swap(plugin);
+        let old = runtime.current.swap(plugin);
         runtime.metrics.set_subscriptions(&new_spec.patterns);
         if let Some(e) = self.entries.lock().expect("router poisoned").get_mut(&name) {
             e.spec = new_spec;
@@ -316,7 +315,7 @@ impl Router {
                         ("attempts", s.total(|c| &c.attempts)),
                         ("in_flight", s.in_flight.load(Relaxed)),
                         ("peak_in_flight", s.peak_in_flight.load(Relaxed)),
-                        ("pending", s.total(|c| &c.pending)),
+                        ("pending", s.pending()),
                         ("queued", (e.queue_depth)() as u64),
                         ("outputs", s.total(|c| &c.outputs)),
                     ]),
@@ -334,7 +333,7 @@ impl Router {
     /// Whether no plugin has anything queued or pending.
     pub fn is_idle(&self) -> bool {
         let entries = self.entries.lock().expect("router poisoned");
-        entries.values().all(|e| e.runtime.stats.total(|c| &c.pending) == 0 && (e.queue_depth)() == 0)
+        entries.values().all(|e| e.runtime.stats.pending() == 0 && (e.queue_depth)() == 0)
     }
 
     /// Waits until every queued and pending delivery has settled (outputs included: on the
@@ -423,7 +422,7 @@ async fn run_worker(rt: Arc<PluginRuntime>, mut subscription: Subscription, flow
     let capacity = flow.queue.max(1);
     let admission = Arc::new(Semaphore::new(capacity));
     let lanes = Arc::new(Lanes::default());
-    // The order rules of the version serving, with `rt.swaps` when they were read.
+    // The order rules of the version serving, with its swap count when they were read.
     let mut rules_for: Option<(u64, Vec<OrderRule>)> = None;
     loop {
         // Taking a delivery needs room: a plugin with `queue` deliveries unsettled stops
@@ -431,7 +430,7 @@ async fn run_worker(rt: Arc<PluginRuntime>, mut subscription: Subscription, flow
         let Ok(admit) = admission.clone().acquire_owned().await else { break };
         let Some(delivery) = subscription.deliveries.recv().await else { break };
         let ticket = rt.stats.admit(&delivery.event);
-        let swaps = rt.swaps.load(Relaxed);
+        let swaps = rt.current.swaps();
         let rules = match &rules_for {
             Some((seen, rules)) if *seen == swaps => rules,
             // `swaps` is bumped after the swap: rules read after a swap but kept under the

@@ -4,11 +4,13 @@
 //!
 //! Invariants:
 //! - Bounded by configuration: one [`Window`] per live plugin, of a fixed size (a ring of
-//!   [`SECONDS`] slots of [`LATENCY_BUCKETS`] + 5 counters per thread that counted, at most
-//!   [`SHARDS`]); nothing is keyed by a subject or an event.
-//! - The hot path only does relaxed atomic adds (no lock, no allocation). A slot is reset by the
-//!   first writer of a new second; a write racing that reset may be lost or land in the new
-//!   second: the figures are for people, not for billing.
+//!   [`SECONDS`] slots of [`LATENCY_BUCKETS`] + 5 counters per shard a thread counted on, at
+//!   most [`SHARDS`]: threads take shards in turn, later ones share); nothing is keyed by a
+//!   subject or an event.
+//! - The hot path only does relaxed atomic adds, but for a shard's first count, which makes its
+//!   ring (about 14 KiB; a thread sharing the shard waits for it). A slot is reset by the first
+//!   writer of a new second; a write racing that reset may be lost or land in the new second:
+//!   the figures are for people, not for billing.
 
 use crate::shards::{SHARDS, shard};
 use std::sync::OnceLock;
@@ -55,9 +57,9 @@ pub enum Mark {
     DeadLettered,
 }
 
-/// One plugin's last minute: a ring of slots per thread that counts (see [`crate::shards`]:
-/// one shared ring passed its cache lines between the cores at every event), made when that
-/// thread first counts, summed to be read.
+/// One plugin's last minute: a ring of slots per shard (see [`crate::shards`]: one shared ring
+/// passed its cache lines between the cores at every event), made at the shard's first count,
+/// summed to be read.
 #[derive(Debug, Default)]
 pub struct Window {
     rings: [OnceLock<Box<[Slot]>>; SHARDS],
