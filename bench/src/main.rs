@@ -108,6 +108,8 @@ const PARTS: &[&str] = &[
     "embedded-1-floor-1task",
     "reuse-host",
     "reuse-floor",
+    "nats-core-host",
+    "nats-core-sandboxed-relay",
 ];
 /// Scenarios of BENCH.md not measured here yet.
 const NOT_YET: &[&str] = &[];

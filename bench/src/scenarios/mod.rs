@@ -43,6 +43,8 @@ pub async fn run(id: &str, mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
         "embedded-1-host-1thread" => embedded::run_part(mode, handler, "host-1thread").await?,
         "embedded-1-floor" => embedded::run_part(mode, handler, "floor").await?,
         "embedded-1-floor-1task" => embedded::run_part(mode, handler, "floor-1task").await?,
+        "nats-core-host" => nats_core::run_part(mode, handler, "host").await?,
+        "nats-core-sandboxed-relay" => nats_core::run_part(mode, handler, "sandboxed-relay").await?,
         "reuse-host" => reuse::run_part(mode, handler, "host").await?,
         "reuse-floor" => reuse::run_part(mode, handler, "floor").await?,
         other => anyhow::bail!("unknown scenario {other}"),
