@@ -237,14 +237,23 @@ pub enum RetryIn {
 /// Runs `delivery` until it is handled, handed back for redelivery, or dead-lettered, and
 /// settles it with the transport. With tracing on, inside a `process <subject>` span (a child
 /// of the context the event carries) that records how it ended.
-pub async fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) -> Outcome {
-    if !telemetry::enabled() {
-        return deliver_in_span(rt, delivery, retry_in).await;
-    }
-    let version = rt.plugin().manifest().version.clone();
-    let span = telemetry::delivery_span(&rt.name, &version, &delivery.event, delivery.queued_at);
-    let outcome = deliver_in_span(rt, delivery, retry_in).instrument(span.clone()).await;
-    match &outcome {
+///
+/// A plain function, not an `async fn`: the delivery's future is `deliver_in_span`'s itself
+/// (in its span), not one more level around it (each level's future, kilobytes here, is
+/// copied whole when it is made).
+pub fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) -> impl Future<Output = Outcome> + '_ {
+    let span = if telemetry::enabled() {
+        let version = rt.plugin().manifest().version.clone();
+        telemetry::delivery_span(&rt.name, &version, &delivery.event, delivery.queued_at)
+    } else {
+        tracing::Span::none()
+    };
+    deliver_in_span(rt, delivery, retry_in, span.clone()).instrument(span)
+}
+
+/// Records how a delivery ended on its span.
+fn record_outcome(span: &tracing::Span, outcome: &Outcome) {
+    match outcome {
         Outcome::Handled { attempts, outputs } => {
             span.record("outcome", "handled");
             span.record("attempts", attempts);
@@ -261,13 +270,12 @@ pub async fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) 
         Outcome::DeadLettered { attempts, failure } => {
             span.record("outcome", "dead_lettered");
             span.record("attempts", attempts);
-            telemetry::fail(&span, failure);
+            telemetry::fail(span, failure);
         }
     }
-    outcome
 }
 
-async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) -> Outcome {
+async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn, span: tracing::Span) -> Outcome {
     rt.stats.add(|c| &c.received, 1);
     rt.stats.window.mark(Mark::Received);
     let ev = &delivery.event;
@@ -321,6 +329,9 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
                 Settle::Ack => delivery.acker.ack().await,
             }
         }
+    }
+    if !span.is_none() {
+        record_outcome(&span, &outcome);
     }
     outcome
 }

@@ -252,14 +252,22 @@ impl Plugin {
     /// Never unwinds: a host function that panics (a bug in the host, or in a kv store) fails
     /// the attempt as a trap would (`host error: …`, retried), its store and instance dropped
     /// (a warm one is not put back), so an ordered lane or a worker is never wedged by it.
-    pub async fn handle(&self, event: &Event, attempt: u32) -> Attempt {
-        self.handle_in(event, attempt, None).await
+    ///
+    /// (A plain function returning `handle_in`'s future: an `async fn` here would be one more
+    /// level, whose kilobytes are copied whole at every attempt.)
+    pub fn handle<'a>(&'a self, event: &'a Event, attempt: u32) -> impl Future<Output = Attempt> + 'a {
+        self.handle_in(event, attempt, None)
     }
 
     /// Runs one attempt of `event` in a fresh instance whose clocks and random are fixed by
     /// `world` (whatever the plugin's instance mode): the same event gives the same attempt.
-    pub async fn handle_fixed(&self, event: &Event, attempt: u32, world: &FixedWorld) -> Attempt {
-        self.handle_in(event, attempt, Some(world)).await
+    pub fn handle_fixed<'a>(
+        &'a self,
+        event: &'a Event,
+        attempt: u32,
+        world: &'a FixedWorld,
+    ) -> impl Future<Output = Attempt> + 'a {
+        self.handle_in(event, attempt, Some(world))
     }
 
     async fn handle_in(&self, event: &Event, attempt: u32, world: Option<&FixedWorld>) -> Attempt {

@@ -162,11 +162,12 @@ async fn a_plugin_holding_every_slot_of_the_shared_pool_delays_other_plugins_nev
     assert_eq!(t.counter("responder", "retried"), 0, "the wait for a slot was not the handler's time");
     // (faulty's attempts were running, each for 1 s, when the others' events came: they waited)
     assert!(started.elapsed() >= Duration::from_millis(300), "they ran at once: the pool was not full");
-    // and the operator sees who waited
+    // and the operator sees who waited: at least once each (`dice` takes its own `dice.out`
+    // too, and one of those can come while the last of faulty's attempts still hold their slots)
     let text = metrics_text(&t.url()).await;
     for plugin in ["dice", "responder"] {
         let waits = sample(&text, &format!("plugbus_instance_slot_waits_total{{plugin=\"{plugin}\"}}"));
-        assert_eq!(waits, Some(1.0), "{plugin} waited once for a slot: {text}");
+        assert!(waits.is_some_and(|w| w >= 1.0), "{plugin} waited for a slot: {waits:?} in {text}");
     }
 }
 
