@@ -346,13 +346,14 @@ async fn attempts(
     position: Option<(Arc<str>, u64)>,
     record: &mut Option<Box<Record>>,
 ) -> Outcome {
-    // The version of the first attempt; each later one takes the version serving then.
-    let mut first_version = Some(rt.plugin());
-    let max_bytes = first_version.as_ref().map_or(u64::MAX, |p| p.limits().max_event_bytes);
+    let serving = rt.plugin();
+    let max_bytes = serving.limits().max_event_bytes;
     if ev.data.len() as u64 > max_bytes {
         let failure = DeliveryError::Oversize { bytes: ev.data.len(), limit: max_bytes };
         return Outcome::DeadLettered { attempts: 0, failure };
     }
+    // The version of the first attempt; each later one takes the version serving then.
+    let mut first_version = Some(serving);
     let mut attempt = first;
     // How long this delivery waited for open circuit breakers (not charged as attempts).
     let mut circuit_waited = std::time::Duration::ZERO;
