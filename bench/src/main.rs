@@ -100,17 +100,6 @@ const SCENARIOS: &[&str] = &[
     // Last: it installs the OpenTelemetry layer for the rest of the process.
     "tracing",
 ];
-/// Parts of a scenario alone, for a profiler; run only when named.
-const PARTS: &[&str] = &[
-    "embedded-1-host",
-    "embedded-1-host-1thread",
-    "embedded-1-floor",
-    "embedded-1-floor-1task",
-    "reuse-host",
-    "reuse-floor",
-    "nats-core-host",
-    "nats-core-sandboxed-relay",
-];
 /// Scenarios of BENCH.md not measured here yet.
 const NOT_YET: &[&str] = &[];
 
@@ -121,6 +110,7 @@ fn main() -> anyhow::Result<()> {
     }
     let mut quick = false;
     let mut wanted = Vec::new();
+    let parts: Vec<&str> = scenarios::PARTS.iter().map(|(name, ..)| *name).collect();
     for arg in std::env::args().skip(1) {
         match arg.as_str() {
             "--quick" => quick = true,
@@ -128,11 +118,11 @@ fn main() -> anyhow::Result<()> {
                 println!(
                     "usage: plugbus-bench [--quick] [SCENARIO...]\nscenarios: {}\nparts, for a profiler: {}",
                     SCENARIOS.join(" "),
-                    PARTS.join(" ")
+                    parts.join(" ")
                 );
                 return Ok(());
             }
-            s if SCENARIOS.contains(&s) || PARTS.contains(&s) => wanted.push(s.to_string()),
+            s if SCENARIOS.contains(&s) || parts.contains(&s) => wanted.push(s.to_string()),
             s if NOT_YET.contains(&s) => anyhow::bail!("scenario {s} is not implemented by this harness yet"),
             s => anyhow::bail!("unknown argument {s:?}; scenarios: {}", SCENARIOS.join(" ")),
         }

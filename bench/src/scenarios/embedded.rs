@@ -104,10 +104,10 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
 
 /// One side of embedded-1 alone, for a profiler (`perf record … plugbus-bench
 /// embedded-1-host`): `host` on both cores, `host-1thread` on one thread, `floor` and
-/// `floor-1task` the wasm floor on 2 tasks and on 1. No ratio: nothing else runs in the process
-/// meanwhile.
-pub async fn run_part(mode: Mode, handler: &[u8], part: &str) -> anyhow::Result<Row> {
-    let load = match part {
+/// `floor-1task` the wasm floor on 2 tasks and on 1. Nothing else runs in the process
+/// meanwhile (see `PARTS`).
+pub async fn run_part(mode: Mode, handler: &[u8], part: &str) -> anyhow::Result<Load> {
+    Ok(match part {
         "host" => host_run(mode, handler, 1, WINDOW, None, |_| {}).await?.load,
         "host-1thread" => {
             on_one_thread(handler, move |h| async move { Ok(host_run(mode, &h, 1, WINDOW, None, |_| {}).await?.load) })
@@ -116,13 +116,6 @@ pub async fn run_part(mode: Mode, handler: &[u8], part: &str) -> anyhow::Result<
         "floor" => sandbox_floor(mode, handler, 2, Limits::default()).await?,
         "floor-1task" => sandbox_floor(mode, handler, 1, Limits::default()).await?,
         other => anyhow::bail!("no part {other} of embedded-1"),
-    };
-    Ok(Row {
-        events_per_s: Some(load.rate()),
-        p50_us: Some(load.percentile_us(50)),
-        p99_us: Some(load.percentile_us(99)),
-        notes: format!("embedded-1, {part} alone (for profiling; no baseline)"),
-        ..Row::default()
     })
 }
 

@@ -39,19 +39,45 @@ pub async fn run(id: &str, mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
         "pipeline-5" => pipeline::run(mode, handler).await?,
         "outbound" => outbound::run(mode, handler).await?,
         "tracing" => tracing::run(mode, handler).await?,
-        "embedded-1-host" => embedded::run_part(mode, handler, "host").await?,
-        "embedded-1-host-1thread" => embedded::run_part(mode, handler, "host-1thread").await?,
-        "embedded-1-floor" => embedded::run_part(mode, handler, "floor").await?,
-        "embedded-1-floor-1task" => embedded::run_part(mode, handler, "floor-1task").await?,
-        "nats-core-host" => nats_core::run_part(mode, handler, "host").await?,
-        "nats-core-sandboxed-relay" => nats_core::run_part(mode, handler, "sandboxed-relay").await?,
-        "reuse-host" => reuse::run_part(mode, handler, "host").await?,
-        "reuse-floor" => reuse::run_part(mode, handler, "floor").await?,
-        other => anyhow::bail!("unknown scenario {other}"),
+        other => match PARTS.iter().find(|(name, ..)| *name == other) {
+            Some((_, "embedded-1", part)) => {
+                part_row("embedded-1", part, embedded::run_part(mode, handler, part).await?)
+            }
+            Some((_, "reuse", part)) => part_row("reuse", part, reuse::run_part(mode, handler, part).await?),
+            Some((_, "nats-core", part)) => {
+                part_row("nats-core", part, nats_core::run_part(mode, handler, part).await?)
+            }
+            _ => anyhow::bail!("unknown scenario {other}"),
+        },
     };
     row.scenario = id.to_string();
     row.peak_rss_mib = report::peak_rss_mib();
     Ok(row)
+}
+
+/// Parts of a scenario alone, for a profiler, run only when named: (name, scenario, part).
+/// Each runs one side of its scenario with nothing else in the process, and reports its rate
+/// with no baseline.
+pub const PARTS: &[(&str, &str, &str)] = &[
+    ("embedded-1-host", "embedded-1", "host"),
+    ("embedded-1-host-1thread", "embedded-1", "host-1thread"),
+    ("embedded-1-floor", "embedded-1", "floor"),
+    ("embedded-1-floor-1task", "embedded-1", "floor-1task"),
+    ("reuse-host", "reuse", "host"),
+    ("reuse-floor", "reuse", "floor"),
+    ("nats-core-host", "nats-core", "host"),
+    ("nats-core-sandboxed-relay", "nats-core", "sandboxed-relay"),
+];
+
+/// The row of one part of `scenario`: its rate and latencies, no baseline.
+fn part_row(scenario: &str, part: &str, load: Load) -> Row {
+    Row {
+        events_per_s: Some(load.rate()),
+        p50_us: Some(load.percentile_us(50)),
+        p99_us: Some(load.percentile_us(99)),
+        notes: format!("{scenario}, {part} alone (for profiling; no baseline)"),
+        ..Row::default()
+    }
 }
 
 /// Events outstanding in the closed loops (unless a scenario needs more).

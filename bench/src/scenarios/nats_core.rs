@@ -98,23 +98,16 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
 }
 
 /// One side of nats-core alone, for a profiler: `host` (the two hosts) or `sandboxed-relay`,
-/// on a server of its own. No ratio.
-pub async fn run_part(mode: Mode, handler: &[u8], part: &str) -> anyhow::Result<Row> {
+/// on a server of its own (see `PARTS`).
+pub async fn run_part(mode: Mode, handler: &[u8], part: &str) -> anyhow::Result<Load> {
     let server = NatsServer::start().await?;
-    let load = match part {
+    Ok(match part {
         "host" => hosts_run(mode, handler, &server, InstanceMode::Fresh).await?.load,
         "sandboxed-relay" => {
             let plugin = sandboxed(handler, Limits::default()).await?;
             native_relay_run(mode, &server, Some(plugin)).await?
         }
         other => anyhow::bail!("no part {other} of nats-core"),
-    };
-    Ok(Row {
-        events_per_s: Some(load.rate()),
-        p50_us: Some(load.percentile_us(50)),
-        p99_us: Some(load.percentile_us(99)),
-        notes: format!("nats-core, {part} alone (for profiling; no baseline)"),
-        ..Row::default()
     })
 }
 

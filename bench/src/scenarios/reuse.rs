@@ -31,21 +31,14 @@ async fn host_load(mode: Mode, handler: &[u8], window: usize) -> anyhow::Result<
     Ok((load, failed))
 }
 
-/// One side of reuse alone, for a profiler: `host` or `floor` (2 tasks). No ratio.
-pub async fn run_part(mode: Mode, handler: &[u8], part: &str) -> anyhow::Result<Row> {
-    let load = match part {
+/// One side of reuse alone, for a profiler: `host` or `floor` (2 tasks) (see `PARTS`).
+pub async fn run_part(mode: Mode, handler: &[u8], part: &str) -> anyhow::Result<Load> {
+    Ok(match part {
         "host" => host_load(mode, handler, WINDOW).await?.0,
         "floor" => {
             sandbox_floor(mode, handler, 2, Limits { instance: InstanceMode::Reuse, ..Limits::default() }).await?
         }
         other => anyhow::bail!("no part {other} of reuse"),
-    };
-    Ok(Row {
-        events_per_s: Some(load.rate()),
-        p50_us: Some(load.percentile_us(50)),
-        p99_us: Some(load.percentile_us(99)),
-        notes: format!("reuse, {part} alone (for profiling; no baseline)"),
-        ..Row::default()
     })
 }
 
