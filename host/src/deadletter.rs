@@ -62,7 +62,7 @@ pub fn dead_letter_event(original: &Event, plugin: &str, subject: &str, error: &
     }
     Event {
         id: output_id(&original.source, &original.id, plugin, usize::MAX),
-        source: format!("plugbus/{plugin}"),
+        source: crate::event::plugin_source(plugin),
         ty: original.ty.clone(),
         subject: subject.to_string(),
         time: original.time.clone(),

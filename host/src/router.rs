@@ -366,10 +366,14 @@ struct OrderRule {
     key: Option<OrderKey>,
 }
 
+/// The plugin's subscriptions in order, each with its key; none when no subscription orders
+/// (most plugins: then no event's subject is matched again here).
 fn order_rules(plugin: &Plugin) -> Vec<OrderRule> {
-    plugin
-        .manifest()
-        .subscriptions
+    let subscriptions = &plugin.manifest().subscriptions;
+    if subscriptions.iter().all(|s| s.order_by.is_none()) {
+        return Vec::new();
+    }
+    subscriptions
         .iter()
         .filter_map(|s| Pattern::parse(&s.pattern).ok().map(|pattern| OrderRule { pattern, key: s.order_by.clone() }))
         .collect()
