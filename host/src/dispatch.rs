@@ -64,10 +64,6 @@ pub struct Counts {
 pub struct PluginStats {
     /// The counters every delivery adds to, a copy per thread.
     counts: Sharded<Counts>,
-    /// Attempts running in the sandbox now (one atomic: the peak is taken from it).
-    pub in_flight: AtomicU64,
-    /// The most attempts that ever ran at once.
-    pub peak_in_flight: AtomicU64,
     /// The last minute (rates, handler times) for `GET /v1/stats`.
     pub window: crate::window::Window,
     /// The deliveries pending now, for the drain report.
@@ -111,9 +107,14 @@ impl PluginStats {
     /// Marks a delivery settled.
     pub fn settle(&self, ticket: usize) {
         let mut s = self.pending_events.lock().expect("stats poisoned");
-        if s.slots.get_mut(ticket).and_then(Option::take).is_some() {
+        let settled = s.slots.get_mut(ticket).and_then(Option::take);
+        if settled.is_some() {
             s.free.push(ticket);
         }
+        drop(s);
+        // Often the event's last holder: it is freed after the lock, which other threads'
+        // admissions wait for.
+        drop(settled);
     }
 
     /// Deliveries taken from the queue and not yet settled (waiting in a lane, backing off,
@@ -148,7 +149,7 @@ pub struct PluginRuntime {
     /// Kept dead letters.
     pub dead_letters: Arc<DeadLetters>,
     /// Bounds the attempts running at once.
-    pub run_permits: Semaphore,
+    pub run_permits: RunPermits,
     /// Where counters go.
     pub metrics: PluginMetrics,
 }
@@ -157,6 +158,44 @@ impl PluginRuntime {
     /// The version serving now.
     pub fn plugin(&self) -> Arc<Plugin> {
         self.current.plugin()
+    }
+}
+
+/// Bounds the attempts of one plugin running in the sandbox at once, and counts them: the
+/// attempts in flight are the permits taken (no counter of their own, added to and taken from
+/// on every core at every attempt).
+pub struct RunPermits {
+    permits: Semaphore,
+    size: usize,
+    peak: AtomicU64,
+}
+
+impl RunPermits {
+    /// `size` attempts at once (at least one).
+    pub fn new(size: usize) -> Self {
+        let size = size.max(1);
+        Self { permits: Semaphore::new(size), size, peak: AtomicU64::new(0) }
+    }
+
+    /// Waits for a permit to run an attempt; the peak is raised when this one makes it.
+    pub async fn acquire(&self) -> tokio::sync::SemaphorePermit<'_> {
+        let permit = self.permits.acquire().await.expect("run permits never close");
+        let now = self.in_flight();
+        // Read first: the peak rarely moves, and a read leaves its cache line shared.
+        if now > self.peak.load(Ordering::Relaxed) {
+            self.peak.fetch_max(now, Ordering::Relaxed);
+        }
+        permit
+    }
+
+    /// Attempts running now.
+    pub fn in_flight(&self) -> u64 {
+        self.size.saturating_sub(self.permits.available_permits()) as u64
+    }
+
+    /// The most attempts that ever ran at once.
+    pub fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
     }
 }
 
@@ -459,21 +498,14 @@ async fn run_attempt(
         let run = {
             // The permit bounds handlers running in the sandbox; committing kv and waiting for
             // the transport to take the outputs happen without it.
-            let _permit = rt.run_permits.acquire().await.expect("run permits never close");
+            let _permit = rt.run_permits.acquire().await;
             // A request waits in the queue, for a permit and between retries: its requester may
             // have given up meanwhile (a kv re-run is part of an attempt that started for it).
             if reruns == 0 && gave_up(rt, ev) {
                 return Ok(Ran::Expired);
             }
             rt.stats.add(|c| &c.attempts, 1);
-            let now = rt.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-            // Read first: the peak rarely moves, and a read leaves its cache line shared.
-            if now > rt.stats.peak_in_flight.load(Ordering::Relaxed) {
-                rt.stats.peak_in_flight.fetch_max(now, Ordering::Relaxed);
-            }
-            let run = plugin.handle(ev, attempt).await;
-            rt.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-            run
+            plugin.handle(ev, attempt).await
         };
         rt.metrics.handler_seconds.observe(run.elapsed.as_secs_f64());
         rt.stats.window.time(run.elapsed);
@@ -623,6 +655,28 @@ async fn dead_letter(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn attempts_in_flight_are_the_run_permits_taken_and_the_peak_stays() {
+        let permits = RunPermits::new(3);
+        assert_eq!((permits.in_flight(), permits.peak()), (0, 0));
+        let (a, b) = (permits.acquire().await, permits.acquire().await);
+        assert_eq!((permits.in_flight(), permits.peak()), (2, 2));
+        drop(a);
+        let c = permits.acquire().await;
+        assert_eq!((permits.in_flight(), permits.peak()), (2, 2));
+        let d = permits.acquire().await;
+        assert_eq!((permits.in_flight(), permits.peak()), (3, 3));
+        // A fourth waits for one of the three.
+        let fourth = tokio::time::timeout(std::time::Duration::from_millis(50), permits.acquire()).await;
+        assert!(fourth.is_err(), "a fourth attempt ran beside three");
+        drop((b, c, d));
+        assert_eq!((permits.in_flight(), permits.peak()), (0, 3));
+        // Zero is read as one: a plugin always runs.
+        let one = RunPermits::new(0);
+        let _p = one.acquire().await;
+        assert_eq!(one.in_flight(), 1);
+    }
 
     #[test]
     fn pending_is_exact_when_deliveries_settle_on_other_threads() {

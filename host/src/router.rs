@@ -6,7 +6,7 @@
 //! plugin has its own queue, worker, lanes and bounds.
 
 use crate::deadletter::DeadLetters;
-use crate::dispatch::{self, PluginRuntime, PluginStats, RetryIn, Serving};
+use crate::dispatch::{self, PluginRuntime, PluginStats, RetryIn, RunPermits, Serving};
 use crate::event::Event;
 use crate::manifest::OrderKey;
 use crate::metrics::{Metrics, PluginLabels, PluginMetrics};
@@ -16,7 +16,6 @@ use crate::subject::Pattern;
 use crate::transport::{Delivery, Durability, Subscription, SubscriptionSpec, Transport, TransportError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -177,7 +176,7 @@ impl Router {
         self.metrics.plugins.set(entries.len() as i64);
         for (name, e) in entries.iter() {
             let labels = PluginLabels { plugin: name.clone() };
-            self.metrics.in_flight.get_or_create(&labels).set(e.runtime.stats.in_flight.load(Relaxed) as i64);
+            self.metrics.in_flight.get_or_create(&labels).set(e.runtime.run_permits.in_flight() as i64);
             self.metrics.queue_depth.get_or_create(&labels).set((e.queue_depth)() as i64);
             for b in e.runtime.plugin().outbound().breakers.views() {
                 let labels = crate::metrics::BreakerLabels { plugin: name.clone(), host: b.host };
@@ -200,7 +199,7 @@ impl Router {
             dead_letter_subject: delivering.dead_letter_subject.clone(),
             transport: self.transport.clone(),
             dead_letters: self.dead_letters.clone(),
-            run_permits: Semaphore::new(delivering.flow.concurrency.max(1)),
+            run_permits: RunPermits::new(delivering.flow.concurrency),
             metrics: PluginMetrics::new(self.metrics.clone(), &name, &spec.patterns),
         });
         let queue_depth = subscription.depth_probe();
@@ -313,8 +312,8 @@ impl Router {
                         ("dead_lettered", s.total(|c| &c.dead_lettered)),
                         ("expired", s.total(|c| &c.expired)),
                         ("attempts", s.total(|c| &c.attempts)),
-                        ("in_flight", s.in_flight.load(Relaxed)),
-                        ("peak_in_flight", s.peak_in_flight.load(Relaxed)),
+                        ("in_flight", e.runtime.run_permits.in_flight()),
+                        ("peak_in_flight", e.runtime.run_permits.peak()),
                         ("pending", s.pending()),
                         ("queued", (e.queue_depth)() as u64),
                         ("outputs", s.total(|c| &c.outputs)),
