@@ -52,12 +52,14 @@ pub fn message_of(ev: &Event) -> (HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
     for (name, value) in cloudevents::encode_binary(ev) {
         let parsed = match &name {
-            // The core attributes' names: valid, and nothing to copy.
-            Cow::Borrowed(name) => Some(HeaderName::from_static(name)),
-            Cow::Owned(name) => HeaderName::from_str(name).ok(),
+            // The core attributes' names: valid, nothing to copy, and each once and first.
+            Cow::Borrowed(core) => Some((HeaderName::from_static(core), true)),
+            Cow::Owned(extension) => HeaderName::from_str(extension).ok().map(|n| (n, false)),
         };
         match parsed.filter(|_| !value.contains(['\r', '\n'])) {
-            Some(n) => headers.append(n, HeaderValue::from(value)),
+            // `insert` hashes the name once; `append` looks it up first.
+            Some((n, true)) => headers.insert(n, HeaderValue::from(value)),
+            Some((n, false)) => headers.append(n, HeaderValue::from(value)),
             None => tracing::warn!(subject = %ev.subject, event_id = %ev.id, header = %name,
                 "header left out: NATS cannot carry this name or value"),
         }
