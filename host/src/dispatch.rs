@@ -177,7 +177,9 @@ impl RunPermits {
         Self { permits: Semaphore::new(size), size, peak: AtomicU64::new(0) }
     }
 
-    /// Waits for a permit to run an attempt; the peak is raised when this one makes it.
+    /// Waits for a permit to run an attempt; the peak is raised when this one makes it (read
+    /// just after: one let go in between leaves it one short, which a peak held for a handler's
+    /// run never is).
     pub async fn acquire(&self) -> tokio::sync::SemaphorePermit<'_> {
         let permit = self.permits.acquire().await.expect("run permits never close");
         let now = self.in_flight();
@@ -193,7 +195,8 @@ impl RunPermits {
         self.size.saturating_sub(self.permits.available_permits()) as u64
     }
 
-    /// The most attempts that ever ran at once.
+    /// The most run permits ever held at once (a request found expired holds one for its
+    /// check, without running).
     pub fn peak(&self) -> u64 {
         self.peak.load(Ordering::Relaxed)
     }

@@ -93,13 +93,17 @@ pub fn now_rfc3339() -> String {
         return humantime::format_rfc3339_millis(now).to_string();
     };
     let millis = since_epoch.as_millis();
-    LAST.with_borrow_mut(|(at, text)| {
+    let format = || humantime::format_rfc3339_millis(now).to_string();
+    // Formatted anew where the thread's copy is gone (a destructor at the thread's end).
+    LAST.try_with(|last| {
+        let (at, text) = &mut *last.borrow_mut();
         if *at != millis || text.is_empty() {
             *at = millis;
-            *text = humantime::format_rfc3339_millis(now).to_string();
+            *text = format();
         }
         text.clone()
     })
+    .unwrap_or_else(|_| format())
 }
 
 /// `plugbus/<plugin>`: the `source` of what the host makes for a plugin (outputs, requests,

@@ -131,7 +131,8 @@ pub struct PluginInfo {
     pub limits: crate::sandbox::Limits,
     /// Where its dead letters go.
     pub dead_letter_subject: String,
-    /// Counters: received, ok, retried, circuit_waits, dead_lettered, attempts, in_flight, pending, queued, outputs.
+    /// Counters: received, ok, retried, circuit_waits, dead_lettered, expired, attempts, in_flight, peak_in_flight,
+    /// pending, queued, outputs.
     pub counters: BTreeMap<&'static str, u64>,
     /// Outbound HTTP (requested, granted, breakers), when it asks for or is granted any.
     #[serde(skip_serializing_if = "Option::is_none")]
