@@ -177,9 +177,9 @@ impl RunPermits {
         Self { permits: Semaphore::new(size), size, peak: AtomicU64::new(0) }
     }
 
-    /// Waits for a permit to run an attempt; the peak is raised when this one makes it (read
-    /// just after: one let go in between leaves it one short, which a peak held for a handler's
-    /// run never is).
+    /// Waits for a permit to run an attempt, and raises the peak if this one makes it. The count
+    /// is read just after the permit is taken: if another permit is let go in between, this
+    /// reading is one short. A peak held through a handler's run is never missed.
     pub async fn acquire(&self) -> tokio::sync::SemaphorePermit<'_> {
         let permit = self.permits.acquire().await.expect("run permits never close");
         let now = self.in_flight();
