@@ -326,6 +326,99 @@ mod tests {
         assert!(m("*.\u{65e5}", "x.\u{65e5}"));
     }
 
+    /// The rules as they were written before subjects were split on the byte (`char` by `char`,
+    /// tokens collected): the oracle the byte-wise check must agree with on any input.
+    fn check_tokens_by_char(raw: &str, wildcards: bool) -> Result<(), &'static str> {
+        if raw.is_empty() {
+            return Err("it is empty");
+        }
+        if raw.len() > 1024 {
+            return Err("it is longer than 1024 bytes");
+        }
+        let tokens: Vec<&str> = raw.split('.').collect();
+        for (i, token) in tokens.iter().enumerate() {
+            if token.is_empty() {
+                return Err("it has an empty token (leading, trailing or double dot)");
+            }
+            if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err("it contains whitespace or a control character");
+            }
+            let is_wild = *token == "*" || *token == ">";
+            if !wildcards && (token.contains('*') || token.contains('>')) {
+                return Err("a subject cannot contain the wildcards `*` or `>`");
+            }
+            if wildcards && !is_wild && (token.contains('*') || token.contains('>')) {
+                return Err("a wildcard must be a whole token");
+            }
+            if *token == ">" && i + 1 != tokens.len() {
+                return Err("`>` may only be the last token");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_byte_wise_rules_agree_with_the_char_wise_ones_on_random_text() {
+        const ALPHABET: &[char] = &[
+            '.',
+            '.',
+            '.',
+            '*',
+            '>',
+            'a',
+            'b',
+            ' ',
+            '\t',
+            '\u{b}',
+            '\u{7f}',
+            '\u{0}',
+            '$',
+            '_',
+            '\u{e9}',
+            '\u{a0}',
+            '\u{85}',
+            '\u{2028}',
+            '\u{65e5}',
+            '\u{1f600}',
+        ];
+        let mut rng = fastrand::Rng::with_seed(18);
+        let mut text = || (0..rng.usize(0..10)).map(|_| ALPHABET[rng.usize(..ALPHABET.len())]).collect::<String>();
+        let reason = |r: Result<(), SubjectError>| r.map_err(|e| e.reason);
+        let (mut valid, mut patterns) = (0, Vec::new());
+        for _ in 0..20_000 {
+            let raw = text();
+            assert_eq!(reason(validate_subject(&raw)), check_tokens_by_char(&raw, false), "subject {raw:?}");
+            assert_eq!(reason(Pattern::parse(&raw).map(drop)), check_tokens_by_char(&raw, true), "pattern {raw:?}");
+            valid += usize::from(validate_subject(&raw).is_ok());
+            patterns.extend(Pattern::parse(&raw).ok());
+        }
+        assert!(
+            valid > 1_000 && patterns.len() > 1_000,
+            "too few valid inputs to compare: {valid}, {}",
+            patterns.len()
+        );
+        // Matching: the split on the byte gives the tokens the split on the `char` gave.
+        let mut matched = 0;
+        for pattern in &patterns {
+            for _ in 0..5 {
+                let subject = text();
+                let mut parts = subject.split('.');
+                let by_char = pattern.tokens.iter().all(|t| match (t, parts.next()) {
+                    (Token::Tail, Some(_)) => {
+                        parts.by_ref().for_each(drop);
+                        true
+                    }
+                    (Token::One, Some(_)) => true,
+                    (Token::Literal(l), Some(p)) => l == p,
+                    (_, None) => false,
+                }) && parts.next().is_none();
+                assert_eq!(pattern.matches_nats(&subject), by_char, "{pattern} against {subject:?}");
+                matched += usize::from(by_char);
+            }
+        }
+        assert!(matched > 100, "too few matches to compare: {matched}");
+    }
+
     #[test]
     fn system_reach_is_detected() {
         for p in ["$SYS.>", "$JS.API.x", "_INBOX.*", "$KV.plugbus_other.>", "$O.x", "$G", "_INBOX"] {
