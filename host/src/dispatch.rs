@@ -361,10 +361,16 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
             delivery.acker.ack().await;
         }
         Outcome::DeadLettered { attempts, failure } => {
+            let dead = keep_dead_letter(rt, ev, &failure.to_string(), *attempts, record);
+            // Counted once kept and before it is published: whoever reads the count finds the
+            // dead letter in the store, and whoever sees it on the bus reads it counted.
             counters.dead_lettered.inc();
             rt.stats.add(|c| &c.dead_lettered, 1);
             rt.stats.window.mark(Mark::DeadLettered);
-            let kept = dead_letter(rt, ev, &failure.to_string(), *attempts, record).await.is_ok();
+            let kept = match dead {
+                Some(dead) => publish_dead_letter(rt, &ev.id, dead).await.is_ok(),
+                None => true,
+            };
             match fate::settle_dead_letter(kept, delivery.redeliverable, *attempts, &rt.retry) {
                 Settle::Term => delivery.acker.term().await,
                 Settle::Nak(wait) => delivery.acker.nak(wait).await,
@@ -634,6 +640,21 @@ async fn dead_letter(
     attempts: u32,
     record: Option<Box<Record>>,
 ) -> Result<(), ()> {
+    match keep_dead_letter(rt, ev, failure, attempts, record) {
+        Some(dead) => publish_dead_letter(rt, &ev.id, dead).await,
+        None => Ok(()),
+    }
+}
+
+/// Keeps the dead letter of `ev` (with `record`, in this host's store only) and returns it to
+/// publish; `None` when it is only logged (a dead letter that failed again).
+fn keep_dead_letter(
+    rt: &PluginRuntime,
+    ev: &Event,
+    failure: &str,
+    attempts: u32,
+    record: Option<Box<Record>>,
+) -> Option<Event> {
     let (plugin, subject, id) = (&rt.name, &ev.subject, &ev.id);
     // A dead letter is the host's mark on a dead-letter subject (the default `plugbus.dlq.*`, or
     // this plugin's own): a publisher with direct access to the bus who forges the mark on any
@@ -644,14 +665,19 @@ async fn dead_letter(
     if deadletter::is_dead_letter(ev) && (on_dead_letter_subject || deadletter::nesting(ev) > 1) {
         tracing::error!(plugin = %plugin, subject = %subject, event_id = %id, attempts,
             "a dead letter failed in its handler and is not dead-lettered again: {failure}");
-        return Ok(());
+        return None;
     }
     tracing::error!(plugin = %plugin, subject = %subject, event_id = %id, attempts,
         dead_letter = %rt.dead_letter_subject, "event dead-lettered: {failure}");
     let dead = deadletter::dead_letter_event(ev, plugin, &rt.dead_letter_subject, failure, attempts);
     rt.dead_letters.push_recorded(plugin, dead.clone(), record);
+    Some(dead)
+}
+
+/// Publishes a kept dead letter (of the event `id`); `Err` when the transport did not take it.
+async fn publish_dead_letter(rt: &PluginRuntime, id: &str, dead: Event) -> Result<(), ()> {
     rt.transport.publish_output(Arc::new(dead)).await.map_err(|e| {
-        tracing::error!(plugin = %plugin, event_id = %id, "dead letter kept here but not published: {e}");
+        tracing::error!(plugin = %rt.name, event_id = %id, "dead letter kept here but not published: {e}");
     })
 }
 
