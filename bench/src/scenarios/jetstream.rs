@@ -112,6 +112,20 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
     })
 }
 
+/// One side of jetstream alone, for a profiler: `host` (the durable host) or
+/// `sandboxed-relay`, on a server of its own (see `PARTS`).
+pub async fn run_part(mode: Mode, handler: &[u8], part: &str) -> anyhow::Result<Load> {
+    let server = NatsServer::start().await?;
+    Ok(match part {
+        "host" => durable_run(mode, handler, &server, InstanceMode::Fresh).await?.load,
+        "sandboxed-relay" => {
+            let plugin = sandboxed(handler, Limits::default()).await?;
+            floor_run(mode, &server, Floor::Relay(Some(plugin))).await?
+        }
+        other => anyhow::bail!("no part {other} of jetstream"),
+    })
+}
+
 /// What the durable host run saw, and what the streams hold afterwards.
 #[derive(Default)]
 struct Durable {

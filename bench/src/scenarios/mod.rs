@@ -47,6 +47,9 @@ pub async fn run(id: &str, mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
             Some((_, "nats-core", part)) => {
                 part_row("nats-core", part, nats_core::run_part(mode, handler, part).await?)
             }
+            Some((_, "jetstream", part)) => {
+                part_row("jetstream", part, jetstream::run_part(mode, handler, part).await?)
+            }
             _ => anyhow::bail!("unknown scenario {other}"),
         },
     };
@@ -67,6 +70,8 @@ pub const PARTS: &[(&str, &str, &str)] = &[
     ("reuse-floor", "reuse", "floor"),
     ("nats-core-host", "nats-core", "host"),
     ("nats-core-sandboxed-relay", "nats-core", "sandboxed-relay"),
+    ("jetstream-host", "jetstream", "host"),
+    ("jetstream-sandboxed-relay", "jetstream", "sandboxed-relay"),
 ];
 
 /// The row of one part of `scenario`: its rate and latencies, no baseline.
