@@ -64,6 +64,37 @@ async fn replacing_a_plugin_under_load_loses_and_doubles_nothing() {
     assert_eq!(t.host.reloader().stats.reloads.load(Ordering::Relaxed), reloads, "the plugin keeps reloading itself");
 }
 
+/// The worker reads a plugin's order rules again after a swap: a version that adds
+/// `order_by` runs the next events of a key one after another, though the version before it
+/// had no rules at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_that_adds_order_by_orders_the_next_events_by_key() {
+    let t = TestHost::start(&["echo"]).await;
+    let mut seen = t.observe(&["echo.>"]).await;
+    t.publish("orders.created", "{}").await;
+    assert_eq!(seen.next_where(|_| true).await.subject, "echo.orders.created", "v1 serves first, unordered");
+
+    let dir = t.dir.path().to_path_buf();
+    std::fs::copy(wasm("echo2"), dir.join("echo.tmp")).unwrap();
+    std::fs::rename(dir.join("echo.tmp"), dir.join("echo.wasm")).unwrap();
+    let router = t.host.router().clone();
+    eventually("v2 serves", || router.plugins()[0].version == "2.0.0").await;
+
+    // Key `k`: a slow event, then a fast one, which must wait for it (unordered, it would
+    // overtake by the 400 ms the first keeps the handler busy).
+    for (subject, busy_ms) in [("orders.first", "400"), ("orders.second", "0")] {
+        let ev = Event::new(subject, "{}").with_header("key", "k").with_header("busyms", busy_ms);
+        t.host.publish(ev).await.unwrap();
+    }
+    let first = seen.next_where(|e| e.subject.starts_with("echo.v2.orders.")).await;
+    let second = seen.next_where(|e| e.subject.starts_with("echo.v2.orders.")).await;
+    assert_eq!(
+        [first.subject.as_str(), second.subject.as_str()],
+        ["echo.v2.orders.first", "echo.v2.orders.second"],
+        "key k was not run in order after the swap"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_written_in_chunks_is_waited_for_then_served() {
     let t = TestHost::start(&["echo"]).await;
