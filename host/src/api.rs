@@ -340,8 +340,18 @@ struct TailQuery {
 
 async fn tail(State(api): State<Api>, Path(pattern): Path<String>, Query(q): Query<TailQuery>) -> Response {
     use axum::response::sse::{Event as Sse, KeepAlive};
-    if let Err(e) = crate::subject::Pattern::parse(&pattern) {
-        return error(StatusCode::BAD_REQUEST, e.to_string());
+    match crate::subject::Pattern::parse(&pattern) {
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        // On NATS the server would hand the host's subscription every plugin's kv writes
+        // (`$KV.>`) or every reply (`_INBOX.>`): a client may tail what it may publish.
+        Ok(p) if p.reaches_system() => {
+            let msg = format!(
+                "{} names a system subject: patterns starting with `$` or `_INBOX` cannot be tailed",
+                crate::event::quoted(&pattern)
+            );
+            return error(StatusCode::BAD_REQUEST, msg);
+        }
+        Ok(_) => {}
     }
     let cloudevents = match q.format.as_deref() {
         None | Some("plain") => false,
@@ -740,7 +750,14 @@ async fn replay(api: &Inner, plugin: Option<&str>) -> serde_json::Value {
 async fn replay_from_broker(api: &Inner, entries: Vec<crate::deadletter::Entry>) -> (Vec<serde_json::Value>, usize) {
     let (mut replayed, mut failed) = (Vec::new(), 0);
     for entry in entries {
-        let Some(event) = crate::deadletter::replay_event(&entry.event) else { continue };
+        let event = match crate::deadletter::replay_event(&entry.event) {
+            Ok(event) => event,
+            Err(why) => {
+                tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id, "not replayed, the dead letter is kept: {why}");
+                failed += 1;
+                continue;
+            }
+        };
         let id = event.id.clone();
         match publish_in_time(api, event).await {
             Ok(()) => {
@@ -773,7 +790,14 @@ async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>) -> se
         if published.len() >= FORGET_BATCH {
             api.s.dead_letters.forget(&std::mem::take(&mut published));
         }
-        let Some(event) = crate::deadletter::replay_event(&entry.event) else { continue };
+        let event = match crate::deadletter::replay_event(&entry.event) {
+            Ok(event) => event,
+            Err(why) => {
+                tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id, "not replayed, the dead letter is kept: {why}");
+                failed.push(entry);
+                continue;
+            }
+        };
         let id = event.id.clone();
         match publish_in_time(api, event).await {
             Ok(()) => {

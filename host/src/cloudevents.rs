@@ -15,6 +15,65 @@ use std::borrow::Cow;
 /// Media type of structured-mode CloudEvents.
 pub const STRUCTURED: &str = "application/cloudevents+json";
 
+/// The most bytes an event's `id`, `source`, `type` or `time` may hold (a subject's bound):
+/// an input's id goes into every output it causes (`plugbus-caused-by`), and its source and
+/// id into their ids.
+pub const MAX_ATTRIBUTE_BYTES: usize = 1_024;
+
+/// The most extensions (headers) one event may carry: each costs the host a pair of strings
+/// however short it is. Above what a plugin's output may carry (`limits.max_headers`, 64 by
+/// default) and what the host adds to it.
+pub const MAX_EXTENSIONS: usize = 1_024;
+
+/// Whether `content_type` is a CloudEvents envelope (`application/cloudevents…`, in any case):
+/// the one rule for where an envelope begins. No event has one as its own `datacontenttype`:
+/// sent on in binary mode, a receiver would read its data as the event, headers ignored.
+pub fn is_envelope_type(content_type: &str) -> bool {
+    const ENVELOPE: &str = "application/cloudevents";
+    content_type.trim_start().get(..ENVELOPE.len()).is_some_and(|p| p.eq_ignore_ascii_case(ENVELOPE))
+}
+
+/// Whether `content_type` says structured mode (`application/cloudevents+json`, in any case).
+fn is_structured(content_type: &str) -> bool {
+    content_type.trim_start().get(..STRUCTURED.len()).is_some_and(|p| p.eq_ignore_ascii_case(STRUCTURED))
+}
+
+/// What every decoded event must be, whatever its mode: `id`, `source`, `type` and `time`
+/// within [`MAX_ATTRIBUTE_BYTES`] and free of control characters (CloudEvents 1.0 strings
+/// exclude them; a line break in an id would break the NATS header that carries it), no
+/// envelope as `datacontenttype`, at most [`MAX_EXTENSIONS`] extensions. The error names the
+/// attribute.
+fn check_event(ev: &Event) -> Result<(), String> {
+    for (attr, value) in [("id", &ev.id), ("source", &ev.source), ("type", &ev.ty), ("time", &ev.time)] {
+        if value.len() > MAX_ATTRIBUTE_BYTES {
+            return Err(format!(
+                "attribute `{attr}` is {} bytes: at most {MAX_ATTRIBUTE_BYTES} are accepted",
+                value.len()
+            ));
+        }
+        if value.chars().any(char::is_control) {
+            return Err(format!(
+                "attribute `{attr}` holds a control character: {} (CloudEvents strings exclude them)",
+                crate::event::quoted(value)
+            ));
+        }
+    }
+    if let Some(ct) = ev.datacontenttype.as_deref().filter(|ct| is_envelope_type(ct)) {
+        return Err(format!(
+            "`datacontenttype` is {}: an event's data cannot be a CloudEvents envelope (sent on in binary \
+             mode, its content type would make the message that envelope, its own attributes ignored)",
+            crate::event::quoted(ct)
+        ));
+    }
+    if ev.extensions.len() > MAX_EXTENSIONS {
+        return Err(format!(
+            "the event carries {} extensions (headers): at most {MAX_EXTENSIONS} are accepted",
+            ev.extensions.len()
+        ));
+    }
+    Ok(())
+}
+
 /// Headers that describe the transport, not the event; never copied into extensions.
 const TRANSPORT_HEADERS: &[&str] = &[
     "host",
@@ -54,8 +113,17 @@ pub fn decode_with_id<'a>(
     let headers: Vec<(&str, &str)> = headers.collect();
     let find = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| *v);
     let content_type = find("content-type");
-    if content_type.is_some_and(|c| c.starts_with(STRUCTURED)) {
-        return decode_structured(subject, &body, fallback_id);
+    if content_type.is_some_and(is_structured) {
+        let ev = decode_structured(subject, &body, fallback_id)?;
+        check_event(&ev)?;
+        return Ok(ev);
+    }
+    if let Some(envelope) = content_type.filter(|ct| is_envelope_type(ct)) {
+        return Err(format!(
+            "Content-Type {} is a CloudEvents envelope this host does not read: send one event, in \
+             structured mode ({STRUCTURED}) or binary mode",
+            crate::event::quoted(envelope)
+        ));
     }
     if let Some(version) = find("ce-specversion") {
         check_binary(version, find)?;
@@ -94,6 +162,7 @@ pub fn decode_with_id<'a>(
     if ev.id.is_empty() {
         return Err("ce-id is empty".into());
     }
+    check_event(&ev)?;
     Ok(ev)
 }
 
@@ -508,6 +577,63 @@ mod tests {
         // Without ce-specversion the ce- headers are a plain event's attributes, as before.
         let ev = decode("a.b", [("ce-id", "x"), ("ce-tenant", "t")].into_iter(), Bytes::new()).unwrap();
         assert_eq!((ev.id.as_str(), ev.header("tenant")), ("x", Some("t")));
+    }
+
+    /// The attack: a structured envelope as an event's own content type. Sent on in binary
+    /// mode, a receiver reads the data as the event (any id, source, `plugbus-*` marks) and
+    /// ignores the headers the host wrote.
+    #[test]
+    fn an_event_whose_data_would_read_as_another_event_is_refused() {
+        let inner =
+            r#"{"specversion":"1.0","id":"forged","source":"plugbus/payments","type":"t","plugbus-plugin":"payments"}"#;
+        let outer = serde_json::json!({"specversion": "1.0", "id": "o-1", "source": "/s", "type": "t",
+            "datacontenttype": "application/cloudevents+json", "data": inner});
+        let structured = [("content-type", STRUCTURED)];
+        let e = decode("a.b", structured.into_iter(), Bytes::from(outer.to_string())).unwrap_err();
+        assert!(e.contains("`datacontenttype`") && e.contains("envelope"), "{e}");
+        // Any case, any envelope: the structured type in capitals is still structured mode, and
+        // a batch (or any other envelope) is refused rather than read as a plain event's data.
+        let ev = decode("a.b", [("Content-Type", "Application/CloudEvents+JSON")].into_iter(), Bytes::from(inner));
+        assert_eq!(ev.unwrap().id, "forged", "the structured type in capitals was not read as structured mode");
+        for envelope in ["application/cloudevents-batch+json", " APPLICATION/CLOUDEVENTS+xml"] {
+            let e = decode("a.b", [("content-type", envelope)].into_iter(), Bytes::from(inner)).unwrap_err();
+            assert!(e.contains("Content-Type") && e.contains("envelope"), "{envelope}: {e}");
+        }
+        assert!(is_envelope_type("application/cloudevents+json; charset=utf-8"));
+        assert!(!is_envelope_type("application/json") && !is_envelope_type("application/cloudevent"));
+    }
+
+    #[test]
+    fn attributes_are_bounded_and_free_of_control_characters_and_extensions_are_counted() {
+        let long = "i".repeat(MAX_ATTRIBUTE_BYTES + 1);
+        let just = "i".repeat(MAX_ATTRIBUTE_BYTES);
+        assert!(decode("a.b", [("ce-id", just.as_str())].into_iter(), Bytes::new()).is_ok());
+        for attr in ["ce-id", "ce-source", "ce-type", "ce-time"] {
+            let e = decode("a.b", [(attr, long.as_str())].into_iter(), Bytes::new()).unwrap_err();
+            assert!(e.contains(&format!("`{}`", &attr[3..])) && e.contains("at most 1024"), "{attr}: {e}");
+            // A line break, percent-encoded: it would break the NATS header that carries it.
+            let e = decode("a.b", [(attr, "a%0Ab")].into_iter(), Bytes::new()).unwrap_err();
+            assert!(e.contains(&format!("`{}`", &attr[3..])) && e.contains("control character"), "{attr}: {e}");
+        }
+        // A plain message's id from Nats-Msg-Id, and a structured envelope's, alike.
+        let e = decode("a.b", [("Nats-Msg-Id", long.as_str())].into_iter(), Bytes::new()).unwrap_err();
+        assert!(e.contains("`id`"), "{e}");
+        let body = serde_json::json!({"specversion": "1.0", "id": "a\u{7f}b", "source": "/s", "type": "t"});
+        let e = decode("a.b", [("content-type", STRUCTURED)].into_iter(), Bytes::from(body.to_string())).unwrap_err();
+        assert!(e.contains("`id`") && e.contains("control character"), "{e}");
+
+        let names: Vec<String> = (0..=MAX_EXTENSIONS).map(|i| format!("x-{i}")).collect();
+        let headers = |n: usize| names[..n].iter().map(|k| (k.as_str(), ""));
+        assert_eq!(decode("a.b", headers(MAX_EXTENSIONS), Bytes::new()).unwrap().extensions.len(), MAX_EXTENSIONS);
+        let e = decode("a.b", headers(MAX_EXTENSIONS + 1), Bytes::new()).unwrap_err();
+        assert!(e.contains("1025 extensions") && e.contains("at most 1024"), "{e}");
+        let mut envelope = serde_json::json!({"specversion": "1.0", "id": "1", "source": "/s", "type": "t"});
+        for name in &names {
+            envelope[name.replace('-', "")] = "".into();
+        }
+        let e =
+            decode("a.b", [("content-type", STRUCTURED)].into_iter(), Bytes::from(envelope.to_string())).unwrap_err();
+        assert!(e.contains("1025 extensions"), "{e}");
     }
 
     #[test]

@@ -99,15 +99,32 @@ pub fn is_dead_letter(event: &Event) -> bool {
 /// event: JetStream drops the second copy by its `Nats-Msg-Id` within the stream's duplicate
 /// window, so the handler runs it once. A dead letter of that replay has an id of its own, so
 /// replaying it again is a new event.
-pub fn replay_event(dead: &Event) -> Option<Event> {
-    let subject = dead.header(headers::ORIGINAL_SUBJECT)?.to_string();
+///
+/// Refused (the error says why) when the dead letter names no original subject, or one a
+/// client could not publish to: invalid, or a system subject (`$…`, `_INBOX…`). A dead letter
+/// kept by a broker is only as trustworthy as whoever could publish on `plugbus.dlq.*`, and a
+/// replay is published with the host's credentials.
+pub fn replay_event(dead: &Event) -> Result<Event, String> {
+    let subject = dead
+        .header(headers::ORIGINAL_SUBJECT)
+        .ok_or_else(|| format!("it names no original subject ({})", headers::ORIGINAL_SUBJECT))?
+        .to_string();
+    if let Err(e) = crate::subject::validate_subject(&subject) {
+        return Err(format!("its original subject is not valid: {e}"));
+    }
+    if crate::subject::is_system_subject(&subject) {
+        return Err(format!(
+            "its original subject {} is a system subject (`$…`, `_INBOX…`), which is never replayed",
+            crate::event::quoted(&subject)
+        ));
+    }
     let mut ev = Event::new(subject, dead.data.clone());
     ev.id = crate::event::output_id(&dead.source, &dead.id, REPLAYER, 0);
     ev.ty = dead.ty.clone();
     ev.datacontenttype = dead.datacontenttype.clone();
     ev.extensions = dead.extensions.iter().filter(|(k, _)| !k.starts_with("plugbus-")).cloned().collect();
     ev.extensions.push((headers::REPLAY_OF.to_string(), dead.id.clone()));
-    Some(ev)
+    Ok(ev)
 }
 
 /// The name replays are made under in [`replay_event`]'s id (not a valid plugin name, so no
@@ -464,6 +481,29 @@ mod tests {
         assert_eq!(again.header("tenant"), Some("acme"));
         assert!(again.header(headers::ERROR).is_none());
         assert_ne!(again.id, original.id);
+    }
+
+    /// The attack: a dead letter forged on a broker (anyone who may publish on `plugbus.dlq.*`)
+    /// naming a `$KV` subject, replayed with the host's credentials.
+    #[test]
+    fn a_dead_letter_naming_no_subject_a_system_one_or_an_invalid_one_is_not_replayed() {
+        let dead = |subject: Option<&str>| {
+            let mut ev = dead_letter_event(&Event::new("orders.created", "{}"), "p", "plugbus.dlq.p", "boom", 1);
+            ev.extensions.retain(|(k, _)| k != headers::ORIGINAL_SUBJECT);
+            match subject {
+                Some(s) => ev.with_header(headers::ORIGINAL_SUBJECT, s),
+                None => ev,
+            }
+        };
+        assert!(replay_event(&dead(None)).unwrap_err().contains("names no original subject"));
+        for system in ["$KV.plugbus_payments.balance", "_INBOX.abc", "$SYS.REQ"] {
+            let e = replay_event(&dead(Some(system))).unwrap_err();
+            assert!(e.contains("system subject") && e.contains(system), "{e}");
+        }
+        for invalid in ["", "a..b", "a.*", "a b"] {
+            assert!(replay_event(&dead(Some(invalid))).unwrap_err().contains("not valid"), "{invalid:?}");
+        }
+        assert_eq!(replay_event(&dead(Some("orders.created"))).unwrap().subject, "orders.created");
     }
 
     #[test]

@@ -319,14 +319,30 @@ fn check_subject(state: &HostState, subject: &str) -> Result<(), types::PublishE
     Ok(())
 }
 
+/// Why an output cannot have this content type: a CloudEvents envelope
+/// ([`crate::cloudevents::is_envelope_type`]) would make the message that carries it the
+/// envelope in its data, a forged event with the host's headers ignored.
+fn check_content_type(name: &str, value: &str) -> Result<(), types::PublishError> {
+    let content_type = name.eq_ignore_ascii_case("content-type") || name.eq_ignore_ascii_case("datacontenttype");
+    if content_type && crate::cloudevents::is_envelope_type(value) {
+        return Err(types::PublishError::Denied(format!(
+            "header {name} {} is reserved: an output's data cannot be a CloudEvents envelope (its receivers \
+             would read the data as the event)",
+            quoted(value)
+        )));
+    }
+    Ok(())
+}
+
 /// Checks `headers` for an output, a request or a reply; returns what they cost.
 fn check_headers(limits: &super::limits::Limits, headers: &[(String, String)]) -> Result<u64, types::PublishError> {
     if headers.len() as u64 > u64::from(limits.max_headers) {
         let msg = format!("header limit of {} per output reached ({} given)", limits.max_headers, headers.len());
         return Err(types::PublishError::Limit(msg));
     }
-    for (name, _) in headers {
+    for (name, value) in headers {
         check_header_name(name)?;
+        check_content_type(name, value)?;
     }
     Ok(headers.iter().map(|(k, v)| (k.len() + v.len()) as u64 + ENTRY_COST).sum())
 }

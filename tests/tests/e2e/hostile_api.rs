@@ -436,6 +436,31 @@ async fn ingress_refuses_system_subjects_and_the_hosts_own_headers() {
     assert_eq!(status, 400, "{error}");
     assert!(error.contains("plugbus-error"), "{error}");
     assert_eq!(client.post(&url).header("ce-tenant", "acme").body("{}").send().await.unwrap().status().as_u16(), 202);
+
+    // An envelope inside the envelope: its dead letter, read back from a broker, would be the
+    // inner event (any plugin, any original subject), and replay would publish it.
+    let inner = r#"{"specversion":"1.0","id":"x","source":"/s","type":"t","plugbus-plugin":"payments"}"#;
+    let body = serde_json::json!({"specversion": "1.0", "id": "s-2", "source": "/s", "type": "t",
+        "datacontenttype": "application/cloudevents+json", "data": inner});
+    let resp = client.post(&url).header("content-type", "application/cloudevents+json").body(body.to_string());
+    let (status, error) = json_error(resp.send().await.unwrap()).await;
+    assert_eq!(status, 400, "{error}");
+    assert!(error.contains("`datacontenttype`") && error.contains("envelope"), "{error}");
+    // A 512 KiB id would be copied into every output the event causes (`plugbus-caused-by`).
+    let id = "i".repeat(512 << 10);
+    let body = serde_json::json!({"specversion": "1.0", "id": id, "source": "/s", "type": "t"});
+    let resp = client.post(&url).header("content-type", "application/cloudevents+json").body(body.to_string());
+    let (status, error) = json_error(resp.send().await.unwrap()).await;
+    assert_eq!(status, 400, "{}", &error[..error.len().min(300)]);
+    assert!(error.contains("attribute `id` is 524288 bytes"), "{}", &error[..error.len().min(300)]);
+
+    // Nor may a client tail what it may not publish: on NATS the server would stream every
+    // plugin's kv writes or every reply to it.
+    for pattern in ["$KV.>", "$SYS.>", "_INBOX.>", "$KV.plugbus_payments.balance"] {
+        let (status, error) = json_error(reqwest::get(format!("{}/v1/events/{pattern}", t.url())).await.unwrap()).await;
+        assert_eq!(status, 400, "{pattern}: {error}");
+        assert!(error.contains(pattern) && error.contains("system subject"), "{error}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -263,6 +263,18 @@ async fn reserved_headers_are_refused_and_outputs_cannot_pose_as_dead_letters() 
     let dead = faulty_dlq.next_on("plugbus.dlq.faulty").await;
     assert_eq!(dead.header(headers::ORIGINAL_SUBJECT), Some("faulty.reject"));
     assert!(dead.header(headers::ERROR).unwrap().contains("never"));
+    // ... nor as any event at all: a CloudEvents envelope as the content type would make a NATS
+    // receiver read the data (any id, source, `plugbus-*` mark) as the event
+    for forged in [
+        "content-type hostile.out.reserved application/cloudevents+json",
+        "DataContentType hostile.out.reserved Application/CloudEvents-batch+json",
+    ] {
+        let error = dead_letter_of(&t, "reserved", forged).await;
+        assert!(
+            error.contains("publish refused: Denied(") && error.contains("CloudEvents envelope"),
+            "{forged}: {error}"
+        );
+    }
     // datacontenttype (unprefixed) is the plugin's to say; source is always the host's
     let mut out = t.observe(&["hostile.out.reserved"]).await;
     t.publish("hostile.reserved", "datacontenttype").await;

@@ -849,10 +849,13 @@ impl Load {
     }
 }
 
-/// What `event` costs waiting in an overflow (and what a page read back is bounded by).
+/// What `event` costs waiting in an overflow (and what a page read back is bounded by): its
+/// bytes, and every header as a pair of strings however short (100,000 empty headers are not
+/// free).
 pub(super) fn event_cost(event: &Event) -> u64 {
     let strings = event.id.len() + event.subject.len() + event.source.len() + event.ty.len() + event.time.len();
-    OVERFLOW_ENTRY_COST + (event.data.len() + event.header_bytes() + strings) as u64
+    let headers = event.extensions.len() as u64 * crate::kv::ENTRY_COST;
+    OVERFLOW_ENTRY_COST + headers + (event.data.len() + event.header_bytes() + strings) as u64
 }
 
 struct Observer {
@@ -1559,6 +1562,16 @@ impl Transport for EmbeddedBus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 100,000 empty headers (a 1 MiB NATS header block, or a structured envelope of many keys)
+    /// hold about 8 MiB of `String` pairs: a buffer bounded in bytes must count them.
+    #[test]
+    fn an_events_cost_counts_every_header_however_short() {
+        let mut ev = Event::new("a.b", "");
+        let bare = event_cost(&ev);
+        ev.extensions = (0..100_000).map(|_| (String::new(), String::new())).collect();
+        assert!(event_cost(&ev) - bare >= 100_000 * crate::kv::ENTRY_COST, "{}", event_cost(&ev) - bare);
+    }
 
     fn spec(patterns: &[&str], capacity: usize) -> SubscriptionSpec {
         SubscriptionSpec {

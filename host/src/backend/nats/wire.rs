@@ -64,7 +64,14 @@ pub fn message_of(ev: &Event) -> (HeaderMap, Bytes) {
                 "header left out: NATS cannot carry this name or value"),
         }
     }
-    headers.insert(HeaderName::from_static(MSG_ID), ev.id.as_str());
+    // `ce-id` carries the id percent-encoded; this header carries it as it is, so an id NATS
+    // cannot carry (a line break: refused when an event is read, but one kept from before)
+    // leaves it out, never panics the publish.
+    match HeaderValue::from_str(&ev.id) {
+        Ok(id) => headers.insert(HeaderName::from_static(MSG_ID), id),
+        Err(_) => tracing::warn!(subject = %ev.subject, event_id = %crate::event::quoted(&ev.id),
+            "Nats-Msg-Id left out: NATS cannot carry this id in a header (JetStream will not deduplicate it)"),
+    }
     (headers, ev.data.clone())
 }
 
@@ -124,6 +131,15 @@ mod tests {
             assert_eq!(reply_inbox(Some(&h)), None, "{forged:?} is not an inbox");
         }
         assert_eq!(reply_inbox(None), None);
+    }
+
+    #[test]
+    fn an_id_nats_cannot_carry_as_it_is_goes_percent_encoded_and_never_panics() {
+        let mut ev = Event::new("a.b", "");
+        ev.id = "a\r\nb".into();
+        let (headers, _) = message_of(&ev);
+        assert_eq!(headers.get(MSG_ID), None);
+        assert_eq!(headers.get("ce-id").map(|v| v.as_str()), Some("a%0D%0Ab"));
     }
 
     #[test]
