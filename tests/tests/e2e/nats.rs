@@ -832,6 +832,63 @@ async fn jetstream_one_dead_letter_replayed_by_the_host_that_keeps_it_too_leaves
     .await;
 }
 
+/// The attack: anyone who may publish on `plugbus.dlq.*` forges a dead letter naming a `$KV`
+/// subject (a replay would publish there with the host's credentials), and floods the stream
+/// with messages that are no dead letters, so that every listing walks them one request each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_dead_letter_stream_is_read_within_bounds_and_never_replayed_to_a_system_subject() {
+    let server = NatsServer::start().await;
+    let a = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], plugbus_tests::fast_retries).await;
+    let mut dlq = a.observe(&["plugbus.dlq.faulty"]).await;
+    let reject = |data: &'static str| a.host.publish(plugbus::Event::new("faulty.reject", data));
+    reject("first").await.unwrap();
+    dlq.next_where(|e| e.data.as_ref() == b"first").await;
+    let js = jetstream::new(server.client().await);
+    let mut forged = async_nats::HeaderMap::new();
+    forged.insert(headers::PLUGIN, "faulty");
+    forged.insert(headers::ORIGINAL_SUBJECT, "$KV.plugbus_faulty.balance");
+    forged.insert(headers::ERROR, "forged");
+    js.publish_with_headers("plugbus.dlq.faulty", forged, "stolen".into()).await.unwrap().await.unwrap();
+    let mut acks = Vec::new();
+    for _ in 0..1_000 {
+        acks.push(js.publish("plugbus.dlq.junk", "junk".into()).await.unwrap());
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    reject("second").await.unwrap();
+    dlq.next_where(|e| e.data.as_ref() == b"second").await;
+    a.host.shutdown().await;
+
+    // Another host, with a data_dir of its own: every entry it lists comes from the stream.
+    let b = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], plugbus_tests::fast_retries).await;
+    let client = reqwest::Client::new();
+    let list = |query: &'static [(&'static str, &'static str)]| {
+        let req = client.get(format!("{}/v1/dlq", b.url())).query(query);
+        async move { req.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let data = |listed: &Value| -> Vec<String> {
+        let entries = listed["dead_letters"].as_array().unwrap();
+        entries.iter().map(|e| e["event"]["data"].as_str().unwrap_or_default().to_string()).collect()
+    };
+    // All plugins: the listing passes over at most 1,000 messages that are no dead letters, then
+    // stops; the second dead letter, past the flood, is still kept, not listed.
+    assert_eq!(data(&list(&[]).await), ["first", "stolen"]);
+    // One plugin's subject: the flood is not on it.
+    assert_eq!(data(&list(&[("plugin", "faulty")]).await), ["first", "stolen", "second"]);
+
+    let report: Value =
+        client.post(format!("{}/v1/dlq/replay?plugin=faulty", b.url())).send().await.unwrap().json().await.unwrap();
+    assert_eq!(report["replayed"].as_array().map(Vec::len), Some(2), "{report}");
+    assert_eq!(report["failed"], 1, "the forged dead letter was replayed: {report}");
+    let kv = js.get_stream("KV_plugbus_faulty").await;
+    if let Ok(mut kv) = kv {
+        assert_eq!(kv.info().await.unwrap().state.messages, 0, "the replay wrote into faulty's kv");
+    }
+    let left = data(&list(&[("plugin", "faulty")]).await);
+    assert!(left.contains(&"stolen".to_string()), "the refused dead letter was not kept: {left:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_dead_letters_are_listed_and_replayed_from_the_stream_by_any_host() {
     let server = NatsServer::start().await;

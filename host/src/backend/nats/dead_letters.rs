@@ -11,8 +11,27 @@ use async_nats::jetstream;
 pub const STREAM: &str = "PLUGBUS_DLQ";
 /// What it captures.
 const SUBJECTS: &str = "plugbus.dlq.>";
-/// The most bytes of dead letters one listing holds (as the host's own store).
+/// The most bytes of dead letters one listing reads (as the host's own store): payload,
+/// headers and [`crate::kv::ENTRY_COST`] per message and per header.
 const MAX_BYTES: usize = crate::deadletter::DEFAULT_MAX_BYTES;
+/// The most messages one listing reads and passes over (not an event, or not a dead letter of
+/// the host's: no `plugbus-plugin`, another plugin's under a plugin's subject) before it stops:
+/// anyone who may publish on `plugbus.dlq.*` could otherwise make every listing walk a million
+/// of them, one request each.
+const MAX_PASSED_OVER: usize = 1_000;
+
+/// What a message read from the stream costs a listing: its payload and headers, each header
+/// and the message charged [`crate::kv::ENTRY_COST`] on top (a million empty headers are not
+/// free).
+fn message_cost(headers: &async_nats::HeaderMap, payload: usize) -> usize {
+    let entry = crate::kv::ENTRY_COST as usize;
+    let headers: usize = headers
+        .iter()
+        .flat_map(|(name, values)| values.iter().map(move |v| AsRef::<str>::as_ref(name).len() + v.as_str().len()))
+        .map(|bytes| bytes + entry)
+        .sum();
+    entry + payload + headers
+}
 
 /// The stream, or `None` when the broker keeps none (no durable plugin ever dead-lettered
 /// here, or JetStream is off on this server or account).
@@ -48,15 +67,25 @@ pub async fn list(
 ) -> Result<Option<Vec<Entry>>, TransportError> {
     let Some(stream) = stream(js).await? else { return Ok(None) };
     let subject = plugin.map_or_else(|| SUBJECTS.to_string(), |p| format!("plugbus.dlq.{p}"));
-    let (mut out, mut bytes, mut next) = (Vec::new(), 0usize, 1u64);
+    let (mut out, mut bytes, mut next, mut passed_over) = (Vec::new(), 0usize, 1u64, 0usize);
     while out.len() < limit && bytes < MAX_BYTES {
+        if passed_over >= MAX_PASSED_OVER {
+            tracing::warn!(
+                stream = STREAM,
+                seq = next,
+                "listing dead letters stopped: {passed_over} messages read \
+                were not dead letters of this host's plugins (someone else publishes on {SUBJECTS}); later ones are \
+                still kept, not listed"
+            );
+            break;
+        }
         let msg = match stream.get_first_raw_message_by_subject(&subject, next).await {
             Ok(msg) => msg,
             Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => break,
             Err(e) => return Err(TransportError::Broker(format!("reading {STREAM} at {next}: {e}"))),
         };
         next = msg.sequence + 1;
-        bytes += msg.payload.len();
+        bytes += message_cost(&msg.headers, msg.payload.len());
         let event = match wire::event_of(&msg.subject, Some(&msg.headers), msg.payload, None) {
             Ok(event) => event,
             Err(why) => {
@@ -65,14 +94,16 @@ pub async fn list(
                     seq = msg.sequence,
                     "a message in the dead-letter stream is not an event: {why}"
                 );
+                passed_over += 1;
                 continue;
             }
         };
-        let Some(owner) = event.header(headers::PLUGIN).map(str::to_string) else { continue };
-        if plugin.is_some_and(|p| p != owner) {
-            continue;
+        match event.header(headers::PLUGIN).map(str::to_string) {
+            Some(owner) if plugin.is_none_or(|p| p == owner) => {
+                out.push(Entry { seq: msg.sequence, plugin: owner, event, record: None })
+            }
+            _ => passed_over += 1,
         }
-        out.push(Entry { seq: msg.sequence, plugin: owner, event, record: None });
     }
     Ok(Some(out))
 }
@@ -106,5 +137,21 @@ fn already_gone(e: &jetstream::stream::DeleteMessageError) -> bool {
                     && j.to_string().to_ascii_lowercase().contains("no message found"))
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_costs_its_payload_its_headers_and_an_entry_for_each() {
+        let entry = crate::kv::ENTRY_COST as usize;
+        assert_eq!(message_cost(&async_nats::HeaderMap::new(), 10), entry + 10);
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("plugbus-plugin", "p");
+        h.append("x", "12345");
+        h.append("x", "");
+        assert_eq!(message_cost(&h, 0), entry + (14 + 1 + entry) + (1 + 5 + entry) + (1 + entry));
     }
 }
