@@ -255,7 +255,9 @@ impl bus::Host for HostState {
 
 impl logging::Host for HostState {
     fn log(&mut self, level: types::LogLevel, message: String) {
-        self.log_bytes += message.len() as u64;
+        // Each line costs ENTRY_COST on top of its bytes: a million empty lines are a million
+        // host log lines, not zero bytes.
+        self.log_bytes += message.len() as u64 + ENTRY_COST;
         if self.log_bytes > self.plugin.limits.max_log_bytes {
             self.seen.truncated = true;
             return;

@@ -144,6 +144,24 @@ async fn a_chatty_plugin_is_cut_off_in_the_log_not_failed() {
     assert!(dropped >= printed - CAP, "{dropped} bytes said cut, but {printed} printed and at most {CAP} kept");
 }
 
+/// The attack: a million empty log lines, each a host log line, charged nothing when only a
+/// line's bytes counted against `max_log_bytes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_log_lines_are_charged_against_the_log_cap() {
+    const CAP: u64 = 4096;
+    let logs = Logs::capture();
+    let t = TestHost::start_with(&["hostile"], |c| {
+        c.plugins.entry("hostile".into()).or_default().limits.insert("max_log_bytes".into(), CAP.into());
+    })
+    .await;
+    let id = t.publish("hostile.emptylogs", "1000000").await;
+    t.wait_counter("hostile", "ok", 1).await;
+    let lines = logs.with_fields(&[("plugin", "hostile"), ("event_id", id.as_str())]);
+    let plugin_lines = lines.iter().filter(|l| l["target"] == "plugin").count() as u64;
+    let most = CAP / plugbus::kv::ENTRY_COST;
+    assert!(plugin_lines > 0 && plugin_lines <= most, "{plugin_lines} empty lines logged for one event, over {most}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_smaller_than_the_plugins_concurrency_is_named_at_start_and_on_reload() {
     let logs = Logs::capture();

@@ -96,6 +96,13 @@ fn attack(ev: Event) -> Result<(), HandlerError> {
             let value = words.next().unwrap_or("forged");
             publish_with_headers(subject, b"forged", &[(name, value)]).map_err(|e| refused("publish", e))?;
         }
+        // `N`: N empty log lines (a million by default): each is a host log line, whatever
+        // its length.
+        "emptylogs" => {
+            for _ in 0..arg(0, 1_000_000) {
+                plugbus_sdk::log::info("");
+            }
+        }
         // `SUBJECT`: publish a plain output there (e.g. to a plugin that fails on it).
         "forward" => publish(&text, b"from hostile").map_err(|e| refused("publish", e))?,
         "deep" => {
