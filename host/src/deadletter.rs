@@ -304,8 +304,9 @@ impl DeadLetters {
     /// A store like [`DeadLetters::new`] kept in `file` too: what it held at the last stop is
     /// back, and every change is written through.
     pub fn persistent(cap: usize, path: &std::path::Path) -> Result<Self, crate::dlq_file::DlqFileError> {
-        let (file, kept) = crate::dlq_file::DlqFile::open(path)?;
+        let (file, kept, next) = crate::dlq_file::DlqFile::open(path)?;
         let mut store = Self::with_max_bytes(cap, DEFAULT_MAX_BYTES);
+        store.next.fetch_max(next, Ordering::Relaxed);
         {
             let mut k = store.kept.lock().expect("dlq poisoned");
             for (seq, plugin, event, record) in kept {

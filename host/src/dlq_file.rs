@@ -32,8 +32,11 @@ pub struct DlqFile {
 }
 
 impl DlqFile {
-    /// Opens (or creates) the file; returns it with what it keeps, oldest first.
-    pub fn open(path: &Path) -> Result<(Self, Vec<KeptLetter>), DlqFileError> {
+    /// Opens (or creates) the file; returns it with what it keeps that reads back, oldest
+    /// first, and the sequence number after every entry it holds. An entry that does not read
+    /// back (damaged, or written by a newer release) is logged, naming it, and left in the file
+    /// untouched: it stops neither the start nor the others, and its number is never reused.
+    pub fn open(path: &Path) -> Result<(Self, Vec<KeptLetter>, u64), DlqFileError> {
         let err = |why: String| DlqFileError { path: path.to_path_buf(), why };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
@@ -55,15 +58,22 @@ impl DlqFile {
         w.open_table(KEPT).map_err(|e| err(e.to_string()))?;
         w.open_table(RECORDS).map_err(|e| err(e.to_string()))?;
         w.commit().map_err(|e| err(e.to_string()))?;
-        let mut kept = Vec::new();
+        let (mut kept, mut next) = (Vec::new(), 0);
         {
             let r = db.begin_read().map_err(|e| err(e.to_string()))?;
             let table = r.open_table(KEPT).map_err(|e| err(e.to_string()))?;
             let records = r.open_table(RECORDS).map_err(|e| err(e.to_string()))?;
             for row in table.iter().map_err(|e| err(e.to_string()))? {
                 let (seq, stored) = row.map_err(|e| err(e.to_string()))?;
-                let (plugin, event) =
-                    split(stored.value()).map_err(|why| err(format!("entry {}: {why}", seq.value())))?;
+                next = next.max(seq.value() + 1);
+                let (plugin, event) = match split(stored.value()) {
+                    Ok(read) => read,
+                    Err(why) => {
+                        tracing::error!(path = %path.display(), seq = seq.value(),
+                            "a kept dead letter does not read back: left in the file, not listed or replayed: {why}");
+                        continue;
+                    }
+                };
                 // A record that does not read back is dropped (the dead letter itself is kept).
                 let record = match records.get(seq.value()).map_err(|e| err(e.to_string()))? {
                     Some(r) => match serde_json::from_slice(r.value()) {
@@ -79,7 +89,7 @@ impl DlqFile {
                 kept.push((seq.value(), plugin, event, record));
             }
         }
-        Ok((Self { db, path: path.to_path_buf() }, kept))
+        Ok((Self { db, path: path.to_path_buf() }, kept, next))
     }
 
     /// Keeps one dead letter under `seq`, with what its failed attempt saw.
@@ -139,4 +149,42 @@ fn split(stored: &[u8]) -> Result<(String, Event), String> {
     let plugin = stored.get(4..4 + n).ok_or("too short for its plugin name")?;
     let plugin = String::from_utf8(plugin.to_vec()).map_err(|e| e.to_string())?;
     Ok((plugin, decode(&stored[4 + n..])?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deadletter::DeadLetters;
+
+    /// One damaged entry (or one a newer release wrote) used to stop the host at start.
+    #[test]
+    fn an_entry_that_does_not_read_back_is_skipped_kept_and_its_number_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dlq.redb");
+        let seqs: Vec<u64> = {
+            let s = DeadLetters::persistent(100, &path).unwrap();
+            for i in 0..3 {
+                s.push("p", Event::new(format!("x.{i}"), ""));
+            }
+            s.list(None).into_iter().map(|e| e.seq).collect()
+        };
+        let damaged = seqs[2];
+        {
+            let db = Database::create(&path).unwrap();
+            let w = db.begin_write().unwrap();
+            w.open_table(KEPT).unwrap().insert(damaged, b"\x07\0\0\0garbage".as_slice()).unwrap();
+            w.commit().unwrap();
+        }
+        let s = DeadLetters::persistent(100, &path).unwrap();
+        let kept: Vec<String> = s.list(None).into_iter().map(|e| e.event.subject).collect();
+        assert_eq!(kept, ["x.0", "x.1"], "the others are kept");
+        s.push("p", Event::new("x.3", ""));
+        let newest = s.list(None).into_iter().map(|e| e.seq).max().unwrap();
+        assert!(newest > damaged, "the damaged entry's number {damaged} was given again ({newest})");
+        drop(s);
+        let db = Database::create(&path).unwrap();
+        let r = db.begin_read().unwrap();
+        let row = r.open_table(KEPT).unwrap().get(damaged).unwrap().map(|v| v.value().to_vec());
+        assert_eq!(row.as_deref(), Some(b"\x07\0\0\0garbage".as_slice()), "the damaged entry left the file");
+    }
 }
