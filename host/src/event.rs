@@ -69,7 +69,21 @@ impl Event {
     pub fn header_bytes(&self) -> usize {
         self.extensions.iter().map(|(k, v)| k.len() + v.len()).sum()
     }
+
+    /// What the event costs held in a buffer bounded in bytes (a plugin's overflow on the
+    /// embedded bus, a page read back from its log, a NATS feed's budget): its data, strings
+    /// and headers, each header [`crate::kv::ENTRY_COST`] more (100,000 empty headers are not
+    /// free), and [`BUFFERED_ENTRY_COST`] for the event itself (nor are a million empty events).
+    pub fn buffered_cost(&self) -> u64 {
+        let strings = self.id.len() + self.subject.len() + self.source.len() + self.ty.len() + self.time.len();
+        let headers = self.extensions.len() as u64 * crate::kv::ENTRY_COST;
+        BUFFERED_ENTRY_COST + headers + (self.data.len() + self.header_bytes() + strings) as u64
+    }
 }
+
+/// What an event held in a buffer is charged on top of its data and headers (the event record,
+/// its id strings, the queue slot).
+pub const BUFFERED_ENTRY_COST: u64 = 512;
 
 /// A fresh UUID v7 (time-ordered to the millisecond). The 74 random bits come from `fastrand`
 /// (a per-thread generator seeded once) rather than the OS: `Uuid::now_v7` made one

@@ -26,10 +26,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// What an event waiting in an overflow is charged on top of its data and headers (the event
-/// record, its id strings, the queue slot): a million empty events are not free.
-const OVERFLOW_ENTRY_COST: u64 = 512;
-
 struct Sub {
     id: u64,
     plugin: Arc<str>,
@@ -568,7 +564,7 @@ impl Overflow {
         };
         state.remove(publisher.as_ref(), cost);
         slot.send(self.delivery(first, first_logged));
-        let cost = event_cost(event);
+        let cost = event.buffered_cost();
         state.add(None, cost);
         state.events.push_back((event.clone(), cost, logged, None));
         if state.bytes <= self.budget {
@@ -833,7 +829,7 @@ impl Load {
             loaded += page.len();
             let mut state = overflow.state.lock().expect("overflow poisoned");
             for u in page {
-                let cost = event_cost(&u.event);
+                let cost = u.event.buffered_cost();
                 overflow.take(&mut state, &tx, &u.event, Publisher::Other, cost, Logged(Some(u.seq)));
             }
             if let Some(c) = state.intake.catching_up.as_mut() {
@@ -847,15 +843,6 @@ impl Load {
             tracing::info!(plugin = %plugin, events = loaded, "delivered again from the event log");
         }
     }
-}
-
-/// What `event` costs waiting in an overflow (and what a page read back is bounded by): its
-/// bytes, and every header as a pair of strings however short (100,000 empty headers are not
-/// free).
-pub(super) fn event_cost(event: &Event) -> u64 {
-    let strings = event.id.len() + event.subject.len() + event.source.len() + event.ty.len() + event.time.len();
-    let headers = event.extensions.len() as u64 * crate::kv::ENTRY_COST;
-    OVERFLOW_ENTRY_COST + headers + (event.data.len() + event.header_bytes() + strings) as u64
 }
 
 struct Observer {
@@ -1010,14 +997,14 @@ impl EmbeddedBus {
             // waiting there.
             let mut state = sub.overflow.state.lock().expect("overflow poisoned");
             if !Overflow::goes_live(&mut state, logged) {
-                Overflow::left_in_log(&mut state, &sub.tx, logged, event_cost(&event), None);
+                Overflow::left_in_log(&mut state, &sub.tx, logged, event.buffered_cost(), None);
                 continue;
             }
             match slot {
                 Slot::Reserved(slot) => sub.overflow.send_behind(&mut state, slot, &event, logged),
                 // It caught up meanwhile: taken without waiting (one event past its buffer at
                 // most, as for producers that looked at once).
-                _ => sub.overflow.take(&mut state, &sub.tx, &event, Publisher::Other, event_cost(&event), logged),
+                _ => sub.overflow.take(&mut state, &sub.tx, &event, Publisher::Other, event.buffered_cost(), logged),
             }
         }
         refused.map_or(Ok(()), |e| Err(TransportError::Broker(e.to_string())))
@@ -1100,7 +1087,7 @@ impl EmbeddedBus {
     /// logged without waiting for the commit; otherwise it is deduplicated.
     async fn deliver_output(&self, event: Arc<Event>, first_time_output: bool) -> Result<(), TransportError> {
         let (targets, seen) = self.targets(&event);
-        let cost = event_cost(&event);
+        let cost = event.buffered_cost();
         // A handler's output or a dead letter: its `source` is the host's (`plugbus/<plugin>`).
         let publisher = Publisher::Plugin(&event.source);
         // All or none: every target's room is checked before the event is logged or queued,
@@ -1362,7 +1349,7 @@ impl Transport for EmbeddedBus {
         // together in an outbox under this key (see `log::REQUEST_KEYS`).
         let outbox_key = Logged(self.log.as_ref().map(|log| log.request_key()));
         let event = Arc::new(event);
-        let cost = event_cost(&event);
+        let cost = event.buffered_cost();
         // A producer's request carries the client's `source`: it gets no share of its own.
         let publisher = if producer { Publisher::Other } else { Publisher::Plugin(&event.source) };
         // Each plugin with room takes it; refused only when none can. (Outputs go to all or
@@ -1568,9 +1555,9 @@ mod tests {
     #[test]
     fn an_events_cost_counts_every_header_however_short() {
         let mut ev = Event::new("a.b", "");
-        let bare = event_cost(&ev);
+        let bare = ev.buffered_cost();
         ev.extensions = (0..100_000).map(|_| (String::new(), String::new())).collect();
-        assert!(event_cost(&ev) - bare >= 100_000 * crate::kv::ENTRY_COST, "{}", event_cost(&ev) - bare);
+        assert!(ev.buffered_cost() - bare >= 100_000 * crate::kv::ENTRY_COST, "{}", ev.buffered_cost() - bare);
     }
 
     fn spec(patterns: &[&str], capacity: usize) -> SubscriptionSpec {

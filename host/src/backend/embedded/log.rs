@@ -1007,8 +1007,8 @@ impl DurableLog {
                             continue;
                         }
                     };
-                    bytes += super::bus::event_cost(&event);
-                    bytes += handled.iter().flatten().map(|o| super::bus::event_cost(o)).sum::<u64>();
+                    bytes += event.buffered_cost();
+                    bytes += handled.iter().flatten().map(|o| o.buffered_cost()).sum::<u64>();
                     out.push(Unsettled { seq, event: Arc::new(event), handled });
                 }
                 Ok(None) => {}

@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 
 /// Messages taken from JetStream and not yet settled, with when they arrived.
 #[derive(Default)]
@@ -141,7 +140,7 @@ pub async fn pump(
     js: jetstream::Context,
     spec: ConsumerSpec,
     mut consumer: PullConsumer,
-    tx: mpsc::Sender<Delivery>,
+    intake: super::budget::Intake,
     held: Arc<Held>,
     batch: usize,
     filter: super::Filter,
@@ -178,7 +177,7 @@ pub async fn pump(
                 }
                 Ok(msg) => {
                     let delivery = delivery_of(msg, &held, &plugin);
-                    if tx.send(delivery).await.is_err() {
+                    if !intake.send(delivery).await {
                         return;
                     }
                 }

@@ -9,6 +9,7 @@
 //!   `Nats-Msg-Id` = the event id, so a redelivered input does not duplicate its outputs.
 //! - Messages are CloudEvents in the NATS binding ([`wire`]).
 
+mod budget;
 mod consumer;
 pub mod dead_letters;
 pub mod kv;
@@ -18,7 +19,7 @@ mod wire;
 
 use crate::event::Event;
 use crate::subject::{PatternSet, validate_subject, without_covered};
-use crate::transport::{Delivery, Subscription, SubscriptionSpec, Transport, TransportError};
+use crate::transport::{Subscription, SubscriptionSpec, Transport, TransportError};
 use async_nats::jetstream;
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -153,7 +154,7 @@ impl Filter {
 
 /// What feeds one plugin's queue now.
 struct Feed {
-    tx: mpsc::Sender<Delivery>,
+    intake: budget::Intake,
     filter: Filter,
     /// Core pattern → its queue subscription.
     core: HashMap<String, Task>,
@@ -380,7 +381,7 @@ impl NatsTransport {
                                 self.js.clone(),
                                 cspec,
                                 c,
-                                feed.tx.clone(),
+                                feed.intake.clone(),
                                 self.held.clone(),
                                 spec.capacity,
                                 feed.filter.clone(),
@@ -403,7 +404,7 @@ impl NatsTransport {
                     })?;
                     feed.core.insert(
                         p.clone(),
-                        Task(tokio::spawn(queue_group::pump(sub, feed.tx.clone(), feed.filter.clone()))),
+                        Task(tokio::spawn(queue_group::pump(sub, feed.intake.clone(), feed.filter.clone()))),
                     );
                 }
                 feed.core.retain(|p, _| patterns.contains(p));
@@ -587,7 +588,8 @@ impl Transport for NatsTransport {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let plugin: Arc<str> = spec.plugin.as_str().into();
         let filter = Filter { plugin, patterns: Default::default() };
-        let mut feed = Feed { tx: tx.clone(), filter, core: HashMap::new(), durable: HashMap::new() };
+        let intake = budget::Intake { tx: tx.clone(), budget: budget::Budget::new(spec.buffer_bytes) };
+        let mut feed = Feed { intake, filter, core: HashMap::new(), durable: HashMap::new() };
         self.apply(&mut feed, &spec).await?;
         self.feeds.lock().await.insert(id, feed);
         Ok(Subscription::new(id, &tx, rx, Unsubscribe { feeds: self.feeds.clone(), id }))
