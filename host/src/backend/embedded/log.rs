@@ -870,12 +870,8 @@ impl DurableLog {
         let kv = r.open_table(KV).map_err(|e| unavailable(&e))?;
         let stored = kv.get(kv_key(ns, key).as_str()).map_err(|e| unavailable(&e))?;
         Ok(stored.map(|v| {
-            let v = v.value();
-            let (version, value) = v.split_at(8.min(v.len()));
-            crate::kv::Versioned {
-                version: u64::from_le_bytes(version.try_into().unwrap_or([0; 8])),
-                value: value.to_vec(),
-            }
+            let (version, value) = stored_kv(v.value());
+            crate::kv::Versioned { version, value: value.to_vec() }
         }))
     }
 
@@ -1743,7 +1739,7 @@ impl Writer {
                                 let now = kv
                                     .get(kv_key(&ns, key).as_str())
                                     .map_err(|e| e.to_string())?
-                                    .map_or(0, |v| u64::from_le_bytes(v.value()[..8].try_into().unwrap_or([0; 8])));
+                                    .map_or(0, |v| stored_kv(v.value()).0);
                                 if now != *seen {
                                     conflict = Some(key.clone());
                                     break;
@@ -1991,6 +1987,17 @@ fn dedupe_key(event: &Event) -> String {
     match event.header("plugbus-caused-by") {
         Some(input) => format!("{input}\u{0}{}\u{0}{}", event.source, event.id),
         None => format!("{}\u{0}{}", event.source, event.id),
+    }
+}
+
+/// A kv value as the log stores it: its version (8 bytes, little-endian), then the value. One
+/// shorter than 8 bytes (damaged) reads as version 0 with what it holds as the value: the one
+/// read of it, so neither a read nor the writer's conflict check can panic on it (the writer's
+/// thread ending would stop every append).
+fn stored_kv(stored: &[u8]) -> (u64, &[u8]) {
+    match stored.split_first_chunk::<8>() {
+        Some((version, value)) => (u64::from_le_bytes(*version), value),
+        None => (0, stored),
     }
 }
 
@@ -2350,6 +2357,30 @@ pub(crate) mod tests {
         let mut t = crate::kv::Txn::with_quota(165);
         t.set("z", Vec::new());
         assert!(matches!(kv.commit("r", &t).await, Err(crate::kv::KvError::Quota { holds: 165, .. })));
+    }
+
+    /// A damaged kv value (shorter than its version) used to panic the writer's thread in the
+    /// conflict check of a transaction that read it: every append after it failed.
+    #[tokio::test]
+    async fn a_damaged_kv_value_is_a_conflict_at_most_and_never_stops_the_writer() {
+        use crate::kv::KvStore;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        write_raw(&path, |w| {
+            w.open_table(KV).unwrap().insert("p\u{0}k", b"abc".as_slice()).unwrap();
+        })
+        .await;
+        let log = DurableLog::open(&path, SyncPolicy::Always).unwrap();
+        let kv = crate::backend::embedded::kv::LogKv::new(log.clone());
+        let read = kv.get("p", "k").await.unwrap().unwrap();
+        assert_eq!((read.version, read.value.as_slice()), (0, b"abc".as_slice()));
+        let mut txn = crate::kv::Txn::default();
+        txn.reads.insert("k".into(), read.version);
+        txn.set("k", b"new".to_vec());
+        kv.commit("p", &txn).await.unwrap();
+        assert_eq!(kv.get("p", "k").await.unwrap().unwrap().value, b"new");
+        let seq = log.append(Arc::new(Event::new("a.b", "")), vec![Arc::from("p")], false).await;
+        assert!(seq.is_ok(), "the writer stopped: {seq:?}");
     }
 
     #[tokio::test]
