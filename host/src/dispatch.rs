@@ -503,6 +503,7 @@ async fn run_attempt(
     circuit_open: &mut Option<std::time::Duration>,
 ) -> Result<Ran, DeliveryError> {
     let mut reruns = 0;
+    let started = std::time::Instant::now();
     loop {
         let run = {
             // The permit bounds handlers running in the sandbox; committing kv and waiting for
@@ -559,6 +560,25 @@ async fn run_attempt(
                     reply
                 });
                 return Ok(Ran::Done(outputs, reply));
+            }
+            // Re-run in place only what stays inside the sandbox and the attempt's deadline:
+            // each run gets fresh per-attempt limits, so a handler whose calls leave it (HTTP,
+            // requests) would make them again, up to MAX_KV_CONFLICT_RERUNS times per attempt.
+            Err(KvError::Conflict(key)) if run.calls_out > 0 => {
+                return Err(DeliveryError::Kv(format!(
+                    "key {} it read changed before its writes committed, and it made {} outbound calls or \
+                     requests: not run again within the attempt (they would be made again)",
+                    crate::event::quoted(&key),
+                    run.calls_out
+                )));
+            }
+            Err(KvError::Conflict(key)) if started.elapsed() > plugin.limits().deadline => {
+                return Err(DeliveryError::Kv(format!(
+                    "key {} it read changed before its writes committed, again and again for longer than its \
+                     deadline ({} runs)",
+                    crate::event::quoted(&key),
+                    reruns + 1
+                )));
             }
             Err(KvError::Conflict(key)) if reruns < MAX_KV_CONFLICT_RERUNS => {
                 reruns += 1;

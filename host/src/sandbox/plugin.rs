@@ -83,6 +83,10 @@ pub struct Attempt {
     /// The longest `retry_after` of the calls an open circuit breaker refused during the
     /// attempt (`None`: no call was refused for an open circuit).
     pub circuit_open: Option<Duration>,
+    /// Calls it made that leave the sandbox outside its kv transaction: outbound HTTP calls
+    /// and requests. An attempt that made any is not re-run in place after a kv conflict (each
+    /// run would make them again, under fresh per-attempt limits).
+    pub calls_out: u32,
 }
 
 /// A validated, pre-linked plugin, ready to run events.
@@ -298,6 +302,7 @@ impl Plugin {
                     seen: None,
                     reply: None,
                     circuit_open: None,
+                    calls_out: 0,
                 }
             }
         }
@@ -384,7 +389,9 @@ impl Plugin {
         self.forward_stdio(&mut state);
         let ok = result.is_ok();
         let seen = (!ok || world.is_some()).then(|| Box::new(std::mem::take(&mut state.seen)));
+        let calls_out = state.calls_out();
         Attempt {
+            calls_out,
             result,
             outputs: if ok { state.outputs } else { Vec::new() },
             txn: if ok { state.txn } else { Txn::default() },
@@ -422,6 +429,7 @@ impl Plugin {
                             seen: Some(Box::new(std::mem::take(&mut store.data_mut().seen))),
                             reply: None,
                             circuit_open: None,
+                            calls_out: 0,
                         };
                     }
                 }
@@ -446,11 +454,12 @@ impl Plugin {
         let seen = std::mem::take(&mut state.seen);
         let seen = (!ok).then(|| Box::new(seen));
         let circuit_open = state.outbound.circuit_open.take();
+        let calls_out = state.calls_out();
         warm.uses += 1;
         if !trapped && warm.uses < self.ctx.limits.recycle_after {
             self.warm.lock().expect("warm pool poisoned").push(warm);
         }
-        Attempt { result, outputs, txn, elapsed: started.elapsed(), seen, reply, circuit_open }
+        Attempt { result, outputs, txn, elapsed: started.elapsed(), seen, reply, circuit_open, calls_out }
     }
 
     fn outcome(

@@ -167,6 +167,11 @@ impl HostState {
         self.requests = 0;
     }
 
+    /// Outbound HTTP calls and requests the attempt made (see `Attempt::calls_out`).
+    pub(super) fn calls_out(&self) -> u32 {
+        self.outbound.calls.saturating_add(self.requests)
+    }
+
     fn refuse(&mut self, err: types::PublishError) -> Result<(), types::PublishError> {
         let why = match &err {
             types::PublishError::Denied(m) | types::PublishError::Limit(m) | types::PublishError::Invalid(m) => m,

@@ -232,6 +232,28 @@ async fn a_call_never_outlasts_the_event_deadline() {
     assert_eq!(server.seen("/slow").len(), 3);
 }
 
+/// The attack: an attempt's kv commit conflicts, and a re-run in place would make its calls
+/// again under fresh per-attempt limits (100 re-runs: 100 times `max_outbound_requests`). An
+/// attempt that called out is not re-run in place: it fails as a kv conflict and is retried
+/// as the next attempt, which the plugin's attempts bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_that_called_out_is_not_run_again_in_place_after_a_kv_conflict() {
+    let server = Server::start().await;
+    let t = host(vec!["http://127.0.0.1:*".into()], &[]).await;
+    let mut seen = t.observe(&["caller.out.>", "plugbus.dlq.caller"]).await;
+    // The slow one reads `n`, waits 300 ms on `/gate`, writes `n`; the fast one writes `n`
+    // meanwhile, so the slow one's first commit conflicts.
+    let slow = t.publish("caller.go", json!({ "url": server.url("/gate"), "bump": "n" }).to_string()).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    t.publish("caller.go", json!({ "url": server.url("/ok"), "bump": "n" }).to_string()).await;
+    let out = seen.next_where(|e| e.header("plugbus-caused-by") == Some(slow.as_str())).await;
+    assert_eq!(out.subject, "caller.out.ok", "{out:?}");
+    let body: Value = serde_json::from_slice(&out.data).unwrap();
+    assert_eq!(body["attempt"], 2, "the conflicting attempt was run again in place: {body}");
+    assert_eq!(server.seen("/gate").len(), 2, "one call per attempt");
+    assert_eq!(t.counter("caller", "retried"), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_cannot_choose_its_idempotency_key() {
     let server = Server::start().await;

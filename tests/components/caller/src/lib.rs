@@ -10,7 +10,7 @@
 //! far as the host lets them and never sent, and one header map given H bytes of headers (1 KiB
 //! values); what the host took is published to `caller.out.staged` (`{bodies, body_bytes}`).
 
-use plugbus_sdk::{Event, HandlerError, handler, http, publish_json};
+use plugbus_sdk::{Event, HandlerError, handler, http, kv, publish_json};
 use serde_json::{Value, json};
 
 #[handler(
@@ -27,6 +27,13 @@ fn call(ev: Event) -> Result<(), HandlerError> {
     let method = spec["method"].as_str().unwrap_or("GET");
     let body = spec["body"].as_str().unwrap_or_default().as_bytes().to_vec();
     let calls = spec["calls"].as_u64().unwrap_or(1);
+    // `bump`: the kv key it reads before its calls and writes (one more) after them, so
+    // another event writing it meanwhile makes this attempt's commit conflict.
+    let bump = spec["bump"].as_str();
+    let before: u64 = match bump {
+        Some(key) => kv::get(key)?.and_then(|v| String::from_utf8(v).ok()?.parse().ok()).unwrap_or(0),
+        None => 0,
+    };
     for index in 0..calls {
         let mut req = http::Request { body: body.clone(), ..http::Request::new(method, url) };
         if let Some(key) = spec["key"].as_str() {
@@ -47,6 +54,9 @@ fn call(ev: Event) -> Result<(), HandlerError> {
                 &json!({ "error": e.to_string(), "kind": format!("{e:?}"), "attempt": ev.attempt(), "index": index }),
             )?,
         }
+    }
+    if let Some(key) = bump {
+        kv::set(key, (before + 1).to_string())?;
     }
     if u64::from(ev.attempt()) < spec["fail_before"].as_u64().unwrap_or(0) {
         return Err(HandlerError::retry("asked to fail this attempt"));
