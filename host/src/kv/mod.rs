@@ -141,6 +141,19 @@ impl Txn {
         self.writes.is_empty()
     }
 
+    /// For a transaction that wrote nothing: whether every key it read is still as it read
+    /// it (a conflict names the first that changed). Each key's version only moves forward, and
+    /// every check comes after every read, so all of them held at once at some instant: the
+    /// reads were one snapshot, as a commit's would be.
+    pub async fn check_reads(&self, store: &dyn KvStore, ns: &str) -> Result<(), KvError> {
+        for (key, seen) in &self.reads {
+            if store.read(ns, key).await?.1 != *seen {
+                return Err(KvError::Conflict(key.clone()));
+            }
+        }
+        Ok(())
+    }
+
     /// The bytes this transaction holds: keys and values written, keys read, each plus
     /// [`ENTRY_COST`].
     pub fn held_bytes(&self) -> u64 {
@@ -318,6 +331,33 @@ impl KvStore for RedbKv {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// The attack on a read-only handler: it reads `a`, another event moves 1 from `a` to
+    /// `b`, it reads `b` and publishes the sum, one too many. With no writes it used to commit
+    /// nothing and so check nothing.
+    #[tokio::test]
+    async fn a_transaction_that_only_read_is_checked_too() {
+        let kv = MemoryKv::new();
+        let mut seed = Txn::default();
+        seed.set("a", b"5".to_vec());
+        seed.set("b", b"5".to_vec());
+        kv.commit("p", &seed).await.unwrap();
+        let mut reader = Txn::default();
+        reader.get(&kv, "p", "a").await.unwrap();
+        let mut mover = Txn::default();
+        mover.get(&kv, "p", "a").await.unwrap();
+        mover.set("a", b"4".to_vec());
+        mover.set("b", b"6".to_vec());
+        kv.commit("p", &mover).await.unwrap();
+        reader.get(&kv, "p", "b").await.unwrap();
+        assert!(reader.is_empty(), "it wrote nothing");
+        assert_eq!(reader.check_reads(&kv, "p").await, Err(KvError::Conflict("a".into())));
+        let mut again = Txn::default();
+        again.get(&kv, "p", "a").await.unwrap();
+        again.get(&kv, "p", "b").await.unwrap();
+        again.get(&kv, "p", "absent").await.unwrap();
+        assert_eq!(again.check_reads(&kv, "p").await, Ok(()));
+    }
 
     /// A namespace's quota on `kv` (empty): a commit past it fails whole; a rewrite counts its
     /// new size only; namespaces count apart; over a lowered quota, growing fails and shrinking

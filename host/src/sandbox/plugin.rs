@@ -246,7 +246,8 @@ impl Plugin {
     /// store can keep it.
     pub async fn commit_settling(&self, txn: &Txn, outbox: Option<crate::kv::Outbox>) -> Result<(), KvError> {
         if txn.is_empty() {
-            return Ok(());
+            // Nothing to write, but what it read must still be current (see `check_reads`).
+            return txn.check_reads(&*self.ctx.kv, &self.ctx.name).await;
         }
         self.ctx.kv.commit_settling(&self.ctx.name, txn, outbox).await
     }

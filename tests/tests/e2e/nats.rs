@@ -579,6 +579,13 @@ async fn jetstream_a_dead_letter_is_kept_in_the_plugbus_dlq_stream_and_its_input
     // the dead letter is kept in the PLUGBUS_DLQ stream, with the input's data and the headers
     let js = jetstream::new(client.clone());
     let mut stream = js.get_stream("PLUGBUS_DLQ").await.expect("the host made the PLUGBUS_DLQ stream");
+    // The observer's copy can come before the stream has stored it (the host waits for the
+    // stream's ack, the observer does not).
+    plugbus_tests::eventually_async("the stream keeps the dead letter", Duration::from_secs(10), || {
+        let mut stream = stream.clone();
+        async move { stream.info().await.unwrap().state.messages >= 1 }
+    })
+    .await;
     let info = stream.info().await.unwrap().clone();
     assert_eq!(info.config.subjects, vec!["plugbus.dlq.>".to_string()]);
     assert_eq!(info.state.messages, 1);
