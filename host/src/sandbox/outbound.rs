@@ -204,6 +204,13 @@ pub fn non_public(ip: IpAddr) -> Option<&'static str> {
                 Some("private")
             } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
                 Some("shared (CGNAT)")
+            } else if o[..3] == [192, 0, 0] {
+                // IETF protocol assignments, among them 192.0.0.192 (a cloud's metadata address).
+                Some("reserved for protocol assignments")
+            } else if o[0] == 198 && (o[1] & 0xfe) == 18 {
+                Some("reserved for benchmarking")
+            } else if matches!(o[..3], [192, 0, 2] | [198, 51, 100] | [203, 0, 113]) {
+                Some("documentation")
             } else if v4.is_unspecified() || o[0] == 0 {
                 Some("unspecified")
             } else if v4.is_broadcast() || v4.is_multicast() || o[0] >= 240 {
@@ -225,6 +232,12 @@ pub fn non_public(ip: IpAddr) -> Option<&'static str> {
                 Some("link-local")
             } else if (s[0] & 0xfe00) == 0xfc00 {
                 Some("private (unique local)")
+            } else if (s[0] & 0xffc0) == 0xfec0 {
+                Some("site-local")
+            } else if s[..6] == [0, 0, 0, 0, 0xffff, 0] {
+                // IPv4-translated (`::ffff:0:a.b.c.d`): the embedded one.
+                let v4 = std::net::Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+                non_public(IpAddr::V4(v4))
             } else if v6.is_multicast() {
                 Some("multicast")
             } else if s[..6] == [0; 6] {
@@ -237,6 +250,8 @@ pub fn non_public(ip: IpAddr) -> Option<&'static str> {
                 non_public(IpAddr::V4(v4))
             } else if s[0] == 0x2001 && s[1] == 0x0db8 {
                 Some("documentation")
+            } else if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
+                Some("local-use NAT64")
             } else if s[0] == 0x64 && s[1] == 0xff9b {
                 // NAT64 of an IPv4 address: judge the embedded one.
                 let v4 = std::net::Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
@@ -629,10 +644,20 @@ mod tests {
             "2002:7f00:1::1",
             "2002:a9fe:a9fe::",
             "2001:db8::1",
+            "192.0.0.192",
+            "192.0.0.9",
+            "198.18.0.1",
+            "198.19.255.255",
+            "192.0.2.1",
+            "203.0.113.7",
+            "fec0::1",
+            "::ffff:0:127.0.0.1",
+            "::ffff:0:a9fe:a9fe",
+            "64:ff9b:1::a9fe:a9fe",
         ] {
             assert!(non_public(ip.parse().unwrap()).is_some(), "{ip}");
         }
-        for ip in ["93.184.216.34", "2606:4700::1111", "8.8.8.8", "2002:5db8:d822::1"] {
+        for ip in ["93.184.216.34", "2606:4700::1111", "8.8.8.8", "2002:5db8:d822::1", "198.20.0.1", "192.0.1.1"] {
             assert!(non_public(ip.parse().unwrap()).is_none(), "{ip}");
         }
     }

@@ -194,7 +194,11 @@ impl KvStore for JetStreamKv {
                 (None, Some(seen)) if *seen > 0 => {
                     store.delete_expect_revision(&k, Some(*seen)).await.map_err(|_| KvError::Conflict(key.clone()))?;
                 }
-                (None, _) => store.delete(&k).await.map_err(|e| conflict(&e))?,
+                // Read as absent (just checked above): nothing to delete. Deleting anyway would
+                // erase a key another host created since the check; left alone, this
+                // transaction comes before that creation.
+                (None, Some(_)) => {}
+                (None, None) => store.delete(&k).await.map_err(|e| conflict(&e))?,
             }
         }
         Ok(())
