@@ -503,7 +503,8 @@ async fn run_attempt(
     circuit_open: &mut Option<std::time::Duration>,
 ) -> Result<Ran, DeliveryError> {
     let mut reruns = 0;
-    let started = std::time::Instant::now();
+    // The handler's time over the runs of this attempt (no clock read of its own).
+    let mut spent = std::time::Duration::ZERO;
     loop {
         let run = {
             // The permit bounds handlers running in the sandbox; committing kv and waiting for
@@ -517,6 +518,7 @@ async fn run_attempt(
             rt.stats.add(|c| &c.attempts, 1);
             plugin.handle(ev, attempt).await
         };
+        spent += run.elapsed;
         rt.metrics.handler_seconds.observe(run.elapsed.as_secs_f64());
         rt.stats.window.time(run.elapsed);
         if let Err(failure) = run.result {
@@ -572,7 +574,7 @@ async fn run_attempt(
                     run.calls_out
                 )));
             }
-            Err(KvError::Conflict(key)) if started.elapsed() > plugin.limits().deadline => {
+            Err(KvError::Conflict(key)) if spent > plugin.limits().deadline => {
                 return Err(DeliveryError::Kv(format!(
                     "key {} it read changed before its writes committed, again and again for longer than its \
                      deadline ({} runs)",
