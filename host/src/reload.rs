@@ -28,6 +28,11 @@ use tokio::sync::mpsc;
 
 /// Quiet time after the last file event before a change is acted on.
 const DEBOUNCE: Duration = Duration::from_millis(75);
+
+/// The longest changes are gathered before they are applied: a file written to without pause
+/// (a log someone points at the folder, a copy that never ends) must not hold back every other
+/// plugin's reload or removal.
+const MAX_GATHER: Duration = Duration::from_secs(1);
 /// How long an invalid file may keep changing (being written) before it is reported.
 const SETTLE: Duration = Duration::from_secs(2);
 
@@ -240,7 +245,9 @@ pub fn watch(reloader: Arc<Reloader>) -> anyhow::Result<WatchGuard> {
             let changed_at = Instant::now();
             let mut paths = BTreeSet::from([first]);
             // Debounce: gather everything that changes together (a copy, a rename pair).
-            while let Ok(Some(p)) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+            while changed_at.elapsed() < MAX_GATHER
+                && let Ok(Some(p)) = tokio::time::timeout(DEBOUNCE, rx.recv()).await
+            {
                 paths.insert(p);
             }
             // Present files first, then the gone ones (a rename is the new name's plugin added,

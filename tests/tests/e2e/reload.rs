@@ -95,6 +95,33 @@ async fn a_swap_that_adds_order_by_orders_the_next_events_by_key() {
     );
 }
 
+/// The attack: a `.wasm` file written to without pause. Changes are gathered until the folder
+/// is quiet for a moment, and it never was: every other plugin's reload waited forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_written_to_without_pause_holds_back_no_other_plugins_reload() {
+    let t = TestHost::start(&["echo"]).await;
+    let dir = t.dir.path().to_path_buf();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (path, stop) = (dir.join("noisy.wasm"), stop.clone());
+        tokio::spawn(async move {
+            let mut f = std::fs::File::create(&path).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                f.write_all(b"not wasm yet").unwrap();
+                f.flush().unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::fs::copy(wasm("echo2"), dir.join("echo.tmp")).unwrap();
+    std::fs::rename(dir.join("echo.tmp"), dir.join("echo.wasm")).unwrap();
+    let router = t.host.router().clone();
+    eventually("v2 serves while another file is still being written", || router.plugins()[0].version == "2.0.0").await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_written_in_chunks_is_waited_for_then_served() {
     let t = TestHost::start(&["echo"]).await;
