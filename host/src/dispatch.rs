@@ -503,8 +503,6 @@ async fn run_attempt(
     circuit_open: &mut Option<std::time::Duration>,
 ) -> Result<Ran, DeliveryError> {
     let mut reruns = 0;
-    // The handler's time over the runs of this attempt (no clock read of its own).
-    let mut spent = std::time::Duration::ZERO;
     loop {
         let run = {
             // The permit bounds handlers running in the sandbox; committing kv and waiting for
@@ -518,7 +516,6 @@ async fn run_attempt(
             rt.stats.add(|c| &c.attempts, 1);
             plugin.handle(ev, attempt).await
         };
-        spent += run.elapsed;
         rt.metrics.handler_seconds.observe(run.elapsed.as_secs_f64());
         rt.stats.window.time(run.elapsed);
         if let Err(failure) = run.result {
@@ -563,8 +560,8 @@ async fn run_attempt(
                 });
                 return Ok(Ran::Done(outputs, reply));
             }
-            // Re-run in place only what stays inside the sandbox and the attempt's deadline:
-            // each run gets fresh per-attempt limits, so a handler whose calls leave it (HTTP,
+            // Re-run in place only what stays inside the sandbox: each run gets fresh
+            // per-attempt limits (and its own deadline), so a handler whose calls leave it (HTTP,
             // requests) would make them again, up to MAX_KV_CONFLICT_RERUNS times per attempt.
             Err(KvError::Conflict(key)) if run.calls_out > 0 => {
                 return Err(DeliveryError::Kv(format!(
@@ -572,14 +569,6 @@ async fn run_attempt(
                      requests: not run again within the attempt (they would be made again)",
                     crate::event::quoted(&key),
                     run.calls_out
-                )));
-            }
-            Err(KvError::Conflict(key)) if spent > plugin.limits().deadline => {
-                return Err(DeliveryError::Kv(format!(
-                    "key {} it read changed before its writes committed, again and again for longer than its \
-                     deadline ({} runs)",
-                    crate::event::quoted(&key),
-                    reruns + 1
                 )));
             }
             Err(KvError::Conflict(key)) if reruns < MAX_KV_CONFLICT_RERUNS => {

@@ -32,7 +32,9 @@ pub struct Flow {
     pub queue: usize,
     /// MiB of handlers' outputs (its own included) that may wait for this plugin beyond a full
     /// queue on the embedded bus. Outputs never wait for a queue (a cycle through the bus would
-    /// wait forever); past this bound an output is refused and retried by its producer.
+    /// wait forever); past this bound an output is refused and retried by its producer. On
+    /// NATS, the most the plugin's deliveries taken from the client may hold in the host
+    /// (queued, running, waiting to settle; `backend/nats/budget.rs`).
     pub buffer_mib: u64,
 }
 

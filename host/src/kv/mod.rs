@@ -63,6 +63,15 @@ pub trait KvStore: Send + Sync {
         self.commit(ns, txn).await
     }
 
+    /// For a transaction that wrote nothing: whether every key it read is still as it read it,
+    /// all at one instant, as a commit checks them (a conflict names a key that changed). A
+    /// delete takes a key's version back to 0, so keys checked one by one could each pass at a
+    /// different instant and together show a state that never held: by default this is a
+    /// commit with nothing to write.
+    async fn check_reads(&self, ns: &str, txn: &Txn) -> Result<(), KvError> {
+        self.commit(ns, txn).await
+    }
+
     /// The value of `key` (`None` when absent or deleted) and the version a commit checks.
     async fn read(&self, ns: &str, key: &str) -> Result<(Option<Vec<u8>>, u64), KvError> {
         Ok(self.get(ns, key).await?.map_or((None, 0), |v| (Some(v.value), v.version)))
@@ -139,19 +148,6 @@ impl Txn {
     /// Whether the transaction wrote anything.
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()
-    }
-
-    /// For a transaction that wrote nothing: whether every key it read is still as it read
-    /// it (a conflict names the first that changed). Each key's version only moves forward, and
-    /// every check comes after every read, so all of them held at once at some instant: the
-    /// reads were one snapshot, as a commit's would be.
-    pub async fn check_reads(&self, store: &dyn KvStore, ns: &str) -> Result<(), KvError> {
-        for (key, seen) in &self.reads {
-            if store.read(ns, key).await?.1 != *seen {
-                return Err(KvError::Conflict(key.clone()));
-            }
-        }
-        Ok(())
     }
 
     /// The bytes this transaction holds: keys and values written, keys read, each plus
@@ -337,26 +333,30 @@ pub(crate) mod tests {
     /// nothing and so check nothing.
     #[tokio::test]
     async fn a_transaction_that_only_read_is_checked_too() {
-        let kv = MemoryKv::new();
+        read_only_is_checked(&MemoryKv::new()).await;
+    }
+
+    /// See [`a_transaction_that_only_read_is_checked_too`]; every store runs it.
+    pub(crate) async fn read_only_is_checked(kv: &dyn KvStore) {
         let mut seed = Txn::default();
         seed.set("a", b"5".to_vec());
         seed.set("b", b"5".to_vec());
         kv.commit("p", &seed).await.unwrap();
         let mut reader = Txn::default();
-        reader.get(&kv, "p", "a").await.unwrap();
+        reader.get(kv, "p", "a").await.unwrap();
         let mut mover = Txn::default();
-        mover.get(&kv, "p", "a").await.unwrap();
+        mover.get(kv, "p", "a").await.unwrap();
         mover.set("a", b"4".to_vec());
         mover.set("b", b"6".to_vec());
         kv.commit("p", &mover).await.unwrap();
-        reader.get(&kv, "p", "b").await.unwrap();
+        reader.get(kv, "p", "b").await.unwrap();
         assert!(reader.is_empty(), "it wrote nothing");
-        assert_eq!(reader.check_reads(&kv, "p").await, Err(KvError::Conflict("a".into())));
+        assert_eq!(kv.check_reads("p", &reader).await, Err(KvError::Conflict("a".into())));
         let mut again = Txn::default();
-        again.get(&kv, "p", "a").await.unwrap();
-        again.get(&kv, "p", "b").await.unwrap();
-        again.get(&kv, "p", "absent").await.unwrap();
-        assert_eq!(again.check_reads(&kv, "p").await, Ok(()));
+        again.get(kv, "p", "a").await.unwrap();
+        again.get(kv, "p", "b").await.unwrap();
+        again.get(kv, "p", "absent").await.unwrap();
+        assert_eq!(kv.check_reads("p", &again).await, Ok(()));
     }
 
     /// A namespace's quota on `kv` (empty): a commit past it fails whole; a rewrite counts its

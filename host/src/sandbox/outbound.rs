@@ -204,8 +204,9 @@ pub fn non_public(ip: IpAddr) -> Option<&'static str> {
                 Some("private")
             } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
                 Some("shared (CGNAT)")
-            } else if o[..3] == [192, 0, 0] {
-                // IETF protocol assignments, among them 192.0.0.192 (a cloud's metadata address).
+            } else if o[..3] == [192, 0, 0] && !matches!(o[3], 9 | 10) {
+                // IETF protocol assignments, among them 192.0.0.192 (a cloud's metadata address);
+                // .9 and .10 are global anycast services.
                 Some("reserved for protocol assignments")
             } else if o[0] == 198 && (o[1] & 0xfe) == 18 {
                 Some("reserved for benchmarking")
@@ -645,7 +646,7 @@ mod tests {
             "2002:a9fe:a9fe::",
             "2001:db8::1",
             "192.0.0.192",
-            "192.0.0.9",
+            "192.0.0.8",
             "198.18.0.1",
             "198.19.255.255",
             "192.0.2.1",
@@ -657,7 +658,9 @@ mod tests {
         ] {
             assert!(non_public(ip.parse().unwrap()).is_some(), "{ip}");
         }
-        for ip in ["93.184.216.34", "2606:4700::1111", "8.8.8.8", "2002:5db8:d822::1", "198.20.0.1", "192.0.1.1"] {
+        for ip in
+            ["93.184.216.34", "2606:4700::1111", "8.8.8.8", "2002:5db8:d822::1", "198.20.0.1", "192.0.1.1", "192.0.0.9"]
+        {
             assert!(non_public(ip.parse().unwrap()).is_none(), "{ip}");
         }
     }

@@ -247,7 +247,10 @@ impl Plugin {
     pub async fn commit_settling(&self, txn: &Txn, outbox: Option<crate::kv::Outbox>) -> Result<(), KvError> {
         if txn.is_empty() {
             // Nothing to write, but what it read must still be current (see `check_reads`).
-            return txn.check_reads(&*self.ctx.kv, &self.ctx.name).await;
+            if txn.reads.is_empty() {
+                return Ok(());
+            }
+            return self.ctx.kv.check_reads(&self.ctx.name, txn).await;
         }
         self.ctx.kv.commit_settling(&self.ctx.name, txn, outbox).await
     }

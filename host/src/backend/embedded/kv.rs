@@ -32,4 +32,9 @@ impl KvStore for LogKv {
     async fn commit_settling(&self, ns: &str, txn: &Txn, outbox: Option<Outbox>) -> Result<(), KvError> {
         self.log.kv_commit(ns, txn, outbox).await
     }
+
+    /// In one read transaction (one snapshot of the log), not through the writer.
+    async fn check_reads(&self, ns: &str, txn: &Txn) -> Result<(), KvError> {
+        self.log.kv_check_reads(ns, txn)
+    }
 }

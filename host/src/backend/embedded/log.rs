@@ -875,6 +875,21 @@ impl DurableLog {
         }))
     }
 
+    /// Whether every key `txn` read in namespace `ns` is still as it read it, in one read
+    /// transaction: one snapshot (see [`crate::kv::KvStore::check_reads`]).
+    pub fn kv_check_reads(&self, ns: &str, txn: &crate::kv::Txn) -> Result<(), crate::kv::KvError> {
+        let unavailable = |e: &dyn std::fmt::Display| crate::kv::KvError::Unavailable(e.to_string());
+        let r = self.store.get().map_err(|e| unavailable(&e))?.begin_read().map_err(|e| unavailable(&e))?;
+        let kv = r.open_table(KV).map_err(|e| unavailable(&e))?;
+        for (key, seen) in &txn.reads {
+            let stored = kv.get(kv_key(ns, key).as_str()).map_err(|e| unavailable(&e))?;
+            if stored.map_or(0, |v| stored_kv(v.value()).0) != *seen {
+                return Err(crate::kv::KvError::Conflict(key.clone()));
+            }
+        }
+        Ok(())
+    }
+
     /// Commits `txn` in namespace `ns` if no key it read changed, with `outbox` in the same
     /// transaction.
     pub async fn kv_commit(
@@ -2357,6 +2372,13 @@ pub(crate) mod tests {
         let mut t = crate::kv::Txn::with_quota(165);
         t.set("z", Vec::new());
         assert!(matches!(kv.commit("r", &t).await, Err(crate::kv::KvError::Quota { holds: 165, .. })));
+    }
+
+    #[tokio::test]
+    async fn a_transaction_that_only_read_is_checked_in_one_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DurableLog::open(&dir.path().join("bus.redb"), SyncPolicy::Always).unwrap();
+        crate::kv::tests::read_only_is_checked(&crate::backend::embedded::kv::LogKv::new(log)).await;
     }
 
     /// A damaged kv value (shorter than its version) used to panic the writer's thread in the
