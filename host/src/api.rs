@@ -871,6 +871,15 @@ async fn dlq_replay_one(State(api): State<Api>, Path(id): Path<String>) -> Respo
     let task_api = api.clone();
     let broker = broker_entry(&api, &id).await;
     let mine = api.s.dead_letters.take_id(&id);
+    // One that can never be replayed (no, an invalid or a system original subject) is kept and
+    // answered `422` with why: a `503` would tell the client to try again.
+    if let Some(Err(why)) = broker.as_ref().or(mine.as_ref()).map(|e| crate::deadletter::replay_event(&e.event)) {
+        api.s.dead_letters.restore(mine.into_iter().collect());
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("the dead letter {} is not replayed, and is kept: {why}", crate::event::quoted(&id)),
+        );
+    }
     let report = match (broker, mine) {
         (Some(entry), mine) => {
             tokio::spawn(async move {

@@ -855,6 +855,7 @@ async fn a_forged_dead_letter_stream_is_read_within_bounds_and_never_replayed_to
     forged.insert(headers::PLUGIN, "faulty");
     forged.insert(headers::ORIGINAL_SUBJECT, "$KV.plugbus_faulty.balance");
     forged.insert(headers::ERROR, "forged");
+    forged.insert("Nats-Msg-Id", "forged-1");
     js.publish_with_headers("plugbus.dlq.faulty", forged, "stolen".into()).await.unwrap().await.unwrap();
     let mut acks = Vec::new();
     for _ in 0..1_000 {
@@ -892,8 +893,17 @@ async fn a_forged_dead_letter_stream_is_read_within_bounds_and_never_replayed_to
     if let Ok(mut kv) = kv {
         assert_eq!(kv.info().await.unwrap().state.messages, 0, "the replay wrote into faulty's kv");
     }
-    let left = data(&list(&[("plugin", "faulty")]).await);
+    let listed = list(&[("plugin", "faulty")]).await;
+    let left = data(&listed);
     assert!(left.contains(&"stolen".to_string()), "the refused dead letter was not kept: {left:?}");
+    // Alone, by its id: 422 (never replayable, so not "try again"), and still kept.
+    let entries = listed["dead_letters"].as_array().unwrap();
+    let stolen = entries.iter().find(|e| e["event"]["data"] == "stolen").unwrap()["event"]["id"].as_str().unwrap();
+    let resp = client.post(format!("{}/v1/dlq/{stolen}/replay", b.url())).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 422);
+    let error = resp.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_string();
+    assert!(error.contains("system subject") && error.contains("is kept"), "{error}");
+    assert!(data(&list(&[("plugin", "faulty")]).await).contains(&"stolen".to_string()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
