@@ -10,7 +10,7 @@ use futures::StreamExt;
 use plugbus::Config;
 use plugbus::deadletter::headers;
 use plugbus_tests::nats::NatsServer;
-use plugbus_tests::{Bus, TestHost, eventually, plugbus_bin, wasm};
+use plugbus_tests::{Bus, TestHost, eventually, metrics_text, plugbus_bin, sample, wasm};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
@@ -1031,4 +1031,57 @@ async fn forgetting_a_dead_letter_another_replay_removed_first_is_not_an_error()
     js.delete_stream("PLUGBUS_DLQ").await.unwrap();
     let err = plugbus::backend::nats::dead_letters::forget(&js, seq).await.unwrap_err();
     assert!(err.to_string().contains("PLUGBUS_DLQ"), "{err}");
+}
+
+/// The attack: a publisher floods a core subscription with large messages while its handler is
+/// slow. What the client buffered for a waiting pump was bounded by count only (65,536
+/// messages of up to `max_payload`: 64 GiB at 1 MiB). Now the pump takes every message at
+/// once: what the plugin has no room for waits in it up to `flow.buffer_mib` again, the rest
+/// is dropped (core NATS is at-most-once) and counted, and the plugin goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_core_flood_of_large_messages_is_dropped_past_the_plugins_buffer_and_counted() {
+    let server = NatsServer::start().await;
+    let t = TestHost::start_on(&Bus::Core(&server), &["faulty"], |c| {
+        c.flow = plugbus::router::Flow { concurrency: 1, queue: 2, buffer_mib: 1 };
+    })
+    .await;
+    let client = server.client().await;
+    // 60 messages of 300 KiB, each 200 ms of work: 18 MiB against 1 MiB held and 1 MiB waiting.
+    const N: u64 = 60;
+    let data = format!("200{}", " ".repeat(300 << 10));
+    for _ in 0..N {
+        client.publish("faulty.slow", data.clone().into()).await.unwrap();
+    }
+    client.flush().await.unwrap();
+    let dropped = || async {
+        sample(&metrics_text(&t.url()).await, "plugbus_nats_core_dropped_total{plugin=\"faulty\"}").unwrap_or(0.0)
+            as u64
+    };
+    eventually_async(|| async { dropped().await >= N / 2 }).await;
+    // What was not dropped is handled; then the plugin takes new messages again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let kept = N - dropped().await;
+    assert!((3..=12).contains(&kept), "{kept} of {N} kept: 1 MiB held and 1 MiB waiting hold 3 to 12 of 300 KiB");
+    t.wait_counter("faulty", "received", kept).await;
+    client.publish("faulty.ok", "".into()).await.unwrap();
+    client.flush().await.unwrap();
+    t.wait_counter("faulty", "received", kept + 1).await;
+    assert_eq!(dropped().await, N - kept, "nothing dropped once there was room");
+}
+
+/// A JetStream pull is bounded in bytes by the plugin's `flow.buffer_mib`, but a message larger
+/// than that is still pulled (the server refuses a pull whose next message exceeds its bytes,
+/// and the consumer would stall on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_messages_larger_than_the_plugins_buffer_are_still_delivered() {
+    let server = NatsServer::start().await;
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
+        c.flow = plugbus::router::Flow { concurrency: 1, queue: 4, buffer_mib: 0 };
+    })
+    .await;
+    let data = format!("1{}", " ".repeat(900 << 10));
+    for _ in 0..5 {
+        t.publish("faulty.ok", data.clone()).await;
+    }
+    t.wait_counter("faulty", "ok", 5).await;
 }

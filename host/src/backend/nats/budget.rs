@@ -2,9 +2,11 @@
 //! once (queued, admitted, running, waiting to settle), `flow.buffer_mib` in all. The server
 //! bounds each message (`max_payload`), not how many a publisher sends: without a budget, a
 //! plugin's `flow.queue` queued and `flow.queue` admitted deliveries of 1 MiB each are 2 GiB
-//! held for one hostile publisher. A pump waits for room before it queues a delivery (core
-//! NATS then drops what the server cannot hand over, as for a full queue; JetStream keeps it);
-//! the room comes back when the delivery, settled, is let go.
+//! held for one hostile publisher. A delivery takes room before it is queued, and the room
+//! comes back when the delivery, settled, is let go. A JetStream pump waits for room (and
+//! pulls at most the budget's bytes at a time: `consumer::Batch`); a core pump never waits
+//! (what it waits on, the client would buffer): it holds up to the budget again and drops the
+//! rest (`queue_group`).
 
 use crate::transport::{Acker, Delivery};
 use async_trait::async_trait;
@@ -26,14 +28,34 @@ impl Budget {
         Self { room: Arc::new(Semaphore::new(size as usize)), size }
     }
 
-    /// Waits for room for `delivery` ([`crate::event::Event::buffered_cost`]; one larger than
-    /// the whole budget waits for all of it), then ties that room to its acker. `None` once
-    /// the budget is closed.
-    pub async fn hold(&self, mut delivery: Delivery) -> Option<Delivery> {
-        let cost = delivery.event.buffered_cost().clamp(1, u64::from(self.size)) as u32;
-        let room = self.room.clone().acquire_many_owned(cost).await.ok()?;
+    /// Waits for room for `delivery` ([`Budget::cost`]: one larger than the whole budget waits
+    /// for all of it), then ties that room to its acker. `None` once the budget is closed.
+    pub async fn hold(&self, delivery: Delivery) -> Option<Delivery> {
+        let room = self.room(self.cost(&delivery)).await?;
+        Some(Self::attach(delivery, room))
+    }
+
+    /// The room `delivery` takes: [`crate::event::Event::buffered_cost`], at most the whole
+    /// budget.
+    pub fn cost(&self, delivery: &Delivery) -> u32 {
+        delivery.event.buffered_cost().clamp(1, u64::from(self.size)) as u32
+    }
+
+    /// The budget's size in bytes.
+    pub fn bytes(&self) -> u64 {
+        u64::from(self.size)
+    }
+
+    /// Waits for `cost` bytes of room. Cancel-safe: dropped before it is done, it takes
+    /// nothing. `None` once the budget is closed.
+    async fn room(&self, cost: u32) -> Option<OwnedSemaphorePermit> {
+        self.room.clone().acquire_many_owned(cost).await.ok()
+    }
+
+    /// Ties `room` to `delivery`'s acker: it comes back when the delivery is let go.
+    fn attach(mut delivery: Delivery, room: OwnedSemaphorePermit) -> Delivery {
         delivery.acker = Box::new(Budgeted { inner: delivery.acker, _room: room });
-        Some(delivery)
+        delivery
     }
 
     /// Bytes held by deliveries now.
@@ -60,6 +82,43 @@ impl Intake {
             Some(delivery) => self.tx.send(delivery).await.is_ok(),
             None => false,
         }
+    }
+
+    /// Queues `delivery` now if the budget and the queue both have room for it; gives it back
+    /// if not. `Err(None)` once the queue is closed.
+    pub fn try_send(&self, delivery: Delivery) -> Result<(), Option<Delivery>> {
+        let Ok(room) = self.budget.room.clone().try_acquire_many_owned(self.budget.cost(&delivery)) else {
+            return Err(Some(delivery));
+        };
+        match self.tx.try_reserve() {
+            Ok(slot) => {
+                slot.send(Budget::attach(delivery, room));
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(())) => Err(Some(delivery)),
+            Err(mpsc::error::TrySendError::Closed(())) => Err(None),
+        }
+    }
+
+    /// Waits until the budget has `cost` bytes of room and the queue a slot. Cancel-safe:
+    /// dropped before it is done, it takes neither. `None` once either is closed.
+    pub async fn ready(&self, cost: u32) -> Option<Slot<'_>> {
+        let room = self.budget.room(cost).await?;
+        let slot = self.tx.reserve().await.ok()?;
+        Some(Slot { room, slot })
+    }
+}
+
+/// Room in a feed's budget and a slot in the plugin's queue, taken together ([`Intake::ready`]).
+pub struct Slot<'a> {
+    room: OwnedSemaphorePermit,
+    slot: mpsc::Permit<'a, Delivery>,
+}
+
+impl Slot<'_> {
+    /// Queues `delivery`, holding the room (it must cost no more than was asked for).
+    pub fn send(self, delivery: Delivery) {
+        self.slot.send(Budget::attach(delivery, self.room));
     }
 }
 
@@ -112,5 +171,29 @@ mod tests {
         let big = tokio::time::timeout(Duration::from_millis(50), budget.hold(delivery(8 << 20))).await;
         assert!(big.unwrap().is_some());
         assert_eq!(Budget::new(0).size, 1);
+    }
+
+    /// A core pump never waits while it has something else to do: `try_send` gives back what
+    /// has no room, and `ready` dropped unfinished takes neither room nor a queue slot.
+    #[tokio::test]
+    async fn try_send_gives_back_what_has_no_room_and_an_unfinished_ready_takes_nothing() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let intake = Intake { tx, budget: Budget::new(3 << 20) };
+        assert!(intake.try_send(delivery(1 << 20)).is_ok());
+        let held = intake.budget.held();
+        assert!(matches!(intake.try_send(delivery(10)), Err(Some(_))), "the queue is full");
+        let second = delivery(1 << 20);
+        let cost = intake.budget.cost(&second);
+        let waited = tokio::time::timeout(Duration::from_millis(50), intake.ready(cost)).await;
+        assert!(waited.is_err(), "a slot was given while the queue was full");
+        assert_eq!(intake.budget.held(), held, "an unfinished ready kept room");
+        let first = rx.recv().await.unwrap();
+        intake.ready(cost).await.unwrap().send(second);
+        let second = rx.recv().await.unwrap();
+        assert!(matches!(intake.try_send(delivery(1 << 20)), Err(Some(_))), "the budget is full");
+        drop((first, second));
+        assert_eq!(intake.budget.held(), 0);
+        drop(rx);
+        assert!(matches!(intake.try_send(delivery(10)), Err(None)), "the queue is closed");
     }
 }

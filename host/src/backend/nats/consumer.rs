@@ -134,6 +134,29 @@ pub async fn ensure(js: &jetstream::Context, spec: &ConsumerSpec) -> Result<Pull
     stream.create_consumer(config).await.map_err(|e| broker("creating", &e))
 }
 
+/// What one pull asks the server for: at most `messages` messages and `bytes` bytes. The bytes
+/// bound what async-nats holds for the pump before the feed's budget sees them (a pull of
+/// `flow.queue` messages of 1 MiB each would be 1 GiB).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Batch {
+    /// Messages per pull (`flow.queue`, 1 to 1,000).
+    pub messages: usize,
+    /// Bytes per pull: the feed's budget, but never less than twice the server's
+    /// `max_payload` (and 64 KiB more for the subject and headers): the server answers a pull
+    /// whose next message is larger than its bytes with an error, not the message, and the
+    /// consumer would stall on it.
+    pub bytes: usize,
+}
+
+impl Batch {
+    /// The pull of a feed of `budget` bytes and `queue` messages on a server of `max_payload`.
+    pub fn new(queue: usize, budget: u64, max_payload: usize) -> Self {
+        let floor = max_payload.saturating_mul(2).saturating_add(64 << 10);
+        let bytes = usize::try_from(budget).unwrap_or(usize::MAX).max(floor);
+        Self { messages: queue.clamp(1, 1000), bytes }
+    }
+}
+
 /// Pulls from the consumer into the plugin's queue until the queue closes; reopens the pull
 /// after errors and re-creates the consumer if it was deleted.
 pub async fn pump(
@@ -142,14 +165,15 @@ pub async fn pump(
     mut consumer: PullConsumer,
     intake: super::budget::Intake,
     held: Arc<Held>,
-    batch: usize,
+    batch: Batch,
     filter: super::Filter,
 ) {
     let plugin = filter.plugin.clone();
     loop {
         let opened = consumer
             .stream()
-            .max_messages_per_batch(batch.clamp(1, 1000))
+            .max_messages_per_batch(batch.messages)
+            .max_bytes_per_batch(batch.bytes)
             .heartbeat(Duration::from_secs(5))
             .expires(Duration::from_secs(30))
             .messages()
@@ -220,5 +244,21 @@ fn delivery_of(msg: jetstream::Message, held: &Arc<Held>, plugin: &Arc<str>) -> 
             let raw = crate::event::Event::new(subject, message.payload);
             Delivery { attempt, acker, redeliverable: true, defect: Some(why), ..Delivery::once(Arc::new(raw)) }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Batch;
+
+    /// A pull is bounded in bytes by the feed's budget, yet always takes the largest message.
+    #[test]
+    fn a_pull_is_bounded_by_the_budget_but_always_fits_the_largest_message() {
+        let b = Batch::new(1024, 64 << 20, 1 << 20);
+        assert_eq!(b, Batch { messages: 1000, bytes: 64 << 20 });
+        // A budget smaller than a message would stall the consumer: the pull takes two.
+        let b = Batch::new(0, 1, 8 << 20);
+        assert_eq!(b, Batch { messages: 1, bytes: (16 << 20) + (64 << 10) });
+        assert_eq!(Batch::new(10, u64::MAX, usize::MAX).bytes, usize::MAX);
     }
 }

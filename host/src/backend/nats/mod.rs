@@ -18,11 +18,14 @@ mod streams;
 mod wire;
 
 use crate::event::Event;
+use crate::metrics::PluginLabels;
 use crate::subject::{PatternSet, validate_subject, without_covered};
 use crate::transport::{Subscription, SubscriptionSpec, Transport, TransportError};
 use async_nats::jetstream;
 use async_trait::async_trait;
 use futures::StreamExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -156,6 +159,8 @@ impl Filter {
 struct Feed {
     intake: budget::Intake,
     filter: Filter,
+    /// Core messages dropped because the plugin had no room (see `queue_group`).
+    dropped: Counter,
     /// Core pattern → its queue subscription.
     core: HashMap<String, Task>,
     /// Stream → (filters, its pull consumer pump).
@@ -174,6 +179,8 @@ pub struct NatsTransport {
     next_id: AtomicU64,
     /// Events an observer missed because it fell behind.
     observer_misses: Arc<AtomicU64>,
+    /// `plugbus_nats_core_dropped_total{plugin}`: core messages a plugin had no room for.
+    core_dropped: Family<PluginLabels, Counter>,
     _background: Vec<Task>,
 }
 
@@ -308,6 +315,7 @@ impl NatsTransport {
             feeds: Default::default(),
             next_id: AtomicU64::new(1),
             observer_misses: Default::default(),
+            core_dropped: Default::default(),
             _background: vec![keep_alive, refresh],
         })
     }
@@ -383,7 +391,11 @@ impl NatsTransport {
                                 c,
                                 feed.intake.clone(),
                                 self.held.clone(),
-                                spec.capacity,
+                                consumer::Batch::new(
+                                    spec.capacity,
+                                    feed.intake.budget.bytes(),
+                                    self.client.server_info().max_payload,
+                                ),
                                 feed.filter.clone(),
                             );
                             feed.durable.insert(stream.clone(), (filters.clone(), Task(tokio::spawn(pump))));
@@ -404,7 +416,12 @@ impl NatsTransport {
                     })?;
                     feed.core.insert(
                         p.clone(),
-                        Task(tokio::spawn(queue_group::pump(sub, feed.intake.clone(), feed.filter.clone()))),
+                        Task(tokio::spawn(queue_group::pump(
+                            sub,
+                            feed.intake.clone(),
+                            feed.filter.clone(),
+                            feed.dropped.clone(),
+                        ))),
                     );
                 }
                 feed.core.retain(|p, _| patterns.contains(p));
@@ -583,13 +600,22 @@ impl Transport for NatsTransport {
         Ok(true)
     }
 
+    fn register_metrics(&self, registry: &mut crate::metrics::Registry) {
+        registry.register(
+            "nats_core_dropped",
+            "Core NATS messages dropped because their plugin had no room for them (its queue and flow.buffer_mib full, as much again waiting)",
+            self.core_dropped.clone(),
+        );
+    }
+
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription, TransportError> {
         let (tx, rx) = mpsc::channel(spec.capacity.max(1));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let plugin: Arc<str> = spec.plugin.as_str().into();
         let filter = Filter { plugin, patterns: Default::default() };
         let intake = budget::Intake { tx: tx.clone(), budget: budget::Budget::new(spec.buffer_bytes) };
-        let mut feed = Feed { intake, filter, core: HashMap::new(), durable: HashMap::new() };
+        let dropped = self.core_dropped.get_or_create(&PluginLabels { plugin: spec.plugin.clone() }).clone();
+        let mut feed = Feed { intake, filter, dropped, core: HashMap::new(), durable: HashMap::new() };
         self.apply(&mut feed, &spec).await?;
         self.feeds.lock().await.insert(id, feed);
         Ok(Subscription::new(id, &tx, rx, Unsubscribe { feeds: self.feeds.clone(), id }))
