@@ -564,7 +564,7 @@ async fn run_attempt(
             // per-attempt limits (and its own deadline), so a handler whose calls leave it (HTTP,
             // requests) would make them again, up to MAX_KV_CONFLICT_RERUNS times per attempt.
             Err(KvError::Conflict(key)) if run.calls_out > 0 => {
-                return Err(DeliveryError::Kv(format!(
+                return Err(DeliveryError::KvConflict(format!(
                     "key {} it read changed before its writes committed, and it made {} outbound calls or \
                      requests: not run again within the attempt (they would be made again)",
                     crate::event::quoted(&key),
@@ -574,6 +574,12 @@ async fn run_attempt(
             Err(KvError::Conflict(key)) if reruns < MAX_KV_CONFLICT_RERUNS => {
                 reruns += 1;
                 tracing::debug!(plugin = %rt.name, event_id = %ev.id, key, "kv conflict, running again");
+            }
+            Err(KvError::Conflict(key)) => {
+                return Err(DeliveryError::KvConflict(format!(
+                    "key {} it read changed before its writes committed, {MAX_KV_CONFLICT_RERUNS} times running",
+                    crate::event::quoted(&key)
+                )));
             }
             Err(e @ KvError::Quota { .. }) => return Err(DeliveryError::KvQuota(e.to_string())),
             Err(e) => return Err(DeliveryError::Kv(e.to_string())),

@@ -15,6 +15,11 @@ pub enum DeliveryError {
     Handler(Failure),
     /// The kv store could not commit the attempt's writes (not the handler's doing).
     Kv(String),
+    /// Another event changed a key the attempt read before its writes committed, and the
+    /// attempt could not be run again in place (it called out, or it lost the race every
+    /// time): contention between the plugin's own events, neither the handler's fault nor the
+    /// host's. A later attempt reads the new value.
+    KvConflict(String),
     /// The attempt's kv writes would take the plugin's kv past its `max_kv_bytes`: the
     /// handler's doing (a later attempt may pass once other events deleted keys).
     KvQuota(String),
@@ -36,7 +41,10 @@ impl DeliveryError {
     pub fn is_retryable(&self) -> bool {
         match self {
             DeliveryError::Handler(f) => f.is_retryable(),
-            DeliveryError::Kv(_) | DeliveryError::KvQuota(_) | DeliveryError::Publish(_) => true,
+            DeliveryError::Kv(_)
+            | DeliveryError::KvConflict(_)
+            | DeliveryError::KvQuota(_)
+            | DeliveryError::Publish(_) => true,
             DeliveryError::Oversize { .. } | DeliveryError::Undecodable(_) => false,
         }
     }
@@ -47,6 +55,7 @@ impl std::fmt::Display for DeliveryError {
         match self {
             DeliveryError::Handler(failure) => write!(f, "{failure}"),
             DeliveryError::Kv(why) => write!(f, "host error: the kv store did not commit the attempt: {why}"),
+            DeliveryError::KvConflict(why) => write!(f, "kv conflict: the attempt's writes were not committed: {why}"),
             DeliveryError::KvQuota(why) => write!(f, "the attempt's kv writes were refused: {why}"),
             DeliveryError::Publish(why) => write!(f, "host error: the bus did not take it: {why}"),
             DeliveryError::Oversize { bytes, limit } => {
@@ -223,6 +232,14 @@ mod tests {
         assert!(!quota.to_string().contains("host error"), "{quota}");
         assert!(matches!(decide(&quota, 1, &policy(), false), Fate::RetryHere(_)));
         assert_eq!(decide(&quota, 3, &policy(), false), Fate::DeadLetter);
+        // contention between the plugin's own events is neither: retried, named as a conflict
+        let conflict = DeliveryError::KvConflict("key \"n\" it read changed".into());
+        let text = conflict.to_string();
+        assert!(
+            text.starts_with("kv conflict:") && !text.contains("host error") && !text.contains("handler"),
+            "{text}"
+        );
+        assert!(matches!(decide(&conflict, 1, &policy(), false), Fate::RetryHere(_)));
     }
 
     #[test]
