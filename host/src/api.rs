@@ -739,22 +739,48 @@ async fn replay(api: &Inner, plugin: Option<&str>) -> serde_json::Value {
     let (in_broker, mine): (Vec<_>, Vec<_>) =
         api.s.dead_letters.take(plugin).into_iter().partition(|e| held.contains(&e.event.id));
     api.s.dead_letters.forget(&in_broker);
-    let (mut replayed, mut failed) = replay_from_broker(api, broker).await;
-    let local = replay_entries(api, mine).await;
-    replayed.extend(local["replayed"].as_array().cloned().unwrap_or_default());
-    failed += local["failed"].as_u64().unwrap_or(0) as usize;
-    json!({ "replayed": replayed, "failed": failed })
+    let mut report = replay_from_broker(api, broker).await;
+    report.extend(replay_entries(api, mine).await);
+    report.to_json()
+}
+
+/// What a replay did: the dead letters replayed (each with the new event's id), how many the
+/// bus did not take (kept: a later replay may succeed), and those never replayable (kept, each
+/// with why: no, an invalid or a system original subject).
+#[derive(Default)]
+struct ReplayReport {
+    replayed: Vec<serde_json::Value>,
+    failed: usize,
+    refused: Vec<serde_json::Value>,
+}
+
+impl ReplayReport {
+    fn extend(&mut self, other: ReplayReport) {
+        self.replayed.extend(other.replayed);
+        self.failed += other.failed;
+        self.refused.extend(other.refused);
+    }
+
+    /// Notes one never replayable, logged.
+    fn refuse(&mut self, entry: &crate::deadletter::Entry, why: &str) {
+        tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id, "not replayed, the dead letter is kept: {why}");
+        self.refused.push(json!({ "dead_letter": entry.event.id, "why": why }));
+    }
+
+    /// `{"replayed": [{dead_letter, id}], "failed": n, "refused": [{dead_letter, why}]}`.
+    fn to_json(&self) -> serde_json::Value {
+        json!({ "replayed": self.replayed, "failed": self.failed, "refused": self.refused })
+    }
 }
 
 /// Replays dead letters the broker keeps; each leaves the broker once the bus took its replay.
-async fn replay_from_broker(api: &Inner, entries: Vec<crate::deadletter::Entry>) -> (Vec<serde_json::Value>, usize) {
-    let (mut replayed, mut failed) = (Vec::new(), 0);
+async fn replay_from_broker(api: &Inner, entries: Vec<crate::deadletter::Entry>) -> ReplayReport {
+    let mut report = ReplayReport::default();
     for entry in entries {
         let event = match crate::deadletter::replay_event(&entry.event) {
             Ok(event) => event,
             Err(why) => {
-                tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id, "not replayed, the dead letter is kept: {why}");
-                failed += 1;
+                report.refuse(&entry, &why);
                 continue;
             }
         };
@@ -765,15 +791,15 @@ async fn replay_from_broker(api: &Inner, entries: Vec<crate::deadletter::Entry>)
                     tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id,
                         "dead letter replayed but still kept by the broker (a later replay repeats it): {e}");
                 }
-                replayed.push(json!({ "dead_letter": entry.event.id, "id": id }));
+                report.replayed.push(json!({ "dead_letter": entry.event.id, "id": id }));
             }
             Err(e) => {
                 tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id, "replay failed, the dead letter is kept: {e}");
-                failed += 1;
+                report.failed += 1;
             }
         }
     }
-    (replayed, failed)
+    report
 }
 
 /// How many replayed dead letters leave the file together (one commit each batch): a crash
@@ -782,9 +808,9 @@ const FORGET_BATCH: usize = 100;
 
 /// Replays this host's own dead letters, taken out of its store; those the bus does not take
 /// are put back, those it took leave the file in batches.
-async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>) -> serde_json::Value {
-    let mut replayed = Vec::new();
-    let mut failed = Vec::new();
+async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>) -> ReplayReport {
+    let mut report = ReplayReport::default();
+    let mut kept = Vec::new();
     let mut published = Vec::new();
     for entry in taken {
         if published.len() >= FORGET_BATCH {
@@ -793,27 +819,27 @@ async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>) -> se
         let event = match crate::deadletter::replay_event(&entry.event) {
             Ok(event) => event,
             Err(why) => {
-                tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id, "not replayed, the dead letter is kept: {why}");
-                failed.push(entry);
+                report.refuse(&entry, &why);
+                kept.push(entry);
                 continue;
             }
         };
         let id = event.id.clone();
         match publish_in_time(api, event).await {
             Ok(()) => {
-                replayed.push(json!({ "dead_letter": entry.event.id, "id": id }));
+                report.replayed.push(json!({ "dead_letter": entry.event.id, "id": id }));
                 published.push(entry);
             }
             Err(e) => {
                 tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id, "replay failed, the dead letter is kept: {e}");
-                failed.push(entry);
+                report.failed += 1;
+                kept.push(entry);
             }
         }
     }
     api.s.dead_letters.forget(&published);
-    let kept = failed.len();
-    api.s.dead_letters.restore(failed);
-    json!({ "replayed": replayed, "failed": kept })
+    api.s.dead_letters.restore(kept);
+    report
 }
 
 /// Publishes a replayed event, giving up after `api.publish_timeout`.
@@ -884,22 +910,22 @@ async fn dlq_replay_one(State(api): State<Api>, Path(id): Path<String>) -> Respo
         (Some(entry), mine) => {
             tokio::spawn(async move {
                 let _replaying = replaying;
-                let (replayed, failed) = replay_from_broker(&task_api, vec![entry]).await;
+                let report = replay_from_broker(&task_api, vec![entry]).await;
                 // Not replayed: the broker still keeps it, and so does this host.
                 let mine: Vec<_> = mine.into_iter().collect();
-                if failed > 0 {
+                if report.replayed.is_empty() {
                     task_api.s.dead_letters.restore(mine);
                 } else {
                     task_api.s.dead_letters.forget(&mine);
                 }
-                json!({ "replayed": replayed, "failed": failed })
+                report.to_json()
             })
             .await
         }
         (None, Some(entry)) => {
             tokio::spawn(async move {
                 let _replaying = replaying;
-                replay_entries(&task_api, vec![entry]).await
+                replay_entries(&task_api, vec![entry]).await.to_json()
             })
             .await
         }

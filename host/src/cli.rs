@@ -198,10 +198,20 @@ pub fn debug_report(body: &Value) -> String {
     out
 }
 
-/// `plugbus dlq replay`: what was replayed.
+/// `plugbus dlq replay`: what was replayed, what the bus did not take, and what can never be
+/// replayed (each with why).
 pub fn replay_summary(body: &Value) -> String {
     let replayed = body["replayed"].as_array().map_or(0, Vec::len);
-    format!("replayed {replayed} dead letter(s); {} kept (the bus did not take them)", text(&body["failed"]))
+    let mut out =
+        format!("replayed {replayed} dead letter(s); {} kept (the bus did not take them)", text(&body["failed"]));
+    let refused = body["refused"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if !refused.is_empty() {
+        out.push_str(&format!("; {} kept, never replayable:", refused.len()));
+        for r in refused {
+            out.push_str(&format!("\n  {}: {}", text(&r["dead_letter"]), text(&r["why"])));
+        }
+    }
+    out
 }
 
 /// `plugbus tail`: one event as `time  subject  id  data…` on one line.
@@ -314,6 +324,20 @@ mod tests {
         assert_eq!(&lines[1][end - 4..end], "1234", "{out}");
         assert_eq!(&lines[2][end - 1..end], "4", "{out}");
         assert!(out.contains("broken.wasm") && out.contains("not a component") && !out.contains("rejected: "));
+    }
+
+    #[test]
+    fn a_replay_summary_tells_what_the_bus_did_not_take_from_what_is_never_replayable() {
+        let body = json!({ "replayed": [{ "dead_letter": "a", "id": "b" }], "failed": 2,
+            "refused": [{ "dead_letter": "d1", "why": "its original subject \"$KV.x\" is a system subject" }] });
+        let out = replay_summary(&body);
+        assert!(
+            out.starts_with("replayed 1 dead letter(s); 2 kept (the bus did not take them); 1 kept, never replayable:"),
+            "{out}"
+        );
+        assert!(out.contains("\n  d1: its original subject"), "{out}");
+        let plain = replay_summary(&json!({ "replayed": [], "failed": 0 }));
+        assert_eq!(plain, "replayed 0 dead letter(s); 0 kept (the bus did not take them)");
     }
 
     #[test]

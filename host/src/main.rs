@@ -756,7 +756,7 @@ async fn replay_with_progress(client: &reqwest::Client, url: &str, plugin: Optio
         return Ok(());
     }
     let progress = cli::Progress::new("replaying", false);
-    let (mut replayed, mut failed) = (Vec::new(), 0u64);
+    let (mut replayed, mut failed, mut refused) = (Vec::new(), 0u64, Vec::new());
     for (done, d) in letters.iter().enumerate() {
         let id = d["event"]["id"].as_str().unwrap_or_default();
         progress.update(done, letters.len(), id);
@@ -765,6 +765,11 @@ async fn replay_with_progress(client: &reqwest::Client, url: &str, plugin: Optio
         match resp.status().as_u16() {
             // Replayed by someone else meanwhile: nothing left to do for it.
             404 => {}
+            // Never replayable: kept, and why.
+            422 => {
+                let body: serde_json::Value = resp.json().await.unwrap_or_default();
+                refused.push(serde_json::json!({ "dead_letter": id, "why": body["error"] }));
+            }
             _ => {
                 let body: serde_json::Value = resp.json().await.unwrap_or_default();
                 replayed.extend(body["replayed"].as_array().cloned().unwrap_or_default());
@@ -773,7 +778,8 @@ async fn replay_with_progress(client: &reqwest::Client, url: &str, plugin: Optio
         }
     }
     drop(progress);
-    println!("{}", cli::replay_summary(&serde_json::json!({ "replayed": replayed, "failed": failed })));
+    let report = serde_json::json!({ "replayed": replayed, "failed": failed, "refused": refused });
+    println!("{}", cli::replay_summary(&report));
     Ok(())
 }
 
