@@ -4,9 +4,10 @@
 //! plugin's `flow.queue` queued and `flow.queue` admitted deliveries of 1 MiB each are 2 GiB
 //! held for one hostile publisher. A delivery takes room before it is queued, and the room
 //! comes back when the delivery, settled, is let go. A JetStream pump waits for room (and
-//! pulls at most the budget's bytes at a time: `consumer::Batch`); a core pump never waits
-//! (what it waits on, the client would buffer): it holds up to the budget again and drops the
-//! rest (`queue_group`).
+//! asks for at most the budget's bytes per pull: `consumer::Batch`); a core pump never waits
+//! (what it waits on, the client would buffer): what has no room waits in it, charged to a
+//! second budget of the same size shared by the feed's core pumps, and the rest is dropped
+//! (`queue_group`).
 
 use crate::transport::{Acker, Delivery};
 use async_trait::async_trait;
@@ -52,6 +53,12 @@ impl Budget {
         self.room.clone().acquire_many_owned(cost).await.ok()
     }
 
+    /// Takes `cost` bytes of room now (at most the whole budget), if there is that much.
+    pub fn try_room(&self, cost: u64) -> Option<OwnedSemaphorePermit> {
+        let cost = cost.clamp(1, u64::from(self.size)) as u32;
+        self.room.clone().try_acquire_many_owned(cost).ok()
+    }
+
     /// Ties `room` to `delivery`'s acker: it comes back when the delivery is let go.
     fn attach(mut delivery: Delivery, room: OwnedSemaphorePermit) -> Delivery {
         delivery.acker = Box::new(Budgeted { inner: delivery.acker, _room: room });
@@ -73,9 +80,17 @@ pub struct Intake {
     pub tx: mpsc::Sender<Delivery>,
     /// The feed's budget.
     pub budget: Budget,
+    /// What the feed's core pumps may hold besides, while the queue or the budget has no room
+    /// (as large as `budget`; see `queue_group`).
+    pub waiting: Budget,
 }
 
 impl Intake {
+    /// The intake of a feed of `bytes` bytes into `tx`.
+    pub fn new(tx: mpsc::Sender<Delivery>, bytes: u64) -> Self {
+        Self { tx, budget: Budget::new(bytes), waiting: Budget::new(bytes) }
+    }
+
     /// Queues `delivery` once it has room; `false` once the queue is closed.
     pub async fn send(&self, delivery: Delivery) -> bool {
         match self.budget.hold(delivery).await {
@@ -178,7 +193,7 @@ mod tests {
     #[tokio::test]
     async fn try_send_gives_back_what_has_no_room_and_an_unfinished_ready_takes_nothing() {
         let (tx, mut rx) = mpsc::channel(1);
-        let intake = Intake { tx, budget: Budget::new(3 << 20) };
+        let intake = Intake::new(tx, 3 << 20);
         assert!(intake.try_send(delivery(1 << 20)).is_ok());
         let held = intake.budget.held();
         assert!(matches!(intake.try_send(delivery(10)), Err(Some(_))), "the queue is full");

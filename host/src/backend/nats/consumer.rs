@@ -241,7 +241,7 @@ fn delivery_of(msg: jetstream::Message, held: &Arc<Held>, plugin: &Arc<str>) -> 
             Delivery { attempt, acker, redeliverable: true, ..Delivery::once(Arc::new(ev)) }
         }
         Err(why) => {
-            let raw = crate::event::Event::new(subject, message.payload);
+            let raw = crate::event::Event::new(subject, wire::owned(&message.payload));
             Delivery { attempt, acker, redeliverable: true, defect: Some(why), ..Delivery::once(Arc::new(raw)) }
         }
     }

@@ -613,7 +613,7 @@ impl Transport for NatsTransport {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let plugin: Arc<str> = spec.plugin.as_str().into();
         let filter = Filter { plugin, patterns: Default::default() };
-        let intake = budget::Intake { tx: tx.clone(), budget: budget::Budget::new(spec.buffer_bytes) };
+        let intake = budget::Intake::new(tx.clone(), spec.buffer_bytes);
         let dropped = self.core_dropped.get_or_create(&PluginLabels { plugin: spec.plugin.clone() }).clone();
         let mut feed = Feed { intake, filter, dropped, core: HashMap::new(), durable: HashMap::new() };
         self.apply(&mut feed, &spec).await?;

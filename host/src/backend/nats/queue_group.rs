@@ -5,23 +5,22 @@
 //! A pump never waits while the server hands over messages: whatever it waits on, the client
 //! buffers for it (async-nats holds up to 65,536 messages per subscription, of up to
 //! `max_payload` each: 64 GiB at 1 MiB). It takes every message at once; what the plugin's
-//! queue and budget have no room for waits in the pump ([`Waiting`], at most the feed's
-//! budget in bytes again), and what does not fit there is dropped, counted
+//! queue and budget have no room for waits in the pump, charged to the feed's second budget
+//! (`Intake::waiting`: `flow.buffer_mib` again, shared by the feed's pumps, each message at
+//! its size on the wire), and what does not fit there is dropped unread, counted
 //! (`plugbus_nats_core_dropped_total{plugin}`) and logged: core NATS is at-most-once, and a
 //! full consumer is where it drops.
 
-use super::budget::Intake;
+use super::budget::{Budget, Intake};
 use super::{Filter, wire};
-use crate::event::Event;
+use crate::event::{BUFFERED_ENTRY_COST, Event};
 use crate::transport::Delivery;
 use async_nats::{Message, Subscriber};
 use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use std::collections::VecDeque;
 use std::sync::Arc;
-
-/// At most this many messages wait in one pump, however small (as many as async-nats held).
-pub const MAX_WAITING: usize = 65_536;
+use tokio::sync::OwnedSemaphorePermit;
 
 /// Moves messages from the subscription into the plugin's queue until either closes. A message
 /// the plugin's patterns do not reach by plugbus's rule (the server gives `>` subscribers `$`
@@ -29,8 +28,7 @@ pub const MAX_WAITING: usize = 65_536;
 /// [`Filter`]. One the plugin has no room for, even waiting, is dropped and counted in
 /// `dropped`.
 pub async fn pump(mut sub: Subscriber, intake: Intake, filter: Filter, dropped: Counter) {
-    let mut waiting =
-        Waiting { max_bytes: intake.budget.bytes(), plugin: filter.plugin.clone(), dropped, ..Default::default() };
+    let mut waiting = Waiting { deliveries: VecDeque::new(), plugin: filter.plugin.clone(), dropped, dropping: 0 };
     loop {
         let front = waiting.front_cost();
         tokio::select! {
@@ -41,21 +39,34 @@ pub async fn pump(mut sub: Subscriber, intake: Intake, filter: Filter, dropped: 
             }
             msg = sub.next() => {
                 let Some(msg) = msg else { return };
-                let Some(delivery) = delivery_of(msg, &filter) else { continue };
-                let delivery = if waiting.is_empty() {
-                    match intake.try_send(delivery) {
-                        Ok(()) => continue,
-                        Err(Some(delivery)) => delivery,
-                        Err(None) => return,
+                let wire_cost = wire_cost(&msg);
+                if !waiting.is_empty() {
+                    // Behind others: it waits too, if there is room for it, or is dropped unread.
+                    match intake.waiting.try_room(wire_cost) {
+                        Some(room) => waiting.push(delivery_of(msg, &filter), &intake.budget, room),
+                        None => waiting.drop_one(&msg.subject),
                     }
-                } else {
-                    delivery
-                };
-                let cost = intake.budget.cost(&delivery);
-                waiting.push(delivery, cost);
+                    continue;
+                }
+                let Some(delivery) = delivery_of(msg, &filter) else { continue };
+                match intake.try_send(delivery) {
+                    Ok(()) => {}
+                    Err(Some(delivery)) => match intake.waiting.try_room(wire_cost) {
+                        Some(room) => waiting.push(Some(delivery), &intake.budget, room),
+                        None => waiting.drop_one(&delivery.event.subject),
+                    },
+                    Err(None) => return,
+                }
             }
         }
     }
+}
+
+/// What a message costs while it waits: its size on the wire (subject, reply, headers,
+/// payload), 64 bytes a header, and the event's own record.
+fn wire_cost(msg: &Message) -> u64 {
+    let headers = msg.headers.as_ref().map_or(0, |h| h.iter().map(|(_, values)| values.len()).sum::<usize>());
+    (msg.length as u64) + (headers as u64) * crate::kv::ENTRY_COST + BUFFERED_ENTRY_COST
 }
 
 /// The delivery of a message the plugin takes; `None` for one its patterns do not reach.
@@ -70,21 +81,23 @@ fn delivery_of(msg: Message, filter: &Filter) -> Option<Delivery> {
             ev.reply_to = msg.reply.map(|r| r.to_string()).filter(|r| super::is_inbox(r));
             Delivery::once(Arc::new(ev))
         }
-        Err(why) => Delivery { defect: Some(why), ..Delivery::once(Arc::new(Event::new(subject, msg.payload))) },
+        Err(why) => {
+            let raw = Event::new(subject, wire::owned(&msg.payload));
+            Delivery { defect: Some(why), ..Delivery::once(Arc::new(raw)) }
+        }
     })
 }
 
 /// Messages taken from the client that wait for room in the plugin's queue and budget, in
-/// order, bounded in bytes (each at its buffered cost) and in count.
-#[derive(Default)]
+/// order, each holding its room in the feed's waiting budget.
 struct Waiting {
-    deliveries: VecDeque<(Delivery, u32)>,
-    bytes: u64,
-    max_bytes: u64,
+    /// Each with its cost in the plugin's budget and its room in the waiting budget.
+    deliveries: VecDeque<(Delivery, u32, OwnedSemaphorePermit)>,
     plugin: Arc<str>,
     /// `plugbus_nats_core_dropped_total{plugin}`.
     dropped: Counter,
-    /// Messages dropped since the pump last had room for one (logged when it starts and ends).
+    /// Messages dropped since nothing waited (logged when dropping starts and when the pump has
+    /// caught up: one line each, however a publisher interleaves large and small messages).
     dropping: u64,
 }
 
@@ -94,38 +107,49 @@ impl Waiting {
     }
 
     fn front_cost(&self) -> Option<u32> {
-        self.deliveries.front().map(|(_, cost)| *cost)
+        self.deliveries.front().map(|(_, cost, _)| *cost)
     }
 
+    /// The first in line; its room in the waiting budget comes back.
     fn pop(&mut self) -> Delivery {
-        let (delivery, cost) = self.deliveries.pop_front().expect("popped only when one waits");
-        self.bytes -= u64::from(cost);
+        let (delivery, _, _room) = self.deliveries.pop_front().expect("popped only when one waits");
+        if self.deliveries.is_empty() && self.dropping > 0 {
+            tracing::warn!(plugin = %self.plugin, dropped = self.dropping, "caught up after dropping core NATS messages");
+            self.dropping = 0;
+        }
         delivery
     }
 
-    /// Keeps `delivery` if it fits, else drops it (counted, logged when dropping starts and
-    /// ends). The first one always fits: one larger than the whole budget waits for all of it.
-    fn push(&mut self, delivery: Delivery, cost: u32) {
-        let fits = self.deliveries.is_empty()
-            || (self.bytes + u64::from(cost) <= self.max_bytes && self.deliveries.len() < MAX_WAITING);
-        if !fits {
-            if self.dropping == 0 {
-                tracing::warn!(
-                    plugin = %self.plugin, subject = %delivery.event.subject, event_id = %delivery.event.id,
-                    waiting = self.deliveries.len(), waiting_bytes = self.bytes,
-                    "core NATS message dropped: the plugin's queue and flow.buffer_mib are full, and as much again \
-                     waits (core NATS is at-most-once; a durable subscription keeps what its plugin has no room for)"
-                );
-            }
-            self.dropped.inc();
-            self.dropping += 1;
-            return;
+    /// Keeps `delivery` (if the plugin takes it) in line, with its `room`.
+    fn push(&mut self, delivery: Option<Delivery>, budget: &Budget, room: OwnedSemaphorePermit) {
+        if let Some(delivery) = delivery {
+            let cost = budget.cost(&delivery);
+            self.deliveries.push_back((delivery, cost, room));
         }
-        if self.dropping > 0 {
-            tracing::warn!(plugin = %self.plugin, dropped = self.dropping, "the plugin has room again after dropping core NATS messages");
-            self.dropping = 0;
+    }
+
+    /// Drops a message on `subject` the plugin has no room for.
+    fn drop_one(&mut self, subject: &str) {
+        if self.dropping == 0 {
+            tracing::warn!(
+                plugin = %self.plugin, subject = %subject, waiting = self.deliveries.len(),
+                "core NATS messages dropped: the plugin's queue and flow.buffer_mib are full, and as much again \
+                 waits (core NATS is at-most-once; a durable subscription keeps what its plugin has no room for)"
+            );
         }
-        self.bytes += u64::from(cost);
-        self.deliveries.push_back((delivery, cost));
+        self.dropped.inc();
+        self.dropping += 1;
+    }
+}
+
+impl Drop for Waiting {
+    /// A pump ends (its pattern unsubscribed, the plugin gone) with messages still in line:
+    /// they are dropped, and counted.
+    fn drop(&mut self) {
+        if !self.deliveries.is_empty() {
+            tracing::warn!(plugin = %self.plugin, dropped = self.deliveries.len(),
+                "core NATS messages dropped: their subscription ended while they waited for room");
+            self.dropped.inc_by(self.deliveries.len() as u64);
+        }
     }
 }

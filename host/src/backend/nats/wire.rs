@@ -32,18 +32,27 @@ pub fn reply_inbox(headers: Option<&HeaderMap>) -> Option<String> {
 }
 
 /// The event a NATS message carries; the error says what is malformed. A message naming no id
-/// gets `fallback_id`, or a fresh one.
+/// gets `fallback_id`, or a fresh one. Its data is the payload's own copy (see [`owned`]).
 pub fn event_of(
     subject: &str,
     headers: Option<&HeaderMap>,
     payload: Bytes,
     fallback_id: Option<String>,
 ) -> Result<Event, String> {
+    let payload = owned(&payload);
     let pairs = headers
         .into_iter()
         .flat_map(|h| h.iter())
         .flat_map(|(name, values)| values.iter().map(move |v| (AsRef::<str>::as_ref(name), v.as_str())));
     cloudevents::decode_with_id(subject, pairs, payload, fallback_id)
+}
+
+/// A copy of a message's payload in an allocation of its own. async-nats slices a payload out
+/// of the connection's read buffer: held, even a 1-byte one keeps that whole buffer alive, with
+/// the headers and other messages read into it (a hostile publisher's 1 MiB message beside
+/// each small one it knows will be kept). A held event must cost what its bytes say.
+pub fn owned(payload: &Bytes) -> Bytes {
+    Bytes::copy_from_slice(payload)
 }
 
 /// The headers and payload that carry `ev` (binary mode). Headers NATS cannot carry (a name
