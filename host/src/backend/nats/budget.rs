@@ -91,8 +91,14 @@ impl Intake {
         Self { tx, budget: Budget::new(bytes), waiting: Budget::new(bytes) }
     }
 
-    /// Queues `delivery` once it has room; `false` once the queue is closed.
+    /// Queues `delivery` once it has room; `false` once the queue is closed. Room there now is
+    /// taken without waiting (no waker registered, no task woken).
     pub async fn send(&self, delivery: Delivery) -> bool {
+        let delivery = match self.try_send(delivery) {
+            Ok(()) => return true,
+            Err(None) => return false,
+            Err(Some(delivery)) => delivery,
+        };
         match self.budget.hold(delivery).await {
             Some(delivery) => self.tx.send(delivery).await.is_ok(),
             None => false,
