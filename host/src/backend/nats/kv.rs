@@ -172,33 +172,39 @@ impl KvStore for JetStreamKv {
         }
         for (key, value) in &txn.writes {
             let k = nats_key(key);
-            let conflict = |e: &dyn std::fmt::Display| unavailable("writing", key, e);
+            let failed = |e: &dyn std::fmt::Display| unavailable("writing", key, e);
             match (value, txn.reads.get(key)) {
                 (Some(v), Some(0)) => match store.create(&k, v.clone().into()).await {
                     Ok(_) => {}
                     Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                         return Err(KvError::Conflict(key.clone()));
                     }
-                    Err(e) => return Err(conflict(&e)),
+                    Err(e) => return Err(failed(&e)),
                 },
                 (Some(v), Some(seen)) => match store.update(&k, v.clone().into(), *seen).await {
                     Ok(_) => {}
                     Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                         return Err(KvError::Conflict(key.clone()));
                     }
-                    Err(e) => return Err(conflict(&e)),
+                    Err(e) => return Err(failed(&e)),
                 },
                 (Some(v), None) => {
-                    store.put(&k, v.clone().into()).await.map_err(|e| conflict(&e))?;
+                    store.put(&k, v.clone().into()).await.map_err(|e| failed(&e))?;
                 }
-                (None, Some(seen)) if *seen > 0 => {
-                    store.delete_expect_revision(&k, Some(*seen)).await.map_err(|_| KvError::Conflict(key.clone()))?;
-                }
+                (None, Some(seen)) if *seen > 0 => match store.delete_expect_revision(&k, Some(*seen)).await {
+                    Ok(()) => {}
+                    // A delete's error kinds are an update's: only a changed revision is a conflict
+                    // (a lost connection re-running the handler in place would hide the outage).
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                        return Err(KvError::Conflict(key.clone()));
+                    }
+                    Err(e) => return Err(failed(&e)),
+                },
                 // Read as absent (just checked above): nothing to delete. Deleting anyway would
                 // erase a key another host created since the check; left alone, this
                 // transaction comes before that creation.
                 (None, Some(_)) => {}
-                (None, None) => store.delete(&k).await.map_err(|e| conflict(&e))?,
+                (None, None) => store.delete(&k).await.map_err(|e| failed(&e))?,
             }
         }
         Ok(())
