@@ -717,7 +717,8 @@ async fn dlq_replay(State(api): State<Api>, Query(q): Query<DlqQuery>) -> Respon
         let report = replay(&task_api, q.plugin.as_deref()).await;
         if tx.send(report.clone()).is_err() {
             tracing::info!(replayed = report["replayed"].as_array().map_or(0, Vec::len),
-                failed = %report["failed"], "dead-letter replay finished after its client went away");
+                failed = %report["failed"], refused = report["refused"].as_array().map_or(0, Vec::len),
+                "dead-letter replay finished after its client went away");
         }
     });
     match rx.await {

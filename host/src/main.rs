@@ -768,7 +768,9 @@ async fn replay_with_progress(client: &reqwest::Client, url: &str, plugin: Optio
             // Never replayable: kept, and why.
             422 => {
                 let body: serde_json::Value = resp.json().await.unwrap_or_default();
-                refused.push(serde_json::json!({ "dead_letter": id, "why": body["error"] }));
+                let error = body["error"].as_str().unwrap_or("not replayable");
+                let why = error.split_once("and is kept: ").map_or(error, |(_, why)| why);
+                refused.push(serde_json::json!({ "dead_letter": id, "why": why }));
             }
             _ => {
                 let body: serde_json::Value = resp.json().await.unwrap_or_default();

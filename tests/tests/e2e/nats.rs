@@ -1049,9 +1049,10 @@ async fn a_core_flood_of_large_messages_is_dropped_past_the_plugins_buffer_and_c
     })
     .await;
     let client = server.client().await;
-    // 60 messages of 300 KiB, each 200 ms of work: 18 MiB against 1 MiB held and 1 MiB waiting.
+    // 60 messages of 300 KiB, each a second of work: 18 MiB against 1 MiB held and 1 MiB
+    // waiting, all published long before the handler has room for more.
     const N: u64 = 60;
-    let data = format!("200{}", " ".repeat(300 << 10));
+    let data = format!("1000{}", " ".repeat(300 << 10));
     for _ in 0..N {
         client.publish("faulty.slow", data.clone().into()).await.unwrap();
     }

@@ -165,11 +165,13 @@ pub async fn pump(
     mut consumer: PullConsumer,
     intake: super::budget::Intake,
     held: Arc<Held>,
-    batch: Batch,
+    queue: usize,
     filter: super::Filter,
 ) {
     let plugin = filter.plugin.clone();
     loop {
+        // The server's `max_payload` as it is now: a reconnect may have reached another server.
+        let batch = Batch::new(queue, intake.budget.bytes(), js.client().server_info().max_payload);
         let opened = consumer
             .stream()
             .max_messages_per_batch(batch.messages)

@@ -391,11 +391,7 @@ impl NatsTransport {
                                 c,
                                 feed.intake.clone(),
                                 self.held.clone(),
-                                consumer::Batch::new(
-                                    spec.capacity,
-                                    feed.intake.budget.bytes(),
-                                    self.client.server_info().max_payload,
-                                ),
+                                spec.capacity,
                                 feed.filter.clone(),
                             );
                             feed.durable.insert(stream.clone(), (filters.clone(), Task(tokio::spawn(pump))));

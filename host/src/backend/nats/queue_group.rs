@@ -39,20 +39,23 @@ pub async fn pump(mut sub: Subscriber, intake: Intake, filter: Filter, dropped: 
             }
             msg = sub.next() => {
                 let Some(msg) = msg else { return };
+                if !filter.admits(&msg.subject) {
+                    continue;
+                }
                 let wire_cost = wire_cost(&msg);
                 if !waiting.is_empty() {
                     // Behind others: it waits too, if there is room for it, or is dropped unread.
                     match intake.waiting.try_room(wire_cost) {
-                        Some(room) => waiting.push(delivery_of(msg, &filter), &intake.budget, room),
+                        Some(room) => waiting.push(delivery_of(msg), &intake.budget, room),
                         None => waiting.drop_one(&msg.subject),
                     }
                     continue;
                 }
-                let Some(delivery) = delivery_of(msg, &filter) else { continue };
+                let delivery = delivery_of(msg);
                 match intake.try_send(delivery) {
-                    Ok(()) => {}
+                    Ok(()) => waiting.caught_up(),
                     Err(Some(delivery)) => match intake.waiting.try_room(wire_cost) {
-                        Some(room) => waiting.push(Some(delivery), &intake.budget, room),
+                        Some(room) => waiting.push(delivery, &intake.budget, room),
                         None => waiting.drop_one(&delivery.event.subject),
                     },
                     Err(None) => return,
@@ -69,13 +72,10 @@ fn wire_cost(msg: &Message) -> u64 {
     (msg.length as u64) + (headers as u64) * crate::kv::ENTRY_COST + BUFFERED_ENTRY_COST
 }
 
-/// The delivery of a message the plugin takes; `None` for one its patterns do not reach.
-fn delivery_of(msg: Message, filter: &Filter) -> Option<Delivery> {
+/// The delivery of a message the plugin takes (its patterns reach it: see [`Filter`]).
+fn delivery_of(msg: Message) -> Delivery {
     let subject = msg.subject.to_string();
-    if !filter.admits(&subject) {
-        return None;
-    }
-    Some(match wire::event_of(&subject, msg.headers.as_ref(), msg.payload.clone(), None) {
+    match wire::event_of(&subject, msg.headers.as_ref(), msg.payload.clone(), None) {
         Ok(mut ev) => {
             // Only an inbox is a reply address: anything else is ignored (see `is_inbox`).
             ev.reply_to = msg.reply.map(|r| r.to_string()).filter(|r| super::is_inbox(r));
@@ -85,7 +85,7 @@ fn delivery_of(msg: Message, filter: &Filter) -> Option<Delivery> {
             let raw = Event::new(subject, wire::owned(&msg.payload));
             Delivery { defect: Some(why), ..Delivery::once(Arc::new(raw)) }
         }
-    })
+    }
 }
 
 /// Messages taken from the client that wait for room in the plugin's queue and budget, in
@@ -113,19 +113,24 @@ impl Waiting {
     /// The first in line; its room in the waiting budget comes back.
     fn pop(&mut self) -> Delivery {
         let (delivery, _, _room) = self.deliveries.pop_front().expect("popped only when one waits");
-        if self.deliveries.is_empty() && self.dropping > 0 {
-            tracing::warn!(plugin = %self.plugin, dropped = self.dropping, "caught up after dropping core NATS messages");
-            self.dropping = 0;
+        if self.deliveries.is_empty() {
+            self.caught_up();
         }
         delivery
     }
 
-    /// Keeps `delivery` (if the plugin takes it) in line, with its `room`.
-    fn push(&mut self, delivery: Option<Delivery>, budget: &Budget, room: OwnedSemaphorePermit) {
-        if let Some(delivery) = delivery {
-            let cost = budget.cost(&delivery);
-            self.deliveries.push_back((delivery, cost, room));
+    /// Nothing waits in this pump any more: a burst of drops, if any, has ended.
+    fn caught_up(&mut self) {
+        if self.dropping > 0 {
+            tracing::warn!(plugin = %self.plugin, dropped = self.dropping, "caught up after dropping core NATS messages");
+            self.dropping = 0;
         }
+    }
+
+    /// Keeps `delivery` in line, with its `room`.
+    fn push(&mut self, delivery: Delivery, budget: &Budget, room: OwnedSemaphorePermit) {
+        let cost = budget.cost(&delivery);
+        self.deliveries.push_back((delivery, cost, room));
     }
 
     /// Drops a message on `subject` the plugin has no room for.
