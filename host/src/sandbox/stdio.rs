@@ -45,13 +45,30 @@ impl Capture {
         String::from_utf8_lossy(&b.bytes).lines().map(str::to_owned).collect()
     }
 
-    /// The captured lines (lossy UTF-8, empty lines skipped) and how many bytes were cut.
+    /// The captured lines (lossy UTF-8, empty lines skipped) and how many bytes were cut. Each
+    /// line is charged [`crate::kv::ENTRY_COST`] on top of its text against the cap, as a `log`
+    /// line is: each is a host log line, and 32,768 two-byte lines fit in 64 KiB.
     pub fn take_lines(&self) -> (Vec<String>, usize) {
         let mut b = self.buf.lock().expect("capture poisoned");
         let bytes = std::mem::take(&mut b.bytes);
-        let dropped = std::mem::take(&mut b.dropped);
+        let mut dropped = std::mem::take(&mut b.dropped);
         let text = String::from_utf8_lossy(&bytes);
-        let lines = text.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect();
+        let (mut lines, mut room) = (Vec::new(), self.cap);
+        for piece in text.split_inclusive('\n') {
+            let line = piece.trim_end_matches(['\n', '\r']);
+            if line.trim().is_empty() {
+                continue;
+            }
+            let cost = line.len() + crate::kv::ENTRY_COST as usize;
+            // Once one line is cut, every later one is too (the log keeps the start, in order).
+            if cost > room {
+                room = 0;
+                dropped += piece.len();
+                continue;
+            }
+            room -= cost;
+            lines.push(line.to_owned());
+        }
         (lines, dropped)
     }
 }
@@ -113,10 +130,24 @@ mod tests {
 
     #[test]
     fn output_over_the_cap_is_cut_and_counted() {
+        let c = Capture::new(64 + 5 + 64 + 5);
+        c.push(b"hello\nworld\nand more\nand then some, far past the cap");
+        let (lines, dropped) = c.take_lines();
+        assert_eq!(lines, vec!["hello", "world"], "each line is charged 64 bytes besides its text");
+        assert_eq!(dropped, "and more\nand then some, far past the cap".len());
+        // Bytes past the cap are cut as they are written.
         let c = Capture::new(10);
         c.push(b"hello\nworld\nand more");
+        assert_eq!(c.take_lines(), (vec![], 20), "no line fits 10 bytes at 64 each");
+    }
+
+    /// The attack: 30,000 two-byte lines are 30,000 host log lines, 60 KiB under a 64 KiB cap.
+    #[test]
+    fn each_line_is_charged_like_a_log_line() {
+        let c = Capture::new(64 * 1024);
+        c.push(&b"a\n".repeat(30_000));
         let (lines, dropped) = c.take_lines();
-        assert_eq!(lines, vec!["hello", "worl"]);
-        assert_eq!(dropped, 10);
+        assert_eq!(lines.len(), 64 * 1024 / (1 + 64), "{} lines kept", lines.len());
+        assert_eq!(dropped, (30_000 - lines.len()) * 2);
     }
 }
