@@ -108,7 +108,7 @@ impl Intake {
     /// Queues `delivery` now if the budget and the queue both have room for it; gives it back
     /// if not. `Err(None)` once the queue is closed.
     pub fn try_send(&self, delivery: Delivery) -> Result<(), Option<Delivery>> {
-        let Ok(room) = self.budget.room.clone().try_acquire_many_owned(self.budget.cost(&delivery)) else {
+        let Some(room) = self.budget.try_room(u64::from(self.budget.cost(&delivery))) else {
             return Err(Some(delivery));
         };
         match self.tx.try_reserve() {
