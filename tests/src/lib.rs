@@ -36,6 +36,7 @@ pub const COMPONENTS: &[&str] = &[
     "picky",
     "asker",
     "responder",
+    "stall",
 ];
 
 /// The workspace root.

@@ -203,6 +203,22 @@ fn read_regular(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// The key in the file at `path`, checked on the file opened (its owner, mode and length, by
+/// `fstat`), not on the path: a path checked and then opened may name another file by then.
+/// `Err(why)` when the file opened is not a safe key.
+fn read_key(path: &Path) -> std::io::Result<Result<[u8; KEY_LEN], String>> {
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    if let Some(why) = unsafe_key(&file.metadata()?) {
+        return Ok(Err(why));
+    }
+    let mut key = [0u8; KEY_LEN];
+    file.read_exact(&mut key)?;
+    Ok(Ok(key))
+}
+
 /// Why a key file is not safe to use, if it is not.
 fn unsafe_key(meta: &std::fs::Metadata) -> Option<String> {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -235,16 +251,14 @@ fn load_or_make_key(path: &Path) -> std::io::Result<[u8; KEY_LEN]> {
     for _ in 0..4 {
         let unsafe_one = match std::fs::symlink_metadata(path) {
             Ok(meta) => match unsafe_key(&meta) {
-                None => {
-                    let bytes = read_regular(path, KEY_LEN as u64)?;
-                    // Checked again on the file actually read (it may have changed in between).
-                    let opened = std::fs::symlink_metadata(path)?;
-                    if let (Ok(key), None) = (<[u8; KEY_LEN]>::try_from(bytes.as_slice()), unsafe_key(&opened)) {
-                        return Ok(key);
+                None => match read_key(path)? {
+                    Ok(key) => return Ok(key),
+                    Err(why) => {
+                        tracing::warn!(file = %path.display(),
+                            "the compile cache key changed while read ({why}): making a new one");
+                        true
                     }
-                    tracing::warn!(file = %path.display(), "the compile cache key changed while read: making a new one");
-                    true
-                }
+                },
                 Some(why) => {
                     tracing::warn!(
                         file = %path.display(),
@@ -338,6 +352,50 @@ mod tests {
         load_or_make_key(&path).unwrap();
         assert!(std::fs::symlink_metadata(&path).unwrap().is_file(), "a symlinked key is replaced by a file");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The attack on a check by path: someone who may write the key's folder swaps their own
+    /// key file (readable by them) in just before the open and the real one back just after
+    /// (`renameat2` with `RENAME_EXCHANGE`, over and over). The key used is never theirs: it
+    /// is checked on the file opened. (The window is microseconds: a second of this passed
+    /// on the check by path too. The first assertion is the deterministic part.)
+    #[test]
+    fn a_key_swapped_in_between_the_check_and_the_open_is_never_used() {
+        use std::sync::atomic::AtomicBool;
+        let dir = tempfile::tempdir().unwrap();
+        let (path, theirs) = (dir.path().join("cache.key"), dir.path().join("theirs.key"));
+        let forged = [7u8; KEY_LEN];
+        std::fs::write(&theirs, forged).unwrap();
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(read_key(&theirs).unwrap().unwrap_err(), "its mode 644 lets others read or write it");
+        load_or_make_key(&path).unwrap();
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        let (a, b) = (c(&path), c(&theirs));
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    // SAFETY: two valid NUL-terminated paths; the call has no other preconditions.
+                    unsafe {
+                        libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE)
+                    };
+                }
+            });
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            let mut tries = 0;
+            while std::time::Instant::now() < until {
+                tries += 1;
+                // A key made anew (the forged one found unsafe and removed) is fine; theirs never is.
+                if let Ok(key) = load_or_make_key(&path) {
+                    assert_ne!(key, forged, "the forged key was used (try {tries})");
+                }
+                if !theirs.exists() {
+                    std::fs::write(&theirs, forged).unwrap();
+                    std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o644)).unwrap();
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
     }
 
     /// Hosts sharing one cache folder start at once: every one of them gets the same key (none

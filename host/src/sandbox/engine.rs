@@ -193,6 +193,7 @@ impl Sandbox {
         bind: impl FnOnce(&mut Manifest) -> Result<PluginSettings, LoadError>,
     ) -> Result<Plugin, LoadError> {
         validate::check_header(bytes)?;
+        validate::check_nesting(bytes)?;
         let hash = validate::content_hash(bytes);
         let component = {
             let (engine, cache, stats) = (self.engine.clone(), self.cache.clone(), self.cache_stats.clone());
@@ -277,10 +278,14 @@ impl Sandbox {
         ))
     }
 
+    /// Instantiates the component and reads its manifest and the outbound destinations it asks
+    /// for, all within [`MANIFEST_DEADLINE`]. The epoch deadline stops guest code that runs;
+    /// this bound stops a guest that waits inside a host call (a WASI timer polled), which
+    /// would otherwise hold the loader, and every load after it, for as long as it likes.
     async fn read_manifest(&self, pre: &bindings::PluginPre<HostState>) -> Result<Manifest, LoadError> {
         let ctx = Arc::new(PluginCtx {
             name: "(loading)".into(),
-            limits: Limits { deadline: Duration::from_secs(2), ..Limits::default() },
+            limits: Limits { deadline: MANIFEST_DEADLINE, ..Limits::default() },
             publishes: PatternSet::default(),
             config: Default::default(),
             kv: Arc::new(MemoryKv::new()),
@@ -289,23 +294,44 @@ impl Sandbox {
         });
         let mut store = Store::new(&self.engine, HostState::new(ctx, "manifest", "manifest"));
         super::plugin::arm_store(&mut store);
-        let raw_instance = pre
-            .instance_pre()
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| LoadError::Invalid(format!("cannot instantiate: {}", super::plugin::error_text(&e))))?;
-        let instance = bindings::Plugin::new(&mut store, &raw_instance)
-            .map_err(|e| LoadError::Invalid(format!("does not export plugbus:handler/handler: {e:#}")))?;
-        let raw = instance
-            .plugbus_handler_handler()
-            .call_manifest(&mut store)
-            .await
-            .map_err(|e| LoadError::Manifest(format!("manifest() failed: {}", super::plugin::error_text(&e))))?;
-        let mut manifest = Manifest::from_wit(raw).map_err(LoadError::Manifest)?;
-        manifest.outbound = requested_outbound(&mut store, &raw_instance).await?;
-        manifest.validate_outbound().map_err(LoadError::Manifest)?;
-        Ok(manifest)
+        let limit = MANIFEST_DEADLINE + super::plugin::DEADLINE_GRACE;
+        match tokio::time::timeout(limit, manifest_of(&mut store, pre)).await {
+            Ok(read) => read,
+            // The store is dropped with the call suspended in it: nothing of it runs again.
+            Err(_) => Err(LoadError::Manifest(format!(
+                "manifest() did not return within {}: the plugin waited in a host call (a timer or poll) \
+                 while instantiated or asked for its manifest",
+                humantime::format_duration(MANIFEST_DEADLINE)
+            ))),
+        }
     }
+}
+
+/// How long instantiating a plugin and reading its manifest may take, in guest code and host
+/// calls together.
+const MANIFEST_DEADLINE: Duration = Duration::from_secs(2);
+
+/// What [`Sandbox::read_manifest`] bounds in time.
+async fn manifest_of(
+    store: &mut Store<HostState>,
+    pre: &bindings::PluginPre<HostState>,
+) -> Result<Manifest, LoadError> {
+    let raw_instance = pre
+        .instance_pre()
+        .instantiate_async(&mut *store)
+        .await
+        .map_err(|e| LoadError::Invalid(format!("cannot instantiate: {}", super::plugin::error_text(&e))))?;
+    let instance = bindings::Plugin::new(&mut *store, &raw_instance)
+        .map_err(|e| LoadError::Invalid(format!("does not export plugbus:handler/handler: {e:#}")))?;
+    let raw = instance
+        .plugbus_handler_handler()
+        .call_manifest(&mut *store)
+        .await
+        .map_err(|e| LoadError::Manifest(format!("manifest() failed: {}", super::plugin::error_text(&e))))?;
+    let mut manifest = Manifest::from_wit(raw).map_err(LoadError::Manifest)?;
+    manifest.outbound = requested_outbound(store, &raw_instance).await?;
+    manifest.validate_outbound().map_err(LoadError::Manifest)?;
+    Ok(manifest)
 }
 
 /// The optional `plugbus:handler/outbound` export: the destinations the plugin asks for (none

@@ -43,7 +43,7 @@ impl GuestStack {
     /// does not keep a stack at the bottom of memory, or the binary is not understood.
     pub fn of_component(component: &[u8]) -> Option<Self> {
         let mut found = None;
-        walk_component(component, &mut |module| {
+        walk_component(component, super::validate::MAX_NESTING, &mut |module| {
             if found.is_none() {
                 found = module_stack(module);
             }
@@ -176,8 +176,10 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Calls `module` with every core module in `component`, nested components included.
-fn walk_component(component: &[u8], module: &mut dyn FnMut(&[u8])) -> Option<()> {
+/// Calls `module` with every core module in `component`, nested components included, down to
+/// `depth` levels (`None` past it: the loader refuses deeper components before this runs).
+fn walk_component(component: &[u8], depth: usize, module: &mut dyn FnMut(&[u8])) -> Option<()> {
+    let depth = depth.checked_sub(1)?;
     let mut r = Reader::new(component);
     if r.take(8)? != b"\0asm\x0d\x00\x01\x00" {
         return None;
@@ -188,7 +190,7 @@ fn walk_component(component: &[u8], module: &mut dyn FnMut(&[u8])) -> Option<()>
         let body = r.take(size)?;
         match id {
             1 => module(body),
-            4 => walk_component(body, module)?,
+            4 => walk_component(body, depth, module)?,
             _ => {}
         }
     }

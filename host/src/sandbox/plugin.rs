@@ -114,7 +114,7 @@ const MAX_FAILURE_BYTES: usize = crate::deadletter::MAX_ERROR_BYTES - 128;
 /// How long past its deadline an attempt may still be in a call before the call is dropped. The
 /// epoch tick interrupts running wasm at the deadline; this catches a guest waiting in a host
 /// call (a sleep, a pollable that never fires), which no tick reaches.
-const DEADLINE_GRACE: Duration = Duration::from_millis(100);
+pub(super) const DEADLINE_GRACE: Duration = Duration::from_millis(100);
 
 /// Runs `call` (which uses `store`) until it ends or the attempt's deadline, plus the grace,
 /// has passed. Then the call is dropped mid-way, `store` is marked as having hit

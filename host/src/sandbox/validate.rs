@@ -49,6 +49,54 @@ pub fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
     }
 }
 
+/// The deepest a component may hold components inside components. Tools that compose
+/// components nest a few levels; a file nested thousands deep is an attack: compiling one of
+/// 100,000 levels (a 1.2 MB file) grew the process past 24 GiB until the kernel killed it.
+pub const MAX_NESTING: usize = 64;
+
+/// Refuses a component that holds components nested more than [`MAX_NESTING`] deep, before
+/// anything compiles or walks it. Reads only section headers, without recursion; what it
+/// cannot read is left for the parser to name.
+pub fn check_nesting(bytes: &[u8]) -> Result<(), LoadError> {
+    // Where each component being read ends, outermost first.
+    let mut ends = vec![bytes.len()];
+    let mut pos = 8;
+    while let Some(&end) = ends.last() {
+        if pos >= end {
+            ends.pop();
+            continue;
+        }
+        let id = bytes[pos];
+        let Some((size, body)) = leb_u32(bytes, pos + 1) else { return Ok(()) };
+        let Some(body_end) = body.checked_add(size).filter(|e| *e <= end) else { return Ok(()) };
+        if id == 4 {
+            if ends.len() >= MAX_NESTING {
+                return Err(LoadError::Invalid(format!("components nested more than {MAX_NESTING} deep")));
+            }
+            ends.push(body_end);
+            // past the nested component's own 8-byte header
+            pos = body + 8;
+        } else {
+            pos = body_end;
+        }
+    }
+    Ok(())
+}
+
+/// An unsigned LEB128 `u32` at `pos`: its value and where the next byte is.
+fn leb_u32(bytes: &[u8], mut pos: usize) -> Option<(usize, usize)> {
+    let mut value = 0u64;
+    for shift in (0..35).step_by(7) {
+        let b = *bytes.get(pos)?;
+        pos += 1;
+        value |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return u32::try_from(value).ok().map(|v| (v as usize, pos));
+        }
+    }
+    None
+}
+
 /// WASI interfaces a plugin may import: stdio (captured), clocks, random, and the plumbing
 /// they need. No filesystem, no sockets, no HTTP.
 const ALLOWED_WASI: &[&str] = &[
@@ -99,4 +147,59 @@ pub fn check_imports(engine: &Engine, component: &Component) -> Result<(), LoadE
     let bad: Vec<String> =
         ty.imports(engine).map(|(name, _)| name.to_string()).filter(|n| !allowed_import(n)).collect();
     if bad.is_empty() { Ok(()) } else { Err(LoadError::ForbiddenImports(bad)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `depth` components, each the only section of the one around it: the sizes from the
+    /// inside out, then the bytes from the outside in (linear, no copying of the inner levels).
+    fn nested(depth: usize) -> Vec<u8> {
+        const HEADER: &[u8] = b"\0asm\x0d\x00\x01\x00";
+        let leb = |mut n: usize, out: &mut Vec<u8>| loop {
+            let b = (n & 0x7f) as u8;
+            n >>= 7;
+            out.push(if n > 0 { b | 0x80 } else { b });
+            if n == 0 {
+                break;
+            }
+        };
+        let mut sizes = vec![HEADER.len()];
+        for _ in 0..depth {
+            let inner = *sizes.last().unwrap();
+            let mut len = Vec::new();
+            leb(inner, &mut len);
+            sizes.push(HEADER.len() + 1 + len.len() + inner);
+        }
+        let mut out = Vec::with_capacity(sizes[depth]);
+        for inner in sizes[..depth].iter().rev() {
+            out.extend_from_slice(HEADER);
+            out.push(4);
+            leb(*inner, &mut out);
+        }
+        out.extend_from_slice(HEADER);
+        out
+    }
+
+    #[test]
+    fn components_are_refused_past_the_nesting_limit_and_read_without_recursion() {
+        // the outermost is level 1: MAX_NESTING levels in all pass, one more does not
+        assert!(check_nesting(&nested(MAX_NESTING - 1)).is_ok());
+        let err = check_nesting(&nested(MAX_NESTING)).unwrap_err().to_string();
+        assert_eq!(err, format!("invalid component: components nested more than {MAX_NESTING} deep"));
+        // a million levels: no stack is deep enough for a recursive reader
+        assert!(check_nesting(&nested(1_000_000)).is_err());
+        // siblings are not depth: 1,000 components side by side
+        let mut wide = b"\0asm\x0d\x00\x01\x00".to_vec();
+        for _ in 0..1_000 {
+            wide.extend([4, 8]);
+            wide.extend(b"\0asm\x0d\x00\x01\x00");
+        }
+        assert!(check_nesting(&wide).is_ok());
+        // what it cannot read is the parser's to name
+        for garbage in [&b"\0asm\x0d\x00\x01\x00\x04\xff"[..], b"\0asm\x0d\x00\x01\x00\x04\x7f\x00", b"\0asm"] {
+            assert!(check_nesting(garbage).is_ok(), "{garbage:?}");
+        }
+    }
 }

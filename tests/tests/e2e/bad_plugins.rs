@@ -165,3 +165,81 @@ async fn an_invalid_manifest_dropped_into_a_running_host_is_refused_and_counted(
     let metrics = get(&t.url(), "/metrics").await;
     assert!(metrics.contains("plugbus_load_errors_total{file=\"manifesto.wasm\"} 1"), "{metrics}");
 }
+
+/// A component `depth` components deep (each the only section of the one around it): the
+/// sizes from the inside out, then the bytes from the outside in. About 12 bytes a level.
+fn nested_component(depth: usize) -> Vec<u8> {
+    const HEADER: &[u8] = b"\0asm\x0d\x00\x01\x00";
+    let leb = |mut n: usize, out: &mut Vec<u8>| loop {
+        let b = (n & 0x7f) as u8;
+        n >>= 7;
+        out.push(if n > 0 { b | 0x80 } else { b });
+        if n == 0 {
+            break;
+        }
+    };
+    let mut sizes = vec![HEADER.len()];
+    for _ in 0..depth {
+        let inner = *sizes.last().unwrap();
+        let mut len = Vec::new();
+        leb(inner, &mut len);
+        sizes.push(HEADER.len() + 1 + len.len() + inner);
+    }
+    let mut out = Vec::with_capacity(sizes[depth]);
+    for inner in sizes[..depth].iter().rev() {
+        out.extend_from_slice(HEADER);
+        out.push(4);
+        leb(*inner, &mut out);
+    }
+    out.extend_from_slice(HEADER);
+    out
+}
+
+/// A hostile file: components nested 100,000 deep (about 1.2 MB). Compiled, it grew the host
+/// past 24 GiB until the kernel killed it (at every start: the file stays); walked by
+/// recursion, it overflows the thread's stack. It is refused before either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn components_nested_thousands_deep_are_refused_without_taking_the_host_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("audit"), tmp.path().join("audit.wasm")).unwrap();
+    std::fs::write(tmp.path().join("nested.wasm"), nested_component(100_000)).unwrap();
+    // a few levels are fine as far as nesting goes (refused for what they lack, not their depth)
+    std::fs::write(tmp.path().join("shallow.wasm"), nested_component(3)).unwrap();
+    let host = host_on(tmp.path()).await;
+    let rejected = host.rejected();
+    let reason = |file: &str| rejected.iter().find(|r| r.path.ends_with(file)).map(|r| r.reason.clone());
+    let nested = reason("nested.wasm").unwrap_or_else(|| panic!("nested.wasm not reported: {rejected:?}"));
+    assert!(nested.contains("components nested more than 64 deep"), "{nested}");
+    let shallow = reason("shallow.wasm").unwrap_or_else(|| panic!("shallow.wasm not reported: {rejected:?}"));
+    assert!(!shallow.contains("nested"), "{shallow}");
+    assert_eq!(host.router().names(), vec!["audit".to_string()]);
+}
+
+/// A hostile plugin whose `manifest()` waits an hour in a host call (`tests/components/stall`):
+/// the guest runs no code, so no epoch deadline stops it. Reading a manifest is bounded in time
+/// like a handler's attempt: the file is refused, at start and when dropped into a running
+/// host, and the plugins around it load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_that_never_returns_is_refused_and_the_other_plugins_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("audit"), tmp.path().join("audit.wasm")).unwrap();
+    std::fs::copy(wasm("stall"), tmp.path().join("stall.wasm")).unwrap();
+    let host = tokio::time::timeout(Duration::from_secs(30), host_on(tmp.path()))
+        .await
+        .expect("the host started within 30 s despite a manifest that never returns");
+    let rejected = host.rejected();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert!(rejected[0].path.ends_with("stall.wasm"), "{rejected:?}");
+    assert!(rejected[0].reason.contains("manifest() did not return within 2s"), "{rejected:?}");
+    assert_eq!(host.router().names(), vec!["audit".to_string()]);
+    host.shutdown().await;
+
+    // Dropped into a running host, it holds up no later file.
+    let t = TestHost::start(&["audit"]).await;
+    std::fs::copy(wasm("stall"), t.dir.path().join("stall.wasm")).unwrap();
+    std::fs::copy(wasm("echo"), t.dir.path().join("echo.wasm")).unwrap();
+    let host = &t.host;
+    eventually("echo is loaded", || host.router().contains("echo")).await;
+    eventually("stall is refused", || host.rejected().iter().any(|r| r.path.ends_with("stall.wasm"))).await;
+    assert!(!host.router().contains("stall"));
+}
