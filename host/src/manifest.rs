@@ -77,6 +77,25 @@ pub fn names_agree(declared: &str, identity: &str) -> bool {
                 .all(|(a, b)| a == b || (matches!(a, b'-' | b'_') && matches!(b, b'-' | b'_'))))
 }
 
+/// The most patterns a manifest's `subscriptions`, and its `publishes`, may list.
+pub const MAX_PATTERNS: usize = 256;
+
+/// The longest a manifest's `version` or an `order-by` header name may be, in bytes.
+pub const MAX_LABEL_LEN: usize = 128;
+
+/// A short label the host shows and logs (a version, a header name): at most
+/// [`MAX_LABEL_LEN`] bytes, no whitespace or control characters (it is written into log lines
+/// and trace spans as is).
+fn check_label(label: &str) -> Result<(), String> {
+    if label.len() > MAX_LABEL_LEN {
+        return Err(format!("is {} bytes, over {MAX_LABEL_LEN}", label.len()));
+    }
+    if label.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{label:?} has spaces or control characters"));
+    }
+    Ok(())
+}
+
 /// Checks a queue group the operator or a manifest sets: not empty, no spaces or control
 /// characters, at most [`MAX_QUEUE_GROUP_LEN`] bytes.
 pub fn check_queue_group(q: &str) -> Result<(), &'static str> {
@@ -139,8 +158,17 @@ impl Manifest {
                 self.name
             ));
         }
+        if let Err(why) = check_label(&self.version) {
+            return Err(format!("manifest field `version` {why}"));
+        }
         if self.subscriptions.is_empty() {
             return Err("manifest field `subscriptions` is empty: the plugin would never run".into());
+        }
+        // Every event and output on the embedded bus is matched against every pattern.
+        for (field, count) in [("subscriptions", self.subscriptions.len()), ("publishes", self.publishes.len())] {
+            if count > MAX_PATTERNS {
+                return Err(format!("manifest field `{field}` lists {count} patterns, over {MAX_PATTERNS}"));
+            }
         }
         for (i, s) in self.subscriptions.iter().enumerate() {
             let pattern =
@@ -157,10 +185,13 @@ impl Manifest {
             {
                 return Err(format!("manifest field `subscriptions[{i}].queue-group` {q:?} {why}"));
             }
-            if let Some(OrderKey::Header(h)) = &s.order_by
-                && h.is_empty()
-            {
-                return Err(format!("manifest field `subscriptions[{i}].order-by` names an empty header"));
+            if let Some(OrderKey::Header(h)) = &s.order_by {
+                if h.is_empty() {
+                    return Err(format!("manifest field `subscriptions[{i}].order-by` names an empty header"));
+                }
+                if let Err(why) = check_label(h) {
+                    return Err(format!("manifest field `subscriptions[{i}].order-by` header name {why}"));
+                }
             }
         }
         for (i, p) in self.publishes.iter().enumerate() {
@@ -290,6 +321,36 @@ mod tests {
         let mut m = manifest();
         m.subscriptions.clear();
         assert!(m.validate().unwrap_err().contains("subscriptions"));
+    }
+
+    /// What a hostile manifest could make the host carry on every event (patterns matched
+    /// against each one, a version written into every span and log line) is bounded.
+    #[test]
+    fn counts_and_lengths_are_bounded_naming_the_field() {
+        let mut m = manifest();
+        m.subscriptions = vec![m.subscriptions[0].clone(); MAX_PATTERNS];
+        m.publishes = vec!["a.b".into(); MAX_PATTERNS];
+        m.version = "v".repeat(MAX_LABEL_LEN);
+        m.validate().unwrap();
+        m.subscriptions.push(m.subscriptions[0].clone());
+        assert_eq!(m.validate().unwrap_err(), "manifest field `subscriptions` lists 257 patterns, over 256");
+        m.subscriptions.pop();
+        m.publishes.push("a.b".into());
+        assert_eq!(m.validate().unwrap_err(), "manifest field `publishes` lists 257 patterns, over 256");
+        let mut m = manifest();
+        m.version = "v".repeat(MAX_LABEL_LEN + 1);
+        assert_eq!(m.validate().unwrap_err(), "manifest field `version` is 129 bytes, over 128");
+        for bad in ["1.0\n[forged] line", "1.0 beta"] {
+            let mut m = manifest();
+            m.version = bad.into();
+            assert!(m.validate().unwrap_err().starts_with("manifest field `version` "), "{bad:?}");
+        }
+        let mut m = manifest();
+        m.subscriptions[0].order_by = Some(OrderKey::Header("k".repeat(MAX_LABEL_LEN + 1)));
+        let e = m.validate().unwrap_err();
+        assert_eq!(e, "manifest field `subscriptions[0].order-by` header name is 129 bytes, over 128");
+        m.subscriptions[0].order_by = Some(OrderKey::Header(String::new()));
+        assert!(m.validate().unwrap_err().contains("order-by` names an empty header"));
     }
 
     #[test]

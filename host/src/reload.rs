@@ -210,11 +210,36 @@ fn is_plugin_file(path: &Path) -> bool {
     path.extension().is_some_and(|x| x == "wasm")
 }
 
+/// What a rescan looks at: every `.wasm` file in `dir` now, and every file a plugin was loaded
+/// from or refused for (a file gone meanwhile is then removed or forgotten).
+fn rescan_paths(dir: &Path, known: impl IntoIterator<Item = PathBuf>) -> BTreeSet<PathBuf> {
+    let mut paths: BTreeSet<PathBuf> = known.into_iter().collect();
+    match std::fs::read_dir(dir) {
+        Ok(entries) => paths.extend(entries.flatten().map(|e| e.path()).filter(|p| is_plugin_file(p))),
+        Err(e) => {
+            tracing::error!(dir = %dir.display(), "cannot list the plugins folder to look at every file again: {e}")
+        }
+    }
+    paths
+}
+
 /// Watches the plugins folder until the returned guard is dropped.
 pub fn watch(reloader: Arc<Reloader>) -> anyhow::Result<WatchGuard> {
     let dir = reloader.config.plugins_dir.clone();
     let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
+    let (watched, known) = (dir.clone(), reloader.clone());
+    // Changes were lost (the kernel's queue of them overflowed, or the watch failed): every
+    // file is looked at again, the plugins' and the refused ones' too (they may be gone).
+    let rescan = move |tx: &mpsc::UnboundedSender<PathBuf>, why: &str| {
+        tracing::warn!(dir = %watched.display(), "changes to the plugins folder may have been missed ({why}): looking at every file again");
+        let mut files: Vec<PathBuf> = known.files.lock().expect("poisoned").keys().cloned().collect();
+        files.extend(known.rejected.lock().expect("poisoned").iter().map(|r| r.path.clone()));
+        for path in rescan_paths(&watched, files) {
+            let _ = tx.send(path);
+        }
+    };
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+        Ok(event) if event.need_rescan() => rescan(&tx, "the change events overflowed"),
         Ok(event) => {
             use notify::EventKind;
             use notify::event::{AccessKind, AccessMode};
@@ -235,7 +260,10 @@ pub fn watch(reloader: Arc<Reloader>) -> anyhow::Result<WatchGuard> {
                 }
             }
         }
-        Err(e) => tracing::error!("watching the plugins folder: {e}"),
+        Err(e) => {
+            tracing::error!("watching the plugins folder: {e}");
+            rescan(&tx, "the watch reported an error");
+        }
     })?;
     watcher
         .watch(&dir, RecursiveMode::NonRecursive)
@@ -279,5 +307,22 @@ impl WatchGuard {
 impl Drop for WatchGuard {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rescan_looks_at_every_plugin_file_and_every_file_known_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str| dir.path().join(name);
+        std::fs::write(at("a.wasm"), b"").unwrap();
+        std::fs::write(at("notes.txt"), b"").unwrap();
+        std::fs::create_dir(at("odd.wasm")).unwrap();
+        // `gone.wasm` served a plugin and was removed while changes were being missed
+        let paths = rescan_paths(dir.path(), [at("gone.wasm"), at("a.wasm")]);
+        assert_eq!(paths, BTreeSet::from([at("a.wasm"), at("gone.wasm"), at("odd.wasm")]));
     }
 }

@@ -13,7 +13,7 @@ use crate::manifest::Manifest;
 use crate::subject::PatternSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 
@@ -282,6 +282,9 @@ impl Sandbox {
     /// for, all within [`MANIFEST_DEADLINE`]. The epoch deadline stops guest code that runs;
     /// this bound stops a guest that waits inside a host call (a WASI timer polled), which
     /// would otherwise hold the loader, and every load after it, for as long as it likes.
+    ///
+    /// While the pool all plugins share is full, the instance waits for a slot as an attempt's
+    /// does (an idle warm instance's slot first), for up to 30 s, not counted in that time.
     async fn read_manifest(&self, pre: &bindings::PluginPre<HostState>) -> Result<Manifest, LoadError> {
         let ctx = Arc::new(PluginCtx {
             name: "(loading)".into(),
@@ -292,17 +295,42 @@ impl Sandbox {
             outbound: Arc::new(OutboundPolicy::none()),
             requester: Arc::new(crate::rpc::NoRequests),
         });
-        let mut store = Store::new(&self.engine, HostState::new(ctx, "manifest", "manifest"));
-        super::plugin::arm_store(&mut store);
-        let limit = MANIFEST_DEADLINE + super::plugin::DEADLINE_GRACE;
-        match tokio::time::timeout(limit, manifest_of(&mut store, pre)).await {
-            Ok(read) => read,
-            // The store is dropped with the call suspended in it: nothing of it runs again.
-            Err(_) => Err(LoadError::Manifest(format!(
-                "manifest() did not return within {}: the plugin waited in a host call (a timer or poll) \
-                 while instantiated or asked for its manifest",
-                humantime::format_duration(MANIFEST_DEADLINE)
-            ))),
+        let give_up = Instant::now() + super::plugin::POOL_WAIT_MAX;
+        let mut evicted = false;
+        loop {
+            let mut store = Store::new(&self.engine, HostState::new(ctx.clone(), "manifest", "manifest"));
+            super::plugin::arm_store(&mut store);
+            let limit = MANIFEST_DEADLINE + super::plugin::DEADLINE_GRACE;
+            match tokio::time::timeout(limit, manifest_of(&mut store, pre)).await {
+                Ok(Ok(manifest)) => return Ok(manifest),
+                Ok(Err(Reading::Failed(e))) => return Err(e),
+                Ok(Err(Reading::PoolFull)) => {
+                    drop(store);
+                    // An idle warm instance (of any plugin) is only a cache: its slot goes first.
+                    if !evicted && self.pool.evict_one() {
+                        evicted = true;
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    evicted = false;
+                    if Instant::now() + super::plugin::POOL_RETRY >= give_up {
+                        return Err(LoadError::Host(format!(
+                            "every instance slot of the pool plugins share (sandbox.max_instances) stayed taken for \
+                             {}: the manifest could not be read",
+                            humantime::format_duration(super::plugin::POOL_WAIT_MAX)
+                        )));
+                    }
+                    tokio::time::sleep(super::plugin::POOL_RETRY).await;
+                }
+                // The store is dropped with the call suspended in it: nothing of it runs again.
+                Err(_) => {
+                    return Err(LoadError::Manifest(format!(
+                        "manifest() did not return within {}: the plugin waited in a host call (a timer or poll) \
+                         while instantiated or asked for its manifest",
+                        humantime::format_duration(MANIFEST_DEADLINE)
+                    )));
+                }
+            }
         }
     }
 }
@@ -311,16 +339,29 @@ impl Sandbox {
 /// calls together.
 const MANIFEST_DEADLINE: Duration = Duration::from_secs(2);
 
+/// Why [`manifest_of`] read no manifest.
+enum Reading {
+    /// Every slot of the pool all plugins share was taken: try again.
+    PoolFull,
+    /// The component's own fault: final.
+    Failed(LoadError),
+}
+
+impl From<LoadError> for Reading {
+    fn from(e: LoadError) -> Self {
+        Reading::Failed(e)
+    }
+}
+
 /// What [`Sandbox::read_manifest`] bounds in time.
-async fn manifest_of(
-    store: &mut Store<HostState>,
-    pre: &bindings::PluginPre<HostState>,
-) -> Result<Manifest, LoadError> {
-    let raw_instance = pre
-        .instance_pre()
-        .instantiate_async(&mut *store)
-        .await
-        .map_err(|e| LoadError::Invalid(format!("cannot instantiate: {}", super::plugin::error_text(&e))))?;
+async fn manifest_of(store: &mut Store<HostState>, pre: &bindings::PluginPre<HostState>) -> Result<Manifest, Reading> {
+    let raw_instance = match pre.instance_pre().instantiate_async(&mut *store).await {
+        Ok(instance) => instance,
+        Err(e) if e.is::<wasmtime::PoolConcurrencyLimitError>() => return Err(Reading::PoolFull),
+        Err(e) => {
+            return Err(LoadError::Invalid(format!("cannot instantiate: {}", super::plugin::error_text(&e))).into());
+        }
+    };
     let instance = bindings::Plugin::new(&mut *store, &raw_instance)
         .map_err(|e| LoadError::Invalid(format!("does not export plugbus:handler/handler: {e:#}")))?;
     let raw = instance

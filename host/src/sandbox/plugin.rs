@@ -136,12 +136,12 @@ async fn within_deadline<T>(
 /// How long an attempt waits before trying again for an instance slot, while every slot of the
 /// pool all plugins share (`sandbox.max_instances`) is taken (by attempts in flight, or idle
 /// warm instances of `instance = "reuse"` plugins).
-const POOL_RETRY: Duration = Duration::from_millis(5);
+pub(super) const POOL_RETRY: Duration = Duration::from_millis(5);
 
 /// The longest an attempt waits for an instance slot (or its deadline, if longer): a hog
 /// holds each of its slots at most its own deadline, so a wait bounded by the waiting plugin's
 /// deadline alone would give up just before slots free when both deadlines are alike.
-const POOL_WAIT_MAX: Duration = Duration::from_secs(30);
+pub(super) const POOL_WAIT_MAX: Duration = Duration::from_secs(30);
 
 /// Installs the memory limiter, the per-call copy limit (hostcall fuel), the handle cap and the
 /// deadline on a fresh store.

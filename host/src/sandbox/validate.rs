@@ -23,6 +23,10 @@ pub enum LoadError {
     /// unreadable `plugbus-contract` section (`crate::contract`).
     #[error("{0}")]
     Contract(String),
+    /// The host could not load it now (not the component's fault): every instance slot stayed
+    /// taken. Touching the file tries again.
+    #[error("host error: {0}")]
+    Host(String),
 }
 
 /// Hex SHA-256 of the component bytes.

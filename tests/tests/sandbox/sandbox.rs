@@ -323,3 +323,27 @@ async fn instance_reuse_keeps_warm_instances_and_recycles_them_after_a_trap_or_n
     }
     assert_eq!(instance_events(&t, &mut seen).await, 1);
 }
+
+/// A plugin added while idle warm instances (`instance = "reuse"`) hold every slot of the pool
+/// all plugins share is loaded: reading its manifest takes an idle instance's slot, as an
+/// attempt does, instead of failing as an invalid component.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_added_while_idle_warm_instances_fill_the_pool_is_loaded() {
+    let t = TestHost::start_with(&["faulty"], |c| {
+        c.sandbox.max_instances = 1;
+        c.flow.concurrency = 1;
+        let p = c.plugins.entry("faulty".into()).or_default();
+        p.instance = Some(plugbus::sandbox::InstanceMode::Reuse);
+    })
+    .await;
+    // one event: its warm instance stays, idle, in the pool's only slot
+    let mut seen = t.observe(&["faulty.out.>"]).await;
+    assert_eq!(instance_events(&t, &mut seen).await, 1);
+    std::fs::copy(wasm("echo"), t.dir.path().join("echo.wasm")).unwrap();
+    let host = &t.host;
+    let settled = || host.router().contains("echo") || !host.rejected().is_empty();
+    plugbus_tests::eventually("echo is loaded or refused", settled).await;
+    assert!(host.rejected().is_empty(), "{:?}", host.rejected());
+    // and faulty takes a new instance for its next event
+    assert_eq!(instance_events(&t, &mut seen).await, 1);
+}

@@ -602,7 +602,16 @@ impl DurableLog {
             let r = db.begin_read().map_err(|e| open_err(e.to_string()))?;
             let meta = r.open_table(META).map_err(|e| open_err(e.to_string()))?;
             let read = |key: &str| meta.get(key).map(|v| v.map(|v| v.value())).map_err(|e| open_err(e.to_string()));
-            (read("next_seq")?.unwrap_or(1), read("bytes")?.unwrap_or(0))
+            // Never below what the rows hold (a row's key is its last sequence number): a
+            // damaged count would have new events overwrite kept ones.
+            let rows = r.open_table(ROWS).map_err(|e| open_err(e.to_string()))?;
+            let last = rows.last().map_err(|e| open_err(e.to_string()))?.map_or(0, |(key, _)| key.value());
+            let stored = read("next_seq")?.unwrap_or(1);
+            if stored <= last {
+                tracing::error!(log = %path.display(), next_seq = stored, last_seq = last,
+                    "the event log's next sequence number is behind its last event (damaged): going on after the last");
+            }
+            (stored.max(last.saturating_add(1)), read("bytes")?.unwrap_or(0))
         };
         let outboxed = outboxed_in(&db).map_err(open_err)?;
         // Past every request outbox the last run left (released once the start has subscribed
@@ -625,6 +634,7 @@ impl DurableLog {
             failed: false.into(),
             unwritten: unwritten.clone(),
             outboxed: std::sync::Mutex::new(outboxed),
+            trim_from: 0.into(),
         };
         std::thread::Builder::new()
             .name("plugbus-log".into())
@@ -1219,6 +1229,26 @@ struct Writer {
     outboxed: std::sync::Mutex<std::collections::HashSet<(Arc<str>, u64)>>,
     /// What retention keeps for replays' backfills (see [`DurableLog::backfilling`]).
     backfilling: Backfills,
+    /// The row key the next retention pass starts from (0: the oldest row). Each pass reads at
+    /// most [`TRIM_ROWS`] rows and the next goes on from where it stopped.
+    trim_from: std::sync::atomic::AtomicU64,
+}
+
+/// The most rows one retention pass (one a second, on the writer's thread) reads. Rows an
+/// unsettled event keeps are read and passed over; without a bound, a log pinned by a plugin
+/// that owes its whole history (one removed while it owed it, a `deliver = "all"` plugin
+/// behind) was read whole every second, holding up every append, ack and kv commit. 256 rows
+/// are at most 64 MiB.
+const TRIM_ROWS: usize = 256;
+
+/// [`TRIM_ROWS`], or less for a test's log.
+fn trim_rows(path: &Path) -> usize {
+    #[cfg(test)]
+    if let Some(rows) = tests::trim_rows_for(path) {
+        return rows;
+    }
+    let _ = path;
+    TRIM_ROWS
 }
 
 /// Whether event `seq` is in `rows` and can be read back (an I/O error says yes: the caller
@@ -1464,9 +1494,18 @@ impl Writer {
             // Whole rows go: a row with an event some plugin owes, or one retention would keep,
             // stays with all its events (a row holds at most one commit's, `rows::ROW_BYTES`).
             let mut doomed = Vec::new();
-            let mut after = 0;
-            'rows: for row in events.iter().map_err(|e| e.to_string())? {
+            // From where the last pass stopped: a row's key is its last sequence number.
+            let start = self.trim_from.load(Relaxed);
+            let mut after = start.saturating_sub(1);
+            // Where the next pass starts: over again, unless this one stops at its bound.
+            let (mut next_from, mut examined) = (0, 0);
+            'rows: for (nth, row) in events.range(start..).map_err(|e| e.to_string())?.enumerate() {
                 let (row_key, stored) = row.map_err(|e| e.to_string())?;
+                if nth == trim_rows(&self.path) {
+                    next_from = after + 1;
+                    break 'rows;
+                }
+                examined = nth + 1;
                 let first_seq = std::mem::replace(&mut after, row_key.value()) + 1;
                 // A replay's backfill is still to make some of it pending.
                 if backfilling.iter().any(|r| r.start <= row_key.value() && first_seq < r.end) {
@@ -1505,6 +1544,13 @@ impl Writer {
                 bytes = left;
                 doomed.push((row_key.value(), in_row));
             }
+            self.trim_from.store(next_from, Relaxed);
+            if next_from > 0 {
+                tracing::debug!(log = %self.path.display(), rows = examined, next_seq = next_from,
+                    "a retention pass stopped at its bound: the next goes on from here");
+            }
+            #[cfg(test)]
+            tests::record_trim_pass(&self.path, examined);
             for (row_key, in_row) in doomed {
                 events.remove(row_key).map_err(|e| e.to_string())?;
                 for (seq, len, key) in in_row {
@@ -2216,6 +2262,41 @@ pub(crate) mod tests {
         }
     }
 
+    /// A log whose oldest rows a plugin still owes (one removed while it owed them, say) is
+    /// trimmed in passes of a bounded number of rows, each going on from where the last stopped:
+    /// every pass used to read every pinned row, on the writer's thread, once a second.
+    #[tokio::test]
+    async fn retention_reads_a_bounded_number_of_rows_a_pass_and_goes_on_where_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        tests::TRIM_ROWS_FOR.lock().unwrap().push((path.clone(), 3, Vec::new()));
+        let retention = Retention { max_age: std::time::Duration::ZERO, max_mib: 1024 };
+        let log = DurableLog::open_with(&path, SyncPolicy::Always, retention).unwrap();
+        let p: Arc<str> = "p".into();
+        // 4 rows owed by `p`, then 4 nobody owes (a commit each: a row each)
+        let mut owed = Vec::new();
+        for i in 0..8 {
+            let owers = if i < 4 { vec![p.clone()] } else { vec![] };
+            let Appended::At(seq) = log.append(Arc::new(sample()), owers, false).await.unwrap() else {
+                panic!("appended")
+            };
+            if i < 4 {
+                owed.push(seq);
+            }
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while log.metrics().retention_dropped.get() < 4 {
+            assert!(std::time::Instant::now() < deadline, "dropped {}", log.metrics().retention_dropped.get());
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let left: Vec<u64> = log.read(0, 20).unwrap().iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(left, owed, "what p owes stays, the rest goes");
+        let passes = tests::TRIM_ROWS_FOR.lock().unwrap().iter().find(|(q, ..)| *q == path).unwrap().2.clone();
+        assert!(passes.iter().all(|rows| *rows <= 3), "a pass read more than 3 rows: {passes:?}");
+        assert!(passes.iter().filter(|rows| **rows == 3).count() >= 2, "the 8 rows took one pass: {passes:?}");
+        tests::TRIM_ROWS_FOR.lock().unwrap().retain(|(q, ..)| *q != path);
+    }
+
     #[tokio::test]
     async fn retention_drops_settled_history_and_never_an_unsettled_event() {
         let dir = tempfile::tempdir().unwrap();
@@ -2260,6 +2341,34 @@ pub(crate) mod tests {
         assert_eq!(log.metrics().retention_dropped.get(), 4);
         // Its output id went with it: the same output may be logged again.
         assert_eq!(log.append(out, vec![], true).await.unwrap(), Appended::At(5));
+    }
+
+    /// A damaged `next_seq` (behind the last event kept) never makes new events overwrite kept
+    /// ones: the log goes on after its last row.
+    #[tokio::test]
+    async fn a_next_seq_behind_the_last_event_never_overwrites_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let p: Arc<str> = "p".into();
+        let first = {
+            let log = DurableLog::open(&path, SyncPolicy::Always).unwrap();
+            for _ in 0..3 {
+                log.append(Arc::new(sample()), vec![p.clone()], false).await.unwrap();
+            }
+            log.read(0, 10).unwrap()[0].1.id.clone()
+        };
+        // the log's writer lets go of the file when the log is dropped
+        let db = open_when_free(&path).unwrap();
+        let w = db.begin_write().unwrap();
+        w.open_table(META).unwrap().insert("next_seq", 1).unwrap();
+        w.commit().unwrap();
+        drop(db);
+        let log = DurableLog::open(&path, SyncPolicy::Always).unwrap();
+        assert_eq!(log.append(Arc::new(sample()), vec![p.clone()], false).await.unwrap(), Appended::At(4));
+        let read = log.read(0, 10).unwrap();
+        assert_eq!(read.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert_eq!(read[0].1.id, first, "event 1 was overwritten");
+        assert_eq!(log.unsettled("p").unwrap().len(), 4);
     }
 
     #[tokio::test]
@@ -2650,6 +2759,19 @@ pub(crate) mod tests {
         let Some(left) = failing.iter_mut().find(|(p, n)| p == path && *n > 0) else { return false };
         left.1 -= 1;
         true
+    }
+
+    /// Logs whose retention passes read at most this many rows, and the rows each pass read.
+    static TRIM_ROWS_FOR: std::sync::Mutex<Vec<(PathBuf, usize, Vec<usize>)>> = std::sync::Mutex::new(Vec::new());
+
+    pub(super) fn trim_rows_for(path: &Path) -> Option<usize> {
+        TRIM_ROWS_FOR.lock().unwrap().iter().find(|(p, ..)| p == path).map(|(_, rows, _)| *rows)
+    }
+
+    pub(super) fn record_trim_pass(path: &Path, examined: usize) {
+        if let Some((.., passes)) = TRIM_ROWS_FOR.lock().unwrap().iter_mut().find(|(p, ..)| p == path) {
+            passes.push(examined);
+        }
     }
 
     pub(super) fn idle_flush_held(path: &Path) -> bool {
