@@ -302,6 +302,13 @@ impl Metrics {
         self.load_errors.get_or_create(&FileLabels { file }).inc();
     }
 
+    /// Forgets the load errors of a file gone from the plugins folder: the labels stay as many
+    /// as the files there, not every name a file ever had.
+    pub fn forget_load_errors(&self, path: &std::path::Path) {
+        let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        self.load_errors.remove(&FileLabels { file });
+    }
+
     /// Lets `register` add metrics kept elsewhere (a transport's own) to the registry.
     pub fn register_with(&self, register: impl FnOnce(&mut Registry)) {
         register(&mut self.registry.lock().expect("metrics poisoned"));

@@ -88,6 +88,8 @@ impl Reloader {
     /// Applies the current state of one file.
     pub async fn apply(&self, path: &Path, changed_at: Instant) {
         if is_gone(path) {
+            // The count first: one who sees the refusal gone finds it gone.
+            self.metrics.forget_load_errors(path);
             self.clear_rejection(path);
             let gone = self.files.lock().expect("poisoned").remove(path);
             if let Some(name) = gone {
@@ -210,6 +212,14 @@ fn is_plugin_file(path: &Path) -> bool {
     path.extension().is_some_and(|x| x == "wasm")
 }
 
+/// What the watcher tells the reload task.
+enum Change {
+    /// This file changed.
+    File(PathBuf),
+    /// Changes may have been missed: look at every file.
+    Rescan,
+}
+
 /// What a rescan looks at: every `.wasm` file in `dir` now, and every file a plugin was loaded
 /// from or refused for (a file gone meanwhile is then removed or forgotten).
 fn rescan_paths(dir: &Path, known: impl IntoIterator<Item = PathBuf>) -> BTreeSet<PathBuf> {
@@ -226,17 +236,13 @@ fn rescan_paths(dir: &Path, known: impl IntoIterator<Item = PathBuf>) -> BTreeSe
 /// Watches the plugins folder until the returned guard is dropped.
 pub fn watch(reloader: Arc<Reloader>) -> anyhow::Result<WatchGuard> {
     let dir = reloader.config.plugins_dir.clone();
-    let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
-    let (watched, known) = (dir.clone(), reloader.clone());
-    // Changes were lost (the kernel's queue of them overflowed, or the watch failed): every
-    // file is looked at again, the plugins' and the refused ones' too (they may be gone).
-    let rescan = move |tx: &mpsc::UnboundedSender<PathBuf>, why: &str| {
-        tracing::warn!(dir = %watched.display(), "changes to the plugins folder may have been missed ({why}): looking at every file again");
-        let mut files: Vec<PathBuf> = known.files.lock().expect("poisoned").keys().cloned().collect();
-        files.extend(known.rejected.lock().expect("poisoned").iter().map(|r| r.path.clone()));
-        for path in rescan_paths(&watched, files) {
-            let _ = tx.send(path);
-        }
+    let (tx, mut rx) = mpsc::unbounded_channel::<Change>();
+    // Changes were lost (the kernel's queue of them overflowed, or the watch failed): the task
+    // looks at every file again. (The watcher's handler holds nothing of the host: notify's
+    // thread drops it after the host stopped, and it must not keep the kv store open then.)
+    let rescan = |tx: &mpsc::UnboundedSender<Change>, why: &str| {
+        tracing::warn!("changes to the plugins folder may have been missed ({why}): looking at every file again");
+        let _ = tx.send(Change::Rescan);
     };
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
         Ok(event) if event.need_rescan() => rescan(&tx, "the change events overflowed"),
@@ -256,7 +262,7 @@ pub fn watch(reloader: Arc<Reloader>) -> anyhow::Result<WatchGuard> {
             }
             for path in event.paths {
                 if is_plugin_file(&path) {
-                    let _ = tx.send(path);
+                    let _ = tx.send(Change::File(path));
                 }
             }
         }
@@ -268,15 +274,28 @@ pub fn watch(reloader: Arc<Reloader>) -> anyhow::Result<WatchGuard> {
     watcher
         .watch(&dir, RecursiveMode::NonRecursive)
         .map_err(|e| anyhow::anyhow!("cannot watch the plugins folder {}: {e}", dir.display()))?;
+    let watched = dir.clone();
     let task = tokio::spawn(async move {
+        // Every file, the plugins' and the refused ones' too (they may be gone).
+        let expand = |change: Change, paths: &mut BTreeSet<PathBuf>| match change {
+            Change::File(path) => {
+                paths.insert(path);
+            }
+            Change::Rescan => {
+                let mut known: Vec<PathBuf> = reloader.files.lock().expect("poisoned").keys().cloned().collect();
+                known.extend(reloader.rejected.lock().expect("poisoned").iter().map(|r| r.path.clone()));
+                paths.extend(rescan_paths(&watched, known));
+            }
+        };
         while let Some(first) = rx.recv().await {
             let changed_at = Instant::now();
-            let mut paths = BTreeSet::from([first]);
+            let mut paths = BTreeSet::new();
+            expand(first, &mut paths);
             // Debounce: gather everything that changes together (a copy, a rename pair).
             while changed_at.elapsed() < MAX_GATHER
-                && let Ok(Some(p)) = tokio::time::timeout(DEBOUNCE, rx.recv()).await
+                && let Ok(Some(change)) = tokio::time::timeout(DEBOUNCE, rx.recv()).await
             {
-                paths.insert(p);
+                expand(change, &mut paths);
             }
             // Present files first, then the gone ones (a rename is the new name's plugin added,
             // the old name's removed).

@@ -40,11 +40,21 @@ const KEY_LEN: usize = 32;
 /// The largest cache entry read back (a compiled component of a 64 MiB wasm is far smaller).
 const MAX_ENTRY_BYTES: u64 = 1 << 30;
 
+/// The most bytes of entries the cache keeps: past it, the entries used longest ago go first
+/// (a plugin rebuilt a thousand times in a `plugbus dev` loop, or a folder fed a new variant of
+/// a file over and over, would otherwise fill the disk the event log writes to).
+const MAX_CACHE_BYTES: u64 = 2 << 30;
+
+/// How old a temporary file beside an entry must be before it is removed as left by a crash
+/// (another host sharing the folder may be writing a younger one).
+const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// A directory of serialized components, each with its tag.
 pub struct CompileCache {
     dir: PathBuf,
     engine_key: String,
     key: [u8; KEY_LEN],
+    max_bytes: u64,
 }
 
 impl CompileCache {
@@ -55,7 +65,7 @@ impl CompileCache {
         let mut h = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
         let key = load_or_make_key(&key_path(dir))?;
-        Ok(Self { dir: dir.to_path_buf(), engine_key: format!("{:016x}", h.finish()), key })
+        Ok(Self { dir: dir.to_path_buf(), engine_key: format!("{:016x}", h.finish()), key, max_bytes: MAX_CACHE_BYTES })
     }
 
     fn path(&self, wasm_hash: &str) -> PathBuf {
@@ -98,7 +108,15 @@ impl CompileCache {
         // without the key); the bytes are in memory, so nothing can change them after the check.
         // wasmtime still checks version and settings compatibility.
         match unsafe { Component::deserialize(engine, &bytes) } {
-            Ok(c) => Some(c),
+            Ok(c) => {
+                // Used now: the last to go when the cache is over its size.
+                let _ = std::fs::File::options()
+                    .write(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                    .open(&path)
+                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                Some(c)
+            }
             Err(e) => {
                 tracing::warn!(file = %path.display(), "compile cache entry unusable, recompiling: {e}");
                 None
@@ -138,7 +156,57 @@ impl CompileCache {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let tag = self.mac(&name, serialized).finalize().into_bytes();
         write_atomically(&path, serialized)?;
-        write_atomically(&tag_path(&path), &tag)
+        write_atomically(&tag_path(&path), &tag)?;
+        self.tidy(&path);
+        Ok(())
+    }
+
+    /// Keeps the cache within [`MAX_CACHE_BYTES`]: entries (with their tags) go, used longest
+    /// ago first, never `keep` (the one just written); temporary files older than
+    /// [`STALE_TEMPORARY`] (a crash mid-write left them) go too. Best effort: what cannot be
+    /// listed or removed is left, logged.
+    fn tidy(&self, keep: &Path) {
+        let listed = match std::fs::read_dir(&self.dir) {
+            Ok(listed) => listed,
+            Err(e) => return tracing::warn!(dir = %self.dir.display(), "cannot list the compile cache to trim it: {e}"),
+        };
+        let now = std::time::SystemTime::now();
+        let (mut entries, mut total) = (Vec::new(), 0u64);
+        for entry in listed.flatten() {
+            let (path, Ok(meta)) = (entry.path(), entry.metadata()) else { continue };
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let age = meta.modified().ok().and_then(|m| now.duration_since(m).ok()).unwrap_or_default();
+            if name.contains(".cwasm.tmp") || name.contains(".tag.tmp") {
+                if age > STALE_TEMPORARY {
+                    let _ = std::fs::remove_file(&path);
+                }
+            } else if meta.is_file() && name.ends_with(".cwasm") {
+                total += meta.len();
+                entries.push((meta.modified().unwrap_or(std::time::UNIX_EPOCH), meta.len(), path));
+            }
+        }
+        if total <= self.max_bytes {
+            return;
+        }
+        entries.sort();
+        let (mut removed, mut freed) = (0, 0);
+        for (_, len, path) in entries {
+            if total <= self.max_bytes {
+                break;
+            }
+            if path == keep {
+                continue;
+            }
+            // The tag first: an entry without its tag is recompiled, never loaded.
+            let _ = std::fs::remove_file(tag_path(&path));
+            if std::fs::remove_file(&path).is_ok() {
+                total -= len;
+                (removed, freed) = (removed + 1, freed + len);
+            }
+        }
+        tracing::info!(dir = %self.dir.display(), removed, bytes = freed, max_bytes = self.max_bytes,
+            "the compile cache was over its size: the entries used longest ago were removed");
     }
 }
 
@@ -423,6 +491,48 @@ mod tests {
         }
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(left.len(), 20, "temporary files left beside the keys: {left:?}");
+    }
+
+    /// The cache keeps within its size: the entries used longest ago go first (with their tags),
+    /// never the one just written; temporary files a crash left go once old.
+    #[test]
+    fn the_cache_keeps_within_its_size_dropping_the_entries_used_longest_ago() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::default();
+        let mut cache = CompileCache::new(&dir.path().join("cache"), &engine).unwrap();
+        cache.max_bytes = 3_000;
+        let entry = vec![0u8; 1_000];
+        let at = |secs: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000 + secs);
+        let age = |path: &Path, secs: u64| {
+            std::fs::File::options().write(true).open(path).unwrap().set_modified(at(secs)).unwrap();
+        };
+        for (hash, used) in [("a", 30), ("b", 10), ("c", 20)] {
+            cache.write_entry(hash, &entry).unwrap();
+            age(&cache.path(hash), used);
+        }
+        // a temporary file left by a crash long ago, and one another host is writing now
+        let (stale, fresh) = (cache.dir.join("x.cwasm.tmp1-2-3"), cache.dir.join("y.cwasm.tmp4-5-6"));
+        std::fs::write(&stale, b"half").unwrap();
+        age(&stale, 0);
+        std::fs::write(&fresh, b"half").unwrap();
+        // 4,000 bytes, over 3,000: `b` (used longest ago) goes with its tag; `a`, `c` and `d` stay
+        cache.write_entry("d", &entry).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&cache.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let (key, cwasm) = (&cache.engine_key, |h: &str| format!("{h}-{}.cwasm", cache.engine_key));
+        let mut want = vec![cwasm("a"), cwasm("c"), cwasm("d")];
+        want.extend([cwasm("a"), cwasm("c"), cwasm("d")].map(|c| format!("{c}.tag")));
+        want.push("y.cwasm.tmp4-5-6".into());
+        want.sort();
+        assert_eq!(left, want, "engine key {key}");
+        // the one just written stays however old its time reads
+        cache.max_bytes = 0;
+        cache.write_entry("e", &entry).unwrap();
+        assert!(cache.path("e").exists() && tag_path(&cache.path("e")).exists());
+        assert!(!cache.path("a").exists() && !cache.path("c").exists() && !cache.path("d").exists());
     }
 
     /// Threads (or hosts) writing the same entry at once each succeed, and what is left is whole.

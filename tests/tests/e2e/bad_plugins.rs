@@ -164,6 +164,12 @@ async fn an_invalid_manifest_dropped_into_a_running_host_is_refused_and_counted(
     assert!(!host.router().contains("manifesto"));
     let metrics = get(&t.url(), "/metrics").await;
     assert!(metrics.contains("plugbus_load_errors_total{file=\"manifesto.wasm\"} 1"), "{metrics}");
+    // Gone from the folder, it is forgotten: the labels stay as many as the files there, not
+    // every name a file ever had.
+    std::fs::remove_file(t.dir.path().join("manifesto.wasm")).unwrap();
+    eventually("the refusal is forgotten", || host.rejected().is_empty()).await;
+    let metrics = get(&t.url(), "/metrics").await;
+    assert!(!metrics.contains("file=\"manifesto.wasm\""), "{metrics}");
 }
 
 /// A component `depth` components deep (each the only section of the one around it): the

@@ -288,3 +288,29 @@ async fn hosts_sharing_a_compile_cache_dir_compile_each_component_once() {
         assert!(!data.path().join("cache").exists(), "a cache in {}", data.path().display());
     }
 }
+
+/// A host that stopped holds nothing of its data folder: another starts on it at once, many
+/// times over (notify's thread drops the folder watcher's handler after the host stopped: a
+/// handler holding the reloader kept the kv store open, and the next start failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_host_lets_another_start_on_its_folders_at_once() {
+    let plugins = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("echo"), plugins.path().join("echo.wasm")).unwrap();
+    let config = || {
+        let mut c = Config {
+            data_dir: data.path().to_path_buf(),
+            plugins_dir: plugins.path().to_path_buf(),
+            http: None,
+            ..Default::default()
+        };
+        // The in-memory bus keeps its kv in a store of its own (`kv.redb`), opened at start.
+        c.bus.durable = false;
+        c
+    };
+    for round in 0..5 {
+        let host = Host::start(config()).await.unwrap_or_else(|e| panic!("round {round}: {e:#}"));
+        assert_eq!(host.router().names(), vec!["echo".to_string()]);
+        host.shutdown().await;
+    }
+}
