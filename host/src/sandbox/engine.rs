@@ -193,7 +193,6 @@ impl Sandbox {
         bind: impl FnOnce(&mut Manifest) -> Result<PluginSettings, LoadError>,
     ) -> Result<Plugin, LoadError> {
         validate::check_header(bytes)?;
-        validate::check_nesting(bytes)?;
         let hash = validate::content_hash(bytes);
         let component = {
             let (engine, cache, stats) = (self.engine.clone(), self.cache.clone(), self.cache_stats.clone());
@@ -316,7 +315,8 @@ impl Sandbox {
                     if Instant::now() + super::plugin::POOL_RETRY >= give_up {
                         return Err(LoadError::Host(format!(
                             "every instance slot of the pool plugins share (sandbox.max_instances) stayed taken for \
-                             {}: the manifest could not be read",
+                             {}, or the component needs more instances, memories or tables than the whole pool \
+                             holds: the manifest could not be read",
                             humantime::format_duration(super::plugin::POOL_WAIT_MAX)
                         )));
                     }

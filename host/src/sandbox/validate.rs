@@ -34,7 +34,9 @@ pub fn content_hash(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Cheap checks on the first bytes, for clear messages before the parser's.
+/// Cheap checks before the parser reads anything: the first bytes (for clear messages) and
+/// how deep components nest ([`check_nesting`]). Whatever compiles or inspects a file calls it
+/// first.
 pub fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
     if bytes.is_empty() {
         return Err(LoadError::NotAComponent("the file is empty".into()));
@@ -43,7 +45,7 @@ pub fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
         return Err(LoadError::NotAComponent("not a WebAssembly file (no \\0asm header)".into()));
     }
     match bytes[4..8] {
-        [0x0d, 0x00, 0x01, 0x00] => Ok(()),
+        [0x0d, 0x00, 0x01, 0x00] => check_nesting(bytes),
         [0x01, 0x00, 0x00, 0x00] => Err(LoadError::NotAComponent(
             "a core WebAssembly module, not a component: build the handler with \
              `--target wasm32-wasip2` and the plugbus SDK"
@@ -81,7 +83,75 @@ pub fn check_nesting(bytes: &[u8]) -> Result<(), LoadError> {
             // past the nested component's own 8-byte header
             pos = body + 8;
         } else {
+            if id == 7 {
+                check_type_nesting(&bytes[body..body_end], body)?;
+            }
             pos = body_end;
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a component type section whose component or instance types nest more than
+/// [`MAX_NESTING`] deep. wasmparser reads a type by recursion, one stack frame set a level and
+/// about 3 bytes of file a level: a few kilobytes overflow a thread's stack and abort the whole
+/// process (1,000 levels did in a debug build). This reads the nesting with a stack of its
+/// own: a declaration that opens a component or instance type (`0x01` then `0x41` / `0x42`) is
+/// entered here, every other one is read by wasmparser (none of them holds a nested type).
+/// What it cannot read is left for the parser to name.
+fn check_type_nesting(section: &[u8], offset: usize) -> Result<(), LoadError> {
+    use wasmparser::{BinaryReader, ComponentTypeDeclaration, InstanceTypeDeclaration};
+    let too_deep = || LoadError::Invalid(format!("component types nested more than {MAX_NESTING} deep"));
+    let mut r = BinaryReader::new(section, offset);
+    let Ok(types) = r.read_var_u32() else { return Ok(()) };
+    // The byte after the next one, without moving `r`.
+    let second = |r: &BinaryReader| {
+        let mut probe = r.clone();
+        probe.read_u8().and_then(|_| probe.read_u8()).ok()
+    };
+    for _ in 0..types {
+        // (declarations left, an instance type's) of each type open, outermost first
+        let mut open: Vec<(u32, bool)> = Vec::new();
+        let opens = |r: &mut BinaryReader, open: &mut Vec<(u32, bool)>| -> Option<()> {
+            let instance = r.read_u8().ok()? == 0x42;
+            let decls = r.read_var_u32().ok()?;
+            open.push((decls, instance));
+            Some(())
+        };
+        let Ok(first) = r.clone().read_u8() else { return Ok(()) };
+        if matches!(first, 0x41 | 0x42) {
+            if opens(&mut r, &mut open).is_none() {
+                return Ok(());
+            }
+        } else if r.read::<wasmparser::ComponentType>().is_err() {
+            return Ok(());
+        }
+        while let Some((left, instance)) = open.last_mut() {
+            if *left == 0 {
+                open.pop();
+                continue;
+            }
+            *left -= 1;
+            let instance = *instance;
+            let kind = r.clone().read_u8().ok();
+            if kind == Some(0x01) && matches!(second(&r), Some(0x41 | 0x42)) {
+                if open.len() >= MAX_NESTING {
+                    return Err(too_deep());
+                }
+                let _ = r.read_u8();
+                if opens(&mut r, &mut open).is_none() {
+                    return Ok(());
+                }
+                continue;
+            }
+            let read = if instance {
+                r.read::<InstanceTypeDeclaration>().map(drop)
+            } else {
+                r.read::<ComponentTypeDeclaration>().map(drop)
+            };
+            if read.is_err() {
+                return Ok(());
+            }
         }
     }
     Ok(())
@@ -186,6 +256,29 @@ mod tests {
         out
     }
 
+    /// A component whose type section holds one component type `depth` levels deep, instance
+    /// and component types taking turns (`0x41` / `0x42`, one declaration each: a type).
+    fn nested_types(depth: usize) -> Vec<u8> {
+        let mut body = vec![1]; // one type
+        for level in 0..depth {
+            body.extend([if level % 2 == 0 { 0x41 } else { 0x42 }, 0x01, 0x01]);
+        }
+        body.extend([0x41, 0x00]);
+        let mut out = b"\0asm\x0d\x00\x01\x00".to_vec();
+        out.push(7);
+        let mut n = body.len();
+        loop {
+            let b = (n & 0x7f) as u8;
+            n >>= 7;
+            out.push(if n > 0 { b | 0x80 } else { b });
+            if n == 0 {
+                break;
+            }
+        }
+        out.extend(body);
+        out
+    }
+
     #[test]
     fn components_are_refused_past_the_nesting_limit_and_read_without_recursion() {
         // the outermost is level 1: MAX_NESTING levels in all pass, one more does not
@@ -201,6 +294,11 @@ mod tests {
             wide.extend(b"\0asm\x0d\x00\x01\x00");
         }
         assert!(check_nesting(&wide).is_ok());
+        // component types nested inside component and instance types: the same bound
+        assert!(check_header(&nested_types(MAX_NESTING - 1)).is_ok());
+        let err = check_header(&nested_types(MAX_NESTING)).unwrap_err().to_string();
+        assert_eq!(err, format!("invalid component: component types nested more than {MAX_NESTING} deep"));
+        assert!(check_header(&nested_types(1_000_000)).is_err());
         // what it cannot read is the parser's to name
         for garbage in [&b"\0asm\x0d\x00\x01\x00\x04\xff"[..], b"\0asm\x0d\x00\x01\x00\x04\x7f\x00", b"\0asm"] {
             assert!(check_nesting(garbage).is_ok(), "{garbage:?}");

@@ -240,9 +240,12 @@ async fn a_manifest_that_never_returns_is_refused_and_the_other_plugins_load() {
     assert_eq!(host.router().names(), vec!["audit".to_string()]);
     host.shutdown().await;
 
-    // Dropped into a running host, it holds up no later file.
+    // Dropped into a running host, it holds up no later file: echo arrives while stall's
+    // manifest is being read (half a second in: past the reloader's gathering of changes, so
+    // echo is not simply loaded first), and loads once stall's bound has passed.
     let t = TestHost::start(&["audit"]).await;
     std::fs::copy(wasm("stall"), t.dir.path().join("stall.wasm")).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
     std::fs::copy(wasm("echo"), t.dir.path().join("echo.wasm")).unwrap();
     let host = &t.host;
     eventually("echo is loaded", || host.router().contains("echo")).await;

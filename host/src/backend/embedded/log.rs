@@ -607,6 +607,12 @@ impl DurableLog {
             let rows = r.open_table(ROWS).map_err(|e| open_err(e.to_string()))?;
             let last = rows.last().map_err(|e| open_err(e.to_string()))?.map_or(0, |(key, _)| key.value());
             let stored = read("next_seq")?.unwrap_or(1);
+            if last >= REQUEST_KEYS || stored >= REQUEST_KEYS {
+                return Err(open_err(format!(
+                    "the event log is damaged: its last event's sequence number ({last}) or the next one ({stored}) \
+                     is in the range kept for requests' outboxes ({REQUEST_KEYS} and up)"
+                )));
+            }
             if stored <= last {
                 tracing::error!(log = %path.display(), next_seq = stored, last_seq = last,
                     "the event log's next sequence number is behind its last event (damaged): going on after the last");
@@ -1234,12 +1240,21 @@ struct Writer {
     trim_from: std::sync::atomic::AtomicU64,
 }
 
-/// The most rows one retention pass (one a second, on the writer's thread) reads. Rows an
-/// unsettled event keeps are read and passed over; without a bound, a log pinned by a plugin
-/// that owes its whole history (one removed while it owed it, a `deliver = "all"` plugin
-/// behind) was read whole every second, holding up every append, ack and kv commit. 256 rows
-/// are at most 64 MiB.
+/// The most rows one retention pass (one a second, on the writer's thread) reads and passes
+/// over because an unsettled event keeps them. Without a bound, a log pinned by a plugin that
+/// owes its whole history (one removed while it owed it, a `deliver = "all"` plugin behind)
+/// was read whole every second, holding up every append, ack and kv commit. 256 rows are at
+/// most 64 MiB.
 const TRIM_ROWS: usize = 256;
+
+/// The most rows one retention pass drops (each read for its events' ids): a pass that drops
+/// this many is followed by the next one at once, not a second later, so retention keeps up
+/// with a log that makes a row per event.
+const TRIM_DROP_ROWS: usize = 4096;
+
+/// How often retention runs, and how soon the next pass runs after one stopped at a bound.
+const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+const TRIM_AGAIN: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// [`TRIM_ROWS`], or less for a test's log.
 fn trim_rows(path: &Path) -> usize {
@@ -1337,7 +1352,7 @@ impl Writer {
         // However this thread ends (a panic included), publishers waiting for room go on.
         let _closing = WriterGone(self.unwritten.clone());
         let mut last_sync = std::time::Instant::now();
-        let mut last_trim = std::time::Instant::now();
+        let (mut last_trim, mut trim_every) = (std::time::Instant::now(), TRIM_EVERY);
         let mut unsynced = false;
         // Ops nobody waits for (handlers' outputs, acks) of a commit that failed: they go first
         // in the next commit, so the log still commits in the order it was sent.
@@ -1347,11 +1362,16 @@ impl Writer {
         let mut in_memory: Vec<Op> = Vec::new();
         let mut in_memory_bytes = 0u64;
         loop {
-            if last_trim.elapsed() >= std::time::Duration::from_secs(1) {
+            if last_trim.elapsed() >= trim_every {
                 last_trim = std::time::Instant::now();
-                if let Err(why) = self.trim() {
-                    tracing::error!(log = %self.path.display(), "event log retention failed: {why}");
-                }
+                trim_every = match self.trim() {
+                    Ok(true) => TRIM_AGAIN,
+                    Ok(false) => TRIM_EVERY,
+                    Err(why) => {
+                        tracing::error!(log = %self.path.display(), "event log retention failed: {why}");
+                        TRIM_EVERY
+                    }
+                };
             }
             let first = match rx.recv_timeout(std::time::Duration::from_millis(100)) {
                 Ok(op) => op,
@@ -1471,10 +1491,10 @@ impl Writer {
 
     /// Drops settled events beyond the retention (older than `max_age`, or the oldest beyond
     /// `max_mib`), with their output ids; never one a plugin has not settled.
-    fn trim(&self) -> Result<(), String> {
+    fn trim(&self) -> Result<bool, String> {
         if self.failed.load(std::sync::atomic::Ordering::Relaxed) {
             // The next commit reopens the database; until then it refuses every write.
-            return Ok(());
+            return Ok(false);
         }
         let max_bytes = self.retention.max_mib.saturating_mul(1 << 20);
         let cutoff = unix_ms().saturating_sub(self.retention.max_age.as_millis() as u64);
@@ -1483,6 +1503,8 @@ impl Writer {
         let (mut dropped, mut freed, mut first, mut last) = (0u64, 0u64, None, 0);
         let mut damaged = Vec::new();
         let bytes_left;
+        // Where the next pass starts: over again, unless this one stops at a bound.
+        let (mut next_from, mut passed_over) = (0, 0);
         {
             let mut events = w.open_table(ROWS).map_err(|e| e.to_string())?;
             let mut ids = w.open_table(IDS).map_err(|e| e.to_string())?;
@@ -1494,18 +1516,25 @@ impl Writer {
             // Whole rows go: a row with an event some plugin owes, or one retention would keep,
             // stays with all its events (a row holds at most one commit's, `rows::ROW_BYTES`).
             let mut doomed = Vec::new();
-            // From where the last pass stopped: a row's key is its last sequence number.
+            // From where the last pass stopped: a row's key is its last sequence number, and a
+            // row begins after the one before it (rows are rebuilt whole after a failed commit:
+            // the one before is looked up, never assumed).
             let start = self.trim_from.load(Relaxed);
-            let mut after = start.saturating_sub(1);
-            // Where the next pass starts: over again, unless this one stops at its bound.
-            let (mut next_from, mut examined) = (0, 0);
-            'rows: for (nth, row) in events.range(start..).map_err(|e| e.to_string())?.enumerate() {
+            let mut after = match events.range(..start).map_err(|e| e.to_string())?.next_back() {
+                Some(row) => row.map_err(|e| e.to_string())?.0.value(),
+                None => 0,
+            };
+            let mut looked_at = 0usize;
+            'rows: for row in events.range(start..).map_err(|e| e.to_string())? {
                 let (row_key, stored) = row.map_err(|e| e.to_string())?;
-                if nth == trim_rows(&self.path) {
+                // Bounded work a pass: the rows passed over (owed, backfilling) and the rows
+                // dropped are each bounded; the next pass goes on from here, soon.
+                passed_over = looked_at - doomed.len();
+                if passed_over >= trim_rows(&self.path) || doomed.len() >= TRIM_DROP_ROWS {
                     next_from = after + 1;
                     break 'rows;
                 }
-                examined = nth + 1;
+                looked_at += 1;
                 let first_seq = std::mem::replace(&mut after, row_key.value()) + 1;
                 // A replay's backfill is still to make some of it pending.
                 if backfilling.iter().any(|r| r.start <= row_key.value() && first_seq < r.end) {
@@ -1544,13 +1573,9 @@ impl Writer {
                 bytes = left;
                 doomed.push((row_key.value(), in_row));
             }
-            self.trim_from.store(next_from, Relaxed);
-            if next_from > 0 {
-                tracing::debug!(log = %self.path.display(), rows = examined, next_seq = next_from,
-                    "a retention pass stopped at its bound: the next goes on from here");
+            if next_from == 0 {
+                passed_over = looked_at - doomed.len();
             }
-            #[cfg(test)]
-            tests::record_trim_pass(&self.path, examined);
             for (row_key, in_row) in doomed {
                 events.remove(row_key).map_err(|e| e.to_string())?;
                 for (seq, len, key) in in_row {
@@ -1578,6 +1603,14 @@ impl Writer {
             bytes_left = bytes;
         }
         w.commit().map_err(|e| e.to_string())?;
+        // Only once committed: a pass that failed is done again from where it began.
+        self.trim_from.store(next_from, Relaxed);
+        if next_from > 0 {
+            tracing::debug!(log = %self.path.display(), passed_over, dropped, next_seq = next_from,
+                "a retention pass stopped at its bound: the next goes on from here");
+        }
+        #[cfg(test)]
+        tests::record_trim_pass(&self.path, passed_over);
         for (seqs, why) in damaged {
             tracing::error!(log = %self.path.display(), first_seq = seqs.start(), last_seq = seqs.end(),
                 "retention dropped a damaged row of events no plugin owes: {why}");
@@ -1588,7 +1621,7 @@ impl Writer {
             tracing::info!(log = %self.path.display(), dropped, bytes = freed, first_seq = first, last_seq = last,
                 "retention dropped settled events (bus.retention)");
         }
-        Ok(())
+        Ok(next_from > 0)
     }
 
     /// Makes every kept event with a sequence number in `seqs` (appended since `from`'s time,
@@ -2273,14 +2306,14 @@ pub(crate) mod tests {
         let retention = Retention { max_age: std::time::Duration::ZERO, max_mib: 1024 };
         let log = DurableLog::open_with(&path, SyncPolicy::Always, retention).unwrap();
         let p: Arc<str> = "p".into();
-        // 4 rows owed by `p`, then 4 nobody owes (a commit each: a row each)
+        // 7 rows owed by `p`, then 4 nobody owes (a commit each: a row each)
         let mut owed = Vec::new();
-        for i in 0..8 {
-            let owers = if i < 4 { vec![p.clone()] } else { vec![] };
+        for i in 0..11 {
+            let owers = if i < 7 { vec![p.clone()] } else { vec![] };
             let Appended::At(seq) = log.append(Arc::new(sample()), owers, false).await.unwrap() else {
                 panic!("appended")
             };
-            if i < 4 {
+            if i < 7 {
                 owed.push(seq);
             }
         }
@@ -2292,8 +2325,8 @@ pub(crate) mod tests {
         let left: Vec<u64> = log.read(0, 20).unwrap().iter().map(|(seq, _)| *seq).collect();
         assert_eq!(left, owed, "what p owes stays, the rest goes");
         let passes = tests::TRIM_ROWS_FOR.lock().unwrap().iter().find(|(q, ..)| *q == path).unwrap().2.clone();
-        assert!(passes.iter().all(|rows| *rows <= 3), "a pass read more than 3 rows: {passes:?}");
-        assert!(passes.iter().filter(|rows| **rows == 3).count() >= 2, "the 8 rows took one pass: {passes:?}");
+        assert!(passes.iter().all(|rows| *rows <= 3), "a pass passed over more than 3 rows: {passes:?}");
+        assert!(passes.iter().filter(|rows| **rows == 3).count() >= 2, "the 7 owed rows took one pass: {passes:?}");
         tests::TRIM_ROWS_FOR.lock().unwrap().retain(|(q, ..)| *q != path);
     }
 
@@ -2761,7 +2794,8 @@ pub(crate) mod tests {
         true
     }
 
-    /// Logs whose retention passes read at most this many rows, and the rows each pass read.
+    /// Logs whose retention passes pass over at most this many rows, and how many each passed
+    /// over.
     static TRIM_ROWS_FOR: std::sync::Mutex<Vec<(PathBuf, usize, Vec<usize>)>> = std::sync::Mutex::new(Vec::new());
 
     pub(super) fn trim_rows_for(path: &Path) -> Option<usize> {
