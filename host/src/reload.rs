@@ -240,8 +240,10 @@ pub fn watch(reloader: Arc<Reloader>) -> anyhow::Result<WatchGuard> {
     // Changes were lost (the kernel's queue of them overflowed, or the watch failed): the task
     // looks at every file again. (The watcher's handler holds nothing of the host: notify's
     // thread drops it after the host stopped, and it must not keep the kv store open then.)
-    let rescan = |tx: &mpsc::UnboundedSender<Change>, why: &str| {
-        tracing::warn!("changes to the plugins folder may have been missed ({why}): looking at every file again");
+    let folder = dir.clone();
+    let rescan = move |tx: &mpsc::UnboundedSender<Change>, why: &str| {
+        tracing::warn!(dir = %folder.display(),
+            "changes to the plugins folder may have been missed ({why}): looking at every file again");
         let _ = tx.send(Change::Rescan);
     };
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {

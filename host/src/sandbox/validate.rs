@@ -227,18 +227,23 @@ pub fn check_imports(engine: &Engine, component: &Component) -> Result<(), LoadE
 mod tests {
     use super::*;
 
-    /// `depth` components, each the only section of the one around it: the sizes from the
-    /// inside out, then the bytes from the outside in (linear, no copying of the inner levels).
-    fn nested(depth: usize) -> Vec<u8> {
-        const HEADER: &[u8] = b"\0asm\x0d\x00\x01\x00";
-        let leb = |mut n: usize, out: &mut Vec<u8>| loop {
+    const HEADER: &[u8] = b"\0asm\x0d\x00\x01\x00";
+
+    /// Appends `n` as an unsigned LEB128.
+    fn leb(mut n: usize, out: &mut Vec<u8>) {
+        loop {
             let b = (n & 0x7f) as u8;
             n >>= 7;
             out.push(if n > 0 { b | 0x80 } else { b });
             if n == 0 {
-                break;
+                return;
             }
-        };
+        }
+    }
+
+    /// `depth` components, each the only section of the one around it: the sizes from the
+    /// inside out, then the bytes from the outside in (linear, no copying of the inner levels).
+    fn nested(depth: usize) -> Vec<u8> {
         let mut sizes = vec![HEADER.len()];
         for _ in 0..depth {
             let inner = *sizes.last().unwrap();
@@ -264,17 +269,9 @@ mod tests {
             body.extend([if level % 2 == 0 { 0x41 } else { 0x42 }, 0x01, 0x01]);
         }
         body.extend([0x41, 0x00]);
-        let mut out = b"\0asm\x0d\x00\x01\x00".to_vec();
+        let mut out = HEADER.to_vec();
         out.push(7);
-        let mut n = body.len();
-        loop {
-            let b = (n & 0x7f) as u8;
-            n >>= 7;
-            out.push(if n > 0 { b | 0x80 } else { b });
-            if n == 0 {
-                break;
-            }
-        }
+        leb(body.len(), &mut out);
         out.extend(body);
         out
     }
@@ -288,10 +285,10 @@ mod tests {
         // a million levels: no stack is deep enough for a recursive reader
         assert!(check_nesting(&nested(1_000_000)).is_err());
         // siblings are not depth: 1,000 components side by side
-        let mut wide = b"\0asm\x0d\x00\x01\x00".to_vec();
+        let mut wide = HEADER.to_vec();
         for _ in 0..1_000 {
             wide.extend([4, 8]);
-            wide.extend(b"\0asm\x0d\x00\x01\x00");
+            wide.extend(HEADER);
         }
         assert!(check_nesting(&wide).is_ok());
         // component types nested inside component and instance types: the same bound

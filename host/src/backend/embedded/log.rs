@@ -1235,8 +1235,9 @@ struct Writer {
     outboxed: std::sync::Mutex<std::collections::HashSet<(Arc<str>, u64)>>,
     /// What retention keeps for replays' backfills (see [`DurableLog::backfilling`]).
     backfilling: Backfills,
-    /// The row key the next retention pass starts from (0: the oldest row). Each pass reads at
-    /// most [`TRIM_ROWS`] rows and the next goes on from where it stopped.
+    /// The row key the next retention pass starts from (0: the oldest row). A pass passes over
+    /// at most [`TRIM_ROWS`] rows and drops at most [`TRIM_DROP_ROWS`]; the next goes on from
+    /// where it stopped.
     trim_from: std::sync::atomic::AtomicU64,
 }
 
@@ -1249,21 +1250,23 @@ const TRIM_ROWS: usize = 256;
 
 /// The most rows one retention pass drops (each read for its events' ids): a pass that drops
 /// this many is followed by the next one at once, not a second later, so retention keeps up
-/// with a log that makes a row per event.
+/// with a log that makes a row per event. (One that stopped at [`TRIM_ROWS`] waits the second:
+/// rows owed are not read again and again.)
 const TRIM_DROP_ROWS: usize = 4096;
 
-/// How often retention runs, and how soon the next pass runs after one stopped at a bound.
+/// How often retention runs, and how soon the next pass runs after one stopped at the bound of
+/// rows dropped.
 const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 const TRIM_AGAIN: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// [`TRIM_ROWS`], or less for a test's log.
-fn trim_rows(path: &Path) -> usize {
+/// [`TRIM_ROWS`] and [`TRIM_DROP_ROWS`], or less for a test's log.
+fn trim_bounds(path: &Path) -> (usize, usize) {
     #[cfg(test)]
-    if let Some(rows) = tests::trim_rows_for(path) {
-        return rows;
+    if let Some(bounds) = tests::trim_bounds_for(path) {
+        return bounds;
     }
     let _ = path;
-    TRIM_ROWS
+    (TRIM_ROWS, TRIM_DROP_ROWS)
 }
 
 /// Whether event `seq` is in `rows` and can be read back (an I/O error says yes: the caller
@@ -1490,7 +1493,8 @@ impl Writer {
     }
 
     /// Drops settled events beyond the retention (older than `max_age`, or the oldest beyond
-    /// `max_mib`), with their output ids; never one a plugin has not settled.
+    /// `max_mib`), with their output ids; never one a plugin has not settled. `true`: it
+    /// stopped at the bound of rows dropped, with more to drop (the next pass comes at once).
     fn trim(&self) -> Result<bool, String> {
         if self.failed.load(std::sync::atomic::Ordering::Relaxed) {
             // The next commit reopens the database; until then it refuses every write.
@@ -1504,7 +1508,8 @@ impl Writer {
         let mut damaged = Vec::new();
         let bytes_left;
         // Where the next pass starts: over again, unless this one stops at a bound.
-        let (mut next_from, mut passed_over) = (0, 0);
+        let (mut next_from, mut passed_over, mut more_to_drop) = (0, 0, false);
+        let dropped_rows;
         {
             let mut events = w.open_table(ROWS).map_err(|e| e.to_string())?;
             let mut ids = w.open_table(IDS).map_err(|e| e.to_string())?;
@@ -1525,12 +1530,14 @@ impl Writer {
                 None => 0,
             };
             let mut looked_at = 0usize;
+            let (max_passed_over, max_dropped) = trim_bounds(&self.path);
             'rows: for row in events.range(start..).map_err(|e| e.to_string())? {
                 let (row_key, stored) = row.map_err(|e| e.to_string())?;
                 // Bounded work a pass: the rows passed over (owed, backfilling) and the rows
                 // dropped are each bounded; the next pass goes on from here, soon.
                 passed_over = looked_at - doomed.len();
-                if passed_over >= trim_rows(&self.path) || doomed.len() >= TRIM_DROP_ROWS {
+                more_to_drop = doomed.len() >= max_dropped;
+                if passed_over >= max_passed_over || more_to_drop {
                     next_from = after + 1;
                     break 'rows;
                 }
@@ -1576,6 +1583,7 @@ impl Writer {
             if next_from == 0 {
                 passed_over = looked_at - doomed.len();
             }
+            dropped_rows = doomed.len();
             for (row_key, in_row) in doomed {
                 events.remove(row_key).map_err(|e| e.to_string())?;
                 for (seq, len, key) in in_row {
@@ -1606,11 +1614,11 @@ impl Writer {
         // Only once committed: a pass that failed is done again from where it began.
         self.trim_from.store(next_from, Relaxed);
         if next_from > 0 {
-            tracing::debug!(log = %self.path.display(), passed_over, dropped, next_seq = next_from,
+            tracing::debug!(log = %self.path.display(), passed_over, rows_dropped = dropped_rows, next_seq = next_from,
                 "a retention pass stopped at its bound: the next goes on from here");
         }
         #[cfg(test)]
-        tests::record_trim_pass(&self.path, passed_over);
+        tests::record_trim_pass(&self.path, passed_over, dropped_rows);
         for (seqs, why) in damaged {
             tracing::error!(log = %self.path.display(), first_seq = seqs.start(), last_seq = seqs.end(),
                 "retention dropped a damaged row of events no plugin owes: {why}");
@@ -1621,7 +1629,7 @@ impl Writer {
             tracing::info!(log = %self.path.display(), dropped, bytes = freed, first_seq = first, last_seq = last,
                 "retention dropped settled events (bus.retention)");
         }
-        Ok(next_from > 0)
+        Ok(more_to_drop)
     }
 
     /// Makes every kept event with a sequence number in `seqs` (appended since `from`'s time,
@@ -2302,7 +2310,8 @@ pub(crate) mod tests {
     async fn retention_reads_a_bounded_number_of_rows_a_pass_and_goes_on_where_it_stopped() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bus.redb");
-        tests::TRIM_ROWS_FOR.lock().unwrap().push((path.clone(), 3, Vec::new()));
+        // 3 rows passed over and 2 dropped a pass at most
+        tests::TRIM_BOUNDS_FOR.lock().unwrap().push((path.clone(), (3, 2), Vec::new()));
         let retention = Retention { max_age: std::time::Duration::ZERO, max_mib: 1024 };
         let log = DurableLog::open_with(&path, SyncPolicy::Always, retention).unwrap();
         let p: Arc<str> = "p".into();
@@ -2324,10 +2333,14 @@ pub(crate) mod tests {
         }
         let left: Vec<u64> = log.read(0, 20).unwrap().iter().map(|(seq, _)| *seq).collect();
         assert_eq!(left, owed, "what p owes stays, the rest goes");
-        let passes = tests::TRIM_ROWS_FOR.lock().unwrap().iter().find(|(q, ..)| *q == path).unwrap().2.clone();
-        assert!(passes.iter().all(|rows| *rows <= 3), "a pass passed over more than 3 rows: {passes:?}");
-        assert!(passes.iter().filter(|rows| **rows == 3).count() >= 2, "the 7 owed rows took one pass: {passes:?}");
-        tests::TRIM_ROWS_FOR.lock().unwrap().retain(|(q, ..)| *q != path);
+        let passes = tests::TRIM_BOUNDS_FOR.lock().unwrap().iter().find(|(q, ..)| *q == path).unwrap().2.clone();
+        assert!(passes.iter().all(|(over, dropped)| *over <= 3 && *dropped <= 2), "a pass past its bounds: {passes:?}");
+        assert!(passes.iter().filter(|(over, _)| *over == 3).count() >= 2, "the 7 owed rows took one pass: {passes:?}");
+        assert!(
+            passes.iter().filter(|(_, dropped)| *dropped == 2).count() >= 2,
+            "the 4 free rows took one pass: {passes:?}"
+        );
+        tests::TRIM_BOUNDS_FOR.lock().unwrap().retain(|(q, ..)| *q != path);
     }
 
     #[tokio::test]
@@ -2794,17 +2807,18 @@ pub(crate) mod tests {
         true
     }
 
-    /// Logs whose retention passes pass over at most this many rows, and how many each passed
-    /// over.
-    static TRIM_ROWS_FOR: std::sync::Mutex<Vec<(PathBuf, usize, Vec<usize>)>> = std::sync::Mutex::new(Vec::new());
+    /// Logs whose retention passes pass over and drop at most these many rows, and the rows
+    /// each pass passed over and dropped.
+    type TrimLog = (PathBuf, (usize, usize), Vec<(usize, usize)>);
+    static TRIM_BOUNDS_FOR: std::sync::Mutex<Vec<TrimLog>> = std::sync::Mutex::new(Vec::new());
 
-    pub(super) fn trim_rows_for(path: &Path) -> Option<usize> {
-        TRIM_ROWS_FOR.lock().unwrap().iter().find(|(p, ..)| p == path).map(|(_, rows, _)| *rows)
+    pub(super) fn trim_bounds_for(path: &Path) -> Option<(usize, usize)> {
+        TRIM_BOUNDS_FOR.lock().unwrap().iter().find(|(p, ..)| p == path).map(|(_, bounds, _)| *bounds)
     }
 
-    pub(super) fn record_trim_pass(path: &Path, examined: usize) {
-        if let Some((.., passes)) = TRIM_ROWS_FOR.lock().unwrap().iter_mut().find(|(p, ..)| p == path) {
-            passes.push(examined);
+    pub(super) fn record_trim_pass(path: &Path, passed_over: usize, dropped: usize) {
+        if let Some((.., passes)) = TRIM_BOUNDS_FOR.lock().unwrap().iter_mut().find(|(p, ..)| p == path) {
+            passes.push((passed_over, dropped));
         }
     }
 
