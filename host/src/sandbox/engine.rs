@@ -5,7 +5,7 @@ use super::cache::{CacheStats, CompileCache};
 use super::limits::Limits;
 use super::outbound::OutboundPolicy;
 use super::plugin::{Plugin, PluginSettings};
-use super::pool::SharedPool;
+use super::pool::{POOL_WAIT_MAX, SharedPool, SlotWait};
 use super::state::{HostState, PluginCtx};
 use super::validate::{self, LoadError};
 use crate::kv::MemoryKv;
@@ -294,8 +294,7 @@ impl Sandbox {
             outbound: Arc::new(OutboundPolicy::none()),
             requester: Arc::new(crate::rpc::NoRequests),
         });
-        let give_up = Instant::now() + super::plugin::POOL_WAIT_MAX;
-        let mut evicted = false;
+        let mut wait = SlotWait::until(Instant::now() + POOL_WAIT_MAX);
         loop {
             let mut store = Store::new(&self.engine, HostState::new(ctx.clone(), "manifest", "manifest"));
             super::plugin::arm_store(&mut store);
@@ -305,22 +304,15 @@ impl Sandbox {
                 Ok(Err(Reading::Failed(e))) => return Err(e),
                 Ok(Err(Reading::PoolFull)) => {
                     drop(store);
-                    // An idle warm instance (of any plugin) is only a cache: its slot goes first.
-                    if !evicted && self.pool.evict_one() {
-                        evicted = true;
-                        tokio::task::yield_now().await;
-                        continue;
-                    }
-                    evicted = false;
-                    if Instant::now() + super::plugin::POOL_RETRY >= give_up {
+                    // A load is no plugin's attempt: not counted as one that waited.
+                    if !wait.again(&self.pool, || {}).await {
                         return Err(LoadError::Host(format!(
                             "every instance slot of the pool plugins share (sandbox.max_instances) stayed taken for \
                              {}, or the component needs more instances, memories or tables than the whole pool \
                              holds: the manifest could not be read",
-                            humantime::format_duration(super::plugin::POOL_WAIT_MAX)
+                            humantime::format_duration(POOL_WAIT_MAX)
                         )));
                     }
-                    tokio::time::sleep(super::plugin::POOL_RETRY).await;
                 }
                 // The store is dropped with the call suspended in it: nothing of it runs again.
                 Err(_) => {

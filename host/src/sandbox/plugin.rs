@@ -3,7 +3,7 @@
 use super::bindings::{self, types as wit};
 use super::guest_stack::{self, GuestStack};
 use super::limits::{InstanceMode, Limits, MAX_RESOURCES};
-use super::pool::{SharedPool, Warm, WarmList};
+use super::pool::{POOL_WAIT_MAX, SharedPool, SlotWait, Warm, WarmList};
 use super::record::Seen;
 use super::state::{HostState, PluginCtx};
 use super::world::FixedWorld;
@@ -132,16 +132,6 @@ async fn within_deadline<T>(
         }
     }
 }
-
-/// How long an attempt waits before trying again for an instance slot, while every slot of the
-/// pool all plugins share (`sandbox.max_instances`) is taken (by attempts in flight, or idle
-/// warm instances of `instance = "reuse"` plugins).
-pub(super) const POOL_RETRY: Duration = Duration::from_millis(5);
-
-/// The longest an attempt waits for an instance slot (or its deadline, if longer): a hog
-/// holds each of its slots at most its own deadline, so a wait bounded by the waiting plugin's
-/// deadline alone would give up just before slots free when both deadlines are alike.
-pub(super) const POOL_WAIT_MAX: Duration = Duration::from_secs(30);
 
 /// Installs the memory limiter, the per-call copy limit (hostcall fuel), the handle cap and the
 /// deadline on a fresh store.
@@ -325,11 +315,7 @@ impl Plugin {
         state: impl Fn() -> HostState,
     ) -> (Store<HostState>, wasmtime::Result<bindings::Plugin>) {
         let bound = self.ctx.limits.deadline.max(POOL_WAIT_MAX);
-        let give_up = super::limits::instant_after(Instant::now(), bound);
-        // Whether the last try followed an eviction: one eviction per wait, so an attempt that
-        // loses the freed slot to another does not empty every idle list in a loop.
-        let mut evicted = false;
-        let mut waited = false;
+        let mut wait = SlotWait::until(super::limits::instant_after(Instant::now(), bound));
         loop {
             let mut store = Store::new(&self.engine, state());
             arm_store(&mut store);
@@ -339,19 +325,8 @@ impl Plugin {
             .await;
             match made {
                 Err(e) if e.is::<wasmtime::PoolConcurrencyLimitError>() => {
-                    // An idle warm instance (of any plugin) is only a cache: its slot goes first.
                     drop(store);
-                    if !evicted && self.pool.evict_one() {
-                        evicted = true;
-                        tokio::task::yield_now().await;
-                        continue;
-                    }
-                    evicted = false;
-                    if !waited {
-                        waited = true;
-                        self.pool.count_wait(&self.ctx.name);
-                    }
-                    if Instant::now() + POOL_RETRY >= give_up {
+                    if !wait.again(&self.pool, || self.pool.count_wait(&self.ctx.name)).await {
                         let e = e.context(format!(
                             "host error: every instance slot of the pool plugins share (sandbox.max_instances) stayed \
                              taken for {}",
@@ -359,7 +334,6 @@ impl Plugin {
                         ));
                         return (Store::new(&self.engine, state()), Err(e));
                     }
-                    tokio::time::sleep(POOL_RETRY).await;
                 }
                 // The handler's deadline counts from this try's store: a wait is not its time.
                 made => return (store, made),

@@ -13,7 +13,57 @@ use crate::metrics::PluginLabels;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 use wasmtime::Store;
+
+/// How long an attempt waits before trying again for an instance slot, while every slot of the
+/// pool all plugins share (`sandbox.max_instances`) is taken (by attempts in flight, or idle
+/// warm instances of `instance = "reuse"` plugins).
+const POOL_RETRY: Duration = Duration::from_millis(5);
+
+/// The longest an attempt waits for an instance slot (or its deadline, if longer): a hog
+/// holds each of its slots at most its own deadline, so a wait bounded by the waiting plugin's
+/// deadline alone would give up just before slots free when both deadlines are alike.
+pub(super) const POOL_WAIT_MAX: Duration = Duration::from_secs(30);
+
+/// The wait for a slot of the shared pool, after an instantiation found every one taken (an
+/// attempt's, or a load's reading a manifest): an idle warm instance of any plugin is only a
+/// cache, so its slot goes first; then a try every [`POOL_RETRY`] until the wait gives up.
+pub(super) struct SlotWait {
+    give_up: Instant,
+    /// Whether the last try followed an eviction: one eviction per wait, so a try that loses
+    /// the freed slot to another does not empty every idle list in a loop.
+    evicted: bool,
+    /// Whether it has slept once (`first_wait` was called).
+    waited: bool,
+}
+
+impl SlotWait {
+    /// A wait that gives up at `give_up`.
+    pub(super) fn until(give_up: Instant) -> Self {
+        Self { give_up, evicted: false, waited: false }
+    }
+
+    /// Readies the next try: evicts an idle warm instance, or sleeps [`POOL_RETRY`] (calling
+    /// `first_wait` the first time); `false` when the wait gives up instead.
+    pub(super) async fn again(&mut self, pool: &SharedPool, first_wait: impl FnOnce()) -> bool {
+        if !self.evicted && pool.evict_one() {
+            self.evicted = true;
+            tokio::task::yield_now().await;
+            return true;
+        }
+        self.evicted = false;
+        if !self.waited {
+            self.waited = true;
+            first_wait();
+        }
+        if Instant::now() + POOL_RETRY >= self.give_up {
+            return false;
+        }
+        tokio::time::sleep(POOL_RETRY).await;
+        true
+    }
+}
 
 /// An instantiated plugin kept between events, with its store.
 pub(super) struct Warm {
