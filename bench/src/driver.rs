@@ -23,6 +23,8 @@ pub struct Load {
     pub elapsed: Duration,
     /// End-to-end latency of the events published inside the window.
     pub latencies: Vec<Duration>,
+    /// CPU time the whole process used inside the window (every thread: host, driver, wasm).
+    pub cpu: Duration,
 }
 
 impl Load {
@@ -35,7 +37,15 @@ impl Load {
     pub fn merge(&mut self, slice: Load) {
         self.events += slice.events;
         self.elapsed += slice.elapsed;
+        self.cpu += slice.cpu;
         self.latencies.extend(slice.latencies);
+    }
+
+    /// CPU µs the process spent per event completed in the window: what an event costs,
+    /// whatever the cores did meanwhile (steadier than a rate on a VM whose speed drifts, and
+    /// it shows what a second core adds per event).
+    pub fn cpu_us_per_event(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.events.max(1) as f64
     }
 
     /// The `p`th percentile latency, in µs.
@@ -96,11 +106,13 @@ pub async fn closed_loop<P: Future<Output = anyhow::Result<()>>>(
 ) -> anyhow::Result<Load> {
     let start = Instant::now();
     let (measure_from, measure_to) = (start + mode.warmup, start + mode.warmup + mode.measure);
+    let cpu = CpuWindow::default();
     // Per seq: when it was published and how many outputs are still missing.
     let mut sent: Vec<(Instant, u32)> = Vec::new();
     let (mut outstanding, mut load) = (0usize, Load { elapsed: mode.measure, ..Load::default() });
     loop {
         let now = Instant::now();
+        cpu.tick(now, measure_from, measure_to);
         if now < measure_to {
             while outstanding < window {
                 let seq = sent.len() as u64;
@@ -110,6 +122,7 @@ pub async fn closed_loop<P: Future<Output = anyhow::Result<()>>>(
                 outstanding += 1;
             }
         } else if outstanding == 0 {
+            load.cpu = cpu.used();
             return Ok(load);
         }
         let Ok(Some(ev)) = tokio::time::timeout(STALL, outputs.recv()).await else {
@@ -291,14 +304,16 @@ where
 {
     let start = Instant::now();
     let (measure_from, measure_to) = (start + mode.warmup, start + mode.warmup + mode.measure);
+    let cpu = Arc::new(CpuWindow::default());
     let mut handles = Vec::new();
     for t in 0..tasks {
-        let call = call.clone();
+        let (call, cpu) = (call.clone(), cpu.clone());
         handles.push(tokio::spawn(async move {
             let mut load = Load::default();
             let mut seq = t as u64;
             loop {
                 let began = Instant::now();
+                cpu.tick(began, measure_from, measure_to);
                 if began >= measure_to {
                     return anyhow::Ok(load);
                 }
@@ -318,7 +333,47 @@ where
         total.events += load.events;
         total.latencies.extend(load.latencies);
     }
+    total.cpu = cpu.used();
     Ok(total)
+}
+
+/// The process's CPU time between two instants, read by the loop itself at the first event
+/// it sees past each (a task of its own would not run while a one-thread loop is busy).
+#[derive(Default)]
+struct CpuWindow {
+    from: std::sync::OnceLock<Duration>,
+    to: std::sync::OnceLock<Duration>,
+}
+
+impl CpuWindow {
+    /// Reads the clock at the first call at or past `from`, and at the first at or past `to`.
+    fn tick(&self, now: Instant, from: Instant, to: Instant) {
+        if now >= from {
+            self.from.get_or_init(process_cpu);
+        }
+        if now >= to {
+            self.to.get_or_init(process_cpu);
+        }
+    }
+
+    /// The CPU time between the two readings (zero when the window was never passed).
+    fn used(&self) -> Duration {
+        match (self.from.get(), self.to.get()) {
+            (Some(from), Some(to)) => to.saturating_sub(*from),
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// CPU time of every thread of this process so far (`CLOCK_PROCESS_CPUTIME_ID`).
+pub fn process_cpu() -> Duration {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `t` is a valid, writable timespec; the clock id is a constant Linux supports.
+    let read = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+    if read != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
 #[cfg(test)]
@@ -331,5 +386,33 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
         assert_eq!((v["seq"].as_u64(), v["key"].as_str()), (Some(123_456), Some("k-999")));
         assert!((1000..=1048).contains(&p.len()), "{}", p.len());
+    }
+
+    #[test]
+    fn cpu_per_event_is_the_windows_cpu_over_its_events_and_slices_add_up() {
+        let mut load = Load { events: 4, cpu: Duration::from_micros(100), ..Load::default() };
+        assert_eq!(load.cpu_us_per_event(), 25.0);
+        load.merge(Load { events: 6, cpu: Duration::from_micros(150), ..Load::default() });
+        assert_eq!((load.events, load.cpu), (10, Duration::from_micros(250)));
+        assert_eq!(load.cpu_us_per_event(), 25.0);
+        // No event completed: the CPU is not divided by zero.
+        assert_eq!(Load { cpu: Duration::from_micros(7), ..Load::default() }.cpu_us_per_event(), 7.0);
+    }
+
+    #[tokio::test]
+    async fn a_loop_measures_the_cpu_its_events_burn() {
+        // Each event burns at least 200 µs of the process's CPU, one at a time: whatever else
+        // runs, the window's CPU per event cannot read less than about that.
+        let burn = |_seq| async {
+            let until = process_cpu() + Duration::from_micros(200);
+            while process_cpu() < until {
+                std::hint::spin_loop();
+            }
+            Ok(())
+        };
+        let load = direct_loop(crate::Mode::new(true), 1, burn).await.unwrap();
+        assert!(load.events > 0, "no event completed in the window");
+        let per_event = load.cpu_us_per_event();
+        assert!(per_event >= 150.0, "{per_event} µs of CPU per event, each burning at least 200");
     }
 }

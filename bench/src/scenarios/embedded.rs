@@ -82,6 +82,14 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
             ("plugbus_1thread".into(), one_core.rate()),
             ("plugbus_1thread_vs_floor_1task".into(), one_core.rate() / floor1.rate()),
             ("plugbus_vs_1thread".into(), rate / one_core.rate()),
+            // The two-core target (≥ 1.7): both cores against the 1-task floor.
+            ("plugbus_vs_floor_1task".into(), rate / floor1.rate()),
+            // CPU µs per event of the whole process, each side in its own slices: what a second
+            // core adds per event (host and floor), and what the host adds to the floor's.
+            ("cpu_us_per_event".into(), load.cpu_us_per_event()),
+            ("cpu_us_per_event_1thread".into(), one_core.cpu_us_per_event()),
+            ("floor_cpu_us_per_event_1task".into(), floor1.cpu_us_per_event()),
+            ("floor_cpu_us_per_event_2tasks".into(), floor2.cpu_us_per_event()),
             // How far wasmtime itself scales from one core to two on this machine.
             ("floor_2tasks_vs_1task".into(), floor2.rate() / floor1.rate()),
             ("wasm_floor_1task".into(), floor1.rate()),

@@ -81,6 +81,7 @@ fn part_row(scenario: &str, part: &str, load: Load) -> Row {
         p50_us: Some(load.percentile_us(50)),
         p99_us: Some(load.percentile_us(99)),
         notes: format!("{scenario}, {part} alone (for profiling; no baseline)"),
+        extra: std::collections::BTreeMap::from([("cpu_us_per_event".into(), load.cpu_us_per_event())]),
         ..Row::default()
     }
 }

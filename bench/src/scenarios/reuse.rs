@@ -67,6 +67,9 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
             ("idle_p50_us".into(), idle.percentile_us(50)),
             ("idle_p99_us".into(), idle.percentile_us(99)),
             ("floor_1task".into(), floor1.rate()),
+            // CPU µs per event of the whole process (see embedded-1).
+            ("cpu_us_per_event".into(), load.cpu_us_per_event()),
+            ("floor_cpu_us_per_event".into(), floor2.cpu_us_per_event()),
             ("floor_1task_p50_us".into(), floor1.percentile_us(50)),
             ("failed".into(), failed as f64),
         ]),
