@@ -106,13 +106,13 @@ pub async fn closed_loop<P: Future<Output = anyhow::Result<()>>>(
 ) -> anyhow::Result<Load> {
     let start = Instant::now();
     let (measure_from, measure_to) = (start + mode.warmup, start + mode.warmup + mode.measure);
-    let cpu = CpuWindow::default();
+    let cpu = CpuWindow::over(measure_from, measure_to);
     // Per seq: when it was published and how many outputs are still missing.
     let mut sent: Vec<(Instant, u32)> = Vec::new();
     let (mut outstanding, mut load) = (0usize, Load { elapsed: mode.measure, ..Load::default() });
     loop {
         let now = Instant::now();
-        cpu.tick(now, measure_from, measure_to);
+        cpu.tick(now);
         if now < measure_to {
             while outstanding < window {
                 let seq = sent.len() as u64;
@@ -304,7 +304,7 @@ where
 {
     let start = Instant::now();
     let (measure_from, measure_to) = (start + mode.warmup, start + mode.warmup + mode.measure);
-    let cpu = Arc::new(CpuWindow::default());
+    let cpu = Arc::new(CpuWindow::over(measure_from, measure_to));
     let mut handles = Vec::new();
     for t in 0..tasks {
         let (call, cpu) = (call.clone(), cpu.clone());
@@ -313,7 +313,7 @@ where
             let mut seq = t as u64;
             loop {
                 let began = Instant::now();
-                cpu.tick(began, measure_from, measure_to);
+                cpu.tick(began);
                 if began >= measure_to {
                     return anyhow::Ok(load);
                 }
@@ -339,19 +339,25 @@ where
 
 /// The process's CPU time between two instants, read by the loop itself at the first event
 /// it sees past each (a task of its own would not run while a one-thread loop is busy).
-#[derive(Default)]
 struct CpuWindow {
+    window: (Instant, Instant),
     from: std::sync::OnceLock<Duration>,
     to: std::sync::OnceLock<Duration>,
 }
 
 impl CpuWindow {
-    /// Reads the clock at the first call at or past `from`, and at the first at or past `to`.
-    fn tick(&self, now: Instant, from: Instant, to: Instant) {
-        if now >= from {
+    /// The window from `from` to `to`, not read yet.
+    fn over(from: Instant, to: Instant) -> Self {
+        Self { window: (from, to), from: Default::default(), to: Default::default() }
+    }
+
+    /// Reads the clock at the first call at or past the window's start, and at the first at or
+    /// past its end.
+    fn tick(&self, now: Instant) {
+        if now >= self.window.0 {
             self.from.get_or_init(process_cpu);
         }
-        if now >= to {
+        if now >= self.window.1 {
             self.to.get_or_init(process_cpu);
         }
     }
@@ -366,7 +372,7 @@ impl CpuWindow {
 }
 
 /// CPU time of every thread of this process so far (`CLOCK_PROCESS_CPUTIME_ID`).
-pub fn process_cpu() -> Duration {
+fn process_cpu() -> Duration {
     let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `t` is a valid, writable timespec; the clock id is a constant Linux supports.
     let read = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
@@ -402,10 +408,11 @@ mod tests {
     #[tokio::test]
     async fn a_loop_measures_the_cpu_its_events_burn() {
         // Each event burns at least 200 µs of the process's CPU, one at a time: whatever else
-        // runs, the window's CPU per event cannot read less than about that.
+        // runs, the window's CPU per event cannot read less than about that. (Bounded in wall
+        // time too: a clock that cannot be read fails the assertion instead of spinning.)
         let burn = |_seq| async {
-            let until = process_cpu() + Duration::from_micros(200);
-            while process_cpu() < until {
+            let (until, started) = (process_cpu() + Duration::from_micros(200), Instant::now());
+            while process_cpu() < until && started.elapsed() < Duration::from_millis(50) {
                 std::hint::spin_loop();
             }
             Ok(())
