@@ -10,7 +10,6 @@ use crate::sandbox::{Limits, LoadError, PluginSettings, Sandbox, allowed_import}
 use serde::Serialize;
 use std::path::Path;
 use std::sync::Arc;
-use wasmtime::component::Component;
 
 /// The verdict on one file.
 #[derive(Debug, Clone, Serialize)]
@@ -88,10 +87,12 @@ pub async fn inspect(sandbox: &Sandbox, file: &str, bytes: &[u8], config: &Confi
         Ok(declared) => report.contract = declared,
         Err(e) => report.problems.push(e.to_string()),
     }
-    let component = match Component::new(sandbox.engine(), bytes) {
+    // Compiled as the loader compiles it: in a child under the compile caps when the sandbox
+    // has a compiler, through the compile cache when it has one.
+    let component = match sandbox.compile(bytes, &report.hash).await {
         Ok(c) => c,
         Err(e) => {
-            report.problems.push(format!("invalid component: {e:#}"));
+            report.problems.push(e.to_string());
             return report;
         }
     };

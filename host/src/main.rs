@@ -86,7 +86,7 @@ struct RunArgs {
 impl RunArgs {
     /// The config file and env, with these flags on top.
     fn config(self) -> anyhow::Result<Config> {
-        let mut c = Config::load(self.config.as_deref())?;
+        let mut c = load_config(self.config.as_deref())?;
         if let Some(v) = self.plugins {
             c.plugins_dir = v;
         }
@@ -324,6 +324,14 @@ enum Command {
     },
     /// Print the man page (roff), e.g. `plugbus man > plugbus.1`.
     Man,
+    /// Internal: compile one component read on stdin under the compile caps, the artifact on
+    /// stdout (the host runs this as a child process; see `sandbox::compiler`).
+    #[command(name = "compile-child", hide = true)]
+    CompileChild {
+        /// The sandbox settings, as JSON.
+        #[arg(long)]
+        settings: String,
+    },
     /// Publish one event to a running host through its HTTP API.
     Publish {
         /// The subject, e.g. `orders.created`.
@@ -398,8 +406,21 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Runs the command; a user error (a bad flag value, a host that is not there, a refusal) is
 /// one line with its causes and exit code 1, never a backtrace: `RUST_BACKTRACE` only shows
 /// on a panic (a bug).
+/// The config (`Config::load`), compiling plugins in child processes of this binary under the
+/// compile caps (`sandbox::compiler`).
+fn load_config(file: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    let mut config = Config::load(file)?;
+    config.sandbox.compiler =
+        Some(std::env::current_exe().context("finding this binary, which compiles plugins in a child process")?);
+    Ok(config)
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // The compiling child: no runtime, no logging, nothing but the compile.
+    if let Command::CompileChild { settings } = &cli.command {
+        return plugbus::sandbox::compiler::child_main(settings);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -473,12 +494,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Inspect { file, json, config } if file.is_dir() => {
-            let config = Config::load(config.as_deref())?;
+            let config = load_config(config.as_deref())?;
             let loadable = inspect_folder(&file, json, &config).await?;
             std::process::exit(if loadable { 0 } else { 1 });
         }
         Command::Inspect { file, json, config } => {
-            let config = Config::load(config.as_deref())?;
+            let config = load_config(config.as_deref())?;
             // The loader's own reader: a regular file (or a symlink to one) of at most
             // max_wasm_bytes; a FIFO or device is refused, never waited on.
             let bytes = plugbus::loader::read_plugin_file(&file, config.max_wasm_bytes)
@@ -517,6 +538,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "plugbus", &mut std::io::stdout());
             Ok(())
         }
+        Command::CompileChild { .. } => anyhow::bail!("compile-child runs before the async runtime starts (see main)"),
         Command::Man => {
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()).context("writing the man page")
         }
@@ -542,7 +564,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let home = krate.target_dir.join("plugbus-dev");
             let plugins = opts.plugins.clone().unwrap_or_else(|| home.join("plugins"));
             std::fs::create_dir_all(&plugins).with_context(|| format!("creating {}", plugins.display()))?;
-            let mut config = Config::load(None)?;
+            let mut config = load_config(None)?;
             config.plugins_dir = plugins.clone();
             config.data_dir = data_dir.unwrap_or_else(|| home.join("data"));
             config.http = Some(http.unwrap_or_else(|| "127.0.0.1:7070".parse().expect("an address")));
@@ -630,7 +652,7 @@ async fn test_cases(
     update: bool,
     config: Option<&std::path::Path>,
 ) -> anyhow::Result<bool> {
-    let config = Config::load(config).context("reading the config")?;
+    let config = load_config(config).context("reading the config")?;
     let mut values = Vec::with_capacity(plugin_config.len());
     for entry in plugin_config {
         let (k, v) = entry.split_once('=').with_context(|| format!("--plugin-config {entry:?}: expected KEY=VALUE"))?;

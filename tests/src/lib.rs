@@ -134,6 +134,9 @@ impl TestHost {
         // test: compiling was a quarter of the end-to-end tests' CPU time. A test that counts
         // compilations sets it back to `None` (its own `data_dir/cache`).
         config.compile_cache_dir = Some(target_dir().join("test-compile-cache"));
+        // Compile in child processes of the `plugbus` binary under the compile caps, as the CLI
+        // does (the library's default compiles in the host's own process).
+        config.sandbox.compiler = Some(plugbus_bin());
         tweak(&mut config);
         let host = Host::start(config).await.expect("host starts");
         Self { host, dir, data }

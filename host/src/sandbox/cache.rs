@@ -124,29 +124,21 @@ impl CompileCache {
         }
     }
 
-    /// Compiles `bytes` or reads the cached result.
-    pub fn compile(
-        &self,
-        engine: &Engine,
-        bytes: &[u8],
-        wasm_hash: &str,
-        stats: &CacheStats,
-    ) -> wasmtime::Result<Component> {
-        if let Some(c) = self.read_verified(engine, wasm_hash, stats) {
-            stats.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(c);
+    /// The cached compiled component for `wasm_hash`, if its entry is there and verifies
+    /// (counted as a hit).
+    pub fn cached(&self, engine: &Engine, wasm_hash: &str, stats: &CacheStats) -> Option<Component> {
+        let component = self.read_verified(engine, wasm_hash, stats)?;
+        stats.hits.fetch_add(1, Ordering::Relaxed);
+        Some(component)
+    }
+
+    /// Keeps `serialized` (what `Component::serialize` or `Engine::precompile_component` of this
+    /// host's settings made of the wasm with `wasm_hash`) for the next load. Best effort: a
+    /// failure is logged, and the next load compiles again.
+    pub fn keep(&self, wasm_hash: &str, serialized: &[u8]) {
+        if let Err(e) = self.write_entry(wasm_hash, serialized) {
+            tracing::warn!(file = %self.path(wasm_hash).display(), "could not write the compile cache: {e}");
         }
-        let component = Component::new(engine, bytes)?;
-        stats.compiled.fetch_add(1, Ordering::Relaxed);
-        match component.serialize() {
-            Ok(serialized) => {
-                if let Err(e) = self.write_entry(wasm_hash, &serialized) {
-                    tracing::warn!(file = %self.path(wasm_hash).display(), "could not write the compile cache: {e}");
-                }
-            }
-            Err(e) => tracing::warn!("could not serialize a component for the cache: {e}"),
-        }
-        Ok(component)
     }
 
     /// Writes the entry, then its tag (each by rename: a crash in between leaves an entry whose

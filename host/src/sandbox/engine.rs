@@ -30,12 +30,51 @@ pub struct SandboxSettings {
     pub max_memory_mib: u64,
     /// Wasm stack cap, in bytes (engine-wide: wasmtime sets it per engine).
     pub max_stack_bytes: usize,
+    /// The memory the child process compiling one component may use (its peak resident set,
+    /// read every 20 ms; its compiled code included), in MiB: a file that needs more is
+    /// refused (see `compiler`).
+    pub compile_memory_mib: u64,
+    /// How long compiling one component may take (wall clock): a file that takes longer is
+    /// refused.
+    #[serde(with = "humantime_serde")]
+    pub compile_timeout: Duration,
+    /// The `plugbus` binary that compiles components in a child process under the two caps
+    /// above. The CLI sets it to itself; `None` (a library's default) compiles in this process,
+    /// uncapped. Not a config key: which program runs is the binary's to say.
+    #[serde(skip)]
+    pub compiler: Option<std::path::PathBuf>,
 }
 
 impl Default for SandboxSettings {
     fn default() -> Self {
-        Self { max_instances: 256, max_memory_mib: 64, max_stack_bytes: 512 * 1024 }
+        Self {
+            max_instances: 256,
+            max_memory_mib: 64,
+            max_stack_bytes: 512 * 1024,
+            compile_memory_mib: 2048,
+            compile_timeout: Duration::from_secs(120),
+            compiler: None,
+        }
     }
+}
+
+/// The engine's code settings, shared by the host's engine and the compiling child (whose
+/// artifacts the host's engine must accept): everything but how instances are allocated.
+pub(super) fn engine_config(settings: &SandboxSettings) -> Config {
+    let mut config = Config::new();
+    config
+        .epoch_interruption(true)
+        .max_wasm_stack(settings.max_stack_bytes)
+        // A trap carries handles to the store's globals, so `plugin` can read the guest's
+        // stack pointer and name its own stack overflowing (see `guest_stack`). Handles, not
+        // copies: cheap, and only on traps.
+        .coredump_on_trap(true);
+    // `PLUGBUS_PERF_MAP=1` writes /tmp/perf-<pid>.map so `perf report` names the plugins'
+    // compiled functions (profiling a handler; off by default).
+    if std::env::var_os("PLUGBUS_PERF_MAP").is_some_and(|v| v == "1") {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
+    config
 }
 
 /// Stops the epoch ticker thread when the last sandbox handle goes.
@@ -86,20 +125,8 @@ impl Sandbox {
             .pagemap_scan(wasmtime::Enabled::Auto)
             .linear_memory_keep_resident(4 << 20)
             .table_keep_resident(64 << 10);
-        let mut config = Config::new();
-        config
-            .epoch_interruption(true)
-            .max_wasm_stack(settings.max_stack_bytes)
-            // A trap carries handles to the store's globals, so `plugin` can read the guest's
-            // stack pointer and name its own stack overflowing (see `guest_stack`). Handles, not
-            // copies: cheap, and only on traps.
-            .coredump_on_trap(true)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        // `PLUGBUS_PERF_MAP=1` writes /tmp/perf-<pid>.map so `perf report` names the plugins'
-        // compiled functions (profiling a handler; off by default).
-        if std::env::var_os("PLUGBUS_PERF_MAP").is_some_and(|v| v == "1") {
-            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
-        }
+        let mut config = engine_config(&settings);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(|e| {
             anyhow::anyhow!(
                 "cannot set up the sandbox pool for {n} instances of up to {} MiB: {e} \
@@ -194,23 +221,65 @@ impl Sandbox {
     ) -> Result<Plugin, LoadError> {
         validate::check_header(bytes)?;
         let hash = validate::content_hash(bytes);
-        let component = {
-            let (engine, cache, stats) = (self.engine.clone(), self.cache.clone(), self.cache_stats.clone());
-            let (bytes, key) = (bytes.to_vec(), hash.clone());
-            // Compiling takes milliseconds to seconds: never on the async runtime's workers.
-            tokio::task::spawn_blocking(move || match cache {
-                Some(cache) => cache.compile(&engine, &bytes, &key, &stats),
-                None => {
-                    stats.compiled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    Component::new(&engine, &bytes)
-                }
-            })
-            .await
-            .map_err(|e| LoadError::Invalid(format!("compiler task failed: {e}")))?
-            .map_err(|e| LoadError::Invalid(format!("{e:#}")))?
-        };
+        let component = self.compile(bytes, &hash).await?;
         let stack = super::guest_stack::GuestStack::of_component(bytes);
         Ok(self.prepare_bound(component, hash, bind).await?.with_guest_stack(stack))
+    }
+
+    /// The compiled component for `bytes` (`hash` is their [`content_hash`](super::content_hash),
+    /// the cache's key): from the cache, else compiled in a child process under the compile caps
+    /// (`settings.compiler`), else in this process; what was compiled is kept in the cache.
+    /// Never on the async runtime's workers.
+    pub(crate) async fn compile(&self, bytes: &[u8], hash: &str) -> Result<Component, LoadError> {
+        async fn off_runtime<T: Send + 'static>(
+            f: impl FnOnce() -> Result<T, LoadError> + Send + 'static,
+        ) -> Result<T, LoadError> {
+            tokio::task::spawn_blocking(f)
+                .await
+                .map_err(|e| LoadError::Invalid(format!("compiler task failed: {e}")))?
+        }
+        let (engine, cache, stats, key) =
+            (self.engine.clone(), self.cache.clone(), self.cache_stats.clone(), hash.to_string());
+        if let Some(cache) = cache.clone() {
+            let (engine, stats, key) = (engine.clone(), stats.clone(), key.clone());
+            if let Some(c) = off_runtime(move || Ok(cache.cached(&engine, &key, &stats))).await? {
+                return Ok(c);
+            }
+        }
+        let component = match &self.settings.compiler {
+            Some(program) => {
+                let artifact = super::compiler::compile_in_child(program, &self.settings, bytes).await?;
+                off_runtime(move || {
+                    // SAFETY: `artifact` is what this host's own binary, run as its compiler
+                    // child with these settings, wrote on a pipe only this process reads; it is
+                    // in memory, so nothing changes it after. wasmtime still checks version and
+                    // settings compatibility.
+                    let c = unsafe { Component::deserialize(&engine, &artifact) }
+                        .map_err(|e| LoadError::Host(format!("the compiler child's output does not load: {e:#}")))?;
+                    if let Some(cache) = cache {
+                        cache.keep(&key, &artifact);
+                    }
+                    Ok(c)
+                })
+                .await?
+            }
+            None => {
+                let bytes = bytes.to_vec();
+                off_runtime(move || {
+                    let c = Component::new(&engine, &bytes).map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+                    if let Some(cache) = cache {
+                        match c.serialize() {
+                            Ok(serialized) => cache.keep(&key, &serialized),
+                            Err(e) => tracing::warn!("could not serialize a component for the cache: {e}"),
+                        }
+                    }
+                    Ok(c)
+                })
+                .await?
+            }
+        };
+        stats.compiled.fetch_add(1, Ordering::Relaxed);
+        Ok(component)
     }
 
     /// Validates a compiled component and reads its manifest.

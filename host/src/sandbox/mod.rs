@@ -9,6 +9,7 @@
 pub mod bindings;
 mod breaker;
 mod cache;
+pub mod compiler;
 mod engine;
 mod guest_stack;
 pub mod http_stubs;

@@ -252,3 +252,240 @@ async fn a_manifest_that_never_returns_is_refused_and_the_other_plugins_load() {
     eventually("stall is refused", || host.rejected().iter().any(|r| r.path.ends_with("stall.wasm"))).await;
     assert!(!host.router().contains("stall"));
 }
+
+/// A component of one core function, `reps` times `global.get; local.get; i64.add; local.tee;
+/// global.set` over 1,000 locals: half a megabyte at 50,000 that cranelift takes seconds and
+/// hundreds of MiB to compile, more than linearly (debug build: 50,000 took 9 s and 188 MiB,
+/// 100,000 23 s and 297 MiB, 200,000 48 s and 490 MiB). Nothing in it is invalid: only its cost
+/// refuses it.
+fn slow_to_compile(reps: usize) -> Vec<u8> {
+    fn leb(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let b = (n & 0x7f) as u8;
+            n >>= 7;
+            out.push(if n > 0 { b | 0x80 } else { b });
+            if n == 0 {
+                return;
+            }
+        }
+    }
+    fn section(id: u8, body: &[u8], out: &mut Vec<u8>) {
+        out.push(id);
+        leb(body.len(), out);
+        out.extend_from_slice(body);
+    }
+    const LOCALS: usize = 1000;
+    let mut body = Vec::new();
+    leb(1, &mut body); // one group of locals
+    leb(LOCALS, &mut body);
+    body.push(0x7e); // i64
+    for r in 0..reps {
+        body.extend_from_slice(&[0x23, 0x00, 0x20]); // global.get 0, local.get
+        leb((r * 7 + 3) % LOCALS, &mut body);
+        body.extend_from_slice(&[0x7c, 0x22]); // i64.add, local.tee
+        leb((r * 13 + 5) % LOCALS, &mut body);
+        body.extend_from_slice(&[0x24, 0x00]); // global.set 0
+    }
+    body.push(0x0b);
+    let mut code = vec![1];
+    leb(body.len(), &mut code);
+    code.extend_from_slice(&body);
+    let mut module = b"\0asm\x01\0\0\0".to_vec();
+    section(1, &[1, 0x60, 0, 0], &mut module); // one type: () -> ()
+    section(3, &[1, 0], &mut module); // one function of it
+    section(6, &[1, 0x7e, 1, 0x42, 0, 0x0b], &mut module); // a mutable i64 global, 0
+    section(10, &code, &mut module);
+    let mut component = b"\0asm\x0d\0\x01\0".to_vec();
+    section(1, &module, &mut component); // a core module section
+    component
+}
+
+/// A host on `dir` compiling in child processes of the `plugbus` binary, as the CLI does, with
+/// these compile caps.
+async fn host_compiling_in_children(dir: &std::path::Path, memory_mib: u64, timeout: Duration) -> plugbus::Host {
+    let mut config = plugbus::Config {
+        data_dir: dir.join("data"),
+        plugins_dir: dir.to_path_buf(),
+        http: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
+    };
+    config.sandbox.compiler = Some(plugbus_tests::plugbus_bin());
+    config.sandbox.compile_memory_mib = memory_mib;
+    config.sandbox.compile_timeout = timeout;
+    tokio::time::timeout(Duration::from_secs(60), plugbus::Host::start(config))
+        .await
+        .expect("the host started within 60 s")
+        .expect("the host starts despite the file")
+}
+
+/// A hostile file whose compilation costs without bound: compiled in the host's process, a
+/// large enough one takes minutes and GiBs there (the kernel's OOM killer ends every plugin with
+/// it, at every start). In a child process under `sandbox.compile_timeout` and
+/// `sandbox.compile_memory_mib`, it is refused naming the cap it passed, and the plugins around
+/// it load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_compiles_past_the_caps_is_refused_and_the_others_load() {
+    // Time: 9 s to compile unbounded, stopped at 2 s.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("audit"), tmp.path().join("audit.wasm")).unwrap();
+    std::fs::write(tmp.path().join("slow.wasm"), slow_to_compile(50_000)).unwrap();
+    let started = std::time::Instant::now();
+    let host = host_compiling_in_children(tmp.path(), 2048, Duration::from_secs(2)).await;
+    let rejected = host.rejected();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert!(rejected[0].path.ends_with("slow.wasm"), "{rejected:?}");
+    assert!(rejected[0].reason.contains("compiling it took longer than sandbox.compile_timeout (2s)"), "{rejected:?}");
+    assert_eq!(host.router().names(), vec!["audit".to_string()]);
+    assert!(started.elapsed() < Duration::from_secs(8), "the start waited out the compile: {:?}", started.elapsed());
+    host.shutdown().await;
+
+    // Memory: about 300 MiB to compile unbounded (audit takes under 90 MiB), stopped at 160.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("audit"), tmp.path().join("audit.wasm")).unwrap();
+    std::fs::write(tmp.path().join("big.wasm"), slow_to_compile(100_000)).unwrap();
+    let host = host_compiling_in_children(tmp.path(), 160, Duration::from_secs(60)).await;
+    let rejected = host.rejected();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert!(rejected[0].path.ends_with("big.wasm"), "{rejected:?}");
+    assert!(
+        rejected[0].reason.contains("compiling it needs more memory than sandbox.compile_memory_mib (160 MiB)"),
+        "{rejected:?}"
+    );
+    assert_eq!(host.router().names(), vec!["audit".to_string()]);
+    host.shutdown().await;
+}
+
+/// Compiling in a child does not change what a file that does not compile is told, and what
+/// compiles in a child serves and lands in the compile cache like one compiled in the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_compiles_what_the_host_did_and_refuses_with_the_same_words() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("audit"), tmp.path().join("audit.wasm")).unwrap();
+    // A core module where a component belongs: wasmtime's own words, from the child.
+    let mut broken = b"\0asm\x0d\0\x01\0".to_vec();
+    broken.extend_from_slice(&[1, 3, 0xff, 0xff, 0xff]);
+    std::fs::write(tmp.path().join("broken.wasm"), &broken).unwrap();
+    let host = host_compiling_in_children(tmp.path(), 2048, Duration::from_secs(60)).await;
+    let in_child = host.rejected();
+    assert_eq!(host.router().names(), vec!["audit".to_string()]);
+    assert_eq!(compile_counts(&host).await, (1.0, 0.0), "(compiled, cache hits)");
+    host.shutdown().await;
+
+    // The same folder again: audit comes from the cache the child's artifact was kept in.
+    let host = host_compiling_in_children(tmp.path(), 2048, Duration::from_secs(60)).await;
+    assert_eq!(host.router().names(), vec!["audit".to_string()]);
+    assert_eq!(compile_counts(&host).await, (0.0, 1.0), "(compiled, cache hits)");
+    host.shutdown().await;
+
+    // In the host's process (no compiler set): the same refusal, word for word.
+    let in_process = host_on(tmp.path()).await.rejected();
+    assert_eq!(in_child.len(), 1, "{in_child:?}");
+    assert_eq!(in_child[0].reason, in_process[0].reason);
+}
+
+/// A host's (components compiled, compile cache hits), from its `/metrics`.
+async fn compile_counts(host: &plugbus::Host) -> (f64, f64) {
+    let url = format!("http://{}", host.http_addr().expect("an HTTP API"));
+    let text = plugbus_tests::metrics_text(&url).await;
+    let count = |name| plugbus_tests::sample(&text, name).unwrap_or_else(|| panic!("no {name} in {text}"));
+    (count("plugbus_components_compiled"), count("plugbus_compile_cache_hits"))
+}
+
+/// The `plugbus` CLI compiles in a child under the caps of its config and `PLUGBUS_*`
+/// environment: `inspect` reports a file past `sandbox.compile_timeout` as not loadable, naming
+/// the cap, within about that time.
+#[test]
+fn the_cli_compiles_under_the_caps_of_its_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("slow.wasm");
+    std::fs::write(&file, slow_to_compile(50_000)).unwrap();
+    let out = plugbus_tests::output_within(
+        std::process::Command::new(plugbus_tests::plugbus_bin())
+            .env("PLUGBUS_SANDBOX__COMPILE_TIMEOUT", "1s")
+            .arg("inspect")
+            .arg(&file),
+        Duration::from_secs(30),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("compiling it took longer than sandbox.compile_timeout (1s)"), "{text}");
+}
+
+/// `kill -9` of a host while a child compiles for it: the child ends too, instead of compiling
+/// on with nobody to read it (a file that takes minutes would otherwise burn a core for minutes
+/// after every crash).
+#[test]
+fn a_compiling_child_ends_when_its_host_is_killed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plugins = tmp.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    std::fs::write(plugins.join("slow.wasm"), slow_to_compile(200_000)).unwrap();
+    let mut host = plugbus_tests::Running(
+        std::process::Command::new(plugbus_tests::plugbus_bin())
+            .args(["run", "--http", "127.0.0.1:0", "--plugins"])
+            .arg(&plugins)
+            .arg("--data-dir")
+            .arg(tmp.path().join("data"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let host_pid = host.0.id();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let compiler = loop {
+        if let Some(pid) = children_of(host_pid).into_iter().find(|&pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.windows(13).any(|w| w == b"compile-child"))
+        }) {
+            break pid;
+        }
+        assert!(std::time::Instant::now() < deadline, "no compile-child under the host within 30 s");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Killed once the child is compiling (past reading the file: a host killed while it still
+    // writes the file leaves the child a cut file, which fails at once), seen as CPU time spent.
+    while cpu_ticks(compiler) < 30 {
+        assert!(
+            std::time::Instant::now() < deadline + Duration::from_secs(30),
+            "the compile-child did not start compiling"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    host.0.kill().unwrap();
+    host.0.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while running(compiler) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the compile-child {compiler} still runs 5 s after its host died"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The processes whose parent is `parent`, from `/proc`.
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| stat_fields(*pid).is_some_and(|f| f.get(1).and_then(|p| p.parse().ok()) == Some(parent)))
+        .collect()
+}
+
+/// Whether `pid` exists and is not a zombie (one that has exited, not yet reaped).
+fn running(pid: u32) -> bool {
+    stat_fields(pid).is_some_and(|f| f.first().is_some_and(|state| *state != "Z" && *state != "X"))
+}
+
+/// The CPU time `pid` has spent (user and system), in clock ticks (0 once it is gone).
+fn cpu_ticks(pid: u32) -> u64 {
+    let field = |f: &[String], i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    stat_fields(pid).map_or(0, |f| field(&f, 11) + field(&f, 12))
+}
+
+/// The fields of `/proc/<pid>/stat` after the command's name (state, ppid, …).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    Some(after_name.split_whitespace().map(str::to_string).collect())
+}

@@ -1,0 +1,292 @@
+//! Compiling a component in a child process under caps: a file in `plugins/` is untrusted, and
+//! cranelift's memory and time grow with what the file holds. In the host's own process a file
+//! built to blow compilation up would take every plugin down with it (the kernel's OOM killer),
+//! and again at every start, since the file stays in the folder.
+//!
+//! The parent ([`compile_in_child`]) runs its own binary as `plugbus compile-child` (hidden),
+//! writes the wasm to its stdin and reads the compiled artifact from its stdout, at most
+//! `sandbox.compile_timeout` of wall time. The child ([`child_main`]) caps its own address space
+//! at `sandbox.compile_memory_mib` and its CPU time before it reads anything, builds an engine
+//! with the host's code settings (on-demand instances: a pool's reservation does not fit a
+//! cap), compiles, and exits: 0 with the artifact, [`EXIT_REFUSED`] with wasmtime's message
+//! when the file does not compile, [`EXIT_HOST`] when the child itself could not work. How it
+//! ended decides what the loader reports: a cap or a compile error is the file's, anything the
+//! child could not explain is the host's (`host error: …`).
+//!
+//! The artifact is trusted as the host's own output: it comes from this binary over a pipe the
+//! host opened (the compile cache keeps it under its tag as before).
+
+use super::engine::{SandboxSettings, engine_config};
+use super::validate::LoadError;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{ExitCode, ExitStatus, Stdio};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+/// The hidden subcommand the child runs as.
+pub const SUBCOMMAND: &str = "compile-child";
+/// The child's exit code when the file does not compile (its message on stderr).
+pub const EXIT_REFUSED: u8 = 2;
+/// The child's exit code when it could not compile for a reason of its own (its settings, its
+/// pipes, its engine): a host failure, never the file's.
+pub const EXIT_HOST: u8 = 3;
+/// How much of the child's stderr the parent keeps (the message it names).
+const MAX_MESSAGE_BYTES: u64 = 16 << 10;
+/// How often the parent reads the child's peak memory.
+const MEMORY_CHECK: Duration = Duration::from_millis(20);
+/// How often the child checks that the host that started it is still there.
+const PARENT_CHECK: Duration = Duration::from_millis(200);
+
+/// Compiles `bytes` in a child process of `program` (the `plugbus` binary) under `settings`'
+/// caps and returns the serialized artifact, for `Component::deserialize` on an engine of the
+/// same settings.
+pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes: &[u8]) -> Result<Vec<u8>, LoadError> {
+    let host = |what: String| LoadError::Host(format!("compiling in a child process ({}): {what}", program.display()));
+    let settings_json = serde_json::to_string(settings).map_err(|e| host(format!("settings: {e}")))?;
+    let mut child = tokio::process::Command::new(program)
+        .arg(SUBCOMMAND)
+        .arg("--settings")
+        .arg(settings_json)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| host(format!("cannot start it: {e}")))?;
+    let (Some(mut stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return Err(host("its pipes were not opened".into()));
+    };
+    // The artifact is held in memory on both sides: the child's cap bounds it, and the parent
+    // reads no more than that.
+    let max_artifact = settings.compile_memory_mib.saturating_mul(1 << 20);
+    let pid = child.id();
+    let work = async {
+        let write = async {
+            // A child that died early closes its stdin: how it ended says why.
+            let _ = stdin.write_all(bytes).await;
+            drop(stdin);
+        };
+        let (_, artifact, message) =
+            tokio::join!(write, read_capped(stdout, max_artifact), read_capped(stderr, MAX_MESSAGE_BYTES));
+        (artifact, message, child.wait().await)
+    };
+    let cap_kib = settings.compile_memory_mib.saturating_mul(1024);
+    let stopped = tokio::select! {
+        ended = work => Ok(ended),
+        () = tokio::time::sleep(settings.compile_timeout) => Err(LoadError::Invalid(format!(
+            "compiling it took longer than sandbox.compile_timeout ({})",
+            humantime::format_duration(settings.compile_timeout)
+        ))),
+        peak_kib = over_memory(pid, cap_kib) => Err(LoadError::Invalid(format!(
+            "compiling it needs more memory than sandbox.compile_memory_mib ({} MiB): the compiler \
+             reached {} MiB",
+            settings.compile_memory_mib,
+            peak_kib / 1024
+        ))),
+    };
+    let (artifact, message, status) = match stopped {
+        Ok(ended) => ended,
+        Err(refused) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(refused);
+        }
+    };
+    let status = status.map_err(|e| host(format!("waiting for it: {e}")))?;
+    let message = String::from_utf8_lossy(&message.unwrap_or_default()).trim().to_string();
+    match ending(status, &message) {
+        Ending::Compiled => {
+            let artifact = artifact.map_err(|e| host(format!("reading its output: {e}")))?;
+            if artifact.len() as u64 > max_artifact {
+                return Err(LoadError::Invalid(format!(
+                    "its compiled code is larger than sandbox.compile_memory_mib ({} MiB)",
+                    settings.compile_memory_mib
+                )));
+            }
+            Ok(artifact)
+        }
+        Ending::Refused => Err(LoadError::Invalid(message)),
+        Ending::OutOfCpu => Err(LoadError::Invalid(format!(
+            "compiling it used more CPU time than sandbox.compile_timeout ({}) allows",
+            humantime::format_duration(settings.compile_timeout)
+        ))),
+        Ending::StackOverflow => Err(LoadError::Invalid("compiling it overflowed the compiler's stack".into())),
+        Ending::Host => Err(host(format!("it ended with {status}: {}", crate::event::cut_to(&message, 1024)))),
+    }
+}
+
+/// How a child ended, as the parent reads it.
+#[derive(Debug, PartialEq, Eq)]
+enum Ending {
+    Compiled,
+    /// Wasmtime refused the file (its message is the reason).
+    Refused,
+    /// The CPU-time cap's signal.
+    OutOfCpu,
+    /// Rust names the thread whose stack overflowed before it aborts.
+    StackOverflow,
+    /// Anything else: the child's own failure, a signal from outside.
+    Host,
+}
+
+fn ending(status: ExitStatus, message: &str) -> Ending {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(0), _) => Ending::Compiled,
+        (Some(c), _) if c == i32::from(EXIT_REFUSED) => Ending::Refused,
+        (_, Some(libc::SIGABRT)) if message.contains("has overflowed its stack") => Ending::StackOverflow,
+        (_, Some(libc::SIGXCPU)) => Ending::OutOfCpu,
+        _ => Ending::Host,
+    }
+}
+
+/// Resolves, with the peak, once the process `pid`'s peak resident set (`VmHWM`, which a peak
+/// between two looks still shows) passes `cap_kib`; never while it stays under, or once it is
+/// gone.
+async fn over_memory(pid: Option<u32>, cap_kib: u64) -> u64 {
+    let Some(pid) = pid else { return std::future::pending().await };
+    let status = format!("/proc/{pid}/status");
+    loop {
+        tokio::time::sleep(MEMORY_CHECK).await;
+        let Ok(text) = tokio::fs::read_to_string(&status).await else { return std::future::pending().await };
+        if let Some(peak) = peak_kib(&text).filter(|&peak| peak > cap_kib) {
+            return peak;
+        }
+    }
+}
+
+/// `VmHWM` of a `/proc/<pid>/status`, in KiB (absent for a process that has exited).
+fn peak_kib(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line["VmHWM:".len()..].trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+/// Reads `from` to its end, keeping at most `cap` + 1 bytes (one past the cap says it was
+/// passed) and draining the rest, so the child never blocks on a full pipe.
+async fn read_capped(from: impl AsyncRead + Unpin, cap: u64) -> std::io::Result<Vec<u8>> {
+    let mut kept = Vec::new();
+    let mut from = from;
+    (&mut from).take(cap.saturating_add(1)).read_to_end(&mut kept).await?;
+    tokio::io::copy(&mut from, &mut tokio::io::sink()).await?;
+    Ok(kept)
+}
+
+/// `plugbus compile-child --settings JSON`: caps itself, reads a component on stdin, writes its
+/// compiled artifact on stdout. Runs before any async runtime or logging is set up.
+pub fn child_main(settings_json: &str) -> ExitCode {
+    match compile_stdin(settings_json) {
+        Ok(Ok(artifact)) => match std::io::stdout().lock().write_all(&artifact) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("writing the compiled code: {e}");
+                ExitCode::from(EXIT_HOST)
+            }
+        },
+        Ok(Err(refused)) => {
+            eprintln!("{refused:#}");
+            ExitCode::from(EXIT_REFUSED)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_HOST)
+        }
+    }
+}
+
+/// The child's work: `Err` for its own failures, `Ok(Err)` for a file wasmtime refuses.
+fn compile_stdin(settings_json: &str) -> Result<wasmtime::Result<Vec<u8>>, String> {
+    let settings: SandboxSettings =
+        serde_json::from_str(settings_json).map_err(|e| format!("reading the settings: {e}"))?;
+    cap_self(&settings)?;
+    watch_parent();
+    let mut bytes = Vec::new();
+    std::io::stdin().lock().read_to_end(&mut bytes).map_err(|e| format!("reading the component: {e}"))?;
+    let mut config = engine_config(&settings);
+    config.allocation_strategy(wasmtime::InstanceAllocationStrategy::OnDemand);
+    let engine = wasmtime::Engine::new(&config).map_err(|e| format!("setting up the engine: {e:#}"))?;
+    Ok(engine.precompile_component(&bytes))
+}
+
+/// Caps this process's CPU time at the wall-clock cap on every core (the parent's timeout ends
+/// it first; this is for a parent that is gone) and its core dumps at nothing. Memory is the
+/// parent's to watch: an address-space cap would count the allocator's reservations, which
+/// alone pass 1 GiB.
+fn cap_self(settings: &SandboxSettings) -> Result<(), String> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let cpu_secs = settings.compile_timeout.as_secs().saturating_add(1).saturating_mul(cores);
+    let caps = [(libc::RLIMIT_CPU, cpu_secs, "CPU time"), (libc::RLIMIT_CORE, 0, "core dumps")];
+    for (resource, value, what) in caps {
+        let limit = libc::rlimit { rlim_cur: value, rlim_max: value };
+        // SAFETY: setrlimit reads the struct we pass and changes only this process's limits.
+        if unsafe { libc::setrlimit(resource, &limit) } != 0 {
+            return Err(format!("capping its {what} at {value}: {}", std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+/// Ends this process when the host that started it is gone (a `kill -9` of the host leaves no
+/// compiler running on its own): its parent changes to whoever adopts it.
+fn watch_parent() {
+    let parent = std::os::unix::process::parent_id();
+    let _ = std::thread::Builder::new().name("parent-watch".into()).spawn(move || {
+        loop {
+            std::thread::sleep(PARENT_CHECK);
+            if std::os::unix::process::parent_id() != parent {
+                std::process::exit(i32::from(EXIT_HOST));
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    fn exited(code: i32) -> ExitStatus {
+        ExitStatus::from_raw(code << 8)
+    }
+
+    fn signalled(signal: i32) -> ExitStatus {
+        ExitStatus::from_raw(signal)
+    }
+
+    #[test]
+    fn how_a_child_ended_names_the_cap_it_hit_or_the_host() {
+        assert_eq!(ending(exited(0), ""), Ending::Compiled);
+        assert_eq!(ending(exited(2), "failed to parse"), Ending::Refused);
+        assert_eq!(ending(exited(3), "reading the settings"), Ending::Host);
+        assert_eq!(
+            ending(signalled(libc::SIGABRT), "thread 'main' has overflowed its stack\nfatal runtime error"),
+            Ending::StackOverflow
+        );
+        assert_eq!(ending(signalled(libc::SIGXCPU), ""), Ending::OutOfCpu);
+        // An abort the child did not explain (an allocation the machine refused: the memory cap
+        // is the parent's to enforce), or a kill from outside, is not the file's doing.
+        assert_eq!(ending(signalled(libc::SIGABRT), "memory allocation of 4096 bytes failed"), Ending::Host);
+        assert_eq!(ending(signalled(libc::SIGABRT), "assertion failed"), Ending::Host);
+        assert_eq!(ending(signalled(libc::SIGKILL), ""), Ending::Host);
+        assert_eq!(ending(exited(1), ""), Ending::Host);
+    }
+
+    #[test]
+    fn the_peak_is_read_from_a_proc_status() {
+        let status = "Name:\tplugbus\nVmPeak:\t 1200000 kB\nVmHWM:\t   75432 kB\nVmRSS:\t 70000 kB\n";
+        assert_eq!(peak_kib(status), Some(75_432));
+        assert_eq!(peak_kib("Name:\tzombie\nState:\tZ (zombie)\n"), None);
+        let own = std::fs::read_to_string("/proc/self/status").unwrap();
+        assert!(peak_kib(&own).is_some_and(|kib| kib > 0), "{own}");
+    }
+
+    #[tokio::test]
+    async fn a_capped_read_keeps_one_byte_past_the_cap_and_drains_the_rest() {
+        let data = vec![7u8; 10_000];
+        let kept = read_capped(&data[..], 100).await.unwrap();
+        assert_eq!(kept.len(), 101);
+        let kept = read_capped(&data[..], 20_000).await.unwrap();
+        assert_eq!(kept, data);
+    }
+}
