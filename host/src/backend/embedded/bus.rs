@@ -1429,18 +1429,27 @@ impl Transport for EmbeddedBus {
             earlier
         };
         if let Some(log) = &self.log {
-            // Registered with its history in one commit: one that fails leaves the plugin new,
-            // and the next subscription makes its history then.
-            let history = spec.durable.as_ref().is_some_and(|d| d.deliver_all).then(|| {
-                let matches: super::log::SubjectMatcher = Box::new(move |s| patterns.matches(s));
-                matches
-            });
-            let wants_history = history.is_some();
+            // Registered with the first step of its history in one commit: one that fails leaves
+            // the plugin new, and the next subscription makes its history then. The rest is made
+            // pending in steps, each its own commit, before it reads back: a crash between two
+            // leaves the rest due for its next subscription.
+            let wants_history = spec.durable.as_ref().is_some_and(|d| d.deliver_all);
+            let matcher =
+                |patterns: PatternSet| -> super::log::SubjectMatcher { Box::new(move |s| patterns.matches(s)) };
+            let history = wants_history.then(|| matcher(patterns.clone()));
             let registered = log.register_with(plugin.clone(), history).await;
             // `subscription` drops with the error: out of the table again.
             let registered = registered.map_err(|e| TransportError::Broker(e.to_string()))?;
-            if let Some(made) = registered.filter(|_| wants_history) {
-                tracing::info!(plugin = %spec.plugin, events = made.len(),
+            let mut made = registered.made;
+            if let Some(due) = registered.history_due.clone() {
+                let patterns = patterns.clone();
+                let rest = log.backfill_history(plugin.clone(), move |s: &str| patterns.matches(s), due).await;
+                made += rest.map_err(|e| {
+                    TransportError::Broker(format!("making the history of {plugin} pending (deliver = \"all\"): {e}"))
+                })?;
+            }
+            if wants_history && (registered.new || registered.history_due.is_some()) {
+                tracing::info!(plugin = %spec.plugin, events = made,
                     "a new plugin with deliver = \"all\": the log's history is delivered to it");
             }
         }

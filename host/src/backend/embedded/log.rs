@@ -30,6 +30,11 @@ const PENDING: TableDefinition<(&str, u64), ()> = TableDefinition::new("pending"
 const IDS: TableDefinition<&str, u64> = TableDefinition::new("ids");
 /// plugin → the sequence number when it first subscribed (a plugin not here is new to the log).
 const SUBSCRIBERS: TableDefinition<&str, u64> = TableDefinition::new("subscribers");
+/// plugin → (first, end) sequence numbers of the `deliver = "all"` history still to make
+/// pending for it: written with the subscriber and each step of its history, removed with the
+/// last step, so a crash between two steps resumes at its next subscription; retention keeps
+/// the range meanwhile.
+const HISTORY_DUE: TableDefinition<&str, (u64, u64)> = TableDefinition::new("history_due");
 /// "ns\0key" → version (u64 LE) then the value: plugin kv, in the same file as the log so a
 /// handler's kv writes commit together with its outbox.
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
@@ -250,22 +255,24 @@ enum Op {
         /// away (see `kv_replay`): applied as it was, without checking its reads.
         done: Option<oneshot::Sender<Result<(), crate::kv::KvError>>>,
     },
-    /// Records `plugin` as a subscriber; answers `None` when it was not new to the log, else
-    /// the events `history` made pending for it (in the same commit).
+    /// Records `plugin` as a subscriber, and a new one's `history` (the first step of it, in
+    /// the same commit); answers what it did.
     Register {
         plugin: Arc<str>,
         history: Option<SubjectMatcher>,
-        done: oneshot::Sender<Result<Option<Vec<u64>>, LogError>>,
+        done: oneshot::Sender<Result<Registration, LogError>>,
     },
     /// One step of a replay's backfill: makes every kept event with a sequence number in `seqs`
     /// (and appended since `from`'s time, if it has one) whose subject `matches` pending for
     /// `plugin`, reading at most [`BACKFILL_STEP_RECORDS`] records; answers how many, and
-    /// where the next step begins (`None`: done).
+    /// where the next step begins (`None`: done). `history`: a step of a new plugin's history,
+    /// whose progress commits with it (`HISTORY_DUE`).
     Backfill {
         plugin: Arc<str>,
         matches: Arc<dyn Fn(&str) -> bool + Send + Sync>,
         from: crate::transport::ReplayFrom,
         seqs: std::ops::Range<u64>,
+        history: bool,
         done: oneshot::Sender<Result<BackfillStep, LogError>>,
     },
 }
@@ -375,7 +382,20 @@ pub type SubjectMatcher = Box<dyn Fn(&str) -> bool + Send>;
 type BackfillStep = (usize, Option<u64>);
 
 /// A register op's answer, and what it answers (see [`DurableLog::register_with`]).
-type Registered = (oneshot::Sender<Result<Option<Vec<u64>>, LogError>>, Option<Vec<u64>>);
+type Registered = (oneshot::Sender<Result<Registration, LogError>>, Registration);
+
+/// What registering a subscriber did ([`DurableLog::register_with`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Registration {
+    /// It had never subscribed before.
+    pub new: bool,
+    /// How many events of its history the register's own commit made pending.
+    pub made: usize,
+    /// The sequence numbers of its history still to make pending, in steps
+    /// ([`DurableLog::backfill_history`]): the rest of a new plugin's, or what a crash left of
+    /// an earlier subscription's.
+    pub history_due: Option<std::ops::Range<u64>>,
+}
 
 /// What an append did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -585,6 +605,7 @@ impl DurableLog {
             // Versions before 0.1 counted per event the plugins that still owed it; pending says.
             w.delete_table(REFS).map_err(|e| open_err(e.to_string()))?;
             w.open_table(SUBSCRIBERS).map_err(|e| open_err(e.to_string()))?;
+            w.open_table(HISTORY_DUE).map_err(|e| open_err(e.to_string()))?;
             w.open_table(KV).map_err(|e| open_err(e.to_string()))?;
             w.open_table(OUTBOX).map_err(|e| open_err(e.to_string()))?;
             if crate::kv::quota::recount_if_stale(&w, KV, META, "kv_clock")
@@ -1066,19 +1087,23 @@ impl DurableLog {
 
     /// Records `plugin` as a subscriber of the log; `true` when it had never subscribed before.
     pub async fn register(&self, plugin: Arc<str>) -> Result<bool, LogError> {
-        Ok(self.register_with(plugin, None).await?.is_some())
+        Ok(self.register_with(plugin, None).await?.new)
     }
 
-    /// Records `plugin` as a subscriber of the log. When it had never subscribed before, every
-    /// kept event whose subject `history` matches is made pending for it in the same commit
-    /// (`deliver = "all"`), and the answer is `Some` of their sequence numbers: a failure leaves
-    /// neither, so the next subscription tries both again (registered alone, the plugin would
-    /// no longer be new, and its history never made).
+    /// Records `plugin` as a subscriber of the log. When it had never subscribed before and
+    /// `history` is given (`deliver = "all"`), every kept event whose subject it matches is to be
+    /// made pending for it: the first [`BACKFILL_STEP_RECORDS`] records' worth in the same
+    /// commit, and the rest is answered as `history_due` (kept in the log with the subscriber,
+    /// so a failure leaves neither and a crash after it leaves the rest due), for the caller to
+    /// make pending with [`DurableLog::backfill_history`] before the plugin reads back. One long
+    /// history is never one commit that holds every producer's append and every ack. A plugin
+    /// registered before with history still due is answered that (with `history`; without, it
+    /// no longer asks for it, and the rest is dropped).
     pub async fn register_with(
         &self,
         plugin: Arc<str>,
         history: Option<SubjectMatcher>,
-    ) -> Result<Option<Vec<u64>>, LogError> {
+    ) -> Result<Registration, LogError> {
         let (done, wait) = oneshot::channel();
         self.ops.send(Op::Register { plugin, history, done }).map_err(|_| LogError::Closed)?;
         wait.await.map_err(|_| LogError::Closed)?
@@ -1096,13 +1121,42 @@ impl DurableLog {
         from: crate::transport::ReplayFrom,
         until: u64,
     ) -> Result<usize, LogError> {
-        let matches: Arc<dyn Fn(&str) -> bool + Send + Sync> = Arc::new(matches);
+        self.backfill_steps(plugin, Arc::new(matches), from, until, false).await
+    }
+
+    /// Makes the rest of a new plugin's history pending (`due`, from
+    /// [`Registration::history_due`]), as [`DurableLog::backfill`] does a replay's, in steps
+    /// that each commit how far it came: a crash between two leaves the rest due.
+    pub async fn backfill_history(
+        &self,
+        plugin: Arc<str>,
+        matches: impl Fn(&str) -> bool + Send + Sync + 'static,
+        due: std::ops::Range<u64>,
+    ) -> Result<usize, LogError> {
+        let from = crate::transport::ReplayFrom::Seq(due.start);
+        self.backfill_steps(plugin, Arc::new(matches), from, due.end, true).await
+    }
+
+    async fn backfill_steps(
+        &self,
+        plugin: Arc<str>,
+        matches: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+        from: crate::transport::ReplayFrom,
+        until: u64,
+        history: bool,
+    ) -> Result<usize, LogError> {
         let (mut made, mut start) = (0, from.first_seq());
         let _kept = Backfilling::new(self, start..until);
         while start < until {
             let (done, wait) = oneshot::channel();
-            let step =
-                Op::Backfill { plugin: plugin.clone(), matches: matches.clone(), from, seqs: start..until, done };
+            let step = Op::Backfill {
+                plugin: plugin.clone(),
+                matches: matches.clone(),
+                from,
+                seqs: start..until,
+                history,
+                done,
+            };
             self.ops.send(step).map_err(|_| LogError::Closed)?;
             let step = wait.await.map_err(|_| LogError::Closed).and_then(|answer| answer);
             // The steps before stay pending (they run): say so.
@@ -1515,7 +1569,12 @@ impl Writer {
             let mut ids = w.open_table(IDS).map_err(|e| e.to_string())?;
             let pending = w.open_table(PENDING).map_err(|e| e.to_string())?;
             let owing = owing_plugins(&pending)?;
-            let backfilling = self.backfilling.lock().expect("backfilling poisoned").clone();
+            let mut backfilling = self.backfilling.lock().expect("backfilling poisoned").clone();
+            // And new plugins' histories still due (between their steps, or left by a crash).
+            for due in w.open_table(HISTORY_DUE).map_err(|e| e.to_string())?.iter().map_err(|e| e.to_string())? {
+                let (first, end) = due.map_err(|e| e.to_string())?.1.value();
+                backfilling.push(first..end);
+            }
             let mut meta = w.open_table(META).map_err(|e| e.to_string())?;
             let mut bytes = meta.get("bytes").map_err(|e| e.to_string())?.map_or(0, |v| v.value());
             // Whole rows go: a row with an event some plugin owes, or one retention would keep,
@@ -1911,38 +1970,51 @@ impl Writer {
                         }
                         Op::Register { plugin, history, done } => {
                             // Answered before the first write that can fail (see `Append`).
-                            registered.push((done, None));
+                            registered.push((done, Registration::default()));
                             let answer = registered.len() - 1;
                             let mut subscribers = w.open_table(SUBSCRIBERS).map_err(|e| e.to_string())?;
+                            let mut due = w.open_table(HISTORY_DUE).map_err(|e| e.to_string())?;
                             if subscribers.get(&*plugin).map_err(|e| e.to_string())?.is_none() {
                                 subscribers.insert(&*plugin, next).map_err(|e| e.to_string())?;
-                                let made = match history {
-                                    Some(matches) => {
-                                        // The events appended earlier in this commit are read too.
-                                        row.flush(&mut events).map_err(|e| e.to_string())?;
-                                        let all = crate::transport::ReplayFrom::Seq(0);
-                                        let (made, _) = self.backfill_in(
-                                            &events,
-                                            &mut pending,
-                                            &plugin,
-                                            &*matches,
-                                            all,
-                                            0..u64::MAX,
-                                            usize::MAX,
-                                        )?;
-                                        made
+                                registered[answer].1.new = true;
+                                if let Some(matches) = history {
+                                    // Every event before the next one appended: those appended
+                                    // earlier in this commit too; any after it has the plugin
+                                    // as a target already (it is in the bus's table).
+                                    row.flush(&mut events).map_err(|e| e.to_string())?;
+                                    let all = crate::transport::ReplayFrom::Seq(0);
+                                    let (made, rest) = self.backfill_in(
+                                        &events,
+                                        &mut pending,
+                                        &plugin,
+                                        &*matches,
+                                        all,
+                                        0..next,
+                                        BACKFILL_STEP_RECORDS,
+                                    )?;
+                                    registered[answer].1.made = made.len();
+                                    if let Some(rest) = rest {
+                                        due.insert(&*plugin, (rest, next)).map_err(|e| e.to_string())?;
+                                        registered[answer].1.history_due = Some(rest..next);
                                     }
-                                    None => Vec::new(),
-                                };
-                                registered[answer].1 = Some(made);
+                                }
+                            } else if let Some((first, end)) = {
+                                let left = due.get(&*plugin).map_err(|e| e.to_string())?;
+                                left.map(|v| v.value())
+                            } {
+                                match history {
+                                    Some(_) => registered[answer].1.history_due = Some(first..end),
+                                    None => drop(due.remove(&*plugin).map_err(|e| e.to_string())?),
+                                }
                             }
                         }
-                        Op::Backfill { plugin, matches, from, seqs, done } => {
+                        Op::Backfill { plugin, matches, from, seqs, history, done } => {
                             // Answered before the first write that can fail (see `Append`).
                             backfilled.push((done, (0, None)));
                             let answer = backfilled.len() - 1;
                             // The events appended earlier in this commit are read too.
                             row.flush(&mut events).map_err(|e| e.to_string())?;
+                            let end = seqs.end;
                             let (made, rest) = self.backfill_in(
                                 &events,
                                 &mut pending,
@@ -1952,6 +2024,13 @@ impl Writer {
                                 seqs,
                                 BACKFILL_STEP_RECORDS,
                             )?;
+                            if history {
+                                let mut due = w.open_table(HISTORY_DUE).map_err(|e| e.to_string())?;
+                                match rest {
+                                    Some(rest) => drop(due.insert(&*plugin, (rest, end)).map_err(|e| e.to_string())?),
+                                    None => drop(due.remove(&*plugin).map_err(|e| e.to_string())?),
+                                }
+                            }
                             backfilled[answer].1 = (made.len(), rest);
                         }
                     }
@@ -3103,6 +3182,80 @@ pub(crate) mod tests {
         assert_eq!(for_q, want);
         let steps = log.metrics().commits.get() - commits;
         assert!(steps >= 3, "{steps} commits for 240 records of 4 KiB in steps of {BACKFILL_STEP_RECORDS}");
+    }
+
+    /// Appends `n` events of about 4 KiB each (about 60 to a row, so a step reads a few rows),
+    /// alternately on `a.x` and `b.x`, pending for `p`; the sequence numbers of the `a.x` ones.
+    async fn append_history(log: &DurableLog, n: usize) -> Vec<u64> {
+        for i in 0..n {
+            let subject = if i % 2 == 0 { "a.x" } else { "b.x" };
+            let noise: String = (0..128).map(|_| uuid::Uuid::now_v7().simple().to_string()).collect();
+            log.append_nowait(Arc::new(Event::new(subject, format!("{i}{noise}"))), vec!["p".into()]).unwrap();
+        }
+        log.sync().await.unwrap();
+        (1..=n as u64).filter(|seq| (seq - 1) % 2 == 0).collect()
+    }
+
+    fn only_a() -> Option<SubjectMatcher> {
+        Some(Box::new(|s: &str| s.starts_with("a.")))
+    }
+
+    /// A new `deliver = "all"` plugin's history over a long log: its register commit makes only
+    /// the first step pending (one commit over the whole history held every producer's append
+    /// and every ack for the whole scan), the rest is due, kept in the log: a crash before it is
+    /// made pending resumes it at the next subscription, and retention keeps it meanwhile. The
+    /// history is made pending once, all of it.
+    #[tokio::test]
+    async fn a_new_plugins_history_is_made_pending_in_steps_and_resumes_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let retention = Retention { max_age: std::time::Duration::ZERO, max_mib: 1024 };
+        let want = {
+            let log = reopen(&path, retention.clone()).await;
+            let want = append_history(&log, 300).await;
+            let first = log.register_with("q".into(), only_a()).await.unwrap();
+            assert!(first.new);
+            assert!(first.made > 0 && first.made < want.len() / 2, "{first:?}: one step, not the history");
+            let due = first.history_due.clone().expect("the rest is due");
+            assert_eq!(due.end, 301, "{first:?}");
+            assert_eq!(log.unsettled("q").unwrap().len(), first.made);
+            // Everything is settled for `p`: only the history due keeps the rest from retention.
+            for seq in 1..=300 {
+                log.ack("p".into(), seq);
+            }
+            log.sync().await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+            assert_eq!(
+                log.read(due.start, 400).unwrap().len() as u64,
+                301 - due.start,
+                "retention dropped history due"
+            );
+            want
+            // Dropped here, as a crash after the register commit leaves it.
+        };
+        let log = reopen(&path, retention).await;
+        let again = log.register_with("q".into(), only_a()).await.unwrap();
+        assert!(!again.new);
+        let due = again.history_due.expect("still due after the restart");
+        let rest = log.backfill_history("q".into(), |s: &str| s.starts_with("a."), due).await.unwrap();
+        let for_q: Vec<u64> = log.unsettled("q").unwrap().iter().map(|u| u.seq).collect();
+        assert_eq!(for_q, want, "the whole history, each event once");
+        assert!(rest > 0 && rest < want.len(), "{rest}");
+        assert_eq!(log.register_with("q".into(), only_a()).await.unwrap(), Registration::default(), "nothing due");
+    }
+
+    /// A plugin whose history was still due subscribes again without `deliver = "all"`: the
+    /// rest is dropped, not made pending later.
+    #[tokio::test]
+    async fn history_still_due_is_dropped_when_the_plugin_no_longer_asks_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DurableLog::open(&dir.path().join("bus.redb"), SyncPolicy::None).unwrap();
+        append_history(&log, 300).await;
+        let first = log.register_with("q".into(), only_a()).await.unwrap();
+        assert!(first.history_due.is_some(), "{first:?}");
+        assert_eq!(log.register_with("q".into(), None).await.unwrap(), Registration::default());
+        assert_eq!(log.register_with("q".into(), only_a()).await.unwrap(), Registration::default(), "dropped");
+        assert_eq!(log.unsettled("q").unwrap().len(), first.made);
     }
 
     #[tokio::test]
