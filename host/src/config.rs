@@ -204,6 +204,7 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         self.bus_kind()?;
         self.telemetry.validate().map_err(anyhow::Error::msg)?;
+        self.sandbox.validate().map_err(anyhow::Error::msg)?;
         for (name, p) in &self.plugins {
             overlay(&self.limits, &p.limits, &format!("plugins.{name}.limits")).map_err(anyhow::Error::msg)?;
             overlay(&self.flow, &p.flow, &format!("plugins.{name}.flow")).map_err(anyhow::Error::msg)?;
@@ -400,5 +401,19 @@ mod tests {
                 .to_string()
                 .contains("does not exist")
         );
+    }
+
+    #[test]
+    fn compile_caps_below_what_the_compiler_itself_needs_are_refused_naming_the_key() {
+        let mut c = Config::default();
+        c.sandbox.compile_memory_mib = 40;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("sandbox.compile_memory_mib = 40 is below 128"), "{err}");
+        c.sandbox.compile_memory_mib = 128;
+        c.sandbox.compile_timeout = Duration::ZERO;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("sandbox.compile_timeout = 0s is below 1s"), "{err}");
+        c.sandbox.compile_timeout = Duration::from_secs(1);
+        c.validate().unwrap();
     }
 }

@@ -170,6 +170,9 @@ pub async fn load_file_as(
         .await
         .map_err(|e| FileError::Load(LoadError::NotAComponent(format!("cannot read the file: {e}"))))??;
     let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    // The nesting bounds first: nothing else reads the file before them (the contract's
+    // parser walks nested components too).
+    crate::sandbox::check_header(&bytes)?;
     let undeclared = crate::contract::check(&bytes)?.is_none();
     let plugin = sandbox
         .load_bound(&bytes, |m| {

@@ -331,6 +331,9 @@ enum Command {
         /// The sandbox settings, as JSON.
         #[arg(long)]
         settings: String,
+        /// The host's process id: the child ends if it is not (or no longer) its parent.
+        #[arg(long)]
+        parent: u32,
     },
     /// Publish one event to a running host through its HTTP API.
     Publish {
@@ -410,16 +413,21 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// compile caps (`sandbox::compiler`).
 fn load_config(file: Option<&std::path::Path>) -> anyhow::Result<Config> {
     let mut config = Config::load(file)?;
-    config.sandbox.compiler =
-        Some(std::env::current_exe().context("finding this binary, which compiles plugins in a child process")?);
+    // The running binary itself, even once an upgrade replaced or deleted its file: a newer
+    // binary's artifacts would not load in this one.
+    let this = std::path::PathBuf::from("/proc/self/exe");
+    config.sandbox.compiler = Some(match this.exists() {
+        true => this,
+        false => std::env::current_exe().context("finding this binary, which compiles plugins in a child process")?,
+    });
     Ok(config)
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // The compiling child: no runtime, no logging, nothing but the compile.
-    if let Command::CompileChild { settings } = &cli.command {
-        return plugbus::sandbox::compiler::child_main(settings);
+    if let Command::CompileChild { settings, parent } = &cli.command {
+        return plugbus::sandbox::compiler::child_main(settings, *parent);
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -468,7 +476,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                 }
             };
+            let loading = plugbus::service::loading();
             let host = Host::start_reporting(config, &on_load).await;
+            loading.inspect(tokio::task::JoinHandle::abort);
             drop(progress);
             let host = std::sync::Arc::new(host?);
             plugbus::service::ready(&host);

@@ -439,3 +439,61 @@ pub async fn measuring_memory() -> tokio::sync::MutexGuard<'static, ()> {
     static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     ALONE.lock().await
 }
+
+/// `n` as LEB128 (the wasm binary format's integers), appended to `out`.
+pub fn leb128(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let b = (n & 0x7f) as u8;
+        n >>= 7;
+        out.push(if n > 0 { b | 0x80 } else { b });
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+/// A wasm section (id, size, body), appended to `out`.
+pub fn wasm_section(id: u8, body: &[u8], out: &mut Vec<u8>) {
+    out.push(id);
+    leb128(body.len(), out);
+    out.extend_from_slice(body);
+}
+
+/// A component holding `module` (a core module's bytes) and nothing else: compiled like any
+/// component, refused at load for what it lacks (no handler export).
+pub fn component_of(module: &[u8]) -> Vec<u8> {
+    let mut component = b"\0asm\x0d\0\x01\0".to_vec();
+    wasm_section(1, module, &mut component); // a core module section
+    component
+}
+
+/// A component of one core function, `reps` times `global.get; local.get; i64.add; local.tee;
+/// global.set` over 1,000 locals: half a megabyte at 50,000 that cranelift takes seconds and
+/// hundreds of MiB to compile, more than linearly (debug build: 50,000 took 9 s and 188 MiB,
+/// 100,000 23 s and 297 MiB, 200,000 48 s and 490 MiB). Nothing in it is invalid: only its cost
+/// refuses it.
+pub fn slow_to_compile(reps: usize) -> Vec<u8> {
+    let (leb, section) = (leb128, wasm_section);
+    const LOCALS: usize = 1000;
+    let mut body = Vec::new();
+    leb(1, &mut body); // one group of locals
+    leb(LOCALS, &mut body);
+    body.push(0x7e); // i64
+    for r in 0..reps {
+        body.extend_from_slice(&[0x23, 0x00, 0x20]); // global.get 0, local.get
+        leb((r * 7 + 3) % LOCALS, &mut body);
+        body.extend_from_slice(&[0x7c, 0x22]); // i64.add, local.tee
+        leb((r * 13 + 5) % LOCALS, &mut body);
+        body.extend_from_slice(&[0x24, 0x00]); // global.set 0
+    }
+    body.push(0x0b);
+    let mut code = vec![1];
+    leb(body.len(), &mut code);
+    code.extend_from_slice(&body);
+    let mut module = b"\0asm\x01\0\0\0".to_vec();
+    section(1, &[1, 0x60, 0, 0], &mut module); // one type: () -> ()
+    section(3, &[1, 0], &mut module); // one function of it
+    section(6, &[1, 0x7e, 1, 0x42, 0, 0x0b], &mut module); // a mutable i64 global, 0
+    section(10, &code, &mut module);
+    component_of(&module)
+}

@@ -3,20 +3,26 @@
 //! built to blow compilation up would take every plugin down with it (the kernel's OOM killer),
 //! and again at every start, since the file stays in the folder.
 //!
-//! The parent ([`compile_in_child`]) runs its own binary as `plugbus compile-child` (hidden),
-//! writes the wasm to its stdin and reads the compiled artifact from its stdout, at most
-//! `sandbox.compile_timeout` of wall time. The child ([`child_main`]) caps its own address space
-//! at `sandbox.compile_memory_mib` and its CPU time before it reads anything, builds an engine
-//! with the host's code settings (on-demand instances: a pool's reservation does not fit a
-//! cap), compiles, and exits: 0 with the artifact, [`EXIT_REFUSED`] with wasmtime's message
-//! when the file does not compile, [`EXIT_HOST`] when the child itself could not work. How it
-//! ended decides what the loader reports: a cap or a compile error is the file's, anything the
-//! child could not explain is the host's (`host error: …`).
+//! The parent ([`compile_in_child`]) runs its own binary as `plugbus compile-child` (hidden;
+//! the CLI names it `/proc/self/exe`, so a binary replaced or deleted on disk by an upgrade
+//! still compiles for the host that runs), with an empty environment and at most
+//! [`MAX_THREADS`] compiling threads (the memory a compile takes grows with them), writes the
+//! wasm to its stdin and reads the compiled artifact from its stdout, and kills it past
+//! `sandbox.compile_timeout` of wall time or once its peak resident memory passes
+//! `sandbox.compile_memory_mib` (read every 20 ms). The child ([`child_main`]) first checks
+//! that its parent is the host that started it, caps itself (CPU time, no files written, few
+//! descriptors, no core dump; a lower priority than the host's events; first in line for the
+//! kernel's OOM killer), ends itself if the host goes, builds the host's own engine (the same
+//! pool limits, so a file over them is refused in the same words), compiles, and exits: 0 with
+//! the artifact, [`EXIT_REFUSED`] with wasmtime's message when the file does not compile,
+//! [`EXIT_HOST`] when the child itself could not work. How it ended decides what the loader
+//! reports: a cap or a compile error is the file's, anything the child could not explain is
+//! the host's (`host error: …`).
 //!
 //! The artifact is trusted as the host's own output: it comes from this binary over a pipe the
 //! host opened (the compile cache keeps it under its tag as before).
 
-use super::engine::{SandboxSettings, engine_config};
+use super::engine::{SandboxSettings, pooled_engine};
 use super::validate::LoadError;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -31,6 +37,12 @@ pub const EXIT_REFUSED: u8 = 2;
 /// The child's exit code when it could not compile for a reason of its own (its settings, its
 /// pipes, its engine): a host failure, never the file's.
 pub const EXIT_HOST: u8 = 3;
+/// The most threads a child compiles with: the memory a compile takes grows with them (audit's
+/// peak: 80 MiB on 2, 110 on 4, 150 on 8, 220 on 16), and a cap should mean the same on a laptop
+/// and a 64-core server.
+pub const MAX_THREADS: usize = 4;
+/// The environment variables a child keeps (none of the host's secrets or settings).
+const CHILD_ENV: &[&str] = &["PLUGBUS_PERF_MAP"];
 /// How much of the child's stderr the parent keeps (the message it names).
 const MAX_MESSAGE_BYTES: u64 = 16 << 10;
 /// How often the parent reads the child's peak memory.
@@ -44,10 +56,22 @@ const PARENT_CHECK: Duration = Duration::from_millis(200);
 pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes: &[u8]) -> Result<Vec<u8>, LoadError> {
     let host = |what: String| LoadError::Host(format!("compiling in a child process ({}): {what}", program.display()));
     let settings_json = serde_json::to_string(settings).map_err(|e| host(format!("settings: {e}")))?;
-    let mut child = tokio::process::Command::new(program)
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_THREADS);
+    let mut command = tokio::process::Command::new(program);
+    command
         .arg(SUBCOMMAND)
         .arg("--settings")
         .arg(settings_json)
+        .arg("--parent")
+        .arg(std::process::id().to_string())
+        .env_clear()
+        .env("RAYON_NUM_THREADS", threads.to_string());
+    for name in CHILD_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -76,8 +100,9 @@ pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes:
     let stopped = tokio::select! {
         ended = work => Ok(ended),
         () = tokio::time::sleep(settings.compile_timeout) => Err(LoadError::Invalid(format!(
-            "compiling it took longer than sandbox.compile_timeout ({})",
-            humantime::format_duration(settings.compile_timeout)
+            "compiling it took longer than sandbox.compile_timeout ({}; the compiler had used {} of CPU)",
+            humantime::format_duration(settings.compile_timeout),
+            cpu_time(pid).map_or("?".into(), |t| format!("{:.1} s", t.as_secs_f64()))
         ))),
         peak_kib = over_memory(pid, cap_kib) => Err(LoadError::Invalid(format!(
             "compiling it needs more memory than sandbox.compile_memory_mib ({} MiB): the compiler \
@@ -157,6 +182,17 @@ async fn over_memory(pid: Option<u32>, cap_kib: u64) -> u64 {
     }
 }
 
+/// The CPU time (user and system) the process `pid` has used, from `/proc/<pid>/stat`: a
+/// timeout on a busy machine shows less of it than the wall time.
+fn cpu_time(pid: Option<u32>) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf reads a constant of the system.
+    let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok().filter(|t| *t > 0)?;
+    Some(Duration::from_millis(ticks * 1000 / per_second))
+}
+
 /// `VmHWM` of a `/proc/<pid>/status`, in KiB (absent for a process that has exited).
 fn peak_kib(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -173,10 +209,11 @@ async fn read_capped(from: impl AsyncRead + Unpin, cap: u64) -> std::io::Result<
     Ok(kept)
 }
 
-/// `plugbus compile-child --settings JSON`: caps itself, reads a component on stdin, writes its
-/// compiled artifact on stdout. Runs before any async runtime or logging is set up.
-pub fn child_main(settings_json: &str) -> ExitCode {
-    match compile_stdin(settings_json) {
+/// `plugbus compile-child --settings JSON --parent PID`: caps itself, reads a component on
+/// stdin, writes its compiled artifact on stdout. Runs before any async runtime or logging is
+/// set up.
+pub fn child_main(settings_json: &str, parent: u32) -> ExitCode {
+    match compile_stdin(settings_json, parent) {
         Ok(Ok(artifact)) => match std::io::stdout().lock().write_all(&artifact) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -196,27 +233,38 @@ pub fn child_main(settings_json: &str) -> ExitCode {
 }
 
 /// The child's work: `Err` for its own failures, `Ok(Err)` for a file wasmtime refuses.
-fn compile_stdin(settings_json: &str) -> Result<wasmtime::Result<Vec<u8>>, String> {
+fn compile_stdin(settings_json: &str, parent: u32) -> Result<wasmtime::Result<Vec<u8>>, String> {
+    // Its host may have gone before this process could watch it: then nobody reads the result.
+    if std::os::unix::process::parent_id() != parent {
+        return Err(format!("the host (process {parent}) that started it is gone"));
+    }
+    watch_parent(parent);
     let settings: SandboxSettings =
         serde_json::from_str(settings_json).map_err(|e| format!("reading the settings: {e}"))?;
     cap_self(&settings)?;
-    watch_parent();
     let mut bytes = Vec::new();
     std::io::stdin().lock().read_to_end(&mut bytes).map_err(|e| format!("reading the component: {e}"))?;
-    let mut config = engine_config(&settings);
-    config.allocation_strategy(wasmtime::InstanceAllocationStrategy::OnDemand);
-    let engine = wasmtime::Engine::new(&config).map_err(|e| format!("setting up the engine: {e:#}"))?;
-    Ok(engine.precompile_component(&bytes))
+    let engine = pooled_engine(&settings).map_err(|e| format!("setting up the engine: {e:#}"))?;
+    match wasmtime::component::Component::new(&engine, &bytes) {
+        Ok(component) => component.serialize().map(Ok).map_err(|e| format!("serializing the compiled code: {e:#}")),
+        Err(refused) => Ok(Err(refused)),
+    }
 }
 
-/// Caps this process's CPU time at the wall-clock cap on every core (the parent's timeout ends
-/// it first; this is for a parent that is gone) and its core dumps at nothing. Memory is the
-/// parent's to watch: an address-space cap would count the allocator's reservations, which
-/// alone pass 1 GiB.
+/// Caps this process: its CPU time at the wall-clock cap on every thread it compiles with (the
+/// parent's timeout ends it first; this is for a parent that is gone), no file written, few
+/// descriptors, no core dump; a lower priority than the host's own threads; and first in line
+/// for the kernel's OOM killer, so a machine out of memory loses the compile, not the host.
+/// Memory is the parent's to watch: an address-space cap would count the allocator's and the
+/// instance pool's reservations, which alone pass many GiB.
 fn cap_self(settings: &SandboxSettings) -> Result<(), String> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
-    let cpu_secs = settings.compile_timeout.as_secs().saturating_add(1).saturating_mul(cores);
-    let caps = [(libc::RLIMIT_CPU, cpu_secs, "CPU time"), (libc::RLIMIT_CORE, 0, "core dumps")];
+    let cpu_secs = settings.compile_timeout.as_secs().saturating_add(1).saturating_mul(MAX_THREADS as u64);
+    let caps = [
+        (libc::RLIMIT_CPU, cpu_secs, "CPU time"),
+        (libc::RLIMIT_FSIZE, 0, "file size"),
+        (libc::RLIMIT_NOFILE, 256, "open files"),
+        (libc::RLIMIT_CORE, 0, "core dumps"),
+    ];
     for (resource, value, what) in caps {
         let limit = libc::rlimit { rlim_cur: value, rlim_max: value };
         // SAFETY: setrlimit reads the struct we pass and changes only this process's limits.
@@ -224,13 +272,17 @@ fn cap_self(settings: &SandboxSettings) -> Result<(), String> {
             return Err(format!("capping its {what} at {value}: {}", std::io::Error::last_os_error()));
         }
     }
+    // Best effort both: a host that may not lower its children's priority or raise their OOM
+    // score still compiles under the caps.
+    // SAFETY: setpriority changes only this process's scheduling priority.
+    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+    let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
     Ok(())
 }
 
-/// Ends this process when the host that started it is gone (a `kill -9` of the host leaves no
-/// compiler running on its own): its parent changes to whoever adopts it.
-fn watch_parent() {
-    let parent = std::os::unix::process::parent_id();
+/// Ends this process when the host that started it (`parent`) is gone (a `kill -9` of the host
+/// leaves no compiler running on its own): its parent changes to whoever adopts it.
+fn watch_parent(parent: u32) {
     let _ = std::thread::Builder::new().name("parent-watch".into()).spawn(move || {
         loop {
             std::thread::sleep(PARENT_CHECK);

@@ -58,9 +58,35 @@ impl Default for SandboxSettings {
     }
 }
 
-/// The engine's code settings, shared by the host's engine and the compiling child (whose
-/// artifacts the host's engine must accept): everything but how instances are allocated.
-pub(super) fn engine_config(settings: &SandboxSettings) -> Config {
+/// The least `compile_memory_mib` may be: the compiler's own baseline is about 50 MiB, more
+/// with more threads (see `compiler::MAX_THREADS`).
+pub const MIN_COMPILE_MEMORY_MIB: u64 = 128;
+/// The least `compile_timeout` may be.
+pub const MIN_COMPILE_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl SandboxSettings {
+    /// Refuses compile caps below what compiling any component needs (a cap under the
+    /// compiler's own baseline would refuse every file, blaming each).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.compile_memory_mib < MIN_COMPILE_MEMORY_MIB {
+            return Err(format!(
+                "sandbox.compile_memory_mib = {} is below {MIN_COMPILE_MEMORY_MIB}: the compiler alone needs about 50 MiB",
+                self.compile_memory_mib
+            ));
+        }
+        if self.compile_timeout < MIN_COMPILE_TIMEOUT {
+            return Err(format!(
+                "sandbox.compile_timeout = {} is below {}",
+                humantime::format_duration(self.compile_timeout),
+                humantime::format_duration(MIN_COMPILE_TIMEOUT)
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The engine's code settings: everything but how instances are allocated.
+fn engine_config(settings: &SandboxSettings) -> Config {
     let mut config = Config::new();
     config
         .epoch_interruption(true)
@@ -75,6 +101,39 @@ pub(super) fn engine_config(settings: &SandboxSettings) -> Config {
         config.profiler(wasmtime::ProfilingStrategy::PerfMap);
     }
     config
+}
+
+/// The engine plugins run on: [`engine_config`] with the instance pool all plugins share. The
+/// compiling child builds the same (the pool's limits are checked when a component is made, so
+/// a file over them is refused there in the same words), which reserves address space but
+/// touches no memory.
+pub(super) fn pooled_engine(settings: &SandboxSettings) -> anyhow::Result<Engine> {
+    let mut pool = PoolingAllocationConfig::new();
+    let n = settings.max_instances.max(1);
+    pool.total_component_instances(n)
+        .total_core_instances(n.saturating_mul(16))
+        .max_core_instances_per_component(64)
+        .total_memories(n.saturating_mul(2))
+        .max_memories_per_component(4)
+        .total_tables(n.saturating_mul(8))
+        .total_stacks(n)
+        .max_memory_size((settings.max_memory_mib as usize).saturating_mul(1024 * 1024))
+        // Reset a returned slot by rewriting its dirty pages (found with PAGEMAP_SCAN) instead
+        // of madvise: no cross-CPU TLB shootdown per event. Measured with plugbus-bench on
+        // 2 cores: bare instantiate+call 21.7k/s → 45.8k/s on one task, 16.1k → 91.7k on two.
+        // Falls back to madvise on kernels before 6.7.
+        .pagemap_scan(wasmtime::Enabled::Auto)
+        .linear_memory_keep_resident(4 << 20)
+        .table_keep_resident(64 << 10);
+    let mut config = engine_config(settings);
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Engine::new(&config).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot set up the sandbox pool for {n} instances of up to {} MiB: {e} \
+             (lower sandbox.max_instances or the memory caps)",
+            settings.max_memory_mib
+        )
+    })
 }
 
 /// Stops the epoch ticker thread when the last sandbox handle goes.
@@ -108,32 +167,7 @@ pub struct Sandbox {
 impl Sandbox {
     /// Builds the engine; fails with a clear message if the pool cannot be reserved.
     pub fn new(settings: SandboxSettings) -> anyhow::Result<Self> {
-        let mut pool = PoolingAllocationConfig::new();
-        let n = settings.max_instances.max(1);
-        pool.total_component_instances(n)
-            .total_core_instances(n.saturating_mul(16))
-            .max_core_instances_per_component(64)
-            .total_memories(n.saturating_mul(2))
-            .max_memories_per_component(4)
-            .total_tables(n.saturating_mul(8))
-            .total_stacks(n)
-            .max_memory_size((settings.max_memory_mib as usize).saturating_mul(1024 * 1024))
-            // Reset a returned slot by rewriting its dirty pages (found with PAGEMAP_SCAN) instead
-            // of madvise: no cross-CPU TLB shootdown per event. Measured with plugbus-bench on
-            // 2 cores: bare instantiate+call 21.7k/s → 45.8k/s on one task, 16.1k → 91.7k on two.
-            // Falls back to madvise on kernels before 6.7.
-            .pagemap_scan(wasmtime::Enabled::Auto)
-            .linear_memory_keep_resident(4 << 20)
-            .table_keep_resident(64 << 10);
-        let mut config = engine_config(&settings);
-        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot set up the sandbox pool for {n} instances of up to {} MiB: {e} \
-                 (lower sandbox.max_instances or the memory caps)",
-                settings.max_memory_mib
-            )
-        })?;
+        let engine = pooled_engine(&settings)?;
 
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("linking WASI: {e}"))?;
@@ -236,7 +270,7 @@ impl Sandbox {
         ) -> Result<T, LoadError> {
             tokio::task::spawn_blocking(f)
                 .await
-                .map_err(|e| LoadError::Invalid(format!("compiler task failed: {e}")))?
+                .map_err(|e| LoadError::Host(format!("the compiler task failed: {e}")))?
         }
         let (engine, cache, stats, key) =
             (self.engine.clone(), self.cache.clone(), self.cache_stats.clone(), hash.to_string());

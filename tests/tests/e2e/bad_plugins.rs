@@ -253,53 +253,6 @@ async fn a_manifest_that_never_returns_is_refused_and_the_other_plugins_load() {
     assert!(!host.router().contains("stall"));
 }
 
-/// A component of one core function, `reps` times `global.get; local.get; i64.add; local.tee;
-/// global.set` over 1,000 locals: half a megabyte at 50,000 that cranelift takes seconds and
-/// hundreds of MiB to compile, more than linearly (debug build: 50,000 took 9 s and 188 MiB,
-/// 100,000 23 s and 297 MiB, 200,000 48 s and 490 MiB). Nothing in it is invalid: only its cost
-/// refuses it.
-fn slow_to_compile(reps: usize) -> Vec<u8> {
-    fn leb(mut n: usize, out: &mut Vec<u8>) {
-        loop {
-            let b = (n & 0x7f) as u8;
-            n >>= 7;
-            out.push(if n > 0 { b | 0x80 } else { b });
-            if n == 0 {
-                return;
-            }
-        }
-    }
-    fn section(id: u8, body: &[u8], out: &mut Vec<u8>) {
-        out.push(id);
-        leb(body.len(), out);
-        out.extend_from_slice(body);
-    }
-    const LOCALS: usize = 1000;
-    let mut body = Vec::new();
-    leb(1, &mut body); // one group of locals
-    leb(LOCALS, &mut body);
-    body.push(0x7e); // i64
-    for r in 0..reps {
-        body.extend_from_slice(&[0x23, 0x00, 0x20]); // global.get 0, local.get
-        leb((r * 7 + 3) % LOCALS, &mut body);
-        body.extend_from_slice(&[0x7c, 0x22]); // i64.add, local.tee
-        leb((r * 13 + 5) % LOCALS, &mut body);
-        body.extend_from_slice(&[0x24, 0x00]); // global.set 0
-    }
-    body.push(0x0b);
-    let mut code = vec![1];
-    leb(body.len(), &mut code);
-    code.extend_from_slice(&body);
-    let mut module = b"\0asm\x01\0\0\0".to_vec();
-    section(1, &[1, 0x60, 0, 0], &mut module); // one type: () -> ()
-    section(3, &[1, 0], &mut module); // one function of it
-    section(6, &[1, 0x7e, 1, 0x42, 0, 0x0b], &mut module); // a mutable i64 global, 0
-    section(10, &code, &mut module);
-    let mut component = b"\0asm\x0d\0\x01\0".to_vec();
-    section(1, &module, &mut component); // a core module section
-    component
-}
-
 /// A host on `dir` compiling in child processes of the `plugbus` binary, as the CLI does, with
 /// these compile caps.
 async fn host_compiling_in_children(dir: &std::path::Path, memory_mib: u64, timeout: Duration) -> plugbus::Host {
@@ -328,13 +281,16 @@ async fn a_file_that_compiles_past_the_caps_is_refused_and_the_others_load() {
     // Time: 9 s to compile unbounded, stopped at 2 s.
     let tmp = tempfile::tempdir().unwrap();
     std::fs::copy(wasm("audit"), tmp.path().join("audit.wasm")).unwrap();
-    std::fs::write(tmp.path().join("slow.wasm"), slow_to_compile(50_000)).unwrap();
+    std::fs::write(tmp.path().join("slow.wasm"), plugbus_tests::slow_to_compile(50_000)).unwrap();
     let started = std::time::Instant::now();
     let host = host_compiling_in_children(tmp.path(), 2048, Duration::from_secs(2)).await;
     let rejected = host.rejected();
     assert_eq!(rejected.len(), 1, "{rejected:?}");
     assert!(rejected[0].path.ends_with("slow.wasm"), "{rejected:?}");
-    assert!(rejected[0].reason.contains("compiling it took longer than sandbox.compile_timeout (2s)"), "{rejected:?}");
+    assert!(
+        rejected[0].reason.contains("compiling it took longer than sandbox.compile_timeout (2s; the compiler had used"),
+        "{rejected:?}"
+    );
     assert_eq!(host.router().names(), vec!["audit".to_string()]);
     assert!(started.elapsed() < Duration::from_secs(8), "the start waited out the compile: {:?}", started.elapsed());
     host.shutdown().await;
@@ -342,7 +298,7 @@ async fn a_file_that_compiles_past_the_caps_is_refused_and_the_others_load() {
     // Memory: about 300 MiB to compile unbounded (audit takes under 90 MiB), stopped at 160.
     let tmp = tempfile::tempdir().unwrap();
     std::fs::copy(wasm("audit"), tmp.path().join("audit.wasm")).unwrap();
-    std::fs::write(tmp.path().join("big.wasm"), slow_to_compile(100_000)).unwrap();
+    std::fs::write(tmp.path().join("big.wasm"), plugbus_tests::slow_to_compile(100_000)).unwrap();
     let host = host_compiling_in_children(tmp.path(), 160, Duration::from_secs(60)).await;
     let rejected = host.rejected();
     assert_eq!(rejected.len(), 1, "{rejected:?}");
@@ -355,8 +311,23 @@ async fn a_file_that_compiles_past_the_caps_is_refused_and_the_others_load() {
     host.shutdown().await;
 }
 
-/// Compiling in a child does not change what a file that does not compile is told, and what
-/// compiles in a child serves and lands in the compile cache like one compiled in the host.
+/// A core module declaring `count` memories of at least `min_pages` pages each.
+fn memories_module(count: usize, min_pages: usize) -> Vec<u8> {
+    let mut memories = Vec::new();
+    plugbus_tests::leb128(count, &mut memories);
+    for _ in 0..count {
+        memories.push(0); // limits: a minimum only
+        plugbus_tests::leb128(min_pages, &mut memories);
+    }
+    let mut module = b"\0asm\x01\0\0\0".to_vec();
+    plugbus_tests::wasm_section(5, &memories, &mut module);
+    module
+}
+
+/// Compiling in a child does not change what a file that does not compile is told (a parse
+/// error; memories past the instance pool's limits, which wasmtime checks against the pool as it
+/// makes the component: the child has the host's pool), and what compiles in a child serves and
+/// lands in the compile cache like one compiled in the host.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_compiles_what_the_host_did_and_refuses_with_the_same_words() {
     let tmp = tempfile::tempdir().unwrap();
@@ -365,8 +336,13 @@ async fn a_child_compiles_what_the_host_did_and_refuses_with_the_same_words() {
     let mut broken = b"\0asm\x0d\0\x01\0".to_vec();
     broken.extend_from_slice(&[1, 3, 0xff, 0xff, 0xff]);
     std::fs::write(tmp.path().join("broken.wasm"), &broken).unwrap();
+    // 125 MiB at least, over the pool's 64 MiB slots; five memories in one module.
+    let big = plugbus_tests::component_of(&memories_module(1, 2000));
+    std::fs::write(tmp.path().join("bigmem.wasm"), big).unwrap();
+    std::fs::write(tmp.path().join("fivemem.wasm"), plugbus_tests::component_of(&memories_module(5, 1))).unwrap();
     let host = host_compiling_in_children(tmp.path(), 2048, Duration::from_secs(60)).await;
-    let in_child = host.rejected();
+    let mut in_child = host.rejected();
+    in_child.sort_by(|a, b| a.path.cmp(&b.path));
     assert_eq!(host.router().names(), vec!["audit".to_string()]);
     assert_eq!(compile_counts(&host).await, (1.0, 0.0), "(compiled, cache hits)");
     host.shutdown().await;
@@ -377,10 +353,19 @@ async fn a_child_compiles_what_the_host_did_and_refuses_with_the_same_words() {
     assert_eq!(compile_counts(&host).await, (0.0, 1.0), "(compiled, cache hits)");
     host.shutdown().await;
 
-    // In the host's process (no compiler set): the same refusal, word for word.
-    let in_process = host_on(tmp.path()).await.rejected();
-    assert_eq!(in_child.len(), 1, "{in_child:?}");
-    assert_eq!(in_child[0].reason, in_process[0].reason);
+    // In the host's process (no compiler set): the same refusals, word for word, each the
+    // file's (`invalid component`), none a host error.
+    let mut in_process = host_on(tmp.path()).await.rejected();
+    in_process.sort_by(|a, b| a.path.cmp(&b.path));
+    assert_eq!(in_child.len(), 3, "{in_child:?}");
+    for (child, host) in in_child.iter().zip(&in_process) {
+        assert_eq!(child.path, host.path);
+        assert_eq!(child.reason, host.reason);
+        assert!(child.reason.starts_with("invalid component: "), "{child:?}");
+    }
+    let reason = |file: &str| in_child.iter().find(|r| r.path.ends_with(file)).map(|r| r.reason.clone());
+    assert!(reason("bigmem.wasm").is_some_and(|r| r.contains("exceeds the limit")), "{in_child:?}");
+    assert!(reason("fivemem.wasm").is_some_and(|r| r.contains("defined memories count of 5")), "{in_child:?}");
 }
 
 /// A host's (components compiled, compile cache hits), from its `/metrics`.
@@ -398,7 +383,7 @@ async fn compile_counts(host: &plugbus::Host) -> (f64, f64) {
 fn the_cli_compiles_under_the_caps_of_its_config() {
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("slow.wasm");
-    std::fs::write(&file, slow_to_compile(50_000)).unwrap();
+    std::fs::write(&file, plugbus_tests::slow_to_compile(50_000)).unwrap();
     let out = plugbus_tests::output_within(
         std::process::Command::new(plugbus_tests::plugbus_bin())
             .env("PLUGBUS_SANDBOX__COMPILE_TIMEOUT", "1s")
@@ -408,7 +393,7 @@ fn the_cli_compiles_under_the_caps_of_its_config() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("compiling it took longer than sandbox.compile_timeout (1s)"), "{text}");
+    assert!(text.contains("compiling it took longer than sandbox.compile_timeout (1s;"), "{text}");
 }
 
 /// `kill -9` of a host while a child compiles for it: the child ends too, instead of compiling
@@ -419,7 +404,7 @@ fn a_compiling_child_ends_when_its_host_is_killed() {
     let tmp = tempfile::tempdir().unwrap();
     let plugins = tmp.path().join("plugins");
     std::fs::create_dir(&plugins).unwrap();
-    std::fs::write(plugins.join("slow.wasm"), slow_to_compile(200_000)).unwrap();
+    std::fs::write(plugins.join("slow.wasm"), plugbus_tests::slow_to_compile(200_000)).unwrap();
     let mut host = plugbus_tests::Running(
         std::process::Command::new(plugbus_tests::plugbus_bin())
             .args(["run", "--http", "127.0.0.1:0", "--plugins"])

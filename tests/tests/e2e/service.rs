@@ -62,3 +62,38 @@ fn the_host_tells_systemd_it_is_ready_pings_the_watchdog_and_says_when_it_stops(
     unsafe { libc_kill(child.0.id() as i32, 15) };
     next_with(&socket, "STOPPING=1", &mut seen);
 }
+
+/// A plugins folder that takes long to load (a file whose compile runs to
+/// `sandbox.compile_timeout`, up to 120 s, past systemd's default 90 s to start): while it
+/// loads, the host asks systemd for more time every 5 s (`EXTEND_TIMEOUT_USEC`), so the start is
+/// not killed as one that hangs, then says READY=1.
+#[test]
+fn a_slow_start_asks_systemd_for_more_time_until_it_is_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    std::fs::copy(wasm("echo"), plugins.join("echo.wasm")).unwrap();
+    // 23 s to compile in the debug build, stopped at 12 s: at least 12 s of loading.
+    std::fs::write(plugins.join("slow.wasm"), plugbus_tests::slow_to_compile(100_000)).unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let child = Command::new(plugbus_bin())
+        .args(["run", "--http", "127.0.0.1:0", "--plugins"])
+        .arg(&plugins)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("PLUGBUS_SANDBOX__COMPILE_TIMEOUT", "12s")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _child = Running(child);
+    let mut seen = Vec::new();
+    let ready = next_with(&socket, "READY=1", &mut seen);
+    assert!(ready.contains("STATUS=serving 1 plugins"), "{ready}");
+    let extends: Vec<&String> = seen.iter().filter(|m| m.contains("EXTEND_TIMEOUT_USEC=30000000")).collect();
+    assert!(extends.len() >= 3, "asked for more time {} times in 12 s or more of loading: {seen:?}", extends.len());
+    assert!(extends.iter().all(|m| m.contains("STATUS=loading plugins")), "{seen:?}");
+}
