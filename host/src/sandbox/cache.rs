@@ -49,6 +49,16 @@ const MAX_CACHE_BYTES: u64 = 2 << 30;
 /// (another host sharing the folder may be writing a younger one).
 const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// The largest kept refusal read back.
+const MAX_REFUSAL_BYTES: u64 = 64 << 10;
+
+/// A kept refusal: the caps it was refused under, and why.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RefusalMemo {
+    caps: String,
+    reason: String,
+}
+
 /// A directory of serialized components, each with its tag.
 pub struct CompileCache {
     dir: PathBuf,
@@ -141,6 +151,42 @@ impl CompileCache {
         }
     }
 
+    /// The refusal kept for `wasm_hash` under `caps` ([`CompileCache::remember_refusal`]), if
+    /// there is one and its tag is right: a forged or damaged one is ignored (the file is
+    /// compiled again), so whoever can write the folder cannot have a plugin refused.
+    pub fn refusal(&self, wasm_hash: &str, caps: &str) -> Option<String> {
+        let path = self.refusal_path(wasm_hash);
+        let name = path.file_name()?.to_string_lossy().into_owned();
+        let kept = read_regular(&path, MAX_REFUSAL_BYTES).ok()?;
+        let (tag, memo) = kept.split_at_checked(32)?;
+        if self.mac(&name, memo).verify_slice(tag).is_err() {
+            tracing::warn!(file = %path.display(), "a kept compile refusal failed verification: ignored");
+            return None;
+        }
+        let memo: RefusalMemo = serde_json::from_slice(memo).ok()?;
+        (memo.caps == caps).then_some(memo.reason)
+    }
+
+    /// Keeps `reason` as the refusal of the wasm with `wasm_hash` under `caps` (a compile that
+    /// passed one of them: trying again under the same caps costs the same and ends the same),
+    /// so a restart, or a touch of the file, does not pay for it again. Best effort.
+    pub fn remember_refusal(&self, wasm_hash: &str, caps: &str, reason: &str) {
+        let path = self.refusal_path(wasm_hash);
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let Ok(memo) = serde_json::to_vec(&RefusalMemo { caps: caps.to_string(), reason: reason.to_string() }) else {
+            return;
+        };
+        let mut kept = self.mac(&name, &memo).finalize().into_bytes().to_vec();
+        kept.extend_from_slice(&memo);
+        if let Err(e) = write_atomically(&path, &kept) {
+            tracing::warn!(file = %path.display(), "could not keep a compile refusal: {e}");
+        }
+    }
+
+    fn refusal_path(&self, wasm_hash: &str) -> PathBuf {
+        self.dir.join(format!("{wasm_hash}-{}.refused", self.engine_key))
+    }
+
     /// Writes the entry, then its tag (each by rename: a crash in between leaves an entry whose
     /// tag does not match, which is recompiled).
     fn write_entry(&self, wasm_hash: &str, serialized: &[u8]) -> std::io::Result<()> {
@@ -169,7 +215,7 @@ impl CompileCache {
             let name = entry.file_name();
             let name = name.to_string_lossy();
             let age = meta.modified().ok().and_then(|m| now.duration_since(m).ok()).unwrap_or_default();
-            if name.contains(".cwasm.tmp") || name.contains(".tag.tmp") {
+            if name.contains(".cwasm.tmp") || name.contains(".tag.tmp") || name.contains(".refused.tmp") {
                 if age > STALE_TEMPORARY {
                     let _ = std::fs::remove_file(&path);
                 }

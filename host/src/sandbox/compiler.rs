@@ -50,10 +50,36 @@ const MEMORY_CHECK: Duration = Duration::from_millis(20);
 /// How often the child checks that the host that started it is still there.
 const PARENT_CHECK: Duration = Duration::from_millis(200);
 
+/// Why a child did not compile a file.
+#[derive(Debug)]
+pub struct Refused {
+    /// What the loader reports.
+    pub error: LoadError,
+    /// It passed a cap while it compiled (the memory cap, or the time cap having used at least
+    /// half its wall time in CPU: not a machine too busy to run it): the same file under the
+    /// same caps would again, so the refusal is worth keeping ([`caps_key`]).
+    pub repeatable: bool,
+}
+
+impl From<LoadError> for Refused {
+    fn from(error: LoadError) -> Self {
+        Self { error, repeatable: false }
+    }
+}
+
+/// The compile caps of `settings` as a key: a refusal kept under one is not under another.
+pub fn caps_key(settings: &SandboxSettings) -> String {
+    format!(
+        "compile_memory_mib={} compile_timeout_ms={} threads<={MAX_THREADS}",
+        settings.compile_memory_mib,
+        settings.compile_timeout.as_millis()
+    )
+}
+
 /// Compiles `bytes` in a child process of `program` (the `plugbus` binary) under `settings`'
 /// caps and returns the serialized artifact, for `Component::deserialize` on an engine of the
 /// same settings.
-pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes: &[u8]) -> Result<Vec<u8>, LoadError> {
+pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes: &[u8]) -> Result<Vec<u8>, Refused> {
     let host = |what: String| LoadError::Host(format!("compiling in a child process ({}): {what}", program.display()));
     let settings_json = serde_json::to_string(settings).map_err(|e| host(format!("settings: {e}")))?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_THREADS);
@@ -80,7 +106,7 @@ pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes:
         .map_err(|e| host(format!("cannot start it: {e}")))?;
     let (Some(mut stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
-        return Err(host("its pipes were not opened".into()));
+        return Err(host("its pipes were not opened".into()).into());
     };
     // The artifact is held in memory on both sides: the child's cap bounds it, and the parent
     // reads no more than that.
@@ -99,17 +125,26 @@ pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes:
     let cap_kib = settings.compile_memory_mib.saturating_mul(1024);
     let stopped = tokio::select! {
         ended = work => Ok(ended),
-        () = tokio::time::sleep(settings.compile_timeout) => Err(LoadError::Invalid(format!(
-            "compiling it took longer than sandbox.compile_timeout ({}; the compiler had used {} of CPU)",
-            humantime::format_duration(settings.compile_timeout),
-            cpu_time(pid).map_or("?".into(), |t| format!("{:.1} s", t.as_secs_f64()))
-        ))),
-        peak_kib = over_memory(pid, cap_kib) => Err(LoadError::Invalid(format!(
-            "compiling it needs more memory than sandbox.compile_memory_mib ({} MiB): the compiler \
-             reached {} MiB",
-            settings.compile_memory_mib,
-            peak_kib / 1024
-        ))),
+        () = tokio::time::sleep(settings.compile_timeout) => {
+            let cpu = cpu_time(pid);
+            Err(Refused {
+                error: LoadError::Invalid(format!(
+                    "compiling it took longer than sandbox.compile_timeout ({}; the compiler had used {} of CPU)",
+                    humantime::format_duration(settings.compile_timeout),
+                    cpu.map_or("?".into(), |t| format!("{:.1} s", t.as_secs_f64()))
+                )),
+                repeatable: cpu.is_some_and(|t| t >= settings.compile_timeout / 2),
+            })
+        }
+        peak_kib = over_memory(pid, cap_kib) => Err(Refused {
+            error: LoadError::Invalid(format!(
+                "compiling it needs more memory than sandbox.compile_memory_mib ({} MiB): the compiler \
+                 reached {} MiB",
+                settings.compile_memory_mib,
+                peak_kib / 1024
+            )),
+            repeatable: true,
+        }),
     };
     let (artifact, message, status) = match stopped {
         Ok(ended) => ended,
@@ -125,20 +160,26 @@ pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes:
         Ending::Compiled => {
             let artifact = artifact.map_err(|e| host(format!("reading its output: {e}")))?;
             if artifact.len() as u64 > max_artifact {
-                return Err(LoadError::Invalid(format!(
-                    "its compiled code is larger than sandbox.compile_memory_mib ({} MiB)",
-                    settings.compile_memory_mib
-                )));
+                return Err(Refused {
+                    error: LoadError::Invalid(format!(
+                        "its compiled code is larger than sandbox.compile_memory_mib ({} MiB)",
+                        settings.compile_memory_mib
+                    )),
+                    repeatable: true,
+                });
             }
             Ok(artifact)
         }
-        Ending::Refused => Err(LoadError::Invalid(message)),
-        Ending::OutOfCpu => Err(LoadError::Invalid(format!(
-            "compiling it used more CPU time than sandbox.compile_timeout ({}) allows",
-            humantime::format_duration(settings.compile_timeout)
-        ))),
-        Ending::StackOverflow => Err(LoadError::Invalid("compiling it overflowed the compiler's stack".into())),
-        Ending::Host => Err(host(format!("it ended with {status}: {}", crate::event::cut_to(&message, 1024)))),
+        Ending::Refused => Err(LoadError::Invalid(message).into()),
+        Ending::OutOfCpu => Err(Refused {
+            error: LoadError::Invalid(format!(
+                "compiling it used more CPU time than sandbox.compile_timeout ({}) allows",
+                humantime::format_duration(settings.compile_timeout)
+            )),
+            repeatable: true,
+        }),
+        Ending::StackOverflow => Err(LoadError::Invalid("compiling it overflowed the compiler's stack".into()).into()),
+        Ending::Host => Err(host(format!("it ended with {status}: {}", crate::event::cut_to(&message, 1024))).into()),
     }
 }
 

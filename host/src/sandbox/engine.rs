@@ -282,7 +282,34 @@ impl Sandbox {
         }
         let component = match &self.settings.compiler {
             Some(program) => {
-                let artifact = super::compiler::compile_in_child(program, &self.settings, bytes).await?;
+                // A file refused at a cap before, under the same caps: not compiled again (a
+                // restart or a touch of the file would pay the whole cap each time).
+                let caps = super::compiler::caps_key(&self.settings);
+                if let Some(cache) = cache.clone() {
+                    let (key, caps) = (key.clone(), caps.clone());
+                    if let Some(reason) = off_runtime(move || Ok(cache.refusal(&key, &caps))).await? {
+                        return Err(LoadError::Invalid(format!(
+                            "{reason} (kept from an earlier try under the same caps: it is compiled again once the \
+                             file or sandbox.compile_memory_mib / compile_timeout change)"
+                        )));
+                    }
+                }
+                let artifact = match super::compiler::compile_in_child(program, &self.settings, bytes).await {
+                    Ok(artifact) => artifact,
+                    Err(refused) => {
+                        if let (true, Some(cache), LoadError::Invalid(reason)) =
+                            (refused.repeatable, cache, &refused.error)
+                        {
+                            let (key, reason) = (key.clone(), reason.clone());
+                            off_runtime(move || {
+                                cache.remember_refusal(&key, &caps, &reason);
+                                Ok(())
+                            })
+                            .await?;
+                        }
+                        return Err(refused.error);
+                    }
+                };
                 off_runtime(move || {
                     // SAFETY: `artifact` is what this host's own binary, run as its compiler
                     // child with these settings, wrote on a pipe only this process reads; it is

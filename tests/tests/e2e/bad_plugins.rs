@@ -293,6 +293,42 @@ async fn a_file_that_compiles_past_the_caps_is_refused_and_the_others_load() {
     );
     assert_eq!(host.router().names(), vec!["audit".to_string()]);
     assert!(started.elapsed() < Duration::from_secs(8), "the start waited out the compile: {:?}", started.elapsed());
+    let first = rejected[0].reason.clone();
+    host.shutdown().await;
+    // The refusal is kept (the compiler had the CPU: it was the file, not a busy machine): the
+    // next start under the same caps does not compile it again.
+    let host = host_compiling_in_children(tmp.path(), 2048, Duration::from_secs(2)).await;
+    let again = host.rejected();
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert!(again[0].reason.starts_with(&first), "{again:?}");
+    assert!(again[0].reason.contains("kept from an earlier try under the same caps"), "{again:?}");
+    assert_eq!(
+        compile_counts(&host).await,
+        (0.0, 1.0),
+        "(compiled, cache hits): audit from the cache, slow not compiled"
+    );
+    host.shutdown().await;
+    // Kept under its tag: one changed by whoever can write the folder is not believed.
+    let cache = tmp.path().join("data").join("cache");
+    let kept: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "refused"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let mut forged = std::fs::read(&kept[0]).unwrap();
+    let at = forged.len() - 3;
+    forged[at] ^= 1;
+    std::fs::write(&kept[0], forged).unwrap();
+    let host = host_compiling_in_children(tmp.path(), 2048, Duration::from_secs(2)).await;
+    let forged = host.rejected();
+    assert!(!forged[0].reason.contains("kept from"), "a forged refusal was believed: {forged:?}");
+    assert!(forged[0].reason.contains("compile_timeout (2s;"), "{forged:?}");
+    host.shutdown().await;
+    // Other caps: compiled again.
+    let host = host_compiling_in_children(tmp.path(), 2048, Duration::from_secs(3)).await;
+    let other = host.rejected();
+    assert!(other[0].reason.contains("compile_timeout (3s;") && !other[0].reason.contains("kept from"), "{other:?}");
     host.shutdown().await;
 
     // Memory: about 300 MiB to compile unbounded (audit takes under 90 MiB), stopped at 160.
