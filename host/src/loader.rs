@@ -19,6 +19,7 @@
 use crate::config::Config;
 use crate::kv::KvStore;
 use crate::sandbox::{LoadError, Plugin, PluginSettings, Sandbox};
+use futures::StreamExt;
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -215,9 +216,12 @@ pub fn wasm_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// Told how far loading the plugins folder has come, to draw progress (`plugbus run` on a
-/// terminal): `(files done, files in all, the file loading now)` before each file, and
+/// terminal): `(files done, files in all, a file loading now)` as files start and finish, and
 /// `(all, all, None)` at the end.
 pub type OnLoad<'a> = &'a (dyn Fn(usize, usize, Option<&Path>) + Send + Sync);
+
+/// How many files the loader reads, compiles and checks at once at start.
+pub const LOADS_AT_ONCE: usize = 4;
 
 /// Loads every plugin in `config.plugins_dir`; returns the loaded ones and the rejected files.
 /// Each file is the plugin its name (or the config) makes it, so no file can take another's
@@ -244,9 +248,22 @@ pub async fn load_dir_reporting(
     let mut rejected = Vec::new();
     let mut by_name: HashMap<String, PathBuf> = HashMap::new();
     let total = files.len();
-    for (done, path) in files.into_iter().enumerate() {
+    // A few files at once, each compiled in a process of its own: one that takes its whole
+    // `sandbox.compile_timeout` holds one of them, not the files after it. The results are
+    // taken in the folder's order, as one at a time would.
+    let at_once = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(2, LOADS_AT_ONCE);
+    let mut loads = futures::stream::iter(files)
+        .map(|path| async move {
+            let result = load_file(sandbox, &path, config, kv).await;
+            (path, result)
+        })
+        .buffered(at_once);
+    let mut done = 0;
+    on_load(0, total, None);
+    while let Some((path, result)) = loads.next().await {
+        done += 1;
         on_load(done, total, Some(&path));
-        match load_file(sandbox, &path, config, kv).await {
+        match result {
             Ok(plugin) => {
                 // Cannot happen (a name is one file), kept as a guard.
                 if let Some(first) = by_name.get(plugin.name()) {

@@ -484,6 +484,47 @@ fn a_compiling_child_ends_when_its_host_is_killed() {
     }
 }
 
+/// At start, files load a few at once: two files that each take their whole compile timeout
+/// compile side by side (two children at once), instead of the second waiting for the first,
+/// and the host still starts with each refused.
+#[test]
+fn files_load_a_few_at_once_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plugins = tmp.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    for name in ["slow1.wasm", "slow2.wasm"] {
+        std::fs::write(plugins.join(name), plugbus_tests::slow_to_compile(100_000)).unwrap();
+    }
+    let _host = plugbus_tests::Running(
+        std::process::Command::new(plugbus_tests::plugbus_bin())
+            .args(["run", "--http", "127.0.0.1:0", "--plugins"])
+            .arg(&plugins)
+            .arg("--data-dir")
+            .arg(tmp.path().join("data"))
+            .env("PLUGBUS_SANDBOX__COMPILE_TIMEOUT", "20s")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let host_pid = _host.0.id();
+    let compilers = || {
+        children_of(host_pid)
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.windows(13).any(|w| w == b"compile-child"))
+            })
+            .filter(|pid| running(*pid))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while compilers() < 2 {
+        assert!(std::time::Instant::now() < deadline, "never two compile-child processes at once");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The processes whose parent is `parent`, from `/proc`.
 fn children_of(parent: u32) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
