@@ -57,6 +57,12 @@ const MAX_BATCH: usize = 4096;
 /// between them instead of waiting for the whole log to be read.
 /// (64 in tests, so they take several steps.)
 const BACKFILL_STEP_RECORDS: usize = if cfg!(test) { 64 } else { 16_384 };
+/// How many times a step of a new plugin's history that failed to commit is tried again (waits
+/// of 50 ms more each time: about a minute in all).
+const HISTORY_STEP_TRIES: u32 = 48;
+/// And how many bytes of records: 16,384 events of up to 1 MiB each would be the whole log.
+/// (256 KiB in tests.)
+const BACKFILL_STEP_BYTES: usize = if cfg!(test) { 256 << 10 } else { 16 << 20 };
 
 /// The most bytes commits kept only in memory may hold (their copies are kept to be applied
 /// again after a failed write): past it the next commit is durable, whatever `bus.sync` says.
@@ -264,7 +270,8 @@ enum Op {
     },
     /// One step of a replay's backfill: makes every kept event with a sequence number in `seqs`
     /// (and appended since `from`'s time, if it has one) whose subject `matches` pending for
-    /// `plugin`, reading at most [`BACKFILL_STEP_RECORDS`] records; answers how many, and
+    /// `plugin`, reading at most [`BACKFILL_STEP_RECORDS`] records ([`BACKFILL_STEP_BYTES`]
+    /// bytes); answers how many, and
     /// where the next step begins (`None`: done). `history`: a step of a new plugin's history,
     /// whose progress commits with it (`HISTORY_DUE`).
     Backfill {
@@ -612,6 +619,16 @@ impl DurableLog {
                 .map_err(|e| open_err(format!("counting the plugins' kv: {e}")))?
             {
                 tracing::info!(log = %path.display(), "counted each plugin's kv for max_kv_bytes (a new log, or one a version without quotas wrote since the last count)");
+            }
+        }
+        {
+            let due = w.open_table(HISTORY_DUE).map_err(|e| open_err(e.to_string()))?;
+            for row in due.iter().map_err(|e| open_err(e.to_string()))? {
+                let (plugin, range) = row.map_err(|e| open_err(e.to_string()))?;
+                let (first, end) = range.value();
+                tracing::warn!(log = %path.display(), plugin = plugin.value(), first, end,
+                    "a plugin's history (deliver = \"all\") is not all pending yet: it is made pending when the \
+                     plugin subscribes, and retention keeps those events until then");
             }
         }
         w.commit().map_err(|e| open_err(e.to_string()))?;
@@ -1145,7 +1162,7 @@ impl DurableLog {
         until: u64,
         history: bool,
     ) -> Result<usize, LogError> {
-        let (mut made, mut start) = (0, from.first_seq());
+        let (mut made, mut start, mut failed_steps) = (0, from.first_seq(), 0);
         let _kept = Backfilling::new(self, start..until);
         while start < until {
             let (done, wait) = oneshot::channel();
@@ -1159,6 +1176,18 @@ impl DurableLog {
             };
             self.ops.send(step).map_err(|_| LogError::Closed)?;
             let step = wait.await.map_err(|_| LogError::Closed).and_then(|answer| answer);
+            // A history's step that did not commit (a full disk, or another op of its batch) is
+            // tried again, a while: its progress commits with it, so nothing is done twice, and
+            // a plugin refused for one failed commit of many would wait for its file to change.
+            if let (true, Err(LogError::Io { why, .. })) = (history, &step)
+                && failed_steps < HISTORY_STEP_TRIES
+            {
+                failed_steps += 1;
+                tracing::warn!(log = %self.path.display(), plugin = %plugin, from = start,
+                    "a step of a new plugin's history did not commit; trying again: {why}");
+                tokio::time::sleep(std::time::Duration::from_millis(50) * failed_steps).await;
+                continue;
+            }
             // The steps before stay pending (they run): say so.
             let (count, next) = step.map_err(|e| match e {
                 LogError::Io { path, why } if made > 0 => LogError::Io {
@@ -1708,13 +1737,14 @@ impl Writer {
         seqs: std::ops::Range<u64>,
         max_records: usize,
     ) -> Result<(Vec<u64>, Option<u64>), String> {
-        let (mut wanted, mut read, mut rest) = (Vec::new(), 0, None);
+        let (mut wanted, mut read, mut bytes, mut rest, mut stopped) = (Vec::new(), 0, 0, None, false);
         let since_ms = from.since_ms();
         // A row's key is its last sequence number: the rows from the one holding `seqs.start`.
         for stored in events.range(seqs.start..).map_err(|e| e.to_string())? {
             let (row_key, stored) = stored.map_err(|e| e.to_string())?;
             let last = row_key.value();
-            if read >= max_records {
+            if read >= max_records || bytes >= BACKFILL_STEP_BYTES {
+                stopped = true;
                 break;
             }
             // Read up to this row's end: the rest begins after it, if anything is left.
@@ -1731,6 +1761,7 @@ impl Writer {
             };
             for (seq, record) in records {
                 read += 1;
+                bytes += record.len();
                 // A time compares with each record's append time (not a
                 // search: a clock set back would otherwise hide events).
                 if !seqs.contains(&seq) || (since_ms > 0 && appended_ms(record).is_some_and(|t| t < since_ms)) {
@@ -1746,7 +1777,7 @@ impl Writer {
             }
         }
         // Stopped at the end of the log (no row left) or of `seqs`: done.
-        if read < max_records {
+        if !stopped {
             rest = None;
         }
         for seq in &wanted {
@@ -2003,8 +2034,23 @@ impl Writer {
                                 left.map(|v| v.value())
                             } {
                                 match history {
-                                    Some(_) => registered[answer].1.history_due = Some(first..end),
-                                    None => drop(due.remove(&*plugin).map_err(|e| e.to_string())?),
+                                    Some(_) => {
+                                        // Still owing its first history, it is still new: what
+                                        // was accepted while it was not subscribed (a step that
+                                        // failed took it out of the bus) is history too, up to
+                                        // now. None of it was acked: its read-back starts only
+                                        // once the history is pending.
+                                        row.flush(&mut events).map_err(|e| e.to_string())?;
+                                        let end = end.max(next);
+                                        due.insert(&*plugin, (first, end)).map_err(|e| e.to_string())?;
+                                        registered[answer].1.history_due = Some(first..end);
+                                    }
+                                    None => {
+                                        tracing::warn!(log = %self.path.display(), plugin = %plugin, first, end,
+                                            "the plugin no longer asks for its history (deliver = \"all\"): the rest \
+                                             of it, not made pending yet, is dropped");
+                                        due.remove(&*plugin).map_err(|e| e.to_string())?;
+                                    }
                                 }
                             }
                         }
@@ -2012,6 +2058,16 @@ impl Writer {
                             // Answered before the first write that can fail (see `Append`).
                             backfilled.push((done, (0, None)));
                             let answer = backfilled.len() - 1;
+                            // A step of a history goes on only from where the log says it is:
+                            // another subscription's steps (never two at once today) would
+                            // otherwise make pending again what was acked since.
+                            if history {
+                                let due = w.open_table(HISTORY_DUE).map_err(|e| e.to_string())?;
+                                let now = due.get(&*plugin).map_err(|e| e.to_string())?.map(|v| v.value());
+                                if now != Some((seqs.start, seqs.end)) {
+                                    continue;
+                                }
+                            }
                             // The events appended earlier in this commit are read too.
                             row.flush(&mut events).map_err(|e| e.to_string())?;
                             let end = seqs.end;
@@ -3200,48 +3256,99 @@ pub(crate) mod tests {
         Some(Box::new(|s: &str| s.starts_with("a.")))
     }
 
+    /// One step of `plugin`'s history over `seqs`, as [`DurableLog::backfill_history`] sends it.
+    async fn one_history_step(log: &DurableLog, plugin: &str, seqs: std::ops::Range<u64>) -> BackfillStep {
+        let (done, wait) = oneshot::channel();
+        let matches: Arc<dyn Fn(&str) -> bool + Send + Sync> = Arc::new(|s: &str| s.starts_with("a."));
+        let from = crate::transport::ReplayFrom::Seq(seqs.start);
+        log.ops.send(Op::Backfill { plugin: plugin.into(), matches, from, seqs, history: true, done }).unwrap();
+        wait.await.unwrap().unwrap()
+    }
+
+    fn pending_for(log: &DurableLog, plugin: &str) -> Vec<u64> {
+        log.unsettled(plugin).unwrap().iter().map(|u| u.seq).collect()
+    }
+
     /// A new `deliver = "all"` plugin's history over a long log: its register commit makes only
     /// the first step pending (one commit over the whole history held every producer's append
-    /// and every ack for the whole scan), the rest is due, kept in the log: a crash before it is
-    /// made pending resumes it at the next subscription, and retention keeps it meanwhile. The
-    /// history is made pending once, all of it.
+    /// and every ack for the whole scan), the rest is due, kept in the log with each step: a
+    /// crash between two steps resumes where the last one committed (what was made pending
+    /// before is not made pending again, even once settled), and retention keeps what is due
+    /// meanwhile while it drops what is not.
     #[tokio::test]
     async fn a_new_plugins_history_is_made_pending_in_steps_and_resumes_after_a_crash() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bus.redb");
         let retention = Retention { max_age: std::time::Duration::ZERO, max_mib: 1024 };
-        let want = {
+        let (want, settled) = {
             let log = reopen(&path, retention.clone()).await;
             let want = append_history(&log, 300).await;
             let first = log.register_with("q".into(), only_a()).await.unwrap();
             assert!(first.new);
-            assert!(first.made > 0 && first.made < want.len() / 2, "{first:?}: one step, not the history");
+            assert!(first.made > 0 && first.made < want.len() / 3, "{first:?}: one step, not the history");
             let due = first.history_due.clone().expect("the rest is due");
             assert_eq!(due.end, 301, "{first:?}");
-            assert_eq!(log.unsettled("q").unwrap().len(), first.made);
-            // Everything is settled for `p`: only the history due keeps the rest from retention.
+            // A second step commits, then the host dies before the third.
+            let (made, rest) = one_history_step(&log, "q", due.clone()).await;
+            let rest = rest.expect("more to come");
+            assert!(made > 0 && rest > due.start, "{made} {rest} {due:?}");
+            // A stale step (not where the log says the history is) does nothing.
+            assert_eq!(one_history_step(&log, "q", due.clone()).await, (0, None));
+            let settled = pending_for(&log, "q");
+            assert_eq!(settled.len(), first.made + made);
+            for seq in &settled {
+                log.ack("q".into(), *seq);
+            }
             for seq in 1..=300 {
                 log.ack("p".into(), seq);
             }
+            // Settled events past the history, for no plugin: retention drops them, and keeps
+            // the history still due.
+            for _ in 0..10 {
+                log.append_nowait(Arc::new(Event::new("c.x", "after")), vec![]).unwrap();
+            }
             log.sync().await.unwrap();
-            tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
-            assert_eq!(
-                log.read(due.start, 400).unwrap().len() as u64,
-                301 - due.start,
-                "retention dropped history due"
-            );
-            want
-            // Dropped here, as a crash after the register commit leaves it.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !log.read(301, 20).unwrap().is_empty() {
+                assert!(std::time::Instant::now() < deadline, "retention never ran");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            assert_eq!(log.read(rest, 400).unwrap().len() as u64, 301 - rest, "retention dropped history due");
+            (want, settled)
+            // Dropped here, as a crash between two steps leaves it.
         };
         let log = reopen(&path, retention).await;
         let again = log.register_with("q".into(), only_a()).await.unwrap();
         assert!(!again.new);
         let due = again.history_due.expect("still due after the restart");
-        let rest = log.backfill_history("q".into(), |s: &str| s.starts_with("a."), due).await.unwrap();
-        let for_q: Vec<u64> = log.unsettled("q").unwrap().iter().map(|u| u.seq).collect();
-        assert_eq!(for_q, want, "the whole history, each event once");
-        assert!(rest > 0 && rest < want.len(), "{rest}");
+        assert!(due.start > settled[0] && due.start > *settled.last().unwrap(), "{due:?} resumes after {settled:?}");
+        log.backfill_history("q".into(), |s: &str| s.starts_with("a."), due).await.unwrap();
+        let rest: Vec<u64> = want.iter().copied().filter(|seq| !settled.contains(seq)).collect();
+        assert_eq!(pending_for(&log, "q"), rest, "the rest of the history, none of what was settled again");
         assert_eq!(log.register_with("q".into(), only_a()).await.unwrap(), Registration::default(), "nothing due");
+    }
+
+    /// A plugin whose history was still due when its subscription went (a step that failed to
+    /// commit took it out of the bus) subscribes again: what was accepted meanwhile, for
+    /// nobody, is its history too.
+    #[tokio::test]
+    async fn history_due_grows_to_what_was_accepted_while_the_plugin_was_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DurableLog::open(&dir.path().join("bus.redb"), SyncPolicy::None).unwrap();
+        let mut want = append_history(&log, 300).await;
+        let first = log.register_with("q".into(), only_a()).await.unwrap();
+        assert_eq!(first.history_due.as_ref().map(|d| d.end), Some(301), "{first:?}");
+        for i in 0..6 {
+            let subject = if i % 2 == 0 { "a.x" } else { "b.x" };
+            log.append_nowait(Arc::new(Event::new(subject, "meanwhile")), vec!["p".into()]).unwrap();
+        }
+        log.sync().await.unwrap();
+        want.extend([301, 303, 305]);
+        let again = log.register_with("q".into(), only_a()).await.unwrap();
+        let due = again.history_due.clone().expect("due");
+        assert_eq!(due.end, 307, "{again:?}");
+        log.backfill_history("q".into(), |s: &str| s.starts_with("a."), due).await.unwrap();
+        assert_eq!(pending_for(&log, "q"), want);
     }
 
     /// A plugin whose history was still due subscribes again without `deliver = "all"`: the
