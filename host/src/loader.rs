@@ -216,7 +216,7 @@ pub fn wasm_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// Told how far loading the plugins folder has come, to draw progress (`plugbus run` on a
-/// terminal): `(files done, files in all, a file loading now)` as files start and finish, and
+/// terminal): `(files done, files in all, the file done last)` as files finish, and
 /// `(all, all, None)` at the end.
 pub type OnLoad<'a> = &'a (dyn Fn(usize, usize, Option<&Path>) + Send + Sync);
 
@@ -248,21 +248,25 @@ pub async fn load_dir_reporting(
     let mut rejected = Vec::new();
     let mut by_name: HashMap<String, PathBuf> = HashMap::new();
     let total = files.len();
-    // A few files at once, each compiled in a process of its own: one that takes its whole
-    // `sandbox.compile_timeout` holds one of them, not the files after it. The results are
-    // taken in the folder's order, as one at a time would.
-    let at_once = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(2, LOADS_AT_ONCE);
-    let mut loads = futures::stream::iter(files)
-        .map(|path| async move {
+    // A few files at once (as many as the machine has cores, at most `LOADS_AT_ONCE`), each
+    // compiled in a process of its own: one that takes its whole `sandbox.compile_timeout`
+    // holds one of them, and the others go on past it. The results are then taken in the
+    // folder's order, as one at a time would.
+    let at_once = std::thread::available_parallelism().map_or(1, |n| n.get()).min(LOADS_AT_ONCE);
+    let mut loads = futures::stream::iter(files.into_iter().enumerate())
+        .map(|(i, path)| async move {
             let result = load_file(sandbox, &path, config, kv).await;
-            (path, result)
+            (i, path, result)
         })
-        .buffered(at_once);
-    let mut done = 0;
+        .buffer_unordered(at_once);
+    let mut results = Vec::with_capacity(total);
     on_load(0, total, None);
-    while let Some((path, result)) = loads.next().await {
-        done += 1;
-        on_load(done, total, Some(&path));
+    while let Some(result) = loads.next().await {
+        results.push(result);
+        on_load(results.len(), total, Some(&results[results.len() - 1].1));
+    }
+    results.sort_by_key(|(i, ..)| *i);
+    for (_, path, result) in results {
         match result {
             Ok(plugin) => {
                 // Cannot happen (a name is one file), kept as a guard.

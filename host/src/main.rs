@@ -413,6 +413,8 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// compile caps (`sandbox::compiler`).
 fn load_config(file: Option<&std::path::Path>) -> anyhow::Result<Config> {
     let mut config = Config::load(file)?;
+    // Every command that compiles refuses caps too low to compile anything (not only `run`).
+    config.sandbox.validate().map_err(anyhow::Error::msg)?;
     // The running binary itself, even once an upgrade replaced or deleted its file: a newer
     // binary's artifacts would not load in this one.
     let this = std::path::PathBuf::from("/proc/self/exe");
@@ -476,7 +478,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                 }
             };
-            let loading = plugbus::service::loading();
+            // Loading is bounded: each file by the compile timeout (and a few at once).
+            let files = plugbus::loader::wasm_files(&config.plugins_dir).map_or(0, |f| f.len()) as u32;
+            let loading = plugbus::service::loading(config.sandbox.compile_timeout * (files + 1));
             let host = Host::start_reporting(config, &on_load).await;
             loading.inspect(tokio::task::JoinHandle::abort);
             drop(progress);

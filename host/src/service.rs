@@ -34,16 +34,20 @@ const EXTEND_BY: Duration = Duration::from_secs(30);
 
 /// While the host loads its plugins (compiling one file may take up to
 /// `sandbox.compile_timeout`, 120 s, past systemd's default 90 s to start), asks systemd every
-/// 5 s for 30 s more (`EXTEND_TIMEOUT_USEC`), with the status `loading plugins`: a start that
-/// goes on is not killed as one that hangs, and one that stops asking is. Until the returned
-/// task is aborted; nothing without `NOTIFY_SOCKET`.
-pub fn loading() -> Option<tokio::task::JoinHandle<()>> {
+/// 5 s for 30 s more (`EXTEND_TIMEOUT_USEC`), with the status `loading plugins`, for at most
+/// `budget` (what loading can take: a start that hangs elsewhere is still killed). Until the
+/// returned task is aborted; nothing without `NOTIFY_SOCKET`.
+pub fn loading(budget: Duration) -> Option<tokio::task::JoinHandle<()>> {
     std::env::var_os("NOTIFY_SOCKET")?;
-    Some(tokio::spawn(async {
+    Some(tokio::spawn(async move {
         let mut tick = tokio::time::interval(EXTEND_EVERY);
         let usec = u32::try_from(EXTEND_BY.as_micros()).unwrap_or(u32::MAX);
+        let until = tokio::time::Instant::now() + budget;
         loop {
             tick.tick().await;
+            if tokio::time::Instant::now() >= until {
+                return;
+            }
             let state = [NotifyState::ExtendTimeoutUsec(usec), NotifyState::Status("loading plugins")];
             if let Err(e) = sd_notify::notify(false, &state) {
                 tracing::warn!("asking systemd for more time to start failed: {e}");

@@ -154,7 +154,7 @@ impl CompileCache {
     /// The refusal kept for `wasm_hash` under `caps` ([`CompileCache::remember_refusal`]), if
     /// there is one and its tag is right: a forged or damaged one is ignored (the file is
     /// compiled again), so whoever can write the folder cannot have a plugin refused.
-    pub fn refusal(&self, wasm_hash: &str, caps: &str) -> Option<String> {
+    pub fn refusal(&self, wasm_hash: &str, caps: &str) -> Option<(String, PathBuf)> {
         let path = self.refusal_path(wasm_hash);
         let name = path.file_name()?.to_string_lossy().into_owned();
         let kept = read_regular(&path, MAX_REFUSAL_BYTES).ok()?;
@@ -164,11 +164,11 @@ impl CompileCache {
             return None;
         }
         let memo: RefusalMemo = serde_json::from_slice(memo).ok()?;
-        (memo.caps == caps).then_some(memo.reason)
+        (memo.caps == caps).then_some((memo.reason, path))
     }
 
     /// Keeps `reason` as the refusal of the wasm with `wasm_hash` under `caps` (a compile that
-    /// passed one of them: trying again under the same caps costs the same and ends the same),
+    /// passed the memory cap: trying again under the same caps costs the same and ends the same),
     /// so a restart, or a touch of the file, does not pay for it again. Best effort.
     pub fn remember_refusal(&self, wasm_hash: &str, caps: &str, reason: &str) {
         let path = self.refusal_path(wasm_hash);
@@ -185,6 +185,11 @@ impl CompileCache {
 
     fn refusal_path(&self, wasm_hash: &str) -> PathBuf {
         self.dir.join(format!("{wasm_hash}-{}.refused", self.engine_key))
+    }
+
+    /// Forgets a kept refusal of `wasm_hash` (it compiled, under other caps). Best effort.
+    pub fn forget_refusal(&self, wasm_hash: &str) {
+        let _ = std::fs::remove_file(self.refusal_path(wasm_hash));
     }
 
     /// Writes the entry, then its tag (each by rename: a crash in between leaves an entry whose

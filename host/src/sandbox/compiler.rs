@@ -25,6 +25,7 @@
 use super::engine::{SandboxSettings, pooled_engine};
 use super::validate::LoadError;
 use std::io::{Read, Write};
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{ExitCode, ExitStatus, Stdio};
 use std::time::Duration;
@@ -41,8 +42,6 @@ pub const EXIT_HOST: u8 = 3;
 /// peak: 80 MiB on 2, 110 on 4, 150 on 8, 220 on 16), and a cap should mean the same on a laptop
 /// and a 64-core server.
 pub const MAX_THREADS: usize = 4;
-/// The environment variables a child keeps (none of the host's secrets or settings).
-const CHILD_ENV: &[&str] = &["PLUGBUS_PERF_MAP"];
 /// How much of the child's stderr the parent keeps (the message it names).
 const MAX_MESSAGE_BYTES: u64 = 16 << 10;
 /// How often the parent reads the child's peak memory.
@@ -55,9 +54,10 @@ const PARENT_CHECK: Duration = Duration::from_millis(200);
 pub struct Refused {
     /// What the loader reports.
     pub error: LoadError,
-    /// It passed a cap while it compiled (the memory cap, or the time cap having used at least
-    /// half its wall time in CPU: not a machine too busy to run it): the same file under the
-    /// same caps would again, so the refusal is worth keeping ([`caps_key`]).
+    /// It passed the memory cap (or made more compiled code than it allows): the same file
+    /// under the same caps, on as many threads, would again, so the refusal is worth keeping
+    /// ([`caps_key`]). A timeout is not: a machine busy with other work, or with other files
+    /// compiling beside it, slows a file that compiles.
     pub repeatable: bool,
 }
 
@@ -70,10 +70,16 @@ impl From<LoadError> for Refused {
 /// The compile caps of `settings` as a key: a refusal kept under one is not under another.
 pub fn caps_key(settings: &SandboxSettings) -> String {
     format!(
-        "compile_memory_mib={} compile_timeout_ms={} threads<={MAX_THREADS}",
+        "plugbus {} compile_memory_mib={} threads={}",
+        env!("CARGO_PKG_VERSION"),
         settings.compile_memory_mib,
-        settings.compile_timeout.as_millis()
+        child_threads()
     )
+}
+
+/// How many threads a child compiles with: the machine's cores, at most [`MAX_THREADS`].
+fn child_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_THREADS)
 }
 
 /// Compiles `bytes` in a child process of `program` (the `plugbus` binary) under `settings`'
@@ -82,7 +88,7 @@ pub fn caps_key(settings: &SandboxSettings) -> String {
 pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes: &[u8]) -> Result<Vec<u8>, Refused> {
     let host = |what: String| LoadError::Host(format!("compiling in a child process ({}): {what}", program.display()));
     let settings_json = serde_json::to_string(settings).map_err(|e| host(format!("settings: {e}")))?;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_THREADS);
+    let threads = child_threads();
     let mut command = tokio::process::Command::new(program);
     command
         .arg(SUBCOMMAND)
@@ -91,12 +97,9 @@ pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes:
         .arg("--parent")
         .arg(std::process::id().to_string())
         .env_clear()
+        // Nothing of the host's (its secrets, its settings, `PLUGBUS_PERF_MAP`: the host writes
+        // the perf map of what it loads; the child may write no file).
         .env("RAYON_NUM_THREADS", threads.to_string());
-    for name in CHILD_ENV {
-        if let Some(value) = std::env::var_os(name) {
-            command.env(name, value);
-        }
-    }
     let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -133,7 +136,7 @@ pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes:
                     humantime::format_duration(settings.compile_timeout),
                     cpu.map_or("?".into(), |t| format!("{:.1} s", t.as_secs_f64()))
                 )),
-                repeatable: cpu.is_some_and(|t| t >= settings.compile_timeout / 2),
+                repeatable: false,
             })
         }
         peak_kib = over_memory(pid, cap_kib) => Err(Refused {
@@ -171,15 +174,21 @@ pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes:
             Ok(artifact)
         }
         Ending::Refused => Err(LoadError::Invalid(message).into()),
-        Ending::OutOfCpu => Err(Refused {
-            error: LoadError::Invalid(format!(
-                "compiling it used more CPU time than sandbox.compile_timeout ({}) allows",
-                humantime::format_duration(settings.compile_timeout)
-            )),
-            repeatable: true,
-        }),
+        Ending::OutOfCpu => Err(LoadError::Invalid(format!(
+            "compiling it used more CPU time than sandbox.compile_timeout ({}) allows",
+            humantime::format_duration(settings.compile_timeout)
+        ))
+        .into()),
         Ending::StackOverflow => Err(LoadError::Invalid("compiling it overflowed the compiler's stack".into()).into()),
-        Ending::Host => Err(host(format!("it ended with {status}: {}", crate::event::cut_to(&message, 1024))).into()),
+        Ending::Host => {
+            let killed = match status.signal() {
+                Some(libc::SIGKILL) => {
+                    " (killed from outside: the kernel's OOM killer, if the machine ran out of memory)"
+                }
+                _ => "",
+            };
+            Err(host(format!("it ended with {status}{killed}: {}", crate::event::cut_to(&message, 1024))).into())
+        }
     }
 }
 
@@ -198,7 +207,6 @@ enum Ending {
 }
 
 fn ending(status: ExitStatus, message: &str) -> Ending {
-    use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(0), _) => Ending::Compiled,
         (Some(c), _) if c == i32::from(EXIT_REFUSED) => Ending::Refused,
@@ -280,6 +288,10 @@ fn compile_stdin(settings_json: &str, parent: u32) -> Result<wasmtime::Result<Ve
         return Err(format!("the host (process {parent}) that started it is gone"));
     }
     watch_parent(parent);
+    // Nothing the host opened without close-on-exec reaches the compile (stdin, stdout and
+    // stderr aside).
+    // SAFETY: close_range closes this process's descriptors from 3 up; none is in use yet.
+    let _ = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
     let settings: SandboxSettings =
         serde_json::from_str(settings_json).map_err(|e| format!("reading the settings: {e}"))?;
     cap_self(&settings)?;
@@ -300,14 +312,16 @@ fn compile_stdin(settings_json: &str, parent: u32) -> Result<wasmtime::Result<Ve
 /// instance pool's reservations, which alone pass many GiB.
 fn cap_self(settings: &SandboxSettings) -> Result<(), String> {
     let cpu_secs = settings.compile_timeout.as_secs().saturating_add(1).saturating_mul(MAX_THREADS as u64);
+    // (soft, hard): past the soft CPU limit the kernel sends SIGXCPU (equal limits would send
+    // SIGKILL, which reads as a kill from outside).
     let caps = [
-        (libc::RLIMIT_CPU, cpu_secs, "CPU time"),
-        (libc::RLIMIT_FSIZE, 0, "file size"),
-        (libc::RLIMIT_NOFILE, 256, "open files"),
-        (libc::RLIMIT_CORE, 0, "core dumps"),
+        (libc::RLIMIT_CPU, cpu_secs, cpu_secs + 1, "CPU time"),
+        (libc::RLIMIT_FSIZE, 0, 0, "file size"),
+        (libc::RLIMIT_NOFILE, 256, 256, "open files"),
+        (libc::RLIMIT_CORE, 0, 0, "core dumps"),
     ];
-    for (resource, value, what) in caps {
-        let limit = libc::rlimit { rlim_cur: value, rlim_max: value };
+    for (resource, value, hard, what) in caps {
+        let limit = libc::rlimit { rlim_cur: value, rlim_max: hard };
         // SAFETY: setrlimit reads the struct we pass and changes only this process's limits.
         if unsafe { libc::setrlimit(resource, &limit) } != 0 {
             return Err(format!("capping its {what} at {value}: {}", std::io::Error::last_os_error()));
@@ -337,7 +351,6 @@ fn watch_parent(parent: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::process::ExitStatusExt;
 
     fn exited(code: i32) -> ExitStatus {
         ExitStatus::from_raw(code << 8)

@@ -287,10 +287,11 @@ impl Sandbox {
                 let caps = super::compiler::caps_key(&self.settings);
                 if let Some(cache) = cache.clone() {
                     let (key, caps) = (key.clone(), caps.clone());
-                    if let Some(reason) = off_runtime(move || Ok(cache.refusal(&key, &caps))).await? {
+                    if let Some((reason, kept)) = off_runtime(move || Ok(cache.refusal(&key, &caps))).await? {
                         return Err(LoadError::Invalid(format!(
-                            "{reason} (kept from an earlier try under the same caps: it is compiled again once the \
-                             file or sandbox.compile_memory_mib / compile_timeout change)"
+                            "{reason} (kept from an earlier try under the same caps in {}: it is compiled again once \
+                             the file or sandbox.compile_memory_mib changes, or that file is removed)",
+                            kept.display()
                         )));
                     }
                 }
@@ -319,6 +320,7 @@ impl Sandbox {
                         .map_err(|e| LoadError::Host(format!("the compiler child's output does not load: {e:#}")))?;
                     if let Some(cache) = cache {
                         cache.keep(&key, &artifact);
+                        cache.forget_refusal(&key);
                     }
                     Ok(c)
                 })
