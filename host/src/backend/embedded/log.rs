@@ -905,7 +905,9 @@ impl DurableLog {
         for row in events.range(from..).map_err(|e| io(&e))? {
             let (last, stored) = row.map_err(|e| io(&e))?;
             let corrupt = |seq, why| LogError::Corrupt { path: self.path.clone(), seq, why };
-            for (seq, record) in rows::records(stored.value()).map_err(|why| corrupt(last.value(), why))? {
+            for (seq, record) in
+                rows::records(last.value(), stored.value()).map_err(|why| corrupt(last.value(), why))?
+            {
                 if out.len() == limit {
                     return Ok(out);
                 }
@@ -1636,7 +1638,7 @@ impl Writer {
                     continue 'rows;
                 }
                 let (mut left, mut in_row) = (bytes, Vec::new());
-                let records = match rows::records(stored.value()) {
+                let records = match rows::records(row_key.value(), stored.value()) {
                     Ok(records) => records,
                     Err(why) => {
                         // A damaged row cannot be read or replayed: it goes once no plugin owes
@@ -1690,8 +1692,8 @@ impl Writer {
                 // What a damaged row held is unknown: the count starts again from what is kept.
                 bytes = 0;
                 for row in events.iter().map_err(|e| e.to_string())? {
-                    let (_, stored) = row.map_err(|e| e.to_string())?;
-                    let records = rows::records(stored.value()).unwrap_or_default();
+                    let (key, stored) = row.map_err(|e| e.to_string())?;
+                    let records = rows::records(key.value(), stored.value()).unwrap_or_default();
                     bytes += records.iter().map(|(_, record)| record.len() as u64).sum::<u64>();
                 }
             }
@@ -1751,7 +1753,7 @@ impl Writer {
             rest = Some(last + 1).filter(|next| *next < seqs.end);
             // A damaged row cannot be replayed; it must not fail the commit
             // (and every append in it) either.
-            let records = match rows::records(stored.value()) {
+            let records = match rows::records(row_key.value(), stored.value()) {
                 Ok(records) => records,
                 Err(why) => {
                     tracing::error!(log = %self.path.display(), plugin = %plugin, last_seq = row_key.value(),

@@ -77,8 +77,10 @@ impl RowBuilder {
     }
 }
 
-/// The events of a row, `(seq, record)` in ascending order.
-pub(super) fn records(row: &[u8]) -> Result<Vec<(u64, &[u8])>, String> {
+/// The events of the row keyed `key`, `(seq, record)` in ascending order: a row whose sequence
+/// numbers do not rise, or whose last is not its key, is damaged (a lookup by sequence number
+/// would find the wrong event, or one event in two rows).
+pub(super) fn records(key: u64, row: &[u8]) -> Result<Vec<(u64, &[u8])>, String> {
     let mut rest = row;
     let mut take = |n: usize| -> Result<&[u8], String> {
         if rest.len() < n {
@@ -94,10 +96,20 @@ pub(super) fn records(row: &[u8]) -> Result<Vec<(u64, &[u8])>, String> {
     for _ in 0..count {
         let seq = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
         let len = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
+        if let Some((before, _)) = out.last()
+            && seq <= *before
+        {
+            return Err(format!("seq {seq} after seq {before} in a row of events"));
+        }
         out.push((seq, take(len)?));
     }
     if !rest.is_empty() {
         return Err(format!("{} bytes after the last event of a row", rest.len()));
+    }
+    if let Some((last, _)) = out.last()
+        && *last != key
+    {
+        return Err(format!("a row of events keyed {key} ends at seq {last}"));
     }
     Ok(out)
 }
@@ -150,7 +162,7 @@ impl<'t, T: ReadableTable<u64, &'static [u8]>> Lookup<'t, T> {
             }
             let bytes = value.value().to_vec();
             let base = bytes.as_ptr() as usize;
-            let index = records(&bytes)
+            let index = records(key.value(), &bytes)
                 .map_err(|why| {
                     let why = format!("the row of events up to seq {}: {why}", key.value());
                     self.damaged = Some((key.value(), why.clone()));
@@ -255,13 +267,31 @@ mod tests {
         let bytes = row.buf.clone();
         let mut whole = bytes.clone();
         whole[..4].copy_from_slice(&1u32.to_le_bytes());
-        assert_eq!(records(&whole).unwrap(), vec![(7, &b"record"[..])]);
-        assert!(records(&whole[..whole.len() - 2]).unwrap_err().contains("ends 2 bytes early"));
+        assert_eq!(records(7, &whole).unwrap(), vec![(7, &b"record"[..])]);
+        assert!(records(7, &whole[..whole.len() - 2]).unwrap_err().contains("ends 2 bytes early"));
         let mut huge = whole.clone();
         huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(records(&huge).is_err(), "a damaged count");
+        assert!(records(7, &huge).is_err(), "a damaged count");
+        // Under another key (a row moved, or its key damaged): named, not read as that key's.
+        assert!(records(9, &whole).unwrap_err().contains("keyed 9 ends at seq 7"));
         whole.push(0);
-        assert!(records(&whole).unwrap_err().contains("1 bytes after"));
+        assert!(records(7, &whole).unwrap_err().contains("1 bytes after"));
+    }
+
+    #[test]
+    fn a_row_whose_sequence_numbers_do_not_rise_is_damaged() {
+        let mut row = RowBuilder::default();
+        row.push(5, |out| out.extend_from_slice(b"a"));
+        row.push(5, |out| out.extend_from_slice(b"b"));
+        assert!(records(5, row.bytes()).unwrap_err().contains("seq 5 after seq 5"));
+        let mut row = RowBuilder::default();
+        row.push(6, |out| out.extend_from_slice(b"a"));
+        row.push(4, |out| out.extend_from_slice(b"b"));
+        assert!(records(4, row.bytes()).unwrap_err().contains("seq 4 after seq 6"));
+        let mut row = RowBuilder::default();
+        row.push(4, |out| out.extend_from_slice(b"a"));
+        row.push(6, |out| out.extend_from_slice(b"b"));
+        assert_eq!(records(6, row.bytes()).unwrap().len(), 2, "a gap is fine");
     }
 
     #[test]
