@@ -1434,9 +1434,11 @@ impl Transport for EmbeddedBus {
             // pending in steps, each its own commit, before it reads back: a crash between two
             // leaves the rest due for its next subscription.
             let wants_history = spec.durable.as_ref().is_some_and(|d| d.deliver_all);
-            let matcher =
-                |patterns: PatternSet| -> super::log::SubjectMatcher { Box::new(move |s| patterns.matches(s)) };
-            let history = wants_history.then(|| matcher(patterns.clone()));
+            let history = wants_history.then(|| {
+                let patterns = patterns.clone();
+                let matches: super::log::SubjectMatcher = Box::new(move |s| patterns.matches(s));
+                matches
+            });
             let registered = log.register_with(plugin.clone(), history).await;
             // `subscription` drops with the error: out of the table again.
             let registered = registered.map_err(|e| TransportError::Broker(e.to_string()))?;
