@@ -142,8 +142,8 @@ impl CompileCache {
         Some(component)
     }
 
-    /// Keeps `serialized` (what `Component::serialize` or `Engine::precompile_component` of this
-    /// host's settings made of the wasm with `wasm_hash`) for the next load. Best effort: a
+    /// Keeps `serialized` (what `Component::serialize` on an engine of this host's settings, in
+    /// this process or the compiling child, made of the wasm with `wasm_hash`) for the next load. Best effort: a
     /// failure is logged, and the next load compiles again.
     pub fn keep(&self, wasm_hash: &str, serialized: &[u8]) {
         if let Err(e) = self.write_entry(wasm_hash, serialized) {

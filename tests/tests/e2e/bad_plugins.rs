@@ -176,14 +176,7 @@ async fn an_invalid_manifest_dropped_into_a_running_host_is_refused_and_counted(
 /// sizes from the inside out, then the bytes from the outside in. About 12 bytes a level.
 fn nested_component(depth: usize) -> Vec<u8> {
     const HEADER: &[u8] = b"\0asm\x0d\x00\x01\x00";
-    let leb = |mut n: usize, out: &mut Vec<u8>| loop {
-        let b = (n & 0x7f) as u8;
-        n >>= 7;
-        out.push(if n > 0 { b | 0x80 } else { b });
-        if n == 0 {
-            break;
-        }
-    };
+    let leb = plugbus_tests::leb128;
     let mut sizes = vec![HEADER.len()];
     for _ in 0..depth {
         let inner = *sizes.last().unwrap();
@@ -446,23 +439,11 @@ fn a_compiling_child_ends_when_its_host_is_killed() {
     let plugins = tmp.path().join("plugins");
     std::fs::create_dir(&plugins).unwrap();
     std::fs::write(plugins.join("slow.wasm"), plugbus_tests::slow_to_compile(200_000)).unwrap();
-    let mut host = plugbus_tests::Running(
-        std::process::Command::new(plugbus_tests::plugbus_bin())
-            .args(["run", "--http", "127.0.0.1:0", "--plugins"])
-            .arg(&plugins)
-            .arg("--data-dir")
-            .arg(tmp.path().join("data"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut host = run_host(tmp.path(), &[]);
     let host_pid = host.0.id();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let compiler = loop {
-        if let Some(pid) = children_of(host_pid).into_iter().find(|&pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.windows(13).any(|w| w == b"compile-child"))
-        }) {
+        if let Some(&pid) = compile_children(host_pid).first() {
             break pid;
         }
         assert!(std::time::Instant::now() < deadline, "no compile-child under the host within 30 s");
@@ -501,28 +482,8 @@ fn files_load_a_few_at_once_at_start() {
     for c in ["echo", "audit", "notify"] {
         std::fs::copy(wasm(c), plugins.join(format!("{c}.wasm"))).unwrap();
     }
-    let host = plugbus_tests::Running(
-        std::process::Command::new(plugbus_tests::plugbus_bin())
-            .args(["run", "--http", "127.0.0.1:0", "--plugins"])
-            .arg(&plugins)
-            .arg("--data-dir")
-            .arg(tmp.path().join("data"))
-            .env("PLUGBUS_SANDBOX__COMPILE_TIMEOUT", "60s")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let compilers = || {
-        children_of(host.0.id())
-            .into_iter()
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .is_ok_and(|c| c.windows(13).any(|w| w == b"compile-child"))
-            })
-            .filter(|pid| running(*pid))
-            .collect::<Vec<u32>>()
-    };
+    let host = run_host(tmp.path(), &[("PLUGBUS_SANDBOX__COMPILE_TIMEOUT", "60s")]);
+    let compilers = || compile_children(host.0.id());
     // Children in the order first seen. The first two are the slow file's and audit's (which
     // of them starts first depends on the machine); the others start as a slot frees. Passes
     // once all four were seen and only one of the first two still runs: the slow file, with
@@ -550,6 +511,33 @@ fn files_load_a_few_at_once_at_start() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// `plugbus run` on `dir/plugins` and `dir/data`, with `env`, its output dropped.
+fn run_host(dir: &std::path::Path, env: &[(&str, &str)]) -> plugbus_tests::Running {
+    plugbus_tests::Running(
+        std::process::Command::new(plugbus_tests::plugbus_bin())
+            .args(["run", "--http", "127.0.0.1:0", "--plugins"])
+            .arg(dir.join("plugins"))
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// The `compile-child` processes of `host` still running.
+fn compile_children(host: u32) -> Vec<u32> {
+    children_of(host)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.windows(13).any(|w| w == b"compile-child"))
+        })
+        .filter(|pid| running(*pid))
+        .collect()
 }
 
 /// The processes whose parent is `parent`, from `/proc`.
