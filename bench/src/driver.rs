@@ -41,6 +41,15 @@ impl Load {
         self.latencies.extend(slice.latencies);
     }
 
+    /// Two measurements that ran at the same time, as one: their events over the longer window.
+    /// Each window's CPU is the whole process's, so the two CPU figures are of the same time and
+    /// their mean is kept, not their sum.
+    pub fn side_by_side(a: Load, b: Load) -> Load {
+        let mut latencies = a.latencies;
+        latencies.extend(b.latencies);
+        Load { events: a.events + b.events, elapsed: a.elapsed.max(b.elapsed), latencies, cpu: (a.cpu + b.cpu) / 2 }
+    }
+
     /// CPU µs the process spent per event completed in the window: what an event costs,
     /// whatever the cores did meanwhile (steadier than a rate on a VM whose speed drifts, and
     /// it shows what a second core adds per event).
@@ -403,6 +412,22 @@ mod tests {
         assert_eq!(load.cpu_us_per_event(), 25.0);
         // No event completed: the CPU is not divided by zero.
         assert_eq!(Load { cpu: Duration::from_micros(7), ..Load::default() }.cpu_us_per_event(), 7.0);
+    }
+
+    #[test]
+    fn two_loads_side_by_side_add_their_events_over_the_longer_window_and_share_the_cpu() {
+        let load = |events, ms, cpu_us| Load {
+            events,
+            elapsed: Duration::from_millis(ms),
+            latencies: vec![Duration::from_micros(events)],
+            cpu: Duration::from_micros(cpu_us),
+        };
+        let both = Load::side_by_side(load(300, 1000, 4000), load(100, 500, 6000));
+        assert_eq!((both.events, both.elapsed), (400, Duration::from_millis(1000)));
+        assert_eq!(both.rate(), 400.0);
+        // The process's CPU over the same time, seen twice: its mean, over both sides' events.
+        assert_eq!(both.cpu_us_per_event(), 12.5);
+        assert_eq!(both.latencies.len(), 2);
     }
 
     #[tokio::test]

@@ -113,8 +113,9 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
 }
 
 /// One side of embedded-1 alone, for a profiler (`perf record … plugbus-bench
-/// embedded-1-host`): `host` on both cores, `host-1thread` on one thread, `floor` and
-/// `floor-1task` the wasm floor on 2 tasks and on 1. Nothing else runs in the process
+/// embedded-1-host`): `host` on both cores, `host-1thread` on one thread, `host-2x1thread` two
+/// one-thread hosts side by side (what a host sharing nothing between its cores would reach),
+/// `floor` and `floor-1task` the wasm floor on 2 tasks and on 1. Nothing else runs in the process
 /// meanwhile (see `PARTS`).
 pub async fn run_part(mode: Mode, handler: &[u8], part: &str) -> anyhow::Result<Load> {
     Ok(match part {
@@ -122,6 +123,18 @@ pub async fn run_part(mode: Mode, handler: &[u8], part: &str) -> anyhow::Result<
         "host-1thread" => {
             on_one_thread(handler, move |h| async move { Ok(host_run(mode, &h, 1, WINDOW, None, |_| {}).await?.load) })
                 .await?
+        }
+        "host-2x1thread" => {
+            // Thread-per-core's ceiling in one process: two whole hosts (each its own engine, bus,
+            // router and driver) on a current-thread runtime each, sharing nothing but the process.
+            let one = || {
+                on_one_thread(
+                    handler,
+                    move |h| async move { Ok(host_run(mode, &h, 1, WINDOW, None, |_| {}).await?.load) },
+                )
+            };
+            let (a, b) = tokio::join!(one(), one());
+            Load::side_by_side(a?, b?)
         }
         "floor" => sandbox_floor(mode, handler, 2, Limits::default()).await?,
         "floor-1task" => sandbox_floor(mode, handler, 1, Limits::default()).await?,

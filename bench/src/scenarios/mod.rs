@@ -64,6 +64,7 @@ pub async fn run(id: &str, mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
 pub const PARTS: &[(&str, &str, &str)] = &[
     ("embedded-1-host", "embedded-1", "host"),
     ("embedded-1-host-1thread", "embedded-1", "host-1thread"),
+    ("embedded-1-host-2x1thread", "embedded-1", "host-2x1thread"),
     ("embedded-1-floor", "embedded-1", "floor"),
     ("embedded-1-floor-1task", "embedded-1", "floor-1task"),
     ("reuse-host", "reuse", "host"),
