@@ -220,8 +220,13 @@ pub fn wasm_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// `(all, all, None)` at the end.
 pub type OnLoad<'a> = &'a (dyn Fn(usize, usize, Option<&Path>) + Send + Sync);
 
-/// How many files the loader reads, compiles and checks at once at start.
+/// The most files the loader reads, compiles and checks at once, at start or on reload.
 pub const LOADS_AT_ONCE: usize = 4;
+
+/// How many files load at once: as many as the machine has cores, at most [`LOADS_AT_ONCE`].
+pub fn loads_at_once() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(LOADS_AT_ONCE)
+}
 
 /// Loads every plugin in `config.plugins_dir`; returns the loaded ones and the rejected files.
 /// Each file is the plugin its name (or the config) makes it, so no file can take another's
@@ -252,7 +257,7 @@ pub async fn load_dir_reporting(
     // compiled in a process of its own: one that takes its whole `sandbox.compile_timeout`
     // holds one of them, and the others go on past it. The results are then taken in the
     // folder's order, as one at a time would.
-    let at_once = std::thread::available_parallelism().map_or(1, |n| n.get()).min(LOADS_AT_ONCE);
+    let at_once = loads_at_once();
     let mut loads = futures::stream::iter(files.into_iter().enumerate())
         .map(|(i, path)| async move {
             let result = load_file(sandbox, &path, config, kv).await;

@@ -2,7 +2,8 @@
 //! removing and renaming a `.wasm` take effect without a restart.
 //!
 //! Each change is compiled off the event loop and validated, then swapped in atomically by the
-//! router (in-flight events finish on the old version, new ones go to the new). A file still
+//! router (in-flight events finish on the old version, new ones go to the new). Files are
+//! applied side by side, so a file that compiles for minutes holds back no other file. A file still
 //! being written is waited for, not reported; a file that stays invalid once it settles is
 //! reported (log, `/v1/plugins`, load-error counter) and the previous version keeps serving.
 //! Invariant: a bad file never takes a serving plugin down.
@@ -18,6 +19,7 @@ use crate::kv::KvStore;
 use crate::loader::{self, FileError, Rejected};
 use crate::router::Router;
 use crate::sandbox::{LoadError, Plugin, Sandbox};
+use futures::FutureExt;
 use notify::{RecursiveMode, Watcher};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -85,8 +87,10 @@ impl Reloader {
         self.rejected.lock().expect("poisoned").retain(|r| r.path != path);
     }
 
-    /// Applies the current state of one file.
-    pub async fn apply(&self, path: &Path, changed_at: Instant) {
+    /// Applies the current state of one file. Its load is given up once `superseded` completes
+    /// (the file changed again: what is being loaded is no longer what is there); an install
+    /// under way is never cut short.
+    pub async fn apply(&self, path: &Path, changed_at: Instant, superseded: impl Future<Output = ()>) {
         if is_gone(path) {
             // The count first: one who sees the refusal gone finds it gone.
             self.metrics.forget_load_errors(path);
@@ -102,7 +106,15 @@ impl Reloader {
             }
             return;
         }
-        let plugin = match self.load_settled(path).await {
+        let loaded = tokio::select! {
+            loaded = self.load_settled(path) => loaded,
+            () = superseded => {
+                // Dropping the load ends its compile (the child is killed with it).
+                tracing::info!(file = %path.display(), "the file changed again while it was loading: loading it again");
+                return;
+            }
+        };
+        let plugin = match loaded {
             Ok(p) => p,
             Err(reason) => return self.reject(path, reason),
         };
@@ -289,7 +301,21 @@ pub fn watch(reloader: Arc<Reloader>) -> anyhow::Result<WatchGuard> {
                 paths.extend(rescan_paths(&watched, known));
             }
         };
-        while let Some(first) = rx.recv().await {
+        let mut applying = Applying::new(reloader.clone());
+        loop {
+            let first = tokio::select! {
+                change = rx.recv() => match change {
+                    Some(change) => change,
+                    None => break,
+                },
+                Some(ended) = applying.tasks.join_next() => {
+                    // Only an abort (the watch stopping) ends a task without its file.
+                    if let Ok(path) = ended {
+                        applying.done(path);
+                    }
+                    continue;
+                }
+            };
             let changed_at = Instant::now();
             let mut paths = BTreeSet::new();
             expand(first, &mut paths);
@@ -300,15 +326,107 @@ pub fn watch(reloader: Arc<Reloader>) -> anyhow::Result<WatchGuard> {
                 expand(change, &mut paths);
             }
             // Present files first, then the gone ones (a rename is the new name's plugin added,
-            // the old name's removed).
+            // the old name's removed). Each file is applied on its own, beside the others.
             let (gone, present): (Vec<PathBuf>, Vec<PathBuf>) = paths.into_iter().partition(|p| is_gone(p));
-            for path in present.iter().chain(gone.iter()) {
-                reloader.apply(path, changed_at).await;
+            for path in present.into_iter().chain(gone) {
+                applying.start(path, changed_at);
             }
         }
     });
     tracing::info!(dir = %dir.display(), "watching the plugins folder");
     Ok(WatchGuard { _watcher: watcher, task })
+}
+
+/// The files being applied, each in a task of its own, so a file that takes long to load (a
+/// compile that runs up to `sandbox.compile_timeout`) holds back no other file's reload or
+/// removal. At most [`loader::loads_at_once`] files load at once; removals never wait for a
+/// slot. A file that changes while it loads has that load given up: replacing a slow file with
+/// a good one, or removing it, does not wait out its compile. Dropping it (the watch stopped)
+/// aborts every apply, and with it any compile child.
+struct Applying {
+    reloader: Arc<Reloader>,
+    /// Each ends with its file (an apply that panicked too).
+    tasks: tokio::task::JoinSet<PathBuf>,
+    running: Running,
+    /// Told when its file changes again while it is applied.
+    changed_again: HashMap<PathBuf, Arc<tokio::sync::Notify>>,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl Applying {
+    fn new(reloader: Arc<Reloader>) -> Self {
+        let slots = Arc::new(tokio::sync::Semaphore::new(loader::loads_at_once()));
+        let (tasks, running, changed_again) = Default::default();
+        Self { reloader, tasks, running, changed_again, slots }
+    }
+
+    /// Applies `path`, or once more after the apply under way (whose load is given up).
+    fn start(&mut self, path: PathBuf, changed_at: Instant) {
+        if self.running.start(&path, changed_at) {
+            self.spawn(path, changed_at);
+        } else if let Some(changed) = self.changed_again.get(&path) {
+            changed.notify_one();
+        }
+    }
+
+    /// An apply ended: its file is applied again if it changed meanwhile.
+    fn done(&mut self, path: PathBuf) {
+        match self.running.ended(&path) {
+            Some(changed_at) => self.spawn(path, changed_at),
+            None => {
+                self.changed_again.remove(&path);
+            }
+        }
+    }
+
+    fn spawn(&mut self, path: PathBuf, changed_at: Instant) {
+        let changed = Arc::new(tokio::sync::Notify::new());
+        self.changed_again.insert(path.clone(), changed.clone());
+        let (reloader, slots) = (self.reloader.clone(), self.slots.clone());
+        self.tasks.spawn(async move {
+            // A removal takes no slot: it is quick, and must not wait behind slow loads.
+            let _slot = if is_gone(&path) { None } else { slots.acquire_owned().await.ok() };
+            // A panic is a bug of ours: it is logged, and the file is applied at its next change.
+            let apply = reloader.apply(&path, changed_at, changed.notified());
+            if std::panic::AssertUnwindSafe(apply).catch_unwind().await.is_err() {
+                tracing::error!(file = %path.display(), "applying a change to this file panicked");
+            }
+            path
+        });
+    }
+}
+
+/// Which files are being applied. One file is applied once at a time, in the order of its
+/// changes: changes made while it is applied are applied after, once, however many they are
+/// (the apply reads the file as it is then).
+#[derive(Debug, Default)]
+struct Running(HashMap<PathBuf, Option<Instant>>);
+
+impl Running {
+    /// Whether to apply `path` now: not while it is applied already (it is then applied again
+    /// once that ends, as of the first change since).
+    fn start(&mut self, path: &Path, changed_at: Instant) -> bool {
+        match self.0.get_mut(path) {
+            Some(again) => {
+                again.get_or_insert(changed_at);
+                false
+            }
+            None => {
+                self.0.insert(path.to_path_buf(), None);
+                true
+            }
+        }
+    }
+
+    /// An apply of `path` ended: when the file changed since, if it did (it is then applied
+    /// again, and still counts as being applied).
+    fn ended(&mut self, path: &Path) -> Option<Instant> {
+        let again = self.0.get_mut(path).and_then(Option::take);
+        if again.is_none() {
+            self.0.remove(path);
+        }
+        again
+    }
 }
 
 /// Stops watching when dropped.
@@ -334,6 +452,28 @@ impl Drop for WatchGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_is_applied_once_at_a_time_and_once_more_for_the_changes_made_meanwhile() {
+        let (a, b) = (Path::new("a.wasm"), Path::new("b.wasm"));
+        let t0 = Instant::now();
+        let (t1, t2) = (t0 + Duration::from_millis(1), t0 + Duration::from_millis(2));
+        let mut running = Running::default();
+        assert!(running.start(a, t0), "a file no one applies is applied at once");
+        assert!(running.start(b, t0), "another file is applied beside it");
+        // Two changes to `a` while it is applied: one more apply, dated by the first of them.
+        assert!(!running.start(a, t1));
+        assert!(!running.start(a, t2));
+        assert_eq!(running.ended(a), Some(t1));
+        // That apply runs: `a` still counts as applied, so a change now waits for it again.
+        assert!(!running.start(a, t2));
+        assert_eq!(running.ended(a), Some(t2));
+        assert_eq!(running.ended(a), None, "nothing changed during the last apply");
+        assert!(running.start(a, t2), "done with: the next change applies at once");
+        assert_eq!(running.ended(b), None);
+        assert_eq!(running.ended(a), None);
+        assert!(running.0.is_empty(), "{running:?}");
+    }
 
     #[test]
     fn a_rescan_looks_at_every_plugin_file_and_every_file_known_before() {

@@ -513,6 +513,64 @@ fn files_load_a_few_at_once_at_start() {
     }
 }
 
+/// A file that takes long to compile, dropped into a running host: the watcher applied one
+/// file at a time, so the next deploy of any other plugin waited out the whole compile (up to
+/// `sandbox.compile_timeout`, 2 minutes by default, and again at each touch of the file). Each
+/// file is now applied on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_file_dropped_into_a_running_host_holds_back_no_other_plugins_reload() {
+    let t = TestHost::start_with(&["echo"], |c| {
+        // Its own cache: a slow file compiled by an earlier run must compile again.
+        c.compile_cache_dir = None;
+        c.sandbox.compile_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let dir = t.dir.path().to_path_buf();
+    // 48 s to compile (debug build). Named to sort first: applied in turn, it comes before
+    // echo's change even when both are gathered in one batch.
+    std::fs::write(dir.join("a-slow.wasm"), plugbus_tests::slow_to_compile(200_000)).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::copy(wasm("echo2"), dir.join("echo.tmp")).unwrap();
+    std::fs::rename(dir.join("echo.tmp"), dir.join("echo.wasm")).unwrap();
+    let router = t.host.router().clone();
+    eventually("v2 serves while the slow file compiles", || router.plugins()[0].version == "2.0.0").await;
+    // Applied in turn, v2 could serve only once the slow file's load had ended (refused, as it
+    // has no handler): here it has not.
+    assert!(t.host.rejected().is_empty(), "the slow file was done first: {:?}", t.host.rejected());
+    assert_eq!(router.names(), vec!["echo".to_string()]);
+    // Stopping the host ends the compile under way (its child is killed with it).
+    let started = std::time::Instant::now();
+    t.host.shutdown().await;
+    assert!(started.elapsed() < Duration::from_secs(20), "the stop waited for the compile: {:?}", started.elapsed());
+}
+
+/// A deploy that went wrong, put right: a file that compiles for minutes replaces a serving
+/// plugin's, and the good build is copied over it. The slow load went on to its end (up to
+/// `sandbox.compile_timeout`) before the good one was looked at; now a file that changes while
+/// it loads has that load given up, its compile ended with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_file_replaced_while_it_compiles_is_given_up_for_the_new_one() {
+    let t = TestHost::start_with(&["echo"], |c| {
+        c.compile_cache_dir = None;
+        c.sandbox.compile_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let dir = t.dir.path().to_path_buf();
+    let deploy = |bytes: &[u8]| {
+        std::fs::write(dir.join("echo.tmp"), bytes).unwrap();
+        std::fs::rename(dir.join("echo.tmp"), dir.join("echo.wasm")).unwrap();
+    };
+    deploy(&plugbus_tests::slow_to_compile(200_000)); // 48 s to compile (debug build)
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    deploy(&std::fs::read(wasm("echo2")).unwrap());
+    let router = t.host.router().clone();
+    eventually("v2 serves while the slow file would still compile", || router.plugins()[0].version == "2.0.0").await;
+    assert!(t.host.rejected().is_empty(), "the slow file was loaded to its end: {:?}", t.host.rejected());
+    let started = std::time::Instant::now();
+    t.host.shutdown().await;
+    assert!(started.elapsed() < Duration::from_secs(20), "the stop waited for a compile: {:?}", started.elapsed());
+}
+
 /// `plugbus run` on `dir/plugins` and `dir/data`, with `env`, its output dropped.
 fn run_host(dir: &std::path::Path, env: &[(&str, &str)]) -> plugbus_tests::Running {
     plugbus_tests::Running(
