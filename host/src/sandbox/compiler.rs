@@ -13,7 +13,8 @@
 //! that its parent is the host that started it, caps itself (CPU time, no files written, few
 //! descriptors, no core dump; a lower priority than the host's events; first in line for the
 //! kernel's OOM killer), ends itself if the host goes, builds the host's own engine (the same
-//! pool limits, so a file over them is refused in the same words), compiles, and exits: 0 with
+//! pool limits, so a file over them is refused in the same words), enters its system-call
+//! filter (`compile_jail`: no file, socket or other process from then on), compiles, and exits: 0 with
 //! the artifact, [`EXIT_REFUSED`] with wasmtime's message when the file does not compile,
 //! [`EXIT_HOST`] when the child itself could not work. How it ended decides what the loader
 //! reports: a cap or a compile error is the file's, anything the child could not explain is
@@ -298,6 +299,9 @@ fn compile_stdin(settings_json: &str, parent: u32) -> Result<wasmtime::Result<Ve
     let mut bytes = Vec::new();
     std::io::stdin().lock().read_to_end(&mut bytes).map_err(|e| format!("reading the component: {e}"))?;
     let engine = pooled_engine(&settings).map_err(|e| format!("setting up the engine: {e:#}"))?;
+    // From here the file's bytes are worked on: the child reaches nothing beyond its pipes and
+    // its own memory (best effort: without seccomp, the caps above stand alone).
+    let _ = super::compile_jail::enter();
     match wasmtime::component::Component::new(&engine, &bytes) {
         Ok(component) => component.serialize().map(Ok).map_err(|e| format!("serializing the compiled code: {e:#}")),
         Err(refused) => Ok(Err(refused)),

@@ -9,6 +9,7 @@
 pub mod bindings;
 mod breaker;
 mod cache;
+mod compile_jail;
 pub mod compiler;
 mod engine;
 mod guest_stack;

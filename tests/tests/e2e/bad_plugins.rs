@@ -470,6 +470,42 @@ fn a_compiling_child_ends_when_its_host_is_killed() {
     }
 }
 
+/// A file crafted to take over the compiler (a bug in the parser or cranelift) would run as the
+/// host's user: it could read the compile cache's key, every plugin's kv, open sockets, signal
+/// the host. The compiling child is under a system-call filter by then (`compile_jail`'s unit
+/// tests show what it denies): seen here in the kernel's own words, `/proc/<pid>/status`.
+#[test]
+fn a_compiling_child_is_under_its_system_call_filter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plugins = tmp.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    std::fs::write(plugins.join("slow.wasm"), plugbus_tests::slow_to_compile(200_000)).unwrap();
+    let host = run_host(tmp.path(), &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let compiler = loop {
+        if let Some(&pid) = compile_children(host.0.id()).first() {
+            break pid;
+        }
+        assert!(std::time::Instant::now() < deadline, "no compile-child under the host within 30 s");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let seccomp = |pid: &str| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field =
+            |name: &str| status.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<u32>().ok()).unwrap_or(0);
+        (field("Seccomp:"), field("Seccomp_filters:"))
+    };
+    let (_, inherited) = seccomp("self");
+    // Compiling (CPU time spent) means past the filter: it is entered before the compile.
+    while cpu_ticks(compiler) < 30 {
+        assert!(std::time::Instant::now() < deadline + Duration::from_secs(30), "the compile-child did not compile");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (mode, filters) = seccomp(&compiler.to_string());
+    assert_eq!(mode, 2, "the compiling child is not in seccomp's filter mode");
+    assert!(filters > inherited, "the compiling child has no filter of its own: {filters}");
+}
+
 /// At start, files load a few at once (as many as the machine has cores, at most 4): a file
 /// that takes its whole compile timeout holds one of them, and the files after it compile
 /// beside it, not after it.

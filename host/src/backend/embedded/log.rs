@@ -16,7 +16,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -440,6 +440,9 @@ pub struct LogMetrics {
     /// Bytes of handler outputs sent to the log and not committed yet (publishers of new ones
     /// wait past 32 MiB: a full disk).
     pub unwritten_output_bytes: Gauge,
+    /// Plugins whose history (`deliver = "all"`) is not all pending yet: retention keeps its
+    /// events until the plugin subscribes again.
+    pub histories_due: Gauge,
 }
 
 impl Default for LogMetrics {
@@ -455,6 +458,7 @@ impl Default for LogMetrics {
             damaged_outboxes: Counter::default(),
             record_bytes: Gauge::default(),
             unwritten_output_bytes: Gauge::default(),
+            histories_due: Gauge::default(),
         }
     }
 }
@@ -500,6 +504,11 @@ impl LogMetrics {
             "unwritten_output_bytes",
             "Bytes of handler outputs sent to the event log and not committed yet (publishers of new outputs wait past 32 MiB: a full disk)",
             self.unwritten_output_bytes.clone(),
+        );
+        r.register(
+            "histories_due",
+            "Plugins whose history (deliver = \"all\") is not all pending yet: retention keeps those events until the plugin subscribes again",
+            self.histories_due.clone(),
         );
     }
 }
@@ -621,7 +630,7 @@ impl DurableLog {
                 tracing::info!(log = %path.display(), "counted each plugin's kv for max_kv_bytes (a new log, or one a version without quotas wrote since the last count)");
             }
         }
-        {
+        let histories_due = {
             let due = w.open_table(HISTORY_DUE).map_err(|e| open_err(e.to_string()))?;
             for row in due.iter().map_err(|e| open_err(e.to_string()))? {
                 let (plugin, range) = row.map_err(|e| open_err(e.to_string()))?;
@@ -630,7 +639,8 @@ impl DurableLog {
                     "a plugin's history (deliver = \"all\") is not all pending yet: it is made pending when the \
                      plugin subscribes, and retention keeps those events until then");
             }
-        }
+            due.len().map_err(|e| open_err(e.to_string()))?
+        };
         w.commit().map_err(|e| open_err(e.to_string()))?;
         let moved = rows::migrate(&db).map_err(|why| open_err(format!("moving events into rows: {why}")))?;
         if moved > 0 {
@@ -666,6 +676,7 @@ impl DurableLog {
         let (ops, rx) = std_mpsc::channel();
         let metrics = LogMetrics::default();
         metrics.record_bytes.set(record_bytes as i64);
+        metrics.histories_due.set(histories_due as i64);
         let unwritten = Arc::new(Unwritten::new(metrics.unwritten_output_bytes.clone()));
         let backfilling = Backfills::default();
         let writer = Writer {
@@ -1805,6 +1816,8 @@ impl Writer {
         // This commit's number (META `commit`), once its transaction reached `commit()`: a failure
         // reported then may have landed anyway.
         let mut committing = None;
+        // How many plugins' histories are due after this commit, when it touched them.
+        let mut histories_due = None;
         let result = (|| -> Result<(), String> {
             // After a failed write the first commit is durable, whatever `bus.sync` says: a
             // commit kept only in memory cannot fail on a full disk, so under `sync = "none"` a
@@ -2098,6 +2111,10 @@ impl Writer {
                 meta.insert("bytes", bytes).map_err(|e| e.to_string())?;
                 let number = meta.get("commit").map_err(|e| e.to_string())?.map_or(0, |v| v.value()) + 1;
                 meta.insert("commit", number).map_err(|e| e.to_string())?;
+                if !registered.is_empty() || !backfilled.is_empty() {
+                    histories_due =
+                        Some(w.open_table(HISTORY_DUE).map_err(|e| e.to_string())?.len().map_err(|e| e.to_string())?);
+                }
                 committing = Some(number);
                 bytes_kept = bytes;
             }
@@ -2136,6 +2153,9 @@ impl Writer {
             Ok(()) => {
                 self.metrics.appended.inc_by(appended);
                 self.metrics.record_bytes.set(bytes_kept as i64);
+                if let Some(due) = histories_due {
+                    self.metrics.histories_due.set(due as i64);
+                }
                 for (done, appended) in answers {
                     let answer = match (&not_durable, appended) {
                         (Some(why), Appended::At(seq)) => {
@@ -3290,6 +3310,7 @@ pub(crate) mod tests {
             assert!(first.made > 0 && first.made < want.len() / 3, "{first:?}: one step, not the history");
             let due = first.history_due.clone().expect("the rest is due");
             assert_eq!(due.end, 301, "{first:?}");
+            assert_eq!(log.metrics().histories_due.get(), 1, "the gauge shows a history due");
             // A second step commits, then the host dies before the third.
             let (made, rest) = one_history_step(&log, "q", due.clone()).await;
             let rest = rest.expect("more to come");
@@ -3320,6 +3341,7 @@ pub(crate) mod tests {
             // Dropped here, as a crash between two steps leaves it.
         };
         let log = reopen(&path, retention).await;
+        assert_eq!(log.metrics().histories_due.get(), 1, "counted at open");
         let again = log.register_with("q".into(), only_a()).await.unwrap();
         assert!(!again.new);
         let due = again.history_due.expect("still due after the restart");
@@ -3327,6 +3349,7 @@ pub(crate) mod tests {
         log.backfill_history("q".into(), |s: &str| s.starts_with("a."), due).await.unwrap();
         let rest: Vec<u64> = want.iter().copied().filter(|seq| !settled.contains(seq)).collect();
         assert_eq!(pending_for(&log, "q"), rest, "the rest of the history, none of what was settled again");
+        assert_eq!(log.metrics().histories_due.get(), 0, "all of it pending: none due");
         assert_eq!(log.register_with("q".into(), only_a()).await.unwrap(), Registration::default(), "nothing due");
     }
 
