@@ -607,6 +607,30 @@ async fn a_slow_file_replaced_while_it_compiles_is_given_up_for_the_new_one() {
     assert!(started.elapsed() < Duration::from_secs(20), "the stop waited for a compile: {:?}", started.elapsed());
 }
 
+/// Every place to load a file taken by slow files, a deploy waits in line; removing the file
+/// then must not wait for a place (it waited out the slow compiles).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_removed_while_it_waits_to_load_is_removed_at_once() {
+    let t = TestHost::start_with(&["echo"], |c| {
+        c.compile_cache_dir = None;
+        c.sandbox.compile_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let dir = t.dir.path().to_path_buf();
+    for i in 0..plugbus::loader::loads_at_once() {
+        std::fs::write(dir.join(format!("slow-{i}.wasm")), plugbus_tests::slow_to_compile(200_000)).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    std::fs::copy(wasm("echo2"), dir.join("echo.tmp")).unwrap();
+    std::fs::rename(dir.join("echo.tmp"), dir.join("echo.wasm")).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::remove_file(dir.join("echo.wasm")).unwrap();
+    let router = t.host.router().clone();
+    eventually("echo is removed while the slow files compile", || router.names().is_empty()).await;
+    assert!(t.host.rejected().is_empty(), "a slow file was done first: {:?}", t.host.rejected());
+    t.host.shutdown().await;
+}
+
 /// `plugbus run` on `dir/plugins` and `dir/data`, with `env`, its output dropped.
 fn run_host(dir: &std::path::Path, env: &[(&str, &str)]) -> plugbus_tests::Running {
     plugbus_tests::Running(

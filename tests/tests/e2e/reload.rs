@@ -118,6 +118,14 @@ async fn a_file_written_to_without_pause_holds_back_no_other_plugins_reload() {
     std::fs::rename(dir.join("echo.tmp"), dir.join("echo.wasm")).unwrap();
     let router = t.host.router().clone();
     eventually("v2 serves while another file is still being written", || router.plugins()[0].version == "2.0.0").await;
+    // And the file itself is reported once it has been written to for a while (2 s), though
+    // it never stops changing.
+    let host = &t.host;
+    eventually("the file written to without pause is reported", || {
+        host.rejected().iter().any(|r| r.path.ends_with("noisy.wasm"))
+    })
+    .await;
+    assert!(!writer.is_finished(), "reported only once the writer stopped");
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
 }

@@ -3,9 +3,10 @@
 //!
 //! Each change is compiled off the event loop and validated, then swapped in atomically by the
 //! router (in-flight events finish on the old version, new ones go to the new). Files are
-//! applied side by side, so a file that compiles for minutes holds back no other file. A file still
-//! being written is waited for, not reported; a file that stays invalid once it settles is
-//! reported (log, `/v1/plugins`, load-error counter) and the previous version keeps serving.
+//! applied side by side (`applying.rs`), so a file that compiles for minutes holds back no other
+//! file. A file still being written is waited for, not reported, for up to [`SETTLE`]; a file
+//! that stays invalid once it settles (or keeps changing past that) is reported (log,
+//! `/v1/plugins`, load-error counter) and the previous version keeps serving.
 //! Invariant: a bad file never takes a serving plugin down.
 //!
 //! A file is the plugin its name (or `[plugins.NAME] file`) makes it ([`loader::identity_of`]),
@@ -19,14 +20,16 @@ use crate::kv::KvStore;
 use crate::loader::{self, FileError, Rejected};
 use crate::router::Router;
 use crate::sandbox::{LoadError, Plugin, Sandbox};
-use futures::FutureExt;
+use applying::Applying;
 use notify::{RecursiveMode, Watcher};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+
+mod applying;
 
 /// Quiet time after the last file event before a change is acted on.
 const DEBOUNCE: Duration = Duration::from_millis(75);
@@ -37,6 +40,17 @@ const DEBOUNCE: Duration = Duration::from_millis(75);
 const MAX_GATHER: Duration = Duration::from_secs(1);
 /// How long an invalid file may keep changing (being written) before it is reported.
 const SETTLE: Duration = Duration::from_secs(2);
+/// An invalid file written to this lately is taken to be still being written.
+const QUIET: Duration = Duration::from_millis(500);
+
+/// How an apply of one file went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Loaded and installed, removed, reported, or given up for a newer change.
+    Done,
+    /// Not a valid component yet, and still being written: look again shortly.
+    NotSettled,
+}
 
 /// Counters of reloads (shown in metrics).
 #[derive(Debug, Default)]
@@ -87,10 +101,18 @@ impl Reloader {
         self.rejected.lock().expect("poisoned").retain(|r| r.path != path);
     }
 
-    /// Applies the current state of one file. Its load is given up once `superseded` completes
-    /// (the file changed again: what is being loaded is no longer what is there); an install
-    /// under way is never cut short.
-    pub async fn apply(&self, path: &Path, changed_at: Instant, superseded: impl Future<Output = ()>) {
+    /// Applies the current state of one file, changed at `changed_at` and changing since
+    /// `since`. Its load is given up once `superseded` completes (the file is no longer what
+    /// is being loaded); an install under way is never cut short. A file that is not a valid
+    /// component yet and was written to in the last half second, within [`SETTLE`] of `since`,
+    /// is not reported: it is being written, and is [`Applied::NotSettled`].
+    pub async fn apply(
+        &self,
+        path: &Path,
+        changed_at: Instant,
+        since: Instant,
+        superseded: impl Future<Output = ()>,
+    ) -> Applied {
         if is_gone(path) {
             // The count first: one who sees the refusal gone finds it gone.
             self.metrics.forget_load_errors(path);
@@ -104,44 +126,30 @@ impl Reloader {
                     tracing::info!(plugin = %name, file = %path.display(), "plugin removed with its file");
                 }
             }
-            return;
+            return Applied::Done;
         }
         let loaded = tokio::select! {
-            loaded = self.load_settled(path) => loaded,
+            loaded = loader::load_file(&self.sandbox, path, &self.config, &self.kv) => loaded,
             () = superseded => {
                 // Dropping the load ends its compile (the child is killed with it).
-                tracing::info!(file = %path.display(), "the file changed again while it was loading: loading it again");
-                return;
+                tracing::info!(file = %path.display(), "the file changed while it was loading: loading it again");
+                return Applied::Done;
             }
         };
         let plugin = match loaded {
-            Ok(p) => p,
-            Err(reason) => return self.reject(path, reason),
+            Ok(plugin) => plugin,
+            Err(FileError::Load(LoadError::NotAComponent(_) | LoadError::Invalid(_)))
+                if since.elapsed() <= SETTLE && written_lately(path) =>
+            {
+                return Applied::NotSettled;
+            }
+            Err(e) => {
+                self.reject(path, e.to_string());
+                return Applied::Done;
+            }
         };
         self.install(path, plugin, changed_at).await;
-    }
-
-    /// Loads the file, waiting while it is still being written.
-    async fn load_settled(&self, path: &Path) -> Result<Plugin, String> {
-        let started = Instant::now();
-        let mut last_seen = file_state(path);
-        loop {
-            let result = loader::load_file(&self.sandbox, path, &self.config, &self.kv).await;
-            let transient = matches!(result, Err(FileError::Load(LoadError::NotAComponent(_) | LoadError::Invalid(_))));
-            if !transient || started.elapsed() > SETTLE {
-                return result.map_err(|e| e.to_string());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let now = file_state(path);
-            if now.is_none() {
-                return Err("the file disappeared while loading".into());
-            }
-            if now == last_seen && started.elapsed() > Duration::from_millis(500) {
-                // Settled and still invalid: report it.
-                return result.map_err(|e| e.to_string());
-            }
-            last_seen = now;
-        }
+        Applied::Done
     }
 
     async fn install(&self, path: &Path, plugin: Plugin, changed_at: Instant) {
@@ -211,13 +219,23 @@ impl Reloader {
     }
 }
 
+/// Sleeps until `at` (the caller polls it only when there is one).
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at.into()).await;
+    }
+}
+
 /// Whether nothing is at `path` any more (a dangling symlink is still there: it is reported).
 fn is_gone(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_err()
 }
 
-fn file_state(path: &Path) -> Option<(u64, Option<SystemTime>)> {
-    std::fs::metadata(path).ok().map(|m| (m.len(), m.modified().ok()))
+/// Whether `path` was written to in the last [`QUIET`] (or its time is in the future).
+fn written_lately(path: &Path) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|at| SystemTime::now().duration_since(at).map_or(true, |age| age < QUIET))
 }
 
 fn is_plugin_file(path: &Path) -> bool {
@@ -249,6 +267,7 @@ fn rescan_paths(dir: &Path, known: impl IntoIterator<Item = PathBuf>) -> BTreeSe
 pub fn watch(reloader: Arc<Reloader>) -> anyhow::Result<WatchGuard> {
     let dir = reloader.config.plugins_dir.clone();
     let (tx, mut rx) = mpsc::unbounded_channel::<Change>();
+    let (stop, stop_rx) = oneshot::channel::<()>();
     // Changes were lost (the kernel's queue of them overflowed, or the watch failed): the task
     // looks at every file again. (The watcher's handler holds nothing of the host: notify's
     // thread drops it after the host stopped, and it must not keep the kv store open then.)
@@ -302,17 +321,24 @@ pub fn watch(reloader: Arc<Reloader>) -> anyhow::Result<WatchGuard> {
             }
         };
         let mut applying = Applying::new(reloader.clone());
+        let mut stopping = std::pin::pin!(stop_rx);
         loop {
+            let retry = applying.next_retry();
             let first = tokio::select! {
+                _ = &mut stopping => break,
                 change = rx.recv() => match change {
                     Some(change) => change,
                     None => break,
                 },
                 Some(ended) = applying.tasks.join_next() => {
                     // Only an abort (the watch stopping) ends a task without its file.
-                    if let Ok(path) = ended {
-                        applying.done(path);
+                    if let Ok((path, applied)) = ended {
+                        applying.ended(path, applied);
                     }
+                    continue;
+                }
+                () = sleep_until(retry), if retry.is_some() => {
+                    applying.retry_due();
                     continue;
                 }
             };
@@ -325,120 +351,33 @@ pub fn watch(reloader: Arc<Reloader>) -> anyhow::Result<WatchGuard> {
             {
                 expand(change, &mut paths);
             }
-            // Present files first, then the gone ones (a rename is the new name's plugin added,
-            // the old name's removed). Each file is applied on its own, beside the others.
-            let (gone, present): (Vec<PathBuf>, Vec<PathBuf>) = paths.into_iter().partition(|p| is_gone(p));
-            for path in present.into_iter().chain(gone) {
+            // Each file is applied on its own, beside the others: a removal does not wait for
+            // a load, so of a rename the old name's plugin is usually removed before the new
+            // name's is added (two plugins, each its own subscription: nothing is handed over).
+            for path in paths {
                 applying.start(path, changed_at);
             }
         }
+        // Every apply under way is given up (a compile child is killed with it), and waited for.
+        applying.tasks.shutdown().await;
     });
     tracing::info!(dir = %dir.display(), "watching the plugins folder");
-    Ok(WatchGuard { _watcher: watcher, task })
-}
-
-/// The files being applied, each in a task of its own, so a file that takes long to load (a
-/// compile that runs up to `sandbox.compile_timeout`) holds back no other file's reload or
-/// removal. At most [`loader::loads_at_once`] files load at once; removals never wait for a
-/// slot. A file that changes while it loads has that load given up: replacing a slow file with
-/// a good one, or removing it, does not wait out its compile. Dropping it (the watch stopped)
-/// aborts every apply, and with it any compile child.
-struct Applying {
-    reloader: Arc<Reloader>,
-    /// Each ends with its file (an apply that panicked too).
-    tasks: tokio::task::JoinSet<PathBuf>,
-    running: Running,
-    /// Told when its file changes again while it is applied.
-    changed_again: HashMap<PathBuf, Arc<tokio::sync::Notify>>,
-    slots: Arc<tokio::sync::Semaphore>,
-}
-
-impl Applying {
-    fn new(reloader: Arc<Reloader>) -> Self {
-        let slots = Arc::new(tokio::sync::Semaphore::new(loader::loads_at_once()));
-        let (tasks, running, changed_again) = Default::default();
-        Self { reloader, tasks, running, changed_again, slots }
-    }
-
-    /// Applies `path`, or once more after the apply under way (whose load is given up).
-    fn start(&mut self, path: PathBuf, changed_at: Instant) {
-        if self.running.start(&path, changed_at) {
-            self.spawn(path, changed_at);
-        } else if let Some(changed) = self.changed_again.get(&path) {
-            changed.notify_one();
-        }
-    }
-
-    /// An apply ended: its file is applied again if it changed meanwhile.
-    fn done(&mut self, path: PathBuf) {
-        match self.running.ended(&path) {
-            Some(changed_at) => self.spawn(path, changed_at),
-            None => {
-                self.changed_again.remove(&path);
-            }
-        }
-    }
-
-    fn spawn(&mut self, path: PathBuf, changed_at: Instant) {
-        let changed = Arc::new(tokio::sync::Notify::new());
-        self.changed_again.insert(path.clone(), changed.clone());
-        let (reloader, slots) = (self.reloader.clone(), self.slots.clone());
-        self.tasks.spawn(async move {
-            // A removal takes no slot: it is quick, and must not wait behind slow loads.
-            let _slot = if is_gone(&path) { None } else { slots.acquire_owned().await.ok() };
-            // A panic is a bug of ours: it is logged, and the file is applied at its next change.
-            let apply = reloader.apply(&path, changed_at, changed.notified());
-            if std::panic::AssertUnwindSafe(apply).catch_unwind().await.is_err() {
-                tracing::error!(file = %path.display(), "applying a change to this file panicked");
-            }
-            path
-        });
-    }
-}
-
-/// Which files are being applied. One file is applied once at a time, in the order of its
-/// changes: changes made while it is applied are applied after, once, however many they are
-/// (the apply reads the file as it is then).
-#[derive(Debug, Default)]
-struct Running(HashMap<PathBuf, Option<Instant>>);
-
-impl Running {
-    /// Whether to apply `path` now: not while it is applied already (it is then applied again
-    /// once that ends, as of the first change since).
-    fn start(&mut self, path: &Path, changed_at: Instant) -> bool {
-        match self.0.get_mut(path) {
-            Some(again) => {
-                again.get_or_insert(changed_at);
-                false
-            }
-            None => {
-                self.0.insert(path.to_path_buf(), None);
-                true
-            }
-        }
-    }
-
-    /// An apply of `path` ended: when the file changed since, if it did (it is then applied
-    /// again, and still counts as being applied).
-    fn ended(&mut self, path: &Path) -> Option<Instant> {
-        let again = self.0.get_mut(path).and_then(Option::take);
-        if again.is_none() {
-            self.0.remove(path);
-        }
-        again
-    }
+    Ok(WatchGuard { _watcher: watcher, stop: Some(stop), task })
 }
 
 /// Stops watching when dropped.
 pub struct WatchGuard {
     _watcher: notify::RecommendedWatcher,
+    stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl WatchGuard {
-    /// Stops watching and waits until the reload task (and what it holds) is gone.
+    /// Stops watching and waits until the reload task, its applies and what they hold are gone.
     pub async fn stop(mut self) {
-        self.task.abort();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
         let _ = (&mut self.task).await;
     }
 }
@@ -452,28 +391,6 @@ impl Drop for WatchGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_file_is_applied_once_at_a_time_and_once_more_for_the_changes_made_meanwhile() {
-        let (a, b) = (Path::new("a.wasm"), Path::new("b.wasm"));
-        let t0 = Instant::now();
-        let (t1, t2) = (t0 + Duration::from_millis(1), t0 + Duration::from_millis(2));
-        let mut running = Running::default();
-        assert!(running.start(a, t0), "a file no one applies is applied at once");
-        assert!(running.start(b, t0), "another file is applied beside it");
-        // Two changes to `a` while it is applied: one more apply, dated by the first of them.
-        assert!(!running.start(a, t1));
-        assert!(!running.start(a, t2));
-        assert_eq!(running.ended(a), Some(t1));
-        // That apply runs: `a` still counts as applied, so a change now waits for it again.
-        assert!(!running.start(a, t2));
-        assert_eq!(running.ended(a), Some(t2));
-        assert_eq!(running.ended(a), None, "nothing changed during the last apply");
-        assert!(running.start(a, t2), "done with: the next change applies at once");
-        assert_eq!(running.ended(b), None);
-        assert_eq!(running.ended(a), None);
-        assert!(running.0.is_empty(), "{running:?}");
-    }
 
     #[test]
     fn a_rescan_looks_at_every_plugin_file_and_every_file_known_before() {

@@ -1,0 +1,394 @@
+//! Which plugin files are being applied, and when each is applied next: the reload task's
+//! scheduler.
+//!
+//! Each file is applied in a task of its own, so a file that takes long to load (a compile
+//! that runs up to `sandbox.compile_timeout`) holds back no other file's reload or removal:
+//! - at most [`loader::loads_at_once`] files load at once; the others wait in line, as paths,
+//!   not as tasks (a folder of a million files holds a million paths, no more);
+//! - a removal never waits in line: it is quick, and runs as soon as the file is gone (one still
+//!   in line is taken out of it);
+//! - a file not settled yet (being written) is looked at again 100 ms later, out of the line and
+//!   holding no load's place meanwhile;
+//! - one file is applied once at a time, in the order of its changes: the changes made while it
+//!   is applied are applied after, once, however many they are (the apply reads the file as it
+//!   is then), and a load under way is given up if the file is no longer what it read (its
+//!   device, inode, length or modification time changed): replacing a slow file with a good
+//!   build, or removing it, does not wait out its compile, while a look at every file (a rescan)
+//!   gives up nothing.
+//!
+//! Invariant: every file in [`Applying::files`] is in exactly one place: in line, waiting for
+//! its retry, or in a task; and a task's end is the only way out of a task.
+
+use super::{Applied, Reloader, is_gone};
+use crate::loader;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+/// How soon a file not settled yet is looked at again.
+const RETRY: Duration = Duration::from_millis(100);
+
+/// Where a file being applied is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// In line for a load's place.
+    InLine,
+    /// Being loaded (and installed), holding a place.
+    Loading,
+    /// Being removed (no place needed).
+    Removing,
+    /// Not settled: looked at again at its retry time.
+    Retrying,
+}
+
+/// A file being applied.
+#[derive(Debug)]
+struct File {
+    phase: Phase,
+    /// The change this apply is for (how long a swap took is measured from it).
+    changed_at: Instant,
+    /// The first change since the file was last applied and done with: how long it has been
+    /// changing, which bounds how long it is waited for while it is written.
+    since: Instant,
+    /// A change made while it is applied, if any: it is applied once more after.
+    again: Option<Instant>,
+    /// Told of every change while it is applied (the load gives up if the file differs).
+    changed: Arc<Notify>,
+}
+
+/// What applies one file: the [`Reloader`] (a stand-in in the tests).
+pub(super) trait ApplyFile: Send + Sync + 'static {
+    /// As [`Reloader::apply`].
+    fn apply(
+        &self,
+        path: &Path,
+        changed_at: Instant,
+        since: Instant,
+        superseded: impl Future<Output = ()> + Send,
+    ) -> impl Future<Output = Applied> + Send;
+}
+
+impl ApplyFile for Reloader {
+    fn apply(
+        &self,
+        path: &Path,
+        changed_at: Instant,
+        since: Instant,
+        superseded: impl Future<Output = ()> + Send,
+    ) -> impl Future<Output = Applied> + Send {
+        Reloader::apply(self, path, changed_at, since, superseded)
+    }
+}
+
+/// The scheduler the reload task drives: [`Applying::start`] on every change, [`Applying::ended`]
+/// on every task's end (from [`Applying::tasks`]), [`Applying::retry_due`] at
+/// [`Applying::next_retry`].
+pub(super) struct Applying<A: ApplyFile = Reloader> {
+    reloader: Arc<A>,
+    /// Each ends with its file and how its apply went (a panic reads as done).
+    pub(super) tasks: JoinSet<(PathBuf, Applied)>,
+    files: HashMap<PathBuf, File>,
+    /// Files in line for a load's place (a file taken out of line keeps its entry here until
+    /// it comes up, and is skipped then).
+    line: VecDeque<PathBuf>,
+    retries: BinaryHeap<Reverse<(Instant, PathBuf)>>,
+    loading: usize,
+    at_once: usize,
+}
+
+impl<A: ApplyFile> Applying<A> {
+    pub(super) fn new(reloader: Arc<A>) -> Self {
+        Self::with_places(reloader, loader::loads_at_once())
+    }
+
+    fn with_places(reloader: Arc<A>, at_once: usize) -> Self {
+        let (tasks, files, line, retries) = Default::default();
+        Self { reloader, tasks, files, line, retries, loading: 0, at_once: at_once.max(1) }
+    }
+
+    /// `path` changed at `changed_at`: applies it, now or once the apply under way ends.
+    pub(super) fn start(&mut self, path: PathBuf, changed_at: Instant) {
+        let Some(file) = self.files.get_mut(&path) else {
+            let changed = Arc::new(Notify::new());
+            let file = File { phase: Phase::InLine, changed_at, since: changed_at, again: None, changed };
+            self.files.insert(path.clone(), file);
+            return self.schedule(path);
+        };
+        match file.phase {
+            // It reads the file as it is when it runs. A removal does not wait in line.
+            Phase::InLine | Phase::Retrying => {
+                if is_gone(&path) {
+                    file.changed_at = changed_at;
+                    self.schedule(path);
+                }
+            }
+            Phase::Loading | Phase::Removing => {
+                file.again.get_or_insert(changed_at);
+                file.changed.notify_one();
+            }
+        }
+    }
+
+    /// A task ended: its place goes to the next in line, and its file is applied again if it
+    /// changed meanwhile, looked at again if it was not settled, or done with.
+    pub(super) fn ended(&mut self, path: PathBuf, applied: Applied) {
+        let Some(file) = self.files.get_mut(&path) else { return };
+        if file.phase == Phase::Loading {
+            self.loading -= 1;
+        }
+        match (file.again.take(), applied) {
+            (Some(changed_at), _) => {
+                file.changed_at = changed_at;
+                self.schedule(path);
+            }
+            (None, Applied::NotSettled) => {
+                file.phase = Phase::Retrying;
+                self.retries.push(Reverse((Instant::now() + RETRY, path)));
+            }
+            (None, Applied::Done) => {
+                self.files.remove(&path);
+            }
+        }
+        self.fill_places();
+    }
+
+    /// When the next retry is due, if any.
+    pub(super) fn next_retry(&self) -> Option<Instant> {
+        self.retries.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Looks again at the files whose retry is due.
+    pub(super) fn retry_due(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((at, _))) = self.retries.peek()
+            && *at <= now
+        {
+            let Some(Reverse((_, path))) = self.retries.pop() else { break };
+            // A removal may have taken it meanwhile.
+            if self.files.get(&path).is_some_and(|f| f.phase == Phase::Retrying) {
+                self.schedule(path);
+            }
+        }
+    }
+
+    /// Runs `path` (in `files`) now if it is gone or a place is free, else puts it in line.
+    fn schedule(&mut self, path: PathBuf) {
+        let gone = is_gone(&path);
+        let file = self.files.get_mut(&path).expect("scheduled a file not being applied");
+        if gone {
+            file.phase = Phase::Removing;
+        } else if self.loading < self.at_once {
+            file.phase = Phase::Loading;
+            self.loading += 1;
+        } else {
+            file.phase = Phase::InLine;
+            self.line.push_back(path);
+            return;
+        }
+        let (changed_at, since, changed) = (file.changed_at, file.since, file.changed.clone());
+        let reloader = self.reloader.clone();
+        self.tasks.spawn(async move {
+            let read = identity(&path);
+            // Given up only if the file is no longer what this load read: a change event for
+            // the same file (a rescan, a touch that changed nothing) gives up nothing.
+            let superseded = async {
+                loop {
+                    changed.notified().await;
+                    if identity(&path) != read {
+                        return;
+                    }
+                }
+            };
+            let apply = std::panic::AssertUnwindSafe(reloader.apply(&path, changed_at, since, superseded));
+            // A panic is a bug of ours: it is logged, and the file is applied at its next change.
+            let applied = futures::FutureExt::catch_unwind(apply).await.unwrap_or_else(|_| {
+                tracing::error!(file = %path.display(), "applying a change to this file panicked");
+                Applied::Done
+            });
+            (path, applied)
+        });
+    }
+
+    /// Gives free places to the files in line, first come first.
+    fn fill_places(&mut self) {
+        while self.loading < self.at_once
+            && let Some(path) = self.line.pop_front()
+        {
+            if self.files.get(&path).is_some_and(|f| f.phase == Phase::InLine) {
+                self.schedule(path);
+            }
+        }
+    }
+}
+
+/// What a load reads of a file, to tell whether it is still there as read.
+fn identity(path: &Path) -> Option<(u64, u64, u64, Option<SystemTime>)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino(), m.len(), m.modified().ok()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A stand-in that records each apply (`load` or `remove`, as the file is there or not),
+    /// holds it until the test lets it end (or it is superseded), and answers `NotSettled` as
+    /// often as asked for a file.
+    #[derive(Default)]
+    struct Recorder {
+        applied: Mutex<Vec<(String, &'static str)>>,
+        release: Notify,
+        not_settled: Mutex<HashMap<String, usize>>,
+    }
+
+    fn name(path: &Path) -> String {
+        path.file_name().unwrap().to_string_lossy().into_owned()
+    }
+
+    impl ApplyFile for Recorder {
+        fn apply(
+            &self,
+            path: &Path,
+            _changed_at: Instant,
+            _since: Instant,
+            superseded: impl Future<Output = ()> + Send,
+        ) -> impl Future<Output = Applied> + Send {
+            let kind = if is_gone(path) { "remove" } else { "load" };
+            self.applied.lock().unwrap().push((name(path), kind));
+            let not_settled = match self.not_settled.lock().unwrap().get_mut(&name(path)) {
+                Some(left) if *left > 0 => {
+                    *left -= 1;
+                    true
+                }
+                _ => false,
+            };
+            async move {
+                tokio::select! {
+                    () = self.release.notified() => {}
+                    () = superseded => return Applied::Done,
+                }
+                if not_settled { Applied::NotSettled } else { Applied::Done }
+            }
+        }
+    }
+
+    /// Lets one apply end, and hands its end to the scheduler.
+    async fn end_one(applying: &mut Applying<Recorder>) -> String {
+        applying.reloader.release.notify_one();
+        let (path, applied) = tokio::time::timeout(Duration::from_secs(5), applying.tasks.join_next())
+            .await
+            .expect("no apply ended")
+            .unwrap()
+            .unwrap();
+        applying.ended(path.clone(), applied);
+        name(&path)
+    }
+
+    fn applied(applying: &Applying<Recorder>) -> Vec<(String, &'static str)> {
+        applying.reloader.applied.lock().unwrap().clone()
+    }
+
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn loads_take_places_in_turn_and_a_removal_never_waits_in_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |n: &str| dir.path().join(n);
+        for n in ["a.wasm", "b.wasm", "c.wasm"] {
+            std::fs::write(at(n), n).unwrap();
+        }
+        let mut applying = Applying::with_places(Arc::new(Recorder::default()), 1);
+        let now = Instant::now();
+        for n in ["a.wasm", "b.wasm", "c.wasm"] {
+            applying.start(at(n), now);
+        }
+        settle().await;
+        assert_eq!(applied(&applying), [("a.wasm".into(), "load")], "one place: b and c wait in line");
+        // c is removed while in line: removed at once, while a still loads.
+        std::fs::remove_file(at("c.wasm")).unwrap();
+        applying.start(at("c.wasm"), now);
+        settle().await;
+        assert_eq!(applied(&applying)[1], ("c.wasm".into(), "remove"));
+        // Ends come in any order; each load's end gives its place to the next in line, once.
+        let mut ended = vec![end_one(&mut applying).await];
+        settle().await;
+        ended.push(end_one(&mut applying).await);
+        settle().await;
+        ended.push(end_one(&mut applying).await);
+        ended.sort();
+        assert_eq!(ended, ["a.wasm", "b.wasm", "c.wasm"]);
+        let loads: Vec<_> = applied(&applying).into_iter().filter(|(_, k)| *k == "load").map(|(n, _)| n).collect();
+        assert_eq!(loads, ["a.wasm", "b.wasm"], "c, removed in line, was never loaded");
+        assert!(applying.files.is_empty() && applying.loading == 0 && applying.tasks.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_load_is_given_up_when_its_file_changes_and_not_when_it_is_only_looked_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.wasm");
+        std::fs::write(&a, "first").unwrap();
+        let mut applying = Applying::with_places(Arc::new(Recorder::default()), 2);
+        applying.start(a.clone(), Instant::now());
+        settle().await;
+        // Looked at again (a rescan), unchanged: the load goes on, and runs once more after.
+        applying.start(a.clone(), Instant::now());
+        settle().await;
+        assert!(applying.tasks.try_join_next().is_none(), "an unchanged file's load was given up");
+        // Changed: the load under way is given up, and the file loaded again, once.
+        std::fs::write(&a, "second, longer").unwrap();
+        applying.start(a.clone(), Instant::now());
+        applying.start(a.clone(), Instant::now());
+        let (path, how) = tokio::time::timeout(Duration::from_secs(5), applying.tasks.join_next())
+            .await
+            .expect("the load was not given up")
+            .unwrap()
+            .unwrap();
+        assert_eq!(how, Applied::Done);
+        applying.ended(path, how);
+        settle().await;
+        assert_eq!(applied(&applying), [("a.wasm".into(), "load"), ("a.wasm".into(), "load")]);
+        assert_eq!(end_one(&mut applying).await, "a.wasm");
+        assert!(applying.files.is_empty(), "done with after the last change");
+    }
+
+    #[tokio::test]
+    async fn a_file_not_settled_is_looked_at_again_without_holding_a_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.wasm"), dir.path().join("b.wasm"));
+        std::fs::write(&a, "half").unwrap();
+        std::fs::write(&b, "b").unwrap();
+        let recorder = Recorder::default();
+        recorder.not_settled.lock().unwrap().insert("a.wasm".into(), 1);
+        let mut applying = Applying::with_places(Arc::new(recorder), 1);
+        applying.start(a.clone(), Instant::now());
+        applying.start(b.clone(), Instant::now());
+        settle().await;
+        assert_eq!(end_one(&mut applying).await, "a.wasm");
+        // a waits for its retry out of line: b has the place.
+        settle().await;
+        assert_eq!(applied(&applying).last().unwrap(), &("b.wasm".into(), "load"));
+        let retry = applying.next_retry().expect("a retry is due");
+        assert!(retry > Instant::now() && retry <= Instant::now() + RETRY);
+        tokio::time::sleep_until(retry.into()).await;
+        applying.retry_due();
+        assert_eq!(applying.next_retry(), None);
+        // The place is b's until it ends: a waits in line, then loads.
+        settle().await;
+        assert_eq!(applied(&applying).len(), 2);
+        assert_eq!(end_one(&mut applying).await, "b.wasm");
+        settle().await;
+        assert_eq!(applied(&applying).last().unwrap(), &("a.wasm".into(), "load"));
+        assert_eq!(end_one(&mut applying).await, "a.wasm");
+        assert!(applying.files.is_empty());
+    }
+}
