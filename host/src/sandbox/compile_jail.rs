@@ -11,6 +11,12 @@
 //! to a file it holds is capped at 0 bytes already (`RLIMIT_FSIZE`), and it holds only its
 //! pipes (`close_range`).
 //!
+//! What it does not close: the compiled code the child hands back is what the host runs (it
+//! is trusted as the host's own output, and kept in the cache under the host's tag), so a
+//! compiler taken over could still hand back code of its choosing. That is no worse than
+//! compiling in the host's own process, where such a compiler would own the host at once;
+//! the filter closes every other way out of the child.
+//!
 //! A deny list, not an allow list: the calls a compile makes (the allocator's, the threads',
 //! glibc's at start) differ by platform and version, and a call missing from an allow list
 //! would fail compiles on some machine; a call missing from this list is one that reaches
