@@ -480,7 +480,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             // Loading is bounded: each file by the compile timeout (and a few at once).
             let files = plugbus::loader::wasm_files(&config.plugins_dir).map_or(0, |f| f.len()) as u32;
-            let loading = plugbus::service::loading(config.sandbox.compile_timeout * (files + 1));
+            let loading =
+                plugbus::service::loading(plugbus::sandbox::compiler::wall_cap(&config.sandbox) * (files + 1));
             let host = Host::start_reporting(config, &on_load).await;
             loading.inspect(tokio::task::JoinHandle::abort);
             drop(progress);

@@ -33,7 +33,8 @@ const EXTEND_EVERY: Duration = Duration::from_secs(5);
 const EXTEND_BY: Duration = Duration::from_secs(30);
 
 /// While the host loads its plugins (compiling one file may take up to
-/// `sandbox.compile_timeout`, 120 s, past systemd's default 90 s to start), asks systemd every
+/// `sandbox.compile_timeout` of CPU, 120 s, and 4 times that of wall time, past systemd's
+/// default 90 s to start), asks systemd every
 /// 5 s for 30 s more (`EXTEND_TIMEOUT_USEC`), with the status `loading plugins`, for at most
 /// `budget` (what loading can take: a start that hangs elsewhere is still killed). Until the
 /// returned task is aborted; nothing without `NOTIFY_SOCKET`.

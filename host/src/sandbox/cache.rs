@@ -168,7 +168,8 @@ impl CompileCache {
     }
 
     /// Keeps `reason` as the refusal of the wasm with `wasm_hash` under `caps` (a compile that
-    /// passed the memory cap: trying again under the same caps costs the same and ends the same),
+    /// passed the memory or CPU-time cap: trying again under the same caps costs the same and
+    /// ends the same),
     /// so a restart, or a touch of the file, does not pay for it again. Best effort.
     pub fn remember_refusal(&self, wasm_hash: &str, caps: &str, reason: &str) {
         let path = self.refusal_path(wasm_hash);

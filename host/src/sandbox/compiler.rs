@@ -7,9 +7,10 @@
 //! the CLI names it `/proc/self/exe`, so a binary replaced or deleted on disk by an upgrade
 //! still compiles for the host that runs), with an empty environment and at most
 //! [`MAX_THREADS`] compiling threads (the memory a compile takes grows with them), writes the
-//! wasm to its stdin and reads the compiled artifact from its stdout, and kills it past
-//! `sandbox.compile_timeout` of wall time or once its peak resident memory passes
-//! `sandbox.compile_memory_mib` (read every 20 ms). The child ([`child_main`]) first checks
+//! wasm to its stdin and reads the compiled artifact from its stdout, and kills it once its
+//! CPU time (all its threads') passes `sandbox.compile_timeout` or its peak resident memory
+//! passes `sandbox.compile_memory_mib` (both read every 20 ms), or past [`WALL_FACTOR`] times
+//! the timeout of wall time (a compile starved by a busy machine: that refusal is not kept). The child ([`child_main`]) first checks
 //! that its parent is the host that started it, caps itself (CPU time, no files written, few
 //! descriptors, no core dump; a lower priority than the host's events; first in line for the
 //! kernel's OOM killer), ends itself if the host goes, builds the host's own engine (the same
@@ -45,8 +46,16 @@ pub const EXIT_HOST: u8 = 3;
 pub const MAX_THREADS: usize = 4;
 /// How much of the child's stderr the parent keeps (the message it names).
 const MAX_MESSAGE_BYTES: u64 = 16 << 10;
-/// How often the parent reads the child's peak memory.
-const MEMORY_CHECK: Duration = Duration::from_millis(20);
+/// How often the parent reads the child's peak memory and CPU time.
+const CAPS_CHECK: Duration = Duration::from_millis(20);
+/// How many times `sandbox.compile_timeout` (a cap on CPU time) a compile may take in wall
+/// time: one starved of CPU by a busy machine is stopped there, and that refusal is not kept.
+pub const WALL_FACTOR: u32 = 4;
+
+/// The wall-clock bound of one compile: [`WALL_FACTOR`] times `sandbox.compile_timeout`.
+pub fn wall_cap(settings: &SandboxSettings) -> Duration {
+    settings.compile_timeout.saturating_mul(WALL_FACTOR)
+}
 /// How often the child checks that the host that started it is still there.
 const PARENT_CHECK: Duration = Duration::from_millis(200);
 
@@ -55,10 +64,11 @@ const PARENT_CHECK: Duration = Duration::from_millis(200);
 pub struct Refused {
     /// What the loader reports.
     pub error: LoadError,
-    /// It passed the memory cap (or made more compiled code than it allows): the same file
-    /// under the same caps, on as many threads, would again, so the refusal is worth keeping
-    /// ([`caps_key`]). A timeout is not: a machine busy with other work, or with other files
-    /// compiling beside it, slows a file that compiles.
+    /// It passed the memory cap (or made more compiled code than it allows) or the CPU-time
+    /// cap: the same file under the same caps, on as many threads, would again, whatever else
+    /// the machine does, so the refusal is worth keeping ([`caps_key`]). The wall-clock bound
+    /// is not: a machine busy with other work, or with other files compiling beside it, slows
+    /// a file that compiles.
     pub repeatable: bool,
 }
 
@@ -71,9 +81,10 @@ impl From<LoadError> for Refused {
 /// The compile caps of `settings` as a key: a refusal kept under one is not under another.
 pub fn caps_key(settings: &SandboxSettings) -> String {
     format!(
-        "plugbus {} compile_memory_mib={} threads={}",
+        "plugbus {} compile_memory_mib={} compile_timeout={} threads={}",
         env!("CARGO_PKG_VERSION"),
         settings.compile_memory_mib,
+        humantime::format_duration(settings.compile_timeout),
         child_threads()
     )
 }
@@ -129,25 +140,30 @@ pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes:
     let cap_kib = settings.compile_memory_mib.saturating_mul(1024);
     let stopped = tokio::select! {
         ended = work => Ok(ended),
-        () = tokio::time::sleep(settings.compile_timeout) => {
+        () = tokio::time::sleep(wall_cap(settings)) => {
             let cpu = cpu_time(pid);
             Err(Refused {
                 error: LoadError::Invalid(format!(
-                    "compiling it took longer than sandbox.compile_timeout ({}; the compiler had used {} of CPU)",
-                    humantime::format_duration(settings.compile_timeout),
+                    "compiling it took longer than {WALL_FACTOR} × sandbox.compile_timeout ({}) of wall time, \
+                     having used {} of CPU: the machine was too busy to compile it (not kept: it is compiled \
+                     again at the next start or change)",
+                    humantime::format_duration(wall_cap(settings)),
                     cpu.map_or("?".into(), |t| format!("{:.1} s", t.as_secs_f64()))
                 )),
                 repeatable: false,
             })
         }
-        peak_kib = over_memory(pid, cap_kib) => Err(Refused {
-            error: LoadError::Invalid(format!(
-                "compiling it needs more memory than sandbox.compile_memory_mib ({} MiB): the compiler \
-                 reached {} MiB",
-                settings.compile_memory_mib,
-                peak_kib / 1024
-            )),
-            repeatable: true,
+        cap = over_caps(pid, cap_kib, settings.compile_timeout) => Err(match cap {
+            Cap::Memory(peak_kib) => Refused {
+                error: LoadError::Invalid(format!(
+                    "compiling it needs more memory than sandbox.compile_memory_mib ({} MiB): the compiler \
+                     reached {} MiB",
+                    settings.compile_memory_mib,
+                    peak_kib / 1024
+                )),
+                repeatable: true,
+            },
+            Cap::Cpu => out_of_cpu(settings),
         }),
     };
     let (artifact, message, status) = match stopped {
@@ -175,11 +191,7 @@ pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes:
             Ok(artifact)
         }
         Ending::Refused => Err(LoadError::Invalid(message).into()),
-        Ending::OutOfCpu => Err(LoadError::Invalid(format!(
-            "compiling it used more CPU time than sandbox.compile_timeout ({}) allows",
-            humantime::format_duration(settings.compile_timeout)
-        ))
-        .into()),
+        Ending::OutOfCpu => Err(out_of_cpu(settings)),
         Ending::StackOverflow => Err(LoadError::Invalid("compiling it overflowed the compiler's stack".into()).into()),
         Ending::Host => {
             let killed = match status.signal() {
@@ -217,17 +229,41 @@ fn ending(status: ExitStatus, message: &str) -> Ending {
     }
 }
 
-/// Resolves, with the peak, once the process `pid`'s peak resident set (`VmHWM`, which a peak
-/// between two looks still shows) passes `cap_kib`; never while it stays under, or once it is
-/// gone.
-async fn over_memory(pid: Option<u32>, cap_kib: u64) -> u64 {
+/// The refusal of a file whose compile passed `sandbox.compile_timeout` of CPU time (seen by
+/// the parent, or by the kernel's `RLIMIT_CPU` in the child): kept, like the memory cap's.
+fn out_of_cpu(settings: &SandboxSettings) -> Refused {
+    Refused {
+        error: LoadError::Invalid(format!(
+            "compiling it needs more CPU time than sandbox.compile_timeout ({}) allows",
+            humantime::format_duration(settings.compile_timeout)
+        )),
+        repeatable: true,
+    }
+}
+
+/// Which cap a child passed.
+#[derive(Debug, PartialEq, Eq)]
+enum Cap {
+    /// Its peak resident set, in KiB, passed the memory cap.
+    Memory(u64),
+    /// Its CPU time (every thread's) passed the CPU-time cap.
+    Cpu,
+}
+
+/// Resolves once the process `pid`'s peak resident set (`VmHWM`, which a peak between two
+/// looks still shows) passes `cap_kib`, or its CPU time passes `cpu_cap`; never while both stay
+/// under, or once it is gone.
+async fn over_caps(pid: Option<u32>, cap_kib: u64, cpu_cap: Duration) -> Cap {
     let Some(pid) = pid else { return std::future::pending().await };
     let status = format!("/proc/{pid}/status");
     loop {
-        tokio::time::sleep(MEMORY_CHECK).await;
+        tokio::time::sleep(CAPS_CHECK).await;
         let Ok(text) = tokio::fs::read_to_string(&status).await else { return std::future::pending().await };
         if let Some(peak) = peak_kib(&text).filter(|&peak| peak > cap_kib) {
-            return peak;
+            return Cap::Memory(peak);
+        }
+        if cpu_time(Some(pid)).is_some_and(|used| used > cpu_cap) {
+            return Cap::Cpu;
         }
     }
 }
@@ -308,14 +344,14 @@ fn compile_stdin(settings_json: &str, parent: u32) -> Result<wasmtime::Result<Ve
     }
 }
 
-/// Caps this process: its CPU time at the wall-clock cap on every thread it compiles with (the
-/// parent's timeout ends it first; this is for a parent that is gone), no file written, few
+/// Caps this process: its CPU time two seconds past `sandbox.compile_timeout` (the parent ends it
+/// at the cap first; this is for a parent that is gone or slow to look), no file written, few
 /// descriptors, no core dump; a lower priority than the host's own threads; and first in line
 /// for the kernel's OOM killer, so a machine out of memory loses the compile, not the host.
 /// Memory is the parent's to watch: an address-space cap would count the allocator's and the
 /// instance pool's reservations, which alone pass many GiB.
 fn cap_self(settings: &SandboxSettings) -> Result<(), String> {
-    let cpu_secs = settings.compile_timeout.as_secs().saturating_add(1).saturating_mul(MAX_THREADS as u64);
+    let cpu_secs = settings.compile_timeout.as_secs().saturating_add(2);
     // (soft, hard): past the soft CPU limit the kernel sends SIGXCPU (equal limits would send
     // SIGKILL, which reads as a kill from outside).
     let caps = [

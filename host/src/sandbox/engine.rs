@@ -34,8 +34,10 @@ pub struct SandboxSettings {
     /// read every 20 ms; its compiled code included), in MiB: a file that needs more is
     /// refused (see `compiler`).
     pub compile_memory_mib: u64,
-    /// How long compiling one component may take (wall clock): a file that takes longer is
-    /// refused.
+    /// The CPU time compiling one component may use (every compiling thread's together): a
+    /// file that needs more is refused, and the refusal kept like the memory cap's. A compile
+    /// starved of CPU by a busy machine is stopped after `compiler::WALL_FACTOR` times this of
+    /// wall time, and that refusal is not kept.
     #[serde(with = "humantime_serde")]
     pub compile_timeout: Duration,
     /// The `plugbus` binary that compiles components in a child process under the two caps
@@ -290,7 +292,8 @@ impl Sandbox {
                     if let Some((reason, kept)) = off_runtime(move || Ok(cache.refusal(&key, &caps))).await? {
                         return Err(LoadError::Invalid(format!(
                             "{reason} (kept from an earlier try under the same caps in {}: it is compiled again once \
-                             the file or sandbox.compile_memory_mib changes, or that file is removed)",
+                             the file, sandbox.compile_memory_mib or sandbox.compile_timeout changes, or that file \
+                             is removed)",
                             kept.display()
                         )));
                     }

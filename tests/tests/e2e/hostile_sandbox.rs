@@ -134,16 +134,17 @@ async fn a_plugin_filling_its_kv_stops_at_its_quota_and_other_plugins_go_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_holding_every_slot_of_the_shared_pool_delays_other_plugins_never_fails_them() {
-    // Four instance slots for all plugins. `faulty` holds them all for its whole deadline (1 s,
-    // asleep in a host call), and `dice` and `responder` get events meanwhile. Their attempts
-    // used to fail at once as if their handlers had trapped ("maximum concurrent … limit"), and
-    // be retried and dead-lettered under their names. And the wait must not eat the handler's
-    // own time: `responder` (deadline 1 s) is busy 600 ms after waiting about 1 s for a slot.
+    // Four instance slots for all plugins. `faulty` holds them all for its whole deadline (3 s,
+    // asleep in a host call: long enough for the other events to come while it does, on a busy
+    // CI machine too), and `dice` and `responder` get events meanwhile. Their attempts used to
+    // fail at once as if their handlers had trapped ("maximum concurrent … limit"), and be
+    // retried and dead-lettered under their names. And the wait must not eat the handler's own
+    // time: `responder` (deadline 1 s) is busy 600 ms after waiting up to 3 s for a slot.
     let t = TestHost::start_with(&["faulty", "dice", "responder"], |c| {
         fast_retries(c);
         c.sandbox.max_instances = 4;
         let faulty = c.plugins.entry("faulty".into()).or_default();
-        faulty.limits.insert("deadline".into(), "1s".into());
+        faulty.limits.insert("deadline".into(), "3s".into());
         faulty.retry.insert("max_attempts".into(), 1.into());
         c.plugins.entry("responder".into()).or_default().limits.insert("deadline".into(), "1s".into());
     })
@@ -155,12 +156,12 @@ async fn a_plugin_holding_every_slot_of_the_shared_pool_delays_other_plugins_nev
     let started = Instant::now();
     t.publish("dice.roll", "").await;
     let http = reqwest::Client::new();
-    let late = http.post(format!("{}/v1/request/rpc.late?timeout=5s", t.url())).body("600").send().await.unwrap();
+    let late = http.post(format!("{}/v1/request/rpc.late?timeout=10s", t.url())).body("600").send().await.unwrap();
     assert_eq!(late.status(), 200, "{}", late.text().await.unwrap());
     t.wait_counter("dice", "ok", 1).await;
     assert_eq!((t.counter("dice", "retried"), t.counter("dice", "dead_lettered")), (0, 0), "dice waited, never failed");
     assert_eq!(t.counter("responder", "retried"), 0, "the wait for a slot was not the handler's time");
-    // (faulty's attempts were running, each for 1 s, when the others' events came: they waited)
+    // (faulty's attempts were running, each for 3 s, when the others' events came: they waited)
     assert!(started.elapsed() >= Duration::from_millis(300), "they ran at once: the pool was not full");
     // and the operator sees who waited: at least once each (`dice` takes its own `dice.out`
     // too, and one of those can come while the last of faulty's attempts still hold their slots)
