@@ -231,6 +231,11 @@ impl Host {
                 let _ = task.await;
             }
         }
+        // No plugin is added or swapped while draining (one added now would subscribe after
+        // intake stopped): the watcher stops first, its loads under way given up.
+        if let Some(watcher) = self.watcher.take() {
+            watcher.stop().await;
+        }
         if self.transport.is_external() {
             // Nothing new is taken from the broker; what this host took still finishes (a
             // durable event it cannot finish goes back to the broker unacked).
@@ -238,9 +243,6 @@ impl Host {
         }
         tracing::info!(timeout = ?self.drain_timeout, "draining");
         let report = self.router.drain(self.drain_timeout).await;
-        if let Some(watcher) = self.watcher.take() {
-            watcher.stop().await;
-        }
         self.router.close().await;
         if report.is_clean() {
             tracing::info!("drained: every accepted event was handled; host stopped");

@@ -254,8 +254,8 @@ pub async fn load_dir_reporting(
     let mut by_name: HashMap<String, PathBuf> = HashMap::new();
     let total = files.len();
     // A few files at once (as many as the machine has cores, at most `LOADS_AT_ONCE`), each
-    // compiled in a process of its own: one that takes its whole `sandbox.compile_timeout`
-    // holds one of them, and the others go on past it. The results are then taken in the
+    // compiled in a process of its own: one that takes its whole compile budget (4 × `sandbox.compile_timeout`
+    // at most, in wall time) holds one of them, and the others go on past it. The results are then taken in the
     // folder's order, as one at a time would.
     let at_once = loads_at_once();
     let mut loads = futures::stream::iter(files.into_iter().enumerate())

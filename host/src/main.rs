@@ -478,7 +478,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                 }
             };
-            // Loading is bounded: each file by the compile timeout (and a few at once).
+            // Loading is bounded: each file by its compile's wall-clock bound (and a few at once).
             let files = plugbus::loader::wasm_files(&config.plugins_dir).map_or(0, |f| f.len()) as u32;
             let loading =
                 plugbus::service::loading(plugbus::sandbox::compiler::wall_cap(&config.sandbox) * (files + 1));

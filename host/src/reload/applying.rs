@@ -2,7 +2,7 @@
 //! scheduler.
 //!
 //! Each file is applied in a task of its own, so a file that takes long to load (a compile
-//! that runs up to `sandbox.compile_timeout`) holds back no other file's reload or removal:
+//! that runs up to 4 × `sandbox.compile_timeout` of wall time) holds back no other file's reload or removal:
 //! - at most [`loader::loads_at_once`] files load at once; the others wait in line, as paths,
 //!   not as tasks (a folder of a million files holds a million paths, no more);
 //! - a removal never waits in line: it is quick, and runs as soon as the file is gone (one still
@@ -22,7 +22,7 @@
 use super::{Applied, Reloader, is_gone};
 use crate::loader;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -93,9 +93,11 @@ pub(super) struct Applying<A: ApplyFile = Reloader> {
     /// Each ends with its file and how its apply went (a panic reads as done).
     pub(super) tasks: JoinSet<(PathBuf, Applied)>,
     files: HashMap<PathBuf, File>,
-    /// Files in line for a load's place (a file taken out of line keeps its entry here until
-    /// it comes up, and is skipped then).
+    /// Files in line for a load's place, each once (a file taken out of line keeps its entry
+    /// here until it comes up, and is skipped then; back in line meanwhile, it keeps it).
     line: VecDeque<PathBuf>,
+    /// The paths in `line`.
+    lined: HashSet<PathBuf>,
     retries: BinaryHeap<Reverse<(Instant, PathBuf)>>,
     loading: usize,
     at_once: usize,
@@ -107,8 +109,8 @@ impl<A: ApplyFile> Applying<A> {
     }
 
     fn with_places(reloader: Arc<A>, at_once: usize) -> Self {
-        let (tasks, files, line, retries) = Default::default();
-        Self { reloader, tasks, files, line, retries, loading: 0, at_once: at_once.max(1) }
+        let (tasks, files, line, lined, retries) = Default::default();
+        Self { reloader, tasks, files, line, lined, retries, loading: 0, at_once: at_once.max(1) }
     }
 
     /// `path` changed at `changed_at`: applies it, now or once the apply under way ends.
@@ -143,6 +145,7 @@ impl<A: ApplyFile> Applying<A> {
         }
         match (file.again.take(), applied) {
             (Some(changed_at), _) => {
+                // Behind the files that waited meanwhile.
                 file.changed_at = changed_at;
                 self.schedule(path);
             }
@@ -176,18 +179,27 @@ impl<A: ApplyFile> Applying<A> {
         }
     }
 
-    /// Runs `path` (in `files`) now if it is gone or a place is free, else puts it in line.
+    /// Runs `path` (in `files`) now if it is gone; else puts it at the back of the line, and
+    /// gives free places to the line (so it runs at once if nobody waits there): a file that
+    /// never stops changing does not keep a place for itself.
     fn schedule(&mut self, path: PathBuf) {
+        self.run_or_line(path, false);
+        self.fill_places();
+    }
+
+    fn run_or_line(&mut self, path: PathBuf, may_load_now: bool) {
         let gone = is_gone(&path);
         let file = self.files.get_mut(&path).expect("scheduled a file not being applied");
         if gone {
             file.phase = Phase::Removing;
-        } else if self.loading < self.at_once {
+        } else if may_load_now && self.loading < self.at_once {
             file.phase = Phase::Loading;
             self.loading += 1;
         } else {
             file.phase = Phase::InLine;
-            self.line.push_back(path);
+            if self.lined.insert(path.clone()) {
+                self.line.push_back(path);
+            }
             return;
         }
         let (changed_at, since, changed) = (file.changed_at, file.since, file.changed.clone());
@@ -219,8 +231,9 @@ impl<A: ApplyFile> Applying<A> {
         while self.loading < self.at_once
             && let Some(path) = self.line.pop_front()
         {
+            self.lined.remove(&path);
             if self.files.get(&path).is_some_and(|f| f.phase == Phase::InLine) {
-                self.schedule(path);
+                self.run_or_line(path, true);
             }
         }
     }
@@ -359,6 +372,35 @@ mod tests {
         assert_eq!(applied(&applying), [("a.wasm".into(), "load"), ("a.wasm".into(), "load")]);
         assert_eq!(end_one(&mut applying).await, "a.wasm");
         assert!(applying.files.is_empty(), "done with after the last change");
+    }
+
+    #[tokio::test]
+    async fn a_file_that_keeps_changing_goes_behind_the_files_waiting_for_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.wasm"), dir.path().join("b.wasm"));
+        std::fs::write(&a, "a").unwrap();
+        std::fs::write(&b, "b").unwrap();
+        let mut applying = Applying::with_places(Arc::new(Recorder::default()), 1);
+        applying.start(a.clone(), Instant::now());
+        applying.start(b.clone(), Instant::now());
+        for round in 0..3 {
+            settle().await; // the load under way has read the file
+            std::fs::write(&a, format!("a, changed {round} times and longer")).unwrap();
+            applying.start(a.clone(), Instant::now());
+            let ended = tokio::time::timeout(Duration::from_secs(5), applying.tasks.join_next()).await;
+            let (path, how) = ended.expect("nothing ended").unwrap().unwrap();
+            applying.ended(path, how);
+            settle().await;
+            if applied(&applying).iter().any(|(n, _)| n == "b.wasm") {
+                break;
+            }
+        }
+        assert_eq!(
+            applied(&applying),
+            [("a.wasm".into(), "load"), ("b.wasm".into(), "load")],
+            "b waited behind a file that kept changing"
+        );
+        assert_eq!(applying.line.iter().filter(|p| **p == a).count(), 1, "a is in line once: {:?}", applying.line);
     }
 
     #[tokio::test]

@@ -6,8 +6,11 @@
 //! cranelift). The child runs as the host's user, so without this it could read the compile
 //! cache's key (and have the host run native code of its choosing as a cached artifact), read
 //! every plugin's kv in `data_dir`, open sockets, or signal, trace or renice the host.
-//! With it, it can open no file and no socket, start no program, touch no other process (a
-//! signal only to itself: `abort` must still work), and change none of its own caps. Writing
+//! With it, it can open no file and no socket, change no file by its path (modes, times,
+//! attributes), watch none, start no program and make no process (threads only: a process of
+//! its own would escape the caps), touch no other process (a signal only to itself: `abort`
+//! must still work; no descriptor's signals sent elsewhere), mount nothing, leave no memory
+//! behind (System V IPC, POSIX queues), and change none of its own caps. Writing
 //! to a file it holds is capped at 0 bytes already (`RLIMIT_FSIZE`), and it holds only its
 //! pipes (`close_range`).
 //!
@@ -21,8 +24,10 @@
 //! glibc's at start) differ by platform and version, and a call missing from an allow list
 //! would fail compiles on some machine; a call missing from this list is one that reaches
 //! nothing the child holds. On x86_64 the x32 numbers of the same calls are denied too (the
-//! same architecture to seccomp, another number). Best effort where seccomp is missing or the
-//! architecture unknown: the other caps stand.
+//! same architecture to seccomp, another number). A call newer than this list is allowed: the
+//! list is to be read again as kernels grow. Best effort where seccomp is missing, denied by
+//! the host's own filter (the shipped unit allows it), or the architecture unknown: the other
+//! caps stand, and the child says so on its stderr, which the host logs.
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
@@ -44,9 +49,41 @@ const DENIED: &[libc::c_long] = &[
     libc::SYS_linkat,
     libc::SYS_symlinkat,
     libc::SYS_fchmodat,
+    libc::SYS_fchmodat2,
     libc::SYS_fchownat,
     libc::SYS_truncate,
+    libc::SYS_utimensat,
+    libc::SYS_setxattr,
+    libc::SYS_lsetxattr,
+    libc::SYS_removexattr,
+    libc::SYS_lremovexattr,
+    SYS_SETXATTRAT,
+    SYS_REMOVEXATTRAT,
+    libc::SYS_inotify_add_watch,
+    libc::SYS_fanotify_init,
     libc::SYS_memfd_create,
+    // The mount API (file systems and trees of them, in a namespace of its own).
+    libc::SYS_fsopen,
+    libc::SYS_fsconfig,
+    libc::SYS_fsmount,
+    libc::SYS_fspick,
+    libc::SYS_open_tree,
+    libc::SYS_move_mount,
+    libc::SYS_mount_setattr,
+    // Memory and queues that outlive the process (System V IPC, POSIX queues): nothing the
+    // memory cap sees.
+    libc::SYS_shmget,
+    libc::SYS_shmat,
+    libc::SYS_shmctl,
+    libc::SYS_msgget,
+    libc::SYS_msgsnd,
+    libc::SYS_msgctl,
+    libc::SYS_semget,
+    libc::SYS_semop,
+    libc::SYS_semctl,
+    libc::SYS_mq_open,
+    libc::SYS_mq_unlink,
+    libc::SYS_mq_timedsend,
     // Sockets.
     libc::SYS_socket,
     libc::SYS_socketpair,
@@ -94,12 +131,21 @@ const DENIED: &[libc::c_long] = &[
     libc::SYS_keyctl,
     libc::SYS_add_key,
     libc::SYS_request_key,
-    libc::SYS_fanotify_init,
 ];
+
+/// `setxattrat` and `removexattrat` (Linux 6.13; one number on every architecture since 424).
+const SYS_SETXATTRAT: libc::c_long = 463;
+const SYS_REMOVEXATTRAT: libc::c_long = 466;
 
 /// The same on x86_64, by their older numbers.
 #[cfg(target_arch = "x86_64")]
 const DENIED_LEGACY: &[libc::c_long] = &[
+    libc::SYS_fork,
+    libc::SYS_vfork,
+    libc::SYS_utime,
+    libc::SYS_utimes,
+    libc::SYS_futimesat,
+    libc::SYS_inotify_init,
     libc::SYS_open,
     libc::SYS_creat,
     libc::SYS_mknod,
@@ -120,6 +166,12 @@ const DENIED_LEGACY: &[libc::c_long] = &[];
 /// `abort` ends it; to another process, never).
 const OWN_PID_ONLY: &[libc::c_long] =
     &[libc::SYS_kill, libc::SYS_tgkill, libc::SYS_rt_sigqueueinfo, libc::SYS_rt_tgsigqueueinfo];
+
+/// `fcntl` commands and `ioctl` requests that set who gets a descriptor's signals: with them,
+/// a write to its own pipe would signal any process of the same user (`F_SETOWN`, `F_SETSIG`,
+/// `F_SETOWN_EX`; `FIOSETOWN`, `SIOCSPGRP`).
+const SIGNAL_OWNER_FCNTL: &[u64] = &[8, 10, 15];
+const SIGNAL_OWNER_IOCTL: &[u64] = &[0x8901, 0x8902];
 
 /// On x86_64, a call's x32 number is its number with this bit set, and the x32 calls that take
 /// other arguments than their 64-bit twins have numbers of their own, from 512 up (to 547).
@@ -144,6 +196,24 @@ pub fn filter(own_pid: u32) -> Result<BpfProgram, String> {
     for &call in OWN_PID_ONLY {
         rules.insert(call, not_own()?);
     }
+    let any_of = |arg: u8, values: &[u64]| -> Result<Vec<SeccompRule>, String> {
+        values
+            .iter()
+            .map(|&v| {
+                let equal = SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v)
+                    .map_err(|e| e.to_string())?;
+                SeccompRule::new(vec![equal]).map_err(|e| e.to_string())
+            })
+            .collect()
+    };
+    rules.insert(libc::SYS_fcntl, any_of(1, SIGNAL_OWNER_FCNTL)?);
+    rules.insert(libc::SYS_ioctl, any_of(1, SIGNAL_OWNER_IOCTL)?);
+    // A process of its own would escape the caps (the parent watches one pid; RLIMIT_CPU starts
+    // again in each): `clone` makes threads only.
+    let thread = libc::CLONE_THREAD as u64;
+    let process = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(thread), 0)
+        .map_err(|e| e.to_string())?;
+    rules.insert(libc::SYS_clone, vec![SeccompRule::new(vec![process]).map_err(|e| e.to_string())?]);
     if let Some((bit, own_numbers)) = X32 {
         // Every call above by its x32 number, and every x32-only number: x32 is no way round.
         let by_x32: Vec<(i64, Vec<SeccompRule>)> = rules.iter().map(|(call, r)| (call | bit, r.clone())).collect();
@@ -157,11 +227,26 @@ pub fn filter(own_pid: u32) -> Result<BpfProgram, String> {
     filter.try_into().map_err(|e: seccompiler::BackendError| e.to_string())
 }
 
-/// Installs [`filter`] on every thread of this process (and so on every thread it starts
-/// later). `Err` says why it could not: the caller goes on under its other caps.
+/// `clone3` passes its flags in memory, where a filter cannot look: it fails with `ENOSYS`,
+/// and glibc then starts threads with `clone` (whose flags [`filter`] reads).
+pub fn clone3_filter() -> Result<BpfProgram, String> {
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| e.to_string())?;
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+    if let Some((bit, _)) = X32 {
+        rules.insert(libc::SYS_clone3 | bit, Vec::new());
+    }
+    let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32), arch)
+        .map_err(|e| e.to_string())?;
+    filter.try_into().map_err(|e: seccompiler::BackendError| e.to_string())
+}
+
+/// Installs [`filter`] and [`clone3_filter`] on every thread of this process (and so on every
+/// thread it starts later). `Err` says why it could not (a host whose own filter denies
+/// `seccomp`, a kernel without it): the caller goes on under its other caps, and says so.
 pub fn enter() -> Result<(), String> {
-    let program = filter(std::process::id())?;
-    seccompiler::apply_filter_all_threads(&program).map_err(|e| e.to_string())
+    let (main, clone3) = (filter(std::process::id())?, clone3_filter()?);
+    seccompiler::apply_filter_all_threads(&clone3).map_err(|e| format!("entering the clone3 filter: {e}"))?;
+    seccompiler::apply_filter_all_threads(&main).map_err(|e| format!("entering the system-call filter: {e}"))
 }
 
 #[cfg(test)]
@@ -173,10 +258,29 @@ mod tests {
     /// test process is untouched.
     #[test]
     fn a_jailed_thread_opens_no_file_or_socket_signals_no_other_process_and_still_compiles() {
-        let program = filter(std::process::id()).unwrap();
+        let (program, clone3) = (filter(std::process::id()).unwrap(), clone3_filter().unwrap());
         let outcome = std::thread::spawn(move || {
+            seccompiler::apply_filter(&clone3).unwrap();
             seccompiler::apply_filter(&program).unwrap();
             let open = std::fs::File::open("/proc/self/status").map(|_| ()).map_err(|e| e.kind());
+            // Threads still start (glibc falls back from clone3 to clone); a process does not.
+            let thread = std::thread::spawn(|| 7).join().ok();
+            // SAFETY: a raw fork in a test thread; the child (if one were made) exits at once.
+            let fork = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0) };
+            if fork == 0 {
+                unsafe { libc::_exit(0) };
+            }
+            // Who gets a pipe's signals cannot be set.
+            let mut fds = [0; 2];
+            // SAFETY: pipe writes two descriptors into `fds`; fcntl and close take them.
+            let owner = unsafe {
+                libc::pipe(fds.as_mut_ptr());
+                let owner = libc::fcntl(fds[0], libc::F_SETOWN, libc::getppid());
+                let flags = libc::fcntl(fds[0], libc::F_GETFL);
+                libc::close(fds[0]);
+                libc::close(fds[1]);
+                (owner, flags >= 0)
+            };
             let socket = std::net::TcpListener::bind("127.0.0.1:0").map(|_| ()).map_err(|e| e.kind());
             // SAFETY: signal 0 only asks whether the process may be signalled.
             let parent = unsafe { libc::kill(libc::getppid(), 0) };
@@ -193,11 +297,14 @@ mod tests {
             component.push(module.len() as u8);
             component.extend_from_slice(module);
             let compiled = wasmtime::component::Component::new(&engine, &component).map(|c| c.serialize().is_ok());
-            (open, socket, parent, own, compiled.map_err(|e| e.to_string()))
+            (open, socket, parent, own, compiled.map_err(|e| e.to_string()), thread, fork, owner)
         })
         .join()
         .unwrap();
-        let (open, socket, parent, own, compiled) = outcome;
+        let (open, socket, parent, own, compiled, thread, fork, owner) = outcome;
+        assert_eq!(thread, Some(7), "a thread could not start");
+        assert_eq!(fork, -1, "a process was made");
+        assert_eq!(owner, (-1, true), "F_SETOWN was allowed, or every fcntl was denied");
         assert_eq!(open, Err(ErrorKind::PermissionDenied));
         assert_eq!(socket, Err(ErrorKind::PermissionDenied));
         assert_eq!(parent, -1, "signalled its parent");

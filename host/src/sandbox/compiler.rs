@@ -33,6 +33,8 @@ use std::process::{ExitCode, ExitStatus, Stdio};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
+/// How the child's stderr starts when it compiles without its system-call filter.
+const JAIL_FAILED: &str = "compiling without the system-call filter: ";
 /// The hidden subcommand the child runs as.
 pub const SUBCOMMAND: &str = "compile-child";
 /// The child's exit code when the file does not compile (its message on stderr).
@@ -178,6 +180,11 @@ pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes:
     let message = String::from_utf8_lossy(&message.unwrap_or_default()).trim().to_string();
     match ending(status, &message) {
         Ending::Compiled => {
+            if let Some(why) = message.strip_prefix(JAIL_FAILED) {
+                tracing::warn!(compiler = %program.display(),
+                    "a plugin file was compiled without the compiler's system-call filter (seccomp): {}",
+                    crate::event::cut_to(why, 512));
+            }
             let artifact = artifact.map_err(|e| host(format!("reading its output: {e}")))?;
             if artifact.len() as u64 > max_artifact {
                 return Err(Refused {
@@ -191,7 +198,10 @@ pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes:
             Ok(artifact)
         }
         Ending::Refused => Err(LoadError::Invalid(message).into()),
-        Ending::OutOfCpu => Err(out_of_cpu(settings)),
+        // The kernel's cap, two seconds past the parent's: the parent, which looks every 20 ms,
+        // did not see it reached, so a SIGXCPU from elsewhere is not taken for the file's doing
+        // (nor kept).
+        Ending::OutOfCpu => Err(Refused { repeatable: false, ..out_of_cpu(settings) }),
         Ending::StackOverflow => Err(LoadError::Invalid("compiling it overflowed the compiler's stack".into()).into()),
         Ending::Host => {
             let killed = match status.signal() {
@@ -229,8 +239,8 @@ fn ending(status: ExitStatus, message: &str) -> Ending {
     }
 }
 
-/// The refusal of a file whose compile passed `sandbox.compile_timeout` of CPU time (seen by
-/// the parent, or by the kernel's `RLIMIT_CPU` in the child): kept, like the memory cap's.
+/// The refusal of a file whose compile passed `sandbox.compile_timeout` of CPU time, as the
+/// parent saw it: kept, like the memory cap's.
 fn out_of_cpu(settings: &SandboxSettings) -> Refused {
     Refused {
         error: LoadError::Invalid(format!(
@@ -262,7 +272,7 @@ async fn over_caps(pid: Option<u32>, cap_kib: u64, cpu_cap: Duration) -> Cap {
         if let Some(peak) = peak_kib(&text).filter(|&peak| peak > cap_kib) {
             return Cap::Memory(peak);
         }
-        if cpu_time(Some(pid)).is_some_and(|used| used > cpu_cap) {
+        if user_time(pid).is_some_and(|used| used > cpu_cap) {
             return Cap::Cpu;
         }
     }
@@ -271,9 +281,21 @@ async fn over_caps(pid: Option<u32>, cap_kib: u64, cpu_cap: Duration) -> Cap {
 /// The CPU time (user and system) the process `pid` has used, from `/proc/<pid>/stat`: a
 /// timeout on a busy machine shows less of it than the wall time.
 fn cpu_time(pid: Option<u32>) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
+    stat_ticks(pid?, |user, system| user + system)
+}
+
+/// The user CPU time of the process `pid`: what the CPU-time cap counts. The compile's own
+/// work; system time also holds what the machine makes it pay (page reclaim under memory
+/// pressure, which other compiles beside it can cause), which is not the file's doing.
+fn user_time(pid: u32) -> Option<Duration> {
+    stat_ticks(pid, |user, _| user)
+}
+
+/// `which(user, system)` of `/proc/<pid>/stat`'s CPU ticks, as a duration.
+fn stat_ticks(pid: u32, which: impl Fn(u64, u64) -> u64) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let ticks = which(fields.get(11)?.parse::<u64>().ok()?, fields.get(12)?.parse::<u64>().ok()?);
     // SAFETY: sysconf reads a constant of the system.
     let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok().filter(|t| *t > 0)?;
     Some(Duration::from_millis(ticks * 1000 / per_second))
@@ -337,7 +359,10 @@ fn compile_stdin(settings_json: &str, parent: u32) -> Result<wasmtime::Result<Ve
     let engine = pooled_engine(&settings).map_err(|e| format!("setting up the engine: {e:#}"))?;
     // From here the file's bytes are worked on: the child reaches nothing beyond its pipes and
     // its own memory (best effort: without seccomp, the caps above stand alone).
-    let _ = super::compile_jail::enter();
+    if let Err(why) = super::compile_jail::enter() {
+        // Read by the parent, which logs it once the compile is done.
+        eprintln!("{JAIL_FAILED}{why}");
+    }
     match wasmtime::component::Component::new(&engine, &bytes) {
         Ok(component) => component.serialize().map(Ok).map_err(|e| format!("serializing the compiled code: {e:#}")),
         Err(refused) => Ok(Err(refused)),

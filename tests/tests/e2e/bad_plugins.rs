@@ -596,7 +596,7 @@ fn files_load_a_few_at_once_at_start() {
 
 /// A file that takes long to compile, dropped into a running host: the watcher applied one
 /// file at a time, so the next deploy of any other plugin waited out the whole compile (up to
-/// `sandbox.compile_timeout`, 2 minutes by default, and again at each touch of the file). Each
+/// `sandbox.compile_timeout`, 2 minutes of CPU by default). Each
 /// file is now applied on its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_file_dropped_into_a_running_host_holds_back_no_other_plugins_reload() {

@@ -64,7 +64,7 @@ fn the_host_tells_systemd_it_is_ready_pings_the_watchdog_and_says_when_it_stops(
 }
 
 /// A plugins folder that takes long to load (a file whose compile runs to
-/// `sandbox.compile_timeout`, up to 120 s, past systemd's default 90 s to start): while it
+/// `sandbox.compile_timeout` of CPU, up to 120 s, past systemd's default 90 s to start): while it
 /// loads, the host asks systemd for more time every 5 s (`EXTEND_TIMEOUT_USEC`), so the start is
 /// not killed as one that hangs, then says READY=1.
 #[test]
