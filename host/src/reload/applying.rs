@@ -307,6 +307,15 @@ mod tests {
         applying.reloader.applied.lock().unwrap().clone()
     }
 
+    /// `a.wasm` (holding `a`) and `b.wasm` in a folder of their own.
+    fn two_files(a: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let (path_a, path_b) = (dir.path().join("a.wasm"), dir.path().join("b.wasm"));
+        std::fs::write(&path_a, a).unwrap();
+        std::fs::write(&path_b, "b").unwrap();
+        (dir, path_a, path_b)
+    }
+
     async fn settle() {
         for _ in 0..10 {
             tokio::task::yield_now().await;
@@ -376,10 +385,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_file_that_keeps_changing_goes_behind_the_files_waiting_for_its_place() {
-        let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (dir.path().join("a.wasm"), dir.path().join("b.wasm"));
-        std::fs::write(&a, "a").unwrap();
-        std::fs::write(&b, "b").unwrap();
+        let (_dir, a, b) = two_files("a");
         let mut applying = Applying::with_places(Arc::new(Recorder::default()), 1);
         applying.start(a.clone(), Instant::now());
         applying.start(b.clone(), Instant::now());
@@ -405,10 +411,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_file_not_settled_is_looked_at_again_without_holding_a_place() {
-        let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (dir.path().join("a.wasm"), dir.path().join("b.wasm"));
-        std::fs::write(&a, "half").unwrap();
-        std::fs::write(&b, "b").unwrap();
+        let (_dir, a, b) = two_files("half");
         let recorder = Recorder::default();
         recorder.not_settled.lock().unwrap().insert("a.wasm".into(), 1);
         let mut applying = Applying::with_places(Arc::new(recorder), 1);

@@ -8,15 +8,16 @@
 //! still compiles for the host that runs), with an empty environment and at most
 //! [`MAX_THREADS`] compiling threads (the memory a compile takes grows with them), writes the
 //! wasm to its stdin and reads the compiled artifact from its stdout, and kills it once its
-//! CPU time (all its threads') passes `sandbox.compile_timeout` or its peak resident memory
-//! passes `sandbox.compile_memory_mib` (both read every 20 ms), or past [`WALL_FACTOR`] times
-//! the timeout of wall time (a compile starved by a busy machine: that refusal is not kept). The child ([`child_main`]) first checks
+//! user CPU time (all its threads') passes `sandbox.compile_timeout` or its peak resident
+//! memory passes `sandbox.compile_memory_mib` (both read every 20 ms), or past
+//! [`WALL_FACTOR`] times the timeout of wall time (a compile starved by a busy machine: that
+//! refusal is not kept). The child ([`child_main`]) first checks
 //! that its parent is the host that started it, caps itself (CPU time, no files written, few
 //! descriptors, no core dump; a lower priority than the host's events; first in line for the
 //! kernel's OOM killer), ends itself if the host goes, builds the host's own engine (the same
 //! pool limits, so a file over them is refused in the same words), enters its system-call
-//! filter (`compile_jail`: no file, socket or other process from then on), compiles, and exits: 0 with
-//! the artifact, [`EXIT_REFUSED`] with wasmtime's message when the file does not compile,
+//! filter (`compile_jail`: no file, socket or other process from then on), compiles, and
+//! exits: 0 with the artifact, [`EXIT_REFUSED`] with wasmtime's message when the file does not compile,
 //! [`EXIT_HOST`] when the child itself could not work. How it ended decides what the loader
 //! reports: a cap or a compile error is the file's, anything the child could not explain is
 //! the host's (`host error: …`).
@@ -177,14 +178,17 @@ pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes:
         }
     };
     let status = status.map_err(|e| host(format!("waiting for it: {e}")))?;
-    let message = String::from_utf8_lossy(&message.unwrap_or_default()).trim().to_string();
+    let mut message = String::from_utf8_lossy(&message.unwrap_or_default()).trim().to_string();
+    if let Some(said) = message.strip_prefix(JAIL_FAILED) {
+        // Its first line, apart from what it says of the file.
+        let (why, rest) = said.split_once('\n').unwrap_or((said, ""));
+        tracing::warn!(compiler = %program.display(),
+            "a plugin file was compiled without the compiler's system-call filter (seccomp): {}",
+            crate::event::cut_to(why, 512));
+        message = rest.trim().to_string();
+    }
     match ending(status, &message) {
         Ending::Compiled => {
-            if let Some(why) = message.strip_prefix(JAIL_FAILED) {
-                tracing::warn!(compiler = %program.display(),
-                    "a plugin file was compiled without the compiler's system-call filter (seccomp): {}",
-                    crate::event::cut_to(why, 512));
-            }
             let artifact = artifact.map_err(|e| host(format!("reading its output: {e}")))?;
             if artifact.len() as u64 > max_artifact {
                 return Err(Refused {
@@ -256,13 +260,13 @@ fn out_of_cpu(settings: &SandboxSettings) -> Refused {
 enum Cap {
     /// Its peak resident set, in KiB, passed the memory cap.
     Memory(u64),
-    /// Its CPU time (every thread's) passed the CPU-time cap.
+    /// Its user CPU time (every thread's) passed the CPU-time cap.
     Cpu,
 }
 
 /// Resolves once the process `pid`'s peak resident set (`VmHWM`, which a peak between two
-/// looks still shows) passes `cap_kib`, or its CPU time passes `cpu_cap`; never while both stay
-/// under, or once it is gone.
+/// looks still shows) passes `cap_kib`, or its user CPU time passes `cpu_cap`; never while
+/// both stay under, or once it is gone.
 async fn over_caps(pid: Option<u32>, cap_kib: u64, cpu_cap: Duration) -> Cap {
     let Some(pid) = pid else { return std::future::pending().await };
     let status = format!("/proc/{pid}/status");
