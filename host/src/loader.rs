@@ -223,9 +223,42 @@ pub type OnLoad<'a> = &'a (dyn Fn(usize, usize, Option<&Path>) + Send + Sync);
 /// The most files the loader reads, compiles and checks at once, at start or on reload.
 pub const LOADS_AT_ONCE: usize = 4;
 
-/// How many files load at once: as many as the machine has cores, at most [`LOADS_AT_ONCE`].
-pub fn loads_at_once() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get()).min(LOADS_AT_ONCE)
+/// How many files load at once: as many as the machine has cores, at most [`LOADS_AT_ONCE`],
+/// and, when each compiles in a child under `sandbox.compile_memory_mib`, no more than that cap
+/// fits in the memory available now (so files compiling side by side cannot take together what
+/// each alone may not: a 2 GiB machine under the default 2 GiB cap compiles one at a time).
+pub fn loads_at_once(settings: &crate::sandbox::SandboxSettings) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cap_mib = settings.compiler.as_ref().map(|_| settings.compile_memory_mib);
+    at_once(cores, cap_mib, available_mib())
+}
+
+/// [`loads_at_once`] of `cores`, a compile memory cap (when compiles are capped) and the MiB
+/// available (when known).
+fn at_once(cores: usize, cap_mib: Option<u64>, available_mib: Option<u64>) -> usize {
+    let by_memory = match (cap_mib, available_mib) {
+        (Some(cap), Some(available)) => usize::try_from(available / cap.max(1)).unwrap_or(usize::MAX),
+        _ => usize::MAX,
+    };
+    cores.min(LOADS_AT_ONCE).min(by_memory).max(1)
+}
+
+/// The memory this process may still take, in MiB: the machine's `MemAvailable`, and under a
+/// cgroup (v2) limit what is left of it, whichever is less; `None` when neither can be read.
+fn available_mib() -> Option<u64> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let machine = read("/proc/meminfo").and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?.to_string();
+        line["MemAvailable:".len()..].trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|kib| kib / 1024)
+    });
+    let cgroup = read("/sys/fs/cgroup/memory.max").and_then(|max| max.trim().parse::<u64>().ok()).map(|max| {
+        let used = read("/sys/fs/cgroup/memory.current").and_then(|c| c.trim().parse::<u64>().ok()).unwrap_or(0);
+        max.saturating_sub(used) >> 20
+    });
+    match (machine, cgroup) {
+        (Some(m), Some(c)) => Some(m.min(c)),
+        (m, c) => m.or(c),
+    }
 }
 
 /// Loads every plugin in `config.plugins_dir`; returns the loaded ones and the rejected files.
@@ -257,7 +290,7 @@ pub async fn load_dir_reporting(
     // compiled in a process of its own: one that takes its whole compile budget (4 × `sandbox.compile_timeout`
     // at most, in wall time) holds one of them, and the others go on past it. The results are then taken in the
     // folder's order, as one at a time would.
-    let at_once = loads_at_once();
+    let at_once = loads_at_once(sandbox.settings());
     let mut loads = futures::stream::iter(files.into_iter().enumerate())
         .map(|(i, path)| async move {
             let result = load_file(sandbox, &path, config, kv).await;
@@ -298,6 +331,21 @@ pub async fn load_dir_reporting(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_load_side_by_side_only_as_far_as_cores_and_memory_go() {
+        // Cores, at most 4.
+        assert_eq!(at_once(2, None, None), 2);
+        assert_eq!(at_once(64, None, Some(1)), LOADS_AT_ONCE, "uncapped compiles: memory does not count");
+        // Capped compiles: no more than the cap fits in what is available, and at least one.
+        assert_eq!(at_once(8, Some(2048), Some(24 * 1024)), 4);
+        assert_eq!(at_once(8, Some(2048), Some(5000)), 2);
+        assert_eq!(at_once(8, Some(2048), Some(1500)), 1);
+        assert_eq!(at_once(8, Some(0), Some(10)), 4, "a cap of 0 divides nothing by zero");
+        assert_eq!(at_once(0, Some(128), None), 1);
+        // What this machine reads is a figure, not nothing.
+        assert!(available_mib().is_some_and(|mib| mib > 0));
+    }
 
     #[test]
     fn a_file_is_the_plugin_its_name_or_the_config_says() {

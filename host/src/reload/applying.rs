@@ -103,11 +103,14 @@ pub(super) struct Applying<A: ApplyFile = Reloader> {
     at_once: usize,
 }
 
-impl<A: ApplyFile> Applying<A> {
-    pub(super) fn new(reloader: Arc<A>) -> Self {
-        Self::with_places(reloader, loader::loads_at_once())
+impl Applying<Reloader> {
+    pub(super) fn new(reloader: Arc<Reloader>) -> Self {
+        let at_once = loader::loads_at_once(reloader.sandbox.settings());
+        Self::with_places(reloader, at_once)
     }
+}
 
+impl<A: ApplyFile> Applying<A> {
     fn with_places(reloader: Arc<A>, at_once: usize) -> Self {
         let (tasks, files, line, lined, retries) = Default::default();
         Self { reloader, tasks, files, line, lined, retries, loading: 0, at_once: at_once.max(1) }

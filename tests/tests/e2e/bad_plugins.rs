@@ -662,7 +662,8 @@ async fn a_file_removed_while_it_waits_to_load_is_removed_at_once() {
     })
     .await;
     let dir = t.dir.path().to_path_buf();
-    for i in 0..plugbus::loader::loads_at_once() {
+    let settings = t.host.reloader().sandbox.settings().clone();
+    for i in 0..plugbus::loader::loads_at_once(&settings) {
         std::fs::write(dir.join(format!("slow-{i}.wasm")), plugbus_tests::slow_to_compile(200_000)).unwrap();
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
