@@ -183,59 +183,50 @@ const X32: Option<(libc::c_long, std::ops::RangeInclusive<libc::c_long>)> = None
 /// The filter for this process (whose pid `own_pid` is), as a BPF program: calls above fail
 /// with `EPERM`, every other is allowed.
 pub fn filter(own_pid: u32) -> Result<BpfProgram, String> {
-    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| e.to_string())?;
-    let not_own = || -> Result<Vec<SeccompRule>, String> {
-        let other = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, u64::from(own_pid))
-            .map_err(|e| e.to_string())?;
-        Ok(vec![SeccompRule::new(vec![other]).map_err(|e| e.to_string())?])
-    };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for &call in DENIED.iter().chain(DENIED_LEGACY) {
         rules.insert(call, Vec::new());
     }
     for &call in OWN_PID_ONLY {
-        rules.insert(call, not_own()?);
+        rules.insert(call, vec![rule(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, u64::from(own_pid))?]);
     }
-    let any_of = |arg: u8, values: &[u64]| -> Result<Vec<SeccompRule>, String> {
-        values
-            .iter()
-            .map(|&v| {
-                let equal = SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v)
-                    .map_err(|e| e.to_string())?;
-                SeccompRule::new(vec![equal]).map_err(|e| e.to_string())
-            })
-            .collect()
+    let any_of = |values: &[u64]| -> Result<Vec<SeccompRule>, String> {
+        values.iter().map(|&v| rule(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v)).collect()
     };
-    rules.insert(libc::SYS_fcntl, any_of(1, SIGNAL_OWNER_FCNTL)?);
-    rules.insert(libc::SYS_ioctl, any_of(1, SIGNAL_OWNER_IOCTL)?);
+    rules.insert(libc::SYS_fcntl, any_of(SIGNAL_OWNER_FCNTL)?);
+    rules.insert(libc::SYS_ioctl, any_of(SIGNAL_OWNER_IOCTL)?);
     // A process of its own would escape the caps (the parent watches one pid; RLIMIT_CPU starts
     // again in each): `clone` makes threads only.
     let thread = libc::CLONE_THREAD as u64;
-    let process = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(thread), 0)
-        .map_err(|e| e.to_string())?;
-    rules.insert(libc::SYS_clone, vec![SeccompRule::new(vec![process]).map_err(|e| e.to_string())?]);
+    rules.insert(libc::SYS_clone, vec![rule(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(thread), 0)?]);
     if let Some((bit, own_numbers)) = X32 {
-        // Every call above by its x32 number, and every x32-only number: x32 is no way round.
-        let by_x32: Vec<(i64, Vec<SeccompRule>)> = rules.iter().map(|(call, r)| (call | bit, r.clone())).collect();
-        rules.extend(by_x32);
-        for call in own_numbers {
-            rules.insert(call | bit, Vec::new());
-        }
+        // Every x32-only number too: x32 is no way round.
+        rules.extend(own_numbers.map(|call| (call | bit, Vec::new())));
     }
-    let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM as u32), arch)
-        .map_err(|e| e.to_string())?;
-    filter.try_into().map_err(|e: seccompiler::BackendError| e.to_string())
+    program(rules, libc::EPERM)
 }
 
 /// `clone3` passes its flags in memory, where a filter cannot look: it fails with `ENOSYS`,
 /// and glibc then starts threads with `clone` (whose flags [`filter`] reads).
 pub fn clone3_filter() -> Result<BpfProgram, String> {
+    program(BTreeMap::from([(libc::SYS_clone3, Vec::new())]), libc::ENOSYS)
+}
+
+/// A rule of one condition on a call's argument `arg`.
+fn rule(arg: u8, len: SeccompCmpArgLen, op: SeccompCmpOp, value: u64) -> Result<SeccompRule, String> {
+    let condition = SeccompCondition::new(arg, len, op, value).map_err(|e| e.to_string())?;
+    SeccompRule::new(vec![condition]).map_err(|e| e.to_string())
+}
+
+/// The BPF program that answers `errno` to the calls `rules` match (each by its x32 number
+/// too), and allows every other.
+fn program(mut rules: BTreeMap<i64, Vec<SeccompRule>>, errno: i32) -> Result<BpfProgram, String> {
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| e.to_string())?;
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
     if let Some((bit, _)) = X32 {
-        rules.insert(libc::SYS_clone3 | bit, Vec::new());
+        let by_x32: Vec<(i64, Vec<SeccompRule>)> = rules.iter().map(|(call, r)| (call | bit, r.clone())).collect();
+        rules.extend(by_x32);
     }
-    let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32), arch)
+    let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(errno as u32), arch)
         .map_err(|e| e.to_string())?;
     filter.try_into().map_err(|e: seccompiler::BackendError| e.to_string())
 }

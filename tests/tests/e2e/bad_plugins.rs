@@ -594,18 +594,31 @@ fn files_load_a_few_at_once_at_start() {
     }
 }
 
+/// A host serving echo whose compiles may run for minutes (`sandbox.compile_timeout` 600 s),
+/// with a compile cache of its own (a slow file compiled by an earlier run must compile again).
+async fn echo_with_slow_compiles() -> TestHost {
+    TestHost::start_with(&["echo"], |c| {
+        c.compile_cache_dir = None;
+        c.sandbox.compile_timeout = Duration::from_secs(600);
+    })
+    .await
+}
+
+/// Stops `host` and checks the stop ended the compiles under way (their children are killed
+/// with them) instead of waiting for them.
+async fn stops_without_waiting_for_compiles(host: plugbus::Host) {
+    let started = std::time::Instant::now();
+    host.shutdown().await;
+    assert!(started.elapsed() < Duration::from_secs(20), "the stop waited for a compile: {:?}", started.elapsed());
+}
+
 /// A file that takes long to compile, dropped into a running host: the watcher applied one
 /// file at a time, so the next deploy of any other plugin waited out the whole compile (up to
 /// `sandbox.compile_timeout`, 2 minutes of CPU by default). Each
 /// file is now applied on its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_file_dropped_into_a_running_host_holds_back_no_other_plugins_reload() {
-    let t = TestHost::start_with(&["echo"], |c| {
-        // Its own cache: a slow file compiled by an earlier run must compile again.
-        c.compile_cache_dir = None;
-        c.sandbox.compile_timeout = Duration::from_secs(600);
-    })
-    .await;
+    let t = echo_with_slow_compiles().await;
     let dir = t.dir.path().to_path_buf();
     // 48 s to compile (debug build). Named to sort first: applied in turn, it comes before
     // echo's change even when both are gathered in one batch.
@@ -619,10 +632,7 @@ async fn a_slow_file_dropped_into_a_running_host_holds_back_no_other_plugins_rel
     // has no handler): here it has not.
     assert!(t.host.rejected().is_empty(), "the slow file was done first: {:?}", t.host.rejected());
     assert_eq!(router.names(), vec!["echo".to_string()]);
-    // Stopping the host ends the compile under way (its child is killed with it).
-    let started = std::time::Instant::now();
-    t.host.shutdown().await;
-    assert!(started.elapsed() < Duration::from_secs(20), "the stop waited for the compile: {:?}", started.elapsed());
+    stops_without_waiting_for_compiles(t.host).await;
 }
 
 /// A deploy that went wrong, put right: a file that compiles for minutes replaces a serving
@@ -631,11 +641,7 @@ async fn a_slow_file_dropped_into_a_running_host_holds_back_no_other_plugins_rel
 /// it loads has that load given up, its compile ended with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_file_replaced_while_it_compiles_is_given_up_for_the_new_one() {
-    let t = TestHost::start_with(&["echo"], |c| {
-        c.compile_cache_dir = None;
-        c.sandbox.compile_timeout = Duration::from_secs(600);
-    })
-    .await;
+    let t = echo_with_slow_compiles().await;
     let dir = t.dir.path().to_path_buf();
     let deploy = |bytes: &[u8]| {
         std::fs::write(dir.join("echo.tmp"), bytes).unwrap();
@@ -647,20 +653,14 @@ async fn a_slow_file_replaced_while_it_compiles_is_given_up_for_the_new_one() {
     let router = t.host.router().clone();
     eventually("v2 serves while the slow file would still compile", || router.plugins()[0].version == "2.0.0").await;
     assert!(t.host.rejected().is_empty(), "the slow file was loaded to its end: {:?}", t.host.rejected());
-    let started = std::time::Instant::now();
-    t.host.shutdown().await;
-    assert!(started.elapsed() < Duration::from_secs(20), "the stop waited for a compile: {:?}", started.elapsed());
+    stops_without_waiting_for_compiles(t.host).await;
 }
 
 /// Every place to load a file taken by slow files, a deploy waits in line; removing the file
 /// then must not wait for a place (it waited out the slow compiles).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_removed_while_it_waits_to_load_is_removed_at_once() {
-    let t = TestHost::start_with(&["echo"], |c| {
-        c.compile_cache_dir = None;
-        c.sandbox.compile_timeout = Duration::from_secs(600);
-    })
-    .await;
+    let t = echo_with_slow_compiles().await;
     let dir = t.dir.path().to_path_buf();
     let settings = t.host.reloader().sandbox.settings().clone();
     for i in 0..plugbus::loader::loads_at_once(&settings) {
