@@ -136,10 +136,36 @@ pub async fn run_part(mode: Mode, handler: &[u8], part: &str) -> anyhow::Result<
             let (a, b) = tokio::join!(one(), one());
             Load::side_by_side(a?, b?)
         }
+        "host-2producers" => two_producers(mode, handler).await?,
         "floor" => sandbox_floor(mode, handler, 2, Limits::default()).await?,
         "floor-1task" => sandbox_floor(mode, handler, 1, Limits::default()).await?,
         other => anyhow::bail!("no part {other} of embedded-1"),
     })
+}
+
+/// One two-core host fed by two closed loops, each in a task of its own (so each may keep a
+/// core) on a subject of its own (`bench.in.a`, `bench.in.b`; the handler answers on
+/// `bench.out.<last token>`), each with half the window: ingress on both cores, as concurrent
+/// HTTP clients are, against `host`'s one producer.
+async fn two_producers(mode: Mode, handler: &[u8]) -> anyhow::Result<Load> {
+    let bench = Arc::new(
+        crate::components::BenchHost::start(handler, 1, |c| c.flow.queue = c.flow.queue.max(2 * WINDOW)).await?,
+    );
+    let one = |token: &'static str| {
+        let bench = bench.clone();
+        tokio::spawn(async move {
+            let mut outputs = bench.host.observe(&[&format!("bench.out.{token}")]).await?;
+            let subject = format!("bench.in.{token}");
+            let make = |seq| Event::new(subject.clone(), driver::payload(seq, ""));
+            let host = &bench.host;
+            let publish = |ev| async move { host.publish(ev).await };
+            driver::closed_loop(mode, WINDOW / 2, 1, &mut outputs, make, publish, |_| {}).await
+        })
+    };
+    let (a, b) = tokio::join!(one("a"), one("b"));
+    let load = Load::side_by_side(a??, b??);
+    Arc::into_inner(bench).context("the producers are done")?.stop().await?;
+    Ok(load)
 }
 
 /// Runs `f(handler)` on a current-thread runtime of its own thread: the host, its tasks and the

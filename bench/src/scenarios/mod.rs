@@ -65,6 +65,7 @@ pub const PARTS: &[(&str, &str, &str)] = &[
     ("embedded-1-host", "embedded-1", "host"),
     ("embedded-1-host-1thread", "embedded-1", "host-1thread"),
     ("embedded-1-host-2x1thread", "embedded-1", "host-2x1thread"),
+    ("embedded-1-host-2producers", "embedded-1", "host-2producers"),
     ("embedded-1-floor", "embedded-1", "floor"),
     ("embedded-1-floor-1task", "embedded-1", "floor-1task"),
     ("reuse-host", "reuse", "host"),
