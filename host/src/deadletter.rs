@@ -37,6 +37,9 @@ pub mod headers {
     pub const REPLAY_OF: &str = "plugbus-replay-of";
     /// On a dead letter of a dead letter: how deep (1). One that fails again is only logged.
     pub const DEPTH: &str = "plugbus-dead-letter-depth";
+    /// On a dead letter that leaves its event's data out (too large to take from the broker,
+    /// or to publish to it again): why, and where the data is. Never replayed.
+    pub const DATA_OMITTED: &str = "plugbus-data-omitted";
 }
 
 /// The longest `plugbus-error` a dead letter carries: the failure text is built from pieces
@@ -116,6 +119,13 @@ pub fn replay_event(dead: &Event) -> Result<Event, String> {
         return Err(format!(
             "its original subject {} is a system subject (`$…`, `_INBOX…`), which is never replayed",
             crate::event::quoted(&subject)
+        ));
+    }
+    if let Some(why) = dead.header(headers::DATA_OMITTED) {
+        return Err(format!(
+            "it does not carry its event's data ({}), so a replay would publish an event without it: \
+             publish the original again from where it is kept",
+            crate::event::quoted(why)
         ));
     }
     let mut ev = Event::new(subject, dead.data.clone());

@@ -1088,3 +1088,90 @@ async fn jetstream_messages_larger_than_the_plugins_buffer_are_still_delivered()
     }
     t.wait_counter("faulty", "ok", 5).await;
 }
+
+/// A server whose `faulty` stream holds a message whose data is `bytes` long, stored when the
+/// server took up to 8 MB, then a small one: restarted since with `max_payload` 1 MB (the same
+/// store), its conf folder, and the consumer made by a host that stopped before either came.
+async fn a_stream_holding_a_message_over_max_payload(bytes: usize) -> (NatsServer, tempfile::TempDir) {
+    let conf_dir = tempfile::tempdir().unwrap();
+    let conf = conf_dir.path().join("nats.conf");
+    std::fs::write(&conf, "max_payload: 8MB\n").unwrap();
+    let mut server = NatsServer::start_with(&["-c", conf.to_str().unwrap()]).await;
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |_| {}).await;
+    t.host.shutdown().await;
+    let js = jetstream::new(server.client().await);
+    js.publish("faulty.ok", format!("1{}", " ".repeat(bytes - 1)).into()).await.unwrap().await.unwrap();
+    js.publish("faulty.ok", "1".into()).await.unwrap().await.unwrap();
+    server.stop();
+    std::fs::write(&conf, "max_payload: 1MB\n").unwrap();
+    server.start_again().await;
+    (server, conf_dir)
+}
+
+/// Waits for the dead letter on `dlq`, checks it names `reason` and carries no data but the
+/// mark that says so (so it is never replayed as an empty event), then that the plugin handled
+/// the small event behind it and JetStream holds neither for it any more.
+async fn dead_lettered_without_its_data(
+    t: &TestHost,
+    server: &NatsServer,
+    dlq: &mut plugbus_tests::Observer,
+    reason: &str,
+    omitted: &str,
+) {
+    let dead = dlq.next_on("plugbus.dlq.faulty").await;
+    let error = dead.header(headers::ERROR).unwrap_or_default();
+    assert!(error.contains(reason), "the reason names its size: {error}");
+    assert!(dead.data.is_empty(), "a dead letter over max_payload was published with its data");
+    let mark = dead.header(headers::DATA_OMITTED).unwrap_or_default();
+    assert!(mark.contains(omitted), "{mark}");
+    assert!(plugbus::deadletter::replay_event(&dead).unwrap_err().contains("does not carry its event's data"));
+    t.wait_counter("faulty", "ok", 1).await;
+    assert_eq!(t.counter("faulty", "dead_lettered"), 1);
+    let js = jetstream::new(server.client().await);
+    plugbus_tests::eventually_async("both settled", Duration::from_secs(10), || {
+        let js = js.clone();
+        async move {
+            let info = consumer_on(&js, "faulty.ok").await;
+            (info.num_ack_pending, info.num_pending) == (0, 0)
+        }
+    })
+    .await;
+    assert_eq!(t.counter("faulty", "received"), 2);
+}
+
+/// The attack: a message stored in the stream larger than any pull of the host may take (it came
+/// in through a server with a higher `max_payload`, or before this one was restarted with a
+/// lower one). The server answers each pull whose next message is over the pull's bytes with a
+/// `409` status, not the message; the client pulls again, and every later event of the plugin
+/// waited behind it for good, with nothing said. Now the host pulls that one message without a
+/// byte bound, dead-letters it without its data with a reason naming its size, and the plugin
+/// goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_stored_message_larger_than_any_pull_is_dead_lettered_and_the_plugin_goes_on() {
+    let (server, _conf) = a_stream_holding_a_message_over_max_payload(5 << 20).await;
+    // Pulls of at most twice the server's max_payload and 64 KiB: 2 MiB and 64 KiB.
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
+        c.flow = plugbus::router::Flow { concurrency: 1, queue: 4, buffer_mib: 0 };
+    })
+    .await;
+    let mut dlq = t.observe(&["plugbus.dlq.>"]).await;
+    let reason = "the message cannot be taken from the broker: a message of";
+    dead_lettered_without_its_data(&t, &server, &mut dlq, reason, "too large to take from the broker").await;
+    let dead = &t.host.dead_letters().list(Some("faulty"))[0];
+    assert!(dead.event.header(headers::ERROR).unwrap().contains("(its data 5242880 bytes)"), "{:?}", dead.event);
+}
+
+/// The attack's other half: a pull large enough takes that message whole, and the plugin's
+/// `max_event_bytes` dead-letters it unrun, but the dead letter carried its data and so was
+/// over the server's `max_payload`: it was never kept in `PLUGBUS_DLQ`, and the input was
+/// `nak`ed until `max_deliver`. Now the dead letter is published without its data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_dead_letter_over_max_payload_is_kept_without_its_data() {
+    let (server, _conf) = a_stream_holding_a_message_over_max_payload(5 << 20).await;
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |_| {}).await;
+    let mut dlq = t.observe(&["plugbus.dlq.>"]).await;
+    let reason = "event of 5242880 bytes is over the 1048576-byte limit";
+    dead_lettered_without_its_data(&t, &server, &mut dlq, reason, "over the server's max_payload of 1048576").await;
+    // This host's own store keeps the whole dead letter.
+    assert_eq!(t.host.dead_letters().list(Some("faulty"))[0].event.data.len(), 5 << 20);
+}

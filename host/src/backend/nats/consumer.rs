@@ -4,6 +4,7 @@
 //! than a third of `ack_wait` (queued or running), so a slow handler is not redelivered under it.
 
 use super::wire;
+use crate::fate::DeliveryError;
 use crate::transport::{Acker, Delivery, Durability, TransportError};
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::message::AckKind;
@@ -192,7 +193,25 @@ pub async fn pump(
             }
         };
         let mut recreate = false;
-        while let Some(next) = messages.next().await {
+        // How long the pull may bring nothing before the consumer is looked at (see `STUCK_CHECK`).
+        let mut quiet_for = STUCK_CHECK;
+        let mut stuck = false;
+        loop {
+            let next = match tokio::time::timeout(quiet_for, messages.next()).await {
+                Ok(Some(next)) => {
+                    quiet_for = STUCK_CHECK;
+                    next
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    if waits_behind_a_message_no_pull_takes(&mut consumer).await {
+                        stuck = true;
+                        break;
+                    }
+                    quiet_for = (quiet_for * 2).min(STUCK_CHECK_MAX);
+                    continue;
+                }
+            };
             match next {
                 Ok(msg) if !filter.admits(msg.subject.as_str()) => {
                     // Not the plugin's (a system subject or another plugin's dead letter in a
@@ -215,6 +234,32 @@ pub async fn pump(
                 Err(e) => tracing::debug!(plugin = %plugin, stream = %spec.stream, "JetStream pull: {e}"),
             }
         }
+        if stuck {
+            // The open pull is given up first: the server serves pulls in turn.
+            drop(messages);
+            match take_the_next_message(&consumer).await {
+                Ok(Some(msg)) if !filter.admits(msg.subject.as_str()) => {
+                    if let Err(e) = msg.ack().await {
+                        tracing::debug!(plugin = %plugin, "acking a message the plugin does not take: {e}");
+                    }
+                }
+                Ok(Some(msg)) => {
+                    let delivery = if msg.message.length > batch.bytes {
+                        too_large_for_a_pull(msg, &held, &plugin, batch.bytes)
+                    } else {
+                        delivery_of(msg, &held, &plugin)
+                    };
+                    if !intake.send(delivery).await {
+                        return;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(plugin = %plugin, stream = %spec.stream, "taking the message the consumer waits behind: {e}")
+                }
+            }
+            continue;
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
         if recreate {
             match ensure(&js, &spec).await {
@@ -223,6 +268,75 @@ pub async fn pump(
             }
         }
     }
+}
+
+/// How long a pull may bring nothing before the host asks JetStream whether the consumer waits
+/// behind a message larger than any pull of its takes; doubled up to [`STUCK_CHECK_MAX`] while
+/// the answer is no (one consumer-info request per plugin that long, when idle).
+///
+/// Such a message was stored through a server with a higher `max_payload`, or before this one
+/// was restarted with a lower one. The server answers a pull whose next message is over the
+/// pull's bytes with a `409` status, not the message, and the client pulls again and again, so
+/// every later event of the plugin would wait behind it, with nothing said.
+const STUCK_CHECK: Duration = Duration::from_secs(3);
+const STUCK_CHECK_MAX: Duration = Duration::from_secs(60);
+
+/// Whether messages wait for the plugin that its pull does not bring, though the consumer is
+/// not at `max_ack_pending`: the pull is stuck behind one it cannot take.
+async fn waits_behind_a_message_no_pull_takes(consumer: &mut PullConsumer) -> bool {
+    match consumer.info().await {
+        Ok(info) => info.num_pending > 0 && (info.num_ack_pending as i64) < info.config.max_ack_pending,
+        Err(e) => {
+            tracing::debug!("consumer info, looking for a pull stuck behind a large message: {e}");
+            false
+        }
+    }
+}
+
+/// The consumer's next message, pulled alone and without a byte bound (so as large as its stream
+/// stored it: at most 64 MiB, NATS's own bound on `max_payload`).
+async fn take_the_next_message(consumer: &PullConsumer) -> Result<Option<jetstream::Message>, String> {
+    let mut one =
+        consumer.fetch().max_messages(1).expires(Duration::from_secs(5)).messages().await.map_err(|e| e.to_string())?;
+    match one.next().await {
+        Some(Ok(msg)) => Ok(Some(msg)),
+        Some(Err(e)) => Err(e.to_string()),
+        None => Ok(None),
+    }
+}
+
+/// A message larger than any pull takes (`bound` bytes), as a delivery that is dead-lettered
+/// without running: its reason names its size and where the stream keeps it, and its data is
+/// left out (a dead letter carrying it would be over the server's `max_payload`, so it could be
+/// neither kept nor published again).
+fn too_large_for_a_pull(msg: jetstream::Message, held: &Arc<Held>, plugin: &Arc<str>, bound: usize) -> Delivery {
+    let info = msg.info().ok();
+    let attempt = info.as_ref().map_or(1, |i| i.delivered.max(1) as u32);
+    let place = info.as_ref().map_or_else(String::new, |i| {
+        format!(" (kept in stream {} at sequence {}, its data not copied here)", i.stream, i.stream_sequence)
+    });
+    let fallback_id = info.as_ref().map(|i| format!("{}-{}", i.stream, i.stream_sequence));
+    let why = format!(
+        "a message of {} bytes (its data {} bytes), more than a pull takes ({bound} bytes: twice the \
+         server's max_payload and 64 KiB){place}",
+        msg.message.length,
+        msg.message.payload.len()
+    );
+    tracing::warn!(plugin = %plugin, subject = %msg.subject, "{why}: dead-lettering it so later events go on");
+    let reply = msg.message.reply.clone();
+    let (message, acker) = msg.split();
+    let token = held.hold(reply);
+    let acker = Box::new(JsAcker { acker, held: held.clone(), token, plugin: plugin.clone() });
+    // Its attributes as its headers give them (a structured CloudEvent's are in the data, left
+    // out: then it is known by its place in the stream).
+    let subject = message.subject.to_string();
+    let raw =
+        wire::event_of(&subject, message.headers.as_ref(), Bytes::new(), fallback_id.clone()).unwrap_or_else(|_| {
+            let id = fallback_id.unwrap_or_else(crate::event::new_id);
+            crate::event::Event::identified(subject, Bytes::new(), id, crate::event::now_rfc3339())
+        });
+    let defect = Some(DeliveryError::TooLargeToPull(why));
+    Delivery { attempt, acker, redeliverable: true, defect, ..Delivery::once(Arc::new(raw)) }
 }
 
 fn delivery_of(msg: jetstream::Message, held: &Arc<Held>, plugin: &Arc<str>) -> Delivery {
@@ -244,7 +358,8 @@ fn delivery_of(msg: jetstream::Message, held: &Arc<Held>, plugin: &Arc<str>) -> 
         }
         Err(why) => {
             let raw = crate::event::Event::new(subject, wire::owned(&message.payload));
-            Delivery { attempt, acker, redeliverable: true, defect: Some(why), ..Delivery::once(Arc::new(raw)) }
+            let defect = Some(DeliveryError::Undecodable(why));
+            Delivery { attempt, acker, redeliverable: true, defect, ..Delivery::once(Arc::new(raw)) }
         }
     }
 }

@@ -221,6 +221,43 @@ impl NatsTransport {
         reply_event(subject, msg)
     }
 
+    /// A dead letter over the server's `max_payload` (its event's data was near or over it: a
+    /// message stored through a server with a higher one, or an input near it with the dead
+    /// letter's headers on top) without that data, marked [`deadletter::headers::DATA_OMITTED`]:
+    /// it can be kept and listed, never replayed (the input stays where its stream keeps it; this
+    /// host's own store keeps the whole dead letter). `None` for every other event.
+    fn dead_letter_within_max_payload(&self, event: &Event) -> Option<Event> {
+        if !crate::deadletter::is_dead_letter(event) {
+            return None;
+        }
+        let max = self.client.server_info().max_payload;
+        let (headers, payload) = wire::message_of(event);
+        // As the server counts it: the payload and the header block (`NATS/1.0`, `name: value`
+        // lines, each ended by CRLF).
+        let header_bytes: usize = headers
+            .iter()
+            .flat_map(|(name, values)| {
+                values.iter().map(move |v| AsRef::<str>::as_ref(name).len() + v.as_str().len() + 4)
+            })
+            .sum();
+        let size = payload.len() + header_bytes + 12;
+        if size <= max {
+            return None;
+        }
+        let mut smaller = event.clone();
+        smaller.data = bytes::Bytes::new();
+        let why = format!(
+            "its {} bytes of data would take it to {size} bytes, over the server's max_payload of {max}: \
+             the input is kept where its stream keeps it",
+            event.data.len()
+        );
+        smaller.extensions.retain(|(name, _)| name != crate::deadletter::headers::DATA_OMITTED);
+        smaller.extensions.push((crate::deadletter::headers::DATA_OMITTED.to_string(), why));
+        tracing::warn!(subject = %event.subject, event_id = %event.id, size, max_payload = max,
+            "a dead letter over the server's max_payload is published without its data");
+        Some(smaller)
+    }
+
     /// Publishes `event`; on a subject a stream captures, waits for the stream's ack.
     async fn publish_event(&self, event: &Event) -> Result<(), TransportError> {
         validate_subject(&event.subject)?;
@@ -549,7 +586,10 @@ impl Transport for NatsTransport {
     }
 
     async fn publish_output(&self, event: Arc<Event>) -> Result<(), TransportError> {
-        self.publish_event(&event).await
+        match self.dead_letter_within_max_payload(&event) {
+            Some(smaller) => self.publish_event(&smaller).await,
+            None => self.publish_event(&event).await,
+        }
     }
 
     /// NATS request/reply: the client's own inbox (`_INBOX.…`, muxed by async-nats), a
