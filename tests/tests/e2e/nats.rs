@@ -909,6 +909,36 @@ async fn a_forged_dead_letter_stream_is_read_within_bounds_and_never_replayed_to
     assert!(data(&list(&[("plugin", "faulty")]).await).contains(&"stolen".to_string()));
 }
 
+/// A dead letter in `PLUGBUS_DLQ` that names no id (no `ce-id`, no `Nats-Msg-Id`: published by
+/// something other than a host) is known by its place in the stream, the same at every listing,
+/// so it can be replayed alone by that id. It used to get a new id at every listing, so
+/// `POST /v1/dlq/{id}/replay` never found it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_dead_letter_naming_no_id_keeps_one_id_across_listings() {
+    let server = NatsServer::start().await;
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |_| {}).await;
+    let js = jetstream::new(server.client().await);
+    let mut dead = async_nats::HeaderMap::new();
+    dead.insert(headers::PLUGIN, "faulty");
+    dead.insert(headers::ORIGINAL_SUBJECT, "faulty.ok");
+    dead.insert(headers::ERROR, "dead-lettered elsewhere");
+    let seq = js.publish_with_headers("plugbus.dlq.faulty", dead, "1".into()).await.unwrap().await.unwrap().sequence;
+    let client = reqwest::Client::new();
+    let listed_id = || {
+        let req = client.get(format!("{}/v1/dlq", t.url())).query(&[("plugin", "faulty")]);
+        async move {
+            let listed = req.send().await.unwrap().json::<Value>().await.unwrap();
+            listed["dead_letters"][0]["event"]["id"].as_str().unwrap_or_default().to_string()
+        }
+    };
+    let id = listed_id().await;
+    assert_eq!(id, format!("PLUGBUS_DLQ-{seq}"));
+    assert_eq!(listed_id().await, id, "listed again under another id");
+    let resp = client.post(format!("{}/v1/dlq/{id}/replay", t.url())).send().await.unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    t.wait_counter("faulty", "ok", 1).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_dead_letters_are_listed_and_replayed_from_the_stream_by_any_host() {
     let server = NatsServer::start().await;

@@ -86,7 +86,10 @@ pub async fn list(
         };
         next = msg.sequence + 1;
         bytes += message_cost(&msg.headers, msg.payload.len());
-        let event = match wire::event_of(&msg.subject, Some(&msg.headers), msg.payload, None) {
+        // One that names no id (not a host's: it has `ce-id`) is known by its place in the
+        // stream, the same at every listing, so a replay can name it.
+        let fallback_id = Some(format!("{STREAM}-{}", msg.sequence));
+        let event = match wire::event_of(&msg.subject, Some(&msg.headers), msg.payload, fallback_id) {
             Ok(event) => event,
             Err(why) => {
                 tracing::warn!(
