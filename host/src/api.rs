@@ -736,13 +736,45 @@ async fn replay(api: &Inner, plugin: Option<&str>) -> serde_json::Value {
     };
     let held: std::collections::HashSet<String> = broker.iter().map(|e| e.event.id.clone()).collect();
     // This host's own, taken out of its store now (the replays below may make new ones, which
-    // wait for the next replay); those the broker holds too are replayed from the broker.
+    // wait for the next replay); those the broker holds too are replayed from the broker, but
+    // where only this host's copy carries the data (see `whole_here`).
+    let taken = api.s.dead_letters.take(plugin);
+    let whole: std::collections::HashSet<String> =
+        broker.iter().filter(|b| whole_here(b, &taken)).map(|b| b.event.id.clone()).collect();
     let (in_broker, mine): (Vec<_>, Vec<_>) =
-        api.s.dead_letters.take(plugin).into_iter().partition(|e| held.contains(&e.event.id));
+        taken.into_iter().partition(|e| held.contains(&e.event.id) && !whole.contains(&e.event.id));
     api.s.dead_letters.forget(&in_broker);
+    let (copies, broker): (Vec<_>, Vec<_>) = broker.into_iter().partition(|b| whole.contains(&b.event.id));
     let mut report = replay_from_broker(api, broker).await;
-    report.extend(replay_entries(api, mine).await);
+    report.extend(replay_whole_here(api, mine, copies).await);
     report.to_json()
+}
+
+/// Whether this host keeps whole (`mine`) the dead letter the broker keeps without its data
+/// (`plugbus-data-omitted`: with it, it was over the server's largest message): that one is
+/// replayed from this host's copy, and the broker's goes after.
+fn whole_here(broker: &crate::deadletter::Entry, mine: &[crate::deadletter::Entry]) -> bool {
+    let lacks_data = |e: &crate::deadletter::Entry| e.event.header(crate::deadletter::headers::DATA_OMITTED).is_some();
+    lacks_data(broker) && mine.iter().any(|m| m.event.id == broker.event.id && !lacks_data(m))
+}
+
+/// Replays this host's own dead letters, then removes from the broker its copies (`copies`,
+/// kept without their data) of those replayed.
+async fn replay_whole_here(
+    api: &Inner,
+    mine: Vec<crate::deadletter::Entry>,
+    copies: Vec<crate::deadletter::Entry>,
+) -> ReplayReport {
+    let report = replay_entries(api, mine).await;
+    let replayed: std::collections::HashSet<&str> =
+        report.replayed.iter().filter_map(|r| r["dead_letter"].as_str()).collect();
+    for copy in copies.iter().filter(|c| replayed.contains(c.event.id.as_str())) {
+        if let Err(e) = api.s.transport.forget_dead_letter(copy.seq).await {
+            tracing::error!(plugin = %copy.plugin, event_id = %copy.event.id,
+                "dead letter replayed from this host's copy but its copy without data is still kept by the broker: {e}");
+        }
+    }
+    report
 }
 
 /// What a replay did: the dead letters replayed (each with the new event's id), how many the
@@ -896,8 +928,12 @@ async fn dlq_replay_one(State(api): State<Api>, Path(id): Path<String>) -> Respo
     }
     let replaying = Replaying(api.clone(), id.clone());
     let task_api = api.clone();
-    let broker = broker_entry(&api, &id).await;
-    let mine = api.s.dead_letters.take_id(&id);
+    let (broker, mine) = (broker_entry(&api, &id).await, api.s.dead_letters.take_id(&id));
+    // The broker's copy without its data, when this host keeps it whole: replayed from here.
+    let (broker, copy) = match (broker, &mine) {
+        (Some(b), Some(m)) if whole_here(&b, std::slice::from_ref(m)) => (None, Some(b)),
+        (b, _) => (b, None),
+    };
     // One that can never be replayed (no, an invalid or a system original subject) is kept and
     // answered `422` with why: a `503` would tell the client to try again.
     if let Some(Err(why)) = broker.as_ref().or(mine.as_ref()).map(|e| crate::deadletter::replay_event(&e.event)) {
@@ -926,7 +962,7 @@ async fn dlq_replay_one(State(api): State<Api>, Path(id): Path<String>) -> Respo
         (None, Some(entry)) => {
             tokio::spawn(async move {
                 let _replaying = replaying;
-                replay_entries(&task_api, vec![entry]).await.to_json()
+                replay_whole_here(&task_api, vec![entry], copy.into_iter().collect()).await.to_json()
             })
             .await
         }
@@ -1023,6 +1059,27 @@ async fn stats(State(api): State<Api>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A dead letter the broker keeps without its data is replayed from this host's copy only
+    /// when that copy is whole; any other is replayed from the broker's.
+    #[test]
+    fn a_dead_letter_is_replayed_from_this_hosts_copy_only_where_the_brokers_lacks_its_data() {
+        use crate::deadletter::{Entry, headers::DATA_OMITTED};
+        let entry = |id: &str, data: &'static str, omitted: bool| {
+            let mut event = crate::Event::new("plugbus.dlq.p", data);
+            event.id = id.into();
+            if omitted {
+                event.extensions.push((DATA_OMITTED.into(), "its data".into()));
+            }
+            Entry { seq: 1, plugin: "p".into(), event, record: None }
+        };
+        let (without, whole) = (entry("a", "", true), entry("a", "data", false));
+        assert!(whole_here(&without, std::slice::from_ref(&whole)));
+        assert!(!whole_here(&without, &[entry("b", "data", false)]), "another dead letter");
+        assert!(!whole_here(&without, &[entry("a", "", true)]), "this host's copy lacks it too");
+        assert!(!whole_here(&whole, std::slice::from_ref(&whole)), "the broker's copy is whole");
+        assert!(!whole_here(&without, &[]));
+    }
 
     #[test]
     fn loopback_hosts_are_told_from_foreign_names() {

@@ -37,8 +37,8 @@ pub mod headers {
     pub const REPLAY_OF: &str = "plugbus-replay-of";
     /// On a dead letter of a dead letter: how deep (1). One that fails again is only logged.
     pub const DEPTH: &str = "plugbus-dead-letter-depth";
-    /// On a dead letter that leaves its event's data out (too large to take from the broker,
-    /// or to publish to it again): why, and where the data is. Never replayed.
+    /// On a dead letter published without its event's data (with it, it would be over the
+    /// broker's largest message): what was left out, and why. Never replayed.
     pub const DATA_OMITTED: &str = "plugbus-data-omitted";
 }
 
@@ -48,8 +48,14 @@ pub const MAX_ERROR_BYTES: usize = 2 * ECHO_BYTES;
 
 /// Builds the dead-letter event of `original`; `error` is cut at [`MAX_ERROR_BYTES`].
 pub fn dead_letter_event(original: &Event, plugin: &str, subject: &str, error: &str, attempts: u32) -> Event {
-    let mut extensions: Vec<(String, String)> =
-        original.extensions.iter().filter(|(k, _)| !k.starts_with("plugbus-")).cloned().collect();
+    // The host's marks are its own to set, but one that says the original lacks its data stays
+    // (a dead letter of such a dead letter must not be replayed as whole either).
+    let mut extensions: Vec<(String, String)> = original
+        .extensions
+        .iter()
+        .filter(|(k, _)| !k.starts_with("plugbus-") || (k == headers::DATA_OMITTED && is_dead_letter(original)))
+        .cloned()
+        .collect();
     extensions.extend([
         (headers::ERROR.to_string(), cut_to(error, MAX_ERROR_BYTES).into_owned()),
         (headers::PLUGIN.to_string(), plugin.to_string()),
@@ -124,7 +130,7 @@ pub fn replay_event(dead: &Event) -> Result<Event, String> {
     if let Some(why) = dead.header(headers::DATA_OMITTED) {
         return Err(format!(
             "it does not carry its event's data ({}), so a replay would publish an event without it: \
-             publish the original again from where it is kept",
+             replay it on the host that dead-lettered it, which keeps it whole",
             crate::event::quoted(why)
         ));
     }
@@ -462,6 +468,22 @@ impl DeadLetters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A dead letter of a dead letter published without its data keeps the mark (it must not be
+    /// replayed as whole either); an ordinary event's forged mark is dropped like any `plugbus-*`.
+    #[test]
+    fn the_data_omitted_mark_passes_to_a_dead_letter_of_a_dead_letter_only() {
+        let mut first = dead_letter_event(&Event::new("a.b", "data"), "p", "plugbus.dlq.p", "failed", 1);
+        first.data = bytes::Bytes::new();
+        first.extensions.push((headers::DATA_OMITTED.into(), "its 5 bytes of data".into()));
+        let second = dead_letter_event(&first, "q", "plugbus.dlq.q", "failed again", 1);
+        assert_eq!(second.header(headers::DATA_OMITTED), Some("its 5 bytes of data"));
+        assert!(replay_event(&second).is_err());
+        let forged = Event::new("a.b", "data").with_header(headers::DATA_OMITTED, "forged");
+        let dead = dead_letter_event(&forged, "p", "plugbus.dlq.p", "failed", 1);
+        assert_eq!(dead.header(headers::DATA_OMITTED), None);
+        assert!(replay_event(&dead).is_ok());
+    }
 
     #[test]
     fn a_dead_letter_carries_the_original_and_why_and_replays_to_where_it_came_from() {

@@ -327,7 +327,7 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
     // What the failed attempt saw, when the delivery ends dead-lettered.
     let mut record = None;
     let outcome = match &delivery.defect {
-        Some(failure) => Outcome::DeadLettered { attempts: 0, failure: failure.clone() },
+        Some(why) => Outcome::DeadLettered { attempts: 0, failure: DeliveryError::Undecodable(why.clone()) },
         None => match delivery.handled.clone() {
             // Its kv writes committed (with these outputs) before the host stopped: it is not
             // run again; its outputs are released and it is acked.
@@ -361,11 +361,7 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
             delivery.acker.ack().await;
         }
         Outcome::DeadLettered { attempts, failure } => {
-            let omitted = match failure {
-                DeliveryError::TooLargeToPull(_) => Some("the message was too large to take from the broker"),
-                _ => None,
-            };
-            let dead = keep_dead_letter(rt, ev, &failure.to_string(), *attempts, record, omitted);
+            let dead = keep_dead_letter(rt, ev, &failure.to_string(), *attempts, record);
             // Counted once kept and before it is published: whoever reads the count finds the
             // dead letter in the store, and whoever sees it on the bus reads it counted.
             counters.dead_lettered.inc();
@@ -661,7 +657,7 @@ async fn dead_letter(
     attempts: u32,
     record: Option<Box<Record>>,
 ) -> Result<(), ()> {
-    match keep_dead_letter(rt, ev, failure, attempts, record, None) {
+    match keep_dead_letter(rt, ev, failure, attempts, record) {
         Some(dead) => publish_dead_letter(rt, &ev.id, dead).await,
         None => Ok(()),
     }
@@ -675,7 +671,6 @@ fn keep_dead_letter(
     failure: &str,
     attempts: u32,
     record: Option<Box<Record>>,
-    data_omitted: Option<&str>,
 ) -> Option<Event> {
     let (plugin, subject, id) = (&rt.name, &ev.subject, &ev.id);
     // A dead letter is the host's mark on a dead-letter subject (the default `plugbus.dlq.*`, or
@@ -691,10 +686,7 @@ fn keep_dead_letter(
     }
     tracing::error!(plugin = %plugin, subject = %subject, event_id = %id, attempts,
         dead_letter = %rt.dead_letter_subject, "event dead-lettered: {failure}");
-    let mut dead = deadletter::dead_letter_event(ev, plugin, &rt.dead_letter_subject, failure, attempts);
-    if let Some(why) = data_omitted {
-        dead.extensions.push((deadletter::headers::DATA_OMITTED.to_string(), why.to_string()));
-    }
+    let dead = deadletter::dead_letter_event(ev, plugin, &rt.dead_letter_subject, failure, attempts);
     rt.dead_letters.push_recorded(plugin, dead.clone(), record);
     Some(dead)
 }

@@ -34,10 +34,6 @@ pub enum DeliveryError {
     },
     /// The message could not be read as an event: it is never run.
     Undecodable(String),
-    /// The message is larger than the transport may take from its broker at once (a stored
-    /// JetStream message over twice the server's `max_payload`): it is never run, and its
-    /// dead letter leaves its data where the broker keeps it.
-    TooLargeToPull(String),
 }
 
 impl DeliveryError {
@@ -49,7 +45,7 @@ impl DeliveryError {
             | DeliveryError::KvConflict(_)
             | DeliveryError::KvQuota(_)
             | DeliveryError::Publish(_) => true,
-            DeliveryError::Oversize { .. } | DeliveryError::Undecodable(_) | DeliveryError::TooLargeToPull(_) => false,
+            DeliveryError::Oversize { .. } | DeliveryError::Undecodable(_) => false,
         }
     }
 }
@@ -66,7 +62,6 @@ impl std::fmt::Display for DeliveryError {
                 write!(f, "event of {bytes} bytes is over the {limit}-byte limit")
             }
             DeliveryError::Undecodable(why) => write!(f, "the message is not a valid event: {why}"),
-            DeliveryError::TooLargeToPull(why) => write!(f, "the message cannot be taken from the broker: {why}"),
         }
     }
 }

@@ -160,9 +160,8 @@ pub struct Delivery {
     pub attempt: u32,
     /// Whether the transport delivers it again after a `nak` (so retries may leave the host).
     pub redeliverable: bool,
-    /// Why the message cannot be run (it could not be read as an event, or could not be taken
-    /// whole from the broker): it is dead-lettered without running, for this reason.
-    pub defect: Option<crate::fate::DeliveryError>,
+    /// Why the message could not be read as an event (it is dead-lettered without running).
+    pub defect: Option<String>,
     /// The outputs of an attempt whose kv writes committed before the host stopped: the event
     /// is not run again, these are released and it is acked.
     pub handled: Option<Vec<Arc<Event>>>,

@@ -4,7 +4,6 @@
 //! than a third of `ack_wait` (queued or running), so a slow handler is not redelivered under it.
 
 use super::wire;
-use crate::fate::DeliveryError;
 use crate::transport::{Acker, Delivery, Durability, TransportError};
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::message::AckKind;
@@ -198,19 +197,23 @@ pub async fn pump(
         let mut stuck = false;
         loop {
             let next = match tokio::time::timeout(quiet_for, messages.next()).await {
-                Ok(Some(next)) => {
-                    quiet_for = STUCK_CHECK;
-                    next
-                }
+                Ok(Some(next)) => next,
                 Ok(None) => break,
-                Err(_) => {
-                    if waits_behind_a_message_no_pull_takes(&mut consumer).await {
-                        stuck = true;
-                        break;
-                    }
+                Err(_) if !waits_behind_a_message_no_pull_takes(&mut consumer).await => {
                     quiet_for = (quiet_for * 2).min(STUCK_CHECK_MAX);
                     continue;
                 }
+                // What came during the look is taken first: a burst the open pull is already
+                // bringing reads as messages waiting too, and dropping the pull would leave them
+                // unacked until `ack_wait`, then redelivered out of order.
+                Err(_) => match tokio::time::timeout(DRAIN, messages.next()).await {
+                    Ok(Some(next)) => next,
+                    Ok(None) => break,
+                    Err(_) => {
+                        stuck = true;
+                        break;
+                    }
+                },
             };
             match next {
                 Ok(msg) if !filter.admits(msg.subject.as_str()) => {
@@ -235,7 +238,9 @@ pub async fn pump(
             }
         }
         if stuck {
-            // The open pull is given up first: the server serves pulls in turn.
+            // The open pull is given up first: the server serves pulls in turn. The message is
+            // delivered as any other: `max_event_bytes` decides whether it runs, and a dead letter
+            // too large for the server is published without its data (`NatsTransport`).
             drop(messages);
             match take_the_next_message(&consumer).await {
                 Ok(Some(msg)) if !filter.admits(msg.subject.as_str()) => {
@@ -244,12 +249,10 @@ pub async fn pump(
                     }
                 }
                 Ok(Some(msg)) => {
-                    let delivery = if msg.message.length > batch.bytes {
-                        too_large_for_a_pull(msg, &held, &plugin, batch.bytes)
-                    } else {
-                        delivery_of(msg, &held, &plugin)
-                    };
-                    if !intake.send(delivery).await {
+                    tracing::warn!(plugin = %plugin, stream = %spec.stream, subject = %msg.subject,
+                        bytes = msg.message.length, pull_bytes = batch.bytes,
+                        "the consumer waited behind a message larger than a pull takes; taken alone");
+                    if !intake.send(delivery_of(msg, &held, &plugin)).await {
                         return;
                     }
                 }
@@ -271,21 +274,31 @@ pub async fn pump(
 }
 
 /// How long a pull may bring nothing before the host asks JetStream whether the consumer waits
-/// behind a message larger than any pull of its takes; doubled up to [`STUCK_CHECK_MAX`] while
-/// the answer is no (one consumer-info request per plugin that long, when idle).
+/// behind a message larger than any pull of its takes (`Batch::bytes`); doubled up to
+/// [`STUCK_CHECK_MAX`] each time the answer is no, back to this after a yes. So a plugin whose
+/// events come every few seconds costs few consumer-info requests, and a stuck one is found
+/// within a minute (an idle one costs a request a minute).
 ///
 /// Such a message was stored through a server with a higher `max_payload`, or before this one
-/// was restarted with a lower one. The server answers a pull whose next message is over the
-/// pull's bytes with a `409` status, not the message, and the client pulls again and again, so
-/// every later event of the plugin would wait behind it, with nothing said.
+/// was restarted with a lower one (and `flow.buffer_mib` is below it). The server answers a
+/// pull whose next message is over the pull's bytes with a `409` status, not the message;
+/// async-nats swallows it and pulls again, so every later event of the plugin would wait behind
+/// it for good, with nothing said.
 const STUCK_CHECK: Duration = Duration::from_secs(3);
 const STUCK_CHECK_MAX: Duration = Duration::from_secs(60);
+
+/// How long the open pull is given, once the consumer looked stuck, to bring what it may be
+/// bringing already.
+const DRAIN: Duration = Duration::from_millis(200);
 
 /// Whether messages wait for the plugin that its pull does not bring, though the consumer is
 /// not at `max_ack_pending`: the pull is stuck behind one it cannot take.
 async fn waits_behind_a_message_no_pull_takes(consumer: &mut PullConsumer) -> bool {
     match consumer.info().await {
-        Ok(info) => info.num_pending > 0 && (info.num_ack_pending as i64) < info.config.max_ack_pending,
+        Ok(info) => {
+            let limit = info.config.max_ack_pending;
+            info.num_pending > 0 && (limit <= 0 || (info.num_ack_pending as i64) < limit)
+        }
         Err(e) => {
             tracing::debug!("consumer info, looking for a pull stuck behind a large message: {e}");
             false
@@ -303,40 +316,6 @@ async fn take_the_next_message(consumer: &PullConsumer) -> Result<Option<jetstre
         Some(Err(e)) => Err(e.to_string()),
         None => Ok(None),
     }
-}
-
-/// A message larger than any pull takes (`bound` bytes), as a delivery that is dead-lettered
-/// without running: its reason names its size and where the stream keeps it, and its data is
-/// left out (a dead letter carrying it would be over the server's `max_payload`, so it could be
-/// neither kept nor published again).
-fn too_large_for_a_pull(msg: jetstream::Message, held: &Arc<Held>, plugin: &Arc<str>, bound: usize) -> Delivery {
-    let info = msg.info().ok();
-    let attempt = info.as_ref().map_or(1, |i| i.delivered.max(1) as u32);
-    let place = info.as_ref().map_or_else(String::new, |i| {
-        format!(" (kept in stream {} at sequence {}, its data not copied here)", i.stream, i.stream_sequence)
-    });
-    let fallback_id = info.as_ref().map(|i| format!("{}-{}", i.stream, i.stream_sequence));
-    let why = format!(
-        "a message of {} bytes (its data {} bytes), more than a pull takes ({bound} bytes: twice the \
-         server's max_payload and 64 KiB){place}",
-        msg.message.length,
-        msg.message.payload.len()
-    );
-    tracing::warn!(plugin = %plugin, subject = %msg.subject, "{why}: dead-lettering it so later events go on");
-    let reply = msg.message.reply.clone();
-    let (message, acker) = msg.split();
-    let token = held.hold(reply);
-    let acker = Box::new(JsAcker { acker, held: held.clone(), token, plugin: plugin.clone() });
-    // Its attributes as its headers give them (a structured CloudEvent's are in the data, left
-    // out: then it is known by its place in the stream).
-    let subject = message.subject.to_string();
-    let raw =
-        wire::event_of(&subject, message.headers.as_ref(), Bytes::new(), fallback_id.clone()).unwrap_or_else(|_| {
-            let id = fallback_id.unwrap_or_else(crate::event::new_id);
-            crate::event::Event::identified(subject, Bytes::new(), id, crate::event::now_rfc3339())
-        });
-    let defect = Some(DeliveryError::TooLargeToPull(why));
-    Delivery { attempt, acker, redeliverable: true, defect, ..Delivery::once(Arc::new(raw)) }
 }
 
 fn delivery_of(msg: jetstream::Message, held: &Arc<Held>, plugin: &Arc<str>) -> Delivery {
@@ -358,8 +337,7 @@ fn delivery_of(msg: jetstream::Message, held: &Arc<Held>, plugin: &Arc<str>) -> 
         }
         Err(why) => {
             let raw = crate::event::Event::new(subject, wire::owned(&message.payload));
-            let defect = Some(DeliveryError::Undecodable(why));
-            Delivery { attempt, acker, redeliverable: true, defect, ..Delivery::once(Arc::new(raw)) }
+            Delivery { attempt, acker, redeliverable: true, defect: Some(why), ..Delivery::once(Arc::new(raw)) }
         }
     }
 }

@@ -17,6 +17,7 @@ mod queue_group;
 mod streams;
 mod wire;
 
+use crate::deadletter::headers::DATA_OMITTED;
 use crate::event::Event;
 use crate::metrics::PluginLabels;
 use crate::subject::{PatternSet, validate_subject, without_covered};
@@ -221,40 +222,37 @@ impl NatsTransport {
         reply_event(subject, msg)
     }
 
-    /// A dead letter over the server's `max_payload` (its event's data was near or over it: a
-    /// message stored through a server with a higher one, or an input near it with the dead
-    /// letter's headers on top) without that data, marked [`deadletter::headers::DATA_OMITTED`]:
-    /// it can be kept and listed, never replayed (the input stays where its stream keeps it; this
-    /// host's own store keeps the whole dead letter). `None` for every other event.
+    /// A dead letter over the server's `max_payload` (its event's data was near or over it: an
+    /// input near it with the dead letter's headers on top, or a message stored through a server
+    /// with a higher one) without that data, and when that is not enough without the event's own
+    /// headers too, marked [`deadletter::headers::DATA_OMITTED`] with what was left out: it can
+    /// be kept and listed, never replayed from the broker (this host's own store keeps the whole
+    /// dead letter). `None` for every other event, and for a dead letter within it.
     fn dead_letter_within_max_payload(&self, event: &Event) -> Option<Event> {
         if !crate::deadletter::is_dead_letter(event) {
             return None;
         }
         let max = self.client.server_info().max_payload;
-        let (headers, payload) = wire::message_of(event);
-        // As the server counts it: the payload and the header block (`NATS/1.0`, `name: value`
-        // lines, each ended by CRLF).
-        let header_bytes: usize = headers
-            .iter()
-            .flat_map(|(name, values)| {
-                values.iter().map(move |v| AsRef::<str>::as_ref(name).len() + v.as_str().len() + 4)
-            })
-            .sum();
-        let size = payload.len() + header_bytes + 12;
+        let size = wire_size(event);
         if size <= max {
             return None;
         }
         let mut smaller = event.clone();
         smaller.data = bytes::Bytes::new();
+        smaller.extensions.retain(|(name, _)| name != DATA_OMITTED);
+        let mut left_out = format!("its {} bytes of data", event.data.len());
+        if wire_size(&smaller) + 512 > max {
+            // A header as large as the data (only the size of an event's attributes is bounded).
+            smaller.extensions.retain(|(name, _)| name.starts_with("plugbus-"));
+            left_out.push_str(" and the event's own headers");
+        }
         let why = format!(
-            "its {} bytes of data would take it to {size} bytes, over the server's max_payload of {max}: \
-             the input is kept where its stream keeps it",
-            event.data.len()
+            "{left_out}: they took it to {size} bytes, over the server's max_payload of {max}; the host that \
+             dead-lettered it keeps it whole"
         );
-        smaller.extensions.retain(|(name, _)| name != crate::deadletter::headers::DATA_OMITTED);
-        smaller.extensions.push((crate::deadletter::headers::DATA_OMITTED.to_string(), why));
+        smaller.extensions.push((DATA_OMITTED.to_string(), why));
         tracing::warn!(subject = %event.subject, event_id = %event.id, size, max_payload = max,
-            "a dead letter over the server's max_payload is published without its data");
+            "a dead letter over the server's max_payload is published without {left_out}");
         Some(smaller)
     }
 
@@ -573,6 +571,17 @@ impl Drop for Unsubscribe {
             });
         }
     }
+}
+
+/// The bytes the server counts against `max_payload` for `event`: its payload and its header
+/// block (`NATS/1.0`, a `name: value` line each, every line ended by CRLF).
+fn wire_size(event: &Event) -> usize {
+    let (headers, payload) = wire::message_of(event);
+    let lines: usize = headers
+        .iter()
+        .flat_map(|(name, values)| values.iter().map(move |v| AsRef::<str>::as_ref(name).len() + v.as_str().len() + 4))
+        .sum();
+    payload.len() + lines + 12
 }
 
 #[async_trait]

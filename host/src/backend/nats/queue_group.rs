@@ -14,7 +14,6 @@
 use super::budget::{Budget, Intake};
 use super::{Filter, wire};
 use crate::event::{BUFFERED_ENTRY_COST, Event};
-use crate::fate::DeliveryError;
 use crate::transport::Delivery;
 use async_nats::{Message, Subscriber};
 use futures::StreamExt;
@@ -84,7 +83,7 @@ fn delivery_of(msg: Message) -> Delivery {
         }
         Err(why) => {
             let raw = Event::new(subject, wire::owned(&msg.payload));
-            Delivery { defect: Some(DeliveryError::Undecodable(why)), ..Delivery::once(Arc::new(raw)) }
+            Delivery { defect: Some(why), ..Delivery::once(Arc::new(raw)) }
         }
     }
 }
