@@ -225,7 +225,7 @@ impl NatsTransport {
     /// A dead letter over the server's `max_payload` (its event's data was near or over it: an
     /// input near it with the dead letter's headers on top, or a message stored through a server
     /// with a higher one) without that data, and when that is not enough without the event's own
-    /// headers too, marked [`deadletter::headers::DATA_OMITTED`] with what was left out: it can
+    /// headers too, marked [`DATA_OMITTED`] with what was left out: it can
     /// be kept and listed, never replayed from the broker (this host's own store keeps the whole
     /// dead letter). `None` for every other event, and for a dead letter within it.
     fn dead_letter_within_max_payload(&self, event: &Event) -> Option<Event> {
