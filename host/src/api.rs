@@ -739,8 +739,13 @@ async fn replay(api: &Inner, plugin: Option<&str>) -> serde_json::Value {
     // wait for the next replay); those the broker holds too are replayed from the broker, but
     // where only this host's copy carries the data (see `whole_here`).
     let taken = api.s.dead_letters.take(plugin);
-    let whole: std::collections::HashSet<String> =
-        broker.iter().filter(|b| whole_here(b, &taken)).map(|b| b.event.id.clone()).collect();
+    let mine_by_id: std::collections::HashMap<&str, &crate::deadletter::Entry> =
+        taken.iter().map(|e| (e.event.id.as_str(), e)).collect();
+    let whole: std::collections::HashSet<String> = broker
+        .iter()
+        .filter(|b| mine_by_id.get(b.event.id.as_str()).is_some_and(|m| whole_here(b, m)))
+        .map(|b| b.event.id.clone())
+        .collect();
     let (in_broker, mine): (Vec<_>, Vec<_>) =
         taken.into_iter().partition(|e| held.contains(&e.event.id) && !whole.contains(&e.event.id));
     api.s.dead_letters.forget(&in_broker);
@@ -750,12 +755,12 @@ async fn replay(api: &Inner, plugin: Option<&str>) -> serde_json::Value {
     report.to_json()
 }
 
-/// Whether this host keeps whole (`mine`) the dead letter the broker keeps without its data
-/// (`plugbus-data-omitted`: with it, it was over the server's largest message): that one is
+/// Whether this host's copy (`mine`) is whole of the dead letter the broker keeps without its
+/// data (`plugbus-data-omitted`: with it, it was over the server's largest message): that one is
 /// replayed from this host's copy, and the broker's goes after.
-fn whole_here(broker: &crate::deadletter::Entry, mine: &[crate::deadletter::Entry]) -> bool {
+fn whole_here(broker: &crate::deadletter::Entry, mine: &crate::deadletter::Entry) -> bool {
     let lacks_data = |e: &crate::deadletter::Entry| e.event.header(crate::deadletter::headers::DATA_OMITTED).is_some();
-    lacks_data(broker) && mine.iter().any(|m| m.event.id == broker.event.id && !lacks_data(m))
+    mine.event.id == broker.event.id && lacks_data(broker) && !lacks_data(mine)
 }
 
 /// Replays this host's own dead letters, then removes from the broker its copies (`copies`,
@@ -931,7 +936,7 @@ async fn dlq_replay_one(State(api): State<Api>, Path(id): Path<String>) -> Respo
     let (broker, mine) = (broker_entry(&api, &id).await, api.s.dead_letters.take_id(&id));
     // The broker's copy without its data, when this host keeps it whole: replayed from here.
     let (broker, copy) = match (broker, &mine) {
-        (Some(b), Some(m)) if whole_here(&b, std::slice::from_ref(m)) => (None, Some(b)),
+        (Some(b), Some(m)) if whole_here(&b, m) => (None, Some(b)),
         (b, _) => (b, None),
     };
     // One that can never be replayed (no, an invalid or a system original subject) is kept and
@@ -1074,11 +1079,10 @@ mod tests {
             Entry { seq: 1, plugin: "p".into(), event, record: None }
         };
         let (without, whole) = (entry("a", "", true), entry("a", "data", false));
-        assert!(whole_here(&without, std::slice::from_ref(&whole)));
-        assert!(!whole_here(&without, &[entry("b", "data", false)]), "another dead letter");
-        assert!(!whole_here(&without, &[entry("a", "", true)]), "this host's copy lacks it too");
-        assert!(!whole_here(&whole, std::slice::from_ref(&whole)), "the broker's copy is whole");
-        assert!(!whole_here(&without, &[]));
+        assert!(whole_here(&without, &whole));
+        assert!(!whole_here(&without, &entry("b", "data", false)), "another dead letter");
+        assert!(!whole_here(&without, &entry("a", "", true)), "this host's copy lacks it too");
+        assert!(!whole_here(&whole, &whole), "the broker's copy is whole");
     }
 
     #[test]

@@ -1119,10 +1119,10 @@ async fn jetstream_messages_larger_than_the_plugins_buffer_are_still_delivered()
     t.wait_counter("faulty", "ok", 5).await;
 }
 
-/// A server whose `faulty` stream holds a message whose data is `bytes` long, stored when the
-/// server took up to 8 MB, then a small one: restarted since with `max_payload` 1 MB (the same
-/// store), its conf folder, and the consumer made by a host that stopped before either came.
-async fn a_stream_holding_a_message_over_max_payload(bytes: usize) -> (NatsServer, tempfile::TempDir) {
+/// A server whose `faulty` stream holds a message of 5 MiB of data, stored when the server took
+/// up to 8 MB, then a small one: restarted since with `max_payload` 1 MB (the same store), its
+/// conf folder, and the consumer made by a host that stopped before either came.
+async fn a_stream_holding_a_message_over_max_payload() -> (NatsServer, tempfile::TempDir) {
     let conf_dir = tempfile::tempdir().unwrap();
     let conf = conf_dir.path().join("nats.conf");
     std::fs::write(&conf, "max_payload: 8MB\n").unwrap();
@@ -1130,7 +1130,7 @@ async fn a_stream_holding_a_message_over_max_payload(bytes: usize) -> (NatsServe
     let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |_| {}).await;
     t.host.shutdown().await;
     let js = jetstream::new(server.client().await);
-    js.publish("faulty.ok", format!("1{}", " ".repeat(bytes - 1)).into()).await.unwrap().await.unwrap();
+    js.publish("faulty.ok", format!("1{}", " ".repeat((5 << 20) - 1)).into()).await.unwrap().await.unwrap();
     js.publish("faulty.ok", "1".into()).await.unwrap().await.unwrap();
     server.stop();
     std::fs::write(&conf, "max_payload: 1MB\n").unwrap();
@@ -1138,13 +1138,26 @@ async fn a_stream_holding_a_message_over_max_payload(bytes: usize) -> (NatsServe
     (server, conf_dir)
 }
 
-/// Waits for the dead letter of the 5 MiB message on `dlq` (`max_event_bytes` refuses it
-/// unrun), checks that it carries no data but the mark that says why (with its data it would be
-/// over the server's `max_payload`, and never kept there; marked, it is never replayed from the
-/// broker as an empty event), that this host keeps it whole, then that the plugin handled the
-/// small event behind it and JetStream holds neither for it any more.
-async fn dead_lettered_without_its_data(t: &TestHost, server: &NatsServer, dlq: &mut plugbus_tests::Observer) {
-    let dead = dlq.next_on("plugbus.dlq.faulty").await;
+/// Waits for `PLUGBUS_DLQ` to keep the dead letter of the 5 MiB message (`max_event_bytes`
+/// refuses it unrun), checks that it carries no data but the mark that says why (with its data
+/// it would be over the server's `max_payload`, and never kept there; marked, it is never
+/// replayed from the broker as an empty event), that this host keeps it whole, then that the
+/// plugin handled the small event behind it and JetStream holds neither for it any more.
+async fn dead_lettered_without_its_data(t: &TestHost, server: &NatsServer) {
+    let js = jetstream::new(server.client().await);
+    // Read from the stream, not observed: it may be published before an observer subscribes,
+    // and the point is that the broker keeps it.
+    let kept = || async {
+        let stream = js.get_stream("PLUGBUS_DLQ").await.ok()?;
+        stream.get_last_raw_message_by_subject("plugbus.dlq.faulty").await.ok()
+    };
+    plugbus_tests::eventually_async("PLUGBUS_DLQ keeps the dead letter", Duration::from_secs(30), || async {
+        kept().await.is_some()
+    })
+    .await;
+    let raw = kept().await.unwrap();
+    let pairs = raw.headers.iter().flat_map(|(k, vs)| vs.iter().map(move |v| (AsRef::<str>::as_ref(k), v.as_str())));
+    let dead = plugbus::cloudevents::decode(raw.subject.as_str(), pairs, raw.payload.clone()).unwrap();
     let error = dead.header(headers::ERROR).unwrap_or_default();
     assert!(error.contains("event of 5242880 bytes is over the 1048576-byte limit"), "{error}");
     assert!(dead.data.is_empty(), "a dead letter over max_payload was published with its data");
@@ -1154,7 +1167,6 @@ async fn dead_lettered_without_its_data(t: &TestHost, server: &NatsServer, dlq: 
     assert_eq!(t.host.dead_letters().list(Some("faulty"))[0].event.data.len(), 5 << 20);
     t.wait_counter("faulty", "ok", 1).await;
     assert_eq!(t.counter("faulty", "dead_lettered"), 1);
-    let js = jetstream::new(server.client().await);
     plugbus_tests::eventually_async("both settled", Duration::from_secs(10), || {
         let js = js.clone();
         async move {
@@ -1174,14 +1186,13 @@ async fn dead_lettered_without_its_data(t: &TestHost, server: &NatsServer, dlq: 
 /// that one message alone, and delivers it as any other (here `max_event_bytes` refuses it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_a_stored_message_larger_than_any_pull_no_longer_stalls_its_plugin() {
-    let (server, _conf) = a_stream_holding_a_message_over_max_payload(5 << 20).await;
+    let (server, _conf) = a_stream_holding_a_message_over_max_payload().await;
     // Pulls of at most twice the server's max_payload and 64 KiB: 2 MiB and 64 KiB.
     let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
         c.flow = plugbus::router::Flow { concurrency: 1, queue: 4, buffer_mib: 0 };
     })
     .await;
-    let mut dlq = t.observe(&["plugbus.dlq.>"]).await;
-    dead_lettered_without_its_data(&t, &server, &mut dlq).await;
+    dead_lettered_without_its_data(&t, &server).await;
 }
 
 /// The attack's other half: a pull large enough takes that message whole, and the plugin's
@@ -1190,8 +1201,7 @@ async fn jetstream_a_stored_message_larger_than_any_pull_no_longer_stalls_its_pl
 /// `nak`ed until `max_deliver`. Now the dead letter is published without its data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_a_dead_letter_over_max_payload_is_kept_without_its_data() {
-    let (server, _conf) = a_stream_holding_a_message_over_max_payload(5 << 20).await;
+    let (server, _conf) = a_stream_holding_a_message_over_max_payload().await;
     let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |_| {}).await;
-    let mut dlq = t.observe(&["plugbus.dlq.>"]).await;
-    dead_lettered_without_its_data(&t, &server, &mut dlq).await;
+    dead_lettered_without_its_data(&t, &server).await;
 }

@@ -225,9 +225,9 @@ impl NatsTransport {
     /// A dead letter over the server's `max_payload` (its event's data was near or over it: an
     /// input near it with the dead letter's headers on top, or a message stored through a server
     /// with a higher one) without that data, and when that is not enough without the event's own
-    /// headers too, marked [`DATA_OMITTED`] with what was left out: it can
-    /// be kept and listed, never replayed from the broker (this host's own store keeps the whole
-    /// dead letter). `None` for every other event, and for a dead letter within it.
+    /// headers too, marked [`DATA_OMITTED`] with what was left out: it can be kept and listed,
+    /// never replayed from the broker (this host's own store keeps the whole dead letter). `None`
+    /// for every other event, and for a dead letter within it.
     fn dead_letter_within_max_payload(&self, event: &Event) -> Option<Event> {
         if !crate::deadletter::is_dead_letter(event) {
             return None;
@@ -237,20 +237,24 @@ impl NatsTransport {
         if size <= max {
             return None;
         }
+        let mark = |left_out: &str| {
+            let why = format!(
+                "{left_out}: they took it to {size} bytes, over the server's max_payload of {max}; the host that \
+                 dead-lettered it keeps it whole"
+            );
+            (DATA_OMITTED.to_string(), why)
+        };
         let mut smaller = event.clone();
         smaller.data = bytes::Bytes::new();
         smaller.extensions.retain(|(name, _)| name != DATA_OMITTED);
         let mut left_out = format!("its {} bytes of data", event.data.len());
-        if wire_size(&smaller) + 512 > max {
+        smaller.extensions.push(mark(&left_out));
+        if wire_size(&smaller) > max {
             // A header as large as the data (only the size of an event's attributes is bounded).
-            smaller.extensions.retain(|(name, _)| name.starts_with("plugbus-"));
+            smaller.extensions.retain(|(name, _)| name.starts_with("plugbus-") && name != DATA_OMITTED);
             left_out.push_str(" and the event's own headers");
+            smaller.extensions.push(mark(&left_out));
         }
-        let why = format!(
-            "{left_out}: they took it to {size} bytes, over the server's max_payload of {max}; the host that \
-             dead-lettered it keeps it whole"
-        );
-        smaller.extensions.push((DATA_OMITTED.to_string(), why));
         tracing::warn!(subject = %event.subject, event_id = %event.id, size, max_payload = max,
             "a dead letter over the server's max_payload is published without {left_out}");
         Some(smaller)
