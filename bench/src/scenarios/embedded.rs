@@ -115,6 +115,9 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
 /// One side of embedded-1 alone, for a profiler (`perf record … plugbus-bench
 /// embedded-1-host`): `host` on both cores, `host-1thread` on one thread, `host-2x1thread` two
 /// one-thread hosts side by side (what a host sharing nothing between its cores would reach),
+/// `host-2hosts` two whole hosts (each with its own closed loop) as tasks of the one two-worker
+/// runtime (what the work-stealing runtime costs, against `host-2x1thread`; what one host shares
+/// between two producers, against `host-2producers`),
 /// `floor` and `floor-1task` the wasm floor on 2 tasks and on 1. Nothing else runs in the process
 /// meanwhile (see `PARTS`).
 pub async fn run_part(mode: Mode, handler: &[u8], part: &str) -> anyhow::Result<Load> {
@@ -137,6 +140,15 @@ pub async fn run_part(mode: Mode, handler: &[u8], part: &str) -> anyhow::Result<
             Load::side_by_side(a?, b?)
         }
         "host-2producers" => two_producers(mode, handler).await?,
+        "host-2hosts" => {
+            // Spawned: each host and its loop may take a worker of its own.
+            let one = || {
+                let h = handler.to_vec();
+                tokio::spawn(async move { anyhow::Ok(host_run(mode, &h, 1, WINDOW, None, |_| {}).await?.load) })
+            };
+            let (a, b) = tokio::join!(one(), one());
+            Load::side_by_side(a??, b??)
+        }
         "floor" => sandbox_floor(mode, handler, 2, Limits::default()).await?,
         "floor-1task" => sandbox_floor(mode, handler, 1, Limits::default()).await?,
         other => anyhow::bail!("no part {other} of embedded-1"),
@@ -170,7 +182,7 @@ async fn two_producers(mode: Mode, handler: &[u8]) -> anyhow::Result<Load> {
 
 /// Runs `f(handler)` on a current-thread runtime of its own thread: the host, its tasks and the
 /// driver on one core's worth of threads (the epoch ticker aside), for the one-core figure.
-async fn on_one_thread<F, Fut>(handler: &[u8], f: F) -> anyhow::Result<Load>
+pub(super) async fn on_one_thread<F, Fut>(handler: &[u8], f: F) -> anyhow::Result<Load>
 where
     F: FnOnce(Vec<u8>) -> Fut + Send + 'static,
     Fut: Future<Output = anyhow::Result<Load>>,

@@ -31,10 +31,37 @@ async fn host_load(mode: Mode, handler: &[u8], window: usize) -> anyhow::Result<
     Ok((load, failed))
 }
 
-/// One side of reuse alone, for a profiler: `host` or `floor` (2 tasks) (see `PARTS`).
+/// One side of reuse alone, for a profiler: `host` or `floor` (2 tasks) (see `PARTS`); as for
+/// embedded-1, `host-1thread` and `floor-1task` on one core, and two hosts with half the window
+/// each on threads of their own (`host-2x1thread`) or as tasks of the one runtime (`host-2hosts`).
 pub async fn run_part(mode: Mode, handler: &[u8], part: &str) -> anyhow::Result<Load> {
     Ok(match part {
         "host" => host_load(mode, handler, WINDOW).await?.0,
+        "host-1thread" => {
+            super::embedded::on_one_thread(handler, move |h| async move { Ok(host_load(mode, &h, WINDOW).await?.0) })
+                .await?
+        }
+        "host-2x1thread" => {
+            let one = || {
+                super::embedded::on_one_thread(
+                    handler,
+                    move |h| async move { Ok(host_load(mode, &h, WINDOW / 2).await?.0) },
+                )
+            };
+            let (a, b) = tokio::join!(one(), one());
+            Load::side_by_side(a?, b?)
+        }
+        "host-2hosts" => {
+            let one = || {
+                let h = handler.to_vec();
+                tokio::spawn(async move { anyhow::Ok(host_load(mode, &h, WINDOW / 2).await?.0) })
+            };
+            let (a, b) = tokio::join!(one(), one());
+            Load::side_by_side(a??, b??)
+        }
+        "floor-1task" => {
+            sandbox_floor(mode, handler, 1, Limits { instance: InstanceMode::Reuse, ..Limits::default() }).await?
+        }
         "floor" => {
             sandbox_floor(mode, handler, 2, Limits { instance: InstanceMode::Reuse, ..Limits::default() }).await?
         }
