@@ -38,7 +38,7 @@ pub mod headers {
     /// On a dead letter of a dead letter: how deep (1). One that fails again is only logged.
     pub const DEPTH: &str = "plugbus-dead-letter-depth";
     /// On a dead letter published without its event's data (with it, it would be over the
-    /// broker's largest message): what was left out, and why. Never replayed.
+    /// broker's largest message, or its stream's): what was left out, and why. Never replayed.
     pub const DATA_OMITTED: &str = "plugbus-data-omitted";
 }
 

@@ -654,6 +654,78 @@ async fn jetstream_a_dead_letter_that_cannot_be_kept_naks_the_input_until_max_de
     assert!(!t.host.dead_letters().list(Some("faulty")).is_empty());
 }
 
+/// The attack: the stream that keeps a plugin's dead letters has a `max_msg_size` below the
+/// server's `max_payload` (the operator's setting, on `PLUGBUS_DLQ` or a stream of their own), and
+/// an event near it, or with a large header, is rejected. Its dead letter, with the event's data,
+/// was refused by the stream, so it was never kept there, and the input was `nak`ed until
+/// `max_deliver`, then left in its stream unhandled. Now the dead letter is published again
+/// without its data (and, if that is still too large, without the event's own headers), marked,
+/// and the input is `term`ed; this host keeps the whole dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_dead_letter_over_its_streams_max_msg_size_is_kept_without_its_data() {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    js.create_stream(jetstream::stream::Config {
+        name: "DEAD".into(),
+        subjects: vec!["dead.faulty".into()],
+        max_message_size: 2048,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
+        plugbus_tests::fast_retries(c);
+        c.plugins.entry("faulty".into()).or_default().dead_letter = Some("dead.faulty".into());
+    })
+    .await;
+    t.host.publish(plugbus::Event::new("faulty.reject", vec![b'x'; 8192])).await.unwrap();
+    // Small data, but a header that alone takes the dead letter over 2048 bytes.
+    let padded = plugbus::Event::new("faulty.reject", "small").with_header("pad", "p".repeat(3000));
+    t.host.publish(padded).await.unwrap();
+
+    let mut stream = js.get_stream("DEAD").await.unwrap();
+    plugbus_tests::eventually_async("DEAD keeps both dead letters", Duration::from_secs(20), || {
+        let mut stream = stream.clone();
+        async move { stream.info().await.unwrap().state.messages == 2 }
+    })
+    .await;
+    let first = stream.info().await.unwrap().state.first_sequence;
+    let mut marks = Vec::new();
+    for seq in [first, first + 1] {
+        let raw = stream.get_raw_message(seq).await.unwrap();
+        let pairs =
+            raw.headers.iter().flat_map(|(k, vs)| vs.iter().map(move |v| (AsRef::<str>::as_ref(k), v.as_str())));
+        let dead = plugbus::cloudevents::decode(raw.subject.as_str(), pairs, raw.payload.clone()).unwrap();
+        assert!(dead.data.is_empty(), "a dead letter was published with its data: {dead:?}");
+        assert!(dead.header(headers::ERROR).unwrap_or_default().contains("never"), "{dead:?}");
+        assert_eq!(dead.header("pad"), None, "the event's own 3000-byte header was kept");
+        assert!(plugbus::deadletter::replay_event(&dead).unwrap_err().contains("does not carry its event's data"));
+        marks.push(dead.header(headers::DATA_OMITTED).unwrap_or_default().to_string());
+    }
+    marks.sort();
+    assert!(marks[0].starts_with("its 5 bytes of data and the event's own headers: "), "{marks:?}");
+    assert!(marks[1].starts_with("its 8192 bytes of data: "), "{marks:?}");
+    for mark in &marks {
+        assert!(mark.contains("the stream that keeps dead.faulty refused it as over its max_msg_size"), "{mark}");
+    }
+    // This host keeps both whole, for a replay here.
+    let mut kept: Vec<usize> = t.host.dead_letters().list(Some("faulty")).iter().map(|d| d.event.data.len()).collect();
+    kept.sort();
+    assert_eq!(kept, vec![5, 8192]);
+    // Both inputs were termed after one delivery each, not naked until max_deliver.
+    plugbus_tests::eventually_async("both inputs settled", Duration::from_secs(10), || {
+        let js = js.clone();
+        async move {
+            let info = consumer_on(&js, "faulty.reject").await;
+            (info.num_ack_pending, info.num_pending) == (0, 0)
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(t.counter("faulty", "received"), 2, "an input whose dead letter was kept came again");
+    assert_eq!(t.counter("faulty", "dead_lettered"), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_streams_are_made_for_durable_subscriptions_unless_auto_streams_is_off() {
     let server = NatsServer::start().await;

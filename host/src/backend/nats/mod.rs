@@ -225,9 +225,8 @@ impl NatsTransport {
     /// A dead letter over the server's `max_payload` (its event's data was near or over it: an
     /// input near it with the dead letter's headers on top, or a message stored through a server
     /// with a higher one) without that data, and when that is not enough without the event's own
-    /// headers too, marked [`DATA_OMITTED`] with what was left out: it can be kept and listed,
-    /// never replayed from the broker (this host's own store keeps the whole dead letter). `None`
-    /// for every other event, and for a dead letter within it.
+    /// headers too (see [`without_data`]). `None` for every other event, and for a dead letter
+    /// within it.
     fn dead_letter_within_max_payload(&self, event: &Event) -> Option<Event> {
         if !crate::deadletter::is_dead_letter(event) {
             return None;
@@ -237,32 +236,20 @@ impl NatsTransport {
         if size <= max {
             return None;
         }
-        let mark = |left_out: &str| {
-            let why = format!(
-                "{left_out}: they took it to {size} bytes, over the server's max_payload of {max}; the host that \
-                 dead-lettered it keeps it whole"
-            );
-            (DATA_OMITTED.to_string(), why)
-        };
-        let mut smaller = event.clone();
-        smaller.data = bytes::Bytes::new();
-        smaller.extensions.retain(|(name, _)| name != DATA_OMITTED);
-        let mut left_out = format!("its {} bytes of data", event.data.len());
-        smaller.extensions.push(mark(&left_out));
-        if wire_size(&smaller) > max {
-            // A header as large as the data (only the size of an event's attributes is bounded).
-            smaller.extensions.retain(|(name, _)| name.starts_with("plugbus-") && name != DATA_OMITTED);
-            left_out.push_str(" and the event's own headers");
-            smaller.extensions.push(mark(&left_out));
-        }
+        let why = format!(
+            "they took it to {size} bytes, over the server's max_payload of {max}; the host that dead-lettered it \
+             keeps it whole"
+        );
+        let smaller = without_data(event, Omit::Data, &why);
+        let smaller = if wire_size(&smaller) > max { without_data(event, Omit::DataAndHeaders, &why) } else { smaller };
         tracing::warn!(subject = %event.subject, event_id = %event.id, size, max_payload = max,
-            "a dead letter over the server's max_payload is published without {left_out}");
+            "a dead letter over the server's max_payload is published without {}", omitted(&smaller));
         Some(smaller)
     }
 
     /// Publishes `event`; on a subject a stream captures, waits for the stream's ack.
-    async fn publish_event(&self, event: &Event) -> Result<(), TransportError> {
-        validate_subject(&event.subject)?;
+    async fn publish_event(&self, event: &Event) -> Result<(), PublishFailure> {
+        validate_subject(&event.subject).map_err(TransportError::from)?;
         let (headers, payload) = wire::message_of(event);
         let subject = event.subject.clone();
         if self.index.captures(&subject) {
@@ -271,8 +258,9 @@ impl NatsTransport {
                 .publish_with_headers(subject.clone(), headers, payload)
                 .await
                 .map_err(|e| TransportError::Broker(format!("publishing to {subject} on JetStream: {e}")))?;
-            let ack = ack.await.map_err(|e| {
-                TransportError::Broker(format!("JetStream did not acknowledge the event on {subject}: {e}"))
+            let ack = ack.await.map_err(|e| PublishFailure {
+                over_stream_limit: is_over_max_msg_size(&e),
+                error: TransportError::Broker(format!("JetStream did not acknowledge the event on {subject}: {e}")),
             })?;
             if ack.duplicate {
                 tracing::debug!(subject = %subject, event_id = %event.id, "JetStream already had this event (duplicate dropped)");
@@ -286,6 +274,36 @@ impl NatsTransport {
         Ok(())
     }
 
+    /// Publishes a dead letter a stream refused as over its `max_msg_size` (lower than the
+    /// server's `max_payload`: the operator's setting on `PLUGBUS_DLQ`, or on a stream of their
+    /// own that captures the dead-letter subject) again without its data, then without the
+    /// event's own headers too, so it is kept and listed (this host's own store keeps it whole).
+    /// Without this its input was `nak`ed until `max_deliver`, then left in its stream unhandled.
+    async fn dead_letter_within_max_msg_size(
+        &self,
+        event: &Event,
+        refused: PublishFailure,
+    ) -> Result<(), TransportError> {
+        let mut failure = refused;
+        for omit in [Omit::Data, Omit::DataAndHeaders] {
+            if !failure.over_stream_limit {
+                break;
+            }
+            let why = format!(
+                "the stream that keeps {} refused it as over its max_msg_size ({}); the host that dead-lettered it \
+                 keeps it whole",
+                event.subject, failure.error
+            );
+            let smaller = without_data(event, omit, &why);
+            tracing::warn!(subject = %event.subject, event_id = %event.id, size = wire_size(event),
+                "a dead letter over its stream's max_msg_size is published again without {}", omitted(&smaller));
+            match self.publish_event(&smaller).await {
+                Ok(()) => return Ok(()),
+                Err(again) => failure = again,
+            }
+        }
+        Err(failure.error)
+    }
     /// Connects, declares the configured streams and reads which subjects streams capture.
     pub async fn connect(settings: &NatsSettings) -> Result<Self, TransportError> {
         let url = settings.url.clone().ok_or_else(|| TransportError::Broker("no NATS url configured".into()))?;
@@ -577,6 +595,65 @@ impl Drop for Unsubscribe {
     }
 }
 
+/// Why a publish failed, and whether a stream refused the message as over its `max_msg_size`.
+struct PublishFailure {
+    error: TransportError,
+    over_stream_limit: bool,
+}
+
+impl From<TransportError> for PublishFailure {
+    fn from(error: TransportError) -> Self {
+        Self { error, over_stream_limit: false }
+    }
+}
+
+impl From<PublishFailure> for TransportError {
+    fn from(failure: PublishFailure) -> Self {
+        failure.error
+    }
+}
+
+/// Whether JetStream refused a publish as over the `max_msg_size` of the stream that captures
+/// its subject (error code 10054).
+fn is_over_max_msg_size(e: &async_nats::jetstream::context::PublishError) -> bool {
+    std::error::Error::source(e)
+        .and_then(|source| source.downcast_ref::<async_nats::jetstream::Error>())
+        .is_some_and(|e| e.error_code() == async_nats::jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM)
+}
+
+/// What a dead letter too large for the broker is published without.
+#[derive(Clone, Copy)]
+enum Omit {
+    /// Its event's data.
+    Data,
+    /// Its event's data and the event's own headers (only the size of an event's attributes is
+    /// bounded: a header may be as large as the data), keeping the host's `plugbus-*` ones.
+    DataAndHeaders,
+}
+
+/// `event` (a dead letter) without what `omit` says, marked [`DATA_OMITTED`] with what was
+/// left out and `why`: it can be kept and listed, never replayed from the broker
+/// (`deadletter::replay_event` refuses it; this host's own store keeps the whole dead letter).
+fn without_data(event: &Event, omit: Omit, why: &str) -> Event {
+    let mut smaller = event.clone();
+    smaller.data = bytes::Bytes::new();
+    let mut left_out = format!("its {} bytes of data", event.data.len());
+    match omit {
+        Omit::Data => smaller.extensions.retain(|(name, _)| name != DATA_OMITTED),
+        Omit::DataAndHeaders => {
+            smaller.extensions.retain(|(name, _)| name.starts_with("plugbus-") && name != DATA_OMITTED);
+            left_out.push_str(" and the event's own headers");
+        }
+    }
+    smaller.extensions.push((DATA_OMITTED.to_string(), format!("{left_out}: {why}")));
+    smaller
+}
+
+/// What [`without_data`] left out of `smaller`, as its mark says.
+fn omitted(smaller: &Event) -> &str {
+    smaller.header(DATA_OMITTED).and_then(|mark| mark.split(": ").next()).unwrap_or_default()
+}
+
 /// The bytes the server counts against `max_payload` for `event`: its payload and its header
 /// block (`NATS/1.0`, a `name: value` line each, every line ended by CRLF).
 fn wire_size(event: &Event) -> usize {
@@ -595,13 +672,17 @@ impl Transport for NatsTransport {
     }
 
     async fn publish(&self, event: Event) -> Result<(), TransportError> {
-        self.publish_event(&event).await
+        Ok(self.publish_event(&event).await?)
     }
 
     async fn publish_output(&self, event: Arc<Event>) -> Result<(), TransportError> {
-        match self.dead_letter_within_max_payload(&event) {
-            Some(smaller) => self.publish_event(&smaller).await,
-            None => self.publish_event(&event).await,
+        let smaller = self.dead_letter_within_max_payload(&event);
+        match self.publish_event(smaller.as_ref().unwrap_or(&event)).await {
+            Ok(()) => Ok(()),
+            Err(refused) if refused.over_stream_limit && crate::deadletter::is_dead_letter(&event) => {
+                self.dead_letter_within_max_msg_size(&event, refused).await
+            }
+            Err(refused) => Err(refused.error),
         }
     }
 
