@@ -38,13 +38,15 @@ fn is_structured(content_type: &str) -> bool {
     content_type.trim_start().get(..STRUCTURED.len()).is_some_and(|p| p.eq_ignore_ascii_case(STRUCTURED))
 }
 
-/// What every decoded event must be, whatever its mode: `id`, `source`, `type` and `time`
-/// within [`MAX_ATTRIBUTE_BYTES`] and free of control characters (CloudEvents 1.0 strings
+/// What every decoded event must be, whatever its mode: `id`, `source`, `type`, `time` and
+/// `datacontenttype` within [`MAX_ATTRIBUTE_BYTES`] and free of control characters (CloudEvents 1.0 strings
 /// exclude them; a line break in an id would break the NATS header that carries it), no
 /// envelope as `datacontenttype`, at most [`MAX_EXTENSIONS`] extensions. The error names the
 /// attribute.
 fn check_event(ev: &Event) -> Result<(), String> {
-    for (attr, value) in [("id", &ev.id), ("source", &ev.source), ("type", &ev.ty), ("time", &ev.time)] {
+    let content_type = ev.datacontenttype.as_ref().map(|ct| ("datacontenttype", ct));
+    let attributes = [("id", &ev.id), ("source", &ev.source), ("type", &ev.ty), ("time", &ev.time)];
+    for (attr, value) in attributes.into_iter().chain(content_type) {
         // A plain message's type is its subject, which NATS may let run longer.
         let subject_as_type = attr == "type" && *value == ev.subject;
         if value.len() > MAX_ATTRIBUTE_BYTES && !subject_as_type {
@@ -622,6 +624,10 @@ mod tests {
             let e = decode("a.b", [(attr, "a%0Ab")].into_iter(), Bytes::new()).unwrap_err();
             assert!(e.contains(&format!("`{}`", &attr[3..])) && e.contains("control character"), "{attr}: {e}");
         }
+        // The content type too (a dead letter carries it, and it is as much the publisher's).
+        let e = decode("a.b", [("content-type", long.as_str())].into_iter(), Bytes::new()).unwrap_err();
+        assert!(e.contains("`datacontenttype`") && e.contains("at most 1024"), "{e}");
+        assert!(decode("a.b", [("content-type", just.as_str())].into_iter(), Bytes::new()).is_ok());
         // A plain message's id from Nats-Msg-Id, and a structured envelope's, alike.
         let e = decode("a.b", [("Nats-Msg-Id", long.as_str())].into_iter(), Bytes::new()).unwrap_err();
         assert!(e.contains("`id`"), "{e}");

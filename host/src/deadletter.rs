@@ -352,23 +352,25 @@ impl DeadLetters {
 
     /// Keeps one (a dead letter larger than the whole budget is not kept, logged).
     pub fn push(&self, plugin: &str, event: Event) {
-        self.push_recorded(plugin, event, None);
+        let _ = self.push_recorded(plugin, event, None);
     }
 
-    /// Keeps one with what its failed attempt saw.
-    pub fn push_recorded(&self, plugin: &str, event: Event, record: Option<Box<Record>>) {
+    /// Keeps one with what its failed attempt saw; `false` when it is over the store's
+    /// `max_bytes` on its own and so not kept.
+    pub fn push_recorded(&self, plugin: &str, event: Event, record: Option<Box<Record>>) -> bool {
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
         let entry = Entry { seq, plugin: plugin.to_string(), event, record };
         let size = kept_bytes(&entry);
         if size > self.max_bytes {
             tracing::warn!(plugin, event_id = %entry.event.id, bytes = size, max_bytes = self.max_bytes,
-                "dead letter too large to keep for replay (it was published on its dead-letter subject)");
-            return;
+                "dead letter too large to keep for replay (it is published on its dead-letter subject whole, or not at all)");
+            return false;
         }
         self.write_through(|f| f.insert(seq, plugin, &entry.event, entry.record.as_deref()));
         let mut kept = self.kept.lock().expect("dlq poisoned");
         kept.push_back(entry);
         self.evict(&mut kept);
+        true
     }
 
     /// Forgets entries until the store is within its bounds, each time the oldest of the plugin
@@ -571,6 +573,16 @@ mod tests {
         assert_eq!((by("victim"), by("quiet")), (vec!["v.0".to_string()], vec!["q.0".to_string()]), "by bytes");
         assert!(s.usage().1 <= 1 << 20);
         assert_eq!(by("flood").last().map(String::as_str), Some("h.19"));
+    }
+
+    /// A dead letter over the whole byte budget on its own is not kept, and says so: its
+    /// publisher must then not leave its data out (nothing would keep it).
+    #[test]
+    fn a_dead_letter_over_the_byte_budget_is_not_kept_and_says_so() {
+        let s = DeadLetters::with_max_bytes(10, 1 << 20);
+        assert!(s.push_recorded("p", Event::new("p.0", vec![0u8; 1000]), None));
+        assert!(!s.push_recorded("p", Event::new("p.1", vec![0u8; 2 << 20]), None));
+        assert_eq!(s.list(Some("p")).into_iter().map(|e| e.event.subject).collect::<Vec<_>>(), vec!["p.0"]);
     }
 
     /// A bulk replay publishes one at a time: entries taken and not yet replayed (forgotten)

@@ -368,7 +368,7 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
             rt.stats.add(|c| &c.dead_lettered, 1);
             rt.stats.window.mark(Mark::DeadLettered);
             let kept = match dead {
-                Some(dead) => publish_dead_letter(rt, &ev.id, dead).await.is_ok(),
+                Some((dead, kept_whole)) => publish_dead_letter(rt, &ev.id, dead, kept_whole).await.is_ok(),
                 None => true,
             };
             match fate::settle_dead_letter(kept, delivery.redeliverable, *attempts, &rt.retry) {
@@ -658,20 +658,21 @@ async fn dead_letter(
     record: Option<Box<Record>>,
 ) -> Result<(), ()> {
     match keep_dead_letter(rt, ev, failure, attempts, record) {
-        Some(dead) => publish_dead_letter(rt, &ev.id, dead).await,
+        Some((dead, kept_whole)) => publish_dead_letter(rt, &ev.id, dead, kept_whole).await,
         None => Ok(()),
     }
 }
 
 /// Keeps the dead letter of `ev` (with `record`, in this host's store only) and returns it to
-/// publish; `None` when it is only logged (a dead letter that failed again).
+/// publish, with whether the store kept it (not when it alone is over the store's bytes);
+/// `None` when it is only logged (a dead letter that failed again).
 fn keep_dead_letter(
     rt: &PluginRuntime,
     ev: &Event,
     failure: &str,
     attempts: u32,
     record: Option<Box<Record>>,
-) -> Option<Event> {
+) -> Option<(Event, bool)> {
     let (plugin, subject, id) = (&rt.name, &ev.subject, &ev.id);
     // A dead letter is the host's mark on a dead-letter subject (the default `plugbus.dlq.*`, or
     // this plugin's own): a publisher with direct access to the bus who forges the mark on any
@@ -687,13 +688,14 @@ fn keep_dead_letter(
     tracing::error!(plugin = %plugin, subject = %subject, event_id = %id, attempts,
         dead_letter = %rt.dead_letter_subject, "event dead-lettered: {failure}");
     let dead = deadletter::dead_letter_event(ev, plugin, &rt.dead_letter_subject, failure, attempts);
-    rt.dead_letters.push_recorded(plugin, dead.clone(), record);
-    Some(dead)
+    let kept_whole = rt.dead_letters.push_recorded(plugin, dead.clone(), record);
+    Some((dead, kept_whole))
 }
 
-/// Publishes a kept dead letter (of the event `id`); `Err` when the transport did not take it.
-async fn publish_dead_letter(rt: &PluginRuntime, id: &str, dead: Event) -> Result<(), ()> {
-    rt.transport.publish_output(Arc::new(dead)).await.map_err(|e| {
+/// Publishes the dead letter of the event `id` (`kept_whole`: this host's store kept it);
+/// `Err` when the transport did not take it.
+async fn publish_dead_letter(rt: &PluginRuntime, id: &str, dead: Event, kept_whole: bool) -> Result<(), ()> {
+    rt.transport.publish_dead_letter(Arc::new(dead), kept_whole).await.map_err(|e| {
         tracing::error!(plugin = %rt.name, event_id = %id, "dead letter kept here but not published: {e}");
     })
 }

@@ -239,6 +239,14 @@ pub trait Transport: Send + Sync + 'static {
         self.publish(Arc::unwrap_or_clone(event)).await
     }
 
+    /// Publishes a dead letter, as [`Transport::publish_output`]. `kept_whole`: this host's
+    /// store kept it whole (for a replay here), so a broker that cannot take it whole may take
+    /// it without what it cannot take, marked (NATS); otherwise it is taken whole or refused.
+    async fn publish_dead_letter(&self, event: Arc<Event>, kept_whole: bool) -> Result<(), TransportError> {
+        let _ = kept_whole;
+        self.publish_output(event).await
+    }
+
     /// Registers the metrics the transport keeps itself (the embedded event log's
     /// `plugbus_log_*`); `registry` has the `plugbus` prefix.
     fn register_metrics(&self, registry: &mut crate::metrics::Registry) {

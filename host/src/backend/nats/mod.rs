@@ -222,31 +222,6 @@ impl NatsTransport {
         reply_event(subject, msg)
     }
 
-    /// A dead letter over the server's `max_payload` (its event's data was near or over it: an
-    /// input near it with the dead letter's headers on top, or a message stored through a server
-    /// with a higher one) without that data, and when that is not enough without the event's own
-    /// headers too (see [`without_data`]). `None` for every other event, and for a dead letter
-    /// within it.
-    fn dead_letter_within_max_payload(&self, event: &Event) -> Option<Event> {
-        if !crate::deadletter::is_dead_letter(event) {
-            return None;
-        }
-        let max = self.client.server_info().max_payload;
-        let size = wire_size(event);
-        if size <= max {
-            return None;
-        }
-        let why = format!(
-            "they took it to {size} bytes, over the server's max_payload of {max}; the host that dead-lettered it \
-             keeps it whole"
-        );
-        let smaller = without_data(event, Omit::Data, &why);
-        let smaller = if wire_size(&smaller) > max { without_data(event, Omit::DataAndHeaders, &why) } else { smaller };
-        tracing::warn!(subject = %event.subject, event_id = %event.id, size, max_payload = max,
-            "a dead letter over the server's max_payload is published without {}", omitted(&smaller));
-        Some(smaller)
-    }
-
     /// Publishes `event`; on a subject a stream captures, waits for the stream's ack.
     async fn publish_event(&self, event: &Event) -> Result<(), PublishFailure> {
         validate_subject(&event.subject).map_err(TransportError::from)?;
@@ -259,7 +234,7 @@ impl NatsTransport {
                 .await
                 .map_err(|e| TransportError::Broker(format!("publishing to {subject} on JetStream: {e}")))?;
             let ack = ack.await.map_err(|e| PublishFailure {
-                over_stream_limit: is_over_max_msg_size(&e),
+                over_stream_limit: stream_limit_refusing(&e),
                 error: TransportError::Broker(format!("JetStream did not acknowledge the event on {subject}: {e}")),
             })?;
             if ack.duplicate {
@@ -274,36 +249,57 @@ impl NatsTransport {
         Ok(())
     }
 
-    /// Publishes a dead letter a stream refused as over its `max_msg_size` (lower than the
-    /// server's `max_payload`: the operator's setting on `PLUGBUS_DLQ`, or on a stream of their
-    /// own that captures the dead-letter subject) again without its data, then without the
-    /// event's own headers too, so it is kept and listed (this host's own store keeps it whole).
-    /// Without this its input was `nak`ed until `max_deliver`, then left in its stream unhandled.
-    async fn dead_letter_within_max_msg_size(
-        &self,
-        event: &Event,
-        refused: PublishFailure,
-    ) -> Result<(), TransportError> {
-        let mut failure = refused;
-        for omit in [Omit::Data, Omit::DataAndHeaders] {
-            if !failure.over_stream_limit {
-                break;
-            }
-            let why = format!(
-                "the stream that keeps {} refused it as over its max_msg_size ({}); the host that dead-lettered it \
-                 keeps it whole",
-                event.subject, failure.error
-            );
-            let smaller = without_data(event, omit, &why);
-            tracing::warn!(subject = %event.subject, event_id = %event.id, size = wire_size(event),
-                "a dead letter over its stream's max_msg_size is published again without {}", omitted(&smaller));
-            match self.publish_event(&smaller).await {
+    /// Publishes a dead letter this host's store kept whole, whole if the broker takes it, else
+    /// without what it cannot take, step by step ([`Omit`]), marked [`DATA_OMITTED`] with what
+    /// was left out and why. Two limits refuse it: the server's `max_payload` (its event's data
+    /// near or over it: an input near it with the dead letter's headers on top, or a message
+    /// stored through a server with a higher one), checked here, and what the stream that keeps
+    /// it refuses (its `max_msg_size`, below `max_payload`: an operator's setting on
+    /// `PLUGBUS_DLQ` or on a stream of their own; or a header block over 64 KiB, where the server
+    /// checks it), learnt from its
+    /// answer. Without this such a dead letter was never kept by the broker, and its input was
+    /// `nak`ed until `max_deliver`, then left in its stream unhandled.
+    async fn publish_dead_letter_within_limits(&self, event: &Event) -> Result<(), TransportError> {
+        let max = self.client.server_info().max_payload;
+        let size = wire_size(event);
+        // Why the step before was refused: none yet.
+        let mut why =
+            (size > max).then(|| format!("they took it to {size} bytes, over the server's max_payload of {max}"));
+        let mut refused = None;
+        for omit in [None, Some(Omit::Data), Some(Omit::DataAndHeaders), Some(Omit::AllButTheHosts)] {
+            let smaller;
+            let candidate = match (omit, &why) {
+                (None, None) => event,
+                (None, Some(_)) | (Some(_), None) => continue,
+                (Some(omit), Some(why)) => {
+                    smaller = without_data(event, omit, why);
+                    // A step still over max_payload is never sent (the client would refuse it).
+                    if wire_size(&smaller) > max {
+                        continue;
+                    }
+                    tracing::warn!(subject = %event.subject, event_id = %event.id, size, max_payload = max,
+                        "a dead letter the broker does not take whole is published without {}: {why}",
+                        omitted(&smaller));
+                    &smaller
+                }
+            };
+            match self.publish_event(candidate).await {
                 Ok(()) => return Ok(()),
-                Err(again) => failure = again,
+                Err(PublishFailure { over_stream_limit: Some(limit), error }) => {
+                    why = Some(format!("the stream that keeps {} refused it as over its {limit}", event.subject));
+                    refused = Some(error);
+                }
+                Err(failure) => return Err(failure.error),
             }
         }
-        Err(failure.error)
+        Err(refused.unwrap_or_else(|| {
+            TransportError::Broker(format!(
+                "dead letter of {size} bytes: over the server's max_payload of {max} even without its data, the \
+                 event's own headers, and with the host's own cut"
+            ))
+        }))
     }
+
     /// Connects, declares the configured streams and reads which subjects streams capture.
     pub async fn connect(settings: &NatsSettings) -> Result<Self, TransportError> {
         let url = settings.url.clone().ok_or_else(|| TransportError::Broker("no NATS url configured".into()))?;
@@ -595,15 +591,16 @@ impl Drop for Unsubscribe {
     }
 }
 
-/// Why a publish failed, and whether a stream refused the message as over its `max_msg_size`.
+/// Why a publish failed, and the limit of the stream that refused the message for its size, if
+/// that was why.
 struct PublishFailure {
     error: TransportError,
-    over_stream_limit: bool,
+    over_stream_limit: Option<&'static str>,
 }
 
 impl From<TransportError> for PublishFailure {
     fn from(error: TransportError) -> Self {
-        Self { error, over_stream_limit: false }
+        Self { error, over_stream_limit: None }
     }
 }
 
@@ -613,15 +610,20 @@ impl From<PublishFailure> for TransportError {
     }
 }
 
-/// Whether JetStream refused a publish as over the `max_msg_size` of the stream that captures
-/// its subject (error code 10054).
-fn is_over_max_msg_size(e: &async_nats::jetstream::context::PublishError) -> bool {
-    std::error::Error::source(e)
-        .and_then(|source| source.downcast_ref::<async_nats::jetstream::Error>())
-        .is_some_and(|e| e.error_code() == async_nats::jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM)
+/// The limit of the stream that captures a publish's subject that JetStream refused it as over:
+/// its `max_msg_size` (error code 10054) or the largest header block (10097). A fixed text: the
+/// error's own text comes from whoever answered on the reply inbox.
+fn stream_limit_refusing(e: &async_nats::jetstream::context::PublishError) -> Option<&'static str> {
+    use async_nats::jetstream::ErrorCode;
+    let code = std::error::Error::source(e)?.downcast_ref::<async_nats::jetstream::Error>()?.error_code();
+    match code {
+        ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM => Some("max_msg_size (JetStream error 10054)"),
+        ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM => Some("largest header block (JetStream error 10097)"),
+        _ => None,
+    }
 }
 
-/// What a dead letter too large for the broker is published without.
+/// What a dead letter too large for the broker is published without, step by step.
 #[derive(Clone, Copy)]
 enum Omit {
     /// Its event's data.
@@ -629,7 +631,13 @@ enum Omit {
     /// Its event's data and the event's own headers (only the size of an event's attributes is
     /// bounded: a header may be as large as the data), keeping the host's `plugbus-*` ones.
     DataAndHeaders,
+    /// That, its `datacontenttype`, and each of the host's headers cut to
+    /// [`OMITTED_HEADER_BYTES`] (`plugbus-error` holds up to 8 KiB of the handler's words).
+    AllButTheHosts,
 }
+
+/// The most of each of the host's headers a dead letter keeps at [`Omit::AllButTheHosts`].
+const OMITTED_HEADER_BYTES: usize = 256;
 
 /// `event` (a dead letter) without what `omit` says, marked [`DATA_OMITTED`] with what was
 /// left out and `why`: it can be kept and listed, never replayed from the broker
@@ -640,12 +648,23 @@ fn without_data(event: &Event, omit: Omit, why: &str) -> Event {
     let mut left_out = format!("its {} bytes of data", event.data.len());
     match omit {
         Omit::Data => smaller.extensions.retain(|(name, _)| name != DATA_OMITTED),
-        Omit::DataAndHeaders => {
+        Omit::DataAndHeaders | Omit::AllButTheHosts => {
             smaller.extensions.retain(|(name, _)| name.starts_with("plugbus-") && name != DATA_OMITTED);
             left_out.push_str(" and the event's own headers");
         }
     }
-    smaller.extensions.push((DATA_OMITTED.to_string(), format!("{left_out}: {why}")));
+    if let Omit::AllButTheHosts = omit {
+        smaller.datacontenttype = None;
+        for (_, value) in &mut smaller.extensions {
+            if let std::borrow::Cow::Owned(cut) = crate::event::cut_to(value, OMITTED_HEADER_BYTES) {
+                *value = cut;
+            }
+        }
+        left_out.push_str(", its content type, and all but 256 bytes of each of the host's headers");
+    }
+    smaller
+        .extensions
+        .push((DATA_OMITTED.to_string(), format!("{left_out}: {why}; the host that dead-lettered it keeps it whole")));
     smaller
 }
 
@@ -676,14 +695,15 @@ impl Transport for NatsTransport {
     }
 
     async fn publish_output(&self, event: Arc<Event>) -> Result<(), TransportError> {
-        let smaller = self.dead_letter_within_max_payload(&event);
-        match self.publish_event(smaller.as_ref().unwrap_or(&event)).await {
-            Ok(()) => Ok(()),
-            Err(refused) if refused.over_stream_limit && crate::deadletter::is_dead_letter(&event) => {
-                self.dead_letter_within_max_msg_size(&event, refused).await
-            }
-            Err(refused) => Err(refused.error),
-        }
+        Ok(self.publish_event(&event).await?)
+    }
+
+    /// Kept whole here, a dead letter the broker cannot take whole is published without what it
+    /// cannot take ([`NatsTransport::publish_dead_letter_within_limits`]). Not kept here (over
+    /// the store's `max_bytes`), it is published whole or refused, so its input is `nak`ed and
+    /// stays in its stream: its data is never left nowhere.
+    async fn publish_dead_letter(&self, event: Arc<Event>, kept_whole: bool) -> Result<(), TransportError> {
+        if kept_whole { self.publish_dead_letter_within_limits(&event).await } else { self.publish_output(event).await }
     }
 
     /// NATS request/reply: the client's own inbox (`_INBOX.…`, muxed by async-nats), a
@@ -827,6 +847,46 @@ impl Transport for NatsTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dead_letter_without_its_data_keeps_the_hosts_headers_and_one_mark() {
+        let mut dead = Event::new("plugbus.dlq.p", vec![b'x'; 100]).with_header("tenant", "acme");
+        dead.extensions.push(("plugbus-error".into(), "never".into()));
+        // A dead letter of a dead letter carries the mark of the one before it.
+        dead.extensions.push((DATA_OMITTED.into(), "an earlier mark".into()));
+        let smaller = without_data(&dead, Omit::Data, "too large");
+        assert!(smaller.data.is_empty());
+        assert_eq!(smaller.header("tenant"), Some("acme"));
+        assert_eq!(smaller.header("plugbus-error"), Some("never"));
+        let marks: Vec<_> = smaller.extensions.iter().filter(|(k, _)| k == DATA_OMITTED).collect();
+        assert_eq!(marks.len(), 1, "{marks:?}");
+        let kept = "the host that dead-lettered it keeps it whole";
+        assert_eq!(smaller.header(DATA_OMITTED), Some(format!("its 100 bytes of data: too large; {kept}").as_str()));
+        assert_eq!(omitted(&smaller), "its 100 bytes of data");
+
+        let smallest = without_data(&dead, Omit::DataAndHeaders, "still too large");
+        assert_eq!(smallest.header("tenant"), None);
+        assert_eq!(smallest.header("plugbus-error"), Some("never"));
+        assert_eq!(
+            smallest.header(DATA_OMITTED),
+            Some(format!("its 100 bytes of data and the event's own headers: still too large; {kept}").as_str())
+        );
+        assert_eq!(smallest.extensions.iter().filter(|(k, _)| k == DATA_OMITTED).count(), 1);
+        assert!(wire_size(&smaller) < wire_size(&dead));
+
+        // The last step: the host's own headers cut, the content type gone.
+        let mut wordy = dead.clone();
+        wordy.datacontenttype = Some("x".repeat(2000));
+        wordy.extensions.push(("plugbus-error".into(), "e".repeat(8192)));
+        let cut = without_data(&wordy, Omit::AllButTheHosts, "over");
+        assert_eq!(cut.datacontenttype, None);
+        assert!(
+            cut.extensions.iter().all(|(k, v)| k == DATA_OMITTED || v.len() <= OMITTED_HEADER_BYTES + 64),
+            "{cut:?}"
+        );
+        assert!(cut.header(DATA_OMITTED).unwrap().contains("all but 256 bytes of each of the host's headers"));
+        assert!(wire_size(&cut) < 2048, "{}", wire_size(&cut));
+    }
 
     #[test]
     fn jetstream_names_never_collide() {
