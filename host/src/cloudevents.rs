@@ -39,10 +39,10 @@ fn is_structured(content_type: &str) -> bool {
 }
 
 /// What every decoded event must be, whatever its mode: `id`, `source`, `type`, `time` and
-/// `datacontenttype` within [`MAX_ATTRIBUTE_BYTES`] and free of control characters (CloudEvents 1.0 strings
-/// exclude them; a line break in an id would break the NATS header that carries it), no
-/// envelope as `datacontenttype`, at most [`MAX_EXTENSIONS`] extensions. The error names the
-/// attribute.
+/// `datacontenttype` within [`MAX_ATTRIBUTE_BYTES`] and free of control characters
+/// (CloudEvents 1.0 strings exclude them; a line break in an id would break the NATS header that
+/// carries it), no envelope as `datacontenttype`, at most [`MAX_EXTENSIONS`] extensions. The
+/// error names the attribute.
 fn check_event(ev: &Event) -> Result<(), String> {
     let content_type = ev.datacontenttype.as_ref().map(|ct| ("datacontenttype", ct));
     let attributes = [("id", &ev.id), ("source", &ev.source), ("type", &ev.ty), ("time", &ev.time)];

@@ -696,7 +696,8 @@ fn keep_dead_letter(
 /// `Err` when the transport did not take it.
 async fn publish_dead_letter(rt: &PluginRuntime, id: &str, dead: Event, kept_whole: bool) -> Result<(), ()> {
     rt.transport.publish_dead_letter(Arc::new(dead), kept_whole).await.map_err(|e| {
-        tracing::error!(plugin = %rt.name, event_id = %id, "dead letter kept here but not published: {e}");
+        let kept = if kept_whole { "kept here" } else { "too large to keep here" };
+        tracing::error!(plugin = %rt.name, event_id = %id, "dead letter {kept} and not published: {e}");
     })
 }
 

@@ -256,9 +256,8 @@ impl NatsTransport {
     /// stored through a server with a higher one), checked here, and what the stream that keeps
     /// it refuses (its `max_msg_size`, below `max_payload`: an operator's setting on
     /// `PLUGBUS_DLQ` or on a stream of their own; or a header block over 64 KiB, where the server
-    /// checks it), learnt from its
-    /// answer. Without this such a dead letter was never kept by the broker, and its input was
-    /// `nak`ed until `max_deliver`, then left in its stream unhandled.
+    /// checks it), learnt from its answer. Without this such a dead letter was never kept by the
+    /// broker, and its input was `nak`ed until `max_deliver`, then left in its stream unhandled.
     async fn publish_dead_letter_within_limits(&self, event: &Event) -> Result<(), TransportError> {
         let max = self.client.server_info().max_payload;
         let size = wire_size(event);
