@@ -847,6 +847,27 @@ impl Transport for NatsTransport {
 mod tests {
     use super::*;
 
+    /// What the stream answers a publish over its limits with, as async-nats 0.51 hands it over
+    /// (`PublishErrorKind::Other` with the API error as its source), and only that, reads as a
+    /// stream's size limit; a client-side refusal or any other API error does not.
+    #[test]
+    fn only_a_streams_size_refusals_read_as_its_limit() {
+        use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+        let answered = |err_code: u64| {
+            let body = format!(r#"{{"code":400,"err_code":{err_code},"description":"refused"}}"#);
+            let api: async_nats::jetstream::Error = serde_json::from_str(&body).unwrap();
+            PublishError::with_source(PublishErrorKind::Other, api)
+        };
+        assert_eq!(stream_limit_refusing(&answered(10054)), Some("max_msg_size (JetStream error 10054)"));
+        assert_eq!(stream_limit_refusing(&answered(10097)), Some("largest header block (JetStream error 10097)"));
+        for other in [10077, 10060, 10071] {
+            assert_eq!(stream_limit_refusing(&answered(other)), None, "{other}");
+        }
+        let local = PublishError::with_source(PublishErrorKind::MaxPayloadExceeded, "over max_payload".to_string());
+        assert_eq!(stream_limit_refusing(&local), None);
+        assert_eq!(stream_limit_refusing(&PublishError::new(PublishErrorKind::TimedOut)), None);
+    }
+
     #[test]
     fn a_dead_letter_without_its_data_keeps_the_hosts_headers_and_one_mark() {
         let mut dead = Event::new("plugbus.dlq.p", vec![b'x'; 100]).with_header("tenant", "acme");
