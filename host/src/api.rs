@@ -756,8 +756,8 @@ async fn replay(api: &Inner, plugin: Option<&str>) -> serde_json::Value {
 }
 
 /// Whether this host's copy (`mine`) is whole of the dead letter the broker keeps without its
-/// data (`plugbus-data-omitted`: with it, it was over the server's largest message): that one is
-/// replayed from this host's copy, and the broker's goes after.
+/// data (`plugbus-data-omitted`: with it, it was over the server's or its stream's largest
+/// message): that one is replayed from this host's copy, and the broker's goes after.
 fn whole_here(broker: &crate::deadletter::Entry, mine: &crate::deadletter::Entry) -> bool {
     let lacks_data = |e: &crate::deadletter::Entry| e.event.header(crate::deadletter::headers::DATA_OMITTED).is_some();
     mine.event.id == broker.event.id && lacks_data(broker) && !lacks_data(mine)

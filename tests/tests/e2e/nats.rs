@@ -489,6 +489,21 @@ async fn consumer_on(js: &jetstream::Context, subject: &str) -> jetstream::consu
     infos.into_iter().next().unwrap().unwrap()
 }
 
+/// Waits until the one consumer on `subject`'s stream has nothing pending or unacked.
+async fn settled(js: &jetstream::Context, subject: &str) {
+    plugbus_tests::eventually_async("the consumer settled", Duration::from_secs(10), || async {
+        let info = consumer_on(js, subject).await;
+        (info.num_ack_pending, info.num_pending) == (0, 0)
+    })
+    .await;
+}
+
+/// The event a stream keeps as `raw`, decoded as the host decodes a message.
+fn stored_event(raw: &jetstream::message::StreamMessage) -> plugbus::Event {
+    let pairs = raw.headers.iter().flat_map(|(k, vs)| vs.iter().map(move |v| (AsRef::<str>::as_ref(k), v.as_str())));
+    plugbus::cloudevents::decode(raw.subject.as_str(), pairs, raw.payload.clone()).unwrap()
+}
+
 /// JetStream's consumer advisories (`$JS.EVENT.ADVISORY.CONSUMER.<KIND>.…`), seen by a client.
 struct Advisories(async_nats::Subscriber);
 
@@ -590,8 +605,7 @@ async fn jetstream_a_dead_letter_is_kept_in_the_plugbus_dlq_stream_and_its_input
     assert_eq!(info.config.subjects, vec!["plugbus.dlq.>".to_string()]);
     assert_eq!(info.state.messages, 1);
     let raw = stream.get_raw_message(info.state.last_sequence).await.unwrap();
-    let pairs = raw.headers.iter().flat_map(|(k, vs)| vs.iter().map(move |v| (AsRef::<str>::as_ref(k), v.as_str())));
-    let dead = plugbus::cloudevents::decode(raw.subject.as_str(), pairs, raw.payload.clone()).unwrap();
+    let dead = stored_event(&raw);
     assert_eq!(dead.subject, "plugbus.dlq.faulty");
     assert_eq!(dead.data, "payload");
     assert_eq!(dead.header("tenant"), Some("acme"));
@@ -693,9 +707,7 @@ async fn jetstream_a_dead_letter_over_its_streams_max_msg_size_is_kept_without_i
     let mut marks = Vec::new();
     for seq in [first, first + 1] {
         let raw = stream.get_raw_message(seq).await.unwrap();
-        let pairs =
-            raw.headers.iter().flat_map(|(k, vs)| vs.iter().map(move |v| (AsRef::<str>::as_ref(k), v.as_str())));
-        let dead = plugbus::cloudevents::decode(raw.subject.as_str(), pairs, raw.payload.clone()).unwrap();
+        let dead = stored_event(&raw);
         assert!(dead.data.is_empty(), "a dead letter was published with its data: {dead:?}");
         assert!(dead.header(headers::ERROR).unwrap_or_default().contains("never"), "{dead:?}");
         assert_eq!(dead.header("pad"), None, "the event's own 3000-byte header was kept");
@@ -713,14 +725,7 @@ async fn jetstream_a_dead_letter_over_its_streams_max_msg_size_is_kept_without_i
     kept.sort();
     assert_eq!(kept, vec![5, 8192]);
     // Both inputs were termed after one delivery each, not naked until max_deliver.
-    plugbus_tests::eventually_async("both inputs settled", Duration::from_secs(10), || {
-        let js = js.clone();
-        async move {
-            let info = consumer_on(&js, "faulty.reject").await;
-            (info.num_ack_pending, info.num_pending) == (0, 0)
-        }
-    })
-    .await;
+    settled(&js, "faulty.reject").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(t.counter("faulty", "received"), 2, "an input whose dead letter was kept came again");
     assert_eq!(t.counter("faulty", "dead_lettered"), 2);
@@ -1228,8 +1233,7 @@ async fn dead_lettered_without_its_data(t: &TestHost, server: &NatsServer) {
     })
     .await;
     let raw = kept().await.unwrap();
-    let pairs = raw.headers.iter().flat_map(|(k, vs)| vs.iter().map(move |v| (AsRef::<str>::as_ref(k), v.as_str())));
-    let dead = plugbus::cloudevents::decode(raw.subject.as_str(), pairs, raw.payload.clone()).unwrap();
+    let dead = stored_event(&raw);
     let error = dead.header(headers::ERROR).unwrap_or_default();
     assert!(error.contains("event of 5242880 bytes is over the 1048576-byte limit"), "{error}");
     assert!(dead.data.is_empty(), "a dead letter over max_payload was published with its data");
@@ -1239,14 +1243,7 @@ async fn dead_lettered_without_its_data(t: &TestHost, server: &NatsServer) {
     assert_eq!(t.host.dead_letters().list(Some("faulty"))[0].event.data.len(), 5 << 20);
     t.wait_counter("faulty", "ok", 1).await;
     assert_eq!(t.counter("faulty", "dead_lettered"), 1);
-    plugbus_tests::eventually_async("both settled", Duration::from_secs(10), || {
-        let js = js.clone();
-        async move {
-            let info = consumer_on(&js, "faulty.ok").await;
-            (info.num_ack_pending, info.num_pending) == (0, 0)
-        }
-    })
-    .await;
+    settled(&js, "faulty.ok").await;
     assert_eq!(t.counter("faulty", "received"), 2);
 }
 
