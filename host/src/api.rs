@@ -50,6 +50,14 @@ pub struct ApiSettings {
     /// Bytes of events one tail holds for a client that does not keep up; events beyond are
     /// dropped for that tail and counted (`plugbus_tail_events_dropped_total`).
     pub tail_buffer_bytes: usize,
+    /// Connections open at once; one more waits (in the kernel's backlog) until one ends. Each
+    /// holds a file descriptor the host also needs for plugin files, compiles and its broker.
+    pub max_connections: usize,
+    /// How long a client has to send a request's headers (counted from when the connection waits
+    /// for them: an idle kept-alive connection is closed after it too), and again its body; a
+    /// body not in by then is answered `408`.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
 }
 
 impl Default for ApiSettings {
@@ -59,6 +67,8 @@ impl Default for ApiSettings {
             allowed_origins: Vec::new(),
             max_tails: 16,
             tail_buffer_bytes: 8 << 20,
+            max_connections: 512,
+            read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -95,6 +105,8 @@ struct Inner {
     token_digest: Option<[u8; 32]>,
     /// One permit per live tail.
     tails: Arc<Semaphore>,
+    /// One permit per `POST /v1/dlq/{id}/debug` at work ([`DEBUG_RUNS_AT_ONCE`]).
+    debugging: Arc<Semaphore>,
     /// The ids of the dead letters a `POST /v1/dlq/{id}/replay` is replaying now: a second
     /// request for one of them (a double click) is refused instead of replaying it twice.
     replaying_one: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -106,6 +118,12 @@ type Api = Arc<Inner>;
 /// once, so it only absorbs bursts (events beyond are missed and counted by the transport).
 const TAIL_OBSERVER_CAPACITY: usize = 16;
 
+/// Dead-letter debug runs at once. Each reads up to `max_wasm_bytes` of candidate, compiles it
+/// in a child (up to `sandbox.compile_memory_mib`) outside the loader's bound, and runs in the
+/// instance pool live plugins use: without a bound, a client sending a few hundred of them at
+/// once took the host's memory and the plugins' slots.
+pub const DEBUG_RUNS_AT_ONCE: usize = 2;
+
 /// How often an idle tail sends a keep-alive comment (also how soon a vanished client is noticed).
 const TAIL_KEEP_ALIVE: Duration = Duration::from_secs(5);
 
@@ -115,8 +133,16 @@ pub fn router(state: ApiState) -> axum::Router {
     let loopback = state.reloader.config.http.is_some_and(|a| is_loopback_ip(a.ip()));
     let token_digest = state.api_token.as_deref().map(digest);
     let tails = Arc::new(Semaphore::new(settings.max_tails));
-    let api: Api =
-        Arc::new(Inner { s: state, settings, loopback, token_digest, tails, replaying_one: Default::default() });
+    let debugging = Arc::new(Semaphore::new(DEBUG_RUNS_AT_ONCE));
+    let api: Api = Arc::new(Inner {
+        s: state,
+        settings,
+        loopback,
+        token_digest,
+        tails,
+        debugging,
+        replaying_one: Default::default(),
+    });
     let guarded = axum::Router::new()
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -476,10 +502,24 @@ async fn incoming_event(
     if let Some(why) = system_subject(subject) {
         return refuse(StatusCode::BAD_REQUEST, why);
     }
+    // The host's own: a client's event there would read as a plugin's dead letter (listed,
+    // replayed, and on NATS kept in `PLUGBUS_DLQ`, where a thousand of them at its front hid
+    // the real ones from the listings).
+    if crate::subject::is_dead_letter_subject(subject) {
+        let why = format!("{subject:?} is a dead-letter subject: the host alone publishes under `plugbus.dlq.`");
+        return refuse(StatusCode::BAD_REQUEST, why);
+    }
     if let Some(why) = reserved_header(headers) {
         return refuse(StatusCode::BAD_REQUEST, why);
     }
-    let Ok(data) = axum::body::to_bytes(body, state.max_event_bytes).await else {
+    // A client trickling its body would hold its connection, and what it sent, for ever.
+    let read_timeout = state.reloader.config.api.read_timeout;
+    let read = tokio::time::timeout(read_timeout, axum::body::to_bytes(body, state.max_event_bytes)).await;
+    let Ok(read) = read else {
+        let why = format!("the body was not in within {} (api.read_timeout)", humantime::format_duration(read_timeout));
+        return refuse(StatusCode::REQUEST_TIMEOUT, why);
+    };
+    let Ok(data) = read else {
         let why = format!("the body is over the {}-byte event limit", state.max_event_bytes);
         return refuse(StatusCode::PAYLOAD_TOO_LARGE, why);
     };
@@ -581,7 +621,15 @@ async fn request(
             let out = resp.headers_mut();
             // `Bytes` answered `application/octet-stream`: the reply's own type replaces it.
             out.remove(header::CONTENT_TYPE);
+            // Only what the route promises: the `ce-*` attributes and `Content-Type`. The reply's
+            // other headers are the plugin's words, and as HTTP headers they would be the host's:
+            // a `Content-Length` or `Transfer-Encoding` that reframes the response (the plugin's
+            // bytes read as the next response on a kept-alive connection), a `Set-Cookie` on the
+            // API's origin, a `Location`.
             for (name, value) in crate::cloudevents::encode_binary(&reply) {
+                if !(name.starts_with("ce-") || name == "content-type") {
+                    continue;
+                }
                 if let (Ok(n), Ok(v)) = (header::HeaderName::try_from(name.as_ref()), HeaderValue::from_str(&value)) {
                     out.append(n, v);
                 }
@@ -991,6 +1039,12 @@ async fn dlq_replay_one(State(api): State<Api>, Path(id): Path<String>) -> Respo
 /// (`application/wasm`, at most `max_wasm_bytes`), on that candidate; answers both outcomes.
 /// Publishes nothing and writes no kv (see [`crate::dlq_debug`]).
 async fn dlq_debug(State(api): State<Api>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> Response {
+    // Taken before the body is read: a client trickling a candidate holds its run.
+    let Ok(_run) = api.debugging.clone().try_acquire_owned() else {
+        let why =
+            format!("{DEBUG_RUNS_AT_ONCE} dead-letter debug runs are at work already: try again when one is done");
+        return error(StatusCode::SERVICE_UNAVAILABLE, why);
+    };
     let cap = api.s.reloader.config.max_wasm_bytes;
     let too_big = || {
         error(StatusCode::PAYLOAD_TOO_LARGE, format!("the candidate component is over max_wasm_bytes ({cap} bytes)"))

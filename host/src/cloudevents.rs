@@ -91,7 +91,11 @@ const TRANSPORT_HEADERS: &[&str] = &[
     "accept",
     "accept-encoding",
     "connection",
+    // A client's credentials (for the host's API, or a proxy's, or its session): never handed
+    // to plugins, kept in the log or shown by tails.
     "authorization",
+    "proxy-authorization",
+    "cookie",
     "transfer-encoding",
     "expect",
     // The reply inbox of a request stored in a JetStream stream: the host's own capability,
@@ -155,12 +159,14 @@ pub fn decode_with_id<'a>(
             Some("specversion") | Some("subject") => {}
             Some(ext) => ev.extensions.push((ext.to_string(), percent_decode(value))),
             None if name == "content-type" => {}
+            // A plain message's id. Beside a `ce-id` it is the transport's dedupe key (plugbus
+            // sends a hash of source and id: `backend::nats::wire::msg_id`), not the event's.
             None if name == "nats-msg-id" => {
-                let value = percent_decode(value);
                 if !has_ce_id {
+                    let value = percent_decode(value);
                     id = Some(value.clone());
+                    ev.extensions.push((name.into_owned(), value));
                 }
-                ev.extensions.push((name.into_owned(), value));
             }
             None if TRANSPORT_HEADERS.contains(&&*name) => {}
             None => ev.extensions.push((name.into_owned(), percent_decode(value))),

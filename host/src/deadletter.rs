@@ -305,6 +305,14 @@ pub struct DeadLetters {
     file: Option<crate::dlq_file::DlqFile>,
 }
 
+/// What one eviction forgot: the entries' numbers, their bytes, and the first one's plugin and
+/// event id (for the log line).
+struct Evicted {
+    gone: Vec<u64>,
+    freed: usize,
+    oldest: Option<(String, String)>,
+}
+
 impl DeadLetters {
     /// A store keeping at most `cap` dead letters and [`DEFAULT_MAX_BYTES`] bytes.
     pub fn new(cap: usize) -> Self {
@@ -333,7 +341,8 @@ impl DeadLetters {
         }
         store.file = Some(file);
         // A replay cut short by a crash leaves its entries in the file beside newer ones.
-        store.evict(&mut store.kept.lock().expect("dlq poisoned"));
+        let evicted = store.evict(&mut store.kept.lock().expect("dlq poisoned"));
+        store.forget_evicted(evicted);
         Ok(store)
     }
 
@@ -366,32 +375,43 @@ impl DeadLetters {
                 "dead letter too large to keep for replay (it is published on its dead-letter subject whole, or not at all)");
             return false;
         }
+        // Written before it is listed: a removal of it (by whoever evicts it) comes after.
         self.write_through(|f| f.insert(seq, plugin, &entry.event, entry.record.as_deref()));
-        let mut kept = self.kept.lock().expect("dlq poisoned");
-        kept.push_back(entry);
-        self.evict(&mut kept);
+        let evicted = {
+            let mut kept = self.kept.lock().expect("dlq poisoned");
+            kept.push_back(entry);
+            self.evict(&mut kept)
+        };
+        // Outside the lock: the list, the API and other dead letters do not wait for the file.
+        self.forget_evicted(evicted);
         true
     }
 
     /// Forgets entries until the store is within its bounds, each time the oldest of the plugin
     /// holding the most: a plugin that floods the store forgets its own, and can push another
-    /// plugin down to an equal share of the bound, never below; one log line.
-    fn evict(&self, kept: &mut Kept) {
-        let (mut forgotten, mut freed, mut oldest) = (0usize, 0usize, None);
+    /// plugin down to an equal share of the bound, never below. Returns what it forgot, for
+    /// [`DeadLetters::forget_evicted`] to remove from the file and log once the lock is let go.
+    fn evict(&self, kept: &mut Kept) -> Evicted {
+        let (mut freed, mut oldest) = (0usize, None);
         let mut gone = Vec::new();
         while kept.items.len() > self.cap || kept.bytes > self.max_bytes {
             let by_count = kept.items.len() > self.cap;
             let Some(old) = kept.eviction_victim(by_count).and_then(|at| kept.remove(at)) else { break };
             gone.push(old.seq);
             freed += kept_bytes(&old);
-            forgotten += 1;
             oldest.get_or_insert((old.plugin, old.event.id));
         }
+        Evicted { gone, freed, oldest }
+    }
+
+    /// Removes what [`DeadLetters::evict`] forgot from the file, with one log line.
+    fn forget_evicted(&self, evicted: Evicted) {
+        let Evicted { gone, freed, oldest } = evicted;
         if !gone.is_empty() {
             self.write_through(|f| f.remove(&gone));
         }
         if let Some((plugin, event_id)) = oldest {
-            tracing::warn!(plugin = %plugin, event_id = %event_id, forgotten, freed_bytes = freed,
+            tracing::warn!(plugin = %plugin, event_id = %event_id, forgotten = gone.len(), freed_bytes = freed,
                 max_entries = self.cap, max_bytes = self.max_bytes,
                 "dead-letter store full: the oldest entries of the plugin holding the most forgotten (they were published on their dead-letter subjects)");
         }
@@ -459,11 +479,14 @@ impl DeadLetters {
     /// Puts back taken entries whose replay failed (oldest first again; still within the
     /// bounds). They never left the file.
     pub fn restore(&self, entries: Vec<Entry>) {
-        let mut kept = self.kept.lock().expect("dlq poisoned");
-        for e in entries.into_iter().rev() {
-            kept.push_front(e);
-        }
-        self.evict(&mut kept);
+        let evicted = {
+            let mut kept = self.kept.lock().expect("dlq poisoned");
+            for e in entries.into_iter().rev() {
+                kept.push_front(e);
+            }
+            self.evict(&mut kept)
+        };
+        self.forget_evicted(evicted);
     }
 }
 

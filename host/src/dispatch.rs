@@ -361,7 +361,7 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
             delivery.acker.ack().await;
         }
         Outcome::DeadLettered { attempts, failure } => {
-            let dead = keep_dead_letter(rt, ev, &failure.to_string(), *attempts, record);
+            let dead = keep_dead_letter(rt, ev, &failure.to_string(), *attempts, record).await;
             // Counted once kept and before it is published: whoever reads the count finds the
             // dead letter in the store, and whoever sees it on the bus reads it counted.
             counters.dead_lettered.inc();
@@ -657,7 +657,7 @@ async fn dead_letter(
     attempts: u32,
     record: Option<Box<Record>>,
 ) -> Result<(), ()> {
-    match keep_dead_letter(rt, ev, failure, attempts, record) {
+    match keep_dead_letter(rt, ev, failure, attempts, record).await {
         Some((dead, kept_whole)) => publish_dead_letter(rt, &ev.id, dead, kept_whole).await,
         None => Ok(()),
     }
@@ -666,7 +666,11 @@ async fn dead_letter(
 /// Keeps the dead letter of `ev` (with `record`, in this host's store only) and returns it to
 /// publish, with whether the store kept it (not when it alone is over the store's bytes);
 /// `None` when it is only logged (a dead letter that failed again).
-fn keep_dead_letter(
+///
+/// The store writes through to its file (`dlq.redb`, an `fsync` per commit, waiting for any
+/// other write): that runs on the blocking pool, not on the runtime thread every plugin's
+/// deliveries share, so a plugin dead-lettering as fast as it can stalls only itself.
+async fn keep_dead_letter(
     rt: &PluginRuntime,
     ev: &Event,
     failure: &str,
@@ -688,7 +692,10 @@ fn keep_dead_letter(
     tracing::error!(plugin = %plugin, subject = %subject, event_id = %id, attempts,
         dead_letter = %rt.dead_letter_subject, "event dead-lettered: {failure}");
     let dead = deadletter::dead_letter_event(ev, plugin, &rt.dead_letter_subject, failure, attempts);
-    let kept_whole = rt.dead_letters.push_recorded(plugin, dead.clone(), record);
+    let (store, plugin, kept) = (rt.dead_letters.clone(), plugin.clone(), dead.clone());
+    let keep = tokio::task::spawn_blocking(move || store.push_recorded(&plugin, kept, record));
+    // Only a panic in the store ends it otherwise: then it was not kept.
+    let kept_whole = keep.await.unwrap_or(false);
     Some((dead, kept_whole))
 }
 

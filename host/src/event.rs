@@ -265,7 +265,12 @@ pub fn is_reserved_header(name: &str) -> bool {
         return false;
     }
     let base = lower.strip_prefix("ce-").or_else(|| lower.strip_prefix("ce_")).unwrap_or(&lower);
-    ["plugbus-", "plugbus_", "nats-", "nats_"].iter().any(|p| base.starts_with(p)) || CORE_ATTRIBUTES.contains(&base)
+    // `data` and `data_base64` are where the JSON format keeps the data: as headers they were
+    // taken for it by `plugbus tail --record`, `dlq export` and `plugbus test`.
+    ["plugbus-", "plugbus_", "nats-", "nats_"].iter().any(|p| base.starts_with(p))
+        || CORE_ATTRIBUTES.contains(&base)
+        || base == "data"
+        || base == "data_base64"
 }
 
 /// How many bytes of a string a plugin (or a remote publisher) controls the host repeats in a
@@ -302,6 +307,26 @@ pub fn cut_to(text: &str, limit: usize) -> std::borrow::Cow<'_, str> {
         None => std::borrow::Cow::Borrowed(text),
         Some(end) => std::borrow::Cow::Owned(format!("{}{}", &text[..end], cut_note(end, text.len()))),
     }
+}
+
+/// `text` on one line: each control character (a line break, a carriage return, an escape)
+/// written out as Rust escapes it (`\n`, `\u{1b}`). For what a plugin writes into the host's log
+/// and its failure reports: a line break in it would start a line of its own in the log, one that
+/// can pose as the host's (`… ERROR plugbus: event dead-lettered plugin=payments …`), and NATS
+/// cannot carry it in a dead letter's `plugbus-error` header.
+pub fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut line = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if c.is_control() {
+            line.extend(c.escape_default());
+        } else {
+            line.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(line)
 }
 
 /// [`cut_to`] at [`ECHO_BYTES`]: for failure text a plugin wrote (a reject or retry message, a
@@ -430,11 +455,14 @@ mod tests {
             "Nats-Msg-Id",
             "nats-rollup",
             "Nats-Expected-Last-Sequence",
+            "data",
+            "Data_Base64",
+            "ce-data",
         ] {
             assert!(is_reserved_header(name), "{name} should be reserved");
         }
-        for name in ["datacontenttype", "Content-Type", "order-id", "tenant", "traceparent", "ce-tenant", "sourcecode"]
-        {
+        let free = ["datacontenttype", "Content-Type", "order-id", "tenant", "traceparent", "ce-tenant", "sourcecode"];
+        for name in free.into_iter().chain(["database", "data-center"]) {
             assert!(!is_reserved_header(name), "{name} should be free");
         }
     }
@@ -455,6 +483,8 @@ mod tests {
     #[test]
     fn untrusted_text_is_cut_saying_where() {
         assert_eq!(cut("short"), "short");
+        assert_eq!(one_line("one line, é"), "one line, é");
+        assert_eq!(one_line("a\n2026 ERROR plugbus: forged\r\u{1b}[2J"), "a\\n2026 ERROR plugbus: forged\\r\\u{1b}[2J");
         let long = "E".repeat(16 << 20);
         let c = cut(&long);
         assert!(c.starts_with(&"E".repeat(ECHO_BYTES)));

@@ -138,14 +138,16 @@ impl Host {
             };
             let (tx, rx) = oneshot::channel::<()>();
             stop_http = Some(tx);
+            let bounds = crate::http_server::Bounds {
+                max_connections: config.api.max_connections,
+                header_read_timeout: config.api.read_timeout,
+            };
             http_task = Some(tokio::spawn(async move {
                 let app = api::router(state);
-                let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+                crate::http_server::serve(listener, app, bounds, async {
                     let _ = rx.await;
-                });
-                if let Err(e) = serve.await {
-                    tracing::error!("HTTP API stopped: {e}");
-                }
+                })
+                .await;
             }));
             tracing::info!(addr = %http_addr.expect("bound"), "HTTP API listening");
         }

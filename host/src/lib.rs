@@ -20,6 +20,7 @@ pub mod dlq_file;
 pub mod event;
 pub mod fate;
 pub mod host;
+pub mod http_server;
 pub mod inspect;
 pub mod kv;
 pub mod loader;

@@ -32,7 +32,7 @@ use plugbus::event::Output;
 use plugbus::kv::MemoryKv;
 use plugbus::sandbox::bindings::{self, types as wit};
 use plugbus::sandbox::state::{HostState, PluginCtx};
-use plugbus::sandbox::{Limits, Plugin, PluginSettings, Sandbox, SandboxSettings};
+use plugbus::sandbox::{InstanceMode, Limits, Plugin, PluginSettings, Sandbox, SandboxSettings};
 use plugbus::subject::PatternSet;
 use plugbus::transport::{SubscriptionSpec, Transport};
 use std::collections::BTreeMap;
@@ -139,7 +139,7 @@ pub async fn run_part(mode: Mode, handler: &[u8], part: &str) -> anyhow::Result<
             let (a, b) = tokio::join!(one(), one());
             Load::side_by_side(a?, b?)
         }
-        "host-2producers" => two_producers(mode, handler).await?,
+        "host-2producers" => two_producers(mode, handler, WINDOW, InstanceMode::Fresh).await?,
         "host-2hosts" => {
             // Spawned: each host and its loop may take a worker of its own.
             let one = || {
@@ -157,11 +157,21 @@ pub async fn run_part(mode: Mode, handler: &[u8], part: &str) -> anyhow::Result<
 
 /// One two-core host fed by two closed loops, each in a task of its own (so each may keep a
 /// core) on a subject of its own (`bench.in.a`, `bench.in.b`; the handler answers on
-/// `bench.out.<last token>`), each with half the window: ingress on both cores, as concurrent
-/// HTTP clients are, against `host`'s one producer.
-async fn two_producers(mode: Mode, handler: &[u8]) -> anyhow::Result<Load> {
+/// `bench.out.<last token>`), each with half of `window`: ingress on both cores, as concurrent
+/// HTTP clients are, against `host`'s one producer. `instance` is the plugin's instance mode
+/// (reuse's part runs it with `Reuse`).
+pub(super) async fn two_producers(
+    mode: Mode,
+    handler: &[u8],
+    window: usize,
+    instance: InstanceMode,
+) -> anyhow::Result<Load> {
     let bench = Arc::new(
-        crate::components::BenchHost::start(handler, 1, |c| c.flow.queue = c.flow.queue.max(2 * WINDOW)).await?,
+        crate::components::BenchHost::start(handler, 1, |c| {
+            c.limits.instance = instance;
+            c.flow.queue = c.flow.queue.max(2 * window);
+        })
+        .await?,
     );
     let one = |token: &'static str| {
         let bench = bench.clone();
@@ -171,7 +181,7 @@ async fn two_producers(mode: Mode, handler: &[u8]) -> anyhow::Result<Load> {
             let make = |seq| Event::new(subject.clone(), driver::payload(seq, ""));
             let host = &bench.host;
             let publish = |ev| async move { host.publish(ev).await };
-            driver::closed_loop(mode, WINDOW / 2, 1, &mut outputs, make, publish, |_| {}).await
+            driver::closed_loop(mode, window / 2, 1, &mut outputs, make, publish, |_| {}).await
         })
     };
     let (a, b) = tokio::join!(one("a"), one("b"));

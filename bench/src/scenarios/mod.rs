@@ -73,10 +73,13 @@ pub const PARTS: &[(&str, &str, &str)] = &[
     ("reuse-host-1thread", "reuse", "host-1thread"),
     ("reuse-host-2x1thread", "reuse", "host-2x1thread"),
     ("reuse-host-2hosts", "reuse", "host-2hosts"),
+    ("reuse-host-2producers", "reuse", "host-2producers"),
     ("reuse-floor", "reuse", "floor"),
     ("reuse-floor-1task", "reuse", "floor-1task"),
     ("nats-core-host", "nats-core", "host"),
     ("nats-core-sandboxed-relay", "nats-core", "sandboxed-relay"),
+    ("nats-core-native-relay", "nats-core", "native-relay"),
+    ("nats-core-cloudevents-relay", "nats-core", "cloudevents-relay"),
     ("jetstream-host", "jetstream", "host"),
     ("jetstream-sandboxed-relay", "jetstream", "sandboxed-relay"),
 ];

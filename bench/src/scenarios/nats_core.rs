@@ -20,6 +20,12 @@
 //!   plugbus's own machinery. `sandboxed_relay_vs_native_relay` is the most any host that
 //!   sandboxes the handler can reach against the native relay; `vs_sandboxed_relay` is what
 //!   plugbus's machinery (router, dispatch, CloudEvents, queues) costs on this path.
+//! - `cloudevents_relay`: the native relay speaking CloudEvents as plugbus does on NATS (each
+//!   message read as an event by `wire::event_of`, its output made an event by
+//!   `Output::into_event` and published in binary mode by `wire::message_of`), still in plain
+//!   Rust: `cloudevents_relay_vs_native_relay` is what the wire format costs the relay and its
+//!   observer (async-nats keeps headers in a SipHash map, built by the publisher and again by
+//!   every subscriber).
 //! - `flat_out_floor`: the raw publisher publishing bursts of 10,000 flat out for `measure`,
 //!   each burst counted whole by the raw subscriber before the next (so at most one burst is
 //!   buffered); `flat_out_dropped` = published − counted (a subscriber falling behind loses
@@ -35,6 +41,7 @@ use crate::report::Row;
 use anyhow::Context;
 use futures::StreamExt;
 use plugbus::Event;
+use plugbus::backend::nats::wire as nats_wire;
 use plugbus::sandbox::{InstanceMode, Limits, Plugin};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -51,13 +58,16 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
     // The sandboxed relay is the native relay running the handler in the sandbox: the broker's
     // and the sandbox's cost together, with nothing of plugbus's own machinery.
     let plugin = sandboxed(handler, Limits::default()).await?;
-    let (mut hosts, mut native, mut sandboxed_relay) = (Hosts::default(), Load::default(), Load::default());
+    let (mut hosts, mut native, mut sandboxed_relay, mut cloudevents_relay) = Default::default();
     let slice = mode.slice();
     for _ in 0..mode.slices() {
-        hosts.merge(hosts_run(slice, handler, &server, InstanceMode::Fresh).await?);
-        native.merge(native_relay_run(slice, &server, None).await.context("the native relay floor")?);
-        let relay = native_relay_run(slice, &server, Some(plugin.clone())).await;
-        sandboxed_relay.merge(relay.context("the sandboxed relay")?);
+        Hosts::merge(&mut hosts, hosts_run(slice, handler, &server, InstanceMode::Fresh).await?);
+        let relay = native_relay_run(slice, &server, None, Wire::Plain).await;
+        Load::merge(&mut native, relay.context("the native relay floor")?);
+        let relay = native_relay_run(slice, &server, Some(plugin.clone()), Wire::Plain).await;
+        Load::merge(&mut sandboxed_relay, relay.context("the sandboxed relay")?);
+        let relay = native_relay_run(slice, &server, None, Wire::CloudEvents).await;
+        Load::merge(&mut cloudevents_relay, relay.context("the CloudEvents relay")?);
     }
     let Hosts { load, handled, retried, dead_lettered } = hosts;
     let reuse = hosts_run(mode, handler, &server, InstanceMode::Reuse).await?.load;
@@ -74,6 +84,10 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
         ("sandboxed_relay".into(), sandboxed_relay.rate()),
         ("sandboxed_relay_vs_native_relay".into(), sandboxed_relay.rate() / native.rate()),
         ("vs_sandboxed_relay".into(), rate / sandboxed_relay.rate()),
+        ("cloudevents_relay".into(), cloudevents_relay.rate()),
+        ("cloudevents_relay_vs_native_relay".into(), cloudevents_relay.rate() / native.rate()),
+        ("native_relay_cpu_us_per_event".into(), native.cpu_us_per_event()),
+        ("cloudevents_relay_cpu_us_per_event".into(), cloudevents_relay.cpu_us_per_event()),
         ("floor_p50_us".into(), floor.percentile_us(50)),
         ("floor_p99_us".into(), floor.percentile_us(99)),
         ("flat_out_floor".into(), flat),
@@ -97,16 +111,18 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
     })
 }
 
-/// One side of nats-core alone, for a profiler: `host` (the two hosts) or `sandboxed-relay`,
-/// on a server of its own (see `PARTS`).
+/// One side of nats-core alone, for a profiler: `host` (the two hosts), `sandboxed-relay`,
+/// `native-relay` or `cloudevents-relay`, on a server of its own (see `PARTS`).
 pub async fn run_part(mode: Mode, handler: &[u8], part: &str) -> anyhow::Result<Load> {
     let server = NatsServer::start().await?;
     Ok(match part {
         "host" => hosts_run(mode, handler, &server, InstanceMode::Fresh).await?.load,
         "sandboxed-relay" => {
             let plugin = sandboxed(handler, Limits::default()).await?;
-            native_relay_run(mode, &server, Some(plugin)).await?
+            native_relay_run(mode, &server, Some(plugin), Wire::Plain).await?
         }
+        "native-relay" => native_relay_run(mode, &server, None, Wire::Plain).await?,
+        "cloudevents-relay" => native_relay_run(mode, &server, None, Wire::CloudEvents).await?,
         other => anyhow::bail!("no part {other} of nats-core"),
     })
 }
@@ -192,10 +208,24 @@ async fn floor_run(mode: Mode, server: &NatsServer) -> anyhow::Result<Load> {
     driver::closed_loop(mode, WINDOW, 1, &mut delivered, make, publish, |_| {}).await
 }
 
+/// How a relay reads and writes its messages.
+#[derive(Clone, Copy)]
+enum Wire {
+    /// The payload alone, as it came; the output's data alone, no headers.
+    Plain,
+    /// CloudEvents as plugbus's NATS transport reads and writes them (binary mode).
+    CloudEvents,
+}
+
 /// The handler's logic on two raw connections sharing a queue group, each message parsed and
 /// its output published, as the two hosts do: in plain Rust, or (`sandboxed`) the bench handler
 /// through `Plugin::handle`, a fresh instance per message as the hosts run it.
-async fn native_relay_run(mode: Mode, server: &NatsServer, sandboxed: Option<Arc<Plugin>>) -> anyhow::Result<Load> {
+async fn native_relay_run(
+    mode: Mode,
+    server: &NatsServer,
+    sandboxed: Option<Arc<Plugin>>,
+    wire: Wire,
+) -> anyhow::Result<Load> {
     let mut workers = Vec::new();
     for _ in 0..HOSTS {
         let client = server.client().await?;
@@ -204,9 +234,20 @@ async fn native_relay_run(mode: Mode, server: &NatsServer, sandboxed: Option<Arc
         let sandboxed = sandboxed.clone();
         workers.push(tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
-                let ev = Event::new(msg.subject.as_str(), msg.payload);
-                let out = relay_output(sandboxed.as_deref(), &ev).await?;
-                client.publish(format!("relay.{}", out.subject), out.data).await?;
+                match wire {
+                    Wire::Plain => {
+                        let ev = Event::new(msg.subject.as_str(), msg.payload);
+                        let out = relay_output(sandboxed.as_deref(), &ev).await?;
+                        client.publish(format!("relay.{}", out.subject), out.data).await?;
+                    }
+                    Wire::CloudEvents => {
+                        let ev = nats_wire::event_of(&msg.subject, msg.headers.as_ref(), msg.payload, None)
+                            .map_err(|e| anyhow::anyhow!("{e}"))?;
+                        let out = relay_output(sandboxed.as_deref(), &ev).await?.into_event(&ev, "relay", 0);
+                        let (headers, payload) = nats_wire::message_of(&out, nats_wire::Origin::Host);
+                        client.publish_with_headers(format!("relay.{}", out.subject), headers, payload).await?;
+                    }
+                }
             }
             anyhow::Ok(())
         }));

@@ -33,7 +33,8 @@ async fn host_load(mode: Mode, handler: &[u8], window: usize) -> anyhow::Result<
 
 /// One side of reuse alone, for a profiler: `host` or `floor` (2 tasks) (see `PARTS`); as for
 /// embedded-1, `host-1thread` and `floor-1task` on one core, and two hosts with half the window
-/// each on threads of their own (`host-2x1thread`) or as tasks of the one runtime (`host-2hosts`).
+/// each on threads of their own (`host-2x1thread`) or as tasks of the one runtime (`host-2hosts`),
+/// and one host fed by two closed loops with half the window each (`host-2producers`).
 pub async fn run_part(mode: Mode, handler: &[u8], part: &str) -> anyhow::Result<Load> {
     Ok(match part {
         "host" => host_load(mode, handler, WINDOW).await?.0,
@@ -51,6 +52,7 @@ pub async fn run_part(mode: Mode, handler: &[u8], part: &str) -> anyhow::Result<
             let (a, b) = tokio::join!(one(), one());
             Load::side_by_side(a?, b?)
         }
+        "host-2producers" => super::embedded::two_producers(mode, handler, WINDOW, InstanceMode::Reuse).await?,
         "host-2hosts" => {
             let one = || {
                 let h = handler.to_vec();

@@ -37,7 +37,8 @@ pub struct Limits {
     /// Bytes one attempt's kv transaction may hold: keys and values written and keys read,
     /// each plus a fixed 64 per key.
     pub max_kv_write_bytes: u64,
-    /// Distinct kv keys one attempt may read from the store.
+    /// kv reads one attempt may send to the store (a key read again counts again; a key it
+    /// wrote is read from its own writes and does not count).
     pub max_kv_reads: u32,
     /// Bytes the plugin's kv may hold in all, across every event: keys and values, each key
     /// 64 more (see `kv::quota`). A commit past it fails; deletes always pass.

@@ -7,7 +7,7 @@ use super::pool::{POOL_WAIT_MAX, SharedPool, SlotWait, Warm, WarmList};
 use super::record::Seen;
 use super::state::{HostState, PluginCtx};
 use super::world::FixedWorld;
-use crate::event::{Event, Output, cut, cut_to};
+use crate::event::{Event, Output, cut, cut_to, one_line};
 use crate::kv::{KvError, KvStore, Txn};
 use crate::manifest::Manifest;
 use crate::telemetry;
@@ -285,7 +285,7 @@ impl Plugin {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "a panic without a message".into());
-                let what = cut(&what);
+                let what = cut(&one_line(&what)).into_owned();
                 tracing::error!(plugin = %self.ctx.name, event_id = %event.id, subject = %event.subject, attempt,
                     "a host function panicked during the attempt; it fails as a trap would (not the handler's fault): {what}");
                 Attempt {
@@ -458,8 +458,8 @@ impl Plugin {
                 None => Ok(()),
             },
             // The handler's own words, cut to a few KiB: they go to logs and dead letters.
-            Ok(Err(wit::HandlerError::Retry(m))) => Err(Failure::Retry(cut(&m).into_owned())),
-            Ok(Err(wit::HandlerError::Reject(m))) => Err(Failure::Reject(cut(&m).into_owned())),
+            Ok(Err(wit::HandlerError::Retry(m))) => Err(Failure::Retry(cut(&one_line(&m)).into_owned())),
+            Ok(Err(wit::HandlerError::Reject(m))) => Err(Failure::Reject(cut(&one_line(&m)).into_owned())),
             Err(e) => Err(Failure::Trap(describe_trap(&e, state, overflow))),
         }
     }

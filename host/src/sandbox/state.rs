@@ -76,7 +76,20 @@ pub struct HostState {
     pub reply: Option<Output>,
     /// Requests this attempt made.
     requests: u32,
+    /// Host calls refused in this attempt (publish, request, reply): only the first
+    /// [`MAX_LOGGED_REFUSALS`] are logged.
+    refusals: u32,
+    /// kv reads this attempt sent to the store (a key read again is read again: on NATS a
+    /// round trip on the connection every plugin shares), bounded by `max_kv_reads`.
+    kv_reads: u32,
 }
+
+/// Refused host calls logged per attempt. The handler gets every refusal as its call's error;
+/// the host's log gets these and then one line saying the rest are not logged. Without a bound,
+/// a handler looping on a refused call until its deadline wrote a warning of up to 4 KiB per
+/// call (millions per event, beside `max_log_bytes`, which bounds only its own log lines), on
+/// the runtime thread that writes the log.
+pub const MAX_LOGGED_REFUSALS: u32 = 8;
 
 impl HostState {
     /// Fresh state for one attempt of `event_id` on `subject`.
@@ -128,6 +141,8 @@ impl HostState {
             reply_token: None,
             reply: None,
             requests: 0,
+            refusals: 0,
+            kv_reads: 0,
         }
     }
 
@@ -165,6 +180,8 @@ impl HostState {
         self.reply_token = None;
         self.reply = None;
         self.requests = 0;
+        self.refusals = 0;
+        self.kv_reads = 0;
     }
 
     /// Outbound HTTP calls and requests the attempt made (see `Attempt::calls_out`).
@@ -176,9 +193,28 @@ impl HostState {
         let why = match &err {
             types::PublishError::Denied(m) | types::PublishError::Limit(m) | types::PublishError::Invalid(m) => m,
         };
-        tracing::warn!(plugin = %self.plugin.name, event_id = %self.event_id, subject = %self.subject, "publish refused: {why}");
-        self.refused = Some(why.clone());
+        let why = why.clone();
+        self.log_refusal("publish", &why);
+        self.refused = Some(why);
         Err(err)
+    }
+
+    /// Logs a refused host call (`call`: publish, request, reply), as long as the attempt has
+    /// refusals left to log ([`MAX_LOGGED_REFUSALS`]); the first one past says the rest are not.
+    fn log_refusal(&mut self, call: &str, why: &str) {
+        self.refusals = self.refusals.saturating_add(1);
+        let (plugin, event_id, subject) = (&*self.plugin.name, &self.event_id, &self.subject);
+        if self.refusals <= MAX_LOGGED_REFUSALS {
+            tracing::warn!(plugin, event_id, subject, "{call} refused: {why}");
+        } else if self.refusals == MAX_LOGGED_REFUSALS + 1 {
+            tracing::warn!(
+                plugin,
+                event_id,
+                subject,
+                "{call} refused; this attempt's further refused host calls are not \
+                logged (its handler gets each as its call's error; {MAX_LOGGED_REFUSALS} were logged)"
+            );
+        }
     }
 }
 
@@ -196,7 +232,8 @@ fn check_header_name(name: &str) -> Result<(), types::PublishError> {
     if is_reserved_header(name) {
         return Err(types::PublishError::Denied(format!(
             "header {} is reserved: the host sets plugbus-*, nats-* and the CloudEvents attributes \
-             (id, source, type, time, specversion, subject; datacontenttype only without a prefix)",
+             (id, source, type, time, specversion, subject; datacontenttype only without a prefix; data \
+             and data_base64 hold the data)",
             quoted(name)
         )));
     }
@@ -275,6 +312,7 @@ impl logging::Host for HostState {
             types::LogLevel::Warn => "WARN",
             types::LogLevel::Error => "ERROR",
         };
+        let message = crate::event::one_line(&message);
         self.seen.log(name, &message);
         // With tracing on, the line is an event of the attempt's span and names its trace.
         let trace_id = crate::telemetry::current_trace_id();
@@ -331,6 +369,17 @@ fn check_subject(state: &HostState, subject: &str) -> Result<(), types::PublishE
 /// envelope in its data, a forged event with the host's headers ignored.
 fn check_content_type(name: &str, value: &str) -> Result<(), types::PublishError> {
     let content_type = name.eq_ignore_ascii_case("content-type") || name.eq_ignore_ascii_case("datacontenttype");
+    // What every transport refuses in an event it reads (`cloudevents::check_event`): let out,
+    // such an output reached each NATS subscriber as a malformed message, dead-lettered under
+    // the subscriber's name, not the publisher's.
+    let max = crate::cloudevents::MAX_ATTRIBUTE_BYTES;
+    if content_type && (value.len() > max || value.chars().any(char::is_control)) {
+        return Err(types::PublishError::Invalid(format!(
+            "header {name} {} is not a content type an event may carry: at most {max} bytes, no control \
+             characters",
+            quoted(value)
+        )));
+    }
     if content_type && crate::cloudevents::is_envelope_type(value) {
         return Err(types::PublishError::Denied(format!(
             "header {name} {} is reserved: an output's data cannot be a CloudEvents envelope (its receivers \
@@ -350,6 +399,15 @@ fn check_headers(limits: &super::limits::Limits, headers: &[(String, String)]) -
     for (name, value) in headers {
         check_header_name(name)?;
         check_content_type(name, value)?;
+        // NATS cannot carry a line break in a header value: it was left out there and kept on
+        // the embedded bus (an ordering key lost on one backend only).
+        if value.contains(['\r', '\n', '\0']) {
+            return Err(types::PublishError::Invalid(format!(
+                "header {} has a value with a line break or NUL: {} (a header value is one line)",
+                quoted(name),
+                quoted(value)
+            )));
+        }
     }
     Ok(headers.iter().map(|(k, v)| (k.len() + v.len()) as u64 + ENTRY_COST).sum())
 }
@@ -371,7 +429,7 @@ fn reply_err(e: types::PublishError) -> rpc::ReplyError {
 }
 
 impl HostState {
-    fn refuse_request(&self, err: rpc::RequestError) -> Result<types::EventResult, rpc::RequestError> {
+    fn refuse_request(&mut self, err: rpc::RequestError) -> Result<types::EventResult, rpc::RequestError> {
         let why = match &err {
             rpc::RequestError::Denied(m)
             | rpc::RequestError::Limit(m)
@@ -380,13 +438,13 @@ impl HostState {
             | rpc::RequestError::NoResponders(m)
             | rpc::RequestError::Unavailable(m) => m,
         };
-        tracing::warn!(plugin = %self.plugin.name, event_id = %self.event_id, subject = %self.subject, "request refused: {why}");
+        self.log_refusal("request", &why.clone());
         Err(err)
     }
 
-    fn refuse_reply(&self, err: rpc::ReplyError) -> Result<(), rpc::ReplyError> {
+    fn refuse_reply(&mut self, err: rpc::ReplyError) -> Result<(), rpc::ReplyError> {
         let (rpc::ReplyError::Denied(why) | rpc::ReplyError::Limit(why) | rpc::ReplyError::Invalid(why)) = &err;
-        tracing::warn!(plugin = %self.plugin.name, event_id = %self.event_id, subject = %self.subject, "reply refused: {why}");
+        self.log_refusal("reply", &why.clone());
         Err(err)
     }
 }
@@ -580,15 +638,20 @@ fn kv_err(e: crate::kv::KvError) -> types::KvError {
 impl kv::Host for HostState {
     async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, types::KvError> {
         self.check_kv_size(&key, 0)?;
-        if self.txn.would_read(&key) {
+        // Every read the store answers counts, a key read again too: counting keys only let a
+        // handler read one large value in a loop until its deadline.
+        if !self.txn.writes.contains_key(&key) {
             let limits = &self.plugin.limits;
-            if self.txn.reads.len() as u64 >= u64::from(limits.max_kv_reads) {
+            if self.kv_reads >= limits.max_kv_reads {
                 return Err(types::KvError::TooLarge(format!(
-                    "kv read limit of {} keys per event reached (key {})",
+                    "kv read limit of {} reads per event reached (key {}; a key read again is read again)",
                     limits.max_kv_reads,
                     quoted(&key)
                 )));
             }
+            self.kv_reads += 1;
+        }
+        if self.txn.would_read(&key) {
             self.check_kv_held(self.txn.held_bytes() + key.len() as u64 + ENTRY_COST)?;
         }
         let fresh = self.txn.would_read(&key);

@@ -168,6 +168,39 @@ async fn the_debug_route_is_guarded_bounded_and_refuses_bad_bytes() {
 
     let (status, answer) = debug(&t, "no-such-id", None).await;
     assert_eq!(status, 404, "{answer}");
+
+    // The attack: many debug runs at once (each reads up to max_wasm_bytes, compiles in a child
+    // and runs in the shared instance pool). Two candidates still being sent hold both runs;
+    // a third is refused at once, and served once they are gone.
+    use tokio::io::AsyncWriteExt;
+    let addr = t.url().trim_start_matches("http://").to_string();
+    let mut uploading = Vec::new();
+    for _ in 0..plugbus::api::DEBUG_RUNS_AT_ONCE {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "POST /v1/dlq/{id}/debug HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\n\
+             Content-Type: application/wasm\r\nContent-Length: 1000\r\n\r\n\0asm"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        uploading.push(s);
+    }
+    let busy = eventually_status(&t, &id, 503).await;
+    assert!(busy["error"].as_str().unwrap().contains("debug runs are at work already"), "{busy}");
+    drop(uploading);
+    eventually_status(&t, &id, 200).await;
+}
+
+/// Asks a debug run of `id` (no candidate) until it is answered `status`; the answer.
+async fn eventually_status(t: &TestHost, id: &str, status: u16) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (got, answer) = debug(t, id, None).await;
+        if got == status {
+            return answer;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {got} after 10 s (wanted {status}): {answer}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

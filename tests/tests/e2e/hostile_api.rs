@@ -422,6 +422,14 @@ async fn ingress_refuses_system_subjects_and_the_hosts_own_headers() {
         assert_eq!(status, 400, "{subject}: {error}");
         assert!(error.contains(subject) && error.contains("system subject"), "{error}");
     }
+    // A forged dead letter: listed and replayed as a plugin's, and on NATS kept in PLUGBUS_DLQ
+    // before the real ones.
+    for path in ["/v1/events/plugbus.dlq.audit", "/v1/request/plugbus.dlq.audit"] {
+        let resp = client.post(format!("{}{path}", t.url())).body("{}").send().await.unwrap();
+        let (status, error) = json_error(resp).await;
+        assert_eq!(status, 400, "{path}: {error}");
+        assert!(error.contains("plugbus.dlq.audit") && error.contains("dead-letter subject"), "{error}");
+    }
     let url = format!("{}/v1/events/orders.created", t.url());
     for header in ["plugbus-error", "Plugbus-Original-Subject", "ce-plugbus-plugin"] {
         let resp = client.post(&url).header(header, "forged").body("{}").send().await.unwrap();
@@ -436,6 +444,22 @@ async fn ingress_refuses_system_subjects_and_the_hosts_own_headers() {
     assert_eq!(status, 400, "{error}");
     assert!(error.contains("plugbus-error"), "{error}");
     assert_eq!(client.post(&url).header("ce-tenant", "acme").body("{}").send().await.unwrap().status().as_u16(), 202);
+    // A client's credentials never become the event's headers (every plugin would see them,
+    // the log keep them, a tail show them).
+    let mut seen = t.observe(&["orders.created"]).await;
+    let resp = client
+        .post(&url)
+        .header("cookie", "session=s3cret")
+        .header("proxy-authorization", "Basic czNjcmV0")
+        .header("x-tenant", "acme")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let ev = seen.next_on("orders.created").await;
+    assert_eq!((ev.header("cookie"), ev.header("proxy-authorization")), (None, None), "{:?}", ev.extensions);
+    assert_eq!(ev.header("x-tenant"), Some("acme"), "other headers still come through");
 
     // An envelope inside the envelope: its dead letter, read back from a broker, would be the
     // inner event (any plugin, any original subject), and replay would publish it.
@@ -756,4 +780,79 @@ async fn the_official_python_sdk_agrees_on_what_a_cloudevent_is() {
             case.name
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Slow and idle connections.
+
+/// Reads from `stream` until the server closes it or `within` passes: what it read, and whether
+/// it was closed.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, within: Duration) -> (Vec<u8>, bool) {
+    use tokio::io::AsyncReadExt;
+    let deadline = Instant::now() + within;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline.into(), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (got, false),
+        }
+    }
+}
+
+/// The attack: connections that never finish their headers (a slowloris), or send nothing, or
+/// trickle a body. Each held a file descriptor for ever: a thousand of them left the host none
+/// for plugin files, compiles or its broker. Now at most `api.max_connections` are open, and
+/// each is closed after `api.read_timeout` without headers (idle ones too), or answered `408`
+/// when its body is not in by then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_connections_are_bounded_and_closed() {
+    use tokio::io::AsyncWriteExt;
+    let t = TestHost::start_with(&["audit"], |c| {
+        c.api.max_connections = 8;
+        c.api.read_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let addr = t.url().trim_start_matches("http://").to_string();
+    // Twice the cap: half-sent headers, and connections that send nothing at all.
+    let mut held = Vec::new();
+    for i in 0..16 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        if i % 2 == 0 {
+            s.write_all(b"POST /v1/events/orders.created HTTP/1.1\r\nHost: localhost\r\n").await.unwrap();
+        }
+        held.push(s);
+    }
+    // A client arriving meanwhile is served once the slow ones are closed.
+    let started = Instant::now();
+    let health = reqwest::get(format!("{}/healthz", t.url())).await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    assert!(started.elapsed() < Duration::from_secs(10), "served after {:?}", started.elapsed());
+    // Every slow connection the server took is closed by it (those past the cap, when taken).
+    for (i, s) in held.iter_mut().enumerate() {
+        let (_, closed) = read_until_closed(s, Duration::from_secs(10)).await;
+        assert!(closed, "connection {i} still open 10 s after the host served another client");
+    }
+    // A body trickled past the timeout: 408, naming the setting.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = "POST /v1/events/orders.created HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{";
+    s.write_all(head.as_bytes()).await.unwrap();
+    let (answer, _) = read_until_closed(&mut s, Duration::from_secs(5)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("api.read_timeout"), "{answer}");
+    // The host still serves, and nothing was accepted from the slow clients.
+    let resp = reqwest::Client::new().post(format!("{}/v1/events/orders.created", t.url())).body("{}").send().await;
+    assert_eq!(resp.unwrap().status().as_u16(), 202);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_bounds_of_zero_are_refused_naming_the_key() {
+    let mut c = Config::default();
+    c.api.max_connections = 0;
+    assert!(c.validate().unwrap_err().to_string().contains("api.max_connections"));
+    let mut c = Config::default();
+    c.api.read_timeout = Duration::ZERO;
+    assert!(c.validate().unwrap_err().to_string().contains("api.read_timeout"));
 }

@@ -84,7 +84,14 @@ async fn a_kv_flood_is_refused_by_keys_and_by_bytes_and_limits_are_per_plugin() 
     // 100,000 distinct reads: over max_kv_reads (1,000)
     let error = dead_letter_of(&t, "kvreads", "100000").await;
     assert!(
-        error.contains("kv read 1000 refused: TooLarge") && error.contains("kv read limit of 1000 keys"),
+        error.contains("kv read 1000 refused: TooLarge") && error.contains("kv read limit of 1000 reads"),
+        "{error}"
+    );
+    // ... and one key read 100,000 times: each read goes to the store (on NATS a round trip on
+    // the connection every plugin shares), so each counts
+    let error = dead_letter_of(&t, "kvreread", "100000").await;
+    assert!(
+        error.contains("kv read 1000 refused: TooLarge") && error.contains("a key read again is read again"),
         "{error}"
     );
     drop(t);
@@ -100,7 +107,7 @@ async fn a_kv_flood_is_refused_by_keys_and_by_bytes_and_limits_are_per_plugin() 
     let error = dead_letter_of(&t, "kvwrites", "11 0").await;
     assert!(error.contains("kv write 10 refused") && error.contains("limit of 10 keys"), "{error}");
     let error = dead_letter_of(&t, "kvreads", "6").await;
-    assert!(error.contains("kv read 5 refused") && error.contains("limit of 5 keys"), "{error}");
+    assert!(error.contains("kv read 5 refused") && error.contains("limit of 5 reads"), "{error}");
     // each key costs 64 bytes on top: 10 writes of 1,000 bytes ("kN" keys) pass 10,000 at the 10th
     let error = dead_letter_of(&t, "kvwrites", "10 1000").await;
     assert!(error.contains("kv write 9 refused") && error.contains("kv limit of 10000 bytes"), "{error}");
@@ -275,6 +282,17 @@ async fn reserved_headers_are_refused_and_outputs_cannot_pose_as_dead_letters() 
             error.contains("publish refused: Denied(") && error.contains("CloudEvents envelope"),
             "{forged}: {error}"
         );
+    }
+    // ... nor a content type no transport would read back (over 1 KiB, a control character),
+    // nor a header value NATS cannot carry (a line break): each reached NATS subscribers as a
+    // malformed message (dead-lettered under their name) or lost the header on NATS only
+    for (forged, why) in [
+        ("datacontenttype hostile.out.reserved <2000>", "at most 1024 bytes"),
+        ("content-type hostile.out.reserved text/plain\\n", "no control characters"),
+        ("order-key hostile.out.reserved a\\nb", "line break"),
+    ] {
+        let error = dead_letter_of(&t, "reserved", forged).await;
+        assert!(error.contains("publish refused: Invalid(") && error.contains(why), "{forged}: {error}");
     }
     // datacontenttype (unprefixed) is the plugin's to say; source is always the host's
     let mut out = t.observe(&["hostile.out.reserved"]).await;

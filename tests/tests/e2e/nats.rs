@@ -2,12 +2,14 @@
 //! hosts, CloudEvents in and out, JetStream at-least-once through a host crash and a broker
 //! restart, keyed retries in place, dead letters kept in `PLUGBUS_DLQ` (the input `term`ed, or
 //! `nak`ed when the dead letter cannot be kept, up to `max_deliver`), streams made on demand or
-//! refused with `auto_streams = false`, core subscriptions after a broker restart, and auth.
+//! refused with `auto_streams = false`, core subscriptions after a broker restart, JetStream
+//! deduplication (by source and id, producers' events apart from the host's), and auth.
 //! (Retry and dead-letter cases run on every transport in `delivery.rs`.)
 
 use async_nats::jetstream;
 use futures::StreamExt;
 use plugbus::Config;
+use plugbus::backend::nats::wire;
 use plugbus::deadletter::headers;
 use plugbus_tests::nats::NatsServer;
 use plugbus_tests::{Bus, TestHost, eventually, metrics_text, plugbus_bin, sample, wasm};
@@ -102,11 +104,15 @@ async fn cloudevents_binary_structured_and_plain_messages_reach_the_handler() {
     assert_eq!(v["datacontenttype"], "application/json");
     assert_eq!(v["headers"]["tenant"], "acme co");
     assert_eq!(v["data"], r#"{"n":1}"#);
-    // the output goes out in binary mode too, with a deterministic Nats-Msg-Id
+    // the output goes out in binary mode too, with a deterministic Nats-Msg-Id: the host's
+    // (`out-`), from the output's source and id
     let oh = msg.headers.expect("output headers");
     assert_eq!(oh.get("ce-specversion").map(|v| v.as_str()), Some("1.0"));
     assert_eq!(oh.get("ce-source").map(|v| v.as_str()), Some("plugbus/attrs"));
-    assert_eq!(oh.get("Nats-Msg-Id").map(|v| v.as_str()), oh.get("ce-id").map(|v| v.as_str()));
+    let mut output = plugbus::Event::new("attrs.out", "");
+    (output.source, output.id) = ("plugbus/attrs".into(), oh.get("ce-id").unwrap().as_str().into());
+    let want = wire::msg_id(&output, wire::Origin::Host);
+    assert_eq!(oh.get("Nats-Msg-Id").map(|v| v.as_str()), Some(want.as_str()));
     assert_eq!(oh.get("plugbus-caused-by").map(|v| v.as_str()), Some("bin-1"));
 
     // structured mode: the whole event as JSON
@@ -797,6 +803,13 @@ async fn core_nats_subscriptions_come_back_after_a_broker_restart() {
     server.stop();
     eventually_async(|| async { reqwest::get(&ready).await.map(|r| r.status().as_u16() == 503).unwrap_or(false) })
         .await;
+    // An event on a core subject is not taken while the broker is away: it would only wait in
+    // the host's buffer (lost if the host stopped first), so the producer hears 503, not 202.
+    let resp = reqwest::Client::new().post(format!("{}/v1/events/orders.away", t.url())).body("x").send().await;
+    let resp = resp.unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    let error = resp.text().await.unwrap();
+    assert!(error.contains("not connected to NATS") && error.contains("orders.away"), "{error}");
     server.start_again().await;
     eventually_async(|| async { reqwest::get(&ready).await.map(|r| r.status().is_success()).unwrap_or(false) }).await;
     let msg = echo_of(&server, "orders.after").await;
@@ -1273,4 +1286,112 @@ async fn jetstream_a_dead_letter_over_max_payload_is_kept_without_its_data() {
     let (server, _conf) = a_stream_holding_a_message_over_max_payload().await;
     let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |_| {}).await;
     dead_lettered_without_its_data(&t, &server).await;
+}
+
+/// A host running `echo` durably, its inputs kept in `ORDERS` and its outputs in `ECHO`.
+async fn echo_between_two_streams(server: &NatsServer) -> TestHost {
+    TestHost::start_on(&Bus::JetStream(server), &["echo"], |c| {
+        for (name, subjects) in [("ORDERS", "orders.>"), ("ECHO", "echo.>")] {
+            let def = plugbus::backend::nats::StreamDef { subjects: vec![subjects.into()] };
+            c.nats.streams.insert(name.into(), def);
+        }
+    })
+    .await
+}
+
+/// Posts `data` on `subject` over HTTP as the CloudEvent (`source`, `id`); the status.
+async fn post_event(t: &TestHost, subject: &str, source: &str, id: &str, data: &'static str) -> u16 {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/events/{subject}", t.url()))
+        .header("ce-specversion", "1.0")
+        .header("ce-id", id)
+        .header("ce-source", source)
+        .header("ce-type", "order.placed")
+        .body(data)
+        .send()
+        .await
+        .unwrap();
+    resp.status().as_u16()
+}
+
+/// Every event `stream` keeps, in the stream's order.
+async fn stored_events(js: &jetstream::Context, stream: &str) -> Vec<plugbus::Event> {
+    let mut s = js.get_stream(stream).await.unwrap();
+    let state = s.info().await.unwrap().state.clone();
+    let mut events = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(raw) = s.get_raw_message(seq).await {
+            events.push(stored_event(&raw));
+        }
+    }
+    events
+}
+
+/// The data of `events`, sorted.
+fn data_of(events: &[plugbus::Event]) -> Vec<String> {
+    let mut data: Vec<String> = events.iter().map(|e| String::from_utf8_lossy(&e.data).into_owned()).collect();
+    data.sort();
+    data
+}
+
+/// The attack: two producers, each with a `ce-source` of its own, pick the same `ce-id`
+/// (CloudEvents asks only that source and id together be unique) within the stream's duplicate
+/// window. Both were answered `202`, and JetStream kept only the first (`Nats-Msg-Id` was the id
+/// alone): an accepted event was lost. Both are kept and handled now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_two_sources_events_with_one_ce_id_are_both_kept_and_handled() {
+    let server = NatsServer::start().await;
+    let t = echo_between_two_streams(&server).await;
+    let js = jetstream::new(server.client().await);
+    assert_eq!(post_event(&t, "orders.placed", "/shop/eu", "order-1", "from eu").await, 202);
+    assert_eq!(post_event(&t, "orders.placed", "/shop/us", "order-1", "from us").await, 202);
+    // A `202` on a stream's subject means the stream took it.
+    assert_eq!(data_of(&stored_events(&js, "ORDERS").await), ["from eu", "from us"], "an accepted event was dropped");
+    t.wait_counter("echo", "ok", 2).await;
+    settled(&js, "orders.placed").await;
+    assert_eq!(data_of(&stored_events(&js, "ECHO").await), ["from eu", "from us"]);
+}
+
+/// The attack: an output's id is a plain hash of its input's source and id, the plugin and the
+/// output's index (`event::output_id`), which anyone can compute. A client posts, on the
+/// plugin's output subject and ahead of the input, events with that id: with a source of its
+/// own, and with the output's own (`plugbus/echo`). The host published the real output with
+/// the same `Nats-Msg-Id`, JetStream dropped it as a duplicate, the host counted it published
+/// and acked the input: the forged event stood in for the output. Now a producer's
+/// `Nats-Msg-Id` never meets one the host made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_client_posting_an_outputs_id_first_cannot_stand_in_for_the_output() {
+    let server = NatsServer::start().await;
+    let t = echo_between_two_streams(&server).await;
+    let js = jetstream::new(server.client().await);
+    let output_id = plugbus::event::output_id("/shop/eu", "order-7", "echo", 0);
+    for source in ["/attacker", "plugbus/echo"] {
+        assert_eq!(post_event(&t, "echo.orders.placed", source, &output_id, "forged").await, 202);
+    }
+    assert_eq!(post_event(&t, "orders.placed", "/shop/eu", "order-7", "genuine").await, 202);
+    t.wait_counter("echo", "ok", 1).await;
+    settled(&js, "orders.placed").await;
+    let kept = stored_events(&js, "ECHO").await;
+    let real: Vec<_> = kept.iter().filter(|e| e.data == "genuine").collect();
+    assert_eq!(real.len(), 1, "the real output was dropped as a duplicate of a forged one: {kept:?}");
+    assert_eq!((real[0].id.as_str(), real[0].source.as_str()), (output_id.as_str(), "plugbus/echo"));
+    assert_eq!(data_of(&kept), ["forged", "forged", "genuine"]);
+}
+
+/// What the `Nats-Msg-Id` is for: a client that posts the same event again (a retry after a
+/// timeout, the same `ce-source` and `ce-id`) within the duplicate window has it kept, and
+/// handled, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_client_posting_the_same_event_twice_has_it_kept_and_handled_once() {
+    let server = NatsServer::start().await;
+    let t = echo_between_two_streams(&server).await;
+    let js = jetstream::new(server.client().await);
+    for _ in 0..2 {
+        assert_eq!(post_event(&t, "orders.placed", "/shop/eu", "order-1", "once").await, 202);
+    }
+    assert_eq!(data_of(&stored_events(&js, "ORDERS").await), ["once"]);
+    t.wait_counter("echo", "ok", 1).await;
+    settled(&js, "orders.placed").await;
+    assert_eq!(data_of(&stored_events(&js, "ECHO").await), ["once"]);
+    assert_eq!(t.counter("echo", "received"), 1);
 }

@@ -96,7 +96,21 @@ async fn the_http_route_answers_with_the_reply_or_504(bus: &Bus<'_>) {
     assert_eq!(header("content-type").as_deref(), Some("text/plain"));
     assert_eq!(header("ce-source").as_deref(), Some("plugbus/responder"));
     assert_eq!(header("ce-specversion").as_deref(), Some("1.0"));
+    assert_eq!(header("answered-by"), None, "a reply header that is not a CloudEvents attribute");
     assert_eq!(resp.text().await.unwrap(), "HI THERE");
+
+    // The attack: a reply whose headers, copied onto the response, would reframe it (its bytes
+    // read as the next response on a kept-alive connection), set a cookie on the API's origin or
+    // redirect the requester. Only `ce-*` attributes and the content type come back.
+    let resp = http.post(format!("{}/v1/request/rpc.framing", t.url())).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    for name in ["set-cookie", "location", "transfer-encoding", "answered-by"] {
+        assert_eq!(resp.headers().get(name), None, "{name} came back: {:?}", resp.headers());
+    }
+    let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    assert_eq!(header("content-length").as_deref(), Some("12"), "{:?}", resp.headers());
+    assert_eq!(header("ce-answeredby").as_deref(), Some("responder"), "an attribute comes back as ce-*");
+    assert_eq!(resp.text().await.unwrap(), "framed reply");
 
     let started = Instant::now();
     let resp = http.post(format!("{}/v1/request/rpc.silent?timeout=300ms", t.url())).send().await.unwrap();

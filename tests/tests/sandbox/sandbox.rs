@@ -162,6 +162,46 @@ async fn empty_log_lines_are_charged_against_the_log_cap() {
     assert!(plugin_lines > 0 && plugin_lines <= most, "{plugin_lines} empty lines logged for one event, over {most}");
 }
 
+/// The attack: a handler looping on refused host calls (publish, request, reply), swallowing
+/// each error, until its work is done. Each refusal was a host warning of up to 4 KiB, outside
+/// `max_log_bytes`: millions of host log lines per event. Now an attempt logs the first few.
+/// (The event is dead-lettered after its attempts: a swallowed refused publish fails it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_host_calls_are_logged_a_few_times_per_attempt_not_once_each() {
+    let logs = Logs::capture();
+    let t = TestHost::start(&["hostile"]).await;
+    let id = t.publish("hostile.refusals", "3000").await;
+    // (a swallowed refused publish still fails the event: its outputs are incomplete)
+    t.wait_counter("hostile", "dead_lettered", 1).await;
+    let calls = ["publish refused", "request refused", "reply refused"];
+    let refused = logs
+        .with_fields(&[("plugin", "hostile"), ("event_id", id.as_str())])
+        .into_iter()
+        .filter(|l| l["fields"]["message"].as_str().is_some_and(|m| calls.iter().any(|c| m.starts_with(c))))
+        .count() as u32;
+    // the first few in full, then one line saying the rest are not logged
+    let most = plugbus::sandbox::state::MAX_LOGGED_REFUSALS + 1;
+    assert!(refused > 0 && refused <= most, "{refused} refusal lines for one attempt of 9,000 refused calls");
+}
+
+/// The attack: a log line or a reject message with a line break, whose second line poses as the
+/// host's in a plain-text log. Both come out on one line, the break written `\n`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_line_breaks_never_start_a_log_line_of_their_own() {
+    let logs = Logs::capture();
+    let t = TestHost::start(&["hostile"]).await;
+    let mut dead = t.observe(&["plugbus.dlq.hostile"]).await;
+    let forged = "ok\\n2026-12-03T00:00:00Z ERROR plugbus: event dead-lettered plugin=payments";
+    let id = t.publish("hostile.forgelog", forged).await;
+    let letter = dead.next_on("plugbus.dlq.hostile").await;
+    let error = letter.header(plugbus::deadletter::headers::ERROR).unwrap_or_default().to_string();
+    assert!(error.contains("ok\\n2026-12-03T00:00:00Z ERROR"), "{error}");
+    let lines = logs.with_fields(&[("plugin", "hostile"), ("event_id", id.as_str())]);
+    let messages: Vec<&str> = lines.iter().filter_map(|l| l["fields"]["message"].as_str()).collect();
+    assert!(messages.iter().any(|m| m.starts_with("ok\\n2026")), "{messages:?}");
+    assert!(messages.iter().all(|m| !m.contains('\n')), "a line break reached the log: {messages:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_smaller_than_the_plugins_concurrency_is_named_at_start_and_on_reload() {
     let logs = Logs::capture();

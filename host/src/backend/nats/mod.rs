@@ -5,8 +5,10 @@
 //! - A durable subscription (manifest `durable`, or `[plugins.NAME] durable = true`) becomes a
 //!   JetStream durable pull consumer per stream ([`consumer`]): at least once, acked only after
 //!   the handler returned Ok and JetStream acknowledged every output.
-//! - A publish to a subject some stream captures waits for the stream's ack and carries
-//!   `Nats-Msg-Id` = the event id, so a redelivered input does not duplicate its outputs.
+//! - A publish to a subject some stream captures waits for the stream's ack and carries a
+//!   `Nats-Msg-Id` made from the event's source and id, producers' events apart from the
+//!   host's ([`wire::msg_id`]): a redelivered input does not duplicate its outputs, and no
+//!   client's event can pass for an output.
 //! - Messages are CloudEvents in the NATS binding ([`wire`]).
 
 mod budget;
@@ -15,7 +17,7 @@ pub mod dead_letters;
 pub mod kv;
 mod queue_group;
 mod streams;
-mod wire;
+pub mod wire;
 
 use crate::deadletter::headers::DATA_OMITTED;
 use crate::event::Event;
@@ -222,10 +224,11 @@ impl NatsTransport {
         reply_event(subject, msg)
     }
 
-    /// Publishes `event`; on a subject a stream captures, waits for the stream's ack.
-    async fn publish_event(&self, event: &Event) -> Result<(), PublishFailure> {
+    /// Publishes `event`, made by `origin`; on a subject a stream captures, waits for the
+    /// stream's ack.
+    async fn publish_event(&self, event: &Event, origin: wire::Origin) -> Result<(), PublishFailure> {
         validate_subject(&event.subject).map_err(TransportError::from)?;
-        let (headers, payload) = wire::message_of(event);
+        let (headers, payload) = wire::message_of(event, origin);
         let subject = event.subject.clone();
         if self.index.captures(&subject) {
             let ack = self
@@ -282,7 +285,7 @@ impl NatsTransport {
                     &smaller
                 }
             };
-            match self.publish_event(candidate).await {
+            match self.publish_event(candidate, wire::Origin::Host).await {
                 Ok(()) => return Ok(()),
                 Err(PublishFailure { over_stream_limit: Some(limit), error }) => {
                     why = Some(format!("the stream that keeps {} refused it as over its {limit}", event.subject));
@@ -672,10 +675,10 @@ fn omitted(smaller: &Event) -> &str {
     smaller.header(DATA_OMITTED).and_then(|mark| mark.split(": ").next()).unwrap_or_default()
 }
 
-/// The bytes the server counts against `max_payload` for `event`: its payload and its header
-/// block (`NATS/1.0`, a `name: value` line each, every line ended by CRLF).
+/// The bytes the server counts against `max_payload` for `event` (a dead letter): its payload
+/// and its header block (`NATS/1.0`, a `name: value` line each, every line ended by CRLF).
 fn wire_size(event: &Event) -> usize {
-    let (headers, payload) = wire::message_of(event);
+    let (headers, payload) = wire::message_of(event, wire::Origin::Host);
     let lines: usize = headers
         .iter()
         .flat_map(|(name, values)| values.iter().map(move |v| AsRef::<str>::as_ref(name).len() + v.as_str().len() + 4))
@@ -689,12 +692,28 @@ impl Transport for NatsTransport {
         "nats"
     }
 
+    /// A producer's event, except a replay: its id is the host's, made from its dead letter's
+    /// (`deadletter::replay_event`), as computable as an output's. Only the host sets
+    /// `plugbus-replay-of` (the ingress refuses `plugbus-*` headers).
     async fn publish(&self, event: Event) -> Result<(), TransportError> {
-        Ok(self.publish_event(&event).await?)
+        let origin = match event.header(crate::deadletter::headers::REPLAY_OF) {
+            Some(_) => wire::Origin::Host,
+            None => wire::Origin::Producer,
+        };
+        // Disconnected, a core NATS publish is only buffered in this process until it reconnects
+        // (lost if it stops first): a producer must hear "not taken", not `202`. On a subject a
+        // stream captures the stream's ack says it already.
+        if !self.is_connected() && !self.index.captures(&event.subject) {
+            return Err(TransportError::Closed(format!(
+                "not connected to NATS: an event on {} would only wait in this process for the connection",
+                event.subject
+            )));
+        }
+        Ok(self.publish_event(&event, origin).await?)
     }
 
     async fn publish_output(&self, event: Arc<Event>) -> Result<(), TransportError> {
-        Ok(self.publish_event(&event).await?)
+        Ok(self.publish_event(&event, wire::Origin::Host).await?)
     }
 
     /// Kept whole here, a dead letter the broker cannot take whole is published without what it
@@ -712,12 +731,13 @@ impl Transport for NatsTransport {
         &self,
         event: Event,
         timeout: Duration,
-        _producer: bool,
+        producer: bool,
     ) -> Result<Event, crate::rpc::RequestError> {
         use crate::rpc::RequestError;
         let subject = event.subject.clone();
         validate_subject(&subject).map_err(|e| RequestError::Unavailable(e.to_string()))?;
-        let (headers, payload) = wire::message_of(&event);
+        let origin = if producer { wire::Origin::Producer } else { wire::Origin::Host };
+        let (headers, payload) = wire::message_of(&event, origin);
         if self.index.captures(&subject) {
             return self.request_stored(subject, headers, payload, timeout).await;
         }
@@ -741,7 +761,7 @@ impl Transport for NatsTransport {
         if !is_inbox(to) {
             return Err(TransportError::Broker(format!("{} is not a reply inbox", crate::event::quoted(to))));
         }
-        let (headers, payload) = wire::message_of(&event);
+        let (headers, payload) = wire::message_of(&event, wire::Origin::Host);
         self.client
             .publish_with_headers(to.to_string(), headers, payload)
             .await

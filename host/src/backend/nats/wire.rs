@@ -2,7 +2,8 @@
 //!
 //! In: binary mode (`ce-` headers), structured mode (`Content-Type: application/cloudevents+json`)
 //! or a plain message (id from `Nats-Msg-Id` or generated, `type` = subject, `time` = receipt).
-//! Out: binary mode, with `Nats-Msg-Id` = the event id so JetStream drops a re-published copy.
+//! Out: binary mode, with `Nats-Msg-Id` = [`msg_id`] (a hash of the event's source and id, in
+//! the namespace of who made it), so JetStream drops a re-published copy and only that.
 //!
 //! A message that claims to be a CloudEvent (a `ce-specversion` header, or the structured content
 //! type) but is not a valid 1.0 one (another `specversion`, no `id`, `source` or `type`) is an
@@ -14,11 +15,59 @@ use crate::event::Event;
 use async_nats::HeaderMap;
 use async_nats::header::{HeaderName, HeaderValue};
 use bytes::Bytes;
+use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::str::FromStr;
 
 /// The header JetStream deduplicates on.
 pub const MSG_ID: &str = "Nats-Msg-Id";
+
+/// Who chose an event's (source, id): what [`msg_id`] keeps apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A producer (the HTTP ingress, `plugbus publish`, `Host::publish`): its (source, id) is
+    /// whatever the client sent.
+    Producer,
+    /// The host, which derived the id (`event::output_id`): a handler's output, request or
+    /// reply, a dead letter, a replay. Anyone can compute such an id, so no producer may ever
+    /// meet one in JetStream's duplicate window.
+    Host,
+}
+
+/// The `Nats-Msg-Id` of `ev` published by `origin`: `in-` (a producer's) or `out-` (the
+/// host's), then the lower-case hex SHA-256 of its source and id, each length-prefixed (u64
+/// big-endian). JetStream drops a message whose `Nats-Msg-Id` it saw within the stream's
+/// duplicate window, so this is the one thing that decides what counts as the same message:
+/// - CloudEvents ids are unique per source only: two producers' events with one id and
+///   different sources are two events, both kept (the id alone dropped the second, answered
+///   `202`).
+/// - A producer's event never shares a `Nats-Msg-Id` with the host's: a client posting an
+///   output's computable id (even with the output's source) ahead of its input would otherwise
+///   have the real output dropped, and the input acked as if it had been published.
+/// - The same (source, id) from the same origin is the same message: a producer's retry, an
+///   output published again by a retried attempt or a redelivery, a dead letter replayed twice.
+///
+/// Every other reader takes the event's id from `ce-id`; only a plain message (published by
+/// something other than a host) is known by its `Nats-Msg-Id`.
+pub fn msg_id(ev: &Event, origin: Origin) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut h = Sha256::new();
+    for field in [&ev.source, &ev.id] {
+        h.update((field.len() as u64).to_be_bytes());
+        h.update(field.as_bytes());
+    }
+    let prefix = match origin {
+        Origin::Producer => "in-",
+        Origin::Host => "out-",
+    };
+    let mut id = String::with_capacity(prefix.len() + 64);
+    id.push_str(prefix);
+    for b in h.finalize() {
+        id.push(HEX[usize::from(b >> 4)] as char);
+        id.push(HEX[usize::from(b & 0xf)] as char);
+    }
+    id
+}
 
 /// Where a request stored in a JetStream stream wants its reply: the requester's `_INBOX.…`
 /// (a stored message has no NATS reply subject of its own: the stream's publish ack takes it).
@@ -55,9 +104,10 @@ pub fn owned(payload: &Bytes) -> Bytes {
     Bytes::copy_from_slice(payload)
 }
 
-/// The headers and payload that carry `ev` (binary mode). Headers NATS cannot carry (a name
-/// with `:` or control characters, a value with a line break) are left out and logged.
-pub fn message_of(ev: &Event) -> (HeaderMap, Bytes) {
+/// The headers and payload that carry `ev`, published by `origin` (binary mode, `Nats-Msg-Id`
+/// = [`msg_id`]). Headers NATS cannot carry (a name with `:` or control characters, a value
+/// with a line break) are left out and logged.
+pub fn message_of(ev: &Event, origin: Origin) -> (HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
     for (name, value) in cloudevents::encode_binary(ev) {
         let parsed = match &name {
@@ -73,14 +123,8 @@ pub fn message_of(ev: &Event) -> (HeaderMap, Bytes) {
                 "header left out: NATS cannot carry this name or value"),
         }
     }
-    // `ce-id` carries the id percent-encoded; this header carries it as it is, so an id NATS
-    // cannot carry (a line break: refused when an event is read, but one kept from before)
-    // leaves it out, never panics the publish.
-    match HeaderValue::from_str(&ev.id) {
-        Ok(id) => headers.insert(HeaderName::from_static(MSG_ID), id),
-        Err(_) => tracing::warn!(subject = %ev.subject, event_id = %crate::event::quoted(&ev.id),
-            "Nats-Msg-Id left out: NATS cannot carry this id in a header (JetStream will not deduplicate it)"),
-    }
+    // Hex: any id and source (a line break included) give a header NATS can carry.
+    headers.insert(HeaderName::from_static(MSG_ID), HeaderValue::from(msg_id(ev, origin)));
     (headers, ev.data.clone())
 }
 
@@ -92,14 +136,43 @@ mod tests {
     fn an_event_survives_the_trip_through_nats_headers() {
         let mut ev = Event::new("orders.created", "{}").with_header("tenant", "acme co").with_header("trace-id", "t1");
         ev.datacontenttype = Some("application/json".into());
-        let (headers, payload) = message_of(&ev);
-        assert_eq!(headers.get(MSG_ID).map(|v| v.as_str()), Some(ev.id.as_str()));
+        let (headers, payload) = message_of(&ev, Origin::Producer);
+        let dedupe = msg_id(&ev, Origin::Producer);
+        assert_eq!(headers.get(MSG_ID).map(|v| v.as_str()), Some(dedupe.as_str()));
+        // The id comes from `ce-id`; the Nats-Msg-Id beside it is the transport's, not shown.
         let mut back = event_of(&ev.subject, Some(&headers), payload, None).unwrap();
-        assert_eq!(back.header("nats-msg-id"), Some(ev.id.as_str()));
-        back.extensions.retain(|(k, _)| k != "nats-msg-id");
+        assert_eq!(back.header("nats-msg-id"), None);
         back.extensions.sort();
         ev.extensions.sort();
         assert_eq!(back, ev);
+    }
+
+    #[test]
+    fn nats_msg_ids_tell_sources_apart_and_keep_producers_from_the_hosts_ids() {
+        let ev = |source: &str, id: &str| {
+            let mut ev = Event::new("orders.created", "");
+            (ev.source, ev.id) = (source.into(), id.into());
+            ev
+        };
+        let a = ev("/shop/a", "1");
+        // The same event again (a client's retry, an output of a retried attempt): one message.
+        assert_eq!(msg_id(&a, Origin::Producer), msg_id(&ev("/shop/a", "1"), Origin::Producer));
+        assert_eq!(msg_id(&a, Origin::Host), msg_id(&ev("/shop/a", "1"), Origin::Host));
+        // Another source with the same id is another event.
+        assert_ne!(msg_id(&a, Origin::Producer), msg_id(&ev("/shop/b", "1"), Origin::Producer));
+        // Length-prefixed: moving bytes from the source to the id changes it.
+        assert_ne!(msg_id(&ev("ab", "c"), Origin::Producer), msg_id(&ev("a", "bc"), Origin::Producer));
+        // An output's id is anyone's to compute: a producer posting it, with the output's own
+        // source, still never meets the output.
+        let output = ev("plugbus/echo", &crate::event::output_id("/shop/a", "1", "echo", 0));
+        assert_ne!(msg_id(&output, Origin::Producer), msg_id(&output, Origin::Host));
+        // `in-`/`out-`, then the hex SHA-256 of each field length-prefixed (u64 big-endian).
+        let want: String = Sha256::digest(b"\0\0\0\0\0\0\0\x07/shop/a\0\0\0\0\0\0\0\x011")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(msg_id(&a, Origin::Producer), format!("in-{want}"));
+        assert_eq!(msg_id(&a, Origin::Host), format!("out-{want}"));
     }
 
     #[test]
@@ -146,15 +219,16 @@ mod tests {
     fn an_id_nats_cannot_carry_as_it_is_goes_percent_encoded_and_never_panics() {
         let mut ev = Event::new("a.b", "");
         ev.id = "a\r\nb".into();
-        let (headers, _) = message_of(&ev);
-        assert_eq!(headers.get(MSG_ID), None);
+        let (headers, _) = message_of(&ev, Origin::Host);
+        // Hashed, so JetStream still deduplicates it.
+        assert_eq!(headers.get(MSG_ID).map(|v| v.as_str()), Some(msg_id(&ev, Origin::Host).as_str()));
         assert_eq!(headers.get("ce-id").map(|v| v.as_str()), Some("a%0D%0Ab"));
     }
 
     #[test]
     fn a_header_nats_cannot_carry_is_left_out() {
         let ev = Event::new("a", "").with_header("bad:name", "v").with_header("ok", "v");
-        let (headers, _) = message_of(&ev);
+        let (headers, _) = message_of(&ev, Origin::Producer);
         assert!(headers.get("ce-ok").is_some());
         assert_eq!(headers.iter().filter(|(k, _)| AsRef::<str>::as_ref(k).contains(':')).count(), 0);
     }

@@ -80,6 +80,19 @@ fn attack(ev: Event) -> Result<(), HandlerError> {
                 kv::get(&format!("r{i}")).map_err(|e| refused(format!("kv read {i}"), e))?;
             }
         }
+        // `TEXT`: log TEXT and reject with it (`\n` in it is a line break): a line of its own
+        // in the host's log, posing as the host's.
+        "forgelog" => {
+            let text = text.replace("\\n", "\n");
+            plugbus_sdk::log::error(&text);
+            return Err(HandlerError::reject(text));
+        }
+        // `N`: N reads of one key (each went to the store, only the first was counted).
+        "kvreread" => {
+            for i in 0..arg(0, 100_000) {
+                kv::get("same").map_err(|e| refused(format!("kv read {i}"), e))?;
+            }
+        }
         // `N`: reject with N bytes of text (1 MiB by default).
         "reject" => return Err(HandlerError::reject("E".repeat(arg(0, 1 << 20)))),
         // `N`: publish to an N-byte subject and swallow the refusal (so the host's own failure
@@ -88,19 +101,34 @@ fn attack(ev: Event) -> Result<(), HandlerError> {
             let _ = publish(&"a".repeat(arg(0, 1 << 20)), b"");
         }
         // `NAME [SUBJECT [VALUE]]`: publish one output with the header NAME (a reserved one, or a
-        // trace context, to forge) set to VALUE (default `forged`).
+        // trace context, to forge) set to VALUE (default `forged`; `\n` in it is a line break,
+        // `<N>` N bytes of `a`).
         "reserved" => {
             let mut words = text.split_whitespace();
             let name = words.next().unwrap_or("plugbus-error");
             let subject = words.next().unwrap_or("hostile.out.reserved");
-            let value = words.next().unwrap_or("forged");
-            publish_with_headers(subject, b"forged", &[(name, value)]).map_err(|e| refused("publish", e))?;
+            let value = words.next().unwrap_or("forged").replace("\\n", "\n");
+            let value = match value.strip_prefix('<').and_then(|v| v.strip_suffix('>')).and_then(|n| n.parse().ok()) {
+                Some(n) => "a".repeat(n),
+                None => value,
+            };
+            publish_with_headers(subject, b"forged", &[(name, value.as_str())]).map_err(|e| refused("publish", e))?;
         }
         // `N`: N empty log lines (a million by default): each is a host log line, whatever
         // its length.
         "emptylogs" => {
             for _ in 0..arg(0, 1_000_000) {
                 plugbus_sdk::log::info("");
+            }
+        }
+        // `N`: N rounds of three refused host calls (a publish and a request on a subject its
+        // manifest does not allow, a reply to an event that asked nothing), each error swallowed:
+        // every refusal was a host warning of its own.
+        "refusals" => {
+            for _ in 0..arg(0, 100_000) {
+                let _ = publish("denied.publish", b"x");
+                let _ = plugbus_sdk::request("denied.request", b"x", std::time::Duration::from_millis(10));
+                let _ = plugbus_sdk::reply(&ev, b"x");
             }
         }
         // `SUBJECT`: publish a plain output there (e.g. to a plugin that fails on it).

@@ -16,6 +16,20 @@ fn responder(ev: Event) -> Result<(), HandlerError> {
             let upper = ev.text()?.to_uppercase();
             reply_with_headers(&ev, upper, &[("datacontenttype", "text/plain"), ("answered-by", "responder")])?;
         }
+        // A reply whose headers would reframe an HTTP response or set a cookie, if the route
+        // copied them (it sends only `ce-*` attributes and the content type).
+        "framing" => {
+            let headers = [
+                ("content-length", "1"),
+                ("transfer-encoding", "chunked"),
+                ("connection", "close"),
+                ("set-cookie", "session=stolen; Path=/"),
+                ("location", "https://evil.example/"),
+                ("answered-by", "responder"),
+                ("answeredby", "responder"),
+            ];
+            reply_with_headers(&ev, "framed reply", &headers)?;
+        }
         // What the plugin sees as its reply-to (never the host's inbox).
         "peek" => reply(&ev, ev.reply_to().unwrap_or("(none)"))?,
         // Counts its requests in kv, reports the count on `rpc.out.count` and replies it: the
