@@ -634,9 +634,13 @@ async fn request(
                     out.append(n, v);
                 }
             }
-            if reply.datacontenttype.is_none() {
+            // None, or one HTTP cannot carry: bytes. Either way never sniffed into something else,
+            // and never a page of the API's origin (a plugin chooses it: `text/html` is allowed).
+            if !out.contains_key(header::CONTENT_TYPE) {
                 out.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
             }
+            out.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+            out.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("sandbox"));
             resp
         }
         Err(e @ RequestError::Timeout { .. }) => {
@@ -1046,6 +1050,7 @@ async fn dlq_debug(State(api): State<Api>, Path(id): Path<String>, headers: Head
         return error(StatusCode::SERVICE_UNAVAILABLE, why);
     };
     let cap = api.s.reloader.config.max_wasm_bytes;
+    let read_timeout = api.settings.read_timeout;
     let too_big = || {
         error(StatusCode::PAYLOAD_TOO_LARGE, format!("the candidate component is over max_wasm_bytes ({cap} bytes)"))
     };
@@ -1053,7 +1058,16 @@ async fn dlq_debug(State(api): State<Api>, Path(id): Path<String>, headers: Head
     if declared.is_some_and(|n| n > cap) {
         return too_big();
     }
-    let Ok(bytes) = axum::body::to_bytes(body, usize::try_from(cap).unwrap_or(usize::MAX)).await else {
+    // Bounded in time too: a client trickling its candidate held one of the runs for ever.
+    let read = axum::body::to_bytes(body, usize::try_from(cap).unwrap_or(usize::MAX));
+    let Ok(read) = tokio::time::timeout(read_timeout, read).await else {
+        let waited = humantime::format_duration(read_timeout);
+        return error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the candidate was not in within {waited} (api.read_timeout)"),
+        );
+    };
+    let Ok(bytes) = read else {
         return too_big();
     };
     let kind = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");

@@ -69,6 +69,11 @@ fn check_event(ev: &Event) -> Result<(), String> {
             crate::event::quoted(ct)
         ));
     }
+    // Where the JSON format keeps the data: as extensions they were read as the data by
+    // `plugbus tail --record`, `dlq export` and `plugbus test`, or made the record unreadable.
+    if let Some((name, _)) = ev.extensions.iter().find(|(k, _)| k == "data" || k == "data_base64") {
+        return Err(format!("extension `{name}` is reserved: the CloudEvents JSON format keeps an event's data there"));
+    }
     // The host's own (`plugbus-*`: a dead letter's marks, `caused-by`, ...) are counted apart,
     // so a dead letter of an event at the bound still reads back.
     let own = ev.extensions.iter().filter(|(k, _)| k.starts_with("plugbus-")).count();

@@ -207,6 +207,12 @@ impl Config {
         self.sandbox.validate().map_err(anyhow::Error::msg)?;
         anyhow::ensure!(self.api.max_connections > 0, "api.max_connections is 0: the API would take no connection");
         anyhow::ensure!(!self.api.read_timeout.is_zero(), "api.read_timeout is 0: no request could be read");
+        anyhow::ensure!(
+            self.api.max_tails < self.api.max_connections,
+            "api.max_tails ({}) must be below api.max_connections ({}): live tails would take every connection",
+            self.api.max_tails,
+            self.api.max_connections
+        );
         for (name, p) in &self.plugins {
             overlay(&self.limits, &p.limits, &format!("plugins.{name}.limits")).map_err(anyhow::Error::msg)?;
             overlay(&self.flow, &p.flow, &format!("plugins.{name}.flow")).map_err(anyhow::Error::msg)?;

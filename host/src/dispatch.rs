@@ -694,8 +694,12 @@ async fn keep_dead_letter(
     let dead = deadletter::dead_letter_event(ev, plugin, &rt.dead_letter_subject, failure, attempts);
     let (store, plugin, kept) = (rt.dead_letters.clone(), plugin.clone(), dead.clone());
     let keep = tokio::task::spawn_blocking(move || store.push_recorded(&plugin, kept, record));
-    // Only a panic in the store ends it otherwise: then it was not kept.
-    let kept_whole = keep.await.unwrap_or(false);
+    // Only a panic in the store ends it otherwise: then it was not kept whole (what its file
+    // holds is read again at the next start).
+    let kept_whole = keep.await.unwrap_or_else(|e| {
+        tracing::error!(plugin = %rt.name, event_id = %id, "keeping the dead letter failed: {e}");
+        false
+    });
     Some((dead, kept_whole))
 }
 

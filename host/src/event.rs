@@ -315,12 +315,14 @@ pub fn cut_to(text: &str, limit: usize) -> std::borrow::Cow<'_, str> {
 /// can pose as the host's (`… ERROR plugbus: event dead-lettered plugin=payments …`), and NATS
 /// cannot carry it in a dead letter's `plugbus-error` header.
 pub fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.contains(char::is_control) {
+    // Unicode's line and paragraph separators end a line too, for some readers.
+    let breaks = |c: char| c.is_control() || c == '\u{2028}' || c == '\u{2029}';
+    if !text.contains(breaks) {
         return std::borrow::Cow::Borrowed(text);
     }
     let mut line = String::with_capacity(text.len() + 16);
     for c in text.chars() {
-        if c.is_control() {
+        if breaks(c) {
             line.extend(c.escape_default());
         } else {
             line.push(c);
@@ -485,6 +487,7 @@ mod tests {
         assert_eq!(cut("short"), "short");
         assert_eq!(one_line("one line, é"), "one line, é");
         assert_eq!(one_line("a\n2026 ERROR plugbus: forged\r\u{1b}[2J"), "a\\n2026 ERROR plugbus: forged\\r\\u{1b}[2J");
+        assert_eq!(one_line("a\u{2028}b\u{2029}c\u{85}d\x0be"), "a\\u{2028}b\\u{2029}c\\u{85}d\\u{b}e");
         let long = "E".repeat(16 << 20);
         let c = cut(&long);
         assert!(c.starts_with(&"E".repeat(ECHO_BYTES)));

@@ -140,7 +140,7 @@ impl Host {
             stop_http = Some(tx);
             let bounds = crate::http_server::Bounds {
                 max_connections: config.api.max_connections,
-                header_read_timeout: config.api.read_timeout,
+                read_timeout: config.api.read_timeout,
             };
             http_task = Some(tokio::spawn(async move {
                 let app = api::router(state);

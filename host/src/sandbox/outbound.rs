@@ -286,6 +286,9 @@ pub struct Outbound {
     pub event_id: String,
     /// Calls made in this attempt.
     pub calls: u32,
+    /// Calls refused in this attempt: only the first [`super::state::MAX_LOGGED_REFUSALS`] are
+    /// logged (the handler gets each as its call's error).
+    pub refusals: u32,
     /// When the event's deadline passes (set before every call).
     pub deadline: Instant,
     /// A repeatable run (`plugbus test`, `dlq debug`): nothing goes out; a call is answered
@@ -309,6 +312,7 @@ impl Outbound {
             limits: limits.clone(),
             event_id: event_id.to_string(),
             calls: 0,
+            refusals: 0,
             deadline: super::limits::tokio_instant_in(limits.deadline),
             offline: false,
             stubs: None,
@@ -316,8 +320,22 @@ impl Outbound {
         }
     }
 
-    fn refuse(&self, reason: String) -> Error {
-        tracing::warn!(plugin = %self.plugin, event_id = %self.event_id, "outbound request refused: {reason}");
+    /// The error for a refused call, logged while the attempt has refusals left to log (a
+    /// handler looping on a refused call wrote a warning per call, millions per event).
+    fn refuse(&mut self, reason: String) -> Error {
+        self.refusals = self.refusals.saturating_add(1);
+        let max = super::state::MAX_LOGGED_REFUSALS;
+        let (plugin, event_id) = (&*self.plugin, &self.event_id);
+        if self.refusals <= max {
+            tracing::warn!(plugin, event_id, "outbound request refused: {}", crate::event::cut(&reason));
+        } else if self.refusals == max + 1 {
+            tracing::warn!(
+                plugin,
+                event_id,
+                "outbound request refused; this attempt's further refused outbound \
+                requests are not logged (its handler gets each as its call's error; {max} were logged)"
+            );
+        }
         Error::InternalError(Some(format!("{REFUSED_PREFIX}{reason}")))
     }
 

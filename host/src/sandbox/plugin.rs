@@ -564,7 +564,7 @@ fn describe_trap(err: &wasmtime::Error, state: &HostState, overflow: Option<Gues
         .map(|i| {
             let at = lines[i].split("panicked at ").nth(1).unwrap_or_default().trim_end_matches(':');
             let msg = lines.get(i + 1).map(String::as_str).unwrap_or_default();
-            format!(": {} (at {})", cut(msg), cut(at))
+            format!(": {} (at {})", cut(&one_line(msg)), cut(&one_line(at)))
         })
         .unwrap_or_default();
     let text = match err.downcast_ref::<Trap>() {

@@ -174,6 +174,7 @@ impl HostState {
         self.outbound.event_id.clear();
         self.outbound.event_id.push_str(event_id);
         self.outbound.calls = 0;
+        self.outbound.refusals = 0;
         self.outbound.circuit_open = None;
         self.seen = Seen::default();
         self.reply_to = None;
@@ -297,6 +298,9 @@ impl bus::Host for HostState {
 
 impl logging::Host for HostState {
     fn log(&mut self, level: types::LogLevel, message: String) {
+        // On one line (see `event::one_line`), and charged as written: an escaped control
+        // character takes up to ten bytes.
+        let message = crate::event::one_line(&message);
         // Each line costs ENTRY_COST on top of its bytes: a million empty lines are a million
         // host log lines, not zero bytes.
         self.log_bytes += message.len() as u64 + ENTRY_COST;
@@ -312,7 +316,6 @@ impl logging::Host for HostState {
             types::LogLevel::Warn => "WARN",
             types::LogLevel::Error => "ERROR",
         };
-        let message = crate::event::one_line(&message);
         self.seen.log(name, &message);
         // With tracing on, the line is an event of the attempt's span and names its trace.
         let trace_id = crate::telemetry::current_trace_id();

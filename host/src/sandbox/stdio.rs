@@ -59,6 +59,9 @@ impl Capture {
             if line.trim().is_empty() {
                 continue;
             }
+            // On one line (a `\r` or a separator in it would start a log line of its own), and
+            // charged as written.
+            let line = crate::event::one_line(line);
             let cost = line.len() + crate::kv::ENTRY_COST as usize;
             // Once one line is cut, every later one is too (the log keeps the start, in order).
             if cost > room {
@@ -67,7 +70,7 @@ impl Capture {
                 continue;
             }
             room -= cost;
-            lines.push(line.to_owned());
+            lines.push(line.into_owned());
         }
         (lines, dropped)
     }

@@ -132,7 +132,11 @@ async fn a_dead_letter_records_what_it_read_and_debug_reproduces_it_then_a_candi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_debug_route_is_guarded_bounded_and_refuses_bad_bytes() {
-    let t = TestHost::start_with(&["picky"], setup).await;
+    let t = TestHost::start_with(&["picky"], |c| {
+        setup(c);
+        c.api.read_timeout = Duration::from_secs(2);
+    })
+    .await;
     t.publish("picky.order", "5").await;
     let id = dead_letter_id(&t).await;
     let url = format!("{}/v1/dlq/{id}/debug", t.url());
@@ -171,7 +175,8 @@ async fn the_debug_route_is_guarded_bounded_and_refuses_bad_bytes() {
 
     // The attack: many debug runs at once (each reads up to max_wasm_bytes, compiles in a child
     // and runs in the shared instance pool). Two candidates still being sent hold both runs;
-    // a third is refused at once, and served once they are gone.
+    // a third is refused at once. The two are answered `408` after `api.read_timeout` (they
+    // held their runs for ever before), and the next run is served.
     use tokio::io::AsyncWriteExt;
     let addr = t.url().trim_start_matches("http://").to_string();
     let mut uploading = Vec::new();
@@ -186,8 +191,12 @@ async fn the_debug_route_is_guarded_bounded_and_refuses_bad_bytes() {
     }
     let busy = eventually_status(&t, &id, 503).await;
     assert!(busy["error"].as_str().unwrap().contains("debug runs are at work already"), "{busy}");
-    drop(uploading);
     eventually_status(&t, &id, 200).await;
+    use tokio::io::AsyncReadExt;
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), uploading[0].read(&mut answer)).await.unwrap().unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408") && answer.contains("api.read_timeout"), "{answer}");
 }
 
 /// Asks a debug run of `id` (no candidate) until it is answered `status`; the answer.

@@ -460,6 +460,14 @@ async fn ingress_refuses_system_subjects_and_the_hosts_own_headers() {
     let ev = seen.next_on("orders.created").await;
     assert_eq!((ev.header("cookie"), ev.header("proxy-authorization")), (None, None), "{:?}", ev.extensions);
     assert_eq!(ev.header("x-tenant"), Some("acme"), "other headers still come through");
+    // Where the JSON format keeps the data: as an extension it was read as the data by
+    // `tail --record` and `dlq export`, or made their record unreadable.
+    for header in ["ce-data", "data_base64"] {
+        let resp = client.post(&url).header(header, "forged").body("{}").send().await.unwrap();
+        let (status, error) = json_error(resp).await;
+        assert_eq!(status, 400, "{header}: {error}");
+        assert!(error.contains("is reserved") && error.contains("data"), "{error}");
+    }
 
     // An envelope inside the envelope: its dead letter, read back from a broker, would be the
     // inner event (any plugin, any original subject), and replay would publish it.
@@ -811,6 +819,7 @@ async fn slow_and_idle_connections_are_bounded_and_closed() {
     use tokio::io::AsyncWriteExt;
     let t = TestHost::start_with(&["audit"], |c| {
         c.api.max_connections = 8;
+        c.api.max_tails = 2;
         c.api.read_timeout = Duration::from_secs(1);
     })
     .await;
@@ -847,6 +856,39 @@ async fn slow_and_idle_connections_are_bounded_and_closed() {
     assert_eq!(resp.unwrap().status().as_u16(), 202);
 }
 
+/// The attack: a client pipelining thousands of requests on one connection and never reading
+/// their answers. hyper reads no further request while an answer waits to be written, so its
+/// header timeout never starts, and it has no write timeout: the connection, and with
+/// `max_connections` of them every slot, was held for ever. Now a write the client takes nothing
+/// of for `api.read_timeout` ends the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_answers_loses_its_connection() {
+    use tokio::io::AsyncWriteExt;
+    let t = TestHost::start_with(&["audit"], |c| {
+        c.api.max_connections = 1;
+        c.api.max_tails = 0;
+        c.api.read_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let addr: std::net::SocketAddr = t.url().trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut hog = socket.connect(addr).await.unwrap();
+    // 2,000 answers of 9 KiB: more than the socket buffers on both sides hold
+    let requests = "GET /dashboard.js HTTP/1.1\r\nHost: localhost\r\n\r\n".repeat(2000);
+    let writer = tokio::spawn(async move {
+        let _ = hog.write_all(requests.as_bytes()).await;
+        hog // never read, kept open
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
+    let health = client.get(format!("{}/healthz", t.url())).send().await;
+    assert_eq!(health.map(|r| r.status().as_u16()).ok(), Some(200), "the one slot stayed taken");
+    assert!(started.elapsed() < Duration::from_secs(10), "served after {:?}", started.elapsed());
+    drop(writer);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_bounds_of_zero_are_refused_naming_the_key() {
     let mut c = Config::default();
@@ -855,4 +897,10 @@ async fn api_bounds_of_zero_are_refused_naming_the_key() {
     let mut c = Config::default();
     c.api.read_timeout = Duration::ZERO;
     assert!(c.validate().unwrap_err().to_string().contains("api.read_timeout"));
+    // tails that could take every connection
+    let mut c = Config::default();
+    c.api.max_connections = 16;
+    assert!(
+        c.validate().unwrap_err().to_string().contains("api.max_tails (16) must be below api.max_connections (16)")
+    );
 }

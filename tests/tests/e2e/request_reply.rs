@@ -110,6 +110,9 @@ async fn the_http_route_answers_with_the_reply_or_504(bus: &Bus<'_>) {
     let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     assert_eq!(header("content-length").as_deref(), Some("12"), "{:?}", resp.headers());
     assert_eq!(header("ce-answeredby").as_deref(), Some("responder"), "an attribute comes back as ce-*");
+    // the plugin chooses the content type: never sniffed into another, never a page of the API's
+    assert_eq!(header("x-content-type-options").as_deref(), Some("nosniff"));
+    assert_eq!(header("content-security-policy").as_deref(), Some("sandbox"));
     assert_eq!(resp.text().await.unwrap(), "framed reply");
 
     let started = Instant::now();

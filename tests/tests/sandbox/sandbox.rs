@@ -199,7 +199,27 @@ async fn a_plugins_line_breaks_never_start_a_log_line_of_their_own() {
     let lines = logs.with_fields(&[("plugin", "hostile"), ("event_id", id.as_str())]);
     let messages: Vec<&str> = lines.iter().filter_map(|l| l["fields"]["message"].as_str()).collect();
     assert!(messages.iter().any(|m| m.starts_with("ok\\n2026")), "{messages:?}");
-    assert!(messages.iter().all(|m| !m.contains('\n')), "a line break reached the log: {messages:?}");
+    assert!(messages.iter().any(|m| m.starts_with("ok\\r2026")), "stdout's line: {messages:?}");
+    assert!(messages.iter().any(|m| m.starts_with("ok\\u{2028}2026")), "stdout's line: {messages:?}");
+    let breaks = ['\n', '\r', '\u{2028}'];
+    assert!(messages.iter().all(|m| !m.contains(breaks)), "a line break reached the log: {messages:?}");
+}
+
+/// The same attack through outbound HTTP: a handler calling a destination it was not granted,
+/// over and over. Each refusal was a warning of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_outbound_calls_are_logged_a_few_times_per_attempt() {
+    let logs = Logs::capture();
+    let t = TestHost::start(&["caller"]).await;
+    let id = t.publish("caller.go", r#"{"url": "http://127.0.0.1:9/never", "calls": 90}"#).await;
+    t.wait_counter("caller", "ok", 1).await;
+    let refused = logs
+        .with_fields(&[("plugin", "caller"), ("event_id", id.as_str())])
+        .into_iter()
+        .filter(|l| l["fields"]["message"].as_str().is_some_and(|m| m.starts_with("outbound request refused")))
+        .count() as u32;
+    let most = plugbus::sandbox::state::MAX_LOGGED_REFUSALS + 1;
+    assert!(refused > 0 && refused <= most, "{refused} refusal lines for one attempt of 90 refused calls");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -85,6 +85,9 @@ fn attack(ev: Event) -> Result<(), HandlerError> {
         "forgelog" => {
             let text = text.replace("\\n", "\n");
             plugbus_sdk::log::error(&text);
+            // on stdout, where a line ends at `\n`: a carriage return and a line separator
+            println!("{}", text.replace('\n', "\r"));
+            println!("{}", text.replace('\n', "\u{2028}"));
             return Err(HandlerError::reject(text));
         }
         // `N`: N reads of one key (each went to the store, only the first was counted).
