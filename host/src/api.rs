@@ -54,8 +54,9 @@ pub struct ApiSettings {
     /// holds a file descriptor the host also needs for plugin files, compiles and its broker.
     pub max_connections: usize,
     /// How long a client has to send a request's headers (counted from when the connection waits
-    /// for them: an idle kept-alive connection is closed after it too), and again its body; a
-    /// body not in by then is answered `408`.
+    /// for them: an idle kept-alive connection is closed after it too), and again its body (a
+    /// body not in by then is answered `408`); and how long a write may wait for the client to
+    /// take any of it (a client that stopped reading loses its connection).
     #[serde(with = "humantime_serde")]
     pub read_timeout: Duration,
 }

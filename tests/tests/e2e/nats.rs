@@ -810,6 +810,13 @@ async fn core_nats_subscriptions_come_back_after_a_broker_restart() {
     assert_eq!(resp.status().as_u16(), 503);
     let error = resp.text().await.unwrap();
     assert!(error.contains("not connected to NATS") && error.contains("orders.away"), "{error}");
+    // ... nor a request: 503 at once, not a 504 after its timeout
+    let started = std::time::Instant::now();
+    let url = format!("{}/v1/request/rpc.away?timeout=10s", t.url());
+    let resp = reqwest::Client::new().post(url).body("x").send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert!(started.elapsed() < Duration::from_secs(5), "answered after {:?}", started.elapsed());
+    assert!(resp.text().await.unwrap().contains("not connected to NATS"));
     server.start_again().await;
     eventually_async(|| async { reqwest::get(&ready).await.map(|r| r.status().is_success()).unwrap_or(false) }).await;
     let msg = echo_of(&server, "orders.after").await;

@@ -741,6 +741,13 @@ impl Transport for NatsTransport {
         if self.index.captures(&subject) {
             return self.request_stored(subject, headers, payload, timeout).await;
         }
+        // Disconnected, the request would wait in this process's buffer and time out: say so
+        // at once (`503` over HTTP, `Unavailable` to a plugin), as a publish does.
+        if !self.is_connected() {
+            return Err(RequestError::Unavailable(format!(
+                "not connected to NATS: a request on {subject} cannot go out"
+            )));
+        }
         let request = async_nats::Request::new().headers(headers).payload(payload).timeout(Some(timeout));
         let msg = match self.client.send_request(subject.clone(), request).await {
             Ok(msg) => msg,
