@@ -809,6 +809,17 @@ async fn read_until_closed(stream: &mut tokio::net::TcpStream, within: Duration)
     }
 }
 
+/// A host running `audit` whose API takes `connections` at once (`tails` of them tails) and
+/// waits 1 s for a client.
+async fn bounded_api(connections: usize, tails: usize) -> TestHost {
+    TestHost::start_with(&["audit"], |c| {
+        c.api.max_connections = connections;
+        c.api.max_tails = tails;
+        c.api.read_timeout = Duration::from_secs(1);
+    })
+    .await
+}
+
 /// The attack: connections that never finish their headers (a slowloris), or send nothing, or
 /// trickle a body. Each held a file descriptor for ever: a thousand of them left the host none
 /// for plugin files, compiles or its broker. Now at most `api.max_connections` are open, and
@@ -817,12 +828,7 @@ async fn read_until_closed(stream: &mut tokio::net::TcpStream, within: Duration)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_idle_connections_are_bounded_and_closed() {
     use tokio::io::AsyncWriteExt;
-    let t = TestHost::start_with(&["audit"], |c| {
-        c.api.max_connections = 8;
-        c.api.max_tails = 2;
-        c.api.read_timeout = Duration::from_secs(1);
-    })
-    .await;
+    let t = bounded_api(8, 2).await;
     let addr = t.url().trim_start_matches("http://").to_string();
     // Twice the cap: half-sent headers, and connections that send nothing at all.
     let mut held = Vec::new();
@@ -864,12 +870,7 @@ async fn slow_and_idle_connections_are_bounded_and_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_its_answers_loses_its_connection() {
     use tokio::io::AsyncWriteExt;
-    let t = TestHost::start_with(&["audit"], |c| {
-        c.api.max_connections = 1;
-        c.api.max_tails = 0;
-        c.api.read_timeout = Duration::from_secs(1);
-    })
-    .await;
+    let t = bounded_api(1, 0).await;
     let addr: std::net::SocketAddr = t.url().trim_start_matches("http://").parse().unwrap();
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();

@@ -173,12 +173,7 @@ async fn refused_host_calls_are_logged_a_few_times_per_attempt_not_once_each() {
     let id = t.publish("hostile.refusals", "3000").await;
     // (a swallowed refused publish still fails the event: its outputs are incomplete)
     t.wait_counter("hostile", "dead_lettered", 1).await;
-    let calls = ["publish refused", "request refused", "reply refused"];
-    let refused = logs
-        .with_fields(&[("plugin", "hostile"), ("event_id", id.as_str())])
-        .into_iter()
-        .filter(|l| l["fields"]["message"].as_str().is_some_and(|m| calls.iter().any(|c| m.starts_with(c))))
-        .count() as u32;
+    let refused = lines_starting(&logs, "hostile", &id, &["publish refused", "request refused", "reply refused"]);
     // the first few in full, then one line saying the rest are not logged
     let most = plugbus::sandbox::state::MAX_LOGGED_REFUSALS + 1;
     assert!(refused > 0 && refused <= most, "{refused} refusal lines for one attempt of 9,000 refused calls");
@@ -213,13 +208,17 @@ async fn refused_outbound_calls_are_logged_a_few_times_per_attempt() {
     let t = TestHost::start(&["caller"]).await;
     let id = t.publish("caller.go", r#"{"url": "http://127.0.0.1:9/never", "calls": 90}"#).await;
     t.wait_counter("caller", "ok", 1).await;
-    let refused = logs
-        .with_fields(&[("plugin", "caller"), ("event_id", id.as_str())])
-        .into_iter()
-        .filter(|l| l["fields"]["message"].as_str().is_some_and(|m| m.starts_with("outbound request refused")))
-        .count() as u32;
+    let refused = lines_starting(&logs, "caller", &id, &["outbound request refused"]);
     let most = plugbus::sandbox::state::MAX_LOGGED_REFUSALS + 1;
     assert!(refused > 0 && refused <= most, "{refused} refusal lines for one attempt of 90 refused calls");
+}
+
+/// How many of `plugin`'s log lines for the event `id` start with one of `starts`.
+fn lines_starting(logs: &Logs, plugin: &str, id: &str, starts: &[&str]) -> u32 {
+    logs.with_fields(&[("plugin", plugin), ("event_id", id)])
+        .into_iter()
+        .filter(|l| l["fields"]["message"].as_str().is_some_and(|m| starts.iter().any(|s| m.starts_with(s))))
+        .count() as u32
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
