@@ -33,14 +33,22 @@ pub struct Flow {
     /// MiB of handlers' outputs (its own included) that may wait for this plugin beyond a full
     /// queue on the embedded bus. Outputs never wait for a queue (a cycle through the bus would
     /// wait forever); past this bound an output is refused and retried by its producer. On
-    /// NATS, the most the plugin's deliveries taken from the client may hold in the host
-    /// (queued, running, waiting to settle; `backend/nats/budget.rs`).
+    /// either bus, also the most the plugin's deliveries may hold in the host (queued, running,
+    /// waiting to settle; one larger than it alone): what has no room waits behind the queue on
+    /// the embedded bus (`Overflow::room_in_hand`), in the stream or the pump on NATS
+    /// (`backend/nats/budget.rs`).
     pub buffer_mib: u64,
+    /// MiB of producers' events that may wait in the durable embedded log for this plugin once
+    /// it falls behind (its queue full): its producers, and so every other plugin, go on until
+    /// then, and only then wait. 0: producers wait for its queue (backpressure at once). Never
+    /// below `buffer_mib`, the bound while it catches up after a restart or a replay. NATS
+    /// ignores it (the stream's own limits bound what waits there).
+    pub backlog_mib: u64,
 }
 
 impl Default for Flow {
     fn default() -> Self {
-        Self { concurrency: 16, queue: 1024, buffer_mib: 64 }
+        Self { concurrency: 16, queue: 1024, buffer_mib: 64, backlog_mib: 1024 }
     }
 }
 
@@ -80,6 +88,7 @@ impl Delivering {
             group: queue_group,
             capacity: self.flow.queue,
             buffer_bytes: self.flow.buffer_mib.saturating_mul(1 << 20),
+            backlog_bytes: self.flow.backlog_mib.saturating_mul(1 << 20),
             durable: durable.then(|| Durability {
                 deliver_all: self.deliver_all.unwrap_or_else(|| m.subscriptions.iter().any(|s| s.deliver_all)),
                 give_up_after: self.retry.max_attempts.saturating_mul(2).max(self.retry.max_attempts + 1),

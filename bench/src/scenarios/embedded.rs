@@ -366,6 +366,7 @@ async fn native_floor(mode: Mode) -> anyhow::Result<Load> {
         group: "native".into(),
         capacity: 1024,
         buffer_bytes: 64 << 20,
+        backlog_bytes: 1 << 30,
         durable: None,
     };
     let mut sub = bus.subscribe(spec).await?;

@@ -105,6 +105,9 @@ pub struct SubscriptionSpec {
     pub capacity: usize,
     /// Bytes of handler outputs that may wait beyond a full queue (in-process transports).
     pub buffer_bytes: u64,
+    /// Bytes of producers' events that may wait in a durable in-process log for a plugin that
+    /// fell behind (0: producers wait for its queue instead).
+    pub backlog_bytes: u64,
     /// At-least-once delivery from a durable consumer, when the transport has one.
     pub durable: Option<Durability>,
 }

@@ -182,11 +182,48 @@ async fn order_per_key_holds_across_retries_while_keys_run_in_parallel() {
     assert_eq!(t.counter("faulty", "dead_lettered"), 0);
 }
 
+/// The attack: a slow plugin (300 ms an event, one at a time, a queue of 2). Once its queue
+/// was full, every producer waited for it, and so did every other plugin on the same subjects.
+/// On the durable log it falls behind instead: the events it has no room for wait in the log
+/// and reach it in order, while producers and the other plugin go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_plugin_falls_behind_and_holds_up_no_producer_or_other_plugin() {
+    const EVENTS: u64 = 30;
+    let t =
+        TestHost::start_with(&["faulty", "echo"], |c| c.flow = Flow { concurrency: 1, queue: 2, ..Flow::default() })
+            .await;
+    let mut echoed = t.observe(&["echo.faulty.slow"]).await;
+    let mut slow_outputs = t.observe(&["faulty.out.slow"]).await;
+    for i in 0..EVENTS {
+        let ev = plugbus::Event::new("faulty.slow", "300").with_header("n", i.to_string());
+        t.host.publish(ev).await.unwrap();
+    }
+    for _ in 0..EVENTS {
+        echoed.next_on("echo.faulty.slow").await;
+    }
+    let slow_done = t.counter("faulty", "ok");
+    assert!(
+        slow_done < EVENTS / 2,
+        "the slow plugin had handled {slow_done} of {EVENTS} when the other had all: the test lost its point"
+    );
+    // and the slow plugin gets every one of them, none dead-lettered
+    t.wait_counter("faulty", "ok", EVENTS).await;
+    for _ in 0..EVENTS {
+        slow_outputs.next_on("faulty.out.slow").await;
+    }
+    assert_eq!(t.counter("faulty", "received"), EVENTS);
+    assert_eq!(t.counter("faulty", "dead_lettered"), 0);
+}
+
+/// With `flow.backlog_mib = 0`, a plugin's full queue holds its producers (backpressure at
+/// once, as on the in-memory bus).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_applies_backpressure_and_loses_nothing() {
     const QUEUE: usize = 2;
-    let t =
-        TestHost::start_with(&["faulty"], |c| c.flow = Flow { concurrency: 1, queue: QUEUE, ..Flow::default() }).await;
+    let t = TestHost::start_with(&["faulty"], |c| {
+        c.flow = Flow { concurrency: 1, queue: QUEUE, backlog_mib: 0, ..Flow::default() }
+    })
+    .await;
     // slow events (300 ms each, one at a time): a bounded queue fills within a few publishes and
     // the next publish waits; an unbounded one would take them all at once
     let mut quick = 0;

@@ -10,10 +10,13 @@ use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Gives `plugin` a queue and concurrency of its own, and no backlog: its producers wait for a
+/// full queue (on the durable log it would fall behind instead, and they would not wait).
 fn set_flow(c: &mut Config, plugin: &str, queue: u64, concurrency: u64) {
     let flow = &mut c.plugins.entry(plugin.into()).or_default().flow;
     flow.insert("queue".into(), json!(queue));
     flow.insert("concurrency".into(), json!(concurrency));
+    flow.insert("backlog_mib".into(), json!(0));
 }
 
 async fn json_error(resp: reqwest::Response) -> (u16, String) {

@@ -1172,7 +1172,7 @@ async fn forgetting_a_dead_letter_another_replay_removed_first_is_not_an_error()
 async fn a_core_flood_of_large_messages_is_dropped_past_the_plugins_buffer_and_counted() {
     let server = NatsServer::start().await;
     let t = TestHost::start_on(&Bus::Core(&server), &["faulty"], |c| {
-        c.flow = plugbus::router::Flow { concurrency: 1, queue: 2, buffer_mib: 1 };
+        c.flow = plugbus::router::Flow { concurrency: 1, queue: 2, buffer_mib: 1, ..Default::default() };
     })
     .await;
     let client = server.client().await;
@@ -1206,7 +1206,7 @@ async fn a_core_flood_of_large_messages_is_dropped_past_the_plugins_buffer_and_c
 async fn jetstream_messages_larger_than_the_plugins_buffer_are_still_delivered() {
     let server = NatsServer::start().await;
     let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
-        c.flow = plugbus::router::Flow { concurrency: 1, queue: 4, buffer_mib: 0 };
+        c.flow = plugbus::router::Flow { concurrency: 1, queue: 4, buffer_mib: 0, ..Default::default() };
     })
     .await;
     let data = format!("1{}", " ".repeat(900 << 10));
@@ -1278,7 +1278,7 @@ async fn jetstream_a_stored_message_larger_than_any_pull_no_longer_stalls_its_pl
     let (server, _conf) = a_stream_holding_a_message_over_max_payload().await;
     // Pulls of at most twice the server's max_payload and 64 KiB: 2 MiB and 64 KiB.
     let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
-        c.flow = plugbus::router::Flow { concurrency: 1, queue: 4, buffer_mib: 0 };
+        c.flow = plugbus::router::Flow { concurrency: 1, queue: 4, buffer_mib: 0, ..Default::default() };
     })
     .await;
     dead_lettered_without_its_data(&t, &server).await;

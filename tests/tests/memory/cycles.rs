@@ -69,7 +69,7 @@ async fn a_runaway_plugin_fills_only_its_own_buffer() {
     let _alone = measuring_memory().await;
     let t = TestHost::start_with(&["cycler", "echo"], |c| {
         fast_retries(c);
-        c.flow = Flow { concurrency: 4, queue: 16, buffer_mib: 1 };
+        c.flow = Flow { concurrency: 4, queue: 16, buffer_mib: 1, ..Flow::default() };
         c.drain_timeout = Duration::from_millis(200);
     })
     .await;

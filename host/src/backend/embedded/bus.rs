@@ -1,9 +1,13 @@
 //! The embedded bus: an in-process transport, the default, needing no server.
 //!
-//! Each subscription has its own bounded queue. A producer's [`Transport::publish`] waits while
-//! a matching subscription's queue is full (backpressure), and on the durable log also while
-//! more than its buffer waits in its overflow (where its event may go, behind what waits there):
-//! nothing is dropped. A subscription on the durable log catches up with it before it takes
+//! Each subscription has its own queue, bounded in deliveries (`flow.queue`) and in the bytes
+//! its deliveries hold until they go (`flow.buffer_mib`: what has no room waits behind the
+//! queue). On the in-memory bus a producer's [`Transport::publish`] waits while a matching
+//! subscription's queue is full (backpressure). On the durable log such a plugin falls behind
+//! instead ([`Overflow::fall_behind`]): new events for it wait in the log and its read-back
+//! delivers them in order, so a slow plugin holds up no producer, and so no other plugin, until
+//! `flow.backlog_mib` of events wait there for it (then its producers wait). Nothing is
+//! dropped. A subscription on the durable log catches up with it before it takes
 //! events live (see [`Intake`]). A handler's
 //! outputs ([`Transport::publish_output`]) never wait on a queue: a plugin's outputs can come
 //! back to its own queue (a countdown, a `>` subscriber), and waiting there while holding the
@@ -46,6 +50,9 @@ struct LogAck {
     taken_by: Arc<Overflow>,
     /// Acked (or dead-lettered): the log forgot it then.
     settled: std::sync::atomic::AtomicBool,
+    /// What it holds of its subscription's room in hand ([`Overflow::held`]), given back when
+    /// it goes.
+    held: u64,
 }
 
 impl LogAck {
@@ -92,6 +99,57 @@ impl Drop for LogAck {
         if self.seq < super::log::REQUEST_KEYS {
             self.taken_by.in_hand.fetch_sub(1, Ordering::AcqRel);
         }
+        self.taken_by.release(self.held);
+    }
+}
+
+/// The acker of a delivery on the in-memory bus: nothing to settle; gives its room in hand
+/// back to its subscription when it goes.
+struct Held {
+    overflow: Arc<Overflow>,
+    held: u64,
+}
+
+#[async_trait]
+impl Acker for Held {
+    async fn ack(&self) {}
+    async fn nak(&self, _delay: std::time::Duration) {}
+    async fn term(&self) {}
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.overflow.release(self.held);
+    }
+}
+
+/// An event appended for some plugins whose producer or publisher has yet to decide, for each,
+/// whether it goes to it live ([`Intake`]): marked in each one's [`Overflow::undecided`] before
+/// a later append gets its sequence number, unmarked when dropped (after the decisions, or when
+/// they are given up). A plugin that falls behind meanwhile takes such events live when decided
+/// (`Intake::late`).
+#[derive(Default)]
+struct Deciding {
+    overflows: Vec<Arc<Overflow>>,
+    seq: std::sync::OnceLock<u64>,
+}
+
+impl Deciding {
+    fn mark(&self, seq: u64) {
+        for overflow in &self.overflows {
+            overflow.undecided.lock().expect("undecided poisoned").insert(seq);
+        }
+        let _ = self.seq.set(seq);
+    }
+}
+
+impl Drop for Deciding {
+    fn drop(&mut self) {
+        if let Some(seq) = self.seq.get() {
+            for overflow in &self.overflows {
+                overflow.undecided.lock().expect("undecided poisoned").remove(seq);
+            }
+        }
     }
 }
 
@@ -100,7 +158,11 @@ impl Drop for LogAck {
 struct Logged(Option<u64>);
 
 impl Overflow {
+    /// The delivery of `event` to the plugin, holding its cost of the room in hand until it goes
+    /// (settled and let go, or dropped with the queue).
     fn delivery(self: &Arc<Self>, event: Arc<Event>, logged: Logged) -> Delivery {
+        let held = event.buffered_cost();
+        self.held.fetch_add(held, Ordering::AcqRel);
         match (logged.0, &self.log) {
             (Some(seq), Some(log)) => {
                 // Read back after a restart: its kv writes may have committed with an outbox,
@@ -116,12 +178,31 @@ impl Overflow {
                         seq,
                         taken_by: self.clone(),
                         settled: false.into(),
+                        held,
                     }),
                     handled,
                     ..Delivery::once(event)
                 }
             }
-            _ => Delivery::once(event),
+            _ => Delivery { acker: Box::new(Held { overflow: self.clone(), held }), ..Delivery::once(event) },
+        }
+    }
+
+    /// Whether a delivery of `cost` bytes may be made now: the plugin's deliveries in hand (in its
+    /// queue, or taken by its worker: admitted, running, backing off, waiting to settle) hold at
+    /// most its budget, or it is the only one. Without this bound its `flow.queue` queued and
+    /// `flow.queue` admitted deliveries of 1 MiB each were 2 GiB held for one plugin.
+    fn room_in_hand(&self, cost: u64) -> bool {
+        let held = self.held.load(Ordering::Acquire);
+        held == 0 || held + cost <= self.budget
+    }
+
+    /// A delivery went, giving back `held` bytes of room in hand; wakes the pump if it waits
+    /// for that.
+    fn release(&self, held: u64) {
+        self.held.fetch_sub(held, Ordering::AcqRel);
+        if self.pump_waits.swap(false, Ordering::AcqRel) {
+            self.released.notify_waiters();
         }
     }
 }
@@ -133,6 +214,10 @@ struct Overflow {
     state: Mutex<OverflowState>,
     /// The most bytes that may wait.
     budget: u64,
+    /// The most bytes of producers' events that may wait in the log for a plugin that fell
+    /// behind or catches up (`flow.backlog_mib`; never below `budget`); 0: a live plugin never
+    /// falls behind, its producers wait for its queue (see [`Overflow::fall_behind`]).
+    backlog: u64,
     plugin: Arc<str>,
     log: Option<Arc<DurableLog>>,
     /// Woken when what waits drops to the budget or below (producers wait for that) or to half
@@ -147,6 +232,14 @@ struct Overflow {
     reading_back: std::sync::atomic::AtomicBool,
     /// Deliveries of logged events made and not gone yet (in the queue, or taken by the worker).
     in_hand: std::sync::atomic::AtomicUsize,
+    /// Bytes the deliveries made and not gone yet hold ([`Overflow::room_in_hand`]).
+    held: AtomicU64,
+    /// Events appended for the plugin whose producer or publisher has yet to decide whether
+    /// they go to it live ([`Deciding`]): marked before a later append gets its sequence number.
+    undecided: Mutex<std::collections::BTreeSet<u64>>,
+    /// Set by the pump while it waits for room in hand; woken through `released`.
+    pump_waits: std::sync::atomic::AtomicBool,
+    released: tokio::sync::Notify,
 }
 
 /// Whether a durable subscription takes what the log accepts for it as it is accepted, or
@@ -175,6 +268,11 @@ struct Intake {
     /// `skipped` is the highest sequence number left so (it may not be committed yet: an
     /// output is logged without waiting).
     catching_up: Option<CatchingUp>,
+    /// Events appended before the plugin fell behind whose producer or publisher had not
+    /// decided them then ([`Overflow::undecided`]): they go live whenever decided. Its
+    /// read-back reads only from where it fell behind, and once it caught up, `read_to` is past
+    /// them: without this they would be the read-back's, and nobody's until the next start.
+    late: std::collections::BTreeSet<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -245,6 +343,9 @@ impl CatchingUp {
 impl Intake {
     /// Whether the event at `seq` goes to the plugin now; `false`: a read-back delivers it.
     fn goes_live(&mut self, seq: u64) -> bool {
+        if self.late.remove(&seq) {
+            return true;
+        }
         if let Some(c) = &mut self.catching_up
             && seq >= c.read_from
         {
@@ -299,6 +400,8 @@ struct OverflowState {
     /// none). A delivery of one of its history settled meanwhile stays pending
     /// ([`LogAck::settle`]).
     replay_holds: Option<(std::ops::Range<u64>, u64)>,
+    /// When falling behind was last logged (once a minute at most).
+    told_fell_behind: Option<Instant>,
 }
 
 impl OverflowState {
@@ -324,18 +427,23 @@ impl OverflowState {
 
 impl Overflow {
     /// A subscription's overflow; on the durable log it starts catching up (see [`Intake`]).
-    fn new(plugin: Arc<str>, budget: u64, log: Option<Arc<DurableLog>>) -> Arc<Self> {
+    fn new(plugin: Arc<str>, budget: u64, backlog: u64, log: Option<Arc<DurableLog>>) -> Arc<Self> {
         let catching_up = log.is_some().then(CatchingUp::default);
         let intake = Intake { catching_up, ..Intake::default() };
         Arc::new(Self {
             state: Mutex::new(OverflowState { intake, ..OverflowState::default() }),
             budget,
+            backlog,
             plugin,
             reading_back: log.is_some().into(),
             log,
             drained: tokio::sync::Notify::new(),
             unsubscribed: false.into(),
             in_hand: 0.into(),
+            held: 0.into(),
+            undecided: Mutex::default(),
+            pump_waits: false.into(),
+            released: tokio::sync::Notify::new(),
         })
     }
 
@@ -428,6 +536,9 @@ impl Overflow {
         if let Some(c) = &intake.catching_up {
             read_from = read_from.min(c.read_from);
         }
+        // Its read-back reads those from where it reads on (they are pending); those below still go
+        // live when decided.
+        intake.late.retain(|seq| *seq < read_from);
         // Nothing below where it reads from is left to it.
         intake.catching_up = Some(CatchingUp { since, read_from, read_below: read_from, ..CatchingUp::default() });
         // What the plugin took before now and settles from now on stays pending in the history.
@@ -478,9 +589,13 @@ impl Overflow {
         // What waits for it where this one would: an output for one catching up is left in the
         // log (as many as its queue holds uncharged, as they would be in the queue); anything
         // else (a request is never logged) goes to the queue or behind it.
+        // In the log, only outputs count here: producers' events left there are bounded apart
+        // (`flow.backlog_mib`, in `room_for_a_producer`), so a plugin fallen behind its producers
+        // refuses no other plugin's output for them.
         let (waiting, count, by_plugin, queue_has_room) = match (&publisher, state.intake.catching_up.as_ref()) {
             (Publisher::Plugin(_), Some(c)) if into_log && self.log.is_some() => {
-                (c.left_bytes, c.left.len(), &c.left_by_plugin, c.left.len() < tx.max_capacity())
+                let outputs = c.left_by_plugin.values().sum();
+                (outputs, c.left.len(), &c.left_by_plugin, c.left.len() < tx.max_capacity())
             }
             _ => (state.bytes, state.events.len(), &state.by_plugin, state.events.is_empty() && tx.capacity() > 0),
         };
@@ -526,7 +641,7 @@ impl Overflow {
         cost: u64,
         logged: Logged,
     ) {
-        if state.events.is_empty() {
+        if state.events.is_empty() && self.room_in_hand(cost) {
             // Room first: the delivery is made only when it goes into the queue (making it takes
             // a read-back outbox, which a delivery thrown away would lose).
             match tx.try_reserve() {
@@ -540,8 +655,13 @@ impl Overflow {
             Publisher::Plugin(source) => Some(Arc::from(source)),
             Publisher::Other => None,
         };
-        state.add(publisher.as_ref(), cost);
-        state.events.push_back((event.clone(), cost, logged, publisher));
+        self.wait_behind(state, tx, (event.clone(), cost, logged, publisher));
+    }
+
+    /// Puts `waiting` behind what waits, for the pump to move into the queue.
+    fn wait_behind(self: &Arc<Self>, state: &mut OverflowState, tx: &mpsc::Sender<Delivery>, waiting: Waiting) {
+        state.add(waiting.3.as_ref(), waiting.1);
+        state.events.push_back(waiting);
         if !state.pumping {
             state.pumping = true;
             tokio::spawn(self.clone().pump(tx.clone()));
@@ -558,13 +678,18 @@ impl Overflow {
         event: &Arc<Event>,
         logged: Logged,
     ) {
-        let Some((first, cost, first_logged, publisher)) = state.events.pop_front() else {
+        let cost = event.buffered_cost();
+        // No room in hand for the next one: the event waits behind, and the slot is given back.
+        if !self.room_in_hand(state.events.front().map_or(cost, |(_, c, _, _)| *c)) {
+            let tx = slot.release();
+            return self.wait_behind(state, &tx, (event.clone(), cost, logged, None));
+        }
+        let Some((first, first_cost, first_logged, publisher)) = state.events.pop_front() else {
             slot.send(self.delivery(event.clone(), logged));
             return;
         };
-        state.remove(publisher.as_ref(), cost);
+        state.remove(publisher.as_ref(), first_cost);
         slot.send(self.delivery(first, first_logged));
-        let cost = event.buffered_cost();
         state.add(None, cost);
         state.events.push_back((event.clone(), cost, logged, None));
         if state.bytes <= self.budget {
@@ -572,26 +697,28 @@ impl Overflow {
         }
     }
 
-    /// Waits while more than the budget waits for a subscription on the durable log, holding
-    /// nothing: in its overflow (a producer's event may go in behind it:
-    /// [`Overflow::send_behind`]), or, while it catches up, left in the log for its read-back
-    /// since it began (what it reads back from before is not counted: that was accepted
-    /// already). So a plugin that falls behind, catching up or not, holds up its producers
-    /// past its buffer instead of filling the disk. Producers that looked at once may each add
-    /// one event past it. Answers whether it is catching up (the event then goes to the log,
-    /// not to its queue).
-    async fn room_for_a_producer(&self, tx: &mpsc::Sender<Delivery>) -> bool {
-        if self.log.is_none() {
-            return false;
-        }
+    /// Waits while a subscription has no room for a producer's event, holding nothing; answers
+    /// whether the event goes to the log for its read-back (`true`) or to its queue, live. On the
+    /// durable log, a live plugin whose queue is full, or with more than its budget waiting
+    /// behind it, falls behind ([`Overflow::fall_behind`]) rather than hold up its producers,
+    /// and with them every other plugin: producers wait only while more than
+    /// `flow.backlog_mib` of their events waits in the log for it (since it began catching up,
+    /// or fell behind; what it reads back from before was accepted already). On the in-memory
+    /// bus, and with a backlog of 0, they wait while more than its budget waits behind its
+    /// queue (a producer's event waits there when the plugin's deliveries in hand hold the
+    /// budget: [`Overflow::room_in_hand`]), then for a slot in the queue. Producers that looked
+    /// at once may each add one event past it.
+    async fn room_for_a_producer(self: &Arc<Self>, tx: &mpsc::Sender<Delivery>) -> bool {
         loop {
             let drained = self.drained.notified();
             tokio::pin!(drained);
             drained.as_mut().enable();
             let (room, catching_up) = {
-                let state = self.state.lock().expect("overflow poisoned");
-                match &state.intake.catching_up {
-                    Some(c) => (c.left_bytes <= self.budget, true),
+                let mut state = self.state.lock().expect("overflow poisoned");
+                match state.intake.catching_up.as_ref().map(|c| c.left_bytes) {
+                    Some(left) => (left <= self.backlog.max(self.budget), true),
+                    None if tx.capacity() > 0 && state.bytes <= self.budget => (true, false),
+                    None if self.fall_behind(&mut state, tx) => (true, true),
                     None => (state.bytes <= self.budget, false),
                 }
             };
@@ -601,6 +728,84 @@ impl Overflow {
             // The timeout is a backstop: the wake-up is not missed (`drained` was made first).
             let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
         }
+    }
+
+    /// A queue slot for a producer's event to a live subscription; on the durable log, when the
+    /// queue filled meanwhile, the plugin falls behind instead (`Unreserved`: the event goes to
+    /// the log for its read-back). When it cannot (no backlog, the in-memory bus), the producer
+    /// waits for a slot; while a read-back ends (it may fall behind once it did), it looks again
+    /// every 10 ms.
+    async fn slot_for_a_producer(self: &Arc<Self>, tx: &mpsc::Sender<Delivery>) -> Slot {
+        let reserve = || async {
+            match tx.clone().reserve_owned().await {
+                Ok(permit) => Slot::Reserved(permit),
+                // Unsubscribed meanwhile, the event is no longer for it.
+                Err(_) => Slot::Closed,
+            }
+        };
+        if self.log.is_none() || self.backlog == 0 {
+            return reserve().await;
+        }
+        loop {
+            match tx.clone().try_reserve_owned() {
+                Ok(permit) => return Slot::Reserved(permit),
+                Err(mpsc::error::TrySendError::Closed(_)) => return Slot::Closed,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    let mut state = self.state.lock().expect("overflow poisoned");
+                    if state.intake.catching_up.is_some() || self.fall_behind(&mut state, tx) {
+                        return Slot::Unreserved;
+                    }
+                }
+            }
+            if let Ok(slot) = tokio::time::timeout(Duration::from_millis(10), reserve()).await {
+                return slot;
+            }
+        }
+    }
+
+    /// Makes a live subscription on the durable log fall behind: producers' events accepted for
+    /// it from now on (from the log's next sequence number) wait in the log, pending, and a
+    /// read-back of its own delivers them in order once its queue and overflow drain, then hands
+    /// over to live deliveries again, as after a restart (see [`Intake`]). What it took before,
+    /// in its queue or overflow, stays there; an event appended before and decided by its
+    /// producer later goes live (`Intake::late`: the read-back reads only from where it fell
+    /// behind). So a slow plugin never holds up its producers, and through them every other
+    /// plugin, until `flow.backlog_mib` of events wait in the log for it. `false` when it
+    /// cannot: no backlog allowed (`flow.backlog_mib = 0`), unsubscribed, or a read-back still
+    /// running (one that could not read the log let new events through live, and reads below
+    /// them).
+    fn fall_behind(self: &Arc<Self>, state: &mut OverflowState, tx: &mpsc::Sender<Delivery>) -> bool {
+        let Some(log) = &self.log else { return false };
+        if self.backlog == 0 || self.is_gone(tx) || state.intake.catching_up.is_some() {
+            return false;
+        }
+        if self.reading_back.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return false;
+        }
+        let since = log.next_seq_sent();
+        // Every event below `since` was marked before `since` was answered. Those from `read_to`
+        // on would go live; those below are a read-back's (one that ended may have read them
+        // before their producer looked), but for those still late from an earlier fall.
+        let live_from = state.intake.read_to.min(since);
+        let undecided = self.undecided.lock().expect("undecided poisoned");
+        let late = &mut state.intake.late;
+        late.retain(|seq| undecided.contains(seq));
+        late.extend(undecided.range(live_from..since));
+        drop(undecided);
+        state.intake.catching_up =
+            Some(CatchingUp { since, read_from: since, read_below: since, ..CatchingUp::default() });
+        if state.told_fell_behind.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            state.told_fell_behind = Some(Instant::now());
+            tracing::info!(plugin = %self.plugin, queued = tx.max_capacity() - tx.capacity(),
+                waiting_bytes = state.bytes,
+                "the plugin fell behind its producers: new events for it wait in the event log (up to its \
+                 flow.backlog_mib) and are read back in order as it drains; its producers and other plugins go on \
+                 (logged once a minute at most)");
+        }
+        let done = ReadBackDone(self.clone());
+        let load = Load { from: since, earlier: Vec::new(), fell_behind: true };
+        tokio::spawn(load.run(done, log.clone(), self.clone(), tx.clone(), self.plugin.clone()));
+        true
     }
 
     /// An event that will not be delivered to it after all (its subscription ended): if it was
@@ -631,6 +836,19 @@ impl Overflow {
                 self.drained.notify_waiters();
                 return;
             };
+            // Room in hand for the oldest waiting (see `room_in_hand`), holding the slot.
+            loop {
+                let released = self.released.notified();
+                tokio::pin!(released);
+                released.as_mut().enable();
+                self.pump_waits.store(true, Ordering::Release);
+                let front = self.state.lock().expect("overflow poisoned").events.front().map(|w| w.1);
+                if front.is_none_or(|cost| self.room_in_hand(cost)) || tx.is_closed() {
+                    break;
+                }
+                // The timeout is a backstop: the wake-up is not missed (`released` was made first).
+                let _ = tokio::time::timeout(Duration::from_secs(1), released).await;
+            }
             let mut state = self.state.lock().expect("overflow poisoned");
             let Some((event, cost, logged, publisher)) = state.events.pop_front() else {
                 state.pumping = false;
@@ -666,6 +884,9 @@ struct Load {
     /// until every delivery they took is gone (handled and settled, or handed back), and their
     /// acks are committed. Read before, what they still held is pending, and would run twice.
     earlier: Vec<std::sync::Weak<Overflow>>,
+    /// It reads what was left in the log for a live plugin that fell behind its producers
+    /// ([`Overflow::fall_behind`]), not what it is delivered again.
+    fell_behind: bool,
 }
 
 /// Events read from the log per page.
@@ -751,7 +972,7 @@ impl Load {
         drop(done);
     }
 
-    async fn load(self, log: Arc<DurableLog>, overflow: &Arc<Overflow>, tx: mpsc::Sender<Delivery>, plugin: Arc<str>) {
+    async fn load(&self, log: Arc<DurableLog>, overflow: &Arc<Overflow>, tx: mpsc::Sender<Delivery>, plugin: Arc<str>) {
         if !Self::after_earlier(&self.earlier, &log, overflow, &tx, &plugin).await {
             return;
         }
@@ -839,7 +1060,9 @@ impl Load {
                 }
             }
         }
-        if loaded > 0 {
+        if loaded > 0 && self.fell_behind {
+            tracing::debug!(plugin = %plugin, events = loaded, "caught up with what waited in the event log");
+        } else if loaded > 0 {
             tracing::info!(plugin = %plugin, events = loaded, "delivered again from the event log");
         }
     }
@@ -946,11 +1169,7 @@ impl EmbeddedBus {
                 slots.push(Slot::Unreserved);
                 continue;
             }
-            slots.push(match sub.tx.clone().reserve_owned().await {
-                Ok(permit) => Slot::Reserved(permit),
-                // Unsubscribed meanwhile, the event is no longer for it.
-                Err(_) => Slot::Closed,
-            });
+            slots.push(sub.overflow.slot_for_a_producer(&sub.tx).await);
         }
         slots
     }
@@ -966,12 +1185,16 @@ impl EmbeddedBus {
         // An event whose commit reported a failure after it landed is in the log all the same:
         // it is delivered now (not left for the next start), and its producer refused, since
         // nothing says it is on disk.
+        let _deciding;
         let (logged, refused, late) = match &self.log {
             None => (Logged(None), None, Vec::new()),
             Some(log) => {
-                let (sent, late) = self
-                    .send_to_log(&event, &targets, seen, |plugins| log.send(event.clone(), plugins, false))
+                let (sent, late, deciding) = self
+                    .send_to_log(&event, &targets, seen, |plugins, deciding| {
+                        log.send_marked(event.clone(), plugins, false, |seq| deciding.mark(seq))
+                    })
                     .map_err(|e| TransportError::Broker(e.to_string()))?;
+                _deciding = deciding;
                 match sent.landed().await {
                     Ok(Appended::At(seq)) => (Logged(Some(seq)), None, late),
                     Ok(Appended::Duplicate(_)) => return Ok(()),
@@ -984,14 +1207,9 @@ impl EmbeddedBus {
         // Those that joined after the targets were taken have no slot either.
         let late = late.iter().map(|sub| (sub, Slot::Unreserved));
         for (sub, slot) in targets.iter().zip(slots).chain(late) {
-            let slot = match slot {
-                Slot::Closed => continue,
-                Slot::Reserved(slot) if logged.0.is_none() => {
-                    slot.send(sub.overflow.delivery(event.clone(), logged));
-                    continue;
-                }
-                slot => slot,
-            };
+            if let Slot::Closed = slot {
+                continue;
+            }
             // Decided and sent under the overflow's lock: the read-back hands over to live
             // deliveries under it too, and they go behind what it read (or anything else) still
             // waiting there.
@@ -1017,13 +1235,16 @@ impl EmbeddedBus {
     /// an append sent before that is in its history, and one sent after has its pending row
     /// (with the targets taken alone, one whose producer took them before and appended after
     /// was in neither, lost to it).
+    ///
+    /// `send` marks the event undecided for each of them ([`Deciding::mark`], under the log's
+    /// append order); the [`Deciding`] returned unmarks it once dropped, after the decisions.
     fn send_to_log<T>(
         &self,
         event: &Event,
         targets: &[Arc<Sub>],
         seen: u64,
-        send: impl FnOnce(Vec<Arc<str>>) -> Result<T, LogError>,
-    ) -> Result<(T, Vec<Arc<Sub>>), LogError> {
+        send: impl FnOnce(Vec<Arc<str>>, &Deciding) -> Result<T, LogError>,
+    ) -> Result<(T, Vec<Arc<Sub>>, Deciding), LogError> {
         let table = self.table.read().expect("bus table poisoned");
         let late: Vec<Arc<Sub>> = if table.generation == seen {
             Vec::new()
@@ -1032,7 +1253,12 @@ impl EmbeddedBus {
             table.subs.iter().filter(|s| s.patterns.matches(&event.subject) && !targeted(s)).cloned().collect()
         };
         let plugins = targets.iter().chain(&late).map(|s| s.plugin.clone()).collect();
-        Ok((send(plugins)?, late))
+        let deciding = Deciding {
+            overflows: targets.iter().chain(&late).map(|s| s.overflow.clone()).collect(),
+            seq: std::sync::OnceLock::new(),
+        };
+        let sent = send(plugins, &deciding)?;
+        Ok((sent, late, deciding))
     }
 
     /// Appends an output that may be in the log already (a dead letter, or an output of an
@@ -1042,19 +1268,23 @@ impl EmbeddedBus {
         &self,
         event: &Arc<Event>,
         (targets, seen): (&[Arc<Sub>], u64),
-    ) -> Result<Option<(Logged, Vec<Arc<Sub>>)>, TransportError> {
-        let Some(log) = &self.log else { return Ok(Some((Logged(None), Vec::new()))) };
+    ) -> Result<Option<(Logged, Vec<Arc<Sub>>, Deciding)>, TransportError> {
+        let Some(log) = &self.log else {
+            return Ok(Some((Logged(None), Vec::new(), Deciding::default())));
+        };
         let mut wait = Duration::from_millis(50);
         // The sequence numbers of this output's tries answered failed.
         let mut failed_tries = Vec::new();
         loop {
-            let (sent, late): (SentAppend, _) = self
-                .send_to_log(event, targets, seen, |plugins| log.send(event.clone(), plugins, true))
+            let (sent, late, deciding): (SentAppend, _, _) = self
+                .send_to_log(event, targets, seen, |plugins, deciding| {
+                    log.send_marked(event.clone(), plugins, true, |seq| deciding.mark(seq))
+                })
                 .map_err(|e| TransportError::Broker(e.to_string()))?;
             match (sent.seq, sent.landed().await) {
                 // In the log, its commit standing: nobody outside waits for this one to be on disk.
                 (_, Ok(Appended::At(seq)) | Err(LogError::NotOnDisk { seq, .. })) => {
-                    return Ok(Some((Logged(Some(seq)), late)));
+                    return Ok(Some((Logged(Some(seq)), late, deciding)));
                 }
                 // The copy found is this output's own earlier try: its commit landed though it
                 // was answered failed (the look for that could not be made). It is delivered
@@ -1062,7 +1292,7 @@ impl EmbeddedBus {
                 // published (a run before, a replay) is not delivered again: it was, or is
                 // pending for its plugins and read back.
                 (_, Ok(Appended::Duplicate(first))) if failed_tries.contains(&first) => {
-                    return Ok(Some((Logged(Some(first)), late)));
+                    return Ok(Some((Logged(Some(first)), late, deciding)));
                 }
                 (_, Ok(Appended::Duplicate(_))) => return Ok(None),
                 // A failed write (a full disk): the output waits for the log to take it, as a
@@ -1098,14 +1328,16 @@ impl EmbeddedBus {
             // flooding plugin makes wait there for it.
             sub.overflow.check_room(&state, &sub.tx, publisher, true, cost)?;
         }
-        let (logged, late) = match &self.log {
+        let (logged, late, _deciding) = match &self.log {
             // Logged without waiting for the commit: the ack of its input is sent after it, so
             // it never commits before it.
             Some(log) if first_time_output => {
-                let (seq, late) = self
-                    .send_to_log(&event, &targets, seen, |plugins| log.append_nowait(event.clone(), plugins))
+                let (seq, late, deciding) = self
+                    .send_to_log(&event, &targets, seen, |plugins, deciding| {
+                        log.append_nowait_marked(event.clone(), plugins, |seq| deciding.mark(seq))
+                    })
                     .map_err(|e| TransportError::Broker(e.to_string()))?;
-                (Logged(Some(seq)), late)
+                (Logged(Some(seq)), late, deciding)
             }
             // A dead letter, or an output of an event run again after a restart: it may be in
             // the log already, and then it is not delivered again.
@@ -1409,7 +1641,7 @@ impl Transport for EmbeddedBus {
         let plugin: Arc<str> = spec.plugin.as_str().into();
         // On the durable log it starts catching up: what was accepted for it before it subscribed
         // and since is delivered from the log, in order, before anything goes to it live.
-        let overflow = Overflow::new(plugin.clone(), spec.buffer_bytes, self.log.clone());
+        let overflow = Overflow::new(plugin.clone(), spec.buffer_bytes, spec.backlog_bytes, self.log.clone());
         // In the table before it is registered and a new plugin's history is made pending: an
         // event whose producer finds it here, or whose append is sent after (`send_to_log`), is
         // pending for it too (left in the log while it catches up); one sent before is in the
@@ -1456,7 +1688,8 @@ impl Transport for EmbeddedBus {
             }
         }
         if let Some(log) = &self.log {
-            let held = HeldBack { load: Load { from: 0, earlier }, overflow, tx: tx.downgrade(), plugin };
+            let held =
+                HeldBack { load: Load { from: 0, earlier, fell_behind: false }, overflow, tx: tx.downgrade(), plugin };
             match self.held_back.lock().expect("held back poisoned").as_mut() {
                 Some(waiting) => waiting.push(held),
                 None => self.read_back(log, held),
@@ -1484,7 +1717,8 @@ impl Transport for EmbeddedBus {
             if waited_from.elapsed() >= REPLAY_WAITS_FOR_READ_BACK {
                 return Err(TransportError::Broker(format!(
                     "replay of {plugin}: the plugin is still reading back from the event log (what its last run left \
-                     unsettled, or a replay; a replay now would deliver some of it twice); try again once that is done"
+                     unsettled, a replay, or what waits for it there since it fell behind its producers; a replay now \
+                     would deliver some of it twice); try again once that is done"
                 )));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1516,7 +1750,7 @@ impl Transport for EmbeddedBus {
             // Everything pending from `read_from` on, in order: the history, what was pending
             // already (handed back, or decided late by its producer), then what was accepted
             // since. Read even when the backfill failed.
-            Load { from: read_from, earlier: Vec::new() }
+            Load { from: read_from, earlier: Vec::new(), fell_behind: false }
                 .run(done, log, sub.overflow.clone(), sub.tx.clone(), sub.plugin.clone())
                 .await;
         });
@@ -1578,6 +1812,9 @@ mod tests {
             group: "plugbus.p".into(),
             capacity,
             buffer_bytes: 1 << 20,
+            // Producers wait for a full queue (the in-memory bus's way), unless a test asks
+            // for a backlog.
+            backlog_bytes: 0,
             durable: None,
         }
     }
@@ -1758,8 +1995,9 @@ mod tests {
         assert_eq!(i, 4);
         assert!(matches!(e, TransportError::Full(_)), "{e}");
         assert!(e.to_string().contains("flow.buffer_mib"), "{e}");
+        // (the 4th waits behind roomy's queue until a delivery lets go of its room in hand)
         let mut got = 0;
-        while roomy.deliveries.try_recv().is_ok() {
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), roomy.deliveries.recv()).await {
             got += 1;
         }
         assert_eq!(got, 4, "the refused output reached no subscriber");
@@ -2587,7 +2825,7 @@ mod tests {
         for i in 0..20 {
             log.append_nowait(Arc::new(Event::new("a.x", format!("{i}"))), vec![]).unwrap();
         }
-        let overflow = Overflow::new("p".into(), 1 << 20, Some(log.clone()));
+        let overflow = Overflow::new("p".into(), 1 << 20, 0, Some(log.clone()));
         let live = |seq| Overflow::goes_live(&mut overflow.state.lock().unwrap(), Logged(Some(seq)));
         // caught up at 10: below was read back
         assert!(matches!(overflow.catch_up_at(10, None), CatchUp::Done));
@@ -2612,7 +2850,7 @@ mod tests {
         // it reads from the lower, and an event from there on accepted before the replay and
         // decided late is its (pending, read in its place), not live after the history.
         for (first, reads_from) in [(15, 10), (5, 5)] {
-            let replayed = Overflow::new("p".into(), 1 << 20, Some(log.clone()));
+            let replayed = Overflow::new("p".into(), 1 << 20, 0, Some(log.clone()));
             let live = |seq| Overflow::goes_live(&mut replayed.state.lock().unwrap(), Logged(Some(seq)));
             assert!(matches!(replayed.catch_up_at(10, None), CatchUp::Done));
             assert_eq!(replayed.catch_up_from_now(&log, first, 0), (21, reads_from));
@@ -2736,6 +2974,283 @@ mod tests {
         assert_eq!(live.event.subject, "a.new");
         let twice = tokio::time::timeout(Duration::from_millis(300), sub.deliveries.recv()).await;
         assert!(twice.is_err(), "delivered twice");
+    }
+
+    /// Subscribes `plugin` to `pattern` on `bus` with a queue of `capacity`, a buffer of
+    /// `buffer` bytes and a backlog of `backlog` bytes, and waits until it went live.
+    async fn live_sub(
+        bus: &EmbeddedBus,
+        plugin: &str,
+        pattern: &str,
+        (capacity, buffer, backlog): (usize, u64, u64),
+    ) -> Subscription {
+        let spec = SubscriptionSpec {
+            plugin: plugin.into(),
+            buffer_bytes: buffer,
+            backlog_bytes: backlog,
+            ..spec(&[pattern], capacity)
+        };
+        let sub = bus.subscribe(spec).await.unwrap();
+        let overflow = bus.table.read().unwrap().subs.iter().find(|s| &*s.plugin == plugin).unwrap().overflow.clone();
+        eventually_true(|| overflow.state.lock().unwrap().intake.catching_up.is_none()).await;
+        sub
+    }
+
+    /// Receives `n` deliveries (5 s each at most), acks them and answers their data.
+    async fn ack_n(sub: &mut Subscription, n: usize) -> Vec<String> {
+        let mut got = Vec::new();
+        for _ in 0..n {
+            let d = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await;
+            let d = d.unwrap_or_else(|_| panic!("only {} of {n} delivered: {got:?}", got.len())).unwrap();
+            got.push(String::from_utf8_lossy(&d.event.data).to_string());
+            d.acker.ack().await;
+        }
+        got
+    }
+
+    /// The attack: a plugin on `>` that never takes an event. Its queue fills, and every
+    /// producer used to wait for it, and so every other plugin starved. Now it falls behind:
+    /// what it has not room for waits in the log, and reaches it in order once it drains, then
+    /// it goes live again.
+    #[tokio::test]
+    async fn a_slow_plugin_falls_behind_into_the_log_and_holds_up_no_producer_or_other_plugin() {
+        const EVENTS: usize = 300;
+        let dir = tempfile::tempdir().unwrap();
+        let log = DurableLog::open(&dir.path().join("bus.redb"), super::super::log::SyncPolicy::None).unwrap();
+        let bus = EmbeddedBus::durable(log);
+        let mut slow = live_sub(&bus, "slow", ">", (2, 1 << 20, 1 << 30)).await;
+        let mut fast = live_sub(&bus, "fast", "a.>", (1024, 1 << 20, 1 << 30)).await;
+        let producer = {
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                for i in 0..EVENTS {
+                    bus.publish(Event::new("a.x", format!("{i:03}"))).await.unwrap();
+                }
+            })
+        };
+        let expected: Vec<String> = (0..EVENTS).map(|i| format!("{i:03}")).collect();
+        assert_eq!(ack_n(&mut fast, EVENTS).await, expected, "the other plugin got every event, in order");
+        tokio::time::timeout(Duration::from_secs(10), producer)
+            .await
+            .expect("the producer waited for a plugin that takes nothing")
+            .unwrap();
+        // (read back into its overflow as that has room: a buffer of 1 MiB holds them all)
+        let overflow = bus.table.read().unwrap().subs[0].overflow.clone();
+        assert_eq!(ack_n(&mut slow, EVENTS).await, expected, "the slow plugin got every event, in order");
+        // caught up, it takes new events live again
+        eventually_true(|| overflow.state.lock().unwrap().intake.catching_up.is_none()).await;
+        bus.publish(Event::new("a.x", "live")).await.unwrap();
+        assert_eq!(ack_n(&mut slow, 1).await, ["live"]);
+        assert_eq!(ack_n(&mut fast, 1).await, ["live"]);
+        assert!(slow.deliveries.try_recv().is_err(), "nothing delivered twice");
+    }
+
+    /// Appends `data` for `bus`'s targets as a producer does, and waits for its commit, without
+    /// deciding it yet: its sequence number, its targets and its mark.
+    async fn appended_undecided(
+        bus: &EmbeddedBus,
+        log: &DurableLog,
+        data: &str,
+    ) -> (Arc<Event>, u64, Vec<Arc<Sub>>, Deciding) {
+        let event = Arc::new(Event::new("a.x", data.to_string()));
+        let (targets, seen) = bus.targets(&event);
+        let (sent, _, deciding) = bus
+            .send_to_log(&event, &targets, seen, |plugins, deciding| {
+                log.send_marked(event.clone(), plugins, false, |seq| deciding.mark(seq))
+            })
+            .unwrap();
+        let Ok(Appended::At(seq)) = sent.landed().await else { panic!("not appended") };
+        (event, seq, targets, deciding)
+    }
+
+    /// Decides `event` at `seq` for `sub` as its producer does: live (taken) or the read-back's.
+    fn decide(sub: &Sub, event: &Arc<Event>, seq: u64) -> bool {
+        let mut state = sub.overflow.state.lock().unwrap();
+        let live = Overflow::goes_live(&mut state, Logged(Some(seq)));
+        if live {
+            sub.overflow.take(&mut state, &sub.tx, event, Publisher::Other, event.buffered_cost(), Logged(Some(seq)));
+        }
+        live
+    }
+
+    /// Makes the plugin on `sub` (a queue of 1) fall behind with two new events, reads them and
+    /// waits until it went live again.
+    async fn fall_behind_and_catch_up(bus: &EmbeddedBus, sub: &mut Subscription, overflow: &Overflow, tag: &str) {
+        bus.publish(Event::new("a.x", format!("{tag}1"))).await.unwrap();
+        bus.publish(Event::new("a.x", format!("{tag}2"))).await.unwrap();
+        assert_eq!(ack_n(sub, 2).await, [format!("{tag}1"), format!("{tag}2")]);
+        eventually_true(|| overflow.state.lock().unwrap().intake.catching_up.is_none()).await;
+    }
+
+    /// An event appended before its plugin fell behind and decided by its producer only after
+    /// the plugin's read-back caught up (once or twice) goes to it live: it used to be left to
+    /// the read-back that had ended (below where live deliveries began), delivered to nobody
+    /// until the next start. One its read-back read before its producer looked is not live at
+    /// the next fall (it ran twice).
+    #[tokio::test]
+    async fn an_event_decided_after_its_plugin_fell_behind_and_caught_up_is_delivered_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DurableLog::open(&dir.path().join("bus.redb"), super::super::log::SyncPolicy::None).unwrap();
+        let bus = EmbeddedBus::durable(log.clone());
+        // A buffer that holds one event: its read-back reads one at a time, as it drains.
+        let mut sub = live_sub(&bus, "p", "a.>", (1, 1024, 1 << 30)).await;
+        // A producer appends "late" and has yet to decide it ...
+        let (late, late_seq, targets, late_mark) = appended_undecided(&bus, &log, "late").await;
+        let overflow = targets[0].overflow.clone();
+        // ... while others fill the queue and make the plugin fall behind ...
+        for data in ["first", "second", "third", "fourth"] {
+            bus.publish(Event::new("a.x", data)).await.unwrap();
+        }
+        assert!(overflow.state.lock().unwrap().intake.catching_up.is_some(), "it fell behind");
+        // ... and another is appended, read back before its producer looks.
+        let (read, read_seq, _, read_mark) = appended_undecided(&bus, &log, "read").await;
+        assert_eq!(ack_n(&mut sub, 5).await, ["first", "second", "third", "fourth", "read"]);
+        eventually_true(|| overflow.state.lock().unwrap().intake.catching_up.is_none()).await;
+        // It falls behind and catches up again.
+        fall_behind_and_catch_up(&bus, &mut sub, &overflow, "again").await;
+        assert!(overflow.state.lock().unwrap().intake.read_to > read_seq);
+        // Decided now: the first goes live, the one read back does not.
+        assert!(decide(&targets[0], &late, late_seq), "left to a read-back that has ended");
+        assert!(!decide(&targets[0], &read, read_seq), "read back already: it would run twice");
+        drop((late_mark, read_mark));
+        assert_eq!(ack_n(&mut sub, 1).await, ["late"]);
+        assert!(tokio::time::timeout(Duration::from_millis(200), sub.deliveries.recv()).await.is_err());
+    }
+
+    /// With `flow.backlog_mib = 0` a plugin never falls behind: its producers wait for its
+    /// queue, as on the in-memory bus.
+    #[tokio::test]
+    async fn with_no_backlog_a_full_queue_holds_its_producers() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DurableLog::open(&dir.path().join("bus.redb"), super::super::log::SyncPolicy::None).unwrap();
+        let bus = EmbeddedBus::durable(log);
+        let mut sub = live_sub(&bus, "slow", "a.>", (2, 1 << 20, 0)).await;
+        let published = Arc::new(AtomicU64::new(0));
+        let producer = {
+            let (bus, published) = (bus.clone(), published.clone());
+            tokio::spawn(async move {
+                for i in 0..20 {
+                    bus.publish(Event::new("a.x", format!("{i:02}"))).await.unwrap();
+                    published.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(published.load(Ordering::Relaxed), 2, "a queue of 2 took more");
+        let expected: Vec<String> = (0..20).map(|i| format!("{i:02}")).collect();
+        assert_eq!(ack_n(&mut sub, 20).await, expected);
+        producer.await.unwrap();
+    }
+
+    /// Past `flow.backlog_mib` of producers' events waiting in the log for a plugin that fell
+    /// behind, its producers wait (backpressure), and nothing is lost.
+    #[tokio::test]
+    async fn producers_wait_once_a_fallen_behind_plugins_backlog_is_full() {
+        const BACKLOG: u64 = 256 << 10;
+        let dir = tempfile::tempdir().unwrap();
+        let log = DurableLog::open(&dir.path().join("bus.redb"), super::super::log::SyncPolicy::None).unwrap();
+        let bus = EmbeddedBus::durable(log);
+        let mut sub = live_sub(&bus, "slow", "a.>", (1, 64 << 10, BACKLOG)).await;
+        let published = Arc::new(AtomicU64::new(0));
+        let producer = {
+            let (bus, published) = (bus.clone(), published.clone());
+            let big = "x".repeat(64 << 10);
+            tokio::spawn(async move {
+                for i in 0..20 {
+                    bus.publish(Event::new("a.x", format!("{i:02}{big}"))).await.unwrap();
+                    published.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let taken = published.load(Ordering::Relaxed);
+        // one in the queue, one left uncharged (as many as the queue holds), four of 64 KiB,
+        // one past it
+        assert!((5..10).contains(&taken), "{taken} events of 64 KiB taken with a backlog of 256 KiB");
+        let got: Vec<String> = ack_n(&mut sub, 20).await.into_iter().map(|d| d[..2].to_string()).collect();
+        let expected: Vec<String> = (0..20).map(|i| format!("{i:02}")).collect();
+        assert_eq!(got, expected);
+        tokio::time::timeout(Duration::from_secs(5), producer).await.unwrap().unwrap();
+    }
+
+    /// Outputs to a plugin that fell behind its producers are bounded by its buffer apart from
+    /// the producers' backlog: another plugin's output is not refused (and dead-lettered under
+    /// that plugin's name) because the slow one has more than its buffer of producers' events
+    /// waiting.
+    #[tokio::test]
+    async fn a_fallen_behind_plugins_backlog_refuses_no_other_plugins_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DurableLog::open(&dir.path().join("bus.redb"), super::super::log::SyncPolicy::None).unwrap();
+        let bus = EmbeddedBus::durable(log);
+        let mut sub = live_sub(&bus, "slow", "a.>", (1, 64 << 10, 1 << 30)).await;
+        let big = "x".repeat(16 << 10);
+        for i in 0..40 {
+            let publish = bus.publish(Event::new("a.x", format!("{i:02}{big}")));
+            tokio::time::timeout(Duration::from_secs(5), publish).await.expect("a producer waited").unwrap();
+        }
+        let output = Event { source: "plugbus/other".into(), ..Event::new("a.out", "output") };
+        bus.publish_output(Arc::new(output)).await.expect("an output to a plugin whose producers' backlog is 640 KiB");
+        let got = ack_n(&mut sub, 41).await;
+        assert_eq!(got.last().map(String::as_str), Some("output"), "{:?}", &got[39..]);
+    }
+
+    /// The attack: large events to a plugin that takes every delivery and holds it (slow
+    /// handlers; deliveries admitted and waiting for their key or a retry). Its `flow.queue`
+    /// queued and `flow.queue` admitted deliveries of 1 MiB each were 2 GiB for one plugin. What
+    /// its deliveries hold in hand is now bounded by its buffer; the rest waits behind its queue
+    /// (bounded by the buffer too), in the log for one fallen behind, or in its producers.
+    #[tokio::test]
+    async fn what_a_plugins_deliveries_hold_is_bounded_by_its_buffer_not_its_queue() {
+        const BUFFER: u64 = 256 << 10;
+        const EVENTS: usize = 64;
+        for (durable, backlog) in [(false, 0), (true, 0), (true, 1 << 30)] {
+            let dir = tempfile::tempdir().unwrap();
+            let bus = match durable {
+                false => EmbeddedBus::new(),
+                true => EmbeddedBus::durable(
+                    DurableLog::open(&dir.path().join("bus.redb"), super::super::log::SyncPolicy::None).unwrap(),
+                ),
+            };
+            let mut sub = live_sub(&bus, "p", "a.>", (1024, BUFFER, backlog)).await;
+            let published = Arc::new(AtomicU64::new(0));
+            let producer = {
+                let (bus, published) = (bus.clone(), published.clone());
+                let data = "x".repeat(16 << 10);
+                tokio::spawn(async move {
+                    for i in 0..EVENTS {
+                        bus.publish(Event::new("a.x", format!("{i:02}{data}"))).await.unwrap();
+                        published.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            };
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut held = Vec::new();
+            while let Ok(d) = sub.deliveries.try_recv() {
+                held.push(d);
+            }
+            let bytes: u64 = held.iter().map(|d| d.event.buffered_cost()).sum();
+            let case = format!("durable {durable}, backlog {backlog}");
+            assert!(
+                bytes <= BUFFER + (17 << 10),
+                "{case}: {bytes} bytes held by deliveries in hand, past a buffer of {BUFFER}"
+            );
+            assert!(held.len() >= 8, "{case}: only {} delivered", held.len());
+            if backlog == 0 {
+                // in hand, and as much behind the queue, then its producer waits
+                let taken = published.load(Ordering::Relaxed);
+                assert!(taken < 40, "{case}: {taken} events of 16 KiB taken for a buffer of 256 KiB");
+            }
+            let mut got: Vec<String> = Vec::new();
+            for d in held {
+                got.push(String::from_utf8_lossy(&d.event.data[..2]).to_string());
+                d.acker.ack().await;
+            }
+            let rest = ack_n(&mut sub, EVENTS - got.len()).await;
+            got.extend(rest.into_iter().map(|d| d[..2].to_string()));
+            let expected: Vec<String> = (0..EVENTS).map(|i| format!("{i:02}")).collect();
+            assert_eq!(got, expected, "{case}");
+            tokio::time::timeout(Duration::from_secs(5), producer).await.unwrap().unwrap();
+        }
     }
 
     #[tokio::test]

@@ -724,9 +724,23 @@ impl DurableLog {
     /// finds it as a duplicate can tell its own earlier try (whose commit landed though it was
     /// answered failed) from a copy logged before by that number.
     pub fn send(&self, event: Arc<Event>, plugins: Vec<Arc<str>>, dedupe: bool) -> Result<SentAppend, LogError> {
+        self.send_marked(event, plugins, dedupe, |_| {})
+    }
+
+    /// Like [`DurableLog::send`]; `mark` is given the sequence number before any later append
+    /// gets one (and before [`DurableLog::next_seq_sent`] can answer past it).
+    pub fn send_marked(
+        &self,
+        event: Arc<Event>,
+        plugins: Vec<Arc<str>>,
+        dedupe: bool,
+        mark: impl FnOnce(u64),
+    ) -> Result<SentAppend, LogError> {
         let (done, wait) = oneshot::channel();
-        let seq =
-            self.send_append(|seq| Op::Append { seq, event, plugins, dedupe, done: Some(done), appended_ms: None })?;
+        let seq = self.send_append(|seq| {
+            mark(seq);
+            Op::Append { seq, event, plugins, dedupe, done: Some(done), appended_ms: None }
+        })?;
         Ok(SentAppend { seq, wait })
     }
 
@@ -736,11 +750,23 @@ impl DurableLog {
     ///
     /// Its bytes count as unwritten until a commit holds it: see [`DurableLog::room_for_outputs`].
     pub fn append_nowait(&self, event: Arc<Event>, plugins: Vec<Arc<str>>) -> Result<u64, LogError> {
+        self.append_nowait_marked(event, plugins, |_| {})
+    }
+
+    /// Like [`DurableLog::append_nowait`]; `mark` as for [`DurableLog::send_marked`].
+    pub fn append_nowait_marked(
+        &self,
+        event: Arc<Event>,
+        plugins: Vec<Arc<str>>,
+        mark: impl FnOnce(u64),
+    ) -> Result<u64, LogError> {
         // Counted before it is sent: the writer may commit it (and take it off) at once.
         let cost = append_cost(&event, &plugins);
         self.unwritten.add(cost);
-        let sent =
-            self.send_append(|seq| Op::Append { seq, event, plugins, dedupe: true, done: None, appended_ms: None });
+        let sent = self.send_append(|seq| {
+            mark(seq);
+            Op::Append { seq, event, plugins, dedupe: true, done: None, appended_ms: None }
+        });
         if sent.is_err() {
             self.unwritten.written(cost);
         }
@@ -2886,6 +2912,7 @@ pub(crate) mod tests {
             group: "plugbus.p".into(),
             capacity: 8,
             buffer_bytes: 1 << 20,
+            backlog_bytes: 1 << 30,
             durable: None,
         };
         let mut sub = bus.subscribe(spec).await.unwrap();
