@@ -193,15 +193,24 @@ impl Overflow {
     /// most its budget, or it is the only one. Without this bound its `flow.queue` queued and
     /// `flow.queue` admitted deliveries of 1 MiB each were 2 GiB held for one plugin.
     fn room_in_hand(&self, cost: u64) -> bool {
-        let held = self.held.load(Ordering::Acquire);
+        // SeqCst with `pump_waits`: the pump sets that, then looks here; `release` takes off
+        // here, then looks there. One of the two sees the other.
+        let held = self.held.load(Ordering::SeqCst);
         held == 0 || held + cost <= self.budget
+    }
+
+    /// Whether `event` (of `cost` bytes) may go into the queue now as far as room in hand goes:
+    /// a request always may (its requester may be a delivery of this plugin, holding room in
+    /// hand until the reply comes: waiting for that room would wait for itself).
+    fn room_for(&self, event: &Event, cost: u64) -> bool {
+        event.reply_to.is_some() || self.room_in_hand(cost)
     }
 
     /// A delivery went, giving back `held` bytes of room in hand; wakes the pump if it waits
     /// for that.
     fn release(&self, held: u64) {
-        self.held.fetch_sub(held, Ordering::AcqRel);
-        if self.pump_waits.swap(false, Ordering::AcqRel) {
+        self.held.fetch_sub(held, Ordering::SeqCst);
+        if self.pump_waits.swap(false, Ordering::SeqCst) {
             self.released.notify_waiters();
         }
     }
@@ -289,7 +298,7 @@ struct CatchingUp {
     /// what each counts against the budget (nothing for as many as its queue holds): the bound
     /// on what a flooding plugin makes wait in the log for one catching up, as the queue and
     /// overflow are for one live.
-    left: std::collections::HashMap<u64, (u64, Option<Arc<str>>)>,
+    left: std::collections::BTreeMap<u64, (u64, Option<Arc<str>>)>,
     /// Their sum.
     left_bytes: u64,
     /// Their sum by publishing plugin (the shares past the budget, as `OverflowState::by_plugin`).
@@ -319,11 +328,10 @@ impl CatchingUp {
     /// the count (read, or never logged: an output the log dropped as a duplicate).
     fn read_to(&mut self, read_below: u64) {
         self.read_below = self.read_below.max(read_below);
-        let read: Vec<u64> = self.left.keys().copied().filter(|seq| *seq < self.read_below).collect();
-        for seq in read {
-            if let Some((cost, publisher)) = self.left.remove(&seq) {
-                self.forget(cost, publisher);
-            }
+        // (Split off, not scanned: a backlog may hold millions, and this runs under the lock.)
+        let unread = self.left.split_off(&self.read_below);
+        for (cost, publisher) in std::mem::replace(&mut self.left, unread).into_values() {
+            self.forget(cost, publisher);
         }
     }
 
@@ -641,7 +649,7 @@ impl Overflow {
         cost: u64,
         logged: Logged,
     ) {
-        if state.events.is_empty() && self.room_in_hand(cost) {
+        if state.events.is_empty() && self.room_for(event, cost) {
             // Room first: the delivery is made only when it goes into the queue (making it takes
             // a read-back outbox, which a delivery thrown away would lose).
             match tx.try_reserve() {
@@ -680,7 +688,11 @@ impl Overflow {
     ) {
         let cost = event.buffered_cost();
         // No room in hand for the next one: the event waits behind, and the slot is given back.
-        if !self.room_in_hand(state.events.front().map_or(cost, |(_, c, _, _)| *c)) {
+        let room = match state.events.front() {
+            Some((first, first_cost, _, _)) => self.room_for(first, *first_cost),
+            None => self.room_for(event, cost),
+        };
+        if !room {
             let tx = slot.release();
             return self.wait_behind(state, &tx, (event.clone(), cost, logged, None));
         }
@@ -787,7 +799,8 @@ impl Overflow {
         // on would go live; those below are a read-back's (one that ended may have read them
         // before their producer looked), but for those still late from an earlier fall.
         let live_from = state.intake.read_to.min(since);
-        let undecided = self.undecided.lock().expect("undecided poisoned");
+        // (A poisoned lock is read all the same: a panic here would leave `reading_back` set.)
+        let undecided = self.undecided.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let late = &mut state.intake.late;
         late.retain(|seq| undecided.contains(seq));
         late.extend(undecided.range(live_from..since));
@@ -841,9 +854,12 @@ impl Overflow {
                 let released = self.released.notified();
                 tokio::pin!(released);
                 released.as_mut().enable();
-                self.pump_waits.store(true, Ordering::Release);
-                let front = self.state.lock().expect("overflow poisoned").events.front().map(|w| w.1);
-                if front.is_none_or(|cost| self.room_in_hand(cost)) || tx.is_closed() {
+                self.pump_waits.store(true, Ordering::SeqCst);
+                let room = match self.state.lock().expect("overflow poisoned").events.front() {
+                    Some((first, cost, _, _)) => self.room_for(first, *cost),
+                    None => true,
+                };
+                if room || tx.is_closed() {
                     break;
                 }
                 // The timeout is a backstop: the wake-up is not missed (`released` was made first).
@@ -1004,7 +1020,11 @@ impl Load {
             // be read (the log settled those), even a page of nothing else.
             // Up to half the buffer at a time (the other half is what may wait already).
             let page_bytes = overflow.budget / 2;
-            let read = log.unsettled_page(&plugin, from..overflow.read_back_end(), LOAD_PAGE, page_bytes);
+            let seqs = from..overflow.read_back_end();
+            let read = match self.fell_behind {
+                true => log.first_time_page(&plugin, seqs, LOAD_PAGE, page_bytes),
+                false => log.unsettled_page(&plugin, seqs, LOAD_PAGE, page_bytes),
+            };
             let (page, last) = match read.map(|page| (page.deliveries, page.last_seq)) {
                 Ok(page) => page,
                 // The log is reopening after a failed write: the same page again, shortly.
@@ -1055,7 +1075,7 @@ impl Load {
             }
             if let Some(c) = state.intake.catching_up.as_mut() {
                 c.read_to(from);
-                if c.left_bytes <= overflow.budget {
+                if c.left_bytes <= overflow.backlog.max(overflow.budget) {
                     overflow.drained.notify_waiters();
                 }
             }
@@ -1273,8 +1293,10 @@ impl EmbeddedBus {
             return Ok(Some((Logged(None), Vec::new(), Deciding::default())));
         };
         let mut wait = Duration::from_millis(50);
-        // The sequence numbers of this output's tries answered failed.
-        let mut failed_tries = Vec::new();
+        // The sequence numbers of this output's tries answered failed, with their marks: kept
+        // undecided until this output is (a plugin falling behind meanwhile takes one that
+        // landed live, see `Intake::late`).
+        let mut failed_tries: Vec<(u64, Deciding)> = Vec::new();
         loop {
             let (sent, late, deciding): (SentAppend, _, _) = self
                 .send_to_log(event, targets, seen, |plugins, deciding| {
@@ -1291,15 +1313,16 @@ impl EmbeddedBus {
                 // now rather than at the next start. A copy logged before this output was
                 // published (a run before, a replay) is not delivered again: it was, or is
                 // pending for its plugins and read back.
-                (_, Ok(Appended::Duplicate(first))) if failed_tries.contains(&first) => {
-                    return Ok(Some((Logged(Some(first)), late, deciding)));
+                (_, Ok(Appended::Duplicate(first))) if failed_tries.iter().any(|(seq, _)| *seq == first) => {
+                    let at = failed_tries.iter().position(|(seq, _)| *seq == first).expect("looked for above");
+                    return Ok(Some((Logged(Some(first)), late, failed_tries.swap_remove(at).1)));
                 }
                 (_, Ok(Appended::Duplicate(_))) => return Ok(None),
                 // A failed write (a full disk): the output waits for the log to take it, as a
                 // new one does past its bound. Refused, it would spend its tries and be
                 // dead-lettered (on the same full disk) with its input acked: lost.
                 (seq, Err(e @ LogError::Io { .. })) => {
-                    failed_tries.push(seq);
+                    failed_tries.push((seq, deciding));
                     if wait == Duration::from_millis(50) {
                         tracing::warn!(subject = %event.subject, event_id = %event.id,
                             "the event log cannot take an output now; trying again until it can: {e}");
@@ -3251,6 +3274,57 @@ mod tests {
             assert_eq!(got, expected, "{case}");
             tokio::time::timeout(Duration::from_secs(5), producer).await.unwrap().unwrap();
         }
+    }
+
+    /// What a plugin that fell behind reads back from the log is a first delivery: not marked
+    /// redelivered, so its outputs (and other plugins' outputs of the same event) are logged
+    /// without waiting for a commit each, as any first delivery's.
+    #[tokio::test]
+    async fn what_a_fallen_behind_plugin_reads_back_is_not_marked_redelivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DurableLog::open(&dir.path().join("bus.redb"), super::super::log::SyncPolicy::None).unwrap();
+        let bus = EmbeddedBus::durable(log.clone());
+        // A buffer of about one event: the read-back waits while an output waits behind the queue.
+        let mut sub = live_sub(&bus, "p", "a.>", (1, 1024, 1 << 30)).await;
+        let (first, second) = (Event::new("a.x", "first"), Event::new("a.x", "second"));
+        let second_id = second.id.clone();
+        bus.publish(first).await.unwrap();
+        bus.publish_output(Arc::new(Event::new("a.out", "output"))).await.unwrap();
+        bus.publish(second).await.unwrap();
+        let overflow = bus.table.read().unwrap().subs[0].overflow.clone();
+        assert!(overflow.state.lock().unwrap().intake.catching_up.is_some(), "it fell behind");
+        // (each let go as it comes: the next needs its room in hand)
+        let mut last = None;
+        for _ in 0..3 {
+            drop(last.take());
+            last = Some(tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await.unwrap().unwrap());
+        }
+        assert_eq!(last.as_ref().unwrap().event.id, second_id, "read back after the fall");
+        assert!(!log.was_redelivered(&second_id), "a first delivery read back after a fall counted as redelivered");
+    }
+
+    /// A request to a plugin whose deliveries in hand hold its buffer still reaches it: its
+    /// requester may be one of them (a plugin asking a subject it serves), which would wait for
+    /// itself.
+    #[tokio::test]
+    async fn a_request_is_not_held_back_by_room_in_hand() {
+        let bus = EmbeddedBus::new();
+        let mut sub = live_sub(&bus, "p", "a.>", (16, 64 << 10, 0)).await;
+        bus.publish(Event::new("a.big", vec![0u8; 60 << 10])).await.unwrap();
+        let big = sub.deliveries.recv().await.unwrap();
+        let asker = {
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                bus.request(Event::new("a.ask", vec![0u8; 8 << 10]), Duration::from_secs(5), false).await
+            })
+        };
+        let ask = tokio::time::timeout(Duration::from_secs(2), sub.deliveries.recv())
+            .await
+            .expect("the request waited for room its requester holds")
+            .unwrap();
+        bus.reply(ask.event.reply_to.as_deref().unwrap(), Event::new("answer", "yes")).await.unwrap();
+        assert_eq!(asker.await.unwrap().unwrap().data, "yes".as_bytes());
+        drop(big);
     }
 
     #[tokio::test]

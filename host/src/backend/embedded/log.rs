@@ -1052,7 +1052,9 @@ impl DurableLog {
         let r = self.store.get().map_err(|e| io(&e))?.begin_read().map_err(|e| io(&e))?;
         let events = r.open_table(ROWS).map_err(|e| io(&e))?;
         let outboxes = r.open_table(OUTBOX).map_err(|e| io(&e))?;
-        Ok(self.read_back(plugin, &events, &outboxes, seqs, false, u64::MAX)?.0)
+        let (out, _) = self.read_back(plugin, &events, &outboxes, seqs, false, u64::MAX)?;
+        self.mark_redelivered(plugin, &out);
+        Ok(out)
     }
 
     /// Reads back `plugin`'s deliveries of `seqs` from `rows` to run again. A record that cannot
@@ -1137,7 +1139,6 @@ impl DurableLog {
                 }
             }
         }
-        self.mark_redelivered(plugin, &out);
         Ok((out, looked))
     }
 
@@ -1258,6 +1259,31 @@ impl DurableLog {
         limit: usize,
         max_bytes: u64,
     ) -> Result<UnsettledPage, LogError> {
+        self.page(plugin, seqs, limit, max_bytes, true)
+    }
+
+    /// Like [`DurableLog::unsettled_page`], for deliveries never made before (what waited in
+    /// the log for a plugin that fell behind its producers, accepted in this run): not marked
+    /// redelivered, so their outputs are logged without waiting as any first delivery's
+    /// ([`DurableLog::was_redelivered`]), and other plugins' outputs of the same events too.
+    pub fn first_time_page(
+        &self,
+        plugin: &str,
+        seqs: std::ops::Range<u64>,
+        limit: usize,
+        max_bytes: u64,
+    ) -> Result<UnsettledPage, LogError> {
+        self.page(plugin, seqs, limit, max_bytes, false)
+    }
+
+    fn page(
+        &self,
+        plugin: &str,
+        seqs: std::ops::Range<u64>,
+        limit: usize,
+        max_bytes: u64,
+        redelivered: bool,
+    ) -> Result<UnsettledPage, LogError> {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
         #[cfg(test)]
         if tests::injected_read_failure(&self.path) {
@@ -1272,6 +1298,9 @@ impl DurableLog {
         }
         let outboxes = r.open_table(OUTBOX).map_err(|e| io(&e))?;
         let (deliveries, looked) = self.read_back(plugin, &events, &outboxes, &owed, true, max_bytes)?;
+        if redelivered {
+            self.mark_redelivered(plugin, &deliveries);
+        }
         Ok(UnsettledPage { deliveries, last_seq: owed[..looked].last().copied() })
     }
 }
