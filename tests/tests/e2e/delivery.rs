@@ -206,6 +206,12 @@ async fn a_slow_plugin_falls_behind_and_holds_up_no_producer_or_other_plugin() {
         slow_done < EVENTS / 2,
         "the slow plugin had handled {slow_done} of {EVENTS} when the other had all: the test lost its point"
     );
+    // a user sees it fall behind, and only it
+    let text = plugbus_tests::metrics_text(&t.url()).await;
+    let fell =
+        |plugin: &str| plugbus_tests::sample(&text, &format!("plugbus_fell_behind_total{{plugin=\"{plugin}\"}}"));
+    assert!(fell("faulty").is_some_and(|n| n >= 1.0), "{text}");
+    assert_eq!(fell("echo").unwrap_or(0.0), 0.0, "{text}");
     // and the slow plugin gets every one of them, none dead-lettered
     t.wait_counter("faulty", "ok", EVENTS).await;
     for _ in 0..EVENTS {

@@ -20,10 +20,13 @@
 
 use super::log::{Appended, DurableLog, LogError, SentAppend};
 use crate::event::Event;
+use crate::metrics::PluginLabels;
 use crate::rpc::{Replies, RequestError};
 use crate::subject::{PatternSet, validate_subject};
 use crate::transport::{Acker, Delivery, Subscription, SubscriptionSpec, Transport, TransportError};
 use async_trait::async_trait;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -246,6 +249,8 @@ struct Overflow {
     /// Events appended for the plugin whose producer or publisher has yet to decide whether
     /// they go to it live ([`Deciding`]): marked before a later append gets its sequence number.
     undecided: Mutex<std::collections::BTreeSet<u64>>,
+    /// `plugbus_fell_behind_total{plugin}`: how often it fell behind its producers.
+    fell_behind: Counter,
     /// Set by the pump while it waits for room in hand; woken through `released`.
     pump_waits: std::sync::atomic::AtomicBool,
     released: tokio::sync::Notify,
@@ -435,7 +440,13 @@ impl OverflowState {
 
 impl Overflow {
     /// A subscription's overflow; on the durable log it starts catching up (see [`Intake`]).
-    fn new(plugin: Arc<str>, budget: u64, backlog: u64, log: Option<Arc<DurableLog>>) -> Arc<Self> {
+    fn new(
+        plugin: Arc<str>,
+        budget: u64,
+        backlog: u64,
+        log: Option<Arc<DurableLog>>,
+        fell_behind: Counter,
+    ) -> Arc<Self> {
         let catching_up = log.is_some().then(CatchingUp::default);
         let intake = Intake { catching_up, ..Intake::default() };
         Arc::new(Self {
@@ -450,6 +461,7 @@ impl Overflow {
             in_hand: 0.into(),
             held: 0.into(),
             undecided: Mutex::default(),
+            fell_behind,
             pump_waits: false.into(),
             released: tokio::sync::Notify::new(),
         })
@@ -807,6 +819,7 @@ impl Overflow {
         drop(undecided);
         state.intake.catching_up =
             Some(CatchingUp { since, read_from: since, read_below: since, ..CatchingUp::default() });
+        self.fell_behind.inc();
         if state.told_fell_behind.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
             state.told_fell_behind = Some(Instant::now());
             tracing::info!(plugin = %self.plugin, queued = tx.max_capacity() - tx.capacity(),
@@ -1114,6 +1127,8 @@ pub struct EmbeddedBus {
     observer_misses: Arc<AtomicU64>,
     /// Where accepted events are kept until every plugin settled them (`None`: in memory only).
     log: Option<Arc<DurableLog>>,
+    /// `plugbus_fell_behind_total{plugin}` (see [`Overflow::fall_behind`]).
+    fell_behind: Family<PluginLabels, Counter>,
     /// Requests waiting for a reply, by the reply token they carry.
     replies: Arc<Replies>,
     /// Until the host has subscribed every plugin it loaded at start
@@ -1653,6 +1668,11 @@ impl Transport for EmbeddedBus {
     fn register_metrics(&self, registry: &mut crate::metrics::Registry) {
         if let Some(log) = &self.log {
             log.metrics().register(registry);
+            registry.register(
+                "fell_behind",
+                "Times a plugin's queue was full and it fell behind its producers: new events for it waited in the event log (flow.backlog_mib) instead of holding up its producers",
+                self.fell_behind.clone(),
+            );
         }
     }
 
@@ -1664,7 +1684,9 @@ impl Transport for EmbeddedBus {
         let plugin: Arc<str> = spec.plugin.as_str().into();
         // On the durable log it starts catching up: what was accepted for it before it subscribed
         // and since is delivered from the log, in order, before anything goes to it live.
-        let overflow = Overflow::new(plugin.clone(), spec.buffer_bytes, spec.backlog_bytes, self.log.clone());
+        let fell_behind = self.fell_behind.get_or_create(&PluginLabels { plugin: spec.plugin.clone() }).clone();
+        let overflow =
+            Overflow::new(plugin.clone(), spec.buffer_bytes, spec.backlog_bytes, self.log.clone(), fell_behind);
         // In the table before it is registered and a new plugin's history is made pending: an
         // event whose producer finds it here, or whose append is sent after (`send_to_log`), is
         // pending for it too (left in the log while it catches up); one sent before is in the
@@ -2848,7 +2870,7 @@ mod tests {
         for i in 0..20 {
             log.append_nowait(Arc::new(Event::new("a.x", format!("{i}"))), vec![]).unwrap();
         }
-        let overflow = Overflow::new("p".into(), 1 << 20, 0, Some(log.clone()));
+        let overflow = Overflow::new("p".into(), 1 << 20, 0, Some(log.clone()), Counter::default());
         let live = |seq| Overflow::goes_live(&mut overflow.state.lock().unwrap(), Logged(Some(seq)));
         // caught up at 10: below was read back
         assert!(matches!(overflow.catch_up_at(10, None), CatchUp::Done));
@@ -2873,7 +2895,7 @@ mod tests {
         // it reads from the lower, and an event from there on accepted before the replay and
         // decided late is its (pending, read in its place), not live after the history.
         for (first, reads_from) in [(15, 10), (5, 5)] {
-            let replayed = Overflow::new("p".into(), 1 << 20, 0, Some(log.clone()));
+            let replayed = Overflow::new("p".into(), 1 << 20, 0, Some(log.clone()), Counter::default());
             let live = |seq| Overflow::goes_live(&mut replayed.state.lock().unwrap(), Logged(Some(seq)));
             assert!(matches!(replayed.catch_up_at(10, None), CatchUp::Done));
             assert_eq!(replayed.catch_up_from_now(&log, first, 0), (21, reads_from));
