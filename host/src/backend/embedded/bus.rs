@@ -18,7 +18,7 @@
 //! twice the bound in all): a plugin flooding another's buffer is refused alone. Observers (the
 //! live tail) never slow the bus: they miss events instead, and the miss is counted and logged.
 
-use super::log::{Appended, DurableLog, LogError, SentAppend};
+use super::log::{Appended, Delivered, DurableLog, LogError, SentAppend};
 use crate::event::Event;
 use crate::metrics::PluginLabels;
 use crate::rpc::{Replies, RequestError};
@@ -1034,10 +1034,8 @@ impl Load {
             // Up to half the buffer at a time (the other half is what may wait already).
             let page_bytes = overflow.budget / 2;
             let seqs = from..overflow.read_back_end();
-            let read = match self.fell_behind {
-                true => log.first_time_page(&plugin, seqs, LOAD_PAGE, page_bytes),
-                false => log.unsettled_page(&plugin, seqs, LOAD_PAGE, page_bytes),
-            };
+            let delivered = if self.fell_behind { Delivered::First } else { Delivered::Again };
+            let read = log.unsettled_page(&plugin, seqs, LOAD_PAGE, page_bytes, delivered);
             let (page, last) = match read.map(|page| (page.deliveries, page.last_seq)) {
                 Ok(page) => page,
                 // The log is reopening after a failed write: the same page again, shortly.
@@ -1328,11 +1326,12 @@ impl EmbeddedBus {
                 // now rather than at the next start. A copy logged before this output was
                 // published (a run before, a replay) is not delivered again: it was, or is
                 // pending for its plugins and read back.
-                (_, Ok(Appended::Duplicate(first))) if failed_tries.iter().any(|(seq, _)| *seq == first) => {
-                    let at = failed_tries.iter().position(|(seq, _)| *seq == first).expect("looked for above");
-                    return Ok(Some((Logged(Some(first)), late, failed_tries.swap_remove(at).1)));
+                (_, Ok(Appended::Duplicate(first))) => {
+                    return Ok(failed_tries
+                        .iter()
+                        .position(|(seq, _)| *seq == first)
+                        .map(|at| (Logged(Some(first)), late, failed_tries.swap_remove(at).1)));
                 }
-                (_, Ok(Appended::Duplicate(_))) => return Ok(None),
                 // A failed write (a full disk): the output waits for the log to take it, as a
                 // new one does past its bound. Refused, it would spend its tries and be
                 // dead-lettered (on the same full disk) with its input acked: lost.
@@ -3041,6 +3040,21 @@ mod tests {
         sub
     }
 
+    /// A producer publishing `n` events on `a.x` one after another, each's data its number (two
+    /// digits) and `padding` bytes: how many it published so far, and its task.
+    fn counted_producer(bus: &EmbeddedBus, n: usize, padding: usize) -> (Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
+        let (bus, published) = (bus.clone(), Arc::new(AtomicU64::new(0)));
+        let counted = published.clone();
+        let producer = tokio::spawn(async move {
+            let pad = "x".repeat(padding);
+            for i in 0..n {
+                bus.publish(Event::new("a.x", format!("{i:02}{pad}"))).await.unwrap();
+                counted.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        (published, producer)
+    }
+
     /// Receives `n` deliveries (5 s each at most), acks them and answers their data.
     async fn ack_n(sub: &mut Subscription, n: usize) -> Vec<String> {
         let mut got = Vec::new();
@@ -3170,16 +3184,7 @@ mod tests {
         let log = DurableLog::open(&dir.path().join("bus.redb"), super::super::log::SyncPolicy::None).unwrap();
         let bus = EmbeddedBus::durable(log);
         let mut sub = live_sub(&bus, "slow", "a.>", (2, 1 << 20, 0)).await;
-        let published = Arc::new(AtomicU64::new(0));
-        let producer = {
-            let (bus, published) = (bus.clone(), published.clone());
-            tokio::spawn(async move {
-                for i in 0..20 {
-                    bus.publish(Event::new("a.x", format!("{i:02}"))).await.unwrap();
-                    published.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        };
+        let (published, producer) = counted_producer(&bus, 20, 0);
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(published.load(Ordering::Relaxed), 2, "a queue of 2 took more");
         let expected: Vec<String> = (0..20).map(|i| format!("{i:02}")).collect();
@@ -3196,17 +3201,7 @@ mod tests {
         let log = DurableLog::open(&dir.path().join("bus.redb"), super::super::log::SyncPolicy::None).unwrap();
         let bus = EmbeddedBus::durable(log);
         let mut sub = live_sub(&bus, "slow", "a.>", (1, 64 << 10, BACKLOG)).await;
-        let published = Arc::new(AtomicU64::new(0));
-        let producer = {
-            let (bus, published) = (bus.clone(), published.clone());
-            let big = "x".repeat(64 << 10);
-            tokio::spawn(async move {
-                for i in 0..20 {
-                    bus.publish(Event::new("a.x", format!("{i:02}{big}"))).await.unwrap();
-                    published.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        };
+        let (published, producer) = counted_producer(&bus, 20, 64 << 10);
         tokio::time::sleep(Duration::from_millis(500)).await;
         let taken = published.load(Ordering::Relaxed);
         // one in the queue, one left uncharged (as many as the queue holds), four of 64 KiB,
@@ -3257,17 +3252,7 @@ mod tests {
                 ),
             };
             let mut sub = live_sub(&bus, "p", "a.>", (1024, BUFFER, backlog)).await;
-            let published = Arc::new(AtomicU64::new(0));
-            let producer = {
-                let (bus, published) = (bus.clone(), published.clone());
-                let data = "x".repeat(16 << 10);
-                tokio::spawn(async move {
-                    for i in 0..EVENTS {
-                        bus.publish(Event::new("a.x", format!("{i:02}{data}"))).await.unwrap();
-                        published.fetch_add(1, Ordering::Relaxed);
-                    }
-                })
-            };
+            let (published, producer) = counted_producer(&bus, EVENTS, 16 << 10);
             tokio::time::sleep(Duration::from_millis(300)).await;
             let mut held = Vec::new();
             while let Ok(d) = sub.deliveries.try_recv() {

@@ -1247,42 +1247,20 @@ impl DurableLog {
 
     /// The deliveries of `plugin` not settled yet, oldest first.
     pub fn unsettled(&self, plugin: &str) -> Result<Vec<Unsettled>, LogError> {
-        Ok(self.unsettled_page(plugin, 0..u64::MAX, usize::MAX, u64::MAX)?.deliveries)
+        Ok(self.unsettled_page(plugin, 0..u64::MAX, usize::MAX, u64::MAX, Delivered::Again)?.deliveries)
     }
 
     /// Up to `limit` of the deliveries of `plugin` not settled yet with sequence numbers in
-    /// `seqs`, fewer once what was read holds `max_bytes` (at least one).
+    /// `seqs`, fewer once what was read holds `max_bytes` (at least one). `delivered` says
+    /// whether they were delivered before ([`Delivered::Again`]: marked redelivered, their
+    /// outputs may be in the log already) or not ([`Delivered::First`]).
     pub fn unsettled_page(
         &self,
         plugin: &str,
         seqs: std::ops::Range<u64>,
         limit: usize,
         max_bytes: u64,
-    ) -> Result<UnsettledPage, LogError> {
-        self.page(plugin, seqs, limit, max_bytes, true)
-    }
-
-    /// Like [`DurableLog::unsettled_page`], for deliveries never made before (what waited in
-    /// the log for a plugin that fell behind its producers, accepted in this run): not marked
-    /// redelivered, so their outputs are logged without waiting as any first delivery's
-    /// ([`DurableLog::was_redelivered`]), and other plugins' outputs of the same events too.
-    pub fn first_time_page(
-        &self,
-        plugin: &str,
-        seqs: std::ops::Range<u64>,
-        limit: usize,
-        max_bytes: u64,
-    ) -> Result<UnsettledPage, LogError> {
-        self.page(plugin, seqs, limit, max_bytes, false)
-    }
-
-    fn page(
-        &self,
-        plugin: &str,
-        seqs: std::ops::Range<u64>,
-        limit: usize,
-        max_bytes: u64,
-        redelivered: bool,
+        delivered: Delivered,
     ) -> Result<UnsettledPage, LogError> {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
         #[cfg(test)]
@@ -1298,11 +1276,23 @@ impl DurableLog {
         }
         let outboxes = r.open_table(OUTBOX).map_err(|e| io(&e))?;
         let (deliveries, looked) = self.read_back(plugin, &events, &outboxes, &owed, true, max_bytes)?;
-        if redelivered {
+        if delivered == Delivered::Again {
             self.mark_redelivered(plugin, &deliveries);
         }
         Ok(UnsettledPage { deliveries, last_seq: owed[..looked].last().copied() })
     }
+}
+
+/// Whether deliveries read back from the log were delivered before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// Maybe (what the last run left, a replay's history): marked redelivered
+    /// ([`DurableLog::was_redelivered`]), their outputs deduplicated against the log.
+    Again,
+    /// Never: what waited in the log for a plugin that fell behind its producers, accepted in
+    /// this run. Their outputs, and other plugins' outputs of the same events, are logged
+    /// without waiting, as any first delivery's.
+    First,
 }
 
 /// A page of a plugin's unsettled deliveries read back.
@@ -2874,7 +2864,7 @@ pub(crate) mod tests {
         })
         .await;
         let log = reopen(&path, Retention::default()).await;
-        let page = log.unsettled_page("p", 0..u64::MAX, 100, u64::MAX).unwrap();
+        let page = log.unsettled_page("p", 0..u64::MAX, 100, u64::MAX, Delivered::Again).unwrap();
         let read: Vec<(u64, Option<usize>)> =
             page.deliveries.iter().map(|u| (u.seq, u.handled.as_ref().map(Vec::len))).collect();
         // The damaged one is not run (its kv writes committed): left pending, not settled, counted.
@@ -2888,8 +2878,12 @@ pub(crate) mod tests {
         log.ack(p.clone(), kept);
         log.ack(p.clone(), plain);
         log.sync().await.unwrap();
-        let left: Vec<u64> =
-            log.unsettled_page("p", 0..u64::MAX, 100, u64::MAX).unwrap().last_seq.into_iter().collect();
+        let left: Vec<u64> = log
+            .unsettled_page("p", 0..u64::MAX, 100, u64::MAX, Delivered::Again)
+            .unwrap()
+            .last_seq
+            .into_iter()
+            .collect();
         assert_eq!(left, vec![damaged], "the delivery with the damaged outbox stays pending");
     }
 
@@ -2956,7 +2950,7 @@ pub(crate) mod tests {
         let seqs = |log: &DurableLog| log.unsettled("p").unwrap().iter().map(|u| u.seq).collect::<Vec<_>>();
         assert_eq!(seqs(&log), vec![1, 3], "the damaged delivery is settled, the others are not");
         assert_eq!(log.metrics().damaged_records.get(), 1, "settled once, not again at every read");
-        let pending = log.unsettled_page("p", 0..u64::MAX, 10, u64::MAX).unwrap();
+        let pending = log.unsettled_page("p", 0..u64::MAX, 10, u64::MAX, Delivered::Again).unwrap();
         assert_eq!(pending.last_seq, Some(4), "a damaged delivery whose outputs are kept stays pending");
         assert!(log.outbox("p", 4).unwrap().is_some(), "and so do its outputs");
         // A replay skips the damaged rows (before, one failed the whole commit).
@@ -3464,7 +3458,7 @@ pub(crate) mod tests {
         assert!(log.unsettled("p").unwrap().is_empty(), "a newer record is not run");
         log.sync().await.unwrap();
         assert_eq!(log.metrics().damaged_records.get(), 0);
-        let page = log.unsettled_page("p", 0..2, 10, u64::MAX).unwrap();
+        let page = log.unsettled_page("p", 0..2, 10, u64::MAX, Delivered::Again).unwrap();
         assert!(page.deliveries.is_empty());
         assert_eq!(page.last_seq, Some(1), "still pending, and the read goes on past it");
     }
