@@ -242,6 +242,10 @@ struct Overflow {
     /// that (it would make pending again what the read-back has yet to read, and both would
     /// deliver it).
     reading_back: std::sync::atomic::AtomicBool,
+    /// A replay waiting to take the read-back over ([`ReadBackDone`] hands it over as it ends;
+    /// the read-back of a plugin that fell behind ends early for it, see
+    /// [`Overflow::taken_over`]).
+    take_over: Mutex<Option<tokio::sync::oneshot::Sender<ReadBackDone>>>,
     /// Deliveries of logged events made and not gone yet (in the queue, or taken by the worker).
     in_hand: std::sync::atomic::AtomicUsize,
     /// Bytes the deliveries made and not gone yet hold ([`Overflow::room_in_hand`]).
@@ -455,6 +459,7 @@ impl Overflow {
             backlog,
             plugin,
             reading_back: log.is_some().into(),
+            take_over: Mutex::default(),
             log,
             drained: tokio::sync::Notify::new(),
             unsubscribed: false.into(),
@@ -552,15 +557,16 @@ impl Overflow {
         let mut state = self.state.lock().expect("overflow poisoned");
         let since = log.next_seq_sent();
         let intake = &mut state.intake;
-        let mut read_from = first.min(intake.read_to).min(since);
-        if let Some(c) = &intake.catching_up {
-            read_from = read_from.min(c.read_from);
-        }
+        // Still catching up (a replay took over the read-back of a plugin that fell behind, see
+        // `Overflow::taken_over`): what is left in the log for it stays counted, and is read.
+        let earlier = intake.catching_up.take();
+        let read_from = first.min(intake.read_to).min(since).min(earlier.as_ref().map_or(u64::MAX, |c| c.read_from));
         // Its read-back reads those from where it reads on (they are pending); those below still go
         // live when decided.
         intake.late.retain(|seq| *seq < read_from);
         // Nothing below where it reads from is left to it.
-        intake.catching_up = Some(CatchingUp { since, read_from, read_below: read_from, ..CatchingUp::default() });
+        intake.catching_up =
+            Some(CatchingUp { since, read_from, read_below: read_from, ..earlier.unwrap_or_default() });
         // What the plugin took before now and settles from now on stays pending in the history.
         state.replay_holds = Some((first..since, since_ms));
         (since, read_from)
@@ -898,6 +904,50 @@ impl Overflow {
     fn waiting(&self) -> usize {
         self.state.lock().expect("overflow poisoned").events.len()
     }
+
+    /// Whether a replay waits to take over a read-back of what was left in the log for the
+    /// plugin since it fell behind, which then ends where it is, still catching up (see
+    /// [`ReadBackDone`]): it may run as long as the plugin stays behind, and a replay must not
+    /// wait for that. (Not once it stopped catching up: the replay would not read what it had
+    /// yet to read below where live deliveries began.)
+    fn taken_over(&self) -> bool {
+        self.take_over.lock().expect("take-over poisoned").as_ref().is_some_and(|replay| !replay.is_closed())
+            && self.state.lock().expect("overflow poisoned").intake.catching_up.is_some()
+    }
+
+    /// The read-back, for a replay of the plugin: at once when none runs, else when the one
+    /// running ends, or (one of what waits in the log since it fell behind) as soon as it is
+    /// between pages; refused after [`REPLAY_WAITS_FOR_READ_BACK`] (another read-back may still
+    /// run: of what the last run left, or another replay's).
+    async fn read_back_for_a_replay(self: &Arc<Self>, plugin: &str) -> Result<ReadBackDone, TransportError> {
+        let started = || self.reading_back.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        if started() {
+            return Ok(ReadBackDone(self.clone()));
+        }
+        let (to, mut handed) = tokio::sync::oneshot::channel();
+        *self.take_over.lock().expect("take-over poisoned") = Some(to);
+        // A read-back waiting for room looks again now.
+        self.drained.notify_waiters();
+        let deadline = tokio::time::Instant::now() + REPLAY_WAITS_FOR_READ_BACK;
+        loop {
+            match tokio::time::timeout(Duration::from_millis(10), &mut handed).await {
+                Ok(Ok(done)) => return Ok(done),
+                // Another replay took its place.
+                Ok(Err(_)) => break,
+                // Ended before it looked for a replay waiting.
+                Err(_) if started() => {
+                    self.take_over.lock().expect("take-over poisoned").take();
+                    return Ok(ReadBackDone(self.clone()));
+                }
+                Err(_) if tokio::time::Instant::now() >= deadline => break,
+                Err(_) => {}
+            }
+        }
+        Err(TransportError::Broker(format!(
+            "replay of {plugin}: the plugin is still reading back from the event log (what its last run left \
+             unsettled, or a replay; a replay now would deliver some of it twice); try again once that is done"
+        )))
+    }
 }
 
 /// A subscription's read-back: deliveries read from the log into its overflow in the log's
@@ -938,11 +988,19 @@ const CATCH_UP_WHILE_FAILING: Duration = Duration::from_secs(2);
 /// Ends a subscription's read-back however it ends (a panic included): new events live (left
 /// to the log, they would wait for the next start, as do those it left there unread), then
 /// `reading_back` cleared (a flag left set would refuse every replay of the plugin; cleared
-/// first, a replay could begin catching up and be ended here).
+/// first, a replay could begin catching up and be ended here). With a replay waiting to take
+/// it over ([`Overflow::take_over`]), it is handed over instead, still catching up: the
+/// replay's read-back reads what this one left, and ends it. (A replay gone meanwhile drops
+/// what it was handed, which ends it.)
 struct ReadBackDone(Arc<Overflow>);
 
 impl Drop for ReadBackDone {
     fn drop(&mut self) {
+        let take_over = self.0.take_over.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(replay) = take_over {
+            let _ = replay.send(ReadBackDone(self.0.clone()));
+            return;
+        }
         self.0.stop_catching_up(0);
         self.0.reading_back.store(false, Ordering::Release);
     }
@@ -1020,13 +1078,14 @@ impl Load {
                 if overflow.state.lock().expect("overflow poisoned").bytes <= overflow.budget / 2 {
                     break;
                 }
-                if overflow.is_gone(&tx) {
+                if overflow.is_gone(&tx) || self.fell_behind && overflow.taken_over() {
                     return;
                 }
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drained).await;
             }
             // Unsubscribed: the rest is left pending for the next subscription, which reads it.
-            if overflow.is_gone(&tx) {
+            // Taken over: the replay's read-back reads it.
+            if overflow.is_gone(&tx) || self.fell_behind && overflow.taken_over() {
                 return;
             }
             // A page's last looked-at sequence number: pages go on past records that could not
@@ -1756,18 +1815,7 @@ impl Transport for EmbeddedBus {
             sub.ok_or_else(|| TransportError::Closed(format!("replay: no plugin named {plugin} is subscribed")))?;
         // One read-back at a time: a plugin just subscribed reads back what its last run left
         // (usually at once), and a replay's read-back may still run.
-        let waited_from = std::time::Instant::now();
-        while sub.overflow.reading_back.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err() {
-            if waited_from.elapsed() >= REPLAY_WAITS_FOR_READ_BACK {
-                return Err(TransportError::Broker(format!(
-                    "replay of {plugin}: the plugin is still reading back from the event log (what its last run left \
-                     unsettled, a replay, or what waits for it there since it fell behind its producers; a replay now \
-                     would deliver some of it twice); try again once that is done"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let done = ReadBackDone(sub.overflow.clone());
+        let done = sub.overflow.read_back_for_a_replay(plugin).await?;
         // In a task of its own, so a caller that goes away (an HTTP client hanging up) cannot
         // leave the plugin catching up with no read-back.
         let (log, made) = (log.clone(), tokio::sync::oneshot::channel());
@@ -3174,6 +3222,75 @@ mod tests {
         drop((late_mark, read_mark));
         assert_eq!(ack_n(&mut sub, 1).await, ["late"]);
         assert!(tokio::time::timeout(Duration::from_millis(200), sub.deliveries.recv()).await.is_err());
+    }
+
+    /// Makes the plugin on `sub` (a queue of 1, a buffer of 1 KiB, which its read-back reads
+    /// into half a page at a time) fall behind with `n` events it does not take, so its
+    /// read-back of what waits in the log keeps running: their data, and the sequence number of
+    /// each.
+    async fn keep_behind(bus: &EmbeddedBus, log: &DurableLog, overflow: &Overflow, n: usize) -> Vec<(String, u64)> {
+        let mut published = Vec::new();
+        for i in 0..n {
+            let data = format!("{i:02}");
+            published.push((data.clone(), log.next_seq_sent()));
+            bus.publish(Event::new("a.x", data)).await.unwrap();
+        }
+        assert!(overflow.state.lock().unwrap().intake.catching_up.is_some(), "it fell behind");
+        assert!(overflow.reading_back.load(Ordering::Acquire), "its read-back runs");
+        published
+    }
+
+    /// Takes and acks everything until quiet, and checks it against a replay from `first` begun
+    /// while the plugin was behind: what it held then (in order, from the oldest), then every
+    /// event not taken before it, or from `first` on, each once and in order, then `after`.
+    async fn check_replayed_behind(sub: &mut Subscription, published: &[(String, u64)], first: u64, after: &str) {
+        let got = ack_until_quiet(sub).await;
+        // What it held then: at least the one in its queue, at most what its buffer holds.
+        let expected = |held: usize| {
+            let mut expected: Vec<String> = published[..held].iter().map(|(d, _)| d.clone()).collect();
+            let again = published.iter().enumerate().filter(|(i, (_, seq))| *i >= held || *seq >= first);
+            expected.extend(again.map(|(_, (d, _))| d.clone()));
+            expected.push(after.to_string());
+            expected
+        };
+        assert!(
+            (1..=10).any(|held| got == expected(held)),
+            "not the replay's history and what waited in the log, each once and in order: {got:?}"
+        );
+    }
+
+    /// A plugin that keeps falling behind its producers has a read-back running for as long as
+    /// it is behind; a replay used to be refused after 2 s ("still reading back"), so a plugin
+    /// that is always behind could never be replayed. Now the replay takes that read-back over:
+    /// it reads from where the fallen-behind one read, so what waited in the log for the plugin
+    /// is delivered once, in order, with the history (from before it fell behind, or from
+    /// within what waited).
+    #[tokio::test]
+    async fn a_replay_takes_over_the_read_back_of_a_plugin_that_fell_behind() {
+        for from_within_the_backlog in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let log = DurableLog::open(&dir.path().join("bus.redb"), super::super::log::SyncPolicy::None).unwrap();
+            let bus = EmbeddedBus::durable(log.clone());
+            let mut sub = live_sub(&bus, "p", "a.>", (1, 1024, 1 << 30)).await;
+            let overflow = bus.table.read().unwrap().subs[0].overflow.clone();
+            let published = keep_behind(&bus, &log, &overflow, 40).await;
+            let first = if from_within_the_backlog { published[30].1 } else { 0 };
+            let replayed = tokio::time::timeout(
+                Duration::from_secs(10),
+                bus.replay("p", crate::transport::ReplayFrom::Seq(first)),
+            )
+            .await
+            .expect("the replay waited for a read-back that runs as long as the plugin is behind");
+            let replayed = replayed.unwrap_or_else(|e| panic!("replay from {first}: {e}"));
+            assert_eq!(replayed, published.iter().filter(|(_, seq)| *seq >= first).count());
+            // Accepted after the replay began: after its history.
+            bus.publish(Event::new("a.x", "after")).await.unwrap();
+            check_replayed_behind(&mut sub, &published, first, "after").await;
+            // Caught up, it goes live again.
+            eventually_true(|| overflow.state.lock().unwrap().intake.catching_up.is_none()).await;
+            bus.publish(Event::new("a.x", "live")).await.unwrap();
+            assert_eq!(ack_n(&mut sub, 1).await, ["live"]);
+        }
     }
 
     /// With `flow.backlog_mib = 0` a plugin never falls behind: its producers wait for its
