@@ -27,8 +27,10 @@ use tokio::task::JoinHandle;
 pub struct Flow {
     /// Handlers running at once in the sandbox (kv commits and output publishes wait outside it).
     pub concurrency: usize,
-    /// Deliveries taken but not settled (queued in lanes, backing off, running) before the
-    /// transport is paused for this plugin.
+    /// Deliveries taken but not settled (backing off, running) before the transport is paused
+    /// for this plugin. An ordering key's lane takes one, however many of its deliveries wait
+    /// in it behind the one running (those are bounded, with every delivery the plugin holds,
+    /// by `buffer_mib` in bytes): a key whose event backs off never holds up the other keys.
     pub queue: usize,
     /// MiB of handlers' outputs (its own included) that may wait for this plugin beyond a full
     /// queue on the embedded bus. Outputs never wait for a queue (a cycle through the bus would
@@ -400,9 +402,14 @@ fn ordering_key(rules: &[OrderRule], event: &Event) -> Option<String> {
     }
 }
 
-type LaneItem = (Delivery, usize, OwnedSemaphorePermit);
+/// A delivery in an ordering lane, with its ticket of the plugin's stats.
+type LaneItem = (Delivery, usize);
 
-/// Keys being worked on, with the deliveries waiting behind the one running.
+/// Keys being worked on, with the deliveries waiting behind the one running. A lane holds one
+/// admission permit, that of the delivery that opened it, until it closes: what waits behind
+/// its key's running delivery holds no slot of `flow.queue` (so one key backing off, or a hot
+/// key, never takes the slots every other key needs), only its bytes in the transport's
+/// bound on what the plugin's deliveries hold (`flow.buffer_mib`).
 #[derive(Default)]
 struct Lanes(Mutex<HashMap<String, VecDeque<LaneItem>>>);
 
@@ -467,8 +474,9 @@ async fn run_worker(rt: Arc<PluginRuntime>, mut subscription: Subscription, flow
                 });
             }
             Some(key) => {
-                if let Some(first) = lanes.enqueue(&key, (delivery, ticket, admit)) {
-                    tokio::spawn(run_lane(rt.clone(), lanes.clone(), key, first));
+                // Behind its key's running delivery, it holds no permit: `admit` goes back.
+                if let Some(first) = lanes.enqueue(&key, (delivery, ticket)) {
+                    tokio::spawn(run_lane(rt.clone(), lanes.clone(), key, first, admit));
                 }
             }
         }
@@ -478,21 +486,23 @@ async fn run_worker(rt: Arc<PluginRuntime>, mut subscription: Subscription, flow
     let _all = admission.acquire_many(capacity as u32).await;
 }
 
-/// Runs one key's deliveries strictly one after another, retries included.
-async fn run_lane(rt: Arc<PluginRuntime>, lanes: Arc<Lanes>, key: String, first: LaneItem) {
-    let mut rt = Some(rt);
+/// Runs one key's deliveries strictly one after another, retries included, holding the
+/// permit of the delivery that opened the lane until it closes.
+async fn run_lane(
+    rt: Arc<PluginRuntime>,
+    lanes: Arc<Lanes>,
+    key: String,
+    first: LaneItem,
+    admit: OwnedSemaphorePermit,
+) {
     let mut item = Some(first);
-    while let Some((delivery, ticket, admit)) = item.take() {
-        let runtime = rt.as_ref().expect("held until the last item");
+    while let Some((delivery, ticket)) = item.take() {
         // Retries wait here, holding the lane: the key's later events must not overtake.
-        dispatch::deliver(runtime, delivery, RetryIn::Host).await;
-        runtime.stats.settle(ticket);
+        dispatch::deliver(&rt, delivery, RetryIn::Host).await;
+        rt.stats.settle(ticket);
         item = lanes.next(&key);
-        if item.is_none() {
-            // The last item of the lane: let go of the plugin before the permit.
-            rt = None;
-        }
-        drop(admit);
     }
+    // The lane is closed: let go of the plugin before the permit.
     drop(rt);
+    drop(admit);
 }
