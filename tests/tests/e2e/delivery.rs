@@ -247,11 +247,23 @@ async fn a_slow_plugin_falls_behind_and_holds_up_no_producer_or_other_plugin() {
         |plugin: &str| plugbus_tests::sample(&text, &format!("plugbus_fell_behind_total{{plugin=\"{plugin}\"}}"));
     assert!(fell("faulty").is_some_and(|n| n >= 1.0), "{text}");
     assert_eq!(fell("echo").unwrap_or(0.0), 0.0, "{text}");
+    // ... and how much waits for it beyond its queue (in the log, or read back behind the queue)
+    let waiting = |text: &str, plugin: &str| {
+        let events = plugbus_tests::sample(text, &format!("plugbus_waiting_events{{plugin=\"{plugin}\"}}"));
+        let bytes = plugbus_tests::sample(text, &format!("plugbus_waiting_bytes{{plugin=\"{plugin}\"}}"));
+        (events.unwrap_or_else(|| panic!("no waiting events for {plugin}: {text}")), bytes.unwrap())
+    };
+    let (events, bytes) = waiting(&text, "faulty");
+    // (as many as its queue holds are charged nothing in the log, as they would be in the queue)
+    assert!(events >= 10.0 && bytes >= (events - 2.0) * 512.0, "{events} events ({bytes} bytes) waiting: {text}");
+    assert_eq!(waiting(&text, "echo"), (0.0, 0.0), "{text}");
     // and the slow plugin gets every one of them, none dead-lettered
     t.wait_counter("faulty", "ok", EVENTS).await;
     for _ in 0..EVENTS {
         slow_outputs.next_on("faulty.out.slow").await;
     }
+    let text = plugbus_tests::metrics_text(&t.url()).await;
+    assert_eq!(waiting(&text, "faulty"), (0.0, 0.0), "{text}");
     assert_eq!(t.counter("faulty", "received"), EVENTS);
     assert_eq!(t.counter("faulty", "dead_lettered"), 0);
 }

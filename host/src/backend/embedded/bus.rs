@@ -1196,6 +1196,56 @@ pub struct EmbeddedBus {
     held_back: Arc<Mutex<Option<Vec<HeldBack>>>>,
 }
 
+/// `plugbus_waiting_events{plugin}` and `plugbus_waiting_bytes{plugin}`, read at each scrape:
+/// what waits for each plugin beyond its queue, in its overflow and, while it catches up (it
+/// fell behind, or reads back after a start or a replay), in the event log, as charged against
+/// `flow.buffer_mib` and `flow.backlog_mib` (in the log, as many as its queue holds are charged
+/// nothing, as in the queue). Summed by plugin (a reload's old and new subscriptions).
+struct WaitingGauges(Arc<RwLock<Table>>);
+
+impl std::fmt::Debug for WaitingGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WaitingGauges")
+    }
+}
+
+impl prometheus_client::collector::Collector for WaitingGauges {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use prometheus_client::encoding::EncodeMetric;
+        let mut by_plugin: std::collections::BTreeMap<Arc<str>, [u64; 2]> = Default::default();
+        for sub in &self.0.read().expect("bus table poisoned").subs {
+            let state = sub.overflow.state.lock().expect("overflow poisoned");
+            let [events, bytes] = by_plugin.entry(sub.plugin.clone()).or_default();
+            *events += state.events.len() as u64;
+            *bytes += state.bytes;
+            if let Some(c) = &state.intake.catching_up {
+                *events += c.left.len() as u64;
+                *bytes += c.left_bytes;
+            }
+        }
+        let gauges = [
+            (
+                "waiting_events",
+                "Events waiting for a plugin beyond its queue: behind it in memory, and in the event log while it catches up (it fell behind its producers, or reads back after a start or a replay)",
+            ),
+            (
+                "waiting_bytes",
+                "Bytes of the events waiting for a plugin beyond its queue (plugbus_waiting_events), as charged against flow.buffer_mib and flow.backlog_mib",
+            ),
+        ];
+        for (i, (name, help)) in gauges.into_iter().enumerate() {
+            let mut family =
+                encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
+            for (plugin, values) in &by_plugin {
+                let labels = PluginLabels { plugin: plugin.to_string() };
+                let gauge = prometheus_client::metrics::gauge::ConstGauge::new(values[i] as i64);
+                gauge.encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A subscription's read-back of what the last run left, waiting for the start to end. (Its
 /// queue is held weakly: a start that fails drops it with the subscription.)
 struct HeldBack {
@@ -1724,6 +1774,7 @@ impl Transport for EmbeddedBus {
     }
 
     fn register_metrics(&self, registry: &mut crate::metrics::Registry) {
+        registry.register_collector(Box::new(WaitingGauges(self.table.clone())));
         if let Some(log) = &self.log {
             log.metrics().register(registry);
             registry.register(
