@@ -28,9 +28,11 @@ pub struct Flow {
     /// Handlers running at once in the sandbox (kv commits and output publishes wait outside it).
     pub concurrency: usize,
     /// Deliveries taken but not settled (backing off, running) before the transport is paused
-    /// for this plugin. An ordering key's lane takes one, however many of its deliveries wait
-    /// in it behind the one running (those are bounded, with every delivery the plugin holds,
-    /// by `buffer_mib` in bytes): a key whose event backs off never holds up the other keys.
+    /// for this plugin. An ordering key's lane takes one, whatever waits in it behind its
+    /// running delivery: up to [`LANE_WAITING_PER_QUEUE`] times as many wait in the plugin's
+    /// lanes apart (a request waiting there keeps a slot of its own), so one key whose event
+    /// runs long or backs off holds up the other keys only once that many of its events wait
+    /// behind it, or `buffer_mib` of bytes.
     pub queue: usize,
     /// MiB of handlers' outputs (its own included) that may wait for this plugin beyond a full
     /// queue on the embedded bus. Outputs never wait for a queue (a cycle through the bus would
@@ -402,14 +404,25 @@ fn ordering_key(rules: &[OrderRule], event: &Event) -> Option<String> {
     }
 }
 
-/// A delivery in an ordering lane, with its ticket of the plugin's stats.
-type LaneItem = (Delivery, usize);
+/// How many deliveries may wait in a plugin's ordering lanes behind their keys' running ones,
+/// per slot of `flow.queue`. So a plugin holds at most 4 × `flow.queue` deliveries (its
+/// transport queue, those admitted, those in lanes): on JetStream, four hosts of a plugin at the
+/// default `flow.queue` stay under its consumer's `max_ack_pending` (20,000), and the in-progress
+/// acks for what they hold stay in proportion.
+pub const LANE_WAITING_PER_QUEUE: usize = 2;
+
+/// A delivery in an ordering lane, with its ticket of the plugin's stats and what it holds
+/// while it waits there: a permit of the plugin's lanes' own bound (`LANE_WAITING_PER_QUEUE`
+/// × `flow.queue`), or for a request, its admission permit.
+type LaneItem = (Delivery, usize, OwnedSemaphorePermit);
 
 /// Keys being worked on, with the deliveries waiting behind the one running. A lane holds one
 /// admission permit, that of the delivery that opened it, until it closes: what waits behind
-/// its key's running delivery holds no slot of `flow.queue` (so one key backing off, or a hot
-/// key, never takes the slots every other key needs), only its bytes in the transport's
-/// bound on what the plugin's deliveries hold (`flow.buffer_mib`).
+/// its key's running delivery holds no slot of `flow.queue`, so one key whose event runs long
+/// or backs off (a poison event, a hot key) does not take the slots every other key needs.
+/// What waits is bounded apart: in count by the lanes' own permits, in bytes with every
+/// delivery the plugin holds (`flow.buffer_mib`). A request is not bounded in bytes (its
+/// requester may be one of those deliveries): it keeps its admission permit.
 #[derive(Default)]
 struct Lanes(Mutex<HashMap<String, VecDeque<LaneItem>>>);
 
@@ -429,6 +442,11 @@ impl Lanes {
         }
     }
 
+    /// Whether `key`'s lane is open (a delivery of the key is running or backing off).
+    fn is_open(&self, key: &str) -> bool {
+        self.0.lock().expect("lanes poisoned").contains_key(key)
+    }
+
     /// The next item of the lane, or `None` (and the lane closes).
     fn next(&self, key: &str) -> Option<LaneItem> {
         let mut lanes = self.0.lock().expect("lanes poisoned");
@@ -444,6 +462,7 @@ async fn run_worker(rt: Arc<PluginRuntime>, mut subscription: Subscription, flow
     let capacity = flow.queue.max(1);
     let admission = Arc::new(Semaphore::new(capacity));
     let lanes = Arc::new(Lanes::default());
+    let lanes_room = Arc::new(Semaphore::new(capacity.saturating_mul(LANE_WAITING_PER_QUEUE)));
     // The order rules of the version serving, with its swap count when they were read.
     let mut rules_for: Option<(u64, Vec<OrderRule>)> = None;
     loop {
@@ -474,9 +493,20 @@ async fn run_worker(rt: Arc<PluginRuntime>, mut subscription: Subscription, flow
                 });
             }
             Some(key) => {
-                // Behind its key's running delivery, it holds no permit: `admit` goes back.
-                if let Some(first) = lanes.enqueue(&key, (delivery, ticket)) {
-                    tokio::spawn(run_lane(rt.clone(), lanes.clone(), key, first, admit));
+                // Behind its key's running delivery, it waits with a permit of the lanes' own
+                // bound and `admit` goes back (the worker waits for one, holding `admit`, when
+                // they are all taken); a request keeps `admit`. (Only the worker opens a lane:
+                // one found open may close meanwhile, and this one then opens it again.)
+                let (permit, admit) = if lanes.is_open(&key) && delivery.event.reply_to.is_none() {
+                    let Ok(room) = lanes_room.clone().acquire_owned().await else { break };
+                    (room, Some(admit))
+                } else {
+                    (admit, None)
+                };
+                if let Some((delivery, ticket, permit)) = lanes.enqueue(&key, (delivery, ticket, permit)) {
+                    // It opens the lane, which holds an admission permit until it closes.
+                    let lane_permit = admit.unwrap_or(permit);
+                    tokio::spawn(run_lane(rt.clone(), lanes.clone(), key, (delivery, ticket), lane_permit));
                 }
             }
         }
@@ -492,15 +522,17 @@ async fn run_lane(
     rt: Arc<PluginRuntime>,
     lanes: Arc<Lanes>,
     key: String,
-    first: LaneItem,
+    (delivery, ticket): (Delivery, usize),
     admit: OwnedSemaphorePermit,
 ) {
-    let mut item = Some(first);
-    while let Some((delivery, ticket)) = item.take() {
+    let mut item = Some((delivery, ticket, None));
+    while let Some((delivery, ticket, waited_with)) = item.take() {
         // Retries wait here, holding the lane: the key's later events must not overtake.
         dispatch::deliver(&rt, delivery, RetryIn::Host).await;
         rt.stats.settle(ticket);
-        item = lanes.next(&key);
+        // (What it waited with goes back once it is done: the lanes' bound counts it until then.)
+        drop(waited_with);
+        item = lanes.next(&key).map(|(delivery, ticket, permit)| (delivery, ticket, Some(permit)));
     }
     // The lane is closed: let go of the plugin before the permit.
     drop(rt);

@@ -185,20 +185,22 @@ async fn order_per_key_holds_across_retries_while_keys_run_in_parallel() {
 /// The attack: one key's event runs long or backs off (a poison event), with many events of
 /// its key behind it. Those wait behind it, as they must; they used to wait holding the
 /// plugin's admission (one slot each of `flow.queue`), so once they filled it, no other key's
-/// event ran until the hot key's first was done. A lane now holds one slot,
-/// whatever waits in it (bounded in bytes by `flow.buffer_mib`, with every delivery the plugin
-/// holds): the other keys run meanwhile.
+/// event ran until the hot key's first was done. A lane now holds one slot of `flow.queue`,
+/// whatever waits in it; up to `LANE_WAITING_PER_QUEUE` × `flow.queue` may wait in the lanes
+/// apart: the other keys run meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_hot_key_holds_up_no_other_key() {
+    const QUEUE: usize = 4;
     let t = TestHost::start_with(&["faulty"], |c| {
-        c.flow = Flow { concurrency: 4, queue: 4, ..Flow::default() };
+        c.flow = Flow { concurrency: 4, queue: QUEUE, ..Flow::default() };
     })
     .await;
     let mut seen = t.observe(&["faulty.out.step"]).await;
     let step = |seq: u64, delay: u64| serde_json::json!({ "seq": seq, "delay": delay }).to_string();
-    // The hot key's first runs for 1.5 s (a backoff's wait is random: this is not); 20 more of
-    // that key wait behind it.
-    for seq in 0..21 {
+    // The hot key's first runs for 1.5 s (a backoff's wait is random: this is not); as many
+    // more of that key as the lanes may hold wait behind it.
+    let hot = 1 + plugbus::router::LANE_WAITING_PER_QUEUE * QUEUE;
+    for seq in 0..hot as u64 {
         let event = plugbus::Event::new("faulty.step", step(seq, if seq == 0 { 1500 } else { 0 }));
         t.host.publish(event.with_header("key", "hot")).await.unwrap();
     }
@@ -206,8 +208,16 @@ async fn a_slow_hot_key_holds_up_no_other_key() {
         let event = plugbus::Event::new("faulty.step", step(seq, 0));
         t.host.publish(event.with_header("key", format!("cold{seq}"))).await.unwrap();
     }
+    // More of the hot key than the lanes may hold: they wait in the transport, not in the host.
+    for seq in hot as u64..hot as u64 + 10 {
+        let event = plugbus::Event::new("faulty.step", step(seq, 0));
+        t.host.publish(event.with_header("key", "hot")).await.unwrap();
+    }
+    let most = (QUEUE * (1 + plugbus::router::LANE_WAITING_PER_QUEUE)) as u64;
+    let pending = t.counter("faulty", "pending");
+    assert!(pending <= most, "{pending} deliveries held, {most} at most");
     let mut keys = Vec::new();
-    for _ in 0..31 {
+    for _ in 0..hot + 20 {
         let out = seen.next_on("faulty.out.step").await;
         let v: serde_json::Value = serde_json::from_slice(&out.data).unwrap();
         keys.push(v["key"].as_str().unwrap().to_string());
@@ -215,6 +225,31 @@ async fn a_slow_hot_key_holds_up_no_other_key() {
     let first_hot = keys.iter().position(|k| k == "hot").unwrap();
     assert_eq!(first_hot, 10, "the other keys waited for the hot key's slow event: {keys:?}");
     assert_eq!(t.counter("faulty", "dead_lettered"), 0);
+}
+
+/// The attack on a lane that holds no slot for what waits in it: requests skip the bound on
+/// bytes in hand (their requester may be one of those deliveries), so requests on a stalled
+/// key, each given up by its requester at once, would pile up in its lane without bound. A
+/// request waiting in a lane keeps its slot of `flow.queue`: they stay bounded in count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_given_up_behind_a_stalled_key_stay_bounded_by_the_queue() {
+    const QUEUE: u64 = 4;
+    let t = TestHost::start_with(&["faulty"], |c| {
+        c.flow = Flow { concurrency: 4, queue: QUEUE as usize, ..Flow::default() };
+    })
+    .await;
+    let slow = serde_json::json!({ "seq": 0, "delay": 3000 }).to_string();
+    t.host.publish(plugbus::Event::new("faulty.step", slow).with_header("key", "hot")).await.unwrap();
+    t.wait_counter("faulty", "in_flight", 1).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/request/faulty.step?timeout=20ms", t.url());
+    let step = serde_json::json!({ "seq": 1, "delay": 0 }).to_string();
+    for _ in 0..40 {
+        let answer = http.post(&url).header("ce-key", "hot").body(step.clone()).send().await.unwrap();
+        assert!(!answer.status().is_success(), "a request behind a stalled key was answered");
+    }
+    let pending = t.counter("faulty", "pending");
+    assert!(pending <= 2 * QUEUE, "{pending} deliveries held behind a stalled key with a queue of {QUEUE}");
 }
 
 /// The attack: a slow plugin (300 ms an event, one at a time, a queue of 2). Once its queue
