@@ -915,10 +915,20 @@ impl Overflow {
             && self.state.lock().expect("overflow poisoned").intake.catching_up.is_some()
     }
 
+    /// Hands the read-back to the replay waiting to take it over; `Err` (it is given back) when
+    /// none waits any more.
+    fn hand_over(&self, done: ReadBackDone) -> Result<(), ReadBackDone> {
+        match self.take_over.lock().expect("take-over poisoned").take() {
+            Some(replay) => replay.send(done),
+            None => Err(done),
+        }
+    }
+
     /// The read-back, for a replay of the plugin: at once when none runs, else when the one
     /// running ends, or (one of what waits in the log since it fell behind) as soon as it is
     /// between pages; refused after [`REPLAY_WAITS_FOR_READ_BACK`] (another read-back may still
-    /// run: of what the last run left, or another replay's).
+    /// run: of what the last run left, or another replay's). Called from a task no client can
+    /// cancel: one handed over is never dropped unread.
     async fn read_back_for_a_replay(self: &Arc<Self>, plugin: &str) -> Result<ReadBackDone, TransportError> {
         let started = || self.reading_back.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok();
         if started() {
@@ -939,7 +949,14 @@ impl Overflow {
                     self.take_over.lock().expect("take-over poisoned").take();
                     return Ok(ReadBackDone(self.clone()));
                 }
-                Err(_) if tokio::time::Instant::now() >= deadline => break,
+                Err(_) if tokio::time::Instant::now() >= deadline => {
+                    // None can be handed over from now on; one handed over already is taken.
+                    handed.close();
+                    if let Ok(done) = handed.try_recv() {
+                        return Ok(done);
+                    }
+                    break;
+                }
                 Err(_) => {}
             }
         }
@@ -1046,22 +1063,38 @@ impl Load {
         true
     }
 
-    /// Reads back; the read-back (marked before) ends with `done`, however it ends.
+    /// Reads back; the read-back (marked before) ends with `done`, however it ends, or is handed
+    /// over with it to a replay that takes it over ([`Overflow::taken_over`]). A replay gone
+    /// before it took it leaves it reading on from where it stopped: what it had yet to read
+    /// must not wait for the next start while newer events overtake it.
     async fn run(
-        self,
-        done: ReadBackDone,
+        mut self,
+        mut done: ReadBackDone,
         log: Arc<DurableLog>,
         overflow: Arc<Overflow>,
         tx: mpsc::Sender<Delivery>,
         plugin: Arc<str>,
     ) {
-        self.load(log, &overflow, tx, plugin).await;
+        while let Some(stopped_at) = self.load(log.clone(), &overflow, tx.clone(), plugin.clone()).await {
+            match overflow.hand_over(done) {
+                Ok(()) => return,
+                Err(back) => (done, self.from) = (back, stopped_at),
+            }
+        }
         drop(done);
     }
 
-    async fn load(&self, log: Arc<DurableLog>, overflow: &Arc<Overflow>, tx: mpsc::Sender<Delivery>, plugin: Arc<str>) {
+    /// Reads back until caught up (or unsubscribed, or the log fails for good): `None`; or, for
+    /// a plugin that fell behind, until a replay waits to take it over: where it stopped.
+    async fn load(
+        &self,
+        log: Arc<DurableLog>,
+        overflow: &Arc<Overflow>,
+        tx: mpsc::Sender<Delivery>,
+        plugin: Arc<str>,
+    ) -> Option<u64> {
         if !Self::after_earlier(&self.earlier, &log, overflow, &tx, &plugin).await {
-            return;
+            return None;
         }
         let (mut from, mut loaded, mut retry_in) = (self.from, 0usize, Duration::from_secs(1));
         // Events left to the log up to here were committed before the last read (see `catch_up_at`).
@@ -1078,15 +1111,21 @@ impl Load {
                 if overflow.state.lock().expect("overflow poisoned").bytes <= overflow.budget / 2 {
                     break;
                 }
-                if overflow.is_gone(&tx) || self.fell_behind && overflow.taken_over() {
-                    return;
+                if overflow.is_gone(&tx) {
+                    return None;
+                }
+                if self.fell_behind && overflow.taken_over() {
+                    return Some(from);
                 }
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drained).await;
             }
             // Unsubscribed: the rest is left pending for the next subscription, which reads it.
             // Taken over: the replay's read-back reads it.
-            if overflow.is_gone(&tx) || self.fell_behind && overflow.taken_over() {
-                return;
+            if overflow.is_gone(&tx) {
+                return None;
+            }
+            if self.fell_behind && overflow.taken_over() {
+                return Some(from);
             }
             // A page's last looked-at sequence number: pages go on past records that could not
             // be read (the log settled those), even a page of nothing else.
@@ -1108,7 +1147,7 @@ impl Load {
                     overflow.stop_catching_up(from);
                     tracing::error!(plugin = %plugin,
                         "reading deliveries back from the event log: {e}; what was not read runs at the next start");
-                    return;
+                    return None;
                 }
             };
             // Reads and commits going again: the failure is over. (An empty read alone says nothing
@@ -1120,7 +1159,7 @@ impl Load {
                 from = last + 1;
             } else {
                 if overflow.is_gone(&tx) {
-                    return;
+                    return None;
                 }
                 // Nothing more to read: caught up, or not yet.
                 let CatchUp::Uncommitted(skipped) = overflow.catch_up_at(from, committed) else { break };
@@ -1155,6 +1194,7 @@ impl Load {
         } else if loaded > 0 {
             tracing::info!(plugin = %plugin, events = loaded, "delivered again from the event log");
         }
+        None
     }
 }
 
@@ -1864,13 +1904,16 @@ impl Transport for EmbeddedBus {
         };
         let sub =
             sub.ok_or_else(|| TransportError::Closed(format!("replay: no plugin named {plugin} is subscribed")))?;
-        // One read-back at a time: a plugin just subscribed reads back what its last run left
-        // (usually at once), and a replay's read-back may still run.
-        let done = sub.overflow.read_back_for_a_replay(plugin).await?;
         // In a task of its own, so a caller that goes away (an HTTP client hanging up) cannot
         // leave the plugin catching up with no read-back.
-        let (log, made) = (log.clone(), tokio::sync::oneshot::channel());
+        let (log, made, name) = (log.clone(), tokio::sync::oneshot::channel(), plugin.to_string());
         tokio::spawn(async move {
+            // One read-back at a time: a plugin just subscribed reads back what its last run left
+            // (usually at once), and a replay's read-back may still run.
+            let done = match sub.overflow.read_back_for_a_replay(&name).await {
+                Ok(done) => done,
+                Err(refused) => return drop(made.0.send(Err(refused))),
+            };
             // Events accepted for it from now on wait in the log behind the history, in order.
             let (since, read_from) = sub.overflow.catch_up_from_now(&log, from.first_seq(), from.since_ms());
             let patterns = sub.patterns.clone();
@@ -3315,10 +3358,11 @@ mod tests {
     /// that is always behind could never be replayed. Now the replay takes that read-back over:
     /// it reads from where the fallen-behind one read, so what waited in the log for the plugin
     /// is delivered once, in order, with the history (from before it fell behind, or from
-    /// within what waited).
+    /// within what waited). A caller that goes away at once (an HTTP client hanging up) leaves
+    /// the replay to finish: the read-back stopped for it is not left stranded.
     #[tokio::test]
     async fn a_replay_takes_over_the_read_back_of_a_plugin_that_fell_behind() {
-        for from_within_the_backlog in [false, true] {
+        for (from_within_the_backlog, caller_goes_away) in [(false, false), (true, false), (false, true)] {
             let dir = tempfile::tempdir().unwrap();
             let log = DurableLog::open(&dir.path().join("bus.redb"), super::super::log::SyncPolicy::None).unwrap();
             let bus = EmbeddedBus::durable(log.clone());
@@ -3326,14 +3370,18 @@ mod tests {
             let overflow = bus.table.read().unwrap().subs[0].overflow.clone();
             let published = keep_behind(&bus, &log, &overflow, 40).await;
             let first = if from_within_the_backlog { published[30].1 } else { 0 };
-            let replayed = tokio::time::timeout(
-                Duration::from_secs(10),
-                bus.replay("p", crate::transport::ReplayFrom::Seq(first)),
-            )
-            .await
-            .expect("the replay waited for a read-back that runs as long as the plugin is behind");
-            let replayed = replayed.unwrap_or_else(|e| panic!("replay from {first}: {e}"));
-            assert_eq!(replayed, published.iter().filter(|(_, seq)| *seq >= first).count());
+            let replay = bus.replay("p", crate::transport::ReplayFrom::Seq(first));
+            if caller_goes_away {
+                assert!(tokio::time::timeout(Duration::from_micros(100), replay).await.is_err());
+                // (The replay's task took the read-back over.)
+                eventually_true(|| overflow.take_over.lock().unwrap().is_none()).await;
+            } else {
+                let replayed = tokio::time::timeout(Duration::from_secs(10), replay)
+                    .await
+                    .expect("the replay waited for a read-back that runs as long as the plugin is behind");
+                let replayed = replayed.unwrap_or_else(|e| panic!("replay from {first}: {e}"));
+                assert_eq!(replayed, published.iter().filter(|(_, seq)| *seq >= first).count());
+            }
             // Accepted after the replay began: after its history.
             bus.publish(Event::new("a.x", "after")).await.unwrap();
             check_replayed_behind(&mut sub, &published, first, "after").await;
