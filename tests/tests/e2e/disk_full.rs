@@ -214,3 +214,63 @@ async fn full_disk(sync: SyncPolicy, gap: Duration) {
     assert_eq!((t.counter("echo", "retried"), t.counter("echo", "dead_lettered")), (0, 0), "{report}");
     t.host.shutdown().await;
 }
+
+/// The attack: a plugin that takes no event (it sleeps to its deadline on the first) while
+/// large events for it pour in, on a small disk. It falls behind, and its backlog used to grow
+/// to `flow.backlog_mib` (1 GiB) whatever the disk held: the disk filled, and every producer,
+/// of every plugin, was refused. Now its backlog grows past its buffer only while the disk
+/// keeps its reserve free (a tenth of it, up to 1 GiB): then its producers wait (`503` at
+/// `api.publish_timeout`), and another plugin's events are still taken and handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_plugins_backlog_does_not_fill_the_disk_for_everyone() {
+    let Some(disk) = Tmpfs::mount(64) else { return };
+    let data = disk.path().join("data");
+    // (dice shares no subject with faulty.)
+    let t = TestHost::start_with(&["faulty", "dice"], |c| {
+        c.data_dir = data.clone();
+        c.flow = plugbus::router::Flow { concurrency: 1, queue: 2, buffer_mib: 1, ..Default::default() };
+        c.limits.deadline = Duration::from_secs(60);
+        c.api.publish_timeout = Duration::from_millis(300);
+        // (The default: each commit reaches the disk at once, so the disk says what is used.)
+        c.bus.sync = SyncPolicy::Always;
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let post = |subject: &str, body: String| {
+        let req = client.post(format!("{}/v1/events/{subject}", t.url())).body(body);
+        async move {
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    assert_eq!(post("faulty.sleep", String::new()).await.0, 202);
+    t.wait_counter("faulty", "in_flight", 1).await;
+    // 32 KiB events for it until one is refused: 4,000 of them would fill the disk twice over.
+    let mut refused = None;
+    for i in 0..4_000 {
+        match post("faulty.ok", format!("{i:05}{}", "x".repeat(32 << 10))).await {
+            (202, _) => {}
+            (status, body) => {
+                refused = Some((i, status, body));
+                break;
+            }
+        }
+    }
+    let (i, status, body) = refused.expect("4,000 events of 32 KiB taken on a 64 MiB disk");
+    assert_eq!(status, 503, "event {i}: {body}");
+    assert!(!body.contains("No space left"), "event {i} was refused by a full disk: {body}");
+    // It was its backlog that stopped: it had fallen behind, with more than its buffer waiting.
+    let metrics = plugbus_tests::metrics_text(&t.url()).await;
+    let waiting = plugbus_tests::sample(&metrics, r#"plugbus_waiting_bytes{plugin="faulty"}"#);
+    assert!(waiting.is_some_and(|b| b > f64::from(1 << 20)), "{metrics}");
+    // The disk keeps room for everyone else.
+    for n in 0..5 {
+        let (status, body) = post("dice.roll", format!("{n}")).await;
+        assert_eq!(status, 202, "another plugin's event after the slow one's backlog stopped: {body}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while t.counter("dice", "ok") < 5 {
+        assert!(Instant::now() < deadline, "dice handled {} of 5", t.counter("dice", "ok"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -419,6 +419,8 @@ struct OverflowState {
     replay_holds: Option<(std::ops::Range<u64>, u64)>,
     /// When falling behind was last logged (once a minute at most).
     told_fell_behind: Option<Instant>,
+    /// When a backlog held back by a low disk was last logged (once a minute at most).
+    told_disk_low: Option<Instant>,
 }
 
 impl OverflowState {
@@ -746,7 +748,8 @@ impl Overflow {
             let (room, catching_up) = {
                 let mut state = self.state.lock().expect("overflow poisoned");
                 match state.intake.catching_up.as_ref().map(|c| c.left_bytes) {
-                    Some(left) => (left <= self.backlog.max(self.budget), true),
+                    Some(left) if left <= self.budget => (true, true),
+                    Some(left) => (left <= self.backlog && self.disk_keeps_its_reserve(&mut state), true),
                     None if tx.capacity() > 0 && state.bytes <= self.budget => (true, false),
                     None if self.fall_behind(&mut state, tx) => (true, true),
                     None => (state.bytes <= self.budget, false),
@@ -758,6 +761,21 @@ impl Overflow {
             // The timeout is a backstop: the wake-up is not missed (`drained` was made first).
             let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
         }
+    }
+
+    /// Whether the disk under the log keeps its reserve free ([`super::disk`]): past its buffer,
+    /// a plugin's backlog grows only while it does, so one slow plugin does not fill the disk
+    /// every producer appends to. Says so once a minute at most when it does not.
+    fn disk_keeps_its_reserve(&self, state: &mut OverflowState) -> bool {
+        let keeps = self.log.as_ref().is_none_or(|log| log.disk_keeps_its_reserve());
+        if !keeps && state.told_disk_low.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            state.told_disk_low = Some(Instant::now());
+            tracing::warn!(plugin = %self.plugin, waiting_bytes = state.intake.catching_up.as_ref().map_or(0, |c| c.left_bytes),
+                "the disk under the event log keeps less than its reserve free (a tenth of it, up to 1 GiB): the \
+                 plugin's backlog stops growing past its flow.buffer_mib, and its producers wait for it to read \
+                 some back (logged once a minute at most)");
+        }
+        keeps
     }
 
     /// A queue slot for a producer's event to a live subscription; on the durable log, when the

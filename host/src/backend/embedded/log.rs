@@ -543,6 +543,8 @@ pub struct DurableLog {
     /// keeps every row in them until they are done (else it could drop, between two steps, a
     /// settled event the next step was to make pending).
     backfilling: Backfills,
+    /// The file system under the log's file ([`DurableLog::disk_keeps_its_reserve`]).
+    disk: super::disk::DiskRoom,
 }
 
 /// The ranges replays' backfills are making pending (shared by the log and its writer).
@@ -696,6 +698,7 @@ impl DurableLog {
             .spawn(move || writer.run(rx))
             .map_err(|e| LogError::Io { path: path.to_path_buf(), why: format!("starting the writer: {e}") })?;
         Ok(Arc::new(Self {
+            disk: super::disk::DiskRoom::new(path.parent().unwrap_or(Path::new("."))),
             store,
             path: path.to_path_buf(),
             ops,
@@ -926,6 +929,12 @@ impl DurableLog {
         let (done, wait) = oneshot::channel();
         self.ops.send(Op::Sync { done }).map_err(|_| LogError::Closed)?;
         wait.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Whether the file system under the log keeps its reserve free (see [`super::disk`]): a
+    /// plugin's backlog grows past its buffer only while it does.
+    pub fn disk_keeps_its_reserve(&self) -> bool {
+        self.disk.keeps_its_reserve()
     }
 
     /// What the writer did (commits, their cost, retention), for `/metrics`.

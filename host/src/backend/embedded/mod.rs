@@ -3,6 +3,7 @@
 //! writes commit with its outputs (the outbox). Settings: `[bus]`.
 
 pub mod bus;
+pub mod disk;
 pub mod kv;
 pub mod log;
 mod rows;
