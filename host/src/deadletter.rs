@@ -35,6 +35,11 @@ pub mod headers {
     pub const ORIGINAL_SOURCE: &str = "plugbus-original-source";
     /// On a replayed event: the id of the dead letter it came from.
     pub const REPLAY_OF: &str = "plugbus-replay-of";
+    /// On a replay of the dead letter of an event a plugin failed to handle: that plugin, the
+    /// only one to run it; every other plugin whose subscription matches its subject takes it
+    /// and lets it go unrun (they handled it the first time). Not on the replay of an output
+    /// the bus did not take (it reached no one): that goes to every subscriber.
+    pub const REPLAY_FOR: &str = "plugbus-replay-for";
     /// On a dead letter of a dead letter: how deep (1). One that fails again is only logged.
     pub const DEPTH: &str = "plugbus-dead-letter-depth";
     /// On a dead letter published without its event's data (with it, it would be over the
@@ -140,7 +145,27 @@ pub fn replay_event(dead: &Event) -> Result<Event, String> {
     ev.datacontenttype = dead.datacontenttype.clone();
     ev.extensions = dead.extensions.iter().filter(|(k, _)| !k.starts_with("plugbus-")).cloned().collect();
     ev.extensions.push((headers::REPLAY_OF.to_string(), dead.id.clone()));
+    if let Some(plugin) = failed_in(dead) {
+        ev.extensions.push((headers::REPLAY_FOR.to_string(), plugin.to_string()));
+    }
     Ok(ev)
+}
+
+/// The plugin whose handler failed the event `dead` is the dead letter of, the one its replay
+/// is for ([`headers::REPLAY_FOR`]); `None` for the dead letter of an output the bus did not
+/// take (its original source is the plugin that dead-lettered it: every plugin's output has
+/// its own source), whose replay goes to every subscriber. (An event a plugin failed that was
+/// its own output reads as such too: its replay reaches every subscriber, as before.)
+pub fn failed_in(dead: &Event) -> Option<&str> {
+    let plugin = dead.header(headers::PLUGIN)?;
+    let output = dead.header(headers::ORIGINAL_SOURCE) == Some(crate::event::plugin_source(plugin).as_str());
+    (!output).then_some(plugin)
+}
+
+/// Whether `event` is the replay of a dead letter that another plugin than `plugin` failed:
+/// `plugin` lets it go unrun.
+pub fn is_replay_for_another(event: &Event, plugin: &str) -> bool {
+    event.header(headers::REPLAY_FOR).is_some_and(|p| p != plugin)
 }
 
 /// The name replays are made under in [`replay_event`]'s id (not a valid plugin name, so no
@@ -493,6 +518,21 @@ impl DeadLetters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The replay of an event a plugin failed is for that plugin alone; that of an output the bus
+    /// did not take (its original source is the plugin's own) is for every subscriber.
+    #[test]
+    fn a_replay_is_for_the_plugin_that_failed_its_event_and_an_outputs_for_everyone() {
+        let input = Event::new("orders.created", "{}");
+        let replay = replay_event(&dead_letter_event(&input, "audit", "plugbus.dlq.audit", "boom", 3)).unwrap();
+        assert_eq!(replay.header(headers::REPLAY_FOR), Some("audit"));
+        assert!(is_replay_for_another(&replay, "billing") && !is_replay_for_another(&replay, "audit"));
+        let mut output = Event::new("invoices.created", "{}");
+        output.source = crate::event::plugin_source("billing");
+        let replay = replay_event(&dead_letter_event(&output, "billing", "plugbus.dlq.billing", "refused", 3)).unwrap();
+        assert_eq!(replay.header(headers::REPLAY_FOR), None);
+        assert!(!is_replay_for_another(&replay, "audit"));
+    }
 
     /// A dead letter of a dead letter published without its data keeps the mark (it must not be
     /// replayed as whole either); an ordinary event's forged mark is dropped like any `plugbus-*`.

@@ -258,6 +258,8 @@ pub enum Outcome {
         /// Attempts made before.
         attempts: u32,
     },
+    /// The replay of a dead letter another plugin failed (`plugbus-replay-for`): acked unrun.
+    NotItsReplay,
     /// Dead-lettered after this many attempts.
     DeadLettered {
         /// Attempts made.
@@ -309,6 +311,9 @@ fn record_outcome(span: &tracing::Span, outcome: &Outcome) {
             span.record("outcome", "expired");
             span.record("attempts", attempts);
         }
+        Outcome::NotItsReplay => {
+            span.record("outcome", "not_its_replay");
+        }
         Outcome::DeadLettered { attempts, failure } => {
             span.record("outcome", "dead_lettered");
             span.record("attempts", attempts);
@@ -318,6 +323,17 @@ fn record_outcome(span: &tracing::Span, outcome: &Outcome) {
 }
 
 async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn, span: tracing::Span) -> Outcome {
+    // Another plugin's to run again: this one handled it the first time.
+    if deadletter::is_replay_for_another(&delivery.event, &rt.name) {
+        let ev = &delivery.event;
+        tracing::debug!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id,
+            "the replay of another plugin's dead letter: let go unrun");
+        delivery.acker.ack().await;
+        if !span.is_none() {
+            record_outcome(&span, &Outcome::NotItsReplay);
+        }
+        return Outcome::NotItsReplay;
+    }
     rt.stats.add(|c| &c.received, 1);
     rt.stats.window.mark(Mark::Received);
     let ev = &delivery.event;
@@ -353,6 +369,8 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
             delivery.acker.ack().await;
         }
         Outcome::Redelivering { wait, .. } => delivery.acker.nak(*wait).await,
+        // (Settled where it was decided, before any attempt.)
+        Outcome::NotItsReplay => {}
         Outcome::Expired { attempts } => {
             rt.stats.add(|c| &c.expired, 1);
             rt.metrics.requests_expired.inc();

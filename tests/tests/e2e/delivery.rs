@@ -38,6 +38,33 @@ macro_rules! on_every_transport {
 on_every_transport!(fails_twice_then_succeeds_handled_once_outputs_once);
 on_every_transport!(reject_dead_letters_at_once_with_every_header);
 on_every_transport!(exhausted_retries_dead_letter_with_the_last_error_and_replay_works);
+on_every_transport!(a_replayed_dead_letter_runs_again_only_in_the_plugin_that_failed_it);
+
+/// The attack on the documented recovery: `faulty` rejects an event that `echo` handles too.
+/// Replaying faulty's dead letter used to publish it on its original subject to every
+/// subscriber: echo ran it again (its kv writes twice, its outputs again under new ids). The
+/// replay now names the plugin it is for (`plugbus-replay-for`): only faulty runs it; echo
+/// takes it and lets it go unrun.
+async fn a_replayed_dead_letter_runs_again_only_in_the_plugin_that_failed_it(bus: &Bus<'_>) {
+    let t = TestHost::start_on(bus, &["faulty", "echo"], fast_retries).await;
+    let mut seen = t.observe(&["echo.>", "plugbus.dlq.>"]).await;
+    t.publish("faulty.reject", "once").await;
+    t.wait_counter("echo", "ok", 1).await;
+    t.wait_counter("faulty", "dead_lettered", 1).await;
+    // (the echo and the dead letter, in either order)
+    seen.drain(Duration::from_millis(300)).await;
+    let client = reqwest::Client::new();
+    let replay = client.post(format!("{}/v1/dlq/replay?plugin=faulty", t.url())).send().await.unwrap();
+    let report: serde_json::Value = replay.json().await.unwrap();
+    assert_eq!(report["replayed"].as_array().map(Vec::len), Some(1), "{report}");
+    // faulty runs it again (and rejects it again) ...
+    t.wait_counter("faulty", "dead_lettered", 2).await;
+    assert_eq!(t.counter("faulty", "received"), 2);
+    // ... and echo does not
+    let rest = seen.drain(Duration::from_millis(500)).await;
+    assert!(rest.iter().all(|e| !e.subject.starts_with("echo.")), "echo ran the replay: {rest:?}");
+    assert_eq!((t.counter("echo", "received"), t.counter("echo", "ok")), (1, 1));
+}
 
 async fn fails_twice_then_succeeds_handled_once_outputs_once(bus: &Bus<'_>) {
     let policy = RetryPolicy {
