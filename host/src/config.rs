@@ -171,6 +171,7 @@ impl Config {
             "nats_password",
             "nats_token",
             "fault_abort_after_kv_commit",
+            "fault_kv_commit_delay_ms",
             "perf_map",
         ]));
         let config: Config = figment.extract().map_err(|e| {

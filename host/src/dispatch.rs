@@ -33,6 +33,17 @@ fn fault_abort_after_kv_commit() -> bool {
     *SET.get_or_init(|| std::env::var_os("PLUGBUS_FAULT_ABORT_AFTER_KV_COMMIT").is_some_and(|v| v == "1"))
 }
 
+/// Fault injection for the memory tests: with `PLUGBUS_FAULT_KV_COMMIT_DELAY_MS=N` every kv
+/// commit waits N ms first, one commit at a time (a slow disk: the log commits far slower than
+/// handlers write). Read once.
+fn fault_kv_commit_delay() -> Option<std::time::Duration> {
+    static SET: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *SET.get_or_init(|| {
+        let ms = std::env::var("PLUGBUS_FAULT_KV_COMMIT_DELAY_MS").ok()?.parse().ok()?;
+        Some(std::time::Duration::from_millis(ms))
+    })
+}
+
 /// How often an attempt is re-run when another event changed the kv keys it read.
 const MAX_KV_CONFLICT_RERUNS: u32 = 100;
 
@@ -163,18 +174,31 @@ impl PluginRuntime {
 
 /// Bounds the attempts of one plugin running in the sandbox at once, and counts them: the
 /// attempts in flight are the permits taken (no counter of their own, added to and taken from
-/// on every core at every attempt).
+/// on every core at every attempt). Bounds as many again whose handler returned and whose kv
+/// commit and outputs are not done yet ([`RunPermits::settling`]).
 pub struct RunPermits {
     permits: Semaphore,
     size: usize,
     peak: AtomicU64,
+    settling: Semaphore,
 }
 
 impl RunPermits {
     /// `size` attempts at once (at least one).
     pub fn new(size: usize) -> Self {
         let size = size.max(1);
-        Self { permits: Semaphore::new(size), size, peak: AtomicU64::new(0) }
+        Self { permits: Semaphore::new(size), size, peak: AtomicU64::new(0), settling: Semaphore::new(size) }
+    }
+
+    /// Waits for a permit for an attempt whose handler returned, taken before its run permit
+    /// goes and held until its kv writes committed and its outputs were released: what it holds
+    /// (up to `max_kv_write_bytes` of writes, copied once more for the commit, and
+    /// `max_output_bytes` of outputs) waits for a commit that may be far slower than the
+    /// handler (16 MiB and an `fsync`), and as many attempts as the plugin may admit
+    /// (`flow.queue`) would hold GiBs. So at most `flow.concurrency` wait so, and the handlers
+    /// wait for them.
+    pub async fn settling(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.settling.acquire().await.expect("settling permits never close")
     }
 
     /// Waits for a permit to run an attempt, and raises the peak if this one makes it. The count
@@ -433,11 +457,12 @@ async fn attempts(
             .await;
         match result {
             Ok(Ran::Expired) => return Outcome::Expired { attempts: attempt - first },
-            Ok(Ran::Done(outputs, reply)) => {
+            Ok(Ran::Done(outputs, reply, settling)) => {
                 if let Some(reply) = reply {
                     send_reply(rt, ev, reply).await;
                 }
                 let outputs = release_outputs(rt, ev, outputs).instrument(span.clone()).await;
+                drop(settling);
                 span.record("outcome", "ok");
                 span.record("outputs", outputs as u64);
                 return Outcome::Handled { attempts: attempt, outputs };
@@ -498,9 +523,10 @@ fn gave_up(rt: &PluginRuntime, ev: &Event) -> bool {
 /// What an attempt that did not fail came to. (Returned once per attempt, never kept: the size
 /// of its larger variant costs nothing a box would save.)
 #[allow(clippy::large_enum_variant)]
-enum Ran {
-    /// The outputs and the reply to release.
-    Done(Vec<Arc<Event>>, Option<Event>),
+enum Ran<'a> {
+    /// The outputs and the reply to release, with the permit that bounds what waits so
+    /// ([`RunPermits::settling`]).
+    Done(Vec<Arc<Event>>, Option<Event>, tokio::sync::SemaphorePermit<'a>),
     /// Not run: a request whose requester stopped waiting while it waited for its turn.
     Expired,
 }
@@ -511,20 +537,20 @@ enum Ran {
 /// a crash before the ack releases them at the next start instead of running the handler again.
 /// When the handler fails, `seen` gets what it read and logged (moved, not copied), and
 /// `circuit_open` the longest `retry_after` of the calls open breakers refused.
-async fn run_attempt(
-    rt: &PluginRuntime,
+async fn run_attempt<'a>(
+    rt: &'a PluginRuntime,
     plugin: &Plugin,
     ev: &Event,
     attempt: u32,
     position: Option<(Arc<str>, u64)>,
     seen: &mut Option<Box<crate::sandbox::Seen>>,
     circuit_open: &mut Option<std::time::Duration>,
-) -> Result<Ran, DeliveryError> {
+) -> Result<Ran<'a>, DeliveryError> {
     let mut reruns = 0;
     loop {
-        let run = {
+        let (run, settling) = {
             // The permit bounds handlers running in the sandbox; committing kv and waiting for
-            // the transport to take the outputs happen without it.
+            // the transport to take the outputs happen without it, with a permit of their own.
             let _permit = rt.run_permits.acquire().await;
             // A request waits in the queue, for a permit and between retries: its requester may
             // have given up meanwhile (a kv re-run is part of an attempt that started for it).
@@ -532,7 +558,8 @@ async fn run_attempt(
                 return Ok(Ran::Expired);
             }
             rt.stats.add(|c| &c.attempts, 1);
-            plugin.handle(ev, attempt).await
+            let run = plugin.handle(ev, attempt).await;
+            (run, rt.run_permits.settling().await)
         };
         rt.metrics.handler_seconds.observe(run.elapsed.as_secs_f64());
         rt.stats.window.time(run.elapsed);
@@ -561,6 +588,11 @@ async fn run_attempt(
             _ => None,
         };
         let commit_span = if run.txn.is_empty() { tracing::Span::none() } else { telemetry::step_span("kv commit") };
+        if let Some(delay) = fault_kv_commit_delay().filter(|_| !run.txn.is_empty()) {
+            static SLOW_DISK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+            let _one_at_a_time = SLOW_DISK.lock().await;
+            tokio::time::sleep(delay).await;
+        }
         match plugin.commit_settling(&run.txn, outbox).instrument(commit_span).await {
             Ok(()) => {
                 if reruns > 0 && telemetry::enabled() {
@@ -576,7 +608,7 @@ async fn run_attempt(
                     telemetry::set_context(&mut reply, trace.as_ref());
                     reply
                 });
-                return Ok(Ran::Done(outputs, reply));
+                return Ok(Ran::Done(outputs, reply, settling));
             }
             // Re-run in place only what stays inside the sandbox: each run gets fresh
             // per-attempt limits (and its own deadline), so a handler whose calls leave it (HTTP,

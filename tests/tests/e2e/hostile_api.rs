@@ -64,6 +64,16 @@ impl Child {
 }
 
 async fn run_child(plugins: &std::path::Path, data: &std::path::Path, config: &str) -> Child {
+    run_child_with(plugins, data, config, &[]).await
+}
+
+/// [`run_child`] with environment variables set for the child (fault injection).
+async fn run_child_with(
+    plugins: &std::path::Path,
+    data: &std::path::Path,
+    config: &str,
+    env: &[(&str, &str)],
+) -> Child {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let config_path = data.join("plugbus.toml");
     std::fs::write(&config_path, config).unwrap();
@@ -76,6 +86,7 @@ async fn run_child(plugins: &std::path::Path, data: &std::path::Path, config: &s
         .arg(plugins)
         .arg("--data-dir")
         .arg(data)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -184,6 +195,48 @@ async fn a_hundred_thousand_distinct_subjects_leave_metrics_and_memory_flat() {
     // The old per-subject handle cache and series held ~1.7 KiB per subject (~160 MiB here).
     let grew_mib = rss_after.saturating_sub(rss_before) / 1024;
     assert!(grew_mib < 64, "the host grew by {grew_mib} MiB over {BURST} distinct subjects");
+}
+
+/// The attack: a plugin whose every event writes 16 MiB of kv (63 values of 250,000 bytes,
+/// within every per-event limit). Its handlers finish far faster than a slow disk commits
+/// 16 MiB with an `fsync` (made slow here: `PLUGBUS_FAULT_KV_COMMIT_DELAY_MS`), and each
+/// finished attempt used to wait for its commit without its run permit, holding its writes
+/// (twice: the commit's copy), up to `flow.queue` of them: about 32 MiB an event, GiBs for one
+/// plugin, then the host is killed for its memory. What waits for its commit now holds a
+/// permit of its own (`flow.concurrency` of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_writes_waiting_for_their_commit_are_bounded_by_the_plugins_concurrency() {
+    const EVENTS: usize = 40;
+    let plugins = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("hostile"), plugins.path().join("hostile.wasm")).unwrap();
+    let config = "watch = false\n[flow]\nconcurrency = 2\n";
+    let slow_disk = [("PLUGBUS_FAULT_KV_COMMIT_DELAY_MS", "250")];
+    let host = run_child_with(plugins.path(), data.path(), config, &slow_disk).await;
+    let rss_before = host.rss_kib();
+    // (the peak, VmHWM, from here on, not start-up compilation's)
+    std::fs::write(format!("/proc/{}/clear_refs", host.child.id()), "5").unwrap();
+    let client = reqwest::Client::new();
+    for i in 0..EVENTS {
+        let resp = client.post(format!("{}/v1/events/hostile.kvwrites", host.url)).body("63 250000").send().await;
+        assert_eq!(resp.unwrap().status().as_u16(), 202, "event {i}");
+    }
+    wait_handled(&host.url, "hostile", EVENTS as u64).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", host.child.id())).unwrap();
+    let hwm: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let grew_mib = hwm.saturating_sub(rss_before) / 1024;
+    println!("{EVENTS} events of 16 MiB of kv writes: RSS {} MiB before, peak {} MiB", rss_before / 1024, hwm / 1024);
+    // (About 150 MiB: two attempts running and two waiting, each up to 32 MiB, and the log's
+    // own; unbounded, about 450 MiB and more with the events.)
+    assert!(grew_mib < 300, "the host grew by {grew_mib} MiB for {EVENTS} events of 16 MiB of kv writes");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -203,10 +203,15 @@ impl Overflow {
     }
 
     /// Whether `event` (of `cost` bytes) may go into the queue now as far as room in hand goes:
-    /// a request always may (its requester may be a delivery of this plugin, holding room in
-    /// hand until the reply comes: waiting for that room would wait for itself).
+    /// a request of this plugin's own always may (its requester is a delivery of this plugin,
+    /// holding room in hand until the reply comes: waiting for that room would wait for
+    /// itself). Any other request waits for room as an event does: requests given up at once
+    /// by their requesters (`?timeout=1ms`) would otherwise have the plugin hold `flow.queue`
+    /// queued and as many admitted, of any size.
     fn room_for(&self, event: &Event, cost: u64) -> bool {
-        event.reply_to.is_some() || self.room_in_hand(cost)
+        let its_own_request =
+            event.reply_to.is_some() && event.source.strip_prefix("plugbus/").is_some_and(|p| p == &*self.plugin);
+        its_own_request || self.room_in_hand(cost)
     }
 
     /// A delivery went, giving back `held` bytes of room in hand; wakes the pump if it waits
@@ -3544,20 +3549,19 @@ mod tests {
         assert!(!log.was_redelivered(&second_id), "a first delivery read back after a fall counted as redelivered");
     }
 
-    /// A request to a plugin whose deliveries in hand hold its buffer still reaches it: its
-    /// requester may be one of them (a plugin asking a subject it serves), which would wait for
-    /// itself.
+    /// A plugin's own request to a subject it serves reaches it though its deliveries in hand
+    /// hold its buffer: its requester is one of them, which would wait for itself.
     #[tokio::test]
-    async fn a_request_is_not_held_back_by_room_in_hand() {
+    async fn a_plugins_own_request_is_not_held_back_by_room_in_hand() {
         let bus = EmbeddedBus::new();
         let mut sub = live_sub(&bus, "p", "a.>", (16, 64 << 10, 0)).await;
         bus.publish(Event::new("a.big", vec![0u8; 60 << 10])).await.unwrap();
         let big = sub.deliveries.recv().await.unwrap();
         let asker = {
             let bus = bus.clone();
-            tokio::spawn(async move {
-                bus.request(Event::new("a.ask", vec![0u8; 8 << 10]), Duration::from_secs(5), false).await
-            })
+            let mut ask = Event::new("a.ask", vec![0u8; 8 << 10]);
+            ask.source = crate::event::plugin_source("p");
+            tokio::spawn(async move { bus.request(ask, Duration::from_secs(5), false).await })
         };
         let ask = tokio::time::timeout(Duration::from_secs(2), sub.deliveries.recv())
             .await
@@ -3566,6 +3570,29 @@ mod tests {
         bus.reply(ask.event.reply_to.as_deref().unwrap(), Event::new("answer", "yes")).await.unwrap();
         assert_eq!(asker.await.unwrap().unwrap().data, "yes".as_bytes());
         drop(big);
+    }
+
+    /// The attack: requests of 8 KiB from a client (or another plugin) that gives each up at
+    /// once, into a plugin whose deliveries in hand hold its buffer. Requests skipped room in
+    /// hand, so each went into the queue and was admitted, up to twice `flow.queue` of any size.
+    /// Now they wait behind the queue for room, bounded by its buffer as any event is.
+    #[tokio::test]
+    async fn requests_from_others_wait_for_room_in_hand() {
+        let bus = EmbeddedBus::new();
+        let mut sub = live_sub(&bus, "p", "a.>", (16, 64 << 10, 0)).await;
+        bus.publish(Event::new("a.big", vec![0u8; 60 << 10])).await.unwrap();
+        let big = sub.deliveries.recv().await.unwrap();
+        for _ in 0..10 {
+            let answer = bus.request(Event::new("a.ask", vec![0u8; 8 << 10]), Duration::from_millis(1), true).await;
+            assert!(answer.is_err(), "nobody answered: {answer:?}");
+        }
+        let overflow = bus.table.read().unwrap().subs[0].overflow.clone();
+        assert!(sub.deliveries.try_recv().is_err(), "a request went into the queue with no room in hand");
+        assert!(overflow.waiting() >= 1, "the requests wait behind the queue");
+        // Room again: what waited comes.
+        drop(big);
+        let next = tokio::time::timeout(Duration::from_secs(2), sub.deliveries.recv()).await.unwrap().unwrap();
+        assert_eq!(next.event.subject, "a.ask");
     }
 
     #[tokio::test]
