@@ -864,11 +864,29 @@ impl ReplayReport {
     }
 }
 
+/// The replay of the dead letter `dead` ([`crate::deadletter::replay_event`]); refused, and so
+/// kept, when it is for a plugin this host does not run and no other host can (the embedded
+/// bus): every plugin would let it go unrun, and it would be reported replayed and forgotten.
+fn replay_of(api: &Inner, dead: &crate::event::Event) -> Result<crate::event::Event, String> {
+    let event = crate::deadletter::replay_event(dead)?;
+    if let Some(plugin) = crate::deadletter::failed_in(dead)
+        && !api.s.transport.is_external()
+        && !api.s.router.contains(plugin)
+    {
+        return Err(format!(
+            "the plugin it is for, {}, is not loaded (removed or renamed): every other plugin would let its \
+             replay go unrun; replay it once that plugin is loaded again",
+            crate::event::quoted(plugin)
+        ));
+    }
+    Ok(event)
+}
+
 /// Replays dead letters the broker keeps; each leaves the broker once the bus took its replay.
 async fn replay_from_broker(api: &Inner, entries: Vec<crate::deadletter::Entry>) -> ReplayReport {
     let mut report = ReplayReport::default();
     for entry in entries {
-        let event = match crate::deadletter::replay_event(&entry.event) {
+        let event = match replay_of(api, &entry.event) {
             Ok(event) => event,
             Err(why) => {
                 report.refuse(&entry, &why);
@@ -907,7 +925,7 @@ async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>) -> Re
         if published.len() >= FORGET_BATCH {
             api.s.dead_letters.forget(&std::mem::take(&mut published));
         }
-        let event = match crate::deadletter::replay_event(&entry.event) {
+        let event = match replay_of(api, &entry.event) {
             Ok(event) => event,
             Err(why) => {
                 report.refuse(&entry, &why);
@@ -994,7 +1012,7 @@ async fn dlq_replay_one(State(api): State<Api>, Path(id): Path<String>) -> Respo
     };
     // One that can never be replayed (no, an invalid or a system original subject) is kept and
     // answered `422` with why: a `503` would tell the client to try again.
-    if let Some(Err(why)) = broker.as_ref().or(mine.as_ref()).map(|e| crate::deadletter::replay_event(&e.event)) {
+    if let Some(Err(why)) = broker.as_ref().or(mine.as_ref()).map(|e| replay_of(&api, &e.event)) {
         api.s.dead_letters.restore(mine.into_iter().collect());
         return error(
             StatusCode::UNPROCESSABLE_ENTITY,

@@ -44,6 +44,22 @@ fn fault_kv_commit_delay() -> Option<std::time::Duration> {
     })
 }
 
+/// An attempt that holds this much or less (kv writes, outputs) waits for its commit without a
+/// settling permit ([`RunPermits::settling`]): `flow.queue` of them hold at most `flow.queue`
+/// × 64 KiB, and most attempts (small events) take no permit at all.
+const SETTLING_FREE_BYTES: u64 = 64 << 10;
+
+/// What a finished attempt holds until its kv writes commit and its outputs are released.
+fn holds_bytes(run: &crate::sandbox::Attempt) -> u64 {
+    let outputs: usize = run
+        .outputs
+        .iter()
+        .chain(&run.reply)
+        .map(|o| o.data.len() + o.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>())
+        .sum();
+    run.txn.held_bytes() + outputs as u64
+}
+
 /// How often an attempt is re-run when another event changed the kv keys it read.
 const MAX_KV_CONFLICT_RERUNS: u32 = 100;
 
@@ -174,8 +190,8 @@ impl PluginRuntime {
 
 /// Bounds the attempts of one plugin running in the sandbox at once, and counts them: the
 /// attempts in flight are the permits taken (no counter of their own, added to and taken from
-/// on every core at every attempt). Bounds as many again whose handler returned and whose kv
-/// commit and outputs are not done yet ([`RunPermits::settling`]).
+/// on every core at every attempt). Bounds as many again whose handler returned holding much
+/// and whose kv commit is not done yet ([`RunPermits::settling`]).
 pub struct RunPermits {
     permits: Semaphore,
     size: usize,
@@ -190,11 +206,11 @@ impl RunPermits {
         Self { permits: Semaphore::new(size), size, peak: AtomicU64::new(0), settling: Semaphore::new(size) }
     }
 
-    /// Waits for a permit for an attempt whose handler returned, taken before its run permit
-    /// goes and held until its kv writes committed and its outputs were released: what it holds
-    /// (up to `max_kv_write_bytes` of writes, copied once more for the commit, and
-    /// `max_output_bytes` of outputs) waits for a commit that may be far slower than the
-    /// handler (16 MiB and an `fsync`), and as many attempts as the plugin may admit
+    /// Waits for a permit for an attempt whose handler returned holding more than
+    /// `SETTLING_FREE_BYTES`, taken before its run permit goes and held until its kv writes
+    /// committed: what it holds (up to `max_kv_write_bytes` of writes, copied once more for the
+    /// commit, and `max_output_bytes` of outputs) waits for a commit that may be far slower
+    /// than the handler (16 MiB and an `fsync`), and as many attempts as the plugin may admit
     /// (`flow.queue`) would hold GiBs. So at most `flow.concurrency` wait so, and the handlers
     /// wait for them.
     pub async fn settling(&self) -> tokio::sync::SemaphorePermit<'_> {
@@ -457,12 +473,11 @@ async fn attempts(
             .await;
         match result {
             Ok(Ran::Expired) => return Outcome::Expired { attempts: attempt - first },
-            Ok(Ran::Done(outputs, reply, settling)) => {
+            Ok(Ran::Done(outputs, reply)) => {
                 if let Some(reply) = reply {
                     send_reply(rt, ev, reply).await;
                 }
                 let outputs = release_outputs(rt, ev, outputs).instrument(span.clone()).await;
-                drop(settling);
                 span.record("outcome", "ok");
                 span.record("outputs", outputs as u64);
                 return Outcome::Handled { attempts: attempt, outputs };
@@ -523,10 +538,9 @@ fn gave_up(rt: &PluginRuntime, ev: &Event) -> bool {
 /// What an attempt that did not fail came to. (Returned once per attempt, never kept: the size
 /// of its larger variant costs nothing a box would save.)
 #[allow(clippy::large_enum_variant)]
-enum Ran<'a> {
-    /// The outputs and the reply to release, with the permit that bounds what waits so
-    /// ([`RunPermits::settling`]).
-    Done(Vec<Arc<Event>>, Option<Event>, tokio::sync::SemaphorePermit<'a>),
+enum Ran {
+    /// The outputs and the reply to release.
+    Done(Vec<Arc<Event>>, Option<Event>),
     /// Not run: a request whose requester stopped waiting while it waited for its turn.
     Expired,
 }
@@ -537,15 +551,15 @@ enum Ran<'a> {
 /// a crash before the ack releases them at the next start instead of running the handler again.
 /// When the handler fails, `seen` gets what it read and logged (moved, not copied), and
 /// `circuit_open` the longest `retry_after` of the calls open breakers refused.
-async fn run_attempt<'a>(
-    rt: &'a PluginRuntime,
+async fn run_attempt(
+    rt: &PluginRuntime,
     plugin: &Plugin,
     ev: &Event,
     attempt: u32,
     position: Option<(Arc<str>, u64)>,
     seen: &mut Option<Box<crate::sandbox::Seen>>,
     circuit_open: &mut Option<std::time::Duration>,
-) -> Result<Ran<'a>, DeliveryError> {
+) -> Result<Ran, DeliveryError> {
     let mut reruns = 0;
     loop {
         let (run, settling) = {
@@ -559,7 +573,11 @@ async fn run_attempt<'a>(
             }
             rt.stats.add(|c| &c.attempts, 1);
             let run = plugin.handle(ev, attempt).await;
-            (run, rt.run_permits.settling().await)
+            let settling = match holds_bytes(&run) > SETTLING_FREE_BYTES {
+                true => Some(rt.run_permits.settling().await),
+                false => None,
+            };
+            (run, settling)
         };
         rt.metrics.handler_seconds.observe(run.elapsed.as_secs_f64());
         rt.stats.window.time(run.elapsed);
@@ -608,7 +626,11 @@ async fn run_attempt<'a>(
                     telemetry::set_context(&mut reply, trace.as_ref());
                     reply
                 });
-                return Ok(Ran::Done(outputs, reply, settling));
+                // Committed: what it holds now is its outputs, bounded per event, which may wait
+                // for the transport (retried with backoff when refused) without holding the
+                // plugin's other attempts back.
+                drop(settling);
+                return Ok(Ran::Done(outputs, reply));
             }
             // Re-run in place only what stays inside the sandbox: each run gets fresh
             // per-attempt limits (and its own deadline), so a handler whose calls leave it (HTTP,

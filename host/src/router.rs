@@ -45,10 +45,9 @@ pub struct Flow {
     /// MiB of producers' events that may wait in the durable embedded log for this plugin once
     /// it falls behind (its queue full): its producers, and so every other plugin, go on until
     /// then, and only then wait. 0: producers wait for its queue (backpressure at once). Never
-    /// below `buffer_mib`, the bound while it catches up after a restart or a replay. Past
-    /// `buffer_mib`, it grows only while the disk under the log keeps its reserve free
-    /// (`backend/embedded/disk.rs`). NATS ignores it (the stream's own limits bound what waits
-    /// there).
+    /// below `buffer_mib`, the bound while it catches up after a restart or a replay. It grows
+    /// only while the disk under the log keeps its reserve free (`backend/embedded/disk.rs`).
+    /// NATS ignores it (the stream's own limits bound what waits there).
     pub backlog_mib: u64,
 }
 

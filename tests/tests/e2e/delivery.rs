@@ -66,6 +66,24 @@ async fn a_replayed_dead_letter_runs_again_only_in_the_plugin_that_failed_it(bus
     assert_eq!((t.counter("echo", "received"), t.counter("echo", "ok")), (1, 1));
 }
 
+/// On the embedded bus no other host can run a replay: a dead letter of a plugin that is no
+/// longer loaded (removed, renamed) is not replayed (every plugin would let it go unrun, and it
+/// would be forgotten as replayed): it is kept, and the answer says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_of_a_plugin_not_loaded_is_kept_not_replayed_into_nobody() {
+    let t = TestHost::start_with(&["faulty", "echo"], fast_retries).await;
+    t.publish("faulty.reject", "once").await;
+    t.wait_counter("faulty", "dead_lettered", 1).await;
+    assert!(t.host.router().remove("faulty"));
+    let client = reqwest::Client::new();
+    let replay = client.post(format!("{}/v1/dlq/replay?plugin=faulty", t.url())).send().await.unwrap();
+    let report: serde_json::Value = replay.json().await.unwrap();
+    assert_eq!(report["replayed"].as_array().map(Vec::len), Some(0), "{report}");
+    let why = report["refused"][0]["why"].as_str().unwrap_or_default();
+    assert!(why.contains("not loaded"), "{report}");
+    assert_eq!(t.host.dead_letters().list(Some("faulty")).len(), 1, "the dead letter is kept");
+}
+
 async fn fails_twice_then_succeeds_handled_once_outputs_once(bus: &Bus<'_>) {
     let policy = RetryPolicy {
         max_attempts: 5,

@@ -202,16 +202,22 @@ impl Overflow {
         held == 0 || held + cost <= self.budget
     }
 
-    /// Whether `event` (of `cost` bytes) may go into the queue now as far as room in hand goes:
-    /// a request of this plugin's own always may (its requester is a delivery of this plugin,
-    /// holding room in hand until the reply comes: waiting for that room would wait for
-    /// itself). Any other request waits for room as an event does: requests given up at once
-    /// by their requesters (`?timeout=1ms`) would otherwise have the plugin hold `flow.queue`
-    /// queued and as many admitted, of any size.
-    fn room_for(&self, event: &Event, cost: u64) -> bool {
-        let its_own_request =
-            event.reply_to.is_some() && event.source.strip_prefix("plugbus/").is_some_and(|p| p == &*self.plugin);
-        its_own_request || self.room_in_hand(cost)
+    /// Whether `event` (of `cost` bytes, put in by `publisher`: a plugin's source, `None` for
+    /// anyone else) may go into the queue now as far as room in hand goes: a request of this
+    /// plugin's own always may (its requester is a delivery of this plugin, holding room in
+    /// hand until the reply comes: waiting for that room would wait for itself). Any other
+    /// request waits for room as an event does: requests given up at once by their requesters
+    /// (`?timeout=1ms`) would otherwise have the plugin hold `flow.queue` queued and as many
+    /// admitted, of any size.
+    fn room_for(&self, event: &Event, publisher: Option<&str>, cost: u64) -> bool {
+        self.is_its_own_request(event, publisher) || self.room_in_hand(cost)
+    }
+
+    /// Whether `event` is a request this plugin made itself: told by who put it in (a plugin's
+    /// request is put in under its source, which the host sets), never by the event's own
+    /// `source`, which a client's request sets as it likes.
+    fn is_its_own_request(&self, event: &Event, publisher: Option<&str>) -> bool {
+        event.reply_to.is_some() && publisher.and_then(|p| p.strip_prefix("plugbus/")) == Some(&*self.plugin)
     }
 
     /// A delivery went, giving back `held` bytes of room in hand; wakes the pump if it waits
@@ -674,7 +680,13 @@ impl Overflow {
         cost: u64,
         logged: Logged,
     ) {
-        if state.events.is_empty() && self.room_for(event, cost) {
+        let source = match publisher {
+            Publisher::Plugin(source) => Some(source),
+            Publisher::Other => None,
+        };
+        // Its own request goes ahead of what waits: that may wait for room its requester holds.
+        let own_request = self.is_its_own_request(event, source);
+        if (state.events.is_empty() || own_request) && self.room_for(event, source, cost) {
             // Room first: the delivery is made only when it goes into the queue (making it takes
             // a read-back outbox, which a delivery thrown away would lose).
             match tx.try_reserve() {
@@ -684,17 +696,25 @@ impl Overflow {
                 Err(mpsc::error::TrySendError::Full(())) => {}
             }
         }
-        let publisher = match publisher {
-            Publisher::Plugin(source) => Some(Arc::from(source)),
-            Publisher::Other => None,
-        };
-        self.wait_behind(state, tx, (event.clone(), cost, logged, publisher));
+        // (Its own request first behind the queue: the pump takes it next, room in hand or not.)
+        self.wait_behind(state, tx, (event.clone(), cost, logged, source.map(Arc::from)), own_request);
     }
 
-    /// Puts `waiting` behind what waits, for the pump to move into the queue.
-    fn wait_behind(self: &Arc<Self>, state: &mut OverflowState, tx: &mpsc::Sender<Delivery>, waiting: Waiting) {
+    /// Puts `waiting` behind what waits (or ahead of it, `first`), for the pump to move into
+    /// the queue.
+    fn wait_behind(
+        self: &Arc<Self>,
+        state: &mut OverflowState,
+        tx: &mpsc::Sender<Delivery>,
+        waiting: Waiting,
+        first: bool,
+    ) {
         state.add(waiting.3.as_ref(), waiting.1);
-        state.events.push_back(waiting);
+        if first {
+            state.events.push_front(waiting);
+        } else {
+            state.events.push_back(waiting);
+        }
         if !state.pumping {
             state.pumping = true;
             tokio::spawn(self.clone().pump(tx.clone()));
@@ -714,12 +734,12 @@ impl Overflow {
         let cost = event.buffered_cost();
         // No room in hand for the next one: the event waits behind, and the slot is given back.
         let room = match state.events.front() {
-            Some((first, first_cost, _, _)) => self.room_for(first, *first_cost),
-            None => self.room_for(event, cost),
+            Some((first, first_cost, _, publisher)) => self.room_for(first, publisher.as_deref(), *first_cost),
+            None => self.room_for(event, None, cost),
         };
         if !room {
             let tx = slot.release();
-            return self.wait_behind(state, &tx, (event.clone(), cost, logged, None));
+            return self.wait_behind(state, &tx, (event.clone(), cost, logged, None), false);
         }
         let Some((first, first_cost, first_logged, publisher)) = state.events.pop_front() else {
             slot.send(self.delivery(event.clone(), logged));
@@ -752,9 +772,13 @@ impl Overflow {
             drained.as_mut().enable();
             let (room, catching_up) = {
                 let mut state = self.state.lock().expect("overflow poisoned");
-                match state.intake.catching_up.as_ref().map(|c| c.left_bytes) {
-                    Some(left) if left <= self.budget => (true, true),
-                    Some(left) => (left <= self.backlog && self.disk_keeps_its_reserve(&mut state), true),
+                // (The disk is looked at whatever is left: the first `flow.queue` events left
+                // are charged nothing, and may be as large as any.)
+                match state.intake.catching_up.as_ref().map(|c| (c.left_bytes, c.left.is_empty())) {
+                    Some((_, true)) => (true, true),
+                    Some((left, false)) => {
+                        (left <= self.backlog.max(self.budget) && self.disk_keeps_its_reserve(&mut state), true)
+                    }
                     None if tx.capacity() > 0 && state.bytes <= self.budget => (true, false),
                     None if self.fall_behind(&mut state, tx) => (true, true),
                     None => (state.bytes <= self.budget, false),
@@ -768,17 +792,17 @@ impl Overflow {
         }
     }
 
-    /// Whether the disk under the log keeps its reserve free ([`super::disk`]): past its buffer,
-    /// a plugin's backlog grows only while it does, so one slow plugin does not fill the disk
-    /// every producer appends to. Says so once a minute at most when it does not.
+    /// Whether the disk under the log keeps its reserve free ([`super::disk`]): a plugin's
+    /// backlog grows only while it does, so one slow plugin does not fill the disk every
+    /// producer appends to. Says so once a minute at most when it does not.
     fn disk_keeps_its_reserve(&self, state: &mut OverflowState) -> bool {
         let keeps = self.log.as_ref().is_none_or(|log| log.disk_keeps_its_reserve());
         if !keeps && state.told_disk_low.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
             state.told_disk_low = Some(Instant::now());
             tracing::warn!(plugin = %self.plugin, waiting_bytes = state.intake.catching_up.as_ref().map_or(0, |c| c.left_bytes),
                 "the disk under the event log keeps less than its reserve free (a tenth of it, up to 1 GiB): the \
-                 plugin's backlog stops growing past its flow.buffer_mib, and its producers wait for it to read \
-                 some back (logged once a minute at most)");
+                 plugin's backlog in the log stops growing, and its producers wait for it to read some back \
+                 (logged once a minute at most)");
         }
         keeps
     }
@@ -898,7 +922,7 @@ impl Overflow {
                 released.as_mut().enable();
                 self.pump_waits.store(true, Ordering::SeqCst);
                 let room = match self.state.lock().expect("overflow poisoned").events.front() {
-                    Some((first, cost, _, _)) => self.room_for(first, *cost),
+                    Some((first, cost, _, publisher)) => self.room_for(first, publisher.as_deref(), *cost),
                     None => true,
                 };
                 if room || tx.is_closed() {
@@ -3550,13 +3574,17 @@ mod tests {
     }
 
     /// A plugin's own request to a subject it serves reaches it though its deliveries in hand
-    /// hold its buffer: its requester is one of them, which would wait for itself.
+    /// hold its buffer, ahead of what waits for room: its requester is one of them, which would
+    /// wait for itself.
     #[tokio::test]
     async fn a_plugins_own_request_is_not_held_back_by_room_in_hand() {
         let bus = EmbeddedBus::new();
         let mut sub = live_sub(&bus, "p", "a.>", (16, 64 << 10, 0)).await;
         bus.publish(Event::new("a.big", vec![0u8; 60 << 10])).await.unwrap();
         let big = sub.deliveries.recv().await.unwrap();
+        // An event waits behind the queue for room.
+        bus.publish(Event::new("a.waits", vec![0u8; 8 << 10])).await.unwrap();
+        assert_eq!(bus.table.read().unwrap().subs[0].overflow.waiting(), 1);
         let asker = {
             let bus = bus.clone();
             let mut ask = Event::new("a.ask", vec![0u8; 8 << 10]);
@@ -3583,7 +3611,10 @@ mod tests {
         bus.publish(Event::new("a.big", vec![0u8; 60 << 10])).await.unwrap();
         let big = sub.deliveries.recv().await.unwrap();
         for _ in 0..10 {
-            let answer = bus.request(Event::new("a.ask", vec![0u8; 8 << 10]), Duration::from_millis(1), true).await;
+            // (A client's request naming the plugin as its source is still a client's.)
+            let mut ask = Event::new("a.ask", vec![0u8; 8 << 10]);
+            ask.source = crate::event::plugin_source("p");
+            let answer = bus.request(ask, Duration::from_millis(1), true).await;
             assert!(answer.is_err(), "nobody answered: {answer:?}");
         }
         let overflow = bus.table.read().unwrap().subs[0].overflow.clone();

@@ -1,8 +1,10 @@
 //! Whether the file system under the event log keeps its reserve free: a plugin's backlog
-//! (events waiting in the log for a plugin that fell behind its producers) grows past its
-//! `flow.buffer_mib` only while it does, so one slow plugin cannot fill the disk that every
-//! producer appends to (a full disk refuses them all). Read with `statvfs`, at most every
-//! [`LOOK_EVERY`].
+//! (events waiting in the log for a plugin that fell behind its producers, or catches up)
+//! grows only while it does, so one slow plugin cannot fill the disk that every producer
+//! appends to (a full disk refuses them all). Read with `statvfs`, at most every
+//! [`LOOK_EVERY`]. It sees what the file system has free, not the pages free inside the log's
+//! file (redb reuses those, and gives them back only from the file's end): after a large
+//! backlog drained, it reads less room than there is, and producers wait sooner.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;

@@ -932,7 +932,7 @@ impl DurableLog {
     }
 
     /// Whether the file system under the log keeps its reserve free (see [`super::disk`]): a
-    /// plugin's backlog grows past its buffer only while it does.
+    /// plugin's backlog in the log grows only while it does.
     pub fn disk_keeps_its_reserve(&self) -> bool {
         self.disk.keeps_its_reserve()
     }
