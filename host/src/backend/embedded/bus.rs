@@ -195,22 +195,29 @@ impl Overflow {
     /// queue, or taken by its worker: admitted, running, backing off, waiting to settle) hold at
     /// most its budget, or it is the only one. Without this bound its `flow.queue` queued and
     /// `flow.queue` admitted deliveries of 1 MiB each were 2 GiB held for one plugin.
-    fn room_in_hand(&self, cost: u64) -> bool {
+    /// (`bound`: the budget, or twice it for another plugin's request, see [`Overflow::room_for`].)
+    fn room_in_hand(&self, cost: u64, bound: u64) -> bool {
         // SeqCst with `pump_waits`: the pump sets that, then looks here; `release` takes off
         // here, then looks there. One of the two sees the other.
         let held = self.held.load(Ordering::SeqCst);
-        held == 0 || held + cost <= self.budget
+        held == 0 || held + cost <= bound
     }
 
     /// Whether `event` (of `cost` bytes, put in by `publisher`: a plugin's source, `None` for
     /// anyone else) may go into the queue now as far as room in hand goes: a request of this
     /// plugin's own always may (its requester is a delivery of this plugin, holding room in
-    /// hand until the reply comes: waiting for that room would wait for itself). Any other
-    /// request waits for room as an event does: requests given up at once by their requesters
-    /// (`?timeout=1ms`) would otherwise have the plugin hold `flow.queue` queued and as many
-    /// admitted, of any size.
+    /// hand until the reply comes: waiting for that room would wait for itself). Another
+    /// plugin's request may go up to twice the budget (a chain of requests through it may come
+    /// back to this plugin, whose deliveries then wait for their replies: A asks B, whose
+    /// handler asks A); a client's waits for room as an event does. Requests given up at once by
+    /// their requesters (`?timeout=1ms`) would otherwise have the plugin hold `flow.queue`
+    /// queued and as many admitted, of any size.
     fn room_for(&self, event: &Event, publisher: Option<&str>, cost: u64) -> bool {
-        self.is_its_own_request(event, publisher) || self.room_in_hand(cost)
+        if self.is_its_own_request(event, publisher) {
+            return true;
+        }
+        let bound = if event.reply_to.is_some() && publisher.is_some() { 2 * self.budget } else { self.budget };
+        self.room_in_hand(cost, bound)
     }
 
     /// Whether `event` is a request this plugin made itself: told by who put it in (a plugin's
@@ -3419,7 +3426,11 @@ mod tests {
             let first = if from_within_the_backlog { published[30].1 } else { 0 };
             let replay = bus.replay("p", crate::transport::ReplayFrom::Seq(first));
             if caller_goes_away {
-                assert!(tokio::time::timeout(Duration::from_micros(100), replay).await.is_err());
+                // Polled once (its task is spawned, and cannot run before this test yields), then
+                // dropped, as by a client hanging up.
+                let mut replay = Box::pin(replay);
+                assert!(futures::poll!(&mut replay).is_pending());
+                drop(replay);
                 // (The replay's task took the read-back over.)
                 eventually_true(|| overflow.take_over.lock().unwrap().is_none()).await;
             } else {
@@ -3624,6 +3635,30 @@ mod tests {
         drop(big);
         let next = tokio::time::timeout(Duration::from_secs(2), sub.deliveries.recv()).await.unwrap().unwrap();
         assert_eq!(next.event.subject, "a.ask");
+    }
+
+    /// Another plugin's request goes into the queue up to twice the budget in hand (a chain of
+    /// requests may come back through the plugin whose deliveries hold the budget), not past.
+    #[tokio::test]
+    async fn another_plugins_request_may_go_up_to_twice_the_budget_in_hand() {
+        let bus = EmbeddedBus::new();
+        let mut sub = live_sub(&bus, "p", "a.>", (16, 64 << 10, 0)).await;
+        bus.publish(Event::new("a.big", vec![0u8; 60 << 10])).await.unwrap();
+        let _big = sub.deliveries.recv().await.unwrap();
+        let ask = |size: usize| {
+            let mut ask = Event::new("a.ask", vec![0u8; size]);
+            ask.source = crate::event::plugin_source("q");
+            let bus = bus.clone();
+            tokio::spawn(async move { bus.request(ask, Duration::from_millis(300), false).await })
+        };
+        let _within = ask(40 << 10);
+        let _within = tokio::time::timeout(Duration::from_secs(2), sub.deliveries.recv())
+            .await
+            .expect("another plugin's request within twice the budget waited")
+            .unwrap();
+        let _past = ask(40 << 10);
+        let past = tokio::time::timeout(Duration::from_millis(200), sub.deliveries.recv()).await;
+        assert!(past.is_err(), "another plugin's request past twice the budget went in");
     }
 
     #[tokio::test]
