@@ -422,8 +422,9 @@ type LaneItem = (Delivery, usize, OwnedSemaphorePermit);
 /// its key's running delivery holds no slot of `flow.queue`, so one key whose event runs long
 /// or backs off (a poison event, a hot key) does not take the slots every other key needs.
 /// What waits is bounded apart: in count by the lanes' own permits, in bytes with every
-/// delivery the plugin holds (`flow.buffer_mib`). A request is not bounded in bytes (its
-/// requester may be one of those deliveries): it keeps its admission permit.
+/// delivery the plugin holds (`flow.buffer_mib`). A request may pass that bound in bytes (a
+/// plugin's own, or another plugin's up to twice it: see the embedded bus's `room_for`): it
+/// keeps its admission permit.
 #[derive(Default)]
 struct Lanes(Mutex<HashMap<String, VecDeque<LaneItem>>>);
 
