@@ -29,12 +29,14 @@ pub struct DiskRoom {
     dir: PathBuf,
     /// When it was last looked at, and whether it kept its reserve free then.
     last: Mutex<Option<(Instant, bool)>>,
+    /// Whether a failed look was logged (once: the check is off while it fails).
+    told_unreadable: std::sync::atomic::AtomicBool,
 }
 
 impl DiskRoom {
     /// The file system holding `dir`.
     pub fn new(dir: &Path) -> Self {
-        Self { dir: dir.to_path_buf(), last: Mutex::new(None) }
+        Self { dir: dir.to_path_buf(), last: Mutex::new(None), told_unreadable: false.into() }
     }
 
     /// Whether more than its [`reserve`] is free (as of [`LOOK_EVERY`] ago at most); `true` when
@@ -46,7 +48,17 @@ impl DiskRoom {
         {
             return keeps;
         }
-        let keeps = free_and_size(&self.dir).is_none_or(|(free, size)| free > reserve(size));
+        let keeps = match free_and_size(&self.dir) {
+            Some((free, size)) => free > reserve(size),
+            None => {
+                if !self.told_unreadable.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(dir = %self.dir.display(), "cannot read the file system under the event log \
+                        (statvfs failed): a slow plugin's backlog is bounded by flow.backlog_mib alone, not by the \
+                        disk's reserve (logged once)");
+                }
+                true
+            }
+        };
         *last = Some((Instant::now(), keeps));
         keeps
     }
