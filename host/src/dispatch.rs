@@ -564,7 +564,8 @@ async fn run_attempt(
     loop {
         let (run, settling) = {
             // The permit bounds handlers running in the sandbox; committing kv and waiting for
-            // the transport to take the outputs happen without it, with a permit of their own.
+            // the transport to take the outputs happen without it (the commit of an attempt
+            // that holds much, with a settling permit).
             let _permit = rt.run_permits.acquire().await;
             // A request waits in the queue, for a permit and between retries: its requester may
             // have given up meanwhile (a kv re-run is part of an attempt that started for it).
@@ -573,10 +574,8 @@ async fn run_attempt(
             }
             rt.stats.add(|c| &c.attempts, 1);
             let run = plugin.handle(ev, attempt).await;
-            let settling = match holds_bytes(&run) > SETTLING_FREE_BYTES {
-                true => Some(rt.run_permits.settling().await),
-                false => None,
-            };
+            let settling =
+                if holds_bytes(&run) > SETTLING_FREE_BYTES { Some(rt.run_permits.settling().await) } else { None };
             (run, settling)
         };
         rt.metrics.handler_seconds.observe(run.elapsed.as_secs_f64());

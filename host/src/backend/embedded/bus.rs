@@ -3584,23 +3584,35 @@ mod tests {
         assert!(!log.was_redelivered(&second_id), "a first delivery read back after a fall counted as redelivered");
     }
 
+    /// An in-memory bus with plugin `p` on `a.>` (a queue of 16, a buffer of 64 KiB) holding a
+    /// delivery of 60 KiB: its deliveries in hand hold its buffer.
+    async fn holding_its_buffer() -> (EmbeddedBus, Subscription, Delivery) {
+        let bus = EmbeddedBus::new();
+        let mut sub = live_sub(&bus, "p", "a.>", (16, 64 << 10, 0)).await;
+        bus.publish(Event::new("a.big", vec![0u8; 60 << 10])).await.unwrap();
+        let big = sub.deliveries.recv().await.unwrap();
+        (bus, sub, big)
+    }
+
+    /// A request of `size` bytes on `a.ask` whose source is plugin `plugin`'s.
+    fn ask_as(plugin: &str, size: usize) -> Event {
+        let mut ask = Event::new("a.ask", vec![0u8; size]);
+        ask.source = crate::event::plugin_source(plugin);
+        ask
+    }
+
     /// A plugin's own request to a subject it serves reaches it though its deliveries in hand
     /// hold its buffer, ahead of what waits for room: its requester is one of them, which would
     /// wait for itself.
     #[tokio::test]
     async fn a_plugins_own_request_is_not_held_back_by_room_in_hand() {
-        let bus = EmbeddedBus::new();
-        let mut sub = live_sub(&bus, "p", "a.>", (16, 64 << 10, 0)).await;
-        bus.publish(Event::new("a.big", vec![0u8; 60 << 10])).await.unwrap();
-        let big = sub.deliveries.recv().await.unwrap();
+        let (bus, mut sub, big) = holding_its_buffer().await;
         // An event waits behind the queue for room.
         bus.publish(Event::new("a.waits", vec![0u8; 8 << 10])).await.unwrap();
         assert_eq!(bus.table.read().unwrap().subs[0].overflow.waiting(), 1);
         let asker = {
             let bus = bus.clone();
-            let mut ask = Event::new("a.ask", vec![0u8; 8 << 10]);
-            ask.source = crate::event::plugin_source("p");
-            tokio::spawn(async move { bus.request(ask, Duration::from_secs(5), false).await })
+            tokio::spawn(async move { bus.request(ask_as("p", 8 << 10), Duration::from_secs(5), false).await })
         };
         let ask = tokio::time::timeout(Duration::from_secs(2), sub.deliveries.recv())
             .await
@@ -3611,21 +3623,15 @@ mod tests {
         drop(big);
     }
 
-    /// The attack: requests of 8 KiB from a client (or another plugin) that gives each up at
-    /// once, into a plugin whose deliveries in hand hold its buffer. Requests skipped room in
+    /// The attack: requests of 8 KiB from a client that gives each up at once, into a plugin whose deliveries in hand hold its buffer. Requests skipped room in
     /// hand, so each went into the queue and was admitted, up to twice `flow.queue` of any size.
     /// Now they wait behind the queue for room, bounded by its buffer as any event is.
     #[tokio::test]
     async fn requests_from_others_wait_for_room_in_hand() {
-        let bus = EmbeddedBus::new();
-        let mut sub = live_sub(&bus, "p", "a.>", (16, 64 << 10, 0)).await;
-        bus.publish(Event::new("a.big", vec![0u8; 60 << 10])).await.unwrap();
-        let big = sub.deliveries.recv().await.unwrap();
+        let (bus, mut sub, big) = holding_its_buffer().await;
         for _ in 0..10 {
             // (A client's request naming the plugin as its source is still a client's.)
-            let mut ask = Event::new("a.ask", vec![0u8; 8 << 10]);
-            ask.source = crate::event::plugin_source("p");
-            let answer = bus.request(ask, Duration::from_millis(1), true).await;
+            let answer = bus.request(ask_as("p", 8 << 10), Duration::from_millis(1), true).await;
             assert!(answer.is_err(), "nobody answered: {answer:?}");
         }
         let overflow = bus.table.read().unwrap().subs[0].overflow.clone();
@@ -3641,15 +3647,10 @@ mod tests {
     /// requests may come back through the plugin whose deliveries hold the budget), not past.
     #[tokio::test]
     async fn another_plugins_request_may_go_up_to_twice_the_budget_in_hand() {
-        let bus = EmbeddedBus::new();
-        let mut sub = live_sub(&bus, "p", "a.>", (16, 64 << 10, 0)).await;
-        bus.publish(Event::new("a.big", vec![0u8; 60 << 10])).await.unwrap();
-        let _big = sub.deliveries.recv().await.unwrap();
+        let (bus, mut sub, _big) = holding_its_buffer().await;
         let ask = |size: usize| {
-            let mut ask = Event::new("a.ask", vec![0u8; size]);
-            ask.source = crate::event::plugin_source("q");
             let bus = bus.clone();
-            tokio::spawn(async move { bus.request(ask, Duration::from_millis(300), false).await })
+            tokio::spawn(async move { bus.request(ask_as("q", size), Duration::from_millis(300), false).await })
         };
         let _within = ask(40 << 10);
         let _within = tokio::time::timeout(Duration::from_secs(2), sub.deliveries.recv())
