@@ -526,3 +526,32 @@ async fn requested_outbound(
 /// (wasmtime finds a semver-compatible export: a component built against 0.1.0 exports
 /// `outbound@0.1.0`, found by this 0.1.1 name.)
 const OUTBOUND_EXPORT: &str = "plugbus:handler/outbound@0.1.1";
+
+#[cfg(test)]
+mod tests {
+    /// The oldest wasmtime on the 48 LTS line with the 2026 advisories fixed
+    /// (GHSA-rc4p-x33f-vpr2 among them): the lock must not go back below it.
+    const OLDEST_FIXED: (u64, u64, u64) = (48, 0, 9);
+
+    /// The version of `package` in the workspace's `Cargo.lock` (what every build links).
+    fn locked_version(package: &str) -> (u64, u64, u64) {
+        let lock_path = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock");
+        let lock = std::fs::read_to_string(lock_path).expect("the workspace's Cargo.lock");
+        let name_line = format!("name = \"{package}\"\n");
+        let at = lock.find(&name_line).unwrap_or_else(|| panic!("{package} is not in {lock_path}"));
+        let version = lock[at + name_line.len()..]
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("version = \"")?.strip_suffix('"'))
+            .unwrap_or_else(|| panic!("no version line after {package} in {lock_path}"));
+        let parts: Vec<u64> = version.split('.').map(|p| p.parse().expect("a numeric version")).collect();
+        (parts[0], parts[1], parts[2])
+    }
+
+    #[test]
+    fn the_locked_wasmtime_is_on_the_48_line_with_the_2026_advisories_fixed() {
+        let locked = locked_version("wasmtime");
+        assert_eq!(locked.0, OLDEST_FIXED.0, "wasmtime {locked:?} is off the 48 LTS line the host is built for");
+        assert!(locked >= OLDEST_FIXED, "wasmtime {locked:?} predates the advisory fixes in {OLDEST_FIXED:?}");
+    }
+}
