@@ -406,7 +406,9 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
             rt.stats.add(|c| &c.outputs, *outputs as u64);
             rt.stats.window.handled(*outputs as u64);
             tracing::debug!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempts, outputs, "handled");
-            delivery.acker.ack().await;
+            if !delivery.acker.acks_nothing() {
+                delivery.acker.ack().await;
+            }
         }
         Outcome::Redelivering { wait, .. } => delivery.acker.nak(*wait).await,
         // (Settled where it was decided, before any attempt.)

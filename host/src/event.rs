@@ -212,8 +212,8 @@ impl Output {
 fn lift_headers(headers: Vec<(String, String)>) -> (Option<String>, Vec<(String, String)>) {
     let mut datacontenttype = None;
     let mut extensions = Vec::with_capacity(headers.len() + 1);
-    for (k, v) in headers {
-        let k = k.to_ascii_lowercase();
+    for (mut k, v) in headers {
+        k.make_ascii_lowercase();
         if k == "datacontenttype" || k == "content-type" {
             datacontenttype = Some(v);
         } else if !is_reserved_header(&k) && !crate::telemetry::is_trace_header(&k) {
@@ -260,17 +260,23 @@ const CORE_ATTRIBUTES: &[&str] = &["id", "source", "type", "time", "specversion"
 /// plugin's own data is (the SDK's `publish_json` sets `datacontenttype: application/json`);
 /// the host lifts them into the output's `datacontenttype` attribute.
 pub fn is_reserved_header(name: &str) -> bool {
-    let lower = name.to_ascii_lowercase();
-    if lower == "datacontenttype" || lower == "content-type" {
+    // ASCII case-insensitive throughout, without a lower-cased copy (every output header of
+    // every event passes here).
+    let is = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
+    let starts = |s: &str, prefix: &str| {
+        s.as_bytes().get(..prefix.len()).is_some_and(|h| h.eq_ignore_ascii_case(prefix.as_bytes()))
+    };
+    if is(name, "datacontenttype") || is(name, "content-type") {
         return false;
     }
-    let base = lower.strip_prefix("ce-").or_else(|| lower.strip_prefix("ce_")).unwrap_or(&lower);
+    // (Slicing at a prefix's length is safe once `starts` said yes: the prefixes are ASCII.)
+    let base = if starts(name, "ce-") || starts(name, "ce_") { &name[3..] } else { name };
     // `data` and `data_base64` are where the JSON format keeps the data: as headers they were
     // taken for it by `plugbus tail --record`, `dlq export` and `plugbus test`.
-    ["plugbus-", "plugbus_", "nats-", "nats_"].iter().any(|p| base.starts_with(p))
-        || CORE_ATTRIBUTES.contains(&base)
-        || base == "data"
-        || base == "data_base64"
+    ["plugbus-", "plugbus_", "nats-", "nats_"].iter().any(|p| starts(base, p))
+        || CORE_ATTRIBUTES.iter().any(|a| is(base, a))
+        || is(base, "data")
+        || is(base, "data_base64")
 }
 
 /// How many bytes of a string a plugin (or a remote publisher) controls the host repeats in a
@@ -467,6 +473,12 @@ mod tests {
         for name in free.into_iter().chain(["database", "data-center"]) {
             assert!(!is_reserved_header(name), "{name} should be free");
         }
+        // Names that are not ASCII are looked at byte by byte (never sliced inside a character)
+        // and match nothing reserved: `ı` and `K` (Kelvin) do not fold to ASCII.
+        for name in ["cé-source", "c\u{e9}", "é", "ce-ıd", "\u{212a}", "ce-", "ce_", "", "nats\u{2010}msg-id"] {
+            assert!(!is_reserved_header(name), "{name} should be free");
+        }
+        assert!(is_reserved_header("ce-plugbus-é"), "a reserved prefix is reserved whatever follows");
     }
 
     #[test]

@@ -141,6 +141,12 @@ pub trait Acker: Send + Sync {
     fn position(&self) -> Option<(Arc<str>, u64)> {
         None
     }
+
+    /// Whether `ack` does nothing (the in-memory bus): a handled delivery is then let go
+    /// without calling it (each call boxes its future).
+    fn acks_nothing(&self) -> bool {
+        false
+    }
 }
 
 /// An acker with nothing to settle.
@@ -151,6 +157,9 @@ impl Acker for NoAck {
     async fn ack(&self) {}
     async fn nak(&self, _delay: Duration) {}
     async fn term(&self) {}
+    fn acks_nothing(&self) -> bool {
+        true
+    }
 }
 
 /// One event delivered to one plugin.

@@ -118,6 +118,9 @@ impl Acker for Held {
     async fn ack(&self) {}
     async fn nak(&self, _delay: std::time::Duration) {}
     async fn term(&self) {}
+    fn acks_nothing(&self) -> bool {
+        true
+    }
 }
 
 impl Drop for Held {
@@ -231,7 +234,9 @@ impl Overflow {
     /// for that.
     fn release(&self, held: u64) {
         self.held.fetch_sub(held, Ordering::SeqCst);
-        if self.pump_waits.swap(false, Ordering::SeqCst) {
+        // Loaded first: the swap writes the flag's cache line, which every release would
+        // otherwise pull to its core while the pump does not wait (almost always).
+        if self.pump_waits.load(Ordering::SeqCst) && self.pump_waits.swap(false, Ordering::SeqCst) {
             self.released.notify_waiters();
         }
     }
@@ -773,24 +778,33 @@ impl Overflow {
     /// budget: [`Overflow::room_in_hand`]), then for a slot in the queue. Producers that looked
     /// at once may each add one event past it.
     async fn room_for_a_producer(self: &Arc<Self>, tx: &mpsc::Sender<Delivery>) -> bool {
+        let look = || {
+            let mut state = self.state.lock().expect("overflow poisoned");
+            // (The disk is looked at whatever is left: the first `flow.queue` events left
+            // are charged nothing, and may be as large as any.)
+            match state.intake.catching_up.as_ref().map(|c| (c.left_bytes, c.left.is_empty())) {
+                Some((_, true)) => (true, true),
+                Some((left, false)) => {
+                    (left <= self.backlog.max(self.budget) && self.disk_keeps_its_reserve(&mut state), true)
+                }
+                None if tx.capacity() > 0 && state.bytes <= self.budget => (true, false),
+                None if self.fall_behind(&mut state, tx) => (true, true),
+                None => (state.bytes <= self.budget, false),
+            }
+        };
+        // Room at the first look (almost always): no waiter is registered with `drained`, whose
+        // list every producer of the plugin would otherwise lock twice per event.
+        let (room, catching_up) = look();
+        if room || tx.is_closed() {
+            return catching_up;
+        }
         loop {
             let drained = self.drained.notified();
             tokio::pin!(drained);
             drained.as_mut().enable();
-            let (room, catching_up) = {
-                let mut state = self.state.lock().expect("overflow poisoned");
-                // (The disk is looked at whatever is left: the first `flow.queue` events left
-                // are charged nothing, and may be as large as any.)
-                match state.intake.catching_up.as_ref().map(|c| (c.left_bytes, c.left.is_empty())) {
-                    Some((_, true)) => (true, true),
-                    Some((left, false)) => {
-                        (left <= self.backlog.max(self.budget) && self.disk_keeps_its_reserve(&mut state), true)
-                    }
-                    None if tx.capacity() > 0 && state.bytes <= self.budget => (true, false),
-                    None if self.fall_behind(&mut state, tx) => (true, true),
-                    None => (state.bytes <= self.budget, false),
-                }
-            };
+            // Looked at again once `drained` is registered, so a wake-up between the two looks
+            // is not missed.
+            let (room, catching_up) = look();
             if room || tx.is_closed() {
                 return catching_up;
             }
@@ -1556,6 +1570,9 @@ impl EmbeddedBus {
     /// one has no room (`Full`). `first_time_output`: it cannot be in the log yet, so it is
     /// logged without waiting for the commit; otherwise it is deduplicated.
     async fn deliver_output(&self, event: Arc<Event>, first_time_output: bool) -> Result<(), TransportError> {
+        if self.log.is_none() {
+            return self.deliver_output_in_memory(&event);
+        }
         let (targets, seen) = self.targets(&event);
         let cost = event.buffered_cost();
         // A handler's output or a dead letter: its `source` is the host's (`plugbus/<plugin>`).
@@ -1597,6 +1614,32 @@ impl EmbeddedBus {
             }
         }
         self.notify_observers(&event);
+        Ok(())
+    }
+
+    /// [`EmbeddedBus::deliver_output`] on the in-memory bus: nothing is logged and nothing waits,
+    /// so the targets, their room, the takes and the observers are all done under one read of
+    /// the table (once per output, where the durable bus reads it twice), and no target is
+    /// cloned out of it. All or none as there: every target's room is checked before any takes it.
+    fn deliver_output_in_memory(&self, event: &Arc<Event>) -> Result<(), TransportError> {
+        let cost = event.buffered_cost();
+        let publisher = Publisher::Plugin(&event.source);
+        let observer_gone = {
+            let table = self.table.read().expect("bus table poisoned");
+            let targets = || table.subs.iter().filter(|s| s.patterns.matches(&event.subject));
+            for sub in targets() {
+                let state = sub.overflow.state.lock().expect("overflow poisoned");
+                sub.overflow.check_room(&state, &sub.tx, publisher, true, cost)?;
+            }
+            for sub in targets() {
+                let mut state = sub.overflow.state.lock().expect("overflow poisoned");
+                sub.overflow.take(&mut state, &sub.tx, event, publisher, cost, Logged(None));
+            }
+            self.send_to_observers(&table.observers, event)
+        };
+        if observer_gone {
+            self.table.write().expect("bus table poisoned").observers.retain(|o| !o.tx.is_closed());
+        }
         Ok(())
     }
 
@@ -1668,22 +1711,29 @@ impl EmbeddedBus {
     fn notify_observers(&self, event: &Arc<Event>) {
         let observer_gone = {
             let table = self.table.read().expect("bus table poisoned");
-            let mut gone = false;
-            for o in table.observers.iter().filter(|o| o.patterns.matches(&event.subject)) {
-                match o.tx.try_send(event.clone()) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Closed(_)) => gone = true,
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        self.observer_misses.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(subject = %event.subject, "a slow observer missed an event");
-                    }
-                }
-            }
-            gone
+            self.send_to_observers(&table.observers, event)
         };
         if observer_gone {
             self.table.write().expect("bus table poisoned").observers.retain(|o| !o.tx.is_closed());
         }
+    }
+
+    /// Sends `event` to the observers whose patterns match it, never waiting (a slow one misses
+    /// it, counted); `true` when one has gone (for the caller to remove once it let go of the
+    /// table: this runs under its read lock).
+    fn send_to_observers(&self, observers: &[Observer], event: &Arc<Event>) -> bool {
+        let mut gone = false;
+        for o in observers.iter().filter(|o| o.patterns.matches(&event.subject)) {
+            match o.tx.try_send(event.clone()) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => gone = true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.observer_misses.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(subject = %event.subject, "a slow observer missed an event");
+                }
+            }
+        }
+        gone
     }
 
     /// Waits for the log to commit what was sent to it (a replay's acks, after its backfill
@@ -1795,10 +1845,11 @@ impl Transport for EmbeddedBus {
             log.room_for_outputs().await;
         }
         // An output of an event delivered for the first time cannot be in the log yet.
-        let first_time_output = match (&self.log, event.header("plugbus-caused-by")) {
-            (Some(log), Some(input)) => !log.was_redelivered(input),
-            _ => false,
-        };
+        let first_time_output = self
+            .log
+            .as_ref()
+            .and_then(|log| Some(!log.was_redelivered(event.header("plugbus-caused-by")?)))
+            .unwrap_or(false);
         self.deliver_output(event, first_time_output).await
     }
 

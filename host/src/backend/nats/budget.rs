@@ -163,6 +163,9 @@ impl Acker for Budgeted {
     fn position(&self) -> Option<(Arc<str>, u64)> {
         self.inner.position()
     }
+    fn acks_nothing(&self) -> bool {
+        self.inner.acks_nothing()
+    }
 }
 
 #[cfg(test)]
