@@ -40,6 +40,12 @@ pub mod headers {
     /// and lets it go unrun (they handled it the first time). Not on the replay of an output
     /// the bus did not take (it reached no one): that goes to every subscriber.
     pub const REPLAY_FOR: &str = "plugbus-replay-for";
+    /// On the dead letter of an event a plugin's delivery failed (its handler, or before it
+    /// ran), as opposed to an output of the plugin the bus did not take: that plugin, whom the
+    /// replay is for ([`super::failed_in`]). Told apart this way, never by the event's source
+    /// alone: an event a plugin failed may be its own output (a plugin subscribed to what it
+    /// publishes).
+    pub const FAILED_IN: &str = "plugbus-failed-in";
     /// On a dead letter of a dead letter: how deep (1). One that fails again is only logged.
     pub const DEPTH: &str = "plugbus-dead-letter-depth";
     /// On a dead letter published without its event's data (with it, it would be over the
@@ -151,13 +157,25 @@ pub fn replay_event(dead: &Event) -> Result<Event, String> {
     Ok(ev)
 }
 
-/// The plugin whose handler failed the event `dead` is the dead letter of, the one its replay
+/// Marks `dead` as the dead letter of an event `plugin`'s delivery failed ([`headers::FAILED_IN`]):
+/// its replay is for that plugin alone, even when the event was the plugin's own output.
+pub fn mark_failed_in(dead: &mut Event, plugin: &str) {
+    dead.extensions.push((headers::FAILED_IN.to_string(), plugin.to_string()));
+}
+
+/// The plugin whose delivery failed the event `dead` is the dead letter of, the one its replay
 /// is for ([`headers::REPLAY_FOR`]); `None` for the dead letter of an output the bus did not
-/// take (its original source is the plugin that dead-lettered it: every plugin's output has
-/// its own source), whose replay goes to every subscriber. (An event a plugin failed that was
-/// its own output reads as such too: its replay reaches every subscriber, as before.)
+/// take (it reached no one), whose replay goes to every subscriber.
+///
+/// Read from [`headers::FAILED_IN`] when it names the plugin that dead-lettered it. A dead
+/// letter without it (kept by a host before the mark existed) is told by its original source:
+/// the plugin's own (`plugbus/<plugin>`) reads as an output not taken, so such an old dead
+/// letter of an event a plugin failed that was its own output still goes to every subscriber.
 pub fn failed_in(dead: &Event) -> Option<&str> {
     let plugin = dead.header(headers::PLUGIN)?;
+    if dead.header(headers::FAILED_IN) == Some(plugin) {
+        return Some(plugin);
+    }
     let output = dead.header(headers::ORIGINAL_SOURCE) == Some(crate::event::plugin_source(plugin).as_str());
     (!output).then_some(plugin)
 }
@@ -532,6 +550,18 @@ mod tests {
         let replay = replay_event(&dead_letter_event(&output, "billing", "plugbus.dlq.billing", "refused", 3)).unwrap();
         assert_eq!(replay.header(headers::REPLAY_FOR), None);
         assert!(!is_replay_for_another(&replay, "audit"));
+        // billing's own output that billing's handler failed (it subscribes to what it
+        // publishes): marked, the replay is for billing alone.
+        let mut failed = dead_letter_event(&output, "billing", "plugbus.dlq.billing", "boom", 3);
+        mark_failed_in(&mut failed, "billing");
+        let replay = replay_event(&failed).unwrap();
+        assert_eq!(replay.header(headers::REPLAY_FOR), Some("billing"));
+        assert_eq!(replay.header(headers::FAILED_IN), None, "the host's marks stay off the replay");
+        assert!(is_replay_for_another(&replay, "audit"));
+        // A mark naming another plugin than the one that dead-lettered it is not read.
+        let mut forged = dead_letter_event(&output, "billing", "plugbus.dlq.billing", "refused", 3);
+        mark_failed_in(&mut forged, "audit");
+        assert_eq!(failed_in(&forged), None);
     }
 
     /// A dead letter of a dead letter published without its data keeps the mark (it must not be

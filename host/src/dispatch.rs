@@ -421,7 +421,7 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
             delivery.acker.ack().await;
         }
         Outcome::DeadLettered { attempts, failure } => {
-            let dead = keep_dead_letter(rt, ev, &failure.to_string(), *attempts, record).await;
+            let dead = keep_dead_letter(rt, ev, DeadOf::Delivery, &failure.to_string(), *attempts, record).await;
             // Counted once kept and before it is published: whoever reads the count finds the
             // dead letter in the store, and whoever sees it on the bus reads it counted.
             counters.dead_lettered.inc();
@@ -711,7 +711,7 @@ async fn release_output(rt: &PluginRuntime, ev: &Event, out: Arc<Event>, span: &
             let why = format!("output to {subject} not published after {tries} tries: {err}");
             span.record("tries", tries);
             telemetry::fail(span, &why);
-            let _ = dead_letter(rt, &out, &why, tries, None).await;
+            let _ = dead_letter_output(rt, &out, &why, tries).await;
             return false;
         };
         tracing::warn!(plugin = %rt.name, subject = %subject, event_id = %id, caused_by = %ev.id, tries,
@@ -721,19 +721,25 @@ async fn release_output(rt: &PluginRuntime, ev: &Event, out: Arc<Event>, span: &
     }
 }
 
-/// Keeps (with what its failed attempt saw, `record`, in this host's store only: never on the
-/// bus) and publishes the dead letter; `Err` when the transport did not take it.
-async fn dead_letter(
-    rt: &PluginRuntime,
-    ev: &Event,
-    failure: &str,
-    attempts: u32,
-    record: Option<Box<Record>>,
-) -> Result<(), ()> {
-    match keep_dead_letter(rt, ev, failure, attempts, record).await {
-        Some((dead, kept_whole)) => publish_dead_letter(rt, &ev.id, dead, kept_whole).await,
+/// Keeps and publishes the dead letter of `out`, an output of the plugin's that the transport
+/// did not take after `tries`; `Err` when the transport did not take the dead letter either.
+async fn dead_letter_output(rt: &PluginRuntime, out: &Event, failure: &str, tries: u32) -> Result<(), ()> {
+    match keep_dead_letter(rt, out, DeadOf::UnpublishedOutput, failure, tries, None).await {
+        Some((dead, kept_whole)) => publish_dead_letter(rt, &out.id, dead, kept_whole).await,
         None => Ok(()),
     }
+}
+
+/// What a dead letter is of: decides whom its replay is for ([`deadletter::failed_in`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeadOf {
+    /// An event the plugin's delivery failed (its handler, or before it ran): the replay is for
+    /// this plugin alone (the others handled it the first time), even when the event was the
+    /// plugin's own output.
+    Delivery,
+    /// An output of the plugin that the transport did not take: it reached no one, so its
+    /// replay goes to every subscriber.
+    UnpublishedOutput,
 }
 
 /// Keeps the dead letter of `ev` (with `record`, in this host's store only) and returns it to
@@ -746,6 +752,7 @@ async fn dead_letter(
 async fn keep_dead_letter(
     rt: &PluginRuntime,
     ev: &Event,
+    of: DeadOf,
     failure: &str,
     attempts: u32,
     record: Option<Box<Record>>,
@@ -764,7 +771,10 @@ async fn keep_dead_letter(
     }
     tracing::error!(plugin = %plugin, subject = %subject, event_id = %id, attempts,
         dead_letter = %rt.dead_letter_subject, "event dead-lettered: {failure}");
-    let dead = deadletter::dead_letter_event(ev, plugin, &rt.dead_letter_subject, failure, attempts);
+    let mut dead = deadletter::dead_letter_event(ev, plugin, &rt.dead_letter_subject, failure, attempts);
+    if of == DeadOf::Delivery {
+        deadletter::mark_failed_in(&mut dead, plugin);
+    }
     let (store, plugin, kept) = (rt.dead_letters.clone(), plugin.clone(), dead.clone());
     let keep = tokio::task::spawn_blocking(move || store.push_recorded(&plugin, kept, record));
     // Only a panic in the store ends it otherwise: then it was not kept whole (what its file

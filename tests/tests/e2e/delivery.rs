@@ -39,6 +39,7 @@ on_every_transport!(fails_twice_then_succeeds_handled_once_outputs_once);
 on_every_transport!(reject_dead_letters_at_once_with_every_header);
 on_every_transport!(exhausted_retries_dead_letter_with_the_last_error_and_replay_works);
 on_every_transport!(a_replayed_dead_letter_runs_again_only_in_the_plugin_that_failed_it);
+on_every_transport!(a_replayed_dead_letter_of_a_plugins_own_output_runs_again_only_in_it);
 
 /// The attack on the documented recovery: `faulty` rejects an event that `echo` handles too.
 /// Replaying faulty's dead letter used to publish it on its original subject to every
@@ -64,6 +65,33 @@ async fn a_replayed_dead_letter_runs_again_only_in_the_plugin_that_failed_it(bus
     let rest = seen.drain(Duration::from_millis(500)).await;
     assert!(rest.iter().all(|e| !e.subject.starts_with("echo.")), "echo ran the replay: {rest:?}");
     assert_eq!((t.counter("echo", "received"), t.counter("echo", "ok")), (1, 1));
+}
+
+/// The same when the event faulty failed was its own output (faulty publishes `faulty.reject`,
+/// which it subscribes to, and which echo handles too). Its dead letter's original source is
+/// faulty's own, which is also what the dead letter of an output the bus did not take looks
+/// like: told by that, the replay went to every subscriber and echo ran it again. The dead
+/// letter now says whose delivery failed (`plugbus-failed-in`).
+async fn a_replayed_dead_letter_of_a_plugins_own_output_runs_again_only_in_it(bus: &Bus<'_>) {
+    let t = TestHost::start_on(bus, &["faulty", "echo"], fast_retries).await;
+    let mut seen = t.observe(&["echo.>", "plugbus.dlq.>"]).await;
+    t.publish("faulty.selfreject", "mine").await;
+    // echo handles both the input and faulty's output; faulty rejects its own output.
+    t.wait_counter("echo", "ok", 2).await;
+    t.wait_counter("faulty", "dead_lettered", 1).await;
+    let dead = t.host.dead_letters().list(Some("faulty"));
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].event.header(headers::ORIGINAL_SOURCE), Some("plugbus/faulty"));
+    assert_eq!(dead[0].event.header(headers::FAILED_IN), Some("faulty"));
+    seen.drain(Duration::from_millis(300)).await;
+    let client = reqwest::Client::new();
+    let replay = client.post(format!("{}/v1/dlq/replay?plugin=faulty", t.url())).send().await.unwrap();
+    let report: serde_json::Value = replay.json().await.unwrap();
+    assert_eq!(report["replayed"].as_array().map(Vec::len), Some(1), "{report}");
+    t.wait_counter("faulty", "dead_lettered", 2).await;
+    let rest = seen.drain(Duration::from_millis(500)).await;
+    assert!(rest.iter().all(|e| !e.subject.starts_with("echo.")), "echo ran the replay: {rest:?}");
+    assert_eq!((t.counter("echo", "received"), t.counter("echo", "ok")), (2, 2));
 }
 
 /// On the embedded bus no other host can run a replay: a dead letter of a plugin that is no

@@ -18,7 +18,7 @@ fn busy_for_ms(ms: u64) {
 #[handler(
     name = "faulty",
     subscribe = ["faulty.*"],
-    publishes = ["faulty.out.>"],
+    publishes = ["faulty.out.>", "faulty.reject"],
     order_by_header = "key"
 )]
 fn misbehave(ev: Event) -> Result<(), HandlerError> {
@@ -61,6 +61,9 @@ fn misbehave(ev: Event) -> Result<(), HandlerError> {
         "kvkey" => kv::set(&"k".repeat(5_000), b"v")?,
         "retry" => return Err(HandlerError::retry("not now")),
         "reject" => return Err(HandlerError::reject("never")),
+        // Publishes `faulty.reject`, one of its own subjects, which it then rejects: an event
+        // it failed that is its own output.
+        "selfreject" => publish("faulty.reject", ev.data())?,
         // Fails until the attempt number reaches `arg`, then succeeds.
         "flaky" if ev.attempt() < arg as u32 => {
             publish(&out, format!("lost attempt {}", ev.attempt()))?;
