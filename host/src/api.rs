@@ -53,6 +53,12 @@ pub struct ApiSettings {
     /// Connections open at once; one more waits (in the kernel's backlog) until one ends. Each
     /// holds a file descriptor the host also needs for plugin files, compiles and its broker.
     pub max_connections: usize,
+    /// Connections one client address holds at once (an IPv6 client's /64 counts as one
+    /// address); one more is answered `503` and closed. So one client cannot take every
+    /// connection, and the health probes and other clients find room. At most
+    /// `max_connections`. Behind a reverse proxy every client is the proxy's address: raise it
+    /// to what the proxy opens.
+    pub max_connections_per_peer: usize,
     /// How long a client has to send a request's headers (counted from when the connection waits
     /// for them: an idle kept-alive connection is closed after it too), and again its body (a
     /// body not in by then is answered `408`); and how long a write may wait for the client to
@@ -69,6 +75,7 @@ impl Default for ApiSettings {
             max_tails: 16,
             tail_buffer_bytes: 8 << 20,
             max_connections: 512,
+            max_connections_per_peer: 128,
             read_timeout: Duration::from_secs(30),
         }
     }

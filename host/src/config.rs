@@ -207,6 +207,10 @@ impl Config {
         self.telemetry.validate().map_err(anyhow::Error::msg)?;
         self.sandbox.validate().map_err(anyhow::Error::msg)?;
         anyhow::ensure!(self.api.max_connections > 0, "api.max_connections is 0: the API would take no connection");
+        anyhow::ensure!(
+            self.api.max_connections_per_peer > 0,
+            "api.max_connections_per_peer is 0: the API would take no client's connection"
+        );
         anyhow::ensure!(!self.api.read_timeout.is_zero(), "api.read_timeout is 0: no request could be read");
         anyhow::ensure!(
             self.api.max_tails < self.api.max_connections,

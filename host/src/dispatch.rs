@@ -84,6 +84,9 @@ pub struct Counts {
     pub attempts: AtomicU64,
     /// Outputs released.
     pub outputs: AtomicU64,
+    /// Outputs the transport did not take after every try, dead-lettered by themselves (their
+    /// delivery counts as handled, not in `dead_lettered`).
+    pub outputs_dead_lettered: AtomicU64,
 }
 
 /// Counters for one plugin (`/v1/plugins`, metrics).
@@ -724,7 +727,11 @@ async fn release_output(rt: &PluginRuntime, ev: &Event, out: Arc<Event>, span: &
 /// Keeps and publishes the dead letter of `out`, an output of the plugin's that the transport
 /// did not take after `tries`; `Err` when the transport did not take the dead letter either.
 async fn dead_letter_output(rt: &PluginRuntime, out: &Event, failure: &str, tries: u32) -> Result<(), ()> {
-    match keep_dead_letter(rt, out, DeadOf::UnpublishedOutput, failure, tries, None).await {
+    let kept = keep_dead_letter(rt, out, DeadOf::UnpublishedOutput, failure, tries, None).await;
+    // Counted once kept and before it is published, as a delivery's dead letter is.
+    rt.stats.add(|c| &c.outputs_dead_lettered, 1);
+    rt.metrics.outputs_dead_lettered.inc();
+    match kept {
         Some((dead, kept_whole)) => publish_dead_letter(rt, &out.id, dead, kept_whole).await,
         None => Ok(()),
     }

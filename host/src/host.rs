@@ -140,6 +140,7 @@ impl Host {
             stop_http = Some(tx);
             let bounds = crate::http_server::Bounds {
                 max_connections: config.api.max_connections,
+                max_connections_per_peer: config.api.max_connections_per_peer,
                 read_timeout: config.api.read_timeout,
             };
             http_task = Some(tokio::spawn(async move {

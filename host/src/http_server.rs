@@ -9,15 +9,19 @@
 //! could be read, no compile child started, no broker reconnect made.
 //!
 //! Invariant: the server never holds more than `max_connections` connections; one past it waits
-//! in the kernel's backlog until one ends. No connection waits on its client for longer than
+//! in the kernel's backlog until one ends. One client address (an IPv6 client's /64) holds at
+//! most `max_connections_per_peer` of them: one more is answered `503` and closed at once, so a
+//! single client cannot keep the others (and the health probes) waiting in that backlog. No connection waits on its client for longer than
 //! `read_timeout` (a reply a route waits for, as `POST /v1/request` does, is not the client's
 //! wait). Dropping the serve future drops every connection.
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use std::collections::HashMap;
 use std::io;
+use std::net::{IpAddr, Ipv6Addr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -29,6 +33,8 @@ use tokio::task::JoinSet;
 pub struct Bounds {
     /// Connections open at once.
     pub max_connections: usize,
+    /// Connections one client address holds at once (at most `max_connections`).
+    pub max_connections_per_peer: usize,
     /// How long a client has to send a request's headers, counted from when the connection
     /// waits for them; and how long a write may wait for the client to take it.
     pub read_timeout: Duration,
@@ -38,6 +44,8 @@ pub struct Bounds {
 /// their requests (each is told to close after the one in progress) and returns when they have.
 pub async fn serve(listener: TcpListener, app: axum::Router, bounds: Bounds, shutdown: impl Future<Output = ()>) {
     let slots = Arc::new(Semaphore::new(bounds.max_connections.max(1)));
+    let peers = Arc::new(PeerShares::new(bounds.max_connections_per_peer.clamp(1, bounds.max_connections.max(1))));
+    let refusals = Arc::new(Semaphore::new(REFUSALS_LINGERING));
     let (closing, closing_seen) = watch::channel(false);
     let mut connections = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -64,6 +72,10 @@ pub async fn serve(listener: TcpListener, app: axum::Router, bounds: Bounds, shu
                 continue;
             }
         };
+        let Some(share) = peers.take(peer.ip()) else {
+            refuse_over_share(stream, peer, peers.per_peer, &refusals);
+            continue;
+        };
         let service = TowerToHyperService::new(app.clone());
         let mut closing = closing_seen.clone();
         connections.spawn(async move {
@@ -89,6 +101,7 @@ pub async fn serve(listener: TcpListener, app: axum::Router, bounds: Bounds, shu
                     }
                 }
             }
+            drop(share);
             drop(slot);
         });
     }
@@ -96,6 +109,117 @@ pub async fn serve(listener: TcpListener, app: axum::Router, bounds: Bounds, shu
     drop(listener);
     let _ = closing.send(true);
     while connections.join_next().await.is_some() {}
+}
+
+/// How many connections each client address holds (see [`PeerShares::take`]).
+struct PeerShares {
+    per_peer: usize,
+    held: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PeerShares {
+    fn new(per_peer: usize) -> Self {
+        Self { per_peer, held: Mutex::new(HashMap::new()) }
+    }
+
+    /// A connection of `ip`'s, held until the share is dropped; `None` when its address holds
+    /// `per_peer` already. An IPv6 address counts by its /64 (one host's usual allocation,
+    /// whose 2^64 addresses would each get a share of their own), an IPv4-mapped one as IPv4.
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<PeerShare> {
+        let key = match ip.to_canonical() {
+            IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
+            v4 => v4,
+        };
+        let mut held = self.held.lock().expect("peer shares poisoned");
+        let count = held.entry(key).or_insert(0);
+        if *count >= self.per_peer {
+            return None;
+        }
+        *count += 1;
+        Some(PeerShare { shares: self.clone(), key })
+    }
+}
+
+/// One connection's part of its address's share; given back when dropped (the map keeps only
+/// addresses that hold a connection, so it is as large as the connections open at most).
+struct PeerShare {
+    shares: Arc<PeerShares>,
+    key: IpAddr,
+}
+
+impl Drop for PeerShare {
+    fn drop(&mut self) {
+        let mut held = self.shares.held.lock().expect("peer shares poisoned");
+        if let Some(count) = held.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Refused connections whose answer may linger at once (see [`refuse_over_share`]); past them a
+/// refused connection is closed without one.
+const REFUSALS_LINGERING: usize = 32;
+/// How long a refused connection's answer lingers, and how much of its request is read meanwhile.
+const REFUSAL_LINGER: Duration = Duration::from_millis(200);
+const REFUSAL_READ_BYTES: usize = 16 << 10;
+
+/// Answers a connection over its address's share `503` and closes it. Its request's head is read
+/// (and thrown away) first, for at most [`REFUSAL_LINGER`] and [`REFUSAL_READ_BYTES`]: an answer
+/// sent before the request is one an HTTP client refuses as unexpected, and a connection closed
+/// with its request unread is reset, its answer lost. The answer is written only if the socket
+/// takes it at once (nothing waits on this client). At most [`REFUSALS_LINGERING`] linger at
+/// once, none of them holding a connection slot: past them a refused connection is closed at
+/// once, so a client opening connections as fast as it can is only closed faster.
+fn refuse_over_share(
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    per_peer: usize,
+    refusals: &Arc<Semaphore>,
+) {
+    tracing::debug!(peer = %peer, per_peer, "HTTP API connection refused: its address holds its share of connections");
+    let Ok(lingering) = refusals.clone().try_acquire_owned() else { return };
+    let body =
+        format!("too many connections from this address: it holds {per_peer} already (api.max_connections_per_peer)\n");
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = stream;
+        let deadline = tokio::time::Instant::now() + REFUSAL_LINGER;
+        let (mut head, mut chunk) = (Vec::new(), [0u8; 4096]);
+        let _ = tokio::time::timeout_at(deadline, async {
+            while head.len() < REFUSAL_READ_BYTES && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await;
+        if stream.try_write(answer.as_bytes()).is_err() {
+            return;
+        }
+        let _ = stream.shutdown().await;
+        // What follows the head (a body) is read and thrown away until the client closes, or
+        // the linger ends: closed with it unread, the connection would be reset under the answer.
+        let mut read = head.len();
+        let _ = tokio::time::timeout_at(deadline, async {
+            while read < REFUSAL_READ_BYTES {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => read += n,
+                }
+            }
+        })
+        .await;
+        drop(lingering);
+    });
 }
 
 /// Errors of one connection, not of the listener (as `axum::serve` reads them).

@@ -102,6 +102,9 @@ pub struct Metrics {
     pub replies_dropped: Family<PluginLabels, Counter>,
     /// Requests settled without running because their requester stopped waiting.
     pub requests_expired: Family<PluginLabels, Counter>,
+    /// Outputs the transport did not take after every try, dead-lettered by themselves (their
+    /// input was handled: it is not counted in `dead_lettered`).
+    pub outputs_dead_lettered: Family<PluginLabels, Counter>,
     /// `POST /v1/request/{subject}` answered `504`: no reply within its timeout.
     pub api_request_timeouts: Counter,
 }
@@ -134,6 +137,7 @@ impl Default for Metrics {
             browser_refused: Counter::default(),
             replies_dropped: Family::default(),
             requests_expired: Family::default(),
+            outputs_dead_lettered: Family::default(),
             api_request_timeouts: Counter::default(),
         };
         r.register("events_received", "Events delivered to a plugin", m.received.clone());
@@ -190,6 +194,12 @@ impl Default for Metrics {
             m.requests_expired.clone(),
         );
         r.register(
+            "outputs_dead_lettered",
+            "Outputs of a plugin the bus did not take after every try, dead-lettered by themselves (the event \
+             that made them was handled)",
+            m.outputs_dead_lettered.clone(),
+        );
+        r.register(
             "api_request_timeouts",
             "POST /v1/request answered 504: no reply within the timeout",
             m.api_request_timeouts.clone(),
@@ -229,6 +239,8 @@ pub struct PluginMetrics {
     pub replies_dropped: Counter,
     /// `plugbus_requests_expired_total{plugin}`.
     pub requests_expired: Counter,
+    /// `plugbus_outputs_dead_lettered_total{plugin}`.
+    pub outputs_dead_lettered: Counter,
     /// The patterns in manifest order with their counters. Behind an `Arc`: one reference count
     /// per event instead of one per counter (each a cache line the two cores pass back and forth).
     by_subscription: RwLock<Subscriptions>,
@@ -242,12 +254,15 @@ impl PluginMetrics {
         let unsubscribed = Arc::new(metrics.counters(plugin, UNSUBSCRIBED));
         let replies_dropped = metrics.replies_dropped.get_or_create(&PluginLabels { plugin: plugin.into() }).clone();
         let requests_expired = metrics.requests_expired.get_or_create(&PluginLabels { plugin: plugin.into() }).clone();
+        let outputs_dead_lettered =
+            metrics.outputs_dead_lettered.get_or_create(&PluginLabels { plugin: plugin.into() }).clone();
         let this = Self {
             plugin: plugin.into(),
             family: metrics,
             handler_seconds,
             replies_dropped,
             requests_expired,
+            outputs_dead_lettered,
             by_subscription: RwLock::new(Arc::from(Vec::new())),
             unsubscribed,
         };

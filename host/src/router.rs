@@ -334,6 +334,7 @@ impl Router {
                         ("pending", s.pending()),
                         ("queued", (e.queue_depth)() as u64),
                         ("outputs", s.total(|c| &c.outputs)),
+                        ("outputs_dead_lettered", s.total(|c| &c.outputs_dead_lettered)),
                     ]),
                 }
             })

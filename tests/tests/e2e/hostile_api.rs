@@ -948,11 +948,69 @@ async fn a_client_that_never_reads_its_answers_loses_its_connection() {
     drop(writer);
 }
 
+/// The attack: one client opening every connection the API takes (`api.max_connections`) and
+/// holding them (idle keep-alives renewed before `api.read_timeout`, long waits on
+/// `/v1/request`, tails). Every other client, and the orchestrator's health probe, waited in the
+/// kernel's backlog behind it: a probe timing out gets the host restarted. Now one address
+/// holds at most `api.max_connections_per_peer`; one more is answered `503` naming the key, and
+/// another address is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_address_cannot_take_every_connection() {
+    let t = TestHost::start_with(&["audit"], |c| {
+        c.api.max_connections = 8;
+        c.api.max_connections_per_peer = 3;
+        c.api.max_tails = 2;
+        c.api.read_timeout = Duration::from_secs(20);
+    })
+    .await;
+    let addr = t.url().trim_start_matches("http://").to_string();
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    // The hog's three connections, idle, from 127.0.0.1.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Its fourth is refused at once, saying why.
+    let from = |ip: &str| {
+        reqwest::Client::builder()
+            .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap()
+    };
+    let refused = from("127.0.0.1").get(format!("{}/healthz", t.url())).send().await.expect("an answer");
+    assert_eq!(refused.status().as_u16(), 503);
+    assert_eq!(refused.headers().get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+    let why = refused.text().await.unwrap();
+    assert!(why.contains("api.max_connections_per_peer") && why.contains('3'), "{why}");
+    // Another address is served meanwhile (Linux routes all of 127/8 to loopback).
+    let other = from("127.0.0.2").get(format!("http://127.0.0.1:{port}/healthz")).send().await.unwrap();
+    assert_eq!(other.status().as_u16(), 200);
+    // Once the hog lets go of one, it is served again.
+    held.pop();
+    let mut served = None;
+    for _ in 0..50 {
+        match from("127.0.0.1").get(format!("{}/healthz", t.url())).send().await {
+            Ok(r) if r.status().as_u16() == 200 => {
+                served = Some(());
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert!(served.is_some(), "the address was not served again after closing a connection");
+    drop(held);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_bounds_of_zero_are_refused_naming_the_key() {
     let mut c = Config::default();
     c.api.max_connections = 0;
     assert!(c.validate().unwrap_err().to_string().contains("api.max_connections"));
+    let mut c = Config::default();
+    c.api.max_connections_per_peer = 0;
+    assert!(c.validate().unwrap_err().to_string().contains("api.max_connections_per_peer"));
     let mut c = Config::default();
     c.api.read_timeout = Duration::ZERO;
     assert!(c.validate().unwrap_err().to_string().contains("api.read_timeout"));

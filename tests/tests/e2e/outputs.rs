@@ -71,8 +71,8 @@ async fn start_with(failures: u32, kv: Arc<dyn KvStore>) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(wasm("inventory"), dir.path().join("inventory.wasm")).unwrap();
     let data = tempfile::tempdir().unwrap();
-    let mut config =
-        Config { plugins_dir: dir.path().into(), data_dir: data.path().into(), http: None, ..Config::default() };
+    let mut config = Config { plugins_dir: dir.path().into(), data_dir: data.path().into(), ..Config::default() };
+    config.http = Some("127.0.0.1:0".parse().unwrap());
     fast_retries(&mut config);
     let transport = Arc::new(FailingOutputs {
         bus: EmbeddedBus::new(),
@@ -123,6 +123,14 @@ async fn an_output_refused_every_time_is_dead_lettered_by_itself_and_kv_stands()
     assert_eq!(s.transport.refused.load(Ordering::SeqCst), 3, "published three times");
     assert_eq!(counter(&s.host, "attempts"), 1, "the handler ran once");
     assert_eq!(counter(&s.host, "dead_lettered"), 0, "the input itself was handled");
+    assert_eq!(counter(&s.host, "outputs_dead_lettered"), 1, "the output is counted apart");
+    let addr = s.host.http_addr().expect("the test host serves its API");
+    let metrics = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l == r#"plugbus_outputs_dead_lettered_total{plugin="inventory"} 1"#),
+        "{}",
+        metrics.lines().filter(|l| l.contains("dead_lettered")).collect::<Vec<_>>().join("\n")
+    );
     assert_eq!(stock(&s.host).await, 6, "10 in stock, 4 reserved once");
 }
 
