@@ -713,24 +713,6 @@ struct DlqQuery {
 /// The most dead letters one listing or replay reads from a broker.
 const BROKER_DLQ_LIMIT: usize = 10_000;
 
-/// The kept dead letters: those the broker keeps for every host (NATS: the `PLUGBUS_DLQ`
-/// stream), then this host's own that the broker does not hold (on the embedded bus: all).
-async fn kept_dead_letters(
-    api: &Inner,
-    plugin: Option<&str>,
-) -> Result<(Vec<crate::deadletter::Entry>, Vec<crate::deadletter::Entry>), String> {
-    let local = api.s.dead_letters.list(plugin);
-    match api.s.transport.kept_dead_letters(plugin, BROKER_DLQ_LIMIT).await {
-        Ok(None) => Ok((Vec::new(), local)),
-        Ok(Some(broker)) => {
-            let held: std::collections::HashSet<&str> = broker.iter().map(|e| e.event.id.as_str()).collect();
-            let local = local.into_iter().filter(|e| !held.contains(e.event.id.as_str())).collect();
-            Ok((broker, local))
-        }
-        Err(e) => Err(format!("reading the broker's dead letters: {e}")),
-    }
-}
-
 #[derive(serde::Deserialize)]
 struct DlqListQuery {
     plugin: Option<String>,
@@ -746,16 +728,47 @@ async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqListQuery>) -> Resp
         let tagged: Vec<serde_json::Value> = dead_letters.into_iter().map(|e| tag(e, "host")).collect();
         return Json(json!({ "dead_letters": tagged, "total": total })).into_response();
     }
-    match kept_dead_letters(&api, q.plugin.as_deref()).await {
-        Ok((broker, local)) => {
-            let mut all: Vec<serde_json::Value> =
-                broker.into_iter().map(|e| tag(e, "broker")).chain(local.into_iter().map(|e| tag(e, "host"))).collect();
-            let total = all.len();
-            all.drain(..total.saturating_sub(limit));
-            Json(json!({ "dead_letters": all, "total": total })).into_response()
-        }
-        Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, why),
-    }
+    // The broker's newest page: it costs about `limit` reads however many the broker keeps
+    // (read oldest first, the dashboard's page every 2 s was up to 10,000 reads and 64 MiB, and
+    // past 10,000 the newest were never listed).
+    let page = limit.min(BROKER_DLQ_LIMIT);
+    let (broker, broker_total) = match api.s.transport.newest_dead_letters(q.plugin.as_deref(), page).await {
+        Ok(newest) => newest.unwrap_or_default(),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("reading the broker's dead letters: {e}")),
+    };
+    let local = only_here(&broker, api.s.dead_letters.newest(q.plugin.as_deref(), page).0, page);
+    let total = broker_total + local.len();
+    // The broker's in its order, then this host's (newer than a full page's oldest, see
+    // `only_here`), as before.
+    let mut all: Vec<serde_json::Value> =
+        broker.into_iter().map(|e| tag(e, "broker")).chain(local.into_iter().map(|e| tag(e, "host"))).collect();
+    all.drain(..all.len().saturating_sub(limit));
+    Json(json!({ "dead_letters": all, "total": total })).into_response()
+}
+
+/// When a listed dead letter was made (`plugbus-failed-at`, RFC 3339 to the millisecond, so it
+/// sorts as text).
+fn failed_at(entry: &crate::deadletter::Entry) -> String {
+    entry.event.header(crate::deadletter::headers::FAILED_AT).unwrap_or_default().to_string()
+}
+
+/// Of this host's newest dead letters (`local`, oldest first), those to list beside the broker's
+/// newest `page` (`broker`, oldest first): those it does not hold (too large for it, or made
+/// while it was away). One not in a full page but older than its oldest may well be in the
+/// broker, older than the page, and is left to a larger page; beside a page that is not full
+/// the broker holds no other.
+fn only_here(
+    broker: &[crate::deadletter::Entry],
+    local: Vec<crate::deadletter::Entry>,
+    page: usize,
+) -> Vec<crate::deadletter::Entry> {
+    let held: std::collections::HashSet<&str> = broker.iter().map(|e| e.event.id.as_str()).collect();
+    let oldest_listed = (broker.len() >= page).then(|| broker.first().map(failed_at)).flatten();
+    local
+        .into_iter()
+        .filter(|e| !held.contains(e.event.id.as_str()))
+        .filter(|e| oldest_listed.as_ref().is_none_or(|oldest| failed_at(e) > *oldest))
+        .collect()
 }
 
 /// A listed dead letter, saying who keeps it (`broker` or `host`).
@@ -1158,6 +1171,32 @@ async fn stats(State(api): State<Api>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Beside the broker's newest page, only this host's dead letters the broker does not hold
+    /// are listed: never its copies of the page's, nor (beside a full page) older ones that may
+    /// be in the broker past the page; beside a page that is not full, every one it lacks.
+    #[test]
+    fn a_hosts_own_dead_letters_are_listed_beside_the_brokers_page_only_when_it_lacks_them() {
+        let entry = |id: &str, at: &str| {
+            let mut event = crate::event::Event::new("plugbus.dlq.p", "");
+            event.id = id.into();
+            event.extensions.push((crate::deadletter::headers::FAILED_AT.into(), at.into()));
+            crate::deadletter::Entry { seq: 0, plugin: "p".into(), event, record: None }
+        };
+        let ids = |v: Vec<crate::deadletter::Entry>| v.into_iter().map(|e| e.event.id).collect::<Vec<_>>();
+        let page = [entry("b2", "2026-01-01T00:00:02.000Z"), entry("b3", "2026-01-01T00:00:03.000Z")];
+        let local = || {
+            vec![
+                entry("old", "2026-01-01T00:00:01.000Z"),
+                entry("b2", "2026-01-01T00:00:02.000Z"),
+                entry("b3", "2026-01-01T00:00:03.000Z"),
+                entry("new", "2026-01-01T00:00:04.000Z"),
+            ]
+        };
+        assert_eq!(ids(only_here(&page, local(), 2)), ["new"]);
+        assert_eq!(ids(only_here(&page, local(), 3)), ["old", "new"], "the broker holds no other");
+        assert_eq!(ids(only_here(&[], local(), 2)), ["old", "b2", "b3", "new"], "no broker page");
+    }
 
     /// A dead letter the broker keeps without its data is replayed from this host's copy only
     /// when that copy is whole; any other is replayed from the broker's.

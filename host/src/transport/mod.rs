@@ -309,6 +309,18 @@ pub trait Transport: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// The newest `limit` dead letters the broker keeps (of `plugin`, when given; oldest first),
+    /// and how many it keeps in all: a page to show, read from the newest back. `None`: the
+    /// broker keeps none.
+    async fn newest_dead_letters(
+        &self,
+        plugin: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<(Vec<crate::deadletter::Entry>, usize)>, TransportError> {
+        let _ = (plugin, limit);
+        Ok(None)
+    }
+
     /// Removes a dead letter the broker keeps (its replay was taken by the bus).
     async fn forget_dead_letter(&self, seq: u64) -> Result<(), TransportError> {
         Err(TransportError::Broker(format!("the {} transport keeps no dead letters (seq {seq})", self.name())))

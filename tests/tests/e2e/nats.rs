@@ -1036,6 +1036,57 @@ async fn jetstream_a_dead_letter_naming_no_id_keeps_one_id_across_listings() {
     t.wait_counter("faulty", "ok", 1).await;
 }
 
+/// The dashboard asks for the newest dead letters (`GET /v1/dlq?limit=100`) every 2 s. On NATS
+/// the listing read `PLUGBUS_DLQ` oldest first, up to 10,000 messages (a request each) and
+/// 64 MiB, then kept the newest of those: every poll cost that much, and past 10,000 dead
+/// letters the newest were never listed. Now a page is read from the newest back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_the_newest_dead_letters_are_listed_past_ten_thousand() {
+    let server = NatsServer::start().await;
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |_| {}).await;
+    let js = jetstream::new(server.client().await);
+    // 10,003 of faulty's, then 2 of another plugin's: data is the number.
+    let mut acks = Vec::new();
+    for n in 0..10_005u32 {
+        let plugin = if n < 10_003 { "faulty" } else { "other" };
+        let mut dead = async_nats::HeaderMap::new();
+        dead.insert(headers::PLUGIN, plugin);
+        dead.insert(headers::ORIGINAL_SUBJECT, "faulty.ok");
+        dead.insert(headers::ERROR, "dead-lettered elsewhere");
+        let subject = format!("plugbus.dlq.{plugin}");
+        acks.push(js.publish_with_headers(subject, dead, n.to_string().into()).await.unwrap());
+        // (The client holds at most so many acks pending: awaited in batches.)
+        if acks.len() == 500 {
+            for ack in acks.drain(..) {
+                ack.await.unwrap();
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let client = reqwest::Client::new();
+    let list = |query: Vec<(&'static str, &'static str)>| {
+        let req = client.get(format!("{}/v1/dlq", t.url())).query(&query);
+        async move { req.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let data = |listed: &Value| -> Vec<String> {
+        listed["dead_letters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["event"]["data"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let faulty = list(vec![("plugin", "faulty"), ("limit", "3")]).await;
+    assert_eq!(data(&faulty), ["10000", "10001", "10002"], "{faulty}");
+    assert_eq!(faulty["total"], 10_003);
+    let all = list(vec![("limit", "3")]).await;
+    assert_eq!(data(&all), ["10002", "10003", "10004"], "{all}");
+    assert_eq!(all["total"], 10_005);
+    assert!(all["dead_letters"].as_array().unwrap().iter().all(|e| e["kept_by"] == "broker"), "{all}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_dead_letters_are_listed_and_replayed_from_the_stream_by_any_host() {
     let server = NatsServer::start().await;

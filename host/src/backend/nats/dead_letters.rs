@@ -86,29 +86,105 @@ pub async fn list(
         };
         next = msg.sequence + 1;
         bytes += message_cost(&msg.headers, msg.payload.len());
-        // One that names no id (not a host's: it has `ce-id`) is known by its place in the
-        // stream, the same at every listing, so a replay can name it.
-        let fallback_id = Some(format!("{STREAM}-{}", msg.sequence));
-        let event = match wire::event_of(&msg.subject, Some(&msg.headers), msg.payload, fallback_id) {
-            Ok(event) => event,
-            Err(why) => {
-                tracing::warn!(
-                    stream = STREAM,
-                    seq = msg.sequence,
-                    "a message in the dead-letter stream is not an event: {why}"
-                );
-                passed_over += 1;
-                continue;
-            }
-        };
-        match event.header(headers::PLUGIN).map(str::to_string) {
-            Some(owner) if plugin.is_none_or(|p| p == owner) => {
-                out.push(Entry { seq: msg.sequence, plugin: owner, event, record: None })
-            }
-            _ => passed_over += 1,
+        match entry_of(msg, plugin) {
+            Some(entry) => out.push(entry),
+            None => passed_over += 1,
         }
     }
     Ok(Some(out))
+}
+
+/// The newest `limit` dead letters the stream keeps (of `plugin`, when given), oldest first,
+/// and how many messages it keeps under their subject; `None` when there is no stream. When it
+/// keeps no more than `limit` there, they are read as [`list`] reads them (the server skips
+/// other subjects); otherwise from the newest back, one message a request, so a page costs
+/// about `limit` requests however many the stream keeps (the dashboard asks for its page every
+/// 2 s: read oldest first, that was up to 10,000 requests and 64 MiB each time, and past 10,000
+/// the newest were never listed). Read back, it stops at [`MAX_BYTES`], and after
+/// [`MAX_PASSED_OVER`] sequence numbers that hold nothing it lists (removed by a replay,
+/// another plugin's, not a dead letter).
+pub async fn newest(
+    js: &jetstream::Context,
+    plugin: Option<&str>,
+    limit: usize,
+) -> Result<Option<(Vec<Entry>, usize)>, TransportError> {
+    let Some(mut stream) = stream(js).await? else { return Ok(None) };
+    let broker = |what: &str, e: &dyn std::fmt::Display| TransportError::Broker(format!("{what} {STREAM}: {e}"));
+    let state = stream.info().await.map_err(|e| broker("reading the state of", &e))?.state.clone();
+    let subject = plugin.map(|p| format!("plugbus.dlq.{p}"));
+    let total = match &subject {
+        None => state.messages as usize,
+        Some(subject) => {
+            use futures::TryStreamExt;
+            let mut counts = stream.info_with_subjects(subject).await.map_err(|e| broker("counting in", &e))?;
+            let mut total = 0;
+            while let Some((counted, n)) = counts.try_next().await.map_err(|e| broker("counting in", &e))? {
+                if counted == *subject {
+                    total += n;
+                }
+            }
+            total
+        }
+    };
+    if total <= limit {
+        return Ok(list(js, plugin, limit).await?.map(|all| (all, total)));
+    }
+    let (mut out, mut bytes, mut passed_over) = (Vec::new(), 0usize, 0usize);
+    let mut seq = state.last_sequence;
+    while out.len() < limit && bytes < MAX_BYTES && seq >= state.first_sequence.max(1) {
+        if passed_over >= MAX_PASSED_OVER {
+            tracing::warn!(
+                stream = STREAM,
+                seq,
+                "listing the newest dead letters stopped: {passed_over} sequence \
+                numbers read back held no dead letter listed here (removed, another plugin's, or not one); older \
+                ones are still kept, not listed"
+            );
+            break;
+        }
+        let at = seq;
+        seq -= 1;
+        let msg = match stream.get_raw_message(at).await {
+            Ok(msg) => msg,
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+                passed_over += 1;
+                continue;
+            }
+            Err(e) => return Err(TransportError::Broker(format!("reading {STREAM} at {at}: {e}"))),
+        };
+        if subject.as_ref().is_some_and(|s| *s != msg.subject.as_str()) {
+            passed_over += 1;
+            continue;
+        }
+        bytes += message_cost(&msg.headers, msg.payload.len());
+        match entry_of(msg, plugin) {
+            Some(entry) => out.push(entry),
+            None => passed_over += 1,
+        }
+    }
+    out.reverse();
+    Ok(Some((out, total)))
+}
+
+/// The entry a message of the stream is, when it is a dead letter (of `plugin`, when given);
+/// `None` (logged when it is not an event) otherwise.
+fn entry_of(msg: jetstream::message::StreamMessage, plugin: Option<&str>) -> Option<Entry> {
+    // One that names no id (not a host's: it has `ce-id`) is known by its place in the
+    // stream, the same at every listing, so a replay can name it.
+    let fallback_id = Some(format!("{STREAM}-{}", msg.sequence));
+    let event = match wire::event_of(&msg.subject, Some(&msg.headers), msg.payload, fallback_id) {
+        Ok(event) => event,
+        Err(why) => {
+            tracing::warn!(
+                stream = STREAM,
+                seq = msg.sequence,
+                "a message in the dead-letter stream is not an event: {why}"
+            );
+            return None;
+        }
+    };
+    let owner = event.header(headers::PLUGIN)?.to_string();
+    plugin.is_none_or(|p| p == owner).then_some(Entry { seq: msg.sequence, plugin: owner, event, record: None })
 }
 
 /// Removes the dead letter at `seq` (after its replay was taken). One already gone is fine: a

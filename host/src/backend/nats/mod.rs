@@ -861,6 +861,14 @@ impl Transport for NatsTransport {
         dead_letters::list(&self.js, plugin, limit).await
     }
 
+    async fn newest_dead_letters(
+        &self,
+        plugin: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<(Vec<crate::deadletter::Entry>, usize)>, TransportError> {
+        dead_letters::newest(&self.js, plugin, limit).await
+    }
+
     async fn forget_dead_letter(&self, seq: u64) -> Result<(), TransportError> {
         dead_letters::forget(&self.js, seq).await
     }
