@@ -885,21 +885,28 @@ impl ReplayReport {
 }
 
 /// The replay of the dead letter `dead` ([`crate::deadletter::replay_event`]); refused, and so
-/// kept, when it is for a plugin this host does not run and no other host can (the embedded
-/// bus): every plugin would let it go unrun, and it would be reported replayed and forgotten.
+/// kept, when it is for a plugin this host does not run, or that no longer subscribes to its
+/// subject, and no other host can run it (the embedded bus): every plugin would let it go
+/// unrun, and it would be reported replayed and forgotten.
 fn replay_of(api: &Inner, dead: &crate::event::Event) -> Result<crate::event::Event, String> {
     let event = crate::deadletter::replay_event(dead)?;
-    if let Some(plugin) = crate::deadletter::failed_in(dead)
-        && !api.s.transport.is_external()
-        && !api.s.router.contains(plugin)
-    {
-        return Err(format!(
+    let Some(plugin) = crate::deadletter::failed_in(dead).filter(|_| !api.s.transport.is_external()) else {
+        return Ok(event);
+    };
+    match api.s.router.subscribes(plugin, &event.subject) {
+        Some(true) => Ok(event),
+        None => Err(format!(
             "the plugin it is for, {}, is not loaded (removed or renamed): every other plugin would let its \
              replay go unrun; replay it once that plugin is loaded again",
             crate::event::quoted(plugin)
-        ));
+        )),
+        Some(false) => Err(format!(
+            "the plugin it is for, {}, no longer subscribes to {} (its subscriptions changed): every other \
+             plugin would let its replay go unrun; replay it once that plugin subscribes to it again",
+            crate::event::quoted(plugin),
+            crate::event::quoted(&event.subject)
+        )),
     }
-    Ok(event)
 }
 
 /// Replays dead letters the broker keeps; each leaves the broker once the bus took its replay.

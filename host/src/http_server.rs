@@ -10,8 +10,10 @@
 //!
 //! Invariant: the server never holds more than `max_connections` connections; one past it waits
 //! in the kernel's backlog until one ends. One client address (an IPv6 client's /64) holds at
-//! most `max_connections_per_peer` of them: one more is answered `503` and closed at once, so a
-//! single client cannot keep the others (and the health probes) waiting in that backlog. No connection waits on its client for longer than
+//! most `max_connections_per_peer` of them, and the last eighth go only to addresses holding
+//! fewer than two: one more is answered `503` and closed at once, so neither one client nor a
+//! handful can keep the others (and the health probes) waiting in that backlog. Refused
+//! connections linger at most 200 ms, at most 32 at once, holding no slot. No connection waits on its client for longer than
 //! `read_timeout` (a reply a route waits for, as `POST /v1/request` does, is not the client's
 //! wait). Dropping the serve future drops every connection.
 
@@ -46,6 +48,7 @@ pub async fn serve(listener: TcpListener, app: axum::Router, bounds: Bounds, shu
     let slots = Arc::new(Semaphore::new(bounds.max_connections.max(1)));
     let peers = Arc::new(PeerShares::new(bounds.max_connections_per_peer.clamp(1, bounds.max_connections.max(1))));
     let refusals = Arc::new(Semaphore::new(REFUSALS_LINGERING));
+    let reserve = bounds.max_connections / RESERVED_PART;
     let (closing, closing_seen) = watch::channel(false);
     let mut connections = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -72,9 +75,15 @@ pub async fn serve(listener: TcpListener, app: axum::Router, bounds: Bounds, shu
                 continue;
             }
         };
-        let Some(share) = peers.take(peer.ip()) else {
-            refuse_over_share(stream, peer, peers.per_peer, &refusals);
-            continue;
+        // The last slots are kept for addresses holding few: a handful of addresses at their
+        // share each cannot fill every slot (and stop `accept` for everyone else).
+        let scarce = slots.available_permits() < reserve;
+        let share = match peers.take(peer.ip(), scarce) {
+            Ok(share) => share,
+            Err(holds) => {
+                refuse_over_share(stream, peer, holds, scarce, &refusals);
+                continue;
+            }
         };
         let service = TowerToHyperService::new(app.clone());
         let mut closing = closing_seen.clone();
@@ -125,18 +134,20 @@ impl PeerShares {
     /// A connection of `ip`'s, held until the share is dropped; `None` when its address holds
     /// `per_peer` already. An IPv6 address counts by its /64 (one host's usual allocation,
     /// whose 2^64 addresses would each get a share of their own), an IPv4-mapped one as IPv4.
-    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<PeerShare> {
+    /// `scarce`: only the reserved slots are left, which an address holding
+    /// [`SCARCE_SHARE`] or more does not get. `Err`: how many its address holds.
+    fn take(self: &Arc<Self>, ip: IpAddr, scarce: bool) -> Result<PeerShare, usize> {
         let key = match ip.to_canonical() {
             IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
             v4 => v4,
         };
         let mut held = self.held.lock().expect("peer shares poisoned");
-        let count = held.entry(key).or_insert(0);
-        if *count >= self.per_peer {
-            return None;
+        let holds = held.get(&key).copied().unwrap_or(0);
+        if holds >= self.per_peer || (scarce && holds >= SCARCE_SHARE) {
+            return Err(holds);
         }
-        *count += 1;
-        Some(PeerShare { shares: self.clone(), key })
+        *held.entry(key).or_insert(0) += 1;
+        Ok(PeerShare { shares: self.clone(), key })
     }
 }
 
@@ -159,6 +170,12 @@ impl Drop for PeerShare {
     }
 }
 
+/// The part of `max_connections` kept for addresses holding fewer than [`SCARCE_SHARE`] (an
+/// eighth: 64 of the default 512).
+const RESERVED_PART: usize = 8;
+/// What an address may hold and still get one of the reserved slots.
+const SCARCE_SHARE: usize = 2;
+
 /// Refused connections whose answer may linger at once (see [`refuse_over_share`]); past them a
 /// refused connection is closed without one.
 const REFUSALS_LINGERING: usize = 32;
@@ -176,13 +193,20 @@ const REFUSAL_READ_BYTES: usize = 16 << 10;
 fn refuse_over_share(
     stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
-    per_peer: usize,
+    holds: usize,
+    scarce: bool,
     refusals: &Arc<Semaphore>,
 ) {
-    tracing::debug!(peer = %peer, per_peer, "HTTP API connection refused: its address holds its share of connections");
+    tracing::debug!(peer = %peer, holds, scarce, "HTTP API connection refused: its address holds its share of connections");
     let Ok(lingering) = refusals.clone().try_acquire_owned() else { return };
-    let body =
-        format!("too many connections from this address: it holds {per_peer} already (api.max_connections_per_peer)\n");
+    let body = if scarce {
+        format!(
+            "too many connections from this address: it holds {holds}, and the API's last free connections are \
+             kept for clients holding fewer than {SCARCE_SHARE} (api.max_connections)\n"
+        )
+    } else {
+        format!("too many connections from this address: it holds {holds} already (api.max_connections_per_peer)\n")
+    };
     let answer = format!(
         "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain; charset=utf-8\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -194,10 +218,18 @@ fn refuse_over_share(
         let deadline = tokio::time::Instant::now() + REFUSAL_LINGER;
         let (mut head, mut chunk) = (Vec::new(), [0u8; 4096]);
         let _ = tokio::time::timeout_at(deadline, async {
-            while head.len() < REFUSAL_READ_BYTES && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            while head.len() < REFUSAL_READ_BYTES {
                 match stream.read(&mut chunk).await {
                     Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    Ok(n) => {
+                        // Only what is new is looked at (with the 3 bytes before it), so a
+                        // client trickling its head a byte at a time costs no rescans.
+                        let from = head.len().saturating_sub(3);
+                        head.extend_from_slice(&chunk[..n]);
+                        if head[from..].windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
+                    }
                 }
             }
         })

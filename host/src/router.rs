@@ -235,6 +235,13 @@ impl Router {
         self.entries.lock().expect("router poisoned").contains_key(name)
     }
 
+    /// Whether the live plugin `name` subscribes to `subject` now; `None` when it is not loaded.
+    pub fn subscribes(&self, name: &str, subject: &str) -> Option<bool> {
+        let entries = self.entries.lock().expect("router poisoned");
+        let patterns = &entries.get(name)?.spec.patterns;
+        Some(crate::subject::PatternSet::parse(patterns).is_ok_and(|set| set.matches(subject)))
+    }
+
     /// Replaces the version of a live plugin atomically: deliveries in flight finish on the
     /// old version, every later one (and every later retry) runs on the new. If the
     /// subscriptions changed, the transport re-targets them in place (no gap, no duplicate).

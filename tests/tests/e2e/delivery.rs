@@ -112,6 +112,31 @@ async fn a_dead_letter_of_a_plugin_not_loaded_is_kept_not_replayed_into_nobody()
     assert_eq!(t.host.dead_letters().list(Some("faulty")).len(), 1, "the dead letter is kept");
 }
 
+/// The same for a plugin still loaded that no longer subscribes to the dead letter's subject
+/// (its subscriptions changed since it failed the event): its replay would reach only plugins
+/// that let it go unrun (here echo, on `orders.*`), and it was reported replayed and forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_of_a_plugin_no_longer_subscribed_is_kept_not_replayed_into_nobody() {
+    let t = TestHost::start_with(&["faulty", "echo"], fast_retries).await;
+    let mut dead = plugbus::deadletter::dead_letter_event(
+        &plugbus::Event::new("orders.created", "{}"),
+        "faulty",
+        "plugbus.dlq.faulty",
+        "failed when faulty still subscribed to orders.*",
+        1,
+    );
+    plugbus::deadletter::mark_failed_in(&mut dead, "faulty");
+    t.host.dead_letters().push("faulty", dead);
+    let client = reqwest::Client::new();
+    let replay = client.post(format!("{}/v1/dlq/replay?plugin=faulty", t.url())).send().await.unwrap();
+    let report: serde_json::Value = replay.json().await.unwrap();
+    assert_eq!(report["replayed"].as_array().map(Vec::len), Some(0), "{report}");
+    let why = report["refused"][0]["why"].as_str().unwrap_or_default();
+    assert!(why.contains("no longer subscribes") && why.contains("orders.created"), "{report}");
+    assert_eq!(t.host.dead_letters().list(Some("faulty")).len(), 1, "the dead letter is kept");
+    assert_eq!(t.counter("echo", "received"), 0, "nothing was published");
+}
+
 async fn fails_twice_then_succeeds_handled_once_outputs_once(bus: &Bus<'_>) {
     let policy = RetryPolicy {
         max_attempts: 5,

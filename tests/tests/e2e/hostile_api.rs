@@ -897,9 +897,12 @@ async fn slow_and_idle_connections_are_bounded_and_closed() {
         }
         held.push(s);
     }
-    // A client arriving meanwhile is served once the slow ones are closed.
+    // A client arriving meanwhile from another address is served, at the latest once the slow
+    // ones are closed (from theirs it is refused while they hold its share: see
+    // `one_client_address_cannot_take_every_connection`).
     let started = Instant::now();
-    let health = reqwest::get(format!("{}/healthz", t.url())).await.unwrap();
+    let other = reqwest::Client::builder().local_address(std::net::IpAddr::from([127, 0, 0, 2])).build().unwrap();
+    let health = other.get(format!("{}/healthz", t.url())).send().await.unwrap();
     assert_eq!(health.status().as_u16(), 200);
     assert!(started.elapsed() < Duration::from_secs(10), "served after {:?}", started.elapsed());
     // Every slow connection the server took is closed by it (those past the cap, when taken).
@@ -1000,6 +1003,53 @@ async fn one_client_address_cannot_take_every_connection() {
         }
     }
     assert!(served.is_some(), "the address was not served again after closing a connection");
+    drop(held);
+}
+
+/// The same attack from a handful of addresses, each at its share (4 × 128 fill the default
+/// 512): `accept` stopped for everyone else. The last eighth of `api.max_connections` go only to
+/// addresses holding fewer than two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_few_client_addresses_cannot_take_the_last_connections() {
+    let t = TestHost::start_with(&["audit"], |c| {
+        c.api.max_connections = 8;
+        c.api.max_connections_per_peer = 4;
+        c.api.max_tails = 2;
+        c.api.read_timeout = Duration::from_secs(20);
+    })
+    .await;
+    let port: u16 = t.url().rsplit(':').next().unwrap().parse().unwrap();
+    let server: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let connect_from = |ip: [u8; 4]| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(std::net::SocketAddr::from((ip, 0))).unwrap();
+        socket.connect(server).await.unwrap()
+    };
+    // Seven of the eight: four from one address, three from another, idle.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(connect_from([127, 0, 0, 1]).await);
+    }
+    for _ in 0..3 {
+        held.push(connect_from([127, 0, 0, 2]).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let from = |ip: &str| {
+        reqwest::Client::builder()
+            .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap()
+    };
+    let url = format!("http://127.0.0.1:{port}/healthz");
+    // The last one is not for an address holding three, under its share of four ...
+    let refused = from("127.0.0.2").get(&url).send().await.expect("an answer");
+    assert_eq!(refused.status().as_u16(), 503);
+    let why = refused.text().await.unwrap();
+    assert!(why.contains("api.max_connections") && why.contains("fewer than 2"), "{why}");
+    // ... it is for an address holding none.
+    let served = from("127.0.0.3").get(&url).send().await.unwrap();
+    assert_eq!(served.status().as_u16(), 200);
     drop(held);
 }
 
