@@ -901,7 +901,7 @@ async fn slow_and_idle_connections_are_bounded_and_closed() {
     // ones are closed (from theirs it is refused while they hold its share: see
     // `one_client_address_cannot_take_every_connection`).
     let started = Instant::now();
-    let other = reqwest::Client::builder().local_address(std::net::IpAddr::from([127, 0, 0, 2])).build().unwrap();
+    let other = client_from("127.0.0.2");
     let health = other.get(format!("{}/healthz", t.url())).send().await.unwrap();
     assert_eq!(health.status().as_u16(), 200);
     assert!(started.elapsed() < Duration::from_secs(10), "served after {:?}", started.elapsed());
@@ -951,6 +951,25 @@ async fn a_client_that_never_reads_its_answers_loses_its_connection() {
     drop(writer);
 }
 
+/// A host running `audit` whose API takes 8 connections at once, `per_peer` from one address,
+/// and waits 20 s for a client (its idle connections stay).
+async fn shared_api(per_peer: usize) -> TestHost {
+    TestHost::start_with(&["audit"], |c| {
+        c.api.max_connections = 8;
+        c.api.max_connections_per_peer = per_peer;
+        c.api.max_tails = 2;
+        c.api.read_timeout = Duration::from_secs(20);
+    })
+    .await
+}
+
+/// A fresh client (no pooled connection) whose connections come from `ip` (Linux routes all of
+/// 127/8 to loopback).
+fn client_from(ip: &str) -> reqwest::Client {
+    let ip = ip.parse::<std::net::IpAddr>().unwrap();
+    reqwest::Client::builder().local_address(ip).timeout(Duration::from_secs(5)).build().unwrap()
+}
+
 /// The attack: one client opening every connection the API takes (`api.max_connections`) and
 /// holding them (idle keep-alives renewed before `api.read_timeout`, long waits on
 /// `/v1/request`, tails). Every other client, and the orchestrator's health probe, waited in the
@@ -959,13 +978,7 @@ async fn a_client_that_never_reads_its_answers_loses_its_connection() {
 /// another address is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_address_cannot_take_every_connection() {
-    let t = TestHost::start_with(&["audit"], |c| {
-        c.api.max_connections = 8;
-        c.api.max_connections_per_peer = 3;
-        c.api.max_tails = 2;
-        c.api.read_timeout = Duration::from_secs(20);
-    })
-    .await;
+    let t = shared_api(3).await;
     let addr = t.url().trim_start_matches("http://").to_string();
     let port = addr.rsplit(':').next().unwrap().to_string();
     // The hog's three connections, idle, from 127.0.0.1.
@@ -975,26 +988,19 @@ async fn one_client_address_cannot_take_every_connection() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     // Its fourth is refused at once, saying why.
-    let from = |ip: &str| {
-        reqwest::Client::builder()
-            .local_address(ip.parse::<std::net::IpAddr>().unwrap())
-            .timeout(Duration::from_secs(5))
-            .build()
-            .unwrap()
-    };
-    let refused = from("127.0.0.1").get(format!("{}/healthz", t.url())).send().await.expect("an answer");
+    let refused = client_from("127.0.0.1").get(format!("{}/healthz", t.url())).send().await.expect("an answer");
     assert_eq!(refused.status().as_u16(), 503);
     assert_eq!(refused.headers().get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
     let why = refused.text().await.unwrap();
     assert!(why.contains("api.max_connections_per_peer") && why.contains('3'), "{why}");
     // Another address is served meanwhile (Linux routes all of 127/8 to loopback).
-    let other = from("127.0.0.2").get(format!("http://127.0.0.1:{port}/healthz")).send().await.unwrap();
+    let other = client_from("127.0.0.2").get(format!("http://127.0.0.1:{port}/healthz")).send().await.unwrap();
     assert_eq!(other.status().as_u16(), 200);
     // Once the hog lets go of one, it is served again.
     held.pop();
     let mut served = None;
     for _ in 0..50 {
-        match from("127.0.0.1").get(format!("{}/healthz", t.url())).send().await {
+        match client_from("127.0.0.1").get(format!("{}/healthz", t.url())).send().await {
             Ok(r) if r.status().as_u16() == 200 => {
                 served = Some(());
                 break;
@@ -1011,13 +1017,7 @@ async fn one_client_address_cannot_take_every_connection() {
 /// addresses holding fewer than two.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_few_client_addresses_cannot_take_the_last_connections() {
-    let t = TestHost::start_with(&["audit"], |c| {
-        c.api.max_connections = 8;
-        c.api.max_connections_per_peer = 4;
-        c.api.max_tails = 2;
-        c.api.read_timeout = Duration::from_secs(20);
-    })
-    .await;
+    let t = shared_api(4).await;
     let port: u16 = t.url().rsplit(':').next().unwrap().parse().unwrap();
     let server: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let connect_from = |ip: [u8; 4]| async move {
@@ -1034,21 +1034,14 @@ async fn a_few_client_addresses_cannot_take_the_last_connections() {
         held.push(connect_from([127, 0, 0, 2]).await);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let from = |ip: &str| {
-        reqwest::Client::builder()
-            .local_address(ip.parse::<std::net::IpAddr>().unwrap())
-            .timeout(Duration::from_secs(5))
-            .build()
-            .unwrap()
-    };
     let url = format!("http://127.0.0.1:{port}/healthz");
     // The last one is not for an address holding three, under its share of four ...
-    let refused = from("127.0.0.2").get(&url).send().await.expect("an answer");
+    let refused = client_from("127.0.0.2").get(&url).send().await.expect("an answer");
     assert_eq!(refused.status().as_u16(), 503);
     let why = refused.text().await.unwrap();
     assert!(why.contains("api.max_connections") && why.contains("fewer than 2"), "{why}");
     // ... it is for an address holding none.
-    let served = from("127.0.0.3").get(&url).send().await.unwrap();
+    let served = client_from("127.0.0.3").get(&url).send().await.unwrap();
     assert_eq!(served.status().as_u16(), 200);
     drop(held);
 }
