@@ -87,6 +87,9 @@ pub struct Counts {
     /// Outputs the transport did not take after every try, dead-lettered by themselves (their
     /// delivery counts as handled, not in `dead_lettered`).
     pub outputs_dead_lettered: AtomicU64,
+    /// Replays of another plugin's dead letter, let go unrun (a replay runs only in the plugin
+    /// that failed it; they are not counted in `received`).
+    pub replays_let_go: AtomicU64,
 }
 
 /// Counters for one plugin (`/v1/plugins`, metrics).
@@ -371,6 +374,8 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
         let ev = &delivery.event;
         tracing::debug!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id,
             "the replay of another plugin's dead letter: let go unrun");
+        rt.stats.add(|c| &c.replays_let_go, 1);
+        rt.metrics.replays_let_go.inc();
         delivery.acker.ack().await;
         if !span.is_none() {
             record_outcome(&span, &Outcome::NotItsReplay);

@@ -105,6 +105,8 @@ pub struct Metrics {
     /// Outputs the transport did not take after every try, dead-lettered by themselves (their
     /// input was handled: it is not counted in `dead_lettered`).
     pub outputs_dead_lettered: Family<PluginLabels, Counter>,
+    /// Replays of another plugin's dead letter a plugin let go unrun.
+    pub replays_let_go: Family<PluginLabels, Counter>,
     /// `POST /v1/request/{subject}` answered `504`: no reply within its timeout.
     pub api_request_timeouts: Counter,
 }
@@ -138,6 +140,7 @@ impl Default for Metrics {
             replies_dropped: Family::default(),
             requests_expired: Family::default(),
             outputs_dead_lettered: Family::default(),
+            replays_let_go: Family::default(),
             api_request_timeouts: Counter::default(),
         };
         r.register("events_received", "Events delivered to a plugin", m.received.clone());
@@ -200,6 +203,12 @@ impl Default for Metrics {
             m.outputs_dead_lettered.clone(),
         );
         r.register(
+            "replays_let_go",
+            "Replays of another plugin's dead letter a plugin got and let go unrun (a replay runs only in the plugin \
+             that failed it)",
+            m.replays_let_go.clone(),
+        );
+        r.register(
             "api_request_timeouts",
             "POST /v1/request answered 504: no reply within the timeout",
             m.api_request_timeouts.clone(),
@@ -241,6 +250,8 @@ pub struct PluginMetrics {
     pub requests_expired: Counter,
     /// `plugbus_outputs_dead_lettered_total{plugin}`.
     pub outputs_dead_lettered: Counter,
+    /// `plugbus_replays_let_go_total{plugin}`.
+    pub replays_let_go: Counter,
     /// The patterns in manifest order with their counters. Behind an `Arc`: one reference count
     /// per event instead of one per counter (each a cache line the two cores pass back and forth).
     by_subscription: RwLock<Subscriptions>,
@@ -256,6 +267,7 @@ impl PluginMetrics {
         let requests_expired = metrics.requests_expired.get_or_create(&PluginLabels { plugin: plugin.into() }).clone();
         let outputs_dead_lettered =
             metrics.outputs_dead_lettered.get_or_create(&PluginLabels { plugin: plugin.into() }).clone();
+        let replays_let_go = metrics.replays_let_go.get_or_create(&PluginLabels { plugin: plugin.into() }).clone();
         let this = Self {
             plugin: plugin.into(),
             family: metrics,
@@ -263,6 +275,7 @@ impl PluginMetrics {
             replies_dropped,
             requests_expired,
             outputs_dead_lettered,
+            replays_let_go,
             by_subscription: RwLock::new(Arc::from(Vec::new())),
             unsubscribed,
         };

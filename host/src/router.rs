@@ -342,6 +342,7 @@ impl Router {
                         ("queued", (e.queue_depth)() as u64),
                         ("outputs", s.total(|c| &c.outputs)),
                         ("outputs_dead_lettered", s.total(|c| &c.outputs_dead_lettered)),
+                        ("replays_let_go", s.total(|c| &c.replays_let_go)),
                     ]),
                 }
             })

@@ -59,7 +59,8 @@ async fn a_replayed_dead_letter_runs_again_only_in_the_plugin_that_failed_it(bus
 }
 
 /// Replays faulty's one dead letter (`POST /v1/dlq/replay?plugin=faulty`); faulty runs it
-/// again (and rejects it again), and echo, which handled `echo_handled` events, runs nothing more.
+/// again (and rejects it again), and echo, which handled `echo_handled` events, runs nothing more:
+/// it lets the replay go, counted (`replays_let_go`, `plugbus_replays_let_go_total`).
 async fn replay_faultys_dead_letter_and_see_echo_let_it_go(
     t: &TestHost,
     seen: &mut plugbus_tests::Observer,
@@ -73,6 +74,15 @@ async fn replay_faultys_dead_letter_and_see_echo_let_it_go(
     let rest = seen.drain(Duration::from_millis(500)).await;
     assert!(rest.iter().all(|e| !e.subject.starts_with("echo.")), "echo ran the replay: {rest:?}");
     assert_eq!((t.counter("echo", "received"), t.counter("echo", "ok")), (echo_handled, echo_handled));
+    t.wait_counter("echo", "replays_let_go", 1).await;
+    assert_eq!(t.counter("faulty", "replays_let_go"), 0, "faulty ran its replay");
+    let metrics = reqwest::get(format!("{}/metrics", t.url())).await.unwrap().text().await.unwrap();
+    let line = |plugin: &str, n: u64| format!("plugbus_replays_let_go_total{{plugin=\"{plugin}\"}} {n}");
+    assert!(
+        metrics.lines().any(|l| l == line("echo", 1)) && metrics.lines().any(|l| l == line("faulty", 0)),
+        "{}",
+        metrics.lines().filter(|l| l.contains("replays_let_go")).collect::<Vec<_>>().join("\n")
+    );
 }
 
 /// The same when the event faulty failed was its own output (faulty publishes `faulty.reject`,
