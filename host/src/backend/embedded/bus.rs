@@ -712,8 +712,8 @@ impl Overflow {
         self.wait_behind(state, tx, (event.clone(), cost, logged, source.map(Arc::from)), own_request);
     }
 
-    /// Puts `waiting` behind what waits (or ahead of it, `first`), for the pump to move into
-    /// the queue.
+    /// Puts `waiting` behind what waits (or ahead of it, `first`: a plugin's own request, which
+    /// needs no room in hand), for the pump to move into the queue.
     fn wait_behind(
         self: &Arc<Self>,
         state: &mut OverflowState,
@@ -724,6 +724,12 @@ impl Overflow {
         state.add(waiting.3.as_ref(), waiting.1);
         if first {
             state.events.push_front(waiting);
+            // The pump may wait for room in hand for the one that was first, which only this
+            // request's reply may free: it is woken to take this one (it waited for its 1 s
+            // backstop).
+            if self.pump_waits.load(Ordering::SeqCst) && self.pump_waits.swap(false, Ordering::SeqCst) {
+                self.released.notify_waiters();
+            }
         } else {
             state.events.push_back(waiting);
         }
@@ -3672,6 +3678,35 @@ mod tests {
         bus.reply(ask.event.reply_to.as_deref().unwrap(), Event::new("answer", "yes")).await.unwrap();
         assert_eq!(asker.await.unwrap().unwrap().data, "yes".as_bytes());
         drop(big);
+    }
+
+    /// The same when its queue is full: the request goes ahead of what waits behind the queue,
+    /// and the pump, which holds the queue's one slot waiting for room in hand for the event
+    /// that was first, is woken to take it. It waited for its 1 s backstop: a request chain
+    /// through a plugin whose deliveries hold its buffer took a second a hop.
+    #[tokio::test]
+    async fn a_plugins_own_request_wakes_the_pump_waiting_for_room() {
+        let bus = EmbeddedBus::new();
+        let mut sub = live_sub(&bus, "p", "a.>", (1, 64 << 10, 0)).await;
+        bus.publish(Event::new("a.big", vec![0u8; 60 << 10])).await.unwrap();
+        let big = sub.deliveries.recv().await.unwrap();
+        // The pump takes the queue's one slot for it and waits for room in hand.
+        bus.publish(Event::new("a.waits", vec![0u8; 8 << 10])).await.unwrap();
+        tokio::task::yield_now().await;
+        let asker = {
+            let bus = bus.clone();
+            tokio::spawn(async move { bus.request(ask_as("p", 8 << 10), Duration::from_secs(5), false).await })
+        };
+        let ask = tokio::time::timeout(Duration::from_millis(500), sub.deliveries.recv())
+            .await
+            .expect("the request waited for the pump's backstop")
+            .unwrap();
+        assert_eq!(&*ask.event.subject, "a.ask");
+        bus.reply(ask.event.reply_to.as_deref().unwrap(), Event::new("answer", "yes")).await.unwrap();
+        assert_eq!(asker.await.unwrap().unwrap().data, "yes".as_bytes());
+        drop((big, ask));
+        let waited = tokio::time::timeout(Duration::from_secs(2), sub.deliveries.recv()).await.unwrap().unwrap();
+        assert_eq!(&*waited.event.subject, "a.waits");
     }
 
     /// The attack: requests of 8 KiB from a client that gives each up at once, into a plugin whose deliveries in hand hold its buffer. Requests skipped room in
