@@ -13,7 +13,7 @@
 //! most `max_connections_per_peer` of them, and the last eighth go only to addresses holding
 //! fewer than two: one more is answered `503` and closed at once, so neither one client nor a
 //! handful can keep the others (and the health probes) waiting in that backlog. Refused
-//! connections linger at most 200 ms, at most 32 at once, holding no slot. No connection waits on its client for longer than
+//! connections linger at most 200 ms, at most 32 at once (4 of one address's), holding no slot. No connection waits on its client for longer than
 //! `read_timeout` (a reply a route waits for, as `POST /v1/request` does, is not the client's
 //! wait). Dropping the serve future drops every connection.
 
@@ -81,7 +81,7 @@ pub async fn serve(listener: TcpListener, app: axum::Router, bounds: Bounds, shu
         let share = match peers.take(peer.ip(), scarce) {
             Ok(share) => share,
             Err(holds) => {
-                refuse_over_share(stream, peer, holds, scarce, &refusals);
+                refuse_over_share(stream, peer, holds, scarce, (&refusals, &peers));
                 continue;
             }
         };
@@ -120,47 +120,69 @@ pub async fn serve(listener: TcpListener, app: axum::Router, bounds: Bounds, shu
     while connections.join_next().await.is_some() {}
 }
 
-/// How many connections each client address holds (see [`PeerShares::take`]).
+/// How many connections each client address holds (see [`PeerShares::take`]), and how many of
+/// its refused ones linger (see [`PeerShares::linger`]).
 struct PeerShares {
     per_peer: usize,
     held: Mutex<HashMap<IpAddr, usize>>,
+    lingering: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// An IPv6 address counts by its /64 (one host's usual allocation, whose 2^64 addresses would
+/// each get a share of their own), an IPv4-mapped one as IPv4.
+fn peer_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
+        v4 => v4,
+    }
 }
 
 impl PeerShares {
     fn new(per_peer: usize) -> Self {
-        Self { per_peer, held: Mutex::new(HashMap::new()) }
+        Self { per_peer, held: Mutex::new(HashMap::new()), lingering: Mutex::new(HashMap::new()) }
     }
 
-    /// A connection of `ip`'s, held until the share is dropped; `None` when its address holds
-    /// `per_peer` already. An IPv6 address counts by its /64 (one host's usual allocation,
-    /// whose 2^64 addresses would each get a share of their own), an IPv4-mapped one as IPv4.
-    /// `scarce`: only the reserved slots are left, which an address holding
+    /// A refused connection of `ip`'s that may linger for its answer, until dropped; `None` when
+    /// [`REFUSALS_LINGERING_PER_PEER`] of its address's linger already.
+    fn linger(self: &Arc<Self>, ip: IpAddr) -> Option<PeerShare> {
+        let key = peer_key(ip);
+        let mut lingering = self.lingering.lock().expect("peer shares poisoned");
+        let count = lingering.entry(key).or_insert(0);
+        if *count >= REFUSALS_LINGERING_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(PeerShare { shares: self.clone(), key, lingering: true })
+    }
+
+    /// A connection of `ip`'s, held until the share is dropped; `None` when its address
+    /// ([`peer_key`]) holds `per_peer` already. `scarce`: only the reserved slots are left, which an address holding
     /// [`SCARCE_SHARE`] or more does not get. `Err`: how many its address holds.
     fn take(self: &Arc<Self>, ip: IpAddr, scarce: bool) -> Result<PeerShare, usize> {
-        let key = match ip.to_canonical() {
-            IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
-            v4 => v4,
-        };
+        let key = peer_key(ip);
         let mut held = self.held.lock().expect("peer shares poisoned");
         let holds = held.get(&key).copied().unwrap_or(0);
         if holds >= self.per_peer || (scarce && holds >= SCARCE_SHARE) {
             return Err(holds);
         }
         *held.entry(key).or_insert(0) += 1;
-        Ok(PeerShare { shares: self.clone(), key })
+        Ok(PeerShare { shares: self.clone(), key, lingering: false })
     }
 }
 
-/// One connection's part of its address's share; given back when dropped (the map keeps only
-/// addresses that hold a connection, so it is as large as the connections open at most).
+/// One connection's part of its address's share (or of its lingering refusals); given back when
+/// dropped (the maps keep only addresses with a count, so they are as large as the connections
+/// open, or lingering, at most).
 struct PeerShare {
     shares: Arc<PeerShares>,
     key: IpAddr,
+    lingering: bool,
 }
 
 impl Drop for PeerShare {
     fn drop(&mut self) {
-        let mut held = self.shares.held.lock().expect("peer shares poisoned");
+        let map = if self.lingering { &self.shares.lingering } else { &self.shares.held };
+        let mut held = map.lock().expect("peer shares poisoned");
         if let Some(count) = held.get_mut(&self.key) {
             *count -= 1;
             if *count == 0 {
@@ -179,6 +201,9 @@ const SCARCE_SHARE: usize = 2;
 /// Refused connections whose answer may linger at once (see [`refuse_over_share`]); past them a
 /// refused connection is closed without one.
 const REFUSALS_LINGERING: usize = 32;
+/// Of those, what one address's may take: a client refused as fast as it can connect keeps the
+/// others' refusals answered (it took all 32, and theirs were closed without a word).
+const REFUSALS_LINGERING_PER_PEER: usize = 4;
 /// How long a refused connection's answer lingers, and how much of its request is read meanwhile.
 const REFUSAL_LINGER: Duration = Duration::from_millis(200);
 const REFUSAL_READ_BYTES: usize = 16 << 10;
@@ -188,16 +213,18 @@ const REFUSAL_READ_BYTES: usize = 16 << 10;
 /// sent before the request is one an HTTP client refuses as unexpected, and a connection closed
 /// with its request unread is reset, its answer lost. The answer is written only if the socket
 /// takes it at once (nothing waits on this client). At most [`REFUSALS_LINGERING`] linger at
-/// once, none of them holding a connection slot: past them a refused connection is closed at
-/// once, so a client opening connections as fast as it can is only closed faster.
+/// once, [`REFUSALS_LINGERING_PER_PEER`] of one address's, none of them holding a connection
+/// slot: past them a refused connection is closed at once, so a client opening connections as
+/// fast as it can is only closed faster.
 fn refuse_over_share(
     stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
     holds: usize,
     scarce: bool,
-    refusals: &Arc<Semaphore>,
+    (refusals, peers): (&Arc<Semaphore>, &Arc<PeerShares>),
 ) {
     tracing::debug!(peer = %peer, holds, scarce, "HTTP API connection refused: its address holds its share of connections");
+    let Some(its_own) = peers.linger(peer.ip()) else { return };
     let Ok(lingering) = refusals.clone().try_acquire_owned() else { return };
     let body = if scarce {
         format!(
@@ -251,6 +278,7 @@ fn refuse_over_share(
         })
         .await;
         drop(lingering);
+        drop(its_own);
     });
 }
 

@@ -1012,6 +1012,40 @@ async fn one_client_address_cannot_take_every_connection() {
     drop(held);
 }
 
+/// The attack: one address at its share opening connections as fast as it can, each refused.
+/// Their answers linger (at most 32 at once, 200 ms each, for the request's head), and it took
+/// all 32: another address over its share then got its connection closed without a word, not
+/// the `503` naming the key. Now one address's refusals take at most 4 of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_refused_over_and_over_leaves_the_others_refusals_answered() {
+    let t = shared_api(1).await;
+    let port: u16 = t.url().rsplit(':').next().unwrap().parse().unwrap();
+    let server: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let connect_from = |ip: [u8; 4]| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(std::net::SocketAddr::from((ip, 0))).unwrap();
+        socket.connect(server).await.unwrap()
+    };
+    // Each address at its share of one, idle.
+    let held = (connect_from([127, 0, 0, 1]).await, connect_from([127, 0, 0, 3]).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The flood: 40 more from the first, sending nothing, so each lingers its 200 ms.
+    let mut flood = Vec::new();
+    for _ in 0..40 {
+        flood.push(connect_from([127, 0, 0, 1]).await);
+    }
+    // The other address's next connection is refused, and told why.
+    let refused = client_from("127.0.0.3")
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await
+        .expect("an answer, not a connection closed without one");
+    assert_eq!(refused.status().as_u16(), 503);
+    let why = refused.text().await.unwrap();
+    assert!(why.contains("api.max_connections_per_peer"), "{why}");
+    drop((held, flood));
+}
+
 /// The same attack from a handful of addresses, each at its share (4 × 128 fill the default
 /// 512): `accept` stopped for everyone else. The last eighth of `api.max_connections` go only to
 /// addresses holding fewer than two.

@@ -160,6 +160,10 @@ async fn a_plugin_holding_every_slot_of_the_shared_pool_delays_other_plugins_nev
         t.publish("faulty.sleep", "").await;
     }
     t.wait_counter("faulty", "in_flight", 4).await;
+    // `in_flight` counts run permits, taken before the instance: on a busy machine the last of
+    // faulty's instantiations could still be under way, and responder's attempt took that slot
+    // (it then never waited, and faulty's fourth did). Its 3 s deadline leaves time for this.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
     t.publish("dice.roll", "").await;
     let http = reqwest::Client::new();
