@@ -228,6 +228,15 @@ pub enum LogError {
     Closed,
 }
 
+/// What [`DurableLog::import_kv`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct KvImport {
+    /// Entries taken in.
+    pub moved: usize,
+    /// Entries left out: the log holds a value of its own for their key.
+    pub kept_from_log: usize,
+}
+
 enum Op {
     Append {
         seq: u64,
@@ -1011,24 +1020,34 @@ impl DurableLog {
         wait.await.map_err(|_| closed())?
     }
 
-    /// Takes in kv entries (`ns\0key` → value and version) from another store, once, at start.
-    pub fn import_kv(&self, rows: &[(String, crate::kv::Versioned)]) -> Result<(), LogError> {
+    /// Takes in kv entries (`ns\0key` → value and version) from another store, once, at start:
+    /// those of keys the log does not hold; the log's own values stay.
+    pub fn import_kv(&self, rows: &[(String, crate::kv::Versioned)]) -> Result<KvImport, LogError> {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
         let w = self.store.get().map_err(|e| io(&e))?.begin_write().map_err(|e| io(&e))?;
+        let mut done = KvImport::default();
         {
             let mut kv = w.open_table(KV).map_err(|e| io(&e))?;
             let mut meta = w.open_table(META).map_err(|e| io(&e))?;
             let mut clock = meta.get("kv_clock").map_err(|e| io(&e))?.map_or(0, |v| v.value());
             for (key, v) in rows {
+                // The log's own value stays: it may be newer than the file's (kv written here
+                // after an in-memory run wrote the file, or before it, which that run never saw).
+                if kv.get(key.as_str()).map_err(|e| io(&e))?.is_some() {
+                    done.kept_from_log += 1;
+                    continue;
+                }
                 let mut stored = v.version.to_le_bytes().to_vec();
                 stored.extend_from_slice(&v.value);
                 kv.insert(key.as_str(), stored.as_slice()).map_err(|e| io(&e))?;
                 clock = clock.max(v.version);
+                done.moved += 1;
             }
             meta.insert("kv_clock", clock).map_err(|e| io(&e))?;
         }
         crate::kv::quota::recount(&w, KV, META, "kv_clock").map_err(|e| io(&e))?;
-        w.commit().map_err(|e| io(&e))
+        w.commit().map_err(|e| io(&e))?;
+        Ok(done)
     }
 
     /// The outputs kept for `plugin`'s input `seq` (its kv writes committed, the input not acked).
