@@ -228,14 +228,22 @@ pub enum LogError {
     Closed,
 }
 
-/// What [`DurableLog::import_kv`] did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct KvImport {
-    /// Entries taken in.
-    pub moved: usize,
-    /// Entries left out: the log holds a value of its own for their key.
-    pub kept_from_log: usize,
+/// What [`DurableLog::import_kv`] did with another store's kv.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvImport {
+    /// Took in this many entries: the log had never committed kv.
+    Moved(usize),
+    /// Took in nothing: the same entries were taken in before (the host stopped before it
+    /// renamed their file).
+    MovedBefore,
+    /// Took in none of this many entries: the log holds kv of its own (it committed kv before,
+    /// deletes included). Merging the two key by key could make a state no handler committed
+    /// (one key of a transaction from each store, a key the log deleted brought back).
+    LeftOut(usize),
 }
+
+/// The `meta` row keeping the digest of the last kv taken in ([`DurableLog::import_kv`]).
+const KV_IMPORTED: &str = "kv_imported";
 
 enum Op {
     Append {
@@ -1020,31 +1028,35 @@ impl DurableLog {
         wait.await.map_err(|_| closed())?
     }
 
-    /// Takes in kv entries (`ns\0key` → value and version) from another store, once, at start:
-    /// those of keys the log does not hold; the log's own values stay.
-    pub fn import_kv(&self, rows: &[(String, crate::kv::Versioned)]) -> Result<KvImport, LogError> {
+    /// Takes in kv entries (`ns\0key` → value and version) from another store at start: all of
+    /// them while the log has never committed kv, none once it has (see [`KvImport`]), in one
+    /// transaction. `digest` names the entries: taken in again after a stop before their file
+    /// was renamed, they are known as taken in.
+    pub fn import_kv(&self, rows: &[(String, crate::kv::Versioned)], digest: u64) -> Result<KvImport, LogError> {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
         let w = self.store.get().map_err(|e| io(&e))?.begin_write().map_err(|e| io(&e))?;
-        let mut done = KvImport::default();
-        {
+        let done = {
             let mut kv = w.open_table(KV).map_err(|e| io(&e))?;
             let mut meta = w.open_table(META).map_err(|e| io(&e))?;
-            let mut clock = meta.get("kv_clock").map_err(|e| io(&e))?.map_or(0, |v| v.value());
+            let clock = meta.get("kv_clock").map_err(|e| io(&e))?.map_or(0, |v| v.value());
+            let imported = meta.get(KV_IMPORTED).map_err(|e| io(&e))?.map(|v| v.value());
+            if imported == Some(digest) {
+                return Ok(KvImport::MovedBefore);
+            }
+            if clock > 0 || !kv.is_empty().map_err(|e| io(&e))? {
+                return Ok(KvImport::LeftOut(rows.len()));
+            }
+            let mut clock = 0;
             for (key, v) in rows {
-                // The log's own value stays: it may be newer than the file's (kv written here
-                // after an in-memory run wrote the file, or before it, which that run never saw).
-                if kv.get(key.as_str()).map_err(|e| io(&e))?.is_some() {
-                    done.kept_from_log += 1;
-                    continue;
-                }
                 let mut stored = v.version.to_le_bytes().to_vec();
                 stored.extend_from_slice(&v.value);
                 kv.insert(key.as_str(), stored.as_slice()).map_err(|e| io(&e))?;
                 clock = clock.max(v.version);
-                done.moved += 1;
             }
             meta.insert("kv_clock", clock).map_err(|e| io(&e))?;
-        }
+            meta.insert(KV_IMPORTED, digest).map_err(|e| io(&e))?;
+            KvImport::Moved(rows.len())
+        };
         crate::kv::quota::recount(&w, KV, META, "kv_clock").map_err(|e| io(&e))?;
         w.commit().map_err(|e| io(&e))?;
         Ok(done)

@@ -38,8 +38,8 @@ pub fn open(config: &Config) -> anyhow::Result<Backend> {
             if log_path.exists() {
                 tracing::warn!(kv = %kv_path.display(), log = %log_path.display(),
                     "bus.durable = false: plugin kv is kept in kv.redb, and what an earlier durable run kept in the \
-                     event log is not seen by this run; at the next durable start kv.redb's entries move into the \
-                     log only for keys the log does not hold (the log's own values stay)");
+                     event log is not seen by this run, and what this run writes is not moved into a log that holds \
+                     kv of its own at the next durable start (the file is kept, renamed)");
             }
             let kv = RedbKv::open(&kv_path).with_context(|| format!("opening the kv store {}", kv_path.display()))?;
             (EmbeddedBus::new(), Arc::new(kv))
@@ -50,27 +50,55 @@ pub fn open(config: &Config) -> anyhow::Result<Backend> {
 }
 
 /// Moves plugin kv kept in `kv.redb` (by an earlier version, or a run with `bus.durable =
-/// false`) into the event log's file, once: the file is renamed `kv.redb.imported`. A key the
-/// log holds already keeps the log's value; the file's is left in the renamed file, and a
-/// warning says how many. (An in-memory run started from an empty `kv.redb`: its value of a key
-/// is not the one the log's came from, and overwriting the log's would lose that.)
-fn import_kv(kv_path: &std::path::Path, log: &DurableLog) -> anyhow::Result<log::KvImport> {
+/// false`) into the event log's file, then renames the file `kv.redb.imported` (or, that name
+/// taken, `kv.redb.imported.<unix ms>`): all of it while the log has never committed kv, none
+/// once it has ([`log::KvImport`]), and a warning says so. Merging the two key by key made states
+/// no handler committed: a run with `bus.durable = false` starts from an empty `kv.redb` (a
+/// counter at 100 in the log counts from 0 to 3 there), and its keys overwrote the log's, or came
+/// back where the log had deleted them.
+fn import_kv(kv_path: &std::path::Path, log: &DurableLog) -> anyhow::Result<Option<log::KvImport>> {
     if !kv_path.exists() {
-        return Ok(log::KvImport::default());
+        return Ok(None);
     }
     let rows = RedbKv::open(kv_path)
         .and_then(|old| old.export())
         .with_context(|| format!("reading the kv store {} to move it into the event log", kv_path.display()))?;
-    let import = log.import_kv(&rows).context("moving plugin kv into the event log")?;
-    let done = kv_path.with_extension("redb.imported");
-    std::fs::rename(kv_path, &done).with_context(|| format!("renaming {} after moving it", kv_path.display()))?;
-    tracing::info!(entries = import.moved, from = %kv_path.display(), kept_as = %done.display(), "plugin kv moved into the event log");
-    if import.kept_from_log > 0 {
-        tracing::warn!(entries = import.kept_from_log, from = %kv_path.display(), kept_as = %done.display(),
-            "entries of kv.redb not moved: the event log holds a value of its own for their keys, which stays \
-             (the file's are in the renamed file)");
+    let import = log.import_kv(&rows, digest_of(&rows)).context("moving plugin kv into the event log")?;
+    let mut kept_as = kv_path.with_extension("redb.imported");
+    if kept_as.exists() {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        kept_as = kv_path.with_extension(format!("redb.imported.{}", now.as_millis()));
     }
-    Ok(import)
+    std::fs::rename(kv_path, &kept_as).with_context(|| format!("renaming {} after moving it", kv_path.display()))?;
+    let (from, kept_as) = (kv_path.display(), kept_as.display());
+    match import {
+        log::KvImport::Moved(entries) => {
+            tracing::info!(entries, %from, %kept_as, "plugin kv moved into the event log");
+        }
+        log::KvImport::MovedBefore => {
+            tracing::info!(%from, %kept_as, "plugin kv was moved into the event log before the last stop");
+        }
+        log::KvImport::LeftOut(entries) => tracing::warn!(entries, %from, %kept_as,
+            "plugin kv NOT moved into the event log: the log holds kv of its own (a durable run's), and merging \
+             the two key by key could make a state no handler committed; the log's kv is what plugins see, and \
+             the file's entries stay in the renamed file"),
+    }
+    Ok(Some(import))
+}
+
+/// A digest of kv entries: what [`DurableLog::import_kv`] keeps to know them again.
+fn digest_of(rows: &[(String, crate::kv::Versioned)]) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (key, v) in rows {
+        for part in [key.as_bytes(), &v.value] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        h.update(v.version.to_le_bytes());
+    }
+    let digest = h.finalize();
+    u64::from_le_bytes(digest[..8].try_into().expect("a SHA-256 digest has 8 bytes"))
 }
 
 #[cfg(test)]
@@ -92,25 +120,54 @@ mod tests {
 
     /// The loss: kv kept in the log (a durable run), then a run with `bus.durable = false`, whose
     /// kv starts from an empty `kv.redb` (a counter at 0, counted to 3), then a durable start:
-    /// the file's entries were moved in over the log's, and the counter at 100 became 3. Now the
-    /// log's own values stay, the file's new keys move in, and the file is kept renamed.
+    /// the file's entries were moved in over the log's, and the counter at 100 became 3. Now
+    /// nothing of the file moves into a log that holds kv; the file is kept renamed, each time
+    /// under a name of its own.
     #[tokio::test]
-    async fn a_kv_file_moved_into_the_log_does_not_overwrite_the_logs_own_values() {
+    async fn a_kv_file_is_not_merged_into_a_log_that_holds_kv() {
         let dir = tempfile::tempdir().unwrap();
         let log = DurableLog::open(&dir.path().join("bus.redb"), log::SyncPolicy::Always).unwrap();
         let in_log = kv::LogKv::new(log.clone());
         in_log.commit("p", &set(&[("count", "100")])).await.unwrap();
         let kv_path = dir.path().join("kv.redb");
+        for run in 0..2 {
+            {
+                let file = RedbKv::open(&kv_path).unwrap();
+                file.commit("p", &set(&[("count", "3"), ("fresh", "yes")])).await.unwrap();
+            }
+            assert_eq!(import_kv(&kv_path, &log).unwrap(), Some(log::KvImport::LeftOut(2)), "run {run}");
+            assert_eq!(value(&in_log, "count").await.as_deref(), Some("100"), "the log's own value was overwritten");
+            assert_eq!(value(&in_log, "fresh").await, None, "half of the file was merged in");
+            assert!(!kv_path.exists());
+        }
+        // Both files kept, the second under a name of its own.
+        let kept = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("kv.redb.imported"))
+            .count();
+        assert_eq!(kept, 2);
+        // A second start finds no file.
+        assert_eq!(import_kv(&kv_path, &log).unwrap(), None);
+    }
+
+    /// An old version's `kv.redb` moves into a log that never held kv, whole, once; a stop
+    /// between the move and the rename is not taken for kv of the log's own at the next start.
+    #[tokio::test]
+    async fn a_kv_file_moves_whole_into_a_new_log_once_across_a_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DurableLog::open(&dir.path().join("bus.redb"), log::SyncPolicy::Always).unwrap();
+        let kv_path = dir.path().join("kv.redb");
         {
             let file = RedbKv::open(&kv_path).unwrap();
             file.commit("p", &set(&[("count", "3"), ("fresh", "yes")])).await.unwrap();
         }
-        let import = import_kv(&kv_path, &log).unwrap();
-        assert_eq!(import, log::KvImport { moved: 1, kept_from_log: 1 });
-        assert_eq!(value(&in_log, "count").await.as_deref(), Some("100"), "the log's own value was overwritten");
-        assert_eq!(value(&in_log, "fresh").await.as_deref(), Some("yes"), "the file's new key was not moved");
+        // The move committed, the host stopped before the rename.
+        let rows = RedbKv::open(&kv_path).unwrap().export().unwrap();
+        assert_eq!(log.import_kv(&rows, digest_of(&rows)).unwrap(), log::KvImport::Moved(2));
+        assert_eq!(import_kv(&kv_path, &log).unwrap(), Some(log::KvImport::MovedBefore));
+        let in_log = kv::LogKv::new(log.clone());
+        assert_eq!(value(&in_log, "count").await.as_deref(), Some("3"));
+        assert_eq!(value(&in_log, "fresh").await.as_deref(), Some("yes"));
         assert!(!kv_path.exists() && dir.path().join("kv.redb.imported").exists());
-        // Once: a second start finds no file.
-        assert_eq!(import_kv(&kv_path, &log).unwrap(), log::KvImport::default());
     }
 }
