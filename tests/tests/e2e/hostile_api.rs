@@ -963,6 +963,14 @@ async fn shared_api(per_peer: usize) -> TestHost {
     .await
 }
 
+/// A TCP connection to the API on `port` from `ip` (Linux routes all of 127/8 to loopback),
+/// sending nothing.
+async fn connect_from(ip: [u8; 4], port: u16) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::from((ip, 0))).unwrap();
+    socket.connect(([127, 0, 0, 1], port).into()).await.unwrap()
+}
+
 /// A fresh client (no pooled connection) whose connections come from `ip` (Linux routes all of
 /// 127/8 to loopback).
 fn client_from(ip: &str) -> reqwest::Client {
@@ -1020,12 +1028,7 @@ async fn one_client_address_cannot_take_every_connection() {
 async fn one_address_refused_over_and_over_leaves_the_others_refusals_answered() {
     let t = shared_api(1).await;
     let port: u16 = t.url().rsplit(':').next().unwrap().parse().unwrap();
-    let server: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    let connect_from = |ip: [u8; 4]| async move {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(std::net::SocketAddr::from((ip, 0))).unwrap();
-        socket.connect(server).await.unwrap()
-    };
+    let connect_from = |ip: [u8; 4]| connect_from(ip, port);
     // Each address at its share of one, idle.
     let held = (connect_from([127, 0, 0, 1]).await, connect_from([127, 0, 0, 3]).await);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1053,12 +1056,7 @@ async fn one_address_refused_over_and_over_leaves_the_others_refusals_answered()
 async fn a_few_client_addresses_cannot_take_the_last_connections() {
     let t = shared_api(4).await;
     let port: u16 = t.url().rsplit(':').next().unwrap().parse().unwrap();
-    let server: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    let connect_from = |ip: [u8; 4]| async move {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(std::net::SocketAddr::from((ip, 0))).unwrap();
-        socket.connect(server).await.unwrap()
-    };
+    let connect_from = |ip: [u8; 4]| connect_from(ip, port);
     // Seven of the eight: four from one address, three from another, idle.
     let mut held = Vec::new();
     for _ in 0..4 {
