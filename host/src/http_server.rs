@@ -13,9 +13,10 @@
 //! most `max_connections_per_peer` of them, and the last eighth go only to addresses holding
 //! fewer than two: one more is answered `503` and closed at once, so neither one client nor a
 //! handful can keep the others (and the health probes) waiting in that backlog. Refused
-//! connections linger at most 200 ms, at most 32 at once (4 of one address's), holding no slot. No connection waits on its client for longer than
-//! `read_timeout` (a reply a route waits for, as `POST /v1/request` does, is not the client's
-//! wait). Dropping the serve future drops every connection.
+//! connections linger at most 200 ms, at most 32 at once (4 of one address's), holding no
+//! slot. No connection waits on its client for longer than `read_timeout` (a reply a route
+//! waits for, as `POST /v1/request` does, is not the client's wait). Dropping the serve future
+//! drops every connection.
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -124,8 +125,27 @@ pub async fn serve(listener: TcpListener, app: axum::Router, bounds: Bounds, shu
 /// its refused ones linger (see [`PeerShares::linger`]).
 struct PeerShares {
     per_peer: usize,
-    held: Mutex<HashMap<IpAddr, usize>>,
-    lingering: Mutex<HashMap<IpAddr, usize>>,
+    held: Arc<PerPeer>,
+    lingering: Arc<PerPeer>,
+}
+
+/// A count per client address ([`peer_key`]): only addresses with a count are kept, so the map is
+/// as large as what it counts at most.
+#[derive(Default)]
+struct PerPeer(Mutex<HashMap<IpAddr, usize>>);
+
+impl PerPeer {
+    /// One more for `key`, given back when the share is dropped, if `allowed` says yes to what it
+    /// counts now; `Err`: that count.
+    fn take(self: &Arc<Self>, key: IpAddr, allowed: impl FnOnce(usize) -> bool) -> Result<PeerShare, usize> {
+        let mut counts = self.0.lock().expect("peer shares poisoned");
+        let count = counts.get(&key).copied().unwrap_or(0);
+        if !allowed(count) {
+            return Err(count);
+        }
+        counts.insert(key, count + 1);
+        Ok(PeerShare { counts: self.clone(), key })
+    }
 }
 
 /// An IPv6 address counts by its /64 (one host's usual allocation, whose 2^64 addresses would
@@ -139,54 +159,36 @@ fn peer_key(ip: IpAddr) -> IpAddr {
 
 impl PeerShares {
     fn new(per_peer: usize) -> Self {
-        Self { per_peer, held: Mutex::new(HashMap::new()), lingering: Mutex::new(HashMap::new()) }
+        Self { per_peer, held: Arc::default(), lingering: Arc::default() }
     }
 
     /// A refused connection of `ip`'s that may linger for its answer, until dropped; `None` when
     /// [`REFUSALS_LINGERING_PER_PEER`] of its address's linger already.
-    fn linger(self: &Arc<Self>, ip: IpAddr) -> Option<PeerShare> {
-        let key = peer_key(ip);
-        let mut lingering = self.lingering.lock().expect("peer shares poisoned");
-        let count = lingering.entry(key).or_insert(0);
-        if *count >= REFUSALS_LINGERING_PER_PEER {
-            return None;
-        }
-        *count += 1;
-        Some(PeerShare { shares: self.clone(), key, lingering: true })
+    fn linger(&self, ip: IpAddr) -> Option<PeerShare> {
+        self.lingering.take(peer_key(ip), |lingering| lingering < REFUSALS_LINGERING_PER_PEER).ok()
     }
 
-    /// A connection of `ip`'s, held until the share is dropped; `None` when its address
-    /// ([`peer_key`]) holds `per_peer` already. `scarce`: only the reserved slots are left, which an address holding
-    /// [`SCARCE_SHARE`] or more does not get. `Err`: how many its address holds.
-    fn take(self: &Arc<Self>, ip: IpAddr, scarce: bool) -> Result<PeerShare, usize> {
-        let key = peer_key(ip);
-        let mut held = self.held.lock().expect("peer shares poisoned");
-        let holds = held.get(&key).copied().unwrap_or(0);
-        if holds >= self.per_peer || (scarce && holds >= SCARCE_SHARE) {
-            return Err(holds);
-        }
-        *held.entry(key).or_insert(0) += 1;
-        Ok(PeerShare { shares: self.clone(), key, lingering: false })
+    /// A connection of `ip`'s, held until the share is dropped; `Err` (how many its address
+    /// holds) when its address ([`peer_key`]) holds `per_peer` already, or, `scarce` (only the
+    /// reserved slots are left), [`SCARCE_SHARE`].
+    fn take(&self, ip: IpAddr, scarce: bool) -> Result<PeerShare, usize> {
+        self.held.take(peer_key(ip), |holds| holds < self.per_peer && !(scarce && holds >= SCARCE_SHARE))
     }
 }
 
-/// One connection's part of its address's share (or of its lingering refusals); given back when
-/// dropped (the maps keep only addresses with a count, so they are as large as the connections
-/// open, or lingering, at most).
+/// One connection's part of its address's count ([`PerPeer`]); given back when dropped.
 struct PeerShare {
-    shares: Arc<PeerShares>,
+    counts: Arc<PerPeer>,
     key: IpAddr,
-    lingering: bool,
 }
 
 impl Drop for PeerShare {
     fn drop(&mut self) {
-        let map = if self.lingering { &self.shares.lingering } else { &self.shares.held };
-        let mut held = map.lock().expect("peer shares poisoned");
-        if let Some(count) = held.get_mut(&self.key) {
+        let mut counts = self.counts.0.lock().expect("peer shares poisoned");
+        if let Some(count) = counts.get_mut(&self.key) {
             *count -= 1;
             if *count == 0 {
-                held.remove(&self.key);
+                counts.remove(&self.key);
             }
         }
     }

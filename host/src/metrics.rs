@@ -261,13 +261,13 @@ pub struct PluginMetrics {
 impl PluginMetrics {
     /// The handles of `plugin` (subscribed to `patterns`) in `metrics`.
     pub fn new(metrics: Arc<Metrics>, plugin: &str, patterns: &[String]) -> Self {
-        let handler_seconds = metrics.handler_seconds.get_or_create(&PluginLabels { plugin: plugin.into() }).clone();
+        let labels = PluginLabels { plugin: plugin.into() };
+        let handler_seconds = metrics.handler_seconds.get_or_create(&labels).clone();
         let unsubscribed = Arc::new(metrics.counters(plugin, UNSUBSCRIBED));
-        let replies_dropped = metrics.replies_dropped.get_or_create(&PluginLabels { plugin: plugin.into() }).clone();
-        let requests_expired = metrics.requests_expired.get_or_create(&PluginLabels { plugin: plugin.into() }).clone();
-        let outputs_dead_lettered =
-            metrics.outputs_dead_lettered.get_or_create(&PluginLabels { plugin: plugin.into() }).clone();
-        let replays_let_go = metrics.replays_let_go.get_or_create(&PluginLabels { plugin: plugin.into() }).clone();
+        let replies_dropped = metrics.replies_dropped.get_or_create(&labels).clone();
+        let requests_expired = metrics.requests_expired.get_or_create(&labels).clone();
+        let outputs_dead_lettered = metrics.outputs_dead_lettered.get_or_create(&labels).clone();
+        let replays_let_go = metrics.replays_let_go.get_or_create(&labels).clone();
         let this = Self {
             plugin: plugin.into(),
             family: metrics,

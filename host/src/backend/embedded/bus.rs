@@ -234,8 +234,13 @@ impl Overflow {
     /// for that.
     fn release(&self, held: u64) {
         self.held.fetch_sub(held, Ordering::SeqCst);
-        // Loaded first: the swap writes the flag's cache line, which every release would
-        // otherwise pull to its core while the pump does not wait (almost always).
+        self.wake_the_pump();
+    }
+
+    /// Wakes the pump if it waits for room in hand (`pump_waits`). The flag is loaded first:
+    /// the swap writes its cache line, which every release would otherwise pull to its core
+    /// while the pump does not wait (almost always).
+    fn wake_the_pump(&self) {
         if self.pump_waits.load(Ordering::SeqCst) && self.pump_waits.swap(false, Ordering::SeqCst) {
             self.released.notify_waiters();
         }
@@ -727,9 +732,7 @@ impl Overflow {
             // The pump may wait for room in hand for the one that was first, which only this
             // request's reply may free: it is woken to take this one (it waited for its 1 s
             // backstop).
-            if self.pump_waits.load(Ordering::SeqCst) && self.pump_waits.swap(false, Ordering::SeqCst) {
-                self.released.notify_waiters();
-            }
+            self.wake_the_pump();
         } else {
             state.events.push_back(waiting);
         }
@@ -3641,11 +3644,11 @@ mod tests {
         assert!(!log.was_redelivered(&second_id), "a first delivery read back after a fall counted as redelivered");
     }
 
-    /// An in-memory bus with plugin `p` on `a.>` (a queue of 16, a buffer of 64 KiB) holding a
-    /// delivery of 60 KiB: its deliveries in hand hold its buffer.
-    async fn holding_its_buffer() -> (EmbeddedBus, Subscription, Delivery) {
+    /// An in-memory bus with plugin `p` on `a.>` (a queue of `queue`, a buffer of 64 KiB) holding
+    /// a delivery of 60 KiB: its deliveries in hand hold its buffer.
+    async fn holding_its_buffer(queue: usize) -> (EmbeddedBus, Subscription, Delivery) {
         let bus = EmbeddedBus::new();
-        let mut sub = live_sub(&bus, "p", "a.>", (16, 64 << 10, 0)).await;
+        let mut sub = live_sub(&bus, "p", "a.>", (queue, 64 << 10, 0)).await;
         bus.publish(Event::new("a.big", vec![0u8; 60 << 10])).await.unwrap();
         let big = sub.deliveries.recv().await.unwrap();
         (bus, sub, big)
@@ -3663,7 +3666,7 @@ mod tests {
     /// wait for itself.
     #[tokio::test]
     async fn a_plugins_own_request_is_not_held_back_by_room_in_hand() {
-        let (bus, mut sub, big) = holding_its_buffer().await;
+        let (bus, mut sub, big) = holding_its_buffer(16).await;
         // An event waits behind the queue for room.
         bus.publish(Event::new("a.waits", vec![0u8; 8 << 10])).await.unwrap();
         assert_eq!(bus.table.read().unwrap().subs[0].overflow.waiting(), 1);
@@ -3686,10 +3689,7 @@ mod tests {
     /// through a plugin whose deliveries hold its buffer took a second a hop.
     #[tokio::test]
     async fn a_plugins_own_request_wakes_the_pump_waiting_for_room() {
-        let bus = EmbeddedBus::new();
-        let mut sub = live_sub(&bus, "p", "a.>", (1, 64 << 10, 0)).await;
-        bus.publish(Event::new("a.big", vec![0u8; 60 << 10])).await.unwrap();
-        let big = sub.deliveries.recv().await.unwrap();
+        let (bus, mut sub, big) = holding_its_buffer(1).await;
         // The pump takes the queue's one slot for it and waits for room in hand.
         bus.publish(Event::new("a.waits", vec![0u8; 8 << 10])).await.unwrap();
         tokio::task::yield_now().await;
@@ -3714,7 +3714,7 @@ mod tests {
     /// Now they wait behind the queue for room, bounded by its buffer as any event is.
     #[tokio::test]
     async fn requests_from_others_wait_for_room_in_hand() {
-        let (bus, mut sub, big) = holding_its_buffer().await;
+        let (bus, mut sub, big) = holding_its_buffer(16).await;
         for _ in 0..10 {
             // (A client's request naming the plugin as its source is still a client's.)
             let answer = bus.request(ask_as("p", 8 << 10), Duration::from_millis(1), true).await;
@@ -3733,7 +3733,7 @@ mod tests {
     /// requests may come back through the plugin whose deliveries hold the budget), not past.
     #[tokio::test]
     async fn another_plugins_request_may_go_up_to_twice_the_budget_in_hand() {
-        let (bus, mut sub, _big) = holding_its_buffer().await;
+        let (bus, mut sub, _big) = holding_its_buffer(16).await;
         let ask = |size: usize| {
             let bus = bus.clone();
             tokio::spawn(async move { bus.request(ask_as("q", size), Duration::from_millis(300), false).await })

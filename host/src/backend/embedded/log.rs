@@ -1038,7 +1038,7 @@ impl DurableLog {
         let done = {
             let mut kv = w.open_table(KV).map_err(|e| io(&e))?;
             let mut meta = w.open_table(META).map_err(|e| io(&e))?;
-            let clock = meta.get("kv_clock").map_err(|e| io(&e))?.map_or(0, |v| v.value());
+            let mut clock = meta.get("kv_clock").map_err(|e| io(&e))?.map_or(0, |v| v.value());
             let imported = meta.get(KV_IMPORTED).map_err(|e| io(&e))?.map(|v| v.value());
             if imported == Some(digest) {
                 return Ok(KvImport::MovedBefore);
@@ -1046,7 +1046,6 @@ impl DurableLog {
             if clock > 0 || !kv.is_empty().map_err(|e| io(&e))? {
                 return Ok(KvImport::LeftOut(rows.len()));
             }
-            let mut clock = 0;
             for (key, v) in rows {
                 let mut stored = v.version.to_le_bytes().to_vec();
                 stored.extend_from_slice(&v.value);

@@ -37,9 +37,9 @@ pub fn open(config: &Config) -> anyhow::Result<Backend> {
             let log_path = config.data_dir.join("bus.redb");
             if log_path.exists() {
                 tracing::warn!(kv = %kv_path.display(), log = %log_path.display(),
-                    "bus.durable = false: plugin kv is kept in kv.redb, and what an earlier durable run kept in the \
-                     event log is not seen by this run, and what this run writes is not moved into a log that holds \
-                     kv of its own at the next durable start (the file is kept, renamed)");
+                    "bus.durable = false: plugin kv is kept in kv.redb; this run does not see the kv an earlier \
+                     durable run kept in the event log, and at the next durable start what it writes is not moved \
+                     into a log that holds kv of its own (the file is kept, renamed)");
             }
             let kv = RedbKv::open(&kv_path).with_context(|| format!("opening the kv store {}", kv_path.display()))?;
             (EmbeddedBus::new(), Arc::new(kv))
