@@ -62,6 +62,8 @@ impl Host {
         on_load: loader::OnLoad<'_>,
     ) -> anyhow::Result<Self> {
         config.validate()?;
+        // Whatever the store, one plugin's commits take a bounded share of its writer.
+        let kv: Arc<dyn KvStore> = Arc::new(crate::kv::share::Shared::new(kv));
         let mut settings = config.sandbox.clone();
         settings.max_memory_mib = settings.max_memory_mib.max(config.max_memory_mib());
         let mut sandbox = Sandbox::new(settings)?;

@@ -113,6 +113,27 @@ impl TestHost {
     /// Like [`TestHost::start_with`], each component copied under a file name of its own:
     /// `(file name, component)` (a plugin is named by its file).
     pub async fn start_files(files: &[(&str, &str)], tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::start_files_on(files, tweak, |config| async move { Host::start(config).await }).await
+    }
+
+    /// Like [`TestHost::start_with`], on the in-memory embedded bus with the kv store `kv`.
+    pub async fn start_with_kv(
+        components: &[&str],
+        kv: Arc<dyn plugbus::kv::KvStore>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
+        let files: Vec<(String, &str)> = components.iter().map(|c| (format!("{c}.wasm"), *c)).collect();
+        let files: Vec<(&str, &str)> = files.iter().map(|(f, c)| (f.as_str(), *c)).collect();
+        let bus = Arc::new(plugbus::backend::embedded::bus::EmbeddedBus::new());
+        Self::start_files_on(&files, tweak, |config| Host::start_on(config, bus, kv)).await
+    }
+
+    /// Copies `files` into a plugins folder and starts a host on it with `start`.
+    async fn start_files_on<F: Future<Output = anyhow::Result<Host>>>(
+        files: &[(&str, &str)],
+        tweak: impl FnOnce(&mut Config),
+        start: impl FnOnce(Config) -> F,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         for (file, c) in files {
             std::fs::copy(wasm(c), dir.path().join(file)).expect("copying a component");
@@ -138,7 +159,7 @@ impl TestHost {
         // does (the library's default compiles in the host's own process).
         config.sandbox.compiler = Some(plugbus_bin());
         tweak(&mut config);
-        let host = Host::start(config).await.expect("host starts");
+        let host = start(config).await.expect("host starts");
         Self { host, dir, data }
     }
 

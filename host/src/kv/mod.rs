@@ -7,6 +7,7 @@
 //! attempt leaves no trace.
 
 pub mod quota;
+pub mod share;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -227,8 +228,11 @@ impl KvStore for MemoryKv {
 ///
 /// redb is a pure-Rust, ACID, copy-on-write B-tree in one file: crash-safe commits without a
 /// server, which is what plugin state on a single box needs.
+///
+/// A commit waits for redb's one write transaction, and its `fsync`, on a blocking thread of
+/// its own, never on one of the runtime's.
 pub struct RedbKv {
-    db: redb::Database,
+    db: std::sync::Arc<redb::Database>,
 }
 
 const DATA: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("kv");
@@ -259,7 +263,7 @@ impl RedbKv {
         txn.open_table(META).map_err(unavailable)?;
         quota::recount_if_stale(&txn, DATA, META, "clock").map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
-        Ok(Self { db })
+        Ok(Self { db: std::sync::Arc::new(db) })
     }
 
     /// Every entry, as (`ns\0key`, value and version): to move the store into another.
@@ -286,42 +290,49 @@ impl KvStore for RedbKv {
     }
 
     async fn commit(&self, ns: &str, txn: &Txn) -> Result<(), KvError> {
-        use redb::ReadableTable;
-        // redb has one writer at a time: checking the reads and writing happen atomically.
-        let w = self.db.begin_write().map_err(unavailable)?;
-        {
-            let mut data = w.open_table(DATA).map_err(unavailable)?;
-            for (key, seen) in &txn.reads {
-                let now =
-                    data.get(db_key(ns, key).as_str()).map_err(unavailable)?.map_or(0, |v| decode(v.value()).version);
-                if now != *seen {
-                    return Err(KvError::Conflict(key.clone()));
-                }
+        let (db, ns, txn) = (self.db.clone(), ns.to_string(), txn.clone());
+        tokio::task::spawn_blocking(move || redb_commit(&db, &ns, &txn))
+            .await
+            .map_err(|e| unavailable(format!("the kv commit did not finish: {e}")))?
+    }
+}
+
+/// Commits `txn` in namespace `ns` of `db`, waiting for its writer (blocking).
+fn redb_commit(db: &redb::Database, ns: &str, txn: &Txn) -> Result<(), KvError> {
+    use redb::ReadableTable;
+    // redb has one writer at a time: checking the reads and writing happen atomically.
+    let w = db.begin_write().map_err(unavailable)?;
+    {
+        let mut data = w.open_table(DATA).map_err(unavailable)?;
+        for (key, seen) in &txn.reads {
+            let now = data.get(db_key(ns, key).as_str()).map_err(unavailable)?.map_or(0, |v| decode(v.value()).version);
+            if now != *seen {
+                return Err(KvError::Conflict(key.clone()));
             }
-            let mut usage = w.open_table(quota::USAGE).map_err(unavailable)?;
-            quota::charge(&mut usage, ns, txn, |key| {
-                Ok(data.get(db_key(ns, key).as_str()).map_err(unavailable)?.map(|v| quota::value_len(v.value())))
-            })?;
-            let mut meta = w.open_table(META).map_err(unavailable)?;
-            let clock = meta.get("clock").map_err(unavailable)?.map_or(0, |v| v.value()) + 1;
-            meta.insert("clock", clock).map_err(unavailable)?;
-            quota::counted_at(&mut meta, clock).map_err(unavailable)?;
-            for (key, value) in &txn.writes {
-                let k = db_key(ns, key);
-                match value {
-                    Some(v) => {
-                        let mut stored = clock.to_be_bytes().to_vec();
-                        stored.extend_from_slice(v);
-                        data.insert(k.as_str(), stored.as_slice()).map_err(unavailable)?;
-                    }
-                    None => {
-                        data.remove(k.as_str()).map_err(unavailable)?;
-                    }
+        }
+        let mut usage = w.open_table(quota::USAGE).map_err(unavailable)?;
+        quota::charge(&mut usage, ns, txn, |key| {
+            Ok(data.get(db_key(ns, key).as_str()).map_err(unavailable)?.map(|v| quota::value_len(v.value())))
+        })?;
+        let mut meta = w.open_table(META).map_err(unavailable)?;
+        let clock = meta.get("clock").map_err(unavailable)?.map_or(0, |v| v.value()) + 1;
+        meta.insert("clock", clock).map_err(unavailable)?;
+        quota::counted_at(&mut meta, clock).map_err(unavailable)?;
+        for (key, value) in &txn.writes {
+            let k = db_key(ns, key);
+            match value {
+                Some(v) => {
+                    let mut stored = clock.to_be_bytes().to_vec();
+                    stored.extend_from_slice(v);
+                    data.insert(k.as_str(), stored.as_slice()).map_err(unavailable)?;
+                }
+                None => {
+                    data.remove(k.as_str()).map_err(unavailable)?;
                 }
             }
         }
-        w.commit().map_err(unavailable)
     }
+    w.commit().map_err(unavailable)
 }
 
 #[cfg(test)]
@@ -448,6 +459,41 @@ pub(crate) mod tests {
         assert_eq!(kv.get("p", "n").await.unwrap().unwrap().value, b"1");
         assert!(kv.get("q", "n").await.unwrap().is_none());
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A commit to `kv.redb` waits for redb's one write transaction (another plugin's 16 MiB and
+    /// its `fsync`) off the runtime's threads: it used to wait on one, and with two plugins
+    /// committing both of a two-core host's threads stopped (the API, every other plugin).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_redb_commit_waiting_for_the_writer_leaves_the_runtime_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = std::sync::Arc::new(RedbKv::open(&dir.path().join("kv.redb")).unwrap());
+        let (held, holding) = std::sync::mpsc::channel();
+        let (alive, runtime_alive) = std::sync::mpsc::channel::<()>();
+        let db = kv.db.clone();
+        let holder = std::thread::spawn(move || {
+            let writer = db.begin_write().unwrap();
+            held.send(()).unwrap();
+            // The writer is held until the runtime shows it still runs its other tasks (5 s at most).
+            let seen = runtime_alive.recv_timeout(std::time::Duration::from_secs(5)).is_ok();
+            drop(writer);
+            seen
+        });
+        holding.recv().unwrap();
+        let commit = {
+            let kv = kv.clone();
+            tokio::spawn(async move {
+                let mut txn = Txn::default();
+                txn.set("n", b"1".to_vec());
+                kv.commit("p", &txn).await
+            })
+        };
+        // The commit task runs meanwhile, up to waiting for the writer.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let _ = alive.send(());
+        assert!(holder.join().unwrap(), "the runtime's one thread waited for redb's writer");
+        commit.await.unwrap().unwrap();
+        assert_eq!(kv.get("p", "n").await.unwrap().unwrap().value, b"1");
     }
 
     #[tokio::test]

@@ -139,6 +139,83 @@ async fn a_plugin_filling_its_kv_stops_at_its_quota_and_other_plugins_go_on() {
     t.wait_counter("faulty", "ok", 1).await;
 }
 
+/// A kv store on a slow disk: each commit takes 500 ms, and the store counts per plugin the bytes
+/// of the commits it is taking at once, and the most it ever took.
+#[derive(Default)]
+struct SlowDisk {
+    inner: plugbus::kv::MemoryKv,
+    taking: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
+}
+
+impl SlowDisk {
+    fn most(&self, ns: &str) -> u64 {
+        self.taking.lock().unwrap().get(ns).map_or(0, |t| t.1)
+    }
+}
+
+impl plugbus::kv::KvStore for SlowDisk {
+    fn get<'a, 'b, 'c, 'f>(&'a self, ns: &'b str, key: &'c str) -> KvFuture<'f, Option<plugbus::kv::Versioned>>
+    where
+        'a: 'f,
+        'b: 'f,
+        'c: 'f,
+    {
+        self.inner.get(ns, key)
+    }
+
+    fn commit<'a, 'b, 'c, 'f>(&'a self, ns: &'b str, txn: &'c plugbus::kv::Txn) -> KvFuture<'f, ()>
+    where
+        'a: 'f,
+        'b: 'f,
+        'c: 'f,
+    {
+        Box::pin(async move {
+            let bytes = txn.held_bytes();
+            {
+                let mut taking = self.taking.lock().unwrap();
+                let (now, most) = taking.entry(ns.to_string()).or_default();
+                *now += bytes;
+                *most = (*most).max(*now);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            self.taking.lock().unwrap().get_mut(ns).unwrap().0 -= bytes;
+            self.inner.commit(ns, txn).await
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_writing_much_kv_takes_only_its_share_of_the_stores_writer() {
+    // The attack: every event writes 16 MiB of kv (63 values of 250,000 bytes, within every
+    // per-event limit), and the store commits slowly. Its finished attempts (`flow.concurrency`
+    // of them) all sent their commits at once: 16 x 16 MiB and their fsyncs ahead of every other
+    // plugin's commits in a store with one writer (on the durable bus, ahead of every producer's
+    // append and every ack too). Now one plugin's commits in the store hold at most its share.
+    const EVENTS: u64 = 8;
+    let disk = Arc::new(SlowDisk::default());
+    let t = TestHost::start_with_kv(&["hostile", "faulty"], disk.clone(), fast_retries).await;
+    for _ in 0..EVENTS {
+        t.publish("hostile.kvwrites", "63 250000").await;
+    }
+    // Every handler ran, and what is not committed waits for the store: another plugin's commit
+    // is not behind it (its share is its own).
+    t.wait_counter("hostile", "attempts", EVENTS).await;
+    plugbus_tests::eventually("hostile's handlers are done", || t.counter("hostile", "in_flight") == 0).await;
+    let waiting = EVENTS - t.counter("hostile", "ok");
+    t.publish("faulty.count", "").await;
+    t.wait_counter("faulty", "ok", 1).await;
+    let left = EVENTS - t.counter("hostile", "ok");
+    println!("hostile had {waiting} commits waiting; {left} when the other plugin's commit was done");
+    assert!(waiting >= 2, "the attack is over before the other plugin comes ({waiting} commits left)");
+    assert!(left > 0, "the other plugin's commit waited for all of hostile's");
+    t.wait_counter("hostile", "ok", EVENTS).await;
+    let most = disk.most("hostile");
+    println!("hostile had at most {most} bytes of commits in the store at once");
+    assert!(most > 15 << 20, "the attack did not reach the store ({most} bytes)");
+    let share = plugbus::kv::share::COMMIT_BYTES_PER_PLUGIN;
+    assert!(most <= share, "hostile had {most} bytes of commits in the store at once (its share: {share})");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_holding_every_slot_of_the_shared_pool_delays_other_plugins_never_fails_them() {
     // Four instance slots for all plugins. `faulty` holds them all for its whole deadline (3 s,
