@@ -30,6 +30,40 @@ pub const API_DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// every slot is bounded by its timeout, and this bounds them all.
 pub const MAX_PENDING_REQUESTS: usize = 65_536;
 
+/// The host's header on a plugin's request: the plugins the chain of requests it belongs to
+/// passed through, itself last (`p,q`: p's handler asked q, whose handler asks now). A plugin
+/// whose deliveries hold its buffer takes a request that passed through it as its own
+/// (`Overflow::room_for` on the embedded bus): one of its deliveries waits for the chain's reply,
+/// and waiting for room would wait for itself. Reserved (`plugbus-`): no plugin or API client sets
+/// it; the bus reads it only on a plugin's request.
+pub const ASKED_THROUGH: &str = "plugbus-asked-through";
+
+/// Most plugins an [`ASKED_THROUGH`] chain names: with plugin names of at most 64 bytes, the
+/// header stays within about 4 KiB, whatever a request from NATS carried in.
+const MAX_ASKED_THROUGH: usize = 64;
+
+/// The [`ASKED_THROUGH`] chain of a request `plugin` makes while it runs a request whose chain
+/// is `chain` (`None`: it runs an event, not a request of a plugin): each plugin once, what is
+/// not a plugin name left out, the first [`MAX_ASKED_THROUGH`] ` - 1` kept, and `plugin` last.
+pub fn asked_through(chain: Option<&str>, plugin: &str) -> String {
+    let mut names: Vec<&str> = Vec::new();
+    for name in chain.into_iter().flat_map(|c| c.split(',')) {
+        if names.len() + 1 == MAX_ASKED_THROUGH {
+            break;
+        }
+        if name != plugin && crate::manifest::valid_plugin_name(name) && !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    names.push(plugin);
+    names.join(",")
+}
+
+/// Whether the request `event`'s chain passed through `plugin` (see [`ASKED_THROUGH`]).
+pub fn passed_through(event: &Event, plugin: &str) -> bool {
+    event.header(ASKED_THROUGH).is_some_and(|chain| chain.split(',').any(|n| n == plugin))
+}
+
 /// Why a request got no reply.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {

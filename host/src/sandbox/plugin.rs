@@ -346,7 +346,7 @@ impl Plugin {
         let (mut store, instance) = self
             .instantiate(|| {
                 let mut state = HostState::in_world(self.ctx.clone(), &event.id, &event.subject, world);
-                state.set_reply_to(event.reply_to.as_deref());
+                state.set_request_of(event);
                 state
             })
             .await;
@@ -413,7 +413,7 @@ impl Plugin {
                 }
             }
         };
-        warm.store.data_mut().set_reply_to(event.reply_to.as_deref());
+        warm.store.data_mut().set_request_of(event);
         let token = warm.store.data().reply_token.clone();
         let headers = header_refs(event);
         let wit_event = to_wit(event, &headers, attempt, token.as_deref());

@@ -72,6 +72,8 @@ pub struct HostState {
     reply_to: Option<String>,
     /// What the plugin sees as the event's `reply-to` (`rpc::reply_token` of `reply_to`).
     pub reply_token: Option<String>,
+    /// The chain of requests the event (a request) belongs to ([`crate::rpc::ASKED_THROUGH`]).
+    asked_through: Option<String>,
     /// This attempt's reply, released with its outputs only on Ok.
     pub reply: Option<Output>,
     /// Requests this attempt made.
@@ -139,6 +141,7 @@ impl HostState {
             seen: Seen::default(),
             reply_to: None,
             reply_token: None,
+            asked_through: None,
             reply: None,
             requests: 0,
             refusals: 0,
@@ -146,10 +149,14 @@ impl HostState {
         }
     }
 
-    /// Sets the reply address of the event this store runs (the plugin sees only its token).
-    pub fn set_reply_to(&mut self, reply_to: Option<&str>) {
+    /// Sets what this store runs `event` as a request: its reply address (the plugin sees only
+    /// its token), and the chain of requests it belongs to, which this plugin's own requests
+    /// carry on ([`crate::rpc::ASKED_THROUGH`]).
+    pub fn set_request_of(&mut self, event: &crate::event::Event) {
+        let reply_to = event.reply_to.as_deref();
         self.reply_token = reply_to.map(crate::rpc::reply_token);
         self.reply_to = reply_to.map(str::to_string);
+        self.asked_through = reply_to.and(event.header(crate::rpc::ASKED_THROUGH)).map(str::to_string);
     }
 
     /// When this attempt's deadline passes.
@@ -179,6 +186,7 @@ impl HostState {
         self.seen = Seen::default();
         self.reply_to = None;
         self.reply_token = None;
+        self.asked_through = None;
         self.reply = None;
         self.requests = 0;
         self.refusals = 0;
@@ -492,6 +500,8 @@ impl rpc::Host for HostState {
         let max_reply = limits.max_reply_bytes;
         let mut event = Output { subject: subject.clone(), data: data.into(), headers }
             .into_request(&self.event_id, &self.plugin.name);
+        let chain = crate::rpc::asked_through(self.asked_through.as_deref(), &self.plugin.name);
+        event.extensions.push((crate::rpc::ASKED_THROUGH.into(), chain));
         // The attempt's context (the host call runs in its span), so the responder's spans join
         // the requester's trace; the plugin's own was dropped.
         crate::telemetry::set_context(&mut event, crate::telemetry::current_context().as_ref());
@@ -685,5 +695,72 @@ impl config::Host for HostState {
         let value = self.plugin.config.get(&key).cloned();
         self.seen.config_read(&key, value.as_deref());
         value
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Event;
+    use crate::rpc::ASKED_THROUGH;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    /// Keeps the requests a plugin sends, and answers each with an empty reply.
+    #[derive(Default)]
+    struct Recording(Mutex<Vec<Event>>);
+
+    #[async_trait::async_trait]
+    impl crate::rpc::Requester for Recording {
+        async fn request(&self, event: Event, _timeout: Duration) -> Result<Event, crate::rpc::RequestError> {
+            self.0.lock().unwrap().push(event);
+            Ok(Event::new("a.back", ""))
+        }
+    }
+
+    /// A plugin's request carries on the chain of the request it runs, itself last (so a chain
+    /// that comes back through a plugin is known there); run on an event that is not a request,
+    /// its request starts a chain, whatever header the event carries.
+    #[tokio::test]
+    async fn a_request_carries_on_the_chain_of_the_request_the_plugin_runs() {
+        let sent = Arc::new(Recording::default());
+        let ctx = Arc::new(PluginCtx {
+            name: "q".into(),
+            limits: Limits::default(),
+            publishes: PatternSet::parse(&["a.>"]).unwrap(),
+            config: Default::default(),
+            kv: Arc::new(crate::kv::MemoryKv::new()),
+            outbound: Arc::new(OutboundPolicy::none()),
+            requester: sent.clone(),
+        });
+        let ask_back = async |event: &Event| {
+            let mut state = HostState::new(ctx.clone(), &event.id, &event.subject);
+            state.set_request_of(event);
+            rpc::Host::request(&mut state, "a.back".into(), Vec::new(), Vec::new(), 1000).await.unwrap();
+        };
+        let mut asked = Event::new("q.run", "");
+        asked.reply_to = Some("slot-1".into());
+        asked.extensions.push((ASKED_THROUGH.into(), "p".into()));
+        ask_back(&asked).await;
+        asked.reply_to = None;
+        ask_back(&asked).await;
+        let sent = sent.0.lock().unwrap();
+        assert_eq!(sent[0].header(ASKED_THROUGH), Some("p,q"));
+        assert_eq!(sent[1].header(ASKED_THROUGH), Some("q"));
+    }
+
+    #[test]
+    fn a_chain_names_each_plugin_once_and_a_bounded_number() {
+        assert_eq!(crate::rpc::asked_through(None, "a"), "a");
+        assert_eq!(crate::rpc::asked_through(Some("a,b"), "c"), "a,b,c");
+        // A chain that comes back through a plugin names it once, last.
+        assert_eq!(crate::rpc::asked_through(Some("a,b,a"), "a"), "b,a");
+        // What is not a plugin name (a request from NATS carries what its publisher wrote).
+        let forged = format!("a,,b c,{},é,b", "x".repeat(65));
+        assert_eq!(crate::rpc::asked_through(Some(&forged), "q"), "a,b,q");
+        let long: Vec<String> = (0..100).map(|i| format!("p{i}")).collect();
+        let chain = crate::rpc::asked_through(Some(&long.join(",")), "q");
+        assert_eq!(chain.split(',').count(), 64);
+        assert!(chain.starts_with("p0,p1,") && chain.ends_with(",p62,q"), "{chain}");
     }
 }

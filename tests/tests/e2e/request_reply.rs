@@ -432,3 +432,29 @@ async fn waiting_for_a_reply_holds_no_worker_thread() {
     assert_eq!(first["ok"], "QUICK", "the quick request was not the first answered: {first}");
     assert!(started.elapsed() < Duration::from_millis(1500), "answered after {:?}", started.elapsed());
 }
+
+/// A chain of requests back through the asker (asker asks responder, whose handler asks the
+/// asker back) while the asker's deliveries hold its buffer: its event (900 KiB) and the
+/// request back (1.2 MiB) pass twice its `flow.buffer_mib` of 1 MiB, the bound of another
+/// plugin's request. The request back used to wait for room held by the asker's delivery that
+/// waits for it, and the chain timed out; the host marks a plugin's request with the chain it
+/// belongs to (`plugbus-asked-through`), and a plugin takes the chain's requests as its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_requests_back_through_a_plugin_holding_its_buffer_is_answered() {
+    let t = TestHost::start_with(&["asker", "responder"], |c| {
+        fast_retries(c);
+        let asker = c.plugins.entry("asker".into()).or_default();
+        asker.flow.insert("buffer_mib".into(), json!(1));
+        asker.limits.insert("max_event_bytes".into(), json!(4 << 20));
+        c.plugins.entry("responder".into()).or_default().limits.insert("max_output_bytes".into(), json!(4 << 20));
+    })
+    .await;
+    let mut seen = t.observe(&["asked.one", "ask.back"]).await;
+    let pad = "p".repeat(900 << 10);
+    let cmd = json!({ "subject": "rpc.back", "data": (1200 << 10).to_string(), "timeout_ms": 4000, "pad": pad });
+    t.publish("ask.one", cmd.to_string()).await;
+    let back = seen.next_on("ask.back").await;
+    assert_eq!(back.header("plugbus-asked-through"), Some("asker,responder"));
+    let out: Value = serde_json::from_slice(&seen.next_on("asked.one").await.data).unwrap();
+    assert_eq!(out["ok"], "back from asker", "{out}");
+}

@@ -209,10 +209,10 @@ impl Overflow {
     /// Whether `event` (of `cost` bytes, put in by `publisher`: a plugin's source, `None` for
     /// anyone else) may go into the queue now as far as room in hand goes: a request of this
     /// plugin's own always may (its requester is a delivery of this plugin, holding room in
-    /// hand until the reply comes: waiting for that room would wait for itself). Another
-    /// plugin's request may go up to twice the budget (a chain of requests through it may come
-    /// back to this plugin, whose deliveries then wait for their replies: A asks B, whose
-    /// handler asks A); a client's waits for room as an event does. Requests given up at once by
+    /// hand until the reply comes: waiting for that room would wait for itself), and so may a
+    /// plugin's request of a chain that passed through this plugin (A asks B, whose handler
+    /// asks A: a delivery of A waits for the chain's reply). Another plugin's request may go up
+    /// to twice the budget; a client's waits for room as an event does. Requests given up at once by
     /// their requesters (`?timeout=1ms`) would otherwise have the plugin hold `flow.queue`
     /// queued and as many admitted, of any size.
     fn room_for(&self, event: &Event, publisher: Option<&str>, cost: u64) -> bool {
@@ -223,11 +223,13 @@ impl Overflow {
         self.room_in_hand(cost, bound)
     }
 
-    /// Whether `event` is a request this plugin made itself: told by who put it in (a plugin's
+    /// Whether `event` is a request this plugin made itself, or a plugin's request of a chain
+    /// that passed through it ([`crate::rpc::ASKED_THROUGH`]): told by who put it in (a plugin's
     /// request is put in under its source, which the host sets), never by the event's own
     /// `source`, which a client's request sets as it likes.
     fn is_its_own_request(&self, event: &Event, publisher: Option<&str>) -> bool {
-        event.reply_to.is_some() && publisher.and_then(|p| p.strip_prefix("plugbus/")) == Some(&*self.plugin)
+        let Some(asker) = publisher.and_then(|p| p.strip_prefix("plugbus/")) else { return false };
+        event.reply_to.is_some() && (asker == &*self.plugin || crate::rpc::passed_through(event, &self.plugin))
     }
 
     /// A delivery went, giving back `held` bytes of room in hand; wakes the pump if it waits
@@ -3746,6 +3748,42 @@ mod tests {
         let _past = ask(40 << 10);
         let past = tokio::time::timeout(Duration::from_millis(200), sub.deliveries.recv()).await;
         assert!(past.is_err(), "another plugin's request past twice the budget went in");
+    }
+
+    /// A chain of requests that comes back through a plugin (p asks q, whose handler asks p)
+    /// reaches it though its deliveries hold twice its buffer: one of them waits for the chain's
+    /// reply, so the request would wait for room its own requester holds, and every request of
+    /// the chain waited out its timeout. Only the host's mark of the chain counts, on a plugin's
+    /// request: a client's request naming it waits for room as any client's does.
+    #[tokio::test]
+    async fn a_chain_of_requests_back_through_a_plugin_is_not_held_back_by_room_in_hand() {
+        let (bus, mut sub, _big) = holding_its_buffer(16).await;
+        let ask = |event: Event, by_client: bool| {
+            let bus = bus.clone();
+            tokio::spawn(async move { bus.request(event, Duration::from_secs(5), by_client).await })
+        };
+        // Another plugin's request takes p's deliveries in hand to twice its budget.
+        let _within = ask(ask_as("q", 60 << 10), false);
+        let _within = tokio::time::timeout(Duration::from_secs(2), sub.deliveries.recv()).await.unwrap().unwrap();
+        let through_p = |size: usize| {
+            let mut back = ask_as("q", size);
+            back.extensions.push((crate::rpc::ASKED_THROUGH.into(), crate::rpc::asked_through(Some("p"), "q")));
+            back
+        };
+        // A client's request naming p in its chain (the API refuses `plugbus-*` headers; a
+        // library caller's is still a client's) waits.
+        let _client = ask(through_p(10 << 10), true);
+        let client = tokio::time::timeout(Duration::from_millis(200), sub.deliveries.recv()).await;
+        assert!(client.is_err(), "a client's request naming the plugin in its chain went past room in hand");
+        // q's handler, running p's request, asks p back.
+        let asker = ask(through_p(10 << 10), false);
+        let back = tokio::time::timeout(Duration::from_secs(2), sub.deliveries.recv())
+            .await
+            .expect("the chain's request back through p waited for room its requester holds")
+            .unwrap();
+        assert_eq!(back.event.header(crate::rpc::ASKED_THROUGH), Some("p,q"));
+        bus.reply(back.event.reply_to.as_deref().unwrap(), Event::new("answer", "yes")).await.unwrap();
+        assert_eq!(asker.await.unwrap().unwrap().data, "yes".as_bytes());
     }
 
     #[tokio::test]

@@ -1,8 +1,10 @@
 //! The requesting side of request/reply. An event on `ask.one` carries
 //! `{"subject", "data", "timeout_ms"}`: one request, its outcome published to `asked.one` as
 //! `{"ok": data, "source", "subject", "content_type", "answered_by"}` or `{"err": kind, "message"}`. `ask.flood`
-//! requests on `data` until refused, publishing how many went out and the refusal.
-use plugbus_sdk::{Event, HandlerError, RequestError, handler, publish_json, request};
+//! requests on `data` until refused, publishing how many went out and the refusal. A request on
+//! `ask.back` (another plugin asking back, in a chain of requests that started here) is answered
+//! `back from asker`.
+use plugbus_sdk::{Event, HandlerError, RequestError, handler, publish_json, reply, request};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -32,6 +34,9 @@ fn outcome(r: Result<Event, RequestError>) -> Value {
 
 #[handler(subscribe = ["ask.*"], publishes = ["rpc.>", "nobody.>", "asked.>"])]
 fn asker(ev: Event) -> Result<(), HandlerError> {
+    if ev.subject() == "ask.back" {
+        return Ok(reply(&ev, "back from asker")?);
+    }
     let cmd: Value = ev.json()?;
     let subject = cmd["subject"].as_str().unwrap_or_default();
     let data = cmd["data"].as_str().unwrap_or_default();

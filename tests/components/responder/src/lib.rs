@@ -2,7 +2,7 @@
 //! reply said goes to `rpc.out.<case>` (the handler swallows the error to report it).
 use plugbus_sdk::{Event, HandlerError, handler, kv, publish, reply, reply_with_headers};
 
-#[handler(subscribe = ["rpc.>"], publishes = ["rpc.out.>"])]
+#[handler(subscribe = ["rpc.>"], publishes = ["rpc.out.>", "ask.back"])]
 fn responder(ev: Event) -> Result<(), HandlerError> {
     // Its own reports come back to it (`rpc.>`): taken, never answered or reported on again.
     if ev.subject().starts_with("rpc.out.") {
@@ -39,6 +39,17 @@ fn responder(ev: Event) -> Result<(), HandlerError> {
             kv::set_json("count", &n)?;
             report(n.to_string())?;
             reply(&ev, n.to_string())?;
+        }
+        // Asks `ask.back` in turn, with `data` bytes (a number), and replies what came back (or
+        // why nothing did): a chain of requests back through the asker.
+        "back" => {
+            let n: usize = ev.text()?.trim().parse().unwrap_or(0);
+            let answer = plugbus_sdk::request("ask.back", vec![b'x'; n], std::time::Duration::from_millis(2000));
+            let text = match answer {
+                Ok(back) => back.text().unwrap_or_default().to_string(),
+                Err(e) => format!("{e:?}"),
+            };
+            reply(&ev, text)?;
         }
         // Never replies: the requester times out.
         "silent" => {}
