@@ -63,7 +63,8 @@ impl Host {
     ) -> anyhow::Result<Self> {
         config.validate()?;
         // Whatever the store, one plugin's commits take a bounded share of its writer.
-        let kv: Arc<dyn KvStore> = Arc::new(crate::kv::share::Shared::new(kv));
+        let shared = Arc::new(crate::kv::share::Shared::new(kv));
+        let kv: Arc<dyn KvStore> = shared.clone();
         let mut settings = config.sandbox.clone();
         settings.max_memory_mib = settings.max_memory_mib.max(config.max_memory_mib());
         let mut sandbox = Sandbox::new(settings)?;
@@ -87,6 +88,7 @@ impl Host {
         metrics.register_with(|registry| {
             transport.register_metrics(registry);
             sandbox.shared_pool().register_metrics(registry);
+            shared.register_metrics(registry);
         });
         let router = Arc::new(Router::new(transport.clone(), dead_letters.clone(), metrics.clone()));
 

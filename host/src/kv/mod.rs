@@ -229,10 +229,13 @@ impl KvStore for MemoryKv {
 /// redb is a pure-Rust, ACID, copy-on-write B-tree in one file: crash-safe commits without a
 /// server, which is what plugin state on a single box needs.
 ///
-/// A commit waits for redb's one write transaction, and its `fsync`, on a blocking thread of
-/// its own, never on one of the runtime's.
+/// A commit waits for redb's one write transaction, and its `fsync`, on a blocking thread,
+/// never on one of the runtime's; commits take turns before they take one (a blocking thread
+/// each, waiting on redb's writer, would fill the pool the dead-letter store and file reads use).
 pub struct RedbKv {
     db: std::sync::Arc<redb::Database>,
+    /// Held by the commit on its blocking thread.
+    turn: tokio::sync::Mutex<()>,
 }
 
 const DATA: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("kv");
@@ -263,7 +266,7 @@ impl RedbKv {
         txn.open_table(META).map_err(unavailable)?;
         quota::recount_if_stale(&txn, DATA, META, "clock").map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
-        Ok(Self { db: std::sync::Arc::new(db) })
+        Ok(Self { db: std::sync::Arc::new(db), turn: tokio::sync::Mutex::new(()) })
     }
 
     /// Every entry, as (`ns\0key`, value and version): to move the store into another.
@@ -290,6 +293,7 @@ impl KvStore for RedbKv {
     }
 
     async fn commit(&self, ns: &str, txn: &Txn) -> Result<(), KvError> {
+        let _turn = self.turn.lock().await;
         let (db, ns, txn) = (self.db.clone(), ns.to_string(), txn.clone());
         tokio::task::spawn_blocking(move || redb_commit(&db, &ns, &txn))
             .await

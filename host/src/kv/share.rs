@@ -11,6 +11,9 @@
 //! next commit waits, and so do its own deliveries, nobody else's.
 
 use super::{KvError, KvStore, Outbox, Txn, Versioned};
+use crate::metrics::{PluginLabels, Registry};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -18,6 +21,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// What one plugin's commits sent to the store and not answered yet may hold, in bytes (as
 /// [`commit_bytes`] counts them): one commit of the default `max_kv_write_bytes`.
 pub const COMMIT_BYTES_PER_PLUGIN: u64 = 16 << 20;
+
+/// The least a commit is charged, however small: a commit costs the store more than its bytes
+/// (redb's `fsync`, a round trip to JetStream), so one plugin has at most 64 commits in it.
+pub const MIN_COMMIT_CHARGE: u64 = 256 << 10;
 
 /// The share is counted in units of this many bytes (a semaphore's permits).
 const UNIT_BYTES: u64 = 1024;
@@ -37,16 +44,30 @@ pub struct Shared {
     /// Per namespace, the units its unanswered commits hold. (One entry per plugin that ever
     /// committed: namespaces are plugin names, which come from the operator's plugins folder.)
     shares: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// `plugbus_kv_commits_waiting{plugin}`.
+    waiting: Family<PluginLabels, Gauge>,
 }
 
 impl Shared {
     /// `inner`, shared out per namespace.
     pub fn new(inner: Arc<dyn KvStore>) -> Self {
-        Self { inner, shares: Mutex::default() }
+        Self { inner, shares: Mutex::default(), waiting: Family::default() }
     }
 
-    /// Waits until namespace `ns` has room for a commit of `bytes` (a larger commit than the
-    /// share waits for all of it, and goes alone); the permit is its room until dropped.
+    /// Registers `plugbus_kv_commits_waiting{plugin}` (`registry` has the `plugbus` prefix).
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "kv_commits_waiting",
+            "Kv commits of a plugin waiting for its share of the kv store's writer (its commits in the store's hands hold at most 16 MiB): a plugin slowed by its own kv writes",
+            self.waiting.clone(),
+        );
+    }
+
+    /// Waits until namespace `ns` has room for a commit of `bytes` (at least
+    /// [`MIN_COMMIT_CHARGE`]; a larger commit than the share waits for all of it, and goes
+    /// alone); the permit is its room until dropped. (Dropped with the caller's future: a
+    /// commit cancelled once in the store's hands would go on outside the share. Nothing
+    /// cancels a commit today: dispatch awaits it.)
     async fn room(&self, ns: &str, bytes: u64) -> OwnedSemaphorePermit {
         let share = {
             let mut shares = self.shares.lock().expect("kv shares poisoned");
@@ -58,8 +79,28 @@ impl Shared {
                     .clone(),
             }
         };
-        let units = bytes.div_ceil(UNIT_BYTES).clamp(1, SHARE_UNITS) as u32;
+        let units = bytes.max(MIN_COMMIT_CHARGE).div_ceil(UNIT_BYTES).min(SHARE_UNITS) as u32;
+        if let Ok(room) = share.clone().try_acquire_many_owned(units) {
+            return room;
+        }
+        let _counted = Waiting::counted(self.waiting.get_or_create(&PluginLabels { plugin: ns.to_string() }).clone());
         share.acquire_many_owned(units).await.expect("kv shares are never closed")
+    }
+}
+
+/// A commit counted in `plugbus_kv_commits_waiting` while it waits (a cancelled wait too).
+struct Waiting(Gauge);
+
+impl Waiting {
+    fn counted(gauge: Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -160,6 +201,9 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let (now, _) = gated.taking("hostile");
         assert!(now > 0, "no commit of the plugin reached the store");
+        let waiting = shared.waiting.get_or_create(&PluginLabels { plugin: "hostile".into() }).get();
+        let in_store = now / commit_bytes(&writing("k0", 4 << 20), None);
+        assert_eq!(waiting as u64 + in_store, 16, "the commits waiting for their share are not counted");
         assert!(now <= COMMIT_BYTES_PER_PLUGIN, "the plugin has {now} bytes of commits in the store at once");
         // Another plugin's commit is not behind them: it reaches the store now.
         let other = {
@@ -178,9 +222,29 @@ mod tests {
             c.await.unwrap().unwrap();
         }
         other.await.unwrap().unwrap();
+        assert_eq!(shared.waiting.get_or_create(&PluginLabels { plugin: "hostile".into() }).get(), 0);
         let (_, most) = gated.taking("hostile");
         assert!(most <= COMMIT_BYTES_PER_PLUGIN, "at most {most} bytes of the plugin's commits were in the store");
         assert_eq!(shared.get("hostile", "k15").await.unwrap().unwrap().value.len(), 4 << 20);
+    }
+
+    #[tokio::test]
+    async fn small_commits_are_charged_at_least_the_least_so_one_plugin_has_a_bounded_number_in_the_store() {
+        let gated = Arc::new(Gated::default());
+        let shared = Arc::new(Shared::new(gated.clone()));
+        let mut commits = Vec::new();
+        for i in 0..100 {
+            let shared = shared.clone();
+            commits.push(tokio::spawn(async move { shared.commit("p", &writing(&format!("k{i:02}"), 10)).await }));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let one = commit_bytes(&writing("k00", 10), None);
+        let most = COMMIT_BYTES_PER_PLUGIN / MIN_COMMIT_CHARGE;
+        assert_eq!(gated.taking("p").0, most * one, "not {most} small commits in the store at once");
+        gated.open();
+        for c in commits {
+            c.await.unwrap().unwrap();
+        }
     }
 
     #[tokio::test]

@@ -485,8 +485,10 @@ impl rpc::Host for HostState {
             Ok(bytes) => bytes,
             Err(e) => return self.refuse_request(request_err(e)),
         };
-        // A request's bytes count in the event's output budget, as a publish's do.
-        let size = (subject.len() + data.len()) as u64 + ENTRY_COST + header_bytes;
+        // A request's bytes count in the event's output budget, as a publish's do (the host's
+        // mark of its chain too).
+        let chain = crate::rpc::asked_through(self.asked_through.as_deref(), &self.plugin.name);
+        let size = (subject.len() + data.len() + chain.len()) as u64 + ENTRY_COST + header_bytes;
         if self.output_bytes + size > limits.max_output_bytes {
             let msg =
                 format!("output limit of {} bytes per event reached (requests count in it)", limits.max_output_bytes);
@@ -500,7 +502,6 @@ impl rpc::Host for HostState {
         let max_reply = limits.max_reply_bytes;
         let mut event = Output { subject: subject.clone(), data: data.into(), headers }
             .into_request(&self.event_id, &self.plugin.name);
-        let chain = crate::rpc::asked_through(self.asked_through.as_deref(), &self.plugin.name);
         event.extensions.push((crate::rpc::ASKED_THROUGH.into(), chain));
         // The attempt's context (the host call runs in its span), so the responder's spans join
         // the requester's trace; the plugin's own was dropped.

@@ -202,11 +202,15 @@ async fn a_plugin_writing_much_kv_takes_only_its_share_of_the_stores_writer() {
     t.wait_counter("hostile", "attempts", EVENTS).await;
     plugbus_tests::eventually("hostile's handlers are done", || t.counter("hostile", "in_flight") == 0).await;
     let waiting = EVENTS - t.counter("hostile", "ok");
+    // (One commit of hostile's is in the store's hands, the rest wait for its share, counted.)
+    let gauge = r#"plugbus_kv_commits_waiting{plugin="hostile"}"#;
+    let counted = sample(&metrics_text(&t.url()).await, gauge).unwrap_or(0.0);
     t.publish("faulty.count", "").await;
     t.wait_counter("faulty", "ok", 1).await;
     let left = EVENTS - t.counter("hostile", "ok");
     println!("hostile had {waiting} commits waiting; {left} when the other plugin's commit was done");
     assert!(waiting >= 2, "the attack is over before the other plugin comes ({waiting} commits left)");
+    assert!(counted >= 1.0, "{counted} commits counted waiting for their share, with {waiting} not committed");
     assert!(left > 0, "the other plugin's commit waited for all of hostile's");
     t.wait_counter("hostile", "ok", EVENTS).await;
     let most = disk.most("hostile");
@@ -214,6 +218,7 @@ async fn a_plugin_writing_much_kv_takes_only_its_share_of_the_stores_writer() {
     assert!(most > 15 << 20, "the attack did not reach the store ({most} bytes)");
     let share = plugbus::kv::share::COMMIT_BYTES_PER_PLUGIN;
     assert!(most <= share, "hostile had {most} bytes of commits in the store at once (its share: {share})");
+    assert_eq!(sample(&metrics_text(&t.url()).await, gauge), Some(0.0), "commits still counted waiting");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

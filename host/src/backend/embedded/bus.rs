@@ -198,7 +198,7 @@ impl Overflow {
     /// queue, or taken by its worker: admitted, running, backing off, waiting to settle) hold at
     /// most its budget, or it is the only one. Without this bound its `flow.queue` queued and
     /// `flow.queue` admitted deliveries of 1 MiB each were 2 GiB held for one plugin.
-    /// (`bound`: the budget, or twice it for another plugin's request, see [`Overflow::room_for`].)
+    /// (`bound`: the budget, or more for a plugin's request, see [`Overflow::bound_for`].)
     fn room_in_hand(&self, cost: u64, bound: u64) -> bool {
         // SeqCst with `pump_waits`: the pump sets that, then looks here; `release` takes off
         // here, then looks there. One of the two sees the other.
@@ -207,29 +207,41 @@ impl Overflow {
     }
 
     /// Whether `event` (of `cost` bytes, put in by `publisher`: a plugin's source, `None` for
-    /// anyone else) may go into the queue now as far as room in hand goes: a request of this
-    /// plugin's own always may (its requester is a delivery of this plugin, holding room in
-    /// hand until the reply comes: waiting for that room would wait for itself), and so may a
-    /// plugin's request of a chain that passed through this plugin (A asks B, whose handler
-    /// asks A: a delivery of A waits for the chain's reply). Another plugin's request may go up
-    /// to twice the budget; a client's waits for room as an event does. Requests given up at once by
-    /// their requesters (`?timeout=1ms`) would otherwise have the plugin hold `flow.queue`
-    /// queued and as many admitted, of any size.
+    /// anyone else) may go into the queue now as far as room in hand goes (see
+    /// [`Overflow::bound_for`]).
     fn room_for(&self, event: &Event, publisher: Option<&str>, cost: u64) -> bool {
-        if self.is_its_own_request(event, publisher) {
-            return true;
-        }
-        let bound = if event.reply_to.is_some() && publisher.is_some() { 2 * self.budget } else { self.budget };
-        self.room_in_hand(cost, bound)
+        self.bound_for(event, publisher).is_none_or(|bound| self.room_in_hand(cost, bound))
     }
 
-    /// Whether `event` is a request this plugin made itself, or a plugin's request of a chain
-    /// that passed through it ([`crate::rpc::ASKED_THROUGH`]): told by who put it in (a plugin's
-    /// request is put in under its source, which the host sets), never by the event's own
-    /// `source`, which a client's request sets as it likes.
-    fn is_its_own_request(&self, event: &Event, publisher: Option<&str>) -> bool {
-        let Some(asker) = publisher.and_then(|p| p.strip_prefix("plugbus/")) else { return false };
-        event.reply_to.is_some() && (asker == &*self.plugin || crate::rpc::passed_through(event, &self.plugin))
+    /// The room in hand `event` (put in by `publisher`) may go up to: a request of this
+    /// plugin's own has no bound (its requester is a delivery of this plugin, holding room in
+    /// hand until the reply comes: waiting for that room would wait for itself). A plugin's
+    /// request of a chain that passed through this plugin ([`crate::rpc::ASKED_THROUGH`]: A asks
+    /// B, whose handler asks A, and a delivery of A waits for the chain's reply) may go up to
+    /// three times the budget: past what this plugin's events (the budget) and other plugins'
+    /// requests (twice it) may take, so they cannot stall it, while a plugin in the chain asking
+    /// back flood after flood (each attempt up to `max_requests`) is still bounded. Another
+    /// plugin's request may go up to twice the budget; a client's waits for room as an event
+    /// does. Requests given up at once by their requesters (`?timeout=1ms`) would otherwise have
+    /// the plugin hold `flow.queue` queued and as many admitted, of any size. Who asked is told
+    /// by who put it in (a plugin's request is put in under its source, which the host sets),
+    /// never by the event's own `source`, which a client's request sets as it likes.
+    fn bound_for(&self, event: &Event, publisher: Option<&str>) -> Option<u64> {
+        let Some(asker) = publisher.filter(|_| event.reply_to.is_some()) else { return Some(self.budget) };
+        if asker.strip_prefix("plugbus/") == Some(&*self.plugin) {
+            None
+        } else if crate::rpc::passed_through(event, &self.plugin) {
+            Some(3 * self.budget)
+        } else {
+            Some(2 * self.budget)
+        }
+    }
+
+    /// Whether `event` goes ahead of what waits for room in hand: a request of this plugin's
+    /// own, or of a chain that passed through it (what waits may wait for room their requester
+    /// holds; see [`Overflow::bound_for`]).
+    fn goes_first(&self, event: &Event, publisher: Option<&str>) -> bool {
+        self.bound_for(event, publisher).is_none_or(|bound| bound > 2 * self.budget)
     }
 
     /// A delivery went, giving back `held` bytes of room in hand; wakes the pump if it waits
@@ -703,9 +715,10 @@ impl Overflow {
             Publisher::Plugin(source) => Some(source),
             Publisher::Other => None,
         };
-        // Its own request goes ahead of what waits: that may wait for room its requester holds.
-        let own_request = self.is_its_own_request(event, source);
-        if (state.events.is_empty() || own_request) && self.room_for(event, source, cost) {
+        // Its own request (or a chain's through it) goes ahead of what waits: that may wait for
+        // room its requester holds.
+        let first = self.goes_first(event, source);
+        if (state.events.is_empty() || first) && self.room_for(event, source, cost) {
             // Room first: the delivery is made only when it goes into the queue (making it takes
             // a read-back outbox, which a delivery thrown away would lose).
             match tx.try_reserve() {
@@ -716,11 +729,11 @@ impl Overflow {
             }
         }
         // (Its own request first behind the queue: the pump takes it next, room in hand or not.)
-        self.wait_behind(state, tx, (event.clone(), cost, logged, source.map(Arc::from)), own_request);
+        self.wait_behind(state, tx, (event.clone(), cost, logged, source.map(Arc::from)), first);
     }
 
-    /// Puts `waiting` behind what waits (or ahead of it, `first`: a plugin's own request, which
-    /// needs no room in hand), for the pump to move into the queue.
+    /// Puts `waiting` behind what waits (or ahead of it, `first`: a plugin's own request, or a
+    /// chain's through it, see [`Overflow::goes_first`]), for the pump to move into the queue.
     fn wait_behind(
         self: &Arc<Self>,
         state: &mut OverflowState,
@@ -3784,6 +3797,16 @@ mod tests {
         assert_eq!(back.event.header(crate::rpc::ASKED_THROUGH), Some("p,q"));
         bus.reply(back.event.reply_to.as_deref().unwrap(), Event::new("answer", "yes")).await.unwrap();
         assert_eq!(asker.await.unwrap().unwrap().data, "yes".as_bytes());
+        // Not without bound: a plugin of the chain asking back over and over goes up to three
+        // times the budget (130 KiB held here, of 192), not past.
+        let _within = ask(through_p(40 << 10), false);
+        let _within = tokio::time::timeout(Duration::from_secs(2), sub.deliveries.recv())
+            .await
+            .expect("the chain's request within three times the budget waited")
+            .unwrap();
+        let _past = ask(through_p(30 << 10), false);
+        let past = tokio::time::timeout(Duration::from_millis(200), sub.deliveries.recv()).await;
+        assert!(past.is_err(), "a chain's request past three times the budget went in");
     }
 
     #[tokio::test]
