@@ -234,8 +234,9 @@ impl KvStore for MemoryKv {
 /// each, waiting on redb's writer, would fill the pool the dead-letter store and file reads use).
 pub struct RedbKv {
     db: std::sync::Arc<redb::Database>,
-    /// Held by the commit on its blocking thread.
-    turn: tokio::sync::Mutex<()>,
+    /// Held by the commit on its blocking thread (moved there: a caller that stops waiting
+    /// does not give it back while the commit goes on).
+    turn: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 const DATA: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("kv");
@@ -266,7 +267,7 @@ impl RedbKv {
         txn.open_table(META).map_err(unavailable)?;
         quota::recount_if_stale(&txn, DATA, META, "clock").map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
-        Ok(Self { db: std::sync::Arc::new(db), turn: tokio::sync::Mutex::new(()) })
+        Ok(Self { db: std::sync::Arc::new(db), turn: Default::default() })
     }
 
     /// Every entry, as (`ns\0key`, value and version): to move the store into another.
@@ -293,11 +294,14 @@ impl KvStore for RedbKv {
     }
 
     async fn commit(&self, ns: &str, txn: &Txn) -> Result<(), KvError> {
-        let _turn = self.turn.lock().await;
+        let turn = self.turn.clone().lock_owned().await;
         let (db, ns, txn) = (self.db.clone(), ns.to_string(), txn.clone());
-        tokio::task::spawn_blocking(move || redb_commit(&db, &ns, &txn))
-            .await
-            .map_err(|e| unavailable(format!("the kv commit did not finish: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            redb_commit(&db, &ns, &txn)
+        })
+        .await
+        .map_err(|e| unavailable(format!("the kv commit did not finish: {e}")))?
     }
 }
 

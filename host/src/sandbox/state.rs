@@ -488,7 +488,8 @@ impl rpc::Host for HostState {
         // A request's bytes count in the event's output budget, as a publish's do (the host's
         // mark of its chain too).
         let chain = crate::rpc::asked_through(self.asked_through.as_deref(), &self.plugin.name);
-        let size = (subject.len() + data.len() + chain.len()) as u64 + ENTRY_COST + header_bytes;
+        let chain_bytes = (crate::rpc::ASKED_THROUGH.len() + chain.len()) as u64 + ENTRY_COST;
+        let size = (subject.len() + data.len()) as u64 + ENTRY_COST + header_bytes + chain_bytes;
         if self.output_bytes + size > limits.max_output_bytes {
             let msg =
                 format!("output limit of {} bytes per event reached (requests count in it)", limits.max_output_bytes);

@@ -438,7 +438,8 @@ async fn waiting_for_a_reply_holds_no_worker_thread() {
 /// request back (1.2 MiB) pass twice its `flow.buffer_mib` of 1 MiB, the bound of another
 /// plugin's request. The request back used to wait for room held by the asker's delivery that
 /// waits for it, and the chain timed out; the host marks a plugin's request with the chain it
-/// belongs to (`plugbus-asked-through`), and a plugin takes the chain's requests as its own.
+/// belongs to (`plugbus-asked-through`), and a plugin takes the chain's requests up to three
+/// times its buffer, ahead of what waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_of_requests_back_through_a_plugin_holding_its_buffer_is_answered() {
     let t = TestHost::start_with(&["asker", "responder"], |c| {

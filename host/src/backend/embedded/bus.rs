@@ -231,17 +231,21 @@ impl Overflow {
         if asker.strip_prefix("plugbus/") == Some(&*self.plugin) {
             None
         } else if crate::rpc::passed_through(event, &self.plugin) {
-            Some(3 * self.budget)
+            Some(self.budget.saturating_mul(3))
         } else {
-            Some(2 * self.budget)
+            Some(self.budget.saturating_mul(2))
         }
     }
 
-    /// Whether `event` goes ahead of what waits for room in hand: a request of this plugin's
-    /// own, or of a chain that passed through it (what waits may wait for room their requester
-    /// holds; see [`Overflow::bound_for`]).
-    fn goes_first(&self, event: &Event, publisher: Option<&str>) -> bool {
-        self.bound_for(event, publisher).is_none_or(|bound| bound > 2 * self.budget)
+    /// Where `event` waits for room in hand among what waits: a request of this plugin's own
+    /// ([`Place::Own`]) or of a chain that passed through it ([`Place::Chain`]) ahead of the rest
+    /// (what waits may wait for room their requester holds; see [`Overflow::bound_for`]).
+    fn place_of(&self, event: &Event, publisher: Option<&str>) -> Place {
+        match self.bound_for(event, publisher) {
+            None => Place::Own,
+            Some(bound) if bound > self.budget.saturating_mul(2) => Place::Chain,
+            Some(_) => Place::Behind,
+        }
     }
 
     /// A delivery went, giving back `held` bytes of room in hand; wakes the pump if it waits
@@ -443,6 +447,16 @@ enum Publisher<'a> {
 /// An event waiting in an overflow: the event, its cost, its place in the log and who
 /// published it (a plugin's source, to take it off its tally when it leaves).
 type Waiting = (Arc<Event>, u64, Logged, Option<Arc<str>>);
+
+/// Where a delivery waits for room in hand, in this order: each place behind the ones before it,
+/// in the order they came ([`Overflow::place_of`]). A plugin's own request needs no room, so
+/// it never waits behind a chain's request that needs some.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Place {
+    Own,
+    Chain,
+    Behind,
+}
 
 #[derive(Default)]
 struct OverflowState {
@@ -717,8 +731,8 @@ impl Overflow {
         };
         // Its own request (or a chain's through it) goes ahead of what waits: that may wait for
         // room its requester holds.
-        let first = self.goes_first(event, source);
-        if (state.events.is_empty() || first) && self.room_for(event, source, cost) {
+        let place = self.place_of(event, source);
+        if (state.events.is_empty() || place != Place::Behind) && self.room_for(event, source, cost) {
             // Room first: the delivery is made only when it goes into the queue (making it takes
             // a read-back outbox, which a delivery thrown away would lose).
             match tx.try_reserve() {
@@ -729,21 +743,25 @@ impl Overflow {
             }
         }
         // (Its own request first behind the queue: the pump takes it next, room in hand or not.)
-        self.wait_behind(state, tx, (event.clone(), cost, logged, source.map(Arc::from)), first);
+        self.wait_behind(state, tx, (event.clone(), cost, logged, source.map(Arc::from)), place);
     }
 
-    /// Puts `waiting` behind what waits (or ahead of it, `first`: a plugin's own request, or a
-    /// chain's through it, see [`Overflow::goes_first`]), for the pump to move into the queue.
+    /// Puts `waiting` behind what waits at its `place` or before it (ahead of the rest: a
+    /// plugin's own request, or a chain's through it, see [`Overflow::place_of`]), for the pump
+    /// to move into the queue.
     fn wait_behind(
         self: &Arc<Self>,
         state: &mut OverflowState,
         tx: &mpsc::Sender<Delivery>,
         waiting: Waiting,
-        first: bool,
+        place: Place,
     ) {
         state.add(waiting.3.as_ref(), waiting.1);
-        if first {
-            state.events.push_front(waiting);
+        if place != Place::Behind {
+            // (What waits ahead of the rest is requests only, each made by an attempt that waits
+            // for its reply, at most `max_requests` an attempt: the scan is bounded by those.)
+            let at = state.events.iter().position(|(e, _, _, p)| self.place_of(e, p.as_deref()) > place);
+            state.events.insert(at.unwrap_or(state.events.len()), waiting);
             // The pump may wait for room in hand for the one that was first, which only this
             // request's reply may free: it is woken to take this one (it waited for its 1 s
             // backstop).
@@ -775,7 +793,7 @@ impl Overflow {
         };
         if !room {
             let tx = slot.release();
-            return self.wait_behind(state, &tx, (event.clone(), cost, logged, None), false);
+            return self.wait_behind(state, &tx, (event.clone(), cost, logged, None), Place::Behind);
         }
         let Some((first, first_cost, first_logged, publisher)) = state.events.pop_front() else {
             slot.send(self.delivery(event.clone(), logged));
@@ -3722,6 +3740,40 @@ mod tests {
         drop((big, ask));
         let waited = tokio::time::timeout(Duration::from_secs(2), sub.deliveries.recv()).await.unwrap().unwrap();
         assert_eq!(&*waited.event.subject, "a.waits");
+    }
+
+    /// A plugin's own request is not put behind a chain's request that waits for room (a
+    /// chain's request takes room up to three times the budget; a plugin's own, none): the pump
+    /// looks only at what waits first, and waited for room for the chain's request while the
+    /// plugin's own, which the chain's reply may wait for, waited behind it.
+    #[tokio::test]
+    async fn a_plugins_own_request_never_waits_behind_a_chains_request_waiting_for_room() {
+        let (bus, mut sub, big) = holding_its_buffer(1).await;
+        let ask = |event: Event| {
+            let bus = bus.clone();
+            tokio::spawn(async move { bus.request(event, Duration::from_secs(5), false).await })
+        };
+        // Its own request of 100 KiB in hand: 160 KiB held, of the chain's 192.
+        let _first = ask(ask_as("p", 100 << 10));
+        let first = tokio::time::timeout(Duration::from_secs(2), sub.deliveries.recv()).await.unwrap().unwrap();
+        // The pump takes the queue's one slot for an event and waits for room in hand.
+        bus.publish(Event::new("a.waits", vec![0u8; 8 << 10])).await.unwrap();
+        tokio::task::yield_now().await;
+        // Its own request waits first; then a chain's through it, past three times the budget.
+        let own = ask(ask_as("p", 8 << 10));
+        let mut chain = ask_as("q", 40 << 10);
+        chain.extensions.push((crate::rpc::ASKED_THROUGH.into(), "p,q".into()));
+        let _chain = ask(chain);
+        let asked = tokio::time::timeout(Duration::from_millis(500), sub.deliveries.recv())
+            .await
+            .expect("the plugin's own request waited behind the chain's")
+            .unwrap();
+        assert_eq!(asked.event.source, crate::event::plugin_source("p"));
+        bus.reply(asked.event.reply_to.as_deref().unwrap(), Event::new("answer", "yes")).await.unwrap();
+        assert_eq!(own.await.unwrap().unwrap().data, "yes".as_bytes());
+        drop((big, first, asked));
+        let next = tokio::time::timeout(Duration::from_secs(2), sub.deliveries.recv()).await.unwrap().unwrap();
+        assert_eq!(next.event.source, crate::event::plugin_source("q"), "the chain's request, then the event");
     }
 
     /// The attack: requests of 8 KiB from a client that gives each up at once, into a plugin whose deliveries in hand hold its buffer. Requests skipped room in
