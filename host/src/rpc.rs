@@ -45,7 +45,8 @@ const MAX_ASKED_THROUGH: usize = 64;
 
 /// The [`ASKED_THROUGH`] chain of a request `plugin` makes while it runs a request whose chain
 /// is `chain` (`None`: it runs an event, not a request of a plugin): each plugin once, what is
-/// not a plugin name left out, the first [`MAX_ASKED_THROUGH`] ` - 1` kept, and `plugin` last.
+/// not a plugin name left out, the first 63 kept ([`MAX_ASKED_THROUGH`] with `plugin`), and
+/// `plugin` last.
 pub fn asked_through(chain: Option<&str>, plugin: &str) -> String {
     let mut names: Vec<&str> = Vec::new();
     for name in chain.into_iter().flat_map(|c| c.split(',')) {

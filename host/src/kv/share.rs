@@ -187,22 +187,36 @@ mod tests {
         txn
     }
 
+    /// `n` commits of `bytes` each to namespace `ns` at once (keys `k00`, `k01`, ...).
+    fn commit_at_once(
+        shared: &Arc<Shared>,
+        ns: &'static str,
+        n: usize,
+        bytes: usize,
+    ) -> Vec<tokio::task::JoinHandle<Result<(), KvError>>> {
+        let commit = |i: usize| {
+            let shared = shared.clone();
+            tokio::spawn(async move { shared.commit(ns, &writing(&format!("k{i:02}"), bytes)).await })
+        };
+        (0..n).map(commit).collect()
+    }
+
+    /// Commits of `ns` counted waiting for their share.
+    fn counted_waiting(shared: &Shared, ns: &str) -> i64 {
+        shared.waiting.get_or_create(&PluginLabels { plugin: ns.into() }).get()
+    }
+
     #[tokio::test]
     async fn one_plugins_commits_take_at_most_its_share_of_the_writer_and_others_go_past() {
         let gated = Arc::new(Gated::default());
         let shared = Arc::new(Shared::new(gated.clone()));
         // The attack: 16 commits of 4 MiB each at once (a plugin's `flow.concurrency`).
-        let mut commits = Vec::new();
-        for i in 0..16 {
-            let shared = shared.clone();
-            commits
-                .push(tokio::spawn(async move { shared.commit("hostile", &writing(&format!("k{i}"), 4 << 20)).await }));
-        }
+        let commits = commit_at_once(&shared, "hostile", 16, 4 << 20);
         tokio::time::sleep(Duration::from_millis(200)).await;
         let (now, _) = gated.taking("hostile");
         assert!(now > 0, "no commit of the plugin reached the store");
-        let waiting = shared.waiting.get_or_create(&PluginLabels { plugin: "hostile".into() }).get();
-        let in_store = now / commit_bytes(&writing("k0", 4 << 20), None);
+        let waiting = counted_waiting(&shared, "hostile");
+        let in_store = now / commit_bytes(&writing("k00", 4 << 20), None);
         assert_eq!(waiting as u64 + in_store, 16, "the commits waiting for their share are not counted");
         assert!(now <= COMMIT_BYTES_PER_PLUGIN, "the plugin has {now} bytes of commits in the store at once");
         // Another plugin's commit is not behind them: it reaches the store now.
@@ -222,7 +236,7 @@ mod tests {
             c.await.unwrap().unwrap();
         }
         other.await.unwrap().unwrap();
-        assert_eq!(shared.waiting.get_or_create(&PluginLabels { plugin: "hostile".into() }).get(), 0);
+        assert_eq!(counted_waiting(&shared, "hostile"), 0);
         let (_, most) = gated.taking("hostile");
         assert!(most <= COMMIT_BYTES_PER_PLUGIN, "at most {most} bytes of the plugin's commits were in the store");
         assert_eq!(shared.get("hostile", "k15").await.unwrap().unwrap().value.len(), 4 << 20);
@@ -232,11 +246,7 @@ mod tests {
     async fn small_commits_are_charged_at_least_the_least_so_one_plugin_has_a_bounded_number_in_the_store() {
         let gated = Arc::new(Gated::default());
         let shared = Arc::new(Shared::new(gated.clone()));
-        let mut commits = Vec::new();
-        for i in 0..100 {
-            let shared = shared.clone();
-            commits.push(tokio::spawn(async move { shared.commit("p", &writing(&format!("k{i:02}"), 10)).await }));
-        }
+        let commits = commit_at_once(&shared, "p", 100, 10);
         tokio::time::sleep(Duration::from_millis(200)).await;
         let one = commit_bytes(&writing("k00", 10), None);
         let most = COMMIT_BYTES_PER_PLUGIN / MIN_COMMIT_CHARGE;

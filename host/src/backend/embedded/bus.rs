@@ -742,7 +742,8 @@ impl Overflow {
                 Err(mpsc::error::TrySendError::Full(())) => {}
             }
         }
-        // (Its own request first behind the queue: the pump takes it next, room in hand or not.)
+        // (Its own request, then a chain's, first behind the queue: the pump takes them next,
+        // its own room in hand or not, a chain's once it has room.)
         self.wait_behind(state, tx, (event.clone(), cost, logged, source.map(Arc::from)), place);
     }
 
