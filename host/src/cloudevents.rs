@@ -106,6 +106,9 @@ const TRANSPORT_HEADERS: &[&str] = &[
     // The reply inbox of a request stored in a JetStream stream: the host's own capability,
     // read by the durable consumer (`backend::nats::wire::REPLY_TO`), never shown to a plugin.
     "plugbus-reply-to",
+    // The chain of requests a request belongs to (`rpc::ASKED_THROUGH`): the embedded bus's own
+    // mark; any NATS publisher could write one, which a plugin would carry on in its requests.
+    crate::rpc::ASKED_THROUGH,
 ];
 
 /// Builds the event that arrived on `subject` with `headers` and `body`.

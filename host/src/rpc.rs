@@ -35,8 +35,9 @@ pub const MAX_PENDING_REQUESTS: usize = 65_536;
 /// whose deliveries hold its buffer takes a request that passed through it up to three times
 /// its buffer, ahead of what waits (`Overflow::bound_for` on the embedded bus): one of its
 /// deliveries waits for the chain's reply, and waiting for room it holds would wait for itself.
-/// Reserved (`plugbus-`): no plugin or API client sets it (a NATS publisher can, where it has no
-/// effect); the bus reads it only on a plugin's request.
+/// Reserved (`plugbus-`): no plugin or API client sets it, and one a NATS message carries is
+/// dropped as it comes in (`cloudevents::TRANSPORT_HEADERS`); the bus reads it only on a
+/// plugin's request.
 pub const ASKED_THROUGH: &str = "plugbus-asked-through";
 
 /// Most plugins an [`ASKED_THROUGH`] chain names: with plugin names of at most 64 bytes, the

@@ -216,6 +216,16 @@ mod tests {
     }
 
     #[test]
+    fn a_chain_mark_a_nats_publisher_wrote_is_not_taken_in() {
+        let mut h = HeaderMap::new();
+        h.insert(crate::rpc::ASKED_THROUGH, "payments,audit");
+        h.insert("x-kept", "yes");
+        let ev = event_of("rpc.echo", Some(&h), Bytes::new(), None).unwrap();
+        assert_eq!(ev.header(crate::rpc::ASKED_THROUGH), None, "{:?}", ev.extensions);
+        assert_eq!(ev.header("x-kept"), Some("yes"));
+    }
+
+    #[test]
     fn an_id_nats_cannot_carry_as_it_is_goes_percent_encoded_and_never_panics() {
         let mut ev = Event::new("a.b", "");
         ev.id = "a\r\nb".into();
