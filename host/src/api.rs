@@ -821,7 +821,7 @@ async fn replay(api: &Inner, plugin: Option<&str>) -> serde_json::Value {
         .collect();
     let (in_broker, mine): (Vec<_>, Vec<_>) =
         taken.into_iter().partition(|e| held.contains(&e.event.id) && !whole.contains(&e.event.id));
-    api.s.dead_letters.forget(&in_broker);
+    api.s.dead_letters.write_off_runtime(move |s| s.forget(&in_broker)).await;
     let (copies, broker): (Vec<_>, Vec<_>) = broker.into_iter().partition(|b| whole.contains(&b.event.id));
     let mut report = replay_from_broker(api, broker).await;
     report.extend(replay_whole_here(api, mine, copies).await);
@@ -950,7 +950,8 @@ async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>) -> Re
     let mut published = Vec::new();
     for entry in taken {
         if published.len() >= FORGET_BATCH {
-            api.s.dead_letters.forget(&std::mem::take(&mut published));
+            let batch = std::mem::take(&mut published);
+            api.s.dead_letters.write_off_runtime(move |s| s.forget(&batch)).await;
         }
         let event = match replay_of(api, &entry.event) {
             Ok(event) => event,
@@ -973,8 +974,13 @@ async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>) -> Re
             }
         }
     }
-    api.s.dead_letters.forget(&published);
-    api.s.dead_letters.restore(kept);
+    api.s
+        .dead_letters
+        .write_off_runtime(move |s| {
+            s.forget(&published);
+            s.restore(kept);
+        })
+        .await;
     report
 }
 
@@ -1040,7 +1046,8 @@ async fn dlq_replay_one(State(api): State<Api>, Path(id): Path<String>) -> Respo
     // One that can never be replayed (no, an invalid or a system original subject) is kept and
     // answered `422` with why: a `503` would tell the client to try again.
     if let Some(Err(why)) = broker.as_ref().or(mine.as_ref()).map(|e| replay_of(&api, &e.event)) {
-        api.s.dead_letters.restore(mine.into_iter().collect());
+        let mine: Vec<_> = mine.into_iter().collect();
+        api.s.dead_letters.write_off_runtime(move |s| s.restore(mine)).await;
         return error(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("the dead letter {} is not replayed, and is kept: {why}", crate::event::quoted(&id)),
@@ -1053,11 +1060,12 @@ async fn dlq_replay_one(State(api): State<Api>, Path(id): Path<String>) -> Respo
                 let report = replay_from_broker(&task_api, vec![entry]).await;
                 // Not replayed: the broker still keeps it, and so does this host.
                 let mine: Vec<_> = mine.into_iter().collect();
-                if report.replayed.is_empty() {
-                    task_api.s.dead_letters.restore(mine);
-                } else {
-                    task_api.s.dead_letters.forget(&mine);
-                }
+                let replayed = !report.replayed.is_empty();
+                task_api
+                    .s
+                    .dead_letters
+                    .write_off_runtime(move |s| if replayed { s.forget(&mine) } else { s.restore(mine) })
+                    .await;
                 report.to_json()
             })
             .await

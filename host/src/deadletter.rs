@@ -14,8 +14,8 @@
 use crate::event::{ECHO_BYTES, Event, cut_to, now_rfc3339, output_id};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Header names on a dead letter.
 pub mod headers {
@@ -519,6 +519,17 @@ impl DeadLetters {
         self.write_through(|f| f.remove(&seqs));
     }
 
+    /// Runs `change` (a [`DeadLetters::forget`] or [`DeadLetters::restore`], which write the
+    /// file and wait for its `fsync`) on the blocking pool: the API's replays forget what they
+    /// published a hundred at a time, and a runtime thread waiting for the disk holds up every
+    /// plugin's deliveries on it.
+    pub async fn write_off_runtime(self: &Arc<Self>, change: impl FnOnce(&Self) + Send + 'static) {
+        let store = self.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || change(&store)).await {
+            tracing::error!("a change to the kept dead letters did not finish: {e}");
+        }
+    }
+
     /// Puts back taken entries whose replay failed (oldest first again; still within the
     /// bounds). They never left the file.
     pub fn restore(&self, entries: Vec<Entry>) {
@@ -536,6 +547,47 @@ impl DeadLetters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The API's replays forget what they published, a hundred at a time, and put back what
+    /// they could not: each a write of `dlq.redb` and its `fsync`. Done on a runtime thread,
+    /// they held up every plugin's deliveries on it while the disk was slow.
+    #[tokio::test(flavor = "current_thread")]
+    async fn forgetting_and_restoring_wait_for_the_file_off_the_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(DeadLetters::persistent(100, &dir.path().join("dlq.redb")).unwrap());
+        for i in 0..4 {
+            store.push("p", Event::new(format!("x.{i}"), ""));
+        }
+        let mut taken = store.take(None);
+        let put_back = taken.split_off(2);
+        let (held, holding) = std::sync::mpsc::channel();
+        let (alive, runtime_alive) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let writer = store.file.as_ref().unwrap().hold_writer();
+                held.send(()).unwrap();
+                // Held until the runtime shows it still runs its other tasks (5 s at most).
+                let seen = runtime_alive.recv_timeout(std::time::Duration::from_secs(5)).is_ok();
+                drop(writer);
+                seen
+            })
+        };
+        holding.recv().unwrap();
+        let writes = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store.write_off_runtime(move |s| s.forget(&taken)).await;
+                store.write_off_runtime(move |s| s.restore(put_back)).await;
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let _ = alive.send(());
+        assert!(holder.join().unwrap(), "the runtime's one thread waited for the dead-letter file");
+        writes.await.unwrap();
+        let kept: Vec<String> = store.list(None).into_iter().map(|e| e.event.subject).collect();
+        assert_eq!(kept.len(), 2, "{kept:?}");
+    }
 
     /// The replay of an event a plugin failed is for that plugin alone; that of an output the bus
     /// did not take (its original source is the plugin's own) is for every subscriber.

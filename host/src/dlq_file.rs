@@ -32,6 +32,12 @@ pub struct DlqFile {
 }
 
 impl DlqFile {
+    /// The file's one write transaction, held (a slow disk, for tests).
+    #[cfg(test)]
+    pub(crate) fn hold_writer(&self) -> redb::WriteTransaction {
+        self.db.begin_write().expect("the dead-letter file's writer")
+    }
+
     /// Opens (or creates) the file; returns it with what it keeps that reads back, oldest
     /// first, and the sequence number after every entry it holds. An entry that does not read
     /// back (damaged, or written by a newer release) is logged, naming it, and left in the file
