@@ -560,31 +560,15 @@ mod tests {
         }
         let mut taken = store.take(None);
         let put_back = taken.split_off(2);
-        let (held, holding) = std::sync::mpsc::channel();
-        let (alive, runtime_alive) = std::sync::mpsc::channel::<()>();
-        let holder = {
-            let store = store.clone();
-            std::thread::spawn(move || {
-                let writer = store.file.as_ref().unwrap().hold_writer();
-                held.send(()).unwrap();
-                // Held until the runtime shows it still runs its other tasks (5 s at most).
-                let seen = runtime_alive.recv_timeout(std::time::Duration::from_secs(5)).is_ok();
-                drop(writer);
-                seen
-            })
+        let file = store.clone();
+        let writing = store.clone();
+        let writes = async move {
+            writing.write_off_runtime(move |s| s.forget(&taken)).await;
+            writing.write_off_runtime(move |s| s.restore(put_back)).await;
         };
-        holding.recv().unwrap();
-        let writes = {
-            let store = store.clone();
-            tokio::spawn(async move {
-                store.write_off_runtime(move |s| s.forget(&taken)).await;
-                store.write_off_runtime(move |s| s.restore(put_back)).await;
-            })
-        };
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let _ = alive.send(());
-        assert!(holder.join().unwrap(), "the runtime's one thread waited for the dead-letter file");
-        writes.await.unwrap();
+        let hold = move || file.file.as_ref().unwrap().hold_writer();
+        let ran = crate::test_support::runtime_runs_while_held(hold, writes).await;
+        assert!(ran, "the runtime's one thread waited for the dead-letter file");
         let kept: Vec<String> = store.list(None).into_iter().map(|e| e.event.subject).collect();
         assert_eq!(kept.len(), 2, "{kept:?}");
     }

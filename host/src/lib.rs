@@ -37,6 +37,8 @@ pub mod shards;
 pub mod stats;
 pub mod subject;
 pub mod telemetry;
+#[cfg(test)]
+pub(crate) mod test_support;
 pub mod transport;
 pub mod window;
 

@@ -476,31 +476,15 @@ pub(crate) mod tests {
     async fn a_redb_commit_waiting_for_the_writer_leaves_the_runtime_running() {
         let dir = tempfile::tempdir().unwrap();
         let kv = std::sync::Arc::new(RedbKv::open(&dir.path().join("kv.redb")).unwrap());
-        let (held, holding) = std::sync::mpsc::channel();
-        let (alive, runtime_alive) = std::sync::mpsc::channel::<()>();
         let db = kv.db.clone();
-        let holder = std::thread::spawn(move || {
-            let writer = db.begin_write().unwrap();
-            held.send(()).unwrap();
-            // The writer is held until the runtime shows it still runs its other tasks (5 s at most).
-            let seen = runtime_alive.recv_timeout(std::time::Duration::from_secs(5)).is_ok();
-            drop(writer);
-            seen
-        });
-        holding.recv().unwrap();
-        let commit = {
-            let kv = kv.clone();
-            tokio::spawn(async move {
-                let mut txn = Txn::default();
-                txn.set("n", b"1".to_vec());
-                kv.commit("p", &txn).await
-            })
+        let committing = kv.clone();
+        let commit = async move {
+            let mut txn = Txn::default();
+            txn.set("n", b"1".to_vec());
+            committing.commit("p", &txn).await.unwrap();
         };
-        // The commit task runs meanwhile, up to waiting for the writer.
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let _ = alive.send(());
-        assert!(holder.join().unwrap(), "the runtime's one thread waited for redb's writer");
-        commit.await.unwrap().unwrap();
+        let ran = crate::test_support::runtime_runs_while_held(move || db.begin_write().unwrap(), commit).await;
+        assert!(ran, "the runtime's one thread waited for redb's writer");
         assert_eq!(kv.get("p", "n").await.unwrap().unwrap().value, b"1");
     }
 
