@@ -78,6 +78,11 @@ pub fn plugbus_bin() -> PathBuf {
     bin
 }
 
+/// Each component under its own name: `(file name, component)`.
+fn file_names<'a>(components: &[&'a str]) -> Vec<(String, &'a str)> {
+    components.iter().map(|c| (format!("{c}.wasm"), *c)).collect()
+}
+
 /// A host running on a temp plugins folder.
 pub struct TestHost {
     /// The host.
@@ -105,7 +110,7 @@ impl TestHost {
 
     /// Like [`TestHost::start`], with a chance to change the config first.
     pub async fn start_with(components: &[&str], tweak: impl FnOnce(&mut Config)) -> Self {
-        let files: Vec<(String, &str)> = components.iter().map(|c| (format!("{c}.wasm"), *c)).collect();
+        let files = file_names(components);
         let files: Vec<(&str, &str)> = files.iter().map(|(f, c)| (f.as_str(), *c)).collect();
         Self::start_files(&files, tweak).await
     }
@@ -122,7 +127,7 @@ impl TestHost {
         kv: Arc<dyn plugbus::kv::KvStore>,
         tweak: impl FnOnce(&mut Config),
     ) -> Self {
-        let files: Vec<(String, &str)> = components.iter().map(|c| (format!("{c}.wasm"), *c)).collect();
+        let files = file_names(components);
         let files: Vec<(&str, &str)> = files.iter().map(|(f, c)| (f.as_str(), *c)).collect();
         let bus = Arc::new(plugbus::backend::embedded::bus::EmbeddedBus::new());
         Self::start_files_on(&files, tweak, |config| Host::start_on(config, bus, kv)).await

@@ -3695,6 +3695,27 @@ mod tests {
         ask
     }
 
+    /// Asks `event` on `bus` (a client's request when `by_client`) in a task of its own, waiting
+    /// up to 5 s for the reply.
+    fn ask_in_task(
+        bus: &EmbeddedBus,
+        event: Event,
+        by_client: bool,
+    ) -> tokio::task::JoinHandle<Result<Event, RequestError>> {
+        let bus = bus.clone();
+        tokio::spawn(async move { bus.request(event, Duration::from_secs(5), by_client).await })
+    }
+
+    /// Answers the request `asked` with `yes` and checks that its requester got it.
+    async fn answer_yes(
+        bus: &EmbeddedBus,
+        asked: &Delivery,
+        asker: tokio::task::JoinHandle<Result<Event, RequestError>>,
+    ) {
+        bus.reply(asked.event.reply_to.as_deref().unwrap(), Event::new("answer", "yes")).await.unwrap();
+        assert_eq!(asker.await.unwrap().unwrap().data, "yes".as_bytes());
+    }
+
     /// A plugin's own request to a subject it serves reaches it though its deliveries in hand
     /// hold its buffer, ahead of what waits for room: its requester is one of them, which would
     /// wait for itself.
@@ -3704,16 +3725,12 @@ mod tests {
         // An event waits behind the queue for room.
         bus.publish(Event::new("a.waits", vec![0u8; 8 << 10])).await.unwrap();
         assert_eq!(bus.table.read().unwrap().subs[0].overflow.waiting(), 1);
-        let asker = {
-            let bus = bus.clone();
-            tokio::spawn(async move { bus.request(ask_as("p", 8 << 10), Duration::from_secs(5), false).await })
-        };
+        let asker = ask_in_task(&bus, ask_as("p", 8 << 10), false);
         let ask = tokio::time::timeout(Duration::from_secs(2), sub.deliveries.recv())
             .await
             .expect("the request waited for room its requester holds")
             .unwrap();
-        bus.reply(ask.event.reply_to.as_deref().unwrap(), Event::new("answer", "yes")).await.unwrap();
-        assert_eq!(asker.await.unwrap().unwrap().data, "yes".as_bytes());
+        answer_yes(&bus, &ask, asker).await;
         drop(big);
     }
 
@@ -3727,17 +3744,13 @@ mod tests {
         // The pump takes the queue's one slot for it and waits for room in hand.
         bus.publish(Event::new("a.waits", vec![0u8; 8 << 10])).await.unwrap();
         tokio::task::yield_now().await;
-        let asker = {
-            let bus = bus.clone();
-            tokio::spawn(async move { bus.request(ask_as("p", 8 << 10), Duration::from_secs(5), false).await })
-        };
+        let asker = ask_in_task(&bus, ask_as("p", 8 << 10), false);
         let ask = tokio::time::timeout(Duration::from_millis(500), sub.deliveries.recv())
             .await
             .expect("the request waited for the pump's backstop")
             .unwrap();
         assert_eq!(&*ask.event.subject, "a.ask");
-        bus.reply(ask.event.reply_to.as_deref().unwrap(), Event::new("answer", "yes")).await.unwrap();
-        assert_eq!(asker.await.unwrap().unwrap().data, "yes".as_bytes());
+        answer_yes(&bus, &ask, asker).await;
         drop((big, ask));
         let waited = tokio::time::timeout(Duration::from_secs(2), sub.deliveries.recv()).await.unwrap().unwrap();
         assert_eq!(&*waited.event.subject, "a.waits");
@@ -3750,10 +3763,7 @@ mod tests {
     #[tokio::test]
     async fn a_plugins_own_request_never_waits_behind_a_chains_request_waiting_for_room() {
         let (bus, mut sub, big) = holding_its_buffer(1).await;
-        let ask = |event: Event| {
-            let bus = bus.clone();
-            tokio::spawn(async move { bus.request(event, Duration::from_secs(5), false).await })
-        };
+        let ask = |event: Event| ask_in_task(&bus, event, false);
         // Its own request of 100 KiB in hand: 160 KiB held, of the chain's 192.
         let _first = ask(ask_as("p", 100 << 10));
         let first = tokio::time::timeout(Duration::from_secs(2), sub.deliveries.recv()).await.unwrap().unwrap();
@@ -3770,8 +3780,7 @@ mod tests {
             .expect("the plugin's own request waited behind the chain's")
             .unwrap();
         assert_eq!(asked.event.source, crate::event::plugin_source("p"));
-        bus.reply(asked.event.reply_to.as_deref().unwrap(), Event::new("answer", "yes")).await.unwrap();
-        assert_eq!(own.await.unwrap().unwrap().data, "yes".as_bytes());
+        answer_yes(&bus, &asked, own).await;
         drop((big, first, asked));
         let next = tokio::time::timeout(Duration::from_secs(2), sub.deliveries.recv()).await.unwrap().unwrap();
         assert_eq!(next.event.source, crate::event::plugin_source("q"), "the chain's request, then the event");
@@ -3824,10 +3833,7 @@ mod tests {
     #[tokio::test]
     async fn a_chain_of_requests_back_through_a_plugin_is_not_held_back_by_room_in_hand() {
         let (bus, mut sub, _big) = holding_its_buffer(16).await;
-        let ask = |event: Event, by_client: bool| {
-            let bus = bus.clone();
-            tokio::spawn(async move { bus.request(event, Duration::from_secs(5), by_client).await })
-        };
+        let ask = |event: Event, by_client: bool| ask_in_task(&bus, event, by_client);
         // Another plugin's request takes p's deliveries in hand to twice its budget.
         let _within = ask(ask_as("q", 60 << 10), false);
         let _within = tokio::time::timeout(Duration::from_secs(2), sub.deliveries.recv()).await.unwrap().unwrap();
@@ -3848,8 +3854,7 @@ mod tests {
             .expect("the chain's request back through p waited for room its requester holds")
             .unwrap();
         assert_eq!(back.event.header(crate::rpc::ASKED_THROUGH), Some("p,q"));
-        bus.reply(back.event.reply_to.as_deref().unwrap(), Event::new("answer", "yes")).await.unwrap();
-        assert_eq!(asker.await.unwrap().unwrap().data, "yes".as_bytes());
+        answer_yes(&bus, &back, asker).await;
         // Not without bound: a plugin of the chain asking back over and over goes up to three
         // times the budget (130 KiB held here, of 192), not past.
         let _within = ask(through_p(40 << 10), false);
