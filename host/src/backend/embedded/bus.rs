@@ -354,7 +354,7 @@ struct CatchingUp {
     /// on what a flooding plugin makes wait in the log for one catching up, as the queue and
     /// overflow are for one live.
     left: std::collections::BTreeMap<u64, (u64, Option<Arc<str>>)>,
-    /// Their sum.
+    /// Their sum (producers' events and outputs).
     left_bytes: u64,
     /// Their sum by publishing plugin (the shares past the budget, as `OverflowState::by_plugin`).
     left_by_plugin: std::collections::HashMap<Arc<str>, u64>,
@@ -364,6 +364,18 @@ struct CatchingUp {
 }
 
 impl CatchingUp {
+    /// Bytes of the outputs left in the log for the read-back and charged (what publishing
+    /// plugins make wait there, bounded by their shares in `check_room`).
+    fn outputs_bytes(&self) -> u64 {
+        self.left_by_plugin.values().sum()
+    }
+
+    /// Bytes of the producers' events left in the log for the read-back and charged (bounded by
+    /// `flow.backlog_mib` in `room_for_a_producer`, apart from the outputs).
+    fn producers_bytes(&self) -> u64 {
+        self.left_bytes - self.outputs_bytes()
+    }
+
     /// Counts an output left in the log at `seq` for the read-back (charged `cost`).
     fn leave(&mut self, seq: u64, cost: u64, publisher: Option<Arc<str>>) {
         if seq < self.read_below {
@@ -676,33 +688,43 @@ impl Overflow {
         // In the log, only outputs count here: producers' events left there are bounded apart
         // (`flow.backlog_mib`, in `room_for_a_producer`), so a plugin fallen behind its producers
         // refuses no other plugin's output for them.
-        let (waiting, count, by_plugin, queue_has_room) = match (&publisher, state.intake.catching_up.as_ref()) {
-            (Publisher::Plugin(_), Some(c)) if into_log && self.log.is_some() => {
-                let outputs = c.left_by_plugin.values().sum();
-                (outputs, c.left.len(), &c.left_by_plugin, c.left.len() < tx.max_capacity())
-            }
+        let in_log = matches!(publisher, Publisher::Plugin(_)) && into_log && self.log.is_some();
+        let (waiting, count, by_plugin, queue_has_room) = match state.intake.catching_up.as_ref() {
+            Some(c) if in_log => (c.outputs_bytes(), c.left.len(), &c.left_by_plugin, c.left.len() < tx.max_capacity()),
             _ => (state.bytes, state.events.len(), &state.by_plugin, state.events.is_empty() && tx.capacity() > 0),
         };
         if queue_has_room || tx.is_closed() || waiting + cost <= self.budget {
+            return Ok(());
+        }
+        // Outputs waiting in the log for one behind may take up to its backlog (disk, not
+        // memory), while the disk keeps its reserve, as producers' events may apart from them;
+        // but its own outputs (a plugin that feeds itself) only its buffer, as when it is live.
+        let in_log = in_log && state.intake.catching_up.is_some() && !self.is_own(publisher);
+        let keeps_reserve = || self.log.as_ref().is_none_or(|log| log.disk_keeps_its_reserve());
+        let (bound, bound_is) = match in_log {
+            true if self.backlog > self.budget && keeps_reserve() => (self.backlog, "flow.backlog_mib"),
+            _ => (self.budget, "flow.buffer_mib"),
+        };
+        if waiting + cost <= bound {
             return Ok(());
         }
         let mut share = None;
         if let Publisher::Plugin(source) = publisher {
             let held = by_plugin.get(source).copied().unwrap_or(0);
             let publishers = (by_plugin.len() + usize::from(held == 0)) as u64;
-            let equal = self.budget / publishers;
-            if held + cost <= equal && waiting + cost <= 2 * self.budget {
+            let equal = bound / publishers;
+            if held + cost <= equal && waiting + cost <= bound.saturating_mul(2) {
                 return Ok(());
             }
             share = Some((crate::event::quoted(source), held, publishers, equal));
         }
+        let where_ = if in_log { "in the event log while it catches up" } else { "beyond its queue" };
         let mut why = format!(
-            "plugin {} has {} events ({} bytes) waiting beyond its queue (or in the event log while it catches up); \
-             its flow.buffer_mib is {} MiB",
+            "plugin {} has {} events ({} bytes) waiting {where_}; its {bound_is} is {} KiB",
             self.plugin,
             count,
             waiting,
-            self.budget >> 20
+            bound >> 10
         );
         if let Some((source, held, publishers, equal)) = share {
             let each = match publishers {
@@ -712,6 +734,12 @@ impl Overflow {
             why.push_str(&format!("; past it {each} may hold {equal} bytes, and {source} holds {held}"));
         }
         Err(TransportError::Full(why))
+    }
+
+    /// Whether `publisher` is this plugin itself (its own output, `plugbus/<plugin>`).
+    fn is_own(&self, publisher: Publisher<'_>) -> bool {
+        matches!(publisher, Publisher::Plugin(source)
+            if source.strip_prefix("plugbus/").is_some_and(|name| name == &*self.plugin))
     }
 
     /// Takes `event` without waiting: straight into the queue when it has room and nothing waits
@@ -825,7 +853,7 @@ impl Overflow {
             let mut state = self.state.lock().expect("overflow poisoned");
             // (The disk is looked at whatever is left: the first `flow.queue` events left
             // are charged nothing, and may be as large as any.)
-            match state.intake.catching_up.as_ref().map(|c| (c.left_bytes, c.left.is_empty())) {
+            match state.intake.catching_up.as_ref().map(|c| (c.producers_bytes(), c.left.is_empty())) {
                 Some((_, true)) => (true, true),
                 Some((left, false)) => {
                     (left <= self.backlog.max(self.budget) && self.disk_keeps_its_reserve(&mut state), true)
@@ -941,9 +969,9 @@ impl Overflow {
             state.told_fell_behind = Some(Instant::now());
             tracing::info!(plugin = %self.plugin, queued = tx.max_capacity() - tx.capacity(),
                 waiting_bytes = state.bytes,
-                "the plugin fell behind its producers: new events for it wait in the event log (up to its \
-                 flow.backlog_mib) and are read back in order as it drains; its producers and other plugins go on \
-                 (logged once a minute at most)");
+                "the plugin fell behind: new events and other plugins' outputs for it wait in the event log (up to \
+                 its flow.backlog_mib) and are read back in order as it drains; its producers, its publishers and \
+                 other plugins go on (logged once a minute at most)");
         }
         let done = ReadBackDone(self.clone());
         let load = Load { from: since, earlier: Vec::new(), fell_behind: true };
@@ -1623,10 +1651,20 @@ impl EmbeddedBus {
         // All or none: every target's room is checked before the event is logged or queued,
         // so a refused output reached no one and its retry delivers it once.
         for sub in &targets {
-            let state = sub.overflow.state.lock().expect("overflow poisoned");
-            // For one catching up too, which leaves it in the log: the budget bounds what a
-            // flooding plugin makes wait there for it.
-            sub.overflow.check_room(&state, &sub.tx, publisher, true, cost)?;
+            let mut state = sub.overflow.state.lock().expect("overflow poisoned");
+            // For one catching up too, which leaves it in the log: its backlog, shared between
+            // its publishers, bounds what a flooding plugin makes wait there for it.
+            if let Err(full) = sub.overflow.check_room(&state, &sub.tx, publisher, true, cost) {
+                // A live plugin without room falls behind, as for a producer's event: the output
+                // waits for it in the log, and the publisher and the other targets go on. (Without
+                // this, one slow subscriber failed the output for every other.) Not for its own
+                // outputs: a plugin feeding itself faster than it runs is bounded by its buffer
+                // and refused (it hurts only itself), not let fill its backlog on the disk.
+                if sub.overflow.is_own(publisher) || !sub.overflow.fall_behind(&mut state, &sub.tx) {
+                    return Err(full);
+                }
+                sub.overflow.check_room(&state, &sub.tx, publisher, true, cost)?;
+            }
         }
         let (logged, late, _deciding) = match &self.log {
             // Logged without waiting for the commit: the ack of its input is sent after it, so
@@ -1967,7 +2005,7 @@ impl Transport for EmbeddedBus {
             log.metrics().register(registry);
             registry.register(
                 "fell_behind",
-                "Times a plugin's queue was full and it fell behind its producers: new events for it waited in the event log (flow.backlog_mib) instead of holding up its producers",
+                "Times a plugin's queue was full and it fell behind: new events and outputs for it waited in the event log (flow.backlog_mib) instead of holding up its producers or failing other plugins' outputs",
                 self.fell_behind.clone(),
             );
         }
@@ -3392,6 +3430,120 @@ mod tests {
         assert_eq!(ack_n(&mut slow, 1).await, ["live"]);
         assert_eq!(ack_n(&mut fast, 1).await, ["live"]);
         assert!(slow.deliveries.try_recv().is_err(), "nothing delivered twice");
+    }
+
+    /// An output from `plugbus/publisher` (1,000 bytes), the `i`th of its input.
+    fn publishers_output(subject: &str, i: usize) -> Arc<Event> {
+        let mut out = Event::new(subject, format!("{i:04}{}", "x".repeat(996)));
+        out.source = "plugbus/publisher".into();
+        out.extensions.push(("plugbus-caused-by".into(), format!("input-{i}")));
+        Arc::new(out)
+    }
+
+    /// The attack: a plugin on `a.>` that never takes an event, and another plugin's outputs on
+    /// `a.x`. Once the slow one's buffer was full, every output was refused for every subscriber
+    /// (all or none), retried and dead-lettered as the publisher's: one slow plugin cut the
+    /// pipeline from the publisher to everyone downstream. Now it falls behind on outputs as on
+    /// producers' events: they wait for it in the log (up to its `flow.backlog_mib`), the others
+    /// get them at once, and it reads them back in order.
+    #[tokio::test]
+    async fn a_slow_plugin_falls_behind_on_outputs_and_holds_up_no_publisher_or_other_plugin() {
+        const OUTPUTS: usize = 300;
+        let dir = tempfile::tempdir().unwrap();
+        let log = DurableLog::open(&dir.path().join("bus.redb"), super::super::log::SyncPolicy::None).unwrap();
+        let bus = EmbeddedBus::durable(log);
+        // 300 KB of outputs against a buffer of 8 KiB and a backlog of 1 MiB
+        let mut slow = live_sub(&bus, "slow", "a.>", (2, 8 << 10, 1 << 20)).await;
+        let mut fast = live_sub(&bus, "fast", "a.>", (1024, 1 << 20, 1 << 30)).await;
+        for i in 0..OUTPUTS {
+            let published = bus.publish_output(publishers_output("a.x", i)).await;
+            published.unwrap_or_else(|e| panic!("output {i} refused for the slow plugin: {e}"));
+        }
+        let expected: Vec<String> = (0..OUTPUTS).map(|i| format!("{i:04}{}", "x".repeat(996))).collect();
+        assert_eq!(ack_n(&mut fast, OUTPUTS).await, expected, "the other plugin got every output, in order");
+        assert_eq!(ack_n(&mut slow, OUTPUTS).await, expected, "the slow plugin got every output, in order");
+        assert!(slow.deliveries.try_recv().is_err(), "nothing delivered twice");
+    }
+
+    /// A plugin feeding itself faster than it runs is bounded by its buffer, as before: it does
+    /// not fall behind on its own outputs (it hurts only itself) and fill its backlog on the disk.
+    #[tokio::test]
+    async fn a_plugin_feeding_itself_is_refused_at_its_buffer_not_let_fill_its_backlog() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DurableLog::open(&dir.path().join("bus.redb"), super::super::log::SyncPolicy::None).unwrap();
+        let bus = EmbeddedBus::durable(log);
+        let _selfish = live_sub(&bus, "selfish", "a.>", (2, 8 << 10, 1 << 20)).await;
+        let own = |i| {
+            let mut out = Arc::unwrap_or_clone(publishers_output("a.x", i));
+            out.source = "plugbus/selfish".into();
+            Arc::new(out)
+        };
+        let mut taken = 0;
+        let refused = loop {
+            match bus.publish_output(own(taken)).await {
+                Ok(()) => taken += 1,
+                Err(e) => break e.to_string(),
+            }
+            assert!(taken < 100, "a plugin's own outputs took {taken} KB past its buffer of 8 KiB");
+        };
+        // (2 in its queue and its 8 KiB buffer: falling behind would add as much again in the log)
+        assert!(taken <= 8, "{taken} of its own outputs taken");
+        assert!(refused.contains("flow.buffer_mib"), "{refused}");
+        // Another plugin's output makes it fall behind; its own outputs in the log are still
+        // bounded by its buffer.
+        let overflow = bus.table.read().unwrap().subs[0].overflow.clone();
+        let mut others = 0;
+        while overflow.state.lock().unwrap().intake.catching_up.is_none() {
+            bus.publish_output(publishers_output("a.x", 1000 + others)).await.expect("another plugin's output");
+            others += 1;
+            assert!(others < 20, "it never fell behind");
+        }
+        let mut in_log = 0;
+        while bus.publish_output(own(2000 + in_log)).await.is_ok() {
+            in_log += 1;
+            assert!(in_log < 100, "a plugin's own outputs took {in_log} KB of its backlog");
+        }
+        assert!(in_log <= 8, "{in_log} of its own outputs left in the log");
+    }
+
+    /// What waits in the log for a plugin behind is bounded: a publisher alone may leave up to its
+    /// `flow.backlog_mib` of outputs there, then is refused, naming the backlog; another still
+    /// has its equal share. Producers' events are bounded apart, so publishers filling that room
+    /// (more than the backlog, with two) hold up no producer.
+    #[tokio::test]
+    async fn outputs_waiting_in_the_log_for_a_slow_plugin_stop_at_its_backlog_and_hold_up_no_producer() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DurableLog::open(&dir.path().join("bus.redb"), super::super::log::SyncPolicy::None).unwrap();
+        let bus = EmbeddedBus::durable(log);
+        let mut slow = live_sub(&bus, "slow", "a.>", (2, 8 << 10, 64 << 10)).await;
+        let mut taken = 0;
+        let refused = loop {
+            match bus.publish_output(publishers_output("a.x", taken)).await {
+                Ok(()) => taken += 1,
+                Err(e) => break e.to_string(),
+            }
+            assert!(taken < 1000, "a backlog of 64 KiB took {taken} outputs of 1 KB");
+        };
+        // (each charged about 1.4 KB: 64 KiB of backlog, and the buffer and queue before it fell behind)
+        assert!((40..=80).contains(&taken), "refused after {taken} outputs of 1 KB");
+        assert!(refused.contains("flow.backlog_mib"), "{refused}");
+        // Another publisher still has its equal share: more outputs wait than the backlog.
+        let mut other = 0;
+        loop {
+            let mut out = Arc::unwrap_or_clone(publishers_output("a.x", 5000 + other));
+            out.source = "plugbus/other".into();
+            if bus.publish_output(Arc::new(out)).await.is_err() {
+                break;
+            }
+            other += 1;
+            assert!(other < 1000, "another publisher was never bounded");
+        }
+        assert!(other >= 10, "another publisher took {other}");
+        taken += other;
+        let produced = tokio::time::timeout(Duration::from_secs(5), bus.publish(Event::new("a.y", "produced"))).await;
+        produced.expect("a producer waited for the outputs' room").unwrap();
+        let got = ack_n(&mut slow, taken + 1).await;
+        assert_eq!(got.last().map(String::as_str), Some("produced"));
     }
 
     /// Appends `data` for `bus`'s targets as a producer does, and waits for its commit, without
