@@ -258,6 +258,16 @@ const ENTRY_OVERHEAD: usize = 256;
 /// The default byte budget of the kept store (see [`DeadLetters::with_max_bytes`]).
 pub const DEFAULT_MAX_BYTES: usize = 64 << 20;
 
+/// How many of one plugin's dead letters may wait in the file's queue at once
+/// ([`DeadLetters::keep`]): the rest wait in that plugin's own deliveries, so a plugin
+/// dead-lettering a flood puts at most this many writes (each an `fsync`) ahead of another's.
+pub const KEEPS_QUEUED_PER_PLUGIN: usize = 2;
+
+/// How many bytes of records one plugin's dead letters may hold while they wait to be kept: past
+/// it a dead letter is kept without its record (logged), so a flood of failures that each read
+/// 1 MiB of kv does not hold a record each in memory.
+pub const RECORD_BYTES_WAITING_PER_PLUGIN: usize = 16 << 20;
+
 /// The bytes the store charges for keeping `entry`.
 fn kept_bytes(entry: &Entry) -> usize {
     entry_bytes(&entry.plugin, &entry.event) + entry.record.as_ref().map_or(0, |r| r.bytes())
@@ -328,6 +338,14 @@ impl Kept {
         taken
     }
 
+    /// Removes the entry that is `entry` kept before (the same plugin's dead letter of the same
+    /// event: its id is derived from both), returning its number. It is there when the host was
+    /// killed after keeping it and before settling its input, which then failed again.
+    fn remove_same(&mut self, entry: &Entry) -> Option<u64> {
+        let at = self.items.iter().position(|e| e.event.id == entry.event.id && e.plugin == entry.plugin)?;
+        self.remove(at).map(|old| old.seq)
+    }
+
     /// The oldest entry of the plugin holding the most of what is over its bound (entries when
     /// `by_count`, bytes otherwise); of plugins holding as much, the oldest entry of them.
     fn eviction_victim(&self, by_count: bool) -> Option<usize> {
@@ -346,6 +364,28 @@ pub struct DeadLetters {
     max_bytes: usize,
     /// Where they are kept across restarts (`None`: in memory only).
     file: Option<crate::dlq_file::DlqFile>,
+    /// What the file missed while it failed writes, made when it next takes one.
+    unwritten: Mutex<Unwritten>,
+    /// Turns at the file: one write at a time takes a blocking thread ([`DeadLetters::keep`]).
+    file_turn: Arc<tokio::sync::Mutex<()>>,
+    /// Each plugin's share of the file's queue and of the records waiting.
+    shares: Mutex<HashMap<String, Arc<KeepShare>>>,
+}
+
+/// One plugin's share of what dead letters waiting to be kept hold.
+struct KeepShare {
+    /// Places in the file's queue ([`KEEPS_QUEUED_PER_PLUGIN`]).
+    queued: Arc<tokio::sync::Semaphore>,
+    /// KiB of records waiting ([`RECORD_BYTES_WAITING_PER_PLUGIN`]).
+    record_kib: Arc<tokio::sync::Semaphore>,
+}
+
+/// Changes the dead-letter file missed (a full disk): entries to write (those still kept then)
+/// and entries to remove (a replay's `forget`, an eviction).
+#[derive(Default)]
+struct Unwritten {
+    inserts: std::collections::BTreeSet<u64>,
+    removes: std::collections::BTreeSet<u64>,
 }
 
 /// What one eviction forgot: the entries' numbers, their bytes, and the first one's plugin and
@@ -365,7 +405,16 @@ impl DeadLetters {
     /// A store keeping at most `cap` dead letters and `max_bytes` bytes (data, headers and a
     /// fixed cost per entry).
     pub fn with_max_bytes(cap: usize, max_bytes: usize) -> Self {
-        Self { kept: Mutex::new(Kept::default()), next: AtomicU64::new(1), cap: cap.max(1), max_bytes, file: None }
+        Self {
+            kept: Mutex::new(Kept::default()),
+            next: AtomicU64::new(1),
+            cap: cap.max(1),
+            max_bytes,
+            file: None,
+            unwritten: Mutex::default(),
+            file_turn: Arc::default(),
+            shares: Mutex::default(),
+        }
     }
 
     /// A store like [`DeadLetters::new`] kept in `file` too: what it held at the last stop is
@@ -374,32 +423,156 @@ impl DeadLetters {
         let (file, kept, next) = crate::dlq_file::DlqFile::open(path)?;
         let mut store = Self::with_max_bytes(cap, DEFAULT_MAX_BYTES);
         store.next.fetch_max(next, Ordering::Relaxed);
+        // The same plugin's dead letter of the same event twice (a kill between writing the newer
+        // and removing the older): the newer is kept.
+        let mut newest = std::collections::HashMap::new();
+        for (seq, plugin, event, _) in &kept {
+            newest.insert((plugin.as_str(), event.id.as_str()), *seq);
+        }
+        let newest: std::collections::HashSet<u64> = newest.into_values().collect();
+        let mut replaced = Vec::new();
         {
             let mut k = store.kept.lock().expect("dlq poisoned");
             for (seq, plugin, event, record) in kept {
-                let entry = Entry { seq, plugin, event, record };
                 store.next.fetch_max(seq + 1, Ordering::Relaxed);
-                k.push_back(entry);
+                match newest.contains(&seq) {
+                    true => k.push_back(Entry { seq, plugin, event, record }),
+                    false => replaced.push(seq),
+                }
             }
         }
         store.file = Some(file);
+        if !replaced.is_empty() {
+            store.write_remove(&replaced);
+        }
         // A replay cut short by a crash leaves its entries in the file beside newer ones.
         let evicted = store.evict(&mut store.kept.lock().expect("dlq poisoned"));
         store.forget_evicted(evicted);
         Ok(store)
     }
 
-    /// Writes a change through to the file; a failure is logged (the entry is still kept here
-    /// and was published on its dead-letter subject).
-    fn write_through(
-        &self,
-        change: impl FnOnce(&crate::dlq_file::DlqFile) -> Result<(), crate::dlq_file::DlqFileError>,
-    ) {
-        if let Some(file) = &self.file
-            && let Err(e) = change(file)
-        {
-            tracing::error!("dead letters not kept across a restart: {e}");
+    /// Writes a new entry through to the file; `true` when the file has it. A failure is logged
+    /// and remembered: the entry is kept here, and written with the file's next write that
+    /// succeeds (if it is still kept then), so a full disk that frees up loses nothing.
+    fn write_insert(&self, entry: &Entry) -> bool {
+        let Some(file) = &self.file else { return false };
+        let mut unwritten = self.unwritten.lock().expect("dlq poisoned");
+        match file.insert(entry.seq, &entry.plugin, &entry.event, entry.record.as_deref()) {
+            Ok(()) => {
+                self.catch_up(file, &mut unwritten);
+                true
+            }
+            Err(e) => {
+                unwritten.inserts.insert(entry.seq);
+                tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id,
+                    "dead letter kept in memory only for now (written once the file takes writes again): {e}");
+                false
+            }
         }
+    }
+
+    /// Removes entries from the file (those it never got need nothing). A failure is logged and
+    /// remembered, and the removal made with the file's next write that succeeds: a replayed
+    /// dead letter must not come back at the next start and run again.
+    fn write_remove(&self, seqs: &[u64]) {
+        let Some(file) = &self.file else { return };
+        let mut unwritten = self.unwritten.lock().expect("dlq poisoned");
+        let seqs: Vec<u64> = seqs.iter().copied().filter(|seq| !unwritten.inserts.remove(seq)).collect();
+        if seqs.is_empty() {
+            return;
+        }
+        match file.remove(&seqs) {
+            Ok(()) => self.catch_up(file, &mut unwritten),
+            Err(e) => {
+                unwritten.removes.extend(seqs);
+                tracing::error!(
+                    "dead letters not removed from the file for now (removed once it takes writes again): {e}"
+                );
+            }
+        }
+    }
+
+    /// After a write that succeeded: makes the changes the file missed while it failed.
+    fn catch_up(&self, file: &crate::dlq_file::DlqFile, unwritten: &mut Unwritten) {
+        if !unwritten.removes.is_empty() {
+            let seqs: Vec<u64> = unwritten.removes.iter().copied().collect();
+            if let Err(e) = file.remove(&seqs) {
+                tracing::error!("dead letters still not removed from the file: {e}");
+                return;
+            }
+            unwritten.removes.clear();
+        }
+        if unwritten.inserts.is_empty() {
+            return;
+        }
+        // Those taken by a replay meanwhile wait for it: forgotten, or put back and written.
+        let missed: Vec<Entry> = {
+            let kept = self.kept.lock().expect("dlq poisoned");
+            kept.items.iter().filter(|e| unwritten.inserts.contains(&e.seq)).cloned().collect()
+        };
+        for e in &missed {
+            if let Err(err) = file.insert(e.seq, &e.plugin, &e.event, e.record.as_deref()) {
+                tracing::error!("dead letters still kept in memory only: {err}");
+                return;
+            }
+            unwritten.inserts.remove(&e.seq);
+        }
+        if !missed.is_empty() {
+            tracing::info!(
+                written = missed.len(),
+                "dead letters kept in memory while the file failed writes are in it now"
+            );
+        }
+    }
+
+    /// Keeps one as [`DeadLetters::push_recorded`] does, from a runtime thread: the write (and
+    /// its `fsync`) runs on the blocking pool, one at a time (so a flood of dead letters takes
+    /// one blocking thread, not every one, from outbound DNS lookups, kv commits and reloads),
+    /// with at most [`KEEPS_QUEUED_PER_PLUGIN`] of one plugin's in the queue for it. A record
+    /// that would take the plugin past [`RECORD_BYTES_WAITING_PER_PLUGIN`] waiting is left out.
+    pub async fn keep(self: &Arc<Self>, plugin: &str, event: Event, mut record: Option<Box<Record>>) -> bool {
+        let share = self.share_of(plugin);
+        let record_held = match &record {
+            Some(r) => {
+                let kib = u32::try_from(r.bytes().div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+                let held = share.record_kib.clone().try_acquire_many_owned(kib).ok();
+                if held.is_none() {
+                    tracing::warn!(plugin, event_id = %event.id, record_bytes = r.bytes(),
+                        "dead letter kept without the record of its failed attempt: the plugin's dead letters waiting to be \
+                         kept hold 16 MiB of records already (it fails faster than they are written)");
+                    record = None;
+                }
+                held
+            }
+            None => None,
+        };
+        let queued = share.queued.clone().acquire_owned().await.expect("never closed");
+        let turn = self.file_turn.clone().lock_owned().await;
+        let (store, plugin) = (self.clone(), plugin.to_string());
+        let kept = tokio::task::spawn_blocking(move || {
+            let _held = (turn, queued, record_held);
+            store.push_recorded(&plugin, event, record)
+        });
+        // Only a panic in the store ends it otherwise: then it was not kept whole (what its file
+        // holds is read again at the next start).
+        kept.await.unwrap_or_else(|e| {
+            tracing::error!("keeping a dead letter failed: {e}");
+            false
+        })
+    }
+
+    /// `plugin`'s share of what waits to be kept.
+    fn share_of(&self, plugin: &str) -> Arc<KeepShare> {
+        let mut shares = self.shares.lock().expect("dlq poisoned");
+        shares
+            .entry(plugin.to_string())
+            .or_insert_with(|| {
+                Arc::new(KeepShare {
+                    queued: Arc::new(tokio::sync::Semaphore::new(KEEPS_QUEUED_PER_PLUGIN)),
+                    record_kib: Arc::new(tokio::sync::Semaphore::new(RECORD_BYTES_WAITING_PER_PLUGIN >> 10)),
+                })
+            })
+            .clone()
     }
 
     /// Keeps one (a dead letter larger than the whole budget is not kept, logged).
@@ -407,8 +580,10 @@ impl DeadLetters {
         let _ = self.push_recorded(plugin, event, None);
     }
 
-    /// Keeps one with what its failed attempt saw; `false` when it is over the store's
-    /// `max_bytes` on its own and so not kept.
+    /// Keeps one with what its failed attempt saw. `true` ("kept whole") only when a copy that
+    /// survives a restart is kept: it is in the file and was not forgotten at once to stay
+    /// within the bounds. `false` when it is over the store's `max_bytes` on its own (not kept),
+    /// in memory only, or when the file did not take it (kept here, written later).
     pub fn push_recorded(&self, plugin: &str, event: Event, record: Option<Box<Record>>) -> bool {
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
         let entry = Entry { seq, plugin: plugin.to_string(), event, record };
@@ -419,15 +594,20 @@ impl DeadLetters {
             return false;
         }
         // Written before it is listed: a removal of it (by whoever evicts it) comes after.
-        self.write_through(|f| f.insert(seq, plugin, &entry.event, entry.record.as_deref()));
-        let evicted = {
+        let in_file = self.write_insert(&entry);
+        let (evicted, replaced) = {
             let mut kept = self.kept.lock().expect("dlq poisoned");
+            let replaced = kept.remove_same(&entry);
             kept.push_back(entry);
-            self.evict(&mut kept)
+            (self.evict(&mut kept), replaced)
         };
+        let still_kept = !evicted.gone.contains(&seq);
         // Outside the lock: the list, the API and other dead letters do not wait for the file.
+        if let Some(old) = replaced {
+            self.write_remove(&[old]);
+        }
         self.forget_evicted(evicted);
-        true
+        in_file && still_kept
     }
 
     /// Forgets entries until the store is within its bounds, each time the oldest of the plugin
@@ -451,7 +631,7 @@ impl DeadLetters {
     fn forget_evicted(&self, evicted: Evicted) {
         let Evicted { gone, freed, oldest } = evicted;
         if !gone.is_empty() {
-            self.write_through(|f| f.remove(&gone));
+            self.write_remove(&gone);
         }
         if let Some((plugin, event_id)) = oldest {
             tracing::warn!(plugin = %plugin, event_id = %event_id, forgotten = gone.len(), freed_bytes = freed,
@@ -516,7 +696,7 @@ impl DeadLetters {
             return;
         }
         let seqs: Vec<u64> = taken.iter().map(|e| e.seq).collect();
-        self.write_through(|f| f.remove(&seqs));
+        self.write_remove(&seqs);
     }
 
     /// Runs `change` (a [`DeadLetters::forget`] or [`DeadLetters::restore`], which write the
@@ -547,6 +727,7 @@ impl DeadLetters {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     /// The API's replays forget what they published, a hundred at a time, and put back what
     /// they could not: each a write of `dlq.redb` and its `fsync`. Done on a runtime thread,
@@ -708,7 +889,9 @@ mod tests {
     /// publisher must then not leave its data out (nothing would keep it).
     #[test]
     fn a_dead_letter_over_the_byte_budget_is_not_kept_and_says_so() {
-        let s = DeadLetters::with_max_bytes(10, 1 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = DeadLetters::persistent(10, &dir.path().join("dlq.redb")).unwrap();
+        s.max_bytes = 1 << 20;
         assert!(s.push_recorded("p", Event::new("p.0", vec![0u8; 1000]), None));
         assert!(!s.push_recorded("p", Event::new("p.1", vec![0u8; 2 << 20]), None));
         assert_eq!(s.list(Some("p")).into_iter().map(|e| e.event.subject).collect::<Vec<_>>(), vec!["p.0"]);
@@ -775,5 +958,164 @@ mod tests {
         let header = dead.header(headers::ERROR).unwrap();
         assert!(header.len() < MAX_ERROR_BYTES + 64, "{}", header.len());
         assert!(header.ends_with("… [cut at 8192 of 16777216 bytes]"));
+    }
+
+    /// "Kept whole" tells a broker that cannot take a dead letter whole that it may leave the
+    /// data out (`Transport::publish_dead_letter`): it must mean a copy that survives a restart.
+    /// A store in memory only, or one whose newest entry was forgotten at once to stay within its
+    /// bounds, keeps nothing that would: it says `false`, and the broker takes it whole or refuses
+    /// it (its input then stays in its stream).
+    #[test]
+    fn kept_whole_means_kept_in_the_file_and_still_kept() {
+        let memory = DeadLetters::new(10);
+        assert!(!memory.push_recorded("p", Event::new("p.0", "x"), None), "in memory only");
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = DeadLetters::persistent(10, &dir.path().join("dlq.redb")).unwrap();
+        s.max_bytes = 4096;
+        assert!(s.push_recorded("p", Event::new("p.1", vec![0u8; 1500]), None));
+        assert!(s.push_recorded("q", Event::new("q.1", vec![0u8; 1500]), None));
+        // r's one dead letter holds the most of what is over 4 KiB: it goes at once
+        assert!(!s.push_recorded("r", Event::new("r.1", vec![0u8; 3000]), None), "forgotten at once");
+        let listed: Vec<String> = s.list(None).into_iter().map(|e| e.event.subject).collect();
+        assert_eq!(listed, ["p.1", "q.1"]);
+    }
+
+    /// The attack: a full disk (or any I/O error) fails one write of `dlq.redb`; redb then
+    /// refuses every later write of that handle (`PreviousIo`). Every dead letter after it was
+    /// kept in memory only (gone at the next start), and every replay's `forget` failed (its dead
+    /// letters came back at the next start and ran again). Now the file is opened again before
+    /// the next write, and what it missed meanwhile is written then.
+    #[test]
+    fn a_dead_letter_file_that_failed_a_write_is_opened_again_and_catches_up() {
+        use crate::backend::embedded::log::tests::{Tmpfs, fill_up};
+        let Some(disk) = Tmpfs::mount(16) else { return };
+        let path = disk.0.path().join("dlq.redb");
+        let s = DeadLetters::persistent(100, &path).unwrap();
+        s.push("p", Event::new("x.replayed", "r"));
+        let filler = fill_up(disk.0.path());
+        let lost = s.push_recorded("p", Event::new("x.while-full", vec![7u8; 256 << 10]), None);
+        assert!(!lost, "a dead letter the file did not take is not kept whole");
+        // a replay of one, published while the disk is full: forgetting it fails too
+        let (replayed, others): (Vec<_>, Vec<_>) =
+            s.take(None).into_iter().partition(|e| e.event.subject == "x.replayed");
+        s.restore(others);
+        s.forget(&replayed);
+        std::fs::remove_file(filler).unwrap();
+        assert!(s.push_recorded("p", Event::new("x.after", "a"), None), "the file takes writes again");
+        drop(s);
+        let again = DeadLetters::persistent(100, &path).unwrap();
+        let listed: Vec<String> = again.list(None).into_iter().map(|e| e.event.subject).collect();
+        assert_eq!(listed, ["x.while-full", "x.after"], "after the restart");
+    }
+
+    /// The attack: `kill -9` after a dead letter was kept (its `fsync` done) and before its
+    /// input's `term` committed. At the next start the event fails again and is dead-lettered
+    /// again under the same id: the store listed two, and a bulk replay ran the event twice. The
+    /// newer now takes the older's place.
+    #[test]
+    fn a_dead_letter_kept_again_after_a_crash_replaces_the_one_kept_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dlq.redb");
+        let input = Event::new("orders.created", "{}");
+        let dead = || dead_letter_event(&input, "audit", "plugbus.dlq.audit", "boom", 3);
+        {
+            let before = DeadLetters::persistent(10, &path).unwrap();
+            before.push("audit", Event::new("other.x", ""));
+            before.push("audit", dead());
+        }
+        let after = DeadLetters::persistent(10, &path).unwrap();
+        assert!(after.push_recorded("audit", dead(), None));
+        // another plugin's dead letter of the same input is its own
+        after.push("billing", dead_letter_event(&input, "billing", "plugbus.dlq.billing", "boom", 3));
+        let subjects = |s: &DeadLetters| -> Vec<(String, String)> {
+            s.list(None).into_iter().map(|e| (e.plugin, e.event.subject)).collect()
+        };
+        let expected = [
+            ("audit".to_string(), "other.x".to_string()),
+            ("audit".to_string(), "plugbus.dlq.audit".to_string()),
+            ("billing".to_string(), "plugbus.dlq.billing".to_string()),
+        ];
+        assert_eq!(subjects(&after), expected);
+        drop(after);
+        assert_eq!(subjects(&DeadLetters::persistent(10, &path).unwrap()), expected, "in the file too");
+    }
+
+    /// A kill between writing the newer of the two and removing the older leaves both in the
+    /// file: the start keeps the newer, and removes the older from the file.
+    #[test]
+    fn the_same_dead_letter_twice_in_the_file_is_read_back_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dlq.redb");
+        let input = Event::new("orders.created", "{}");
+        let mut dead = dead_letter_event(&input, "audit", "plugbus.dlq.audit", "first", 3);
+        {
+            let (file, _, _) = crate::dlq_file::DlqFile::open(&path).unwrap();
+            file.insert(1, "audit", &dead, None).unwrap();
+            dead.extensions.push(("which".into(), "second".into()));
+            file.insert(2, "audit", &dead, None).unwrap();
+        }
+        let which = |s: &DeadLetters| -> Vec<Option<String>> {
+            s.list(None).into_iter().map(|e| e.event.header("which").map(str::to_string)).collect()
+        };
+        let store = DeadLetters::persistent(10, &path).unwrap();
+        assert_eq!(which(&store), [Some("second".to_string())]);
+        drop(store);
+        let (_, in_file, _) = crate::dlq_file::DlqFile::open(&path).unwrap();
+        assert_eq!(in_file.into_iter().map(|k| k.0).collect::<Vec<_>>(), [2], "the older removed from the file");
+    }
+
+    /// The attack: a plugin whose events each read 1 MiB of kv and fail, as fast as it can. Each
+    /// dead letter took a blocking thread to wait for the file's writer (every write an `fsync`),
+    /// holding its record of 1 MiB: the flood filled the blocking pool (outbound DNS lookups, kv
+    /// commits, reloads) and memory, and queued ahead of every other plugin's dead letter. Now
+    /// the writes take turns on one blocking thread, one plugin has at most two in the queue, and
+    /// records past 16 MiB waiting are left out.
+    #[test]
+    fn a_flood_of_dead_letters_holds_one_blocking_thread_bounded_records_and_two_places_in_the_queue() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(4)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(DeadLetters::persistent(1000, &dir.path().join("dlq.redb")).unwrap());
+            let held = store.file.as_ref().unwrap().hold_writer();
+            let done = Arc::new(Mutex::new(Vec::new()));
+            let keep = |plugin: &'static str, i: usize| {
+                let (store, done) = (store.clone(), done.clone());
+                let mut seen = crate::sandbox::Seen::default();
+                seen.kv_read("big", Some(&vec![b'x'; 900 << 10]), 1);
+                let record = Some(Box::new(Record::new("v1", 1, "boom", seen)));
+                tokio::spawn(async move {
+                    store.keep(plugin, Event::new(format!("{plugin}.{i}"), ""), record).await;
+                    done.lock().unwrap().push(plugin);
+                })
+            };
+            // three plugins flooding: without turns at the file, two writes waiting each fill the
+            // pool of four
+            const FLOODS: [&str; 3] = ["flood-a", "flood-b", "flood-c"];
+            let mut keeps: Vec<_> = FLOODS.iter().flat_map(|p| (0..25).map(|i| keep(p, i))).collect();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            keeps.push(keep("other", 0));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let free = tokio::time::timeout(Duration::from_secs(2), tokio::task::spawn_blocking(|| 7)).await;
+            assert_eq!(free.expect("the blocking pool was full of dead letters waiting for the file").unwrap(), 7);
+            drop(held);
+            for k in keeps {
+                tokio::time::timeout(Duration::from_secs(30), k).await.unwrap().unwrap();
+            }
+            let order = done.lock().unwrap().clone();
+            let other = order.iter().position(|p| *p == "other").unwrap();
+            let ahead = FLOODS.len() * KEEPS_QUEUED_PER_PLUGIN + 1;
+            assert!(other <= ahead, "another plugin's dead letter was kept {other}th: {order:?}");
+            for flood in FLOODS {
+                let with_record = store.list(Some(flood)).iter().filter(|e| e.record.is_some()).count();
+                // (16 MiB of records of 900 KiB: 18 wait with theirs)
+                assert!((1..=18).contains(&with_record), "{flood}: {with_record} of 25 kept their record of 900 KiB");
+            }
+            assert_eq!(store.list(None).len(), 76);
+        });
     }
 }

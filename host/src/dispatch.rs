@@ -787,14 +787,7 @@ async fn keep_dead_letter(
     if of == DeadOf::Delivery {
         deadletter::mark_failed_in(&mut dead, plugin);
     }
-    let (store, plugin, kept) = (rt.dead_letters.clone(), plugin.clone(), dead.clone());
-    let keep = tokio::task::spawn_blocking(move || store.push_recorded(&plugin, kept, record));
-    // Only a panic in the store ends it otherwise: then it was not kept whole (what its file
-    // holds is read again at the next start).
-    let kept_whole = keep.await.unwrap_or_else(|e| {
-        tracing::error!(plugin = %rt.name, event_id = %id, "keeping the dead letter failed: {e}");
-        false
-    });
+    let kept_whole = rt.dead_letters.keep(plugin, dead.clone(), record).await;
     Some((dead, kept_whole))
 }
 

@@ -27,7 +27,9 @@ pub type KeptLetter = (u64, String, Event, Option<Box<crate::deadletter::Record>
 
 /// The dead-letter file.
 pub struct DlqFile {
-    db: Database,
+    /// The open database; `None` after a write failed, until the next write opens it again (redb
+    /// refuses every write of a handle once one failed: `PreviousIo`).
+    db: std::sync::Mutex<Option<Database>>,
     path: PathBuf,
 }
 
@@ -35,7 +37,8 @@ impl DlqFile {
     /// The file's one write transaction, held (a slow disk, for tests).
     #[cfg(test)]
     pub(crate) fn hold_writer(&self) -> redb::WriteTransaction {
-        self.db.begin_write().expect("the dead-letter file's writer")
+        let db = self.db.lock().expect("dlq file poisoned");
+        db.as_ref().expect("the dead-letter file is open").begin_write().expect("the dead-letter file's writer")
     }
 
     /// Opens (or creates) the file; returns it with what it keeps that reads back, oldest
@@ -48,18 +51,7 @@ impl DlqFile {
             std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
         }
         // A host stopping in this process lets go of the file when its last task ends.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        let db = loop {
-            match Database::create(path) {
-                Err(redb::DatabaseError::DatabaseAlreadyOpen) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                    return Err(err("in use: is another plugbus running with this data_dir?".into()));
-                }
-                other => break other.map_err(|e| err(e.to_string()))?,
-            }
-        };
+        let db = Self::open_db(path)?;
         let w = db.begin_write().map_err(|e| err(e.to_string()))?;
         w.open_table(KEPT).map_err(|e| err(e.to_string()))?;
         w.open_table(RECORDS).map_err(|e| err(e.to_string()))?;
@@ -95,7 +87,25 @@ impl DlqFile {
                 kept.push((seq.value(), plugin, event, record));
             }
         }
-        Ok((Self { db, path: path.to_path_buf() }, kept, next))
+        Ok((Self { db: std::sync::Mutex::new(Some(db)), path: path.to_path_buf() }, kept, next))
+    }
+
+    /// Opens the database at `path`, waiting up to 2 s for a host stopping in this process to
+    /// let go of it.
+    fn open_db(path: &Path) -> Result<Database, DlqFileError> {
+        let err = |why: String| DlqFileError { path: path.to_path_buf(), why };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match Database::create(path) {
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                    return Err(err("in use: is another plugbus running with this data_dir?".into()));
+                }
+                other => return other.map_err(|e| err(e.to_string())),
+            }
+        }
     }
 
     /// Keeps one dead letter under `seq`, with what its failed attempt saw.
@@ -139,13 +149,27 @@ impl DlqFile {
         f: impl FnOnce(&mut redb::Table<u64, &[u8]>, &mut redb::Table<u64, &[u8]>) -> Result<(), redb::StorageError>,
     ) -> Result<(), DlqFileError> {
         let err = |why: String| DlqFileError { path: self.path.clone(), why };
-        let w = self.db.begin_write().map_err(|e| err(e.to_string()))?;
-        {
-            let mut t = w.open_table(KEPT).map_err(|e| err(e.to_string()))?;
-            let mut r = w.open_table(RECORDS).map_err(|e| err(e.to_string()))?;
-            f(&mut t, &mut r).map_err(|e| err(e.to_string()))?;
+        let mut db = self.db.lock().expect("dlq file poisoned");
+        if db.is_none() {
+            *db = Some(
+                Self::open_db(&self.path).map_err(|e| err(format!("opening it again after a failed write: {e}")))?,
+            );
+            tracing::info!(path = %self.path.display(), "the dead-letter file is open again after a failed write");
         }
-        w.commit().map_err(|e| err(e.to_string()))
+        let written = (|| {
+            let w = db.as_ref().expect("opened above").begin_write().map_err(|e| err(e.to_string()))?;
+            {
+                let mut t = w.open_table(KEPT).map_err(|e| err(e.to_string()))?;
+                let mut r = w.open_table(RECORDS).map_err(|e| err(e.to_string()))?;
+                f(&mut t, &mut r).map_err(|e| err(e.to_string()))?;
+            }
+            w.commit().map_err(|e| err(e.to_string()))
+        })();
+        if written.is_err() {
+            // Closed now, opened again (at its last durable commit) before the next write.
+            *db = None;
+        }
+        written
     }
 }
 

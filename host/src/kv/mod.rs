@@ -233,7 +233,10 @@ impl KvStore for MemoryKv {
 /// never on one of the runtime's; commits take turns before they take one (a blocking thread
 /// each, waiting on redb's writer, would fill the pool the dead-letter store and file reads use).
 pub struct RedbKv {
-    db: std::sync::Arc<redb::Database>,
+    /// The open database; `None` after a commit failed and opening it again failed too (the
+    /// next commit tries again). redb refuses every write of a handle once one failed.
+    db: std::sync::Arc<std::sync::RwLock<Option<std::sync::Arc<redb::Database>>>>,
+    path: std::path::PathBuf,
     /// Held by the commit on its blocking thread (moved there: a caller that stops waiting
     /// does not give it back while the commit goes on).
     turn: std::sync::Arc<tokio::sync::Mutex<()>>,
@@ -267,13 +270,43 @@ impl RedbKv {
         txn.open_table(META).map_err(unavailable)?;
         quota::recount_if_stale(&txn, DATA, META, "clock").map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
-        Ok(Self { db: std::sync::Arc::new(db), turn: Default::default() })
+        let db = std::sync::Arc::new(std::sync::RwLock::new(Some(std::sync::Arc::new(db))));
+        Ok(Self { db, path: path.to_path_buf(), turn: Default::default() })
+    }
+
+    /// The open database, or why there is none now.
+    fn current(&self) -> Result<std::sync::Arc<redb::Database>, KvError> {
+        self.db.read().expect("kv.redb poisoned").clone().ok_or_else(|| {
+            unavailable(format!("{} is being opened again after a failed write (a full disk?)", self.path.display()))
+        })
+    }
+
+    /// Closes the database and opens it again, at its last durable commit (blocking: readers
+    /// holding it finish first, for up to 2 s).
+    fn reopen(
+        slot: &std::sync::RwLock<Option<std::sync::Arc<redb::Database>>>,
+        path: &std::path::Path,
+    ) -> Result<std::sync::Arc<redb::Database>, KvError> {
+        drop(slot.write().expect("kv.redb poisoned").take());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let db = loop {
+            match redb::Database::create(path) {
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                other => break other.map_err(|e| unavailable(format!("opening {} again: {e}", path.display())))?,
+            }
+        };
+        let db = std::sync::Arc::new(db);
+        *slot.write().expect("kv.redb poisoned") = Some(db.clone());
+        tracing::info!(path = %path.display(), "kv.redb is open again after a failed write");
+        Ok(db)
     }
 
     /// Every entry, as (`ns\0key`, value and version): to move the store into another.
     pub fn export(&self) -> Result<Vec<(String, Versioned)>, KvError> {
         use redb::{ReadableDatabase, ReadableTable};
-        let r = self.db.begin_read().map_err(unavailable)?;
+        let r = self.current()?.begin_read().map_err(unavailable)?;
         let table = r.open_table(DATA).map_err(unavailable)?;
         let mut out = Vec::new();
         for row in table.iter().map_err(unavailable)? {
@@ -288,17 +321,30 @@ impl RedbKv {
 impl KvStore for RedbKv {
     async fn get(&self, ns: &str, key: &str) -> Result<Option<Versioned>, KvError> {
         use redb::ReadableDatabase;
-        let txn = self.db.begin_read().map_err(unavailable)?;
+        let txn = self.current()?.begin_read().map_err(unavailable)?;
         let table = txn.open_table(DATA).map_err(unavailable)?;
         Ok(table.get(db_key(ns, key).as_str()).map_err(unavailable)?.map(|v| decode(v.value())))
     }
 
     async fn commit(&self, ns: &str, txn: &Txn) -> Result<(), KvError> {
         let turn = self.turn.clone().lock_owned().await;
-        let (db, ns, txn) = (self.db.clone(), ns.to_string(), txn.clone());
+        let (slot, path, ns, txn) = (self.db.clone(), self.path.clone(), ns.to_string(), txn.clone());
         tokio::task::spawn_blocking(move || {
             let _turn = turn;
-            redb_commit(&db, &ns, &txn)
+            let current = slot.read().expect("kv.redb poisoned").clone();
+            let db = match current {
+                Some(db) => db,
+                None => Self::reopen(&slot, &path)?,
+            };
+            let committed = redb_commit(&db, &ns, &txn);
+            if let Err(KvError::Unavailable(why)) = &committed {
+                // Opened again now (at its last durable commit), for the reads and the next commit.
+                drop(db);
+                if let Err(e) = Self::reopen(&slot, &path) {
+                    tracing::error!("kv.redb failed a commit ({why}) and is not open again yet: {e}");
+                }
+            }
+            committed
         })
         .await
         .map_err(|e| unavailable(format!("the kv commit did not finish: {e}")))?
@@ -476,7 +522,7 @@ pub(crate) mod tests {
     async fn a_redb_commit_waiting_for_the_writer_leaves_the_runtime_running() {
         let dir = tempfile::tempdir().unwrap();
         let kv = std::sync::Arc::new(RedbKv::open(&dir.path().join("kv.redb")).unwrap());
-        let db = kv.db.clone();
+        let db = kv.current().unwrap();
         let committing = kv.clone();
         let commit = async move {
             let mut txn = Txn::default();
@@ -486,6 +532,31 @@ pub(crate) mod tests {
         let ran = crate::test_support::runtime_runs_while_held(move || db.begin_write().unwrap(), commit).await;
         assert!(ran, "the runtime's one thread waited for redb's writer");
         assert_eq!(kv.get("p", "n").await.unwrap().unwrap().value, b"1");
+    }
+
+    /// The attack: a full disk fails one commit of `kv.redb` (with `bus.durable = false`); redb
+    /// then refuses every later write of that handle (`PreviousIo`), so every kv commit of every
+    /// plugin failed, and every delivery of a plugin using kv was dead-lettered, until a restart.
+    /// Now the store is opened again after a failed commit, and takes commits once there is room.
+    #[tokio::test]
+    async fn a_kv_store_whose_commit_failed_takes_commits_again_once_there_is_room() {
+        use crate::backend::embedded::log::tests::{Tmpfs, fill_up};
+        let Some(disk) = Tmpfs::mount(16) else { return };
+        let kv = RedbKv::open(&disk.0.path().join("kv.redb")).unwrap();
+        let set = |key: &str, len: usize| {
+            let mut txn = Txn::default();
+            txn.set(key, vec![7u8; len]);
+            txn
+        };
+        kv.commit("p", &set("before", 10)).await.unwrap();
+        let filler = fill_up(disk.0.path());
+        let full = kv.commit("p", &set("while-full", 1 << 20)).await;
+        assert!(matches!(full, Err(KvError::Unavailable(_))), "{full:?}");
+        std::fs::remove_file(filler).unwrap();
+        kv.commit("p", &set("after", 10)).await.expect("a commit once there is room again");
+        assert_eq!(kv.get("p", "after").await.unwrap().unwrap().value.len(), 10);
+        assert_eq!(kv.get("p", "before").await.unwrap().unwrap().value.len(), 10);
+        assert_eq!(kv.get("p", "while-full").await.unwrap(), None);
     }
 
     #[tokio::test]
