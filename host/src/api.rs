@@ -118,6 +118,8 @@ struct Inner {
     /// The ids of the dead letters a `POST /v1/dlq/{id}/replay` is replaying now: a second
     /// request for one of them (a double click) is refused instead of replaying it twice.
     replaying_one: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Turns at looking a dead letter up in the broker by id (`broker_entry`).
+    finding_dead_letter: tokio::sync::Mutex<()>,
 }
 
 type Api = Arc<Inner>;
@@ -150,6 +152,7 @@ pub fn router(state: ApiState) -> axum::Router {
         tails,
         debugging,
         replaying_one: Default::default(),
+        finding_dead_letter: Default::default(),
     });
     let guarded = axum::Router::new()
         .route("/readyz", get(readyz))
@@ -531,7 +534,11 @@ async fn incoming_event(
         let why = format!("the body is over the {}-byte event limit", state.max_event_bytes);
         return refuse(StatusCode::PAYLOAD_TOO_LARGE, why);
     };
-    let event = match crate::cloudevents::decode(subject, header_pairs(headers), data) {
+    let headers = match header_pairs(headers) {
+        Ok(headers) => headers,
+        Err(why) => return refuse(StatusCode::BAD_REQUEST, why),
+    };
+    let event = match crate::cloudevents::decode(subject, headers.into_iter(), data) {
         Ok(ev) => ev,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, e),
     };
@@ -540,6 +547,9 @@ async fn incoming_event(
             "attribute {name:?} is reserved for the host: names starting with `{RESERVED_PREFIX}` cannot be set"
         );
         return refuse(StatusCode::BAD_REQUEST, why);
+    }
+    if let Some(why) = state.transport.too_large(&event) {
+        return refuse(StatusCode::PAYLOAD_TOO_LARGE, why);
     }
     Ok(event)
 }
@@ -679,8 +689,20 @@ async fn plugins(State(api): State<Api>) -> Response {
     Json(json!({ "plugins": state.router.plugins(), "rejected": rejected, "plugins_dir": plugins_dir })).into_response()
 }
 
-fn header_pairs(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
-    headers.iter().filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str(), v)))
+/// The request's headers as text: a value in UTF-8 is kept as it is (it used to be left out
+/// unless it was plain ASCII, the event taken without it); one that is not UTF-8 is refused,
+/// naming the header (CloudEvents attributes go percent-encoded).
+fn header_pairs(headers: &HeaderMap) -> Result<Vec<(&str, &str)>, String> {
+    headers
+        .iter()
+        .map(|(k, v)| match std::str::from_utf8(v.as_bytes()) {
+            Ok(text) => Ok((k.as_str(), text)),
+            Err(_) => Err(format!(
+                "header {:?} is not UTF-8 text: send it in UTF-8 (a CloudEvents attribute percent-encoded)",
+                k.as_str()
+            )),
+        })
+        .collect()
 }
 
 #[derive(serde::Deserialize)]
@@ -1010,9 +1032,10 @@ async fn dlq_get(State(api): State<Api>, Path(id): Path<String>) -> Response {
 }
 
 /// The dead letter `id` as the broker keeps it, if it does.
+/// One lookup at a time (each may read thousands of messages back, one request each).
 async fn broker_entry(api: &Inner, id: &str) -> Option<crate::deadletter::Entry> {
-    let kept = api.s.transport.kept_dead_letters(None, BROKER_DLQ_LIMIT).await.ok().flatten()?;
-    kept.into_iter().find(|e| e.event.id == id)
+    let _turn = api.finding_dead_letter.lock().await;
+    api.s.transport.find_dead_letter(id).await.ok().flatten()
 }
 
 /// `POST /v1/dlq/{id}/replay`: re-publishes one kept dead letter (a new id made from the dead letter's, `plugbus-replay-of`);
@@ -1284,6 +1307,20 @@ mod tests {
         assert!(reserved_header(&h).is_none());
         h.insert("ce-plugbus-error", HeaderValue::from_static("x"));
         assert!(reserved_header(&h).unwrap().contains("ce-plugbus-error"));
+    }
+
+    /// A header value in UTF-8 that is not plain ASCII (`ce-customer: Müller`) was left out, the
+    /// event taken (`202`) without it; one that is not UTF-8 is refused, naming it.
+    #[test]
+    fn a_header_in_utf8_is_kept_and_one_in_no_utf8_is_refused_by_name() {
+        let mut h = HeaderMap::new();
+        h.insert("ce-customer", HeaderValue::from_bytes("Müller".as_bytes()).unwrap());
+        assert_eq!(header_pairs(&h).unwrap(), [("ce-customer", "Müller")]);
+        let ev =
+            crate::cloudevents::decode("orders.created", header_pairs(&h).unwrap().into_iter(), "".into()).unwrap();
+        assert_eq!(ev.header("customer"), Some("Müller"));
+        h.insert("ce-city", HeaderValue::from_bytes(b"K\xf6ln").unwrap());
+        assert!(header_pairs(&h).unwrap_err().contains("\"ce-city\" is not UTF-8"));
     }
 
     #[test]

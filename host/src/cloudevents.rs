@@ -111,6 +111,14 @@ const TRANSPORT_HEADERS: &[&str] = &[
     crate::rpc::ASKED_THROUGH,
 ];
 
+/// Drops a request chain's mark ([`crate::rpc::ASKED_THROUGH`]) however the message wrote it:
+/// a plain header (also in `TRANSPORT_HEADERS`), a `ce-` attribute, or a structured-mode key.
+/// Only the host marks a chain, for its own plugins' requests on the embedded bus; one taken in
+/// here would be carried on in a plugin's own requests.
+fn drop_chain_mark(ev: &mut Event) {
+    ev.extensions.retain(|(name, _)| name != crate::rpc::ASKED_THROUGH);
+}
+
 /// Builds the event that arrived on `subject` with `headers` and `body`.
 pub fn decode<'a>(
     subject: &str,
@@ -135,7 +143,8 @@ pub fn decode_with_id<'a>(
     let find = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| *v);
     let content_type = find("content-type");
     if content_type.is_some_and(is_structured) {
-        let ev = decode_structured(subject, &body, fallback_id)?;
+        let mut ev = decode_structured(subject, &body, fallback_id)?;
+        drop_chain_mark(&mut ev);
         check_event(&ev)?;
         return Ok(ev);
     }
@@ -182,6 +191,7 @@ pub fn decode_with_id<'a>(
     }
     ev.id = id.or(fallback_id).unwrap_or_else(new_id);
     ev.time = time.unwrap_or_else(now_rfc3339);
+    drop_chain_mark(&mut ev);
     if ev.id.is_empty() {
         return Err("ce-id is empty".into());
     }

@@ -286,6 +286,14 @@ pub trait Transport: Send + Sync + 'static {
         capacity: usize,
     ) -> Result<mpsc::Receiver<Arc<Event>>, TransportError>;
 
+    /// Why `event` is too large for this transport to ever take it (a broker's limit on one
+    /// message, headers included, which may be below the host's own event limit), or `None`. A
+    /// producer is told so (`413`) rather than to try again later (`503`).
+    fn too_large(&self, event: &Event) -> Option<String> {
+        let _ = event;
+        None
+    }
+
     /// Delivers again to `plugin` every event the transport keeps from `from` on (a sequence
     /// number or an append time) that its subscription matches (to rebuild its state); returns how many. Transports that
     /// keep no history refuse.
@@ -318,6 +326,14 @@ pub trait Transport: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Option<(Vec<crate::deadletter::Entry>, usize)>, TransportError> {
         let _ = (plugin, limit);
+        Ok(None)
+    }
+
+    /// The dead letter the broker keeps whose (dead-letter event) id is `id`, looked for from the
+    /// newest back, as far as the listing of the newest reads. `None`: not found, or the broker
+    /// keeps none.
+    async fn find_dead_letter(&self, id: &str) -> Result<Option<crate::deadletter::Entry>, TransportError> {
+        let _ = id;
         Ok(None)
     }
 

@@ -43,6 +43,40 @@ async fn fan_out_to_two_plugins_on_wildcard_subjects() {
     assert_eq!(t.counter("echo", "ok"), 20);
 }
 
+/// The host's event limit (`limits.max_event_bytes`, 1 MiB) and the server's `max_payload` (1 MiB,
+/// headers included) are the same size: a body of exactly 1 MiB with its CloudEvents attributes
+/// does not fit the server. It used to be answered `503` ("try again later"), which a webhook
+/// sender retries for ever; it is `413`, naming the limit, on core NATS and on JetStream, for an
+/// event and for a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_over_the_servers_max_payload_is_refused_as_too_large() {
+    let server = NatsServer::start().await;
+    for bus in [Bus::Core(&server), Bus::JetStream(&server)] {
+        let t = TestHost::start_on(&bus, &["echo"], |_| {}).await;
+        let client = reqwest::Client::new();
+        for route in ["events", "request"] {
+            let resp = client
+                .post(format!("{}/v1/{route}/orders.big", t.url()))
+                .header("ce-specversion", "1.0")
+                .header("ce-id", "big-1")
+                .header("ce-source", "test")
+                .header("ce-type", "big")
+                .body(vec![b'x'; 1 << 20])
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let body = resp.text().await.unwrap();
+            assert_eq!(status, 413, "{route}: {body}");
+            assert!(body.contains("max_payload of 1048576"), "{route}: {body}");
+        }
+        // One that fits is taken.
+        let resp = client.post(format!("{}/v1/events/orders.small", t.url())).body("x").send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 202);
+        t.host.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_group_shares_the_work_of_two_hosts_each_event_once() {
     let server = NatsServer::start().await;
@@ -1085,6 +1119,19 @@ async fn jetstream_the_newest_dead_letters_are_listed_past_ten_thousand() {
     assert_eq!(data(&all), ["10002", "10003", "10004"], "{all}");
     assert_eq!(all["total"], 10_005);
     assert!(all["dead_letters"].as_array().unwrap().iter().all(|e| e["kept_by"] == "broker"), "{all}");
+    // One listed is found by its id (it was looked for among the oldest 10,000 only: 404), and
+    // replayed from the broker, which forgets it.
+    let listed = &faulty["dead_letters"][2]["event"];
+    let id = listed["id"].as_str().unwrap().to_string();
+    let one = client.get(format!("{}/v1/dlq/{id}", t.url())).send().await.unwrap();
+    assert_eq!(one.status().as_u16(), 200, "GET /v1/dlq/{id}");
+    assert_eq!(one.json::<Value>().await.unwrap()["dead_letter"]["event"]["data"], "10002");
+    let replayed = client.post(format!("{}/v1/dlq/{id}/replay", t.url())).send().await.unwrap();
+    assert_eq!(replayed.status().as_u16(), 200, "POST /v1/dlq/{id}/replay: {}", replayed.text().await.unwrap());
+    t.wait_counter("faulty", "ok", 1).await;
+    let seq: u64 = id.rsplit('-').next().unwrap().parse().unwrap();
+    let stream = js.get_stream("PLUGBUS_DLQ").await.unwrap();
+    assert!(stream.get_raw_message(seq).await.is_err(), "the broker's copy was replayed and stays");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

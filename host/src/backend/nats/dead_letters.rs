@@ -166,6 +166,37 @@ pub async fn newest(
     Ok(Some((out, total)))
 }
 
+/// How many messages [`find`] reads back from the newest before it gives up: as many as the
+/// listings ever show, one message held at a time.
+const MAX_FIND: usize = 10_000;
+
+/// The dead letter whose (dead-letter event) id is `id`, read back from the newest, one message
+/// at a time, at most [`MAX_FIND`] of them: what a listing of the newest shows is found however
+/// many the stream keeps. (It was looked for among the oldest 10,000, all held at once: one the
+/// dashboard listed was not found, and a replay by id took this host's copy and left the
+/// broker's, to be replayed again later.) `None` when not found or there is no stream.
+pub async fn find(js: &jetstream::Context, id: &str) -> Result<Option<Entry>, TransportError> {
+    let Some(mut stream) = stream(js).await? else { return Ok(None) };
+    let state =
+        stream.info().await.map_err(|e| TransportError::Broker(format!("reading the state of {STREAM}: {e}")))?;
+    let (first, mut seq) = (state.state.first_sequence.max(1), state.state.last_sequence);
+    let mut read = 0;
+    while seq >= first && read < MAX_FIND {
+        let at = seq;
+        seq -= 1;
+        read += 1;
+        let msg = match stream.get_raw_message(at).await {
+            Ok(msg) => msg,
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => continue,
+            Err(e) => return Err(TransportError::Broker(format!("reading {STREAM} at {at}: {e}"))),
+        };
+        if let Some(entry) = entry_of(msg, None).filter(|e| e.event.id == id) {
+            return Ok(Some(entry));
+        }
+    }
+    Ok(None)
+}
+
 /// The entry a message of the stream is, when it is a dead letter (of `plugin`, when given);
 /// `None` (logged when it is not an event) otherwise.
 fn entry_of(msg: jetstream::message::StreamMessage, plugin: Option<&str>) -> Option<Entry> {

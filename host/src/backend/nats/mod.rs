@@ -692,6 +692,18 @@ impl Transport for NatsTransport {
         "nats"
     }
 
+    /// Over the server's `max_payload` (which counts the headers: a body within the host's
+    /// event limit may not fit with its CloudEvents attributes).
+    fn too_large(&self, event: &Event) -> Option<String> {
+        let max = self.client.server_info().max_payload;
+        let size = wire_size(event);
+        (max > 0 && size > max).then(|| {
+            format!(
+                "the event is {size} bytes as a NATS message (headers included), over the server's max_payload of {max}"
+            )
+        })
+    }
+
     /// A producer's event, except a replay: its id is the host's, made from its dead letter's
     /// (`deadletter::replay_event`), as computable as an output's. Only the host sets
     /// `plugbus-replay-of` (the ingress refuses `plugbus-*` headers).
@@ -867,6 +879,10 @@ impl Transport for NatsTransport {
         limit: usize,
     ) -> Result<Option<(Vec<crate::deadletter::Entry>, usize)>, TransportError> {
         dead_letters::newest(&self.js, plugin, limit).await
+    }
+
+    async fn find_dead_letter(&self, id: &str) -> Result<Option<crate::deadletter::Entry>, TransportError> {
+        dead_letters::find(&self.js, id).await
     }
 
     async fn forget_dead_letter(&self, seq: u64) -> Result<(), TransportError> {

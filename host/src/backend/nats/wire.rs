@@ -223,6 +223,16 @@ mod tests {
         let ev = event_of("rpc.echo", Some(&h), Bytes::new(), None).unwrap();
         assert_eq!(ev.header(crate::rpc::ASKED_THROUGH), None, "{:?}", ev.extensions);
         assert_eq!(ev.header("x-kept"), Some("yes"));
+        // nor written as a CloudEvents attribute, in binary mode or structured mode
+        let mut h = HeaderMap::new();
+        h.insert("ce-plugbus-asked-through", "payments");
+        let ev = event_of("rpc.echo", Some(&h), Bytes::new(), None).unwrap();
+        assert_eq!(ev.header(crate::rpc::ASKED_THROUGH), None, "{:?}", ev.extensions);
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "application/cloudevents+json");
+        let body = r#"{"specversion":"1.0","id":"1","source":"s","type":"t","plugbus-asked-through":"payments"}"#;
+        let ev = event_of("rpc.echo", Some(&h), Bytes::from(body), None).unwrap();
+        assert_eq!(ev.header(crate::rpc::ASKED_THROUGH), None, "{:?}", ev.extensions);
     }
 
     #[test]
