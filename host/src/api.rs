@@ -576,10 +576,11 @@ async fn publish(State(api): State<Api>, Path(subject): Path<String>, headers: H
             crate::telemetry::fail(&span, &"not taken by the bus within api.publish_timeout");
             state.metrics.ingress_timeouts.inc();
             tracing::warn!(subject = %subject, event_id = %id, ?timeout,
-                "ingress event not taken by the bus in time (a subscriber's queue is full): answered 503");
+                "ingress event not taken by the bus in time (a subscriber's queue is full, or the event log's commit is slow): answered 503");
             let msg = format!(
-                "the bus did not take the event within {} (api.publish_timeout): a subscriber's queue is full; \
-                 retry later with the same ce-id (plugins that already took it may see it twice)",
+                "the bus did not take the event within {} (api.publish_timeout): a subscriber's queue is full, or \
+                 the event log's commit (its fsync) is slow; retry later with the same ce-id (plugins that already \
+                 took it may see it twice)",
                 humantime::format_duration(timeout)
             );
             with_retry_after(error(StatusCode::SERVICE_UNAVAILABLE, msg), retry_after_secs(timeout))
@@ -691,18 +692,23 @@ async fn plugins(State(api): State<Api>) -> Response {
 
 /// The request's headers as text: a value in UTF-8 is kept as it is (it used to be left out
 /// unless it was plain ASCII, the event taken without it); one that is not UTF-8 is refused,
-/// naming the header (CloudEvents attributes go percent-encoded).
+/// naming the header (CloudEvents attributes go percent-encoded), unless it is one the event
+/// never takes (`User-Agent`, `Cookie`, …), which is left out as before.
 fn header_pairs(headers: &HeaderMap) -> Result<Vec<(&str, &str)>, String> {
-    headers
-        .iter()
-        .map(|(k, v)| match std::str::from_utf8(v.as_bytes()) {
-            Ok(text) => Ok((k.as_str(), text)),
-            Err(_) => Err(format!(
-                "header {:?} is not UTF-8 text: send it in UTF-8 (a CloudEvents attribute percent-encoded)",
-                k.as_str()
-            )),
-        })
-        .collect()
+    let mut pairs = Vec::with_capacity(headers.len());
+    for (k, v) in headers {
+        match std::str::from_utf8(v.as_bytes()) {
+            Ok(text) => pairs.push((k.as_str(), text)),
+            Err(_) if crate::cloudevents::is_transport_header(k.as_str()) => {}
+            Err(_) => {
+                return Err(format!(
+                    "header {:?} is not UTF-8 text: send it in UTF-8 (a CloudEvents attribute percent-encoded)",
+                    k.as_str()
+                ));
+            }
+        }
+    }
+    Ok(pairs)
 }
 
 #[derive(serde::Deserialize)]
@@ -1020,7 +1026,10 @@ async fn publish_in_time(api: &Inner, event: crate::event::Event) -> Result<(), 
 async fn dlq_get(State(api): State<Api>, Path(id): Path<String>) -> Response {
     let kept = match api.s.dead_letters.get(&id) {
         Some(entry) => Some(entry),
-        None => broker_entry(&api, &id).await,
+        None => match broker_entry(&api, &id).await {
+            Ok(entry) => entry,
+            Err(unreadable) => return unreadable,
+        },
     };
     match kept {
         Some(entry) => Json(json!({ "dead_letter": entry })).into_response(),
@@ -1033,9 +1042,13 @@ async fn dlq_get(State(api): State<Api>, Path(id): Path<String>) -> Response {
 
 /// The dead letter `id` as the broker keeps it, if it does.
 /// One lookup at a time (each may read thousands of messages back, one request each).
-async fn broker_entry(api: &Inner, id: &str) -> Option<crate::deadletter::Entry> {
+/// `Err`: the `503` to answer when the broker's dead letters could not be read (not "no such
+/// dead letter": a replay by id would then take this host's copy and leave the broker's).
+async fn broker_entry(api: &Inner, id: &str) -> Result<Option<crate::deadletter::Entry>, Response> {
     let _turn = api.finding_dead_letter.lock().await;
-    api.s.transport.find_dead_letter(id).await.ok().flatten()
+    api.s.transport.find_dead_letter(id).await.map_err(|e| {
+        error(StatusCode::SERVICE_UNAVAILABLE, format!("the broker's dead letters could not be read now: {e}"))
+    })
 }
 
 /// `POST /v1/dlq/{id}/replay`: re-publishes one kept dead letter (a new id made from the dead letter's, `plugbus-replay-of`);
@@ -1060,7 +1073,11 @@ async fn dlq_replay_one(State(api): State<Api>, Path(id): Path<String>) -> Respo
     }
     let replaying = Replaying(api.clone(), id.clone());
     let task_api = api.clone();
-    let (broker, mine) = (broker_entry(&api, &id).await, api.s.dead_letters.take_id(&id));
+    let broker = match broker_entry(&api, &id).await {
+        Ok(broker) => broker,
+        Err(unreadable) => return unreadable,
+    };
+    let mine = api.s.dead_letters.take_id(&id);
     // The broker's copy without its data, when this host keeps it whole: replayed from here.
     let (broker, copy) = match (broker, &mine) {
         (Some(b), Some(m)) if whole_here(&b, m) => (None, Some(b)),
@@ -1158,8 +1175,9 @@ async fn dlq_debug(State(api): State<Api>, Path(id): Path<String>, headers: Head
     let entry = match api.s.dead_letters.get(&id) {
         Some(entry) => entry,
         None => match broker_entry(&api, &id).await {
-            Some(entry) => entry,
-            None => {
+            Err(unreadable) => return unreadable,
+            Ok(Some(entry)) => entry,
+            Ok(None) => {
                 return error(
                     StatusCode::NOT_FOUND,
                     format!("no kept dead letter has id {} (see GET /v1/dlq)", crate::event::quoted(&id)),
@@ -1319,6 +1337,9 @@ mod tests {
         let ev =
             crate::cloudevents::decode("orders.created", header_pairs(&h).unwrap().into_iter(), "".into()).unwrap();
         assert_eq!(ev.header("customer"), Some("Müller"));
+        // one the event never takes is left out, as before
+        h.insert("user-agent", HeaderValue::from_bytes(b"K\xf6ln/1.0").unwrap());
+        assert_eq!(header_pairs(&h).unwrap(), [("ce-customer", "Müller")]);
         h.insert("ce-city", HeaderValue::from_bytes(b"K\xf6ln").unwrap());
         assert!(header_pairs(&h).unwrap_err().contains("\"ce-city\" is not UTF-8"));
     }

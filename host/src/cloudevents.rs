@@ -111,6 +111,11 @@ const TRANSPORT_HEADERS: &[&str] = &[
     crate::rpc::ASKED_THROUGH,
 ];
 
+/// Whether a header describes the transport, not the event (never an extension).
+pub fn is_transport_header(name: &str) -> bool {
+    TRANSPORT_HEADERS.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
 /// Drops a request chain's mark ([`crate::rpc::ASKED_THROUGH`]) however the message wrote it:
 /// a plain header (also in `TRANSPORT_HEADERS`), a `ce-` attribute, or a structured-mode key.
 /// Only the host marks a chain, for its own plugins' requests on the embedded bus; one taken in

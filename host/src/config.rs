@@ -213,6 +213,10 @@ impl Config {
         );
         anyhow::ensure!(!self.api.read_timeout.is_zero(), "api.read_timeout is 0: no request could be read");
         anyhow::ensure!(
+            !self.api.publish_timeout.is_zero(),
+            "api.publish_timeout is 0: no event posted to the API could be taken (every one answered 503)"
+        );
+        anyhow::ensure!(
             self.api.max_tails < self.api.max_connections,
             "api.max_tails ({}) must be below api.max_connections ({}): live tails would take every connection",
             self.api.max_tails,
@@ -414,6 +418,15 @@ mod tests {
                 .to_string()
                 .contains("does not exist")
         );
+    }
+
+    /// A publish timeout of 0 answered every ingress event `503` (the bus never takes one in no
+    /// time): refused at load, naming the key.
+    #[test]
+    fn a_publish_timeout_of_zero_is_refused_naming_the_key() {
+        let f = write("[api]\npublish_timeout = \"0s\"\n");
+        let e = Config::load(Some(&f.0)).unwrap().validate().unwrap_err().to_string();
+        assert!(e.contains("api.publish_timeout is 0"), "{e}");
     }
 
     #[test]

@@ -269,6 +269,16 @@ pub const KEEPS_QUEUED_PER_PLUGIN: usize = 2;
 pub const RECORD_BYTES_WAITING_PER_PLUGIN: usize = 16 << 20;
 
 /// The bytes the store charges for keeping `entry`.
+/// Whether two entries are the same plugin's dead letter of the same event: the same id (made
+/// from the event's source and id and the plugin), on the same subject with the same data. (A
+/// publisher reusing a failed event's source and id with other data makes another one.)
+fn same_dead_letter(a: &Entry, b: &Entry) -> bool {
+    a.event.id == b.event.id
+        && a.plugin == b.plugin
+        && a.event.subject == b.event.subject
+        && a.event.data == b.event.data
+}
+
 fn kept_bytes(entry: &Entry) -> usize {
     entry_bytes(&entry.plugin, &entry.event) + entry.record.as_ref().map_or(0, |r| r.bytes())
 }
@@ -342,7 +352,7 @@ impl Kept {
     /// event: its id is derived from both), returning its number. It is there when the host was
     /// killed after keeping it and before settling its input, which then failed again.
     fn remove_same(&mut self, entry: &Entry) -> Option<u64> {
-        let at = self.items.iter().position(|e| e.event.id == entry.event.id && e.plugin == entry.plugin)?;
+        let at = self.items.iter().position(|e| same_dead_letter(e, entry))?;
         self.remove(at).map(|old| old.seq)
     }
 
@@ -427,7 +437,7 @@ impl DeadLetters {
         // and removing the older): the newer is kept.
         let mut newest = std::collections::HashMap::new();
         for (seq, plugin, event, _) in &kept {
-            newest.insert((plugin.as_str(), event.id.as_str()), *seq);
+            newest.insert((plugin.as_str(), event.id.as_str(), event.subject.as_str(), &event.data[..]), *seq);
         }
         let newest: std::collections::HashSet<u64> = newest.into_values().collect();
         let mut replaced = Vec::new();
@@ -705,7 +715,13 @@ impl DeadLetters {
     /// plugin's deliveries on it.
     pub async fn write_off_runtime(self: &Arc<Self>, change: impl FnOnce(&Self) + Send + 'static) {
         let store = self.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || change(&store)).await {
+        // In the file's turn, as `keep`: one blocking thread waits for it at a time.
+        let turn = self.file_turn.clone().lock_owned().await;
+        let change = move || {
+            let _turn = turn;
+            change(&store)
+        };
+        if let Err(e) = tokio::task::spawn_blocking(change).await {
             tracing::error!("a change to the kept dead letters did not finish: {e}");
         }
     }
@@ -1001,6 +1017,8 @@ mod tests {
         s.restore(others);
         s.forget(&replayed);
         std::fs::remove_file(filler).unwrap();
+        // (opened again at most once a second: the forget above tried)
+        std::thread::sleep(Duration::from_secs(1));
         assert!(s.push_recorded("p", Event::new("x.after", "a"), None), "the file takes writes again");
         drop(s);
         let again = DeadLetters::persistent(100, &path).unwrap();
@@ -1027,6 +1045,10 @@ mod tests {
         assert!(after.push_recorded("audit", dead(), None));
         // another plugin's dead letter of the same input is its own
         after.push("billing", dead_letter_event(&input, "billing", "plugbus.dlq.billing", "boom", 3));
+        // a publisher reusing the event's source and id with other data makes another one
+        let mut forged = input.clone();
+        forged.data = "other".into();
+        after.push("audit", dead_letter_event(&forged, "audit", "plugbus.dlq.audit", "boom", 3));
         let subjects = |s: &DeadLetters| -> Vec<(String, String)> {
             s.list(None).into_iter().map(|e| (e.plugin, e.event.subject)).collect()
         };
@@ -1034,6 +1056,7 @@ mod tests {
             ("audit".to_string(), "other.x".to_string()),
             ("audit".to_string(), "plugbus.dlq.audit".to_string()),
             ("billing".to_string(), "plugbus.dlq.billing".to_string()),
+            ("audit".to_string(), "plugbus.dlq.audit".to_string()),
         ];
         assert_eq!(subjects(&after), expected);
         drop(after);

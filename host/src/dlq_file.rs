@@ -4,7 +4,7 @@
 
 use crate::backend::embedded::log::{decode, encode};
 use crate::event::Event;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
 
 /// seq → plugin name (u32 length + bytes), then the encoded dead-letter event.
@@ -27,9 +27,8 @@ pub type KeptLetter = (u64, String, Event, Option<Box<crate::deadletter::Record>
 
 /// The dead-letter file.
 pub struct DlqFile {
-    /// The open database; `None` after a write failed, until the next write opens it again (redb
-    /// refuses every write of a handle once one failed: `PreviousIo`).
-    db: std::sync::Mutex<Option<Database>>,
+    /// Opened again after a failed write (redb refuses every write of a handle once one failed).
+    db: crate::redb_handle::ReopeningDb,
     path: PathBuf,
 }
 
@@ -37,8 +36,8 @@ impl DlqFile {
     /// The file's one write transaction, held (a slow disk, for tests).
     #[cfg(test)]
     pub(crate) fn hold_writer(&self) -> redb::WriteTransaction {
-        let db = self.db.lock().expect("dlq file poisoned");
-        db.as_ref().expect("the dead-letter file is open").begin_write().expect("the dead-letter file's writer")
+        let db = self.db.current().expect("the dead-letter file is open");
+        db.begin_write().expect("the dead-letter file's writer")
     }
 
     /// Opens (or creates) the file; returns it with what it keeps that reads back, oldest
@@ -51,7 +50,8 @@ impl DlqFile {
             std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
         }
         // A host stopping in this process lets go of the file when its last task ends.
-        let db = Self::open_db(path)?;
+        let handle = crate::redb_handle::ReopeningDb::open(path).map_err(err)?;
+        let db = handle.current().expect("just opened");
         let w = db.begin_write().map_err(|e| err(e.to_string()))?;
         w.open_table(KEPT).map_err(|e| err(e.to_string()))?;
         w.open_table(RECORDS).map_err(|e| err(e.to_string()))?;
@@ -87,25 +87,8 @@ impl DlqFile {
                 kept.push((seq.value(), plugin, event, record));
             }
         }
-        Ok((Self { db: std::sync::Mutex::new(Some(db)), path: path.to_path_buf() }, kept, next))
-    }
-
-    /// Opens the database at `path`, waiting up to 2 s for a host stopping in this process to
-    /// let go of it.
-    fn open_db(path: &Path) -> Result<Database, DlqFileError> {
-        let err = |why: String| DlqFileError { path: path.to_path_buf(), why };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        loop {
-            match Database::create(path) {
-                Err(redb::DatabaseError::DatabaseAlreadyOpen) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                    return Err(err("in use: is another plugbus running with this data_dir?".into()));
-                }
-                other => return other.map_err(|e| err(e.to_string())),
-            }
-        }
+        drop(db);
+        Ok((Self { db: handle, path: path.to_path_buf() }, kept, next))
     }
 
     /// Keeps one dead letter under `seq`, with what its failed attempt saw.
@@ -149,15 +132,9 @@ impl DlqFile {
         f: impl FnOnce(&mut redb::Table<u64, &[u8]>, &mut redb::Table<u64, &[u8]>) -> Result<(), redb::StorageError>,
     ) -> Result<(), DlqFileError> {
         let err = |why: String| DlqFileError { path: self.path.clone(), why };
-        let mut db = self.db.lock().expect("dlq file poisoned");
-        if db.is_none() {
-            *db = Some(
-                Self::open_db(&self.path).map_err(|e| err(format!("opening it again after a failed write: {e}")))?,
-            );
-            tracing::info!(path = %self.path.display(), "the dead-letter file is open again after a failed write");
-        }
+        let db = self.db.for_write().map_err(err)?;
         let written = (|| {
-            let w = db.as_ref().expect("opened above").begin_write().map_err(|e| err(e.to_string()))?;
+            let w = db.begin_write().map_err(|e| err(e.to_string()))?;
             {
                 let mut t = w.open_table(KEPT).map_err(|e| err(e.to_string()))?;
                 let mut r = w.open_table(RECORDS).map_err(|e| err(e.to_string()))?;
@@ -166,8 +143,8 @@ impl DlqFile {
             w.commit().map_err(|e| err(e.to_string()))
         })();
         if written.is_err() {
-            // Closed now, opened again (at its last durable commit) before the next write.
-            *db = None;
+            // Opened again (at its last durable commit) before the next write.
+            self.db.failed();
         }
         written
     }
@@ -200,7 +177,7 @@ mod tests {
         };
         let damaged = seqs[2];
         {
-            let db = Database::create(&path).unwrap();
+            let db = redb::Database::create(&path).unwrap();
             let w = db.begin_write().unwrap();
             w.open_table(KEPT).unwrap().insert(damaged, b"\x07\0\0\0garbage".as_slice()).unwrap();
             w.commit().unwrap();
@@ -212,7 +189,7 @@ mod tests {
         let newest = s.list(None).into_iter().map(|e| e.seq).max().unwrap();
         assert!(newest > damaged, "the damaged entry's number {damaged} was given again ({newest})");
         drop(s);
-        let db = Database::create(&path).unwrap();
+        let db = redb::Database::create(&path).unwrap();
         let r = db.begin_read().unwrap();
         let row = r.open_table(KEPT).unwrap().get(damaged).unwrap().map(|v| v.value().to_vec());
         assert_eq!(row.as_deref(), Some(b"\x07\0\0\0garbage".as_slice()), "the damaged entry left the file");

@@ -26,6 +26,7 @@ pub mod kv;
 pub mod loader;
 pub mod manifest;
 pub mod metrics;
+pub mod redb_handle;
 pub mod reload;
 pub mod retry;
 pub mod router;

@@ -233,10 +233,9 @@ impl KvStore for MemoryKv {
 /// never on one of the runtime's; commits take turns before they take one (a blocking thread
 /// each, waiting on redb's writer, would fill the pool the dead-letter store and file reads use).
 pub struct RedbKv {
-    /// The open database; `None` after a commit failed and opening it again failed too (the
-    /// next commit tries again). redb refuses every write of a handle once one failed.
-    db: std::sync::Arc<std::sync::RwLock<Option<std::sync::Arc<redb::Database>>>>,
-    path: std::path::PathBuf,
+    /// Opened again after a failed commit (redb refuses every write of a handle once one
+    /// failed), at most once a second.
+    db: std::sync::Arc<crate::redb_handle::ReopeningDb>,
     /// Held by the commit on its blocking thread (moved there: a caller that stops waiting
     /// does not give it back while the commit goes on).
     turn: std::sync::Arc<tokio::sync::Mutex<()>>,
@@ -264,49 +263,38 @@ impl RedbKv {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(unavailable)?;
         }
-        let db = redb::Database::create(path).map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
+        let handle =
+            crate::redb_handle::ReopeningDb::open(path).map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
+        let db = handle.current().expect("just opened");
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(DATA).map_err(unavailable)?;
         txn.open_table(META).map_err(unavailable)?;
         quota::recount_if_stale(&txn, DATA, META, "clock").map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
-        let db = std::sync::Arc::new(std::sync::RwLock::new(Some(std::sync::Arc::new(db))));
-        Ok(Self { db, path: path.to_path_buf(), turn: Default::default() })
+        drop(db);
+        Ok(Self { db: std::sync::Arc::new(handle), turn: Default::default() })
     }
 
-    /// The open database, or why there is none now.
-    fn current(&self) -> Result<std::sync::Arc<redb::Database>, KvError> {
-        self.db.read().expect("kv.redb poisoned").clone().ok_or_else(|| {
-            unavailable(format!("{} is being opened again after a failed write (a full disk?)", self.path.display()))
+    /// The database to read: the one open (after a failed commit it still reads), or, when
+    /// none is (opening it again failed), opened again off the runtime, in the commits' turn.
+    async fn for_read(&self) -> Result<std::sync::Arc<redb::Database>, KvError> {
+        if let Some(db) = self.db.current() {
+            return Ok(db);
+        }
+        let turn = self.turn.clone().lock_owned().await;
+        let handle = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            handle.for_read().map_err(unavailable)
         })
-    }
-
-    /// Closes the database and opens it again, at its last durable commit (blocking: readers
-    /// holding it finish first, for up to 2 s).
-    fn reopen(
-        slot: &std::sync::RwLock<Option<std::sync::Arc<redb::Database>>>,
-        path: &std::path::Path,
-    ) -> Result<std::sync::Arc<redb::Database>, KvError> {
-        drop(slot.write().expect("kv.redb poisoned").take());
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        let db = loop {
-            match redb::Database::create(path) {
-                Err(redb::DatabaseError::DatabaseAlreadyOpen) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
-                other => break other.map_err(|e| unavailable(format!("opening {} again: {e}", path.display())))?,
-            }
-        };
-        let db = std::sync::Arc::new(db);
-        *slot.write().expect("kv.redb poisoned") = Some(db.clone());
-        tracing::info!(path = %path.display(), "kv.redb is open again after a failed write");
-        Ok(db)
+        .await
+        .map_err(|e| unavailable(format!("opening kv.redb again did not finish: {e}")))?
     }
 
     /// Every entry, as (`ns\0key`, value and version): to move the store into another.
     pub fn export(&self) -> Result<Vec<(String, Versioned)>, KvError> {
         use redb::{ReadableDatabase, ReadableTable};
-        let r = self.current()?.begin_read().map_err(unavailable)?;
+        let r = self.db.for_read().map_err(unavailable)?.begin_read().map_err(unavailable)?;
         let table = r.open_table(DATA).map_err(unavailable)?;
         let mut out = Vec::new();
         for row in table.iter().map_err(unavailable)? {
@@ -321,28 +309,21 @@ impl RedbKv {
 impl KvStore for RedbKv {
     async fn get(&self, ns: &str, key: &str) -> Result<Option<Versioned>, KvError> {
         use redb::ReadableDatabase;
-        let txn = self.current()?.begin_read().map_err(unavailable)?;
+        let txn = self.for_read().await?.begin_read().map_err(unavailable)?;
         let table = txn.open_table(DATA).map_err(unavailable)?;
         Ok(table.get(db_key(ns, key).as_str()).map_err(unavailable)?.map(|v| decode(v.value())))
     }
 
     async fn commit(&self, ns: &str, txn: &Txn) -> Result<(), KvError> {
         let turn = self.turn.clone().lock_owned().await;
-        let (slot, path, ns, txn) = (self.db.clone(), self.path.clone(), ns.to_string(), txn.clone());
+        let (handle, ns, txn) = (self.db.clone(), ns.to_string(), txn.clone());
         tokio::task::spawn_blocking(move || {
             let _turn = turn;
-            let current = slot.read().expect("kv.redb poisoned").clone();
-            let db = match current {
-                Some(db) => db,
-                None => Self::reopen(&slot, &path)?,
-            };
+            let db = handle.for_write().map_err(unavailable)?;
             let committed = redb_commit(&db, &ns, &txn);
-            if let Err(KvError::Unavailable(why)) = &committed {
-                // Opened again now (at its last durable commit), for the reads and the next commit.
-                drop(db);
-                if let Err(e) = Self::reopen(&slot, &path) {
-                    tracing::error!("kv.redb failed a commit ({why}) and is not open again yet: {e}");
-                }
+            if let Err(KvError::Unavailable(_)) = &committed {
+                // Opened again (at its last durable commit) before the next commit.
+                handle.failed();
             }
             committed
         })
@@ -392,6 +373,7 @@ fn redb_commit(db: &redb::Database, ns: &str, txn: &Txn) -> Result<(), KvError> 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::time::Duration;
 
     /// The attack on a read-only handler: it reads `a`, another event moves 1 from `a` to
     /// `b`, it reads `b` and publishes the sum, one too many. With no writes it used to commit
@@ -522,7 +504,7 @@ pub(crate) mod tests {
     async fn a_redb_commit_waiting_for_the_writer_leaves_the_runtime_running() {
         let dir = tempfile::tempdir().unwrap();
         let kv = std::sync::Arc::new(RedbKv::open(&dir.path().join("kv.redb")).unwrap());
-        let db = kv.current().unwrap();
+        let db = kv.db.current().unwrap();
         let committing = kv.clone();
         let commit = async move {
             let mut txn = Txn::default();
@@ -552,11 +534,17 @@ pub(crate) mod tests {
         let filler = fill_up(disk.0.path());
         let full = kv.commit("p", &set("while-full", 1 << 20)).await;
         assert!(matches!(full, Err(KvError::Unavailable(_))), "{full:?}");
+        assert_eq!(kv.get("p", "before").await.unwrap().unwrap().value.len(), 10, "it reads meanwhile");
         std::fs::remove_file(filler).unwrap();
         kv.commit("p", &set("after", 10)).await.expect("a commit once there is room again");
         assert_eq!(kv.get("p", "after").await.unwrap().unwrap().value.len(), 10);
         assert_eq!(kv.get("p", "before").await.unwrap().unwrap().value.len(), 10);
         assert_eq!(kv.get("p", "while-full").await.unwrap(), None);
+        // Closed (opening it again failed while the disk was full): a read opens it, not only
+        // a commit (a handler reads before it writes; a read-only one never commits).
+        kv.db.close();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(kv.get("p", "after").await.unwrap().unwrap().value.len(), 10, "a read opens it again");
     }
 
     #[tokio::test]

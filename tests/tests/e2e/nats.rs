@@ -1079,7 +1079,13 @@ async fn jetstream_the_newest_dead_letters_are_listed_past_ten_thousand() {
     let server = NatsServer::start().await;
     let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |_| {}).await;
     let js = jetstream::new(server.client().await);
-    // 10,003 of faulty's, then 2 of another plugin's: data is the number.
+    // One of a plugin with no other, oldest of all; then 10,003 of faulty's, then 2 of another
+    // plugin's: data is the number.
+    let mut early = async_nats::HeaderMap::new();
+    early.insert(headers::PLUGIN, "early");
+    early.insert(headers::ORIGINAL_SUBJECT, "faulty.ok");
+    early.insert(headers::ERROR, "dead-lettered elsewhere");
+    js.publish_with_headers("plugbus.dlq.early", early, "early".into()).await.unwrap().await.unwrap();
     let mut acks = Vec::new();
     for n in 0..10_005u32 {
         let plugin = if n < 10_003 { "faulty" } else { "other" };
@@ -1117,7 +1123,7 @@ async fn jetstream_the_newest_dead_letters_are_listed_past_ten_thousand() {
     assert_eq!(faulty["total"], 10_003);
     let all = list(vec![("limit", "3")]).await;
     assert_eq!(data(&all), ["10002", "10003", "10004"], "{all}");
-    assert_eq!(all["total"], 10_005);
+    assert_eq!(all["total"], 10_006);
     assert!(all["dead_letters"].as_array().unwrap().iter().all(|e| e["kept_by"] == "broker"), "{all}");
     // One listed is found by its id (it was looked for among the oldest 10,000 only: 404), and
     // replayed from the broker, which forgets it.
@@ -1132,6 +1138,12 @@ async fn jetstream_the_newest_dead_letters_are_listed_past_ten_thousand() {
     let seq: u64 = id.rsplit('-').next().unwrap().parse().unwrap();
     let stream = js.get_stream("PLUGBUS_DLQ").await.unwrap();
     assert!(stream.get_raw_message(seq).await.is_err(), "the broker's copy was replayed and stays");
+    // The oldest, below the newest 10,000, as its plugin's own listing shows it: found too.
+    let listed = list(vec![("plugin", "early")]).await;
+    let id = listed["dead_letters"][0]["event"]["id"].as_str().unwrap().to_string();
+    let one = client.get(format!("{}/v1/dlq/{id}", t.url())).send().await.unwrap();
+    assert_eq!(one.status().as_u16(), 200, "GET /v1/dlq/{id} of the oldest");
+    assert_eq!(one.json::<Value>().await.unwrap()["dead_letter"]["event"]["data"], "early");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

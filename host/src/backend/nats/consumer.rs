@@ -329,14 +329,14 @@ fn delivery_of(msg: jetstream::Message, held: &Arc<Held>, plugin: &Arc<str>) -> 
     let token = held.hold(reply);
     let acker = Box::new(JsAcker { acker, held: held.clone(), token, plugin: plugin.clone() });
     let subject = message.subject.to_string();
-    match wire::event_of(&subject, message.headers.as_ref(), message.payload.clone(), fallback_id) {
+    match wire::event_of(&subject, message.headers.as_ref(), message.payload.clone(), fallback_id.clone()) {
         Ok(mut ev) => {
             // A request stored in the stream: its reply goes to the requester's inbox.
             ev.reply_to = wire::reply_inbox(message.headers.as_ref());
             Delivery { attempt, acker, redeliverable: true, ..Delivery::once(Arc::new(ev)) }
         }
         Err(why) => {
-            let raw = crate::event::Event::new(subject, wire::owned(&message.payload));
+            let raw = wire::undecodable(&subject, &message.payload, fallback_id);
             Delivery { attempt, acker, redeliverable: true, defect: Some(why), ..Delivery::once(Arc::new(raw)) }
         }
     }

@@ -170,27 +170,48 @@ pub async fn newest(
 /// listings ever show, one message held at a time.
 const MAX_FIND: usize = 10_000;
 
-/// The dead letter whose (dead-letter event) id is `id`, read back from the newest, one message
-/// at a time, at most [`MAX_FIND`] of them: what a listing of the newest shows is found however
-/// many the stream keeps. (It was looked for among the oldest 10,000, all held at once: one the
-/// dashboard listed was not found, and a replay by id took this host's copy and left the
-/// broker's, to be replayed again later.) `None` when not found or there is no stream.
+/// The dead letter whose (dead-letter event) id is `id`, one message held at a time: read back
+/// from the newest (at most [`MAX_FIND`] sequence numbers: what the listing of the newest shows),
+/// then from the oldest on under the dead-letter subjects (at most [`MAX_FIND`] messages: what a
+/// plugin's listing of its few shows, oldest first). (It was looked for among the oldest 10,000
+/// only, all held at once: one the dashboard listed was not found, and a replay by id took this
+/// host's copy and left the broker's, to be replayed again later.) `None` when not found or
+/// there is no stream.
 pub async fn find(js: &jetstream::Context, id: &str) -> Result<Option<Entry>, TransportError> {
     let Some(mut stream) = stream(js).await? else { return Ok(None) };
     let state =
         stream.info().await.map_err(|e| TransportError::Broker(format!("reading the state of {STREAM}: {e}")))?;
-    let (first, mut seq) = (state.state.first_sequence.max(1), state.state.last_sequence);
-    let mut read = 0;
+    let (first, last) = (state.state.first_sequence.max(1), state.state.last_sequence);
+    let found = |msg| entry_of(msg, None).filter(|e| e.event.id == id);
+    let (mut seq, mut read) = (last, 0);
     while seq >= first && read < MAX_FIND {
         let at = seq;
         seq -= 1;
         read += 1;
-        let msg = match stream.get_raw_message(at).await {
-            Ok(msg) => msg,
-            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => continue,
+        match stream.get_raw_message(at).await {
+            Ok(msg) => {
+                if let Some(entry) = found(msg) {
+                    return Ok(Some(entry));
+                }
+            }
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {}
             Err(e) => return Err(TransportError::Broker(format!("reading {STREAM} at {at}: {e}"))),
+        }
+    }
+    // Below what was read back: from the oldest on, up to it.
+    let (below, mut next, mut read) = (seq + 1, first, 0);
+    while next < below && read < MAX_FIND {
+        let msg = match stream.get_first_raw_message_by_subject(SUBJECTS, next).await {
+            Ok(msg) => msg,
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => break,
+            Err(e) => return Err(TransportError::Broker(format!("reading {STREAM} at {next}: {e}"))),
         };
-        if let Some(entry) = entry_of(msg, None).filter(|e| e.event.id == id) {
+        if msg.sequence >= below {
+            break;
+        }
+        next = msg.sequence + 1;
+        read += 1;
+        if let Some(entry) = found(msg) {
             return Ok(Some(entry));
         }
     }

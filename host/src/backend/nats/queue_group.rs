@@ -13,7 +13,7 @@
 
 use super::budget::{Budget, Intake};
 use super::{Filter, wire};
-use crate::event::{BUFFERED_ENTRY_COST, Event};
+use crate::event::BUFFERED_ENTRY_COST;
 use crate::transport::Delivery;
 use async_nats::{Message, Subscriber};
 use futures::StreamExt;
@@ -82,7 +82,7 @@ fn delivery_of(msg: Message) -> Delivery {
             Delivery::once(Arc::new(ev))
         }
         Err(why) => {
-            let raw = Event::new(subject, wire::owned(&msg.payload));
+            let raw = wire::undecodable(&subject, &msg.payload, None);
             Delivery { defect: Some(why), ..Delivery::once(Arc::new(raw)) }
         }
     }

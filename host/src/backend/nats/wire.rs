@@ -104,6 +104,19 @@ pub fn owned(payload: &Bytes) -> Bytes {
     Bytes::copy_from_slice(payload)
 }
 
+/// The event of a message that is not a valid event, to dead-letter unrun: its payload, under
+/// `fallback_id` when the transport gives one (its place in the stream, the same on every
+/// redelivery). A redelivery (its `term` lost) then makes the same dead letter, which replaces
+/// the one kept before and which JetStream drops as a duplicate, instead of a second one under a
+/// new id, replayed twice.
+pub fn undecodable(subject: &str, payload: &Bytes, fallback_id: Option<String>) -> Event {
+    let mut ev = Event::new(subject, owned(payload));
+    if let Some(id) = fallback_id {
+        ev.id = id;
+    }
+    ev
+}
+
 /// The headers and payload that carry `ev`, published by `origin` (binary mode, `Nats-Msg-Id`
 /// = [`msg_id`]). Headers NATS cannot carry (a name with `:` or control characters, a value
 /// with a line break) are left out and logged.
@@ -233,6 +246,18 @@ mod tests {
         let body = r#"{"specversion":"1.0","id":"1","source":"s","type":"t","plugbus-asked-through":"payments"}"#;
         let ev = event_of("rpc.echo", Some(&h), Bytes::from(body), None).unwrap();
         assert_eq!(ev.header(crate::rpc::ASKED_THROUGH), None, "{:?}", ev.extensions);
+    }
+
+    /// A malformed message is dead-lettered under its place in the stream, the same on every
+    /// redelivery (it was a new random id each time: a lost `term` made a second dead letter).
+    #[test]
+    fn a_malformed_message_keeps_the_id_its_place_in_the_stream_gives_it() {
+        let payload = Bytes::from_static(b"not an event");
+        let a = undecodable("orders.x", &payload, Some("ORDERS-42".into()));
+        let b = undecodable("orders.x", &payload, Some("ORDERS-42".into()));
+        assert_eq!((a.id.as_str(), b.id.as_str()), ("ORDERS-42", "ORDERS-42"));
+        assert_eq!(a.data, payload);
+        assert_ne!(undecodable("orders.x", &payload, None).id, undecodable("orders.x", &payload, None).id);
     }
 
     #[test]
