@@ -185,6 +185,33 @@ impl plugbus::kv::KvStore for SlowDisk {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_subscriber_never_fails_another_plugins_outputs_for_the_others() {
+    // The attack: `faulty` subscribes to `faulty.*` and sleeps to its deadline on every event,
+    // with a queue of 2 and no buffer; `hostile` publishes outputs on `faulty.sleep`, which `echo`
+    // takes too. Once faulty's queue was full, every output of hostile's was refused for every
+    // subscriber (all or none), retried and dead-lettered under hostile's name: echo got none of
+    // them. Now faulty falls behind into the event log and echo gets each one.
+    const EVENTS: u64 = 30;
+    let t = TestHost::start_with(&["hostile", "faulty", "echo"], |c| {
+        fast_retries(c);
+        let flow = &mut c.plugins.entry("faulty".into()).or_default().flow;
+        flow.insert("queue".into(), serde_json::json!(2));
+        flow.insert("concurrency".into(), serde_json::json!(1));
+        flow.insert("buffer_mib".into(), serde_json::json!(0));
+        c.drain_timeout = Duration::from_millis(200);
+    })
+    .await;
+    for _ in 0..EVENTS {
+        t.publish("hostile.forward", "faulty.sleep").await;
+    }
+    t.wait_counter("hostile", "ok", EVENTS).await;
+    t.wait_counter("echo", "ok", EVENTS).await;
+    assert_eq!(t.counter("hostile", "outputs_dead_lettered"), 0, "hostile's outputs were dead-lettered for faulty");
+    assert!(t.counter("faulty", "ok") + t.counter("faulty", "dead_lettered") < EVENTS, "faulty was not slow");
+    t.host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_writing_much_kv_takes_only_its_share_of_the_stores_writer() {
     // The attack: every event writes 16 MiB of kv (63 values of 250,000 bytes, within every
     // per-event limit), and the store commits slowly. Its finished attempts (`flow.concurrency`
