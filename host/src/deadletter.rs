@@ -646,7 +646,7 @@ impl DeadLetters {
         if let Some((plugin, event_id)) = oldest {
             tracing::warn!(plugin = %plugin, event_id = %event_id, forgotten = gone.len(), freed_bytes = freed,
                 max_entries = self.cap, max_bytes = self.max_bytes,
-                "dead-letter store full: the oldest entries of the plugin holding the most forgotten (they were published on their dead-letter subjects)");
+                "dead-letter store full: the oldest entries of the plugin holding the most forgotten (they were published on their dead-letter subjects; on NATS whole only when the broker took them whole)");
         }
     }
 
@@ -1024,6 +1024,17 @@ mod tests {
         let again = DeadLetters::persistent(100, &path).unwrap();
         let listed: Vec<String> = again.list(None).into_iter().map(|e| e.event.subject).collect();
         assert_eq!(listed, ["x.while-full", "x.after"], "after the restart");
+    }
+
+    /// A damaged `dlq.redb` stops the start, saying what to do (it used to name only the error).
+    #[test]
+    fn a_damaged_dead_letter_file_is_named_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dlq.redb");
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let Err(e) = DeadLetters::persistent(10, &path) else { panic!("a damaged file opened") };
+        let e = e.to_string();
+        assert!(e.contains("dlq.redb") && e.contains("move it aside"), "{e}");
     }
 
     /// The attack: `kill -9` after a dead letter was kept (its `fsync` done) and before its

@@ -263,8 +263,12 @@ impl RedbKv {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(unavailable)?;
         }
-        let handle =
-            crate::redb_handle::ReopeningDb::open(path).map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
+        let handle = crate::redb_handle::ReopeningDb::open(path).map_err(|e| {
+            unavailable(format!(
+                "{}: {e} (if the file is damaged, move it aside to start with the plugins' kv empty)",
+                path.display()
+            ))
+        })?;
         let db = handle.current().expect("just opened");
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(DATA).map_err(unavailable)?;
@@ -545,6 +549,17 @@ pub(crate) mod tests {
         kv.db.close();
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(kv.get("p", "after").await.unwrap().unwrap().value.len(), 10, "a read opens it again");
+    }
+
+    /// A damaged `kv.redb` stops the start, saying what to do (it used to name only the error).
+    #[test]
+    fn a_damaged_kv_file_is_named_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv.redb");
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let Err(e) = RedbKv::open(&path) else { panic!("a damaged file opened") };
+        let e = e.to_string();
+        assert!(e.contains("kv.redb") && e.contains("move it aside"), "{e}");
     }
 
     #[tokio::test]

@@ -669,11 +669,13 @@ impl Overflow {
     }
 
     /// Whether `event`, of `cost` bytes, can be taken now (into the queue or behind it, or, for
-    /// an output to one catching up (`into_log`), into the log). Past the
-    /// budget, a publisher that holds less than an equal share of it (among the publishers that
-    /// have events waiting) is taken still, up to twice the budget in all: a plugin flooding
+    /// an output to one catching up (`into_log`), into the log). The bound is the budget, or for
+    /// other plugins' outputs in the log half the backlog (while the disk keeps its reserve).
+    /// Past it, a publisher that holds less than an equal share of it (among the publishers that
+    /// have events waiting) is taken still, up to twice the bound in all: a plugin flooding
     /// another's buffer is refused alone, and the outputs of the others are not retried and
-    /// dead-lettered for it.
+    /// dead-lettered for it. The plugin's own outputs in the log are bounded by what it holds
+    /// there itself, against the budget.
     fn check_room(
         &self,
         state: &OverflowState,
