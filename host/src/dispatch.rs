@@ -183,8 +183,21 @@ pub struct PluginRuntime {
     pub dead_letters: Arc<DeadLetters>,
     /// Bounds the attempts running at once.
     pub run_permits: RunPermits,
+    /// KiB of the plugin's outputs that may wait to be published again ([`republish_room`]).
+    pub republishing: Arc<tokio::sync::Semaphore>,
     /// Where counters go.
     pub metrics: PluginMetrics,
+}
+
+/// Room for a plugin's outputs waiting to be published again after the transport refused them
+/// (retried with backoff, each delivery's in turn): its `flow.buffer_mib`, at least 1 MiB, in
+/// KiB. A delivery whose outputs do not fit has the refused one dead-lettered at once instead
+/// (`release_output`): refused outputs were bounded per event only, so a plugin whose outputs
+/// a full subscriber refused held up to `flow.queue` events' outputs (1 GiB by default) while
+/// they waited.
+pub fn republish_room(buffer_mib: u64) -> Arc<tokio::sync::Semaphore> {
+    let kib = buffer_mib.max(1).saturating_mul(1024).min(tokio::sync::Semaphore::MAX_PERMITS as u64);
+    Arc::new(tokio::sync::Semaphore::new(kib as usize))
 }
 
 impl PluginRuntime {
@@ -676,13 +689,27 @@ async fn run_attempt(
 /// nothing is lost.
 async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Arc<Event>>) -> usize {
     let mut released = 0;
+    // Bytes of the outputs not released yet (what the delivery holds while one is retried), and
+    // its room among those waiting to be published again, taken at the first refusal.
+    let mut left: u64 = outputs.iter().map(|o| o.buffered_cost()).sum();
+    let mut room = None;
     for out in outputs {
         let span = telemetry::output_span(&out);
-        if release_output(rt, ev, out, &span).instrument(span.clone()).await {
+        let waiting = Waiting { left_bytes: left, room: &mut room };
+        left -= out.buffered_cost();
+        if release_output(rt, ev, out, waiting, &span).instrument(span.clone()).await {
             released += 1;
         }
     }
     released
+}
+
+/// What a delivery releasing its outputs holds, for [`release_output`]'s retries.
+struct Waiting<'a> {
+    /// The bytes of this output and those after it.
+    left_bytes: u64,
+    /// Its room in [`PluginRuntime::republishing`], once one was refused.
+    room: &'a mut Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Sends the reply of an attempt that returned Ok (after its kv writes committed, before its
@@ -700,8 +727,16 @@ async fn send_reply(rt: &PluginRuntime, ev: &Event, reply: Event) {
     tracing::info!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, "reply dropped: {dropped}");
 }
 
-/// Publishes one output until the transport takes it (`true`) or it is dead-lettered.
-async fn release_output(rt: &PluginRuntime, ev: &Event, out: Arc<Event>, span: &tracing::Span) -> bool {
+/// Publishes one output until the transport takes it (`true`) or it is dead-lettered. Refused,
+/// it is tried again only while the delivery's outputs have room among the plugin's waiting to
+/// be published again ([`republish_room`]); otherwise it is dead-lettered at once.
+async fn release_output(
+    rt: &PluginRuntime,
+    ev: &Event,
+    out: Arc<Event>,
+    waiting: Waiting<'_>,
+    span: &tracing::Span,
+) -> bool {
     let mut tries = 1;
     loop {
         let err = match rt.transport.publish_output(out.clone()).await {
@@ -713,10 +748,33 @@ async fn release_output(rt: &PluginRuntime, ev: &Event, out: Arc<Event>, span: &
         };
         let (subject, id) = (&out.subject, &out.id);
         let fate = fate::decide(&DeliveryError::Publish(err.to_string()), tries, &rt.retry, false);
-        let Fate::RetryHere(wait) = fate else {
+        let room = match (&fate, waiting.room.is_some()) {
+            (Fate::RetryHere(_), false) => {
+                let kib = u32::try_from(waiting.left_bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+                match rt.republishing.clone().try_acquire_many_owned(kib) {
+                    Ok(room) => {
+                        *waiting.room = Some(room);
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }
+            _ => true,
+        };
+        let retry = match fate {
+            Fate::RetryHere(wait) if room => Some(wait),
+            _ => None,
+        };
+        let Some(wait) = retry else {
             tracing::error!(plugin = %rt.name, subject = %subject, event_id = %id, caused_by = %ev.id, tries,
                 "output not published; dead-lettering the output (the handler's kv writes stand): {err}");
-            let why = format!("output to {subject} not published after {tries} tries: {err}");
+            let why = match room {
+                true => format!("output to {subject} not published after {tries} tries: {err}"),
+                false => format!(
+                    "output to {subject} not published: {err}; not tried again: the plugin's outputs waiting to be \
+                     published again hold its flow.buffer_mib already"
+                ),
+            };
             span.record("tries", tries);
             telemetry::fail(span, &why);
             let _ = dead_letter_output(rt, &out, &why, tries).await;

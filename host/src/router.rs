@@ -217,6 +217,7 @@ impl Router {
             transport: self.transport.clone(),
             dead_letters: self.dead_letters.clone(),
             run_permits: RunPermits::new(delivering.flow.concurrency),
+            republishing: dispatch::republish_room(delivering.flow.buffer_mib),
             metrics: PluginMetrics::new(self.metrics.clone(), &name, &spec.patterns),
         });
         let queue_depth = subscription.depth_probe();

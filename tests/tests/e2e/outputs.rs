@@ -134,6 +134,51 @@ async fn an_output_refused_every_time_is_dead_lettered_by_itself_and_kv_stands()
     assert_eq!(stock(&s.host).await, 6, "10 in stock, 4 reserved once");
 }
 
+/// The attack: a plugin whose outputs a full subscriber refuses, one event after another. Each
+/// refused output waited for its retries, and each delivery held its outputs meanwhile: up to
+/// `flow.queue` events' outputs (1 GiB by default) for one plugin. Now those waiting to be
+/// published again hold at most the plugin's `flow.buffer_mib`; past it a refused output is
+/// dead-lettered at once (kept for replay), not held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_waiting_to_be_published_again_hold_at_most_the_plugins_buffer() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("faulty"), dir.path().join("faulty.wasm")).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = Config { plugins_dir: dir.path().into(), data_dir: data.path().into(), ..Config::default() };
+    // 1,000 outputs of about 1 KB an event, against a buffer of 1 MiB; a retry waits a minute
+    config.limits.max_publishes = 1001;
+    config.flow.buffer_mib = 1;
+    config.retry = plugbus::retry::RetryPolicy {
+        max_attempts: 3,
+        initial: Duration::from_secs(60),
+        max: Duration::from_secs(60),
+        ..plugbus::retry::RetryPolicy::default()
+    };
+    config.drain_timeout = Duration::from_millis(200);
+    // (dead letters in memory: a thousand fsyncs of dlq.redb would be the test's time)
+    config.persistent_kv = false;
+    let transport = Arc::new(FailingOutputs {
+        bus: EmbeddedBus::new(),
+        subject: "faulty.out.flood",
+        failures: AtomicU32::new(u32::MAX),
+        refused: AtomicU32::new(0),
+    });
+    let host = Host::start_on(config, transport.clone(), Arc::new(MemoryKv::new())).await.expect("host starts");
+    let count = |name: &str| host.router().plugins().into_iter().find(|p| p.name == "faulty").unwrap().counters[name];
+    host.publish(Event::new("faulty.flood", "")).await.unwrap();
+    eventually("the first event's outputs wait", || transport.refused.load(Ordering::SeqCst) == 1).await;
+    host.publish(Event::new("faulty.flood", "")).await.unwrap();
+    // The second event's outputs have no room: each refused one is dead-lettered at once.
+    // (The first event's first output waits its retry, a minute away.)
+    eventually("the second event's outputs are dead-lettered", || count("outputs_dead_lettered") >= 100).await;
+    let dead = host.dead_letters().list(Some("faulty"));
+    let error = dead[0].event.header("plugbus-error").unwrap();
+    assert!(error.contains("not tried again") && error.contains("flow.buffer_mib"), "{error}");
+    let (refused, dead_lettered) = (transport.refused.load(Ordering::SeqCst), count("outputs_dead_lettered"));
+    assert!(u64::from(refused) <= dead_lettered + 3, "{refused} refused, {dead_lettered} dead-lettered: some wait");
+    host.shutdown().await;
+}
+
 /// A kv store whose commits always fail (a broken disk, a lost broker).
 struct BrokenKv(MemoryKv);
 
