@@ -1130,10 +1130,24 @@ mod tests {
             // three plugins flooding: without turns at the file, two writes waiting each fill the
             // pool of four
             const FLOODS: [&str; 3] = ["flood-a", "flood-b", "flood-c"];
+            // Until `plugin` has `taken` places in the file's queue (10 s at most).
+            let queued = |plugin: &'static str, taken: usize| {
+                let store = store.clone();
+                async move {
+                    let places = store.share_of(plugin).queued.clone();
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                    while KEEPS_QUEUED_PER_PLUGIN - places.available_permits() < taken {
+                        assert!(tokio::time::Instant::now() < deadline, "{plugin} never took {taken} places");
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            };
             let mut keeps: Vec<_> = FLOODS.iter().flat_map(|p| (0..25).map(|i| keep(p, i))).collect();
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            for flood in FLOODS {
+                queued(flood, KEEPS_QUEUED_PER_PLUGIN).await;
+            }
             keeps.push(keep("other", 0));
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            queued("other", 1).await;
             let free = tokio::time::timeout(Duration::from_secs(2), tokio::task::spawn_blocking(|| 7)).await;
             assert_eq!(free.expect("the blocking pool was full of dead letters waiting for the file").unwrap(), 7);
             drop(held);

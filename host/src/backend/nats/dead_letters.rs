@@ -6,6 +6,7 @@ use super::wire;
 use crate::deadletter::{Entry, headers};
 use crate::transport::TransportError;
 use async_nats::jetstream;
+use async_nats::jetstream::message::StreamMessage;
 
 /// The stream the host creates for dead letters (see `streams.rs`).
 pub const STREAM: &str = "PLUGBUS_DLQ";
@@ -79,11 +80,7 @@ pub async fn list(
             );
             break;
         }
-        let msg = match stream.get_first_raw_message_by_subject(&subject, next).await {
-            Ok(msg) => msg,
-            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => break,
-            Err(e) => return Err(TransportError::Broker(format!("reading {STREAM} at {next}: {e}"))),
-        };
+        let Some(msg) = first_from(&stream, &subject, next).await? else { break };
         next = msg.sequence + 1;
         bytes += message_cost(&msg.headers, msg.payload.len());
         match entry_of(msg, plugin) {
@@ -144,13 +141,9 @@ pub async fn newest(
         }
         let at = seq;
         seq -= 1;
-        let msg = match stream.get_raw_message(at).await {
-            Ok(msg) => msg,
-            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
-                passed_over += 1;
-                continue;
-            }
-            Err(e) => return Err(TransportError::Broker(format!("reading {STREAM} at {at}: {e}"))),
+        let Some(msg) = message_at(&stream, at).await? else {
+            passed_over += 1;
+            continue;
         };
         if subject.as_ref().is_some_and(|s| *s != msg.subject.as_str()) {
             passed_over += 1;
@@ -188,24 +181,14 @@ pub async fn find(js: &jetstream::Context, id: &str) -> Result<Option<Entry>, Tr
         let at = seq;
         seq -= 1;
         read += 1;
-        match stream.get_raw_message(at).await {
-            Ok(msg) => {
-                if let Some(entry) = found(msg) {
-                    return Ok(Some(entry));
-                }
-            }
-            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {}
-            Err(e) => return Err(TransportError::Broker(format!("reading {STREAM} at {at}: {e}"))),
+        if let Some(entry) = message_at(&stream, at).await?.and_then(found) {
+            return Ok(Some(entry));
         }
     }
     // Below what was read back: from the oldest on, up to it.
     let (below, mut next, mut read) = (seq + 1, first, 0);
     while next < below && read < MAX_FIND {
-        let msg = match stream.get_first_raw_message_by_subject(SUBJECTS, next).await {
-            Ok(msg) => msg,
-            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => break,
-            Err(e) => return Err(TransportError::Broker(format!("reading {STREAM} at {next}: {e}"))),
-        };
+        let Some(msg) = first_from(&stream, SUBJECTS, next).await? else { break };
         if msg.sequence >= below {
             break;
         }
@@ -218,9 +201,31 @@ pub async fn find(js: &jetstream::Context, id: &str) -> Result<Option<Entry>, Tr
     Ok(None)
 }
 
+/// The message at `seq`; `None` when the stream holds none there (removed, or never written).
+async fn message_at(stream: &jetstream::stream::Stream, seq: u64) -> Result<Option<StreamMessage>, TransportError> {
+    match stream.get_raw_message(seq).await {
+        Ok(msg) => Ok(Some(msg)),
+        Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(TransportError::Broker(format!("reading {STREAM} at {seq}: {e}"))),
+    }
+}
+
+/// The first message under `subject` at or after `from`; `None` past the last.
+async fn first_from(
+    stream: &jetstream::stream::Stream,
+    subject: &str,
+    from: u64,
+) -> Result<Option<StreamMessage>, TransportError> {
+    match stream.get_first_raw_message_by_subject(subject, from).await {
+        Ok(msg) => Ok(Some(msg)),
+        Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(TransportError::Broker(format!("reading {STREAM} at {from}: {e}"))),
+    }
+}
+
 /// The entry a message of the stream is, when it is a dead letter (of `plugin`, when given);
 /// `None` (logged when it is not an event) otherwise.
-fn entry_of(msg: jetstream::message::StreamMessage, plugin: Option<&str>) -> Option<Entry> {
+fn entry_of(msg: StreamMessage, plugin: Option<&str>) -> Option<Entry> {
     // One that names no id (not a host's: it has `ce-id`) is known by its place in the
     // stream, the same at every listing, so a replay can name it.
     let fallback_id = Some(format!("{STREAM}-{}", msg.sequence));
