@@ -9,6 +9,7 @@
 //! loss). Outputs are deduplicated by (source, id): a handler re-run after a crash publishes
 //! outputs with the same ids, and the log keeps the first.
 
+use super::retired_ids::{self, RetiredIds};
 use super::rows::{self, Lookup, LookupError, ROWS, RowBuilder};
 use crate::event::Event;
 use crate::kv::Outbox;
@@ -447,6 +448,9 @@ pub struct LogMetrics {
     pub appended: Counter,
     /// Settled events retention dropped.
     pub retention_dropped: Counter,
+    /// Ids of outputs retention dropped, forgotten while an older event was kept (over their
+    /// bound): such an output is delivered again if its input runs again.
+    pub output_ids_forgotten: Counter,
     /// Deliveries settled without running because their record cannot be read (damaged).
     pub damaged_records: Counter,
     /// Outboxes (an attempt's outputs, kept with its kv writes) found unreadable, each time one
@@ -471,6 +475,7 @@ impl Default for LogMetrics {
             commit_operations: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             appended: Counter::default(),
             retention_dropped: Counter::default(),
+            output_ids_forgotten: Counter::default(),
             damaged_records: Counter::default(),
             damaged_outboxes: Counter::default(),
             record_bytes: Gauge::default(),
@@ -505,6 +510,11 @@ impl LogMetrics {
             "retention_dropped",
             "Settled events the event log dropped under bus.retention",
             self.retention_dropped.clone(),
+        );
+        r.register(
+            "output_ids_forgotten",
+            "Ids of outputs retention dropped, forgotten while an older event was kept (they take at most an eighth of bus.retention.max_mib): such an output is delivered again if its input runs again",
+            self.output_ids_forgotten.clone(),
         );
         r.register(
             "damaged_records",
@@ -643,6 +653,9 @@ impl DurableLog {
             w.open_table(HISTORY_DUE).map_err(|e| open_err(e.to_string()))?;
             w.open_table(KV).map_err(|e| open_err(e.to_string()))?;
             w.open_table(OUTBOX).map_err(|e| open_err(e.to_string()))?;
+        }
+        let any_retired = RetiredIds::open(&w).and_then(|ids| ids.any()).map_err(open_err)?;
+        {
             if crate::kv::quota::recount_if_stale(&w, KV, META, "kv_clock")
                 .map_err(|e| open_err(format!("counting the plugins' kv: {e}")))?
             {
@@ -709,6 +722,7 @@ impl DurableLog {
             unwritten: unwritten.clone(),
             outboxed: std::sync::Mutex::new(outboxed),
             trim_from: 0.into(),
+            any_retired: any_retired.into(),
         };
         std::thread::Builder::new()
             .name("plugbus-log".into())
@@ -1419,6 +1433,9 @@ struct Writer {
     /// at most [`TRIM_ROWS`] rows and drops at most [`TRIM_DROP_ROWS`]; the next goes on from
     /// where it stopped.
     trim_from: std::sync::atomic::AtomicU64,
+    /// Whether ids of outputs whose rows retention dropped are kept ([`RetiredIds`]): an
+    /// output's append looks there only then.
+    any_retired: std::sync::atomic::AtomicBool,
 }
 
 /// The most rows one retention pass (one a second, on the writer's thread) reads and passes
@@ -1690,9 +1707,11 @@ impl Writer {
         // Where the next pass starts: over again, unless this one stops at a bound.
         let (mut next_from, mut passed_over, mut more_to_drop) = (0, 0, false);
         let dropped_rows;
+        let forgotten;
         {
             let mut events = w.open_table(ROWS).map_err(|e| e.to_string())?;
             let mut ids = w.open_table(IDS).map_err(|e| e.to_string())?;
+            let mut retired = RetiredIds::open(&w)?;
             let pending = w.open_table(PENDING).map_err(|e| e.to_string())?;
             let owing = owing_plugins(&pending)?;
             let mut backfilling = self.backfilling.lock().expect("backfilling poisoned").clone();
@@ -1703,6 +1722,7 @@ impl Writer {
             }
             let mut meta = w.open_table(META).map_err(|e| e.to_string())?;
             let mut bytes = meta.get("bytes").map_err(|e| e.to_string())?.map_or(0, |v| v.value());
+            let mut retired_bytes = meta.get("retired_bytes").map_err(|e| e.to_string())?.map_or(0, |v| v.value());
             // Whole rows go: a row with an event some plugin owes, or one retention would keep,
             // stays with all its events (a row holds at most one commit's, `rows::ROW_BYTES`).
             let mut doomed = Vec::new();
@@ -1775,7 +1795,9 @@ impl Writer {
                     if let Some(key) = key
                         && ids.get(key.as_str()).map_err(|e| e.to_string())?.is_some_and(|v| v.value() == seq)
                     {
+                        // Kept while its input may run again (see `retired_ids`).
                         ids.remove(key.as_str()).map_err(|e| e.to_string())?;
+                        retired_bytes += retired.retire(&key, seq)?;
                     }
                     first.get_or_insert(seq);
                     last = seq;
@@ -1783,6 +1805,14 @@ impl Writer {
                     freed += len;
                 }
             }
+            // The ids no kept row can need: every row older than their output is gone, their
+            // input with it (and, past the bound, the oldest).
+            let first_kept = events.first().map_err(|e| e.to_string())?.map_or(u64::MAX, |(key, _)| key.value());
+            let bound = retired_ids::bound(self.retention.max_mib);
+            forgotten = retired.forget(first_kept, &mut retired_bytes, bound, max_dropped)?;
+            more_to_drop |= forgotten.more;
+            meta.insert("retired_bytes", retired_bytes).map_err(|e| e.to_string())?;
+            self.any_retired.store(retired.any()?, Relaxed);
             if !damaged.is_empty() {
                 // What a damaged row held is unknown: the count starts again from what is kept.
                 bytes = 0;
@@ -1807,6 +1837,13 @@ impl Writer {
         for (seqs, why) in damaged {
             tracing::error!(log = %self.path.display(), first_seq = seqs.start(), last_seq = seqs.end(),
                 "retention dropped a damaged row of events no plugin owes: {why}");
+        }
+        if forgotten.over_bound > 0 {
+            self.metrics.output_ids_forgotten.inc_by(forgotten.over_bound);
+            tracing::warn!(log = %self.path.display(), forgotten = forgotten.over_bound,
+                "the ids of outputs retention dropped while an older event is kept take an eighth of \
+                 bus.retention.max_mib: the oldest are forgotten, and such an output is delivered again if its \
+                 input runs again (a replay, a restart before its ack)");
         }
         self.metrics.record_bytes.set(bytes_left as i64);
         if let Some(first) = first {
@@ -1923,6 +1960,10 @@ impl Writer {
                 let mut row = RowBuilder::default();
                 let mut pending = w.open_table(PENDING).map_err(|e| e.to_string())?;
                 let mut ids = w.open_table(IDS).map_err(|e| e.to_string())?;
+                let retired = match self.any_retired.load(Relaxed) {
+                    true => Some(RetiredIds::open(&w)?),
+                    false => None,
+                };
                 let mut meta = w.open_table(META).map_err(|e| e.to_string())?;
                 let mut next = meta.get("next_seq").map_err(|e| e.to_string())?.map_or(1, |v| v.value());
                 // Appends below it are in the log: a commit can fail after its header reached the
@@ -1953,9 +1994,25 @@ impl Writer {
                             // The first copy counts only while it can be read: one in a damaged
                             // row is logged again (the insert above pointed the id at it), so
                             // its input's re-run regenerates what the damage lost.
-                            let before = before.filter(|first| row.holds(*first) || readable(&events, *first));
+                            let before = match before.filter(|first| row.holds(*first) || readable(&events, *first)) {
+                                Some(first) => {
+                                    ids.insert(key.as_str(), first).map_err(|e| e.to_string())?;
+                                    Some(first)
+                                }
+                                // Its first copy went with retention while its input was kept
+                                // (it was delivered: its targets settled it).
+                                None => match (dedupe, &retired) {
+                                    (true, Some(retired)) => {
+                                        let first = retired.first_copy(&key)?;
+                                        if first.is_some() {
+                                            ids.remove(key.as_str()).map_err(|e| e.to_string())?;
+                                        }
+                                        first
+                                    }
+                                    _ => None,
+                                },
+                            };
                             if let Some(first) = before {
-                                ids.insert(key.as_str(), first).map_err(|e| e.to_string())?;
                                 match answer {
                                     Some(i) => answers[i].1 = Appended::Duplicate(first),
                                     None => tracing::warn!(log = %self.path.display(), event_id = %event.id,
@@ -2628,6 +2685,72 @@ pub(crate) mod tests {
         assert_eq!(log.metrics().retention_dropped.get(), 4);
         // Its output id went with it: the same output may be logged again.
         assert_eq!(log.append(out, vec![], true).await.unwrap(), Appended::At(5));
+    }
+
+    /// Waits (up to 10 s) until retention dropped at least `n` events since the log opened.
+    async fn dropped_at_least(log: &DurableLog, n: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let dropped = || log.metrics().retention_dropped.get();
+        while dropped() < n {
+            assert!(std::time::Instant::now() < deadline, "dropped {} of {n}", dropped());
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// An output whose targets settled it goes with retention while its input is still owed
+    /// (its delivery waits to publish the next output, or a kill came before its ack). The
+    /// input then runs again: its output was delivered once, and must not be logged again.
+    #[tokio::test]
+    async fn an_output_retention_dropped_while_its_input_is_kept_is_not_logged_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let retention = Retention { max_age: std::time::Duration::ZERO, max_mib: 1024 };
+        let log = reopen(&path, retention.clone()).await;
+        let p: Arc<str> = "p".into();
+        let Appended::At(input) = log.append(Arc::new(sample()), vec![p.clone()], false).await.unwrap() else {
+            panic!("appended")
+        };
+        let out = Arc::new(sample().with_header("plugbus-caused-by", "plugbus\u{0}the-input"));
+        let Appended::At(first) = log.append(out.clone(), vec![], true).await.unwrap() else { panic!("appended") };
+        dropped_at_least(&log, 1).await;
+        let left: Vec<u64> = log.read(0, 10).unwrap().iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(left, vec![input], "the output went, its input stays");
+        assert_eq!(
+            log.append(out.clone(), vec![], true).await.unwrap(),
+            Appended::Duplicate(first),
+            "an output delivered once was logged again when its input ran again"
+        );
+        drop(log);
+        let log = reopen(&path, retention.clone()).await;
+        assert_eq!(log.append(out.clone(), vec![], true).await.unwrap(), Appended::Duplicate(first), "after a restart");
+        // Once its input is settled and gone, nothing runs it again: the id is let go.
+        log.ack(p, input);
+        dropped_at_least(&log, 1).await;
+        assert!(log.read(0, 10).unwrap().is_empty());
+        assert!(matches!(log.append(out, vec![], true).await.unwrap(), Appended::At(_)), "the id was kept for ever");
+    }
+
+    /// A plugin owing an old event for days keeps every later output's id: they stay within an
+    /// eighth of `max_mib` (at least 64 KiB), the oldest let go first, and counted.
+    #[tokio::test]
+    async fn ids_kept_past_their_rows_stay_within_their_bound_oldest_let_go_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention { max_age: std::time::Duration::ZERO, max_mib: 0 };
+        let log = reopen(&dir.path().join("bus.redb"), retention).await;
+        log.append(Arc::new(sample()), vec!["p".into()], false).await.unwrap();
+        let outputs: Vec<Arc<Event>> = (0..1_000).map(|_| Arc::new(sample())).collect();
+        for chunk in outputs.chunks(100) {
+            futures::future::join_all(chunk.iter().map(|out| log.append(out.clone(), vec![], true))).await;
+        }
+        dropped_at_least(&log, 1_000).await;
+        let forgotten = log.metrics().output_ids_forgotten.get();
+        let kept = 65_536 / (2 * dedupe_key(&outputs[0]).len() as u64 + 16);
+        assert!((1_000 - kept..=1_000 - kept + 1).contains(&forgotten), "{forgotten} ids let go, {kept} fit");
+        assert!(matches!(log.append(outputs[0].clone(), vec![], true).await.unwrap(), Appended::At(_)), "the oldest");
+        assert!(
+            matches!(log.append(outputs[999].clone(), vec![], true).await.unwrap(), Appended::Duplicate(_)),
+            "the newest"
+        );
     }
 
     /// A damaged `next_seq` (behind the last event kept) never makes new events overwrite kept

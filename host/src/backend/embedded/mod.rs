@@ -6,6 +6,7 @@ pub mod bus;
 pub mod disk;
 pub mod kv;
 pub mod log;
+mod retired_ids;
 mod rows;
 
 use super::Backend;
