@@ -1512,3 +1512,91 @@ async fn jetstream_a_client_posting_the_same_event_twice_has_it_kept_and_handled
     assert_eq!(data_of(&stored_events(&js, "ECHO").await), ["once"]);
     assert_eq!(t.counter("echo", "received"), 1);
 }
+
+/// A durable plugin's NATS feed with `patterns`, on a transport of its own (`[nats] auto_streams
+/// = false`, one declared stream `ORDERS` for `orders.>`): what a reload retargets.
+mod retarget {
+    use super::*;
+    use plugbus::backend::nats::{NatsSettings, NatsTransport, StreamDef};
+    use plugbus::transport::{Durability, Subscription, SubscriptionSpec, Transport};
+
+    pub fn spec(patterns: &[&str]) -> SubscriptionSpec {
+        SubscriptionSpec {
+            plugin: "p".into(),
+            patterns: patterns.iter().map(|p| p.to_string()).collect(),
+            group: "plugbus.p".into(),
+            capacity: 16,
+            buffer_bytes: 1 << 20,
+            backlog_bytes: 0,
+            durable: Some(Durability { deliver_all: false, give_up_after: 5, dead_letter: None }),
+        }
+    }
+
+    pub async fn feed(server: &NatsServer, patterns: &[&str]) -> (NatsTransport, Subscription) {
+        let mut settings = NatsSettings { url: Some(server.url()), auto_streams: false, ..NatsSettings::default() };
+        settings.streams.insert("ORDERS".into(), StreamDef { subjects: vec!["orders.>".into()] });
+        let nats = NatsTransport::connect(&settings).await.unwrap();
+        let sub = nats.subscribe(spec(patterns)).await.unwrap();
+        (nats, sub)
+    }
+
+    /// Publishes `subject` to the stream and waits for its delivery (5 s), acking it.
+    pub async fn delivered(js: &jetstream::Context, sub: &mut Subscription, subject: &str) {
+        js.publish(subject.to_string(), "x".into()).await.unwrap().await.unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{subject} was not delivered (settled unrun?)"))
+            .expect("the feed is open");
+        assert_eq!(d.event.subject, subject);
+        d.acker.ack().await;
+    }
+}
+
+/// A reload whose new patterns no stream captures (`auto_streams = false`) is refused, and the
+/// version serving keeps its events: the feed's filter is not left on the refused patterns
+/// (its events were acked unrun, lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_retarget_that_fails_leaves_the_serving_patterns_delivered() {
+    use plugbus::transport::Transport;
+    let server = NatsServer::start().await;
+    let (nats, mut sub) = retarget::feed(&server, &["orders.*"]).await;
+    let js = jetstream::new(server.client().await);
+    retarget::delivered(&js, &mut sub, "orders.placed").await;
+    let err = nats.retarget(sub.id, &retarget::spec(&["orders.created", "refunds.created"])).await.unwrap_err();
+    assert!(err.to_string().contains("refunds.created"), "{err}");
+    retarget::delivered(&js, &mut sub, "orders.cancelled").await;
+    // The same change once a stream captures it is taken.
+    js.create_stream(jetstream::stream::Config {
+        name: "REFUNDS".into(),
+        subjects: vec!["refunds.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    eventually_async(|| async {
+        nats.retarget(sub.id, &retarget::spec(&["orders.created", "refunds.created"])).await.is_ok()
+    })
+    .await;
+    retarget::delivered(&js, &mut sub, "refunds.created").await;
+}
+
+/// A consumer deleted under a retargeted feed is re-created with the filters of the version
+/// serving, not with those its pump started with (which settle the new version's events
+/// unrun and never deliver them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_retargeted_consumer_keeps_its_new_filters_when_it_is_re_created() {
+    use plugbus::transport::Transport;
+    let server = NatsServer::start().await;
+    let (nats, mut sub) = retarget::feed(&server, &["orders.created"]).await;
+    let js = jetstream::new(server.client().await);
+    nats.retarget(sub.id, &retarget::spec(&["orders.cancelled"])).await.unwrap();
+    let filter = || async {
+        let stream = js.get_stream("ORDERS").await.unwrap();
+        stream.consumer_info("plugbus_p").await.ok().map(|info| info.config.filter_subject.clone())
+    };
+    assert_eq!(filter().await.as_deref(), Some("orders.cancelled"));
+    js.get_stream("ORDERS").await.unwrap().delete_consumer("plugbus_p").await.unwrap();
+    eventually_async(|| async { filter().await.is_some() }).await;
+    assert_eq!(filter().await.as_deref(), Some("orders.cancelled"), "re-created with the filters it started with");
+    retarget::delivered(&js, &mut sub, "orders.cancelled").await;
+}

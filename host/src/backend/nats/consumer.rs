@@ -104,6 +104,14 @@ pub struct ConsumerSpec {
     pub ack_wait: Duration,
 }
 
+impl ConsumerSpec {
+    /// Whether `other` asks the server for the same consumer with the same settings.
+    pub fn same_consumer(&self, other: &ConsumerSpec) -> bool {
+        (&self.stream, &self.name, &self.filters, &self.durability, self.ack_wait)
+            == (&other.stream, &other.name, &other.filters, &other.durability, other.ack_wait)
+    }
+}
+
 /// Creates the durable consumer, or updates its filters (keeping where it started from).
 pub async fn ensure(js: &jetstream::Context, spec: &ConsumerSpec) -> Result<PullConsumer, TransportError> {
     let broker = |what: &str, e: &dyn std::fmt::Display| {
@@ -157,11 +165,16 @@ impl Batch {
     }
 }
 
+/// A pump's consumer spec, which a retarget of its plugin changes (its filters): a consumer
+/// re-created after it was deleted takes the spec of the version serving, never the one the
+/// pump was started with.
+pub type SharedSpec = Arc<std::sync::RwLock<ConsumerSpec>>;
+
 /// Pulls from the consumer into the plugin's queue until the queue closes; reopens the pull
-/// after errors and re-creates the consumer if it was deleted.
+/// after errors and re-creates the consumer (from `spec` as it is then) if it was deleted.
 pub async fn pump(
     js: jetstream::Context,
-    spec: ConsumerSpec,
+    spec: SharedSpec,
     mut consumer: PullConsumer,
     intake: super::budget::Intake,
     held: Arc<Held>,
@@ -169,6 +182,8 @@ pub async fn pump(
     filter: super::Filter,
 ) {
     let plugin = filter.plugin.clone();
+    let stream = spec.read().expect("spec poisoned").stream.clone();
+    let current = || spec.read().expect("spec poisoned").clone();
     loop {
         // The server's `max_payload` as it is now: a reconnect may have reached another server.
         let batch = Batch::new(queue, intake.budget.bytes(), js.client().server_info().max_payload);
@@ -183,9 +198,9 @@ pub async fn pump(
         let mut messages = match opened {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(plugin = %plugin, stream = %spec.stream, "cannot pull from JetStream yet: {e}");
+                tracing::warn!(plugin = %plugin, stream = %stream, "cannot pull from JetStream yet: {e}");
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                if let Ok(c) = ensure(&js, &spec).await {
+                if let Ok(c) = ensure(&js, &current()).await {
                     consumer = c;
                 }
                 continue;
@@ -230,11 +245,11 @@ pub async fn pump(
                     }
                 }
                 Err(e) if matches!(e.kind(), MessagesErrorKind::ConsumerDeleted | MessagesErrorKind::NoResponders) => {
-                    tracing::warn!(plugin = %plugin, stream = %spec.stream, "JetStream consumer gone ({e}); re-creating it");
+                    tracing::warn!(plugin = %plugin, stream = %stream, "JetStream consumer gone ({e}); re-creating it");
                     recreate = true;
                     break;
                 }
-                Err(e) => tracing::debug!(plugin = %plugin, stream = %spec.stream, "JetStream pull: {e}"),
+                Err(e) => tracing::debug!(plugin = %plugin, stream = %stream, "JetStream pull: {e}"),
             }
         }
         if stuck {
@@ -249,7 +264,7 @@ pub async fn pump(
                     }
                 }
                 Ok(Some(msg)) => {
-                    tracing::warn!(plugin = %plugin, stream = %spec.stream, subject = %msg.subject,
+                    tracing::warn!(plugin = %plugin, stream = %stream, subject = %msg.subject,
                         bytes = msg.message.length, pull_bytes = batch.bytes,
                         "the consumer waited behind a message larger than a pull takes; taken alone");
                     if !intake.send(delivery_of(msg, &held, &plugin)).await {
@@ -258,14 +273,14 @@ pub async fn pump(
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(plugin = %plugin, stream = %spec.stream, "taking the message the consumer waits behind: {e}")
+                    tracing::warn!(plugin = %plugin, stream = %stream, "taking the message the consumer waits behind: {e}")
                 }
             }
             continue;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
         if recreate {
-            match ensure(&js, &spec).await {
+            match ensure(&js, &current()).await {
                 Ok(c) => consumer = c,
                 Err(e) => tracing::warn!(plugin = %plugin, "{e}"),
             }

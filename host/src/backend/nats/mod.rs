@@ -148,6 +148,11 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// Takes what `patterns` match from now on.
+    fn set(&self, patterns: PatternSet) {
+        *self.patterns.write().expect("filter poisoned") = patterns;
+    }
+
     /// Whether the plugin takes a message on `subject`; logs the ones it does not.
     pub fn admits(&self, subject: &str) -> bool {
         let ok = self.patterns.read().expect("filter poisoned").matches(subject);
@@ -164,10 +169,25 @@ struct Feed {
     filter: Filter,
     /// Core messages dropped because the plugin had no room (see `queue_group`).
     dropped: Counter,
+    /// The patterns it takes (the last spec applied whole).
+    patterns: Vec<String>,
     /// Core pattern → its queue subscription.
     core: HashMap<String, Task>,
-    /// Stream → (filters, its pull consumer pump).
-    durable: HashMap<String, (Vec<String>, Task)>,
+    /// Stream → its pull consumer pump.
+    durable: HashMap<String, Pump>,
+}
+
+/// A durable consumer's pump, and the spec it re-creates the consumer from.
+struct Pump {
+    spec: consumer::SharedSpec,
+    _task: Task,
+}
+
+impl Pump {
+    /// The spec as it is now.
+    fn spec(&self) -> consumer::ConsumerSpec {
+        self.spec.read().expect("spec poisoned").clone()
+    }
 }
 
 /// The host's NATS connection.
@@ -407,84 +427,168 @@ impl NatsTransport {
     }
 
     /// Makes `feed` take exactly what `spec` asks for: core subscriptions or durable consumers.
+    /// All or nothing: while it changes, the feed takes what either the version serving or
+    /// `spec` names (neither's events are settled unrun); a change that fails leaves it taking
+    /// what it took, its consumers' filters put back, so the version serving (a reload refused)
+    /// keeps every event it had.
     async fn apply(&self, feed: &mut Feed, spec: &SubscriptionSpec) -> Result<(), TransportError> {
-        *feed.filter.patterns.write().expect("filter poisoned") = PatternSet::parse(&spec.patterns)?;
-        let patterns = without_covered(&spec.patterns);
-        if patterns.len() < spec.patterns.len() {
-            tracing::debug!(plugin = %spec.plugin, kept = ?patterns, "patterns covered by others are not subscribed twice");
-        }
-        match &spec.durable {
-            Some(durability) => {
-                let mut plan: BTreeMap<String, Vec<String>> = BTreeMap::new();
-                for p in &patterns {
-                    for stream in streams::capture(&self.js, &self.index, &self.settings, p).await? {
-                        plan.entry(stream).or_default().push(p.clone());
-                    }
-                }
-                if let Some(dead_letter) = &durability.dead_letter {
-                    streams::capture(&self.js, &self.index, &self.settings, dead_letter).await?;
-                }
-                let name = durable_name(&spec.group);
-                for (stream, filters) in &plan {
-                    if feed.durable.get(stream).is_some_and(|(f, _)| f == filters) {
-                        continue;
-                    }
-                    let cspec = consumer::ConsumerSpec {
-                        stream: stream.clone(),
-                        name: name.clone(),
-                        filters: filters.clone(),
-                        durability: durability.clone(),
-                        ack_wait: self.settings.ack_wait,
-                    };
-                    let c = consumer::ensure(&self.js, &cspec).await?;
-                    match feed.durable.get_mut(stream) {
-                        Some(slot) => slot.0 = filters.clone(),
-                        None => {
-                            let pump = consumer::pump(
-                                self.js.clone(),
-                                cspec,
-                                c,
-                                feed.intake.clone(),
-                                self.held.clone(),
-                                spec.capacity,
-                                feed.filter.clone(),
-                            );
-                            feed.durable.insert(stream.clone(), (filters.clone(), Task(tokio::spawn(pump))));
-                        }
-                    }
-                    tracing::info!(plugin = %spec.plugin, stream = %stream, consumer = %name, filters = ?filters, "durable JetStream consumer");
-                }
-                feed.durable.retain(|stream, _| plan.contains_key(stream));
-                feed.core.clear();
+        let taking = PatternSet::parse(&spec.patterns)?;
+        let serving = feed.patterns.clone();
+        feed.filter.set(PatternSet::parse(&[serving.as_slice(), spec.patterns.as_slice()].concat())?);
+        let changed = match &spec.durable {
+            Some(durability) => self.apply_durable(feed, spec, durability).await,
+            None => self.apply_core(feed, spec).await,
+        };
+        match changed {
+            Ok(()) => {
+                feed.filter.set(taking);
+                feed.patterns = spec.patterns.clone();
+                Ok(())
             }
-            None => {
-                for p in &patterns {
-                    if feed.core.contains_key(p) {
-                        continue;
+            Err(e) => {
+                feed.filter.set(PatternSet::parse(&serving)?);
+                Err(e)
+            }
+        }
+    }
+
+    /// A durable consumer per stream that captures `spec`'s patterns; see [`Self::apply`].
+    async fn apply_durable(
+        &self,
+        feed: &mut Feed,
+        spec: &SubscriptionSpec,
+        durability: &crate::transport::Durability,
+    ) -> Result<(), TransportError> {
+        let patterns = covering(spec);
+        // Every stream first: one that cannot be found or made fails the change before any
+        // consumer is touched.
+        let mut plan: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for p in &patterns {
+            for stream in streams::capture(&self.js, &self.index, &self.settings, p).await? {
+                plan.entry(stream).or_default().push(p.clone());
+            }
+        }
+        if let Some(dead_letter) = &durability.dead_letter {
+            streams::capture(&self.js, &self.index, &self.settings, dead_letter).await?;
+        }
+        let name = durable_name(&spec.group);
+        let mut ensured = Vec::new();
+        for (stream, filters) in &plan {
+            let cspec = consumer::ConsumerSpec {
+                stream: stream.clone(),
+                name: name.clone(),
+                filters: filters.clone(),
+                durability: durability.clone(),
+                ack_wait: self.settings.ack_wait,
+            };
+            if feed.durable.get(stream).is_some_and(|pump| pump.spec().same_consumer(&cspec)) {
+                continue;
+            }
+            match consumer::ensure(&self.js, &cspec).await {
+                Ok(c) => ensured.push((cspec, c)),
+                Err(e) => {
+                    self.put_back(feed, spec, ensured.iter().map(|(cspec, _)| cspec)).await;
+                    return Err(e);
+                }
+            }
+        }
+        for (cspec, c) in ensured {
+            tracing::info!(plugin = %spec.plugin, stream = %cspec.stream, consumer = %cspec.name, filters = ?cspec.filters,
+                "durable JetStream consumer");
+            match feed.durable.get_mut(&cspec.stream) {
+                // Same consumer, new filters: the pump goes on, and re-creates it from these.
+                Some(pump) if pump.spec().name == cspec.name => *pump.spec.write().expect("spec poisoned") = cspec,
+                other => {
+                    if let Some(old) = other {
+                        tracing::warn!(plugin = %spec.plugin, stream = %cspec.stream, consumer = %old.spec().name,
+                            "the plugin's queue group changed: this host no longer pulls its old consumer, whose \
+                             unsettled messages wait there for a host that runs the old group");
                     }
-                    let sub = self.client.queue_subscribe(p.clone(), spec.group.clone()).await.map_err(|e| {
-                        TransportError::Broker(format!("subscribing {} to {p} on NATS: {e}", spec.plugin))
-                    })?;
-                    feed.core.insert(
-                        p.clone(),
-                        Task(tokio::spawn(queue_group::pump(
-                            sub,
-                            feed.intake.clone(),
-                            feed.filter.clone(),
-                            feed.dropped.clone(),
-                        ))),
+                    let stream = cspec.stream.clone();
+                    let shared = Arc::new(std::sync::RwLock::new(cspec));
+                    let task = consumer::pump(
+                        self.js.clone(),
+                        shared.clone(),
+                        c,
+                        feed.intake.clone(),
+                        self.held.clone(),
+                        spec.capacity,
+                        feed.filter.clone(),
                     );
+                    feed.durable.insert(stream, Pump { spec: shared, _task: Task(tokio::spawn(task)) });
                 }
-                feed.core.retain(|p, _| patterns.contains(p));
-                feed.durable.clear();
-                // Once subscribe returns, the server has the subscriptions: nothing published
-                // after it is missed.
-                self.registered().await?;
-                tracing::info!(plugin = %spec.plugin, patterns = ?patterns, queue_group = %spec.group, "core NATS queue subscriptions");
             }
         }
+        feed.durable.retain(|stream, _| plan.contains_key(stream));
+        feed.core.clear();
         Ok(())
     }
+
+    /// After a change failed: the consumers it changed (`changed`) are given back the spec of
+    /// their pump. One made for the change (no pump here) is left to whichever host runs the
+    /// new version, unpulled by this one.
+    async fn put_back<'a>(
+        &self,
+        feed: &Feed,
+        spec: &SubscriptionSpec,
+        changed: impl Iterator<Item = &'a consumer::ConsumerSpec>,
+    ) {
+        for cspec in changed {
+            let Some(pump) = feed.durable.get(&cspec.stream) else {
+                tracing::warn!(plugin = %spec.plugin, stream = %cspec.stream, consumer = %cspec.name,
+                    "a consumer made for a change that failed is left as it is: this host does not pull it");
+                continue;
+            };
+            if let Err(e) = consumer::ensure(&self.js, &pump.spec()).await {
+                tracing::error!(plugin = %spec.plugin, stream = %cspec.stream, consumer = %cspec.name,
+                    "putting back the filters of a consumer a failed change had changed: {e}; its pump puts \
+                     them back when it re-creates it");
+            }
+        }
+    }
+
+    /// A queue subscription per pattern; see [`Self::apply`].
+    async fn apply_core(&self, feed: &mut Feed, spec: &SubscriptionSpec) -> Result<(), TransportError> {
+        let patterns = covering(spec);
+        let mut added = Vec::new();
+        let subscribed = async {
+            for p in &patterns {
+                if feed.core.contains_key(p) {
+                    continue;
+                }
+                let sub =
+                    self.client.queue_subscribe(p.clone(), spec.group.clone()).await.map_err(|e| {
+                        TransportError::Broker(format!("subscribing {} to {p} on NATS: {e}", spec.plugin))
+                    })?;
+                let pump = queue_group::pump(sub, feed.intake.clone(), feed.filter.clone(), feed.dropped.clone());
+                feed.core.insert(p.clone(), Task(tokio::spawn(pump)));
+                added.push(p.clone());
+            }
+            // Once subscribe returns, the server has the subscriptions: nothing published
+            // after it is missed.
+            self.registered().await
+        }
+        .await;
+        if let Err(e) = subscribed {
+            for p in added {
+                feed.core.remove(&p);
+            }
+            return Err(e);
+        }
+        feed.core.retain(|p, _| patterns.contains(p));
+        feed.durable.clear();
+        tracing::info!(plugin = %spec.plugin, patterns = ?patterns, queue_group = %spec.group, "core NATS queue subscriptions");
+        Ok(())
+    }
+}
+
+/// `spec`'s patterns without those another of them covers (subscribed once).
+fn covering(spec: &SubscriptionSpec) -> Vec<String> {
+    let patterns = without_covered(&spec.patterns);
+    if patterns.len() < spec.patterns.len() {
+        tracing::debug!(plugin = %spec.plugin, kept = ?patterns, "patterns covered by others are not subscribed twice");
+    }
+    patterns
 }
 
 /// A JetStream name (KV bucket, consumer) for `text` under `prefix`, injective: two different
@@ -803,7 +907,8 @@ impl Transport for NatsTransport {
         let filter = Filter { plugin, patterns: Default::default() };
         let intake = budget::Intake::new(tx.clone(), spec.buffer_bytes);
         let dropped = self.core_dropped.get_or_create(&PluginLabels { plugin: spec.plugin.clone() }).clone();
-        let mut feed = Feed { intake, filter, dropped, core: HashMap::new(), durable: HashMap::new() };
+        let mut feed =
+            Feed { intake, filter, dropped, patterns: Vec::new(), core: HashMap::new(), durable: HashMap::new() };
         self.apply(&mut feed, &spec).await?;
         self.feeds.lock().await.insert(id, feed);
         Ok(Subscription::new(id, &tx, rx, Unsubscribe { feeds: self.feeds.clone(), id }))
