@@ -224,6 +224,27 @@ pub async fn plugins_dir_of(client: &reqwest::Client, url: &str) -> anyhow::Resu
     Ok(PathBuf::from(dir))
 }
 
+/// Writes `bytes` to `target` through a new file beside it, then a rename (one event for the
+/// reloader, which ignores the temporary file: not `*.wasm`). The temporary name is random and
+/// the file made new (`O_EXCL`): whatever someone who can write the folder put at a name is
+/// never written through (a symlink to another file) nor opened (a FIFO).
+fn write_beside(plugins: &Path, file: &str, bytes: &[u8], target: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    let temp = plugins.join(format!(".{file}.{:016x}.plugbus-dev", fastrand::u64(..)));
+    let written = (|| {
+        let mut out = std::fs::OpenOptions::new().write(true).create_new(true).open(&temp)?;
+        out.write_all(bytes)?;
+        out.sync_all()
+    })()
+    .with_context(|| format!("writing {}", temp.display()));
+    let renamed = written
+        .and_then(|()| std::fs::rename(&temp, target).with_context(|| format!("renaming into {}", target.display())));
+    if renamed.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    renamed
+}
+
 /// Copies `bytes` into `plugins/<name>.wasm` (beside it first, then a rename) and waits until
 /// the host serves them or refuses them.
 pub async fn deploy(
@@ -241,11 +262,8 @@ pub async fn deploy(
     if before.as_ref().and_then(|b| b.serving.as_ref()).is_some_and(|(_, h)| *h == hash) {
         return Ok(Outcome::Unchanged { built });
     }
-    // Not `*.wasm`: the reloader ignores the temporary file; the rename is one event.
-    let temp = plugins.join(format!(".{file}.plugbus-dev"));
-    std::fs::write(&temp, bytes).with_context(|| format!("writing {}", temp.display()))?;
     let target = plugins.join(&file);
-    std::fs::rename(&temp, &target).with_context(|| format!("renaming into {}", target.display()))?;
+    write_beside(plugins, &file, bytes, &target)?;
     let copied = Instant::now();
     let Some(before) = before else {
         return Ok(Outcome::Copied {
@@ -353,6 +371,28 @@ mod tests {
                       error: could not compile `x` (lib) due to 2 previous errors\n";
         assert_eq!(first_error(stderr), "src/lib.rs:3:5: error[E0425]: cannot find value `y` in this scope (+1 more)");
         assert!(first_error("error[E0463]: can't find crate for `core`\n").contains("rustup target add wasm32-wasip2"));
+    }
+
+    /// Someone who can write the plugins folder plants a symlink (or a FIFO) at the name the
+    /// build is written to first: the build is never written through it.
+    #[tokio::test]
+    async fn deploy_never_writes_through_what_is_at_a_temporary_name() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let plugins = dir.path().join("plugins");
+        std::fs::create_dir(&plugins).unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        symlink(&victim, plugins.join(".x.wasm.plugbus-dev")).unwrap();
+        let client = reqwest::Client::new();
+        let bytes = b"\0asm the build";
+        let outcome =
+            deploy(&client, "http://127.0.0.1:9", &plugins, "x", bytes, Duration::ZERO, Duration::from_secs(1)).await;
+        assert!(matches!(outcome.unwrap(), Outcome::Copied { .. }));
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep", "the build was written through a symlink");
+        let served = plugins.join("x.wasm");
+        assert!(std::fs::symlink_metadata(&served).unwrap().is_file(), "x.wasm is not a file of its own");
+        assert_eq!(std::fs::read(&served).unwrap(), bytes);
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod engine;
 mod guest_stack;
 pub mod http_stubs;
 pub mod limits;
+mod lookup;
 pub mod outbound;
 mod plugin;
 mod pool;

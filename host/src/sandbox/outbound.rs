@@ -32,6 +32,8 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::breaker::Breakers;
 use super::limits::Limits;
+use super::lookup::Lookups;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// How long a connection's I/O may outlive its request's end time (see `send`).
 const CONN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -130,6 +132,8 @@ pub struct OutboundPolicy {
     requested_rules: Vec<Rule>,
     granted_rules: Vec<Rule>,
     slots: Arc<Semaphore>,
+    /// Its DNS lookups in flight, counted until they return (see `lookup`).
+    lookups: Lookups,
     /// Its circuit breakers, per destination host.
     pub breakers: Breakers,
 }
@@ -145,6 +149,7 @@ impl OutboundPolicy {
             requested_rules: rules(requested),
             granted_rules: rules(granted),
             slots: Arc::new(Semaphore::new(limits.max_outbound_concurrency.max(1) as usize)),
+            lookups: Lookups::new(limits.max_outbound_concurrency as usize),
             breakers: Breakers::new(limits.outbound_breaker_failures, limits.outbound_breaker_cooldown),
         }
     }
@@ -444,17 +449,21 @@ impl WasiHttpHooks for Outbound {
                 Error::InternalError(Some(format!("{REFUSED_PREFIX}{reason}")))
             };
             let ends = target.ends;
-            let result = match tokio::time::timeout_at(ends, send(request, &target, slots, &limits, &refuse)).await {
+            // Until the call has its slot and its lookup's permits it waits in the host.
+            let in_host = AtomicBool::new(true);
+            let sending = send(request, &target, (slots, &policy.lookups), &limits, &refuse, &in_host);
+            let result = match tokio::time::timeout_at(ends, sending).await {
                 Ok(r) => r,
                 Err(_) => {
                     tracing::warn!(plugin = %plugin, event_id = %event_id, host = %target.host,
-                        "outbound request timed out");
+                        waiting_in_the_host = in_host.load(Ordering::Relaxed), "outbound request timed out");
                     Err(Error::ConnectionTimeout)
                 }
             };
-            // The breaker counts what the destination did, not the host's own refusals.
+            // The breaker counts what the destination did, not the host's own refusals or waits.
             let (breakers, host) = (&policy.breakers, target.host.as_str());
             match &result {
+                Err(_) if in_host.load(Ordering::Relaxed) => breakers.release(host, target.probe),
                 Ok((response, _)) => breakers.record(host, response.status().as_u16() < 500, target.probe),
                 Err(Error::InternalError(_) | Error::HttpRequestBodySize(_) | Error::HttpResponseBodySize(_)) => {
                     breakers.release(host, target.probe)
@@ -467,13 +476,15 @@ impl WasiHttpHooks for Outbound {
 }
 
 /// Sends one admitted request: waits for a slot, reads the body within its cap, resolves and
-/// checks the host, connects to the checked address, sends, and caps the response.
+/// checks the host, connects to the checked address, sends, and caps the response. `in_host`
+/// is cleared once it no longer waits for the host (a slot, a lookup's permits).
 async fn send(
     request: http::Request<WasiBody>,
     target: &Target,
-    slots: Arc<Semaphore>,
+    (slots, lookups): (Arc<Semaphore>, &Lookups),
     limits: &Limits,
     refuse: &(dyn Fn(String) -> Error + Send + Sync),
+    in_host: &AtomicBool,
 ) -> SendResult {
     let permit = slots.acquire_owned().await.map_err(|_| Error::ConnectionLimitReached)?;
     let (mut parts, body) = request.into_parts();
@@ -490,7 +501,7 @@ async fn send(
             });
         }
     };
-    let addr = resolve(target, refuse).await?;
+    let addr = resolve(target, lookups, refuse, || in_host.store(false, Ordering::Relaxed)).await?;
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(Error::Connect)?;
     let io: Box<dyn Io> = if target.scheme == "https" {
         let name = rustls_pki_name(&target.host)?;
@@ -542,14 +553,21 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 /// The one address the request goes to: the host itself when it is an IP literal (granted by
 /// exact address, so any kind); otherwise the first address the name resolves to, where every
 /// address it resolves to must be public.
-async fn resolve(target: &Target, refuse: &(dyn Fn(String) -> Error + Send + Sync)) -> Result<SocketAddr, Error> {
+/// `admitted` is called once nothing is waited for in the host any more.
+async fn resolve(
+    target: &Target,
+    lookups: &Lookups,
+    refuse: &(dyn Fn(String) -> Error + Send + Sync),
+    admitted: impl FnOnce(),
+) -> Result<SocketAddr, Error> {
     if let Ok(ip) = target.host.parse::<IpAddr>() {
+        admitted();
         return Ok(SocketAddr::new(ip, target.port));
     }
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((target.host.as_str(), target.port))
-        .await
-        .map_err(|e| Error::DnsError { rcode: Some(e.to_string()), info_code: None })?
-        .collect();
+    let addrs = lookups.resolve(&target.host, target.port, admitted).await.map_err(|e| match e {
+        super::lookup::LookupError::Resolver(e) => Error::DnsError { rcode: Some(e.to_string()), info_code: None },
+        e @ super::lookup::LookupError::Host(_) => Error::InternalError(Some(e.to_string())),
+    })?;
     if let Some((addr, why)) = addrs.iter().find_map(|a| non_public(a.ip()).map(|w| (a, w))) {
         return Err(refuse(format!(
             "{} resolves to {} ({why}): such an address is reachable only when granted by exact address",
@@ -681,6 +699,29 @@ mod tests {
         {
             assert!(non_public(ip.parse().unwrap()).is_none(), "{ip}");
         }
+    }
+
+    /// A call that runs out of time while it waits in the host (its plugin's slots all taken,
+    /// the host's lookups all busy) is not counted against the destination's breaker: the
+    /// host's own stall would otherwise open a healthy provider's breaker.
+    #[tokio::test]
+    async fn a_call_timed_out_waiting_in_the_host_is_not_the_destinations_failure() {
+        let limits = Limits {
+            max_outbound_concurrency: 1,
+            outbound_breaker_failures: 1,
+            outbound_timeout: std::time::Duration::from_millis(100),
+            ..Limits::default()
+        };
+        let granted = ["http://127.0.0.1:9".to_string()];
+        let policy = Arc::new(OutboundPolicy::new(&granted, &granted, &limits));
+        let _slot_taken = policy.slots.clone().acquire_owned().await.unwrap();
+        let mut hooks = Outbound::new(policy.clone(), "p".into(), &limits, "e1");
+        let body = http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync();
+        let request = http::Request::get("http://127.0.0.1:9/x").body(body).unwrap();
+        let sent = Box::into_pin(hooks.send_request(request, None, Box::new(async { Ok(()) }))).await;
+        assert!(matches!(sent, Err(Error::ConnectionTimeout)), "{:?}", sent.err());
+        let failures: u32 = policy.breakers.views().iter().map(|b| b.consecutive_failures).sum();
+        assert_eq!(failures, 0, "the host's wait was counted as the destination's failure");
     }
 
     #[test]
