@@ -50,7 +50,9 @@ impl DlqFile {
             std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
         }
         // A host stopping in this process lets go of the file when its last task ends.
-        let handle = crate::redb_handle::ReopeningDb::open(path).map_err(|why| {
+        // Its page cache: a few MiB (the store is bounded in entries and records; redb's
+        // default is 1 GiB).
+        let handle = crate::redb_handle::ReopeningDb::open(path, 8 << 20).map_err(|why| {
             err(format!("{why} (if the file is damaged, move it aside to start without the dead letters it keeps)"))
         })?;
         let db = handle.current().expect("just opened");

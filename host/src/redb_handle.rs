@@ -20,6 +20,8 @@ const OPEN_WAIT: Duration = Duration::from_secs(2);
 /// One database file, opened again after a failed write.
 pub struct ReopeningDb {
     path: PathBuf,
+    /// Its page cache's bound, kept for each open.
+    cache_bytes: usize,
     /// The open database: `None` once an open after a failed write failed too.
     db: RwLock<Option<Arc<Database>>>,
     /// A write failed: the next write opens it again first (reads go on meanwhile).
@@ -30,11 +32,13 @@ pub struct ReopeningDb {
 
 impl ReopeningDb {
     /// Opens (or creates) the database at `path` (blocking: waits up to 2 s for a handle this
-    /// process still holds).
-    pub fn open(path: &Path) -> Result<Self, String> {
-        let db = open_db(path)?;
+    /// process still holds), with a page cache of at most `cache_bytes` (redb's default is
+    /// 1 GiB: what a plugin's kv writes would pin in the host's memory).
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, String> {
+        let db = open_db(path, cache_bytes)?;
         Ok(Self {
             path: path.to_path_buf(),
+            cache_bytes,
             db: RwLock::new(Some(Arc::new(db))),
             broken: AtomicBool::new(false),
             last_try: Mutex::new(None),
@@ -88,7 +92,9 @@ impl ReopeningDb {
         }
         *last_try = Some(Instant::now());
         drop(self.db.write().expect("redb handle poisoned").take());
-        let db = Arc::new(open_db(&self.path).map_err(|e| format!("opening it again after a failed write: {e}"))?);
+        let db = Arc::new(
+            open_db(&self.path, self.cache_bytes).map_err(|e| format!("opening it again after a failed write: {e}"))?,
+        );
         *self.db.write().expect("redb handle poisoned") = Some(db.clone());
         self.broken.store(false, Ordering::Release);
         tracing::info!(path = %self.path.display(), "opened again after a failed write");
@@ -96,12 +102,12 @@ impl ReopeningDb {
     }
 }
 
-/// Opens (or creates) the database at `path`, waiting up to 2 s for another handle of this
-/// process to be let go.
-fn open_db(path: &Path) -> Result<Database, String> {
+/// Opens (or creates) the database at `path` with a cache of `cache_bytes`, waiting up to 2 s
+/// for another handle of this process to be let go.
+fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, String> {
     let deadline = Instant::now() + OPEN_WAIT;
     loop {
-        match Database::create(path) {
+        match redb::Builder::new().set_cache_size(cache_bytes).create(path) {
             Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -121,7 +127,7 @@ mod tests {
     #[test]
     fn a_broken_database_is_opened_again_at_most_once_a_second() {
         let dir = tempfile::tempdir().unwrap();
-        let db = ReopeningDb::open(&dir.path().join("x.redb")).unwrap();
+        let db = ReopeningDb::open(&dir.path().join("x.redb"), 1 << 20).unwrap();
         db.failed();
         db.for_write().expect("the first open after a failure");
         db.failed();

@@ -257,13 +257,17 @@ fn decode(stored: &[u8]) -> Versioned {
     Versioned { value: value.to_vec(), version: u64::from_be_bytes(version.try_into().unwrap_or([0; 8])) }
 }
 
+/// The page cache of `kv.redb`: what the host keeps in memory of the plugins' kv, whatever they
+/// wrote (as the event log's, `log::LOG_CACHE_BYTES`).
+const KV_CACHE_BYTES: usize = 32 << 20;
+
 impl RedbKv {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &std::path::Path) -> Result<Self, KvError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(unavailable)?;
         }
-        let handle = crate::redb_handle::ReopeningDb::open(path).map_err(|e| {
+        let handle = crate::redb_handle::ReopeningDb::open(path, KV_CACHE_BYTES).map_err(|e| {
             unavailable(format!(
                 "{}: {e} (if the file is damaged, move it aside to start with the plugins' kv empty)",
                 path.display()
@@ -454,6 +458,30 @@ pub(crate) mod tests {
         let mut t = Txn::with_quota(holds + 100);
         t.set(&key, vec![7; 28]);
         kv.commit("q", &t).await.unwrap();
+    }
+
+    /// A plugin writing its quota into `kv.redb` (the in-memory bus's store) and reading it
+    /// back pins at most the store's page cache in the host's memory, not all it wrote (redb's
+    /// default cache is 1 GiB).
+    #[tokio::test]
+    async fn kv_redb_holds_a_bounded_cache_whatever_a_plugin_wrote() {
+        use redb::ReadableDatabase;
+        let dir = tempfile::tempdir().unwrap();
+        let kv = RedbKv::open(&dir.path().join("kv.redb")).unwrap();
+        for round in 0..3 {
+            let mut t = Txn::default();
+            for i in 0..4096 {
+                t.set(&format!("k{round}-{i}"), vec![round as u8; 4 << 10]);
+            }
+            kv.commit("hostile", &t).await.unwrap();
+        }
+        for round in 0..3 {
+            for i in 0..4096 {
+                assert!(kv.get("hostile", &format!("k{round}-{i}")).await.unwrap().is_some());
+            }
+        }
+        let cached = kv.db.current().unwrap().cache_stats().used_bytes();
+        assert!(cached <= KV_CACHE_BYTES + (1 << 20), "{cached} bytes cached of the 48 MiB written");
     }
 
     #[tokio::test]
