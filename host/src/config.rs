@@ -216,6 +216,13 @@ impl Config {
             !self.api.publish_timeout.is_zero(),
             "api.publish_timeout is 0: no event posted to the API could be taken (every one answered 503)"
         );
+        // A zero ack wait ended the `in-progress` keep-alive at once (a zero interval panics), so
+        // every slow handler's message was redelivered while it ran.
+        anyhow::ensure!(
+            self.nats.ack_wait >= std::time::Duration::from_millis(100),
+            "nats.ack_wait is {:?}: at least 100ms (the keep-alive sends in-progress every third of it)",
+            self.nats.ack_wait
+        );
         anyhow::ensure!(
             self.api.max_tails < self.api.max_connections,
             "api.max_tails ({}) must be below api.max_connections ({}): live tails would take every connection",
@@ -427,6 +434,15 @@ mod tests {
         let f = write("[api]\npublish_timeout = \"0s\"\n");
         let e = Config::load(Some(&f.0)).unwrap().validate().unwrap_err().to_string();
         assert!(e.contains("api.publish_timeout is 0"), "{e}");
+    }
+
+    /// An ack wait of 0 panicked the keep-alive task (an interval of 0), silently: every slow
+    /// handler's message was then redelivered while it ran. Refused at load, naming the key.
+    #[test]
+    fn an_ack_wait_of_zero_is_refused_naming_the_key() {
+        let f = write("[nats]\nack_wait = \"0s\"\n");
+        let e = Config::load(Some(&f.0)).unwrap().validate().unwrap_err().to_string();
+        assert!(e.contains("nats.ack_wait is 0ns: at least 100ms"), "{e}");
     }
 
     #[test]
