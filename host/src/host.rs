@@ -92,6 +92,10 @@ impl Host {
         });
         let router = Arc::new(Router::new(transport.clone(), dead_letters.clone(), metrics.clone()));
 
+        // Watched before it is read: what changes while the host starts is applied once it has.
+        // (A folder that is not there is the loader's to name.)
+        let watching_early = config.watch && config.plugins_dir.is_dir();
+        let folder = if watching_early { Some(reload::watch_folder(&config.plugins_dir)?) } else { None };
         let (loaded, rejected) = loader::load_dir_reporting(&sandbox, &config, &kv, on_load).await?;
         let mut files = std::collections::HashMap::new();
         for (path, plugin) in loaded {
@@ -123,7 +127,12 @@ impl Host {
             stats: ReloadStats::default(),
             metrics: metrics.clone(),
         });
-        let watcher = if config.watch { Some(reload::watch(reloader.clone())?) } else { None };
+        let folder = match folder {
+            Some(folder) => Some(folder),
+            None if config.watch => Some(reload::watch_folder(&config.plugins_dir)?),
+            None => None,
+        };
+        let watcher = folder.map(|folder| reload::watch(reloader.clone(), folder));
 
         let (mut http_addr, mut stop_http, mut http_task) = (None, None, None);
         if let Some(addr) = config.http {

@@ -263,11 +263,19 @@ fn rescan_paths(dir: &Path, known: impl IntoIterator<Item = PathBuf>) -> BTreeSe
     paths
 }
 
-/// Watches the plugins folder until the returned guard is dropped.
-pub fn watch(reloader: Arc<Reloader>) -> anyhow::Result<WatchGuard> {
-    let dir = reloader.config.plugins_dir.clone();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Change>();
-    let (stop, stop_rx) = oneshot::channel::<()>();
+/// The plugins folder's changes, gathered from when the watch began: started before the host
+/// first reads the folder, so what changes while it starts (a file replaced after it was read,
+/// one added after the listing, one removed after it loaded) is applied once it has started,
+/// not left until the next change to that file.
+pub struct FolderWatch {
+    watcher: notify::RecommendedWatcher,
+    changes: mpsc::UnboundedReceiver<Change>,
+}
+
+/// Starts watching `dir` for plugin files' changes (see [`FolderWatch`]).
+pub fn watch_folder(dir: &Path) -> anyhow::Result<FolderWatch> {
+    let dir = dir.to_path_buf();
+    let (tx, changes) = mpsc::unbounded_channel::<Change>();
     // Changes were lost (the kernel's queue of them overflowed, or the watch failed): the task
     // looks at every file again. (The watcher's handler holds nothing of the host: notify's
     // thread drops it after the host stopped, and it must not keep the kv store open then.)
@@ -307,6 +315,15 @@ pub fn watch(reloader: Arc<Reloader>) -> anyhow::Result<WatchGuard> {
     watcher
         .watch(&dir, RecursiveMode::NonRecursive)
         .map_err(|e| anyhow::anyhow!("cannot watch the plugins folder {}: {e}", dir.display()))?;
+    Ok(FolderWatch { watcher, changes })
+}
+
+/// Applies the changes `folder` gathers (those made since it began first) until the returned
+/// guard is dropped.
+pub fn watch(reloader: Arc<Reloader>, folder: FolderWatch) -> WatchGuard {
+    let FolderWatch { watcher, changes: mut rx } = folder;
+    let dir = reloader.config.plugins_dir.clone();
+    let (stop, stop_rx) = oneshot::channel::<()>();
     let watched = dir.clone();
     let task = tokio::spawn(async move {
         // Every file, the plugins' and the refused ones' too (they may be gone).
@@ -362,7 +379,7 @@ pub fn watch(reloader: Arc<Reloader>) -> anyhow::Result<WatchGuard> {
         applying.tasks.shutdown().await;
     });
     tracing::info!(dir = %dir.display(), "watching the plugins folder");
-    Ok(WatchGuard { _watcher: watcher, stop: Some(stop), task })
+    WatchGuard { _watcher: watcher, stop: Some(stop), task }
 }
 
 /// Stops watching when dropped.

@@ -322,3 +322,31 @@ async fn a_stopped_host_lets_another_start_on_its_folders_at_once() {
         host.shutdown().await;
     }
 }
+
+/// What changes in the plugins folder while the host starts (after the loader read a file,
+/// before the start is done) is applied once it has started: a file removed after it loaded
+/// was served until the next restart, and a file added after the listing never loaded (the
+/// watch began only after every file had loaded, and nothing looked again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_changes_in_the_folder_while_the_host_starts_is_applied_once_it_has() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir(&dir).unwrap();
+    for name in ["audit", "faulty"] {
+        std::fs::copy(wasm(name), dir.join(format!("{name}.wasm"))).unwrap();
+    }
+    let config = Config { data_dir: tmp.path().join("data"), plugins_dir: dir.clone(), ..Default::default() };
+    // As each file is loaded: faulty's file goes, and echo's comes (once, past the listing).
+    let folder = dir.clone();
+    let on_load = move |_: usize, _: usize, done: Option<&std::path::Path>| {
+        if done.is_some_and(|p| p.ends_with("faulty.wasm")) {
+            std::fs::remove_file(folder.join("faulty.wasm")).unwrap();
+            std::fs::copy(wasm("echo"), folder.join("echo.wasm")).unwrap();
+        }
+    };
+    let host = Host::start_reporting(config, &on_load).await.unwrap();
+    eventually("faulty, removed while the host started, is removed", || !host.router().contains("faulty")).await;
+    eventually("echo, added while the host started, is loaded", || host.router().contains("echo")).await;
+    assert!(host.router().contains("audit"));
+    host.shutdown().await;
+}
