@@ -520,6 +520,33 @@ async fn jetstream_a_handler_slower_than_ack_wait_is_kept_alive_not_redelivered(
     assert!(seen.drain(Duration::from_millis(200)).await.is_empty());
 }
 
+/// A backlog behind a slow handler: messages a pull brought and the pump has not read yet had no
+/// `in-progress` (only messages read are kept alive), so past `ack_wait` JetStream delivered
+/// them again while the first copy still waited in the host, and each ran twice. Pulls now ask
+/// only for what the plugin has room for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_backlog_behind_a_slow_handler_runs_each_message_once() {
+    let server = NatsServer::start().await;
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
+        c.nats.ack_wait = Duration::from_secs(1);
+        c.flow = plugbus::router::Flow { concurrency: 1, queue: 4, ..Default::default() };
+    })
+    .await;
+    let js = jetstream::new(server.client().await);
+    // 30 events of 0.3 s each, published at once: 9 s of work, each waiting up to 8.7 s.
+    for _ in 0..30 {
+        js.publish("faulty.slow", "300".into()).await.unwrap().await.unwrap();
+    }
+    t.wait_counter("faulty", "ok", 30).await;
+    settled(&js, "faulty.slow").await;
+    let delivered = consumer_on(&js, "faulty.slow").await.delivered.consumer_sequence;
+    assert_eq!(
+        (t.counter("faulty", "received"), delivered),
+        (30, 30),
+        "messages were delivered again while they waited"
+    );
+}
+
 /// The one consumer on the stream that captures `subject` (the plugin's durable).
 async fn consumer_on(js: &jetstream::Context, subject: &str) -> jetstream::consumer::Info {
     let name = js.stream_by_subject(subject).await.unwrap_or_else(|e| panic!("no stream captures {subject}: {e}"));
@@ -1599,4 +1626,36 @@ async fn jetstream_a_retargeted_consumer_keeps_its_new_filters_when_it_is_re_cre
     eventually_async(|| async { filter().await.is_some() }).await;
     assert_eq!(filter().await.as_deref(), Some("orders.cancelled"), "re-created with the filters it started with");
     retarget::delivered(&js, &mut sub, "orders.cancelled").await;
+}
+
+/// Two hosts of one plugin in a rolling upgrade share its JetStream consumer, whose filters are
+/// the newer version's (its host ensured them last). The older version's host used to ack unrun
+/// its share of the messages only the newer version subscribes to: lost. It gives them back now,
+/// and the newer version's host runs every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_host_running_an_older_version_gives_back_what_only_the_newer_takes() {
+    use plugbus::transport::Transport;
+    let server = NatsServer::start().await;
+    let (_old, mut old_sub) = retarget::feed(&server, &["orders.created"]).await;
+    let (new, mut new_sub) = retarget::feed(&server, &["orders.created"]).await;
+    let mut newer = retarget::spec(&["orders.created", "orders.cancelled"]);
+    newer.durable.as_mut().unwrap().give_up_after = 50;
+    new.retarget(new_sub.id, &newer).await.unwrap();
+    let js = jetstream::new(server.client().await);
+    for _ in 0..20 {
+        js.publish("orders.cancelled", "x".into()).await.unwrap().await.unwrap();
+    }
+    let mut ran = 0;
+    while ran < 20 {
+        tokio::select! {
+            d = new_sub.deliveries.recv() => {
+                let d = d.expect("the feed is open");
+                assert_eq!(d.event.subject, "orders.cancelled");
+                d.acker.ack().await;
+                ran += 1;
+            }
+            d = old_sub.deliveries.recv() => panic!("the older version ran {:?}", d.map(|d| d.event.subject.clone())),
+            _ = tokio::time::sleep(Duration::from_secs(15)) => panic!("{ran} of 20 ran: the rest were settled unrun"),
+        }
+    }
 }

@@ -65,6 +65,11 @@ impl Budget {
         delivery
     }
 
+    /// Bytes free now.
+    fn free(&self) -> u64 {
+        self.room.available_permits() as u64
+    }
+
     /// Bytes held by deliveries now.
     #[cfg(test)]
     fn held(&self) -> u64 {
@@ -121,6 +126,13 @@ impl Intake {
         }
     }
 
+    /// Waits until the queue has a free slot, then says how much room there is: what a pull
+    /// may ask for. `None` once the queue is closed.
+    pub async fn room(&self) -> Option<Room> {
+        drop(self.tx.reserve().await.ok()?);
+        Some(Room { slots: self.tx.capacity().max(1), bytes: self.budget.free() })
+    }
+
     /// Waits until the budget has `cost` bytes of room and the queue a slot. Cancel-safe:
     /// dropped before it is done, it takes neither. `None` once either is closed.
     pub async fn ready(&self, cost: u32) -> Option<Slot<'_>> {
@@ -128,6 +140,15 @@ impl Intake {
         let slot = self.tx.reserve().await.ok()?;
         Some(Slot { room, slot })
     }
+}
+
+/// How much a feed could take now ([`Intake::room`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Room {
+    /// Free slots in the plugin's queue.
+    pub slots: usize,
+    /// Free bytes of the budget.
+    pub bytes: u64,
 }
 
 /// Room in a feed's budget and a slot in the plugin's queue, taken together ([`Intake::ready`]).

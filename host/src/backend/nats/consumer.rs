@@ -3,11 +3,12 @@
 //! delay / term onto JetStream, and a ticker sends `in-progress` for every message held longer
 //! than a third of `ack_wait` (queued or running), so a slow handler is not redelivered under it.
 
+use super::Pulled;
 use super::wire;
 use crate::transport::{Acker, Delivery, Durability, TransportError};
+use async_nats::jetstream;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::message::AckKind;
-use async_nats::jetstream::{self, consumer::pull::MessagesErrorKind};
 use async_nats::{Client, Subject};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -159,9 +160,25 @@ pub struct Batch {
 impl Batch {
     /// The pull of a feed of `budget` bytes and `queue` messages on a server of `max_payload`.
     pub fn new(queue: usize, budget: u64, max_payload: usize) -> Self {
-        let floor = max_payload.saturating_mul(2).saturating_add(64 << 10);
-        let bytes = usize::try_from(budget).unwrap_or(usize::MAX).max(floor);
+        let bytes = usize::try_from(budget).unwrap_or(usize::MAX).max(Self::floor(max_payload));
         Self { messages: queue.clamp(1, 1000), bytes }
+    }
+
+    /// The fewest bytes a pull asks for on a server of `max_payload`.
+    fn floor(max_payload: usize) -> usize {
+        max_payload.saturating_mul(2).saturating_add(64 << 10)
+    }
+
+    /// This pull, asking for no more than `room` takes: its free slots in the plugin's queue
+    /// and its free bytes. With fewer bytes free than the pull's floor (on a server of
+    /// `max_payload`), one message: it then waits for room read, kept alive, not unread in the
+    /// client behind others.
+    pub fn within(self, room: super::budget::Room, max_payload: usize) -> Self {
+        let free = usize::try_from(room.bytes).unwrap_or(usize::MAX);
+        match free >= Self::floor(max_payload) {
+            true => Self { messages: self.messages.min(room.slots).max(1), bytes: self.bytes.min(free) },
+            false => Self { messages: 1, bytes: Self::floor(max_payload) },
+        }
     }
 }
 
@@ -172,6 +189,13 @@ pub type SharedSpec = Arc<std::sync::RwLock<ConsumerSpec>>;
 
 /// Pulls from the consumer into the plugin's queue until the queue closes; reopens the pull
 /// after errors and re-creates the consumer (from `spec` as it is then) if it was deleted.
+///
+/// Each pull asks only for what the plugin has room for now ([`Batch::within`]): a message a
+/// pull brought waits in the client unread, where nothing keeps it alive (`in-progress` is sent
+/// for the messages [`Held`] knows, those read), and past `ack_wait` JetStream delivers it
+/// again while the first copy still waits: the event ran twice (a continuous pull, asking
+/// again at half its batch and at each expiry whatever was read, held thousands under a
+/// backlog).
 pub async fn pump(
     js: jetstream::Context,
     spec: SharedSpec,
@@ -184,17 +208,17 @@ pub async fn pump(
     let plugin = filter.plugin.clone();
     let stream = spec.read().expect("spec poisoned").stream.clone();
     let current = || spec.read().expect("spec poisoned").clone();
+    // How long a pull may bring nothing before the consumer is looked at (see `STUCK_CHECK`).
+    let mut quiet_for = STUCK_CHECK;
+    // When another version's message was last given back with a warning (one each 10 s).
+    let mut given_back = None;
     loop {
+        let Some(room) = intake.room().await else { return };
         // The server's `max_payload` as it is now: a reconnect may have reached another server.
-        let batch = Batch::new(queue, intake.budget.bytes(), js.client().server_info().max_payload);
-        let opened = consumer
-            .stream()
-            .max_messages_per_batch(batch.messages)
-            .max_bytes_per_batch(batch.bytes)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await;
+        let max_payload = js.client().server_info().max_payload;
+        let batch = Batch::new(queue, intake.budget.bytes(), max_payload).within(room, max_payload);
+        let opened =
+            consumer.batch().max_messages(batch.messages).max_bytes(batch.bytes).expires(PULL_EXPIRES).messages().await;
         let mut messages = match opened {
             Ok(m) => m,
             Err(e) => {
@@ -206,13 +230,11 @@ pub async fn pump(
                 continue;
             }
         };
-        let mut recreate = false;
-        // How long the pull may bring nothing before the consumer is looked at (see `STUCK_CHECK`).
-        let mut quiet_for = STUCK_CHECK;
-        let mut stuck = false;
+        let (mut failed, mut stuck) = (false, false);
         loop {
             let next = match tokio::time::timeout(quiet_for, messages.next()).await {
                 Ok(Some(next)) => next,
+                // The pull brought what it asked for, or expired.
                 Ok(None) => break,
                 Err(_) if !waits_behind_a_message_no_pull_takes(&mut consumer).await => {
                     quiet_for = (quiet_for * 2).min(STUCK_CHECK_MAX);
@@ -231,25 +253,25 @@ pub async fn pump(
                 },
             };
             match next {
-                Ok(msg) if !filter.admits(msg.subject.as_str()) => {
-                    // Not the plugin's (a system subject or another plugin's dead letter in a
-                    // stream its wildcard overlaps): settled without running.
-                    if let Err(e) = msg.ack().await {
-                        tracing::debug!(plugin = %plugin, "acking a message the plugin does not take: {e}");
+                Ok(msg) => match filter.pulled(msg.subject.as_str()) {
+                    Pulled::Take => {
+                        let delivery = delivery_of(msg, &held, &plugin);
+                        if !intake.send(delivery).await {
+                            return;
+                        }
                     }
-                }
-                Ok(msg) => {
-                    let delivery = delivery_of(msg, &held, &plugin);
-                    if !intake.send(delivery).await {
-                        return;
+                    not => not_delivered(&msg, not, &plugin, &mut given_back).await,
+                },
+                // The server's answer instead of messages: the next one is over the pull's
+                // bytes (409), the consumer was deleted (409), JetStream is not there (503).
+                Err(e) => {
+                    stuck = waits_behind_a_message_no_pull_takes(&mut consumer).await;
+                    if !stuck {
+                        tracing::warn!(plugin = %plugin, stream = %stream, "JetStream pull: {e}; making the consumer again");
+                        failed = true;
                     }
-                }
-                Err(e) if matches!(e.kind(), MessagesErrorKind::ConsumerDeleted | MessagesErrorKind::NoResponders) => {
-                    tracing::warn!(plugin = %plugin, stream = %stream, "JetStream consumer gone ({e}); re-creating it");
-                    recreate = true;
                     break;
                 }
-                Err(e) => tracing::debug!(plugin = %plugin, stream = %stream, "JetStream pull: {e}"),
             }
         }
         if stuck {
@@ -257,20 +279,19 @@ pub async fn pump(
             // delivered as any other: `max_event_bytes` decides whether it runs, and a dead letter
             // too large for the server is published without its data (`NatsTransport`).
             drop(messages);
+            quiet_for = STUCK_CHECK;
             match take_the_next_message(&consumer).await {
-                Ok(Some(msg)) if !filter.admits(msg.subject.as_str()) => {
-                    if let Err(e) = msg.ack().await {
-                        tracing::debug!(plugin = %plugin, "acking a message the plugin does not take: {e}");
+                Ok(Some(msg)) => match filter.pulled(msg.subject.as_str()) {
+                    Pulled::Take => {
+                        tracing::warn!(plugin = %plugin, stream = %stream, subject = %msg.subject,
+                            bytes = msg.message.length, pull_bytes = batch.bytes,
+                            "the consumer waited behind a message larger than a pull takes; taken alone");
+                        if !intake.send(delivery_of(msg, &held, &plugin)).await {
+                            return;
+                        }
                     }
-                }
-                Ok(Some(msg)) => {
-                    tracing::warn!(plugin = %plugin, stream = %stream, subject = %msg.subject,
-                        bytes = msg.message.length, pull_bytes = batch.bytes,
-                        "the consumer waited behind a message larger than a pull takes; taken alone");
-                    if !intake.send(delivery_of(msg, &held, &plugin)).await {
-                        return;
-                    }
-                }
+                    not => not_delivered(&msg, not, &plugin, &mut given_back).await,
+                },
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(plugin = %plugin, stream = %stream, "taking the message the consumer waits behind: {e}")
@@ -278,8 +299,8 @@ pub async fn pump(
             }
             continue;
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        if recreate {
+        if failed {
+            tokio::time::sleep(Duration::from_millis(250)).await;
             match ensure(&js, &current()).await {
                 Ok(c) => consumer = c,
                 Err(e) => tracing::warn!(plugin = %plugin, "{e}"),
@@ -287,6 +308,40 @@ pub async fn pump(
         }
     }
 }
+
+/// How long a message another version of the plugin takes waits before JetStream delivers it
+/// again (to any host of the plugin's).
+const ANOTHER_VERSIONS_WAIT: Duration = Duration::from_secs(1);
+
+/// Settles a message the feed does not deliver (`not`: see [`Pulled`]): acked when it is not the
+/// plugin's, given back when it is another version's (a warning at most every 10 s).
+async fn not_delivered(
+    msg: &jetstream::Message,
+    not: Pulled,
+    plugin: &str,
+    given_back: &mut Option<std::time::Instant>,
+) {
+    let settled = match not {
+        Pulled::AnotherVersions => {
+            if given_back.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                *given_back = Some(std::time::Instant::now());
+                tracing::warn!(plugin, subject = %msg.subject,
+                    "a message no subscription of this version names, from the consumer every host of the plugin \
+                     shares (another version runs on another host, or this one is being changed): given back \
+                     for the host that takes it");
+            }
+            msg.ack_with(AckKind::Nak(Some(ANOTHER_VERSIONS_WAIT))).await
+        }
+        Pulled::NotThePlugins | Pulled::Take => msg.ack().await,
+    };
+    if let Err(e) = settled {
+        tracing::debug!(plugin, "settling a message the plugin does not take here: {e}");
+    }
+}
+
+/// How long one pull waits for messages before it ends and the next is asked for (sized to the
+/// room then): also how soon a pull lost to a broker restart is asked for again.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
 
 /// How long a pull may bring nothing before the host asks JetStream whether the consumer waits
 /// behind a message larger than any pull of its takes (`Batch::bytes`); doubled up to

@@ -153,6 +153,18 @@ impl Filter {
         *self.patterns.write().expect("filter poisoned") = patterns;
     }
 
+    /// What a durable feed does with a message on `subject` its pull brought (see [`Pulled`]).
+    pub fn pulled(&self, subject: &str) -> Pulled {
+        let patterns = self.patterns.read().expect("filter poisoned");
+        if patterns.matches(subject) {
+            Pulled::Take
+        } else if patterns.iter().any(|p| p.matches_nats(subject)) {
+            Pulled::NotThePlugins
+        } else {
+            Pulled::AnotherVersions
+        }
+    }
+
     /// Whether the plugin takes a message on `subject`; logs the ones it does not.
     pub fn admits(&self, subject: &str) -> bool {
         let ok = self.patterns.read().expect("filter poisoned").matches(subject);
@@ -161,6 +173,20 @@ impl Filter {
         }
         ok
     }
+}
+
+/// A message a durable consumer brought, as the feed sees it ([`Filter::pulled`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pulled {
+    /// The plugin's: delivered.
+    Take,
+    /// One its patterns reach only by NATS's rule (a system subject, another plugin's dead
+    /// letter in a stream its wildcard overlaps): settled without running.
+    NotThePlugins,
+    /// One no pattern of this version reaches even by NATS's rule: the consumer, shared by every
+    /// host running the plugin, has another version's filters (a rolling upgrade, a reload on
+    /// another host). Given back for another host to take, never settled unrun.
+    AnotherVersions,
 }
 
 /// What feeds one plugin's queue now.
