@@ -223,6 +223,15 @@ impl Config {
             "nats.ack_wait is {:?}: at least 100ms (the keep-alive sends in-progress every third of it)",
             self.nats.ack_wait
         );
+        // A redelivery comes at least an ack wait after the first delivery: its outputs are
+        // deduplicated only within the duplicate window.
+        anyhow::ensure!(
+            self.nats.ack_wait < self.nats.duplicate_window,
+            "nats.ack_wait ({:?}) must be below nats.duplicate_window ({:?}): a redelivered event's outputs would \
+             come after the window and be stored twice",
+            self.nats.ack_wait,
+            self.nats.duplicate_window
+        );
         anyhow::ensure!(
             self.api.max_tails < self.api.max_connections,
             "api.max_tails ({}) must be below api.max_connections ({}): live tails would take every connection",
@@ -443,6 +452,9 @@ mod tests {
         let f = write("[nats]\nack_wait = \"0s\"\n");
         let e = Config::load(Some(&f.0)).unwrap().validate().unwrap_err().to_string();
         assert!(e.contains("nats.ack_wait is 0ns: at least 100ms"), "{e}");
+        let f = write("[nats]\nack_wait = \"3m\"\n");
+        let e = Config::load(Some(&f.0)).unwrap().validate().unwrap_err().to_string();
+        assert!(e.contains("nats.ack_wait (180s) must be below nats.duplicate_window (120s)"), "{e}");
     }
 
     #[test]

@@ -667,6 +667,25 @@ impl DeadLetters {
         (newest, total)
     }
 
+    /// The dead letter kept of `plugin`'s delivery of `original` (its id, subject and data),
+    /// and whether the file has it (a broker may then take it without its data).
+    pub fn kept_for(&self, plugin: &str, original: &Event) -> Option<(Event, bool)> {
+        let id = output_id(&original.source, &original.id, plugin, usize::MAX);
+        let entry = {
+            let kept = self.kept.lock().expect("dlq poisoned");
+            let same = |e: &&Entry| {
+                e.plugin == plugin
+                    && e.event.id == id
+                    && e.event.header(headers::ORIGINAL_SUBJECT) == Some(original.subject.as_str())
+                    && e.event.data == original.data
+            };
+            kept.items.iter().find(same).map(|e| (e.seq, e.event.clone()))?
+        };
+        let (seq, event) = entry;
+        let in_file = self.file.is_some() && !self.unwritten.lock().expect("dlq poisoned").inserts.contains(&seq);
+        Some((event, in_file))
+    }
+
     /// The kept dead letter whose (dead-letter event) id is `id`.
     pub fn get(&self, id: &str) -> Option<Entry> {
         let kept = self.kept.lock().expect("dlq poisoned");

@@ -319,6 +319,12 @@ pub enum Outcome {
     },
     /// The replay of a dead letter another plugin failed (`plugbus-replay-for`): acked unrun.
     NotItsReplay,
+    /// Dead-lettered before (its dead letter is kept here) and delivered again: not run again;
+    /// its dead letter was published again and the input settled as a dead letter's.
+    DeadLetteredBefore {
+        /// The transport's delivery count.
+        attempt: u32,
+    },
     /// Dead-lettered after this many attempts.
     DeadLettered {
         /// Attempts made.
@@ -373,6 +379,10 @@ fn record_outcome(span: &tracing::Span, outcome: &Outcome) {
         Outcome::NotItsReplay => {
             span.record("outcome", "not_its_replay");
         }
+        Outcome::DeadLetteredBefore { attempt } => {
+            span.record("outcome", "dead_lettered_before");
+            span.record("attempts", attempt);
+        }
         Outcome::DeadLettered { attempts, failure } => {
             span.record("outcome", "dead_lettered");
             span.record("attempts", attempts);
@@ -404,7 +414,25 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
     // What the failed attempt saw, when the delivery ends dead-lettered.
     let mut record = None;
     let outcome = match &delivery.defect {
-        Some(why) => Outcome::DeadLettered { attempts: 0, failure: DeliveryError::Undecodable(why.clone()) },
+        Some(failure) => Outcome::DeadLettered { attempts: 0, failure: failure.clone() },
+        // A redelivery of an event this plugin dead-lettered: the dead letter's publish failed or
+        // its ack was lost, so the input was given back. Run again, a success left its dead letter
+        // behind for a replay to run it twice: its dead letter is published again instead.
+        None if delivery.attempt > 1
+            && let Some(dead) = rt.dead_letters.kept_for(&rt.name, ev) =>
+        {
+            let (dead, in_file) = dead;
+            tracing::warn!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempt = delivery.attempt,
+                "dead-lettered before and delivered again (its dead letter's publish failed or was not \
+                 confirmed): not run again; its dead letter is published again");
+            let published = publish_dead_letter(rt, &ev.id, dead, in_file).await.is_ok();
+            match fate::settle_dead_letter(published, delivery.redeliverable, delivery.attempt, &rt.retry) {
+                Settle::Term => delivery.acker.term().await,
+                Settle::Nak(wait) => delivery.acker.nak(wait).await,
+                Settle::Ack => delivery.acker.ack().await,
+            }
+            Outcome::DeadLetteredBefore { attempt: delivery.attempt }
+        }
         None => match delivery.handled.clone() {
             // Its kv writes committed (with these outputs) before the host stopped: it is not
             // run again; its outputs are released and it is acked.
@@ -433,7 +461,7 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
         }
         Outcome::Redelivering { wait, .. } => delivery.acker.nak(*wait).await,
         // (Settled where it was decided, before any attempt.)
-        Outcome::NotItsReplay => {}
+        Outcome::NotItsReplay | Outcome::DeadLetteredBefore { .. } => {}
         Outcome::Expired { attempts } => {
             rt.stats.add(|c| &c.expired, 1);
             rt.metrics.requests_expired.inc();

@@ -34,6 +34,9 @@ pub enum DeliveryError {
     },
     /// The message could not be read as an event: it is never run.
     Undecodable(String),
+    /// No host of the plugin took it before the transport's delivery limit: hosts of a version
+    /// that does not subscribe to it gave it back (a rolling upgrade). It is never run here.
+    Unclaimed(String),
 }
 
 impl DeliveryError {
@@ -45,7 +48,7 @@ impl DeliveryError {
             | DeliveryError::KvConflict(_)
             | DeliveryError::KvQuota(_)
             | DeliveryError::Publish(_) => true,
-            DeliveryError::Oversize { .. } | DeliveryError::Undecodable(_) => false,
+            DeliveryError::Oversize { .. } | DeliveryError::Undecodable(_) | DeliveryError::Unclaimed(_) => false,
         }
     }
 }
@@ -62,6 +65,7 @@ impl std::fmt::Display for DeliveryError {
                 write!(f, "event of {bytes} bytes is over the {limit}-byte limit")
             }
             DeliveryError::Undecodable(why) => write!(f, "the message is not a valid event: {why}"),
+            DeliveryError::Unclaimed(why) => write!(f, "no host of the plugin took it: {why}"),
         }
     }
 }

@@ -203,6 +203,10 @@ pub fn non_public(ip: IpAddr) -> Option<&'static str> {
                 Some("loopback")
             } else if o == [169, 254, 169, 254] {
                 Some("the cloud metadata address")
+            } else if o == [168, 63, 129, 16] {
+                // Azure's host address (wireserver: the VM agent's channel, its health probes),
+                // reachable from every Azure VM though it is a public address.
+                Some("the Azure host address")
             } else if v4.is_link_local() {
                 Some("link-local")
             } else if v4.is_private() {
@@ -362,6 +366,12 @@ impl Outbound {
         else {
             return Err(self.refuse("the request has no host".into()));
         };
+        // The allow-list checks the host alone, but the whole authority would go out as the
+        // `Host` header (`user:pass@granted.host`), for a front end to route as it reads it.
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err(self
+                .refuse("the URL carries a user name or password (`user@host`): send credentials in a header".into()));
+        }
         let port = uri.port_u16().unwrap_or(default_port(&scheme));
         if let Err(why) = self.policy.check(&self.plugin, &scheme, &host, port) {
             return Err(self.refuse(why));
@@ -691,6 +701,8 @@ mod tests {
             "::ffff:0:127.0.0.1",
             "::ffff:0:a9fe:a9fe",
             "64:ff9b:1::a9fe:a9fe",
+            "168.63.129.16",
+            "::ffff:168.63.129.16",
         ] {
             assert!(non_public(ip.parse().unwrap()).is_some(), "{ip}");
         }
@@ -699,6 +711,21 @@ mod tests {
         {
             assert!(non_public(ip.parse().unwrap()).is_none(), "{ip}");
         }
+    }
+
+    /// The allow-list checks the host alone, and the whole authority went out as `Host`:
+    /// `x:y@granted.host` reached the server as `Host: x:y@granted.host`.
+    #[tokio::test]
+    async fn a_url_with_a_user_name_is_refused() {
+        let limits = Limits::default();
+        let granted = ["http://127.0.0.1:9".to_string()];
+        let policy = Arc::new(OutboundPolicy::new(&granted, &granted, &limits));
+        let mut hooks = Outbound::new(policy, "p".into(), &limits, "e1");
+        let body = http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync();
+        let request = http::Request::get("http://x:y@127.0.0.1:9/x").body(body).unwrap();
+        let sent = Box::into_pin(hooks.send_request(request, None, Box::new(async { Ok(()) }))).await;
+        let Err(Error::InternalError(Some(why))) = sent else { panic!("not refused: {:?}", sent.err()) };
+        assert!(why.contains("carries a user name or password"), "{why}");
     }
 
     /// A call that runs out of time while it waits in the host (its plugin's slots all taken,

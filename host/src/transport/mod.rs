@@ -172,8 +172,9 @@ pub struct Delivery {
     pub attempt: u32,
     /// Whether the transport delivers it again after a `nak` (so retries may leave the host).
     pub redeliverable: bool,
-    /// Why the message could not be read as an event (it is dead-lettered without running).
-    pub defect: Option<String>,
+    /// Why it is dead-lettered without running: it could not be read as an event
+    /// ([`DeliveryError::Undecodable`](crate::fate::DeliveryError)), or no host took it.
+    pub defect: Option<crate::fate::DeliveryError>,
     /// The outputs of an attempt whose kv writes committed before the host stopped: the event
     /// is not run again, these are released and it is acked.
     pub handled: Option<Vec<Arc<Event>>>,

@@ -728,11 +728,45 @@ async fn jetstream_a_dead_letter_that_cannot_be_kept_naks_the_input_until_max_de
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(t.counter("faulty", "received"), 6);
     assert_eq!(t.counter("faulty", "ok"), 0);
-    assert_eq!(t.counter("faulty", "attempts"), 6, "one attempt per delivery: a reject is not retried in place");
+    // Run once: each redelivery publishes its dead letter again (a handler run again could
+    // succeed and leave its dead letter behind, for a replay to run it twice).
+    assert_eq!(t.counter("faulty", "attempts"), 1, "dead-lettered, then run again");
     let dead = js.get_stream("DEAD").await.unwrap().info().await.unwrap().state.messages;
     assert_eq!(dead, 1, "the full stream took a dead letter after all");
     // the host still keeps what it could not publish, for a replay
     assert!(!t.host.dead_letters().list(Some("faulty")).is_empty());
+}
+
+/// A dead letter that could not be published (its stream full) leaves its input to be delivered
+/// again. The event, run again, succeeded once its cause had passed, and its dead letter stayed
+/// kept: a later `dlq replay` ran it a second time. Now a redelivery of an event the plugin
+/// dead-lettered is not run: its dead letter is published again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_an_event_dead_lettered_is_not_run_again_when_its_dead_letter_was_not_published() {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    js.create_stream(jetstream::stream::Config {
+        name: "DEAD".into(),
+        subjects: vec!["dead.faulty".into()],
+        max_messages: 1,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js.publish("dead.faulty", "filler".into()).await.unwrap().await.unwrap();
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
+        plugbus_tests::fast_retries(c); // 3 attempts, max_deliver 6
+        c.plugins.entry("faulty".into()).or_default().dead_letter = Some("dead.faulty".into());
+    })
+    .await;
+    // Fails its first 3 attempts (dead-lettered at the third), would pass from the fourth.
+    t.publish("faulty.flaky", "4").await;
+    t.wait_counter("faulty", "received", 6).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(t.counter("faulty", "ok"), 0, "run again after it was dead-lettered");
+    assert_eq!(t.counter("faulty", "attempts"), 3);
+    assert_eq!(t.host.dead_letters().list(Some("faulty")).len(), 1, "its dead letter is kept once");
 }
 
 /// The attack: the stream that keeps a plugin's dead letters has a `max_msg_size` below the
@@ -1560,10 +1594,15 @@ mod retarget {
     }
 
     pub async fn feed(server: &NatsServer, patterns: &[&str]) -> (NatsTransport, Subscription) {
+        feed_of(server, spec(patterns)).await
+    }
+
+    /// A feed of `spec` on a transport of its own, as [`feed`].
+    pub async fn feed_of(server: &NatsServer, spec: SubscriptionSpec) -> (NatsTransport, Subscription) {
         let mut settings = NatsSettings { url: Some(server.url()), auto_streams: false, ..NatsSettings::default() };
         settings.streams.insert("ORDERS".into(), StreamDef { subjects: vec!["orders.>".into()] });
         let nats = NatsTransport::connect(&settings).await.unwrap();
-        let sub = nats.subscribe(spec(patterns)).await.unwrap();
+        let sub = nats.subscribe(spec).await.unwrap();
         (nats, sub)
     }
 
@@ -1639,7 +1678,7 @@ async fn jetstream_a_host_running_an_older_version_gives_back_what_only_the_newe
     let (_old, mut old_sub) = retarget::feed(&server, &["orders.created"]).await;
     let (new, mut new_sub) = retarget::feed(&server, &["orders.created"]).await;
     let mut newer = retarget::spec(&["orders.created", "orders.cancelled"]);
-    newer.durable.as_mut().unwrap().give_up_after = 50;
+    newer.durable.as_mut().unwrap().give_up_after = 3;
     new.retarget(new_sub.id, &newer).await.unwrap();
     let js = jetstream::new(server.client().await);
     for _ in 0..20 {
@@ -1658,4 +1697,88 @@ async fn jetstream_a_host_running_an_older_version_gives_back_what_only_the_newe
             _ = tokio::time::sleep(Duration::from_secs(15)) => panic!("{ran} of 20 ran: the rest were settled unrun"),
         }
     }
+}
+
+/// The newer version's host is busy (its queue full), so the older version's host gets every
+/// delivery of a message only the newer takes, and gives each back until JetStream's
+/// `max_deliver`, where JetStream dropped it unrun. Now its last delivery is dead-lettered
+/// (unrun, `no host of the plugin took it`), so nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_message_no_host_of_its_version_takes_is_dead_lettered_not_dropped() {
+    use plugbus::transport::Transport;
+    let server = NatsServer::start().await;
+    let spec = |patterns: &[&str], capacity| {
+        let mut spec = retarget::spec(patterns);
+        spec.capacity = capacity;
+        spec.durable.as_mut().unwrap().give_up_after = 3;
+        spec
+    };
+    let (_old, mut old_sub) = retarget::feed_of(&server, spec(&["orders.created"], 16)).await;
+    let (new, mut new_sub) = retarget::feed_of(&server, spec(&["orders.created"], 1)).await;
+    new.retarget(new_sub.id, &spec(&["orders.created", "orders.cancelled"], 1)).await.unwrap();
+    let js = jetstream::new(server.client().await);
+    for _ in 0..4 {
+        js.publish("orders.cancelled", "x".into()).await.unwrap().await.unwrap();
+    }
+    // The newer host's queue holds one and is not read meanwhile: the rest go to the older host.
+    let mut unclaimed = 0;
+    while unclaimed < 2 {
+        let d = tokio::time::timeout(Duration::from_secs(30), old_sub.deliveries.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{unclaimed} dead-lettered: the rest were dropped at max_deliver"))
+            .expect("the feed is open");
+        let failure = d.defect.as_ref().map(|f| f.to_string()).unwrap_or_default();
+        assert!(failure.contains("no host of the plugin took it"), "the older version ran it: {failure:?}");
+        d.acker.term().await;
+        unclaimed += 1;
+    }
+    let mut ran = 0;
+    while let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(5), new_sub.deliveries.recv()).await {
+        assert!(d.defect.is_none());
+        d.acker.ack().await;
+        ran += 1;
+    }
+    assert_eq!(ran + unclaimed, 4, "{ran} ran, {unclaimed} dead-lettered");
+}
+
+/// A plugin whose subscriptions span two streams has a pump on each, feeding one queue. Each
+/// pulled as much as the whole queue had room for, so the messages one of them pulled waited
+/// unread, with no `in-progress`, and past `ack_wait` were delivered again: run twice. Each pump
+/// now asks for its share of the room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_two_streams_into_one_queue_run_each_message_once() {
+    use plugbus::backend::nats::{NatsSettings, NatsTransport, StreamDef};
+    use plugbus::transport::Transport;
+    let server = NatsServer::start().await;
+    let mut settings = NatsSettings {
+        url: Some(server.url()),
+        auto_streams: false,
+        ack_wait: Duration::from_secs(1),
+        ..NatsSettings::default()
+    };
+    for (name, subjects) in [("ORDERS", "orders.>"), ("REFUNDS", "refunds.>")] {
+        settings.streams.insert(name.into(), StreamDef { subjects: vec![subjects.into()] });
+    }
+    let nats = NatsTransport::connect(&settings).await.unwrap();
+    let mut spec = retarget::spec(&["orders.*", "refunds.*"]);
+    spec.capacity = 4;
+    spec.buffer_bytes = 64 << 20;
+    spec.durable.as_mut().unwrap().give_up_after = 20;
+    let mut sub = nats.subscribe(spec).await.unwrap();
+    let js = jetstream::new(server.client().await);
+    for i in 0..10 {
+        js.publish("orders.x", format!("o{i}").into()).await.unwrap().await.unwrap();
+        js.publish("refunds.x", format!("r{i}").into()).await.unwrap().await.unwrap();
+    }
+    let mut seen = HashSet::new();
+    let mut twice = Vec::new();
+    while let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let data = String::from_utf8_lossy(&d.event.data).to_string();
+        if !seen.insert(data.clone()) {
+            twice.push(data);
+        }
+        d.acker.ack().await;
+    }
+    assert_eq!((seen.len(), twice), (20, Vec::<String>::new()), "every message once");
 }

@@ -1675,6 +1675,7 @@ impl Writer {
         if tests::landed_check_blocked(&self.path) {
             return false;
         }
+        self.any_retired.store(true, Relaxed);
         if self.store.reopen().and_then(|()| self.reload_outboxed()).is_err() {
             // `failed` is set: the next commit tries to reopen again.
             return false;
@@ -1708,6 +1709,7 @@ impl Writer {
         let (mut next_from, mut passed_over, mut more_to_drop) = (0, 0, false);
         let dropped_rows;
         let forgotten;
+        let any_retired;
         {
             let mut events = w.open_table(ROWS).map_err(|e| e.to_string())?;
             let mut ids = w.open_table(IDS).map_err(|e| e.to_string())?;
@@ -1812,7 +1814,7 @@ impl Writer {
             forgotten = retired.forget(first_kept, &mut retired_bytes, bound, max_dropped)?;
             more_to_drop |= forgotten.more;
             meta.insert("retired_bytes", retired_bytes).map_err(|e| e.to_string())?;
-            self.any_retired.store(retired.any()?, Relaxed);
+            any_retired = retired.any()?;
             if !damaged.is_empty() {
                 // What a damaged row held is unknown: the count starts again from what is kept.
                 bytes = 0;
@@ -1826,8 +1828,10 @@ impl Writer {
             bytes_left = bytes;
         }
         w.commit().map_err(|e| e.to_string())?;
-        // Only once committed: a pass that failed is done again from where it began.
+        // Only once committed: a pass that failed is done again from where it began (and its
+        // ids are as they were).
         self.trim_from.store(next_from, Relaxed);
+        self.any_retired.store(any_retired, Relaxed);
         if next_from > 0 {
             tracing::debug!(log = %self.path.display(), passed_over, rows_dropped = dropped_rows, next_seq = next_from,
                 "a retention pass stopped at its bound: the next goes on from here");
@@ -1946,6 +1950,9 @@ impl Writer {
             // next failed flush and reopen, and ingress would never say the disk is full.
             let reopened = self.failed.load(std::sync::atomic::Ordering::Relaxed);
             if reopened {
+                // What the file holds may be older than what was committed (a commit kept in
+                // memory only): kept ids are looked for until the next retention pass says.
+                self.any_retired.store(true, Relaxed);
                 self.store.reopen()?;
                 self.reload_outboxed()?;
                 self.failed.store(false, std::sync::atomic::Ordering::Relaxed);

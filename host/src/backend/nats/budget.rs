@@ -88,12 +88,30 @@ pub struct Intake {
     /// What the feed's core pumps may hold besides, while the queue or the budget has no room
     /// (as large as `budget`; see `queue_group`).
     pub waiting: Budget,
+    /// The feed's JetStream pumps pulling now (one per stream): each asks for its share of the
+    /// room ([`Intake::room`]).
+    pullers: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A pump's place among its feed's pullers, given up when dropped.
+pub struct Puller(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Puller {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Intake {
     /// The intake of a feed of `bytes` bytes into `tx`.
     pub fn new(tx: mpsc::Sender<Delivery>, bytes: u64) -> Self {
-        Self { tx, budget: Budget::new(bytes), waiting: Budget::new(bytes) }
+        Self { tx, budget: Budget::new(bytes), waiting: Budget::new(bytes), pullers: Default::default() }
+    }
+
+    /// Counts a pump among the feed's pullers while the returned guard lives.
+    pub fn puller(&self) -> Puller {
+        self.pullers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Puller(self.pullers.clone())
     }
 
     /// Queues `delivery` once it has room; `false` once the queue is closed. Room there now is
@@ -128,9 +146,13 @@ impl Intake {
 
     /// Waits until the queue has a free slot, then says how much room there is: what a pull
     /// may ask for. `None` once the queue is closed.
+    ///
+    /// With several pumps (a stream each), each gets an equal share: each pulls what it was told
+    /// there is room for, and together they must not pull more than that.
     pub async fn room(&self) -> Option<Room> {
         drop(self.tx.reserve().await.ok()?);
-        Some(Room { slots: self.tx.capacity().max(1), bytes: self.budget.free() })
+        let pullers = self.pullers.load(std::sync::atomic::Ordering::Relaxed).max(1);
+        Some(Room { slots: (self.tx.capacity() / pullers).max(1), bytes: self.budget.free() / pullers as u64 })
     }
 
     /// Waits until the budget has `cost` bytes of room and the queue a slot. Cancel-safe:

@@ -113,6 +113,18 @@ impl ConsumerSpec {
     }
 }
 
+/// The durable consumer as it is, or made from `spec` when it is gone: a pump that lost its pull
+/// (a broker restart, a leader change) never writes its own filters over those another host's
+/// version set (every host of the plugin shares the consumer; a retarget updates it, `ensure`).
+async fn reopen(js: &jetstream::Context, spec: &ConsumerSpec) -> Result<PullConsumer, TransportError> {
+    if let Ok(stream) = js.get_stream(&spec.stream).await
+        && let Ok(consumer) = stream.get_consumer::<pull::Config>(&spec.name).await
+    {
+        return Ok(consumer);
+    }
+    ensure(js, spec).await
+}
+
 /// Creates the durable consumer, or updates its filters (keeping where it started from).
 pub async fn ensure(js: &jetstream::Context, spec: &ConsumerSpec) -> Result<PullConsumer, TransportError> {
     let broker = |what: &str, e: &dyn std::fmt::Display| {
@@ -173,14 +185,23 @@ impl Batch {
     /// and its free bytes. With fewer bytes free than the pull's floor (on a server of
     /// `max_payload`), one message: it then waits for room read, kept alive, not unread in the
     /// client behind others.
+    ///
+    /// A message costs the budget more than its bytes on the wire (`Event::buffered_cost`: about
+    /// [`COST_OVER_WIRE`] more): the bytes asked for leave that much free per message.
     pub fn within(self, room: super::budget::Room, max_payload: usize) -> Self {
         let free = usize::try_from(room.bytes).unwrap_or(usize::MAX);
-        match free >= Self::floor(max_payload) {
-            true => Self { messages: self.messages.min(room.slots).max(1), bytes: self.bytes.min(free) },
+        let messages = self.messages.min(room.slots).max(1);
+        let bytes = free.saturating_sub(messages.saturating_mul(COST_OVER_WIRE));
+        match bytes >= Self::floor(max_payload) {
+            true => Self { messages, bytes: self.bytes.min(bytes) },
             false => Self { messages: 1, bytes: Self::floor(max_payload) },
         }
     }
 }
+
+/// What a delivery costs the feed's budget beyond its bytes on the wire, about (the event's
+/// fixed part and its header strings: `Event::buffered_cost`).
+const COST_OVER_WIRE: usize = 2 << 10;
 
 /// A pump's consumer spec, which a retarget of its plugin changes (its filters): a consumer
 /// re-created after it was deleted takes the spec of the version serving, never the one the
@@ -206,6 +227,7 @@ pub async fn pump(
     filter: super::Filter,
 ) {
     let plugin = filter.plugin.clone();
+    let _puller = intake.puller();
     let stream = spec.read().expect("spec poisoned").stream.clone();
     let current = || spec.read().expect("spec poisoned").clone();
     // How long a pull may bring nothing before the consumer is looked at (see `STUCK_CHECK`).
@@ -224,13 +246,13 @@ pub async fn pump(
             Err(e) => {
                 tracing::warn!(plugin = %plugin, stream = %stream, "cannot pull from JetStream yet: {e}");
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                if let Ok(c) = ensure(&js, &current()).await {
+                if let Ok(c) = reopen(&js, &current()).await {
                     consumer = c;
                 }
                 continue;
             }
         };
-        let (mut failed, mut stuck) = (false, false);
+        let (mut failed, mut stuck, mut brought, mut gave_back) = (false, false, 0usize, false);
         loop {
             let next = match tokio::time::timeout(quiet_for, messages.next()).await {
                 Ok(Some(next)) => next,
@@ -255,20 +277,32 @@ pub async fn pump(
             match next {
                 Ok(msg) => match filter.pulled(msg.subject.as_str()) {
                     Pulled::Take => {
+                        brought += 1;
                         let delivery = delivery_of(msg, &held, &plugin);
                         if !intake.send(delivery).await {
                             return;
                         }
                     }
-                    not => not_delivered(&msg, not, &plugin, &mut given_back).await,
+                    // Its last delivery: given back once more, JetStream would drop it unrun.
+                    Pulled::AnotherVersions if last_delivery(&msg, &current()) => {
+                        let mut delivery = delivery_of(msg, &held, &plugin);
+                        delivery.defect = Some(crate::fate::DeliveryError::Unclaimed(UNCLAIMED.into()));
+                        brought += 1;
+                        if !intake.send(delivery).await {
+                            return;
+                        }
+                    }
+                    not => gave_back |= not_delivered(&msg, not, &plugin, &mut given_back).await,
                 },
-                // The server's answer instead of messages: the next one is over the pull's
-                // bytes (409), the consumer was deleted (409), JetStream is not there (503).
+                // The server's status ending the pull (async-nats gives it as an error).
                 Err(e) => {
-                    stuck = waits_behind_a_message_no_pull_takes(&mut consumer).await;
-                    if !stuck {
-                        tracing::warn!(plugin = %plugin, stream = %stream, "JetStream pull: {e}; making the consumer again");
-                        failed = true;
+                    match PullEnd::of(&e.to_string(), brought) {
+                        PullEnd::Done => {}
+                        PullEnd::MaybeStuck => stuck = waits_behind_a_message_no_pull_takes(&mut consumer).await,
+                        PullEnd::Failed => {
+                            tracing::warn!(plugin = %plugin, stream = %stream, "JetStream pull: {e}; making the consumer again");
+                            failed = true;
+                        }
                     }
                     break;
                 }
@@ -290,7 +324,9 @@ pub async fn pump(
                             return;
                         }
                     }
-                    not => not_delivered(&msg, not, &plugin, &mut given_back).await,
+                    not => {
+                        not_delivered(&msg, not, &plugin, &mut given_back).await;
+                    }
                 },
                 Ok(None) => {}
                 Err(e) => {
@@ -299,9 +335,14 @@ pub async fn pump(
             }
             continue;
         }
+        if gave_back {
+            // The redeliveries go to the hosts of the consumer's version meanwhile: each one
+            // given back here counts toward the consumer's `max_deliver`.
+            tokio::time::sleep(ANOTHER_VERSIONS_PAUSE).await;
+        }
         if failed {
             tokio::time::sleep(Duration::from_millis(250)).await;
-            match ensure(&js, &current()).await {
+            match reopen(&js, &current()).await {
                 Ok(c) => consumer = c,
                 Err(e) => tracing::warn!(plugin = %plugin, "{e}"),
             }
@@ -313,14 +354,28 @@ pub async fn pump(
 /// again (to any host of the plugin's).
 const ANOTHER_VERSIONS_WAIT: Duration = Duration::from_secs(1);
 
+/// Why a message only another version takes is dead-lettered at its last delivery.
+const UNCLAIMED: &str = "hosts of a version that does not subscribe to it gave it back until JetStream's max_deliver \
+     (a rolling upgrade, or another version running elsewhere): dead-lettered rather than dropped";
+
+/// Whether `msg` comes for the last time: JetStream drops it once given back now.
+fn last_delivery(msg: &jetstream::Message, spec: &ConsumerSpec) -> bool {
+    let max = u64::from(spec.durability.give_up_after.max(1));
+    msg.info().is_ok_and(|info| info.delivered as u64 >= max)
+}
+
+/// How long a pump that gave back another version's message waits before its next pull.
+const ANOTHER_VERSIONS_PAUSE: Duration = Duration::from_secs(2);
+
 /// Settles a message the feed does not deliver (`not`: see [`Pulled`]): acked when it is not the
-/// plugin's, given back when it is another version's (a warning at most every 10 s).
+/// plugin's, given back when it is another version's (a warning at most every 10 s). `true`:
+/// given back.
 async fn not_delivered(
     msg: &jetstream::Message,
     not: Pulled,
     plugin: &str,
     given_back: &mut Option<std::time::Instant>,
-) {
+) -> bool {
     let settled = match not {
         Pulled::AnotherVersions => {
             if given_back.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
@@ -336,6 +391,33 @@ async fn not_delivered(
     };
     if let Err(e) = settled {
         tracing::debug!(plugin, "settling a message the plugin does not take here: {e}");
+    }
+    not == Pulled::AnotherVersions
+}
+
+/// How a pull ended that the server ended with a status.
+#[derive(Debug, PartialEq, Eq)]
+enum PullEnd {
+    /// It brought what it could (`409 Batch Completed` at its bytes, a leader change, a next
+    /// message over its bytes after some): the next pull is asked for at once.
+    Done,
+    /// Its first message was over its bytes: the consumer may wait behind one no pull takes.
+    MaybeStuck,
+    /// The consumer is gone or JetStream is not there (`Consumer Deleted`, no responders,
+    /// anything else): the consumer is made again.
+    Failed,
+}
+
+impl PullEnd {
+    /// The end a status (as async-nats words it) makes of a pull that brought `brought`.
+    fn of(status: &str, brought: usize) -> Self {
+        if status.contains("Message Size Exceeds MaxBytes") {
+            return if brought == 0 { Self::MaybeStuck } else { Self::Done };
+        }
+        if ["Batch Completed", "Leadership Change", "Request Timeout"].iter().any(|s| status.contains(s)) {
+            return Self::Done;
+        }
+        Self::Failed
     }
 }
 
@@ -407,14 +489,45 @@ fn delivery_of(msg: jetstream::Message, held: &Arc<Held>, plugin: &Arc<str>) -> 
         }
         Err(why) => {
             let raw = wire::undecodable(&subject, &message.payload, fallback_id);
-            Delivery { attempt, acker, redeliverable: true, defect: Some(why), ..Delivery::once(Arc::new(raw)) }
+            let defect = Some(crate::fate::DeliveryError::Undecodable(why));
+            Delivery { attempt, acker, redeliverable: true, defect, ..Delivery::once(Arc::new(raw)) }
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Batch;
+    use super::{Batch, PullEnd};
+    use crate::backend::nats::budget::Room;
+
+    /// A pull asks for no more than the feed has room for (a message pulled and unread has no
+    /// `in-progress`), and for one message when fewer bytes than its floor are free.
+    #[test]
+    fn a_pull_asks_only_for_the_room_there_is() {
+        let b = Batch::new(1024, 64 << 20, 1 << 20);
+        assert_eq!(
+            b.within(Room { slots: 3, bytes: 64 << 20 }, 1 << 20),
+            Batch { messages: 3, bytes: (64 << 20) - 3 * 2048 }
+        );
+        let bytes = (8 << 20) - 1000 * 2048;
+        assert_eq!(b.within(Room { slots: 1024, bytes: 8 << 20 }, 1 << 20), Batch { messages: 1000, bytes });
+        let floor = (2 << 20) + (64 << 10);
+        assert_eq!(b.within(Room { slots: 1024, bytes: 1 << 20 }, 1 << 20), Batch { messages: 1, bytes: floor });
+    }
+
+    /// The server ends a pull at its bytes with `409 Batch Completed` (and a next message over
+    /// them after some with `Message Size Exceeds MaxBytes`): the next pull follows, nothing is
+    /// taken for a stuck consumer. Only a first message over the bytes may be one.
+    #[test]
+    fn a_pull_ended_at_its_bytes_is_done_not_stuck() {
+        let status = |s: &str| format!("error while processing messages from the stream: 409, Some(\"{s}\")");
+        assert_eq!(PullEnd::of(&status("Batch Completed"), 0), PullEnd::Done);
+        assert_eq!(PullEnd::of(&status("Message Size Exceeds MaxBytes"), 3), PullEnd::Done);
+        assert_eq!(PullEnd::of(&status("Message Size Exceeds MaxBytes"), 0), PullEnd::MaybeStuck);
+        assert_eq!(PullEnd::of(&status("Leadership Change"), 0), PullEnd::Done);
+        assert_eq!(PullEnd::of(&status("Consumer Deleted"), 0), PullEnd::Failed);
+        assert_eq!(PullEnd::of("error while processing messages from the stream: 503, None", 0), PullEnd::Failed);
+    }
 
     /// A pull is bounded in bytes by the feed's budget, yet always takes the largest message.
     #[test]

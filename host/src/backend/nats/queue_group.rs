@@ -83,7 +83,7 @@ fn delivery_of(msg: Message) -> Delivery {
         }
         Err(why) => {
             let raw = wire::undecodable(&subject, &msg.payload, None);
-            Delivery { defect: Some(why), ..Delivery::once(Arc::new(raw)) }
+            Delivery { defect: Some(crate::fate::DeliveryError::Undecodable(why)), ..Delivery::once(Arc::new(raw)) }
         }
     }
 }
