@@ -230,6 +230,7 @@ pub async fn plugins_dir_of(client: &reqwest::Client, url: &str) -> anyhow::Resu
 /// never written through (a symlink to another file) nor opened (a FIFO).
 fn write_beside(plugins: &Path, file: &str, bytes: &[u8], target: &Path) -> anyhow::Result<()> {
     use std::io::Write;
+    remove_leftovers(plugins, file);
     let temp = plugins.join(format!(".{file}.{:016x}.plugbus-dev", fastrand::u64(..)));
     let written = (|| {
         let mut out = std::fs::OpenOptions::new().write(true).create_new(true).open(&temp)?;
@@ -243,6 +244,21 @@ fn write_beside(plugins: &Path, file: &str, bytes: &[u8], target: &Path) -> anyh
         let _ = std::fs::remove_file(&temp);
     }
     renamed
+}
+
+/// Removes what an earlier write of `file` left beside it (`plugbus dev` killed between the write
+/// and the rename): each a build's size, never read. Only its own names, and never through a
+/// link (removing a link removes the link).
+fn remove_leftovers(plugins: &Path, file: &str) {
+    let Ok(entries) = std::fs::read_dir(plugins) else { return };
+    let prefix = format!(".{file}.");
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(&prefix) && name.ends_with(".plugbus-dev") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Copies `bytes` into `plugins/<name>.wasm` (beside it first, then a rename) and waits until
@@ -393,6 +409,16 @@ mod tests {
         let served = plugins.join("x.wasm");
         assert!(std::fs::symlink_metadata(&served).unwrap().is_file(), "x.wasm is not a file of its own");
         assert_eq!(std::fs::read(&served).unwrap(), bytes);
+        // What a killed deploy left beside it goes with the next one (its own names only).
+        std::fs::write(plugins.join(".x.wasm.0123456789abcdef.plugbus-dev"), "left").unwrap();
+        std::fs::write(plugins.join(".y.wasm.0123456789abcdef.plugbus-dev"), "another's").unwrap();
+        deploy(&client, "http://127.0.0.1:9", &plugins, "x", bytes, Duration::ZERO, Duration::from_secs(1))
+            .await
+            .unwrap();
+        let mut left: Vec<_> = std::fs::read_dir(&plugins).unwrap().map(|e| e.unwrap().file_name()).collect();
+        left.sort();
+        assert_eq!(left, [".y.wasm.0123456789abcdef.plugbus-dev", "x.wasm"]);
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
     }
 
     #[test]

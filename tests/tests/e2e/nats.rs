@@ -693,12 +693,10 @@ async fn jetstream_a_dead_letter_is_kept_in_the_plugbus_dlq_stream_and_its_input
     assert_eq!((info.num_ack_pending, info.num_pending, info.delivered.consumer_sequence), (0, 0, 1), "{info:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jetstream_a_dead_letter_that_cannot_be_kept_naks_the_input_until_max_deliver() {
-    let server = NatsServer::start().await;
-    let client = server.client().await;
-    let js = jetstream::new(client.clone());
-    // the dead-letter subject's stream is full and refuses more: a dead letter cannot be kept
+/// A host running `faulty` durably, with 3 attempts (`max_deliver` 6), whose dead letters go to
+/// `dead.faulty`, captured by a stream that is full and refuses more: a dead letter cannot be
+/// kept on the broker.
+async fn faulty_dead_lettering_into_a_full_stream(server: &NatsServer, js: &jetstream::Context) -> TestHost {
     js.create_stream(jetstream::stream::Config {
         name: "DEAD".into(),
         subjects: vec!["dead.faulty".into()],
@@ -709,12 +707,20 @@ async fn jetstream_a_dead_letter_that_cannot_be_kept_naks_the_input_until_max_de
     .await
     .unwrap();
     js.publish("dead.faulty", "filler".into()).await.unwrap().await.unwrap();
-    let mut advisories = Advisories::watch(&client).await;
-    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
-        plugbus_tests::fast_retries(c); // 3 attempts: max_deliver is twice that
+    TestHost::start_on(&Bus::JetStream(server), &["faulty"], |c| {
+        plugbus_tests::fast_retries(c);
         c.plugins.entry("faulty".into()).or_default().dead_letter = Some("dead.faulty".into());
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_dead_letter_that_cannot_be_kept_naks_the_input_until_max_deliver() {
+    let server = NatsServer::start().await;
+    let client = server.client().await;
+    let js = jetstream::new(client.clone());
+    let mut advisories = Advisories::watch(&client).await;
+    let t = faulty_dead_lettering_into_a_full_stream(&server, &js).await;
     assert_eq!(consumer_on(&js, "faulty.reject").await.config.max_deliver, 6);
     t.publish("faulty.reject", "poison").await;
 
@@ -745,21 +751,7 @@ async fn jetstream_a_dead_letter_that_cannot_be_kept_naks_the_input_until_max_de
 async fn jetstream_an_event_dead_lettered_is_not_run_again_when_its_dead_letter_was_not_published() {
     let server = NatsServer::start().await;
     let js = jetstream::new(server.client().await);
-    js.create_stream(jetstream::stream::Config {
-        name: "DEAD".into(),
-        subjects: vec!["dead.faulty".into()],
-        max_messages: 1,
-        discard: jetstream::stream::DiscardPolicy::New,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    js.publish("dead.faulty", "filler".into()).await.unwrap().await.unwrap();
-    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
-        plugbus_tests::fast_retries(c); // 3 attempts, max_deliver 6
-        c.plugins.entry("faulty".into()).or_default().dead_letter = Some("dead.faulty".into());
-    })
-    .await;
+    let t = faulty_dead_lettering_into_a_full_stream(&server, &js).await;
     // Fails its first 3 attempts (dead-lettered at the third), would pass from the fourth.
     t.publish("faulty.flaky", "4").await;
     t.wait_counter("faulty", "received", 6).await;
