@@ -1774,3 +1774,25 @@ async fn jetstream_two_streams_into_one_queue_run_each_message_once() {
     }
     assert_eq!((seen.len(), twice), (20, Vec::<String>::new()), "every message once");
 }
+
+/// An operator deletes a plugin's consumer ("to unstick it"), or the broker loses it. It was
+/// made again for new messages only: everything it had not delivered yet, and every message
+/// unacked, was skipped for good. Now it is made again from past its ack floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_consumer_deleted_underneath_is_made_again_from_where_it_was() {
+    let server = NatsServer::start().await;
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
+        c.flow = plugbus::router::Flow { concurrency: 1, queue: 1, ..Default::default() };
+    })
+    .await;
+    let js = jetstream::new(server.client().await);
+    for _ in 0..20 {
+        js.publish("faulty.slow", "200".into()).await.unwrap().await.unwrap();
+    }
+    t.wait_counter("faulty", "ok", 3).await;
+    let name = consumer_on(&js, "faulty.slow").await.name;
+    let stream = js.stream_by_subject("faulty.slow").await.unwrap();
+    js.get_stream(&stream).await.unwrap().delete_consumer(&name).await.unwrap();
+    // Every one runs (some perhaps twice: at least once), none is skipped.
+    t.wait_counter("faulty", "ok", 20).await;
+}

@@ -116,25 +116,43 @@ impl ConsumerSpec {
 /// The durable consumer as it is, or made from `spec` when it is gone: a pump that lost its pull
 /// (a broker restart, a leader change) never writes its own filters over those another host's
 /// version set (every host of the plugin shares the consumer; a retarget updates it, `ensure`).
-async fn reopen(js: &jetstream::Context, spec: &ConsumerSpec) -> Result<PullConsumer, TransportError> {
+///
+/// One made again starts past `settled` (the consumer's ack floor as the pump last saw it): what
+/// it had pending or unacked is delivered again (at least once), not skipped as a consumer made
+/// for new messages would (nor the whole stream run again for `deliver = "all"`).
+async fn reopen(js: &jetstream::Context, spec: &ConsumerSpec, settled: u64) -> Result<PullConsumer, TransportError> {
     if let Ok(stream) = js.get_stream(&spec.stream).await
         && let Ok(consumer) = stream.get_consumer::<pull::Config>(&spec.name).await
     {
         return Ok(consumer);
     }
-    ensure(js, spec).await
+    tracing::warn!(stream = %spec.stream, consumer = %spec.name, from_stream_seq = settled + 1,
+        "the JetStream consumer is gone (deleted underneath): made again from past what it had settled, so what it had \
+         pending runs (some of it perhaps again)");
+    ensure_from(js, spec, Some(settled + 1)).await
 }
 
 /// Creates the durable consumer, or updates its filters (keeping where it started from).
 pub async fn ensure(js: &jetstream::Context, spec: &ConsumerSpec) -> Result<PullConsumer, TransportError> {
+    ensure_from(js, spec, None).await
+}
+
+/// [`ensure`], making a consumer that is not there start at stream sequence `resume` when given
+/// (one deleted underneath a pump: from past what it knew settled, not from new messages only).
+async fn ensure_from(
+    js: &jetstream::Context,
+    spec: &ConsumerSpec,
+    resume: Option<u64>,
+) -> Result<PullConsumer, TransportError> {
     let broker = |what: &str, e: &dyn std::fmt::Display| {
         TransportError::Broker(format!("{what} consumer {} on stream {}: {e}", spec.name, spec.stream))
     };
     let stream = js.get_stream(&spec.stream).await.map_err(|e| broker("finding the stream for", &e))?;
-    let deliver_policy = match stream.consumer_info(&spec.name).await {
-        Ok(info) => info.config.deliver_policy,
-        Err(_) if spec.durability.deliver_all => DeliverPolicy::All,
-        Err(_) => DeliverPolicy::New,
+    let deliver_policy = match (stream.consumer_info(&spec.name).await, resume) {
+        (Ok(info), _) => info.config.deliver_policy,
+        (Err(_), Some(start_sequence)) => DeliverPolicy::ByStartSequence { start_sequence },
+        (Err(_), None) if spec.durability.deliver_all => DeliverPolicy::All,
+        (Err(_), None) => DeliverPolicy::New,
     };
     let (filter_subject, filter_subjects) = match spec.filters.as_slice() {
         [one] => (one.clone(), Vec::new()),
@@ -234,8 +252,18 @@ pub async fn pump(
     let mut quiet_for = STUCK_CHECK;
     // When another version's message was last given back with a warning (one each 10 s).
     let mut given_back = None;
+    // The consumer's ack floor (stream sequence) as last seen, looked at most once a second: where
+    // a consumer deleted underneath is made again from.
+    let mut settled = consumer.cached_info().ack_floor.stream_sequence;
+    let mut looked_at_floor = std::time::Instant::now();
     loop {
         let Some(room) = intake.room().await else { return };
+        if looked_at_floor.elapsed() >= Duration::from_secs(1) {
+            looked_at_floor = std::time::Instant::now();
+            if let Ok(info) = consumer.info().await {
+                settled = info.ack_floor.stream_sequence;
+            }
+        }
         // The server's `max_payload` as it is now: a reconnect may have reached another server.
         let max_payload = js.client().server_info().max_payload;
         let batch = Batch::new(queue, intake.budget.bytes(), max_payload).within(room, max_payload);
@@ -246,7 +274,7 @@ pub async fn pump(
             Err(e) => {
                 tracing::warn!(plugin = %plugin, stream = %stream, "cannot pull from JetStream yet: {e}");
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                if let Ok(c) = reopen(&js, &current()).await {
+                if let Ok(c) = reopen(&js, &current(), settled).await {
                     consumer = c;
                 }
                 continue;
@@ -342,7 +370,7 @@ pub async fn pump(
         }
         if failed {
             tokio::time::sleep(Duration::from_millis(250)).await;
-            match reopen(&js, &current()).await {
+            match reopen(&js, &current(), settled).await {
                 Ok(c) => consumer = c,
                 Err(e) => tracing::warn!(plugin = %plugin, "{e}"),
             }
