@@ -678,16 +678,18 @@ fn retry_after_secs(timeout: Duration) -> u64 {
 
 async fn plugins(State(api): State<Api>) -> Response {
     let state = &api.s;
-    let rejected: Vec<_> = state
-        .rejected
-        .lock()
-        .expect("poisoned")
-        .iter()
-        .map(|r| json!({ "file": r.path.display().to_string(), "state": format!("rejected: {}", r.reason) }))
-        .collect();
+    let (rejected, rejected_total): (Vec<_>, usize) = {
+        let all = state.rejected.lock().expect("poisoned");
+        let listed = all.iter().take(crate::stats::LISTED_REJECTED);
+        let listed =
+            listed.map(|r| json!({ "file": r.path.display().to_string(), "state": format!("rejected: {}", r.reason) }));
+        (listed.collect(), all.len())
+    };
     // `plugins_dir`: where `plugbus dev` copies a rebuilt handler when not told (`--plugins`).
     let plugins_dir = api.s.reloader.config.plugins_dir.display().to_string();
-    Json(json!({ "plugins": state.router.plugins(), "rejected": rejected, "plugins_dir": plugins_dir })).into_response()
+    let plugins = state.router.plugins();
+    Json(json!({ "plugins": plugins, "rejected": rejected, "rejected_total": rejected_total, "plugins_dir": plugins_dir }))
+        .into_response()
 }
 
 /// The request's headers as text: a value in UTF-8 is kept as it is (it used to be left out
@@ -1207,18 +1209,19 @@ async fn stats(State(api): State<Api>) -> Response {
         .iter()
         .map(|p| crate::stats::plugin_stats(p, windows.get(&p.name).cloned().unwrap_or_default()))
         .collect();
-    let rejected = state
-        .rejected
-        .lock()
-        .expect("poisoned")
-        .iter()
-        .map(|r| crate::stats::RejectedFile { file: r.path.display().to_string(), reason: r.reason.clone() })
-        .collect();
+    let (rejected, rejected_total) = {
+        let all = state.rejected.lock().expect("poisoned");
+        let listed = all.iter().take(crate::stats::LISTED_REJECTED);
+        let listed =
+            listed.map(|r| crate::stats::RejectedFile { file: r.path.display().to_string(), reason: r.reason.clone() });
+        (listed.collect(), all.len())
+    };
     Json(crate::stats::Stats {
         window_seconds: crate::window::SECONDS as u64,
         plugins: rows,
         graph,
         rejected,
+        rejected_total,
         dead_letters_kept: state.dead_letters.usage().0,
     })
     .into_response()

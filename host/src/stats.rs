@@ -22,11 +22,17 @@ pub struct Stats {
     pub plugins: Vec<PluginStats>,
     /// The pipeline.
     pub graph: Graph,
-    /// Files of the plugins folder that are not loaded.
+    /// Files of the plugins folder that are not loaded (the first [`LISTED_REJECTED`]).
     pub rejected: Vec<RejectedFile>,
+    /// How many files are not loaded in all.
+    pub rejected_total: usize,
     /// Dead letters kept by this host now (all plugins).
     pub dead_letters_kept: usize,
 }
+
+/// The most refused files an answer lists (the dashboard asks every 2 s): a folder of a
+/// million bad files made each answer hundreds of MB.
+pub const LISTED_REJECTED: usize = 1_000;
 
 /// One plugin's row.
 #[derive(Debug, Clone, Serialize)]

@@ -1,6 +1,7 @@
 //! Files in the plugins folder that are not plugins: reported by name and reason, never fatal.
 
 use plugbus_tests::{TestHost, eventually, patch_bytes, wasm};
+use serde_json::Value;
 use std::time::Duration;
 
 /// `GET {url}{path}` as text.
@@ -734,4 +735,23 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after_name = &stat[stat.rfind(')')? + 1..];
     Some(after_name.split_whitespace().map(str::to_string).collect())
+}
+
+/// A folder of many bad files (someone who can write it, or a broken deploy script): every
+/// answer of `/v1/plugins` and `/v1/stats` (the dashboard asks every 2 s) listed each of them,
+/// hundreds of MB at a million. They list the first 1,000 and say how many there are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_refused_files_are_listed_up_to_a_bound_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    for i in 0..1_005 {
+        std::fs::write(tmp.path().join(format!("junk{i:05}.wasm")), b"not wasm").unwrap();
+    }
+    let host = host_on(tmp.path()).await;
+    let url = format!("http://{}", host.http_addr().unwrap());
+    for route in ["/v1/plugins", "/v1/stats"] {
+        let answer: Value = reqwest::get(format!("{url}{route}")).await.unwrap().json().await.unwrap();
+        assert_eq!(answer["rejected"].as_array().unwrap().len(), 1_000, "{route}");
+        assert_eq!(answer["rejected_total"], 1_005, "{route}");
+    }
+    host.shutdown().await;
 }
