@@ -1736,6 +1736,9 @@ impl Writer {
                 Some(row) => row.map_err(|e| e.to_string())?.0.value(),
                 None => 0,
             };
+            // Whether a row before the one looked at is kept (passed over by an earlier pass,
+            // or by this one): only then may a dropped output's input still run again.
+            let kept_before_start = after > 0;
             let mut looked_at = 0usize;
             let (max_passed_over, max_dropped) = trim_bounds(&self.path);
             'rows: for row in events.range(start..).map_err(|e| e.to_string())? {
@@ -1767,7 +1770,7 @@ impl Writer {
                             }
                         }
                         damaged.push((first_seq..=row_key.value(), why));
-                        doomed.push((row_key.value(), Vec::new()));
+                        doomed.push((row_key.value(), Vec::new(), false));
                         continue 'rows;
                     }
                 };
@@ -1785,21 +1788,25 @@ impl Writer {
                     in_row.push((seq, record.len() as u64, decode(record).ok().map(|ev| dedupe_key(&ev))));
                 }
                 bytes = left;
-                doomed.push((row_key.value(), in_row));
+                let older_kept = kept_before_start || looked_at - 1 > doomed.len();
+                doomed.push((row_key.value(), in_row, older_kept));
             }
             if next_from == 0 {
                 passed_over = looked_at - doomed.len();
             }
             dropped_rows = doomed.len();
-            for (row_key, in_row) in doomed {
+            for (row_key, in_row, older_kept) in doomed {
                 events.remove(row_key).map_err(|e| e.to_string())?;
                 for (seq, len, key) in in_row {
                     if let Some(key) = key
                         && ids.get(key.as_str()).map_err(|e| e.to_string())?.is_some_and(|v| v.value() == seq)
                     {
-                        // Kept while its input may run again (see `retired_ids`).
                         ids.remove(key.as_str()).map_err(|e| e.to_string())?;
-                        retired_bytes += retired.retire(&key, seq)?;
+                        // Kept while its input may run again (see `retired_ids`): only while a
+                        // row older than it is kept.
+                        if older_kept {
+                            retired_bytes += retired.retire(&key, seq)?;
+                        }
                     }
                     first.get_or_insert(seq);
                     last = seq;
