@@ -676,15 +676,19 @@ fn retry_after_secs(timeout: Duration) -> u64 {
     timeout.as_secs_f64().ceil().max(1.0) as u64
 }
 
+/// The first [`crate::stats::LISTED_REJECTED`] refused files, each as `entry` makes it, and how
+/// many there are.
+fn listed_rejected<T>(state: &ApiState, entry: impl Fn(&crate::loader::Rejected) -> T) -> (Vec<T>, usize) {
+    let all = state.rejected.lock().expect("poisoned");
+    (all.iter().take(crate::stats::LISTED_REJECTED).map(entry).collect(), all.len())
+}
+
 async fn plugins(State(api): State<Api>) -> Response {
     let state = &api.s;
-    let (rejected, rejected_total): (Vec<_>, usize) = {
-        let all = state.rejected.lock().expect("poisoned");
-        let listed = all.iter().take(crate::stats::LISTED_REJECTED);
-        let listed =
-            listed.map(|r| json!({ "file": r.path.display().to_string(), "state": format!("rejected: {}", r.reason) }));
-        (listed.collect(), all.len())
-    };
+    let (rejected, rejected_total) = listed_rejected(
+        state,
+        |r| json!({ "file": r.path.display().to_string(), "state": format!("rejected: {}", r.reason) }),
+    );
     // `plugins_dir`: where `plugbus dev` copies a rebuilt handler when not told (`--plugins`).
     let plugins_dir = api.s.reloader.config.plugins_dir.display().to_string();
     let plugins = state.router.plugins();
@@ -1209,13 +1213,10 @@ async fn stats(State(api): State<Api>) -> Response {
         .iter()
         .map(|p| crate::stats::plugin_stats(p, windows.get(&p.name).cloned().unwrap_or_default()))
         .collect();
-    let (rejected, rejected_total) = {
-        let all = state.rejected.lock().expect("poisoned");
-        let listed = all.iter().take(crate::stats::LISTED_REJECTED);
-        let listed =
-            listed.map(|r| crate::stats::RejectedFile { file: r.path.display().to_string(), reason: r.reason.clone() });
-        (listed.collect(), all.len())
-    };
+    let (rejected, rejected_total) = listed_rejected(state, |r| crate::stats::RejectedFile {
+        file: r.path.display().to_string(),
+        reason: r.reason.clone(),
+    });
     Json(crate::stats::Stats {
         window_seconds: crate::window::SECONDS as u64,
         plugins: rows,

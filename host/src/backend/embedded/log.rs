@@ -2668,18 +2668,7 @@ pub(crate) mod tests {
         };
         let out = Arc::new(sample());
         log.append(out.clone(), vec![], true).await.unwrap();
-        let wait_dropped = |n: u64| {
-            let log = log.clone();
-            async move {
-                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-                let dropped = || log.metrics().retention_dropped.get();
-                while dropped() < n {
-                    assert!(std::time::Instant::now() < deadline, "dropped {} of {n}", dropped());
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            }
-        };
-        wait_dropped(2).await;
+        dropped_at_least(&log, 2).await;
         let left: Vec<u64> = log.read(0, 10).unwrap().iter().map(|(seq, _)| *seq).collect();
         assert_eq!(left, vec![kept], "the unsettled event stays");
         // Another plugin owing an event of its own does not keep this one.
@@ -2691,9 +2680,9 @@ pub(crate) mod tests {
         let left: Vec<u64> = log.read(0, 10).unwrap().iter().map(|(seq, _)| *seq).collect();
         assert_eq!(left, vec![kept, other], "q still owes it");
         log.ack(q, kept);
-        wait_dropped(3).await;
+        dropped_at_least(&log, 3).await;
         log.ack(z, other);
-        wait_dropped(4).await;
+        dropped_at_least(&log, 4).await;
         assert!(log.read(0, 10).unwrap().is_empty());
         assert_eq!(log.metrics().record_bytes.get(), 0, "nothing kept, nothing counted");
         assert_eq!(log.metrics().retention_dropped.get(), 4);
