@@ -77,7 +77,49 @@ impl NatsServer {
         self.spawn().await;
     }
 
+    /// Starts `n` servers as one JetStream cluster on loopback (routes to each other, a
+    /// server name each) and waits until JetStream answers on every one (a metadata leader is
+    /// elected): replicated streams, as production runs them.
+    pub async fn cluster(n: usize) -> Vec<Self> {
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let all = routes.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+        let mut servers: Vec<Self> = routes
+            .iter()
+            .enumerate()
+            .map(|(i, route)| Self {
+                child: None,
+                client_creds: None,
+                args: [
+                    "--server_name".to_string(),
+                    format!("n{i}"),
+                    "--cluster_name".into(),
+                    "plugbus-test".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{route}"),
+                    "--routes".into(),
+                    all.clone(),
+                ]
+                .into(),
+                port: free_port(),
+                store: tempfile::tempdir().expect("temp dir"),
+            })
+            .collect();
+        // Every one started before any is waited for: JetStream answers once a quorum runs.
+        for server in &mut servers {
+            server.launch();
+        }
+        for server in &servers {
+            server.wait_ready().await;
+        }
+        servers
+    }
+
     async fn spawn(&mut self) {
+        self.launch();
+        self.wait_ready().await;
+    }
+
+    fn launch(&mut self) {
         let child = Command::new(binary())
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
             .arg(self.store.path())
@@ -87,7 +129,6 @@ impl NatsServer {
             .spawn()
             .expect("starting nats-server");
         self.child = Some(child);
-        self.wait_ready().await;
     }
 
     async fn wait_ready(&self) {

@@ -1638,6 +1638,74 @@ async fn jetstream_a_retarget_that_fails_leaves_the_serving_patterns_delivered()
     retarget::delivered(&js, &mut sub, "refunds.created").await;
 }
 
+/// A retarget across two streams that fails at the second (its work-queue stream refuses the
+/// new filter, which overlaps an operator's consumer) never leaves the first stream's consumer
+/// without the serving version's filter: its change widens the consumer to both versions'
+/// filters first and narrows it only once every stream took the change. Narrowed at once, the
+/// first consumer lost interest in `a.old` until the change was put back, and its interest
+/// stream deleted what was published meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_retarget_failing_at_a_later_stream_loses_nothing_at_an_earlier_one() {
+    use jetstream::stream::{Config as StreamConfig, RetentionPolicy};
+    use plugbus::transport::Transport;
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    let stream = |name: &str, subjects: &str, retention| StreamConfig {
+        name: name.into(),
+        subjects: vec![subjects.into()],
+        retention,
+        ..Default::default()
+    };
+    js.create_stream(stream("AA", "a.>", RetentionPolicy::Interest)).await.unwrap();
+    let work = js.create_stream(stream("BB", "b.>", RetentionPolicy::WorkQueue)).await.unwrap();
+    work.create_consumer(jetstream::consumer::pull::Config {
+        durable_name: Some("OPS".into()),
+        filter_subject: "b.new".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let spec = |patterns: &[&str]| {
+        let mut spec = retarget::spec(patterns);
+        spec.durable.as_mut().unwrap().deliver_all = true;
+        spec
+    };
+    let (nats, mut sub) = retarget::feed_of(&server, spec(&["a.old", "b.old"])).await;
+    let mut published = 0;
+    for round in 0..3 {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let publisher = {
+            let (js, stop) = (jetstream::new(server.client().await), stop.clone());
+            tokio::spawn(async move {
+                let mut stored = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    js.publish("a.old", "x".into()).await.unwrap().await.unwrap();
+                    stored += 1;
+                }
+                stored
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let new = spec(&["a.new", "b.old", "b.new"]);
+        let retargeted = nats.retarget(sub.id, &new);
+        let err = tokio::time::timeout(Duration::from_secs(10), retargeted).await.expect("retargeted").unwrap_err();
+        assert!(err.to_string().contains("BB"), "round {round}: {err}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        published += tokio::time::timeout(Duration::from_secs(10), publisher).await.expect("published").unwrap();
+    }
+    let mut delivered = 0;
+    while delivered < published {
+        let d = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{delivered} of {published} a.old delivered: the rest were lost"))
+            .expect("the feed is open");
+        assert_eq!(d.event.subject, "a.old");
+        d.acker.ack().await;
+        delivered += 1;
+    }
+}
+
 /// A consumer deleted under a retargeted feed is re-created with the filters of the version
 /// serving, not with those its pump started with (which settle the new version's events
 /// unrun and never deliver them).

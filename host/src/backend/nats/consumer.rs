@@ -111,6 +111,23 @@ impl ConsumerSpec {
         (&self.stream, &self.name, &self.filters, &self.durability, self.ack_wait)
             == (&other.stream, &other.name, &other.filters, &other.durability, other.ack_wait)
     }
+
+    /// `to` with this consumer's filters kept beside its own: what a retarget sets first, so that
+    /// until every stream's consumer took the change, none skips what the version serving takes
+    /// (a consumer whose filter left a subject passes over its messages for good, and an interest
+    /// stream deletes them). `None` when this is another consumer, nothing would be added, or two
+    /// of the filters would overlap (JetStream refuses overlapping filters).
+    pub fn widened(&self, to: &ConsumerSpec) -> Option<ConsumerSpec> {
+        if (&self.stream, &self.name) != (&to.stream, &to.name) {
+            return None;
+        }
+        let filters = crate::subject::without_covered(&[to.filters.as_slice(), self.filters.as_slice()].concat());
+        let parsed = crate::subject::PatternSet::parse(&filters).ok()?;
+        let parsed: Vec<_> = parsed.iter().collect();
+        let overlapping = parsed.iter().enumerate().any(|(i, p)| parsed[i + 1..].iter().any(|q| p.overlaps(q)));
+        let adds = filters.iter().any(|f| !to.filters.contains(f));
+        (adds && !overlapping).then(|| ConsumerSpec { filters, ..to.clone() })
+    }
 }
 
 /// The durable consumer as it is, or made from `spec` when it is gone: a pump that lost its pull
@@ -525,8 +542,35 @@ fn delivery_of(msg: jetstream::Message, held: &Arc<Held>, plugin: &Arc<str>) -> 
 
 #[cfg(test)]
 mod tests {
-    use super::{Batch, PullEnd};
+    use super::{Batch, ConsumerSpec, PullEnd};
     use crate::backend::nats::budget::Room;
+    use crate::transport::Durability;
+    use std::time::Duration;
+
+    fn consumer(stream: &str, filters: &[&str]) -> ConsumerSpec {
+        ConsumerSpec {
+            stream: stream.into(),
+            name: "plugbus_p".into(),
+            filters: filters.iter().map(|f| f.to_string()).collect(),
+            durability: Durability { deliver_all: false, give_up_after: 5, dead_letter: None },
+            ack_wait: Duration::from_secs(30),
+        }
+    }
+
+    /// A retarget's first step keeps the serving filters beside the new ones, once each, and
+    /// only where JetStream takes them together.
+    #[test]
+    fn a_widened_consumer_keeps_both_versions_filters_where_they_do_not_overlap() {
+        let serving = consumer("AA", &["a.old", "a.both"]);
+        let wide = serving.widened(&consumer("AA", &["a.new", "a.both"])).expect("widened");
+        assert_eq!(wide.filters, ["a.new", "a.both", "a.old"]);
+        // Covered by a new filter: the new one alone takes both.
+        assert!(consumer("AA", &["a.x"]).widened(&consumer("AA", &["a.*"])).is_none());
+        // Nothing to add, another stream, overlapping filters (JetStream refuses them).
+        assert!(serving.widened(&consumer("AA", &["a.old", "a.both", "a.new"])).is_none());
+        assert!(serving.widened(&consumer("BB", &["a.new"])).is_none());
+        assert!(consumer("AA", &["a.*.x"]).widened(&consumer("AA", &["a.b.*"])).is_none());
+    }
 
     /// A pull asks for no more than the feed has room for (a message pulled and unread has no
     /// `in-progress`), and for one message when fewer bytes than its floor are free.

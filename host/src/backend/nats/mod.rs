@@ -498,7 +498,12 @@ impl NatsTransport {
             streams::capture(&self.js, &self.index, &self.settings, dead_letter).await?;
         }
         let name = durable_name(&spec.group);
+        // Each consumer this feed pulls first takes both versions' filters (`widened`), and is
+        // narrowed to the new ones only once every stream's took the change: a consumer
+        // narrowed before a later stream's change failed would pass over, for good, what the
+        // version serving takes there until `put_back` (and an interest stream deletes it).
         let mut ensured = Vec::new();
+        let mut widened = Vec::new();
         for (stream, filters) in &plan {
             let cspec = consumer::ConsumerSpec {
                 stream: stream.clone(),
@@ -507,15 +512,26 @@ impl NatsTransport {
                 durability: durability.clone(),
                 ack_wait: self.settings.ack_wait,
             };
-            if feed.durable.get(stream).is_some_and(|pump| pump.spec().same_consumer(&cspec)) {
+            let serving = feed.durable.get(stream).map(Pump::spec);
+            if serving.as_ref().is_some_and(|serving| serving.same_consumer(&cspec)) {
                 continue;
             }
-            match consumer::ensure(&self.js, &cspec).await {
-                Ok(c) => ensured.push((cspec, c)),
+            let wide = serving.and_then(|serving| serving.widened(&cspec));
+            match consumer::ensure(&self.js, wide.as_ref().unwrap_or(&cspec)).await {
+                Ok(c) => {
+                    widened.extend(wide.is_some().then(|| cspec.clone()));
+                    ensured.push((cspec, c));
+                }
                 Err(e) => {
                     self.put_back(feed, spec, ensured.iter().map(|(cspec, _)| cspec)).await;
                     return Err(e);
                 }
+            }
+        }
+        for cspec in &widened {
+            if let Err(e) = consumer::ensure(&self.js, cspec).await {
+                self.put_back(feed, spec, ensured.iter().map(|(cspec, _)| cspec)).await;
+                return Err(e);
             }
         }
         for (cspec, c) in ensured {
