@@ -547,6 +547,53 @@ async fn jetstream_a_backlog_behind_a_slow_handler_runs_each_message_once() {
     );
 }
 
+/// On a replicated stream (R3, as production runs JetStream) the server ends a pull at its bytes
+/// with `409 Batch Completed` *before* the pull's messages, which wait for the consumer's
+/// replicas to agree. The pump ended its pull at that status (async-nats's `batch()` closes its
+/// inbox there) and the messages on their way were dropped unread: each came back only after
+/// `ack_wait` (30 s here), a delivery more and out of order, and one dropped at its
+/// `max_deliver` was never run. The pump keeps its inbox across pulls now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_on_a_replicated_stream_a_pull_ended_at_its_bytes_loses_none_of_its_messages() {
+    use plugbus::backend::nats::{NatsSettings, NatsTransport};
+    use plugbus::transport::Transport;
+    let cluster = NatsServer::cluster(3).await;
+    let js = jetstream::new(cluster[0].client().await);
+    let replicated = jetstream::stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.>".into()],
+        num_replicas: 3,
+        ..Default::default()
+    };
+    plugbus_tests::eventually_async("an R3 stream made", Duration::from_secs(20), || async {
+        js.create_stream(replicated.clone()).await.is_ok()
+    })
+    .await;
+    let settings = NatsSettings {
+        url: Some(cluster[0].url()),
+        auto_streams: false,
+        ack_wait: Duration::from_secs(30),
+        ..NatsSettings::default()
+    };
+    let nats = NatsTransport::connect(&settings).await.unwrap();
+    let mut spec = retarget::spec(&["orders.>"]);
+    // Pulls of 64 messages and 3 MiB less 2 KiB a message: about 11 of 256 KiB, then the status.
+    (spec.capacity, spec.buffer_bytes) = (64, 3 << 20);
+    let mut sub = nats.subscribe(spec).await.unwrap();
+    let data = vec![b'x'; 256 << 10];
+    for i in 0..40 {
+        js.publish(format!("orders.{i}"), data.clone().into()).await.unwrap().await.unwrap();
+    }
+    for i in 0..40 {
+        let d = tokio::time::timeout(Duration::from_secs(10), sub.deliveries.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{i} of 40 delivered in 10 s: the rest were dropped and wait for ack_wait"))
+            .expect("the feed is open");
+        assert_eq!((d.event.subject.as_str(), d.attempt), (format!("orders.{i}").as_str(), 1));
+        d.acker.ack().await;
+    }
+}
+
 /// The one consumer on the stream that captures `subject` (the plugin's durable).
 async fn consumer_on(js: &jetstream::Context, subject: &str) -> jetstream::consumer::Info {
     let name = js.stream_by_subject(subject).await.unwrap_or_else(|e| panic!("no stream captures {subject}: {e}"));

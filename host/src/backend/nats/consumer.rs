@@ -4,6 +4,7 @@
 //! than a third of `ack_wait` (queued or running), so a slow handler is not redelivered under it.
 
 use super::Pulled;
+use super::pull::{Came, Inbox, PULL_EXPIRES, STATUS_GRACE, STRAGGLERS};
 use super::wire;
 use crate::transport::{Acker, Delivery, Durability, TransportError};
 use async_nats::jetstream;
@@ -251,7 +252,8 @@ pub type SharedSpec = Arc<std::sync::RwLock<ConsumerSpec>>;
 /// for the messages [`Held`] knows, those read), and past `ack_wait` JetStream delivers it
 /// again while the first copy still waits: the event ran twice (a continuous pull, asking
 /// again at half its batch and at each expiry whatever was read, held thousands under a
-/// backlog).
+/// backlog). Pulls answer on one inbox the pump keeps ([`Inbox`]): a replicated consumer sends
+/// a pull's messages after the status that ends it.
 pub async fn pump(
     js: jetstream::Context,
     spec: SharedSpec,
@@ -273,6 +275,8 @@ pub async fn pump(
     // a consumer deleted underneath is made again from.
     let mut settled = consumer.cached_info().ack_floor.stream_sequence;
     let mut looked_at_floor = std::time::Instant::now();
+    // Kept across pulls: what a pull brings after its status is read, not dropped.
+    let mut inbox: Option<Inbox> = None;
     loop {
         let Some(room) = intake.room().await else { return };
         if looked_at_floor.elapsed() >= Duration::from_secs(1) {
@@ -284,80 +288,115 @@ pub async fn pump(
         // The server's `max_payload` as it is now: a reconnect may have reached another server.
         let max_payload = js.client().server_info().max_payload;
         let batch = Batch::new(queue, intake.budget.bytes(), max_payload).within(room, max_payload);
-        let opened =
-            consumer.batch().max_messages(batch.messages).max_bytes(batch.bytes).expires(PULL_EXPIRES).messages().await;
-        let mut messages = match opened {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(plugin = %plugin, stream = %stream, "cannot pull from JetStream yet: {e}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                if let Ok(c) = reopen(&js, &current(), settled).await {
-                    consumer = c;
+        let open = match &mut inbox {
+            Some(open) => open,
+            None => match Inbox::open(&js).await {
+                Ok(open) => inbox.insert(open),
+                Err(e) => {
+                    tracing::warn!(plugin = %plugin, stream = %stream, "cannot pull from JetStream yet: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
                 }
-                continue;
-            }
+            },
         };
-        let (mut failed, mut stuck, mut brought, mut gave_back) = (false, false, 0usize, false);
+        let asked = {
+            let spec = current();
+            open.ask(&spec.stream, &spec.name, batch).await
+        };
+        if let Err(e) = asked {
+            tracing::warn!(plugin = %plugin, stream = %stream, "cannot pull from JetStream yet: {e}");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Ok(c) = reopen(&js, &current(), settled).await {
+                consumer = c;
+            }
+            continue;
+        }
+        // A pull ends by its count (the server says nothing), by a status, or, its status lost
+        // in a reconnect, at `lost_at`.
+        let lost_at = Instant::now() + PULL_EXPIRES + STATUS_GRACE;
+        let (mut closed, mut failed, mut stuck, mut received, mut gave_back) = (false, false, false, 0usize, false);
+        let mut ended: Option<String> = None;
         loop {
-            let next = match tokio::time::timeout(quiet_for, messages.next()).await {
-                Ok(Some(next)) => next,
-                // The pull brought what it asked for, or expired.
-                Ok(None) => break,
+            if ended.is_none() && received >= batch.messages {
+                break;
+            }
+            let wait = match ended {
+                Some(_) => STRAGGLERS,
+                None => quiet_for.min(lost_at.saturating_duration_since(Instant::now())),
+            };
+            let came = match tokio::time::timeout(wait, open.next()).await {
+                Ok(Some(came)) => came,
+                Ok(None) => {
+                    closed = true;
+                    break;
+                }
+                Err(_) if ended.is_some() || Instant::now() >= lost_at => break,
                 Err(_) if !waits_behind_a_message_no_pull_takes(&mut consumer).await => {
                     quiet_for = (quiet_for * 2).min(STUCK_CHECK_MAX);
                     continue;
                 }
                 // What came during the look is taken first: a burst the open pull is already
-                // bringing reads as messages waiting too, and dropping the pull would leave them
-                // unacked until `ack_wait`, then redelivered out of order.
-                Err(_) => match tokio::time::timeout(DRAIN, messages.next()).await {
-                    Ok(Some(next)) => next,
-                    Ok(None) => break,
+                // bringing reads as messages waiting too.
+                Err(_) => match tokio::time::timeout(DRAIN, open.next()).await {
+                    Ok(Some(came)) => came,
+                    Ok(None) => {
+                        closed = true;
+                        break;
+                    }
                     Err(_) => {
                         stuck = true;
                         break;
                     }
                 },
             };
-            match next {
-                Ok(msg) => match filter.pulled(msg.subject.as_str()) {
-                    Pulled::Take => {
-                        brought += 1;
-                        let delivery = delivery_of(msg, &held, &plugin);
-                        if !intake.send(delivery).await {
-                            return;
-                        }
+            let msg = match came {
+                // The first status ends the pull; what follows it is read on (`STRAGGLERS`).
+                Came::Status(status) => {
+                    ended.get_or_insert(status);
+                    continue;
+                }
+                Came::Message(msg) => msg,
+            };
+            received += 1;
+            match filter.pulled(msg.subject.as_str()) {
+                Pulled::Take => {
+                    if !intake.send(delivery_of(msg, &held, &plugin)).await {
+                        return;
                     }
-                    // Its last delivery: given back once more, JetStream would drop it unrun.
-                    Pulled::AnotherVersions if last_delivery(&msg, &current()) => {
-                        let mut delivery = delivery_of(msg, &held, &plugin);
-                        delivery.defect = Some(crate::fate::DeliveryError::Unclaimed(UNCLAIMED.into()));
-                        brought += 1;
-                        if !intake.send(delivery).await {
-                            return;
-                        }
+                }
+                // Its last delivery: given back once more, JetStream would drop it unrun.
+                Pulled::AnotherVersions if last_delivery(&msg, &current()) => {
+                    let mut delivery = delivery_of(msg, &held, &plugin);
+                    delivery.defect = Some(crate::fate::DeliveryError::Unclaimed(UNCLAIMED.into()));
+                    if !intake.send(delivery).await {
+                        return;
                     }
-                    not => gave_back |= not_delivered(&msg, not, &plugin, &mut given_back).await,
-                },
-                // The server's status ending the pull (async-nats gives it as an error).
-                Err(e) => {
-                    match PullEnd::of(&e.to_string(), brought) {
-                        PullEnd::Done => {}
-                        PullEnd::MaybeStuck => stuck = waits_behind_a_message_no_pull_takes(&mut consumer).await,
-                        PullEnd::Failed => {
-                            tracing::warn!(plugin = %plugin, stream = %stream, "JetStream pull: {e}; making the consumer again");
-                            failed = true;
-                        }
-                    }
-                    break;
+                }
+                not => gave_back |= not_delivered(&msg, not, &plugin, &mut given_back).await,
+            }
+        }
+        if closed {
+            // The client closed the inbox: a new one at the next turn.
+            tracing::warn!(plugin = %plugin, stream = %stream, "the inbox JetStream pulls answer on closed; opening another");
+            inbox = None;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        if let Some(status) = ended {
+            match PullEnd::of(&status, received) {
+                PullEnd::Done => {}
+                PullEnd::MaybeStuck => stuck = waits_behind_a_message_no_pull_takes(&mut consumer).await,
+                PullEnd::Failed => {
+                    tracing::warn!(plugin = %plugin, stream = %stream, "JetStream pull ended: {status}; making the consumer again");
+                    failed = true;
                 }
             }
         }
         if stuck {
-            // The open pull is given up first: the server serves pulls in turn. The message is
-            // delivered as any other: `max_event_bytes` decides whether it runs, and a dead letter
-            // too large for the server is published without its data (`NatsTransport`).
-            drop(messages);
+            // The open pull is not taken back (the server ends it with a status when the message
+            // comes to it, read at the next pull). The message is delivered as any other:
+            // `max_event_bytes` decides whether it runs, and a dead letter too large for the
+            // server is published without its data (`NatsTransport`).
             quiet_for = STUCK_CHECK;
             match take_the_next_message(&consumer).await {
                 Ok(Some(msg)) => match filter.pulled(msg.subject.as_str()) {
@@ -454,7 +493,8 @@ enum PullEnd {
 }
 
 impl PullEnd {
-    /// The end a status (as async-nats words it) makes of a pull that brought `brought`.
+    /// The end a status (its code and description) makes of a pull that brought `brought`
+    /// messages.
     fn of(status: &str, brought: usize) -> Self {
         if status.contains("Message Size Exceeds MaxBytes") {
             return if brought == 0 { Self::MaybeStuck } else { Self::Done };
@@ -465,10 +505,6 @@ impl PullEnd {
         Self::Failed
     }
 }
-
-/// How long one pull waits for messages before it ends and the next is asked for (sized to the
-/// room then): also how soon a pull lost to a broker restart is asked for again.
-const PULL_EXPIRES: Duration = Duration::from_secs(5);
 
 /// How long a pull may bring nothing before the host asks JetStream whether the consumer waits
 /// behind a message larger than any pull of its takes (`Batch::bytes`); doubled up to
@@ -592,13 +628,13 @@ mod tests {
     /// taken for a stuck consumer. Only a first message over the bytes may be one.
     #[test]
     fn a_pull_ended_at_its_bytes_is_done_not_stuck() {
-        let status = |s: &str| format!("error while processing messages from the stream: 409, Some(\"{s}\")");
+        let status = |s: &str| format!("409, Some(\"{s}\")");
         assert_eq!(PullEnd::of(&status("Batch Completed"), 0), PullEnd::Done);
         assert_eq!(PullEnd::of(&status("Message Size Exceeds MaxBytes"), 3), PullEnd::Done);
         assert_eq!(PullEnd::of(&status("Message Size Exceeds MaxBytes"), 0), PullEnd::MaybeStuck);
         assert_eq!(PullEnd::of(&status("Leadership Change"), 0), PullEnd::Done);
         assert_eq!(PullEnd::of(&status("Consumer Deleted"), 0), PullEnd::Failed);
-        assert_eq!(PullEnd::of("error while processing messages from the stream: 503, None", 0), PullEnd::Failed);
+        assert_eq!(PullEnd::of("503, None", 0), PullEnd::Failed);
     }
 
     /// A pull is bounded in bytes by the feed's budget, yet always takes the largest message.

@@ -15,6 +15,7 @@ mod budget;
 mod consumer;
 pub mod dead_letters;
 pub mod kv;
+mod pull;
 mod queue_group;
 mod streams;
 pub mod wire;

@@ -1,0 +1,92 @@
+//! A pump's pulls from its JetStream consumer, on one inbox the pump keeps across its pulls.
+//!
+//! A replicated consumer (R3, as production runs JetStream) ends a pull at its bytes with
+//! `409 Batch Completed` *before* the pull's messages, which the server sends once the
+//! consumer's replicas agree on them (seen with nats-server 2.15; a single server sends the
+//! status last). async-nats's `batch()` closes its inbox at that status: the messages on their
+//! way were dropped unread, delivered again only after `ack_wait`, out of order and a delivery
+//! more each (one dropped at its `max_deliver` never ran). Here the inbox outlives the pull: a
+//! message that comes after its pull's status is read like any other, and after a status the
+//! pump reads on while messages keep coming ([`STRAGGLERS`]) before it asks again.
+
+use super::consumer::Batch;
+use crate::transport::TransportError;
+use async_nats::StatusCode;
+use async_nats::jetstream;
+use futures::StreamExt;
+use std::time::Duration;
+
+/// How long one pull waits for messages before the server ends it (`408 Request Timeout`) and
+/// the next is asked for (sized to the room then).
+pub const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
+/// Past a pull's expiry, how long the pump waits for the status that ends it before it takes
+/// the pull as lost (its request or its status went in a reconnect) and asks again.
+pub const STATUS_GRACE: Duration = Duration::from_secs(2);
+
+/// Once a status ended a pull, how long the pump waits for each next message the pull may still
+/// be bringing (a replicated consumer sends them after the status) before it asks again: the
+/// next pull is sized to the room left once they are read.
+pub const STRAGGLERS: Duration = Duration::from_millis(25);
+
+/// The pump's inbox: every pull it asks for answers here, messages and statuses.
+pub struct Inbox {
+    js: jetstream::Context,
+    subject: String,
+    incoming: async_nats::Subscriber,
+}
+
+/// What came on the inbox. Returned and matched at once, so the message is not boxed (that
+/// would be an allocation per message).
+#[allow(clippy::large_enum_variant)]
+pub enum Came {
+    /// A message of the consumer's.
+    Message(jetstream::Message),
+    /// A status the server ended a pull with: its code and description (`PullEnd::of` reads it).
+    Status(String),
+}
+
+impl Inbox {
+    /// Subscribes a new inbox of `js`'s client.
+    pub async fn open(js: &jetstream::Context) -> Result<Self, TransportError> {
+        let client = js.client();
+        let subject = client.new_inbox();
+        let incoming = client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| TransportError::Broker(format!("subscribing the inbox JetStream pulls answer on: {e}")))?;
+        Ok(Self { js: js.clone(), subject, incoming })
+    }
+
+    /// Asks `consumer` on `stream` for `batch`, answered here until [`PULL_EXPIRES`].
+    pub async fn ask(&self, stream: &str, consumer: &str, batch: Batch) -> Result<(), TransportError> {
+        let request = serde_json::json!({
+            "batch": batch.messages,
+            "max_bytes": batch.bytes,
+            "expires": u64::try_from(PULL_EXPIRES.as_nanos()).unwrap_or(u64::MAX),
+        });
+        self.js
+            .client()
+            .publish_with_reply(
+                format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"),
+                self.subject.clone(),
+                request.to_string().into(),
+            )
+            .await
+            .map_err(|e| {
+                TransportError::Broker(format!("asking consumer {consumer} on stream {stream} for messages: {e}"))
+            })
+    }
+
+    /// The next message or status (heartbeats passed over); `None` once the client closed.
+    pub async fn next(&mut self) -> Option<Came> {
+        loop {
+            let message = self.incoming.next().await?;
+            return Some(match message.status {
+                None | Some(StatusCode::OK) => Came::Message(jetstream::Message { message, context: self.js.clone() }),
+                Some(StatusCode::IDLE_HEARTBEAT) => continue,
+                Some(status) => Came::Status(format!("{status}, {:?}", message.description)),
+            });
+        }
+    }
+}
