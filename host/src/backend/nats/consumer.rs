@@ -349,15 +349,24 @@ pub async fn pump(
                     }
                 },
             };
+            let this_pull = open.pull();
             let msg = match came {
-                // The first status ends the pull; what follows it is read on (`STRAGGLERS`).
-                Came::Status(status) => {
+                // Its status ends the pull; what follows it is read on (`STRAGGLERS`).
+                Came::Status(Some(pull), status) if pull == this_pull => {
                     ended.get_or_insert(status);
                     continue;
                 }
-                Came::Message(msg) => msg,
+                // A pull given up earlier (stuck, or its status late past `lost_at`).
+                Came::Status(_, status) => {
+                    tracing::debug!(plugin = %plugin, stream = %stream, "the status of a pull given up earlier: {status}");
+                    continue;
+                }
+                Came::Message(pull, msg) => {
+                    // One of a pull given up earlier is delivered as any other, not counted as this one's.
+                    received += usize::from(pull == Some(this_pull));
+                    msg
+                }
             };
-            received += 1;
             match filter.pulled(msg.subject.as_str()) {
                 Pulled::Take => {
                     if !intake.send(delivery_of(msg, &held, &plugin)).await {

@@ -29,37 +29,50 @@ pub const STATUS_GRACE: Duration = Duration::from_secs(2);
 /// next pull is sized to the room left once they are read.
 pub const STRAGGLERS: Duration = Duration::from_millis(25);
 
-/// The pump's inbox: every pull it asks for answers here, messages and statuses.
+/// The pump's inbox: every pull it asks for answers here, messages and statuses, each pull on
+/// a subject of its own (`<inbox>.<n>`), so a status or a message is known as its pull's: a
+/// status of a pull given up earlier never ends a later one, and its messages do not count as
+/// the later one's (two pulls open at once would bring twice the room).
 pub struct Inbox {
     js: jetstream::Context,
-    subject: String,
+    prefix: String,
     incoming: async_nats::Subscriber,
+    /// The number of the last pull asked for.
+    pulls: u64,
 }
 
-/// What came on the inbox. Returned and matched at once, so the message is not boxed (that
-/// would be an allocation per message).
+/// What came on the inbox, with the number of the pull it answers (`None`: not one of ours).
+/// Returned and matched at once, so the message is not boxed (that would be an allocation per
+/// message).
 #[allow(clippy::large_enum_variant)]
 pub enum Came {
     /// A message of the consumer's.
-    Message(jetstream::Message),
+    Message(Option<u64>, jetstream::Message),
     /// A status the server ended a pull with: its code and description (`PullEnd::of` reads it).
-    Status(String),
+    Status(Option<u64>, String),
 }
 
 impl Inbox {
     /// Subscribes a new inbox of `js`'s client.
     pub async fn open(js: &jetstream::Context) -> Result<Self, TransportError> {
         let client = js.client();
-        let subject = client.new_inbox();
+        let prefix = client.new_inbox();
         let incoming = client
-            .subscribe(subject.clone())
+            .subscribe(format!("{prefix}.*"))
             .await
             .map_err(|e| TransportError::Broker(format!("subscribing the inbox JetStream pulls answer on: {e}")))?;
-        Ok(Self { js: js.clone(), subject, incoming })
+        Ok(Self { js: js.clone(), prefix, incoming, pulls: 0 })
     }
 
-    /// Asks `consumer` on `stream` for `batch`, answered here until [`PULL_EXPIRES`].
-    pub async fn ask(&self, stream: &str, consumer: &str, batch: Batch) -> Result<(), TransportError> {
+    /// The number of the last pull asked for.
+    pub fn pull(&self) -> u64 {
+        self.pulls
+    }
+
+    /// Asks `consumer` on `stream` for `batch`, answered here until [`PULL_EXPIRES`]: the pull
+    /// [`Self::pull`] numbers.
+    pub async fn ask(&mut self, stream: &str, consumer: &str, batch: Batch) -> Result<(), TransportError> {
+        self.pulls += 1;
         let request = serde_json::json!({
             "batch": batch.messages,
             "max_bytes": batch.bytes,
@@ -69,7 +82,7 @@ impl Inbox {
             .client()
             .publish_with_reply(
                 format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"),
-                self.subject.clone(),
+                format!("{}.{}", self.prefix, self.pulls),
                 request.to_string().into(),
             )
             .await
@@ -82,10 +95,13 @@ impl Inbox {
     pub async fn next(&mut self) -> Option<Came> {
         loop {
             let message = self.incoming.next().await?;
+            let pull = message.subject.rsplit('.').next().and_then(|n| n.parse().ok());
             return Some(match message.status {
-                None | Some(StatusCode::OK) => Came::Message(jetstream::Message { message, context: self.js.clone() }),
+                None | Some(StatusCode::OK) => {
+                    Came::Message(pull, jetstream::Message { message, context: self.js.clone() })
+                }
                 Some(StatusCode::IDLE_HEARTBEAT) => continue,
-                Some(status) => Came::Status(format!("{status}, {:?}", message.description)),
+                Some(status) => Came::Status(pull, format!("{status}, {:?}", message.description)),
             });
         }
     }
