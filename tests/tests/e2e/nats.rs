@@ -594,6 +594,34 @@ async fn jetstream_on_a_replicated_stream_a_pull_ended_at_its_bytes_loses_none_o
     }
 }
 
+/// A pump keeps one pull open on the server at a time, whatever order a pull's messages and its
+/// status come in: a pull asking for bytes always gets a status, after its messages from a
+/// single server. Taken as the next pull's end, it left two pulls open, each sized to the whole
+/// room, and a burst brought twice what the plugin had room for (unread past `ack_wait`, run
+/// twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_pump_keeps_one_pull_open_at_a_time() {
+    let server = NatsServer::start().await;
+    let mut spec = retarget::spec(&["orders.*"]);
+    spec.buffer_bytes = 8 << 20;
+    let (_nats, mut sub) = retarget::feed_of(&server, spec).await;
+    let js = jetstream::new(server.client().await);
+    for burst in 0..6 {
+        for _ in 0..8 {
+            js.publish("orders.placed", "x".into()).await.unwrap().await.unwrap();
+        }
+        for _ in 0..8 {
+            let d = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await.unwrap().unwrap();
+            d.acker.ack().await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let waiting = consumer_on(&js, "orders.placed").await.num_waiting;
+        assert!(waiting <= 1, "burst {burst}: {waiting} pulls open at once");
+    }
+    let delivered = consumer_on(&js, "orders.placed").await.delivered.consumer_sequence;
+    assert_eq!(delivered, 48, "messages delivered again");
+}
+
 /// The one consumer on the stream that captures `subject` (the plugin's durable).
 async fn consumer_on(js: &jetstream::Context, subject: &str) -> jetstream::consumer::Info {
     let name = js.stream_by_subject(subject).await.unwrap_or_else(|e| panic!("no stream captures {subject}: {e}"));

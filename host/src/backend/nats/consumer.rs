@@ -116,18 +116,16 @@ impl ConsumerSpec {
     /// `to` with this consumer's filters kept beside its own: what a retarget sets first, so that
     /// until every stream's consumer took the change, none skips what the version serving takes
     /// (a consumer whose filter left a subject passes over its messages for good, and an interest
-    /// stream deletes them). `None` when this is another consumer, nothing would be added, or two
-    /// of the filters would overlap (JetStream refuses overlapping filters).
+    /// stream deletes them). `None` when this is another consumer or nothing would be added. A
+    /// filter another covers is left out (JetStream refuses such a pair; it takes filters that
+    /// only partly overlap).
     pub fn widened(&self, to: &ConsumerSpec) -> Option<ConsumerSpec> {
         if (&self.stream, &self.name) != (&to.stream, &to.name) {
             return None;
         }
         let filters = crate::subject::without_covered(&[to.filters.as_slice(), self.filters.as_slice()].concat());
-        let parsed = crate::subject::PatternSet::parse(&filters).ok()?;
-        let parsed: Vec<_> = parsed.iter().collect();
-        let overlapping = parsed.iter().enumerate().any(|(i, p)| parsed[i + 1..].iter().any(|q| p.overlaps(q)));
         let adds = filters.iter().any(|f| !to.filters.contains(f));
-        (adds && !overlapping).then(|| ConsumerSpec { filters, ..to.clone() })
+        adds.then(|| ConsumerSpec { filters, ..to.clone() })
     }
 }
 
@@ -299,6 +297,12 @@ pub async fn pump(
                 }
             },
         };
+        // Asked while the client reconnects, a pull waits in its buffer and goes live with every
+        // other asked meanwhile, each sized to the whole room.
+        if js.client().connection_state() != async_nats::connection::State::Connected {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            continue;
+        }
         let asked = {
             let spec = current();
             open.ask(&spec.stream, &spec.name, batch).await
@@ -311,18 +315,22 @@ pub async fn pump(
             }
             continue;
         }
-        // A pull ends by its count (the server says nothing), by a status, or, its status lost
-        // in a reconnect, at `lost_at`.
+        // A pull ends with its own status (a pull asking for bytes always gets one: after its
+        // messages from a single server, before them from a replicated consumer), once the
+        // messages it says the pull brought are read; or, its status lost in a reconnect, at
+        // `lost_at`.
         let lost_at = Instant::now() + PULL_EXPIRES + STATUS_GRACE;
         let (mut closed, mut failed, mut stuck, mut received, mut gave_back) = (false, false, false, 0usize, false);
         let mut ended: Option<String> = None;
+        // How many messages this pull brings: what it asked for until its status says less.
+        let mut brings = batch.messages;
         loop {
-            if ended.is_none() && received >= batch.messages {
+            if ended.is_some() && received >= brings {
                 break;
             }
-            let wait = match ended {
-                Some(_) => STRAGGLERS,
-                None => quiet_for.min(lost_at.saturating_duration_since(Instant::now())),
+            let wait = match ended.is_some() || received >= batch.messages {
+                true => STRAGGLERS,
+                false => quiet_for.min(lost_at.saturating_duration_since(Instant::now())),
             };
             let came = match tokio::time::timeout(wait, open.next()).await {
                 Ok(Some(came)) => came,
@@ -330,7 +338,7 @@ pub async fn pump(
                     closed = true;
                     break;
                 }
-                Err(_) if ended.is_some() || Instant::now() >= lost_at => break,
+                Err(_) if ended.is_some() || received >= batch.messages || Instant::now() >= lost_at => break,
                 Err(_) if !waits_behind_a_message_no_pull_takes(&mut consumer).await => {
                     quiet_for = (quiet_for * 2).min(STUCK_CHECK_MAX);
                     continue;
@@ -351,19 +359,22 @@ pub async fn pump(
             };
             let this_pull = open.pull();
             let msg = match came {
-                // Its status ends the pull; what follows it is read on (`STRAGGLERS`).
-                Came::Status(Some(pull), status) if pull == this_pull => {
-                    ended.get_or_insert(status);
+                // Its status ends the pull; those of its messages still on their way (after the
+                // status, from a replicated consumer) are read first.
+                Came::Status(Some(pull), status, not_brought) if pull == this_pull && ended.is_none() => {
+                    brings = batch.messages.saturating_sub(not_brought.unwrap_or(batch.messages));
+                    ended = Some(status);
                     continue;
                 }
                 // A pull given up earlier (stuck, or its status late past `lost_at`).
-                Came::Status(_, status) => {
+                Came::Status(_, status, _) => {
                     tracing::debug!(plugin = %plugin, stream = %stream, "the status of a pull given up earlier: {status}");
                     continue;
                 }
-                Came::Message(pull, msg) => {
-                    // One of a pull given up earlier is delivered as any other, not counted as this one's.
-                    received += usize::from(pull == Some(this_pull));
+                // (A message does not say which pull brought it: one of a pull given up earlier
+                // counts as this one's.)
+                Came::Message(msg) => {
+                    received += 1;
                     msg
                 }
             };
@@ -602,19 +613,21 @@ mod tests {
         }
     }
 
-    /// A retarget's first step keeps the serving filters beside the new ones, once each, and
-    /// only where JetStream takes them together.
+    /// A retarget's first step keeps the serving filters beside the new ones, once each, less
+    /// those another covers (JetStream refuses such a pair).
     #[test]
-    fn a_widened_consumer_keeps_both_versions_filters_where_they_do_not_overlap() {
+    fn a_widened_consumer_keeps_both_versions_filters_once_each() {
         let serving = consumer("AA", &["a.old", "a.both"]);
         let wide = serving.widened(&consumer("AA", &["a.new", "a.both"])).expect("widened");
         assert_eq!(wide.filters, ["a.new", "a.both", "a.old"]);
         // Covered by a new filter: the new one alone takes both.
         assert!(consumer("AA", &["a.x"]).widened(&consumer("AA", &["a.*"])).is_none());
-        // Nothing to add, another stream, overlapping filters (JetStream refuses them).
+        // Nothing to add, another stream.
         assert!(serving.widened(&consumer("AA", &["a.old", "a.both", "a.new"])).is_none());
         assert!(serving.widened(&consumer("BB", &["a.new"])).is_none());
-        assert!(consumer("AA", &["a.*.x"]).widened(&consumer("AA", &["a.b.*"])).is_none());
+        // Partly overlapping filters: JetStream takes them together.
+        let wide = consumer("AA", &["a.*.x"]).widened(&consumer("AA", &["a.b.*"])).expect("widened");
+        assert_eq!(wide.filters, ["a.b.*", "a.*.x"]);
     }
 
     /// A pull asks for no more than the feed has room for (a message pulled and unread has no

@@ -517,8 +517,16 @@ impl NatsTransport {
             if serving.as_ref().is_some_and(|serving| serving.same_consumer(&cspec)) {
                 continue;
             }
-            let wide = serving.and_then(|serving| serving.widened(&cspec));
-            match consumer::ensure(&self.js, wide.as_ref().unwrap_or(&cspec)).await {
+            let mut wide = serving.and_then(|serving| serving.widened(&cspec));
+            let mut made = consumer::ensure(&self.js, wide.as_ref().unwrap_or(&cspec)).await;
+            if let (Err(e), Some(_)) = (&made, &wide) {
+                tracing::warn!(plugin = %spec.plugin, stream = %stream, "JetStream refused the consumer with both versions' \
+                    filters ({e}): it takes the new ones at once, and may pass over the serving version's messages there \
+                    if a later stream's change fails");
+                wide = None;
+                made = consumer::ensure(&self.js, &cspec).await;
+            }
+            match made {
                 Ok(c) => {
                     widened.extend(wide.is_some().then(|| cspec.clone()));
                     ensured.push((cspec, c));

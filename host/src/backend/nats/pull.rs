@@ -6,8 +6,9 @@
 //! status last). async-nats's `batch()` closes its inbox at that status: the messages on their
 //! way were dropped unread, delivered again only after `ack_wait`, out of order and a delivery
 //! more each (one dropped at its `max_deliver` never ran). Here the inbox outlives the pull: a
-//! message that comes after its pull's status is read like any other, and after a status the
-//! pump reads on while messages keep coming ([`STRAGGLERS`]) before it asks again.
+//! message that comes after its pull's status is read like any other, and the pump reads the
+//! pull's messages still on their way (the status says how many the pull did not bring:
+//! `Nats-Pending-Messages`) before it asks again (waiting at most [`STRAGGLERS`] for each).
 
 use super::consumer::Batch;
 use crate::transport::TransportError;
@@ -24,15 +25,15 @@ pub const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// the pull as lost (its request or its status went in a reconnect) and asks again.
 pub const STATUS_GRACE: Duration = Duration::from_secs(2);
 
-/// Once a status ended a pull, how long the pump waits for each next message the pull may still
-/// be bringing (a replicated consumer sends them after the status) before it asks again: the
-/// next pull is sized to the room left once they are read.
-pub const STRAGGLERS: Duration = Duration::from_millis(25);
+/// Once a status ended a pull whose messages are still on their way (a replicated consumer sends
+/// them after it), how long the pump waits for each before it asks again anyway: the next pull
+/// is sized to the room left once they are read.
+pub const STRAGGLERS: Duration = Duration::from_secs(1);
 
 /// The pump's inbox: every pull it asks for answers here, messages and statuses, each pull on
-/// a subject of its own (`<inbox>.<n>`), so a status or a message is known as its pull's: a
-/// status of a pull given up earlier never ends a later one, and its messages do not count as
-/// the later one's (two pulls open at once would bring twice the room).
+/// a subject of its own (`<inbox>.<n>`), so a status is known as its pull's: a status of a pull
+/// given up earlier never ends a later one (which would leave two open at once, bringing twice
+/// the room). A message comes with its stream subject, not the inbox's: it says no pull.
 pub struct Inbox {
     js: jetstream::Context,
     prefix: String,
@@ -41,15 +42,16 @@ pub struct Inbox {
     pulls: u64,
 }
 
-/// What came on the inbox, with the number of the pull it answers (`None`: not one of ours).
-/// Returned and matched at once, so the message is not boxed (that would be an allocation per
-/// message).
+/// What came on the inbox. Returned and matched at once, so the message is not boxed (that
+/// would be an allocation per message).
 #[allow(clippy::large_enum_variant)]
 pub enum Came {
     /// A message of the consumer's.
-    Message(Option<u64>, jetstream::Message),
-    /// A status the server ended a pull with: its code and description (`PullEnd::of` reads it).
-    Status(Option<u64>, String),
+    Message(jetstream::Message),
+    /// A status the server ended a pull with: the pull's number (`None`: not one of this
+    /// inbox's), its code and description (`PullEnd::of` reads it), and how many messages the
+    /// pull asked for and did not bring (`None`: not said).
+    Status(Option<u64>, String, Option<usize>),
 }
 
 impl Inbox {
@@ -95,13 +97,18 @@ impl Inbox {
     pub async fn next(&mut self) -> Option<Came> {
         loop {
             let message = self.incoming.next().await?;
-            let pull = message.subject.rsplit('.').next().and_then(|n| n.parse().ok());
             return Some(match message.status {
-                None | Some(StatusCode::OK) => {
-                    Came::Message(pull, jetstream::Message { message, context: self.js.clone() })
-                }
+                None | Some(StatusCode::OK) => Came::Message(jetstream::Message { message, context: self.js.clone() }),
                 Some(StatusCode::IDLE_HEARTBEAT) => continue,
-                Some(status) => Came::Status(pull, format!("{status}, {:?}", message.description)),
+                Some(status) => {
+                    let not_brought = message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("Nats-Pending-Messages"))
+                        .and_then(|n| n.as_str().parse().ok());
+                    let pull = message.subject.rsplit('.').next().and_then(|n| n.parse().ok());
+                    Came::Status(pull, format!("{status}, {:?}", message.description), not_brought)
+                }
             });
         }
     }
