@@ -21,15 +21,17 @@ use crate::loader::{self, FileError, Rejected};
 use crate::router::Router;
 use crate::sandbox::{LoadError, Plugin, Sandbox};
 use applying::Applying;
+use gathered::{Changes, Gathered};
 use notify::{RecursiveMode, Watcher};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 mod applying;
+mod gathered;
 
 /// Quiet time after the last file event before a change is acted on.
 const DEBOUNCE: Duration = Duration::from_millis(75);
@@ -242,14 +244,6 @@ fn is_plugin_file(path: &Path) -> bool {
     path.extension().is_some_and(|x| x == "wasm")
 }
 
-/// What the watcher tells the reload task.
-enum Change {
-    /// This file changed.
-    File(PathBuf),
-    /// Changes may have been missed: look at every file.
-    Rescan,
-}
-
 /// What a rescan looks at: every `.wasm` file in `dir` now, and every file a plugin was loaded
 /// from or refused for (a file gone meanwhile is then removed or forgotten).
 fn rescan_paths(dir: &Path, known: impl IntoIterator<Item = PathBuf>) -> BTreeSet<PathBuf> {
@@ -269,21 +263,22 @@ fn rescan_paths(dir: &Path, known: impl IntoIterator<Item = PathBuf>) -> BTreeSe
 /// not left until the next change to that file.
 pub struct FolderWatch {
     watcher: notify::RecommendedWatcher,
-    changes: mpsc::UnboundedReceiver<Change>,
+    changes: Arc<Changes>,
 }
 
 /// Starts watching `dir` for plugin files' changes (see [`FolderWatch`]).
 pub fn watch_folder(dir: &Path) -> anyhow::Result<FolderWatch> {
     let dir = dir.to_path_buf();
-    let (tx, changes) = mpsc::unbounded_channel::<Change>();
+    let changes = Arc::new(Changes::default());
+    let tx = changes.clone();
     // Changes were lost (the kernel's queue of them overflowed, or the watch failed): the task
     // looks at every file again. (The watcher's handler holds nothing of the host: notify's
     // thread drops it after the host stopped, and it must not keep the kv store open then.)
     let folder = dir.clone();
-    let rescan = move |tx: &mpsc::UnboundedSender<Change>, why: &str| {
+    let rescan = move |tx: &Changes, why: &str| {
         tracing::warn!(dir = %folder.display(),
             "changes to the plugins folder may have been missed ({why}): looking at every file again");
-        let _ = tx.send(Change::Rescan);
+        tx.rescan();
     };
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
         Ok(event) if event.need_rescan() => rescan(&tx, "the change events overflowed"),
@@ -303,7 +298,7 @@ pub fn watch_folder(dir: &Path) -> anyhow::Result<FolderWatch> {
             }
             for path in event.paths {
                 if is_plugin_file(&path) {
-                    let _ = tx.send(Change::File(path));
+                    tx.file(path);
                 }
             }
         }
@@ -321,32 +316,18 @@ pub fn watch_folder(dir: &Path) -> anyhow::Result<FolderWatch> {
 /// Applies the changes `folder` gathers (those made since it began first) until the returned
 /// guard is dropped.
 pub fn watch(reloader: Arc<Reloader>, folder: FolderWatch) -> WatchGuard {
-    let FolderWatch { watcher, changes: mut rx } = folder;
+    let FolderWatch { watcher, changes } = folder;
     let dir = reloader.config.plugins_dir.clone();
     let (stop, stop_rx) = oneshot::channel::<()>();
     let watched = dir.clone();
     let task = tokio::spawn(async move {
-        // Every file, the plugins' and the refused ones' too (they may be gone).
-        let expand = |change: Change, paths: &mut BTreeSet<PathBuf>| match change {
-            Change::File(path) => {
-                paths.insert(path);
-            }
-            Change::Rescan => {
-                let mut known: Vec<PathBuf> = reloader.files.lock().expect("poisoned").keys().cloned().collect();
-                known.extend(reloader.rejected.lock().expect("poisoned").iter().map(|r| r.path.clone()));
-                paths.extend(rescan_paths(&watched, known));
-            }
-        };
         let mut applying = Applying::new(reloader.clone());
         let mut stopping = std::pin::pin!(stop_rx);
         loop {
             let retry = applying.next_retry();
-            let first = tokio::select! {
+            tokio::select! {
                 _ = &mut stopping => break,
-                change = rx.recv() => match change {
-                    Some(change) => change,
-                    None => break,
-                },
+                () = changes.changed() => {}
                 Some(ended) = applying.tasks.join_next() => {
                     // Only an abort (the watch stopping) ends a task without its file.
                     if let Ok((path, applied)) = ended {
@@ -360,13 +341,15 @@ pub fn watch(reloader: Arc<Reloader>, folder: FolderWatch) -> WatchGuard {
                 }
             };
             let changed_at = Instant::now();
-            let mut paths = BTreeSet::new();
-            expand(first, &mut paths);
             // Debounce: gather everything that changes together (a copy, a rename pair).
-            while changed_at.elapsed() < MAX_GATHER
-                && let Ok(Some(change)) = tokio::time::timeout(DEBOUNCE, rx.recv()).await
-            {
-                expand(change, &mut paths);
+            while changed_at.elapsed() < MAX_GATHER && tokio::time::timeout(DEBOUNCE, changes.changed()).await.is_ok() {
+            }
+            let Gathered { mut paths, rescan } = changes.take();
+            if rescan {
+                // Every file, the plugins' and the refused ones' too (they may be gone).
+                let mut known: Vec<PathBuf> = reloader.files.lock().expect("poisoned").keys().cloned().collect();
+                known.extend(reloader.rejected.lock().expect("poisoned").iter().map(|r| r.path.clone()));
+                paths.extend(rescan_paths(&watched, known));
             }
             // Each file is applied on its own, beside the others: a removal does not wait for
             // a load, so of a rename the old name's plugin is usually removed before the new
