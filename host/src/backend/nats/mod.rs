@@ -592,8 +592,10 @@ impl NatsTransport {
             };
             if let Err(e) = consumer::ensure(&self.js, &pump.spec()).await {
                 tracing::error!(plugin = %spec.plugin, stream = %cspec.stream, consumer = %cspec.name,
-                    "putting back the filters of a consumer a failed change had changed: {e}; its pump puts \
-                     them back when it re-creates it");
+                    "putting back the filters of a consumer a failed change had changed: {e}; it keeps the filters \
+                     the change left (messages of the serving version's subjects it lacks are passed over; those of \
+                     subjects only the new version takes are given back) until a reload that changes the plugin's \
+                     subjects, a restart of the host, or its re-creation if it is deleted");
             }
         }
     }
