@@ -275,6 +275,10 @@ pub async fn pump(
     let mut looked_at_floor = std::time::Instant::now();
     // Kept across pulls: what a pull brings after its status is read, not dropped.
     let mut inbox: Option<Inbox> = None;
+    // A pull given up with no status (past `lost_at`): the server is answered once before the
+    // next is asked. A link that stalls without dropping leaves the client "connected" for
+    // minutes, and a pull asked every `lost_at` would wait in the network, going live together.
+    let mut unanswered = false;
     loop {
         let Some(room) = intake.room().await else { return };
         if looked_at_floor.elapsed() >= Duration::from_secs(1) {
@@ -303,6 +307,17 @@ pub async fn pump(
             tokio::time::sleep(Duration::from_millis(250)).await;
             continue;
         }
+        if unanswered {
+            match tokio::time::timeout(Duration::from_secs(2), consumer.info()).await {
+                Ok(Ok(_)) => unanswered = false,
+                _ => {
+                    tracing::warn!(plugin = %plugin, stream = %stream,
+                        "a pull's status never came and JetStream does not answer: waiting before the next pull");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        }
         let asked = {
             let spec = current();
             open.ask(&spec.stream, &spec.name, batch).await
@@ -315,10 +330,10 @@ pub async fn pump(
             }
             continue;
         }
-        // A pull ends with its own status (a pull asking for bytes always gets one: after its
-        // messages from a single server, before them from a replicated consumer), once the
-        // messages it says the pull brought are read; or, its status lost in a reconnect, at
-        // `lost_at`.
+        // A pull ends with its own status (after its messages from a single server, before them
+        // from a replicated consumer), once the messages it says the pull brought are read; or,
+        // with none (its bytes used up exactly, or its status lost in a reconnect or a stalled
+        // link), once its count came and 1 s passed, or after a quiet while, at `lost_at`.
         let lost_at = Instant::now() + PULL_EXPIRES + STATUS_GRACE;
         let (mut closed, mut failed, mut stuck, mut received, mut gave_back) = (false, false, false, 0usize, false);
         let mut ended: Option<String> = None;
@@ -338,7 +353,11 @@ pub async fn pump(
                     closed = true;
                     break;
                 }
-                Err(_) if ended.is_some() || received >= batch.messages || Instant::now() >= lost_at => break,
+                Err(_) if ended.is_some() || received >= batch.messages => break,
+                Err(_) if Instant::now() >= lost_at => {
+                    unanswered = true;
+                    break;
+                }
                 Err(_) if !waits_behind_a_message_no_pull_takes(&mut consumer).await => {
                     quiet_for = (quiet_for * 2).min(STUCK_CHECK_MAX);
                     continue;
@@ -413,8 +432,8 @@ pub async fn pump(
             }
         }
         if stuck {
-            // The open pull is not taken back (the server ends it with a status when the message
-            // comes to it, read at the next pull). The message is delivered as any other:
+            // The open pull is not taken back: it stays open until its expiry (its status, read at
+            // a later pull, ends nothing). The message is delivered as any other:
             // `max_event_bytes` decides whether it runs, and a dead letter too large for the
             // server is published without its data (`NatsTransport`).
             quiet_for = STUCK_CHECK;
