@@ -1769,6 +1769,9 @@ async fn jetstream_a_retarget_failing_at_a_later_stream_loses_nothing_at_an_earl
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         published += tokio::time::timeout(Duration::from_secs(10), publisher).await.expect("published").unwrap();
     }
+    // The failed change was put back: `AA`'s consumer has the serving filter alone again.
+    let info = js.get_stream("AA").await.unwrap().consumer_info("plugbus_p").await.unwrap();
+    assert_eq!((info.config.filter_subject.as_str(), info.config.filter_subjects.len()), ("a.old", 0));
     let mut delivered = 0;
     while delivered < published {
         let d = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv())
