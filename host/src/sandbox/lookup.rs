@@ -4,15 +4,76 @@
 //! the call, a plugin that starts calls to a slow-resolving name and drops them would fill the
 //! runtime's blocking pool, which dead letters, kv commits, reloads and NATS reconnects share.
 //! So each lookup holds a permit of its plugin's and one of the host's until it returns.
+//!
+//! The host's permits are shared, but not all to anyone: of the last [`RESERVED`] a plugin holds
+//! at most one, so plugins whose names resolve slowly (eight at their default
+//! `max_outbound_concurrency` would hold all 64) leave every other plugin a lookup at a time.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Lookups in flight in the whole host (of the runtime's 512 blocking threads).
 const HOST_LOOKUPS: usize = 64;
 
-static HOST: LazyLock<Arc<Semaphore>> = LazyLock::new(|| Arc::new(Semaphore::new(HOST_LOOKUPS)));
+/// Of [`HOST_LOOKUPS`], those a plugin takes at most one of.
+pub const RESERVED: usize = 16;
+
+static HOST: LazyLock<Arc<HostLookups>> =
+    LazyLock::new(|| Arc::new(HostLookups::new(HOST_LOOKUPS - RESERVED, RESERVED)));
+
+/// The host's lookups in flight: `shared`, and `reserved` of which a plugin holds at most one.
+pub struct HostLookups {
+    shared: Arc<Semaphore>,
+    reserved: Arc<Semaphore>,
+}
+
+impl HostLookups {
+    /// `shared` permits, and `reserved` more of which a plugin holds at most one.
+    pub fn new(shared: usize, reserved: usize) -> Self {
+        Self { shared: Arc::new(Semaphore::new(shared)), reserved: Arc::new(Semaphore::new(reserved)) }
+    }
+
+    /// A permit for a plugin whose claim on a reserved one is `claim`: a shared one first, and
+    /// a reserved one when the plugin holds none (its claim is then kept until the permit goes).
+    async fn take(&self, claim: &Arc<AtomicBool>) -> Result<HostPermit, tokio::sync::AcquireError> {
+        if let Ok(permit) = self.shared.clone().try_acquire_owned() {
+            return Ok(HostPermit { _permit: permit, _claim: None });
+        }
+        let Some(claimed) = Claim::take(claim) else {
+            let permit = self.shared.clone().acquire_owned().await?;
+            return Ok(HostPermit { _permit: permit, _claim: None });
+        };
+        tokio::select! {
+            biased;
+            permit = self.shared.clone().acquire_owned() => Ok(HostPermit { _permit: permit?, _claim: None }),
+            permit = self.reserved.clone().acquire_owned() => Ok(HostPermit { _permit: permit?, _claim: Some(claimed) }),
+        }
+    }
+}
+
+/// A plugin's claim on one reserved permit, given up when dropped (also by a lookup dropped while
+/// it waits).
+struct Claim(Arc<AtomicBool>);
+
+impl Claim {
+    fn take(claim: &Arc<AtomicBool>) -> Option<Self> {
+        claim.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).ok().map(|_| Self(claim.clone()))
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// A permit of the host's, with the plugin's claim when it is a reserved one.
+struct HostPermit {
+    _permit: OwnedSemaphorePermit,
+    _claim: Option<Claim>,
+}
 
 /// Why a lookup gave no addresses.
 #[derive(Debug, thiserror::Error)]
@@ -27,12 +88,22 @@ pub enum LookupError {
 
 /// One plugin's lookups in flight: at most its `max_outbound_concurrency`.
 #[derive(Clone)]
-pub struct Lookups(Arc<Semaphore>);
+pub struct Lookups {
+    own: Arc<Semaphore>,
+    /// Whether the plugin holds (or waits for) one of the host's reserved permits.
+    reserve_claimed: Arc<AtomicBool>,
+    host: Arc<HostLookups>,
+}
 
 impl Lookups {
-    /// At most `n` (at least 1) lookups of the plugin's at once.
+    /// At most `n` (at least 1) lookups of the plugin's at once, within the host's.
     pub fn new(n: usize) -> Self {
-        Self(Arc::new(Semaphore::new(n.max(1))))
+        Self::within(n, HOST.clone())
+    }
+
+    /// [`Lookups::new`] within `host`'s permits instead of the host's own.
+    pub fn within(n: usize, host: Arc<HostLookups>) -> Self {
+        Self { own: Arc::new(Semaphore::new(n.max(1))), reserve_claimed: Default::default(), host }
     }
 
     /// Resolves `host:port`. Waits (in the host, not at the destination) for a permit of the
@@ -45,12 +116,13 @@ impl Lookups {
         admitted: impl FnOnce(),
     ) -> Result<Vec<SocketAddr>, LookupError> {
         let closed = |_| LookupError::Host("closed".into());
-        let plugins = self.0.clone().acquire_owned().await.map_err(closed)?;
-        let hosts = HOST.clone().acquire_owned().await.map_err(closed)?;
+        let own = self.own.clone().acquire_owned().await.map_err(closed)?;
+        let host_permit = self.host.take(&self.reserve_claimed).await.map_err(closed)?;
+        let held = (own, host_permit);
         admitted();
         let name = host.to_string();
         let found = tokio::task::spawn_blocking(move || {
-            let _held = (plugins, hosts);
+            let _held = held;
             #[cfg(test)]
             if let Some(answer) = tests::slow_answer(&name) {
                 return answer;
@@ -70,9 +142,21 @@ pub(super) mod tests {
     /// A name whose lookup takes 300 ms and finds nothing, counted in flight.
     const SLOW: &str = "slow.lookup.test";
     static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+    /// A name whose lookups wait until [`RELEASE`] is set.
+    const BLOCKED: &str = "blocked.lookup.test";
+    static RELEASE: std::sync::LazyLock<(std::sync::Mutex<bool>, std::sync::Condvar)> =
+        std::sync::LazyLock::new(Default::default);
     static PEAK: AtomicUsize = AtomicUsize::new(0);
 
     pub(super) fn slow_answer(name: &str) -> Option<std::io::Result<Vec<SocketAddr>>> {
+        if name == BLOCKED {
+            let (lock, released) = &*RELEASE;
+            let mut free = lock.lock().unwrap();
+            while !*free {
+                free = released.wait(free).unwrap();
+            }
+            return Some(Ok(Vec::new()));
+        }
         if name != SLOW {
             return None;
         }
@@ -100,5 +184,50 @@ pub(super) mod tests {
         // And its permits came back: a lookup after them goes through.
         let found = tokio::time::timeout(Duration::from_secs(2), lookups.resolve(SLOW, 443, || {})).await;
         assert!(found.expect("the plugin's permits never came back").unwrap().is_empty());
+    }
+
+    /// Plugins whose names never resolve, at their limit, leave another plugin a lookup: of the
+    /// reserved permits each takes one at most. Before, the first two took
+    /// every permit of the host's and the third waited for one of theirs to return.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plugins_whose_lookups_hang_leave_another_plugin_a_lookup() {
+        let host = Arc::new(HostLookups::new(4, 2));
+        let admitted = Arc::new(AtomicUsize::new(0));
+        let flood = |lookups: &Lookups, n: usize| {
+            for _ in 0..n {
+                let (lookups, admitted) = (lookups.clone(), admitted.clone());
+                tokio::spawn(async move {
+                    let _ = lookups
+                        .resolve(BLOCKED, 443, || {
+                            admitted.fetch_add(1, Ordering::SeqCst);
+                        })
+                        .await;
+                });
+            }
+        };
+        let settle = || tokio::time::sleep(Duration::from_millis(200));
+        flood(&Lookups::within(4, host.clone()), 4);
+        settle().await;
+        flood(&Lookups::within(4, host.clone()), 4);
+        settle().await;
+        let hung = admitted.load(Ordering::SeqCst);
+        assert_eq!(hung, 5, "the second plugin took more than one reserved permit");
+        let another = Lookups::within(4, host.clone());
+        let admitted_too = tokio::time::timeout(Duration::from_secs(2), async {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                another
+                    .resolve(BLOCKED, 443, move || {
+                        let _ = tx.send(());
+                    })
+                    .await
+            });
+            rx.await
+        })
+        .await;
+        let (lock, released) = &*RELEASE;
+        *lock.lock().unwrap() = true;
+        released.notify_all();
+        assert!(admitted_too.is_ok(), "another plugin's lookup waited behind two plugins' hung ones");
     }
 }
