@@ -191,6 +191,17 @@ pub(super) mod tests {
     /// every permit of the host's and the third waited for one of theirs to return.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn plugins_whose_lookups_hang_leave_another_plugin_a_lookup() {
+        // Every lookup that never returns is let go when the test ends, failed or not (the
+        // runtime waits for its blocking threads as it shuts down).
+        struct Release;
+        impl Drop for Release {
+            fn drop(&mut self) {
+                let (lock, released) = &*RELEASE;
+                *lock.lock().unwrap() = true;
+                released.notify_all();
+            }
+        }
+        let _release = Release;
         let host = Arc::new(HostLookups::new(4, 2));
         let admitted = Arc::new(AtomicUsize::new(0));
         let flood = |lookups: &Lookups, n: usize| {
@@ -205,11 +216,20 @@ pub(super) mod tests {
                 });
             }
         };
-        let settle = || tokio::time::sleep(Duration::from_millis(200));
+        let reached = |n: usize| {
+            let admitted = admitted.clone();
+            async move {
+                while admitted.load(Ordering::SeqCst) < n {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
         flood(&Lookups::within(4, host.clone()), 4);
-        settle().await;
+        tokio::time::timeout(Duration::from_secs(2), reached(4)).await.expect("the first plugin's 4 admitted");
         flood(&Lookups::within(4, host.clone()), 4);
-        settle().await;
+        tokio::time::timeout(Duration::from_secs(2), reached(5)).await.expect("the second plugin's first admitted");
+        // Time for a second reserved permit to be taken, were one to be.
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let hung = admitted.load(Ordering::SeqCst);
         assert_eq!(hung, 5, "the second plugin took more than one reserved permit");
         let another = Lookups::within(4, host.clone());
@@ -225,9 +245,6 @@ pub(super) mod tests {
             rx.await
         })
         .await;
-        let (lock, released) = &*RELEASE;
-        *lock.lock().unwrap() = true;
-        released.notify_all();
         assert!(admitted_too.is_ok(), "another plugin's lookup waited behind two plugins' hung ones");
     }
 }
