@@ -1784,6 +1784,54 @@ async fn jetstream_a_retarget_failing_at_a_later_stream_loses_nothing_at_an_earl
     }
 }
 
+/// A reload that leaves a subject (`a.old`) narrows the plugin's consumer only once what it
+/// stored before the change is settled: one event of `a.old` waits for its retry (its handler
+/// failed, `nak` with a delay) and another is still running as the change is made. Narrowed at
+/// once, the server dropped the first from the consumer and the interest stream deleted it:
+/// never run again, never dead-lettered. Now its retry comes, to the version serving, and the
+/// consumer is narrowed after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_retarget_leaving_a_subject_still_runs_what_waited_there_for_a_retry() {
+    use jetstream::stream::{Config as StreamConfig, RetentionPolicy};
+    use plugbus::transport::Transport;
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    let stream = StreamConfig {
+        name: "AA".into(),
+        subjects: vec!["a.>".into()],
+        retention: RetentionPolicy::Interest,
+        ..Default::default()
+    };
+    js.create_stream(stream).await.unwrap();
+    let (nats, mut sub) = retarget::feed(&server, &["a.old", "a.new"]).await;
+    async fn next(sub: &mut plugbus::transport::Subscription) -> Option<plugbus::transport::Delivery> {
+        tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await.ok().flatten()
+    }
+    js.publish("a.old", "retried".into()).await.unwrap().await.unwrap();
+    let failed = next(&mut sub).await.expect("the first a.old delivered");
+    failed.acker.nak(Duration::from_secs(2)).await;
+    js.publish("a.old", "running".into()).await.unwrap().await.unwrap();
+    let running = next(&mut sub).await.expect("the second a.old delivered");
+    nats.retarget(sub.id, &retarget::spec(&["a.new"])).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    running.acker.ack().await;
+    retarget::delivered(&js, &mut sub, "a.new").await;
+    let again = next(&mut sub).await.expect("the a.old waiting for its retry was dropped by the narrowing");
+    assert_eq!((again.event.subject.as_str(), again.event.data.as_ref()), ("a.old", b"retried".as_slice()));
+    assert!(again.attempt > 1, "a retry: {}", again.attempt);
+    assert!(again.defect.is_none(), "run, not dead-lettered: {:?}", again.defect);
+    again.acker.ack().await;
+    // Then the consumer is narrowed, and the stream keeps nothing.
+    let aa = js.get_stream("AA").await.unwrap();
+    eventually_async(|| async {
+        let info = aa.consumer_info("plugbus_p").await.unwrap();
+        (info.config.filter_subject.as_str(), info.config.filter_subjects.len()) == ("a.new", 0)
+    })
+    .await;
+    eventually_async(|| async { js.get_stream("AA").await.unwrap().cached_info().state.messages == 0 }).await;
+    retarget::delivered(&js, &mut sub, "a.new").await;
+}
+
 /// A consumer deleted under a retargeted feed is re-created with the filters of the version
 /// serving, not with those its pump started with (which settle the new version's events
 /// unrun and never deliver them).
@@ -1798,7 +1846,8 @@ async fn jetstream_a_retargeted_consumer_keeps_its_new_filters_when_it_is_re_cre
         let stream = js.get_stream("ORDERS").await.unwrap();
         stream.consumer_info("plugbus_p").await.ok().map(|info| info.config.filter_subject.clone())
     };
-    assert_eq!(filter().await.as_deref(), Some("orders.cancelled"));
+    // Narrowed once what it stored before the change is settled: nothing here.
+    eventually_async(|| async { filter().await.as_deref() == Some("orders.cancelled") }).await;
     js.get_stream("ORDERS").await.unwrap().delete_consumer("plugbus_p").await.unwrap();
     eventually_async(|| async { filter().await.is_some() }).await;
     assert_eq!(filter().await.as_deref(), Some("orders.cancelled"), "re-created with the filters it started with");

@@ -397,14 +397,14 @@ pub async fn pump(
                     msg
                 }
             };
-            match filter.pulled(msg.subject.as_str()) {
+            match filter.pulled(msg.subject.as_str(), &stream, || stream_sequence(&msg)) {
                 Pulled::Take => {
                     if !intake.send(delivery_of(msg, &held, &plugin)).await {
                         return;
                     }
                 }
                 // Its last delivery: given back once more, JetStream would drop it unrun.
-                Pulled::AnotherVersions if last_delivery(&msg, &current()) => {
+                Pulled::AnotherVersions | Pulled::NoLongerTaken if last_delivery(&msg, &current()) => {
                     let mut delivery = delivery_of(msg, &held, &plugin);
                     delivery.defect = Some(crate::fate::DeliveryError::Unclaimed(UNCLAIMED.into()));
                     if !intake.send(delivery).await {
@@ -438,7 +438,7 @@ pub async fn pump(
             // server is published without its data (`NatsTransport`).
             quiet_for = STUCK_CHECK;
             match take_the_next_message(&consumer).await {
-                Ok(Some(msg)) => match filter.pulled(msg.subject.as_str()) {
+                Ok(Some(msg)) => match filter.pulled(msg.subject.as_str(), &stream, || stream_sequence(&msg)) {
                     Pulled::Take => {
                         tracing::warn!(plugin = %plugin, stream = %stream, subject = %msg.subject,
                             bytes = msg.message.length, pull_bytes = batch.bytes,
@@ -481,6 +481,11 @@ const ANOTHER_VERSIONS_WAIT: Duration = Duration::from_secs(1);
 const UNCLAIMED: &str = "hosts of a version that does not subscribe to it gave it back until JetStream's max_deliver \
      (a rolling upgrade, or another version running elsewhere): dead-lettered rather than dropped";
 
+/// Where the stream stored `msg`.
+fn stream_sequence(msg: &jetstream::Message) -> Option<u64> {
+    msg.info().ok().map(|info| info.stream_sequence)
+}
+
 /// Whether `msg` comes for the last time: JetStream drops it once given back now.
 fn last_delivery(msg: &jetstream::Message, spec: &ConsumerSpec) -> bool {
     let max = u64::from(spec.durability.give_up_after.max(1));
@@ -491,8 +496,8 @@ fn last_delivery(msg: &jetstream::Message, spec: &ConsumerSpec) -> bool {
 const ANOTHER_VERSIONS_PAUSE: Duration = Duration::from_secs(2);
 
 /// Settles a message the feed does not deliver (`not`: see [`Pulled`]): acked when it is not the
-/// plugin's, given back when it is another version's (a warning at most every 10 s). `true`:
-/// given back.
+/// plugin's, given back when it is another version's or no longer taken (a warning at most
+/// every 10 s). `true`: given back for another version's hosts, who get the pause.
 async fn not_delivered(
     msg: &jetstream::Message,
     not: Pulled,
@@ -500,7 +505,7 @@ async fn not_delivered(
     given_back: &mut Option<std::time::Instant>,
 ) -> bool {
     let settled = match not {
-        Pulled::AnotherVersions => {
+        Pulled::AnotherVersions | Pulled::NoLongerTaken => {
             if given_back.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
                 *given_back = Some(std::time::Instant::now());
                 tracing::warn!(plugin, subject = %msg.subject,

@@ -14,7 +14,9 @@
 mod budget;
 mod consumer;
 pub mod dead_letters;
+mod filter;
 pub mod kv;
+mod narrowing;
 mod pull;
 mod queue_group;
 mod streams;
@@ -27,6 +29,7 @@ use crate::subject::{PatternSet, validate_subject, without_covered};
 use crate::transport::{Subscription, SubscriptionSpec, Transport, TransportError};
 use async_nats::jetstream;
 use async_trait::async_trait;
+pub use filter::{Filter, Pulled};
 use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -138,58 +141,6 @@ impl Drop for Task {
     }
 }
 
-/// Which messages a plugin's feed takes: the server matches by NATS's rule, where `>` reaches
-/// `$` subjects, `_INBOX` replies and every dead letter; a plugin takes only what its patterns
-/// reach by [`Pattern::matches`](crate::subject::Pattern::matches). Shared by the feed's pumps
-/// and updated in place on retarget.
-#[derive(Clone)]
-pub struct Filter {
-    plugin: Arc<str>,
-    patterns: Arc<std::sync::RwLock<PatternSet>>,
-}
-
-impl Filter {
-    /// Takes what `patterns` match from now on.
-    fn set(&self, patterns: PatternSet) {
-        *self.patterns.write().expect("filter poisoned") = patterns;
-    }
-
-    /// What a durable feed does with a message on `subject` its pull brought (see [`Pulled`]).
-    pub fn pulled(&self, subject: &str) -> Pulled {
-        let patterns = self.patterns.read().expect("filter poisoned");
-        if patterns.matches(subject) {
-            Pulled::Take
-        } else if patterns.iter().any(|p| p.matches_nats(subject)) {
-            Pulled::NotThePlugins
-        } else {
-            Pulled::AnotherVersions
-        }
-    }
-
-    /// Whether the plugin takes a message on `subject`; logs the ones it does not.
-    pub fn admits(&self, subject: &str) -> bool {
-        let ok = self.patterns.read().expect("filter poisoned").matches(subject);
-        if !ok {
-            tracing::debug!(plugin = %self.plugin, subject = %subject, "not delivered: a system subject or dead letter the plugin's patterns do not name");
-        }
-        ok
-    }
-}
-
-/// A message a durable consumer brought, as the feed sees it ([`Filter::pulled`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pulled {
-    /// The plugin's: delivered.
-    Take,
-    /// One its patterns reach only by NATS's rule (a system subject, another plugin's dead
-    /// letter in a stream its wildcard overlaps): settled without running.
-    NotThePlugins,
-    /// One no pattern of this version reaches even by NATS's rule: the consumer, shared by every
-    /// host running the plugin, has another version's filters (a rolling upgrade, a reload on
-    /// another host). Given back for another host to take, never settled unrun.
-    AnotherVersions,
-}
-
 /// What feeds one plugin's queue now.
 struct Feed {
     intake: budget::Intake,
@@ -202,6 +153,8 @@ struct Feed {
     core: HashMap<String, Task>,
     /// Stream → its pull consumer pump.
     durable: HashMap<String, Pump>,
+    /// The consumers the last retarget widened, narrowed once what they held is settled.
+    narrowing: Option<narrowing::Narrowing>,
 }
 
 /// A durable consumer's pump, and the spec it re-creates the consumer from.
@@ -458,19 +411,29 @@ impl NatsTransport {
     /// `spec` names (neither's events are settled unrun); a change that fails leaves it taking
     /// what it took, its consumers' filters put back, so the version serving (a reload refused)
     /// keeps every event it had.
-    async fn apply(&self, feed: &mut Feed, spec: &SubscriptionSpec) -> Result<(), TransportError> {
+    ///
+    /// The consumers a change leaves wide are returned with the filters they are to be narrowed
+    /// to ([`narrowing`]); meanwhile the feed still takes what they stored before the change
+    /// under the patterns it left ([`Filter::retire`]).
+    async fn apply(
+        &self,
+        feed: &mut Feed,
+        spec: &SubscriptionSpec,
+    ) -> Result<Vec<consumer::ConsumerSpec>, TransportError> {
         let taking = PatternSet::parse(&spec.patterns)?;
         let serving = feed.patterns.clone();
         feed.filter.set(PatternSet::parse(&[serving.as_slice(), spec.patterns.as_slice()].concat())?);
         let changed = match &spec.durable {
             Some(durability) => self.apply_durable(feed, spec, durability).await,
-            None => self.apply_core(feed, spec).await,
+            None => self.apply_core(feed, spec).await.map(|()| Vec::new()),
         };
         match changed {
-            Ok(()) => {
+            Ok(narrow) => {
+                let retiring = [feed.filter.retiring_patterns().as_slice(), serving.as_slice()].concat();
+                feed.filter.retire(&retiring, narrow.iter().map(|c| c.stream.clone()))?;
                 feed.filter.set(taking);
                 feed.patterns = spec.patterns.clone();
-                Ok(())
+                Ok(narrow)
             }
             Err(e) => {
                 feed.filter.set(PatternSet::parse(&serving)?);
@@ -485,7 +448,7 @@ impl NatsTransport {
         feed: &mut Feed,
         spec: &SubscriptionSpec,
         durability: &crate::transport::Durability,
-    ) -> Result<(), TransportError> {
+    ) -> Result<Vec<consumer::ConsumerSpec>, TransportError> {
         let patterns = covering(spec);
         // Every stream first: one that cannot be found or made fails the change before any
         // consumer is touched.
@@ -500,11 +463,13 @@ impl NatsTransport {
         }
         let name = durable_name(&spec.group);
         // Each consumer this feed pulls first takes both versions' filters (`widened`), and is
-        // narrowed to the new ones only once every stream's took the change: a consumer
-        // narrowed before a later stream's change failed would pass over, for good, what the
-        // version serving takes there until `put_back` (and an interest stream deletes it).
+        // narrowed to the new ones only once every stream's took the change, and then only once
+        // what it stored before the change is settled (`narrowing`): a consumer narrowed before
+        // a later stream's change failed would pass over, for good, what the version serving
+        // takes there until `put_back`, and one narrowed while a message of a subject it leaves
+        // waits for a retry drops that message (an interest stream deletes it).
         let mut ensured = Vec::new();
-        let mut widened = Vec::new();
+        let mut narrow = Vec::new();
         for (stream, filters) in &plan {
             let cspec = consumer::ConsumerSpec {
                 stream: stream.clone(),
@@ -528,19 +493,17 @@ impl NatsTransport {
             }
             match made {
                 Ok(c) => {
-                    widened.extend(wide.is_some().then(|| cspec.clone()));
-                    ensured.push((cspec, c));
+                    if let Some(wide) = wide {
+                        narrow.push(cspec);
+                        ensured.push((wide, c));
+                    } else {
+                        ensured.push((cspec, c));
+                    }
                 }
                 Err(e) => {
                     self.put_back(feed, spec, ensured.iter().map(|(cspec, _)| cspec)).await;
                     return Err(e);
                 }
-            }
-        }
-        for cspec in &widened {
-            if let Err(e) = consumer::ensure(&self.js, cspec).await {
-                self.put_back(feed, spec, ensured.iter().map(|(cspec, _)| cspec)).await;
-                return Err(e);
             }
         }
         for (cspec, c) in ensured {
@@ -572,7 +535,7 @@ impl NatsTransport {
         }
         feed.durable.retain(|stream, _| plan.contains_key(stream));
         feed.core.clear();
-        Ok(())
+        Ok(narrow)
     }
 
     /// After a change failed: the consumers it changed (`changed`) are given back the spec of
@@ -957,11 +920,19 @@ impl Transport for NatsTransport {
         let (tx, rx) = mpsc::channel(spec.capacity.max(1));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let plugin: Arc<str> = spec.plugin.as_str().into();
-        let filter = Filter { plugin, patterns: Default::default() };
+        let filter = Filter::new(plugin);
         let intake = budget::Intake::new(tx.clone(), spec.buffer_bytes);
         let dropped = self.core_dropped.get_or_create(&PluginLabels { plugin: spec.plugin.clone() }).clone();
-        let mut feed =
-            Feed { intake, filter, dropped, patterns: Vec::new(), core: HashMap::new(), durable: HashMap::new() };
+        let mut feed = Feed {
+            intake,
+            filter,
+            dropped,
+            patterns: Vec::new(),
+            core: HashMap::new(),
+            durable: HashMap::new(),
+            narrowing: None,
+        };
+        // A new feed has no consumer of its own to narrow.
         self.apply(&mut feed, &spec).await?;
         self.feeds.lock().await.insert(id, feed);
         Ok(Subscription::new(id, &tx, rx, Unsubscribe { feeds: self.feeds.clone(), id }))
@@ -972,7 +943,20 @@ impl Transport for NatsTransport {
         let feed = feeds
             .get_mut(&subscription)
             .ok_or_else(|| TransportError::Closed(format!("subscription {subscription} is gone")))?;
-        self.apply(feed, spec).await
+        let narrow = self.apply(feed, spec).await?;
+        // What the last change left to narrow is this change's now (its consumers are wide from
+        // it); a change that failed leaves it as it was.
+        feed.narrowing = (!narrow.is_empty()).then(|| {
+            narrowing::Narrowing::start(
+                &self.js,
+                Arc::downgrade(&self.feeds),
+                subscription,
+                self.next_id.fetch_add(1, Ordering::Relaxed),
+                feed.filter.clone(),
+                narrow,
+            )
+        });
+        Ok(())
     }
 
     async fn observe(
