@@ -534,6 +534,11 @@ fn header_refs(event: &Event) -> Vec<(&str, &str)> {
 fn describe_trap(err: &wasmtime::Error, state: &HostState, overflow: Option<GuestStack>) -> String {
     let limits = &state.plugin.limits;
     if state.deadline_hit {
+        // Dropped at the deadline while the host kept it waiting: the host's failure.
+        if let Some(why) = &state.waiting_on_host {
+            let deadline = humantime::format_duration(limits.deadline);
+            return cut(&format!("host error: {why} within the attempt's deadline of {deadline}")).into_owned();
+        }
         return format!("deadline of {} exceeded", humantime::format_duration(limits.deadline));
     }
     if state.limiter.breached {

@@ -63,6 +63,10 @@ pub struct HostState {
     pub started: Instant,
     /// Set when the deadline interrupted the call.
     pub deadline_hit: bool,
+    /// What the handler waits for in a host call that waits on the host's own store (a kv
+    /// read), while it does: a call dropped at the deadline with this set failed for the host,
+    /// and is reported so (`host error: …`), never as the handler's deadline.
+    pub waiting_on_host: Option<String>,
     http: wasmtime_wasi_http::WasiHttpCtx,
     /// The outbound HTTP policy of this attempt (`wasi:http` hooks).
     pub outbound: Outbound,
@@ -136,6 +140,7 @@ impl HostState {
             log_bytes: 0,
             started: Instant::now(),
             deadline_hit: false,
+            waiting_on_host: None,
             http: http_ctx(),
             outbound,
             seen: Seen::default(),
@@ -178,6 +183,7 @@ impl HostState {
         self.log_bytes = 0;
         self.started = Instant::now();
         self.deadline_hit = false;
+        self.waiting_on_host = None;
         self.outbound.event_id.clear();
         self.outbound.event_id.push_str(event_id);
         self.outbound.calls = 0;
@@ -671,7 +677,12 @@ impl kv::Host for HostState {
         }
         let fresh = self.txn.would_read(&key);
         let store = self.plugin.kv.clone();
-        let value = self.txn.get(&*store, &self.plugin.name, &key).await.map_err(kv_err)?;
+        // The store's wait is the host's, never the handler's: a read still waiting when the
+        // call is dropped at the deadline fails the attempt as a host error.
+        self.waiting_on_host = Some(format!("the kv store did not answer a read of key {}", quoted(&key)));
+        let value = self.txn.get(&*store, &self.plugin.name, &key).await;
+        self.waiting_on_host = None;
+        let value = value.map_err(kv_err)?;
         if fresh {
             let version = self.txn.reads.get(&key).copied().unwrap_or(0);
             self.seen.kv_read(&key, value.as_deref(), version);

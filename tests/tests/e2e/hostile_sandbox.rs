@@ -513,6 +513,66 @@ async fn a_panicking_host_function_fails_the_attempt_like_a_trap_and_the_plugin_
     }
 }
 
+/// A kv store whose reads never answer (a stalled broker or disk).
+struct StalledKv;
+
+impl plugbus::kv::KvStore for StalledKv {
+    fn get<'a, 'b, 'c, 'f>(&'a self, _ns: &'b str, _key: &'c str) -> KvFuture<'f, Option<plugbus::kv::Versioned>>
+    where
+        'a: 'f,
+        'b: 'f,
+        'c: 'f,
+        Self: 'f,
+    {
+        Box::pin(std::future::pending())
+    }
+
+    fn commit<'a, 'b, 'c, 'f>(&'a self, _ns: &'b str, _txn: &'c plugbus::kv::Txn) -> KvFuture<'f, ()>
+    where
+        'a: 'f,
+        'b: 'f,
+        'c: 'f,
+        Self: 'f,
+    {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// The handler waits in a kv read the store never answers: the attempt fails at its deadline
+/// as the host's (`host error: the kv store did not answer …`), not as the handler's `deadline
+/// exceeded` (which a dead letter and the logs used to say).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_store_that_does_not_answer_fails_the_attempt_as_the_hosts_not_the_handlers() {
+    let sandbox = Sandbox::new(SandboxSettings::default()).unwrap();
+    let bytes = std::fs::read(wasm("hostile")).unwrap();
+    for mode in [InstanceMode::Fresh, InstanceMode::Reuse] {
+        let limits = Limits { instance: mode, deadline: Duration::from_millis(300), ..Limits::default() };
+        let plugin = sandbox
+            .load(&bytes, |_| PluginSettings {
+                limits,
+                config: Default::default(),
+                kv: Arc::new(StalledKv),
+                allowed_outbound: Vec::new(),
+            })
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            let started = Instant::now();
+            let run = plugin.handle(&Event::new("hostile.kvreads", "1"), 1).await;
+            match &run.result {
+                Err(Failure::Trap(m)) => assert!(
+                    m.starts_with("host error: the kv store did not answer a read of key") && m.contains("deadline"),
+                    "{mode:?}: {m}"
+                ),
+                other => panic!("{mode:?}: expected the host's failure, got {other:?}"),
+            }
+            assert!(started.elapsed() < Duration::from_secs(5), "{mode:?}: the attempt outlived its deadline");
+            let ok = plugin.handle(&Event::new("hostile.ok", ""), 1).await;
+            assert!(ok.result.is_ok(), "{mode:?}: the next event failed: {:?}", ok.result);
+        }
+    }
+}
+
 /// A `/proc/<pid>/status` field, in KiB.
 fn proc_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

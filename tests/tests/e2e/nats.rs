@@ -1832,6 +1832,49 @@ async fn jetstream_a_retarget_leaving_a_subject_still_runs_what_waited_there_for
     retarget::delivered(&js, &mut sub, "a.new").await;
 }
 
+/// One plugin's kv bucket that JetStream will not make (the host's user may not create its
+/// stream, so each try waits out the request timeout) keeps no other plugin's kv waiting. The
+/// buckets were set up under one lock for every plugin, held across JetStream's answers: every
+/// other plugin's kv call waited behind each try (its handler's deadline blamed for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_kv_a_bucket_that_cannot_be_made_keeps_no_other_plugins_kv_waiting() {
+    use plugbus::backend::nats::kv::JetStreamKv;
+    use plugbus::kv::KvStore;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.conf");
+    let deny = "$JS.API.STREAM.CREATE.KV_plugbus_slow";
+    std::fs::write(
+        &config,
+        format!(
+            "accounts {{ APP {{ jetstream: enabled, users: [\n\
+               {{ user: admin, password: admin }},\n\
+               {{ user: host, password: host, permissions: {{ publish: {{ allow: [\">\"], deny: [\"{deny}\"] }} }} }}\n\
+             ] }} }}\nno_auth_user: admin\n"
+        ),
+    )
+    .unwrap();
+    let server = NatsServer::start_with(&["-c", config.to_str().unwrap()]).await;
+    let client = async_nats::ConnectOptions::with_user_and_password("host".into(), "host".into())
+        .connect(server.url())
+        .await
+        .unwrap();
+    let kv = std::sync::Arc::new(JetStreamKv::new(
+        jetstream::ContextBuilder::new().timeout(Duration::from_secs(3)).build(client),
+    ));
+    let slow = tokio::spawn({
+        let kv = kv.clone();
+        async move { kv.get("slow", "k").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!slow.is_finished(), "the slow bucket's setup did not wait: {:?}", slow.await);
+    // Another plugin's bucket is made and read while the slow one's setup still waits.
+    let value = kv.get("fast", "k").await.unwrap();
+    assert!(value.is_none());
+    assert!(!slow.is_finished(), "the other plugin's kv waited for the slow bucket's setup");
+    let failed = slow.await.unwrap().unwrap_err();
+    assert!(failed.to_string().contains("KV_plugbus_slow") || failed.to_string().contains("plugbus_slow"), "{failed}");
+}
+
 /// A consumer deleted under a retargeted feed is re-created with the filters of the version
 /// serving, not with those its pump started with (which settle the new version's events
 /// unrun and never deliver them).

@@ -10,6 +10,8 @@
 use crate::kv::{KvError, KvStore, Txn, Versioned};
 use async_nats::jetstream::{self, kv};
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::OnceCell;
 
 /// The KV bucket of plugin `ns`: `plugbus_<plugin>` for a lower-case name, an escaped form for
 /// any other (`Payments` → `plugbus--payments`), so no two plugins ever share a bucket.
@@ -20,7 +22,10 @@ pub fn bucket_name(ns: &str) -> String {
 /// JetStream KV buckets, one per plugin.
 pub struct JetStreamKv {
     js: jetstream::Context,
-    buckets: tokio::sync::Mutex<HashMap<String, kv::Store>>,
+    /// Each plugin's bucket, set up once on first use. A cell of its own per plugin: one
+    /// plugin's setup that JetStream is slow to answer (or will not make, each try waiting out
+    /// the request timeout) keeps no other plugin's kv waiting.
+    buckets: Mutex<HashMap<String, Arc<OnceCell<kv::Store>>>>,
 }
 
 impl JetStreamKv {
@@ -30,10 +35,19 @@ impl JetStreamKv {
     }
 
     async fn bucket(&self, ns: &str) -> Result<kv::Store, KvError> {
-        let mut buckets = self.buckets.lock().await;
-        if let Some(b) = buckets.get(ns) {
-            return Ok(b.clone());
-        }
+        let cell = {
+            let mut buckets = self.buckets.lock().expect("buckets poisoned");
+            match buckets.get(ns) {
+                Some(cell) => cell.clone(),
+                None => buckets.entry(ns.to_string()).or_default().clone(),
+            }
+        };
+        // A setup that failed leaves the cell empty: the next use tries again.
+        cell.get_or_try_init(|| self.open_bucket(ns)).await.cloned()
+    }
+
+    /// Finds or makes plugin `ns`'s bucket, with atomic batches on.
+    async fn open_bucket(&self, ns: &str) -> Result<kv::Store, KvError> {
         let name = bucket_name(ns);
         let store = match self.js.get_key_value(&name).await {
             Ok(s) => s,
@@ -65,7 +79,6 @@ impl JetStreamKv {
                 ))
             })?;
         }
-        buckets.insert(ns.to_string(), store.clone());
         Ok(store)
     }
 
