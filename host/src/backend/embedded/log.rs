@@ -53,6 +53,12 @@ const LOG_CACHE_BYTES: usize = 32 << 20;
 
 /// The most operations one commit takes.
 const MAX_BATCH: usize = 4096;
+/// The most bytes of kv writes (and their outboxes) one commit takes, one kv commit over it
+/// alone: the others wait for the next commits, in the order they came, while every append, ack
+/// and smaller kv commit goes into the next commit at once. One plugin writing 16 MiB of kv per
+/// event put 16 such commits and their `fsync` ahead of every other plugin's acks and every
+/// producer's `202` (on a slow disk, `503` past `api.publish_timeout`).
+const BATCH_KV_BYTES: u64 = 8 << 20;
 /// How many records one step of a replay's backfill reads at most: a long history is made
 /// pending in steps, each in its own commit, so the appends and acks of every plugin go through
 /// between them instead of waiting for the whole log to be read.
@@ -303,6 +309,19 @@ enum Op {
 }
 
 impl Op {
+    /// The bytes of kv writes and outbox a kv commit someone waits for brings to a commit
+    /// (`None`: not such a kv commit; see [`BATCH_KV_BYTES`]). A commit applied again after a
+    /// failed write keeps its place.
+    fn waiting_kv_bytes(&self) -> Option<u64> {
+        match self {
+            Op::KvCommit { txn, outbox, done: Some(_), .. } => Some(
+                txn.held_bytes()
+                    + outbox.as_ref().map_or(0, |o| o.outputs.iter().map(|e| e.data.len() as u64).sum::<u64>()),
+            ),
+            _ => None,
+        }
+    }
+
     /// A copy of an op nobody waits for (an output, an ack, a commit applied again), to try
     /// again after a failed commit.
     fn retry_copy(&self) -> Option<Op> {
@@ -1561,6 +1580,9 @@ impl Writer {
         // a failed write throws them away with the reopen; they go again first.
         let mut in_memory: Vec<Op> = Vec::new();
         let mut in_memory_bytes = 0u64;
+        // Kv commits past a commit's [`BATCH_KV_BYTES`], in the order they came: nothing sent
+        // after one waits for it (its sender does, for its answer).
+        let mut deferred: std::collections::VecDeque<Op> = std::collections::VecDeque::new();
         loop {
             if last_trim.elapsed() >= trim_every {
                 last_trim = std::time::Instant::now();
@@ -1573,7 +1595,11 @@ impl Writer {
                     }
                 };
             }
-            let first = match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+            let first = match deferred.pop_front() {
+                Some(op) => Ok(op),
+                None => rx.recv_timeout(std::time::Duration::from_millis(100)),
+            };
+            let first = match first {
                 Ok(op) => op,
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {
                     // A failed write reopens the database at the next commit: an idle log
@@ -1600,14 +1626,36 @@ impl Writer {
                 }
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
             };
+            #[cfg(test)]
+            tests::wait_while_gathering_held(&self.path);
             let mut batch = std::mem::take(&mut carried);
+            let mut kv_bytes = first.waiting_kv_bytes().unwrap_or(0);
             batch.push(first);
+            while let Some(bytes) = deferred.front().and_then(Op::waiting_kv_bytes) {
+                if kv_bytes + bytes > BATCH_KV_BYTES {
+                    break;
+                }
+                kv_bytes += bytes;
+                batch.extend(deferred.pop_front());
+            }
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(op) => batch.push(op),
+                    Ok(op) => match op.waiting_kv_bytes() {
+                        Some(bytes) if kv_bytes + bytes > BATCH_KV_BYTES => deferred.push_back(op),
+                        bytes => {
+                            kv_bytes += bytes.unwrap_or(0);
+                            batch.push(op);
+                        }
+                    },
                     Err(_) => break,
                 }
             }
+            // A `sync` waits for everything sent before it.
+            if batch.iter().any(|op| matches!(op, Op::Sync { .. })) {
+                batch.extend(deferred.drain(..));
+            }
+            #[cfg(test)]
+            tests::record_batch(&self.path, &batch);
             // A replay's ack that keeps its row pending too: the kv commit (and outbox) of its
             // attempt was durable, and a crash must not find the outbox without the ack's removal
             // of it (the event would then be released as handled, not run in the history).
@@ -1653,6 +1701,7 @@ impl Writer {
         }
         // The host is stopping: make everything on disk.
         // (A failed commit threw away what was kept in memory too.)
+        carried.extend(deferred);
         if let Err(lost) =
             self.commit(carried, true).map_err(|retry| in_memory.into_iter().chain(retry).collect::<Vec<_>>())
             && !lost.is_empty()
@@ -3192,6 +3241,65 @@ pub(crate) mod tests {
         if let Some((.., passes)) = TRIM_BOUNDS_FOR.lock().unwrap().iter_mut().find(|(p, ..)| p == path) {
             passes.push((passed_over, dropped));
         }
+    }
+
+    /// Logs whose writer waits, once it has an op, before it gathers the rest of its commit.
+    static HOLD_GATHERING: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    /// Each log's commits: the kv bytes and the appends someone waits for in each.
+    type Batches = (PathBuf, Vec<(u64, usize)>);
+    static BATCHES: std::sync::Mutex<Vec<Batches>> = std::sync::Mutex::new(Vec::new());
+
+    pub(super) fn wait_while_gathering_held(path: &Path) {
+        while HOLD_GATHERING.lock().unwrap().iter().any(|p| p == path) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    pub(super) fn record_batch(path: &Path, batch: &[Op]) {
+        if let Some((_, batches)) = BATCHES.lock().unwrap().iter_mut().find(|(p, _)| p == path) {
+            let kv = batch.iter().filter_map(Op::waiting_kv_bytes).sum();
+            let appends = batch.iter().filter(|op| matches!(op, Op::Append { done: Some(_), .. })).count();
+            batches.push((kv, appends));
+        }
+    }
+
+    /// A producer's append sent behind a plugin's many large kv commits goes into a commit
+    /// holding at most [`BATCH_KV_BYTES`] of them, not all of them (and their `fsync`): the kv
+    /// commits go in later commits, in the order they came.
+    #[tokio::test]
+    async fn an_append_behind_many_large_kv_commits_is_not_committed_with_all_of_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let log = DurableLog::open_with(&path, SyncPolicy::Always, Retention::default()).unwrap();
+        BATCHES.lock().unwrap().push((path.clone(), Vec::new()));
+        HOLD_GATHERING.lock().unwrap().push(path.clone());
+        let txns: Vec<crate::kv::Txn> = (0..12)
+            .map(|i| {
+                let mut txn = crate::kv::Txn::default();
+                txn.set(&format!("k{i:02}"), vec![i as u8; 3 << 20]);
+                txn
+            })
+            .collect();
+        // Each polled once: its op is sent. The writer takes the first and waits; the rest
+        // queue behind it, the producer's append last.
+        let mut commits: Vec<_> = txns.iter().map(|txn| Box::pin(log.kv_commit("writer", txn, None))).collect();
+        for commit in &mut commits {
+            assert!(futures::poll!(commit).is_pending());
+        }
+        let event = Arc::new(sample());
+        let mut append = Box::pin(log.append(event, vec!["p".into()], false));
+        assert!(futures::poll!(&mut append).is_pending());
+        HOLD_GATHERING.lock().unwrap().retain(|p| p != &path);
+        append.await.unwrap();
+        for commit in futures::future::join_all(commits).await {
+            commit.unwrap();
+        }
+        let batches = BATCHES.lock().unwrap().iter().find(|(p, _)| p == &path).unwrap().1.clone();
+        let (kv, _) = batches.iter().find(|(_, appends)| *appends == 1).copied().unwrap();
+        assert!(kv <= BATCH_KV_BYTES, "the append was committed with {} MiB of kv: {batches:?}", kv >> 20);
+        assert!(batches.iter().all(|(kv, _)| *kv <= BATCH_KV_BYTES.max(3 << 20)), "{batches:?}");
+        let each = txns[0].held_bytes();
+        assert_eq!(batches.iter().map(|(kv, _)| kv).sum::<u64>(), 12 * each, "every kv commit went in once");
     }
 
     pub(super) fn idle_flush_held(path: &Path) -> bool {
