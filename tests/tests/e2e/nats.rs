@@ -1673,6 +1673,32 @@ mod retarget {
         (nats, sub)
     }
 
+    /// The feed's next delivery within 5 s.
+    pub async fn next(sub: &mut Subscription) -> Option<plugbus::transport::Delivery> {
+        tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await.ok().flatten()
+    }
+
+    /// An interest stream `AA` of `a.>`, as a plugin's only consumer would have it.
+    pub async fn interest_stream(js: &jetstream::Context) {
+        let stream = jetstream::stream::Config {
+            name: "AA".into(),
+            subjects: vec!["a.>".into()],
+            retention: jetstream::stream::RetentionPolicy::Interest,
+            ..Default::default()
+        };
+        js.create_stream(stream).await.unwrap();
+    }
+
+    /// Waits until the plugin's consumer on `AA` has the one filter `filter`.
+    pub async fn narrowed_to(js: &jetstream::Context, filter: &str) {
+        let aa = js.get_stream("AA").await.unwrap();
+        eventually_async(|| async {
+            let info = aa.consumer_info("plugbus_p").await.unwrap();
+            (info.config.filter_subject.as_str(), info.config.filter_subjects.len()) == (filter, 0)
+        })
+        .await;
+    }
+
     /// Publishes `subject` to the stream and waits for its delivery (5 s), acking it.
     pub async fn delivered(js: &jetstream::Context, sub: &mut Subscription, subject: &str) {
         js.publish(subject.to_string(), "x".into()).await.unwrap().await.unwrap();
@@ -1792,21 +1818,12 @@ async fn jetstream_a_retarget_failing_at_a_later_stream_loses_nothing_at_an_earl
 /// consumer is narrowed after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_a_retarget_leaving_a_subject_still_runs_what_waited_there_for_a_retry() {
-    use jetstream::stream::{Config as StreamConfig, RetentionPolicy};
     use plugbus::transport::Transport;
     let server = NatsServer::start().await;
     let js = jetstream::new(server.client().await);
-    let stream = StreamConfig {
-        name: "AA".into(),
-        subjects: vec!["a.>".into()],
-        retention: RetentionPolicy::Interest,
-        ..Default::default()
-    };
-    js.create_stream(stream).await.unwrap();
+    retarget::interest_stream(&js).await;
     let (nats, mut sub) = retarget::feed(&server, &["a.old", "a.new"]).await;
-    async fn next(sub: &mut plugbus::transport::Subscription) -> Option<plugbus::transport::Delivery> {
-        tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await.ok().flatten()
-    }
+    use retarget::next;
     js.publish("a.old", "retried".into()).await.unwrap().await.unwrap();
     let failed = next(&mut sub).await.expect("the first a.old delivered");
     failed.acker.nak(Duration::from_secs(2)).await;
@@ -1822,14 +1839,66 @@ async fn jetstream_a_retarget_leaving_a_subject_still_runs_what_waited_there_for
     assert!(again.defect.is_none(), "run, not dead-lettered: {:?}", again.defect);
     again.acker.ack().await;
     // Then the consumer is narrowed, and the stream keeps nothing.
-    let aa = js.get_stream("AA").await.unwrap();
-    eventually_async(|| async {
-        let info = aa.consumer_info("plugbus_p").await.unwrap();
-        (info.config.filter_subject.as_str(), info.config.filter_subjects.len()) == ("a.new", 0)
-    })
-    .await;
+    retarget::narrowed_to(&js, "a.new").await;
     eventually_async(|| async { js.get_stream("AA").await.unwrap().cached_info().state.messages == 0 }).await;
     retarget::delivered(&js, &mut sub, "a.new").await;
+}
+
+/// A host that starts with a version leaving a subject (an upgrade by restart, or a start again
+/// after a crash while a narrowing waited) widens from the filters the shared consumer has on
+/// the server, as a reload does: a retry of the left subject that waited across the restart
+/// still runs. It used to set the new filters at once, and the interest stream deleted it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_host_starting_with_a_version_leaving_a_subject_still_runs_what_waited_there() {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    retarget::interest_stream(&js).await;
+    {
+        let (old, mut sub) = retarget::feed(&server, &["a.old", "a.new"]).await;
+        js.publish("a.old", "retried".into()).await.unwrap().await.unwrap();
+        let failed = retarget::next(&mut sub).await.expect("a.old delivered");
+        failed.acker.nak(Duration::from_secs(2)).await;
+        old.client().flush().await.unwrap();
+    }
+    // The host stops, and starts with the version that left `a.old`.
+    let (_new, mut sub) = retarget::feed(&server, &["a.new"]).await;
+    let again = retarget::next(&mut sub).await.expect("the a.old waiting for its retry was dropped at the start");
+    assert_eq!((again.event.subject.as_str(), again.event.data.as_ref()), ("a.old", b"retried".as_slice()));
+    assert!(again.defect.is_none(), "run, not dead-lettered: {:?}", again.defect);
+    again.acker.ack().await;
+    retarget::narrowed_to(&js, "a.new").await;
+    retarget::delivered(&js, &mut sub, "a.new").await;
+}
+
+/// While a narrowing waits (here for a retry of `a.old` stored before the change), a message of
+/// the left subject stored after the change is given back for a host that may still take it,
+/// and at its last delivery settled unrun, as the narrowed consumer would pass over it. It used
+/// to be dead-lettered there as "no host of the plugin took it".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_left_subjects_message_stored_after_the_change_is_not_dead_lettered_while_a_narrowing_waits() {
+    use plugbus::transport::Transport;
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    retarget::interest_stream(&js).await;
+    let spec = |patterns: &[&str]| {
+        let mut spec = retarget::spec(patterns);
+        spec.durable.as_mut().unwrap().give_up_after = 3;
+        spec
+    };
+    let (nats, mut sub) = retarget::feed_of(&server, spec(&["a.old", "a.new"])).await;
+    js.publish("a.old", "retried".into()).await.unwrap().await.unwrap();
+    let failed = retarget::next(&mut sub).await.expect("a.old delivered");
+    failed.acker.nak(Duration::from_secs(8)).await;
+    nats.retarget(sub.id, &spec(&["a.new"])).await.unwrap();
+    js.publish("a.old", "late".into()).await.unwrap().await.unwrap();
+    // Given back three times (a second each) meanwhile, then settled: nothing comes but the retry.
+    let again = tokio::time::timeout(Duration::from_secs(12), sub.deliveries.recv()).await.unwrap().unwrap();
+    assert_eq!(again.event.data.as_ref(), b"retried".as_slice(), "{:?}", again.defect);
+    again.acker.ack().await;
+    retarget::narrowed_to(&js, "a.new").await;
+    eventually_async(|| async { js.get_stream("AA").await.unwrap().cached_info().state.messages == 0 }).await;
+    let extra = tokio::time::timeout(Duration::from_millis(500), sub.deliveries.recv()).await;
+    assert!(extra.is_err(), "delivered: {:?}", extra.map(|d| d.map(|d| (d.event.subject.clone(), d.defect))));
 }
 
 /// One plugin's kv bucket that JetStream will not make (the host's user may not create its

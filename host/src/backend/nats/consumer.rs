@@ -153,9 +153,23 @@ pub async fn ensure(js: &jetstream::Context, spec: &ConsumerSpec) -> Result<Pull
     ensure_from(js, spec, None).await
 }
 
+/// `spec` with the filters the server's consumer has now (`None`: it is not there, or the server
+/// does not say): what a change widens from, whichever host or version set them.
+pub(super) async fn on_the_server(js: &jetstream::Context, spec: &ConsumerSpec) -> Option<ConsumerSpec> {
+    let stream = js.get_stream_no_info(&spec.stream).await.ok()?;
+    let info = stream.consumer_info(&spec.name).await.ok()?;
+    let filters = match (&info.config.filter_subject, &info.config.filter_subjects) {
+        (one, many) if many.is_empty() && !one.is_empty() => vec![one.clone()],
+        (_, many) if !many.is_empty() => many.clone(),
+        // No filter: the whole stream.
+        _ => return None,
+    };
+    Some(ConsumerSpec { filters, ..spec.clone() })
+}
+
 /// [`ensure`], making a consumer that is not there start at stream sequence `resume` when given
 /// (one deleted underneath a pump: from past what it knew settled, not from new messages only).
-async fn ensure_from(
+pub(super) async fn ensure_from(
     js: &jetstream::Context,
     spec: &ConsumerSpec,
     resume: Option<u64>,
@@ -403,8 +417,18 @@ pub async fn pump(
                         return;
                     }
                 }
-                // Its last delivery: given back once more, JetStream would drop it unrun.
-                Pulled::AnotherVersions | Pulled::NoLongerTaken if last_delivery(&msg, &current()) => {
+                // Its last delivery: given back once more, JetStream would drop it unrun. One only
+                // the patterns this host's change left name, stored after the change, is no
+                // plugin version's: acked unrun, as the narrowed consumer would pass over it.
+                Pulled::NoLongerTaken if last_delivery(&msg, &current()) => {
+                    tracing::debug!(plugin = %plugin, stream = %stream, subject = %msg.subject,
+                        "a message only the patterns the plugin left name, stored after the change, given back until \
+                         its last delivery: settled unrun");
+                    if let Err(e) = msg.ack().await {
+                        tracing::debug!(plugin = %plugin, "settling a message the plugin does not take here: {e}");
+                    }
+                }
+                Pulled::AnotherVersions if last_delivery(&msg, &current()) => {
                     let mut delivery = delivery_of(msg, &held, &plugin);
                     delivery.defect = Some(crate::fate::DeliveryError::Unclaimed(UNCLAIMED.into()));
                     if !intake.send(delivery).await {

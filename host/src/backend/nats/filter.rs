@@ -1,7 +1,7 @@
 //! Which messages a plugin's feed takes of what the server brings it ([`Filter`]), and what a
 //! durable feed does with the rest ([`Pulled`]).
 
-use crate::subject::{PatternSet, SubjectError};
+use crate::subject::PatternSet;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
@@ -44,22 +44,24 @@ impl Filter {
 
     /// After a retarget that left `patterns` (with those still retiring from earlier ones): the
     /// consumers of `streams` are narrowed later, and until then what they stored before the
-    /// change under those patterns is still the plugin's. An empty `streams`: nothing retires.
-    pub(super) fn retire(
-        &self,
-        patterns: &[String],
-        streams: impl IntoIterator<Item = String>,
-    ) -> Result<(), SubjectError> {
+    /// change under those patterns is still the plugin's. An empty `streams`: nothing retires. A
+    /// filter plugbus cannot read as a pattern (an operator's, on the server) retires nothing:
+    /// its messages are given back as another version's.
+    pub(super) fn retire(&self, patterns: &[String], streams: impl IntoIterator<Item = String>) {
         let mut retiring = self.retiring.write().expect("filter poisoned");
         let before: HashMap<String, u64> = streams.into_iter().map(|stream| (stream, u64::MAX)).collect();
         if before.is_empty() {
             *retiring = Retiring::default();
-            return Ok(());
+            return;
         }
         let mut all = retiring.patterns.clone();
-        all.extend(patterns.iter().filter(|p| !retiring.patterns.contains(p)).cloned());
-        *retiring = Retiring { set: Some(PatternSet::parse(&all)?), patterns: all, before };
-        Ok(())
+        for p in patterns {
+            if !all.contains(p) && PatternSet::parse(std::slice::from_ref(p)).is_ok() {
+                all.push(p.clone());
+            }
+        }
+        let set = PatternSet::parse(&all).ok();
+        *retiring = Retiring { set, patterns: all, before };
     }
 
     /// What `stream` stored before the change ends at `last_sequence`.
@@ -149,7 +151,7 @@ mod tests {
     fn a_retired_subject_stored_before_the_change_is_taken_and_one_stored_after_is_given_back() {
         let f = filter(&["a.new"]);
         assert_eq!(f.pulled("a.old", "AA", || Some(1)), Pulled::AnotherVersions);
-        f.retire(&["a.old".into(), "a.new".into()], ["AA".to_string()]).unwrap();
+        f.retire(&["a.old".into(), "a.new".into(), "a..bad".into()], ["AA".to_string()]);
         // Until the stream's last sequence is read, every retired message is the plugin's.
         assert_eq!(f.pulled("a.old", "AA", || Some(u64::MAX - 1)), Pulled::Take);
         f.retiring_before("AA", 10);
@@ -160,7 +162,7 @@ mod tests {
         assert_eq!(f.pulled("a.old", "BB", || Some(1)), Pulled::AnotherVersions);
         assert_eq!(f.pulled("a.new", "AA", || unreachable!("read only for a retired subject")), Pulled::Take);
         // A later change keeps what still retires.
-        f.retire(&["a.new".into()], ["AA".to_string()]).unwrap();
+        f.retire(&["a.new".into()], ["AA".to_string()]);
         assert_eq!(f.retiring_patterns(), vec!["a.old".to_string(), "a.new".to_string()]);
         f.narrowed("AA");
         assert_eq!(f.pulled("a.old", "AA", || Some(1)), Pulled::AnotherVersions);

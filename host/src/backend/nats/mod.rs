@@ -415,11 +415,7 @@ impl NatsTransport {
     /// The consumers a change leaves wide are returned with the filters they are to be narrowed
     /// to ([`narrowing`]); meanwhile the feed still takes what they stored before the change
     /// under the patterns it left ([`Filter::retire`]).
-    async fn apply(
-        &self,
-        feed: &mut Feed,
-        spec: &SubscriptionSpec,
-    ) -> Result<Vec<consumer::ConsumerSpec>, TransportError> {
+    async fn apply(&self, feed: &mut Feed, spec: &SubscriptionSpec) -> Result<Vec<narrowing::Narrow>, TransportError> {
         let taking = PatternSet::parse(&spec.patterns)?;
         let serving = feed.patterns.clone();
         feed.filter.set(PatternSet::parse(&[serving.as_slice(), spec.patterns.as_slice()].concat())?);
@@ -428,11 +424,21 @@ impl NatsTransport {
             None => self.apply_core(feed, spec).await.map(|()| Vec::new()),
         };
         match changed {
-            Ok(narrow) => {
-                let retiring = [feed.filter.retiring_patterns().as_slice(), serving.as_slice()].concat();
-                feed.filter.retire(&retiring, narrow.iter().map(|c| c.stream.clone()))?;
+            Ok(mut narrow) => {
+                let mut retiring = feed.filter.retiring_patterns();
+                retiring.extend(narrow.iter().flat_map(|n| n.left.iter().cloned()));
+                retiring.extend(serving.iter().cloned());
+                feed.filter.retire(&retiring, narrow.iter().map(|n| n.spec.stream.clone()));
                 feed.filter.set(taking);
                 feed.patterns = spec.patterns.clone();
+                // What each stream stored before the change, read once the feed took the new
+                // patterns (what a narrowing waits for; the filter takes it as the plugin's).
+                for n in &mut narrow {
+                    n.before = narrowing::boundary(&self.js, &n.spec).await.ok();
+                    if let Some(before) = n.before {
+                        feed.filter.retiring_before(&n.spec.stream, before);
+                    }
+                }
                 Ok(narrow)
             }
             Err(e) => {
@@ -448,7 +454,7 @@ impl NatsTransport {
         feed: &mut Feed,
         spec: &SubscriptionSpec,
         durability: &crate::transport::Durability,
-    ) -> Result<Vec<consumer::ConsumerSpec>, TransportError> {
+    ) -> Result<Vec<narrowing::Narrow>, TransportError> {
         let patterns = covering(spec);
         // Every stream first: one that cannot be found or made fails the change before any
         // consumer is touched.
@@ -478,11 +484,17 @@ impl NatsTransport {
                 durability: durability.clone(),
                 ack_wait: self.settings.ack_wait,
             };
-            let serving = feed.durable.get(stream).map(Pump::spec);
-            if serving.as_ref().is_some_and(|serving| serving.same_consumer(&cspec)) {
+            // What the consumer takes now, whichever host or version set it (a host starting with a
+            // new version, or again after a crash during a narrowing, widens from it too), else
+            // what this host's pump knows.
+            let pumped = feed.durable.get(stream).map(Pump::spec);
+            let on_server = consumer::on_the_server(&self.js, &cspec).await;
+            if pumped.as_ref().is_some_and(|pumped| pumped.same_consumer(&cspec))
+                && on_server.as_ref().is_none_or(|on_server| on_server.same_consumer(&cspec))
+            {
                 continue;
             }
-            let mut wide = serving.and_then(|serving| serving.widened(&cspec));
+            let mut wide = on_server.or(pumped).and_then(|serving| serving.widened(&cspec));
             let mut made = consumer::ensure(&self.js, wide.as_ref().unwrap_or(&cspec)).await;
             if let (Err(e), Some(_)) = (&made, &wide) {
                 tracing::warn!(plugin = %spec.plugin, stream = %stream, "JetStream refused the consumer with both versions' \
@@ -494,7 +506,8 @@ impl NatsTransport {
             match made {
                 Ok(c) => {
                     if let Some(wide) = wide {
-                        narrow.push(cspec);
+                        let left = wide.filters.iter().filter(|f| !cspec.filters.contains(f)).cloned().collect();
+                        narrow.push(narrowing::Narrow { spec: cspec, left, before: None });
                         ensured.push((wide, c));
                     } else {
                         ensured.push((cspec, c));
@@ -536,6 +549,20 @@ impl NatsTransport {
         feed.durable.retain(|stream, _| plan.contains_key(stream));
         feed.core.clear();
         Ok(narrow)
+    }
+
+    /// The narrowing of what a change of feed `id` left wide (`None`: nothing).
+    fn narrowing(&self, id: u64, feed: &Feed, narrow: Vec<narrowing::Narrow>) -> Option<narrowing::Narrowing> {
+        (!narrow.is_empty()).then(|| {
+            narrowing::Narrowing::start(
+                &self.js,
+                Arc::downgrade(&self.feeds),
+                id,
+                self.next_id.fetch_add(1, Ordering::Relaxed),
+                feed.filter.clone(),
+                narrow,
+            )
+        })
     }
 
     /// After a change failed: the consumers it changed (`changed`) are given back the spec of
@@ -932,9 +959,13 @@ impl Transport for NatsTransport {
             durable: HashMap::new(),
             narrowing: None,
         };
-        // A new feed has no consumer of its own to narrow.
-        self.apply(&mut feed, &spec).await?;
-        self.feeds.lock().await.insert(id, feed);
+        // A consumer that takes more than this version (a host starting with a new version, or
+        // again after a crash while a narrowing waited) is narrowed once what it holds is settled.
+        let narrow = self.apply(&mut feed, &spec).await?;
+        let mut feeds = self.feeds.lock().await;
+        feed.narrowing = self.narrowing(id, &feed, narrow);
+        feeds.insert(id, feed);
+        drop(feeds);
         Ok(Subscription::new(id, &tx, rx, Unsubscribe { feeds: self.feeds.clone(), id }))
     }
 
@@ -946,16 +977,7 @@ impl Transport for NatsTransport {
         let narrow = self.apply(feed, spec).await?;
         // What the last change left to narrow is this change's now (its consumers are wide from
         // it); a change that failed leaves it as it was.
-        feed.narrowing = (!narrow.is_empty()).then(|| {
-            narrowing::Narrowing::start(
-                &self.js,
-                Arc::downgrade(&self.feeds),
-                subscription,
-                self.next_id.fetch_add(1, Ordering::Relaxed),
-                feed.filter.clone(),
-                narrow,
-            )
-        });
+        feed.narrowing = self.narrowing(subscription, feed, narrow);
         Ok(())
     }
 
