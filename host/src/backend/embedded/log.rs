@@ -322,6 +322,11 @@ impl Op {
         }
     }
 
+    /// Whether both are kv commits of one namespace.
+    fn same_kv(&self, other: &Op) -> bool {
+        matches!((self, other), (Op::KvCommit { ns: a, .. }, Op::KvCommit { ns: b, .. }) if a == b)
+    }
+
     /// A copy of an op nobody waits for (an output, an ack, a commit applied again), to try
     /// again after a failed commit.
     fn retry_copy(&self) -> Option<Op> {
@@ -1631,7 +1636,9 @@ impl Writer {
             let mut batch = std::mem::take(&mut carried);
             let mut kv_bytes = first.waiting_kv_bytes().unwrap_or(0);
             batch.push(first);
-            while let Some(bytes) = deferred.front().and_then(Op::waiting_kv_bytes) {
+            // What waits goes first, in its order, within the commit's kv bytes.
+            while let Some(op) = deferred.front() {
+                let bytes = op.waiting_kv_bytes().unwrap_or(0);
                 if kv_bytes + bytes > BATCH_KV_BYTES {
                     break;
                 }
@@ -1639,20 +1646,20 @@ impl Writer {
                 batch.extend(deferred.pop_front());
             }
             while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(op) => match op.waiting_kv_bytes() {
-                        Some(bytes) if kv_bytes + bytes > BATCH_KV_BYTES => deferred.push_back(op),
-                        bytes => {
-                            kv_bytes += bytes.unwrap_or(0);
-                            batch.push(op);
-                        }
-                    },
-                    Err(_) => break,
+                let Ok(op) = rx.try_recv() else { break };
+                match op.waiting_kv_bytes() {
+                    // Past the commit's bytes, or behind a kv commit of its namespace that waits
+                    // (a plugin's commits keep their order), it waits too. So does a `sync`
+                    // behind what waits: it answers for everything sent before it.
+                    Some(bytes) if kv_bytes + bytes > BATCH_KV_BYTES || deferred.iter().any(|d| d.same_kv(&op)) => {
+                        deferred.push_back(op)
+                    }
+                    None if matches!(op, Op::Sync { .. }) && !deferred.is_empty() => deferred.push_back(op),
+                    bytes => {
+                        kv_bytes += bytes.unwrap_or(0);
+                        batch.push(op);
+                    }
                 }
-            }
-            // A `sync` waits for everything sent before it.
-            if batch.iter().any(|op| matches!(op, Op::Sync { .. })) {
-                batch.extend(deferred.drain(..));
             }
             #[cfg(test)]
             tests::record_batch(&self.path, &batch);
@@ -3289,15 +3296,33 @@ pub(crate) mod tests {
         let event = Arc::new(sample());
         let mut append = Box::pin(log.append(event, vec!["p".into()], false));
         assert!(futures::poll!(&mut append).is_pending());
+        // A `sync` behind them all answers once they all committed, without taking them into
+        // one commit.
+        let mut sync = Box::pin(log.sync());
+        assert!(futures::poll!(&mut sync).is_pending());
         HOLD_GATHERING.lock().unwrap().retain(|p| p != &path);
         append.await.unwrap();
-        for commit in futures::future::join_all(commits).await {
-            commit.unwrap();
+        let mut answered = Vec::new();
+        let waiting: Vec<_> = commits
+            .into_iter()
+            .enumerate()
+            .map(|(i, commit)| async move {
+                commit.await.unwrap();
+                i
+            })
+            .collect();
+        let mut waiting = futures::future::join_all(waiting);
+        tokio::select! {
+            biased;
+            done = &mut waiting => answered.extend(done),
+            synced = &mut sync => panic!("the sync answered before the kv commits sent before it: {synced:?}"),
         }
+        sync.await.unwrap();
         let batches = BATCHES.lock().unwrap().iter().find(|(p, _)| p == &path).unwrap().1.clone();
         let (kv, _) = batches.iter().find(|(_, appends)| *appends == 1).copied().unwrap();
         assert!(kv <= BATCH_KV_BYTES, "the append was committed with {} MiB of kv: {batches:?}", kv >> 20);
         assert!(batches.iter().all(|(kv, _)| *kv <= BATCH_KV_BYTES.max(3 << 20)), "{batches:?}");
+        assert_eq!(answered, (0..12).collect::<Vec<_>>());
         let each = txns[0].held_bytes();
         assert_eq!(batches.iter().map(|(kv, _)| kv).sum::<u64>(), 12 * each, "every kv commit went in once");
     }

@@ -68,10 +68,15 @@ impl JetStreamKv {
             .get_stream(&store.stream_name)
             .await
             .map_err(|e| KvError::Unavailable(format!("reading the JetStream KV bucket {name}: {e}")))?;
-        let config = stream.info().await.map(|i| i.config.clone());
-        if let Ok(mut config) = config
-            && !config.allow_atomic_publish
-        {
+        // Unread, the bucket is not taken as set up (it would stay without atomic batches, every
+        // commit of more than one key refused, until a restart): the next use tries again.
+        let mut config = stream
+            .info()
+            .await
+            .map_err(|e| KvError::Unavailable(format!("reading the JetStream KV bucket {name}'s settings: {e}")))?
+            .config
+            .clone();
+        if !config.allow_atomic_publish {
             config.allow_atomic_publish = true;
             self.js.update_stream(config).await.map_err(|e| {
                 KvError::Unavailable(format!(
