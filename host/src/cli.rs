@@ -46,14 +46,33 @@ fn render(t: &Table) -> String {
 
 fn text(v: &Value) -> String {
     match v {
-        Value::String(s) => s.clone(),
+        Value::String(s) => printable(s).into_owned(),
         Value::Null => "-".into(),
         other => other.to_string(),
     }
 }
 
+/// `text` as it may reach a terminal: every control character but the line break (an escape
+/// sequence's ESC among them) and every bidirectional override is shown escaped (`\u{1b}`),
+/// never sent. What a table or a report shows comes from plugin files and plugins themselves: a
+/// file named `a\x1b]0;…` or a manifest version with escapes would otherwise drive the reader's
+/// terminal (retitle it, hide text, move the cursor).
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let shown = |c: char| {
+        c == '\n'
+            || !(c.is_control()
+                || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'))
+    };
+    if text.chars().all(shown) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(
+        text.chars().map(|c| if shown(c) { c.to_string() } else { c.escape_unicode().to_string() }).collect(),
+    )
+}
+
 fn short(s: &str, max: usize) -> String {
-    let one_line: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let one_line: String = printable(s).chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     if one_line.chars().count() <= max {
         return one_line;
     }
@@ -359,6 +378,19 @@ mod tests {
         p.update(1, 2, "x.wasm");
         drop(p);
         assert!(BAR.lock().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_file_name_with_escapes_is_shown_not_sent_to_the_terminal() {
+        let body = json!({ "plugins": [], "rejected": [
+            { "file": "evil\u{1b}]0;owned\u{7}\u{202e}gpj.wasm", "state": "rejected: bad\u{1b}[2Jname" }
+        ] });
+        let table = plugins_table(&body);
+        assert!(!table.contains('\x1b') && !table.contains('\u{7}') && !table.contains('\u{202e}'), "{table:?}");
+        assert!(table.contains("evil\\u{1b}]0;owned\\u{7}\\u{202e}gpj.wasm"), "{table}");
+        assert!(table.contains("bad\\u{1b}[2Jname"), "{table}");
+        assert_eq!(printable("line one\nline two"), "line one\nline two", "a line break is kept");
+        assert!(matches!(printable("plain"), std::borrow::Cow::Borrowed(_)));
     }
 
     #[test]

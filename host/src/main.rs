@@ -527,7 +527,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                println!("{report}");
+                println!("{}", cli::printable(&report.to_string()));
             }
             std::process::exit(if report.loadable { 0 } else { 1 });
         }
@@ -675,7 +675,7 @@ async fn test_cases(
     }
     let runner = plugbus::casetest::Runner::load(plugin, &config, &values).await?;
     let report = plugbus::casetest::test_file(&runner, cases, update).await?;
-    print!("{report}");
+    print!("{}", cli::printable(&report.to_string()));
     Ok(report.passed())
 }
 
@@ -706,7 +706,7 @@ async fn inspect_folder(dir: &std::path::Path, json: bool, config: &Config) -> a
         println!("no *.wasm files in {}", dir.display());
     } else {
         let texts: Vec<String> = reports.iter().map(|r| r.to_string()).collect();
-        println!("{}", texts.join("\n"));
+        println!("{}", cli::printable(&texts.join("\n")));
     }
     Ok(reports.iter().all(|r| r.loadable))
 }

@@ -376,7 +376,10 @@ impl Router {
             let ids = e.runtime.stats.pending_ids();
             let queued = (e.queue_depth)();
             if !ids.is_empty() || queued > 0 {
-                tracing::warn!(plugin = %name, unfinished = ids.len(), queued, ids = ?ids, "drain timed out: these events were not handled");
+                // The first ids name what was left; a plugin may hold thousands (`4 × flow.queue`).
+                let shown = &ids[..ids.len().min(DRAIN_IDS_LOGGED)];
+                tracing::warn!(plugin = %name, unfinished = ids.len(), queued, ids = ?shown,
+                    "drain timed out: these events were not handled (the first {} ids)", shown.len());
             }
             report.unfinished.insert(name.clone(), ids);
             report.queued.insert(name.clone(), queued);
@@ -385,6 +388,9 @@ impl Router {
         report
     }
 }
+
+/// How many ids of what a plugin left unfinished a drain's warning names.
+const DRAIN_IDS_LOGGED: usize = 32;
 
 /// Where an event goes inside one plugin: which subscriptions order by which key.
 struct OrderRule {
