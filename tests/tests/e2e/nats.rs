@@ -1944,6 +1944,74 @@ async fn jetstream_kv_a_bucket_that_cannot_be_made_keeps_no_other_plugins_kv_wai
     assert!(failed.to_string().contains("KV_plugbus_slow") || failed.to_string().contains("plugbus_slow"), "{failed}");
 }
 
+/// A plugin writing new keys on every event within its limits filled the account's JetStream
+/// storage (plugbus did not bound its bucket on NATS), and every other plugin's streams were
+/// refused. Its bucket is now bounded at twice its `max_kv_bytes`: a write past it fails as the
+/// plugin's quota (one key or a batch), a delete still passes and frees room, and another
+/// plugin's bucket is its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_kv_a_plugins_bucket_is_bounded_by_its_quota() {
+    use plugbus::backend::nats::kv::{JetStreamKv, bucket_bound};
+    use plugbus::kv::{KvError, KvStore, Txn};
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    let kv = JetStreamKv::new(js.clone());
+    const QUOTA: u64 = 512 << 10;
+    let write = |keys: &[&str]| {
+        let mut txn = Txn::with_quota(QUOTA);
+        for k in keys {
+            txn.set(k, vec![7; 100 << 10]);
+        }
+        txn
+    };
+    let mut written = 0;
+    let full = loop {
+        match kv.commit("hog", &write(&[&format!("k{written}")])).await {
+            Ok(()) => written += 1,
+            Err(e) => break e,
+        }
+        assert!(written < 100, "the bucket took {written} values of 100 KiB: unbounded");
+    };
+    let KvError::BucketFull { holds, max_bytes, limit, .. } = &full else { panic!("not the plugin's quota: {full}") };
+    assert_eq!((*max_bytes, *limit), (bucket_bound(QUOTA) as u64, QUOTA));
+    assert!(*holds > QUOTA && *holds <= *max_bytes, "{full}");
+    assert!(full.is_quota() && full.to_string().contains("max_kv_bytes of 524288"), "{full}");
+    let info = js.get_stream("KV_plugbus_hog").await.unwrap().cached_info().clone();
+    assert_eq!(info.config.max_bytes, bucket_bound(QUOTA));
+    // A batch past it fails whole, as the plugin's.
+    let batch = kv.commit("hog", &write(&["b1", "b2"])).await.unwrap_err();
+    assert!(batch.is_quota(), "{batch}");
+    // A delete frees room, and the next write goes in.
+    let mut delete = Txn::with_quota(QUOTA);
+    delete.delete("k0");
+    kv.commit("hog", &delete).await.unwrap();
+    kv.commit("hog", &write(&["again"])).await.unwrap();
+    // Another plugin's bucket takes its own writes.
+    kv.commit("quiet", &write(&["one"])).await.unwrap();
+}
+
+/// A server that cannot reserve a bucket's bound (its JetStream store smaller than the bounds
+/// of the buckets on it) leaves the bucket as it was: the plugin's kv commits still go in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_kv_a_bound_the_server_cannot_reserve_fails_no_commit() {
+    use plugbus::backend::nats::kv::JetStreamKv;
+    use plugbus::kv::{KvStore, Txn};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.conf");
+    std::fs::write(&config, "jetstream { max_file_store: 4MB }\n").unwrap();
+    let server = NatsServer::start_with(&["-c", config.to_str().unwrap()]).await;
+    let kv = JetStreamKv::new(jetstream::new(server.client().await));
+    // Its bound (twice 8 MiB) is more than the server stores in all.
+    let mut txn = Txn::with_quota(8 << 20);
+    txn.set("k", vec![1; 1000]);
+    kv.commit("p", &txn).await.unwrap();
+    let read = kv.get("p", "k").await.unwrap().expect("written");
+    assert_eq!(read.value.len(), 1000);
+    let js = jetstream::new(server.client().await);
+    let bucket = js.get_stream("KV_plugbus_p").await.unwrap().cached_info().config.max_bytes;
+    assert_eq!(bucket, -1, "the server took the bound: this test no longer shows a refusal");
+}
+
 /// A consumer deleted under a retargeted feed is re-created with the filters of the version
 /// serving, not with those its pump started with (which settle the new version's events
 /// unrun and never deliver them).
