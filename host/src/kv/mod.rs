@@ -38,32 +38,6 @@ pub enum KvError {
         /// Its quota.
         limit: u64,
     },
-    /// On NATS: the plugin's JetStream KV bucket refused the write, at the `max_bytes` plugbus
-    /// gives it from the plugin's quota (twice `limits.max_kv_bytes`, counted as the server
-    /// stores entries): the plugin's own doing, as [`KvError::Quota`].
-    #[error(
-        "the JetStream KV bucket of plugin {ns:?} is full: it holds {holds} of the {max_bytes} bytes plugbus lets it \
-         hold (twice its max_kv_bytes of {limit}, counted as the server stores entries, delete markers included): \
-         nothing of the attempt was written; events that delete or shrink keys free room, or limits.max_kv_bytes can \
-         be raised and the dead letter replayed"
-    )]
-    BucketFull {
-        /// The namespace (the plugin).
-        ns: String,
-        /// What its bucket holds, as the server counts it.
-        holds: u64,
-        /// Its bucket's bound.
-        max_bytes: u64,
-        /// Its quota.
-        limit: u64,
-    },
-}
-
-impl KvError {
-    /// Whether the plugin's kv is over its quota: the plugin's doing, not the host's.
-    pub fn is_quota(&self) -> bool {
-        matches!(self, KvError::Quota { .. } | KvError::BucketFull { .. })
-    }
 }
 
 /// A value and the version it was written at (versions start at 1 and only grow).

@@ -9,9 +9,9 @@
 //! changed in the transaction that changes the entries.
 //!
 //! What counts is logical bytes: redb may take up to twice that on disk for large values (it
-//! gives them runs of pages, a power of two). The NATS backend bounds each plugin's bucket
-//! instead, at twice the quota as its server counts entries (delete markers included, kept for
-//! good in a bucket of one revision): `backend::nats::kv::bucket_bound`.
+//! gives them runs of pages, a power of two). The NATS backend does not enforce the quota yet:
+//! its server counts delete markers too (kept for good in a bucket of one revision), and a
+//! stream's `max_bytes` lowered below what it holds makes the server delete its oldest entries.
 
 use super::{ENTRY_COST, KvError, Txn};
 use redb::{ReadableTable, TableDefinition};

@@ -26,21 +26,12 @@ pub struct JetStreamKv {
     /// plugin's setup that JetStream is slow to answer (or will not make, each try waiting out
     /// the request timeout) keeps no other plugin's kv waiting.
     buckets: Mutex<HashMap<String, Arc<OnceCell<kv::Store>>>>,
-    /// Each plugin's bucket's `max_bytes` as this host set or left it ([`bucket_bound`]).
-    bounds: Mutex<HashMap<String, i64>>,
-}
-
-/// The `max_bytes` of the bucket of a plugin whose kv may hold `max_kv_bytes`: twice it, as the
-/// server counts entries (a subject of `$KV.<bucket>.<escaped key>`, headers, and a delete
-/// marker kept for each key deleted), at least 1 MiB.
-pub fn bucket_bound(max_kv_bytes: u64) -> i64 {
-    i64::try_from(max_kv_bytes.saturating_mul(2).max(1 << 20)).unwrap_or(i64::MAX)
 }
 
 impl JetStreamKv {
     /// A store on `js`; buckets are created on first use.
     pub fn new(js: jetstream::Context) -> Self {
-        Self { js, buckets: Default::default(), bounds: Default::default() }
+        Self { js, buckets: Default::default() }
     }
 
     async fn bucket(&self, ns: &str) -> Result<kv::Store, KvError> {
@@ -96,66 +87,8 @@ impl JetStreamKv {
         Ok(store)
     }
 
-    /// Bounds the bucket of plugin `ns` at [`bucket_bound`] of its quota, once per quota: a plugin
-    /// writing new keys on every event filled the account's JetStream storage, and every other
-    /// plugin's streams were refused. A bound over what the quota gives (a lowered quota) is
-    /// lowered only once the bucket holds no more than the new one (the server would not delete
-    /// entries for it under the bucket's `discard = new`, but nothing here relies on that).
-    async fn bound(&self, ns: &str, store: &kv::Store, quota: u64) {
-        let want = bucket_bound(quota);
-        if self.bounds.lock().expect("bounds poisoned").get(ns) == Some(&want) {
-            return;
-        }
-        let name = bucket_name(ns);
-        // Best effort: a commit never fails for its bound (the next one tries again).
-        let info = match self.js.get_stream(&store.stream_name).await {
-            Ok(mut stream) => stream.info().await.map(|i| (i.config.clone(), i.state.bytes)).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        let (mut config, holds) = match info {
-            Ok(info) => info,
-            Err(e) => {
-                tracing::debug!(plugin = ns, bucket = %name, "reading the kv bucket to bound it: {e}");
-                return;
-            }
-        };
-        let set = match config.max_bytes {
-            now if now == want => false,
-            now if now < 0 || now < want => true,
-            _ if holds <= want as u64 => true,
-            now => {
-                tracing::warn!(plugin = ns, bucket = %name, max_bytes = now, bound = want, holds,
-                    "the plugin's kv bucket keeps its larger max_bytes (until a restart of the host finds it holding no \
-                     more than its lowered max_kv_bytes gives)");
-                false
-            }
-        };
-        if set {
-            config.max_bytes = want;
-            // A server that cannot reserve the bound (its `max_store` or the account's storage
-            // limit taken by other streams' bounds) leaves the bucket as it was, as before.
-            if let Err(e) = self.js.update_stream(config).await {
-                tracing::warn!(plugin = ns, bucket = %name, bound = want,
-                    "the server did not take the plugin's kv bound ({e}): its bucket is bounded only by the account's \
-                     JetStream limits");
-            }
-        }
-        self.bounds.lock().expect("bounds poisoned").insert(ns.to_string(), want);
-    }
-
-    /// A write the bucket refused at its `max_bytes` (`why`, the server's words): the plugin's
-    /// kv is full ([`KvError::BucketFull`]); anything else is `failed`.
-    async fn full_or(&self, ns: &str, store: &kv::Store, quota: Option<u64>, why: &str, failed: KvError) -> KvError {
-        let (Some(limit), true) = (quota, why.contains("maximum bytes exceeded")) else { return failed };
-        let holds = match self.js.get_stream(&store.stream_name).await {
-            Ok(mut stream) => stream.info().await.map_or(0, |i| i.state.bytes),
-            Err(_) => 0,
-        };
-        KvError::BucketFull { ns: ns.to_string(), holds, max_bytes: bucket_bound(limit) as u64, limit }
-    }
-
     /// Writes every key of `txn` in one atomic batch, each checked against the revision read.
-    async fn commit_batch(&self, ns: &str, store: &kv::Store, txn: &Txn) -> Result<(), KvError> {
+    async fn commit_batch(&self, store: &kv::Store, txn: &Txn) -> Result<(), KvError> {
         let client = self.js.client();
         let batch = crate::event::new_id();
         let count = txn.writes.len();
@@ -192,8 +125,7 @@ impl JetStreamKv {
                 if description.contains("wrong last sequence") || err["err_code"] == 10071 {
                     return Err(KvError::Conflict(key.clone()));
                 }
-                let failed = unavailable("committing the batch with", key, description);
-                return Err(self.full_or(ns, store, txn.quota, description, failed).await);
+                return Err(unavailable("committing the batch with", key, description));
             }
         }
         Ok(())
@@ -246,9 +178,6 @@ impl KvStore for JetStreamKv {
 
     async fn commit(&self, ns: &str, txn: &Txn) -> Result<(), KvError> {
         let store = self.bucket(ns).await?;
-        if let Some(quota) = txn.quota.filter(|_| !txn.writes.is_empty()) {
-            self.bound(ns, &store, quota).await;
-        }
         // Check every read first (a stale attempt fails before it writes anything), then write
         // each key with compare-and-set (which catches a change since the check).
         for (key, seen) in &txn.reads {
@@ -257,66 +186,44 @@ impl KvStore for JetStreamKv {
             }
         }
         if txn.writes.len() > 1 {
-            return self.commit_batch(ns, &store, txn).await;
+            return self.commit_batch(&store, txn).await;
         }
         for (key, value) in &txn.writes {
             let k = nats_key(key);
-            let written = self.write_one(&store, key, &k, value, txn).await;
-            if let Err((why, failed)) = written {
-                return Err(match why {
-                    Some(why) => self.full_or(ns, &store, txn.quota, &why, failed).await,
-                    None => failed,
-                });
+            let failed = |e: &dyn std::fmt::Display| unavailable("writing", key, e);
+            match (value, txn.reads.get(key)) {
+                (Some(v), Some(0)) => match store.create(&k, v.clone().into()).await {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                        return Err(KvError::Conflict(key.clone()));
+                    }
+                    Err(e) => return Err(failed(&e)),
+                },
+                (Some(v), Some(seen)) => match store.update(&k, v.clone().into(), *seen).await {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                        return Err(KvError::Conflict(key.clone()));
+                    }
+                    Err(e) => return Err(failed(&e)),
+                },
+                (Some(v), None) => {
+                    store.put(&k, v.clone().into()).await.map_err(|e| failed(&e))?;
+                }
+                (None, Some(seen)) if *seen > 0 => match store.delete_expect_revision(&k, Some(*seen)).await {
+                    Ok(()) => {}
+                    // A delete's error kinds are an update's: only a changed revision is a conflict
+                    // (a lost connection re-running the handler in place would hide the outage).
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                        return Err(KvError::Conflict(key.clone()));
+                    }
+                    Err(e) => return Err(failed(&e)),
+                },
+                // Read as absent (just checked above): nothing to delete. Deleting anyway would
+                // erase a key another host created since the check; left alone, this
+                // transaction comes before that creation.
+                (None, Some(_)) => {}
+                (None, None) => store.delete(&k).await.map_err(|e| failed(&e))?,
             }
-        }
-        Ok(())
-    }
-}
-
-impl JetStreamKv {
-    /// Writes the one key of a transaction with compare-and-set. `Err((why, error))`: `why`
-    /// is the server's words when it refused the write.
-    async fn write_one(
-        &self,
-        store: &kv::Store,
-        key: &str,
-        k: &str,
-        value: &Option<Vec<u8>>,
-        txn: &Txn,
-    ) -> Result<(), (Option<String>, KvError)> {
-        let failed = |e: &dyn std::fmt::Display| (Some(e.to_string()), unavailable("writing", key, e));
-        match (value, txn.reads.get(key)) {
-            (Some(v), Some(0)) => match store.create(k, v.clone().into()).await {
-                Ok(_) => {}
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                    return Err((None, KvError::Conflict(key.to_string())));
-                }
-                Err(e) => return Err(failed(&e)),
-            },
-            (Some(v), Some(seen)) => match store.update(k, v.clone().into(), *seen).await {
-                Ok(_) => {}
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                    return Err((None, KvError::Conflict(key.to_string())));
-                }
-                Err(e) => return Err(failed(&e)),
-            },
-            (Some(v), None) => {
-                store.put(k, v.clone().into()).await.map_err(|e| failed(&e))?;
-            }
-            (None, Some(seen)) if *seen > 0 => match store.delete_expect_revision(k, Some(*seen)).await {
-                Ok(()) => {}
-                // A delete's error kinds are an update's: only a changed revision is a conflict
-                // (a lost connection re-running the handler in place would hide the outage).
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                    return Err((None, KvError::Conflict(key.to_string())));
-                }
-                Err(e) => return Err(failed(&e)),
-            },
-            // Read as absent (just checked above): nothing to delete. Deleting anyway would
-            // erase a key another host created since the check; left alone, this
-            // transaction comes before that creation.
-            (None, Some(_)) => {}
-            (None, None) => store.delete(k).await.map_err(|e| failed(&e))?,
         }
         Ok(())
     }
