@@ -453,14 +453,18 @@ async fn deep_recursion_is_named_a_stack_overflow_of_the_handlers_own_stack() {
     ok.next_on("hostile.out.ok").await;
 }
 
-/// A kv store whose reads panic: a bug in a host function. (`KvStore` is an `async_trait`;
-/// written out by hand here, the tests crate does not depend on the macro.)
-struct PanickingKv;
+/// A kv store whose reads go wrong: they panic (a bug in a host function) or never answer (a
+/// stalled broker or disk). (`KvStore` is an `async_trait`; written out by hand here, the tests
+/// crate does not depend on the macro.)
+enum BrokenReads {
+    Panic,
+    Stall,
+}
 
 type KvFuture<'a, T> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, plugbus::kv::KvError>> + Send + 'a>>;
 
-impl plugbus::kv::KvStore for PanickingKv {
+impl plugbus::kv::KvStore for BrokenReads {
     fn get<'a, 'b, 'c, 'f>(&'a self, _ns: &'b str, _key: &'c str) -> KvFuture<'f, Option<plugbus::kv::Versioned>>
     where
         'a: 'f,
@@ -468,7 +472,10 @@ impl plugbus::kv::KvStore for PanickingKv {
         'c: 'f,
         Self: 'f,
     {
-        Box::pin(async { panic!("kv store exploded") })
+        match self {
+            BrokenReads::Panic => Box::pin(async { panic!("kv store exploded") }),
+            BrokenReads::Stall => Box::pin(std::future::pending()),
+        }
     }
 
     fn commit<'a, 'b, 'c, 'f>(&'a self, _ns: &'b str, _txn: &'c plugbus::kv::Txn) -> KvFuture<'f, ()>
@@ -482,21 +489,25 @@ impl plugbus::kv::KvStore for PanickingKv {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panicking_host_function_fails_the_attempt_like_a_trap_and_the_plugin_keeps_serving() {
+/// `hostile` loaded alone in `mode`, its kv `kv`, with `limits`.
+async fn hostile_alone(kv: BrokenReads, limits: Limits) -> plugbus::sandbox::Plugin {
     let sandbox = Sandbox::new(SandboxSettings::default()).unwrap();
     let bytes = std::fs::read(wasm("hostile")).unwrap();
+    sandbox
+        .load(&bytes, |_| PluginSettings {
+            limits,
+            config: Default::default(),
+            kv: Arc::new(kv),
+            allowed_outbound: Vec::new(),
+        })
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_host_function_fails_the_attempt_like_a_trap_and_the_plugin_keeps_serving() {
     for mode in [InstanceMode::Fresh, InstanceMode::Reuse] {
-        let limits = Limits { instance: mode, ..Limits::default() };
-        let plugin = sandbox
-            .load(&bytes, |_| PluginSettings {
-                limits,
-                config: Default::default(),
-                kv: Arc::new(PanickingKv),
-                allowed_outbound: Vec::new(),
-            })
-            .await
-            .unwrap();
+        let plugin = hostile_alone(BrokenReads::Panic, Limits { instance: mode, ..Limits::default() }).await;
         for _ in 0..3 {
             let run = plugin.handle(&Event::new("hostile.kvreads", "1"), 1).await;
             match &run.result {
@@ -513,49 +524,14 @@ async fn a_panicking_host_function_fails_the_attempt_like_a_trap_and_the_plugin_
     }
 }
 
-/// A kv store whose reads never answer (a stalled broker or disk).
-struct StalledKv;
-
-impl plugbus::kv::KvStore for StalledKv {
-    fn get<'a, 'b, 'c, 'f>(&'a self, _ns: &'b str, _key: &'c str) -> KvFuture<'f, Option<plugbus::kv::Versioned>>
-    where
-        'a: 'f,
-        'b: 'f,
-        'c: 'f,
-        Self: 'f,
-    {
-        Box::pin(std::future::pending())
-    }
-
-    fn commit<'a, 'b, 'c, 'f>(&'a self, _ns: &'b str, _txn: &'c plugbus::kv::Txn) -> KvFuture<'f, ()>
-    where
-        'a: 'f,
-        'b: 'f,
-        'c: 'f,
-        Self: 'f,
-    {
-        Box::pin(async { Ok(()) })
-    }
-}
-
 /// The handler waits in a kv read the store never answers: the attempt fails at its deadline
 /// as the host's (`host error: the kv store did not answer …`), not as the handler's `deadline
 /// exceeded` (which a dead letter and the logs used to say).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kv_store_that_does_not_answer_fails_the_attempt_as_the_hosts_not_the_handlers() {
-    let sandbox = Sandbox::new(SandboxSettings::default()).unwrap();
-    let bytes = std::fs::read(wasm("hostile")).unwrap();
     for mode in [InstanceMode::Fresh, InstanceMode::Reuse] {
         let limits = Limits { instance: mode, deadline: Duration::from_millis(300), ..Limits::default() };
-        let plugin = sandbox
-            .load(&bytes, |_| PluginSettings {
-                limits,
-                config: Default::default(),
-                kv: Arc::new(StalledKv),
-                allowed_outbound: Vec::new(),
-            })
-            .await
-            .unwrap();
+        let plugin = hostile_alone(BrokenReads::Stall, limits).await;
         for _ in 0..2 {
             let started = Instant::now();
             let run = plugin.handle(&Event::new("hostile.kvreads", "1"), 1).await;

@@ -1678,6 +1678,15 @@ mod retarget {
         tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await.ok().flatten()
     }
 
+    /// The next delivery, which is the `a.old` event `retried` that waited for its retry, to run
+    /// (no defect); else the test fails saying it was `lost` so.
+    pub async fn the_retry(sub: &mut Subscription, lost: &str) -> plugbus::transport::Delivery {
+        let again = next(sub).await.unwrap_or_else(|| panic!("the a.old waiting for its retry was {lost}"));
+        assert_eq!((again.event.subject.as_str(), again.event.data.as_ref()), ("a.old", b"retried".as_slice()));
+        assert!(again.defect.is_none(), "run, not dead-lettered: {:?}", again.defect);
+        again
+    }
+
     /// An interest stream `AA` of `a.>`, as a plugin's only consumer would have it.
     pub async fn interest_stream(js: &jetstream::Context) {
         let stream = jetstream::stream::Config {
@@ -1823,20 +1832,17 @@ async fn jetstream_a_retarget_leaving_a_subject_still_runs_what_waited_there_for
     let js = jetstream::new(server.client().await);
     retarget::interest_stream(&js).await;
     let (nats, mut sub) = retarget::feed(&server, &["a.old", "a.new"]).await;
-    use retarget::next;
     js.publish("a.old", "retried".into()).await.unwrap().await.unwrap();
-    let failed = next(&mut sub).await.expect("the first a.old delivered");
+    let failed = retarget::next(&mut sub).await.expect("the first a.old delivered");
     failed.acker.nak(Duration::from_secs(2)).await;
     js.publish("a.old", "running".into()).await.unwrap().await.unwrap();
-    let running = next(&mut sub).await.expect("the second a.old delivered");
+    let running = retarget::next(&mut sub).await.expect("the second a.old delivered");
     nats.retarget(sub.id, &retarget::spec(&["a.new"])).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     running.acker.ack().await;
     retarget::delivered(&js, &mut sub, "a.new").await;
-    let again = next(&mut sub).await.expect("the a.old waiting for its retry was dropped by the narrowing");
-    assert_eq!((again.event.subject.as_str(), again.event.data.as_ref()), ("a.old", b"retried".as_slice()));
+    let again = retarget::the_retry(&mut sub, "dropped by the narrowing").await;
     assert!(again.attempt > 1, "a retry: {}", again.attempt);
-    assert!(again.defect.is_none(), "run, not dead-lettered: {:?}", again.defect);
     again.acker.ack().await;
     // Then the consumer is narrowed, and the stream keeps nothing.
     retarget::narrowed_to(&js, "a.new").await;
@@ -1862,10 +1868,7 @@ async fn jetstream_a_host_starting_with_a_version_leaving_a_subject_still_runs_w
     }
     // The host stops, and starts with the version that left `a.old`.
     let (_new, mut sub) = retarget::feed(&server, &["a.new"]).await;
-    let again = retarget::next(&mut sub).await.expect("the a.old waiting for its retry was dropped at the start");
-    assert_eq!((again.event.subject.as_str(), again.event.data.as_ref()), ("a.old", b"retried".as_slice()));
-    assert!(again.defect.is_none(), "run, not dead-lettered: {:?}", again.defect);
-    again.acker.ack().await;
+    retarget::the_retry(&mut sub, "dropped at the start").await.acker.ack().await;
     retarget::narrowed_to(&js, "a.new").await;
     retarget::delivered(&js, &mut sub, "a.new").await;
 }
