@@ -703,7 +703,7 @@ async fn run_attempt(
                     crate::event::quoted(&key)
                 )));
             }
-            Err(e @ KvError::Quota { .. }) => return Err(DeliveryError::KvQuota(e.to_string())),
+            Err(e) if e.is_quota() => return Err(DeliveryError::KvQuota(e.to_string())),
             Err(e) => return Err(DeliveryError::Kv(e.to_string())),
         }
     }

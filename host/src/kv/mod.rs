@@ -38,6 +38,32 @@ pub enum KvError {
         /// Its quota.
         limit: u64,
     },
+    /// On NATS: the plugin's JetStream KV bucket holds what its quota lets it hold as the
+    /// server counts it (`backend::nats::kv::bucket_bound`): the plugin's own doing, as
+    /// [`KvError::Quota`]. Nothing of the attempt was written.
+    #[error(
+        "the JetStream KV bucket of plugin {ns:?} holds {holds} bytes, at its bound of {bound} (four times its \
+         max_kv_bytes of {limit}, counted as the server stores entries, the markers of keys deleted in the last 15 \
+         minutes included): nothing of the attempt was written; events that delete keys free room, or \
+         limits.max_kv_bytes can be raised and the dead letter replayed"
+    )]
+    BucketFull {
+        /// The namespace (the plugin).
+        ns: String,
+        /// What its bucket holds, as the server counts it.
+        holds: u64,
+        /// What its bucket may hold.
+        bound: u64,
+        /// Its quota.
+        limit: u64,
+    },
+}
+
+impl KvError {
+    /// Whether the plugin's kv is over its quota: the plugin's doing, not the host's.
+    pub fn is_quota(&self) -> bool {
+        matches!(self, KvError::Quota { .. } | KvError::BucketFull { .. })
+    }
 }
 
 /// A value and the version it was written at (versions start at 1 and only grow).

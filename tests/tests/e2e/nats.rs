@@ -1947,6 +1947,92 @@ async fn jetstream_kv_a_bucket_that_cannot_be_made_keeps_no_other_plugins_kv_wai
     assert!(failed.to_string().contains("KV_plugbus_slow") || failed.to_string().contains("plugbus_slow"), "{failed}");
 }
 
+/// A plugin writing new keys on every event within its limits filled the account's JetStream
+/// storage (plugbus did not bound its kv on NATS), and every other plugin's streams were refused.
+/// Its bucket now holds at most four times its `max_kv_bytes` as the server counts it: a commit
+/// writing past it fails as the plugin's quota (one key or a batch), a delete always passes and
+/// frees room, another plugin's bucket is its own, and no `max_bytes` is set on the server (it
+/// would be reserved out of the store, and refuse deletes at the bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_kv_a_plugins_bucket_holds_at_most_its_bound() {
+    use plugbus::backend::nats::kv::{JetStreamKv, bucket_bound};
+    use plugbus::kv::{KvError, KvStore, Txn};
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    let kv = JetStreamKv::new(js.clone());
+    const QUOTA: u64 = 1 << 20;
+    let write = |keys: &[&str]| {
+        let mut txn = Txn::with_quota(QUOTA);
+        for k in keys {
+            txn.set(k, vec![7; 200 << 10]);
+        }
+        txn
+    };
+    let mut written = 0;
+    let full = loop {
+        match kv.commit("hog", &write(&[&format!("k{written}")])).await {
+            Ok(()) => written += 1,
+            Err(e) => break e,
+        }
+        assert!(written < 100, "the bucket took {written} values of 200 KiB: unbounded");
+    };
+    let KvError::BucketFull { holds, bound, limit, .. } = &full else { panic!("not the plugin's quota: {full}") };
+    assert_eq!((*bound, *limit), (bucket_bound(QUOTA), QUOTA));
+    assert!(*holds <= *bound && *holds + (200 << 10) > *bound - (64 << 10), "{full}");
+    assert!(full.is_quota() && full.to_string().contains("max_kv_bytes of 1048576"), "{full}");
+    let stream = js.get_stream("KV_plugbus_hog").await.unwrap().cached_info().clone();
+    assert_eq!(stream.config.max_bytes, -1, "a max_bytes was set on the server");
+    assert!(stream.state.bytes <= bucket_bound(QUOTA), "{} bytes held", stream.state.bytes);
+    // A batch past it fails whole, as the plugin's.
+    assert!(kv.commit("hog", &write(&["b1", "b2"])).await.unwrap_err().is_quota());
+    // Deletes pass at the bound, in a batch too, and free room for the next write.
+    let mut delete = Txn::with_quota(QUOTA);
+    delete.delete("k0");
+    delete.delete("k1");
+    kv.commit("hog", &delete).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    kv.commit("hog", &write(&["again"])).await.unwrap();
+    // Another plugin's bucket takes its own writes.
+    kv.commit("quiet", &write(&["one"])).await.unwrap();
+}
+
+/// A deleted key's marker expires (`Nats-TTL`), on a single delete and in a batch: a bucket
+/// keeping one revision per key kept every marker for good, so a plugin that creates and deletes
+/// a key per order filled its bucket with nothing. A transaction that read the key before its
+/// marker expired conflicts (its revision is gone), and a new one creates it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_kv_a_deleted_keys_marker_expires() {
+    use plugbus::backend::nats::kv::JetStreamKv;
+    use plugbus::kv::{KvError, KvStore, Txn};
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    let kv = JetStreamKv::new(js.clone()).with_marker_ttl(Duration::from_secs(1));
+    let mut create = Txn::with_quota(1 << 20);
+    for k in ["a", "b", "c"] {
+        create.set(k, b"v".to_vec());
+    }
+    kv.commit("p", &create).await.unwrap();
+    // One delete alone (checked against the revision read), two in a batch.
+    let mut one = Txn::with_quota(1 << 20);
+    one.get(&kv, "p", "a").await.unwrap();
+    one.delete("a");
+    kv.commit("p", &one).await.unwrap();
+    let mut two = Txn::with_quota(1 << 20);
+    two.delete("b");
+    two.delete("c");
+    kv.commit("p", &two).await.unwrap();
+    let mut stale = Txn::with_quota(1 << 20);
+    assert_eq!(stale.get(&kv, "p", "a").await.unwrap(), None);
+    eventually_async(|| async { js.get_stream("KV_plugbus_p").await.unwrap().cached_info().state.messages == 0 }).await;
+    stale.set("a", b"again".to_vec());
+    assert!(matches!(kv.commit("p", &stale).await, Err(KvError::Conflict(_))), "the marker's revision is gone");
+    let mut fresh = Txn::with_quota(1 << 20);
+    assert_eq!(fresh.get(&kv, "p", "a").await.unwrap(), None);
+    fresh.set("a", b"again".to_vec());
+    kv.commit("p", &fresh).await.unwrap();
+    assert_eq!(kv.get("p", "a").await.unwrap().unwrap().value, b"again");
+}
+
 /// A consumer deleted under a retargeted feed is re-created with the filters of the version
 /// serving, not with those its pump started with (which settle the new version's events
 /// unrun and never deliver them).

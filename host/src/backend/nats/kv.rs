@@ -6,12 +6,42 @@
 //! = the revision the attempt read (0 = absent), so either all writes land or none does and the
 //! attempt re-runs, as on the embedded store. A key only read is checked just before the batch.
 //! A single write is a plain compare-and-set (`update` / `create`).
+//!
+//! A plugin's kv holds at most [`bucket_bound`] of its quota (`limits.max_kv_bytes`) as the
+//! server counts its bucket: a commit that writes a value into a bucket holding that much fails
+//! as the plugin's ([`KvError::BucketFull`]); deletes always pass. Plugbus counts, not the
+//! server's `max_bytes`: the server reserves a stream's `max_bytes` out of its store when it is
+//! set (bounds on many buckets leave no room for other streams), and at it refuses batches of
+//! deletes. Delete markers expire after [`MARKER_TTL`] (`Nats-TTL`, the bucket has
+//! `allow_msg_ttl`): a bucket keeps one revision per key, and a marker kept for good made every
+//! key a plugin ever deleted cost bytes there. A transaction that read a key as deleted before its
+//! marker expired conflicts (the revision it read is gone) and runs again.
 
 use crate::kv::{KvError, KvStore, Txn, Versioned};
 use async_nats::jetstream::{self, kv};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::OnceCell;
+
+/// How long a delete marker stays in a plugin's bucket (see the module's text).
+pub const MARKER_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// What a plugin's bucket may hold, as the server counts it (each entry's subject and headers
+/// with its value, and the markers of keys deleted in the last [`MARKER_TTL`]), for a quota of
+/// `max_kv_bytes`: four times it, at least 4 MiB.
+pub fn bucket_bound(max_kv_bytes: u64) -> u64 {
+    max_kv_bytes.saturating_mul(4).max(4 << 20)
+}
+
+/// What a value written under `subject` adds to a bucket as the server counts it, about: the
+/// subject, the value, and its headers and record (at most about 200 bytes).
+fn stored_bytes(subject_len: usize, value_len: usize) -> u64 {
+    (subject_len + value_len) as u64 + 256
+}
+
+/// How long a bucket's size, as last read, stands in for it (with what this host wrote since).
+const SIZE_FRESH: Duration = Duration::from_millis(250);
 
 /// The KV bucket of plugin `ns`: `plugbus_<plugin>` for a lower-case name, an escaped form for
 /// any other (`Payments` → `plugbus--payments`), so no two plugins ever share a bucket.
@@ -26,12 +56,92 @@ pub struct JetStreamKv {
     /// plugin's setup that JetStream is slow to answer (or will not make, each try waiting out
     /// the request timeout) keeps no other plugin's kv waiting.
     buckets: Mutex<HashMap<String, Arc<OnceCell<kv::Store>>>>,
+    /// Each bucket's bytes as last read, when, and what this host wrote into it since.
+    sizes: Mutex<HashMap<String, (Instant, u64)>>,
+    /// How long delete markers stay ([`MARKER_TTL`]; shorter in tests).
+    marker_ttl: Duration,
 }
 
 impl JetStreamKv {
     /// A store on `js`; buckets are created on first use.
     pub fn new(js: jetstream::Context) -> Self {
-        Self { js, buckets: Default::default() }
+        Self { js, buckets: Default::default(), sizes: Default::default(), marker_ttl: MARKER_TTL }
+    }
+
+    /// The same with delete markers that stay `ttl` (tests; at least a second).
+    pub fn with_marker_ttl(mut self, ttl: Duration) -> Self {
+        self.marker_ttl = ttl.max(Duration::from_secs(1));
+        self
+    }
+
+    /// The `Nats-TTL` of a delete marker.
+    fn marker_ttl_header(&self) -> String {
+        format!("{}s", self.marker_ttl.as_secs())
+    }
+
+    /// Refuses, as the plugin's, a commit writing values into plugin `ns`'s bucket once it holds
+    /// its [`bucket_bound`] (a commit that only deletes always passes); counts what it writes.
+    async fn room_for(&self, ns: &str, store: &kv::Store, txn: &Txn) -> Result<(), KvError> {
+        let Some(limit) = txn.quota else { return Ok(()) };
+        let writes: u64 = txn
+            .writes
+            .iter()
+            .filter_map(|(key, value)| {
+                value.as_ref().map(|v| stored_bytes(store.prefix.len() + nats_key(key).len(), v.len()))
+            })
+            .sum();
+        if writes == 0 {
+            return Ok(());
+        }
+        let cached = self.sizes.lock().expect("sizes poisoned").get(ns).copied();
+        let holds = match cached {
+            Some((at, bytes)) if at.elapsed() < SIZE_FRESH => bytes,
+            _ => {
+                let mut stream = self.js.get_stream(&store.stream_name).await.map_err(|e| {
+                    KvError::Unavailable(format!("reading the size of the JetStream KV bucket of {ns:?}: {e}"))
+                })?;
+                let bytes = stream
+                    .info()
+                    .await
+                    .map_err(|e| {
+                        KvError::Unavailable(format!("reading the size of the JetStream KV bucket of {ns:?}: {e}"))
+                    })?
+                    .state
+                    .bytes;
+                self.sizes.lock().expect("sizes poisoned").insert(ns.to_string(), (Instant::now(), bytes));
+                bytes
+            }
+        };
+        let bound = bucket_bound(limit);
+        if holds.saturating_add(writes) > bound {
+            return Err(KvError::BucketFull { ns: ns.to_string(), holds, bound, limit });
+        }
+        if let Some((_, bytes)) = self.sizes.lock().expect("sizes poisoned").get_mut(ns) {
+            *bytes = bytes.saturating_add(writes);
+        }
+        Ok(())
+    }
+
+    /// Deletes `key` (under `subject`) with a marker that expires, checked against revision
+    /// `seen` when given.
+    async fn delete(&self, subject: String, key: &str, seen: Option<u64>) -> Result<(), KvError> {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("KV-Operation", "DEL");
+        h.insert("Nats-TTL", self.marker_ttl_header().as_str());
+        if let Some(seen) = seen {
+            h.insert("Nats-Expected-Last-Subject-Sequence", seen.to_string().as_str());
+        }
+        let failed = |e: &dyn std::fmt::Display| unavailable("deleting", key, e);
+        let ack = self.js.publish_with_headers(subject, h, bytes::Bytes::new()).await.map_err(|e| failed(&e))?;
+        match ack.await {
+            Ok(_) => Ok(()),
+            // Only a changed revision is a conflict (a lost connection re-running the handler in
+            // place would hide the outage).
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                Err(KvError::Conflict(key.to_string()))
+            }
+            Err(e) => Err(failed(&e)),
+        }
     }
 
     async fn bucket(&self, ns: &str) -> Result<kv::Store, KvError> {
@@ -76,11 +186,13 @@ impl JetStreamKv {
             .map_err(|e| KvError::Unavailable(format!("reading the JetStream KV bucket {name}'s settings: {e}")))?
             .config
             .clone();
-        if !config.allow_atomic_publish {
+        if !config.allow_atomic_publish || !config.allow_message_ttl {
             config.allow_atomic_publish = true;
+            config.allow_message_ttl = true;
             self.js.update_stream(config).await.map_err(|e| {
                 KvError::Unavailable(format!(
-                    "turning on atomic batches for the JetStream KV bucket {name} (needs nats-server 2.12+): {e}"
+                    "turning on atomic batches and expiring delete markers for the JetStream KV bucket {name} (needs \
+                     nats-server 2.12+): {e}"
                 ))
             })?;
         }
@@ -104,6 +216,7 @@ impl JetStreamKv {
                 Some(v) => bytes::Bytes::from(v.clone()),
                 None => {
                     h.insert("KV-Operation", "DEL");
+                    h.insert("Nats-TTL", self.marker_ttl_header().as_str());
                     bytes::Bytes::new()
                 }
             };
@@ -185,6 +298,7 @@ impl KvStore for JetStreamKv {
                 return Err(KvError::Conflict(key.clone()));
             }
         }
+        self.room_for(ns, &store, txn).await?;
         if txn.writes.len() > 1 {
             return self.commit_batch(&store, txn).await;
         }
@@ -209,20 +323,14 @@ impl KvStore for JetStreamKv {
                 (Some(v), None) => {
                     store.put(&k, v.clone().into()).await.map_err(|e| failed(&e))?;
                 }
-                (None, Some(seen)) if *seen > 0 => match store.delete_expect_revision(&k, Some(*seen)).await {
-                    Ok(()) => {}
-                    // A delete's error kinds are an update's: only a changed revision is a conflict
-                    // (a lost connection re-running the handler in place would hide the outage).
-                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                        return Err(KvError::Conflict(key.clone()));
-                    }
-                    Err(e) => return Err(failed(&e)),
-                },
+                (None, Some(seen)) if *seen > 0 => {
+                    self.delete(format!("{}{k}", store.prefix), key, Some(*seen)).await?
+                }
                 // Read as absent (just checked above): nothing to delete. Deleting anyway would
                 // erase a key another host created since the check; left alone, this
                 // transaction comes before that creation.
                 (None, Some(_)) => {}
-                (None, None) => store.delete(&k).await.map_err(|e| failed(&e))?,
+                (None, None) => self.delete(format!("{}{k}", store.prefix), key, None).await?,
             }
         }
         Ok(())
