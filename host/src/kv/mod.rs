@@ -38,22 +38,26 @@ pub enum KvError {
         /// Its quota.
         limit: u64,
     },
-    /// On NATS: the plugin's JetStream KV bucket holds what its quota lets it hold as the
-    /// server counts it (`backend::nats::kv::bucket_bound`): the plugin's own doing, as
+    /// On NATS: the commit would grow the plugin's JetStream KV bucket past what its quota lets
+    /// it hold as the server counts it (`backend::nats::kv_room`): the plugin's own doing, as
     /// [`KvError::Quota`]. Nothing of the attempt was written.
     #[error(
-        "the JetStream KV bucket of plugin {ns:?} holds {holds} bytes, at its bound of {bound} (four times its \
-         max_kv_bytes of {limit}, counted as the server stores entries, the markers of keys deleted in the last 15 \
-         minutes included): nothing of the attempt was written; events that delete keys free room, or \
-         limits.max_kv_bytes can be raised and the dead letter replayed"
+        "the JetStream KV bucket of plugin {ns:?} holds {holds} bytes in {entries} entries, and the attempt's writes \
+         would take it past its bound of {bound} bytes or {entry_bound} entries (from its max_kv_bytes of {limit}, as \
+         the server counts entries; a deleted key's marker stays 15 minutes): nothing of the attempt was written; \
+         events that delete keys free room, or limits.max_kv_bytes can be raised and the dead letter replayed"
     )]
     BucketFull {
         /// The namespace (the plugin).
         ns: String,
-        /// What its bucket holds, as the server counts it.
+        /// The bytes its bucket holds (with commits under way), as the server counts them.
         holds: u64,
-        /// What its bucket may hold.
+        /// The entries it holds.
+        entries: u64,
+        /// The bytes it may hold.
         bound: u64,
+        /// The entries it may hold.
+        entry_bound: u64,
         /// Its quota.
         limit: u64,
     },

@@ -1950,9 +1950,10 @@ async fn jetstream_kv_a_bucket_that_cannot_be_made_keeps_no_other_plugins_kv_wai
 /// A plugin writing new keys on every event within its limits filled the account's JetStream
 /// storage (plugbus did not bound its kv on NATS), and every other plugin's streams were refused.
 /// Its bucket now holds at most four times its `max_kv_bytes` as the server counts it: a commit
-/// writing past it fails as the plugin's quota (one key or a batch), a delete always passes and
-/// frees room, another plugin's bucket is its own, and no `max_bytes` is set on the server (it
-/// would be reserved out of the store, and refuse deletes at the bound).
+/// growing it past that fails as the plugin's quota (one key or a batch), one that does not grow
+/// it (a rewrite no larger, a delete) passes, another plugin's bucket is its own, and no
+/// `max_bytes` is set on the server (it would be reserved out of the store, and refuse deletes
+/// at the bound).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_kv_a_plugins_bucket_holds_at_most_its_bound() {
     use plugbus::backend::nats::kv::{JetStreamKv, bucket_bound};
@@ -1983,8 +1984,12 @@ async fn jetstream_kv_a_plugins_bucket_holds_at_most_its_bound() {
     let stream = js.get_stream("KV_plugbus_hog").await.unwrap().cached_info().clone();
     assert_eq!(stream.config.max_bytes, -1, "a max_bytes was set on the server");
     assert!(stream.state.bytes <= bucket_bound(QUOTA), "{} bytes held", stream.state.bytes);
-    // A batch past it fails whole, as the plugin's.
+    // A batch past it fails whole, as the plugin's; a key read and written again no larger passes.
     assert!(kv.commit("hog", &write(&["b1", "b2"])).await.unwrap_err().is_quota());
+    let mut rewrite = Txn::with_quota(QUOTA);
+    assert!(rewrite.get(&kv, "hog", "k2").await.unwrap().is_some());
+    rewrite.set("k2", vec![8; 200 << 10]);
+    kv.commit("hog", &rewrite).await.unwrap();
     // Deletes pass at the bound, in a batch too, and free room for the next write.
     let mut delete = Txn::with_quota(QUOTA);
     delete.delete("k0");
@@ -2012,6 +2017,14 @@ async fn jetstream_kv_a_deleted_keys_marker_expires() {
         create.set(k, b"v".to_vec());
     }
     kv.commit("p", &create).await.unwrap();
+    let messages = || async { js.get_stream("KV_plugbus_p").await.unwrap().cached_info().state.messages };
+    // A delete of a key that is not there writes no marker (a flood of them filled the bucket).
+    let mut ghosts = Txn::with_quota(1 << 20);
+    ghosts.delete("never");
+    kv.commit("p", &ghosts).await.unwrap();
+    ghosts.delete("nor-this");
+    kv.commit("p", &ghosts).await.unwrap();
+    assert_eq!(messages().await, 3, "a marker for a key that is not there");
     // One delete alone (checked against the revision read), two in a batch.
     let mut one = Txn::with_quota(1 << 20);
     one.get(&kv, "p", "a").await.unwrap();
@@ -2023,7 +2036,7 @@ async fn jetstream_kv_a_deleted_keys_marker_expires() {
     kv.commit("p", &two).await.unwrap();
     let mut stale = Txn::with_quota(1 << 20);
     assert_eq!(stale.get(&kv, "p", "a").await.unwrap(), None);
-    eventually_async(|| async { js.get_stream("KV_plugbus_p").await.unwrap().cached_info().state.messages == 0 }).await;
+    eventually_async(|| async { messages().await == 0 }).await;
     stale.set("a", b"again".to_vec());
     assert!(matches!(kv.commit("p", &stale).await, Err(KvError::Conflict(_))), "the marker's revision is gone");
     let mut fresh = Txn::with_quota(1 << 20);

@@ -7,41 +7,24 @@
 //! attempt re-runs, as on the embedded store. A key only read is checked just before the batch.
 //! A single write is a plain compare-and-set (`update` / `create`).
 //!
-//! A plugin's kv holds at most [`bucket_bound`] of its quota (`limits.max_kv_bytes`) as the
-//! server counts its bucket: a commit that writes a value into a bucket holding that much fails
-//! as the plugin's ([`KvError::BucketFull`]); deletes always pass. Plugbus counts, not the
-//! server's `max_bytes`: the server reserves a stream's `max_bytes` out of its store when it is
-//! set (bounds on many buckets leave no room for other streams), and at it refuses batches of
-//! deletes. Delete markers expire after [`MARKER_TTL`] (`Nats-TTL`, the bucket has
-//! `allow_msg_ttl`): a bucket keeps one revision per key, and a marker kept for good made every
-//! key a plugin ever deleted cost bytes there. A transaction that read a key as deleted before its
-//! marker expired conflicts (the revision it read is gone) and runs again.
+//! A plugin's kv is bounded in its bucket by plugbus ([`super::kv_room`]): a commit that grows
+//! the bucket past what its quota gives fails as the plugin's. Delete markers expire after
+//! [`MARKER_TTL`] (`Nats-TTL`, the bucket has `allow_msg_ttl`): a bucket keeps one revision per
+//! key, and a marker kept for good made every key a plugin ever deleted cost bytes there. A
+//! transaction that read a key as deleted before its marker expired conflicts (the revision it
+//! read is gone) and runs again. A delete of a key that is not there writes no marker.
 
+use super::kv_room::{Change, Room, stored_bytes};
+pub use super::kv_room::{bucket_bound, entry_bound};
 use crate::kv::{KvError, KvStore, Txn, Versioned};
 use async_nats::jetstream::{self, kv};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::OnceCell;
 
 /// How long a delete marker stays in a plugin's bucket (see the module's text).
 pub const MARKER_TTL: Duration = Duration::from_secs(15 * 60);
-
-/// What a plugin's bucket may hold, as the server counts it (each entry's subject and headers
-/// with its value, and the markers of keys deleted in the last [`MARKER_TTL`]), for a quota of
-/// `max_kv_bytes`: four times it, at least 4 MiB.
-pub fn bucket_bound(max_kv_bytes: u64) -> u64 {
-    max_kv_bytes.saturating_mul(4).max(4 << 20)
-}
-
-/// What a value written under `subject` adds to a bucket as the server counts it, about: the
-/// subject, the value, and its headers and record (at most about 200 bytes).
-fn stored_bytes(subject_len: usize, value_len: usize) -> u64 {
-    (subject_len + value_len) as u64 + 256
-}
-
-/// How long a bucket's size, as last read, stands in for it (with what this host wrote since).
-const SIZE_FRESH: Duration = Duration::from_millis(250);
 
 /// The KV bucket of plugin `ns`: `plugbus_<plugin>` for a lower-case name, an escaped form for
 /// any other (`Payments` → `plugbus--payments`), so no two plugins ever share a bucket.
@@ -56,8 +39,8 @@ pub struct JetStreamKv {
     /// plugin's setup that JetStream is slow to answer (or will not make, each try waiting out
     /// the request timeout) keeps no other plugin's kv waiting.
     buckets: Mutex<HashMap<String, Arc<OnceCell<kv::Store>>>>,
-    /// Each bucket's bytes as last read, when, and what this host wrote into it since.
-    sizes: Mutex<HashMap<String, (Instant, u64)>>,
+    /// Each bucket's room ([`super::kv_room`]).
+    rooms: Mutex<HashMap<String, Arc<Room>>>,
     /// How long delete markers stay ([`MARKER_TTL`]; shorter in tests).
     marker_ttl: Duration,
 }
@@ -65,7 +48,7 @@ pub struct JetStreamKv {
 impl JetStreamKv {
     /// A store on `js`; buckets are created on first use.
     pub fn new(js: jetstream::Context) -> Self {
-        Self { js, buckets: Default::default(), sizes: Default::default(), marker_ttl: MARKER_TTL }
+        Self { js, buckets: Default::default(), rooms: Default::default(), marker_ttl: MARKER_TTL }
     }
 
     /// The same with delete markers that stay `ttl` (tests; at least a second).
@@ -79,47 +62,23 @@ impl JetStreamKv {
         format!("{}s", self.marker_ttl.as_secs())
     }
 
-    /// Refuses, as the plugin's, a commit writing values into plugin `ns`'s bucket once it holds
-    /// its [`bucket_bound`] (a commit that only deletes always passes); counts what it writes.
-    async fn room_for(&self, ns: &str, store: &kv::Store, txn: &Txn) -> Result<(), KvError> {
-        let Some(limit) = txn.quota else { return Ok(()) };
-        let writes: u64 = txn
-            .writes
-            .iter()
-            .filter_map(|(key, value)| {
-                value.as_ref().map(|v| stored_bytes(store.prefix.len() + nats_key(key).len(), v.len()))
-            })
-            .sum();
-        if writes == 0 {
-            return Ok(());
+    /// Plugin `ns`'s room.
+    fn room(&self, ns: &str) -> Arc<Room> {
+        let mut rooms = self.rooms.lock().expect("rooms poisoned");
+        match rooms.get(ns) {
+            Some(room) => room.clone(),
+            None => rooms.entry(ns.to_string()).or_default().clone(),
         }
-        let cached = self.sizes.lock().expect("sizes poisoned").get(ns).copied();
-        let holds = match cached {
-            Some((at, bytes)) if at.elapsed() < SIZE_FRESH => bytes,
-            _ => {
-                let mut stream = self.js.get_stream(&store.stream_name).await.map_err(|e| {
-                    KvError::Unavailable(format!("reading the size of the JetStream KV bucket of {ns:?}: {e}"))
-                })?;
-                let bytes = stream
-                    .info()
-                    .await
-                    .map_err(|e| {
-                        KvError::Unavailable(format!("reading the size of the JetStream KV bucket of {ns:?}: {e}"))
-                    })?
-                    .state
-                    .bytes;
-                self.sizes.lock().expect("sizes poisoned").insert(ns.to_string(), (Instant::now(), bytes));
-                bytes
-            }
+    }
+
+    /// The bytes and entries `store`'s bucket holds, as the server counts them.
+    async fn size(&self, ns: &str, store: &kv::Store) -> Result<(u64, u64), KvError> {
+        let unavailable = |e: &dyn std::fmt::Display| {
+            KvError::Unavailable(format!("reading the size of plugin {ns:?}'s kv bucket: {e}"))
         };
-        let bound = bucket_bound(limit);
-        if holds.saturating_add(writes) > bound {
-            return Err(KvError::BucketFull { ns: ns.to_string(), holds, bound, limit });
-        }
-        if let Some((_, bytes)) = self.sizes.lock().expect("sizes poisoned").get_mut(ns) {
-            *bytes = bytes.saturating_add(writes);
-        }
-        Ok(())
+        let mut stream = self.js.get_stream(&store.stream_name).await.map_err(|e| unavailable(&e))?;
+        let state = stream.info().await.map_err(|e| unavailable(&e))?.state.clone();
+        Ok((state.bytes, state.messages))
     }
 
     /// Deletes `key` (under `subject`) with a marker that expires, checked against revision
@@ -199,21 +158,21 @@ impl JetStreamKv {
         Ok(store)
     }
 
-    /// Writes every key of `txn` in one atomic batch, each checked against the revision read.
-    async fn commit_batch(&self, store: &kv::Store, txn: &Txn) -> Result<(), KvError> {
+    /// Writes every op in one atomic batch, each checked against the revision it expects.
+    async fn commit_batch(&self, ops: &[Write<'_>]) -> Result<(), KvError> {
         let client = self.js.client();
         let batch = crate::event::new_id();
-        let count = txn.writes.len();
-        for (i, (key, value)) in txn.writes.iter().enumerate() {
-            let subject = format!("{}{}", store.prefix, nats_key(key));
+        let count = ops.len();
+        for (i, op) in ops.iter().enumerate() {
+            let (key, subject) = (op.key, op.subject.clone());
             let mut h = async_nats::HeaderMap::new();
             h.insert("Nats-Batch-Id", batch.as_str());
             h.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
-            if let Some(seen) = txn.reads.get(key) {
+            if let Some(seen) = op.expect {
                 h.insert("Nats-Expected-Last-Subject-Sequence", seen.to_string().as_str());
             }
-            let payload = match value {
-                Some(v) => bytes::Bytes::from(v.clone()),
+            let payload = match op.value {
+                Some(v) => bytes::Bytes::from(v.to_vec()),
                 None => {
                     h.insert("KV-Operation", "DEL");
                     h.insert("Nats-TTL", self.marker_ttl_header().as_str());
@@ -236,13 +195,42 @@ impl JetStreamKv {
             if let Some(err) = answer.get("error") {
                 let description = err["description"].as_str().unwrap_or_default();
                 if description.contains("wrong last sequence") || err["err_code"] == 10071 {
-                    return Err(KvError::Conflict(key.clone()));
+                    return Err(KvError::Conflict(key.to_string()));
                 }
                 return Err(unavailable("committing the batch with", key, description));
             }
         }
         Ok(())
     }
+
+    /// Writes the one op of a commit with compare-and-set where it expects a revision.
+    async fn write_one(&self, store: &kv::Store, op: &Write<'_>) -> Result<(), KvError> {
+        let (key, k) = (op.key, nats_key(op.key));
+        let failed = |e: &dyn std::fmt::Display| unavailable("writing", key, e);
+        match (op.value, op.expect) {
+            (Some(v), Some(0)) => match store.create(&k, v.to_vec().into()).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Err(KvError::Conflict(key.to_string())),
+                Err(e) => Err(failed(&e)),
+            },
+            (Some(v), Some(seen)) => match store.update(&k, v.to_vec().into(), seen).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Err(KvError::Conflict(key.to_string())),
+                Err(e) => Err(failed(&e)),
+            },
+            (Some(v), None) => store.put(&k, v.to_vec().into()).await.map(|_| ()).map_err(|e| failed(&e)),
+            (None, seen) => self.delete(op.subject.clone(), key, seen).await,
+        }
+    }
+}
+
+/// One write of a commit: `value` under `key` (`None`: a delete), expecting the key's last
+/// revision to be `expect` (`None`: whatever it is).
+struct Write<'a> {
+    key: &'a str,
+    subject: String,
+    value: Option<&'a [u8]>,
+    expect: Option<u64>,
 }
 
 /// A NATS KV key for any plugin key: characters outside `[A-Za-z0-9-/_.]` (and `=`) become
@@ -292,46 +280,53 @@ impl KvStore for JetStreamKv {
     async fn commit(&self, ns: &str, txn: &Txn) -> Result<(), KvError> {
         let store = self.bucket(ns).await?;
         // Check every read first (a stale attempt fails before it writes anything), then write
-        // each key with compare-and-set (which catches a change since the check).
+        // each key with compare-and-set (which catches a change since the check). What a key
+        // read holds is known: a write there is counted net of it.
+        let mut held: HashMap<&str, Option<usize>> = HashMap::new();
         for (key, seen) in &txn.reads {
-            if read_entry(&store, key).await?.1 != *seen {
+            let (value, revision) = read_entry(&store, key).await?;
+            if revision != *seen {
                 return Err(KvError::Conflict(key.clone()));
             }
+            held.insert(key, value.map(|v| v.len()));
         }
-        self.room_for(ns, &store, txn).await?;
-        if txn.writes.len() > 1 {
-            return self.commit_batch(&store, txn).await;
-        }
+        let mut ops = Vec::with_capacity(txn.writes.len());
         for (key, value) in &txn.writes {
-            let k = nats_key(key);
-            let failed = |e: &dyn std::fmt::Display| unavailable("writing", key, e);
-            match (value, txn.reads.get(key)) {
-                (Some(v), Some(0)) => match store.create(&k, v.clone().into()).await {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                        return Err(KvError::Conflict(key.clone()));
-                    }
-                    Err(e) => return Err(failed(&e)),
-                },
-                (Some(v), Some(seen)) => match store.update(&k, v.clone().into(), *seen).await {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                        return Err(KvError::Conflict(key.clone()));
-                    }
-                    Err(e) => return Err(failed(&e)),
-                },
-                (Some(v), None) => {
-                    store.put(&k, v.clone().into()).await.map_err(|e| failed(&e))?;
-                }
-                (None, Some(seen)) if *seen > 0 => {
-                    self.delete(format!("{}{k}", store.prefix), key, Some(*seen)).await?
-                }
+            let subject = format!("{}{}", store.prefix, nats_key(key));
+            let expect = match (value, txn.reads.get(key)) {
                 // Read as absent (just checked above): nothing to delete. Deleting anyway would
-                // erase a key another host created since the check; left alone, this
-                // transaction comes before that creation.
-                (None, Some(_)) => {}
-                (None, None) => self.delete(format!("{}{k}", store.prefix), key, None).await?,
-            }
+                // erase a key another host created since the check, and its marker would only
+                // cost bytes; left alone, this transaction comes before that creation.
+                (None, Some(0)) => continue,
+                (None, None) => {
+                    // Not read: deleted only if it is there (its marker costs bytes), as read now.
+                    let (value, revision) = read_entry(&store, key).await?;
+                    let Some(value) = value else { continue };
+                    held.insert(key, Some(value.len()));
+                    Some(revision)
+                }
+                (_, seen) => seen.copied(),
+            };
+            ops.push(Write { key, subject, value: value.as_deref(), expect });
+        }
+        let change = ops.iter().fold(Change::default(), |change, op| {
+            let replaced = held.get(op.key).copied().flatten();
+            let was = replaced.map_or(0, |len| stored_bytes(op.subject.len(), len) as i64);
+            let now = stored_bytes(op.subject.len(), op.value.map_or(0, <[u8]>::len)) as i64;
+            let new_entry = op.value.is_some() && replaced.is_none();
+            Change { grows: change.grows + now - was, entries: change.entries + u64::from(new_entry) }
+        });
+        let taken = match txn.quota {
+            Some(limit) => self.room(ns).take(ns, limit, change, || self.size(ns, &store)).await?,
+            None => None,
+        };
+        match ops.as_slice() {
+            [] => {}
+            [one] => self.write_one(&store, one).await?,
+            many => self.commit_batch(many).await?,
+        }
+        if let Some(taken) = taken {
+            taken.landed();
         }
         Ok(())
     }

@@ -16,6 +16,7 @@ mod consumer;
 pub mod dead_letters;
 mod filter;
 pub mod kv;
+mod kv_room;
 mod narrowing;
 mod pull;
 mod queue_group;
