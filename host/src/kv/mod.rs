@@ -44,7 +44,7 @@ pub enum KvError {
     #[error(
         "the JetStream KV bucket of plugin {ns:?} holds {holds} bytes in {entries} entries, and the attempt's writes \
          would take it past its bound of {bound} bytes or {entry_bound} entries (from its max_kv_bytes of {limit}, as \
-         the server counts entries; a deleted key's marker stays 15 minutes): nothing of the attempt was written; \
+         the server counts entries; a deleted key's marker stays a minute): nothing of the attempt was written; \
          events that delete keys free room, or limits.max_kv_bytes can be raised and the dead letter replayed"
     )]
     BucketFull {

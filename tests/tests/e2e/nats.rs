@@ -2001,7 +2001,8 @@ async fn jetstream_kv_a_plugins_bucket_holds_at_most_its_bound() {
     kv.commit("quiet", &write(&["one"])).await.unwrap();
 }
 
-/// A deleted key's marker expires (`Nats-TTL`), on a single delete and in a batch: a bucket
+/// A deleted key's marker expires (`Nats-TTL`), on a single delete and in a batch (a key that is
+/// not there, or already deleted, gets none): a bucket
 /// keeping one revision per key kept every marker for good, so a plugin that creates and deletes
 /// a key per order filled its bucket with nothing. A transaction that read the key before its
 /// marker expired conflicts (its revision is gone), and a new one creates it again.
@@ -2034,6 +2035,14 @@ async fn jetstream_kv_a_deleted_keys_marker_expires() {
     two.delete("b");
     two.delete("c");
     kv.commit("p", &two).await.unwrap();
+    // A key read as deleted and deleted again writes no second marker.
+    let last = || async { js.get_stream("KV_plugbus_p").await.unwrap().cached_info().state.last_sequence };
+    let mut again = Txn::with_quota(1 << 20);
+    assert_eq!(again.get(&kv, "p", "a").await.unwrap(), None);
+    again.delete("a");
+    let before = last().await;
+    kv.commit("p", &again).await.unwrap();
+    assert_eq!(last().await, before, "a second marker for a key already deleted");
     let mut stale = Txn::with_quota(1 << 20);
     assert_eq!(stale.get(&kv, "p", "a").await.unwrap(), None);
     eventually_async(|| async { messages().await == 0 }).await;

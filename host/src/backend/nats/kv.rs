@@ -23,8 +23,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::OnceCell;
 
-/// How long a delete marker stays in a plugin's bucket (see the module's text).
-pub const MARKER_TTL: Duration = Duration::from_secs(15 * 60);
+/// How long a delete marker stays in a plugin's bucket (see the module's text): a minute, well
+/// past an attempt (whose read of a deleted key then conflicts as it should); markers count
+/// against the bucket's entries while they stay.
+pub const MARKER_TTL: Duration = Duration::from_secs(60);
 
 /// The KV bucket of plugin `ns`: `plugbus_<plugin>` for a lower-case name, an escaped form for
 /// any other (`Payments` → `plugbus--payments`), so no two plugins ever share a bucket.
@@ -294,10 +296,10 @@ impl KvStore for JetStreamKv {
         for (key, value) in &txn.writes {
             let subject = format!("{}{}", store.prefix, nats_key(key));
             let expect = match (value, txn.reads.get(key)) {
-                // Read as absent (just checked above): nothing to delete. Deleting anyway would
-                // erase a key another host created since the check, and its marker would only
-                // cost bytes; left alone, this transaction comes before that creation.
-                (None, Some(0)) => continue,
+                // Read as absent or deleted (just checked above): nothing to delete. Deleting
+                // anyway would erase a key another host created since the check, and its marker
+                // would only cost bytes; left alone, this transaction comes before that creation.
+                (None, Some(_)) if held.get(key.as_str()) == Some(&None) => continue,
                 (None, None) => {
                     // Not read: deleted only if it is there (its marker costs bytes), as read now.
                     let (value, revision) = read_entry(&store, key).await?;
