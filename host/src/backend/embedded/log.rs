@@ -1706,9 +1706,9 @@ impl Writer {
                 }
             }
         }
-        // The host is stopping: make everything on disk.
+        // The host is stopping: make everything on disk (what was deferred went in the commits
+        // before: the channel is read as closed only once none is left).
         // (A failed commit threw away what was kept in memory too.)
-        carried.extend(deferred);
         if let Err(lost) =
             self.commit(carried, true).map_err(|retry| in_memory.into_iter().chain(retry).collect::<Vec<_>>())
             && !lost.is_empty()

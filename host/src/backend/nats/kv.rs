@@ -64,15 +64,6 @@ impl JetStreamKv {
         format!("{}s", self.marker_ttl.as_secs())
     }
 
-    /// Plugin `ns`'s room.
-    fn room(&self, ns: &str) -> Arc<Room> {
-        let mut rooms = self.rooms.lock().expect("rooms poisoned");
-        match rooms.get(ns) {
-            Some(room) => room.clone(),
-            None => rooms.entry(ns.to_string()).or_default().clone(),
-        }
-    }
-
     /// The bytes and entries `store`'s bucket holds, as the server counts them.
     async fn size(&self, ns: &str, store: &kv::Store) -> Result<(u64, u64), KvError> {
         let unavailable = |e: &dyn std::fmt::Display| {
@@ -106,15 +97,8 @@ impl JetStreamKv {
     }
 
     async fn bucket(&self, ns: &str) -> Result<kv::Store, KvError> {
-        let cell = {
-            let mut buckets = self.buckets.lock().expect("buckets poisoned");
-            match buckets.get(ns) {
-                Some(cell) => cell.clone(),
-                None => buckets.entry(ns.to_string()).or_default().clone(),
-            }
-        };
         // A setup that failed leaves the cell empty: the next use tries again.
-        cell.get_or_try_init(|| self.open_bucket(ns)).await.cloned()
+        of_plugin(&self.buckets, ns).get_or_try_init(|| self.open_bucket(ns)).await.cloned()
     }
 
     /// Finds or makes plugin `ns`'s bucket, with atomic batches on.
@@ -226,6 +210,15 @@ impl JetStreamKv {
     }
 }
 
+/// Plugin `ns`'s entry of `map`, made on first use.
+fn of_plugin<T: Default>(map: &Mutex<HashMap<String, Arc<T>>>, ns: &str) -> Arc<T> {
+    let mut map = map.lock().expect("kv buckets poisoned");
+    match map.get(ns) {
+        Some(entry) => entry.clone(),
+        None => map.entry(ns.to_string()).or_default().clone(),
+    }
+}
+
 /// One write of a commit: `value` under `key` (`None`: a delete), expecting the key's last
 /// revision to be `expect` (`None`: whatever it is).
 struct Write<'a> {
@@ -319,7 +312,7 @@ impl KvStore for JetStreamKv {
             Change { grows: change.grows + now - was, entries: change.entries + u64::from(new_entry) }
         });
         let taken = match txn.quota {
-            Some(limit) => self.room(ns).take(ns, limit, change, || self.size(ns, &store)).await?,
+            Some(limit) => of_plugin(&self.rooms, ns).take(ns, limit, change, || self.size(ns, &store)).await?,
             None => None,
         };
         match ops.as_slice() {

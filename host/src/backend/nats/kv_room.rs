@@ -36,7 +36,7 @@ pub(super) fn stored_bytes(subject_len: usize, value_len: usize) -> u64 {
 }
 
 /// How long a bucket's size, as last read, stands in for it (with what the host wrote since).
-pub(super) const SIZE_FRESH: Duration = Duration::from_millis(250);
+const SIZE_FRESH: Duration = Duration::from_millis(250);
 
 /// What one commit changes in its bucket.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
