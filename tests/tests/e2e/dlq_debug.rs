@@ -413,5 +413,7 @@ async fn a_warm_instance_records_its_failed_attempt_too() {
     assert_eq!(record["stdout"].as_array().unwrap().len(), 1, "only this attempt's lines: {record}");
     assert_eq!(record["logs"][0], "WARN want 9, stock 6, limit 3");
     assert!(record["error"].as_str().unwrap_or("").contains("want 9, only 3 allowed"), "{entry}");
+    // A dead letter is kept (and listed) just before it is counted: the count is awaited.
+    t.wait_counter("picky", "dead_lettered", 2).await;
     assert_eq!(t.counter("picky", "dead_lettered"), 2, "the order and the echo of the first one");
 }
