@@ -2376,9 +2376,6 @@ impl Writer {
                     };
                     let _ = done.send(answer);
                 }
-                for done in syncs {
-                    let _ = done.send(sync_not_on_disk().map_or(Ok(()), Err));
-                }
                 for (done, new) in registered {
                     let _ = done.send(Ok(new));
                 }
@@ -2387,6 +2384,11 @@ impl Writer {
                 }
                 for (done, made) in backfilled {
                     let _ = done.send(Ok(made));
+                }
+                // Last: a `sync` answers for everything sent before it, so whoever waits on it
+                // finds those answered too (a commit of a kv write deferred with it included).
+                for done in syncs {
+                    let _ = done.send(sync_not_on_disk().map_or(Ok(()), Err));
                 }
                 Ok(kept_in_memory)
             }
@@ -2398,9 +2400,6 @@ impl Writer {
                 for (done, _) in answers {
                     let _ = done.send(Err(LogError::Io { path: self.path.clone(), why: why.clone() }));
                 }
-                for done in syncs {
-                    let _ = done.send(Err(LogError::Io { path: self.path.clone(), why: why.clone() }));
-                }
                 for (done, _) in registered {
                     let _ = done.send(Err(LogError::Io { path: self.path.clone(), why: why.clone() }));
                 }
@@ -2408,6 +2407,9 @@ impl Writer {
                     let _ = done.send(Err(crate::kv::KvError::Unavailable(why.clone())));
                 }
                 for (done, _) in backfilled {
+                    let _ = done.send(Err(LogError::Io { path: self.path.clone(), why: why.clone() }));
+                }
+                for done in syncs {
                     let _ = done.send(Err(LogError::Io { path: self.path.clone(), why: why.clone() }));
                 }
                 for op in ops {
