@@ -90,6 +90,9 @@ pub struct Counts {
     /// Replays of another plugin's dead letter, let go unrun (a replay runs only in the plugin
     /// that failed it; they are not counted in `received`).
     pub replays_let_go: AtomicU64,
+    /// Failed attempts the host failed, not the handler ([`DeliveryError::is_the_hosts`]):
+    /// also counted in `retried` or `dead_lettered`.
+    pub host_failures: AtomicU64,
 }
 
 /// Counters for one plugin (`/v1/plugins`, metrics).
@@ -536,6 +539,10 @@ async fn attempts(
             Err(failure) => {
                 span.record("outcome", if failure.is_retryable() { "failed" } else { "rejected" });
                 telemetry::fail(&span, &failure);
+                if failure.is_the_hosts() {
+                    rt.stats.add(|c| &c.host_failures, 1);
+                    rt.metrics.host_failures.inc();
+                }
                 drop(span);
                 let circuit = fate::Circuit { open: circuit_open, waited: circuit_waited };
                 let fate = fate::decide_after(&failure, attempt, circuit, &rt.retry, by_transport);
@@ -634,7 +641,7 @@ async fn run_attempt(
         if let Err(failure) = run.result {
             *seen = run.seen;
             *circuit_open = run.circuit_open;
-            return Err(DeliveryError::Handler(failure));
+            return Err(DeliveryError::of_attempt(failure));
         }
         // Every output carries the host's trace context (the attempt's span, or the input's
         // context passed on when tracing is off), never one the plugin set.

@@ -13,6 +13,9 @@ use std::time::Duration;
 pub enum DeliveryError {
     /// The handler failed: asked to retry, rejected the event, or trapped.
     Handler(Failure),
+    /// The host failed the attempt while running the handler ([`Failure::Host`]: a host
+    /// function panicked, the shared instance pool stayed full, a host call did not answer).
+    Host(String),
     /// The kv store could not commit the attempt's writes (not the handler's doing).
     Kv(String),
     /// Another event changed a key the attempt read before its writes committed, and the
@@ -44,7 +47,8 @@ impl DeliveryError {
     pub fn is_retryable(&self) -> bool {
         match self {
             DeliveryError::Handler(f) => f.is_retryable(),
-            DeliveryError::Kv(_)
+            DeliveryError::Host(_)
+            | DeliveryError::Kv(_)
             | DeliveryError::KvConflict(_)
             | DeliveryError::KvQuota(_)
             | DeliveryError::Publish(_) => true,
@@ -53,10 +57,28 @@ impl DeliveryError {
     }
 }
 
+impl DeliveryError {
+    /// The error of an attempt that failed with `failure`: the handler's, or the host's when
+    /// the host failed it ([`Failure::Host`]).
+    pub fn of_attempt(failure: Failure) -> Self {
+        match failure {
+            Failure::Host(why) => DeliveryError::Host(why),
+            failure => DeliveryError::Handler(failure),
+        }
+    }
+
+    /// Whether the host (its kv store, its bus, its instance pool, a host function) failed the
+    /// attempt, not the handler nor the event (`plugbus_host_failures_total`).
+    pub fn is_the_hosts(&self) -> bool {
+        matches!(self, DeliveryError::Host(_) | DeliveryError::Kv(_) | DeliveryError::Publish(_))
+    }
+}
+
 impl std::fmt::Display for DeliveryError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DeliveryError::Handler(failure) => write!(f, "{failure}"),
+            DeliveryError::Host(why) => write!(f, "host error: {why}"),
             DeliveryError::Kv(why) => write!(f, "host error: the kv store did not commit the attempt: {why}"),
             DeliveryError::KvConflict(why) => write!(f, "kv conflict: the attempt's writes were not committed: {why}"),
             DeliveryError::KvQuota(why) => write!(f, "the attempt's kv writes were refused: {why}"),

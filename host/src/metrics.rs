@@ -107,6 +107,8 @@ pub struct Metrics {
     pub outputs_dead_lettered: Family<PluginLabels, Counter>,
     /// Replays of another plugin's dead letter a plugin let go unrun.
     pub replays_let_go: Family<PluginLabels, Counter>,
+    /// Failed attempts of a plugin that the host failed, not the handler.
+    pub host_failures: Family<PluginLabels, Counter>,
     /// `POST /v1/request/{subject}` answered `504`: no reply within its timeout.
     pub api_request_timeouts: Counter,
 }
@@ -140,6 +142,7 @@ impl Default for Metrics {
             replies_dropped: Family::default(),
             requests_expired: Family::default(),
             outputs_dead_lettered: Family::default(),
+            host_failures: Family::default(),
             replays_let_go: Family::default(),
             api_request_timeouts: Counter::default(),
         };
@@ -209,6 +212,13 @@ impl Default for Metrics {
             m.replays_let_go.clone(),
         );
         r.register(
+            "host_failures",
+            "Attempts of a plugin that failed because of the host, not the handler: the kv store or the bus did not \
+             take the attempt's writes, the instance pool plugins share stayed full, a host call did not answer within \
+             the deadline, or a host function panicked (also counted as retried or dead-lettered)",
+            m.host_failures.clone(),
+        );
+        r.register(
             "api_request_timeouts",
             "POST /v1/request answered 504: no reply within the timeout",
             m.api_request_timeouts.clone(),
@@ -252,6 +262,8 @@ pub struct PluginMetrics {
     pub outputs_dead_lettered: Counter,
     /// `plugbus_replays_let_go_total{plugin}`.
     pub replays_let_go: Counter,
+    /// `plugbus_host_failures_total{plugin}`.
+    pub host_failures: Counter,
     /// The patterns in manifest order with their counters. Behind an `Arc`: one reference count
     /// per event instead of one per counter (each a cache line the two cores pass back and forth).
     by_subscription: RwLock<Subscriptions>,
@@ -268,6 +280,7 @@ impl PluginMetrics {
         let requests_expired = metrics.requests_expired.get_or_create(&labels).clone();
         let outputs_dead_lettered = metrics.outputs_dead_lettered.get_or_create(&labels).clone();
         let replays_let_go = metrics.replays_let_go.get_or_create(&labels).clone();
+        let host_failures = metrics.host_failures.get_or_create(&labels).clone();
         let this = Self {
             plugin: plugin.into(),
             family: metrics,
@@ -276,6 +289,7 @@ impl PluginMetrics {
             requests_expired,
             outputs_dead_lettered,
             replays_let_go,
+            host_failures,
             by_subscription: RwLock::new(Arc::from(Vec::new())),
             unsubscribed,
         };

@@ -187,6 +187,11 @@ impl Router {
         Self { transport, metrics, dead_letters, entries: Mutex::new(BTreeMap::new()) }
     }
 
+    /// The metrics its plugins count in (what `/metrics` serves).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// Updates the gauges read at scrape time.
     pub fn refresh_gauges(&self) {
         let entries = self.entries.lock().expect("router poisoned");
@@ -344,6 +349,7 @@ impl Router {
                         ("outputs", s.total(|c| &c.outputs)),
                         ("outputs_dead_lettered", s.total(|c| &c.outputs_dead_lettered)),
                         ("replays_let_go", s.total(|c| &c.replays_let_go)),
+                        ("host_failures", s.total(|c| &c.host_failures)),
                     ]),
                 }
             })

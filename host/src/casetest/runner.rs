@@ -127,7 +127,7 @@ impl Runner {
     pub async fn run(&self, case: &Case) -> Outcome {
         let name = self.plugin.name().to_string();
         if let Err(e) = self.kv.reset(&name, &case.kv).await {
-            return failed(Failure::Trap(format!("host error: the case's kv could not be set: {e}")), case, Vec::new());
+            return failed(Failure::Host(format!("the case's kv could not be set: {e}")), case, Vec::new());
         }
         let stubs = HttpStubs::new(case.http.clone());
         let world = FixedWorld { http: Some(stubs.clone()), ..FixedWorld::of(&case.event) };

@@ -40,13 +40,17 @@ pub enum Failure {
     Reject(String),
     /// The instance trapped, panicked, ran out of time or memory: retried like `Retry`.
     Trap(String),
+    /// The host failed the attempt, not the handler: a host function panicked, every slot of
+    /// the instance pool plugins share stayed taken, or a host call the handler waited in did
+    /// not answer within its deadline. Retried like `Trap`; its message reads `host error: …`.
+    Host(String),
 }
 
 impl Failure {
     /// The message for logs and dead letters.
     pub fn message(&self) -> &str {
         match self {
-            Failure::Retry(m) | Failure::Reject(m) | Failure::Trap(m) => m,
+            Failure::Retry(m) | Failure::Reject(m) | Failure::Trap(m) | Failure::Host(m) => m,
         }
     }
 
@@ -62,6 +66,7 @@ impl std::fmt::Display for Failure {
             Failure::Retry(m) => write!(f, "handler asked to retry: {m}"),
             Failure::Reject(m) => write!(f, "handler rejected the event: {m}"),
             Failure::Trap(m) => write!(f, "{m}"),
+            Failure::Host(m) => write!(f, "host error: {m}"),
         }
     }
 }
@@ -289,7 +294,7 @@ impl Plugin {
                 tracing::error!(plugin = %self.ctx.name, event_id = %event.id, subject = %event.subject, attempt,
                     "a host function panicked during the attempt; it fails as a trap would (not the handler's fault): {what}");
                 Attempt {
-                    result: Err(Failure::Trap(format!("host error: a host function panicked: {what}"))),
+                    result: Err(Failure::Host(format!("a host function panicked: {what}"))),
                     outputs: Vec::new(),
                     txn: Txn::default(),
                     elapsed: started.elapsed(),
@@ -328,8 +333,7 @@ impl Plugin {
                     drop(store);
                     if !wait.again(&self.pool, || self.pool.count_wait(&self.ctx.name)).await {
                         let e = e.context(format!(
-                            "host error: every instance slot of the pool plugins share (sandbox.max_instances) stayed \
-                             taken for {}",
+                            "every instance slot of the pool plugins share (sandbox.max_instances) stayed taken for {}",
                             humantime::format_duration(bound)
                         ));
                         return (Store::new(&self.engine, state()), Err(e));
@@ -397,7 +401,7 @@ impl Plugin {
                 match instantiated {
                     Ok(instance) => Warm { store, instance, uses: 0 },
                     Err(e) => {
-                        let failure = Failure::Trap(describe_trap(&e, store.data(), None));
+                        let failure = failure_of(&e, store.data(), None);
                         self.forward_stdio(store.data_mut());
                         return Attempt {
                             result: Err(failure),
@@ -460,7 +464,7 @@ impl Plugin {
             // The handler's own words, cut to a few KiB: they go to logs and dead letters.
             Ok(Err(wit::HandlerError::Retry(m))) => Err(Failure::Retry(cut(&one_line(&m)).into_owned())),
             Ok(Err(wit::HandlerError::Reject(m))) => Err(Failure::Reject(cut(&one_line(&m)).into_owned())),
-            Err(e) => Err(Failure::Trap(describe_trap(&e, state, overflow))),
+            Err(e) => Err(failure_of(&e, state, overflow)),
         }
     }
 
@@ -529,16 +533,25 @@ fn header_refs(event: &Event) -> Vec<(&str, &str)> {
     event.extensions.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
-/// Names the cause of a failed call in the words a user would search for.
-/// `overflow`: the guest's own stack, when the trap is it overflowing.
+/// Whose failure a failed instantiation or call is, and its cause in the words a user would
+/// search for. `overflow`: the guest's own stack, when the trap is it overflowing.
+fn failure_of(err: &wasmtime::Error, state: &HostState, overflow: Option<GuestStack>) -> Failure {
+    // Dropped at the deadline while the host kept it waiting: the host's failure.
+    if let (true, Some(why)) = (state.deadline_hit, &state.waiting_on_host) {
+        let deadline = humantime::format_duration(state.plugin.limits.deadline);
+        return Failure::Host(cut(&format!("{why} within the attempt's deadline of {deadline}")).into_owned());
+    }
+    // Other plugins held every slot of the shared pool past the wait (see `instantiate`).
+    if err.is::<wasmtime::PoolConcurrencyLimitError>() {
+        return Failure::Host(cut_to(&error_text(err), MAX_FAILURE_BYTES).into_owned());
+    }
+    Failure::Trap(describe_trap(err, state, overflow))
+}
+
+/// Names the cause of a trap in the words a user would search for.
 fn describe_trap(err: &wasmtime::Error, state: &HostState, overflow: Option<GuestStack>) -> String {
     let limits = &state.plugin.limits;
     if state.deadline_hit {
-        // Dropped at the deadline while the host kept it waiting: the host's failure.
-        if let Some(why) = &state.waiting_on_host {
-            let deadline = humantime::format_duration(limits.deadline);
-            return cut(&format!("host error: {why} within the attempt's deadline of {deadline}")).into_owned();
-        }
         return format!("deadline of {} exceeded", humantime::format_duration(limits.deadline));
     }
     if state.limiter.breached {

@@ -292,6 +292,34 @@ async fn a_plugin_holding_every_slot_of_the_shared_pool_delays_other_plugins_nev
     }
 }
 
+/// A pool that stays full past the wait (30 s) fails the waiting attempt as the host's: its
+/// dead letter says `host error: every instance slot …`, and it is counted in
+/// `host_failures` (`plugbus_host_failures_total`), not as a trap of the handler's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_that_never_gets_a_slot_of_the_shared_pool_fails_as_the_hosts() {
+    let t = TestHost::start_with(&["faulty", "dice"], |c| {
+        c.sandbox.max_instances = 1;
+        let faulty = c.plugins.entry("faulty".into()).or_default();
+        faulty.limits.insert("deadline".into(), "45s".into());
+        faulty.retry.insert("max_attempts".into(), 1.into());
+        c.plugins.entry("dice".into()).or_default().retry.insert("max_attempts".into(), 1.into());
+    })
+    .await;
+    t.publish("faulty.sleep", "").await;
+    t.wait_counter("faulty", "in_flight", 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    t.publish("dice.roll", "").await;
+    t.wait_counter("dice", "dead_lettered", 1).await;
+    let dead = t.host.dead_letters().list(Some("dice"));
+    let error = dead[0].event.header(headers::ERROR).unwrap();
+    assert!(error.starts_with("host error: every instance slot of the pool plugins share"), "{error}");
+    assert_eq!(t.counter("dice", "host_failures"), 1, "the full pool is the host's failure");
+    let text = metrics_text(&t.url()).await;
+    let counted = sample(&text, "plugbus_host_failures_total{plugin=\"dice\"}");
+    assert_eq!(counted, Some(1.0), "{text}");
+    assert_eq!(t.counter("faulty", "host_failures"), 0, "faulty's own attempt is not the host's failure");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_warm_instances_give_their_slots_to_other_plugins_when_the_pool_is_full() {
     // Four instance slots for all plugins. `faulty` (`instance = "reuse"`) runs four events at
@@ -511,10 +539,11 @@ async fn a_panicking_host_function_fails_the_attempt_like_a_trap_and_the_plugin_
         for _ in 0..3 {
             let run = plugin.handle(&Event::new("hostile.kvreads", "1"), 1).await;
             match &run.result {
-                Err(Failure::Trap(m)) => {
+                Err(f @ Failure::Host(_)) => {
+                    let m = f.to_string();
                     assert!(m.starts_with("host error: a host function panicked: kv store exploded"), "{mode:?}: {m}")
                 }
-                other => panic!("{mode:?}: expected a trap-like failure, got {other:?}"),
+                other => panic!("{mode:?}: expected the host's failure, got {other:?}"),
             }
             assert!(run.outputs.is_empty() && run.txn.is_empty());
             let ok = plugin.handle(&Event::new("hostile.ok", ""), 1).await;
@@ -536,9 +565,10 @@ async fn a_kv_store_that_does_not_answer_fails_the_attempt_as_the_hosts_not_the_
             let started = Instant::now();
             let run = plugin.handle(&Event::new("hostile.kvreads", "1"), 1).await;
             match &run.result {
-                Err(Failure::Trap(m)) => assert!(
-                    m.starts_with("host error: the kv store did not answer a read of key") && m.contains("deadline"),
-                    "{mode:?}: {m}"
+                Err(f @ Failure::Host(m)) => assert!(
+                    f.to_string().starts_with("host error: the kv store did not answer a read of key")
+                        && m.contains("deadline"),
+                    "{mode:?}: {f}"
                 ),
                 other => panic!("{mode:?}: expected the host's failure, got {other:?}"),
             }

@@ -203,4 +203,8 @@ async fn a_kv_store_failure_is_the_hosts_not_the_handlers() {
     assert!(error.starts_with("host error: the kv store did not commit"), "{error}");
     assert!(error.contains("injected") && !error.contains("handler asked"), "{error}");
     assert_eq!(counter(host, "retried"), 2, "retried like any transient failure");
+    // Counted as the host's, for every attempt (two retried, the third dead-lettered).
+    assert_eq!(counter(host, "host_failures"), 3, "each attempt the store failed is the host's");
+    let metrics = host.router().metrics().encode();
+    assert!(metrics.contains("plugbus_host_failures_total{plugin=\"inventory\"} 3"), "{metrics}");
 }
