@@ -229,21 +229,10 @@ pub async fn plugins_dir_of(client: &reqwest::Client, url: &str) -> anyhow::Resu
 /// the file made new (`O_EXCL`): whatever someone who can write the folder put at a name is
 /// never written through (a symlink to another file) nor opened (a FIFO).
 fn write_beside(plugins: &Path, file: &str, bytes: &[u8], target: &Path) -> anyhow::Result<()> {
-    use std::io::Write;
     remove_leftovers(plugins, file);
-    let temp = plugins.join(format!(".{file}.{:016x}.plugbus-dev", fastrand::u64(..)));
-    let written = (|| {
-        let mut out = std::fs::OpenOptions::new().write(true).create_new(true).open(&temp)?;
-        out.write_all(bytes)?;
-        out.sync_all()
-    })()
-    .with_context(|| format!("writing {}", temp.display()));
-    let renamed = written
-        .and_then(|()| std::fs::rename(&temp, target).with_context(|| format!("renaming into {}", target.display())));
-    if renamed.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    renamed
+    let temp = crate::replace_file::temp_beside(target, "plugbus-dev");
+    crate::replace_file::replace_with(&temp, target, bytes)
+        .with_context(|| format!("writing {} through {}", target.display(), temp.display()))
 }
 
 /// Removes what an earlier write of `file` left beside it (`plugbus dev` killed between the write

@@ -6,7 +6,7 @@
 use crate::config::Config;
 use crate::kv::MemoryKv;
 use crate::manifest::Manifest;
-use crate::sandbox::{Limits, LoadError, PluginSettings, Sandbox, allowed_import};
+use crate::sandbox::{Limits, LoadError, PluginSettings, Sandbox, allowed_import, shown_name};
 use serde::Serialize;
 use std::path::Path;
 use std::sync::Arc;
@@ -97,9 +97,11 @@ pub async fn inspect(sandbox: &Sandbox, file: &str, bytes: &[u8], config: &Confi
         }
     };
     let ty = component.component_type();
-    report.imports = ty.imports(sandbox.engine()).map(|(n, _)| n.to_string()).collect();
-    report.exports = ty.exports(sandbox.engine()).map(|(n, _)| n.to_string()).collect();
-    let forbidden: Vec<String> = report.imports.iter().filter(|n| !allowed_import(n)).cloned().collect();
+    let forbidden: Vec<String> =
+        ty.imports(sandbox.engine()).map(|(n, _)| n.to_string()).filter(|n| !allowed_import(n)).collect();
+    // Each name on one line and cut: a hostile file's names are as long and as many as it likes.
+    report.imports = ty.imports(sandbox.engine()).map(|(n, _)| shown_name(n)).collect();
+    report.exports = ty.exports(sandbox.engine()).map(|(n, _)| shown_name(n)).collect();
     if !forbidden.is_empty() {
         report.problems.push(LoadError::ForbiddenImports(forbidden).to_string());
         return report;
@@ -152,7 +154,11 @@ fn file_name(file: &str) -> String {
 
 impl std::fmt::Display for Inspection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "{} ({} bytes, sha256 {})", self.file, self.size, &self.hash[..16])?;
+        match self.hash.get(..16) {
+            Some(hash) => writeln!(f, "{} ({} bytes, sha256 {hash})", self.file, self.size)?,
+            // A file the loader would not read (a FIFO, a device, over the size bound).
+            None => writeln!(f, "{} (not read)", self.file)?,
+        }
         match (&self.identity, &self.manifest) {
             (Some(id), Some(m)) if *id == m.name => writeln!(f, "plugin     {id} {}", m.version)?,
             (Some(id), Some(m)) => writeln!(f, "plugin     {id} {} (its manifest says {:?})", m.version, m.name)?,
@@ -234,5 +240,17 @@ impl std::fmt::Display for Inspection {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_the_loader_would_not_read_is_shown_with_its_reason() {
+        let text = unreadable("plugins/fifo.wasm", "a FIFO, not a regular file: not read").to_string();
+        assert!(text.starts_with("plugins/fifo.wasm (not read)"), "{text}");
+        assert!(text.contains("a FIFO, not a regular file"), "{text}");
     }
 }

@@ -28,6 +28,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod redb_handle;
 pub mod reload;
+pub mod replace_file;
 pub mod retry;
 pub mod router;
 pub mod rpc;

@@ -30,8 +30,38 @@ use std::sync::Arc;
 pub struct Rejected {
     /// The file.
     pub path: PathBuf,
-    /// Why.
+    /// Why: on one line, at most [`REASON_BYTES`] ([`Rejected::new`]).
     pub reason: String,
+}
+
+/// The most of a refusal's reason kept, logged and served (`/v1/plugins`, `/v1/stats`): the
+/// file can make its own reason as long as it likes (a name it declares, an import it makes).
+pub const REASON_BYTES: usize = 16 << 10;
+
+impl Rejected {
+    /// `path` refused for `reason`, kept on one line (a line break in it would start a log line
+    /// of its own, one that can pose as the host's) and cut at [`REASON_BYTES`].
+    pub fn new(path: PathBuf, reason: &str) -> Self {
+        let reason = crate::event::one_line(&crate::event::cut_to(reason, REASON_BYTES)).into_owned();
+        Self { path, reason: crate::event::cut_to(&reason, REASON_BYTES).into_owned() }
+    }
+
+    /// Logs the refusal: `plugin` is the plugin its file serves, whose previous version keeps
+    /// serving.
+    pub fn log(&self, plugin: Option<&str>) {
+        let (file, reason) = (shown(&self.path), &self.reason);
+        match plugin {
+            Some(name) => tracing::error!(file = %file, plugin = %name,
+                "reload rejected, the previous version keeps serving: {reason}"),
+            None => tracing::error!(file = %file, "plugin not loaded: {reason}"),
+        }
+    }
+}
+
+/// A plugins-folder path as logs show it: on one line (a file's name can hold a line break and
+/// an escape, and would forge a log line of the host's, or drive the reader's terminal).
+pub fn shown(path: &Path) -> String {
+    crate::event::one_line(&path.to_string_lossy()).into_owned()
 }
 
 /// Why a file in the plugins folder is not loaded.
@@ -194,7 +224,7 @@ pub async fn load_file_as(
     // Said only of a component that loads: a file that is not one gets one error, not two lines.
     if undeclared {
         tracing::warn!(
-            file = %path.display(),
+            file = %shown(path),
             plugin = %identity,
             "the component declares no plugbus contract version (built with an older plugbus-sdk, or without it): \
              loading it anyway; rebuild it to have its contract checked"
@@ -310,17 +340,19 @@ pub async fn load_dir_reporting(
                 // Cannot happen (a name is one file), kept as a guard.
                 if let Some(first) = by_name.get(plugin.name()) {
                     let reason = format!("is plugin {:?}, already loaded from {}", plugin.name(), first.display());
-                    tracing::error!(file = %path.display(), "plugin not loaded: {reason}");
-                    rejected.push(Rejected { path, reason });
+                    let refused = Rejected::new(path, &reason);
+                    refused.log(None);
+                    rejected.push(refused);
                     continue;
                 }
-                tracing::info!(file = %path.display(), plugin = plugin.name(), version = %plugin.manifest().version, hash = &plugin.hash()[..12], "plugin loaded");
+                tracing::info!(file = %shown(&path), plugin = plugin.name(), version = %plugin.manifest().version, hash = &plugin.hash()[..12], "plugin loaded");
                 by_name.insert(plugin.name().to_string(), path.clone());
                 loaded.push((path, plugin));
             }
             Err(e) => {
-                tracing::error!(file = %path.display(), "plugin not loaded: {e}");
-                rejected.push(Rejected { path, reason: e.to_string() });
+                let refused = Rejected::new(path, &e.to_string());
+                refused.log(None);
+                rejected.push(refused);
             }
         }
     }
@@ -331,6 +363,25 @@ pub async fn load_dir_reporting(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_and_a_file_name_are_kept_on_one_line_and_bounded() {
+        // A reason the file made: 600 imports of 99,000-byte names, one forging a log line.
+        let forged = "a:b/c\n2026-12-05T05:00:00Z  INFO plugbus::loader: plugin loaded plugin=payments\x1b]0;x\x07";
+        let reason = format!("imports outside the plugbus contract: {forged}, {}", "n".repeat(59 << 20));
+        let refused = Rejected::new(PathBuf::from("plugins/x.wasm"), &reason);
+        assert!(refused.reason.len() <= REASON_BYTES + 64, "{} bytes kept", refused.reason.len());
+        assert!(!refused.reason.contains(['\n', '\x1b', '\x07']), "{}", &refused.reason[..200]);
+        assert!(
+            refused.reason.contains("\\n2026-12-05") && refused.reason.contains("[cut at"),
+            "{}",
+            &refused.reason[..200]
+        );
+        let name =
+            PathBuf::from("plugins/x\n2026-12-05T05:00:00Z ERROR plugbus: plugin payments panicked\x1b[31m.wasm");
+        assert!(!shown(&name).contains(['\n', '\x1b']), "{}", shown(&name));
+        assert_eq!(shown(Path::new("plugins/audit.wasm")), "plugins/audit.wasm");
+    }
 
     #[test]
     fn files_load_side_by_side_only_as_far_as_cores_and_memory_go() {

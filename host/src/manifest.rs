@@ -5,6 +5,7 @@
 //! a `[plugins.NAME] file = ...` entry), and [`Manifest::bind`] checks the manifest against that
 //! identity: a `name` that disagrees is refused, a queue group is only ever the plugin's own.
 
+use crate::event::quoted;
 use crate::sandbox::bindings::types as wit;
 use crate::subject::Pattern;
 use serde::Serialize;
@@ -91,7 +92,7 @@ fn check_label(label: &str) -> Result<(), String> {
         return Err(format!("is {} bytes, over {MAX_LABEL_LEN}", label.len()));
     }
     if label.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("{label:?} has spaces or control characters"));
+        return Err(format!("{} has spaces or control characters", quoted(label)));
     }
     Ok(())
 }
@@ -154,8 +155,8 @@ impl Manifest {
     pub fn validate(&self) -> Result<(), String> {
         if !valid_plugin_name(&self.name) {
             return Err(format!(
-                "manifest field `name` {:?} must be 1-64 characters of a-z, A-Z, 0-9, '-' or '_'",
-                self.name
+                "manifest field `name` {} must be 1-64 characters of a-z, A-Z, 0-9, '-' or '_'",
+                quoted(&self.name)
             ));
         }
         if let Err(why) = check_label(&self.version) {
@@ -175,15 +176,15 @@ impl Manifest {
                 Pattern::parse(&s.pattern).map_err(|e| format!("manifest field `subscriptions[{i}].pattern`: {e}"))?;
             if pattern.reaches_system() {
                 return Err(format!(
-                    "manifest field `subscriptions[{i}].pattern` {:?} names a system subject \
+                    "manifest field `subscriptions[{i}].pattern` {} names a system subject \
                      (one starting with `$` or `_INBOX` is the broker's, never a plugin's)",
-                    s.pattern
+                    quoted(&s.pattern)
                 ));
             }
             if let Some(q) = &s.queue_group
                 && let Err(why) = check_queue_group(q)
             {
-                return Err(format!("manifest field `subscriptions[{i}].queue-group` {q:?} {why}"));
+                return Err(format!("manifest field `subscriptions[{i}].queue-group` {} {why}", quoted(q)));
             }
             if let Some(OrderKey::Header(h)) = &s.order_by {
                 if h.is_empty() {
@@ -198,8 +199,9 @@ impl Manifest {
             let pattern = Pattern::parse(p).map_err(|e| format!("manifest field `publishes[{i}]`: {e}"))?;
             if pattern.reaches_system() {
                 return Err(format!(
-                    "manifest field `publishes[{i}]` {p:?} names a system subject \
-                     (one starting with `$` or `_INBOX` is the broker's, never a plugin's)"
+                    "manifest field `publishes[{i}]` {} names a system subject \
+                     (one starting with `$` or `_INBOX` is the broker's, never a plugin's)",
+                    quoted(p)
                 ));
             }
         }
@@ -214,13 +216,16 @@ impl Manifest {
     /// (`[plugins.NAME] queue_group`) wins over the manifest's. On success `name` is `identity`.
     pub fn bind(&mut self, identity: &str, operator_queue_group: Option<&str>) -> Result<(), String> {
         if !valid_plugin_name(identity) {
-            return Err(format!("the plugin name {identity:?} must be 1-64 characters of a-z, A-Z, 0-9, '-' or '_'"));
+            return Err(format!(
+                "the plugin name {} must be 1-64 characters of a-z, A-Z, 0-9, '-' or '_'",
+                quoted(identity)
+            ));
         }
         if !names_agree(&self.name, identity) {
             return Err(format!(
-                "manifest field `name` {:?} disagrees with the plugin's name {identity:?}: a plugin is who the \
+                "manifest field `name` {} disagrees with the plugin's name {identity:?}: a plugin is who the \
                  operator names it (its file name, or `[plugins.NAME] file = ...`), not who its manifest says",
-                self.name
+                quoted(&self.name)
             ));
         }
         let own = format!("plugbus.{identity}");
@@ -231,16 +236,19 @@ impl Manifest {
                 q == own || q.strip_prefix(own.as_str()).is_some_and(|rest| rest.len() > 1 && rest.starts_with('.'));
             if !under_own {
                 return Err(format!(
-                    "manifest field `subscriptions[{i}].queue-group` {q:?} is not this plugin's: a manifest may \
+                    "manifest field `subscriptions[{i}].queue-group` {} is not this plugin's: a manifest may \
                      only use {own:?} or a group under it ({own}.<suffix>); the operator sets any other \
-                     with `[plugins.{identity}] queue_group`"
+                     with `[plugins.{identity}] queue_group`",
+                    quoted(q)
                 ));
             }
             match declared {
                 Some(first) if first != q => {
                     return Err(format!(
-                        "manifest field `subscriptions[{i}].queue-group` {q:?} differs from an earlier \
-                         subscription's {first:?}: a plugin has one queue group"
+                        "manifest field `subscriptions[{i}].queue-group` {} differs from an earlier \
+                         subscription's {}: a plugin has one queue group",
+                        quoted(q),
+                        quoted(first)
                     ));
                 }
                 _ => declared = Some(q),
@@ -270,6 +278,19 @@ impl Manifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_echoes_at_most_a_few_kib_of_what_the_manifest_says() {
+        let mut m = manifest();
+        m.name = "\u{1}".repeat(1 << 20);
+        let why = m.validate().unwrap_err();
+        assert!(why.len() < 8 << 10, "{} bytes", why.len());
+        assert!(why.starts_with("manifest field `name` \"\\u{1}") && why.contains("[cut at"), "{}", &why[..80]);
+        let mut m = manifest();
+        m.name = "x".repeat(1 << 20);
+        let why = m.bind("inventory", None).unwrap_err();
+        assert!(why.len() < 8 << 10, "{} bytes", why.len());
+    }
 
     fn manifest() -> Manifest {
         Manifest {

@@ -361,9 +361,11 @@ impl CaseFile {
             let file = self.path.clone();
             move |source: std::io::Error| CaseError::Io { file, what, source }
         };
-        let tmp = self.path.with_extension("jsonl.tmp");
-        std::fs::write(&tmp, out).map_err(io("cannot write the updated case file"))?;
-        std::fs::rename(&tmp, &self.path).map_err(io("cannot replace the case file"))
+        // A temporary of its own: a link planted at a name known in advance (a repo can ship
+        // one) would be written through, to any file of the user's.
+        let temp = crate::replace_file::temp_beside(&self.path, "plugbus-test");
+        crate::replace_file::replace_with(&temp, &self.path, out.as_bytes())
+            .map_err(io("cannot replace the case file with the updated one"))
     }
 }
 

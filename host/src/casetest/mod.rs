@@ -69,8 +69,9 @@ pub struct CaseReport {
     pub line: usize,
     /// The event's id.
     pub event_id: String,
-    /// What the component did.
-    pub outcome: Outcome,
+    /// What the component did, in a line (its outputs and kv are not kept: a handler may
+    /// write 16 MiB of kv per event, and a case file can hold any number of cases).
+    pub got: String,
     /// How it differs from the expectation (`None`: the case has none yet).
     pub mismatches: Option<Vec<Mismatch>>,
 }
@@ -96,22 +97,41 @@ impl Report {
     }
 }
 
+/// The most an updated case file may hold (`--update`): the whole file is kept in memory and
+/// written at once, and a handler can make each case's expectation megabytes (16 MiB of kv,
+/// outputs of 1 MiB), so a case file of a few lines could otherwise fill the memory and the disk.
+pub const MAX_UPDATED_BYTES: usize = 64 << 20;
+
 /// Runs every case of `cases` through `runner`; with `update`, rewrites the file with what the
-/// component did as each case's expectation.
+/// component did as each case's expectation (refused, naming the case, past
+/// [`MAX_UPDATED_BYTES`]).
 pub async fn test_file(runner: &Runner, cases: &Path, update: bool) -> Result<Report, CaseError> {
     let mut file = CaseFile::read(cases)?;
     let mut reports = Vec::with_capacity(file.cases.len());
+    let mut updated_bytes = 0;
     for (i, case) in file.cases.iter_mut().enumerate() {
         let outcome = runner.run(case).await;
         let mismatches = case.expect.as_ref().map(|e| compare(e, &outcome));
         if update {
             case.expect = Some(Expect::of(&outcome, case.expect.as_ref(), !case.kv.is_empty()));
+            updated_bytes += case.to_json().to_string().len() + 1;
+            if updated_bytes > MAX_UPDATED_BYTES {
+                return Err(CaseError::Line {
+                    file: cases.to_path_buf(),
+                    line: case.line,
+                    what: format!(
+                        "with this case's expectation the updated file would pass {} MiB: nothing was written \
+                         (split the file, or make the handler's outputs and kv smaller)",
+                        MAX_UPDATED_BYTES >> 20
+                    ),
+                });
+            }
         }
         reports.push(CaseReport {
             number: i + 1,
             line: case.line,
             event_id: case.event.id.clone(),
-            outcome,
+            got: outcome.to_string(),
             mismatches,
         });
     }
@@ -127,7 +147,7 @@ impl std::fmt::Display for Report {
             let head = format!("case {} (line {}, event {})", c.number, c.line, c.event_id);
             match &c.mismatches {
                 _ if self.updated => {}
-                None => writeln!(f, "{head}: no expectation yet; got {} (run with --update to keep it)", c.outcome)?,
+                None => writeln!(f, "{head}: no expectation yet; got {} (run with --update to keep it)", c.got)?,
                 Some(m) if m.is_empty() => {}
                 Some(m) => {
                     writeln!(f, "{head}: differs")?;

@@ -222,7 +222,7 @@ impl<A: ApplyFile> Applying<A> {
             let apply = std::panic::AssertUnwindSafe(reloader.apply(&path, changed_at, since, superseded));
             // A panic is a bug of ours: it is logged, and the file is applied at its next change.
             let applied = futures::FutureExt::catch_unwind(apply).await.unwrap_or_else(|_| {
-                tracing::error!(file = %path.display(), "applying a change to this file panicked");
+                tracing::error!(file = %crate::loader::shown(&path), "applying a change to this file panicked");
                 Applied::Done
             });
             (path, applied)

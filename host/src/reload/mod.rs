@@ -88,15 +88,11 @@ impl Reloader {
         self.stats.load_errors.fetch_add(1, Ordering::Relaxed);
         self.metrics.load_error(path);
         let serving = self.files.lock().expect("poisoned").get(path).cloned();
-        match &serving {
-            Some(name) => {
-                tracing::error!(file = %path.display(), plugin = %name, "reload rejected, the previous version keeps serving: {reason}")
-            }
-            None => tracing::error!(file = %path.display(), "plugin not loaded: {reason}"),
-        }
+        let refused = Rejected::new(path.to_path_buf(), &reason);
+        refused.log(serving.as_deref());
         let mut rejected = self.rejected.lock().expect("poisoned");
         rejected.retain(|r| r.path != path);
-        rejected.push(Rejected { path: path.to_path_buf(), reason });
+        rejected.push(refused);
     }
 
     fn clear_rejection(&self, path: &Path) {
@@ -125,7 +121,7 @@ impl Reloader {
                 let still_elsewhere = self.files.lock().expect("poisoned").values().any(|n| *n == name);
                 if !still_elsewhere && self.router.remove(&name) {
                     self.stats.reloads.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(plugin = %name, file = %path.display(), "plugin removed with its file");
+                    tracing::info!(plugin = %name, file = %loader::shown(path), "plugin removed with its file");
                 }
             }
             return Applied::Done;
@@ -134,7 +130,7 @@ impl Reloader {
             loaded = loader::load_file(&self.sandbox, path, &self.config, &self.kv) => loaded,
             () = superseded => {
                 // Dropping the load ends its compile (the child is killed with it).
-                tracing::info!(file = %path.display(), "the file changed while it was loading: loading it again");
+                tracing::info!(file = %loader::shown(path), "the file changed while it was loading: loading it again");
                 return Applied::Done;
             }
         };
@@ -175,7 +171,7 @@ impl Reloader {
         if self.router.current_hash(&name).as_deref() == Some(hash.as_str())
             && self.files.lock().expect("poisoned").get(path) == Some(&name)
         {
-            tracing::debug!(plugin = %name, file = %path.display(), "file touched but unchanged: nothing to reload");
+            tracing::debug!(plugin = %name, file = %loader::shown(path), "file touched but unchanged: nothing to reload");
             self.clear_rejection(path);
             return;
         }
@@ -183,7 +179,7 @@ impl Reloader {
             match self.router.swap(plugin).await {
                 Ok(swapped) => {
                     tracing::info!(
-                        plugin = %name, file = %path.display(),
+                        plugin = %name, file = %loader::shown(path),
                         old_version = %swapped.old_version, old_hash = &swapped.old_hash[..12],
                         new_version = %version, new_hash = &hash[..12],
                         resubscribed = swapped.resubscribed,
@@ -198,7 +194,7 @@ impl Reloader {
             let delivering = self.config.delivering_for(&name);
             match self.router.install(plugin, delivering).await {
                 Ok(()) => {
-                    tracing::info!(plugin = %name, file = %path.display(), version = %version, hash = &hash[..12], load_ms = changed_at.elapsed().as_millis() as u64, "plugin added");
+                    tracing::info!(plugin = %name, file = %loader::shown(path), version = %version, hash = &hash[..12], load_ms = changed_at.elapsed().as_millis() as u64, "plugin added");
                     crate::host::warn_if_the_pool_is_short(
                         &self.config,
                         &self.router.names(),

@@ -32,5 +32,5 @@ pub use limits::{InstanceMode, Limits};
 pub use plugin::{Attempt, Failure, Plugin, PluginSettings};
 pub use pool::SharedPool;
 pub use record::{KvRead, MAX_SEEN_BYTES, Seen};
-pub use validate::{LoadError, allowed_import, check_header, content_hash};
+pub use validate::{LoadError, allowed_import, check_header, content_hash, shown_name};
 pub use world::FixedWorld;

@@ -13,8 +13,9 @@ pub enum LoadError {
     /// Malformed, truncated, or not linkable.
     #[error("invalid component: {0}")]
     Invalid(String),
-    /// Imports outside the contract (every one listed).
-    #[error("imports outside the plugbus contract: {}", .0.join(", "))]
+    /// Imports outside the contract (the first [`LISTED_IMPORTS`] named, each cut at
+    /// [`NAME_BYTES`], with how many more).
+    #[error("imports outside the plugbus contract: {}", listed(.0))]
     ForbiddenImports(Vec<String>),
     /// The manifest is invalid (the message names the field).
     #[error("invalid manifest: {0}")]
@@ -27,6 +28,26 @@ pub enum LoadError {
     /// taken. Touching the file tries again.
     #[error("host error: {0}")]
     Host(String),
+}
+
+/// The most imports a refusal names: a file can import thousands (each name its own), and the
+/// refusal is logged and served by the API on every read of the plugin list.
+pub const LISTED_IMPORTS: usize = 16;
+
+/// The most of an import's or export's name shown (on one line): a name can be 100 KB.
+pub const NAME_BYTES: usize = 512;
+
+/// `name` as the host shows it: on one line, cut at [`NAME_BYTES`].
+pub fn shown_name(name: &str) -> String {
+    crate::event::cut_to(&crate::event::one_line(&crate::event::cut_to(name, NAME_BYTES)), NAME_BYTES).into_owned()
+}
+
+fn listed(names: &[String]) -> String {
+    let mut text = names.iter().take(LISTED_IMPORTS).map(|n| shown_name(n)).collect::<Vec<_>>().join(", ");
+    if names.len() > LISTED_IMPORTS {
+        text.push_str(&format!(" … and {} more", names.len() - LISTED_IMPORTS));
+    }
+    text
 }
 
 /// Hex SHA-256 of the component bytes.
@@ -226,6 +247,17 @@ pub fn check_imports(engine: &Engine, component: &Component) -> Result<(), LoadE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_names_a_few_imports_each_cut_and_says_how_many_more() {
+        let names: Vec<String> = (0..600).map(|i| format!("evil:x{i}/{}", "y".repeat(99_000))).collect();
+        let text = LoadError::ForbiddenImports(names).to_string();
+        assert!(text.len() < 16 * (NAME_BYTES + 64) + 200, "{} bytes", text.len());
+        assert!(text.starts_with("imports outside the plugbus contract: evil:x0/yyy"), "{}", &text[..80]);
+        assert!(text.ends_with(" … and 584 more"), "{}", &text[text.len() - 80..]);
+        let forged = LoadError::ForbiddenImports(vec!["a:b/c\nINFO plugin loaded".into()]).to_string();
+        assert_eq!(forged, "imports outside the plugbus contract: a:b/c\\nINFO plugin loaded");
+    }
 
     const HEADER: &[u8] = b"\0asm\x0d\x00\x01\x00";
 

@@ -283,7 +283,12 @@ async fn dlq_export_turns_dead_letters_into_cases_that_plugbus_test_runs() {
 
 /// Bad input: exit 2 and one line on stderr naming the file, the line and what is wrong.
 fn bad(component: &Path, cases: &Path) -> String {
-    let (code, out, err) = test(component, cases, &[]);
+    bad_with(component, cases, &[])
+}
+
+/// [`bad`], with `extra` flags.
+fn bad_with(component: &Path, cases: &Path, extra: &[&str]) -> String {
+    let (code, out, err) = test(component, cases, extra);
     assert_eq!(code, 2, "stdout: {out}\nstderr: {err}");
     let err = err.trim_end();
     assert_eq!(err.lines().count(), 1, "not one line: {err}");
@@ -322,6 +327,35 @@ fn bad_input_is_one_line_naming_the_file_the_line_and_what_is_wrong() {
     let missing = dir.path().join("missing.jsonl");
     let err = bad(&echo, &missing);
     assert!(err.contains(&format!("{}: cannot read the case file", missing.display())), "{err}");
+}
+
+/// `--update` of a case file someone else wrote: a link they planted beside it, at the name the
+/// rewrite used to write through (`<cases>.tmp`), is left alone, and so is what it points to; a
+/// few cases whose handler writes megabytes of kv each are refused, naming the case, before the
+/// rewritten file passes its bound (a 570-byte file became 468 MB and 1.1 GB of memory).
+#[test]
+fn an_update_writes_through_no_planted_link_and_stops_at_its_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let hostile = component_as(dir.path(), "hostile", "hostile.wasm");
+    let cases = dir.path().join("cases.jsonl");
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.path().join("cases.jsonl.tmp")).unwrap();
+    let case = |id: &str, data: &str| json!({"specversion": "1.0", "id": id, "source": "s", "type": "t", "subject": "hostile.kvwrites", "data": data});
+    write_lines(&cases, &[case("1", "2 10")]);
+    let (code, out, err) = test(&hostile, &cases, &["--update"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious", "written through the planted link");
+    assert!(std::fs::symlink_metadata(&cases).unwrap().file_type().is_file(), "the case file became a link");
+    assert_eq!(lines(&cases)[0]["expect"]["result"], "ok");
+    // Five cases of 60 keys of 260,000 bytes each: about 78 MB of kv as JSON, past 64 MiB.
+    let big: Vec<Value> = (0..5).map(|i| case(&i.to_string(), "60 260000")).collect();
+    write_lines(&cases, &big);
+    let before = std::fs::read(&cases).unwrap();
+    let err = bad_with(&hostile, &cases, &["--update"]);
+    let c = cases.display();
+    assert!(err.contains(&format!("{c}:")) && err.contains("would pass 64 MiB: nothing was written"), "{err}");
+    assert_eq!(std::fs::read(&cases).unwrap(), before, "the case file changed");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,0 +1,52 @@
+//! Replacing a file whole, for the tools that rewrite one (`plugbus dev`, `plugbus test
+//! --update`): the new bytes go into a temporary file made for them beside it, then are renamed
+//! over it. Never into a name already there: a link planted at a predictable name (a repo can
+//! ship one) would be written through, to any file of the user's, and a FIFO would hang the
+//! write.
+
+use std::io::Write;
+use std::path::Path;
+
+/// Writes `bytes` into `temp`, which must not exist yet (made with `O_EXCL`: whatever is at that
+/// name, a link or a FIFO, is refused, never written through), syncs it and renames it over
+/// `target`. On failure the temporary is removed.
+pub fn replace_with(temp: &Path, target: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let written = (|| {
+        let mut out = std::fs::OpenOptions::new().write(true).create_new(true).open(temp)?;
+        out.write_all(bytes)?;
+        out.sync_all()
+    })();
+    let renamed = written.and_then(|()| std::fs::rename(temp, target));
+    if renamed.is_err() {
+        let _ = std::fs::remove_file(temp);
+    }
+    renamed
+}
+
+/// A name beside `target` for its replacement: `.<file name>.<random>.<tag>`, hidden, and
+/// unknown in advance.
+pub fn temp_beside(target: &Path, tag: &str) -> std::path::PathBuf {
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    target.with_file_name(format!(".{name}.{:016x}.{tag}", fastrand::u64(..)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_at_the_temporary_name_is_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let (target, victim, temp) = (dir.path().join("cases.jsonl"), dir.path().join("victim"), dir.path().join("t"));
+        std::fs::write(&target, "old").unwrap();
+        std::fs::write(&victim, "precious").unwrap();
+        std::os::unix::fs::symlink(&victim, &temp).unwrap();
+        assert!(replace_with(&temp, &target, b"new").is_err(), "written through a link");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "old");
+        let fresh = temp_beside(&target, "test");
+        replace_with(&fresh, &target, b"new").unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "new");
+        assert!(!fresh.exists());
+    }
+}
