@@ -752,15 +752,22 @@ struct DlqListQuery {
     plugin: Option<String>,
     /// Only the newest this many (the dashboard polls with a limit).
     limit: Option<usize>,
+    /// Each dead letter without its data and record (what the dashboard shows).
+    #[serde(default)]
+    summary: bool,
 }
+
+/// The most JSON one dead-letter listing answers with; the oldest of the page past it are left
+/// out (`left_out`). A dead letter's data can be 1 MiB that JSON writes six times over
+/// (`\u0001`), and a page of 100 was 400 MB, built again on every poll of the dashboard.
+const LISTING_BYTES: usize = 16 << 20;
 
 async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqListQuery>) -> Response {
     let limit = q.limit.unwrap_or(usize::MAX);
     // Without a broker's store, the host's own newest page (no copy of the whole store).
     if api.s.transport.kept_dead_letters(None, 0).await.ok().flatten().is_none() {
         let (dead_letters, total) = api.s.dead_letters.newest(q.plugin.as_deref(), limit);
-        let tagged: Vec<serde_json::Value> = dead_letters.into_iter().map(|e| tag(e, "host")).collect();
-        return Json(json!({ "dead_letters": tagged, "total": total })).into_response();
+        return listing(dead_letters.into_iter().map(|e| (e, "host")).collect(), total, q.summary).await;
     }
     // The broker's newest page: it costs about `limit` reads however many the broker keeps
     // (read oldest first, the dashboard's page every 2 s was up to 10,000 reads and 64 MiB, and
@@ -774,10 +781,62 @@ async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqListQuery>) -> Resp
     let total = broker_total + local.len();
     // The broker's in its order, then this host's (newer than a full page's oldest, see
     // `only_here`), as before.
-    let mut all: Vec<serde_json::Value> =
-        broker.into_iter().map(|e| tag(e, "broker")).chain(local.into_iter().map(|e| tag(e, "host"))).collect();
+    let mut all: Vec<_> =
+        broker.into_iter().map(|e| (e, "broker")).chain(local.into_iter().map(|e| (e, "host"))).collect();
     all.drain(..all.len().saturating_sub(limit));
-    Json(json!({ "dead_letters": all, "total": total })).into_response()
+    listing(all, total, q.summary).await
+}
+
+/// The answer of `GET /v1/dlq`: `entries` (oldest first, each with who keeps it), as many of the
+/// newest as fit in [`LISTING_BYTES`] of JSON, each whole or (`summary`) without its data and
+/// record. Built off the runtime: it can be megabytes.
+async fn listing(entries: Vec<(crate::deadletter::Entry, &'static str)>, total: usize, summary: bool) -> Response {
+    let built = tokio::task::spawn_blocking(move || {
+        let mut listed = Vec::new();
+        let mut bytes = 0;
+        let mut left_out = 0;
+        for (entry, kept_by) in entries.into_iter().rev() {
+            if bytes >= LISTING_BYTES {
+                left_out += 1;
+                continue;
+            }
+            let v = if summary { summary_of(&entry, kept_by) } else { tag(entry, kept_by) };
+            let text = v.to_string();
+            if bytes + text.len() > LISTING_BYTES {
+                bytes = LISTING_BYTES;
+                left_out += 1;
+                continue;
+            }
+            bytes += text.len() + 1;
+            listed.push(text);
+        }
+        listed.reverse();
+        format!(r#"{{"dead_letters":[{}],"total":{total},"left_out":{left_out}}}"#, listed.join(","))
+    })
+    .await;
+    match built {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("host error: listing the dead letters: {e}")),
+    }
+}
+
+/// A listed dead letter without its data and record: what a page of them shows.
+fn summary_of(entry: &crate::deadletter::Entry, kept_by: &str) -> serde_json::Value {
+    let ev = &entry.event;
+    json!({
+        "seq": entry.seq,
+        "plugin": entry.plugin,
+        "kept_by": kept_by,
+        "event": {
+            "id": ev.id,
+            "subject": ev.subject,
+            "headers": ev.extensions,
+            "type": ev.ty,
+            "time": ev.time,
+            "datacontenttype": ev.datacontenttype,
+            "data_bytes": ev.data.len(),
+        },
+    })
 }
 
 /// When a listed dead letter was made (`plugbus-failed-at`, RFC 3339 to the millisecond, so it

@@ -166,12 +166,16 @@ function drawDlq(entries, total) {
   }));
 }
 
+// One refresh at a time: a slow answer is not asked again every 2 s meanwhile.
+let refreshing = false;
+
 async function refresh() {
-  if (needToken) return;
+  if (needToken || refreshing) return;
+  refreshing = true;
   try {
     const [stats, dlq] = await Promise.all([
       api("/v1/stats").then((r) => r.json()),
-      api("/v1/dlq?limit=100").then((r) => r.json()),
+      api("/v1/dlq?limit=100&summary=true").then((r) => r.json()),
     ]);
     drawGraph(stats.graph);
     drawPlugins(stats);
@@ -179,6 +183,8 @@ async function refresh() {
     status(`${stats.plugins.length} plugins serving · updated ${new Date().toLocaleTimeString()}`);
   } catch (e) {
     status("host: " + e.message, true);
+  } finally {
+    refreshing = false;
   }
 }
 

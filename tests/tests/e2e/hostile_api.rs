@@ -473,6 +473,48 @@ async fn a_dlq_replay_cancelled_midway_loses_no_dead_letter() {
     println!("replayed after the client left: {replayed:?}");
 }
 
+/// Dead letters whose data JSON writes six times over (`\u0001`): a page of them was 400 MB,
+/// built on every poll of the dashboard. A listing now holds at most 16 MiB of JSON, the newest
+/// first to fit, saying how many it left out; the dashboard's summary leaves data and records
+/// out and stays small.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_listing_is_bounded_in_bytes_whatever_the_data() {
+    let t = TestHost::start(&["hostile"]).await;
+    let mut dead = t.observe(&["plugbus.dlq.hostile"]).await;
+    for i in 0..12 {
+        let mut data = vec![1u8; 1_000_000];
+        data[..8].copy_from_slice(format!("{i:08}").as_bytes());
+        t.publish("hostile.zzz", data).await;
+        dead.next_on("plugbus.dlq.hostile").await;
+    }
+    let client = reqwest::Client::new();
+    let get = |query: &'static str| {
+        let client = client.clone();
+        let url = format!("{}/v1/dlq?limit=100{query}", t.url());
+        async move { client.get(url).send().await.unwrap().bytes().await.unwrap() }
+    };
+    let whole = get("").await;
+    assert!(whole.len() <= (16 << 20) + 4096, "a listing of {} bytes", whole.len());
+    let v: Value = serde_json::from_slice(&whole).unwrap();
+    let listed = v["dead_letters"].as_array().unwrap();
+    assert_eq!(v["total"], 12);
+    assert_eq!(v["left_out"].as_u64().unwrap() as usize + listed.len(), 12, "{}", v["left_out"]);
+    assert!(!listed.is_empty() && listed.len() < 12, "{} listed", listed.len());
+    // The newest are the ones listed, whole.
+    let newest = listed.last().unwrap()["event"]["data"].as_str().unwrap();
+    assert!(newest.starts_with("00000011"), "{}", &newest[..8]);
+    let summary = get("&summary=true").await;
+    assert!(summary.len() < 64 << 10, "a summary of {} bytes", summary.len());
+    let v: Value = serde_json::from_slice(&summary).unwrap();
+    let listed = v["dead_letters"].as_array().unwrap();
+    assert_eq!((listed.len(), v["left_out"].as_u64()), (12, Some(0)));
+    let first = &listed[0];
+    assert!(first["event"].get("data").is_none() && first.get("record").is_none(), "{first}");
+    assert_eq!(first["event"]["data_bytes"], 1_000_000);
+    assert_eq!(first["kept_by"], "host");
+    assert!(first["event"]["headers"].to_string().contains("plugbus-error"), "{first}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. What a client must not inject.
 
