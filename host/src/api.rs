@@ -1264,6 +1264,14 @@ async fn dlq_debug(State(api): State<Api>, Path(id): Path<String>, headers: Head
 /// `GET /v1/stats`: per plugin the last minute and the totals, the pipeline graph, the
 /// rejected files (what the dashboard shows; see [`crate::stats`]).
 async fn stats(State(api): State<Api>) -> Response {
+    // Off the runtime: plugin authors' manifests make the graph (see `stats::MAX_MATCH_EDGES`).
+    match tokio::task::spawn_blocking(move || stats_now(&api)).await {
+        Ok(stats) => stats,
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("host error: gathering the stats: {e}")),
+    }
+}
+
+fn stats_now(api: &Api) -> Response {
     let state = &api.s;
     let plugins = state.router.plugins();
     let windows = state.router.windows();

@@ -12,6 +12,7 @@ use crate::subject::Pattern;
 use crate::window::Summary;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 
 /// The whole answer of `GET /v1/stats`.
 #[derive(Debug, Clone, Serialize)]
@@ -89,6 +90,55 @@ pub struct Graph {
     pub nodes: Vec<Node>,
     /// Edges.
     pub edges: Vec<Edge>,
+    /// `matches` edges left out past [`MAX_MATCH_EDGES`].
+    pub matches_left_out: usize,
+}
+
+/// The most `matches` edges a graph draws. Manifests are the plugin authors': one of 256
+/// subscriptions and 256 publishes that all overlap made 65,536 of them, 89 MB of JSON on every
+/// poll of the dashboard.
+pub const MAX_MATCH_EDGES: usize = 1024;
+
+/// Which published pattern feeds which subscribed one: `(published, subscribed)`, at most
+/// [`MAX_MATCH_EDGES`], and how many more there are.
+type Matches = (Arc<[(String, String)]>, usize);
+
+/// The matches of the last pattern sets seen, by their hash: they change only when a plugin's
+/// patterns do (a reload), and finding them compares every published pattern with every
+/// subscribed one, too much for every poll.
+static LAST_MATCHES: Mutex<Option<(u64, Matches)>> = Mutex::new(None);
+
+/// The matches of `published` and `subscribed` (from [`LAST_MATCHES`] when they are the last
+/// seen).
+fn matches(published: &BTreeSet<String>, subscribed: &BTreeSet<String>) -> Matches {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (published, subscribed).hash(&mut hasher);
+    let key = hasher.finish();
+    if let Some((k, found)) = &*LAST_MATCHES.lock().expect("poisoned")
+        && *k == key
+    {
+        return found.clone();
+    }
+    let subscribed: Vec<(&String, Pattern)> =
+        subscribed.iter().filter_map(|s| Pattern::parse(s).ok().map(|p| (s, p))).collect();
+    let mut found = Vec::new();
+    let mut more = 0;
+    for p in published {
+        let Ok(pp) = Pattern::parse(p) else { continue };
+        for (s, sp) in subscribed.iter().filter(|(s, _)| *s != p) {
+            if sp.overlaps(&pp) {
+                if found.len() < MAX_MATCH_EDGES {
+                    found.push((p.clone(), (*s).clone()));
+                } else {
+                    more += 1;
+                }
+            }
+        }
+    }
+    let found: Matches = (found.into(), more);
+    *LAST_MATCHES.lock().expect("poisoned") = Some((key, found.clone()));
+    found
 }
 
 /// A node of the graph.
@@ -188,20 +238,11 @@ pub fn graph(plugins: &[PluginInfo], windows: &BTreeMap<String, Summary>) -> Gra
     }
     // A published pattern feeds a different subscribed pattern when some subject matches both
     // (`inventory.>` → `inventory.reserved`).
-    for p in &published {
-        let Ok(pp) = Pattern::parse(p) else { continue };
-        for s in subscribed.iter().filter(|s| *s != p) {
-            if Pattern::parse(s).is_ok_and(|sp| sp.overlaps(&pp)) {
-                g.edges.push(Edge {
-                    from: subject_id(p),
-                    to: subject_id(s),
-                    kind: "matches",
-                    rate: 0.0,
-                    error_rate: 0.0,
-                });
-            }
-        }
+    let (found, more) = matches(&published, &subscribed);
+    for (p, s) in found.iter() {
+        g.edges.push(Edge { from: subject_id(p), to: subject_id(s), kind: "matches", rate: 0.0, error_rate: 0.0 });
     }
+    g.matches_left_out = more;
     g
 }
 
@@ -246,6 +287,25 @@ mod tests {
             counters: BTreeMap::new(),
             outbound: None,
         }
+    }
+
+    #[test]
+    fn a_graph_draws_at_most_so_many_matches_whatever_the_manifests() {
+        // 256 subscriptions and 256 publishes of about 1,000 bytes, every publish overlapping
+        // every subscription.
+        let long = ".x".repeat(495);
+        let subs: Vec<String> = (0..256).map(|j| format!("g.s{j}{long}")).collect();
+        let pubs: Vec<String> = (0..256).map(|i| format!("{}>", "*.".repeat(i % 200 + 1))).collect();
+        let subs: Vec<&str> = subs.iter().map(String::as_str).collect();
+        let pubs: Vec<&str> = pubs.iter().map(String::as_str).collect();
+        let g = graph(&[info("bomb", &subs, &pubs)], &BTreeMap::new());
+        let matches = g.edges.iter().filter(|e| e.kind == "matches").count();
+        assert_eq!(matches, MAX_MATCH_EDGES);
+        assert!(g.matches_left_out > 50_000, "{}", g.matches_left_out);
+        assert!(serde_json::to_vec(&g).unwrap().len() < 4 << 20, "the graph is megabytes");
+        // and it is found again, the same, from the last sets seen
+        let again = graph(&[info("bomb", &subs, &pubs)], &BTreeMap::new());
+        assert_eq!((again.edges, again.matches_left_out), (g.edges, g.matches_left_out));
     }
 
     #[test]
