@@ -199,7 +199,7 @@ impl Host {
     /// Observes every event matching `patterns` (outputs included).
     pub async fn observe(&self, patterns: &[&str]) -> anyhow::Result<mpsc::Receiver<Arc<Event>>> {
         let patterns = patterns.iter().map(|s| s.to_string()).collect();
-        Ok(self.transport.observe(patterns, 1 << 16).await?)
+        Ok(self.transport.observe(patterns, 1 << 16).await?.events)
     }
 
     /// The plugin kv store.

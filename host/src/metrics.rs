@@ -90,7 +90,8 @@ pub struct Metrics {
     pub tails_open: Gauge,
     /// Tails refused because `api.max_tails` were open.
     pub tails_refused: Counter,
-    /// Events a live tail dropped because its client did not keep up (its buffer was full).
+    /// Events a live tail dropped: its client did not keep up (its buffer was full), or a burst
+    /// passed the queue its transport fills.
     pub tail_events_dropped: Counter,
     /// Ingress publishes answered `503` because the bus did not take the event within
     /// `api.publish_timeout`.
@@ -176,7 +177,7 @@ impl Default for Metrics {
         r.register("tails_refused", "Live tails refused because api.max_tails were open", m.tails_refused.clone());
         r.register(
             "tail_events_dropped",
-            "Events a live tail dropped because its client did not keep up",
+            "Events a live tail dropped: its client did not keep up (api.tail_buffer_bytes), or a burst passed its queue of 1,024",
             m.tail_events_dropped.clone(),
         );
         r.register(

@@ -370,7 +370,7 @@ async fn native_floor(mode: Mode) -> anyhow::Result<Load> {
         durable: None,
     };
     let mut sub = bus.subscribe(spec).await?;
-    let mut outputs = bus.observe(vec!["bench.out.>".into()], 1 << 16).await?;
+    let mut outputs = bus.observe(vec!["bench.out.>".into()], 1 << 16).await?.events;
     let worker = {
         let bus = bus.clone();
         tokio::spawn(async move {

@@ -11,6 +11,55 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// What an observer gets ([`Transport::observe`]).
+pub struct Observed {
+    /// The events, in the order the transport saw them.
+    pub events: mpsc::Receiver<Arc<Event>>,
+    /// Events missed because `events` was full: the transport adds, the observer takes.
+    pub missed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Observed {
+    /// An observer's two ends: what the transport sends into, and what the observer gets.
+    pub fn channel(capacity: usize) -> (ObserverSender, Observed) {
+        let (tx, events) = mpsc::channel(capacity.max(1));
+        let missed = Arc::<std::sync::atomic::AtomicU64>::default();
+        (ObserverSender { tx, missed: missed.clone() }, Observed { events, missed })
+    }
+}
+
+/// The transport's end of an observer: sends without waiting, counting what it misses.
+#[derive(Clone)]
+pub struct ObserverSender {
+    tx: mpsc::Sender<Arc<Event>>,
+    missed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ObserverSender {
+    /// Sends `event` if the observer has room, else counts it missed; `false` once the observer
+    /// has gone.
+    pub fn offer(&self, event: Arc<Event>) -> bool {
+        match self.tx.try_send(event) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.missed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Whether the observer has gone.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Waits until the observer has gone.
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
+
 /// Why a transport call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -280,12 +329,9 @@ pub trait Transport: Send + Sync + 'static {
     async fn retarget(&self, subscription: u64, spec: &SubscriptionSpec) -> Result<(), TransportError>;
 
     /// Observes every event matching `patterns` without taking part in delivery (the live tail,
-    /// tests). An observer that falls more than `capacity` events behind misses events.
-    async fn observe(
-        &self,
-        patterns: Vec<String>,
-        capacity: usize,
-    ) -> Result<mpsc::Receiver<Arc<Event>>, TransportError>;
+    /// tests). An observer that falls more than `capacity` events behind misses events, counted
+    /// in its [`Observed::missed`]; delivery never waits for it.
+    async fn observe(&self, patterns: Vec<String>, capacity: usize) -> Result<Observed, TransportError>;
 
     /// Why `event` is too large for this transport to ever take it (a broker's limit on one
     /// message, headers included, which may be below the host's own event limit), or `None`. A

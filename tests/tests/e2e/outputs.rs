@@ -5,13 +5,12 @@
 use async_trait::async_trait;
 use plugbus::backend::embedded::bus::EmbeddedBus;
 use plugbus::kv::{KvStore, MemoryKv};
-use plugbus::transport::{Subscription, SubscriptionSpec, Transport, TransportError};
+use plugbus::transport::{Observed, Subscription, SubscriptionSpec, Transport, TransportError};
 use plugbus::{Config, Event, Host};
 use plugbus_tests::{eventually, fast_retries, order, wasm};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
-use tokio::sync::mpsc;
 
 /// The embedded bus, but the first `failures` outputs on `subject` are refused.
 struct FailingOutputs {
@@ -47,11 +46,7 @@ impl Transport for FailingOutputs {
     async fn retarget(&self, subscription: u64, spec: &SubscriptionSpec) -> Result<(), TransportError> {
         self.bus.retarget(subscription, spec).await
     }
-    async fn observe(
-        &self,
-        patterns: Vec<String>,
-        capacity: usize,
-    ) -> Result<mpsc::Receiver<Arc<Event>>, TransportError> {
+    async fn observe(&self, patterns: Vec<String>, capacity: usize) -> Result<Observed, TransportError> {
         self.bus.observe(patterns, capacity).await
     }
 }

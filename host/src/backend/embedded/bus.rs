@@ -23,7 +23,9 @@ use crate::event::Event;
 use crate::metrics::PluginLabels;
 use crate::rpc::{Replies, RequestError};
 use crate::subject::{PatternSet, validate_subject};
-use crate::transport::{Acker, Delivery, Subscription, SubscriptionSpec, Transport, TransportError};
+use crate::transport::{
+    Acker, Delivery, Observed, ObserverSender, Subscription, SubscriptionSpec, Transport, TransportError,
+};
 use async_trait::async_trait;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -1360,7 +1362,7 @@ impl Load {
 
 struct Observer {
     patterns: PatternSet,
-    tx: mpsc::Sender<Arc<Event>>,
+    tx: ObserverSender,
 }
 
 #[derive(Default)]
@@ -1380,8 +1382,6 @@ struct Table {
 pub struct EmbeddedBus {
     table: Arc<RwLock<Table>>,
     next_id: Arc<AtomicU64>,
-    /// Events an observer missed because it fell behind.
-    observer_misses: Arc<AtomicU64>,
     /// Where accepted events are kept until every plugin settled them (`None`: in memory only).
     log: Option<Arc<DurableLog>>,
     /// `plugbus_fell_behind_total{plugin}` (see [`Overflow::fall_behind`]).
@@ -1795,11 +1795,6 @@ impl EmbeddedBus {
         }
     }
 
-    /// How many events observers missed because they fell behind.
-    pub fn observer_misses(&self) -> u64 {
-        self.observer_misses.load(Ordering::Relaxed)
-    }
-
     /// Replies that found no request waiting (it timed out, or another reply came first).
     pub fn replies_dropped(&self) -> u64 {
         self.replies.dropped.load(Ordering::Relaxed)
@@ -1821,19 +1816,12 @@ impl EmbeddedBus {
     }
 
     /// Sends `event` to the observers whose patterns match it, never waiting (a slow one misses
-    /// it, counted); `true` when one has gone (for the caller to remove once it let go of the
-    /// table: this runs under its read lock).
+    /// it, counted for it to report); `true` when one has gone (for the caller to remove once it
+    /// let go of the table: this runs under its read lock).
     fn send_to_observers(&self, observers: &[Observer], event: &Arc<Event>) -> bool {
         let mut gone = false;
         for o in observers.iter().filter(|o| o.patterns.matches(&event.subject)) {
-            match o.tx.try_send(event.clone()) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Closed(_)) => gone = true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.observer_misses.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(subject = %event.subject, "a slow observer missed an event");
-                }
-            }
+            gone |= !o.tx.offer(event.clone());
         }
         gone
     }
@@ -2172,15 +2160,11 @@ impl Transport for EmbeddedBus {
         Ok(())
     }
 
-    async fn observe(
-        &self,
-        patterns: Vec<String>,
-        capacity: usize,
-    ) -> Result<mpsc::Receiver<Arc<Event>>, TransportError> {
+    async fn observe(&self, patterns: Vec<String>, capacity: usize) -> Result<Observed, TransportError> {
         let patterns = PatternSet::parse(&patterns)?;
-        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let (tx, observed) = Observed::channel(capacity);
         self.table.write().expect("bus table poisoned").observers.push(Observer { patterns, tx });
-        Ok(rx)
+        Ok(observed)
     }
 }
 
@@ -2299,6 +2283,18 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "the condition never held");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn an_observer_that_falls_behind_misses_events_counted_and_holds_no_publisher() {
+        let bus = EmbeddedBus::new();
+        let mut observed = bus.observe(vec!["x.>".into()], 2).await.unwrap();
+        for i in 0..5 {
+            bus.publish(Event::new("x.y", i.to_string())).await.unwrap();
+        }
+        assert_eq!(observed.missed.load(Ordering::Relaxed), 3, "three had no room");
+        assert_eq!(observed.events.recv().await.unwrap().data, "0");
+        assert_eq!(observed.events.recv().await.unwrap().data, "1");
     }
 
     #[tokio::test]

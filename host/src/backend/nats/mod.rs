@@ -27,7 +27,7 @@ use crate::deadletter::headers::DATA_OMITTED;
 use crate::event::Event;
 use crate::metrics::PluginLabels;
 use crate::subject::{PatternSet, validate_subject, without_covered};
-use crate::transport::{Subscription, SubscriptionSpec, Transport, TransportError};
+use crate::transport::{Observed, Subscription, SubscriptionSpec, Transport, TransportError};
 use async_nats::jetstream;
 use async_trait::async_trait;
 pub use filter::{Filter, Pulled};
@@ -181,8 +181,6 @@ pub struct NatsTransport {
     held: Arc<consumer::Held>,
     feeds: Arc<tokio::sync::Mutex<HashMap<u64, Feed>>>,
     next_id: AtomicU64,
-    /// Events an observer missed because it fell behind.
-    observer_misses: Arc<AtomicU64>,
     /// `plugbus_nats_core_dropped_total{plugin}`: core messages a plugin had no room for.
     core_dropped: Family<PluginLabels, Counter>,
     _background: Vec<Task>,
@@ -370,7 +368,6 @@ impl NatsTransport {
             held,
             feeds: Default::default(),
             next_id: AtomicU64::new(1),
-            observer_misses: Default::default(),
             core_dropped: Default::default(),
             _background: vec![keep_alive, refresh],
         })
@@ -384,11 +381,6 @@ impl NatsTransport {
     /// The JetStream context (the kv buckets use it).
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
-    }
-
-    /// How many events observers missed because they fell behind.
-    pub fn observer_misses(&self) -> u64 {
-        self.observer_misses.load(Ordering::Relaxed)
     }
 
     /// Returns once the server has processed everything this connection sent before (so its
@@ -982,15 +974,11 @@ impl Transport for NatsTransport {
         Ok(())
     }
 
-    async fn observe(
-        &self,
-        patterns: Vec<String>,
-        capacity: usize,
-    ) -> Result<mpsc::Receiver<Arc<Event>>, TransportError> {
+    async fn observe(&self, patterns: Vec<String>, capacity: usize) -> Result<Observed, TransportError> {
         // Observers see what the embedded bus would show them: no `$`/`_INBOX` subject or
         // dead letter their patterns do not name (the server would deliver those to `>`).
         let set = Arc::new(PatternSet::parse(&patterns)?);
-        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let (tx, observed) = Observed::channel(capacity);
         for p in without_covered(&patterns) {
             let mut sub = self
                 .client
@@ -998,7 +986,7 @@ impl Transport for NatsTransport {
                 .await
                 .map_err(|e| TransportError::Broker(format!("observing {p} on NATS: {e}")))?;
             self.registered().await?;
-            let (tx, misses, set) = (tx.clone(), self.observer_misses.clone(), set.clone());
+            let (tx, set) = (tx.clone(), set.clone());
             tokio::spawn(async move {
                 // Ends (and unsubscribes) when the observer goes away, even if nothing arrives.
                 loop {
@@ -1013,17 +1001,13 @@ impl Transport for NatsTransport {
                     let Ok(ev) = wire::event_of(msg.subject.as_str(), msg.headers.as_ref(), msg.payload, None) else {
                         continue;
                     };
-                    match tx.try_send(Arc::new(ev)) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(_)) => {
-                            misses.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(mpsc::error::TrySendError::Closed(_)) => break,
+                    if !tx.offer(Arc::new(ev)) {
+                        break;
                     }
                 }
             });
         }
-        Ok(rx)
+        Ok(observed)
     }
 
     fn is_connected(&self) -> bool {
