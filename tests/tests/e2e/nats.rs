@@ -22,6 +22,43 @@ async fn next(sub: &mut async_nats::Subscriber) -> async_nats::Message {
     tokio::time::timeout(Duration::from_secs(10), sub.next()).await.expect("a message within 10 s").expect("open")
 }
 
+/// A live tail observes on a connection of its own (`<name> tails`): a tail of busy traffic
+/// (`>`) once made the connection every delivery, ack and kv call uses a slow consumer, which the
+/// server cut off, and core deliveries were lost meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_tail_observes_on_a_connection_of_its_own() {
+    let monitor = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let server = NatsServer::start_with(&["-m", &monitor.to_string()]).await;
+    let t = TestHost::start_on(&Bus::Core(&server), &["echo"], |_| {}).await;
+    let tail = reqwest::get(format!("{}/v1/events/%3E", t.url())).await.unwrap();
+    assert_eq!(tail.status().as_u16(), 200);
+    let connz: Value =
+        reqwest::get(format!("http://127.0.0.1:{monitor}/connz?subs=1")).await.unwrap().json().await.unwrap();
+    let connections = connz["connections"].as_array().unwrap();
+    let holding = |subject: &str| -> Vec<String> {
+        connections
+            .iter()
+            .filter(|c| c["subscriptions_list"].as_array().is_some_and(|l| l.iter().any(|s| s == subject)))
+            .map(|c| c["name"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let (tails, deliveries) = (holding(">"), holding("orders.*"));
+    assert_eq!(tails.len(), 1, "{connz}");
+    assert!(tails[0].ends_with(" tails"), "the tail is on {tails:?}");
+    assert!(!deliveries.is_empty() && !deliveries.contains(&tails[0]), "deliveries on {deliveries:?}: {connz}");
+    // and it sees what flows
+    let mut events = tail.bytes_stream();
+    let client = server.client().await;
+    client.publish("orders.o1", "1".into()).await.unwrap();
+    client.flush().await.unwrap();
+    let (mut seen, started) = (String::new(), std::time::Instant::now());
+    while !seen.contains("orders.o1") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), events.next()).await;
+        assert!(started.elapsed() < Duration::from_secs(20), "the tail never saw orders.o1: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&chunk.expect("the tail saw orders.o1").unwrap().unwrap()));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fan_out_to_two_plugins_on_wildcard_subjects() {
     let server = NatsServer::start().await;

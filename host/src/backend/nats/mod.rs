@@ -181,6 +181,8 @@ pub struct NatsTransport {
     held: Arc<consumer::Held>,
     feeds: Arc<tokio::sync::Mutex<HashMap<u64, Feed>>>,
     next_id: AtomicU64,
+    /// The connection live tails observe on ([`NatsTransport::observer_client`]).
+    observers: tokio::sync::OnceCell<async_nats::Client>,
     /// `plugbus_nats_core_dropped_total{plugin}`: core messages a plugin had no room for.
     core_dropped: Family<PluginLabels, Counter>,
     _background: Vec<Task>,
@@ -303,39 +305,9 @@ impl NatsTransport {
 
     /// Connects, declares the configured streams and reads which subjects streams capture.
     pub async fn connect(settings: &NatsSettings) -> Result<Self, TransportError> {
-        let url = settings.url.clone().ok_or_else(|| TransportError::Broker("no NATS url configured".into()))?;
         let connected = Arc::new(AtomicBool::new(false));
         let flag = connected.clone();
-        let mut options = async_nats::ConnectOptions::new()
-            .name(&settings.name)
-            .connection_timeout(Duration::from_secs(5))
-            .event_callback(move |event| {
-                let flag = flag.clone();
-                async move { on_event(&flag, event) }
-            });
-        if let Some(creds) = &settings.creds {
-            options = options.credentials_file(creds).await.map_err(|e| {
-                TransportError::Broker(format!("reading the NATS credentials file {}: {e}", creds.display()))
-            })?;
-        }
-        if let Some(ca) = &settings.tls_ca {
-            if !ca.is_file() {
-                return Err(TransportError::Broker(format!("the NATS TLS CA file {} does not exist", ca.display())));
-            }
-            options = options.add_root_certificates(ca.clone()).require_tls(true);
-        }
-        match (&settings.user, &settings.password, &settings.token) {
-            (Some(u), Some(p), _) => options = options.user_and_password(u.clone(), p.clone()),
-            (Some(_), None, _) | (None, Some(_), _) => {
-                return Err(TransportError::Broker("NATS user and password must be given together".into()));
-            }
-            (None, None, Some(t)) => options = options.token(t.clone()),
-            _ => {}
-        }
-        let client = options
-            .connect(url.as_str())
-            .await
-            .map_err(|e| TransportError::Broker(format!("cannot connect to NATS at {url}: {e}")))?;
+        let client = connect_as(settings, &settings.name, move |event| on_event(&flag, event)).await?;
         connected.store(true, Ordering::Relaxed);
         let js = jetstream::ContextBuilder::new().timeout(settings.publish_timeout).build(client.clone());
         let index = Arc::new(StreamIndex::default());
@@ -358,9 +330,10 @@ impl NatsTransport {
                 }
             }))
         };
-        tracing::info!(url = %url, server = %client.server_info().version, "connected to NATS");
+        tracing::info!(url = %settings.url.as_deref().unwrap_or_default(), server = %client.server_info().version, "connected to NATS");
         Ok(Self {
             client,
+            observers: Default::default(),
             js,
             settings: settings.clone(),
             connected,
@@ -373,6 +346,81 @@ impl NatsTransport {
         })
     }
 
+    /// The connection live tails observe on, made at the first tail (`<nats.name> tails`): a tail
+    /// of busy traffic (`>`) then makes only that connection a slow consumer the server cuts
+    /// off, never the one every delivery, ack and kv call uses (cut off with it, it lost core
+    /// deliveries).
+    async fn observer_client(&self) -> Result<&async_nats::Client, TransportError> {
+        self.observers
+            .get_or_try_init(|| async {
+                let name = format!("{} tails", self.settings.name);
+                connect_as(&self.settings, &name, |event| match event {
+                    async_nats::Event::Connected | async_nats::Event::SlowConsumer(_) => {}
+                    other => tracing::warn!("NATS connection of the live tails: {other}"),
+                })
+                .await
+            })
+            .await
+    }
+}
+
+/// Returns once the server has processed everything `client` sent before (so its subscriptions
+/// are registered): a message to its own inbox comes back only after that.
+async fn registered_on(client: &async_nats::Client) -> Result<(), TransportError> {
+    let broker =
+        |e: &dyn std::fmt::Display| TransportError::Broker(format!("confirming a subscription with NATS: {e}"));
+    let inbox = client.new_inbox();
+    let mut echo = client.subscribe(inbox.clone()).await.map_err(|e| broker(&e))?;
+    client.publish(inbox, bytes::Bytes::new()).await.map_err(|e| broker(&e))?;
+    match tokio::time::timeout(Duration::from_secs(10), echo.next()).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(broker(&"the subscription closed")),
+        Err(_) => Err(broker(&"no echo from the server within 10 s")),
+    }
+}
+
+/// A connection to the configured server named `name` (as the server lists it), telling
+/// `on_event` of its connection events.
+async fn connect_as(
+    settings: &NatsSettings,
+    name: &str,
+    on_event: impl Fn(async_nats::Event) + Send + Sync + 'static,
+) -> Result<async_nats::Client, TransportError> {
+    let url = settings.url.clone().ok_or_else(|| TransportError::Broker("no NATS url configured".into()))?;
+    let on_event = Arc::new(on_event);
+    let mut options = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(move |event| {
+            let on_event = on_event.clone();
+            async move { on_event(event) }
+        });
+    if let Some(creds) = &settings.creds {
+        options = options.credentials_file(creds).await.map_err(|e| {
+            TransportError::Broker(format!("reading the NATS credentials file {}: {e}", creds.display()))
+        })?;
+    }
+    if let Some(ca) = &settings.tls_ca {
+        if !ca.is_file() {
+            return Err(TransportError::Broker(format!("the NATS TLS CA file {} does not exist", ca.display())));
+        }
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    match (&settings.user, &settings.password, &settings.token) {
+        (Some(u), Some(p), _) => options = options.user_and_password(u.clone(), p.clone()),
+        (Some(_), None, _) | (None, Some(_), _) => {
+            return Err(TransportError::Broker("NATS user and password must be given together".into()));
+        }
+        (None, None, Some(t)) => options = options.token(t.clone()),
+        _ => {}
+    }
+    options
+        .connect(url.as_str())
+        .await
+        .map_err(|e| TransportError::Broker(format!("cannot connect to NATS at {url}: {e}")))
+}
+
+impl NatsTransport {
     /// The raw client (tests, the bench).
     pub fn client(&self) -> &async_nats::Client {
         &self.client
@@ -387,16 +435,7 @@ impl NatsTransport {
     /// subscriptions are registered): a message to our own inbox comes back only after that.
     /// `Client::flush` is not enough: it only empties the client's buffer into the socket.
     async fn registered(&self) -> Result<(), TransportError> {
-        let broker =
-            |e: &dyn std::fmt::Display| TransportError::Broker(format!("confirming a subscription with NATS: {e}"));
-        let inbox = self.client.new_inbox();
-        let mut echo = self.client.subscribe(inbox.clone()).await.map_err(|e| broker(&e))?;
-        self.client.publish(inbox, bytes::Bytes::new()).await.map_err(|e| broker(&e))?;
-        match tokio::time::timeout(Duration::from_secs(10), echo.next()).await {
-            Ok(Some(_)) => Ok(()),
-            Ok(None) => Err(broker(&"the subscription closed")),
-            Err(_) => Err(broker(&"no echo from the server within 10 s")),
-        }
+        registered_on(&self.client).await
     }
 
     /// Makes `feed` take exactly what `spec` asks for: core subscriptions or durable consumers.
@@ -979,13 +1018,13 @@ impl Transport for NatsTransport {
         // dead letter their patterns do not name (the server would deliver those to `>`).
         let set = Arc::new(PatternSet::parse(&patterns)?);
         let (tx, observed) = Observed::channel(capacity);
+        let client = self.observer_client().await?;
         for p in without_covered(&patterns) {
-            let mut sub = self
-                .client
+            let mut sub = client
                 .subscribe(p.clone())
                 .await
                 .map_err(|e| TransportError::Broker(format!("observing {p} on NATS: {e}")))?;
-            self.registered().await?;
+            registered_on(client).await?;
             let (tx, set) = (tx.clone(), set.clone());
             tokio::spawn(async move {
                 // Ends (and unsubscribes) when the observer goes away, even if nothing arrives.
