@@ -462,6 +462,25 @@ pub fn output_span(out: &Event) -> Span {
         otel.status_code = tracing::field::Empty, otel.status_description = tracing::field::Empty)
 }
 
+/// The most spans one export request carries, and the most waiting for export (unless
+/// `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` / `OTEL_BSP_MAX_QUEUE_SIZE` say otherwise). An attempt's span
+/// carries its plugin's log lines and output as events, up to about 200 KB: at the SDK's 512 a
+/// request reached 27 MB, which a collector refuses (20 MiB by default), losing every other
+/// plugin's spans in it, and 2,048 waiting held 400 MB.
+const EXPORT_BATCH_SPANS: usize = 64;
+const QUEUED_SPANS: usize = 512;
+
+fn batch_config() -> opentelemetry_sdk::trace::BatchConfig {
+    let mut config = opentelemetry_sdk::trace::BatchConfigBuilder::default();
+    if std::env::var_os("OTEL_BSP_MAX_QUEUE_SIZE").is_none() {
+        config = config.with_max_queue_size(QUEUED_SPANS);
+    }
+    if std::env::var_os("OTEL_BSP_MAX_EXPORT_BATCH_SIZE").is_none() {
+        config = config.with_max_export_batch_size(EXPORT_BATCH_SPANS);
+    }
+    config.build()
+}
+
 /// Marks `span` failed with `why` (cut to [`crate::event::ECHO_BYTES`]); formats nothing when
 /// the span is off.
 pub fn fail(span: &Span, why: &dyn std::fmt::Display) {
@@ -572,7 +591,11 @@ impl Exporter {
         // exports every span it is given.
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
             .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOn)
-            .with_batch_exporter(exporter)
+            .with_span_processor(
+                opentelemetry_sdk::trace::BatchSpanProcessor::builder(exporter)
+                    .with_batch_config(batch_config())
+                    .build(),
+            )
             .with_resource(resource)
             .build();
         Ok(Some(Self { provider, endpoint }))

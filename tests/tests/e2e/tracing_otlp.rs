@@ -22,7 +22,15 @@ const WAIT: Duration = Duration::from_secs(60);
 struct Received {
     spans: Arc<Mutex<Vec<(String, Span)>>>,
     errors: Arc<Mutex<Vec<String>>>,
+    /// The size of every request, taken or refused.
+    sizes: Arc<Mutex<Vec<usize>>>,
+    /// The spans of every request taken.
+    batches: Arc<Mutex<Vec<usize>>>,
 }
+
+/// What the OpenTelemetry Collector's OTLP/HTTP receiver takes at most by default
+/// (`max_request_body_size`): a larger request is refused, and every span in it lost.
+const COLLECTOR_MAX_BODY: usize = 20 << 20;
 
 impl Received {
     fn spans(&self) -> Vec<Span> {
@@ -37,6 +45,10 @@ async fn export(
 ) -> (StatusCode, HeaderMap, Vec<u8>) {
     let mut out = HeaderMap::new();
     out.insert(header::CONTENT_TYPE, "application/x-protobuf".parse().unwrap());
+    got.sizes.lock().unwrap().push(body.len());
+    if body.len() > COLLECTOR_MAX_BODY {
+        return (StatusCode::PAYLOAD_TOO_LARGE, out, Vec::new());
+    }
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     if ct != "application/x-protobuf" {
         got.errors.lock().unwrap().push(format!("content-type {ct:?}"));
@@ -44,6 +56,8 @@ async fn export(
     }
     match ExportTraceServiceRequest::decode(body) {
         Ok(req) => {
+            let batch = req.resource_spans.iter().flat_map(|rs| &rs.scope_spans).map(|ss| ss.spans.len()).sum();
+            got.batches.lock().unwrap().push(batch);
             let mut spans = got.spans.lock().unwrap();
             for rs in req.resource_spans {
                 let service = rs
@@ -92,7 +106,10 @@ fn hex(bytes: &[u8]) -> String {
 /// `OTEL_EXPORTER_OTLP_ENDPOINT` names) and what it receives.
 async fn receiver() -> (String, Received) {
     let got = Received::default();
-    let app = axum::Router::new().route("/v1/traces", axum::routing::post(export)).with_state(got.clone());
+    let app = axum::Router::new()
+        .route("/v1/traces", axum::routing::post(export))
+        .layer(axum::extract::DefaultBodyLimit::max(4 * COLLECTOR_MAX_BODY))
+        .with_state(got.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -115,6 +132,17 @@ async fn run_host_with(
     otlp: &str,
     extra: &[&str],
 ) -> (Running, String, std::path::PathBuf) {
+    run_host_env(dir, components, otlp, extra, &[]).await
+}
+
+/// Like [`run_host_with`], with more environment variables.
+async fn run_host_env(
+    dir: &std::path::Path,
+    components: &[&str],
+    otlp: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Running, String, std::path::PathBuf) {
     for c in components {
         std::fs::copy(wasm(c), dir.join(format!("{c}.wasm"))).unwrap();
     }
@@ -136,6 +164,7 @@ async fn run_host_with(
             .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             .env_remove("OTEL_TRACES_SAMPLER")
             .env_remove("OTEL_SDK_DISABLED")
+            .envs(env.iter().copied())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),
@@ -213,6 +242,42 @@ fn descends_from(spans: &[Span], span: &Span, ancestor: &Span) -> bool {
 /// The parent span of `span`.
 fn parent_of<'a>(spans: &'a [Span], span: &Span) -> Option<&'a Span> {
     spans.iter().find(|s| s.span_id == span.parent_span_id)
+}
+
+/// An attempt's span carries its plugin's log lines and output as events (about 200 KB for one
+/// that logs and prints all it may): an export request carries at most 64 spans, so it stays
+/// under what a collector takes. At the SDK's 512 a request reached 27 MB, refused, and echo's
+/// spans in it were lost with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_logs_never_make_an_export_request_a_collector_refuses() {
+    let (otlp, got) = receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Batches are made every 5 s (the SDK's default) or once full.
+    let env = [("OTEL_BSP_SCHEDULE_DELAY", "5000")];
+    let (_host, url, log) = run_host_env(dir.path(), &["hostile", "echo"], &otlp, &[], &env).await;
+    let line = serde_json::Value::String("x".repeat(60_000)).to_string();
+    for i in 0..150 {
+        post(&url, "hostile.forgelog", line.clone(), &[]).await;
+        if i % 10 == 0 {
+            post(&url, &format!("orders.o{i}"), "{}".into(), &[]).await;
+        }
+    }
+    let count = |spans: &[Span], plugin: &str| {
+        spans.iter().filter(|s| s.name.starts_with("process ") && attr(s, "plugin").as_deref() == Some(plugin)).count()
+    };
+    let sizes = || got.sizes.lock().unwrap().clone();
+    let deadline = Instant::now() + WAIT;
+    while count(&got.spans(), "hostile") < 150 || count(&got.spans(), "echo") < 15 {
+        assert!(sizes().iter().all(|&n| n <= COLLECTOR_MAX_BODY), "a request the collector refuses: {:?}", sizes());
+        assert!(Instant::now() < deadline, "spans missing; requests of {:?} bytes", sizes());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(sizes().iter().all(|&n| n <= COLLECTOR_MAX_BODY), "{:?}", sizes());
+    // At most 64 spans a request, whatever they carry: 64 of the largest fit under the bound.
+    let batches = got.batches.lock().unwrap().clone();
+    assert_eq!(batches.iter().max(), Some(&64), "spans per request: {batches:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("ExportError"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
