@@ -299,7 +299,8 @@ impl PluginMetrics {
     }
 
     /// Follows a hot reload: the counters of `patterns` (a pattern kept across the reload keeps
-    /// counting where it was; the handles of patterns dropped are let go).
+    /// counting where it was; the series of patterns dropped leave `/metrics`, or every reload
+    /// that changed the patterns would add series that stay for good).
     pub fn set_subscriptions(&self, patterns: &[String]) {
         let table: Subscriptions = patterns
             .iter()
@@ -309,7 +310,15 @@ impl PluginMetrics {
                 (p, counters)
             })
             .collect();
-        *self.by_subscription.write().expect("metrics poisoned") = table;
+        let old = std::mem::replace(&mut *self.by_subscription.write().expect("metrics poisoned"), table.clone());
+        for (dropped, _) in old.iter().filter(|(p, _)| !table.iter().any(|(q, _)| q.as_str() == p.as_str())) {
+            let labels = Metrics::event(&self.plugin, dropped.as_str());
+            for family in
+                [&self.family.received, &self.family.handled, &self.family.retried, &self.family.dead_lettered]
+            {
+                family.remove(&labels);
+            }
+        }
     }
 
     /// The counters of an event on `subject`: those of the first pattern that matches it.
@@ -336,6 +345,20 @@ impl Metrics {
             handled: self.handled.get_or_create(&labels).clone(),
             retried: self.retried.get_or_create(&labels).clone(),
             dead_lettered: self.dead_lettered.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// Takes a removed plugin's gauges out of `/metrics` (its in-flight and queue depth, its
+    /// breakers to `breaker_hosts`): left, they stayed at their last value, and an alert on them
+    /// fired for a plugin that no longer exists. Its counters stay, as totals.
+    pub fn forget_gauges(&self, plugin: &str, breaker_hosts: impl IntoIterator<Item = String>) {
+        let labels = PluginLabels { plugin: plugin.to_string() };
+        self.in_flight.remove(&labels);
+        self.queue_depth.remove(&labels);
+        for host in breaker_hosts {
+            let labels = BreakerLabels { plugin: plugin.to_string(), host };
+            self.breaker_open.remove(&labels);
+            self.breaker_opened.remove(&labels);
         }
     }
 
@@ -372,6 +395,29 @@ mod tests {
 
     fn series(m: &Metrics) -> usize {
         m.encode().lines().filter(|l| l.starts_with("plugbus_events_")).count()
+    }
+
+    #[test]
+    fn a_reload_and_a_removal_leave_no_series_behind() {
+        let m = Arc::new(Metrics::default());
+        let p = PluginMetrics::new(m.clone(), "orders", &["orders.a".into(), "orders.b".into()]);
+        p.event("orders.a").received.inc();
+        for i in 0..5 {
+            p.set_subscriptions(&[format!("orders.v{i}"), "orders.b".into()]);
+        }
+        let text = m.encode();
+        assert!(!text.contains(r#"subscription="orders.a""#) && !text.contains("orders.v3"), "{text}");
+        assert!(text.contains(r#"subscription="orders.v4""#) && text.contains(r#"subscription="orders.b""#), "{text}");
+        let labels = PluginLabels { plugin: "orders".into() };
+        m.in_flight.get_or_create(&labels).set(1);
+        m.queue_depth.get_or_create(&labels).set(3);
+        let breaker = BreakerLabels { plugin: "orders".into(), host: "pay.example".into() };
+        m.breaker_open.get_or_create(&breaker).set(1);
+        m.forget_gauges("orders", ["pay.example".to_string()]);
+        let text = m.encode();
+        for gone in ["plugbus_in_flight{", "plugbus_queue_depth{", "plugbus_breaker_open{"] {
+            assert!(!text.contains(gone), "{gone} is still there: {text}");
+        }
     }
 
     #[test]

@@ -276,7 +276,9 @@ impl Router {
     /// a reinstall, or the next start. A reinstall reads it once what this one took is done.)
     pub fn remove(&self, name: &str) -> bool {
         let removed = self.entries.lock().expect("router poisoned").remove(name);
-        if removed.is_some() {
+        if let Some(e) = &removed {
+            let breakers = e.runtime.plugin().outbound().breakers.views().into_iter().map(|b| b.host);
+            self.metrics.forget_gauges(name, breakers);
             tracing::info!(plugin = %name, "plugin removed: unsubscribed");
         }
         removed.is_some()
