@@ -243,7 +243,7 @@ pub fn tail_line(record: &Value, on: bool) -> String {
     format!(
         "{} {} {} {}",
         paint(on, "2", &format!("{clock:<12}")),
-        paint(on, "36", &format!("{subject:<24}")),
+        paint(on, "36", &format!("{:<24}", printable(subject))),
         paint(on, "2", &text(&record["id"])),
         short(record["data"].as_str().unwrap_or(""), 100)
     )
@@ -378,6 +378,19 @@ mod tests {
         p.update(1, 2, "x.wasm");
         drop(p);
         assert!(BAR.lock().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_tailed_subject_with_escapes_is_shown_not_sent_to_the_terminal() {
+        // A NATS publisher names any subject: `x.ESC]0;PWNED BEL` retitled the terminal.
+        for subject in ["x.\u{1b}]0;PWNED\u{7}.\u{1b}[31mRED", "y.\u{202e}desrever"] {
+            let line = tail_line(
+                &json!({ "time": "2026-12-05T06:00:00.000Z", "subject": subject, "id": "1", "data": "" }),
+                true,
+            );
+            assert!(!line.contains(['\u{7}', '\u{202e}']), "{line:?}");
+            assert!(!line.replace("\u{1b}[", "").contains('\u{1b}'), "a raw escape beside the colours: {line:?}");
+        }
     }
 
     #[test]
