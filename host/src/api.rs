@@ -421,23 +421,32 @@ async fn tail(State(api): State<Api>, Path(pattern): Path<String>, Query(q): Que
     let (held, dropped) = (buffered.clone(), metrics.tail_events_dropped.clone());
     tokio::spawn(async move {
         let mut dropped_here = 0u64;
+        // What the transport could not hand this tail (a burst past its queue, a broker
+        // client's full buffer) is dropped for the client too: taken with each event, every
+        // second (misses at the end of a burst), and at the end.
+        let take_missed = |dropped_here: &mut u64| {
+            let n = missed.swap(0, Ordering::Relaxed);
+            if n > 0 {
+                dropped.inc_by(n);
+                if *dropped_here == 0 {
+                    tracing::warn!(pattern = %pattern, "a live tail missed events of a burst: events dropped for it");
+                }
+                *dropped_here += n;
+            }
+        };
+        let mut every_second = tokio::time::interval(Duration::from_secs(1));
         loop {
             let ev = tokio::select! {
                 ev = events.recv() => ev,
                 // The client went away: stop observing even if nothing matches any more.
                 _ = tx.closed() => None,
+                _ = every_second.tick() => {
+                    take_missed(&mut dropped_here);
+                    continue;
+                }
             };
             let Some(ev) = ev else { break };
-            // What the transport could not hand this tail (a burst past its queue) is dropped
-            // for the client too.
-            let missed = missed.swap(0, Ordering::Relaxed);
-            if missed > 0 {
-                dropped.inc_by(missed);
-                if dropped_here == 0 {
-                    tracing::warn!(pattern = %pattern, "a live tail missed events of a burst: events dropped for it");
-                }
-                dropped_here += missed;
-            }
+            take_missed(&mut dropped_here);
             let len = held_bytes(&ev);
             if held.load(Ordering::Acquire) + len > budget {
                 dropped.inc();
@@ -452,6 +461,7 @@ async fn tail(State(api): State<Api>, Path(pattern): Path<String>, Query(q): Que
                 break;
             }
         }
+        take_missed(&mut dropped_here);
         if dropped_here > 0 {
             tracing::info!(pattern = %pattern, dropped = dropped_here, "live tail closed");
         }
@@ -779,7 +789,7 @@ async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqListQuery>) -> Resp
     let limit = q.limit.unwrap_or(usize::MAX);
     // Without a broker's store, the host's own newest page (no copy of the whole store).
     if api.s.transport.kept_dead_letters(None, 0).await.ok().flatten().is_none() {
-        let (dead_letters, total) = api.s.dead_letters.newest(q.plugin.as_deref(), limit);
+        let (dead_letters, total) = api.s.dead_letters.newest(q.plugin.as_deref(), limit, !q.summary);
         return listing(dead_letters.into_iter().map(|e| (e, "host")).collect(), total, q.summary).await;
     }
     // The broker's newest page: it costs about `limit` reads however many the broker keeps
@@ -790,7 +800,7 @@ async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqListQuery>) -> Resp
         Ok(newest) => newest.unwrap_or_default(),
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("reading the broker's dead letters: {e}")),
     };
-    let local = only_here(&broker, api.s.dead_letters.newest(q.plugin.as_deref(), page).0, page);
+    let local = only_here(&broker, api.s.dead_letters.newest(q.plugin.as_deref(), page, !q.summary).0, page);
     let total = broker_total + local.len();
     // The broker's in its order, then this host's (newer than a full page's oldest, see
     // `only_here`), as before.
@@ -800,23 +810,19 @@ async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqListQuery>) -> Resp
     listing(all, total, q.summary).await
 }
 
-/// The answer of `GET /v1/dlq`: `entries` (oldest first, each with who keeps it), as many of the
-/// newest as fit in [`LISTING_BYTES`] of JSON, each whole or (`summary`) without its data and
-/// record. Built off the runtime: it can be megabytes.
+/// The answer of `GET /v1/dlq`: `entries` (oldest first, each with who keeps it), from the newest
+/// back, each that still fits in [`LISTING_BYTES`] of JSON (one that does not is left out, and
+/// older ones that fit are still listed), whole or (`summary`) without its data and record;
+/// `left_out` counts those left out. Built off the runtime: it can be megabytes.
 async fn listing(entries: Vec<(crate::deadletter::Entry, &'static str)>, total: usize, summary: bool) -> Response {
     let built = tokio::task::spawn_blocking(move || {
         let mut listed = Vec::new();
         let mut bytes = 0;
         let mut left_out = 0;
         for (entry, kept_by) in entries.into_iter().rev() {
-            if bytes >= LISTING_BYTES {
-                left_out += 1;
-                continue;
-            }
             let v = if summary { summary_of(&entry, kept_by) } else { tag(entry, kept_by) };
             let text = v.to_string();
             if bytes + text.len() > LISTING_BYTES {
-                bytes = LISTING_BYTES;
                 left_out += 1;
                 continue;
             }

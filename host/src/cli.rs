@@ -136,10 +136,15 @@ pub fn dlq_table(body: &Value) -> String {
             short(header(ev, "plugbus-error"), 80),
         ]);
     }
-    if letters.is_empty() {
+    let left_out = body["left_out"].as_u64().unwrap_or(0);
+    if letters.is_empty() && left_out == 0 {
         return "no dead letters kept".into();
     }
-    render(&t)
+    let mut shown = render(&t);
+    if left_out > 0 {
+        shown.push_str(&format!("\n{left_out} more kept, left out of this listing (over 16 MiB): list per plugin"));
+    }
+    shown
 }
 
 /// `plugbus dlq debug`: the answer of `POST /v1/dlq/{id}/debug`, the failed version and the

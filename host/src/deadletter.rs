@@ -658,11 +658,20 @@ impl DeadLetters {
 
     /// The newest `limit` kept dead letters (optionally of one plugin), oldest first, and how many
     /// are kept in all (of that plugin): a page can poll this without copying the whole store.
-    pub fn newest(&self, plugin: Option<&str>, limit: usize) -> (Vec<Entry>, usize) {
+    ///
+    /// Without `records`, each without its record (a listing's summary shows none, and a record
+    /// is up to 1 MiB to copy under the store's lock).
+    pub fn newest(&self, plugin: Option<&str>, limit: usize, records: bool) -> (Vec<Entry>, usize) {
         let kept = self.kept.lock().expect("dlq poisoned");
         let mine = |e: &&Entry| plugin.is_none_or(|p| e.plugin == p);
         let total = kept.items.iter().filter(mine).count();
-        let mut newest: Vec<Entry> = kept.items.iter().rev().filter(mine).take(limit).cloned().collect();
+        let copy = |e: &Entry| Entry {
+            seq: e.seq,
+            plugin: e.plugin.clone(),
+            event: e.event.clone(),
+            record: if records { e.record.clone() } else { None },
+        };
+        let mut newest: Vec<Entry> = kept.items.iter().rev().filter(mine).take(limit).map(copy).collect();
         newest.reverse();
         (newest, total)
     }

@@ -227,27 +227,12 @@ pub async fn plugins_dir_of(client: &reqwest::Client, url: &str) -> anyhow::Resu
 /// Writes `bytes` to `target` through a new file beside it, then a rename (one event for the
 /// reloader, which ignores the temporary file: not `*.wasm`). The temporary name is random and
 /// the file made new (`O_EXCL`): whatever someone who can write the folder put at a name is
-/// never written through (a symlink to another file) nor opened (a FIFO).
-fn write_beside(plugins: &Path, file: &str, bytes: &[u8], target: &Path) -> anyhow::Result<()> {
-    remove_leftovers(plugins, file);
+/// never written through (a symlink to another file) nor opened (a FIFO); what a killed deploy
+/// left beside it under its own names goes (`replace_file`).
+fn write_beside(target: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let temp = crate::replace_file::temp_beside(target, "plugbus-dev");
     crate::replace_file::replace_with(&temp, target, bytes)
         .with_context(|| format!("writing {} through {}", target.display(), temp.display()))
-}
-
-/// Removes what an earlier write of `file` left beside it (`plugbus dev` killed between the write
-/// and the rename): each a build's size, never read. Only its own names, and never through a
-/// link (removing a link removes the link).
-fn remove_leftovers(plugins: &Path, file: &str) {
-    let Ok(entries) = std::fs::read_dir(plugins) else { return };
-    let prefix = format!(".{file}.");
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with(&prefix) && name.ends_with(".plugbus-dev") {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
 }
 
 /// Copies `bytes` into `plugins/<name>.wasm` (beside it first, then a rename) and waits until
@@ -268,7 +253,7 @@ pub async fn deploy(
         return Ok(Outcome::Unchanged { built });
     }
     let target = plugins.join(&file);
-    write_beside(plugins, &file, bytes, &target)?;
+    write_beside(&target, bytes)?;
     let copied = Instant::now();
     let Some(before) = before else {
         return Ok(Outcome::Copied {

@@ -170,6 +170,8 @@ async fn run(plugin: &Plugin, event: &Event, record: &Record) -> Value {
     let seen = attempt.seen.map(|s| *s).unwrap_or_default();
     let (result, error) = match &attempt.result {
         Ok(()) => ("ok", None),
+        // The run says nothing of the handler: the host failed it (a full pool, a panic).
+        Err(f @ crate::sandbox::Failure::Host(_)) => ("host-error", Some(f.to_string())),
         Err(f) if f.is_retryable() => ("retry", Some(f.to_string())),
         Err(f) => ("reject", Some(f.to_string())),
     };

@@ -67,8 +67,9 @@ impl DeliveryError {
         }
     }
 
-    /// Whether the host (its kv store, its bus, its instance pool, a host function) failed the
-    /// attempt, not the handler nor the event (`plugbus_host_failures_total`).
+    /// Whether the host (its kv store, its bus, its instance pool, a host function) failed, not
+    /// the handler nor the event (an attempt's are counted in `plugbus_host_failures_total`; an
+    /// output's, which never fails its attempt, in `plugbus_outputs_dead_lettered_total`).
     pub fn is_the_hosts(&self) -> bool {
         matches!(self, DeliveryError::Host(_) | DeliveryError::Kv(_) | DeliveryError::Publish(_))
     }

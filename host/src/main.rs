@@ -364,7 +364,10 @@ fn init_logging_with(format: LogFormat, default: &str, exporter: Option<&plugbus
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{EnvFilter, Layer};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // async-nats logs each of its connection events at info, one per message a full subscription
+    // drops: plugbus tells those itself (counted, once), so by default only its warnings show.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(format!("{default},async_nats=warn")));
     let off = format!("{}=off", plugbus::telemetry::TARGET).parse().expect("a valid directive");
     let filter = filter.add_directive(off);
     let log_level = log_max_level(&filter);
@@ -746,7 +749,18 @@ async fn dlq(client: &reqwest::Client, url: &str, action: DlqAction, plugin: Opt
                     .map_err(|e| anyhow::anyhow!("dead letter {}: {e}", entry["event"]["id"]))?;
                 std::io::Write::write_all(&mut out, format!("{case}\n").as_bytes()).context("writing to stdout")?;
             }
+            // What the listing had no room for is not exported: say so, and fail.
+            if let Some(n) = body["left_out"].as_u64().filter(|n| *n > 0) {
+                anyhow::bail!(
+                    "{n} dead letter(s) were left out: one listing holds at most 16 MiB of JSON; the others were \
+                     exported (export per plugin with --plugin, or fetch one with GET /v1/dlq/{{id}})"
+                );
+            }
             return Ok(());
+        }
+        // The table shows no data: the summary is enough, and lists far more in 16 MiB.
+        DlqAction::List { json: false } => {
+            (client.get(api_url(url, &["v1", "dlq"])?).query(&[("summary", "true")]), false)
         }
         DlqAction::List { json } => (client.get(api_url(url, &["v1", "dlq"])?), *json),
         DlqAction::Replay { id: Some(id), json } => (client.post(api_url(url, &["v1", "dlq", id, "replay"])?), *json),
@@ -780,13 +794,13 @@ async fn replay_with_progress(client: &reqwest::Client, url: &str, plugin: Optio
         Some(p) => req.query(&[("plugin", p)]),
         None => req,
     };
-    let listed: serde_json::Value = send(with_plugin(client.get(api_url(url, &["v1", "dlq"])?)), url)
-        .await?
-        .json()
-        .await
-        .context("reading the dead letters")?;
+    let listed = client.get(api_url(url, &["v1", "dlq"])?).query(&[("summary", "true")]);
+    let listed: serde_json::Value =
+        send(with_plugin(listed), url).await?.json().await.context("reading the dead letters")?;
     let letters: Vec<&serde_json::Value> = listed["dead_letters"].as_array().into_iter().flatten().collect();
-    if letters.iter().any(|d| d["kept_by"] != "host") {
+    // One by one only when the listing holds them all; else the one bulk replay takes them all.
+    let all_listed = listed["left_out"].as_u64().unwrap_or(0) == 0;
+    if !all_listed || letters.iter().any(|d| d["kept_by"] != "host") {
         let req = with_plugin(client.post(api_url(url, &["v1", "dlq", "replay"])?));
         let body: serde_json::Value = send(req, url).await?.json().await.context("reading the host's answer")?;
         println!("{}", cli::replay_summary(&body));

@@ -214,9 +214,10 @@ impl Default for Metrics {
         );
         r.register(
             "host_failures",
-            "Attempts of a plugin that failed because of the host, not the handler: the kv store or the bus did not \
-             take the attempt's writes, the instance pool plugins share stayed full, a host call did not answer within \
-             the deadline, or a host function panicked (also counted as retried or dead-lettered)",
+            "Attempts of a plugin that failed because of the host, not the handler: the kv store did not commit the \
+             attempt's writes, the instance pool plugins share stayed full, a host call did not answer within the \
+             deadline, or a host function panicked (also counted as retried or dead-lettered; outputs the bus did not \
+             take are counted in outputs_dead_lettered)",
             m.host_failures.clone(),
         );
         r.register(

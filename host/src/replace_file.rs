@@ -8,15 +8,11 @@ use std::io::Write;
 use std::path::Path;
 
 /// Writes `bytes` into `temp`, which must not exist yet (made with `O_EXCL`: whatever is at that
-/// name, a link or a FIFO, is refused, never written through), syncs it and renames it over
-/// `target`. On failure the temporary is removed.
+/// name, a link or a FIFO, is refused, never written through, and left as it is), syncs it and
+/// renames it over `target`. On failure the temporary it made is removed.
 pub fn replace_with(temp: &Path, target: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let written = (|| {
-        let mut out = std::fs::OpenOptions::new().write(true).create_new(true).open(temp)?;
-        out.write_all(bytes)?;
-        out.sync_all()
-    })();
-    let renamed = written.and_then(|()| std::fs::rename(temp, target));
+    let mut out = std::fs::OpenOptions::new().write(true).create_new(true).open(temp)?;
+    let renamed = out.write_all(bytes).and_then(|()| out.sync_all()).and_then(|()| std::fs::rename(temp, target));
     if renamed.is_err() {
         let _ = std::fs::remove_file(temp);
     }
@@ -24,10 +20,29 @@ pub fn replace_with(temp: &Path, target: &Path, bytes: &[u8]) -> std::io::Result
 }
 
 /// A name beside `target` for its replacement: `.<file name>.<random>.<tag>`, hidden, and
-/// unknown in advance.
+/// unknown in advance. What a write killed before its rename left under such names is removed
+/// first ([`remove_leftovers`]).
 pub fn temp_beside(target: &Path, tag: &str) -> std::path::PathBuf {
+    remove_leftovers(target, tag);
     let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     target.with_file_name(format!(".{name}.{:016x}.{tag}", fastrand::u64(..)))
+}
+
+/// Removes what earlier writes of `target` killed between the write and the rename left beside
+/// it (each the file's size, never read): only names of [`temp_beside`]'s form for `tag`, and
+/// never through a link (removing a link removes the link).
+pub fn remove_leftovers(target: &Path, tag: &str) {
+    let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else { return };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let (prefix, suffix) = (format!(".{}.", name.to_string_lossy()), format!(".{tag}"));
+    for entry in entries.flatten() {
+        let found = entry.file_name();
+        let found = found.to_string_lossy();
+        if found.starts_with(&prefix) && found.ends_with(&suffix) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -44,9 +59,14 @@ mod tests {
         assert!(replace_with(&temp, &target, b"new").is_err(), "written through a link");
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "old");
+        assert!(std::fs::symlink_metadata(&temp).is_ok(), "the link at the name was removed");
+        // What a write killed before its rename left goes; other files stay.
+        let left = dir.path().join(".cases.jsonl.0123456789abcdef.test");
+        std::fs::write(&left, "half").unwrap();
         let fresh = temp_beside(&target, "test");
+        assert!(!left.exists(), "a leftover stayed");
         replace_with(&fresh, &target, b"new").unwrap();
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "new");
-        assert!(!fresh.exists());
+        assert!(!fresh.exists() && temp.exists() && victim.exists());
     }
 }

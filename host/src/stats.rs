@@ -103,30 +103,29 @@ pub const MAX_MATCH_EDGES: usize = 1024;
 /// [`MAX_MATCH_EDGES`], and how many more there are.
 type Matches = (Arc<[(String, String)]>, usize);
 
-/// The matches of the last pattern sets seen, by their hash: they change only when a plugin's
-/// patterns do (a reload), and finding them compares every published pattern with every
-/// subscribed one, too much for every poll.
-static LAST_MATCHES: Mutex<Option<(u64, Matches)>> = Mutex::new(None);
+/// The last pattern sets seen (published, subscribed) and their matches: they change only when
+/// a plugin's patterns do (a reload), and finding them compares every published pattern with
+/// every subscribed one, too much for every poll. Kept by the sets themselves, not a hash of
+/// them: plugin authors choose the patterns.
+type Seen = (BTreeSet<String>, BTreeSet<String>, Matches);
+static LAST_MATCHES: Mutex<Option<Seen>> = Mutex::new(None);
 
 /// The matches of `published` and `subscribed` (from [`LAST_MATCHES`] when they are the last
 /// seen).
 fn matches(published: &BTreeSet<String>, subscribed: &BTreeSet<String>) -> Matches {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (published, subscribed).hash(&mut hasher);
-    let key = hasher.finish();
-    if let Some((k, found)) = &*LAST_MATCHES.lock().expect("poisoned")
-        && *k == key
+    if let Some((p, s, found)) = &*LAST_MATCHES.lock().expect("poisoned")
+        && p == published
+        && s == subscribed
     {
         return found.clone();
     }
-    let subscribed: Vec<(&String, Pattern)> =
+    let parsed: Vec<(&String, Pattern)> =
         subscribed.iter().filter_map(|s| Pattern::parse(s).ok().map(|p| (s, p))).collect();
     let mut found = Vec::new();
     let mut more = 0;
     for p in published {
         let Ok(pp) = Pattern::parse(p) else { continue };
-        for (s, sp) in subscribed.iter().filter(|(s, _)| *s != p) {
+        for (s, sp) in parsed.iter().filter(|(s, _)| *s != p) {
             if sp.overlaps(&pp) {
                 if found.len() < MAX_MATCH_EDGES {
                     found.push((p.clone(), (*s).clone()));
@@ -137,7 +136,7 @@ fn matches(published: &BTreeSet<String>, subscribed: &BTreeSet<String>) -> Match
         }
     }
     let found: Matches = (found.into(), more);
-    *LAST_MATCHES.lock().expect("poisoned") = Some((key, found.clone()));
+    *LAST_MATCHES.lock().expect("poisoned") = Some((published.clone(), subscribed.clone(), found.clone()));
     found
 }
 
@@ -306,6 +305,10 @@ mod tests {
         // and it is found again, the same, from the last sets seen
         let again = graph(&[info("bomb", &subs, &pubs)], &BTreeMap::new());
         assert_eq!((again.edges, again.matches_left_out), (g.edges, g.matches_left_out));
+        // and other patterns get their own matches, not the last ones found
+        let small = graph(&[info("a", &["x.in"], &["x.>"])], &BTreeMap::new());
+        let found: Vec<_> = small.edges.iter().filter(|e| e.kind == "matches").map(|e| (&*e.from, &*e.to)).collect();
+        assert_eq!((found, small.matches_left_out), (vec![("subject:x.>", "subject:x.in")], 0));
     }
 
     #[test]

@@ -346,12 +346,6 @@ pub fn span_context(span: &Span) -> SpanContext {
     span.context().span().span_context().clone()
 }
 
-/// The context of the span running now, when tracing is on and it is a real one (a request a
-/// plugin sends carries it).
-pub fn current_context() -> Option<SpanContext> {
-    enabled().then(|| span_context(&Span::current())).filter(SpanContext::is_valid)
-}
-
 /// Makes `parent` (a remote span context) the parent of `span`.
 fn adopt(span: &Span, parent: SpanContext) {
     let cx = opentelemetry::Context::new().with_remote_span_context(parent);

@@ -49,6 +49,9 @@ const MAX_CACHE_BYTES: u64 = 2 << 30;
 /// (another host sharing the folder may be writing a younger one).
 const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// What a small file takes of the disk at least (a kept refusal is a few hundred bytes).
+const BLOCK_BYTES: u64 = 4096;
+
 /// The largest kept refusal read back.
 const MAX_REFUSAL_BYTES: u64 = 64 << 10;
 
@@ -65,6 +68,8 @@ pub struct CompileCache {
     engine_key: String,
     key: [u8; KEY_LEN],
     max_bytes: u64,
+    /// The largest entry read back, and so kept ([`MAX_ENTRY_BYTES`]).
+    max_entry_bytes: u64,
 }
 
 impl CompileCache {
@@ -75,7 +80,13 @@ impl CompileCache {
         let mut h = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
         let key = load_or_make_key(&key_path(dir))?;
-        Ok(Self { dir: dir.to_path_buf(), engine_key: format!("{:016x}", h.finish()), key, max_bytes: MAX_CACHE_BYTES })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            engine_key: format!("{:016x}", h.finish()),
+            key,
+            max_bytes: MAX_CACHE_BYTES,
+            max_entry_bytes: MAX_ENTRY_BYTES,
+        })
     }
 
     fn path(&self, wasm_hash: &str) -> PathBuf {
@@ -95,7 +106,7 @@ impl CompileCache {
     fn read_verified(&self, engine: &Engine, wasm_hash: &str, stats: &CacheStats) -> Option<Component> {
         let path = self.path(wasm_hash);
         let name = path.file_name()?.to_string_lossy().into_owned();
-        let bytes = match read_regular(&path, MAX_ENTRY_BYTES) {
+        let bytes = match read_regular(&path, self.max_entry_bytes) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
             Err(e) => {
@@ -180,8 +191,11 @@ impl CompileCache {
         let mut kept = self.mac(&name, &memo).finalize().into_bytes().to_vec();
         kept.extend_from_slice(&memo);
         if let Err(e) = write_atomically(&path, &kept) {
-            tracing::warn!(file = %path.display(), "could not keep a compile refusal: {e}");
+            return tracing::warn!(file = %path.display(), "could not keep a compile refusal: {e}");
         }
+        // Counted with the entries: a folder fed a new hostile variant of a file over and over
+        // would otherwise leave a refusal of each for good.
+        self.tidy(&path);
     }
 
     fn refusal_path(&self, wasm_hash: &str) -> PathBuf {
@@ -197,6 +211,13 @@ impl CompileCache {
     /// tag does not match, which is recompiled).
     fn write_entry(&self, wasm_hash: &str, serialized: &[u8]) -> std::io::Result<()> {
         let path = self.path(wasm_hash);
+        // One it would never read back (compiled under a `sandbox.compile_memory_mib` above it)
+        // is not kept: it would take its size of the cache for nothing.
+        if serialized.len() as u64 > self.max_entry_bytes {
+            tracing::info!(file = %path.display(), bytes = serialized.len(), max_bytes = self.max_entry_bytes,
+                "a compiled component over the compile cache's bound on an entry: not kept (compiled at each load)");
+            return Ok(());
+        }
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let tag = self.mac(&name, serialized).finalize().into_bytes();
         write_atomically(&path, serialized)?;
@@ -205,8 +226,9 @@ impl CompileCache {
         Ok(())
     }
 
-    /// Keeps the cache within [`MAX_CACHE_BYTES`]: entries (with their tags) go, used longest
-    /// ago first, never `keep` (the one just written); temporary files older than
+    /// Keeps the cache within [`MAX_CACHE_BYTES`]: entries (with their tags) and kept refusals
+    /// (each counted as at least a file-system block: [`BLOCK_BYTES`]) go, used longest ago first, never `keep`
+    /// (the one just written); temporary files older than
     /// [`STALE_TEMPORARY`] (a crash mid-write left them) go too. Best effort: what cannot be
     /// listed or removed is left, logged.
     fn tidy(&self, keep: &Path) {
@@ -225,9 +247,11 @@ impl CompileCache {
                 if age > STALE_TEMPORARY {
                     let _ = std::fs::remove_file(&path);
                 }
-            } else if meta.is_file() && name.ends_with(".cwasm") {
-                total += meta.len();
-                entries.push((meta.modified().unwrap_or(std::time::UNIX_EPOCH), meta.len(), path));
+            } else if meta.is_file() && (name.ends_with(".cwasm") || name.ends_with(".refused")) {
+                let refusal = name.ends_with(".refused");
+                let len = if refusal { meta.len().max(BLOCK_BYTES) } else { meta.len() };
+                total += len;
+                entries.push((meta.modified().unwrap_or(std::time::UNIX_EPOCH), len, path));
             }
         }
         if total <= self.max_bytes {
@@ -242,8 +266,11 @@ impl CompileCache {
             if path == keep {
                 continue;
             }
-            // The tag first: an entry without its tag is recompiled, never loaded.
-            let _ = std::fs::remove_file(tag_path(&path));
+            // The tag first: an entry without its tag is recompiled, never loaded. (A refusal
+            // carries its own.)
+            if path.extension().is_some_and(|e| e == "cwasm") {
+                let _ = std::fs::remove_file(tag_path(&path));
+            }
             if std::fs::remove_file(&path).is_ok() {
                 total -= len;
                 (removed, freed) = (removed + 1, freed + len);
@@ -577,6 +604,28 @@ mod tests {
         cache.write_entry("e", &entry).unwrap();
         assert!(cache.path("e").exists() && tag_path(&cache.path("e")).exists());
         assert!(!cache.path("a").exists() && !cache.path("c").exists() && !cache.path("d").exists());
+    }
+
+    /// Kept refusals count against the cache's size too (one per hostile variant of a file was
+    /// kept for good), and an entry it would never read back is not kept.
+    #[test]
+    fn kept_refusals_are_trimmed_with_the_entries_and_an_unreadable_entry_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::default();
+        let mut cache = CompileCache::new(&dir.path().join("cache"), &engine).unwrap();
+        cache.max_bytes = 10 * BLOCK_BYTES;
+        for i in 0..100 {
+            cache.remember_refusal(&format!("h{i}"), "caps", "needs more CPU time than sandbox.compile_timeout");
+        }
+        let kept = std::fs::read_dir(&cache.dir)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "refused"))
+            .count();
+        assert!((1..=10).contains(&kept), "{kept} refusals kept");
+        assert!(cache.refusal_path("h99").exists(), "the one just kept stays");
+        cache.max_entry_bytes = 500;
+        cache.write_entry("big", &[0u8; 1_000]).unwrap();
+        assert!(!cache.path("big").exists(), "an entry it would never read back was kept");
     }
 
     /// Threads (or hosts) writing the same entry at once each succeed, and what is left is whole.

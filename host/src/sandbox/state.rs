@@ -78,6 +78,10 @@ pub struct HostState {
     pub reply_token: Option<String>,
     /// The chain of requests the event (a request) belongs to ([`crate::rpc::ASKED_THROUGH`]).
     asked_through: Option<String>,
+    /// The trace context this attempt's requests carry: what its outputs carry
+    /// ([`crate::telemetry::output_context`]), so a host without export, or an unsampled
+    /// delivery, passes the input's context (or its decision) on to the responder.
+    request_context: Option<opentelemetry::trace::SpanContext>,
     /// This attempt's reply, released with its outputs only on Ok.
     pub reply: Option<Output>,
     /// Requests this attempt made.
@@ -147,6 +151,7 @@ impl HostState {
             reply_to: None,
             reply_token: None,
             asked_through: None,
+            request_context: None,
             reply: None,
             requests: 0,
             refusals: 0,
@@ -162,6 +167,8 @@ impl HostState {
         self.reply_token = reply_to.map(crate::rpc::reply_token);
         self.reply_to = reply_to.map(str::to_string);
         self.asked_through = reply_to.and(event.header(crate::rpc::ASKED_THROUGH)).map(str::to_string);
+        // Read now, in the attempt's span, as the request's host call would.
+        self.request_context = crate::telemetry::output_context(event);
     }
 
     /// When this attempt's deadline passes.
@@ -510,9 +517,10 @@ impl rpc::Host for HostState {
         let mut event = Output { subject: subject.clone(), data: data.into(), headers }
             .into_request(&self.event_id, &self.plugin.name);
         event.extensions.push((crate::rpc::ASKED_THROUGH.into(), chain));
-        // The attempt's context (the host call runs in its span), so the responder's spans join
-        // the requester's trace; the plugin's own was dropped.
-        crate::telemetry::set_context(&mut event, crate::telemetry::current_context().as_ref());
+        // The attempt's context, as its outputs carry it (the input's passed on when tracing is
+        // off or the delivery unsampled), so the responder's spans join the requester's trace;
+        // the plugin's own was dropped.
+        crate::telemetry::set_context(&mut event, self.request_context.as_ref());
         let request_id = event.id.clone();
         tracing::debug!(plugin = %self.plugin.name, event_id = %self.event_id, request = %subject, request_id = %request_id,
             timeout_ms = timeout.as_millis() as u64, "request sent");

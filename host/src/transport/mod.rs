@@ -49,6 +49,12 @@ impl ObserverSender {
         }
     }
 
+    /// Counts `n` events the observer missed before they reached this sender (a broker
+    /// client's own buffer was full).
+    pub fn count_missed(&self, n: u64) {
+        self.missed.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Whether the observer has gone.
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()

@@ -481,6 +481,11 @@ async fn a_dlq_replay_cancelled_midway_loses_no_dead_letter() {
 async fn a_dead_letter_listing_is_bounded_in_bytes_whatever_the_data() {
     let t = TestHost::start(&["hostile"]).await;
     let mut dead = t.observe(&["plugbus.dlq.hostile"]).await;
+    // Three small ones first: older than the large ones, they still fit, and are listed.
+    for _ in 0..3 {
+        t.publish("hostile.zzz", "small").await;
+        dead.next_on("plugbus.dlq.hostile").await;
+    }
     for i in 0..12 {
         let mut data = vec![1u8; 1_000_000];
         data[..8].copy_from_slice(format!("{i:08}").as_bytes());
@@ -497,22 +502,30 @@ async fn a_dead_letter_listing_is_bounded_in_bytes_whatever_the_data() {
     assert!(whole.len() <= (16 << 20) + 4096, "a listing of {} bytes", whole.len());
     let v: Value = serde_json::from_slice(&whole).unwrap();
     let listed = v["dead_letters"].as_array().unwrap();
-    assert_eq!(v["total"], 12);
-    assert_eq!(v["left_out"].as_u64().unwrap() as usize + listed.len(), 12, "{}", v["left_out"]);
-    assert!(!listed.is_empty() && listed.len() < 12, "{} listed", listed.len());
-    // The newest are the ones listed, whole.
-    let newest = listed.last().unwrap()["event"]["data"].as_str().unwrap();
-    assert!(newest.starts_with("00000011"), "{}", &newest[..8]);
+    assert_eq!(v["total"], 15);
+    assert_eq!(v["left_out"].as_u64().unwrap() as usize + listed.len(), 15, "{}", v["left_out"]);
+    let data = |e: &Value| e["event"]["data"].as_str().unwrap().chars().take(8).collect::<String>();
+    let shown: Vec<String> = listed.iter().map(data).collect();
+    // The newest large ones that fit, whole, then the older small ones past those left out.
+    assert_eq!(shown[..3], ["small", "small", "small"], "{shown:?}");
+    assert!(shown.len() > 3 && shown.len() < 15, "{shown:?}");
+    assert_eq!(shown.last().unwrap(), "00000011", "{shown:?}");
     let summary = get("&summary=true").await;
     assert!(summary.len() < 64 << 10, "a summary of {} bytes", summary.len());
     let v: Value = serde_json::from_slice(&summary).unwrap();
     let listed = v["dead_letters"].as_array().unwrap();
-    assert_eq!((listed.len(), v["left_out"].as_u64()), (12, Some(0)));
-    let first = &listed[0];
+    assert_eq!((listed.len(), v["left_out"].as_u64()), (15, Some(0)));
+    let first = &listed[3];
     assert!(first["event"].get("data").is_none() && first.get("record").is_none(), "{first}");
     assert_eq!(first["event"]["data_bytes"], 1_000_000);
     assert_eq!(first["kept_by"], "host");
     assert!(first["event"]["headers"].to_string().contains("plugbus-error"), "{first}");
+    // `plugbus dlq export` writes what the listing holds and fails naming what it left out.
+    let out = Command::new(plugbus_bin()).args(["dlq", "export", "--url", &t.url()]).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("dead letter(s) were left out"), "{stderr}");
+    assert_eq!(stdout.lines().count(), shown.len(), "{stderr}");
 }
 
 // ---------------------------------------------------------------------------------------------

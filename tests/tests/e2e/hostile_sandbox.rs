@@ -309,7 +309,12 @@ async fn an_attempt_that_never_gets_a_slot_of_the_shared_pool_fails_as_the_hosts
     t.wait_counter("faulty", "in_flight", 1).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     t.publish("dice.roll", "").await;
-    t.wait_counter("dice", "dead_lettered", 1).await;
+    // (It waits 30 s for a slot first: longer than `wait_counter` waits.)
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while t.counter("dice", "dead_lettered") == 0 {
+        assert!(Instant::now() < deadline, "dice's attempt never failed: {}", t.counter("dice", "retried"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let dead = t.host.dead_letters().list(Some("dice"));
     let error = dead[0].event.header(headers::ERROR).unwrap();
     assert!(error.starts_with("host error: every instance slot of the pool plugins share"), "{error}");

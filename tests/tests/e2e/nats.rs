@@ -22,7 +22,7 @@ async fn next(sub: &mut async_nats::Subscriber) -> async_nats::Message {
     tokio::time::timeout(Duration::from_secs(10), sub.next()).await.expect("a message within 10 s").expect("open")
 }
 
-/// A live tail observes on a connection of its own (`<name> tails`): a tail of busy traffic
+/// A live tail observes on a connection of its own (`<name> tail`): a tail of busy traffic
 /// (`>`) once made the connection every delivery, ack and kv call uses a slow consumer, which the
 /// server cut off, and core deliveries were lost meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,7 +44,7 @@ async fn a_live_tail_observes_on_a_connection_of_its_own() {
     };
     let (tails, deliveries) = (holding(">"), holding("orders.*"));
     assert_eq!(tails.len(), 1, "{connz}");
-    assert!(tails[0].ends_with(" tails"), "the tail is on {tails:?}");
+    assert!(tails[0].ends_with(" tail"), "the tail is on {tails:?}");
     assert!(!deliveries.is_empty() && !deliveries.contains(&tails[0]), "deliveries on {deliveries:?}: {connz}");
     // and it sees what flows
     let mut events = tail.bytes_stream();
@@ -57,6 +57,52 @@ async fn a_live_tail_observes_on_a_connection_of_its_own() {
         assert!(started.elapsed() < Duration::from_secs(20), "the tail never saw orders.o1: {seen}");
         seen.push_str(&String::from_utf8_lossy(&chunk.expect("the tail saw orders.o1").unwrap().unwrap()));
     }
+}
+
+/// A tail that cannot keep up with NATS traffic misses messages in its connection's own buffer:
+/// they are counted as dropped for it (of 300,000 small messages, 218,637 were lost uncounted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_that_falls_behind_nats_counts_what_it_missed() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const N: usize = 200_000;
+    let server = NatsServer::start().await;
+    let t = TestHost::start_on(&Bus::Core(&server), &["echo"], |_| {}).await;
+    let tail = reqwest::get(format!("{}/v1/events/flood.%3E", t.url())).await.unwrap();
+    assert_eq!(tail.status().as_u16(), 200);
+    let got = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let got = got.clone();
+        tokio::spawn(async move {
+            let (mut stream, mut buf) = (tail.bytes_stream(), String::new());
+            while let Some(Ok(chunk)) = stream.next().await {
+                buf.push_str(&String::from_utf8_lossy(&chunk));
+                let end = buf.rfind('\n').map_or(0, |i| i + 1);
+                got.fetch_add(buf[..end].lines().filter(|l| l.starts_with("data: ")).count(), Ordering::Relaxed);
+                buf.drain(..end);
+            }
+        })
+    };
+    let client = server.client().await;
+    for i in 0..N {
+        client.publish("flood.x", format!("{i:0100}").into()).await.unwrap();
+    }
+    client.flush().await.unwrap();
+    let dropped =
+        || async { sample(&metrics_text(&t.url()).await, "plugbus_tail_events_dropped_total").unwrap_or(0.0) as usize };
+    // Until nothing moves for 3 s.
+    let mut last = (usize::MAX, usize::MAX);
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let now = (got.load(Ordering::Relaxed), dropped().await);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let (got, dropped) = last;
+    reader.abort();
+    assert_eq!(got + dropped, N, "got {got} and dropped {dropped}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -135,6 +135,25 @@ async fn a_tail_that_reads_gets_every_event_of_a_burst_or_counts_what_it_missed(
     }
     assert_eq!(got as f64 + dropped().await, 303.0, "every event got or counted");
     assert_eq!(got, 303, "a reading tail missed events of the burst");
+    // Bursts of 1,515 events at once (a handler publishes at most 100 per event), then nothing:
+    // what the tail misses is counted, at the end of the bursts too.
+    for _ in 0..15 {
+        t.publish("hostile.headers", "0 100").await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(chunk)) = tokio::time::timeout(Duration::from_millis(500), stream.next()).await {
+            buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            let end = buf.rfind('\n').map_or(0, |i| i + 1);
+            got += buf[..end].lines().filter(|l| l.starts_with("data: ")).count();
+            buf.drain(..end);
+        }
+        if got as f64 + dropped().await == 1818.0 {
+            break;
+        }
+        let seen = (got, dropped().await);
+        assert!(std::time::Instant::now() < deadline, "got and dropped {seen:?} of 1,818");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -56,6 +56,23 @@ async fn ask(t: &TestHost, subject: &str, data: &str, timeout_ms: u64) -> Value 
     serde_json::from_slice(&out.data).unwrap()
 }
 
+/// With tracing off, a host is a transparent hop: a request carries the context its input came
+/// with, as an output does, so a responder on a host that exports joins the trace. It used to
+/// carry none, and the responder started a trace of its own mid-chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_passes_its_inputs_trace_context_on_when_tracing_is_off() {
+    let t = TestHost::start(&["asker", "responder"]).await;
+    let mut reported = t.observe(&["rpc.out.count"]).await;
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let cmd = json!({ "subject": "rpc.count", "data": "", "timeout_ms": 5000 }).to_string();
+    let ev = plugbus::Event::new("ask.one", cmd).with_header("traceparent", traceparent);
+    t.host.publish(ev).await.unwrap();
+    // The responder's output carries its input's (the request's) context on.
+    let out = reported.next_on("rpc.out.count").await;
+    let carried = out.header("traceparent").unwrap_or_default();
+    assert!(carried.starts_with("00-0af7651916cd43dd8448eb211c80319c-"), "{carried:?}");
+}
+
 async fn a_plugin_asks_another_and_gets_its_reply(bus: &Bus<'_>) {
     let t = start(bus).await;
     let got = ask(&t, "rpc.echo", "hello", 5000).await;

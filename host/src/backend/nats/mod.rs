@@ -181,8 +181,6 @@ pub struct NatsTransport {
     held: Arc<consumer::Held>,
     feeds: Arc<tokio::sync::Mutex<HashMap<u64, Feed>>>,
     next_id: AtomicU64,
-    /// The connection live tails observe on ([`NatsTransport::observer_client`]).
-    observers: tokio::sync::OnceCell<async_nats::Client>,
     /// `plugbus_nats_core_dropped_total{plugin}`: core messages a plugin had no room for.
     core_dropped: Family<PluginLabels, Counter>,
     _background: Vec<Task>,
@@ -307,7 +305,7 @@ impl NatsTransport {
     pub async fn connect(settings: &NatsSettings) -> Result<Self, TransportError> {
         let connected = Arc::new(AtomicBool::new(false));
         let flag = connected.clone();
-        let client = connect_as(settings, &settings.name, move |event| on_event(&flag, event)).await?;
+        let client = connect_as(settings, &settings.name, None, move |event| on_event(&flag, event)).await?;
         connected.store(true, Ordering::Relaxed);
         let js = jetstream::ContextBuilder::new().timeout(settings.publish_timeout).build(client.clone());
         let index = Arc::new(StreamIndex::default());
@@ -333,7 +331,6 @@ impl NatsTransport {
         tracing::info!(url = %settings.url.as_deref().unwrap_or_default(), server = %client.server_info().version, "connected to NATS");
         Ok(Self {
             client,
-            observers: Default::default(),
             js,
             settings: settings.clone(),
             connected,
@@ -345,24 +342,11 @@ impl NatsTransport {
             _background: vec![keep_alive, refresh],
         })
     }
-
-    /// The connection live tails observe on, made at the first tail (`<nats.name> tails`): a tail
-    /// of busy traffic (`>`) then makes only that connection a slow consumer the server cuts
-    /// off, never the one every delivery, ack and kv call uses (cut off with it, it lost core
-    /// deliveries).
-    async fn observer_client(&self) -> Result<&async_nats::Client, TransportError> {
-        self.observers
-            .get_or_try_init(|| async {
-                let name = format!("{} tails", self.settings.name);
-                connect_as(&self.settings, &name, |event| match event {
-                    async_nats::Event::Connected | async_nats::Event::SlowConsumer(_) => {}
-                    other => tracing::warn!("NATS connection of the live tails: {other}"),
-                })
-                .await
-            })
-            .await
-    }
 }
+
+/// The most messages a live tail's connection holds for it before it misses them (each up to the
+/// server's `max_payload`, 1 MiB by default; async-nats's default is 65,536).
+const TAIL_CLIENT_MESSAGES: usize = 256;
 
 /// Returns once the server has processed everything `client` sent before (so its subscriptions
 /// are registered): a message to its own inbox comes back only after that.
@@ -380,10 +364,12 @@ async fn registered_on(client: &async_nats::Client) -> Result<(), TransportError
 }
 
 /// A connection to the configured server named `name` (as the server lists it), telling
-/// `on_event` of its connection events.
+/// `on_event` of its connection events; each subscription holds `subscription_capacity`
+/// messages at most (async-nats's default, 65,536, when `None`).
 async fn connect_as(
     settings: &NatsSettings,
     name: &str,
+    subscription_capacity: Option<usize>,
     on_event: impl Fn(async_nats::Event) + Send + Sync + 'static,
 ) -> Result<async_nats::Client, TransportError> {
     let url = settings.url.clone().ok_or_else(|| TransportError::Broker("no NATS url configured".into()))?;
@@ -395,6 +381,9 @@ async fn connect_as(
             let on_event = on_event.clone();
             async move { on_event(event) }
         });
+    if let Some(capacity) = subscription_capacity {
+        options = options.subscription_capacity(capacity);
+    }
     if let Some(creds) = &settings.creds {
         options = options.credentials_file(creds).await.map_err(|e| {
             TransportError::Broker(format!("reading the NATS credentials file {}: {e}", creds.display()))
@@ -1016,36 +1005,65 @@ impl Transport for NatsTransport {
     async fn observe(&self, patterns: Vec<String>, capacity: usize) -> Result<Observed, TransportError> {
         // Observers see what the embedded bus would show them: no `$`/`_INBOX` subject or
         // dead letter their patterns do not name (the server would deliver those to `>`).
-        let set = Arc::new(PatternSet::parse(&patterns)?);
+        let set = PatternSet::parse(&patterns)?;
         let (tx, observed) = Observed::channel(capacity);
-        let client = self.observer_client().await?;
+        // A connection of its own (`<name> tail`): a tail of busy traffic (`>`) then makes only
+        // it a slow consumer the server cuts off, never the connection every delivery, ack and
+        // kv call uses (cut off with it, core deliveries were lost). What its client had no room
+        // for is counted as missed (see below).
+        let name = format!("{} tail", self.settings.name);
+        let client = connect_as(&self.settings, &name, Some(TAIL_CLIENT_MESSAGES), |event| match event {
+            async_nats::Event::Connected | async_nats::Event::SlowConsumer(_) => {}
+            other => tracing::warn!("NATS connection of a live tail: {other}"),
+        })
+        .await?;
+        let mut subs = Vec::new();
         for p in without_covered(&patterns) {
-            let mut sub = client
+            let sub = client
                 .subscribe(p.clone())
                 .await
                 .map_err(|e| TransportError::Broker(format!("observing {p} on NATS: {e}")))?;
-            registered_on(client).await?;
-            let (tx, set) = (tx.clone(), set.clone());
-            tokio::spawn(async move {
-                // Ends (and unsubscribes) when the observer goes away, even if nothing arrives.
-                loop {
-                    let msg = tokio::select! {
-                        msg = sub.next() => msg,
-                        _ = tx.closed() => None,
-                    };
-                    let Some(msg) = msg else { break };
-                    if !set.matches(msg.subject.as_str()) {
-                        continue;
-                    }
-                    let Ok(ev) = wire::event_of(msg.subject.as_str(), msg.headers.as_ref(), msg.payload, None) else {
-                        continue;
-                    };
-                    if !tx.offer(Arc::new(ev)) {
-                        break;
-                    }
-                }
-            });
+            subs.push(sub);
         }
+        registered_on(&client).await?;
+        tokio::spawn(async move {
+            // Ends when the observer goes away, even if nothing arrives; the connection with it.
+            // The connection is the tail's alone: every message it received and the tail never
+            // took, its client dropped for want of room (async-nats tells each through a queue
+            // that drops too). Counted whenever nothing waits for the tail.
+            let stats = client.statistics();
+            let received = || stats.in_messages.load(Ordering::Relaxed);
+            let (before, mut taken, mut counted) = (received(), 0u64, 0u64);
+            let mut every_half_second = tokio::time::interval(Duration::from_millis(500));
+            let mut messages = futures::stream::select_all(subs);
+            loop {
+                let msg = tokio::select! {
+                    biased;
+                    msg = messages.next() => msg,
+                    _ = tx.closed() => None,
+                    _ = every_half_second.tick() => {
+                        let dropped = received().saturating_sub(before + taken);
+                        if dropped > counted {
+                            tx.count_missed(dropped - counted);
+                            counted = dropped;
+                        }
+                        continue;
+                    }
+                };
+                let Some(msg) = msg else { break };
+                taken += 1;
+                if !set.matches(msg.subject.as_str()) {
+                    continue;
+                }
+                let Ok(ev) = wire::event_of(msg.subject.as_str(), msg.headers.as_ref(), msg.payload, None) else {
+                    continue;
+                };
+                if !tx.offer(Arc::new(ev)) {
+                    break;
+                }
+            }
+            drop(client);
+        });
         Ok(observed)
     }
 
