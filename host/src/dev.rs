@@ -383,15 +383,19 @@ mod tests {
         let served = plugins.join("x.wasm");
         assert!(std::fs::symlink_metadata(&served).unwrap().is_file(), "x.wasm is not a file of its own");
         assert_eq!(std::fs::read(&served).unwrap(), bytes);
-        // What a killed deploy left beside it goes with the next one (its own names only).
-        std::fs::write(plugins.join(".x.wasm.0123456789abcdef.plugbus-dev"), "left").unwrap();
+        // What a killed deploy left beside it an hour ago goes with the next one (its own names
+        // only; the link planted above is left alone).
+        let left = plugins.join(".x.wasm.0123456789abcdef.plugbus-dev");
+        std::fs::write(&left, "left").unwrap();
+        let long_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+        std::fs::File::options().write(true).open(&left).unwrap().set_modified(long_ago).unwrap();
         std::fs::write(plugins.join(".y.wasm.0123456789abcdef.plugbus-dev"), "another's").unwrap();
         deploy(&client, "http://127.0.0.1:9", &plugins, "x", bytes, Duration::ZERO, Duration::from_secs(1))
             .await
             .unwrap();
-        let mut left: Vec<_> = std::fs::read_dir(&plugins).unwrap().map(|e| e.unwrap().file_name()).collect();
-        left.sort();
-        assert_eq!(left, [".y.wasm.0123456789abcdef.plugbus-dev", "x.wasm"]);
+        let mut names: Vec<_> = std::fs::read_dir(&plugins).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, [".x.wasm.plugbus-dev", ".y.wasm.0123456789abcdef.plugbus-dev", "x.wasm"]);
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
     }
 

@@ -28,18 +28,29 @@ pub fn temp_beside(target: &Path, tag: &str) -> std::path::PathBuf {
     target.with_file_name(format!(".{name}.{:016x}.{tag}", fastrand::u64(..)))
 }
 
+/// How old a temporary must be to be taken as left by a killed write (another run may be
+/// writing a younger one).
+const LEFT_FOR: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Removes what earlier writes of `target` killed between the write and the rename left beside
-/// it (each the file's size, never read): only names of [`temp_beside`]'s form for `tag`, and
-/// never through a link (removing a link removes the link).
+/// it (each the file's size, never read): only names of [`temp_beside`]'s form for `target` and
+/// `tag`, at least [`LEFT_FOR`] old, and never through a link (removing a link removes the
+/// link).
 pub fn remove_leftovers(target: &Path, tag: &str) {
     let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else { return };
     let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     let (prefix, suffix) = (format!(".{}.", name.to_string_lossy()), format!(".{tag}"));
+    let now = std::time::SystemTime::now();
     for entry in entries.flatten() {
         let found = entry.file_name();
         let found = found.to_string_lossy();
-        if found.starts_with(&prefix) && found.ends_with(&suffix) {
+        let Some(random) = found.strip_prefix(&prefix).and_then(|rest| rest.strip_suffix(&suffix)) else { continue };
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|at| now.duration_since(at).is_ok_and(|age| age >= LEFT_FOR));
+        if random.len() == 16 && random.bytes().all(|b| b.is_ascii_hexdigit()) && old {
             let _ = std::fs::remove_file(entry.path());
         }
     }
@@ -60,11 +71,19 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "old");
         assert!(std::fs::symlink_metadata(&temp).is_ok(), "the link at the name was removed");
-        // What a write killed before its rename left goes; other files stay.
-        let left = dir.path().join(".cases.jsonl.0123456789abcdef.test");
+        // What a write killed before its rename left goes, once an hour old (another run may be
+        // writing a younger one); other names stay.
+        let (left, young) = (
+            dir.path().join(".cases.jsonl.0123456789abcdef.test"),
+            dir.path().join(".cases.jsonl.fedcba9876543210.test"),
+        );
         std::fs::write(&left, "half").unwrap();
+        std::fs::write(&young, "being written").unwrap();
+        let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        std::fs::File::options().write(true).open(&left).unwrap().set_modified(long_ago).unwrap();
         let fresh = temp_beside(&target, "test");
         assert!(!left.exists(), "a leftover stayed");
+        assert!(young.exists(), "another run's temporary went");
         replace_with(&fresh, &target, b"new").unwrap();
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "new");
         assert!(!fresh.exists() && temp.exists() && victim.exists());

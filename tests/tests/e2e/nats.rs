@@ -22,7 +22,7 @@ async fn next(sub: &mut async_nats::Subscriber) -> async_nats::Message {
     tokio::time::timeout(Duration::from_secs(10), sub.next()).await.expect("a message within 10 s").expect("open")
 }
 
-/// A live tail observes on a connection of its own (`<name> tail`): a tail of busy traffic
+/// Live tails observe on a connection of their own (`<name> tails`): a tail of busy traffic
 /// (`>`) once made the connection every delivery, ack and kv call uses a slow consumer, which the
 /// server cut off, and core deliveries were lost meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,7 +44,7 @@ async fn a_live_tail_observes_on_a_connection_of_its_own() {
     };
     let (tails, deliveries) = (holding(">"), holding("orders.*"));
     assert_eq!(tails.len(), 1, "{connz}");
-    assert!(tails[0].ends_with(" tail"), "the tail is on {tails:?}");
+    assert!(tails[0].ends_with(" tails"), "the tail is on {tails:?}");
     assert!(!deliveries.is_empty() && !deliveries.contains(&tails[0]), "deliveries on {deliveries:?}: {connz}");
     // and it sees what flows
     let mut events = tail.bytes_stream();

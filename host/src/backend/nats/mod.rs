@@ -21,6 +21,7 @@ mod narrowing;
 mod pull;
 mod queue_group;
 mod streams;
+mod tails;
 pub mod wire;
 
 use crate::deadletter::headers::DATA_OMITTED;
@@ -183,6 +184,8 @@ pub struct NatsTransport {
     next_id: AtomicU64,
     /// `plugbus_nats_core_dropped_total{plugin}`: core messages a plugin had no room for.
     core_dropped: Family<PluginLabels, Counter>,
+    /// The live tails' connection ([`tails`]).
+    tails: tails::Tails,
     _background: Vec<Task>,
 }
 
@@ -339,14 +342,11 @@ impl NatsTransport {
             feeds: Default::default(),
             next_id: AtomicU64::new(1),
             core_dropped: Default::default(),
+            tails: Default::default(),
             _background: vec![keep_alive, refresh],
         })
     }
 }
-
-/// The most messages a live tail's connection holds for it before it misses them (each up to the
-/// server's `max_payload`, 1 MiB by default; async-nats's default is 65,536).
-const TAIL_CLIENT_MESSAGES: usize = 256;
 
 /// Returns once the server has processed everything `client` sent before (so its subscriptions
 /// are registered): a message to its own inbox comes back only after that.
@@ -1007,33 +1007,20 @@ impl Transport for NatsTransport {
         // dead letter their patterns do not name (the server would deliver those to `>`).
         let set = PatternSet::parse(&patterns)?;
         let (tx, observed) = Observed::channel(capacity);
-        // A connection of its own (`<name> tail`): a tail of busy traffic (`>`) then makes only
-        // it a slow consumer the server cuts off, never the connection every delivery, ack and
-        // kv call uses (cut off with it, core deliveries were lost). What its client had no room
-        // for is counted as missed (see below).
-        let name = format!("{} tail", self.settings.name);
-        let client = connect_as(&self.settings, &name, Some(TAIL_CLIENT_MESSAGES), |event| match event {
-            async_nats::Event::Connected | async_nats::Event::SlowConsumer(_) => {}
-            other => tracing::warn!("NATS connection of a live tail: {other}"),
-        })
-        .await?;
+        let tails = self.tails.connection(&self.settings).await?;
         let mut subs = Vec::new();
         for p in without_covered(&patterns) {
-            let sub = client
+            let sub = tails
+                .client
                 .subscribe(p.clone())
                 .await
                 .map_err(|e| TransportError::Broker(format!("observing {p} on NATS: {e}")))?;
             subs.push(sub);
         }
-        registered_on(&client).await?;
+        tails.registered().await?;
         tokio::spawn(async move {
-            // Ends when the observer goes away, even if nothing arrives; the connection with it.
-            // The connection is the tail's alone: every message it received and the tail never
-            // took, its client dropped for want of room (async-nats tells each through a queue
-            // that drops too). Counted whenever nothing waits for the tail.
-            let stats = client.statistics();
-            let received = || stats.in_messages.load(Ordering::Relaxed);
-            let (before, mut taken, mut counted) = (received(), 0u64, 0u64);
+            // Ends (and unsubscribes) when the observer goes away, even if nothing arrives.
+            let mut last = u64::MAX;
             let mut every_half_second = tokio::time::interval(Duration::from_millis(500));
             let mut messages = futures::stream::select_all(subs);
             loop {
@@ -1042,16 +1029,12 @@ impl Transport for NatsTransport {
                     msg = messages.next() => msg,
                     _ = tx.closed() => None,
                     _ = every_half_second.tick() => {
-                        let dropped = received().saturating_sub(before + taken);
-                        if dropped > counted {
-                            tx.count_missed(dropped - counted);
-                            counted = dropped;
-                        }
+                        tails.count_dropped(&tx, &mut last);
                         continue;
                     }
                 };
                 let Some(msg) = msg else { break };
-                taken += 1;
+                tails.took();
                 if !set.matches(msg.subject.as_str()) {
                     continue;
                 }
@@ -1062,7 +1045,7 @@ impl Transport for NatsTransport {
                     break;
                 }
             }
-            drop(client);
+            tails.count_dropped(&tx, &mut last);
         });
         Ok(observed)
     }
