@@ -780,9 +780,9 @@ struct DlqListQuery {
     summary: bool,
 }
 
-/// The most JSON one dead-letter listing answers with; the oldest of the page past it are left
-/// out (`left_out`). A dead letter's data can be 1 MiB that JSON writes six times over
-/// (`\u0001`), and a page of 100 was 400 MB, built again on every poll of the dashboard.
+/// The most JSON one dead-letter listing answers with; an entry past it is left out
+/// (`left_out`). A dead letter's data can be 1 MiB that JSON writes six times over (`\u0001`),
+/// and a page of 100 was 400 MB, built again on every poll of the dashboard.
 const LISTING_BYTES: usize = 16 << 20;
 
 async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqListQuery>) -> Response {
