@@ -337,6 +337,12 @@ pub fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(line)
 }
 
+/// `text` on one line ([`one_line`]) and at most `limit` bytes ([`cut_to`]): cut before it is
+/// escaped too, so a huge text is never escaped whole.
+pub fn one_line_cut(text: &str, limit: usize) -> String {
+    cut_to(&one_line(&cut_to(text, limit)), limit).into_owned()
+}
+
 /// [`cut_to`] at [`ECHO_BYTES`]: for failure text a plugin wrote (a reject or retry message, a
 /// panic message).
 pub fn cut(text: &str) -> std::borrow::Cow<'_, str> {

@@ -42,8 +42,7 @@ impl Rejected {
     /// `path` refused for `reason`, kept on one line (a line break in it would start a log line
     /// of its own, one that can pose as the host's) and cut at [`REASON_BYTES`].
     pub fn new(path: PathBuf, reason: &str) -> Self {
-        let reason = crate::event::one_line(&crate::event::cut_to(reason, REASON_BYTES)).into_owned();
-        Self { path, reason: crate::event::cut_to(&reason, REASON_BYTES).into_owned() }
+        Self { path, reason: crate::event::one_line_cut(reason, REASON_BYTES) }
     }
 
     /// Logs the refusal: `plugin` is the plugin its file serves, whose previous version keeps

@@ -36,7 +36,7 @@ const LEFT_FOR: std::time::Duration = std::time::Duration::from_secs(3600);
 /// it (each the file's size, never read): only names of [`temp_beside`]'s form for `target` and
 /// `tag`, at least [`LEFT_FOR`] old, and never through a link (removing a link removes the
 /// link).
-pub fn remove_leftovers(target: &Path, tag: &str) {
+fn remove_leftovers(target: &Path, tag: &str) {
     let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else { return };
     let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
     let Ok(entries) = std::fs::read_dir(dir) else { return };

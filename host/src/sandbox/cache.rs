@@ -227,8 +227,8 @@ impl CompileCache {
     }
 
     /// Keeps the cache within [`MAX_CACHE_BYTES`]: entries (with their tags) and kept refusals
-    /// (each counted as at least a file-system block: [`BLOCK_BYTES`]) go, used longest ago first, never `keep`
-    /// (the one just written); temporary files older than
+    /// (each counted as at least a file-system block: [`BLOCK_BYTES`]) go, used longest ago
+    /// first, never `keep` (the one just written); temporary files older than
     /// [`STALE_TEMPORARY`] (a crash mid-write left them) go too. Best effort: what cannot be
     /// listed or removed is left, logged.
     fn tidy(&self, keep: &Path) {

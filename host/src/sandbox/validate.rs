@@ -39,7 +39,7 @@ pub const NAME_BYTES: usize = 512;
 
 /// `name` as the host shows it: on one line, cut at [`NAME_BYTES`].
 pub fn shown_name(name: &str) -> String {
-    crate::event::cut_to(&crate::event::one_line(&crate::event::cut_to(name, NAME_BYTES)), NAME_BYTES).into_owned()
+    crate::event::one_line_cut(name, NAME_BYTES)
 }
 
 fn listed(names: &[String]) -> String {
