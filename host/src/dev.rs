@@ -221,7 +221,32 @@ pub async fn plugins_dir_of(client: &reqwest::Client, url: &str) -> anyhow::Resu
         .await?;
     let dir =
         plugins["plugins_dir"].as_str().context("the host does not name its plugins folder: pass --plugins DIR")?;
-    Ok(PathBuf::from(dir))
+    let dir = PathBuf::from(dir);
+    yours(&dir).map_err(|why| {
+        anyhow::anyhow!(
+            "the host at {url} names {} as its plugins folder, but {why}: another user's host may be \
+             answering there (whoever takes the port first); pass --plugins DIR to deploy into it anyway",
+            crate::event::one_line(&dir.display().to_string())
+        )
+    })?;
+    Ok(dir)
+}
+
+/// Whether `dir` is a folder of this user's: what a host answering on a port names is deployed
+/// into only then (on a shared machine, any user may start a server on the port first and name
+/// a folder of theirs, to be sent the build and answer that it went live).
+fn yours(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).map_err(|e| format!("it cannot be read here ({e})"))?;
+    if !meta.is_dir() {
+        return Err("it is not a folder".into());
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(format!("it belongs to uid {}, not to you (uid {me})", meta.uid()));
+    }
+    Ok(())
 }
 
 /// Writes `bytes` to `target` through a new file beside it, then a rename (one event for the

@@ -315,14 +315,20 @@ pub fn cut_to(text: &str, limit: usize) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// `text` on one line: each control character (a line break, a carriage return, an escape)
-/// written out as Rust escapes it (`\n`, `\u{1b}`). For what a plugin writes into the host's log
-/// and its failure reports: a line break in it would start a line of its own in the log, one that
-/// can pose as the host's (`… ERROR plugbus: event dead-lettered plugin=payments …`), and NATS
-/// cannot carry it in a dead letter's `plugbus-error` header.
+/// `text` on one line: each control character (a line break, a carriage return, an escape) and
+/// each bidirectional mark or override written out as Rust escapes it (`\n`, `\u{1b}`,
+/// `\u{202e}`). For what a plugin writes into the host's log and its failure reports: a line
+/// break in it would start a line of its own in the log, one that can pose as the host's
+/// (`… ERROR plugbus: event dead-lettered plugin=payments …`), an override would show the rest
+/// of the host's line reordered (`plugin=` and `event_id=` read backwards), and NATS cannot carry
+/// a line break in a dead letter's `plugbus-error` header.
 pub fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
     // Unicode's line and paragraph separators end a line too, for some readers.
-    let breaks = |c: char| c.is_control() || c == '\u{2028}' || c == '\u{2029}';
+    let breaks = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}')
+            || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
     if !text.contains(breaks) {
         return std::borrow::Cow::Borrowed(text);
     }
@@ -506,6 +512,12 @@ mod tests {
         assert_eq!(one_line("one line, é"), "one line, é");
         assert_eq!(one_line("a\n2026 ERROR plugbus: forged\r\u{1b}[2J"), "a\\n2026 ERROR plugbus: forged\\r\\u{1b}[2J");
         assert_eq!(one_line("a\u{2028}b\u{2029}c\u{85}d\x0be"), "a\\u{2028}b\\u{2029}c\\u{85}d\\u{b}e");
+        // A bidirectional override or isolate would show the rest of the host's line reordered.
+        assert_eq!(
+            one_line("ok \u{202e}deilppa\u{202c} \u{2066}x\u{2069}\u{200f}\u{61c}"),
+            "ok \\u{202e}deilppa\\u{202c} \\u{2066}x\\u{2069}\\u{200f}\\u{61c}"
+        );
+        assert_eq!(one_line("שלום עולם"), "שלום עולם", "right-to-left text itself is kept");
         let long = "E".repeat(16 << 20);
         let c = cut(&long);
         assert!(c.starts_with(&"E".repeat(ECHO_BYTES)));

@@ -364,10 +364,9 @@ fn init_logging_with(format: LogFormat, default: &str, exporter: Option<&plugbus
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{EnvFilter, Layer};
-    // async-nats logs each of its connection events at info, one per message a full subscription
-    // drops: plugbus tells those itself (counted, once), so by default only its warnings show.
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(format!("{default},async_nats=warn")));
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = EnvFilter::try_new(log_directives(rust_log.as_deref(), default))
+        .unwrap_or_else(|_| EnvFilter::new(log_directives(None, default)));
     let off = format!("{}=off", plugbus::telemetry::TARGET).parse().expect("a valid directive");
     let filter = filter.add_directive(off);
     let log_level = log_max_level(&filter);
@@ -387,6 +386,15 @@ fn init_logging_with(format: LogFormat, default: &str, exporter: Option<&plugbus
     // compile time of a host with an exporter, in a profile of the end-to-end tests. The
     // exporter takes no `log` records, so only the log's own filter decides.
     log::set_max_level(log_level);
+}
+
+/// The log's filter directives: `RUST_LOG` when set (else `default`), with async-nats at `warn`
+/// unless they name it. async-nats logs each of its connection events at info, one per message a
+/// full subscription drops: plugbus tells those itself (counted, once), and `RUST_LOG=debug`, asked
+/// for plugbus's own detail, would otherwise bring a line per dropped message back.
+fn log_directives(rust_log: Option<&str>, default: &str) -> String {
+    let asked = rust_log.map(str::trim).filter(|d| !d.is_empty()).unwrap_or(default);
+    if asked.contains("async_nats") { asked.to_string() } else { format!("{asked},async_nats=warn") }
 }
 
 /// The most verbose level `filter` lets through, for the `log` crate's static check.
@@ -952,8 +960,19 @@ async fn plugins(client: &reqwest::Client, url: &str, json: bool) -> anyhow::Res
 
 #[cfg(test)]
 mod tests {
-    use super::log_max_level;
+    use super::{log_directives, log_max_level};
     use tracing_subscriber::EnvFilter;
+
+    #[test]
+    fn async_nats_logs_warnings_only_unless_rust_log_names_it() {
+        assert_eq!(log_directives(None, "info"), "info,async_nats=warn");
+        assert_eq!(log_directives(Some("debug"), "info"), "debug,async_nats=warn");
+        assert_eq!(log_directives(Some("  "), "info"), "info,async_nats=warn");
+        assert_eq!(log_directives(Some("info,async_nats=debug"), "info"), "info,async_nats=debug");
+        // What the filter then lets through: plugbus's debug lines, not async-nats's info ones.
+        let filter = EnvFilter::new(log_directives(Some("debug"), "info"));
+        assert_eq!(filter.to_string().matches("async_nats=warn").count(), 1, "{filter}");
+    }
 
     #[test]
     fn dependencies_log_records_only_up_to_the_most_verbose_level_the_filter_shows() {

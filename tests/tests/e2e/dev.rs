@@ -188,3 +188,54 @@ async fn plugbus_dev_run_serves_the_crate_on_a_host_of_its_own() {
     let hash = serving(&format!("http://{http}"), "dev-run-probe").await.expect("served by the dev host");
     assert_eq!(hash, sha256_of(&plugins.join("dev-run-probe.wasm")));
 }
+
+/// On a shared machine any user may start a server on the port first: `plugbus dev` without
+/// `--plugins` deploys only into a folder of its own user's, whatever the server names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugbus_dev_deploys_into_no_folder_of_another_user_a_server_names() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    // A folder of another user's: made and handed over (the tests run as root here; another
+    // user cannot give a folder away, so the case needs root to set up).
+    let theirs = tempfile::tempdir().unwrap();
+    let other = if me == 65534 { 65533 } else { 65534 };
+    let path = std::ffi::CString::new(theirs.path().as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `path` is a valid NUL-terminated path.
+    if unsafe { libc::chown(path.as_ptr(), other, other) } != 0 {
+        assert!(
+            std::env::var("CI").is_err(),
+            "cannot hand a folder to uid {other} (not root?): the case cannot run in CI"
+        );
+        eprintln!("skipped: cannot hand a folder to another uid (not root)");
+        return;
+    }
+    // Someone else's "host": answers /v1/plugins naming that folder.
+    let body = serde_json::json!({ "plugins_dir": theirs.path(), "plugins": [], "rejected": [] }).to_string();
+    let app = axum::Router::new().route("/v1/plugins", axum::routing::get(move || async move { body }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    // A crate `plugbus dev` can read (it is refused before any build).
+    let krate = tempfile::tempdir().unwrap();
+    std::fs::write(krate.path().join("Cargo.toml"), "[package]\nname = \"probe\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n[workspace]\n").unwrap();
+    std::fs::create_dir(krate.path().join("src")).unwrap();
+    std::fs::write(krate.path().join("src/lib.rs"), "").unwrap();
+
+    let out = tokio::task::spawn_blocking(move || {
+        output_within(
+            Command::new(plugbus_bin()).arg("dev").arg(krate.path()).args(["--url", &url]),
+            Duration::from_secs(60),
+        )
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it deployed: {stderr}");
+    assert!(
+        stderr.contains(&theirs.path().display().to_string())
+            && stderr.contains(&format!("belongs to uid {other}, not to you"))
+            && stderr.contains("--plugins"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_dir(theirs.path()).unwrap().count(), 0, "something was written into their folder");
+}
