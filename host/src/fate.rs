@@ -75,6 +75,26 @@ impl DeliveryError {
     }
 }
 
+/// What the handler is expected to do with the event whose dead letter says `error` (its
+/// `plugbus-error`, a [`DeliveryError`]'s display), for a test case made of it
+/// (`plugbus dlq export`): `"reject"` or `"retry"` when the handler failed it (rejected it, asked
+/// to retry, trapped, went past its kv quota), `"ok"` when something else did (the host or the
+/// bus failed, two of its events raced on a kv key, or it never ran: too large, undecodable,
+/// unclaimed). Read from the words [`DeliveryError`]'s display starts with.
+pub fn expected_of(error: &str) -> &'static str {
+    let not_the_handlers =
+        ["host error:", "kv conflict:", "the message is not a valid event:", "no host of the plugin took it:"];
+    if error.starts_with("handler rejected the event") {
+        "reject"
+    } else if not_the_handlers.iter().any(|p| error.starts_with(p))
+        || (error.starts_with("event of ") && error.contains("-byte limit"))
+    {
+        "ok"
+    } else {
+        "retry"
+    }
+}
+
 impl std::fmt::Display for DeliveryError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -267,6 +287,26 @@ mod tests {
             "{text}"
         );
         assert!(matches!(decide(&conflict, 1, &policy(), false), Fate::RetryHere(_)));
+    }
+
+    #[test]
+    fn a_dead_letters_case_expects_a_failure_only_of_the_handlers() {
+        let handlers = |f: Failure| DeliveryError::Handler(f).to_string();
+        for (error, expected) in [
+            (handlers(Failure::Reject("bad order".into())), "reject"),
+            (handlers(Failure::Retry("busy".into())), "retry"),
+            (handlers(Failure::Trap("wasm trap: unreachable".into())), "retry"),
+            (DeliveryError::KvQuota("over max_kv_bytes".into()).to_string(), "retry"),
+            (DeliveryError::of_attempt(Failure::Host("a host function panicked".into())).to_string(), "ok"),
+            (DeliveryError::Kv("the event log is closed".into()).to_string(), "ok"),
+            (DeliveryError::Publish("full".into()).to_string(), "ok"),
+            (DeliveryError::KvConflict("key \"n\" changed".into()).to_string(), "ok"),
+            (DeliveryError::Oversize { bytes: 2 << 20, limit: 1 << 20 }.to_string(), "ok"),
+            (DeliveryError::Undecodable("no id".into()).to_string(), "ok"),
+            (DeliveryError::Unclaimed("5 deliveries".into()).to_string(), "ok"),
+        ] {
+            assert_eq!(expected_of(&error), expected, "{error}");
+        }
     }
 
     #[test]

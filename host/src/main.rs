@@ -756,6 +756,16 @@ async fn dlq(client: &reqwest::Client, url: &str, action: DlqAction, plugin: Opt
             let mut export = |entry: &serde_json::Value| -> anyhow::Result<()> {
                 let case = plugbus::casetest::dlq::case_from_entry(entry)
                     .map_err(|e| anyhow::anyhow!("dead letter {}: {e}", entry["event"]["id"]))?;
+                if case["dead_letter"]["failed_by_the_handler"] == false {
+                    eprintln!(
+                        "dead letter {}: not the handler's failure ({}): exported expecting ok",
+                        cli::printable(entry["event"]["id"].as_str().unwrap_or("?")),
+                        cli::printable(&plugbus::event::one_line_cut(
+                            case["dead_letter"]["error"].as_str().unwrap_or(""),
+                            200
+                        ))
+                    );
+                }
                 std::io::Write::write_all(&mut out, format!("{case}\n").as_bytes()).context("writing to stdout")
             };
             let listed: Vec<&serde_json::Value> = body["dead_letters"].as_array().into_iter().flatten().collect();

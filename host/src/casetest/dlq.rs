@@ -1,5 +1,6 @@
 //! `plugbus dlq export`: a kept dead letter (an entry of `GET /v1/dlq`) back into the event
-//! that failed, as a case line whose expectation is what happened (retry or reject).
+//! that failed, as a case line whose expectation is what the handler did (retry or reject), or
+//! `ok` when the handler did not fail it (the host did, or it never ran).
 
 use crate::cloudevents::{base64_decode, to_json};
 use crate::deadletter::headers;
@@ -37,13 +38,18 @@ pub fn case_from_entry(entry: &Value) -> Result<Value, String> {
     ev.extensions = hdrs.iter().filter(|(k, _)| !k.starts_with("plugbus-")).cloned().collect();
     let error = header(headers::ERROR).unwrap_or_default();
     let attempts: u32 = header(headers::ATTEMPTS).and_then(|a| a.parse().ok()).unwrap_or(1);
-    // The host marks a reject by the words of `Failure::Reject`'s display.
-    let result = if error.starts_with("handler rejected the event") { "reject" } else { "retry" };
+    // What failed it: the handler (the case expects that again until the handler is fixed) or
+    // the host, the bus or the event's delivery (the handler is expected to handle it).
+    let result = crate::fate::expected_of(&error);
+    let by_the_handler = result != "ok";
     Ok(json!({
         "event": to_json(&ev),
         "attempt": attempts.max(1),
         "expect": { "result": result },
-        "dead_letter": { "plugin": entry["plugin"], "id": dead["id"], "error": error, "attempts": attempts },
+        "dead_letter": {
+            "plugin": entry["plugin"], "id": dead["id"], "error": error, "attempts": attempts,
+            "failed_by_the_handler": by_the_handler,
+        },
     }))
 }
 
@@ -65,5 +71,13 @@ mod tests {
         assert_eq!(case["expect"]["result"], "reject");
         assert_eq!(case["dead_letter"]["plugin"], "faulty");
         assert!(case_from_entry(&json!({"event": {"headers": []}})).unwrap_err().contains("original-subject"));
+        // One the host failed (its kv store did not commit): the handler is expected to handle it.
+        let failure = crate::fate::DeliveryError::Kv("the event log is closed".into()).to_string();
+        let dead = dead_letter_event(&original, "faulty", "plugbus.dlq.faulty", &failure, 5);
+        let entry = serde_json::to_value(Entry { seq: 2, plugin: "faulty".into(), event: dead, record: None }).unwrap();
+        let case = case_from_entry(&entry).unwrap();
+        assert_eq!(case["expect"]["result"], "ok", "{case}");
+        assert_eq!(case["dead_letter"]["failed_by_the_handler"], false);
+        assert_eq!(case["attempt"], 5);
     }
 }

@@ -111,6 +111,9 @@ pub async fn test_file(runner: &Runner, cases: &Path, update: bool) -> Result<Re
     let mut updated_bytes = 0;
     for (i, case) in file.cases.iter_mut().enumerate() {
         let outcome = runner.run(case).await;
+        if let Some(e) = failed_by_the_host(&outcome, cases, case.line) {
+            return Err(e);
+        }
         let mismatches = case.expect.as_ref().map(|e| compare(e, &outcome));
         if update {
             case.expect = Some(Expect::of(&outcome, case.expect.as_ref(), !case.kv.is_empty()));
@@ -141,6 +144,21 @@ pub async fn test_file(runner: &Runner, cases: &Path, update: bool) -> Result<Re
     Ok(Report { cases: reports, updated: update })
 }
 
+/// The error of a run the host failed (an instance pool that stayed full, a host function's
+/// panic, a kv that could not be set): it says nothing of the handler, so the case is neither
+/// compared (it would pass or fail for the host's reason) nor, with `--update`, kept as the
+/// case's expectation; the run stops naming the case, nothing written.
+fn failed_by_the_host(outcome: &Outcome, file: &Path, line: usize) -> Option<CaseError> {
+    outcome.by_the_host.then(|| CaseError::Line {
+        file: file.to_path_buf(),
+        line,
+        what: format!(
+            "the host failed the run, not the handler ({}): nothing was compared or written; run it again",
+            outcome.message.as_deref().map(crate::event::cut).unwrap_or_default()
+        ),
+    })
+}
+
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         for c in &self.cases {
@@ -163,5 +181,30 @@ impl std::fmt::Display for Report {
         } else {
             writeln!(f, "{n} case(s): {} passed, {} failed", n - self.failed(), self.failed())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::Failure;
+
+    fn case() -> Case {
+        let event = crate::cloudevents::to_json(&crate::event::Event::new("orders.created", "{}"));
+        Case::parse(3, serde_json::json!({ "event": event, "expect": { "result": "ok" } })).unwrap()
+    }
+
+    #[test]
+    fn a_run_the_host_failed_stops_naming_the_case_and_one_the_handler_failed_is_its_verdict() {
+        let file = Path::new("cases.jsonl");
+        let handlers = runner::failed(Failure::Retry("busy".into()), &case(), Vec::new());
+        assert_eq!(handlers.verdict, Verdict::Retry);
+        assert!(failed_by_the_host(&handlers, file, 3).is_none(), "the handler's retry is its verdict");
+        let trapped = runner::failed(Failure::Trap("wasm trap: unreachable".into()), &case(), Vec::new());
+        assert!(failed_by_the_host(&trapped, file, 3).is_none());
+        let hosts = runner::failed(Failure::Host("a host function panicked: boom".into()), &case(), Vec::new());
+        let e = failed_by_the_host(&hosts, file, 3).expect("the host's failure is no verdict").to_string();
+        assert!(e.starts_with("cases.jsonl:3: the host failed the run, not the handler"), "{e}");
+        assert!(e.contains("a host function panicked: boom") && e.contains("nothing was compared or written"), "{e}");
     }
 }

@@ -38,6 +38,9 @@ pub struct Outcome {
     pub wrote_kv: bool,
     /// The outbound HTTP calls it made, in order (answered by the case's stubs or refused).
     pub calls: Vec<HttpCall>,
+    /// The host failed the run ([`Failure::Host`]), not the handler: the outcome says nothing
+    /// of the handler (it is neither compared nor kept as an expectation).
+    pub by_the_host: bool,
 }
 
 impl std::fmt::Display for Outcome {
@@ -152,12 +155,21 @@ impl Runner {
                 None => kv.remove(k),
             };
         }
-        Outcome { verdict: Verdict::Ok, message: None, outputs, kv, wrote_kv: !attempt.txn.is_empty(), calls }
+        Outcome {
+            verdict: Verdict::Ok,
+            message: None,
+            outputs,
+            kv,
+            wrote_kv: !attempt.txn.is_empty(),
+            calls,
+            by_the_host: false,
+        }
     }
 }
 
-fn failed(failure: Failure, case: &Case, calls: Vec<HttpCall>) -> Outcome {
+pub(super) fn failed(failure: Failure, case: &Case, calls: Vec<HttpCall>) -> Outcome {
     let verdict = if failure.is_retryable() { Verdict::Retry } else { Verdict::Reject };
+    let by_the_host = matches!(failure, Failure::Host(_));
     let message = Some(failure.to_string());
-    Outcome { verdict, message, outputs: Vec::new(), kv: case.kv.clone(), wrote_kv: false, calls }
+    Outcome { verdict, message, outputs: Vec::new(), kv: case.kv.clone(), wrote_kv: false, calls, by_the_host }
 }

@@ -202,4 +202,8 @@ async fn a_kv_store_failure_is_the_hosts_not_the_handlers() {
     assert_eq!(counter(host, "host_failures"), 3, "each attempt the store failed is the host's");
     let metrics = host.router().metrics().encode();
     assert!(metrics.contains("plugbus_host_failures_total{plugin=\"inventory\"} 3"), "{metrics}");
+    // `plugbus dlq export` makes it a case expecting the handler to handle it: the host failed it.
+    let case = plugbus::casetest::dlq::case_from_entry(&serde_json::to_value(&dead[0]).unwrap()).unwrap();
+    assert_eq!(case["expect"]["result"], "ok", "{case}");
+    assert_eq!(case["dead_letter"]["failed_by_the_handler"], false, "{case}");
 }
