@@ -44,9 +44,10 @@ fn render(t: &Table) -> String {
     t.to_string().lines().map(str::trim_end).collect::<Vec<_>>().join("\n")
 }
 
+/// A table cell: [`printable`], on one line (a file named `a\nPLUGIN …` would draw rows of its own).
 fn text(v: &Value) -> String {
     match v {
-        Value::String(s) => printable(s).into_owned(),
+        Value::String(s) => printable(s).replace('\n', "\\n"),
         Value::Null => "-".into(),
         other => other.to_string(),
     }
@@ -348,6 +349,12 @@ mod tests {
         assert_eq!(&lines[1][end - 4..end], "1234", "{out}");
         assert_eq!(&lines[2][end - 1..end], "4", "{out}");
         assert!(out.contains("broken.wasm") && out.contains("not a component") && !out.contains("rejected: "));
+        // A file name with a line break stays in its cell, on one line.
+        let body =
+            json!({ "plugins": [], "rejected": [{ "file": "/p/a\nPLUGIN  forged.wasm", "state": "rejected: x" }] });
+        let out = plugins_table(&body);
+        assert!(out.contains("/p/a\\nPLUGIN  forged.wasm"), "{out}");
+        assert!(!out.lines().any(|l| l.trim_start().starts_with("PLUGIN  forged")), "{out}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! it would not).
 
 use crate::config::Config;
+use crate::event::one_line;
 use crate::kv::MemoryKv;
 use crate::manifest::Manifest;
 use crate::sandbox::{Limits, LoadError, PluginSettings, Sandbox, allowed_import, shown_name};
@@ -155,9 +156,10 @@ fn file_name(file: &str) -> String {
 impl std::fmt::Display for Inspection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.hash.get(..16) {
-            Some(hash) => writeln!(f, "{} ({} bytes, sha256 {hash})", self.file, self.size)?,
+            // The file's name on one line: a name with a line break would draw lines of its own.
+            Some(hash) => writeln!(f, "{} ({} bytes, sha256 {hash})", one_line(&self.file), self.size)?,
             // A file the loader would not read (a FIFO, a device, over the size bound).
-            None => writeln!(f, "{} (not read)", self.file)?,
+            None => writeln!(f, "{} (not read)", one_line(&self.file))?,
         }
         match (&self.identity, &self.manifest) {
             (Some(id), Some(m)) if *id == m.name => writeln!(f, "plugin     {id} {}", m.version)?,
@@ -252,5 +254,9 @@ mod tests {
         let text = unreadable("plugins/fifo.wasm", "a FIFO, not a regular file: not read").to_string();
         assert!(text.starts_with("plugins/fifo.wasm (not read)"), "{text}");
         assert!(text.contains("a FIFO, not a regular file"), "{text}");
+        // A name with a line break is shown on one line: it cannot draw a line of its own.
+        let text = unreadable("plugins/a\nplugin     forged", "a FIFO").to_string();
+        assert!(text.starts_with("plugins/a\\nplugin     forged (not read)"), "{text}");
+        assert!(!text.lines().any(|l| l.starts_with("plugin     forged")), "{text}");
     }
 }
