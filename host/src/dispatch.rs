@@ -558,6 +558,10 @@ async fn attempts(
                          then the same attempt again (not counted against max_attempts): {failure}"
                     );
                     // Held here on every transport: a `nak` would count as a delivery there.
+                    // What the attempt saw is let go first: only the last attempt's record is
+                    // kept for a dead letter, and one held through the wait is outside the bytes
+                    // `flow.buffer_mib` bounds (a few MB each, `flow.queue` of them).
+                    drop(seen);
                     tokio::time::sleep(wait).await;
                     circuit_waited += wait;
                     continue;
@@ -580,7 +584,9 @@ async fn attempts(
                 if fate == Fate::Redeliver(wait) {
                     return Outcome::Redelivering { attempt, wait };
                 }
-                // The run permit is released while waiting: other events keep flowing.
+                // The run permit is released while waiting: other events keep flowing. The
+                // attempt's record is let go before the wait (see the circuit wait above).
+                drop(seen);
                 tokio::time::sleep(wait).await;
                 attempt += 1;
             }
