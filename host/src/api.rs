@@ -120,6 +120,9 @@ struct Inner {
     replaying_one: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Turns at looking a dead letter up in the broker by id (`broker_entry`).
     finding_dead_letter: tokio::sync::Mutex<()>,
+    /// One bulk replay (`POST /v1/dlq/replay`) at a time: on NATS each reads up to 64 MiB of the
+    /// broker's dead letters, and two at once both read (and replay) the same ones.
+    replaying_all: Arc<Semaphore>,
 }
 
 type Api = Arc<Inner>;
@@ -155,6 +158,7 @@ pub fn router(state: ApiState) -> axum::Router {
         debugging,
         replaying_one: Default::default(),
         finding_dead_letter: Default::default(),
+        replaying_all: Arc::new(Semaphore::new(1)),
     });
     let guarded = axum::Router::new()
         .route("/readyz", get(readyz))
@@ -918,10 +922,17 @@ fn tag(entry: crate::deadletter::Entry, kept_by: &str) -> serde_json::Value {
 /// put back when the bus does not take them within `api.publish_timeout`, whether or not the
 /// client waits for the answer.
 async fn dlq_replay(State(api): State<Api>, Query(q): Query<DlqQuery>) -> Response {
+    let Ok(alone) = api.replaying_all.clone().try_acquire_owned() else {
+        return error(
+            StatusCode::CONFLICT,
+            "a replay of dead letters is under way on this host: try again once it is done (its answer says what it replayed)",
+        );
+    };
     let (tx, rx) = tokio::sync::oneshot::channel();
     let task_api = api.clone();
     tokio::spawn(async move {
         let report = replay(&task_api, q.plugin.as_deref()).await;
+        drop(alone);
         if tx.send(report.clone()).is_err() {
             tracing::info!(replayed = report["replayed"].as_array().map_or(0, Vec::len),
                 failed = %report["failed"], refused = report["refused"].as_array().map_or(0, Vec::len),

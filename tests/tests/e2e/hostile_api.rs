@@ -453,6 +453,12 @@ async fn a_dlq_replay_cancelled_midway_loses_no_dead_letter() {
     let cut =
         client.post(format!("{}/v1/dlq/replay?plugin=faulty", t.url())).timeout(Duration::from_millis(200)).send();
     assert!(cut.await.is_err(), "the replay answered before the queue had room");
+    // It goes on after its client left; a second bulk replay meanwhile is refused (two at once
+    // would both read, and on NATS both replay, the same dead letters).
+    let second = client.post(format!("{}/v1/dlq/replay?plugin=faulty", t.url())).send().await.unwrap();
+    assert_eq!(second.status(), 409, "a second replay ran beside the first");
+    let body: Value = second.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("a replay of dead letters is under way"), "{body}");
 
     // Every dead letter is replayed anyway (or, had the bus refused it, still kept).
     let mut replayed = std::collections::BTreeSet::new();
@@ -471,6 +477,9 @@ async fn a_dlq_replay_cancelled_midway_loses_no_dead_letter() {
         }
     }
     println!("replayed after the client left: {replayed:?}");
+    // Once it is done, a replay is taken again.
+    let again = client.post(format!("{}/v1/dlq/replay?plugin=faulty", t.url())).send().await.unwrap();
+    assert_eq!(again.status(), 200, "{:?}", again.text().await);
 }
 
 /// Dead letters whose data JSON writes six times over (`\u0001`): a page of them was 400 MB,
