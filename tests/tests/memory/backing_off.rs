@@ -4,20 +4,11 @@
 //! letter, and one held through every wait was outside `flow.buffer_mib` (review 43 F2: 1,000
 //! deliveries backing off held 627 MB for events of 8 bytes).
 
+use crate::rss_mib;
 use plugbus::retry::RetryPolicy;
 use plugbus::router::Flow;
 use plugbus_tests::{TestHost, measuring_memory};
 use std::time::Duration;
-
-fn rss_mib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("reading /proc/self/status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status");
-    kib / 1024
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_backing_off_hold_no_record_of_their_failed_attempt() {

@@ -3,20 +3,11 @@
 //! finite tree of work much larger than `flow.queue` finishes, and a runaway fills only its own
 //! buffer while the ingress and other plugins keep serving.
 
+use crate::rss_mib;
 use plugbus::router::Flow;
 use plugbus_tests::{TestHost, eventually, fast_retries, measuring_memory};
 use std::collections::HashMap;
 use std::time::Duration;
-
-fn rss_mib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("reading /proc/self/status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status");
-    kib / 1024
-}
 
 async fn post(client: &reqwest::Client, url: &str, body: String) -> u16 {
     let send = client.post(url).body(body).send();
