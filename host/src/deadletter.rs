@@ -40,6 +40,11 @@ pub mod headers {
     /// and lets it go unrun (they handled it the first time). Not on the replay of an output
     /// the bus did not take (it reached no one): that goes to every subscriber.
     pub const REPLAY_FOR: &str = "plugbus-replay-for";
+    /// On a replay NATS publishes to a subject no stream captures: the inbox its host waits on.
+    /// A host whose plugin takes the message into its queue (the plugin it is for, when it
+    /// names one) answers there, and only then is the dead letter forgotten: core NATS drops
+    /// what a full consumer has no room for, unseen. Never reaches a plugin.
+    pub const REPLAY_ACK: &str = "plugbus-replay-ack";
     /// On the dead letter of an event a plugin's delivery failed (its handler, or before it
     /// ran), as opposed to an output of the plugin the bus did not take: that plugin, whom the
     /// replay is for ([`super::failed_in`]). Told apart this way, never by the event's source

@@ -2297,3 +2297,63 @@ async fn jetstream_a_consumer_deleted_underneath_is_made_again_from_where_it_was
     // Every one runs (some perhaps twice: at least once), none is skipped.
     t.wait_counter("faulty", "ok", 20).await;
 }
+
+/// A replay to a subject no stream captures (core NATS) leaves its dead letter only once a host
+/// of the plugin took it into its queue: the server accepting the publish said nothing, since a
+/// core consumer with no room drops what it gets, and the dead letter went with it (review 43
+/// F1: 40 replayed, 12 dropped unseen and gone). What is not taken in `api.publish_timeout` is
+/// counted in `failed` and kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_a_replay_its_plugin_has_no_room_for_keeps_its_dead_letter() {
+    const DEAD: usize = 12;
+    let server = NatsServer::start().await;
+    let t = TestHost::start_on(&Bus::Core(&server), &["faulty"], |c| {
+        plugbus_tests::fast_retries(c);
+        c.api.publish_timeout = Duration::from_millis(500);
+        let flow = &mut c.plugins.entry("faulty".into()).or_default().flow;
+        flow.insert("queue".into(), serde_json::json!(1));
+        flow.insert("concurrency".into(), serde_json::json!(1));
+        flow.insert("buffer_mib".into(), serde_json::json!(1));
+    })
+    .await;
+    for _ in 0..DEAD {
+        t.publish("faulty.reject", vec![b'x'; 300_000]).await;
+        // One at a time: a burst of them would be dropped here already.
+        let n = t.counter("faulty", "dead_lettered");
+        t.wait_counter("faulty", "dead_lettered", n + 1).await;
+    }
+    assert_eq!(t.host.dead_letters().list(Some("faulty")).len(), DEAD);
+    // faulty busy for 6 s (one running, one queued): replays wait in its feed, 1 MiB of them (3),
+    // and the rest have no room.
+    t.publish("faulty.slow", "3000").await;
+    t.publish("faulty.slow", "3000").await;
+    eventually("faulty is busy with a full queue", || {
+        t.counter("faulty", "in_flight") == 1 && t.counter("faulty", "queued") == 1
+    })
+    .await;
+    let report: Value = reqwest::Client::new()
+        .post(format!("{}/v1/dlq/replay?plugin=faulty", t.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let replayed = report["replayed"].as_array().unwrap().len();
+    let failed = report["failed"].as_u64().unwrap() as usize;
+    assert_eq!(replayed + failed, DEAD, "{report}");
+    assert!(failed > 0, "every replay found room: the case did not happen: {report}");
+    let dropped = sample(&metrics_text(&t.url()).await, "plugbus_nats_core_dropped_total{plugin=\"faulty\"}");
+    assert!(dropped.unwrap_or(0.0) > 0.0, "no replay was dropped: the case did not happen");
+    // Nothing is lost: each replay taken runs (and is rejected again, a new dead letter), and
+    // each not taken is still kept.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let kept = t.host.dead_letters().list(Some("faulty")).len();
+        if kept == DEAD && t.counter("faulty", "dead_lettered") == (DEAD + replayed) as u64 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{kept} dead letters kept of {DEAD} ({report})");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

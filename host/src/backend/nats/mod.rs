@@ -226,6 +226,35 @@ impl NatsTransport {
         reply_event(subject, msg)
     }
 
+    /// Publishes the replay of a dead letter to a subject no stream captures, and returns once a
+    /// host's plugin took it into its queue ([`crate::deadletter::headers::REPLAY_ACK`]): a core
+    /// publish the server accepted may still be dropped by a consumer with no room, and the dead
+    /// letter is forgotten once this returns. Waits as long as it takes: the replay's caller
+    /// bounds it (`api.publish_timeout`), and then keeps the dead letter (should the answer
+    /// come later, a later replay runs it again: twice rather than never).
+    async fn publish_replay_taken(&self, event: &Event) -> Result<(), TransportError> {
+        validate_subject(&event.subject)?;
+        let inbox = self.client.new_inbox();
+        let mut taken = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| TransportError::Broker(format!("subscribing to the replay's answer on NATS: {e}")))?;
+        let (mut headers, payload) = wire::message_of(event, wire::Origin::Host);
+        headers.insert(crate::deadletter::headers::REPLAY_ACK, inbox.as_str());
+        let subject = event.subject.clone();
+        self.client
+            .publish_with_headers(subject.clone(), headers, payload)
+            .await
+            .map_err(|e| TransportError::Broker(format!("publishing to {subject} on NATS: {e}")))?;
+        match taken.next().await {
+            Some(_) => Ok(()),
+            None => {
+                Err(TransportError::Closed(format!("the connection closed before a host took the replay on {subject}")))
+            }
+        }
+    }
+
     /// Publishes `event`, made by `origin`; on a subject a stream captures, waits for the
     /// stream's ack.
     async fn publish_event(&self, event: &Event, origin: wire::Origin) -> Result<(), PublishFailure> {
@@ -624,7 +653,13 @@ impl NatsTransport {
                     self.client.queue_subscribe(p.clone(), spec.group.clone()).await.map_err(|e| {
                         TransportError::Broker(format!("subscribing {} to {p} on NATS: {e}", spec.plugin))
                     })?;
-                let pump = queue_group::pump(sub, feed.intake.clone(), feed.filter.clone(), feed.dropped.clone());
+                let pump = queue_group::pump(
+                    sub,
+                    feed.intake.clone(),
+                    feed.filter.clone(),
+                    feed.dropped.clone(),
+                    self.client.clone(),
+                );
                 feed.core.insert(p.clone(), Task(tokio::spawn(pump)));
                 added.push(p.clone());
             }
@@ -888,6 +923,9 @@ impl Transport for NatsTransport {
                 "not connected to NATS: an event on {} would only wait in this process for the connection",
                 event.subject
             )));
+        }
+        if event.header(crate::deadletter::headers::REPLAY_OF).is_some() && !self.index.captures(&event.subject) {
+            return self.publish_replay_taken(&event).await;
         }
         Ok(self.publish_event(&event, origin).await?)
     }

@@ -13,9 +13,10 @@
 
 use super::budget::{Budget, Intake};
 use super::{Filter, wire};
+use crate::deadletter::headers::REPLAY_ACK;
 use crate::event::BUFFERED_ENTRY_COST;
 use crate::transport::Delivery;
-use async_nats::{Message, Subscriber};
+use async_nats::{Client, Message, Subscriber};
 use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use std::collections::VecDeque;
@@ -27,7 +28,11 @@ use tokio::sync::OwnedSemaphorePermit;
 /// subjects, `_INBOX` replies and other plugins' dead letters) is dropped unrun: see
 /// [`Filter`]. One the plugin has no room for, even waiting, is dropped and counted in
 /// `dropped`.
-pub async fn pump(mut sub: Subscriber, intake: Intake, filter: Filter, dropped: Counter) {
+///
+/// A replay that asks to be answered once taken ([`REPLAY_ACK`]) is answered on `answers` when
+/// it goes into the queue or waits for room, not when it is dropped; by the pump of the plugin it
+/// is for, when it names one (another plugin would let it go unrun).
+pub async fn pump(mut sub: Subscriber, intake: Intake, filter: Filter, dropped: Counter, answers: Client) {
     let mut waiting = Waiting { deliveries: VecDeque::new(), plugin: filter.plugin.clone(), dropped, dropping: 0 };
     loop {
         let front = waiting.front_cost();
@@ -43,25 +48,54 @@ pub async fn pump(mut sub: Subscriber, intake: Intake, filter: Filter, dropped: 
                     continue;
                 }
                 let wire_cost = wire_cost(&msg);
+                let answer = replay_answer(&msg, &filter.plugin);
                 if !waiting.is_empty() {
                     // Behind others: it waits too, if there is room for it, or is dropped unread.
                     match intake.waiting.try_room(wire_cost) {
-                        Some(room) => waiting.push(delivery_of(msg), &intake.budget, room),
+                        Some(room) => {
+                            waiting.push(delivery_of(msg), &intake.budget, room);
+                            taken(&answers, answer).await;
+                        }
                         None => waiting.drop_one(&msg.subject),
                     }
                     continue;
                 }
                 let delivery = delivery_of(msg);
                 match intake.try_send(delivery) {
-                    Ok(()) => waiting.caught_up(),
+                    Ok(()) => {
+                        waiting.caught_up();
+                        taken(&answers, answer).await;
+                    }
                     Err(Some(delivery)) => match intake.waiting.try_room(wire_cost) {
-                        Some(room) => waiting.push(delivery, &intake.budget, room),
+                        Some(room) => {
+                            waiting.push(delivery, &intake.budget, room);
+                            taken(&answers, answer).await;
+                        }
                         None => waiting.drop_one(&delivery.event.subject),
                     },
                     Err(None) => return,
                 }
             }
         }
+    }
+}
+
+/// Where to say a replay was taken ([`REPLAY_ACK`]: an inbox, nothing else), when `msg` is one
+/// this plugin answers for: a replay for it, or for every subscriber (the replay of an output).
+fn replay_answer(msg: &Message, plugin: &str) -> Option<String> {
+    let headers = msg.headers.as_ref()?;
+    let inbox = headers.get(REPLAY_ACK)?.as_str();
+    let for_plugin = headers.get(crate::deadletter::headers::REPLAY_FOR).map(|p| p.as_str());
+    (super::is_inbox(inbox) && for_plugin.is_none_or(|p| p == plugin)).then(|| inbox.to_string())
+}
+
+/// Says a replay was taken (an empty message on its inbox); a failed answer leaves the dead
+/// letter kept by its replayer, which gives up waiting.
+async fn taken(answers: &Client, inbox: Option<String>) {
+    if let Some(inbox) = inbox
+        && let Err(e) = answers.publish(inbox, bytes::Bytes::new()).await
+    {
+        tracing::warn!("a replay was taken but its replayer could not be told (it keeps the dead letter): {e}");
     }
 }
 
@@ -79,6 +113,8 @@ fn delivery_of(msg: Message) -> Delivery {
         Ok(mut ev) => {
             // Only an inbox is a reply address: anything else is ignored (see `is_inbox`).
             ev.reply_to = msg.reply.map(|r| r.to_string()).filter(|r| super::is_inbox(r));
+            // The replayer's inbox is the host's, never the plugin's (nor its dead letter's).
+            ev.extensions.retain(|(name, _)| name != REPLAY_ACK);
             Delivery::once(Arc::new(ev))
         }
         Err(why) => {
