@@ -212,6 +212,18 @@ impl TestHost {
     pub fn url(&self) -> String {
         format!("http://{}", self.host.http_addr().expect("HTTP API on"))
     }
+
+    /// `POST /v1/dlq/replay?plugin=PLUGIN`: its report.
+    pub async fn replay_dead_letters(&self, plugin: &str) -> serde_json::Value {
+        reqwest::Client::new()
+            .post(format!("{}/v1/dlq/replay?plugin={plugin}", self.url()))
+            .send()
+            .await
+            .expect("the replay request")
+            .json()
+            .await
+            .expect("the replay's report")
+    }
 }
 
 /// Which transport a shared test case runs on.

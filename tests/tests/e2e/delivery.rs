@@ -210,14 +210,7 @@ async fn exhausted_retries_dead_letter_with_the_last_error_and_replay_works(bus:
 
     // the operator replays it over HTTP: back on its original subject, with an id of its own
     assert_eq!(t.host.dead_letters().list(Some("faulty")).len(), 1);
-    let resp: serde_json::Value = reqwest::Client::new()
-        .post(format!("{}/v1/dlq/replay?plugin=faulty", t.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let resp = t.replay_dead_letters("faulty").await;
     assert_eq!(resp["replayed"].as_array().unwrap().len(), 1, "{resp}");
     let again = seen.next_on("faulty.retry").await;
     assert_eq!(again.header(headers::REPLAY_OF), Some(dead.id.as_str()));

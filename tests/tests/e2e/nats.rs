@@ -2331,14 +2331,7 @@ async fn core_a_replay_its_plugin_has_no_room_for_keeps_its_dead_letter() {
         t.counter("faulty", "in_flight") == 1 && t.counter("faulty", "queued") == 1
     })
     .await;
-    let report: Value = reqwest::Client::new()
-        .post(format!("{}/v1/dlq/replay?plugin=faulty", t.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let report = t.replay_dead_letters("faulty").await;
     let replayed = report["replayed"].as_array().unwrap().len();
     let failed = report["failed"].as_u64().unwrap() as usize;
     assert_eq!(replayed + failed, DEAD, "{report}");
