@@ -221,23 +221,27 @@ pub async fn plugins_dir_of(client: &reqwest::Client, url: &str) -> anyhow::Resu
         .await?;
     let dir =
         plugins["plugins_dir"].as_str().context("the host does not name its plugins folder: pass --plugins DIR")?;
-    let dir = PathBuf::from(dir);
-    yours(&dir).map_err(|why| {
+    let named = PathBuf::from(dir);
+    // Resolved once, and that folder is where every build goes: a link re-pointed later
+    // changes nothing.
+    let dir = yours(&named).map_err(|why| {
         anyhow::anyhow!(
             "the host at {url} names {} as its plugins folder, but {why}: another user's host may be \
              answering there (whoever takes the port first); pass --plugins DIR to deploy into it anyway",
-            crate::event::one_line(&dir.display().to_string())
+            crate::event::one_line(&named.display().to_string())
         )
     })?;
     Ok(dir)
 }
 
-/// Whether `dir` is a folder of this user's: what a host answering on a port names is deployed
-/// into only then (on a shared machine, any user may start a server on the port first and name
-/// a folder of theirs, to be sent the build and answer that it went live).
-fn yours(dir: &Path) -> Result<(), String> {
+/// `dir` resolved (links followed, once), when that is a folder of this user's: what a host
+/// answering on a port names is deployed into only then (on a shared machine, any user may start
+/// a server on the port first and name a folder of theirs, to be sent the build and answer that
+/// it went live).
+fn yours(dir: &Path) -> Result<PathBuf, String> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(dir).map_err(|e| format!("it cannot be read here ({e})"))?;
+    let dir = std::fs::canonicalize(dir).map_err(|e| format!("it cannot be read here ({e})"))?;
+    let meta = std::fs::symlink_metadata(&dir).map_err(|e| format!("it cannot be read here ({e})"))?;
     if !meta.is_dir() {
         return Err("it is not a folder".into());
     }
@@ -246,7 +250,7 @@ fn yours(dir: &Path) -> Result<(), String> {
     if meta.uid() != me {
         return Err(format!("it belongs to uid {}, not to you (uid {me})", meta.uid()));
     }
-    Ok(())
+    Ok(dir)
 }
 
 /// Writes `bytes` to `target` through a new file beside it, then a rename (one event for the
@@ -422,6 +426,21 @@ mod tests {
         names.sort();
         assert_eq!(names, [".x.wasm.plugbus-dev", ".y.wasm.0123456789abcdef.plugbus-dev", "x.wasm"]);
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+    }
+
+    #[test]
+    fn a_folder_named_through_a_link_is_resolved_once_and_checked_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        // Deployed into the folder the link named then: re-pointing it later changes nothing.
+        assert_eq!(yours(&link).unwrap(), std::fs::canonicalize(&real).unwrap());
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        assert_eq!(yours(&file).unwrap_err(), "it is not a folder");
+        assert!(yours(&dir.path().join("missing")).unwrap_err().starts_with("it cannot be read here"));
     }
 
     #[test]

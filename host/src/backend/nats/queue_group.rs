@@ -30,8 +30,9 @@ use tokio::sync::OwnedSemaphorePermit;
 /// `dropped`.
 ///
 /// A replay that asks to be answered once taken ([`REPLAY_ACK`]) is answered on `answers` when
-/// it goes into the queue or waits for room, not when it is dropped; by the pump of the plugin it
-/// is for, when it names one (another plugin would let it go unrun).
+/// it goes into the plugin's queue (not while it waits in the pump, which drops what waits when
+/// it ends, nor when it is dropped); by the pump of the plugin it is for, when it names one
+/// (another plugin would let it go unrun).
 pub async fn pump(mut sub: Subscriber, intake: Intake, filter: Filter, dropped: Counter, answers: Client) {
     let mut waiting = Waiting { deliveries: VecDeque::new(), plugin: filter.plugin.clone(), dropped, dropping: 0 };
     loop {
@@ -40,7 +41,9 @@ pub async fn pump(mut sub: Subscriber, intake: Intake, filter: Filter, dropped: 
             biased;
             ready = intake.ready(front.unwrap_or(0)), if front.is_some() => {
                 let Some(slot) = ready else { return };
-                slot.send(waiting.pop());
+                let (delivery, answer) = waiting.pop();
+                slot.send(delivery);
+                taken(&answers, answer, &filter.plugin).await;
             }
             msg = sub.next() => {
                 let Some(msg) = msg else { return };
@@ -52,10 +55,7 @@ pub async fn pump(mut sub: Subscriber, intake: Intake, filter: Filter, dropped: 
                 if !waiting.is_empty() {
                     // Behind others: it waits too, if there is room for it, or is dropped unread.
                     match intake.waiting.try_room(wire_cost) {
-                        Some(room) => {
-                            waiting.push(delivery_of(msg), &intake.budget, room);
-                            taken(&answers, answer).await;
-                        }
+                        Some(room) => waiting.push(delivery_of(msg), answer, &intake.budget, room),
                         None => waiting.drop_one(&msg.subject),
                     }
                     continue;
@@ -64,13 +64,10 @@ pub async fn pump(mut sub: Subscriber, intake: Intake, filter: Filter, dropped: 
                 match intake.try_send(delivery) {
                     Ok(()) => {
                         waiting.caught_up();
-                        taken(&answers, answer).await;
+                        taken(&answers, answer, &filter.plugin).await;
                     }
                     Err(Some(delivery)) => match intake.waiting.try_room(wire_cost) {
-                        Some(room) => {
-                            waiting.push(delivery, &intake.budget, room);
-                            taken(&answers, answer).await;
-                        }
+                        Some(room) => waiting.push(delivery, answer, &intake.budget, room),
                         None => waiting.drop_one(&delivery.event.subject),
                     },
                     Err(None) => return,
@@ -89,13 +86,14 @@ fn replay_answer(msg: &Message, plugin: &str) -> Option<String> {
     (super::is_inbox(inbox) && for_plugin.is_none_or(|p| p == plugin)).then(|| inbox.to_string())
 }
 
-/// Says a replay was taken (an empty message on its inbox); a failed answer leaves the dead
-/// letter kept by its replayer, which gives up waiting.
-async fn taken(answers: &Client, inbox: Option<String>) {
+/// Says a replay was taken into `plugin`'s queue (an empty message on its inbox); a failed
+/// answer leaves the dead letter kept by its replayer, which gives up waiting.
+async fn taken(answers: &Client, inbox: Option<String>, plugin: &str) {
     if let Some(inbox) = inbox
         && let Err(e) = answers.publish(inbox, bytes::Bytes::new()).await
     {
-        tracing::warn!("a replay was taken but its replayer could not be told (it keeps the dead letter): {e}");
+        tracing::warn!(plugin = %plugin,
+            "a replay was taken but its replayer could not be told (it keeps the dead letter): {e}");
     }
 }
 
@@ -127,8 +125,9 @@ fn delivery_of(msg: Message) -> Delivery {
 /// Messages taken from the client that wait for room in the plugin's queue and budget, in
 /// order, each holding its room in the feed's waiting budget.
 struct Waiting {
-    /// Each with its cost in the plugin's budget and its room in the waiting budget.
-    deliveries: VecDeque<(Delivery, u32, OwnedSemaphorePermit)>,
+    /// Each with its cost in the plugin's budget, its room in the waiting budget and, for a
+    /// replay that asks, where to say it was taken.
+    deliveries: VecDeque<(Delivery, u32, OwnedSemaphorePermit, Option<String>)>,
     plugin: Arc<str>,
     /// `plugbus_nats_core_dropped_total{plugin}`.
     dropped: Counter,
@@ -143,16 +142,17 @@ impl Waiting {
     }
 
     fn front_cost(&self) -> Option<u32> {
-        self.deliveries.front().map(|(_, cost, _)| *cost)
+        self.deliveries.front().map(|(_, cost, ..)| *cost)
     }
 
-    /// The first in line; its room in the waiting budget comes back.
-    fn pop(&mut self) -> Delivery {
-        let (delivery, _, _room) = self.deliveries.pop_front().expect("popped only when one waits");
+    /// The first in line, and where to say it was taken; its room in the waiting budget comes
+    /// back.
+    fn pop(&mut self) -> (Delivery, Option<String>) {
+        let (delivery, _, _room, answer) = self.deliveries.pop_front().expect("popped only when one waits");
         if self.deliveries.is_empty() {
             self.caught_up();
         }
-        delivery
+        (delivery, answer)
     }
 
     /// Nothing waits in this pump any more: a burst of drops, if any, has ended.
@@ -163,10 +163,10 @@ impl Waiting {
         }
     }
 
-    /// Keeps `delivery` in line, with its `room`.
-    fn push(&mut self, delivery: Delivery, budget: &Budget, room: OwnedSemaphorePermit) {
+    /// Keeps `delivery` in line, with its `room` and where to say it was taken (`answer`).
+    fn push(&mut self, delivery: Delivery, answer: Option<String>, budget: &Budget, room: OwnedSemaphorePermit) {
         let cost = budget.cost(&delivery);
-        self.deliveries.push_back((delivery, cost, room));
+        self.deliveries.push_back((delivery, cost, room, answer));
     }
 
     /// Drops a message on `subject` the plugin has no room for.
