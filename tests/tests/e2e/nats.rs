@@ -2371,3 +2371,43 @@ async fn core_replays_into_a_full_plugin(remove_it: bool) {
     }
     assert!(kept.len() >= DEAD, "{} dead letters kept of {DEAD}: some were lost ({report})", kept.len());
 }
+
+/// Only an answer naming the replay counts as taken: a NATS client that sees a core replay go by
+/// and sends anything else to its inbox does not make the host forget a dead letter no plugin
+/// took (review 43b F2; one that copies the id it saw still can: the replay mark is not
+/// authenticated, an owner decision).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_a_replay_answered_by_anyone_else_is_kept() {
+    let server = NatsServer::start().await;
+    let t = TestHost::start_on(&Bus::Core(&server), &["faulty"], |c| {
+        plugbus_tests::fast_retries(c);
+        c.api.publish_timeout = Duration::from_millis(500);
+    })
+    .await;
+    t.publish("faulty.reject", "once").await;
+    t.wait_counter("faulty", "dead_lettered", 1).await;
+    // No host runs faulty any more, and a bystander answers every replay's inbox.
+    std::fs::remove_file(t.dir.path().join("faulty.wasm")).unwrap();
+    eventually("faulty is removed", || !t.host.router().contains("faulty")).await;
+    let bystander = async_nats::connect(server.url()).await.unwrap();
+    let mut seen = bystander.subscribe("faulty.>").await.unwrap();
+    let answering = bystander.clone();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = answered.clone();
+    let answers = tokio::spawn(async move {
+        while let Some(m) = seen.next().await {
+            if let Some(inbox) = m.headers.as_ref().and_then(|h| h.get(headers::REPLAY_ACK)) {
+                answering.publish(inbox.to_string(), "taken".into()).await.unwrap();
+                answering.flush().await.unwrap();
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    bystander.flush().await.unwrap();
+    let report = t.replay_dead_letters("faulty").await;
+    assert_eq!(report["failed"], 1, "{report}");
+    assert!(report["replayed"].as_array().unwrap().is_empty(), "{report}");
+    assert_eq!(t.host.dead_letters().list(Some("faulty")).len(), 1, "the dead letter was forgotten");
+    assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 1, "the bystander saw no replay to answer");
+    answers.abort();
+}

@@ -247,12 +247,13 @@ impl NatsTransport {
             .publish_with_headers(subject.clone(), headers, payload)
             .await
             .map_err(|e| TransportError::Broker(format!("publishing to {subject} on NATS: {e}")))?;
-        match taken.next().await {
-            Some(_) => Ok(()),
-            None => {
-                Err(TransportError::Closed(format!("the connection closed before a host took the replay on {subject}")))
+        // Only an answer naming this replay counts (a message merely sent to the inbox does not).
+        while let Some(answer) = taken.next().await {
+            if answer.payload.as_ref() == event.id.as_bytes() {
+                return Ok(());
             }
         }
+        Err(TransportError::Closed(format!("the connection closed before a host took the replay on {subject}")))
     }
 
     /// Publishes `event`, made by `origin`; on a subject a stream captures, waits for the

@@ -51,16 +51,21 @@ pub async fn pump(mut sub: Subscriber, intake: Intake, filter: Filter, dropped: 
                     continue;
                 }
                 let wire_cost = wire_cost(&msg);
-                let answer = replay_answer(&msg, &filter.plugin);
+                let inbox = replay_answer(&msg, &filter.plugin);
                 if !waiting.is_empty() {
                     // Behind others: it waits too, if there is room for it, or is dropped unread.
                     match intake.waiting.try_room(wire_cost) {
-                        Some(room) => waiting.push(delivery_of(msg), answer, &intake.budget, room),
+                        Some(room) => {
+                            let delivery = delivery_of(msg);
+                            let answer = answer_of(inbox, &delivery);
+                            waiting.push(delivery, answer, &intake.budget, room);
+                        }
                         None => waiting.drop_one(&msg.subject),
                     }
                     continue;
                 }
                 let delivery = delivery_of(msg);
+                let answer = answer_of(inbox, &delivery);
                 match intake.try_send(delivery) {
                     Ok(()) => {
                         waiting.caught_up();
@@ -86,11 +91,23 @@ fn replay_answer(msg: &Message, plugin: &str) -> Option<String> {
     (super::is_inbox(inbox) && for_plugin.is_none_or(|p| p == plugin)).then(|| inbox.to_string())
 }
 
-/// Says a replay was taken into `plugin`'s queue (an empty message on its inbox); a failed
-/// answer leaves the dead letter kept by its replayer, which gives up waiting.
-async fn taken(answers: &Client, inbox: Option<String>, plugin: &str) {
-    if let Some(inbox) = inbox
-        && let Err(e) = answers.publish(inbox, bytes::Bytes::new()).await
+/// Where a replay taken into the queue is answered, and what with: (inbox, replayed event's id).
+type Answer = (String, String);
+
+/// The answer a delivery gets once in the queue: on `inbox`, the replayed event's id, when it
+/// is a replay that could be read as an event (a message merely carrying the header, or one
+/// dead-lettered unrun, is not answered).
+fn answer_of(inbox: Option<String>, delivery: &Delivery) -> Option<Answer> {
+    let replay = delivery.defect.is_none() && delivery.event.header(crate::deadletter::headers::REPLAY_OF).is_some();
+    inbox.filter(|_| replay).map(|inbox| (inbox, delivery.event.id.clone()))
+}
+
+/// Says a replay was taken into `plugin`'s queue (its id on its inbox: the replayer takes no
+/// other answer); a failed answer leaves the dead letter kept by its replayer, which gives up
+/// waiting.
+async fn taken(answers: &Client, answer: Option<Answer>, plugin: &str) {
+    if let Some((inbox, id)) = answer
+        && let Err(e) = answers.publish(inbox, bytes::Bytes::from(id)).await
     {
         tracing::warn!(plugin = %plugin,
             "a replay was taken but its replayer could not be told (it keeps the dead letter): {e}");
@@ -126,8 +143,8 @@ fn delivery_of(msg: Message) -> Delivery {
 /// order, each holding its room in the feed's waiting budget.
 struct Waiting {
     /// Each with its cost in the plugin's budget, its room in the waiting budget and, for a
-    /// replay that asks, where to say it was taken.
-    deliveries: VecDeque<(Delivery, u32, OwnedSemaphorePermit, Option<String>)>,
+    /// replay that asks, where to say it was taken (and its id).
+    deliveries: VecDeque<(Delivery, u32, OwnedSemaphorePermit, Option<Answer>)>,
     plugin: Arc<str>,
     /// `plugbus_nats_core_dropped_total{plugin}`.
     dropped: Counter,
@@ -147,7 +164,7 @@ impl Waiting {
 
     /// The first in line, and where to say it was taken; its room in the waiting budget comes
     /// back.
-    fn pop(&mut self) -> (Delivery, Option<String>) {
+    fn pop(&mut self) -> (Delivery, Option<Answer>) {
         let (delivery, _, _room, answer) = self.deliveries.pop_front().expect("popped only when one waits");
         if self.deliveries.is_empty() {
             self.caught_up();
@@ -164,7 +181,7 @@ impl Waiting {
     }
 
     /// Keeps `delivery` in line, with its `room` and where to say it was taken (`answer`).
-    fn push(&mut self, delivery: Delivery, answer: Option<String>, budget: &Budget, room: OwnedSemaphorePermit) {
+    fn push(&mut self, delivery: Delivery, answer: Option<Answer>, budget: &Budget, room: OwnedSemaphorePermit) {
         let cost = budget.cost(&delivery);
         self.deliveries.push_back((delivery, cost, room, answer));
     }
