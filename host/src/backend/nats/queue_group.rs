@@ -128,8 +128,6 @@ fn delivery_of(msg: Message) -> Delivery {
         Ok(mut ev) => {
             // Only an inbox is a reply address: anything else is ignored (see `is_inbox`).
             ev.reply_to = msg.reply.map(|r| r.to_string()).filter(|r| super::is_inbox(r));
-            // The replayer's inbox is the host's, never the plugin's (nor its dead letter's).
-            ev.extensions.retain(|(name, _)| name != REPLAY_ACK);
             Delivery::once(Arc::new(ev))
         }
         Err(why) => {

@@ -89,9 +89,12 @@ pub fn event_of(
     fallback_id: Option<String>,
 ) -> Result<Event, String> {
     let payload = owned(&payload);
+    // A replay's answer address is the hosts' (`plugbus-replay-ack`), never part of the event: a
+    // plugin never sees it, nor does the dead letter it may make, on any subject.
     let pairs = headers
         .into_iter()
         .flat_map(|h| h.iter())
+        .filter(|(name, _)| !AsRef::<str>::as_ref(*name).eq_ignore_ascii_case(crate::deadletter::headers::REPLAY_ACK))
         .flat_map(|(name, values)| values.iter().map(move |v| (AsRef::<str>::as_ref(name), v.as_str())));
     cloudevents::decode_with_id(subject, pairs, payload, fallback_id)
 }
@@ -144,6 +147,21 @@ pub fn message_of(ev: &Event, origin: Origin) -> (HeaderMap, Bytes) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replays_answer_address_is_never_part_of_the_event() {
+        let ev = Event::new("orders.created", "{}").with_header("tenant", "acme");
+        let (mut headers, payload) = message_of(&ev, Origin::Producer);
+        headers.insert(crate::deadletter::headers::REPLAY_ACK, "_INBOX.abc");
+        headers.insert("Plugbus-Replay-Ack", "_INBOX.def");
+        let back = event_of("orders.created", Some(&headers), payload, None).unwrap();
+        assert_eq!(back.header("tenant"), Some("acme"));
+        assert!(
+            back.extensions.iter().all(|(k, _)| !k.eq_ignore_ascii_case(crate::deadletter::headers::REPLAY_ACK)),
+            "{:?}",
+            back.extensions
+        );
+    }
 
     #[test]
     fn an_event_survives_the_trip_through_nats_headers() {
