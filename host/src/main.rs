@@ -759,7 +759,10 @@ async fn dlq(client: &reqwest::Client, url: &str, action: DlqAction, plugin: Opt
                 if case["dead_letter"]["failed_by_the_handler"] == false {
                     eprintln!(
                         "dead letter {}: not the handler's failure ({}): exported expecting ok",
-                        cli::printable(entry["event"]["id"].as_str().unwrap_or("?")),
+                        cli::printable(&plugbus::event::one_line_cut(
+                            entry["event"]["id"].as_str().unwrap_or("?"),
+                            200
+                        )),
                         cli::printable(&plugbus::event::one_line_cut(
                             case["dead_letter"]["error"].as_str().unwrap_or(""),
                             200

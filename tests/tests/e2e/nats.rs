@@ -2364,8 +2364,15 @@ async fn core_replays_into_a_full_plugin(remove_it: bool) {
         eventually("faulty is done", || t.counter("faulty", "in_flight") == 0 && t.counter("faulty", "queued") == 0)
             .await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let kept: HashSet<String> = t.host.dead_letters().list(Some("faulty")).into_iter().map(|d| d.event.id).collect();
+    // The last runs' dead letters are kept a moment after their runs end: awaited (up to 10 s),
+    // then checked.
+    let kept =
+        || -> HashSet<String> { t.host.dead_letters().list(Some("faulty")).into_iter().map(|d| d.event.id).collect() };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while kept().len() < DEAD && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kept = kept();
     for id in originals.iter().filter(|id| !replayed_ids.contains(id.as_str())) {
         assert!(kept.contains(id), "dead letter {id}, not taken by any host, was forgotten ({report})");
     }

@@ -232,7 +232,7 @@ impl NatsTransport {
     /// letter is forgotten once this returns. Waits as long as it takes: the replay's caller
     /// bounds it (`api.publish_timeout`), and then keeps the dead letter (should the answer
     /// come later, a later replay runs it again: twice rather than never).
-    async fn publish_replay_taken(&self, event: &Event) -> Result<(), TransportError> {
+    async fn publish_replay_taken(&self, event: &Event, origin: wire::Origin) -> Result<(), TransportError> {
         validate_subject(&event.subject)?;
         let inbox = self.client.new_inbox();
         let mut taken = self
@@ -240,7 +240,7 @@ impl NatsTransport {
             .subscribe(inbox.clone())
             .await
             .map_err(|e| TransportError::Broker(format!("subscribing to the replay's answer on NATS: {e}")))?;
-        let (mut headers, payload) = wire::message_of(event, wire::Origin::Host);
+        let (mut headers, payload) = wire::message_of(event, origin);
         headers.insert(crate::deadletter::headers::REPLAY_ACK, inbox.as_str());
         let subject = event.subject.clone();
         self.client
@@ -926,7 +926,7 @@ impl Transport for NatsTransport {
             )));
         }
         if event.header(crate::deadletter::headers::REPLAY_OF).is_some() && !self.index.captures(&event.subject) {
-            return self.publish_replay_taken(&event).await;
+            return self.publish_replay_taken(&event, origin).await;
         }
         Ok(self.publish_event(&event, origin).await?)
     }

@@ -51,13 +51,13 @@ pub async fn pump(mut sub: Subscriber, intake: Intake, filter: Filter, dropped: 
                     continue;
                 }
                 let wire_cost = wire_cost(&msg);
-                let inbox = replay_answer(&msg, &filter.plugin);
+                let inbox = replay_inbox(&msg);
                 if !waiting.is_empty() {
                     // Behind others: it waits too, if there is room for it, or is dropped unread.
                     match intake.waiting.try_room(wire_cost) {
                         Some(room) => {
                             let delivery = delivery_of(msg);
-                            let answer = answer_of(inbox, &delivery);
+                            let answer = answer_of(inbox, &delivery, &filter.plugin);
                             waiting.push(delivery, answer, &intake.budget, room);
                         }
                         None => waiting.drop_one(&msg.subject),
@@ -65,7 +65,7 @@ pub async fn pump(mut sub: Subscriber, intake: Intake, filter: Filter, dropped: 
                     continue;
                 }
                 let delivery = delivery_of(msg);
-                let answer = answer_of(inbox, &delivery);
+                let answer = answer_of(inbox, &delivery, &filter.plugin);
                 match intake.try_send(delivery) {
                     Ok(()) => {
                         waiting.caught_up();
@@ -82,24 +82,26 @@ pub async fn pump(mut sub: Subscriber, intake: Intake, filter: Filter, dropped: 
     }
 }
 
-/// Where to say a replay was taken ([`REPLAY_ACK`]: an inbox, nothing else), when `msg` is one
-/// this plugin answers for: a replay for it, or for every subscriber (the replay of an output).
-fn replay_answer(msg: &Message, plugin: &str) -> Option<String> {
-    let headers = msg.headers.as_ref()?;
-    let inbox = headers.get(REPLAY_ACK)?.as_str();
-    let for_plugin = headers.get(crate::deadletter::headers::REPLAY_FOR).map(|p| p.as_str());
-    (super::is_inbox(inbox) && for_plugin.is_none_or(|p| p == plugin)).then(|| inbox.to_string())
+/// Where `msg` asks to be told it was taken ([`REPLAY_ACK`]: an inbox, nothing else). Read off
+/// the message: the event read from it never carries it (`wire::event_of`).
+fn replay_inbox(msg: &Message) -> Option<String> {
+    let inbox = msg.headers.as_ref()?.get(REPLAY_ACK)?.as_str();
+    super::is_inbox(inbox).then(|| inbox.to_string())
 }
 
 /// Where a replay taken into the queue is answered, and what with: (inbox, replayed event's id).
 type Answer = (String, String);
 
-/// The answer a delivery gets once in the queue: on `inbox`, the replayed event's id, when it
-/// is a replay that could be read as an event (a message merely carrying the header, or one
-/// dead-lettered unrun, is not answered).
-fn answer_of(inbox: Option<String>, delivery: &Delivery) -> Option<Answer> {
-    let replay = delivery.defect.is_none() && delivery.event.header(crate::deadletter::headers::REPLAY_OF).is_some();
-    inbox.filter(|_| replay).map(|inbox| (inbox, delivery.event.id.clone()))
+/// The answer a delivery gets from `plugin`'s pump once in the queue: on `inbox`, the replayed
+/// event's id, when it is a replay that could be read as an event (a message merely carrying the
+/// header, or one dead-lettered unrun, is not answered) for this plugin, or for every subscriber
+/// (the replay of an output); another plugin would let it go unrun.
+fn answer_of(inbox: Option<String>, delivery: &Delivery, plugin: &str) -> Option<Answer> {
+    use crate::deadletter::headers::{REPLAY_FOR, REPLAY_OF};
+    let ev = &delivery.event;
+    let replay = delivery.defect.is_none() && ev.header(REPLAY_OF).is_some();
+    let for_it = ev.header(REPLAY_FOR).is_none_or(|p| p == plugin);
+    inbox.filter(|_| replay && for_it).map(|inbox| (inbox, ev.id.clone()))
 }
 
 /// Says a replay was taken into `plugin`'s queue (its id on its inbox: the replayer takes no
