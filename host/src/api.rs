@@ -968,8 +968,11 @@ async fn replay(api: &Inner, plugin: Option<&str>) -> serde_json::Value {
         taken.into_iter().partition(|e| held.contains(&e.event.id) && !whole.contains(&e.event.id));
     api.s.dead_letters.write_off_runtime(move |s| s.forget(&in_broker)).await;
     let (copies, broker): (Vec<_>, Vec<_>) = broker.into_iter().partition(|b| whole.contains(&b.event.id));
-    let mut report = replay_from_broker(api, broker).await;
-    report.extend(replay_whole_here(api, mine, copies).await);
+    // One report for both: a plugin whose replay the bus did not take gets no more tries in this
+    // run, whichever store its dead letters are in.
+    let mut report = ReplayReport::default();
+    replay_from_broker(api, broker, &mut report).await;
+    replay_whole_here(api, mine, copies, &mut report).await;
     report.to_json()
 }
 
@@ -987,8 +990,9 @@ async fn replay_whole_here(
     api: &Inner,
     mine: Vec<crate::deadletter::Entry>,
     copies: Vec<crate::deadletter::Entry>,
-) -> ReplayReport {
-    let report = replay_entries(api, mine).await;
+    report: &mut ReplayReport,
+) {
+    replay_entries(api, mine, report).await;
     let replayed: std::collections::HashSet<&str> =
         report.replayed.iter().filter_map(|r| r["dead_letter"].as_str()).collect();
     for copy in copies.iter().filter(|c| replayed.contains(c.event.id.as_str())) {
@@ -997,24 +1001,66 @@ async fn replay_whole_here(
                 "dead letter replayed from this host's copy but its copy without data is still kept by the broker: {e}");
         }
     }
-    report
 }
 
 /// What a replay did: the dead letters replayed (each with the new event's id), how many the
-/// bus did not take (kept: a later replay may succeed), and those never replayable (kept, each
-/// with why: no, an invalid or a system original subject).
+/// bus did not take (kept: a later replay may succeed), of those how many were not tried, and
+/// those never replayable (kept, each with why: no, an invalid or a system original subject).
+///
+/// Once the bus did not take the replay of one dead letter within `api.publish_timeout`, the
+/// rest for the same plugin (or, an output's, the same subject) are kept untried: a plugin with
+/// no room, or run on no host, made a bulk replay wait that long for each of them, one after
+/// another (10,000 dead letters: 14 hours, with every other bulk replay refused meanwhile), and
+/// on core NATS re-publish each into a plugin that drops it.
 #[derive(Default)]
 struct ReplayReport {
     replayed: Vec<serde_json::Value>,
     failed: usize,
+    untried: usize,
     refused: Vec<serde_json::Value>,
+    /// The targets ([`ReplayReport::target`]) whose replay the bus did not take, and why.
+    gave_up: std::collections::HashMap<String, String>,
 }
 
 impl ReplayReport {
-    fn extend(&mut self, other: ReplayReport) {
-        self.replayed.extend(other.replayed);
-        self.failed += other.failed;
-        self.refused.extend(other.refused);
+    /// Whom `replay` goes to: the plugin it is for, or (the replay of an output, for every
+    /// subscriber) its subject.
+    fn target(replay: &crate::event::Event) -> String {
+        match replay.header(crate::deadletter::headers::REPLAY_FOR) {
+            Some(plugin) => format!("plugin {}", crate::event::quoted(plugin)),
+            None => format!("subject {}", crate::event::quoted(&replay.subject)),
+        }
+    }
+
+    /// Publishes `replay`, the replay of `entry`, unless an earlier one to its target was not
+    /// taken in this run; notes a failure, after which the rest for that target are not tried.
+    /// `Ok` when the bus took it; the caller keeps the dead letter otherwise.
+    async fn publish(
+        &mut self,
+        api: &Inner,
+        entry: &crate::deadletter::Entry,
+        replay: crate::event::Event,
+    ) -> Result<(), ()> {
+        let target = Self::target(&replay);
+        if self.gave_up.contains_key(&target) {
+            self.failed += 1;
+            self.untried += 1;
+            return Err(());
+        }
+        let id = replay.id.clone();
+        match publish_in_time(api, replay).await {
+            Ok(()) => {
+                self.replayed.push(json!({ "dead_letter": entry.event.id, "id": id }));
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id,
+                    "replay failed, the dead letter is kept; the rest for its {target} in this replay are kept untried: {e}");
+                self.failed += 1;
+                self.gave_up.insert(target, e);
+                Err(())
+            }
+        }
     }
 
     /// Notes one never replayable, logged.
@@ -1023,9 +1069,10 @@ impl ReplayReport {
         self.refused.push(json!({ "dead_letter": entry.event.id, "why": why }));
     }
 
-    /// `{"replayed": [{dead_letter, id}], "failed": n, "refused": [{dead_letter, why}]}`.
+    /// `{"replayed": [{dead_letter, id}], "failed": n, "untried": n, "refused": [{dead_letter,
+    /// why}]}`.
     fn to_json(&self) -> serde_json::Value {
-        json!({ "replayed": self.replayed, "failed": self.failed, "refused": self.refused })
+        json!({ "replayed": self.replayed, "failed": self.failed, "untried": self.untried, "refused": self.refused })
     }
 }
 
@@ -1055,8 +1102,7 @@ fn replay_of(api: &Inner, dead: &crate::event::Event) -> Result<crate::event::Ev
 }
 
 /// Replays dead letters the broker keeps; each leaves the broker once the bus took its replay.
-async fn replay_from_broker(api: &Inner, entries: Vec<crate::deadletter::Entry>) -> ReplayReport {
-    let mut report = ReplayReport::default();
+async fn replay_from_broker(api: &Inner, entries: Vec<crate::deadletter::Entry>, report: &mut ReplayReport) {
     for entry in entries {
         let event = match replay_of(api, &entry.event) {
             Ok(event) => event,
@@ -1065,22 +1111,13 @@ async fn replay_from_broker(api: &Inner, entries: Vec<crate::deadletter::Entry>)
                 continue;
             }
         };
-        let id = event.id.clone();
-        match publish_in_time(api, event).await {
-            Ok(()) => {
-                if let Err(e) = api.s.transport.forget_dead_letter(entry.seq).await {
-                    tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id,
-                        "dead letter replayed but still kept by the broker (a later replay repeats it): {e}");
-                }
-                report.replayed.push(json!({ "dead_letter": entry.event.id, "id": id }));
-            }
-            Err(e) => {
-                tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id, "replay failed, the dead letter is kept: {e}");
-                report.failed += 1;
-            }
+        if report.publish(api, &entry, event).await.is_ok()
+            && let Err(e) = api.s.transport.forget_dead_letter(entry.seq).await
+        {
+            tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id,
+                "dead letter replayed but still kept by the broker (a later replay repeats it): {e}");
         }
     }
-    report
 }
 
 /// How many replayed dead letters leave the file together (one commit each batch): a crash
@@ -1089,8 +1126,7 @@ const FORGET_BATCH: usize = 100;
 
 /// Replays this host's own dead letters, taken out of its store; those the bus does not take
 /// are put back, those it took leave the file in batches.
-async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>) -> ReplayReport {
-    let mut report = ReplayReport::default();
+async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>, report: &mut ReplayReport) {
     let mut kept = Vec::new();
     let mut published = Vec::new();
     for entry in taken {
@@ -1106,17 +1142,9 @@ async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>) -> Re
                 continue;
             }
         };
-        let id = event.id.clone();
-        match publish_in_time(api, event).await {
-            Ok(()) => {
-                report.replayed.push(json!({ "dead_letter": entry.event.id, "id": id }));
-                published.push(entry);
-            }
-            Err(e) => {
-                tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id, "replay failed, the dead letter is kept: {e}");
-                report.failed += 1;
-                kept.push(entry);
-            }
+        match report.publish(api, &entry, event).await {
+            Ok(()) => published.push(entry),
+            Err(()) => kept.push(entry),
         }
     }
     api.s
@@ -1126,7 +1154,6 @@ async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>) -> Re
             s.restore(kept);
         })
         .await;
-    report
 }
 
 /// Publishes a replayed event, giving up after `api.publish_timeout`.
@@ -1214,7 +1241,8 @@ async fn dlq_replay_one(State(api): State<Api>, Path(id): Path<String>) -> Respo
         (Some(entry), mine) => {
             tokio::spawn(async move {
                 let _replaying = replaying;
-                let report = replay_from_broker(&task_api, vec![entry]).await;
+                let mut report = ReplayReport::default();
+                replay_from_broker(&task_api, vec![entry], &mut report).await;
                 // Not replayed: the broker still keeps it, and so does this host.
                 let mine: Vec<_> = mine.into_iter().collect();
                 let replayed = !report.replayed.is_empty();
@@ -1230,7 +1258,9 @@ async fn dlq_replay_one(State(api): State<Api>, Path(id): Path<String>) -> Respo
         (None, Some(entry)) => {
             tokio::spawn(async move {
                 let _replaying = replaying;
-                replay_whole_here(&task_api, vec![entry], copy.into_iter().collect()).await.to_json()
+                let mut report = ReplayReport::default();
+                replay_whole_here(&task_api, vec![entry], copy.into_iter().collect(), &mut report).await;
+                report.to_json()
             })
             .await
         }

@@ -229,6 +229,12 @@ pub fn replay_summary(body: &Value) -> String {
     let replayed = body["replayed"].as_array().map_or(0, Vec::len);
     let mut out =
         format!("replayed {replayed} dead letter(s); {} kept (the bus did not take them)", text(&body["failed"]));
+    // Of those, the ones not tried: after one to the same plugin was not taken (see the log).
+    if let Some(untried) = body["untried"].as_u64().filter(|n| *n > 0) {
+        out.push_str(&format!(
+            ", {untried} of them not tried after the bus did not take one for the same plugin or subject (see the host's log)"
+        ));
+    }
     let refused = body["refused"].as_array().map(Vec::as_slice).unwrap_or_default();
     if !refused.is_empty() {
         out.push_str(&format!("; {} kept, never replayable:", refused.len()));
@@ -369,6 +375,12 @@ mod tests {
         assert!(out.contains("\n  d1: its original subject"), "{out}");
         let plain = replay_summary(&json!({ "replayed": [], "failed": 0 }));
         assert_eq!(plain, "replayed 0 dead letter(s); 0 kept (the bus did not take them)");
+        let stopped = replay_summary(&json!({ "replayed": [], "failed": 4, "untried": 3, "refused": [] }));
+        assert_eq!(
+            stopped,
+            "replayed 0 dead letter(s); 4 kept (the bus did not take them), 3 of them not tried after the bus did \
+             not take one for the same plugin or subject (see the host's log)"
+        );
     }
 
     #[test]

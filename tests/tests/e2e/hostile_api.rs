@@ -482,6 +482,60 @@ async fn a_dlq_replay_cancelled_midway_loses_no_dead_letter() {
     assert_eq!(again.status(), 200, "{:?}", again.text().await);
 }
 
+/// A bulk replay stops trying a plugin once the bus did not take one of its replays within
+/// `api.publish_timeout`: the rest of its dead letters are kept untried. Before, each waited the
+/// timeout in turn (10,000 dead letters of a stuck plugin held the replay 14 hours, every other
+/// bulk replay refused meanwhile; on core NATS each was re-published into a plugin dropping
+/// it). Other plugins' dead letters in the same replay are replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_replay_stops_trying_a_plugin_whose_replay_was_not_taken_and_keeps_the_rest() {
+    const EACH: usize = 4;
+    let t = TestHost::start_with(&["faulty", "hostile"], |c| {
+        fast_retries(c);
+        c.api.publish_timeout = Duration::from_millis(300);
+        set_flow(c, "faulty", 1, 1);
+    })
+    .await;
+    let mut faulty_dead = t.observe(&["plugbus.dlq.faulty"]).await;
+    let mut hostile_dead = t.observe(&["plugbus.dlq.hostile"]).await;
+    for _ in 0..EACH {
+        t.publish("faulty.reject", "").await;
+        faulty_dead.next_on("plugbus.dlq.faulty").await;
+        t.publish("hostile.zzz", "").await;
+        hostile_dead.next_on("plugbus.dlq.hostile").await;
+    }
+    let ids =
+        |plugin| -> Vec<String> { t.host.dead_letters().list(Some(plugin)).into_iter().map(|d| d.event.id).collect() };
+    let faultys = ids("faulty");
+    assert_eq!((faultys.len(), ids("hostile").len()), (EACH, EACH));
+    // faulty busy for 4 s with a full queue: its replays find no room.
+    t.publish("faulty.slow", "2000").await;
+    t.publish("faulty.slow", "2000").await;
+    eventually("faulty is busy with a full queue", || {
+        t.counter("faulty", "in_flight") == 1 && t.counter("faulty", "queued") == 1
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let report: Value = client.post(format!("{}/v1/dlq/replay", t.url())).send().await.unwrap().json().await.unwrap();
+    // hostile's are replayed; of faulty's, one is tried and the rest kept untried.
+    let replayed: Vec<&str> =
+        report["replayed"].as_array().unwrap().iter().map(|r| r["dead_letter"].as_str().unwrap()).collect();
+    assert_eq!(replayed.len(), EACH, "{report}");
+    assert!(replayed.iter().all(|id| !faultys.iter().any(|f| f == id)), "{report}");
+    assert_eq!(report["failed"], EACH, "{report}");
+    assert_eq!(report["untried"], EACH - 1, "each of faulty's was tried in turn: {report}");
+    // Every one of faulty's is still kept, and replayed once faulty has room again.
+    let mut kept = ids("faulty");
+    kept.sort();
+    let mut expected = faultys.clone();
+    expected.sort();
+    assert_eq!(kept, expected);
+    eventually("faulty is done", || t.counter("faulty", "in_flight") == 0 && t.counter("faulty", "queued") == 0).await;
+    let again = t.replay_dead_letters("faulty").await;
+    assert_eq!(again["replayed"].as_array().unwrap().len(), EACH, "{again}");
+    assert_eq!((again["failed"].as_u64(), again["untried"].as_u64()), (Some(0), Some(0)), "{again}");
+}
+
 /// Dead letters whose data JSON writes six times over (`\u0001`): a page of them was 400 MB,
 /// built on every poll of the dashboard. A listing now holds at most 16 MiB of JSON, the newest
 /// first to fit, saying how many it left out; the dashboard's summary leaves data and records

@@ -2302,7 +2302,7 @@ async fn jetstream_a_consumer_deleted_underneath_is_made_again_from_where_it_was
 /// of the plugin took it into its queue: the server accepting the publish said nothing, since a
 /// core consumer with no room drops what it gets, and the dead letter went with it (review 43
 /// F1: 40 replayed, 12 dropped unseen and gone). What is not taken in `api.publish_timeout` is
-/// counted in `failed` and kept.
+/// counted in `failed` and kept, and so are the plugin's others, untried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_a_replay_its_plugin_has_no_room_for_keeps_its_dead_letter() {
     core_replays_into_a_full_plugin(false).await;
@@ -2337,21 +2337,39 @@ async fn core_replays_into_a_full_plugin(remove_it: bool) {
     let originals: HashSet<String> =
         t.host.dead_letters().list(Some("faulty")).into_iter().map(|d| d.event.id).collect();
     assert_eq!(originals.len(), DEAD);
-    // faulty busy for 10 s (one running, one queued), longer than the replay: replays wait in
-    // its feed, 1 MiB of them (3), and the rest have no room.
+    // faulty busy for 10 s (one running, one queued), longer than the replay: a replay waits in
+    // its feed (while removing it), or (not removing it) finds the feed full of other events
+    // and is dropped.
     t.publish("faulty.slow", "5000").await;
     t.publish("faulty.slow", "5000").await;
     eventually("faulty is busy with a full queue", || {
         t.counter("faulty", "in_flight") == 1 && t.counter("faulty", "queued") == 1
     })
     .await;
+    let dropped = || async {
+        sample(&metrics_text(&t.url()).await, "plugbus_nats_core_dropped_total{plugin=\"faulty\"}").unwrap_or(0.0)
+    };
+    if !remove_it {
+        for _ in 0..8 {
+            t.publish("faulty.ok", vec![b'x'; 300_000]).await;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while dropped().await == 0.0 {
+            assert!(tokio::time::Instant::now() < deadline, "faulty's feed never filled");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let dropped_before = dropped().await;
     let report = t.replay_dead_letters("faulty").await;
     let replayed = report["replayed"].as_array().unwrap().len();
     let failed = report["failed"].as_u64().unwrap() as usize;
     assert_eq!(replayed + failed, DEAD, "{report}");
     assert!(failed > 0, "every replay found room: the case did not happen: {report}");
-    let dropped = sample(&metrics_text(&t.url()).await, "plugbus_nats_core_dropped_total{plugin=\"faulty\"}");
-    assert!(dropped.unwrap_or(0.0) > 0.0, "no replay was dropped: the case did not happen");
+    // One not taken: the rest are kept untried.
+    assert_eq!(report["untried"].as_u64(), Some(failed as u64 - 1), "{report}");
+    if !remove_it {
+        assert!(dropped().await > dropped_before, "no replay was dropped: the case did not happen");
+    }
     // Nothing is lost: each replay taken runs (and is rejected again: a new dead letter), and
     // each not taken is still kept. (One that waited in the pump past the timeout runs later
     // and is kept too: twice rather than never.)
