@@ -16,6 +16,7 @@
 //!   no dead letter.
 
 use crate::loader::Rejected;
+use crate::replay_report::{NotTaken, ReplayReport, Target};
 use crate::router::Router;
 use crate::subject::validate_subject;
 use crate::transport::Transport;
@@ -935,7 +936,8 @@ async fn dlq_replay(State(api): State<Api>, Query(q): Query<DlqQuery>) -> Respon
         drop(alone);
         if tx.send(report.clone()).is_err() {
             tracing::info!(replayed = report["replayed"].as_array().map_or(0, Vec::len),
-                failed = %report["failed"], refused = report["refused"].as_array().map_or(0, Vec::len),
+                failed = %report["failed"], untried = %report["untried"],
+                refused = report["refused"].as_array().map_or(0, Vec::len),
                 "dead-letter replay finished after its client went away");
         }
     });
@@ -1003,77 +1005,23 @@ async fn replay_whole_here(
     }
 }
 
-/// What a replay did: the dead letters replayed (each with the new event's id), how many the
-/// bus did not take (kept: a later replay may succeed), of those how many were not tried, and
-/// those never replayable (kept, each with why: no, an invalid or a system original subject).
-///
-/// Once the bus did not take the replay of one dead letter within `api.publish_timeout`, the
-/// rest for the same plugin (or, an output's, the same subject) are kept untried: a plugin with
-/// no room, or run on no host, made a bulk replay wait that long for each of them, one after
-/// another (10,000 dead letters: 14 hours, with every other bulk replay refused meanwhile), and
-/// on core NATS re-publish each into a plugin that drops it.
-#[derive(Default)]
-struct ReplayReport {
-    replayed: Vec<serde_json::Value>,
-    failed: usize,
-    untried: usize,
-    refused: Vec<serde_json::Value>,
-    /// The targets ([`ReplayReport::target`]) whose replay the bus did not take, and why.
-    gave_up: std::collections::HashMap<String, String>,
-}
-
-impl ReplayReport {
-    /// Whom `replay` goes to: the plugin it is for, or (the replay of an output, for every
-    /// subscriber) its subject.
-    fn target(replay: &crate::event::Event) -> String {
-        match replay.header(crate::deadletter::headers::REPLAY_FOR) {
-            Some(plugin) => format!("plugin {}", crate::event::quoted(plugin)),
-            None => format!("subject {}", crate::event::quoted(&replay.subject)),
-        }
+/// Publishes `replay`, the replay of `entry`, unless its target was given up on in this run
+/// (see [`crate::replay_report`]); whether the bus took it (the caller forgets the dead letter;
+/// else it is kept).
+async fn publish_replay(
+    api: &Inner,
+    report: &mut ReplayReport,
+    entry: &crate::deadletter::Entry,
+    replay: crate::event::Event,
+) -> bool {
+    let target = Target::of(&replay);
+    if report.skips(&target) {
+        return false;
     }
-
-    /// Publishes `replay`, the replay of `entry`, unless an earlier one to its target was not
-    /// taken in this run; notes a failure, after which the rest for that target are not tried.
-    /// `Ok` when the bus took it; the caller keeps the dead letter otherwise.
-    async fn publish(
-        &mut self,
-        api: &Inner,
-        entry: &crate::deadletter::Entry,
-        replay: crate::event::Event,
-    ) -> Result<(), ()> {
-        let target = Self::target(&replay);
-        if self.gave_up.contains_key(&target) {
-            self.failed += 1;
-            self.untried += 1;
-            return Err(());
-        }
-        let id = replay.id.clone();
-        match publish_in_time(api, replay).await {
-            Ok(()) => {
-                self.replayed.push(json!({ "dead_letter": entry.event.id, "id": id }));
-                Ok(())
-            }
-            Err(e) => {
-                tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id,
-                    "replay failed, the dead letter is kept; the rest for its {target} in this replay are kept untried: {e}");
-                self.failed += 1;
-                self.gave_up.insert(target, e);
-                Err(())
-            }
-        }
-    }
-
-    /// Notes one never replayable, logged.
-    fn refuse(&mut self, entry: &crate::deadletter::Entry, why: &str) {
-        tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id, "not replayed, the dead letter is kept: {why}");
-        self.refused.push(json!({ "dead_letter": entry.event.id, "why": why }));
-    }
-
-    /// `{"replayed": [{dead_letter, id}], "failed": n, "untried": n, "refused": [{dead_letter,
-    /// why}]}`.
-    fn to_json(&self) -> serde_json::Value {
-        json!({ "replayed": self.replayed, "failed": self.failed, "untried": self.untried, "refused": self.refused })
-    }
+    let id = replay.id.clone();
+    let timeout = api.settings.publish_timeout;
+    let outcome = tokio::time::timeout(timeout, api.s.transport.publish(replay)).await.ok();
+    report.note(entry, target, id, NotTaken::of(outcome, timeout))
 }
 
 /// The replay of the dead letter `dead` ([`crate::deadletter::replay_event`]); refused, and so
@@ -1111,7 +1059,7 @@ async fn replay_from_broker(api: &Inner, entries: Vec<crate::deadletter::Entry>,
                 continue;
             }
         };
-        if report.publish(api, &entry, event).await.is_ok()
+        if publish_replay(api, report, &entry, event).await
             && let Err(e) = api.s.transport.forget_dead_letter(entry.seq).await
         {
             tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id,
@@ -1142,9 +1090,10 @@ async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>, repor
                 continue;
             }
         };
-        match report.publish(api, &entry, event).await {
-            Ok(()) => published.push(entry),
-            Err(()) => kept.push(entry),
+        if publish_replay(api, report, &entry, event).await {
+            published.push(entry);
+        } else {
+            kept.push(entry);
         }
     }
     api.s
@@ -1154,16 +1103,6 @@ async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>, repor
             s.restore(kept);
         })
         .await;
-}
-
-/// Publishes a replayed event, giving up after `api.publish_timeout`.
-async fn publish_in_time(api: &Inner, event: crate::event::Event) -> Result<(), String> {
-    match tokio::time::timeout(api.settings.publish_timeout, api.s.transport.publish(event)).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => {
-            Err(format!("the bus did not take it within {:?} (api.publish_timeout)", api.settings.publish_timeout))
-        }
-    }
 }
 
 /// `GET /v1/dlq/{id}`: one kept dead letter, by the id of its dead-letter event.

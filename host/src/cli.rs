@@ -223,17 +223,30 @@ pub fn debug_report(body: &Value) -> String {
     out
 }
 
-/// `plugbus dlq replay`: what was replayed, what the bus did not take, and what can never be
-/// replayed (each with why).
+/// `plugbus dlq replay`: what was replayed, what the bus did not take (and, of those, what was
+/// not tried once a plugin's replays were not taken, with why), and what can never be replayed
+/// (each with why); or why the replay did not start.
 pub fn replay_summary(body: &Value) -> String {
+    if let Some(error) = body["error"].as_str() {
+        return format!("no dead letter replayed: {}", printable(error));
+    }
     let replayed = body["replayed"].as_array().map_or(0, Vec::len);
     let mut out =
         format!("replayed {replayed} dead letter(s); {} kept (the bus did not take them)", text(&body["failed"]));
-    // Of those, the ones not tried: after one to the same plugin was not taken (see the log).
-    if let Some(untried) = body["untried"].as_u64().filter(|n| *n > 0) {
-        out.push_str(&format!(
-            ", {untried} of them not tried after the bus did not take one for the same plugin or subject (see the host's log)"
-        ));
+    let gave_up = body["gave_up"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if !gave_up.is_empty() {
+        out.push_str(&format!(", {} of them not tried:", text(&body["untried"])));
+        for g in gave_up {
+            let target = match g["plugin"].as_str() {
+                Some(p) => format!("plugin {}", printable(p)),
+                None => format!("subject {}", text(&g["subject"])),
+            };
+            out.push_str(&format!(
+                "\n  {}: {target}'s replays were not taken ({})",
+                text(&g["untried"]),
+                text(&g["why"])
+            ));
+        }
     }
     let refused = body["refused"].as_array().map(Vec::as_slice).unwrap_or_default();
     if !refused.is_empty() {
@@ -375,12 +388,15 @@ mod tests {
         assert!(out.contains("\n  d1: its original subject"), "{out}");
         let plain = replay_summary(&json!({ "replayed": [], "failed": 0 }));
         assert_eq!(plain, "replayed 0 dead letter(s); 0 kept (the bus did not take them)");
-        let stopped = replay_summary(&json!({ "replayed": [], "failed": 4, "untried": 3, "refused": [] }));
+        let stopped = replay_summary(&json!({ "replayed": [], "failed": 4, "untried": 2, "refused": [],
+            "gave_up": [{ "plugin": "faulty", "why": "not within 5s", "untried": 2 }] }));
         assert_eq!(
             stopped,
-            "replayed 0 dead letter(s); 4 kept (the bus did not take them), 3 of them not tried after the bus did \
-             not take one for the same plugin or subject (see the host's log)"
+            "replayed 0 dead letter(s); 4 kept (the bus did not take them), 2 of them not tried:\n  \
+             2: plugin faulty's replays were not taken (not within 5s)"
         );
+        let error = replay_summary(&json!({ "replayed": [], "failed": 0, "error": "reading the broker's: down" }));
+        assert_eq!(error, "no dead letter replayed: reading the broker's: down");
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod redb_handle;
 pub mod reload;
 pub mod replace_file;
+pub mod replay_report;
 pub mod retry;
 pub mod router;
 pub mod rpc;

@@ -849,9 +849,20 @@ async fn replay_with_progress(client: &reqwest::Client, url: &str, plugin: Optio
     }
     let progress = cli::Progress::new("replaying", false);
     let (mut replayed, mut failed, mut refused) = (Vec::new(), 0u64, Vec::new());
+    // As the bulk replay does (`plugbus::replay_report`): once a plugin's replays were not taken
+    // in time `STRIKES` times in a row, its other dead letters are kept untried (each would wait
+    // `api.publish_timeout`).
+    let (mut strikes, mut not_taken) = (std::collections::HashMap::<&str, u32>::new(), 0u64);
+    let mut gave_up: Vec<(&str, u64)> = Vec::new();
     for (done, d) in letters.iter().enumerate() {
         let id = d["event"]["id"].as_str().unwrap_or_default();
         progress.update(done, letters.len(), id);
+        let plugin = d["plugin"].as_str().unwrap_or_default();
+        if let Some((_, untried)) = gave_up.iter_mut().find(|(p, _)| *p == plugin) {
+            *untried += 1;
+            failed += 1;
+            continue;
+        }
         let resp = client.post(api_url(url, &["v1", "dlq", id, "replay"])?).send().await;
         let resp = resp.with_context(|| format!("no plugbus host answering at {url}"))?;
         match resp.status().as_u16() {
@@ -868,11 +879,25 @@ async fn replay_with_progress(client: &reqwest::Client, url: &str, plugin: Optio
                 let body: serde_json::Value = resp.json().await.unwrap_or_default();
                 replayed.extend(body["replayed"].as_array().cloned().unwrap_or_default());
                 failed += body["failed"].as_u64().unwrap_or(1);
+                let late = body["not_taken"].as_u64().unwrap_or(0);
+                not_taken += late;
+                let strikes = strikes.entry(plugin).or_default();
+                *strikes = if late > 0 { *strikes + 1 } else { 0 };
+                if *strikes >= plugbus::replay_report::STRIKES {
+                    gave_up.push((plugin, 0));
+                }
             }
         }
     }
     drop(progress);
-    let report = serde_json::json!({ "replayed": replayed, "failed": failed, "refused": refused });
+    let why = "not taken within api.publish_timeout (see the host's log)";
+    let gave_up: Vec<_> = gave_up
+        .iter()
+        .map(|(plugin, untried)| serde_json::json!({ "plugin": plugin, "why": why, "untried": untried }))
+        .collect();
+    let untried: u64 = gave_up.iter().filter_map(|g| g["untried"].as_u64()).sum();
+    let report = serde_json::json!({ "replayed": replayed, "failed": failed, "not_taken": not_taken,
+        "untried": untried, "gave_up": gave_up, "refused": refused });
     println!("{}", cli::replay_summary(&report));
     Ok(())
 }

@@ -482,9 +482,9 @@ async fn a_dlq_replay_cancelled_midway_loses_no_dead_letter() {
     assert_eq!(again.status(), 200, "{:?}", again.text().await);
 }
 
-/// A bulk replay stops trying a plugin once the bus did not take one of its replays within
-/// `api.publish_timeout`: the rest of its dead letters are kept untried. Before, each waited the
-/// timeout in turn (10,000 dead letters of a stuck plugin held the replay 14 hours, every other
+/// A bulk replay stops trying a plugin once the bus did not take two of its replays in a row
+/// within `api.publish_timeout`: the rest of its dead letters are kept untried. Before, each
+/// waited the timeout in turn (10,000 dead letters of a stuck plugin held the replay 14 hours, every other
 /// bulk replay refused meanwhile; on core NATS each was re-published into a plugin dropping
 /// it). Other plugins' dead letters in the same replay are replayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -508,22 +508,38 @@ async fn a_bulk_replay_stops_trying_a_plugin_whose_replay_was_not_taken_and_keep
         |plugin| -> Vec<String> { t.host.dead_letters().list(Some(plugin)).into_iter().map(|d| d.event.id).collect() };
     let faultys = ids("faulty");
     assert_eq!((faultys.len(), ids("hostile").len()), (EACH, EACH));
-    // faulty busy for 4 s with a full queue: its replays find no room.
-    t.publish("faulty.slow", "2000").await;
-    t.publish("faulty.slow", "2000").await;
+    // faulty busy for 6 s with a full queue: its replays find no room.
+    t.publish("faulty.slow", "3000").await;
+    t.publish("faulty.slow", "3000").await;
     eventually("faulty is busy with a full queue", || {
         t.counter("faulty", "in_flight") == 1 && t.counter("faulty", "queued") == 1
     })
     .await;
     let client = reqwest::Client::new();
     let report: Value = client.post(format!("{}/v1/dlq/replay", t.url())).send().await.unwrap().json().await.unwrap();
-    // hostile's are replayed; of faulty's, one is tried and the rest kept untried.
+    // hostile's are replayed; of faulty's, two are tried and the rest kept untried.
     let replayed: Vec<&str> =
         report["replayed"].as_array().unwrap().iter().map(|r| r["dead_letter"].as_str().unwrap()).collect();
     assert_eq!(replayed.len(), EACH, "{report}");
     assert!(replayed.iter().all(|id| !faultys.iter().any(|f| f == id)), "{report}");
     assert_eq!(report["failed"], EACH, "{report}");
-    assert_eq!(report["untried"], EACH - 1, "each of faulty's was tried in turn: {report}");
+    assert_eq!(report["not_taken"], 2, "{report}");
+    assert_eq!(report["untried"], EACH - 2, "each of faulty's was tried in turn: {report}");
+    assert_eq!(report["gave_up"][0]["plugin"], "faulty", "{report}");
+    assert_eq!(report["gave_up"][0]["untried"], EACH - 2, "{report}");
+    assert!(report["gave_up"][0]["why"].as_str().unwrap().contains("api.publish_timeout"), "{report}");
+    // `plugbus dlq replay` on a terminal (one by one, with a progress bar) stops the same way.
+    let (bin, url) = (plugbus_bin(), t.url());
+    let cli = tokio::task::spawn_blocking(move || {
+        let line = format!("{} dlq replay --plugin faulty --url {url}", bin.display());
+        Command::new("script").args(["-qec", &line, "/dev/null"]).stdin(Stdio::null()).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let shown = String::from_utf8_lossy(&cli.stdout);
+    assert!(cli.status.success(), "{shown}");
+    assert!(shown.contains("4 kept (the bus did not take them), 2 of them not tried"), "{shown}");
+    assert!(shown.contains("plugin faulty's replays were not taken"), "{shown}");
     // Every one of faulty's is still kept, and replayed once faulty has room again.
     let mut kept = ids("faulty");
     kept.sort();
