@@ -51,13 +51,7 @@ const SETTLING_FREE_BYTES: u64 = 64 << 10;
 
 /// What a finished attempt holds until its kv writes commit and its outputs are released.
 fn holds_bytes(run: &crate::sandbox::Attempt) -> u64 {
-    let outputs: usize = run
-        .outputs
-        .iter()
-        .chain(&run.reply)
-        .map(|o| o.data.len() + o.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>())
-        .sum();
-    run.txn.held_bytes() + outputs as u64
+    run.txn.held_bytes() + run.outputs.iter().chain(&run.reply).map(crate::event::Output::held_cost).sum::<u64>()
 }
 
 /// How often an attempt is re-run when another event changed the kv keys it read.
