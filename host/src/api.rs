@@ -124,7 +124,16 @@ struct Inner {
     /// One bulk replay (`POST /v1/dlq/replay`) at a time: on NATS each reads up to 64 MiB of the
     /// broker's dead letters, and two at once both read (and replay) the same ones.
     replaying_all: Arc<Semaphore>,
+    /// One permit per whole dead-letter listing being built ([`WHOLE_LISTINGS_AT_ONCE`]).
+    listing_whole: Arc<Semaphore>,
 }
+
+/// Whole dead-letter listings (`GET /v1/dlq` without `summary`) built at once: each copies the
+/// records of the dead letters it lists (up to the store's 64 MiB, several times that in heap),
+/// and 128 such requests of one client at once copied the store 128 times. One more is answered
+/// `503` with `Retry-After`; summaries (what the dashboard asks) copy no record and are not
+/// counted.
+pub const WHOLE_LISTINGS_AT_ONCE: usize = 2;
 
 type Api = Arc<Inner>;
 
@@ -160,6 +169,7 @@ pub fn router(state: ApiState) -> axum::Router {
         replaying_one: Default::default(),
         finding_dead_letter: Default::default(),
         replaying_all: Arc::new(Semaphore::new(1)),
+        listing_whole: Arc::new(Semaphore::new(WHOLE_LISTINGS_AT_ONCE)),
     });
     let guarded = axum::Router::new()
         .route("/readyz", get(readyz))
@@ -791,11 +801,24 @@ struct DlqListQuery {
 const LISTING_BYTES: usize = 16 << 20;
 
 async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqListQuery>) -> Response {
+    // Held until the listing is built (in its blocking task, should the client go away).
+    let permit = if q.summary {
+        None
+    } else {
+        let Ok(permit) = api.listing_whole.clone().try_acquire_owned() else {
+            let why = format!(
+                "{WHOLE_LISTINGS_AT_ONCE} whole dead-letter listings are being built: try again in a moment, \
+                 or ask summary=true (no data or records)"
+            );
+            return with_retry_after(error(StatusCode::SERVICE_UNAVAILABLE, why), 1);
+        };
+        Some(permit)
+    };
     let limit = q.limit.unwrap_or(usize::MAX);
     // Without a broker's store, the host's own newest page (no copy of the whole store).
     if api.s.transport.kept_dead_letters(None, 0).await.ok().flatten().is_none() {
         let (dead_letters, total) = api.s.dead_letters.newest(q.plugin.as_deref(), limit, !q.summary);
-        return listing(dead_letters.into_iter().map(|e| (e, "host")).collect(), total, q.summary).await;
+        return listing(dead_letters.into_iter().map(|e| (e, "host")).collect(), total, q.summary, permit).await;
     }
     // The broker's newest page: it costs about `limit` reads however many the broker keeps
     // (read oldest first, the dashboard's page every 2 s was up to 10,000 reads and 64 MiB, and
@@ -812,15 +835,21 @@ async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqListQuery>) -> Resp
     let mut all: Vec<_> =
         broker.into_iter().map(|e| (e, "broker")).chain(local.into_iter().map(|e| (e, "host"))).collect();
     all.drain(..all.len().saturating_sub(limit));
-    listing(all, total, q.summary).await
+    listing(all, total, q.summary, permit).await
 }
 
 /// The answer of `GET /v1/dlq`: `entries` (oldest first, each with who keeps it), from the newest
 /// back, each that still fits in [`LISTING_BYTES`] of JSON (one that does not is left out, and
 /// older ones that fit are still listed), whole or (`summary`) without its data and record;
 /// `left_out` counts those left out. Built off the runtime: it can be megabytes.
-async fn listing(entries: Vec<(crate::deadletter::Entry, &'static str)>, total: usize, summary: bool) -> Response {
+async fn listing(
+    entries: Vec<(crate::deadletter::Entry, &'static str)>,
+    total: usize,
+    summary: bool,
+    permit: Option<OwnedSemaphorePermit>,
+) -> Response {
     let built = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         let mut listed = Vec::new();
         let mut bytes = 0;
         let mut left_out = 0;

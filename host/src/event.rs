@@ -72,10 +72,13 @@ impl Event {
 
     /// What the event costs held in a buffer bounded in bytes (a plugin's overflow on the
     /// embedded bus, a page read back from its log, a NATS feed's budget): its data, strings
-    /// and headers, each header [`crate::kv::ENTRY_COST`] more (100,000 empty headers are not
+    /// (its content type and reply address too) and headers, each header [`crate::kv::ENTRY_COST`] more (100,000 empty headers are not
     /// free), and [`BUFFERED_ENTRY_COST`] for the event itself (nor are a million empty events).
     pub fn buffered_cost(&self) -> u64 {
-        let strings = self.id.len() + self.subject.len() + self.source.len() + self.ty.len() + self.time.len();
+        let optional =
+            self.datacontenttype.as_ref().map_or(0, String::len) + self.reply_to.as_ref().map_or(0, String::len);
+        let strings =
+            self.id.len() + self.subject.len() + self.source.len() + self.ty.len() + self.time.len() + optional;
         let headers = self.extensions.len() as u64 * crate::kv::ENTRY_COST;
         BUFFERED_ENTRY_COST + headers + (self.data.len() + self.header_bytes() + strings) as u64
     }

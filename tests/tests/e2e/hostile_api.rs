@@ -552,6 +552,56 @@ async fn a_bulk_replay_stops_trying_a_plugin_whose_replay_was_not_taken_and_keep
     assert_eq!((again["failed"].as_u64(), again["untried"].as_u64()), (Some(0), Some(0)), "{again}");
 }
 
+/// Whole dead-letter listings are built two at once: each copies the records of the dead
+/// letters it lists (up to the store's 64 MiB, several times that in heap), and one client's
+/// 128 connections at once copied the store 128 times. One more is answered `503` with
+/// `Retry-After`; summaries (what the dashboard asks) copy no record and are always answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_dead_letter_listings_are_built_two_at_once() {
+    const DEAD: u64 = 40;
+    let t = TestHost::start_with(&["picky"], |c| {
+        c.plugins.entry("picky".into()).or_default().config.insert("limit".into(), "3".into());
+    })
+    .await;
+    // Each dead letter's record holds 768 KiB of kv values its attempt read.
+    let mut txn = plugbus::kv::Txn::default();
+    for i in 0..5 {
+        txn.set(&format!("big{i}"), vec![b'a'; 256 * 1024]);
+    }
+    t.host.kv().commit("picky", &txn).await.expect("kv set");
+    for _ in 0..DEAD {
+        t.publish("picky.big", "").await;
+    }
+    t.wait_counter("picky", "dead_lettered", DEAD).await;
+    let client = reqwest::Client::new();
+    let get = |query: &'static str| {
+        let (client, url) = (client.clone(), format!("{}/v1/dlq{query}", t.url()));
+        async move {
+            let resp = client.get(url).send().await.unwrap();
+            let retry_after = resp.headers().get("retry-after").is_some();
+            (resp.status().as_u16(), retry_after, resp.text().await.unwrap())
+        }
+    };
+    let whole: Vec<_> = (0..12).map(|_| tokio::spawn(get(""))).collect();
+    let summary = get("?summary=true").await;
+    assert_eq!(summary.0, 200, "a summary was refused: {}", summary.2);
+    let mut answers = Vec::new();
+    for w in whole {
+        answers.push(w.await.unwrap());
+    }
+    let built = answers.iter().filter(|a| a.0 == 200).count();
+    let refused: Vec<_> = answers.iter().filter(|a| a.0 == 503).collect();
+    assert_eq!(built + refused.len(), answers.len(), "{:?}", answers.iter().map(|a| a.0).collect::<Vec<_>>());
+    assert!(built >= 2, "{built} built");
+    assert!(!refused.is_empty(), "12 whole listings at once were all built");
+    for (_, retry_after, body) in refused {
+        assert!(retry_after, "a 503 without Retry-After");
+        assert!(body.contains("whole dead-letter listings are being built") && body.contains("summary=true"), "{body}");
+    }
+    // Once they are done, a whole listing is built again.
+    assert_eq!(get("").await.0, 200);
+}
+
 /// Dead letters whose data JSON writes six times over (`\u0001`): a page of them was 400 MB,
 /// built on every poll of the dashboard. A listing now holds at most 16 MiB of JSON, the newest
 /// first to fit, saying how many it left out; the dashboard's summary leaves data and records
