@@ -131,8 +131,9 @@ struct Inner {
 /// Whole dead-letter listings (`GET /v1/dlq` without `summary`) built at once: each copies the
 /// records of the dead letters it lists (up to the store's 64 MiB, several times that in heap),
 /// and 128 such requests of one client at once copied the store 128 times. One more is answered
-/// `503` with `Retry-After`; summaries (what the dashboard asks) copy no record and are not
-/// counted.
+/// `503` with `Retry-After`. The same turns bound what else copies dead letters whole, waiting
+/// up to `api.publish_timeout` for one: a summary read from a broker (which reads the data too)
+/// and `GET /v1/dlq/{id}`. A summary of this host's own copies no record or data and takes none.
 pub const WHOLE_LISTINGS_AT_ONCE: usize = 2;
 
 type Api = Arc<Inner>;
@@ -820,6 +821,15 @@ async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqListQuery>) -> Resp
         let (dead_letters, total) = api.s.dead_letters.newest(q.plugin.as_deref(), limit, !q.summary);
         return listing(dead_letters.into_iter().map(|e| (e, "host")).collect(), total, q.summary, permit).await;
     }
+    // The broker's page is read whole (its data too, up to 64 MiB) even for a summary: a summary
+    // waits for a permit too (review 44c: 128 summaries at once read the stream 128 times).
+    let permit = match permit {
+        Some(permit) => permit,
+        None => match copying_turn(&api).await {
+            Ok(permit) => permit,
+            Err(busy) => return busy,
+        },
+    };
     // The broker's newest page: it costs about `limit` reads however many the broker keeps
     // (read oldest first, the dashboard's page every 2 s was up to 10,000 reads and 64 MiB, and
     // past 10,000 the newest were never listed).
@@ -835,7 +845,21 @@ async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqListQuery>) -> Resp
     let mut all: Vec<_> =
         broker.into_iter().map(|e| (e, "broker")).chain(local.into_iter().map(|e| (e, "host"))).collect();
     all.drain(..all.len().saturating_sub(limit));
-    listing(all, total, q.summary, permit).await
+    listing(all, total, q.summary, Some(permit)).await
+}
+
+/// A turn at copying dead letters whole (one of [`WHOLE_LISTINGS_AT_ONCE`]), waited for at most
+/// `api.publish_timeout`; else the `503` to answer.
+async fn copying_turn(api: &Inner) -> Result<OwnedSemaphorePermit, Response> {
+    match tokio::time::timeout(api.settings.publish_timeout, api.listing_whole.clone().acquire_owned()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => {
+            let why = format!(
+                "{WHOLE_LISTINGS_AT_ONCE} copies of dead letters are being made for other requests: try again in a moment"
+            );
+            Err(with_retry_after(error(StatusCode::SERVICE_UNAVAILABLE, why), 1))
+        }
+    }
 }
 
 /// The answer of `GET /v1/dlq`: `entries` (oldest first, each with who keeps it), from the newest
@@ -1134,8 +1158,14 @@ async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>, repor
         .await;
 }
 
-/// `GET /v1/dlq/{id}`: one kept dead letter, by the id of its dead-letter event.
+/// `GET /v1/dlq/{id}`: one kept dead letter, by the id of its dead-letter event. Its copy (up
+/// to 1 MiB of data and 1 MiB of record, several times that as JSON) is made in a turn of
+/// [`copying_turn`] and written off the runtime (review 44c: unbounded, on a runtime thread).
 async fn dlq_get(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    let permit = match copying_turn(&api).await {
+        Ok(permit) => permit,
+        Err(busy) => return busy,
+    };
     let kept = match api.s.dead_letters.get(&id) {
         Some(entry) => Some(entry),
         None => match broker_entry(&api, &id).await {
@@ -1144,7 +1174,17 @@ async fn dlq_get(State(api): State<Api>, Path(id): Path<String>) -> Response {
         },
     };
     match kept {
-        Some(entry) => Json(json!({ "dead_letter": entry })).into_response(),
+        Some(entry) => {
+            let body = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                json!({ "dead_letter": entry }).to_string()
+            })
+            .await;
+            match body {
+                Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("host error: writing the dead letter: {e}")),
+            }
+        }
         None => error(
             StatusCode::NOT_FOUND,
             format!("no kept dead letter has id {} (see GET /v1/dlq)", crate::event::quoted(&id)),

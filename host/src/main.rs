@@ -849,16 +849,19 @@ async fn replay_with_progress(client: &reqwest::Client, url: &str, plugin: Optio
     }
     let progress = cli::Progress::new("replaying", false);
     let (mut replayed, mut failed, mut refused) = (Vec::new(), 0u64, Vec::new());
-    // As the bulk replay does (`plugbus::replay_report`): once a plugin's replays were not taken
+    // As the bulk replay does (`plugbus::replay_report`): once a target's replays were not taken
     // in time `STRIKES` times in a row, its other dead letters are kept untried (each would wait
     // `api.publish_timeout`).
-    let (mut strikes, mut not_taken) = (std::collections::HashMap::<&str, u32>::new(), 0u64);
-    let mut gave_up: Vec<(&str, u64)> = Vec::new();
+    use plugbus::replay_report::{STRIKES, Target};
+    let (mut strikes, mut not_taken) = (std::collections::HashMap::<Target, u32>::new(), 0u64);
+    let mut gave_up: Vec<(Target, u64)> = Vec::new();
     for (done, d) in letters.iter().enumerate() {
         let id = d["event"]["id"].as_str().unwrap_or_default();
         progress.update(done, letters.len(), id);
-        let plugin = d["plugin"].as_str().unwrap_or_default();
-        if let Some((_, untried)) = gave_up.iter_mut().find(|(p, _)| *p == plugin) {
+        // One never replayable is answered 422 below, before any strike.
+        let plugin = || Target::Plugin(d["plugin"].as_str().unwrap_or_default().to_string());
+        let target = Target::of_dead_letter(&listed_event(&d["event"])).unwrap_or_else(plugin);
+        if let Some((_, untried)) = gave_up.iter_mut().find(|(t, _)| *t == target) {
             *untried += 1;
             failed += 1;
             continue;
@@ -881,10 +884,15 @@ async fn replay_with_progress(client: &reqwest::Client, url: &str, plugin: Optio
                 failed += body["failed"].as_u64().unwrap_or(1);
                 let late = body["not_taken"].as_u64().unwrap_or(0);
                 not_taken += late;
-                let strikes = strikes.entry(plugin).or_default();
-                *strikes = if late > 0 { *strikes + 1 } else { 0 };
-                if *strikes >= plugbus::replay_report::STRIKES {
-                    gave_up.push((plugin, 0));
+                let strikes = strikes.entry(target.clone()).or_default();
+                // A failure about the one event (or the connection) neither counts nor resets.
+                if late > 0 {
+                    *strikes += 1;
+                } else if body["replayed"].as_array().is_some_and(|r| !r.is_empty()) {
+                    *strikes = 0;
+                }
+                if *strikes >= STRIKES {
+                    gave_up.push((target, 0));
                 }
             }
         }
@@ -893,13 +901,27 @@ async fn replay_with_progress(client: &reqwest::Client, url: &str, plugin: Optio
     let why = "not taken within api.publish_timeout (see the host's log)";
     let gave_up: Vec<_> = gave_up
         .iter()
-        .map(|(plugin, untried)| serde_json::json!({ "plugin": plugin, "why": why, "untried": untried }))
+        .map(|(target, untried)| {
+            let mut g = target.to_json();
+            g["why"] = why.into();
+            g["untried"] = (*untried).into();
+            g
+        })
         .collect();
     let untried: u64 = gave_up.iter().filter_map(|g| g["untried"].as_u64()).sum();
     let report = serde_json::json!({ "replayed": replayed, "failed": failed, "not_taken": not_taken,
         "untried": untried, "gave_up": gave_up, "refused": refused });
     println!("{}", cli::replay_summary(&report));
     Ok(())
+}
+
+/// The dead-letter event of a listed dead letter (its id, subject and headers: what a summary
+/// has), to find whom its replay is for.
+fn listed_event(ev: &serde_json::Value) -> plugbus::Event {
+    let mut event = plugbus::Event::new(ev["subject"].as_str().unwrap_or_default(), Vec::new());
+    event.id = ev["id"].as_str().unwrap_or_default().to_string();
+    event.extensions = serde_json::from_value(ev["headers"].clone()).unwrap_or_default();
+    event
 }
 
 /// `url` with these path segments appended (each percent-encoded: a subject may hold `>`).

@@ -39,17 +39,29 @@ impl Target {
         }
     }
 
-    fn to_json(&self) -> (&'static str, &str) {
+    /// The target of the replay of the dead letter `dead` (as [`Target::of`] its replay), or
+    /// `None` when it has none (no original subject: never replayable).
+    pub fn of_dead_letter(dead: &Event) -> Option<Self> {
+        crate::deadletter::replay_event(dead).ok().map(|replay| Self::of(&replay))
+    }
+
+    fn parts(&self) -> (&'static str, &str) {
         match self {
             Self::Plugin(p) => ("plugin", p),
             Self::Subject(s) => ("subject", s),
         }
     }
+
+    /// `{"plugin": P}` or `{"subject": S}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let (kind, name) = self.parts();
+        json!({ kind: name })
+    }
 }
 
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (kind, name) = self.to_json();
+        let (kind, name) = self.parts();
         write!(f, "{kind} {}", crate::event::quoted(name))
     }
 }
@@ -148,8 +160,10 @@ impl ReplayReport {
             .gave_up
             .iter()
             .map(|(target, g)| {
-                let (kind, name) = target.to_json();
-                json!({ kind: name, "why": g.why, "untried": g.untried })
+                let mut v = target.to_json();
+                v["why"] = g.why.clone().into();
+                v["untried"] = g.untried.into();
+                v
             })
             .collect();
         json!({
