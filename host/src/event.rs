@@ -72,8 +72,9 @@ impl Event {
 
     /// What the event costs held in a buffer bounded in bytes (a plugin's overflow on the
     /// embedded bus, a page read back from its log, a NATS feed's budget): its data, strings
-    /// (its content type and reply address too) and headers, each header [`crate::kv::ENTRY_COST`] more (100,000 empty headers are not
-    /// free), and [`BUFFERED_ENTRY_COST`] for the event itself (nor are a million empty events).
+    /// (its content type and reply address too) and headers, each header
+    /// [`crate::kv::ENTRY_COST`] more (100,000 empty headers are not free), and
+    /// [`BUFFERED_ENTRY_COST`] for the event itself (nor are a million empty events).
     pub fn buffered_cost(&self) -> u64 {
         let optional =
             self.datacontenttype.as_ref().map_or(0, String::len) + self.reply_to.as_ref().map_or(0, String::len);
@@ -152,9 +153,8 @@ impl Output {
     /// What the output costs held until it is released: the [`Event`] it becomes (its
     /// [`Event::buffered_cost`]: data, headers each [`crate::kv::ENTRY_COST`] more, the record,
     /// and [`OUTPUT_ATTRIBUTES_COST`] for what the host adds) and its subject once more, the
-    /// output's own copy. Charged its data and header bytes alone,
-    /// 100 outputs of a 1 KiB subject and 64 empty headers each were charged 6 KB and took
-    /// 658 KB (review 44b).
+    /// output's own copy. Charged its data and header bytes alone, 100 outputs of a 1 KiB
+    /// subject and 64 empty headers each were charged 6 KB and took 658 KB (review 44b).
     pub fn held_cost(&self) -> u64 {
         let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
         let per_header = self.headers.len() as u64 * crate::kv::ENTRY_COST;

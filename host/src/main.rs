@@ -859,8 +859,8 @@ async fn replay_with_progress(client: &reqwest::Client, url: &str, plugin: Optio
         let id = d["event"]["id"].as_str().unwrap_or_default();
         progress.update(done, letters.len(), id);
         // One never replayable is answered 422 below, before any strike.
-        let plugin = || Target::Plugin(d["plugin"].as_str().unwrap_or_default().to_string());
-        let target = Target::of_dead_letter(&listed_event(&d["event"])).unwrap_or_else(plugin);
+        let listed_plugin = || Target::Plugin(d["plugin"].as_str().unwrap_or_default().to_string());
+        let target = Target::of_dead_letter(&listed_event(&d["event"])).unwrap_or_else(listed_plugin);
         if let Some((_, untried)) = gave_up.iter_mut().find(|(t, _)| *t == target) {
             *untried += 1;
             failed += 1;
