@@ -852,17 +852,15 @@ async fn replay_with_progress(client: &reqwest::Client, url: &str, plugin: Optio
     // As the bulk replay does (`plugbus::replay_report`): once a target's replays were not taken
     // in time `STRIKES` times in a row, its other dead letters are kept untried (each would wait
     // `api.publish_timeout`).
-    use plugbus::replay_report::{STRIKES, Target};
-    let (mut strikes, mut not_taken) = (std::collections::HashMap::<Target, u32>::new(), 0u64);
-    let mut gave_up: Vec<(Target, u64)> = Vec::new();
+    use plugbus::replay_report::{GivingUp, Target};
+    let (mut giving_up, mut not_taken) = (GivingUp::default(), 0u64);
     for (done, d) in letters.iter().enumerate() {
         let id = d["event"]["id"].as_str().unwrap_or_default();
         progress.update(done, letters.len(), id);
         // One never replayable is answered 422 below, before any strike.
         let listed_plugin = || Target::Plugin(d["plugin"].as_str().unwrap_or_default().to_string());
         let target = Target::of_dead_letter(&listed_event(&d["event"])).unwrap_or_else(listed_plugin);
-        if let Some((_, untried)) = gave_up.iter_mut().find(|(t, _)| *t == target) {
-            *untried += 1;
+        if giving_up.skips(&target) {
             failed += 1;
             continue;
         }
@@ -884,33 +882,18 @@ async fn replay_with_progress(client: &reqwest::Client, url: &str, plugin: Optio
                 failed += body["failed"].as_u64().unwrap_or(1);
                 let late = body["not_taken"].as_u64().unwrap_or(0);
                 not_taken += late;
-                let strikes = strikes.entry(target.clone()).or_default();
                 // A failure about the one event (or the connection) neither counts nor resets.
                 if late > 0 {
-                    *strikes += 1;
+                    giving_up.not_taken(target, "not taken within api.publish_timeout (see the host's log)");
                 } else if body["replayed"].as_array().is_some_and(|r| !r.is_empty()) {
-                    *strikes = 0;
-                }
-                if *strikes >= STRIKES {
-                    gave_up.push((target, 0));
+                    giving_up.taken(&target);
                 }
             }
         }
     }
     drop(progress);
-    let why = "not taken within api.publish_timeout (see the host's log)";
-    let gave_up: Vec<_> = gave_up
-        .iter()
-        .map(|(target, untried)| {
-            let mut g = target.to_json();
-            g["why"] = why.into();
-            g["untried"] = (*untried).into();
-            g
-        })
-        .collect();
-    let untried: u64 = gave_up.iter().filter_map(|g| g["untried"].as_u64()).sum();
     let report = serde_json::json!({ "replayed": replayed, "failed": failed, "not_taken": not_taken,
-        "untried": untried, "gave_up": gave_up, "refused": refused });
+        "untried": giving_up.untried(), "gave_up": giving_up.to_json(), "refused": refused });
     println!("{}", cli::replay_summary(&report));
     Ok(())
 }

@@ -93,6 +93,59 @@ struct GaveUp {
     untried: usize,
 }
 
+/// The one rule for giving up on a target, kept by a replay run (the host's bulk replay, and
+/// `plugbus dlq replay` replaying one by one): [`STRIKES`] not taken in a row give it up; one
+/// taken starts the count again; a per-event failure neither counts nor resets.
+#[derive(Default)]
+pub struct GivingUp {
+    /// Not-taken replays in a row per target.
+    strikes: HashMap<Target, u32>,
+    /// Targets given up on, in the order given up.
+    gave_up: Vec<(Target, GaveUp)>,
+}
+
+impl GivingUp {
+    /// Whether `target` was given up on: if so, the dead letter about to be replayed to it is
+    /// kept untried, and counted.
+    pub fn skips(&mut self, target: &Target) -> bool {
+        let Some((_, gave_up)) = self.gave_up.iter_mut().find(|(t, _)| t == target) else { return false };
+        gave_up.untried += 1;
+        true
+    }
+
+    /// A replay to `target` was taken.
+    pub fn taken(&mut self, target: &Target) {
+        self.strikes.remove(target);
+    }
+
+    /// A replay to `target` was not taken in time (`why`); whether that gave it up.
+    pub fn not_taken(&mut self, target: Target, why: &str) -> bool {
+        let strikes = self.strikes.entry(target.clone()).or_default();
+        *strikes += 1;
+        let gives_up = *strikes >= STRIKES;
+        if gives_up {
+            self.gave_up.push((target, GaveUp { why: why.to_string(), untried: 0 }));
+        }
+        gives_up
+    }
+
+    /// How many dead letters were kept untried.
+    pub fn untried(&self) -> usize {
+        self.gave_up.iter().map(|(_, g)| g.untried).sum()
+    }
+
+    /// `[{plugin | subject, why, untried}]`.
+    pub fn to_json(&self) -> Vec<serde_json::Value> {
+        let json = |(target, g): &(Target, GaveUp)| {
+            let mut v = target.to_json();
+            v["why"] = g.why.clone().into();
+            v["untried"] = g.untried.into();
+            v
+        };
+        self.gave_up.iter().map(json).collect()
+    }
+}
+
 /// What a replay did: the dead letters replayed (each with the new event's id); how many are
 /// kept because the bus did not take them (`failed`), of those how many it did not take in
 /// time (`not_taken`) and how many were not tried (`untried`, per target in `gave_up`); and
@@ -104,20 +157,16 @@ pub struct ReplayReport {
     failed: usize,
     not_taken: usize,
     refused: Vec<serde_json::Value>,
-    /// Not-taken replays in a row per target.
-    strikes: HashMap<Target, u32>,
-    /// Targets given up on, in the order given up.
-    gave_up: Vec<(Target, GaveUp)>,
+    giving_up: GivingUp,
 }
 
 impl ReplayReport {
     /// Whether `target` was given up on in this replay: if so, the dead letter the caller was
     /// about to replay to it is kept untried, and counted.
     pub fn skips(&mut self, target: &Target) -> bool {
-        let Some((_, gave_up)) = self.gave_up.iter_mut().find(|(t, _)| t == target) else { return false };
-        gave_up.untried += 1;
-        self.failed += 1;
-        true
+        let skips = self.giving_up.skips(target);
+        self.failed += usize::from(skips);
+        skips
     }
 
     /// Notes how the replay of `entry` (new id `id`) to `target` went; whether the bus took it
@@ -125,19 +174,16 @@ impl ReplayReport {
     pub fn note(&mut self, entry: &Entry, target: Target, id: String, outcome: Result<(), NotTaken>) -> bool {
         let why = match outcome {
             Ok(()) => {
-                self.strikes.remove(&target);
+                self.giving_up.taken(&target);
                 self.replayed.push(json!({ "dead_letter": entry.event.id, "id": id }));
                 return true;
             }
             Err(NotTaken::Failed(why)) => why,
             Err(NotTaken::InTime(why)) => {
                 self.not_taken += 1;
-                let strikes = self.strikes.entry(target.clone()).or_default();
-                *strikes += 1;
-                if *strikes >= STRIKES {
+                if self.giving_up.not_taken(target.clone(), &why) {
                     tracing::warn!(plugin = %entry.plugin, event_id = %entry.event.id,
                         "{STRIKES} replays in a row for {target} were not taken: its other dead letters in this replay are kept untried ({why})");
-                    self.gave_up.push((target, GaveUp { why: why.clone(), untried: 0 }));
                 }
                 why
             }
@@ -156,22 +202,12 @@ impl ReplayReport {
     /// `{"replayed": [{dead_letter, id}], "failed": n, "not_taken": n, "untried": n,
     /// "gave_up": [{plugin | subject, why, untried}], "refused": [{dead_letter, why}]}`.
     pub fn to_json(&self) -> serde_json::Value {
-        let gave_up: Vec<serde_json::Value> = self
-            .gave_up
-            .iter()
-            .map(|(target, g)| {
-                let mut v = target.to_json();
-                v["why"] = g.why.clone().into();
-                v["untried"] = g.untried.into();
-                v
-            })
-            .collect();
         json!({
             "replayed": self.replayed,
             "failed": self.failed,
             "not_taken": self.not_taken,
-            "untried": self.gave_up.iter().map(|(_, g)| g.untried).sum::<usize>(),
-            "gave_up": gave_up,
+            "untried": self.giving_up.untried(),
+            "gave_up": self.giving_up.to_json(),
             "refused": self.refused,
         })
     }

@@ -80,6 +80,16 @@ pub struct Seen {
     bytes: usize,
 }
 
+/// What a config key read costs recorded.
+fn config_cost(key: &str, value: Option<&str>) -> usize {
+    key.len() + value.map_or(0, str::len) + CONFIG_COST
+}
+
+/// What a line of `len` bytes costs recorded.
+fn line_cost(len: usize) -> usize {
+    len + LINE_COST
+}
+
 /// A [`Seen`] as written, charged once read ([`Seen::held`]).
 #[derive(Deserialize)]
 struct SeenParts {
@@ -107,27 +117,26 @@ impl From<SeenParts> for Seen {
 }
 
 impl Seen {
-    /// Takes `n` bytes (and `item`, what holding them costs) of the budget when they fit;
-    /// otherwise marks the record truncated.
-    fn charge(&mut self, n: usize, item: usize) -> bool {
-        if self.bytes + n + item > MAX_SEEN_BYTES {
+    /// Takes `n` bytes of the budget (an item's bytes and what holding it costs) when they
+    /// fit; otherwise marks the record truncated.
+    fn charge(&mut self, n: usize) -> bool {
+        if self.bytes + n > MAX_SEEN_BYTES {
             self.truncated = true;
             return false;
         }
-        self.bytes += n + item;
+        self.bytes += n;
         true
     }
 
-    /// What it holds, charged as it was recorded: each kv read's key with its cost, and its
-    /// value's bytes apart (as [`Seen::kv_read`] charges them); each config key and line.
+    /// What it holds, charged as it was recorded (each item by the same rule as when it was
+    /// recorded: [`KvRead`]'s key and value, a config key, a line).
     fn held(&self) -> usize {
         let value =
             |r: &KvRead| r.value.as_ref().map_or(0, String::len) + r.value_base64.as_ref().map_or(0, String::len);
         let kv: usize = self.kv.iter().map(|r| r.key.len() + KV_READ_COST + value(r)).sum();
-        let config: usize =
-            self.config.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, String::len) + CONFIG_COST).sum();
+        let config: usize = self.config.iter().map(|(k, v)| config_cost(k, v.as_deref())).sum();
         let lines: usize =
-            [&self.stdout, &self.stderr, &self.logs].iter().flat_map(|l| l.iter()).map(|l| l.len() + LINE_COST).sum();
+            [&self.stdout, &self.stderr, &self.logs].iter().flat_map(|l| l.iter()).map(|l| line_cost(l.len())).sum();
         kv + config + lines
     }
 
@@ -138,7 +147,7 @@ impl Seen {
 
     /// Records a kv read from the store.
     pub fn kv_read(&mut self, key: &str, value: Option<&[u8]>, version: u64) {
-        if !self.charge(key.len(), KV_READ_COST) {
+        if !self.charge(key.len() + KV_READ_COST) {
             return;
         }
         let mut read = KvRead { key: key.to_string(), version, ..KvRead::default() };
@@ -148,7 +157,7 @@ impl Seen {
                 Err(_) => (None, Some(crate::cloudevents::base64_encode(v))),
             };
             let len = text.map_or(0, str::len) + b64.as_ref().map_or(0, String::len);
-            if self.charge(len, 0) {
+            if self.charge(len) {
                 read.value = text.map(str::to_owned);
                 read.value_base64 = b64;
             } else {
@@ -160,7 +169,7 @@ impl Seen {
 
     /// Records a config read (the first read of a key).
     pub fn config_read(&mut self, key: &str, value: Option<&str>) {
-        if self.config.contains_key(key) || !self.charge(key.len() + value.map_or(0, str::len), CONFIG_COST) {
+        if self.config.contains_key(key) || !self.charge(config_cost(key, value)) {
             return;
         }
         self.config.insert(key.to_string(), value.map(str::to_owned));
@@ -168,7 +177,7 @@ impl Seen {
 
     /// Records a line the handler logged.
     pub fn log(&mut self, level: &str, message: &str) {
-        if self.charge(level.len() + 1 + message.len(), LINE_COST) {
+        if self.charge(line_cost(level.len() + 1 + message.len())) {
             self.logs.push(format!("{level} {message}"));
         }
     }
@@ -179,7 +188,7 @@ impl Seen {
             self.truncated = true;
         }
         for line in lines {
-            if !self.charge(line.len(), LINE_COST) {
+            if !self.charge(line_cost(line.len())) {
                 return;
             }
             if stderr { &mut self.stderr } else { &mut self.stdout }.push(line);
