@@ -651,9 +651,16 @@ async fn publish(
     if json {
         req = req.header("content-type", "application/json");
     }
+    let mut has_id = false;
     for h in headers {
         let (k, v) = h.split_once('=').with_context(|| format!("-H {h:?}: expected NAME=VALUE"))?;
+        has_id |= k.trim().eq_ignore_ascii_case("id");
         req = req.header(format!("ce-{}", k.trim()), v.trim());
+    }
+    // The event's id is made here, not by the host: a publish asked again after a `503` (see
+    // `send`) is the same event, which a durable bus or JetStream keeps once.
+    if !has_id {
+        req = req.header("ce-id", plugbus::event::new_id());
     }
     let body: serde_json::Value = send(req, url).await?.json().await.unwrap_or_default();
     println!("{}", body["id"].as_str().unwrap_or_default());
@@ -918,16 +925,63 @@ fn api_url(url: &str, segments: &[&str]) -> anyhow::Result<reqwest::Url> {
     Ok(endpoint)
 }
 
+/// How long, in all, the CLI asks again a host that answers `503` with `Retry-After` (busy: this
+/// address's share of connections taken, the dead-letter listings' turns, a full queue), before
+/// it reports the refusal.
+const BUSY_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Sends a request to the host; an unreachable host and a refusal (with the host's reason)
-/// are errors.
+/// are errors. A `503` with `Retry-After` (the host did nothing with the request and says when
+/// to ask again) is asked again after that wait (1 to 5 s), for up to [`BUSY_PATIENCE`], saying
+/// so on stderr.
 async fn send(req: reqwest::RequestBuilder, url: &str) -> anyhow::Result<reqwest::Response> {
-    let resp = req.send().await.with_context(|| format!("no plugbus host answering at {url}"))?;
-    let status = resp.status();
-    if status.is_success() {
-        return Ok(resp);
+    let started = std::time::Instant::now();
+    let mut req = req;
+    loop {
+        // (A request whose body is a stream cannot be sent twice: it is not asked again.)
+        let again = req.try_clone();
+        let resp = req.send().await.with_context(|| format!("no plugbus host answering at {url}"))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let wait = busy_wait(&resp).filter(|wait| started.elapsed() + *wait <= BUSY_PATIENCE);
+        let why = refusal_reason(resp).await;
+        match (again, wait) {
+            (Some(again), Some(wait)) => {
+                eprintln!(
+                    "the host is busy ({status}): {}; asking again in {} s",
+                    cli::printable(&why),
+                    wait.as_secs()
+                );
+                tokio::time::sleep(wait).await;
+                req = again;
+            }
+            _ => anyhow::bail!("the host refused ({status}): {why}"),
+        }
     }
-    let body: serde_json::Value = resp.json().await.unwrap_or_default();
-    anyhow::bail!("the host refused ({status}): {}", body["error"].as_str().unwrap_or("no reason given"))
+}
+
+/// Why the host refused: its JSON answer's `error`, or the answer's text (a connection refused
+/// before any route answers in plain text), on one line, cut at 512 bytes.
+async fn refusal_reason(resp: reqwest::Response) -> String {
+    let text = resp.text().await.unwrap_or_default();
+    let why = match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(body) => body["error"].as_str().unwrap_or("no reason given").to_string(),
+        Err(_) if text.trim().is_empty() => "no reason given".to_string(),
+        Err(_) => text.trim().to_string(),
+    };
+    plugbus::event::one_line_cut(&why, 512)
+}
+
+/// The wait a `503` answer asks for (`Retry-After` in whole seconds, taken as 1 to 5 s); `None`
+/// for any other answer, or one without the header (a dated `Retry-After` is not asked again).
+fn busy_wait(resp: &reqwest::Response) -> Option<std::time::Duration> {
+    if resp.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE {
+        return None;
+    }
+    let seconds: u64 = resp.headers().get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    Some(std::time::Duration::from_secs(seconds.clamp(1, 5)))
 }
 
 /// An HTTP client that sends the API token on every request, when there is one.
@@ -1003,8 +1057,28 @@ async fn plugins(client: &reqwest::Client, url: &str, json: bool) -> anyhow::Res
 
 #[cfg(test)]
 mod tests {
-    use super::{log_directives, log_max_level};
+    use super::{busy_wait, log_directives, log_max_level};
+    use std::time::Duration;
     use tracing_subscriber::EnvFilter;
+
+    #[test]
+    fn only_a_503_with_retry_after_in_seconds_is_asked_again_within_one_to_five_seconds() {
+        let answer = |status: u16, retry_after: Option<&str>| {
+            let mut resp = http::Response::builder().status(status);
+            if let Some(v) = retry_after {
+                resp = resp.header("retry-after", v);
+            }
+            reqwest::Response::from(resp.body(Vec::<u8>::new()).unwrap())
+        };
+        assert_eq!(busy_wait(&answer(503, Some("1"))), Some(Duration::from_secs(1)));
+        assert_eq!(busy_wait(&answer(503, Some(" 3 "))), Some(Duration::from_secs(3)));
+        assert_eq!(busy_wait(&answer(503, Some("0"))), Some(Duration::from_secs(1)));
+        assert_eq!(busy_wait(&answer(503, Some("3600"))), Some(Duration::from_secs(5)));
+        assert_eq!(busy_wait(&answer(503, Some("Wed, 21 Oct 2026 07:28:00 GMT"))), None);
+        assert_eq!(busy_wait(&answer(503, None)), None);
+        assert_eq!(busy_wait(&answer(429, Some("1"))), None);
+        assert_eq!(busy_wait(&answer(500, Some("1"))), None);
+    }
 
     #[test]
     fn async_nats_logs_warnings_only_unless_rust_log_names_it() {

@@ -552,6 +552,44 @@ async fn a_bulk_replay_stops_trying_a_plugin_whose_replay_was_not_taken_and_keep
     assert_eq!((again["failed"].as_u64(), again["untried"].as_u64()), (Some(0), Some(0)), "{again}");
 }
 
+/// A replay of one plugin's dead letter goes to that plugin alone on the embedded bus: a
+/// co-subscriber of its subject stuck with a full queue (faulty, busy) does not hold it back.
+/// Before, the replay waited for room in every subscriber of its subject, including those that
+/// would let it go unrun, was not taken within `api.publish_timeout`, and was kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_is_not_held_back_by_a_stuck_plugin_it_is_not_for() {
+    let t = TestHost::start_with(&["faulty", "echo"], |c| {
+        fast_retries(c);
+        c.api.publish_timeout = Duration::from_millis(300);
+        set_flow(c, "faulty", 1, 1);
+    })
+    .await;
+    // A dead letter of echo's on a subject faulty subscribes to too (`faulty.*`).
+    let mut dead = plugbus::deadletter::dead_letter_event(
+        &plugbus::Event::new("faulty.ok", "{}"),
+        "echo",
+        "plugbus.dlq.echo",
+        "failed in echo",
+        1,
+    );
+    plugbus::deadletter::mark_failed_in(&mut dead, "echo");
+    t.host.dead_letters().push("echo", dead);
+    // faulty busy for 6 s with a full queue (echo handles both at once).
+    t.publish("faulty.slow", "3000").await;
+    t.publish("faulty.slow", "3000").await;
+    eventually("faulty is busy with a full queue", || {
+        t.counter("faulty", "in_flight") == 1 && t.counter("faulty", "queued") == 1
+    })
+    .await;
+    t.wait_counter("echo", "ok", 2).await;
+    let report = t.replay_dead_letters("echo").await;
+    assert_eq!(report["replayed"].as_array().map(Vec::len), Some(1), "{report}");
+    assert_eq!((report["failed"].as_u64(), report["not_taken"].as_u64()), (Some(0), Some(0)), "{report}");
+    t.wait_counter("echo", "ok", 3).await;
+    assert!(t.host.dead_letters().list(Some("echo")).is_empty(), "echo's dead letter was replayed and forgotten");
+    assert_eq!(t.counter("faulty", "replays_let_go"), 0, "faulty was given echo's replay");
+}
+
 /// Whole dead-letter listings are built two at once: each copies the records of the dead
 /// letters it lists (up to the store's 64 MiB, several times that in heap), and one client's
 /// 128 connections at once copied the store 128 times. One more is answered `503` with
@@ -1207,6 +1245,35 @@ async fn one_client_address_cannot_take_every_connection() {
     }
     assert!(served.is_some(), "the address was not served again after closing a connection");
     drop(held);
+}
+
+/// `plugbus` commands ask a busy host again: a `503` with `Retry-After` (here this address's
+/// share of connections, taken by another of its clients) is asked again after that wait, for up
+/// to 30 s, saying so on stderr. Before, the command failed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_asks_a_busy_host_again_after_its_retry_after() {
+    let t = shared_api(1).await;
+    let port: u16 = t.url().rsplit(':').next().unwrap().parse().unwrap();
+    let held = connect_from([127, 0, 0, 1], port).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (bin, url) = (plugbus_bin(), t.url());
+    let cli = tokio::task::spawn_blocking(move || {
+        Command::new(bin).args(["plugins", "--json", "--url", &url]).stdin(Stdio::null()).output().unwrap()
+    });
+    // Refused at least once before the connection goes.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(held);
+    let out = cli.await.unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the host is busy (503")
+            && stderr.contains("api.max_connections_per_peer")
+            && stderr.contains("asking again in 1 s"),
+        "{stderr}"
+    );
+    let body: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(body["plugins"][0]["name"], "audit", "{body}");
 }
 
 /// The attack: one address at its share opening connections as fast as it can, each refused.

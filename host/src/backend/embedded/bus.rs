@@ -43,6 +43,17 @@ struct Sub {
     overflow: Arc<Overflow>,
 }
 
+impl Sub {
+    /// Whether a producer's `event` is for this subscription: its subject matches, and it is not
+    /// the replay of another plugin's dead letter (`plugbus-replay-for`). Such a replay goes to
+    /// its plugin alone: every other subscriber would let it go unrun, and waiting for room in
+    /// one of them (a co-subscriber stuck with a full queue) held the replay back until the API
+    /// gave up on it.
+    fn takes(&self, event: &Event) -> bool {
+        self.patterns.matches(&event.subject) && !crate::deadletter::is_replay_for_another(event, &self.plugin)
+    }
+}
+
 /// Settles a delivery in the durable log: handled or dead-lettered, it is not delivered again;
 /// handed back (`nak`), it stays pending and runs again at the next start.
 struct LogAck {
@@ -1592,7 +1603,7 @@ impl EmbeddedBus {
             Vec::new()
         } else {
             let targeted = |s: &Sub| targets.iter().any(|t| t.plugin == s.plugin);
-            table.subs.iter().filter(|s| s.patterns.matches(&event.subject) && !targeted(s)).cloned().collect()
+            table.subs.iter().filter(|s| s.takes(event) && !targeted(s)).cloned().collect()
         };
         let plugins = targets.iter().chain(&late).map(|s| s.plugin.clone()).collect();
         let deciding = Deciding {
@@ -1865,7 +1876,7 @@ impl EmbeddedBus {
     /// they were taken at.
     fn targets(&self, event: &Event) -> Targets {
         let table = self.table.read().expect("bus table poisoned");
-        (table.subs.iter().filter(|s| s.patterns.matches(&event.subject)).cloned().collect(), table.generation)
+        (table.subs.iter().filter(|s| s.takes(event)).cloned().collect(), table.generation)
     }
 }
 
