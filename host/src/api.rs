@@ -1103,7 +1103,13 @@ fn replay_of(api: &Inner, dead: &crate::event::Event) -> Result<crate::event::Ev
 }
 
 /// Replays dead letters the broker keeps; each leaves the broker once the bus took its replay.
+/// Each is claimed first ([`Transport::claim_dead_letter`]): every host attached to the broker
+/// lists the same dead letters, and two replaying at once both published them (on core NATS
+/// each ran twice). One another replay holds, or removed since the listing, is left to it
+/// (`replayed_elsewhere`).
 async fn replay_from_broker(api: &Inner, entries: Vec<crate::deadletter::Entry>, report: &mut ReplayReport) {
+    use crate::transport::Claim;
+    let transport = &api.s.transport;
     for entry in entries {
         let event = match replay_of(api, &entry.event) {
             Ok(event) => event,
@@ -1112,11 +1118,31 @@ async fn replay_from_broker(api: &Inner, entries: Vec<crate::deadletter::Entry>,
                 continue;
             }
         };
-        if publish_replay(api, report, &entry, event).await
-            && let Err(e) = api.s.transport.forget_dead_letter(entry.seq).await
-        {
-            tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id,
-                "dead letter replayed but still kept by the broker (a later replay repeats it): {e}");
+        let target = Target::of(&event);
+        if report.skips(&target) {
+            continue;
+        }
+        match transport.claim_dead_letter(entry.seq, &entry.event.id).await {
+            Ok(Claim::Ours) => {}
+            Ok(Claim::Elsewhere | Claim::Gone) => {
+                report.elsewhere(&entry);
+                continue;
+            }
+            Err(e) => {
+                let failed = Err(NotTaken::Failed(format!("its replay could not be claimed: {e}")));
+                report.note(&entry, target, event.id.clone(), failed);
+                continue;
+            }
+        }
+        if publish_replay(api, report, &entry, event).await {
+            if let Err(e) = transport.forget_dead_letter(entry.seq).await {
+                tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id,
+                    "dead letter replayed but still kept by the broker (a later replay repeats it): {e}");
+            }
+        } else if let Err(e) = transport.release_dead_letter_claim(entry.seq, &entry.event.id).await {
+            tracing::warn!(plugin = %entry.plugin, event_id = %entry.event.id,
+                "its replay was not taken, and its claim could not be let go: other replays leave it until the \
+                 claim expires: {e}");
         }
     }
 }
@@ -1251,9 +1277,10 @@ async fn dlq_replay_one(State(api): State<Api>, Path(id): Path<String>) -> Respo
                 let _replaying = replaying;
                 let mut report = ReplayReport::default();
                 replay_from_broker(&task_api, vec![entry], &mut report).await;
-                // Not replayed: the broker still keeps it, and so does this host.
+                // Not replayed: the broker still keeps it, and so does this host. Left to another
+                // replay, which replays the broker's: this host's copy goes, as when replayed here.
                 let mine: Vec<_> = mine.into_iter().collect();
-                let replayed = !report.replayed.is_empty();
+                let replayed = !report.replayed.is_empty() || report.left_to_another();
                 task_api
                     .s
                     .dead_letters

@@ -157,6 +157,8 @@ pub struct ReplayReport {
     failed: usize,
     not_taken: usize,
     refused: Vec<serde_json::Value>,
+    /// Ids of the dead letters another replay held (see [`ReplayReport::elsewhere`]).
+    elsewhere: Vec<String>,
     giving_up: GivingUp,
 }
 
@@ -193,6 +195,19 @@ impl ReplayReport {
         false
     }
 
+    /// Notes one another replay holds (on this host or another attached to the broker) or
+    /// removed since this one listed it: not published here, and not a failure.
+    pub fn elsewhere(&mut self, entry: &Entry) {
+        tracing::info!(plugin = %entry.plugin, event_id = %entry.event.id,
+            "not replayed here: another replay holds it, or replayed it already");
+        self.elsewhere.push(entry.event.id.clone());
+    }
+
+    /// Whether another replay held one of those this one was asked for.
+    pub fn left_to_another(&self) -> bool {
+        !self.elsewhere.is_empty()
+    }
+
     /// Notes one never replayable, logged.
     pub fn refuse(&mut self, entry: &Entry, why: &str) {
         tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id, "not replayed, the dead letter is kept: {why}");
@@ -200,10 +215,12 @@ impl ReplayReport {
     }
 
     /// `{"replayed": [{dead_letter, id}], "failed": n, "not_taken": n, "untried": n,
-    /// "gave_up": [{plugin | subject, why, untried}], "refused": [{dead_letter, why}]}`.
+    /// "gave_up": [{plugin | subject, why, untried}], "refused": [{dead_letter, why}],
+    /// "replayed_elsewhere": [dead_letter]}`.
     pub fn to_json(&self) -> serde_json::Value {
         json!({
             "replayed": self.replayed,
+            "replayed_elsewhere": self.elsewhere,
             "failed": self.failed,
             "not_taken": self.not_taken,
             "untried": self.giving_up.untried(),

@@ -289,6 +289,18 @@ impl Subscription {
 }
 
 /// The bus the host is attached to.
+/// What claiming the replay of a dead letter the broker keeps came to
+/// ([`Transport::claim_dead_letter`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// This host replays it.
+    Ours,
+    /// Another replay (on this host or another) holds it now: it is not published here.
+    Elsewhere,
+    /// It is no longer kept: a replay removed it after this one listed it.
+    Gone,
+}
+
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
     /// A short name for logs: `embedded`, `nats`.
@@ -393,6 +405,23 @@ pub trait Transport: Send + Sync + 'static {
     /// Removes a dead letter the broker keeps (its replay was taken by the bus).
     async fn forget_dead_letter(&self, seq: u64) -> Result<(), TransportError> {
         Err(TransportError::Broker(format!("the {} transport keeps no dead letters (seq {seq})", self.name())))
+    }
+
+    /// Claims the replay of the dead letter the broker keeps at `seq` (its dead-letter event's
+    /// id `id`) for this host, before it is published: every host attached to the broker may
+    /// replay it, and it must run once. [`Claim::Ours`] is held until it expires (its replay was
+    /// taken) or [`Transport::release_dead_letter_claim`] (it was not). A transport whose dead
+    /// letters no other host sees has nothing to claim.
+    async fn claim_dead_letter(&self, seq: u64, id: &str) -> Result<Claim, TransportError> {
+        let _ = (seq, id);
+        Ok(Claim::Ours)
+    }
+
+    /// Lets go of this host's claim on the dead letter at `seq` (its replay was not taken: the
+    /// next replay, here or on another host, may try it).
+    async fn release_dead_letter_claim(&self, seq: u64, id: &str) -> Result<(), TransportError> {
+        let _ = (seq, id);
+        Ok(())
     }
 
     /// Publishes `event` with a reply address the transport makes and waits up to `timeout` for

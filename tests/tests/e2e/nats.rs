@@ -2398,6 +2398,58 @@ async fn core_replays_into_a_full_plugin(remove_it: bool) {
     assert!(kept.len() >= DEAD, "{} dead letters kept of {DEAD}: some were lost ({report})", kept.len());
 }
 
+/// Two hosts replaying the same core plugin's dead letters at once (two operators, two bulk
+/// replays) run each once. Where the broker keeps dead letters (a `PLUGBUS_DLQ` stream, here
+/// made by the operator) both hosts list every one, and both published each: with nothing to
+/// dedupe a core subject, faulty ran each twice. A host now claims a dead letter's replay first
+/// (the KV bucket `PLUGBUS_REPLAY_CLAIMS`); one the other host holds, or replayed since the
+/// listing, is left to it (`replayed_elsewhere`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_two_hosts_replaying_the_same_dead_letters_at_once_run_each_once() {
+    const DEAD: u64 = 20;
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    let dlq = jetstream::stream::Config {
+        name: "PLUGBUS_DLQ".into(),
+        subjects: vec!["plugbus.dlq.>".into()],
+        ..Default::default()
+    };
+    js.create_stream(dlq).await.unwrap();
+    let a = TestHost::start_on(&Bus::Core(&server), &["faulty"], plugbus_tests::fast_retries).await;
+    let b = TestHost::start_on(&Bus::Core(&server), &["faulty"], plugbus_tests::fast_retries).await;
+    let both = |name: &str| a.counter("faulty", name) + b.counter("faulty", name);
+    for i in 0..DEAD {
+        a.publish("faulty.reject", format!("{i}")).await;
+    }
+    eventually("every event is dead-lettered", || both("dead_lettered") == DEAD).await;
+    let client = reqwest::Client::new();
+    let kept = || async {
+        let url = format!("{}/v1/dlq?plugin=faulty&summary=true", a.url());
+        let listed: Value = client.get(url).send().await.unwrap().json().await.unwrap();
+        listed["dead_letters"].as_array().unwrap().iter().filter(|d| d["kept_by"] == "broker").count() as u64
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while kept().await < DEAD {
+        assert!(tokio::time::Instant::now() < deadline, "the broker never kept the {DEAD} dead letters");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let received = both("received");
+    let (on_a, on_b) = tokio::join!(a.replay_dead_letters("faulty"), b.replay_dead_letters("faulty"));
+    let count = |report: &Value, field: &str| report[field].as_array().map_or(0, Vec::len) as u64;
+    let replayed = count(&on_a, "replayed") + count(&on_b, "replayed");
+    assert_eq!(replayed, DEAD, "each dead letter replayed once, by one host:\n{on_a}\n{on_b}");
+    // Each the other host listed too, it left to the first (how many depends on how the two
+    // listings overlapped the other's replays).
+    let elsewhere = count(&on_a, "replayed_elsewhere") + count(&on_b, "replayed_elsewhere");
+    assert!(elsewhere <= DEAD, "{on_a}\n{on_b}");
+    assert_eq!((on_a["failed"].as_u64(), on_b["failed"].as_u64()), (Some(0), Some(0)), "{on_a}\n{on_b}");
+    // Each replay runs once (and is rejected again): DEAD more deliveries in all, no more.
+    eventually("every replay ran", || both("received") >= received + DEAD).await;
+    eventually("every replay was dead-lettered again", || both("dead_lettered") >= 2 * DEAD).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(both("received"), received + DEAD, "a dead letter's replay ran twice");
+}
+
 /// Only an answer naming the replay counts as taken: a NATS client that sees a core replay go by
 /// and sends anything else to its inbox does not make the host forget a dead letter no plugin
 /// took (review 43b F2; one that copies the id it saw still can: the replay mark is not

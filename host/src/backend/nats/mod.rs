@@ -20,6 +20,7 @@ mod kv_room;
 mod narrowing;
 mod pull;
 mod queue_group;
+mod replay_claims;
 mod streams;
 mod tails;
 pub mod wire;
@@ -186,6 +187,8 @@ pub struct NatsTransport {
     core_dropped: Family<PluginLabels, Counter>,
     /// The live tails' connection ([`tails`]).
     tails: tails::Tails,
+    /// Which host replays a kept dead letter now ([`replay_claims`]).
+    replay_claims: replay_claims::ReplayClaims,
     _background: Vec<Task>,
 }
 
@@ -362,6 +365,7 @@ impl NatsTransport {
             }))
         };
         tracing::info!(url = %settings.url.as_deref().unwrap_or_default(), server = %client.server_info().version, "connected to NATS");
+        let replay_claims = replay_claims::ReplayClaims::new(js.clone());
         Ok(Self {
             client,
             js,
@@ -373,6 +377,7 @@ impl NatsTransport {
             next_id: AtomicU64::new(1),
             core_dropped: Default::default(),
             tails: Default::default(),
+            replay_claims,
             _background: vec![keep_alive, refresh],
         })
     }
@@ -1115,6 +1120,20 @@ impl Transport for NatsTransport {
 
     async fn forget_dead_letter(&self, seq: u64) -> Result<(), TransportError> {
         dead_letters::forget(&self.js, seq).await
+    }
+
+    async fn claim_dead_letter(&self, seq: u64, id: &str) -> Result<crate::transport::Claim, TransportError> {
+        use crate::transport::Claim;
+        if self.replay_claims.claim(seq, id).await? == Claim::Elsewhere {
+            return Ok(Claim::Elsewhere);
+        }
+        // Claimed: still kept, or replayed and removed since this replay listed it (its claim
+        // expired meanwhile); the claim is kept either way.
+        Ok(if dead_letters::is_kept(&self.js, seq).await? { Claim::Ours } else { Claim::Gone })
+    }
+
+    async fn release_dead_letter_claim(&self, seq: u64, id: &str) -> Result<(), TransportError> {
+        self.replay_claims.release(seq, id).await
     }
 
     fn is_external(&self) -> bool {
