@@ -1105,8 +1105,9 @@ fn replay_of(api: &Inner, dead: &crate::event::Event) -> Result<crate::event::Ev
 /// Replays dead letters the broker keeps; each leaves the broker once the bus took its replay.
 /// Each is claimed first ([`Transport::claim_dead_letter`]): every host attached to the broker
 /// lists the same dead letters, and two replaying at once both published them (on core NATS
-/// each ran twice). One another replay holds, or removed since the listing, is left to it
-/// (`replayed_elsewhere`).
+/// each ran twice). One another replay holds is left to it (`replayed_elsewhere`). Where no claim
+/// can be made (the claims cannot be stored), it is replayed unclaimed (`unclaimed`): twice
+/// rather than never.
 async fn replay_from_broker(api: &Inner, entries: Vec<crate::deadletter::Entry>, report: &mut ReplayReport) {
     use crate::transport::Claim;
     let transport = &api.s.transport;
@@ -1118,28 +1119,28 @@ async fn replay_from_broker(api: &Inner, entries: Vec<crate::deadletter::Entry>,
                 continue;
             }
         };
-        let target = Target::of(&event);
-        if report.skips(&target) {
+        if report.skips(&Target::of(&event)) {
             continue;
         }
-        match transport.claim_dead_letter(entry.seq, &entry.event.id).await {
-            Ok(Claim::Ours) => {}
-            Ok(Claim::Elsewhere | Claim::Gone) => {
+        let claim = match transport.claim_dead_letter(entry.seq, &entry.event.id).await {
+            Ok(Claim::Ours(revision)) => Some(revision),
+            Ok(Claim::Elsewhere) => {
                 report.elsewhere(&entry);
                 continue;
             }
             Err(e) => {
-                let failed = Err(NotTaken::Failed(format!("its replay could not be claimed: {e}")));
-                report.note(&entry, target, event.id.clone(), failed);
-                continue;
+                report.unclaimed(&entry, &e.to_string());
+                None
             }
-        }
+        };
         if publish_replay(api, report, &entry, event).await {
             if let Err(e) = transport.forget_dead_letter(entry.seq).await {
                 tracing::error!(plugin = %entry.plugin, event_id = %entry.event.id,
                     "dead letter replayed but still kept by the broker (a later replay repeats it): {e}");
             }
-        } else if let Err(e) = transport.release_dead_letter_claim(entry.seq, &entry.event.id).await {
+        } else if let Some(revision) = claim
+            && let Err(e) = transport.release_dead_letter_claim(entry.seq, &entry.event.id, revision).await
+        {
             tracing::warn!(plugin = %entry.plugin, event_id = %entry.event.id,
                 "its replay was not taken, and its claim could not be let go: other replays leave it until the \
                  claim expires: {e}");

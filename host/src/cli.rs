@@ -250,7 +250,10 @@ pub fn replay_summary(body: &Value) -> String {
     }
     let elsewhere = body["replayed_elsewhere"].as_array().map_or(0, Vec::len);
     if elsewhere > 0 {
-        out.push_str(&format!("; {elsewhere} left to another replay (another host's, or one before)"));
+        out.push_str(&format!("; {elsewhere} left to another replay holding them"));
+    }
+    if let Some(unclaimed) = body["unclaimed"].as_u64().filter(|n| *n > 0) {
+        out.push_str(&format!("; {unclaimed} replayed without a claim (see the host's log)"));
     }
     let refused = body["refused"].as_array().map(Vec::as_slice).unwrap_or_default();
     if !refused.is_empty() {
@@ -399,11 +402,12 @@ mod tests {
             "replayed 0 dead letter(s); 4 kept (the bus did not take them), 2 of them not tried:\n  \
              2: plugin faulty's replays were not taken (not within 5s)"
         );
-        let elsewhere = replay_summary(&json!({ "replayed": [], "failed": 0, "replayed_elsewhere": ["x", "y"] }));
+        let elsewhere = replay_summary(&json!({ "replayed": [{ "dead_letter": "a", "id": "b" }], "failed": 0,
+            "replayed_elsewhere": ["x", "y"], "unclaimed": 1 }));
         assert_eq!(
             elsewhere,
-            "replayed 0 dead letter(s); 0 kept (the bus did not take them); 2 left to another replay (another \
-             host's, or one before)"
+            "replayed 1 dead letter(s); 0 kept (the bus did not take them); 2 left to another replay holding them; \
+             1 replayed without a claim (see the host's log)"
         );
         let error = replay_summary(&json!({ "replayed": [], "failed": 0, "error": "reading the broker's: down" }));
         assert_eq!(error, "no dead letter replayed: reading the broker's: down");

@@ -188,7 +188,12 @@ pub fn failed_in(dead: &Event) -> Option<&str> {
 /// Whether `event` is the replay of a dead letter that another plugin than `plugin` failed:
 /// `plugin` lets it go unrun.
 pub fn is_replay_for_another(event: &Event, plugin: &str) -> bool {
-    event.header(headers::REPLAY_FOR).is_some_and(|p| p != plugin)
+    replay_for(event).is_some_and(|p| p != plugin)
+}
+
+/// The plugin `event` is the replay of a dead letter for (`plugbus-replay-for`), if it is one.
+pub fn replay_for(event: &Event) -> Option<&str> {
+    event.header(headers::REPLAY_FOR)
 }
 
 /// The name replays are made under in [`replay_event`]'s id (not a valid plugin name, so no

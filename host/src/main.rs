@@ -651,16 +651,9 @@ async fn publish(
     if json {
         req = req.header("content-type", "application/json");
     }
-    let mut has_id = false;
     for h in headers {
         let (k, v) = h.split_once('=').with_context(|| format!("-H {h:?}: expected NAME=VALUE"))?;
-        has_id |= k.trim().eq_ignore_ascii_case("id");
         req = req.header(format!("ce-{}", k.trim()), v.trim());
-    }
-    // The event's id is made here, not by the host: a publish asked again after a `503` (see
-    // `send`) is the same event, which a durable bus or JetStream keeps once.
-    if !has_id {
-        req = req.header("ce-id", plugbus::event::new_id());
     }
     let body: serde_json::Value = send(req, url).await?.json().await.unwrap_or_default();
     println!("{}", body["id"].as_str().unwrap_or_default());
@@ -925,21 +918,24 @@ fn api_url(url: &str, segments: &[&str]) -> anyhow::Result<reqwest::Url> {
     Ok(endpoint)
 }
 
-/// How long, in all, the CLI asks again a host that answers `503` with `Retry-After` (busy: this
-/// address's share of connections taken, the dead-letter listings' turns, a full queue), before
-/// it reports the refusal.
+/// How long, in all, the CLI asks again a host that answers a `GET` with `503` and `Retry-After`
+/// (busy: this address's share of connections taken, the dead-letter listings' turns, the live
+/// tails all open), before it reports the refusal.
 const BUSY_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Sends a request to the host; an unreachable host and a refusal (with the host's reason)
-/// are errors. A `503` with `Retry-After` (the host did nothing with the request and says when
-/// to ask again) is asked again after that wait (1 to 5 s), for up to [`BUSY_PATIENCE`], saying
-/// so on stderr.
+/// are errors. A `GET` answered `503` with `Retry-After` (the host says when to ask again) is
+/// asked again after that wait (1 to 5 s), for up to [`BUSY_PATIENCE`], saying so on stderr.
+/// Nothing else is: a publish the bus did not take in time may have been taken meanwhile (sent
+/// again, it would run twice), and a replay or a rewind is not for a client to repeat unasked.
 async fn send(req: reqwest::RequestBuilder, url: &str) -> anyhow::Result<reqwest::Response> {
     let started = std::time::Instant::now();
     let mut req = req;
     loop {
         // (A request whose body is a stream cannot be sent twice: it is not asked again.)
-        let again = req.try_clone();
+        let again = req.try_clone().filter(|r| {
+            r.try_clone().and_then(|r| r.build().ok()).is_some_and(|r| *r.method() == reqwest::Method::GET)
+        });
         let resp = req.send().await.with_context(|| format!("no plugbus host answering at {url}"))?;
         let status = resp.status();
         if status.is_success() {

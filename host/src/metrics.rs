@@ -209,7 +209,7 @@ impl Default for Metrics {
         r.register(
             "replays_let_go",
             "Replays of another plugin's dead letter a plugin got and let go unrun (a replay runs only in the plugin \
-             that failed it; the embedded bus gives it to no other)",
+             that failed it; the embedded bus publishes it to no other)",
             m.replays_let_go.clone(),
         );
         r.register(

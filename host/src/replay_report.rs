@@ -33,7 +33,7 @@ pub enum Target {
 impl Target {
     /// The target of `replay`.
     pub fn of(replay: &Event) -> Self {
-        match replay.header(crate::deadletter::headers::REPLAY_FOR) {
+        match crate::deadletter::replay_for(replay) {
             Some(plugin) => Self::Plugin(plugin.to_string()),
             None => Self::Subject(replay.subject.clone()),
         }
@@ -159,6 +159,8 @@ pub struct ReplayReport {
     refused: Vec<serde_json::Value>,
     /// Ids of the dead letters another replay held (see [`ReplayReport::elsewhere`]).
     elsewhere: Vec<String>,
+    /// How many were replayed (or tried) without a claim ([`ReplayReport::unclaimed`]).
+    unclaimed: usize,
     giving_up: GivingUp,
 }
 
@@ -195,12 +197,22 @@ impl ReplayReport {
         false
     }
 
-    /// Notes one another replay holds (on this host or another attached to the broker) or
-    /// removed since this one listed it: not published here, and not a failure.
+    /// Notes one another replay holds (on this host or another attached to the broker): not
+    /// published here, and not a failure.
     pub fn elsewhere(&mut self, entry: &Entry) {
-        tracing::info!(plugin = %entry.plugin, event_id = %entry.event.id,
-            "not replayed here: another replay holds it, or replayed it already");
+        tracing::info!(plugin = %entry.plugin, event_id = %entry.event.id, "not replayed here: another replay holds it");
         self.elsewhere.push(entry.event.id.clone());
+    }
+
+    /// Notes one replayed without a claim (`why` none could be made): another host replaying it
+    /// at the same time may run it too. Logged once per replay run.
+    pub fn unclaimed(&mut self, entry: &Entry, why: &str) {
+        if self.unclaimed == 0 {
+            tracing::warn!(plugin = %entry.plugin, event_id = %entry.event.id,
+                "replaying the broker's dead letters without claims (another host replaying them at the same \
+                 time may run them too): {why}");
+        }
+        self.unclaimed += 1;
     }
 
     /// Whether another replay held one of those this one was asked for.
@@ -216,11 +228,12 @@ impl ReplayReport {
 
     /// `{"replayed": [{dead_letter, id}], "failed": n, "not_taken": n, "untried": n,
     /// "gave_up": [{plugin | subject, why, untried}], "refused": [{dead_letter, why}],
-    /// "replayed_elsewhere": [dead_letter]}`.
+    /// "replayed_elsewhere": [dead_letter], "unclaimed": n}`.
     pub fn to_json(&self) -> serde_json::Value {
         json!({
             "replayed": self.replayed,
             "replayed_elsewhere": self.elsewhere,
+            "unclaimed": self.unclaimed,
             "failed": self.failed,
             "not_taken": self.not_taken,
             "untried": self.giving_up.untried(),

@@ -288,19 +288,17 @@ impl Subscription {
     }
 }
 
-/// The bus the host is attached to.
 /// What claiming the replay of a dead letter the broker keeps came to
 /// ([`Transport::claim_dead_letter`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
-    /// This host replays it.
-    Ours,
+    /// This host replays it; the claim's revision, to let go of this claim and no later one.
+    Ours(u64),
     /// Another replay (on this host or another) holds it now: it is not published here.
     Elsewhere,
-    /// It is no longer kept: a replay removed it after this one listed it.
-    Gone,
 }
 
+/// The bus the host is attached to.
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
     /// A short name for logs: `embedded`, `nats`.
@@ -414,13 +412,13 @@ pub trait Transport: Send + Sync + 'static {
     /// letters no other host sees has nothing to claim.
     async fn claim_dead_letter(&self, seq: u64, id: &str) -> Result<Claim, TransportError> {
         let _ = (seq, id);
-        Ok(Claim::Ours)
+        Ok(Claim::Ours(0))
     }
 
-    /// Lets go of this host's claim on the dead letter at `seq` (its replay was not taken: the
-    /// next replay, here or on another host, may try it).
-    async fn release_dead_letter_claim(&self, seq: u64, id: &str) -> Result<(), TransportError> {
-        let _ = (seq, id);
+    /// Lets go of this host's claim (of revision `revision`) on the dead letter at `seq` (its
+    /// replay was not taken: the next replay, here or on another host, may try it).
+    async fn release_dead_letter_claim(&self, seq: u64, id: &str, revision: u64) -> Result<(), TransportError> {
+        let _ = (seq, id, revision);
         Ok(())
     }
 

@@ -1247,9 +1247,10 @@ async fn one_client_address_cannot_take_every_connection() {
     drop(held);
 }
 
-/// `plugbus` commands ask a busy host again: a `503` with `Retry-After` (here this address's
-/// share of connections, taken by another of its clients) is asked again after that wait, for up
-/// to 30 s, saying so on stderr. Before, the command failed at once.
+/// `plugbus` commands that only read ask a busy host again: a `503` with `Retry-After` (here this
+/// address's share of connections, taken by another of its clients) is asked again after that
+/// wait, for up to 30 s, saying so on stderr. Before, the command failed at once. A publish is
+/// not sent again (one the bus did not take in time may have been taken meanwhile).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_asks_a_busy_host_again_after_its_retry_after() {
     let t = shared_api(1).await;
@@ -1257,6 +1258,10 @@ async fn the_cli_asks_a_busy_host_again_after_its_retry_after() {
     let held = connect_from([127, 0, 0, 1], port).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (bin, url) = (plugbus_bin(), t.url());
+    let publish = Command::new(&bin).args(["publish", "--url", &url, "audit.x", "once"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&publish.stderr);
+    assert!(!publish.status.success(), "{stderr}");
+    assert!(stderr.contains("503") && !stderr.contains("asking again"), "{stderr}");
     let cli = tokio::task::spawn_blocking(move || {
         Command::new(bin).args(["plugins", "--json", "--url", &url]).stdin(Stdio::null()).output().unwrap()
     });

@@ -2439,15 +2439,46 @@ async fn core_two_hosts_replaying_the_same_dead_letters_at_once_run_each_once() 
     let replayed = count(&on_a, "replayed") + count(&on_b, "replayed");
     assert_eq!(replayed, DEAD, "each dead letter replayed once, by one host:\n{on_a}\n{on_b}");
     // Each the other host listed too, it left to the first (how many depends on how the two
-    // listings overlapped the other's replays).
+    // listings overlapped the other's replays: they start together, so at least one).
     let elsewhere = count(&on_a, "replayed_elsewhere") + count(&on_b, "replayed_elsewhere");
-    assert!(elsewhere <= DEAD, "{on_a}\n{on_b}");
+    assert!((1..=DEAD).contains(&elsewhere), "the two replays did not overlap:\n{on_a}\n{on_b}");
+    assert_eq!((on_a["unclaimed"].as_u64(), on_b["unclaimed"].as_u64()), (Some(0), Some(0)), "{on_a}\n{on_b}");
     assert_eq!((on_a["failed"].as_u64(), on_b["failed"].as_u64()), (Some(0), Some(0)), "{on_a}\n{on_b}");
     // Each replay runs once (and is rejected again): DEAD more deliveries in all, no more.
     eventually("every replay ran", || both("received") >= received + DEAD).await;
     eventually("every replay was dead-lettered again", || both("dead_lettered") >= 2 * DEAD).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(both("received"), received + DEAD, "a dead letter's replay ran twice");
+}
+
+/// Where the claims bucket cannot be made (here a stream of the operator's already takes its
+/// subjects), a replay of the broker's dead letters goes on without claims (twice rather than
+/// never), counted in `unclaimed`, and the bucket is not asked again for every dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_a_replay_goes_on_unclaimed_where_no_claim_can_be_made() {
+    const DEAD: u64 = 3;
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    for (name, subject) in [("PLUGBUS_DLQ", "plugbus.dlq.>"), ("SQUATTER", "$KV.PLUGBUS_REPLAY_CLAIMS.>")] {
+        let config =
+            jetstream::stream::Config { name: name.into(), subjects: vec![subject.into()], ..Default::default() };
+        js.create_stream(config).await.unwrap();
+    }
+    let t = TestHost::start_on(&Bus::Core(&server), &["faulty"], plugbus_tests::fast_retries).await;
+    for i in 0..DEAD {
+        t.publish("faulty.reject", format!("{i}")).await;
+    }
+    t.wait_counter("faulty", "dead_lettered", DEAD).await;
+    let dlq = js.get_stream("PLUGBUS_DLQ").await.unwrap();
+    plugbus_tests::eventually_async("the broker keeps them", Duration::from_secs(10), || {
+        let mut dlq = dlq.clone();
+        async move { dlq.info().await.unwrap().state.messages == DEAD }
+    })
+    .await;
+    let report = t.replay_dead_letters("faulty").await;
+    assert_eq!(report["replayed"].as_array().map(Vec::len), Some(DEAD as usize), "{report}");
+    assert_eq!((report["unclaimed"].as_u64(), report["failed"].as_u64()), (Some(DEAD), Some(0)), "{report}");
+    t.wait_counter("faulty", "received", 2 * DEAD).await;
 }
 
 /// Only an answer naming the replay counts as taken: a NATS client that sees a core replay go by

@@ -45,12 +45,12 @@ struct Sub {
 
 impl Sub {
     /// Whether a producer's `event` is for this subscription: its subject matches, and it is not
-    /// the replay of another plugin's dead letter (`plugbus-replay-for`). Such a replay goes to
-    /// its plugin alone: every other subscriber would let it go unrun, and waiting for room in
-    /// one of them (a co-subscriber stuck with a full queue) held the replay back until the API
-    /// gave up on it.
-    fn takes(&self, event: &Event) -> bool {
-        self.patterns.matches(&event.subject) && !crate::deadletter::is_replay_for_another(event, &self.plugin)
+    /// the replay of another plugin's dead letter (`replay_for`, the event's
+    /// [`crate::deadletter::replay_for`]). Such a replay goes to its plugin alone: every other
+    /// subscriber would let it go unrun, and waiting for room in one of them (a co-subscriber
+    /// stuck with a full queue) held the replay back until the API gave up on it.
+    fn takes(&self, event: &Event, replay_for: Option<&str>) -> bool {
+        self.patterns.matches(&event.subject) && replay_for.is_none_or(|p| *p == *self.plugin)
     }
 }
 
@@ -1603,7 +1603,8 @@ impl EmbeddedBus {
             Vec::new()
         } else {
             let targeted = |s: &Sub| targets.iter().any(|t| t.plugin == s.plugin);
-            table.subs.iter().filter(|s| s.takes(event) && !targeted(s)).cloned().collect()
+            let replay_for = crate::deadletter::replay_for(event);
+            table.subs.iter().filter(|s| s.takes(event, replay_for) && !targeted(s)).cloned().collect()
         };
         let plugins = targets.iter().chain(&late).map(|s| s.plugin.clone()).collect();
         let deciding = Deciding {
@@ -1875,8 +1876,9 @@ impl EmbeddedBus {
     /// The subscriptions `event` goes to, in subscription order, and the table's generation
     /// they were taken at.
     fn targets(&self, event: &Event) -> Targets {
+        let replay_for = crate::deadletter::replay_for(event);
         let table = self.table.read().expect("bus table poisoned");
-        (table.subs.iter().filter(|s| s.takes(event)).cloned().collect(), table.generation)
+        (table.subs.iter().filter(|s| s.takes(event, replay_for)).cloned().collect(), table.generation)
     }
 }
 

@@ -201,12 +201,6 @@ pub async fn find(js: &jetstream::Context, id: &str) -> Result<Option<Entry>, Tr
     Ok(None)
 }
 
-/// Whether the stream still keeps a message at `seq` (a replay elsewhere may have removed it).
-pub async fn is_kept(js: &jetstream::Context, seq: u64) -> Result<bool, TransportError> {
-    let Some(stream) = stream(js).await? else { return Ok(false) };
-    Ok(message_at(&stream, seq).await?.is_some())
-}
-
 /// The message at `seq`; `None` when the stream holds none there (removed, or never written).
 async fn message_at(stream: &jetstream::stream::Stream, seq: u64) -> Result<Option<StreamMessage>, TransportError> {
     match stream.get_raw_message(seq).await {

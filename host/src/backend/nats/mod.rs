@@ -1123,17 +1123,11 @@ impl Transport for NatsTransport {
     }
 
     async fn claim_dead_letter(&self, seq: u64, id: &str) -> Result<crate::transport::Claim, TransportError> {
-        use crate::transport::Claim;
-        if self.replay_claims.claim(seq, id).await? == Claim::Elsewhere {
-            return Ok(Claim::Elsewhere);
-        }
-        // Claimed: still kept, or replayed and removed since this replay listed it (its claim
-        // expired meanwhile); the claim is kept either way.
-        Ok(if dead_letters::is_kept(&self.js, seq).await? { Claim::Ours } else { Claim::Gone })
+        self.replay_claims.claim(seq, id).await
     }
 
-    async fn release_dead_letter_claim(&self, seq: u64, id: &str) -> Result<(), TransportError> {
-        self.replay_claims.release(seq, id).await
+    async fn release_dead_letter_claim(&self, seq: u64, id: &str, revision: u64) -> Result<(), TransportError> {
+        self.replay_claims.release(seq, id, revision).await
     }
 
     fn is_external(&self) -> bool {

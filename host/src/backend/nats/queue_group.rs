@@ -97,10 +97,10 @@ type Answer = (String, String);
 /// header, or one dead-lettered unrun, is not answered) for this plugin, or for every subscriber
 /// (the replay of an output); another plugin would let it go unrun.
 fn answer_of(inbox: Option<String>, delivery: &Delivery, plugin: &str) -> Option<Answer> {
-    use crate::deadletter::headers::{REPLAY_FOR, REPLAY_OF};
+    use crate::deadletter::headers::REPLAY_OF;
     let ev = &delivery.event;
     let replay = delivery.defect.is_none() && ev.header(REPLAY_OF).is_some();
-    let for_it = ev.header(REPLAY_FOR).is_none_or(|p| p == plugin);
+    let for_it = !crate::deadletter::is_replay_for_another(ev, plugin);
     inbox.filter(|_| replay && for_it).map(|inbox| (inbox, ev.id.clone()))
 }
 

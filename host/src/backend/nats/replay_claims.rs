@@ -3,13 +3,15 @@
 //! both published each dead letter they had both listed: on a subject no stream captures (core
 //! NATS, nothing dedupes it) its plugin ran it twice. A host now replays one only once it made
 //! the dead letter's claim, an atomic create in the JetStream KV bucket [`BUCKET`] (one host
-//! wins), and found the dead letter still kept (one replayed and removed before is not replayed
-//! again from an older listing).
+//! wins).
 //!
 //! A claim of a replay the bus took is left to expire ([`CLAIM_TTL`], the bucket's `max_age`): a
-//! host that listed the dead letter before it left the stream finds it claimed, or gone. A claim
-//! of one not taken is let go at once, for the next replay. A host killed while it holds a claim
-//! leaves it for at most [`CLAIM_TTL`]: meanwhile other hosts keep that dead letter, saying why.
+//! host that listed the dead letter before it left the stream finds it claimed. A claim of one
+//! not taken is let go at once (its own revision only), for the next replay. A host killed while
+//! it holds a claim leaves it for at most [`CLAIM_TTL`]: meanwhile other hosts keep that dead
+//! letter, saying why. Where the bucket cannot be used (the NATS user may not make it, the
+//! account is at its stream limit), the replay goes on without claims (twice rather than never),
+//! and the bucket is not asked again for [`UNUSABLE_PAUSE`].
 
 use crate::transport::{Claim, TransportError};
 use async_nats::jetstream::{self, kv};
@@ -18,22 +20,45 @@ use std::time::Duration;
 /// The KV bucket of replay claims.
 pub const BUCKET: &str = "PLUGBUS_REPLAY_CLAIMS";
 /// How long a claim lasts: far past any replay's publish (`api.publish_timeout`) and the
-/// removal after it.
-pub const CLAIM_TTL: Duration = Duration::from_secs(600);
+/// removal after it, and past how long a bulk replay of thousands takes to reach the last one
+/// it listed (a claim expired before then would let that replay publish it again).
+pub const CLAIM_TTL: Duration = Duration::from_secs(3600);
+/// How long a bucket that could not be found or made is not asked again: each try may wait out
+/// the JetStream timeout, once per dead letter of a bulk replay.
+pub const UNUSABLE_PAUSE: Duration = Duration::from_secs(60);
 
 /// The claims bucket, found or made at its first use.
 pub struct ReplayClaims {
     js: jetstream::Context,
     store: tokio::sync::OnceCell<kv::Store>,
+    /// Until when a bucket that could not be found or made is not asked again, and why.
+    unusable: std::sync::Mutex<Option<(std::time::Instant, String)>>,
 }
 
 impl ReplayClaims {
     pub fn new(js: jetstream::Context) -> Self {
-        Self { js, store: tokio::sync::OnceCell::new() }
+        Self { js, store: tokio::sync::OnceCell::new(), unusable: Default::default() }
     }
 
     async fn store(&self) -> Result<&kv::Store, TransportError> {
-        // A setup that failed leaves the cell empty: the next claim tries again.
+        if let Some(store) = self.store.get() {
+            return Ok(store);
+        }
+        if let Some((until, why)) = &*self.unusable.lock().expect("claims poisoned")
+            && std::time::Instant::now() < *until
+        {
+            return Err(TransportError::Broker(why.clone()));
+        }
+        let made = self.open().await;
+        if let Err(e) = &made {
+            let until = std::time::Instant::now() + UNUSABLE_PAUSE;
+            *self.unusable.lock().expect("claims poisoned") = Some((until, e.to_string()));
+        }
+        made
+    }
+
+    async fn open(&self) -> Result<&kv::Store, TransportError> {
+        // A setup that failed leaves the cell empty: a claim after the pause tries again.
         self.store
             .get_or_try_init(|| async {
                 if let Ok(store) = self.js.get_key_value(BUCKET).await {
@@ -63,17 +88,18 @@ impl ReplayClaims {
     pub async fn claim(&self, seq: u64, id: &str) -> Result<Claim, TransportError> {
         let store = self.store().await?;
         match store.create(key(seq, id), bytes::Bytes::new()).await {
-            Ok(_) => Ok(Claim::Ours),
+            Ok(revision) => Ok(Claim::Ours(revision)),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(Claim::Elsewhere),
             Err(e) => Err(TransportError::Broker(format!("claiming the replay of dead letter {seq} in {BUCKET}: {e}"))),
         }
     }
 
-    /// Lets go of this host's claim on the dead letter at `seq` (its replay was not taken).
-    pub async fn release(&self, seq: u64, id: &str) -> Result<(), TransportError> {
+    /// Lets go of this host's claim (of `revision`) on the dead letter at `seq` (its replay was
+    /// not taken). Only that claim: one another host made after it expired stays.
+    pub async fn release(&self, seq: u64, id: &str, revision: u64) -> Result<(), TransportError> {
         let store = self.store().await?;
         store
-            .delete(key(seq, id))
+            .delete_expect_revision(key(seq, id), Some(revision))
             .await
             .map_err(|e| TransportError::Broker(format!("letting go of the replay claim of dead letter {seq}: {e}")))
     }
