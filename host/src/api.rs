@@ -1106,8 +1106,8 @@ fn replay_of(api: &Inner, dead: &crate::event::Event) -> Result<crate::event::Ev
 /// Each is claimed first ([`Transport::claim_dead_letter`]): every host attached to the broker
 /// lists the same dead letters, and two replaying at once both published them (on core NATS
 /// each ran twice). One another replay holds is left to it (`replayed_elsewhere`). Where no claim
-/// can be made (the claims cannot be stored), it is replayed unclaimed (`unclaimed`): twice
-/// rather than never.
+/// can be stored at all (the claims' store cannot be found or made), it is replayed unclaimed
+/// (`unclaimed`): twice rather than never; one whose claim failed is kept, counted as not taken.
 async fn replay_from_broker(api: &Inner, entries: Vec<crate::deadletter::Entry>, report: &mut ReplayReport) {
     use crate::transport::Claim;
     let transport = &api.s.transport;
@@ -1128,9 +1128,16 @@ async fn replay_from_broker(api: &Inner, entries: Vec<crate::deadletter::Entry>,
                 report.elsewhere(&entry);
                 continue;
             }
-            Err(e) => {
-                report.unclaimed(&entry, &e.to_string());
+            Ok(Claim::Unavailable(why)) => {
+                report.unclaimed(&entry, &why);
                 None
+            }
+            // Kept, and a strike against its target as a replay not taken in time: a claim that
+            // fails again and again (a timeout each) gives its target up after two.
+            Err(e) => {
+                let why = NotTaken::InTime(format!("its replay could not be claimed: {e}"));
+                report.note(&entry, Target::of(&event), event.id.clone(), Err(why));
+                continue;
             }
         };
         if publish_replay(api, report, &entry, event).await {

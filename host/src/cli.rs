@@ -253,7 +253,7 @@ pub fn replay_summary(body: &Value) -> String {
         out.push_str(&format!("; {elsewhere} left to another replay holding them"));
     }
     if let Some(unclaimed) = body["unclaimed"].as_u64().filter(|n| *n > 0) {
-        out.push_str(&format!("; {unclaimed} replayed without a claim (see the host's log)"));
+        out.push_str(&format!("; {unclaimed} tried without a claim (see the host's log)"));
     }
     let refused = body["refused"].as_array().map(Vec::as_slice).unwrap_or_default();
     if !refused.is_empty() {
@@ -407,7 +407,7 @@ mod tests {
         assert_eq!(
             elsewhere,
             "replayed 1 dead letter(s); 0 kept (the bus did not take them); 2 left to another replay holding them; \
-             1 replayed without a claim (see the host's log)"
+             1 tried without a claim (see the host's log)"
         );
         let error = replay_summary(&json!({ "replayed": [], "failed": 0, "error": "reading the broker's: down" }));
         assert_eq!(error, "no dead letter replayed: reading the broker's: down");

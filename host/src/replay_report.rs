@@ -159,7 +159,7 @@ pub struct ReplayReport {
     refused: Vec<serde_json::Value>,
     /// Ids of the dead letters another replay held (see [`ReplayReport::elsewhere`]).
     elsewhere: Vec<String>,
-    /// How many were replayed (or tried) without a claim ([`ReplayReport::unclaimed`]).
+    /// How many were tried without a claim ([`ReplayReport::unclaimed`]).
     unclaimed: usize,
     giving_up: GivingUp,
 }
@@ -204,7 +204,7 @@ impl ReplayReport {
         self.elsewhere.push(entry.event.id.clone());
     }
 
-    /// Notes one replayed without a claim (`why` none could be made): another host replaying it
+    /// Notes one tried without a claim (`why` none can be stored): another host replaying it
     /// at the same time may run it too. Logged once per replay run.
     pub fn unclaimed(&mut self, entry: &Entry, why: &str) {
         if self.unclaimed == 0 {

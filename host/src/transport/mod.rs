@@ -290,12 +290,15 @@ impl Subscription {
 
 /// What claiming the replay of a dead letter the broker keeps came to
 /// ([`Transport::claim_dead_letter`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// This host replays it; the claim's revision, to let go of this claim and no later one.
     Ours(u64),
     /// Another replay (on this host or another) holds it now: it is not published here.
     Elsewhere,
+    /// No claim can be stored at all (why): the claims' store cannot be found or made. The
+    /// replay goes on unclaimed (twice rather than never).
+    Unavailable(String),
 }
 
 /// The bus the host is attached to.

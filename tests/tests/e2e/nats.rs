@@ -2409,12 +2409,7 @@ async fn core_two_hosts_replaying_the_same_dead_letters_at_once_run_each_once() 
     const DEAD: u64 = 20;
     let server = NatsServer::start().await;
     let js = jetstream::new(server.client().await);
-    let dlq = jetstream::stream::Config {
-        name: "PLUGBUS_DLQ".into(),
-        subjects: vec!["plugbus.dlq.>".into()],
-        ..Default::default()
-    };
-    js.create_stream(dlq).await.unwrap();
+    make_stream(&js, "PLUGBUS_DLQ", "plugbus.dlq.>").await;
     let a = TestHost::start_on(&Bus::Core(&server), &["faulty"], plugbus_tests::fast_retries).await;
     let b = TestHost::start_on(&Bus::Core(&server), &["faulty"], plugbus_tests::fast_retries).await;
     let both = |name: &str| a.counter("faulty", name) + b.counter("faulty", name);
@@ -2459,26 +2454,63 @@ async fn core_a_replay_goes_on_unclaimed_where_no_claim_can_be_made() {
     const DEAD: u64 = 3;
     let server = NatsServer::start().await;
     let js = jetstream::new(server.client().await);
-    for (name, subject) in [("PLUGBUS_DLQ", "plugbus.dlq.>"), ("SQUATTER", "$KV.PLUGBUS_REPLAY_CLAIMS.>")] {
-        let config =
-            jetstream::stream::Config { name: name.into(), subjects: vec![subject.into()], ..Default::default() };
-        js.create_stream(config).await.unwrap();
-    }
+    make_stream(&js, "PLUGBUS_DLQ", "plugbus.dlq.>").await;
+    make_stream(&js, "SQUATTER", "$KV.PLUGBUS_REPLAY_CLAIMS.>").await;
     let t = TestHost::start_on(&Bus::Core(&server), &["faulty"], plugbus_tests::fast_retries).await;
-    for i in 0..DEAD {
-        t.publish("faulty.reject", format!("{i}")).await;
-    }
-    t.wait_counter("faulty", "dead_lettered", DEAD).await;
-    let dlq = js.get_stream("PLUGBUS_DLQ").await.unwrap();
-    plugbus_tests::eventually_async("the broker keeps them", Duration::from_secs(10), || {
-        let mut dlq = dlq.clone();
-        async move { dlq.info().await.unwrap().state.messages == DEAD }
-    })
-    .await;
+    dead_letters_the_broker_keeps(&t, &js, DEAD).await;
     let report = t.replay_dead_letters("faulty").await;
     assert_eq!(report["replayed"].as_array().map(Vec::len), Some(DEAD as usize), "{report}");
     assert_eq!((report["unclaimed"].as_u64(), report["failed"].as_u64()), (Some(DEAD), Some(0)), "{report}");
     t.wait_counter("faulty", "received", 2 * DEAD).await;
+}
+
+/// A claim that fails in a claims bucket there is (here the operator sealed it: every write is
+/// refused) keeps its dead letter, as a replay not taken: two in a row give the plugin up for
+/// this replay, and the rest are kept untried. Replayed unclaimed, they could run twice beside
+/// another host holding their claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_a_dead_letter_whose_claim_fails_is_kept() {
+    const DEAD: u64 = 3;
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    make_stream(&js, "PLUGBUS_DLQ", "plugbus.dlq.>").await;
+    let claims = jetstream::kv::Config { bucket: "PLUGBUS_REPLAY_CLAIMS".into(), ..Default::default() };
+    js.create_key_value(claims).await.unwrap();
+    let mut sealed = js.get_stream("KV_PLUGBUS_REPLAY_CLAIMS").await.unwrap().info().await.unwrap().config.clone();
+    sealed.sealed = true;
+    js.update_stream(sealed).await.unwrap();
+    let t = TestHost::start_on(&Bus::Core(&server), &["faulty"], plugbus_tests::fast_retries).await;
+    let mut dlq = dead_letters_the_broker_keeps(&t, &js, DEAD).await;
+    let report = t.replay_dead_letters("faulty").await;
+    assert_eq!(report["replayed"].as_array().map(Vec::len), Some(0), "{report}");
+    assert_eq!((report["failed"].as_u64(), report["not_taken"].as_u64()), (Some(DEAD), Some(2)), "{report}");
+    assert_eq!(report["untried"].as_u64(), Some(DEAD - 2), "{report}");
+    assert!(report["gave_up"][0]["why"].as_str().unwrap_or_default().contains("could not be claimed"), "{report}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(t.counter("faulty", "received"), DEAD, "a dead letter whose claim failed was replayed");
+    assert_eq!(dlq.info().await.unwrap().state.messages, DEAD, "the broker still keeps every one");
+}
+
+/// Makes the stream `name` on `subject`, as an operator would.
+async fn make_stream(js: &jetstream::Context, name: &str, subject: &str) {
+    let config = jetstream::stream::Config { name: name.into(), subjects: vec![subject.into()], ..Default::default() };
+    js.create_stream(config).await.unwrap();
+}
+
+/// `dead` events faulty rejects, published to `t`, once the broker's `PLUGBUS_DLQ` keeps their
+/// dead letters; the stream.
+async fn dead_letters_the_broker_keeps(t: &TestHost, js: &jetstream::Context, dead: u64) -> jetstream::stream::Stream {
+    for i in 0..dead {
+        t.publish("faulty.reject", format!("{i}")).await;
+    }
+    t.wait_counter("faulty", "dead_lettered", dead).await;
+    let mut dlq = js.get_stream("PLUGBUS_DLQ").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while dlq.info().await.unwrap().state.messages < dead {
+        assert!(tokio::time::Instant::now() < deadline, "the broker never kept the {dead} dead letters");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    dlq
 }
 
 /// Only an answer naming the replay counts as taken: a NATS client that sees a core replay go by

@@ -9,9 +9,10 @@
 //! host that listed the dead letter before it left the stream finds it claimed. A claim of one
 //! not taken is let go at once (its own revision only), for the next replay. A host killed while
 //! it holds a claim leaves it for at most [`CLAIM_TTL`]: meanwhile other hosts keep that dead
-//! letter, saying why. Where the bucket cannot be used (the NATS user may not make it, the
-//! account is at its stream limit), the replay goes on without claims (twice rather than never),
-//! and the bucket is not asked again for [`UNUSABLE_PAUSE`].
+//! letter, saying why. Where the bucket cannot be found or made (the NATS user may not make it,
+//! the account is at its stream limit), the replay goes on without claims (twice rather than
+//! never), and the bucket is not asked again for [`UNUSABLE_PAUSE`]; a claim that fails in a
+//! bucket there is (a timeout, a denied publish) keeps its dead letter, as a replay not taken.
 
 use crate::transport::{Claim, TransportError};
 use async_nats::jetstream::{self, kv};
@@ -40,19 +41,21 @@ impl ReplayClaims {
         Self { js, store: tokio::sync::OnceCell::new(), unusable: Default::default() }
     }
 
-    async fn store(&self) -> Result<&kv::Store, TransportError> {
+    /// The bucket; `Err(why)` when it cannot be found or made (then not asked again for
+    /// [`UNUSABLE_PAUSE`]).
+    async fn store(&self) -> Result<&kv::Store, String> {
         if let Some(store) = self.store.get() {
             return Ok(store);
         }
         if let Some((until, why)) = &*self.unusable.lock().expect("claims poisoned")
             && std::time::Instant::now() < *until
         {
-            return Err(TransportError::Broker(why.clone()));
+            return Err(why.clone());
         }
-        let made = self.open().await;
-        if let Err(e) = &made {
+        let made = self.open().await.map_err(|e| e.to_string());
+        if let Err(why) = &made {
             let until = std::time::Instant::now() + UNUSABLE_PAUSE;
-            *self.unusable.lock().expect("claims poisoned") = Some((until, e.to_string()));
+            *self.unusable.lock().expect("claims poisoned") = Some((until, why.clone()));
         }
         made
     }
@@ -83,10 +86,14 @@ impl ReplayClaims {
             .await
     }
 
-    /// Claims the replay of the dead letter at `seq` (id `id`) for this host: [`Claim::Ours`], or
-    /// [`Claim::Elsewhere`] when another replay holds it.
+    /// Claims the replay of the dead letter at `seq` (id `id`) for this host: [`Claim::Ours`],
+    /// [`Claim::Elsewhere`] when another replay holds it, [`Claim::Unavailable`] when the bucket
+    /// cannot be found or made. `Err`: this claim could not be made (the dead letter is kept).
     pub async fn claim(&self, seq: u64, id: &str) -> Result<Claim, TransportError> {
-        let store = self.store().await?;
+        let store = match self.store().await {
+            Ok(store) => store,
+            Err(why) => return Ok(Claim::Unavailable(why)),
+        };
         match store.create(key(seq, id), bytes::Bytes::new()).await {
             Ok(revision) => Ok(Claim::Ours(revision)),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(Claim::Elsewhere),
@@ -97,7 +104,7 @@ impl ReplayClaims {
     /// Lets go of this host's claim (of `revision`) on the dead letter at `seq` (its replay was
     /// not taken). Only that claim: one another host made after it expired stays.
     pub async fn release(&self, seq: u64, id: &str, revision: u64) -> Result<(), TransportError> {
-        let store = self.store().await?;
+        let store = self.store().await.map_err(TransportError::Broker)?;
         store
             .delete_expect_revision(key(seq, id), Some(revision))
             .await
