@@ -591,6 +591,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let plugins = opts.plugins.clone().unwrap_or_else(|| home.join("plugins"));
             std::fs::create_dir_all(&plugins).with_context(|| format!("creating {}", plugins.display()))?;
             let mut config = load_config(None)?;
+            // This host compiles each build within its wall-clock bound or refuses it (a refusal
+            // is seen at once): a busy machine's compile is waited for, not reported as a host
+            // that does not watch the folder.
+            let compile_bound = plugbus::sandbox::compiler::wall_cap(&config.sandbox);
+            opts.live_timeout = opts.live_timeout.max(compile_bound + std::time::Duration::from_secs(5));
             config.plugins_dir = plugins.clone();
             config.data_dir = data_dir.unwrap_or_else(|| home.join("data"));
             config.http = Some(http.unwrap_or_else(|| "127.0.0.1:7070".parse().expect("an address")));

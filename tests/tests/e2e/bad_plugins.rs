@@ -474,10 +474,13 @@ async fn a_compile_starved_of_cpu_is_ended_by_wall_time_and_not_kept() {
         "{rejected:?}"
     );
     host.shutdown().await;
-    // Not kept: compiled again, and now it gets its CPU, it meets the CPU-time cap.
+    // Not kept: compiled again. Given its CPU it meets the CPU-time cap; on a machine busy
+    // enough (a slow CI runner) the wall-clock bound again, which is as much a new compile.
     let host = host_compiling_in_children(tmp.path(), 1999, Duration::from_secs(1)).await;
     let again = host.rejected();
-    assert!(again[0].reason.contains("needs more CPU time") && !again[0].reason.contains("kept from"), "{again:?}");
+    let compiled_again = again[0].reason.contains("needs more CPU time")
+        || again[0].reason.contains("the machine was too busy to compile it");
+    assert!(compiled_again && !again[0].reason.contains("kept from"), "{again:?}");
     host.shutdown().await;
 }
 
