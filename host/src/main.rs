@@ -935,12 +935,11 @@ const BUSY_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 /// again, it would run twice), and a replay or a rewind is not for a client to repeat unasked.
 async fn send(req: reqwest::RequestBuilder, url: &str) -> anyhow::Result<reqwest::Response> {
     let started = std::time::Instant::now();
+    let is_get = req.try_clone().and_then(|r| r.build().ok()).is_some_and(|r| *r.method() == reqwest::Method::GET);
     let mut req = req;
     loop {
         // (A request whose body is a stream cannot be sent twice: it is not asked again.)
-        let again = req.try_clone().filter(|r| {
-            r.try_clone().and_then(|r| r.build().ok()).is_some_and(|r| *r.method() == reqwest::Method::GET)
-        });
+        let again = if is_get { req.try_clone() } else { None };
         let resp = req.send().await.with_context(|| format!("no plugbus host answering at {url}"))?;
         let status = resp.status();
         if status.is_success() {
