@@ -151,9 +151,11 @@ async fn series(url: &str) -> (usize, usize, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hundred_thousand_distinct_subjects_leave_metrics_and_memory_flat() {
-    const WARMUP: usize = 10_000;
-    const BURST: usize = 100_000;
+async fn forty_thousand_distinct_subjects_leave_metrics_and_memory_flat() {
+    // (40,000 a burst: the old per-subject leak below, ~1.7 KiB a subject, grows the host by
+    // about 68 MiB over it, twice the bound. 100,000 took a third of the e2e suite's CPU.)
+    const WARMUP: usize = 5_000;
+    const BURST: usize = 40_000;
     let plugins = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
     // echo subscribes to `orders.*` and republishes to `echo.<subject>`: every event and every
@@ -198,9 +200,9 @@ async fn a_hundred_thousand_distinct_subjects_leave_metrics_and_memory_flat() {
     let received = r#"plugbus_events_received_total{plugin="echo",subscription="orders.*"}"#;
     assert_eq!(sample(&text, received), Some(total), "{text}");
     assert!(!text.contains("orders.id-"), "a subject leaked into a label");
-    // The old per-subject handle cache and series held ~1.7 KiB per subject (~160 MiB here).
+    // The old per-subject handle cache and series held ~1.7 KiB per subject (~68 MiB here).
     let grew_mib = rss_after.saturating_sub(rss_before) / 1024;
-    assert!(grew_mib < 64, "the host grew by {grew_mib} MiB over {BURST} distinct subjects");
+    assert!(grew_mib < 32, "the host grew by {grew_mib} MiB over {BURST} distinct subjects");
 }
 
 /// The attack: a plugin whose every event writes 16 MiB of kv (63 values of 250,000 bytes,
