@@ -276,16 +276,34 @@ async fn a_file_that_compiles_past_the_caps_is_refused_and_the_others_load() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::copy(wasm("audit"), tmp.path().join("audit.wasm")).unwrap();
     std::fs::write(tmp.path().join("slow.wasm"), plugbus_tests::slow_to_compile(50_000)).unwrap();
-    let started = std::time::Instant::now();
-    let host = host_compiling_in_children(tmp.path(), 2048, Duration::from_secs(2)).await;
-    let rejected = host.rejected();
-    assert_eq!(rejected.len(), 1, "{rejected:?}");
-    assert!(rejected[0].path.ends_with("slow.wasm"), "{rejected:?}");
-    let first = rejected[0].reason.clone();
-    assert!(first.contains("compiling it needs more CPU time than sandbox.compile_timeout (2s) allows"), "{first}");
-    assert_eq!(host.router().names(), vec!["audit".to_string()]);
-    assert!(started.elapsed() < Duration::from_secs(8), "the start waited out the compile: {:?}", started.elapsed());
-    host.shutdown().await;
+    // On a machine too busy to give the compile 2 s of CPU within the wall-clock bound (4 × 2 s),
+    // that bound refuses it first (seen with four test threads on 2 cores), and is not kept: the
+    // file is compiled again at the next start, so the test starts again, three times at most.
+    let mut tries = 0;
+    let first = loop {
+        tries += 1;
+        let started = std::time::Instant::now();
+        let host = host_compiling_in_children(tmp.path(), 2048, Duration::from_secs(2)).await;
+        let rejected = host.rejected();
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert!(rejected[0].path.ends_with("slow.wasm"), "{rejected:?}");
+        let reason = rejected[0].reason.clone();
+        assert_eq!(host.router().names(), vec!["audit".to_string()]);
+        host.shutdown().await;
+        if tries < 3 && reason.contains("of wall time") && !reason.contains("kept from") {
+            continue;
+        }
+        assert!(
+            reason.contains("compiling it needs more CPU time than sandbox.compile_timeout (2s) allows"),
+            "{reason}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "the start waited out the compile: {:?}",
+            started.elapsed()
+        );
+        break reason;
+    };
     // The CPU-time cap's refusal is kept (CPU time is the file's, whatever else the machine
     // does): the next start does not pay it again.
     let host = host_compiling_in_children(tmp.path(), 2048, Duration::from_secs(2)).await;
@@ -296,7 +314,10 @@ async fn a_file_that_compiles_past_the_caps_is_refused_and_the_others_load() {
     // Under another cap it is compiled again.
     let host = host_compiling_in_children(tmp.path(), 2048, Duration::from_secs(3)).await;
     let other = host.rejected();
-    assert!(other[0].reason.contains("(3s) allows") && !other[0].reason.contains("kept from"), "{other:?}");
+    // (The CPU cap's refusal, or on a busy machine the wall clock's, 4 × 3 s: either way under the
+    // new cap, compiled again, not kept.)
+    let under_the_new_cap = other[0].reason.contains("(3s) allows") || other[0].reason.contains("(12s) of wall time");
+    assert!(under_the_new_cap && !other[0].reason.contains("kept from"), "{other:?}");
     host.shutdown().await;
 
     // Memory: about 300 MiB to compile unbounded (audit takes under 90 MiB on 2 threads, 110 on
