@@ -618,8 +618,9 @@ async fn publish(State(api): State<Api>, Path(subject): Path<String>, headers: H
                 "ingress event not taken by the bus in time (a subscriber's queue is full, or the event log's commit is slow): answered 503");
             let msg = format!(
                 "the bus did not take the event within {} (api.publish_timeout): a subscriber's queue is full, or \
-                 the event log's commit (its fsync) is slow; retry later with the same ce-id (plugins that already \
-                 took it may see it twice)",
+                 the event log's commit (its fsync) is slow; retry later with the same ce-id (JetStream drops \
+                 a copy within its duplicate window; on the embedded bus and core NATS, plugins that already took \
+                 it see it again, with the same id)",
                 humantime::format_duration(timeout)
             );
             with_retry_after(error(StatusCode::SERVICE_UNAVAILABLE, msg), retry_after_secs(timeout))

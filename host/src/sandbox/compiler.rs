@@ -147,10 +147,11 @@ pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes:
             let cpu = cpu_time(pid);
             Err(Refused {
                 error: LoadError::Invalid(format!(
-                    "compiling it took longer than {WALL_FACTOR} × sandbox.compile_timeout ({}) of wall time, \
+                    "compiling it took longer than {} of wall time ({WALL_FACTOR} × sandbox.compile_timeout of {}), \
                      having used {} of CPU: the machine was too busy to compile it (not kept: it is compiled \
                      again at the next start or change)",
                     humantime::format_duration(wall_cap(settings)),
+                    humantime::format_duration(settings.compile_timeout),
                     cpu.map_or("?".into(), |t| format!("{:.1} s", t.as_secs_f64()))
                 )),
                 repeatable: false,

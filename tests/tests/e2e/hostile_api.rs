@@ -278,6 +278,8 @@ async fn a_post_into_a_full_queue_gets_503_with_retry_after_instead_of_hanging()
     assert_eq!(status, 503, "{error}");
     assert_eq!(retry_after.as_deref(), Some("1"));
     assert!(error.contains("api.publish_timeout") && error.contains("queue is full"), "{error}");
+    // The advice names who drops a retried copy and who sees it again.
+    assert!(error.contains("same ce-id") && error.contains("duplicate window"), "{error}");
     assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(2), "answered after {waited:?}");
     let text = metrics_text(&t.url()).await;
     assert_eq!(sample(&text, "plugbus_ingress_timeouts_total"), Some(1.0), "{text}");
