@@ -33,7 +33,7 @@ fn publish_reaches_a_running_host_and_prints_the_event_id() {
     let url = format!("http://127.0.0.1:{port}");
     let log = dir.path().join("host.log");
     let host = Running(
-        Command::new(plugbus_bin())
+        plugbus_tests::plugbus_cached()
             .args(["run", "--plugins"])
             .arg(dir.path())
             .arg("--data-dir")
@@ -103,7 +103,7 @@ fn run_host(dir: &std::path::Path, components: &[&str], extra: &[&str]) -> (Runn
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
         let mut host = Running(
-            Command::new(plugbus_bin())
+            plugbus_tests::plugbus_cached()
                 .args(["run", "--plugins"])
                 .arg(dir)
                 .arg("--data-dir")

@@ -7,9 +7,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
-use plugbus_tests::{Running, order, plugbus_bin, wasm};
+use plugbus_tests::{Running, order, wasm};
 use prost::Message;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -150,7 +149,7 @@ async fn run_host_env(
     let url = format!("http://127.0.0.1:{port}");
     let log = dir.join("host.log");
     let host = Running(
-        Command::new(plugbus_bin())
+        plugbus_tests::plugbus_cached()
             .args(["run", "--plugins"])
             .arg(dir)
             .arg("--data-dir")

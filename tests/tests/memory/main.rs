@@ -3,6 +3,7 @@
 
 mod backing_off;
 mod cycles;
+mod requests;
 mod stalled_tail;
 
 /// The test process's resident memory, in MiB.

@@ -2176,7 +2176,12 @@ impl Transport for EmbeddedBus {
     async fn observe(&self, patterns: Vec<String>, capacity: usize) -> Result<Observed, TransportError> {
         let patterns = PatternSet::parse(&patterns)?;
         let (tx, observed) = Observed::channel(capacity);
-        self.table.write().expect("bus table poisoned").observers.push(Observer { patterns, tx });
+        let observers = &mut self.table.write().expect("bus table poisoned").observers;
+        // Those gone are let go here too, not only when an event they match comes (one on a
+        // subject nothing publishes on would stay for good): the table holds at most one more
+        // than the observers open at its last change (`api.max_tails` + 1).
+        observers.retain(|o| !o.tx.is_closed());
+        observers.push(Observer { patterns, tx });
         Ok(observed)
     }
 }
@@ -2296,6 +2301,21 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "the condition never held");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// A closed tail was let go only when an event matching its pattern came: a client opening
+    /// and closing tails on patterns nothing publishes on grew the table (and every publish's
+    /// walk of it) without bound, `api.max_tails` notwithstanding.
+    #[tokio::test]
+    async fn a_closed_observer_is_let_go_though_nothing_matches_it_again() {
+        let bus = EmbeddedBus::new();
+        for i in 0..1000 {
+            drop(bus.observe(vec![format!("never.{i}")], 16).await.unwrap());
+        }
+        bus.publish(Event::new("x.y", "")).await.unwrap();
+        let open = bus.observe(vec!["x.>".into()], 16).await.unwrap();
+        assert_eq!(bus.table.read().unwrap().observers.len(), 1, "closed observers kept");
+        drop(open);
     }
 
     #[tokio::test]

@@ -948,7 +948,7 @@ impl Transport for NatsTransport {
         if kept_whole { self.publish_dead_letter_within_limits(&event).await } else { self.publish_output(event).await }
     }
 
-    /// NATS request/reply: the client's own inbox (`_INBOX.…`, muxed by async-nats), a
+    /// NATS request/reply: an inbox of its own (`_INBOX.…`, subscribed for the request alone), a
     /// no-responders status when nothing subscribes. The reply's subject is set back to the one
     /// asked on: the inbox is the host's and never reaches a plugin.
     async fn request(
@@ -972,7 +972,15 @@ impl Transport for NatsTransport {
                 "not connected to NATS: a request on {subject} cannot go out"
             )));
         }
-        let request = async_nats::Request::new().headers(headers).payload(payload).timeout(Some(timeout));
+        // On an inbox of its own (a subscription the request drops as it ends): on the client's
+        // shared one, async-nats keeps an entry per request until its reply comes
+        // (nats-io/nats.rs#1617), and one nobody answers (any ordinary handler on the subject)
+        // stayed for the life of the connection, about 440 bytes each.
+        let request = async_nats::Request::new()
+            .headers(headers)
+            .payload(payload)
+            .timeout(Some(timeout))
+            .inbox(self.client.new_inbox());
         let msg = match self.client.send_request(subject.clone(), request).await {
             Ok(msg) => msg,
             Err(e) => {
