@@ -42,6 +42,7 @@ on_both_buses!(no_reply_within_the_timeout_is_a_timeout_error);
 on_both_buses!(a_failed_attempt_replies_nothing_and_its_retry_replies);
 on_both_buses!(the_http_route_answers_with_the_reply_or_504);
 on_both_buses!(the_plugin_sees_an_opaque_reply_to_never_the_inbox);
+on_both_buses!(a_request_asked_again_with_the_same_ce_id_is_answered_again);
 
 async fn start(bus: &Bus<'_>) -> TestHost {
     TestHost::start_on(bus, &["asker", "responder"], fast_retries).await
@@ -140,6 +141,31 @@ async fn the_http_route_answers_with_the_reply_or_504(bus: &Bus<'_>) {
     assert!(body["error"].as_str().unwrap().contains("no reply on rpc.silent within 300ms"), "{body}");
     let metrics = http.get(format!("{}/metrics", t.url())).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("plugbus_api_request_timeouts_total 1"), "{metrics}");
+}
+
+/// A client asking again with the same `ce-source` and `ce-id` (a retry after a timeout, as the
+/// publish route's `503` advises for events) is asked again and answered. On a subject a
+/// JetStream stream captures, the stored request's `Nats-Msg-Id` came from that pair alone:
+/// JetStream dropped the second as a duplicate within its window, nobody was asked, and the
+/// client waited out its timeout for a `504`.
+async fn a_request_asked_again_with_the_same_ce_id_is_answered_again(bus: &Bus<'_>) {
+    let t = start(bus).await;
+    let http = reqwest::Client::new();
+    for ask in ["first", "again"] {
+        let resp = http
+            .post(format!("{}/v1/request/rpc.echo?timeout=5s", t.url()))
+            .header("ce-specversion", "1.0")
+            .header("ce-id", "order-7")
+            .header("ce-source", "shop")
+            .header("ce-type", "shop.ask")
+            .body(ask)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap();
+        assert_eq!((status, body.as_str()), (200, ask.to_uppercase().as_str()), "asked {ask}");
+    }
 }
 
 async fn the_plugin_sees_an_opaque_reply_to_never_the_inbox(bus: &Bus<'_>) {

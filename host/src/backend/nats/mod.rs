@@ -213,13 +213,20 @@ impl NatsTransport {
         // Subscribed before the publish, on the same connection: the reply cannot come first.
         let mut replies = self.client.subscribe(inbox.clone()).await.map_err(|e| unavailable(e.to_string()))?;
         headers.insert(wire::REPLY_TO, inbox.as_str());
+        // A request is asked once per ask: its `Nats-Msg-Id` is the ask's (its inbox), not the
+        // event's source and id, which a client asking again after a timeout keeps (JetStream
+        // dropped that ask as a duplicate, and nobody was asked).
+        headers.insert(wire::MSG_ID, format!("req-{inbox}").as_str());
         let asked = async {
             let ack = self
                 .js
                 .publish_with_headers(subject.clone(), headers, payload)
                 .await
                 .map_err(|e| unavailable(e.to_string()))?;
-            ack.await.map_err(|e| unavailable(format!("the stream did not take it: {e}")))?;
+            let ack = ack.await.map_err(|e| unavailable(format!("the stream did not take it: {e}")))?;
+            if ack.duplicate {
+                return Err(unavailable("the stream already holds this request (a duplicate): nobody is asked".into()));
+            }
             replies.next().await.ok_or_else(|| unavailable("the reply subscription closed".into()))
         };
         let msg = match tokio::time::timeout(timeout, asked).await {
