@@ -663,17 +663,22 @@ async fn request(
             }
         },
     };
-    let event = match incoming_event(state, &subject, &headers, body).await {
+    let mut event = match incoming_event(state, &subject, &headers, body).await {
         Ok(ev) => ev,
         Err(refused) => return *refused,
     };
+    // The client's trace context, as for a publish (an invalid one dropped, never passed on).
+    let span = crate::telemetry::ingress(&mut event);
     let id = event.id.clone();
     // The transport bounds its own wait by `timeout`; this bounds a transport that does not.
     let asked = state.transport.request(event, timeout, true);
-    let answer = match tokio::time::timeout(timeout + Duration::from_secs(1), asked).await {
+    let answer = match tokio::time::timeout(timeout + Duration::from_secs(1), asked).instrument(span.clone()).await {
         Ok(answer) => answer,
         Err(_) => Err(RequestError::Timeout { subject: subject.clone(), after: timeout }),
     };
+    if let Err(e) = &answer {
+        crate::telemetry::fail(&span, e);
+    }
     match answer {
         Ok(reply) => {
             let mut resp = (StatusCode::OK, reply.data.clone()).into_response();

@@ -168,6 +168,27 @@ async fn a_request_asked_again_with_the_same_ce_id_is_answered_again(bus: &Bus<'
     }
 }
 
+/// A client's trace context on `POST /v1/request` goes through the same check as on
+/// `POST /v1/events`: an invalid `traceparent` (or one spelled twice) is dropped, never passed
+/// on to the responder, the tails and the broker as the client wrote it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_trace_context_on_a_request_is_dropped_as_on_a_publish() {
+    let t = start(&Bus::Embedded).await;
+    let mut seen = t.observe(&["rpc.echo"]).await;
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/request/rpc.echo", t.url()))
+        .header("traceparent", "00-not-a-trace-context-01")
+        .header("tracestate", "forged=1")
+        .body("hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let asked = seen.next_on("rpc.echo").await;
+    let trace: Vec<_> = asked.extensions.iter().filter(|(k, _)| k.contains("trace")).collect();
+    assert!(trace.is_empty(), "the request carried {trace:?}");
+}
+
 async fn the_plugin_sees_an_opaque_reply_to_never_the_inbox(bus: &Bus<'_>) {
     let t = start(bus).await;
     let got = ask(&t, "rpc.peek", "", 5000).await;
