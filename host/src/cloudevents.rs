@@ -223,7 +223,7 @@ fn decode_structured(subject: &str, body: &[u8], fallback_id: Option<String>) ->
     ev.time = text("time").unwrap_or_else(now_rfc3339);
     ev.datacontenttype = text("datacontenttype");
     ev.data = if let Some(b64) = text("data_base64") {
-        Bytes::from(base64_decode(&b64).ok_or("data_base64 is not valid base64")?)
+        exact(base64_decode(&b64).ok_or("data_base64 is not valid base64")?)
     } else {
         match obj.get("data") {
             None | Some(serde_json::Value::Null) => Bytes::new(),
@@ -236,7 +236,7 @@ fn decode_structured(subject: &str, body: &[u8], fallback_id: Option<String>) ->
                 if ev.datacontenttype.is_none() {
                     ev.datacontenttype = Some("application/json".into());
                 }
-                Bytes::from(serde_json::to_vec(other).expect("re-encoding JSON"))
+                exact(serde_json::to_vec(other).expect("re-encoding JSON"))
             }
         }
     };
@@ -428,10 +428,10 @@ pub fn from_json(v: &serde_json::Value) -> Result<Event, JsonEventError> {
     }
     let json_type = ev.datacontenttype.as_deref().is_some_and(is_json_type);
     ev.data = match (obj.get("data_base64"), obj.get("data")) {
-        (Some(b64), _) => Bytes::from(b64.as_str().and_then(base64_decode).ok_or(JsonEventError::BadBase64)?),
+        (Some(b64), _) => exact(b64.as_str().and_then(base64_decode).ok_or(JsonEventError::BadBase64)?),
         (None, None | Some(Value::Null)) => Bytes::new(),
         (None, Some(Value::String(s))) if !json_type => Bytes::from(s.clone().into_bytes()),
-        (None, Some(other)) => Bytes::from(serde_json::to_vec(other).expect("re-encoding JSON")),
+        (None, Some(other)) => exact(serde_json::to_vec(other).expect("re-encoding JSON")),
     };
     const KNOWN: [&str; 9] =
         ["id", "source", "type", "time", "datacontenttype", "data", "data_base64", "specversion", "subject"];
@@ -501,6 +501,15 @@ pub fn percent_decode(s: &str) -> String {
 }
 
 /// Decodes standard base64 (padding and whitespace ignored); `None` on a foreign character.
+/// `data` made by decoding, in an allocation of exactly its length: a `Vec` grown by doubling
+/// (JSON re-encoded) or sized by its input (base64 with whitespace or padding skipped) keeps its
+/// whole capacity as `Bytes`, and every bound on held events counts `data.len()` (1 MiB of
+/// spaces before `QQ==` decoded to 1 byte holding 786 KB).
+fn exact(mut data: Vec<u8>) -> Bytes {
+    data.shrink_to_fit();
+    Bytes::from(data)
+}
+
 pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = Vec::with_capacity(s.len() * 3 / 4);
@@ -692,6 +701,28 @@ mod tests {
     #[test]
     fn base64_data_decodes() {
         assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
+    }
+
+    /// The capacity behind a decoded event's `data` (it must be its only holder).
+    fn capacity(data: Bytes) -> usize {
+        data.try_into_mut().expect("the data's only holder").capacity()
+    }
+
+    /// Decoded data holds what its length says: every bound on held events counts `data.len()`.
+    #[test]
+    fn decoded_data_holds_no_more_than_its_length() {
+        let spaces = " ".repeat(1 << 20);
+        let padded =
+            format!(r#"{{"specversion":"1.0","id":"1","source":"s","type":"t","data_base64":"{spaces}QQ=="}}"#);
+        let ev = decode("a.b", [("content-type", STRUCTURED)].into_iter(), Bytes::from(padded)).unwrap();
+        assert_eq!(ev.data.as_ref(), b"A");
+        assert!(capacity(ev.data) < 64, "1 byte of base64 data holding more");
+        // JSON data, re-encoded (a `Vec` grown by doubling).
+        let items: Vec<String> = (0..3000).map(|i| format!("\"item-{i}\"")).collect();
+        let json = format!(r#"{{"specversion":"1.0","id":"1","source":"s","type":"t","data":[{}]}}"#, items.join(","));
+        let ev = decode("a.b", [("content-type", STRUCTURED)].into_iter(), Bytes::from(json)).unwrap();
+        let len = ev.data.len();
+        assert_eq!(capacity(ev.data), len, "re-encoded JSON data holding more than its length");
     }
 
     #[test]

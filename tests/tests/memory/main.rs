@@ -3,6 +3,7 @@
 
 mod backing_off;
 mod cycles;
+mod pinned_bodies;
 mod requests;
 mod stalled_tail;
 
