@@ -500,7 +500,6 @@ pub fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Decodes standard base64 (padding and whitespace ignored); `None` on a foreign character.
 /// `data` made by decoding, in an allocation of exactly its length: a `Vec` grown by doubling
 /// (JSON re-encoded) or sized by its input (base64 with whitespace or padding skipped) keeps its
 /// whole capacity as `Bytes`, and every bound on held events counts `data.len()` (1 MiB of
@@ -510,6 +509,7 @@ fn exact(mut data: Vec<u8>) -> Bytes {
     Bytes::from(data)
 }
 
+/// Decodes standard base64 (padding and whitespace ignored); `None` on a foreign character.
 pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = Vec::with_capacity(s.len() * 3 / 4);

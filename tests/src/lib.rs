@@ -87,8 +87,8 @@ pub fn shared_compile_cache() -> PathBuf {
 
 /// `plugbus` as a command whose hosts and compiles use [`shared_compile_cache`] (through
 /// `PLUGBUS_COMPILE_CACHE_DIR`), for tests about something else than compiling: a child host
-/// with a data folder of its own compiled every component again (a hundred compiles over the
-/// end-to-end suite, about a sixth of its CPU time).
+/// with a data folder of its own compiles every component again (child hosts ran 114 compiles
+/// over the end-to-end suite, 18% of its CPU time, measured with `perf` at `d2e0eb9`).
 pub fn plugbus_cached() -> Command {
     let mut cmd = Command::new(plugbus_bin());
     cmd.env("PLUGBUS_COMPILE_CACHE_DIR", shared_compile_cache());
