@@ -844,10 +844,16 @@ async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqListQuery>) -> Resp
     // (read oldest first, the dashboard's page every 2 s was up to 10,000 reads and 64 MiB, and
     // past 10,000 the newest were never listed).
     let page = limit.min(BROKER_DLQ_LIMIT);
-    let (broker, broker_total) = match api.s.transport.newest_dead_letters(q.plugin.as_deref(), page).await {
+    let (mut broker, broker_total) = match api.s.transport.newest_dead_letters(q.plugin.as_deref(), page).await {
         Ok(newest) => newest.unwrap_or_default(),
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("reading the broker's dead letters: {e}")),
     };
+    if q.summary {
+        // Listed as this host's own are (`DeadLetters::newest`).
+        for entry in &mut broker {
+            entry.event.extensions = crate::deadletter::summary_headers(&entry.event);
+        }
+    }
     let local = only_here(&broker, api.s.dead_letters.newest(q.plugin.as_deref(), page, !q.summary).0, page);
     let total = broker_total + local.len();
     // The broker's in its order, then this host's (newer than a full page's oldest, see

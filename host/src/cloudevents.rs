@@ -163,6 +163,15 @@ pub fn decode_with_id<'a>(
     if let Some(version) = find("ce-specversion") {
         check_binary(version, find)?;
     }
+    // Each core attribute once: the checks above read the first, and an event whose second
+    // `ce-id` (or `ce-source`, ...) were taken would be another event than the one checked, and
+    // than the one its transport deduplicated.
+    for attr in BINARY_CORE {
+        let named = |(k, _): &&(&str, &str)| k.len() == attr.len() + 3 && k.eq_ignore_ascii_case(&format!("ce-{attr}"));
+        if headers.iter().filter(named).nth(1).is_some() {
+            return Err(format!("the ce-{attr} header is given more than once (attribute `{attr}`)"));
+        }
+    }
     let has_ce_id = find("ce-id").is_some();
     // The id and time are made up only when the message names none.
     let (mut id, mut time) = (None, None);
@@ -318,9 +327,16 @@ fn check_structured(obj: &serde_json::Map<String, serde_json::Value>) -> Result<
     Ok(())
 }
 
+/// The core attributes a binary-mode `ce-` header sets (or, for `specversion` and `subject`,
+/// that the event's envelope and subject decide): an extension of the same name is never sent
+/// as one.
+const BINARY_CORE: [&str; 6] = ["id", "source", "type", "time", "specversion", "subject"];
+
 /// The binary-mode headers of `ev` (data goes as the body): `ce-` attributes, `content-type`,
 /// and extensions: as `ce-<name>` when the name is a valid CloudEvents attribute name
-/// (lower-case letters and digits), else under their own name. Values are percent-encoded,
+/// (lower-case letters and digits) other than a core attribute's, else under their own name
+/// (an extension `id`, from a client's plain `id` header, went out as a second `ce-id`, and the
+/// next hop took it for the event's id). Values are percent-encoded,
 /// so [`decode`] gives the same event back. The names of the core attributes are static (a
 /// transport can use them without parsing or copying).
 pub fn encode_binary(ev: &Event) -> Vec<(Cow<'static, str>, String)> {
@@ -337,7 +353,9 @@ pub fn encode_binary(ev: &Event) -> Vec<(Cow<'static, str>, String)> {
         if name == "nats-msg-id" || name.starts_with("ce-") || name == "content-type" {
             continue;
         }
-        let is_attribute = !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        let is_attribute = !name.is_empty()
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            && !BINARY_CORE.contains(&name.as_str());
         let name = if is_attribute { format!("ce-{name}") } else { name.clone() };
         headers.push((Cow::Owned(name), percent_encode(value)));
     }
@@ -723,6 +741,44 @@ mod tests {
         let ev = decode("a.b", [("content-type", STRUCTURED)].into_iter(), Bytes::from(json)).unwrap();
         let len = ev.data.len();
         assert_eq!(capacity(ev.data), len, "re-encoded JSON data holding more than its length");
+    }
+
+    /// An extension named like a core attribute (a client's plain `id` or `source` header, a
+    /// structured-mode `ID`) comes back as that extension, never as the event's id or source.
+    #[test]
+    fn an_extension_named_like_a_core_attribute_never_becomes_it() {
+        let ev = Event::new("orders.created", "x")
+            .with_header("id", "forged")
+            .with_header("source", "/elsewhere")
+            .with_header("type", "t2")
+            .with_header("time", "2001-01-01T00:00:00Z");
+        let headers = encode_binary(&ev);
+        let back =
+            decode("orders.created", headers.iter().map(|(k, v)| (k.as_ref(), v.as_str())), ev.data.clone()).unwrap();
+        assert_eq!((&back.id, &back.source, &back.ty, &back.time), (&ev.id, &ev.source, &ev.ty, &ev.time));
+        assert_eq!(back.header("id"), Some("forged"));
+        assert_eq!(back.header("source"), Some("/elsewhere"));
+    }
+
+    /// A core attribute given twice is refused, naming it: the first was checked, the last was
+    /// taken.
+    #[test]
+    fn a_core_attribute_given_twice_is_refused() {
+        for (attr, second) in
+            [("ce-id", "7"), ("CE-Source", "/shop"), ("ce-type", "other"), ("ce-time", "2001-01-01T00:00:00Z")]
+        {
+            let mut headers = vec![
+                ("ce-specversion", "1.0"),
+                ("ce-id", "y"),
+                ("ce-source", "/x"),
+                ("ce-type", "t"),
+                ("ce-time", "2020-01-01T00:00:00Z"),
+            ];
+            headers.push((attr, second));
+            let err = decode("a.b", headers.into_iter(), Bytes::from_static(b"x")).unwrap_err();
+            let lower = attr.to_ascii_lowercase();
+            assert!(err.contains(&format!("the {lower} header is given more than once")), "{attr}: {err}");
+        }
     }
 
     #[test]

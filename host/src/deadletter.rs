@@ -185,6 +185,25 @@ pub fn failed_in(dead: &Event) -> Option<&str> {
     (!output).then_some(plugin)
 }
 
+/// The most of a dead letter's original headers a summary lists ([`summary_headers`]).
+pub const SUMMARY_HEADERS: usize = 64;
+/// The most bytes of each such header's value a summary lists.
+pub const SUMMARY_HEADER_BYTES: usize = 256;
+
+/// A dead letter's headers as a listing's summary shows them: the host's own (`plugbus-*`:
+/// which plugin, when, why) whole, and the first [`SUMMARY_HEADERS`] of the others, each value
+/// cut at [`SUMMARY_HEADER_BYTES`]. A summary costs about the same whatever the client put in its
+/// event (up to 1,024 headers).
+pub fn summary_headers(dead: &Event) -> Vec<(String, String)> {
+    let host = |name: &str| name.starts_with("plugbus-");
+    let theirs = dead.extensions.iter().filter(|(k, _)| !host(k)).take(SUMMARY_HEADERS);
+    let cut = |(k, v): &(String, String)| {
+        let k = crate::event::cut_to(k, SUMMARY_HEADER_BYTES).into_owned();
+        (k, crate::event::cut_to(v, SUMMARY_HEADER_BYTES).into_owned())
+    };
+    theirs.map(cut).chain(dead.extensions.iter().filter(|(k, _)| host(k)).cloned()).collect()
+}
+
 /// Whether `event` is the replay of a dead letter that another plugin than `plugin` failed:
 /// `plugin` lets it go unrun.
 pub fn is_replay_for_another(event: &Event, plugin: &str) -> bool {
@@ -669,8 +688,10 @@ impl DeadLetters {
     /// The newest `limit` kept dead letters (optionally of one plugin), oldest first, and how many
     /// are kept in all (of that plugin): a page can poll this without copying the whole store.
     ///
-    /// Without `records`, each without its record (a listing's summary shows none, and a record
-    /// is up to 1 MiB to copy under the store's lock).
+    /// Without `records` (a listing's summary), each without its record (up to 1 MiB to copy
+    /// under the store's lock) and with its headers as a summary lists them
+    /// ([`summary_headers`]): a client's event of a thousand 1 KiB headers made each summary
+    /// copy a megabyte under the lock, on a runtime thread.
     pub fn newest(&self, plugin: Option<&str>, limit: usize, records: bool) -> (Vec<Entry>, usize) {
         let kept = self.kept.lock().expect("dlq poisoned");
         let mine = |e: &&Entry| plugin.is_none_or(|p| e.plugin == p);
@@ -678,7 +699,22 @@ impl DeadLetters {
         let copy = |e: &Entry| Entry {
             seq: e.seq,
             plugin: e.plugin.clone(),
-            event: e.event.clone(),
+            event: if records {
+                e.event.clone()
+            } else {
+                let ev = &e.event;
+                Event {
+                    id: ev.id.clone(),
+                    source: ev.source.clone(),
+                    ty: ev.ty.clone(),
+                    subject: ev.subject.clone(),
+                    time: ev.time.clone(),
+                    datacontenttype: ev.datacontenttype.clone(),
+                    extensions: summary_headers(ev),
+                    data: ev.data.clone(),
+                    reply_to: None,
+                }
+            },
             record: if records { e.record.clone() } else { None },
         };
         let mut newest: Vec<Entry> = kept.items.iter().rev().filter(mine).take(limit).map(copy).collect();

@@ -698,6 +698,41 @@ async fn a_dead_letter_listing_is_bounded_in_bytes_whatever_the_data() {
     assert_eq!(stdout.lines().count(), 15, "{stderr}");
 }
 
+/// Dead letters of events with hundreds of large headers: each summary (what the dashboard polls
+/// every 2 s, and which waits for no turn) copied every header under the store's lock, on a
+/// runtime thread: 20 of them were a 10 MB summary, copied again by every request. A summary
+/// lists the host's own headers and the first 64 of the others, each cut at 256 bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_summary_stays_small_whatever_the_headers() {
+    let t = TestHost::start(&["hostile"]).await;
+    let mut dead = t.observe(&["plugbus.dlq.hostile"]).await;
+    for i in 0..20 {
+        let mut ev = plugbus::Event::new("hostile.zzz", format!("{i}"));
+        for h in 0..500 {
+            ev = ev.with_header(&format!("h{h:03}"), "v".repeat(1000));
+        }
+        t.host.publish(ev).await.unwrap();
+        dead.next_on("plugbus.dlq.hostile").await;
+    }
+    let url = format!("{}/v1/dlq?limit=100&summary=true", t.url());
+    let summary = reqwest::get(url).await.unwrap().bytes().await.unwrap();
+    assert!(summary.len() < 1 << 20, "a summary of {} bytes", summary.len());
+    let v: Value = serde_json::from_slice(&summary).unwrap();
+    let listed = v["dead_letters"].as_array().unwrap();
+    assert_eq!((listed.len(), v["left_out"].as_u64()), (20, Some(0)));
+    let headers = listed[0]["event"]["headers"].as_array().unwrap();
+    let theirs: Vec<_> = headers.iter().filter(|h| !h[0].as_str().unwrap().starts_with("plugbus-")).collect();
+    assert_eq!(theirs.len(), 64, "{headers:?}");
+    assert_eq!(theirs[0][0], "h000");
+    assert!(theirs[0][1].as_str().unwrap().contains("[cut at 256 of 1000 bytes]"), "{}", theirs[0][1]);
+    assert!(headers.iter().any(|h| h[0] == "plugbus-error"), "{headers:?}");
+    // The whole listing still has every header.
+    let url = format!("{}/v1/dlq?limit=1", t.url());
+    let whole: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+    let headers = whole["dead_letters"][0]["event"]["headers"].as_array().unwrap();
+    assert!(headers.len() >= 500, "{}", headers.len());
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. What a client must not inject.
 
