@@ -581,6 +581,9 @@ async fn incoming_event(
         Ok(headers) => headers,
         Err(why) => return refuse(StatusCode::BAD_REQUEST, why),
     };
+    if let Some(why) = crate::cloudevents::repeated_core_attribute(&headers) {
+        return refuse(StatusCode::BAD_REQUEST, why);
+    }
     let event = match crate::cloudevents::decode(subject, headers.into_iter(), data) {
         Ok(ev) => ev,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, e),
@@ -849,7 +852,7 @@ async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqListQuery>) -> Resp
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("reading the broker's dead letters: {e}")),
     };
     if q.summary {
-        // Listed as this host's own are (`DeadLetters::newest`).
+        // Cut as this host's own are (`DeadLetters::newest`).
         for entry in &mut broker {
             entry.event.extensions = crate::deadletter::summary_headers(&entry.event);
         }

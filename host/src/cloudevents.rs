@@ -163,18 +163,13 @@ pub fn decode_with_id<'a>(
     if let Some(version) = find("ce-specversion") {
         check_binary(version, find)?;
     }
-    // Each core attribute once: the checks above read the first, and an event whose second
-    // `ce-id` (or `ce-source`, ...) were taken would be another event than the one checked, and
-    // than the one its transport deduplicated.
-    for attr in BINARY_CORE {
-        let named = |(k, _): &&(&str, &str)| k.len() == attr.len() + 3 && k.eq_ignore_ascii_case(&format!("ce-{attr}"));
-        if headers.iter().filter(named).nth(1).is_some() {
-            return Err(format!("the ce-{attr} header is given more than once (attribute `{attr}`)"));
-        }
-    }
     let has_ce_id = find("ce-id").is_some();
     // The id and time are made up only when the message names none.
-    let (mut id, mut time) = (None, None);
+    // Each core attribute is its first header, the one checked above (and the one a broker
+    // deduplicates on): a later one is kept as an extension of its name (hosts before this
+    // version sent an extension `id` or `source` so), never taken for the event's own. The HTTP
+    // ingress refuses a repeat ([`repeated_core_attribute`]).
+    let (mut id, mut source, mut ty, mut time) = (None, None, None, None);
     let mut ev = Event::identified(subject, body, String::new(), String::new());
     ev.datacontenttype = content_type.map(str::to_owned);
     for (name, value) in headers {
@@ -182,18 +177,23 @@ pub fn decode_with_id<'a>(
             true => Cow::Owned(name.to_ascii_lowercase()),
             false => Cow::Borrowed(name),
         };
+        let first = |slot: &mut Option<String>, ext: &mut Vec<(String, String)>, attr: &str| match slot {
+            None => *slot = Some(percent_decode(value)),
+            Some(_) => ext.push((attr.to_string(), percent_decode(value))),
+        };
         match name.strip_prefix("ce-") {
-            Some("id") => id = Some(percent_decode(value)),
-            Some("source") => ev.source = percent_decode(value),
-            Some("type") => ev.ty = percent_decode(value),
-            Some("time") => time = Some(percent_decode(value)),
+            Some("id") => first(&mut id, &mut ev.extensions, "id"),
+            Some("source") => first(&mut source, &mut ev.extensions, "source"),
+            Some("type") => first(&mut ty, &mut ev.extensions, "type"),
+            Some("time") => first(&mut time, &mut ev.extensions, "time"),
             Some("specversion") | Some("subject") => {}
             Some(ext) => ev.extensions.push((ext.to_string(), percent_decode(value))),
             None if name == "content-type" => {}
-            // A plain message's id. Beside a `ce-id` it is the transport's dedupe key (plugbus
-            // sends a hash of source and id: `backend::nats::wire::msg_id`), not the event's.
+            // A plain message's id (its first, as the broker's dedupe reads it). Beside a
+            // `ce-id` it is the transport's dedupe key (plugbus sends a hash of source and id:
+            // `backend::nats::wire::msg_id`), not the event's.
             None if name == "nats-msg-id" => {
-                if !has_ce_id {
+                if !has_ce_id && id.is_none() {
                     let value = percent_decode(value);
                     id = Some(value.clone());
                     ev.extensions.push((name.into_owned(), value));
@@ -204,6 +204,12 @@ pub fn decode_with_id<'a>(
         }
     }
     ev.id = id.or(fallback_id).unwrap_or_else(new_id);
+    if let Some(source) = source {
+        ev.source = source;
+    }
+    if let Some(ty) = ty {
+        ev.ty = ty;
+    }
     ev.time = time.unwrap_or_else(now_rfc3339);
     drop_chain_mark(&mut ev);
     if ev.id.is_empty() {
@@ -327,6 +333,20 @@ fn check_structured(obj: &serde_json::Map<String, serde_json::Value>) -> Result<
     Ok(())
 }
 
+/// The first core attribute whose `ce-` header `headers` give more than once, as the refusal
+/// to answer: the HTTP ingress refuses it (a client's mistake, or an event meant to be checked as
+/// one and taken as another); a broker's message is read with the first ([`decode_with_id`]).
+pub fn repeated_core_attribute(headers: &[(&str, &str)]) -> Option<String> {
+    BINARY_CORE.iter().find_map(|attr| {
+        let named = |(k, _): &&(&str, &str)| {
+            k.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("ce-"))
+                && k.get(3..).is_some_and(|a| a.eq_ignore_ascii_case(attr))
+        };
+        let twice = headers.iter().filter(named).nth(1).is_some();
+        twice.then(|| format!("the ce-{attr} header is given more than once (attribute `{attr}`)"))
+    })
+}
+
 /// The core attributes a binary-mode `ce-` header sets (or, for `specversion` and `subject`,
 /// that the event's envelope and subject decide): an extension of the same name is never sent
 /// as one.
@@ -350,7 +370,8 @@ pub fn encode_binary(ev: &Event) -> Vec<(Cow<'static, str>, String)> {
         headers.push((Cow::Borrowed("content-type"), ct.clone()));
     }
     for (name, value) in &ev.extensions {
-        if name == "nats-msg-id" || name.starts_with("ce-") || name == "content-type" {
+        let ce = name.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("ce-"));
+        if ce || name.eq_ignore_ascii_case("nats-msg-id") || name.eq_ignore_ascii_case("content-type") {
             continue;
         }
         let is_attribute = !name.is_empty()
@@ -760,10 +781,11 @@ mod tests {
         assert_eq!(back.header("source"), Some("/elsewhere"));
     }
 
-    /// A core attribute given twice is refused, naming it: the first was checked, the last was
-    /// taken.
+    /// A core attribute given twice: the event's is the first (the one checked, and the one a
+    /// broker deduplicates on), a later one an extension of its name (what hosts before this
+    /// version sent an extension `id` as); the HTTP ingress refuses the repeat, naming it.
     #[test]
-    fn a_core_attribute_given_twice_is_refused() {
+    fn a_core_attribute_given_twice_is_the_first() {
         for (attr, second) in
             [("ce-id", "7"), ("CE-Source", "/shop"), ("ce-type", "other"), ("ce-time", "2001-01-01T00:00:00Z")]
         {
@@ -775,10 +797,24 @@ mod tests {
                 ("ce-time", "2020-01-01T00:00:00Z"),
             ];
             headers.push((attr, second));
-            let err = decode("a.b", headers.into_iter(), Bytes::from_static(b"x")).unwrap_err();
             let lower = attr.to_ascii_lowercase();
-            assert!(err.contains(&format!("the {lower} header is given more than once")), "{attr}: {err}");
+            let refused = repeated_core_attribute(&headers).unwrap_or_default();
+            assert!(refused.contains(&format!("the {lower} header is given more than once")), "{attr}: {refused}");
+            let ev = decode("a.b", headers.into_iter(), Bytes::from_static(b"x")).unwrap();
+            assert_eq!((ev.id.as_str(), ev.source.as_str(), ev.ty.as_str()), ("y", "/x", "t"), "{attr}");
+            assert_eq!(ev.time, "2020-01-01T00:00:00Z", "{attr}");
+            assert_eq!(ev.header(&lower[3..]), Some(second), "{attr}");
         }
+        let once = [("ce-specversion", "1.0"), ("ce-id", "y"), ("ce-source", "/x"), ("ce-type", "t")];
+        assert_eq!(repeated_core_attribute(&once), None);
+        // A plain message's id is its first `Nats-Msg-Id` (the one the broker deduplicates on).
+        let plain = decode("a.b", [("Nats-Msg-Id", "A"), ("Nats-Msg-Id", "B")].into_iter(), Bytes::new()).unwrap();
+        assert_eq!(plain.id, "A");
+        // An extension spelled `Ce-Id` (an embedder's) is never sent as a second `ce-id`.
+        let mut ev = Event::new("a.b", "");
+        ev.extensions.push(("Ce-Id".into(), "x".into()));
+        let headers = encode_binary(&ev);
+        assert_eq!(headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case("ce-id")).count(), 1, "{headers:?}");
     }
 
     #[test]

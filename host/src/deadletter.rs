@@ -187,21 +187,28 @@ pub fn failed_in(dead: &Event) -> Option<&str> {
 
 /// The most of a dead letter's original headers a summary lists ([`summary_headers`]).
 pub const SUMMARY_HEADERS: usize = 64;
-/// The most bytes of each such header's value a summary lists.
+/// The most bytes of each such header's name and value a summary lists.
 pub const SUMMARY_HEADER_BYTES: usize = 256;
+/// The most of the host's own headers (`plugbus-*`) a summary lists: the host writes about ten,
+/// but a NATS publisher can forge more (on `PLUGBUS_DLQ`, or `plugbus-data-omitted` on an
+/// event that looks like a dead letter).
+pub const SUMMARY_HOST_HEADERS: usize = 32;
 
-/// A dead letter's headers as a listing's summary shows them: the host's own (`plugbus-*`:
-/// which plugin, when, why) whole, and the first [`SUMMARY_HEADERS`] of the others, each value
-/// cut at [`SUMMARY_HEADER_BYTES`]. A summary costs about the same whatever the client put in its
-/// event (up to 1,024 headers).
+/// A dead letter's headers as a listing's summary shows them: the last
+/// [`SUMMARY_HOST_HEADERS`] of the host's own (`plugbus-*`: which plugin, when, why), each value
+/// cut at [`MAX_ERROR_BYTES`] (the error's own bound), and the first [`SUMMARY_HEADERS`] of the
+/// others, each name and value cut at [`SUMMARY_HEADER_BYTES`]. A summary costs at most about
+/// 160 KiB a dead letter, whatever its headers (up to 1,024 and 1,024 more `plugbus-*`).
 pub fn summary_headers(dead: &Event) -> Vec<(String, String)> {
     let host = |name: &str| name.starts_with("plugbus-");
-    let theirs = dead.extensions.iter().filter(|(k, _)| !host(k)).take(SUMMARY_HEADERS);
-    let cut = |(k, v): &(String, String)| {
-        let k = crate::event::cut_to(k, SUMMARY_HEADER_BYTES).into_owned();
-        (k, crate::event::cut_to(v, SUMMARY_HEADER_BYTES).into_owned())
+    let cut = |limit: usize| {
+        move |(k, v): &(String, String)| (cut_to(k, SUMMARY_HEADER_BYTES).into_owned(), cut_to(v, limit).into_owned())
     };
-    theirs.map(cut).chain(dead.extensions.iter().filter(|(k, _)| host(k)).cloned()).collect()
+    let theirs = dead.extensions.iter().filter(|(k, _)| !host(k)).take(SUMMARY_HEADERS);
+    // The last: the host appends its own after those it kept of the original's.
+    let ours: Vec<_> = dead.extensions.iter().filter(|(k, _)| host(k)).collect();
+    let ours = &ours[ours.len().saturating_sub(SUMMARY_HOST_HEADERS)..];
+    theirs.map(cut(SUMMARY_HEADER_BYTES)).chain(ours.iter().copied().map(cut(MAX_ERROR_BYTES))).collect()
 }
 
 /// Whether `event` is the replay of a dead letter that another plugin than `plugin` failed:
@@ -846,6 +853,29 @@ mod tests {
 
     /// The replay of an event a plugin failed is for that plugin alone; that of an output the bus
     /// did not take (its original source is the plugin's own) is for every subscriber.
+    /// A summary lists a bounded share of a dead letter's headers, the host's own too (a NATS
+    /// publisher can forge a thousand `plugbus-data-omitted` on an event that looks like a dead
+    /// letter, all kept in its own dead letter).
+    #[test]
+    fn a_summary_lists_a_bounded_share_of_the_headers() {
+        let mut original = Event::new("orders.x", "x");
+        original.source = "plugbus/forger".into();
+        original.extensions.push((headers::ERROR.into(), "e".into()));
+        for _ in 0..1000 {
+            original.extensions.push((headers::DATA_OMITTED.into(), "d".repeat(1000)));
+            original.extensions.push(("theirs".into(), "t".repeat(1000)));
+        }
+        let store = DeadLetters::new(10);
+        store.push("p", dead_letter_event(&original, "p", "plugbus.dlq.p", "boom", 1));
+        let (listed, _) = store.newest(None, 10, false);
+        let headers = &listed[0].event.extensions;
+        let bytes: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert!(bytes < 64 << 10, "a summary of {bytes} bytes of headers");
+        assert!(headers.iter().any(|(k, v)| k == headers::ERROR && v.contains("boom")), "{headers:?}");
+        let (whole, _) = store.newest(None, 10, true);
+        assert!(whole[0].event.extensions.len() > 2000);
+    }
+
     #[test]
     fn a_replay_is_for_the_plugin_that_failed_its_event_and_an_outputs_for_everyone() {
         let input = Event::new("orders.created", "{}");

@@ -32,6 +32,25 @@ async fn an_event_posted_over_http_is_accepted_and_delivered() {
     t.wait_counter("audit", "ok", 1).await;
 }
 
+/// A core attribute's header given twice is refused, naming it: the first would be checked and
+/// taken, the second carried on beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ce_id_given_twice_is_refused_naming_it() {
+    let t = TestHost::start(&["audit"]).await;
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/events/orders.created", t.url()))
+        .header("ce-id", "y")
+        .header("CE-ID", "7")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap_or_default().contains("the ce-id header is given more than once"), "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_get_a_json_error_saying_what_was_wrong() {
     let t = TestHost::start(&["audit"]).await;
