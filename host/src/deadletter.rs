@@ -851,8 +851,6 @@ mod tests {
         assert_eq!(kept.len(), 2, "{kept:?}");
     }
 
-    /// The replay of an event a plugin failed is for that plugin alone; that of an output the bus
-    /// did not take (its original source is the plugin's own) is for every subscriber.
     /// A summary lists a bounded share of a dead letter's headers, the host's own too (a NATS
     /// publisher can forge a thousand `plugbus-data-omitted` on an event that looks like a dead
     /// letter, all kept in its own dead letter).
@@ -876,6 +874,8 @@ mod tests {
         assert!(whole[0].event.extensions.len() > 2000);
     }
 
+    /// The replay of an event a plugin failed is for that plugin alone; that of an output the bus
+    /// did not take (its original source is the plugin's own) is for every subscriber.
     #[test]
     fn a_replay_is_for_the_plugin_that_failed_its_event_and_an_outputs_for_everyone() {
         let input = Event::new("orders.created", "{}");

@@ -169,7 +169,7 @@ async fn a_request_asked_again_with_the_same_ce_id_is_answered_again(bus: &Bus<'
 }
 
 /// A client's trace context on `POST /v1/request` goes through the same check as on
-/// `POST /v1/events`: an invalid `traceparent` (or one spelled twice) is dropped, never passed
+/// `POST /v1/events`: an invalid `traceparent` (and the `tracestate` beside it) is dropped, never passed
 /// on to the responder, the tails and the broker as the client wrote it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_trace_context_on_a_request_is_dropped_as_on_a_publish() {
