@@ -573,10 +573,8 @@ async fn incoming_event(
         let why = format!("the body is over the {}-byte event limit", state.max_event_bytes);
         return refuse(StatusCode::PAYLOAD_TOO_LARGE, why);
     };
-    // In an allocation of its own: a body read with its head is a slice of hyper's read buffer,
-    // and held (queued, tailed, logged) even a 1-byte one kept that whole buffer alive, a 400 KiB
-    // `Cookie` with it, charged as 1 byte (as `wire::owned` for a NATS payload).
-    let data = bytes::Bytes::copy_from_slice(&data);
+    // Not a slice of hyper's read buffer (a 1-byte body kept a 400 KiB head alive).
+    let data = crate::event::owned_data(&data);
     let headers = match header_pairs(headers) {
         Ok(headers) => headers,
         Err(why) => return refuse(StatusCode::BAD_REQUEST, why),

@@ -372,6 +372,16 @@ pub fn one_line_cut(text: &str, limit: usize) -> String {
     cut_to(&one_line(&cut_to(text, limit)), limit).into_owned()
 }
 
+/// A copy of `data` in an allocation of its own, for an event's data. A NATS payload and an HTTP
+/// body are slices of the buffer they were read into (async-nats's connection buffer, hyper's):
+/// held, even a 1-byte one keeps that whole buffer alive, with the headers and other messages
+/// read into it (a hostile publisher's 1 MiB message beside each small one it knows will be
+/// kept, a 400 KiB `Cookie` beside a 1-byte body). Every bound on held events counts
+/// `data.len()`: a held event must cost what its bytes say.
+pub fn owned_data(data: &[u8]) -> Bytes {
+    Bytes::copy_from_slice(data)
+}
+
 /// [`cut_to`] at [`ECHO_BYTES`]: for failure text a plugin wrote (a reject or retry message, a
 /// panic message).
 pub fn cut(text: &str) -> std::borrow::Cow<'_, str> {

@@ -88,7 +88,7 @@ pub fn event_of(
     payload: Bytes,
     fallback_id: Option<String>,
 ) -> Result<Event, String> {
-    let payload = owned(&payload);
+    let payload = crate::event::owned_data(&payload);
     // A replay's answer address is the hosts' (`plugbus-replay-ack`), never part of the event: a
     // plugin never sees it, nor does the dead letter it may make, on any subject.
     let pairs = headers
@@ -99,21 +99,13 @@ pub fn event_of(
     cloudevents::decode_with_id(subject, pairs, payload, fallback_id)
 }
 
-/// A copy of a message's payload in an allocation of its own. async-nats slices a payload out
-/// of the connection's read buffer: held, even a 1-byte one keeps that whole buffer alive, with
-/// the headers and other messages read into it (a hostile publisher's 1 MiB message beside
-/// each small one it knows will be kept). A held event must cost what its bytes say.
-pub fn owned(payload: &Bytes) -> Bytes {
-    Bytes::copy_from_slice(payload)
-}
-
 /// The event of a message that is not a valid event, to dead-letter unrun: its payload, under
 /// `fallback_id` when the transport gives one (its place in the stream, the same on every
 /// redelivery). A redelivery (its `term` lost) then makes the same dead letter, which replaces
 /// the one kept before and which JetStream drops as a duplicate, instead of a second one under a
 /// new id, replayed twice.
 pub fn undecodable(subject: &str, payload: &Bytes, fallback_id: Option<String>) -> Event {
-    let mut ev = Event::new(subject, owned(payload));
+    let mut ev = Event::new(subject, crate::event::owned_data(payload));
     if let Some(id) = fallback_id {
         ev.id = id;
     }
