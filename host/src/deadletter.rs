@@ -11,7 +11,7 @@
 //! The kept store is bounded in entries and in bytes; the oldest go first, logged. Failure
 //! text in `plugbus-error` is cut (see [`crate::event::cut_to`]).
 
-use crate::event::{ECHO_BYTES, Event, cut_to, now_rfc3339, output_id};
+use crate::event::{ECHO_BYTES, Event, cut_to, now_rfc3339};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,7 +86,7 @@ pub fn dead_letter_event(original: &Event, plugin: &str, subject: &str, error: &
         extensions.push((headers::DEPTH.to_string(), depth.to_string()));
     }
     Event {
-        id: output_id(&original.source, &original.id, plugin, usize::MAX),
+        id: dead_letter_id(original, plugin),
         source: crate::event::plugin_source(plugin),
         ty: original.ty.clone(),
         subject: subject.to_string(),
@@ -96,6 +96,20 @@ pub fn dead_letter_event(original: &Event, plugin: &str, subject: &str, error: &
         data: original.data.clone(),
         reply_to: None,
     }
+}
+
+/// The id of `plugin`'s dead letter of `original`: made of the original's source and id, the
+/// plugin, and the original's subject and data, so `original` redelivered and failing again
+/// (on any host, after a crash) makes the same dead letter (the store replaces it, JetStream
+/// drops the copy by its `Nats-Msg-Id`), and an event sent again under the same source and id
+/// with other data, or on another subject, makes one of its own. (Made of the source, id and
+/// plugin alone, the second was dropped by JetStream as a duplicate of the first, and a bulk
+/// replay forgot the host's copy of it.)
+pub fn dead_letter_id(original: &Event, plugin: &str) -> String {
+    crate::event::IdDigest::of(&original.source, &original.id, plugin, usize::MAX)
+        .field(original.subject.as_bytes())
+        .field(&original.data)
+        .hex()
 }
 
 /// How deep a dead letter of `original` would be: 0 for an ordinary event, one more than the
@@ -304,10 +318,10 @@ pub const KEEPS_QUEUED_PER_PLUGIN: usize = 2;
 /// 1 MiB of kv does not hold a record each in memory.
 pub const RECORD_BYTES_WAITING_PER_PLUGIN: usize = 16 << 20;
 
-/// The bytes the store charges for keeping `entry`.
 /// Whether two entries are the same plugin's dead letter of the same event: the same id (made
-/// from the event's source and id and the plugin), on the same subject with the same data. (A
-/// publisher reusing a failed event's source and id with other data makes another one.)
+/// from the event's source, id, subject and data and the plugin: [`dead_letter_id`]), on the
+/// same subject with the same data (a dead letter kept by an older version has an id made of
+/// the source, id and plugin alone).
 fn same_dead_letter(a: &Entry, b: &Entry) -> bool {
     a.event.id == b.event.id
         && a.plugin == b.plugin
@@ -315,6 +329,7 @@ fn same_dead_letter(a: &Entry, b: &Entry) -> bool {
         && a.event.data == b.event.data
 }
 
+/// The bytes the store charges for keeping `entry`.
 fn kept_bytes(entry: &Entry) -> usize {
     entry_bytes(&entry.plugin, &entry.event) + entry.record.as_ref().map_or(0, |r| r.bytes())
 }
@@ -732,7 +747,7 @@ impl DeadLetters {
     /// The dead letter kept of `plugin`'s delivery of `original` (its id, subject and data),
     /// and whether the file has it (a broker may then take it without its data).
     pub fn kept_for(&self, plugin: &str, original: &Event) -> Option<(Event, bool)> {
-        let id = output_id(&original.source, &original.id, plugin, usize::MAX);
+        let id = dead_letter_id(original, plugin);
         let entry = {
             let kept = self.kept.lock().expect("dlq poisoned");
             let same = |e: &&Entry| {
@@ -915,6 +930,29 @@ mod tests {
         let dead = dead_letter_event(&forged, "p", "plugbus.dlq.p", "failed", 1);
         assert_eq!(dead.header(headers::DATA_OMITTED), None);
         assert!(replay_event(&dead).is_ok());
+    }
+
+    #[test]
+    fn a_dead_letters_id_is_its_events_with_its_subject_and_data() {
+        let event = |subject: &str, data: &str| {
+            let mut ev = Event::new(subject, data.to_string());
+            (ev.source, ev.id) = ("/shop".into(), "7".into());
+            ev
+        };
+        let id = |ev: &Event, plugin: &str| dead_letter_event(ev, plugin, "plugbus.dlq.p", "no", 1).id;
+        let first = id(&event("orders.new", "precious"), "p");
+        assert_eq!(id(&event("orders.new", "precious"), "p"), first, "the same event failing again");
+        for (other, what) in [
+            (id(&event("orders.new", "garbage"), "p"), "other data"),
+            (id(&event("orders.old", "precious"), "p"), "another subject"),
+            (id(&event("orders.new", "precious"), "q"), "another plugin"),
+            (crate::event::output_id("/shop", "7", "p", usize::MAX), "the id made without subject and data"),
+        ] {
+            assert_ne!(other, first, "{what}");
+        }
+        let mut elsewhere = event("orders.new", "precious");
+        elsewhere.source = "/elsewhere".into();
+        assert_ne!(id(&elsewhere, "p"), first, "another source");
     }
 
     #[test]

@@ -251,20 +251,42 @@ fn lift_headers(headers: Vec<(String, String)>) -> (Option<String>, Vec<(String,
 /// publisher reusing another's `id` does not make its outputs look like duplicates. Each field
 /// is length-prefixed, so no two different inputs hash the same bytes.
 pub fn output_id(input_source: &str, input_id: &str, plugin: &str, index: usize) -> String {
-    let mut h = Sha256::new();
-    for field in [input_source, input_id, plugin] {
-        h.update((field.len() as u64).to_be_bytes());
-        h.update(field.as_bytes());
+    IdDigest::of(input_source, input_id, plugin, index).hex()
+}
+
+/// The hash behind [`output_id`], which may take more fields after it (a dead letter's id takes
+/// its event's subject and data: [`crate::deadletter::dead_letter_id`]).
+pub(crate) struct IdDigest(Sha256);
+
+impl IdDigest {
+    /// The digest [`output_id`] makes of these.
+    pub(crate) fn of(input_source: &str, input_id: &str, plugin: &str, index: usize) -> Self {
+        let mut digest = IdDigest(Sha256::new());
+        for field in [input_source, input_id, plugin] {
+            digest = digest.field(field.as_bytes());
+        }
+        digest.0.update((index as u64).to_be_bytes());
+        digest
     }
-    h.update((index as u64).to_be_bytes());
-    let digest = h.finalize();
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut id = String::with_capacity(32);
-    for b in &digest[..16] {
-        id.push(HEX[usize::from(b >> 4)] as char);
-        id.push(HEX[usize::from(b & 0xf)] as char);
+
+    /// Adds `bytes`, length-prefixed (no two different lists of fields hash the same bytes).
+    pub(crate) fn field(mut self, bytes: &[u8]) -> Self {
+        self.0.update((bytes.len() as u64).to_be_bytes());
+        self.0.update(bytes);
+        self
     }
-    id
+
+    /// The first 16 bytes of the hash, as 32 hex digits.
+    pub(crate) fn hex(self) -> String {
+        let digest = self.0.finalize();
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut id = String::with_capacity(32);
+        for b in &digest[..16] {
+            id.push(HEX[usize::from(b >> 4)] as char);
+            id.push(HEX[usize::from(b & 0xf)] as char);
+        }
+        id
+    }
 }
 
 /// CloudEvents context attributes the host sets on every event it publishes.

@@ -2491,6 +2491,56 @@ async fn core_a_dead_letter_whose_claim_fails_is_kept() {
     assert_eq!(dlq.info().await.unwrap().state.messages, DEAD, "the broker still keeps every one");
 }
 
+/// Two events one publisher sent under one source and id with other data (a re-send with the data
+/// mended, or an impostor's first), both rejected: two dead letters, each kept by the broker,
+/// listed, found by its id and replayed. The dead letter's id was made of the source, the id and
+/// the plugin only: JetStream dropped the second as a duplicate of the first, the listing hid the
+/// host's copy under the broker's, and a bulk replay forgot it and replayed the first (review 47b).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_two_dead_letters_of_one_source_and_id_with_other_data_are_both_kept_and_replayed() {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    make_stream(&js, "PLUGBUS_DLQ", "plugbus.dlq.>").await;
+    let t = TestHost::start_on(&Bus::Core(&server), &["faulty"], plugbus_tests::fast_retries).await;
+    for data in ["garbage", "precious"] {
+        let mut ev = plugbus::Event::new("faulty.reject", data);
+        ev.source = "/shop".into();
+        ev.id = "7".into();
+        t.host.publish(ev).await.unwrap();
+    }
+    t.wait_counter("faulty", "dead_lettered", 2).await;
+    let mut dlq = js.get_stream("PLUGBUS_DLQ").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while dlq.info().await.unwrap().state.messages < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "the broker kept one of the two dead letters");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let client = reqwest::Client::new();
+    let listed: Value =
+        client.get(format!("{}/v1/dlq?plugin=faulty", t.url())).send().await.unwrap().json().await.unwrap();
+    let entries = listed["dead_letters"].as_array().unwrap();
+    let mut found = Vec::new();
+    for entry in entries {
+        let id = entry["event"]["id"].as_str().unwrap();
+        let one: Value = client.get(format!("{}/v1/dlq/{id}", t.url())).send().await.unwrap().json().await.unwrap();
+        assert_eq!(one["dead_letter"]["event"]["data"], entry["event"]["data"], "GET /v1/dlq/{id}: {one}");
+        found.push(entry["event"]["data"].as_str().unwrap().to_string());
+    }
+    found.sort();
+    assert_eq!(found, ["garbage", "precious"], "{listed}");
+
+    let mut replays = t.observe(&["faulty.reject"]).await;
+    let report = t.replay_dead_letters("faulty").await;
+    assert_eq!(report["replayed"].as_array().map(Vec::len), Some(2), "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        seen.push(String::from_utf8_lossy(&replays.next_on("faulty.reject").await.data).into_owned());
+    }
+    seen.sort();
+    assert_eq!(seen, ["garbage", "precious"], "both were replayed");
+}
+
 /// Makes the stream `name` on `subject`, as an operator would.
 async fn make_stream(js: &jetstream::Context, name: &str, subject: &str) {
     let config = jetstream::stream::Config { name: name.into(), subjects: vec![subject.into()], ..Default::default() };
