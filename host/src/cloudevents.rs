@@ -219,11 +219,24 @@ pub fn decode_with_id<'a>(
     Ok(ev)
 }
 
+/// Reads a structured-mode envelope. Its `data` is kept as written (the bytes of its JSON value;
+/// read into a `serde_json::Value` and written again, an integer past u64 became a float and keys
+/// were sorted), its other members read as JSON values. A key given twice is the last, as
+/// `serde_json` reads every map.
 fn decode_structured(subject: &str, body: &[u8], fallback_id: Option<String>) -> Result<Event, String> {
-    let v: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| format!("structured CloudEvent is not valid JSON: {e}"))?;
-    let obj = v.as_object().ok_or("structured CloudEvent is not a JSON object")?;
-    check_structured(obj)?;
+    use serde_json::value::RawValue;
+    let members: std::collections::BTreeMap<String, &RawValue> =
+        serde_json::from_slice(body).map_err(|e| match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+            Ok(_) => "structured CloudEvent is not a JSON object".to_string(),
+            Err(_) => format!("structured CloudEvent is not valid JSON: {e}"),
+        })?;
+    let data = members.get("data").copied();
+    let obj: serde_json::Map<String, serde_json::Value> = members
+        .iter()
+        .filter(|(k, _)| *k != "data")
+        .map(|(k, v)| (k.clone(), serde_json::from_str(v.get()).expect("a JSON value serde_json read")))
+        .collect();
+    check_structured(&obj, data.is_some())?;
     let text = |k: &str| obj.get(k).and_then(|v| v.as_str()).map(str::to_owned);
     let mut ev = Event::new(subject, Bytes::new());
     if let Some(id) = text("id").or(fallback_id) {
@@ -240,18 +253,18 @@ fn decode_structured(subject: &str, body: &[u8], fallback_id: Option<String>) ->
     ev.data = if let Some(b64) = text("data_base64") {
         exact(base64_decode(&b64).ok_or("data_base64 is not valid base64")?)
     } else {
-        match obj.get("data") {
-            None | Some(serde_json::Value::Null) => Bytes::new(),
-            Some(serde_json::Value::String(s))
-                if ev.datacontenttype.as_deref().is_some_and(|c| !c.contains("json")) =>
-            {
-                Bytes::from(s.clone().into_bytes())
+        let text_type = ev.datacontenttype.as_deref().is_some_and(|c| !c.contains("json"));
+        match data.map(RawValue::get) {
+            None | Some("null") => Bytes::new(),
+            Some(json) if text_type && json.starts_with('"') => {
+                let text: String = serde_json::from_str(json).expect("a JSON string serde_json read");
+                exact(text.into_bytes())
             }
-            Some(other) => {
+            Some(json) => {
                 if ev.datacontenttype.is_none() {
                     ev.datacontenttype = Some("application/json".into());
                 }
-                exact(serde_json::to_vec(other).expect("re-encoding JSON"))
+                Bytes::copy_from_slice(json.as_bytes())
             }
         }
     };
@@ -300,7 +313,7 @@ fn check_binary<'a>(version: &str, find: impl Fn(&str) -> Option<&'a str>) -> Re
 
 /// Checks a structured-mode envelope: `specversion` "1.0", `id`, `source` and `type` non-empty
 /// strings.
-fn check_structured(obj: &serde_json::Map<String, serde_json::Value>) -> Result<(), String> {
+fn check_structured(obj: &serde_json::Map<String, serde_json::Value>, has_data: bool) -> Result<(), String> {
     match obj.get("specversion") {
         None => return Err("the structured CloudEvent has no `specversion` attribute".into()),
         Some(serde_json::Value::String(v)) if v == SPECVERSION => {}
@@ -327,7 +340,7 @@ fn check_structured(obj: &serde_json::Map<String, serde_json::Value>) -> Result<
             }
         }
     }
-    if obj.contains_key("data") && obj.contains_key("data_base64") {
+    if has_data && obj.contains_key("data_base64") {
         return Err("the structured CloudEvent has both `data` and `data_base64`".into());
     }
     Ok(())
@@ -540,7 +553,7 @@ pub fn percent_decode(s: &str) -> String {
 }
 
 /// `data` made by decoding, in an allocation of exactly its length: a `Vec` grown by doubling
-/// (JSON re-encoded) or sized by its input (base64 with whitespace or padding skipped) keeps its
+/// (a JSON string unescaped, JSON re-encoded by [`from_json`]) or sized by its input (base64 with whitespace or padding skipped) keeps its
 /// whole capacity as `Bytes`, and every bound on held events counts `data.len()` (1 MiB of
 /// spaces before `QQ==` decoded to 1 byte holding 786 KB).
 fn exact(mut data: Vec<u8>) -> Bytes {
@@ -756,12 +769,38 @@ mod tests {
         let ev = decode("a.b", [("content-type", STRUCTURED)].into_iter(), Bytes::from(padded)).unwrap();
         assert_eq!(ev.data.as_ref(), b"A");
         assert!(capacity(ev.data) < 64, "1 byte of base64 data holding more");
-        // JSON data, re-encoded (a `Vec` grown by doubling).
+        // JSON data (re-encoded, it was a `Vec` grown by doubling).
         let items: Vec<String> = (0..3000).map(|i| format!("\"item-{i}\"")).collect();
         let json = format!(r#"{{"specversion":"1.0","id":"1","source":"s","type":"t","data":[{}]}}"#, items.join(","));
         let ev = decode("a.b", [("content-type", STRUCTURED)].into_iter(), Bytes::from(json)).unwrap();
         let len = ev.data.len();
-        assert_eq!(capacity(ev.data), len, "re-encoded JSON data holding more than its length");
+        assert_eq!(capacity(ev.data), len, "JSON data holding more than its length");
+    }
+
+    /// Structured-mode JSON `data` is the event's data as written: read into a `serde_json::Value`
+    /// and written again, an integer past u64 became a float, keys were sorted and a repeated key
+    /// lost, so the data a plugin saw was not what was posted (review 47b). A JSON string with a
+    /// type that is not JSON is still its text, and `null` none.
+    #[test]
+    fn structured_json_data_is_the_data_as_written() {
+        let data = r#"{ "n": 123456789012345678901234567890, "z": 1, "a": [1.50, "\u0041"], "z": 2 }"#;
+        let body = format!(r#"{{"specversion":"1.0","id":"1","source":"s","type":"t","data": {data} }}"#);
+        let ev = decode("a.b", [("content-type", STRUCTURED)].into_iter(), Bytes::from(body)).unwrap();
+        assert_eq!(std::str::from_utf8(&ev.data).unwrap(), data);
+        assert_eq!(ev.datacontenttype.as_deref(), Some("application/json"));
+        let text =
+            r#"{"specversion":"1.0","id":"1","source":"s","type":"t","datacontenttype":"text/plain","data":"a\"b"}"#;
+        let ev = decode("a.b", [("content-type", STRUCTURED)].into_iter(), Bytes::from(text)).unwrap();
+        assert_eq!(ev.data.as_ref(), br#"a"b"#);
+        let none = r#"{"specversion":"1.0","id":"1","source":"s","type":"t","data":null,"x":{"k": 10}}"#;
+        let ev = decode("a.b", [("content-type", STRUCTURED)].into_iter(), Bytes::from(none)).unwrap();
+        assert!(ev.data.is_empty());
+        assert_eq!(ev.extensions, [("x".to_string(), r#"{"k":10}"#.to_string())]);
+        let not_object = decode("a.b", [("content-type", STRUCTURED)].into_iter(), Bytes::from("[1]"));
+        assert_eq!(not_object.unwrap_err(), "structured CloudEvent is not a JSON object");
+        let twice = r#"{"specversion":"1.0","id":"1","source":"s","type":"t","data":1,"data":2}"#;
+        let ev = decode("a.b", [("content-type", STRUCTURED)].into_iter(), Bytes::from(twice)).unwrap();
+        assert_eq!(ev.data.as_ref(), b"2", "the last, as for every repeated key of the envelope");
     }
 
     /// An extension named like a core attribute (a client's plain `id` or `source` header, a
