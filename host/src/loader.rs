@@ -233,6 +233,30 @@ pub async fn load_file_as(
     Ok(plugin)
 }
 
+/// The sandbox a tool loads a plugin in (`plugbus test`, `plugbus inspect`): the host's limits
+/// (as [`crate::Host`] sets them), a few instances, and the compile cache the host would use,
+/// when it is on and named (`compile_cache_dir`, `PLUGBUS_COMPILE_CACHE_DIR`) or its `data_dir`
+/// is there: a tool run again on a component it ran before skips compiling it (seconds each). A
+/// tool makes no `data_dir`, and goes on without a cache it cannot use (logged).
+pub fn tool_sandbox(config: &Config) -> anyhow::Result<Sandbox> {
+    let mut settings = crate::sandbox::SandboxSettings { max_instances: 4, ..config.sandbox.clone() };
+    settings.max_memory_mib = settings.max_memory_mib.max(config.max_memory_mib());
+    let sandbox = Sandbox::new(settings.clone())?;
+    let dir = match &config.compile_cache_dir {
+        _ if !config.compile_cache => return Ok(sandbox),
+        Some(dir) => dir.clone(),
+        None if config.data_dir.is_dir() => config.data_dir.join("cache"),
+        None => return Ok(sandbox),
+    };
+    match sandbox.with_cache(&dir) {
+        Ok(cached) => Ok(cached),
+        Err(e) => {
+            tracing::warn!("compiling without a cache: {e:#}");
+            Sandbox::new(settings)
+        }
+    }
+}
+
 /// The `*.wasm` entries of `dir`, sorted by name: every kind of file, so that one the loader
 /// refuses (a FIFO, a symlink to a device) is reported rather than silently skipped.
 pub fn wasm_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {

@@ -530,10 +530,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // max_wasm_bytes; a FIFO or device is refused, never waited on.
             let bytes = plugbus::loader::read_plugin_file(&file, config.max_wasm_bytes)
                 .with_context(|| format!("reading {}", file.display()))?;
-            let sandbox = plugbus::sandbox::Sandbox::new(plugbus::sandbox::SandboxSettings {
-                max_instances: 4,
-                ..config.sandbox.clone()
-            })?;
+            let sandbox = plugbus::loader::tool_sandbox(&config)?;
             let report = plugbus::inspect::inspect(&sandbox, &file.display().to_string(), &bytes, &config).await;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -700,10 +697,7 @@ async fn test_cases(
 /// reason. Whether every file is loadable.
 async fn inspect_folder(dir: &std::path::Path, json: bool, config: &Config) -> anyhow::Result<bool> {
     let files = plugbus::loader::wasm_files(dir).with_context(|| format!("reading the folder {}", dir.display()))?;
-    let sandbox = plugbus::sandbox::Sandbox::new(plugbus::sandbox::SandboxSettings {
-        max_instances: 4,
-        ..config.sandbox.clone()
-    })?;
+    let sandbox = plugbus::loader::tool_sandbox(config)?;
     let progress = cli::Progress::new("inspecting", false);
     let mut reports = Vec::with_capacity(files.len());
     for (done, file) in files.iter().enumerate() {

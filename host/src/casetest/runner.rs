@@ -6,7 +6,7 @@ use super::case::{Case, Verdict};
 use crate::config::Config;
 use crate::kv::{KvError, KvStore, MemoryKv, Txn, Versioned};
 use crate::sandbox::http_stubs::{HttpCall, HttpStubs};
-use crate::sandbox::{Failure, FixedWorld, Plugin, Sandbox, SandboxSettings};
+use crate::sandbox::{Failure, FixedWorld, Plugin, Sandbox};
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -108,8 +108,7 @@ impl Runner {
             let values = &mut config.plugins.entry(identity).or_default().config;
             values.extend(plugin_config.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))));
         }
-        let sandbox = Sandbox::new(SandboxSettings { max_instances: 4, ..config.sandbox.clone() })
-            .map_err(|e| CaseError::Sandbox(format!("{e:#}")))?;
+        let sandbox = crate::loader::tool_sandbox(&config).map_err(|e| CaseError::Sandbox(format!("{e:#}")))?;
         let kv = Arc::new(CaseKv::default());
         let store: Arc<dyn KvStore> = kv.clone();
         // Its calls are answered from the cases' stubs: what the manifest asks for is granted

@@ -3,7 +3,7 @@
 
 use plugbus::Event;
 use plugbus_tests::Running;
-use plugbus_tests::{TestHost, output_within, plugbus_bin, wasm};
+use plugbus_tests::{TestHost, output_within, plugbus_bin, plugbus_cached, wasm};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -11,10 +11,9 @@ use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// A child process killed (and reaped) when the test ends, however it ends.
-/// `plugbus ARGS…`, its output once it exits.
+/// `plugbus ARGS…` (compiling through the tests' shared compile cache), its output once it exits.
 fn plugbus(args: &[&str]) -> Output {
-    output_within(Command::new(plugbus_bin()).args(args), WAIT)
+    output_within(plugbus_cached().args(args), WAIT)
 }
 
 /// `plugbus test COMPONENT CASES EXTRA…`: (exit code, stdout, stderr).
@@ -440,6 +439,52 @@ fn outbound_http_is_answered_from_the_cases_stubs_and_the_calls_are_compared() {
     let (code, out, err) = test(&payments, &evil, &config);
     assert_ne!(code, 0);
     assert!(err.contains("evil.jsonl:1: `http[0]`: no `url`"), "{out}{err}");
+}
+
+/// `plugbus test` compiles through the compile cache the host would use (here the one
+/// `PLUGBUS_COMPILE_CACHE_DIR` names): a second run reads what the first kept (an entry forged in
+/// between is refused, and compiled again); with no cache named and no `data_dir` it makes
+/// neither. Every run compiled the component again (seconds each).
+#[test]
+fn plugbus_test_compiles_through_the_hosts_compile_cache_and_makes_no_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/payments/cases.jsonl");
+    let copy = dir.path().join("cases.jsonl");
+    std::fs::copy(&cases, &copy).unwrap();
+    let payments = component_as(dir.path(), "payments", "payments.wasm");
+    let cache = dir.path().join("compiled");
+    let run = |cache: Option<&Path>, cwd: &Path| {
+        let mut cmd = Command::new(plugbus_bin());
+        cmd.current_dir(cwd).env_remove("PLUGBUS_COMPILE_CACHE_DIR");
+        if let Some(cache) = cache {
+            cmd.env("PLUGBUS_COMPILE_CACHE_DIR", cache);
+        }
+        cmd.args(["test", payments.to_str().unwrap(), copy.to_str().unwrap()]);
+        cmd.args(["--plugin-config", "provider_url=https://api.payments.example"]);
+        let out = output_within(&mut cmd, WAIT);
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{}{}", text(&out.stdout), text(&out.stderr));
+        text(&out.stderr)
+    };
+    let entries = || -> Vec<PathBuf> {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(&cache).map_or(Vec::new(), |d| {
+            d.map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "cwasm")).collect()
+        });
+        found.sort();
+        found
+    };
+    run(Some(&cache), dir.path());
+    let kept = entries();
+    assert_eq!(kept.len(), 1, "the first run kept what it compiled in {}", cache.display());
+    std::fs::write(&kept[0], b"forged").unwrap();
+    let err = run(Some(&cache), dir.path());
+    assert!(err.contains("failed verification"), "the second run did not read the cache: {err}");
+    assert_ne!(std::fs::read(&kept[0]).unwrap(), b"forged", "compiled again and kept");
+
+    let bare = tempfile::tempdir().unwrap();
+    run(None, bare.path());
+    let made: Vec<_> = std::fs::read_dir(bare.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(made.is_empty(), "a run with no data_dir made {made:?}");
 }
 
 #[test]
