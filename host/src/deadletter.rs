@@ -352,24 +352,50 @@ fn entry_bytes(plugin: &str, ev: &Event) -> usize {
 struct Kept {
     items: VecDeque<Entry>,
     bytes: usize,
-    /// Entries and bytes per plugin: the store's bounds are shared, and a plugin over its share
-    /// loses its own oldest first, never another plugin's.
-    by_plugin: HashMap<String, (usize, usize)>,
+    /// What each plugin holds: the store's bounds are shared, and a plugin over its share loses
+    /// its own oldest first, never another plugin's.
+    by_plugin: HashMap<String, Held>,
+}
+
+/// Entries and bytes one plugin's dead letters hold: in all, and by the source of the events
+/// they are of ([`original_source`]). The outputs one plugin floods another with that fail there
+/// are the other's dead letters, of the flooding plugin's source: they go first, before the
+/// other's own older ones of the events it exists for.
+#[derive(Default)]
+struct Held {
+    all: (usize, usize),
+    by_source: HashMap<String, (usize, usize)>,
+}
+
+/// The source of the event `dead` is the dead letter of (`plugbus/<plugin>` for a plugin's
+/// output); empty when it names none. Looked for from the end: the host adds its own headers last.
+fn original_source(dead: &Event) -> &str {
+    dead.extensions.iter().rev().find(|(k, _)| k == headers::ORIGINAL_SOURCE).map_or("", |(_, v)| v.as_str())
 }
 
 impl Kept {
     fn count(&mut self, entry: &Entry, added: bool) {
         let size = kept_bytes(entry);
-        let held = self.by_plugin.entry(entry.plugin.clone()).or_default();
+        let source = original_source(&entry.event);
         if added {
-            *held = (held.0 + 1, held.1 + size);
+            let held = self.by_plugin.entry(entry.plugin.clone()).or_default();
+            let of_source = held.by_source.entry(source.to_string()).or_default();
+            *of_source = (of_source.0 + 1, of_source.1 + size);
+            held.all = (held.all.0 + 1, held.all.1 + size);
             self.bytes += size;
-        } else {
-            *held = (held.0 - 1, held.1 - size);
-            self.bytes -= size;
-            if held.0 == 0 {
-                self.by_plugin.remove(&entry.plugin);
+            return;
+        }
+        self.bytes -= size;
+        let Some(held) = self.by_plugin.get_mut(&entry.plugin) else { return };
+        held.all = (held.all.0 - 1, held.all.1 - size);
+        if let Some(of_source) = held.by_source.get_mut(source) {
+            *of_source = (of_source.0 - 1, of_source.1 - size);
+            if of_source.0 == 0 {
+                held.by_source.remove(source);
             }
+        }
+        if held.all.0 == 0 {
+            self.by_plugin.remove(&entry.plugin);
         }
     }
 
@@ -408,11 +434,17 @@ impl Kept {
     }
 
     /// The oldest entry of the plugin holding the most of what is over its bound (entries when
-    /// `by_count`, bytes otherwise); of plugins holding as much, the oldest entry of them.
+    /// `by_count`, bytes otherwise), of the events' source it holds the most of; of plugins and
+    /// sources holding as much, the oldest entry of them.
     fn eviction_victim(&self, by_count: bool) -> Option<usize> {
         let held = |&(count, bytes): &(usize, usize)| if by_count { count } else { bytes };
-        let most = self.by_plugin.values().map(held).max()?;
-        self.items.iter().position(|e| self.by_plugin.get(&e.plugin).is_some_and(|h| held(h) == most))
+        let most = self.by_plugin.values().map(|h| held(&h.all)).max()?;
+        let holds_most = |h: &&Held| held(&h.all) == most;
+        let largest = self.by_plugin.values().filter(holds_most).flat_map(|h| h.by_source.values()).map(held).max()?;
+        self.items.iter().position(|e| {
+            let held_by = self.by_plugin.get(&e.plugin).filter(holds_most);
+            held_by.and_then(|h| h.by_source.get(original_source(&e.event))).is_some_and(|s| held(s) == largest)
+        })
     }
 }
 
@@ -1041,6 +1073,32 @@ mod tests {
         assert_eq!((by("victim"), by("quiet")), (vec!["v.0".to_string()], vec!["q.0".to_string()]), "by bytes");
         assert!(s.usage().1 <= 1 << 20);
         assert_eq!(by("flood").last().map(String::as_str), Some("h.19"));
+    }
+
+    /// A plugin whose outputs fail in another (junk on its subject) makes that other plugin's
+    /// dead letters: they go first when the store is full, never that plugin's own older ones of
+    /// the events it exists for (review 48a H2: about 100 events of 99 junk outputs each made
+    /// `payments` forget every real dead letter it had).
+    #[test]
+    fn a_plugins_flood_into_another_evicts_the_flood_not_the_victims_own() {
+        let s = DeadLetters::new(10);
+        let dead = |source: &str, i: usize| {
+            let mut ev = Event::new("orders.created", format!("{i}"));
+            ev.source = source.to_string();
+            dead_letter_event(&ev, "payments", "plugbus.dlq.payments", "not an order", 1)
+        };
+        for i in 0..3 {
+            s.push("payments", dead("/shop", i));
+        }
+        s.push("other", dead("/shop", 0));
+        for i in 0..50 {
+            s.push("payments", dead("plugbus/hostile", i));
+        }
+        let kept = s.list(Some("payments"));
+        let from = |source: &str| kept.iter().filter(|e| original_source(&e.event) == source).count();
+        assert_eq!((from("/shop"), from("plugbus/hostile")), (3, 6), "the flood's own went first");
+        assert_eq!(s.list(Some("other")).len(), 1, "another plugin's is kept");
+        assert_eq!(original_source(&kept[0].event), "/shop");
     }
 
     /// A dead letter over the whole byte budget on its own is not kept, and says so: its

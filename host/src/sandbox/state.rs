@@ -361,8 +361,8 @@ impl logging::Host for HostState {
     }
 }
 
-/// The refusals `publish` and `request` share: the subject (length, validity, system subjects,
-/// the manifest's `publishes`).
+/// The refusals `publish` and `request` share: the subject (length, validity, system and
+/// dead-letter subjects, the manifest's `publishes`).
 fn check_subject(state: &HostState, subject: &str) -> Result<(), types::PublishError> {
     // Checked before `validate_subject`, whose error would copy (and escape) all of it.
     if subject.len() > MAX_SUBJECT_BYTES {
@@ -376,6 +376,15 @@ fn check_subject(state: &HostState, subject: &str) -> Result<(), types::PublishE
     }
     if is_system_subject(subject) {
         return Err(types::PublishError::Denied(format!("{} is a system subject", quoted(subject))));
+    }
+    // The host alone publishes there, as at the HTTP ingress: a plugin's outputs on another's
+    // dead-letter subject would pose as its dead letters (and on NATS fill `PLUGBUS_DLQ`, whose
+    // listing stops after a thousand messages that are not the host's).
+    if crate::subject::is_dead_letter_subject(subject) {
+        return Err(types::PublishError::Denied(format!(
+            "{} is a dead-letter subject: the host alone publishes under `plugbus.dlq.`",
+            quoted(subject)
+        )));
     }
     if !state.plugin.publishes.matches(subject) {
         let allowed = format!("{:?}", state.plugin.publishes.iter().map(|p| p.as_str()).collect::<Vec<_>>());

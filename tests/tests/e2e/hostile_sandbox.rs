@@ -440,6 +440,21 @@ async fn reserved_headers_are_refused_and_outputs_cannot_pose_as_dead_letters() 
         let error = dead_letter_of(&t, "reserved", forged).await;
         assert!(error.contains("publish refused: Invalid(") && error.contains(why), "{forged}: {error}");
     }
+    // ... nor into a dead-letter subject, whatever its manifest's `publishes` says (the HTTP
+    // ingress refuses them too): on NATS, a thousand such outputs on `plugbus.dlq.faulty` hid
+    // faulty's real dead letters from listings and replays (review 48a M1), and a plugin reading
+    // dead letters took them for the host's
+    let mut faulty_dlq = t.observe(&["plugbus.dlq.faulty"]).await;
+    for subject in ["plugbus.dlq.faulty", "plugbus.dlq.hostile"] {
+        let error = dead_letter_of(&t, "forward", subject).await;
+        assert!(
+            error.contains("publish refused: Denied(") && error.contains("is a dead-letter subject"),
+            "{subject}: {error}"
+        );
+    }
+    t.publish("hostile.forward", "faulty.reject").await;
+    let first = faulty_dlq.next_on("plugbus.dlq.faulty").await;
+    assert_eq!(first.source, "plugbus/faulty", "a forged dead letter reached plugbus.dlq.faulty first");
     // datacontenttype (unprefixed) is the plugin's to say; source is always the host's
     let mut out = t.observe(&["hostile.out.reserved"]).await;
     t.publish("hostile.reserved", "datacontenttype").await;
