@@ -295,6 +295,22 @@ fn kv_write_and_read_counts_are_capped_per_attempt() {
 }
 
 #[test]
+fn kv_read_bytes_are_capped_per_attempt_as_on_the_host() {
+    let limits = Limits { max_kv_read_bytes: 250, ..Limits::default() };
+    let mut host = TestHost::new().with_kv("big", vec![7u8; 100]).with_limits(limits);
+    let run = host.run(
+        |_| {
+            kv::get("big")?;
+            kv::get("big")?; // a key read again is read again
+            assert!(matches!(kv::get("big"), Err(kv::KvError::TooLarge(m)) if m.contains("read limit of 250 bytes")));
+            Ok(())
+        },
+        Event::new("any", ""),
+    );
+    assert_eq!(run.result, Ok(()));
+}
+
+#[test]
 fn config_and_logs_reach_the_handler_and_the_run() {
     let run = TestHost::new().with_config("sender", "ops@example.com").run(
         |_| {

@@ -137,6 +137,8 @@ pub struct Txn {
     pub writes: BTreeMap<String, Option<Vec<u8>>>,
     /// Bytes held by `reads` and `writes`, as charged.
     held: u64,
+    /// Bytes of values the store gave its reads (a key read again counted again).
+    read_bytes: u64,
     /// The most the namespace may hold once this commits ([`quota`]; `None`: no bound).
     pub quota: Option<u64>,
 }
@@ -157,6 +159,7 @@ impl Txn {
             return Ok(w.clone());
         }
         let (value, version) = store.read(ns, key).await?;
+        self.read_bytes += value.as_ref().map_or(0, |v| v.len() as u64);
         if !self.reads.contains_key(key) {
             self.held += key.len() as u64 + ENTRY_COST;
             self.reads.insert(key.to_string(), version);
@@ -185,6 +188,13 @@ impl Txn {
     /// [`ENTRY_COST`].
     pub fn held_bytes(&self) -> u64 {
         self.held
+    }
+
+    /// The bytes of values the store gave this transaction's reads (a key read again counted
+    /// again; its own writes read back not counted): bounded per attempt by
+    /// `max_kv_read_bytes`, and charged to its commit, whose check reads its keys again.
+    pub fn read_bytes(&self) -> u64 {
+        self.read_bytes
     }
 
     /// What [`Txn::held_bytes`] would be after writing `value_len` bytes (`None`: a delete)

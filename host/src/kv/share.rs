@@ -31,11 +31,13 @@ const UNIT_BYTES: u64 = 1024;
 /// The share, in units.
 const SHARE_UNITS: u64 = COMMIT_BYTES_PER_PLUGIN / UNIT_BYTES;
 
-/// What a commit holds while the store takes it: its transaction ([`Txn::held_bytes`]) and the
-/// outputs kept with it.
+/// What a commit holds and costs while the store takes it: its transaction
+/// ([`Txn::held_bytes`]), the values its check reads again ([`Txn::read_bytes`]: a commit of one
+/// small write after reading 16 MiB reads them again, and was charged as small) and the outputs
+/// kept with it.
 pub fn commit_bytes(txn: &Txn, outbox: Option<&Outbox>) -> u64 {
     let outputs: usize = outbox.map_or(0, |o| o.outputs.iter().map(|e| e.data.len() + e.header_bytes()).sum());
-    txn.held_bytes() + outputs as u64
+    txn.held_bytes() + txn.read_bytes() + outputs as u64
 }
 
 /// A kv store whose writes each plugin (each namespace) takes a bounded share of.
@@ -240,6 +242,21 @@ mod tests {
         let (_, most) = gated.taking("hostile");
         assert!(most <= COMMIT_BYTES_PER_PLUGIN, "at most {most} bytes of the plugin's commits were in the store");
         assert_eq!(shared.get("hostile", "k15").await.unwrap().unwrap().value.len(), 4 << 20);
+    }
+
+    /// A commit is charged the values its check reads again: one small write after reading 64
+    /// values of 250 KB was charged as a few bytes (review 48a H1).
+    #[tokio::test]
+    async fn a_commit_is_charged_the_values_its_reads_brought() {
+        let store = MemoryKv::new();
+        store.commit("p", &writing("big", 250_000)).await.unwrap();
+        let mut txn = Txn::default();
+        for _ in 0..64 {
+            txn.get(&store, "p", "big").await.unwrap();
+        }
+        txn.set("x", b"1".to_vec());
+        assert_eq!(txn.read_bytes(), 64 * 250_000);
+        assert!(commit_bytes(&txn, None) >= 64 * 250_000, "{}", commit_bytes(&txn, None));
     }
 
     #[tokio::test]

@@ -40,6 +40,10 @@ pub struct Limits {
     /// kv reads one attempt may send to the store (a key read again counts again; a key it
     /// wrote is read from its own writes and does not count).
     pub max_kv_reads: u32,
+    /// Bytes of values one attempt's kv reads may bring from the store (counted as
+    /// `max_kv_reads` counts reads): what the host copies for it, and what its commit's check
+    /// reads again.
+    pub max_kv_read_bytes: u64,
     /// Bytes the plugin's kv may hold in all, across every event: keys and values, each key
     /// 64 more (see `kv::quota`). A commit past it fails; deletes always pass.
     pub max_kv_bytes: u64,
@@ -97,6 +101,7 @@ impl Default for Limits {
             max_kv_writes: 1_000,
             max_kv_write_bytes: 16 * 1024 * 1024,
             max_kv_reads: 1_000,
+            max_kv_read_bytes: 16 * 1024 * 1024,
             max_kv_bytes: 256 * 1024 * 1024,
             max_log_bytes: 64 * 1024,
             instance: InstanceMode::Fresh,

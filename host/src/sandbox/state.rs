@@ -678,7 +678,16 @@ impl kv::Host for HostState {
         self.check_kv_size(&key, 0)?;
         // Every read the store answers counts, a key read again too: counting keys only let a
         // handler read one large value in a loop until its deadline.
-        if !self.txn.writes.contains_key(&key) {
+        let read_bytes_cap = self.plugin.limits.max_kv_read_bytes;
+        let read_bytes_reached = |key: &str| {
+            types::KvError::TooLarge(format!(
+                "kv read limit of {read_bytes_cap} bytes per event reached (key {}; values read from the store, \
+                 a key read again is read again)",
+                quoted(key)
+            ))
+        };
+        let from_store = !self.txn.writes.contains_key(&key);
+        if from_store {
             let limits = &self.plugin.limits;
             if self.kv_reads >= limits.max_kv_reads {
                 return Err(types::KvError::TooLarge(format!(
@@ -686,6 +695,11 @@ impl kv::Host for HostState {
                     limits.max_kv_reads,
                     quoted(&key)
                 )));
+            }
+            // Counted as the store answers: one read may take it past the cap (by at most
+            // `max_kv_value_bytes`), and that read's value is refused; none is read after it.
+            if self.txn.read_bytes() > read_bytes_cap {
+                return Err(read_bytes_reached(&key));
             }
             self.kv_reads += 1;
         }
@@ -700,6 +714,9 @@ impl kv::Host for HostState {
         let value = self.txn.get(&*store, &self.plugin.name, &key).await;
         self.waiting_on_host = None;
         let value = value.map_err(kv_err)?;
+        if from_store && self.txn.read_bytes() > read_bytes_cap {
+            return Err(read_bytes_reached(&key));
+        }
         if fresh {
             let version = self.txn.reads.get(&key).copied().unwrap_or(0);
             self.seen.kv_read(&key, value.as_deref(), version);

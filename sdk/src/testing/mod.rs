@@ -114,6 +114,9 @@ pub struct Limits {
     pub max_kv_write_bytes: u64,
     /// Distinct kv keys one attempt may read from the store.
     pub max_kv_reads: u32,
+    /// Bytes of values one attempt's kv reads may bring from the store (a key read again
+    /// counts again; a key the attempt wrote does not).
+    pub max_kv_read_bytes: u64,
     /// Bytes the store may hold in all, across events (keys and values, 64 more per key): a
     /// run whose writes would take it past this fails whole and may be retried, as on the host;
     /// deletes and shrinking writes always pass.
@@ -137,6 +140,7 @@ impl Default for Limits {
             max_kv_writes: 1_000,
             max_kv_write_bytes: 16 * 1024 * 1024,
             max_kv_reads: 1_000,
+            max_kv_read_bytes: 16 * 1024 * 1024,
             max_kv_bytes: 256 * 1024 * 1024,
             max_log_bytes: 64 * 1024,
             max_requests: 16,
@@ -811,6 +815,8 @@ struct Session {
     reads: BTreeSet<String>,
     /// Bytes `reads` and `writes` hold, as the host charges them.
     held: u64,
+    /// Bytes of values read from the store.
+    read_bytes: u64,
     outputs: Vec<Published>,
     output_bytes: u64,
     refused: Option<String>,
@@ -842,6 +848,7 @@ impl Session {
             writes: BTreeMap::new(),
             reads: BTreeSet::new(),
             held: 0,
+            read_bytes: 0,
             outputs: Vec::new(),
             output_bytes: 0,
             refused: None,
@@ -1092,7 +1099,16 @@ impl Session {
             self.held += key.len() as u64 + ENTRY_COST;
             self.reads.insert(key.to_string());
         }
-        Ok(self.store.get(key).map(<[u8]>::to_vec))
+        let value = self.store.get(key).map(<[u8]>::to_vec);
+        self.read_bytes += value.as_ref().map_or(0, |v| v.len() as u64);
+        if self.read_bytes > self.limits.max_kv_read_bytes {
+            return Err(KvError::TooLarge(format!(
+                "kv read limit of {} bytes per event reached (key {})",
+                self.limits.max_kv_read_bytes,
+                quoted(key)
+            )));
+        }
+        Ok(value)
     }
 
     fn kv_write(&mut self, key: &str, value: Option<&[u8]>) -> Result<(), KvError> {

@@ -94,6 +94,16 @@ async fn a_kv_flood_is_refused_by_keys_and_by_bytes_and_limits_are_per_plugin() 
         error.contains("kv read 1000 refused: TooLarge") && error.contains("a key read again is read again"),
         "{error}"
     );
+    // ... and bounded in bytes: a 250 KB value read 1,000 times moved 250 MB from the store (and
+    // its commit's check read it again, on the log's one writer, charged as a few bytes)
+    t.publish("hostile.kvset", "same 250000").await;
+    t.wait_counter("hostile", "ok", 1).await;
+    let error = dead_letter_of(&t, "kvreread", "1000").await;
+    assert!(
+        error.contains("kv read 67 refused: TooLarge")
+            && error.contains(r#"kv read limit of 16777216 bytes per event reached (key \"same\""#),
+        "{error}"
+    );
     drop(t);
 
     // per-plugin overrides, through config like every limit

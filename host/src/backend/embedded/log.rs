@@ -309,13 +309,14 @@ enum Op {
 }
 
 impl Op {
-    /// The bytes of kv writes and outbox a kv commit someone waits for brings to a commit
-    /// (`None`: not such a kv commit; see [`BATCH_KV_BYTES`]). A commit applied again after a
-    /// failed write keeps its place.
+    /// The bytes of kv writes, of values its read check reads again, and of outbox a kv commit
+    /// someone waits for brings to a commit (`None`: not such a kv commit; see
+    /// [`BATCH_KV_BYTES`]). A commit applied again after a failed write keeps its place.
     fn waiting_kv_bytes(&self) -> Option<u64> {
         match self {
             Op::KvCommit { txn, outbox, done: Some(_), .. } => Some(
                 txn.held_bytes()
+                    + txn.read_bytes()
                     + outbox.as_ref().map_or(0, |o| o.outputs.iter().map(|e| e.data.len() as u64).sum::<u64>()),
             ),
             _ => None,

@@ -90,6 +90,11 @@ fn attack(ev: Event) -> Result<(), HandlerError> {
             println!("{}", text.replace('\n', "\u{2028}"));
             return Err(HandlerError::reject(text));
         }
+        // `KEY SIZE`: one kv write of SIZE bytes under KEY (to read it in a later event).
+        "kvset" => {
+            let key = text.split_whitespace().next().unwrap_or("same");
+            kv::set(key, &vec![7u8; arg(0, 1024)]).map_err(|e| refused("kv write", e))?;
+        }
         // `N`: N reads of one key (each went to the store, only the first was counted).
         "kvreread" => {
             for i in 0..arg(0, 100_000) {
