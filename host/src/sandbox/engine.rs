@@ -105,6 +105,17 @@ fn engine_config(settings: &SandboxSettings) -> Config {
     config
 }
 
+/// What one instance of a component may take of the shared pool: its core module instances,
+/// linear memories and tables. The pool holds `max_instances` times these, so a component may
+/// take no more than its share: one of 64 tables at `flow.concurrency` 32 (or two plugins of it
+/// at 16) took every table slot, and every other plugin's attempt waited 30 s and failed (review
+/// 48a M2). A component built with the SDK uses a few of each.
+pub const CORE_INSTANCES_PER_COMPONENT: u32 = 16;
+/// See [`CORE_INSTANCES_PER_COMPONENT`].
+pub const MEMORIES_PER_COMPONENT: u32 = 2;
+/// See [`CORE_INSTANCES_PER_COMPONENT`].
+pub const TABLES_PER_COMPONENT: u32 = 8;
+
 /// The engine plugins run on: [`engine_config`] with the instance pool all plugins share. The
 /// compiling child builds the same (the pool's limits are checked when a component is made, so
 /// a file over them is refused there in the same words), which reserves address space but
@@ -113,11 +124,12 @@ pub(super) fn pooled_engine(settings: &SandboxSettings) -> anyhow::Result<Engine
     let mut pool = PoolingAllocationConfig::new();
     let n = settings.max_instances.max(1);
     pool.total_component_instances(n)
-        .total_core_instances(n.saturating_mul(16))
-        .max_core_instances_per_component(64)
-        .total_memories(n.saturating_mul(2))
-        .max_memories_per_component(4)
-        .total_tables(n.saturating_mul(8))
+        .total_core_instances(n.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
+        .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+        .total_memories(n.saturating_mul(MEMORIES_PER_COMPONENT))
+        .max_memories_per_component(MEMORIES_PER_COMPONENT)
+        .total_tables(n.saturating_mul(TABLES_PER_COMPONENT))
+        .max_tables_per_component(TABLES_PER_COMPONENT)
         .total_stacks(n)
         .max_memory_size((settings.max_memory_mib as usize).saturating_mul(1024 * 1024))
         // Reset a returned slot by rewriting its dirty pages (found with PAGEMAP_SCAN) instead
@@ -551,6 +563,52 @@ mod tests {
             .map(|p| p.parse().unwrap_or_else(|_| panic!("{package} {version} in {lock_path} is not a plain release")))
             .collect();
         (parts[0], parts[1], parts[2])
+    }
+
+    /// A component of `modules` core modules, each instantiated once and defining `tables`
+    /// tables of one element.
+    fn component_of(modules: usize, tables: usize) -> Vec<u8> {
+        let mut module = vec![0, 0x61, 0x73, 0x6d, 1, 0, 0, 0];
+        if tables > 0 {
+            let mut section = vec![tables as u8];
+            for _ in 0..tables {
+                section.extend([0x70, 0x00, 0x01]); // funcref, min 1
+            }
+            module.extend([4, section.len() as u8]);
+            module.extend(section);
+        }
+        let mut out = vec![0, 0x61, 0x73, 0x6d, 0x0d, 0, 1, 0];
+        for _ in 0..modules {
+            out.extend([1, module.len() as u8]);
+            out.extend(&module);
+        }
+        let mut instances = vec![modules as u8];
+        for i in 0..modules {
+            instances.extend([0x00, i as u8, 0x00]); // instantiate module i with no arguments
+        }
+        out.extend([2, instances.len() as u8]);
+        out.extend(instances);
+        out
+    }
+
+    /// A component that would take more than its share of the shared pool is refused when it
+    /// is made, in wasmtime's words; one within its share is made.
+    #[tokio::test]
+    async fn a_component_over_its_share_of_the_pool_is_refused() {
+        let settings = super::SandboxSettings { max_instances: 4, ..Default::default() };
+        let sandbox = super::Sandbox::new(settings).unwrap();
+        let refusal = |bytes: Vec<u8>| {
+            let sandbox = &sandbox;
+            async move { sandbox.compile(&bytes, "test").await.err().map(|e| e.to_string()).unwrap_or_default() }
+        };
+        let err = refusal(component_of(9, 1)).await;
+        assert!(err.contains("contains 9 tables, which exceeds the configured maximum of 8"), "{err}");
+        let err = refusal(component_of(1, 2)).await;
+        assert!(err.contains("tables count of 2 exceeds the per-instance limit of 1"), "{err}");
+        let err = refusal(component_of(17, 0)).await;
+        assert!(err.contains("contains 17 core module instances, which exceeds the configured maximum of 16"), "{err}");
+        assert_eq!(refusal(component_of(16, 0)).await, "", "16 core instances are its share");
+        assert_eq!(refusal(component_of(8, 1)).await, "", "8 tables are its share");
     }
 
     #[test]
