@@ -526,6 +526,16 @@ pub fn component_of(module: &[u8]) -> Vec<u8> {
 /// 100,000 23 s and 297 MiB, 200,000 48 s and 490 MiB). Nothing in it is invalid: only its cost
 /// refuses it.
 pub fn slow_to_compile(reps: usize) -> Vec<u8> {
+    slow_module(reps, None)
+}
+
+/// [`slow_to_compile`] with one linear memory of at least `pages` pages: over the instance
+/// pool's slots (64 MiB, 1,024 pages), which wasmtime checks only once it has compiled the code.
+pub fn slow_to_compile_then_refused(reps: usize, pages: u32) -> Vec<u8> {
+    slow_module(reps, Some(pages))
+}
+
+fn slow_module(reps: usize, memory_pages: Option<u32>) -> Vec<u8> {
     let (leb, section) = (leb128, wasm_section);
     const LOCALS: usize = 1000;
     let mut body = Vec::new();
@@ -546,6 +556,11 @@ pub fn slow_to_compile(reps: usize) -> Vec<u8> {
     let mut module = b"\0asm\x01\0\0\0".to_vec();
     section(1, &[1, 0x60, 0, 0], &mut module); // one type: () -> ()
     section(3, &[1, 0], &mut module); // one function of it
+    if let Some(pages) = memory_pages {
+        let mut memory = vec![1, 0x00]; // one memory, a minimum only
+        leb(pages as usize, &mut memory);
+        section(5, &memory, &mut module);
+    }
     section(6, &[1, 0x7e, 1, 0x42, 0, 0x0b], &mut module); // a mutable i64 global, 0
     section(10, &code, &mut module);
     component_of(&module)

@@ -68,12 +68,20 @@ pub struct Refused {
     /// What the loader reports.
     pub error: LoadError,
     /// It passed the memory cap (or made more compiled code than it allows) or the CPU-time
-    /// cap: the same file under the same caps, on as many threads, would again, whatever else
-    /// the machine does, so the refusal is worth keeping ([`caps_key`]). The wall-clock bound
-    /// is not: a machine busy with other work, or with other files compiling beside it, slows
-    /// a file that compiles.
+    /// cap, or wasmtime refused it (or the compiler's stack overflowed) after at least
+    /// [`KEEP_REFUSALS_AFTER`]: the same file under the same caps and sandbox settings, on as many
+    /// threads, would again, whatever else the machine does, so the refusal is worth keeping
+    /// ([`caps_key`]). The wall-clock bound is not: a machine busy with other work, or with other
+    /// files compiling beside it, slows a file that compiles.
     pub repeatable: bool,
 }
+
+/// How long a child must have worked on a file wasmtime refuses for the refusal to be kept:
+/// wasmtime checks a component against the instance pool (a memory over its slots, too many
+/// tables) only once all its code is compiled, so a file that compiles for a minute and is then
+/// refused cost that minute at every start and every touch (review 48b M1). A file refused at
+/// once (not valid wasm) is cheap to refuse again and keeps no memo.
+pub const KEEP_REFUSALS_AFTER: Duration = Duration::from_secs(1);
 
 impl From<LoadError> for Refused {
     fn from(error: LoadError) -> Self {
@@ -81,14 +89,20 @@ impl From<LoadError> for Refused {
     }
 }
 
-/// The compile caps of `settings` as a key: a refusal kept under one is not under another.
+/// The compile caps of `settings`, and the sandbox settings wasmtime checks a component
+/// against as it makes it (the instance pool's), as a key: a refusal kept under one is not
+/// under another.
 pub fn caps_key(settings: &SandboxSettings) -> String {
     format!(
-        "plugbus {} compile_memory_mib={} compile_timeout={} threads={}",
+        "plugbus {} compile_memory_mib={} compile_timeout={} threads={} max_memory_mib={} max_instances={} \
+         max_stack_bytes={}",
         env!("CARGO_PKG_VERSION"),
         settings.compile_memory_mib,
         humantime::format_duration(settings.compile_timeout),
-        child_threads()
+        child_threads(),
+        settings.max_memory_mib,
+        settings.max_instances,
+        settings.max_stack_bytes
     )
 }
 
@@ -130,6 +144,7 @@ pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes:
     // reads no more than that.
     let max_artifact = settings.compile_memory_mib.saturating_mul(1 << 20);
     let pid = child.id();
+    let started = std::time::Instant::now();
     let work = async {
         let write = async {
             // A child that died early closes its stdin: how it ended says why.
@@ -202,12 +217,17 @@ pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes:
             }
             Ok(artifact)
         }
-        Ending::Refused => Err(LoadError::Invalid(message).into()),
+        Ending::Refused => {
+            Err(Refused { error: LoadError::Invalid(message), repeatable: started.elapsed() >= KEEP_REFUSALS_AFTER })
+        }
         // The kernel's cap, two seconds past the parent's: the parent, which looks every 20 ms,
         // did not see it reached, so a SIGXCPU from elsewhere is not taken for the file's doing
         // (nor kept).
         Ending::OutOfCpu => Err(Refused { repeatable: false, ..out_of_cpu(settings) }),
-        Ending::StackOverflow => Err(LoadError::Invalid("compiling it overflowed the compiler's stack".into()).into()),
+        Ending::StackOverflow => Err(Refused {
+            error: LoadError::Invalid("compiling it overflowed the compiler's stack".into()),
+            repeatable: started.elapsed() >= KEEP_REFUSALS_AFTER,
+        }),
         Ending::Host => {
             let killed = match status.signal() {
                 Some(libc::SIGKILL) => {

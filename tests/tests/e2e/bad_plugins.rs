@@ -435,6 +435,36 @@ async fn a_child_compiles_what_the_host_did_and_refuses_with_the_same_words() {
     assert!(reason("fivemem.wasm").is_some_and(|r| r.contains("defined memories count of 5")), "{in_child:?}");
 }
 
+/// A file wasmtime refuses only once it has compiled all its code (a memory over the instance
+/// pool's slots, checked as the component is made) is kept as a cap's refusal is: the next start
+/// under the same caps does not compile it again. It paid the whole compile at every start and
+/// every touch, ahead of the host's readiness (review 48b M1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_refused_after_its_whole_compile_is_not_compiled_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("audit"), tmp.path().join("audit.wasm")).unwrap();
+    let slow = plugbus_tests::slow_to_compile_then_refused(30_000, 2000);
+    std::fs::write(tmp.path().join("slow.wasm"), slow).unwrap();
+    let started = std::time::Instant::now();
+    let host = host_compiling_in_children(tmp.path(), 2048, Duration::from_secs(60)).await;
+    let first = host.rejected();
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert!(first[0].reason.contains("exceeds the limit"), "{first:?}");
+    assert!(!first[0].reason.contains("kept from"), "{first:?}");
+    assert_eq!(compile_counts(&host).await, (1.0, 0.0), "(compiled, cache hits): audit");
+    host.shutdown().await;
+    let took = started.elapsed();
+    assert!(took >= plugbus::sandbox::compiler::KEEP_REFUSALS_AFTER, "compiled in {took:?}: too fast to be kept");
+
+    let host = host_compiling_in_children(tmp.path(), 2048, Duration::from_secs(60)).await;
+    let again = host.rejected();
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert!(again[0].reason.starts_with(&first[0].reason), "{again:?}");
+    assert!(again[0].reason.contains("kept from an earlier try under the same caps in "), "{again:?}");
+    assert_eq!(compile_counts(&host).await, (0.0, 1.0), "(compiled, cache hits): slow not compiled again");
+    host.shutdown().await;
+}
+
 /// A host's (components compiled, compile cache hits), from its `/metrics`.
 async fn compile_counts(host: &plugbus::Host) -> (f64, f64) {
     let url = format!("http://{}", host.http_addr().expect("an HTTP API"));
