@@ -461,6 +461,15 @@ impl Plugin {
                 Some(why) => Err(Failure::Reject(format!("publish refused: {}", cut_to(why, MAX_FAILURE_BYTES)))),
                 None => Ok(()),
             },
+            // A retry or a trap after a host call failed for the host (the SDK asks to retry when
+            // the kv store fails; a handler may unwrap): the host's failure. A reject is the
+            // handler's own choice.
+            Ok(Err(wit::HandlerError::Retry(m))) if state.host_failed.is_some() => {
+                Err(host_failed(state, &format!("asked to retry: {}", cut_to(&one_line(&m), 512))))
+            }
+            Err(e) if state.host_failed.is_some() && !state.deadline_hit => {
+                Err(host_failed(state, &format!("trapped: {}", cut_to(&describe_trap(&e, state, overflow), 512))))
+            }
             // The handler's own words, cut to a few KiB: they go to logs and dead letters.
             Ok(Err(wit::HandlerError::Retry(m))) => Err(Failure::Retry(cut(&one_line(&m)).into_owned())),
             Ok(Err(wit::HandlerError::Reject(m))) => Err(Failure::Reject(cut(&one_line(&m)).into_owned())),
@@ -535,6 +544,13 @@ fn header_refs(event: &Event) -> Vec<(&str, &str)> {
 
 /// Whose failure a failed instantiation or call is, and its cause in the words a user would
 /// search for. `overflow`: the guest's own stack, when the trap is it overflowing.
+/// The failure of an attempt whose handler `then` did something after a host call failed for
+/// the host ([`HostState::host_failed`]).
+fn host_failed(state: &HostState, then: &str) -> Failure {
+    let why = state.host_failed.as_deref().unwrap_or_default();
+    Failure::Host(cut(&format!("{why} (the handler then {then})")).into_owned())
+}
+
 fn failure_of(err: &wasmtime::Error, state: &HostState, overflow: Option<GuestStack>) -> Failure {
     // Dropped at the deadline while the host kept it waiting: the host's failure.
     if let (true, Some(why)) = (state.deadline_hit, &state.waiting_on_host) {

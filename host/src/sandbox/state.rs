@@ -67,6 +67,11 @@ pub struct HostState {
     /// read), while it does: a call dropped at the deadline with this set failed for the host,
     /// and is reported so (`host error: …`), never as the handler's deadline.
     pub waiting_on_host: Option<String>,
+    /// Why a host call the handler made failed for the host (the kv store failed a read, the
+    /// bus could not carry a request): an attempt that then asks to retry or traps failed for
+    /// the host, and is reported so (`host error: …`, counted in `plugbus_host_failures_total`),
+    /// never as the handler's. The first such failure of the attempt.
+    pub host_failed: Option<String>,
     http: wasmtime_wasi_http::WasiHttpCtx,
     /// The outbound HTTP policy of this attempt (`wasi:http` hooks).
     pub outbound: Outbound,
@@ -145,6 +150,7 @@ impl HostState {
             started: Instant::now(),
             deadline_hit: false,
             waiting_on_host: None,
+            host_failed: None,
             http: http_ctx(),
             outbound,
             seen: Seen::default(),
@@ -191,6 +197,7 @@ impl HostState {
         self.started = Instant::now();
         self.deadline_hit = false;
         self.waiting_on_host = None;
+        self.host_failed = None;
         self.outbound.event_id.clear();
         self.outbound.event_id.push_str(event_id);
         self.outbound.calls = 0;
@@ -553,7 +560,10 @@ impl rpc::Host for HostState {
                 let err = match e {
                     crate::rpc::RequestError::Timeout { .. } => rpc::RequestError::Timeout(text),
                     crate::rpc::RequestError::NoResponders(_) => rpc::RequestError::NoResponders(text),
-                    crate::rpc::RequestError::Unavailable(_) => rpc::RequestError::Unavailable(cut(&text).into_owned()),
+                    crate::rpc::RequestError::Unavailable(_) => {
+                        self.host_failed.get_or_insert_with(|| cut(&text).into_owned());
+                        rpc::RequestError::Unavailable(cut(&text).into_owned())
+                    }
                 };
                 return self.refuse_request(err);
             }
@@ -669,9 +679,10 @@ impl HostState {
     }
 }
 
-fn kv_err(e: crate::kv::KvError) -> types::KvError {
-    types::KvError::Unavailable(cut(&e.to_string()).into_owned())
-}
+/// What the guest is told when the kv store fails one of its reads: not the store's own words
+/// (they name the host's files, buckets and servers); those go to the host's log and the
+/// attempt's failure ([`HostState::host_failed`]).
+const KV_UNAVAILABLE: &str = "the kv store is unavailable (the host's log says why)";
 
 impl kv::Host for HostState {
     async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, types::KvError> {
@@ -713,7 +724,15 @@ impl kv::Host for HostState {
         self.waiting_on_host = Some(format!("the kv store did not answer a read of key {}", quoted(&key)));
         let value = self.txn.get(&*store, &self.plugin.name, &key).await;
         self.waiting_on_host = None;
-        let value = value.map_err(kv_err)?;
+        let value = match value {
+            Ok(value) => value,
+            Err(e) => {
+                let why = format!("the kv store failed a read of key {}: {e}", quoted(&key));
+                tracing::warn!(plugin = %self.plugin.name, event_id = %self.event_id, subject = %self.subject, "{why}");
+                self.host_failed.get_or_insert_with(|| cut(&why).into_owned());
+                return Err(types::KvError::Unavailable(KV_UNAVAILABLE.into()));
+            }
+        };
         if from_store && self.txn.read_bytes() > read_bytes_cap {
             return Err(read_bytes_reached(&key));
         }

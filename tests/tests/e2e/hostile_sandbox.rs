@@ -511,12 +511,14 @@ async fn deep_recursion_is_named_a_stack_overflow_of_the_handlers_own_stack() {
     ok.next_on("hostile.out.ok").await;
 }
 
-/// A kv store whose reads go wrong: they panic (a bug in a host function) or never answer (a
-/// stalled broker or disk). (`KvStore` is an `async_trait`; written out by hand here, the tests
-/// crate does not depend on the macro.)
+/// A kv store whose reads go wrong: they panic (a bug in a host function), never answer (a
+/// stalled broker or disk) or fail (a log being reopened, in words that name the host's files).
+/// (`KvStore` is an `async_trait`; written out by hand here, the tests crate does not depend on
+/// the macro.)
 enum BrokenReads {
     Panic,
     Stall,
+    Unavailable,
 }
 
 type KvFuture<'a, T> =
@@ -533,6 +535,9 @@ impl plugbus::kv::KvStore for BrokenReads {
         match self {
             BrokenReads::Panic => Box::pin(async { panic!("kv store exploded") }),
             BrokenReads::Stall => Box::pin(std::future::pending()),
+            BrokenReads::Unavailable => Box::pin(async {
+                Err(plugbus::kv::KvError::Unavailable("/srv/plugbus/bus.redb is being reopened".into()))
+            }),
         }
     }
 
@@ -547,10 +552,15 @@ impl plugbus::kv::KvStore for BrokenReads {
     }
 }
 
-/// `hostile` loaded alone in `mode`, its kv `kv`, with `limits`.
+/// `hostile` loaded alone, its kv `kv`, with `limits`.
 async fn hostile_alone(kv: BrokenReads, limits: Limits) -> plugbus::sandbox::Plugin {
+    alone("hostile", kv, limits).await
+}
+
+/// `component` loaded alone, its kv `kv`, with `limits`.
+async fn alone(component: &str, kv: BrokenReads, limits: Limits) -> plugbus::sandbox::Plugin {
     let sandbox = Sandbox::new(SandboxSettings::default()).unwrap();
-    let bytes = std::fs::read(wasm("hostile")).unwrap();
+    let bytes = std::fs::read(wasm(component)).unwrap();
     sandbox
         .load(&bytes, |_| PluginSettings {
             limits,
@@ -606,6 +616,40 @@ async fn a_kv_store_that_does_not_answer_fails_the_attempt_as_the_hosts_not_the_
             let ok = plugin.handle(&Event::new("hostile.ok", ""), 1).await;
             assert!(ok.result.is_ok(), "{mode:?}: the next event failed: {:?}", ok.result);
         }
+    }
+}
+
+/// A kv read the store fails (a log being reopened, a broker gone): the SDK asks to retry, and
+/// the attempt fails as the host's (`host error: the kv store failed a read …`), never as the
+/// handler's retry (its dead letter said `handler asked to retry: kv store unavailable: …`, and
+/// `plugbus_host_failures_total` missed it); the guest is told the store is unavailable, not the
+/// store's words, which name the host's files (review 48a L2, L3). A reject after it stays the
+/// handler's own choice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_read_the_store_fails_fails_the_attempt_as_the_hosts_and_shows_the_guest_no_paths() {
+    let plugin = alone("dice", BrokenReads::Unavailable, Limits::default()).await;
+    let run = plugin.handle(&Event::new("dice.roll", ""), 1).await;
+    match &run.result {
+        Err(f @ Failure::Host(m)) => {
+            let m = m.as_str();
+            assert!(
+                f.to_string().starts_with(
+                    r#"host error: the kv store failed a read of key "rolls": kv store unavailable: /srv/plugbus/bus.redb"#
+                ),
+                "{f}"
+            );
+            assert!(m.contains("(the handler then asked to retry: "), "{m}");
+            assert!(m.ends_with("the kv store is unavailable (the host's log says why))"), "{m}");
+        }
+        other => panic!("expected the host's failure, got {other:?}"),
+    }
+    let plugin = hostile_alone(BrokenReads::Unavailable, Limits::default()).await;
+    let run = plugin.handle(&Event::new("hostile.kvreads", "1"), 1).await;
+    match &run.result {
+        Err(Failure::Reject(m)) => {
+            assert!(m.contains("the kv store is unavailable") && !m.contains("/srv/plugbus"), "{m}")
+        }
+        other => panic!("expected the handler's reject, got {other:?}"),
     }
 }
 
