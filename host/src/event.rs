@@ -368,18 +368,12 @@ pub fn cut_to(text: &str, limit: usize) -> std::borrow::Cow<'_, str> {
 /// of the host's line reordered (`plugin=` and `event_id=` read backwards), and NATS cannot carry
 /// a line break in a dead letter's `plugbus-error` header.
 pub fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
-    // Unicode's line and paragraph separators end a line too, for some readers.
-    let breaks = |c: char| {
-        c.is_control()
-            || matches!(c, '\u{2028}' | '\u{2029}')
-            || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-    };
-    if !text.contains(breaks) {
+    if !text.contains(breaks_line) {
         return std::borrow::Cow::Borrowed(text);
     }
     let mut line = String::with_capacity(text.len() + 16);
     for c in text.chars() {
-        if breaks(c) {
+        if breaks_line(c) {
             line.extend(c.escape_default());
         } else {
             line.push(c);
@@ -388,10 +382,23 @@ pub fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(line)
 }
 
-/// `text` on one line ([`one_line`]) and at most `limit` bytes ([`cut_to`]): cut before it is
-/// escaped too, so a huge text is never escaped whole.
+/// Whether [`one_line`] escapes `c`. Unicode's line and paragraph separators end a line too,
+/// for some readers.
+fn breaks_line(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}')
+        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `text` on one line ([`one_line`]), its escaped form at most `limit` bytes followed by
+/// `… [cut at <end> of <len> bytes]` (`end` in `text`) when cut: cut before it is escaped, so a
+/// huge text is never escaped whole (4 MiB of control characters made 21 MiB).
 pub fn one_line_cut(text: &str, limit: usize) -> String {
-    cut_to(&one_line(&cut_to(text, limit)), limit).into_owned()
+    let escaped_len = |c: char| if breaks_line(c) { c.escape_default().len() } else { c.len_utf8() };
+    match cut_point(text, limit, escaped_len) {
+        None => one_line(text).into_owned(),
+        Some(end) => format!("{}{}", one_line(&text[..end]), cut_note(end, text.len())),
+    }
 }
 
 /// A copy of `data` in an allocation of its own, for an event's data. A NATS payload and an HTTP
@@ -423,6 +430,19 @@ pub fn quoted(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A long text with control characters is cut before it is escaped, to at most `limit`
+    /// escaped bytes, and the note says where in the text it was cut; plain text is cut as
+    /// [`cut_to`] cuts it.
+    #[test]
+    fn one_line_cut_escapes_no_more_than_it_keeps() {
+        let controls = "\u{1}".repeat(1 << 20);
+        let line = one_line_cut(&controls, 4096);
+        assert_eq!(line, format!("{}… [cut at 819 of 1048576 bytes]", "\\u{1}".repeat(819)));
+        let plain = "E".repeat(1 << 20);
+        assert_eq!(one_line_cut(&plain, 4096), cut_to(&plain, 4096));
+        assert_eq!(one_line_cut("a\nb", 4096), "a\\nb");
+    }
 
     /// An output is charged at least what the event it becomes costs held, whatever its shape:
     /// many empty headers, a long subject (review 44b: 6 KB charged for 658 KB).

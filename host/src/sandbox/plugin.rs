@@ -7,7 +7,7 @@ use super::pool::{POOL_WAIT_MAX, SharedPool, SlotWait, Warm, WarmList};
 use super::record::Seen;
 use super::state::{HostState, PluginCtx};
 use super::world::FixedWorld;
-use crate::event::{Event, Output, cut, cut_to, one_line};
+use crate::event::{ECHO_BYTES, Event, Output, cut, cut_to, one_line_cut};
 use crate::kv::{KvError, KvStore, Txn};
 use crate::manifest::Manifest;
 use crate::telemetry;
@@ -290,7 +290,7 @@ impl Plugin {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "a panic without a message".into());
-                let what = cut(&one_line(&what)).into_owned();
+                let what = one_line_cut(&what, ECHO_BYTES);
                 tracing::error!(plugin = %self.ctx.name, event_id = %event.id, subject = %event.subject, attempt,
                     "a host function panicked during the attempt; it fails as a trap would (not the handler's fault): {what}");
                 Attempt {
@@ -465,14 +465,14 @@ impl Plugin {
             // the kv store fails; a handler may unwrap): the host's failure. A reject is the
             // handler's own choice.
             Ok(Err(wit::HandlerError::Retry(m))) if state.host_failed.is_some() => {
-                Err(host_failed(state, &format!("asked to retry: {}", cut_to(&one_line(&m), 512))))
+                Err(host_failed(state, &format!("asked to retry: {}", one_line_cut(&m, 512))))
             }
             Err(e) if state.host_failed.is_some() && !state.deadline_hit => {
                 Err(host_failed(state, &format!("trapped: {}", cut_to(&describe_trap(&e, state, overflow), 512))))
             }
             // The handler's own words, cut to a few KiB: they go to logs and dead letters.
-            Ok(Err(wit::HandlerError::Retry(m))) => Err(Failure::Retry(cut(&one_line(&m)).into_owned())),
-            Ok(Err(wit::HandlerError::Reject(m))) => Err(Failure::Reject(cut(&one_line(&m)).into_owned())),
+            Ok(Err(wit::HandlerError::Retry(m))) => Err(Failure::Retry(one_line_cut(&m, ECHO_BYTES))),
+            Ok(Err(wit::HandlerError::Reject(m))) => Err(Failure::Reject(one_line_cut(&m, ECHO_BYTES))),
             Err(e) => Err(failure_of(&e, state, overflow)),
         }
     }
@@ -598,7 +598,7 @@ fn describe_trap(err: &wasmtime::Error, state: &HostState, overflow: Option<Gues
         .map(|i| {
             let at = lines[i].split("panicked at ").nth(1).unwrap_or_default().trim_end_matches(':');
             let msg = lines.get(i + 1).map(String::as_str).unwrap_or_default();
-            format!(": {} (at {})", cut(&one_line(msg)), cut(&one_line(at)))
+            format!(": {} (at {})", one_line_cut(msg, ECHO_BYTES), one_line_cut(at, ECHO_BYTES))
         })
         .unwrap_or_default();
     let text = match err.downcast_ref::<Trap>() {

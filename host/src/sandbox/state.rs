@@ -326,16 +326,23 @@ impl bus::Host for HostState {
 
 impl logging::Host for HostState {
     fn log(&mut self, level: types::LogLevel, message: String) {
-        // On one line (see `event::one_line`), and charged as written: an escaped control
-        // character takes up to ten bytes.
-        let message = crate::event::one_line(&message);
         // Each line costs ENTRY_COST on top of its bytes: a million empty lines are a million
-        // host log lines, not zero bytes.
+        // host log lines, not zero bytes. Charged as it comes first: a line over what is left
+        // is never escaped (4 MiB of control characters escaped to 21 MiB, for nothing).
         self.log_bytes += message.len() as u64 + ENTRY_COST;
         if self.log_bytes > self.plugin.limits.max_log_bytes {
             self.seen.truncated = true;
             return;
         }
+        // On one line (see `event::one_line`), and charged as written: an escaped control
+        // character takes up to ten bytes.
+        let escaped = crate::event::one_line(&message);
+        self.log_bytes += (escaped.len() - message.len()) as u64;
+        if self.log_bytes > self.plugin.limits.max_log_bytes {
+            self.seen.truncated = true;
+            return;
+        }
+        let message = escaped;
         let (plugin, event_id, subject) = (&*self.plugin.name, &self.event_id, &self.subject);
         let name = match level {
             types::LogLevel::Trace => "TRACE",

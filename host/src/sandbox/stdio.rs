@@ -60,8 +60,13 @@ impl Capture {
                 continue;
             }
             // On one line (a `\r` or a separator in it would start a log line of its own), and
-            // charged as written.
-            let line = crate::event::one_line(line);
+            // charged as written (escaping never shrinks a line: one over the room as it came is
+            // not escaped).
+            let line = if line.len() + crate::kv::ENTRY_COST as usize > room {
+                line.into()
+            } else {
+                crate::event::one_line(line)
+            };
             let cost = line.len() + crate::kv::ENTRY_COST as usize;
             // Once one line is cut, every later one is too (the log keeps the start, in order).
             if cost > room {
