@@ -15,7 +15,6 @@
 //! - A dead-letter replay runs to its end in its own task: a client that goes away midway loses
 //!   no dead letter.
 
-use crate::loader::Rejected;
 use crate::replay_report::{NotTaken, ReplayReport, Target};
 use crate::router::Router;
 use crate::subject::validate_subject;
@@ -90,7 +89,7 @@ pub struct ApiState {
     /// The live plugins.
     pub router: Arc<Router>,
     /// Files that could not be loaded.
-    pub rejected: Arc<Mutex<Vec<Rejected>>>,
+    pub rejected: Arc<Mutex<crate::loader::RejectedFiles>>,
     /// Kept dead letters.
     pub dead_letters: Arc<crate::deadletter::DeadLetters>,
     /// Counters and gauges.

@@ -29,7 +29,7 @@ pub struct Host {
     watcher: Option<reload::WatchGuard>,
     dead_letters: Arc<DeadLetters>,
     drain_timeout: std::time::Duration,
-    rejected: Arc<Mutex<Vec<Rejected>>>,
+    rejected: Arc<Mutex<loader::RejectedFiles>>,
     http_addr: Option<SocketAddr>,
     stop_http: Option<oneshot::Sender<()>>,
     http_task: Option<tokio::task::JoinHandle<()>>,
@@ -116,7 +116,7 @@ impl Host {
         for r in &rejected {
             metrics.load_error(&r.path);
         }
-        let rejected = Arc::new(Mutex::new(rejected));
+        let rejected = Arc::new(Mutex::new(rejected.into_iter().collect::<loader::RejectedFiles>()));
         let reloader = Arc::new(Reloader {
             sandbox,
             config: config.clone(),
@@ -214,7 +214,7 @@ impl Host {
 
     /// Files that could not be loaded.
     pub fn rejected(&self) -> Vec<Rejected> {
-        self.rejected.lock().expect("poisoned").clone()
+        self.rejected.lock().expect("poisoned").iter().cloned().collect()
     }
 
     /// Where the HTTP API listens.

@@ -57,6 +57,57 @@ impl Rejected {
     }
 }
 
+/// The files of the plugins folder that could not be loaded, by path: a refusal replaces the
+/// file's last one in `O(log n)` (a `Vec` scanned for it under the lock the API shares cost a
+/// rescan of a million refused files ~10^12 comparisons). Past the first
+/// [`crate::stats::LISTED_REJECTED`], each keeps at most [`UNLISTED_REASON_BYTES`] of its reason
+/// (never listed, it was logged whole): a million links to a file with a long reason held GiBs.
+#[derive(Debug, Default, Clone)]
+pub struct RejectedFiles(std::collections::BTreeMap<PathBuf, Rejected>);
+
+/// The most of a refusal's reason kept past the first listed ones ([`RejectedFiles`]).
+pub const UNLISTED_REASON_BYTES: usize = 512;
+
+impl RejectedFiles {
+    /// Keeps `refused`, in place of its file's last refusal.
+    pub fn insert(&mut self, mut refused: Rejected) {
+        if self.0.len() >= crate::stats::LISTED_REJECTED && !self.0.contains_key(&refused.path) {
+            refused.reason = crate::event::cut_to(&refused.reason, UNLISTED_REASON_BYTES).into_owned();
+        }
+        self.0.insert(refused.path.clone(), refused);
+    }
+
+    /// Forgets `path`'s refusal (loaded since, or gone).
+    pub fn remove(&mut self, path: &Path) {
+        self.0.remove(path);
+    }
+
+    /// How many files are refused.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The refusals, by path.
+    pub fn iter(&self) -> impl Iterator<Item = &Rejected> {
+        self.0.values()
+    }
+}
+
+impl FromIterator<Rejected> for RejectedFiles {
+    fn from_iter<I: IntoIterator<Item = Rejected>>(refusals: I) -> Self {
+        let mut files = Self::default();
+        for refused in refusals {
+            files.insert(refused);
+        }
+        files
+    }
+}
+
 /// A plugins-folder path as logs show it: on one line (a file's name can hold a line break and
 /// an escape, and would forge a log line of the host's, or drive the reader's terminal).
 pub fn shown(path: &Path) -> String {
@@ -386,6 +437,25 @@ pub async fn load_dir_reporting(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Refused files are kept by path (a file refused again replaces its refusal), and past the
+    /// listed ones each keeps a short reason (it was logged whole).
+    #[test]
+    fn refused_files_are_kept_by_path_and_unlisted_reasons_are_short() {
+        let long = "x".repeat(10_000);
+        let mut files: RejectedFiles = (0..crate::stats::LISTED_REJECTED)
+            .map(|i| Rejected::new(PathBuf::from(format!("f{i:05}.wasm")), &long))
+            .collect();
+        files.insert(Rejected::new(PathBuf::from("f00000.wasm"), "again"));
+        assert_eq!(files.len(), crate::stats::LISTED_REJECTED);
+        assert_eq!(files.iter().next().unwrap().reason, "again");
+        files.insert(Rejected::new(PathBuf::from("z.wasm"), &long));
+        let last = files.iter().last().unwrap();
+        assert!(last.reason.len() < UNLISTED_REASON_BYTES + 64, "{}", last.reason.len());
+        assert!(files.iter().nth(1).unwrap().reason.len() > 9_000, "a listed one keeps its reason");
+        files.remove(Path::new("z.wasm"));
+        assert_eq!(files.len(), crate::stats::LISTED_REJECTED);
+    }
 
     #[test]
     fn a_refusal_and_a_file_name_are_kept_on_one_line_and_bounded() {

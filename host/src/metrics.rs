@@ -55,6 +55,11 @@ pub struct FileLabels {
     pub file: String,
 }
 
+/// The most files `plugbus_load_errors_total` names (see [`Metrics::load_error`]).
+pub const LOAD_ERROR_FILES: usize = 1_000;
+/// The `file` label of the load errors of files past [`LOAD_ERROR_FILES`].
+pub const OTHER_FILES: &str = "(others)";
+
 /// Every metric of the host.
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -78,8 +83,11 @@ pub struct Metrics {
     pub queue_depth: Family<PluginLabels, Gauge>,
     /// Versions swapped in, added or removed.
     pub reloads: Family<PluginLabels, Counter>,
-    /// Files that could not be loaded.
+    /// Files that could not be loaded: the first [`LOAD_ERROR_FILES`] by name, the rest
+    /// under [`OTHER_FILES`].
     pub load_errors: Family<FileLabels, Counter>,
+    /// The files `load_errors` has a series of.
+    load_error_files: Mutex<std::collections::HashSet<String>>,
     /// Components compiled (cache misses included).
     pub compiled: Gauge,
     /// Components read from the compile cache.
@@ -130,6 +138,7 @@ impl Default for Metrics {
             queue_depth: Family::default(),
             reloads: Family::default(),
             load_errors: Family::default(),
+            load_error_files: Mutex::default(),
             breaker_open: Family::default(),
             breaker_opened: Family::default(),
             compiled: Gauge::default(),
@@ -363,9 +372,19 @@ impl Metrics {
         }
     }
 
-    /// Counts a file of the plugins folder that could not be loaded.
+    /// Counts a file of the plugins folder that could not be loaded: under its name while at
+    /// most [`LOAD_ERROR_FILES`] files have a series, else under [`OTHER_FILES`] (a folder of a
+    /// million refused links made a million series, in every scrape and `plugbus dev`'s poll).
     pub fn load_error(&self, path: &std::path::Path) {
-        let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut named = self.load_error_files.lock().expect("metrics poisoned");
+        if !named.contains(&file) {
+            if named.len() < LOAD_ERROR_FILES {
+                named.insert(file.clone());
+            } else {
+                file = OTHER_FILES.to_string();
+            }
+        }
         self.load_errors.get_or_create(&FileLabels { file }).inc();
     }
 
@@ -373,7 +392,9 @@ impl Metrics {
     /// as the files there, not every name a file ever had.
     pub fn forget_load_errors(&self, path: &std::path::Path) {
         let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-        self.load_errors.remove(&FileLabels { file });
+        if self.load_error_files.lock().expect("metrics poisoned").remove(&file) {
+            self.load_errors.remove(&FileLabels { file });
+        }
     }
 
     /// Lets `register` add metrics kept elsewhere (a transport's own) to the registry.

@@ -74,7 +74,7 @@ pub struct Reloader {
     /// The live plugins.
     pub router: Arc<Router>,
     /// Files that could not be loaded (path → reason), shared with the API.
-    pub rejected: Arc<Mutex<Vec<Rejected>>>,
+    pub rejected: Arc<Mutex<crate::loader::RejectedFiles>>,
     /// Which file each live plugin came from.
     pub files: Mutex<HashMap<PathBuf, String>>,
     /// Counters.
@@ -90,13 +90,11 @@ impl Reloader {
         let serving = self.files.lock().expect("poisoned").get(path).cloned();
         let refused = Rejected::new(path.to_path_buf(), &reason);
         refused.log(serving.as_deref());
-        let mut rejected = self.rejected.lock().expect("poisoned");
-        rejected.retain(|r| r.path != path);
-        rejected.push(refused);
+        self.rejected.lock().expect("poisoned").insert(refused);
     }
 
     fn clear_rejection(&self, path: &Path) {
-        self.rejected.lock().expect("poisoned").retain(|r| r.path != path);
+        self.rejected.lock().expect("poisoned").remove(path);
     }
 
     /// Applies the current state of one file, changed at `changed_at` and changing since

@@ -801,7 +801,10 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
 
 /// A folder of many bad files (someone who can write it, or a broken deploy script): every
 /// answer of `/v1/plugins` and `/v1/stats` (the dashboard asks every 2 s) listed each of them,
-/// hundreds of MB at a million. They list the first 1,000 and say how many there are.
+/// hundreds of MB at a million. They list the first 1,000 and say how many there are; so does
+/// `plugbus_load_errors_total`, whose other files count under `file="(others)"` (a series per
+/// file was a million series in every scrape: review 48b M3); a file refused again, or loaded,
+/// replaces its refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_refused_files_are_listed_up_to_a_bound_and_counted() {
     let tmp = tempfile::tempdir().unwrap();
@@ -815,5 +818,17 @@ async fn many_refused_files_are_listed_up_to_a_bound_and_counted() {
         assert_eq!(answer["rejected"].as_array().unwrap().len(), 1_000, "{route}");
         assert_eq!(answer["rejected_total"], 1_005, "{route}");
     }
+    let metrics = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+    let series: Vec<&str> = metrics.lines().filter(|l| l.starts_with("plugbus_load_errors_total{")).collect();
+    assert_eq!(series.len(), 1_001, "a series per file past the bound");
+    assert!(series.contains(&r#"plugbus_load_errors_total{file="(others)"} 5"#), "{:?}", &series[..3]);
+    // One removed: its refusal gone; one refused again: still one refusal.
+    std::fs::remove_file(tmp.path().join("junk00003.wasm")).unwrap();
+    std::fs::write(tmp.path().join("junk00004.wasm"), b"still not wasm").unwrap();
+    std::fs::copy(wasm("audit"), tmp.path().join("audit.wasm")).unwrap();
+    eventually("audit loads", || host.router().names().contains(&"audit".to_string())).await;
+    eventually("the removed file's refusal goes", || host.rejected().len() == 1_004).await;
+    let again: Vec<_> = host.rejected().into_iter().filter(|r| r.path.ends_with("junk00004.wasm")).collect();
+    assert_eq!(again.len(), 1, "{again:?}");
     host.shutdown().await;
 }
