@@ -8,7 +8,7 @@
 //! `source` and `type`; the error names the attribute that is wrong. `ce-` headers without
 //! `ce-specversion` (`plugbus publish -H`) are read as the attributes of a plain event.
 
-use crate::event::{Event, new_id, now_rfc3339};
+use crate::event::{Event, cut_to, new_id, now_rfc3339};
 use bytes::Bytes;
 use std::borrow::Cow;
 
@@ -231,11 +231,18 @@ fn decode_structured(subject: &str, body: &[u8], fallback_id: Option<String>) ->
             Err(_) => format!("structured CloudEvent is not valid JSON: {e}"),
         })?;
     let data = members.get("data").copied();
-    let obj: serde_json::Map<String, serde_json::Value> = members
+    // A member serde_json reads as raw text may still not be a value it reads (a number out of
+    // range, `1e400`; nesting past its depth; a lone surrogate in a string): refused, never a
+    // panic in the consumer that decodes it.
+    let value = |k: &str, raw: &RawValue| {
+        serde_json::from_str(raw.get())
+            .map_err(|e| format!("member `{}` of the structured CloudEvent is not valid JSON: {e}", cut_to(k, 64)))
+    };
+    let obj = members
         .iter()
         .filter(|(k, _)| *k != "data")
-        .map(|(k, v)| (k.clone(), serde_json::from_str(v.get()).expect("a JSON value serde_json read")))
-        .collect();
+        .map(|(k, v)| Ok((k.clone(), value(k, v)?)))
+        .collect::<Result<serde_json::Map<String, serde_json::Value>, String>>()?;
     check_structured(&obj, data.is_some())?;
     let text = |k: &str| obj.get(k).and_then(|v| v.as_str()).map(str::to_owned);
     let mut ev = Event::new(subject, Bytes::new());
@@ -257,7 +264,8 @@ fn decode_structured(subject: &str, body: &[u8], fallback_id: Option<String>) ->
         match data.map(RawValue::get) {
             None | Some("null") => Bytes::new(),
             Some(json) if text_type && json.starts_with('"') => {
-                let text: String = serde_json::from_str(json).expect("a JSON string serde_json read");
+                let text: String = serde_json::from_str(json)
+                    .map_err(|e| format!("`data` of the structured CloudEvent is not a valid JSON string: {e}"))?;
                 exact(text.into_bytes())
             }
             Some(json) => {
@@ -801,6 +809,19 @@ mod tests {
         let twice = r#"{"specversion":"1.0","id":"1","source":"s","type":"t","data":1,"data":2}"#;
         let ev = decode("a.b", [("content-type", STRUCTURED)].into_iter(), Bytes::from(twice)).unwrap();
         assert_eq!(ev.data.as_ref(), b"2", "the last, as for every repeated key of the envelope");
+        // What serde_json reads as raw text but not as a value is refused, never a panic in the
+        // consumer decoding it (review 48c H1: a JetStream consumer task died on each, for good).
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        for member in [
+            r#""x":1e400"#,
+            &*format!(r#""x":{deep}"#),
+            r#""x":"\ud800""#,
+            r#""datacontenttype":"text/plain","data":"\ud800""#,
+        ] {
+            let body = format!(r#"{{"specversion":"1.0","id":"1","source":"s","type":"t",{member}}}"#);
+            let e = decode("a.b", [("content-type", STRUCTURED)].into_iter(), Bytes::from(body)).unwrap_err();
+            assert!(e.contains("JSON"), "{member}: {e}");
+        }
     }
 
     /// An extension named like a core attribute (a client's plain `id` or `source` header, a

@@ -318,15 +318,32 @@ pub const KEEPS_QUEUED_PER_PLUGIN: usize = 2;
 /// 1 MiB of kv does not hold a record each in memory.
 pub const RECORD_BYTES_WAITING_PER_PLUGIN: usize = 16 << 20;
 
-/// Whether two entries are the same plugin's dead letter of the same event: the same id (made
-/// from the event's source, id, subject and data and the plugin: [`dead_letter_id`]), on the
-/// same subject with the same data (a dead letter kept by an older version has an id made of
-/// the source, id and plugin alone).
+/// Whether two entries are the same plugin's dead letter of the same event: the same original
+/// (source, id and subject, as their headers name it) with the same data, on the same
+/// dead-letter subject. Not by id: one kept by an older version has an id made of the source,
+/// id and plugin alone, and a new one of the same event (its input failing again after a kill)
+/// must replace it all the same.
 fn same_dead_letter(a: &Entry, b: &Entry) -> bool {
-    a.event.id == b.event.id
-        && a.plugin == b.plugin
+    a.plugin == b.plugin
         && a.event.subject == b.event.subject
+        && same_original(&a.event, b.event.header(headers::ORIGINAL_SOURCE), b.event.header(headers::ORIGINAL_ID))
+        && a.event.header(headers::ORIGINAL_SUBJECT) == b.event.header(headers::ORIGINAL_SUBJECT)
         && a.event.data == b.event.data
+}
+
+/// Whether `dead` is a dead letter of an event of `source` and `id` (a dead letter that names no
+/// source, from a version before it did, is of any).
+fn same_original(dead: &Event, source: Option<&str>, id: Option<&str>) -> bool {
+    let of_source = match (original_source_named(dead), source) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    };
+    of_source && id.is_some() && dead.header(headers::ORIGINAL_ID) == id
+}
+
+/// The source `dead`'s headers name for its event, if they do.
+fn original_source_named(dead: &Event) -> Option<&str> {
+    dead.extensions.iter().rev().find(|(k, _)| k == headers::ORIGINAL_SOURCE).map(|(_, v)| v.as_str())
 }
 
 /// The bytes the store charges for keeping `entry`.
@@ -370,7 +387,7 @@ struct Held {
 /// The source of the event `dead` is the dead letter of (`plugbus/<plugin>` for a plugin's
 /// output); empty when it names none. Looked for from the end: the host adds its own headers last.
 fn original_source(dead: &Event) -> &str {
-    dead.extensions.iter().rev().find(|(k, _)| k == headers::ORIGINAL_SOURCE).map_or("", |(_, v)| v.as_str())
+    original_source_named(dead).unwrap_or_default()
 }
 
 impl Kept {
@@ -776,15 +793,16 @@ impl DeadLetters {
         (newest, total)
     }
 
-    /// The dead letter kept of `plugin`'s delivery of `original` (its id, subject and data),
-    /// and whether the file has it (a broker may then take it without its data).
+    /// The dead letter kept of `plugin`'s delivery of `original` (its source, id, subject and
+    /// data, as the dead letter's headers name them: one kept by an older version, whose id was
+    /// made otherwise, too), and whether the file has it (a broker may then take it without its
+    /// data).
     pub fn kept_for(&self, plugin: &str, original: &Event) -> Option<(Event, bool)> {
-        let id = dead_letter_id(original, plugin);
         let entry = {
             let kept = self.kept.lock().expect("dlq poisoned");
             let same = |e: &&Entry| {
                 e.plugin == plugin
-                    && e.event.id == id
+                    && same_original(&e.event, Some(&original.source), Some(&original.id))
                     && e.event.header(headers::ORIGINAL_SUBJECT) == Some(original.subject.as_str())
                     && e.event.data == original.data
             };
@@ -1272,6 +1290,23 @@ mod tests {
         assert_eq!(subjects(&after), expected);
         drop(after);
         assert_eq!(subjects(&DeadLetters::persistent(10, &path).unwrap()), expected, "in the file too");
+    }
+
+    /// A dead letter kept by a version before ids hashed the data (its id made of the source,
+    /// id and plugin alone) is the same dead letter as this version's of the same event: kept
+    /// again after a kill, the new one replaces it, and `kept_for` finds it (review 48c M1).
+    #[test]
+    fn a_dead_letter_kept_by_an_older_version_is_found_and_replaced() {
+        let input = Event::new("orders.created", "{}");
+        let mut old = dead_letter_event(&input, "audit", "plugbus.dlq.audit", "boom", 3);
+        old.id = crate::event::output_id(&input.source, &input.id, "audit", usize::MAX);
+        let store = DeadLetters::new(10);
+        store.push("audit", old.clone());
+        assert_eq!(store.kept_for("audit", &input).map(|(e, _)| e.id), Some(old.id.clone()));
+        store.push("audit", dead_letter_event(&input, "audit", "plugbus.dlq.audit", "boom", 3));
+        let kept = store.list(Some("audit"));
+        assert_eq!(kept.len(), 1, "the old one replaced");
+        assert_eq!(kept[0].event.id, dead_letter_id(&input, "audit"));
     }
 
     /// A kill between writing the newer of the two and removing the older leaves both in the

@@ -285,20 +285,24 @@ pub async fn load_file_as(
 }
 
 /// The sandbox a tool loads a plugin in (`plugbus test`, `plugbus inspect`): the host's limits
-/// (as [`crate::Host`] sets them), a few instances, and the compile cache the host would use,
-/// when it is on and named (`compile_cache_dir`, `PLUGBUS_COMPILE_CACHE_DIR`) or its `data_dir`
-/// is there: a tool run again on a component it ran before skips compiling it (seconds each). A
-/// tool makes no `data_dir`, and goes on without a cache it cannot use (logged).
+/// (as [`crate::Host`] sets them), a few instances, and the compile cache the host would use
+/// (`compile_cache_dir`, or `data_dir/cache`) when it is on and already made, by this user, with
+/// its key (`sandbox::cache::unusable_as_is`): a tool run again on a component it or the host
+/// compiled before skips compiling it (seconds each). A tool makes no folder and no key, and
+/// replaces none (run as another user, or before the host, it made the folder, or replaced a
+/// running host's key); it goes on without a cache it cannot use (logged at debug).
 pub fn tool_sandbox(config: &Config) -> anyhow::Result<Sandbox> {
     let mut settings = crate::sandbox::SandboxSettings { max_instances: 4, ..config.sandbox.clone() };
     settings.max_memory_mib = settings.max_memory_mib.max(config.max_memory_mib());
     let sandbox = Sandbox::new(settings.clone())?;
-    let dir = match &config.compile_cache_dir {
-        _ if !config.compile_cache => return Ok(sandbox),
-        Some(dir) => dir.clone(),
-        None if config.data_dir.is_dir() => config.data_dir.join("cache"),
-        None => return Ok(sandbox),
-    };
+    if !config.compile_cache {
+        return Ok(sandbox);
+    }
+    let dir = config.compile_cache_dir.clone().unwrap_or_else(|| config.data_dir.join("cache"));
+    if let Some(why) = crate::sandbox::cache::unusable_as_is(&dir) {
+        tracing::debug!("compiling without the compile cache: {why}");
+        return Ok(sandbox);
+    }
     match sandbox.with_cache(&dir) {
         Ok(cached) => Ok(cached),
         Err(e) => {

@@ -281,6 +281,25 @@ impl CompileCache {
     }
 }
 
+/// Why the cache in `dir` cannot be used as it is, by a tool that must change nothing of it
+/// (`plugbus test`, `plugbus inspect`: run as another user, or before the host made it, they
+/// made the folder, or replaced the key of a running host's cache): `None` when `dir` is a
+/// folder of this user's and its key is there and safe ([`CompileCache::new`] then reads it).
+pub fn unusable_as_is(dir: &Path) -> Option<String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    match std::fs::symlink_metadata(dir) {
+        Ok(meta) if meta.is_dir() && meta.uid() == me => {}
+        Ok(_) => return Some(format!("{} is not a folder of this user's", dir.display())),
+        Err(e) => return Some(format!("{}: {e}", dir.display())),
+    }
+    let key = key_path(dir);
+    match std::fs::symlink_metadata(&key) {
+        Ok(meta) => unsafe_key(&meta).map(|why| format!("its key {} is {why}", key.display())),
+        Err(e) => Some(format!("its key {}: {e}", key.display())),
+    }
+}
+
 fn key_path(dir: &Path) -> PathBuf {
     let mut name = dir.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "cache".into());
     name.push(".key");

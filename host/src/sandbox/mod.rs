@@ -8,7 +8,7 @@
 
 pub mod bindings;
 mod breaker;
-mod cache;
+pub(crate) mod cache;
 mod compile_jail;
 pub mod compiler;
 mod engine;

@@ -67,10 +67,10 @@ pub struct HostState {
     /// read), while it does: a call dropped at the deadline with this set failed for the host,
     /// and is reported so (`host error: …`), never as the handler's deadline.
     pub waiting_on_host: Option<String>,
-    /// Why a host call the handler made failed for the host (the kv store failed a read, the
-    /// bus could not carry a request): an attempt that then asks to retry or traps failed for
-    /// the host, and is reported so (`host error: …`, counted in `plugbus_host_failures_total`),
-    /// never as the handler's. The first such failure of the attempt.
+    /// Why a host call the handler made failed for the host (the kv store failed a read): an
+    /// attempt that then asks to retry or traps failed for the host, and is reported so
+    /// (`host error: …`, counted in `plugbus_host_failures_total`), never as the handler's. The
+    /// first such failure of the attempt.
     pub host_failed: Option<String>,
     http: wasmtime_wasi_http::WasiHttpCtx,
     /// The outbound HTTP policy of this attempt (`wasi:http` hooks).
@@ -567,10 +567,10 @@ impl rpc::Host for HostState {
                 let err = match e {
                     crate::rpc::RequestError::Timeout { .. } => rpc::RequestError::Timeout(text),
                     crate::rpc::RequestError::NoResponders(_) => rpc::RequestError::NoResponders(text),
-                    crate::rpc::RequestError::Unavailable(_) => {
-                        self.host_failed.get_or_insert_with(|| cut(&text).into_owned());
-                        rpc::RequestError::Unavailable(cut(&text).into_owned())
-                    }
+                    // Not marked as the host's failure: a request the bus does not carry may be
+                    // the handler's doing (over the server's max_payload, its own share of the
+                    // target's buffer full, a responder's invalid reply).
+                    crate::rpc::RequestError::Unavailable(_) => rpc::RequestError::Unavailable(cut(&text).into_owned()),
                 };
                 return self.refuse_request(err);
             }

@@ -442,9 +442,10 @@ fn outbound_http_is_answered_from_the_cases_stubs_and_the_calls_are_compared() {
 }
 
 /// `plugbus test` compiles through the compile cache the host would use (here the one
-/// `PLUGBUS_COMPILE_CACHE_DIR` names): a second run reads what the first kept (an entry forged in
-/// between is refused, and compiled again); with no cache named and no `data_dir` it makes
-/// neither. Every run compiled the component again (seconds each).
+/// `PLUGBUS_COMPILE_CACHE_DIR` names) once the host made it: a second run reads what the first
+/// kept (an entry forged in between is refused, and compiled again). It makes no cache, no key
+/// and no `data_dir` of its own (review 48c M3: run as another user it replaced a running host's
+/// key). Every run compiled the component again (seconds each).
 #[test]
 fn plugbus_test_compiles_through_the_hosts_compile_cache_and_makes_no_data_dir() {
     let dir = tempfile::tempdir().unwrap();
@@ -473,6 +474,12 @@ fn plugbus_test_compiles_through_the_hosts_compile_cache_and_makes_no_data_dir()
         found.sort();
         found
     };
+    // Not made yet: the tool makes neither the folder nor its key.
+    run(Some(&cache), dir.path());
+    assert!(!cache.exists() && !dir.path().join("compiled.key").exists(), "the tool made a cache");
+    // Made by a host (its own code path), with its key.
+    let settings = plugbus::sandbox::SandboxSettings::default();
+    drop(plugbus::sandbox::Sandbox::new(settings).unwrap().with_cache(&cache).unwrap());
     run(Some(&cache), dir.path());
     let kept = entries();
     assert_eq!(kept.len(), 1, "the first run kept what it compiled in {}", cache.display());
