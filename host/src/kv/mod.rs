@@ -139,6 +139,8 @@ pub struct Txn {
     held: u64,
     /// Bytes of values the store gave its reads (a key read again counted again).
     read_bytes: u64,
+    /// Bytes of the values of `reads` as first read: what a check of them reads again.
+    checked_bytes: u64,
     /// The most the namespace may hold once this commits ([`quota`]; `None`: no bound).
     pub quota: Option<u64>,
 }
@@ -159,8 +161,10 @@ impl Txn {
             return Ok(w.clone());
         }
         let (value, version) = store.read(ns, key).await?;
-        self.read_bytes += value.as_ref().map_or(0, |v| v.len() as u64);
+        let value_len = value.as_ref().map_or(0, |v| v.len() as u64);
+        self.read_bytes += value_len;
         if !self.reads.contains_key(key) {
+            self.checked_bytes += value_len;
             self.held += key.len() as u64 + ENTRY_COST;
             self.reads.insert(key.to_string(), version);
         }
@@ -192,9 +196,15 @@ impl Txn {
 
     /// The bytes of values the store gave this transaction's reads (a key read again counted
     /// again; its own writes read back not counted): bounded per attempt by
-    /// `max_kv_read_bytes`, and charged to its commit, whose check reads its keys again.
+    /// `max_kv_read_bytes`.
     pub fn read_bytes(&self) -> u64 {
         self.read_bytes
+    }
+
+    /// The bytes of the values of the keys it read, each as first read: what its commit's check
+    /// reads again (each key once), charged to the commit.
+    pub fn checked_bytes(&self) -> u64 {
+        self.checked_bytes
     }
 
     /// What [`Txn::held_bytes`] would be after writing `value_len` bytes (`None`: a delete)

@@ -32,12 +32,12 @@ const UNIT_BYTES: u64 = 1024;
 const SHARE_UNITS: u64 = COMMIT_BYTES_PER_PLUGIN / UNIT_BYTES;
 
 /// What a commit holds and costs while the store takes it: its transaction
-/// ([`Txn::held_bytes`]), the values its check reads again ([`Txn::read_bytes`]: a commit of one
-/// small write after reading 16 MiB reads them again, and was charged as small) and the outputs
-/// kept with it.
+/// ([`Txn::held_bytes`]), the values its check reads again ([`Txn::checked_bytes`]: a commit of
+/// one small write after reading 16 MiB reads them again, and was charged as small) and the
+/// outputs kept with it.
 pub fn commit_bytes(txn: &Txn, outbox: Option<&Outbox>) -> u64 {
     let outputs: usize = outbox.map_or(0, |o| o.outputs.iter().map(|e| e.data.len() + e.header_bytes()).sum());
-    txn.held_bytes() + txn.read_bytes() + outputs as u64
+    txn.held_bytes() + txn.checked_bytes() + outputs as u64
 }
 
 /// A kv store whose writes each plugin (each namespace) takes a bounded share of.
@@ -244,8 +244,9 @@ mod tests {
         assert_eq!(shared.get("hostile", "k15").await.unwrap().unwrap().value.len(), 4 << 20);
     }
 
-    /// A commit is charged the values its check reads again: one small write after reading 64
-    /// values of 250 KB was charged as a few bytes (review 48a H1).
+    /// A commit is charged the values its check reads again, each key once: one small write
+    /// after reading 8 values of 250 KB was charged as a few bytes (review 48a H1); one value
+    /// read 64 times is read once by the check (review 48c L1).
     #[tokio::test]
     async fn a_commit_is_charged_the_values_its_reads_brought() {
         let store = MemoryKv::new();
@@ -256,7 +257,14 @@ mod tests {
         }
         txn.set("x", b"1".to_vec());
         assert_eq!(txn.read_bytes(), 64 * 250_000);
-        assert!(commit_bytes(&txn, None) >= 64 * 250_000, "{}", commit_bytes(&txn, None));
+        assert_eq!(txn.checked_bytes(), 250_000, "its check reads the key once");
+        assert!(commit_bytes(&txn, None) >= 250_000, "{}", commit_bytes(&txn, None));
+        let mut wide = Txn::default();
+        for i in 0..8 {
+            store.commit("p", &writing(&format!("k{i}"), 250_000)).await.unwrap();
+            wide.get(&store, "p", &format!("k{i}")).await.unwrap();
+        }
+        assert!(commit_bytes(&wide, None) >= 8 * 250_000, "{}", commit_bytes(&wide, None));
     }
 
     #[tokio::test]

@@ -90,18 +90,18 @@ impl From<LoadError> for Refused {
 }
 
 /// The compile caps of `settings`, and the sandbox settings wasmtime checks a component
-/// against as it makes it (the instance pool's), as a key: a refusal kept under one is not
-/// under another.
+/// against as it makes it (the size of the instance pool's memory slots, the stack), as a key: a
+/// refusal kept under one is not under another. Not `max_instances`: a component's share of the
+/// pool is the same whatever its size (`engine::CORE_INSTANCES_PER_COMPONENT`), and the tools,
+/// which make a pool of 4, share the host's memo.
 pub fn caps_key(settings: &SandboxSettings) -> String {
     format!(
-        "plugbus {} compile_memory_mib={} compile_timeout={} threads={} max_memory_mib={} max_instances={} \
-         max_stack_bytes={}",
+        "plugbus {} compile_memory_mib={} compile_timeout={} threads={} max_memory_mib={} max_stack_bytes={}",
         env!("CARGO_PKG_VERSION"),
         settings.compile_memory_mib,
         humantime::format_duration(settings.compile_timeout),
         child_threads(),
         settings.max_memory_mib,
-        settings.max_instances,
         settings.max_stack_bytes
     )
 }
@@ -218,7 +218,10 @@ pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes:
             Ok(artifact)
         }
         Ending::Refused => {
-            Err(Refused { error: LoadError::Invalid(message), repeatable: started.elapsed() >= KEEP_REFUSALS_AFTER })
+            // An error of the operating system's (a failed `mmap`: the machine short of memory
+            // then) is not the file's, and not kept.
+            let repeatable = started.elapsed() >= KEEP_REFUSALS_AFTER && !message.contains("os error");
+            Err(Refused { error: LoadError::Invalid(message), repeatable })
         }
         // The kernel's cap, two seconds past the parent's: the parent, which looks every 20 ms,
         // did not see it reached, so a SIGXCPU from elsewhere is not taken for the file's doing

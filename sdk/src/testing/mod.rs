@@ -112,7 +112,8 @@ pub struct Limits {
     /// Bytes one attempt's kv transaction may hold (keys and values written, keys read, 64 more
     /// per key).
     pub max_kv_write_bytes: u64,
-    /// Distinct kv keys one attempt may read from the store.
+    /// kv reads one attempt may send to the store (a key read again counts again; a key it
+    /// wrote is read from its own writes and does not count), as on the host.
     pub max_kv_reads: u32,
     /// Bytes of values one attempt's kv reads may bring from the store (a key read again
     /// counts again; a key the attempt wrote does not).
@@ -813,6 +814,8 @@ struct Session {
     writes: BTreeMap<String, Option<Vec<u8>>>,
     /// Keys read from the store.
     reads: BTreeSet<String>,
+    /// Reads sent to the store (a key read again counted again).
+    store_reads: u64,
     /// Bytes `reads` and `writes` hold, as the host charges them.
     held: u64,
     /// Bytes of values read from the store.
@@ -847,6 +850,7 @@ impl Session {
             store: host.kv.clone(),
             writes: BTreeMap::new(),
             reads: BTreeSet::new(),
+            store_reads: 0,
             held: 0,
             read_bytes: 0,
             outputs: Vec::new(),
@@ -1087,14 +1091,16 @@ impl Session {
         if let Some(written) = self.writes.get(key) {
             return Ok(written.clone());
         }
+        // Every read of the store counts, a key read again too, as on the host.
+        if self.store_reads >= u64::from(self.limits.max_kv_reads) {
+            return Err(KvError::TooLarge(format!(
+                "kv read limit of {} reads per event reached (key {}; a key read again is read again)",
+                self.limits.max_kv_reads,
+                quoted(key)
+            )));
+        }
+        self.store_reads += 1;
         if !self.reads.contains(key) {
-            if self.reads.len() as u64 >= u64::from(self.limits.max_kv_reads) {
-                return Err(KvError::TooLarge(format!(
-                    "kv read limit of {} keys per event reached (key {})",
-                    self.limits.max_kv_reads,
-                    quoted(key)
-                )));
-            }
             self.check_kv_held(self.held + key.len() as u64 + ENTRY_COST)?;
             self.held += key.len() as u64 + ENTRY_COST;
             self.reads.insert(key.to_string());

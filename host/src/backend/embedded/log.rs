@@ -316,7 +316,7 @@ impl Op {
         match self {
             Op::KvCommit { txn, outbox, done: Some(_), .. } => Some(
                 txn.held_bytes()
-                    + txn.read_bytes()
+                    + txn.checked_bytes()
                     + outbox.as_ref().map_or(0, |o| o.outputs.iter().map(|e| e.data.len() as u64).sum::<u64>()),
             ),
             _ => None,
