@@ -59,9 +59,10 @@ impl Rejected {
 
 /// The files of the plugins folder that could not be loaded, by path: a refusal replaces the
 /// file's last one in `O(log n)` (a `Vec` scanned for it under the lock the API shares cost a
-/// rescan of a million refused files ~10^12 comparisons). Past the first
-/// [`crate::stats::LISTED_REJECTED`], each keeps at most [`UNLISTED_REASON_BYTES`] of its reason
-/// (never listed, it was logged whole): a million links to a file with a long reason held GiBs.
+/// rescan of a million refused files ~10^12 comparisons). A file refused once
+/// [`crate::stats::LISTED_REJECTED`] others are keeps at most [`UNLISTED_REASON_BYTES`] of its
+/// reason (it was logged whole; a listing, by path, may show it cut): a million links to a file
+/// with a long reason held GiBs.
 #[derive(Debug, Default, Clone)]
 pub struct RejectedFiles(std::collections::BTreeMap<PathBuf, Rejected>);
 

@@ -304,8 +304,8 @@ impl Sandbox {
                     if let Some((reason, kept)) = off_runtime(move || Ok(cache.refusal(&key, &caps))).await? {
                         return Err(LoadError::Invalid(format!(
                             "{reason} (kept from an earlier try under the same caps in {}: it is compiled again once \
-                             the file, sandbox.compile_memory_mib, sandbox.compile_timeout or the instance pool's \
-                             settings change, or that file is removed)",
+                             the file, sandbox.compile_memory_mib, sandbox.compile_timeout or the plugins' memory or \
+                             stack limits change, or that file is removed)",
                             kept.display()
                         )));
                     }

@@ -734,9 +734,13 @@ impl kv::Host for HostState {
         let value = match value {
             Ok(value) => value,
             Err(e) => {
-                let why = format!("the kv store failed a read of key {}: {e}", quoted(&key));
-                tracing::warn!(plugin = %self.plugin.name, event_id = %self.event_id, subject = %self.subject, "{why}");
-                self.host_failed.get_or_insert_with(|| cut(&why).into_owned());
+                // Logged once per attempt (the first failure is the attempt's): a handler that
+                // reads on through a failing store makes up to `max_kv_reads` of them.
+                if self.host_failed.is_none() {
+                    let why = format!("the kv store failed a read of key {}: {e}", quoted(&key));
+                    tracing::warn!(plugin = %self.plugin.name, event_id = %self.event_id, subject = %self.subject, "{why}");
+                    self.host_failed = Some(cut(&why).into_owned());
+                }
                 return Err(types::KvError::Unavailable(KV_UNAVAILABLE.into()));
             }
         };
