@@ -283,6 +283,18 @@ pub struct Entry {
     pub record: Option<Box<Record>>,
 }
 
+impl Entry {
+    /// Whether this is `plugin`'s dead letter of `original`: its source, id, subject and data, as
+    /// the dead letter's headers name them (one kept by an older version, whose id was made
+    /// otherwise, too).
+    fn is_of(&self, plugin: &str, original: &Event) -> bool {
+        self.plugin == plugin
+            && same_original(&self.event, Some(&original.source), Some(&original.id))
+            && self.event.header(headers::ORIGINAL_SUBJECT) == Some(original.subject.as_str())
+            && self.event.data == original.data
+    }
+}
+
 fn serialize_event<S: serde::Serializer>(ev: &Event, s: S) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeMap;
     let mut m = s.serialize_map(None)?;
@@ -800,17 +812,21 @@ impl DeadLetters {
     pub fn kept_for(&self, plugin: &str, original: &Event) -> Option<(Event, bool)> {
         let entry = {
             let kept = self.kept.lock().expect("dlq poisoned");
-            let same = |e: &&Entry| {
-                e.plugin == plugin
-                    && same_original(&e.event, Some(&original.source), Some(&original.id))
-                    && e.event.header(headers::ORIGINAL_SUBJECT) == Some(original.subject.as_str())
-                    && e.event.data == original.data
-            };
-            kept.items.iter().find(same).map(|e| (e.seq, e.event.clone()))?
+            kept.items.iter().find(|e| e.is_of(plugin, original)).map(|e| (e.seq, e.event.clone()))?
         };
         let (seq, event) = entry;
         let in_file = self.file.is_some() && !self.unwritten.lock().expect("dlq poisoned").inserts.contains(&seq);
         Some((event, in_file))
+    }
+
+    /// Removes the dead letter kept of `plugin`'s output `output` (not of a delivery: one
+    /// [`failed_in`] names no plugin), to [`forget`](Self::forget) once the output itself was
+    /// published: a later delivery of the input published it after its dead letter reached no
+    /// broker, and a replay would send it twice.
+    pub fn take_unpublished_output(&self, plugin: &str, output: &Event) -> Option<Entry> {
+        let mut kept = self.kept.lock().expect("dlq poisoned");
+        let at = kept.items.iter().position(|e| e.is_of(plugin, output) && failed_in(&e.event).is_none())?;
+        kept.remove(at)
     }
 
     /// The kept dead letter whose (dead-letter event) id is `id`.

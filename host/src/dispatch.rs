@@ -300,6 +300,9 @@ pub enum Outcome {
         attempts: u32,
         /// Outputs released.
         outputs: usize,
+        /// Outputs that reached neither the transport nor, dead-lettered, its dead letters (kept
+        /// in this host's store at most): a transport that redelivers gets the delivery back.
+        unplaced: usize,
     },
     /// Failed; handed back to the transport to deliver again after `wait` (any host may take it).
     Redelivering {
@@ -360,7 +363,7 @@ pub fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) -> imp
 /// Records how a delivery ended on its span.
 fn record_outcome(span: &tracing::Span, outcome: &Outcome) {
     match outcome {
-        Outcome::Handled { attempts, outputs } => {
+        Outcome::Handled { attempts, outputs, .. } => {
             span.record("outcome", "handled");
             span.record("attempts", attempts);
             span.record("outputs", *outputs as u64);
@@ -436,8 +439,8 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
             Some(outputs) => {
                 tracing::info!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, outputs = outputs.len(),
                     "handled before the last stop (kv committed): releasing its outputs without running it again");
-                let outputs = release_outputs(rt, ev, outputs).await;
-                Outcome::Handled { attempts: 0, outputs }
+                let released = release_outputs(rt, ev, outputs, delivery.attempt > 1).await;
+                Outcome::Handled { attempts: 0, outputs: released.published, unplaced: released.unplaced }
             }
             None => {
                 let first = delivery.attempt.max(1);
@@ -446,14 +449,23 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
         },
     };
     match &outcome {
-        Outcome::Handled { attempts, outputs } => {
+        Outcome::Handled { attempts, outputs, unplaced } => {
             counters.handled.inc();
             rt.stats.add(|c| &c.ok, 1);
             rt.stats.add(|c| &c.outputs, *outputs as u64);
             rt.stats.window.handled(*outputs as u64);
             tracing::debug!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempts, outputs, "handled");
-            if !delivery.acker.acks_nothing() {
-                delivery.acker.ack().await;
+            match fate::settle_handled(*unplaced, delivery.redeliverable, *attempts, &rt.retry) {
+                Settle::Nak(wait) => {
+                    tracing::error!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, unplaced,
+                        retry_in_ms = wait.as_millis() as u64,
+                        "outputs reached neither their subjects nor the dead letters on the broker: the event is \
+                         given back to be delivered again (its kv writes stand; the handler runs again)");
+                    delivery.acker.nak(wait).await;
+                }
+                Settle::Term => delivery.acker.term().await,
+                Settle::Ack if delivery.acker.acks_nothing() => {}
+                Settle::Ack => delivery.acker.ack().await,
             }
         }
         Outcome::Redelivering { wait, .. } => delivery.acker.nak(*wait).await,
@@ -525,10 +537,14 @@ async fn attempts(
                 if let Some(reply) = reply {
                     send_reply(rt, ev, reply).await;
                 }
-                let outputs = release_outputs(rt, ev, outputs).instrument(span.clone()).await;
+                let released = release_outputs(rt, ev, outputs, first > 1).instrument(span.clone()).await;
                 span.record("outcome", "ok");
-                span.record("outputs", outputs as u64);
-                return Outcome::Handled { attempts: attempt, outputs };
+                span.record("outputs", released.published as u64);
+                return Outcome::Handled {
+                    attempts: attempt,
+                    outputs: released.published,
+                    unplaced: released.unplaced,
+                };
             }
             Err(failure) => {
                 span.record("outcome", if failure.is_retryable() { "failed" } else { "rejected" });
@@ -716,14 +732,17 @@ async fn run_attempt(
     }
 }
 
-/// Releases the outputs of an attempt whose kv writes committed; returns how many the transport
-/// took. The handler is not run again for them: an output the transport refuses is published
-/// again by itself, with the plugin's backoff (its id is deterministic, so a deduplicating
-/// transport drops a second copy); one still refused after `retry.max_attempts` tries is
-/// dead-lettered by itself (a replay publishes it to its subject). Nothing is committed twice and
-/// nothing is lost.
-async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Arc<Event>>) -> usize {
-    let mut released = 0;
+/// Releases the outputs of an attempt whose kv writes committed. The handler is not run again
+/// for them: an output the transport refuses is published again by itself, with the plugin's
+/// backoff (its id is deterministic, so a deduplicating transport drops a second copy); one still
+/// refused after `retry.max_attempts` tries is dead-lettered by itself (a replay publishes it to
+/// its subject). Nothing is committed twice. One whose dead letter the transport refused too is
+/// [`Released::unplaced`]: the caller gives the delivery back where the transport redelivers.
+///
+/// `redelivered`: the transport delivered the event before; an output published now lets go of
+/// the dead letter this host kept of it then, when its dead letter reached no broker.
+async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Arc<Event>>, redelivered: bool) -> Released {
+    let mut released = Released::default();
     // Bytes of the outputs not released yet (what the delivery holds while one is retried), and
     // its room among those waiting to be published again, taken at the first refusal.
     let mut left: u64 = outputs.iter().map(|o| o.buffered_cost()).sum();
@@ -732,11 +751,32 @@ async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Arc<Event>
         let span = telemetry::output_span(&out);
         let waiting = Waiting { left_bytes: left, room: &mut room };
         left -= out.buffered_cost();
-        if release_output(rt, ev, out, waiting, &span).instrument(span.clone()).await {
-            released += 1;
+        match release_output(rt, ev, out, waiting, redelivered, &span).instrument(span.clone()).await {
+            Placed::Published => released.published += 1,
+            Placed::DeadLettered => {}
+            Placed::Nowhere => released.unplaced += 1,
         }
     }
     released
+}
+
+/// What became of a delivery's outputs.
+#[derive(Debug, Clone, Copy, Default)]
+struct Released {
+    /// Outputs the transport took.
+    published: usize,
+    /// Outputs the transport refused, whose dead letters it refused too.
+    unplaced: usize,
+}
+
+/// Where one output went.
+enum Placed {
+    /// The transport took it.
+    Published,
+    /// The transport took its dead letter (or its dead letter is only logged).
+    DeadLettered,
+    /// Neither: this host's dead-letter store has it at most.
+    Nowhere,
 }
 
 /// What a delivery releasing its outputs holds, for [`release_output`]'s retries.
@@ -762,22 +802,26 @@ async fn send_reply(rt: &PluginRuntime, ev: &Event, reply: Event) {
     tracing::info!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, "reply dropped: {dropped}");
 }
 
-/// Publishes one output until the transport takes it (`true`) or it is dead-lettered. Refused,
-/// it is tried again only while the delivery's outputs have room among the plugin's waiting to
-/// be published again ([`republish_room`]); otherwise it is dead-lettered at once.
+/// Publishes one output until the transport takes it or it is dead-lettered. Refused, it is
+/// tried again only while the delivery's outputs have room among the plugin's waiting to be
+/// published again ([`republish_room`]); otherwise it is dead-lettered at once.
 async fn release_output(
     rt: &PluginRuntime,
     ev: &Event,
     out: Arc<Event>,
     waiting: Waiting<'_>,
+    redelivered: bool,
     span: &tracing::Span,
-) -> bool {
+) -> Placed {
     let mut tries = 1;
     loop {
         let err = match rt.transport.publish_output(out.clone()).await {
             Ok(()) => {
                 span.record("tries", tries);
-                return true;
+                if redelivered {
+                    let_go_of_its_dead_letter(rt, ev, &out).await;
+                }
+                return Placed::Published;
             }
             Err(e) => e,
         };
@@ -812,14 +856,26 @@ async fn release_output(
             };
             span.record("tries", tries);
             telemetry::fail(span, &why);
-            let _ = dead_letter_output(rt, &out, &why, tries).await;
-            return false;
+            return match dead_letter_output(rt, &out, &why, tries).await {
+                Ok(()) => Placed::DeadLettered,
+                Err(()) => Placed::Nowhere,
+            };
         };
         tracing::warn!(plugin = %rt.name, subject = %subject, event_id = %id, caused_by = %ev.id, tries,
             retry_in_ms = wait.as_millis() as u64, "output not published, publishing it again: {err}");
         tokio::time::sleep(wait).await;
         tries += 1;
     }
+}
+
+/// Lets go of the dead letter this host kept of `out` at an earlier delivery of `ev`, whose
+/// publish failed: `out` is published now (a replay would send it twice).
+async fn let_go_of_its_dead_letter(rt: &PluginRuntime, ev: &Event, out: &Event) {
+    let Some(kept) = rt.dead_letters.take_unpublished_output(&rt.name, out) else { return };
+    tracing::info!(plugin = %rt.name, subject = %out.subject, event_id = %out.id, caused_by = %ev.id,
+        "an output dead-lettered at an earlier delivery (its dead letter not published) is published now: \
+         its dead letter is let go");
+    rt.dead_letters.write_off_runtime(move |store| store.forget(&[kept])).await;
 }
 
 /// Keeps and publishes the dead letter of `out`, an output of the plugin's that the transport

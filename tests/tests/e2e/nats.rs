@@ -901,6 +901,67 @@ async fn jetstream_a_dead_letter_that_cannot_be_kept_naks_the_input_until_max_de
     assert!(!t.host.dead_letters().list(Some("faulty")).is_empty());
 }
 
+/// The attack (review 48d H1): a broker outage, or the output's stream and the dead letters'
+/// stream both full. An output JetStream refused every try was dead-lettered by itself; its dead
+/// letter, refused too, was thrown away, and the input was acked: the output was nowhere on the
+/// broker, only in this host's bounded store, and its input gone from the stream's pending. Now
+/// an input with an output neither published nor dead-lettered on the broker is given back
+/// (`nak`), and the output, published at a later delivery, is no longer kept as a dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_an_output_neither_published_nor_dead_lettered_leaves_its_input_unacked() {
+    let server = NatsServer::start().await;
+    let client = server.client().await;
+    let js = jetstream::new(client.clone());
+    let mut advisories = Advisories::watch(&client).await;
+    for (name, subject, filler) in [("ECHO", "echo.>", "echo.filler"), ("DEAD", "dead.echo", "dead.echo")] {
+        js.create_stream(jetstream::stream::Config {
+            name: name.into(),
+            subjects: vec![subject.into()],
+            max_messages: 1,
+            discard: jetstream::stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        js.publish(filler, "filler".into()).await.unwrap().await.unwrap();
+    }
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["echo"], |c| {
+        // 10 tries of an output at about 0.1 s each, and 20 deliveries before max_deliver
+        c.retry = plugbus::retry::RetryPolicy {
+            max_attempts: 10,
+            initial: Duration::from_millis(100),
+            factor: 1.0,
+            max: Duration::from_millis(100),
+            ..plugbus::retry::RetryPolicy::default()
+        };
+        c.plugins.entry("echo".into()).or_default().dead_letter = Some("dead.echo".into());
+    })
+    .await;
+    t.publish("orders.o1", "precious").await;
+
+    let (naked, before) = advisories.next("MSG_NAKED", Duration::from_secs(30)).await;
+    assert_eq!(before.get("MSG_TERMINATED"), None, "{naked}");
+    let info = consumer_on(&js, "orders.o1").await;
+    assert_eq!(info.ack_floor.stream_sequence, 0, "the input was acked with its output nowhere on the broker");
+    assert_eq!(stream_count(&js, "ECHO").await, 1, "the full stream took the output");
+    assert_eq!(stream_count(&js, "DEAD").await, 1, "the full stream took the dead letter");
+
+    // The streams have room again: a later delivery publishes the output, once, and is acked.
+    for name in ["ECHO", "DEAD"] {
+        js.get_stream(name).await.unwrap().purge().await.unwrap();
+    }
+    settled(&js, "orders.o1").await;
+    let (messages, ids) = stream_msg_ids(&js, "ECHO").await;
+    assert_eq!(messages, 1, "the output once in its stream");
+    assert_eq!(ids.len(), 1);
+    let output = js.get_stream("ECHO").await.unwrap().get_last_raw_message_by_subject("echo.orders.o1").await.unwrap();
+    assert_eq!(&output.payload[..], b"precious");
+    assert_eq!(stream_count(&js, "DEAD").await, 0, "a dead letter reached the broker after all");
+    // Published at last, it is no longer this host's dead letter (a replay would send it twice).
+    eventually("the published output's dead letter is let go", || t.host.dead_letters().list(Some("echo")).is_empty())
+        .await;
+}
+
 /// A dead letter that could not be published (its stream full) leaves its input to be delivered
 /// again. The event, run again, succeeded once its cause had passed, and its dead letter stayed
 /// kept: a later `dlq replay` ran it a second time. Now a redelivery of an event the plugin
