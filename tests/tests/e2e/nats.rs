@@ -630,6 +630,44 @@ async fn jetstream_a_backlog_behind_a_slow_handler_runs_each_message_once() {
     );
 }
 
+/// The attack (review 48d M2): messages of many small headers cost the feed's budget far more
+/// than their bytes on the wire (64 bytes a header), so a pull sized to the budget's free bytes
+/// brought more than the budget takes. The pump waited for room on the first it could not queue,
+/// and the rest of the pull waited unread in the client, where nothing kept them alive: past
+/// `ack_wait` JetStream delivered them again while the first copies waited, and each ran twice.
+/// Now what a pull brought is read at once and held, kept alive, until it has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_header_heavy_messages_never_wait_unread_past_ack_wait() {
+    // A small max_payload: a pull's floor (twice it) is below the budget, so a pull asks for many.
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, "max_payload: 65536\n").unwrap();
+    let server = NatsServer::start_with(&["-c", conf.to_str().unwrap()]).await;
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
+        c.nats.ack_wait = Duration::from_secs(1);
+        c.flow = plugbus::router::Flow { concurrency: 1, queue: 64, buffer_mib: 1, ..Default::default() };
+    })
+    .await;
+    let js = jetstream::new(server.client().await);
+    // 30 events of 0.3 s each, about 9 KB on the wire and 70 KB in the budget: about 14 fit in
+    // its 1 MiB, and the last waits about 5 s for room.
+    for _ in 0..30 {
+        let mut headers = async_nats::HeaderMap::new();
+        for h in 0..1000 {
+            headers.insert(format!("h{h}").as_str(), "x");
+        }
+        js.publish_with_headers("faulty.slow", headers, "300".into()).await.unwrap().await.unwrap();
+    }
+    t.wait_counter("faulty", "ok", 30).await;
+    settled(&js, "faulty.slow").await;
+    let delivered = consumer_on(&js, "faulty.slow").await.delivered.consumer_sequence;
+    assert_eq!(
+        (t.counter("faulty", "received"), delivered),
+        (30, 30),
+        "messages were delivered again while they waited"
+    );
+}
+
 /// On a replicated stream (R3, as production runs JetStream) the server ends a pull at its bytes
 /// with `409 Batch Completed` *before* the pull's messages, which wait for the consumer's
 /// replicas to agree. The pump ended its pull at that status (async-nats's `batch()` closes its

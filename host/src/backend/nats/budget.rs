@@ -31,7 +31,8 @@ impl Budget {
 
     /// Waits for room for `delivery` ([`Budget::cost`]: one larger than the whole budget waits
     /// for all of it), then ties that room to its acker. `None` once the budget is closed.
-    pub async fn hold(&self, delivery: Delivery) -> Option<Delivery> {
+    #[cfg(test)]
+    async fn hold(&self, delivery: Delivery) -> Option<Delivery> {
         let room = self.room(self.cost(&delivery)).await?;
         Some(Self::attach(delivery, room))
     }
@@ -112,20 +113,6 @@ impl Intake {
     pub fn puller(&self) -> Puller {
         self.pullers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Puller(self.pullers.clone())
-    }
-
-    /// Queues `delivery` once it has room; `false` once the queue is closed. Room there now is
-    /// taken without waiting (no waker registered, no task woken).
-    pub async fn send(&self, delivery: Delivery) -> bool {
-        let delivery = match self.try_send(delivery) {
-            Ok(()) => return true,
-            Err(None) => return false,
-            Err(Some(delivery)) => delivery,
-        };
-        match self.budget.hold(delivery).await {
-            Some(delivery) => self.tx.send(delivery).await.is_ok(),
-            None => false,
-        }
     }
 
     /// Queues `delivery` now if the budget and the queue both have room for it; gives it back

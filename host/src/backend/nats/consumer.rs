@@ -260,11 +260,13 @@ pub type SharedSpec = Arc<std::sync::RwLock<ConsumerSpec>>;
 /// after errors and re-creates the consumer (from `spec` as it is then) if it was deleted.
 ///
 /// Each pull asks only for what the plugin has room for now ([`Batch::within`]): a message a
-/// pull brought waits in the client unread, where nothing keeps it alive (`in-progress` is sent
+/// pull brought and left in the client unread is kept alive by nothing (`in-progress` is sent
 /// for the messages [`Held`] knows, those read), and past `ack_wait` JetStream delivers it
 /// again while the first copy still waits: the event ran twice (a continuous pull, asking
 /// again at half its batch and at each expiry whatever was read, held thousands under a
-/// backlog). Pulls answer on one inbox the pump keeps ([`Inbox`]): a replicated consumer sends
+/// backlog). What a pull brought beyond the room its messages turn out to take (a message costs
+/// the budget more than its bytes on the wire) is read at once and held
+/// ([`super::brought::Brought`]) until it has room; the next pull is asked once it all has. Pulls answer on one inbox the pump keeps ([`Inbox`]): a replicated consumer sends
 /// a pull's messages after the status that ends it.
 pub async fn pump(
     js: jetstream::Context,
@@ -293,7 +295,13 @@ pub async fn pump(
     // next is asked. A link that stalls without dropping leaves the client "connected" for
     // minutes, and a pull asked every `lost_at` would wait in the network, going live together.
     let mut unanswered = false;
+    // What pulls brought that the plugin's queue has no room for yet, held and kept alive.
+    let mut brought = super::brought::Brought::default();
     loop {
+        // The last pull's messages are all queued before the next is sized to the room left.
+        if !brought.queue_all(&intake).await {
+            return;
+        }
         let Some(room) = intake.room().await else { return };
         if looked_at_floor.elapsed() >= Duration::from_secs(1) {
             looked_at_floor = std::time::Instant::now();
@@ -361,7 +369,19 @@ pub async fn pump(
                 true => STRAGGLERS,
                 false => quiet_for.min(lost_at.saturating_duration_since(Instant::now())),
             };
-            let came = match tokio::time::timeout(wait, open.next()).await {
+            let next = tokio::time::timeout(wait, open.next());
+            let came = match brought.is_empty() {
+                true => next.await,
+                // Read on while what came waits for room: nothing brought waits unread.
+                false => tokio::select! {
+                    came = next => came,
+                    queued = brought.queue_next(&intake) => match queued {
+                        true => continue,
+                        false => return,
+                    },
+                },
+            };
+            let came = match came {
                 Ok(Some(came)) => came,
                 Ok(None) => {
                     closed = true;
@@ -413,7 +433,8 @@ pub async fn pump(
             };
             match filter.pulled(msg.subject.as_str(), &stream, || stream_sequence(&msg)) {
                 Pulled::Take => {
-                    if !intake.send(delivery_of(msg, &held, &plugin)).await {
+                    brought.push(HeldMessage::of(msg, &held, &plugin));
+                    if !brought.queue_now(&intake) {
                         return;
                     }
                 }
@@ -429,9 +450,10 @@ pub async fn pump(
                     }
                 }
                 Pulled::AnotherVersions if last_delivery(&msg, &current()) => {
-                    let mut delivery = delivery_of(msg, &held, &plugin);
+                    let mut delivery = HeldMessage::of(msg, &held, &plugin).delivery();
                     delivery.defect = Some(crate::fate::DeliveryError::Unclaimed(UNCLAIMED.into()));
-                    if !intake.send(delivery).await {
+                    brought.push_delivery(delivery);
+                    if !brought.queue_now(&intake) {
                         return;
                     }
                 }
@@ -467,7 +489,8 @@ pub async fn pump(
                         tracing::warn!(plugin = %plugin, stream = %stream, subject = %msg.subject,
                             bytes = msg.message.length, pull_bytes = batch.bytes,
                             "the consumer waited behind a message larger than a pull takes; taken alone");
-                        if !intake.send(delivery_of(msg, &held, &plugin)).await {
+                        brought.push(HeldMessage::of(msg, &held, &plugin));
+                        if !brought.queue_all(&intake).await {
                             return;
                         }
                     }
@@ -619,27 +642,45 @@ async fn take_the_next_message(consumer: &PullConsumer) -> Result<Option<jetstre
     }
 }
 
-fn delivery_of(msg: jetstream::Message, held: &Arc<Held>, plugin: &Arc<str>) -> Delivery {
-    let info = msg.info().ok();
-    let attempt = info.as_ref().map_or(1, |i| i.delivered.max(1) as u32);
-    // A message that names no id is known by its place in the stream: the same on redelivery.
-    let fallback_id = info.as_ref().map(|i| format!("{}-{}", i.stream, i.stream_sequence));
-    // The ack subject: `split` moves it into the acker, the keep-alive needs it too.
-    let reply = msg.message.reply.clone();
-    let (message, acker) = msg.split();
-    let token = held.hold(reply);
-    let acker = Box::new(JsAcker { acker, held: held.clone(), token, plugin: plugin.clone() });
-    let subject = message.subject.to_string();
-    match wire::event_of(&subject, message.headers.as_ref(), message.payload.clone(), fallback_id.clone()) {
-        Ok(mut ev) => {
-            // A request stored in the stream: its reply goes to the requester's inbox.
-            ev.reply_to = wire::reply_inbox(message.headers.as_ref());
-            Delivery { attempt, acker, redeliverable: true, ..Delivery::once(Arc::new(ev)) }
-        }
-        Err(why) => {
-            let raw = wire::undecodable(&subject, &message.payload, fallback_id);
-            let defect = Some(crate::fate::DeliveryError::Undecodable(why));
-            Delivery { attempt, acker, redeliverable: true, defect, ..Delivery::once(Arc::new(raw)) }
+/// A message read from JetStream and held (kept alive until it is settled or dropped), not yet
+/// read into its delivery: as it came over the wire ([`super::brought::Brought`]).
+pub struct HeldMessage {
+    message: async_nats::Message,
+    acker: Box<JsAcker>,
+    attempt: u32,
+    /// A message that names no id is known by its place in the stream: the same on redelivery.
+    fallback_id: Option<String>,
+}
+
+impl HeldMessage {
+    /// Holds `msg` in `held` now.
+    fn of(msg: jetstream::Message, held: &Arc<Held>, plugin: &Arc<str>) -> Self {
+        let info = msg.info().ok();
+        let attempt = info.as_ref().map_or(1, |i| i.delivered.max(1) as u32);
+        let fallback_id = info.as_ref().map(|i| format!("{}-{}", i.stream, i.stream_sequence));
+        // The ack subject: `split` moves it into the acker, the keep-alive needs it too.
+        let reply = msg.message.reply.clone();
+        let (message, acker) = msg.split();
+        let token = held.hold(reply);
+        let acker = Box::new(JsAcker { acker, held: held.clone(), token, plugin: plugin.clone() });
+        Self { message, acker, attempt, fallback_id }
+    }
+
+    /// The delivery of this message (an undecodable one carries its defect).
+    pub fn delivery(self) -> Delivery {
+        let Self { message, acker, attempt, fallback_id } = self;
+        let subject = message.subject.to_string();
+        match wire::event_of(&subject, message.headers.as_ref(), message.payload.clone(), fallback_id.clone()) {
+            Ok(mut ev) => {
+                // A request stored in the stream: its reply goes to the requester's inbox.
+                ev.reply_to = wire::reply_inbox(message.headers.as_ref());
+                Delivery { attempt, acker, redeliverable: true, ..Delivery::once(Arc::new(ev)) }
+            }
+            Err(why) => {
+                let raw = wire::undecodable(&subject, &message.payload, fallback_id);
+                let defect = Some(crate::fate::DeliveryError::Undecodable(why));
+                Delivery { attempt, acker, redeliverable: true, defect, ..Delivery::once(Arc::new(raw)) }
+            }
         }
     }
 }

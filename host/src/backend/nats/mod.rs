@@ -11,6 +11,7 @@
 //!   client's event can pass for an output.
 //! - Messages are CloudEvents in the NATS binding ([`wire`]).
 
+mod brought;
 mod budget;
 mod consumer;
 pub mod dead_letters;
