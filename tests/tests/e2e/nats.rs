@@ -1000,6 +1000,32 @@ async fn jetstream_an_output_neither_published_nor_dead_lettered_leaves_its_inpu
         .await;
 }
 
+/// The attack (review 48d M4): a plugin whose every event makes two on a subject it takes
+/// itself, forever. JetStream stores every output and a stream the host made has no limits: the
+/// tree doubled until the account's storage was full and every plugin's publishes failed, on
+/// every host. Now its outputs to a consumer of its own are refused while that consumer is more
+/// than a message per KiB of its `flow.buffer_mib` behind (1,024 here), and dead-lettered by
+/// themselves after their tries, as the embedded bus keeps them within its buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_runaway_plugin_feeding_itself_is_held_to_its_own_backlog() {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["cycler"], |c| {
+        plugbus_tests::fast_retries(c);
+        c.flow = plugbus::router::Flow { buffer_mib: 1, ..Default::default() };
+    })
+    .await;
+    t.publish("runaway.go", "x").await;
+    t.wait_counter("cycler", "outputs_dead_lettered", 1).await;
+    let dead = t.host.dead_letters().list(Some("cycler"));
+    let error = dead[0].event.header("plugbus-error").unwrap_or_default().to_string();
+    assert!(error.contains("messages behind on its own consumer"), "{}", error.chars().take(300).collect::<String>());
+    // It goes on, held near its bound: a pull's worth past it at most, not doubling.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pending = consumer_on(&js, "runaway.go").await.num_pending;
+    assert!(pending <= 1024 + 2048, "{pending} pending");
+}
+
 /// A dead letter that could not be published (its stream full) leaves its input to be delivered
 /// again. The event, run again, succeeded once its cause had passed, and its dead letter stayed
 /// kept: a later `dlq replay` ran it a second time. Now a redelivery of an event the plugin

@@ -256,6 +256,20 @@ const COST_OVER_WIRE: usize = 2 << 10;
 /// pump was started with.
 pub type SharedSpec = Arc<std::sync::RwLock<ConsumerSpec>>;
 
+/// Where a pump puts what it pulls, and what it tells.
+pub struct Feeding {
+    /// The plugin's queue and the feed's budget.
+    pub intake: super::budget::Intake,
+    /// The messages held, which the keep-alive sends `in-progress` for.
+    pub held: Arc<Held>,
+    /// The plugin's `flow.queue`.
+    pub queue: usize,
+    /// What the plugin takes.
+    pub filter: super::Filter,
+    /// Where the consumer's pending count is told ([`super::own_backlog`]).
+    pub backlog: Arc<super::own_backlog::Backlog>,
+}
+
 /// Pulls from the consumer into the plugin's queue until the queue closes; reopens the pull
 /// after errors and re-creates the consumer (from `spec` as it is then) if it was deleted.
 ///
@@ -268,15 +282,8 @@ pub type SharedSpec = Arc<std::sync::RwLock<ConsumerSpec>>;
 /// the budget more than its bytes on the wire) is read at once and held
 /// ([`super::brought::Brought`]) until it has room; the next pull is asked once it all has. Pulls answer on one inbox the pump keeps ([`Inbox`]): a replicated consumer sends
 /// a pull's messages after the status that ends it.
-pub async fn pump(
-    js: jetstream::Context,
-    spec: SharedSpec,
-    mut consumer: PullConsumer,
-    intake: super::budget::Intake,
-    held: Arc<Held>,
-    queue: usize,
-    filter: super::Filter,
-) {
+pub async fn pump(js: jetstream::Context, spec: SharedSpec, mut consumer: PullConsumer, feeding: Feeding) {
+    let Feeding { intake, held, queue, filter, backlog } = feeding;
     let plugin = filter.plugin.clone();
     let _puller = intake.puller();
     let stream = spec.read().expect("spec poisoned").stream.clone();
@@ -307,6 +314,7 @@ pub async fn pump(
             looked_at_floor = std::time::Instant::now();
             if let Ok(info) = consumer.info().await {
                 settled = info.ack_floor.stream_sequence;
+                backlog.seen(info.num_pending);
             }
         }
         // The server's `max_payload` as it is now: a reconnect may have reached another server.

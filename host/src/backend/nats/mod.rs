@@ -19,6 +19,7 @@ mod filter;
 pub mod kv;
 mod kv_room;
 mod narrowing;
+mod own_backlog;
 mod pull;
 mod queue_group;
 mod replay_claims;
@@ -190,6 +191,8 @@ pub struct NatsTransport {
     tails: tails::Tails,
     /// Which host replays a kept dead letter now ([`replay_claims`]).
     replay_claims: replay_claims::ReplayClaims,
+    /// How far behind each durable plugin's consumers are, for its outputs to itself.
+    own_backlogs: Arc<own_backlog::OwnBacklogs>,
     _background: Vec<Task>,
 }
 
@@ -386,6 +389,7 @@ impl NatsTransport {
             core_dropped: Default::default(),
             tails: Default::default(),
             replay_claims,
+            own_backlogs: Default::default(),
             _background: vec![keep_alive, refresh],
         })
     }
@@ -597,15 +601,15 @@ impl NatsTransport {
                     }
                     let stream = cspec.stream.clone();
                     let shared = Arc::new(std::sync::RwLock::new(cspec));
-                    let task = consumer::pump(
-                        self.js.clone(),
-                        shared.clone(),
-                        c,
-                        feed.intake.clone(),
-                        self.held.clone(),
-                        spec.capacity,
-                        feed.filter.clone(),
-                    );
+                    let backlog = self.own_backlogs.track(&spec.plugin, shared.clone(), feed.intake.budget.bytes());
+                    let feeding = consumer::Feeding {
+                        intake: feed.intake.clone(),
+                        held: self.held.clone(),
+                        queue: spec.capacity,
+                        filter: feed.filter.clone(),
+                        backlog,
+                    };
+                    let task = consumer::pump(self.js.clone(), shared.clone(), c, feeding);
                     feed.durable.insert(stream, Pump { spec: shared, _task: Task(tokio::spawn(task)) });
                 }
             }
@@ -944,7 +948,15 @@ impl Transport for NatsTransport {
         Ok(self.publish_event(&event, origin).await?)
     }
 
+    /// A plugin's output to a consumer of its own more than its bound behind is refused
+    /// ([`own_backlog`]); the plugin's backoff publishes it again, and dead-letters it at last.
     async fn publish_output(&self, event: Arc<Event>) -> Result<(), TransportError> {
+        if let Some(plugin) = event.source.strip_prefix(crate::event::PLUGIN_SOURCE_PREFIX)
+            && !crate::deadletter::is_dead_letter(&event)
+            && let Some(why) = self.own_backlogs.refusal(plugin, &event.subject)
+        {
+            return Err(TransportError::Full(why));
+        }
         Ok(self.publish_event(&event, wire::Origin::Host).await?)
     }
 
