@@ -181,7 +181,7 @@ pub struct PluginRuntime {
     /// Bounds the attempts running at once.
     pub run_permits: RunPermits,
     /// KiB of the plugin's outputs that may wait to be published again ([`republish_room`]).
-    pub republishing: Arc<tokio::sync::Semaphore>,
+    pub republishing: RepublishRoom,
     /// Where counters go.
     pub metrics: PluginMetrics,
 }
@@ -192,9 +192,31 @@ pub struct PluginRuntime {
 /// (`release_output`): refused outputs were bounded per event only, so a plugin whose outputs
 /// a full subscriber refused held up to `flow.queue` events' outputs (1 GiB by default) while
 /// they waited.
-pub fn republish_room(buffer_mib: u64) -> Arc<tokio::sync::Semaphore> {
+pub fn republish_room(buffer_mib: u64) -> RepublishRoom {
     let kib = buffer_mib.max(1).saturating_mul(1024).min(tokio::sync::Semaphore::MAX_PERMITS as u64);
-    Arc::new(tokio::sync::Semaphore::new(kib as usize))
+    let kib = u32::try_from(kib).unwrap_or(u32::MAX);
+    RepublishRoom { free: Arc::new(tokio::sync::Semaphore::new(kib as usize)), kib }
+}
+
+/// A plugin's room for outputs waiting to be published again ([`republish_room`]).
+#[derive(Clone)]
+pub struct RepublishRoom {
+    /// KiB free.
+    free: Arc<tokio::sync::Semaphore>,
+    /// KiB in all.
+    kib: u32,
+}
+
+impl RepublishRoom {
+    /// `kib` of room now, if there is that much.
+    fn try_take(&self, kib: u32) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.free.clone().try_acquire_many_owned(kib).ok()
+    }
+
+    /// `kib` of room (at most all of it), once there is.
+    async fn take(&self, kib: u32) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.free.clone().acquire_many_owned(kib.min(self.kib)).await.ok()
+    }
 }
 
 impl PluginRuntime {
@@ -300,9 +322,6 @@ pub enum Outcome {
         attempts: u32,
         /// Outputs released.
         outputs: usize,
-        /// Outputs that reached neither the transport nor, dead-lettered, its dead letters (kept
-        /// in this host's store at most): a transport that redelivers gets the delivery back.
-        unplaced: usize,
     },
     /// Failed; handed back to the transport to deliver again after `wait` (any host may take it).
     Redelivering {
@@ -439,33 +458,26 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
             Some(outputs) => {
                 tracing::info!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, outputs = outputs.len(),
                     "handled before the last stop (kv committed): releasing its outputs without running it again");
-                let released = release_outputs(rt, ev, outputs, delivery.attempt > 1).await;
-                Outcome::Handled { attempts: 0, outputs: released.published, unplaced: released.unplaced }
+                let release = Release { redelivered: delivery.attempt > 1, hold: delivery.redeliverable };
+                let outputs = release_outputs(rt, ev, outputs, release).await;
+                Outcome::Handled { attempts: 0, outputs }
             }
             None => {
                 let first = delivery.attempt.max(1);
-                attempts(rt, ev, first, by_transport, delivery.acker.position(), &mut record).await
+                let release = Release { redelivered: first > 1, hold: delivery.redeliverable };
+                attempts(rt, ev, first, by_transport, release, delivery.acker.position(), &mut record).await
             }
         },
     };
     match &outcome {
-        Outcome::Handled { attempts, outputs, unplaced } => {
+        Outcome::Handled { attempts, outputs } => {
             counters.handled.inc();
             rt.stats.add(|c| &c.ok, 1);
             rt.stats.add(|c| &c.outputs, *outputs as u64);
             rt.stats.window.handled(*outputs as u64);
             tracing::debug!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempts, outputs, "handled");
-            match fate::settle_handled(*unplaced, delivery.redeliverable, *attempts, &rt.retry) {
-                Settle::Nak(wait) => {
-                    tracing::error!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, unplaced,
-                        retry_in_ms = wait.as_millis() as u64,
-                        "outputs reached neither their subjects nor the dead letters on the broker: the event is \
-                         given back to be delivered again (its kv writes stand; the handler runs again)");
-                    delivery.acker.nak(wait).await;
-                }
-                Settle::Term => delivery.acker.term().await,
-                Settle::Ack if delivery.acker.acks_nothing() => {}
-                Settle::Ack => delivery.acker.ack().await,
+            if !delivery.acker.acks_nothing() {
+                delivery.acker.ack().await;
             }
         }
         Outcome::Redelivering { wait, .. } => delivery.acker.nak(*wait).await,
@@ -509,6 +521,7 @@ async fn attempts(
     ev: &Event,
     first: u32,
     by_transport: bool,
+    release: Release,
     position: Option<(Arc<str>, u64)>,
     record: &mut Option<Box<Record>>,
 ) -> Outcome {
@@ -537,14 +550,10 @@ async fn attempts(
                 if let Some(reply) = reply {
                     send_reply(rt, ev, reply).await;
                 }
-                let released = release_outputs(rt, ev, outputs, first > 1).instrument(span.clone()).await;
+                let outputs = release_outputs(rt, ev, outputs, release).instrument(span.clone()).await;
                 span.record("outcome", "ok");
-                span.record("outputs", released.published as u64);
-                return Outcome::Handled {
-                    attempts: attempt,
-                    outputs: released.published,
-                    unplaced: released.unplaced,
-                };
+                span.record("outputs", outputs as u64);
+                return Outcome::Handled { attempts: attempt, outputs };
             }
             Err(failure) => {
                 span.record("outcome", if failure.is_retryable() { "failed" } else { "rejected" });
@@ -736,13 +745,15 @@ async fn run_attempt(
 /// for them: an output the transport refuses is published again by itself, with the plugin's
 /// backoff (its id is deterministic, so a deduplicating transport drops a second copy); one still
 /// refused after `retry.max_attempts` tries is dead-lettered by itself (a replay publishes it to
-/// its subject). Nothing is committed twice. One whose dead letter the transport refused too is
-/// [`Released::unplaced`]: the caller gives the delivery back where the transport redelivers.
+/// its subject). Nothing is committed twice. Returns how many the transport took.
 ///
-/// `redelivered`: the transport delivered the event before; an output published now lets go of
-/// the dead letter this host kept of it then, when its dead letter reached no broker.
-async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Arc<Event>>, redelivered: bool) -> Released {
-    let mut released = Released::default();
+/// Where the transport would deliver the event again (`release.hold`: JetStream), an output
+/// whose dead letter the transport refused too (a broker outage; its stream and the dead letters'
+/// both full) is never left only in this host's store with its input acked: the delivery is held
+/// (kept alive, its key's lane with it) and both are tried again until one is taken
+/// ([`hold_until_placed`]).
+async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Arc<Event>>, release: Release) -> usize {
+    let mut released = 0;
     // Bytes of the outputs not released yet (what the delivery holds while one is retried), and
     // its room among those waiting to be published again, taken at the first refusal.
     let mut left: u64 = outputs.iter().map(|o| o.buffered_cost()).sum();
@@ -751,32 +762,22 @@ async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Arc<Event>
         let span = telemetry::output_span(&out);
         let waiting = Waiting { left_bytes: left, room: &mut room };
         left -= out.buffered_cost();
-        match release_output(rt, ev, out, waiting, redelivered, &span).instrument(span.clone()).await {
-            Placed::Published => released.published += 1,
-            Placed::DeadLettered => {}
-            Placed::Nowhere => released.unplaced += 1,
+        if release_output(rt, ev, out, waiting, release, &span).instrument(span.clone()).await {
+            released += 1;
         }
     }
     released
 }
 
-/// What became of a delivery's outputs.
-#[derive(Debug, Clone, Copy, Default)]
-struct Released {
-    /// Outputs the transport took.
-    published: usize,
-    /// Outputs the transport refused, whose dead letters it refused too.
-    unplaced: usize,
-}
-
-/// Where one output went.
-enum Placed {
-    /// The transport took it.
-    Published,
-    /// The transport took its dead letter (or its dead letter is only logged).
-    DeadLettered,
-    /// Neither: this host's dead-letter store has it at most.
-    Nowhere,
+/// How a delivery's outputs are released.
+#[derive(Debug, Clone, Copy)]
+struct Release {
+    /// The transport delivered the event before: an output published now lets go of a dead
+    /// letter this host kept of it then ([`let_go_of_its_dead_letter`]).
+    redelivered: bool,
+    /// The transport would deliver the event again: an output and its dead letter both refused
+    /// hold the delivery until one is taken ([`hold_until_placed`]).
+    hold: bool,
 }
 
 /// What a delivery releasing its outputs holds, for [`release_output`]'s retries.
@@ -802,26 +803,26 @@ async fn send_reply(rt: &PluginRuntime, ev: &Event, reply: Event) {
     tracing::info!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, "reply dropped: {dropped}");
 }
 
-/// Publishes one output until the transport takes it or it is dead-lettered. Refused, it is
-/// tried again only while the delivery's outputs have room among the plugin's waiting to be
-/// published again ([`republish_room`]); otherwise it is dead-lettered at once.
+/// Publishes one output until the transport takes it (`true`) or it is dead-lettered. Refused,
+/// it is tried again only while the delivery's outputs have room among the plugin's waiting to
+/// be published again ([`republish_room`]); otherwise it is dead-lettered at once.
 async fn release_output(
     rt: &PluginRuntime,
     ev: &Event,
     out: Arc<Event>,
     waiting: Waiting<'_>,
-    redelivered: bool,
+    release: Release,
     span: &tracing::Span,
-) -> Placed {
+) -> bool {
     let mut tries = 1;
     loop {
         let err = match rt.transport.publish_output(out.clone()).await {
             Ok(()) => {
                 span.record("tries", tries);
-                if redelivered {
+                if release.redelivered {
                     let_go_of_its_dead_letter(rt, ev, &out).await;
                 }
-                return Placed::Published;
+                return true;
             }
             Err(e) => e,
         };
@@ -830,12 +831,12 @@ async fn release_output(
         let room = match (&fate, waiting.room.is_some()) {
             (Fate::RetryHere(_), false) => {
                 let kib = u32::try_from(waiting.left_bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
-                match rt.republishing.clone().try_acquire_many_owned(kib) {
-                    Ok(room) => {
+                match rt.republishing.try_take(kib) {
+                    Some(room) => {
                         *waiting.room = Some(room);
                         true
                     }
-                    Err(_) => false,
+                    None => false,
                 }
             }
             _ => true,
@@ -857,8 +858,10 @@ async fn release_output(
             span.record("tries", tries);
             telemetry::fail(span, &why);
             return match dead_letter_output(rt, &out, &why, tries).await {
-                Ok(()) => Placed::DeadLettered,
-                Err(()) => Placed::Nowhere,
+                Err(dead) if release.hold => {
+                    hold_until_placed(rt, ev, &out, dead, waiting).instrument(span.clone()).await
+                }
+                Ok(()) | Err(_) => false,
             };
         };
         tracing::warn!(plugin = %rt.name, subject = %subject, event_id = %id, caused_by = %ev.id, tries,
@@ -868,8 +871,9 @@ async fn release_output(
     }
 }
 
-/// Lets go of the dead letter this host kept of `out` at an earlier delivery of `ev`, whose
-/// publish failed: `out` is published now (a replay would send it twice).
+/// Lets go of the dead letter this host kept of `out` when its publish failed (at an earlier
+/// delivery of `ev`, or while it was held): `out` is published now (a replay would send it
+/// twice).
 async fn let_go_of_its_dead_letter(rt: &PluginRuntime, ev: &Event, out: &Event) {
     let Some(kept) = rt.dead_letters.take_unpublished_output(&rt.name, out) else { return };
     tracing::info!(plugin = %rt.name, subject = %out.subject, event_id = %out.id, caused_by = %ev.id,
@@ -879,15 +883,68 @@ async fn let_go_of_its_dead_letter(rt: &PluginRuntime, ev: &Event, out: &Event) 
 }
 
 /// Keeps and publishes the dead letter of `out`, an output of the plugin's that the transport
-/// did not take after `tries`; `Err` when the transport did not take the dead letter either.
-async fn dead_letter_output(rt: &PluginRuntime, out: &Event, failure: &str, tries: u32) -> Result<(), ()> {
+/// did not take after `tries`; when the transport did not take the dead letter either, `Err`
+/// with it (and whether the store kept it whole), to publish again.
+async fn dead_letter_output(rt: &PluginRuntime, out: &Event, failure: &str, tries: u32) -> Result<(), (Event, bool)> {
     let kept = keep_dead_letter(rt, out, DeadOf::UnpublishedOutput, failure, tries, None).await;
     // Counted once kept and before it is published, as a delivery's dead letter is.
     rt.stats.add(|c| &c.outputs_dead_lettered, 1);
     rt.metrics.outputs_dead_lettered.inc();
-    match kept {
-        Some((dead, kept_whole)) => publish_dead_letter(rt, &out.id, dead, kept_whole).await,
-        None => Ok(()),
+    let Some((dead, kept_whole)) = kept else { return Ok(()) };
+    match publish_dead_letter(rt, &out.id, dead.clone(), kept_whole).await {
+        Ok(()) => Ok(()),
+        Err(()) => Err((dead, kept_whole)),
+    }
+}
+
+/// The first wait of [`hold_until_placed`], doubled after each refusal up to
+/// [`HOLD_WAIT_MAX`].
+const HOLD_WAIT_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const HOLD_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Holds a delivery whose output `out` and its dead letter `dead` the transport both refused,
+/// where the transport would deliver the event again: acked, the output would be only in this
+/// host's store (bounded, and no other host lists it); given back, the handler would run again
+/// over its committed kv writes, its calls out and its reply again, after later events of its
+/// key. So the delivery stays here, kept alive (and its key's lane with it), and the output, then
+/// its dead letter, are tried again (1 s doubling to 30 s) until one is taken: `true` when the
+/// output is. It holds its outputs' room among the plugin's waiting to be published again
+/// (waiting for it, if it had none), so a broker that refuses everything holds the plugin back
+/// rather than its memory growing. A stop or a crash meanwhile leaves the event unsettled: it
+/// comes again, as after any crash before the ack.
+async fn hold_until_placed(
+    rt: &PluginRuntime,
+    ev: &Event,
+    out: &Arc<Event>,
+    (dead, kept_whole): (Event, bool),
+    waiting: Waiting<'_>,
+) -> bool {
+    tracing::error!(plugin = %rt.name, subject = %out.subject, event_id = %out.id, caused_by = %ev.id,
+        "neither the output nor its dead letter was taken: the event is held (kept alive, not acked) and both are \
+         tried again until one is");
+    if waiting.room.is_none() {
+        let kib = u32::try_from(waiting.left_bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+        *waiting.room = rt.republishing.take(kib).await;
+    }
+    let mut wait = HOLD_WAIT_FIRST;
+    loop {
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(HOLD_WAIT_MAX);
+        match rt.transport.publish_output(out.clone()).await {
+            Ok(()) => {
+                tracing::info!(plugin = %rt.name, subject = %out.subject, event_id = %out.id, caused_by = %ev.id,
+                    "a held output is published");
+                let_go_of_its_dead_letter(rt, ev, out).await;
+                return true;
+            }
+            Err(e) => tracing::debug!(plugin = %rt.name, subject = %out.subject, event_id = %out.id,
+                "a held output refused again: {e}"),
+        }
+        if publish_dead_letter(rt, &out.id, dead.clone(), kept_whole).await.is_ok() {
+            tracing::info!(plugin = %rt.name, subject = %out.subject, event_id = %out.id, caused_by = %ev.id,
+                "a held output's dead letter is published");
+            return false;
+        }
     }
 }
 

@@ -200,18 +200,6 @@ pub fn settle_dead_letter(kept: bool, redeliverable: bool, attempts: u32, policy
     }
 }
 
-/// How a handled delivery is settled: acked, unless `unplaced` of its outputs reached neither
-/// the transport nor its dead letters (a broker outage, or the output's stream and the dead
-/// letters' both refusing): a redelivering transport then gets it back (`nak`), so nothing it
-/// accepted is left only in this host's bounded store. Run again, its handler finds its kv
-/// writes committed (as after a crash before the ack).
-pub fn settle_handled(unplaced: usize, redeliverable: bool, attempts: u32, policy: &RetryPolicy) -> Settle {
-    match (unplaced, redeliverable) {
-        (0, _) | (_, false) => Settle::Ack,
-        (_, true) => Settle::Nak(policy.backoff(attempts.max(1))),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,13 +314,5 @@ mod tests {
         assert_eq!(settle_dead_letter(true, true, 3, &policy()), Settle::Term);
         assert_eq!(settle_dead_letter(false, false, 3, &policy()), Settle::Term);
         assert!(matches!(settle_dead_letter(false, true, 3, &policy()), Settle::Nak(_)));
-    }
-
-    #[test]
-    fn a_handled_delivery_with_an_output_nowhere_on_the_broker_comes_back_when_the_transport_can_redeliver() {
-        assert_eq!(settle_handled(0, true, 1, &policy()), Settle::Ack);
-        assert_eq!(settle_handled(2, false, 1, &policy()), Settle::Ack);
-        assert!(matches!(settle_handled(1, true, 2, &policy()), Settle::Nak(w) if w <= policy().ceiling(2)));
-        assert!(matches!(settle_handled(1, true, 0, &policy()), Settle::Nak(_)));
     }
 }
