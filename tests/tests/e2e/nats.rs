@@ -1835,6 +1835,47 @@ async fn jetstream_a_client_posting_an_outputs_id_first_cannot_stand_in_for_the_
     assert_eq!(data_of(&kept), ["forged", "forged", "genuine"]);
 }
 
+/// The attack (review 48d M3): the same, from a NATS client publishing straight to the output
+/// subject, which chooses any `Nats-Msg-Id`: it computes the output's (`wire::msg_id` of the
+/// output's source and id, as a host's) and publishes ahead of the input. JetStream answered the
+/// real output as a duplicate, the host took that as published and acked the input. Now a
+/// host's message is signed with the cluster's key, and a duplicate whose kept copy is not a
+/// host's is published again under a second id, counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_nats_publisher_forging_an_outputs_msg_id_cannot_suppress_the_output() {
+    let server = NatsServer::start().await;
+    let t = echo_between_two_streams(&server).await;
+    let js = jetstream::new(server.client().await);
+    let mut output = plugbus::Event::new("echo.orders.placed", "");
+    (output.source, output.id) = ("plugbus/echo".into(), plugbus::event::output_id("/shop/eu", "order-9", "echo", 0));
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", wire::msg_id(&output, wire::Origin::Host).as_str());
+    headers.insert("ce-source", "plugbus/echo");
+    headers.insert("ce-id", output.id.as_str());
+    headers.insert("plugbus-mac", "00");
+    js.publish_with_headers("echo.orders.placed", headers, "forged".into()).await.unwrap().await.unwrap();
+
+    assert_eq!(post_event(&t, "orders.placed", "/shop/eu", "order-9", "genuine").await, 202);
+    t.wait_counter("echo", "ok", 1).await;
+    settled(&js, "orders.placed").await;
+    let kept = stored_events(&js, "ECHO").await;
+    let real: Vec<_> = kept.iter().filter(|e| e.data == "genuine").collect();
+    assert_eq!(real.len(), 1, "the real output was dropped as a duplicate of a forged one: {kept:?}");
+    assert_eq!((real[0].id.as_str(), real[0].source.as_str()), (output.id.as_str(), "plugbus/echo"));
+    let metrics = metrics_text(&t.url()).await;
+    assert_eq!(sample(&metrics, "plugbus_nats_outputs_preempted_total"), Some(1.0));
+
+    // The host's own output published again (a redelivery, a retry) is still one message: the
+    // host publishes the same event again, straight through its transport.
+    let before = stream_count(&js, "ECHO").await;
+    let mut again = plugbus::Event::new("echo.orders.placed", "genuine");
+    (again.source, again.id) = (output.source.clone(), output.id.clone());
+    let transport = t.host.transport();
+    transport.publish_output(std::sync::Arc::new(again)).await.unwrap();
+    assert_eq!(stream_count(&js, "ECHO").await, before, "the output's second copy was kept");
+    assert_eq!(sample(&metrics_text(&t.url()).await, "plugbus_nats_outputs_preempted_total"), Some(2.0));
+}
+
 /// What the `Nats-Msg-Id` is for: a client that posts the same event again (a retry after a
 /// timeout, the same `ce-source` and `ce-id`) within the duplicate window has it kept, and
 /// handled, once.

@@ -19,6 +19,7 @@ mod filter;
 pub mod kv;
 mod kv_room;
 mod narrowing;
+mod output_mac;
 mod own_backlog;
 mod pull;
 mod queue_group;
@@ -193,6 +194,10 @@ pub struct NatsTransport {
     replay_claims: replay_claims::ReplayClaims,
     /// How far behind each durable plugin's consumers are, for its outputs to itself.
     own_backlogs: Arc<own_backlog::OwnBacklogs>,
+    /// The cluster's key a host's messages are signed with ([`output_mac`]).
+    output_mac: output_mac::OutputMac,
+    /// `plugbus_nats_outputs_preempted_total`: a host's messages a forgery held the id of.
+    preempted: Counter,
     _background: Vec<Task>,
 }
 
@@ -274,19 +279,17 @@ impl NatsTransport {
     /// stream's ack.
     async fn publish_event(&self, event: &Event, origin: wire::Origin) -> Result<(), PublishFailure> {
         validate_subject(&event.subject).map_err(TransportError::from)?;
-        let (headers, payload) = wire::message_of(event, origin);
+        let (mut headers, payload) = wire::message_of(event, origin);
         let subject = event.subject.clone();
         if self.index.captures(&subject) {
-            let ack = self
-                .js
-                .publish_with_headers(subject.clone(), headers, payload)
-                .await
-                .map_err(|e| TransportError::Broker(format!("publishing to {subject} on JetStream: {e}")))?;
-            let ack = ack.await.map_err(|e| PublishFailure {
-                over_stream_limit: stream_limit_refusing(&e),
-                error: TransportError::Broker(format!("JetStream did not acknowledge the event on {subject}: {e}")),
-            })?;
-            if ack.duplicate {
+            let msg_id = wire::msg_id(event, origin);
+            if origin == wire::Origin::Host {
+                self.output_mac.sign(&mut headers, &msg_id, &subject, &payload);
+            }
+            let ack = self.publish_stored(&subject, headers, payload).await?;
+            if ack.duplicate && origin == wire::Origin::Host && self.output_mac.signs() {
+                self.checked_duplicate(event, &msg_id, ack).await?;
+            } else if ack.duplicate {
                 tracing::debug!(subject = %subject, event_id = %event.id, "JetStream already had this event (duplicate dropped)");
             }
         } else {
@@ -295,6 +298,61 @@ impl NatsTransport {
                 .await
                 .map_err(|e| TransportError::Broker(format!("publishing to {subject} on NATS: {e}")))?;
         }
+        Ok(())
+    }
+
+    /// Publishes a message on a subject a stream captures and waits for the stream's ack.
+    async fn publish_stored(
+        &self,
+        subject: &str,
+        headers: async_nats::HeaderMap,
+        payload: bytes::Bytes,
+    ) -> Result<jetstream::publish::PublishAck, PublishFailure> {
+        let ack = self
+            .js
+            .publish_with_headers(subject.to_string(), headers, payload)
+            .await
+            .map_err(|e| TransportError::Broker(format!("publishing to {subject} on JetStream: {e}")))?;
+        ack.await.map_err(|e| PublishFailure {
+            over_stream_limit: stream_limit_refusing(&e),
+            error: TransportError::Broker(format!("JetStream did not acknowledge the event on {subject}: {e}")),
+        })
+    }
+
+    /// A host's signed message JetStream answered as a duplicate: the copy it holds under the id
+    /// is read; a host's, the duplicate stands; a forgery, the message is published again under
+    /// its second id ([`output_mac`]), counted.
+    async fn checked_duplicate(
+        &self,
+        event: &Event,
+        msg_id: &str,
+        ack: jetstream::publish::PublishAck,
+    ) -> Result<(), PublishFailure> {
+        let subject = &event.subject;
+        let unread = |e: String| {
+            TransportError::Broker(format!(
+                "JetStream holds a message under the id of the event on {subject} already, and it cannot be read to \
+                 tell whether a host's: {e}"
+            ))
+        };
+        let stream = self.js.get_stream(&ack.stream).await.map_err(|e| unread(e.to_string()))?;
+        let kept = stream.get_raw_message(ack.sequence).await.map_err(|e| unread(e.to_string()))?;
+        let verdict = self.output_mac.kept(msg_id, kept.subject.as_str(), Some(&kept.headers), &kept.payload);
+        if verdict != output_mac::Kept::Forged {
+            tracing::debug!(subject = %subject, event_id = %event.id, "JetStream already had this event (duplicate dropped)");
+            return Ok(());
+        }
+        self.preempted.inc();
+        let second = self.output_mac.second_id(msg_id, subject, &event.data).expect("signed, so keyed");
+        tracing::warn!(subject = %subject, event_id = %event.id, stream = %ack.stream, seq = ack.sequence,
+            "a message not signed by a host holds this event's Nats-Msg-Id in its stream (a NATS publisher forged it \
+             ahead of it): published again under a second id");
+        // Signed as under its own id; the second id is not computable without the key, so a
+        // duplicate of it is a host's (this message published again).
+        let (mut headers, payload) = wire::message_of(event, wire::Origin::Host);
+        self.output_mac.sign(&mut headers, msg_id, subject, &payload);
+        headers.insert(wire::MSG_ID, second.as_str());
+        self.publish_stored(subject, headers, payload).await?;
         Ok(())
     }
 
@@ -377,6 +435,7 @@ impl NatsTransport {
         };
         tracing::info!(url = %settings.url.as_deref().unwrap_or_default(), server = %client.server_info().version, "connected to NATS");
         let replay_claims = replay_claims::ReplayClaims::new(js.clone());
+        let output_mac = output_mac::OutputMac::load(&js).await;
         Ok(Self {
             client,
             js,
@@ -390,6 +449,8 @@ impl NatsTransport {
             tails: Default::default(),
             replay_claims,
             own_backlogs: Default::default(),
+            output_mac,
+            preempted: Counter::default(),
             _background: vec![keep_alive, refresh],
         })
     }
@@ -1033,6 +1094,11 @@ impl Transport for NatsTransport {
             "nats_core_dropped",
             "Core NATS messages dropped because their plugin had no room for them (its queue and flow.buffer_mib full, as much again waiting)",
             self.core_dropped.clone(),
+        );
+        registry.register(
+            "nats_outputs_preempted",
+            "Outputs and dead letters whose Nats-Msg-Id a message not signed by a host held in their stream (published again under a second id)",
+            self.preempted.clone(),
         );
     }
 
