@@ -124,14 +124,11 @@ pub fn now_rfc3339() -> String {
     .unwrap_or_else(|_| format())
 }
 
-/// What the `source` of what the host makes for a plugin starts with ([`plugin_source`]).
-pub const PLUGIN_SOURCE_PREFIX: &str = "plugbus/";
-
 /// `plugbus/<plugin>`: the `source` of what the host makes for a plugin (outputs, requests,
 /// replies, dead letters).
 pub fn plugin_source(plugin: &str) -> String {
-    let mut source = String::with_capacity(PLUGIN_SOURCE_PREFIX.len() + plugin.len());
-    source.push_str(PLUGIN_SOURCE_PREFIX);
+    let mut source = String::with_capacity("plugbus/".len() + plugin.len());
+    source.push_str("plugbus/");
     source.push_str(plugin);
     source
 }

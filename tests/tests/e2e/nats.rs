@@ -222,14 +222,16 @@ async fn cloudevents_binary_structured_and_plain_messages_reach_the_handler() {
     assert_eq!(v["headers"]["tenant"], "acme co");
     assert_eq!(v["data"], r#"{"n":1}"#);
     // the output goes out in binary mode too, with a deterministic Nats-Msg-Id: the host's
-    // (`out-`), from the output's source and id
+    // (`out-`), from the output's source and id and the hosts' key (not the plain hash anyone
+    // can compute)
     let oh = msg.headers.expect("output headers");
     assert_eq!(oh.get("ce-specversion").map(|v| v.as_str()), Some("1.0"));
     assert_eq!(oh.get("ce-source").map(|v| v.as_str()), Some("plugbus/attrs"));
     let mut output = plugbus::Event::new("attrs.out", "");
     (output.source, output.id) = ("plugbus/attrs".into(), oh.get("ce-id").unwrap().as_str().into());
-    let want = wire::msg_id(&output, wire::Origin::Host);
-    assert_eq!(oh.get("Nats-Msg-Id").map(|v| v.as_str()), Some(want.as_str()));
+    let computable = wire::msg_id(&output, wire::Origin::Host);
+    let id = oh.get("Nats-Msg-Id").map(|v| v.as_str().to_string()).unwrap_or_default();
+    assert!(id.starts_with("out-") && id.len() == computable.len() && id != computable, "{id}");
     assert_eq!(oh.get("plugbus-caused-by").map(|v| v.as_str()), Some("bin-1"));
 
     // structured mode: the whole event as JSON
@@ -966,7 +968,7 @@ async fn jetstream_an_output_neither_published_nor_dead_lettered_leaves_its_inpu
     let t = TestHost::start_on(&Bus::JetStream(&server), &["echo"], |c| {
         plugbus_tests::fast_retries(c);
         // Kept alive past ack_wait while it is held.
-        c.nats.ack_wait = Duration::from_secs(1);
+        c.nats.ack_wait = Duration::from_secs(3);
         c.plugins.entry("echo".into()).or_default().dead_letter = Some("dead.echo".into());
     })
     .await;
@@ -974,7 +976,7 @@ async fn jetstream_an_output_neither_published_nor_dead_lettered_leaves_its_inpu
 
     // Its dead letter kept here (then refused by the broker): the delivery is held.
     eventually("the output dead-lettered here", || !t.host.dead_letters().list(Some("echo")).is_empty()).await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(4000)).await;
     let info = consumer_on(&js, "orders.o1").await;
     assert_eq!(info.ack_floor.stream_sequence, 0, "the input was acked with its output nowhere on the broker");
     assert_eq!(info.num_ack_pending, 1, "{info:?}");
@@ -1002,32 +1004,6 @@ async fn jetstream_an_output_neither_published_nor_dead_lettered_leaves_its_inpu
     assert_eq!((t.counter("echo", "received"), t.counter("echo", "ok")), (1, 1));
     // Published at last, it is no longer this host's dead letter (a replay would send it twice).
     assert!(t.host.dead_letters().list(Some("echo")).is_empty(), "the published output's dead letter is kept");
-}
-
-/// The attack (review 48d M4): a plugin whose every event makes two on a subject it takes
-/// itself, forever. JetStream stores every output and a stream the host made has no limits: the
-/// tree doubled until the account's storage was full and every plugin's publishes failed, on
-/// every host. Now its outputs to a consumer of its own are refused while that consumer is more
-/// than a message per KiB of its `flow.buffer_mib` behind (1,024 here), and dead-lettered by
-/// themselves after their tries, as the embedded bus keeps them within its buffer.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jetstream_a_runaway_plugin_feeding_itself_is_held_to_its_own_backlog() {
-    let server = NatsServer::start().await;
-    let js = jetstream::new(server.client().await);
-    let t = TestHost::start_on(&Bus::JetStream(&server), &["cycler"], |c| {
-        plugbus_tests::fast_retries(c);
-        c.flow = plugbus::router::Flow { buffer_mib: 1, ..Default::default() };
-    })
-    .await;
-    t.publish("runaway.go", "x").await;
-    t.wait_counter("cycler", "outputs_dead_lettered", 1).await;
-    let dead = t.host.dead_letters().list(Some("cycler"));
-    let error = dead[0].event.header("plugbus-error").unwrap_or_default().to_string();
-    assert!(error.contains("messages behind on its own consumer"), "{}", error.chars().take(300).collect::<String>());
-    // It goes on, held near its bound: a pull's worth past it at most, not doubling.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let pending = consumer_on(&js, "runaway.go").await.num_pending;
-    assert!(pending <= 1024 + 2048, "{pending} pending");
 }
 
 /// A dead letter that could not be published (its stream full) leaves its input to be delivered
@@ -1839,8 +1815,7 @@ async fn jetstream_a_client_posting_an_outputs_id_first_cannot_stand_in_for_the_
 /// subject, which chooses any `Nats-Msg-Id`: it computes the output's (`wire::msg_id` of the
 /// output's source and id, as a host's) and publishes ahead of the input. JetStream answered the
 /// real output as a duplicate, the host took that as published and acked the input. Now a
-/// host's message is signed with the cluster's key, and a duplicate whose kept copy is not a
-/// host's is published again under a second id, counted.
+/// host's message id is an HMAC with the hosts' key (`output_mac`): the forgery does not meet it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_a_nats_publisher_forging_an_outputs_msg_id_cannot_suppress_the_output() {
     let server = NatsServer::start().await;
@@ -1852,7 +1827,6 @@ async fn jetstream_a_nats_publisher_forging_an_outputs_msg_id_cannot_suppress_th
     headers.insert("Nats-Msg-Id", wire::msg_id(&output, wire::Origin::Host).as_str());
     headers.insert("ce-source", "plugbus/echo");
     headers.insert("ce-id", output.id.as_str());
-    headers.insert("plugbus-mac", "00");
     js.publish_with_headers("echo.orders.placed", headers, "forged".into()).await.unwrap().await.unwrap();
 
     assert_eq!(post_event(&t, "orders.placed", "/shop/eu", "order-9", "genuine").await, 202);
@@ -1862,18 +1836,13 @@ async fn jetstream_a_nats_publisher_forging_an_outputs_msg_id_cannot_suppress_th
     let real: Vec<_> = kept.iter().filter(|e| e.data == "genuine").collect();
     assert_eq!(real.len(), 1, "the real output was dropped as a duplicate of a forged one: {kept:?}");
     assert_eq!((real[0].id.as_str(), real[0].source.as_str()), (output.id.as_str(), "plugbus/echo"));
-    let metrics = metrics_text(&t.url()).await;
-    assert_eq!(sample(&metrics, "plugbus_nats_outputs_preempted_total"), Some(1.0));
 
-    // The host's own output published again (a redelivery, a retry) is still one message: the
-    // host publishes the same event again, straight through its transport.
+    // The host's own output published again (a redelivery, a retry) is still one message.
     let before = stream_count(&js, "ECHO").await;
     let mut again = plugbus::Event::new("echo.orders.placed", "genuine");
     (again.source, again.id) = (output.source.clone(), output.id.clone());
-    let transport = t.host.transport();
-    transport.publish_output(std::sync::Arc::new(again)).await.unwrap();
+    t.host.transport().publish_output(std::sync::Arc::new(again)).await.unwrap();
     assert_eq!(stream_count(&js, "ECHO").await, before, "the output's second copy was kept");
-    assert_eq!(sample(&metrics_text(&t.url()).await, "plugbus_nats_outputs_preempted_total"), Some(2.0));
 }
 
 /// What the `Nats-Msg-Id` is for: a client that posts the same event again (a retry after a

@@ -266,8 +266,6 @@ pub struct Feeding {
     pub queue: usize,
     /// What the plugin takes.
     pub filter: super::Filter,
-    /// Where the consumer's pending count is told ([`super::own_backlog`]).
-    pub backlog: Arc<super::own_backlog::Backlog>,
 }
 
 /// Pulls from the consumer into the plugin's queue until the queue closes; reopens the pull
@@ -283,7 +281,7 @@ pub struct Feeding {
 /// ([`super::brought::Brought`]) until it has room; the next pull is asked once it all has. Pulls answer on one inbox the pump keeps ([`Inbox`]): a replicated consumer sends
 /// a pull's messages after the status that ends it.
 pub async fn pump(js: jetstream::Context, spec: SharedSpec, mut consumer: PullConsumer, feeding: Feeding) {
-    let Feeding { intake, held, queue, filter, backlog } = feeding;
+    let Feeding { intake, held, queue, filter } = feeding;
     let plugin = filter.plugin.clone();
     let _puller = intake.puller();
     let stream = spec.read().expect("spec poisoned").stream.clone();
@@ -314,7 +312,6 @@ pub async fn pump(js: jetstream::Context, spec: SharedSpec, mut consumer: PullCo
             looked_at_floor = std::time::Instant::now();
             if let Ok(info) = consumer.info().await {
                 settled = info.ack_floor.stream_sequence;
-                backlog.seen(info.num_pending);
             }
         }
         // The server's `max_payload` as it is now: a reconnect may have reached another server.

@@ -20,7 +20,6 @@ pub mod kv;
 mod kv_room;
 mod narrowing;
 mod output_mac;
-mod own_backlog;
 mod pull;
 mod queue_group;
 mod replay_claims;
@@ -192,12 +191,8 @@ pub struct NatsTransport {
     tails: tails::Tails,
     /// Which host replays a kept dead letter now ([`replay_claims`]).
     replay_claims: replay_claims::ReplayClaims,
-    /// How far behind each durable plugin's consumers are, for its outputs to itself.
-    own_backlogs: Arc<own_backlog::OwnBacklogs>,
-    /// The cluster's key a host's messages are signed with ([`output_mac`]).
+    /// The cluster's key a host's message ids are made with ([`output_mac`]).
     output_mac: output_mac::OutputMac,
-    /// `plugbus_nats_outputs_preempted_total`: a host's messages a forgery held the id of.
-    preempted: Counter,
     _background: Vec<Task>,
 }
 
@@ -259,7 +254,7 @@ impl NatsTransport {
             .subscribe(inbox.clone())
             .await
             .map_err(|e| TransportError::Broker(format!("subscribing to the replay's answer on NATS: {e}")))?;
-        let (mut headers, payload) = wire::message_of(event, origin);
+        let (mut headers, payload) = self.message_of(event, origin);
         headers.insert(crate::deadletter::headers::REPLAY_ACK, inbox.as_str());
         let subject = event.subject.clone();
         self.client
@@ -279,17 +274,11 @@ impl NatsTransport {
     /// stream's ack.
     async fn publish_event(&self, event: &Event, origin: wire::Origin) -> Result<(), PublishFailure> {
         validate_subject(&event.subject).map_err(TransportError::from)?;
-        let (mut headers, payload) = wire::message_of(event, origin);
+        let (headers, payload) = self.message_of(event, origin);
         let subject = event.subject.clone();
         if self.index.captures(&subject) {
-            let msg_id = wire::msg_id(event, origin);
-            if origin == wire::Origin::Host {
-                self.output_mac.sign(&mut headers, &msg_id, &subject, &payload);
-            }
             let ack = self.publish_stored(&subject, headers, payload).await?;
-            if ack.duplicate && origin == wire::Origin::Host && self.output_mac.signs() {
-                self.checked_duplicate(event, &msg_id, ack).await?;
-            } else if ack.duplicate {
+            if ack.duplicate {
                 tracing::debug!(subject = %subject, event_id = %event.id, "JetStream already had this event (duplicate dropped)");
             }
         } else {
@@ -319,41 +308,16 @@ impl NatsTransport {
         })
     }
 
-    /// A host's signed message JetStream answered as a duplicate: the copy it holds under the id
-    /// is read; a host's, the duplicate stands; a forgery, the message is published again under
-    /// its second id ([`output_mac`]), counted.
-    async fn checked_duplicate(
-        &self,
-        event: &Event,
-        msg_id: &str,
-        ack: jetstream::publish::PublishAck,
-    ) -> Result<(), PublishFailure> {
-        let subject = &event.subject;
-        let unread = |e: String| {
-            TransportError::Broker(format!(
-                "JetStream holds a message under the id of the event on {subject} already, and it cannot be read to \
-                 tell whether a host's: {e}"
-            ))
-        };
-        let stream = self.js.get_stream(&ack.stream).await.map_err(|e| unread(e.to_string()))?;
-        let kept = stream.get_raw_message(ack.sequence).await.map_err(|e| unread(e.to_string()))?;
-        let verdict = self.output_mac.kept(msg_id, kept.subject.as_str(), Some(&kept.headers), &kept.payload);
-        if verdict != output_mac::Kept::Forged {
-            tracing::debug!(subject = %subject, event_id = %event.id, "JetStream already had this event (duplicate dropped)");
-            return Ok(());
+    /// The headers and payload that carry `event` ([`wire::message_of`]), a host's message under
+    /// the id only hosts can make ([`output_mac`]) once the cluster's key is here.
+    fn message_of(&self, event: &Event, origin: wire::Origin) -> (async_nats::HeaderMap, bytes::Bytes) {
+        let (mut headers, payload) = wire::message_of(event, origin);
+        if origin == wire::Origin::Host
+            && let Some(id) = self.output_mac.msg_id(&event.source, &event.id)
+        {
+            headers.insert(wire::MSG_ID, id.as_str());
         }
-        self.preempted.inc();
-        let second = self.output_mac.second_id(msg_id, subject, &event.data).expect("signed, so keyed");
-        tracing::warn!(subject = %subject, event_id = %event.id, stream = %ack.stream, seq = ack.sequence,
-            "a message not signed by a host holds this event's Nats-Msg-Id in its stream (a NATS publisher forged it \
-             ahead of it): published again under a second id");
-        // Signed as under its own id; the second id is not computable without the key, so a
-        // duplicate of it is a host's (this message published again).
-        let (mut headers, payload) = wire::message_of(event, wire::Origin::Host);
-        self.output_mac.sign(&mut headers, msg_id, subject, &payload);
-        headers.insert(wire::MSG_ID, second.as_str());
-        self.publish_stored(subject, headers, payload).await?;
-        Ok(())
+        (headers, payload)
     }
 
     /// Publishes a dead letter this host's store kept whole, whole if the broker takes it, else
@@ -435,7 +399,9 @@ impl NatsTransport {
         };
         tracing::info!(url = %settings.url.as_deref().unwrap_or_default(), server = %client.server_info().version, "connected to NATS");
         let replay_claims = replay_claims::ReplayClaims::new(js.clone());
-        let output_mac = output_mac::OutputMac::load(&js).await;
+        // Read once before any message goes out (ids made before it would change once it came).
+        let output_mac = output_mac::OutputMac::default();
+        let keying = Task(tokio::spawn(keep_loading(output_mac.clone(), js.clone(), output_mac.load(&js).await)));
         Ok(Self {
             client,
             js,
@@ -448,11 +414,42 @@ impl NatsTransport {
             core_dropped: Default::default(),
             tails: Default::default(),
             replay_claims,
-            own_backlogs: Default::default(),
             output_mac,
-            preempted: Counter::default(),
-            _background: vec![keep_alive, refresh],
+            _background: vec![keep_alive, refresh, keying],
         })
+    }
+}
+
+/// Reads or makes the cluster's key ([`output_mac`]) until it has it, every
+/// [`output_mac::RETRY`]: a host that started while JetStream was away, or before it could be
+/// reached, takes it later.
+async fn keep_loading(mac: output_mac::OutputMac, js: jetstream::Context, first: Result<(), String>) {
+    let mut said = false;
+    let mut tried = Some(first);
+    loop {
+        let loaded = match tried.take() {
+            Some(first) => first,
+            None => mac.load(&js).await,
+        };
+        match loaded {
+            Ok(()) => {
+                if said {
+                    tracing::info!("the key of the hosts' message ids is here now");
+                }
+                return;
+            }
+            Err(e) if !said => {
+                said = true;
+                tracing::warn!(
+                    "no key for the hosts' message ids yet ({e}; tried again every {}s): until \
+                    then an output's Nats-Msg-Id is a hash anyone can compute, and a NATS publisher can have it \
+                    dropped as a duplicate by publishing first under it",
+                    output_mac::RETRY.as_secs()
+                );
+            }
+            Err(e) => tracing::debug!("no key for the hosts' message ids yet: {e}"),
+        }
+        tokio::time::sleep(output_mac::RETRY).await;
     }
 }
 
@@ -662,13 +659,11 @@ impl NatsTransport {
                     }
                     let stream = cspec.stream.clone();
                     let shared = Arc::new(std::sync::RwLock::new(cspec));
-                    let backlog = self.own_backlogs.track(&spec.plugin, shared.clone(), feed.intake.budget.bytes());
                     let feeding = consumer::Feeding {
                         intake: feed.intake.clone(),
                         held: self.held.clone(),
                         queue: spec.capacity,
                         filter: feed.filter.clone(),
-                        backlog,
                     };
                     let task = consumer::pump(self.js.clone(), shared.clone(), c, feeding);
                     feed.durable.insert(stream, Pump { spec: shared, _task: Task(tokio::spawn(task)) });
@@ -1009,15 +1004,7 @@ impl Transport for NatsTransport {
         Ok(self.publish_event(&event, origin).await?)
     }
 
-    /// A plugin's output to a consumer of its own more than its bound behind is refused
-    /// ([`own_backlog`]); the plugin's backoff publishes it again, and dead-letters it at last.
     async fn publish_output(&self, event: Arc<Event>) -> Result<(), TransportError> {
-        if let Some(plugin) = event.source.strip_prefix(crate::event::PLUGIN_SOURCE_PREFIX)
-            && !crate::deadletter::is_dead_letter(&event)
-            && let Some(why) = self.own_backlogs.refusal(plugin, &event.subject)
-        {
-            return Err(TransportError::Full(why));
-        }
         Ok(self.publish_event(&event, wire::Origin::Host).await?)
     }
 
@@ -1042,7 +1029,7 @@ impl Transport for NatsTransport {
         let subject = event.subject.clone();
         validate_subject(&subject).map_err(|e| RequestError::Unavailable(e.to_string()))?;
         let origin = if producer { wire::Origin::Producer } else { wire::Origin::Host };
-        let (headers, payload) = wire::message_of(&event, origin);
+        let (headers, payload) = self.message_of(&event, origin);
         if self.index.captures(&subject) {
             return self.request_stored(subject, headers, payload, timeout).await;
         }
@@ -1081,7 +1068,7 @@ impl Transport for NatsTransport {
         if !is_inbox(to) {
             return Err(TransportError::Broker(format!("{} is not a reply inbox", crate::event::quoted(to))));
         }
-        let (headers, payload) = wire::message_of(&event, wire::Origin::Host);
+        let (headers, payload) = self.message_of(&event, wire::Origin::Host);
         self.client
             .publish_with_headers(to.to_string(), headers, payload)
             .await
@@ -1094,11 +1081,6 @@ impl Transport for NatsTransport {
             "nats_core_dropped",
             "Core NATS messages dropped because their plugin had no room for them (its queue and flow.buffer_mib full, as much again waiting)",
             self.core_dropped.clone(),
-        );
-        registry.register(
-            "nats_outputs_preempted",
-            "Outputs and dead letters whose Nats-Msg-Id a message not signed by a host held in their stream (published again under a second id)",
-            self.preempted.clone(),
         );
     }
 

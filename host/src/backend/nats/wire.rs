@@ -90,13 +90,11 @@ pub fn event_of(
 ) -> Result<Event, String> {
     let payload = crate::event::owned_data(&payload);
     // A replay's answer address is the hosts' (`plugbus-replay-ack`), never part of the event: a
-    // plugin never sees it, nor does the dead letter it may make, on any subject. Nor a host's
-    // signature (`plugbus-mac`), which is the message's, not the event's.
-    let hosts_only = [crate::deadletter::headers::REPLAY_ACK, super::output_mac::HEADER];
+    // plugin never sees it, nor does the dead letter it may make, on any subject.
     let pairs = headers
         .into_iter()
         .flat_map(|h| h.iter())
-        .filter(move |(name, _)| !hosts_only.iter().any(|h| AsRef::<str>::as_ref(*name).eq_ignore_ascii_case(h)))
+        .filter(|(name, _)| !AsRef::<str>::as_ref(*name).eq_ignore_ascii_case(crate::deadletter::headers::REPLAY_ACK))
         .flat_map(|(name, values)| values.iter().map(move |v| (AsRef::<str>::as_ref(name), v.as_str())));
     cloudevents::decode_with_id(subject, pairs, payload, fallback_id)
 }
@@ -148,12 +146,10 @@ mod tests {
         let (mut headers, payload) = message_of(&ev, Origin::Producer);
         headers.insert(crate::deadletter::headers::REPLAY_ACK, "_INBOX.abc");
         headers.insert("Plugbus-Replay-Ack", "_INBOX.def");
-        headers.insert(super::super::output_mac::HEADER, "00ff");
         let back = event_of("orders.created", Some(&headers), payload, None).unwrap();
         assert_eq!(back.header("tenant"), Some("acme"));
         assert!(
-            back.extensions.iter().all(|(k, _)| !k.eq_ignore_ascii_case(crate::deadletter::headers::REPLAY_ACK)
-                && !k.eq_ignore_ascii_case(super::super::output_mac::HEADER)),
+            back.extensions.iter().all(|(k, _)| !k.eq_ignore_ascii_case(crate::deadletter::headers::REPLAY_ACK)),
             "{:?}",
             back.extensions
         );
