@@ -382,7 +382,7 @@ pub fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) -> imp
 /// Records how a delivery ended on its span.
 fn record_outcome(span: &tracing::Span, outcome: &Outcome) {
     match outcome {
-        Outcome::Handled { attempts, outputs, .. } => {
+        Outcome::Handled { attempts, outputs } => {
             span.record("outcome", "handled");
             span.record("attempts", attempts);
             span.record("outputs", *outputs as u64);
@@ -877,8 +877,8 @@ async fn release_output(
 async fn let_go_of_its_dead_letter(rt: &PluginRuntime, ev: &Event, out: &Event) {
     let Some(kept) = rt.dead_letters.take_unpublished_output(&rt.name, out) else { return };
     tracing::info!(plugin = %rt.name, subject = %out.subject, event_id = %out.id, caused_by = %ev.id,
-        "an output dead-lettered at an earlier delivery (its dead letter not published) is published now: \
-         its dead letter is let go");
+        "an output dead-lettered here before (its dead letter not published) is published now: its dead letter \
+         is let go");
     rt.dead_letters.write_off_runtime(move |store| store.forget(&[kept])).await;
 }
 
@@ -900,6 +900,7 @@ async fn dead_letter_output(rt: &PluginRuntime, out: &Event, failure: &str, trie
 /// The first wait of [`hold_until_placed`], doubled after each refusal up to
 /// [`HOLD_WAIT_MAX`].
 const HOLD_WAIT_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+/// The longest wait of [`hold_until_placed`].
 const HOLD_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Holds a delivery whose output `out` and its dead letter `dead` the transport both refused,

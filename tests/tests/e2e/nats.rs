@@ -605,6 +605,19 @@ async fn jetstream_a_handler_slower_than_ack_wait_is_kept_alive_not_redelivered(
     assert!(seen.drain(Duration::from_millis(200)).await.is_empty());
 }
 
+/// Waits until `faulty` handled 30 `faulty.slow` events, and checks each was delivered and run
+/// once.
+async fn each_of_30_slow_events_ran_once(t: &TestHost, js: &jetstream::Context) {
+    t.wait_counter("faulty", "ok", 30).await;
+    settled(js, "faulty.slow").await;
+    let delivered = consumer_on(js, "faulty.slow").await.delivered.consumer_sequence;
+    assert_eq!(
+        (t.counter("faulty", "received"), delivered),
+        (30, 30),
+        "messages were delivered again while they waited"
+    );
+}
+
 /// A backlog behind a slow handler: messages a pull brought and the pump has not read yet had no
 /// `in-progress` (only messages read are kept alive), so past `ack_wait` JetStream delivered
 /// them again while the first copy still waited in the host, and each ran twice. Pulls now ask
@@ -622,14 +635,7 @@ async fn jetstream_a_backlog_behind_a_slow_handler_runs_each_message_once() {
     for _ in 0..30 {
         js.publish("faulty.slow", "300".into()).await.unwrap().await.unwrap();
     }
-    t.wait_counter("faulty", "ok", 30).await;
-    settled(&js, "faulty.slow").await;
-    let delivered = consumer_on(&js, "faulty.slow").await.delivered.consumer_sequence;
-    assert_eq!(
-        (t.counter("faulty", "received"), delivered),
-        (30, 30),
-        "messages were delivered again while they waited"
-    );
+    each_of_30_slow_events_ran_once(&t, &js).await;
 }
 
 /// The attack (review 48d M2): messages of many small headers cost the feed's budget far more
@@ -660,14 +666,7 @@ async fn jetstream_header_heavy_messages_never_wait_unread_past_ack_wait() {
         }
         js.publish_with_headers("faulty.slow", headers, "300".into()).await.unwrap().await.unwrap();
     }
-    t.wait_counter("faulty", "ok", 30).await;
-    settled(&js, "faulty.slow").await;
-    let delivered = consumer_on(&js, "faulty.slow").await.delivered.consumer_sequence;
-    assert_eq!(
-        (t.counter("faulty", "received"), delivered),
-        (30, 30),
-        "messages were delivered again while they waited"
-    );
+    each_of_30_slow_events_ran_once(&t, &js).await;
 }
 
 /// On a replicated stream (R3, as production runs JetStream) the server ends a pull at its bytes

@@ -278,8 +278,9 @@ pub struct Feeding {
 /// again at half its batch and at each expiry whatever was read, held thousands under a
 /// backlog). What a pull brought beyond the room its messages turn out to take (a message costs
 /// the budget more than its bytes on the wire) is read at once and held
-/// ([`super::brought::Brought`]) until it has room; the next pull is asked once it all has. Pulls answer on one inbox the pump keeps ([`Inbox`]): a replicated consumer sends
-/// a pull's messages after the status that ends it.
+/// ([`super::brought::Brought`]) until it has room; the next pull is asked once it all has.
+/// Pulls answer on one inbox the pump keeps ([`Inbox`]): a replicated consumer sends a pull's
+/// messages after the status that ends it.
 pub async fn pump(js: jetstream::Context, spec: SharedSpec, mut consumer: PullConsumer, feeding: Feeding) {
     let Feeding { intake, held, queue, filter } = feeding;
     let plugin = filter.plugin.clone();
