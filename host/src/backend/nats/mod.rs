@@ -19,7 +19,6 @@ mod filter;
 pub mod kv;
 mod kv_room;
 mod narrowing;
-mod output_mac;
 mod pull;
 mod queue_group;
 mod replay_claims;
@@ -191,8 +190,6 @@ pub struct NatsTransport {
     tails: tails::Tails,
     /// Which host replays a kept dead letter now ([`replay_claims`]).
     replay_claims: replay_claims::ReplayClaims,
-    /// The cluster's key a host's message ids are made with ([`output_mac`]).
-    output_mac: output_mac::OutputMac,
     _background: Vec<Task>,
 }
 
@@ -254,7 +251,7 @@ impl NatsTransport {
             .subscribe(inbox.clone())
             .await
             .map_err(|e| TransportError::Broker(format!("subscribing to the replay's answer on NATS: {e}")))?;
-        let (mut headers, payload) = self.message_of(event, origin);
+        let (mut headers, payload) = wire::message_of(event, origin);
         headers.insert(crate::deadletter::headers::REPLAY_ACK, inbox.as_str());
         let subject = event.subject.clone();
         self.client
@@ -274,10 +271,18 @@ impl NatsTransport {
     /// stream's ack.
     async fn publish_event(&self, event: &Event, origin: wire::Origin) -> Result<(), PublishFailure> {
         validate_subject(&event.subject).map_err(TransportError::from)?;
-        let (headers, payload) = self.message_of(event, origin);
+        let (headers, payload) = wire::message_of(event, origin);
         let subject = event.subject.clone();
         if self.index.captures(&subject) {
-            let ack = self.publish_stored(&subject, headers, payload).await?;
+            let ack = self
+                .js
+                .publish_with_headers(subject.clone(), headers, payload)
+                .await
+                .map_err(|e| TransportError::Broker(format!("publishing to {subject} on JetStream: {e}")))?;
+            let ack = ack.await.map_err(|e| PublishFailure {
+                over_stream_limit: stream_limit_refusing(&e),
+                error: TransportError::Broker(format!("JetStream did not acknowledge the event on {subject}: {e}")),
+            })?;
             if ack.duplicate {
                 tracing::debug!(subject = %subject, event_id = %event.id, "JetStream already had this event (duplicate dropped)");
             }
@@ -288,36 +293,6 @@ impl NatsTransport {
                 .map_err(|e| TransportError::Broker(format!("publishing to {subject} on NATS: {e}")))?;
         }
         Ok(())
-    }
-
-    /// Publishes a message on a subject a stream captures and waits for the stream's ack.
-    async fn publish_stored(
-        &self,
-        subject: &str,
-        headers: async_nats::HeaderMap,
-        payload: bytes::Bytes,
-    ) -> Result<jetstream::publish::PublishAck, PublishFailure> {
-        let ack = self
-            .js
-            .publish_with_headers(subject.to_string(), headers, payload)
-            .await
-            .map_err(|e| TransportError::Broker(format!("publishing to {subject} on JetStream: {e}")))?;
-        ack.await.map_err(|e| PublishFailure {
-            over_stream_limit: stream_limit_refusing(&e),
-            error: TransportError::Broker(format!("JetStream did not acknowledge the event on {subject}: {e}")),
-        })
-    }
-
-    /// The headers and payload that carry `event` ([`wire::message_of`]), a host's message under
-    /// the id only hosts can make ([`output_mac`]) once the cluster's key is here.
-    fn message_of(&self, event: &Event, origin: wire::Origin) -> (async_nats::HeaderMap, bytes::Bytes) {
-        let (mut headers, payload) = wire::message_of(event, origin);
-        if origin == wire::Origin::Host
-            && let Some(id) = self.output_mac.msg_id(&event.source, &event.id)
-        {
-            headers.insert(wire::MSG_ID, id.as_str());
-        }
-        (headers, payload)
     }
 
     /// Publishes a dead letter this host's store kept whole, whole if the broker takes it, else
@@ -399,9 +374,6 @@ impl NatsTransport {
         };
         tracing::info!(url = %settings.url.as_deref().unwrap_or_default(), server = %client.server_info().version, "connected to NATS");
         let replay_claims = replay_claims::ReplayClaims::new(js.clone());
-        // Read once before any message goes out (ids made before it would change once it came).
-        let output_mac = output_mac::OutputMac::default();
-        let keying = Task(tokio::spawn(keep_loading(output_mac.clone(), js.clone(), output_mac.load(&js).await)));
         Ok(Self {
             client,
             js,
@@ -414,42 +386,8 @@ impl NatsTransport {
             core_dropped: Default::default(),
             tails: Default::default(),
             replay_claims,
-            output_mac,
-            _background: vec![keep_alive, refresh, keying],
+            _background: vec![keep_alive, refresh],
         })
-    }
-}
-
-/// Reads or makes the cluster's key ([`output_mac`]) until it has it, every
-/// [`output_mac::RETRY`]: a host that started while JetStream was away, or before it could be
-/// reached, takes it later.
-async fn keep_loading(mac: output_mac::OutputMac, js: jetstream::Context, first: Result<(), String>) {
-    let mut said = false;
-    let mut tried = Some(first);
-    loop {
-        let loaded = match tried.take() {
-            Some(first) => first,
-            None => mac.load(&js).await,
-        };
-        match loaded {
-            Ok(()) => {
-                if said {
-                    tracing::info!("the key of the hosts' message ids is here now");
-                }
-                return;
-            }
-            Err(e) if !said => {
-                said = true;
-                tracing::warn!(
-                    "no key for the hosts' message ids yet ({e}; tried again every {}s): until \
-                    then an output's Nats-Msg-Id is a hash anyone can compute, and a NATS publisher can have it \
-                    dropped as a duplicate by publishing first under it",
-                    output_mac::RETRY.as_secs()
-                );
-            }
-            Err(e) => tracing::debug!("no key for the hosts' message ids yet: {e}"),
-        }
-        tokio::time::sleep(output_mac::RETRY).await;
     }
 }
 
@@ -1029,7 +967,7 @@ impl Transport for NatsTransport {
         let subject = event.subject.clone();
         validate_subject(&subject).map_err(|e| RequestError::Unavailable(e.to_string()))?;
         let origin = if producer { wire::Origin::Producer } else { wire::Origin::Host };
-        let (headers, payload) = self.message_of(&event, origin);
+        let (headers, payload) = wire::message_of(&event, origin);
         if self.index.captures(&subject) {
             return self.request_stored(subject, headers, payload, timeout).await;
         }
@@ -1068,7 +1006,7 @@ impl Transport for NatsTransport {
         if !is_inbox(to) {
             return Err(TransportError::Broker(format!("{} is not a reply inbox", crate::event::quoted(to))));
         }
-        let (headers, payload) = self.message_of(&event, wire::Origin::Host);
+        let (headers, payload) = wire::message_of(&event, wire::Origin::Host);
         self.client
             .publish_with_headers(to.to_string(), headers, payload)
             .await
