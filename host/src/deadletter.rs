@@ -428,6 +428,15 @@ impl Kept {
         }
     }
 
+    /// Whether `plugin` may hold a dead letter of `original`: one of its source, or one that names
+    /// none (kept by an older version). Counted, so the redeliveries and outputs that look for
+    /// one scan the store only when it may be there.
+    fn may_hold(&self, plugin: &str, original: &Event) -> bool {
+        self.by_plugin
+            .get(plugin)
+            .is_some_and(|held| held.by_source.contains_key(&original.source) || held.by_source.contains_key(""))
+    }
+
     fn push_back(&mut self, entry: Entry) {
         self.count(&entry, true);
         self.items.push_back(entry);
@@ -812,6 +821,9 @@ impl DeadLetters {
     pub fn kept_for(&self, plugin: &str, original: &Event) -> Option<(Event, bool)> {
         let entry = {
             let kept = self.kept.lock().expect("dlq poisoned");
+            if !kept.may_hold(plugin, original) {
+                return None;
+            }
             kept.items.iter().find(|e| e.is_of(plugin, original)).map(|e| (e.seq, e.event.clone()))?
         };
         let (seq, event) = entry;
@@ -825,6 +837,9 @@ impl DeadLetters {
     /// broker, and a replay would send it twice.
     pub fn take_unpublished_output(&self, plugin: &str, output: &Event) -> Option<Entry> {
         let mut kept = self.kept.lock().expect("dlq poisoned");
+        if !kept.may_hold(plugin, output) {
+            return None;
+        }
         let at = kept.items.iter().position(|e| e.is_of(plugin, output) && failed_in(&e.event).is_none())?;
         kept.remove(at)
     }

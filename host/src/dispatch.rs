@@ -788,6 +788,13 @@ struct Waiting<'a> {
     room: &'a mut Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
+impl Waiting<'_> {
+    /// The room these outputs take among those waiting to be published again, in KiB (at least 1).
+    fn kib(&self) -> u32 {
+        u32::try_from(self.left_bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX)
+    }
+}
+
 /// Sends the reply of an attempt that returned Ok (after its kv writes committed, before its
 /// outputs) to the reply address of the event it handled. A reply nobody waits for any more
 /// (the requester timed out, or another plugin answered first) is dropped and counted
@@ -829,16 +836,13 @@ async fn release_output(
         let (subject, id) = (&out.subject, &out.id);
         let fate = fate::decide(&DeliveryError::Publish(err.to_string()), tries, &rt.retry, false);
         let room = match (&fate, waiting.room.is_some()) {
-            (Fate::RetryHere(_), false) => {
-                let kib = u32::try_from(waiting.left_bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
-                match rt.republishing.try_take(kib) {
-                    Some(room) => {
-                        *waiting.room = Some(room);
-                        true
-                    }
-                    None => false,
+            (Fate::RetryHere(_), false) => match rt.republishing.try_take(waiting.kib()) {
+                Some(room) => {
+                    *waiting.room = Some(room);
+                    true
                 }
-            }
+                None => false,
+            },
             _ => true,
         };
         let retry = match fate {
@@ -924,8 +928,7 @@ async fn hold_until_placed(
         "neither the output nor its dead letter was taken: the event is held (kept alive, not acked) and both are \
          tried again until one is");
     if waiting.room.is_none() {
-        let kib = u32::try_from(waiting.left_bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
-        *waiting.room = rt.republishing.take(kib).await;
+        *waiting.room = rt.republishing.take(waiting.kib()).await;
     }
     let mut wait = HOLD_WAIT_FIRST;
     loop {
