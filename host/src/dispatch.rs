@@ -5,8 +5,9 @@
 //! releasing outputs only after success, dead letters, and settling with the transport.
 //! Invariant: every delivery ends in exactly one of ack (handled), nak (handed back to a
 //! redelivering transport: a retry, or a dead letter the transport did not take) or term
-//! (dead-lettered, or logged when it was itself a dead letter); nothing ends without a log line
-//! naming plugin, subject and event id.
+//! (dead-lettered, or logged when it was itself a dead letter), or, on a redelivering transport
+//! when the plugin leaves this host, unsettled (`Outcome::Left`: delivered again, as after a
+//! crash); nothing ends without a log line naming plugin, subject and event id.
 
 use crate::deadletter::{self, DeadLetters, Record};
 use crate::event::Event;
@@ -184,6 +185,8 @@ pub struct PluginRuntime {
     pub republishing: RepublishRoom,
     /// Where counters go.
     pub metrics: PluginMetrics,
+    /// Set once the plugin leaves this host ([`PluginRuntime::leave`]).
+    pub leaving: tokio::sync::watch::Sender<bool>,
 }
 
 /// Room for a plugin's outputs waiting to be published again after the transport refused them
@@ -220,6 +223,15 @@ impl RepublishRoom {
 }
 
 impl PluginRuntime {
+    /// The plugin leaves this host (removed, or the host closing after its drain): a delivery
+    /// held until the transport takes its output ([`hold_until_placed`]) ends unsettled, for the
+    /// transport to deliver again (here later, or on another host), rather than hold on for a
+    /// plugin gone; the later deliveries of its key are left with it (`router::run_lane`).
+    /// Everything else it took still finishes.
+    pub fn leave(&self) {
+        self.leaving.send_replace(true);
+    }
+
     /// The version serving now.
     pub fn plugin(&self) -> Arc<Plugin> {
         self.current.plugin()
@@ -351,6 +363,13 @@ pub enum Outcome {
         /// Why.
         failure: DeliveryError,
     },
+    /// Handled, but held because an output and its dead letter were both refused, when the
+    /// plugin left this host ([`PluginRuntime::leave`]): left unsettled, so the transport
+    /// delivers it again (as after a crash before the ack), and its handler runs again.
+    Left {
+        /// Attempts made.
+        attempts: u32,
+    },
 }
 
 /// Where the retries of a delivery wait.
@@ -407,6 +426,10 @@ fn record_outcome(span: &tracing::Span, outcome: &Outcome) {
             span.record("attempts", attempts);
             telemetry::fail(span, failure);
         }
+        Outcome::Left { attempts } => {
+            span.record("outcome", "left");
+            span.record("attempts", attempts);
+        }
     }
 }
 
@@ -458,13 +481,15 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
             Some(outputs) => {
                 tracing::info!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, outputs = outputs.len(),
                     "handled before the last stop (kv committed): releasing its outputs without running it again");
-                let release = Release { redelivered: delivery.attempt > 1, hold: delivery.redeliverable };
-                let outputs = release_outputs(rt, ev, outputs, release).await;
-                Outcome::Handled { attempts: 0, outputs }
+                let release = Release::of(rt, &delivery, delivery.attempt);
+                match release_outputs(rt, ev, outputs, release).await {
+                    Some(outputs) => Outcome::Handled { attempts: 0, outputs },
+                    None => Outcome::Left { attempts: 0 },
+                }
             }
             None => {
                 let first = delivery.attempt.max(1);
-                let release = Release { redelivered: first > 1, hold: delivery.redeliverable };
+                let release = Release::of(rt, &delivery, first);
                 attempts(rt, ev, first, by_transport, release, delivery.acker.position(), &mut record).await
             }
         },
@@ -483,6 +508,10 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
         Outcome::Redelivering { wait, .. } => delivery.acker.nak(*wait).await,
         // (Settled where it was decided, before any attempt.)
         Outcome::NotItsReplay | Outcome::DeadLetteredBefore { .. } => {}
+        // Not settled: dropped, the acker stops keeping it alive and the transport delivers it
+        // again after its ack wait, as after a crash (the later events of its key with it:
+        // `run_lane`).
+        Outcome::Left { .. } => {}
         Outcome::Expired { attempts } => {
             rt.stats.add(|c| &c.expired, 1);
             rt.metrics.requests_expired.inc();
@@ -550,7 +579,10 @@ async fn attempts(
                 if let Some(reply) = reply {
                     send_reply(rt, ev, reply).await;
                 }
-                let outputs = release_outputs(rt, ev, outputs, release).instrument(span.clone()).await;
+                let Some(outputs) = release_outputs(rt, ev, outputs, release).instrument(span.clone()).await else {
+                    span.record("outcome", "left");
+                    return Outcome::Left { attempts: attempt };
+                };
                 span.record("outcome", "ok");
                 span.record("outputs", outputs as u64);
                 return Outcome::Handled { attempts: attempt, outputs };
@@ -751,8 +783,9 @@ async fn run_attempt(
 /// whose dead letter the transport refused too (a broker outage; its stream and the dead letters'
 /// both full) is never left only in this host's store with its input acked: the delivery is held
 /// (kept alive, its key's lane with it) and both are tried again until one is taken
-/// ([`hold_until_placed`]).
-async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Arc<Event>>, release: Release) -> usize {
+/// ([`hold_until_placed`]). How many were published; `None` when the plugin left this host
+/// while one was held: the outputs after that one are not released (the event comes again).
+async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Arc<Event>>, release: Release) -> Option<usize> {
     let mut released = 0;
     // Bytes of the outputs not released yet (what the delivery holds while one is retried), and
     // its room among those waiting to be published again, taken at the first refusal.
@@ -762,11 +795,24 @@ async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Arc<Event>
         let span = telemetry::output_span(&out);
         let waiting = Waiting { left_bytes: left, room: &mut room };
         left -= out.buffered_cost();
-        if release_output(rt, ev, out, waiting, release, &span).instrument(span.clone()).await {
-            released += 1;
+        match release_output(rt, ev, out, waiting, release, &span).instrument(span.clone()).await {
+            Released::Published => released += 1,
+            Released::DeadLettered => {}
+            Released::Left => return None,
         }
     }
-    released
+    Some(released)
+}
+
+/// What became of one output ([`release_output`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Released {
+    /// The transport took it.
+    Published,
+    /// Its dead letter is kept (and published, or it could not be).
+    DeadLettered,
+    /// Neither was taken, and the plugin left this host while the delivery was held.
+    Left,
 }
 
 /// How a delivery's outputs are released.
@@ -778,6 +824,23 @@ struct Release {
     /// The transport would deliver the event again: an output and its dead letter both refused
     /// hold the delivery until one is taken ([`hold_until_placed`]).
     hold: bool,
+    /// The transport delivers the event again if it is left unsettled ([`may_come_again`]): a
+    /// hold may end when the plugin leaves this host.
+    may_leave: bool,
+}
+
+impl Release {
+    /// How the outputs of `delivery`'s attempts from `first` on are released.
+    fn of(rt: &PluginRuntime, delivery: &Delivery, first: u32) -> Self {
+        Self { redelivered: first > 1, hold: delivery.redeliverable, may_leave: may_come_again(rt, delivery) }
+    }
+}
+
+/// Whether the transport delivers `delivery` again if it is left unsettled: it redelivers, and
+/// this is not its last delivery (`max_deliver`, [`RetryPolicy::transport_deliveries`]). Left at
+/// its last, it would be lost.
+pub fn may_come_again(rt: &PluginRuntime, delivery: &Delivery) -> bool {
+    delivery.redeliverable && delivery.attempt < rt.retry.transport_deliveries()
 }
 
 /// What a delivery releasing its outputs holds, for [`release_output`]'s retries.
@@ -820,7 +883,7 @@ async fn release_output(
     waiting: Waiting<'_>,
     release: Release,
     span: &tracing::Span,
-) -> bool {
+) -> Released {
     let mut tries = 1;
     loop {
         let err = match rt.transport.publish_output(out.clone()).await {
@@ -829,7 +892,7 @@ async fn release_output(
                 if release.redelivered {
                     let_go_of_its_dead_letter(rt, ev, &out).await;
                 }
-                return true;
+                return Released::Published;
             }
             Err(e) => e,
         };
@@ -863,9 +926,9 @@ async fn release_output(
             telemetry::fail(span, &why);
             return match dead_letter_output(rt, &out, &why, tries).await {
                 Err(dead) if release.hold => {
-                    hold_until_placed(rt, ev, &out, dead, waiting).instrument(span.clone()).await
+                    hold_until_placed(rt, ev, &out, dead, waiting, release).instrument(span.clone()).await
                 }
-                Ok(()) | Err(_) => false,
+                Ok(()) | Err(_) => Released::DeadLettered,
             };
         };
         tracing::warn!(plugin = %rt.name, subject = %subject, event_id = %id, caused_by = %ev.id, tries,
@@ -912,34 +975,64 @@ const HOLD_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 /// host's store (bounded, and no other host lists it); given back, the handler would run again
 /// over its committed kv writes, its calls out and its reply again, after later events of its
 /// key. So the delivery stays here, kept alive (and its key's lane with it), and the output, then
-/// its dead letter, are tried again (1 s doubling to 30 s) until one is taken: `true` when the
-/// output is. It holds its outputs' room among the plugin's waiting to be published again
-/// (waiting for it, if it had none), so a broker that refuses everything holds the plugin back
-/// rather than its memory growing. A stop or a crash meanwhile leaves the event unsettled: it
-/// comes again, as after any crash before the ack.
+/// its dead letter, are tried again (1 s doubling to 30 s) until one is taken. It holds its
+/// outputs' room among the plugin's waiting to be published again (waiting for it, if it had
+/// none), so a broker that refuses everything holds the plugin back rather than its memory
+/// growing. A crash meanwhile leaves the event unsettled: it comes again, as after any crash
+/// before the ack.
+///
+/// When the plugin leaves this host meanwhile (removed, or the host closing after its drain:
+/// [`PluginRuntime::leave`]), the hold ends and the event is left unsettled the same way: it
+/// comes again, here or on another host, and runs again there. The dead letter this host kept of
+/// the output stays kept, as after a crash: the run again may publish another output, or none
+/// (over its own kv writes), or not come at all (the input gone from its stream); when it
+/// publishes this one here, that lets the dead letter go. Only a dead letter still in the
+/// store's file when the plugin leaves lets the hold end ([`may_leave`]): otherwise the hold is
+/// the output's only copy. Nor does it end at the event's last delivery ([`may_come_again`]).
 async fn hold_until_placed(
     rt: &PluginRuntime,
     ev: &Event,
     out: &Arc<Event>,
     (dead, kept_whole): (Event, bool),
     waiting: Waiting<'_>,
-) -> bool {
+    release: Release,
+) -> Released {
     tracing::error!(plugin = %rt.name, subject = %out.subject, event_id = %out.id, caused_by = %ev.id,
         "neither the output nor its dead letter was taken: the event is held (kept alive, not acked) and both are \
          tried again until one is");
-    if waiting.room.is_none() {
-        *waiting.room = rt.republishing.take(waiting.kib()).await;
+    let mut leaving = rt.leaving.subscribe();
+    // Whether the plugin's leaving may end the hold (no longer, once it found it may not): not at
+    // the event's last delivery, which would never come again.
+    let mut watching = release.may_leave;
+    let mut has_room = waiting.room.is_some();
+    while !has_room {
+        tokio::select! {
+            room = rt.republishing.take(waiting.kib()) => (*waiting.room, has_room) = (room, true),
+            _ = leaving.wait_for(|&left| left), if watching => match may_leave(rt, ev, out) {
+                true => return leave_held(rt, ev, out),
+                false => watching = false,
+            },
+        }
     }
     let mut wait = HOLD_WAIT_FIRST;
     loop {
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = leaving.wait_for(|&left| left), if watching => match may_leave(rt, ev, out) {
+                true => return leave_held(rt, ev, out),
+                false => {
+                    watching = false;
+                    continue;
+                }
+            },
+        }
         wait = (wait * 2).min(HOLD_WAIT_MAX);
         match rt.transport.publish_output(out.clone()).await {
             Ok(()) => {
                 tracing::info!(plugin = %rt.name, subject = %out.subject, event_id = %out.id, caused_by = %ev.id,
                     "a held output is published");
                 let_go_of_its_dead_letter(rt, ev, out).await;
-                return true;
+                return Released::Published;
             }
             Err(e) => tracing::debug!(plugin = %rt.name, subject = %out.subject, event_id = %out.id,
                 "a held output refused again: {e}"),
@@ -947,9 +1040,41 @@ async fn hold_until_placed(
         if publish_dead_letter(rt, &out.id, dead.clone(), kept_whole).await.is_ok() {
             tracing::info!(plugin = %rt.name, subject = %out.subject, event_id = %out.id, caused_by = %ev.id,
                 "a held output's dead letter is published");
-            return false;
+            return Released::DeadLettered;
         }
     }
+}
+
+/// Whether a held output's hold may end as its plugin leaves this host: its dead letter is in
+/// the store's file, to outlive the hold (not evicted or deleted since, nor over the store's
+/// bytes, nor a store without a file: `persistent_kv = false`).
+fn may_leave(rt: &PluginRuntime, ev: &Event, out: &Event) -> bool {
+    let in_file = matches!(rt.dead_letters.kept_for(&rt.name, out), Some((_, true)));
+    if !in_file {
+        tracing::warn!(plugin = %rt.name, subject = %out.subject, event_id = %out.id, caused_by = %ev.id,
+            "the plugin leaves this host, but a held output's dead letter is not in this host's dead-letter file: \
+             the hold goes on, as the output's only copy");
+    }
+    in_file
+}
+
+/// Ends the hold of a delivery whose plugin left this host ([`hold_until_placed`]).
+fn leave_held(rt: &PluginRuntime, ev: &Event, out: &Event) -> Released {
+    tracing::warn!(plugin = %rt.name, subject = %out.subject, event_id = %out.id, caused_by = %ev.id,
+        "the plugin left this host while its event was held: left unsettled, the transport delivers it again and \
+         its handler runs again; the output's dead letter stays kept here");
+    Released::Left
+}
+
+/// Leaves `delivery` unsettled and unrun behind an earlier event of its key left unsettled
+/// ([`Outcome::Left`]): run now, it would overtake that one. The transport delivers both again
+/// after their ack wait, as after a crash. (Not given back with `nak`: tried, the earlier one,
+/// given back first, came again after this one.)
+pub fn leave_behind_its_key(rt: &PluginRuntime, delivery: Delivery) {
+    let ev = &delivery.event;
+    tracing::warn!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id,
+        "left unsettled, unrun: an earlier event of its key was left unsettled as the plugin left this host, and \
+         this one would overtake it; the transport delivers both again");
 }
 
 /// What a dead letter is of: decides whom its replay is for ([`deadletter::failed_in`]).

@@ -51,6 +51,13 @@ impl RetryPolicy {
     pub fn backoff(&self, attempt: u32) -> Duration {
         self.ceiling(attempt).mul_f64(fastrand::f64())
     }
+
+    /// How many times a redelivering transport (JetStream's `max_deliver`) delivers an event
+    /// before it gives up: twice the attempts, at least one more, so deliveries given back
+    /// unrun (another version's, a stop's) never use up the attempts themselves.
+    pub fn transport_deliveries(&self) -> u32 {
+        self.max_attempts.saturating_mul(2).max(self.max_attempts.saturating_add(1))
+    }
 }
 
 #[cfg(test)]
@@ -65,6 +72,12 @@ mod tests {
         assert_eq!(p.ceiling(4), Duration::from_millis(800));
         assert_eq!(p.ceiling(30), Duration::from_secs(30));
         assert_eq!(p.ceiling(u32::MAX), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_redelivering_transport_delivers_twice_the_attempts_and_at_least_one_more() {
+        let with = |max_attempts| RetryPolicy { max_attempts, ..RetryPolicy::default() }.transport_deliveries();
+        assert_eq!((with(0), with(1), with(3), with(u32::MAX)), (1, 2, 6, u32::MAX));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! plugin has its own queue, worker, lanes and bounds.
 
 use crate::deadletter::DeadLetters;
-use crate::dispatch::{self, PluginRuntime, PluginStats, RetryIn, RunPermits, Serving};
+use crate::dispatch::{self, Outcome, PluginRuntime, PluginStats, RetryIn, RunPermits, Serving};
 use crate::event::Event;
 use crate::manifest::OrderKey;
 use crate::metrics::{Metrics, PluginLabels, PluginMetrics};
@@ -15,7 +15,7 @@ use crate::sandbox::Plugin;
 use crate::subject::Pattern;
 use crate::transport::{Delivery, Durability, Subscription, SubscriptionSpec, Transport, TransportError};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -96,7 +96,7 @@ impl Delivering {
             backlog_bytes: self.flow.backlog_mib.saturating_mul(1 << 20),
             durable: durable.then(|| Durability {
                 deliver_all: self.deliver_all.unwrap_or_else(|| m.subscriptions.iter().any(|s| s.deliver_all)),
-                give_up_after: self.retry.max_attempts.saturating_mul(2).max(self.retry.max_attempts + 1),
+                give_up_after: self.retry.transport_deliveries(),
                 dead_letter: Some(self.dead_letter_subject.clone()),
             }),
         }
@@ -106,7 +106,9 @@ impl Delivering {
 /// A live plugin.
 ///
 /// Dropping it unsubscribes; the worker then drains what is already queued and exits, so a
-/// removed plugin finishes the events it had accepted.
+/// removed plugin finishes the events it had accepted, but for a delivery held until the broker
+/// takes its output and the later events of its key, left to come again when they may
+/// ([`PluginRuntime::leave`]).
 struct Entry {
     runtime: Arc<PluginRuntime>,
     delivering: Delivering,
@@ -224,6 +226,7 @@ impl Router {
             run_permits: RunPermits::new(delivering.flow.concurrency),
             republishing: dispatch::republish_room(delivering.flow.buffer_mib),
             metrics: PluginMetrics::new(self.metrics.clone(), &name, &spec.patterns),
+            leaving: tokio::sync::watch::Sender::new(false),
         });
         let queue_depth = subscription.depth_probe();
         let subscription_id = subscription.id;
@@ -271,12 +274,15 @@ impl Router {
         Ok(Swapped { old_version: old.manifest().version.clone(), old_hash: old.hash().to_string(), resubscribed })
     }
 
-    /// Takes a plugin out: unsubscribes it; what it already took still finishes. (On the durable
+    /// Takes a plugin out: unsubscribes it; what it already took still finishes, but a delivery
+    /// held until the broker takes its output is left to the broker to deliver again, when it
+    /// may ([`PluginRuntime::leave`]). (On the durable
     /// embedded bus, what waits in the log for its read-back waits for its next subscription:
     /// a reinstall, or the next start. A reinstall reads it once what this one took is done.)
     pub fn remove(&self, name: &str) -> bool {
         let removed = self.entries.lock().expect("router poisoned").remove(name);
         if let Some(e) = &removed {
+            e.runtime.leave();
             let breakers = e.runtime.plugin().outbound().breakers.views().into_iter().map(|b| b.host);
             self.metrics.forget_gauges(name, breakers);
             tracing::info!(plugin = %name, "plugin removed: unsubscribed");
@@ -294,9 +300,14 @@ impl Router {
         self.entries.lock().expect("router poisoned").get(name).map(|e| e.runtime.plugin().hash().to_string())
     }
 
-    /// Takes every plugin out and waits for their workers to end (after a drain).
+    /// Takes every plugin out and waits for their workers to end (after a drain: a delivery
+    /// still held until the broker takes its output is left to the broker then,
+    /// [`PluginRuntime::leave`]).
     pub async fn close(&self) {
         let entries = std::mem::take(&mut *self.entries.lock().expect("router poisoned"));
+        for entry in entries.values() {
+            entry.runtime.leave();
+        }
         for (_, entry) in entries {
             let Entry { subscribed, worker, .. } = entry;
             drop(subscribed);
@@ -450,12 +461,17 @@ type LaneItem = (Delivery, usize, OwnedSemaphorePermit);
 /// plugin's own, or another plugin's up to twice it: see the embedded bus's `room_for`): it
 /// keeps its admission permit.
 #[derive(Default)]
-struct Lanes(Mutex<HashMap<String, VecDeque<LaneItem>>>);
+struct Lanes {
+    waiting: Mutex<HashMap<String, VecDeque<LaneItem>>>,
+    /// Keys one of whose deliveries was left unsettled ([`Outcome::Left`]): the plugin is
+    /// leaving this host, and the key's later deliveries are left too rather than overtake it.
+    left: Mutex<HashSet<String>>,
+}
 
 impl Lanes {
     /// Queues the item behind its key; returns it back if the lane was idle (caller runs it).
     fn enqueue(&self, key: &str, item: LaneItem) -> Option<LaneItem> {
-        let mut lanes = self.0.lock().expect("lanes poisoned");
+        let mut lanes = self.waiting.lock().expect("lanes poisoned");
         match lanes.get_mut(key) {
             Some(waiting) => {
                 waiting.push_back(item);
@@ -470,12 +486,22 @@ impl Lanes {
 
     /// Whether `key`'s lane is open (a delivery of the key is running or backing off).
     fn is_open(&self, key: &str) -> bool {
-        self.0.lock().expect("lanes poisoned").contains_key(key)
+        self.waiting.lock().expect("lanes poisoned").contains_key(key)
+    }
+
+    /// Marks `key` as left ([`Lanes::left`]).
+    fn leave(&self, key: &str) {
+        self.left.lock().expect("lanes poisoned").insert(key.to_string());
+    }
+
+    /// Whether a delivery of `key` was left unsettled.
+    fn was_left(&self, key: &str) -> bool {
+        self.left.lock().expect("lanes poisoned").contains(key)
     }
 
     /// The next item of the lane, or `None` (and the lane closes).
     fn next(&self, key: &str) -> Option<LaneItem> {
-        let mut lanes = self.0.lock().expect("lanes poisoned");
+        let mut lanes = self.waiting.lock().expect("lanes poisoned");
         let next = lanes.get_mut(key).and_then(VecDeque::pop_front);
         if next.is_none() {
             lanes.remove(key);
@@ -553,8 +579,14 @@ async fn run_lane(
 ) {
     let mut item = Some((delivery, ticket, None));
     while let Some((delivery, ticket, waited_with)) = item.take() {
-        // Retries wait here, holding the lane: the key's later events must not overtake.
-        dispatch::deliver(&rt, delivery, RetryIn::Host).await;
+        if lanes.was_left(&key) && dispatch::may_come_again(&rt, &delivery) {
+            // Run now, it would overtake its key's event left unsettled: left too, the
+            // transport delivers both again. (At its last delivery it runs: left, it would be lost.)
+            dispatch::leave_behind_its_key(&rt, delivery);
+        } else if let Outcome::Left { .. } = dispatch::deliver(&rt, delivery, RetryIn::Host).await {
+            lanes.leave(&key);
+        }
+        // (Retries waited in `deliver`, holding the lane: the key's later events must not overtake.)
         rt.stats.settle(ticket);
         // (What it waited with goes back once it is done: the lanes' bound counts it until then.)
         drop(waited_with);

@@ -948,20 +948,8 @@ async fn jetstream_a_dead_letter_that_cannot_be_kept_naks_the_input_until_max_de
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_an_output_neither_published_nor_dead_lettered_leaves_its_input_unacked() {
     let server = NatsServer::start().await;
-    let client = server.client().await;
-    let js = jetstream::new(client.clone());
-    for (name, subject, filler) in [("ECHO", "echo.>", "echo.filler"), ("DEAD", "dead.echo", "dead.echo")] {
-        js.create_stream(jetstream::stream::Config {
-            name: name.into(),
-            subjects: vec![subject.into()],
-            max_messages: 1,
-            discard: jetstream::stream::DiscardPolicy::New,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        js.publish(filler, "filler".into()).await.unwrap().await.unwrap();
-    }
+    let js = jetstream::new(server.client().await);
+    full_output_and_dead_letter_streams(&js).await;
     let t = TestHost::start_on(&Bus::JetStream(&server), &["echo"], |c| {
         plugbus_tests::fast_retries(c);
         // Kept alive past ack_wait while it is held.
@@ -1001,6 +989,222 @@ async fn jetstream_an_output_neither_published_nor_dead_lettered_leaves_its_inpu
     assert_eq!((t.counter("echo", "received"), t.counter("echo", "ok")), (1, 1));
     // Published at last, it is no longer this host's dead letter (a replay would send it twice).
     assert!(t.host.dead_letters().list(Some("echo")).is_empty(), "the published output's dead letter is kept");
+}
+
+/// Streams `ECHO` (echo's outputs) and `DEAD` (its dead letters, `dead.echo`), each full: one
+/// message at most, `discard: new`, and one there already.
+async fn full_output_and_dead_letter_streams(js: &jetstream::Context) {
+    for (name, subject, filler) in [("ECHO", "echo.>", "echo.filler"), ("DEAD", "dead.echo", "dead.echo")] {
+        js.create_stream(jetstream::stream::Config {
+            name: name.into(),
+            subjects: vec![subject.into()],
+            max_messages: 1,
+            discard: jetstream::stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        js.publish(filler, "filler".into()).await.unwrap().await.unwrap();
+    }
+}
+
+/// A host running `component` (as `echo.wasm`) over [`full_output_and_dead_letter_streams`],
+/// with `ack_wait` and a drain of `drain` at a stop.
+async fn echo_into_full_streams(server: &NatsServer, component: &str, ack_wait: Duration, drain: Duration) -> TestHost {
+    echo_into_full_streams_with(server, component, ack_wait, drain, |_| {}).await
+}
+
+/// [`echo_into_full_streams`], with `tweak` applied to the host's config last.
+async fn echo_into_full_streams_with(
+    server: &NatsServer,
+    component: &str,
+    ack_wait: Duration,
+    drain: Duration,
+    tweak: impl FnOnce(&mut Config),
+) -> TestHost {
+    let t = TestHost::start_on(&Bus::JetStream(server), &[], |c| {
+        plugbus_tests::fast_retries(c);
+        c.nats.ack_wait = ack_wait;
+        c.drain_timeout = drain;
+        let echo = c.plugins.entry("echo".into()).or_default();
+        echo.durable = Some(true);
+        echo.dead_letter = Some("dead.echo".into());
+        tweak(c);
+    })
+    .await;
+    std::fs::copy(wasm(component), t.dir.path().join("echo.wasm")).unwrap();
+    eventually("echo serving", || t.host.router().contains("echo")).await;
+    t
+}
+
+/// Publishes an event for echo, waits until its delivery is held, then takes echo out (its file
+/// removed).
+async fn hold_then_take_echo_out(t: &TestHost) {
+    t.publish("orders.o1", "precious").await;
+    eventually("held (the output dead-lettered here)", || !t.host.dead_letters().list(Some("echo")).is_empty()).await;
+    std::fs::remove_file(t.dir.path().join("echo.wasm")).unwrap();
+    eventually("echo removed", || !t.host.router().contains("echo")).await;
+}
+
+/// Room again in [`full_output_and_dead_letter_streams`]: emptied, up to 100 messages each.
+async fn room_again(js: &jetstream::Context) {
+    for name in ["ECHO", "DEAD"] {
+        let mut stream = js.get_stream(name).await.unwrap();
+        let config = jetstream::stream::Config { max_messages: 100, ..stream.info().await.unwrap().config.clone() };
+        js.update_stream(&config).await.unwrap();
+        stream.purge().await.unwrap();
+    }
+}
+
+/// The dead letters of echo kept in the store of the data folder `data` (read by a host of no
+/// plugins started on it).
+async fn echos_dead_letters_kept_in(server: &NatsServer, data: &std::path::Path) -> usize {
+    let t = TestHost::start_on(&Bus::JetStream(server), &[], |c| c.data_dir = data.to_path_buf()).await;
+    let kept = t.host.dead_letters().list(Some("echo")).len();
+    t.host.shutdown().await;
+    kept
+}
+
+/// Review 49b M5: a delivery held until the broker takes its output (or that output's dead
+/// letter) held on for a plugin taken out of the host: its keep-alives and retries went on, and
+/// once the broker took the output, the plugin gone acked it. Now the hold ends, unsettled, and
+/// the event is delivered again: to the plugin put back here, which runs it again, publishes the
+/// output and lets go of the dead letter kept of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_removing_a_plugin_leaves_its_held_delivery_to_be_delivered_again() {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    full_output_and_dead_letter_streams(&js).await;
+    let t = echo_into_full_streams(&server, "echo", Duration::from_secs(2), Duration::from_secs(30)).await;
+    hold_then_take_echo_out(&t).await;
+    // Room again: a hold still going on would publish the output now, for a plugin gone.
+    room_again(&js).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(stream_count(&js, "ECHO").await, 0, "published by the plugin taken out");
+    assert_eq!(t.host.dead_letters().list(Some("echo")).len(), 1, "the output's dead letter stays kept");
+
+    std::fs::copy(wasm("echo"), t.dir.path().join("echo.wasm")).unwrap();
+    plugbus_tests::eventually_async("the output published", Duration::from_secs(30), || async {
+        stream_count(&js, "ECHO").await == 1
+    })
+    .await;
+    settled(&js, "orders.o1").await;
+    let info = consumer_on(&js, "orders.o1").await;
+    assert_eq!(info.delivered.consumer_sequence, 2, "delivered again: {info:?}");
+    assert_eq!((t.counter("echo", "received"), t.counter("echo", "ok")), (1, 1));
+    eventually("published, its dead letter let go", || t.host.dead_letters().list(Some("echo")).is_empty()).await;
+}
+
+/// Review 50b M1/L1: a held output whose dead letter is in no file (here a host without one,
+/// `persistent_kv = false`; or evicted, deleted, over the store's bytes) is the output's only
+/// copy: the plugin's removal does not end its hold, which publishes it once the broker has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_held_output_whose_dead_letter_is_in_no_file_holds_on_past_its_plugins_removal() {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    full_output_and_dead_letter_streams(&js).await;
+    let no_file = |c: &mut Config| c.persistent_kv = false;
+    let t =
+        echo_into_full_streams_with(&server, "echo", Duration::from_secs(2), Duration::from_secs(30), no_file).await;
+    hold_then_take_echo_out(&t).await;
+    room_again(&js).await;
+    plugbus_tests::eventually_async("the held output published", Duration::from_secs(40), || async {
+        stream_count(&js, "ECHO").await == 1
+    })
+    .await;
+    settled(&js, "orders.o1").await;
+    let info = consumer_on(&js, "orders.o1").await;
+    assert_eq!(info.delivered.consumer_sequence, 1, "left, and delivered again: {info:?}");
+}
+
+/// Review 50a H2: order per key when a held delivery is left. The later events of its key
+/// waiting behind it must not run (and be acked) before it comes again: they are left
+/// unsettled too, unrun, and the plugin put back runs each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_left_delivery_leaves_the_later_events_of_its_key_unrun() {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    full_output_and_dead_letter_streams(&js).await;
+    // echo's version 2 orders by the header `key`.
+    let t = echo_into_full_streams(&server, "echo2", Duration::from_secs(2), Duration::from_secs(30)).await;
+    for subject in ["orders.first", "orders.second"] {
+        t.host.publish(plugbus::Event::new(subject, "data").with_header("key", "k")).await.unwrap();
+    }
+    eventually("the first held", || !t.host.dead_letters().list(Some("echo")).is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(t.counter("echo", "received"), 1, "the second waits behind the first");
+    std::fs::remove_file(t.dir.path().join("echo.wasm")).unwrap();
+    eventually("echo removed", || !t.host.router().contains("echo")).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Run, the second would have been held too, its output's dead letter kept beside the first's.
+    let kept = t.host.dead_letters().list(Some("echo"));
+    assert_eq!(kept.len(), 1, "the second ran after the first was left: {kept:?}");
+
+    // Room again, for both outputs: the plugin put back runs each once.
+    room_again(&js).await;
+    std::fs::copy(wasm("echo2"), t.dir.path().join("echo.wasm")).unwrap();
+    plugbus_tests::eventually_async("both outputs", Duration::from_secs(30), || async {
+        stream_count(&js, "ECHO").await == 2
+    })
+    .await;
+    settled(&js, "orders.first").await;
+    assert_eq!((t.counter("echo", "received"), t.counter("echo", "ok")), (2, 2));
+}
+
+/// Review 50c M1: a delivery at its last (JetStream's `max_deliver`, 2 here) is never left: it
+/// would not come again. Left once, the event comes again for the last time; the plugin taken
+/// out again, its hold goes on and the later event of its key runs after it, each acked once the
+/// broker has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_delivery_at_its_last_is_not_left() {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    full_output_and_dead_letter_streams(&js).await;
+    let one_attempt = |c: &mut Config| c.retry.max_attempts = 1;
+    let t = echo_into_full_streams_with(&server, "echo2", Duration::from_secs(2), Duration::from_secs(30), one_attempt)
+        .await;
+    for subject in ["orders.first", "orders.second"] {
+        t.host.publish(plugbus::Event::new(subject, "data").with_header("key", "k")).await.unwrap();
+    }
+    let file = t.dir.path().join("echo.wasm");
+    for round in 1..=2 {
+        eventually("the first held", || t.counter("echo", "received") == 1 && t.counter("echo", "in_flight") == 0)
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        std::fs::remove_file(&file).unwrap();
+        eventually("echo removed", || !t.host.router().contains("echo")).await;
+        if round == 1 {
+            std::fs::copy(wasm("echo2"), &file).unwrap();
+            eventually("echo back", || t.host.router().contains("echo")).await;
+        }
+    }
+    room_again(&js).await;
+    plugbus_tests::eventually_async("both outputs", Duration::from_secs(40), || async {
+        stream_count(&js, "ECHO").await == 2
+    })
+    .await;
+    settled(&js, "orders.first").await;
+}
+
+/// Review 49b M5: a delivery still held when a stop's drain times out is left at close: the
+/// worker's close no longer waits out its 5 s on it, the drain report names it unfinished, and
+/// the output's dead letter stays kept here, as after a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_delivery_held_past_a_stops_drain_is_left_at_close() {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    full_output_and_dead_letter_streams(&js).await;
+    let t = echo_into_full_streams(&server, "echo", Duration::from_secs(2), Duration::from_secs(1)).await;
+    let id = t.publish("orders.o1", "precious").await;
+    eventually("held (the output dead-lettered here)", || !t.host.dead_letters().list(Some("echo")).is_empty()).await;
+    let TestHost { host, dir: _plugins, data } = t;
+    let stopping = std::time::Instant::now();
+    let report = host.shutdown().await;
+    let took = stopping.elapsed();
+    assert_eq!(report.unfinished.get("echo"), Some(&vec![id]), "{report:?}");
+    assert!(took < Duration::from_secs(5), "the stop took {took:?} (1 s of drain, then 5 s waiting on the hold)");
+    assert_eq!(echos_dead_letters_kept_in(&server, data.path()).await, 1, "the output's dead letter");
+    assert_eq!(consumer_on(&js, "orders.o1").await.ack_floor.stream_sequence, 0);
 }
 
 /// A dead letter that could not be published (its stream full) leaves its input to be delivered
