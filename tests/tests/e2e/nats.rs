@@ -1046,6 +1046,14 @@ async fn hold_then_take_echo_out(t: &TestHost) {
     eventually("echo removed", || !t.host.router().contains("echo")).await;
 }
 
+/// Waits (up to 40 s) until the stream `ECHO` keeps `outputs` messages.
+async fn echo_outputs_reach(js: &jetstream::Context, outputs: u64, what: &str) {
+    plugbus_tests::eventually_async(what, Duration::from_secs(40), || async {
+        stream_count(js, "ECHO").await == outputs
+    })
+    .await;
+}
+
 /// Room again in [`full_output_and_dead_letter_streams`]: emptied, up to 100 messages each.
 async fn room_again(js: &jetstream::Context) {
     for name in ["ECHO", "DEAD"] {
@@ -1084,10 +1092,7 @@ async fn jetstream_removing_a_plugin_leaves_its_held_delivery_to_be_delivered_ag
     assert_eq!(t.host.dead_letters().list(Some("echo")).len(), 1, "the output's dead letter stays kept");
 
     std::fs::copy(wasm("echo"), t.dir.path().join("echo.wasm")).unwrap();
-    plugbus_tests::eventually_async("the output published", Duration::from_secs(30), || async {
-        stream_count(&js, "ECHO").await == 1
-    })
-    .await;
+    echo_outputs_reach(&js, 1, "the output published").await;
     settled(&js, "orders.o1").await;
     let info = consumer_on(&js, "orders.o1").await;
     assert_eq!(info.delivered.consumer_sequence, 2, "delivered again: {info:?}");
@@ -1108,10 +1113,7 @@ async fn jetstream_a_held_output_whose_dead_letter_is_in_no_file_holds_on_past_i
         echo_into_full_streams_with(&server, "echo", Duration::from_secs(2), Duration::from_secs(30), no_file).await;
     hold_then_take_echo_out(&t).await;
     room_again(&js).await;
-    plugbus_tests::eventually_async("the held output published", Duration::from_secs(40), || async {
-        stream_count(&js, "ECHO").await == 1
-    })
-    .await;
+    echo_outputs_reach(&js, 1, "the held output published").await;
     settled(&js, "orders.o1").await;
     let info = consumer_on(&js, "orders.o1").await;
     assert_eq!(info.delivered.consumer_sequence, 1, "left, and delivered again: {info:?}");
@@ -1143,10 +1145,7 @@ async fn jetstream_a_left_delivery_leaves_the_later_events_of_its_key_unrun() {
     // Room again, for both outputs: the plugin put back runs each once.
     room_again(&js).await;
     std::fs::copy(wasm("echo2"), t.dir.path().join("echo.wasm")).unwrap();
-    plugbus_tests::eventually_async("both outputs", Duration::from_secs(30), || async {
-        stream_count(&js, "ECHO").await == 2
-    })
-    .await;
+    echo_outputs_reach(&js, 2, "both outputs").await;
     settled(&js, "orders.first").await;
     assert_eq!((t.counter("echo", "received"), t.counter("echo", "ok")), (2, 2));
 }
@@ -1179,10 +1178,7 @@ async fn jetstream_a_delivery_at_its_last_is_not_left() {
         }
     }
     room_again(&js).await;
-    plugbus_tests::eventually_async("both outputs", Duration::from_secs(40), || async {
-        stream_count(&js, "ECHO").await == 2
-    })
-    .await;
+    echo_outputs_reach(&js, 2, "both outputs").await;
     settled(&js, "orders.first").await;
 }
 
