@@ -187,6 +187,8 @@ pub struct PluginRuntime {
     pub metrics: PluginMetrics,
     /// Set once the plugin leaves this host ([`PluginRuntime::leave`]).
     pub leaving: tokio::sync::watch::Sender<bool>,
+    /// Deliveries held now ([`hold_until_placed`]).
+    pub held: AtomicU64,
 }
 
 /// Room for a plugin's outputs waiting to be published again after the transport refused them
@@ -235,6 +237,28 @@ impl PluginRuntime {
     /// The version serving now.
     pub fn plugin(&self) -> Arc<Plugin> {
         self.current.plugin()
+    }
+
+    /// Deliveries held now, each until the transport takes its output or that output's dead
+    /// letter ([`hold_until_placed`]).
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a delivery in [`PluginRuntime::held`] while it lives (however its hold ends).
+struct Holding<'a>(&'a AtomicU64);
+
+impl<'a> Holding<'a> {
+    fn new(held: &'a AtomicU64) -> Self {
+        held.fetch_add(1, Ordering::Relaxed);
+        Self(held)
+    }
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -511,7 +535,9 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
         // Not settled: dropped, the acker stops keeping it alive and the transport delivers it
         // again after its ack wait, as after a crash (the later events of its key with it:
         // `run_lane`).
-        Outcome::Left { .. } => {}
+        Outcome::Left { .. } => {
+            rt.metrics.deliveries_left.inc();
+        }
         Outcome::Expired { attempts } => {
             rt.stats.add(|c| &c.expired, 1);
             rt.metrics.requests_expired.inc();
@@ -1000,6 +1026,7 @@ async fn hold_until_placed(
     tracing::error!(plugin = %rt.name, subject = %out.subject, event_id = %out.id, caused_by = %ev.id,
         "neither the output nor its dead letter was taken: the event is held (kept alive, not acked) and both are \
          tried again until one is");
+    let _holding = Holding::new(&rt.held);
     let mut leaving = rt.leaving.subscribe();
     // Whether the plugin's leaving may end the hold (no longer, once it found it may not): not at
     // the event's last delivery, which would never come again.
@@ -1071,6 +1098,7 @@ fn leave_held(rt: &PluginRuntime, ev: &Event, out: &Event) -> Released {
 /// after their ack wait, as after a crash. (Not given back with `nak`: tried, the earlier one,
 /// given back first, came again after this one.)
 pub fn leave_behind_its_key(rt: &PluginRuntime, delivery: Delivery) {
+    rt.metrics.deliveries_left.inc();
     let ev = &delivery.event;
     tracing::warn!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id,
         "left unsettled, unrun: an earlier event of its key was left unsettled as the plugin left this host, and \

@@ -118,6 +118,10 @@ pub struct Metrics {
     pub replays_let_go: Family<PluginLabels, Counter>,
     /// Failed attempts of a plugin that the host failed, not the handler.
     pub host_failures: Family<PluginLabels, Counter>,
+    /// Deliveries held now: an output and its dead letter both refused by the transport.
+    pub deliveries_held: Family<PluginLabels, Gauge>,
+    /// Held deliveries (and the later events of their key) left unsettled as their plugin left.
+    pub deliveries_left: Family<PluginLabels, Counter>,
     /// `POST /v1/request/{subject}` answered `504`: no reply within its timeout.
     pub api_request_timeouts: Counter,
 }
@@ -154,6 +158,8 @@ impl Default for Metrics {
             outputs_dead_lettered: Family::default(),
             host_failures: Family::default(),
             replays_let_go: Family::default(),
+            deliveries_held: Family::default(),
+            deliveries_left: Family::default(),
             api_request_timeouts: Counter::default(),
         };
         r.register("events_received", "Events delivered to a plugin", m.received.clone());
@@ -230,6 +236,18 @@ impl Default for Metrics {
             m.host_failures.clone(),
         );
         r.register(
+            "deliveries_held",
+            "Deliveries of a plugin held now: an output and its dead letter were both refused by the broker; the \
+             event is kept alive, not acked, and both are tried again until one is taken",
+            m.deliveries_held.clone(),
+        );
+        r.register(
+            "deliveries_left",
+            "Held deliveries left unsettled because their plugin left this host (removed, or a stop's drain passed), \
+             with the later events of their key: the broker delivers them again, as after a crash",
+            m.deliveries_left.clone(),
+        );
+        r.register(
             "api_request_timeouts",
             "POST /v1/request answered 504: no reply within the timeout",
             m.api_request_timeouts.clone(),
@@ -275,6 +293,8 @@ pub struct PluginMetrics {
     pub replays_let_go: Counter,
     /// `plugbus_host_failures_total{plugin}`.
     pub host_failures: Counter,
+    /// `plugbus_deliveries_left_total{plugin}`.
+    pub deliveries_left: Counter,
     /// The patterns in manifest order with their counters. Behind an `Arc`: one reference count
     /// per event instead of one per counter (each a cache line the two cores pass back and forth).
     by_subscription: RwLock<Subscriptions>,
@@ -292,6 +312,7 @@ impl PluginMetrics {
         let outputs_dead_lettered = metrics.outputs_dead_lettered.get_or_create(&labels).clone();
         let replays_let_go = metrics.replays_let_go.get_or_create(&labels).clone();
         let host_failures = metrics.host_failures.get_or_create(&labels).clone();
+        let deliveries_left = metrics.deliveries_left.get_or_create(&labels).clone();
         let this = Self {
             plugin: plugin.into(),
             family: metrics,
@@ -301,6 +322,7 @@ impl PluginMetrics {
             outputs_dead_lettered,
             replays_let_go,
             host_failures,
+            deliveries_left,
             by_subscription: RwLock::new(Arc::from(Vec::new())),
             unsubscribed,
         };
@@ -365,6 +387,7 @@ impl Metrics {
         let labels = PluginLabels { plugin: plugin.to_string() };
         self.in_flight.remove(&labels);
         self.queue_depth.remove(&labels);
+        self.deliveries_held.remove(&labels);
         for host in breaker_hosts {
             let labels = BreakerLabels { plugin: plugin.to_string(), host };
             self.breaker_open.remove(&labels);
@@ -433,11 +456,13 @@ mod tests {
         let labels = PluginLabels { plugin: "orders".into() };
         m.in_flight.get_or_create(&labels).set(1);
         m.queue_depth.get_or_create(&labels).set(3);
+        m.deliveries_held.get_or_create(&labels).set(1);
         let breaker = BreakerLabels { plugin: "orders".into(), host: "pay.example".into() };
         m.breaker_open.get_or_create(&breaker).set(1);
         m.forget_gauges("orders", ["pay.example".to_string()]);
         let text = m.encode();
-        for gone in ["plugbus_in_flight{", "plugbus_queue_depth{", "plugbus_breaker_open{"] {
+        for gone in ["plugbus_in_flight{", "plugbus_queue_depth{", "plugbus_breaker_open{", "plugbus_deliveries_held{"]
+        {
             assert!(!text.contains(gone), "{gone} is still there: {text}");
         }
     }

@@ -1042,6 +1042,10 @@ async fn echo_into_full_streams_with(
 async fn hold_then_take_echo_out(t: &TestHost) {
     t.publish("orders.o1", "precious").await;
     eventually("held (the output dead-lettered here)", || !t.host.dead_letters().list(Some("echo")).is_empty()).await;
+    // The operator sees it held.
+    eventually("counted as held", || t.counter("echo", "held") == 1).await;
+    let text = metrics_text(&t.url()).await;
+    assert_eq!(sample(&text, r#"plugbus_deliveries_held{plugin="echo"}"#), Some(1.0), "{text}");
     std::fs::remove_file(t.dir.path().join("echo.wasm")).unwrap();
     eventually("echo removed", || !t.host.router().contains("echo")).await;
 }
@@ -1090,6 +1094,10 @@ async fn jetstream_removing_a_plugin_leaves_its_held_delivery_to_be_delivered_ag
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(stream_count(&js, "ECHO").await, 0, "published by the plugin taken out");
     assert_eq!(t.host.dead_letters().list(Some("echo")).len(), 1, "the output's dead letter stays kept");
+    // Counted as left (a total, kept past the plugin's removal); its held gauge went with it.
+    let text = metrics_text(&t.url()).await;
+    assert_eq!(sample(&text, r#"plugbus_deliveries_left_total{plugin="echo"}"#), Some(1.0), "{text}");
+    assert_eq!(sample(&text, r#"plugbus_deliveries_held{plugin="echo"}"#), None, "{text}");
 
     std::fs::copy(wasm("echo"), t.dir.path().join("echo.wasm")).unwrap();
     echo_outputs_reach(&js, 1, "the output published").await;
@@ -1117,6 +1125,8 @@ async fn jetstream_a_held_output_whose_dead_letter_is_in_no_file_holds_on_past_i
     settled(&js, "orders.o1").await;
     let info = consumer_on(&js, "orders.o1").await;
     assert_eq!(info.delivered.consumer_sequence, 1, "left, and delivered again: {info:?}");
+    let text = metrics_text(&t.url()).await;
+    assert_eq!(sample(&text, r#"plugbus_deliveries_left_total{plugin="echo"}"#), Some(0.0), "not left: {text}");
 }
 
 /// Review 50a H2: order per key when a held delivery is left. The later events of its key
@@ -1141,6 +1151,9 @@ async fn jetstream_a_left_delivery_leaves_the_later_events_of_its_key_unrun() {
     // Run, the second would have been held too, its output's dead letter kept beside the first's.
     let kept = t.host.dead_letters().list(Some("echo"));
     assert_eq!(kept.len(), 1, "the second ran after the first was left: {kept:?}");
+    // Both counted as left: the held one, and the later one of its key.
+    let text = metrics_text(&t.url()).await;
+    assert_eq!(sample(&text, r#"plugbus_deliveries_left_total{plugin="echo"}"#), Some(2.0), "{text}");
 
     // Room again, for both outputs: the plugin put back runs each once.
     room_again(&js).await;
