@@ -187,8 +187,6 @@ pub struct PluginRuntime {
     pub metrics: PluginMetrics,
     /// Set once the plugin leaves this host ([`PluginRuntime::leave`]).
     pub leaving: tokio::sync::watch::Sender<bool>,
-    /// Deliveries held now ([`hold_until_placed`]).
-    pub held: AtomicU64,
 }
 
 /// Room for a plugin's outputs waiting to be published again after the transport refused them
@@ -237,28 +235,6 @@ impl PluginRuntime {
     /// The version serving now.
     pub fn plugin(&self) -> Arc<Plugin> {
         self.current.plugin()
-    }
-
-    /// Deliveries held now, each until the transport takes its output or that output's dead
-    /// letter ([`hold_until_placed`]).
-    pub fn held(&self) -> u64 {
-        self.held.load(Ordering::Relaxed)
-    }
-}
-
-/// Counts a delivery in [`PluginRuntime::held`] while it lives (however its hold ends).
-struct Holding<'a>(&'a AtomicU64);
-
-impl<'a> Holding<'a> {
-    fn new(held: &'a AtomicU64) -> Self {
-        held.fetch_add(1, Ordering::Relaxed);
-        Self(held)
-    }
-}
-
-impl Drop for Holding<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -1026,7 +1002,7 @@ async fn hold_until_placed(
     tracing::error!(plugin = %rt.name, subject = %out.subject, event_id = %out.id, caused_by = %ev.id,
         "neither the output nor its dead letter was taken: the event is held (kept alive, not acked) and both are \
          tried again until one is");
-    let _holding = Holding::new(&rt.held);
+    let _holding = rt.metrics.holding();
     let mut leaving = rt.leaving.subscribe();
     // Whether the plugin's leaving may end the hold (no longer, once it found it may not): not at
     // the event's last delivery, which would never come again.

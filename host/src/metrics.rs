@@ -118,7 +118,8 @@ pub struct Metrics {
     pub replays_let_go: Family<PluginLabels, Counter>,
     /// Failed attempts of a plugin that the host failed, not the handler.
     pub host_failures: Family<PluginLabels, Counter>,
-    /// Deliveries held now: an output and its dead letter both refused by the transport.
+    /// Deliveries held now: an output and its dead letter both refused by the transport
+    /// ([`PluginMetrics::holding`]).
     pub deliveries_held: Family<PluginLabels, Gauge>,
     /// Held deliveries (and the later events of their key) left unsettled as their plugin left.
     pub deliveries_left: Family<PluginLabels, Counter>,
@@ -301,6 +302,15 @@ pub struct PluginMetrics {
     unsubscribed: Arc<EventCounters>,
 }
 
+/// A delivery counted as held ([`PluginMetrics::holding`]) until dropped.
+pub struct Holding(Gauge);
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 impl PluginMetrics {
     /// The handles of `plugin` (subscribed to `patterns`) in `metrics`.
     pub fn new(metrics: Arc<Metrics>, plugin: &str, patterns: &[String]) -> Self {
@@ -328,6 +338,21 @@ impl PluginMetrics {
         };
         this.set_subscriptions(patterns);
         this
+    }
+
+    /// Counts a delivery in `plugbus_deliveries_held{plugin}` while the guard lives (however its
+    /// hold ends). The gauge is the plugin name's, not this runtime's: a hold that outlives its
+    /// plugin's removal stays in it, and a reinstall of the plugin counts in the same series.
+    pub fn holding(&self) -> Holding {
+        let gauge = self.family.deliveries_held.get_or_create(&PluginLabels { plugin: self.plugin.clone() }).clone();
+        gauge.inc();
+        Holding(gauge)
+    }
+
+    /// The deliveries of the plugin's name held now ([`PluginMetrics::holding`]).
+    pub fn held(&self) -> u64 {
+        let labels = PluginLabels { plugin: self.plugin.clone() };
+        self.family.deliveries_held.get_or_create(&labels).get().max(0) as u64
     }
 
     /// Follows a hot reload: the counters of `patterns` (a pattern kept across the reload keeps
@@ -387,7 +412,12 @@ impl Metrics {
         let labels = PluginLabels { plugin: plugin.to_string() };
         self.in_flight.remove(&labels);
         self.queue_depth.remove(&labels);
-        self.deliveries_held.remove(&labels);
+        // (Kept while a hold of the plugin gone goes on, and at 0 once it ends: a hold whose
+        // output's dead letter is in no file outlives its plugin, and one being left ends just
+        // after this. Gone only if no hold was counted in it then.)
+        if self.deliveries_held.get_or_create(&labels).get() == 0 {
+            self.deliveries_held.remove(&labels);
+        }
         for host in breaker_hosts {
             let labels = BreakerLabels { plugin: plugin.to_string(), host };
             self.breaker_open.remove(&labels);
@@ -456,15 +486,21 @@ mod tests {
         let labels = PluginLabels { plugin: "orders".into() };
         m.in_flight.get_or_create(&labels).set(1);
         m.queue_depth.get_or_create(&labels).set(3);
-        m.deliveries_held.get_or_create(&labels).set(1);
+        let p = PluginMetrics::new(m.clone(), "orders", &[]);
+        let held = p.holding();
         let breaker = BreakerLabels { plugin: "orders".into(), host: "pay.example".into() };
         m.breaker_open.get_or_create(&breaker).set(1);
         m.forget_gauges("orders", ["pay.example".to_string()]);
         let text = m.encode();
-        for gone in ["plugbus_in_flight{", "plugbus_queue_depth{", "plugbus_breaker_open{", "plugbus_deliveries_held{"]
-        {
+        for gone in ["plugbus_in_flight{", "plugbus_queue_depth{", "plugbus_breaker_open{"] {
             assert!(!text.contains(gone), "{gone} is still there: {text}");
         }
+        // A hold going on past the removal stays counted; none held, the series goes.
+        assert!(text.contains(r#"plugbus_deliveries_held{plugin="orders"} 1"#), "{text}");
+        drop(held);
+        assert_eq!(p.held(), 0);
+        m.forget_gauges("orders", []);
+        assert!(!m.encode().contains("plugbus_deliveries_held{"), "{}", m.encode());
     }
 
     #[test]

@@ -150,8 +150,7 @@ pub struct PluginInfo {
     /// Where its dead letters go.
     pub dead_letter_subject: String,
     /// Counters: received, ok, retried, circuit_waits, dead_lettered, expired, attempts, in_flight, peak_in_flight,
-    /// pending, queued, outputs, outputs_dead_lettered, replays_let_go, host_failures, held (deliveries held now)
-    /// and left (held deliveries left unsettled as the plugin left).
+    /// pending, queued, outputs, outputs_dead_lettered, replays_let_go, host_failures, held (deliveries held now).
     pub counters: BTreeMap<&'static str, u64>,
     /// Outbound HTTP (requested, granted, breakers), when it asks for or is granted any.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -203,7 +202,6 @@ impl Router {
             let labels = PluginLabels { plugin: name.clone() };
             self.metrics.in_flight.get_or_create(&labels).set(e.runtime.run_permits.in_flight() as i64);
             self.metrics.queue_depth.get_or_create(&labels).set((e.queue_depth)() as i64);
-            self.metrics.deliveries_held.get_or_create(&labels).set(e.runtime.held() as i64);
             for b in e.runtime.plugin().outbound().breakers.views() {
                 let labels = crate::metrics::BreakerLabels { plugin: name.clone(), host: b.host };
                 self.metrics.breaker_open.get_or_create(&labels).set(i64::from(b.state != "closed"));
@@ -229,7 +227,6 @@ impl Router {
             republishing: dispatch::republish_room(delivering.flow.buffer_mib),
             metrics: PluginMetrics::new(self.metrics.clone(), &name, &spec.patterns),
             leaving: tokio::sync::watch::Sender::new(false),
-            held: Default::default(),
         });
         let queue_depth = subscription.depth_probe();
         let subscription_id = subscription.id;
@@ -366,8 +363,7 @@ impl Router {
                         ("outputs_dead_lettered", s.total(|c| &c.outputs_dead_lettered)),
                         ("replays_let_go", s.total(|c| &c.replays_let_go)),
                         ("host_failures", s.total(|c| &c.host_failures)),
-                        ("held", e.runtime.held()),
-                        ("left", e.runtime.metrics.deliveries_left.get()),
+                        ("held", e.runtime.metrics.held()),
                     ]),
                 }
             })

@@ -1094,10 +1094,10 @@ async fn jetstream_removing_a_plugin_leaves_its_held_delivery_to_be_delivered_ag
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(stream_count(&js, "ECHO").await, 0, "published by the plugin taken out");
     assert_eq!(t.host.dead_letters().list(Some("echo")).len(), 1, "the output's dead letter stays kept");
-    // Counted as left (a total, kept past the plugin's removal); its held gauge went with it.
+    // Counted as left (a total, kept past the plugin's removal), and no longer as held.
     let text = metrics_text(&t.url()).await;
     assert_eq!(sample(&text, r#"plugbus_deliveries_left_total{plugin="echo"}"#), Some(1.0), "{text}");
-    assert_eq!(sample(&text, r#"plugbus_deliveries_held{plugin="echo"}"#), None, "{text}");
+    assert_eq!(sample(&text, r#"plugbus_deliveries_held{plugin="echo"}"#), Some(0.0), "{text}");
 
     std::fs::copy(wasm("echo"), t.dir.path().join("echo.wasm")).unwrap();
     echo_outputs_reach(&js, 1, "the output published").await;
@@ -1120,6 +1120,10 @@ async fn jetstream_a_held_output_whose_dead_letter_is_in_no_file_holds_on_past_i
     let t =
         echo_into_full_streams_with(&server, "echo", Duration::from_secs(2), Duration::from_secs(30), no_file).await;
     hold_then_take_echo_out(&t).await;
+    // The hold going on past its plugin is still counted.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let text = metrics_text(&t.url()).await;
+    assert_eq!(sample(&text, r#"plugbus_deliveries_held{plugin="echo"}"#), Some(1.0), "{text}");
     room_again(&js).await;
     echo_outputs_reach(&js, 1, "the held output published").await;
     settled(&js, "orders.o1").await;
@@ -1127,6 +1131,7 @@ async fn jetstream_a_held_output_whose_dead_letter_is_in_no_file_holds_on_past_i
     assert_eq!(info.delivered.consumer_sequence, 1, "left, and delivered again: {info:?}");
     let text = metrics_text(&t.url()).await;
     assert_eq!(sample(&text, r#"plugbus_deliveries_left_total{plugin="echo"}"#), Some(0.0), "not left: {text}");
+    assert_eq!(sample(&text, r#"plugbus_deliveries_held{plugin="echo"}"#), Some(0.0), "{text}");
 }
 
 /// Review 50a H2: order per key when a held delivery is left. The later events of its key
@@ -2763,6 +2768,9 @@ async fn core_two_hosts_replaying_the_same_dead_letters_at_once_run_each_once() 
         (DEAD as usize, DEAD as usize),
         "each dead letter replayed once, by one host:\n{on_a}\n{on_b}"
     );
+    // (and each new one by one host too)
+    let again_once: HashSet<&String> = again.iter().copied().collect();
+    assert_eq!(again_once.len(), again.len(), "a new dead letter replayed by both hosts:\n{on_a}\n{on_b}");
     let again = again.len() as u64;
     let count = |report: &Value, field: &str| report[field].as_array().map_or(0, Vec::len) as u64;
     // Each the other host listed too, it left to the first (how many depends on how the two
