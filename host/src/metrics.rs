@@ -123,6 +123,9 @@ pub struct Metrics {
     pub deliveries_held: Family<PluginLabels, Gauge>,
     /// Held deliveries (and the later events of their key) left unsettled as their plugin left.
     pub deliveries_left: Family<PluginLabels, Counter>,
+    /// Taken to count a hold in `deliveries_held` and to take a series out of it: a hold counted
+    /// as its plugin is removed is never counted in a series taken out.
+    held_series: Mutex<()>,
     /// `POST /v1/request/{subject}` answered `504`: no reply within its timeout.
     pub api_request_timeouts: Counter,
 }
@@ -161,6 +164,7 @@ impl Default for Metrics {
             replays_let_go: Family::default(),
             deliveries_held: Family::default(),
             deliveries_left: Family::default(),
+            held_series: Mutex::default(),
             api_request_timeouts: Counter::default(),
         };
         r.register("events_received", "Events delivered to a plugin", m.received.clone());
@@ -323,6 +327,8 @@ impl PluginMetrics {
         let replays_let_go = metrics.replays_let_go.get_or_create(&labels).clone();
         let host_failures = metrics.host_failures.get_or_create(&labels).clone();
         let deliveries_left = metrics.deliveries_left.get_or_create(&labels).clone();
+        // (at 0 from the start, as its counters are: not only once a hold or `/v1/plugins` asks)
+        drop(metrics.deliveries_held.get_or_create(&labels));
         let this = Self {
             plugin: plugin.into(),
             family: metrics,
@@ -344,6 +350,7 @@ impl PluginMetrics {
     /// hold ends). The gauge is the plugin name's, not this runtime's: a hold that outlives its
     /// plugin's removal stays in it, and a reinstall of the plugin counts in the same series.
     pub fn holding(&self) -> Holding {
+        let _series = self.family.held_series.lock().expect("metrics poisoned");
         let gauge = self.family.deliveries_held.get_or_create(&PluginLabels { plugin: self.plugin.clone() }).clone();
         gauge.inc();
         Holding(gauge)
@@ -415,6 +422,7 @@ impl Metrics {
         // (Kept while a hold of the plugin gone goes on, and at 0 once it ends: a hold whose
         // output's dead letter is in no file outlives its plugin, and one being left ends just
         // after this. Gone only if no hold was counted in it then.)
+        let _series = self.held_series.lock().expect("metrics poisoned");
         if self.deliveries_held.get_or_create(&labels).get() == 0 {
             self.deliveries_held.remove(&labels);
         }
@@ -501,6 +509,15 @@ mod tests {
         assert_eq!(p.held(), 0);
         m.forget_gauges("orders", []);
         assert!(!m.encode().contains("plugbus_deliveries_held{"), "{}", m.encode());
+    }
+
+    #[test]
+    fn a_plugins_held_deliveries_are_a_series_from_its_start() {
+        let m = Arc::new(Metrics::default());
+        let _p = PluginMetrics::new(m.clone(), "orders", &[]);
+        let text = m.encode();
+        assert!(text.contains(r#"plugbus_deliveries_held{plugin="orders"} 0"#), "{text}");
+        assert!(text.contains(r#"plugbus_deliveries_left_total{plugin="orders"} 0"#), "{text}");
     }
 
     #[test]

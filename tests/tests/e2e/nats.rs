@@ -1094,10 +1094,12 @@ async fn jetstream_removing_a_plugin_leaves_its_held_delivery_to_be_delivered_ag
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(stream_count(&js, "ECHO").await, 0, "published by the plugin taken out");
     assert_eq!(t.host.dead_letters().list(Some("echo")).len(), 1, "the output's dead letter stays kept");
-    // Counted as left (a total, kept past the plugin's removal), and no longer as held.
+    // Counted as left (a total, kept past the plugin's removal), and no longer as held (the
+    // series at 0, or gone if the hold ended before the removal looked).
     let text = metrics_text(&t.url()).await;
     assert_eq!(sample(&text, r#"plugbus_deliveries_left_total{plugin="echo"}"#), Some(1.0), "{text}");
-    assert_eq!(sample(&text, r#"plugbus_deliveries_held{plugin="echo"}"#), Some(0.0), "{text}");
+    let held = sample(&text, r#"plugbus_deliveries_held{plugin="echo"}"#);
+    assert!(matches!(held, None | Some(0.0)), "{held:?} in {text}");
 
     std::fs::copy(wasm("echo"), t.dir.path().join("echo.wasm")).unwrap();
     echo_outputs_reach(&js, 1, "the output published").await;
