@@ -989,7 +989,7 @@ const HOLD_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 /// the output stays kept, as after a crash: the run again may publish another output, or none
 /// (over its own kv writes), or not come at all (the input gone from its stream); when it
 /// publishes this one here, that lets the dead letter go. Only a dead letter still in the
-/// store's file when the plugin leaves lets the hold end ([`may_leave`]): otherwise the hold is
+/// store's file when the plugin leaves lets the hold end ([`leave_if_it_may`]): otherwise the hold is
 /// the output's only copy. Nor does it end at the event's last delivery ([`may_come_again`]).
 async fn hold_until_placed(
     rt: &PluginRuntime,
@@ -1011,9 +1011,9 @@ async fn hold_until_placed(
     while !has_room {
         tokio::select! {
             room = rt.republishing.take(waiting.kib()) => (*waiting.room, has_room) = (room, true),
-            _ = leaving.wait_for(|&left| left), if watching => match may_leave(rt, ev, out) {
-                true => return leave_held(rt, ev, out),
-                false => watching = false,
+            _ = leaving.wait_for(|&left| left), if watching => match leave_if_it_may(rt, ev, out) {
+                Some(left) => return left,
+                None => watching = false,
             },
         }
     }
@@ -1021,9 +1021,9 @@ async fn hold_until_placed(
     loop {
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
-            _ = leaving.wait_for(|&left| left), if watching => match may_leave(rt, ev, out) {
-                true => return leave_held(rt, ev, out),
-                false => {
+            _ = leaving.wait_for(|&left| left), if watching => match leave_if_it_may(rt, ev, out) {
+                Some(left) => return left,
+                None => {
                     watching = false;
                     continue;
                 }
@@ -1048,25 +1048,21 @@ async fn hold_until_placed(
     }
 }
 
-/// Whether a held output's hold may end as its plugin leaves this host: its dead letter is in
-/// the store's file, to outlive the hold (not evicted or deleted since, nor over the store's
-/// bytes, nor a store without a file: `persistent_kv = false`).
-fn may_leave(rt: &PluginRuntime, ev: &Event, out: &Event) -> bool {
-    let in_file = matches!(rt.dead_letters.kept_for(&rt.name, out), Some((_, true)));
-    if !in_file {
+/// As a held output's plugin leaves this host: [`Released::Left`], ending the hold, when its dead
+/// letter is in the store's file, to outlive the hold; `None` (the hold goes on, as the output's
+/// only copy) when it is not: evicted or deleted since, over the store's bytes, or a store
+/// without a file (`persistent_kv = false`).
+fn leave_if_it_may(rt: &PluginRuntime, ev: &Event, out: &Event) -> Option<Released> {
+    if !matches!(rt.dead_letters.kept_for(&rt.name, out), Some((_, true))) {
         tracing::warn!(plugin = %rt.name, subject = %out.subject, event_id = %out.id, caused_by = %ev.id,
             "the plugin leaves this host, but a held output's dead letter is not in this host's dead-letter file: \
              the hold goes on, as the output's only copy");
+        return None;
     }
-    in_file
-}
-
-/// Ends the hold of a delivery whose plugin left this host ([`hold_until_placed`]).
-fn leave_held(rt: &PluginRuntime, ev: &Event, out: &Event) -> Released {
     tracing::warn!(plugin = %rt.name, subject = %out.subject, event_id = %out.id, caused_by = %ev.id,
         "the plugin left this host while its event was held: left unsettled, the transport delivers it again and \
          its handler runs again; the output's dead letter stays kept here");
-    Released::Left
+    Some(Released::Left)
 }
 
 /// Leaves `delivery` unsettled and unrun behind an earlier event of its key left unsettled

@@ -1008,9 +1008,14 @@ async fn full_output_and_dead_letter_streams(js: &jetstream::Context) {
     }
 }
 
-/// A host running `component` (as `echo.wasm`) over [`full_output_and_dead_letter_streams`],
-/// with `ack_wait` and a drain of `drain` at a stop.
-async fn echo_into_full_streams(server: &NatsServer, component: &str, ack_wait: Duration, drain: Duration) -> TestHost {
+/// [`full_output_and_dead_letter_streams`] made on `server`, and a host running `component` (as
+/// `echo.wasm`) over them, with `ack_wait` and a drain of `drain` at a stop.
+async fn echo_into_full_streams(
+    server: &NatsServer,
+    component: &str,
+    ack_wait: Duration,
+    drain: Duration,
+) -> (jetstream::Context, TestHost) {
     echo_into_full_streams_with(server, component, ack_wait, drain, |_| {}).await
 }
 
@@ -1021,7 +1026,9 @@ async fn echo_into_full_streams_with(
     ack_wait: Duration,
     drain: Duration,
     tweak: impl FnOnce(&mut Config),
-) -> TestHost {
+) -> (jetstream::Context, TestHost) {
+    let js = jetstream::new(server.client().await);
+    full_output_and_dead_letter_streams(&js).await;
     let t = TestHost::start_on(&Bus::JetStream(server), &[], |c| {
         plugbus_tests::fast_retries(c);
         c.nats.ack_wait = ack_wait;
@@ -1034,7 +1041,7 @@ async fn echo_into_full_streams_with(
     .await;
     std::fs::copy(wasm(component), t.dir.path().join("echo.wasm")).unwrap();
     eventually("echo serving", || t.host.router().contains("echo")).await;
-    t
+    (js, t)
 }
 
 /// Publishes an event for echo, waits until its delivery is held, then takes echo out (its file
@@ -1085,9 +1092,7 @@ async fn echos_dead_letters_kept_in(server: &NatsServer, data: &std::path::Path)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_removing_a_plugin_leaves_its_held_delivery_to_be_delivered_again() {
     let server = NatsServer::start().await;
-    let js = jetstream::new(server.client().await);
-    full_output_and_dead_letter_streams(&js).await;
-    let t = echo_into_full_streams(&server, "echo", Duration::from_secs(2), Duration::from_secs(30)).await;
+    let (js, t) = echo_into_full_streams(&server, "echo", Duration::from_secs(2), Duration::from_secs(30)).await;
     hold_then_take_echo_out(&t).await;
     // Room again: a hold still going on would publish the output now, for a plugin gone.
     room_again(&js).await;
@@ -1116,10 +1121,8 @@ async fn jetstream_removing_a_plugin_leaves_its_held_delivery_to_be_delivered_ag
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_a_held_output_whose_dead_letter_is_in_no_file_holds_on_past_its_plugins_removal() {
     let server = NatsServer::start().await;
-    let js = jetstream::new(server.client().await);
-    full_output_and_dead_letter_streams(&js).await;
     let no_file = |c: &mut Config| c.persistent_kv = false;
-    let t =
+    let (js, t) =
         echo_into_full_streams_with(&server, "echo", Duration::from_secs(2), Duration::from_secs(30), no_file).await;
     hold_then_take_echo_out(&t).await;
     // The hold going on past its plugin is still counted.
@@ -1142,10 +1145,8 @@ async fn jetstream_a_held_output_whose_dead_letter_is_in_no_file_holds_on_past_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_a_left_delivery_leaves_the_later_events_of_its_key_unrun() {
     let server = NatsServer::start().await;
-    let js = jetstream::new(server.client().await);
-    full_output_and_dead_letter_streams(&js).await;
     // echo's version 2 orders by the header `key`.
-    let t = echo_into_full_streams(&server, "echo2", Duration::from_secs(2), Duration::from_secs(30)).await;
+    let (js, t) = echo_into_full_streams(&server, "echo2", Duration::from_secs(2), Duration::from_secs(30)).await;
     for subject in ["orders.first", "orders.second"] {
         t.host.publish(plugbus::Event::new(subject, "data").with_header("key", "k")).await.unwrap();
     }
@@ -1177,11 +1178,10 @@ async fn jetstream_a_left_delivery_leaves_the_later_events_of_its_key_unrun() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_a_delivery_at_its_last_is_not_left() {
     let server = NatsServer::start().await;
-    let js = jetstream::new(server.client().await);
-    full_output_and_dead_letter_streams(&js).await;
     let one_attempt = |c: &mut Config| c.retry.max_attempts = 1;
-    let t = echo_into_full_streams_with(&server, "echo2", Duration::from_secs(2), Duration::from_secs(30), one_attempt)
-        .await;
+    let (js, t) =
+        echo_into_full_streams_with(&server, "echo2", Duration::from_secs(2), Duration::from_secs(30), one_attempt)
+            .await;
     for subject in ["orders.first", "orders.second"] {
         t.host.publish(plugbus::Event::new(subject, "data").with_header("key", "k")).await.unwrap();
     }
@@ -1208,9 +1208,7 @@ async fn jetstream_a_delivery_at_its_last_is_not_left() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_a_delivery_held_past_a_stops_drain_is_left_at_close() {
     let server = NatsServer::start().await;
-    let js = jetstream::new(server.client().await);
-    full_output_and_dead_letter_streams(&js).await;
-    let t = echo_into_full_streams(&server, "echo", Duration::from_secs(2), Duration::from_secs(1)).await;
+    let (js, t) = echo_into_full_streams(&server, "echo", Duration::from_secs(2), Duration::from_secs(1)).await;
     let id = t.publish("orders.o1", "precious").await;
     eventually("held (the output dead-lettered here)", || !t.host.dead_letters().list(Some("echo")).is_empty()).await;
     let TestHost { host, dir: _plugins, data } = t;
