@@ -174,11 +174,25 @@ async fn full_disk(sync: SyncPolicy, gap: Duration) {
         seen.report(&t, &failures)
     );
     if sync == SyncPolicy::Always {
-        for i in 0..3 {
+        // Still full, it goes on refusing. A `202` now (seen once in a warm run) is an event
+        // committed into free pages inside the log's file (redb reuses the pages earlier commits
+        // freed, such as those of echo's acks, and the reopen after the failed write reclaims
+        // them): on disk, so it must run once like any other (checked at the end). That room is a
+        // few events at most: three refusals in a row within 200 posts.
+        let mut in_a_row = 0;
+        for i in 0..200 {
             let (status, body) = post(10_000 + i).await;
             seen.saw(format!("POST {} while still full: {status} {body}", 10_000 + i));
-            assert_eq!(status, 503, "still full{}", seen.report(&t, &metrics().await));
+            match status {
+                202 => (accepted, in_a_row) = (accepted + 1, 0),
+                503 => in_a_row += 1,
+                _ => panic!("POST {}: {status} {body}{}", 10_000 + i, seen.report(&t, &metrics().await)),
+            }
+            if in_a_row == 3 {
+                break;
+            }
         }
+        assert_eq!(in_a_row, 3, "still full, three refusals in a row{}", seen.report(&t, &metrics().await));
     }
     // (Under `sync = "none"` a later event may be taken into redb's cache until the next
     // write to the file: a `202` there means what `none` says, on disk within seconds.)
