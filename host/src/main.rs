@@ -414,6 +414,12 @@ fn log_max_level(filter: &tracing_subscriber::EnvFilter) -> log::LevelFilter {
 /// another, and glibc's arena locks made workers sleep on each other (`__lll_lock_wait_private`
 /// was 18% of the context switches in the embedded-1 bench); with mimalloc embedded-1 went from
 /// 53.9k to 62.3k events/s on 2 cores (same machine, same day).
+///
+/// It asks the kernel for transparent huge pages (`madvise`), which makes a whole 2 MiB page
+/// resident for a few small allocations in it. `MIMALLOC_ALLOW_THP=0` in the environment turns
+/// that off for the process (README, "Memory"): `plugbus run` with the five example plugins then
+/// held 51 MiB idle instead of 84-86, and `plugbus-bench` spent 3-5% more CPU per event, on the
+/// host and on its wasm floors alike (same machine, alternated).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
