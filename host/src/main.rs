@@ -417,9 +417,9 @@ fn log_max_level(filter: &tracing_subscriber::EnvFilter) -> log::LevelFilter {
 ///
 /// It asks the kernel for transparent huge pages (`madvise`), which makes a whole 2 MiB page
 /// resident for a few small allocations in it. `MIMALLOC_ALLOW_THP=0` in the environment turns
-/// that off for the process (README, "Memory"): `plugbus run` with the five example plugins then
-/// held 51 MiB idle instead of 84-86, and `plugbus-bench` spent 3-5% more CPU per event, on the
-/// host and on its wasm floors alike (same machine, alternated).
+/// that off for the process (README, "Memory"): `plugbus run` (release) with the five example
+/// plugins then held 29 MiB idle instead of 60-64, and `plugbus-bench` spent 3-5% more CPU per
+/// event, on the host and on its wasm floors alike (same machine, alternated).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -386,7 +386,7 @@ fn plugbus_new_scaffolds_a_crate_that_builds_loads_and_handles() {
 
 /// README, "Memory": `MIMALLOC_ALLOW_THP=0` in the host's environment leaves it no transparent
 /// huge page (by default its allocator asks for them, and `plugbus run` with the five example
-/// plugins held 84 MiB idle where it holds 51 with the variable). The variable is the
+/// plugins held 60-64 MiB idle where it holds 29 with the variable, release builds). The variable is the
 /// allocator's: were the allocator changed, or the variable no longer reached it, an operator
 /// setting it would get nothing. (Under the kernel's THP mode `never`, or without THP, there are
 /// none to find either way.)
