@@ -73,3 +73,17 @@ pub async fn run(mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
         ..Row::default()
     })
 }
+
+/// One side of embedded-durable alone, for a profiler (`perf record … plugbus-bench
+/// embedded-durable-host`): `host` the durable log at the default sync, `memory` its baseline,
+/// the in-memory bus with the same producers. Nothing else runs in the process meanwhile.
+pub async fn run_part(mode: Mode, handler: &[u8], part: &str) -> anyhow::Result<Load> {
+    let by = Producers::PerEvent;
+    let durable = match part {
+        "host" => true,
+        "memory" => false,
+        other => anyhow::bail!("embedded-durable has no part {other:?}"),
+    };
+    let run = host_run_by(mode, handler, 1, WINDOW, None, |_| {}, |c| c.bus.durable = durable, by).await?;
+    Ok(run.load)
+}

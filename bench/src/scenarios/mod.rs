@@ -44,6 +44,9 @@ pub async fn run(id: &str, mode: Mode, handler: &[u8]) -> anyhow::Result<Row> {
                 part_row("embedded-1", part, embedded::run_part(mode, handler, part).await?)
             }
             Some((_, "reuse", part)) => part_row("reuse", part, reuse::run_part(mode, handler, part).await?),
+            Some((_, "embedded-durable", part)) => {
+                part_row("embedded-durable", part, durable::run_part(mode, handler, part).await?)
+            }
             Some((_, "nats-core", part)) => {
                 part_row("nats-core", part, nats_core::run_part(mode, handler, part).await?)
             }
@@ -69,6 +72,8 @@ pub const PARTS: &[(&str, &str, &str)] = &[
     ("embedded-1-host-2hosts", "embedded-1", "host-2hosts"),
     ("embedded-1-floor", "embedded-1", "floor"),
     ("embedded-1-floor-1task", "embedded-1", "floor-1task"),
+    ("embedded-durable-host", "embedded-durable", "host"),
+    ("embedded-durable-memory", "embedded-durable", "memory"),
     ("reuse-host", "reuse", "host"),
     ("reuse-host-1thread", "reuse", "host-1thread"),
     ("reuse-host-2x1thread", "reuse", "host-2x1thread"),
