@@ -3167,6 +3167,17 @@ mod tests {
             other.deliveries.recv().await.unwrap().acker.ack().await;
         }
         let filler = fill_up(disk.0.path());
+        // The log's file keeps room written ahead of its commits (`zeroed_ahead`): a full disk
+        // refuses its commits once events have filled that room (small ones, so that what is
+        // left cannot take a commit).
+        let mut refused = false;
+        for _ in 0..16 << 10 {
+            if bus.publish(Event::new("z.fill", vec![0u8; 1 << 10])).await.is_err() {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused, "the log took 16 MiB of events on a full 16 MiB disk");
         let durable = Some(crate::transport::Durability { deliver_all: true, give_up_after: 10, dead_letter: None });
         let new = || SubscriptionSpec { plugin: "new".into(), durable: durable.clone(), ..spec(&["a.>"], 8) };
         let failed = bus.subscribe(new()).await;

@@ -1428,8 +1428,10 @@ impl Store {
 fn open_when_free(path: &Path) -> Result<Database, redb::DatabaseError> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     loop {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        let backend = super::zeroed_ahead::ZeroedAhead::new(file)?;
         // redb's page cache would otherwise grow with what is written (up to 1 GiB).
-        match redb::Builder::new().set_cache_size(LOG_CACHE_BYTES).create(path) {
+        match redb::Builder::new().set_cache_size(LOG_CACHE_BYTES).create_with_backend(backend) {
             Err(redb::DatabaseError::DatabaseAlreadyOpen) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }

@@ -8,6 +8,7 @@ pub mod kv;
 pub mod log;
 mod retired_ids;
 mod rows;
+mod zeroed_ahead;
 
 use super::Backend;
 use crate::config::Config;
