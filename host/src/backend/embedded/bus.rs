@@ -2719,8 +2719,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_publisher_of_outputs_waits_while_the_disk_is_full_and_none_is_refused() {
-        use super::super::log::tests::{Tmpfs, fill_up};
+        use super::super::log::tests::{Tmpfs, fill_up, no_room_ahead};
         let Some(disk) = Tmpfs::mount(128) else { return };
+        no_room_ahead(disk.0.path());
         let (_, _, bus, mut sub) = durable_bus(disk.0.path(), "loop.>", 64).await;
         let filler = fill_up(disk.0.path());
         let mib = "x".repeat(1 << 20);
@@ -2758,8 +2759,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_output_that_may_be_logged_already_waits_out_a_full_disk_instead_of_failing() {
-        use super::super::log::tests::{Tmpfs, fill_up};
+        use super::super::log::tests::{Tmpfs, fill_up, no_room_ahead};
         let Some(disk) = Tmpfs::mount(16) else { return };
+        no_room_ahead(disk.0.path());
         let (_, _, bus, mut sub) = durable_bus(disk.0.path(), "dlq.>", 8).await;
         let filler = fill_up(disk.0.path());
         // A dead letter (or an output of an event run again after a restart) may be in the log

@@ -1428,8 +1428,7 @@ impl Store {
 fn open_when_free(path: &Path) -> Result<Database, redb::DatabaseError> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     loop {
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
-        let backend = super::zeroed_ahead::ZeroedAhead::new(file)?;
+        let backend = super::zeroed_ahead::ZeroedAhead::open(path)?;
         // redb's page cache would otherwise grow with what is written (up to 1 GiB).
         match redb::Builder::new().set_cache_size(LOG_CACHE_BYTES).create_with_backend(backend) {
             Err(redb::DatabaseError::DatabaseAlreadyOpen) if std::time::Instant::now() < deadline => {
@@ -3419,6 +3418,14 @@ pub(crate) mod tests {
     /// A small tmpfs, unmounted on drop (`None` outside CI when mounting is not allowed).
     pub(crate) struct Tmpfs(pub(crate) tempfile::TempDir);
 
+    /// The log at `dir/bus.redb`, once opened, has no zeros written ahead of its commits: on a
+    /// full disk the first commit that needs a page its file lacks fails (a real log may have up
+    /// to `ZERO_AHEAD` of room in its file first).
+    pub(crate) fn no_room_ahead(dir: &Path) {
+        let nothing_ahead = &super::super::zeroed_ahead::tests::NOTHING_AHEAD;
+        nothing_ahead.lock().unwrap().push(dir.join("bus.redb"));
+    }
+
     /// Fills the file system under `dir` until a write fails; returns the file that filled it.
     pub(crate) fn fill_up(dir: &Path) -> PathBuf {
         use std::io::Write;
@@ -3456,6 +3463,7 @@ pub(crate) mod tests {
         // Room for what is kept (32 MiB) once space returns, beside what the failed commits
         // wrote into the file before they failed.
         let Some(disk) = Tmpfs::mount(128) else { return };
+        no_room_ahead(disk.0.path());
         let path = disk.0.path().join("bus.redb");
         let log = DurableLog::open_with(&path, SyncPolicy::Always, Retention::default()).unwrap();
         let p: Arc<str> = "p".into();
@@ -3496,6 +3504,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_failed_write_undoes_nothing_a_commit_kept_in_memory_had_answered() {
         let Some(disk) = Tmpfs::mount(16) else { return };
+        no_room_ahead(disk.0.path());
         let p: Arc<str> = "p".into();
         let log =
             DurableLog::open_with(&disk.0.path().join("bus.redb"), SyncPolicy::None, Retention::default()).unwrap();

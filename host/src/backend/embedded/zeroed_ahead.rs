@@ -43,15 +43,23 @@ pub(crate) struct ZeroedAhead {
     /// Held while zeros are written (redb writes from one thread at a time, but nothing here
     /// relies on that).
     zeroing: Mutex<()>,
+    /// Whether zeros are written at all (not for a test whose full disk must leave the file no
+    /// room: [`tests::NOTHING_AHEAD`]).
+    ahead: bool,
 }
 
 impl ZeroedAhead {
-    /// The backend of `file`. What it holds already counts as written (an earlier version's holes
-    /// stay holes until redb writes there).
-    pub(crate) fn new(file: std::fs::File) -> io::Result<Self> {
+    /// The backend of the file at `path`, created if missing. What it holds already counts as
+    /// written (an earlier version's holes stay holes until redb writes there).
+    pub(crate) fn open(path: &std::path::Path) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
         let len = file.metadata()?.len();
         let inner = FileBackend::new(file).map_err(io::Error::other)?;
-        Ok(Self { inner, zeroed_to: AtomicU64::new(len), len: AtomicU64::new(len), zeroing: Mutex::new(()) })
+        #[cfg(test)]
+        let ahead = !tests::NOTHING_AHEAD.lock().unwrap().iter().any(|p| p == path);
+        #[cfg(not(test))]
+        let ahead = true;
+        Ok(Self { inner, zeroed_to: AtomicU64::new(len), len: AtomicU64::new(len), zeroing: Mutex::new(()), ahead })
     }
 
     /// Writes zeros from `zeroed_to` (or from `offset`, past [`MAX_GAP`]) up to [`ZERO_AHEAD`]
@@ -104,7 +112,7 @@ impl StorageBackend for ZeroedAhead {
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
         let end = offset + data.len() as u64;
-        if end > self.zeroed_to.load(Ordering::Acquire) {
+        if self.ahead && end > self.zeroed_to.load(Ordering::Acquire) {
             self.zero_ahead(offset, end);
         }
         self.inner.write(offset, data)
@@ -140,16 +148,19 @@ impl StorageBackend for ZeroedAhead {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    /// Files opened with no zeros written ahead: a test of a full disk that needs the log's
+    /// commits to find no room in its file (a real log may have up to [`ZERO_AHEAD`] of it).
+    pub(crate) static NOTHING_AHEAD: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
 
     const PAGE: usize = 4096;
 
     fn backend(dir: &tempfile::TempDir) -> (ZeroedAhead, std::path::PathBuf) {
         let path = dir.path().join("log.redb");
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).unwrap();
-        (ZeroedAhead::new(file).unwrap(), path)
+        (ZeroedAhead::open(&path).unwrap(), path)
     }
 
     /// Bytes the file system allocated to the file.
