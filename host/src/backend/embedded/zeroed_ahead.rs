@@ -4,8 +4,8 @@
 //! redb grows its file with `set_len`, which leaves a hole. A commit that writes into a hole
 //! makes the file system allocate blocks, and the commit's `fdatasync` must then write that
 //! allocation too (ext4: the block bitmaps and the inode, one after the other, each waited
-//! for) besides the pages. Written ahead, the blocks are allocated once per [`ZERO_AHEAD`] and
-//! a commit's `fdatasync` writes its pages and the flush only: on this machine's ext4, 24 pages
+//! for) besides the pages. Written ahead, the blocks are allocated once per [`ZERO_AHEAD`] (less
+//! in a small file) and a commit's `fdatasync` writes its pages and the flush only: on this machine's ext4, 24 pages
 //! and an `fdatasync` took 185-200 µs into written blocks against 280-357 µs into a hole.
 //! (PostgreSQL writes its WAL segments full of zeros before use for the same reason.)
 
@@ -16,9 +16,15 @@ use std::ops::Bound;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// How far past a write into the hole the file is written with zeros (and at least this much
-/// is written at once). Never past the file's length: the file grows only when redb grows it.
+/// How far past a write into the hole the file is written with zeros, at most (and at most a
+/// sixteenth of the file's length, [`AHEAD_SHARE`]). Never past the file's length: the file grows
+/// only when redb grows it.
 pub(crate) const ZERO_AHEAD: u64 = 4 << 20;
+
+/// The zeros ahead are at most the file's length divided by this: on a full disk the room they
+/// leave the log stays small next to what it holds (a new log's first events are refused about
+/// as soon as they would be without it).
+const AHEAD_SHARE: u64 = 16;
 
 /// One write of zeros at most this long (a buffer this size is allocated while it is written).
 const ZEROS_AT_ONCE: usize = 1 << 20;
@@ -72,7 +78,8 @@ impl ZeroedAhead {
             return;
         }
         let from = if end - from > MAX_GAP { offset.max(from) } else { from };
-        let to = (end + ZERO_AHEAD).min(self.len.load(Ordering::Acquire)).max(end);
+        let len = self.len.load(Ordering::Acquire);
+        let to = (end + ZERO_AHEAD.min(len / AHEAD_SHARE)).min(len).max(end);
         let zeros = vec![0u8; ZEROS_AT_ONCE.min((to - from) as usize)];
         let mut at = from;
         while at < to {
@@ -178,7 +185,7 @@ pub(crate) mod tests {
     fn a_write_into_the_hole_is_preceded_and_followed_by_zeros_within_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let (b, path) = backend(&dir);
-        b.set_len(32 << 20).unwrap();
+        b.set_len(128 << 20).unwrap();
         assert!(allocated(&path) < (1 << 20), "set_len alone leaves a hole");
         b.write(8 * PAGE as u64, &[7; PAGE]).unwrap();
         // From the start of the file to ZERO_AHEAD past the write, every block is allocated.
@@ -188,11 +195,21 @@ pub(crate) mod tests {
         assert_eq!(read(&b, 8 * PAGE as u64, PAGE), vec![7; PAGE]);
         assert_eq!(read(&b, 0, PAGE), vec![0; PAGE]);
         assert_eq!(read(&b, 9 * PAGE as u64, PAGE), vec![0; PAGE]);
-        assert_eq!(b.len().unwrap(), 32 << 20, "the file's length is redb's");
+        assert_eq!(b.len().unwrap(), 128 << 20, "the file's length is redb's");
         // Writes below the zeros write nothing more.
         let before = allocated(&path);
         b.write(2 * PAGE as u64, &[3; PAGE]).unwrap();
         assert_eq!(allocated(&path), before);
+    }
+
+    #[test]
+    fn a_small_file_has_a_sixteenth_of_its_length_written_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, path) = backend(&dir);
+        b.set_len(1 << 20).unwrap();
+        b.write(0, &[1; PAGE]).unwrap();
+        let allocated = allocated(&path);
+        assert!((PAGE as u64 + (64 << 10)..PAGE as u64 + (128 << 10)).contains(&allocated), "{allocated}");
     }
 
     #[test]
