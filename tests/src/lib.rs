@@ -476,6 +476,60 @@ impl Drop for Running {
     }
 }
 
+/// A `plugbus run` child process on a free loopback port (JSON logs in `data/host.log`),
+/// killed and reaped when dropped.
+pub struct HostChild {
+    pub child: std::process::Child,
+    /// Its HTTP API, `http://127.0.0.1:<port>`.
+    pub url: String,
+    /// Its stderr.
+    pub log: PathBuf,
+}
+
+impl Drop for HostChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl HostChild {
+    /// Starts `plugbus run` on `plugins` and `data` with `config` (written to
+    /// `data/plugbus.toml`) and `env` set for it; returns once `/readyz` answers (fails the test
+    /// after 60 s, with the host's log).
+    pub async fn start(plugins: &Path, data: &Path, config: &str, env: &[(&str, &str)]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let config_path = data.join("plugbus.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = data.join("host.log");
+        let child = Command::new(plugbus_bin())
+            .args(["run", "--log-format", "json", "--http", &format!("127.0.0.1:{port}")])
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--plugins")
+            .arg(plugins)
+            .arg("--data-dir")
+            .arg(data)
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting plugbus run");
+        let child = Self { child, url: format!("http://127.0.0.1:{port}"), log };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = reqwest::get(format!("{}/readyz", child.url)).await
+                && r.status().is_success()
+            {
+                return child;
+            }
+            let log = std::fs::read_to_string(&child.log).unwrap();
+            assert!(std::time::Instant::now() < deadline, "the host did not start: {log}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// The text of a host's `/metrics`.
 pub async fn metrics_text(url: &str) -> String {
     reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap()

@@ -4,7 +4,9 @@
 
 use plugbus::Config;
 use plugbus_tests::nats::NatsServer;
-use plugbus_tests::{Bus, TestHost, eventually, fast_retries, metrics_text, plugbus_bin, sample, wasm, workspace};
+use plugbus_tests::{
+    Bus, HostChild, TestHost, eventually, fast_retries, metrics_text, plugbus_bin, sample, wasm, workspace,
+};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
@@ -28,80 +30,24 @@ async fn json_error(resp: reqwest::Response) -> (u16, String) {
 // ---------------------------------------------------------------------------------------------
 // 1. Metrics are bounded by configuration, not by traffic.
 
-/// A `plugbus run` child process, killed when dropped.
-struct Child {
-    child: std::process::Child,
-    url: String,
-    log: std::path::PathBuf,
+/// The host's resident memory now.
+fn rss_kib(host: &HostChild) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", host.child.id())).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS in /proc/<pid>/status");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// The host's resident memory once idle: the least of samples over 6 s. A single sample swung by
+/// ±50 MiB from one second to the next (the log's writes waiting for its next durable commit,
+/// every 5 s at `sync = "none"`, and freed pages not yet returned), which is as much as the leak
+/// this measures.
+async fn idle_rss_kib(host: &HostChild) -> u64 {
+    let mut least = u64::MAX;
+    for _ in 0..24 {
+        least = least.min(rss_kib(host));
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
-}
-
-impl Child {
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS in /proc/<pid>/status");
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    }
-
-    /// The host's resident memory once idle: the least of samples over 6 s. A single sample
-    /// swung by ±50 MiB from one second to the next (the log's writes waiting for its next
-    /// durable commit, every 5 s at `sync = "none"`, and freed pages not yet returned), which is
-    /// as much as the leak this measures.
-    async fn idle_rss_kib(&self) -> u64 {
-        let mut least = u64::MAX;
-        for _ in 0..24 {
-            least = least.min(self.rss_kib());
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        least
-    }
-}
-
-async fn run_child(plugins: &std::path::Path, data: &std::path::Path, config: &str) -> Child {
-    run_child_with(plugins, data, config, &[]).await
-}
-
-/// [`run_child`] with environment variables set for the child (fault injection).
-async fn run_child_with(
-    plugins: &std::path::Path,
-    data: &std::path::Path,
-    config: &str,
-    env: &[(&str, &str)],
-) -> Child {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let config_path = data.join("plugbus.toml");
-    std::fs::write(&config_path, config).unwrap();
-    let log = data.join("host.log");
-    let child = Command::new(plugbus_bin())
-        .args(["run", "--log-format", "json", "--http", &format!("127.0.0.1:{port}")])
-        .arg("--config")
-        .arg(&config_path)
-        .arg("--plugins")
-        .arg(plugins)
-        .arg("--data-dir")
-        .arg(data)
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("starting plugbus run");
-    let child = Child { child, url: format!("http://127.0.0.1:{port}"), log };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = reqwest::get(format!("{}/readyz", child.url)).await
-            && r.status().is_success()
-        {
-            return child;
-        }
-        assert!(Instant::now() < deadline, "the host did not start: {}", std::fs::read_to_string(&child.log).unwrap());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    least
 }
 
 /// Posts `count` events on distinct subjects `orders.<prefix><i>` over 16 connections, each
@@ -205,10 +151,11 @@ async fn forty_thousand_distinct_subjects_leave_metrics_and_memory_flat() {
     // fall behind the burst, and what it then reads back and holds is bounded by its buffer, up
     // to twice 64 MiB by default, which is not what this test measures.)
     std::fs::copy(wasm("echo"), plugins.path().join("echo.wasm")).unwrap();
-    let host = run_child(
+    let host = HostChild::start(
         plugins.path(),
         data.path(),
         "watch = false\n[bus]\nsync = \"none\"\n[flow]\nbuffer_mib = 4\n[plugins.echo]\ninstance = \"reuse\"\n",
+        &[],
     )
     .await;
 
@@ -221,14 +168,14 @@ async fn forty_thousand_distinct_subjects_leave_metrics_and_memory_flat() {
     // "grew" the host by 93 MiB). A per-subject leak grows it as much again in the second.
     post_distinct(&host.url, "first-", BURST).await;
     wait_handled(&host.url, "echo", (WARMUP + BURST) as u64).await;
-    let rss_before = host.idle_rss_kib().await;
+    let rss_before = idle_rss_kib(&host).await;
 
     let started = Instant::now();
     post_distinct(&host.url, "id-", BURST).await;
     wait_handled(&host.url, "echo", (WARMUP + 2 * BURST) as u64).await;
     let took = started.elapsed();
     let (series_after, bytes_after, text) = series(&host.url).await;
-    let rss_after = host.idle_rss_kib().await;
+    let rss_after = idle_rss_kib(&host).await;
 
     println!(
         "{BURST} events on distinct subjects in {took:.1?}: /metrics {series_before} -> {series_after} series, \
@@ -262,8 +209,8 @@ async fn kv_writes_waiting_for_their_commit_are_bounded_by_the_plugins_concurren
     std::fs::copy(wasm("hostile"), plugins.path().join("hostile.wasm")).unwrap();
     let config = "watch = false\n[flow]\nconcurrency = 2\n";
     let slow_disk = [("PLUGBUS_FAULT_KV_COMMIT_DELAY_MS", "250")];
-    let host = run_child_with(plugins.path(), data.path(), config, &slow_disk).await;
-    let rss_before = host.rss_kib();
+    let host = HostChild::start(plugins.path(), data.path(), config, &slow_disk).await;
+    let rss_before = rss_kib(&host);
     // (the peak, VmHWM, from here on, not start-up compilation's)
     std::fs::write(format!("/proc/{}/clear_refs", host.child.id()), "5").unwrap();
     let client = reqwest::Client::new();

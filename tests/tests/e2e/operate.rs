@@ -396,27 +396,10 @@ async fn mimalloc_allow_thp_0_leaves_the_host_no_transparent_huge_pages() {
     let plugins = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
     std::fs::copy(wasm("echo"), plugins.path().join("echo.wasm")).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let log = data.path().join("host.log");
-    let child = Command::new(plugbus_bin())
-        .args(["run", "--http", &format!("127.0.0.1:{port}")])
-        .arg("--plugins")
-        .arg(plugins.path())
-        .arg("--data-dir")
-        .arg(data.path())
-        .env("MIMALLOC_ALLOW_THP", "0")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let child = Running(child);
-    let url = format!("http://127.0.0.1:{port}");
+    let host = plugbus_tests::HostChild::start(plugins.path(), data.path(), "", &[("MIMALLOC_ALLOW_THP", "0")]).await;
+    let url = host.url.clone();
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !client.get(format!("{url}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
-        assert!(Instant::now() < deadline, "the host did not start: {}", std::fs::read_to_string(&log).unwrap());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     // Some work first, so the allocator has taken and given back memory as it does serving.
     for i in 0..EVENTS {
         let resp = client.post(format!("{url}/v1/events/orders.created")).body(order(&format!("o-{i}"), "sku-1", 1));
@@ -430,7 +413,7 @@ async fn mimalloc_allow_thp_0_leaves_the_host_no_transparent_huge_pages() {
         assert!(Instant::now() < deadline, "echo handled {} of {EVENTS}", handled().await);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", child.0.id())).unwrap();
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", host.child.id())).unwrap();
     let huge = smaps.lines().find(|l| l.starts_with("AnonHugePages:")).expect("AnonHugePages in smaps_rollup");
     let kib: u64 = huge.split_whitespace().nth(1).unwrap().parse().unwrap();
     let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
