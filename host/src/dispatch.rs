@@ -452,7 +452,8 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
     let ev = &delivery.event;
     let counters = rt.metrics.event(&ev.subject);
     counters.received.inc();
-    let by_transport = retry_in == RetryIn::Transport && delivery.redeliverable;
+    // At its last delivery the retries stay here: given back, the broker would drop it unrun.
+    let by_transport = retry_in == RetryIn::Transport && may_come_again(rt, &delivery);
     // What the failed attempt saw, when the delivery ends dead-lettered.
     let mut record = None;
     let outcome = match &delivery.defect {
@@ -838,11 +839,12 @@ impl Release {
     }
 }
 
-/// Whether the transport delivers `delivery` again if it is left unsettled: it redelivers, and
-/// this is not its last delivery (`max_deliver`, [`RetryPolicy::transport_deliveries`]). Left at
-/// its last, it would be lost.
+/// Whether the transport delivers `delivery` again if it is given back or left unsettled: it
+/// redelivers, and this is not its last delivery (the broker's bound, [`Delivery::max_deliveries`],
+/// or else [`RetryPolicy::transport_deliveries`]). Given back at its last, it would be lost.
 pub fn may_come_again(rt: &PluginRuntime, delivery: &Delivery) -> bool {
-    delivery.redeliverable && delivery.attempt < rt.retry.transport_deliveries()
+    let last = delivery.max_deliveries.unwrap_or_else(|| rt.retry.transport_deliveries());
+    delivery.redeliverable && delivery.attempt < last
 }
 
 /// What a delivery releasing its outputs holds, for [`release_output`]'s retries.

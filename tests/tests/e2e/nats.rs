@@ -1202,6 +1202,42 @@ async fn jetstream_a_delivery_at_its_last_is_not_left() {
     settled(&js, "orders.first").await;
 }
 
+/// Review 50a M2: every host of a plugin shares its JetStream consumer, and the last to make it
+/// set its `max_deliver` (a host of another version with a smaller `retry.max_attempts`, or an
+/// operator). A host that counted on its own bound (`max_attempts` 4: `max_deliver` 8) gave a
+/// failing event back at the consumer's real last delivery (2 here), and JetStream dropped it:
+/// no dead letter, nothing. Now the pump reads the consumer's `max_deliver` (within a second) and
+/// the retries of a last delivery stay in the host: the event is dead-lettered after its 4
+/// attempts, delivered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_max_deliver_another_host_lowered_still_ends_a_failing_event_in_a_dead_letter() {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
+        plugbus_tests::fast_retries(c);
+        c.retry.max_attempts = 4;
+    })
+    .await;
+    let mut dlq = t.observe(&["plugbus.dlq.>"]).await;
+    let info = consumer_on(&js, "faulty.retry").await;
+    assert_eq!(info.config.max_deliver, 8);
+    let stream = js.get_stream(&info.stream_name).await.unwrap();
+    let lowered = jetstream::consumer::Config { max_deliver: 2, ..info.config.clone() };
+    stream.update_consumer(lowered).await.expect("another host lowers max_deliver");
+    // The pump looks at the consumer again at most once a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Unordered (no `key` header): its retries go through JetStream while it may come again.
+    t.publish("faulty.retry", "x").await;
+    let dead = tokio::time::timeout(Duration::from_secs(20), dlq.next_on("plugbus.dlq.faulty"))
+        .await
+        .expect("no dead letter: JetStream dropped the event at the consumer's max_deliver");
+    assert_eq!(dead.header(headers::ATTEMPTS), Some("4"), "{dead:?}");
+    // Delivered twice (the consumer's bound), its last delivery's retries run here.
+    assert_eq!(t.counter("faulty", "received"), 2);
+    assert_eq!(t.counter("faulty", "attempts"), 4);
+    settled(&js, "faulty.retry").await;
+}
+
 /// Review 49b M5: a delivery still held when a stop's drain times out is left at close: the
 /// worker's close no longer waits out its 5 s on it, the drain report names it unfinished, and
 /// the output's dead letter stays kept here, as after a crash.

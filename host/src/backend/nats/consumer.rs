@@ -294,7 +294,7 @@ pub async fn pump(js: jetstream::Context, spec: SharedSpec, mut consumer: PullCo
     // The consumer's ack floor (stream sequence) as last seen, looked at most once a second: where
     // a consumer deleted underneath is made again from.
     let mut settled = consumer.cached_info().ack_floor.stream_sequence;
-    let mut looked_at_floor = std::time::Instant::now();
+    let mut looked_at = std::time::Instant::now();
     // Kept across pulls: what a pull brings after its status is read, not dropped.
     let mut inbox: Option<Inbox> = None;
     // A pull given up with no status (past `lost_at`): the server is answered once before the
@@ -309,12 +309,7 @@ pub async fn pump(js: jetstream::Context, spec: SharedSpec, mut consumer: PullCo
             return;
         }
         let Some(room) = intake.room().await else { return };
-        if looked_at_floor.elapsed() >= Duration::from_secs(1) {
-            looked_at_floor = std::time::Instant::now();
-            if let Ok(info) = consumer.info().await {
-                settled = info.ack_floor.stream_sequence;
-            }
-        }
+        look_again(&mut consumer, &mut settled, &mut looked_at).await;
         // The server's `max_payload` as it is now: a reconnect may have reached another server.
         let max_payload = js.client().server_info().max_payload;
         let batch = Batch::new(queue, intake.budget.bytes(), max_payload).within(room, max_payload);
@@ -437,9 +432,13 @@ pub async fn pump(js: jetstream::Context, spec: SharedSpec, mut consumer: PullCo
                     msg
                 }
             };
+            // Its `max_deliver` as the server has it now, within a second (another host of the
+            // plugin, or an operator, may have set it since the last pull began).
+            look_again(&mut consumer, &mut settled, &mut looked_at).await;
+            let max_deliveries = max_deliveries(&consumer, &current());
             match filter.pulled(msg.subject.as_str(), &stream, || stream_sequence(&msg)) {
                 Pulled::Take => {
-                    brought.push(HeldMessage::of(msg, &held, &plugin));
+                    brought.push(HeldMessage::of(msg, &held, &plugin, max_deliveries));
                     if !brought.queue_now(&intake) {
                         return;
                     }
@@ -447,7 +446,7 @@ pub async fn pump(js: jetstream::Context, spec: SharedSpec, mut consumer: PullCo
                 // Its last delivery: given back once more, JetStream would drop it unrun. One only
                 // the patterns this host's change left name, stored after the change, is no
                 // plugin version's: acked unrun, as the narrowed consumer would pass over it.
-                Pulled::NoLongerTaken if last_delivery(&msg, &current()) => {
+                Pulled::NoLongerTaken if last_delivery(&msg, max_deliveries) => {
                     tracing::debug!(plugin = %plugin, stream = %stream, subject = %msg.subject,
                         "a message only the patterns the plugin left name, stored after the change, given back until \
                          its last delivery: settled unrun");
@@ -455,8 +454,8 @@ pub async fn pump(js: jetstream::Context, spec: SharedSpec, mut consumer: PullCo
                         tracing::debug!(plugin = %plugin, "settling a message the plugin does not take here: {e}");
                     }
                 }
-                Pulled::AnotherVersions if last_delivery(&msg, &current()) => {
-                    let mut delivery = HeldMessage::of(msg, &held, &plugin).delivery();
+                Pulled::AnotherVersions if last_delivery(&msg, max_deliveries) => {
+                    let mut delivery = HeldMessage::of(msg, &held, &plugin, max_deliveries).delivery();
                     delivery.defect = Some(crate::fate::DeliveryError::Unclaimed(UNCLAIMED.into()));
                     brought.push_delivery(delivery);
                     if !brought.queue_now(&intake) {
@@ -495,7 +494,8 @@ pub async fn pump(js: jetstream::Context, spec: SharedSpec, mut consumer: PullCo
                         tracing::warn!(plugin = %plugin, stream = %stream, subject = %msg.subject,
                             bytes = msg.message.length, pull_bytes = batch.bytes,
                             "the consumer waited behind a message larger than a pull takes; taken alone");
-                        brought.push(HeldMessage::of(msg, &held, &plugin));
+                        let max_deliveries = max_deliveries(&consumer, &current());
+                        brought.push(HeldMessage::of(msg, &held, &plugin, max_deliveries));
                         if !brought.queue_all(&intake).await {
                             return;
                         }
@@ -539,10 +539,35 @@ fn stream_sequence(msg: &jetstream::Message) -> Option<u64> {
     msg.info().ok().map(|info| info.stream_sequence)
 }
 
-/// Whether `msg` comes for the last time: JetStream drops it once given back now.
-fn last_delivery(msg: &jetstream::Message, spec: &ConsumerSpec) -> bool {
-    let max = u64::from(spec.durability.give_up_after.max(1));
-    msg.info().is_ok_and(|info| info.delivered as u64 >= max)
+/// Whether `msg` comes for the last time (`max_deliveries`: see [`max_deliveries`]): JetStream
+/// drops it once given back now.
+fn last_delivery(msg: &jetstream::Message, max_deliveries: u32) -> bool {
+    msg.info().is_ok_and(|info| info.delivered >= i64::from(max_deliveries))
+}
+
+/// How many times the consumer delivers a message: its `max_deliver` as the server last said
+/// (every host of the plugin shares the consumer, and the last to make it, perhaps another
+/// version with another `retry.max_attempts`, or an operator, set it), or this host's own when
+/// it sets none (unlimited: this host dead-letters at `retry.max_attempts` anyway).
+fn max_deliveries(consumer: &PullConsumer, spec: &ConsumerSpec) -> u32 {
+    match u32::try_from(consumer.cached_info().config.max_deliver) {
+        Ok(max) if max > 0 => max,
+        _ => spec.durability.give_up_after.max(1),
+    }
+}
+
+/// Reads the consumer's info again when the last look is a second old: its ack floor (`settled`:
+/// where one deleted underneath is made again from) and its `max_deliver` (which delivery is a
+/// message's last, [`max_deliveries`]). A look that fails, or takes over a second (messages
+/// wait unread meanwhile), keeps what was seen.
+async fn look_again(consumer: &mut PullConsumer, settled: &mut u64, looked_at: &mut Instant) {
+    if looked_at.elapsed() < Duration::from_secs(1) {
+        return;
+    }
+    *looked_at = Instant::now();
+    if let Ok(Ok(info)) = tokio::time::timeout(Duration::from_secs(1), consumer.info()).await {
+        *settled = info.ack_floor.stream_sequence;
+    }
 }
 
 /// How long a pump that gave back another version's message waits before its next pull.
@@ -654,13 +679,15 @@ pub struct HeldMessage {
     message: async_nats::Message,
     acker: Box<JsAcker>,
     attempt: u32,
+    /// [`Delivery::max_deliveries`].
+    max_deliveries: u32,
     /// A message that names no id is known by its place in the stream: the same on redelivery.
     fallback_id: Option<String>,
 }
 
 impl HeldMessage {
-    /// Holds `msg` in `held` now.
-    fn of(msg: jetstream::Message, held: &Arc<Held>, plugin: &Arc<str>) -> Self {
+    /// Holds `msg` in `held` now; the consumer delivers it at most `max_deliveries` times.
+    fn of(msg: jetstream::Message, held: &Arc<Held>, plugin: &Arc<str>, max_deliveries: u32) -> Self {
         let info = msg.info().ok();
         let attempt = info.as_ref().map_or(1, |i| i.delivered.max(1) as u32);
         let fallback_id = info.as_ref().map(|i| format!("{}-{}", i.stream, i.stream_sequence));
@@ -669,23 +696,31 @@ impl HeldMessage {
         let (message, acker) = msg.split();
         let token = held.hold(reply);
         let acker = Box::new(JsAcker { acker, held: held.clone(), token, plugin: plugin.clone() });
-        Self { message, acker, attempt, fallback_id }
+        Self { message, acker, attempt, max_deliveries, fallback_id }
     }
 
     /// The delivery of this message (an undecodable one carries its defect).
     pub fn delivery(self) -> Delivery {
-        let Self { message, acker, attempt, fallback_id } = self;
+        let Self { message, acker, attempt, max_deliveries, fallback_id } = self;
+        let max_deliveries = Some(max_deliveries);
         let subject = message.subject.to_string();
         match wire::event_of(&subject, message.headers.as_ref(), message.payload.clone(), fallback_id.clone()) {
             Ok(mut ev) => {
                 // A request stored in the stream: its reply goes to the requester's inbox.
                 ev.reply_to = wire::reply_inbox(message.headers.as_ref());
-                Delivery { attempt, acker, redeliverable: true, ..Delivery::once(Arc::new(ev)) }
+                Delivery { attempt, acker, redeliverable: true, max_deliveries, ..Delivery::once(Arc::new(ev)) }
             }
             Err(why) => {
                 let raw = wire::undecodable(&subject, &message.payload, fallback_id);
                 let defect = Some(crate::fate::DeliveryError::Undecodable(why));
-                Delivery { attempt, acker, redeliverable: true, defect, ..Delivery::once(Arc::new(raw)) }
+                Delivery {
+                    attempt,
+                    acker,
+                    redeliverable: true,
+                    max_deliveries,
+                    defect,
+                    ..Delivery::once(Arc::new(raw))
+                }
             }
         }
     }
