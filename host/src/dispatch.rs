@@ -794,6 +794,8 @@ async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Arc<Event>
     // its room among those waiting to be published again, taken at the first refusal.
     let mut left: u64 = outputs.iter().map(|o| o.buffered_cost()).sum();
     let mut room = None;
+    let mut release = release;
+    let mut left_at = false;
     for out in outputs {
         let span = telemetry::output_span(&out);
         let waiting = Waiting { left_bytes: left, room: &mut room };
@@ -801,10 +803,18 @@ async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Arc<Event>
         match release_output(rt, ev, out, waiting, release, &span).instrument(span.clone()).await {
             Released::Published => released += 1,
             Released::DeadLettered => {}
-            Released::Left => return None,
+            // The outputs after the one held go out now, none of them held (the plugin is
+            // leaving): kept for the run again, they would be lost with the event should it never
+            // come again (gone from its stream by `max_age` or a limit). The run again publishes
+            // them again under the same ids, which the broker drops as duplicates (JetStream's
+            // duplicate window), and lets go of the dead letters kept here meanwhile.
+            Released::Left => {
+                left_at = true;
+                release = Release { hold: false, may_leave: false, ..release };
+            }
         }
     }
-    Some(released)
+    (!left_at).then_some(released)
 }
 
 /// What became of one output ([`release_output`]).

@@ -1238,6 +1238,50 @@ async fn jetstream_a_max_deliver_another_host_lowered_still_ends_a_failing_event
     settled(&js, "faulty.retry").await;
 }
 
+/// Review 50b M2: the outputs after a held one were not released when the delivery was left
+/// (its plugin taken out): kept for the run again, they were lost with the event should it never
+/// come again (gone from its stream by `max_age` or a limit). Now they go out as the delivery is
+/// left, none of them held; the held one's dead letter stays kept here, the input unacked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_the_outputs_after_a_held_one_go_out_when_its_delivery_is_left() {
+    let server = NatsServer::start().await;
+    let client = server.client().await;
+    let js = jetstream::new(client.clone());
+    // The first output's stream and the dead letters' are full: the delivery is held there.
+    for (name, subject) in [("FIRST", "faulty.out.pair.first"), ("DEAD", "dead.faulty")] {
+        js.create_stream(jetstream::stream::Config {
+            name: name.into(),
+            subjects: vec![subject.into()],
+            max_messages: 1,
+            discard: jetstream::stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        js.publish(subject, "filler".into()).await.unwrap().await.unwrap();
+    }
+    // The second output goes to a subject no stream captures: core NATS.
+    let mut second = client.subscribe("faulty.out.pair.second").await.unwrap();
+    client.flush().await.unwrap();
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
+        plugbus_tests::fast_retries(c);
+        c.plugins.entry("faulty".into()).or_default().dead_letter = Some("dead.faulty".into());
+    })
+    .await;
+    t.publish("faulty.pair", "both").await;
+    eventually("held", || t.counter("faulty", "held") == 1).await;
+    assert!(tokio::time::timeout(Duration::from_millis(300), second.next()).await.is_err(), "released while held");
+    std::fs::remove_file(t.dir.path().join("faulty.wasm")).unwrap();
+    eventually("faulty removed", || !t.host.router().contains("faulty")).await;
+    let out = tokio::time::timeout(Duration::from_secs(10), second.next())
+        .await
+        .expect("the output after the held one was not released when its delivery was left")
+        .unwrap();
+    assert_eq!(&out.payload[..], b"both");
+    assert_eq!(t.host.dead_letters().list(Some("faulty")).len(), 1, "the held output's dead letter");
+    assert_eq!(consumer_on(&js, "faulty.pair").await.ack_floor.stream_sequence, 0, "the input was acked");
+}
+
 /// Review 49b M5: a delivery still held when a stop's drain times out is left at close: the
 /// worker's close no longer waits out its 5 s on it, the drain report names it unfinished, and
 /// the output's dead letter stays kept here, as after a crash.

@@ -435,7 +435,7 @@ pub async fn pump(js: jetstream::Context, spec: SharedSpec, mut consumer: PullCo
             // Its `max_deliver` as the server has it now, within a second (another host of the
             // plugin, or an operator, may have set it since the last pull began).
             look_again(&mut consumer, &mut settled, &mut looked_at).await;
-            let max_deliveries = max_deliveries(&consumer, &current());
+            let max_deliveries = max_deliveries(&consumer, &spec);
             match filter.pulled(msg.subject.as_str(), &stream, || stream_sequence(&msg)) {
                 Pulled::Take => {
                     brought.push(HeldMessage::of(msg, &held, &plugin, max_deliveries));
@@ -494,7 +494,7 @@ pub async fn pump(js: jetstream::Context, spec: SharedSpec, mut consumer: PullCo
                         tracing::warn!(plugin = %plugin, stream = %stream, subject = %msg.subject,
                             bytes = msg.message.length, pull_bytes = batch.bytes,
                             "the consumer waited behind a message larger than a pull takes; taken alone");
-                        let max_deliveries = max_deliveries(&consumer, &current());
+                        let max_deliveries = max_deliveries(&consumer, &spec);
                         brought.push(HeldMessage::of(msg, &held, &plugin, max_deliveries));
                         if !brought.queue_all(&intake).await {
                             return;
@@ -549,10 +549,10 @@ fn last_delivery(msg: &jetstream::Message, max_deliveries: u32) -> bool {
 /// (every host of the plugin shares the consumer, and the last to make it, perhaps another
 /// version with another `retry.max_attempts`, or an operator, set it), or this host's own when
 /// it sets none (unlimited: this host dead-letters at `retry.max_attempts` anyway).
-fn max_deliveries(consumer: &PullConsumer, spec: &ConsumerSpec) -> u32 {
+fn max_deliveries(consumer: &PullConsumer, spec: &SharedSpec) -> u32 {
     match u32::try_from(consumer.cached_info().config.max_deliver) {
         Ok(max) if max > 0 => max,
-        _ => spec.durability.give_up_after.max(1),
+        _ => spec.read().expect("spec poisoned").durability.give_up_after.max(1),
     }
 }
 

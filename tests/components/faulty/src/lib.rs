@@ -70,6 +70,11 @@ fn misbehave(ev: Event) -> Result<(), HandlerError> {
             return Err(HandlerError::retry(format!("attempt {} failed", ev.attempt())));
         }
         "flaky" => {}
+        // Two outputs, one after the other: `faulty.out.pair.first`, then `faulty.out.pair.second`.
+        "pair" => {
+            publish("faulty.out.pair.first", ev.data())?;
+            publish("faulty.out.pair.second", ev.data())?;
+        }
         // Busy for `arg` milliseconds.
         "slow" => busy_for_ms(arg),
         // Asleep for an hour in a host call (`wasi:io/poll`'s block), where no epoch tick
