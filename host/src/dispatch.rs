@@ -452,8 +452,9 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
     let ev = &delivery.event;
     let counters = rt.metrics.event(&ev.subject);
     counters.received.inc();
-    // At its last delivery the retries stay here: given back, the broker would drop it unrun.
-    let by_transport = retry_in == RetryIn::Transport && may_come_again(rt, &delivery);
+    // At its last delivery the retries stay here: given back, the broker would drop it unrun
+    // (asked at each failure: `Release::may_leave`).
+    let by_transport = retry_in == RetryIn::Transport;
     // What the failed attempt saw, when the delivery ends dead-lettered.
     let mut record = None;
     let outcome = match &delivery.defect {
@@ -582,7 +583,8 @@ async fn attempts(
                 if let Some(reply) = reply {
                     send_reply(rt, ev, reply).await;
                 }
-                let Some(outputs) = release_outputs(rt, ev, outputs, release).instrument(span.clone()).await else {
+                let Some(outputs) = release_outputs(rt, ev, outputs, release.clone()).instrument(span.clone()).await
+                else {
                     span.record("outcome", "left");
                     return Outcome::Left { attempts: attempt };
                 };
@@ -599,7 +601,8 @@ async fn attempts(
                 }
                 drop(span);
                 let circuit = fate::Circuit { open: circuit_open, waited: circuit_waited };
-                let fate = fate::decide_after(&failure, attempt, circuit, &rt.retry, by_transport);
+                let redelivering = by_transport && release.may_leave.now();
+                let fate = fate::decide_after(&failure, attempt, circuit, &rt.retry, redelivering);
                 if let Fate::WaitForCircuit(wait) = fate {
                     rt.stats.add(|c| &c.retried, 1);
                     rt.stats.add(|c| &c.circuit_waits, 1);
@@ -794,27 +797,47 @@ async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Arc<Event>
     // its room among those waiting to be published again, taken at the first refusal.
     let mut left: u64 = outputs.iter().map(|o| o.buffered_cost()).sum();
     let mut room = None;
-    let mut release = release;
-    let mut left_at = false;
-    for out in outputs {
+    let mut outputs = outputs.into_iter();
+    while let Some(out) = outputs.next() {
         let span = telemetry::output_span(&out);
         let waiting = Waiting { left_bytes: left, room: &mut room };
         left -= out.buffered_cost();
-        match release_output(rt, ev, out, waiting, release, &span).instrument(span.clone()).await {
+        match release_output(rt, ev, out, waiting, release.clone(), &span).instrument(span.clone()).await {
             Released::Published => released += 1,
             Released::DeadLettered => {}
-            // The outputs after the one held go out now, none of them held (the plugin is
-            // leaving): kept for the run again, they would be lost with the event should it never
-            // come again (gone from its stream by `max_age` or a limit). The run again publishes
-            // them again under the same ids, which the broker drops as duplicates (JetStream's
-            // duplicate window), and lets go of the dead letters kept here meanwhile.
             Released::Left => {
-                left_at = true;
-                release = Release { hold: false, may_leave: false, ..release };
+                publish_while_taken(rt, ev, outputs, &release).await;
+                return None;
             }
         }
     }
-    (!left_at).then_some(released)
+    Some(released)
+}
+
+/// The outputs after one whose delivery was left as its plugin leaves ([`Released::Left`]),
+/// published while the broker takes each at once: kept for the run again, they would be lost with
+/// the event should it never come again (gone from its stream by `max_age` or a limit). One try
+/// each, none retried, held or dead-lettered (the plugin is leaving; and a dead letter kept now
+/// could push the held output's own out of the store, the copy that let the delivery be left): the
+/// first refused ends it, and the rest wait for the run again, as after a crash. The run again
+/// publishes them again (JetStream drops those within its duplicate window; on a subject no
+/// stream keeps they arrive twice), after the held one.
+async fn publish_while_taken(
+    rt: &PluginRuntime,
+    ev: &Event,
+    outputs: impl Iterator<Item = Arc<Event>>,
+    release: &Release,
+) {
+    for out in outputs {
+        if let Err(e) = rt.transport.publish_output(out.clone()).await {
+            tracing::warn!(plugin = %rt.name, subject = %out.subject, event_id = %out.id, caused_by = %ev.id,
+                "an output after the held one, not published as its delivery is left (the run again publishes it): {e}");
+            return;
+        }
+        if release.redelivered {
+            let_go_of_its_dead_letter(rt, ev, &out).await;
+        }
+    }
 }
 
 /// What became of one output ([`release_output`]).
@@ -829,7 +852,7 @@ enum Released {
 }
 
 /// How a delivery's outputs are released.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Release {
     /// The transport delivered the event before: an output published now lets go of a dead
     /// letter this host kept of it then ([`let_go_of_its_dead_letter`]).
@@ -837,15 +860,45 @@ struct Release {
     /// The transport would deliver the event again: an output and its dead letter both refused
     /// hold the delivery until one is taken ([`hold_until_placed`]).
     hold: bool,
-    /// The transport delivers the event again if it is left unsettled ([`may_come_again`]): a
-    /// hold may end when the plugin leaves this host.
-    may_leave: bool,
+    /// Whether the transport delivers the event again if it is given back or left unsettled,
+    /// asked when that is decided: a failed attempt is retried here rather than given back, and a
+    /// hold goes on when the plugin leaves this host, when it would not.
+    may_leave: ComesAgain,
 }
 
 impl Release {
     /// How the outputs of `delivery`'s attempts from `first` on are released.
     fn of(rt: &PluginRuntime, delivery: &Delivery, first: u32) -> Self {
-        Self { redelivered: first > 1, hold: delivery.redeliverable, may_leave: may_come_again(rt, delivery) }
+        Self { redelivered: first > 1, hold: delivery.redeliverable, may_leave: ComesAgain::of(rt, delivery) }
+    }
+}
+
+/// Whether the transport delivers a delivery again if it is given back or left unsettled
+/// ([`may_come_again`]), kept to be asked when that is decided: the broker's bound may have
+/// changed since the delivery began.
+#[derive(Debug, Clone)]
+struct ComesAgain {
+    redeliverable: bool,
+    /// The transport's count of this delivery.
+    attempt: u32,
+    /// The broker's bound as last seen ([`Delivery::max_deliveries`]), or this host's own
+    /// ([`RetryPolicy::transport_deliveries`]).
+    bound: Result<Arc<std::sync::atomic::AtomicU32>, u32>,
+}
+
+impl ComesAgain {
+    fn of(rt: &PluginRuntime, delivery: &Delivery) -> Self {
+        let bound = delivery.max_deliveries.clone().ok_or_else(|| rt.retry.transport_deliveries());
+        Self { redeliverable: delivery.redeliverable, attempt: delivery.attempt, bound }
+    }
+
+    /// Whether it comes again, as the broker's bound is now.
+    fn now(&self) -> bool {
+        let last = match &self.bound {
+            Ok(max) => max.load(std::sync::atomic::Ordering::Relaxed),
+            Err(own) => *own,
+        };
+        self.redeliverable && self.attempt < last
     }
 }
 
@@ -853,8 +906,7 @@ impl Release {
 /// redelivers, and this is not its last delivery (the broker's bound, [`Delivery::max_deliveries`],
 /// or else [`RetryPolicy::transport_deliveries`]). Given back at its last, it would be lost.
 pub fn may_come_again(rt: &PluginRuntime, delivery: &Delivery) -> bool {
-    let last = delivery.max_deliveries.unwrap_or_else(|| rt.retry.transport_deliveries());
-    delivery.redeliverable && delivery.attempt < last
+    ComesAgain::of(rt, delivery).now()
 }
 
 /// What a delivery releasing its outputs holds, for [`release_output`]'s retries.
@@ -1016,14 +1068,14 @@ async fn hold_until_placed(
          tried again until one is");
     let _holding = rt.metrics.holding();
     let mut leaving = rt.leaving.subscribe();
-    // Whether the plugin's leaving may end the hold (no longer, once it found it may not): not at
-    // the event's last delivery, which would never come again.
-    let mut watching = release.may_leave;
+    // Whether the plugin's leaving may end the hold (no longer, once it found it may not: not at
+    // the event's last delivery, which would never come again, nor with the dead letter gone).
+    let mut watching = true;
     let mut has_room = waiting.room.is_some();
     while !has_room {
         tokio::select! {
             room = rt.republishing.take(waiting.kib()) => (*waiting.room, has_room) = (room, true),
-            _ = leaving.wait_for(|&left| left), if watching => match leave_if_it_may(rt, ev, out) {
+            _ = leaving.wait_for(|&left| left), if watching => match leave_if_it_may(rt, ev, out, &release.may_leave) {
                 Some(left) => return left,
                 None => watching = false,
             },
@@ -1033,7 +1085,7 @@ async fn hold_until_placed(
     loop {
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
-            _ = leaving.wait_for(|&left| left), if watching => match leave_if_it_may(rt, ev, out) {
+            _ = leaving.wait_for(|&left| left), if watching => match leave_if_it_may(rt, ev, out, &release.may_leave) {
                 Some(left) => return left,
                 None => {
                     watching = false;
@@ -1061,10 +1113,17 @@ async fn hold_until_placed(
 }
 
 /// As a held output's plugin leaves this host: [`Released::Left`], ending the hold, when its dead
-/// letter is in the store's file, to outlive the hold; `None` (the hold goes on, as the output's
-/// only copy) when it is not: evicted or deleted since, over the store's bytes, or a store
-/// without a file (`persistent_kv = false`).
-fn leave_if_it_may(rt: &PluginRuntime, ev: &Event, out: &Event) -> Option<Released> {
+/// letter is in the store's file, to outlive the hold, and the event comes again (`comes_again`,
+/// asked now); `None` (the hold goes on) at the event's last delivery, or when the dead letter is
+/// not in the file (the output's only copy): evicted or deleted since, over the store's bytes, or
+/// a store without a file (`persistent_kv = false`).
+fn leave_if_it_may(rt: &PluginRuntime, ev: &Event, out: &Event, comes_again: &ComesAgain) -> Option<Released> {
+    if !comes_again.now() {
+        tracing::warn!(plugin = %rt.name, subject = %out.subject, event_id = %out.id, caused_by = %ev.id,
+            "the plugin leaves this host, but its held event is at its last delivery (the broker's max_deliver): the \
+             hold goes on, since the event would not come again");
+        return None;
+    }
     if !matches!(rt.dead_letters.kept_for(&rt.name, out), Some((_, true))) {
         tracing::warn!(plugin = %rt.name, subject = %out.subject, event_id = %out.id, caused_by = %ev.id,
             "the plugin leaves this host, but a held output's dead letter is not in this host's dead-letter file: \

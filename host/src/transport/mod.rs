@@ -227,12 +227,12 @@ pub struct Delivery {
     pub attempt: u32,
     /// Whether the transport delivers it again after a `nak` (so retries may leave the host).
     pub redeliverable: bool,
-    /// The most times the transport delivers it, as the broker says (JetStream's `max_deliver`,
-    /// as the consumer every host of the plugin shares had it when this was pulled: another host
-    /// or an operator may have set it lower than this host would). `None`: the broker said
-    /// nothing, or sets no bound; [`RetryPolicy::transport_deliveries`](crate::retry::RetryPolicy)
-    /// is assumed then.
-    pub max_deliveries: Option<u32>,
+    /// The most times the transport delivers it, as the broker last said (JetStream's
+    /// `max_deliver` of the consumer every host of the plugin shares: another host or an operator
+    /// may have set it lower than this host would), read when a fate is decided, not when it was
+    /// pulled. `None`: the transport says nothing;
+    /// [`RetryPolicy::transport_deliveries`](crate::retry::RetryPolicy) is assumed then.
+    pub max_deliveries: Option<Arc<std::sync::atomic::AtomicU32>>,
     /// Why it is dead-lettered without running: it could not be read as an event
     /// ([`DeliveryError::Undecodable`](crate::fate::DeliveryError)), or no host took it.
     pub defect: Option<crate::fate::DeliveryError>,

@@ -39,6 +39,11 @@ impl Held {
         self.items.lock().expect("held poisoned").remove(&token);
     }
 
+    /// Whether no message is held.
+    pub fn is_empty(&self) -> bool {
+        self.items.lock().expect("held poisoned").is_empty()
+    }
+
     /// Sends `in-progress` for every message held longer than `after`, every `after`.
     pub async fn keep_alive(self: Arc<Self>, client: Client, after: Duration) {
         let mut tick = tokio::time::interval(after);
@@ -178,11 +183,12 @@ pub(super) async fn ensure_from(
         TransportError::Broker(format!("{what} consumer {} on stream {}: {e}", spec.name, spec.stream))
     };
     let stream = js.get_stream(&spec.stream).await.map_err(|e| broker("finding the stream for", &e))?;
-    let deliver_policy = match (stream.consumer_info(&spec.name).await, resume) {
-        (Ok(info), _) => info.config.deliver_policy,
-        (Err(_), Some(start_sequence)) => DeliverPolicy::ByStartSequence { start_sequence },
-        (Err(_), None) if spec.durability.deliver_all => DeliverPolicy::All,
-        (Err(_), None) => DeliverPolicy::New,
+    let own_max_deliver = i64::from(spec.durability.give_up_after.max(1));
+    let (deliver_policy, max_deliver) = match (stream.consumer_info(&spec.name).await, resume) {
+        (Ok(info), _) => (info.config.deliver_policy, kept_max_deliver(info.config.max_deliver, own_max_deliver)),
+        (Err(_), Some(start_sequence)) => (DeliverPolicy::ByStartSequence { start_sequence }, own_max_deliver),
+        (Err(_), None) if spec.durability.deliver_all => (DeliverPolicy::All, own_max_deliver),
+        (Err(_), None) => (DeliverPolicy::New, own_max_deliver),
     };
     let (filter_subject, filter_subjects) = match spec.filters.as_slice() {
         [one] => (one.clone(), Vec::new()),
@@ -194,13 +200,21 @@ pub(super) async fn ensure_from(
         deliver_policy,
         ack_policy: AckPolicy::Explicit,
         ack_wait: spec.ack_wait,
-        max_deliver: i64::from(spec.durability.give_up_after.max(1)),
+        max_deliver,
         filter_subject,
         filter_subjects,
         max_ack_pending: 20_000,
         ..Default::default()
     };
     stream.create_consumer(config).await.map_err(|e| broker("creating", &e))
+}
+
+/// The `max_deliver` a consumer that has `existing` keeps when this host, whose own is `own`,
+/// makes it again: never lower. Every host of the plugin shares it (hosts of two versions with
+/// different `retry.max_attempts`, an operator's change): lowered, a host counting on more would
+/// see its event dropped unrun at the lower bound. A consumer without a bound (0 or -1) keeps none.
+fn kept_max_deliver(existing: i64, own: i64) -> i64 {
+    if existing <= 0 { existing } else { existing.max(own) }
 }
 
 /// What one pull asks the server for: at most `messages` messages and `bytes` bytes. The bytes
@@ -291,10 +305,14 @@ pub async fn pump(js: jetstream::Context, spec: SharedSpec, mut consumer: PullCo
     let mut quiet_for = STUCK_CHECK;
     // When another version's message was last given back with a warning (one each 10 s).
     let mut given_back = None;
-    // The consumer's ack floor (stream sequence) as last seen, looked at most once a second: where
-    // a consumer deleted underneath is made again from.
-    let mut settled = consumer.cached_info().ack_floor.stream_sequence;
-    let mut looked_at = std::time::Instant::now();
+    // The consumer's ack floor and `max_deliver` as the server has them, looked at by a task of
+    // the pump's own while it is busy (`watched.rs`).
+    let watched = {
+        let fallback = spec.read().expect("spec poisoned").durability.give_up_after;
+        super::watched::Watched::new(consumer.cached_info(), fallback)
+    };
+    let _watching =
+        super::Task(tokio::spawn(super::watched::watch(consumer.clone(), watched.clone(), held.clone(), spec.clone())));
     // Kept across pulls: what a pull brings after its status is read, not dropped.
     let mut inbox: Option<Inbox> = None;
     // A pull given up with no status (past `lost_at`): the server is answered once before the
@@ -309,7 +327,6 @@ pub async fn pump(js: jetstream::Context, spec: SharedSpec, mut consumer: PullCo
             return;
         }
         let Some(room) = intake.room().await else { return };
-        look_again(&mut consumer, &mut settled, &mut looked_at).await;
         // The server's `max_payload` as it is now: a reconnect may have reached another server.
         let max_payload = js.client().server_info().max_payload;
         let batch = Batch::new(queue, intake.budget.bytes(), max_payload).within(room, max_payload);
@@ -348,7 +365,7 @@ pub async fn pump(js: jetstream::Context, spec: SharedSpec, mut consumer: PullCo
         if let Err(e) = asked {
             tracing::warn!(plugin = %plugin, stream = %stream, "cannot pull from JetStream yet: {e}");
             tokio::time::sleep(Duration::from_secs(1)).await;
-            if let Ok(c) = reopen(&js, &current(), settled).await {
+            if let Ok(c) = reopen(&js, &current(), watched.settled()).await {
                 consumer = c;
             }
             continue;
@@ -432,13 +449,10 @@ pub async fn pump(js: jetstream::Context, spec: SharedSpec, mut consumer: PullCo
                     msg
                 }
             };
-            // Its `max_deliver` as the server has it now, within a second (another host of the
-            // plugin, or an operator, may have set it since the last pull began).
-            look_again(&mut consumer, &mut settled, &mut looked_at).await;
-            let max_deliveries = max_deliveries(&consumer, &spec);
+            watched.active();
             match filter.pulled(msg.subject.as_str(), &stream, || stream_sequence(&msg)) {
                 Pulled::Take => {
-                    brought.push(HeldMessage::of(msg, &held, &plugin, max_deliveries));
+                    brought.push(HeldMessage::of(msg, &held, &plugin, &watched));
                     if !brought.queue_now(&intake) {
                         return;
                     }
@@ -446,7 +460,7 @@ pub async fn pump(js: jetstream::Context, spec: SharedSpec, mut consumer: PullCo
                 // Its last delivery: given back once more, JetStream would drop it unrun. One only
                 // the patterns this host's change left name, stored after the change, is no
                 // plugin version's: acked unrun, as the narrowed consumer would pass over it.
-                Pulled::NoLongerTaken if last_delivery(&msg, max_deliveries) => {
+                Pulled::NoLongerTaken if last_delivery(&msg, watched.max_deliveries()) => {
                     tracing::debug!(plugin = %plugin, stream = %stream, subject = %msg.subject,
                         "a message only the patterns the plugin left name, stored after the change, given back until \
                          its last delivery: settled unrun");
@@ -454,8 +468,8 @@ pub async fn pump(js: jetstream::Context, spec: SharedSpec, mut consumer: PullCo
                         tracing::debug!(plugin = %plugin, "settling a message the plugin does not take here: {e}");
                     }
                 }
-                Pulled::AnotherVersions if last_delivery(&msg, max_deliveries) => {
-                    let mut delivery = HeldMessage::of(msg, &held, &plugin, max_deliveries).delivery();
+                Pulled::AnotherVersions if last_delivery(&msg, watched.max_deliveries()) => {
+                    let mut delivery = HeldMessage::of(msg, &held, &plugin, &watched).delivery();
                     delivery.defect = Some(crate::fate::DeliveryError::Unclaimed(UNCLAIMED.into()));
                     brought.push_delivery(delivery);
                     if !brought.queue_now(&intake) {
@@ -494,8 +508,7 @@ pub async fn pump(js: jetstream::Context, spec: SharedSpec, mut consumer: PullCo
                         tracing::warn!(plugin = %plugin, stream = %stream, subject = %msg.subject,
                             bytes = msg.message.length, pull_bytes = batch.bytes,
                             "the consumer waited behind a message larger than a pull takes; taken alone");
-                        let max_deliveries = max_deliveries(&consumer, &spec);
-                        brought.push(HeldMessage::of(msg, &held, &plugin, max_deliveries));
+                        brought.push(HeldMessage::of(msg, &held, &plugin, &watched));
                         if !brought.queue_all(&intake).await {
                             return;
                         }
@@ -518,7 +531,7 @@ pub async fn pump(js: jetstream::Context, spec: SharedSpec, mut consumer: PullCo
         }
         if failed {
             tokio::time::sleep(Duration::from_millis(250)).await;
-            match reopen(&js, &current(), settled).await {
+            match reopen(&js, &current(), watched.settled()).await {
                 Ok(c) => consumer = c,
                 Err(e) => tracing::warn!(plugin = %plugin, "{e}"),
             }
@@ -539,35 +552,10 @@ fn stream_sequence(msg: &jetstream::Message) -> Option<u64> {
     msg.info().ok().map(|info| info.stream_sequence)
 }
 
-/// Whether `msg` comes for the last time (`max_deliveries`: see [`max_deliveries`]): JetStream
-/// drops it once given back now.
+/// Whether `msg` comes for the last time (the consumer delivers a message `max_deliveries` times,
+/// `watched.rs`): JetStream drops it once given back now.
 fn last_delivery(msg: &jetstream::Message, max_deliveries: u32) -> bool {
     msg.info().is_ok_and(|info| info.delivered >= i64::from(max_deliveries))
-}
-
-/// How many times the consumer delivers a message: its `max_deliver` as the server last said
-/// (every host of the plugin shares the consumer, and the last to make it, perhaps another
-/// version with another `retry.max_attempts`, or an operator, set it), or this host's own when
-/// it sets none (unlimited: this host dead-letters at `retry.max_attempts` anyway).
-fn max_deliveries(consumer: &PullConsumer, spec: &SharedSpec) -> u32 {
-    match u32::try_from(consumer.cached_info().config.max_deliver) {
-        Ok(max) if max > 0 => max,
-        _ => spec.read().expect("spec poisoned").durability.give_up_after.max(1),
-    }
-}
-
-/// Reads the consumer's info again when the last look is a second old: its ack floor (`settled`:
-/// where one deleted underneath is made again from) and its `max_deliver` (which delivery is a
-/// message's last, [`max_deliveries`]). A look that fails, or takes over a second (messages
-/// wait unread meanwhile), keeps what was seen.
-async fn look_again(consumer: &mut PullConsumer, settled: &mut u64, looked_at: &mut Instant) {
-    if looked_at.elapsed() < Duration::from_secs(1) {
-        return;
-    }
-    *looked_at = Instant::now();
-    if let Ok(Ok(info)) = tokio::time::timeout(Duration::from_secs(1), consumer.info()).await {
-        *settled = info.ack_floor.stream_sequence;
-    }
 }
 
 /// How long a pump that gave back another version's message waits before its next pull.
@@ -680,14 +668,15 @@ pub struct HeldMessage {
     acker: Box<JsAcker>,
     attempt: u32,
     /// [`Delivery::max_deliveries`].
-    max_deliveries: u32,
+    max_deliveries: Arc<std::sync::atomic::AtomicU32>,
     /// A message that names no id is known by its place in the stream: the same on redelivery.
     fallback_id: Option<String>,
 }
 
 impl HeldMessage {
-    /// Holds `msg` in `held` now; the consumer delivers it at most `max_deliveries` times.
-    fn of(msg: jetstream::Message, held: &Arc<Held>, plugin: &Arc<str>, max_deliveries: u32) -> Self {
+    /// Holds `msg` in `held` now; `watched` says how many times the consumer delivers it.
+    fn of(msg: jetstream::Message, held: &Arc<Held>, plugin: &Arc<str>, watched: &super::watched::Watched) -> Self {
+        let max_deliveries = watched.max_deliveries_cell();
         let info = msg.info().ok();
         let attempt = info.as_ref().map_or(1, |i| i.delivered.max(1) as u32);
         let fallback_id = info.as_ref().map(|i| format!("{}-{}", i.stream, i.stream_sequence));
@@ -728,7 +717,14 @@ impl HeldMessage {
 
 #[cfg(test)]
 mod tests {
-    use super::{Batch, ConsumerSpec, PullEnd};
+    use super::{Batch, ConsumerSpec, PullEnd, kept_max_deliver};
+
+    #[test]
+    fn a_consumer_made_again_never_lowers_its_max_deliver() {
+        assert_eq!(kept_max_deliver(4, 8), 8);
+        assert_eq!(kept_max_deliver(20, 8), 20, "another host's higher bound is kept");
+        assert_eq!((kept_max_deliver(-1, 8), kept_max_deliver(0, 8)), (-1, 0), "no bound stays none");
+    }
     use crate::backend::nats::budget::Room;
     use crate::transport::Durability;
     use std::time::Duration;

@@ -24,6 +24,7 @@ mod queue_group;
 mod replay_claims;
 mod streams;
 mod tails;
+mod watched;
 pub mod wire;
 
 use crate::deadletter::headers::DATA_OMITTED;
@@ -137,7 +138,7 @@ impl Default for NatsSettings {
 }
 
 /// Aborts a task when dropped.
-struct Task(JoinHandle<()>);
+pub(super) struct Task(pub(super) JoinHandle<()>);
 
 impl Drop for Task {
     fn drop(&mut self) {

@@ -1,0 +1,127 @@
+//! What a JetStream pump knows of its consumer as the server has it now: its ack floor and its
+//! `max_deliver`, looked at again by a task of the pump's own ([`watch`]) about once a second
+//! while the pump has messages out or had one within the last 10 s, and at once when a message
+//! comes after a quiet while. No pull and no message waits on a look (a server slow to answer
+//! info requests would otherwise stall every message, and the messages read late would outlive
+//! their `ack_wait`), and an idle plugin costs no request.
+//!
+//! Every host of a plugin shares its consumer, and a host of another version (another
+//! `retry.max_attempts`) or an operator may have set its `max_deliver` lower than this host would
+//! ([`super::consumer::ensure`] never lowers it): a message given back at its last delivery is
+//! dropped by JetStream unrun. So each delivery carries the shared cell
+//! ([`crate::transport::Delivery::max_deliveries`]) and reads it when it decides, not when it was
+//! pulled.
+
+use super::consumer::{Held, SharedSpec};
+use async_nats::jetstream::consumer::{Info, PullConsumer};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How often the consumer is looked at while the pump is busy.
+const EVERY: Duration = Duration::from_secs(1);
+/// How long a look may take before it is given up (the last values stand).
+const LOOK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long after its last message a pump with nothing out is still looked after.
+const ACTIVE_FOR: Duration = Duration::from_secs(10);
+
+/// The consumer as last seen.
+pub struct Watched {
+    /// Its ack floor (stream sequence): where one deleted underneath is made again from.
+    settled: AtomicU64,
+    /// How many times it delivers a message ([`bound`]), shared with the deliveries.
+    max_deliveries: Arc<AtomicU32>,
+    /// When the pump last got a message.
+    active_at: Mutex<Instant>,
+    /// Wakes the watcher when a message comes after a quiet while.
+    woken: tokio::sync::Notify,
+}
+
+impl Watched {
+    /// What `info` (the consumer as made or opened) says; `fallback` is this host's own bound.
+    pub fn new(info: &Info, fallback: u32) -> Arc<Self> {
+        Arc::new(Self {
+            settled: AtomicU64::new(info.ack_floor.stream_sequence),
+            max_deliveries: Arc::new(AtomicU32::new(bound(info.config.max_deliver, fallback))),
+            active_at: Mutex::new(Instant::now()),
+            woken: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// The ack floor as last seen.
+    pub fn settled(&self) -> u64 {
+        self.settled.load(Relaxed)
+    }
+
+    /// How many times the consumer delivers a message, as last seen.
+    pub fn max_deliveries(&self) -> u32 {
+        self.max_deliveries.load(Relaxed)
+    }
+
+    /// The cell a delivery reads its bound from when it decides.
+    pub fn max_deliveries_cell(&self) -> Arc<AtomicU32> {
+        self.max_deliveries.clone()
+    }
+
+    /// The pump got a message: the consumer is looked after for [`ACTIVE_FOR`] more, and looked
+    /// at now when it was not.
+    pub fn active(&self) {
+        let mut at = self.active_at.lock().expect("watched poisoned");
+        if at.elapsed() >= ACTIVE_FOR {
+            self.woken.notify_one();
+        }
+        *at = Instant::now();
+    }
+
+    fn idle(&self) -> bool {
+        self.active_at.lock().expect("watched poisoned").elapsed() >= ACTIVE_FOR
+    }
+
+    fn update(&self, info: &Info, fallback: u32) {
+        self.settled.store(info.ack_floor.stream_sequence, Relaxed);
+        self.max_deliveries.store(bound(info.config.max_deliver, fallback), Relaxed);
+    }
+}
+
+/// The deliveries a consumer whose `max_deliver` is `max_deliver` makes of a message: it, or
+/// `fallback` (this host's own, `retry.max_attempts` doubled) when it sets none (0 or -1:
+/// unlimited; this host dead-letters at its `retry.max_attempts` anyway).
+pub fn bound(max_deliver: i64, fallback: u32) -> u32 {
+    match u32::try_from(max_deliver) {
+        Ok(max) if max > 0 => max,
+        _ => fallback.max(1),
+    }
+}
+
+/// Looks at `consumer` again every [`EVERY`] while `held` holds a message of the pump's or the
+/// pump had one within [`ACTIVE_FOR`], and when woken ([`Watched::active`]), into `watched`. Runs
+/// until aborted (with its pump).
+pub async fn watch(mut consumer: PullConsumer, watched: Arc<Watched>, held: Arc<Held>, spec: SharedSpec) {
+    loop {
+        let woken = tokio::select! {
+            () = tokio::time::sleep(EVERY) => false,
+            () = watched.woken.notified() => true,
+        };
+        if !woken && held.is_empty() && watched.idle() {
+            continue;
+        }
+        if let Ok(Ok(info)) = tokio::time::timeout(LOOK_TIMEOUT, consumer.info()).await {
+            let fallback = spec.read().expect("spec poisoned").durability.give_up_after;
+            watched.update(info, fallback);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bound;
+
+    #[test]
+    fn a_consumer_without_a_bound_is_taken_at_this_hosts_own() {
+        assert_eq!(bound(2, 8), 2);
+        assert_eq!(bound(20, 8), 20);
+        assert_eq!((bound(0, 8), bound(-1, 8)), (8, 8));
+        assert_eq!(bound(i64::MAX, 8), 8, "past u32: none this host can count to");
+        assert_eq!(bound(-1, 0), 1);
+    }
+}
