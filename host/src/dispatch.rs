@@ -469,12 +469,7 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
             tracing::warn!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempt = delivery.attempt,
                 "dead-lettered before and delivered again (its dead letter's publish failed or was not \
                  confirmed): not run again; its dead letter is published again");
-            let published = publish_dead_letter(rt, &ev.id, dead, in_file).await.is_ok();
-            match fate::settle_dead_letter(published, delivery.redeliverable, delivery.attempt, &rt.retry) {
-                Settle::Term => delivery.acker.term().await,
-                Settle::Nak(wait) => delivery.acker.nak(wait).await,
-                Settle::Ack => delivery.acker.ack().await,
-            }
+            publish_dead_letter_and_settle(rt, &delivery, Some((dead, in_file)), delivery.attempt).await;
             Outcome::DeadLetteredBefore { attempt: delivery.attempt }
         }
         None => match delivery.handled.clone() {
@@ -530,21 +525,57 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
             counters.dead_lettered.inc();
             rt.stats.add(|c| &c.dead_lettered, 1);
             rt.stats.window.mark(Mark::DeadLettered);
-            let kept = match dead {
-                Some((dead, kept_whole)) => publish_dead_letter(rt, &ev.id, dead, kept_whole).await.is_ok(),
-                None => true,
-            };
-            match fate::settle_dead_letter(kept, delivery.redeliverable, *attempts, &rt.retry) {
-                Settle::Term => delivery.acker.term().await,
-                Settle::Nak(wait) => delivery.acker.nak(wait).await,
-                Settle::Ack => delivery.acker.ack().await,
-            }
+            publish_dead_letter_and_settle(rt, &delivery, dead, *attempts).await;
         }
     }
     if !span.is_none() {
         record_outcome(&span, &outcome);
     }
     outcome
+}
+
+/// Publishes the dead letter of `delivery` (kept here: `dead`, with whether the store kept it
+/// whole; `None`, nothing to publish) and settles the delivery as [`fate::settle_dead_letter`]
+/// decides: `term` once the broker took it; given back (`nak`) when it did not and the event comes
+/// again (delivered again, it is not run: its dead letter is published again); held when it would
+/// not (its last delivery: given back, the broker would drop it unrun), the dead letter published
+/// again (1 s doubling to 30 s) until it is taken, then `term`. A stop meanwhile leaves it
+/// unsettled, as a crash would; the dead letter stays kept here either way.
+async fn publish_dead_letter_and_settle(
+    rt: &PluginRuntime,
+    delivery: &Delivery,
+    dead: Option<(Event, bool)>,
+    attempts: u32,
+) {
+    let ev = &delivery.event;
+    let kept = match &dead {
+        Some((dead, kept_whole)) => publish_dead_letter(rt, &ev.id, dead.clone(), *kept_whole).await.is_ok(),
+        None => true,
+    };
+    let comes_again = may_come_again(rt, delivery);
+    match fate::settle_dead_letter(kept, delivery.redeliverable, comes_again, attempts, &rt.retry) {
+        Settle::Term => delivery.acker.term().await,
+        Settle::Nak(wait) => delivery.acker.nak(wait).await,
+        Settle::Ack => delivery.acker.ack().await,
+        Settle::HoldUntilDeadLettered => {
+            let Some((dead, kept_whole)) = dead else { return delivery.acker.term().await };
+            tracing::error!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempt = delivery.attempt,
+                "its dead letter was not taken, and the event is at its last delivery (given back, the broker would \
+                 drop it): the event is held (kept alive, not settled) and its dead letter published again until \
+                 it is taken");
+            let _holding = rt.metrics.holding();
+            let mut wait = HOLD_WAIT_FIRST;
+            loop {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(HOLD_WAIT_MAX);
+                if publish_dead_letter(rt, &ev.id, dead.clone(), kept_whole).await.is_ok() {
+                    tracing::info!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id,
+                        "a held event's dead letter is published");
+                    return delivery.acker.term().await;
+                }
+            }
+        }
+    }
 }
 
 /// Runs attempts from `first`; when the delivery is dead-lettered after a handler failure,

@@ -189,14 +189,26 @@ pub enum Settle {
     Nak(Duration),
     /// Never deliver again (dead-lettered, or a dead letter that failed).
     Term,
+    /// Keep it here, unsettled and kept alive, until its dead letter is taken, then `term`: the
+    /// transport would not deliver it again.
+    HoldUntilDeadLettered,
 }
 
 /// How a dead-lettered delivery is settled: `term` once the dead letter is kept; when the
-/// transport did not take it, a redelivering transport gets it back (`nak`) rather than lose it.
-pub fn settle_dead_letter(kept: bool, redeliverable: bool, attempts: u32, policy: &RetryPolicy) -> Settle {
-    match (kept, redeliverable) {
-        (true, _) | (false, false) => Settle::Term,
-        (false, true) => Settle::Nak(policy.backoff(attempts.max(1))),
+/// transport did not take it, a redelivering transport gets it back (`nak`) rather than lose it,
+/// or, at its last delivery (`comes_again` false: given back, the transport would drop it), the
+/// delivery is held until the dead letter is taken.
+pub fn settle_dead_letter(
+    kept: bool,
+    redeliverable: bool,
+    comes_again: bool,
+    attempts: u32,
+    policy: &RetryPolicy,
+) -> Settle {
+    match (kept, redeliverable, comes_again) {
+        (true, _, _) | (false, false, _) => Settle::Term,
+        (false, true, true) => Settle::Nak(policy.backoff(attempts.max(1))),
+        (false, true, false) => Settle::HoldUntilDeadLettered,
     }
 }
 
@@ -311,8 +323,10 @@ mod tests {
 
     #[test]
     fn a_dead_letter_the_bus_did_not_take_comes_back_when_the_transport_can_redeliver() {
-        assert_eq!(settle_dead_letter(true, true, 3, &policy()), Settle::Term);
-        assert_eq!(settle_dead_letter(false, false, 3, &policy()), Settle::Term);
-        assert!(matches!(settle_dead_letter(false, true, 3, &policy()), Settle::Nak(_)));
+        assert_eq!(settle_dead_letter(true, true, true, 3, &policy()), Settle::Term);
+        assert_eq!(settle_dead_letter(true, true, false, 3, &policy()), Settle::Term);
+        assert_eq!(settle_dead_letter(false, false, false, 3, &policy()), Settle::Term);
+        assert!(matches!(settle_dead_letter(false, true, true, 3, &policy()), Settle::Nak(_)));
+        assert_eq!(settle_dead_letter(false, true, false, 3, &policy()), Settle::HoldUntilDeadLettered);
     }
 }

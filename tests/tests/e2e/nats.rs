@@ -909,8 +909,12 @@ async fn faulty_dead_lettering_into_a_full_stream(server: &NatsServer, js: &jets
     .await
 }
 
+/// A dead letter the broker cannot keep gives its input back (`nak`) while it comes again; at its
+/// last delivery (`max_deliver` 6 here) it is held instead, kept alive and unsettled, and the dead
+/// letter published again until the broker takes it (given back then, JetStream would drop it
+/// unrun, the dead letter only in this host's store). The handler runs once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jetstream_a_dead_letter_that_cannot_be_kept_naks_the_input_until_max_deliver() {
+async fn jetstream_a_dead_letter_that_cannot_be_kept_naks_the_input_then_holds_its_last_delivery() {
     let server = NatsServer::start().await;
     let client = server.client().await;
     let js = jetstream::new(client.clone());
@@ -919,22 +923,28 @@ async fn jetstream_a_dead_letter_that_cannot_be_kept_naks_the_input_until_max_de
     assert_eq!(consumer_on(&js, "faulty.reject").await.config.max_deliver, 6);
     t.publish("faulty.reject", "poison").await;
 
-    // rejected at once every time, yet it comes back: each delivery was `nak`ed, not lost ...
-    let (maxed, before) = advisories.next("MAX_DELIVERIES", Duration::from_secs(20)).await;
-    assert_eq!(maxed["deliveries"], 6, "{maxed}");
-    assert!(before.get("MSG_NAKED").copied().unwrap_or(0) >= 5, "the deliveries were not naked: {before:?}");
-    assert_eq!(before.get("MSG_TERMINATED"), None, "the input was termed although its dead letter was not kept");
+    // rejected at once every time, yet it comes back: each delivery but the last was `nak`ed ...
     t.wait_counter("faulty", "received", 6).await;
-    // ... until JetStream's max_deliver backstop: no 7th delivery
+    eventually("the last delivery held", || t.counter("faulty", "held") == 1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(t.counter("faulty", "received"), 6);
+    assert_eq!(t.counter("faulty", "received"), 6, "delivered past max_deliver");
     assert_eq!(t.counter("faulty", "ok"), 0);
     // Run once: each redelivery publishes its dead letter again (a handler run again could
     // succeed and leave its dead letter behind, for a replay to run it twice).
     assert_eq!(t.counter("faulty", "attempts"), 1, "dead-lettered, then run again");
-    let dead = js.get_stream("DEAD").await.unwrap().info().await.unwrap().state.messages;
-    assert_eq!(dead, 1, "the full stream took a dead letter after all");
-    // the host still keeps what it could not publish, for a replay
+    let info = consumer_on(&js, "faulty.reject").await;
+    assert_eq!((info.num_ack_pending, info.ack_floor.stream_sequence), (1, 0), "the last delivery settled: {info:?}");
+    // ... and the last is held, not given back for JetStream to drop: room again, its dead letter
+    // is taken and the input `term`ed.
+    let mut dead = js.get_stream("DEAD").await.unwrap();
+    dead.purge().await.unwrap();
+    let (termed, before) = advisories.next("MSG_TERMINATED", Duration::from_secs(20)).await;
+    assert_eq!(termed["deliveries"], 6, "{termed}");
+    assert!(before.get("MSG_NAKED").copied().unwrap_or(0) >= 5, "the deliveries were not naked: {before:?}");
+    assert_eq!(before.get("MAX_DELIVERIES"), None, "given back at its last delivery: {before:?}");
+    assert_eq!(dead.info().await.unwrap().state.messages, 1, "the dead letter, once");
+    eventually("the hold ended", || t.counter("faulty", "held") == 0).await;
+    // the host still keeps its copy, for a replay
     assert!(!t.host.dead_letters().list(Some("faulty")).is_empty());
 }
 
