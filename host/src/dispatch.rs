@@ -539,8 +539,10 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
 /// decides: `term` once the broker took it; given back (`nak`) when it did not and the event comes
 /// again (delivered again, it is not run: its dead letter is published again); held when it would
 /// not (its last delivery: given back, the broker would drop it unrun), the dead letter published
-/// again (1 s doubling to 30 s) until it is taken, then `term`. A stop meanwhile leaves it
-/// unsettled, as a crash would; the dead letter stays kept here either way.
+/// again (1 s doubling to 30 s) until it is taken, then `term`. The plugin leaving this host
+/// (removed, or a stop after its drain) ends the hold: the event is left unsettled at its last
+/// delivery, and the broker drops it after its ack wait, as a crash would leave it; the dead
+/// letter stays kept here either way.
 async fn publish_dead_letter_and_settle(
     rt: &PluginRuntime,
     delivery: &Delivery,
@@ -564,9 +566,19 @@ async fn publish_dead_letter_and_settle(
                  drop it): the event is held (kept alive, not settled) and its dead letter published again until \
                  it is taken");
             let _holding = rt.metrics.holding();
+            let mut leaving = rt.leaving.subscribe();
             let mut wait = HOLD_WAIT_FIRST;
             loop {
-                tokio::time::sleep(wait).await;
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = leaving.wait_for(|&left| left) => {
+                        rt.metrics.deliveries_left.inc();
+                        tracing::warn!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id,
+                            "the plugin left this host while its event was held for its dead letter: left unsettled \
+                             at its last delivery, the broker drops it; its dead letter stays kept here");
+                        return;
+                    }
+                }
                 wait = (wait * 2).min(HOLD_WAIT_MAX);
                 if publish_dead_letter(rt, &ev.id, dead.clone(), kept_whole).await.is_ok() {
                     tracing::info!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id,
@@ -850,7 +862,8 @@ async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Arc<Event>
 /// the event should it never come again (gone from its stream by `max_age` or a limit). One try
 /// each, none retried, held or dead-lettered (the plugin is leaving; and a dead letter kept now
 /// could push the held output's own out of the store, the copy that let the delivery be left): the
-/// first refused ends it, and the rest wait for the run again, as after a crash. The run again
+/// first refused ends it, as does [`LEAVING_PUBLISH_MAX`], and the rest wait for the run again, as
+/// after a crash. The run again
 /// publishes them again (JetStream drops those within its duplicate window; on a subject no
 /// stream keeps they arrive twice), after the held one.
 async fn publish_while_taken(
@@ -859,17 +872,31 @@ async fn publish_while_taken(
     outputs: impl Iterator<Item = Arc<Event>>,
     release: &Release,
 ) {
-    for out in outputs {
-        if let Err(e) = rt.transport.publish_output(out.clone()).await {
-            tracing::warn!(plugin = %rt.name, subject = %out.subject, event_id = %out.id, caused_by = %ev.id,
-                "an output after the held one, not published as its delivery is left (the run again publishes it): {e}");
-            return;
+    let publishing = async {
+        for out in outputs {
+            if let Err(e) = rt.transport.publish_output(out.clone()).await {
+                tracing::warn!(plugin = %rt.name, subject = %out.subject, event_id = %out.id, caused_by = %ev.id,
+                    "an output after the held one, not published as its delivery is left (the run again publishes \
+                     it): {e}");
+                return;
+            }
+            if release.redelivered {
+                let_go_of_its_dead_letter(rt, ev, &out).await;
+            }
         }
-        if release.redelivered {
-            let_go_of_its_dead_letter(rt, ev, &out).await;
-        }
+    };
+    // A broker slow to answer keeps the leave no longer than this (what was not taken by then
+    // waits for the run again).
+    if tokio::time::timeout(LEAVING_PUBLISH_MAX, publishing).await.is_err() {
+        tracing::warn!(plugin = %rt.name, event_id = %ev.id,
+            "the outputs after a held one, published as its delivery is left: the broker took too long; the rest wait \
+             for the run again");
     }
 }
+
+/// How long the outputs after a held one may take to be published as its delivery is left
+/// ([`publish_while_taken`]).
+const LEAVING_PUBLISH_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What became of one output ([`release_output`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

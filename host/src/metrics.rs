@@ -118,8 +118,8 @@ pub struct Metrics {
     pub replays_let_go: Family<PluginLabels, Counter>,
     /// Failed attempts of a plugin that the host failed, not the handler.
     pub host_failures: Family<PluginLabels, Counter>,
-    /// Deliveries held now: an output and its dead letter both refused by the transport
-    /// ([`PluginMetrics::holding`]).
+    /// Deliveries held now: an output and its dead letter both refused by the transport, or, at an
+    /// event's last delivery, its own dead letter refused ([`PluginMetrics::holding`]).
     pub deliveries_held: Family<PluginLabels, Gauge>,
     /// Held deliveries (and the later events of their key) left unsettled as their plugin left.
     pub deliveries_left: Family<PluginLabels, Counter>,

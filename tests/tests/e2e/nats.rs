@@ -892,16 +892,7 @@ async fn jetstream_a_dead_letter_is_kept_in_the_plugbus_dlq_stream_and_its_input
 /// `dead.faulty`, captured by a stream that is full and refuses more: a dead letter cannot be
 /// kept on the broker.
 async fn faulty_dead_lettering_into_a_full_stream(server: &NatsServer, js: &jetstream::Context) -> TestHost {
-    js.create_stream(jetstream::stream::Config {
-        name: "DEAD".into(),
-        subjects: vec!["dead.faulty".into()],
-        max_messages: 1,
-        discard: jetstream::stream::DiscardPolicy::New,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    js.publish("dead.faulty", "filler".into()).await.unwrap().await.unwrap();
+    full_stream(js, "DEAD", "dead.faulty", "dead.faulty").await;
     TestHost::start_on(&Bus::JetStream(server), &["faulty"], |c| {
         plugbus_tests::fast_retries(c);
         c.plugins.entry("faulty".into()).or_default().dead_letter = Some("dead.faulty".into());
@@ -946,6 +937,35 @@ async fn jetstream_a_dead_letter_that_cannot_be_kept_naks_the_input_then_holds_i
     eventually("the hold ended", || t.counter("faulty", "held") == 0).await;
     // the host still keeps its copy, for a replay
     assert!(!t.host.dead_letters().list(Some("faulty")).is_empty());
+}
+
+/// The hold of a last delivery whose dead letter the broker refuses ends when its plugin leaves
+/// this host (review 54b M1: it kept its slot, and a stop waited 5 s on each such plugin): the
+/// event is left unsettled, counted as left, never `term`ed; its dead letter stays kept here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_last_delivery_held_for_its_dead_letter_is_left_when_its_plugin_leaves() {
+    let server = NatsServer::start().await;
+    let client = server.client().await;
+    let js = jetstream::new(client.clone());
+    let mut advisories = Advisories::watch(&client).await;
+    let t = faulty_dead_lettering_into_a_full_stream(&server, &js).await;
+    t.publish("faulty.reject", "poison").await;
+    eventually("the last delivery held", || t.counter("faulty", "held") == 1).await;
+    std::fs::remove_file(t.dir.path().join("faulty.wasm")).unwrap();
+    eventually("faulty removed", || !t.host.router().contains("faulty")).await;
+    plugbus_tests::eventually_async("the hold ended, counted as left", Duration::from_secs(10), || async {
+        let text = metrics_text(&t.url()).await;
+        sample(&text, r#"plugbus_deliveries_left_total{plugin="faulty"}"#) == Some(1.0)
+            && sample(&text, r#"plugbus_deliveries_held{plugin="faulty"}"#) == Some(0.0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let info = consumer_on(&js, "faulty.reject").await;
+    assert_eq!((info.num_ack_pending, info.ack_floor.stream_sequence), (1, 0), "settled: {info:?}");
+    let terminated =
+        tokio::time::timeout(Duration::from_millis(200), advisories.next("MSG_TERMINATED", Duration::from_secs(1)));
+    assert!(terminated.await.is_err(), "termed though its dead letter was not taken");
+    assert!(!t.host.dead_letters().list(Some("faulty")).is_empty(), "its dead letter is kept here");
 }
 
 /// The attack (review 48d H1): a broker outage, or the output's stream and the dead letters'
@@ -1004,18 +1024,23 @@ async fn jetstream_an_output_neither_published_nor_dead_lettered_leaves_its_inpu
 /// Streams `ECHO` (echo's outputs) and `DEAD` (its dead letters, `dead.echo`), each full: one
 /// message at most, `discard: new`, and one there already.
 async fn full_output_and_dead_letter_streams(js: &jetstream::Context) {
-    for (name, subject, filler) in [("ECHO", "echo.>", "echo.filler"), ("DEAD", "dead.echo", "dead.echo")] {
-        js.create_stream(jetstream::stream::Config {
-            name: name.into(),
-            subjects: vec![subject.into()],
-            max_messages: 1,
-            discard: jetstream::stream::DiscardPolicy::New,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        js.publish(filler, "filler".into()).await.unwrap().await.unwrap();
-    }
+    full_stream(js, "ECHO", "echo.>", "echo.filler").await;
+    full_stream(js, "DEAD", "dead.echo", "dead.echo").await;
+}
+
+/// A stream `name` of `subject` that is full: one message at most, `discard: new`, and one
+/// (published to `filler`) there already.
+async fn full_stream(js: &jetstream::Context, name: &str, subject: &str, filler: &str) {
+    js.create_stream(jetstream::stream::Config {
+        name: name.into(),
+        subjects: vec![subject.into()],
+        max_messages: 1,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js.publish(filler.to_string(), "filler".into()).await.unwrap().await.unwrap();
 }
 
 /// [`full_output_and_dead_letter_streams`] made on `server`, and a host running `component` (as
@@ -1260,18 +1285,8 @@ async fn jetstream_the_outputs_after_a_held_one_go_out_when_its_delivery_is_left
     let client = server.client().await;
     let js = jetstream::new(client.clone());
     // The first output's stream and the dead letters' are full: the delivery is held there.
-    for (name, subject) in [("FIRST", "faulty.out.pair.first"), ("DEAD", "dead.faulty")] {
-        js.create_stream(jetstream::stream::Config {
-            name: name.into(),
-            subjects: vec![subject.into()],
-            max_messages: 1,
-            discard: jetstream::stream::DiscardPolicy::New,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        js.publish(subject, "filler".into()).await.unwrap().await.unwrap();
-    }
+    full_stream(&js, "FIRST", "faulty.out.pair.first", "faulty.out.pair.first").await;
+    full_stream(&js, "DEAD", "dead.faulty", "dead.faulty").await;
     // The second output goes to a subject no stream captures: core NATS.
     let mut second = client.subscribe("faulty.out.pair.second").await.unwrap();
     client.flush().await.unwrap();

@@ -39,11 +39,6 @@ impl Held {
         self.items.lock().expect("held poisoned").remove(&token);
     }
 
-    /// Whether no message is held.
-    pub fn is_empty(&self) -> bool {
-        self.items.lock().expect("held poisoned").is_empty()
-    }
-
     /// Sends `in-progress` for every message held longer than `after`, every `after`.
     pub async fn keep_alive(self: Arc<Self>, client: Client, after: Duration) {
         let mut tick = tokio::time::interval(after);
@@ -66,6 +61,8 @@ struct JsAcker {
     held: Arc<Held>,
     token: u64,
     plugin: Arc<str>,
+    /// Counts it among its pump's messages out until it is dropped (`watched.rs`).
+    _out: super::watched::Out,
 }
 
 impl JsAcker {
@@ -311,8 +308,7 @@ pub async fn pump(js: jetstream::Context, spec: SharedSpec, mut consumer: PullCo
         let fallback = spec.read().expect("spec poisoned").durability.give_up_after;
         super::watched::Watched::new(consumer.cached_info(), fallback)
     };
-    let _watching =
-        super::Task(tokio::spawn(super::watched::watch(consumer.clone(), watched.clone(), held.clone(), spec.clone())));
+    let _watching = super::Task(tokio::spawn(super::watched::watch(consumer.clone(), watched.clone(), spec.clone())));
     // Kept across pulls: what a pull brings after its status is read, not dropped.
     let mut inbox: Option<Inbox> = None;
     // A pull given up with no status (past `lost_at`): the server is answered once before the
@@ -675,7 +671,12 @@ pub struct HeldMessage {
 
 impl HeldMessage {
     /// Holds `msg` in `held` now; `watched` says how many times the consumer delivers it.
-    fn of(msg: jetstream::Message, held: &Arc<Held>, plugin: &Arc<str>, watched: &super::watched::Watched) -> Self {
+    fn of(
+        msg: jetstream::Message,
+        held: &Arc<Held>,
+        plugin: &Arc<str>,
+        watched: &Arc<super::watched::Watched>,
+    ) -> Self {
         let max_deliveries = watched.max_deliveries_cell();
         let info = msg.info().ok();
         let attempt = info.as_ref().map_or(1, |i| i.delivered.max(1) as u32);
@@ -684,7 +685,7 @@ impl HeldMessage {
         let reply = msg.message.reply.clone();
         let (message, acker) = msg.split();
         let token = held.hold(reply);
-        let acker = Box::new(JsAcker { acker, held: held.clone(), token, plugin: plugin.clone() });
+        let acker = Box::new(JsAcker { acker, held: held.clone(), token, plugin: plugin.clone(), _out: watched.out() });
         Self { message, acker, attempt, max_deliveries, fallback_id }
     }
 

@@ -1,9 +1,10 @@
 //! What a JetStream pump knows of its consumer as the server has it now: its ack floor and its
 //! `max_deliver`, looked at again by a task of the pump's own ([`watch`]) about once a second
-//! while the pump has messages out or had one within the last 10 s, and at once when a message
-//! comes after a quiet while. No pull and no message waits on a look (a server slow to answer
-//! info requests would otherwise stall every message, and the messages read late would outlive
-//! their `ack_wait`), and an idle plugin costs no request.
+//! while the pump has messages out (not yet settled) or had one within the last 10 s, at once when
+//! a message comes after a quiet while, and every 5 s otherwise (what the pump's own look before
+//! each pull cost an idle plugin before). No pull and no message waits on a look (a server slow to
+//! answer info requests would otherwise stall every message, and the messages read late would
+//! outlive their `ack_wait`).
 //!
 //! Every host of a plugin shares its consumer, and a host of another version (another
 //! `retry.max_attempts`) or an operator may have set its `max_deliver` lower than this host would
@@ -12,7 +13,7 @@
 //! ([`crate::transport::Delivery::max_deliveries`]) and reads it when it decides, not when it was
 //! pulled.
 
-use super::consumer::{Held, SharedSpec};
+use super::consumer::SharedSpec;
 use async_nats::jetstream::consumer::{Info, PullConsumer};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,8 @@ use std::time::{Duration, Instant};
 
 /// How often the consumer is looked at while the pump is busy.
 const EVERY: Duration = Duration::from_secs(1);
+/// How often the consumer is looked at while the pump is idle.
+const IDLE_EVERY: Duration = Duration::from_secs(5);
 /// How long a look may take before it is given up (the last values stand).
 const LOOK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long after its last message a pump with nothing out is still looked after.
@@ -33,6 +36,8 @@ pub struct Watched {
     max_deliveries: Arc<AtomicU32>,
     /// When the pump last got a message.
     active_at: Mutex<Instant>,
+    /// The pump's messages not settled yet (their ackers not dropped).
+    out: AtomicU64,
     /// Wakes the watcher when a message comes after a quiet while.
     woken: tokio::sync::Notify,
 }
@@ -44,6 +49,7 @@ impl Watched {
             settled: AtomicU64::new(info.ack_floor.stream_sequence),
             max_deliveries: Arc::new(AtomicU32::new(bound(info.config.max_deliver, fallback))),
             active_at: Mutex::new(Instant::now()),
+            out: AtomicU64::new(0),
             woken: tokio::sync::Notify::new(),
         })
     }
@@ -73,13 +79,28 @@ impl Watched {
         *at = Instant::now();
     }
 
+    /// One of the pump's messages is out until the guard is dropped (its acker, with it).
+    pub fn out(self: &Arc<Self>) -> Out {
+        self.out.fetch_add(1, Relaxed);
+        Out(self.clone())
+    }
+
     fn idle(&self) -> bool {
-        self.active_at.lock().expect("watched poisoned").elapsed() >= ACTIVE_FOR
+        self.out.load(Relaxed) == 0 && self.active_at.lock().expect("watched poisoned").elapsed() >= ACTIVE_FOR
     }
 
     fn update(&self, info: &Info, fallback: u32) {
         self.settled.store(info.ack_floor.stream_sequence, Relaxed);
         self.max_deliveries.store(bound(info.config.max_deliver, fallback), Relaxed);
+    }
+}
+
+/// A message of the pump's not settled yet ([`Watched::out`]).
+pub struct Out(Arc<Watched>);
+
+impl Drop for Out {
+    fn drop(&mut self) {
+        self.0.out.fetch_sub(1, Relaxed);
     }
 }
 
@@ -93,18 +114,20 @@ pub fn bound(max_deliver: i64, fallback: u32) -> u32 {
     }
 }
 
-/// Looks at `consumer` again every [`EVERY`] while `held` holds a message of the pump's or the
-/// pump had one within [`ACTIVE_FOR`], and when woken ([`Watched::active`]), into `watched`. Runs
-/// until aborted (with its pump).
-pub async fn watch(mut consumer: PullConsumer, watched: Arc<Watched>, held: Arc<Held>, spec: SharedSpec) {
+/// Looks at `consumer` again into `watched`: every [`EVERY`] while the pump has a message out or
+/// had one within [`ACTIVE_FOR`], when woken ([`Watched::active`]), and every [`IDLE_EVERY`]
+/// otherwise. Runs until aborted (with its pump).
+pub async fn watch(mut consumer: PullConsumer, watched: Arc<Watched>, spec: SharedSpec) {
+    let mut last = Instant::now();
     loop {
         let woken = tokio::select! {
             () = tokio::time::sleep(EVERY) => false,
             () = watched.woken.notified() => true,
         };
-        if !woken && held.is_empty() && watched.idle() {
+        if !woken && watched.idle() && last.elapsed() < IDLE_EVERY {
             continue;
         }
+        last = Instant::now();
         if let Ok(Ok(info)) = tokio::time::timeout(LOOK_TIMEOUT, consumer.info()).await {
             let fallback = spec.read().expect("spec poisoned").durability.give_up_after;
             watched.update(info, fallback);
