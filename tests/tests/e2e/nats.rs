@@ -1309,6 +1309,35 @@ async fn jetstream_the_outputs_after_a_held_one_go_out_when_its_delivery_is_left
     assert_eq!(consumer_on(&js, "faulty.pair").await.ack_floor.stream_sequence, 0, "the input was acked");
 }
 
+/// Review 54a H2: the bound is read when a delivery's fate is decided, not when it was pulled.
+/// Lowered while the event's second delivery runs (pulled when `max_deliver` was still 8), that
+/// delivery is its last: its retries stay here and it ends in a dead letter, not given back for
+/// JetStream to drop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_max_deliver_lowered_while_a_delivery_runs_is_the_one_it_decides_by() {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
+        plugbus_tests::fast_retries(c);
+        c.retry.max_attempts = 4;
+    })
+    .await;
+    let mut dlq = t.observe(&["plugbus.dlq.>"]).await;
+    // Each attempt is busy 2.5 s, then fails: the watcher looks again within it.
+    t.publish("faulty.slowretry", "2500").await;
+    eventually("its second delivery runs", || t.counter("faulty", "received") == 2).await;
+    let info = consumer_on(&js, "faulty.slowretry").await;
+    assert_eq!(info.config.max_deliver, 8);
+    let stream = js.get_stream(&info.stream_name).await.unwrap();
+    let lowered = jetstream::consumer::Config { max_deliver: 2, ..info.config.clone() };
+    stream.update_consumer(lowered).await.expect("another host lowers max_deliver");
+    let dead = tokio::time::timeout(Duration::from_secs(30), dlq.next_on("plugbus.dlq.faulty"))
+        .await
+        .expect("no dead letter: given back by the bound it was pulled with, JetStream dropped it");
+    assert_eq!(dead.header(headers::ATTEMPTS), Some("4"), "{dead:?}");
+    assert_eq!(t.counter("faulty", "received"), 2);
+}
+
 /// Review 49b M5: a delivery still held when a stop's drain times out is left at close: the
 /// worker's close no longer waits out its 5 s on it, the drain report names it unfinished, and
 /// the output's dead letter stays kept here, as after a crash.

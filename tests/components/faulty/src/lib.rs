@@ -77,6 +77,11 @@ fn misbehave(ev: Event) -> Result<(), HandlerError> {
         }
         // Busy for `arg` milliseconds.
         "slow" => busy_for_ms(arg),
+        // Busy for `arg` milliseconds, then fails (retry).
+        "slowretry" => {
+            busy_for_ms(arg);
+            return Err(HandlerError::retry(format!("attempt {} failed slowly", ev.attempt())));
+        }
         // Asleep for an hour in a host call (`wasi:io/poll`'s block), where no epoch tick
         // reaches: only a deadline kept by the host's clock ends it.
         "sleep" => std::thread::sleep(std::time::Duration::from_secs(3600)),
