@@ -863,9 +863,8 @@ async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Arc<Event>
 /// each, none retried, held or dead-lettered (the plugin is leaving; and a dead letter kept now
 /// could push the held output's own out of the store, the copy that let the delivery be left): the
 /// first refused ends it, as does [`LEAVING_PUBLISH_MAX`], and the rest wait for the run again, as
-/// after a crash. The run again
-/// publishes them again (JetStream drops those within its duplicate window; on a subject no
-/// stream keeps they arrive twice), after the held one.
+/// after a crash. The run again publishes them again (JetStream drops those within its duplicate
+/// window; on a subject no stream keeps they arrive twice), after the held one.
 async fn publish_while_taken(
     rt: &PluginRuntime,
     ev: &Event,
