@@ -849,7 +849,7 @@ async fn release_outputs(rt: &PluginRuntime, ev: &Event, outputs: Vec<Arc<Event>
             Released::Published => released += 1,
             Released::DeadLettered => {}
             Released::Left => {
-                publish_while_taken(rt, ev, outputs, &release).await;
+                publish_while_taken(rt, ev, outputs, release.redelivered).await;
                 return None;
             }
         }
@@ -869,7 +869,7 @@ async fn publish_while_taken(
     rt: &PluginRuntime,
     ev: &Event,
     outputs: impl Iterator<Item = Arc<Event>>,
-    release: &Release,
+    redelivered: bool,
 ) {
     let publishing = async {
         for out in outputs {
@@ -879,7 +879,7 @@ async fn publish_while_taken(
                      it): {e}");
                 return;
             }
-            if release.redelivered {
+            if redelivered {
                 let_go_of_its_dead_letter(rt, ev, &out).await;
             }
         }

@@ -1237,6 +1237,28 @@ async fn jetstream_a_delivery_at_its_last_is_not_left() {
     settled(&js, "orders.first").await;
 }
 
+/// A host running `faulty` durably with 4 attempts (`max_deliver` 8), and what reaches its dead
+/// letters' subject.
+async fn faulty_with_four_attempts(server: &NatsServer) -> (TestHost, plugbus_tests::Observer) {
+    let t = TestHost::start_on(&Bus::JetStream(server), &["faulty"], |c| {
+        plugbus_tests::fast_retries(c);
+        c.retry.max_attempts = 4;
+    })
+    .await;
+    let dlq = t.observe(&["plugbus.dlq.>"]).await;
+    (t, dlq)
+}
+
+/// Another host (or an operator) lowers the `max_deliver` of the consumer on `subject`'s stream
+/// from 8 to 2.
+async fn lower_max_deliver_from_8_to_2(js: &jetstream::Context, subject: &str) {
+    let info = consumer_on(js, subject).await;
+    assert_eq!(info.config.max_deliver, 8);
+    let stream = js.get_stream(&info.stream_name).await.unwrap();
+    let lowered = jetstream::consumer::Config { max_deliver: 2, ..info.config.clone() };
+    stream.update_consumer(lowered).await.expect("another host lowers max_deliver");
+}
+
 /// Review 50a M2: every host of a plugin shares its JetStream consumer, and the last to make it
 /// set its `max_deliver` (a host of another version with a smaller `retry.max_attempts`, or an
 /// operator). A host that counted on its own bound (`max_attempts` 4: `max_deliver` 8) gave a
@@ -1248,17 +1270,8 @@ async fn jetstream_a_delivery_at_its_last_is_not_left() {
 async fn jetstream_a_max_deliver_another_host_lowered_still_ends_a_failing_event_in_a_dead_letter() {
     let server = NatsServer::start().await;
     let js = jetstream::new(server.client().await);
-    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
-        plugbus_tests::fast_retries(c);
-        c.retry.max_attempts = 4;
-    })
-    .await;
-    let mut dlq = t.observe(&["plugbus.dlq.>"]).await;
-    let info = consumer_on(&js, "faulty.retry").await;
-    assert_eq!(info.config.max_deliver, 8);
-    let stream = js.get_stream(&info.stream_name).await.unwrap();
-    let lowered = jetstream::consumer::Config { max_deliver: 2, ..info.config.clone() };
-    stream.update_consumer(lowered).await.expect("another host lowers max_deliver");
+    let (t, mut dlq) = faulty_with_four_attempts(&server).await;
+    lower_max_deliver_from_8_to_2(&js, "faulty.retry").await;
     // The pump's watcher looks at the consumer about once a second while messages come.
     t.publish("faulty.ok", "warm").await;
     t.wait_counter("faulty", "ok", 1).await;
@@ -1317,20 +1330,11 @@ async fn jetstream_the_outputs_after_a_held_one_go_out_when_its_delivery_is_left
 async fn jetstream_a_max_deliver_lowered_while_a_delivery_runs_is_the_one_it_decides_by() {
     let server = NatsServer::start().await;
     let js = jetstream::new(server.client().await);
-    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
-        plugbus_tests::fast_retries(c);
-        c.retry.max_attempts = 4;
-    })
-    .await;
-    let mut dlq = t.observe(&["plugbus.dlq.>"]).await;
+    let (t, mut dlq) = faulty_with_four_attempts(&server).await;
     // Each attempt is busy 2.5 s, then fails: the watcher looks again within it.
     t.publish("faulty.slowretry", "2500").await;
     eventually("its second delivery runs", || t.counter("faulty", "received") == 2).await;
-    let info = consumer_on(&js, "faulty.slowretry").await;
-    assert_eq!(info.config.max_deliver, 8);
-    let stream = js.get_stream(&info.stream_name).await.unwrap();
-    let lowered = jetstream::consumer::Config { max_deliver: 2, ..info.config.clone() };
-    stream.update_consumer(lowered).await.expect("another host lowers max_deliver");
+    lower_max_deliver_from_8_to_2(&js, "faulty.slowretry").await;
     let dead = tokio::time::timeout(Duration::from_secs(30), dlq.next_on("plugbus.dlq.faulty"))
         .await
         .expect("no dead letter: given back by the bound it was pulled with, JetStream dropped it");

@@ -62,7 +62,7 @@ struct JsAcker {
     token: u64,
     plugin: Arc<str>,
     /// Counts it among its pump's messages out until it is dropped (`watched.rs`).
-    _out: super::watched::Out,
+    out: super::watched::Out,
 }
 
 impl JsAcker {
@@ -180,13 +180,16 @@ pub(super) async fn ensure_from(
         TransportError::Broker(format!("{what} consumer {} on stream {}: {e}", spec.name, spec.stream))
     };
     let stream = js.get_stream(&spec.stream).await.map_err(|e| broker("finding the stream for", &e))?;
-    let own_max_deliver = i64::from(spec.durability.give_up_after.max(1));
-    let (deliver_policy, max_deliver) = match (stream.consumer_info(&spec.name).await, resume) {
-        (Ok(info), _) => (info.config.deliver_policy, kept_max_deliver(info.config.max_deliver, own_max_deliver)),
-        (Err(_), Some(start_sequence)) => (DeliverPolicy::ByStartSequence { start_sequence }, own_max_deliver),
-        (Err(_), None) if spec.durability.deliver_all => (DeliverPolicy::All, own_max_deliver),
-        (Err(_), None) => (DeliverPolicy::New, own_max_deliver),
+    let existing = stream.consumer_info(&spec.name).await.ok();
+    let deliver_policy = match (&existing, resume) {
+        (Some(info), _) => info.config.deliver_policy,
+        (None, Some(start_sequence)) => DeliverPolicy::ByStartSequence { start_sequence },
+        (None, None) if spec.durability.deliver_all => DeliverPolicy::All,
+        (None, None) => DeliverPolicy::New,
     };
+    let own_max_deliver = i64::from(spec.durability.give_up_after.max(1));
+    let max_deliver =
+        existing.map_or(own_max_deliver, |info| kept_max_deliver(info.config.max_deliver, own_max_deliver));
     let (filter_subject, filter_subjects) = match spec.filters.as_slice() {
         [one] => (one.clone(), Vec::new()),
         many => (String::new(), many.to_vec()),
@@ -663,8 +666,6 @@ pub struct HeldMessage {
     message: async_nats::Message,
     acker: Box<JsAcker>,
     attempt: u32,
-    /// [`Delivery::max_deliveries`].
-    max_deliveries: Arc<std::sync::atomic::AtomicU32>,
     /// A message that names no id is known by its place in the stream: the same on redelivery.
     fallback_id: Option<String>,
 }
@@ -677,7 +678,6 @@ impl HeldMessage {
         plugin: &Arc<str>,
         watched: &Arc<super::watched::Watched>,
     ) -> Self {
-        let max_deliveries = watched.max_deliveries_cell();
         let info = msg.info().ok();
         let attempt = info.as_ref().map_or(1, |i| i.delivered.max(1) as u32);
         let fallback_id = info.as_ref().map(|i| format!("{}-{}", i.stream, i.stream_sequence));
@@ -685,14 +685,14 @@ impl HeldMessage {
         let reply = msg.message.reply.clone();
         let (message, acker) = msg.split();
         let token = held.hold(reply);
-        let acker = Box::new(JsAcker { acker, held: held.clone(), token, plugin: plugin.clone(), _out: watched.out() });
-        Self { message, acker, attempt, max_deliveries, fallback_id }
+        let acker = Box::new(JsAcker { acker, held: held.clone(), token, plugin: plugin.clone(), out: watched.out() });
+        Self { message, acker, attempt, fallback_id }
     }
 
     /// The delivery of this message (an undecodable one carries its defect).
     pub fn delivery(self) -> Delivery {
-        let Self { message, acker, attempt, max_deliveries, fallback_id } = self;
-        let max_deliveries = Some(max_deliveries);
+        let Self { message, acker, attempt, fallback_id } = self;
+        let max_deliveries = Some(acker.out.max_deliveries_cell());
         let subject = message.subject.to_string();
         match wire::event_of(&subject, message.headers.as_ref(), message.payload.clone(), fallback_id.clone()) {
             Ok(mut ev) => {

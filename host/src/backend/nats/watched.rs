@@ -98,6 +98,13 @@ impl Watched {
 /// A message of the pump's not settled yet ([`Watched::out`]).
 pub struct Out(Arc<Watched>);
 
+impl Out {
+    /// The cell its delivery reads the consumer's bound from ([`Watched::max_deliveries_cell`]).
+    pub fn max_deliveries_cell(&self) -> Arc<AtomicU32> {
+        self.0.max_deliveries_cell()
+    }
+}
+
 impl Drop for Out {
     fn drop(&mut self) {
         self.0.out.fetch_sub(1, Relaxed);
