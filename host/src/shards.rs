@@ -53,6 +53,11 @@ impl<T> Sharded<T> {
         &self.cells[shard()].0
     }
 
+    /// Every copy, the calling thread's among them.
+    pub fn each(&self) -> impl Iterator<Item = &T> {
+        self.cells.iter().map(|c| &c.0)
+    }
+
     /// The sum of `field` over every copy.
     pub fn sum(&self, field: impl Fn(&T) -> &AtomicU64) -> u64 {
         self.cells.iter().map(|c| field(&c.0).load(Relaxed)).sum()

@@ -388,7 +388,7 @@ impl Plugin {
     /// call unless it trapped or has served `recycle_after` events.
     async fn handle_warm(&self, event: &Event, attempt: u32) -> Attempt {
         let started = Instant::now();
-        let idle = self.warm.lock().expect("warm pool poisoned").pop();
+        let idle = self.warm.take();
         let mut warm = match idle {
             Some(mut w) => {
                 w.store.data_mut().reset_for(&event.id, &event.subject);
@@ -439,7 +439,7 @@ impl Plugin {
         let calls_out = state.calls_out();
         warm.uses += 1;
         if !trapped && warm.uses < self.ctx.limits.recycle_after {
-            self.warm.lock().expect("warm pool poisoned").push(warm);
+            self.warm.put(warm);
         }
         Attempt { result, outputs, txn, elapsed: started.elapsed(), seen, reply, circuit_open, calls_out }
     }

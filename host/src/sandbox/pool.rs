@@ -10,6 +10,7 @@
 use super::bindings;
 use super::state::HostState;
 use crate::metrics::PluginLabels;
+use crate::shards::Sharded;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use std::sync::{Arc, Mutex, Weak};
@@ -73,8 +74,52 @@ pub(super) struct Warm {
     pub uses: u32,
 }
 
-/// One plugin's idle warm instances, the most recently used last.
-pub(super) type WarmList = Mutex<Vec<Warm>>;
+/// One plugin's idle warm instances: a list per shard of threads (`shards::shard`), each the
+/// most recently used last. A thread takes back the instance it put back last, whose memory and
+/// store are still in its core's caches, before one another thread ran: taken from one shared
+/// list, an instance moved between the cores at nearly every event on a busy host (its linear
+/// memory, stack and store pulled from the other core's cache). Only when its own list is empty
+/// does a thread take another's most recent one, so an instance is made only when no list keeps
+/// one, as with one list.
+/// (`T` is [`Warm`] but in its unit tests.)
+pub(super) struct WarmList<T = Warm>(Sharded<Mutex<Vec<T>>>);
+
+impl<T> Default for WarmList<T> {
+    fn default() -> Self {
+        Self(Sharded::default())
+    }
+}
+
+impl<T> WarmList<T> {
+    /// An idle instance: the calling thread's most recently used, else another thread's.
+    pub(super) fn take(&self) -> Option<T> {
+        let own = self.0.local();
+        if let Some(warm) = own.lock().expect("warm pool poisoned").pop() {
+            return Some(warm);
+        }
+        self.0
+            .each()
+            .filter(|list| !std::ptr::eq(*list, own))
+            .find_map(|list| list.lock().expect("warm pool poisoned").pop())
+    }
+
+    /// Keeps `warm` idle, on the calling thread's list.
+    pub(super) fn put(&self, warm: T) {
+        self.0.local().lock().expect("warm pool poisoned").push(warm);
+    }
+
+    /// How many are idle.
+    fn len(&self) -> usize {
+        self.0.each().map(|list| list.lock().expect("warm pool poisoned").len()).sum()
+    }
+
+    /// The least recently used idle instance of the fullest list.
+    fn take_oldest(&self) -> Option<T> {
+        let mut lists: Vec<_> = self.0.each().map(|list| list.lock().expect("warm pool poisoned")).collect();
+        let fullest = lists.iter_mut().max_by_key(|list| list.len())?;
+        (!fullest.is_empty()).then(|| fullest.remove(0))
+    }
+}
 
 /// Every plugin's idle list, to take an instance from when the shared pool is full, and the
 /// pool's counters.
@@ -107,14 +152,11 @@ impl SharedPool {
             lists.iter().filter_map(Weak::upgrade).map(|l| (0, l)).collect()
         };
         for (len, list) in &mut live {
-            *len = list.lock().expect("warm pool poisoned").len();
+            *len = list.len();
         }
         live.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
         // The fullest first; another when it was emptied meanwhile.
-        let taken = live.iter().filter(|(len, _)| *len > 0).find_map(|(_, list)| {
-            let mut idle = list.lock().expect("warm pool poisoned");
-            (!idle.is_empty()).then(|| idle.remove(0))
-        });
+        let taken = live.iter().filter(|(len, _)| *len > 0).find_map(|(_, list)| list.take_oldest());
         // Dropped outside the locks: resetting the slot touches its memory.
         let Some(warm) = taken else { return false };
         tracing::debug!(plugin = %warm.store.data().plugin.name, uses = warm.uses,
@@ -142,5 +184,62 @@ impl SharedPool {
             "Attempts that found every slot of the instance pool plugins share (sandbox.max_instances) taken and waited for one",
             self.waited.clone(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WarmList;
+    use crate::shards::shard;
+    use std::sync::Arc;
+
+    /// Runs `f` on a new thread whose shard is not `other`'s (threads take shards in turn, so
+    /// one of the next few differs even while other tests' threads take some); a thread on
+    /// `other`'s shard runs nothing.
+    fn on_another_shard<R: Send + 'static>(other: usize, f: impl FnOnce() -> R + Send + Clone + 'static) -> R {
+        for _ in 0..64 {
+            let f = f.clone();
+            let ran = std::thread::spawn(move || (shard() != other).then(f)).join().expect("the thread ran");
+            if let Some(r) = ran {
+                return r;
+            }
+        }
+        panic!("no thread got a shard other than {other}");
+    }
+
+    #[test]
+    fn a_thread_takes_back_its_own_instance_before_another_threads() {
+        let list = Arc::new(WarmList::<&str>::default());
+        let here = shard();
+        list.put("put here");
+        // Another thread puts one after, and takes the one it put, not the more recent one here.
+        let there = list.clone();
+        let taken = on_another_shard(here, move || {
+            there.put("put there");
+            there.take()
+        });
+        assert_eq!(taken, Some("put there"));
+        // Here, the one put here comes first though another thread's one is more recent.
+        let there = list.clone();
+        on_another_shard(here, move || there.put("put there last"));
+        assert_eq!(list.take(), Some("put here"));
+        // Its own list empty, a thread takes another's: none is made while one is idle.
+        assert_eq!(list.take(), Some("put there last"));
+        assert_eq!(list.take(), None);
+    }
+
+    #[test]
+    fn an_eviction_takes_the_oldest_of_the_fullest_list() {
+        let list = Arc::new(WarmList::<&str>::default());
+        list.put("oldest here");
+        list.put("newer here");
+        let there = list.clone();
+        on_another_shard(shard(), move || there.put("alone there"));
+        assert_eq!(list.len(), 3);
+        assert_eq!(list.take_oldest(), Some("oldest here"));
+        assert_eq!(list.len(), 2);
+        assert!(list.take_oldest().is_some());
+        assert!(list.take_oldest().is_some());
+        assert_eq!(list.take_oldest(), None);
     }
 }
