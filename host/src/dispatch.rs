@@ -554,7 +554,7 @@ async fn publish_dead_letter_and_settle(
         Some((dead, kept_whole)) => publish_dead_letter(rt, &ev.id, dead.clone(), *kept_whole).await.is_ok(),
         None => true,
     };
-    let comes_again = may_come_again(rt, delivery);
+    let comes_again = may_come_again(rt, delivery).await;
     match fate::settle_dead_letter(kept, delivery.redeliverable, comes_again, attempts, &rt.retry) {
         Settle::Term => delivery.acker.term().await,
         Settle::Nak(wait) => delivery.acker.nak(wait).await,
@@ -644,7 +644,7 @@ async fn attempts(
                 }
                 drop(span);
                 let circuit = fate::Circuit { open: circuit_open, waited: circuit_waited };
-                let redelivering = by_transport && release.may_leave.now();
+                let redelivering = by_transport && release.may_leave.fresh().await;
                 let fate = fate::decide_after(&failure, attempt, circuit, &rt.retry, redelivering);
                 if let Fate::WaitForCircuit(wait) = fate {
                     rt.stats.add(|c| &c.retried, 1);
@@ -940,7 +940,7 @@ struct ComesAgain {
     attempt: u32,
     /// The broker's bound as last seen ([`Delivery::max_deliveries`]), or this host's own
     /// ([`RetryPolicy::transport_deliveries`]).
-    bound: Result<Arc<std::sync::atomic::AtomicU32>, u32>,
+    bound: Result<Arc<crate::transport::MaxDeliveries>, u32>,
 }
 
 impl ComesAgain {
@@ -949,21 +949,35 @@ impl ComesAgain {
         Self { redeliverable: delivery.redeliverable, attempt: delivery.attempt, bound }
     }
 
-    /// Whether it comes again, as the broker's bound is now.
+    /// Whether it comes again, as the broker's bound was last seen.
     fn now(&self) -> bool {
         let last = match &self.bound {
-            Ok(max) => max.load(std::sync::atomic::Ordering::Relaxed),
+            Ok(max) => max.now(),
             Err(own) => *own,
         };
         self.redeliverable && self.attempt < last
+    }
+
+    /// Whether it comes again, as the broker's bound is now: read from the broker again first
+    /// when the last look is old ([`crate::transport::MaxDeliveries::fresh`]). Before an event is
+    /// given back.
+    async fn fresh(&self) -> bool {
+        if !self.redeliverable {
+            return false;
+        }
+        let last = match &self.bound {
+            Ok(max) => max.fresh().await,
+            Err(own) => *own,
+        };
+        self.attempt < last
     }
 }
 
 /// Whether the transport delivers `delivery` again if it is given back or left unsettled: it
 /// redelivers, and this is not its last delivery (the broker's bound, [`Delivery::max_deliveries`],
 /// or else [`RetryPolicy::transport_deliveries`]). Given back at its last, it would be lost.
-pub fn may_come_again(rt: &PluginRuntime, delivery: &Delivery) -> bool {
-    ComesAgain::of(rt, delivery).now()
+pub async fn may_come_again(rt: &PluginRuntime, delivery: &Delivery) -> bool {
+    ComesAgain::of(rt, delivery).fresh().await
 }
 
 /// What a delivery releasing its outputs holds, for [`release_output`]'s retries.

@@ -580,7 +580,7 @@ async fn run_lane(
 ) {
     let mut item = Some((delivery, ticket, None));
     while let Some((delivery, ticket, waited_with)) = item.take() {
-        if lanes.was_left(&key) && dispatch::may_come_again(&rt, &delivery) {
+        if lanes.was_left(&key) && dispatch::may_come_again(&rt, &delivery).await {
             // Run now, it would overtake its key's event left unsettled: left too, the
             // transport delivers both again. (At its last delivery it runs: left, it would be lost.)
             dispatch::leave_behind_its_key(&rt, delivery);

@@ -5,6 +5,10 @@
 //! plugins' code, retries or the sandbox. Invariant: a transport never drops an accepted event
 //! silently: it either delivers it, applies backpressure, or returns an error to the publisher.
 
+mod max_deliveries;
+
+pub use max_deliveries::MaxDeliveries;
+
 use crate::event::Event;
 use async_trait::async_trait;
 use std::sync::Arc;
@@ -230,9 +234,10 @@ pub struct Delivery {
     /// The most times the transport delivers it, as the broker last said (JetStream's
     /// `max_deliver` of the consumer every host of the plugin shares: another host or an operator
     /// may have set it lower than this host would), read when a fate is decided, not when it was
-    /// pulled. `None`: the transport says nothing;
+    /// pulled (and read again first when its last look is old: [`MaxDeliveries::fresh`]). `None`:
+    /// the transport says nothing;
     /// [`RetryPolicy::transport_deliveries`](crate::retry::RetryPolicy) is assumed then.
-    pub max_deliveries: Option<Arc<std::sync::atomic::AtomicU32>>,
+    pub max_deliveries: Option<Arc<MaxDeliveries>>,
     /// Why it is dead-lettered without running: it could not be read as an event
     /// ([`DeliveryError::Undecodable`](crate::fate::DeliveryError)), or no host took it.
     pub defect: Option<crate::fate::DeliveryError>,

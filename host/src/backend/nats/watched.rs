@@ -11,11 +11,14 @@
 //! ([`super::consumer::ensure`] never lowers it): a message given back at its last delivery is
 //! dropped by JetStream unrun. So each delivery carries the shared cell
 //! ([`crate::transport::Delivery::max_deliveries`]) and reads it when it decides, not when it was
-//! pulled.
+//! pulled; a delivery about to give its event back after a quiet while (the bound read up to
+//! [`IDLE_EVERY`] ago) asks for a look first and waits for it ([`MaxDeliveries::fresh`], review
+//! 54b M5).
 
 use super::consumer::SharedSpec;
+use crate::transport::MaxDeliveries;
 use async_nats::jetstream::consumer::{Info, PullConsumer};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,13 +30,18 @@ const IDLE_EVERY: Duration = Duration::from_secs(5);
 const LOOK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long after its last message a pump with nothing out is still looked after.
 const ACTIVE_FOR: Duration = Duration::from_secs(10);
+/// How old a look may be for a delivery to decide by it: past [`EVERY`], plus a look's time, a
+/// busy pump's never is.
+const FRESH_FOR: Duration = Duration::from_secs(2);
+/// How long a delivery waits for the look it asked for: one given up, and the next begun.
+const ASKED_WAIT: Duration = Duration::from_millis(2 * LOOK_TIMEOUT.as_millis() as u64 + 500);
 
 /// The consumer as last seen.
 pub struct Watched {
     /// Its ack floor (stream sequence): where one deleted underneath is made again from.
     settled: AtomicU64,
     /// How many times it delivers a message ([`bound`]), shared with the deliveries.
-    max_deliveries: Arc<AtomicU32>,
+    max_deliveries: Arc<MaxDeliveries>,
     /// When the pump last got a message.
     active_at: Mutex<Instant>,
     /// The pump's messages not settled yet (their ackers not dropped).
@@ -47,7 +55,11 @@ impl Watched {
     pub fn new(info: &Info, fallback: u32) -> Arc<Self> {
         Arc::new(Self {
             settled: AtomicU64::new(info.ack_floor.stream_sequence),
-            max_deliveries: Arc::new(AtomicU32::new(bound(info.config.max_deliver, fallback))),
+            max_deliveries: Arc::new(MaxDeliveries::new(
+                bound(info.config.max_deliver, fallback),
+                FRESH_FOR,
+                ASKED_WAIT,
+            )),
             active_at: Mutex::new(Instant::now()),
             out: AtomicU64::new(0),
             woken: tokio::sync::Notify::new(),
@@ -61,11 +73,11 @@ impl Watched {
 
     /// How many times the consumer delivers a message, as last seen.
     pub fn max_deliveries(&self) -> u32 {
-        self.max_deliveries.load(Relaxed)
+        self.max_deliveries.now()
     }
 
     /// The cell a delivery reads its bound from when it decides.
-    pub fn max_deliveries_cell(&self) -> Arc<AtomicU32> {
+    pub fn max_deliveries_cell(&self) -> Arc<MaxDeliveries> {
         self.max_deliveries.clone()
     }
 
@@ -91,7 +103,7 @@ impl Watched {
 
     fn update(&self, info: &Info, fallback: u32) {
         self.settled.store(info.ack_floor.stream_sequence, Relaxed);
-        self.max_deliveries.store(bound(info.config.max_deliver, fallback), Relaxed);
+        self.max_deliveries.read(bound(info.config.max_deliver, fallback));
     }
 }
 
@@ -100,7 +112,7 @@ pub struct Out(Arc<Watched>);
 
 impl Out {
     /// The cell its delivery reads the consumer's bound from ([`Watched::max_deliveries_cell`]).
-    pub fn max_deliveries_cell(&self) -> Arc<AtomicU32> {
+    pub fn max_deliveries_cell(&self) -> Arc<MaxDeliveries> {
         self.0.max_deliveries_cell()
     }
 }
@@ -122,14 +134,16 @@ pub fn bound(max_deliver: i64, fallback: u32) -> u32 {
 }
 
 /// Looks at `consumer` again into `watched`: every [`EVERY`] while the pump has a message out or
-/// had one within [`ACTIVE_FOR`], when woken ([`Watched::active`]), and every [`IDLE_EVERY`]
-/// otherwise. Runs until aborted (with its pump).
+/// had one within [`ACTIVE_FOR`], when woken ([`Watched::active`]) or asked by a delivery
+/// ([`MaxDeliveries::fresh`]), and every [`IDLE_EVERY`] otherwise. Runs until aborted (with its
+/// pump).
 pub async fn watch(mut consumer: PullConsumer, watched: Arc<Watched>, spec: SharedSpec) {
     let mut last = Instant::now();
     loop {
         let woken = tokio::select! {
             () = tokio::time::sleep(EVERY) => false,
             () = watched.woken.notified() => true,
+            () = watched.max_deliveries.asked() => true,
         };
         if !woken && watched.idle() && last.elapsed() < IDLE_EVERY {
             continue;
