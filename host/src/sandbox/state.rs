@@ -106,6 +106,11 @@ pub struct HostState {
 /// the runtime thread that writes the log.
 pub const MAX_LOGGED_REFUSALS: u32 = 8;
 
+/// The most random bytes one `wasi:random` call returns (`get-random-bytes`,
+/// `get-insecure-random-bytes`): a larger request traps (`requested len … exceeds limit 65536`).
+/// Rust's standard library and `getrandom` ask for 32 bytes or fewer at a time.
+pub const MAX_RANDOM_BYTES: u64 = 64 << 10;
+
 impl HostState {
     /// Fresh state for one attempt of `event_id` on `subject`.
     pub fn new(plugin: Arc<PluginCtx>, event_id: &str, subject: &str) -> Self {
@@ -119,12 +124,15 @@ impl HostState {
         let stdout = Capture::new(log_cap);
         let stderr = Capture::new(log_cap);
         // Locked down: no preopened directories, no environment, no arguments, no network.
-        // Stdio goes to capped captures; clocks and random are WASI's defaults.
+        // Stdio goes to capped captures; clocks and random are WASI's defaults (random capped per call).
         let mut builder = WasiCtx::builder();
         builder.stdout(stdout.clone()).stderr(stderr.clone());
         if let Some(world) = world {
             world.install(&mut builder);
         }
+        // WASI's own cap (64 MiB) lets one call make the host build and fill a list that size,
+        // outside the plugin's memory cap and without yielding: a larger request traps.
+        builder.max_random_size(MAX_RANDOM_BYTES);
         let wasi = builder.build();
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_RESOURCES);

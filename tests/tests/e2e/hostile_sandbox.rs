@@ -69,6 +69,18 @@ async fn a_resource_flood_stops_at_the_stores_table_cap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_bytes_are_made_at_most_64_kib_per_call() {
+    let t = host(|_| {}).await;
+    // 1 MiB in one call: WASI's own cap (64 MiB) let each call make the host build and fill
+    // the whole list outside the plugin's memory cap, without yielding (review 55b H1)
+    let error = dead_letter_of(&t, "random", "1048576 1").await;
+    assert!(error.contains("requested len 1048576 exceeds limit 65536"), "{error}");
+    // 64 KiB at a time, as often as the deadline allows, is the handler's own business
+    t.publish("hostile.random", "65536 100").await;
+    t.wait_counter("hostile", "ok", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kv_flood_is_refused_by_keys_and_by_bytes_and_limits_are_per_plugin() {
     let t = host(|_| {}).await;
     // 3,000 empty writes: over max_kv_writes (1,000)

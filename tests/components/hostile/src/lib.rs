@@ -30,6 +30,14 @@ unsafe extern "C" {
     fn subscribe_duration(nanos: i64) -> i32;
 }
 
+// WASI's random bytes, imported by hand: the host makes the whole list before the guest sees
+// it (`list<u8>`, lowered as a pointer and a length written at `ret`).
+#[link(wasm_import_module = "wasi:random/random@0.2.4")]
+unsafe extern "C" {
+    #[link_name = "get-random-bytes"]
+    fn get_random_bytes(len: i64, ret: *mut [usize; 2]);
+}
+
 fn refused(what: impl std::fmt::Display, e: impl std::fmt::Debug) -> HandlerError {
     HandlerError::reject(format!("{what} refused: {e:?}"))
 }
@@ -150,6 +158,16 @@ fn attack(ev: Event) -> Result<(), HandlerError> {
         }
         "wasmdeep" => {
             black_box(wasm_deep(0));
+        }
+        // `N C`: C calls for N random bytes each (the host makes each whole, then the guest's
+        // copy is freed).
+        "random" => {
+            for _ in 0..arg(1, 1) {
+                let mut ret = [0usize; 2];
+                unsafe { get_random_bytes(arg(0, 64 << 20) as i64, &mut ret) };
+                let bytes = unsafe { Vec::from_raw_parts(ret[0] as *mut u8, ret[1], ret[1]) };
+                black_box(&bytes);
+            }
         }
         // `N`: N pollables, never dropped.
         "resources" => {
