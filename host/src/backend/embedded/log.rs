@@ -2056,6 +2056,10 @@ impl Writer {
                                 answers.push((done, Appended::At(seq)));
                                 answers.len() - 1
                             });
+                            // Past every number handed out, stored or not: a duplicate's was
+                            // given to live plugins, and one a restart handed out again could
+                            // meet what they left under it (an outbox).
+                            next = next.max(seq + 1);
                             let key = dedupe_key(&event);
                             // One lookup: the insert answers whether the id was there (then the
                             // first sequence number is put back).
@@ -2092,7 +2096,6 @@ impl Writer {
                                 }
                                 continue;
                             }
-                            next = next.max(seq + 1);
                             let appended_ms = appended_ms.unwrap_or(now_ms);
                             bytes += row.push(seq, |out| encode(&event, appended_ms, out)) as u64;
                             if row.is_full() {
@@ -2621,6 +2624,34 @@ pub(crate) mod tests {
         assert_eq!(log.append(out.clone(), vec!["p".into()], true).await.unwrap(), Appended::At(1));
         assert!(matches!(log.append(out, vec!["p".into()], true).await.unwrap(), Appended::Duplicate(_)));
         assert_eq!(log.unsettled("p").unwrap().len(), 1);
+    }
+
+    /// A copy of an output logged before is not stored, but its sequence number was handed out
+    /// (and the bus gave it to live plugins with it): a restart must not hand it out again, or
+    /// what a plugin left under it (its outbox) would be taken for a new event's (review 55a 1).
+    #[tokio::test]
+    async fn a_sequence_number_a_duplicate_was_given_is_not_given_again_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let dup = {
+            let log = DurableLog::open(&path, SyncPolicy::Always).unwrap();
+            let out = Arc::new(sample());
+            assert_eq!(log.append(out.clone(), vec!["p".into()], true).await.unwrap(), Appended::At(1));
+            let dup = log.append_nowait(out, vec!["p".into()]).unwrap();
+            log.sync().await.unwrap();
+            assert_eq!(log.unsettled("p").unwrap().len(), 1, "the copy is not stored");
+            dup
+        };
+        let log = loop {
+            match DurableLog::open(&path, SyncPolicy::Always) {
+                Ok(log) => break log,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        };
+        let Appended::At(next) = log.append(Arc::new(sample()), vec![], false).await.unwrap() else {
+            panic!("a new event is stored")
+        };
+        assert!(next > dup, "{next} was given to the duplicate before the restart");
     }
 
     #[tokio::test]
