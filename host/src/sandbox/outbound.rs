@@ -273,12 +273,15 @@ pub fn non_public(ip: IpAddr) -> Option<&'static str> {
     }
 }
 
-/// The idempotency key of call `index` (0-based, within one attempt) of `plugin` on `event_id`:
-/// hex of the first 16 bytes of a SHA-256 over the three, each length-prefixed.
-pub fn idempotency_key(event_id: &str, plugin: &str, index: u32) -> String {
+/// The idempotency key of call `index` (0-based, within one attempt) of `plugin` on the event
+/// `event_id` from `event_source`: hex of the first 16 bytes of a SHA-256 over the four, each
+/// length-prefixed. The source is in it because CloudEvents ids are unique per source only: two
+/// producers' events with the same id shared keys (v1), and a provider answered the second
+/// event's call with the first one's effect (review 55b M1).
+pub fn idempotency_key(event_source: &str, event_id: &str, plugin: &str, index: u32) -> String {
     let mut h = Sha256::new();
-    h.update(b"plugbus idempotency v1\0");
-    for part in [event_id.as_bytes(), plugin.as_bytes()] {
+    h.update(b"plugbus idempotency v2\0");
+    for part in [event_source.as_bytes(), event_id.as_bytes(), plugin.as_bytes()] {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part);
     }
@@ -293,6 +296,8 @@ pub struct Outbound {
     limits: Limits,
     /// The event being handled.
     pub event_id: String,
+    /// Its source (with its id, what names it: the `Idempotency-Key`'s).
+    pub event_source: String,
     /// Calls made in this attempt.
     pub calls: u32,
     /// Calls refused in this attempt: only the first [`super::state::MAX_LOGGED_REFUSALS`] are
@@ -320,6 +325,7 @@ impl Outbound {
             plugin,
             limits: limits.clone(),
             event_id: event_id.to_string(),
+            event_source: String::new(),
             calls: 0,
             refusals: 0,
             deadline: super::limits::tokio_instant_in(limits.deadline),
@@ -392,7 +398,7 @@ impl Outbound {
                 return Err(Error::InternalError(Some(format!("{CIRCUIT_OPEN_PREFIX}{host} retry_after_ms={ms}"))));
             }
         };
-        let key = idempotency_key(&self.event_id, &self.plugin, index);
+        let key = idempotency_key(&self.event_source, &self.event_id, &self.plugin, index);
         request
             .headers_mut()
             .insert(IDEMPOTENCY_KEY, http::HeaderValue::from_str(&key).expect("hex is a header value"));
@@ -753,9 +759,13 @@ mod tests {
 
     #[test]
     fn the_key_is_stable_per_call_and_differs_between_calls() {
-        assert_eq!(idempotency_key("e1", "pay", 0), idempotency_key("e1", "pay", 0));
-        assert_ne!(idempotency_key("e1", "pay", 0), idempotency_key("e1", "pay", 1));
-        assert_ne!(idempotency_key("e1", "pay", 0), idempotency_key("e1", "ship", 0));
-        assert_ne!(idempotency_key("e1x", "pay", 0), idempotency_key("e1", "xpay", 0));
+        let key = |source, id, plugin, index| idempotency_key(source, id, plugin, index);
+        assert_eq!(key("/shop", "e1", "pay", 0), key("/shop", "e1", "pay", 0));
+        assert_ne!(key("/shop", "e1", "pay", 0), key("/shop", "e1", "pay", 1));
+        assert_ne!(key("/shop", "e1", "pay", 0), key("/shop", "e1", "ship", 0));
+        assert_ne!(key("/shop", "e1x", "pay", 0), key("/shop", "e1", "xpay", 0));
+        // Another producer's event with the same id is another event (review 55b M1).
+        assert_ne!(key("/shop", "e1", "pay", 0), key("/billing", "e1", "pay", 0));
+        assert_ne!(key("/shop", "e1", "pay", 0), key("/shope", "1", "pay", 0));
     }
 }

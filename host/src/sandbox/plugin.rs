@@ -350,7 +350,7 @@ impl Plugin {
         let (mut store, instance) = self
             .instantiate(|| {
                 let mut state = HostState::in_world(self.ctx.clone(), &event.id, &event.subject, world);
-                state.set_request_of(event);
+                state.set_from_event(event);
                 state
             })
             .await;
@@ -417,7 +417,7 @@ impl Plugin {
                 }
             }
         };
-        warm.store.data_mut().set_request_of(event);
+        warm.store.data_mut().set_from_event(event);
         let token = warm.store.data().reply_token.clone();
         let headers = header_refs(event);
         let wit_event = to_wit(event, &headers, attempt, token.as_deref());

@@ -173,10 +173,13 @@ impl HostState {
         }
     }
 
-    /// Sets what this store runs `event` as a request: its reply address (the plugin sees only
-    /// its token), and the chain of requests it belongs to, which this plugin's own requests
-    /// carry on ([`crate::rpc::ASKED_THROUGH`]).
-    pub fn set_request_of(&mut self, event: &crate::event::Event) {
+    /// Sets what an attempt takes from `event` beyond its id and subject (each attempt, after
+    /// [`HostState::new`] or [`HostState::reset_for`]): its source, part of the outbound calls'
+    /// `Idempotency-Key`; and as a request, its reply address (the plugin sees only its token),
+    /// and the chain of requests it belongs to, which this plugin's own requests carry on
+    /// ([`crate::rpc::ASKED_THROUGH`]).
+    pub fn set_from_event(&mut self, event: &crate::event::Event) {
+        self.outbound.event_source.clone_from(&event.source);
         let reply_to = event.reply_to.as_deref();
         self.reply_token = reply_to.map(crate::rpc::reply_token);
         self.reply_to = reply_to.map(str::to_string);
@@ -820,7 +823,7 @@ mod tests {
         });
         let ask_back = async |event: &Event| {
             let mut state = HostState::new(ctx.clone(), &event.id, &event.subject);
-            state.set_request_of(event);
+            state.set_from_event(event);
             rpc::Host::request(&mut state, "a.back".into(), Vec::new(), Vec::new(), 1000).await.unwrap();
         };
         let mut asked = Event::new("q.run", "");

@@ -144,6 +144,19 @@ async fn an_allowed_call_carries_the_same_idempotency_key_on_every_retry() {
     let keys = server.seen("/ok");
     assert_eq!(keys.len(), 5);
     assert!(keys[3] != keys[0] && keys[4] != keys[3], "{keys:?}");
+
+    // Two producers' events with the same id are two events: two keys. With the id alone in
+    // it, a provider answered the second charge with the first one's (review 55b M1).
+    let mut seen = t.observe(&["caller.out.>"]).await;
+    for source in ["/shop", "/billing"] {
+        let mut ev = plugbus::Event::new("caller.go", json!({ "url": server.url("/ok") }).to_string());
+        (ev.id, ev.source) = ("order-1001".into(), source.into());
+        t.host.publish(ev).await.expect("publish");
+        assert_eq!(seen.next_on("caller.out.ok").await.subject, "caller.out.ok");
+    }
+    let keys = server.seen("/ok");
+    assert_eq!(keys.len(), 7);
+    assert_ne!(keys[5], keys[6], "{keys:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
