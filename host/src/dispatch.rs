@@ -615,9 +615,9 @@ async fn attempts(
     loop {
         let plugin = first_version.take().unwrap_or_else(|| rt.plugin());
         let mut seen = None;
-        let mut circuit_open = None;
+        let mut circuit = fate::Circuit { waited: circuit_waited, ..fate::Circuit::default() };
         let span = telemetry::attempt_span(attempt);
-        let result = run_attempt(rt, &plugin, ev, attempt, position.clone(), &mut seen, &mut circuit_open)
+        let result = run_attempt(rt, &plugin, ev, attempt, position.clone(), &mut seen, &mut circuit)
             .instrument(span.clone())
             .await;
         match result {
@@ -643,7 +643,6 @@ async fn attempts(
                     rt.metrics.host_failures.inc();
                 }
                 drop(span);
-                let circuit = fate::Circuit { open: circuit_open, waited: circuit_waited };
                 let redelivering = by_transport && release.may_leave.fresh().await;
                 let fate = fate::decide_after(&failure, attempt, circuit, &rt.retry, redelivering);
                 if let Fate::WaitForCircuit(wait) = fate {
@@ -714,7 +713,8 @@ enum Ran {
 /// the transport keeps a log (`position`), the outputs commit with the kv writes (an outbox), so
 /// a crash before the ack releases them at the next start instead of running the handler again.
 /// When the handler fails, `seen` gets what it read and logged (moved, not copied), and
-/// `circuit_open` the longest `retry_after` of the calls open breakers refused.
+/// `circuit` the longest `retry_after` of the calls open breakers refused and the calls that went
+/// out.
 async fn run_attempt(
     rt: &PluginRuntime,
     plugin: &Plugin,
@@ -722,7 +722,7 @@ async fn run_attempt(
     attempt: u32,
     position: Option<(Arc<str>, u64)>,
     seen: &mut Option<Box<crate::sandbox::Seen>>,
-    circuit_open: &mut Option<std::time::Duration>,
+    circuit: &mut fate::Circuit,
 ) -> Result<Ran, DeliveryError> {
     let mut reruns = 0;
     loop {
@@ -746,7 +746,7 @@ async fn run_attempt(
         rt.stats.window.time(run.elapsed);
         if let Err(failure) = run.result {
             *seen = run.seen;
-            *circuit_open = run.circuit_open;
+            (circuit.open, circuit.calls_out) = (run.circuit_open, run.calls_out);
             return Err(DeliveryError::of_attempt(failure));
         }
         // Every output carries the host's trace context (the attempt's span, or the input's

@@ -300,6 +300,9 @@ pub struct Outbound {
     pub event_source: String,
     /// Calls made in this attempt.
     pub calls: u32,
+    /// Calls of this attempt that passed the policy and its breakers (went out, or were meant
+    /// to): what a run again would make again.
+    pub sent: u32,
     /// Calls refused in this attempt: only the first [`super::state::MAX_LOGGED_REFUSALS`] are
     /// logged (the handler gets each as its call's error).
     pub refusals: u32,
@@ -327,6 +330,7 @@ impl Outbound {
             event_id: event_id.to_string(),
             event_source: String::new(),
             calls: 0,
+            sent: 0,
             refusals: 0,
             deadline: super::limits::tokio_instant_in(limits.deadline),
             offline: false,
@@ -403,6 +407,7 @@ impl Outbound {
             .headers_mut()
             .insert(IDEMPOTENCY_KEY, http::HeaderValue::from_str(&key).expect("hex is a header value"));
         let ends = super::limits::tokio_instant_in(self.limits.outbound_timeout).min(self.deadline);
+        self.sent += 1;
         Ok((request, Target { scheme, host, port, ends, probe }))
     }
 }

@@ -89,8 +89,9 @@ pub struct Attempt {
     /// attempt (`None`: no call was refused for an open circuit).
     pub circuit_open: Option<Duration>,
     /// Calls it made that leave the sandbox outside its kv transaction: outbound HTTP calls
-    /// and requests. An attempt that made any is not re-run in place after a kv conflict (each
-    /// run would make them again, under fresh per-attempt limits).
+    /// (those the policy or an open breaker refused aside) and requests. An attempt that made
+    /// any is not re-run in place, after a kv conflict or for an open breaker (each run would
+    /// make them again, under fresh per-attempt limits).
     pub calls_out: u32,
 }
 

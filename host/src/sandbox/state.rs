@@ -212,6 +212,7 @@ impl HostState {
         self.outbound.event_id.clear();
         self.outbound.event_id.push_str(event_id);
         self.outbound.calls = 0;
+        self.outbound.sent = 0;
         self.outbound.refusals = 0;
         self.outbound.circuit_open = None;
         self.seen = Seen::default();
@@ -224,9 +225,10 @@ impl HostState {
         self.kv_reads = 0;
     }
 
-    /// Outbound HTTP calls and requests the attempt made (see `Attempt::calls_out`).
+    /// Outbound HTTP calls that passed the policy and its breakers, and requests, the attempt
+    /// made (see `Attempt::calls_out`).
     pub(super) fn calls_out(&self) -> u32 {
-        self.outbound.calls.saturating_add(self.requests)
+        self.outbound.sent.saturating_add(self.requests)
     }
 
     fn refuse(&mut self, err: types::PublishError) -> Result<(), types::PublishError> {

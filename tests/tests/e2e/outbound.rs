@@ -24,6 +24,7 @@ type Seen = Arc<Mutex<Vec<(String, String)>>>;
 /// A local HTTP server: `/ok`, `/redirect` (to `http://localhost:PORT/ok`), `/big` (4 KiB with
 /// a length), `/stream` (4 KiB, chunked), `/slow` (answers after 10 s).
 struct Server {
+    ip: String,
     port: u16,
     seen: Seen,
     /// `/gate` requests in flight now, and the most at once.
@@ -36,7 +37,12 @@ type Gate = Arc<(AtomicUsize, AtomicUsize)>;
 
 impl Server {
     async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at("127.0.0.1").await
+    }
+
+    /// A server on another loopback address: another destination host (a breaker of its own).
+    async fn start_at(ip: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (seen, gate, down): (Seen, Gate, Arc<AtomicBool>) = Default::default();
         let app = Router::new().route("/{what}", get(answer).post(answer)).with_state((
@@ -46,11 +52,16 @@ impl Server {
             down.clone(),
         ));
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Self { port, seen, gate, down }
+        Self { ip: ip.to_string(), port, seen, gate, down }
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        format!("http://{}{path}", self.addr())
+    }
+
+    /// Its address and port.
+    fn addr(&self) -> String {
+        format!("{}:{}", self.ip, self.port)
     }
 
     fn seen(&self, path: &str) -> Vec<String> {
@@ -147,15 +158,13 @@ async fn an_allowed_call_carries_the_same_idempotency_key_on_every_retry() {
 
     // Two producers' events with the same id are two events: two keys. With the id alone in
     // it, a provider answered the second charge with the first one's (review 55b M1).
-    let mut seen = t.observe(&["caller.out.>"]).await;
-    for source in ["/shop", "/billing"] {
+    for (calls, source) in [(6, "/shop"), (7, "/billing")] {
         let mut ev = plugbus::Event::new("caller.go", json!({ "url": server.url("/ok") }).to_string());
         (ev.id, ev.source) = ("order-1001".into(), source.into());
         t.host.publish(ev).await.expect("publish");
-        assert_eq!(seen.next_on("caller.out.ok").await.subject, "caller.out.ok");
+        plugbus_tests::eventually("its call is made", || server.seen("/ok").len() == calls).await;
     }
     let keys = server.seen("/ok");
-    assert_eq!(keys.len(), 7);
     assert_ne!(keys[5], keys[6], "{keys:?}");
 }
 
@@ -446,6 +455,33 @@ async fn a_provider_that_never_comes_back_still_ends_in_a_dead_letter() {
     }
 }
 
+/// An attempt whose other calls went out before an open breaker refused one is charged: run
+/// again uncharged, each run made them again under fresh per-attempt limits, for as long as
+/// `max_circuit_wait` (15 minutes), where the README bounds them by `max_attempts` (review 55b M2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_whose_calls_went_out_is_charged_though_a_breaker_refused_another() {
+    // Two destination hosts: a breaker is per host.
+    let (up, down) = (Server::start_at("127.0.0.2").await, Server::start().await);
+    down.down.store(true, Ordering::SeqCst);
+    let t = TestHost::start_with(&["caller"], |c: &mut Config| {
+        fast_retries(c);
+        c.retry.max_circuit_wait = Duration::from_secs(600);
+        let p = c.plugins.entry("caller".into()).or_default();
+        p.allowed_outbound = vec![format!("http://{}", up.addr()), format!("http://{}", down.addr())];
+        p.limits.insert("outbound_breaker_failures".into(), json!(1));
+        p.limits.insert("outbound_breaker_cooldown".into(), json!("300ms"));
+    })
+    .await;
+    let mut seen = t.observe(&["plugbus.dlq.caller"]).await;
+    let spec = json!({ "first": up.url("/ok"), "url": down.url("/flaky"), "strict": true });
+    t.publish("caller.go", spec.to_string()).await;
+    let dead = seen.next_on("plugbus.dlq.caller").await;
+    let attempts = dead.header(plugbus::deadletter::headers::ATTEMPTS).unwrap_or_default().to_string();
+    assert_eq!(attempts, "3");
+    assert_eq!(up.seen("/ok").len(), 3, "one call out per charged attempt, none between");
+    assert_eq!(t.counter("caller", "circuit_waits"), 0);
+}
+
 /// A guest that builds requests and never sends them (no grant needed): what the host holds for
 /// their bodies and header maps is bounded per body and per map, not wasmtime-wasi-http's 1 MiB
 /// per body and 128 KiB per map (×hundreds of handles per attempt, ×concurrent attempts).
@@ -498,7 +534,7 @@ async fn the_http_client_is_linked_only_when_granted_and_only_for_plugins_that_a
     );
     assert!(server.seen("/ok").is_empty());
     let plugin = sandbox.load(&caller, settings(vec!["http://127.0.0.1:8080".into()])).await.unwrap();
-    assert_eq!(plugin.manifest().outbound, ["http://127.0.0.1:*", "http://localhost:*"]);
+    assert_eq!(plugin.manifest().outbound, ["http://127.0.0.1:*", "http://127.0.0.2:*", "http://localhost:*"]);
     assert_eq!(plugin.outbound().granted, ["http://127.0.0.1:8080"]);
     // `plugbus inspect` shows both sides.
     let mut config = Config::default();
@@ -506,7 +542,7 @@ async fn the_http_client_is_linked_only_when_granted_and_only_for_plugins_that_a
     let report = plugbus::inspect::inspect(&sandbox, "caller.wasm", &caller, &config).await;
     assert!(report.loadable, "{report}");
     let text = report.to_string();
-    assert!(text.contains("outbound   requested http://127.0.0.1:*, http://localhost:*"), "{text}");
+    assert!(text.contains("outbound   requested http://127.0.0.1:*, http://127.0.0.2:*, http://localhost:*"), "{text}");
     assert!(text.contains("granted   http://127.0.0.1:8080"), "{text}");
     let ungranted = plugbus::inspect::inspect(&sandbox, "caller.wasm", &caller, &Config::default()).await;
     assert!(ungranted.loadable, "{ungranted}");

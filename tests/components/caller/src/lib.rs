@@ -1,6 +1,7 @@
 //! Outbound HTTP from a handler. The event's data says what to do:
 //! `{"url": "...", "method": "GET"|"POST", "body": "...", "calls": 1, "fail_before": 1, "key": "..."}`
-//! (`key`: an `Idempotency-Key` the handler tries to set itself).
+//! (`key`: an `Idempotency-Key` the handler tries to set itself; `first`: a URL called once
+//! before the others, its outcome ignored).
 //! Each call's outcome is published to `caller.out.ok` (`{status, body, attempt, index}`) or
 //! `caller.out.err` (`{error, attempt, index}`); with `fail_before = N` the attempts before the
 //! N-th ask to be retried after making their calls (the same calls on every attempt); with
@@ -16,7 +17,7 @@ use serde_json::{Value, json};
 #[handler(
     subscribe = ["caller.go"],
     publishes = ["caller.out.>"],
-    outbound = ["http://127.0.0.1:*", "http://localhost:*"]
+    outbound = ["http://127.0.0.1:*", "http://127.0.0.2:*", "http://localhost:*"]
 )]
 fn call(ev: Event) -> Result<(), HandlerError> {
     let spec: Value = ev.json()?;
@@ -34,6 +35,11 @@ fn call(ev: Event) -> Result<(), HandlerError> {
         Some(key) => kv::get(key)?.and_then(|v| String::from_utf8(v).ok()?.parse().ok()).unwrap_or(0),
         None => 0,
     };
+    // `first`: a URL called once before the others, its outcome not looked at (a call that
+    // goes out in an attempt another call's open breaker then fails).
+    if let Some(first) = spec["first"].as_str() {
+        let _ = http::Request::new("GET", first).send();
+    }
     for index in 0..calls {
         let mut req = http::Request { body: body.clone(), ..http::Request::new(method, url) };
         if let Some(key) = spec["key"].as_str() {
