@@ -47,8 +47,8 @@ pub struct Limits {
     /// Bytes the plugin's kv may hold in all, across every event: keys and values, each key
     /// 64 more (see `kv::quota`). A commit past it fails; deletes always pass.
     pub max_kv_bytes: u64,
-    /// Bytes of stdout/stderr/log kept per event (each `log` line 64 more); the rest is cut and
-    /// counted.
+    /// Bytes kept per event of each of stdout, stderr and `log` lines (each its own budget, so
+    /// three times this in all; each `log` line 64 more); the rest is cut and counted.
     pub max_log_bytes: u64,
     /// `fresh`: a new instance per attempt (nothing survives an event). `reuse`: a pool of warm
     /// instances, for handlers that keep no state between events (globals survive!).
