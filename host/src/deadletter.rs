@@ -844,6 +844,19 @@ impl DeadLetters {
         kept.remove(at)
     }
 
+    /// Removes the dead letter kept of `plugin`'s delivery of `original` (not of an output), to
+    /// [`forget`](Self::forget) once `original` was handled: run again (read back from the log
+    /// after a crash before its ack was written, or for a replay) it succeeded, and a replay of
+    /// the dead letter would run it twice.
+    pub fn take_delivery_dead_letter(&self, plugin: &str, original: &Event) -> Option<Entry> {
+        let mut kept = self.kept.lock().expect("dlq poisoned");
+        if !kept.may_hold(plugin, original) {
+            return None;
+        }
+        let at = kept.items.iter().position(|e| e.is_of(plugin, original) && failed_in(&e.event) == Some(plugin))?;
+        kept.remove(at)
+    }
+
     /// The kept dead letter whose (dead-letter event) id is `id`.
     pub fn get(&self, id: &str) -> Option<Entry> {
         let kept = self.kept.lock().expect("dlq poisoned");

@@ -498,6 +498,9 @@ async fn deliver_in_span(rt: &PluginRuntime, delivery: Delivery, retry_in: Retry
             rt.stats.add(|c| &c.outputs, *outputs as u64);
             rt.stats.window.handled(*outputs as u64);
             tracing::debug!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id, attempts, outputs, "handled");
+            if delivery.delivered_before() {
+                let_go_of_the_events_dead_letter(rt, ev).await;
+            }
             if !delivery.acker.acks_nothing() {
                 delivery.acker.ack().await;
             }
@@ -926,7 +929,11 @@ struct Release {
 impl Release {
     /// How the outputs of `delivery`'s attempts from `first` on are released.
     fn of(rt: &PluginRuntime, delivery: &Delivery, first: u32) -> Self {
-        Self { redelivered: first > 1, hold: delivery.redeliverable, may_leave: ComesAgain::of(rt, delivery) }
+        Self {
+            redelivered: first > 1 || delivery.redelivered,
+            hold: delivery.redeliverable,
+            may_leave: ComesAgain::of(rt, delivery),
+        }
     }
 }
 
@@ -1073,6 +1080,16 @@ async fn release_output(
         tokio::time::sleep(wait).await;
         tries += 1;
     }
+}
+
+/// Lets go of the dead letter this host kept of `ev` at an earlier delivery, now that `ev` was
+/// handled (a replay of it would run it twice): on the embedded log, a crash between the dead
+/// letter and the ack's commit reads the event back to run again, as does a replay.
+async fn let_go_of_the_events_dead_letter(rt: &PluginRuntime, ev: &Event) {
+    let Some(kept) = rt.dead_letters.take_delivery_dead_letter(&rt.name, ev) else { return };
+    tracing::info!(plugin = %rt.name, subject = %ev.subject, event_id = %ev.id,
+        "dead-lettered before, run again and handled now: its dead letter is let go");
+    rt.dead_letters.write_off_runtime(move |store| store.forget(&[kept])).await;
 }
 
 /// Lets go of the dead letter this host kept of `out` when its publish failed (at an earlier

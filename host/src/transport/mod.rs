@@ -231,6 +231,10 @@ pub struct Delivery {
     pub attempt: u32,
     /// Whether the transport delivers it again after a `nak` (so retries may leave the host).
     pub redeliverable: bool,
+    /// Delivered before, though `attempt` is 1: read back from the embedded bus's log after a
+    /// restart or for a replay (it may have run, and been dead-lettered, before). See
+    /// [`Delivery::delivered_before`].
+    pub redelivered: bool,
     /// The most times the transport delivers it, as the broker last said (JetStream's
     /// `max_deliver` of the consumer every host of the plugin shares: another host or an operator
     /// may have set it lower than this host would), read when a fate is decided, not when it was
@@ -250,6 +254,12 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// Whether the transport delivered it before: its count says so (`attempt` > 1), or it was
+    /// read back ([`Delivery::redelivered`]).
+    pub fn delivered_before(&self) -> bool {
+        self.attempt > 1 || self.redelivered
+    }
+
     /// A first delivery with nothing to settle and no redelivery.
     pub fn once(event: Arc<Event>) -> Self {
         Self {
@@ -257,6 +267,7 @@ impl Delivery {
             acker: Box::new(NoAck),
             attempt: 1,
             redeliverable: false,
+            redelivered: false,
             max_deliveries: None,
             defect: None,
             handled: None,

@@ -109,3 +109,23 @@ async fn replay_from_a_time_delivers_only_what_was_appended_since() {
     let why = body["error"].as_str().unwrap();
     assert!(why.contains("yesterday-ish") && why.contains("RFC 3339"), "{why}");
 }
+
+/// An event run again from the log that succeeds now lets go of the dead letter kept of its
+/// earlier run: left, a `dlq replay` would run it twice. A replay here; a crash between a dead
+/// letter and the ack's commit reads the event back the same way (review 55a 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_run_again_from_the_log_that_succeeds_lets_go_of_its_dead_letter() {
+    let t = plugbus_tests::TestHost::start_with(&["faulty"], plugbus_tests::fast_retries).await;
+    let mut dlq = t.observe(&["plugbus.dlq.faulty"]).await;
+    t.publish("faulty.gate", "").await;
+    dlq.next_on("plugbus.dlq.faulty").await;
+    assert_eq!(t.host.dead_letters().list(Some("faulty")).len(), 1);
+    let mut out = t.observe(&["faulty.out.>"]).await;
+    t.publish("faulty.opengate", "").await;
+    out.next_on("faulty.out.opengate").await;
+    let replay = format!("{}/v1/replay?plugin=faulty&from=0", t.url());
+    assert_eq!(reqwest::Client::new().post(&replay).send().await.unwrap().status().as_u16(), 200);
+    out.next_on("faulty.out.gate").await;
+    plugbus_tests::eventually("its dead letter is let go", || t.host.dead_letters().list(Some("faulty")).is_empty())
+        .await;
+}

@@ -187,6 +187,7 @@ impl Overflow {
                 // Read back after a restart: its kv writes may have committed with an outbox,
                 // read with it.
                 let handled = log.take_handled(&self.plugin, seq);
+                let redelivered = log.is_redelivery(&self.plugin, seq);
                 if seq < super::log::REQUEST_KEYS {
                     self.in_hand.fetch_add(1, Ordering::AcqRel);
                 }
@@ -200,6 +201,7 @@ impl Overflow {
                         held,
                     }),
                     handled,
+                    redelivered,
                     ..Delivery::once(event)
                 }
             }

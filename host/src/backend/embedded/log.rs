@@ -887,6 +887,18 @@ impl DurableLog {
         self.any_redelivered.store(true, std::sync::atomic::Ordering::Release);
     }
 
+    /// Whether `plugin`'s delivery of `seq` was read back to run again (after a restart, or
+    /// for a replay) and is not settled yet.
+    pub fn is_redelivery(&self, plugin: &str, seq: u64) -> bool {
+        self.any_redelivered.load(std::sync::atomic::Ordering::Acquire)
+            && self
+                .redelivered
+                .lock()
+                .expect("redelivered poisoned")
+                .by_delivery
+                .contains_key(&(Arc::from(plugin), seq))
+    }
+
     /// The outbox read back with `plugin`'s delivery of `seq` (see [`Unsettled::handled`]), once:
     /// read with the event, not when the delivery is made, so a read failing then (the log
     /// reopening after a failed write) cannot pass for "no outbox" and run the handler again.

@@ -104,6 +104,10 @@ fn misbehave(ev: Event) -> Result<(), HandlerError> {
             let n = kv::get_json::<u64>(&key)?.unwrap_or(0) + 1;
             kv::set_json(&key, &n)?;
         }
+        // Rejected until a `faulty.opengate` event has run (kv `gate`).
+        "gate" if kv::get("gate")?.is_none() => return Err(HandlerError::reject("the gate is closed")),
+        "gate" => {}
+        "opengate" => kv::set("gate", b"open")?,
         // How many events this instance has handled (1 with a fresh instance per event).
         "global" => {
             static SEEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
