@@ -1297,6 +1297,12 @@ mod tests {
         let Err(e) = DeadLetters::persistent(10, &path) else { panic!("a damaged file opened") };
         let e = e.to_string();
         assert!(e.contains("dlq.redb") && e.contains("move it aside"), "{e}");
+        // One the host cannot open is not called damaged (review 55a 5).
+        let other = dir.path().join("other.redb");
+        std::fs::create_dir(&other).unwrap();
+        let Err(e) = DeadLetters::persistent(10, &other) else { panic!("a folder opened") };
+        let e = e.to_string();
+        assert!(e.contains("an I/O error, not damage") && !e.contains("move it aside"), "{e}");
     }
 
     /// The attack: `kill -9` after a dead letter was kept (its `fsync` done) and before its

@@ -52,9 +52,8 @@ impl DlqFile {
         // A host stopping in this process lets go of the file when its last task ends.
         // Its page cache: a few MiB (the store is bounded in entries and records; redb's
         // default is 1 GiB).
-        let handle = crate::redb_handle::ReopeningDb::open(path, 8 << 20).map_err(|why| {
-            err(format!("{why} (if the file is damaged, move it aside to start without the dead letters it keeps)"))
-        })?;
+        let handle =
+            crate::redb_handle::ReopeningDb::open(path, 8 << 20, "without the dead letters it keeps").map_err(err)?;
         let db = handle.current().expect("just opened");
         let w = db.begin_write().map_err(|e| err(e.to_string()))?;
         w.open_table(KEPT).map_err(|e| err(e.to_string()))?;

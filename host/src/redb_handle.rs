@@ -22,6 +22,8 @@ pub struct ReopeningDb {
     path: PathBuf,
     /// Its page cache's bound, kept for each open.
     cache_bytes: usize,
+    /// What moving a damaged file aside costs ([`open_failure`]).
+    if_damaged: &'static str,
     /// The open database: `None` once an open after a failed write failed too.
     db: RwLock<Option<Arc<Database>>>,
     /// A write failed: the next write opens it again first (reads go on meanwhile).
@@ -34,11 +36,12 @@ impl ReopeningDb {
     /// Opens (or creates) the database at `path` (blocking: waits up to 2 s for a handle this
     /// process still holds), with a page cache of at most `cache_bytes` (redb's default is
     /// 1 GiB: what a plugin's kv writes would pin in the host's memory).
-    pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, String> {
-        let db = open_db(path, cache_bytes)?;
+    pub fn open(path: &Path, cache_bytes: usize, if_damaged: &'static str) -> Result<Self, String> {
+        let db = open_db(path, cache_bytes, if_damaged)?;
         Ok(Self {
             path: path.to_path_buf(),
             cache_bytes,
+            if_damaged,
             db: RwLock::new(Some(Arc::new(db))),
             broken: AtomicBool::new(false),
             last_try: Mutex::new(None),
@@ -93,7 +96,8 @@ impl ReopeningDb {
         *last_try = Some(Instant::now());
         drop(self.db.write().expect("redb handle poisoned").take());
         let db = Arc::new(
-            open_db(&self.path, self.cache_bytes).map_err(|e| format!("opening it again after a failed write: {e}"))?,
+            open_db(&self.path, self.cache_bytes, self.if_damaged)
+                .map_err(|e| format!("opening it again after a failed write: {e}"))?,
         );
         *self.db.write().expect("redb handle poisoned") = Some(db.clone());
         self.broken.store(false, Ordering::Release);
@@ -102,9 +106,43 @@ impl ReopeningDb {
     }
 }
 
+/// What an open of a database file that failed with `e` says to do: an I/O error (permissions
+/// after a run as another user, a read-only disk, a folder in the file's place) says to look at
+/// the file and its folder, which keep every byte; anything else may be damage, and only then is
+/// the file to be moved aside, losing what `if_damaged` says (review 55a 5: the one advice for
+/// both had an operator throw away a log of accepted events over a permission error).
+pub fn open_failure(e: &redb::DatabaseError, if_damaged: &str) -> String {
+    use std::io::ErrorKind::*;
+    match e {
+        // (redb reports what it cannot read as a database as an I/O error too: `InvalidData`.)
+        redb::DatabaseError::Storage(redb::StorageError::Io(io))
+            if matches!(
+                io.kind(),
+                PermissionDenied
+                    | ReadOnlyFilesystem
+                    | IsADirectory
+                    | NotADirectory
+                    | NotFound
+                    | StorageFull
+                    | QuotaExceeded
+                    | ResourceBusy
+                    | OutOfMemory
+                    | StaleNetworkFileHandle
+            ) =>
+        {
+            format!(
+                "{io} (an I/O error, not damage: check the owner and mode of the file and of its folder, and the \
+             disk; what the file keeps is not lost)"
+            )
+        }
+        e => format!("{e} (if the file is damaged, move it aside to start {if_damaged})"),
+    }
+}
+
 /// Opens (or creates) the database at `path` with a cache of `cache_bytes`, waiting up to 2 s
-/// for another handle of this process to be let go.
-fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, String> {
+/// for another handle of this process to be let go; an error says what to do
+/// ([`open_failure`], with `if_damaged`).
+fn open_db(path: &Path, cache_bytes: usize, if_damaged: &str) -> Result<Database, String> {
     let deadline = Instant::now() + OPEN_WAIT;
     loop {
         match redb::Builder::new().set_cache_size(cache_bytes).create(path) {
@@ -114,7 +152,7 @@ fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, String> {
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err("in use: is another plugbus running with this data_dir?".into());
             }
-            other => return other.map_err(|e| e.to_string()),
+            other => return other.map_err(|e| open_failure(&e, if_damaged)),
         }
     }
 }
@@ -127,7 +165,7 @@ mod tests {
     #[test]
     fn a_broken_database_is_opened_again_at_most_once_a_second() {
         let dir = tempfile::tempdir().unwrap();
-        let db = ReopeningDb::open(&dir.path().join("x.redb"), 1 << 20).unwrap();
+        let db = ReopeningDb::open(&dir.path().join("x.redb"), 1 << 20, "empty").unwrap();
         db.failed();
         db.for_write().expect("the first open after a failure");
         db.failed();

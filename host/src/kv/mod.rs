@@ -317,12 +317,8 @@ impl RedbKv {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(unavailable)?;
         }
-        let handle = crate::redb_handle::ReopeningDb::open(path, KV_CACHE_BYTES).map_err(|e| {
-            unavailable(format!(
-                "{}: {e} (if the file is damaged, move it aside to start with the plugins' kv empty)",
-                path.display()
-            ))
-        })?;
+        let handle = crate::redb_handle::ReopeningDb::open(path, KV_CACHE_BYTES, "with the plugins' kv empty")
+            .map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
         let db = handle.current().expect("just opened");
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(DATA).map_err(unavailable)?;
@@ -638,6 +634,12 @@ pub(crate) mod tests {
         let Err(e) = RedbKv::open(&path) else { panic!("a damaged file opened") };
         let e = e.to_string();
         assert!(e.contains("kv.redb") && e.contains("move it aside"), "{e}");
+        // One the host cannot open is not called damaged (review 55a 5).
+        let other = dir.path().join("other.redb");
+        std::fs::create_dir(&other).unwrap();
+        let Err(e) = RedbKv::open(&other) else { panic!("a folder opened") };
+        let e = e.to_string();
+        assert!(e.contains("an I/O error, not damage") && !e.contains("move it aside"), "{e}");
     }
 
     #[tokio::test]

@@ -183,10 +183,9 @@ impl Default for Retention {
 /// Why the log failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    /// The file could not be opened: damaged, or not a log.
-    #[error(
-        "the event log {path} cannot be opened: {why}. If the file is damaged, move it aside to start with an empty log (accepted, unhandled events in it are then not delivered)"
-    )]
+    /// The file could not be opened: damaged, not a log, or an I/O error (`why` says which, and
+    /// what to do: [`crate::redb_handle::open_failure`]).
+    #[error("the event log {path} cannot be opened: {why}")]
     Open {
         /// The file.
         path: PathBuf,
@@ -658,13 +657,21 @@ impl DurableLog {
 
     /// Like [`DurableLog::open`], keeping history as `retention` says.
     pub fn open_with(path: &Path, sync: SyncPolicy, retention: Retention) -> Result<Arc<Self>, LogError> {
-        let open_err = |why: String| LogError::Open { path: path.to_path_buf(), why };
+        let if_damaged = "with an empty log (accepted, unhandled events in it are then not delivered)";
+        // What an opened file refuses (its tables, its records) is damage.
+        let open_err = |why: String| LogError::Open {
+            path: path.to_path_buf(),
+            why: format!("{why} (if the file is damaged, move it aside to start {if_damaged})"),
+        };
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| open_err(format!("creating {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| LogError::Open {
+                path: path.to_path_buf(),
+                why: format!("creating {}: {e}", dir.display()),
+            })?;
         }
         let db = open_when_free(path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => LogError::InUse { path: path.to_path_buf() },
-            e => open_err(e.to_string()),
+            e => LogError::Open { path: path.to_path_buf(), why: crate::redb_handle::open_failure(&e, if_damaged) },
         })?;
         let w = db.begin_write().map_err(|e| open_err(e.to_string()))?;
         {
@@ -3825,5 +3832,18 @@ pub(crate) mod tests {
         std::fs::write(&path, vec![0x5a; 8192]).unwrap();
         let err = DurableLog::open(&path, SyncPolicy::Always).err().expect("refused").to_string();
         assert!(err.contains("bus.redb") && err.contains("move it aside"), "{err}");
+    }
+
+    /// A file the host cannot open (a folder in its place here; a file left owned by root, a
+    /// read-only disk) is not called damaged: moved aside, its accepted events would be lost
+    /// (review 55a 5).
+    #[test]
+    fn a_file_that_cannot_be_opened_is_not_called_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        std::fs::create_dir(&path).unwrap();
+        let err = DurableLog::open(&path, SyncPolicy::Always).err().expect("refused").to_string();
+        assert!(err.contains("bus.redb") && err.contains("an I/O error, not damage"), "{err}");
+        assert!(!err.contains("move it aside"), "{err}");
     }
 }
