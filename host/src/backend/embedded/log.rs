@@ -1496,19 +1496,26 @@ const TRIM_ROWS: usize = 256;
 /// rows owed are not read again and again.)
 const TRIM_DROP_ROWS: usize = 4096;
 
+/// The most bytes of rows one retention pass drops (each read whole, and its records decoded
+/// for their ids, on the writer's thread while every append, ack and kv commit waits): rows of
+/// up to 256 KiB, and one of its own for each larger event, made 4,096 rows 1 to 5 GiB read in
+/// one pass (review 55a 3). A pass that stops here is followed by the next one at once, as one
+/// stopped at [`TRIM_DROP_ROWS`] is.
+const TRIM_DROP_BYTES: u64 = 64 << 20;
+
 /// How often retention runs, and how soon the next pass runs after one stopped at the bound of
 /// rows dropped.
 const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 const TRIM_AGAIN: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// [`TRIM_ROWS`] and [`TRIM_DROP_ROWS`], or less for a test's log.
-fn trim_bounds(path: &Path) -> (usize, usize) {
+/// [`TRIM_ROWS`], [`TRIM_DROP_ROWS`] and [`TRIM_DROP_BYTES`], or less for a test's log.
+fn trim_bounds(path: &Path) -> (usize, usize, u64) {
     #[cfg(test)]
     if let Some(bounds) = tests::trim_bounds_for(path) {
         return bounds;
     }
     let _ = path;
-    (TRIM_ROWS, TRIM_DROP_ROWS)
+    (TRIM_ROWS, TRIM_DROP_ROWS, TRIM_DROP_BYTES)
 }
 
 /// Whether event `seq` is in `rows` and can be read back (an I/O error says yes: the caller
@@ -1817,13 +1824,16 @@ impl Writer {
             // or by this one): only then may a dropped output's input still run again.
             let kept_before_start = after > 0;
             let mut looked_at = 0usize;
-            let (max_passed_over, max_dropped) = trim_bounds(&self.path);
+            let (max_passed_over, max_dropped, max_dropped_bytes) = trim_bounds(&self.path);
+            // The bytes of the rows dropped so far.
+            let mut dropped_bytes = 0u64;
             'rows: for row in events.range(start..).map_err(|e| e.to_string())? {
                 let (row_key, stored) = row.map_err(|e| e.to_string())?;
                 // Bounded work a pass: the rows passed over (owed, backfilling) and the rows
-                // dropped are each bounded; the next pass goes on from here, soon.
+                // dropped (in count and in bytes) are each bounded; the next pass goes on from
+                // here, soon.
                 passed_over = looked_at - doomed.len();
-                more_to_drop = doomed.len() >= max_dropped;
+                more_to_drop = doomed.len() >= max_dropped || dropped_bytes >= max_dropped_bytes;
                 if passed_over >= max_passed_over || more_to_drop {
                     next_from = after + 1;
                     break 'rows;
@@ -1865,6 +1875,7 @@ impl Writer {
                     in_row.push((seq, record.len() as u64, decode(record).ok().map(|ev| dedupe_key(&ev))));
                 }
                 bytes = left;
+                dropped_bytes += stored.value().len() as u64;
                 let older_kept = kept_before_start || looked_at - 1 > doomed.len();
                 doomed.push((row_key.value(), in_row, older_kept));
             }
@@ -2733,7 +2744,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bus.redb");
         // 3 rows passed over and 2 dropped a pass at most
-        tests::TRIM_BOUNDS_FOR.lock().unwrap().push((path.clone(), (3, 2), Vec::new()));
+        tests::TRIM_BOUNDS_FOR.lock().unwrap().push((path.clone(), (3, 2, u64::MAX), Vec::new()));
         let retention = Retention { max_age: std::time::Duration::ZERO, max_mib: 1024 };
         let log = DurableLog::open_with(&path, SyncPolicy::Always, retention).unwrap();
         let p: Arc<str> = "p".into();
@@ -2763,6 +2774,26 @@ pub(crate) mod tests {
             "the 4 free rows took one pass: {passes:?}"
         );
         tests::TRIM_BOUNDS_FOR.lock().unwrap().retain(|(q, ..)| *q != path);
+    }
+
+    /// A pass drops a bounded number of bytes too (each row it drops is read whole on the
+    /// writer's thread): one of 1 byte at most drops one row, and the next goes on at once.
+    #[tokio::test]
+    async fn retention_drops_a_bounded_number_of_bytes_a_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        tests::TRIM_BOUNDS_FOR.lock().unwrap().push((path.clone(), (100, 100, 1), Vec::new()));
+        let retention = Retention { max_age: std::time::Duration::ZERO, max_mib: 1024 };
+        let log = DurableLog::open_with(&path, SyncPolicy::Always, retention).unwrap();
+        // 4 rows nobody owes (a commit each: a row each)
+        for _ in 0..4 {
+            log.append(Arc::new(sample()), vec![], false).await.unwrap();
+        }
+        dropped_at_least(&log, 4).await;
+        let passes = tests::TRIM_BOUNDS_FOR.lock().unwrap().iter().find(|(q, ..)| *q == path).unwrap().2.clone();
+        tests::TRIM_BOUNDS_FOR.lock().unwrap().retain(|(q, ..)| *q != path);
+        assert!(passes.iter().all(|(_, dropped)| *dropped <= 1), "a pass past its bytes: {passes:?}");
+        assert_eq!(passes.iter().filter(|(_, dropped)| *dropped == 1).count(), 4, "{passes:?}");
     }
 
     #[tokio::test]
@@ -3291,10 +3322,10 @@ pub(crate) mod tests {
 
     /// Logs whose retention passes pass over and drop at most these many rows, and the rows
     /// each pass passed over and dropped.
-    type TrimLog = (PathBuf, (usize, usize), Vec<(usize, usize)>);
+    type TrimLog = (PathBuf, (usize, usize, u64), Vec<(usize, usize)>);
     static TRIM_BOUNDS_FOR: std::sync::Mutex<Vec<TrimLog>> = std::sync::Mutex::new(Vec::new());
 
-    pub(super) fn trim_bounds_for(path: &Path) -> Option<(usize, usize)> {
+    pub(super) fn trim_bounds_for(path: &Path) -> Option<(usize, usize, u64)> {
         TRIM_BOUNDS_FOR.lock().unwrap().iter().find(|(p, ..)| p == path).map(|(_, bounds, _)| *bounds)
     }
 
