@@ -542,15 +542,19 @@ pub fn percent_decode(s: &str) -> String {
     if !s.contains('%') {
         return s.to_string();
     }
+    // On bytes: a `%` before a multi-byte character (`100%€`) made a `str` slice that ended
+    // inside it, and the panic took down the NATS pump decoding the message, for every host
+    // (review 55d H1); and `u8::from_str_radix` read `%+1` as 0x01.
+    let hex = |b: u8| char::from(b).to_digit(16).map(|d| d as u8);
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+            && let (Some(&hi), Some(&lo)) = (bytes.get(i + 1), bytes.get(i + 2))
+            && let (Some(hi), Some(lo)) = (hex(hi), hex(lo))
         {
-            out.push(b);
+            out.push(hi << 4 | lo);
             i += 3;
             continue;
         }
@@ -589,6 +593,31 @@ pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Any header value a NATS publisher or HTTP client sends decodes without a panic (review
+    /// 55d H1: a `%` before a multi-byte character sliced inside it), and only `%` with two hex
+    /// digits is an escape.
+    #[test]
+    fn percent_decoding_takes_any_text_and_only_two_hex_digits() {
+        for (encoded, decoded) in [
+            ("100%€", "100%€"),
+            ("%a€", "%a€"),
+            ("50% é", "50% é"),
+            ("%😀", "%😀"),
+            ("5%。", "5%。"),
+            ("%+1", "%+1"),
+            ("%-1", "%-1"),
+            ("%", "%"),
+            ("%4", "%4"),
+            ("a%2", "a%2"),
+            ("%41%42", "AB"),
+            ("acme%20co", "acme co"),
+            ("%e2%82%AC", "€"),
+            ("%ff", "\u{fffd}"),
+        ] {
+            assert_eq!(percent_decode(encoded), decoded, "{encoded:?}");
+        }
+    }
 
     #[test]
     fn binary_mode_maps_ce_headers() {

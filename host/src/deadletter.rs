@@ -394,6 +394,10 @@ struct Kept {
 struct Held {
     all: (usize, usize),
     by_source: HashMap<String, (usize, usize)>,
+    /// Entries by the id of the event they are of: a lookup of one event's dead letter (each
+    /// event handled after a read-back from the log, each of its outputs) scans the store only
+    /// when it may be there, not whenever the plugin holds one of the same source (review 55c M2).
+    by_id: HashMap<String, usize>,
 }
 
 /// The source of the event `dead` is the dead letter of (`plugbus/<plugin>` for a plugin's
@@ -406,10 +410,12 @@ impl Kept {
     fn count(&mut self, entry: &Entry, added: bool) {
         let size = kept_bytes(entry);
         let source = original_source(&entry.event);
+        let id = entry.event.header(headers::ORIGINAL_ID).unwrap_or_default();
         if added {
             let held = self.by_plugin.entry(entry.plugin.clone()).or_default();
             let of_source = held.by_source.entry(source.to_string()).or_default();
             *of_source = (of_source.0 + 1, of_source.1 + size);
+            *held.by_id.entry(id.to_string()).or_default() += 1;
             held.all = (held.all.0 + 1, held.all.1 + size);
             self.bytes += size;
             return;
@@ -423,6 +429,12 @@ impl Kept {
                 held.by_source.remove(source);
             }
         }
+        if let Some(of_id) = held.by_id.get_mut(id) {
+            *of_id -= 1;
+            if *of_id == 0 {
+                held.by_id.remove(id);
+            }
+        }
         if held.all.0 == 0 {
             self.by_plugin.remove(&entry.plugin);
         }
@@ -432,9 +444,10 @@ impl Kept {
     /// none (kept by an older version). Counted, so the redeliveries and outputs that look for
     /// one scan the store only when it may be there.
     fn may_hold(&self, plugin: &str, original: &Event) -> bool {
-        self.by_plugin
-            .get(plugin)
-            .is_some_and(|held| held.by_source.contains_key(&original.source) || held.by_source.contains_key(""))
+        self.by_plugin.get(plugin).is_some_and(|held| {
+            (held.by_source.contains_key(&original.source) || held.by_source.contains_key(""))
+                && held.by_id.contains_key(&original.id)
+        })
     }
 
     fn push_back(&mut self, entry: Entry) {

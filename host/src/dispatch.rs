@@ -557,7 +557,8 @@ async fn publish_dead_letter_and_settle(
         Some((dead, kept_whole)) => publish_dead_letter(rt, &ev.id, dead.clone(), *kept_whole).await.is_ok(),
         None => true,
     };
-    let comes_again = may_come_again(rt, delivery).await;
+    // (Asked only where it decides: a dead letter kept terms the input either way.)
+    let comes_again = !kept && may_come_again(rt, delivery).await;
     match fate::settle_dead_letter(kept, delivery.redeliverable, comes_again, attempts, &rt.retry) {
         Settle::Term => delivery.acker.term().await,
         Settle::Nak(wait) => delivery.acker.nak(wait).await,
@@ -646,8 +647,13 @@ async fn attempts(
                     rt.metrics.host_failures.inc();
                 }
                 drop(span);
-                let redelivering = by_transport && release.may_leave.fresh().await;
-                let fate = fate::decide_after(&failure, attempt, circuit, &rt.retry, redelivering);
+                // Decided by the broker's bound as last seen; a give-back asks the broker again
+                // first when that is old (`ComesAgain::fresh`): only there does the answer matter.
+                let redelivering = by_transport && release.may_leave.now();
+                let mut fate = fate::decide_after(&failure, attempt, circuit, &rt.retry, redelivering);
+                if matches!(fate, Fate::Redeliver(_)) && !release.may_leave.fresh().await {
+                    fate = fate::decide_after(&failure, attempt, circuit, &rt.retry, false);
+                }
                 if let Fate::WaitForCircuit(wait) = fate {
                     rt.stats.add(|c| &c.retried, 1);
                     rt.stats.add(|c| &c.circuit_waits, 1);

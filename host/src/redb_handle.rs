@@ -112,24 +112,11 @@ impl ReopeningDb {
 /// the file to be moved aside, losing what `if_damaged` says (review 55a 5: the one advice for
 /// both had an operator throw away a log of accepted events over a permission error).
 pub fn open_failure(e: &redb::DatabaseError, if_damaged: &str) -> String {
-    use std::io::ErrorKind::*;
     match e {
-        // (redb reports what it cannot read as a database as an I/O error too: `InvalidData`.)
-        redb::DatabaseError::Storage(redb::StorageError::Io(io))
-            if matches!(
-                io.kind(),
-                PermissionDenied
-                    | ReadOnlyFilesystem
-                    | IsADirectory
-                    | NotADirectory
-                    | NotFound
-                    | StorageFull
-                    | QuotaExceeded
-                    | ResourceBusy
-                    | OutOfMemory
-                    | StaleNetworkFileHandle
-            ) =>
-        {
+        // The system's errors carry its number (EACCES, EROFS, EISDIR, EIO of a failing disk…);
+        // what redb cannot read as a database it reports as an I/O error of its own, without one
+        // (`InvalidData`, `UnexpectedEof`).
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) if io.raw_os_error().is_some() => {
             format!(
                 "{io} (an I/O error, not damage: check the owner and mode of the file and of its folder, and the \
              disk; what the file keeps is not lost)"

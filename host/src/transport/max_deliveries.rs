@@ -6,8 +6,10 @@
 //! broker (NATS: `backend/nats/watched.rs`, every second while busy, every few seconds while
 //! idle). A look a few seconds old may miss a bound another host or an operator lowered since, so
 //! a delivery that would give its event back asks for a look first when the last is older than
-//! the transport's cadence while busy ([`MaxDeliveries::fresh`]): only on that path, never on a
-//! delivery that goes well, and never for longer than a look takes.
+//! the transport's cadence while busy ([`MaxDeliveries::fresh`]): only when it would give the
+//! event back (never on a delivery that goes well, is retried in the host or dead-lettered), and
+//! never for longer than a look takes: a look that fails, or a watcher that is gone (its plugin
+//! left), ends the wait with the value as last read.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
@@ -26,8 +28,10 @@ pub struct MaxDeliveries {
     wait: Duration,
     /// Asks the transport for a look now ([`MaxDeliveries::asked`]).
     ask: Notify,
-    /// Counts the looks, for a delivery waiting for the next one.
+    /// Counts the looks (failed ones too), for a delivery waiting for the next one.
     looks: watch::Sender<u64>,
+    /// The transport no longer looks (its watcher ended): nobody waits for a look.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl MaxDeliveries {
@@ -41,6 +45,7 @@ impl MaxDeliveries {
             wait,
             ask: Notify::new(),
             looks: watch::Sender::new(0),
+            closed: false.into(),
         }
     }
 
@@ -55,8 +60,12 @@ impl MaxDeliveries {
         if self.read_at.lock().expect("max deliveries poisoned").elapsed() <= self.fresh_for {
             return self.now();
         }
-        // Subscribed before asking: a look that ends from here on is seen.
+        // Subscribed before asking (and before reading `closed`): a look that ends from here on,
+        // or a close, is seen.
         let mut looks = self.looks.subscribe();
+        if self.closed.load(Relaxed) {
+            return self.now();
+        }
         self.ask.notify_one();
         let _ = tokio::time::timeout(self.wait, looks.changed()).await;
         self.now()
@@ -66,6 +75,19 @@ impl MaxDeliveries {
     pub fn read(&self, value: u32) {
         self.value.store(value, Relaxed);
         *self.read_at.lock().expect("max deliveries poisoned") = Instant::now();
+        self.looks.send_modify(|n| *n += 1);
+    }
+
+    /// A look failed (the broker did not answer, or refused): those waiting for it go on with
+    /// the value as last read.
+    pub fn look_failed(&self) {
+        self.looks.send_modify(|n| *n += 1);
+    }
+
+    /// The transport looks no more (its watcher ended): those waiting, and those who ask from
+    /// now on, go on with the value as last read.
+    pub fn close(&self) {
+        self.closed.store(true, Relaxed);
         self.looks.send_modify(|n| *n += 1);
     }
 
@@ -115,6 +137,22 @@ mod tests {
         assert_eq!(max.fresh().await, 8);
         tokio::task::yield_now().await;
         assert_eq!(looks.load(Relaxed), 0, "a fresh bound asks the broker nothing");
+    }
+
+    #[tokio::test]
+    async fn a_failed_look_or_a_gone_watcher_ends_the_wait_at_once() {
+        let max = Arc::new(MaxDeliveries::new(8, Duration::ZERO, Duration::from_secs(30)));
+        let failing = max.clone();
+        tokio::spawn(async move {
+            failing.asked().await;
+            failing.look_failed();
+        });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let started = Instant::now();
+        assert_eq!(max.fresh().await, 8);
+        assert!(started.elapsed() < Duration::from_secs(25), "it waited out the wait for a failed look");
+        max.close();
+        assert_eq!(max.fresh().await, 8, "nobody looks: no wait");
     }
 
     #[tokio::test]

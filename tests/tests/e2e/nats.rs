@@ -187,6 +187,31 @@ async fn a_queue_group_shares_the_work_of_two_hosts_each_event_once() {
     assert!(on_a > 0 && on_b > 0, "both hosts did some of the work: {on_a} + {on_b}");
 }
 
+/// A header value with a `%` before a multi-byte character (`100%€`, as a producer writes a
+/// progress note) used to panic the decoder: the JetStream pump of the plugin died, on every
+/// host in turn as the message came back (review 55d H1). It reaches the handler as it was sent,
+/// and so does the next message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_with_a_percent_before_a_multibyte_character_reaches_the_handler_as_sent() {
+    let server = NatsServer::start().await;
+    let _t = TestHost::start_on(&Bus::JetStream(&server), &["attrs"], |_| {}).await;
+    let client = server.client().await;
+    let mut out = client.subscribe("attrs.out").await.unwrap();
+    client.flush().await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let mut h = async_nats::HeaderMap::new();
+    for (k, v) in [("ce-specversion", "1.0"), ("ce-id", "pct-1"), ("ce-source", "/shop"), ("ce-type", "t")] {
+        h.insert(k, v);
+    }
+    h.insert("ce-note", "100%€ %😀");
+    js.publish_with_headers("ce.binary", h, "{}".into()).await.unwrap().await.unwrap();
+    let v: Value = serde_json::from_slice(&next(&mut out).await.payload).unwrap();
+    assert_eq!((v["id"].as_str(), v["headers"]["note"].as_str()), (Some("pct-1"), Some("100%€ %😀")));
+    js.publish("ce.plain", "after".into()).await.unwrap().await.unwrap();
+    let v: Value = serde_json::from_slice(&next(&mut out).await.payload).unwrap();
+    assert_eq!(v["data"], "after", "the pump goes on");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloudevents_binary_structured_and_plain_messages_reach_the_handler() {
     let server = NatsServer::start().await;

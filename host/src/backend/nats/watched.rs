@@ -4,7 +4,8 @@
 //! a message comes after a quiet while, and every 5 s otherwise (what the pump's own look before
 //! each pull cost an idle plugin before). No pull and no message waits on a look (a server slow to
 //! answer info requests would otherwise stall every message, and the messages read late would
-//! outlive their `ack_wait`).
+//! outlive their `ack_wait`); only a delivery about to give its event back may, below, and a look
+//! that fails ends its wait.
 //!
 //! Every host of a plugin shares its consumer, and a host of another version (another
 //! `retry.max_attempts`) or an operator may have set its `max_deliver` lower than this host would
@@ -33,8 +34,9 @@ const ACTIVE_FOR: Duration = Duration::from_secs(10);
 /// How old a look may be for a delivery to decide by it: past [`EVERY`], plus a look's time, a
 /// busy pump's never is.
 const FRESH_FOR: Duration = Duration::from_secs(2);
-/// How long a delivery waits for the look it asked for: one given up, and the next begun.
-const ASKED_WAIT: Duration = Duration::from_millis(2 * LOOK_TIMEOUT.as_millis() as u64 + 500);
+/// The longest a delivery waits for the look it asked for: a look under way when it asks ends
+/// (answered, failed or given up at [`LOOK_TIMEOUT`]) within this, and ends the wait.
+const ASKED_WAIT: Duration = Duration::from_millis(LOOK_TIMEOUT.as_millis() as u64 + 500);
 
 /// The consumer as last seen.
 pub struct Watched {
@@ -138,6 +140,14 @@ pub fn bound(max_deliver: i64, fallback: u32) -> u32 {
 /// ([`MaxDeliveries::fresh`]), and every [`IDLE_EVERY`] otherwise. Runs until aborted (with its
 /// pump).
 pub async fn watch(mut consumer: PullConsumer, watched: Arc<Watched>, spec: SharedSpec) {
+    /// Ends the waits for a look once this task ends (aborted with its pump).
+    struct Closing(Arc<MaxDeliveries>);
+    impl Drop for Closing {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+    let _closing = Closing(watched.max_deliveries.clone());
     let mut last = Instant::now();
     loop {
         let woken = tokio::select! {
@@ -149,9 +159,12 @@ pub async fn watch(mut consumer: PullConsumer, watched: Arc<Watched>, spec: Shar
             continue;
         }
         last = Instant::now();
-        if let Ok(Ok(info)) = tokio::time::timeout(LOOK_TIMEOUT, consumer.info()).await {
-            let fallback = spec.read().expect("spec poisoned").durability.give_up_after;
-            watched.update(info, fallback);
+        match tokio::time::timeout(LOOK_TIMEOUT, consumer.info()).await {
+            Ok(Ok(info)) => {
+                let fallback = spec.read().expect("spec poisoned").durability.give_up_after;
+                watched.update(info, fallback);
+            }
+            _ => watched.max_deliveries.look_failed(),
         }
     }
 }
