@@ -755,7 +755,7 @@ async fn run_attempt(
         rt.stats.window.time(run.elapsed);
         if let Err(failure) = run.result {
             *seen = run.seen;
-            (circuit.open, circuit.calls_out) = (run.circuit_open, run.calls_out);
+            (circuit.open, circuit.requests_out) = (run.circuit_open, run.requests_out);
             return Err(DeliveryError::of_attempt(failure));
         }
         // Every output carries the host's trace context (the attempt's span, or the input's

@@ -138,10 +138,11 @@ pub struct Circuit {
     pub open: Option<Duration>,
     /// How long this delivery has waited for open breakers so far ([`Fate::WaitForCircuit`]s).
     pub waited: Duration,
-    /// The attempt's outbound calls and requests that left the sandbox (not those refused at
-    /// once): an attempt that made any is charged, since a run again in its place would make them
-    /// again under fresh per-attempt limits.
-    pub calls_out: u32,
+    /// The requests the attempt sent (to other plugins or responders): an attempt that sent any
+    /// is charged, since a run again in its place would send them again, each running a handler
+    /// there, under fresh per-attempt limits. (Its outbound HTTP calls do not count: run again as
+    /// the same attempt, each goes out under the same `Idempotency-Key`.)
+    pub requests_out: u32,
 }
 
 /// The most a breaker wait is spread past the cool-down (a tenth of it, at most this), so the
@@ -157,7 +158,7 @@ pub fn decide(error: &DeliveryError, attempt: u32, policy: &RetryPolicy, redeliv
 /// [`decide`], knowing what open circuit breakers did to the attempt (`circuit`).
 ///
 /// An attempt that asked to retry (`retry`, what the SDK makes of `CircuitOpen`) after an open
-/// breaker refused one of its calls, and sent nothing out (`circuit.calls_out`), waits
+/// breaker refused one of its calls, and sent no request (`circuit.requests_out`), waits
 /// `max(backoff, retry_after)` (plus a little jitter) and runs again as the same attempt, until the delivery has waited `policy.max_circuit_wait` in
 /// all; then such an attempt is charged like any other, and its retry still waits at least the
 /// breaker's `retry_after` (a retry sooner would only be refused again). So a provider that is
@@ -173,7 +174,7 @@ pub fn decide_after(
     let retry_after = circuit.open.filter(|_| error.is_retryable());
     if let (DeliveryError::Handler(Failure::Retry(_)), Some(after)) = (error, retry_after)
         && circuit.waited < policy.max_circuit_wait
-        && circuit.calls_out == 0
+        && circuit.requests_out == 0
     {
         let jitter = after.mul_f64(0.1).min(CIRCUIT_JITTER_MAX).mul_f64(fastrand::f64());
         return Fate::WaitForCircuit(policy.backoff(attempt).max(after + jitter));
@@ -250,8 +251,11 @@ mod tests {
     fn a_retry_after_an_open_circuit_waits_the_cool_down_uncharged_until_the_budget_is_spent() {
         let p = RetryPolicy { max_circuit_wait: Duration::from_secs(60), ..policy() };
         let retry = DeliveryError::Handler(Failure::Retry("circuit open for pay.example".into()));
-        let open =
-            |waited| Circuit { open: Some(Duration::from_secs(10)), waited: Duration::from_secs(waited), calls_out: 0 };
+        let open = |waited| Circuit {
+            open: Some(Duration::from_secs(10)),
+            waited: Duration::from_secs(waited),
+            requests_out: 0,
+        };
         // Even on the last attempt, and even where the transport redelivers: wait here.
         for (attempt, redelivering) in [(1, false), (3, true), (7, false)] {
             let Fate::WaitForCircuit(wait) = decide_after(&retry, attempt, open(0), &p, redelivering) else {
@@ -283,9 +287,9 @@ mod tests {
             matches!(decide_after(&trap, 1, open(0), &p, false), Fate::RetryHere(w) if w >= Duration::from_secs(10))
         );
         assert_eq!(decide_after(&trap, 3, open(0), &p, false), Fate::DeadLetter);
-        // Calls or requests that went out before the refusal: charged, never sooner than the
-        // breaker allows (run again uncharged, each run made them again: review 55b M2).
-        let sent = Circuit { calls_out: 16, ..open(0) };
+        // Requests sent: charged, never sooner than the breaker allows (run again uncharged,
+        // each run sent them again: review 55b M2).
+        let sent = Circuit { requests_out: 16, ..open(0) };
         assert!(matches!(decide_after(&retry, 1, sent, &p, false), Fate::RetryHere(w) if w >= Duration::from_secs(10)));
         assert_eq!(decide_after(&retry, 3, sent, &p, false), Fate::DeadLetter);
     }

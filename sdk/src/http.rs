@@ -92,7 +92,8 @@ impl std::error::Error for HttpError {}
 /// An open circuit needs nothing more from the handler: the host saw its breaker refuse the
 /// call, so when the attempt asks to retry it waits at least the breaker's `retry_after` and
 /// runs the *same* attempt again ([`Event::attempt`](crate::Event::attempt) unchanged, not
-/// counted against `max_attempts`), up to the operator's `[retry] max_circuit_wait` per event
+/// counted against `max_attempts`, unless the attempt sent a request), up to the operator's
+/// `[retry] max_circuit_wait` per event
 /// (default 15 minutes; past it such retries count like any other, so a provider that never
 /// comes back still ends in a dead letter).
 impl From<HttpError> for HandlerError {

@@ -93,6 +93,9 @@ pub struct Attempt {
     /// any is not re-run in place, after a kv conflict or for an open breaker (each run would
     /// make them again, under fresh per-attempt limits).
     pub calls_out: u32,
+    /// The requests among them (an open breaker's wait runs again uncharged only an attempt
+    /// that sent none: `fate::Circuit::requests_out`).
+    pub requests_out: u32,
 }
 
 /// A validated, pre-linked plugin, ready to run events.
@@ -303,6 +306,7 @@ impl Plugin {
                     reply: None,
                     circuit_open: None,
                     calls_out: 0,
+                    requests_out: 0,
                 }
             }
         }
@@ -372,9 +376,10 @@ impl Plugin {
         self.forward_stdio(&mut state);
         let ok = result.is_ok();
         let seen = (!ok || world.is_some()).then(|| Box::new(std::mem::take(&mut state.seen)));
-        let calls_out = state.calls_out();
+        let (calls_out, requests_out) = (state.calls_out(), state.requests_out());
         Attempt {
             calls_out,
+            requests_out,
             result,
             outputs: if ok { state.outputs } else { Vec::new() },
             txn: if ok { state.txn } else { Txn::default() },
@@ -413,6 +418,7 @@ impl Plugin {
                             reply: None,
                             circuit_open: None,
                             calls_out: 0,
+                            requests_out: 0,
                         };
                     }
                 }
@@ -437,12 +443,12 @@ impl Plugin {
         let seen = std::mem::take(&mut state.seen);
         let seen = (!ok).then(|| Box::new(seen));
         let circuit_open = state.outbound.circuit_open.take();
-        let calls_out = state.calls_out();
+        let (calls_out, requests_out) = (state.calls_out(), state.requests_out());
         warm.uses += 1;
         if !trapped && warm.uses < self.ctx.limits.recycle_after {
             self.warm.put(warm);
         }
-        Attempt { result, outputs, txn, elapsed: started.elapsed(), seen, reply, circuit_open, calls_out }
+        Attempt { result, outputs, txn, elapsed: started.elapsed(), seen, reply, circuit_open, calls_out, requests_out }
     }
 
     fn outcome(

@@ -231,6 +231,11 @@ impl HostState {
         self.outbound.sent.saturating_add(self.requests)
     }
 
+    /// Requests the attempt sent.
+    pub(super) fn requests_out(&self) -> u32 {
+        self.requests
+    }
+
     fn refuse(&mut self, err: types::PublishError) -> Result<(), types::PublishError> {
         let why = match &err {
             types::PublishError::Denied(m) | types::PublishError::Limit(m) | types::PublishError::Invalid(m) => m,

@@ -455,11 +455,14 @@ async fn a_provider_that_never_comes_back_still_ends_in_a_dead_letter() {
     }
 }
 
-/// An attempt whose other calls went out before an open breaker refused one is charged: run
-/// again uncharged, each run made them again under fresh per-attempt limits, for as long as
-/// `max_circuit_wait` (15 minutes), where the README bounds them by `max_attempts` (review 55b M2).
+/// An open breaker's wait is free only for what runs again harmlessly. An attempt that also made
+/// an outbound call runs again uncharged: the call repeats under the same `Idempotency-Key`
+/// (fetching a token before the payment is the common case). One that sent a request is charged:
+/// run again uncharged, each run asked again (another plugin's handler ran each time, under
+/// fresh per-attempt limits) for as long as `max_circuit_wait`, where the README bounds requests
+/// by `max_attempts` (review 55b M2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_attempt_whose_calls_went_out_is_charged_though_a_breaker_refused_another() {
+async fn an_attempt_that_sent_a_request_is_charged_though_a_breaker_refused_its_call() {
     // Two destination hosts: a breaker is per host.
     let (up, down) = (Server::start_at("127.0.0.2").await, Server::start().await);
     down.down.store(true, Ordering::SeqCst);
@@ -473,13 +476,25 @@ async fn an_attempt_whose_calls_went_out_is_charged_though_a_breaker_refused_ano
     })
     .await;
     let mut seen = t.observe(&["plugbus.dlq.caller"]).await;
+    let attempts_of = |dead: &plugbus::Event| dead.header(plugbus::deadletter::headers::ATTEMPTS).map(str::to_string);
+
+    // An outbound call first: waits uncharged; each run's call repeats the key. (Attempt 1 opens
+    // the breaker; 2 is refused, waits, runs again as 2 (the probe, failing); 3 likewise.)
     let spec = json!({ "first": up.url("/ok"), "url": down.url("/flaky"), "strict": true });
     t.publish("caller.go", spec.to_string()).await;
     let dead = seen.next_on("plugbus.dlq.caller").await;
-    let attempts = dead.header(plugbus::deadletter::headers::ATTEMPTS).unwrap_or_default().to_string();
-    assert_eq!(attempts, "3");
-    assert_eq!(up.seen("/ok").len(), 3, "one call out per charged attempt, none between");
-    assert_eq!(t.counter("caller", "circuit_waits"), 0);
+    assert_eq!(attempts_of(&dead).as_deref(), Some("3"));
+    assert_eq!(t.counter("caller", "circuit_waits"), 2);
+    let keys = up.seen("/ok");
+    assert_eq!(keys.len(), 5, "{keys:?}");
+    assert!(keys.iter().all(|k| *k == keys[0]), "a run again made a new call: {keys:?}");
+
+    // A request first: charged, never run again uncharged.
+    let spec = json!({ "ask": "caller.out.ask", "url": down.url("/flaky"), "strict": true });
+    t.publish("caller.go", spec.to_string()).await;
+    let dead = seen.next_on("plugbus.dlq.caller").await;
+    assert_eq!(attempts_of(&dead).as_deref(), Some("3"));
+    assert_eq!(t.counter("caller", "circuit_waits"), 2, "no wait was free");
 }
 
 /// A guest that builds requests and never sends them (no grant needed): what the host holds for

@@ -1,7 +1,7 @@
 //! Outbound HTTP from a handler. The event's data says what to do:
 //! `{"url": "...", "method": "GET"|"POST", "body": "...", "calls": 1, "fail_before": 1, "key": "..."}`
 //! (`key`: an `Idempotency-Key` the handler tries to set itself; `first`: a URL called once
-//! before the others, its outcome ignored).
+//! before the others, its outcome ignored; `ask`: a subject asked once before them, likewise).
 //! Each call's outcome is published to `caller.out.ok` (`{status, body, attempt, index}`) or
 //! `caller.out.err` (`{error, attempt, index}`); with `fail_before = N` the attempts before the
 //! N-th ask to be retried after making their calls (the same calls on every attempt); with
@@ -39,6 +39,10 @@ fn call(ev: Event) -> Result<(), HandlerError> {
     // goes out in an attempt another call's open breaker then fails).
     if let Some(first) = spec["first"].as_str() {
         let _ = http::Request::new("GET", first).send();
+    }
+    // `ask`: a request sent once before the calls, its answer (or none) not looked at.
+    if let Some(subject) = spec["ask"].as_str() {
+        let _ = plugbus_sdk::request(subject, b"", std::time::Duration::from_millis(100));
     }
     for index in 0..calls {
         let mut req = http::Request { body: body.clone(), ..http::Request::new(method, url) };
