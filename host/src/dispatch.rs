@@ -722,8 +722,8 @@ enum Ran {
 /// the transport keeps a log (`position`), the outputs commit with the kv writes (an outbox), so
 /// a crash before the ack releases them at the next start instead of running the handler again.
 /// When the handler fails, `seen` gets what it read and logged (moved, not copied), and
-/// `circuit` the longest `retry_after` of the calls open breakers refused and the calls that went
-/// out.
+/// `circuit` the longest `retry_after` of the calls open breakers refused and the requests it
+/// sent.
 async fn run_attempt(
     rt: &PluginRuntime,
     plugin: &Plugin,
