@@ -296,16 +296,17 @@ async fn one_order_is_one_trace_through_the_five_handlers() {
     .await;
     assert!(ingress.parent_span_id.is_empty(), "no traceparent came in: the ingress span is a root");
     let trace = ingress.trace_id.clone();
-    let spans =
-        wait_for(&got, "the notify delivery span", |spans| delivery(spans, &trace, "notify").map(|_| spans.to_vec()))
-            .await;
+    // (Every delivery's span: one ends after its output was taken and its input settled, so the
+    // next plugin's may be exported in an earlier batch.)
+    let chain = ["inventory", "payments", "shipping", "notify"];
+    let spans = wait_for(&got, "the four delivery spans", |spans| {
+        chain.iter().all(|p| delivery(spans, &trace, p).is_some()).then(|| spans.to_vec())
+    })
+    .await;
 
     // orders.created → inventory → payments → shipping → notify: each delivery a descendant of
     // the one whose output it handles, the first a child of the ingress span.
-    let chain: Vec<&Span> = ["inventory", "payments", "shipping", "notify"]
-        .iter()
-        .map(|p| delivery(&spans, &trace, p).unwrap_or_else(|| panic!("no {p} delivery span in the trace")))
-        .collect();
+    let chain: Vec<&Span> = chain.iter().map(|p| delivery(&spans, &trace, p).expect("waited for")).collect();
     assert_eq!(chain[0].parent_span_id, ingress.span_id, "inventory's delivery is a child of the ingress");
     for pair in chain.windows(2) {
         let (up, down) = (pair[0], pair[1]);
@@ -511,14 +512,14 @@ subjects = ["shipping.>"]
     headers.insert("Nats-Msg-Id", "nats-order-1");
     js.publish_with_headers("orders.created", headers, order("n-1", "widget", 1).into()).await.unwrap().await.unwrap();
     let trace_id: Vec<u8> = (0..16).map(|i| u8::from_str_radix(&trace[2 * i..2 * i + 2], 16).unwrap()).collect();
-    let spans = wait_for(&got, "notify's delivery in the publisher's trace", |spans| {
-        delivery(spans, &trace_id, "notify").map(|_| spans.to_vec())
+    // Every delivery's span, not only the last one's: a delivery's span ends after its output
+    // was taken and its input acked, so the next plugin's may be exported in an earlier batch.
+    let chain = ["inventory", "payments", "shipping", "notify"];
+    let spans = wait_for(&got, "the four deliveries in the publisher's trace", |spans| {
+        chain.iter().all(|p| delivery(spans, &trace_id, p).is_some()).then(|| spans.to_vec())
     })
     .await;
-    let chain: Vec<&Span> = ["inventory", "payments", "shipping", "notify"]
-        .iter()
-        .map(|p| delivery(&spans, &trace_id, p).unwrap_or_else(|| panic!("no {p} delivery span in the trace")))
-        .collect();
+    let chain: Vec<&Span> = chain.iter().map(|p| delivery(&spans, &trace_id, p).expect("waited for")).collect();
     assert_eq!(hex(&chain[0].parent_span_id), parent, "inventory continues the publisher's span");
     for pair in chain.windows(2) {
         assert!(descends_from(&spans, pair[1], pair[0]), "{} → {}", pair[0].name, pair[1].name);
