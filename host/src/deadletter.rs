@@ -849,12 +849,7 @@ impl DeadLetters {
     /// published: a later delivery of the input published it after its dead letter reached no
     /// broker, and a replay would send it twice.
     pub fn take_unpublished_output(&self, plugin: &str, output: &Event) -> Option<Entry> {
-        let mut kept = self.kept.lock().expect("dlq poisoned");
-        if !kept.may_hold(plugin, output) {
-            return None;
-        }
-        let at = kept.items.iter().position(|e| e.is_of(plugin, output) && failed_in(&e.event).is_none())?;
-        kept.remove(at)
+        self.take_of(plugin, output, None)
     }
 
     /// Removes the dead letter kept of `plugin`'s delivery of `original` (not of an output), to
@@ -862,11 +857,17 @@ impl DeadLetters {
     /// after a crash before its ack was written, or for a replay) it succeeded, and a replay of
     /// the dead letter would run it twice.
     pub fn take_delivery_dead_letter(&self, plugin: &str, original: &Event) -> Option<Entry> {
+        self.take_of(plugin, original, Some(plugin))
+    }
+
+    /// Removes `plugin`'s dead letter of `original` that [`failed_in`] says failed in `failed_in`
+    /// (`None`: an output's).
+    fn take_of(&self, plugin: &str, original: &Event, failed: Option<&str>) -> Option<Entry> {
         let mut kept = self.kept.lock().expect("dlq poisoned");
         if !kept.may_hold(plugin, original) {
             return None;
         }
-        let at = kept.items.iter().position(|e| e.is_of(plugin, original) && failed_in(&e.event) == Some(plugin))?;
+        let at = kept.items.iter().position(|e| e.is_of(plugin, original) && failed_in(&e.event) == failed)?;
         kept.remove(at)
     }
 

@@ -159,7 +159,8 @@ pub fn decide(error: &DeliveryError, attempt: u32, policy: &RetryPolicy, redeliv
 ///
 /// An attempt that asked to retry (`retry`, what the SDK makes of `CircuitOpen`) after an open
 /// breaker refused one of its calls, and sent no request (`circuit.requests_out`), waits
-/// `max(backoff, retry_after)` (plus a little jitter) and runs again as the same attempt, until the delivery has waited `policy.max_circuit_wait` in
+/// `max(backoff, retry_after)` (plus a little jitter) and runs again as the same attempt, until
+/// the delivery has waited `policy.max_circuit_wait` in
 /// all; then such an attempt is charged like any other, and its retry still waits at least the
 /// breaker's `retry_after` (a retry sooner would only be refused again). So a provider that is
 /// down for a while makes events wait, and one that never comes back still ends in dead letters

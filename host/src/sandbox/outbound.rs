@@ -300,8 +300,8 @@ pub struct Outbound {
     pub event_source: String,
     /// Calls made in this attempt.
     pub calls: u32,
-    /// Calls of this attempt that passed the policy and its breakers (went out, or were meant
-    /// to): what a run again would make again.
+    /// Calls of this attempt that passed the policy and its breakers: what a run again would
+    /// make again.
     pub sent: u32,
     /// Calls refused in this attempt: only the first [`super::state::MAX_LOGGED_REFUSALS`] are
     /// logged (the handler gets each as its call's error).
@@ -764,7 +764,7 @@ mod tests {
 
     #[test]
     fn the_key_is_stable_per_call_and_differs_between_calls() {
-        let key = |source, id, plugin, index| idempotency_key(source, id, plugin, index);
+        let key = idempotency_key;
         assert_eq!(key("/shop", "e1", "pay", 0), key("/shop", "e1", "pay", 0));
         assert_ne!(key("/shop", "e1", "pay", 0), key("/shop", "e1", "pay", 1));
         assert_ne!(key("/shop", "e1", "pay", 0), key("/shop", "e1", "ship", 0));

@@ -90,8 +90,8 @@ pub struct Attempt {
     pub circuit_open: Option<Duration>,
     /// Calls it made that leave the sandbox outside its kv transaction: outbound HTTP calls
     /// (those the policy or an open breaker refused aside) and requests. An attempt that made
-    /// any is not re-run in place, after a kv conflict or for an open breaker (each run would
-    /// make them again, under fresh per-attempt limits).
+    /// any is not re-run in place after a kv conflict (each run would make them again, under
+    /// fresh per-attempt limits).
     pub calls_out: u32,
     /// The requests among them (an open breaker's wait runs again uncharged only an attempt
     /// that sent none: `fate::Circuit::requests_out`).

@@ -76,7 +76,7 @@ pub(super) struct Warm {
 
 /// One plugin's idle warm instances: a list per shard of threads (`shards::shard`), each the
 /// most recently used last. A thread takes back the instance it put back last, whose memory and
-/// store are still in its core's caches, before one another thread ran: taken from one shared
+/// store are still in its core's caches, before one another thread put back: taken from one shared
 /// list, an instance moved between the cores at nearly every event on a busy host (its linear
 /// memory, stack and store pulled from the other core's cache). Only when its own list is empty
 /// does a thread take another's most recent one, so an instance is made only when no list keeps

@@ -12,7 +12,7 @@
 //! left), ends the wait with the value as last read.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 
@@ -31,7 +31,7 @@ pub struct MaxDeliveries {
     /// Counts the looks (failed ones too), for a delivery waiting for the next one.
     looks: watch::Sender<u64>,
     /// The transport no longer looks (its watcher ended): nobody waits for a look.
-    closed: std::sync::atomic::AtomicBool,
+    closed: AtomicBool,
 }
 
 impl MaxDeliveries {

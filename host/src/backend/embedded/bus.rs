@@ -186,8 +186,7 @@ impl Overflow {
             (Some(seq), Some(log)) => {
                 // Read back after a restart: its kv writes may have committed with an outbox,
                 // read with it.
-                let handled = log.take_handled(&self.plugin, seq);
-                let redelivered = log.is_redelivery(&self.plugin, seq);
+                let (redelivered, handled) = log.take_read_back(&self.plugin, seq);
                 if seq < super::log::REQUEST_KEYS {
                     self.in_hand.fetch_add(1, Ordering::AcqRel);
                 }

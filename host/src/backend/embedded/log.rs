@@ -634,7 +634,7 @@ pub type RequestOutbox = (u64, Vec<Arc<Event>>);
 struct Redelivered {
     ids: std::collections::HashMap<String, u32>,
     by_delivery: std::collections::HashMap<(Arc<str>, u64), String>,
-    /// The outboxes read back with them, until their delivery is made ([`DurableLog::take_handled`]).
+    /// The outboxes read back with them, until their delivery is made ([`DurableLog::take_read_back`]).
     handled: std::collections::HashMap<(Arc<str>, u64), Vec<Arc<Event>>>,
 }
 
@@ -894,26 +894,18 @@ impl DurableLog {
         self.any_redelivered.store(true, std::sync::atomic::Ordering::Release);
     }
 
-    /// Whether `plugin`'s delivery of `seq` was read back to run again (after a restart, or
-    /// for a replay) and is not settled yet.
-    pub fn is_redelivery(&self, plugin: &str, seq: u64) -> bool {
-        self.any_redelivered.load(std::sync::atomic::Ordering::Acquire)
-            && self
-                .redelivered
-                .lock()
-                .expect("redelivered poisoned")
-                .by_delivery
-                .contains_key(&(Arc::from(plugin), seq))
-    }
-
-    /// The outbox read back with `plugin`'s delivery of `seq` (see [`Unsettled::handled`]), once:
-    /// read with the event, not when the delivery is made, so a read failing then (the log
-    /// reopening after a failed write) cannot pass for "no outbox" and run the handler again.
-    pub fn take_handled(&self, plugin: &str, seq: u64) -> Option<Vec<Arc<Event>>> {
+    /// Whether `plugin`'s delivery of `seq` was read back to run again (after a restart, or for
+    /// a replay) and is not settled yet, and the outbox read back with it (see
+    /// [`Unsettled::handled`]), taken once: read with the event, not when the delivery is made,
+    /// so a read failing then (the log reopening after a failed write) cannot pass for "no
+    /// outbox" and run the handler again. One lock, for both, on each delivery the log makes.
+    pub fn take_read_back(&self, plugin: &str, seq: u64) -> (bool, Option<Vec<Arc<Event>>>) {
         if !self.any_redelivered.load(std::sync::atomic::Ordering::Acquire) {
-            return None;
+            return (false, None);
         }
-        self.redelivered.lock().expect("redelivered poisoned").handled.remove(&(Arc::from(plugin), seq))
+        let key = (Arc::from(plugin), seq);
+        let mut r = self.redelivered.lock().expect("redelivered poisoned");
+        (r.by_delivery.contains_key(&key), r.handled.remove(&key))
     }
 
     /// A key for the outbox of a request's delivery (see [`REQUEST_KEYS`]).
@@ -3178,9 +3170,9 @@ pub(crate) mod tests {
         assert_eq!(page.last_seq, Some(plain));
         assert_eq!(log.metrics().damaged_outboxes.get(), 1);
         // The delivery made of it gets the outbox read with it, once.
-        assert_eq!(log.take_handled("p", kept).map(|o| o[0].id.clone()), Some(output.id.clone()));
-        assert!(log.take_handled("p", kept).is_none());
-        assert!(log.take_handled("p", plain).is_none());
+        assert_eq!(log.take_read_back("p", kept).1.map(|o| o[0].id.clone()), Some(output.id.clone()));
+        assert!(log.take_read_back("p", kept).1.is_none());
+        assert!(log.take_read_back("p", plain).1.is_none());
         log.ack(p.clone(), kept);
         log.ack(p.clone(), plain);
         log.sync().await.unwrap();
