@@ -1211,20 +1211,37 @@ async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>, repor
 /// `GET /v1/dlq/{id}`: one kept dead letter, by the id of its dead-letter event. Its copy (up
 /// to 1 MiB of data and 1 MiB of record, several times that as JSON) is made in a turn of
 /// [`copying_turn`] and written off the runtime (review 44c: unbounded, on a runtime thread).
+/// The broker is looked in without a turn (review 55d L3: a lookup of an id no dead letter has
+/// reads up to 20,000 messages back, and two clients asking for one in a loop held both turns,
+/// the dashboard's listing answered `503`); the turn is taken once it found one, before the next
+/// lookup may begin, so at most one entry found waits for a turn.
 async fn dlq_get(State(api): State<Api>, Path(id): Path<String>) -> Response {
-    let permit = match copying_turn(&api).await {
-        Ok(permit) => permit,
+    let here = match copying_turn(&api).await {
+        Ok(permit) => api.s.dead_letters.get(&id).map(|entry| (entry, permit)),
         Err(busy) => return busy,
     };
-    let kept = match api.s.dead_letters.get(&id) {
-        Some(entry) => Some(entry),
-        None => match broker_entry(&api, &id).await {
-            Ok(entry) => entry,
-            Err(unreadable) => return unreadable,
-        },
+    let kept = match here {
+        Some(found) => Some(found),
+        None => {
+            let turn = match finding_turn(&api).await {
+                Ok(turn) => turn,
+                Err(busy) => return busy,
+            };
+            match find_in_broker(&api, &id).await {
+                Ok(Some(entry)) => match copying_turn(&api).await {
+                    Ok(permit) => {
+                        drop(turn);
+                        Some((entry, permit))
+                    }
+                    Err(busy) => return busy,
+                },
+                Ok(None) => None,
+                Err(unreadable) => return unreadable,
+            }
+        }
     };
     match kept {
-        Some(entry) => {
+        Some((entry, permit)) => {
             let body = tokio::task::spawn_blocking(move || {
                 let _permit = permit;
                 json!({ "dead_letter": entry }).to_string()
@@ -1243,11 +1260,29 @@ async fn dlq_get(State(api): State<Api>, Path(id): Path<String>) -> Response {
 }
 
 /// The dead letter `id` as the broker keeps it, if it does.
-/// One lookup at a time (each may read thousands of messages back, one request each).
+/// One lookup at a time (each may read thousands of messages back, one request each), waited
+/// for at most `api.publish_timeout` ([`finding_turn`]).
 /// `Err`: the `503` to answer when the broker's dead letters could not be read (not "no such
 /// dead letter": a replay by id would then take this host's copy and leave the broker's).
 async fn broker_entry(api: &Inner, id: &str) -> Result<Option<crate::deadletter::Entry>, Response> {
-    let _turn = api.finding_dead_letter.lock().await;
+    let _turn = finding_turn(api).await?;
+    find_in_broker(api, id).await
+}
+
+/// The turn at looking a dead letter up in the broker, waited for at most
+/// `api.publish_timeout`; else the `503` to answer.
+async fn finding_turn(api: &Inner) -> Result<tokio::sync::MutexGuard<'_, ()>, Response> {
+    match tokio::time::timeout(api.settings.publish_timeout, api.finding_dead_letter.lock()).await {
+        Ok(turn) => Ok(turn),
+        Err(_) => {
+            let why = "another request is looking a dead letter up in the broker: try again in a moment";
+            Err(with_retry_after(error(StatusCode::SERVICE_UNAVAILABLE, why), 1))
+        }
+    }
+}
+
+/// [`broker_entry`] for a caller holding the [`finding_turn`].
+async fn find_in_broker(api: &Inner, id: &str) -> Result<Option<crate::deadletter::Entry>, Response> {
     api.s.transport.find_dead_letter(id).await.map_err(|e| {
         error(StatusCode::SERVICE_UNAVAILABLE, format!("the broker's dead letters could not be read now: {e}"))
     })

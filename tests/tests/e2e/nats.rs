@@ -1842,6 +1842,70 @@ async fn jetstream_the_newest_dead_letters_are_listed_past_ten_thousand() {
     assert_eq!(one.json::<Value>().await.unwrap()["dead_letter"]["event"]["data"], "early");
 }
 
+/// Review 55d L3: on NATS, `GET /v1/dlq/{id}` of an id no dead letter has reads the broker's
+/// dead letters back (here 10,000, a request each) and held one of the two turns at copying
+/// dead letters whole meanwhile: two clients asking for one in a loop kept the listing waiting
+/// past `api.publish_timeout`, answered `503`. The lookup takes no copying turn now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_looking_up_a_missing_dead_letter_never_keeps_the_listing_waiting() {
+    let server = NatsServer::start().await;
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
+        c.api.publish_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let js = jetstream::new(server.client().await);
+    let mut acks = Vec::new();
+    for n in 0..10_000u32 {
+        let mut dead = async_nats::HeaderMap::new();
+        dead.insert(headers::PLUGIN, "faulty");
+        dead.insert(headers::ORIGINAL_SUBJECT, "faulty.ok");
+        dead.insert(headers::ERROR, "dead-lettered elsewhere");
+        acks.push(js.publish_with_headers("plugbus.dlq.faulty", dead, n.to_string().into()).await.unwrap());
+        if acks.len() == 500 {
+            for ack in acks.drain(..) {
+                ack.await.unwrap();
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let client = reqwest::Client::new();
+    let missing = format!("{}/v1/dlq/no-such-dead-letter", t.url());
+    let started = std::time::Instant::now();
+    let one = client.get(&missing).send().await.unwrap();
+    assert_eq!(one.status().as_u16(), 404, "{}", one.text().await.unwrap());
+    let scan = started.elapsed();
+    assert!(scan > Duration::from_millis(300), "the lookup must outlast api.publish_timeout to test this: {scan:?}");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let lookers: Vec<_> = (0..2)
+        .map(|_| {
+            let (client, missing, stop) = (client.clone(), missing.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let status = client.get(&missing).send().await.unwrap().status().as_u16();
+                    assert!([404, 503].contains(&status), "a lookup answered {status}");
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for round in 0..3 {
+        let listed = client.get(format!("{}/v1/dlq?limit=3", t.url())).send().await.unwrap();
+        let status = listed.status().as_u16();
+        assert_eq!(
+            status,
+            200,
+            "listing {round} while two clients look up a missing id: {}",
+            listed.text().await.unwrap()
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for looker in lookers {
+        looker.await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_dead_letters_are_listed_and_replayed_from_the_stream_by_any_host() {
     let server = NatsServer::start().await;
