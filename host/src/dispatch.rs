@@ -398,6 +398,34 @@ pub fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) -> imp
     deliver_in_span(rt, delivery, retry_in, span.clone()).instrument(span)
 }
 
+/// [`deliver`], with a panic in it caught: a bug of the host's (a handler's traps, and panics of
+/// its host calls, are caught in the sandbox as failed attempts), logged as the host's with the
+/// event's subject and id and counted in `plugbus_host_failures_total`. The delivery is dropped
+/// unsettled, so the transport delivers it again where it keeps it (JetStream after `ack_wait`,
+/// the durable log at the next start; the in-memory bus keeps nothing), and the task that ran it
+/// goes on: `None` then. (Review 56b M1: a panic ended its key's lane with the lane still open,
+/// and every later event of the key waited behind it for good, then every event of the plugin.)
+pub fn deliver_caught(
+    rt: &PluginRuntime,
+    delivery: Delivery,
+    retry_in: RetryIn,
+) -> impl Future<Output = Option<Outcome>> + '_ {
+    use futures::FutureExt;
+    let (subject, id) = (delivery.event.subject.clone(), delivery.event.id.clone());
+    std::panic::AssertUnwindSafe(deliver(rt, delivery, retry_in)).catch_unwind().map(move |caught| match caught {
+        Ok(outcome) => Some(outcome),
+        Err(panic) => {
+            rt.stats.add(|c| &c.host_failures, 1);
+            rt.metrics.host_failures.inc();
+            tracing::error!(plugin = %rt.name, subject = %subject, event_id = %id,
+                "delivering this event panicked, a bug of the host's (not the handler's): the delivery is dropped \
+                 unsettled, delivered again where the transport keeps it: {}",
+                crate::event::panic_text(&*panic, 1024));
+            None
+        }
+    })
+}
+
 /// Records how a delivery ended on its span.
 fn record_outcome(span: &tracing::Span, outcome: &Outcome) {
     match outcome {

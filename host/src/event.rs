@@ -401,6 +401,17 @@ pub fn one_line_cut(text: &str, limit: usize) -> String {
     }
 }
 
+/// What a caught panic said (its message, on one line, at most `limit` bytes), for the log line
+/// that reports it as the host's.
+pub fn panic_text(panic: &(dyn std::any::Any + Send), limit: usize) -> String {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into());
+    one_line_cut(&what, limit)
+}
+
 /// A copy of `data` in an allocation of its own, for an event's data. A NATS payload and an HTTP
 /// body are slices of the buffer they were read into (async-nats's connection buffer, hyper's):
 /// held, even a 1-byte one keeps that whole buffer alive, with the headers and other messages

@@ -537,7 +537,7 @@ async fn run_worker(rt: Arc<PluginRuntime>, mut subscription: Subscription, flow
                 tokio::spawn(async move {
                     // Boxed: the delivery's future is large, and unboxed it would be moved
                     // through each of spawn's layers (measured: ~4% of nats-core's throughput).
-                    Box::pin(dispatch::deliver(&rt, delivery, RetryIn::Transport)).await;
+                    Box::pin(dispatch::deliver_caught(&rt, delivery, RetryIn::Transport)).await;
                     rt.stats.settle(ticket);
                     // The plugin (and its kv handle) is let go before the permit: once the
                     // worker holds every permit, no task holds anything of the plugin.
@@ -584,7 +584,7 @@ async fn run_lane(
             // Run now, it would overtake its key's event left unsettled: left too, the
             // transport delivers both again. (At its last delivery it runs: left, it would be lost.)
             dispatch::leave_behind_its_key(&rt, delivery);
-        } else if let Outcome::Left { .. } = dispatch::deliver(&rt, delivery, RetryIn::Host).await {
+        } else if let Some(Outcome::Left { .. }) = dispatch::deliver_caught(&rt, delivery, RetryIn::Host).await {
             lanes.leave(&key);
         }
         // (Retries waited in `deliver`, holding the lane: the key's later events must not overtake.)

@@ -289,12 +289,7 @@ impl Plugin {
         match AssertUnwindSafe(run).catch_unwind().await {
             Ok(attempt) => attempt,
             Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic without a message".into());
-                let what = one_line_cut(&what, ECHO_BYTES);
+                let what = crate::event::panic_text(&*panic, ECHO_BYTES);
                 tracing::error!(plugin = %self.ctx.name, event_id = %event.id, subject = %event.subject, attempt,
                     "a host function panicked during the attempt; it fails as a trap would (not the handler's fault): {what}");
                 Attempt {

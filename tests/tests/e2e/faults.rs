@@ -103,3 +103,96 @@ async fn two_plugins_failing_on_each_others_dead_letters_stop_after_one_nesting(
     let nested = kept.iter().find(|e| e.plugin == "hostile").expect("hostile's dead letter");
     assert_eq!(nested.event.header("plugbus-dead-letter-depth"), Some("1"), "{nested:?}");
 }
+
+/// The embedded bus, but publishing an output whose data is `panic` panics: a bug of the host's
+/// on the delivery path, as no input can cause.
+struct PanicsOnOutput(plugbus::backend::embedded::bus::EmbeddedBus);
+
+#[async_trait::async_trait]
+impl plugbus::transport::Transport for PanicsOnOutput {
+    fn name(&self) -> &'static str {
+        "panics-on-output"
+    }
+    async fn publish(&self, event: plugbus::Event) -> Result<(), plugbus::transport::TransportError> {
+        self.0.publish(event).await
+    }
+    async fn publish_output(
+        &self,
+        event: std::sync::Arc<plugbus::Event>,
+    ) -> Result<(), plugbus::transport::TransportError> {
+        assert!(&event.data[..] != b"panic", "injected: a host bug publishing {}", event.subject);
+        self.0.publish_output(event).await
+    }
+    async fn subscribe(
+        &self,
+        spec: plugbus::transport::SubscriptionSpec,
+    ) -> Result<plugbus::transport::Subscription, plugbus::transport::TransportError> {
+        self.0.subscribe(spec).await
+    }
+    async fn retarget(
+        &self,
+        subscription: u64,
+        spec: &plugbus::transport::SubscriptionSpec,
+    ) -> Result<(), plugbus::transport::TransportError> {
+        self.0.retarget(subscription, spec).await
+    }
+    async fn observe(
+        &self,
+        patterns: Vec<String>,
+        capacity: usize,
+    ) -> Result<plugbus::transport::Observed, plugbus::transport::TransportError> {
+        self.0.observe(patterns, capacity).await
+    }
+}
+
+/// Review 56b M1: a panic delivering an event of an ordering key (a host bug: nothing a handler
+/// or producer sends reaches one) ended the key's lane with the lane still open. Every later
+/// event of the key queued behind it for good, and once twice `flow.queue` of them waited, the
+/// plugin took no event at all; the plugin never settled, so a stop waited out its drain. Now
+/// the panic is caught, logged and counted as the host's, and its event alone is dropped
+/// unsettled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_panic_delivering_an_event_of_a_key_hurts_only_that_event() {
+    use plugbus::Event;
+    let dir = tempfile::tempdir().unwrap();
+    // echo's version 2 orders by the header `key` and copies each event to `echo.v2.<subject>`.
+    std::fs::copy(plugbus_tests::wasm("echo2"), dir.path().join("echo.wasm")).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut config =
+        plugbus::Config { plugins_dir: dir.path().into(), data_dir: data.path().into(), ..Default::default() };
+    config.flow.queue = 2;
+    fast_retries(&mut config);
+    let transport = std::sync::Arc::new(PanicsOnOutput(plugbus::backend::embedded::bus::EmbeddedBus::new()));
+    let kv = std::sync::Arc::new(plugbus::kv::MemoryKv::new());
+    let host = plugbus::Host::start_on(config, transport, kv).await.expect("host starts");
+    let mut seen = host.observe(&["echo.v2.>"]).await.unwrap();
+    let keyed = |key: &str, data: &str| {
+        let mut ev = Event::new("orders.created", data.to_string());
+        ev.extensions.push(("key".into(), key.into()));
+        ev
+    };
+    host.publish(keyed("k", "panic")).await.unwrap();
+    // Behind it on its key, more than twice `flow.queue`, then another key's.
+    for n in 0..6 {
+        host.publish(keyed("k", &format!("k{n}"))).await.unwrap();
+    }
+    host.publish(keyed("j", "j0")).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 7 {
+        let ev = tokio::time::timeout(Duration::from_secs(10), seen.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {got:?} came out: the key's lane (or the plugin) is wedged"))
+            .unwrap();
+        got.push(String::from_utf8_lossy(&ev.data).into_owned());
+    }
+    got.sort();
+    assert_eq!(got, ["j0", "k0", "k1", "k2", "k3", "k4", "k5"]);
+    let counters = &host.router().plugins().into_iter().find(|p| p.name == "echo").unwrap().counters;
+    assert_eq!(counters["host_failures"], 1, "{counters:?}");
+    plugbus_tests::eventually("nothing is left pending", || {
+        host.router().plugins().into_iter().find(|p| p.name == "echo").unwrap().counters["pending"] == 0
+    })
+    .await;
+    let report = host.shutdown().await;
+    assert!(report.is_clean(), "{:?}", report.unfinished);
+}
