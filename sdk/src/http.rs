@@ -58,7 +58,8 @@ pub enum HttpError {
     },
     /// The call did not finish within its timeout (or the event's deadline).
     Timeout,
-    /// The request or response body is over the host's limit.
+    /// The request body, the response body or the response's headers (64 KiB, 100 of them) are
+    /// over the host's limit.
     TooLarge {
         /// Which one.
         what: String,
@@ -263,6 +264,9 @@ pub(crate) mod wasm {
             }
             ErrorCode::HttpRequestBodySize(_) => HttpError::TooLarge { what: "request body".into() },
             ErrorCode::HttpResponseBodySize(_) => HttpError::TooLarge { what: "response body".into() },
+            ErrorCode::HttpResponseHeaderSectionSize(_) | ErrorCode::HttpResponseHeaderSize(_) => {
+                HttpError::TooLarge { what: "response headers".into() }
+            }
             other => HttpError::Failed(format!("{other:?}")),
         }
     }

@@ -38,6 +38,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// How long a connection's I/O may outlive its request's end time (see `send`).
 const CONN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The most bytes a response's head (status line and headers) may take, and the connection's
+/// read buffer, which the head's values are slices of (review 56c M1: hyper's defaults, ~408 KiB
+/// and 100 headers, let a granted server make each of an attempt's 16 calls hold 408 KiB in the
+/// host, outside every limit, for as long as the plugin kept the response). A larger head is
+/// `HttpError::TooLarge` ("response headers").
+pub const RESPONSE_HEAD_BYTES: usize = 64 * 1024;
+
+/// The most headers a response may have.
+pub const RESPONSE_HEADERS: usize = 100;
+
 /// The header every outbound request carries.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
@@ -530,7 +540,12 @@ async fn send(
     } else {
         Box::new(tcp)
     };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size(RESPONSE_HEAD_BYTES)
+        .max_header_size(RESPONSE_HEAD_BYTES)
+        .max_headers(RESPONSE_HEADERS)
+        .handshake(TokioIo::new(io))
+        .await?;
     parts.uri = http::Uri::builder()
         .path_and_query(parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
         .build()
@@ -550,6 +565,9 @@ async fn send(
         Ok(r) => r,
         // The connection ended because the request's time was up.
         Err(_) if Instant::now() >= target.ends => return Err(Error::ConnectionTimeout),
+        Err(e) if e.is_parse_too_large() => {
+            return Err(Error::HttpResponseHeaderSectionSize(Some(RESPONSE_HEAD_BYTES as u32)));
+        }
         Err(e) => return Err(e.into()),
     };
     let max = limits.max_outbound_response_bytes;

@@ -90,6 +90,16 @@ async fn answer(
         }
         "redirect" => (StatusCode::FOUND, [(header::LOCATION, format!("http://localhost:{port}/ok"))]).into_response(),
         "big" => vec![b'x'; 4096].into_response(),
+        "bigheaders" => {
+            // 90 headers of 4,000 bytes: within hyper's defaults (~408 KiB and 100 headers, with
+            // the server's own), over the host's 64 KiB.
+            let mut response = "small body".into_response();
+            for n in 0..90 {
+                let name = axum::http::HeaderName::try_from(format!("x-h{n}")).unwrap();
+                response.headers_mut().insert(name, "a".repeat(4000).parse().unwrap());
+            }
+            response
+        }
         "stream" => {
             let chunks = (0..4).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'y'; 1024])));
             axum::body::Body::from_stream(futures::stream::iter(chunks)).into_response()
@@ -225,6 +235,20 @@ async fn an_oversized_response_or_request_is_refused() {
         assert_eq!(subject, "caller.out.err", "{path}: {out}");
         assert!(out["kind"].as_str().unwrap().starts_with("TooLarge"), "{path}: {out}");
     }
+}
+
+/// Review 56c M1: a granted server's response head was bounded only by hyper's defaults (~408 KiB,
+/// 100 headers), each held in the host outside every limit while the plugin kept the response.
+/// Over 64 KiB it is refused, `TooLarge` ("response headers").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_whose_headers_are_over_64_kib_is_refused() {
+    let server = Server::start().await;
+    let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &[]).await;
+    let (subject, out) = call(&t, json!({ "url": server.url("/bigheaders") })).await;
+    assert_eq!(subject, "caller.out.err", "{out}");
+    assert_eq!(out["kind"], "TooLarge { what: \"response headers\" }", "{out}");
+    let (subject, out) = call(&t, json!({ "url": server.url("/ok") })).await;
+    assert_eq!(subject, "caller.out.ok", "the plugin goes on calling: {out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
