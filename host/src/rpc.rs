@@ -15,9 +15,9 @@
 use crate::event::Event;
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::oneshot;
 
@@ -132,30 +132,43 @@ pub fn reply_token(address: &str) -> String {
 #[derive(Default)]
 pub struct Replies {
     slots: Mutex<HashMap<String, oneshot::Sender<Event>>>,
-    /// Requests whose requester stopped waiting without a reply (timed out, or went away), the
-    /// newest [`MAX_PENDING_REQUESTS`]: their deliveries still queued are not run.
+    /// Requests whose requester stopped waiting without a reply (timed out, or went away) while
+    /// a delivery of theirs may still wait: those deliveries are not run.
     abandoned: Mutex<Abandoned>,
     /// Replies that found no one waiting.
     pub dropped: AtomicU64,
 }
 
-/// Tokens of requests given up without a reply, oldest first, bounded.
+/// Tokens of requests given up without a reply, each with its request (not kept alive): a
+/// token is needed only while a delivery of its request holds the request, so one whose request
+/// is gone is forgotten. Kept are thus at most as many as the bus's queues hold requests, and
+/// those gone are swept once they are as many as those kept. (Review 56c M3: the newest 65,536
+/// tokens of the whole host were kept, so a plugin asking itself with 1 ms timeouts pushed out
+/// every other plugin's and API client's, and their stale requests ran.)
 #[derive(Default)]
 struct Abandoned {
-    tokens: HashSet<String>,
-    order: VecDeque<String>,
+    tokens: HashMap<String, Weak<Event>>,
+    /// The count at which the next insert sweeps out the tokens whose request is gone.
+    sweep_at: usize,
 }
 
+/// The fewest tokens [`Abandoned`] holds before it sweeps.
+const ABANDONED_SWEEP_FLOOR: usize = 1024;
+
 impl Abandoned {
-    fn insert(&mut self, token: String) {
-        if self.order.len() >= MAX_PENDING_REQUESTS
-            && let Some(oldest) = self.order.pop_front()
-        {
-            self.tokens.remove(&oldest);
+    fn insert(&mut self, token: String, request: Weak<Event>) {
+        if request.strong_count() == 0 {
+            return;
         }
-        if self.tokens.insert(token.clone()) {
-            self.order.push_back(token);
+        if self.tokens.len() >= self.sweep_at {
+            self.tokens.retain(|_, request| request.strong_count() > 0);
+            self.sweep_at = (2 * self.tokens.len()).max(ABANDONED_SWEEP_FLOOR);
         }
+        self.tokens.insert(token, request);
+    }
+
+    fn contains(&self, token: &str) -> bool {
+        self.tokens.get(token).is_some_and(|request| request.strong_count() > 0)
     }
 }
 
@@ -165,6 +178,8 @@ pub struct Slot {
     pub token: String,
     rx: Option<oneshot::Receiver<Event>>,
     replies: Arc<Replies>,
+    /// The request, once sent ([`Slot::sent`]): given up, its token is kept while it lives.
+    request: Weak<Event>,
 }
 
 impl Replies {
@@ -179,7 +194,7 @@ impl Replies {
             )));
         }
         slots.insert(token.clone(), tx);
-        Ok(Slot { token, rx: Some(rx), replies: self.clone() })
+        Ok(Slot { token, rx: Some(rx), replies: self.clone(), request: Weak::new() })
     }
 
     /// Hands `reply` to the request waiting on `token`; `false` (and counted) when none waits.
@@ -194,10 +209,9 @@ impl Replies {
 
     /// Whether the requester of `token` gave up without a reply (its deliveries still queued
     /// need not run). A request answered by another plugin is not given up: its other
-    /// subscribers take it as an event like any other. (Past the newest
-    /// [`MAX_PENDING_REQUESTS`] given up, an older one reads as not given up: it runs.)
+    /// subscribers take it as an event like any other.
     pub fn abandoned(&self, token: &str) -> bool {
-        self.abandoned.lock().expect("abandoned requests poisoned").tokens.contains(token)
+        self.abandoned.lock().expect("abandoned requests poisoned").contains(token)
     }
 
     /// Requests waiting now.
@@ -207,6 +221,13 @@ impl Replies {
 }
 
 impl Slot {
+    /// The request as its deliveries hold it: should the requester give up, its token is kept
+    /// as given up for as long as one of them does. A slot whose request was never marked
+    /// sent keeps nothing when given up.
+    pub fn sent(&mut self, request: &Arc<Event>) {
+        self.request = Arc::downgrade(request);
+    }
+
     /// Removes the slot of a request that went to no one: nothing of it is queued, so it is not
     /// kept as given up (that would push out tokens whose deliveries still wait).
     pub fn withdraw(self) {
@@ -229,7 +250,9 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let unanswered = self.replies.slots.lock().expect("reply slots poisoned").remove(&self.token).is_some();
         if unanswered {
-            self.replies.abandoned.lock().expect("abandoned requests poisoned").insert(std::mem::take(&mut self.token));
+            let request = std::mem::take(&mut self.request);
+            let token = std::mem::take(&mut self.token);
+            self.replies.abandoned.lock().expect("abandoned requests poisoned").insert(token, request);
         }
     }
 }
@@ -246,8 +269,10 @@ mod tests {
         assert!(replies.answer(&token, Event::new("q", "r")));
         answered.wait("q", Duration::from_secs(1)).await.unwrap();
         assert!(!replies.abandoned(&token), "answered by one plugin: the others still take it");
-        let timed_out = replies.open().unwrap();
+        let mut timed_out = replies.open().unwrap();
         let token = timed_out.token.clone();
+        let request = Arc::new(Event::new("q", ""));
+        timed_out.sent(&request);
         assert!(!replies.abandoned(&token), "still waiting");
         assert!(timed_out.wait("q", Duration::from_millis(1)).await.is_err());
         assert!(replies.abandoned(&token));
@@ -256,12 +281,25 @@ mod tests {
         let withdrawn = refused.token.clone();
         refused.withdraw();
         assert!(!replies.abandoned(&withdrawn));
-        // bounded: the oldest given up are forgotten (and then run, the safe side)
-        for _ in 0..MAX_PENDING_REQUESTS {
-            drop(replies.open().unwrap());
+        // Review 56c M3: a flood of requests given up (a plugin asking itself with 1 ms
+        // timeouts) forgets none whose request a delivery still holds: here `request`.
+        let mut flood = Vec::new();
+        for _ in 0..100_000 {
+            let mut slot = replies.open().unwrap();
+            let request = Arc::new(Event::new("q", ""));
+            slot.sent(&request);
+            drop(slot);
+            flood.push(request);
+            if flood.len() == 4096 {
+                flood.clear();
+            }
         }
+        assert!(replies.abandoned(&token), "pushed out by other requests given up");
+        let kept = replies.abandoned.lock().unwrap().tokens.len();
+        assert!(kept <= 3 * 4096 + ABANDONED_SWEEP_FLOOR, "kept {kept}: those whose request is gone are swept");
+        // Once no delivery holds the request, its token is forgotten.
+        drop(request);
         assert!(!replies.abandoned(&token));
-        assert_eq!(replies.abandoned.lock().unwrap().order.len(), MAX_PENDING_REQUESTS);
     }
 
     #[tokio::test]

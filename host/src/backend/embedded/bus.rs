@@ -1970,12 +1970,13 @@ impl Transport for EmbeddedBus {
         if targets.is_empty() {
             return Err(RequestError::NoResponders(subject));
         }
-        let slot = self.replies.open()?;
+        let mut slot = self.replies.open()?;
         event.reply_to = Some(slot.token.clone());
         // Not in the log, but on a durable bus each responder's kv writes and outputs commit
         // together in an outbox under this key (see `log::REQUEST_KEYS`).
         let outbox_key = Logged(self.log.as_ref().map(|log| log.request_key()));
         let event = Arc::new(event);
+        slot.sent(&event);
         let cost = event.buffered_cost();
         // A producer's request carries the client's `source`: it gets no share of its own.
         let publisher = if producer { Publisher::Other } else { Publisher::Plugin(&event.source) };
