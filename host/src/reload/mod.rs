@@ -36,6 +36,19 @@ mod gathered;
 /// Quiet time after the last file event before a change is acted on.
 const DEBOUNCE: Duration = Duration::from_millis(75);
 
+/// How often the reload task looks at which folder the plugins folder's path names: replaced
+/// (`rm -rf plugins && mkdir plugins`, `mv`), or a symlink to it (or to a folder above it)
+/// pointed elsewhere (a release-symlink deploy), the watch on the old folder sees nothing of
+/// the new one (review 56a M1: hot reload ended silently, every plugin removed until a
+/// restart). Then the new folder is watched and every file looked at again.
+const FOLDER_CHECK: Duration = Duration::from_secs(2);
+
+/// Which folder a path names now (device and inode, symlinks followed); `None` while none.
+fn folder_identity(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).ok().filter(|m| m.is_dir()).map(|m| (m.dev(), m.ino()))
+}
+
 /// The longest changes are gathered before they are applied: a file written to without pause
 /// (a log someone points at the folder, a copy that never ends) must not hold back every other
 /// plugin's reload or removal.
@@ -258,6 +271,8 @@ fn rescan_paths(dir: &Path, known: impl IntoIterator<Item = PathBuf>) -> BTreeSe
 pub struct FolderWatch {
     watcher: notify::RecommendedWatcher,
     changes: Arc<Changes>,
+    /// The folder the watch was put on ([`folder_identity`]).
+    watching: Option<(u64, u64)>,
 }
 
 /// Starts watching `dir` for plugin files' changes (see [`FolderWatch`]).
@@ -301,27 +316,34 @@ pub fn watch_folder(dir: &Path) -> anyhow::Result<FolderWatch> {
             rescan(&tx, "the watch reported an error");
         }
     })?;
+    let watching = folder_identity(&dir);
     watcher
         .watch(&dir, RecursiveMode::NonRecursive)
         .map_err(|e| anyhow::anyhow!("cannot watch the plugins folder {}: {e}", dir.display()))?;
-    Ok(FolderWatch { watcher, changes })
+    Ok(FolderWatch { watcher, changes, watching })
 }
 
 /// Applies the changes `folder` gathers (those made since it began first) until the returned
 /// guard is dropped.
 pub fn watch(reloader: Arc<Reloader>, folder: FolderWatch) -> WatchGuard {
-    let FolderWatch { watcher, changes } = folder;
+    let FolderWatch { mut watcher, changes, mut watching } = folder;
     let dir = reloader.config.plugins_dir.clone();
     let (stop, stop_rx) = oneshot::channel::<()>();
     let watched = dir.clone();
     let task = tokio::spawn(async move {
         let mut applying = Applying::new(reloader.clone());
         let mut stopping = std::pin::pin!(stop_rx);
+        let mut folder_check = tokio::time::interval(FOLDER_CHECK);
+        folder_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let retry = applying.next_retry();
             tokio::select! {
                 _ = &mut stopping => break,
                 () = changes.changed() => {}
+                _ = folder_check.tick() => {
+                    watch_again_if_replaced(&mut watcher, &watched, &mut watching, &changes);
+                    continue;
+                }
                 Some(ended) = applying.tasks.join_next() => {
                     // Only an abort (the watch stopping) ends a task without its file.
                     if let Ok((path, applied)) = ended {
@@ -356,12 +378,45 @@ pub fn watch(reloader: Arc<Reloader>, folder: FolderWatch) -> WatchGuard {
         applying.tasks.shutdown().await;
     });
     tracing::info!(dir = %dir.display(), "watching the plugins folder");
-    WatchGuard { _watcher: watcher, stop: Some(stop), task }
+    WatchGuard { stop: Some(stop), task }
+}
+
+/// When `dir` names another folder than the one watched (see [`FOLDER_CHECK`]), puts the watch
+/// on it and asks for every file to be looked at again; a path that names no folder now waits
+/// for one (its files' removals were seen as they went).
+fn watch_again_if_replaced(
+    watcher: &mut notify::RecommendedWatcher,
+    dir: &Path,
+    watching: &mut Option<(u64, u64)>,
+    changes: &Changes,
+) {
+    let now = folder_identity(dir);
+    if now.is_none() || now == *watching {
+        return;
+    }
+    // The old folder's watch may be gone with it already.
+    let _ = watcher.unwatch(dir);
+    match watcher.watch(dir, RecursiveMode::NonRecursive) {
+        Ok(()) => {
+            *watching = now;
+            tracing::warn!(dir = %dir.display(),
+                "the plugins folder was replaced (or a link to it now points elsewhere): watching the new one and \
+                 looking at every file again");
+            changes.rescan();
+        }
+        Err(e) => {
+            *watching = now;
+            tracing::error!(dir = %dir.display(),
+                "the plugins folder was replaced and cannot be watched again (its changes are not seen until a \
+                 restart): {e}");
+            changes.rescan();
+        }
+    }
 }
 
 /// Stops watching when dropped.
 pub struct WatchGuard {
-    _watcher: notify::RecommendedWatcher,
+    /// (The watcher lives in the task: it watches again a folder put in the old one's place.)
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }

@@ -236,6 +236,51 @@ async fn removing_unsubscribes_and_renaming_is_a_new_name() {
     assert!(seen.drain(Duration::from_millis(300)).await.is_empty(), "a removed plugin still received events");
 }
 
+/// Review 56a M1: the watch was on the folder the path named at the start; once that folder was
+/// replaced (`mv plugins old && mkdir plugins`, `rm -rf` and a new one), nothing in the new one
+/// was ever seen: every plugin removed with its file, none added until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_folder_replaced_by_a_new_one_is_watched_again() {
+    let t = TestHost::start(&["echo"]).await;
+    let dir = t.dir.path().to_path_buf();
+    let old = dir.with_extension("old");
+    std::fs::rename(&dir, &old).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(wasm("audit"), dir.join("audit.wasm")).unwrap();
+    let router = t.host.router().clone();
+    eventually("audit, in the new folder, is loaded", || router.contains("audit")).await;
+    eventually("echo, not in the new folder, is removed", || !router.contains("echo")).await;
+    // And the new folder's changes are seen from then on.
+    std::fs::copy(wasm("echo"), dir.join("echo.wasm")).unwrap();
+    eventually("echo, copied into the new folder, is loaded", || router.contains("echo")).await;
+    std::fs::remove_dir_all(&old).unwrap();
+}
+
+/// Review 56a M1, a release-symlink deploy: the plugins folder is a link, pointed at another
+/// folder in one rename (`ln -s releases/v2 tmp && mv -T tmp plugins`). No event reached the
+/// watch on the first folder: the host served the old release for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_folder_link_pointed_at_another_folder_is_followed() {
+    let releases = tempfile::tempdir().unwrap();
+    let link = releases.path().join("plugins");
+    let t = TestHost::start_with(&["echo"], |c| {
+        std::os::unix::fs::symlink(&c.plugins_dir, &link).unwrap();
+        c.plugins_dir = link.clone();
+    })
+    .await;
+    let v2 = releases.path().join("v2");
+    std::fs::create_dir(&v2).unwrap();
+    std::fs::copy(wasm("audit"), v2.join("audit.wasm")).unwrap();
+    let tmp = releases.path().join("plugins.tmp");
+    std::os::unix::fs::symlink(&v2, &tmp).unwrap();
+    std::fs::rename(&tmp, &link).unwrap();
+    let router = t.host.router().clone();
+    eventually("audit, in the release the link names now, is loaded", || router.contains("audit")).await;
+    eventually("echo, not in it, is removed", || !router.contains("echo")).await;
+    std::fs::copy(wasm("echo"), v2.join("echo.wasm")).unwrap();
+    eventually("echo, copied into the new release, is loaded", || router.contains("echo")).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_with_a_warm_cache_compiles_nothing() {
     let plugins = tempfile::tempdir().unwrap();
