@@ -32,6 +32,9 @@ pub struct Rejected {
     pub path: PathBuf,
     /// Why: on one line, at most [`REASON_BYTES`] ([`Rejected::new`]).
     pub reason: String,
+    /// The host's or the machine's failure, not the file's ([`LoadError::is_transient`]): a
+    /// watching host tries it again by itself.
+    pub transient: bool,
 }
 
 /// The most of a refusal's reason kept, logged and served (`/v1/plugins`, `/v1/stats`): the
@@ -42,7 +45,7 @@ impl Rejected {
     /// `path` refused for `reason`, kept on one line (a line break in it would start a log line
     /// of its own, one that can pose as the host's) and cut at [`REASON_BYTES`].
     pub fn new(path: PathBuf, reason: &str) -> Self {
-        Self { path, reason: crate::event::one_line_cut(reason, REASON_BYTES) }
+        Self { path, reason: crate::event::one_line_cut(reason, REASON_BYTES), transient: false }
     }
 
     /// Logs the refusal: `plugin` is the plugin its file serves, whose previous version keeps
@@ -429,7 +432,8 @@ pub async fn load_dir_reporting(
                 loaded.push((path, plugin));
             }
             Err(e) => {
-                let refused = Rejected::new(path, &e.to_string());
+                let mut refused = Rejected::new(path, &e.to_string());
+                refused.transient = matches!(&e, FileError::Load(load) if load.is_transient());
                 refused.log(None);
                 rejected.push(refused);
             }

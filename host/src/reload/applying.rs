@@ -9,6 +9,9 @@
 //!   in line is taken out of it);
 //! - a file not settled yet (being written) is looked at again 100 ms later, out of the line and
 //!   holding no load's place meanwhile;
+//! - a file refused for the host's or the machine's failure ([`Applied::TryAgain`]) is tried
+//!   again after 5 s, doubling to 5 minutes, holding no place meanwhile; a change to it tries at
+//!   once;
 //! - one file is applied once at a time, in the order of its changes: the changes made while it
 //!   is applied are applied after, once, however many they are (the apply reads the file as it
 //!   is then), and a load under way is given up if the file is no longer what it read (its
@@ -33,6 +36,17 @@ use tokio::task::JoinSet;
 /// How soon a file not settled yet is looked at again.
 const RETRY: Duration = Duration::from_millis(100);
 
+/// The first pause before a load refused for the host's failure is tried again ([`Applied::TryAgain`]);
+/// each next one twice the last, up to [`TRY_AGAIN_MOST`].
+pub(super) const TRY_AGAIN_FIRST: Duration = Duration::from_secs(5);
+/// See [`TRY_AGAIN_FIRST`].
+const TRY_AGAIN_MOST: Duration = Duration::from_secs(300);
+
+/// The pause before try `tries + 1` of a load refused for the host's failure.
+fn try_again_after(tries: u32) -> Duration {
+    TRY_AGAIN_FIRST.saturating_mul(1 << tries.min(16)).min(TRY_AGAIN_MOST)
+}
+
 /// Where a file being applied is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -44,6 +58,8 @@ enum Phase {
     Removing,
     /// Not settled: looked at again at its retry time.
     Retrying,
+    /// Refused for the host's failure: tried again at `File::retry_at`, or at its next change.
+    BackingOff,
 }
 
 /// A file being applied.
@@ -59,6 +75,9 @@ struct File {
     again: Option<Instant>,
     /// Told of every change while it is applied (the load gives up if the file differs).
     changed: Arc<Notify>,
+    /// Loads refused in a row for the host's failure, and when the next is due.
+    tries: u32,
+    retry_at: Option<Instant>,
 }
 
 /// What applies one file: the [`Reloader`] (a stand-in in the tests).
@@ -120,7 +139,15 @@ impl<A: ApplyFile> Applying<A> {
     pub(super) fn start(&mut self, path: PathBuf, changed_at: Instant) {
         let Some(file) = self.files.get_mut(&path) else {
             let changed = Arc::new(Notify::new());
-            let file = File { phase: Phase::InLine, changed_at, since: changed_at, again: None, changed };
+            let file = File {
+                phase: Phase::InLine,
+                changed_at,
+                since: changed_at,
+                again: None,
+                changed,
+                tries: 0,
+                retry_at: None,
+            };
             self.files.insert(path.clone(), file);
             return self.schedule(path);
         };
@@ -132,11 +159,38 @@ impl<A: ApplyFile> Applying<A> {
                     self.schedule(path);
                 }
             }
+            // Changed (or looked at again): tried at once, not at its pause's end.
+            Phase::BackingOff => {
+                file.changed_at = changed_at;
+                file.retry_at = None;
+                self.schedule(path);
+            }
             Phase::Loading | Phase::Removing => {
                 file.again.get_or_insert(changed_at);
                 file.changed.notify_one();
             }
         }
+    }
+
+    /// `path` was refused at the host's start for the host's failure: it is tried again as
+    /// after [`Applied::TryAgain`].
+    pub(super) fn try_again_later(&mut self, path: PathBuf) {
+        let now = Instant::now();
+        let changed = Arc::new(Notify::new());
+        let file =
+            File { phase: Phase::InLine, changed_at: now, since: now, again: None, changed, tries: 0, retry_at: None };
+        self.files.entry(path.clone()).or_insert(file);
+        self.back_off(path);
+    }
+
+    /// Puts `path` (in `files`, in no other place) aside until its next try is due.
+    fn back_off(&mut self, path: PathBuf) {
+        let Some(file) = self.files.get_mut(&path) else { return };
+        let at = Instant::now() + try_again_after(file.tries);
+        file.tries = file.tries.saturating_add(1);
+        file.phase = Phase::BackingOff;
+        file.retry_at = Some(at);
+        self.retries.push(Reverse((at, path)));
     }
 
     /// A task ended: its place goes to the next in line, and its file is applied again if it
@@ -156,11 +210,18 @@ impl<A: ApplyFile> Applying<A> {
                 file.phase = Phase::Retrying;
                 self.retries.push(Reverse((Instant::now() + RETRY, path)));
             }
+            (None, Applied::TryAgain) => self.back_off(path),
             (None, Applied::Done) => {
                 self.files.remove(&path);
             }
         }
         self.fill_places();
+    }
+
+    /// When `path`'s next try is due, if it is backing off.
+    #[cfg(test)]
+    fn retry_at(&self, path: &Path) -> Option<Instant> {
+        self.files.get(path).filter(|f| f.phase == Phase::BackingOff).and_then(|f| f.retry_at)
     }
 
     /// When the next retry is due, if any.
@@ -174,9 +235,12 @@ impl<A: ApplyFile> Applying<A> {
         while let Some(Reverse((at, _))) = self.retries.peek()
             && *at <= now
         {
-            let Some(Reverse((_, path))) = self.retries.pop() else { break };
-            // A removal may have taken it meanwhile.
-            if self.files.get(&path).is_some_and(|f| f.phase == Phase::Retrying) {
+            let Some(Reverse((at, path))) = self.retries.pop() else { break };
+            // A removal may have taken it meanwhile, or a change tried it since.
+            let due = self.files.get(&path).is_some_and(|f| {
+                f.phase == Phase::Retrying || (f.phase == Phase::BackingOff && f.retry_at == Some(at))
+            });
+            if due {
                 self.schedule(path);
             }
         }
@@ -261,6 +325,8 @@ mod tests {
         applied: Mutex<Vec<(String, &'static str)>>,
         release: Notify,
         not_settled: Mutex<HashMap<String, usize>>,
+        /// Files answered `TryAgain` (the host's failure), each as often as asked.
+        try_again: Mutex<HashMap<String, usize>>,
     }
 
     fn name(path: &Path) -> String {
@@ -284,12 +350,23 @@ mod tests {
                 }
                 _ => false,
             };
+            let try_again = match self.try_again.lock().unwrap().get_mut(&name(path)) {
+                Some(left) if *left > 0 => {
+                    *left -= 1;
+                    true
+                }
+                _ => false,
+            };
             async move {
                 tokio::select! {
                     () = self.release.notified() => {}
                     () = superseded => return Applied::Done,
                 }
-                if not_settled { Applied::NotSettled } else { Applied::Done }
+                match (not_settled, try_again) {
+                    (true, _) => Applied::NotSettled,
+                    (_, true) => Applied::TryAgain,
+                    _ => Applied::Done,
+                }
             }
         }
     }
@@ -438,5 +515,55 @@ mod tests {
         assert_eq!(applied(&applying).last().unwrap(), &("a.wasm".into(), "load"));
         assert_eq!(end_one(&mut applying).await, "a.wasm");
         assert!(applying.files.is_empty());
+    }
+
+    /// Review 56a M2: a load refused for the host's failure (a compile child killed from
+    /// outside, a machine too busy) was final until the file changed. It is tried again after a
+    /// pause that doubles, holding no place meanwhile; a change to it tries at once.
+    #[tokio::test]
+    async fn a_load_refused_for_the_hosts_failure_is_tried_again_after_a_growing_pause() {
+        // Its pause over, as if waited out.
+        let make_due = |applying: &mut Applying<Recorder>, path: &PathBuf| {
+            let now = Instant::now();
+            applying.files.get_mut(path).unwrap().retry_at = Some(now);
+            applying.retries.clear();
+            applying.retries.push(Reverse((now, path.clone())));
+            applying.retry_due();
+        };
+        let (_dir, a, b) = two_files("bytes");
+        let recorder = Recorder::default();
+        recorder.try_again.lock().unwrap().insert("a.wasm".into(), 3);
+        let mut applying = Applying::with_places(Arc::new(recorder), 1);
+        applying.start(a.clone(), Instant::now());
+        applying.start(b.clone(), Instant::now());
+        settle().await;
+        assert_eq!(end_one(&mut applying).await, "a.wasm");
+        // a waits out its pause out of line: b has the place.
+        settle().await;
+        assert_eq!(applied(&applying).last().unwrap(), &("b.wasm".into(), "load"));
+        let first = applying.next_retry().expect("a is tried again") - Instant::now();
+        assert!(first > TRY_AGAIN_FIRST - Duration::from_secs(1) && first <= TRY_AGAIN_FIRST, "{first:?}");
+        assert_eq!(end_one(&mut applying).await, "b.wasm");
+        // Its pause over (here: made due), it loads again, and is refused again: twice the pause.
+        make_due(&mut applying, &a);
+        settle().await;
+        assert_eq!(applied(&applying).last().unwrap(), &("a.wasm".into(), "load"));
+        assert_eq!(end_one(&mut applying).await, "a.wasm");
+        let second = applying.next_retry().expect("a is tried again") - Instant::now();
+        assert!(second > 2 * TRY_AGAIN_FIRST - Duration::from_secs(1), "{second:?}");
+        // A change to it tries at once, and the pause it waited is not tried on top.
+        let loads = applied(&applying).len();
+        applying.start(a.clone(), Instant::now());
+        settle().await;
+        assert_eq!(applied(&applying).len(), loads + 1, "a change tried it at once");
+        assert_eq!(end_one(&mut applying).await, "a.wasm");
+        let third = applying.retry_at(&a).expect("refused a third time") - Instant::now();
+        assert!(third > 4 * TRY_AGAIN_FIRST - Duration::from_secs(1), "{third:?}");
+        // Loaded at last: done with.
+        make_due(&mut applying, &a);
+        settle().await;
+        assert_eq!(end_one(&mut applying).await, "a.wasm");
+        assert!(applying.files.is_empty() && applying.next_retry().is_none());
+        assert_eq!(try_again_after(30), TRY_AGAIN_MOST);
     }
 }

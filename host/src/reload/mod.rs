@@ -65,6 +65,9 @@ pub enum Applied {
     Done,
     /// Not a valid component yet, and still being written: look again shortly.
     NotSettled,
+    /// Refused for the host's or the machine's failure, not the file's
+    /// ([`LoadError::is_transient`]): reported, and tried again after a growing pause.
+    TryAgain,
 }
 
 /// Counters of reloads (shown in metrics).
@@ -151,6 +154,10 @@ impl Reloader {
                 if since.elapsed() <= SETTLE && written_lately(path) =>
             {
                 return Applied::NotSettled;
+            }
+            Err(FileError::Load(e)) if e.is_transient() => {
+                self.reject(path, format!("{e} (tried again by itself)"));
+                return Applied::TryAgain;
             }
             Err(e) => {
                 self.reject(path, e.to_string());
@@ -332,6 +339,18 @@ pub fn watch(reloader: Arc<Reloader>, folder: FolderWatch) -> WatchGuard {
     let watched = dir.clone();
     let task = tokio::spawn(async move {
         let mut applying = Applying::new(reloader.clone());
+        // What the start refused for the host's failure is tried again, as after a reload's.
+        let transient: Vec<PathBuf> = reloader
+            .rejected
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .filter(|r| r.transient)
+            .map(|r| r.path.clone())
+            .collect();
+        for path in transient {
+            applying.try_again_later(path);
+        }
         let mut stopping = std::pin::pin!(stop_rx);
         let mut folder_check = tokio::time::interval(FOLDER_CHECK);
         folder_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

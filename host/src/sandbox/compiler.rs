@@ -161,7 +161,7 @@ pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes:
         () = tokio::time::sleep(wall_cap(settings)) => {
             let cpu = cpu_time(pid);
             Err(Refused {
-                error: LoadError::Invalid(format!(
+                error: LoadError::Busy(format!(
                     "compiling it took longer than {} of wall time ({WALL_FACTOR} × sandbox.compile_timeout of {}), \
                      having used {} of CPU: the machine was too busy to compile it (not kept: it is compiled \
                      again at the next start or change)",

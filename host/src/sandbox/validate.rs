@@ -25,9 +25,23 @@ pub enum LoadError {
     #[error("{0}")]
     Contract(String),
     /// The host could not load it now (not the component's fault): every instance slot stayed
-    /// taken. Touching the file tries again.
+    /// taken, the compile child was killed from outside. Tried again by itself (see
+    /// [`LoadError::is_transient`]), or when the file changes.
     #[error("host error: {0}")]
     Host(String),
+    /// The machine was too busy to compile it within the wall-clock bound (not the file's
+    /// fault, not kept): tried again as [`LoadError::Host`] is.
+    #[error("{0}")]
+    Busy(String),
+}
+
+impl LoadError {
+    /// Whether the failure is the host's or the machine's, not the file's: the reloader tries
+    /// such a load again by itself, after a growing pause (review 56a M2: a plugin refused so at
+    /// a restart under memory pressure stayed out until someone touched its file).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, LoadError::Host(_) | LoadError::Busy(_))
+    }
 }
 
 /// The most imports a refusal names: a file can import thousands (each name its own), and the

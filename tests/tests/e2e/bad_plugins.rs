@@ -543,6 +543,45 @@ async fn a_compile_starved_of_cpu_is_ended_by_wall_time_and_not_kept() {
     host.shutdown().await;
 }
 
+/// Review 56a M2: a file refused at the start for the machine's failure, not its own (here its
+/// compile child is stopped, and the wall-clock bound ends it; as after a restart under memory
+/// pressure, a child killed from outside), stayed out until someone touched it. It is tried
+/// again by itself, 5 s later, and loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_refused_at_the_start_for_a_busy_machine_is_tried_again_by_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("audit"), tmp.path().join("audit.wasm")).unwrap();
+    // A memory cap no other test uses names this test's children (it is in their settings).
+    let marker = b"\"compile_memory_mib\":1998";
+    let starving = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            for pid in children_of(std::process::id()) {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if cmdline.windows(marker.len()).any(|w| w == marker) && running(pid) {
+                    // SAFETY: stops a child process of this test.
+                    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+                    return true;
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let host = host_compiling_in_children(tmp.path(), 1998, Duration::from_secs(2)).await;
+    assert!(starving.join().unwrap(), "the compile child was not found to stop");
+    let rejected = host.rejected();
+    assert!(rejected.len() == 1 && too_busy_to_compile(&rejected[0].reason), "{rejected:?}");
+    assert!(!host.router().contains("audit"));
+    // Nobody touches the file.
+    let router = host.router().clone();
+    eventually("audit is loaded without its file being touched", || router.contains("audit")).await;
+    assert!(host.rejected().is_empty(), "{:?}", host.rejected());
+    host.shutdown().await;
+}
+
 /// `kill -9` of a host while a child compiles for it: the child ends too, instead of compiling
 /// on with nobody to read it (a file that takes minutes would otherwise burn a core for minutes
 /// after every crash).
