@@ -38,6 +38,28 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 /// log output never shows these spans (`plugbus::trace=off` in its filter).
 pub const TARGET: &str = "plugbus::trace";
 
+/// The most lines of a plugin's (its `log` calls, stdout and stderr) an attempt's span takes as
+/// events: the SDK keeps no more (`max_events_per_span`), and until the span ends the layer
+/// holds every one it is given (review 56c M2: ~3,000 lines of an attempt, each a copy of a
+/// subject of up to 1 KiB and six more fields, ~5 MiB in the host per attempt, 25 times what
+/// `max_log_bytes` charges, then thrown away). The lines after go to the log only
+/// ([`plugin_line!`]: as events of no span).
+pub const SPAN_EVENTS_PER_ATTEMPT: u32 = 128;
+
+/// A line of a plugin's, at `$level` with target `plugin`: an event of the current span when
+/// `$spanned`, else of no span (the log writes it alike; the OpenTelemetry layer takes only an
+/// event of a span). See [`SPAN_EVENTS_PER_ATTEMPT`].
+macro_rules! plugin_line {
+    ($spanned:expr, $level:ident, $($rest:tt)+) => {
+        if $spanned {
+            tracing::$level!(target: "plugin", $($rest)+)
+        } else {
+            tracing::$level!(target: "plugin", parent: None, $($rest)+)
+        }
+    };
+}
+pub(crate) use plugin_line;
+
 /// The extension attribute holding the W3C `traceparent`.
 pub const TRACEPARENT: &str = "traceparent";
 /// The extension attribute holding the W3C `tracestate`.

@@ -506,7 +506,9 @@ impl Plugin {
         for (stream, capture) in [("stdout", state.stdout.clone()), ("stderr", state.stderr.clone())] {
             let (lines, dropped) = capture.take_lines();
             for line in &lines {
-                tracing::info!(target: "plugin", plugin = %self.ctx.name, event_id = %state.event_id, subject = %state.subject, stream, "{line}");
+                let spanned = state.spans_line();
+                crate::telemetry::plugin_line!(spanned, info, plugin = %self.ctx.name, event_id = %state.event_id,
+                    subject = %state.subject, stream, "{line}");
             }
             if dropped > 0 {
                 tracing::warn!(plugin = %self.ctx.name, event_id = %state.event_id, stream, dropped, "plugin output over the per-event cap was cut");

@@ -11,6 +11,7 @@ use super::world::FixedWorld;
 use crate::event::{Output, cut, is_reserved_header, quoted};
 use crate::kv::{KvStore, Txn};
 use crate::subject::{PatternSet, is_system_subject, validate_subject};
+use crate::telemetry::plugin_line;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -59,6 +60,8 @@ pub struct HostState {
     /// See `stdout`.
     pub stderr: Capture,
     log_bytes: u64,
+    /// The plugin's lines this attempt gave its span ([`telemetry::SPAN_EVENTS_PER_ATTEMPT`]).
+    spanned_lines: u32,
     /// When the call started (the deadline counts from here).
     pub started: Instant,
     /// Set when the deadline interrupted the call.
@@ -155,6 +158,7 @@ impl HostState {
             stdout,
             stderr,
             log_bytes: 0,
+            spanned_lines: 0,
             started: Instant::now(),
             deadline_hit: false,
             waiting_on_host: None,
@@ -205,6 +209,7 @@ impl HostState {
         self.refused = None;
         self.txn = Txn::with_quota(self.plugin.limits.max_kv_bytes);
         self.log_bytes = 0;
+        self.spanned_lines = 0;
         self.started = Instant::now();
         self.deadline_hit = false;
         self.waiting_on_host = None;
@@ -361,7 +366,6 @@ impl logging::Host for HostState {
             return;
         }
         let message = escaped;
-        let (plugin, event_id, subject) = (&*self.plugin.name, &self.event_id, &self.subject);
         let name = match level {
             types::LogLevel::Trace => "TRACE",
             types::LogLevel::Debug => "DEBUG",
@@ -370,26 +374,27 @@ impl logging::Host for HostState {
             types::LogLevel::Error => "ERROR",
         };
         self.seen.log(name, &message);
-        // With tracing on, the line is an event of the attempt's span and names its trace.
+        // With tracing on, the line is an event of the attempt's span (its first
+        // `SPAN_EVENTS_PER_ATTEMPT` lines) and names its trace.
         let trace_id = crate::telemetry::current_trace_id();
         let trace_id = trace_id.as_deref();
+        let spanned = self.spans_line();
+        let (plugin, event_id, subject) = (&*self.plugin.name, &self.event_id, &self.subject);
         match level {
-            types::LogLevel::Trace => {
-                tracing::trace!(target: "plugin", plugin, event_id, subject, trace_id, "{message}")
-            }
-            types::LogLevel::Debug => {
-                tracing::debug!(target: "plugin", plugin, event_id, subject, trace_id, "{message}")
-            }
-            types::LogLevel::Info => {
-                tracing::info!(target: "plugin", plugin, event_id, subject, trace_id, "{message}")
-            }
-            types::LogLevel::Warn => {
-                tracing::warn!(target: "plugin", plugin, event_id, subject, trace_id, "{message}")
-            }
-            types::LogLevel::Error => {
-                tracing::error!(target: "plugin", plugin, event_id, subject, trace_id, "{message}")
-            }
+            types::LogLevel::Trace => plugin_line!(spanned, trace, plugin, event_id, subject, trace_id, "{message}"),
+            types::LogLevel::Debug => plugin_line!(spanned, debug, plugin, event_id, subject, trace_id, "{message}"),
+            types::LogLevel::Info => plugin_line!(spanned, info, plugin, event_id, subject, trace_id, "{message}"),
+            types::LogLevel::Warn => plugin_line!(spanned, warn, plugin, event_id, subject, trace_id, "{message}"),
+            types::LogLevel::Error => plugin_line!(spanned, error, plugin, event_id, subject, trace_id, "{message}"),
         }
+    }
+}
+
+impl HostState {
+    /// Whether the plugin's next line is an event of the attempt's span (counted).
+    pub fn spans_line(&mut self) -> bool {
+        self.spanned_lines = self.spanned_lines.saturating_add(1);
+        self.spanned_lines <= crate::telemetry::SPAN_EVENTS_PER_ATTEMPT
     }
 }
 

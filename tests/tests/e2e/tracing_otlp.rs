@@ -279,6 +279,37 @@ async fn a_plugins_logs_never_make_an_export_request_a_collector_refuses() {
     assert!(!text.contains("ExportError"), "{text}");
 }
 
+/// Review 56c M2: every line a plugin logs or prints was an event of its attempt's span, held by
+/// the OpenTelemetry layer until the span ended (~3,000 an attempt, each a copy of the event's
+/// subject and six more fields), and all but 128 then dropped by the SDK. The span takes the
+/// first 128; the rest go to the log only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempts_span_takes_at_most_128_of_its_plugins_lines_and_the_log_all() {
+    let (otlp, got) = receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_host, url, log) = run_host(dir.path(), &["hostile"], &otlp).await;
+    let id = post(&url, "hostile.emptylogs", "900".into(), &[]).await;
+    let attempt = wait_for(&got, "hostile's attempt span", |spans| {
+        let process = spans
+            .iter()
+            .find(|s| s.name.starts_with("process ") && attr(s, "event_id").as_deref() == Some(id.as_str()))?;
+        spans.iter().find(|s| s.name == "attempt" && s.parent_span_id == process.span_id).cloned()
+    })
+    .await;
+    let lines = attempt.events.iter().filter(|e| e.attributes.iter().any(|a| a.key == "plugin")).count();
+    assert_eq!((lines, attempt.dropped_events_count), (128, 0), "(the plugin's lines on the span, events dropped)");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        let logged = text.lines().filter(|l| l.contains(&id) && l.contains("\"target\":\"plugin\"")).count();
+        if logged >= 900 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{logged} of the 900 lines in the log");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_order_is_one_trace_through_the_five_handlers() {
     let (otlp, got) = receiver().await;
