@@ -403,21 +403,23 @@ pub fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) -> imp
 /// event's subject and id and counted in `plugbus_host_failures_total`. The delivery is dropped
 /// unsettled, so the transport delivers it again where it keeps it (JetStream after `ack_wait`,
 /// the durable log at the next start; the in-memory bus keeps nothing), and the task that ran it
-/// goes on: `None` then. (Review 56b M1: a panic ended its key's lane with the lane still open,
-/// and every later event of the key waited behind it for good, then every event of the plugin.)
+/// goes on: `None` then (a key's lane goes on to its next event: the panicked one, should it come
+/// again, comes after it). (Review 56b M1:
+/// a panic ended its key's lane with the lane still open, and every later event of the key
+/// waited behind it for good, then every event of the plugin.)
 pub fn deliver_caught(
     rt: &PluginRuntime,
     delivery: Delivery,
     retry_in: RetryIn,
 ) -> impl Future<Output = Option<Outcome>> + '_ {
     use futures::FutureExt;
-    let (subject, id) = (delivery.event.subject.clone(), delivery.event.id.clone());
+    let event = delivery.event.clone();
     std::panic::AssertUnwindSafe(deliver(rt, delivery, retry_in)).catch_unwind().map(move |caught| match caught {
         Ok(outcome) => Some(outcome),
         Err(panic) => {
             rt.stats.add(|c| &c.host_failures, 1);
             rt.metrics.host_failures.inc();
-            tracing::error!(plugin = %rt.name, subject = %subject, event_id = %id,
+            tracing::error!(plugin = %rt.name, subject = %event.subject, event_id = %event.id,
                 "delivering this event panicked, a bug of the host's (not the handler's): the delivery is dropped \
                  unsettled, delivered again where the transport keeps it: {}",
                 crate::event::panic_text(&*panic, 1024));

@@ -587,6 +587,10 @@ async fn run_lane(
         } else if let Some(Outcome::Left { .. }) = dispatch::deliver_caught(&rt, delivery, RetryIn::Host).await {
             lanes.leave(&key);
         }
+        // (A delivery that panicked (`None`) is unsettled too, but its key is not marked left:
+        // that holds every later event of the key on this host until its last delivery, for as
+        // long as the plugin serves. Its later events go on; it comes again where the transport
+        // keeps it, after them.)
         // (Retries waited in `deliver`, holding the lane: the key's later events must not overtake.)
         rt.stats.settle(ticket);
         // (What it waited with goes back once it is done: the lanes' bound counts it until then.)

@@ -10,8 +10,8 @@
 //! - a file not settled yet (being written) is looked at again 100 ms later, out of the line and
 //!   holding no load's place meanwhile;
 //! - a file refused for the host's or the machine's failure ([`Applied::TryAgain`]) is tried
-//!   again after 5 s, doubling to 5 minutes, holding no place meanwhile; a change to it tries at
-//!   once;
+//!   again after 5 s, doubling, [`TRIES_AGAIN`] times at most, holding no place meanwhile; a
+//!   change to it tries at once;
 //! - one file is applied once at a time, in the order of its changes: the changes made while it
 //!   is applied are applied after, once, however many they are (the apply reads the file as it
 //!   is then), and a load under way is given up if the file is no longer what it read (its
@@ -41,6 +41,10 @@ const RETRY: Duration = Duration::from_millis(100);
 pub(super) const TRY_AGAIN_FIRST: Duration = Duration::from_secs(5);
 /// See [`TRY_AGAIN_FIRST`].
 const TRY_AGAIN_MOST: Duration = Duration::from_secs(300);
+/// The most tries again by itself of a load refused for the host's failure (5 s, 10 s, … 160 s
+/// apart: about 5 minutes in all); then it waits for its file to change (review 56d M1: a file
+/// whose compile keeps failing so was compiled again every 5 minutes, for good).
+pub const TRIES_AGAIN: u32 = 6;
 
 /// The pause before try `tries + 1` of a load refused for the host's failure.
 fn try_again_after(tries: u32) -> Duration {
@@ -162,7 +166,9 @@ impl<A: ApplyFile> Applying<A> {
             // Changed (or looked at again): tried at once, not at its pause's end.
             Phase::BackingOff => {
                 file.changed_at = changed_at;
+                file.since = changed_at;
                 file.retry_at = None;
+                file.tries = 0;
                 self.schedule(path);
             }
             Phase::Loading | Phase::Removing => {
@@ -183,9 +189,16 @@ impl<A: ApplyFile> Applying<A> {
         self.back_off(path);
     }
 
-    /// Puts `path` (in `files`, in no other place) aside until its next try is due.
+    /// Puts `path` (in `files`, in no other place) aside until its next try is due; done with
+    /// it after [`TRIES_AGAIN`].
     fn back_off(&mut self, path: PathBuf) {
         let Some(file) = self.files.get_mut(&path) else { return };
+        if file.tries >= TRIES_AGAIN {
+            tracing::warn!(file = %loader::shown(&path), tries = file.tries,
+                "a load refused for the host's failure was tried again as often as it is: tried again once the file changes");
+            self.files.remove(&path);
+            return;
+        }
         let at = Instant::now() + try_again_after(file.tries);
         file.tries = file.tries.saturating_add(1);
         file.phase = Phase::BackingOff;
@@ -551,19 +564,47 @@ mod tests {
         assert_eq!(end_one(&mut applying).await, "a.wasm");
         let second = applying.next_retry().expect("a is tried again") - Instant::now();
         assert!(second > 2 * TRY_AGAIN_FIRST - Duration::from_secs(1), "{second:?}");
-        // A change to it tries at once, and the pause it waited is not tried on top.
+        // A change to it tries at once, and the pause it waited is not tried on top; it is a new
+        // file, whose pauses start again from the first.
         let loads = applied(&applying).len();
         applying.start(a.clone(), Instant::now());
         settle().await;
         assert_eq!(applied(&applying).len(), loads + 1, "a change tried it at once");
         assert_eq!(end_one(&mut applying).await, "a.wasm");
         let third = applying.retry_at(&a).expect("refused a third time") - Instant::now();
-        assert!(third > 4 * TRY_AGAIN_FIRST - Duration::from_secs(1), "{third:?}");
+        assert!(third > TRY_AGAIN_FIRST - Duration::from_secs(1) && third <= TRY_AGAIN_FIRST, "{third:?}");
         // Loaded at last: done with.
         make_due(&mut applying, &a);
         settle().await;
         assert_eq!(end_one(&mut applying).await, "a.wasm");
         assert!(applying.files.is_empty() && applying.next_retry().is_none());
         assert_eq!(try_again_after(30), TRY_AGAIN_MOST);
+    }
+
+    /// Review 56d M1: a file whose load keeps failing for what reads as the host's failure is
+    /// tried again [`TRIES_AGAIN`] times, then waits for its file to change (it was compiled
+    /// again every 5 minutes for good).
+    #[tokio::test]
+    async fn a_load_refused_for_the_hosts_failure_is_tried_again_a_bounded_number_of_times() {
+        let (_dir, a, _b) = two_files("bytes");
+        let recorder = Recorder::default();
+        recorder.try_again.lock().unwrap().insert("a.wasm".into(), usize::MAX);
+        let mut applying = Applying::with_places(Arc::new(recorder), 1);
+        applying.start(a.clone(), Instant::now());
+        settle().await;
+        assert_eq!(end_one(&mut applying).await, "a.wasm");
+        for _ in 0..TRIES_AGAIN {
+            applying.retry_at(&a).expect("tried again");
+            // Its pause over, as if waited out.
+            let now = Instant::now();
+            applying.files.get_mut(&a).unwrap().retry_at = Some(now);
+            applying.retries.clear();
+            applying.retries.push(Reverse((now, a.clone())));
+            applying.retry_due();
+            settle().await;
+            assert_eq!(end_one(&mut applying).await, "a.wasm");
+        }
+        assert!(applying.files.is_empty(), "tried again past {TRIES_AGAIN}");
+        assert_eq!(applied(&applying).len(), 1 + TRIES_AGAIN as usize);
     }
 }

@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::Notify;
 
 /// The most files gathered one by one; past it, a rescan (which looks at every file) instead.
@@ -25,6 +26,8 @@ pub struct Gathered {
 pub struct Changes {
     gathered: Mutex<Gathered>,
     wake: Notify,
+    /// The watched folder itself was removed or moved away (its watch is gone with it).
+    folder_lost: AtomicBool,
 }
 
 impl Changes {
@@ -46,6 +49,16 @@ impl Changes {
     pub fn rescan(&self) {
         *self.gathered.lock().expect("changes poisoned") = Gathered { paths: BTreeSet::new(), rescan: true };
         self.wake.notify_one();
+    }
+
+    /// The watched folder itself was removed or moved away.
+    pub fn folder_lost(&self) {
+        self.folder_lost.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the watched folder was lost since the last call that answered `true`.
+    pub fn take_folder_lost(&self) -> bool {
+        self.folder_lost.swap(false, Ordering::Relaxed)
     }
 
     /// Returns once something changed since the last call returned (a change made before the

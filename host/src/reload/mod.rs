@@ -40,7 +40,9 @@ const DEBOUNCE: Duration = Duration::from_millis(75);
 /// (`rm -rf plugins && mkdir plugins`, `mv`), or a symlink to it (or to a folder above it)
 /// pointed elsewhere (a release-symlink deploy), the watch on the old folder sees nothing of
 /// the new one (review 56a M1: hot reload ended silently, every plugin removed until a
-/// restart). Then the new folder is watched and every file looked at again.
+/// restart). Then the new folder is watched and every file looked at again. A folder made again
+/// after `rm -rf` often gets the old one's inode number (ext4: review 56d H1): the watcher's
+/// report that the folder itself went ([`Changes::folder_lost`]) counts too.
 const FOLDER_CHECK: Duration = Duration::from_secs(2);
 
 /// Which folder a path names now (device and inode, symlinks followed); `None` while none.
@@ -156,7 +158,7 @@ impl Reloader {
                 return Applied::NotSettled;
             }
             Err(FileError::Load(e)) if e.is_transient() => {
-                self.reject(path, format!("{e} (tried again by itself)"));
+                self.reject(path, format!("{e} (tried again by itself, up to {} times)", applying::TRIES_AGAIN));
                 return Applied::TryAgain;
             }
             Err(e) => {
@@ -291,6 +293,8 @@ pub fn watch_folder(dir: &Path) -> anyhow::Result<FolderWatch> {
     // looks at every file again. (The watcher's handler holds nothing of the host: notify's
     // thread drops it after the host stopped, and it must not keep the kv store open then.)
     let folder = dir.clone();
+    // The folder's own path as the watcher names it in its events (absolute, as notify makes it).
+    let root = std::env::current_dir().map(|cwd| cwd.join(&dir)).unwrap_or_else(|_| dir.clone());
     let rescan = move |tx: &Changes, why: &str| {
         tracing::warn!(dir = %folder.display(),
             "changes to the plugins folder may have been missed ({why}): looking at every file again");
@@ -311,6 +315,13 @@ pub fn watch_folder(dir: &Path) -> anyhow::Result<FolderWatch> {
             );
             if !relevant {
                 return;
+            }
+            // The folder itself removed or moved away: its watch went with it. (`rm -rf` and a
+            // new folder often get the old one's inode number, which `FOLDER_CHECK` looks at.)
+            let gone =
+                matches!(event.kind, EventKind::Remove(_) | EventKind::Modify(notify::event::ModifyKind::Name(_)));
+            if gone && event.paths.contains(&root) {
+                tx.folder_lost();
             }
             for path in event.paths {
                 if is_plugin_file(&path) {
@@ -410,7 +421,11 @@ fn watch_again_if_replaced(
     changes: &Changes,
 ) {
     let now = folder_identity(dir);
-    if now.is_none() || now == *watching {
+    if now.is_none() {
+        // (A folder lost stays lost until one is there again.)
+        return;
+    }
+    if !changes.take_folder_lost() && now == *watching {
         return;
     }
     // The old folder's watch may be gone with it already.

@@ -2,10 +2,13 @@
 //! a fingerprint of the engine's settings, so a restart with many plugins skips compilation.
 //!
 //! A compiled component is native code: loading one from disk runs whatever it holds. So every
-//! entry is verified before it is loaded: `<entry>.cwasm.tag` holds an HMAC-SHA256 of the entry
-//! (its name and bytes) under a random 32-byte key in `data_dir/cache.key` (created `0600`;
+//! entry is verified before it is loaded: `<entry>.cwasm.tag` holds the entry's length with an
+//! HMAC-SHA256 of it, and an HMAC-SHA256 of the entry (its name and bytes), under a random
+//! 32-byte key in `data_dir/cache.key` (created `0600`;
 //! one that is not a regular file of this user, or is readable or writable by anyone else, is
-//! replaced, which recompiles everything). The entry is read into memory, its tag checked in
+//! replaced, which recompiles everything). The length is checked first, so an entry of another
+//! length is never read (review 56a L1: a 1 GiB file planted under a plugin's entry name was
+//! read whole and hashed at every start); then the entry is read into memory, its tag checked in
 //! constant time, and only those bytes are deserialized: a missing or wrong tag means the entry
 //! is recompiled and overwritten (logged), never loaded.
 //!
@@ -102,21 +105,61 @@ impl CompileCache {
         mac
     }
 
+    /// The MAC of an entry's length, which its tag begins with ([`TAG_BYTES`]).
+    fn length_mac(&self, name: &str, len: u64) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(b"plugbus compile cache length v1\0");
+        mac.update(name.as_bytes());
+        mac.update(b"\0");
+        mac.update(&len.to_le_bytes());
+        mac
+    }
+
+    /// An entry's tag: its length, the length's MAC, the entry's MAC ([`TAG_BYTES`]).
+    fn tag(&self, name: &str, bytes: &[u8]) -> Vec<u8> {
+        let len = bytes.len() as u64;
+        let mut tag = len.to_le_bytes().to_vec();
+        tag.extend_from_slice(&self.length_mac(name, len).finalize().into_bytes());
+        tag.extend_from_slice(&self.mac(name, bytes).finalize().into_bytes());
+        tag
+    }
+
     /// The cached component for `wasm_hash`, if its entry is there and its tag is right.
     fn read_verified(&self, engine: &Engine, wasm_hash: &str, stats: &CacheStats) -> Option<Component> {
         let path = self.path(wasm_hash);
         let name = path.file_name()?.to_string_lossy().into_owned();
-        let bytes = match read_regular(&path, self.max_entry_bytes) {
-            Ok(b) => b,
+        let refused = |why: &str| {
+            stats.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(file = %path.display(), "compile cache entry {why}: not loaded, recompiling");
+        };
+        // The length the tag vouches for, before the entry is read: no more is read.
+        let tag = match read_regular(&tag_path(&path), TAG_BYTES as u64) {
+            Ok(tag) => tag,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path.exists() => return None,
+            Err(_) => Vec::new(),
+        };
+        let Some((len, length_mac, mac)) = split_tag(&tag) else {
+            // (A 32-byte tag is an older version's, of an entry read whole to check it.)
+            refused("failed verification (no tag, a tag of an older version, or not made by this host)");
+            return None;
+        };
+        if len > self.max_entry_bytes || self.length_mac(&name, len).verify_slice(length_mac).is_err() {
+            refused("failed verification (its tag's length is not this host's)");
+            return None;
+        }
+        let bytes = match read_regular(&path, len) {
+            Ok(b) if b.len() as u64 == len => b,
+            Ok(_) => {
+                refused("is shorter than its tag says");
+                return None;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
             Err(e) => {
-                stats.rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(file = %path.display(), "compile cache entry unreadable, recompiling: {e}");
+                refused(&format!("unreadable or longer than its tag says ({e})"));
                 return None;
             }
         };
-        let tag = read_regular(&tag_path(&path), 64).unwrap_or_default();
-        if self.mac(&name, &bytes).verify_slice(&tag).is_err() {
+        if self.mac(&name, &bytes).verify_slice(mac).is_err() {
             stats.rejected.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 file = %path.display(),
@@ -219,7 +262,7 @@ impl CompileCache {
             return Ok(());
         }
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let tag = self.mac(&name, serialized).finalize().into_bytes();
+        let tag = self.tag(&name, serialized);
         write_atomically(&path, serialized)?;
         write_atomically(&tag_path(&path), &tag)?;
         self.tidy(&path);
@@ -304,6 +347,20 @@ fn key_path(dir: &Path) -> PathBuf {
     let mut name = dir.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "cache".into());
     name.push(".key");
     dir.with_file_name(name)
+}
+
+/// The length of an entry's tag: the entry's length (8 bytes, little-endian), its MAC, and the
+/// entry's MAC (32 bytes each).
+const TAG_BYTES: usize = 8 + 32 + 32;
+
+/// A tag's parts: the length it vouches for, that length's MAC, the entry's MAC.
+fn split_tag(tag: &[u8]) -> Option<(u64, &[u8], &[u8])> {
+    if tag.len() != TAG_BYTES {
+        return None;
+    }
+    let (len, macs) = tag.split_at(8);
+    let (length_mac, mac) = macs.split_at(32);
+    Some((u64::from_le_bytes(len.try_into().ok()?), length_mac, mac))
 }
 
 fn tag_path(entry: &Path) -> PathBuf {
@@ -581,6 +638,46 @@ mod tests {
         }
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(left.len(), 20, "temporary files left beside the keys: {left:?}");
+    }
+
+    /// Bytes this process read so far (`/proc/self/io`'s `rchar`).
+    fn bytes_read() -> u64 {
+        let io = std::fs::read_to_string("/proc/self/io").unwrap();
+        io.lines().find_map(|l| l.strip_prefix("rchar: ")).unwrap().trim().parse().unwrap()
+    }
+
+    /// Review 56a L1: an entry is read only up to the length its tag vouches for. A file of 1 GiB
+    /// put in an entry's place (by whoever can write the cache directory but not read the key)
+    /// was read whole and hashed at every load before its tag refused it; now it is refused
+    /// unread. A tag not of this version's form (an older version's 32 bytes) is refused too.
+    #[test]
+    fn an_entry_longer_than_its_tag_says_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::default();
+        let cache = CompileCache::new(&dir.path().join("cache"), &engine).unwrap();
+        cache.write_entry("a", &[7u8; 1000]).unwrap();
+        assert_eq!(std::fs::read(tag_path(&cache.path("a"))).unwrap().len(), TAG_BYTES);
+        std::fs::File::options().write(true).open(cache.path("a")).unwrap().set_len(1 << 30).unwrap();
+        let stats = CacheStats::default();
+        let before = bytes_read();
+        assert!(cache.read_verified(&engine, "a", &stats).is_none());
+        let read = bytes_read() - before;
+        assert!(read < 256 << 20, "{read} bytes read to refuse it");
+        assert_eq!(stats.rejected.load(Ordering::Relaxed), 1);
+        // Its tag's length vouched for by another key (or forged): refused before reading too.
+        cache.write_entry("b", &[7u8; 1000]).unwrap();
+        let mut tag = std::fs::read(tag_path(&cache.path("b"))).unwrap();
+        tag[..8].copy_from_slice(&(1u64 << 30).to_le_bytes());
+        std::fs::write(tag_path(&cache.path("b")), &tag).unwrap();
+        std::fs::File::options().write(true).open(cache.path("b")).unwrap().set_len(1 << 30).unwrap();
+        let before = bytes_read();
+        assert!(cache.read_verified(&engine, "b", &stats).is_none());
+        assert!(bytes_read() - before < 256 << 20, "a forged length was believed");
+        assert_eq!(stats.rejected.load(Ordering::Relaxed), 2);
+        cache.write_entry("c", &[7u8; 1000]).unwrap();
+        std::fs::write(tag_path(&cache.path("c")), [0u8; 32]).unwrap();
+        assert!(cache.read_verified(&engine, "c", &stats).is_none());
+        assert_eq!(stats.rejected.load(Ordering::Relaxed), 3, "an older version's tag");
     }
 
     /// The cache keeps within its size: the entries used longest ago go first (with their tags),

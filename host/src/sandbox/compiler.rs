@@ -240,6 +240,15 @@ pub async fn compile_in_child(program: &Path, settings: &SandboxSettings, bytes:
             };
             Err(host(format!("it ended with {status}{killed}: {}", crate::event::cut_to(&message, 1024))).into())
         }
+        // Compiling this file may be what crashed it: not tried again by itself (review 56d M1).
+        Ending::Crashed => Err(Refused {
+            error: LoadError::Crashed(format!(
+                "compiling in a child process ({}): it ended with {status}: {}",
+                program.display(),
+                crate::event::cut_to(&message, 1024)
+            )),
+            repeatable: false,
+        }),
     }
 }
 
@@ -253,8 +262,13 @@ enum Ending {
     OutOfCpu,
     /// Rust names the thread whose stack overflowed before it aborts.
     StackOverflow,
-    /// Anything else: the child's own failure, a signal from outside.
+    /// The child could not work for a reason of its own or the machine's: it said so
+    /// ([`EXIT_HOST`]), was killed from outside (`SIGKILL`: the OOM killer), or an allocation
+    /// failed.
     Host,
+    /// Anything else (a panic, a crash, its system-call filter's signal): the host's error, but
+    /// compiling this file may be what ended it.
+    Crashed,
 }
 
 fn ending(status: ExitStatus, message: &str) -> Ending {
@@ -263,7 +277,10 @@ fn ending(status: ExitStatus, message: &str) -> Ending {
         (Some(c), _) if c == i32::from(EXIT_REFUSED) => Ending::Refused,
         (_, Some(libc::SIGABRT)) if message.contains("has overflowed its stack") => Ending::StackOverflow,
         (_, Some(libc::SIGXCPU)) => Ending::OutOfCpu,
-        _ => Ending::Host,
+        (Some(c), _) if c == i32::from(EXIT_HOST) => Ending::Host,
+        (_, Some(libc::SIGKILL)) => Ending::Host,
+        (_, Some(libc::SIGABRT)) if message.contains("memory allocation of") => Ending::Host,
+        _ => Ending::Crashed,
     }
 }
 
@@ -466,9 +483,14 @@ mod tests {
         // An abort the child did not explain (an allocation the machine refused: the memory cap
         // is the parent's to enforce), or a kill from outside, is not the file's doing.
         assert_eq!(ending(signalled(libc::SIGABRT), "memory allocation of 4096 bytes failed"), Ending::Host);
-        assert_eq!(ending(signalled(libc::SIGABRT), "assertion failed"), Ending::Host);
         assert_eq!(ending(signalled(libc::SIGKILL), ""), Ending::Host);
-        assert_eq!(ending(exited(1), ""), Ending::Host);
+        // Anything else may be the file's doing (review 56d M1): still the host's error, but
+        // not tried again by itself.
+        assert_eq!(ending(signalled(libc::SIGABRT), "assertion failed"), Ending::Crashed);
+        assert_eq!(ending(exited(1), ""), Ending::Crashed);
+        assert_eq!(ending(exited(101), "thread 'main' panicked"), Ending::Crashed);
+        assert_eq!(ending(signalled(libc::SIGSEGV), ""), Ending::Crashed);
+        assert_eq!(ending(signalled(libc::SIGSYS), ""), Ending::Crashed);
     }
 
     #[test]

@@ -33,6 +33,10 @@ pub enum LoadError {
     /// fault, not kept): tried again as [`LoadError::Host`] is.
     #[error("{0}")]
     Busy(String),
+    /// Its compile child crashed (a panic, a signal): the host's error, but compiling this file
+    /// may be what crashed it, so not tried again by itself.
+    #[error("host error: {0}")]
+    Crashed(String),
 }
 
 impl LoadError {

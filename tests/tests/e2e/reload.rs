@@ -256,6 +256,30 @@ async fn a_plugins_folder_replaced_by_a_new_one_is_watched_again() {
     std::fs::remove_dir_all(&old).unwrap();
 }
 
+/// Review 56d H1: `rm -rf plugins && mkdir plugins` often gives the new folder the old one's
+/// inode number (ext4 does), so the folder looked the same by device and inode, and its watch,
+/// gone with the old folder, was never put on the new one. The watcher's report that the
+/// folder itself went counts too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_folder_removed_and_made_again_is_watched_again() {
+    use std::os::unix::fs::MetadataExt;
+    let t = TestHost::start(&["echo"]).await;
+    let dir = t.dir.path().to_path_buf();
+    let before = std::fs::metadata(&dir).unwrap().ino();
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    let reused = std::fs::metadata(&dir).unwrap().ino() == before;
+    std::fs::copy(wasm("audit"), dir.join("audit.wasm")).unwrap();
+    let router = t.host.router().clone();
+    eventually(&format!("audit, in the new folder, is loaded (its inode reused: {reused})"), || {
+        router.contains("audit")
+    })
+    .await;
+    assert!(!router.contains("echo"), "echo went with its file");
+    std::fs::copy(wasm("echo"), dir.join("echo.wasm")).unwrap();
+    eventually("echo, copied into the new folder, is loaded", || router.contains("echo")).await;
+}
+
 /// Review 56a M1, a release-symlink deploy: the plugins folder is a link, pointed at another
 /// folder in one rename (`ln -s releases/v2 tmp && mv -T tmp plugins`). No event reached the
 /// watch on the first folder: the host served the old release for good.
