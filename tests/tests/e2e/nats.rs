@@ -628,6 +628,34 @@ async fn jetstream_a_handler_slower_than_ack_wait_is_kept_alive_not_redelivered(
     assert!(seen.drain(Duration::from_millis(200)).await.is_empty());
 }
 
+/// Review 56b L1: every host of a plugin shares its consumer, whose `ack_wait` is the one the
+/// host that made it last asked for (another host's `nats.ack_wait`, or an operator's). A host
+/// whose own was longer kept its messages alive too seldom: a slow delivery here was delivered
+/// again to another host while it ran. The keep-alive keeps to the consumer's shorter one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_shorter_ack_wait_another_host_set_is_kept_to() {
+    let server = NatsServer::start().await;
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
+        c.nats.ack_wait = Duration::from_secs(30);
+    })
+    .await;
+    let js = jetstream::new(server.client().await);
+    let info = consumer_on(&js, "faulty.slow").await;
+    assert_eq!(info.config.ack_wait, Duration::from_secs(30));
+    let stream = js.get_stream(&info.stream_name).await.unwrap();
+    let shorter = jetstream::consumer::Config { ack_wait: Duration::from_secs(3), ..info.config.clone() };
+    stream.update_consumer(shorter).await.expect("another host sets a shorter ack_wait");
+    let mut seen = t.observe(&["faulty.out.>"]).await;
+    // Busy for 4.5 s: one and a half of the consumer's ack waits (the watcher reads it within a
+    // second of the message, at most).
+    t.publish("faulty.slow", "4500").await;
+    seen.next_on("faulty.out.slow").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(t.counter("faulty", "received"), 1, "delivered again while it still ran");
+    assert_eq!(consumer_on(&js, "faulty.slow").await.num_redelivered, 0);
+    assert_eq!(t.counter("faulty", "ok"), 1);
+}
+
 /// Waits until `faulty` handled 30 `faulty.slow` events, and checks each was delivered and run
 /// once.
 async fn each_of_30_slow_events_ran_once(t: &TestHost, js: &jetstream::Context) {

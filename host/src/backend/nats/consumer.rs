@@ -20,13 +20,57 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Messages taken from JetStream and not yet settled, with when they arrived.
-#[derive(Default)]
 pub struct Held {
     items: Mutex<HashMap<u64, (Subject, Instant)>>,
     next: AtomicU64,
+    /// This host's `nats.ack_wait`.
+    own_ack_wait: Duration,
+    /// The shortest `ack_wait` a consumer this host pulls from was seen with, in ms (0: none
+    /// shorter than its own): the consumer every host of a plugin shares has the one the host
+    /// that made it last asked for (review 56b L1: another host's shorter `ack_wait` had a
+    /// message in progress here delivered again there while it ran).
+    shortest_ack_wait_ms: AtomicU64,
+    /// Wakes the keep-alive when that shortens.
+    shortened: tokio::sync::Notify,
 }
 
 impl Held {
+    /// Nothing held yet; in-progress sent at a third of `own_ack_wait`, or of a consumer's
+    /// shorter one once seen ([`Held::saw_ack_wait`]).
+    pub fn new(own_ack_wait: Duration) -> Self {
+        Self {
+            items: Mutex::default(),
+            next: AtomicU64::new(0),
+            own_ack_wait,
+            shortest_ack_wait_ms: AtomicU64::new(0),
+            shortened: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The consumer `name` was seen with `ack_wait`: a shorter one than this host's (another
+    /// host's setting, or an operator's) makes the keep-alive keep to it, from now on.
+    pub fn saw_ack_wait(&self, name: &str, ack_wait: Duration) {
+        if ack_wait.is_zero() || ack_wait >= self.own_ack_wait {
+            return;
+        }
+        let ms = u64::try_from(ack_wait.as_millis()).unwrap_or(u64::MAX).max(1);
+        let shorter = |now: u64| (now == 0 || ms < now).then_some(ms);
+        if self.shortest_ack_wait_ms.fetch_update(Ordering::Relaxed, Ordering::Relaxed, shorter).is_ok() {
+            tracing::warn!(consumer = name, ack_wait = ?ack_wait, own_ack_wait = ?self.own_ack_wait,
+                "a JetStream consumer has a shorter ack_wait than this host's nats.ack_wait (another host's or an \
+                 operator's setting): messages in progress here are kept alive at a third of it");
+            self.shortened.notify_one();
+        }
+    }
+
+    /// How often in-progress is sent, and after how long a message is held: a third of the
+    /// shortest `ack_wait` (at least 10 ms).
+    fn keep_alive_every(&self) -> Duration {
+        let seen = self.shortest_ack_wait_ms.load(Ordering::Relaxed);
+        let ack_wait = if seen == 0 { self.own_ack_wait } else { Duration::from_millis(seen) };
+        (ack_wait / 3).max(Duration::from_millis(10))
+    }
+
     fn hold(&self, reply: Option<Subject>) -> u64 {
         let token = self.next.fetch_add(1, Ordering::Relaxed);
         if let Some(reply) = reply {
@@ -39,12 +83,15 @@ impl Held {
         self.items.lock().expect("held poisoned").remove(&token);
     }
 
-    /// Sends `in-progress` for every message held longer than `after`, every `after`.
-    pub async fn keep_alive(self: Arc<Self>, client: Client, after: Duration) {
-        let mut tick = tokio::time::interval(after);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    /// Sends `in-progress` for every message held longer than a third of the shortest
+    /// `ack_wait` ([`Held::keep_alive_every`]), that often.
+    pub async fn keep_alive(self: Arc<Self>, client: Client) {
         loop {
-            tick.tick().await;
+            let after = self.keep_alive_every();
+            tokio::select! {
+                () = tokio::time::sleep(after) => {}
+                () = self.shortened.notified() => continue,
+            }
             let due: Vec<Subject> = {
                 let items = self.items.lock().expect("held poisoned");
                 items.values().filter(|(_, at)| at.elapsed() >= after).map(|(reply, _)| reply.clone()).collect()
@@ -309,7 +356,7 @@ pub async fn pump(js: jetstream::Context, spec: SharedSpec, mut consumer: PullCo
     // the pump's own while it is busy (`watched.rs`).
     let watched = {
         let fallback = spec.read().expect("spec poisoned").durability.give_up_after;
-        super::watched::Watched::new(consumer.cached_info(), fallback)
+        super::watched::Watched::new(consumer.cached_info(), fallback, held.clone())
     };
     let _watching = super::Task(tokio::spawn(super::watched::watch(consumer.clone(), watched.clone(), spec.clone())));
     // Kept across pulls: what a pull brings after its status is read, not dropped.

@@ -360,8 +360,8 @@ impl NatsTransport {
         if let Err(e) = index.refresh(&js).await {
             tracing::warn!("JetStream is not available, only core NATS will work: {e}");
         }
-        let held = Arc::new(consumer::Held::default());
-        let keep_alive = Task(tokio::spawn(held.clone().keep_alive(client.clone(), settings.ack_wait / 3)));
+        let held = Arc::new(consumer::Held::new(settings.ack_wait));
+        let keep_alive = Task(tokio::spawn(held.clone().keep_alive(client.clone())));
         let refresh = {
             let (js, index) = (js.clone(), index.clone());
             Task(tokio::spawn(async move {

@@ -50,11 +50,14 @@ pub struct Watched {
     out: AtomicU64,
     /// Wakes the watcher when a message comes after a quiet while.
     woken: tokio::sync::Notify,
+    /// Told the consumer's `ack_wait` at each look ([`super::consumer::Held::saw_ack_wait`]).
+    held: Arc<super::consumer::Held>,
 }
 
 impl Watched {
     /// What `info` (the consumer as made or opened) says; `fallback` is this host's own bound.
-    pub fn new(info: &Info, fallback: u32) -> Arc<Self> {
+    pub fn new(info: &Info, fallback: u32, held: Arc<super::consumer::Held>) -> Arc<Self> {
+        held.saw_ack_wait(&info.name, info.config.ack_wait);
         Arc::new(Self {
             settled: AtomicU64::new(info.ack_floor.stream_sequence),
             max_deliveries: Arc::new(MaxDeliveries::new(
@@ -65,6 +68,7 @@ impl Watched {
             active_at: Mutex::new(Instant::now()),
             out: AtomicU64::new(0),
             woken: tokio::sync::Notify::new(),
+            held,
         })
     }
 
@@ -106,6 +110,7 @@ impl Watched {
     fn update(&self, info: &Info, fallback: u32) {
         self.settled.store(info.ack_floor.stream_sequence, Relaxed);
         self.max_deliveries.read(bound(info.config.max_deliver, fallback));
+        self.held.saw_ack_wait(&info.name, info.config.ack_wait);
     }
 }
 
