@@ -238,10 +238,21 @@ impl Config {
             self.api.max_tails,
             self.api.max_connections
         );
+        use crate::config_bounds as bounds;
+        bounds::count("api", "max_connections", self.api.max_connections as u64, 1).map_err(anyhow::Error::msg)?;
+        bounds::duration("sandbox", "compile_timeout", self.sandbox.compile_timeout, true)
+            .map_err(anyhow::Error::msg)?;
+        bounds::flow(&self.flow, "flow").map_err(anyhow::Error::msg)?;
+        bounds::retry(&self.retry, "retry").map_err(anyhow::Error::msg)?;
+        bounds::limits(&self.limits, "limits").map_err(anyhow::Error::msg)?;
         for (name, p) in &self.plugins {
-            overlay(&self.limits, &p.limits, &format!("plugins.{name}.limits")).map_err(anyhow::Error::msg)?;
-            overlay(&self.flow, &p.flow, &format!("plugins.{name}.flow")).map_err(anyhow::Error::msg)?;
-            overlay(&self.retry, &p.retry, &format!("plugins.{name}.retry")).map_err(anyhow::Error::msg)?;
+            let at = |table: &str| format!("plugins.{name}.{table}");
+            let limits = overlay(&self.limits, &p.limits, &at("limits")).map_err(anyhow::Error::msg)?;
+            bounds::limits(&limits, &at("limits")).map_err(anyhow::Error::msg)?;
+            let flow = overlay(&self.flow, &p.flow, &at("flow")).map_err(anyhow::Error::msg)?;
+            bounds::flow(&flow, &at("flow")).map_err(anyhow::Error::msg)?;
+            let retry = overlay(&self.retry, &p.retry, &at("retry")).map_err(anyhow::Error::msg)?;
+            bounds::retry(&retry, &at("retry")).map_err(anyhow::Error::msg)?;
             for (i, o) in p.allowed_outbound.iter().enumerate() {
                 crate::sandbox::outbound::Rule::parse(o)
                     .map_err(|e| anyhow::anyhow!("plugins.{name}.allowed_outbound[{i}]: {e}"))?;
@@ -438,6 +449,33 @@ mod tests {
 
     /// A publish timeout of 0 answered every ingress event `503` (the bus never takes one in no
     /// time): refused at load, naming the key.
+    /// Review 56e: numbers past what the host can hold (from TOML, or the environment, which
+    /// takes what TOML cannot) were taken as they were: a `retry.max` of 2^64 − 1 s panicked
+    /// every failed delivery's backoff (the event neither retried nor dead-lettered), a huge
+    /// `flow.queue` or `api.max_connections` panicked a semaphore, a `max_output_bytes` near
+    /// 2^63 overflowed every host call's budget, and a 0 `memory_mib` dead-lettered every
+    /// event. Each is refused at the start, naming its key, in a plugin's table too.
+    #[test]
+    fn numbers_past_their_bounds_are_refused_naming_the_key() {
+        for (text, key) in [
+            ("[retry]\nmax = \"18446744073709551615s\"\n", "retry.max = "),
+            ("[retry]\nmax_attempts = 0\n", "retry.max_attempts = 0"),
+            ("[retry]\nfactor = -2.0\n", "retry.factor"),
+            ("[flow]\nqueue = 4611686018427387904\n", "flow.queue = 4611686018427387904 is over"),
+            ("[plugins.p.flow]\nconcurrency = 4611686018427387904\n", "plugins.p.flow.concurrency"),
+            ("[api]\nmax_connections = 4611686018427387904\n", "api.max_connections"),
+            ("[limits]\nmemory_mib = 0\n", "limits.memory_mib = 0 is below 1"),
+            ("[limits]\ndeadline = \"0s\"\n", "limits.deadline is 0"),
+            ("[plugins.p.limits]\nmax_output_bytes = 9223372036854775807\n", "plugins.p.limits.max_output_bytes"),
+            ("[plugins.p.limits]\ninstance = \"reuse\"\nrecycle_after = 0\n", "plugins.p.limits.recycle_after is 0"),
+            ("[plugins.p.retry]\ninitial = \"500000d\"\n", "plugins.p.retry.initial"),
+            ("[sandbox]\ncompile_timeout = \"500000d\"\n", "sandbox.compile_timeout"),
+        ] {
+            let e = Config::load(Some(&write(text).0)).unwrap().validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+    }
+
     #[test]
     fn a_publish_timeout_of_zero_is_refused_naming_the_key() {
         let f = write("[api]\npublish_timeout = \"0s\"\n");

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod casetest;
 pub mod cloudevents;
 pub mod config;
+pub mod config_bounds;
 pub mod contract;
 pub mod dashboard;
 pub mod deadletter;

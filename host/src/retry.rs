@@ -43,7 +43,8 @@ impl RetryPolicy {
     pub fn ceiling(&self, attempt: u32) -> Duration {
         let exp = self.factor.max(1.0).powi(attempt.saturating_sub(1).min(64) as i32);
         let secs = (self.initial.as_secs_f64() * exp).min(self.max.as_secs_f64());
-        Duration::from_secs_f64(secs.max(0.0))
+        // (A `max` near `u64::MAX` seconds rounds past it as a float: never a panic.)
+        Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(self.max)
     }
 
     /// The wait after failed attempt `attempt`: uniformly random in `[0, ceiling]` (full jitter),
@@ -63,6 +64,17 @@ impl RetryPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review 56e: a `max` near `u64::MAX` seconds (refused at the start now) rounded past it as a
+    /// float and panicked every backoff; the ceiling never panics, whatever the policy.
+    #[test]
+    fn the_ceiling_never_panics() {
+        let huge = Duration::from_secs(u64::MAX);
+        let p = RetryPolicy { initial: huge, max: huge, ..RetryPolicy::default() };
+        assert_eq!(p.ceiling(3), huge);
+        let p = RetryPolicy { factor: f64::INFINITY, ..RetryPolicy::default() };
+        assert_eq!(p.ceiling(5), p.max);
+    }
 
     #[test]
     fn ceilings_grow_exponentially_and_stop_at_max() {

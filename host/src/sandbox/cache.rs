@@ -130,7 +130,7 @@ impl CompileCache {
         let name = path.file_name()?.to_string_lossy().into_owned();
         let refused = |why: &str| {
             stats.rejected.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(file = %path.display(), "compile cache entry {why}: not loaded, recompiling");
+            tracing::warn!(file = %path.display(), "compile cache entry failed verification ({why}): not loaded, recompiling");
         };
         // The length the tag vouches for, before the entry is read: no more is read.
         let tag = match read_regular(&tag_path(&path), TAG_BYTES as u64) {
@@ -140,22 +140,22 @@ impl CompileCache {
         };
         let Some((len, length_mac, mac)) = split_tag(&tag) else {
             // (A 32-byte tag is an older version's, of an entry read whole to check it.)
-            refused("failed verification (no tag, a tag of an older version, or not made by this host)");
+            refused("no tag, a tag of an older version, or not made by this host");
             return None;
         };
         if len > self.max_entry_bytes || self.length_mac(&name, len).verify_slice(length_mac).is_err() {
-            refused("failed verification (its tag's length is not this host's)");
+            refused("its tag's length is not this host's");
             return None;
         }
         let bytes = match read_regular(&path, len) {
             Ok(b) if b.len() as u64 == len => b,
             Ok(_) => {
-                refused("is shorter than its tag says");
+                refused("shorter than its tag says");
                 return None;
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
             Err(e) => {
-                refused(&format!("unreadable or longer than its tag says ({e})"));
+                refused(&format!("unreadable, or longer than its tag says: {e}"));
                 return None;
             }
         };
