@@ -9,7 +9,7 @@
 
 use crate::retry::RetryPolicy;
 use crate::router::Flow;
-use crate::sandbox::{InstanceMode, Limits};
+use crate::sandbox::Limits;
 use std::time::Duration;
 
 /// The longest a duration setting may be: a year.
@@ -73,24 +73,29 @@ pub fn flow(f: &Flow, at: &str) -> Result<(), String> {
     mib(at, "backlog_mib", f.backlog_mib, 0)
 }
 
-/// A plugin's `[retry]`.
+/// A plugin's `[retry]` (`max_attempts` 0 is taken as 1: no retry).
 pub fn retry(r: &RetryPolicy, at: &str) -> Result<(), String> {
-    count(at, "max_attempts", u64::from(r.max_attempts), 1)?;
+    count(at, "max_attempts", u64::from(r.max_attempts), 0)?;
     duration(at, "initial", r.initial, false)?;
     duration(at, "max", r.max, false)?;
     duration(at, "max_circuit_wait", r.max_circuit_wait, false)?;
-    if !r.factor.is_finite() || r.factor < 1.0 {
-        return Err(format!("{at}.factor = {} must be a number, at least 1", r.factor));
+    // (Below 1 it is taken as 1.)
+    if !r.factor.is_finite() || r.factor < 0.0 {
+        return Err(format!("{at}.factor = {} must be a number, at least 0", r.factor));
     }
     Ok(())
 }
 
-/// A plugin's `[limits]`.
+/// A plugin's `[limits]`. (Its durations past the clock's range are taken as a century where
+/// they are used, `limits::instant_after`: only a zero `deadline` or `outbound_timeout` is
+/// refused.)
 pub fn limits(l: &Limits, at: &str) -> Result<(), String> {
     mib(at, "memory_mib", l.memory_mib, 1)?;
-    duration(at, "deadline", l.deadline, true)?;
-    duration(at, "outbound_timeout", l.outbound_timeout, true)?;
-    duration(at, "outbound_breaker_cooldown", l.outbound_breaker_cooldown, false)?;
+    for (key, value) in [("deadline", l.deadline), ("outbound_timeout", l.outbound_timeout)] {
+        if value.is_zero() {
+            return Err(format!("{at}.{key} is 0: it must be more"));
+        }
+    }
     bytes(at, "max_event_bytes", l.max_event_bytes, 1)?;
     for (key, value) in [
         ("max_output_bytes", l.max_output_bytes),
@@ -105,12 +110,6 @@ pub fn limits(l: &Limits, at: &str) -> Result<(), String> {
     ] {
         bytes(at, key, value, 0)?;
     }
-    if l.instance == InstanceMode::Reuse && l.recycle_after == 0 {
-        return Err(format!(
-            "{at}.recycle_after is 0 with instance = \"reuse\": an instance would be recycled before its first event \
-             (at least 1)"
-        ));
-    }
     Ok(())
 }
 
@@ -122,7 +121,11 @@ mod tests {
     fn each_bound_names_its_key() {
         let huge = Duration::from_secs(u64::MAX);
         assert!(duration("retry", "max", huge, false).unwrap_err().starts_with("retry.max = "));
-        assert!(duration("limits", "deadline", Duration::ZERO, true).unwrap_err().contains("limits.deadline is 0"));
+        assert!(duration("retry", "initial", Duration::ZERO, true).unwrap_err().contains("retry.initial is 0"));
+        let zero = Limits { deadline: Duration::ZERO, ..Limits::default() };
+        assert!(limits(&zero, "limits").unwrap_err().contains("limits.deadline is 0"));
+        let century = Limits { deadline: Duration::from_secs(u64::MAX), ..Limits::default() };
+        assert!(limits(&century, "limits").is_ok(), "taken as a century where it is used");
         assert!(count("flow", "queue", 1 << 62, 1).unwrap_err().contains("flow.queue = 4611686018427387904 is over"));
         assert!(bytes("limits", "max_output_bytes", u64::MAX, 0).unwrap_err().contains("limits.max_output_bytes"));
         assert!(mib("limits", "memory_mib", 0, 1).unwrap_err().contains("limits.memory_mib = 0 is below 1"));

@@ -10,8 +10,8 @@
 //! - a file not settled yet (being written) is looked at again 100 ms later, out of the line and
 //!   holding no load's place meanwhile;
 //! - a file refused for the host's or the machine's failure ([`Applied::TryAgain`]) is tried
-//!   again after 5 s, doubling, [`TRIES_AGAIN`] times at most, holding no place meanwhile; a
-//!   change to it tries at once;
+//!   again after 5 s, doubling up to every 5 minutes, holding no place meanwhile; a change to it
+//!   tries at once;
 //! - one file is applied once at a time, in the order of its changes: the changes made while it
 //!   is applied are applied after, once, however many they are (the apply reads the file as it
 //!   is then), and a load under way is given up if the file is no longer what it read (its
@@ -41,10 +41,6 @@ const RETRY: Duration = Duration::from_millis(100);
 pub(super) const TRY_AGAIN_FIRST: Duration = Duration::from_secs(5);
 /// See [`TRY_AGAIN_FIRST`].
 const TRY_AGAIN_MOST: Duration = Duration::from_secs(300);
-/// The most tries again by itself of a load refused for the host's failure (5 s, 10 s, … 160 s
-/// apart: about 5 minutes in all); then it waits for its file to change (review 56d M1: a file
-/// whose compile keeps failing so was compiled again every 5 minutes, for good).
-pub const TRIES_AGAIN: u32 = 6;
 
 /// The pause before try `tries + 1` of a load refused for the host's failure.
 fn try_again_after(tries: u32) -> Duration {
@@ -189,16 +185,11 @@ impl<A: ApplyFile> Applying<A> {
         self.back_off(path);
     }
 
-    /// Puts `path` (in `files`, in no other place) aside until its next try is due; done with
-    /// it after [`TRIES_AGAIN`].
+    /// Puts `path` (in `files`, in no other place) aside until its next try is due. (For as
+    /// long as the host's failure lasts, at most every [`TRY_AGAIN_MOST`]: a compile child that
+    /// crashed, which compiling the file may have caused, is not tried again so, review 56d M1.)
     fn back_off(&mut self, path: PathBuf) {
         let Some(file) = self.files.get_mut(&path) else { return };
-        if file.tries >= TRIES_AGAIN {
-            tracing::warn!(file = %loader::shown(&path), tries = file.tries,
-                "a load refused for the host's failure was tried again as often as it is: tried again once the file changes");
-            self.files.remove(&path);
-            return;
-        }
         let at = Instant::now() + try_again_after(file.tries);
         file.tries = file.tries.saturating_add(1);
         file.phase = Phase::BackingOff;
@@ -581,11 +572,11 @@ mod tests {
         assert_eq!(try_again_after(30), TRY_AGAIN_MOST);
     }
 
-    /// Review 56d M1: a file whose load keeps failing for what reads as the host's failure is
-    /// tried again [`TRIES_AGAIN`] times, then waits for its file to change (it was compiled
-    /// again every 5 minutes for good).
+    /// A file whose load keeps failing for the host's failure is tried again for as long as it
+    /// lasts (a plugin that served is not dropped for good after an outage of the host's), the
+    /// pauses growing to [`TRY_AGAIN_MOST`] and no further.
     #[tokio::test]
-    async fn a_load_refused_for_the_hosts_failure_is_tried_again_a_bounded_number_of_times() {
+    async fn a_load_refused_for_the_hosts_failure_is_tried_again_at_most_every_5_minutes() {
         let (_dir, a, _b) = two_files("bytes");
         let recorder = Recorder::default();
         recorder.try_again.lock().unwrap().insert("a.wasm".into(), usize::MAX);
@@ -593,8 +584,9 @@ mod tests {
         applying.start(a.clone(), Instant::now());
         settle().await;
         assert_eq!(end_one(&mut applying).await, "a.wasm");
-        for _ in 0..TRIES_AGAIN {
-            applying.retry_at(&a).expect("tried again");
+        for _ in 0..12 {
+            let pause = applying.retry_at(&a).expect("tried again") - Instant::now();
+            assert!(pause <= TRY_AGAIN_MOST, "{pause:?}");
             // Its pause over, as if waited out.
             let now = Instant::now();
             applying.files.get_mut(&a).unwrap().retry_at = Some(now);
@@ -604,7 +596,8 @@ mod tests {
             settle().await;
             assert_eq!(end_one(&mut applying).await, "a.wasm");
         }
-        assert!(applying.files.is_empty(), "tried again past {TRIES_AGAIN}");
-        assert_eq!(applied(&applying).len(), 1 + TRIES_AGAIN as usize);
+        let pause = applying.retry_at(&a).expect("still tried again") - Instant::now();
+        assert!(pause > TRY_AGAIN_MOST - Duration::from_secs(1), "{pause:?}");
+        assert_eq!(applied(&applying).len(), 13);
     }
 }

@@ -158,7 +158,7 @@ impl Reloader {
                 return Applied::NotSettled;
             }
             Err(FileError::Load(e)) if e.is_transient() => {
-                self.reject(path, format!("{e} (tried again by itself, up to {} times)", applying::TRIES_AGAIN));
+                self.reject(path, format!("{e} (tried again by itself)"));
                 return Applied::TryAgain;
             }
             Err(e) => {

@@ -82,6 +82,9 @@ impl CompileCache {
         std::fs::create_dir_all(dir)?;
         let mut h = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
+        // The tag's form: entries of another form are named apart, so hosts of two versions
+        // sharing the folder do not recompile each other's entries (and call them forged).
+        TAG_FORM.hash(&mut h);
         let key = load_or_make_key(&key_path(dir))?;
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -348,6 +351,9 @@ fn key_path(dir: &Path) -> PathBuf {
     name.push(".key");
     dir.with_file_name(name)
 }
+
+/// The form of this version's tags ([`TAG_BYTES`]), part of every entry's name.
+const TAG_FORM: &str = "length and MAC, then MAC";
 
 /// The length of an entry's tag: the entry's length (8 bytes, little-endian), its MAC, and the
 /// entry's MAC (32 bytes each).

@@ -76,6 +76,9 @@ impl SandboxSettings {
                 self.compile_memory_mib
             ));
         }
+        // Every command that compiles checks it (`plugbus dev` adds to it, and the wall-clock
+        // bound is 4 times it).
+        crate::config_bounds::duration("sandbox", "compile_timeout", self.compile_timeout, false)?;
         if self.compile_timeout < MIN_COMPILE_TIMEOUT {
             return Err(format!(
                 "sandbox.compile_timeout = {} is below {}",

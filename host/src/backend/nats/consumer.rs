@@ -19,6 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The shortest `ack_wait` the keep-alive keeps to (`nats.ack_wait`'s own floor).
+const MIN_ACK_WAIT: Duration = Duration::from_millis(100);
+
 /// Messages taken from JetStream and not yet settled, with when they arrived.
 pub struct Held {
     items: Mutex<HashMap<u64, (Subject, Instant)>>,
@@ -50,9 +53,12 @@ impl Held {
     /// The consumer `name` was seen with `ack_wait`: a shorter one than this host's (another
     /// host's setting, or an operator's) makes the keep-alive keep to it, from now on.
     pub fn saw_ack_wait(&self, name: &str, ack_wait: Duration) {
-        if ack_wait.is_zero() || ack_wait >= self.own_ack_wait {
+        if ack_wait >= self.own_ack_wait {
             return;
         }
+        // (No shorter than a host may set its own: a consumer made with 1 ms would have every
+        // message held sent in-progress hundreds of times a second.)
+        let ack_wait = ack_wait.max(MIN_ACK_WAIT);
         let ms = u64::try_from(ack_wait.as_millis()).unwrap_or(u64::MAX).max(1);
         let shorter = |now: u64| (now == 0 || ms < now).then_some(ms);
         if self.shortest_ack_wait_ms.fetch_update(Ordering::Relaxed, Ordering::Relaxed, shorter).is_ok() {
@@ -64,11 +70,11 @@ impl Held {
     }
 
     /// How often in-progress is sent, and after how long a message is held: a third of the
-    /// shortest `ack_wait` (at least 10 ms).
+    /// shortest `ack_wait`.
     fn keep_alive_every(&self) -> Duration {
         let seen = self.shortest_ack_wait_ms.load(Ordering::Relaxed);
         let ack_wait = if seen == 0 { self.own_ack_wait } else { Duration::from_millis(seen) };
-        (ack_wait / 3).max(Duration::from_millis(10))
+        ack_wait / 3
     }
 
     fn hold(&self, reply: Option<Subject>) -> u64 {
