@@ -1211,10 +1211,12 @@ async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>, repor
 /// `GET /v1/dlq/{id}`: one kept dead letter, by the id of its dead-letter event. Its copy (up
 /// to 1 MiB of data and 1 MiB of record, several times that as JSON) is made in a turn of
 /// [`copying_turn`] and written off the runtime (review 44c: unbounded, on a runtime thread).
-/// The broker is looked in without a turn (review 55d L3: a lookup of an id no dead letter has
-/// reads up to 20,000 messages back, and two clients asking for one in a loop held both turns,
-/// the dashboard's listing answered `503`); the turn is taken once it found one, before the next
-/// lookup may begin, so at most one entry found waits for a turn.
+/// This host's own store is looked in under a copying turn; the broker without one, under the
+/// one lookup turn ([`finding_turn`], waited for at most `api.publish_timeout`) (review 55d L3: a
+/// lookup of an id no dead letter has reads up to 20,000 messages back, and two clients asking
+/// for one in a loop held both copying turns, the dashboard's listing answered `503`); a copying
+/// turn is taken once it found one, before the next lookup may begin, so at most one entry found
+/// waits for a turn.
 async fn dlq_get(State(api): State<Api>, Path(id): Path<String>) -> Response {
     let here = match copying_turn(&api).await {
         Ok(permit) => api.s.dead_letters.get(&id).map(|entry| (entry, permit)),

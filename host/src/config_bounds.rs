@@ -1,6 +1,7 @@
 //! The bounds of the config's numbers: one place decides them, and `Config::validate` checks
 //! them on `[flow]`, `[retry]` and `[limits]` and on each plugin's merged settings
-//! (`[plugins.NAME.flow]`, …). A value past one is refused at the start naming its key; none
+//! (`[plugins.NAME.flow]`, …), and on `api.max_connections`; `SandboxSettings::validate`, which
+//! every command that compiles runs, on `sandbox.compile_timeout`. A value past one is refused at the start naming its key; none
 //! reaches a semaphore, a channel or a sum it would overflow. (Review 56e: a `retry.max` of
 //! 2^64 − 1 s panicked every failed delivery's backoff, the event neither retried nor
 //! dead-lettered; a `flow.queue` of 2^62 panicked the start; a `max_output_bytes` of 2^64 − 1
@@ -12,7 +13,8 @@ use crate::router::Flow;
 use crate::sandbox::Limits;
 use std::time::Duration;
 
-/// The longest a duration setting may be: a year.
+/// The longest a `[retry]` duration or `sandbox.compile_timeout` may be: a year. (`[limits]`
+/// durations past the clock's range are taken as a century where they are used.)
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The most a count that becomes permits or slots may be (tokio's semaphores panic past 2^61).
 pub const MAX_COUNT: usize = 1 << 20;

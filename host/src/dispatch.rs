@@ -401,8 +401,9 @@ pub fn deliver(rt: &PluginRuntime, delivery: Delivery, retry_in: RetryIn) -> imp
 /// [`deliver`], with a panic in it caught: a bug of the host's (a handler's traps, and panics of
 /// its host calls, are caught in the sandbox as failed attempts), logged as the host's with the
 /// event's subject and id and counted in `plugbus_host_failures_total`. The delivery is dropped
-/// unsettled, so the transport delivers it again where it keeps it (JetStream after `ack_wait`,
-/// the durable log at the next start; the in-memory bus keeps nothing), and the task that ran it
+/// unsettled, so the transport delivers it again where it keeps it (JetStream after `ack_wait`;
+/// the durable log at the plugin's next subscription: a restart or reinstall, or a replay; the
+/// in-memory bus and core NATS keep nothing), and the task that ran it
 /// goes on: `None` then (a key's lane goes on to its next event: the panicked one, should it come
 /// again, comes after it). (Review 56b M1:
 /// a panic ended its key's lane with the lane still open, and every later event of the key

@@ -335,7 +335,9 @@ impl Sandbox {
                     // in memory, so nothing changes it after. wasmtime still checks version and
                     // settings compatibility.
                     let c = unsafe { Component::deserialize(&engine, &artifact) }
-                        .map_err(|e| LoadError::Host(format!("the compiler child's output does not load: {e:#}")))?;
+                        // (Not tried again by itself: compiled again, it would cost the whole
+                        // compile every few minutes.)
+                        .map_err(|e| LoadError::Crashed(format!("the compiler child's output does not load: {e:#}")))?;
                     if let Some(cache) = cache {
                         cache.keep(&key, &artifact);
                         cache.forget_refusal(&key);

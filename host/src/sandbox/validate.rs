@@ -24,17 +24,18 @@ pub enum LoadError {
     /// unreadable `plugbus-contract` section (`crate::contract`).
     #[error("{0}")]
     Contract(String),
-    /// The host could not load it now (not the component's fault): every instance slot stayed
-    /// taken, the compile child was killed from outside. Tried again by itself (see
-    /// [`LoadError::is_transient`]), or when the file changes.
+    /// The host could not load it now (not the component's fault, as far as the host can tell):
+    /// every instance slot stayed taken (or the component needs more than the whole pool holds,
+    /// which the host cannot tell apart), the compile child was killed from outside. Tried again
+    /// by itself (see [`LoadError::is_transient`]), or when the file changes.
     #[error("host error: {0}")]
     Host(String),
     /// The machine was too busy to compile it within the wall-clock bound (not the file's
     /// fault, not kept): tried again as [`LoadError::Host`] is.
     #[error("{0}")]
     Busy(String),
-    /// Its compile child crashed (a panic, a signal): the host's error, but compiling this file
-    /// may be what crashed it, so not tried again by itself.
+    /// Its compile child crashed (a panic, a signal), or its output did not load: the host's
+    /// error, but compiling this file may be what caused it, so not tried again by itself.
     #[error("host error: {0}")]
     Crashed(String),
 }

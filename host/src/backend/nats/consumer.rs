@@ -51,7 +51,9 @@ impl Held {
     }
 
     /// The consumer `name` was seen with `ack_wait`: a shorter one than this host's (another
-    /// host's setting, or an operator's) makes the keep-alive keep to it, from now on.
+    /// host's setting, or an operator's) makes the keep-alive keep to it (at least 100 ms), for
+    /// every consumer this host pulls from, until it stops (never lengthened again: in-progress
+    /// sent more often than needed costs only messages).
     pub fn saw_ack_wait(&self, name: &str, ack_wait: Duration) {
         if ack_wait >= self.own_ack_wait {
             return;
