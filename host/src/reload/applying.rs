@@ -375,6 +375,30 @@ mod tests {
         }
     }
 
+    /// `a.wasm` and `b.wasm` started with one place: `a` loads first and ends as `recorder`
+    /// answers it (put aside: not settled, or refused for the host's failure), and `b` takes the
+    /// place meanwhile.
+    async fn a_aside_and_b_loading(recorder: Recorder) -> (tempfile::TempDir, PathBuf, PathBuf, Applying<Recorder>) {
+        let (dir, a, b) = two_files("bytes");
+        let mut applying = Applying::with_places(Arc::new(recorder), 1);
+        applying.start(a.clone(), Instant::now());
+        applying.start(b.clone(), Instant::now());
+        settle().await;
+        assert_eq!(end_one(&mut applying).await, "a.wasm");
+        settle().await;
+        assert_eq!(applied(&applying).last().unwrap(), &("b.wasm".into(), "load"), "a is out of line");
+        (dir, a, b, applying)
+    }
+
+    /// Makes `path`'s next try due now, as if its pause were waited out, and runs what is due.
+    fn make_due(applying: &mut Applying<Recorder>, path: &Path) {
+        let now = Instant::now();
+        applying.files.get_mut(path).unwrap().retry_at = Some(now);
+        applying.retries.clear();
+        applying.retries.push(Reverse((now, path.to_path_buf())));
+        applying.retry_due();
+    }
+
     /// Lets one apply end, and hands its end to the scheduler.
     async fn end_one(applying: &mut Applying<Recorder>) -> String {
         applying.reloader.release.notify_one();
@@ -495,17 +519,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_file_not_settled_is_looked_at_again_without_holding_a_place() {
-        let (_dir, a, b) = two_files("half");
         let recorder = Recorder::default();
         recorder.not_settled.lock().unwrap().insert("a.wasm".into(), 1);
-        let mut applying = Applying::with_places(Arc::new(recorder), 1);
-        applying.start(a.clone(), Instant::now());
-        applying.start(b.clone(), Instant::now());
-        settle().await;
-        assert_eq!(end_one(&mut applying).await, "a.wasm");
-        // a waits for its retry out of line: b has the place.
-        settle().await;
-        assert_eq!(applied(&applying).last().unwrap(), &("b.wasm".into(), "load"));
+        let (_dir, _a, _b, mut applying) = a_aside_and_b_loading(recorder).await;
         let retry = applying.next_retry().expect("a retry is due");
         assert!(retry > Instant::now() && retry <= Instant::now() + RETRY);
         tokio::time::sleep_until(retry.into()).await;
@@ -526,25 +542,9 @@ mod tests {
     /// pause that doubles, holding no place meanwhile; a change to it tries at once.
     #[tokio::test]
     async fn a_load_refused_for_the_hosts_failure_is_tried_again_after_a_growing_pause() {
-        // Its pause over, as if waited out.
-        let make_due = |applying: &mut Applying<Recorder>, path: &PathBuf| {
-            let now = Instant::now();
-            applying.files.get_mut(path).unwrap().retry_at = Some(now);
-            applying.retries.clear();
-            applying.retries.push(Reverse((now, path.clone())));
-            applying.retry_due();
-        };
-        let (_dir, a, b) = two_files("bytes");
         let recorder = Recorder::default();
         recorder.try_again.lock().unwrap().insert("a.wasm".into(), 3);
-        let mut applying = Applying::with_places(Arc::new(recorder), 1);
-        applying.start(a.clone(), Instant::now());
-        applying.start(b.clone(), Instant::now());
-        settle().await;
-        assert_eq!(end_one(&mut applying).await, "a.wasm");
-        // a waits out its pause out of line: b has the place.
-        settle().await;
-        assert_eq!(applied(&applying).last().unwrap(), &("b.wasm".into(), "load"));
+        let (_dir, a, _b, mut applying) = a_aside_and_b_loading(recorder).await;
         let first = applying.next_retry().expect("a is tried again") - Instant::now();
         assert!(first > TRY_AGAIN_FIRST - Duration::from_secs(1) && first <= TRY_AGAIN_FIRST, "{first:?}");
         assert_eq!(end_one(&mut applying).await, "b.wasm");
@@ -587,12 +587,7 @@ mod tests {
         for _ in 0..12 {
             let pause = applying.retry_at(&a).expect("tried again") - Instant::now();
             assert!(pause <= TRY_AGAIN_MOST, "{pause:?}");
-            // Its pause over, as if waited out.
-            let now = Instant::now();
-            applying.files.get_mut(&a).unwrap().retry_at = Some(now);
-            applying.retries.clear();
-            applying.retries.push(Reverse((now, a.clone())));
-            applying.retry_due();
+            make_due(&mut applying, &a);
             settle().await;
             assert_eq!(end_one(&mut applying).await, "a.wasm");
         }

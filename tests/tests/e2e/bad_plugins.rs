@@ -498,16 +498,10 @@ fn the_cli_compiles_under_the_caps_of_its_config() {
     assert!(cpu_cap || wall_bound, "{text}");
 }
 
-/// A compile starved of CPU (a busy machine; here its child is stopped with SIGSTOP) is ended
-/// by the wall-clock bound, 4 times `sandbox.compile_timeout`, and that refusal is not kept:
-/// the file is not to blame.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_compile_starved_of_cpu_is_ended_by_wall_time_and_not_kept() {
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(tmp.path().join("slow.wasm"), plugbus_tests::slow_to_compile(50_000)).unwrap();
-    // A memory cap no other test uses names this test's children (it is in their settings).
-    let marker = b"\"compile_memory_mib\":1999";
-    let starving = std::thread::spawn(move || {
+/// Stops (SIGSTOP) the first compile child of this test process whose command line holds
+/// `marker`, once it runs, within 20 s: a machine too busy to give it CPU. Joined: whether it did.
+fn stop_the_first_compile_child_with(marker: &'static [u8]) -> std::thread::JoinHandle<bool> {
+    std::thread::spawn(move || {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             for pid in children_of(std::process::id()) {
@@ -523,7 +517,18 @@ async fn a_compile_starved_of_cpu_is_ended_by_wall_time_and_not_kept() {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-    });
+    })
+}
+
+/// A compile starved of CPU (a busy machine; here its child is stopped with SIGSTOP) is ended
+/// by the wall-clock bound, 4 times `sandbox.compile_timeout`, and that refusal is not kept:
+/// the file is not to blame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compile_starved_of_cpu_is_ended_by_wall_time_and_not_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("slow.wasm"), plugbus_tests::slow_to_compile(50_000)).unwrap();
+    // A memory cap no other test uses names this test's children (it is in their settings).
+    let starving = stop_the_first_compile_child_with(b"\"compile_memory_mib\":1999");
     let host = host_compiling_in_children(tmp.path(), 1999, Duration::from_secs(1)).await;
     assert!(starving.join().unwrap(), "the compile child was not found to stop");
     let rejected = host.rejected();
@@ -552,24 +557,7 @@ async fn a_file_refused_at_the_start_for_a_busy_machine_is_tried_again_by_itself
     let tmp = tempfile::tempdir().unwrap();
     std::fs::copy(wasm("audit"), tmp.path().join("audit.wasm")).unwrap();
     // A memory cap no other test uses names this test's children (it is in their settings).
-    let marker = b"\"compile_memory_mib\":1998";
-    let starving = std::thread::spawn(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            for pid in children_of(std::process::id()) {
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                if cmdline.windows(marker.len()).any(|w| w == marker) && running(pid) {
-                    // SAFETY: stops a child process of this test.
-                    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
-                    return true;
-                }
-            }
-            if std::time::Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    });
+    let starving = stop_the_first_compile_child_with(b"\"compile_memory_mib\":1998");
     let host = host_compiling_in_children(tmp.path(), 1998, Duration::from_secs(2)).await;
     assert!(starving.join().unwrap(), "the compile child was not found to stop");
     let rejected = host.rejected();

@@ -1810,25 +1810,7 @@ async fn jetstream_the_newest_dead_letters_are_listed_past_ten_thousand() {
     early.insert(headers::ORIGINAL_SUBJECT, "faulty.ok");
     early.insert(headers::ERROR, "dead-lettered elsewhere");
     js.publish_with_headers("plugbus.dlq.early", early, "early".into()).await.unwrap().await.unwrap();
-    let mut acks = Vec::new();
-    for n in 0..10_005u32 {
-        let plugin = if n < 10_003 { "faulty" } else { "other" };
-        let mut dead = async_nats::HeaderMap::new();
-        dead.insert(headers::PLUGIN, plugin);
-        dead.insert(headers::ORIGINAL_SUBJECT, "faulty.ok");
-        dead.insert(headers::ERROR, "dead-lettered elsewhere");
-        let subject = format!("plugbus.dlq.{plugin}");
-        acks.push(js.publish_with_headers(subject, dead, n.to_string().into()).await.unwrap());
-        // (The client holds at most so many acks pending: awaited in batches.)
-        if acks.len() == 500 {
-            for ack in acks.drain(..) {
-                ack.await.unwrap();
-            }
-        }
-    }
-    for ack in acks {
-        ack.await.unwrap();
-    }
+    dead_letters_of(&js, 10_005, |n| if n < 10_003 { "faulty" } else { "other" }).await;
     let client = reqwest::Client::new();
     let list = |query: Vec<(&'static str, &'static str)>| {
         let req = client.get(format!("{}/v1/dlq", t.url())).query(&query);
@@ -1870,6 +1852,29 @@ async fn jetstream_the_newest_dead_letters_are_listed_past_ten_thousand() {
     assert_eq!(one.json::<Value>().await.unwrap()["dead_letter"]["event"]["data"], "early");
 }
 
+/// Puts `count` dead letters in `PLUGBUS_DLQ`, the `n`th of plugin `plugin_of(n)`, its data `n`.
+async fn dead_letters_of(js: &jetstream::Context, count: u32, plugin_of: impl Fn(u32) -> &'static str) {
+    let mut acks = Vec::new();
+    for n in 0..count {
+        let plugin = plugin_of(n);
+        let mut dead = async_nats::HeaderMap::new();
+        dead.insert(headers::PLUGIN, plugin);
+        dead.insert(headers::ORIGINAL_SUBJECT, "faulty.ok");
+        dead.insert(headers::ERROR, "dead-lettered elsewhere");
+        let subject = format!("plugbus.dlq.{plugin}");
+        acks.push(js.publish_with_headers(subject, dead, n.to_string().into()).await.unwrap());
+        // (The client holds at most so many acks pending: awaited in batches.)
+        if acks.len() == 500 {
+            for ack in acks.drain(..) {
+                ack.await.unwrap();
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+}
+
 /// Review 55d L3: on NATS, `GET /v1/dlq/{id}` of an id no dead letter has reads the broker's
 /// dead letters back (here 10,000, a request each) and held one of the two turns at copying
 /// dead letters whole meanwhile: two clients asking for one in a loop kept the listing waiting
@@ -1882,22 +1887,7 @@ async fn jetstream_looking_up_a_missing_dead_letter_never_keeps_the_listing_wait
     })
     .await;
     let js = jetstream::new(server.client().await);
-    let mut acks = Vec::new();
-    for n in 0..10_000u32 {
-        let mut dead = async_nats::HeaderMap::new();
-        dead.insert(headers::PLUGIN, "faulty");
-        dead.insert(headers::ORIGINAL_SUBJECT, "faulty.ok");
-        dead.insert(headers::ERROR, "dead-lettered elsewhere");
-        acks.push(js.publish_with_headers("plugbus.dlq.faulty", dead, n.to_string().into()).await.unwrap());
-        if acks.len() == 500 {
-            for ack in acks.drain(..) {
-                ack.await.unwrap();
-            }
-        }
-    }
-    for ack in acks {
-        ack.await.unwrap();
-    }
+    dead_letters_of(&js, 10_000, |_| "faulty").await;
     let client = reqwest::Client::new();
     let missing = format!("{}/v1/dlq/no-such-dead-letter", t.url());
     let started = std::time::Instant::now();
