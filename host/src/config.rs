@@ -238,19 +238,10 @@ impl Config {
             self.api.max_tails,
             self.api.max_connections
         );
-        use crate::config_bounds as bounds;
-        bounds::count("api", "max_connections", self.api.max_connections as u64, 1).map_err(anyhow::Error::msg)?;
-        bounds::flow(&self.flow, "flow").map_err(anyhow::Error::msg)?;
-        bounds::retry(&self.retry, "retry").map_err(anyhow::Error::msg)?;
-        bounds::limits(&self.limits, "limits").map_err(anyhow::Error::msg)?;
+        crate::config_bounds::count("api", "max_connections", self.api.max_connections as u64, 1)
+            .map_err(anyhow::Error::msg)?;
+        self.validate_plugin_settings()?;
         for (name, p) in &self.plugins {
-            let at = |table: &str| format!("plugins.{name}.{table}");
-            let limits = overlay(&self.limits, &p.limits, &at("limits")).map_err(anyhow::Error::msg)?;
-            bounds::limits(&limits, &at("limits")).map_err(anyhow::Error::msg)?;
-            let flow = overlay(&self.flow, &p.flow, &at("flow")).map_err(anyhow::Error::msg)?;
-            bounds::flow(&flow, &at("flow")).map_err(anyhow::Error::msg)?;
-            let retry = overlay(&self.retry, &p.retry, &at("retry")).map_err(anyhow::Error::msg)?;
-            bounds::retry(&retry, &at("retry")).map_err(anyhow::Error::msg)?;
             for (i, o) in p.allowed_outbound.iter().enumerate() {
                 crate::sandbox::outbound::Rule::parse(o)
                     .map_err(|e| anyhow::anyhow!("plugins.{name}.allowed_outbound[{i}]: {e}"))?;
@@ -280,6 +271,26 @@ impl Config {
             }
         }
         anyhow::ensure!(self.max_wasm_bytes > 0, "max_wasm_bytes must be more than 0");
+        Ok(())
+    }
+
+    /// Checks `[flow]`, `[retry]`, `[limits]` and each plugin's merged tables: that each parses
+    /// and keeps within its bounds (`config_bounds`). Part of [`Config::validate`]; the tools
+    /// that run plugins without a host (`plugbus test`, `inspect`, `dev`) check this much too.
+    pub fn validate_plugin_settings(&self) -> anyhow::Result<()> {
+        use crate::config_bounds as bounds;
+        bounds::flow(&self.flow, "flow").map_err(anyhow::Error::msg)?;
+        bounds::retry(&self.retry, "retry").map_err(anyhow::Error::msg)?;
+        bounds::limits(&self.limits, "limits").map_err(anyhow::Error::msg)?;
+        for (name, p) in &self.plugins {
+            let at = |table: &str| format!("plugins.{name}.{table}");
+            let limits = overlay(&self.limits, &p.limits, &at("limits")).map_err(anyhow::Error::msg)?;
+            bounds::limits(&limits, &at("limits")).map_err(anyhow::Error::msg)?;
+            let flow = overlay(&self.flow, &p.flow, &at("flow")).map_err(anyhow::Error::msg)?;
+            bounds::flow(&flow, &at("flow")).map_err(anyhow::Error::msg)?;
+            let retry = overlay(&self.retry, &p.retry, &at("retry")).map_err(anyhow::Error::msg)?;
+            bounds::retry(&retry, &at("retry")).map_err(anyhow::Error::msg)?;
+        }
         Ok(())
     }
 

@@ -430,8 +430,11 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// compile caps (`sandbox::compiler`).
 fn load_config(file: Option<&std::path::Path>) -> anyhow::Result<Config> {
     let mut config = Config::load(file)?;
-    // Every command that compiles refuses caps too low to compile anything (not only `run`).
+    // Every command that compiles refuses caps too low to compile anything (not only `run`),
+    // and runs plugins only within bounded limits (review 56f: `plugbus test` ran with limits
+    // `plugbus run` refused).
     config.sandbox.validate().map_err(anyhow::Error::msg)?;
+    config.validate_plugin_settings()?;
     // The running binary itself, even once an upgrade replaced or deleted its file: a newer
     // binary's artifacts would not load in this one.
     let this = std::path::PathBuf::from("/proc/self/exe");

@@ -294,6 +294,22 @@ fn bad_with(component: &Path, cases: &Path, extra: &[&str]) -> String {
     err.to_string()
 }
 
+/// Review 56f: `plugbus test` ran a plugin with limits `plugbus run` refuses (a 0 `memory_mib`:
+/// every case failed as a memory limit, not as the config's error). It refuses them the same way,
+/// naming the key.
+#[test]
+fn a_config_past_its_bounds_is_refused_by_plugbus_test_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let echo = component_as(dir.path(), "echo", "echo.wasm");
+    let cases = dir.path().join("cases.jsonl");
+    write_lines(&cases, &[json!({"event": {"subject": "orders.created", "data": {}}})]);
+    let config = dir.path().join("plugbus.toml");
+    std::fs::write(&config, "[plugins.echo.limits]\nmemory_mib = 0\n").unwrap();
+    let (code, out, err) = test(&echo, &cases, &["--config", config.to_str().unwrap()]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("plugins.echo.limits.memory_mib = 0 is below 1"), "{out}{err}");
+}
+
 #[test]
 fn bad_input_is_one_line_naming_the_file_the_line_and_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
