@@ -131,9 +131,12 @@ pub fn dlq_table(body: &Value) -> String {
         t.add_row(vec![
             text(&ev["id"]),
             text(&d["plugin"]),
-            header(ev, "plugbus-original-subject").to_string(),
-            header(ev, "plugbus-attempts").to_string(),
-            header(ev, "plugbus-failed-at").to_string(),
+            // (Header values are whatever the broker's copy carries: on NATS anyone who may publish
+            // under `plugbus.dlq.>` writes them. Review 56h: an OSC 52 escape wrote the operator's
+            // clipboard, a cursor-up erased the row above.)
+            text(&Value::from(header(ev, "plugbus-original-subject"))),
+            text(&Value::from(header(ev, "plugbus-attempts"))),
+            text(&Value::from(header(ev, "plugbus-failed-at"))),
             short(header(ev, "plugbus-error"), 80),
         ]);
     }
@@ -162,7 +165,7 @@ pub fn debug_report(body: &Value) -> String {
     let version = |v: &Value| {
         let hash: String = text(&v["version"]).chars().take(12).collect();
         match v["plugin_version"].as_str() {
-            Some(pv) => format!("{hash} ({pv})"),
+            Some(pv) => format!("{hash} ({})", printable(pv)),
             None => hash,
         }
     };
@@ -270,7 +273,7 @@ pub fn tail_line(record: &Value, on: bool) -> String {
     let time = record["time"].as_str().unwrap_or("");
     // RFC 3339: the time of day is enough on a live tail.
     let clock = time.split_once('T').map_or(time, |(_, t)| t.trim_end_matches('Z'));
-    let clock: String = clock.chars().take(12).collect();
+    let clock: String = printable(clock).chars().take(12).collect();
     let subject = record["subject"].as_str().unwrap_or("?");
     format!(
         "{} {} {} {}",
@@ -360,6 +363,29 @@ impl std::io::Write for LogWriter {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Review 56h: on NATS anyone who may publish under `plugbus.dlq.>` writes a listed dead
+    /// letter's headers, and `plugbus dlq list` printed three of them raw: an OSC 52 escape wrote
+    /// the operator's clipboard, a cursor-up and erase hid the row above, a bidi override
+    /// reordered the line. Every cell is shown escaped.
+    #[test]
+    fn a_dead_letters_headers_reach_the_terminal_escaped() {
+        let hostile = ["\u{1b}]52;c;ZXZpbA==\u{7}", "\u{1b}[1A\u{1b}[2K", "a\u{202e}b"];
+        let headers: Vec<Value> = ["plugbus-original-subject", "plugbus-attempts", "plugbus-failed-at"]
+            .iter()
+            .zip(hostile)
+            .map(|(name, value)| json!([name, value]))
+            .collect();
+        let body = json!({ "dead_letters": [
+            { "plugin": "p", "event": { "id": "x", "headers": headers } },
+        ] });
+        let out = dlq_table(&body);
+        assert!(!out.chars().any(|c| c == '\u{1b}' || c == '\u{7}' || c == '\u{202e}'), "{out:?}");
+        assert!(out.contains("\\u{1b}]52;c;ZXZpbA==") && out.contains("a\\u{202e}b"), "{out}");
+        // The tail's time and the debug report's version go through the same.
+        let line = tail_line(&json!({ "time": "2026-01-01T1\u{202e}2:00:00Z", "subject": "s", "id": "i" }), false);
+        assert!(!line.contains('\u{202e}'), "{line:?}");
+    }
 
     #[test]
     fn the_plugins_table_is_aligned_under_its_header() {
