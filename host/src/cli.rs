@@ -268,6 +268,28 @@ pub fn replay_summary(body: &Value) -> String {
     out
 }
 
+/// The longest line of a tail's stream kept while it waits for its end (an event's JSON is at
+/// most a few times `max_event_bytes`; a server that never ends a line is refused past it).
+pub const MAX_TAIL_LINE_BYTES: usize = 64 << 20;
+
+/// The lines `buf` (bytes of a tail's stream as they came) completes, taken out of it, each
+/// decoded whole: a character split between two chunks of the stream is decoded once both
+/// came (review 56h: each chunk was decoded alone, and such a character was recorded as two
+/// U+FFFD, so `--record` differed from what was on the bus). `Err` once what waits for its line
+/// end passes [`MAX_TAIL_LINE_BYTES`].
+pub fn complete_lines(buf: &mut Vec<u8>) -> anyhow::Result<Vec<String>> {
+    let Some(last) = buf.iter().rposition(|&b| b == b'\n') else {
+        anyhow::ensure!(
+            buf.len() <= MAX_TAIL_LINE_BYTES,
+            "the server sent a line of over {MAX_TAIL_LINE_BYTES} bytes without its end"
+        );
+        return Ok(Vec::new());
+    };
+    let rest = buf.split_off(last + 1);
+    let done = std::mem::replace(buf, rest);
+    Ok(done.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(|l| String::from_utf8_lossy(l).into_owned()).collect())
+}
+
 /// `plugbus tail`: one event as `time  subject  id  data…` on one line.
 pub fn tail_line(record: &Value, on: bool) -> String {
     let time = record["time"].as_str().unwrap_or("");
@@ -363,6 +385,28 @@ impl std::io::Write for LogWriter {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Review 56h: a character split between two chunks of a tail's stream is decoded whole,
+    /// and a line without its end is bounded.
+    #[test]
+    fn a_tails_lines_are_decoded_whole_across_chunks() {
+        let line = "data: {\"data\":\"é€😀\"}\n";
+        let bytes = line.as_bytes();
+        for cut in 1..bytes.len() {
+            let mut buf = Vec::new();
+            buf.extend_from_slice(&bytes[..cut]);
+            let mut got = complete_lines(&mut buf).unwrap();
+            buf.extend_from_slice(&bytes[cut..]);
+            got.extend(complete_lines(&mut buf).unwrap());
+            assert_eq!(got, [line.trim_end()], "cut at byte {cut}");
+            assert!(buf.is_empty());
+        }
+        let mut buf = b"a\nb\n\nc".to_vec();
+        assert_eq!(complete_lines(&mut buf).unwrap(), ["a", "b"]);
+        assert_eq!(buf, b"c");
+        let mut endless = vec![b'x'; MAX_TAIL_LINE_BYTES + 1];
+        assert!(complete_lines(&mut endless).is_err());
+    }
 
     /// Review 56h: on NATS anyone who may publish under `plugbus.dlq.>` writes a listed dead
     /// letter's headers, and `plugbus dlq list` printed three of them raw: an OSC 52 escape wrote

@@ -1019,11 +1019,10 @@ async fn tail(
     };
     let resp = send(req, url).await?;
     let mut stream = resp.bytes_stream();
-    let mut buf = String::new();
+    let mut buf = Vec::new();
     while let Some(chunk) = stream.next().await {
-        buf.push_str(&String::from_utf8_lossy(&chunk.context("the stream broke")?));
-        while let Some(end) = buf.find('\n') {
-            let line: String = buf.drain(..=end).collect();
+        buf.extend_from_slice(&chunk.context("the stream broke")?);
+        for line in cli::complete_lines(&mut buf)? {
             if let Some(data) = line.trim_end().strip_prefix("data: ") {
                 if let (Some(f), Some(path)) = (file.as_mut(), record) {
                     // One write per line, straight to the file: a stopped tail keeps every line.
