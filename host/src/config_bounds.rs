@@ -23,48 +23,46 @@ pub const MAX_BYTES: u64 = 1 << 40;
 /// The most a setting in MiB may be: 1 TiB.
 pub const MAX_MIB: u64 = 1 << 20;
 
-/// `at.key`, a duration: at most [`MAX_DURATION`], and more than 0 when `nonzero`.
-pub fn duration(at: &str, key: &str, value: Duration, nonzero: bool) -> Result<(), String> {
+/// `at.key`, a duration: at most [`MAX_DURATION`], and more than 0 when `more_than_0`.
+pub fn duration(at: &str, key: &str, value: Duration, more_than_0: bool) -> Result<(), String> {
     if value > MAX_DURATION {
         return Err(format!("{at}.{key} = {} is over a year", humantime::format_duration(value)));
     }
-    if nonzero && value.is_zero() {
+    if more_than_0 { nonzero(at, key, value) } else { Ok(()) }
+}
+
+/// `at.key`, a duration more than 0.
+fn nonzero(at: &str, key: &str, value: Duration) -> Result<(), String> {
+    if value.is_zero() {
         return Err(format!("{at}.{key} is 0: it must be more"));
+    }
+    Ok(())
+}
+
+/// `at.key` from `min` to `max`; past `max`, named as `over` says.
+fn within(at: &str, key: &str, value: u64, min: u64, max: u64, over: &str) -> Result<(), String> {
+    if value < min {
+        return Err(format!("{at}.{key} = {value} is below {min}"));
+    }
+    if value > max {
+        return Err(format!("{at}.{key} = {value} is over {over}"));
     }
     Ok(())
 }
 
 /// `at.key`, a count: from `min` to [`MAX_COUNT`].
 pub fn count(at: &str, key: &str, value: u64, min: u64) -> Result<(), String> {
-    if value < min {
-        return Err(format!("{at}.{key} = {value} is below {min}"));
-    }
-    if value > MAX_COUNT as u64 {
-        return Err(format!("{at}.{key} = {value} is over {MAX_COUNT}"));
-    }
-    Ok(())
+    within(at, key, value, min, MAX_COUNT as u64, &MAX_COUNT.to_string())
 }
 
 /// `at.key`, bytes: from `min` to [`MAX_BYTES`].
 pub fn bytes(at: &str, key: &str, value: u64, min: u64) -> Result<(), String> {
-    if value < min {
-        return Err(format!("{at}.{key} = {value} is below {min}"));
-    }
-    if value > MAX_BYTES {
-        return Err(format!("{at}.{key} = {value} is over {MAX_BYTES} (1 TiB)"));
-    }
-    Ok(())
+    within(at, key, value, min, MAX_BYTES, &format!("{MAX_BYTES} (1 TiB)"))
 }
 
 /// `at.key`, MiB: from `min` to [`MAX_MIB`].
 pub fn mib(at: &str, key: &str, value: u64, min: u64) -> Result<(), String> {
-    if value < min {
-        return Err(format!("{at}.{key} = {value} is below {min}"));
-    }
-    if value > MAX_MIB {
-        return Err(format!("{at}.{key} = {value} is over {MAX_MIB} (1 TiB)"));
-    }
-    Ok(())
+    within(at, key, value, min, MAX_MIB, &format!("{MAX_MIB} (1 TiB)"))
 }
 
 /// A plugin's `[flow]` (`at`: `flow` or `plugins.NAME.flow`).
@@ -94,9 +92,7 @@ pub fn retry(r: &RetryPolicy, at: &str) -> Result<(), String> {
 pub fn limits(l: &Limits, at: &str) -> Result<(), String> {
     mib(at, "memory_mib", l.memory_mib, 1)?;
     for (key, value) in [("deadline", l.deadline), ("outbound_timeout", l.outbound_timeout)] {
-        if value.is_zero() {
-            return Err(format!("{at}.{key} is 0: it must be more"));
-        }
+        nonzero(at, key, value)?;
     }
     bytes(at, "max_event_bytes", l.max_event_bytes, 1)?;
     for (key, value) in [

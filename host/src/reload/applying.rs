@@ -80,6 +80,14 @@ struct File {
     retry_at: Option<Instant>,
 }
 
+impl File {
+    /// A file changed at `changed_at`, in line.
+    fn new(changed_at: Instant) -> Self {
+        let changed = Arc::new(Notify::new());
+        File { phase: Phase::InLine, changed_at, since: changed_at, again: None, changed, tries: 0, retry_at: None }
+    }
+}
+
 /// What applies one file: the [`Reloader`] (a stand-in in the tests).
 pub(super) trait ApplyFile: Send + Sync + 'static {
     /// As [`Reloader::apply`].
@@ -138,17 +146,7 @@ impl<A: ApplyFile> Applying<A> {
     /// `path` changed at `changed_at`: applies it, now or once the apply under way ends.
     pub(super) fn start(&mut self, path: PathBuf, changed_at: Instant) {
         let Some(file) = self.files.get_mut(&path) else {
-            let changed = Arc::new(Notify::new());
-            let file = File {
-                phase: Phase::InLine,
-                changed_at,
-                since: changed_at,
-                again: None,
-                changed,
-                tries: 0,
-                retry_at: None,
-            };
-            self.files.insert(path.clone(), file);
+            self.files.insert(path.clone(), File::new(changed_at));
             return self.schedule(path);
         };
         match file.phase {
@@ -177,11 +175,7 @@ impl<A: ApplyFile> Applying<A> {
     /// `path` was refused at the host's start for the host's failure: it is tried again as
     /// after [`Applied::TryAgain`].
     pub(super) fn try_again_later(&mut self, path: PathBuf) {
-        let now = Instant::now();
-        let changed = Arc::new(Notify::new());
-        let file =
-            File { phase: Phase::InLine, changed_at: now, since: now, again: None, changed, tries: 0, retry_at: None };
-        self.files.entry(path.clone()).or_insert(file);
+        self.files.entry(path.clone()).or_insert_with(|| File::new(Instant::now()));
         self.back_off(path);
     }
 
@@ -347,20 +341,15 @@ mod tests {
         ) -> impl Future<Output = Applied> + Send {
             let kind = if is_gone(path) { "remove" } else { "load" };
             self.applied.lock().unwrap().push((name(path), kind));
-            let not_settled = match self.not_settled.lock().unwrap().get_mut(&name(path)) {
+            // One of the answers asked for `path`, if any is left.
+            let take_one = |asked: &Mutex<HashMap<String, usize>>| match asked.lock().unwrap().get_mut(&name(path)) {
                 Some(left) if *left > 0 => {
                     *left -= 1;
                     true
                 }
                 _ => false,
             };
-            let try_again = match self.try_again.lock().unwrap().get_mut(&name(path)) {
-                Some(left) if *left > 0 => {
-                    *left -= 1;
-                    true
-                }
-                _ => false,
-            };
+            let (not_settled, try_again) = (take_one(&self.not_settled), take_one(&self.try_again));
             async move {
                 tokio::select! {
                     () = self.release.notified() => {}

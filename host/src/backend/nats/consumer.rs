@@ -22,14 +22,19 @@ use std::time::{Duration, Instant};
 /// The shortest `ack_wait` the keep-alive keeps to (`nats.ack_wait`'s own floor).
 const MIN_ACK_WAIT: Duration = Duration::from_millis(100);
 
+/// `d` in whole milliseconds.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Messages taken from JetStream and not yet settled, with when they arrived.
 pub struct Held {
     items: Mutex<HashMap<u64, (Subject, Instant)>>,
     next: AtomicU64,
     /// This host's `nats.ack_wait`.
     own_ack_wait: Duration,
-    /// The shortest `ack_wait` a consumer this host pulls from was seen with, in ms (0: none
-    /// shorter than its own): the consumer every host of a plugin shares has the one the host
+    /// The shortest `ack_wait` a consumer this host pulls from was seen with, or its own, in ms:
+    /// the consumer every host of a plugin shares has the one the host
     /// that made it last asked for (review 56b L1: another host's shorter `ack_wait` had a
     /// message in progress here delivered again there while it ran).
     shortest_ack_wait_ms: AtomicU64,
@@ -45,7 +50,7 @@ impl Held {
             items: Mutex::default(),
             next: AtomicU64::new(0),
             own_ack_wait,
-            shortest_ack_wait_ms: AtomicU64::new(0),
+            shortest_ack_wait_ms: AtomicU64::new(millis(own_ack_wait)),
             shortened: tokio::sync::Notify::new(),
         }
     }
@@ -55,15 +60,10 @@ impl Held {
     /// every consumer this host pulls from, until it stops (never lengthened again: in-progress
     /// sent more often than needed costs only messages).
     pub fn saw_ack_wait(&self, name: &str, ack_wait: Duration) {
-        if ack_wait >= self.own_ack_wait {
-            return;
-        }
         // (No shorter than a host may set its own: a consumer made with 1 ms would have every
         // message held sent in-progress hundreds of times a second.)
-        let ack_wait = ack_wait.max(MIN_ACK_WAIT);
-        let ms = u64::try_from(ack_wait.as_millis()).unwrap_or(u64::MAX).max(1);
-        let shorter = |now: u64| (now == 0 || ms < now).then_some(ms);
-        if self.shortest_ack_wait_ms.fetch_update(Ordering::Relaxed, Ordering::Relaxed, shorter).is_ok() {
+        let ms = millis(ack_wait.max(MIN_ACK_WAIT));
+        if ms < self.shortest_ack_wait_ms.fetch_min(ms, Ordering::Relaxed) {
             tracing::warn!(consumer = name, ack_wait = ?ack_wait, own_ack_wait = ?self.own_ack_wait,
                 "a JetStream consumer has a shorter ack_wait than this host's nats.ack_wait (another host's or an \
                  operator's setting): messages in progress here are kept alive at a third of it");
@@ -74,9 +74,7 @@ impl Held {
     /// How often in-progress is sent, and after how long a message is held: a third of the
     /// shortest `ack_wait`.
     fn keep_alive_every(&self) -> Duration {
-        let seen = self.shortest_ack_wait_ms.load(Ordering::Relaxed);
-        let ack_wait = if seen == 0 { self.own_ack_wait } else { Duration::from_millis(seen) };
-        ack_wait / 3
+        Duration::from_millis(self.shortest_ack_wait_ms.load(Ordering::Relaxed)) / 3
     }
 
     fn hold(&self, reply: Option<Subject>) -> u64 {
