@@ -349,6 +349,7 @@ async fn metrics(State(api): State<Api>) -> Response {
     let cache = state.reloader.sandbox.cache_stats();
     state.metrics.compiled.set(cache.compiled.load(Relaxed) as i64);
     state.metrics.cache_hits.set(cache.hits.load(Relaxed) as i64);
+    state.metrics.compiled_code_bytes.set(state.reloader.sandbox.code_budget().held() as i64);
     let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
     ([(header::CONTENT_TYPE, content_type)], state.metrics.encode()).into_response()
 }

@@ -516,4 +516,17 @@ mod tests {
         c.sandbox.compile_timeout = Duration::from_secs(1);
         c.validate().unwrap();
     }
+
+    #[test]
+    fn a_code_budget_of_nothing_or_past_a_tebibyte_is_refused_naming_the_key() {
+        let mut c = Config::default();
+        c.sandbox.max_code_mib = 0;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("sandbox.max_code_mib = 0 is below 1"), "{err}");
+        c.sandbox.max_code_mib = (1 << 20) + 1;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("sandbox.max_code_mib = 1048577 is over"), "{err}");
+        c.sandbox.max_code_mib = 1;
+        c.validate().unwrap();
+    }
 }

@@ -1,7 +1,7 @@
 //! The bounds of the config's numbers: one place decides them, and `Config::validate` checks
 //! them on `[flow]`, `[retry]` and `[limits]` and on each plugin's merged settings
 //! (`[plugins.NAME.flow]`, …), and on `api.max_connections`; `SandboxSettings::validate`, which
-//! every command that compiles runs, on `sandbox.compile_timeout`. A value past one is refused at the start naming its key; none
+//! every command that compiles runs, on `sandbox.compile_timeout` and `sandbox.max_code_mib`. A value past one is refused at the start naming its key; none
 //! reaches a semaphore, a channel or a sum it would overflow. (Review 56e: a `retry.max` of
 //! 2^64 − 1 s panicked every failed delivery's backoff, the event neither retried nor
 //! dead-lettered; a `flow.queue` of 2^62 panicked the start; a `max_output_bytes` of 2^64 − 1

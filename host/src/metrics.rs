@@ -94,6 +94,8 @@ pub struct Metrics {
     pub cache_hits: Gauge,
     /// Plugins serving.
     pub plugins: Gauge,
+    /// Bytes of compiled code every loaded plugin version holds (`sandbox.max_code_mib`).
+    pub compiled_code_bytes: Gauge,
     /// Live tails (`GET /v1/events/{pattern}`) open now.
     pub tails_open: Gauge,
     /// Tails refused because `api.max_tails` were open.
@@ -152,6 +154,7 @@ impl Default for Metrics {
             compiled: Gauge::default(),
             cache_hits: Gauge::default(),
             plugins: Gauge::default(),
+            compiled_code_bytes: Gauge::default(),
             tails_open: Gauge::default(),
             tails_refused: Counter::default(),
             tail_events_dropped: Counter::default(),
@@ -193,6 +196,11 @@ impl Default for Metrics {
         r.register("components_compiled", "Components compiled since start", m.compiled.clone());
         r.register("compile_cache_hits", "Components read from the compile cache since start", m.cache_hits.clone());
         r.register("plugins", "Plugins serving", m.plugins.clone());
+        r.register(
+            "compiled_code_bytes",
+            "Compiled code every loaded plugin version holds in memory, against sandbox.max_code_mib",
+            m.compiled_code_bytes.clone(),
+        );
         r.register("tails_open", "Live tails (SSE) open now", m.tails_open.clone());
         r.register("tails_refused", "Live tails refused because api.max_tails were open", m.tails_refused.clone());
         r.register(

@@ -2,6 +2,7 @@
 
 use super::bindings;
 use super::cache::{CacheStats, CompileCache};
+use super::code_budget::{CodeBudget, CodeCharge, OverBudget};
 use super::limits::Limits;
 use super::outbound::OutboundPolicy;
 use super::plugin::{Plugin, PluginSettings};
@@ -40,6 +41,10 @@ pub struct SandboxSettings {
     /// wall time, and that refusal is not kept.
     #[serde(with = "humantime_serde")]
     pub compile_timeout: Duration,
+    /// The compiled code every loaded plugin version may hold in the host's memory together,
+    /// in MiB (see `code_budget`): a file whose code alone is more is refused, one that does
+    /// not fit beside the others is tried again by itself until it does.
+    pub max_code_mib: u64,
     /// The `plugbus` binary that compiles components in a child process under the two caps
     /// above. The CLI sets it to itself; `None` (a library's default) compiles in this process,
     /// uncapped. Not a config key: which program runs is the binary's to say.
@@ -55,6 +60,7 @@ impl Default for SandboxSettings {
             max_stack_bytes: 512 * 1024,
             compile_memory_mib: 2048,
             compile_timeout: Duration::from_secs(120),
+            max_code_mib: 1024,
             compiler: None,
         }
     }
@@ -76,6 +82,7 @@ impl SandboxSettings {
                 self.compile_memory_mib
             ));
         }
+        crate::config_bounds::mib("sandbox", "max_code_mib", self.max_code_mib, 1)?;
         // Every command that compiles checks it (`plugbus dev` adds to it, and the wall-clock
         // bound is 4 times it).
         crate::config_bounds::duration("sandbox", "compile_timeout", self.compile_timeout, false)?;
@@ -178,6 +185,8 @@ pub struct Sandbox {
     settings: SandboxSettings,
     /// Where plugins' requests (request/reply) go; refused until the host wires the transport.
     requester: Arc<dyn crate::rpc::Requester>,
+    /// What every loaded plugin version's compiled code holds, against `max_code_mib`.
+    code: Arc<CodeBudget>,
     _ticker: Arc<Ticker>,
 }
 
@@ -207,6 +216,7 @@ impl Sandbox {
         }
         Ok(Self {
             engine,
+            code: CodeBudget::new(settings.max_code_mib.saturating_mul(1 << 20)),
             cache: None,
             cache_stats: Arc::default(),
             pool: Arc::default(),
@@ -240,6 +250,11 @@ impl Sandbox {
     /// The instance pool all plugins share: idle warm instances given up, attempts that waited.
     pub fn shared_pool(&self) -> &SharedPool {
         &self.pool
+    }
+
+    /// The compiled code every loaded plugin version holds (`sandbox.max_code_mib`).
+    pub fn code_budget(&self) -> &CodeBudget {
+        &self.code
     }
 
     /// The wasmtime engine.
@@ -390,6 +405,7 @@ impl Sandbox {
             .map_err(|e| LoadError::Invalid(format!("does not export plugbus:handler/handler: {e:#}")))?;
         let mut manifest = self.read_manifest(&pre).await?;
         let settings = bind(&mut manifest)?;
+        let code = self.charge_code(&component, &manifest.name)?;
         let publishes = PatternSet::parse(&manifest.publishes).map_err(|e| LoadError::Manifest(e.to_string()))?;
         let outbound = OutboundPolicy::new(&manifest.outbound, &settings.allowed_outbound, &settings.limits);
         if !http.is_empty() && !outbound.any_granted() {
@@ -418,15 +434,17 @@ impl Sandbox {
             outbound: Arc::new(outbound),
             requester: self.requester.clone(),
         };
-        Ok(Plugin::new(
-            self.engine.clone(),
-            self._ticker.clone(),
-            pre,
-            manifest,
-            hash,
-            Arc::new(ctx),
-            self.pool.clone(),
-        ))
+        Ok(Plugin::new(self._ticker.clone(), pre, code, manifest, hash, Arc::new(ctx), self.pool.clone()))
+    }
+
+    /// Charges `component`'s mapped image to `plugin` in the code budget, or refuses the load.
+    fn charge_code(&self, component: &Component, plugin: &str) -> Result<CodeCharge, LoadError> {
+        let image = component.image_range();
+        let bytes = (image.end as usize).saturating_sub(image.start as usize) as u64;
+        self.code.charge(plugin, bytes).map_err(|over| match over {
+            OverBudget::Alone { .. } => LoadError::Invalid(over.to_string()),
+            OverBudget::Full { .. } => LoadError::NoRoom(over.to_string()),
+        })
     }
 
     /// Instantiates the component and reads its manifest and the outbound destinations it asks

@@ -9,6 +9,7 @@
 pub mod bindings;
 mod breaker;
 pub(crate) mod cache;
+mod code_budget;
 mod compile_jail;
 pub mod compiler;
 mod engine;
@@ -27,6 +28,7 @@ mod world;
 
 pub use breaker::BreakerView;
 pub use cache::CacheStats;
+pub use code_budget::{CodeBudget, OverBudget};
 pub use engine::{Sandbox, SandboxSettings};
 pub use limits::{InstanceMode, Limits};
 pub use plugin::{Attempt, Failure, Plugin, PluginSettings};

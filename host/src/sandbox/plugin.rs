@@ -1,6 +1,7 @@
 //! A loaded plugin: its pre-linked component and manifest; runs one attempt per call.
 
 use super::bindings::{self, types as wit};
+use super::code_budget::CodeCharge;
 use super::guest_stack::{self, GuestStack};
 use super::limits::{InstanceMode, Limits, MAX_RESOURCES};
 use super::pool::{POOL_WAIT_MAX, SharedPool, SlotWait, Warm, WarmList};
@@ -114,6 +115,9 @@ pub struct Plugin {
     pool: Arc<SharedPool>,
     /// Where the guest keeps its own stack, when known (to name its overflow).
     stack: Option<GuestStack>,
+    /// Its compiled code's share of `sandbox.max_code_mib`, given back when the last handle
+    /// of this version (a rebound one's too) goes.
+    _code: Arc<CodeCharge>,
 }
 
 /// The longest failure text the sandbox reports: a message built around at most two echoed
@@ -165,16 +169,17 @@ pub(super) fn arm_store(store: &mut Store<HostState>) {
 
 impl Plugin {
     pub(super) fn new(
-        engine: Engine,
         ticker: Arc<dyn std::any::Any + Send + Sync>,
         pre: bindings::PluginPre<HostState>,
+        code: CodeCharge,
         manifest: Manifest,
         hash: String,
         ctx: Arc<PluginCtx>,
         pool: Arc<SharedPool>,
     ) -> Self {
         let warm = pool.register();
-        Self { engine, _ticker: ticker, pre, manifest, hash, ctx, warm, pool, stack: None }
+        let engine = pre.engine().clone();
+        Self { engine, _ticker: ticker, pre, _code: Arc::new(code), manifest, hash, ctx, warm, pool, stack: None }
     }
 
     /// Records where the guest keeps its stack (read from its bytes at load).
@@ -232,6 +237,7 @@ impl Plugin {
             hash: self.hash.clone(),
             engine: self.engine.clone(),
             _ticker: self._ticker.clone(),
+            _code: self._code.clone(),
             stack: self.stack,
         }
     }

@@ -38,6 +38,11 @@ pub enum LoadError {
     /// error, but compiling this file may be what caused it, so not tried again by itself.
     #[error("host error: {0}")]
     Crashed(String),
+    /// Its compiled code fits `sandbox.max_code_mib` alone, not beside what the other plugins
+    /// hold now (`code_budget`): tried again by itself as [`LoadError::Host`] is, so it loads
+    /// once they hold less.
+    #[error("{0}")]
+    NoRoom(String),
 }
 
 impl LoadError {
@@ -45,7 +50,7 @@ impl LoadError {
     /// such a load again by itself, after a growing pause (review 56a M2: a plugin refused so at
     /// a restart under memory pressure stayed out until someone touched its file).
     pub fn is_transient(&self) -> bool {
-        matches!(self, LoadError::Host(_) | LoadError::Busy(_))
+        matches!(self, LoadError::Host(_) | LoadError::Busy(_) | LoadError::NoRoom(_))
     }
 }
 

@@ -863,3 +863,113 @@ async fn many_refused_files_are_listed_up_to_a_bound_and_counted() {
     assert_eq!(again.len(), 1, "{again:?}");
     host.shutdown().await;
 }
+
+/// A host on `dir` (its plugins folder as is) whose plugins may hold `max_code_mib` of compiled
+/// code together, with the HTTP API on a free port.
+async fn host_with_code_budget(dir: &std::path::Path, max_code_mib: u64) -> plugbus::Host {
+    let mut config = plugbus::Config {
+        data_dir: dir.join("data"),
+        plugins_dir: dir.to_path_buf(),
+        http: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
+    };
+    config.sandbox.max_code_mib = max_code_mib;
+    plugbus::Host::start(config).await.expect("the host starts despite the files past its code budget")
+}
+
+/// What `plugbus_compiled_code_bytes` says a host's plugins hold.
+async fn code_held(host: &plugbus::Host) -> f64 {
+    let text = plugbus_tests::metrics_text(&format!("http://{}", host.http_addr().unwrap())).await;
+    plugbus_tests::sample(&text, "plugbus_compiled_code_bytes").unwrap_or_else(|| panic!("no code gauge in:\n{text}"))
+}
+
+/// Waits up to `within` until `cond` holds of the host (retries come 5 s, then 10 s, … apart).
+async fn until(what: &str, within: Duration, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "not {what} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Review 56a H1: a plugin's compiled code stays in the host's memory for as long as it serves,
+/// and wasm can grow ten times and more when compiled, so a few files (a folder writer's) made the
+/// host itself the OOM killer's target, at each restart. Together the loaded plugins' code stays
+/// within `sandbox.max_code_mib`: the files past it are refused, naming the budget, the plugins
+/// serving go on, and a refused file loads by itself once another plugin leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_whose_code_together_passes_the_code_budget_wait_for_room() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = ["audit", "payments", "notify", "shipping", "inventory", "dice"];
+    for name in files {
+        std::fs::copy(wasm(name), tmp.path().join(format!("{name}.wasm"))).unwrap();
+    }
+    let host = host_with_code_budget(tmp.path(), 1).await;
+    let serving = host.router().names();
+    let rejected = host.rejected();
+    assert!(!serving.is_empty() && !rejected.is_empty(), "serving {serving:?}, refused {rejected:?}");
+    assert_eq!(serving.len() + rejected.len(), files.len(), "serving {serving:?}, refused {rejected:?}");
+    for r in &rejected {
+        assert!(
+            r.reason.contains("does not fit beside the other plugins'")
+                && r.reason.contains("within sandbox.max_code_mib (1.0 MiB)")
+                && r.reason.contains("tried again by itself"),
+            "{r:?}"
+        );
+    }
+    let held = code_held(&host).await;
+    assert!(held > 0.0 && held <= (1u64 << 20) as f64, "the plugins serving hold {held} bytes of code");
+
+    // Every serving plugin's file removed: the refused ones load by themselves, as many as fit.
+    for name in &serving {
+        std::fs::remove_file(tmp.path().join(format!("{name}.wasm"))).unwrap();
+    }
+    let waiting: Vec<String> =
+        rejected.iter().map(|r| r.path.file_stem().unwrap().to_string_lossy().into_owned()).collect();
+    let router = host.router().clone();
+    until("a refused plugin loaded once there was room", Duration::from_secs(60), || {
+        let names = router.names();
+        !names.is_empty() && names.iter().all(|n| waiting.contains(n))
+    })
+    .await;
+    let held = code_held(&host).await;
+    assert!(held > 0.0 && held <= (1u64 << 20) as f64, "the plugins serving hold {held} bytes of code");
+    host.shutdown().await;
+}
+
+/// A plugin is reloaded in place though its old version and its new one do not fit the budget
+/// together beside the others: the old version, draining, does not count against the new one (it
+/// leaves only once the new one is in; a plugin over half the budget could otherwise never be
+/// reloaded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_is_reloaded_in_place_though_both_its_versions_do_not_fit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("payments.wasm");
+    let bytes = std::fs::read(wasm("payments")).unwrap();
+    std::fs::write(&file, &bytes).unwrap();
+    let host = host_with_code_budget(tmp.path(), 1).await;
+    assert_eq!(host.router().names(), vec!["payments".to_string()], "{:?}", host.rejected());
+    let payments = code_held(&host).await;
+    std::fs::copy(wasm("audit"), tmp.path().join("audit.wasm")).unwrap();
+    let router = host.router().clone();
+    until("audit serving", Duration::from_secs(30), || router.contains("audit")).await;
+    let both = code_held(&host).await;
+    assert!(both <= (1u64 << 20) as f64 && both + payments > (1u64 << 20) as f64, "payments {payments}, both {both}");
+    let first = host.router().current("payments").unwrap().hash().to_string();
+
+    // The same plugin, other bytes: a custom section at its end.
+    let mut newer = bytes.clone();
+    let mut body = Vec::new();
+    plugbus_tests::leb128(7, &mut body);
+    body.extend_from_slice(b"rebuilt");
+    plugbus_tests::wasm_section(0, &body, &mut newer);
+    std::fs::write(tmp.path().join("payments.wasm.tmp"), &newer).unwrap();
+    std::fs::rename(tmp.path().join("payments.wasm.tmp"), &file).unwrap();
+    until("the new version serving", Duration::from_secs(30), || {
+        router.current("payments").is_some_and(|p| p.hash() != first)
+    })
+    .await;
+    assert!(host.rejected().is_empty(), "{:?}", host.rejected());
+    assert!(router.contains("audit"));
+    host.shutdown().await;
+}
