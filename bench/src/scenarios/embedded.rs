@@ -302,6 +302,7 @@ impl Bare {
             kv: Arc::new(MemoryKv::new()),
             outbound: Arc::new(plugbus::sandbox::outbound::OutboundPolicy::none()),
             requester: Arc::new(plugbus::rpc::NoRequests),
+            runnable: Default::default(),
         });
         Ok(Self { engine, epochs, pre, ctx })
     }

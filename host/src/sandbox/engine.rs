@@ -187,6 +187,8 @@ pub struct Sandbox {
     requester: Arc<dyn crate::rpc::Requester>,
     /// What every loaded plugin version's compiled code holds, against `max_code_mib`.
     code: Arc<CodeBudget>,
+    /// Attempts of every plugin running guest code or ready to (`cpu_wait`).
+    runnable: Arc<std::sync::atomic::AtomicU32>,
     _ticker: Arc<Ticker>,
 }
 
@@ -217,6 +219,7 @@ impl Sandbox {
         Ok(Self {
             engine,
             code: CodeBudget::new(settings.max_code_mib.saturating_mul(1 << 20)),
+            runnable: Arc::default(),
             cache: None,
             cache_stats: Arc::default(),
             pool: Arc::default(),
@@ -433,6 +436,7 @@ impl Sandbox {
             kv: settings.kv,
             outbound: Arc::new(outbound),
             requester: self.requester.clone(),
+            runnable: super::cpu_wait::Runnable::within(self.runnable.clone()),
         };
         Ok(Plugin::new(self._ticker.clone(), pre, code, manifest, hash, Arc::new(ctx), self.pool.clone()))
     }
@@ -463,6 +467,7 @@ impl Sandbox {
             kv: Arc::new(MemoryKv::new()),
             outbound: Arc::new(OutboundPolicy::none()),
             requester: Arc::new(crate::rpc::NoRequests),
+            runnable: super::cpu_wait::Runnable::within(self.runnable.clone()),
         });
         let mut wait = SlotWait::until(Instant::now() + POOL_WAIT_MAX);
         loop {

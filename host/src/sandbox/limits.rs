@@ -19,7 +19,8 @@ use std::time::Duration;
 pub struct Limits {
     /// Linear memory cap, in MiB.
     pub memory_mib: u64,
-    /// Wall-clock deadline per event (e.g. `"5s"`, `"250ms"`).
+    /// Wall-clock deadline per event (e.g. `"5s"`, `"250ms"`), not counting what the attempt
+    /// waited for a CPU behind other plugins' attempts (`cpu_wait`), and at most 4 times it.
     #[serde(with = "humantime_serde")]
     pub deadline: Duration,
     /// Publishes allowed per event.

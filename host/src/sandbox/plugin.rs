@@ -130,20 +130,56 @@ const MAX_FAILURE_BYTES: usize = crate::deadletter::MAX_ERROR_BYTES - 128;
 pub(super) const DEADLINE_GRACE: Duration = Duration::from_millis(100);
 
 /// Runs `call` (which uses `store`) until it ends or the attempt's deadline, plus the grace,
-/// has passed. Then the call is dropped mid-way, `store` is marked as having hit
-/// its deadline, and the answer is that trap: the store must not run anything again.
+/// has passed (the deadline later by what the attempt waited for a CPU behind other plugins'
+/// attempts, up to `cpu_wait::WALL_FACTOR` times it: see `cpu_wait`). Then the call is dropped
+/// mid-way, `store` is marked as having hit its deadline, and the answer is that trap: the store
+/// must not run anything again.
 async fn within_deadline<T>(
     store: &mut Store<HostState>,
     call: impl AsyncFnOnce(&mut Store<HostState>) -> wasmtime::Result<T>,
 ) -> wasmtime::Result<T> {
-    let limit = store.data().deadline_at() + DEADLINE_GRACE;
-    match tokio::time::timeout_at(limit.into(), call(store)).await {
+    let state = store.data();
+    let (started, deadline, wait, plugin) =
+        (state.started, state.plugin.limits.deadline, state.cpu_wait.clone(), state.plugin.clone());
+    let limit = || super::cpu_wait::deadline_at(started, deadline, wait.credited()) + DEADLINE_GRACE;
+    let ended = {
+        let mut call = std::pin::pin!(call(store));
+        let mut running = super::cpu_wait::Running::new(&wait, &plugin.runnable);
+        let mut run = std::pin::pin!(std::future::poll_fn(|cx| running.poll(call.as_mut(), cx)));
+        loop {
+            match tokio::time::timeout_at(limit().into(), run.as_mut()).await {
+                Ok(done) => break Ok(done),
+                // credited more while it ran: the deadline moved
+                Err(_) if Instant::now() < limit() => continue,
+                Err(_) => break Err(()),
+            }
+        }
+    };
+    match ended {
         Ok(done) => done,
-        Err(_) => {
-            store.data_mut().deadline_hit = true;
+        Err(()) => {
+            let elapsed = started.elapsed();
+            let state = store.data_mut();
+            state.deadline_hit = true;
+            if super::cpu_wait::over(elapsed, deadline, wait.credited()) == Some(false) {
+                state.starved = Some(starved(elapsed, deadline, wait.credited()));
+            }
             Err(wasmtime::Error::msg("the deadline passed while the handler waited in a host call"))
         }
     }
+}
+
+/// What an attempt the wall-clock bound ended says (`cpu_wait`).
+fn starved(elapsed: Duration, deadline: Duration, credited: Duration) -> String {
+    let ms = |d: Duration| format!("{} ms", d.as_millis());
+    format!(
+        "the host kept the handler waiting for a CPU behind other plugins' attempts: it ran {} of its deadline of {} \
+         in {} of wall time, the most an attempt may take ({} times its deadline)",
+        ms(elapsed.saturating_sub(credited)),
+        humantime::format_duration(deadline),
+        ms(elapsed),
+        super::cpu_wait::WALL_FACTOR
+    )
 }
 
 /// Installs the memory limiter, the per-call copy limit (hostcall fuel), the handle cap and the
@@ -159,10 +195,19 @@ pub(super) fn arm_store(store: &mut Store<HostState>) {
     store.epoch_deadline_callback(|mut cx| {
         let state = cx.data_mut();
         let deadline = state.plugin.limits.deadline;
-        if state.started.elapsed() >= deadline {
+        let (elapsed, credited) = (state.started.elapsed(), state.cpu_wait.credited());
+        if let Some(handlers) = super::cpu_wait::over(elapsed, deadline, credited) {
             state.deadline_hit = true;
+            if !handlers {
+                state.starved = Some(starved(elapsed, deadline, credited));
+            }
             return Err(wasmtime::Error::msg(format!("deadline of {} exceeded", humantime::format_duration(deadline))));
         }
+        if state.cpu_wait.just_polled() {
+            // a tick that passed while it waited: its slice starts now (`cpu_wait::FRESH_SLICE`)
+            return Ok(UpdateDeadline::Continue(1));
+        }
+        state.cpu_wait.yielded(state.plugin.runnable.others_share());
         Ok(UpdateDeadline::Yield(1))
     });
 }
@@ -226,6 +271,7 @@ impl Plugin {
             // The same grants; a repeatable (fixed-world) run refuses every call anyway.
             outbound: self.ctx.outbound.clone(),
             requester: self.ctx.requester.clone(),
+            runnable: super::cpu_wait::Runnable::within(self.ctx.runnable.host()),
         };
         Plugin {
             // Fresh instances only: it keeps none idle.
@@ -562,6 +608,10 @@ fn host_failed(state: &HostState, then: &str) -> Failure {
 }
 
 fn failure_of(err: &wasmtime::Error, state: &HostState, overflow: Option<GuestStack>) -> Failure {
+    // Ended by the wall-clock bound, other plugins' attempts holding the CPUs: the host's failure.
+    if let Some(why) = &state.starved {
+        return Failure::Host(why.clone());
+    }
     // Dropped at the deadline while the host kept it waiting: the host's failure.
     if let (true, Some(why)) = (state.deadline_hit, &state.waiting_on_host) {
         let deadline = humantime::format_duration(state.plugin.limits.deadline);

@@ -34,6 +34,8 @@ pub struct PluginCtx {
     pub outbound: Arc<OutboundPolicy>,
     /// Where its requests (request/reply) go.
     pub requester: Arc<dyn crate::rpc::Requester>,
+    /// Its attempts running guest code or ready to, within the host's (`cpu_wait`).
+    pub runnable: super::cpu_wait::Runnable,
 }
 
 /// The data of one store (one instance, one attempt).
@@ -66,6 +68,11 @@ pub struct HostState {
     pub started: Instant,
     /// Set when the deadline interrupted the call.
     pub deadline_hit: bool,
+    /// Its waits for a CPU behind other plugins' attempts, which the deadline does not count.
+    pub cpu_wait: Arc<super::cpu_wait::CpuWait>,
+    /// Set (with what to say) when the wall-clock bound, not the deadline, ended the call: the
+    /// host kept it waiting for a CPU that long (`cpu_wait::WALL_FACTOR`).
+    pub starved: Option<String>,
     /// What the handler waits for in a host call that waits on the host's own store (a kv
     /// read), while it does: a call dropped at the deadline with this set failed for the host,
     /// and is reported so (`host error: …`), never as the handler's deadline.
@@ -161,6 +168,8 @@ impl HostState {
             spanned_lines: 0,
             started: Instant::now(),
             deadline_hit: false,
+            cpu_wait: Arc::default(),
+            starved: None,
             waiting_on_host: None,
             host_failed: None,
             http: http_ctx(),
@@ -192,9 +201,10 @@ impl HostState {
         self.request_context = crate::telemetry::output_context(event);
     }
 
-    /// When this attempt's deadline passes.
+    /// When this attempt's deadline passes, as far as is known now: later by what it waited for
+    /// a CPU behind other plugins' attempts (`cpu_wait`).
     pub(super) fn deadline_at(&self) -> Instant {
-        super::limits::instant_after(self.started, self.plugin.limits.deadline)
+        super::cpu_wait::deadline_at(self.started, self.plugin.limits.deadline, self.cpu_wait.credited())
     }
 
     /// Readies a warm store for the next event: the per-attempt buffers start empty and the
@@ -212,6 +222,8 @@ impl HostState {
         self.spanned_lines = 0;
         self.started = Instant::now();
         self.deadline_hit = false;
+        self.cpu_wait.reset();
+        self.starved = None;
         self.waiting_on_host = None;
         self.host_failed = None;
         self.outbound.event_id.clear();
@@ -832,6 +844,7 @@ mod tests {
             kv: Arc::new(crate::kv::MemoryKv::new()),
             outbound: Arc::new(OutboundPolicy::none()),
             requester: sent.clone(),
+            runnable: Default::default(),
         });
         let ask_back = async |event: &Event| {
             let mut state = HostState::new(ctx.clone(), &event.id, &event.subject);

@@ -277,6 +277,89 @@ async fn a_looping_plugin_does_not_starve_the_others() {
     }
 }
 
+/// A host with `faulty` spinning in `spinners` attempts (6 s deadline) beside `hostile`
+/// (deadline `victim_deadline`), and how many million rounds of `hostile.work` take about
+/// `work_ms` alone (measured through the bus, the fastest of three).
+async fn spinners_beside_a_victim(
+    spinners: u64,
+    victim_deadline: &str,
+    work_ms: f64,
+) -> (tokio::sync::MutexGuard<'static, ()>, TestHost, plugbus_tests::Observer, u64) {
+    // One such test at a time: two would share the CPUs, and each stretch the other's victim.
+    static SPINNING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let alone_here = SPINNING.lock().await;
+    let t = TestHost::start_with(&["faulty", "hostile"], |c| {
+        let faulty = c.plugins.entry("faulty".into()).or_default();
+        faulty.limits.insert("deadline".into(), "6s".into());
+        faulty.retry.insert("max_attempts".into(), 1.into());
+        faulty.flow.insert("concurrency".into(), spinners.into());
+        let hostile = c.plugins.entry("hostile".into()).or_default();
+        hostile.limits.insert("deadline".into(), victim_deadline.into());
+        hostile.retry.insert("max_attempts".into(), 1.into());
+    })
+    .await;
+    let mut seen = t.observe(&["hostile.out.work", "plugbus.dlq.>"]).await;
+    let mut alone = Duration::MAX;
+    for _ in 0..3 {
+        let at = Instant::now();
+        t.publish("hostile.work", "20").await;
+        assert_eq!(seen.next_where(|_| true).await.subject, "hostile.out.work");
+        alone = alone.min(at.elapsed());
+    }
+    let rounds = (20.0 * work_ms / 1000.0 / alone.as_secs_f64()).round().max(1.0) as u64;
+    for _ in 0..spinners {
+        t.publish("faulty.loop", "").await;
+    }
+    t.wait_counter("faulty", "in_flight", spinners).await;
+    (alone_here, t, seen, rounds)
+}
+
+/// Review 57a H1: a plugin spinning in many attempts at once stretched another plugin's handler
+/// past its deadline (wall time: the runtime shares the CPUs round robin by attempt), and that
+/// plugin's events were retried and dead-lettered as its handler's fault. The wait behind other
+/// plugins' attempts is not counted against a deadline; a plugin's own attempts still are (the
+/// spinners end at their own deadline, as their handler's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_spinning_in_many_attempts_fails_no_other_plugins_events() {
+    // About 17 times longer behind 32 spinners: past 1 s, within the wall-clock bound of 4 s.
+    let (_alone, t, mut seen, rounds) = spinners_beside_a_victim(32, "1s", 100.0).await;
+    let at = Instant::now();
+    t.publish("hostile.work", rounds.to_string()).await;
+    let first = seen.next_where(|_| true).await;
+    assert_eq!(
+        first.subject,
+        "hostile.out.work",
+        "{rounds} million rounds (about 100 ms alone) failed behind the spinners after {:?}: {:?}",
+        at.elapsed(),
+        first.header(headers::ERROR)
+    );
+    assert_eq!(t.counter("hostile", "dead_lettered"), 0);
+    let dead = seen.next_on("plugbus.dlq.faulty").await;
+    let error = dead.header(headers::ERROR).unwrap();
+    assert!(error.contains("deadline of 6s exceeded") && !error.contains("host error"), "{error}");
+}
+
+/// However long other plugins keep it waiting, an attempt ends at 4 times its deadline of wall
+/// time; having run less than its deadline, it failed for the host, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_starved_past_four_times_its_deadline_fails_as_the_hosts() {
+    // Eight 10 ms slices, each after about 32 spinners' (round robin on two workers): about
+    // 2.6 s, far past the wall-clock bound of 800 ms.
+    let (_alone, t, mut seen, rounds) = spinners_beside_a_victim(64, "200ms", 80.0).await;
+    let at = Instant::now();
+    t.publish("hostile.work", rounds.to_string()).await;
+    let first = seen.next_where(|_| true).await;
+    let took = at.elapsed();
+    assert_eq!(first.subject, "plugbus.dlq.hostile", "{rounds} million rounds done after {took:?} beside 64 spinners");
+    let error = first.header(headers::ERROR).unwrap();
+    assert!(
+        error.starts_with("host error: the host kept the handler waiting for a CPU behind other plugins' attempts")
+            && error.contains("of its deadline of 200ms in"),
+        "{error}"
+    );
+    assert!(took >= Duration::from_millis(800), "ended after {took:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_the_machine_cannot_hold_stops_the_host_at_start_with_a_clear_error() {
     let plugins = tempfile::tempdir().unwrap();

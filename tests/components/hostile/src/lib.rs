@@ -175,6 +175,15 @@ fn attack(ev: Event) -> Result<(), HandlerError> {
                 black_box(unsafe { subscribe_duration(1) });
             }
         }
+        // `N`: N million rounds of arithmetic, all in the guest (CPU work, no host call), then
+        // `hostile.out.work`.
+        "work" => {
+            let mut x = 1u64;
+            for i in 0..arg(0, 1) as u64 * 1_000_000 {
+                x = black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+            }
+            publish("hostile.out.work", x.to_string()).map_err(|e| refused("publish", e))?;
+        }
         "ok" => publish("hostile.out.ok", b"ok").map_err(|e| refused("publish", e))?,
         other => return Err(HandlerError::reject(format!("unknown attack {other:?}"))),
     }
