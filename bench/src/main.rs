@@ -132,7 +132,7 @@ fn main() -> anyhow::Result<()> {
     }
     let mode = Mode::new(quick);
     let handler = components::handler_wasm()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = plugbus::runtime::build()?;
     let mut out = report::Report::open(&components::target_dir(), mode)?;
     out.header();
     for id in wanted {

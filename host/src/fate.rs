@@ -78,14 +78,19 @@ impl DeliveryError {
 /// What the handler is expected to do with the event whose dead letter says `error` (its
 /// `plugbus-error`, a [`DeliveryError`]'s display), for a test case made of it
 /// (`plugbus dlq export`): `"reject"` or `"retry"` when the handler failed it (rejected it, asked
-/// to retry, trapped, went past its kv quota), `"ok"` when something else did (the host or the
+/// to retry, trapped, went past its kv quota, or was kept waiting for a CPU past 4 times its
+/// deadline: whether it would have finished is not known), `"ok"` when something else did (the host or the
 /// bus failed, two of its events raced on a kv key, or it never ran: too large, undecodable,
 /// unclaimed). Read from the words [`DeliveryError`]'s display starts with.
 pub fn expected_of(error: &str) -> &'static str {
     let not_the_handlers =
         ["host error:", "kv conflict:", "the message is not a valid event:", "no host of the plugin took it:"];
+    let starved = error.strip_prefix("host error: ").is_some_and(|e| e.starts_with(crate::sandbox::cpu_wait::STARVED));
     if error.starts_with("handler rejected the event") {
         "reject"
+    } else if starved {
+        // It was kept waiting past 4 times its deadline: whether it would have finished is not known.
+        "retry"
     } else if not_the_handlers.iter().any(|p| error.starts_with(p))
         || (error.starts_with("event of ") && error.contains("-byte limit"))
     {
@@ -326,6 +331,14 @@ mod tests {
             (handlers(Failure::Trap("wasm trap: unreachable".into())), "retry"),
             (DeliveryError::KvQuota("over max_kv_bytes".into()).to_string(), "retry"),
             (DeliveryError::of_attempt(Failure::Host("a host function panicked".into())).to_string(), "ok"),
+            (
+                DeliveryError::of_attempt(Failure::Host(format!(
+                    "{}: it ran 3 ms …",
+                    crate::sandbox::cpu_wait::STARVED
+                )))
+                .to_string(),
+                "retry",
+            ),
             (DeliveryError::Kv("the event log is closed".into()).to_string(), "ok"),
             (DeliveryError::Publish("full".into()).to_string(), "ok"),
             (DeliveryError::KvConflict("key \"n\" changed".into()).to_string(), "ok"),

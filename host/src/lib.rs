@@ -34,6 +34,7 @@ pub mod replay_report;
 pub mod retry;
 pub mod router;
 pub mod rpc;
+pub mod runtime;
 pub mod sandbox;
 pub mod scaffold;
 pub mod service;

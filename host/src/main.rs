@@ -451,7 +451,7 @@ fn main() -> std::process::ExitCode {
     if let Command::CompileChild { settings, parent } = &cli.command {
         return plugbus::sandbox::compiler::child_main(settings, *parent);
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match plugbus::runtime::build() {
         Ok(rt) => rt,
         Err(e) => {
             cli::report_error(&anyhow::Error::new(e).context("starting the async runtime"));

@@ -149,7 +149,7 @@ fn measure(plugins: &Path, data: &Path, total: u64) -> anyhow::Result<Row> {
 pub fn child(args: &[String]) -> anyhow::Result<()> {
     let [plugins, data, from, to] = args else { anyhow::bail!("--crash-child PLUGINS DATA FROM TO") };
     let (from, to): (u64, u64) = (from.parse()?, to.parse()?);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = plugbus::runtime::build()?;
     runtime.block_on(async move {
         let mut config = components::config(Path::new(plugins), Path::new(data));
         config.bus.durable = true;

@@ -8,11 +8,13 @@
 //!
 //! Each load is charged its component's mapped image before it is made a plugin; the charge
 //! is given back when the last handle of that plugin version goes. A load is refused when its
-//! code and every *other* plugin's would pass the budget. The older versions of the plugin it
-//! replaces do not count against it: they are leaving (draining), and counting them would
-//! refuse for good the reload of any plugin over half the budget, whose old version never
-//! drains until its replacement loads. So the budget may be passed by the versions of one
-//! plugin still draining, for as long as they drain.
+//! code and every live version's would pass the budget, but for the largest live version of the
+//! same plugin: that one is leaving (draining), and counting it would refuse for good the
+//! reload of any plugin over half the budget, whose old version never drains until its
+//! replacement loads. Only that one: a version's life is up to whoever writes the plugins folder
+//! (an attempt's retries and held outputs keep it), so swapping a file to and fro would
+//! otherwise add a whole copy at each swap (review 57c H1). The code held is at most twice the
+//! budget.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,7 +29,8 @@ pub struct CodeBudget {
 #[derive(Debug, Default)]
 struct Held {
     total: u64,
-    by_plugin: HashMap<Arc<str>, u64>,
+    /// The code of each live version, by plugin.
+    by_plugin: HashMap<Arc<str>, Vec<u64>>,
 }
 
 /// Why a load's code was refused.
@@ -44,7 +47,7 @@ pub enum OverBudget {
     Full {
         /// Its compiled code, in bytes.
         bytes: u64,
-        /// What the other plugins' versions hold, in bytes.
+        /// What the loaded versions hold, in bytes, but for the largest of the same plugin.
         others: u64,
         /// The budget, in bytes.
         cap: u64,
@@ -62,8 +65,8 @@ impl std::fmt::Display for OverBudget {
             ),
             OverBudget::Full { bytes, others, cap } => write!(
                 f,
-                "its compiled code ({}) does not fit beside the other plugins' ({}) within sandbox.max_code_mib \
-                 ({}): it is tried again by itself, and loads once they hold less",
+                "its compiled code ({}) does not fit beside what the loaded plugins hold ({}) within \
+                 sandbox.max_code_mib ({}): it loads once they hold less",
                 mib(bytes),
                 mib(others),
                 mib(cap)
@@ -100,13 +103,13 @@ impl CodeBudget {
             return Err(OverBudget::Alone { bytes, cap: self.cap });
         }
         let mut held = self.lock();
-        let own = held.by_plugin.get(plugin).copied().unwrap_or(0);
-        let others = held.total - own;
+        let leaving = held.by_plugin.get(plugin).and_then(|own| own.iter().max()).copied().unwrap_or(0);
+        let others = held.total - leaving;
         if others + bytes > self.cap {
             return Err(OverBudget::Full { bytes, others, cap: self.cap });
         }
         let plugin: Arc<str> = plugin.into();
-        *held.by_plugin.entry(plugin.clone()).or_insert(0) += bytes;
+        held.by_plugin.entry(plugin.clone()).or_default().push(bytes);
         held.total += bytes;
         Ok(CodeCharge { budget: self.clone(), plugin, bytes })
     }
@@ -125,8 +128,10 @@ impl Drop for CodeCharge {
         let mut held = self.budget.lock();
         held.total -= self.bytes;
         if let Some(own) = held.by_plugin.get_mut(&self.plugin) {
-            *own -= self.bytes;
-            if *own == 0 {
+            if let Some(at) = own.iter().position(|&b| b == self.bytes) {
+                own.swap_remove(at);
+            }
+            if own.is_empty() {
                 held.by_plugin.remove(&self.plugin);
             }
         }
@@ -166,6 +171,10 @@ mod tests {
         let old = budget.charge("a", 70).unwrap();
         let new = budget.charge("a", 70).unwrap();
         assert_eq!(budget.held(), 140, "both held while the old one drains");
+        // A third while both live: only the largest of them is leaving (review 57c H1: a file
+        // swapped to and fro added a whole copy at each swap).
+        assert_eq!(budget.charge("a", 70).unwrap_err(), OverBudget::Full { bytes: 70, others: 70, cap: 100 });
+        assert!(budget.charge("a", 30).is_ok());
         // Another plugin still sees both versions of `a`, which are really in memory.
         assert!(matches!(budget.charge("b", 10), Err(OverBudget::Full { others: 140, .. })));
         drop(old);

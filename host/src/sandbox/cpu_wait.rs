@@ -24,6 +24,11 @@ use std::time::{Duration, Instant};
 /// An attempt may take at most this many times its deadline of wall time, whatever it waited.
 pub const WALL_FACTOR: u32 = 4;
 
+/// How the failure of an attempt ended by that bound starts (after `host error: `): the host's,
+/// as far as it can tell, but whether the handler would have finished is not known (a test
+/// case made of its dead letter expects a retry, not success: `fate::expected_of`).
+pub const STARVED: &str = "the host kept the handler waiting for a CPU behind other plugins' attempts";
+
 /// An attempt that got the CPU less than this ago runs on at an epoch tick (to the next one)
 /// instead of yielding. Without it, the tick that passed while it waited made it yield again at
 /// once: under load only the attempt first in its worker's queue ran a whole tick, the others a

@@ -173,8 +173,8 @@ async fn within_deadline<T>(
 fn starved(elapsed: Duration, deadline: Duration, credited: Duration) -> String {
     let ms = |d: Duration| format!("{} ms", d.as_millis());
     format!(
-        "the host kept the handler waiting for a CPU behind other plugins' attempts: it ran {} of its deadline of {} \
-         in {} of wall time, the most an attempt may take ({} times its deadline)",
+        "{}: it ran {} of its deadline of {} in {} of wall time, the most an attempt may take ({} times its deadline)",
+        super::cpu_wait::STARVED,
         ms(elapsed.saturating_sub(credited)),
         humantime::format_duration(deadline),
         ms(elapsed),
