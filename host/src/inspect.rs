@@ -40,6 +40,12 @@ pub struct Inspection {
     pub exports: Vec<String>,
     /// The limits it would run under with this config.
     pub limits: Option<Limits>,
+    /// The bytes of its compiled code the host would hold in memory while it serves, against
+    /// `sandbox.max_code_mib` (`None` when it was not made a plugin).
+    pub code_bytes: Option<u64>,
+    /// `sandbox.max_code_mib`, the code all loaded plugins may hold together, in bytes (`None`
+    /// for a file not read).
+    pub code_budget_bytes: Option<u64>,
     /// The outbound HTTP destinations the config grants it (its manifest's `outbound` are the
     /// requested ones; a call goes out only when both allow it).
     pub granted_outbound: Vec<String>,
@@ -60,6 +66,8 @@ pub fn unreadable(file: &str, why: &str) -> Inspection {
         imports: Vec::new(),
         exports: Vec::new(),
         limits: None,
+        code_bytes: None,
+        code_budget_bytes: None,
         granted_outbound: Vec::new(),
     }
 }
@@ -78,6 +86,8 @@ pub async fn inspect(sandbox: &Sandbox, file: &str, bytes: &[u8], config: &Confi
         imports: Vec::new(),
         exports: Vec::new(),
         limits: None,
+        code_bytes: None,
+        code_budget_bytes: Some(config.sandbox.max_code_mib.saturating_mul(1 << 20)),
         granted_outbound: Vec::new(),
     };
     if let Err(e) = crate::sandbox::check_header(bytes) {
@@ -139,6 +149,7 @@ pub async fn inspect(sandbox: &Sandbox, file: &str, bytes: &[u8], config: &Confi
     match result {
         Ok(plugin) => {
             report.limits = Some(plugin.limits().clone());
+            report.code_bytes = Some(plugin.code_bytes());
             if let Some(m) = &mut report.manifest {
                 m.queue_group = plugin.manifest().queue_group.clone();
             }
@@ -231,6 +242,16 @@ impl std::fmt::Display for Inspection {
                 l.max_output_bytes,
                 l.max_event_bytes,
                 l.max_kv_value_bytes
+            )?;
+        }
+        if let (Some(code), Some(budget)) = (self.code_bytes, self.code_budget_bytes) {
+            let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+            writeln!(
+                f,
+                "code       {:.1} MiB compiled, held in memory while it serves ({:.1}% of sandbox.max_code_mib, {:.0} MiB, for all plugins together)",
+                mib(code),
+                code as f64 * 100.0 / budget.max(1) as f64,
+                mib(budget)
             )?;
         }
         if self.loadable {

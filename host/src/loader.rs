@@ -35,6 +35,9 @@ pub struct Rejected {
     /// The host's or the machine's failure, not the file's ([`LoadError::is_transient`]): a
     /// watching host tries it again by itself.
     pub transient: bool,
+    /// Refused for room in `sandbox.max_code_mib` (transient too): a watching host tries it
+    /// again as soon as a plugin version gives code back.
+    pub waits_for_room: bool,
 }
 
 /// The most of a refusal's reason kept, logged and served (`/v1/plugins`, `/v1/stats`): the
@@ -45,7 +48,7 @@ impl Rejected {
     /// `path` refused for `reason`, kept on one line (a line break in it would start a log line
     /// of its own, one that can pose as the host's) and cut at [`REASON_BYTES`].
     pub fn new(path: PathBuf, reason: &str) -> Self {
-        Self { path, reason: crate::event::one_line_cut(reason, REASON_BYTES), transient: false }
+        Self { path, reason: crate::event::one_line_cut(reason, REASON_BYTES), transient: false, waits_for_room: false }
     }
 
     /// Logs the refusal: `plugin` is the plugin its file serves, whose previous version keeps
@@ -434,6 +437,7 @@ pub async fn load_dir_reporting(
             Err(e) => {
                 let mut refused = Rejected::new(path, &e.to_string());
                 refused.transient = matches!(&e, FileError::Load(load) if load.is_transient());
+                refused.waits_for_room = matches!(&e, FileError::Load(LoadError::NoRoom(_)));
                 refused.log(None);
                 rejected.push(refused);
             }

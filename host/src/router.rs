@@ -147,6 +147,8 @@ pub struct PluginInfo {
     pub publishes: Vec<String>,
     /// Effective limits.
     pub limits: crate::sandbox::Limits,
+    /// The bytes of its compiled code held in memory (counted in `sandbox.max_code_mib`).
+    pub code_bytes: u64,
     /// Where its dead letters go.
     pub dead_letter_subject: String,
     /// Counters: received, ok, retried, circuit_waits, dead_lettered, expired, attempts, in_flight, peak_in_flight,
@@ -345,6 +347,7 @@ impl Router {
                     subscriptions: p.manifest().patterns(),
                     publishes: p.manifest().publishes.clone(),
                     limits: p.limits().clone(),
+                    code_bytes: p.code_bytes(),
                     dead_letter_subject: e.runtime.dead_letter_subject.clone(),
                     outbound: p.outbound().info(),
                     counters: BTreeMap::from([

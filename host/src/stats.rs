@@ -282,6 +282,7 @@ mod tests {
             subscriptions: subs.iter().map(|s| s.to_string()).collect(),
             publishes: pubs.iter().map(|s| s.to_string()).collect(),
             limits: Default::default(),
+            code_bytes: 0,
             dead_letter_subject: format!("plugbus.dlq.{name}"),
             counters: BTreeMap::new(),
             outbound: None,

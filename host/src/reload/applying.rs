@@ -11,7 +11,7 @@
 //!   holding no load's place meanwhile;
 //! - a file refused for the host's or the machine's failure ([`Applied::TryAgain`]) is tried
 //!   again after 5 s, doubling up to every 5 minutes, holding no place meanwhile; a change to it
-//!   tries at once;
+//!   tries at once, and so does code given back for one refused for room ([`Applied::NoRoom`]);
 //! - one file is applied once at a time, in the order of its changes: the changes made while it
 //!   is applied are applied after, once, however many they are (the apply reads the file as it
 //!   is then), and a load under way is given up if the file is no longer what it read (its
@@ -78,13 +78,24 @@ struct File {
     /// Loads refused in a row for the host's failure, and when the next is due.
     tries: u32,
     retry_at: Option<Instant>,
+    /// The last refusal was for room in `sandbox.max_code_mib`: tried again when code is given back.
+    waits_for_room: bool,
 }
 
 impl File {
     /// A file changed at `changed_at`, in line.
     fn new(changed_at: Instant) -> Self {
         let changed = Arc::new(Notify::new());
-        File { phase: Phase::InLine, changed_at, since: changed_at, again: None, changed, tries: 0, retry_at: None }
+        File {
+            phase: Phase::InLine,
+            changed_at,
+            since: changed_at,
+            again: None,
+            changed,
+            tries: 0,
+            retry_at: None,
+            waits_for_room: false,
+        }
     }
 }
 
@@ -174,16 +185,36 @@ impl<A: ApplyFile> Applying<A> {
 
     /// `path` was refused at the host's start for the host's failure: it is tried again as
     /// after [`Applied::TryAgain`].
-    pub(super) fn try_again_later(&mut self, path: PathBuf) {
+    pub(super) fn try_again_later(&mut self, path: PathBuf, waits_for_room: bool) {
         self.files.entry(path.clone()).or_insert_with(|| File::new(Instant::now()));
-        self.back_off(path);
+        self.back_off(path, waits_for_room);
+    }
+
+    /// Whether a file refused for room waits for its next try.
+    pub(super) fn waits_for_room(&self) -> bool {
+        self.files.values().any(|f| f.phase == Phase::BackingOff && f.waits_for_room)
+    }
+
+    /// Code was given back: the files refused for room are tried again now (those that still
+    /// find none go on backing off).
+    pub(super) fn room_freed(&mut self) {
+        let waiting: Vec<PathBuf> = self
+            .files
+            .iter()
+            .filter(|(_, f)| f.phase == Phase::BackingOff && f.waits_for_room)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for path in waiting {
+            self.schedule(path);
+        }
     }
 
     /// Puts `path` (in `files`, in no other place) aside until its next try is due. (For as
     /// long as the host's failure lasts, at most every [`TRY_AGAIN_MOST`]: a compile child that
     /// crashed, which compiling the file may have caused, is not tried again so, review 56d M1.)
-    fn back_off(&mut self, path: PathBuf) {
+    fn back_off(&mut self, path: PathBuf, waits_for_room: bool) {
         let Some(file) = self.files.get_mut(&path) else { return };
+        file.waits_for_room = waits_for_room;
         let at = Instant::now() + try_again_after(file.tries);
         file.tries = file.tries.saturating_add(1);
         file.phase = Phase::BackingOff;
@@ -208,7 +239,8 @@ impl<A: ApplyFile> Applying<A> {
                 file.phase = Phase::Retrying;
                 self.retries.push(Reverse((Instant::now() + RETRY, path)));
             }
-            (None, Applied::TryAgain) => self.back_off(path),
+            (None, Applied::TryAgain) => self.back_off(path, false),
+            (None, Applied::NoRoom) => self.back_off(path, true),
             (None, Applied::Done) => {
                 self.files.remove(&path);
             }
@@ -325,6 +357,8 @@ mod tests {
         not_settled: Mutex<HashMap<String, usize>>,
         /// Files answered `TryAgain` (the host's failure), each as often as asked.
         try_again: Mutex<HashMap<String, usize>>,
+        /// Files answered `NoRoom`, each as often as asked.
+        no_room: Mutex<HashMap<String, usize>>,
     }
 
     fn name(path: &Path) -> String {
@@ -350,14 +384,16 @@ mod tests {
                 _ => false,
             };
             let (not_settled, try_again) = (take_one(&self.not_settled), take_one(&self.try_again));
+            let no_room = take_one(&self.no_room);
             async move {
                 tokio::select! {
                     () = self.release.notified() => {}
                     () = superseded => return Applied::Done,
                 }
-                match (not_settled, try_again) {
-                    (true, _) => Applied::NotSettled,
-                    (_, true) => Applied::TryAgain,
+                match (not_settled, try_again, no_room) {
+                    (true, _, _) => Applied::NotSettled,
+                    (_, true, _) => Applied::TryAgain,
+                    (_, _, true) => Applied::NoRoom,
                     _ => Applied::Done,
                 }
             }
@@ -559,6 +595,32 @@ mod tests {
         assert_eq!(end_one(&mut applying).await, "a.wasm");
         assert!(applying.files.is_empty() && applying.next_retry().is_none());
         assert_eq!(try_again_after(30), TRY_AGAIN_MOST);
+    }
+
+    /// A file refused for room in the code budget is tried again as soon as code is given back,
+    /// not after its pause (up to 5 minutes); a file refused for another failure of the host's
+    /// waits its pause.
+    #[tokio::test]
+    async fn a_load_refused_for_room_is_tried_again_when_code_is_given_back() {
+        let recorder = Recorder::default();
+        recorder.no_room.lock().unwrap().insert("a.wasm".into(), 1);
+        recorder.try_again.lock().unwrap().insert("b.wasm".into(), 1);
+        let (dir, a, b) = two_files("bytes");
+        let mut applying = Applying::with_places(Arc::new(recorder), 2);
+        applying.start(a.clone(), Instant::now());
+        applying.start(b.clone(), Instant::now());
+        settle().await;
+        let ended = [end_one(&mut applying).await, end_one(&mut applying).await];
+        assert!(ended.contains(&"a.wasm".to_string()) && ended.contains(&"b.wasm".to_string()));
+        assert!(applying.waits_for_room());
+        let loads = applied(&applying).len();
+        applying.room_freed();
+        settle().await;
+        assert_eq!(applied(&applying)[loads..], [("a.wasm".to_string(), "load")], "only a is tried again, at once");
+        assert!(!applying.waits_for_room());
+        assert_eq!(end_one(&mut applying).await, "a.wasm");
+        assert!(applying.retry_at(&b).is_some(), "b still waits its pause");
+        drop(dir);
     }
 
     /// A file whose load keeps failing for the host's failure is tried again for as long as it

@@ -70,6 +70,9 @@ pub enum Applied {
     /// Refused for the host's or the machine's failure, not the file's
     /// ([`LoadError::is_transient`]): reported, and tried again after a growing pause.
     TryAgain,
+    /// Refused for room in `sandbox.max_code_mib` ([`LoadError::NoRoom`]): as `TryAgain`, and
+    /// tried again as soon as a plugin version gives code back.
+    NoRoom,
 }
 
 /// Counters of reloads (shown in metrics).
@@ -159,7 +162,7 @@ impl Reloader {
             }
             Err(FileError::Load(e)) if e.is_transient() => {
                 self.reject(path, format!("{e} (tried again by itself)"));
-                return Applied::TryAgain;
+                return if matches!(e, LoadError::NoRoom(_)) { Applied::NoRoom } else { Applied::TryAgain };
             }
             Err(e) => {
                 self.reject(path, e.to_string());
@@ -351,16 +354,16 @@ pub fn watch(reloader: Arc<Reloader>, folder: FolderWatch) -> WatchGuard {
     let task = tokio::spawn(async move {
         let mut applying = Applying::new(reloader.clone());
         // What the start refused for the host's failure is tried again, as after a reload's.
-        let transient: Vec<PathBuf> = reloader
+        let transient: Vec<(PathBuf, bool)> = reloader
             .rejected
             .lock()
             .expect("poisoned")
             .iter()
             .filter(|r| r.transient)
-            .map(|r| r.path.clone())
+            .map(|r| (r.path.clone(), r.waits_for_room))
             .collect();
-        for path in transient {
-            applying.try_again_later(path);
+        for (path, room) in transient {
+            applying.try_again_later(path, room);
         }
         let mut stopping = std::pin::pin!(stop_rx);
         let mut folder_check = tokio::time::interval(FOLDER_CHECK);
@@ -383,6 +386,10 @@ pub fn watch(reloader: Arc<Reloader>, folder: FolderWatch) -> WatchGuard {
                 }
                 () = sleep_until(retry), if retry.is_some() => {
                     applying.retry_due();
+                    continue;
+                }
+                () = reloader.sandbox.code_budget().freed(), if applying.waits_for_room() => {
+                    applying.room_freed();
                     continue;
                 }
             };

@@ -24,6 +24,8 @@ use std::sync::{Arc, Mutex};
 pub struct CodeBudget {
     cap: u64,
     held: Mutex<Held>,
+    /// Told whenever code is given back: the files refused for room are tried again then.
+    freed: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -83,12 +85,17 @@ fn mib(bytes: u64) -> String {
 impl CodeBudget {
     /// A budget of `cap` bytes.
     pub fn new(cap: u64) -> Arc<Self> {
-        Arc::new(Self { cap, held: Mutex::default() })
+        Arc::new(Self { cap, held: Mutex::default(), freed: tokio::sync::Notify::new() })
     }
 
     /// Bytes of compiled code held now, by every version of every plugin.
     pub fn held(&self) -> u64 {
         self.lock().total
+    }
+
+    /// Ends when code is given back (at once if some was since the last such wait ended).
+    pub async fn freed(&self) {
+        self.freed.notified().await
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
@@ -123,8 +130,22 @@ pub struct CodeCharge {
     bytes: u64,
 }
 
+impl CodeCharge {
+    /// The bytes of code charged.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
 impl Drop for CodeCharge {
     fn drop(&mut self) {
+        self.give_back();
+        self.budget.freed.notify_one();
+    }
+}
+
+impl CodeCharge {
+    fn give_back(&self) {
         let mut held = self.budget.lock();
         held.total -= self.bytes;
         if let Some(own) = held.by_plugin.get_mut(&self.plugin) {

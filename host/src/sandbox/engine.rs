@@ -408,7 +408,6 @@ impl Sandbox {
             .map_err(|e| LoadError::Invalid(format!("does not export plugbus:handler/handler: {e:#}")))?;
         let mut manifest = self.read_manifest(&pre).await?;
         let settings = bind(&mut manifest)?;
-        let code = self.charge_code(&component, &manifest.name)?;
         let publishes = PatternSet::parse(&manifest.publishes).map_err(|e| LoadError::Manifest(e.to_string()))?;
         let outbound = OutboundPolicy::new(&manifest.outbound, &settings.allowed_outbound, &settings.limits);
         if !http.is_empty() && !outbound.any_granted() {
@@ -428,6 +427,9 @@ impl Sandbox {
                 manifest.name
             );
         }
+        // Last, so a load refused after it gives nothing back (which would try again every file
+        // waiting for room).
+        let code = self.charge_code(&component, &manifest.name)?;
         let ctx = PluginCtx {
             name: manifest.name.as_str().into(),
             limits: settings.limits,

@@ -117,7 +117,7 @@ pub struct Plugin {
     stack: Option<GuestStack>,
     /// Its compiled code's share of `sandbox.max_code_mib`, given back when the last handle
     /// of this version (a rebound one's too) goes.
-    _code: Arc<CodeCharge>,
+    code: Arc<CodeCharge>,
 }
 
 /// The longest failure text the sandbox reports: a message built around at most two echoed
@@ -224,7 +224,7 @@ impl Plugin {
     ) -> Self {
         let warm = pool.register();
         let engine = pre.engine().clone();
-        Self { engine, _ticker: ticker, pre, _code: Arc::new(code), manifest, hash, ctx, warm, pool, stack: None }
+        Self { engine, _ticker: ticker, pre, code: Arc::new(code), manifest, hash, ctx, warm, pool, stack: None }
     }
 
     /// Records where the guest keeps its stack (read from its bytes at load).
@@ -236,6 +236,11 @@ impl Plugin {
     /// The plugin's name (its identity).
     pub fn name(&self) -> &str {
         &self.manifest.name
+    }
+
+    /// The bytes of its compiled code held in memory (counted in `sandbox.max_code_mib`).
+    pub fn code_bytes(&self) -> u64 {
+        self.code.bytes()
     }
 
     /// Its validated manifest.
@@ -283,7 +288,7 @@ impl Plugin {
             hash: self.hash.clone(),
             engine: self.engine.clone(),
             _ticker: self._ticker.clone(),
-            _code: self._code.clone(),
+            code: self.code.clone(),
             stack: self.stack,
         }
     }

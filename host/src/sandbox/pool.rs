@@ -23,7 +23,8 @@ use wasmtime::Store;
 const POOL_RETRY: Duration = Duration::from_millis(5);
 
 /// The longest an attempt waits for an instance slot (or its deadline, if longer): a hog
-/// holds each of its slots at most its own deadline, so a wait bounded by the waiting plugin's
+/// holds each of its slots for its own deadline (up to `cpu_wait::WALL_FACTOR` times it when
+/// other plugins' attempts kept it waiting for a CPU), so a wait bounded by the waiting plugin's
 /// deadline alone would give up just before slots free when both deadlines are alike.
 pub(super) const POOL_WAIT_MAX: Duration = Duration::from_secs(30);
 

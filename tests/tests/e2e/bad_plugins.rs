@@ -918,15 +918,36 @@ async fn plugins_whose_code_together_passes_the_code_budget_wait_for_room() {
     }
     let held = code_held(&host).await;
     assert!(held > 0.0 && held <= (1u64 << 20) as f64, "the plugins serving hold {held} bytes of code");
+    // `/v1/plugins` says what each holds (the operator's view of who takes the budget)
+    let url = format!("http://{}", host.http_addr().unwrap());
+    let body: Value = serde_json::from_str(&get(&url, "/v1/plugins").await).unwrap();
+    let each: Vec<u64> =
+        body["plugins"].as_array().unwrap().iter().map(|p| p["code_bytes"].as_u64().unwrap()).collect();
+    assert!(each.len() == serving.len() && each.iter().all(|&b| b > 0), "{body}");
+    assert_eq!(each.iter().sum::<u64>() as f64, held, "{body}");
 
-    // Every serving plugin's file removed: the refused ones load by themselves, as many as fit.
+    // Once each refused file was tried again and refused again (5 s after the start; its next
+    // try is 10 s after that) ...
+    let waiting: Vec<String> =
+        rejected.iter().map(|r| r.path.file_stem().unwrap().to_string_lossy().into_owned()).collect();
+    let tried_twice = |text: &str| {
+        waiting.iter().all(|w| {
+            plugbus_tests::sample(text, &format!("plugbus_load_errors_total{{file=\"{w}.wasm\"}}")).unwrap_or(0.0)
+                >= 2.0
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !tried_twice(&plugbus_tests::metrics_text(&url).await) {
+        assert!(std::time::Instant::now() < deadline, "the refused files were not tried again within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ... every serving plugin's file removed: the refused ones load as soon as the code is
+    // given back, as many as fit, not at their next try.
     for name in &serving {
         std::fs::remove_file(tmp.path().join(format!("{name}.wasm"))).unwrap();
     }
-    let waiting: Vec<String> =
-        rejected.iter().map(|r| r.path.file_stem().unwrap().to_string_lossy().into_owned()).collect();
     let router = host.router().clone();
-    until("a refused plugin loaded once there was room", Duration::from_secs(60), || {
+    until("a refused plugin loaded once there was room", Duration::from_secs(6), || {
         let names = router.names();
         !names.is_empty() && names.iter().all(|n| waiting.contains(n))
     })
@@ -971,4 +992,40 @@ async fn a_plugin_is_reloaded_in_place_though_both_its_versions_do_not_fit() {
     assert!(host.rejected().is_empty(), "{:?}", host.rejected());
     assert!(router.contains("audit"));
     host.shutdown().await;
+}
+
+/// `plugbus inspect` tells a handler's author how much compiled code the host would hold for it,
+/// against `sandbox.max_code_mib`; a file over the whole budget is not loadable, and says why.
+#[test]
+fn inspect_shows_the_code_a_plugin_would_hold_against_the_budget() {
+    let inspect = |max_code_mib: &str| {
+        plugbus_tests::output_within(
+            std::process::Command::new(plugbus_tests::plugbus_bin())
+                .env("PLUGBUS_SANDBOX__MAX_CODE_MIB", max_code_mib)
+                .args(["inspect", "--json"])
+                .arg(wasm("payments")),
+            Duration::from_secs(60),
+        )
+    };
+    let out = inspect("1024");
+    let report: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let code = report["code_bytes"].as_u64().unwrap_or_else(|| panic!("{report}"));
+    assert!(code > 100_000, "{report}");
+    assert_eq!(report["code_budget_bytes"], 1024u64 << 20, "{report}");
+    let text = String::from_utf8_lossy(
+        &plugbus_tests::output_within(
+            std::process::Command::new(plugbus_tests::plugbus_bin()).arg("inspect").arg(wasm("payments")),
+            Duration::from_secs(60),
+        )
+        .stdout,
+    )
+    .into_owned();
+    assert!(
+        text.contains(" MiB compiled, held in memory while it serves (")
+            && text.contains("of sandbox.max_code_mib, 1024 MiB"),
+        "{text}"
+    );
+    // With a budget of 1 MiB it fits; that it would not fit beside other plugins is the host's to say.
+    assert_eq!(inspect("1").status.code(), Some(0));
 }
