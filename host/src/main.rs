@@ -44,7 +44,8 @@ struct RunArgs {
     /// Default memory cap per plugin instance, in MiB [default: 64].
     #[arg(long, value_name = "MIB")]
     memory_mib: Option<u64>,
-    /// Default wall-clock deadline per event, e.g. 5s or 250ms [default: 5s].
+    /// Default deadline per event (wall time, not counting waits for a CPU behind other plugins'
+    /// attempts; at most 4x of wall time), e.g. 5s or 250ms [default: 5s].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     deadline: Option<std::time::Duration>,
     /// Default publishes allowed per event [default: 100].

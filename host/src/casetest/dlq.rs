@@ -41,7 +41,9 @@ pub fn case_from_entry(entry: &Value) -> Result<Value, String> {
     // What failed it: the handler (the case expects that again until the handler is fixed) or
     // the host, the bus or the event's delivery (the handler is expected to handle it).
     let result = crate::fate::expected_of(&error);
-    let by_the_handler = result != "ok";
+    // (An attempt the host ended after keeping it waiting for a CPU expects a retry, and is the
+    // host's: `fate::expected_of`.)
+    let by_the_handler = result != "ok" && !error.starts_with("host error:");
     Ok(json!({
         "event": to_json(&ev),
         "attempt": attempts.max(1),
@@ -79,5 +81,14 @@ mod tests {
         assert_eq!(case["expect"]["result"], "ok", "{case}");
         assert_eq!(case["dead_letter"]["failed_by_the_handler"], false);
         assert_eq!(case["attempt"], 5);
+        // One the host ended after keeping it waiting for a CPU: a retry is expected (whether it
+        // would have finished is not known), and the failure is still the host's.
+        let starved = crate::sandbox::Failure::Host(format!("{}: it ran 3 ms", crate::sandbox::cpu_wait::STARVED));
+        let failure = crate::fate::DeliveryError::of_attempt(starved).to_string();
+        let dead = dead_letter_event(&original, "faulty", "plugbus.dlq.faulty", &failure, 3);
+        let entry = serde_json::to_value(Entry { seq: 3, plugin: "faulty".into(), event: dead, record: None }).unwrap();
+        let case = case_from_entry(&entry).unwrap();
+        assert_eq!(case["expect"]["result"], "retry", "{case}");
+        assert_eq!(case["dead_letter"]["failed_by_the_handler"], false, "{case}");
     }
 }

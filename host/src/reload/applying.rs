@@ -58,7 +58,8 @@ enum Phase {
     Removing,
     /// Not settled: looked at again at its retry time.
     Retrying,
-    /// Refused for the host's failure: tried again at `File::retry_at`, or at its next change.
+    /// Refused for the host's failure: tried again at `File::retry_at`, or at its next change,
+    /// or, refused for room (`File::waits_for_room`), when code is given back.
     BackingOff,
 }
 
@@ -80,6 +81,9 @@ struct File {
     retry_at: Option<Instant>,
     /// The last refusal was for room in `sandbox.max_code_mib`: tried again when code is given back.
     waits_for_room: bool,
+    /// Code was given back while it loaded: refused for room then, it is tried again at once
+    /// (the wake came before it waited for one).
+    freed_meanwhile: bool,
 }
 
 impl File {
@@ -95,6 +99,7 @@ impl File {
             tries: 0,
             retry_at: None,
             waits_for_room: false,
+            freed_meanwhile: false,
         }
     }
 }
@@ -137,6 +142,9 @@ pub(super) struct Applying<A: ApplyFile = Reloader> {
     /// The paths in `line`.
     lined: HashSet<PathBuf>,
     retries: BinaryHeap<Reverse<(Instant, PathBuf)>>,
+    /// Files refused for room, backing off (a path that changed since is dropped at the next
+    /// [`Applying::room_freed`]).
+    room_waiters: HashSet<PathBuf>,
     loading: usize,
     at_once: usize,
 }
@@ -150,8 +158,8 @@ impl Applying<Reloader> {
 
 impl<A: ApplyFile> Applying<A> {
     fn with_places(reloader: Arc<A>, at_once: usize) -> Self {
-        let (tasks, files, line, lined, retries) = Default::default();
-        Self { reloader, tasks, files, line, lined, retries, loading: 0, at_once: at_once.max(1) }
+        let (tasks, files, line, lined, retries, room_waiters) = Default::default();
+        Self { reloader, tasks, files, line, lined, retries, room_waiters, loading: 0, at_once: at_once.max(1) }
     }
 
     /// `path` changed at `changed_at`: applies it, now or once the apply under way ends.
@@ -184,28 +192,29 @@ impl<A: ApplyFile> Applying<A> {
     }
 
     /// `path` was refused at the host's start for the host's failure: it is tried again as
-    /// after [`Applied::TryAgain`].
+    /// after [`Applied::TryAgain`], or [`Applied::NoRoom`] when `waits_for_room`.
     pub(super) fn try_again_later(&mut self, path: PathBuf, waits_for_room: bool) {
         self.files.entry(path.clone()).or_insert_with(|| File::new(Instant::now()));
         self.back_off(path, waits_for_room);
     }
 
-    /// Whether a file refused for room waits for its next try.
+    /// Whether code given back matters now: a file refused for room waits for its next try, or
+    /// a file is loading (it may be refused for room before it waits).
     pub(super) fn waits_for_room(&self) -> bool {
-        self.files.values().any(|f| f.phase == Phase::BackingOff && f.waits_for_room)
+        !self.room_waiters.is_empty() || self.loading > 0
     }
 
     /// Code was given back: the files refused for room are tried again now (those that still
-    /// find none go on backing off).
+    /// find none go on backing off), and those loading are tried again at once if refused so.
     pub(super) fn room_freed(&mut self) {
-        let waiting: Vec<PathBuf> = self
-            .files
-            .iter()
-            .filter(|(_, f)| f.phase == Phase::BackingOff && f.waits_for_room)
-            .map(|(p, _)| p.clone())
-            .collect();
-        for path in waiting {
-            self.schedule(path);
+        for file in self.files.values_mut().filter(|f| matches!(f.phase, Phase::Loading | Phase::Removing)) {
+            file.freed_meanwhile = true;
+        }
+        for path in std::mem::take(&mut self.room_waiters) {
+            // (One that changed meanwhile was scheduled already.)
+            if self.files.get(&path).is_some_and(|f| f.phase == Phase::BackingOff && f.waits_for_room) {
+                self.schedule(path);
+            }
         }
     }
 
@@ -215,6 +224,9 @@ impl<A: ApplyFile> Applying<A> {
     fn back_off(&mut self, path: PathBuf, waits_for_room: bool) {
         let Some(file) = self.files.get_mut(&path) else { return };
         file.waits_for_room = waits_for_room;
+        if waits_for_room {
+            self.room_waiters.insert(path.clone());
+        }
         let at = Instant::now() + try_again_after(file.tries);
         file.tries = file.tries.saturating_add(1);
         file.phase = Phase::BackingOff;
@@ -240,6 +252,10 @@ impl<A: ApplyFile> Applying<A> {
                 self.retries.push(Reverse((Instant::now() + RETRY, path)));
             }
             (None, Applied::TryAgain) => self.back_off(path, false),
+            (None, Applied::NoRoom) if std::mem::take(&mut file.freed_meanwhile) => {
+                file.waits_for_room = true;
+                self.schedule(path);
+            }
             (None, Applied::NoRoom) => self.back_off(path, true),
             (None, Applied::Done) => {
                 self.files.remove(&path);
@@ -299,6 +315,7 @@ impl<A: ApplyFile> Applying<A> {
             }
             return;
         }
+        file.freed_meanwhile = false;
         let (changed_at, since, changed) = (file.changed_at, file.since, file.changed.clone());
         let reloader = self.reloader.clone();
         self.tasks.spawn(async move {
@@ -617,9 +634,29 @@ mod tests {
         applying.room_freed();
         settle().await;
         assert_eq!(applied(&applying)[loads..], [("a.wasm".to_string(), "load")], "only a is tried again, at once");
-        assert!(!applying.waits_for_room());
         assert_eq!(end_one(&mut applying).await, "a.wasm");
+        assert!(!applying.waits_for_room(), "b waits its pause, not for room");
         assert!(applying.retry_at(&b).is_some(), "b still waits its pause");
+        drop(dir);
+    }
+
+    /// Code given back while a file loads, which then finds no room: it is tried again at once
+    /// (the wake came before it waited for one; review 57d C1).
+    #[tokio::test]
+    async fn a_load_refused_for_room_after_code_was_given_back_meanwhile_is_tried_again_at_once() {
+        let recorder = Recorder::default();
+        recorder.no_room.lock().unwrap().insert("a.wasm".into(), 1);
+        let (dir, a, _b) = two_files("bytes");
+        let mut applying = Applying::with_places(Arc::new(recorder), 1);
+        applying.start(a.clone(), Instant::now());
+        settle().await;
+        assert!(applying.waits_for_room(), "a loading: a give-back matters");
+        applying.room_freed();
+        assert_eq!(end_one(&mut applying).await, "a.wasm");
+        settle().await;
+        assert_eq!(applied(&applying).len(), 2, "a tried again at once");
+        assert_eq!(end_one(&mut applying).await, "a.wasm");
+        assert!(applying.files.is_empty() && !applying.waits_for_room());
         drop(dir);
     }
 

@@ -410,12 +410,16 @@ impl Sandbox {
         let settings = bind(&mut manifest)?;
         let publishes = PatternSet::parse(&manifest.publishes).map_err(|e| LoadError::Manifest(e.to_string()))?;
         let outbound = OutboundPolicy::new(&manifest.outbound, &settings.allowed_outbound, &settings.limits);
-        if !http.is_empty() && !outbound.any_granted() {
-            // A component that imports the HTTP client without saying what it would call is hiding something.
-            if manifest.outbound.is_empty() {
-                let why = "its manifest asks for no `outbound` destination";
-                return Err(LoadError::ForbiddenImports(http.into_iter().map(|i| format!("{i} ({why})")).collect()));
-            }
+        let ungranted = !http.is_empty() && !outbound.any_granted();
+        // A component that imports the HTTP client without saying what it would call is hiding something.
+        if ungranted && manifest.outbound.is_empty() {
+            let why = "its manifest asks for no `outbound` destination";
+            return Err(LoadError::ForbiddenImports(http.into_iter().map(|i| format!("{i} ({why})")).collect()));
+        }
+        // Last of the refusals, so a load refused after it gives nothing back (which would try
+        // again every file waiting for room).
+        let code = self.charge_code(&component, &manifest.name)?;
+        if ungranted {
             // It says what it would call and the operator granted none of it: it loads (its calls
             // may be optional, e.g. a URL from config), and every call is refused by the policy
             // before anything is resolved or sent (`Refused: … is not granted to the plugin`).
@@ -427,9 +431,6 @@ impl Sandbox {
                 manifest.name
             );
         }
-        // Last, so a load refused after it gives nothing back (which would try again every file
-        // waiting for room).
-        let code = self.charge_code(&component, &manifest.name)?;
         let ctx = PluginCtx {
             name: manifest.name.as_str().into(),
             limits: settings.limits,
