@@ -4,6 +4,7 @@
 
 use futures::StreamExt;
 use plugbus::Event;
+use plugbus::rpc::RequestError;
 use plugbus_tests::nats::NatsServer;
 use plugbus_tests::{Bus, TestHost, measuring_memory};
 use std::time::Duration;
@@ -28,16 +29,34 @@ async fn requests_nobody_answers_leave_nothing_behind() {
     let ask = |n: usize| {
         let transport = transport.clone();
         async move {
-            let timed_out = futures::stream::iter(0..n)
+            let outcomes: Vec<String> = futures::stream::iter(0..n)
                 .map(|_| {
                     let transport = transport.clone();
                     async move { transport.request(Event::new("rpc.silent", "?"), Duration::from_millis(1), true).await }
                 })
                 .buffer_unordered(64)
-                .filter(|r| std::future::ready(matches!(r, Err(plugbus::rpc::RequestError::Timeout { .. }))))
-                .count()
+                .filter_map(|r| {
+                    std::future::ready(match r {
+                        Err(RequestError::Timeout { .. }) => None,
+                        Ok(reply) => Some(format!("a reply on {}", reply.subject)),
+                        Err(e) => Some(e.to_string()),
+                    })
+                })
+                .collect()
                 .await;
-            assert_eq!(timed_out, n, "every request times out");
+            // Nothing answers, so nothing is a reply. On a loaded machine a few requests may end
+            // otherwise (4 of 50,000 in one CI run, which did not say how: a server that cuts the
+            // silent reader off as a slow consumer for a moment answers "no responders"); they
+            // leave nothing behind either, and are printed.
+            assert!(!outcomes.iter().any(|o| o.starts_with("a reply")), "nobody answers, yet: {outcomes:?}");
+            assert!(outcomes.len() <= n / 100, "most requests time out; these did not: {outcomes:?}");
+            if !outcomes.is_empty() {
+                println!(
+                    "{} of {n} requests did not time out: {:?}",
+                    outcomes.len(),
+                    &outcomes[..outcomes.len().min(5)]
+                );
+            }
         }
     };
     // A first pass grows the process once (the allocator, the client's buffers and maps, to
