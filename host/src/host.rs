@@ -88,6 +88,7 @@ impl Host {
         metrics.register_with(|registry| {
             transport.register_metrics(registry);
             sandbox.shared_pool().register_metrics(registry);
+            sandbox.cpu_shares().register_metrics(registry);
             shared.register_metrics(registry);
         });
         let router = Arc::new(Router::new(transport.clone(), dead_letters.clone(), metrics.clone()));

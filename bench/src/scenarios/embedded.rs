@@ -303,6 +303,7 @@ impl Bare {
             outbound: Arc::new(plugbus::sandbox::outbound::OutboundPolicy::none()),
             requester: Arc::new(plugbus::rpc::NoRequests),
             runnable: Default::default(),
+            share: plugbus::sandbox::cpu_share::CpuShares::new(1).plugin("bench-plugin-000"),
         });
         Ok(Self { engine, epochs, pre, ctx })
     }

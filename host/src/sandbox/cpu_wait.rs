@@ -2,7 +2,8 @@
 //! count it (review 57a H1).
 //!
 //! Every epoch tick a running guest yields to the async runtime and goes to the back of its
-//! worker's queue, so the CPUs are shared round robin by every runnable attempt. The deadline was
+//! worker's queue, so the CPUs are shared round robin by every runnable attempt (past its first
+//! slice, an attempt also needs a turn of its plugin's share of the CPUs: `cpu_share`). The deadline was
 //! wall time: a plugin spinning in 16 attempts stretched another plugin's 100 ms handler past its
 //! 400 ms deadline, and that plugin's events were retried and dead-lettered as its handler's
 //! fault. Now the wait between a yield and the next run is credited to the attempt, in the share
@@ -12,6 +13,7 @@
 //! a CPU. However much is credited, the attempt ends at [`WALL_FACTOR`] times its deadline of
 //! wall time, as the host's failure (`starved`), not its handler's.
 
+use crate::sandbox::cpu_share::TurnSlot;
 use crate::sandbox::limits::instant_after;
 use std::future::Future;
 use std::pin::Pin;
@@ -112,11 +114,15 @@ pub struct CpuWait {
     polled_at: AtomicU64,
     /// What its deadline does not count, in nanoseconds.
     credited: AtomicU64,
+    /// Its turn of its plugin's share of the CPUs, while it runs past its first slice
+    /// (`cpu_share`).
+    turn: Arc<TurnSlot>,
 }
 
 impl CpuWait {
     /// Starts again for the next attempt of a warm store.
     pub fn reset(&self) {
+        self.turn.give_back();
         self.yielded_at.store(0, Relaxed);
         self.credited.store(0, Relaxed);
     }
@@ -151,6 +157,11 @@ impl CpuWait {
         self.yielded_at.load(Relaxed) != 0
     }
 
+    /// Where the attempt keeps its turn of its plugin's share of the CPUs.
+    pub fn turn(&self) -> &Arc<TurnSlot> {
+        &self.turn
+    }
+
     /// What the attempt's deadline does not count so far.
     pub fn credited(&self) -> Duration {
         Duration::from_nanos(self.credited.load(Relaxed))
@@ -159,6 +170,7 @@ impl CpuWait {
 
 /// Polls an attempt's call, keeping it counted in [`Runnable`] while it runs or waits for a CPU
 /// after a yield (not while it waits in a host call), and crediting its waits to its [`CpuWait`].
+/// Its turn of its plugin's share of the CPUs is given back when it ends or waits in a host call.
 pub struct Running<'a> {
     wait: &'a CpuWait,
     runnable: &'a Runnable,
@@ -182,6 +194,7 @@ impl<'a> Running<'a> {
         if polled.is_ready() || !self.wait.is_yielded() {
             self.runnable.leave();
             self.counted = false;
+            self.wait.turn.give_back();
         }
         polled
     }
@@ -192,6 +205,7 @@ impl Drop for Running<'_> {
         if self.counted {
             self.runnable.leave();
         }
+        self.wait.turn.give_back();
     }
 }
 

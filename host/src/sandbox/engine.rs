@@ -189,6 +189,8 @@ pub struct Sandbox {
     code: Arc<CodeBudget>,
     /// Attempts of every plugin running guest code or ready to (`cpu_wait`).
     runnable: Arc<std::sync::atomic::AtomicU32>,
+    /// Each plugin's share of the CPUs (`cpu_share`).
+    shares: Arc<super::cpu_share::CpuShares>,
     _ticker: Arc<Ticker>,
 }
 
@@ -220,6 +222,7 @@ impl Sandbox {
             engine,
             code: CodeBudget::new(settings.max_code_mib.saturating_mul(1 << 20)),
             runnable: Arc::default(),
+            shares: super::cpu_share::CpuShares::for_this_runtime(),
             cache: None,
             cache_stats: Arc::default(),
             pool: Arc::default(),
@@ -253,6 +256,11 @@ impl Sandbox {
     /// The instance pool all plugins share: idle warm instances given up, attempts that waited.
     pub fn shared_pool(&self) -> &SharedPool {
         &self.pool
+    }
+
+    /// Each plugin's share of the CPUs (`cpu_share`).
+    pub fn cpu_shares(&self) -> &super::cpu_share::CpuShares {
+        &self.shares
     }
 
     /// The compiled code every loaded plugin version holds (`sandbox.max_code_mib`).
@@ -440,6 +448,7 @@ impl Sandbox {
             outbound: Arc::new(outbound),
             requester: self.requester.clone(),
             runnable: super::cpu_wait::Runnable::within(self.runnable.clone()),
+            share: self.shares.plugin(&manifest.name),
         };
         Ok(Plugin::new(self._ticker.clone(), pre, code, manifest, hash, Arc::new(ctx), self.pool.clone()))
     }
@@ -471,6 +480,7 @@ impl Sandbox {
             outbound: Arc::new(OutboundPolicy::none()),
             requester: Arc::new(crate::rpc::NoRequests),
             runnable: super::cpu_wait::Runnable::within(self.runnable.clone()),
+            share: self.shares.loading(),
         });
         let mut wait = SlotWait::until(Instant::now() + POOL_WAIT_MAX);
         loop {

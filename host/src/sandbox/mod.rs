@@ -12,6 +12,7 @@ pub(crate) mod cache;
 mod code_budget;
 mod compile_jail;
 pub mod compiler;
+pub mod cpu_share;
 pub mod cpu_wait;
 mod engine;
 mod guest_stack;

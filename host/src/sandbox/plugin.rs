@@ -207,6 +207,12 @@ pub(super) fn arm_store(store: &mut Store<HostState>) {
             // a tick that passed while it waited: its slice starts now (`cpu_wait::FRESH_SLICE`)
             return Ok(UpdateDeadline::Continue(1));
         }
+        // Past its first slice it needs a turn of its plugin's share of the CPUs (`cpu_share`).
+        // Waiting in its plugin's line it is not runnable (not marked yielded), and the wait is
+        // not credited: its own plugin's attempts hold the turns.
+        if let Some(turn) = state.plugin.share.at_yield(state.cpu_wait.turn()) {
+            return Ok(UpdateDeadline::YieldCustom(1, turn));
+        }
         state.cpu_wait.yielded(state.plugin.runnable.others_share());
         Ok(UpdateDeadline::Yield(1))
     });
@@ -277,6 +283,7 @@ impl Plugin {
             outbound: self.ctx.outbound.clone(),
             requester: self.ctx.requester.clone(),
             runnable: super::cpu_wait::Runnable::within(self.ctx.runnable.host()),
+            share: self.ctx.share.another(),
         };
         Plugin {
             // Fresh instances only: it keeps none idle.

@@ -36,6 +36,8 @@ pub struct PluginCtx {
     pub requester: Arc<dyn crate::rpc::Requester>,
     /// Its attempts running guest code or ready to, within the host's (`cpu_wait`).
     pub runnable: super::cpu_wait::Runnable,
+    /// Its share of the CPUs (`cpu_share`).
+    pub share: Arc<super::cpu_share::PluginShare>,
 }
 
 /// The data of one store (one instance, one attempt).
@@ -845,6 +847,7 @@ mod tests {
             outbound: Arc::new(OutboundPolicy::none()),
             requester: sent.clone(),
             runnable: Default::default(),
+            share: super::super::cpu_share::CpuShares::new(1).plugin("q"),
         });
         let ask_back = async |event: &Event| {
             let mut state = HostState::new(ctx.clone(), &event.id, &event.subject);
