@@ -4,18 +4,21 @@
 //! Every epoch tick a running guest yields to the async runtime, which runs its ready tasks
 //! round robin: a plugin with 16 attempts spinning got 16 times the CPU of a plugin with one,
 //! and every other task (an ingress request, a NATS message, a log commit's answer) waited
-//! behind all of them. Now an attempt that runs on past its first slice needs a *turn* of its
-//! plugin at each yield. A plugin holds at most its quota of turns at once: the runtime's
-//! workers divided among the plugins that want more than a slice now (rounded up), so one
-//! plugin alone still has every worker, and two plugins half each. An attempt without a turn
-//! waits in its plugin's line, first come first served, until one of its plugin's turns is given
-//! back: at the attempt's end, when it waits in a host call (it needs no CPU then), or when its
-//! plugin is over a quota that fell. Waiting so is waiting behind its own plugin's attempts: the
-//! attempt is not counted runnable meanwhile, and its deadline counts the wait (`cpu_wait`
-//! credits none of it). An attempt done within its first slice never asks.
+//! behind all of them. Now, from its first epoch tick on, an attempt runs guest code only while
+//! it holds a *turn* of its plugin. A plugin holds at most its quota of turns at once: the
+//! runtime's workers divided among the plugins that want turns now (rounded up), so one plugin
+//! alone still has every worker, and two plugins half each. An attempt without a turn waits in
+//! its plugin's line, first come first served, until one of its plugin's turns is given back:
+//! at the attempt's end, when it waits in a host call (it needs no CPU then; it asks again
+//! before it runs on), or at a tick when its plugin is over a quota that fell. Meanwhile the
+//! attempt is not counted runnable, and its deadline counts the wait but for the share other
+//! plugins cause (the turns its plugin would hold alone beyond its quota; alone, a plugin
+//! stretches no deadline by running more attempts). While any attempt waits in a line, every
+//! attempt takes a turn before it runs guest code, its first slice too: attempts that each end
+//! within a slice would otherwise never ask.
 //!
-//! One place decides who holds a turn: [`CpuShares`], under one lock taken only at yields and
-//! when a turn is given back.
+//! One place decides who holds a turn: [`CpuShares`], under one lock taken only at ticks, when
+//! an attempt past its first tick asks, and when a turn is given back.
 
 use crate::metrics::PluginLabels;
 use prometheus_client::metrics::counter::Counter;
@@ -33,6 +36,10 @@ use tokio::sync::oneshot;
 pub struct CpuShares {
     workers: u32,
     wanting: Mutex<HashMap<u64, Line>>,
+    /// Whether an attempt waits in some plugin's line: then every attempt takes a turn before
+    /// it runs guest code, its first slice too (review 58a M1: attempts that each end within
+    /// one slice never asked).
+    contended: AtomicBool,
     next_plugin: AtomicU64,
     waits: Family<PluginLabels, Counter>,
 }
@@ -56,6 +63,7 @@ impl CpuShares {
         Arc::new(Self {
             workers: u32::try_from(workers.max(1)).unwrap_or(u32::MAX),
             wanting: Mutex::default(),
+            contended: AtomicBool::new(false),
             next_plugin: AtomicU64::new(0),
             waits: Family::default(),
         })
@@ -117,7 +125,7 @@ impl CpuShares {
                 while line.holding < quota {
                     let Some(next) = line.waiting.pop_front() else { break };
                     line.holding += 1;
-                    if let Err(turn) = next.send(Turn { shares: self.clone(), plugin }) {
+                    if let Err(turn) = next.send(Turn::new(self, plugin)) {
                         // that attempt is gone (its deadline passed as it waited): the next one
                         turn.forget();
                         line.holding -= 1;
@@ -127,6 +135,7 @@ impl CpuShares {
             }
             // A line whose every waiter was gone leaves: the others' quota may rise.
             if !emptied {
+                self.contended.store(wanting.values().any(|line| !line.waiting.is_empty()), Relaxed);
                 return;
             }
         }
@@ -159,42 +168,67 @@ impl PluginShare {
         self.shares.plugin(&self.name)
     }
 
-    /// At an epoch yield of an attempt keeping its turn in `slot`: `None` when it may go on (it
-    /// holds a turn within its plugin's quota, or takes one), else what to wait on for its turn
-    /// (which puts the turn in `slot`). A turn held over a quota that fell is given back, and
-    /// the attempt waits at the back of its plugin's line.
-    pub fn at_yield(&self, slot: &Arc<TurnSlot>) -> Option<TurnWait> {
+    /// At an epoch tick of the attempt keeping its turn in `slot`: from now on it runs guest
+    /// code only with a turn. One held while its plugin is over a quota that fell, while some
+    /// attempt waits in a line, is given back (`true`): the attempt asks again before it runs
+    /// on, at the back of its line.
+    pub fn at_tick(&self, slot: &TurnSlot) -> bool {
+        slot.ticked.store(true, Relaxed);
+        // With nobody in any line, a turn over quota takes nothing from anyone: no lock.
+        if !slot.holds.load(Relaxed) || !self.contended() {
+            return false;
+        }
         let shares = &self.shares;
         let mut wanting = shares.wanting.lock().expect("poisoned");
-        // Taken out under the lock, so never dropped here: it stays counted in its line.
-        let holds = slot.take().map(Turn::forget).is_some();
+        let quota = shares.quota(wanting.len());
+        let Some(line) = wanting.get_mut(&self.id).filter(|line| line.holding > quota) else { return false };
+        // Taken out under the lock, so never dropped here: its count is settled by hand.
+        if let Some(turn) = slot.take() {
+            turn.forget();
+        }
+        line.holding -= 1;
+        shares.hand_out(&mut wanting);
+        true
+    }
+
+    /// Whether an attempt waits in some plugin's line now (then every attempt asks for a turn
+    /// before it runs guest code).
+    pub fn contended(&self) -> bool {
+        self.shares.contended.load(Relaxed)
+    }
+
+    /// Before the attempt keeping its turn in `slot` runs guest code without a turn when it needs
+    /// one ([`TurnSlot::needs_turn`]): `None` when it takes one at once (its plugin under quota,
+    /// nobody before it in line), else what to wait on for its turn (which puts the turn in
+    /// `slot`), and the share of that wait, in 1/1024, that other plugins cause: the turns its
+    /// plugin would hold alone (the workers, or as many as its attempts want) beyond its quota.
+    pub fn ask(&self, slot: &Arc<TurnSlot>) -> Option<(TurnWait, u64)> {
+        let shares = &self.shares;
+        let mut wanting = shares.wanting.lock().expect("poisoned");
         let wanting_now = wanting.len() + usize::from(!wanting.contains_key(&self.id));
         let quota = shares.quota(wanting_now);
         let line = wanting.entry(self.id).or_default();
-        if holds && line.holding <= quota {
-            slot.put(Turn { shares: shares.clone(), plugin: self.id });
-            return None;
-        }
-        if !holds && line.holding < quota && line.waiting.is_empty() {
+        if line.holding < quota && line.waiting.is_empty() {
             line.holding += 1;
-            slot.put(Turn { shares: shares.clone(), plugin: self.id });
+            slot.put(Turn::new(shares, self.id));
             return None;
-        }
-        if holds {
-            line.holding -= 1;
         }
         let (tx, rx) = oneshot::channel();
         line.waiting.push_back(tx);
-        // the turn given back may be another plugin's now
+        let alone =
+            shares.workers.min(u32::try_from(line.waiting.len()).unwrap_or(u32::MAX).saturating_add(line.holding));
+        let others = u64::from(alone.saturating_sub(quota)) * 1024 / u64::from(alone.max(1));
+        // (a line under quota whose first waiters are gone serves this one at once)
         shares.hand_out(&mut wanting);
         drop(wanting);
         self.waits.inc();
         let slot = slot.clone();
-        Some(Box::pin(async move {
+        let wait: TurnWait = Box::pin(async move {
             if let Ok(turn) = rx.await {
                 slot.put(turn);
             }
-        }))
+        });
+        Some((wait, others))
     }
 }
 
@@ -203,18 +237,26 @@ impl PluginShare {
 pub struct Turn {
     shares: Arc<CpuShares>,
     plugin: u64,
+    /// Whether dropping it gives the turn back.
+    armed: bool,
 }
 
 impl Turn {
+    fn new(shares: &Arc<CpuShares>, plugin: u64) -> Self {
+        Self { shares: shares.clone(), plugin, armed: true }
+    }
+
     /// Lets go of it without giving the turn back (the caller settles its line's count).
-    fn forget(self) {
-        std::mem::forget(self);
+    fn forget(mut self) {
+        self.armed = false;
     }
 }
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        self.shares.give_back(self.plugin);
+        if self.armed {
+            self.shares.give_back(self.plugin);
+        }
     }
 }
 
@@ -224,14 +266,17 @@ pub struct TurnSlot {
     turn: Mutex<Option<Turn>>,
     /// Whether `turn` is `Some`: read at every poll of an attempt without the lock.
     holds: AtomicBool,
+    /// Whether the attempt has seen an epoch tick: from then on it runs only with a turn.
+    ticked: AtomicBool,
 }
 
 impl TurnSlot {
     fn put(&self, turn: Turn) {
         let old = self.turn.lock().expect("poisoned").replace(turn);
         self.holds.store(true, Relaxed);
+        // Never: a slot is put into only when it holds no turn (taken at each tick and ask).
         debug_assert!(old.is_none(), "an attempt holds one turn at most");
-        // (`old` would be given back here, outside every lock but the caller's)
+        // (not dropped: the caller may hold the lock a give-back takes)
         std::mem::forget(old);
     }
 
@@ -240,11 +285,23 @@ impl TurnSlot {
         self.turn.lock().expect("poisoned").take()
     }
 
+    /// Whether the attempt must have a turn before it runs guest code again: holding none, past
+    /// its first tick or while the host is `contended` ([`PluginShare::contended`]).
+    pub fn needs_turn(&self, contended: bool) -> bool {
+        !self.holds.load(Relaxed) && (contended || self.ticked.load(Relaxed))
+    }
+
     /// Gives its turn back, if it holds one (the attempt ended, or waits in a host call).
     pub fn give_back(&self) {
         if self.holds.load(Relaxed) {
             drop(self.take());
         }
+    }
+
+    /// For the next attempt of a warm store: no turn, no tick seen.
+    pub fn reset(&self) {
+        self.give_back();
+        self.ticked.store(false, Relaxed);
     }
 }
 
@@ -269,18 +326,24 @@ mod tests {
         let shares = CpuShares::new(2);
         let spinner = shares.plugin("spinner");
         let a = attempts(3);
-        assert!(spinner.at_yield(&a[0]).is_none() && spinner.at_yield(&a[1]).is_none());
-        let mut third = spinner.at_yield(&a[2]).expect("both workers' turns are held");
+        assert!(!a[0].needs_turn(false), "before its first tick an attempt needs none");
+        for slot in &a {
+            assert!(!spinner.at_tick(slot));
+            assert!(slot.needs_turn(false));
+        }
+        assert!(spinner.ask(&a[0]).is_none() && spinner.ask(&a[1]).is_none());
+        let mut third = spinner.ask(&a[2]).expect("both workers' turns are held").0;
         assert!((&mut third).now_or_never().is_none(), "it waits");
-        // a holder within quota goes on at its next yield
-        assert!(spinner.at_yield(&a[0]).is_none());
+        assert!(!spinner.at_tick(&a[0]), "a holder within quota keeps its turn");
         assert_eq!(spinner.held(), 2);
         a[0].give_back();
+        assert!(a[0].needs_turn(false), "given back (a host call): it asks again before it runs on");
         assert!(third.now_or_never().is_some(), "the turn given back is the next in line's");
-        assert!(a[2].holds.load(Relaxed));
+        assert!(!a[2].needs_turn(false));
         assert_eq!(spinner.held(), 2);
         a[1].give_back();
-        a[2].give_back();
+        a[2].reset();
+        assert!(!a[2].needs_turn(false), "a warm store's next attempt starts afresh");
         assert!(shares.wanting.lock().unwrap().is_empty(), "nothing held, nothing kept");
     }
 
@@ -288,16 +351,22 @@ mod tests {
     fn a_second_plugin_takes_its_half_at_once_and_the_first_gives_back_what_is_over() {
         let shares = CpuShares::new(2);
         let (spinner, light) = (shares.plugin("spinner"), shares.plugin("light"));
-        let s = attempts(4);
-        assert!(spinner.at_yield(&s[0]).is_none() && spinner.at_yield(&s[1]).is_none());
-        let mut waiting: Vec<TurnWait> = s[2..].iter().map(|a| spinner.at_yield(a).expect("over quota")).collect();
-        let l = attempts(2);
-        assert!(light.at_yield(&l[0]).is_none(), "under its quota of 1, though the spinner holds 2");
-        assert_eq!(spinner.held(), 2, "until its next yield");
-        let mut over = spinner.at_yield(&s[0]).expect("over the quota of 1: it gives its turn back and waits");
+        let (s, l) = (attempts(4), attempts(2));
+        for slot in s.iter().chain(&l) {
+            spinner.at_tick(slot);
+        }
+        assert!(spinner.ask(&s[0]).is_none() && spinner.ask(&s[1]).is_none());
+        let (mut waiting, credit): (Vec<TurnWait>, Vec<u64>) =
+            s[2..].iter().map(|a| spinner.ask(a).expect("over quota")).unzip();
+        assert_eq!(credit, [0, 0], "alone, its wait is behind its own attempts only");
+        assert!(light.ask(&l[0]).is_none(), "under its quota of 1, though the spinner holds 2");
+        assert_eq!(spinner.held(), 2, "until its next tick");
+        assert!(spinner.at_tick(&s[0]), "over the quota of 1: it gives its turn back");
+        let (mut over, credit) = spinner.ask(&s[0]).expect("and asks again at the back of the line");
+        assert_eq!(credit, 512, "half its wait is the other plugin's doing: alone it would hold 2 turns, now 1");
         assert_eq!(spinner.held(), 1);
-        assert!(spinner.at_yield(&s[1]).is_none(), "within quota");
-        let mut light_next = light.at_yield(&l[1]).expect("the light plugin is held to its quota too");
+        assert!(!spinner.at_tick(&s[1]), "within quota");
+        let mut light_next = light.ask(&l[1]).expect("the light plugin is held to its quota too").0;
         l[0].give_back();
         assert!((&mut light_next).now_or_never().is_some(), "its own next in line takes it");
         assert!(waiting[0].as_mut().now_or_never().is_none(), "not the spinner, at its quota");
@@ -319,15 +388,15 @@ mod tests {
         let shares = CpuShares::new(1);
         let plugin = shares.plugin("p");
         let a = attempts(3);
-        assert!(plugin.at_yield(&a[0]).is_none());
-        let gone = plugin.at_yield(&a[1]).expect("waits");
-        let mut next = plugin.at_yield(&a[2]).expect("waits");
+        assert!(plugin.ask(&a[0]).is_none());
+        let gone = plugin.ask(&a[1]).expect("waits").0;
+        let mut next = plugin.ask(&a[2]).expect("waits").0;
         drop(gone); // its deadline passed
         a[0].give_back();
         assert!((&mut next).now_or_never().is_some(), "the one after it got the turn");
         // a turn sent to an attempt that then went, unread, is given back with it
-        let mut after = plugin.at_yield(&a[0]).expect("waits");
-        let unread = plugin.at_yield(&a[1]).expect("waits");
+        let mut after = plugin.ask(&a[0]).expect("waits").0;
+        let unread = plugin.ask(&a[1]).expect("waits").0;
         a[2].give_back();
         assert!((&mut after).now_or_never().is_some());
         a[0].give_back();

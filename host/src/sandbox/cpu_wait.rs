@@ -13,7 +13,7 @@
 //! a CPU. However much is credited, the attempt ends at [`WALL_FACTOR`] times its deadline of
 //! wall time, as the host's failure (`starved`), not its handler's.
 
-use crate::sandbox::cpu_share::TurnSlot;
+use crate::sandbox::cpu_share::{PluginShare, TurnSlot, TurnWait};
 use crate::sandbox::limits::instant_after;
 use std::future::Future;
 use std::pin::Pin;
@@ -114,6 +114,10 @@ pub struct CpuWait {
     polled_at: AtomicU64,
     /// What its deadline does not count, in nanoseconds.
     credited: AtomicU64,
+    /// When it began to wait in its plugin's line for a turn ([`now_nanos`]); 0: not waiting.
+    in_line_since: AtomicU64,
+    /// The share of that wait, in 1/1024, that other plugins cause (`PluginShare::ask`).
+    in_line_share: AtomicU64,
     /// Its turn of its plugin's share of the CPUs, while it runs past its first slice
     /// (`cpu_share`).
     turn: Arc<TurnSlot>,
@@ -122,7 +126,8 @@ pub struct CpuWait {
 impl CpuWait {
     /// Starts again for the next attempt of a warm store.
     pub fn reset(&self) {
-        self.turn.give_back();
+        self.turn.reset();
+        self.in_line_since.store(0, Relaxed);
         self.yielded_at.store(0, Relaxed);
         self.credited.store(0, Relaxed);
     }
@@ -162,25 +167,54 @@ impl CpuWait {
         &self.turn
     }
 
+    /// It waits in its plugin's line for a turn, `share` of the wait being other plugins' doing:
+    /// credited as it goes (so the deadline moves while it waits).
+    fn joined_line(&self, share: u64) {
+        self.in_line_share.store(share, Relaxed);
+        self.in_line_since.store(now_nanos(), Relaxed);
+    }
+
+    /// Its wait in line is over: what it is credited is kept.
+    fn left_line(&self) {
+        let credit = self.in_line_credit();
+        self.in_line_since.store(0, Relaxed);
+        self.credited.fetch_add(credit, Relaxed);
+    }
+
+    fn in_line_credit(&self) -> u64 {
+        let since = self.in_line_since.load(Relaxed);
+        if since == 0 {
+            return 0;
+        }
+        let waited = now_nanos().saturating_sub(since);
+        u64::try_from(u128::from(waited) * u128::from(self.in_line_share.load(Relaxed)) / 1024).unwrap_or(u64::MAX)
+    }
+
     /// What the attempt's deadline does not count so far.
     pub fn credited(&self) -> Duration {
-        Duration::from_nanos(self.credited.load(Relaxed))
+        Duration::from_nanos(self.credited.load(Relaxed).saturating_add(self.in_line_credit()))
     }
 }
 
 /// Polls an attempt's call, keeping it counted in [`Runnable`] while it runs or waits for a CPU
 /// after a yield (not while it waits in a host call), and crediting its waits to its [`CpuWait`].
-/// Its turn of its plugin's share of the CPUs is given back when it ends or waits in a host call.
+/// Past its first epoch tick (or from its start while some attempt waits in line) the attempt
+/// runs guest code only with a turn of its plugin's share of the CPUs (`cpu_share`): it gives
+/// its turn back when it ends or waits in a host call, and asks again before it runs on. Waiting
+/// in its plugin's line it is not runnable, and the wait is credited only in the share other
+/// plugins cause (the turns its plugin would hold alone beyond its quota).
 pub struct Running<'a> {
     wait: &'a CpuWait,
     runnable: &'a Runnable,
+    share: &'a PluginShare,
     counted: bool,
+    in_line: Option<TurnWait>,
 }
 
 impl<'a> Running<'a> {
-    /// The bookkeeping of one call of an attempt.
-    pub fn new(wait: &'a CpuWait, runnable: &'a Runnable) -> Self {
-        Self { wait, runnable, counted: false }
+    /// The bookkeeping of one call of an attempt of the plugin whose share is `share`.
+    pub fn new(wait: &'a CpuWait, runnable: &'a Runnable, share: &'a PluginShare) -> Self {
+        Self { wait, runnable, share, counted: false, in_line: None }
     }
 
     /// Polls `call` once.
@@ -190,6 +224,22 @@ impl<'a> Running<'a> {
             self.counted = true;
         }
         self.wait.resumed();
+        if self.in_line.is_none()
+            && self.wait.turn.needs_turn(self.share.contended())
+            && let Some((in_line, others)) = self.share.ask(&self.wait.turn)
+        {
+            self.wait.joined_line(others);
+            self.in_line = Some(in_line);
+        }
+        if let Some(in_line) = self.in_line.as_mut() {
+            if in_line.as_mut().poll(cx).is_pending() {
+                self.runnable.leave();
+                self.counted = false;
+                return Poll::Pending;
+            }
+            self.in_line = None;
+            self.wait.left_line();
+        }
         let polled = call.poll(cx);
         if polled.is_ready() || !self.wait.is_yielded() {
             self.runnable.leave();
@@ -204,6 +254,10 @@ impl Drop for Running<'_> {
     fn drop(&mut self) {
         if self.counted {
             self.runnable.leave();
+        }
+        // (a turn sent to the line's wait and not yet taken goes back with it)
+        if self.in_line.take().is_some() {
+            self.wait.left_line();
         }
         self.wait.turn.give_back();
     }
@@ -265,5 +319,97 @@ mod tests {
         // a deadline past the clock's range does not overflow
         let _ = deadline_at(t, Duration::MAX, Duration::MAX);
         assert_eq!(over(Duration::from_secs(1), Duration::MAX, Duration::ZERO), None);
+    }
+
+    /// Review 58a: an attempt gave its turn back while it waited in a host call, then ran guest
+    /// code without one until its next tick; a plugin alternating short waits with spinning ran
+    /// mostly turnless. Past its first tick it now takes a turn before it runs on.
+    #[test]
+    fn past_its_first_tick_an_attempt_runs_guest_code_only_with_a_turn() {
+        use crate::sandbox::cpu_share::CpuShares;
+        use std::sync::atomic::AtomicBool;
+        let share = CpuShares::new(1).plugin("p");
+        let runnable = Runnable::within(Arc::default());
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        // a call that records each poll and yields at an epoch tick, never ending
+        let ran = |flag: &'static AtomicBool, wait: &'static CpuWait| {
+            std::future::poll_fn(move |_| {
+                flag.store(true, Relaxed);
+                wait.yielded(0);
+                Poll::<()>::Pending
+            })
+        };
+        static HOLDER_RAN: AtomicBool = AtomicBool::new(false);
+        static OTHER_RAN: AtomicBool = AtomicBool::new(false);
+        let (holder, other): (&'static CpuWait, &'static CpuWait) =
+            (Box::leak(Box::default()), Box::leak(Box::default()));
+        let mut holder_call = std::pin::pin!(ran(&HOLDER_RAN, holder));
+        let mut other_call = std::pin::pin!(ran(&OTHER_RAN, other));
+        share.at_tick(holder.turn());
+        let mut holding = Running::new(holder, &runnable, &share);
+        assert!(holding.poll(holder_call.as_mut(), &mut cx).is_pending());
+        assert!(HOLDER_RAN.load(Relaxed), "the plugin's one turn was free");
+        // the other attempt is past its first tick (back from a host call, say): no turn, no run
+        share.at_tick(other.turn());
+        let mut asking = Running::new(other, &runnable, &share);
+        assert!(asking.poll(other_call.as_mut(), &mut cx).is_pending());
+        assert!(!OTHER_RAN.load(Relaxed), "it ran guest code without a turn");
+        assert!(!asking.counted, "waiting in its plugin's line, it is not runnable");
+        // the holder's call ends: its turn goes to the one in line
+        HOLDER_RAN.store(false, Relaxed);
+        drop(holding);
+        assert!(asking.poll(other_call.as_mut(), &mut cx).is_pending());
+        assert!(OTHER_RAN.load(Relaxed), "the turn given back was not passed on");
+        let mut back = Running::new(holder, &runnable, &share);
+        assert!(back.poll(holder_call.as_mut(), &mut cx).is_pending());
+        assert!(!HOLDER_RAN.load(Relaxed), "past its first tick, it ran on without a turn");
+    }
+
+    /// Review 58a M1 and M2: attempts that each ended within one slice never asked for a turn;
+    /// and a wait in line was never credited, though other plugins had cut the quota. While an
+    /// attempt waits in some line, a new one asks before its first slice; a wait in line is
+    /// credited in the share other plugins cause.
+    #[test]
+    fn while_one_waits_in_line_new_attempts_ask_first_and_a_wait_is_credited_in_the_others_share() {
+        use crate::sandbox::cpu_share::{CpuShares, TurnSlot};
+        use std::sync::atomic::AtomicBool;
+        let shares = CpuShares::new(2);
+        let (spinner, victim) = (shares.plugin("spinner"), shares.plugin("victim"));
+        let spinning: Vec<Arc<TurnSlot>> = (0..3).map(|_| Arc::default()).collect();
+        for slot in &spinning {
+            spinner.at_tick(slot);
+        }
+        assert!(spinner.ask(&spinning[0]).is_none() && spinner.ask(&spinning[1]).is_none());
+        let _in_line = spinner.ask(&spinning[2]).expect("both turns held");
+        assert!(spinner.contended() && victim.contended());
+        let runnable = Runnable::within(Arc::default());
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        static FIRST_RAN: AtomicBool = AtomicBool::new(false);
+        static SECOND_RAN: AtomicBool = AtomicBool::new(false);
+        // a call that records each poll and yields at an epoch tick, never ending
+        let ran = |flag: &'static AtomicBool, wait: &'static CpuWait| {
+            std::future::poll_fn(move |_| {
+                flag.store(true, Relaxed);
+                wait.yielded(0);
+                Poll::<()>::Pending
+            })
+        };
+        let (first, second): (&'static CpuWait, &'static CpuWait) =
+            (Box::leak(Box::default()), Box::leak(Box::default()));
+        let (mut first_call, mut second_call) =
+            (std::pin::pin!(ran(&FIRST_RAN, first)), std::pin::pin!(ran(&SECOND_RAN, second)));
+        // two fresh attempts of the victim (no tick seen): the first takes its one turn
+        let mut running = Running::new(first, &runnable, &victim);
+        assert!(running.poll(first_call.as_mut(), &mut cx).is_pending() && FIRST_RAN.load(Relaxed));
+        std::mem::forget(running); // it holds its turn on
+        let mut asking = Running::new(second, &runnable, &victim);
+        assert!(asking.poll(second_call.as_mut(), &mut cx).is_pending());
+        assert!(!SECOND_RAN.load(Relaxed), "a fresh attempt ran guest code without a turn while others waited in line");
+        // alone the victim would hold both workers' turns, now one: half the wait is credited
+        std::thread::sleep(Duration::from_millis(40));
+        let credited = second.credited();
+        assert!(credited >= Duration::from_millis(20) && credited < Duration::from_millis(40), "{credited:?}");
     }
 }

@@ -144,7 +144,7 @@ async fn within_deadline<T>(
     let limit = || super::cpu_wait::deadline_at(started, deadline, wait.credited()) + DEADLINE_GRACE;
     let ended = {
         let mut call = std::pin::pin!(call(store));
-        let mut running = super::cpu_wait::Running::new(&wait, &plugin.runnable);
+        let mut running = super::cpu_wait::Running::new(&wait, &plugin.runnable, &plugin.share);
         let mut run = std::pin::pin!(std::future::poll_fn(|cx| running.poll(call.as_mut(), cx)));
         loop {
             match tokio::time::timeout_at(limit().into(), run.as_mut()).await {
@@ -203,15 +203,13 @@ pub(super) fn arm_store(store: &mut Store<HostState>) {
             }
             return Err(wasmtime::Error::msg(format!("deadline of {} exceeded", humantime::format_duration(deadline))));
         }
-        if state.cpu_wait.just_polled() {
+        // From its first tick on it runs guest code only with a turn of its plugin's share of the
+        // CPUs (`cpu_share`, asked for in `within_deadline`); one held over a quota that fell is
+        // given back, and it yields.
+        let gave_back = state.plugin.share.at_tick(state.cpu_wait.turn());
+        if state.cpu_wait.just_polled() && !gave_back {
             // a tick that passed while it waited: its slice starts now (`cpu_wait::FRESH_SLICE`)
             return Ok(UpdateDeadline::Continue(1));
-        }
-        // Past its first slice it needs a turn of its plugin's share of the CPUs (`cpu_share`).
-        // Waiting in its plugin's line it is not runnable (not marked yielded), and the wait is
-        // not credited: its own plugin's attempts hold the turns.
-        if let Some(turn) = state.plugin.share.at_yield(state.cpu_wait.turn()) {
-            return Ok(UpdateDeadline::YieldCustom(1, turn));
         }
         state.cpu_wait.yielded(state.plugin.runnable.others_share());
         Ok(UpdateDeadline::Yield(1))
