@@ -5,20 +5,22 @@
 //! round robin: a plugin with 16 attempts spinning got 16 times the CPU of a plugin with one,
 //! and every other task (an ingress request, a NATS message, a log commit's answer) waited
 //! behind all of them. Now, from its first epoch tick on, an attempt runs guest code only while
-//! it holds a *turn* of its plugin. A plugin holds at most its quota of turns at once: the
-//! runtime's workers divided among the plugins that want turns now (rounded up), so one plugin
-//! alone still has every worker, and two plugins half each. An attempt without a turn waits in
-//! its plugin's line, first come first served, until one of its plugin's turns is given back:
-//! at the attempt's end, when it waits in a host call (it needs no CPU then; it asks again
-//! before it runs on), or at a tick when its plugin is over a quota that fell. Meanwhile the
-//! attempt is not counted runnable, and its deadline counts the wait but for the share other
-//! plugins cause (the turns its plugin would hold alone beyond its quota; alone, a plugin
-//! stretches no deadline by running more attempts). While any attempt waits in a line, every
-//! attempt takes a turn before it runs guest code, its first slice too: attempts that each end
-//! within a slice would otherwise never ask.
+//! it holds a *turn* of its plugin (asked for in `cpu_wait::Running` before each run). There are
+//! as many turns as the runtime has workers. A plugin may always hold its quota: the workers
+//! divided among the plugins that want turns now (rounded up), so one plugin alone has every
+//! worker and two plugins half each; beyond its quota it takes a turn only while one is free.
+//! An attempt without a turn waits in its plugin's line, first come first served, until one is
+//! given back: at the attempt's end, when it waits in a host call (it needs no CPU then; it asks
+//! again before it runs on), or at a tick when its plugin holds more than its quota while the
+//! workers are oversubscribed or someone waits. Meanwhile the attempt is not counted runnable.
+//! Its deadline does not count the wait when the attempt would have run at once were its plugin
+//! alone (its place among its plugin's attempts wanting the CPU within the workers), and counts
+//! all of it otherwise: alone, a plugin stretches no deadline by running more attempts. While
+//! any attempt waits in a line, every attempt takes a turn before it runs guest code, its first
+//! slice too: attempts that each end within a slice would otherwise never ask.
 //!
-//! One place decides who holds a turn: [`CpuShares`], under one lock taken only at ticks, when
-//! an attempt past its first tick asks, and when a turn is given back.
+//! One place decides who holds a turn: [`CpuShares`], under one lock taken when an attempt
+//! asks, when a turn is given back and, while the workers are contended, at ticks.
 
 use crate::metrics::PluginLabels;
 use prometheus_client::metrics::counter::Counter;
@@ -30,18 +32,27 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
-/// The host's turns: how many workers there are to share, and which plugins want more than a
-/// slice now.
+/// The host's turns: how many workers there are to share, and which plugins want them now.
 #[derive(Debug)]
 pub struct CpuShares {
     workers: u32,
-    wanting: Mutex<HashMap<u64, Line>>,
+    turns: Mutex<Turns>,
     /// Whether an attempt waits in some plugin's line: then every attempt takes a turn before
     /// it runs guest code, its first slice too (review 58a M1: attempts that each end within
     /// one slice never asked).
     contended: AtomicBool,
+    /// Whether more turns are held than there are workers (a plugin took its quota while
+    /// another held spare turns): then a holder over its quota gives its turn back at a tick.
+    oversubscribed: AtomicBool,
     next_plugin: AtomicU64,
     waits: Family<PluginLabels, Counter>,
+}
+
+/// The turns held, and each plugin's line.
+#[derive(Debug, Default)]
+struct Turns {
+    lines: HashMap<u64, Line>,
+    held: u32,
 }
 
 /// One plugin's turns held and its attempts waiting for one, oldest first.
@@ -62,8 +73,9 @@ impl CpuShares {
     pub fn new(workers: usize) -> Arc<Self> {
         Arc::new(Self {
             workers: u32::try_from(workers.max(1)).unwrap_or(u32::MAX),
-            wanting: Mutex::default(),
+            turns: Mutex::default(),
             contended: AtomicBool::new(false),
+            oversubscribed: AtomicBool::new(false),
             next_plugin: AtomicU64::new(0),
             waits: Family::default(),
         })
@@ -93,65 +105,81 @@ impl CpuShares {
         })
     }
 
-    /// How many plugin versions want more than a slice now (hold a turn or wait for one).
+    /// How many plugin versions want turns now (hold one or wait for one).
     pub fn wanting(&self) -> usize {
-        self.wanting.lock().expect("poisoned").len()
+        self.turns.lock().expect("poisoned").lines.len()
     }
 
     /// Registers `cpu_turn_waits`.
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         registry.register(
             "cpu_turn_waits",
-            "Times an attempt running past its first slice waited for a turn of its plugin's share of the CPUs (the plugin's other attempts held them)",
+            "Times an attempt waited for a turn of its plugin's share of the CPUs (the plugin held its quota while other plugins wanted theirs, or every worker's turn was held)",
             self.waits.clone(),
         );
     }
 
-    /// The most turns a plugin may hold while `wanting` plugins want them: every worker shared
-    /// out, rounded up (so no worker idles while a plugin waits).
+    /// The turns a plugin may always hold while `wanting` plugins want them: every worker
+    /// shared out, rounded up.
     fn quota(&self, wanting: usize) -> u32 {
         self.workers.div_ceil(u32::try_from(wanting.max(1)).unwrap_or(u32::MAX))
     }
 
-    /// Gives turns to the first attempts in line while their plugins are under quota, and lets
-    /// go of the lines that neither hold nor wait (which raises the others' quota). Called with
-    /// the lock held.
-    fn hand_out(self: &Arc<Self>, wanting: &mut HashMap<u64, Line>) {
+    /// Gives turns to the first attempts in line: to every plugin under its quota, then, while a
+    /// worker's turn is free, to any; lets go of the lines that neither hold nor wait (which
+    /// raises the others' quota). Called with the lock held.
+    fn hand_out(self: &Arc<Self>, turns: &mut Turns) {
         loop {
-            wanting.retain(|_, line| line.wants());
-            let quota = self.quota(wanting.len());
+            turns.lines.retain(|_, line| line.wants());
+            let quota = self.quota(turns.lines.len());
+            let Turns { lines, held } = turns;
             let mut emptied = false;
-            for (&plugin, line) in wanting.iter_mut() {
-                while line.holding < quota {
-                    let Some(next) = line.waiting.pop_front() else { break };
-                    line.holding += 1;
-                    if let Err(turn) = next.send(Turn::new(self, plugin)) {
-                        // that attempt is gone (its deadline passed as it waited): the next one
-                        turn.forget();
-                        line.holding -= 1;
+            for spare in [false, true] {
+                for (&plugin, line) in lines.iter_mut() {
+                    loop {
+                        let room = if spare { *held < self.workers } else { line.holding < quota };
+                        if !room {
+                            break;
+                        }
+                        let Some(next) = line.waiting.pop_front() else { break };
+                        match next.send(Turn::new(self, plugin)) {
+                            Ok(()) => {
+                                line.holding += 1;
+                                *held += 1;
+                            }
+                            // that attempt is gone (its deadline passed as it waited): the next one
+                            Err(turn) => turn.forget(),
+                        }
                     }
+                    emptied |= !line.wants();
                 }
-                emptied |= !line.wants();
             }
             // A line whose every waiter was gone leaves: the others' quota may rise.
             if !emptied {
-                self.contended.store(wanting.values().any(|line| !line.waiting.is_empty()), Relaxed);
+                self.settle(turns);
                 return;
             }
         }
     }
 
+    /// Keeps the flags read without the lock true to `turns`.
+    fn settle(&self, turns: &Turns) {
+        self.contended.store(turns.lines.values().any(|line| !line.waiting.is_empty()), Relaxed);
+        self.oversubscribed.store(turns.held > self.workers, Relaxed);
+    }
+
     fn give_back(self: &Arc<Self>, plugin: u64) {
-        let mut wanting = self.wanting.lock().expect("poisoned");
-        if let Some(line) = wanting.get_mut(&plugin) {
+        let mut turns = self.turns.lock().expect("poisoned");
+        if let Some(line) = turns.lines.get_mut(&plugin) {
             line.holding = line.holding.saturating_sub(1);
+            turns.held = turns.held.saturating_sub(1);
         }
-        self.hand_out(&mut wanting);
+        self.hand_out(&mut turns);
     }
 }
 
-/// What an attempt waits on for its turn.
-pub type TurnWait = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// What an attempt waits on for its turn (`None`: never, the host's turns are gone).
+pub type TurnWait = Pin<Box<dyn Future<Output = Option<Turn>> + Send>>;
 
 /// One plugin version's share: what its attempts ask for a turn with.
 #[derive(Debug)]
@@ -169,25 +197,26 @@ impl PluginShare {
     }
 
     /// At an epoch tick of the attempt keeping its turn in `slot`: from now on it runs guest
-    /// code only with a turn. One held while its plugin is over a quota that fell, while some
-    /// attempt waits in a line, is given back (`true`): the attempt asks again before it runs
-    /// on, at the back of its line.
+    /// code only with a turn. One held while its plugin is over its quota, when the workers are
+    /// oversubscribed or some attempt waits in a line, is given back (`true`): the attempt asks
+    /// again before it runs on, at the back of its line.
     pub fn at_tick(&self, slot: &TurnSlot) -> bool {
         slot.ticked.store(true, Relaxed);
-        // With nobody in any line, a turn over quota takes nothing from anyone: no lock.
-        if !slot.holds.load(Relaxed) || !self.contended() {
+        let shares = &self.shares;
+        // Otherwise a turn over quota takes nothing from anyone: no lock.
+        if !slot.holds() || !(self.contended() || shares.oversubscribed.load(Relaxed)) {
             return false;
         }
-        let shares = &self.shares;
-        let mut wanting = shares.wanting.lock().expect("poisoned");
-        let quota = shares.quota(wanting.len());
-        let Some(line) = wanting.get_mut(&self.id).filter(|line| line.holding > quota) else { return false };
+        let mut turns = shares.turns.lock().expect("poisoned");
+        let quota = shares.quota(turns.lines.len());
+        let Turns { lines, held } = &mut *turns;
+        let Some(line) = lines.get_mut(&self.id).filter(|line| line.holding > quota) else { return false };
         // Taken out under the lock, so never dropped here: its count is settled by hand.
-        if let Some(turn) = slot.take() {
-            turn.forget();
-        }
+        let Some(turn) = slot.take() else { return false };
+        turn.forget();
         line.holding -= 1;
-        shares.hand_out(&mut wanting);
+        *held = held.saturating_sub(1);
+        shares.hand_out(&mut turns);
         true
     }
 
@@ -198,37 +227,34 @@ impl PluginShare {
     }
 
     /// Before the attempt keeping its turn in `slot` runs guest code without a turn when it needs
-    /// one ([`TurnSlot::needs_turn`]): `None` when it takes one at once (its plugin under quota,
-    /// nobody before it in line), else what to wait on for its turn (which puts the turn in
-    /// `slot`), and the share of that wait, in 1/1024, that other plugins cause: the turns its
-    /// plugin would hold alone (the workers, or as many as its attempts want) beyond its quota.
-    pub fn ask(&self, slot: &Arc<TurnSlot>) -> Option<(TurnWait, u64)> {
+    /// one ([`TurnSlot::needs_turn`]): `None` when it takes one at once (nobody before it in its
+    /// line, and its plugin under its quota or a worker's turn free), else what to wait on for
+    /// its turn, and the share of that wait, in 1/1024, that its deadline does not count: all of
+    /// it when the attempt would have run at once were its plugin alone (within the workers
+    /// among its plugin's attempts wanting the CPU), none otherwise.
+    pub fn ask(&self, slot: &TurnSlot) -> Option<(TurnWait, u64)> {
         let shares = &self.shares;
-        let mut wanting = shares.wanting.lock().expect("poisoned");
-        let wanting_now = wanting.len() + usize::from(!wanting.contains_key(&self.id));
+        let mut turns = shares.turns.lock().expect("poisoned");
+        let wanting_now = turns.lines.len() + usize::from(!turns.lines.contains_key(&self.id));
         let quota = shares.quota(wanting_now);
-        let line = wanting.entry(self.id).or_default();
-        if line.holding < quota && line.waiting.is_empty() {
+        let Turns { lines, held } = &mut *turns;
+        let line = lines.entry(self.id).or_default();
+        if line.waiting.is_empty() && (line.holding < quota || *held < shares.workers) {
             line.holding += 1;
-            slot.put(Turn::new(shares, self.id));
+            *held += 1;
+            shares.settle(&turns);
+            slot.keep(Turn::new(shares, self.id));
             return None;
         }
         let (tx, rx) = oneshot::channel();
         line.waiting.push_back(tx);
-        let alone =
-            shares.workers.min(u32::try_from(line.waiting.len()).unwrap_or(u32::MAX).saturating_add(line.holding));
-        let others = u64::from(alone.saturating_sub(quota)) * 1024 / u64::from(alone.max(1));
-        // (a line under quota whose first waiters are gone serves this one at once)
-        shares.hand_out(&mut wanting);
-        drop(wanting);
+        let place = u64::try_from(line.waiting.len()).unwrap_or(u64::MAX).saturating_add(u64::from(line.holding));
+        let others = if place <= u64::from(shares.workers) { 1024 } else { 0 };
+        // (a line whose first waiters are gone may serve this one at once)
+        shares.hand_out(&mut turns);
+        drop(turns);
         self.waits.inc();
-        let slot = slot.clone();
-        let wait: TurnWait = Box::pin(async move {
-            if let Ok(turn) = rx.await {
-                slot.put(turn);
-            }
-        });
-        Some((wait, others))
+        Some((Box::pin(async move { rx.await.ok() }), others))
     }
 }
 
@@ -271,13 +297,15 @@ pub struct TurnSlot {
 }
 
 impl TurnSlot {
-    fn put(&self, turn: Turn) {
+    /// Keeps `turn`, the attempt's one (it holds none: it asked for this one).
+    pub fn keep(&self, turn: Turn) {
         let old = self.turn.lock().expect("poisoned").replace(turn);
         self.holds.store(true, Relaxed);
-        // Never: a slot is put into only when it holds no turn (taken at each tick and ask).
-        debug_assert!(old.is_none(), "an attempt holds one turn at most");
-        // (not dropped: the caller may hold the lock a give-back takes)
-        std::mem::forget(old);
+        // Never: an attempt asks only while it holds no turn, and waits for one answer at a time.
+        // (Not dropped here: the caller may hold the lock a give-back takes.)
+        if let Some(old) = old {
+            old.forget();
+        }
     }
 
     fn take(&self) -> Option<Turn> {
@@ -285,15 +313,20 @@ impl TurnSlot {
         self.turn.lock().expect("poisoned").take()
     }
 
+    /// Whether it holds a turn.
+    pub fn holds(&self) -> bool {
+        self.holds.load(Relaxed)
+    }
+
     /// Whether the attempt must have a turn before it runs guest code again: holding none, past
     /// its first tick or while the host is `contended` ([`PluginShare::contended`]).
     pub fn needs_turn(&self, contended: bool) -> bool {
-        !self.holds.load(Relaxed) && (contended || self.ticked.load(Relaxed))
+        !self.holds() && (contended || self.ticked.load(Relaxed))
     }
 
     /// Gives its turn back, if it holds one (the attempt ended, or waits in a host call).
     pub fn give_back(&self) {
-        if self.holds.load(Relaxed) {
+        if self.holds() {
             drop(self.take());
         }
     }
@@ -313,12 +346,30 @@ mod tests {
     impl PluginShare {
         /// The turns this plugin version holds now.
         fn held(&self) -> u32 {
-            self.shares.wanting.lock().unwrap().get(&self.id).map_or(0, |line| line.holding)
+            self.shares.turns.lock().unwrap().lines.get(&self.id).map_or(0, |line| line.holding)
         }
     }
 
-    fn attempts(n: usize) -> Vec<Arc<TurnSlot>> {
-        (0..n).map(|_| Arc::default()).collect()
+    impl CpuShares {
+        fn idle(&self) -> bool {
+            let turns = self.turns.lock().unwrap();
+            turns.lines.is_empty() && turns.held == 0
+        }
+    }
+
+    fn attempts(n: usize) -> Vec<TurnSlot> {
+        (0..n).map(|_| TurnSlot::default()).collect()
+    }
+
+    /// Waits on `wait` now: the turn it brings is kept in `slot`.
+    fn served(wait: &mut TurnWait, slot: &TurnSlot) -> bool {
+        match wait.now_or_never() {
+            Some(turn) => {
+                slot.keep(turn.expect("a turn"));
+                true
+            }
+            None => false,
+        }
     }
 
     #[test]
@@ -332,19 +383,20 @@ mod tests {
             assert!(slot.needs_turn(false));
         }
         assert!(spinner.ask(&a[0]).is_none() && spinner.ask(&a[1]).is_none());
-        let mut third = spinner.ask(&a[2]).expect("both workers' turns are held").0;
-        assert!((&mut third).now_or_never().is_none(), "it waits");
+        let (mut third, credit) = spinner.ask(&a[2]).expect("both workers' turns are held");
+        assert_eq!(credit, 0, "alone it would wait as long: behind its own attempts");
+        assert!(!served(&mut third, &a[2]), "it waits");
         assert!(!spinner.at_tick(&a[0]), "a holder within quota keeps its turn");
         assert_eq!(spinner.held(), 2);
         a[0].give_back();
         assert!(a[0].needs_turn(false), "given back (a host call): it asks again before it runs on");
-        assert!(third.now_or_never().is_some(), "the turn given back is the next in line's");
+        assert!(served(&mut third, &a[2]), "the turn given back is the next in line's");
         assert!(!a[2].needs_turn(false));
         assert_eq!(spinner.held(), 2);
         a[1].give_back();
         a[2].reset();
         assert!(!a[2].needs_turn(false), "a warm store's next attempt starts afresh");
-        assert!(shares.wanting.lock().unwrap().is_empty(), "nothing held, nothing kept");
+        assert!(shares.idle(), "nothing held, nothing kept");
     }
 
     #[test]
@@ -356,33 +408,58 @@ mod tests {
             spinner.at_tick(slot);
         }
         assert!(spinner.ask(&s[0]).is_none() && spinner.ask(&s[1]).is_none());
-        let (mut waiting, credit): (Vec<TurnWait>, Vec<u64>) =
-            s[2..].iter().map(|a| spinner.ask(a).expect("over quota")).unzip();
-        assert_eq!(credit, [0, 0], "alone, its wait is behind its own attempts only");
-        assert!(light.ask(&l[0]).is_none(), "under its quota of 1, though the spinner holds 2");
+        let mut waiting: Vec<TurnWait> = s[2..].iter().map(|a| spinner.ask(a).expect("every turn held").0).collect();
+        assert!(light.ask(&l[0]).is_none(), "under its quota of 1, though the spinner holds both turns");
         assert_eq!(spinner.held(), 2, "until its next tick");
-        assert!(spinner.at_tick(&s[0]), "over the quota of 1: it gives its turn back");
+        assert!(spinner.at_tick(&s[0]), "over its quota of 1, the workers oversubscribed: it gives its turn back");
         let (mut over, credit) = spinner.ask(&s[0]).expect("and asks again at the back of the line");
-        assert_eq!(credit, 512, "half its wait is the other plugin's doing: alone it would hold 2 turns, now 1");
+        assert_eq!(credit, 0, "4th of its plugin's attempts on 2 workers: it would wait alone too");
         assert_eq!(spinner.held(), 1);
         assert!(!spinner.at_tick(&s[1]), "within quota");
-        let mut light_next = light.ask(&l[1]).expect("the light plugin is held to its quota too").0;
+        let (mut light_next, credit) = light.ask(&l[1]).expect("the light plugin is held to its quota too");
+        assert_eq!(credit, 1024, "alone it would have run at once: none of its wait counts");
         l[0].give_back();
-        assert!((&mut light_next).now_or_never().is_some(), "its own next in line takes it");
-        assert!(waiting[0].as_mut().now_or_never().is_none(), "not the spinner, at its quota");
+        assert!(served(&mut light_next, &l[1]), "its own next in line takes it");
+        assert!(!served(&mut waiting[0], &s[2]), "not the spinner, at its quota with every turn held");
         // the light plugin done: the spinner alone again, its first in line goes on
         l[1].give_back();
-        assert!(waiting.remove(0).now_or_never().is_some(), "first come, first served");
-        assert!((&mut over).now_or_never().is_none(), "behind those before it");
+        assert!(served(&mut waiting[0], &s[2]), "first come, first served");
+        assert!(!served(&mut over, &s[0]), "behind those before it");
         assert_eq!((spinner.held(), light.held()), (2, 0));
         drop(waiting);
         drop(over);
         for slot in s.iter().chain(&l) {
             slot.give_back();
         }
-        assert!(shares.wanting.lock().unwrap().is_empty(), "nothing held, nothing kept: {:?}", shares.wanting);
+        assert!(shares.idle(), "nothing held, nothing kept: {:?}", shares.turns);
         // a turn forgotten (given back by hand at a tick) kept its hold on the host's turns
         assert_eq!(Arc::strong_count(&shares), 3, "the host's turns, and each plugin's share");
+    }
+
+    /// No worker idles while a plugin waits: beyond its quota a plugin takes a turn while one is
+    /// free, and gives it back at a tick once another plugin takes its quota (review 58b M1).
+    #[test]
+    fn a_free_turn_goes_to_a_plugin_over_its_quota_until_another_wants_it() {
+        let shares = CpuShares::new(4);
+        let (busy, light) = (shares.plugin("busy"), shares.plugin("light"));
+        let (b, l) = (attempts(4), attempts(2));
+        for slot in b.iter().chain(&l) {
+            busy.at_tick(slot);
+        }
+        assert!(light.ask(&l[0]).is_none());
+        assert!(busy.ask(&b[0]).is_none() && busy.ask(&b[1]).is_none(), "its quota of 2");
+        assert!(busy.ask(&b[2]).is_none(), "a third: the fourth worker's turn was free");
+        let mut fourth = busy.ask(&b[3]).expect("every worker's turn held").0;
+        assert!(light.ask(&l[1]).is_none(), "the light plugin's second is within its quota of 2");
+        assert!(busy.at_tick(&b[0]), "5 turns on 4 workers: the busy plugin gives back what is over its quota");
+        assert_eq!((busy.held(), light.held()), (2, 2));
+        assert!(!served(&mut fourth, &b[3]));
+        l[0].give_back();
+        assert!(served(&mut fourth, &b[3]), "a free turn, to the one waiting");
+        for slot in b.iter().chain(&l) {
+            slot.give_back();
+        }
+        assert!(shares.idle());
     }
 
     #[test]
@@ -395,14 +472,14 @@ mod tests {
         let mut next = plugin.ask(&a[2]).expect("waits").0;
         drop(gone); // its deadline passed
         a[0].give_back();
-        assert!((&mut next).now_or_never().is_some(), "the one after it got the turn");
+        assert!(served(&mut next, &a[2]), "the one after it got the turn");
         // a turn sent to an attempt that then went, unread, is given back with it
         let mut after = plugin.ask(&a[0]).expect("waits").0;
         let unread = plugin.ask(&a[1]).expect("waits").0;
         a[2].give_back();
-        assert!((&mut after).now_or_never().is_some());
+        assert!(served(&mut after, &a[0]));
         a[0].give_back();
         drop(unread);
-        assert!(shares.wanting.lock().unwrap().is_empty(), "{:?}", shares.wanting);
+        assert!(shares.idle(), "{:?}", shares.turns);
     }
 }

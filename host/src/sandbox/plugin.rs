@@ -203,12 +203,13 @@ pub(super) fn arm_store(store: &mut Store<HostState>) {
             }
             return Err(wasmtime::Error::msg(format!("deadline of {} exceeded", humantime::format_duration(deadline))));
         }
-        // From its first tick on it runs guest code only with a turn of its plugin's share of the
-        // CPUs (`cpu_share`, asked for in `within_deadline`); one held over a quota that fell is
-        // given back, and it yields.
-        let gave_back = state.plugin.share.at_tick(state.cpu_wait.turn());
-        if state.cpu_wait.just_polled() && !gave_back {
-            // a tick that passed while it waited: its slice starts now (`cpu_wait::FRESH_SLICE`)
+        // From its first tick on it runs guest code only holding a turn of its plugin's share of
+        // the CPUs (`cpu_share`, asked for in `within_deadline`'s `Running`); one held over its
+        // quota while others want the CPUs is given back here, and it yields.
+        state.plugin.share.at_tick(state.cpu_wait.turn());
+        if state.cpu_wait.just_polled() && state.cpu_wait.turn().holds() {
+            // a tick that passed while it waited: its slice starts now (`cpu_wait::FRESH_SLICE`);
+            // without a turn it yields, to ask for one before it runs on
             return Ok(UpdateDeadline::Continue(1));
         }
         state.cpu_wait.yielded(state.plugin.runnable.others_share());
