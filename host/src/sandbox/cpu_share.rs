@@ -16,8 +16,9 @@
 //! Its deadline does not count the wait when the attempt would have run at once were its plugin
 //! alone (its place among its plugin's attempts wanting the CPU within the workers), and counts
 //! all of it otherwise: alone, a plugin stretches no deadline by running more attempts. While
-//! any attempt waits in a line, every attempt takes a turn before it runs guest code, its first
-//! slice too: attempts that each end within a slice would otherwise never ask.
+//! any attempt waits in a line, or another plugin holds turns, every attempt takes a turn before
+//! it runs guest code, its first slice too: attempts that each end within a slice would
+//! otherwise never ask.
 //!
 //! One place decides who holds a turn: [`CpuShares`], under one lock taken when an attempt
 //! asks, when a turn is given back and, while the workers are contended, at ticks.
@@ -28,7 +29,7 @@ use prometheus_client::metrics::family::Family;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
@@ -44,6 +45,8 @@ pub struct CpuShares {
     /// Whether more turns are held than there are workers (a plugin took its quota while
     /// another held spare turns): then a holder over its quota gives its turn back at a tick.
     oversubscribed: AtomicBool,
+    /// How many plugins hold a turn or wait for one (`Turns::lines`).
+    lines: AtomicUsize,
     next_plugin: AtomicU64,
     waits: Family<PluginLabels, Counter>,
 }
@@ -56,16 +59,29 @@ struct Turns {
 }
 
 /// One plugin's turns held and its attempts waiting for one, oldest first.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Line {
     holding: u32,
     waiting: VecDeque<oneshot::Sender<Turn>>,
+    /// Its plugin's [`PluginShare::has_line`], true while this line is kept.
+    kept: Arc<AtomicBool>,
 }
 
 impl Line {
     fn wants(&self) -> bool {
         self.holding > 0 || !self.waiting.is_empty()
     }
+}
+
+/// Keeps the lines that hold or wait, marking those let go.
+fn keep_wanting(lines: &mut HashMap<u64, Line>) {
+    lines.retain(|_, line| {
+        let wants = line.wants();
+        if !wants {
+            line.kept.store(false, Relaxed);
+        }
+        wants
+    });
 }
 
 impl CpuShares {
@@ -76,6 +92,7 @@ impl CpuShares {
             turns: Mutex::default(),
             contended: AtomicBool::new(false),
             oversubscribed: AtomicBool::new(false),
+            lines: AtomicUsize::new(0),
             next_plugin: AtomicU64::new(0),
             waits: Family::default(),
         })
@@ -102,6 +119,7 @@ impl CpuShares {
             name: name.into(),
             shares: self.clone(),
             waits,
+            has_line: Arc::default(),
         })
     }
 
@@ -130,7 +148,7 @@ impl CpuShares {
     /// raises the others' quota). Called with the lock held.
     fn hand_out(self: &Arc<Self>, turns: &mut Turns) {
         loop {
-            turns.lines.retain(|_, line| line.wants());
+            keep_wanting(&mut turns.lines);
             let quota = self.quota(turns.lines.len());
             let Turns { lines, held } = turns;
             let mut emptied = false;
@@ -166,6 +184,7 @@ impl CpuShares {
     fn settle(&self, turns: &Turns) {
         self.contended.store(turns.lines.values().any(|line| !line.waiting.is_empty()), Relaxed);
         self.oversubscribed.store(turns.held > self.workers, Relaxed);
+        self.lines.store(turns.lines.len(), Relaxed);
     }
 
     fn give_back(self: &Arc<Self>, plugin: u64) {
@@ -188,6 +207,8 @@ pub struct PluginShare {
     name: Arc<str>,
     shares: Arc<CpuShares>,
     waits: Counter,
+    /// Whether its line is kept now (it holds a turn or waits for one).
+    has_line: Arc<AtomicBool>,
 }
 
 impl PluginShare {
@@ -220,10 +241,13 @@ impl PluginShare {
         true
     }
 
-    /// Whether an attempt waits in some plugin's line now (then every attempt asks for a turn
-    /// before it runs guest code).
+    /// Whether its attempts ask for a turn before their first slice too: while an attempt waits
+    /// in some plugin's line, or another plugin holds turns (review 58b H2: attempts that each
+    /// end within one slice never asked, and shared the CPUs round robin with that plugin's
+    /// long attempt, however many they were).
     pub fn contended(&self) -> bool {
-        self.shares.contended.load(Relaxed)
+        let shares = &self.shares;
+        shares.contended.load(Relaxed) || shares.lines.load(Relaxed) > usize::from(self.has_line.load(Relaxed))
     }
 
     /// Before the attempt keeping its turn in `slot` runs guest code without a turn when it needs
@@ -238,7 +262,10 @@ impl PluginShare {
         let wanting_now = turns.lines.len() + usize::from(!turns.lines.contains_key(&self.id));
         let quota = shares.quota(wanting_now);
         let Turns { lines, held } = &mut *turns;
-        let line = lines.entry(self.id).or_default();
+        let line = lines.entry(self.id).or_insert_with(|| {
+            self.has_line.store(true, Relaxed);
+            Line { holding: 0, waiting: VecDeque::new(), kept: self.has_line.clone() }
+        });
         if line.waiting.is_empty() && (line.holding < quota || *held < shares.workers) {
             line.holding += 1;
             *held += 1;
@@ -319,9 +346,10 @@ impl TurnSlot {
     }
 
     /// Whether the attempt must have a turn before it runs guest code again: holding none, past
-    /// its first tick or while the host is `contended` ([`PluginShare::contended`]).
-    pub fn needs_turn(&self, contended: bool) -> bool {
-        !self.holds() && (contended || self.ticked.load(Relaxed))
+    /// its first tick or while its plugin's share is `contended` ([`PluginShare::contended`],
+    /// read only when the rest does not say).
+    pub fn needs_turn(&self, contended: impl FnOnce() -> bool) -> bool {
+        !self.holds() && (self.ticked.load(Relaxed) || contended())
     }
 
     /// Gives its turn back, if it holds one (the attempt ended, or waits in a host call).
@@ -377,10 +405,10 @@ mod tests {
         let shares = CpuShares::new(2);
         let spinner = shares.plugin("spinner");
         let a = attempts(3);
-        assert!(!a[0].needs_turn(false), "before its first tick an attempt needs none");
+        assert!(!a[0].needs_turn(|| false), "before its first tick an attempt needs none");
         for slot in &a {
             assert!(!spinner.at_tick(slot));
-            assert!(slot.needs_turn(false));
+            assert!(slot.needs_turn(|| false));
         }
         assert!(spinner.ask(&a[0]).is_none() && spinner.ask(&a[1]).is_none());
         let (mut third, credit) = spinner.ask(&a[2]).expect("both workers' turns are held");
@@ -389,13 +417,13 @@ mod tests {
         assert!(!spinner.at_tick(&a[0]), "a holder within quota keeps its turn");
         assert_eq!(spinner.held(), 2);
         a[0].give_back();
-        assert!(a[0].needs_turn(false), "given back (a host call): it asks again before it runs on");
+        assert!(a[0].needs_turn(|| false), "given back (a host call): it asks again before it runs on");
         assert!(served(&mut third, &a[2]), "the turn given back is the next in line's");
-        assert!(!a[2].needs_turn(false));
+        assert!(!a[2].needs_turn(|| false));
         assert_eq!(spinner.held(), 2);
         a[1].give_back();
         a[2].reset();
-        assert!(!a[2].needs_turn(false), "a warm store's next attempt starts afresh");
+        assert!(!a[2].needs_turn(|| false), "a warm store's next attempt starts afresh");
         assert!(shares.idle(), "nothing held, nothing kept");
     }
 

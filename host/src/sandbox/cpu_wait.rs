@@ -225,7 +225,7 @@ impl<'a> Running<'a> {
         }
         self.wait.resumed();
         if self.in_line.is_none()
-            && self.wait.turn.needs_turn(self.share.contended())
+            && self.wait.turn.needs_turn(|| self.share.contended())
             && let Some((in_line, others)) = self.share.ask(&self.wait.turn)
         {
             self.wait.joined_line(others);
@@ -414,5 +414,42 @@ mod tests {
         std::thread::sleep(Duration::from_millis(40));
         let credited = second.credited();
         assert!(credited >= Duration::from_millis(40) && credited < Duration::from_millis(200), "{credited:?}");
+    }
+
+    /// Review 58b H2: while another plugin's long attempt held a turn and nobody waited in a
+    /// line, attempts that each end within one slice never asked, and shared the CPUs round robin
+    /// with it however many they were. Now they ask before their first slice.
+    #[test]
+    fn while_another_plugin_holds_a_turn_new_attempts_ask_before_their_first_slice() {
+        use crate::sandbox::cpu_share::{CpuShares, TurnSlot};
+        use std::sync::atomic::AtomicBool;
+        let shares = CpuShares::new(2);
+        let (victim, flood) = (shares.plugin("victim"), shares.plugin("flood"));
+        let long = TurnSlot::default();
+        victim.at_tick(&long);
+        assert!(victim.ask(&long).is_none(), "the victim's long attempt holds a turn");
+        assert!(!victim.contended(), "its own line alone: its fresh attempts need not ask");
+        assert!(flood.contended(), "another plugin holds a turn");
+        let runnable = Runnable::within(Arc::default());
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        static RAN: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
+        let ran = |i: usize, wait: &'static CpuWait| {
+            std::future::poll_fn(move |_| {
+                RAN[i].store(true, Relaxed);
+                wait.yielded(0);
+                Poll::<()>::Pending
+            })
+        };
+        let (first, second): (&'static CpuWait, &'static CpuWait) =
+            (Box::leak(Box::default()), Box::leak(Box::default()));
+        let (mut first_call, mut second_call) = (std::pin::pin!(ran(0, first)), std::pin::pin!(ran(1, second)));
+        let mut running = Running::new(first, &runnable, &flood);
+        assert!(running.poll(first_call.as_mut(), &mut cx).is_pending() && RAN[0].load(Relaxed), "its quota of 1");
+        let mut asking = Running::new(second, &runnable, &flood);
+        assert!(asking.poll(second_call.as_mut(), &mut cx).is_pending());
+        assert!(!RAN[1].load(Relaxed), "a fresh attempt ran beyond the flood's share");
+        drop(running);
+        assert!(asking.poll(second_call.as_mut(), &mut cx).is_pending() && RAN[1].load(Relaxed), "its turn, in turn");
     }
 }
