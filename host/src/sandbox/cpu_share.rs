@@ -11,8 +11,9 @@
 //! worker and two plugins half each; beyond its quota it takes a turn only while one is free.
 //! An attempt without a turn waits in its plugin's line, first come first served, until one is
 //! given back: at the attempt's end, when it waits in a host call (it needs no CPU then; it asks
-//! again before it runs on), or at a tick when its plugin holds more than its quota while the
-//! workers are oversubscribed or someone waits. Meanwhile the attempt is not counted runnable.
+//! again before it runs on), at a tick while its plugin's own attempts wait (so they take the
+//! plugin's turns a slice each, round robin), or at a tick when its plugin holds more than its
+//! quota while the workers are oversubscribed or another plugin waits. Meanwhile the attempt is not counted runnable.
 //! Its deadline does not count the wait when the attempt would have run at once were its plugin
 //! alone (its place among its plugin's attempts wanting the CPU within the workers), and counts
 //! all of it otherwise: alone, a plugin stretches no deadline by running more attempts. While
@@ -218,20 +219,26 @@ impl PluginShare {
     }
 
     /// At an epoch tick of the attempt keeping its turn in `slot`: from now on it runs guest
-    /// code only with a turn. One held while its plugin is over its quota, when the workers are
-    /// oversubscribed or some attempt waits in a line, is given back (`true`): the attempt asks
-    /// again before it runs on, at the back of its line.
+    /// code only with a turn. Its turn is given back (`true`; the attempt asks again before it
+    /// runs on, at the back of its line) when its plugin's own attempts wait in line (so they
+    /// take turns a slice each, round robin, as before there were shares: review 58c H1), or
+    /// when its plugin holds more than its quota while the workers are oversubscribed or another
+    /// plugin waits.
     pub fn at_tick(&self, slot: &TurnSlot) -> bool {
         slot.ticked.store(true, Relaxed);
         let shares = &self.shares;
-        // Otherwise a turn over quota takes nothing from anyone: no lock.
-        if !slot.holds() || !(self.contended() || shares.oversubscribed.load(Relaxed)) {
+        let (contended, oversubscribed) = (shares.contended.load(Relaxed), shares.oversubscribed.load(Relaxed));
+        // Otherwise nobody waits for the turn: no lock.
+        if !slot.holds() || !(contended || oversubscribed) {
             return false;
         }
         let mut turns = shares.turns.lock().expect("poisoned");
         let quota = shares.quota(turns.lines.len());
+        let over_workers = turns.held > shares.workers;
         let Turns { lines, held } = &mut *turns;
-        let Some(line) = lines.get_mut(&self.id).filter(|line| line.holding > quota) else { return false };
+        let gives_back =
+            |line: &Line| !line.waiting.is_empty() || (line.holding > quota && (over_workers || contended));
+        let Some(line) = lines.get_mut(&self.id).filter(|line| gives_back(line)) else { return false };
         // Taken out under the lock, so never dropped here: its count is settled by hand.
         let Some(turn) = slot.take() else { return false };
         turn.forget();
@@ -414,14 +421,15 @@ mod tests {
         let (mut third, credit) = spinner.ask(&a[2]).expect("both workers' turns are held");
         assert_eq!(credit, 0, "alone it would wait as long: behind its own attempts");
         assert!(!served(&mut third, &a[2]), "it waits");
-        assert!(!spinner.at_tick(&a[0]), "a holder within quota keeps its turn");
-        assert_eq!(spinner.held(), 2);
-        a[0].give_back();
-        assert!(a[0].needs_turn(|| false), "given back (a host call): it asks again before it runs on");
+        assert!(spinner.at_tick(&a[0]), "its own attempts wait: at a tick it gives its turn back, round robin");
         assert!(served(&mut third, &a[2]), "the turn given back is the next in line's");
         assert!(!a[2].needs_turn(|| false));
+        let mut first_again = spinner.ask(&a[0]).expect("at the back of the line").0;
         assert_eq!(spinner.held(), 2);
         a[1].give_back();
+        assert!(a[1].needs_turn(|| false), "given back (a host call): it asks again before it runs on");
+        assert!(served(&mut first_again, &a[0]));
+        a[0].give_back();
         a[2].reset();
         assert!(!a[2].needs_turn(|| false), "a warm store's next attempt starts afresh");
         assert!(shares.idle(), "nothing held, nothing kept");
@@ -443,19 +451,23 @@ mod tests {
         let (mut over, credit) = spinner.ask(&s[0]).expect("and asks again at the back of the line");
         assert_eq!(credit, 0, "4th of its plugin's attempts on 2 workers: it would wait alone too");
         assert_eq!(spinner.held(), 1);
-        assert!(!spinner.at_tick(&s[1]), "within quota");
+        // within its quota, its turn goes round its own line a slice each
+        assert!(spinner.at_tick(&s[1]), "its own attempts wait: round robin");
+        assert!(served(&mut waiting[0], &s[2]), "first come, first served");
+        let mut again = spinner.ask(&s[1]).expect("at the back of its line").0;
         let (mut light_next, credit) = light.ask(&l[1]).expect("the light plugin is held to its quota too");
         assert_eq!(credit, 1024, "alone it would have run at once: none of its wait counts");
         l[0].give_back();
         assert!(served(&mut light_next, &l[1]), "its own next in line takes it");
-        assert!(!served(&mut waiting[0], &s[2]), "not the spinner, at its quota with every turn held");
-        // the light plugin done: the spinner alone again, its first in line goes on
+        assert!(!served(&mut waiting[1], &s[3]), "not the spinner, at its quota with every turn held");
+        // the light plugin done: the spinner alone again, its next in line goes on
         l[1].give_back();
-        assert!(served(&mut waiting[0], &s[2]), "first come, first served");
-        assert!(!served(&mut over, &s[0]), "behind those before it");
+        assert!(served(&mut waiting[1], &s[3]));
+        assert!(!served(&mut over, &s[0]) && !served(&mut again, &s[1]), "behind those before them");
         assert_eq!((spinner.held(), light.held()), (2, 0));
         drop(waiting);
         drop(over);
+        drop(again);
         for slot in s.iter().chain(&l) {
             slot.give_back();
         }

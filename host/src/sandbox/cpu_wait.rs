@@ -174,6 +174,11 @@ impl CpuWait {
         self.in_line_since.store(now_nanos(), Relaxed);
     }
 
+    /// Whether it waits in its plugin's line for a turn now.
+    pub fn in_line(&self) -> bool {
+        self.in_line_since.load(Relaxed) != 0
+    }
+
     /// Its wait in line is over: what it is credited is kept.
     fn left_line(&self) {
         let credit = self.in_line_credit();
@@ -209,12 +214,20 @@ pub struct Running<'a> {
     share: &'a PluginShare,
     counted: bool,
     in_line: Option<TurnWait>,
+    /// Keep a turn held when the call ends (an instantiation, the handler's call next).
+    keep_turn_at_end: bool,
+    ended: bool,
 }
 
 impl<'a> Running<'a> {
     /// The bookkeeping of one call of an attempt of the plugin whose share is `share`.
     pub fn new(wait: &'a CpuWait, runnable: &'a Runnable, share: &'a PluginShare) -> Self {
-        Self { wait, runnable, share, counted: false, in_line: None }
+        Self { wait, runnable, share, counted: false, in_line: None, keep_turn_at_end: false, ended: false }
+    }
+
+    /// A turn held when the call ends stays with the attempt (its next call runs at once).
+    pub fn keep_turn_at_end(&mut self) {
+        self.keep_turn_at_end = true;
     }
 
     /// Polls `call` once.
@@ -244,10 +257,13 @@ impl<'a> Running<'a> {
             }
         }
         let polled = call.poll(cx);
-        if polled.is_ready() || !self.wait.is_yielded() {
+        self.ended = polled.is_ready();
+        if self.ended || !self.wait.is_yielded() {
             self.runnable.leave();
             self.counted = false;
-            self.wait.turn.give_back();
+            if !(self.ended && self.keep_turn_at_end) {
+                self.wait.turn.give_back();
+            }
         }
         polled
     }
@@ -262,7 +278,9 @@ impl Drop for Running<'_> {
         if self.in_line.take().is_some() {
             self.wait.left_line();
         }
-        self.wait.turn.give_back();
+        if !(self.ended && self.keep_turn_at_end) {
+            self.wait.turn.give_back();
+        }
     }
 }
 
@@ -451,5 +469,30 @@ mod tests {
         assert!(!RAN[1].load(Relaxed), "a fresh attempt ran beyond the flood's share");
         drop(running);
         assert!(asking.poll(second_call.as_mut(), &mut cx).is_pending() && RAN[1].load(Relaxed), "its turn, in turn");
+    }
+
+    /// Review 58c M1: an instantiation gave its turn back at its end, and the handler's call
+    /// then waited in line again. The turn now goes on to the handler's call.
+    #[test]
+    fn a_turn_held_at_the_end_of_an_instantiation_goes_on_to_the_handlers_call() {
+        use crate::sandbox::cpu_share::CpuShares;
+        let shares = CpuShares::new(1);
+        let share = shares.plugin("p");
+        let (runnable, wait) = (Runnable::within(Arc::default()), CpuWait::default());
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        share.at_tick(wait.turn());
+        let mut instantiating = Running::new(&wait, &runnable, &share);
+        instantiating.keep_turn_at_end();
+        assert!(instantiating.poll(std::pin::pin!(std::future::ready(())), &mut cx).is_ready());
+        drop(instantiating);
+        assert!(wait.turn().holds(), "given back at the instantiation's end");
+        let other = crate::sandbox::cpu_share::TurnSlot::default();
+        share.at_tick(&other);
+        assert!(share.ask(&other).is_some(), "the one turn is the attempt's still");
+        let mut handling = Running::new(&wait, &runnable, &share);
+        assert!(handling.poll(std::pin::pin!(std::future::ready(())), &mut cx).is_ready());
+        drop(handling);
+        assert!(!wait.turn().holds(), "the handler's call gives it back at its end");
     }
 }

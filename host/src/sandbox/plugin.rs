@@ -133,9 +133,12 @@ pub(super) const DEADLINE_GRACE: Duration = Duration::from_millis(100);
 /// has passed (the deadline later by what the attempt waited for a CPU behind other plugins'
 /// attempts, up to `cpu_wait::WALL_FACTOR` times it: see `cpu_wait`). Then the call is dropped
 /// mid-way, `store` is marked as having hit its deadline, and the answer is that trap: the store
-/// must not run anything again.
+/// must not run anything again. With `handle_follows` (an instantiation), a turn of the plugin's
+/// share of the CPUs held at the end is kept for the handler's call (`cpu_share`): the attempt
+/// does not wait in line twice.
 async fn within_deadline<T>(
     store: &mut Store<HostState>,
+    handle_follows: bool,
     call: impl AsyncFnOnce(&mut Store<HostState>) -> wasmtime::Result<T>,
 ) -> wasmtime::Result<T> {
     let state = store.data();
@@ -145,22 +148,30 @@ async fn within_deadline<T>(
     let ended = {
         let mut call = std::pin::pin!(call(store));
         let mut running = super::cpu_wait::Running::new(&wait, &plugin.runnable, &plugin.share);
+        if handle_follows {
+            running.keep_turn_at_end();
+        }
         let mut run = std::pin::pin!(std::future::poll_fn(|cx| running.poll(call.as_mut(), cx)));
         loop {
             match tokio::time::timeout_at(limit().into(), run.as_mut()).await {
                 Ok(done) => break Ok(done),
                 // credited more while it ran: the deadline moved
                 Err(_) if Instant::now() < limit() => continue,
-                Err(_) => break Err(()),
+                Err(_) => break Err(wait.in_line()),
             }
         }
     };
     match ended {
         Ok(done) => done,
-        Err(()) => {
+        Err(in_line) => {
             let elapsed = started.elapsed();
             let state = store.data_mut();
             state.deadline_hit = true;
+            if in_line {
+                // past a host call that answered, it waited for a turn of its plugin's share of
+                // the CPUs, not for the host (review 58c H2)
+                state.waiting_on_host = None;
+            }
             if super::cpu_wait::over(elapsed, deadline, wait.credited()) == Some(false) {
                 state.starved = Some(starved(elapsed, deadline, wait.credited()));
             }
@@ -387,7 +398,7 @@ impl Plugin {
         loop {
             let mut store = Store::new(&self.engine, state());
             arm_store(&mut store);
-            let made = within_deadline(&mut store, async |store| {
+            let made = within_deadline(&mut store, true, async |store| {
                 self.pre.instantiate_async(store).instrument(telemetry::step_span("instantiate")).await
             })
             .await;
@@ -420,7 +431,7 @@ impl Plugin {
         let token = store.data().reply_token.clone();
         let call = match instance {
             Ok(instance) => {
-                within_deadline(&mut store, async |store| {
+                within_deadline(&mut store, false, async |store| {
                     let headers = header_refs(event);
                     let wit_event = to_wit(event, &headers, attempt, token.as_deref());
                     instance.plugbus_handler_handler().call_handle(store, wit_event).await
@@ -487,7 +498,8 @@ impl Plugin {
         let headers = header_refs(event);
         let wit_event = to_wit(event, &headers, attempt, token.as_deref());
         let handler = warm.instance.plugbus_handler_handler();
-        let call = within_deadline(&mut warm.store, async |store| handler.call_handle(store, wit_event).await).await;
+        let call =
+            within_deadline(&mut warm.store, false, async |store| handler.call_handle(store, wit_event).await).await;
         // A trap (or a call dropped at the deadline) leaves the instance unfit to run again.
         let trapped = call.is_err();
         let result = self.outcome(call, &mut warm.store);
