@@ -396,6 +396,20 @@ mod tests {
         (0..n).map(|_| TurnSlot::default()).collect()
     }
 
+    /// Each of `slots` has seen its first tick (the share ticking them holds no turn of theirs).
+    fn ticked<'a>(share: &PluginShare, slots: impl IntoIterator<Item = &'a TurnSlot>) {
+        for slot in slots {
+            share.at_tick(slot);
+        }
+    }
+
+    /// Every turn `slots` hold, given back.
+    fn all_given_back<'a>(slots: impl IntoIterator<Item = &'a TurnSlot>) {
+        for slot in slots {
+            slot.give_back();
+        }
+    }
+
     /// Waits on `wait` now: the turn it brings is kept in `slot`.
     fn served(wait: &mut TurnWait, slot: &TurnSlot) -> bool {
         match wait.now_or_never() {
@@ -440,9 +454,7 @@ mod tests {
         let shares = CpuShares::new(2);
         let (spinner, light) = (shares.plugin("spinner"), shares.plugin("light"));
         let (s, l) = (attempts(4), attempts(2));
-        for slot in s.iter().chain(&l) {
-            spinner.at_tick(slot);
-        }
+        ticked(&spinner, s.iter().chain(&l));
         assert!(spinner.ask(&s[0]).is_none() && spinner.ask(&s[1]).is_none());
         let mut waiting: Vec<TurnWait> = s[2..].iter().map(|a| spinner.ask(a).expect("every turn held").0).collect();
         assert!(light.ask(&l[0]).is_none(), "under its quota of 1, though the spinner holds both turns");
@@ -468,9 +480,7 @@ mod tests {
         drop(waiting);
         drop(over);
         drop(again);
-        for slot in s.iter().chain(&l) {
-            slot.give_back();
-        }
+        all_given_back(s.iter().chain(&l));
         assert!(shares.idle(), "nothing held, nothing kept: {:?}", shares.turns);
         // a turn forgotten (given back by hand at a tick) kept its hold on the host's turns
         assert_eq!(Arc::strong_count(&shares), 3, "the host's turns, and each plugin's share");
@@ -483,9 +493,7 @@ mod tests {
         let shares = CpuShares::new(4);
         let (busy, light) = (shares.plugin("busy"), shares.plugin("light"));
         let (b, l) = (attempts(4), attempts(2));
-        for slot in b.iter().chain(&l) {
-            busy.at_tick(slot);
-        }
+        ticked(&busy, b.iter().chain(&l));
         assert!(light.ask(&l[0]).is_none());
         assert!(busy.ask(&b[0]).is_none() && busy.ask(&b[1]).is_none(), "its quota of 2");
         assert!(busy.ask(&b[2]).is_none(), "a third: the fourth worker's turn was free");
@@ -496,9 +504,7 @@ mod tests {
         assert!(!served(&mut fourth, &b[3]));
         l[0].give_back();
         assert!(served(&mut fourth, &b[3]), "a free turn, to the one waiting");
-        for slot in b.iter().chain(&l) {
-            slot.give_back();
-        }
+        all_given_back(b.iter().chain(&l));
         assert!(shares.idle());
     }
 

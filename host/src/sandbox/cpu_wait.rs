@@ -203,11 +203,12 @@ impl CpuWait {
 
 /// Polls an attempt's call, keeping it counted in [`Runnable`] while it runs or waits for a CPU
 /// after a yield (not while it waits in a host call), and crediting its waits to its [`CpuWait`].
-/// Past its first epoch tick (or from its start while some attempt waits in line) the attempt
-/// runs guest code only with a turn of its plugin's share of the CPUs (`cpu_share`): it gives
-/// its turn back when it ends or waits in a host call, and asks again before it runs on. Waiting
-/// in its plugin's line it is not runnable, and the wait is credited only in the share other
-/// plugins cause (the turns its plugin would hold alone beyond its quota).
+/// Past its first epoch tick (or from its start while its plugin's share is contended:
+/// `PluginShare::contended`) the attempt runs guest code only with a turn of its plugin's share
+/// of the CPUs (`cpu_share`): it gives its turn back when it ends (unless kept for the next
+/// call: `keep_turn_at_end`) or waits in a host call, and asks again before it runs on. Waiting
+/// in its plugin's line it is not runnable; the wait is credited as `PluginShare::ask` says
+/// (whole when the attempt would have run at once were its plugin alone, else not at all).
 pub struct Running<'a> {
     wait: &'a CpuWait,
     runnable: &'a Runnable,
@@ -261,11 +262,16 @@ impl<'a> Running<'a> {
         if self.ended || !self.wait.is_yielded() {
             self.runnable.leave();
             self.counted = false;
-            if !(self.ended && self.keep_turn_at_end) {
-                self.wait.turn.give_back();
-            }
+            self.give_back_unless_kept();
         }
         polled
+    }
+
+    /// Gives the attempt's turn back, but for one kept at the end of a call for the next.
+    fn give_back_unless_kept(&self) {
+        if !(self.ended && self.keep_turn_at_end) {
+            self.wait.turn.give_back();
+        }
     }
 }
 
@@ -278,15 +284,14 @@ impl Drop for Running<'_> {
         if self.in_line.take().is_some() {
             self.wait.left_line();
         }
-        if !(self.ended && self.keep_turn_at_end) {
-            self.wait.turn.give_back();
-        }
+        self.give_back_unless_kept();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicBool;
 
     #[test]
     fn only_the_share_of_other_plugins_attempts_is_credited() {
@@ -342,31 +347,36 @@ mod tests {
         assert_eq!(over(Duration::from_secs(1), Duration::MAX, Duration::ZERO), None);
     }
 
+    /// A call of the attempt waiting on `wait` that records each poll in `ran` and yields at an
+    /// epoch tick, never ending.
+    fn yielding_call(ran: &'static AtomicBool, wait: &'static CpuWait) -> impl Future<Output = ()> {
+        std::future::poll_fn(move |_| {
+            ran.store(true, Relaxed);
+            wait.yielded(0);
+            Poll::Pending
+        })
+    }
+
+    /// An attempt's waits, kept for the test's life (its calls borrow them for `'static`).
+    fn leaked() -> &'static CpuWait {
+        Box::leak(Box::default())
+    }
+
     /// Review 58a: an attempt gave its turn back while it waited in a host call, then ran guest
     /// code without one until its next tick; a plugin alternating short waits with spinning ran
     /// mostly turnless. Past its first tick it now takes a turn before it runs on.
     #[test]
     fn past_its_first_tick_an_attempt_runs_guest_code_only_with_a_turn() {
         use crate::sandbox::cpu_share::CpuShares;
-        use std::sync::atomic::AtomicBool;
         let share = CpuShares::new(1).plugin("p");
         let runnable = Runnable::within(Arc::default());
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
-        // a call that records each poll and yields at an epoch tick, never ending
-        let ran = |flag: &'static AtomicBool, wait: &'static CpuWait| {
-            std::future::poll_fn(move |_| {
-                flag.store(true, Relaxed);
-                wait.yielded(0);
-                Poll::<()>::Pending
-            })
-        };
         static HOLDER_RAN: AtomicBool = AtomicBool::new(false);
         static OTHER_RAN: AtomicBool = AtomicBool::new(false);
-        let (holder, other): (&'static CpuWait, &'static CpuWait) =
-            (Box::leak(Box::default()), Box::leak(Box::default()));
-        let mut holder_call = std::pin::pin!(ran(&HOLDER_RAN, holder));
-        let mut other_call = std::pin::pin!(ran(&OTHER_RAN, other));
+        let (holder, other): (&'static CpuWait, &'static CpuWait) = (leaked(), leaked());
+        let mut holder_call = std::pin::pin!(yielding_call(&HOLDER_RAN, holder));
+        let mut other_call = std::pin::pin!(yielding_call(&OTHER_RAN, other));
         share.at_tick(holder.turn());
         let mut holding = Running::new(holder, &runnable, &share);
         assert!(holding.poll(holder_call.as_mut(), &mut cx).is_pending());
@@ -389,12 +399,12 @@ mod tests {
 
     /// Review 58a M1 and M2: attempts that each ended within one slice never asked for a turn;
     /// and a wait in line was never credited, though other plugins had cut the quota. While an
-    /// attempt waits in some line, a new one asks before its first slice; a wait in line is
-    /// credited in the share other plugins cause.
+    /// attempt waits in some line, a new one asks before its first slice; a wait in line that
+    /// other plugins cause (the attempt would have run at once were its plugin alone) is
+    /// credited whole.
     #[test]
     fn while_one_waits_in_line_new_attempts_ask_first_and_a_wait_is_credited_in_the_others_share() {
         use crate::sandbox::cpu_share::{CpuShares, TurnSlot};
-        use std::sync::atomic::AtomicBool;
         let shares = CpuShares::new(2);
         let (spinner, victim) = (shares.plugin("spinner"), shares.plugin("victim"));
         let spinning: Vec<TurnSlot> = (0..3).map(|_| TurnSlot::default()).collect();
@@ -409,18 +419,9 @@ mod tests {
         let mut cx = Context::from_waker(&waker);
         static FIRST_RAN: AtomicBool = AtomicBool::new(false);
         static SECOND_RAN: AtomicBool = AtomicBool::new(false);
-        // a call that records each poll and yields at an epoch tick, never ending
-        let ran = |flag: &'static AtomicBool, wait: &'static CpuWait| {
-            std::future::poll_fn(move |_| {
-                flag.store(true, Relaxed);
-                wait.yielded(0);
-                Poll::<()>::Pending
-            })
-        };
-        let (first, second): (&'static CpuWait, &'static CpuWait) =
-            (Box::leak(Box::default()), Box::leak(Box::default()));
+        let (first, second): (&'static CpuWait, &'static CpuWait) = (leaked(), leaked());
         let (mut first_call, mut second_call) =
-            (std::pin::pin!(ran(&FIRST_RAN, first)), std::pin::pin!(ran(&SECOND_RAN, second)));
+            (std::pin::pin!(yielding_call(&FIRST_RAN, first)), std::pin::pin!(yielding_call(&SECOND_RAN, second)));
         // two fresh attempts of the victim (no tick seen): the first takes its one turn
         let mut running = Running::new(first, &runnable, &victim);
         assert!(running.poll(first_call.as_mut(), &mut cx).is_pending() && FIRST_RAN.load(Relaxed));
@@ -440,7 +441,6 @@ mod tests {
     #[test]
     fn while_another_plugin_holds_a_turn_new_attempts_ask_before_their_first_slice() {
         use crate::sandbox::cpu_share::{CpuShares, TurnSlot};
-        use std::sync::atomic::AtomicBool;
         let shares = CpuShares::new(2);
         let (victim, flood) = (shares.plugin("victim"), shares.plugin("flood"));
         let long = TurnSlot::default();
@@ -452,16 +452,9 @@ mod tests {
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         static RAN: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
-        let ran = |i: usize, wait: &'static CpuWait| {
-            std::future::poll_fn(move |_| {
-                RAN[i].store(true, Relaxed);
-                wait.yielded(0);
-                Poll::<()>::Pending
-            })
-        };
-        let (first, second): (&'static CpuWait, &'static CpuWait) =
-            (Box::leak(Box::default()), Box::leak(Box::default()));
-        let (mut first_call, mut second_call) = (std::pin::pin!(ran(0, first)), std::pin::pin!(ran(1, second)));
+        let (first, second): (&'static CpuWait, &'static CpuWait) = (leaked(), leaked());
+        let (mut first_call, mut second_call) =
+            (std::pin::pin!(yielding_call(&RAN[0], first)), std::pin::pin!(yielding_call(&RAN[1], second)));
         let mut running = Running::new(first, &runnable, &flood);
         assert!(running.poll(first_call.as_mut(), &mut cx).is_pending() && RAN[0].load(Relaxed), "its quota of 1");
         let mut asking = Running::new(second, &runnable, &flood);
