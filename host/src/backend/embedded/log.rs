@@ -3333,6 +3333,23 @@ pub(crate) mod tests {
     type Batches = (PathBuf, Vec<(u64, usize)>);
     static BATCHES: std::sync::Mutex<Vec<Batches>> = std::sync::Mutex::new(Vec::new());
 
+    /// Holds the writer of the log at `path` from its next op on, before it gathers the rest of
+    /// its commit, until dropped (a busy writer, seen from outside: nothing sent commits).
+    pub(crate) struct HeldCommits(PathBuf);
+
+    impl HeldCommits {
+        pub(crate) fn hold(path: &Path) -> Self {
+            HOLD_GATHERING.lock().unwrap().push(path.to_path_buf());
+            Self(path.to_path_buf())
+        }
+    }
+
+    impl Drop for HeldCommits {
+        fn drop(&mut self) {
+            HOLD_GATHERING.lock().unwrap().retain(|p| p != &self.0);
+        }
+    }
+
     pub(super) fn wait_while_gathering_held(path: &Path) {
         while HOLD_GATHERING.lock().unwrap().iter().any(|p| p == path) {
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -3356,7 +3373,7 @@ pub(crate) mod tests {
         let path = dir.path().join("bus.redb");
         let log = DurableLog::open_with(&path, SyncPolicy::Always, Retention::default()).unwrap();
         BATCHES.lock().unwrap().push((path.clone(), Vec::new()));
-        HOLD_GATHERING.lock().unwrap().push(path.clone());
+        let held = HeldCommits::hold(&path);
         let txns: Vec<crate::kv::Txn> = (0..12)
             .map(|i| {
                 let mut txn = crate::kv::Txn::default();
@@ -3377,7 +3394,7 @@ pub(crate) mod tests {
         // one commit.
         let mut sync = Box::pin(log.sync());
         assert!(futures::poll!(&mut sync).is_pending());
-        HOLD_GATHERING.lock().unwrap().retain(|p| p != &path);
+        drop(held);
         append.await.unwrap();
         let mut answered = Vec::new();
         let waiting: Vec<_> = commits
