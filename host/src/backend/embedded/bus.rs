@@ -2286,10 +2286,18 @@ mod tests {
         super::super::log::tests::reopen(path, Default::default()).await
     }
 
-    /// Takes and acks every delivery until none comes for 500 ms: their data, in order.
-    async fn ack_until_quiet(sub: &mut Subscription) -> Vec<String> {
-        let mut got = Vec::new();
-        while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(500), sub.deliveries.recv()).await {
+    /// Takes and acks every delivery until `last` came (waiting up to 5 s for each: a read-back
+    /// waits on the log's writer, slow under load), then any more until none comes for 300 ms:
+    /// their data, in order.
+    async fn ack_through(sub: &mut Subscription, last: &str) -> Vec<String> {
+        let mut got: Vec<String> = Vec::new();
+        while got.last().is_none_or(|d| d != last) {
+            let d = tokio::time::timeout(Duration::from_secs(5), sub.deliveries.recv()).await;
+            let d = d.unwrap_or_else(|_| panic!("{last:?} never came after {got:?}")).expect("unsubscribed");
+            got.push(String::from_utf8_lossy(&d.event.data).to_string());
+            d.acker.ack().await;
+        }
+        while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(300), sub.deliveries.recv()).await {
             got.push(String::from_utf8_lossy(&d.event.data).to_string());
             d.acker.ack().await;
         }
@@ -3008,7 +3016,7 @@ mod tests {
         let handed_back = old.deliveries.recv().await.unwrap();
         assert_eq!(&handed_back.event.data[..], b"2");
         drop((handed_back, queued, in_flight, old));
-        let got = ack_until_quiet(&mut new).await;
+        let got = ack_through(&mut new, "3").await;
         assert_eq!(got, ["2", "3"], "the new subscription got what the old one had settled, or missed some");
     }
 
@@ -3070,7 +3078,7 @@ mod tests {
         assert!(early.is_err(), "the history began while an event was in flight");
         in_flight.acker.ack().await;
         drop(in_flight);
-        let got = ack_until_quiet(&mut sub).await;
+        let got = ack_through(&mut sub, "2").await;
         assert_eq!(got, ["0", "1", "2"]);
     }
 
@@ -3091,7 +3099,7 @@ mod tests {
         assert_eq!(pending, [1, 2, 3], "what the replay held was settled out of its history");
         drop((in_flight, old));
         let mut new = bus.subscribe(spec(&["a.>"], 8)).await.unwrap();
-        let got = ack_until_quiet(&mut new).await;
+        let got = ack_through(&mut new, "2").await;
         assert_eq!(got, ["0", "1", "2"]);
     }
 
@@ -3119,7 +3127,7 @@ mod tests {
         drop(in_flight);
         tokio::time::sleep(Duration::from_millis(300)).await;
         drop(held);
-        assert_eq!(ack_until_quiet(&mut sub).await, ["1"]);
+        assert_eq!(ack_through(&mut sub, "1").await, ["1"]);
     }
 
     /// A producer that stops waiting for room (an HTTP publish past `api.publish_timeout`,
@@ -3137,7 +3145,7 @@ mod tests {
         drop(first);
         let again = tokio::time::timeout(Duration::from_secs(2), bus.publish(Event::new("a.x", "2"))).await;
         again.expect("the queue stayed full: the given-up event took its room").unwrap();
-        assert_eq!(ack_until_quiet(&mut sub).await, ["2"]);
+        assert_eq!(ack_through(&mut sub, "2").await, ["2"]);
         log.sync().await.unwrap();
         assert!(log.read(0, 10).unwrap().iter().all(|(_, ev)| &ev.data[..] != b"1"), "the given-up event was logged");
     }
@@ -3161,7 +3169,7 @@ mod tests {
         log.sync().await.unwrap();
         // seqs 1 to 5 hold "0" to "4": from 4, the history is "3" and "4"
         assert_eq!(bus.replay("p", crate::transport::ReplayFrom::Seq(4)).await.unwrap(), 2);
-        let got = ack_until_quiet(&mut sub).await;
+        let got = ack_through(&mut sub, "4").await;
         assert_eq!(got, ["1", "3", "4"]);
     }
 
@@ -3721,11 +3729,12 @@ mod tests {
         published
     }
 
-    /// Takes and acks everything until quiet, and checks it against a replay from `first` begun
-    /// while the plugin was behind: what it held then (in order, from the oldest), then every
-    /// event not taken before it, or from `first` on, each once and in order, then `after`.
+    /// Takes and acks everything through `after` ([`ack_through`]), and checks it against a
+    /// replay from `first` begun while the plugin was behind: what it held then (in order, from
+    /// the oldest), then every event not taken before it, or from `first` on, each once and in
+    /// order, then `after`.
     async fn check_replayed_behind(sub: &mut Subscription, published: &[(String, u64)], first: u64, after: &str) {
-        let got = ack_until_quiet(sub).await;
+        let got = ack_through(sub, after).await;
         // What it held then: at least the one in its queue, at most what its buffer holds.
         let expected = |held: usize| {
             let mut expected: Vec<String> = published[..held].iter().map(|(d, _)| d.clone()).collect();
@@ -3807,7 +3816,10 @@ mod tests {
         let bus = bus_on_a_log(dir.path());
         let mut sub = live_sub(&bus, "slow", "a.>", (1, 64 << 10, BACKLOG)).await;
         let (published, producer) = counted_producer(&bus, 20, 64 << 10);
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Each publish waits for its append (the log's writer, slow under load): the least it
+        // takes is waited for, the most it takes looked at after a while.
+        eventually_true(|| published.load(Ordering::Relaxed) >= 5).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let taken = published.load(Ordering::Relaxed);
         // one in the queue, one left uncharged (as many as the queue holds), four of 64 KiB,
         // one past it
@@ -3857,8 +3869,17 @@ mod tests {
             };
             let mut sub = live_sub(&bus, "p", "a.>", (1024, BUFFER, backlog)).await;
             let (published, producer) = counted_producer(&bus, EVENTS, 16 << 10);
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // At least 8 come (each publish may wait for its append: waited for), then what
+            // more came after a while is looked at.
             let mut held = Vec::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while held.len() < 8 && tokio::time::Instant::now() < deadline {
+                match sub.deliveries.try_recv() {
+                    Ok(d) => held.push(d),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
             while let Ok(d) = sub.deliveries.try_recv() {
                 held.push(d);
             }
