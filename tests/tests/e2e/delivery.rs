@@ -234,7 +234,8 @@ async fn exhausted_retries_dead_letter_with_the_last_error_and_replay_works(bus:
 async fn a_slow_plugin_does_not_delay_a_fast_one_on_the_same_subject() {
     let t = TestHost::start(&["faulty", "echo"]).await;
     let mut seen = t.observe(&["faulty.out.>", "echo.>"]).await;
-    t.publish("faulty.slow", "1500").await;
+    // 4 s: long enough for the fast ones on a loaded machine (1.5 s was a guess that load can beat)
+    t.publish("faulty.slow", "4000").await;
     for _ in 0..20 {
         t.publish("faulty.ok", "").await;
     }
@@ -306,11 +307,12 @@ async fn a_slow_hot_key_holds_up_no_other_key() {
     .await;
     let mut seen = t.observe(&["faulty.out.step"]).await;
     let step = |seq: u64, delay: u64| serde_json::json!({ "seq": seq, "delay": delay }).to_string();
-    // The hot key's first runs for 1.5 s (a backoff's wait is random: this is not); as many
-    // more of that key as the lanes may hold wait behind it.
+    // The hot key's first runs for 4 s (a backoff's wait is random: this is not; and long
+    // enough for the others on a loaded machine); as many more of that key as the lanes may
+    // hold wait behind it.
     let hot = 1 + plugbus::router::LANE_WAITING_PER_QUEUE * QUEUE;
     for seq in 0..hot as u64 {
-        let event = plugbus::Event::new("faulty.step", step(seq, if seq == 0 { 1500 } else { 0 }));
+        let event = plugbus::Event::new("faulty.step", step(seq, if seq == 0 { 4000 } else { 0 }));
         t.host.publish(event.with_header("key", "hot")).await.unwrap();
     }
     for seq in 100..110 {
@@ -421,13 +423,14 @@ async fn a_full_queue_applies_backpressure_and_loses_nothing() {
         c.flow = Flow { concurrency: 1, queue: QUEUE, backlog_mib: 0, ..Flow::default() }
     })
     .await;
-    // slow events (300 ms each, one at a time): a bounded queue fills within a few publishes and
-    // the next publish waits; an unbounded one would take them all at once
+    // slow events (1 s each, one at a time): a bounded queue fills within a few publishes and
+    // the next publish waits; an unbounded one would take them all at once. (A publish taking
+    // over 500 ms is paused: one a loaded machine merely slowed could take more than 150 ms.)
     let mut quick = 0;
     loop {
-        let publish = t.publish("faulty.slow", "300");
+        let publish = t.publish("faulty.slow", "1000");
         tokio::pin!(publish);
-        if tokio::time::timeout(Duration::from_millis(150), &mut publish).await.is_ok() {
+        if tokio::time::timeout(Duration::from_millis(500), &mut publish).await.is_ok() {
             quick += 1;
             // room for: QUEUE admitted by the plugin, QUEUE in its transport queue, one in hand
             assert!(quick <= 2 * QUEUE + 1, "{quick} slow events taken at once by a queue of {QUEUE}: no backpressure");

@@ -1290,14 +1290,32 @@ async fn the_cli_asks_a_busy_host_again_after_its_retry_after() {
     let stderr = String::from_utf8_lossy(&publish.stderr);
     assert!(!publish.status.success(), "{stderr}");
     assert!(stderr.contains("503") && !stderr.contains("asking again"), "{stderr}");
-    let cli = tokio::task::spawn_blocking(move || {
-        Command::new(bin).args(["plugins", "--json", "--url", &url]).stdin(Stdio::null()).output().unwrap()
+    let mut cli = Command::new(bin)
+        .args(["plugins", "--json", "--url", &url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let cli_stderr = cli.stderr.take().unwrap();
+    let (refused, was_refused) = tokio::sync::oneshot::channel();
+    let stderr = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let (mut all, mut refused) = (String::new(), Some(refused));
+        for line in std::io::BufReader::new(cli_stderr).lines().map_while(Result::ok) {
+            if line.contains("asking again") {
+                refused.take().map(|r| r.send(()));
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
     });
-    // Refused at least once before the connection goes.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Refused at least once before the connection goes (however long the command takes to start).
+    let _ = tokio::time::timeout(Duration::from_secs(30), was_refused).await;
     drop(held);
-    let out = cli.await.unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = tokio::task::spawn_blocking(move || cli.wait_with_output().unwrap()).await.unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), stderr.await.unwrap());
     assert!(out.status.success(), "{stderr}");
     assert!(
         stderr.contains("the host is busy (503")

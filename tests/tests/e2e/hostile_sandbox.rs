@@ -272,17 +272,17 @@ async fn a_plugin_writing_much_kv_takes_only_its_share_of_the_stores_writer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_holding_every_slot_of_the_shared_pool_delays_other_plugins_never_fails_them() {
-    // Four instance slots for all plugins. `faulty` holds them all for its whole deadline (3 s,
+    // Four instance slots for all plugins. `faulty` holds them all for its whole deadline (6 s,
     // asleep in a host call: long enough for the other events to come while it does, on a busy
     // CI machine too), and `dice` and `responder` get events meanwhile. Their attempts used to
     // fail at once as if their handlers had trapped ("maximum concurrent … limit"), and be
     // retried and dead-lettered under their names. And the wait must not eat the handler's own
-    // time: `responder` (deadline 1 s) is busy 600 ms after waiting up to 3 s for a slot.
+    // time: `responder` (deadline 1 s) is busy 600 ms after waiting up to 6 s for a slot.
     let t = TestHost::start_with(&["faulty", "dice", "responder"], |c| {
         fast_retries(c);
         c.sandbox.max_instances = 4;
         let faulty = c.plugins.entry("faulty".into()).or_default();
-        faulty.limits.insert("deadline".into(), "3s".into());
+        faulty.limits.insert("deadline".into(), "6s".into());
         faulty.retry.insert("max_attempts".into(), 1.into());
         c.plugins.entry("responder".into()).or_default().limits.insert("deadline".into(), "1s".into());
     })
@@ -293,8 +293,9 @@ async fn a_plugin_holding_every_slot_of_the_shared_pool_delays_other_plugins_nev
     t.wait_counter("faulty", "in_flight", 4).await;
     // `in_flight` counts run permits, taken before the instance: on a busy machine the last of
     // faulty's instantiations could still be under way, and responder's attempt took that slot
-    // (it then never waited, and faulty's fourth did). Its 3 s deadline leaves time for this.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // (it then never waited, and faulty's fourth did; 300 ms here once was not enough). Its 6 s
+    // deadline leaves time for this.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let started = Instant::now();
     t.publish("dice.roll", "").await;
     let http = reqwest::Client::new();
@@ -303,7 +304,7 @@ async fn a_plugin_holding_every_slot_of_the_shared_pool_delays_other_plugins_nev
     t.wait_counter("dice", "ok", 1).await;
     assert_eq!((t.counter("dice", "retried"), t.counter("dice", "dead_lettered")), (0, 0), "dice waited, never failed");
     assert_eq!(t.counter("responder", "retried"), 0, "the wait for a slot was not the handler's time");
-    // (faulty's attempts were running, each for 3 s, when the others' events came: they waited)
+    // (faulty's attempts were running, each for 6 s, when the others' events came: they waited)
     assert!(started.elapsed() >= Duration::from_millis(300), "they ran at once: the pool was not full");
     // and the operator sees who waited: at least once each (`dice` takes its own `dice.out`
     // too, and one of those can come while the last of faulty's attempts still hold their slots)

@@ -12,7 +12,7 @@ use axum::routing::get;
 use plugbus::Config;
 use plugbus::sandbox::{PluginSettings, Sandbox, SandboxSettings};
 use plugbus_tests::nats::NatsServer;
-use plugbus_tests::{Bus, TestHost, fast_retries, wasm};
+use plugbus_tests::{Bus, TestHost, eventually, fast_retries, wasm};
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,13 +27,23 @@ struct Server {
     ip: String,
     port: u16,
     seen: Seen,
-    /// `/gate` requests in flight now, and the most at once.
+    /// `/gate`: its requests in flight, the most at once, and whether it holds them.
     gate: Gate,
     /// While set, `/flaky` answers 500 (a provider that is down); then `recovered`.
     down: Arc<AtomicBool>,
 }
 
-type Gate = Arc<(AtomicUsize, AtomicUsize)>;
+/// `/gate` answers after 300 ms, or, while `closed`, once the test opens it (15 s at most).
+#[derive(Default)]
+struct GateState {
+    /// Its requests in flight now.
+    inside: AtomicUsize,
+    /// The most in flight at once.
+    most: AtomicUsize,
+    closed: AtomicBool,
+}
+
+type Gate = Arc<GateState>;
 
 impl Server {
     async fn start() -> Self {
@@ -82,10 +92,18 @@ async fn answer(
         "flaky" if down.load(Ordering::SeqCst) => (StatusCode::INTERNAL_SERVER_ERROR, "down").into_response(),
         "flaky" => "recovered".into_response(),
         "gate" => {
-            let now = gate.0.fetch_add(1, Ordering::SeqCst) + 1;
-            gate.1.fetch_max(now, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            gate.0.fetch_sub(1, Ordering::SeqCst);
+            let now = gate.inside.fetch_add(1, Ordering::SeqCst) + 1;
+            gate.most.fetch_max(now, Ordering::SeqCst);
+            let held = Instant::now();
+            match gate.closed.load(Ordering::SeqCst) {
+                true => {
+                    while gate.closed.load(Ordering::SeqCst) && held.elapsed() < Duration::from_secs(15) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+                false => tokio::time::sleep(Duration::from_millis(300)).await,
+            }
+            gate.inside.fetch_sub(1, Ordering::SeqCst);
             "through".into_response()
         }
         "redirect" => (StatusCode::FOUND, [(header::LOCATION, format!("http://localhost:{port}/ok"))]).into_response(),
@@ -285,13 +303,18 @@ async fn a_call_never_outlasts_the_event_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_that_called_out_is_not_run_again_in_place_after_a_kv_conflict() {
     let server = Server::start().await;
-    let t = host(vec!["http://127.0.0.1:*".into()], &[]).await;
+    let patient = [("deadline", json!("30s")), ("outbound_timeout", json!("30s"))];
+    let t = host(vec!["http://127.0.0.1:*".into()], &patient).await;
     let mut seen = t.observe(&["caller.out.>", "plugbus.dlq.caller"]).await;
-    // The slow one reads `n`, waits 300 ms on `/gate`, writes `n`; the fast one writes `n`
+    // The slow one reads `n`, is held on `/gate`, writes `n`; the fast one writes `n`
     // meanwhile, so the slow one's first commit conflicts.
+    server.gate.closed.store(true, Ordering::SeqCst);
     let slow = t.publish("caller.go", json!({ "url": server.url("/gate"), "bump": "n" }).to_string()).await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    t.publish("caller.go", json!({ "url": server.url("/ok"), "bump": "n" }).to_string()).await;
+    eventually("the slow one read n and called /gate", || server.seen("/gate").len() == 1).await;
+    let fast = t.publish("caller.go", json!({ "url": server.url("/ok"), "bump": "n" }).to_string()).await;
+    let first = seen.next_where(|e| e.header("plugbus-caused-by") == Some(fast.as_str())).await;
+    assert_eq!(first.subject, "caller.out.ok", "{first:?}");
+    server.gate.closed.store(false, Ordering::SeqCst);
     let out = seen.next_where(|e| e.header("plugbus-caused-by") == Some(slow.as_str())).await;
     assert_eq!(out.subject, "caller.out.ok", "{out:?}");
     let body: Value = serde_json::from_slice(&out.data).unwrap();
@@ -312,19 +335,29 @@ async fn a_guest_cannot_choose_its_idempotency_key() {
     assert!(keys[0] != "forged" && keys[0].len() == 32, "{keys:?}");
 }
 
-/// The most `/gate` calls in flight at once when two events each make one, concurrently.
+/// The most `/gate` calls in flight at once when two events each make one, concurrently: the
+/// gate holds them until as many as the limit allows (two at most) are in, then 300 ms more.
 async fn most_at_once(concurrency: u32) -> usize {
     let server = Server::start().await;
-    let limits = [("max_outbound_concurrency", json!(concurrency))];
+    let limits = [
+        ("max_outbound_concurrency", json!(concurrency)),
+        ("deadline", json!("30s")),
+        ("outbound_timeout", json!("30s")),
+    ];
     let t = host(vec![format!("http://127.0.0.1:{}", server.port)], &limits).await;
     let mut seen = t.observe(&["caller.out.>"]).await;
+    server.gate.closed.store(true, Ordering::SeqCst);
     let spec = json!({ "url": server.url("/gate") }).to_string();
     let ids = [t.publish("caller.go", spec.clone()).await, t.publish("caller.go", spec).await];
+    let allowed = (concurrency as usize).min(2);
+    eventually("the calls allowed at once are in", || server.gate.inside.load(Ordering::SeqCst) >= allowed).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.gate.closed.store(false, Ordering::SeqCst);
     for _ in 0..2 {
         let e = seen.next_where(|e| ids.iter().any(|id| e.header("plugbus-caused-by") == Some(id.as_str()))).await;
         assert_eq!(e.subject, "caller.out.ok", "{:?}", String::from_utf8_lossy(&e.data));
     }
-    server.gate.1.load(Ordering::SeqCst)
+    server.gate.most.load(Ordering::SeqCst)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

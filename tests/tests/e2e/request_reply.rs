@@ -312,7 +312,8 @@ async fn a_request_whose_requester_gave_up_in_the_queue_is_not_run() {
     let http = reqwest::Client::new();
     let late = http.post(format!("{}/v1/request/rpc.late?timeout=5s", t.url())).body("800").send();
     let queued = async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // once the late one runs (a fixed head start lost the race on a loaded machine)
+        t.wait_counter("responder", "in_flight", 1).await;
         http.post(format!("{}/v1/request/rpc.echo?timeout=100ms", t.url())).body("hi").send().await.unwrap()
     };
     let (late, queued) = tokio::join!(late, queued);
