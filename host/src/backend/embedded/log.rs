@@ -736,7 +736,11 @@ impl DurableLog {
         // every plugin, then settled).
         let next_request_key =
             outboxed.iter().map(|(_, key)| key.saturating_add(1)).filter(|k| *k > REQUEST_KEYS).max();
-        let store = Arc::new(Store { path: path.to_path_buf(), db: std::sync::RwLock::new(Some(Arc::new(db))) });
+        let store = Arc::new(Store {
+            path: path.to_path_buf(),
+            db: std::sync::RwLock::new(Some(Arc::new(db))),
+            behind: false.into(),
+        });
         let (ops, rx) = std_mpsc::channel();
         let metrics = LogMetrics::default();
         metrics.record_bytes.set(record_bytes as i64);
@@ -751,6 +755,7 @@ impl DurableLog {
             retention,
             metrics: metrics.clone(),
             failed: false.into(),
+            answered_in_memory: false.into(),
             unwritten: unwritten.clone(),
             outboxed: std::sync::Mutex::new(outboxed),
             trim_from: 0.into(),
@@ -1036,6 +1041,7 @@ impl DurableLog {
     pub fn kv_get(&self, ns: &str, key: &str) -> Result<Option<crate::kv::Versioned>, crate::kv::KvError> {
         let unavailable = |e: &dyn std::fmt::Display| crate::kv::KvError::Unavailable(e.to_string());
         let r = self.store.get().map_err(|e| unavailable(&e))?.begin_read().map_err(|e| unavailable(&e))?;
+        self.store.not_behind().map_err(|e| unavailable(&e))?;
         let kv = r.open_table(KV).map_err(|e| unavailable(&e))?;
         let stored = kv.get(kv_key(ns, key).as_str()).map_err(|e| unavailable(&e))?;
         Ok(stored.map(|v| {
@@ -1049,6 +1055,7 @@ impl DurableLog {
     pub fn kv_check_reads(&self, ns: &str, txn: &crate::kv::Txn) -> Result<(), crate::kv::KvError> {
         let unavailable = |e: &dyn std::fmt::Display| crate::kv::KvError::Unavailable(e.to_string());
         let r = self.store.get().map_err(|e| unavailable(&e))?.begin_read().map_err(|e| unavailable(&e))?;
+        self.store.not_behind().map_err(|e| unavailable(&e))?;
         let kv = r.open_table(KV).map_err(|e| unavailable(&e))?;
         for (key, seen) in &txn.reads {
             let stored = kv.get(kv_key(ns, key).as_str()).map_err(|e| unavailable(&e))?;
@@ -1398,6 +1405,11 @@ pub struct UnsettledPage {
 struct Store {
     path: PathBuf,
     db: std::sync::RwLock<Option<Arc<Database>>>,
+    /// The file is behind what the log answered: a reopen after a failed write threw away
+    /// commits kept only in memory (`bus.sync` = `batch` / `none`), and no commit has applied
+    /// them again yet. Set before such a reopen, cleared once a commit goes through (see
+    /// [`KeptInMemory`]).
+    behind: std::sync::atomic::AtomicBool,
 }
 
 impl Store {
@@ -1407,6 +1419,20 @@ impl Store {
             .expect("log store poisoned")
             .clone()
             .ok_or_else(|| format!("{} is being reopened after a failed write (a full disk?)", self.path.display()))
+    }
+
+    /// Fails a read whose snapshot may be older than what the log answered ([`Store::behind`]):
+    /// a kv read there would see a write answered Ok undone. Looked at once the read began: a
+    /// reopen that throws answered commits away says so before it opens the file again.
+    fn not_behind(&self) -> Result<(), String> {
+        match self.behind.load(std::sync::atomic::Ordering::SeqCst) {
+            false => Ok(()),
+            true => Err(format!(
+                "{} is behind what it answered after a failed write (a full disk?): its reads wait until a commit \
+                 goes through",
+                self.path.display()
+            )),
+        }
     }
 
     /// Closes the database (once readers let go of it) and opens it again.
@@ -1458,6 +1484,9 @@ struct Writer {
     metrics: LogMetrics,
     /// Whether the last commit failed: the database is reopened before the next one.
     failed: std::sync::atomic::AtomicBool,
+    /// Whether commits kept only in memory were answered since the last durable one: a reopen
+    /// throws them away, and the file is then [`Store::behind`].
+    answered_in_memory: std::sync::atomic::AtomicBool,
     /// Handler outputs sent and not committed yet (shared with the log, whose publishers of new
     /// outputs wait past [`UNWRITTEN_OUTPUT_BYTES`]).
     unwritten: Arc<Unwritten>,
@@ -1584,6 +1613,16 @@ type Backfilled = (oneshot::Sender<Result<BackfillStep, LogError>>, BackfillStep
 type Answers = Vec<(oneshot::Sender<Result<Appended, LogError>>, Appended)>;
 
 impl Writer {
+    /// Opens the database again after a failed write, at its last durable commit; first marks
+    /// it [`Store::behind`] when that throws answered commits away.
+    fn reopen(&self) -> Result<(), String> {
+        if self.answered_in_memory.load(Relaxed) {
+            self.store.behind.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.store.reopen()?;
+        self.reload_outboxed()
+    }
+
     /// After a reopen the outbox is what the last durable commit left: acks undone by it must
     /// find the entries they remove again.
     fn reload_outboxed(&self) -> Result<(), String> {
@@ -1704,6 +1743,8 @@ impl Writer {
                 || self.failed.load(std::sync::atomic::Ordering::Relaxed)
                 || in_memory_bytes >= IN_MEMORY_BYTES;
             let outputs = unwritten_output_bytes(&batch);
+            // (What was carried from a failed commit is first in `batch`: answered too.)
+            self.answered_in_memory.store(!in_memory.is_empty() || self.store.behind.load(Relaxed), Relaxed);
             let committed = self.commit(batch, durable);
             if committed.is_ok() {
                 self.unwritten.written(outputs);
@@ -1752,7 +1793,7 @@ impl Writer {
             return false;
         }
         self.any_retired.store(true, Relaxed);
-        if self.store.reopen().and_then(|()| self.reload_outboxed()).is_err() {
+        if self.reopen().is_err() {
             // `failed` is set: the next commit tries to reopen again.
             return false;
         }
@@ -2040,8 +2081,7 @@ impl Writer {
                 // What the file holds may be older than what was committed (a commit kept in
                 // memory only): kept ids are looked for until the next retention pass says.
                 self.any_retired.store(true, Relaxed);
-                self.store.reopen()?;
-                self.reload_outboxed()?;
+                self.reopen()?;
                 self.failed.store(false, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(log = %self.path.display(), "event log reopened after a failed write");
             }
@@ -2389,6 +2429,9 @@ impl Writer {
         };
         match result {
             Ok(()) => {
+                // What a reopen threw away went again first in this commit: readable again before
+                // anyone is answered (one waiting on a `sync` reads at once).
+                self.store.behind.store(false, std::sync::atomic::Ordering::SeqCst);
                 self.metrics.appended.inc_by(appended);
                 self.metrics.record_bytes.set(bytes_kept as i64);
                 if let Some(due) = histories_due {
@@ -3619,6 +3662,7 @@ pub(crate) mod tests {
         let mut txn = crate::kv::Txn::default();
         txn.set("k", b"v".to_vec());
         log.kv_commit("p", &txn, None).await.unwrap();
+        let answered = log.kv_get("p", "k").unwrap().expect("an answered write is read").version;
         let q: Arc<str> = "q".into();
         let accepted = Arc::new(Event::new("in.later", "answered 202"));
         let Appended::At(later) = log.append(accepted.clone(), vec![q.clone()], false).await.unwrap() else {
@@ -3639,6 +3683,17 @@ pub(crate) mod tests {
             assert!(std::time::Instant::now() < deadline, "the flush never failed");
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+        // While the disk stays full the file is behind what was answered (a commit tried again
+        // reopened it, and failed): a kv read fails (its attempt fails as the host's, and is
+        // retried) rather than see an answered write undone. (It read nothing, and a read-only
+        // handler acted on that.)
+        assert!(log.sync().await.is_err(), "a commit went through on a full disk");
+        let read = log.kv_get("p", "k");
+        assert!(matches!(read, Err(crate::kv::KvError::Unavailable(_))), "a kv read while behind: {read:?}");
+        let mut read_only = crate::kv::Txn::default();
+        read_only.reads.insert("k".into(), answered);
+        let checked = log.kv_check_reads("p", &read_only);
+        assert!(matches!(checked, Err(crate::kv::KvError::Unavailable(_))), "a read check while behind: {checked:?}");
         // ... then space returns: what was answered is still there.
         std::fs::remove_file(&filler).unwrap();
         while let Err(e) = log.sync().await {
