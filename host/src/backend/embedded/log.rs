@@ -1613,6 +1613,12 @@ type Backfilled = (oneshot::Sender<Result<BackfillStep, LogError>>, BackfillStep
 type Answers = Vec<(oneshot::Sender<Result<Appended, LogError>>, Appended)>;
 
 impl Writer {
+    /// Before a commit: whether a reopen would throw answered commits away, those kept only in
+    /// memory (`in_memory`) or carried from a failed commit while the file is behind.
+    fn answering_from(&self, in_memory: &[Op]) {
+        self.answered_in_memory.store(!in_memory.is_empty() || self.store.behind.load(Relaxed), Relaxed);
+    }
+
     /// Opens the database again after a failed write, at its last durable commit; first marks
     /// it [`Store::behind`] when that throws answered commits away.
     fn reopen(&self) -> Result<(), String> {
@@ -1675,6 +1681,7 @@ impl Writer {
                     }
                     if unsynced || !carried.is_empty() || failed {
                         let outputs = unwritten_output_bytes(&carried);
+                        self.answering_from(&in_memory);
                         match self.commit(std::mem::take(&mut carried), true) {
                             Ok(_) => {
                                 unsynced = false;
@@ -1743,8 +1750,7 @@ impl Writer {
                 || self.failed.load(std::sync::atomic::Ordering::Relaxed)
                 || in_memory_bytes >= IN_MEMORY_BYTES;
             let outputs = unwritten_output_bytes(&batch);
-            // (What was carried from a failed commit is first in `batch`: answered too.)
-            self.answered_in_memory.store(!in_memory.is_empty() || self.store.behind.load(Relaxed), Relaxed);
+            self.answering_from(&in_memory);
             let committed = self.commit(batch, durable);
             if committed.is_ok() {
                 self.unwritten.written(outputs);
