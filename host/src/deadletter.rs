@@ -532,6 +532,12 @@ struct Unwritten {
     removes: std::collections::BTreeSet<u64>,
 }
 
+impl Unwritten {
+    fn is_empty(&self) -> bool {
+        self.inserts.is_empty() && self.removes.is_empty()
+    }
+}
+
 /// What one eviction forgot: the entries' numbers, their bytes, and the first one's plugin and
 /// event id (for the log line).
 struct Evicted {
@@ -634,6 +640,25 @@ impl DeadLetters {
                 );
             }
         }
+    }
+
+    /// Makes the changes the file missed while it failed writes (a dead letter kept in memory
+    /// only, a removal not made), if any: the host calls it every few seconds and at its stop,
+    /// so one the disk refused is not lost with the process when no later write comes. `false`
+    /// while something is still not written (logged).
+    pub fn write_missed(&self) -> bool {
+        let Some(file) = &self.file else { return true };
+        let mut unwritten = self.unwritten.lock().expect("dlq poisoned");
+        if unwritten.is_empty() {
+            return true;
+        }
+        self.catch_up(file, &mut unwritten);
+        unwritten.is_empty()
+    }
+
+    /// Whether the file missed changes ([`DeadLetters::write_missed`] has work).
+    pub fn missed_writes(&self) -> bool {
+        self.file.is_some() && !self.unwritten.lock().expect("dlq poisoned").is_empty()
     }
 
     /// After a write that succeeded: makes the changes the file missed while it failed.
@@ -1300,6 +1325,37 @@ mod tests {
         let again = DeadLetters::persistent(100, &path).unwrap();
         let listed: Vec<String> = again.list(None).into_iter().map(|e| e.event.subject).collect();
         assert_eq!(listed, ["x.while-full", "x.after"], "after the restart");
+    }
+
+    /// Review 59c M1: what the file missed while the disk was full was written only with the
+    /// next dead letter or replay; with none before the stop, a dead letter kept in memory only
+    /// was lost (its input settled), and a replayed one whose removal failed came back. The
+    /// host writes it every few seconds and at its stop ([`DeadLetters::write_missed`]).
+    #[test]
+    fn what_the_dead_letter_file_missed_is_written_with_no_later_dead_letter() {
+        use crate::backend::embedded::log::tests::{Tmpfs, fill_up};
+        let Some(disk) = Tmpfs::mount(16) else { return };
+        let path = disk.0.path().join("dlq.redb");
+        let s = DeadLetters::persistent(100, &path).unwrap();
+        s.push("p", Event::new("x.replayed", "r"));
+        assert!(!s.missed_writes());
+        let filler = fill_up(disk.0.path());
+        s.push_recorded("p", Event::new("x.while-full", vec![7u8; 256 << 10]), None);
+        let (replayed, others): (Vec<_>, Vec<_>) =
+            s.take(None).into_iter().partition(|e| e.event.subject == "x.replayed");
+        s.restore(others);
+        s.forget(&replayed);
+        assert!(s.missed_writes(), "the full disk refused nothing");
+        assert!(!s.write_missed(), "written on a full disk");
+        std::fs::remove_file(filler).unwrap();
+        // (opened again at most once a second)
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(s.write_missed(), "the file takes writes again");
+        assert!(!s.missed_writes());
+        drop(s);
+        let again = DeadLetters::persistent(100, &path).unwrap();
+        let listed: Vec<String> = again.list(None).into_iter().map(|e| e.event.subject).collect();
+        assert_eq!(listed, ["x.while-full"], "after the restart");
     }
 
     /// A damaged `dlq.redb` stops the start, saying what to do (it used to name only the error).

@@ -33,6 +33,30 @@ pub struct Host {
     http_addr: Option<SocketAddr>,
     stop_http: Option<oneshot::Sender<()>>,
     http_task: Option<tokio::task::JoinHandle<()>>,
+    /// Writes what `dlq.redb` missed while it failed writes ([`DeadLetters::write_missed`]).
+    _dead_letters_catching_up: CatchingUp,
+}
+
+/// The task that writes what `dlq.redb` missed every few seconds; stopped with the host, shut
+/// down or dropped (it holds the file open).
+struct CatchingUp(tokio::task::JoinHandle<()>);
+
+impl Drop for CatchingUp {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Every 5 s, writes what the dead-letter file missed while it failed writes (a full disk), so
+/// a dead letter kept in memory only is not lost with the process when no later write comes.
+async fn write_missed_dead_letters(dead_letters: Arc<DeadLetters>) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        if dead_letters.missed_writes() {
+            let dead_letters = dead_letters.clone();
+            let _ = tokio::task::spawn_blocking(move || dead_letters.write_missed()).await;
+        }
+    }
 }
 
 impl Host {
@@ -166,6 +190,7 @@ impl Host {
             }));
             tracing::info!(addr = %http_addr.expect("bound"), "HTTP API listening");
         }
+        let catching_up = CatchingUp(tokio::spawn(write_missed_dead_letters(dead_letters.clone())));
         tracing::info!(
             transport = transport.name(),
             plugins = router.names().len(),
@@ -184,6 +209,7 @@ impl Host {
             http_addr,
             stop_http,
             http_task,
+            _dead_letters_catching_up: catching_up,
         })
     }
 
@@ -261,6 +287,15 @@ impl Host {
         tracing::info!(timeout = ?self.drain_timeout, "draining");
         let report = self.router.drain(self.drain_timeout).await;
         self.router.close().await;
+        // What the dead-letter file missed while it failed writes, written now or lost with the
+        // process (logged).
+        let dead_letters = self.dead_letters.clone();
+        let written = tokio::task::spawn_blocking(move || dead_letters.write_missed()).await.unwrap_or(false);
+        if !written {
+            tracing::error!(
+                "dead letters the file did not take (a full disk?) are lost with this stop: they were kept in memory only"
+            );
+        }
         if report.is_clean() {
             tracing::info!("drained: every accepted event was handled; host stopped");
         } else {

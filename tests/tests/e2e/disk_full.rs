@@ -288,3 +288,38 @@ async fn a_slow_plugins_backlog_does_not_fill_the_disk_for_everyone() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Review 59c M1: a dead letter kept while `dlq.redb`'s disk was full stayed in memory until
+/// the file's next write that succeeded; with no later dead letter or replay before the stop it
+/// was lost, its input settled. What the file missed is now written every few seconds and at
+/// the stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_the_full_disk_refused_is_in_its_file_after_the_stop() {
+    let Some(disk) = Tmpfs::mount(24) else { return };
+    let data = disk.path().join("data");
+    let t = TestHost::start_with(&["faulty"], |c| {
+        c.data_dir = data.clone();
+        c.retry.max_attempts = 1;
+        c.limits.deadline = Duration::from_secs(30);
+    })
+    .await;
+    // Its one attempt is busy for 1.5 s, then fails: the disk fills meanwhile.
+    t.publish("faulty.slowretry", "1500").await;
+    t.wait_counter("faulty", "in_flight", 1).await;
+    fill(&disk.path().join("filler"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while t.host.dead_letters().list(Some("faulty")).is_empty() {
+        assert!(Instant::now() < deadline, "no dead letter kept");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(t.host.dead_letters().missed_writes(), "the full disk took the dead letter");
+    // Space returns; its input is settled once the bus takes the dead letter. No other dead
+    // letter comes before the stop.
+    std::fs::remove_file(disk.path().join("filler")).unwrap();
+    t.wait_counter("faulty", "dead_lettered", 1).await;
+    let plugbus_tests::TestHost { host, data: _data, dir: _dir } = t;
+    host.shutdown().await;
+    let file = plugbus::deadletter::DeadLetters::persistent(10, &data.join("dlq.redb")).unwrap();
+    let kept: Vec<String> = file.list(None).into_iter().map(|e| e.event.subject).collect();
+    assert_eq!(kept, ["plugbus.dlq.faulty"], "the dead letter was lost with the stop");
+}
