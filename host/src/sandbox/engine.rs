@@ -206,6 +206,8 @@ impl Sandbox {
         let mut http_linker = linker.clone();
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut http_linker)
             .map_err(|e| anyhow::anyhow!("linking wasi:http: {e}"))?;
+        super::http_caps::cap_request_strings(&mut http_linker)
+            .map_err(|e| anyhow::anyhow!("capping wasi:http's request strings: {e}"))?;
 
         let stop = Arc::new(AtomicBool::new(false));
         {

@@ -140,6 +140,18 @@ pub const OUTGOING_BODY_CHUNK_BYTES: usize = 8 * 1024;
 /// (wasmtime-wasi-http's default is 128 KiB, for each of up to [`MAX_RESOURCES`] maps).
 pub const HTTP_FIELDS_BYTES: usize = 16 * 1024;
 
+/// The longest authority (`user@host:port`) a guest may give a `wasi:http` request
+/// (wasmtime-wasi-http keeps any length for as long as the guest holds the request: up to
+/// [`MAX_RESOURCES`] of them, each given a value as long as one host call copies).
+pub const MAX_HTTP_AUTHORITY_BYTES: usize = 1024;
+
+/// The longest method name a guest may give a `wasi:http` request (as the authority).
+pub const MAX_HTTP_METHOD_BYTES: usize = 64;
+
+/// The longest path and query a guest may give a `wasi:http` request (the `http` crate takes up
+/// to 64 KiB; servers commonly refuse past 8 KiB).
+pub const MAX_HTTP_PATH_BYTES: usize = 16 * 1024;
+
 /// The longest kv key, in bytes, on every backend. On NATS a key goes into a subject (`$KV.…`,
 /// escaped: up to three bytes per byte), and a subject past the server's control line (4 KiB)
 /// makes it close the host's connection, every plugin's with it.

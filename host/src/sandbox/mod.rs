@@ -16,6 +16,7 @@ pub mod cpu_share;
 pub mod cpu_wait;
 mod engine;
 mod guest_stack;
+mod http_caps;
 pub mod http_stubs;
 pub mod limits;
 mod lookup;

@@ -579,6 +579,26 @@ async fn bodies_and_headers_staged_and_never_sent_hold_little_in_the_host() {
     assert!(error.contains("total size of fields exceeds limit"), "{error}");
 }
 
+/// Review 59d F1: a request's authority and method were kept at any length (the path up to 64
+/// KiB) for as long as the guest held the request: 200 requests given 1 MiB of each held 400
+/// MiB in the host, outside every memory limit (a thousand handles of 4 MiB ones, gigabytes).
+/// Past their caps they are refused as invalid ones are, and nothing of them is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requests_authority_method_and_path_are_kept_only_within_their_caps() {
+    use plugbus::sandbox::limits::{MAX_HTTP_AUTHORITY_BYTES, MAX_HTTP_METHOD_BYTES, MAX_HTTP_PATH_BYTES};
+    let t = host(Vec::new(), &[]).await;
+    let at_the_caps = json!({ "strings": 4, "authority_bytes": MAX_HTTP_AUTHORITY_BYTES,
+        "method_bytes": MAX_HTTP_METHOD_BYTES, "path_bytes": MAX_HTTP_PATH_BYTES });
+    let (subject, took) = call(&t, at_the_caps).await;
+    assert_eq!(subject, "caller.out.strings");
+    assert_eq!((&took["authorities"], &took["methods"], &took["paths"]), (&json!(4), &json!(4), &json!(4)), "{took}");
+    let past = json!({ "strings": 200, "authority_bytes": 1 << 20, "method_bytes": 1 << 20,
+        "path_bytes": MAX_HTTP_PATH_BYTES + 1 });
+    let (_, took) = call(&t, past).await;
+    assert_eq!(took["requests"], 200, "{took}");
+    assert_eq!((&took["authorities"], &took["methods"], &took["paths"]), (&json!(0), &json!(0), &json!(0)), "{took}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http_client_is_linked_only_when_granted_and_only_for_plugins_that_ask() {
     let sandbox = Sandbox::new(SandboxSettings::default()).unwrap();

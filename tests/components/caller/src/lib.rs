@@ -10,6 +10,9 @@
 //! `{"stage": N, "header_bytes": H}` is an attack instead: N requests whose bodies are written as
 //! far as the host lets them and never sent, and one header map given H bytes of headers (1 KiB
 //! values); what the host took is published to `caller.out.staged` (`{bodies, body_bytes}`).
+//! `{"strings": N, "authority_bytes": A, "method_bytes": M, "path_bytes": P}` is another: N
+//! requests, each given an authority, a method and a path of those lengths and held, never sent;
+//! how many of each the host took is published to `caller.out.strings`.
 
 use plugbus_sdk::{Event, HandlerError, handler, http, kv, publish_json};
 use serde_json::{Value, json};
@@ -21,6 +24,10 @@ use serde_json::{Value, json};
 )]
 fn call(ev: Event) -> Result<(), HandlerError> {
     let spec: Value = ev.json()?;
+    if let Some(requests) = spec["strings"].as_u64() {
+        let len = |key: &str| spec[key].as_u64().unwrap_or(0) as usize;
+        return strings(requests, len("authority_bytes"), len("method_bytes"), len("path_bytes"));
+    }
     if let Some(bodies) = spec["stage"].as_u64() {
         return stage(bodies, spec["header_bytes"].as_u64().unwrap_or(0));
     }
@@ -111,5 +118,27 @@ fn stage(bodies: u64, header_bytes: u64) -> Result<(), HandlerError> {
         &json!({ "body_bytes": body_bytes, "bodies": held.len(), "header_bytes": given }),
     )?;
     drop(held);
+    Ok(())
+}
+
+/// Gives `requests` requests an authority, a method and a path of these lengths each and holds
+/// them; reports how many of each the host took.
+fn strings(requests: u64, authority: usize, method: usize, path: usize) -> Result<(), HandlerError> {
+    use plugbus_sdk::__http_bindings::wasi::http::types::{Fields, Method, OutgoingRequest};
+    let (authority, method, path) =
+        ("a".repeat(authority), "M".repeat(method), format!("/{}", "p".repeat(path.max(1) - 1)));
+    let mut held = Vec::new();
+    let (mut authorities, mut methods, mut paths) = (0u64, 0u64, 0u64);
+    for _ in 0..requests {
+        let request = OutgoingRequest::new(Fields::new());
+        authorities += u64::from(request.set_authority(Some(&authority)).is_ok());
+        methods += u64::from(request.set_method(&Method::Other(method.clone())).is_ok());
+        paths += u64::from(request.set_path_with_query(Some(&path)).is_ok());
+        held.push(request);
+    }
+    publish_json(
+        "caller.out.strings",
+        &json!({ "requests": held.len(), "authorities": authorities, "methods": methods, "paths": paths }),
+    )?;
     Ok(())
 }
