@@ -241,6 +241,9 @@ impl Config {
         crate::config_bounds::count("api", "max_connections", self.api.max_connections as u64, 1)
             .map_err(anyhow::Error::msg)?;
         self.validate_plugin_settings()?;
+        if self.bus_kind()? == crate::backend::BusKind::Nats {
+            self.check_nats_kv_writes()?;
+        }
         for (name, p) in &self.plugins {
             for (i, o) in p.allowed_outbound.iter().enumerate() {
                 crate::sandbox::outbound::Rule::parse(o)
@@ -290,6 +293,28 @@ impl Config {
             bounds::flow(&flow, &at("flow")).map_err(anyhow::Error::msg)?;
             let retry = overlay(&self.retry, &p.retry, &at("retry")).map_err(anyhow::Error::msg)?;
             bounds::retry(&retry, &at("retry")).map_err(anyhow::Error::msg)?;
+        }
+        Ok(())
+    }
+
+    /// On NATS one kv commit is one JetStream atomic batch, which the server takes at most
+    /// [`MAX_BATCH_WRITES`](crate::backend::nats::kv::MAX_BATCH_WRITES) messages in: a plugin
+    /// allowed more writes would have every commit past that fail as the host's, not as its
+    /// handler's limit (review 59d F4).
+    fn check_nats_kv_writes(&self) -> anyhow::Result<()> {
+        use crate::backend::nats::kv::MAX_BATCH_WRITES;
+        let within = |limits: &Limits, at: &str| {
+            anyhow::ensure!(
+                limits.max_kv_writes <= MAX_BATCH_WRITES,
+                "{at}.max_kv_writes = {} is over {MAX_BATCH_WRITES}, the most writes one NATS JetStream atomic batch takes \
+                 (on NATS a kv commit is one batch): every commit past it would fail",
+                limits.max_kv_writes
+            );
+            Ok(())
+        };
+        within(&self.limits, "limits")?;
+        for name in self.plugins.keys() {
+            within(&self.limits_for(name), &format!("plugins.{name}.limits"))?;
         }
         Ok(())
     }
@@ -381,6 +406,21 @@ mod tests {
         assert!(why.contains("nats.url is set (nats://x:1)"), "{why}");
         let why = format!("{:#}", from("[bus]\nkind = \"kafka\"").unwrap_err());
         assert!(why.contains("kafka") && why.contains("kind"), "{why}");
+    }
+
+    /// Review 59d F4: on NATS a kv commit is one JetStream atomic batch of at most 1,000 writes;
+    /// a plugin allowed more had every larger commit fail as a host error. The config says so
+    /// at the start, naming the table; the embedded bus has no such bound.
+    #[test]
+    fn on_nats_max_kv_writes_stays_within_one_atomic_batch() {
+        let from = |text: &str| Config::load(Some(&write(text).0)).and_then(|c| c.validate());
+        let nats = "[nats]\nurl = \"nats://127.0.0.1:1\"\n";
+        from(&format!("{nats}[limits]\nmax_kv_writes = 1000")).unwrap();
+        let why = from(&format!("{nats}[limits]\nmax_kv_writes = 1001")).unwrap_err().to_string();
+        assert!(why.contains("limits.max_kv_writes = 1001 is over 1000") && why.contains("atomic batch"), "{why}");
+        let why = from(&format!("{nats}[plugins.inventory]\nlimits = {{ max_kv_writes = 5000 }}")).unwrap_err();
+        assert!(why.to_string().contains("plugins.inventory.limits.max_kv_writes = 5000"), "{why}");
+        from("[limits]\nmax_kv_writes = 5000").unwrap();
     }
 
     fn write(text: &str) -> tempfile_path::TempPath {

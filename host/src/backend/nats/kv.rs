@@ -28,6 +28,10 @@ use tokio::sync::OnceCell;
 /// against the bucket's entries while they stay.
 pub const MARKER_TTL: Duration = Duration::from_secs(60);
 
+/// The most messages the server takes in one JetStream atomic batch (its default,
+/// `max_batch_size`): the most keys one kv commit may write on NATS.
+pub const MAX_BATCH_WRITES: u32 = 1_000;
+
 /// The KV bucket of plugin `ns`: `plugbus_<plugin>` for a lower-case name, an escaped form for
 /// any other (`Payments` → `plugbus--payments`), so no two plugins ever share a bucket.
 pub fn bucket_name(ns: &str) -> String {
@@ -144,7 +148,8 @@ impl JetStreamKv {
         Ok(store)
     }
 
-    /// Writes every op in one atomic batch, each checked against the revision it expects.
+    /// Writes every op in one atomic batch, each checked against the revision it expects (at
+    /// most [`MAX_BATCH_WRITES`]: the config keeps `max_kv_writes` within it).
     async fn commit_batch(&self, ops: &[Write<'_>]) -> Result<(), KvError> {
         let client = self.js.client();
         let batch = crate::event::new_id();
