@@ -52,10 +52,9 @@ impl Drop for CatchingUp {
 async fn write_missed_dead_letters(dead_letters: Arc<DeadLetters>) {
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-        if dead_letters.missed_writes() {
-            let dead_letters = dead_letters.clone();
-            let _ = tokio::task::spawn_blocking(move || dead_letters.write_missed()).await;
-        }
+        // On the blocking pool even to look: a write holds the lock over its `fsync`.
+        let dead_letters = dead_letters.clone();
+        let _ = tokio::task::spawn_blocking(move || dead_letters.write_missed()).await;
     }
 }
 

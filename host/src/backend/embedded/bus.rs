@@ -657,12 +657,23 @@ impl Overflow {
     }
 
     /// Whether anything the log holds for the plugin is in its hands or on its way there (a
+    /// delivery not gone yet, or an event waiting in the overflow); the replay's hold stays.
+    fn holds_any(&self) -> bool {
+        let state = self.state.lock().expect("overflow poisoned");
+        Self::holding(self, &state)
+    }
+
+    fn holding(&self, state: &OverflowState) -> bool {
+        self.in_hand.load(Ordering::Acquire) > 0
+            || state.events.iter().any(|(_, _, logged, _)| logged.0.is_some_and(|seq| seq < super::log::REQUEST_KEYS))
+    }
+
+    /// Whether anything the log holds for the plugin is in its hands or on its way there (a
     /// delivery not gone yet, or an event waiting in the overflow); when nothing is, a replay's
     /// hold ends ([`OverflowState::replay_holds`]).
     fn holds_events(&self) -> bool {
         let mut state = self.state.lock().expect("overflow poisoned");
-        let holds = self.in_hand.load(Ordering::Acquire) > 0
-            || state.events.iter().any(|(_, _, logged, _)| logged.0.is_some_and(|seq| seq < super::log::REQUEST_KEYS));
+        let holds = self.holding(&state);
         if !holds {
             state.replay_holds = None;
         }
@@ -2126,21 +2137,25 @@ impl Transport for EmbeddedBus {
             };
             // Events accepted for it from now on wait in the log behind the history, in order.
             let (since, read_from) = sub.overflow.catch_up_from_now(&log, from.first_seq(), from.since_ms());
+            // What it holds now is all it can ack from here on (what comes from now waits in the log).
+            let holds = sub.overflow.holds_any();
             let patterns = sub.patterns.clone();
             // The history: what the log holds below where the replay began (what was accepted
             // since is pending for it already).
             let count = log.backfill(sub.plugin.clone(), move |s: &str| patterns.matches(s), from, since).await;
+            let failed = count.is_err();
             let _ = made.0.send(count.map_err(|e| TransportError::Broker(e.to_string())));
             // An event in its hands (or on the way there) stays pending when it settles, and
             // runs again in its place in the history, after this run: never twice at once.
             if Self::wait_for_what_it_holds(&sub).await.is_none() {
                 return;
             }
-            // The acks sent before the backfill and while it waited for what the plugin held are
-            // committed before anything is read: pending still in what the read sees, an event
-            // they settled outside the history would run again. (A backfill that went through
-            // committed only those sent before it.)
-            if !Self::acks_committed(&log, &sub, read_from).await {
+            // The acks of what it held are committed before anything is read: pending still in
+            // what the read sees, an event they settled outside the history would run again. (A
+            // backfill that went through committed those sent before it, not those sent while it
+            // waited; after one that failed, none.) Holding nothing, it sent none since: a full
+            // disk then holds no history back.
+            if (holds || failed) && !Self::acks_committed(&log, &sub, read_from).await {
                 return;
             }
             // Everything pending from `read_from` on, in order: the history, what was pending

@@ -741,7 +741,7 @@ impl DurableLog {
         let store = Arc::new(Store {
             path: path.to_path_buf(),
             db: std::sync::RwLock::new(Some(Arc::new(db))),
-            behind: false.into(),
+            behind: 0.into(),
         });
         let (ops, rx) = std_mpsc::channel();
         let metrics = LogMetrics::default();
@@ -757,7 +757,7 @@ impl DurableLog {
             retention,
             metrics: metrics.clone(),
             failed: false.into(),
-            answered_in_memory: false.into(),
+            kv_not_on_file: false.into(),
             unwritten: unwritten.clone(),
             outboxed: std::sync::Mutex::new(outboxed),
             trim_from: 0.into(),
@@ -1042,8 +1042,9 @@ impl DurableLog {
     /// Reads `key` of namespace `ns` from the log's kv.
     pub fn kv_get(&self, ns: &str, key: &str) -> Result<Option<crate::kv::Versioned>, crate::kv::KvError> {
         let unavailable = |e: &dyn std::fmt::Display| crate::kv::KvError::Unavailable(e.to_string());
+        let at = self.store.not_behind().map_err(|e| unavailable(&e))?;
         let r = self.store.get().map_err(|e| unavailable(&e))?.begin_read().map_err(|e| unavailable(&e))?;
-        self.store.not_behind().map_err(|e| unavailable(&e))?;
+        self.store.still_at(at).map_err(|e| unavailable(&e))?;
         let kv = r.open_table(KV).map_err(|e| unavailable(&e))?;
         let stored = kv.get(kv_key(ns, key).as_str()).map_err(|e| unavailable(&e))?;
         Ok(stored.map(|v| {
@@ -1056,8 +1057,9 @@ impl DurableLog {
     /// transaction: one snapshot (see [`crate::kv::KvStore::check_reads`]).
     pub fn kv_check_reads(&self, ns: &str, txn: &crate::kv::Txn) -> Result<(), crate::kv::KvError> {
         let unavailable = |e: &dyn std::fmt::Display| crate::kv::KvError::Unavailable(e.to_string());
+        let at = self.store.not_behind().map_err(|e| unavailable(&e))?;
         let r = self.store.get().map_err(|e| unavailable(&e))?.begin_read().map_err(|e| unavailable(&e))?;
-        self.store.not_behind().map_err(|e| unavailable(&e))?;
+        self.store.still_at(at).map_err(|e| unavailable(&e))?;
         let kv = r.open_table(KV).map_err(|e| unavailable(&e))?;
         for (key, seen) in &txn.reads {
             let stored = kv.get(kv_key(ns, key).as_str()).map_err(|e| unavailable(&e))?;
@@ -1407,11 +1409,12 @@ pub struct UnsettledPage {
 struct Store {
     path: PathBuf,
     db: std::sync::RwLock<Option<Arc<Database>>>,
-    /// The file is behind what the log answered: a reopen after a failed write threw away
-    /// commits kept only in memory (`bus.sync` = `batch` / `none`), and no commit has applied
-    /// them again yet. Set before such a reopen, cleared once a commit goes through (see
-    /// [`KeptInMemory`]).
-    behind: std::sync::atomic::AtomicBool,
+    /// Whether the file is behind the kv writes the log answered, odd while it is: a reopen
+    /// after a failed write threw away commits kept only in memory (`bus.sync` = `batch` /
+    /// `none`) holding kv writes, and no commit has applied them again yet. Made odd before
+    /// such a reopen and even again once a commit goes through (see [`KeptInMemory`]); each
+    /// change moves it on, so a kv read that began its snapshot across one sees it changed.
+    behind: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -1423,17 +1426,45 @@ impl Store {
             .ok_or_else(|| format!("{} is being reopened after a failed write (a full disk?)", self.path.display()))
     }
 
-    /// Fails a read whose snapshot may be older than what the log answered ([`Store::behind`]):
-    /// a kv read there would see a write answered Ok undone. Looked at once the read began: a
-    /// reopen that throws answered commits away says so before it opens the file again.
-    fn not_behind(&self) -> Result<(), String> {
-        match self.behind.load(std::sync::atomic::Ordering::SeqCst) {
-            false => Ok(()),
-            true => Err(format!(
-                "{} is behind what it answered after a failed write (a full disk?): its reads wait until a commit \
-                 goes through",
-                self.path.display()
-            )),
+    /// Before a kv read: fails while the file is behind what the log answered
+    /// ([`Store::behind`]), where a kv read would see a write answered Ok undone; else where
+    /// `behind` stands, for [`Store::still_at`] once the read's snapshot began.
+    fn not_behind(&self) -> Result<u64, String> {
+        let at = self.behind.load(std::sync::atomic::Ordering::SeqCst);
+        match at % 2 {
+            0 => Ok(at),
+            _ => Err(self.behind_why()),
+        }
+    }
+
+    /// After a kv read's snapshot began: fails when the file fell behind (or caught up) since
+    /// [`Store::not_behind`] (the snapshot may be of the file reopened behind).
+    fn still_at(&self, at: u64) -> Result<(), String> {
+        match self.behind.load(std::sync::atomic::Ordering::SeqCst) == at {
+            true => Ok(()),
+            false => Err(self.behind_why()),
+        }
+    }
+
+    fn behind_why(&self) -> String {
+        format!(
+            "{} is behind the kv writes it answered after a failed write (a full disk?): kv reads wait until a \
+             commit goes through",
+            self.path.display()
+        )
+    }
+
+    /// The writer's: the file is about to be reopened behind answered kv writes.
+    fn fall_behind(&self) {
+        if self.behind.load(std::sync::atomic::Ordering::SeqCst) % 2 == 0 {
+            self.behind.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// The writer's: a commit went through (applying again first what a reopen threw away).
+    fn caught_up(&self) {
+        if self.behind.load(std::sync::atomic::Ordering::SeqCst) % 2 == 1 {
+            self.behind.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
@@ -1486,9 +1517,10 @@ struct Writer {
     metrics: LogMetrics,
     /// Whether the last commit failed: the database is reopened before the next one.
     failed: std::sync::atomic::AtomicBool,
-    /// Whether commits kept only in memory were answered since the last durable one: a reopen
-    /// throws them away, and the file is then [`Store::behind`].
-    answered_in_memory: std::sync::atomic::AtomicBool,
+    /// Whether kv writes answered are in commits kept only in memory, or carried from a failed
+    /// commit: a reopen throws them away (or finds them missing), and the file is then
+    /// [`Store::behind`].
+    kv_not_on_file: std::sync::atomic::AtomicBool,
     /// Handler outputs sent and not committed yet (shared with the log, whose publishers of new
     /// outputs wait past [`UNWRITTEN_OUTPUT_BYTES`]).
     unwritten: Arc<Unwritten>,
@@ -1615,17 +1647,20 @@ type Backfilled = (oneshot::Sender<Result<BackfillStep, LogError>>, BackfillStep
 type Answers = Vec<(oneshot::Sender<Result<Appended, LogError>>, Appended)>;
 
 impl Writer {
-    /// Before a commit: whether a reopen would throw answered commits away, those kept only in
-    /// memory (`in_memory`) or carried from a failed commit while the file is behind.
-    fn answering_from(&self, in_memory: &[Op]) {
-        self.answered_in_memory.store(!in_memory.is_empty() || self.store.behind.load(Relaxed), Relaxed);
+    /// Before a commit of `batch`: whether the file may lack kv writes already answered (copies
+    /// nobody waits for, `done: None`, are kv commits applied again): kept only in memory
+    /// (`in_memory`), or carried from a failed commit to the head of `batch`. Acks and appends
+    /// lost the same way do not matter to kv reads (their readers wait on a commit first).
+    fn answering_from(&self, in_memory: &[Op], batch: &[Op]) {
+        let kv_again = |op: &Op| matches!(op, Op::KvCommit { done: None, .. });
+        self.kv_not_on_file.store(in_memory.iter().chain(batch).any(kv_again), Relaxed);
     }
 
     /// Opens the database again after a failed write, at its last durable commit; first marks
     /// it [`Store::behind`] when that throws answered commits away.
     fn reopen(&self) -> Result<(), String> {
-        if self.answered_in_memory.load(Relaxed) {
-            self.store.behind.store(true, std::sync::atomic::Ordering::SeqCst);
+        if self.kv_not_on_file.load(Relaxed) {
+            self.store.fall_behind();
         }
         self.store.reopen()?;
         self.reload_outboxed()
@@ -1683,7 +1718,7 @@ impl Writer {
                     }
                     if unsynced || !carried.is_empty() || failed {
                         let outputs = unwritten_output_bytes(&carried);
-                        self.answering_from(&in_memory);
+                        self.answering_from(&in_memory, &carried);
                         match self.commit(std::mem::take(&mut carried), true) {
                             Ok(_) => {
                                 unsynced = false;
@@ -1758,7 +1793,7 @@ impl Writer {
             #[cfg(test)]
             tests::record_commit(&self.path, durable, since_sync);
             let outputs = unwritten_output_bytes(&batch);
-            self.answering_from(&in_memory);
+            self.answering_from(&in_memory, &batch);
             let committed = self.commit(batch, durable);
             if committed.is_ok() {
                 self.unwritten.written(outputs);
@@ -2445,7 +2480,7 @@ impl Writer {
             Ok(()) => {
                 // What a reopen threw away went again first in this commit: readable again before
                 // anyone is answered (one waiting on a `sync` reads at once).
-                self.store.behind.store(false, std::sync::atomic::Ordering::SeqCst);
+                self.store.caught_up();
                 self.metrics.appended.inc_by(appended);
                 self.metrics.record_bytes.set(bytes_kept as i64);
                 if let Some(due) = histories_due {
@@ -3689,6 +3724,34 @@ pub(crate) mod tests {
         assert_eq!(unwritten(), 0);
         log.sync().await.unwrap();
         assert_eq!(log.unsettled("p").unwrap().len() as u64, sent, "every output kept once");
+    }
+
+    /// Review 59e F3: a failed write whose reopen throws away only acks (under `sync =
+    /// "always"`, where kv writes are on disk when answered) leaves kv reads alone: they failed
+    /// for as long as the disk stayed full, though no kv write was undone.
+    #[tokio::test]
+    async fn a_failed_write_that_undid_only_acks_fails_no_kv_read() {
+        let Some(disk) = Tmpfs::mount(16) else { return };
+        no_room_ahead(disk.0.path());
+        let p: Arc<str> = "p".into();
+        let log =
+            DurableLog::open_with(&disk.0.path().join("bus.redb"), SyncPolicy::Always, Retention::default()).unwrap();
+        let mut txn = crate::kv::Txn::default();
+        txn.set("k", b"v".to_vec());
+        log.kv_commit("p", &txn, None).await.unwrap();
+        let Appended::At(seq) = log.append(Arc::new(sample()), vec![p.clone()], false).await.unwrap() else {
+            panic!("appended")
+        };
+        // An ack alone: committed without `fsync` (kept in memory).
+        log.ack(p.clone(), seq);
+        let filler = fill_up(disk.0.path());
+        let _ = log.sync().await;
+        let read = log.kv_get("p", "k");
+        assert!(
+            matches!(&read, Ok(Some(v)) if v.value == b"v"),
+            "a kv read after a failed write that undid no kv write: {read:?}"
+        );
+        std::fs::remove_file(&filler).unwrap();
     }
 
     #[tokio::test]
