@@ -1431,9 +1431,9 @@ impl Store {
     /// `behind` stands, for [`Store::still_at`] once the read's snapshot began.
     fn not_behind(&self) -> Result<u64, String> {
         let at = self.behind.load(std::sync::atomic::Ordering::SeqCst);
-        match at % 2 {
-            0 => Ok(at),
-            _ => Err(self.behind_why()),
+        match at.is_multiple_of(2) {
+            true => Ok(at),
+            false => Err(self.behind_why()),
         }
     }
 
@@ -1456,14 +1456,14 @@ impl Store {
 
     /// The writer's: the file is about to be reopened behind answered kv writes.
     fn fall_behind(&self) {
-        if self.behind.load(std::sync::atomic::Ordering::SeqCst) % 2 == 0 {
+        if self.behind.load(std::sync::atomic::Ordering::SeqCst).is_multiple_of(2) {
             self.behind.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
     /// The writer's: a commit went through (applying again first what a reopen threw away).
     fn caught_up(&self) {
-        if self.behind.load(std::sync::atomic::Ordering::SeqCst) % 2 == 1 {
+        if !self.behind.load(std::sync::atomic::Ordering::SeqCst).is_multiple_of(2) {
             self.behind.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
