@@ -292,7 +292,8 @@ impl Host {
         let written = tokio::task::spawn_blocking(move || dead_letters.write_missed()).await.unwrap_or(false);
         if !written {
             tracing::error!(
-                "dead letters the file did not take (a full disk?) are lost with this stop: they were kept in memory only"
+                "changes dlq.redb did not take (a full disk?) are lost with this stop: dead letters kept in memory only \
+                 are gone, and replayed ones it still holds come back at the next start"
             );
         }
         if report.is_clean() {
