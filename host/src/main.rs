@@ -1,6 +1,7 @@
 //! The `plugbus` command line: run the host, publish an event.
 
 mod cli;
+mod log_queue;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
@@ -356,12 +357,14 @@ enum Command {
 
 /// Logs at `default` (unless `RUST_LOG` says otherwise) to stderr.
 fn init_logging_at(format: LogFormat, default: &str) {
-    init_logging_with(format, default, None);
+    init_logging_with(format, default, None, false);
 }
 
 /// Logs at `default` (unless `RUST_LOG` says otherwise) to stderr and, with `exporter`, turns
 /// the host's trace spans into OpenTelemetry spans (their own filter: the log never shows them).
-fn init_logging_with(format: LogFormat, default: &str, exporter: Option<&plugbus::telemetry::Exporter>) {
+/// With `queued` (the host, `plugbus run`), lines go to stderr from a thread of their own
+/// ([`log_queue`]): a reader that lags never blocks the runtime's workers.
+fn init_logging_with(format: LogFormat, default: &str, exporter: Option<&plugbus::telemetry::Exporter>, queued: bool) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{EnvFilter, Layer};
@@ -372,8 +375,12 @@ fn init_logging_with(format: LogFormat, default: &str, exporter: Option<&plugbus
     let filter = filter.add_directive(off);
     let log_level = log_max_level(&filter);
     // Above a progress bar while one is drawn; escapes only on a terminal without NO_COLOR.
+    let queued = queued && log_queue::start(cli::LogWriter).is_ok();
     let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(|| cli::LogWriter)
+        .with_writer(move || match queued {
+            true => log_queue::Writer::Queued,
+            false => log_queue::Writer::Direct,
+        })
         .with_ansi(cli::colour(std::io::IsTerminal::is_terminal(&std::io::stderr())));
     let fmt = match format {
         LogFormat::Pretty => fmt.compact().with_filter(filter).boxed(),
@@ -459,7 +466,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let ran = runtime.block_on(run(cli));
+    // The host's log lines still queued go out first (an error comes after them).
+    log_queue::flush(std::time::Duration::from_secs(2));
+    match ran {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             cli::report_error(&e);
@@ -481,7 +491,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     return Err(e);
                 }
             };
-            init_logging_with(cli.log_format, "info", exporter.as_ref());
+            init_logging_with(cli.log_format, "info", exporter.as_ref(), true);
             if let Some(e) = &exporter {
                 tracing::info!(endpoint = %e.endpoint, "exporting OpenTelemetry traces (OTLP/HTTP protobuf)");
             }
@@ -520,6 +530,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 _ = host.shutdown() => {}
                 second = wait_for_stop_signal() => {
                     tracing::warn!(signal = second?, "second signal: exiting without finishing the drain");
+                    log_queue::flush(std::time::Duration::from_secs(2));
                     std::process::exit(130);
                 }
             }

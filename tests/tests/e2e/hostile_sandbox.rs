@@ -673,6 +673,57 @@ fn proc_kib(pid: u32, field: &str) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
+/// Review 59d F3: the host wrote its log to stderr on the runtime's workers, so a reader that
+/// lags (here: a pipe nobody reads) blocked the worker that logged, then every worker: a plugin
+/// logging its most on every event stalled every plugin and the API. Lines now go to stderr
+/// from a thread of their own, dropped (and counted) past 8 MiB waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_whose_log_nobody_reads_still_serves() {
+    let plugins = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("hostile"), plugins.path().join("hostile.wasm")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // stderr a pipe whose reading end is held and never read: full after 64 KiB.
+    let child = Running(
+        Command::new(plugbus_bin())
+            .args(["run", "--log-format", "json", "--http", &format!("127.0.0.1:{port}")])
+            .arg("--plugins")
+            .arg(plugins.path())
+            .arg("--data-dir")
+            .arg(data.path())
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while client.get(format!("{url}/readyz")).send().await.ok().map(|r| r.status().as_u16()) != Some(200) {
+        assert!(Instant::now() < deadline, "the host did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Each event logs as much as its limit lets it (64 KiB of lines): the pipe fills at once.
+    for _ in 0..40 {
+        let posted = client.post(format!("{url}/v1/events/hostile.emptylogs")).body("5000").send().await;
+        let r = posted.expect("the API stalled on the unread log");
+        assert_eq!(r.status().as_u16(), 202);
+    }
+    let handled = || async {
+        let v: serde_json::Value = client.get(format!("{url}/v1/plugins")).send().await.ok()?.json().await.ok()?;
+        v["plugins"][0]["counters"]["ok"].as_u64()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while handled().await.unwrap_or(0) < 40 {
+        assert!(Instant::now() < deadline, "the host stalled on its unread log: {:?} of 40 handled", handled().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let health = client.get(format!("{url}/healthz")).send().await.expect("the API stalled on the unread log");
+    assert_eq!(health.status().as_u16(), 200);
+    drop(child);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seven_hostile_events_at_once_do_not_grow_the_host_or_its_log() {
     let plugins = tempfile::tempdir().unwrap();
