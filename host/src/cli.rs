@@ -362,6 +362,32 @@ impl Drop for Progress {
     }
 }
 
+/// Log lines for `tracing_subscriber`'s fmt layer (one `write` per formatted line).
+pub enum LogLines {
+    /// Handed to the host's log thread ([`plugbus::log_queue`]; straight to stderr if it was
+    /// not started).
+    Queued,
+    /// Straight to stderr ([`LogWriter`]): the short-lived commands, whose lines must be out
+    /// when they exit.
+    Direct,
+}
+
+impl std::io::Write for LogLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            LogLines::Queued if plugbus::log_queue::push(buf) => Ok(buf.len()),
+            _ => LogWriter.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            LogLines::Queued => Ok(()),
+            LogLines::Direct => LogWriter.flush(),
+        }
+    }
+}
+
 /// stderr for log lines: written above the progress bar while one is drawn, so neither
 /// garbles the other.
 pub struct LogWriter;

@@ -821,6 +821,7 @@ async fn run_attempt(
                 }
                 if !run.txn.writes.is_empty() && fault_abort_after_kv_commit() {
                     tracing::error!(plugin = %rt.name, event_id = %ev.id, "PLUGBUS_FAULT_ABORT_AFTER_KV_COMMIT: aborting");
+                    crate::log_queue::flush(std::time::Duration::from_secs(1));
                     std::process::abort();
                 }
                 // The attempt's context, as on its outputs (the plugin's own was dropped).

@@ -31,8 +31,8 @@ struct Waiting {
 
 static QUEUE: OnceLock<Queue> = OnceLock::new();
 
-/// Starts the writer thread: from now on [`QueuedWriter`] hands lines to it, which writes them
-/// to `out`. Once per process; later calls change nothing.
+/// Starts the writer thread: from now on [`push`] hands lines to it, which writes them to
+/// `out`. Once per process; later calls change nothing.
 pub fn start(out: impl Write + Send + 'static) -> std::io::Result<()> {
     if QUEUE.get().is_some() {
         return Ok(());
@@ -86,38 +86,15 @@ pub fn flush(timeout: Duration) {
     let _ = q.waiting.written.wait_timeout_while(bytes, timeout, |b| *b > 0);
 }
 
-/// A writer for `tracing_subscriber`'s fmt layer (one `write` per formatted line).
-pub enum Writer {
-    /// Handed to the writer thread ([`start`]; straight to stderr if it was not started).
-    Queued,
-    /// Straight to stderr, above a progress bar ([`crate::cli::LogWriter`]): the short-lived
-    /// commands, whose lines must be out when they exit.
-    Direct,
-}
-
-impl Write for Writer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match (&*self, QUEUE.get()) {
-            (Writer::Queued, Some(q)) => Ok(queue(q, buf)),
-            _ => crate::cli::LogWriter.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Writer::Queued => Ok(()),
-            Writer::Direct => crate::cli::LogWriter.flush(),
-        }
-    }
-}
-
-/// Hands `buf` to the writer thread, or drops it past [`QUEUED_BYTES`] waiting; never waits.
-fn queue(q: &Queue, buf: &[u8]) -> usize {
+/// Hands a line to the writer thread, or drops it past [`QUEUED_BYTES`] waiting; never waits.
+/// `false` when the queue was not started (the caller writes the line itself).
+pub fn push(buf: &[u8]) -> bool {
+    let Some(q) = QUEUE.get() else { return false };
     {
         let mut bytes = q.waiting.bytes.lock().unwrap_or_else(|e| e.into_inner());
         if *bytes + buf.len() as u64 > QUEUED_BYTES {
             q.dropped.fetch_add(1, Ordering::Relaxed);
-            return buf.len();
+            return true;
         }
         *bytes += buf.len() as u64;
     }
@@ -128,7 +105,7 @@ fn queue(q: &Queue, buf: &[u8]) -> usize {
         *bytes = bytes.saturating_sub(buf.len() as u64);
         q.dropped.fetch_add(1, Ordering::Relaxed);
     }
-    buf.len()
+    true
 }
 
 #[cfg(test)]
@@ -164,7 +141,7 @@ mod tests {
         let line = vec![b'x'; 1 << 20];
         let started = std::time::Instant::now();
         for _ in 0..20 {
-            assert_eq!(Writer::Queued.write(&line).unwrap(), line.len());
+            assert!(push(&line));
         }
         assert!(started.elapsed() < Duration::from_secs(5), "a line waited for the reader: {:?}", started.elapsed());
         assert_eq!(dropped(), 20 - (QUEUED_BYTES >> 20), "lines past the queue's bytes");

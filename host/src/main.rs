@@ -1,7 +1,6 @@
 //! The `plugbus` command line: run the host, publish an event.
 
 mod cli;
-mod log_queue;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
@@ -356,6 +355,29 @@ enum Command {
 }
 
 /// Logs at `default` (unless `RUST_LOG` says otherwise) to stderr.
+/// Flushes the host's queued log lines when dropped ([`plugbus::log_queue::flush`], 2 s at most).
+struct FlushedLog;
+
+impl Drop for FlushedLog {
+    fn drop(&mut self) {
+        plugbus::log_queue::flush(std::time::Duration::from_secs(2));
+    }
+}
+
+/// A panic's message goes through the log queue too: printed by the default hook, it waited on
+/// the stderr lock the queue's thread holds while the reader lags (a worker blocked for good),
+/// and could come out ahead of lines logged before it.
+fn queue_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        let line = format!("thread '{}' {info}\n", thread.name().unwrap_or("<unnamed>"));
+        if !plugbus::log_queue::push(line.as_bytes()) {
+            default(info);
+        }
+    }));
+}
+
 fn init_logging_at(format: LogFormat, default: &str) {
     init_logging_with(format, default, None, false);
 }
@@ -363,7 +385,7 @@ fn init_logging_at(format: LogFormat, default: &str) {
 /// Logs at `default` (unless `RUST_LOG` says otherwise) to stderr and, with `exporter`, turns
 /// the host's trace spans into OpenTelemetry spans (their own filter: the log never shows them).
 /// With `queued` (the host, `plugbus run`), lines go to stderr from a thread of their own
-/// ([`log_queue`]): a reader that lags never blocks the runtime's workers.
+/// ([`plugbus::log_queue`]): a reader that lags never blocks the runtime's workers.
 fn init_logging_with(format: LogFormat, default: &str, exporter: Option<&plugbus::telemetry::Exporter>, queued: bool) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -375,11 +397,14 @@ fn init_logging_with(format: LogFormat, default: &str, exporter: Option<&plugbus
     let filter = filter.add_directive(off);
     let log_level = log_max_level(&filter);
     // Above a progress bar while one is drawn; escapes only on a terminal without NO_COLOR.
-    let queued = queued && log_queue::start(cli::LogWriter).is_ok();
+    let queued = queued && plugbus::log_queue::start(cli::LogWriter).is_ok();
+    if queued {
+        queue_panics();
+    }
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(move || match queued {
-            true => log_queue::Writer::Queued,
-            false => log_queue::Writer::Direct,
+            true => cli::LogLines::Queued,
+            false => cli::LogLines::Direct,
         })
         .with_ansi(cli::colour(std::io::IsTerminal::is_terminal(&std::io::stderr())));
     let fmt = match format {
@@ -466,9 +491,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    // The host's log lines still queued go out before the process ends, an error report after
+    // them (and on a panic out of the run too).
+    let flushed = FlushedLog;
     let ran = runtime.block_on(run(cli));
-    // The host's log lines still queued go out first (an error comes after them).
-    log_queue::flush(std::time::Duration::from_secs(2));
+    drop(flushed);
     match ran {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -530,7 +557,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 _ = host.shutdown() => {}
                 second = wait_for_stop_signal() => {
                     tracing::warn!(signal = second?, "second signal: exiting without finishing the drain");
-                    log_queue::flush(std::time::Duration::from_secs(2));
+                    plugbus::log_queue::flush(std::time::Duration::from_secs(2));
                     std::process::exit(130);
                 }
             }
