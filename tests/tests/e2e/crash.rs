@@ -304,8 +304,9 @@ async fn a_crash_after_a_responders_kv_commit_still_releases_its_outputs_once() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     unsafe { libc_kill(child.id() as i32, 15) };
-    assert!(child.wait().unwrap().success());
+    let status = child.wait().unwrap();
     let host_said = std::fs::read_to_string(&host_log).unwrap();
+    assert!(status.success(), "stopped: {status}; the host said: {host_said}");
     assert!(host_said.contains("a request handled before the last stop"), "{host_said}");
 
     let log = DurableLog::open(&data.path().join("bus.redb"), SyncPolicy::Always).unwrap();

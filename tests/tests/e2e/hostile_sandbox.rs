@@ -673,6 +673,23 @@ fn proc_kib(pid: u32, field: &str) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
+/// `plugbus run` on `plugins` and `data`, its API on `port`, JSON logs at info to `stderr`.
+fn run_hostile(plugins: &std::path::Path, data: &std::path::Path, port: u16, stderr: Stdio) -> Running {
+    Running(
+        Command::new(plugbus_bin())
+            .args(["run", "--log-format", "json", "--http", &format!("127.0.0.1:{port}")])
+            .arg("--plugins")
+            .arg(plugins)
+            .arg("--data-dir")
+            .arg(data)
+            .env("RUST_LOG", "info")
+            .stderr(stderr)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 /// Review 59d F3: the host wrote its log to stderr on the runtime's workers, so a reader that
 /// lags (here: a pipe nobody reads) blocked the worker that logged, then every worker: a plugin
 /// logging its most on every event stalled every plugin and the API. Lines now go to stderr
@@ -684,19 +701,7 @@ async fn a_host_whose_log_nobody_reads_still_serves() {
     std::fs::copy(wasm("hostile"), plugins.path().join("hostile.wasm")).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     // stderr a pipe whose reading end is held and never read: full after 64 KiB.
-    let child = Running(
-        Command::new(plugbus_bin())
-            .args(["run", "--log-format", "json", "--http", &format!("127.0.0.1:{port}")])
-            .arg("--plugins")
-            .arg(plugins.path())
-            .arg("--data-dir")
-            .arg(data.path())
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let child = run_hostile(plugins.path(), data.path(), port, Stdio::piped());
     let url = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -731,19 +736,7 @@ async fn seven_hostile_events_at_once_do_not_grow_the_host_or_its_log() {
     std::fs::copy(wasm("hostile"), plugins.path().join("hostile.wasm")).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let log = data.path().join("host.log");
-    let child = Running(
-        Command::new(plugbus_bin())
-            .args(["run", "--log-format", "json", "--http", &format!("127.0.0.1:{port}")])
-            .arg("--plugins")
-            .arg(plugins.path())
-            .arg("--data-dir")
-            .arg(data.path())
-            .env("RUST_LOG", "info")
-            .stderr(std::fs::File::create(&log).unwrap())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let child = run_hostile(plugins.path(), data.path(), port, std::fs::File::create(&log).unwrap().into());
     let pid = child.0.id();
     let url = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
