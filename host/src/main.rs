@@ -364,20 +364,6 @@ impl Drop for FlushedLog {
     }
 }
 
-/// A panic's message goes through the log queue too: printed by the default hook, it waited on
-/// the stderr lock the queue's thread holds while the reader lags (a worker blocked for good),
-/// and could come out ahead of lines logged before it.
-fn queue_panics() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let thread = std::thread::current();
-        let line = format!("thread '{}' {info}\n", thread.name().unwrap_or("<unnamed>"));
-        if !plugbus::log_queue::push(line.as_bytes()) {
-            default(info);
-        }
-    }));
-}
-
 fn init_logging_at(format: LogFormat, default: &str) {
     init_logging_with(format, default, None, false);
 }
@@ -398,9 +384,6 @@ fn init_logging_with(format: LogFormat, default: &str, exporter: Option<&plugbus
     let log_level = log_max_level(&filter);
     // Above a progress bar while one is drawn; escapes only on a terminal without NO_COLOR.
     let queued = queued && plugbus::log_queue::start(cli::LogWriter).is_ok();
-    if queued {
-        queue_panics();
-    }
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(move || match queued {
             true => cli::LogLines::Queued,
