@@ -34,12 +34,21 @@ pub struct Host {
     stop_http: Option<oneshot::Sender<()>>,
     http_task: Option<tokio::task::JoinHandle<()>>,
     /// Writes what `dlq.redb` missed while it failed writes ([`DeadLetters::write_missed`]).
-    _dead_letters_catching_up: CatchingUp,
+    dead_letters_catching_up: CatchingUp,
 }
 
 /// The task that writes what `dlq.redb` missed every few seconds; stopped with the host, shut
-/// down or dropped (it holds the file open).
+/// down or dropped. It holds the store (and so the file) only while it writes: a host started
+/// again on the same `data_dir` right after a stop found the file still open.
 struct CatchingUp(tokio::task::JoinHandle<()>);
+
+impl CatchingUp {
+    /// Stops the task and waits until it is gone.
+    async fn stop(&mut self) {
+        self.0.abort();
+        let _ = (&mut self.0).await;
+    }
+}
 
 impl Drop for CatchingUp {
     fn drop(&mut self) {
@@ -49,11 +58,11 @@ impl Drop for CatchingUp {
 
 /// Every 5 s, writes what the dead-letter file missed while it failed writes (a full disk), so
 /// a dead letter kept in memory only is not lost with the process when no later write comes.
-async fn write_missed_dead_letters(dead_letters: Arc<DeadLetters>) {
+async fn write_missed_dead_letters(dead_letters: std::sync::Weak<DeadLetters>) {
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        let Some(dead_letters) = dead_letters.upgrade() else { return };
         // On the blocking pool even to look: a write holds the lock over its `fsync`.
-        let dead_letters = dead_letters.clone();
         let _ = tokio::task::spawn_blocking(move || dead_letters.write_missed()).await;
     }
 }
@@ -189,7 +198,7 @@ impl Host {
             }));
             tracing::info!(addr = %http_addr.expect("bound"), "HTTP API listening");
         }
-        let catching_up = CatchingUp(tokio::spawn(write_missed_dead_letters(dead_letters.clone())));
+        let catching_up = CatchingUp(tokio::spawn(write_missed_dead_letters(Arc::downgrade(&dead_letters))));
         tracing::info!(
             transport = transport.name(),
             plugins = router.names().len(),
@@ -208,7 +217,7 @@ impl Host {
             http_addr,
             stop_http,
             http_task,
-            _dead_letters_catching_up: catching_up,
+            dead_letters_catching_up: catching_up,
         })
     }
 
@@ -288,6 +297,7 @@ impl Host {
         self.router.close().await;
         // What the dead-letter file missed while it failed writes, written now or lost with the
         // process (logged).
+        self.dead_letters_catching_up.stop().await;
         let dead_letters = self.dead_letters.clone();
         let written = tokio::task::spawn_blocking(move || dead_letters.write_missed()).await.unwrap_or(false);
         if !written {
