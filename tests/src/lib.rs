@@ -3,6 +3,9 @@
 
 pub mod browser;
 pub mod nats;
+mod ports;
+
+pub use ports::free_port;
 
 use plugbus::{Config, Event, Host};
 use std::path::{Path, PathBuf};
@@ -498,7 +501,7 @@ impl HostChild {
     /// `data/plugbus.toml`) and `env` set for it; returns once `/readyz` answers (fails the test
     /// after 60 s, with the host's log).
     pub async fn start(plugins: &Path, data: &Path, config: &str, env: &[(&str, &str)]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = free_port();
         let config_path = data.join("plugbus.toml");
         std::fs::write(&config_path, config).unwrap();
         let log = data.join("host.log");

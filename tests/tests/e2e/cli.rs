@@ -2,13 +2,9 @@
 //! another.
 
 use plugbus_tests::Running;
-use plugbus_tests::{output_within, plugbus_bin, wasm};
+use plugbus_tests::{free_port, output_within, plugbus_bin, wasm};
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn wait_healthy(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);

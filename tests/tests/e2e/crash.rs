@@ -2,7 +2,7 @@
 //! that got a `202` is handled, with no output twice (counted by id in the durable log).
 
 use plugbus::backend::embedded::log::{DurableLog, SyncPolicy};
-use plugbus_tests::{plugbus_bin, wasm};
+use plugbus_tests::{free_port, plugbus_bin, wasm};
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -59,10 +59,6 @@ async fn injected_abort(child: &mut Child, host_log: &Path) {
     };
     assert!(!status.success(), "aborted: {status}");
     assert!(std::fs::read_to_string(host_log).unwrap().contains("PLUGBUS_FAULT_ABORT_AFTER_KV_COMMIT"));
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Opens the log once the host let go of it; returns input id → how many outputs it caused.

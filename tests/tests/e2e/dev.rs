@@ -166,7 +166,7 @@ async fn plugbus_dev_run_serves_the_crate_on_a_host_of_its_own() {
     let dir = tempfile::tempdir().unwrap();
     let krate = new_crate(dir.path(), "dev-run-probe");
     let data = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = plugbus_tests::free_port();
     let http = format!("127.0.0.1:{port}");
     let plugins = dir.path().join("plugins");
     let mut dev = Dev::spawn(

@@ -699,7 +699,7 @@ async fn a_host_whose_log_nobody_reads_still_serves() {
     let plugins = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
     std::fs::copy(wasm("hostile"), plugins.path().join("hostile.wasm")).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = plugbus_tests::free_port();
     // stderr a pipe whose reading end is held and never read: full after 64 KiB.
     let child = run_hostile(plugins.path(), data.path(), port, Stdio::piped());
     let url = format!("http://127.0.0.1:{port}");
@@ -734,7 +734,7 @@ async fn seven_hostile_events_at_once_do_not_grow_the_host_or_its_log() {
     let plugins = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
     std::fs::copy(wasm("hostile"), plugins.path().join("hostile.wasm")).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = plugbus_tests::free_port();
     let log = data.path().join("host.log");
     let child = run_hostile(plugins.path(), data.path(), port, std::fs::File::create(&log).unwrap().into());
     let pid = child.0.id();

@@ -27,7 +27,7 @@ async fn next(sub: &mut async_nats::Subscriber) -> async_nats::Message {
 /// server cut off, and core deliveries were lost meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_tail_observes_on_a_connection_of_its_own() {
-    let monitor = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let monitor = plugbus_tests::free_port();
     let server = NatsServer::start_with(&["-m", &monitor.to_string()]).await;
     let t = TestHost::start_on(&Bus::Core(&server), &["echo"], |_| {}).await;
     let tail = reqwest::get(format!("{}/v1/events/%3E", t.url())).await.unwrap();
@@ -306,7 +306,7 @@ async fn a_malformed_cloudevent_is_dead_lettered_with_the_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_server_fails_the_start_naming_the_url() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = plugbus_tests::free_port();
     let dir = tempfile::tempdir().unwrap();
     let mut config =
         Config { plugins_dir: dir.path().into(), data_dir: dir.path().into(), http: None, ..Config::default() };

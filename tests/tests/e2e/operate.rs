@@ -224,7 +224,7 @@ fn sigterm_with_events_in_flight_finishes_them_and_their_outputs_then_exits_zero
     let plugins = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
     std::fs::copy(wasm("faulty"), plugins.path().join("faulty.wasm")).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = plugbus_tests::free_port();
     let log = plugins.path().join("host.log");
     let child = Command::new(plugbus_bin())
         .args(["run", "--log-format", "json", "--concurrency", "1", "--http", &format!("127.0.0.1:{port}")])
@@ -436,7 +436,7 @@ async fn a_config_table_for_an_unknown_plugin_is_a_warning_not_an_error() {
     std::fs::copy(wasm("audit"), plugins.path().join("audit.wasm")).unwrap();
     let config_file = plugins.path().join("plugbus.toml");
     std::fs::write(&config_file, "[plugins.ghost]\nconfig = { a = \"b\" }\n").unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = plugbus_tests::free_port();
     let log = data.path().join("host.log");
     let mut child = Command::new(plugbus_bin())
         .args(["run", "--log-format", "json", "--http", &format!("127.0.0.1:{port}"), "--config"])

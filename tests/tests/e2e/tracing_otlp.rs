@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
-use plugbus_tests::{Running, order, wasm};
+use plugbus_tests::{Running, free_port, order, wasm};
 use prost::Message;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -113,10 +113,6 @@ async fn receiver() -> (String, Received) {
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (url, got)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// `plugbus run` on these components, exporting to `otlp`; its API URL and log file.
