@@ -757,6 +757,7 @@ impl DurableLog {
             retention,
             metrics: metrics.clone(),
             failed: false.into(),
+            backoff: Default::default(),
             kv_not_on_file: false.into(),
             unwritten: unwritten.clone(),
             outboxed: std::sync::Mutex::new(outboxed),
@@ -1517,6 +1518,8 @@ struct Writer {
     metrics: LogMetrics,
     /// Whether the last commit failed: the database is reopened before the next one.
     failed: std::sync::atomic::AtomicBool,
+    /// How soon after failed writes the next commit tries the file.
+    backoff: std::sync::Mutex<super::reopen_backoff::ReopenBackoff>,
     /// Whether kv writes answered are in commits kept only in memory, or carried from a failed
     /// commit: a reopen throws them away (or finds them missing), and the file is then
     /// [`Store::behind`].
@@ -1659,6 +1662,8 @@ impl Writer {
     /// Opens the database again after a failed write, at its last durable commit; first marks
     /// it [`Store::behind`] when that throws answered commits away.
     fn reopen(&self) -> Result<(), String> {
+        #[cfg(test)]
+        tests::record_reopen(&self.path);
         if self.kv_not_on_file.load(Relaxed) {
             self.store.fall_behind();
         }
@@ -2104,6 +2109,17 @@ impl Writer {
     /// Commits one batch; answers every op in it. When the commit failed each op that has a
     /// waiter is told, and the ops nobody waits for (outputs, acks) come back to be tried again.
     fn commit(&self, batch: Vec<Op>, durable: bool) -> Result<KeptInMemory, Vec<Op>> {
+        if self.failed.load(std::sync::atomic::Ordering::Relaxed)
+            && let Some(why) = self.backoff.lock().expect("backoff poisoned").refusal()
+        {
+            // Too soon after failed writes: refused as the last one was, the file untouched.
+            tracing::debug!(log = %self.path.display(), "event log commit refused: {why}");
+            let retry: Vec<Op> = batch.iter().filter_map(Op::retry_copy).collect();
+            for op in batch {
+                op.fail(&self.path, &why);
+            }
+            return Err(retry);
+        }
         let started = std::time::Instant::now();
         let mut kept_in_memory = KeptInMemory::default();
         let operations = batch.len();
@@ -2509,6 +2525,7 @@ impl Writer {
                 for done in syncs {
                     let _ = done.send(sync_not_on_disk().map_or(Ok(()), Err));
                 }
+                self.backoff.lock().expect("backoff poisoned").succeeded();
                 Ok(kept_in_memory)
             }
             Err(why) => {
@@ -2516,6 +2533,7 @@ impl Writer {
                 tracing::error!(log = %self.path.display(), outputs_and_acks_kept_to_retry = retry.len(),
                     "event log commit failed: {why}");
                 self.failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.backoff.lock().expect("backoff poisoned").failed(&why);
                 for (done, _) in answers {
                     let _ = done.send(Err(LogError::Io { path: self.path.clone(), why: why.clone() }));
                 }
@@ -3445,6 +3463,52 @@ pub(crate) mod tests {
     pub(super) fn wait_while_gathering_held(path: &Path) {
         while HOLD_GATHERING.lock().unwrap().iter().any(|p| p == path) {
             std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    static REOPENS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+    pub(super) fn record_reopen(path: &Path) {
+        REOPENS.lock().unwrap().push(path.to_path_buf());
+    }
+
+    fn reopens(path: &Path) -> usize {
+        REOPENS.lock().unwrap().iter().filter(|p| *p == path).count()
+    }
+
+    /// Review 59c M3: while the disk stays full, commits come without a pause (each producer's
+    /// append, the idle flush every 100 ms), and each reopened the file, which may run redb's
+    /// repair of all of it: the writer kept a core and the disk busy. Now the file is tried
+    /// again after a growing wait, up to a second, and a commit sooner is refused untouched.
+    #[tokio::test]
+    async fn a_full_disk_is_tried_again_after_a_growing_wait_not_at_every_commit() {
+        let Some(disk) = Tmpfs::mount(16) else { return };
+        no_room_ahead(disk.0.path());
+        let path = disk.0.path().join("bus.redb");
+        let log = DurableLog::open_with(&path, SyncPolicy::Always, Retention::default()).unwrap();
+        let p: Arc<str> = "p".into();
+        log.append(Arc::new(sample()), vec![p.clone()], false).await.unwrap();
+        let filler = fill_up(disk.0.path());
+        let started = std::time::Instant::now();
+        let (mut refused, mut waiting) = (0, 0);
+        while started.elapsed() < std::time::Duration::from_millis(500) {
+            let why = log.append(Arc::new(sample()), vec![p.clone()], false).await.unwrap_err().to_string();
+            refused += 1;
+            waiting += usize::from(why.contains("the file is tried again in"));
+        }
+        let reopens = reopens(&path);
+        // 25 + 50 + 100 + 200 ms of waits fit in 500 ms: about six tries, with the idle flush's.
+        assert!(reopens <= 12, "{reopens} reopens for {refused} refused appends in 500 ms");
+        assert!(
+            refused >= 20 && waiting > 0,
+            "{refused} appends refused, {waiting} saying when the file is tried again"
+        );
+        // Once there is room, the log notices within its longest wait.
+        std::fs::remove_file(&filler).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while let Err(e) = log.append(Arc::new(sample()), vec![p.clone()], false).await {
+            assert!(std::time::Instant::now() < deadline, "the log did not take appends again: {e}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 

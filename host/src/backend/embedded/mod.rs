@@ -6,6 +6,7 @@ pub mod bus;
 pub mod disk;
 pub mod kv;
 pub mod log;
+mod reopen_backoff;
 mod retired_ids;
 mod rows;
 mod zeroed_ahead;
