@@ -7,6 +7,10 @@ use crate::event::Event;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
 
+/// A kept entry's number at or past this is damage (no file reaches it): it is passed over at
+/// open, so the numbers after it cannot wrap.
+const DAMAGED_SEQ: u64 = 1 << 63;
+
 /// seq → plugin name (u32 length + bytes), then the encoded dead-letter event.
 const KEPT: TableDefinition<u64, &[u8]> = TableDefinition::new("kept");
 
@@ -66,6 +70,13 @@ impl DlqFile {
             let records = r.open_table(RECORDS).map_err(|e| err(e.to_string()))?;
             for row in table.iter().map_err(|e| err(e.to_string()))? {
                 let (seq, stored) = row.map_err(|e| err(e.to_string()))?;
+                if seq.value() >= DAMAGED_SEQ {
+                    // No file counts this far: the number after it would wrap, and new dead
+                    // letters would be written over kept ones.
+                    tracing::error!(path = %path.display(), seq = seq.value(),
+                        "a kept dead letter's number is past any a file reaches (damaged): left in the file, not listed or replayed");
+                    continue;
+                }
                 next = next.max(seq.value() + 1);
                 let (plugin, event) = match split(stored.value()) {
                     Ok(read) => read,
@@ -196,5 +207,30 @@ mod tests {
         let r = db.begin_read().unwrap();
         let row = r.open_table(KEPT).unwrap().get(damaged).unwrap().map(|v| v.value().to_vec());
         assert_eq!(row.as_deref(), Some(b"\x07\0\0\0garbage".as_slice()), "the damaged entry left the file");
+    }
+    /// Review 59c L1: an entry numbered `u64::MAX` (a damaged or hostile file) made the number
+    /// after it overflow: a panic in a debug build, and in a release one new dead letters
+    /// numbered from 0 again, over kept ones.
+    #[test]
+    fn an_entry_numbered_past_any_count_is_passed_over_and_numbers_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dlq.redb");
+        let kept = {
+            let s = DeadLetters::persistent(100, &path).unwrap();
+            s.push("p", Event::new("x.0", ""));
+            s.list(None)[0].seq
+        };
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let w = db.begin_write().unwrap();
+            let copy = w.open_table(KEPT).unwrap().get(kept).unwrap().unwrap().value().to_vec();
+            w.open_table(KEPT).unwrap().insert(u64::MAX, copy.as_slice()).unwrap();
+            w.commit().unwrap();
+        }
+        let s = DeadLetters::persistent(100, &path).unwrap();
+        assert_eq!(s.list(None).into_iter().map(|e| e.seq).collect::<Vec<_>>(), [kept]);
+        s.push("p", Event::new("x.1", ""));
+        let seqs: Vec<u64> = s.list(None).into_iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [kept, kept + 1], "numbers go on after the last entry that counts");
     }
 }

@@ -404,7 +404,14 @@ fn redb_commit(db: &redb::Database, ns: &str, txn: &Txn) -> Result<(), KvError> 
             Ok(data.get(db_key(ns, key).as_str()).map_err(unavailable)?.map(|v| quota::value_len(v.value())))
         })?;
         let mut meta = w.open_table(META).map_err(unavailable)?;
-        let clock = meta.get("clock").map_err(unavailable)?.map_or(0, |v| v.value()) + 1;
+        let clock = meta.get("clock").map_err(unavailable)?.map_or(0, |v| v.value());
+        if clock >= 1 << 63 {
+            // Damage: no file counts this far, and a clock that wraps passes stale read checks.
+            return Err(KvError::Unavailable(format!(
+                "kv.redb is damaged: its clock ({clock}) is past any a file reaches"
+            )));
+        }
+        let clock = clock + 1;
         meta.insert("clock", clock).map_err(unavailable)?;
         quota::counted_at(&mut meta, clock).map_err(unavailable)?;
         for (key, value) in &txn.writes {
@@ -435,6 +442,27 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_transaction_that_only_read_is_checked_too() {
         read_only_is_checked(&MemoryKv::new()).await;
+    }
+
+    /// Review 59c L1: a clock at `u64::MAX` in `kv.redb` (a damaged or hostile file) overflowed
+    /// at the next commit (a panic in a debug build; in a release one versions from 0 again,
+    /// which pass stale read checks). Now the commit fails, naming the damage.
+    #[tokio::test]
+    async fn a_clock_past_any_count_fails_the_commit_naming_the_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv.redb");
+        drop(RedbKv::open(&path).unwrap());
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let w = db.begin_write().unwrap();
+            w.open_table(META).unwrap().insert("clock", u64::MAX).unwrap();
+            w.commit().unwrap();
+        }
+        let kv = RedbKv::open(&path).unwrap();
+        let mut txn = Txn::default();
+        txn.set("k", b"v".to_vec());
+        let e = kv.commit("p", &txn).await.unwrap_err();
+        assert!(matches!(&e, KvError::Unavailable(why) if why.contains("damaged")), "{e:?}");
     }
 
     /// See [`a_transaction_that_only_read_is_checked_too`]; every store runs it.

@@ -727,6 +727,15 @@ impl DurableLog {
                      is in the range kept for requests' outboxes ({REQUEST_KEYS} and up)"
                 )));
             }
+            for counter in ["commit", "kv_clock"] {
+                let count = read(counter)?.unwrap_or(0);
+                if count >= DAMAGED_COUNT {
+                    return Err(open_err(format!(
+                        "the event log is damaged: its {counter} count ({count}) is past any a log reaches, and the \
+                         next would wrap"
+                    )));
+                }
+            }
             if stored <= last {
                 tracing::error!(log = %path.display(), next_seq = stored, last_seq = last,
                     "the event log's next sequence number is behind its last event (damaged): going on after the last");
@@ -1540,6 +1549,10 @@ struct Writer {
     /// output's append looks there only then.
     any_retired: std::sync::atomic::AtomicBool,
 }
+
+/// A META count (`commit`, `kv_clock`) at or past this is damage: no log counts this far, and
+/// the next would wrap (`kv_clock` wrapping would pass a stale kv read check).
+const DAMAGED_COUNT: u64 = 1 << 63;
 
 /// The most rows one retention pass (one a second, on the writer's thread) reads and passes
 /// over because an unsettled event keeps them. Without a bound, a log pinned by a plugin that
@@ -3025,6 +3038,26 @@ pub(crate) mod tests {
         assert_eq!(read.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
         assert_eq!(read[0].1.id, first, "event 1 was overwritten");
         assert_eq!(log.unsettled("p").unwrap().len(), 4);
+    }
+
+    /// Review 59c L1: a META count at `u64::MAX` (a damaged or hostile file) overflowed at the
+    /// next commit: a panic of the writer in a debug build, a wrap in a release one (`kv_clock`
+    /// wrapping passes stale kv read checks). Now the open refuses, naming it.
+    #[tokio::test]
+    async fn a_count_past_any_a_log_reaches_fails_the_open_naming_it() {
+        for counter in ["commit", "kv_clock"] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("bus.redb");
+            drop(DurableLog::open(&path, SyncPolicy::Always).unwrap());
+            let db = open_when_free(&path).unwrap();
+            let w = db.begin_write().unwrap();
+            w.open_table(META).unwrap().insert(counter, u64::MAX).unwrap();
+            w.commit().unwrap();
+            drop(db);
+            let Err(e) = DurableLog::open(&path, SyncPolicy::Always) else { panic!("{counter} at u64::MAX opened") };
+            let e = e.to_string();
+            assert!(e.contains("damaged") && e.contains(&format!("its {counter} count")), "{e}");
+        }
     }
 
     #[tokio::test]
