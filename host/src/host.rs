@@ -94,6 +94,7 @@ impl Host {
         on_load: loader::OnLoad<'_>,
     ) -> anyhow::Result<Self> {
         config.validate()?;
+        let config = with_absolute_plugins_dir(config)?;
         // Whatever the store, one plugin's commits take a bounded share of its writer.
         let shared = Arc::new(crate::kv::share::Shared::new(kv));
         let kv: Arc<dyn KvStore> = shared.clone();
@@ -329,4 +330,18 @@ pub(crate) fn warn_if_the_pool_is_short(config: &Config, plugins: &[String], max
              for a slot; raise sandbox.max_instances or lower flow.concurrency"
         );
     }
+}
+
+/// `config` with its `plugins_dir` made absolute as the folder's watcher makes it (joined to
+/// the working directory, no symlink resolved): the watcher names every change by that form,
+/// and the files loaded at start were kept by the relative one (the default, `plugins`), so a
+/// copy over one was refused as "already served from plugins/x.wasm" and a removal was never
+/// seen (review 60b H2). `plugbus dev`, which reads it from `/v1/plugins`, gets a path that
+/// works from any directory too.
+fn with_absolute_plugins_dir(mut config: Config) -> anyhow::Result<Config> {
+    if config.plugins_dir.is_relative() {
+        let cwd = std::env::current_dir().context("reading the working directory (plugins_dir is relative)")?;
+        config.plugins_dir = cwd.join(&config.plugins_dir);
+    }
+    Ok(config)
 }

@@ -501,11 +501,20 @@ impl HostChild {
     /// `data/plugbus.toml`) and `env` set for it; returns once `/readyz` answers (fails the test
     /// after 60 s, with the host's log).
     pub async fn start(plugins: &Path, data: &Path, config: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_in(None, plugins, data, config, env).await
+    }
+
+    /// [`HostChild::start`] in the working directory `cwd` (where a relative `plugins` is).
+    pub async fn start_in(cwd: Option<&Path>, plugins: &Path, data: &Path, config: &str, env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let config_path = data.join("plugbus.toml");
         std::fs::write(&config_path, config).unwrap();
         let log = data.join("host.log");
-        let child = Command::new(plugbus_bin())
+        let mut command = Command::new(plugbus_bin());
+        if let Some(cwd) = cwd {
+            command.current_dir(cwd);
+        }
+        let child = command
             .args(["run", "--log-format", "json", "--http", &format!("127.0.0.1:{port}")])
             .arg("--config")
             .arg(&config_path)

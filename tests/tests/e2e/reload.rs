@@ -1,7 +1,7 @@
 //! Hot reload: replace, half-written, garbage, remove, rename (a new name), and a warm compile cache.
 
 use plugbus::{Config, Event, Host};
-use plugbus_tests::{TestHost, eventually, wasm};
+use plugbus_tests::{HostChild, TestHost, eventually, eventually_async, wasm};
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::Ordering;
@@ -234,6 +234,45 @@ async fn removing_unsubscribes_and_renaming_is_a_new_name() {
     t.publish("orders.created", "{}").await;
     t.wait_counter("audit", "ok", 1).await;
     assert!(seen.drain(Duration::from_millis(300)).await.is_empty(), "a removed plugin still received events");
+}
+
+/// Review 60b H2: with a relative plugins folder (the default, `plugins`), the files loaded at
+/// start were kept by the relative path while the watcher names changes by the absolute one: a
+/// new build copied over one was refused as "already served from plugins/echo.wasm" (the old
+/// one kept serving), and a removed one went on handling events until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_relative_plugins_folder_a_replaced_file_serves_and_a_removed_one_goes() {
+    let work = tempfile::tempdir().unwrap();
+    let plugins = work.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    for c in ["echo", "audit"] {
+        std::fs::copy(wasm(c), plugins.join(format!("{c}.wasm"))).unwrap();
+    }
+    let data = tempfile::tempdir().unwrap();
+    let host = HostChild::start_in(Some(work.path()), std::path::Path::new("plugins"), data.path(), "", &[]).await;
+    let listing = || async {
+        let body: serde_json::Value =
+            reqwest::get(format!("{}/v1/plugins", host.url)).await.unwrap().json().await.unwrap();
+        body
+    };
+
+    let staged = work.path().join("echo.wasm.new");
+    std::fs::copy(wasm("echo2"), &staged).unwrap();
+    std::fs::rename(&staged, plugins.join("echo.wasm")).unwrap();
+    let serves_v2 = |b: &serde_json::Value| {
+        b["plugins"].as_array().unwrap().iter().any(|p| p["name"] == "echo" && p["version"] == "2.0.0")
+    };
+    eventually_async("the new build serves", Duration::from_secs(10), || async { serves_v2(&listing().await) }).await;
+    let body = listing().await;
+    assert_eq!(body["rejected_total"], 0, "{body}");
+
+    std::fs::remove_file(plugins.join("audit.wasm")).unwrap();
+    let audit_gone = |b: &serde_json::Value| b["plugins"].as_array().unwrap().iter().all(|p| p["name"] != "audit");
+    eventually_async("the removed plugin goes", Duration::from_secs(10), || async { audit_gone(&listing().await) })
+        .await;
+    // `plugbus dev` copies there from any directory.
+    let body = listing().await;
+    assert_eq!(body["plugins_dir"].as_str(), Some(plugins.to_str().unwrap()), "{body}");
 }
 
 /// Review 56a M1: the watch was on the folder the path named at the start; once that folder was
