@@ -113,10 +113,13 @@ impl ReplayFrom {
             if time > now {
                 return Err(format!("from {:?}: that time is still to come", crate::event::cut(text)));
             }
-            return Ok(Self::Time(time));
+            return Ok(Self::Time(time.max(std::time::UNIX_EPOCH)));
         }
         if let Ok(ago) = humantime::parse_duration(text) {
-            return Ok(Self::Time(now.checked_sub(ago).unwrap_or(std::time::UNIX_EPOCH)));
+            // Nothing was appended before 1970: `100y` ago is the whole log (a time before the
+            // epoch, which a `SystemTime` holds, made the replay's log line panic once it ran).
+            let from = now.checked_sub(ago).unwrap_or(std::time::UNIX_EPOCH);
+            return Ok(Self::Time(from.max(std::time::UNIX_EPOCH)));
         }
         Err(format!(
             "from {:?}: expected a sequence number (1200), an RFC 3339 time (2026-11-30T07:00:00Z) or a duration ago (90m, 2h, 7d)",
@@ -145,7 +148,8 @@ impl std::fmt::Display for ReplayFrom {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Seq(seq) => write!(f, "seq {seq}"),
-            Self::Time(t) => write!(f, "{}", humantime::format_rfc3339_millis(*t)),
+            // humantime panics on a time before the epoch (`parse` never makes one).
+            Self::Time(t) => write!(f, "{}", humantime::format_rfc3339_millis((*t).max(std::time::UNIX_EPOCH))),
         }
     }
 }
@@ -515,5 +519,11 @@ mod tests {
         let why = ReplayFrom::parse("-5", now).unwrap_err();
         assert!(why.contains("\"-5\"") && why.contains("RFC 3339"), "{why}");
         assert!(ReplayFrom::parse("1h", SystemTime::now()).unwrap().since_ms() > 0);
+        // Review 60a M1: a duration reaching before 1970 is the whole log, and shows as 1970
+        // (it made a time before the epoch, whose display panicked after the replay ran).
+        let all = ReplayFrom::parse("100y", now).unwrap();
+        assert_eq!(all, ReplayFrom::Time(UNIX_EPOCH));
+        assert_eq!(all.to_string(), "1970-01-01T00:00:00.000Z");
+        assert_eq!(ReplayFrom::Time(UNIX_EPOCH - Duration::from_secs(5)).to_string(), "1970-01-01T00:00:00.000Z");
     }
 }
