@@ -944,13 +944,19 @@ impl DeadLetters {
     /// plugin's deliveries on it.
     pub async fn write_off_runtime(self: &Arc<Self>, change: impl FnOnce(&Self) + Send + 'static) {
         let store = self.clone();
-        // In the file's turn, as `keep`: one blocking thread waits for it at a time.
-        let turn = self.file_turn.clone().lock_owned().await;
-        let change = move || {
-            let _turn = turn;
-            change(&store)
-        };
-        if let Err(e) = tokio::task::spawn_blocking(change).await {
+        // In a task of its own, which the caller only waits for: a caller dropped while the
+        // change waits for the file's turn (a client that hung up) would drop it, and a restore
+        // with the entries it holds (review 60a M3).
+        let task = tokio::spawn(async move {
+            // In the file's turn, as `keep`: one blocking thread waits for it at a time.
+            let turn = store.file_turn.clone().lock_owned().await;
+            tokio::task::spawn_blocking(move || {
+                let _turn = turn;
+                change(&store)
+            })
+            .await
+        });
+        if let Err(e) = task.await.map_err(|e| e.to_string()).and_then(|done| done.map_err(|e| e.to_string())) {
             tracing::error!("a change to the kept dead letters did not finish: {e}");
         }
     }
@@ -973,6 +979,32 @@ impl DeadLetters {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// Review 60a M3: `POST /v1/dlq/{id}/replay` took the entry, then (answering `422`) put it
+    /// back by a change that waited for the file's turn inside the request: a client that hung
+    /// up meanwhile dropped the change with the entry, gone until the next start.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restore_whose_caller_is_dropped_while_it_waits_for_the_file_still_happens() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(DeadLetters::persistent(100, &dir.path().join("dlq.redb")).unwrap());
+        store.push("p", Event::new("x.0", ""));
+        let id = store.list(None)[0].event.id.clone();
+        let taken = store.take_id(&id).expect("kept");
+        let busy = store.file_turn.clone().lock_owned().await;
+        let restoring = store.clone();
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(50),
+            restoring.write_off_runtime(move |s| s.restore(vec![taken])),
+        )
+        .await;
+        assert!(dropped.is_err(), "it waited for the file's turn");
+        drop(busy);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while store.list(None).is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the dead letter was not put back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 
     /// The API's replays forget what they published, a hundred at a time, and put back what
     /// they could not: each a write of `dlq.redb` and its `fsync`. Done on a runtime thread,
