@@ -56,7 +56,9 @@ pub fn check(component: &[u8]) -> Result<Option<Declared>, LoadError> {
     let ours = series(CONTRACT_VERSION).expect("CONTRACT_VERSION is X.Y.Z");
     let theirs = series(&declared.contract).expect("parse checked it");
     if ours != theirs {
-        let sdk = declared.sdk.as_deref().map(|s| format!(" (plugbus-sdk {s})")).unwrap_or_default();
+        // Cut: after its `-` a version may be as long as the section.
+        let sdk =
+            declared.sdk.as_deref().map(|s| format!(" (plugbus-sdk {})", crate::event::cut(s))).unwrap_or_default();
         return Err(LoadError::Contract(format!(
             "built against plugbus contract {theirs}{sdk}, this host speaks {ours}: rebuild it with a \
              plugbus-sdk for contract {ours}, or run a plugbus that speaks {theirs}"

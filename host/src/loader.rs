@@ -408,15 +408,32 @@ pub async fn load_dir_reporting(
     let at_once = loads_at_once(sandbox.settings());
     let mut loads = futures::stream::iter(files.into_iter().enumerate())
         .map(|(i, path)| async move {
-            let result = load_file(sandbox, &path, config, kv).await;
+            // Cut at once ([`Rejected::new`]): a refusal's text can be as long as its file (a
+            // declared version, an import's name), and every file's result waits here until the
+            // last is done: a thousand links to one such file held a thousand copies (review
+            // 60b H3).
+            let result = load_file(sandbox, &path, config, kv).await.map_err(|e| {
+                let mut refused = Rejected::new(path.clone(), &e.to_string());
+                refused.transient = matches!(&e, FileError::Load(load) if load.is_transient());
+                refused.waits_for_room = matches!(&e, FileError::Load(LoadError::NoRoom(_)));
+                refused
+            });
             (i, path, result)
         })
         .buffer_unordered(at_once);
     let mut results = Vec::with_capacity(total);
+    let mut refusals = 0;
     on_load(0, total, None);
-    while let Some(result) = loads.next().await {
-        results.push(result);
-        on_load(results.len(), total, Some(&results[results.len() - 1].1));
+    while let Some((i, path, mut result)) = loads.next().await {
+        // Past the listed ones, as [`RejectedFiles`] keeps them.
+        if let Err(refused) = &mut result {
+            refusals += 1;
+            if refusals > crate::stats::LISTED_REJECTED {
+                refused.reason = crate::event::cut_to(&refused.reason, UNLISTED_REASON_BYTES).into_owned();
+            }
+        }
+        on_load(results.len() + 1, total, Some(&path));
+        results.push((i, path, result));
     }
     results.sort_by_key(|(i, ..)| *i);
     for (_, path, result) in results {
@@ -434,10 +451,7 @@ pub async fn load_dir_reporting(
                 by_name.insert(plugin.name().to_string(), path.clone());
                 loaded.push((path, plugin));
             }
-            Err(e) => {
-                let mut refused = Rejected::new(path, &e.to_string());
-                refused.transient = matches!(&e, FileError::Load(load) if load.is_transient());
-                refused.waits_for_room = matches!(&e, FileError::Load(LoadError::NoRoom(_)));
+            Err(refused) => {
                 refused.log(None);
                 rejected.push(refused);
             }

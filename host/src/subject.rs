@@ -31,7 +31,8 @@ pub struct SubjectError {
 }
 
 fn check_tokens(what: &'static str, raw: &str, wildcards: bool) -> Result<(), SubjectError> {
-    let err = |reason| SubjectError { what, raw: raw.to_string(), reason };
+    // Cut: a refused pattern can be as long as what sent it (a manifest's, a request's).
+    let err = |reason| SubjectError { what, raw: crate::event::cut(raw).into_owned(), reason };
     if raw.is_empty() {
         return Err(err("it is empty"));
     }

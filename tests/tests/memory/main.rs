@@ -4,6 +4,7 @@
 mod backing_off;
 mod cycles;
 mod pinned_bodies;
+mod refused_files;
 mod requests;
 mod stalled_tail;
 
