@@ -127,7 +127,8 @@ struct Inner {
     listing_whole: Arc<Semaphore>,
 }
 
-/// Whole dead-letter listings (`GET /v1/dlq` without `summary`) built at once: each copies the
+/// Whole dead-letter listings (`GET /v1/dlq` without `summary`) built (and sent: a turn is
+/// held until the client has taken the answer, [`crate::turn_body`]) at once: each copies the
 /// records of the dead letters it lists (up to the store's 64 MiB, several times that in heap),
 /// and 128 such requests of one client at once copied the store 128 times. One more is answered
 /// `503` with `Retry-After`. The same turns bound what else copies dead letters whole, waiting
@@ -819,7 +820,7 @@ async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqListQuery>) -> Resp
     } else {
         let Ok(permit) = api.listing_whole.clone().try_acquire_owned() else {
             let why = format!(
-                "{WHOLE_LISTINGS_AT_ONCE} whole dead-letter listings are being built: try again in a moment, \
+                "{WHOLE_LISTINGS_AT_ONCE} whole dead-letter listings are being built or sent: try again in a moment, \
                  or ask summary=true (no data or records)"
             );
             return with_retry_after(error(StatusCode::SERVICE_UNAVAILABLE, why), 1);
@@ -872,7 +873,7 @@ async fn copying_turn(api: &Inner) -> Result<OwnedSemaphorePermit, Response> {
         Ok(Ok(permit)) => Ok(permit),
         _ => {
             let why = format!(
-                "{WHOLE_LISTINGS_AT_ONCE} copies of dead letters are being made for other requests: try again in a moment"
+                "{WHOLE_LISTINGS_AT_ONCE} copies of dead letters are being made or sent for other requests: try again in a moment"
             );
             Err(with_retry_after(error(StatusCode::SERVICE_UNAVAILABLE, why), 1))
         }
@@ -890,7 +891,6 @@ async fn listing(
     permit: Option<OwnedSemaphorePermit>,
 ) -> Response {
     let built = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
         let mut listed = Vec::new();
         let mut bytes = 0;
         let mut left_out = 0;
@@ -915,9 +915,17 @@ async fn listing(
     })
     .await;
     match built {
-        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Ok(body) => json_in_turn(body, permit),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("host error: listing the dead letters: {e}")),
     }
+}
+
+/// A `200` of JSON `body`, sent holding `turn` (the copying turn it was built in) until the
+/// client has taken it ([`TurnHeldBody`]).
+fn json_in_turn(body: String, turn: Option<OwnedSemaphorePermit>) -> Response {
+    let mut resp = Response::new(Body::new(crate::turn_body::TurnHeldBody::new(body, turn)));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
 }
 
 /// The fewest bytes a listing writes `data` in (`deadletter::serialize_event`: its text as a
@@ -1245,13 +1253,9 @@ async fn dlq_get(State(api): State<Api>, Path(id): Path<String>) -> Response {
     };
     match kept {
         Some((entry, permit)) => {
-            let body = tokio::task::spawn_blocking(move || {
-                let _permit = permit;
-                json!({ "dead_letter": entry }).to_string()
-            })
-            .await;
+            let body = tokio::task::spawn_blocking(move || json!({ "dead_letter": entry }).to_string()).await;
             match body {
-                Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+                Ok(body) => json_in_turn(body, Some(permit)),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("host error: writing the dead letter: {e}")),
             }
         }

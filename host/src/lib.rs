@@ -46,6 +46,7 @@ pub mod telemetry;
 #[cfg(test)]
 pub(crate) mod test_support;
 pub mod transport;
+pub mod turn_body;
 pub mod window;
 
 pub use config::Config;

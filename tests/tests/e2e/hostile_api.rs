@@ -5,7 +5,8 @@
 use plugbus::Config;
 use plugbus_tests::nats::NatsServer;
 use plugbus_tests::{
-    Bus, HostChild, TestHost, eventually, fast_retries, metrics_text, plugbus_bin, sample, wasm, workspace,
+    Bus, HostChild, TestHost, eventually, eventually_async, fast_retries, metrics_text, plugbus_bin, sample, wasm,
+    workspace,
 };
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -589,21 +590,7 @@ async fn a_replay_is_not_held_back_by_a_stuck_plugin_it_is_not_for() {
 /// `Retry-After`; summaries (what the dashboard asks) copy no record and are always answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_dead_letter_listings_are_built_two_at_once() {
-    const DEAD: u64 = 40;
-    let t = TestHost::start_with(&["picky"], |c| {
-        c.plugins.entry("picky".into()).or_default().config.insert("limit".into(), "3".into());
-    })
-    .await;
-    // Each dead letter's record holds 768 KiB of kv values its attempt read.
-    let mut txn = plugbus::kv::Txn::default();
-    for i in 0..5 {
-        txn.set(&format!("big{i}"), vec![b'a'; 256 * 1024]);
-    }
-    t.host.kv().commit("picky", &txn).await.expect("kv set");
-    for _ in 0..DEAD {
-        t.publish("picky.big", "").await;
-    }
-    t.wait_counter("picky", "dead_lettered", DEAD).await;
+    let t = with_big_dead_letters(40).await;
     let client = reqwest::Client::new();
     let get = |query: &'static str| {
         let (client, url) = (client.clone(), format!("{}/v1/dlq{query}", t.url()));
@@ -631,6 +618,97 @@ async fn whole_dead_letter_listings_are_built_two_at_once() {
     }
     // Once they are done, a whole listing is built again.
     assert_eq!(get("").await.0, 200);
+}
+
+/// A host whose `picky` dead-lettered `dead` events, each dead letter's record holding 768 KiB
+/// of kv values its attempt read (a whole listing of 40 is its 16 MiB).
+async fn with_big_dead_letters(dead: u64) -> TestHost {
+    let t = TestHost::start_with(&["picky"], |c| {
+        c.plugins.entry("picky".into()).or_default().config.insert("limit".into(), "3".into());
+    })
+    .await;
+    let mut txn = plugbus::kv::Txn::default();
+    for i in 0..5 {
+        txn.set(&format!("big{i}"), vec![b'a'; 256 * 1024]);
+    }
+    t.host.kv().commit("picky", &txn).await.expect("kv set");
+    for _ in 0..dead {
+        t.publish("picky.big", "").await;
+    }
+    t.wait_counter("picky", "dead_lettered", dead).await;
+    t
+}
+
+/// A loopback connection to `addr` whose receive buffer is 4 KiB (set before it connects, so
+/// the window it offers stays small): a client that reads slowly, or not at all.
+fn small_window_client(addr: std::net::SocketAddr) -> std::net::TcpStream {
+    use std::os::fd::FromRawFd;
+    let std::net::SocketAddr::V4(v4) = addr else { panic!("a loopback IPv4 address: {addr}") };
+    // SAFETY: a new socket, its options and its connect; the fd is owned by the stream made of
+    // it (closed when dropped).
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket()");
+        let size: libc::c_int = 4096;
+        let set = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &size as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        assert_eq!(set, 0, "SO_RCVBUF");
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(*v4.ip()).to_be() },
+            sin_zero: [0; 8],
+        };
+        let connected = libc::connect(
+            fd,
+            &sa as *const libc::sockaddr_in as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(connected, 0, "connect()");
+        std::net::TcpStream::from_raw_fd(fd)
+    }
+}
+
+/// Review 60a H1: a whole listing's turn was let go once the listing was built, before a byte of
+/// it was sent, and a client may read its answer as slowly as a few KiB every half minute: 128
+/// connections of one address held 128 listings of 16 MiB. Now the turn is held until the
+/// client has taken the answer: while two clients read theirs slowly, a third whole listing is
+/// answered `503` (a summary still `200`), and once they hang up, it is built again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_listing_holds_its_turn_until_its_client_has_taken_it() {
+    use std::io::{Read, Write};
+    let t = with_big_dead_letters(40).await;
+    let addr = t.host.http_addr().expect("HTTP API on");
+    let slow: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let mut c = small_window_client(addr);
+            write!(c, "GET /v1/dlq HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+            // The listing was built and its sending began.
+            let mut first = [0u8; 1024];
+            c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            c.read_exact(&mut first).unwrap();
+            assert!(first.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&first[..64]));
+            c
+        })
+        .collect();
+    let whole = reqwest::get(format!("{}/v1/dlq", t.url())).await.unwrap();
+    let status = whole.status().as_u16();
+    let body = whole.text().await.unwrap();
+    assert_eq!(status, 503, "a third whole listing while two are sent slowly: {}", &body[..body.len().min(200)]);
+    assert!(body.contains("being built or sent"), "{body}");
+    let summary = reqwest::get(format!("{}/v1/dlq?summary=true", t.url())).await.unwrap();
+    assert_eq!(summary.status().as_u16(), 200);
+    drop(slow);
+    let client = reqwest::Client::new();
+    eventually_async("a whole listing is built again", Duration::from_secs(10), || async {
+        client.get(format!("{}/v1/dlq", t.url())).send().await.unwrap().status().as_u16() == 200
+    })
+    .await;
 }
 
 /// Dead letters whose data JSON writes six times over (`\u0001`): a page of them was 400 MB,
