@@ -125,7 +125,16 @@ struct Inner {
     replaying_all: Arc<Semaphore>,
     /// One permit per whole dead-letter listing being built ([`WHOLE_LISTINGS_AT_ONCE`]).
     listing_whole: Arc<Semaphore>,
+    /// One permit per dead-letter summary being built or sent ([`SUMMARY_LISTINGS_AT_ONCE`]).
+    listing_summary: Arc<Semaphore>,
 }
+
+/// Summaries of this host's dead letters (`GET /v1/dlq?summary=true`, what the dashboard asks
+/// every 2 s) built and sent at once: each copies at most [`LISTING_BYTES`] of them (about
+/// 160 KiB a dead letter, their headers cut) and writes at most as much JSON, off the runtime.
+/// Without a bound, a hundred clients each copied the whole store (review 60a M2). One more is
+/// answered `503` with `Retry-After`.
+pub const SUMMARY_LISTINGS_AT_ONCE: usize = 8;
 
 /// Whole dead-letter listings (`GET /v1/dlq` without `summary`) built (and sent: a turn is
 /// held until the client has taken the answer, [`crate::turn_body`]) at once: each copies the
@@ -133,7 +142,8 @@ struct Inner {
 /// and 128 such requests of one client at once copied the store 128 times. One more is answered
 /// `503` with `Retry-After`. The same turns bound what else copies dead letters whole, waiting
 /// up to `api.publish_timeout` for one: a summary read from a broker (which reads the data too)
-/// and `GET /v1/dlq/{id}`. A summary of this host's own copies no record or data and takes none.
+/// and `GET /v1/dlq/{id}`. A summary of this host's own copies no record or data and takes a
+/// turn of its own ([`SUMMARY_LISTINGS_AT_ONCE`]).
 pub const WHOLE_LISTINGS_AT_ONCE: usize = 2;
 
 type Api = Arc<Inner>;
@@ -171,6 +181,7 @@ pub fn router(state: ApiState) -> axum::Router {
         finding_dead_letter: Default::default(),
         replaying_all: Arc::new(Semaphore::new(1)),
         listing_whole: Arc::new(Semaphore::new(WHOLE_LISTINGS_AT_ONCE)),
+        listing_summary: Arc::new(Semaphore::new(SUMMARY_LISTINGS_AT_ONCE)),
     });
     let guarded = axum::Router::new()
         .route("/readyz", get(readyz))
@@ -814,9 +825,15 @@ struct DlqListQuery {
 const LISTING_BYTES: usize = 16 << 20;
 
 async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqListQuery>) -> Response {
-    // Held until the listing is built (in its blocking task, should the client go away).
+    // Held until the listing is sent (see `json_in_turn`; dropped should the client go away).
     let permit = if q.summary {
-        None
+        let Ok(permit) = api.listing_summary.clone().try_acquire_owned() else {
+            let why = format!(
+                "{SUMMARY_LISTINGS_AT_ONCE} dead-letter summaries are being built or sent: try again in a moment"
+            );
+            return with_retry_after(error(StatusCode::SERVICE_UNAVAILABLE, why), 1);
+        };
+        Some(permit)
     } else {
         let Ok(permit) = api.listing_whole.clone().try_acquire_owned() else {
             let why = format!(
@@ -828,16 +845,23 @@ async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqListQuery>) -> Resp
         Some(permit)
     };
     let limit = q.limit.unwrap_or(usize::MAX);
-    // Without a broker's store, the host's own newest page (no copy of the whole store).
+    // Without a broker's store, the host's own newest page (no copy of the whole store; copied
+    // off the runtime, under the store's lock).
     if api.s.transport.kept_dead_letters(None, 0).await.ok().flatten().is_none() {
-        let (dead_letters, total) = api.s.dead_letters.newest(q.plugin.as_deref(), limit, !q.summary);
-        return listing(dead_letters.into_iter().map(|e| (e, "host")).collect(), total, q.summary, permit).await;
+        let (store, plugin, summary) = (api.s.dead_letters.clone(), q.plugin.clone(), q.summary);
+        let page =
+            tokio::task::spawn_blocking(move || store.newest(plugin.as_deref(), limit, !summary, LISTING_BYTES)).await;
+        let Ok((dead_letters, total, left_out)) = page else {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "host error: copying the dead letters");
+        };
+        let listed = dead_letters.into_iter().map(|e| (e, "host")).collect();
+        return listing(listed, total, left_out, q.summary, permit).await;
     }
     // The broker's page is read whole (its data too, up to 64 MiB) even for a summary: a summary
     // waits for a permit too (review 44c: 128 summaries at once read the stream 128 times).
-    let permit = match permit {
-        Some(permit) => permit,
-        None => match copying_turn(&api).await {
+    let permit = match (permit, q.summary) {
+        (Some(permit), false) => permit,
+        _ => match copying_turn(&api).await {
             Ok(permit) => permit,
             Err(busy) => return busy,
         },
@@ -856,14 +880,15 @@ async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqListQuery>) -> Resp
             entry.event.extensions = crate::deadletter::summary_headers(&entry.event);
         }
     }
-    let local = only_here(&broker, api.s.dead_letters.newest(q.plugin.as_deref(), page, !q.summary).0, page);
+    let (local, _, local_left_out) = api.s.dead_letters.newest(q.plugin.as_deref(), page, !q.summary, LISTING_BYTES);
+    let local = only_here(&broker, local, page);
     let total = broker_total + local.len();
     // The broker's in its order, then this host's (newer than a full page's oldest, see
     // `only_here`), as before.
     let mut all: Vec<_> =
         broker.into_iter().map(|e| (e, "broker")).chain(local.into_iter().map(|e| (e, "host"))).collect();
     all.drain(..all.len().saturating_sub(limit));
-    listing(all, total, q.summary, Some(permit)).await
+    listing(all, total, local_left_out, q.summary, Some(permit)).await
 }
 
 /// A turn at copying dead letters whole (one of [`WHOLE_LISTINGS_AT_ONCE`]), waited for at most
@@ -887,13 +912,14 @@ async fn copying_turn(api: &Inner) -> Result<OwnedSemaphorePermit, Response> {
 async fn listing(
     entries: Vec<(crate::deadletter::Entry, &'static str)>,
     total: usize,
+    left_out: usize,
     summary: bool,
     permit: Option<OwnedSemaphorePermit>,
 ) -> Response {
     let built = tokio::task::spawn_blocking(move || {
         let mut listed = Vec::new();
         let mut bytes = 0;
-        let mut left_out = 0;
+        let mut left_out = left_out;
         for (entry, kept_by) in entries.into_iter().rev() {
             // One whose data alone cannot fit is left out unwritten (writing each of 67 entries
             // of 6 MB to find that none fits took 5 s of CPU).

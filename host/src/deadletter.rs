@@ -268,6 +268,10 @@ impl Record {
     }
 }
 
+/// What [`DeadLetters::newest`] answers: the page (oldest first), how many are kept in all,
+/// and how many of the page it left out for its bytes.
+pub type Newest = (Vec<Entry>, usize, usize);
+
 /// A kept dead letter.
 #[derive(Debug, Clone, Serialize)]
 pub struct Entry {
@@ -822,7 +826,11 @@ impl DeadLetters {
     /// under the store's lock) and with its headers as a summary lists them
     /// ([`summary_headers`]): a client's event of a thousand 1 KiB headers made each summary
     /// copy a megabyte under the lock, on a runtime thread.
-    pub fn newest(&self, plugin: Option<&str>, limit: usize, records: bool) -> (Vec<Entry>, usize) {
+    ///
+    /// The copies stop at `max_bytes` (what the store charges for each, less a summary's data,
+    /// which is shared): one that would pass it is left out, and counted in the last number
+    /// returned. A summary of the whole store copied up to its 64 MiB (review 60a M2).
+    pub fn newest(&self, plugin: Option<&str>, limit: usize, records: bool, max_bytes: usize) -> Newest {
         let kept = self.kept.lock().expect("dlq poisoned");
         let mine = |e: &&Entry| plugin.is_none_or(|p| e.plugin == p);
         let total = kept.items.iter().filter(mine).count();
@@ -847,9 +855,22 @@ impl DeadLetters {
             },
             record: if records { e.record.clone() } else { None },
         };
-        let mut newest: Vec<Entry> = kept.items.iter().rev().filter(mine).take(limit).map(copy).collect();
+        let (mut newest, mut bytes, mut left_out) = (Vec::new(), 0, 0);
+        for e in kept.items.iter().rev().filter(mine).take(limit) {
+            let cost = match records {
+                true => kept_bytes(e),
+                false => entry_bytes(&e.plugin, &e.event).saturating_sub(e.event.data.len()),
+            };
+            // (A summary's cost is the original's: its headers as listed cost less.)
+            if bytes + cost > max_bytes {
+                left_out += 1;
+                continue;
+            }
+            bytes += cost;
+            newest.push(copy(e));
+        }
         newest.reverse();
-        (newest, total)
+        (newest, total, left_out)
     }
 
     /// The dead letter kept of `plugin`'s delivery of `original` (its source, id, subject and
@@ -1045,13 +1066,34 @@ mod tests {
         }
         let store = DeadLetters::new(10);
         store.push("p", dead_letter_event(&original, "p", "plugbus.dlq.p", "boom", 1));
-        let (listed, _) = store.newest(None, 10, false);
+        let (listed, ..) = store.newest(None, 10, false, usize::MAX);
         let headers = &listed[0].event.extensions;
         let bytes: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
         assert!(bytes < 64 << 10, "a summary of {bytes} bytes of headers");
         assert!(headers.iter().any(|(k, v)| k == headers::ERROR && v.contains("boom")), "{headers:?}");
-        let (whole, _) = store.newest(None, 10, true);
+        let (whole, ..) = store.newest(None, 10, true, usize::MAX);
         assert!(whole[0].event.extensions.len() > 2000);
+    }
+
+    /// Review 60a M2: a summary of the whole store copied up to its 64 MiB (with its headers cut,
+    /// still about 160 KiB a dead letter), per request. The copies stop at the bytes asked.
+    #[test]
+    fn the_newest_page_copies_no_more_bytes_than_asked() {
+        let store = DeadLetters::with_max_bytes(1000, 64 << 20);
+        for i in 0..100 {
+            let mut ev = Event::new(format!("orders.{i}"), "x");
+            ev.extensions.push(("note".into(), "n".repeat(10_000)));
+            store.push("p", ev);
+        }
+        let (all, total, left_out) = store.newest(None, usize::MAX, false, usize::MAX);
+        assert_eq!((all.len(), total, left_out), (100, 100, 0));
+        let (page, total, left_out) = store.newest(None, usize::MAX, false, 200_000);
+        assert_eq!((total, page.len() + left_out), (100, 100));
+        assert!((15..=20).contains(&page.len()), "{} copied within 200 kB", page.len());
+        assert_eq!(page.last().unwrap().event.subject, all.last().unwrap().event.subject, "the newest first");
+        let (whole, _, left_out) = store.newest(None, 10, true, 50_000);
+        assert_eq!(whole.len() + left_out, 10);
+        assert!(whole.len() < 10);
     }
 
     /// The replay of an event a plugin failed is for that plugin alone; that of an output the bus
