@@ -274,6 +274,13 @@ impl Config {
             }
         }
         anyhow::ensure!(self.max_wasm_bytes > 0, "max_wasm_bytes must be more than 0");
+        // Past it, "unlimited" written as a huge number read every file as empty (a `+ 1` wrapped).
+        anyhow::ensure!(
+            self.max_wasm_bytes <= crate::config_bounds::MAX_BYTES,
+            "max_wasm_bytes = {} is over {} (1 TiB)",
+            self.max_wasm_bytes,
+            crate::config_bounds::MAX_BYTES
+        );
         Ok(())
     }
 
@@ -421,6 +428,15 @@ mod tests {
         let why = from(&format!("{nats}[plugins.inventory]\nlimits = {{ max_kv_writes = 5000 }}")).unwrap_err();
         assert!(why.to_string().contains("plugins.inventory.limits.max_kv_writes = 5000"), "{why}");
         from("[limits]\nmax_kv_writes = 5000").unwrap();
+    }
+
+    /// Review 60b L6: "unlimited" as a huge `max_wasm_bytes` made every file read as empty.
+    #[test]
+    fn max_wasm_bytes_is_refused_past_a_tebibyte() {
+        let from = |text: &str| Config::load(Some(&write(text).0)).and_then(|c| c.validate());
+        from("max_wasm_bytes = 1099511627776").unwrap();
+        let why = from("max_wasm_bytes = 9223372036854775807").unwrap_err().to_string();
+        assert!(why.contains("max_wasm_bytes = 9223372036854775807 is over"), "{why}");
     }
 
     fn write(text: &str) -> tempfile_path::TempPath {

@@ -183,8 +183,6 @@ fn kind_of(t: std::fs::FileType) -> &'static str {
 /// Blocking: call it off the async runtime.
 pub fn read_plugin_file(path: &Path, cap: u64) -> Result<Vec<u8>, FileError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let unreadable =
-        |e: std::io::Error| FileError::Load(LoadError::NotAComponent(format!("cannot read the file: {e}")));
     let too_big = |n: u64| {
         FileError::Refused(format!("the file is {n} bytes, over the {cap}-byte cap (max_wasm_bytes): not read"))
     };
@@ -217,11 +215,29 @@ pub fn read_plugin_file(path: &Path, cap: u64) -> Result<Vec<u8>, FileError> {
     }
     let mut bytes = Vec::with_capacity(opened.len() as usize);
     // The size may change while reading (a file still being written): the cap holds anyway.
-    (&mut file).take(cap + 1).read_to_end(&mut bytes).map_err(unreadable)?;
+    (&mut file).take(cap.saturating_add(1)).read_to_end(&mut bytes).map_err(unreadable)?;
     if bytes.len() as u64 > cap {
         return Err(too_big(bytes.len() as u64));
     }
     Ok(bytes)
+}
+
+/// Why a plugin file could not be read. The file's own fault (gone, not permitted, a link loop,
+/// a bad name) is final until it changes; anything else (out of file descriptors or memory, an
+/// I/O error, a network mount gone away) is the host's or the machine's, tried again by itself
+/// ([`LoadError::Host`]): it was reported as "not a component" and left refused until the file
+/// changed (review 60b M4).
+fn unreadable(e: std::io::Error) -> FileError {
+    let the_files = matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ENOENT | libc::EACCES | libc::EPERM | libc::ELOOP | libc::ENAMETOOLONG | libc::ENOTDIR | libc::EISDIR
+        )
+    );
+    match the_files {
+        true => FileError::Load(LoadError::NotAComponent(format!("cannot read the file: {e}"))),
+        false => FileError::Load(LoadError::Host(format!("the file could not be read now: {e}"))),
+    }
 }
 
 /// Loads one file as the plugin the operator named it (see [`identity_of`]).
@@ -464,6 +480,31 @@ pub async fn load_dir_reporting(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review 60b M4: the host's own failures to read a file were the file's, never tried again.
+    #[test]
+    fn a_read_the_host_failed_is_tried_again_and_one_the_file_failed_is_not() {
+        let transient = |errno| match unreadable(std::io::Error::from_raw_os_error(errno)) {
+            FileError::Load(e) => e.is_transient(),
+            FileError::Refused(_) => false,
+        };
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::EIO, libc::ENOTCONN, libc::ESTALE] {
+            assert!(transient(errno), "errno {errno} is the host's");
+        }
+        for errno in [libc::ENOENT, libc::EACCES, libc::ELOOP, libc::ENAMETOOLONG] {
+            assert!(!transient(errno), "errno {errno} is the file's");
+        }
+    }
+
+    /// Review 60b L6: `max_wasm_bytes = u64::MAX` overflowed the read's cap (in release every
+    /// file read as empty).
+    #[test]
+    fn a_cap_of_u64_max_reads_the_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("x.wasm");
+        std::fs::write(&file, [7u8; 100]).unwrap();
+        assert_eq!(read_plugin_file(&file, u64::MAX).ok().map(|b| b.len()), Some(100));
+    }
 
     /// Refused files are kept by path (a file refused again replaces its refusal), and past the
     /// listed ones each keeps a short reason (it was logged whole).

@@ -248,8 +248,12 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 /// Whether nothing is at `path` any more (a dangling symlink is still there: it is reported).
+/// Only "not found" says so (or a folder in its path that is no folder now): any other failure
+/// to look (no permission, an I/O error, a mount gone away) removed a serving plugin (review
+/// 60b M4); the file's load then fails and is reported, and the plugin keeps serving.
 fn is_gone(path: &Path) -> bool {
-    std::fs::symlink_metadata(path).is_err()
+    matches!(std::fs::symlink_metadata(path),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory))
 }
 
 /// Whether `path` was written to in the last [`QUIET`] (or its time is in the future).
@@ -481,6 +485,21 @@ impl Drop for WatchGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review 60b M4: any failure to look at a file counted as its removal.
+    #[test]
+    fn only_a_file_not_found_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("x.wasm");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(!is_gone(&file));
+        assert!(is_gone(&dir.path().join("y.wasm")));
+        assert!(is_gone(&file.join("z.wasm")), "a folder in its path is no folder now");
+        // A path whose folder is a link loop cannot be looked at (ELOOP): not a removal.
+        let looped = dir.path().join("loop");
+        std::os::unix::fs::symlink(&looped, &looped).unwrap();
+        assert!(!is_gone(&looped.join("x.wasm")));
+    }
 
     #[test]
     fn a_rescan_looks_at_every_plugin_file_and_every_file_known_before() {
