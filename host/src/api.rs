@@ -538,14 +538,27 @@ fn system_subject(subject: &str) -> Option<String> {
     })
 }
 
-/// The first header a client may not set: a name starting with `plugbus-`, or `ce-plugbus-`.
+/// The first header a client may not set: a name starting with `plugbus-` or `nats-` (`_`
+/// alike), or either after `ce-` / `ce_`, as a plugin may not ([`crate::event::is_reserved_header`]);
+/// a plain `Nats-Msg-Id` (a plain message's id) is the client's. A `nats-` header (`Nats-Rollup`,
+/// `Nats-Expected-Last-Sequence`, `Nats-TTL`) went on to NATS as a header of the event (review
+/// 60a L3).
 fn reserved_header(headers: &HeaderMap) -> Option<String> {
     headers.keys().map(|k| k.as_str()).find_map(|name| {
-        let attr = name.strip_prefix("ce-").unwrap_or(name);
-        attr.starts_with(RESERVED_PREFIX).then(|| {
-            format!("header {name:?} is reserved for the host: names starting with `{RESERVED_PREFIX}` cannot be set")
+        reserved_name(name).then(|| {
+            format!(
+                "header {name:?} is reserved for the host: names starting with `{RESERVED_PREFIX}` or `nats-` cannot \
+                 be set (a plain `Nats-Msg-Id` can)"
+            )
         })
     })
+}
+
+/// Whether a client may not give `name` (a header or a decoded attribute), lower-case.
+fn reserved_name(name: &str) -> bool {
+    let attr = name.strip_prefix("ce-").or_else(|| name.strip_prefix("ce_")).unwrap_or(name);
+    let reserved = ["plugbus-", "plugbus_", "nats-", "nats_"].iter().any(|p| attr.starts_with(p));
+    reserved && name != "nats-msg-id"
 }
 
 /// The event a client posts (to `POST /v1/events/{subject}` or `/v1/request/{subject}`): the
@@ -598,9 +611,9 @@ async fn incoming_event(
         Ok(ev) => ev,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, e),
     };
-    if let Some((name, _)) = event.extensions.iter().find(|(k, _)| k.starts_with(RESERVED_PREFIX)) {
+    if let Some((name, _)) = event.extensions.iter().find(|(k, _)| reserved_name(&k.to_ascii_lowercase())) {
         let why = format!(
-            "attribute {name:?} is reserved for the host: names starting with `{RESERVED_PREFIX}` cannot be set"
+            "attribute {name:?} is reserved for the host: names starting with `{RESERVED_PREFIX}` or `nats-` cannot be set"
         );
         return refuse(StatusCode::BAD_REQUEST, why);
     }

@@ -822,7 +822,8 @@ async fn ingress_refuses_system_subjects_and_the_hosts_own_headers() {
         assert!(error.contains("plugbus.dlq.audit") && error.contains("dead-letter subject"), "{error}");
     }
     let url = format!("{}/v1/events/orders.created", t.url());
-    for header in ["plugbus-error", "Plugbus-Original-Subject", "ce-plugbus-plugin"] {
+    // Review 60a L3: `nats-` headers too (they went on to NATS as the event's headers).
+    for header in ["plugbus-error", "Plugbus-Original-Subject", "ce-plugbus-plugin", "Nats-Rollup", "ce-nats-ttl"] {
         let resp = client.post(&url).header(header, "forged").body("{}").send().await.unwrap();
         let (status, error) = json_error(resp).await;
         assert_eq!(status, 400, "{header}: {error}");
@@ -834,6 +835,16 @@ async fn ingress_refuses_system_subjects_and_the_hosts_own_headers() {
     let (status, error) = json_error(resp).await;
     assert_eq!(status, 400, "{error}");
     assert!(error.contains("plugbus-error"), "{error}");
+    for member in ["ce-plugbus-error", "nats-rollup"] {
+        let body = format!(r#"{{"specversion":"1.0","id":"s-2","source":"/s","type":"t","{member}":"forged"}}"#);
+        let resp =
+            client.post(&url).header("content-type", "application/cloudevents+json").body(body).send().await.unwrap();
+        let (status, error) = json_error(resp).await;
+        assert_eq!(status, 400, "{member}: {error}");
+        assert!(error.contains(member) && error.contains("reserved"), "{error}");
+    }
+    let plain_id = client.post(&url).header("Nats-Msg-Id", "m-1").body("{}").send().await.unwrap();
+    assert_eq!(plain_id.status().as_u16(), 202, "a plain message's id is the client's");
     assert_eq!(client.post(&url).header("ce-tenant", "acme").body("{}").send().await.unwrap().status().as_u16(), 202);
     // A client's credentials never become the event's headers (every plugin would see them,
     // the log keep them, a tail show them).
