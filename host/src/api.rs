@@ -837,7 +837,21 @@ struct DlqListQuery {
 /// and a page of 100 was 400 MB, built again on every poll of the dashboard.
 const LISTING_BYTES: usize = 16 << 20;
 
+/// The `400` for a `?plugin=` that no plugin can be named (on NATS it made the subject read,
+/// `plugbus.dlq.<plugin>`: a bad one answered `503`, a `>` every plugin's; review 60a L2).
+fn not_a_plugin_name(plugin: Option<&str>) -> Option<Response> {
+    let name = plugin.filter(|p| !crate::manifest::valid_plugin_name(p))?;
+    let why = format!(
+        "plugin {} is not a plugin's name (1-64 characters of a-z, A-Z, 0-9, '-' and '_')",
+        crate::event::quoted(name)
+    );
+    Some(error(StatusCode::BAD_REQUEST, why))
+}
+
 async fn dlq_list(State(api): State<Api>, Query(q): Query<DlqListQuery>) -> Response {
+    if let Some(bad) = not_a_plugin_name(q.plugin.as_deref()) {
+        return bad;
+    }
     // Held until the listing is sent (see `json_in_turn`; dropped should the client go away).
     let permit = if q.summary {
         let Ok(permit) = api.listing_summary.clone().try_acquire_owned() else {
@@ -1040,6 +1054,9 @@ fn tag(entry: crate::deadletter::Entry, kept_by: &str) -> serde_json::Value {
 /// put back when the bus does not take them within `api.publish_timeout`, whether or not the
 /// client waits for the answer.
 async fn dlq_replay(State(api): State<Api>, Query(q): Query<DlqQuery>) -> Response {
+    if let Some(bad) = not_a_plugin_name(q.plugin.as_deref()) {
+        return bad;
+    }
     let Ok(alone) = api.replaying_all.clone().try_acquire_owned() else {
         return error(
             StatusCode::CONFLICT,
@@ -1479,6 +1496,9 @@ async fn dlq_debug(State(api): State<Api>, Path(id): Path<String>, headers: Head
         Ok(answer) => Json(answer).into_response(),
         Err(e @ crate::dlq_debug::DebugError::Kv(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e @ crate::dlq_debug::DebugError::Gone { .. }) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e @ crate::dlq_debug::DebugError::HostBusy(_)) => {
+            with_retry_after(error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()), 1)
+        }
         Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
     }
 }

@@ -53,6 +53,11 @@ pub enum DebugError {
     /// The recorded kv values could not be set up.
     #[error("host error: the recorded kv values could not be set up: {0}")]
     Kv(String),
+    /// The host could not load the candidate now (its pool or code budget full, its compile
+    /// child killed): not the candidate's fault, try again (review 60a L2: answered `422`, "the
+    /// candidate component was refused").
+    #[error("the candidate could not be loaded now: {0}")]
+    HostBusy(String),
 }
 
 /// Runs the dead letter `entry` again on the version that failed (when `serving` is it) and on
@@ -160,7 +165,15 @@ async fn load_candidate(
             })
         })
         .await
-        .map_err(|e| DebugError::Candidate(e.to_string()))
+        .map_err(candidate_refused)
+}
+
+/// Why the candidate did not load: its own fault, or the host's for now.
+fn candidate_refused(e: crate::sandbox::LoadError) -> DebugError {
+    match e.is_transient() {
+        true => DebugError::HostBusy(e.to_string()),
+        false => DebugError::Candidate(e.to_string()),
+    }
 }
 
 /// One run: the recorded attempt number, a fresh instance in the event's fixed world.
@@ -211,4 +224,21 @@ async fn run(plugin: &Plugin, event: &Event, record: &Record) -> Value {
         "truncated": seen.truncated,
         "elapsed_ms": attempt.elapsed.as_secs_f64() * 1000.0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::LoadError;
+
+    /// Review 60a L2: a candidate the host could not load now (its pool or code budget full) was
+    /// answered `422`, "the candidate component was refused", as the candidate's fault.
+    #[test]
+    fn a_candidate_the_host_could_not_load_now_is_not_called_refused() {
+        assert!(matches!(candidate_refused(LoadError::NoRoom("full".into())), DebugError::HostBusy(_)));
+        assert!(matches!(candidate_refused(LoadError::Host("pool".into())), DebugError::HostBusy(_)));
+        let refused = candidate_refused(LoadError::Invalid("bad".into()));
+        assert!(matches!(refused, DebugError::Candidate(_)));
+        assert!(refused.to_string().starts_with("the candidate component was refused"));
+    }
 }

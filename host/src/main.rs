@@ -939,6 +939,11 @@ fn listed_event(ev: &serde_json::Value) -> plugbus::Event {
 
 /// `url` with these path segments appended (each percent-encoded: a subject may hold `>`).
 fn api_url(url: &str, segments: &[&str]) -> anyhow::Result<reqwest::Url> {
+    // A URL's path drops `.` and `..` segments (percent-encoded too): `dlq replay .` asked
+    // `POST /v1/dlq/replay`, a replay of every plugin's dead letters (review 60a L4).
+    if let Some(dot) = segments.iter().find(|s| matches!(**s, "." | "..")) {
+        anyhow::bail!("{dot:?} cannot be sent in a URL path (it would be read as a step of the path, not as a name)");
+    }
     let mut endpoint = reqwest::Url::parse(url).with_context(|| format!("--url {url:?} is not a URL"))?;
     endpoint
         .path_segments_mut()
@@ -1081,7 +1086,19 @@ async fn plugins(client: &reqwest::Client, url: &str, json: bool) -> anyhow::Res
 
 #[cfg(test)]
 mod tests {
-    use super::{busy_wait, log_directives, log_max_level};
+    use super::{api_url, busy_wait, log_directives, log_max_level};
+
+    /// Review 60a L4: an id of `.` or `..` vanished from the path (`dlq replay .` replayed every
+    /// plugin's dead letters).
+    #[test]
+    fn a_dot_segment_is_refused_not_dropped_from_the_path() {
+        let ok = api_url("http://127.0.0.1:8080", &["v1", "dlq", "a.b", "replay"]).unwrap();
+        assert_eq!(ok.path(), "/v1/dlq/a.b/replay");
+        for dot in [".", ".."] {
+            let why = api_url("http://127.0.0.1:8080", &["v1", "dlq", dot, "replay"]).unwrap_err().to_string();
+            assert!(why.contains(&format!("{dot:?} cannot be sent in a URL path")), "{why}");
+        }
+    }
     use std::time::Duration;
     use tracing_subscriber::EnvFilter;
 

@@ -158,7 +158,14 @@ function drawDlq(entries, total) {
   $("#dlq tbody").replaceChildren(...entries.slice().reverse().map((d) => {
     const ev = d.event;
     const b = el("button", { type: "button" }, "Replay");
-    b.onclick = () => replay(`/v1/dlq/${encodeURIComponent(ev.id)}/replay`);
+    // A URL drops a path segment of "." or ".." (encoded too): "/v1/dlq/./replay" would be
+    // the replay of every dead letter. Such an id (a broker's, forged) cannot be replayed alone.
+    if (ev.id === "." || ev.id === "..") {
+      b.disabled = true;
+      b.title = "this id cannot be sent in a URL path: replay it with its plugin's";
+    } else {
+      b.onclick = () => replay(`/v1/dlq/${encodeURIComponent(ev.id)}/replay`);
+    }
     return el("tr", { "data-id": ev.id },
       el("td", {}, header(ev, "plugbus-failed-at")), el("td", {}, d.plugin),
       el("td", {}, header(ev, "plugbus-original-subject")),

@@ -674,6 +674,27 @@ fn small_window_client(addr: std::net::SocketAddr) -> std::net::TcpStream {
     }
 }
 
+/// Review 60a L2: `?plugin=` was never checked: on NATS it made the subject read
+/// (`plugbus.dlq.<plugin>`), so a bad one answered `503` and `>` listed every plugin's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_no_plugin_can_be_named_is_a_bad_request() {
+    let t = TestHost::start(&["audit"]).await;
+    let client = reqwest::Client::new();
+    for (method, path) in
+        [("GET", "/v1/dlq?plugin=%3E"), ("GET", "/v1/dlq?plugin=a%20b"), ("POST", "/v1/dlq/replay?plugin=*")]
+    {
+        let req = match method {
+            "GET" => client.get(format!("{}{path}", t.url())),
+            _ => client.post(format!("{}{path}", t.url())),
+        };
+        let (status, error) = json_error(req.send().await.unwrap()).await;
+        assert_eq!(status, 400, "{method} {path}: {error}");
+        assert!(error.contains("is not a plugin's name"), "{error}");
+    }
+    let listed = client.get(format!("{}/v1/dlq?plugin=audit", t.url())).send().await.unwrap();
+    assert_eq!(listed.status().as_u16(), 200);
+}
+
 /// Review 60a H1: a whole listing's turn was let go once the listing was built, before a byte of
 /// it was sent, and a client may read its answer as slowly as a few KiB every half minute: 128
 /// connections of one address held 128 listings of 16 MiB. Now the turn is held until the
