@@ -40,6 +40,7 @@ pub const COMPONENTS: &[&str] = &[
     "asker",
     "responder",
     "stall",
+    "aliased",
 ];
 
 /// The workspace root.

@@ -247,6 +247,37 @@ async fn a_manifest_that_never_returns_is_refused_and_the_other_plugins_load() {
     assert!(!host.router().contains("stall"));
 }
 
+/// Review 60b C1: a manifest whose million `publishes` strings all point at one 16 MiB of the
+/// guest's memory (`tests/components/aliased`), 16 TiB once each is lifted into a host string.
+/// The manifest is read under the per-call copy limit: the file is refused naming it, the host
+/// stays small, and the plugin beside it serves. (A `plugbus run` of its own: had the copy gone
+/// through, the test process would not have been the one to die.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_whose_strings_alias_one_buffer_is_refused_within_the_copy_limit() {
+    let plugins = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    for c in ["aliased", "echo"] {
+        std::fs::copy(wasm(c), plugins.path().join(format!("{c}.wasm"))).unwrap();
+    }
+    let host = plugbus_tests::HostChild::start(plugins.path(), data.path(), "", &[]).await;
+    let body: serde_json::Value = reqwest::get(format!("{}/v1/plugins", host.url)).await.unwrap().json().await.unwrap();
+    assert_eq!(body["plugins"][0]["name"], "echo", "{body}");
+    let refused = body["rejected"][0]["state"].as_str().unwrap_or_default();
+    assert!(
+        body["rejected"][0]["file"].as_str().unwrap_or_default().ends_with("aliased.wasm")
+            && refused.contains("manifest() failed")
+            && refused.contains("too much data is being copied"),
+        "{body}"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", host.child.id())).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmHWM in /proc/<pid>/status");
+    assert!(peak_kib < 1 << 20, "the host peaked at {} MiB", peak_kib >> 10);
+}
+
 /// A host on `dir` compiling in child processes of the `plugbus` binary, as the CLI does, with
 /// these compile caps.
 async fn host_compiling_in_children(dir: &std::path::Path, memory_mib: u64, timeout: Duration) -> plugbus::Host {
