@@ -1554,9 +1554,14 @@ impl EmbeddedBus {
         let (logged, refused, late) = match &self.log {
             None => (Logged(None), None, Vec::new()),
             Some(log) => {
+                // A dead letter's replay has an id of its own, derived from the dead letter's: one
+                // in the log already is a replay that was taken though its publish timed out
+                // (the dead letter was kept), and a second would run it again (review 60a L1).
+                // Only the host sets the mark: ingress and plugins may not give `plugbus-*`.
+                let dedupe = event.header(crate::deadletter::headers::REPLAY_OF).is_some();
                 let (sent, late, deciding) = self
                     .send_to_log(&event, &targets, seen, |plugins, deciding| {
-                        log.send_marked(event.clone(), plugins, false, |seq| deciding.mark(seq))
+                        log.send_marked(event.clone(), plugins, dedupe, |seq| deciding.mark(seq))
                     })
                     .map_err(|e| TransportError::Broker(e.to_string()))?;
                 _deciding = deciding;
@@ -2270,6 +2275,26 @@ mod tests {
             }
         };
         assert!(refused.contains("plugin stalled has"), "{refused}");
+    }
+
+    /// Review 60a L1: a replay whose publish timed out while the log committed it is delivered,
+    /// and its dead letter kept; the next replay of that dead letter published it again, and the
+    /// handler ran twice. A replay already in the log is taken as done.
+    #[tokio::test]
+    async fn a_dead_letters_replay_already_in_the_log_is_not_delivered_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_path, _log, bus, mut sub) = durable_bus(dir.path(), "orders.>", 16).await;
+        let input = Event::new("orders.created", "1");
+        let dead = crate::deadletter::dead_letter_event(&input, "p", "plugbus.dlq.p", "boom", 3);
+        let replay = crate::deadletter::replay_event(&dead).unwrap();
+        bus.publish(replay.clone()).await.unwrap();
+        bus.publish(replay).await.unwrap();
+        // A producer's event sent twice is two events, as before.
+        let twice = Event::new("orders.created", "2");
+        bus.publish(twice.clone()).await.unwrap();
+        bus.publish(twice).await.unwrap();
+        let got = ack_through(&mut sub, "2").await;
+        assert_eq!(got, ["1", "2", "2"], "the replay ran twice, or a producer's second send was dropped");
     }
 
     /// A durable bus over a new log at `dir/bus.redb` (`sync = "always"`) with plugin `p`
