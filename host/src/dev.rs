@@ -182,15 +182,43 @@ struct HostView {
     load_errors: u64,
 }
 
-async fn get(client: &reqwest::Client, url: &str, path: &str) -> anyhow::Result<reqwest::Response> {
+/// The most of an answer `plugbus dev` reads from whatever answers on the port (every 10 ms
+/// while it waits for a deploy): a host's `/v1/plugins` and `/metrics` are far smaller; another
+/// server there could stream gigabytes (review 60a L5).
+const MOST_ANSWER_BYTES: usize = 16 << 20;
+
+/// A refusal's reason as `plugbus dev` prints it: on one line, whatever the loader's message
+/// holds (an error chain may span lines), with no control character (whatever answers on the
+/// port chose it: an escape sequence would reach the terminal), at most 16 KiB.
+fn shown_reason(reason: &str) -> String {
+    crate::event::one_line_cut(&reason.split_whitespace().collect::<Vec<_>>().join(" "), 16 << 10)
+}
+
+/// The body of `GET url+path`, at most [`MOST_ANSWER_BYTES`].
+async fn get(client: &reqwest::Client, url: &str, path: &str) -> anyhow::Result<Vec<u8>> {
     let url = format!("{}{path}", url.trim_end_matches('/'));
-    let resp = client.get(&url).timeout(Duration::from_secs(5)).send().await.with_context(|| format!("GET {url}"))?;
+    let mut resp =
+        client.get(&url).timeout(Duration::from_secs(5)).send().await.with_context(|| format!("GET {url}"))?;
     anyhow::ensure!(resp.status().is_success(), "GET {url}: {}", resp.status());
-    Ok(resp)
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.with_context(|| format!("GET {url}"))? {
+        anyhow::ensure!(
+            body.len() + chunk.len() <= MOST_ANSWER_BYTES,
+            "GET {url}: the answer is over {MOST_ANSWER_BYTES} bytes: is a plugbus host answering there?"
+        );
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// [`get`] as JSON.
+async fn get_json(client: &reqwest::Client, url: &str, path: &str) -> anyhow::Result<serde_json::Value> {
+    let body = get(client, url, path).await?;
+    serde_json::from_slice(&body).with_context(|| format!("GET {url}{path}: not JSON"))
 }
 
 async fn host_view(client: &reqwest::Client, url: &str, name: &str, file: &str) -> anyhow::Result<HostView> {
-    let plugins: serde_json::Value = get(client, url, "/v1/plugins").await?.json().await?;
+    let plugins = get_json(client, url, "/v1/plugins").await?;
     let serving = plugins["plugins"].as_array().and_then(|ps| ps.iter().find(|p| p["name"] == name)).map(|p| {
         (p["version"].as_str().unwrap_or_default().to_string(), p["hash"].as_str().unwrap_or_default().to_string())
     });
@@ -201,7 +229,7 @@ async fn host_view(client: &reqwest::Client, url: &str, name: &str, file: &str) 
         })
         .and_then(|r| r["state"].as_str())
         .map(|s| s.strip_prefix("rejected: ").unwrap_or(s).to_string());
-    let metrics = get(client, url, "/metrics").await?.text().await?;
+    let metrics = String::from_utf8_lossy(&get(client, url, "/metrics").await?).into_owned();
     let label = format!("file=\"{file}\"");
     let load_errors = metrics
         .lines()
@@ -214,11 +242,9 @@ async fn host_view(client: &reqwest::Client, url: &str, name: &str, file: &str) 
 
 /// The host's plugins folder, as its `/v1/plugins` names it.
 pub async fn plugins_dir_of(client: &reqwest::Client, url: &str) -> anyhow::Result<PathBuf> {
-    let plugins: serde_json::Value = get(client, url, "/v1/plugins")
+    let plugins = get_json(client, url, "/v1/plugins")
         .await
-        .with_context(|| format!("no plugbus host answering at {url}: start one, or pass --run or --plugins DIR"))?
-        .json()
-        .await?;
+        .with_context(|| format!("no plugbus host answering at {url}: start one, or pass --run or --plugins DIR"))?;
     let dir =
         plugins["plugins_dir"].as_str().context("the host does not name its plugins folder: pass --plugins DIR")?;
     let named = PathBuf::from(dir);
@@ -305,9 +331,7 @@ pub async fn deploy(
         if now.load_errors > before.load_errors
             && let Some(reason) = now.rejected
         {
-            // One line, whatever the loader's message holds (an error chain may span lines).
-            let reason = reason.split_whitespace().collect::<Vec<_>>().join(" ");
-            return Ok(Outcome::Refused { built, reason });
+            return Ok(Outcome::Refused { built, reason: shown_reason(&reason) });
         }
         if copied.elapsed() > timeout {
             return Ok(Outcome::Copied {
@@ -382,6 +406,27 @@ pub async fn watch(client: &reqwest::Client, opts: &Options, mut line: impl FnMu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review 60a L5: what answers on the port chose what `plugbus dev` read whole and printed
+    /// raw, escape sequences included.
+    #[test]
+    fn a_refusal_is_printed_on_one_line_without_control_characters() {
+        let shown = shown_reason("bad\n  thing \u{1b}]52;c;aGk=\u{7}\u{1b}[2J done");
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(shown.starts_with("bad thing \\u{1b}]52"), "{shown:?}");
+        assert!(shown_reason(&"x".repeat(1 << 20)).len() < 17 << 10);
+    }
+
+    #[tokio::test]
+    async fn an_answer_past_its_bound_is_not_read_whole() {
+        let huge = || async { vec![b' '; MOST_ANSWER_BYTES + 1] };
+        let app = axum::Router::new().route("/v1/plugins", axum::routing::get(huge));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let why = get(&reqwest::Client::new(), &url, "/v1/plugins").await.unwrap_err().to_string();
+        assert!(why.contains("is a plugbus host answering there"), "{why}");
+    }
 
     #[test]
     fn a_compile_error_is_one_line_with_the_count_of_the_rest() {
