@@ -274,6 +274,11 @@ impl Config {
             }
         }
         anyhow::ensure!(self.max_wasm_bytes > 0, "max_wasm_bytes must be more than 0");
+        // Empty, it would be the working directory (`/` under systemd), loaded and watched.
+        anyhow::ensure!(
+            !self.plugins_dir.as_os_str().is_empty(),
+            "plugins_dir is empty: name the plugins folder (the default is `plugins`)"
+        );
         // Past it, "unlimited" written as a huge number read every file as empty (a `+ 1` wrapped).
         anyhow::ensure!(
             self.max_wasm_bytes <= crate::config_bounds::MAX_BYTES,
@@ -428,6 +433,15 @@ mod tests {
         let why = from(&format!("{nats}[plugins.inventory]\nlimits = {{ max_kv_writes = 5000 }}")).unwrap_err();
         assert!(why.to_string().contains("plugins.inventory.limits.max_kv_writes = 5000"), "{why}");
         from("[limits]\nmax_kv_writes = 5000").unwrap();
+    }
+
+    /// Review 60c L3: an empty `plugins_dir` (`PLUGBUS_PLUGINS_DIR=`) would be the working
+    /// directory once made absolute (`/` under systemd).
+    #[test]
+    fn an_empty_plugins_dir_is_refused() {
+        let config = Config { plugins_dir: std::path::PathBuf::new(), ..Config::default() };
+        let why = config.validate().unwrap_err().to_string();
+        assert!(why.contains("plugins_dir is empty"), "{why}");
     }
 
     /// Review 60b L6: "unlimited" as a huge `max_wasm_bytes` made every file read as empty.

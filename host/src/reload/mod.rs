@@ -169,11 +169,14 @@ impl Reloader {
                 return Applied::Done;
             }
         };
-        self.install(path, plugin, changed_at).await;
-        Applied::Done
+        self.install(path, plugin, changed_at).await
     }
 
-    async fn install(&self, path: &Path, plugin: Plugin, changed_at: Instant) {
+    /// Serves `plugin` from `path`: [`Applied::TryAgain`] when the bus refused its subscription
+    /// (the host's failure, a log that cannot commit now, a broker that refused: review 60c L2,
+    /// where a plugin added while the log waited out a failed write stayed refused until its
+    /// file changed).
+    async fn install(&self, path: &Path, plugin: Plugin, changed_at: Instant) -> Applied {
         // The identity the loader bound: the file's name or its config entry, never a claim.
         let name = plugin.name().to_string();
         let (version, hash) = (plugin.manifest().version.clone(), plugin.hash().to_string());
@@ -189,14 +192,15 @@ impl Reloader {
         if let Some(other) = owner
             && !is_gone(&other)
         {
-            return self.reject(path, format!("is plugin {name:?}, already served from {}", other.display()));
+            self.reject(path, format!("is plugin {name:?}, already served from {}", other.display()));
+            return Applied::Done;
         }
         if self.router.current_hash(&name).as_deref() == Some(hash.as_str())
             && self.files.lock().expect("poisoned").get(path) == Some(&name)
         {
             tracing::debug!(plugin = %name, file = %loader::shown(path), "file touched but unchanged: nothing to reload");
             self.clear_rejection(path);
-            return;
+            return Applied::Done;
         }
         let outcome = if self.router.contains(&name) {
             match self.router.swap(plugin).await {
@@ -234,8 +238,12 @@ impl Reloader {
                 self.metrics.reloads.get_or_create(&crate::metrics::PluginLabels { plugin: name.clone() }).inc();
                 self.clear_rejection(path);
                 self.files.lock().expect("poisoned").insert(path.to_path_buf(), name.clone());
+                Applied::Done
             }
-            Err(e) => self.reject(path, format!("could not subscribe: {e}")),
+            Err(e) => {
+                self.reject(path, format!("could not subscribe: {e} (tried again by itself)"));
+                Applied::TryAgain
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 //! carry on, and every failure ends in a dead letter naming plugin, event and cause.
 
 use plugbus::deadletter::headers;
-use plugbus_tests::{TestHost, fast_retries};
+use plugbus_tests::{TestHost, eventually, fast_retries};
 use std::time::Duration;
 
 /// `src/lib.rs:LINE:COL)` at the end of `text`'s `(at …)`: where a panic happened.
@@ -105,12 +105,18 @@ async fn two_plugins_failing_on_each_others_dead_letters_stop_after_one_nesting(
 }
 
 /// A transport (the embedded bus), but publishing an output whose data is `panic` panics, as
-/// often as `.1` says: a bug of the host's on the delivery path, as no input can cause.
-struct PanicsOnOutput(std::sync::Arc<dyn plugbus::transport::Transport>, std::sync::atomic::AtomicU32);
+/// often as `.1` says: a bug of the host's on the delivery path, as no input can cause; and the
+/// next `.2` subscriptions are refused (the bus's failure: a log that cannot commit now).
+struct PanicsOnOutput(
+    std::sync::Arc<dyn plugbus::transport::Transport>,
+    std::sync::atomic::AtomicU32,
+    std::sync::atomic::AtomicU32,
+);
 
 impl PanicsOnOutput {
     fn new(inner: std::sync::Arc<dyn plugbus::transport::Transport>, panics: u32) -> std::sync::Arc<Self> {
-        std::sync::Arc::new(Self(inner, std::sync::atomic::AtomicU32::new(panics)))
+        let refusals = std::sync::atomic::AtomicU32::new(0);
+        std::sync::Arc::new(Self(inner, std::sync::atomic::AtomicU32::new(panics), refusals))
     }
 }
 
@@ -143,6 +149,10 @@ impl plugbus::transport::Transport for PanicsOnOutput {
         &self,
         spec: plugbus::transport::SubscriptionSpec,
     ) -> Result<plugbus::transport::Subscription, plugbus::transport::TransportError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.2.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Err(plugbus::transport::TransportError::Broker("injected: the log cannot commit now".into()));
+        }
         self.0.subscribe(spec).await
     }
     async fn retarget(
@@ -159,6 +169,29 @@ impl plugbus::transport::Transport for PanicsOnOutput {
     ) -> Result<plugbus::transport::Observed, plugbus::transport::TransportError> {
         self.0.observe(patterns, capacity).await
     }
+}
+
+/// Review 60c L2: a plugin whose subscription the bus refused (the log waiting out a failed
+/// write, a broker that refused) was reported as refused for good: it stayed out until its file
+/// changed. It is tried again by itself, as any load the host failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_whose_subscription_the_bus_refused_is_tried_again_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(plugbus_tests::wasm("audit"), dir.path().join("audit.wasm")).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let config = plugbus::Config { plugins_dir: dir.path().into(), data_dir: data.path().into(), ..Default::default() };
+    let transport = PanicsOnOutput::new(std::sync::Arc::new(plugbus::backend::embedded::bus::EmbeddedBus::new()), 0);
+    let kv = std::sync::Arc::new(plugbus::kv::MemoryKv::new());
+    let host = plugbus::Host::start_on(config, transport.clone(), kv).await.expect("host starts");
+    transport.2.store(1, std::sync::atomic::Ordering::SeqCst);
+    std::fs::copy(plugbus_tests::wasm("echo"), dir.path().join("echo.wasm")).unwrap();
+    let refused = |h: &plugbus::Host| h.rejected().iter().any(|r| r.reason.contains("could not subscribe"));
+    eventually("echo's subscription is refused", || refused(&host)).await;
+    let why = host.rejected()[0].reason.clone();
+    assert!(why.contains("tried again by itself"), "{why}");
+    eventually("echo serves once tried again", || host.router().contains("echo")).await;
+    assert!(host.rejected().is_empty(), "{:?}", host.rejected());
+    host.shutdown().await;
 }
 
 /// Review 56b M1: a panic delivering an event of an ordering key (a host bug: nothing a handler

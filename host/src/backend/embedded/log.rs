@@ -1836,7 +1836,9 @@ impl Writer {
         }
         // The host is stopping: make everything on disk (what was deferred went in the commits
         // before: the channel is read as closed only once none is left).
-        // (A failed commit threw away what was kept in memory too.)
+        // (A failed commit threw away what was kept in memory too.) The file is tried whatever
+        // the wait after failed writes says: this is its last chance (review 60c L1).
+        self.backoff.lock().expect("backoff poisoned").succeeded();
         if let Err(lost) =
             self.commit(carried, true).map_err(|retry| in_memory.into_iter().chain(retry).collect::<Vec<_>>())
             && !lost.is_empty()
@@ -3543,6 +3545,33 @@ pub(crate) mod tests {
             assert!(std::time::Instant::now() < deadline, "the log did not take appends again: {e}");
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+    }
+
+    /// Review 60c L1: the stop's last commit went through the wait after failed writes: a stop
+    /// within it dropped the outputs and acks the log carried, without trying the file.
+    #[tokio::test]
+    async fn the_stops_last_commit_tries_the_file_whatever_the_wait() {
+        let Some(disk) = Tmpfs::mount(16) else { return };
+        no_room_ahead(disk.0.path());
+        let path = disk.0.path().join("bus.redb");
+        let log = DurableLog::open_with(&path, SyncPolicy::Always, Retention::default()).unwrap();
+        let p: Arc<str> = "p".into();
+        log.append(Arc::new(sample()), vec![p.clone()], false).await.unwrap();
+        let filler = fill_up(disk.0.path());
+        // Failed writes for 2 s: the wait has grown to most of a second.
+        let started = std::time::Instant::now();
+        while started.elapsed() < std::time::Duration::from_secs(2) {
+            let _ = log.append(Arc::new(sample()), vec![p.clone()], false).await;
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // An output nobody waits for: carried from the commit the wait refuses.
+        let output = Arc::new(Event::new("out.x", "kept"));
+        log.append_nowait(output.clone(), vec![]).unwrap();
+        std::fs::remove_file(&filler).unwrap();
+        drop(log);
+        let log = reopen(&path, Retention::default()).await;
+        let read = log.read(0, 1000).unwrap();
+        assert!(read.iter().any(|(_, e)| e.id == output.id), "the output carried at the stop was lost");
     }
 
     /// Each log's commits: whether each was synced, and how long after the last that was.
