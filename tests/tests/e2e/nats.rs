@@ -1694,6 +1694,43 @@ async fn jetstream_one_dead_letter_replayed_by_the_host_that_keeps_it_too_leaves
     .await;
 }
 
+/// Review 60d M1: rights on one subject under `plugbus.dlq.` were rights to publish anything
+/// anywhere with the host's credentials: a forged dead letter on `plugbus.dlq.junk` naming
+/// `faulty` was listed and replayed as faulty's, to any ordinary subject; one naming another
+/// plugin's dead-letter subject as its original was replayed there. Now a dead letter is a
+/// plugin's only on that plugin's subject, and none is replayed to a dead-letter subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_dead_letter_off_its_plugins_subject_is_neither_listed_nor_replayed() {
+    let server = NatsServer::start().await;
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], plugbus_tests::fast_retries).await;
+    let js = jetstream::new(server.client().await);
+    let mut dlq = t.observe(&["plugbus.dlq.faulty"]).await;
+    t.host.publish(plugbus::Event::new("faulty.reject", "real")).await.unwrap();
+    dlq.next_where(|e| e.data.as_ref() == b"real").await;
+    let forge = |subject: &'static str, original: &'static str, data: &'static str| {
+        let js = js.clone();
+        async move {
+            let mut forged = async_nats::HeaderMap::new();
+            forged.insert(headers::PLUGIN, "faulty");
+            forged.insert(headers::ORIGINAL_SUBJECT, original);
+            forged.insert(headers::ERROR, "forged");
+            js.publish_with_headers(subject, forged, data.into()).await.unwrap().await.unwrap();
+        }
+    };
+    forge("plugbus.dlq.junk", "victim.approve", "laundered").await;
+    forge("plugbus.dlq.faulty", "plugbus.dlq.payments", "nested").await;
+    let mut victim = t.observe(&["victim.>", "plugbus.dlq.payments"]).await;
+    let client = reqwest::Client::new();
+    let listed: Value = client.get(format!("{}/v1/dlq", t.url())).send().await.unwrap().json().await.unwrap();
+    let data: Vec<&str> =
+        listed["dead_letters"].as_array().unwrap().iter().map(|e| e["event"]["data"].as_str().unwrap()).collect();
+    assert!(!data.contains(&"laundered"), "a dead letter off faulty's subject was listed as faulty's: {data:?}");
+    let report: Value = client.post(format!("{}/v1/dlq/replay", t.url())).send().await.unwrap().json().await.unwrap();
+    let refused = report["refused"].as_array().expect("refused listed");
+    assert!(refused.iter().any(|r| r["why"].as_str().unwrap_or_default().contains("dead-letter subject")), "{report}");
+    assert!(victim.drain(Duration::from_millis(500)).await.is_empty(), "a forgery was replayed: {report}");
+}
+
 /// The attack: anyone who may publish on `plugbus.dlq.*` forges a dead letter naming a `$KV`
 /// subject (a replay would publish there with the host's credentials), and floods the stream
 /// with messages that are no dead letters, so that every listing walks them one request each.

@@ -241,6 +241,14 @@ fn entry_of(msg: StreamMessage, plugin: Option<&str>) -> Option<Entry> {
         }
     };
     let owner = event.header(headers::PLUGIN)?.to_string();
+    // A host publishes a plugin's dead letters on `plugbus.dlq.<plugin>`: one on another subject
+    // naming it is a forgery by whoever may publish there, and is not that plugin's (review 60d
+    // M1: rights on `plugbus.dlq.junk` listed, and replayed, a dead letter as any plugin's).
+    if &*msg.subject != format!("{}{owner}", crate::subject::DEAD_LETTER_PREFIX).as_str() {
+        tracing::warn!(stream = STREAM, seq = msg.sequence, subject = %crate::event::cut(&msg.subject),
+            plugin = %crate::event::cut(&owner), "a dead letter naming a plugin it is not the subject of: not listed or replayed");
+        return None;
+    }
     plugin.is_none_or(|p| p == owner).then_some(Entry { seq: msg.sequence, plugin: owner, event, record: None })
 }
 
