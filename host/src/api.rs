@@ -1164,7 +1164,10 @@ async fn publish_replay(
 /// unrun, and it would be reported replayed and forgotten.
 fn replay_of(api: &Inner, dead: &crate::event::Event) -> Result<crate::event::Event, String> {
     let event = crate::deadletter::replay_event(dead)?;
-    let Some(plugin) = crate::deadletter::failed_in(dead).filter(|_| !api.s.transport.is_external()) else {
+    if api.s.transport.is_external() {
+        return on_the_broker(api, dead, event);
+    }
+    let Some(plugin) = crate::deadletter::failed_in(dead) else {
         return Ok(event);
     };
     match api.s.router.subscribes(plugin, &event.subject) {
@@ -1178,6 +1181,40 @@ fn replay_of(api: &Inner, dead: &crate::event::Event) -> Result<crate::event::Ev
             "the plugin it is for, {}, no longer subscribes to {} (its subscriptions changed): every other \
              plugin would let its replay go unrun; replay it once that plugin subscribes to it again",
             crate::event::quoted(plugin),
+            crate::event::quoted(&event.subject)
+        )),
+    }
+}
+
+/// [`replay_of`] on a broker, where a replay is published with the host's credentials and a
+/// dead letter is only as trustworthy as whoever could publish on its subject (review 60d M1):
+/// - never to a dead-letter subject: the stream would keep it as that plugin's dead letter
+///   (on the embedded bus a plugin that failed another's dead letter is given it again);
+/// - when its plugin runs on this host, only to a subject that plugin subscribes or publishes
+///   to (a dead letter of an event it failed, or of an output of its the bus did not take).
+fn on_the_broker(
+    api: &Inner,
+    dead: &crate::event::Event,
+    event: crate::event::Event,
+) -> Result<crate::event::Event, String> {
+    if crate::subject::is_dead_letter_subject(&event.subject) {
+        return Err(format!(
+            "its original subject {} is a dead-letter subject (`plugbus.dlq.…`): on a broker its replay would be kept \
+             as that plugin's dead letter",
+            crate::event::quoted(&event.subject)
+        ));
+    }
+    let owner = dead.header(crate::deadletter::headers::PLUGIN).unwrap_or_default();
+    let Some(plugin) = api.s.router.current(owner) else { return Ok(event) };
+    let publishes = crate::subject::PatternSet::parse(&plugin.manifest().publishes);
+    let its = api.s.router.subscribes(owner, &event.subject) == Some(true)
+        || publishes.is_ok_and(|set| set.matches(&event.subject));
+    match its {
+        true => Ok(event),
+        false => Err(format!(
+            "its plugin {} (which runs on this host) neither subscribes nor publishes to its original subject {}: \
+             not one of its dead letters (a forgery on its subject?), never replayed",
+            crate::event::quoted(owner),
             crate::event::quoted(&event.subject)
         )),
     }

@@ -157,14 +157,7 @@ pub fn replay_event(dead: &Event) -> Result<Event, String> {
             crate::event::quoted(&subject)
         ));
     }
-    // No plugin may publish there: its replay would be another plugin's dead letter, made by the
-    // host (review 60d M1).
-    if crate::subject::is_dead_letter_subject(&subject) {
-        return Err(format!(
-            "its original subject {} is a dead-letter subject (`plugbus.dlq.…`), which is never replayed",
-            crate::event::quoted(&subject)
-        ));
-    }
+
     if let Some(why) = dead.header(headers::DATA_OMITTED) {
         return Err(format!(
             "it does not carry its event's data ({}), so a replay would publish an event without it: \
@@ -1102,16 +1095,6 @@ mod tests {
         let (whole, _, left_out) = store.newest(None, 10, true, 50_000);
         assert_eq!(whole.len() + left_out, 10);
         assert!(whole.len() < 10);
-    }
-
-    /// Review 60d M1: a forged dead letter on the broker naming another plugin's dead-letter
-    /// subject as its original was replayed there, by the host.
-    #[test]
-    fn a_dead_letter_of_a_dead_letter_subject_is_never_replayed() {
-        let mut forged = Event::new("plugbus.dlq.faulty", "x");
-        forged.extensions.push((headers::ORIGINAL_SUBJECT.into(), "plugbus.dlq.payments".into()));
-        let why = replay_event(&forged).unwrap_err();
-        assert!(why.contains("dead-letter subject"), "{why}");
     }
 
     /// The replay of an event a plugin failed is for that plugin alone; that of an output the bus

@@ -1698,7 +1698,8 @@ async fn jetstream_one_dead_letter_replayed_by_the_host_that_keeps_it_too_leaves
 /// anywhere with the host's credentials: a forged dead letter on `plugbus.dlq.junk` naming
 /// `faulty` was listed and replayed as faulty's, to any ordinary subject; one naming another
 /// plugin's dead-letter subject as its original was replayed there. Now a dead letter is a
-/// plugin's only on that plugin's subject, and none is replayed to a dead-letter subject.
+/// plugin's only on that plugin's subject, none is replayed to a dead-letter subject, and one of
+/// a plugin this host runs only to a subject that plugin subscribes or publishes to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_dead_letter_off_its_plugins_subject_is_neither_listed_nor_replayed() {
     let server = NatsServer::start().await;
@@ -1719,6 +1720,8 @@ async fn a_forged_dead_letter_off_its_plugins_subject_is_neither_listed_nor_repl
     };
     forge("plugbus.dlq.junk", "victim.approve", "laundered").await;
     forge("plugbus.dlq.faulty", "plugbus.dlq.payments", "nested").await;
+    // On faulty's own subject, to one faulty neither subscribes nor publishes to (it runs here).
+    forge("plugbus.dlq.faulty", "victim.pay", "elsewhere").await;
     let mut victim = t.observe(&["victim.>", "plugbus.dlq.payments"]).await;
     let client = reqwest::Client::new();
     let listed: Value = client.get(format!("{}/v1/dlq", t.url())).send().await.unwrap().json().await.unwrap();
@@ -1727,7 +1730,8 @@ async fn a_forged_dead_letter_off_its_plugins_subject_is_neither_listed_nor_repl
     assert!(!data.contains(&"laundered"), "a dead letter off faulty's subject was listed as faulty's: {data:?}");
     let report: Value = client.post(format!("{}/v1/dlq/replay", t.url())).send().await.unwrap().json().await.unwrap();
     let refused = report["refused"].as_array().expect("refused listed");
-    assert!(refused.iter().any(|r| r["why"].as_str().unwrap_or_default().contains("dead-letter subject")), "{report}");
+    let why = |what: &str| refused.iter().any(|r| r["why"].as_str().unwrap_or_default().contains(what));
+    assert!(why("dead-letter subject") && why("neither subscribes nor publishes"), "{report}");
     assert!(victim.drain(Duration::from_millis(500)).await.is_empty(), "a forgery was replayed: {report}");
 }
 
