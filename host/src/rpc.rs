@@ -81,9 +81,16 @@ pub enum RequestError {
     /// Nobody subscribes to the subject.
     #[error("no responders: nothing subscribes to {0}")]
     NoResponders(String),
-    /// The transport could not take the request now (a full queue, a disconnected broker).
+    /// The transport could not take the request now (a full queue, a reply that is no event,
+    /// over the server's `max_payload`): possibly the handler's doing.
     #[error("request not sent: {0}")]
     Unavailable(String),
+    /// The broker failed it (not connected, its reply inbox could not be subscribed): the host's
+    /// failure, never the handler's. An attempt that fails after it counts as the host's
+    /// (review 60d M2: during an outage, plugins that make requests spent their tries and were
+    /// dead-lettered as their handlers' failures).
+    #[error("request not sent: {0}")]
+    Broker(String),
 }
 
 /// What sends a plugin's request and waits for its reply: the host wires it to the transport.

@@ -608,6 +608,16 @@ impl rpc::Host for HostState {
                     // the handler's doing (over the server's max_payload, its own share of the
                     // target's buffer full, a responder's invalid reply).
                     crate::rpc::RequestError::Unavailable(_) => rpc::RequestError::Unavailable(cut(&text).into_owned()),
+                    // The broker's failure: the attempt's, should it fail, is the host's (as a
+                    // kv read the store failed).
+                    crate::rpc::RequestError::Broker(_) => {
+                        if self.host_failed.is_none() {
+                            let why = format!("the broker failed a request: {text}");
+                            tracing::warn!(plugin = %self.plugin.name, event_id = %self.event_id, subject = %self.subject, "{why}");
+                            self.host_failed = Some(cut(&why).into_owned());
+                        }
+                        rpc::RequestError::Unavailable(cut(&text).into_owned())
+                    }
                 };
                 return self.refuse_request(err);
             }
@@ -863,6 +873,42 @@ mod tests {
         let sent = sent.0.lock().unwrap();
         assert_eq!(sent[0].header(ASKED_THROUGH), Some("p,q"));
         assert_eq!(sent[1].header(ASKED_THROUGH), Some("q"));
+    }
+
+    /// Fails every request as the broker does when it is not connected.
+    struct Disconnected;
+
+    #[async_trait::async_trait]
+    impl crate::rpc::Requester for Disconnected {
+        async fn request(&self, event: Event, _timeout: Duration) -> Result<Event, crate::rpc::RequestError> {
+            Err(crate::rpc::RequestError::Broker(format!(
+                "not connected to NATS: a request on {} cannot go out",
+                event.subject
+            )))
+        }
+    }
+
+    /// Review 60d M2: a request the broker failed (disconnected) was the handler's failure: the
+    /// guest still sees `unavailable`, and the attempt, should it fail, is the host's.
+    #[tokio::test]
+    async fn a_request_the_broker_failed_makes_a_failed_attempt_the_hosts() {
+        let ctx = Arc::new(PluginCtx {
+            name: "q".into(),
+            limits: Limits::default(),
+            publishes: PatternSet::parse(&["a.>"]).unwrap(),
+            config: Default::default(),
+            kv: Arc::new(crate::kv::MemoryKv::new()),
+            outbound: Arc::new(OutboundPolicy::none()),
+            requester: Arc::new(Disconnected),
+            runnable: Default::default(),
+            share: super::super::cpu_share::CpuShares::new(1).plugin("q"),
+        });
+        let mut state = HostState::new(ctx, "e1", "q.run");
+        let answer = rpc::Host::request(&mut state, "a.back".into(), Vec::new(), Vec::new(), 1000).await;
+        let Err(rpc::RequestError::Unavailable(seen)) = answer else { panic!("not unavailable to the guest") };
+        assert!(seen.contains("not connected"), "{seen}");
+        let why = state.host_failed.as_deref().unwrap_or_default();
+        assert!(why.contains("the broker failed a request"), "{why:?}");
     }
 
     #[test]

@@ -213,7 +213,9 @@ impl NatsTransport {
             |what: String| RequestError::Unavailable(format!("requesting on {subject} over JetStream: {what}"));
         let inbox = self.client.new_inbox();
         // Subscribed before the publish, on the same connection: the reply cannot come first.
-        let mut replies = self.client.subscribe(inbox.clone()).await.map_err(|e| unavailable(e.to_string()))?;
+        let mut replies = self.client.subscribe(inbox.clone()).await.map_err(|e| {
+            RequestError::Broker(format!("requesting on {subject} over JetStream: subscribing its reply inbox: {e}"))
+        })?;
         headers.insert(wire::REPLY_TO, inbox.as_str());
         // A request is asked once per ask: its `Nats-Msg-Id` is the ask's (its inbox), not the
         // event's source and id, which a client asking again after a timeout keeps (JetStream
@@ -229,7 +231,9 @@ impl NatsTransport {
             if ack.duplicate {
                 return Err(unavailable("the stream already holds this request (a duplicate): nobody is asked".into()));
             }
-            replies.next().await.ok_or_else(|| unavailable("the reply subscription closed".into()))
+            replies.next().await.ok_or_else(|| {
+                RequestError::Broker(format!("requesting on {subject} over JetStream: the reply subscription closed"))
+            })
         };
         let msg = match tokio::time::timeout(timeout, asked).await {
             Ok(reply) => reply?,
@@ -975,9 +979,7 @@ impl Transport for NatsTransport {
         // Disconnected, the request would wait in this process's buffer and time out: say so
         // at once (`503` over HTTP, `Unavailable` to a plugin), as a publish does.
         if !self.is_connected() {
-            return Err(RequestError::Unavailable(format!(
-                "not connected to NATS: a request on {subject} cannot go out"
-            )));
+            return Err(RequestError::Broker(format!("not connected to NATS: a request on {subject} cannot go out")));
         }
         // On an inbox of its own (a subscription the request drops as it ends): on the client's
         // shared one, async-nats keeps an entry per request until its reply comes
