@@ -398,7 +398,13 @@ pub fn encode_binary(ev: &Event) -> Vec<(Cow<'static, str>, String)> {
         let is_attribute = !name.is_empty()
             && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
             && !BINARY_CORE.contains(&name.as_str());
-        let name = if is_attribute { format!("ce-{name}") } else { name.clone() };
+        // A `nats-` name (a NATS publisher's `Nats-Expected-Stream`, `Nats-Rollup`, `Nats-TTL`,
+        // kept as the event's) goes under `ce-`: as a plain header the server would act on it at
+        // the host's publish of a dead letter or a replay (review 60d L1). Read back, it is the
+        // same extension.
+        let broker_control =
+            name.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("nats-") || p.eq_ignore_ascii_case("nats_"));
+        let name = if is_attribute || broker_control { format!("ce-{name}") } else { name.clone() };
         headers.push((Cow::Owned(name), percent_encode(value)));
     }
     headers
@@ -593,6 +599,28 @@ pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review 60d L1: a NATS publisher's `Nats-Expected-Stream` (or `ce-nats-rollup`), kept as
+    /// an extension, went out again as a plain header on the host's publish of its dead letter
+    /// or replay, where the server would act on it.
+    #[test]
+    fn a_nats_control_name_kept_as_an_extension_never_goes_out_as_a_plain_header() {
+        let headers = [
+            ("ce-specversion", "1.0"),
+            ("ce-id", "i"),
+            ("ce-source", "/s"),
+            ("ce-type", "t"),
+            ("Nats-Expected-Stream", "NOPE"),
+            ("ce-nats-rollup", "all"),
+        ];
+        let ev = decode("a.b", headers.into_iter(), Bytes::new()).unwrap();
+        let out = encode_binary(&ev);
+        let plain: Vec<_> = out.iter().filter(|(k, _)| k.to_ascii_lowercase().starts_with("nats")).collect();
+        assert!(plain.is_empty(), "{plain:?}");
+        let back = decode("a.b", out.iter().map(|(k, v)| (k.as_ref(), v.as_str())), Bytes::new()).unwrap();
+        assert_eq!(back.header("nats-expected-stream"), Some("NOPE"));
+        assert_eq!(back.header("nats-rollup"), Some("all"));
+    }
 
     /// Any header value a NATS publisher or HTTP client sends decodes without a panic (review
     /// 55d H1: a `%` before a multi-byte character sliced inside it), and only `%` with two hex
