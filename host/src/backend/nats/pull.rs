@@ -98,6 +98,13 @@ impl Inbox {
         loop {
             let message = self.incoming.next().await?;
             return Some(match message.status {
+                // A consumer's message comes with its stream subject; one on the inbox itself was
+                // published there by someone, its reply an ack subject of their choosing (review
+                // 60d L2: the host acked or nak'ed other consumers' messages with its credentials).
+                None | Some(StatusCode::OK) if !from_the_consumer(&self.prefix, &message.subject) => {
+                    tracing::warn!(inbox = %self.prefix, "a message published onto a JetStream pull's inbox (not the consumer's): dropped unsettled");
+                    continue;
+                }
                 None | Some(StatusCode::OK) => Came::Message(jetstream::Message { message, context: self.js.clone() }),
                 Some(StatusCode::IDLE_HEARTBEAT) => continue,
                 Some(status) => {
@@ -111,5 +118,25 @@ impl Inbox {
                 }
             });
         }
+    }
+}
+
+/// Whether a message (not a status) that came on the inbox `prefix` is the consumer's: the
+/// server sends a consumer's messages with their stream subject, never the inbox's.
+fn from_the_consumer(prefix: &str, subject: &str) -> bool {
+    !subject.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+}
+
+#[cfg(test)]
+mod forged_tests {
+    use super::from_the_consumer;
+
+    #[test]
+    fn a_message_on_the_inbox_itself_is_not_the_consumers() {
+        let prefix = "_INBOX.abc";
+        assert!(from_the_consumer(prefix, "orders.created"));
+        assert!(from_the_consumer(prefix, "_INBOX.abcd.1"), "another inbox is a subject like any");
+        assert!(!from_the_consumer(prefix, "_INBOX.abc.1"));
+        assert!(!from_the_consumer(prefix, "_INBOX.abc"));
     }
 }
