@@ -91,7 +91,7 @@ pub async fn serve(listener: TcpListener, app: axum::Router, bounds: Bounds, shu
         connections.spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder.timer(TokioTimer::new()).header_read_timeout(bounds.read_timeout);
-            let io = WriteStallBound { inner: TokioIo::new(stream), limit: bounds.read_timeout, stalled: None };
+            let io = WriteStallBound::new(TokioIo::new(stream), bounds.read_timeout);
             let connection = builder.serve_connection(io, service);
             let mut connection = std::pin::pin!(connection);
             let mut told = false;
@@ -292,40 +292,86 @@ fn is_connection_error(e: &io::Error) -> bool {
     )
 }
 
-/// A connection whose writes may wait for the client at most `limit` without any progress: then
-/// the write fails with `TimedOut`, and hyper closes the connection. hyper has no write timeout,
-/// and while a response waits to be written it reads no further request, so its header timeout
-/// never starts: a client pipelining requests and never reading their answers (or a tail's
-/// client that stopped reading) held its connection, and its slot, for ever.
+/// A connection whose writes may wait for the client at most `limit` while it takes less than
+/// [`MIN_TAKEN`]: then the write fails with `TimedOut`, and hyper closes the connection. hyper
+/// has no write timeout, and while a response waits to be written it reads no further request,
+/// so its header timeout never starts: a client pipelining requests and never reading their
+/// answers (or a tail's client that stopped reading) held its connection, and its slot, for
+/// ever.
+///
+/// Some progress is not enough (review 60c M1): a client reading a few KiB every half minute
+/// held a 16 MiB dead-letter listing for hours, and the copying turn it is sent in. The time
+/// writes wait on the client is summed (only while one waits: an idle keep-alive connection
+/// runs no clock), and the sum starts again each time the client has taken [`MIN_TAKEN`].
 struct WriteStallBound<T> {
     inner: T,
     limit: Duration,
-    /// Since when writes have made no progress (armed at the first write left pending).
-    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The write waiting now: since when, and the timer that ends what is left of `limit`.
+    waiting: Option<(std::time::Instant, Pin<Box<tokio::time::Sleep>>)>,
+    /// The time writes waited on the client since it last took [`MIN_TAKEN`].
+    waited: Duration,
+    /// What it took since then.
+    taken: usize,
 }
 
+/// What a client must take while writes wait on it for `api.read_timeout` (at the default 30 s,
+/// about 8 KiB/s).
+const MIN_TAKEN: usize = 256 << 10;
+
 impl<T> WriteStallBound<T> {
-    /// A write is pending: `Ready(error)` once it has been for `limit`, else `Pending` (the
-    /// timer wakes the task then).
+    fn new(inner: T, limit: Duration) -> Self {
+        Self { inner, limit, waiting: None, waited: Duration::ZERO, taken: 0 }
+    }
+
+    /// A write or flush is pending: `Ready(error)` once writes have waited `limit` in all since
+    /// the client last took [`MIN_TAKEN`], else `Pending` (the timer wakes the task then).
     fn still_stalled(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        let limit = self.limit;
-        let stalled = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        match stalled.as_mut().poll(cx) {
+        let left = self.limit.saturating_sub(self.waited);
+        let (_, timer) =
+            self.waiting.get_or_insert_with(|| (std::time::Instant::now(), Box::pin(tokio::time::sleep(left))));
+        match timer.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("the client took nothing written to it for {limit:?} (api.read_timeout)"),
+                format!(
+                    "the client took {} of what was written to it while writes waited {:?} (api.read_timeout), \
+                     less than {MIN_TAKEN} bytes",
+                    self.taken, self.limit
+                ),
             )),
             Poll::Pending => Poll::Pending,
         }
     }
 
-    /// What a write or flush answered, with the stall bound applied.
-    fn bounded<R>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+    /// A write or flush went through, taking `n` bytes: the wait (if one) ends and counts.
+    fn went(&mut self, n: usize) {
+        if let Some((since, _)) = self.waiting.take() {
+            self.waited += since.elapsed();
+        }
+        self.taken += n;
+        if self.taken >= MIN_TAKEN {
+            (self.waited, self.taken) = (Duration::ZERO, 0);
+        }
+    }
+
+    /// What a write answered, with the bound applied.
+    fn bounded_write(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
         match polled {
             Poll::Pending => self.still_stalled(cx).map(Err),
-            ready => {
-                self.stalled = None;
-                ready
+            Poll::Ready(Ok(n)) => {
+                self.went(n);
+                Poll::Ready(Ok(n))
+            }
+            failed => failed,
+        }
+    }
+
+    /// What a flush answered, with the bound applied.
+    fn bounded_flush(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<()>>) -> Poll<io::Result<()>> {
+        match polled {
+            Poll::Pending => self.still_stalled(cx).map(Err),
+            done => {
+                self.went(0);
+                done
             }
         }
     }
@@ -344,7 +390,7 @@ impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for WriteStallBound<T> {
 impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for WriteStallBound<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.bounded(cx, polled)
+        self.bounded_write(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -353,7 +399,7 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for WriteStallBound<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.bounded(cx, polled)
+        self.bounded_write(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -362,7 +408,7 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for WriteStallBound<T> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let polled = Pin::new(&mut self.inner).poll_flush(cx);
-        self.bounded(cx, polled)
+        self.bounded_flush(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -623,8 +623,14 @@ async fn whole_dead_letter_listings_are_built_two_at_once() {
 /// A host whose `picky` dead-lettered `dead` events, each dead letter's record holding 768 KiB
 /// of kv values its attempt read (a whole listing of 40 is its 16 MiB).
 async fn with_big_dead_letters(dead: u64) -> TestHost {
+    with_big_dead_letters_and(dead, |_| {}).await
+}
+
+/// [`with_big_dead_letters`], the config changed by `configure` too.
+async fn with_big_dead_letters_and(dead: u64, configure: impl FnOnce(&mut Config)) -> TestHost {
     let t = TestHost::start_with(&["picky"], |c| {
         c.plugins.entry("picky".into()).or_default().config.insert("limit".into(), "3".into());
+        configure(c);
     })
     .await;
     let mut txn = plugbus::kv::Txn::default();
@@ -730,6 +736,48 @@ async fn a_whole_listing_holds_its_turn_until_its_client_has_taken_it() {
         client.get(format!("{}/v1/dlq", t.url())).send().await.unwrap().status().as_u16() == 200
     })
     .await;
+}
+
+/// Review 60c M1: a whole listing is sent within its turn, so a client reading it slowly holds
+/// the turn. While writes wait on it, a client must take 256 KiB per `api.read_timeout` (some
+/// progress was enough before; here the kernel's own wake-up, once half its send buffer is
+/// free, already asked more of these clients, but a smaller buffer asks less): two reading
+/// 1 KiB every 300 ms are cut off (what the kernel holds for them it still sends), and the two
+/// turns they held are free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_reading_listings_slowly_are_cut_off_and_their_turns_freed() {
+    use std::io::{Read, Write};
+    let t = with_big_dead_letters_and(40, |c| c.api.read_timeout = Duration::from_secs(2)).await;
+    let addr = t.host.http_addr().expect("HTTP API on");
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut c = small_window_client(addr);
+                write!(c, "GET /v1/dlq HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                let mut chunk = [0u8; 1024];
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(0) = c.read(&mut chunk) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            })
+        })
+        .collect();
+    // Both began reading (their listings built, each holding a turn), then were cut off.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let client = reqwest::Client::new();
+    let freed = plugbus_tests::eventually_async("a whole listing is built again", Duration::from_secs(20), || async {
+        client.get(format!("{}/v1/dlq", t.url())).send().await.unwrap().status().as_u16() == 200
+    });
+    freed.await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.join().unwrap();
+    }
 }
 
 /// Dead letters whose data JSON writes six times over (`\u0001`): a page of them was 400 MB,
