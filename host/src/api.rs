@@ -1212,8 +1212,9 @@ fn on_the_broker(
     match its {
         true => Ok(event),
         false => Err(format!(
-            "its plugin {} (which runs on this host) neither subscribes nor publishes to its original subject {}: \
-             not one of its dead letters (a forgery on its subject?), never replayed",
+            "its plugin {} (which runs on this host) neither subscribes nor publishes to its original subject {} \
+             now: kept, not replayed (its subscriptions changed since it failed, or a forgery on its subject); replay \
+             it once the plugin subscribes to it again",
             crate::event::quoted(owner),
             crate::event::quoted(&event.subject)
         )),

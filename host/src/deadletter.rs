@@ -166,7 +166,15 @@ pub fn replay_event(dead: &Event) -> Result<Event, String> {
         ));
     }
     let mut ev = Event::new(subject, dead.data.clone());
-    ev.id = crate::event::output_id(&dead.source, &dead.id, REPLAYER, 0);
+    // The dead letter's time is in it: the same event failing again later (a rewind, sent
+    // again) makes a dead letter of the same id, whose replay is a new event, not the first's
+    // (the embedded bus logs a replay once: review 60e H1). Every host lists a broker's dead
+    // letter with its time, so replays of it on two hosts are still one event.
+    let instance = match dead.header(headers::FAILED_AT) {
+        Some(at) => format!("{}\u{0}{at}", dead.id),
+        None => dead.id.clone(),
+    };
+    ev.id = crate::event::output_id(&dead.source, &instance, REPLAYER, 0);
     ev.ty = dead.ty.clone();
     ev.datacontenttype = dead.datacontenttype.clone();
     ev.extensions = dead.extensions.iter().filter(|(k, _)| !k.starts_with("plugbus-")).cloned().collect();

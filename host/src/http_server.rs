@@ -293,7 +293,7 @@ fn is_connection_error(e: &io::Error) -> bool {
 }
 
 /// A connection whose writes may wait for the client at most `limit` while it takes less than
-/// [`MIN_TAKEN`]: then the write fails with `TimedOut`, and hyper closes the connection. hyper
+/// [`min_taken`]: then the write fails with `TimedOut`, and hyper closes the connection. hyper
 /// has no write timeout, and while a response waits to be written it reads no further request,
 /// so its header timeout never starts: a client pipelining requests and never reading their
 /// answers (or a tail's client that stopped reading) held its connection, and its slot, for
@@ -302,29 +302,33 @@ fn is_connection_error(e: &io::Error) -> bool {
 /// Some progress is not enough (review 60c M1): a client reading a few KiB every half minute
 /// held a 16 MiB dead-letter listing for hours, and the copying turn it is sent in. The time
 /// writes wait on the client is summed (only while one waits: an idle keep-alive connection
-/// runs no clock), and the sum starts again each time the client has taken [`MIN_TAKEN`].
+/// runs no clock), and the sum starts again each time the client has taken [`min_taken`].
 struct WriteStallBound<T> {
     inner: T,
     limit: Duration,
     /// The write waiting now: since when, and the timer that ends what is left of `limit`.
     waiting: Option<(std::time::Instant, Pin<Box<tokio::time::Sleep>>)>,
-    /// The time writes waited on the client since it last took [`MIN_TAKEN`].
+    /// The time writes waited on the client since it last took `min_taken`.
     waited: Duration,
     /// What it took since then.
     taken: usize,
+    /// What it must take while writes wait on it `limit` ([`min_taken`]).
+    min_taken: usize,
 }
 
-/// What a client must take while writes wait on it for `api.read_timeout` (at the default 30 s,
-/// about 8 KiB/s).
-const MIN_TAKEN: usize = 256 << 10;
+/// What a client must take while writes wait on it for `limit` (`api.read_timeout`): 8 KiB a
+/// second of it, from 8 KiB to 256 KiB (240 KiB at the default 30 s): one rate whatever the limit.
+fn min_taken(limit: Duration) -> usize {
+    ((limit.as_secs_f64() * 8192.0) as usize).clamp(8 << 10, 256 << 10)
+}
 
 impl<T> WriteStallBound<T> {
     fn new(inner: T, limit: Duration) -> Self {
-        Self { inner, limit, waiting: None, waited: Duration::ZERO, taken: 0 }
+        Self { inner, limit, waiting: None, waited: Duration::ZERO, taken: 0, min_taken: min_taken(limit) }
     }
 
     /// A write or flush is pending: `Ready(error)` once writes have waited `limit` in all since
-    /// the client last took [`MIN_TAKEN`], else `Pending` (the timer wakes the task then).
+    /// the client last took `min_taken`, else `Pending` (the timer wakes the task then).
     fn still_stalled(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         let left = self.limit.saturating_sub(self.waited);
         let (_, timer) =
@@ -334,8 +338,8 @@ impl<T> WriteStallBound<T> {
                 io::ErrorKind::TimedOut,
                 format!(
                     "the client took {} of what was written to it while writes waited {:?} (api.read_timeout), \
-                     less than {MIN_TAKEN} bytes",
-                    self.taken, self.limit
+                     less than {} bytes",
+                    self.taken, self.limit, self.min_taken
                 ),
             )),
             Poll::Pending => Poll::Pending,
@@ -348,7 +352,7 @@ impl<T> WriteStallBound<T> {
             self.waited += since.elapsed();
         }
         self.taken += n;
-        if self.taken >= MIN_TAKEN {
+        if self.taken >= self.min_taken {
             (self.waited, self.taken) = (Duration::ZERO, 0);
         }
     }
@@ -413,5 +417,19 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for WriteStallBound<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod write_stall_tests {
+    use super::*;
+
+    /// Review 60e L2: a fixed 256 KiB per `api.read_timeout` asked 256 KiB/s of a client at 1 s.
+    #[test]
+    fn the_least_a_client_must_take_is_one_rate_whatever_the_limit() {
+        assert_eq!(min_taken(Duration::from_secs(30)), 240 << 10);
+        assert_eq!(min_taken(Duration::from_secs(60)), 256 << 10);
+        assert_eq!(min_taken(Duration::from_secs(2)), 16 << 10);
+        assert_eq!(min_taken(Duration::from_millis(100)), 8 << 10);
     }
 }

@@ -732,7 +732,7 @@ async fn a_whole_listing_holds_its_turn_until_its_client_has_taken_it() {
     assert_eq!(summary.status().as_u16(), 200);
     drop(slow);
     let client = reqwest::Client::new();
-    eventually_async("a whole listing is built again", Duration::from_secs(10), || async {
+    eventually_async("a whole listing is built again", Duration::from_secs(30), || async {
         client.get(format!("{}/v1/dlq", t.url())).send().await.unwrap().status().as_u16() == 200
     })
     .await;
@@ -770,7 +770,7 @@ async fn clients_reading_listings_slowly_are_cut_off_and_their_turns_freed() {
     // Both began reading (their listings built, each holding a turn), then were cut off.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let client = reqwest::Client::new();
-    let freed = plugbus_tests::eventually_async("a whole listing is built again", Duration::from_secs(20), || async {
+    let freed = plugbus_tests::eventually_async("a whole listing is built again", Duration::from_secs(30), || async {
         client.get(format!("{}/v1/dlq", t.url())).send().await.unwrap().status().as_u16() == 200
     });
     freed.await;

@@ -1735,6 +1735,26 @@ async fn a_forged_dead_letter_off_its_plugins_subject_is_neither_listed_nor_repl
     assert!(victim.drain(Duration::from_millis(500)).await.is_empty(), "a forgery was replayed: {report}");
 }
 
+/// Review 60e M1: a dead letter is its plugin's on the subject the operator set for it too
+/// (`[plugins.faulty] dead_letter`, here under `plugbus.dlq.`), not only on `plugbus.dlq.faulty`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_on_the_subject_the_operator_set_is_listed_as_its_plugins() {
+    let server = NatsServer::start().await;
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
+        plugbus_tests::fast_retries(c);
+        c.plugins.entry("faulty".into()).or_default().dead_letter = Some("plugbus.dlq.team.faulty".into());
+    })
+    .await;
+    let mut dlq = t.observe(&["plugbus.dlq.team.faulty"]).await;
+    t.host.publish(plugbus::Event::new("faulty.reject", "real")).await.unwrap();
+    dlq.next_where(|e| e.data.as_ref() == b"real").await;
+    let listed: Value = reqwest::get(format!("{}/v1/dlq", t.url())).await.unwrap().json().await.unwrap();
+    let broker: Vec<_> =
+        listed["dead_letters"].as_array().unwrap().iter().filter(|e| e["kept_by"] == "broker").collect();
+    assert_eq!(broker.len(), 1, "{listed}");
+    assert_eq!((broker[0]["plugin"].as_str(), broker[0]["event"]["data"].as_str()), (Some("faulty"), Some("real")));
+}
+
 /// The attack: anyone who may publish on `plugbus.dlq.*` forges a dead letter naming a `$KV`
 /// subject (a replay would publish there with the host's credentials), and floods the stream
 /// with messages that are no dead letters, so that every listing walks them one request each.

@@ -2295,6 +2295,14 @@ mod tests {
         bus.publish(twice).await.unwrap();
         let got = ack_through(&mut sub, "2").await;
         assert_eq!(got, ["1", "2", "2"], "the replay ran twice, or a producer's second send was dropped");
+        // Review 60e H1: the same event failing again later (a rewind) makes a dead letter of the
+        // same id; its replay is a new event, and runs.
+        let mut again = crate::deadletter::dead_letter_event(&input, "p", "plugbus.dlq.p", "boom", 3);
+        assert_eq!(again.id, dead.id);
+        again.extensions.retain(|(k, _)| k != crate::deadletter::headers::FAILED_AT);
+        again.extensions.push((crate::deadletter::headers::FAILED_AT.into(), "2999-01-01T00:00:00.000Z".into()));
+        bus.publish(crate::deadletter::replay_event(&again).unwrap()).await.unwrap();
+        assert_eq!(ack_through(&mut sub, "1").await, ["1"], "the later dead letter's replay did not run");
     }
 
     /// A durable bus over a new log at `dir/bus.redb` (`sync = "always"`) with plugin `p`

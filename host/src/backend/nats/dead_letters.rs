@@ -59,12 +59,17 @@ async fn stream(js: &jetstream::Context) -> Result<Option<jetstream::stream::Str
     }
 }
 
+/// The dead-letter subjects the operator set (`[plugins.<plugin>] dead_letter`), by plugin: any
+/// other plugin's are `plugbus.dlq.<plugin>`.
+pub type Subjects = std::collections::HashMap<String, String>;
+
 /// Up to `limit` dead letters the stream keeps (of `plugin`, when given), oldest first; each
 /// entry's `seq` is its stream sequence number. `None` when there is no stream.
 pub async fn list(
     js: &jetstream::Context,
     plugin: Option<&str>,
     limit: usize,
+    subjects: &Subjects,
 ) -> Result<Option<Vec<Entry>>, TransportError> {
     let Some(stream) = stream(js).await? else { return Ok(None) };
     let subject = plugin.map_or_else(|| SUBJECTS.to_string(), |p| format!("plugbus.dlq.{p}"));
@@ -83,7 +88,7 @@ pub async fn list(
         let Some(msg) = first_from(&stream, &subject, next).await? else { break };
         next = msg.sequence + 1;
         bytes += message_cost(&msg.headers, msg.payload.len());
-        match entry_of(msg, plugin) {
+        match entry_of(msg, plugin, subjects) {
             Some(entry) => out.push(entry),
             None => passed_over += 1,
         }
@@ -104,6 +109,7 @@ pub async fn newest(
     js: &jetstream::Context,
     plugin: Option<&str>,
     limit: usize,
+    subjects: &Subjects,
 ) -> Result<Option<(Vec<Entry>, usize)>, TransportError> {
     let Some(mut stream) = stream(js).await? else { return Ok(None) };
     let broker = |what: &str, e: &dyn std::fmt::Display| TransportError::Broker(format!("{what} {STREAM}: {e}"));
@@ -124,7 +130,7 @@ pub async fn newest(
         }
     };
     if total <= limit {
-        return Ok(list(js, plugin, limit).await?.map(|all| (all, total)));
+        return Ok(list(js, plugin, limit, subjects).await?.map(|all| (all, total)));
     }
     let (mut out, mut bytes, mut passed_over) = (Vec::new(), 0usize, 0usize);
     let mut seq = state.last_sequence;
@@ -150,7 +156,7 @@ pub async fn newest(
             continue;
         }
         bytes += message_cost(&msg.headers, msg.payload.len());
-        match entry_of(msg, plugin) {
+        match entry_of(msg, plugin, subjects) {
             Some(entry) => out.push(entry),
             None => passed_over += 1,
         }
@@ -170,12 +176,12 @@ const MAX_FIND: usize = 10_000;
 /// only, all held at once: one the dashboard listed was not found, and a replay by id took this
 /// host's copy and left the broker's, to be replayed again later.) `None` when not found or
 /// there is no stream.
-pub async fn find(js: &jetstream::Context, id: &str) -> Result<Option<Entry>, TransportError> {
+pub async fn find(js: &jetstream::Context, id: &str, subjects: &Subjects) -> Result<Option<Entry>, TransportError> {
     let Some(mut stream) = stream(js).await? else { return Ok(None) };
     let state =
         stream.info().await.map_err(|e| TransportError::Broker(format!("reading the state of {STREAM}: {e}")))?;
     let (first, last) = (state.state.first_sequence.max(1), state.state.last_sequence);
-    let found = |msg| entry_of(msg, None).filter(|e| e.event.id == id);
+    let found = |msg| entry_of(msg, None, subjects).filter(|e| e.event.id == id);
     let (mut seq, mut read) = (last, 0);
     while seq >= first && read < MAX_FIND {
         let at = seq;
@@ -225,7 +231,7 @@ async fn first_from(
 
 /// The entry a message of the stream is, when it is a dead letter (of `plugin`, when given);
 /// `None` (logged when it is not an event) otherwise.
-fn entry_of(msg: StreamMessage, plugin: Option<&str>) -> Option<Entry> {
+fn entry_of(msg: StreamMessage, plugin: Option<&str>, subjects: &Subjects) -> Option<Entry> {
     // One that names no id (not a host's: it has `ce-id`) is known by its place in the
     // stream, the same at every listing, so a replay can name it.
     let fallback_id = Some(format!("{STREAM}-{}", msg.sequence));
@@ -241,11 +247,17 @@ fn entry_of(msg: StreamMessage, plugin: Option<&str>) -> Option<Entry> {
         }
     };
     let owner = event.header(headers::PLUGIN)?.to_string();
-    // A host publishes a plugin's dead letters on `plugbus.dlq.<plugin>`: one on another subject
-    // naming it is a forgery by whoever may publish there, and is not that plugin's (review 60d
-    // M1: rights on `plugbus.dlq.junk` listed, and replayed, a dead letter as any plugin's).
-    if &*msg.subject != format!("{}{owner}", crate::subject::DEAD_LETTER_PREFIX).as_str() {
-        tracing::warn!(stream = STREAM, seq = msg.sequence, subject = %crate::event::cut(&msg.subject),
+    // A host publishes a plugin's dead letters on its dead-letter subject (`plugbus.dlq.<plugin>`,
+    // or the one `[plugins.<plugin>] dead_letter` names): one on another subject naming it is a
+    // forgery by whoever may publish there, and is not that plugin's (review 60d M1: rights on
+    // `plugbus.dlq.junk` listed, and replayed, a dead letter as any plugin's). (Logged at debug:
+    // the dashboard lists every 2 s.)
+    let its = match subjects.get(&owner) {
+        Some(configured) => *msg.subject == **configured,
+        None => msg.subject.strip_prefix(crate::subject::DEAD_LETTER_PREFIX) == Some(owner.as_str()),
+    };
+    if !its {
+        tracing::debug!(stream = STREAM, seq = msg.sequence, subject = %crate::event::cut(&msg.subject),
             plugin = %crate::event::cut(&owner), "a dead letter naming a plugin it is not the subject of: not listed or replayed");
         return None;
     }

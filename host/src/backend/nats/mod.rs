@@ -53,7 +53,9 @@ use tokio::task::JoinHandle;
 pub async fn open(config: &crate::config::Config) -> anyhow::Result<super::Backend> {
     use anyhow::Context;
     let url = config.nats.url.as_deref().unwrap_or("(no nats.url)");
-    let nats = NatsTransport::connect(&config.nats).await.with_context(|| format!("joining NATS at {url}"))?;
+    let mut nats = NatsTransport::connect(&config.nats).await.with_context(|| format!("joining NATS at {url}"))?;
+    nats.dead_letter_subjects =
+        config.plugins.iter().filter_map(|(name, p)| Some((name.clone(), p.dead_letter.clone()?))).collect();
     let kv = Arc::new(kv::JetStreamKv::new(nats.jetstream().clone()));
     Ok(super::Backend { transport: Arc::new(nats), kv })
 }
@@ -191,6 +193,8 @@ pub struct NatsTransport {
     tails: tails::Tails,
     /// Which host replays a kept dead letter now ([`replay_claims`]).
     replay_claims: replay_claims::ReplayClaims,
+    /// The dead-letter subjects the operator set: a dead letter is its plugin's only on its own.
+    dead_letter_subjects: dead_letters::Subjects,
     _background: Vec<Task>,
 }
 
@@ -391,6 +395,7 @@ impl NatsTransport {
             core_dropped: Default::default(),
             tails: Default::default(),
             replay_claims,
+            dead_letter_subjects: Default::default(),
             _background: vec![keep_alive, refresh],
         })
     }
@@ -1120,7 +1125,7 @@ impl Transport for NatsTransport {
         plugin: Option<&str>,
         limit: usize,
     ) -> Result<Option<Vec<crate::deadletter::Entry>>, TransportError> {
-        dead_letters::list(&self.js, plugin, limit).await
+        dead_letters::list(&self.js, plugin, limit, &self.dead_letter_subjects).await
     }
 
     async fn newest_dead_letters(
@@ -1128,11 +1133,11 @@ impl Transport for NatsTransport {
         plugin: Option<&str>,
         limit: usize,
     ) -> Result<Option<(Vec<crate::deadletter::Entry>, usize)>, TransportError> {
-        dead_letters::newest(&self.js, plugin, limit).await
+        dead_letters::newest(&self.js, plugin, limit, &self.dead_letter_subjects).await
     }
 
     async fn find_dead_letter(&self, id: &str) -> Result<Option<crate::deadletter::Entry>, TransportError> {
-        dead_letters::find(&self.js, id).await
+        dead_letters::find(&self.js, id, &self.dead_letter_subjects).await
     }
 
     async fn forget_dead_letter(&self, seq: u64) -> Result<(), TransportError> {
