@@ -842,23 +842,28 @@ mod tests {
         }
     }
 
-    /// A plugin's request carries on the chain of the request it runs, itself last (so a chain
-    /// that comes back through a plugin is known there); run on an event that is not a request,
-    /// its request starts a chain, whatever header the event carries.
-    #[tokio::test]
-    async fn a_request_carries_on_the_chain_of_the_request_the_plugin_runs() {
-        let sent = Arc::new(Recording::default());
-        let ctx = Arc::new(PluginCtx {
+    /// Plugin `q`, publishing to `a.>`, whose requests go to `requester`.
+    fn asking_through(requester: Arc<dyn crate::rpc::Requester>) -> Arc<PluginCtx> {
+        Arc::new(PluginCtx {
             name: "q".into(),
             limits: Limits::default(),
             publishes: PatternSet::parse(&["a.>"]).unwrap(),
             config: Default::default(),
             kv: Arc::new(crate::kv::MemoryKv::new()),
             outbound: Arc::new(OutboundPolicy::none()),
-            requester: sent.clone(),
+            requester,
             runnable: Default::default(),
             share: super::super::cpu_share::CpuShares::new(1).plugin("q"),
-        });
+        })
+    }
+
+    /// A plugin's request carries on the chain of the request it runs, itself last (so a chain
+    /// that comes back through a plugin is known there); run on an event that is not a request,
+    /// its request starts a chain, whatever header the event carries.
+    #[tokio::test]
+    async fn a_request_carries_on_the_chain_of_the_request_the_plugin_runs() {
+        let sent = Arc::new(Recording::default());
+        let ctx = asking_through(sent.clone());
         let ask_back = async |event: &Event| {
             let mut state = HostState::new(ctx.clone(), &event.id, &event.subject);
             state.set_from_event(event);
@@ -892,17 +897,7 @@ mod tests {
     /// guest still sees `unavailable`, and the attempt, should it fail, is the host's.
     #[tokio::test]
     async fn a_request_the_broker_failed_makes_a_failed_attempt_the_hosts() {
-        let ctx = Arc::new(PluginCtx {
-            name: "q".into(),
-            limits: Limits::default(),
-            publishes: PatternSet::parse(&["a.>"]).unwrap(),
-            config: Default::default(),
-            kv: Arc::new(crate::kv::MemoryKv::new()),
-            outbound: Arc::new(OutboundPolicy::none()),
-            requester: Arc::new(Disconnected),
-            runnable: Default::default(),
-            share: super::super::cpu_share::CpuShares::new(1).plugin("q"),
-        });
+        let ctx = asking_through(Arc::new(Disconnected));
         let mut state = HostState::new(ctx, "e1", "q.run");
         let answer = rpc::Host::request(&mut state, "a.back".into(), Vec::new(), Vec::new(), 1000).await;
         let Err(rpc::RequestError::Unavailable(seen)) = answer else { panic!("not unavailable to the guest") };

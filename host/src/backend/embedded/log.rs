@@ -3511,19 +3511,27 @@ pub(crate) mod tests {
         REOPENS.lock().unwrap().iter().filter(|p| *p == path).count()
     }
 
-    /// Review 59c M3: while the disk stays full, commits come without a pause (each producer's
-    /// append, the idle flush every 100 ms), and each reopened the file, which may run redb's
-    /// repair of all of it: the writer kept a core and the disk busy. Now the file is tried
-    /// again after a growing wait, up to a second, and a commit sooner is refused untouched.
-    #[tokio::test]
-    async fn a_full_disk_is_tried_again_after_a_growing_wait_not_at_every_commit() {
-        let Some(disk) = Tmpfs::mount(16) else { return };
+    /// A log (`sync = "always"`) on a tmpfs of 16 MiB with one event of `p` in it, then the disk
+    /// filled up: the disk (unmounted when dropped), the log's path, the log, `p` and the file
+    /// that fills the disk. `None` outside CI when mounting is not allowed.
+    async fn a_log_on_a_full_disk() -> Option<(Tmpfs, PathBuf, Arc<DurableLog>, Arc<str>, PathBuf)> {
+        let disk = Tmpfs::mount(16)?;
         no_room_ahead(disk.0.path());
         let path = disk.0.path().join("bus.redb");
         let log = DurableLog::open_with(&path, SyncPolicy::Always, Retention::default()).unwrap();
         let p: Arc<str> = "p".into();
         log.append(Arc::new(sample()), vec![p.clone()], false).await.unwrap();
         let filler = fill_up(disk.0.path());
+        Some((disk, path, log, p, filler))
+    }
+
+    /// Review 59c M3: while the disk stays full, commits come without a pause (each producer's
+    /// append, the idle flush every 100 ms), and each reopened the file, which may run redb's
+    /// repair of all of it: the writer kept a core and the disk busy. Now the file is tried
+    /// again after a growing wait, up to a second, and a commit sooner is refused untouched.
+    #[tokio::test]
+    async fn a_full_disk_is_tried_again_after_a_growing_wait_not_at_every_commit() {
+        let Some((_disk, path, log, p, filler)) = a_log_on_a_full_disk().await else { return };
         let started = std::time::Instant::now();
         let (mut refused, mut waiting) = (0, 0);
         while started.elapsed() < std::time::Duration::from_millis(500) {
@@ -3551,13 +3559,7 @@ pub(crate) mod tests {
     /// within it dropped the outputs and acks the log carried, without trying the file.
     #[tokio::test]
     async fn the_stops_last_commit_tries_the_file_whatever_the_wait() {
-        let Some(disk) = Tmpfs::mount(16) else { return };
-        no_room_ahead(disk.0.path());
-        let path = disk.0.path().join("bus.redb");
-        let log = DurableLog::open_with(&path, SyncPolicy::Always, Retention::default()).unwrap();
-        let p: Arc<str> = "p".into();
-        log.append(Arc::new(sample()), vec![p.clone()], false).await.unwrap();
-        let filler = fill_up(disk.0.path());
+        let Some((_disk, path, log, p, filler)) = a_log_on_a_full_disk().await else { return };
         // Failed writes for 2 s: the wait has grown to most of a second.
         let started = std::time::Instant::now();
         while started.elapsed() < std::time::Duration::from_secs(2) {
