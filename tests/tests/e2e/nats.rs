@@ -1748,11 +1748,30 @@ async fn a_dead_letter_on_the_subject_the_operator_set_is_listed_as_its_plugins(
     let mut dlq = t.observe(&["plugbus.dlq.team.faulty"]).await;
     t.host.publish(plugbus::Event::new("faulty.reject", "real")).await.unwrap();
     dlq.next_where(|e| e.data.as_ref() == b"real").await;
-    let listed: Value = reqwest::get(format!("{}/v1/dlq", t.url())).await.unwrap().json().await.unwrap();
-    let broker: Vec<_> =
-        listed["dead_letters"].as_array().unwrap().iter().filter(|e| e["kept_by"] == "broker").collect();
-    assert_eq!(broker.len(), 1, "{listed}");
-    assert_eq!((broker[0]["plugin"].as_str(), broker[0]["event"]["data"].as_str()), (Some("faulty"), Some("real")));
+    // One made before the operator set the subject, on the default one: still faulty's.
+    let mut older = async_nats::HeaderMap::new();
+    older.insert(headers::PLUGIN, "faulty");
+    older.insert(headers::ORIGINAL_SUBJECT, "faulty.reject");
+    older.insert(headers::ERROR, "older");
+    let js = jetstream::new(server.client().await);
+    js.publish_with_headers("plugbus.dlq.faulty", older, "older".into()).await.unwrap().await.unwrap();
+    let from_broker = |query: &'static str| {
+        let url = format!("{}/v1/dlq{query}", t.url());
+        async move {
+            let listed: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+            let entries = listed["dead_letters"].as_array().unwrap().clone();
+            let broker: Vec<(String, String)> = entries
+                .iter()
+                .filter(|e| e["kept_by"] == "broker")
+                .map(|e| (e["plugin"].as_str().unwrap().to_string(), e["event"]["data"].as_str().unwrap().to_string()))
+                .collect();
+            broker
+        }
+    };
+    let pair = |d: &str| ("faulty".to_string(), d.to_string());
+    assert_eq!(from_broker("").await, [pair("real"), pair("older")]);
+    // One plugin's view reads the subject set for it (where its dead letters go from now on).
+    assert_eq!(from_broker("?plugin=faulty").await, [pair("real")]);
 }
 
 /// The attack: anyone who may publish on `plugbus.dlq.*` forges a dead letter naming a `$KV`

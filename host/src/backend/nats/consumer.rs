@@ -707,6 +707,13 @@ async fn take_the_next_message(consumer: &PullConsumer) -> Result<Option<jetstre
     let mut one =
         consumer.fetch().max_messages(1).expires(Duration::from_secs(5)).messages().await.map_err(|e| e.to_string())?;
     match one.next().await {
+        // As `pull::Inbox::next`: a consumer's message carries its stream subject; one on a
+        // reply inbox was published there by someone (review 60f L3).
+        Some(Ok(msg)) if super::is_inbox(&msg.subject) => {
+            tracing::warn!(subject = %crate::event::cut(&msg.subject),
+                "a message published onto a JetStream pull's inbox (not the consumer's): dropped unsettled");
+            Ok(None)
+        }
         Some(Ok(msg)) => Ok(Some(msg)),
         Some(Err(e)) => Err(e.to_string()),
         None => Ok(None),

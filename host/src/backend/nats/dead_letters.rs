@@ -63,6 +63,12 @@ async fn stream(js: &jetstream::Context) -> Result<Option<jetstream::stream::Str
 /// other plugin's are `plugbus.dlq.<plugin>`.
 pub type Subjects = std::collections::HashMap<String, String>;
 
+/// Where `plugin`'s dead letters are published: the subject the operator set, or
+/// `plugbus.dlq.<plugin>`.
+fn subject_of(plugin: &str, subjects: &Subjects) -> String {
+    subjects.get(plugin).cloned().unwrap_or_else(|| format!("{}{plugin}", crate::subject::DEAD_LETTER_PREFIX))
+}
+
 /// Up to `limit` dead letters the stream keeps (of `plugin`, when given), oldest first; each
 /// entry's `seq` is its stream sequence number. `None` when there is no stream.
 pub async fn list(
@@ -72,7 +78,7 @@ pub async fn list(
     subjects: &Subjects,
 ) -> Result<Option<Vec<Entry>>, TransportError> {
     let Some(stream) = stream(js).await? else { return Ok(None) };
-    let subject = plugin.map_or_else(|| SUBJECTS.to_string(), |p| format!("plugbus.dlq.{p}"));
+    let subject = plugin.map_or_else(|| SUBJECTS.to_string(), |p| subject_of(p, subjects));
     let (mut out, mut bytes, mut next, mut passed_over) = (Vec::new(), 0usize, 1u64, 0usize);
     while out.len() < limit && bytes < MAX_BYTES {
         if passed_over >= MAX_PASSED_OVER {
@@ -114,7 +120,7 @@ pub async fn newest(
     let Some(mut stream) = stream(js).await? else { return Ok(None) };
     let broker = |what: &str, e: &dyn std::fmt::Display| TransportError::Broker(format!("{what} {STREAM}: {e}"));
     let state = stream.info().await.map_err(|e| broker("reading the state of", &e))?.state.clone();
-    let subject = plugin.map(|p| format!("plugbus.dlq.{p}"));
+    let subject = plugin.map(|p| subject_of(p, subjects));
     let total = match &subject {
         None => state.messages as usize,
         Some(subject) => {
@@ -252,10 +258,9 @@ fn entry_of(msg: StreamMessage, plugin: Option<&str>, subjects: &Subjects) -> Op
     // forgery by whoever may publish there, and is not that plugin's (review 60d M1: rights on
     // `plugbus.dlq.junk` listed, and replayed, a dead letter as any plugin's). (Logged at debug:
     // the dashboard lists every 2 s.)
-    let its = match subjects.get(&owner) {
-        Some(configured) => *msg.subject == **configured,
-        None => msg.subject.strip_prefix(crate::subject::DEAD_LETTER_PREFIX) == Some(owner.as_str()),
-    };
+    // (Its default subject too: dead letters made before the operator set one stay its.)
+    let its = msg.subject.strip_prefix(crate::subject::DEAD_LETTER_PREFIX) == Some(owner.as_str())
+        || subjects.get(&owner).is_some_and(|configured| *msg.subject == **configured);
     if !its {
         tracing::debug!(stream = STREAM, seq = msg.sequence, subject = %crate::event::cut(&msg.subject),
             plugin = %crate::event::cut(&owner), "a dead letter naming a plugin it is not the subject of: not listed or replayed");

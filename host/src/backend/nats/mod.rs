@@ -978,13 +978,14 @@ impl Transport for NatsTransport {
         validate_subject(&subject).map_err(|e| RequestError::Unavailable(e.to_string()))?;
         let origin = if producer { wire::Origin::Producer } else { wire::Origin::Host };
         let (headers, payload) = wire::message_of(&event, origin);
-        if self.index.captures(&subject) {
-            return self.request_stored(subject, headers, payload, timeout).await;
-        }
         // Disconnected, the request would wait in this process's buffer and time out: say so
-        // at once (`503` over HTTP, `Unavailable` to a plugin), as a publish does.
+        // at once (`503` over HTTP, `Unavailable` to a plugin, the host's failure), as a publish
+        // does; a stored request too.
         if !self.is_connected() {
             return Err(RequestError::Broker(format!("not connected to NATS: a request on {subject} cannot go out")));
+        }
+        if self.index.captures(&subject) {
+            return self.request_stored(subject, headers, payload, timeout).await;
         }
         // On an inbox of its own (a subscription the request drops as it ends): on the client's
         // shared one, async-nats keeps an entry per request until its reply comes
