@@ -554,11 +554,9 @@ fn reserved_header(headers: &HeaderMap) -> Option<String> {
     })
 }
 
-/// Whether a client may not give `name` (a header or a decoded attribute), lower-case.
+/// Whether a client may not give `name` (a header or a decoded attribute, any case).
 fn reserved_name(name: &str) -> bool {
-    let attr = name.strip_prefix("ce-").or_else(|| name.strip_prefix("ce_")).unwrap_or(name);
-    let reserved = ["plugbus-", "plugbus_", "nats-", "nats_"].iter().any(|p| attr.starts_with(p));
-    reserved && name != "nats-msg-id"
+    crate::event::names_the_host_or_broker(name) && !name.eq_ignore_ascii_case("nats-msg-id")
 }
 
 /// The event a client posts (to `POST /v1/events/{subject}` or `/v1/request/{subject}`): the
@@ -611,7 +609,7 @@ async fn incoming_event(
         Ok(ev) => ev,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, e),
     };
-    if let Some((name, _)) = event.extensions.iter().find(|(k, _)| reserved_name(&k.to_ascii_lowercase())) {
+    if let Some((name, _)) = event.extensions.iter().find(|(k, _)| reserved_name(k)) {
         let why = format!(
             "attribute {name:?} is reserved for the host: names starting with `{RESERVED_PREFIX}` or `nats-` cannot be set"
         );
@@ -1206,9 +1204,7 @@ fn on_the_broker(
     }
     let owner = dead.header(crate::deadletter::headers::PLUGIN).unwrap_or_default();
     let Some(plugin) = api.s.router.current(owner) else { return Ok(event) };
-    let publishes = crate::subject::PatternSet::parse(&plugin.manifest().publishes);
-    let its = api.s.router.subscribes(owner, &event.subject) == Some(true)
-        || publishes.is_ok_and(|set| set.matches(&event.subject));
+    let its = api.s.router.subscribes(owner, &event.subject) == Some(true) || plugin.publishes_to(&event.subject);
     match its {
         true => Ok(event),
         false => Err(format!(

@@ -308,20 +308,34 @@ pub fn is_reserved_header(name: &str) -> bool {
     // ASCII case-insensitive throughout, without a lower-cased copy (every output header of
     // every event passes here).
     let is = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
-    let starts = |s: &str, prefix: &str| {
-        s.as_bytes().get(..prefix.len()).is_some_and(|h| h.eq_ignore_ascii_case(prefix.as_bytes()))
-    };
     if is(name, "datacontenttype") || is(name, "content-type") {
         return false;
     }
-    // (Slicing at a prefix's length is safe once `starts` said yes: the prefixes are ASCII.)
-    let base = if starts(name, "ce-") || starts(name, "ce_") { &name[3..] } else { name };
+    let base = without_ce_prefix(name);
     // `data` and `data_base64` are where the JSON format keeps the data: as headers they were
     // taken for it by `plugbus tail --record`, `dlq export` and `plugbus test`.
-    ["plugbus-", "plugbus_", "nats-", "nats_"].iter().any(|p| starts(base, p))
+    names_the_host_or_broker(name)
         || CORE_ATTRIBUTES.iter().any(|a| is(base, a))
         || is(base, "data")
         || is(base, "data_base64")
+}
+
+/// Whether `name` is one of the host's marks (`plugbus-*`) or a header the NATS server acts on
+/// (`nats-*`), `_` alike, with or without a `ce-` / `ce_` prefix (ASCII case-insensitive): what
+/// neither a plugin nor an API client may give.
+pub fn names_the_host_or_broker(name: &str) -> bool {
+    let base = without_ce_prefix(name);
+    ["plugbus-", "plugbus_", "nats-", "nats_"].iter().any(|p| starts_ignoring_case(base, p))
+}
+
+/// `name` without a leading `ce-` / `ce_` (ASCII case-insensitive).
+fn without_ce_prefix(name: &str) -> &str {
+    // (Slicing at the prefix's length is safe once it matched: the prefixes are ASCII.)
+    if starts_ignoring_case(name, "ce-") || starts_ignoring_case(name, "ce_") { &name[3..] } else { name }
+}
+
+fn starts_ignoring_case(s: &str, prefix: &str) -> bool {
+    s.as_bytes().get(..prefix.len()).is_some_and(|h| h.eq_ignore_ascii_case(prefix.as_bytes()))
 }
 
 /// How many bytes of a string a plugin (or a remote publisher) controls the host repeats in a

@@ -264,6 +264,11 @@ impl Plugin {
         &self.manifest
     }
 
+    /// Whether its manifest's `publishes` matches `subject` (the patterns parsed at load).
+    pub fn publishes_to(&self, subject: &str) -> bool {
+        self.ctx.publishes.matches(subject)
+    }
+
     /// SHA-256 of the component bytes, hex.
     pub fn hash(&self) -> &str {
         &self.hash

@@ -673,21 +673,27 @@ fn proc_kib(pid: u32, field: &str) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// `plugbus run` on `plugins` and `data`, its API on `port`, JSON logs at info to `stderr`.
-fn run_hostile(plugins: &std::path::Path, data: &std::path::Path, port: u16, stderr: Stdio) -> Running {
-    Running(
-        Command::new(plugbus_bin())
-            .args(["run", "--log-format", "json", "--http", &format!("127.0.0.1:{port}")])
-            .arg("--plugins")
-            .arg(plugins)
-            .arg("--data-dir")
-            .arg(data)
-            .env("RUST_LOG", "info")
-            .stderr(stderr)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+/// `plugbus run` on a plugins folder holding `hostile`, in a temp dir (`plugins/`, `data/`), its
+/// API on a free port, JSON logs at info to what `stderr` makes of the temp dir: the dir (removed
+/// when dropped), the port and the host.
+fn run_hostile(stderr: impl FnOnce(&std::path::Path) -> Stdio) -> (tempfile::TempDir, u16, Running) {
+    let dir = tempfile::tempdir().unwrap();
+    let (plugins, data) = (dir.path().join("plugins"), dir.path().join("data"));
+    std::fs::create_dir(&plugins).unwrap();
+    std::fs::copy(wasm("hostile"), plugins.join("hostile.wasm")).unwrap();
+    let port = plugbus_tests::free_port();
+    let child = Command::new(plugbus_bin())
+        .args(["run", "--log-format", "json", "--http", &format!("127.0.0.1:{port}")])
+        .arg("--plugins")
+        .arg(&plugins)
+        .arg("--data-dir")
+        .arg(&data)
+        .env("RUST_LOG", "info")
+        .stderr(stderr(dir.path()))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    (dir, port, Running(child))
 }
 
 /// Review 59d F3: the host wrote its log to stderr on the runtime's workers, so a reader that
@@ -696,12 +702,8 @@ fn run_hostile(plugins: &std::path::Path, data: &std::path::Path, port: u16, std
 /// from a thread of their own, dropped (and counted) past 8 MiB waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_whose_log_nobody_reads_still_serves() {
-    let plugins = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    std::fs::copy(wasm("hostile"), plugins.path().join("hostile.wasm")).unwrap();
-    let port = plugbus_tests::free_port();
     // stderr a pipe whose reading end is held and never read: full after 64 KiB.
-    let child = run_hostile(plugins.path(), data.path(), port, Stdio::piped());
+    let (_dir, port, child) = run_hostile(|_| Stdio::piped());
     let url = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -731,12 +733,8 @@ async fn a_host_whose_log_nobody_reads_still_serves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seven_hostile_events_at_once_do_not_grow_the_host_or_its_log() {
-    let plugins = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    std::fs::copy(wasm("hostile"), plugins.path().join("hostile.wasm")).unwrap();
-    let port = plugbus_tests::free_port();
-    let log = data.path().join("host.log");
-    let child = run_hostile(plugins.path(), data.path(), port, std::fs::File::create(&log).unwrap().into());
+    let (dir, port, child) = run_hostile(|dir| std::fs::File::create(dir.join("host.log")).unwrap().into());
+    let log = dir.path().join("host.log");
     let pid = child.0.id();
     let url = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
