@@ -160,6 +160,59 @@ async fn an_event_over_the_servers_max_payload_is_refused_as_too_large() {
     }
 }
 
+/// The server passes a message's subject and header block on unchecked. async-nats closed the
+/// whole connection (every plugin's deliveries, acks, kv and publishes) at one it could not
+/// read, so a publisher on any subject a plugin's wildcard reaches could keep every host
+/// reconnecting and losing the core events in flight (review 61d: 0 of 1,000 good events
+/// handled). The patched client (`vendor/async-nats`) drops such a message, counted in
+/// `plugbus_nats_unreadable_total`, and reads on: the good ones written right behind them in
+/// one write are all handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_client_cannot_read_is_dropped_and_the_connection_stays_up() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let server = NatsServer::start().await;
+    let t = TestHost::start_on(&Bus::Core(&server), &["echo"], |_| {}).await;
+    let client = server.client().await;
+    let mut outputs = client.subscribe("echo.>").await.unwrap();
+    client.flush().await.unwrap();
+
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
+    let mut raw = BufReader::new(stream);
+    let mut line = String::new();
+    raw.read_line(&mut line).await.unwrap();
+    assert!(line.starts_with("INFO "), "{line}");
+    let mut burst: Vec<u8> = b"CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":true}\r\n".to_vec();
+    // A subject that is not UTF-8.
+    burst.extend_from_slice(b"PUB orders.\xff\xfe 2\r\nhi\r\n");
+    // A header value that is not UTF-8, and a header line without `:`.
+    for block in [&b"NATS/1.0\r\nX: \xff\r\n\r\n"[..], &b"NATS/1.0\r\nno-colon-here\r\n\r\n"[..]] {
+        burst.extend_from_slice(format!("HPUB orders.bad {} {}\r\n", block.len(), block.len() + 2).as_bytes());
+        burst.extend_from_slice(block);
+        burst.extend_from_slice(b"hi\r\n");
+    }
+    for i in 0..20 {
+        burst.extend_from_slice(format!("PUB orders.good{i} 1\r\n{}\r\n", i % 10).as_bytes());
+    }
+    burst.extend_from_slice(b"PING\r\n");
+    raw.get_mut().write_all(&burst).await.unwrap();
+    line.clear();
+    raw.read_line(&mut line).await.unwrap();
+    assert_eq!(line.trim(), "PONG", "the server took the burst");
+
+    let mut seen = HashSet::new();
+    while seen.len() < 20 {
+        let msg = tokio::time::timeout(Duration::from_secs(10), outputs.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of the 20 good events were handled: {seen:?}", seen.len()))
+            .unwrap();
+        seen.insert(msg.subject.to_string());
+    }
+    assert!((0..20).all(|i| seen.contains(&format!("echo.orders.good{i}"))), "{seen:?}");
+    let metrics = metrics_text(&t.url()).await;
+    assert!(metrics.lines().any(|l| l == "plugbus_nats_unreadable_total 3"), "{metrics}");
+    t.host.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_group_shares_the_work_of_two_hosts_each_event_once() {
     let server = NatsServer::start().await;

@@ -24,6 +24,7 @@ mod queue_group;
 mod replay_claims;
 mod streams;
 mod tails;
+mod unreadable;
 mod watched;
 pub mod wire;
 
@@ -1028,6 +1029,11 @@ impl Transport for NatsTransport {
             "nats_core_dropped",
             "Core NATS messages dropped because their plugin had no room for them (its queue and flow.buffer_mib full, as much again waiting)",
             self.core_dropped.clone(),
+        );
+        registry.register(
+            "nats_unreadable",
+            "Messages the NATS server passed on that could not be read (a subject or header block not UTF-8, a header line without ':'), dropped without closing the connection",
+            unreadable::Unreadable(self.client.statistics()),
         );
     }
 
