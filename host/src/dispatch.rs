@@ -797,7 +797,7 @@ async fn run_attempt(
             .into_iter()
             .enumerate()
             .map(|(i, o)| {
-                let mut out = o.into_event(ev, &rt.name, i);
+                let mut out = o.into_event_logged(ev, &rt.name, i, position.as_ref().map(|(_, seq)| *seq));
                 telemetry::set_context(&mut out, trace.as_ref());
                 Arc::new(out)
             })

@@ -170,10 +170,23 @@ impl Output {
     /// choose it (reserved names are refused at publish, see [`is_reserved_header`]). A
     /// `traceparent` / `tracestate` the plugin set is dropped: the host's context wins.
     pub fn into_event(self, input: &Event, plugin: &str, index: usize) -> Event {
+        self.into_event_logged(input, plugin, index, None)
+    }
+
+    /// [`Output::into_event`] for an input the transport logged at sequence number `logged_at`
+    /// (the embedded durable log): the number is part of the id too. The log takes the same id
+    /// twice as one output run again (a restart, a rewind), while it takes the same source and
+    /// id sent twice as two events: without the number the second one's outputs (the data
+    /// mended, a kv read, the time) were dropped as the first's (review 61b).
+    pub fn into_event_logged(self, input: &Event, plugin: &str, index: usize, logged_at: Option<u64>) -> Event {
         let (datacontenttype, mut extensions) = lift_headers(self.headers);
         extensions.push(("plugbus-caused-by".into(), input.id.clone()));
+        let mut id = IdDigest::of(&input.source, &input.id, plugin, index);
+        if let Some(seq) = logged_at {
+            id = id.field(&seq.to_be_bytes());
+        }
         Event {
-            id: output_id(&input.source, &input.id, plugin, index),
+            id: id.hex(),
             source: plugin_source(plugin),
             ty: self.subject.clone(),
             subject: self.subject,
@@ -511,6 +524,21 @@ mod tests {
             // The next millisecond's is formatted anew, not the one kept for this one.
             std::thread::sleep(std::time::Duration::from_millis(3));
         }
+    }
+
+    /// On the durable log the input's sequence number is part of an output's id: one event run
+    /// again (a restart, a rewind) keeps its outputs' ids, another sent under the same source
+    /// and id gets its own.
+    #[test]
+    fn an_output_id_takes_in_the_sequence_number_its_input_was_logged_at() {
+        let input = Event::new("orders.created", "x");
+        let out = || Output { subject: "o.x".into(), data: b"d".to_vec().into(), headers: vec![] };
+        let at = |seq| out().into_event_logged(&input, "p", 0, seq).id;
+        assert_eq!(at(Some(7)), at(Some(7)));
+        assert_ne!(at(Some(7)), at(Some(8)));
+        assert_ne!(at(Some(7)), at(None));
+        assert_eq!(at(None), out().into_event(&input, "p", 0).id);
+        assert_eq!(at(None), output_id(&input.source, &input.id, "p", 0));
     }
 
     #[test]
