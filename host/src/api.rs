@@ -1281,8 +1281,7 @@ async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>, repor
     let mut published = Vec::new();
     for entry in taken {
         if published.len() >= FORGET_BATCH {
-            let batch = std::mem::take(&mut published);
-            api.s.dead_letters.write_off_runtime(move |s| s.forget(&batch)).await;
+            forget_replayed(api, std::mem::take(&mut published), Vec::new()).await;
         }
         let event = match replay_of(api, &entry.event) {
             Ok(event) => event,
@@ -1297,6 +1296,28 @@ async fn replay_entries(api: &Inner, taken: Vec<crate::deadletter::Entry>, repor
         } else {
             kept.push(entry);
         }
+    }
+    forget_replayed(api, published, kept).await;
+}
+
+/// Lets the replayed dead letters (`published`) leave the store once the bus says what it took
+/// of their replays survives a crash (the store's removal is on disk at once; the log's commit
+/// under `bus.sync = "batch"` or `"none"` only later: review 61c M1 lost both to a `kill -9`),
+/// and puts `kept` back. Replayed ones the bus cannot say so of are kept too: a replay run
+/// twice (the embedded bus logs a dead letter's replay once) rather than lost.
+async fn forget_replayed(
+    api: &Inner,
+    mut published: Vec<crate::deadletter::Entry>,
+    mut kept: Vec<crate::deadletter::Entry>,
+) {
+    if !published.is_empty()
+        && let Err(e) = api.s.transport.sync_taken().await
+    {
+        tracing::error!(
+            replays = published.len(),
+            "replayed dead letters kept: the bus cannot say their replays are on disk: {e}"
+        );
+        kept.append(&mut published);
     }
     api.s
         .dead_letters

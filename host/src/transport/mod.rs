@@ -364,6 +364,15 @@ pub trait Transport: Send + Sync + 'static {
     /// Subscribes a plugin; deliveries arrive on the returned subscription's queue.
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription, TransportError>;
 
+    /// Waits until every event [`Transport::publish`] took so far would survive a crash. The
+    /// embedded log under `bus.sync = "batch"` or `"none"` answers a publish once committed,
+    /// before its `fsync`; what a replay took leaves the dead-letter store, whose removal is on
+    /// disk at once, only after this (review 61c M1: a `kill -9` lost both). A transport whose
+    /// taking is durable already does nothing; one that wraps another passes it on.
+    async fn sync_taken(&self) -> Result<(), TransportError> {
+        Ok(())
+    }
+
     /// Told once, when the host has subscribed every plugin it loaded at start: what the last
     /// run left (the embedded log's unsettled deliveries, run again, and request outboxes) goes
     /// out then, so no plugin loaded later in the start misses its outputs. A plugin subscribing

@@ -316,3 +316,68 @@ async fn a_crash_after_a_responders_kv_commit_still_releases_its_outputs_once() 
     assert_eq!(seen, 2, "both outputs reached the plugin that subscribed later");
     assert!(log.request_outboxes("responder").unwrap().is_empty(), "every request outbox settled");
 }
+
+/// Under `bus.sync = "none"` (or `"batch"`) the log answers a publish once committed, before
+/// its `fsync`, while a replayed dead letter's removal from `dlq.redb` is on disk at once: a
+/// `kill -9` right after `POST /v1/dlq/replay` lost both the dead letter and its replay (review
+/// 61c M1, with producers keeping the log's writer busy). The store now lets a replayed one go
+/// only once the bus synced what it took: after the restart the replay runs (and, failing
+/// again, is a dead letter again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_dead_letter_survives_a_kill_under_sync_none() {
+    let plugins = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    for name in ["faulty", "echo"] {
+        std::fs::copy(wasm(name), plugins.path().join(format!("{name}.wasm"))).unwrap();
+    }
+    let host_log = data.path().join("host.log");
+    let env = [("PLUGBUS_BUS__SYNC", "none"), ("PLUGBUS_RETRY__MAX_ATTEMPTS", "1")];
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut child = start_env(plugins.path(), data.path(), port, &host_log, &env);
+    let client = reqwest::Client::new();
+    let dead_letters = |client: reqwest::Client, url: String| async move {
+        let list: serde_json::Value = client.get(format!("{url}/v1/dlq")).send().await.unwrap().json().await.unwrap();
+        list["dead_letters"].as_array().map_or(0, Vec::len)
+    };
+    // Busy 1.5 s, then a retryable error: dead-lettered at its one attempt.
+    let resp = client.post(format!("{url}/v1/events/faulty.slowretry")).body("1500").send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dead_letters(client.clone(), url.clone()).await == 0 {
+        assert!(Instant::now() < deadline, "no dead letter: {}", std::fs::read_to_string(&host_log).unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The log idles (and so syncs) once the event is settled: its ack is on disk.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Producers keep the log's writer from idling (an idle writer syncs).
+    let traffic = {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move {
+            loop {
+                let _ = client.post(format!("{url}/v1/events/orders.x")).body("{}").send().await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let replay = client.post(format!("{url}/v1/dlq/replay")).send().await.unwrap();
+    assert_eq!(replay.status().as_u16(), 200, "{}", replay.text().await.unwrap());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    traffic.abort();
+
+    let mut child = start_env(plugins.path(), data.path(), port, &host_log, &env);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dead_letters(client.clone(), url.clone()).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the dead letter and its replay were both lost: {}",
+            std::fs::read_to_string(&host_log).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -1956,6 +1956,13 @@ impl Transport for EmbeddedBus {
         accept.await.map_err(|e| TransportError::Closed(format!("accepting the event: {e}")))?
     }
 
+    async fn sync_taken(&self) -> Result<(), TransportError> {
+        match &self.log {
+            Some(log) => log.sync().await.map_err(|e| TransportError::Broker(format!("syncing the event log: {e}"))),
+            None => Ok(()),
+        }
+    }
+
     async fn publish_output(&self, event: Arc<Event>) -> Result<(), TransportError> {
         validate_subject(&event.subject)?;
         // While the log holds too many outputs not committed yet (a full disk), the publisher
