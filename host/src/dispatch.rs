@@ -16,7 +16,7 @@ use crate::kv::KvError;
 use crate::kv::Outbox;
 use crate::metrics::PluginMetrics;
 use crate::retry::RetryPolicy;
-use crate::sandbox::Plugin;
+use crate::sandbox::{Failure, Plugin};
 use crate::shards::Sharded;
 use crate::telemetry;
 use crate::transport::{Delivery, Transport};
@@ -802,6 +802,19 @@ async fn run_attempt(
                 Arc::new(out)
             })
             .collect();
+        // The attempt's context, as on its outputs (the plugin's own was dropped).
+        let reply = run.reply.map(|r| {
+            let mut reply = r.into_reply(ev, &rt.name);
+            telemetry::set_context(&mut reply, trace.as_ref());
+            reply
+        });
+        // What the bus can never take (a broker's limit on one message, with the attributes the
+        // host adds and their encoding) fails the attempt as the handler's, before its kv writes
+        // commit: it was retried as the bus's failure and dead-lettered as the host's after them,
+        // and a reply was dropped for its requester to time out (review 61a F1).
+        if let Some(why) = never_taken(rt, &outputs, reply.as_ref()) {
+            return Err(DeliveryError::Handler(Failure::Reject(why)));
+        }
         let outbox = match &position {
             Some((plugin, seq)) if !run.txn.writes.is_empty() => {
                 Some(Outbox { plugin: plugin.clone(), seq: *seq, outputs: outputs.clone() })
@@ -824,12 +837,6 @@ async fn run_attempt(
                     crate::log_queue::flush(std::time::Duration::from_secs(1));
                     std::process::abort();
                 }
-                // The attempt's context, as on its outputs (the plugin's own was dropped).
-                let reply = run.reply.map(|r| {
-                    let mut reply = r.into_reply(ev, &rt.name);
-                    telemetry::set_context(&mut reply, trace.as_ref());
-                    reply
-                });
                 // Committed: what it holds now is its outputs, bounded per event, which may wait
                 // for the transport (retried with backoff when refused) without holding the
                 // plugin's other attempts back.
@@ -861,6 +868,15 @@ async fn run_attempt(
             Err(e) => return Err(DeliveryError::Kv(e.to_string())),
         }
     }
+}
+
+/// Why the transport could never take one of an attempt's outputs or its reply, naming it.
+fn never_taken(rt: &PluginRuntime, outputs: &[Arc<Event>], reply: Option<&Event>) -> Option<String> {
+    let outputs = outputs.iter().map(|o| ("output to", &**o));
+    outputs.chain(reply.map(|r| ("reply on", r))).find_map(|(what, event)| {
+        let why = rt.transport.too_large(event)?;
+        Some(format!("its {what} {} can never be published: {why}", event.subject))
+    })
 }
 
 /// Releases the outputs of an attempt whose kv writes committed. The handler is not run again

@@ -213,6 +213,35 @@ async fn a_message_the_client_cannot_read_is_dropped_and_the_connection_stays_up
     t.host.shutdown().await;
 }
 
+/// An output within the plugin's `max_output_bytes` (1 MiB) that NATS can never carry: the
+/// attributes the host adds take it past the server's `max_payload` (also 1 MiB, headers
+/// included). It was retried as the bus's failure after the attempt's kv writes committed, then
+/// dead-lettered as `host error: the bus did not take it` (review 61a F1). It is the handler's
+/// failure now, before anything commits: the kv write is not there, and the dead letter names
+/// the output and the server's limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_nats_can_never_carry_fails_its_attempt_as_the_handlers_before_its_kv_commits() {
+    let server = NatsServer::start().await;
+    let t = TestHost::start_on(&Bus::Core(&server), &["faulty"], plugbus_tests::fast_retries).await;
+    let mut dead = t.observe(&["plugbus.dlq.faulty"]).await;
+    // Within max_output_bytes (its subject, data and 64 bytes an output); the
+    // host's CloudEvents attributes and `Nats-Msg-Id` add about 300 bytes on the wire.
+    let room = 1_048_576 - "faulty.out.nearmax".len() - 64;
+    t.publish("faulty.nearmax", room.to_string()).await;
+    let letter = dead.next_on("plugbus.dlq.faulty").await;
+    let error = letter.header(headers::ERROR).unwrap_or_default().to_string();
+    assert!(error.contains("its output to faulty.out.nearmax can never be published"), "{error}");
+    assert!(error.contains("max_payload of 1048576"), "{error}");
+    assert!(!error.contains("host error"), "{error}");
+    assert_eq!(t.counter("faulty", "host_failures"), 0);
+    assert!(t.host.kv().get("faulty", "nearmax").await.unwrap().is_none(), "the attempt's kv write committed");
+    // One that fits goes out, kv and all.
+    let mut out = t.observe(&["faulty.out.nearmax"]).await;
+    t.publish("faulty.nearmax", "1000").await;
+    assert_eq!(out.next_on("faulty.out.nearmax").await.data.len(), 1000);
+    t.host.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_group_shares_the_work_of_two_hosts_each_event_once() {
     let server = NatsServer::start().await;

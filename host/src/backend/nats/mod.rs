@@ -902,14 +902,39 @@ fn omitted(smaller: &Event) -> &str {
 }
 
 /// The bytes the server counts against `max_payload` for `event` (a dead letter): its payload
-/// and its header block (`NATS/1.0`, a `name: value` line each, every line ended by CRLF).
+/// and its header block.
 fn wire_size(event: &Event) -> usize {
+    let (headers, payload) = wire_sizes(event);
+    headers + payload
+}
+
+/// The bytes of `event`'s header block on the wire (`NATS/1.0`, a `name: value` line each,
+/// every line ended by CRLF) and of its payload.
+fn wire_sizes(event: &Event) -> (usize, usize) {
     let (headers, payload) = wire::message_of(event, wire::Origin::Host);
     let lines: usize = headers
         .iter()
         .flat_map(|(name, values)| values.iter().map(move |v| AsRef::<str>::as_ref(name).len() + v.as_str().len() + 4))
         .sum();
-    payload.len() + lines + 12
+    (lines + 12, payload.len())
+}
+
+/// The largest header block a stream stores (JetStream refuses a larger one: error 10097).
+const STREAM_HEADER_MAX: usize = 65_535;
+
+/// At least the size of `event`'s header block on the wire ([`wire_sizes`]), without building
+/// it (every output is checked, [`Transport::too_large`]): each value percent-encoded at most
+/// three bytes a byte, each name with its `ce-` prefix, `: ` and CRLF in 64 bytes, and the
+/// headers the host adds (`Nats-Msg-Id`, `ce-specversion`) in 1 KiB.
+fn header_bound(event: &Event) -> usize {
+    let attributes = event.id.len()
+        + event.source.len()
+        + event.ty.len()
+        + event.subject.len()
+        + event.time.len()
+        + event.datacontenttype.as_ref().map_or(0, String::len);
+    let extensions: usize = event.extensions.iter().map(|(name, value)| name.len() + 3 * value.len() + 64).sum();
+    3 * attributes + 6 * 64 + extensions + 1024
 }
 
 #[async_trait]
@@ -919,13 +944,28 @@ impl Transport for NatsTransport {
     }
 
     /// Over the server's `max_payload` (which counts the headers: a body within the host's
-    /// event limit may not fit with its CloudEvents attributes).
+    /// event limit may not fit with its CloudEvents attributes, which percent-encoding may
+    /// triple), or, on a subject a stream captures, a header block over what a stream stores.
+    /// Measured exactly only when a bound without encoding anything says it may be.
     fn too_large(&self, event: &Event) -> Option<String> {
         let max = self.client.server_info().max_payload;
-        let size = wire_size(event);
-        (max > 0 && size > max).then(|| {
-            format!(
+        let header_max = if self.index.captures(&event.subject) { STREAM_HEADER_MAX } else { usize::MAX };
+        let bound = header_bound(event);
+        if (max == 0 || event.data.len() + bound <= max) && bound <= header_max {
+            return None;
+        }
+        let (headers, payload) = wire_sizes(event);
+        let size = headers + payload;
+        if max > 0 && size > max {
+            return Some(format!(
                 "the event is {size} bytes as a NATS message (headers included), over the server's max_payload of {max}"
+            ));
+        }
+        (headers > header_max).then(|| {
+            format!(
+                "its headers are {headers} bytes as a NATS message, over the {header_max} bytes a stream stores \
+                 (the stream capturing {} would refuse it)",
+                event.subject
             )
         })
     }

@@ -50,6 +50,13 @@ fn misbehave(ev: Event) -> Result<(), HandlerError> {
         "sys" => publish("$SYS.x", b"boom")?,
         "unlisted" => publish("payments.captured", b"sneaky")?,
         "big" => publish(&out, vec![0u8; 2 << 20])?,
+        // A kv write, then an output of `arg` bytes (within max_output_bytes: one near 1 MiB
+        // is over NATS's max_payload once the host's attributes are on it).
+        "nearmax" => {
+            kv::set("nearmax", b"written")?;
+            publish(&out, vec![0u8; arg as usize])?;
+            return Ok(());
+        }
         "chatty" => {
             for i in 0..100_000 {
                 println!("line {i} of a very chatty plugin");
