@@ -311,8 +311,13 @@ impl Serving {
 
     /// Puts `plugin` in service; returns the version that served before.
     pub fn swap(&self, plugin: Plugin) -> Arc<Plugin> {
+        self.serve(Arc::new(plugin))
+    }
+
+    /// Puts `plugin` (back) in service; returns the version that served before.
+    pub fn serve(&self, plugin: Arc<Plugin>) -> Arc<Plugin> {
         let mut serving = self.plugin.write().expect("slot poisoned");
-        let old = std::mem::replace(&mut *serving, Arc::new(plugin));
+        let old = std::mem::replace(&mut *serving, plugin);
         // Under the lock: one who reads the new count reads the new version after it.
         self.swaps.fetch_add(1, Ordering::Relaxed);
         old

@@ -255,7 +255,12 @@ impl Router {
 
     /// Replaces the version of a live plugin atomically: deliveries in flight finish on the
     /// old version, every later one (and every later retry) runs on the new. If the
-    /// subscriptions changed, the transport re-targets them in place (no gap, no duplicate).
+    /// subscriptions changed, the transport re-targets them in place (no gap, no duplicate),
+    /// after the new version serves: an event of a pattern only the new version has, delivered
+    /// while the transport changes (seconds on JetStream), runs on the version that asked for
+    /// it, in its key order (review 61b F3: it ran on the old one); one of a pattern only the old
+    /// had runs on the new, as one queued across the swap does. A refused retarget puts the old
+    /// version back.
     pub async fn swap(&self, plugin: Plugin) -> Result<Swapped, TransportError> {
         let name = plugin.name().to_string();
         let (runtime, old_spec, new_spec, subscription_id) = {
@@ -265,10 +270,11 @@ impl Router {
         };
         let resubscribed = (&old_spec.patterns, &old_spec.group, &old_spec.durable)
             != (&new_spec.patterns, &new_spec.group, &new_spec.durable);
-        if resubscribed {
-            self.transport.retarget(subscription_id, &new_spec).await?;
-        }
         let old = runtime.current.swap(plugin);
+        if resubscribed && let Err(refused) = self.transport.retarget(subscription_id, &new_spec).await {
+            runtime.current.serve(old);
+            return Err(refused);
+        }
         runtime.metrics.set_subscriptions(&new_spec.patterns);
         if let Some(e) = self.entries.lock().expect("router poisoned").get_mut(&name) {
             e.spec = new_spec;

@@ -458,3 +458,70 @@ async fn what_changes_in_the_folder_while_the_host_starts_is_applied_once_it_has
     assert!(host.router().contains("audit"));
     host.shutdown().await;
 }
+
+/// The embedded bus, whose `retarget` takes its time after the new patterns are live (as
+/// JetStream's finds streams and changes consumers, seconds with several): an event on
+/// `widget.x`, a pattern only the new version has, is delivered meanwhile.
+struct SlowRetarget {
+    bus: plugbus::backend::embedded::bus::EmbeddedBus,
+}
+
+#[async_trait::async_trait]
+impl plugbus::transport::Transport for SlowRetarget {
+    fn name(&self) -> &'static str {
+        "slow-retarget"
+    }
+    async fn publish(&self, event: Event) -> Result<(), plugbus::transport::TransportError> {
+        self.bus.publish(event).await
+    }
+    async fn publish_output(&self, event: std::sync::Arc<Event>) -> Result<(), plugbus::transport::TransportError> {
+        self.bus.publish_output(event).await
+    }
+    async fn subscribe(
+        &self,
+        spec: plugbus::transport::SubscriptionSpec,
+    ) -> Result<plugbus::transport::Subscription, plugbus::transport::TransportError> {
+        self.bus.subscribe(spec).await
+    }
+    async fn retarget(
+        &self,
+        subscription: u64,
+        spec: &plugbus::transport::SubscriptionSpec,
+    ) -> Result<(), plugbus::transport::TransportError> {
+        self.bus.retarget(subscription, spec).await?;
+        self.bus.publish(Event::new("widget.x", "w")).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok(())
+    }
+    async fn observe(
+        &self,
+        patterns: Vec<String>,
+        capacity: usize,
+    ) -> Result<plugbus::transport::Observed, plugbus::transport::TransportError> {
+        self.bus.observe(patterns, capacity).await
+    }
+}
+
+/// A new version that subscribes to a pattern the old one did not (`widget.*`): while the
+/// transport took it on, its events ran on the old version, which never asked for them (and
+/// with the old version's key order), because the version was swapped only after the
+/// transport's change (review 61b F3). The new version serves first now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_of_a_pattern_only_the_new_version_has_runs_on_the_new_version() {
+    let plugins = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("echo"), plugins.path().join("echo.wasm")).unwrap();
+    let config =
+        Config { plugins_dir: plugins.path().into(), data_dir: data.path().into(), http: None, ..Config::default() };
+    let transport = std::sync::Arc::new(SlowRetarget { bus: plugbus::backend::embedded::bus::EmbeddedBus::new() });
+    let host = Host::start_on(config, transport, std::sync::Arc::new(plugbus::kv::MemoryKv::new())).await.unwrap();
+    let mut seen = host.observe(&["echo.>"]).await.unwrap();
+    // Version 2 (`echo.v2.<subject>`), subscribing to `widget.*` where version 1 had `faulty.*`.
+    let v2 = plugbus_tests::patch_bytes(&std::fs::read(wasm("echo2")).unwrap(), "faulty.*", "widget.*");
+    let staged = plugins.path().join("echo.staged");
+    std::fs::write(&staged, v2).unwrap();
+    std::fs::rename(&staged, plugins.path().join("echo.wasm")).unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), seen.recv()).await.expect("an output").unwrap();
+    assert_eq!(out.subject, "echo.v2.widget.x", "widget.x ran on the version that does not subscribe to it");
+    host.shutdown().await;
+}
