@@ -949,6 +949,25 @@ impl Overflow {
     /// the log for its read-back). When it cannot (no backlog, the in-memory bus), the producer
     /// waits for a slot; while a read-back ends (it may fall behind once it did), it looks again
     /// every 10 ms.
+    /// [`Overflow::slot_for_a_producer`] without waiting: `None` when the producer would wait.
+    fn try_slot_for_a_producer(self: &Arc<Self>, tx: &mpsc::Sender<Delivery>) -> Option<Slot> {
+        match tx.clone().try_reserve_owned() {
+            Ok(permit) => Some(Slot::Reserved(permit)),
+            // Unsubscribed meanwhile, the event is no longer for it.
+            Err(mpsc::error::TrySendError::Closed(_)) => Some(Slot::Closed),
+            Err(mpsc::error::TrySendError::Full(_)) if self.log.is_none() || self.backlog == 0 => None,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let mut state = self.state.lock().expect("overflow poisoned");
+                (state.intake.catching_up.is_some() || self.fall_behind(&mut state, tx)).then_some(Slot::Unreserved)
+            }
+        }
+    }
+
+    /// A queue slot for a producer's event to a live subscription; on the durable log, when the
+    /// queue filled meanwhile, the plugin falls behind instead (`Unreserved`: the event goes to
+    /// the log for its read-back). When it cannot (no backlog, the in-memory bus), the producer
+    /// waits for a slot; while a read-back ends (it may fall behind once it did), it looks again
+    /// every 10 ms.
     async fn slot_for_a_producer(self: &Arc<Self>, tx: &mpsc::Sender<Delivery>) -> Slot {
         let reserve = || async {
             match tx.clone().reserve_owned().await {
@@ -961,15 +980,8 @@ impl Overflow {
             return reserve().await;
         }
         loop {
-            match tx.clone().try_reserve_owned() {
-                Ok(permit) => return Slot::Reserved(permit),
-                Err(mpsc::error::TrySendError::Closed(_)) => return Slot::Closed,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    let mut state = self.state.lock().expect("overflow poisoned");
-                    if state.intake.catching_up.is_some() || self.fall_behind(&mut state, tx) {
-                        return Slot::Unreserved;
-                    }
-                }
+            if let Some(slot) = self.try_slot_for_a_producer(tx) {
+                return slot;
             }
             if let Ok(slot) = tokio::time::timeout(Duration::from_millis(10), reserve()).await {
                 return slot;
@@ -1520,23 +1532,47 @@ impl EmbeddedBus {
 
     /// Waits for room for a producer's event in every target (backpressure), holding it. Nothing
     /// is taken yet: a producer that stops waiting (an HTTP publish past `api.publish_timeout`,
-    /// answered `503`) leaves nothing behind.
+    /// answered `503`) leaves nothing behind. It holds no target's slot while it waits for
+    /// another's: a producer waiting for a slow plugin holding a slot of a fast one kept that
+    /// slot from the fast one's other events, and enough of them filled its queue with slots
+    /// nothing was sent on (review 61b F2: an event only the fast plugin takes waited 4 s for
+    /// the slow one on the in-memory bus).
     async fn room_in(targets: &[Arc<Sub>]) -> Vec<Slot> {
         let mut catching_up = Vec::with_capacity(targets.len());
         for sub in targets {
             catching_up.push(sub.overflow.room_for_a_producer(&sub.tx).await);
         }
-        let mut slots = Vec::with_capacity(targets.len());
-        for (sub, catching_up) in targets.iter().zip(catching_up) {
-            // One catching up takes the event from the log: its queue is its read-back's, and a
-            // producer waiting there would go at its handler's pace.
-            if catching_up {
-                slots.push(Slot::Unreserved);
-                continue;
+        // The slot last waited for (kept: let go, it would go to the next producer waiting), and
+        // whose it is.
+        let mut waited: Option<(usize, Slot)> = None;
+        loop {
+            let mut slots = Vec::with_capacity(targets.len());
+            let mut full = None;
+            for (i, (sub, catching_up)) in targets.iter().zip(&catching_up).enumerate() {
+                // One catching up takes the event from the log: its queue is its read-back's, and
+                // a producer waiting there would go at its handler's pace.
+                if *catching_up {
+                    slots.push(Slot::Unreserved);
+                    continue;
+                }
+                if let Some((_, slot)) = waited.take_if(|(of, _)| *of == i) {
+                    slots.push(slot);
+                    continue;
+                }
+                match sub.overflow.try_slot_for_a_producer(&sub.tx) {
+                    Some(slot) => slots.push(slot),
+                    None => {
+                        full = Some(i);
+                        break;
+                    }
+                }
             }
-            slots.push(sub.overflow.slot_for_a_producer(&sub.tx).await);
+            let Some(i) = full else { return slots };
+            drop(slots);
+            drop(waited.take());
+            let sub = &targets[i];
+            waited = Some((i, sub.overflow.slot_for_a_producer(&sub.tx).await));
         }
-        slots
     }
 
     /// Takes a producer's event, with the room `slots` held in `targets`: into the log, then to
@@ -2241,6 +2277,28 @@ mod tests {
             backlog_bytes: 0,
             durable: None,
         }
+    }
+
+    /// A producer waiting for a slot in a slow plugin's queue holds no slot of another target:
+    /// those it held kept a fast plugin's other events waiting for the slow one, and enough
+    /// waiting producers filled its queue with slots nothing was sent on (review 61b F2).
+    #[tokio::test]
+    async fn a_producer_waiting_for_a_slow_plugin_holds_no_slot_of_a_fast_one() {
+        let bus = EmbeddedBus::new();
+        let mut fast = bus.subscribe(SubscriptionSpec { plugin: "fast".into(), ..spec(&["x.>"], 2) }).await.unwrap();
+        let _slow = bus.subscribe(SubscriptionSpec { plugin: "slow".into(), ..spec(&["x.shared"], 1) }).await.unwrap();
+        // The slow plugin's queue is full from here on; the fast one has one slot left.
+        bus.publish(Event::new("x.shared", "0")).await.unwrap();
+        for i in 1..=2 {
+            let bus = bus.clone();
+            tokio::spawn(async move { bus.publish(Event::new("x.shared", i.to_string())).await });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(fast.deliveries.recv().await.unwrap().event.data, "0");
+        let only_fast =
+            tokio::time::timeout(Duration::from_millis(500), bus.publish(Event::new("x.only_fast", ""))).await;
+        assert!(only_fast.is_ok(), "an event only the fast plugin takes waited for the slow one");
+        assert_eq!(fast.deliveries.recv().await.unwrap().event.subject, "x.only_fast");
     }
 
     /// A plugin that subscribes to a request subject and never keeps up (its queue and buffer
