@@ -69,6 +69,19 @@ fn check_event(ev: &Event) -> Result<(), String> {
             crate::event::quoted(ct)
         ));
     }
+    // A name a header can carry (what NATS takes: printable ASCII without `:`): a structured
+    // event's JSON keys are any text, and one with a line break or an escape was logged raw and
+    // left out, unseen, of what went to NATS (review 61d L2).
+    let carried = |name: &str| {
+        !name.is_empty() && name.len() <= MAX_ATTRIBUTE_BYTES && name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+    };
+    if let Some((name, _)) = ev.extensions.iter().find(|(k, _)| !carried(k)) {
+        return Err(format!(
+            "extension name {} is not one a header can carry (printable ASCII without `:`, 1 to \
+             {MAX_ATTRIBUTE_BYTES} bytes)",
+            crate::event::quoted(&crate::event::cut(name))
+        ));
+    }
     // Where the JSON format keeps the data: as extensions they were read as the data by
     // `plugbus tail --record`, `dlq export` and `plugbus test`, or made the record unreadable.
     if let Some((name, _)) = ev.extensions.iter().find(|(k, _)| k == "data" || k == "data_base64") {
@@ -620,6 +633,22 @@ mod tests {
         let back = decode("a.b", out.iter().map(|(k, v)| (k.as_ref(), v.as_str())), Bytes::new()).unwrap();
         assert_eq!(back.header("nats-expected-stream"), Some("NOPE"));
         assert_eq!(back.header("nats-rollup"), Some("all"));
+    }
+
+    /// A structured event's JSON keys become extension names: one a header cannot carry (a
+    /// line break, an escape, a `:`) was logged raw and left out of what went to NATS (review
+    /// 61d L2). It is refused, naming it; one a header can carry is kept.
+    #[test]
+    fn an_extension_name_no_header_can_carry_is_refused() {
+        let structured = [("content-type", "application/cloudevents+json")];
+        for name in ["a\\nb", "x\\u001b[2J", "a:b", "a b", ""] {
+            let body = format!(r#"{{"specversion":"1.0","id":"1","source":"s","type":"t","{name}":"v"}}"#);
+            let e = decode("a.b", structured.into_iter(), Bytes::from(body)).unwrap_err();
+            assert!(e.contains("extension name"), "{name:?}: {e}");
+        }
+        let body = r#"{"specversion":"1.0","id":"1","source":"s","type":"t","tenant-id":"v"}"#;
+        let ev = decode("a.b", structured.into_iter(), Bytes::from_static(body.as_bytes())).unwrap();
+        assert_eq!(ev.header("tenant-id"), Some("v"));
     }
 
     /// Any header value a NATS publisher or HTTP client sends decodes without a panic (review

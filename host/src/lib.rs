@@ -25,6 +25,7 @@ pub mod http_server;
 pub mod inspect;
 pub mod kv;
 pub mod loader;
+pub mod log_fields;
 pub mod log_queue;
 pub mod manifest;
 pub mod metrics;

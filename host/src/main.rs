@@ -391,7 +391,7 @@ fn init_logging_with(format: LogFormat, default: &str, exporter: Option<&plugbus
         })
         .with_ansi(cli::colour(std::io::IsTerminal::is_terminal(&std::io::stderr())));
     let fmt = match format {
-        LogFormat::Pretty => fmt.compact().with_filter(filter).boxed(),
+        LogFormat::Pretty => fmt.compact().fmt_fields(plugbus::log_fields::OneLineFields).with_filter(filter).boxed(),
         LogFormat::Json => fmt.json().with_filter(filter).boxed(),
     };
     let otel = exporter.map(|e| e.layer());

@@ -88,6 +88,12 @@ pub fn event_of(
     payload: Bytes,
     fallback_id: Option<String>,
 ) -> Result<Event, String> {
+    // The server passes subjects on unchecked: one with a control character (an escape
+    // sequence, a carriage return) or a bidirectional mark is no subject of plugbus's, and would
+    // reach handlers and dead letters' `plugbus-original-subject` (review 61d L3).
+    if let std::borrow::Cow::Owned(escaped) = crate::event::one_line(subject) {
+        return Err(format!("its subject {escaped} holds a control character or a bidirectional mark"));
+    }
     let payload = crate::event::owned_data(&payload);
     // A replay's answer address is the hosts' (`plugbus-replay-ack`), never part of the event: a
     // plugin never sees it, nor does the dead letter it may make, on any subject.
@@ -145,6 +151,17 @@ pub fn message_of(ev: &Event, origin: Origin) -> (HeaderMap, Bytes) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The server passes subjects on unchecked (review 61d L3): one with an escape sequence, a
+    /// carriage return or a bidirectional override is malformed (dead-lettered unrun).
+    #[test]
+    fn a_subject_with_a_control_character_or_a_bidi_mark_is_malformed() {
+        for subject in ["orders.\u{1b}[2J", "orders.x\rFORGED", "orders.\u{202e}x", "orders.a\u{2028}b"] {
+            let e = event_of(subject, None, Bytes::from_static(b"{}"), None).unwrap_err();
+            assert!(e.contains("control character"), "{subject:?}: {e}");
+        }
+        assert!(event_of("orders.créé", None, Bytes::from_static(b"{}"), None).is_ok());
+    }
 
     #[test]
     fn a_replays_answer_address_is_never_part_of_the_event() {
