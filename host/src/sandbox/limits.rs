@@ -197,9 +197,14 @@ impl Limits {
 }
 
 /// Refuses memory growth past the plugin's cap, and remembers that it did, so the trap can be
-/// reported as "memory limit reached" rather than as a bare trap.
+/// reported as "memory limit reached" rather than as a bare trap. The cap is the instance's: the
+/// sum of its linear memories (a component may define two, [`super::engine::MEMORIES_PER_COMPONENT`],
+/// and each grown to the cap alone took twice what the operator allowed: review 61a F3).
 pub struct MemoryLimiter {
     cap: usize,
+    /// The bytes of every linear memory of the store's instances, as grown so far (each growth,
+    /// the first at instantiation from 0, is reported with its memory's size before and after).
+    used: usize,
     /// Set when a growth was refused.
     pub breached: bool,
 }
@@ -207,24 +212,50 @@ pub struct MemoryLimiter {
 impl MemoryLimiter {
     /// A limiter for `cap` bytes.
     pub fn new(cap: usize) -> Self {
-        Self { cap, breached: false }
+        Self { cap, used: 0, breached: false }
     }
 }
 
 impl wasmtime::ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > self.cap {
+    fn memory_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        let used = self.used.saturating_sub(current).saturating_add(desired);
+        if used > self.cap {
             self.breached = true;
             return Err(wasmtime::Error::msg(format!(
                 "memory limit {} MiB reached (wanted {} MiB)",
                 self.cap / (1024 * 1024),
-                desired.div_ceil(1024 * 1024)
+                used.div_ceil(1024 * 1024)
             )));
         }
+        self.used = used;
         Ok(true)
     }
 
     fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
         Ok(desired <= 100_000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasmtime::ResourceLimiter;
+
+    /// Two linear memories of one instance are held to one cap together (review 61a F3: each
+    /// was held to it alone, so a component with two took twice what the operator allowed).
+    #[test]
+    fn an_instances_memories_share_one_cap() {
+        const MIB: usize = 1024 * 1024;
+        let mut limiter = MemoryLimiter::new(2 * MIB);
+        // Instantiation reports each memory growing from nothing.
+        assert!(limiter.memory_growing(0, MIB, None).unwrap());
+        assert!(limiter.memory_growing(0, MIB / 2, None).unwrap());
+        // The first grows to 1.5 MiB: 2 MiB in all, at the cap.
+        assert!(limiter.memory_growing(MIB, MIB + MIB / 2, None).unwrap());
+        assert!(!limiter.breached);
+        // The second may not add a byte more.
+        let refused = limiter.memory_growing(MIB / 2, MIB, None).unwrap_err();
+        assert!(refused.to_string().contains("memory limit 2 MiB reached (wanted 3 MiB)"), "{refused}");
+        assert!(limiter.breached);
     }
 }
