@@ -184,6 +184,14 @@ fn attack(ev: Event) -> Result<(), HandlerError> {
             }
             publish("hostile.out.work", x.to_string()).map_err(|e| refused("publish", e))?;
         }
+        // `N`: N naps of 1 ms, each a wait in a host call (`wasi:io/poll`), then
+        // `hostile.out.naps`: a handler that spends its time waiting on the host, not computing.
+        "naps" => {
+            for _ in 0..arg(0, 1) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            publish("hostile.out.naps", b"rested").map_err(|e| refused("publish", e))?;
+        }
         "ok" => publish("hostile.out.ok", b"ok").map_err(|e| refused("publish", e))?,
         other => return Err(HandlerError::reject(format!("unknown attack {other:?}"))),
     }
