@@ -51,7 +51,7 @@ impl DlqFile {
     pub fn open(path: &Path) -> Result<(Self, Vec<KeptLetter>, u64), DlqFileError> {
         let err = |why: String| DlqFileError { path: path.to_path_buf(), why };
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+            crate::private_files::create_folder(dir).map_err(|e| err(e.to_string()))?;
         }
         // A host stopping in this process lets go of the file when its last task ends.
         // Its page cache: a few MiB (the store is bounded in entries and records; redb's

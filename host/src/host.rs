@@ -100,10 +100,23 @@ impl Host {
         let kv: Arc<dyn KvStore> = shared.clone();
         let mut settings = config.sandbox.clone();
         settings.max_memory_mib = settings.max_memory_mib.max(config.max_memory_mib());
-        let mut sandbox = Sandbox::new(settings)?;
+        let mut sandbox = Sandbox::new(settings.clone())?;
         if config.compile_cache {
             let dir = config.compile_cache_dir.clone().unwrap_or_else(|| config.data_dir.join("cache"));
-            sandbox = sandbox.with_cache(&dir)?;
+            // The cache only saves compiles (every entry is checked, a miss compiles): one it
+            // cannot use (a stray file where its folder goes, a read-only mount) starts the host
+            // without it, said, rather than keeping down a host whose log holds accepted events
+            // (review 61c L1).
+            sandbox = match sandbox.with_cache(&dir) {
+                Ok(cached) => cached,
+                Err(e) => {
+                    tracing::error!(
+                        "starting without the compile cache, every plugin compiled at each start: {e:#} \
+                        (move it aside, or set compile_cache = false to say so)"
+                    );
+                    Sandbox::new(settings)?
+                }
+            };
         }
         let sandbox = sandbox.with_requester(Arc::new(crate::rpc::TransportRequester(transport.clone())));
         let dead_letters = if config.persistent_kv {

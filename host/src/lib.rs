@@ -29,6 +29,7 @@ pub mod log_fields;
 pub mod log_queue;
 pub mod manifest;
 pub mod metrics;
+pub mod private_files;
 pub mod redb_handle;
 pub mod reload;
 pub mod replace_file;

@@ -130,6 +130,9 @@ pub fn open_failure(e: &redb::DatabaseError, if_damaged: &str) -> String {
 /// for another handle of this process to be let go; an error says what to do
 /// ([`open_failure`], with `if_damaged`).
 fn open_db(path: &Path, cache_bytes: usize, if_damaged: &str) -> Result<Database, String> {
+    // Made readable by its owner alone when missing (redb initialises an empty file).
+    crate::private_files::create_file(path)
+        .map_err(|e| open_failure(&redb::DatabaseError::Storage(e.into()), if_damaged))?;
     let deadline = Instant::now() + OPEN_WAIT;
     loop {
         match redb::Builder::new().set_cache_size(cache_bytes).create(path) {

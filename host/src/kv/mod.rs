@@ -315,7 +315,7 @@ impl RedbKv {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &std::path::Path) -> Result<Self, KvError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(unavailable)?;
+            crate::private_files::create_folder(dir).map_err(unavailable)?;
         }
         let handle = crate::redb_handle::ReopeningDb::open(path, KV_CACHE_BYTES, "with the plugins' kv empty")
             .map_err(|e| unavailable(format!("{}: {e}", path.display())))?;

@@ -79,7 +79,7 @@ impl CompileCache {
     /// A cache in `dir` for `engine` (created if missing), with its key in `<dir>.key` (created
     /// if missing, replaced if unsafe).
     pub fn new(dir: &Path, engine: &Engine) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        crate::private_files::create_folder(dir)?;
         let mut h = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
         // The tag's form: entries of another form are named apart, so hosts of two versions

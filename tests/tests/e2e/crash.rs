@@ -381,3 +381,29 @@ async fn a_replayed_dead_letter_survives_a_kill_under_sync_none() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// What a host makes under `data_dir` only its owner may read (review 61c L2: under umask 022
+/// the event log, the dead letters and the compile cache were every local user's to read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_host_makes_under_its_data_dir_only_its_owner_reads() {
+    use std::os::unix::fs::PermissionsExt;
+    let plugins = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("echo"), plugins.path().join("echo.wasm")).unwrap();
+    let data = root.path().join("state/plugbus");
+    let config = plugbus::Config {
+        plugins_dir: plugins.path().into(),
+        data_dir: data.clone(),
+        http: None,
+        ..plugbus::Config::default()
+    };
+    let host = plugbus::Host::start(config).await.unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for folder in [root.path().join("state"), data.clone(), data.join("cache")] {
+        assert_eq!(mode(&folder), 0o700, "{}", folder.display());
+    }
+    for file in ["bus.redb", "dlq.redb", "cache.key"] {
+        assert_eq!(mode(&data.join(file)), 0o600, "{file}");
+    }
+    host.shutdown().await;
+}

@@ -344,6 +344,27 @@ async fn a_plugins_folder_link_pointed_at_another_folder_is_followed() {
     eventually("echo, copied into the new release, is loaded", || router.contains("echo")).await;
 }
 
+/// The compile cache only saves compiles: a stray file where its folder goes (or a folder
+/// where its key goes) refused the whole start, so the events the log had accepted waited for
+/// an operator (review 61c L1). The host starts without it, compiling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compile_cache_that_cannot_be_used_starts_the_host_without_it() {
+    let plugins = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("echo"), plugins.path().join("echo.wasm")).unwrap();
+    std::fs::write(data.path().join("cache"), "not a folder").unwrap();
+    let config =
+        Config { plugins_dir: plugins.path().into(), data_dir: data.path().into(), http: None, ..Config::default() };
+    let host = Host::start(config).await.expect("the host starts without its cache");
+    let stats = host.reloader().sandbox.cache_stats();
+    assert_eq!((stats.compiled.load(Ordering::Relaxed), stats.hits.load(Ordering::Relaxed)), (1, 0));
+    let mut seen = host.observe(&["echo.>"]).await.unwrap();
+    host.publish(Event::new("orders.created", "{}")).await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), seen.recv()).await.expect("an output").unwrap();
+    assert_eq!(out.subject, "echo.orders.created");
+    host.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_with_a_warm_cache_compiles_nothing() {
     let plugins = tempfile::tempdir().unwrap();

@@ -627,6 +627,11 @@ impl Drop for Backfilling<'_> {
 /// under (responder, key). Sequence numbers never come near this.
 pub const REQUEST_KEYS: u64 = 1 << 63;
 
+/// Sequence numbers a log may hold: far below [`REQUEST_KEYS`] (2^40 short of it), far beyond
+/// any log's (a million events a second for 290,000 years). A log whose counts reach it is
+/// damaged (or made so), and refused at its open.
+const SEQ_LIMIT: u64 = REQUEST_KEYS - (1 << 40);
+
 /// A request's outbox the last run left: its key and its attempt's outputs.
 pub type RequestOutbox = (u64, Vec<Arc<Event>>);
 
@@ -666,7 +671,7 @@ impl DurableLog {
             why: format!("{why} (if the file is damaged, move it aside to start {if_damaged})"),
         };
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| LogError::Open {
+            crate::private_files::create_folder(dir).map_err(|e| LogError::Open {
                 path: path.to_path_buf(),
                 why: format!("creating {}: {e}", dir.display()),
             })?;
@@ -721,10 +726,12 @@ impl DurableLog {
             let rows = r.open_table(ROWS).map_err(|e| open_err(e.to_string()))?;
             let last = rows.last().map_err(|e| open_err(e.to_string()))?.map_or(0, |(key, _)| key.value());
             let stored = read("next_seq")?.unwrap_or(1);
-            if last >= REQUEST_KEYS || stored >= REQUEST_KEYS {
+            // Short of the range itself too: new events would soon take keys in it, their acks
+            // would never settle them, and the next start would refuse the log (review 61c L3).
+            if last >= SEQ_LIMIT || stored >= SEQ_LIMIT {
                 return Err(open_err(format!(
                     "the event log is damaged: its last event's sequence number ({last}) or the next one ({stored}) \
-                     is in the range kept for requests' outboxes ({REQUEST_KEYS} and up)"
+                     is at or past {SEQ_LIMIT}, next to the range kept for requests' outboxes ({REQUEST_KEYS} and up)"
                 )));
             }
             for counter in ["commit", "kv_clock"] {
@@ -3203,6 +3210,34 @@ pub(crate) mod tests {
         assert_eq!(kv.get("p", "k").await.unwrap().unwrap().value, b"new");
         let seq = log.append(Arc::new(Event::new("a.b", "")), vec![Arc::from("p")], false).await;
         assert!(seq.is_ok(), "the writer stopped: {seq:?}");
+    }
+
+    /// A next sequence number just below the range of requests' outboxes opened: new events
+    /// then took keys in it, their acks never settled them, and the next start refused the log
+    /// (review 61c L3). The open refuses a count that near, naming the file.
+    #[tokio::test]
+    async fn a_next_sequence_number_near_the_requests_range_is_refused_at_open() {
+        for next in [REQUEST_KEYS - 1, SEQ_LIMIT] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("bus.redb");
+            drop(DurableLog::open(&path, SyncPolicy::Always).unwrap());
+            write_raw(&path, |w| {
+                w.open_table(META).unwrap().insert("next_seq", next).unwrap();
+            })
+            .await;
+            let refused = DurableLog::open(&path, SyncPolicy::Always).map(drop).unwrap_err().to_string();
+            assert!(refused.contains("bus.redb") && refused.contains(&format!("({next})")), "{refused}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        drop(DurableLog::open(&path, SyncPolicy::Always).unwrap());
+        write_raw(&path, |w| {
+            w.open_table(META).unwrap().insert("next_seq", SEQ_LIMIT - 1).unwrap();
+        })
+        .await;
+        let log = DurableLog::open(&path, SyncPolicy::Always).unwrap();
+        let appended = log.append(Arc::new(Event::new("a.b", "")), vec![Arc::from("p")], false).await.unwrap();
+        assert!(matches!(appended, Appended::At(seq) if seq == SEQ_LIMIT - 1));
     }
 
     #[tokio::test]

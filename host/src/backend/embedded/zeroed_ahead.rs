@@ -61,7 +61,10 @@ impl ZeroedAhead {
     /// The backend of the file at `path`, created if missing. What it holds already counts as
     /// written (an earlier version's holes stay holes until redb writes there).
     pub(crate) fn open(path: &std::path::Path) -> io::Result<Self> {
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        let file = crate::private_files::private(
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false),
+        )
+        .open(path)?;
         let len = file.metadata()?.len();
         let inner = FileBackend::new(file).map_err(io::Error::other)?;
         #[cfg(test)]
