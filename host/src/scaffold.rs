@@ -111,6 +111,21 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// The README copies the build under the plugin's name, the package's, as `plugbus dev`
+    /// deploys it: copied as `<lib>.wasm` (`order_audit.wasm`) it was a second plugin beside
+    /// dev's `order-audit.wasm`, and every event was handled twice (review 61f F6).
+    #[test]
+    fn the_readme_deploys_the_build_under_the_name_plugbus_dev_gives_it() {
+        let dir = std::env::temp_dir().join(format!("plugbus-scaffold-readme-{}", std::process::id()));
+        let krate = new_handler("order-audit", &dir, &Sdk::registry()).unwrap();
+        let readme = std::fs::read_to_string(krate.join("README.md")).unwrap();
+        assert!(
+            readme.contains("cp target/wasm32-wasip2/release/order_audit.wasm /path/to/plugins/order-audit.wasm"),
+            "{readme}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn a_path_must_be_the_sdk_crate_and_is_quoted() {
         let here = Path::new(env!("CARGO_MANIFEST_DIR"));
