@@ -55,7 +55,7 @@ fn subjects_follow_the_hosts_rules_even_under_a_catch_all() {
     for (subject, why) in [
         ("$SYS.x", "is a system subject"),
         ("_INBOX.abc", "is a system subject"),
-        ("plugbus.dlq.payments", "is not in the manifest's publishes"),
+        ("plugbus.dlq.payments", "is a dead-letter subject"),
         ("a..b", "empty token"),
         ("a.*", "cannot contain the wildcards"),
         ("a b", "whitespace"),
@@ -391,4 +391,41 @@ fn runs_on_separate_threads_do_not_see_each_other() {
     for h in handles {
         assert_eq!(h.join().unwrap(), Some(50));
     }
+}
+
+#[handler(subscribe = ["orders.created"], publishes = ["audit.>", "plugbus.dlq.>"])]
+fn forward(ev: Event) -> Result<(), HandlerError> {
+    let v: Value = ev.json()?;
+    let (s, k, val) =
+        (v["s"].as_str().unwrap_or_default(), v["k"].as_str().unwrap_or_default(), v["v"].as_str().unwrap_or_default());
+    publish_with_headers(s, b"x", &[(k, val)])?;
+    Ok(())
+}
+
+/// The host refuses these outputs (review 61f F1: TestHost let them through, so `cargo test`
+/// said ok of a handler whose every such event is dead-lettered live): a dead-letter subject
+/// even where `publishes` names it, a header value with a line break or NUL, a header where
+/// the CloudEvents JSON format keeps the data, a content type that is an envelope or holds a
+/// control character.
+#[test]
+fn outputs_the_host_refuses_are_refused_here_too() {
+    for (s, k, v) in [
+        ("plugbus.dlq.other", "tenant", "a"),
+        ("audit.x", "reason", "line one\nline two"),
+        ("audit.x", "reason", "nul\0"),
+        ("audit.x", "Data_Base64", "v"),
+        ("audit.x", "ce-data", "v"),
+        ("audit.x", "content-type", "application/cloudevents+json"),
+        ("audit.x", "datacontenttype", "text/plain;\tcharset=utf-8"),
+    ] {
+        let run = TestHost::new().run(forward, Event::new_json("orders.created", &json!({"s": s, "k": k, "v": v})));
+        assert!(run.result.is_err(), "{s} {k}={v:?}: the host rejects this event");
+        assert!(run.published.is_empty());
+    }
+    let run = TestHost::new().run(
+        forward,
+        Event::new_json("orders.created", &json!({"s": "audit.x", "k": "content-type", "v": "text/plain"})),
+    );
+    assert_eq!(run.result, Ok(()));
+    assert_eq!(run.published.len(), 1);
 }

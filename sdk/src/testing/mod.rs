@@ -75,7 +75,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use subject::{Pattern, is_system_subject, validate_subject};
+use subject::{Pattern, is_dead_letter_subject, is_system_subject, validate_subject};
 
 /// What the host charges for one output, header or kv key on top of its bytes.
 const ENTRY_COST: u64 = 64;
@@ -747,7 +747,51 @@ fn is_reserved_header(name: &str) -> bool {
         return false;
     }
     let base = lower.strip_prefix("ce-").or_else(|| lower.strip_prefix("ce_")).unwrap_or(&lower);
-    ["plugbus-", "plugbus_", "nats-", "nats_"].iter().any(|p| base.starts_with(p)) || CORE_ATTRIBUTES.contains(&base)
+    ["plugbus-", "plugbus_", "nats-", "nats_"].iter().any(|p| base.starts_with(p))
+        || CORE_ATTRIBUTES.contains(&base)
+        // where the CloudEvents JSON format keeps the data
+        || base == "data"
+        || base == "data_base64"
+}
+
+/// The host's checks of one header of an output, a request or a reply (`check_headers`): its
+/// name, a content type it may carry, a value on one line.
+fn check_header(name: &str, value: &str) -> Result<(), PublishError> {
+    check_header_name(name)?;
+    check_content_type(name, value)?;
+    if value.contains(['\r', '\n', '\0']) {
+        return Err(PublishError::Invalid(format!(
+            "header {} has a value with a line break or NUL: {} (a header value is one line)",
+            quoted(name),
+            quoted(value)
+        )));
+    }
+    Ok(())
+}
+
+/// The host's `check_content_type`: at most 1,024 bytes, no control characters, and never a
+/// CloudEvents envelope (its receivers would read the data as the event).
+fn check_content_type(name: &str, value: &str) -> Result<(), PublishError> {
+    const MAX_ATTRIBUTE_BYTES: usize = 1024;
+    const ENVELOPE: &str = "application/cloudevents";
+    if !(name.eq_ignore_ascii_case("content-type") || name.eq_ignore_ascii_case("datacontenttype")) {
+        return Ok(());
+    }
+    if value.len() > MAX_ATTRIBUTE_BYTES || value.chars().any(char::is_control) {
+        return Err(PublishError::Invalid(format!(
+            "header {name} {} is not a content type an event may carry: at most {MAX_ATTRIBUTE_BYTES} bytes, no \
+             control characters",
+            quoted(value)
+        )));
+    }
+    if value.trim_start().get(..ENVELOPE.len()).is_some_and(|p| p.eq_ignore_ascii_case(ENVELOPE)) {
+        return Err(PublishError::Denied(format!(
+            "header {name} {} is reserved: an output's data cannot be a CloudEvents envelope (its receivers \
+             would read the data as the event)",
+            quoted(value)
+        )));
+    }
+    Ok(())
 }
 
 fn check_header_name(name: &str) -> Result<(), PublishError> {
@@ -762,7 +806,8 @@ fn check_header_name(name: &str) -> Result<(), PublishError> {
     if is_reserved_header(name) {
         return Err(PublishError::Denied(format!(
             "header {} is reserved: the host sets plugbus-*, nats-* and the CloudEvents attributes \
-             (id, source, type, time, specversion, subject; datacontenttype only without a prefix)",
+             (id, source, type, time, specversion, subject; datacontenttype only without a prefix; data \
+             and data_base64 hold the data)",
             quoted(name)
         )));
     }
@@ -886,6 +931,12 @@ impl Session {
         if is_system_subject(subject) {
             return Err(PublishError::Denied(format!("{} is a system subject", quoted(subject))));
         }
+        if is_dead_letter_subject(subject) {
+            return Err(PublishError::Denied(format!(
+                "{} is a dead-letter subject: the host alone publishes under `plugbus.dlq.`",
+                quoted(subject)
+            )));
+        }
         if !self.publishes.iter().any(|p| p.matches(subject)) {
             let allowed: Vec<&str> = self.publishes.iter().map(Pattern::as_str).collect();
             let hint = if self.declared.is_none() {
@@ -925,8 +976,8 @@ impl Session {
                 format!("header limit of {} per output reached ({} given)", self.limits.max_headers, headers.len());
             return Err(RequestError::Limit(why));
         }
-        for (name, _) in headers {
-            check_header_name(name).map_err(as_request)?;
+        for (name, value) in headers {
+            check_header(name, value).map_err(as_request)?;
         }
         let size = (subject.len() + data.len()) as u64
             + ENTRY_COST
@@ -983,8 +1034,8 @@ impl Session {
                 format!("header limit of {} per output reached ({} given)", self.limits.max_headers, headers.len());
             return Err(ReplyError::Limit(why));
         }
-        for (name, _) in headers {
-            check_header_name(name).map_err(|e| match e {
+        for (name, value) in headers {
+            check_header(name, value).map_err(|e| match e {
                 PublishError::Denied(m) => ReplyError::Denied(m),
                 PublishError::Limit(m) => ReplyError::Limit(m),
                 PublishError::Invalid(m) => ReplyError::Invalid(m),
@@ -1019,8 +1070,8 @@ impl Session {
             let why = format!("header limit of {} per output reached ({} given)", limits.max_headers, headers.len());
             return self.refuse(PublishError::Limit(why));
         }
-        for (name, _) in headers {
-            if let Err(e) = check_header_name(name) {
+        for (name, value) in headers {
+            if let Err(e) = check_header(name, value) {
                 return self.refuse(e);
             }
         }

@@ -127,7 +127,7 @@ pub(crate) fn is_system_subject(subject: &str) -> bool {
     subject.starts_with('$') || subject.split('.').next() == Some("_INBOX")
 }
 
-fn is_dead_letter_subject(subject: &str) -> bool {
+pub(crate) fn is_dead_letter_subject(subject: &str) -> bool {
     subject.len() > DEAD_LETTER_PREFIX.len() && subject.starts_with(DEAD_LETTER_PREFIX)
 }
 
