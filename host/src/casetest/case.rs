@@ -357,6 +357,11 @@ impl CaseFile {
             out.push('\n');
             case.line = i + 1;
         }
+        self.write_text(&out)
+    }
+
+    /// Replaces the file with `out` at once (its cases, one JSON line each).
+    pub fn write_text(&self, out: &str) -> Result<(), CaseError> {
         let io = |what: &'static str| {
             let file = self.path.clone();
             move |source: std::io::Error| CaseError::Io { file, what, source }
