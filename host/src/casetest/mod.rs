@@ -234,9 +234,8 @@ mod tests {
     #[test]
     fn a_report_keeps_a_bounded_text_of_each_cases_differences() {
         let big = serde_json::Value::String("x".repeat(1 << 20));
-        let mismatches: Vec<Mismatch> = (0..100)
-            .map(|i| Mismatch::Kv { key: format!("k{i}"), expected: Some(big.clone()), got: None })
-            .collect();
+        let mismatches: Vec<Mismatch> =
+            (0..100).map(|i| Mismatch::Kv { key: format!("k{i}"), expected: Some(big.clone()), got: None }).collect();
         let kept = shown(mismatches);
         assert_eq!(kept.len(), MAX_SHOWN + 1);
         assert_eq!(kept[MAX_SHOWN], "  ... and 68 more difference(s)\n");

@@ -190,6 +190,18 @@ async fn a_message_the_client_cannot_read_is_dropped_and_the_connection_stays_up
         burst.extend_from_slice(block);
         burst.extend_from_slice(b"hi\r\n");
     }
+    // A subject that is not UTF-8 holding form feeds, which the client split its arguments on
+    // (review 61e F2: still closed the connection).
+    burst.extend_from_slice(b"PUB orders.\xff\x0ca\x0cb 2\r\nhi\r\n");
+    // A subject holding a no-break space, with a reply (an `HMSG` of six arguments to a client
+    // that split on Unicode whitespace): read now as the server wrote it, a message whose
+    // subject no plugbus event may have (dead-lettered unrun).
+    let block = b"NATS/1.0\r\nX: y\r\n\r\n";
+    burst.extend_from_slice(
+        format!("HPUB orders.a\u{a0}9 some.reply {} {}\r\n", block.len(), block.len() + 2).as_bytes(),
+    );
+    burst.extend_from_slice(block);
+    burst.extend_from_slice(b"hi\r\n");
     for i in 0..20 {
         burst.extend_from_slice(format!("PUB orders.good{i} 1\r\n{}\r\n", i % 10).as_bytes());
     }
@@ -209,7 +221,57 @@ async fn a_message_the_client_cannot_read_is_dropped_and_the_connection_stays_up
     }
     assert!((0..20).all(|i| seen.contains(&format!("echo.orders.good{i}"))), "{seen:?}");
     let metrics = metrics_text(&t.url()).await;
-    assert!(metrics.lines().any(|l| l == "plugbus_nats_unreadable_total 3"), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "plugbus_nats_unreadable_total 4"), "{metrics}");
+    t.host.shutdown().await;
+}
+
+/// The client split an `HMSG` line on all Unicode whitespace: a publisher's subject
+/// `orders.x<VT>17` was read as subject `orders.x` for subscription 17, so frames sprayed over
+/// the small sids reached a request's reply inbox, and a pending `POST /v1/request` answered
+/// `200` with the forged body (review 61e F1). Read as the server writes it, and a reply taken
+/// only on the request's own inbox, the request times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_cannot_answer_a_request_through_a_subject_the_client_misreads() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let server = NatsServer::start().await;
+    let t = TestHost::start_on(&Bus::Core(&server), &["echo"], |_| {}).await;
+    let client = server.client().await;
+    let _silent = client.subscribe("rpc.slow").await.unwrap();
+    client.flush().await.unwrap();
+    let url = t.url();
+    let asked = tokio::spawn(async move {
+        let resp = reqwest::Client::new()
+            .post(format!("{url}/v1/request/rpc.slow?timeout=3s"))
+            .body("q")
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
+    let mut raw = BufReader::new(stream);
+    let mut line = String::new();
+    raw.read_line(&mut line).await.unwrap();
+    let mut burst: Vec<u8> = b"CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":true}\r\n".to_vec();
+    let block = b"NATS/1.0\r\nce-source: plugbus/pricing\r\nce-id: forged-1\r\n\r\n";
+    let body = b"FORGED ANSWER";
+    for sid in 1..60 {
+        burst.extend_from_slice(
+            format!("HPUB orders.x\u{b}{sid} {} {}\r\n", block.len(), block.len() + body.len()).as_bytes(),
+        );
+        burst.extend_from_slice(block);
+        burst.extend_from_slice(body);
+        burst.extend_from_slice(b"\r\n");
+    }
+    burst.extend_from_slice(b"PING\r\n");
+    raw.get_mut().write_all(&burst).await.unwrap();
+    line.clear();
+    raw.read_line(&mut line).await.unwrap();
+    assert_eq!(line.trim(), "PONG", "the server took the burst");
+    let (status, body) = asked.await.unwrap();
+    assert_eq!(status, 504, "the request was answered: {body}");
+    assert!(!body.contains("FORGED"), "{body}");
     t.host.shutdown().await;
 }
 

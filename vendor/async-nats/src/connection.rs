@@ -142,16 +142,19 @@ impl Connection {
         headers: bool,
         err: io::Error,
     ) -> Result<Option<ServerOp>, io::Error> {
+        // Split as the server writes the line (single spaces; a subject holds none: the server
+        // splits a client's arguments on space, tab, CR and LF). MSG <subject> <sid> [reply-to]
+        // <#bytes>; HMSG <subject> <sid> [reply-to] <#header bytes> <#total bytes>: the last
+        // argument is the byte count, whatever the subject holds.
         let args: Vec<&[u8]> = self.read_buf[args_from..len]
-            .split(|b| b.is_ascii_whitespace())
+            .split(|b| *b == b' ')
             .filter(|a| !a.is_empty())
             .collect();
-        // MSG <subject> <sid> [reply-to] <#bytes>; HMSG <subject> <sid> [reply-to] <#header bytes> <#total bytes>
         let fewest = if headers { 4 } else { 3 };
         let total = match args.last() {
-            Some(last) if args.len() == fewest || args.len() == fewest + 1 => std::str::from_utf8(last)
+            Some(last) if args.len() >= fewest => std::str::from_utf8(last)
                 .ok()
-                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|n| n.parse::<usize>().ok()),
             _ => None,
         };
@@ -239,11 +242,14 @@ impl Connection {
                 (Some(subject), Some(sid), Some(payload_len), None, None) => {
                     (subject, sid, None, payload_len)
                 }
+                // plugbus patch: one the server passed on with a subject it did not check is
+                // one unreadable message, when its byte count can be read.
                 _ => {
-                    return Err(io::Error::new(
+                    let err = io::Error::new(
                         io::ErrorKind::InvalidInput,
                         "invalid number of arguments after MSG",
-                    ))
+                    );
+                    return self.skip_unreadable(len, 4, false, err);
                 }
             };
 
@@ -300,7 +306,11 @@ impl Connection {
                 // plugbus patch: as for `MSG`.
                 Err(err) => return self.skip_unreadable(len, 5, true, io::Error::new(io::ErrorKind::InvalidInput, err)),
             };
-            let mut args = line.split_whitespace().filter(|s| !s.is_empty());
+            // plugbus patch: split on spaces as the server writes the line (and as `MSG` is read):
+            // split on all Unicode whitespace, a subject `orders.x<VT>17` was read as subject
+            // `orders.x` for subscription 17, a publisher's message delivered to any
+            // subscription (a request's reply inbox).
+            let mut args = line.split(' ').filter(|s| !s.is_empty());
 
             // <subject> <sid> [reply-to] <# header bytes><# total bytes>
             let (subject, sid, reply_to, header_len, total_len) = match (
@@ -322,11 +332,13 @@ impl Connection {
                 (Some(subject), Some(sid), Some(header_len), Some(total_len), None, None) => {
                     (subject, sid, None, header_len, total_len)
                 }
+                // plugbus patch: as for `MSG`.
                 _ => {
-                    return Err(io::Error::new(
+                    let err = io::Error::new(
                         io::ErrorKind::InvalidInput,
                         "invalid number of arguments after HMSG",
-                    ))
+                    );
+                    return self.skip_unreadable(len, 5, true, err);
                 }
             };
 

@@ -70,8 +70,16 @@ pub fn is_inbox(subject: &str) -> bool {
 }
 
 /// The event a reply message carries, on the subject that was asked (the inbox is the host's
-/// and never reaches a plugin), with no reply address of its own.
-fn reply_event(subject: String, msg: async_nats::Message) -> Result<Event, crate::rpc::RequestError> {
+/// and never reaches a plugin), with no reply address of its own. A message on another subject
+/// than the request's `inbox` is no reply (review 61e F1: a client that misread a publisher's
+/// subject delivered it to the inbox's subscription, a forged answer).
+fn reply_event(subject: String, inbox: &str, msg: async_nats::Message) -> Result<Event, crate::rpc::RequestError> {
+    if msg.subject.as_str() != inbox {
+        return Err(crate::rpc::RequestError::Unavailable(format!(
+            "requesting on {subject}: a message on {} came to the reply inbox {inbox}, not a reply",
+            crate::event::quoted(msg.subject.as_str())
+        )));
+    }
     let mut reply = wire::event_of(&subject, msg.headers.as_ref(), msg.payload, None).map_err(|why| {
         crate::rpc::RequestError::Unavailable(format!("the reply on {subject} is not a valid event: {why}"))
     })?;
@@ -244,7 +252,7 @@ impl NatsTransport {
             Ok(reply) => reply?,
             Err(_) => return Err(RequestError::Timeout { subject, after: timeout }),
         };
-        reply_event(subject, msg)
+        reply_event(subject, &inbox, msg)
     }
 
     /// Publishes the replay of a dead letter to a subject no stream captures, and returns once a
@@ -1032,11 +1040,9 @@ impl Transport for NatsTransport {
         // shared one, async-nats keeps an entry per request until its reply comes
         // (nats-io/nats.rs#1617), and one nobody answers (any ordinary handler on the subject)
         // stayed for the life of the connection, about 440 bytes each.
-        let request = async_nats::Request::new()
-            .headers(headers)
-            .payload(payload)
-            .timeout(Some(timeout))
-            .inbox(self.client.new_inbox());
+        let inbox = self.client.new_inbox();
+        let request =
+            async_nats::Request::new().headers(headers).payload(payload).timeout(Some(timeout)).inbox(inbox.clone());
         let msg = match self.client.send_request(subject.clone(), request).await {
             Ok(msg) => msg,
             Err(e) => {
@@ -1047,7 +1053,7 @@ impl Transport for NatsTransport {
                 });
             }
         };
-        reply_event(subject, msg)
+        reply_event(subject, &inbox, msg)
     }
 
     /// Publishes the reply on the requester's inbox. Core NATS cannot tell whether anyone still

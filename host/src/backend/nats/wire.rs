@@ -88,11 +88,16 @@ pub fn event_of(
     payload: Bytes,
     fallback_id: Option<String>,
 ) -> Result<Event, String> {
-    // The server passes subjects on unchecked: one with a control character (an escape
-    // sequence, a carriage return) or a bidirectional mark is no subject of plugbus's, and would
-    // reach handlers and dead letters' `plugbus-original-subject` (review 61d L3).
-    if let std::borrow::Cow::Owned(escaped) = crate::event::one_line(subject) {
-        return Err(format!("its subject {escaped} holds a control character or a bidirectional mark"));
+    // The server passes subjects on unchecked: one with whitespace or a control character (an
+    // escape sequence, a carriage return, a no-break space) is no subject of plugbus's, which
+    // refuses them wherever a subject is published (`subject::validate_subject`), and would reach
+    // handlers and dead letters' `plugbus-original-subject` (review 61d L3). (A bidirectional
+    // mark is a subject's as anywhere else: review 61e F5; the log escapes it.)
+    if subject.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "its subject {} holds whitespace or a control character",
+            crate::event::one_line(&crate::event::cut(subject))
+        ));
     }
     let payload = crate::event::owned_data(&payload);
     // A replay's answer address is the hosts' (`plugbus-replay-ack`), never part of the event: a
@@ -153,14 +158,22 @@ mod tests {
     use super::*;
 
     /// The server passes subjects on unchecked (review 61d L3): one with an escape sequence, a
-    /// carriage return or a bidirectional override is malformed (dead-lettered unrun).
+    /// carriage return, a line separator or a no-break space is malformed (dead-lettered unrun),
+    /// as it is refused where plugbus publishes; a bidirectional mark is a subject's there, and
+    /// here too (review 61e F5).
     #[test]
-    fn a_subject_with_a_control_character_or_a_bidi_mark_is_malformed() {
-        for subject in ["orders.\u{1b}[2J", "orders.x\rFORGED", "orders.\u{202e}x", "orders.a\u{2028}b"] {
+    fn a_subject_with_whitespace_or_a_control_character_is_malformed() {
+        for subject in
+            ["orders.\u{1b}[2J", "orders.x\rFORGED", "orders.a\u{2028}b", "orders.a\u{a0}9", "orders.x\u{b}17"]
+        {
             let e = event_of(subject, None, Bytes::from_static(b"{}"), None).unwrap_err();
-            assert!(e.contains("control character"), "{subject:?}: {e}");
+            assert!(e.contains("whitespace or a control character"), "{subject:?}: {e}");
+            assert!(crate::subject::validate_subject(subject).is_err(), "{subject:?}");
         }
-        assert!(event_of("orders.créé", None, Bytes::from_static(b"{}"), None).is_ok());
+        for subject in ["orders.créé", "orders.\u{200f}x"] {
+            assert!(event_of(subject, None, Bytes::from_static(b"{}"), None).is_ok(), "{subject:?}");
+            assert!(crate::subject::validate_subject(subject).is_ok(), "{subject:?}");
+        }
     }
 
     #[test]
