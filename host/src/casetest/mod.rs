@@ -240,6 +240,6 @@ mod tests {
         assert_eq!(kept.len(), MAX_SHOWN + 1);
         assert_eq!(kept[MAX_SHOWN], "  ... and 68 more difference(s)\n");
         let bytes: usize = kept.iter().map(String::len).sum();
-        assert!(bytes < MAX_SHOWN * 8 << 10, "{bytes} bytes kept");
+        assert!(bytes < MAX_SHOWN * (8 << 10), "{bytes} bytes kept");
     }
 }
