@@ -797,12 +797,14 @@ async fn run_attempt(
         // Every output carries the host's trace context (the attempt's span, or the input's
         // context passed on when tracing is off), never one the plugin set.
         let trace = telemetry::output_context(ev);
+        // On the durable log an output's id takes in its input's content (once an attempt).
+        let content = (position.is_some() && !run.outputs.is_empty()).then(|| crate::event::content_digest(ev));
         let outputs: Vec<Arc<Event>> = run
             .outputs
             .into_iter()
             .enumerate()
             .map(|(i, o)| {
-                let mut out = o.into_event_logged(ev, &rt.name, i, position.as_ref().map(|(_, seq)| *seq));
+                let mut out = o.into_event_logged(ev, &rt.name, i, content.as_ref());
                 telemetry::set_context(&mut out, trace.as_ref());
                 Arc::new(out)
             })

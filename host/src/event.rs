@@ -173,17 +173,19 @@ impl Output {
         self.into_event_logged(input, plugin, index, None)
     }
 
-    /// [`Output::into_event`] for an input the transport logged at sequence number `logged_at`
-    /// (the embedded durable log): the number is part of the id too. The log takes the same id
-    /// twice as one output run again (a restart, a rewind), while it takes the same source and
-    /// id sent twice as two events: without the number the second one's outputs (the data
-    /// mended, a kv read, the time) were dropped as the first's (review 61b).
-    pub fn into_event_logged(self, input: &Event, plugin: &str, index: usize, logged_at: Option<u64>) -> Event {
+    /// [`Output::into_event`] for an input the transport logged (the embedded durable log),
+    /// whose [`content_digest`] is `content`: it is part of the id too. The log takes the same
+    /// id twice as one output run again (a restart, a rewind), while it takes the same source and
+    /// id sent twice as two events: without it, the outputs of a re-send with its data mended
+    /// were dropped as the first's (review 61b F1). A re-send of the same content keeps its
+    /// outputs' ids, so a plugin downstream still drops the copy by id (review 61e F3: the
+    /// input's sequence number in the id took that away).
+    pub fn into_event_logged(self, input: &Event, plugin: &str, index: usize, content: Option<&[u8; 32]>) -> Event {
         let (datacontenttype, mut extensions) = lift_headers(self.headers);
         extensions.push(("plugbus-caused-by".into(), input.id.clone()));
         let mut id = IdDigest::of(&input.source, &input.id, plugin, index);
-        if let Some(seq) = logged_at {
-            id = id.field(&seq.to_be_bytes());
+        if let Some(content) = content {
+            id = id.field(content);
         }
         Event {
             id: id.hex(),
@@ -265,6 +267,17 @@ fn lift_headers(headers: Vec<(String, String)>) -> (Option<String>, Vec<(String,
 /// is length-prefixed, so no two different inputs hash the same bytes.
 pub fn output_id(input_source: &str, input_id: &str, plugin: &str, index: usize) -> String {
     IdDigest::of(input_source, input_id, plugin, index).hex()
+}
+
+/// SHA-256 of an event's subject and data, each length-prefixed: what its outputs' ids take in
+/// on the durable log ([`Output::into_event_logged`]), made once per attempt.
+pub fn content_digest(ev: &Event) -> [u8; 32] {
+    let mut digest = Sha256::new();
+    for field in [ev.subject.as_bytes(), &ev.data] {
+        digest.update((field.len() as u64).to_be_bytes());
+        digest.update(field);
+    }
+    digest.finalize().into()
 }
 
 /// The hash behind [`output_id`], which may take more fields after it (a dead letter's id takes
@@ -526,19 +539,30 @@ mod tests {
         }
     }
 
-    /// On the durable log the input's sequence number is part of an output's id: one event run
-    /// again (a restart, a rewind) keeps its outputs' ids, another sent under the same source
-    /// and id gets its own.
+    /// On the durable log the input's subject and data are part of an output's id: the same
+    /// event run again, or sent again as it was, keeps its outputs' ids; another sent under the
+    /// same source and id with other data (or on another subject) gets its own.
     #[test]
-    fn an_output_id_takes_in_the_sequence_number_its_input_was_logged_at() {
+    fn an_output_id_on_the_log_takes_in_its_inputs_content() {
         let input = Event::new("orders.created", "x");
+        let mut mended = input.clone();
+        mended.data = "y".into();
+        let mut moved = input.clone();
+        moved.subject = "orders.updated".into();
         let out = || Output { subject: "o.x".into(), data: b"d".to_vec().into(), headers: vec![] };
-        let at = |seq| out().into_event_logged(&input, "p", 0, seq).id;
-        assert_eq!(at(Some(7)), at(Some(7)));
-        assert_ne!(at(Some(7)), at(Some(8)));
-        assert_ne!(at(Some(7)), at(None));
-        assert_eq!(at(None), out().into_event(&input, "p", 0).id);
-        assert_eq!(at(None), output_id(&input.source, &input.id, "p", 0));
+        let id = |ev: &Event, logged: bool| {
+            let content = content_digest(ev);
+            out().into_event_logged(ev, "p", 0, logged.then_some(&content)).id
+        };
+        assert_eq!(id(&input, true), id(&input.clone(), true));
+        assert_ne!(id(&input, true), id(&mended, true));
+        assert_ne!(id(&input, true), id(&moved, true));
+        assert_ne!(id(&input, true), id(&input, false));
+        assert_eq!(id(&input, false), out().into_event(&input, "p", 0).id);
+        assert_eq!(id(&input, false), output_id(&input.source, &input.id, "p", 0));
+        // fields are length-prefixed
+        let (a, b) = (Event::new("a.b", "cd"), Event::new("a.bc", "d"));
+        assert_ne!(content_digest(&a), content_digest(&b));
     }
 
     #[test]

@@ -493,7 +493,9 @@ async fn drain_finishes_what_was_accepted_and_reports_the_rest() {
 /// (a re-send with the data mended, say), and both run; but their outputs' ids were made of
 /// the input's source and id alone, so the log dropped the second run's outputs as a duplicate
 /// of the first's: lost for a plugin catching up, never durable for a live one (review 61b). An
-/// output's id on the log now takes in its input's sequence number.
+/// output's id on the log now takes in its input's subject and data; the same event sent again
+/// as it was (a producer's retry after a `503`) keeps its outputs' ids, so downstream drops the
+/// copy by id (review 61e F3).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_outputs_of_two_events_under_one_source_and_id_are_both_logged() {
     let t = TestHost::start(&["echo"]).await;
@@ -516,15 +518,29 @@ async fn the_outputs_of_two_events_under_one_source_and_id_are_both_logged() {
     let second = outputs.next_on("echo.orders.created").await;
     assert_ne!(first.id, second.id, "two events, two outputs");
     t.wait_counter("echo", "ok", 2).await;
-    // Both inputs and both outputs are in the log.
+    let resent = client
+        .post(format!("{}/v1/events/orders.created", t.url()))
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "order-42")
+        .header("ce-source", "/shop")
+        .header("ce-type", "order.created")
+        .body("two-mended")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resent.status().as_u16(), 202);
+    let third = outputs.next_on("echo.orders.created").await;
+    assert_eq!(third.id, second.id, "the same event sent again: its output keeps its id");
+    t.wait_counter("echo", "ok", 3).await;
+    // The three inputs and the two outputs are in the log (the third's output is the second's).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = plugbus_tests::metrics_text(&t.url()).await;
         let appended = text.lines().find_map(|l| l.strip_prefix("plugbus_log_appended_total ")).map(str::to_string);
-        if appended.as_deref() == Some("4") {
+        if appended.as_deref() == Some("5") {
             break;
         }
-        assert!(Instant::now() < deadline, "appended {appended:?}, not 4: the second output was dropped\n{text}");
+        assert!(Instant::now() < deadline, "appended {appended:?}, not 5: the second output was dropped\n{text}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
