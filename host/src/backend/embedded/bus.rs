@@ -1532,19 +1532,22 @@ impl EmbeddedBus {
 
     /// Waits for room for a producer's event in every target (backpressure), holding it. Nothing
     /// is taken yet: a producer that stops waiting (an HTTP publish past `api.publish_timeout`,
-    /// answered `503`) leaves nothing behind. It holds no target's slot while it waits for
-    /// another's: a producer waiting for a slow plugin holding a slot of a fast one kept that
+    /// answered `503`) leaves nothing behind. At first it holds no target's slot while it waits
+    /// for another's: a producer waiting for a slow plugin holding a slot of a fast one kept that
     /// slot from the fast one's other events, and enough of them filled its queue with slots
     /// nothing was sent on (review 61b F2: an event only the fast plugin takes waited 4 s for
-    /// the slow one on the in-memory bus).
+    /// the slow one on the in-memory bus). When the slot it waited for then finds another
+    /// target full, it holds what it gets and waits for each in turn, as before: two targets
+    /// each with producers waiting (a slot let go goes to the next waiter) would otherwise keep
+    /// bouncing it between them until its producer gave up (review 61e F4).
     async fn room_in(targets: &[Arc<Sub>]) -> Vec<Slot> {
         let mut catching_up = Vec::with_capacity(targets.len());
         for sub in targets {
             catching_up.push(sub.overflow.room_for_a_producer(&sub.tx).await);
         }
-        // The slot last waited for (kept: let go, it would go to the next producer waiting), and
-        // whose it is.
-        let mut waited: Option<(usize, Slot)> = None;
+        // The slot waited for (kept: let go, it would go to the next producer waiting), and
+        // whose it is; whether it waited once.
+        let (mut waited, mut bounced): (Option<(usize, Slot)>, bool) = (None, false);
         loop {
             let mut slots = Vec::with_capacity(targets.len());
             let mut full = None;
@@ -1570,9 +1573,26 @@ impl EmbeddedBus {
             let Some(i) = full else { return slots };
             drop(slots);
             drop(waited.take());
+            if bounced {
+                return Self::hold_and_wait(targets, &catching_up).await;
+            }
+            bounced = true;
             let sub = &targets[i];
             waited = Some((i, sub.overflow.slot_for_a_producer(&sub.tx).await));
         }
+    }
+
+    /// Waits for a slot in each target in turn, holding those it has (targets in the table's
+    /// order: producers waiting so never wait for one another in a cycle).
+    async fn hold_and_wait(targets: &[Arc<Sub>], catching_up: &[bool]) -> Vec<Slot> {
+        let mut slots = Vec::with_capacity(targets.len());
+        for (sub, catching_up) in targets.iter().zip(catching_up) {
+            slots.push(match catching_up {
+                true => Slot::Unreserved,
+                false => sub.overflow.slot_for_a_producer(&sub.tx).await,
+            });
+        }
+        slots
     }
 
     /// Takes a producer's event, with the room `slots` held in `targets`: into the log, then to
@@ -2299,6 +2319,49 @@ mod tests {
             tokio::time::timeout(Duration::from_millis(500), bus.publish(Event::new("x.only_fast", ""))).await;
         assert!(only_fast.is_ok(), "an event only the fast plugin takes waited for the slow one");
         assert_eq!(fast.deliveries.recv().await.unwrap().event.subject, "x.only_fast");
+    }
+
+    /// An event for two plugins whose queues both have producers waiting gets through: waiting
+    /// for one while holding nothing, it found the other full again (a slot let go goes to the
+    /// next producer waiting), and bounced between them until its producer gave up (review 61e
+    /// F4). After one such bounce it holds what it gets and waits in turn.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_for_two_busy_plugins_is_not_starved_by_their_other_producers() {
+        let bus = EmbeddedBus::new();
+        let a = bus
+            .subscribe(SubscriptionSpec { plugin: "a".into(), group: "plugbus.a".into(), ..spec(&["x.>"], 1) })
+            .await
+            .unwrap();
+        let b = bus
+            .subscribe(SubscriptionSpec {
+                plugin: "b".into(),
+                group: "plugbus.b".into(),
+                ..spec(&["x.shared", "y.>"], 1)
+            })
+            .await
+            .unwrap();
+        for sub in [a, b] {
+            tokio::spawn(async move {
+                // (the whole subscription: its guard let go unsubscribes it)
+                let mut sub = sub;
+                while sub.deliveries.recv().await.is_some() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for subject in ["x.a", "x.a", "x.a", "x.a", "y.b", "y.b", "y.b", "y.b"] {
+            let (bus, stop) = (bus.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = bus.publish(Event::new(subject, "")).await;
+                }
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let shared = tokio::time::timeout(Duration::from_secs(3), bus.publish(Event::new("x.shared", ""))).await;
+        stop.store(true, Ordering::Relaxed);
+        assert!(shared.is_ok(), "an event for both plugins never got a slot in both");
     }
 
     /// A plugin that subscribes to a request subject and never keeps up (its queue and buffer
