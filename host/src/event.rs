@@ -269,11 +269,22 @@ pub fn output_id(input_source: &str, input_id: &str, plugin: &str, index: usize)
     IdDigest::of(input_source, input_id, plugin, index).hex()
 }
 
-/// SHA-256 of an event's subject and data, each length-prefixed: what its outputs' ids take in
-/// on the durable log ([`Output::into_event_logged`]), made once per attempt.
+/// SHA-256 of what a producer says of an event: its subject, `type`, `datacontenttype` (its
+/// presence too) and data, each length-prefixed; what its outputs' ids take in on the durable
+/// log ([`Output::into_event_logged`]), made once per attempt. Not its extensions: an HTTP
+/// client's other headers are extensions too (a proxy's `x-request-id`, `date`), and a retry
+/// through one would get new output ids, which downstream could not drop (review 61g F2 asked
+/// for them; a re-send that mends only an extension keeps its ids).
 pub fn content_digest(ev: &Event) -> [u8; 32] {
     let mut digest = Sha256::new();
-    for field in [ev.subject.as_bytes(), &ev.data] {
+    let content_type = ev.datacontenttype.as_deref().map(str::as_bytes);
+    for field in [
+        ev.subject.as_bytes(),
+        ev.ty.as_bytes(),
+        &[u8::from(content_type.is_some())],
+        content_type.unwrap_or_default(),
+        &ev.data,
+    ] {
         digest.update((field.len() as u64).to_be_bytes());
         digest.update(field);
     }
@@ -549,6 +560,14 @@ mod tests {
         mended.data = "y".into();
         let mut moved = input.clone();
         moved.subject = "orders.updated".into();
+        let mut retyped = input.clone();
+        retyped.ty = "order.cancelled".into();
+        let mut recontent = input.clone();
+        recontent.datacontenttype = Some("application/json".into());
+        let mut empty_content = input.clone();
+        empty_content.datacontenttype = Some(String::new());
+        let mut tagged = input.clone();
+        tagged.extensions.push(("x-request-id".into(), "r2".into()));
         let out = || Output { subject: "o.x".into(), data: b"d".to_vec().into(), headers: vec![] };
         let id = |ev: &Event, logged: bool| {
             let content = content_digest(ev);
@@ -557,6 +576,10 @@ mod tests {
         assert_eq!(id(&input, true), id(&input.clone(), true));
         assert_ne!(id(&input, true), id(&mended, true));
         assert_ne!(id(&input, true), id(&moved, true));
+        for mended in [&retyped, &recontent, &empty_content] {
+            assert_ne!(id(&input, true), id(mended, true), "{mended:?}");
+        }
+        assert_eq!(id(&input, true), id(&tagged, true), "a proxy's header on a retry");
         assert_ne!(id(&input, true), id(&input, false));
         assert_eq!(id(&input, false), out().into_event(&input, "p", 0).id);
         assert_eq!(id(&input, false), output_id(&input.source, &input.id, "p", 0));

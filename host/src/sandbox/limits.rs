@@ -217,7 +217,12 @@ impl MemoryLimiter {
 }
 
 impl wasmtime::ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, current: usize, desired: usize, max: Option<usize>) -> wasmtime::Result<bool> {
+        // Past the memory's own maximum wasmtime refuses the growth after asking: not counted
+        // (review 61g F3: counted, a warm instance's later events hit the cap).
+        if max.is_some_and(|max| desired > max) {
+            return Ok(false);
+        }
         let used = self.used.saturating_sub(current).saturating_add(desired);
         if used > self.cap {
             self.breached = true;
@@ -254,6 +259,9 @@ mod tests {
         assert!(limiter.memory_growing(MIB, MIB + MIB / 2, None).unwrap());
         assert!(!limiter.breached);
         // The second may not add a byte more.
+        // A growth past a memory's own maximum is refused, and counts nothing.
+        assert!(!limiter.memory_growing(MIB / 2, MIB, Some(MIB / 2)).unwrap());
+        assert!(!limiter.breached);
         let refused = limiter.memory_growing(MIB / 2, MIB, None).unwrap_err();
         assert!(refused.to_string().contains("memory limit 2 MiB reached (wanted 3 MiB)"), "{refused}");
         assert!(limiter.breached);
