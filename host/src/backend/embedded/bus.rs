@@ -318,6 +318,22 @@ struct Overflow {
     /// Set by the pump while it waits for room in hand; woken through `released`.
     pump_waits: std::sync::atomic::AtomicBool,
     released: tokio::sync::Notify,
+    /// Queue slots producers hold while they wait for another target's (`EmbeddedBus::hold_and_wait`):
+    /// at most half the queue, so the plugin's own events keep the rest.
+    held_across: std::sync::atomic::AtomicUsize,
+    /// Woken when one of those is let go.
+    held_across_freed: tokio::sync::Notify,
+}
+
+/// One of a plugin's queue slots a producer holds while it waits for another target's
+/// ([`Overflow::hold_across`]); counted until dropped.
+struct HeldAcross(Arc<Overflow>);
+
+impl Drop for HeldAcross {
+    fn drop(&mut self) {
+        self.0.held_across.fetch_sub(1, Ordering::Relaxed);
+        self.0.held_across_freed.notify_waiters();
+    }
 }
 
 /// Whether a durable subscription takes what the log accepts for it as it is accepted, or
@@ -553,7 +569,18 @@ impl Overflow {
             fell_behind,
             pump_waits: false.into(),
             released: tokio::sync::Notify::new(),
+            held_across: 0.into(),
+            held_across_freed: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Leave to hold one of the plugin's `capacity` queue slots while waiting for another
+    /// target's: while fewer than half of them are held so (at least one).
+    fn hold_across(self: &Arc<Self>, capacity: usize) -> Option<HeldAcross> {
+        let most = (capacity / 2).max(1);
+        let counted =
+            self.held_across.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < most).then_some(n + 1));
+        counted.ok().map(|_| HeldAcross(self.clone()))
     }
 
     /// Whether an event the log accepted for the plugin at `logged` goes to it now; `false`:
@@ -1583,16 +1610,40 @@ impl EmbeddedBus {
     }
 
     /// Waits for a slot in each target in turn, holding those it has (targets in the table's
-    /// order: producers waiting so never wait for one another in a cycle).
+    /// order: producers waiting so never wait for one another in a cycle). A target's slot is
+    /// held across a later target's wait only while fewer than half its queue is held so
+    /// ([`Overflow::hold_across`]): else it lets everything go and waits for one of those to be
+    /// let go (review 61g F1: producers waiting for a slow plugin filled a fast one's queue with
+    /// slots held so, 61b F2 again).
     async fn hold_and_wait(targets: &[Arc<Sub>], catching_up: &[bool]) -> Vec<Slot> {
-        let mut slots = Vec::with_capacity(targets.len());
-        for (sub, catching_up) in targets.iter().zip(catching_up) {
-            slots.push(match catching_up {
-                true => Slot::Unreserved,
-                false => sub.overflow.slot_for_a_producer(&sub.tx).await,
-            });
+        let last = catching_up.iter().rposition(|c| !c);
+        loop {
+            let (mut slots, mut held, mut capped) = (Vec::with_capacity(targets.len()), Vec::new(), None);
+            for (i, (sub, catching_up)) in targets.iter().zip(catching_up).enumerate() {
+                if *catching_up {
+                    slots.push(Slot::Unreserved);
+                    continue;
+                }
+                let slot = sub.overflow.slot_for_a_producer(&sub.tx).await;
+                if Some(i) != last && matches!(slot, Slot::Reserved(_)) {
+                    match sub.overflow.hold_across(sub.tx.max_capacity()) {
+                        Some(counted) => held.push(counted),
+                        None => {
+                            capped = Some(sub);
+                            break;
+                        }
+                    }
+                }
+                slots.push(slot);
+            }
+            // (What it held is counted until it returns: its slots are sent on at once.)
+            let Some(sub) = capped else { return slots };
+            drop(slots);
+            drop(held);
+            // The timeout is a backstop for a let-go between the look and the wait.
+            let freed = sub.overflow.held_across_freed.notified();
+            let _ = tokio::time::timeout(Duration::from_millis(10), freed).await;
         }
-        slots
     }
 
     /// Takes a producer's event, with the room `slots` held in `targets`: into the log, then to
@@ -2319,6 +2370,40 @@ mod tests {
             tokio::time::timeout(Duration::from_millis(500), bus.publish(Event::new("x.only_fast", ""))).await;
         assert!(only_fast.is_ok(), "an event only the fast plugin takes waited for the slow one");
         assert_eq!(fast.deliveries.recv().await.unwrap().event.subject, "x.only_fast");
+    }
+
+    /// A producer that bounced (it waited for the slow plugin's slot and found the fast one's
+    /// queue full) held a fast plugin's slot while it waited for the slow one's: enough of them
+    /// filled the fast queue with slots nothing was sent on (review 61g F1). At most half a
+    /// queue is held so.
+    #[tokio::test]
+    async fn a_bounced_producer_holds_no_more_than_half_a_fast_plugins_queue_while_it_waits() {
+        let bus = EmbeddedBus::new();
+        let mut fast = bus
+            .subscribe(SubscriptionSpec { plugin: "fast".into(), group: "plugbus.fast".into(), ..spec(&["x.>"], 2) })
+            .await
+            .unwrap();
+        let _slow = bus
+            .subscribe(SubscriptionSpec {
+                plugin: "slow".into(),
+                group: "plugbus.slow".into(),
+                ..spec(&["x.shared"], 1)
+            })
+            .await
+            .unwrap();
+        bus.publish(Event::new("x.shared", "0")).await.unwrap();
+        bus.publish(Event::new("x.only_fast", "a")).await.unwrap();
+        for i in 1..=2 {
+            let bus = bus.clone();
+            tokio::spawn(async move { bus.publish(Event::new("x.shared", i.to_string())).await });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(fast.deliveries.recv().await.unwrap().event.data, "0");
+        assert_eq!(fast.deliveries.recv().await.unwrap().event.data, "a");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let only_fast =
+            tokio::time::timeout(Duration::from_millis(500), bus.publish(Event::new("x.only_fast", "b"))).await;
+        assert!(only_fast.is_ok(), "an event only the fast plugin takes waited for the slow one");
     }
 
     /// An event for two plugins whose queues both have producers waiting gets through: waiting
