@@ -879,11 +879,10 @@ async fn run_attempt(
 
 /// Why the transport could never take one of an attempt's outputs or its reply, naming it.
 fn never_taken(rt: &PluginRuntime, outputs: &[Arc<Event>], reply: Option<&Event>) -> Option<String> {
-    let outputs = outputs.iter().map(|o| ("output to", &**o));
-    outputs.chain(reply.map(|r| ("reply on", r))).find_map(|(what, event)| {
-        let why = rt.transport.too_large(event)?;
-        Some(format!("its {what} {} can never be published: {why}", event.subject))
-    })
+    let outputs = outputs.iter().map(|o| ("output to", &**o, rt.transport.too_large(o)));
+    let mut checked = outputs.chain(reply.map(|r| ("reply on", r, rt.transport.reply_too_large(r))));
+    checked
+        .find_map(|(what, event, why)| Some(format!("its {what} {} can never be published: {}", event.subject, why?)))
 }
 
 /// Releases the outputs of an attempt whose kv writes committed. The handler is not run again

@@ -396,6 +396,12 @@ pub trait Transport: Send + Sync + 'static {
         None
     }
 
+    /// [`Transport::too_large`] for a reply, which goes to its requester's reply address, not
+    /// to the subject it carries (a stream capturing that subject never sees it).
+    fn reply_too_large(&self, reply: &Event) -> Option<String> {
+        self.too_large(reply)
+    }
+
     /// Delivers again to `plugin` every event the transport keeps from `from` on (a sequence
     /// number or an append time) that its subscription matches (to rebuild its state); returns how many. Transports that
     /// keep no history refuse.
