@@ -19,6 +19,15 @@ pub fn case_from_entry(entry: &Value) -> Result<Value, String> {
         }
     }
     let header = |name: &str| hdrs.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    // A copy the broker kept without what did not fit (NATS's `max_payload`): its data, maybe
+    // its headers, are gone, and a case made of it would test another event (review 61f F7).
+    if let Some(omitted) = header(headers::DATA_OMITTED) {
+        return Err(format!(
+            "the dead letter was kept without part of its event ({}): the event that failed cannot be made \
+             from it (the host that dead-lettered it keeps it whole)",
+            crate::event::one_line_cut(&omitted, 512)
+        ));
+    }
     let subject = header(headers::ORIGINAL_SUBJECT).ok_or("the dead letter has no plugbus-original-subject")?;
     let text = |k: &str| dead[k].as_str().unwrap_or_default().to_string();
     let data = match dead["data_base64"].as_str() {
@@ -73,6 +82,11 @@ mod tests {
         assert_eq!(case["expect"]["result"], "reject");
         assert_eq!(case["dead_letter"]["plugin"], "faulty");
         assert!(case_from_entry(&json!({"event": {"headers": []}})).unwrap_err().contains("original-subject"));
+        // A broker's copy kept without its data is no event to test (review 61f F7).
+        let omitted = json!({"event": {"headers": [["plugbus-original-subject", "orders.created"],
+            ["plugbus-data-omitted", "data: they took it to 1048700 bytes"]], "data": ""}});
+        let e = case_from_entry(&omitted).unwrap_err();
+        assert!(e.contains("kept without part of its event (data: they took it"), "{e}");
         // One the host failed (its kv store did not commit): the handler is expected to handle it.
         let failure = crate::fate::DeliveryError::Kv("the event log is closed".into()).to_string();
         let dead = dead_letter_event(&original, "faulty", "plugbus.dlq.faulty", &failure, 5);
