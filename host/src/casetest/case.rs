@@ -349,17 +349,6 @@ impl CaseFile {
         Ok(Self { path: path.to_path_buf(), cases })
     }
 
-    /// Writes the cases back (one JSON line each), replacing the file at once.
-    pub fn write(&mut self) -> Result<(), CaseError> {
-        let mut out = String::new();
-        for (i, case) in self.cases.iter_mut().enumerate() {
-            out.push_str(&case.to_json().to_string());
-            out.push('\n');
-            case.line = i + 1;
-        }
-        self.write_text(&out)
-    }
-
     /// Replaces the file with `out` at once (its cases, one JSON line each).
     pub fn write_text(&self, out: &str) -> Result<(), CaseError> {
         let io = |what: &'static str| {

@@ -971,11 +971,6 @@ impl Overflow {
         keeps
     }
 
-    /// A queue slot for a producer's event to a live subscription; on the durable log, when the
-    /// queue filled meanwhile, the plugin falls behind instead (`Unreserved`: the event goes to
-    /// the log for its read-back). When it cannot (no backlog, the in-memory bus), the producer
-    /// waits for a slot; while a read-back ends (it may fall behind once it did), it looks again
-    /// every 10 ms.
     /// [`Overflow::slot_for_a_producer`] without waiting: `None` when the producer would wait.
     fn try_slot_for_a_producer(self: &Arc<Self>, tx: &mpsc::Sender<Delivery>) -> Option<Slot> {
         match tx.clone().try_reserve_owned() {
