@@ -2,10 +2,11 @@
 //! measures what users run.
 
 /// How many tasks a worker runs between looks at the sockets and timers (tokio's default is
-/// 61). A plugin's attempt runs up to an epoch tick (10 ms) per poll, so with every worker busy
-/// running plugins (one plugin spinning in two attempts is enough), the default looked at them
-/// about every 610 ms per worker. With 16 attempts spinning (a debug build), `/healthz` answered
-/// in 181 ms (p50) and an ingress `POST` in 211 ms; at 4, in 5 ms and 112 ms (review 57a H2).
+/// 61). A plugin's attempt runs a slice per poll (then 10 ms, an epoch tick; now 2 to 3 ms:
+/// `sandbox::engine::EPOCH_TICK`), so with every worker busy running plugins (one plugin
+/// spinning in two attempts is enough), the default looked at them about every 610 ms per
+/// worker. With 16 attempts spinning (a debug build), `/healthz` answered in 181 ms (p50) and an
+/// ingress `POST` in 211 ms; at 4, in 5 ms and 112 ms (review 57a H2).
 pub const EVENT_INTERVAL: u32 = 4;
 
 /// A multi-thread runtime, one worker per core, with every driver.

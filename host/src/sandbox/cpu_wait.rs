@@ -1,17 +1,19 @@
 //! The time an attempt waited for a CPU behind other plugins' attempts: its deadline does not
 //! count it (review 57a H1).
 //!
-//! Every epoch tick a running guest yields to the async runtime and goes to the back of its
-//! worker's queue, so the CPUs are shared round robin by every runnable attempt (past its first
-//! slice, an attempt also needs a turn of its plugin's share of the CPUs: `cpu_share`). The deadline was
-//! wall time: a plugin spinning in 16 attempts stretched another plugin's 100 ms handler past its
-//! 400 ms deadline, and that plugin's events were retried and dead-lettered as its handler's
-//! fault. Now the wait between a yield and the next run is credited to the attempt, in the share
-//! of the other runnable attempts that were other plugins' when it yielded. Its own plugin's
-//! attempts slow it as before: a plugin does not stretch its own deadline by running more of
-//! them. A wait in a host call (a kv read, an HTTP response) still counts: it is not a wait for
-//! a CPU. However much is credited, the attempt ends at [`WALL_FACTOR`] times its deadline of
-//! wall time, as the host's failure (`starved`), not its handler's.
+//! At an epoch tick (every millisecond while attempts run, past [`FRESH_SLICE`]) a running
+//! guest yields to the async runtime and goes to the back of its worker's queue, so the CPUs are
+//! shared round robin by every runnable attempt (past its first slice, an attempt also needs a
+//! turn of its plugin's share of the CPUs: `cpu_share`). The deadline was wall time: a plugin
+//! spinning in 16 attempts stretched another plugin's 100 ms handler past its 400 ms deadline,
+//! and that plugin's events were retried and dead-lettered as its handler's fault. Now the wait
+//! between a yield and the next run is credited to the attempt, in the share of the other
+//! runnable attempts that were other plugins' when it yielded. Its own plugin's attempts slow it
+//! as before: a plugin does not stretch its own deadline by running more of them. A wait in a
+//! host call (a kv read, an HTTP response) still counts: it is not a wait for a CPU; but a
+//! timer's (a nap's) past its due time is credited (`naps`): the runtime noticed it late, behind
+//! other attempts. However much is credited, the attempt ends at [`WALL_FACTOR`] times its
+//! deadline of wall time, as the host's failure (`starved`), not its handler's.
 
 use crate::sandbox::cpu_share::{PluginShare, TurnSlot, TurnWait};
 use crate::sandbox::limits::instant_after;
@@ -98,9 +100,17 @@ impl Runnable {
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 
 fn now_nanos() -> u64 {
-    // +1: 0 means "not yielded".
-    u64::try_from(EPOCH.elapsed().as_nanos()).unwrap_or(u64::MAX - 1) + 1
+    nanos_at(Instant::now())
 }
+
+fn nanos_at(at: Instant) -> u64 {
+    // +1: 0 means "not yielded".
+    u64::try_from(at.saturating_duration_since(*EPOCH).as_nanos()).unwrap_or(u64::MAX - 1) + 1
+}
+
+/// How late tokio's timers fire with nobody else running (they count whole milliseconds): a
+/// timer found due later than this after its time waited behind others.
+pub const TIMER_GRAIN: Duration = Duration::from_millis(1);
 
 /// One attempt's waits for a CPU (one per store, reset with it). Written by the store's epoch
 /// callback and by [`Running`], both on the attempt's own task: atomics only to be shared.
@@ -118,6 +128,10 @@ pub struct CpuWait {
     in_line_since: AtomicU64,
     /// The share of that wait, in 1/1024, that other plugins cause (`PluginShare::ask`).
     in_line_share: AtomicU64,
+    /// When its last poll ended waiting in a host call ([`now_nanos`]); 0: it did not.
+    host_wait_since: AtomicU64,
+    /// When it was first polled after that wait ([`now_nanos`]); 0: not yet.
+    host_wait_over: AtomicU64,
     /// Its turn of its plugin's share of the CPUs, while it runs past its first slice
     /// (`cpu_share`).
     turn: TurnSlot,
@@ -129,6 +143,8 @@ impl CpuWait {
         self.turn.reset();
         self.in_line_since.store(0, Relaxed);
         self.yielded_at.store(0, Relaxed);
+        self.host_wait_since.store(0, Relaxed);
+        self.host_wait_over.store(0, Relaxed);
         self.credited.store(0, Relaxed);
     }
 
@@ -143,6 +159,9 @@ impl CpuWait {
     fn resumed(&self) {
         let now = now_nanos();
         self.polled_at.store(now, Relaxed);
+        if self.host_wait_since.load(Relaxed) != 0 && self.host_wait_over.load(Relaxed) == 0 {
+            self.host_wait_over.store(now, Relaxed);
+        }
         let at = self.yielded_at.swap(0, Relaxed);
         if at != 0 {
             let waited = now.saturating_sub(at);
@@ -150,6 +169,30 @@ impl CpuWait {
                 u64::try_from(u128::from(waited) * u128::from(self.share.load(Relaxed)) / 1024).unwrap_or(u64::MAX);
             self.credited.fetch_add(credit, Relaxed);
         }
+    }
+
+    /// A poll of the attempt ended: waiting in a host call (`in_host_call`), or not.
+    fn paused(&self, in_host_call: bool) {
+        self.host_wait_since.store(if in_host_call { now_nanos() } else { 0 }, Relaxed);
+        self.host_wait_over.store(0, Relaxed);
+    }
+
+    /// In the poll that ended its wait in a host call, the attempt found a timer it waited for
+    /// (`naps`) past its `due` time: from then (or from when the wait began, if later) to the
+    /// poll, past [`TIMER_GRAIN`], it waited for the runtime to notice the timer and for a CPU,
+    /// and is credited that in `share` (the other runnable attempts that are other plugins'
+    /// now). Only once per wait; nothing when the timer is found due while the guest runs.
+    pub fn timer_was_due(&self, due: Instant, share: u64) {
+        let (since, over) = (self.host_wait_since.load(Relaxed), self.host_wait_over.load(Relaxed));
+        if since == 0 || over == 0 {
+            return;
+        }
+        let due = nanos_at(due).saturating_add(TIMER_GRAIN.as_nanos() as u64);
+        let waited = over.saturating_sub(due.max(since));
+        let credit = u64::try_from(u128::from(waited) * u128::from(share) / 1024).unwrap_or(u64::MAX);
+        self.credited.fetch_add(credit, Relaxed);
+        // a second timer due in the same wait adds nothing
+        self.host_wait_since.store(over, Relaxed);
     }
 
     /// Whether it got the CPU less than [`FRESH_SLICE`] ago: then an epoch tick seen now
@@ -259,6 +302,7 @@ impl<'a> Running<'a> {
         }
         let polled = call.poll(cx);
         self.ended = polled.is_ready();
+        self.wait.paused(!self.ended && !self.wait.is_yielded());
         if self.ended || !self.wait.is_yielded() {
             self.runnable.leave();
             self.counted = false;
@@ -332,6 +376,48 @@ mod tests {
         assert!(half >= Duration::from_millis(20) && half <= slept / 2, "{half:?} of {slept:?}");
         wait.reset();
         assert_eq!(wait.credited(), Duration::ZERO);
+    }
+
+    /// Review 61a F2: a timer a host call waited for, found due late, is credited from its due
+    /// time (past the timers' grain) or the wait's start, whichever is later, to the first poll
+    /// after the wait, in the share given; once per wait, and never for time the guest ran.
+    #[test]
+    fn a_timer_found_due_late_after_a_wait_in_a_host_call_is_credited_the_wait_past_its_time() {
+        let wait = CpuWait::default();
+        let began = Instant::now();
+        wait.paused(true);
+        let due = Instant::now() + Duration::from_millis(5);
+        std::thread::sleep(Duration::from_millis(40));
+        wait.resumed();
+        let polled = began.elapsed();
+        // the guest runs on a while in that poll before its poll of the timer returns
+        std::thread::sleep(Duration::from_millis(30));
+        wait.timer_was_due(due, 1024);
+        let credited = wait.credited();
+        let most = polled.saturating_sub(Duration::from_millis(5) + TIMER_GRAIN);
+        assert!(credited >= Duration::from_millis(33) && credited <= most, "{credited:?}, at most {most:?}");
+        wait.timer_was_due(due, 1024);
+        assert_eq!(wait.credited(), credited, "a second timer of the same wait adds nothing");
+
+        // in other plugins' share only; from the wait's start when the timer was due before it
+        let due = Instant::now();
+        std::thread::sleep(Duration::from_millis(20));
+        wait.paused(true);
+        let began = Instant::now();
+        std::thread::sleep(Duration::from_millis(40));
+        wait.resumed();
+        let polled = began.elapsed();
+        wait.timer_was_due(due, 512);
+        let half = wait.credited() - credited;
+        assert!(half >= Duration::from_millis(20) && half <= polled / 2, "{half:?} of {polled:?}");
+
+        // found due while the guest runs (a poll that did not end a wait in a host call)
+        let credited = wait.credited();
+        wait.paused(false);
+        wait.resumed();
+        std::thread::sleep(Duration::from_millis(20));
+        wait.timer_was_due(Instant::now() - Duration::from_millis(20), 1024);
+        assert_eq!(wait.credited(), credited, "the guest ran meanwhile");
     }
 
     #[test]

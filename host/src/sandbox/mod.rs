@@ -20,6 +20,7 @@ mod http_caps;
 pub mod http_stubs;
 pub mod limits;
 mod lookup;
+mod naps;
 pub mod outbound;
 mod plugin;
 mod pool;
