@@ -429,6 +429,10 @@ fn is_json_type(ct: &str) -> bool {
     media == "application/json" || media == "text/json" || media.ends_with("+json")
 }
 
+/// The members of an event's CloudEvents JSON shape that are not extensions ([`to_json`]).
+const JSON_ATTRIBUTES: [&str; 9] =
+    ["id", "source", "type", "time", "datacontenttype", "data", "data_base64", "specversion", "subject"];
+
 /// The one place that decides the CloudEvents JSON shape of an event (what `plugbus tail
 /// --record` writes and `plugbus test` reads): `specversion`, `id`, `source`, `type`, `subject`,
 /// `time`, `datacontenttype` (when set), the data, and every header as a top-level extension.
@@ -436,6 +440,10 @@ fn is_json_type(ct: &str) -> bool {
 /// The data is `data` as a JSON value when the content type is JSON and the bytes parse, `data`
 /// as a string when the content type is not JSON (or absent) and the bytes are UTF-8, else
 /// `data_base64`. [`from_json`] reads it back to the same event (JSON data re-encoded compactly).
+/// A header named as one of those attributes (a plain `datacontenttype:` HTTP header, taken as
+/// an extension) is left out: it would be read back as the attribute (review 62c F2: such a
+/// `datacontenttype` took the empty content type's place, and the data came back as a JSON
+/// string, so `dlq debug` and `plugbus test` ran the handler on other data than it was given).
 pub fn to_json(ev: &Event) -> serde_json::Value {
     use serde_json::Value;
     let mut m = serde_json::Map::new();
@@ -462,7 +470,7 @@ pub fn to_json(ev: &Event) -> serde_json::Value {
             m.insert("data_base64".into(), base64_encode(&ev.data).into());
         }
     }
-    for (name, value) in &ev.extensions {
+    for (name, value) in ev.extensions.iter().filter(|(name, _)| !JSON_ATTRIBUTES.contains(&name.as_str())) {
         m.entry(name.clone()).or_insert_with(|| value.clone().into());
     }
     Value::Object(m)
@@ -512,9 +520,7 @@ pub fn from_json(v: &serde_json::Value) -> Result<Event, JsonEventError> {
         (None, Some(Value::String(s))) if !json_type => Bytes::from(s.clone().into_bytes()),
         (None, Some(other)) => exact(serde_json::to_vec(other).expect("re-encoding JSON")),
     };
-    const KNOWN: [&str; 9] =
-        ["id", "source", "type", "time", "datacontenttype", "data", "data_base64", "specversion", "subject"];
-    for (k, v) in obj.iter().filter(|(k, _)| !KNOWN.contains(&k.as_str())) {
+    for (k, v) in obj.iter().filter(|(k, _)| !JSON_ATTRIBUTES.contains(&k.as_str())) {
         let value = v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
         ev.extensions.push((k.to_ascii_lowercase(), value));
     }
@@ -633,6 +639,18 @@ mod tests {
         let back = decode("a.b", out.iter().map(|(k, v)| (k.as_ref(), v.as_str())), Bytes::new()).unwrap();
         assert_eq!(back.header("nats-expected-stream"), Some("NOPE"));
         assert_eq!(back.header("nats-rollup"), Some("all"));
+    }
+
+    /// Review 62c F2: a `ce-datacontenttype` header without a `Content-Type` is an extension;
+    /// in the JSON shape it took the empty content type's place, and JSON data came back as a
+    /// string. What is read back is what was delivered.
+    #[test]
+    fn an_extension_named_as_an_attribute_never_changes_the_event_read_back_from_json() {
+        let headers = [("ce-datacontenttype", "application/json")];
+        let ev = decode("a.b", headers.into_iter(), Bytes::from_static(br#"{"a":1}"#)).unwrap();
+        assert_eq!((ev.datacontenttype.as_deref(), ev.header("datacontenttype")), (None, Some("application/json")));
+        let back = from_json(&to_json(&ev)).unwrap();
+        assert_eq!((back.data, back.datacontenttype), (ev.data, None));
     }
 
     /// A structured event's JSON keys become extension names: one a header cannot carry (a

@@ -143,15 +143,24 @@ impl Host {
         // (A folder that is not there is the loader's to name.)
         let watching_early = config.watch && config.plugins_dir.is_dir();
         let folder = if watching_early { Some(reload::watch_folder(&config.plugins_dir)?) } else { None };
-        let (loaded, rejected) = loader::load_dir_reporting(&sandbox, &config, &kv, on_load).await?;
+        let (loaded, mut rejected) = loader::load_dir_reporting(&sandbox, &config, &kv, on_load).await?;
         let mut files = std::collections::HashMap::new();
         for (path, plugin) in loaded {
             let name = plugin.name().to_string();
-            router
-                .install(plugin, config.delivering_for(&name))
-                .await
-                .with_context(|| format!("subscribing plugin {name} from {}", path.display()))?;
-            files.insert(path, name);
+            match router.install(plugin, config.delivering_for(&name)).await {
+                Ok(()) => {
+                    files.insert(path, name);
+                }
+                // One plugin the bus will not subscribe (a broker that refuses its stream) is
+                // that plugin's refusal, not the host's: the others serve, and it is tried again
+                // (review 62d F1). A host that watches no folder would never try it again while
+                // it says it is ready (review 62e F2): its start fails, for its supervisor.
+                Err(e) if config.watch => rejected.push(refused_subscription(path, &name, &e)),
+                Err(e) => {
+                    let file = path.display();
+                    return Err(anyhow::Error::new(e).context(format!("subscribing plugin {name} from {file}")));
+                }
+            }
         }
         transport.all_subscribed();
         warn_if_the_pool_is_short(&config, &router.names(), sandbox.settings().max_instances);
@@ -327,6 +336,21 @@ impl Host {
         }
         report
     }
+}
+
+/// The refusal of the plugin `name` at `path` whose subscription the bus refused at the start,
+/// logged: the watching host tries it again by itself, as after a reload (`reload::watch`).
+fn refused_subscription(path: std::path::PathBuf, name: &str, e: &crate::transport::TransportError) -> Rejected {
+    let transient = !matches!(e, crate::transport::TransportError::Refused(_));
+    let reason = if transient {
+        format!("could not subscribe: {e} (tried again by itself)")
+    } else {
+        format!("could not subscribe: {e}")
+    };
+    let mut refused = Rejected::new(path, &reason);
+    refused.transient = transient;
+    tracing::error!(file = %loader::shown(&refused.path), plugin = %name, "plugin not serving: {}", refused.reason);
+    refused
 }
 
 /// Warns when the plugins may run more attempts at once than the instance pool they share has

@@ -455,16 +455,16 @@ pub async fn load_dir_reporting(
     for (_, path, result) in results {
         match result {
             Ok(plugin) => {
-                // Cannot happen (a name is one file), kept as a guard.
-                if let Some(first) = by_name.get(plugin.name()) {
-                    let reason = format!("is plugin {:?}, already loaded from {}", plugin.name(), first.display());
+                // A name is one file, but `my-handler.wasm` and `my_handler.wasm` name one plugin.
+                if let Some(first) = by_name.get(&crate::manifest::name_key(plugin.name())) {
+                    let reason = format!("is plugin {:?}, already loaded from {}", plugin.name(), shown(first));
                     let refused = Rejected::new(path, &reason);
                     refused.log(None);
                     rejected.push(refused);
                     continue;
                 }
                 tracing::info!(file = %shown(&path), plugin = plugin.name(), version = %plugin.manifest().version, hash = &plugin.hash()[..12], "plugin loaded");
-                by_name.insert(plugin.name().to_string(), path.clone());
+                by_name.insert(crate::manifest::name_key(plugin.name()), path.clone());
                 loaded.push((path, plugin));
             }
             Err(refused) => {

@@ -78,6 +78,14 @@ pub fn names_agree(declared: &str, identity: &str) -> bool {
                 .all(|(a, b)| a == b || (matches!(a, b'-' | b'_') && matches!(b, b'-' | b'_'))))
 }
 
+/// A plugin name as one plugin is known however its file spells `-` and `_` (`my-handler.wasm`
+/// and `my_handler.wasm` hold one plugin: [`names_agree`]): two files whose names give one key
+/// are refused as two plugins (review 62d F5: cargo's `my_handler.wasm` copied in, then
+/// `plugbus dev`'s `my-handler.wasm`, handled every event twice).
+pub fn name_key(name: &str) -> String {
+    name.replace('-', "_")
+}
+
 /// The most patterns a manifest's `subscriptions`, and its `publishes`, may list.
 pub const MAX_PATTERNS: usize = 256;
 

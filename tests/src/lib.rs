@@ -25,6 +25,7 @@ pub const COMPONENTS: &[&str] = &[
     "sneaky",
     "echo",
     "echo2",
+    "echo3",
     "attrs",
     "cycler",
     "imposter",
@@ -41,6 +42,7 @@ pub const COMPONENTS: &[&str] = &[
     "responder",
     "stall",
     "aliased",
+    "bench-handler",
 ];
 
 /// The workspace root.

@@ -181,18 +181,19 @@ impl Reloader {
         let name = plugin.name().to_string();
         let (version, hash) = (plugin.manifest().version.clone(), plugin.hash().to_string());
         // A name is one file (the loader refuses `<NAME>.wasm` when the config names another
-        // file): another live path with this name would be a bug, never a takeover.
+        // file), but `my-handler.wasm` and `my_handler.wasm` name one plugin (`name_key`).
+        let key = crate::manifest::name_key(&name);
         let owner = self
             .files
             .lock()
             .expect("poisoned")
             .iter()
-            .find(|(p, n)| **n == name && p.as_path() != path)
+            .find(|(p, n)| crate::manifest::name_key(n) == key && p.as_path() != path)
             .map(|(p, _)| p.clone());
-        if let Some(other) = owner
-            && !is_gone(&other)
+        if let Some(other) = &owner
+            && !is_gone(other)
         {
-            self.reject(path, format!("is plugin {name:?}, already served from {}", other.display()));
+            self.reject(path, format!("is plugin {name:?}, already served from {}", loader::shown(other)));
             return Applied::Done;
         }
         if self.router.current_hash(&name).as_deref() == Some(hash.as_str())
@@ -202,6 +203,25 @@ impl Reloader {
             self.clear_rejection(path);
             return Applied::Done;
         }
+        // Claimed before the install is awaited, so another spelling of the name loading beside
+        // it (files load in parallel) finds it taken (review 62e F3); given back if refused.
+        let claimed = {
+            let mut files = self.files.lock().expect("poisoned");
+            let taken = files.iter().find(|(p, n)| {
+                crate::manifest::name_key(n) == key && p.as_path() != path && Some(*p) != owner.as_ref()
+            });
+            match taken {
+                Some((other, _)) => Err(loader::shown(other)),
+                None => Ok(files.insert(path.to_path_buf(), name.clone())),
+            }
+        };
+        let before = match claimed {
+            Ok(before) => before,
+            Err(other) => {
+                self.reject(path, format!("is plugin {name:?}, already served from {other}"));
+                return Applied::Done;
+            }
+        };
         let outcome = if self.router.contains(&name) {
             match self.router.swap(plugin).await {
                 Ok(swapped) => {
@@ -215,7 +235,7 @@ impl Reloader {
                     );
                     Ok(())
                 }
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(e),
             }
         } else {
             let delivering = self.config.delivering_for(&name);
@@ -229,7 +249,7 @@ impl Reloader {
                     );
                     Ok(())
                 }
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(e),
             }
         };
         match outcome {
@@ -241,6 +261,16 @@ impl Reloader {
                 Applied::Done
             }
             Err(e) => {
+                let mut files = self.files.lock().expect("poisoned");
+                match before {
+                    Some(before) => files.insert(path.to_path_buf(), before),
+                    None => files.remove(path),
+                };
+                drop(files);
+                if let crate::transport::TransportError::Refused(why) = e {
+                    self.reject(path, format!("could not subscribe: {why}"));
+                    return Applied::Done;
+                }
                 self.reject(path, format!("could not subscribe: {e} (tried again by itself)"));
                 Applied::TryAgain
             }

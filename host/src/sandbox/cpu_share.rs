@@ -50,6 +50,9 @@ pub struct CpuShares {
     lines: AtomicUsize,
     next_plugin: AtomicU64,
     waits: Family<PluginLabels, Counter>,
+    /// Each live plugin's share, by name: every loaded version of a plugin takes the one share
+    /// (review 62d F4: a share a version, so a plugin reloading itself took a quota for each).
+    by_name: Mutex<HashMap<Arc<str>, std::sync::Weak<PluginShare>>>,
 }
 
 /// The turns held, and each plugin's line.
@@ -96,6 +99,7 @@ impl CpuShares {
             lines: AtomicUsize::new(0),
             next_plugin: AtomicU64::new(0),
             waits: Family::default(),
+            by_name: Mutex::default(),
         })
     }
 
@@ -106,6 +110,18 @@ impl CpuShares {
 
     /// A new plugin version's share (`name` in the metrics).
     pub fn plugin(self: &Arc<Self>, name: &str) -> Arc<PluginShare> {
+        let mut by_name = self.by_name.lock().expect("poisoned");
+        if let Some(live) = by_name.get(name).and_then(std::sync::Weak::upgrade) {
+            return live;
+        }
+        by_name.retain(|_, share| share.strong_count() > 0);
+        let share = self.separate(name);
+        by_name.insert(share.name.clone(), Arc::downgrade(&share));
+        share
+    }
+
+    /// A share of its own for `name`, beside the plugin's ([`PluginShare::another`]).
+    fn separate(self: &Arc<Self>, name: &str) -> Arc<PluginShare> {
         self.share(name, self.waits.get_or_create(&PluginLabels { plugin: name.to_string() }).clone())
     }
 
@@ -124,7 +140,7 @@ impl CpuShares {
         })
     }
 
-    /// How many plugin versions want turns now (hold one or wait for one).
+    /// How many plugins want turns now (hold one or wait for one; a debug run's share apart).
     pub fn wanting(&self) -> usize {
         self.turns.lock().expect("poisoned").lines.len()
     }
@@ -215,7 +231,7 @@ pub struct PluginShare {
 impl PluginShare {
     /// Another share of the same host's turns (a debug run of the same version).
     pub fn another(&self) -> Arc<PluginShare> {
-        self.shares.plugin(&self.name)
+        self.shares.separate(&self.name)
     }
 
     /// At an epoch tick of the attempt keeping its turn in `slot`: from now on it runs guest
@@ -419,6 +435,27 @@ mod tests {
             }
             None => false,
         }
+    }
+
+    /// Review 62d F4: each loaded version of a plugin took a share of its own, so a plugin
+    /// reloading itself (two builds swapped in turn) held a quota for every version still
+    /// running attempts. Its versions share one; a debug run's is apart; a gone plugin's goes.
+    #[test]
+    fn every_version_of_a_plugin_takes_its_one_share() {
+        let shares = CpuShares::new(2);
+        let (v1, v2) = (shares.plugin("p"), shares.plugin("p"));
+        assert!(Arc::ptr_eq(&v1, &v2));
+        let (a, b) = (attempts(1), attempts(1));
+        ticked(&v1, &a);
+        ticked(&v2, &b);
+        assert!(v1.ask(&a[0]).is_none() && v2.ask(&b[0]).is_none());
+        assert_eq!(shares.wanting(), 1, "two versions of one plugin are one plugin wanting turns");
+        let debug = v1.another();
+        assert!(!Arc::ptr_eq(&debug, &v1));
+        all_given_back(a.iter().chain(&b));
+        let id = v1.id;
+        drop((v1, v2, debug));
+        assert_ne!(shares.plugin("p").id, id, "a plugin gone and loaded again starts afresh");
     }
 
     #[test]

@@ -178,13 +178,16 @@ impl CpuWait {
     }
 
     /// In the poll that ended its wait in a host call, the attempt found a timer it waited for
-    /// (`naps`) past its `due` time: from then (or from when the wait began, if later) to the
-    /// poll, past [`TIMER_GRAIN`], it waited for the runtime to notice the timer and for a CPU,
-    /// and is credited that in `share` (the other runnable attempts that are other plugins'
-    /// now). Only once per wait; nothing when the timer is found due while the guest runs.
-    pub fn timer_was_due(&self, due: Instant, share: u64) {
+    /// (`naps`, asked for at `asked`) past its `due` time: from then (or from when the wait
+    /// began, if later) to the poll, past [`TIMER_GRAIN`], it waited for the runtime to notice
+    /// the timer and for a CPU, and is credited that in `share` (the other runnable attempts
+    /// that are other plugins' now). Only once per wait; nothing when the timer is found due
+    /// while the guest runs, or was first asked about after the wait began (review 62e F1: a
+    /// timer made before a long request and looked at after it was credited the request's
+    /// wait).
+    pub fn timer_was_due(&self, due: Instant, asked: Instant, share: u64) {
         let (since, over) = (self.host_wait_since.load(Relaxed), self.host_wait_over.load(Relaxed));
-        if since == 0 || over == 0 {
+        if since == 0 || over == 0 || nanos_at(asked) > since {
             return;
         }
         let due = nanos_at(due).saturating_add(TIMER_GRAIN.as_nanos() as u64);
@@ -384,6 +387,7 @@ mod tests {
     #[test]
     fn a_timer_found_due_late_after_a_wait_in_a_host_call_is_credited_the_wait_past_its_time() {
         let wait = CpuWait::default();
+        let asked = Instant::now();
         let began = Instant::now();
         wait.paused(true);
         let due = Instant::now() + Duration::from_millis(5);
@@ -392,22 +396,23 @@ mod tests {
         let polled = began.elapsed();
         // the guest runs on a while in that poll before its poll of the timer returns
         std::thread::sleep(Duration::from_millis(30));
-        wait.timer_was_due(due, 1024);
+        wait.timer_was_due(due, asked, 1024);
         let credited = wait.credited();
         let most = polled.saturating_sub(Duration::from_millis(5) + TIMER_GRAIN);
         assert!(credited >= Duration::from_millis(33) && credited <= most, "{credited:?}, at most {most:?}");
-        wait.timer_was_due(due, 1024);
+        wait.timer_was_due(due, asked, 1024);
         assert_eq!(wait.credited(), credited, "a second timer of the same wait adds nothing");
 
         // in other plugins' share only; from the wait's start when the timer was due before it
         let due = Instant::now();
         std::thread::sleep(Duration::from_millis(20));
+        let asked = Instant::now();
         wait.paused(true);
         let began = Instant::now();
         std::thread::sleep(Duration::from_millis(40));
         wait.resumed();
         let polled = began.elapsed();
-        wait.timer_was_due(due, 512);
+        wait.timer_was_due(due, asked, 512);
         let half = wait.credited() - credited;
         assert!(half >= Duration::from_millis(20) && half <= polled / 2, "{half:?} of {polled:?}");
 
@@ -416,8 +421,18 @@ mod tests {
         wait.paused(false);
         wait.resumed();
         std::thread::sleep(Duration::from_millis(20));
-        wait.timer_was_due(Instant::now() - Duration::from_millis(20), 1024);
+        wait.timer_was_due(Instant::now() - Duration::from_millis(20), Instant::now(), 1024);
         assert_eq!(wait.credited(), credited, "the guest ran meanwhile");
+
+        // made before a wait in another host call (a long request), looked at after it
+        wait.paused(false);
+        wait.resumed();
+        let due = Instant::now() + Duration::from_millis(1);
+        wait.paused(true);
+        std::thread::sleep(Duration::from_millis(30));
+        wait.resumed();
+        wait.timer_was_due(due, Instant::now(), 1024);
+        assert_eq!(wait.credited(), credited, "the request's wait was credited to the timer");
     }
 
     #[test]

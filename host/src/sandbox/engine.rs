@@ -201,6 +201,8 @@ pub struct Sandbox {
     runnable: Arc<std::sync::atomic::AtomicU32>,
     /// Each plugin's share of the CPUs (`cpu_share`).
     shares: Arc<super::cpu_share::CpuShares>,
+    /// Each live plugin's DNS lookups in flight, by name: its versions share them.
+    lookups: Arc<std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<super::lookup::Lookups>>>>,
     _ticker: Arc<Ticker>,
 }
 
@@ -239,6 +241,7 @@ impl Sandbox {
             code: CodeBudget::new(settings.max_code_mib.saturating_mul(1 << 20)),
             runnable,
             shares: super::cpu_share::CpuShares::for_this_runtime(),
+            lookups: Arc::default(),
             cache: None,
             cache_stats: Arc::default(),
             pool: Arc::default(),
@@ -433,7 +436,8 @@ impl Sandbox {
         let mut manifest = self.read_manifest(&pre).await?;
         let settings = bind(&mut manifest)?;
         let publishes = PatternSet::parse(&manifest.publishes).map_err(|e| LoadError::Manifest(e.to_string()))?;
-        let outbound = OutboundPolicy::new(&manifest.outbound, &settings.allowed_outbound, &settings.limits);
+        let outbound = OutboundPolicy::new(&manifest.outbound, &settings.allowed_outbound, &settings.limits)
+            .sharing_lookups(self.lookups_of(&manifest.name, settings.limits.max_outbound_concurrency));
         let ungranted = !http.is_empty() && !outbound.any_granted();
         // A component that imports the HTTP client without saying what it would call is hiding something.
         if ungranted && manifest.outbound.is_empty() {
@@ -467,6 +471,19 @@ impl Sandbox {
             share: self.shares.plugin(&manifest.name),
         };
         Ok(Plugin::new(self._ticker.clone(), pre, code, manifest, hash, Arc::new(ctx), self.pool.clone()))
+    }
+
+    /// The DNS lookups in flight of the plugin `name` (at most `at_once`): those of its live
+    /// versions, or new ones.
+    fn lookups_of(&self, name: &str, at_once: u32) -> Arc<super::lookup::Lookups> {
+        let mut by_name = self.lookups.lock().expect("poisoned");
+        if let Some(live) = by_name.get(name).and_then(std::sync::Weak::upgrade) {
+            return live;
+        }
+        by_name.retain(|_, lookups| lookups.strong_count() > 0);
+        let lookups = Arc::new(super::lookup::Lookups::new(at_once as usize));
+        by_name.insert(name.to_string(), Arc::downgrade(&lookups));
+        lookups
     }
 
     /// Charges `component`'s mapped image to `plugin` in the code budget, or refuses the load.
@@ -598,6 +615,23 @@ const OUTBOUND_EXPORT: &str = "plugbus:handler/outbound@0.1.1";
 
 #[cfg(test)]
 mod tests {
+    use super::{Sandbox, SandboxSettings};
+    use std::sync::Arc;
+
+    /// Review 62d F4: each loaded version of a plugin counted its DNS lookups apart, so a plugin
+    /// reloading itself (two builds swapped in turn) held the host's reserved lookups once a
+    /// version. Its versions count them together; a plugin gone and loaded again afresh.
+    #[tokio::test]
+    async fn every_version_of_a_plugin_counts_its_lookups_together() {
+        let sandbox = Sandbox::new(SandboxSettings::default()).unwrap();
+        let (v1, v2) = (sandbox.lookups_of("p", 8), sandbox.lookups_of("p", 8));
+        assert!(Arc::ptr_eq(&v1, &v2));
+        assert!(!Arc::ptr_eq(&v1, &sandbox.lookups_of("q", 8)));
+        drop((v1, v2));
+        let _other = sandbox.lookups_of("x", 8);
+        assert!(!sandbox.lookups.lock().unwrap().contains_key("p"), "a gone plugin's lookups were kept");
+    }
+
     /// The oldest wasmtime on the 48 LTS line with the 2026 advisories fixed
     /// (GHSA-rc4p-x33f-vpr2 among them): the lock must not go back below it.
     const OLDEST_FIXED: (u64, u64, u64) = (48, 0, 9);

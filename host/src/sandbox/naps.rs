@@ -77,8 +77,9 @@ impl Pollable for Timer {
                 tokio::task::yield_now().await
             }
             Timer::Due { due, credit_to, plugin } => {
+                let asked = std::time::Instant::now();
                 tokio::time::sleep_until(*due).await;
-                credit_to.timer_was_due(due.into_std(), plugin.runnable.others_share());
+                credit_to.timer_was_due(due.into_std(), asked, plugin.runnable.others_share());
             }
             Timer::Never => std::future::pending().await,
         }

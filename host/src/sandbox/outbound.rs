@@ -142,8 +142,9 @@ pub struct OutboundPolicy {
     requested_rules: Vec<Rule>,
     granted_rules: Vec<Rule>,
     slots: Arc<Semaphore>,
-    /// Its DNS lookups in flight, counted until they return (see `lookup`).
-    lookups: Lookups,
+    /// Its DNS lookups in flight, counted until they return (see `lookup`): the plugin's, shared
+    /// by every loaded version of it ([`OutboundPolicy::sharing_lookups`]).
+    lookups: Arc<Lookups>,
     /// Its circuit breakers, per destination host.
     pub breakers: Breakers,
 }
@@ -159,9 +160,16 @@ impl OutboundPolicy {
             requested_rules: rules(requested),
             granted_rules: rules(granted),
             slots: Arc::new(Semaphore::new(limits.max_outbound_concurrency.max(1) as usize)),
-            lookups: Lookups::new(limits.max_outbound_concurrency as usize),
+            lookups: Arc::new(Lookups::new(limits.max_outbound_concurrency as usize)),
             breakers: Breakers::new(limits.outbound_breaker_failures, limits.outbound_breaker_cooldown),
         }
+    }
+
+    /// The policy counting its DNS lookups in `lookups` (its plugin's, which every loaded
+    /// version of it shares: review 62d F4, a plugin reloading itself took the host's reserved
+    /// lookups once a version).
+    pub(super) fn sharing_lookups(self, lookups: Arc<Lookups>) -> Self {
+        Self { lookups, ..self }
     }
 
     /// What `/v1/plugins` shows: requested, granted and the breakers that have seen failures;

@@ -217,12 +217,14 @@ pub(super) fn arm_store(store: &mut Store<HostState>) {
         // From its first tick on it runs guest code only holding a turn of its plugin's share of
         // the CPUs (`cpu_share`, asked for in `within_deadline`'s `Running`); one held over its
         // quota while others want the CPUs is given back here, and it yields.
-        state.plugin.share.at_tick(state.cpu_wait.turn());
         if state.cpu_wait.just_polled() && state.cpu_wait.turn().holds() {
-            // a tick that passed while it waited: its slice starts now (`cpu_wait::FRESH_SLICE`);
-            // without a turn it yields, to ask for one before it runs on
+            // its slice started less than `cpu_wait::FRESH_SLICE` ago (a tick that passed while
+            // it waited, or one of the ticks of a millisecond since): it runs on, its turn kept
+            // (review 62e: giving it back first cut slices to a millisecond); without a turn it
+            // yields, to ask for one before it runs on
             return Ok(UpdateDeadline::Continue(1));
         }
+        state.plugin.share.at_tick(state.cpu_wait.turn());
         state.cpu_wait.yielded(state.plugin.runnable.others_share());
         Ok(UpdateDeadline::Yield(1))
     });

@@ -85,6 +85,21 @@ pub enum TransportError {
     /// No room for the event now (a handler's output beyond a plugin's buffer): try again later.
     #[error("no room: {0}")]
     Full(String),
+    /// The transport will not take this subscription change at any time: what the plugin
+    /// asks is the refusal, not the transport's state (a hot swap that would move a durable
+    /// consumer). Not tried again until the file changes.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// The dead letters a broker keeps, oldest first, as far as one read of them went.
+#[derive(Debug, Default)]
+pub struct KeptPage {
+    /// Those read.
+    pub entries: Vec<crate::deadletter::Entry>,
+    /// Whether the read reached the last it keeps: else it stopped at its limit, its bytes, or
+    /// the messages it passed over, and the broker may keep newer ones.
+    pub complete: bool,
 }
 
 /// Where a replay starts: a sequence number of the log, or the time events were appended.
@@ -416,11 +431,7 @@ pub trait Transport: Send + Sync + 'static {
     /// The dead letters the broker keeps for every host attached to it (of `plugin`, when given;
     /// oldest first, at most `limit`), each under the broker's own sequence number. `None`: the
     /// broker keeps none, and the host's own store is the record.
-    async fn kept_dead_letters(
-        &self,
-        plugin: Option<&str>,
-        limit: usize,
-    ) -> Result<Option<Vec<crate::deadletter::Entry>>, TransportError> {
+    async fn kept_dead_letters(&self, plugin: Option<&str>, limit: usize) -> Result<Option<KeptPage>, TransportError> {
         let _ = (plugin, limit);
         Ok(None)
     }

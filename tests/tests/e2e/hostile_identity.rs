@@ -69,6 +69,27 @@ async fn a_file_claiming_another_plugins_name_gets_nothing_of_it() {
     assert_eq!(load_errors(&t, "00-evil.wasm").await, 1);
 }
 
+/// Review 62d F5: one component as `bench-plugin-000.wasm` and `bench_plugin_000.wasm` (its
+/// manifest's `bench-plugin-000` agrees with both) loaded as two plugins, each handling every
+/// event: cargo's `my_handler.wasm` copied in, then `plugbus dev`'s `my-handler.wasm`. The
+/// second spelling is refused naming the first, at the start and on a hot reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_plugin_under_two_spellings_of_dash_and_underscore_is_served_once() {
+    let files = [("bench-plugin-000.wasm", "bench_handler"), ("bench_plugin_000.wasm", "bench_handler")];
+    let t = TestHost::start_files(&files, |_| {}).await;
+    assert_eq!(t.host.router().names(), vec!["bench-plugin-000".to_string()]);
+    let reason = must_reject(&t.host, "bench_plugin_000.wasm");
+    assert!(reason.contains("\"bench_plugin_000\"") && reason.contains("bench-plugin-000.wasm"), "{reason}");
+
+    let t = TestHost::start_files(&files[..1], |_| {}).await;
+    std::fs::copy(wasm("bench_handler"), t.dir.path().join("bench_plugin_000.wasm")).unwrap();
+    let host = &t.host;
+    eventually("the second spelling is reported", || rejection(host, "bench_plugin_000.wasm").is_some()).await;
+    let reason = must_reject(host, "bench_plugin_000.wasm");
+    assert!(reason.contains("\"bench_plugin_000\"") && reason.contains("bench-plugin-000.wasm"), "{reason}");
+    assert_eq!(host.router().names(), vec!["bench-plugin-000".to_string()]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_hot_reload_a_claimed_name_and_a_disagreeing_rename_are_refused() {
     let t = TestHost::start_files(&[("payments.wasm", "payments")], with_secret).await;

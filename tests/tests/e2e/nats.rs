@@ -1652,16 +1652,34 @@ async fn jetstream_streams_are_made_for_durable_subscriptions_unless_auto_stream
         assert_eq!(dlq.info().await.unwrap().config.subjects, vec!["plugbus.dlq.>".to_string()]);
     }
 
-    // with auto_streams = false on a server without those streams, the start fails saying why
+    // with auto_streams = false on a server without those streams, the plugin is refused saying
+    // why, and the host starts without it: the others serve (review 62d F1: the whole start
+    // failed, so one plugin's durable subscription kept every plugin down)
     let bare = NatsServer::start().await;
     let plugins = tempfile::tempdir().unwrap();
     std::fs::copy(wasm("faulty"), plugins.path().join("faulty.wasm")).unwrap();
+    std::fs::copy(wasm("echo"), plugins.path().join("echo.wasm")).unwrap();
     let data = tempfile::tempdir().unwrap();
     let mut config =
         Config { plugins_dir: plugins.path().into(), data_dir: data.path().into(), http: None, ..Config::default() };
     Bus::JetStream(&bare).configure(&mut config, &["faulty"]);
     config.nats.auto_streams = false;
-    let err = format!("{:#}", plugbus::Host::start(config.clone()).await.err().expect("the start fails"));
+    let host = plugbus::Host::start(config.clone()).await.expect("the host starts without the refused plugin");
+    assert!(host.router().contains("echo") && !host.router().contains("faulty"), "{:?}", host.router().names());
+    let refused = host.rejected();
+    let [refused] = refused.as_slice() else { panic!("{refused:?}") };
+    assert!(refused.path.ends_with("faulty.wasm") && refused.transient, "{refused:?}");
+    let why = &refused.reason;
+    assert!(why.contains("no JetStream stream captures faulty.*") && why.contains("auto_streams"), "{why}");
+    assert!(why.contains("tried again by itself"), "{why}");
+    let mut echoes = host.observe(&["echo.>"]).await.unwrap();
+    host.publish(plugbus::Event::new("orders.created", "{}")).await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(10), echoes.recv()).await.expect("echo serves").unwrap();
+    assert_eq!(echoed.subject, "echo.orders.created");
+    host.shutdown().await;
+    // A host watching no folder would never try it again: its start fails, saying why.
+    let err =
+        format!("{:#}", plugbus::Host::start(Config { watch: false, ..config.clone() }).await.err().expect("fails"));
     assert!(err.contains("no JetStream stream captures faulty.*") && err.contains("auto_streams"), "{err}");
     let bare_js = jetstream::new(bare.client().await);
     assert!(bare_js.get_stream("PLUGBUS_FAULTY").await.is_err(), "a stream was made with auto_streams off");
@@ -3413,4 +3431,185 @@ async fn core_a_replay_answered_by_anyone_else_is_kept() {
     assert_eq!(t.host.dead_letters().list(Some("faulty")).len(), 1, "the dead letter was forgotten");
     assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 1, "the bystander saw no replay to answer");
     answers.abort();
+}
+
+/// Review 62d F3: a new version may name its own queue group (`plugbus.echo.v3`), and a hot
+/// swap to it made a new durable consumer from new messages only, leaving what the old one had
+/// not delivered behind (or, with `deliver = "all"`, ran the whole stream again). The swap is
+/// refused, naming both consumers, not tried again until the file changes; the old version
+/// serves on from its consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_hot_swap_that_would_move_a_durable_consumer_is_refused() {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["echo"], |_| {}).await;
+    let mut seen = t.observe(&["echo.>"]).await;
+    let dir = t.dir.path();
+    std::fs::copy(wasm("echo3"), dir.join("echo.tmp")).unwrap();
+    std::fs::rename(dir.join("echo.tmp"), dir.join("echo.wasm")).unwrap();
+    let host = &t.host;
+    let refusal = || host.rejected().into_iter().find(|r| r.path.ends_with("echo.wasm")).map(|r| r.reason);
+    eventually("the swap is refused", || refusal().is_some()).await;
+    let reason = refusal().unwrap();
+    assert!(reason.contains("plugbus.echo.v3") && reason.contains("left behind"), "{reason}");
+    assert!(!reason.contains("tried again"), "{reason}");
+    assert_eq!(t.host.router().current("echo").unwrap().manifest().version, "0.1.0");
+    t.publish("orders.created", "{}").await;
+    assert_eq!(seen.next_where(|_| true).await.subject, "echo.orders.created");
+    let mut orders = js.get_stream("PLUGBUS_ORDERS").await.unwrap();
+    assert_eq!(orders.info().await.unwrap().state.consumer_count, 1, "a consumer for the new group was made");
+}
+
+/// Review 62d F2: a stream another plugin (or anyone) made under the name the host would give
+/// a new one (`PLUGBUS_ORDERS`, here holding `ORDERS.>`) was taken as the new one, whatever it
+/// held: the durable plugin's consumer sat on a stream that never holds `orders.*`, and every
+/// event was answered `202` and lost. Such a stream is passed over for one of the pattern's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_stream_under_the_name_the_host_would_make_that_holds_other_subjects_is_not_taken() {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    js.create_stream(jetstream::stream::Config {
+        name: "PLUGBUS_ORDERS".into(),
+        subjects: vec!["ORDERS".into(), "ORDERS.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["echo"], |_| {}).await;
+    let mut seen = t.observe(&["echo.>"]).await;
+    t.publish("orders.created", "{}").await;
+    assert_eq!(seen.next_where(|_| true).await.subject, "echo.orders.created");
+    let mut taken = js.get_stream("PLUGBUS_ORDERS").await.unwrap();
+    assert_eq!(taken.info().await.unwrap().state.consumer_count, 0, "a consumer went onto PLUGBUS_ORDERS");
+}
+
+/// Review 62d F2: a declared stream holding part of a durable plugin's pattern (`orders.eu` of
+/// `orders.*`) was taken for all of it: `orders.us` was stored nowhere, answered `202`, and
+/// never run. The plugin is refused naming the stream; the host serves the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_stream_holding_part_of_a_durable_pattern_refuses_the_plugin() {
+    let server = NatsServer::start().await;
+    let plugins = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("echo"), plugins.path().join("echo.wasm")).unwrap();
+    std::fs::copy(wasm("faulty"), plugins.path().join("faulty.wasm")).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut config =
+        Config { plugins_dir: plugins.path().into(), data_dir: data.path().into(), http: None, ..Config::default() };
+    Bus::JetStream(&server).configure(&mut config, &["echo"]);
+    config.nats.streams.insert("EU".into(), plugbus::backend::nats::StreamDef { subjects: vec!["orders.eu".into()] });
+    let host = plugbus::Host::start(config).await.expect("the host starts without echo");
+    assert!(host.router().contains("faulty") && !host.router().contains("echo"), "{:?}", host.router().names());
+    let refused = host.rejected();
+    let [refused] = refused.as_slice() else { panic!("{refused:?}") };
+    let why = &refused.reason;
+    assert!(why.contains("\"EU\"") && why.contains("orders.*") && why.contains("only some"), "{why}");
+    host.shutdown().await;
+}
+
+/// Review 62c F1: a bulk replay reads one page of `PLUGBUS_DLQ`, oldest first; beside a page cut
+/// short (here by 1,000 messages that are no dead letters), this host's own copy of a newer dead
+/// letter was replayed, and the broker's stayed: the next replay ran the handler on it again.
+/// It is left for a later replay, which replays the broker's copy once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_beside_a_cut_page_of_the_broker_runs_each_dead_letter_once() {
+    let server = NatsServer::start().await;
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["faulty"], |c| {
+        plugbus_tests::fast_retries(c);
+        // so a second publish of one replay is not dropped as the first's duplicate (the
+        // window must be longer than ack_wait)
+        c.nats.duplicate_window = Duration::from_secs(2);
+        c.nats.ack_wait = Duration::from_secs(1);
+    })
+    .await;
+    let mut dlq = t.observe(&["plugbus.dlq.faulty"]).await;
+    let reject = |data: &'static str| t.host.publish(plugbus::Event::new("faulty.reject", data));
+    reject("first").await.unwrap();
+    dlq.next_where(|e| e.data.as_ref() == b"first").await;
+    let js = jetstream::new(server.client().await);
+    let mut acks = Vec::new();
+    for _ in 0..1_000 {
+        acks.push(js.publish("plugbus.dlq.junk", "junk".into()).await.unwrap());
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    reject("second").await.unwrap();
+    dlq.next_where(|e| e.data.as_ref() == b"second").await;
+    let mut replays = t.observe(&["faulty.reject"]).await;
+    let client = reqwest::Client::new();
+    let replay = |query: &'static str| {
+        let req = client.post(format!("{}/v1/dlq/replay{query}", t.url()));
+        async move { req.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let report = replay("").await;
+    assert_eq!(report["replayed"].as_array().map(Vec::len), Some(1), "{report}");
+    assert_eq!(report["left_for_a_later_replay"], 1, "{report}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let report = replay("?plugin=faulty").await;
+    assert_eq!(report["failed"], 0, "{report}");
+    let seen = replays.drain(Duration::from_secs(2)).await;
+    let second = seen.iter().filter(|e| e.data.as_ref() == b"second").count();
+    assert_eq!(second, 1, "the dead letter of \"second\" was replayed {second} times");
+}
+
+/// Review 62a: a message the client cannot read, stored in a stream a durable plugin consumes,
+/// was dropped at each delivery and never settled: JetStream delivered it again every
+/// `ack_wait` up to `max_deliver` (counted each time, never dead-lettered), and each pull that
+/// brought one waited a second for it. It is dead-lettered as malformed at its first delivery
+/// and termed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_message_the_client_cannot_read_is_dead_lettered_and_termed() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let server = NatsServer::start().await;
+    let client = server.client().await;
+    let mut advisories = Advisories::watch(&client).await;
+    let t = TestHost::start_on(&Bus::JetStream(&server), &["echo"], |c| c.nats.ack_wait = Duration::from_secs(1)).await;
+    let mut dlq = t.observe(&["plugbus.dlq.>"]).await;
+    let mut outputs = client.subscribe("echo.>").await.unwrap();
+    client.flush().await.unwrap();
+
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
+    let mut raw = BufReader::new(stream);
+    let mut line = String::new();
+    raw.read_line(&mut line).await.unwrap();
+    let mut burst: Vec<u8> = b"CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":true}\r\n".to_vec();
+    burst.extend_from_slice(b"PUB orders.\xff\xfe 2\r\nhi\r\n");
+    let block = b"NATS/1.0\r\nno-colon-here\r\n\r\n";
+    burst.extend_from_slice(format!("HPUB orders.bad {} {}\r\n", block.len(), block.len() + 2).as_bytes());
+    burst.extend_from_slice(block);
+    burst.extend_from_slice(b"hi\r\n");
+    for i in 0..5 {
+        burst.extend_from_slice(format!("PUB orders.good{i} 1\r\n{i}\r\n").as_bytes());
+    }
+    burst.extend_from_slice(b"PING\r\n");
+    raw.get_mut().write_all(&burst).await.unwrap();
+    line.clear();
+    raw.read_line(&mut line).await.unwrap();
+    assert_eq!(line.trim(), "PONG", "the server took the burst");
+
+    let mut subjects = HashSet::new();
+    for _ in 0..2 {
+        let dead = dlq.next_on("plugbus.dlq.echo").await;
+        let why = dead.header(headers::ERROR).unwrap_or_default().to_string();
+        assert!(why.contains("could not read its subject or headers"), "{why}");
+        assert_eq!(dead.data.as_ref(), b"hi");
+        subjects.insert(dead.header(headers::ORIGINAL_SUBJECT).unwrap().to_string());
+    }
+    assert_eq!(subjects, HashSet::from(["orders.\u{fffd}\u{fffd}".to_string(), "orders.bad".to_string()]));
+    for _ in 0..2 {
+        let (_, before) = advisories.next("MSG_TERMINATED", Duration::from_secs(10)).await;
+        assert!(!before.contains_key("MAX_DELIVERIES"), "{before:?}");
+    }
+    let mut seen = HashSet::new();
+    while seen.len() < 5 {
+        seen.insert(next(&mut outputs).await.subject.to_string());
+    }
+    // Past two ack_waits: nothing came again, and each was counted once.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let js = jetstream::new(client.clone());
+    let info = consumer_on(&js, "orders.good0").await;
+    assert_eq!((info.num_ack_pending, info.num_redelivered), (0, 0), "{info:?}");
+    let metrics = metrics_text(&t.url()).await;
+    assert!(metrics.lines().any(|l| l == "plugbus_nats_unreadable_total 2"), "{metrics}");
+    t.host.shutdown().await;
 }

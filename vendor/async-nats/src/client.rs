@@ -811,6 +811,32 @@ impl Client {
                 subject,
                 queue_group: None,
                 sender,
+                keep_unreadable: false,
+            })
+            .await?;
+
+        Ok(Subscriber::new(sid, self.sender.clone(), receiver))
+    }
+
+    /// plugbus patch: [`Self::subscribe`], except that a message the client cannot read (a
+    /// subject or header block that is not UTF-8, a header line without `:`) is handed to this
+    /// subscription marked [`Message::unreadable`] instead of dropped (a JetStream pull's inbox:
+    /// its reply is the ack subject, so the message can be settled). Counted either way.
+    pub async fn subscribe_keeping_unreadable<S: ToSubject>(&self, subject: S) -> Result<Subscriber, SubscribeError> {
+        let subject = self
+            .validate_subscribe_subject(subject)
+            .map_err(|e| SubscribeError::with_source(SubscribeErrorKind::InvalidSubject, e))?;
+
+        let sid = self.next_subscription_id.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = mpsc::channel(self.subscription_capacity);
+
+        self.sender
+            .send(Command::Subscribe {
+                sid,
+                subject,
+                queue_group: None,
+                sender,
+                keep_unreadable: true,
             })
             .await?;
 
@@ -860,6 +886,7 @@ impl Client {
                 subject,
                 queue_group: Some(queue_group),
                 sender,
+                keep_unreadable: false,
             })
             .await?;
 

@@ -134,7 +134,8 @@ impl Connection {
     /// off the buffer whole, when its byte counts can be read (the last argument, ASCII digits),
     /// and counts it in [`Statistics::unreadable_messages`]; `Ok(None)` until all of it is in the
     /// buffer. A line whose counts cannot be read is the error it was (the stream cannot be
-    /// followed past it).
+    /// followed past it). What can be read of it (its sid, its subject decoded lossily, a UTF-8
+    /// reply, the payload after the header block) comes with it when its arguments count right.
     fn skip_unreadable(
         &mut self,
         len: usize,
@@ -167,10 +168,30 @@ impl Connection {
         if whole > self.read_buf.remaining() {
             return Ok(None);
         }
-        self.read_buf.advance(whole);
+        let n = args.len();
+        let counted = n == fewest || n == fewest + 1;
+        let sid = std::str::from_utf8(args[1]).ok().and_then(|s| s.parse::<u64>().ok()).filter(|_| counted);
+        let reply = (counted && n == fewest + 1).then(|| std::str::from_utf8(args[2]).ok()).flatten().map(Subject::from);
+        let subject = Subject::from(String::from_utf8_lossy(args[0]).as_ref());
+        let header_len = if headers {
+            std::str::from_utf8(args[n - 2]).ok().and_then(|h| h.parse::<usize>().ok()).unwrap_or(total).min(total)
+        } else {
+            0
+        };
+        self.read_buf.advance(len + 2);
+        let mut body = self.read_buf.split_to(total);
+        self.read_buf.advance(2);
+        let payload = body.split_off(header_len).freeze();
         self.statistics.unreadable_messages.add(1, Ordering::Relaxed);
-        tracing::debug!(error = %err, "skipped a message whose control line is not UTF-8");
-        Ok(Some(ServerOp::Unreadable))
+        tracing::debug!(error = %err, "a message whose control line is not UTF-8");
+        let length = subject.len() + reply.as_ref().map_or(0, |r| r.len()) + total;
+        Ok(Some(ServerOp::Unreadable(sid.map(|sid| crate::UnreadableMessage {
+            sid,
+            subject,
+            reply,
+            payload,
+            length,
+        }))))
     }
 
     /// Attempts to read a server operation from the read buffer.
@@ -397,8 +418,15 @@ impl Connection {
                 Ok(parsed) => parsed,
                 Err(err) => {
                     self.statistics.unreadable_messages.add(1, Ordering::Relaxed);
-                    tracing::debug!(error = %err, "skipped a message whose headers cannot be read");
-                    return Ok(Some(ServerOp::Unreadable));
+                    tracing::debug!(error = %err, "a message whose headers cannot be read");
+                    let length = reply.as_ref().map_or(0, |r| r.len()) + subject.len() + total_len;
+                    return Ok(Some(ServerOp::Unreadable(Some(crate::UnreadableMessage {
+                        sid,
+                        subject,
+                        reply,
+                        payload,
+                        length,
+                    }))));
                 }
             };
 

@@ -371,9 +371,24 @@ pub(crate) enum ServerOp {
         length: usize,
     },
     /// plugbus patch: a message the server passed on that cannot be read (a subject or header
-    /// block that is not UTF-8, a header line without `:`): taken off the stream and dropped,
-    /// counted in [`Statistics::unreadable_messages`], instead of closing the connection.
-    Unreadable,
+    /// block that is not UTF-8, a header line without `:`): taken off the stream, counted in
+    /// [`Statistics::unreadable_messages`], instead of closing the connection; handed to its
+    /// subscription marked [`Message::unreadable`] when it keeps them, else dropped. `None` when
+    /// its arguments did not count right (no subscription can be told).
+    Unreadable(Option<UnreadableMessage>),
+}
+
+/// plugbus patch: what can be read of a message the client cannot read ([`ServerOp::Unreadable`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct UnreadableMessage {
+    pub(crate) sid: u64,
+    /// Decoded lossily.
+    pub(crate) subject: Subject,
+    /// `None` when it has none, or it is not UTF-8.
+    pub(crate) reply: Option<Subject>,
+    /// After the header block.
+    pub(crate) payload: Bytes,
+    pub(crate) length: usize,
 }
 
 /// An alias. This is done to avoid breaking changes
@@ -401,6 +416,8 @@ pub(crate) enum Command {
         subject: Subject,
         queue_group: Option<String>,
         sender: mpsc::Sender<Message>,
+        /// plugbus patch: see [`Subscription::keep_unreadable`].
+        keep_unreadable: bool,
     },
     Unsubscribe {
         sid: u64,
@@ -452,6 +469,9 @@ struct Subscription {
     queue_group: Option<String>,
     delivered: u64,
     max: Option<u64>,
+    /// plugbus patch: a message the client cannot read is handed on marked
+    /// [`Message::unreadable`] (`Client::subscribe_keeping_unreadable`), not dropped.
+    keep_unreadable: bool,
 }
 
 #[derive(Debug)]
@@ -744,7 +764,7 @@ impl ConnectionHandler {
                     .in_messages
                     .add(1, Ordering::Relaxed);
 
-                if let Some(subscription) = self.subscriptions.get_mut(&sid) {
+                if self.subscriptions.contains_key(&sid) {
                     let message: Message = Message {
                         subject,
                         reply,
@@ -753,37 +773,9 @@ impl ConnectionHandler {
                         status,
                         description,
                         length,
+                        unreadable: false,
                     };
-
-                    // if the channel for subscription was dropped, remove the
-                    // subscription from the map and unsubscribe.
-                    match subscription.sender.try_send(message) {
-                        Ok(_) => {
-                            subscription.delivered += 1;
-                            // if this `Subscription` has set `max` value, check if it
-                            // was reached. If yes, remove the `Subscription` and in
-                            // the result, `drop` the `sender` channel.
-                            if let Some(max) = subscription.max {
-                                if subscription.delivered.ge(&max) {
-                                    debug!("max messages reached for subscription {}", sid);
-                                    self.subscriptions.remove(&sid);
-                                }
-                            }
-                        }
-                        Err(mpsc::error::TrySendError::Full(_)) => {
-                            debug!("slow consumer detected for subscription {}", sid);
-                            self.connector
-                                .events_tx
-                                .try_send(Event::SlowConsumer(sid))
-                                .ok();
-                        }
-                        Err(mpsc::error::TrySendError::Closed(_)) => {
-                            debug!("subscription {} channel closed", sid);
-                            self.subscriptions.remove(&sid);
-                            self.connection
-                                .enqueue_write_op(&ClientOp::Unsubscribe { sid, max: None });
-                        }
-                    }
+                    self.deliver(sid, message);
                 } else if sid == MULTIPLEXER_SID {
                     debug!("received message for multiplexer");
                     if let Some(multiplexer) = self.multiplexer.as_mut() {
@@ -801,6 +793,7 @@ impl ConnectionHandler {
                                     status,
                                     description,
                                     length,
+                                    unreadable: false,
                                 };
 
                                 let _ = sender.send(message);
@@ -818,8 +811,60 @@ impl ConnectionHandler {
                 }
             }
 
+            // plugbus patch: counted where it was read; handed on only to a subscription that
+            // keeps such messages (the request multiplexer and every other one drop it).
+            ServerOp::Unreadable(Some(UnreadableMessage { sid, subject, reply, payload, length })) => {
+                if self.subscriptions.get(&sid).is_some_and(|s| s.keep_unreadable) {
+                    let message = Message {
+                        subject,
+                        reply,
+                        payload,
+                        headers: None,
+                        status: None,
+                        description: None,
+                        length,
+                        unreadable: true,
+                    };
+                    self.deliver(sid, message);
+                }
+            }
+
             _ => {
                 // TODO: don't ignore.
+            }
+        }
+    }
+
+    /// plugbus patch: the delivery half of a message's arm, shared with an unreadable one.
+    fn deliver(&mut self, sid: u64, message: Message) {
+        let Some(subscription) = self.subscriptions.get_mut(&sid) else { return };
+        // if the channel for subscription was dropped, remove the
+        // subscription from the map and unsubscribe.
+        match subscription.sender.try_send(message) {
+            Ok(_) => {
+                subscription.delivered += 1;
+                // if this `Subscription` has set `max` value, check if it
+                // was reached. If yes, remove the `Subscription` and in
+                // the result, `drop` the `sender` channel.
+                if let Some(max) = subscription.max {
+                    if subscription.delivered.ge(&max) {
+                        debug!("max messages reached for subscription {}", sid);
+                        self.subscriptions.remove(&sid);
+                    }
+                }
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                debug!("slow consumer detected for subscription {}", sid);
+                self.connector
+                    .events_tx
+                    .try_send(Event::SlowConsumer(sid))
+                    .ok();
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                debug!("subscription {} channel closed", sid);
+                self.subscriptions.remove(&sid);
+                self.connection
+                    .enqueue_write_op(&ClientOp::Unsubscribe { sid, max: None });
             }
         }
     }
@@ -873,11 +918,13 @@ impl ConnectionHandler {
                 subject,
                 queue_group,
                 sender,
+                keep_unreadable,
             } => {
                 let subscription = Subscription {
                     sender,
                     delivered: 0,
                     max: None,
+                    keep_unreadable,
                     subject: subject.to_owned(),
                     queue_group: queue_group.to_owned(),
                 };

@@ -37,6 +37,13 @@ pub struct Message {
     pub description: Option<String>,
 
     pub length: usize,
+    /// plugbus patch: the client could not read this message's subject or header block (not
+    /// UTF-8, a header line without `:`): `subject` is the subject decoded lossily (U+FFFD for
+    /// each byte that is not UTF-8), `headers`, `status` and `description` are `None`, `reply`
+    /// and `payload` are as the server sent them. Set only by the parser, never read off the
+    /// wire, and only on a subscription made with `Client::subscribe_keeping_unreadable`.
+    #[serde(skip)]
+    pub unreadable: bool,
 }
 
 /// An outbound message to be published.

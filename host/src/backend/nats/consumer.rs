@@ -754,7 +754,12 @@ impl HeldMessage {
         let Self { message, acker, attempt, fallback_id } = self;
         let max_deliveries = Some(acker.out.max_deliveries_cell());
         let subject = message.subject.to_string();
-        match wire::event_of(&subject, message.headers.as_ref(), message.payload.clone(), fallback_id.clone()) {
+        let decoded = if message.unreadable {
+            Err(UNREADABLE.to_string())
+        } else {
+            wire::event_of(&subject, message.headers.as_ref(), message.payload.clone(), fallback_id.clone())
+        };
+        match decoded {
             Ok(mut ev) => {
                 // A request stored in the stream: its reply goes to the requester's inbox.
                 ev.reply_to = wire::reply_inbox(message.headers.as_ref());
@@ -775,6 +780,11 @@ impl HeldMessage {
         }
     }
 }
+
+/// Why a message the client could not read is dead-lettered unrun (and termed, never left to
+/// come back every `ack_wait` until `max_deliver`).
+const UNREADABLE: &str = "the NATS client could not read its subject or headers (not UTF-8, or a header line without \
+    ':'): its subject is shown with U+FFFD for each byte that is not UTF-8, its headers are left out";
 
 #[cfg(test)]
 mod tests {

@@ -4,7 +4,7 @@
 
 use super::wire;
 use crate::deadletter::{Entry, headers};
-use crate::transport::TransportError;
+use crate::transport::{KeptPage, TransportError};
 use async_nats::jetstream;
 use async_nats::jetstream::message::StreamMessage;
 
@@ -69,17 +69,19 @@ fn subject_of(plugin: &str, subjects: &Subjects) -> String {
     subjects.get(plugin).cloned().unwrap_or_else(|| format!("{}{plugin}", crate::subject::DEAD_LETTER_PREFIX))
 }
 
-/// Up to `limit` dead letters the stream keeps (of `plugin`, when given), oldest first; each
-/// entry's `seq` is its stream sequence number. `None` when there is no stream.
+/// Up to `limit` dead letters the stream keeps (of `plugin`, when given), oldest first, and
+/// whether that is all it keeps; each entry's `seq` is its stream sequence number. `None` when
+/// there is no stream.
 pub async fn list(
     js: &jetstream::Context,
     plugin: Option<&str>,
     limit: usize,
     subjects: &Subjects,
-) -> Result<Option<Vec<Entry>>, TransportError> {
+) -> Result<Option<KeptPage>, TransportError> {
     let Some(stream) = stream(js).await? else { return Ok(None) };
     let subject = plugin.map_or_else(|| SUBJECTS.to_string(), |p| subject_of(p, subjects));
     let (mut out, mut bytes, mut next, mut passed_over) = (Vec::new(), 0usize, 1u64, 0usize);
+    let mut complete = false;
     while out.len() < limit && bytes < MAX_BYTES {
         if passed_over >= MAX_PASSED_OVER {
             tracing::warn!(
@@ -91,7 +93,10 @@ pub async fn list(
             );
             break;
         }
-        let Some(msg) = first_from(&stream, &subject, next).await? else { break };
+        let Some(msg) = first_from(&stream, &subject, next).await? else {
+            complete = true;
+            break;
+        };
         next = msg.sequence + 1;
         bytes += message_cost(&msg.headers, msg.payload.len());
         match entry_of(msg, plugin, subjects) {
@@ -99,7 +104,7 @@ pub async fn list(
             None => passed_over += 1,
         }
     }
-    Ok(Some(out))
+    Ok(Some(KeptPage { entries: out, complete }))
 }
 
 /// The newest `limit` dead letters the stream keeps (of `plugin`, when given), oldest first,
@@ -136,7 +141,7 @@ pub async fn newest(
         }
     };
     if total <= limit {
-        return Ok(list(js, plugin, limit, subjects).await?.map(|all| (all, total)));
+        return Ok(list(js, plugin, limit, subjects).await?.map(|all| (all.entries, total)));
     }
     let (mut out, mut bytes, mut passed_over) = (Vec::new(), 0usize, 0usize);
     let mut seq = state.last_sequence;
@@ -181,7 +186,9 @@ const MAX_FIND: usize = 10_000;
 /// plugin's listing of its few shows, oldest first). (It was looked for among the oldest 10,000
 /// only, all held at once: one the dashboard listed was not found, and a replay by id took this
 /// host's copy and left the broker's, to be replayed again later.) `None` when not found or
-/// there is no stream.
+/// there is no stream; an error when not found in what was read and the stream keeps more,
+/// between the two (review 62c F1: a replay by id then took this host's copy, and left the
+/// broker's to be replayed again).
 pub async fn find(js: &jetstream::Context, id: &str, subjects: &Subjects) -> Result<Option<Entry>, TransportError> {
     let Some(mut stream) = stream(js).await? else { return Ok(None) };
     let state =
@@ -209,6 +216,14 @@ pub async fn find(js: &jetstream::Context, id: &str, subjects: &Subjects) -> Res
         if let Some(entry) = found(msg) {
             return Ok(Some(entry));
         }
+    }
+    if next < below && read >= MAX_FIND {
+        return Err(TransportError::Broker(format!(
+            "{STREAM} keeps more than one lookup reads ({MAX_FIND} messages from the newest back, {MAX_FIND} from \
+             the oldest on): the dead letter {} is not among them, and may be kept between; a replay of them \
+             all removes what it replays",
+            crate::event::quoted(id)
+        )));
     }
     Ok(None)
 }

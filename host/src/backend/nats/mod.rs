@@ -551,6 +551,19 @@ impl NatsTransport {
             streams::capture(&self.js, &self.index, &self.settings, dead_letter).await?;
         }
         let name = durable_name(&spec.group);
+        // A new version may name its own queue group (`plugbus.<name>.<suffix>`), but a swap to
+        // another one made a new consumer from new messages only and left what the old one had
+        // not delivered behind (review 62d F3).
+        if let Some(old) = feed.durable.values().map(|pump| pump.spec().name).find(|old| *old != name) {
+            return Err(TransportError::Refused(format!(
+                "the new version moves plugin {plugin}'s queue group to {group}, so its durable JetStream consumer \
+                 from {old} to {name}: what {old} has not delivered would be left behind. Keep the queue group \
+                 (a manifest's `queue_group`, or `[plugins.{plugin}] queue_group`); to move it, stop the plugin \
+                 once its consumer is drained",
+                plugin = spec.plugin,
+                group = spec.group,
+            )));
+        }
         // Each consumer this feed pulls first takes both versions' filters (`widened`), and is
         // narrowed to the new ones only once every stream's took the change, and then only once
         // what it stored before the change is settled (`narrowing`): a consumer narrowed before
@@ -1191,7 +1204,7 @@ impl Transport for NatsTransport {
         &self,
         plugin: Option<&str>,
         limit: usize,
-    ) -> Result<Option<Vec<crate::deadletter::Entry>>, TransportError> {
+    ) -> Result<Option<crate::transport::KeptPage>, TransportError> {
         dead_letters::list(&self.js, plugin, limit, &self.dead_letter_subjects).await
     }
 

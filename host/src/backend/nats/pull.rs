@@ -59,8 +59,11 @@ impl Inbox {
     pub async fn open(js: &jetstream::Context) -> Result<Self, TransportError> {
         let client = js.client();
         let prefix = client.new_inbox();
+        // A message the client cannot read comes on marked (review 62a): dropped, it was never
+        // settled, came back every `ack_wait` up to `max_deliver`, and each pull that brought it
+        // waited a second for it. It is dead-lettered as malformed (`HeldMessage::delivery`).
         let incoming = client
-            .subscribe(format!("{prefix}.*"))
+            .subscribe_keeping_unreadable(format!("{prefix}.*"))
             .await
             .map_err(|e| TransportError::Broker(format!("subscribing the inbox JetStream pulls answer on: {e}")))?;
         Ok(Self { js: js.clone(), prefix, incoming, pulls: 0 })

@@ -7,6 +7,7 @@ use crate::subject::Pattern;
 use crate::transport::TransportError;
 use async_nats::jetstream::{self, stream};
 use futures::StreamExt;
+use sha2::Digest;
 use std::sync::RwLock;
 
 /// Streams and the subjects they capture, refreshed from the server.
@@ -31,6 +32,12 @@ impl StreamIndex {
     pub fn overlapping(&self, pattern: &Pattern) -> Vec<String> {
         let streams = self.streams.read().expect("stream index poisoned");
         streams.iter().filter(|(_, ps)| ps.iter().any(|p| pattern.may_reach(p))).map(|(n, _)| n.clone()).collect()
+    }
+
+    /// Whether one stream captures every subject `pattern` matches.
+    pub fn covers(&self, pattern: &Pattern) -> bool {
+        let streams = self.streams.read().expect("stream index poisoned");
+        streams.iter().any(|(_, ps)| ps.iter().any(|p| p.covers(pattern)))
     }
 
     /// Reads every stream's subjects from the server.
@@ -83,9 +90,12 @@ fn stream_config(name: &str, subjects: Vec<String>, settings: &NatsSettings) -> 
     }
 }
 
-/// The streams that hold `pattern`'s subjects; when none does and `auto_streams` is on, makes
-/// one: `PLUGBUS_<FIRST TOKEN>` for `<first>` and `<first>.>` (`PLUGBUS_DLQ` for dead letters),
-/// or one for exactly `pattern` when that would overlap another stream.
+/// The streams that hold `pattern`'s subjects, when one of them holds them all (review 62d F2:
+/// a stream holding part of them was taken, and an event on the others, stored by no stream,
+/// was published on core NATS, answered `202`, and never reached the durable subscription);
+/// when none holds any and `auto_streams` is on, makes one: `PLUGBUS_<FIRST TOKEN>` for
+/// `<first>` and `<first>.>` (`PLUGBUS_DLQ` for dead letters), or one for exactly `pattern`
+/// when that would overlap another stream ([`stream_name`]).
 pub async fn capture(
     js: &jetstream::Context,
     index: &StreamIndex,
@@ -95,7 +105,14 @@ pub async fn capture(
     let parsed = Pattern::parse(pattern)?;
     let found = index.overlapping(&parsed);
     if !found.is_empty() {
-        return Ok(found);
+        if index.covers(&parsed) {
+            return Ok(found);
+        }
+        return Err(TransportError::Broker(format!(
+            "the JetStream streams {found:?} hold only some of the subjects of {pattern}: an event on the others \
+             would be kept by no stream and never reach this durable subscription; declare a stream under \
+             [nats.streams] that holds all of {pattern}, or subscribe to what those streams hold"
+        )));
     }
     if !settings.auto_streams {
         return Err(TransportError::Broker(format!(
@@ -108,21 +125,41 @@ pub async fn capture(
         candidates.push(("PLUGBUS_DLQ".to_string(), vec!["plugbus.dlq.>".to_string()]));
     } else if !matches!(tokens[0], "*" | ">") {
         let first = tokens[0];
-        candidates.push((format!("PLUGBUS_{}", stream_token(first)), vec![first.to_string(), format!("{first}.>")]));
+        candidates.push((stream_name(first), vec![first.to_string(), format!("{first}.>")]));
     }
-    candidates.push((format!("PLUGBUS_{}", stream_token(pattern)), vec![pattern.to_string()]));
+    candidates.push((stream_name(pattern), vec![pattern.to_string()]));
     let mut last_error = String::new();
     for (name, subjects) in candidates {
         match js.get_or_create_stream(stream_config(&name, subjects.clone(), settings)).await {
-            Ok(_) => {
-                tracing::info!(stream = %name, subjects = ?subjects, "created a JetStream stream for a durable subscription");
-                index.refresh(js).await?;
-                return Ok(vec![name]);
-            }
+            // A stream of that name that holds other subjects is not this one: `get_or_create`
+            // hands back whatever stream has the name.
+            Ok(mut made) => match made.info().await.map(|info| info.config.subjects.clone()) {
+                Ok(held) if held == subjects => {
+                    tracing::info!(stream = %name, subjects = ?subjects, "created a JetStream stream for a durable subscription");
+                    index.refresh(js).await?;
+                    return Ok(vec![name]);
+                }
+                Ok(held) => last_error = format!("a stream named {name} holds {held:?}, not {subjects:?}"),
+                Err(e) => last_error = format!("reading the stream {name}: {e}"),
+            },
             Err(e) => last_error = e.to_string(),
         }
     }
     Err(TransportError::Broker(format!("no JetStream stream captures {pattern} and creating one failed: {last_error}")))
+}
+
+/// The name of a stream made for the subjects `s` names: `PLUGBUS_` and `s` upper-cased when `s`
+/// is lower-case letters, digits and `-` (`orders`: `PLUGBUS_ORDERS`), and followed by a digest
+/// of `s` otherwise, so two subject families never get one name (review 62d F2: `ORDERS` and
+/// `orders` both made `PLUGBUS_ORDERS`, and the second plugin's consumer went onto the first's
+/// stream, which never holds its events).
+pub fn stream_name(s: &str) -> String {
+    let token = stream_token(s);
+    if s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        return format!("PLUGBUS_{token}");
+    }
+    let digest = sha2::Sha256::digest(s.as_bytes());
+    format!("PLUGBUS_{token}_{}", digest[..8].iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
 
 /// A stream or consumer name from free text: letters, digits, `_` and `-`, upper-cased.
@@ -135,4 +172,36 @@ pub fn stream_token(s: &str) -> String {
             _ => '_',
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review 62d F2: `ORDERS` and `orders` made one stream name.
+    #[test]
+    fn two_subject_families_never_get_one_stream_name() {
+        assert_eq!(stream_name("orders"), "PLUGBUS_ORDERS");
+        assert_eq!(stream_name("eu-orders2"), "PLUGBUS_EU-ORDERS2");
+        let names = ["orders", "ORDERS", "Orders", "a.b", "a_b", "a.*", "a.S", "ü", "é", "orders.*", "orders.>"];
+        let made: std::collections::HashSet<String> = names.iter().map(|s| stream_name(s)).collect();
+        assert_eq!(made.len(), names.len(), "{made:?}");
+        let valid = |n: &str| n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        assert!(made.iter().all(|n| valid(n)), "{made:?}");
+    }
+
+    #[test]
+    fn a_pattern_is_covered_only_by_one_stream_holding_all_its_subjects() {
+        let index = StreamIndex::default();
+        let stream = |name: &str, subjects: &[&str]| {
+            (name.to_string(), subjects.iter().map(|s| Pattern::parse(s).unwrap()).collect::<Vec<_>>())
+        };
+        *index.streams.write().unwrap() = vec![stream("EU", &["orders.eu"]), stream("US", &["orders.us"])];
+        let orders = Pattern::parse("orders.*").unwrap();
+        assert_eq!(index.overlapping(&orders), vec!["EU".to_string(), "US".to_string()]);
+        assert!(!index.covers(&orders), "orders.ca is held by neither");
+        assert!(index.covers(&Pattern::parse("orders.eu").unwrap()));
+        index.streams.write().unwrap().push(stream("ALL", &["orders", "orders.>"]));
+        assert!(index.covers(&orders));
+    }
 }

@@ -3,7 +3,7 @@
 //! unread without closing the connection. The NATS server forwards subjects and headers
 //! unchecked; async-nats 0.51 closed the whole connection at one (every plugin's), so plugbus
 //! builds it patched (`vendor/async-nats`) to drop and count them instead. A JetStream message
-//! dropped so is never acked: the server delivers it again up to the consumer's `max_deliver`.
+//! so is handed to the pull's inbox marked, and dead-lettered unrun and termed (review 62a).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
