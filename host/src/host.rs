@@ -182,6 +182,7 @@ impl Host {
             files: Mutex::new(files),
             stats: ReloadStats::default(),
             metrics: metrics.clone(),
+            freed: Mutex::default(),
         });
         let folder = match folder {
             Some(folder) => Some(folder),

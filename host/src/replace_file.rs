@@ -9,10 +9,20 @@ use std::path::Path;
 
 /// Writes `bytes` into `temp`, which must not exist yet (made with `O_EXCL`: whatever is at that
 /// name, a link or a FIFO, is refused, never written through, and left as it is), syncs it and
-/// renames it over `target`. On failure the temporary it made is removed.
+/// renames it over `target`, keeping `target`'s mode when it is there (review 61g: a `0600` case
+/// file came back `0644`, every local user's to read). On failure the temporary it made is
+/// removed.
 pub fn replace_with(temp: &Path, target: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut out = std::fs::OpenOptions::new().write(true).create_new(true).open(temp)?;
-    let renamed = out.write_all(bytes).and_then(|()| out.sync_all()).and_then(|()| std::fs::rename(temp, target));
+    let kept_mode = match std::fs::metadata(target) {
+        Ok(was) => out.set_permissions(was.permissions()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    };
+    let renamed = kept_mode
+        .and_then(|()| out.write_all(bytes))
+        .and_then(|()| out.sync_all())
+        .and_then(|()| std::fs::rename(temp, target));
     if renamed.is_err() {
         let _ = std::fs::remove_file(temp);
     }
@@ -59,6 +69,18 @@ fn remove_leftovers(target: &Path, tag: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_replaced_file_keeps_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("cases.jsonl");
+        std::fs::write(&target, "old").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        replace_with(&dir.path().join("t"), &target, b"new").unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "new");
+        assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o600);
+    }
 
     #[test]
     fn nothing_at_the_temporary_name_is_written_through() {

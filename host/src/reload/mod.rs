@@ -102,6 +102,9 @@ pub struct Reloader {
     pub stats: ReloadStats,
     /// Where reload and load-error counters go.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Refused files that may serve now: another spelling of a plugin whose file is gone
+    /// ([`Reloader::take_freed`]).
+    pub freed: Mutex<Vec<PathBuf>>,
 }
 
 impl Reloader {
@@ -112,6 +115,24 @@ impl Reloader {
         let refused = Rejected::new(path.to_path_buf(), &reason);
         refused.log(serving.as_deref());
         self.rejected.lock().expect("poisoned").insert(refused);
+    }
+
+    /// The refused files whose plugin names differ from `name`'s only in `-` and `_` (refused as
+    /// already served), to be applied again now that it is gone (review 62e F3: the one refused
+    /// while `my_handler.wasm` served stayed refused once that file was removed, until touched).
+    fn free_other_spellings_of(&self, name: &str) {
+        let key = crate::manifest::name_key(name);
+        let spelled = |path: &Path| {
+            loader::identity_of(path, &self.config).is_ok_and(|other| crate::manifest::name_key(&other) == key)
+        };
+        let freed: Vec<PathBuf> =
+            self.rejected.lock().expect("poisoned").iter().map(|r| r.path.clone()).filter(|p| spelled(p)).collect();
+        self.freed.lock().expect("poisoned").extend(freed);
+    }
+
+    /// The refused files to apply again, since a removal freed their plugin's name.
+    pub fn take_freed(&self) -> Vec<PathBuf> {
+        std::mem::take(&mut *self.freed.lock().expect("poisoned"))
     }
 
     fn clear_rejection(&self, path: &Path) {
@@ -141,6 +162,7 @@ impl Reloader {
                 if !still_elsewhere && self.router.remove(&name) {
                     self.stats.reloads.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(plugin = %name, file = %loader::shown(path), "plugin removed with its file");
+                    self.free_other_spellings_of(&name);
                 }
             }
             return Applied::Done;
@@ -423,6 +445,9 @@ pub fn watch(reloader: Arc<Reloader>, folder: FolderWatch) -> WatchGuard {
                     // Only an abort (the watch stopping) ends a task without its file.
                     if let Ok((path, applied)) = ended {
                         applying.ended(path, applied);
+                    }
+                    for path in reloader.take_freed() {
+                        applying.start(path, Instant::now());
                     }
                     continue;
                 }

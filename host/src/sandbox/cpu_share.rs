@@ -30,7 +30,7 @@ use prometheus_client::metrics::family::Family;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
@@ -136,6 +136,7 @@ impl CpuShares {
             name: name.into(),
             shares: self.clone(),
             waits,
+            runnable: Arc::default(),
             has_line: Arc::default(),
         })
     }
@@ -224,11 +225,19 @@ pub struct PluginShare {
     name: Arc<str>,
     shares: Arc<CpuShares>,
     waits: Counter,
+    /// Its attempts running guest code or ready to (`cpu_wait::Runnable`'s own count), shared
+    /// by the versions that share it.
+    runnable: Arc<AtomicU32>,
     /// Whether its line is kept now (it holds a turn or waits for one).
     has_line: Arc<AtomicBool>,
 }
 
 impl PluginShare {
+    /// The count of its attempts running guest code or ready to (`cpu_wait::Runnable::sharing`).
+    pub fn runnable(&self) -> Arc<AtomicU32> {
+        self.runnable.clone()
+    }
+
     /// Another share of the same host's turns (a debug run of the same version).
     pub fn another(&self) -> Arc<PluginShare> {
         self.shares.separate(&self.name)
@@ -445,13 +454,14 @@ mod tests {
         let shares = CpuShares::new(2);
         let (v1, v2) = (shares.plugin("p"), shares.plugin("p"));
         assert!(Arc::ptr_eq(&v1, &v2));
+        assert!(Arc::ptr_eq(&v1.runnable(), &v2.runnable()), "one count of runnable attempts");
         let (a, b) = (attempts(1), attempts(1));
         ticked(&v1, &a);
         ticked(&v2, &b);
         assert!(v1.ask(&a[0]).is_none() && v2.ask(&b[0]).is_none());
         assert_eq!(shares.wanting(), 1, "two versions of one plugin are one plugin wanting turns");
         let debug = v1.another();
-        assert!(!Arc::ptr_eq(&debug, &v1));
+        assert!(!Arc::ptr_eq(&debug, &v1) && !Arc::ptr_eq(&debug.runnable(), &v1.runnable()));
         all_given_back(a.iter().chain(&b));
         let id = v1.id;
         drop((v1, v2, debug));

@@ -64,13 +64,19 @@ pub fn over(elapsed: Duration, deadline: Duration, credited: Duration) -> Option
 #[derive(Debug, Default)]
 pub struct Runnable {
     host: Arc<AtomicU32>,
-    own: AtomicU32,
+    own: Arc<AtomicU32>,
 }
 
 impl Runnable {
     /// One plugin's count, within the host's `host`.
     pub fn within(host: Arc<AtomicU32>) -> Self {
-        Self { host, own: AtomicU32::new(0) }
+        Self { host, own: Arc::default() }
+    }
+
+    /// The count `own` of a plugin every loaded version of which shares it (review 62e F7: each
+    /// version's attempts were another plugin's to the others), within the host's `host`.
+    pub fn sharing(host: Arc<AtomicU32>, own: Arc<AtomicU32>) -> Self {
+        Self { host, own }
     }
 
     /// The host's count, for another plugin.
@@ -407,8 +413,9 @@ mod tests {
         let due = Instant::now();
         std::thread::sleep(Duration::from_millis(20));
         let asked = Instant::now();
-        wait.paused(true);
+        // measured around the wait: `began` before it starts, `polled` after it ends
         let began = Instant::now();
+        wait.paused(true);
         std::thread::sleep(Duration::from_millis(40));
         wait.resumed();
         let polled = began.elapsed();

@@ -459,6 +459,7 @@ impl Sandbox {
                 manifest.name
             );
         }
+        let share = self.shares.plugin(&manifest.name);
         let ctx = PluginCtx {
             name: manifest.name.as_str().into(),
             limits: settings.limits,
@@ -467,8 +468,8 @@ impl Sandbox {
             kv: settings.kv,
             outbound: Arc::new(outbound),
             requester: self.requester.clone(),
-            runnable: super::cpu_wait::Runnable::within(self.runnable.clone()),
-            share: self.shares.plugin(&manifest.name),
+            runnable: super::cpu_wait::Runnable::sharing(self.runnable.clone(), share.runnable()),
+            share,
         };
         Ok(Plugin::new(self._ticker.clone(), pre, code, manifest, hash, Arc::new(ctx), self.pool.clone()))
     }

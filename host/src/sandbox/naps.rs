@@ -5,8 +5,9 @@
 //! counted against its deadline (review 61a F2). With other plugins' attempts running guest code
 //! on every worker, the runtime looks at its timers only every few of their slices: a handler
 //! making 300 naps of 1 ms missed a 1 s deadline behind 16 spinning attempts of another plugin
-//! (with them, and epoch ticks of a millisecond, each took 3.7 ms: `engine::EPOCH_TICK`). wasmtime-wasi's own subscriptions are shadowed here by ones that behave the same
-//! (a zero duration yields once, one too far to represent never ends).
+//! (with them, and epoch ticks of a millisecond, each took 3.7 ms: `engine::EPOCH_TICK`).
+//! wasmtime-wasi's own subscriptions are shadowed here by ones that behave the same (a zero
+//! duration yields once, one too far to represent never ends).
 
 use super::state::{HostState, PluginCtx};
 use std::sync::Arc;

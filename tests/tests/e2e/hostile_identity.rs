@@ -88,6 +88,12 @@ async fn one_plugin_under_two_spellings_of_dash_and_underscore_is_served_once() 
     let reason = must_reject(host, "bench_plugin_000.wasm");
     assert!(reason.contains("\"bench_plugin_000\"") && reason.contains("bench-plugin-000.wasm"), "{reason}");
     assert_eq!(host.router().names(), vec!["bench-plugin-000".to_string()]);
+    // The served spelling removed, the other serves (review 62e F3: it stayed refused until
+    // its file was touched).
+    std::fs::remove_file(t.dir.path().join("bench-plugin-000.wasm")).unwrap();
+    let router = host.router().clone();
+    eventually("the other spelling serves", || router.names() == vec!["bench_plugin_000".to_string()]).await;
+    eventually("its refusal is cleared", || rejection(host, "bench_plugin_000.wasm").is_none()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3443,7 +3443,6 @@ async fn jetstream_a_hot_swap_that_would_move_a_durable_consumer_is_refused() {
     let server = NatsServer::start().await;
     let js = jetstream::new(server.client().await);
     let t = TestHost::start_on(&Bus::JetStream(&server), &["echo"], |_| {}).await;
-    let mut seen = t.observe(&["echo.>"]).await;
     let dir = t.dir.path();
     std::fs::copy(wasm("echo3"), dir.join("echo.tmp")).unwrap();
     std::fs::rename(dir.join("echo.tmp"), dir.join("echo.wasm")).unwrap();
@@ -3454,10 +3453,18 @@ async fn jetstream_a_hot_swap_that_would_move_a_durable_consumer_is_refused() {
     assert!(reason.contains("plugbus.echo.v3") && reason.contains("left behind"), "{reason}");
     assert!(!reason.contains("tried again"), "{reason}");
     assert_eq!(t.host.router().current("echo").unwrap().manifest().version, "0.1.0");
+    let consumers = echo_handles_an_order_counting_the_consumers_of(&t, &js, "PLUGBUS_ORDERS").await;
+    assert_eq!(consumers, 1, "a consumer for the new group was made");
+}
+
+/// Publishes `orders.created` through `t`, sees `echo` handle it, and counts the consumers of
+/// `stream`.
+async fn echo_handles_an_order_counting_the_consumers_of(t: &TestHost, js: &jetstream::Context, stream: &str) -> usize {
+    let mut seen = t.observe(&["echo.>"]).await;
     t.publish("orders.created", "{}").await;
     assert_eq!(seen.next_where(|_| true).await.subject, "echo.orders.created");
-    let mut orders = js.get_stream("PLUGBUS_ORDERS").await.unwrap();
-    assert_eq!(orders.info().await.unwrap().state.consumer_count, 1, "a consumer for the new group was made");
+    let mut stream = js.get_stream(stream).await.unwrap();
+    stream.info().await.unwrap().state.consumer_count
 }
 
 /// Review 62d F2: a stream another plugin (or anyone) made under the name the host would give
@@ -3476,11 +3483,8 @@ async fn jetstream_a_stream_under_the_name_the_host_would_make_that_holds_other_
     .await
     .unwrap();
     let t = TestHost::start_on(&Bus::JetStream(&server), &["echo"], |_| {}).await;
-    let mut seen = t.observe(&["echo.>"]).await;
-    t.publish("orders.created", "{}").await;
-    assert_eq!(seen.next_where(|_| true).await.subject, "echo.orders.created");
-    let mut taken = js.get_stream("PLUGBUS_ORDERS").await.unwrap();
-    assert_eq!(taken.info().await.unwrap().state.consumer_count, 0, "a consumer went onto PLUGBUS_ORDERS");
+    let consumers = echo_handles_an_order_counting_the_consumers_of(&t, &js, "PLUGBUS_ORDERS").await;
+    assert_eq!(consumers, 0, "a consumer went onto PLUGBUS_ORDERS");
 }
 
 /// Review 62d F2: a declared stream holding part of a durable plugin's pattern (`orders.eu` of

@@ -3814,12 +3814,16 @@ pub(crate) mod tests {
         nothing_ahead.lock().unwrap().push(dir.join("bus.redb"));
     }
 
-    /// Fills the file system under `dir` until a write fails; returns the file that filled it.
+    /// Fills the file system under `dir` until a write of even one byte fails; returns the file
+    /// that filled it. (Filled in 64 KiB writes only, up to 64 KiB were left, and a small commit
+    /// could still land: a full-disk test then failed now and then.)
     pub(crate) fn fill_up(dir: &Path) -> PathBuf {
         use std::io::Write;
         let filler = dir.join("filler");
         let mut f = std::fs::File::create(&filler).unwrap();
-        while f.write_all(&[7u8; 64 << 10]).is_ok() {}
+        for chunk in [64 << 10, 4 << 10, 1] {
+            while f.write_all(&vec![7u8; chunk]).is_ok() {}
+        }
         filler
     }
 
