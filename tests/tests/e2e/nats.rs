@@ -1939,6 +1939,18 @@ async fn a_dead_letter_on_the_subject_the_operator_set_is_listed_as_its_plugins(
 /// The attack: anyone who may publish on `plugbus.dlq.*` forges a dead letter naming a `$KV`
 /// subject (a replay would publish there with the host's credentials), and floods the stream
 /// with messages that are no dead letters, so that every listing walks them one request each.
+/// Publishes `n` messages on `plugbus.dlq.junk` (no plugin's dead letters: a listing passes
+/// over at most 1,000 such), each stored before this returns.
+async fn publish_junk_under_the_dead_letters(js: &jetstream::Context, n: usize) {
+    let mut acks = Vec::new();
+    for _ in 0..n {
+        acks.push(js.publish("plugbus.dlq.junk", "junk".into()).await.unwrap());
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_dead_letter_stream_is_read_within_bounds_and_never_replayed_to_a_system_subject() {
     let server = NatsServer::start().await;
@@ -1954,13 +1966,7 @@ async fn a_forged_dead_letter_stream_is_read_within_bounds_and_never_replayed_to
     forged.insert(headers::ERROR, "forged");
     forged.insert("Nats-Msg-Id", "forged-1");
     js.publish_with_headers("plugbus.dlq.faulty", forged, "stolen".into()).await.unwrap().await.unwrap();
-    let mut acks = Vec::new();
-    for _ in 0..1_000 {
-        acks.push(js.publish("plugbus.dlq.junk", "junk".into()).await.unwrap());
-    }
-    for ack in acks {
-        ack.await.unwrap();
-    }
+    publish_junk_under_the_dead_letters(&js, 1_000).await;
     reject("second").await.unwrap();
     dlq.next_where(|e| e.data.as_ref() == b"second").await;
     a.host.shutdown().await;
@@ -3530,13 +3536,7 @@ async fn a_replay_beside_a_cut_page_of_the_broker_runs_each_dead_letter_once() {
     reject("first").await.unwrap();
     dlq.next_where(|e| e.data.as_ref() == b"first").await;
     let js = jetstream::new(server.client().await);
-    let mut acks = Vec::new();
-    for _ in 0..1_000 {
-        acks.push(js.publish("plugbus.dlq.junk", "junk".into()).await.unwrap());
-    }
-    for ack in acks {
-        ack.await.unwrap();
-    }
+    publish_junk_under_the_dead_letters(&js, 1_000).await;
     reject("second").await.unwrap();
     dlq.next_where(|e| e.data.as_ref() == b"second").await;
     let mut replays = t.observe(&["faulty.reject"]).await;
