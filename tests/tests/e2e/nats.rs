@@ -1639,6 +1639,20 @@ async fn jetstream_a_dead_letter_over_its_streams_max_msg_size_is_kept_without_i
     assert_eq!(t.counter("faulty", "dead_lettered"), 2);
 }
 
+/// The config of a host on `server`'s JetStream with `echo` and `faulty` in a plugins folder of
+/// its own, `durable` of them durable, and no HTTP API; with the folders it names (kept while
+/// they are).
+fn echo_and_faulty_on(server: &NatsServer, durable: &str) -> ((tempfile::TempDir, tempfile::TempDir), Config) {
+    let (plugins, data) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for plugin in ["echo", "faulty"] {
+        std::fs::copy(wasm(plugin), plugins.path().join(format!("{plugin}.wasm"))).unwrap();
+    }
+    let mut config =
+        Config { plugins_dir: plugins.path().into(), data_dir: data.path().into(), http: None, ..Config::default() };
+    Bus::JetStream(server).configure(&mut config, &[durable]);
+    ((plugins, data), config)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_streams_are_made_for_durable_subscriptions_unless_auto_streams_is_off() {
     let server = NatsServer::start().await;
@@ -1656,13 +1670,7 @@ async fn jetstream_streams_are_made_for_durable_subscriptions_unless_auto_stream
     // why, and the host starts without it: the others serve (review 62d F1: the whole start
     // failed, so one plugin's durable subscription kept every plugin down)
     let bare = NatsServer::start().await;
-    let plugins = tempfile::tempdir().unwrap();
-    std::fs::copy(wasm("faulty"), plugins.path().join("faulty.wasm")).unwrap();
-    std::fs::copy(wasm("echo"), plugins.path().join("echo.wasm")).unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let mut config =
-        Config { plugins_dir: plugins.path().into(), data_dir: data.path().into(), http: None, ..Config::default() };
-    Bus::JetStream(&bare).configure(&mut config, &["faulty"]);
+    let (_folders, mut config) = echo_and_faulty_on(&bare, "faulty");
     config.nats.auto_streams = false;
     let host = plugbus::Host::start(config.clone()).await.expect("the host starts without the refused plugin");
     assert!(host.router().contains("echo") && !host.router().contains("faulty"), "{:?}", host.router().names());
@@ -3499,13 +3507,7 @@ async fn jetstream_a_stream_under_the_name_the_host_would_make_that_holds_other_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_a_stream_holding_part_of_a_durable_pattern_refuses_the_plugin() {
     let server = NatsServer::start().await;
-    let plugins = tempfile::tempdir().unwrap();
-    std::fs::copy(wasm("echo"), plugins.path().join("echo.wasm")).unwrap();
-    std::fs::copy(wasm("faulty"), plugins.path().join("faulty.wasm")).unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let mut config =
-        Config { plugins_dir: plugins.path().into(), data_dir: data.path().into(), http: None, ..Config::default() };
-    Bus::JetStream(&server).configure(&mut config, &["echo"]);
+    let (_folders, mut config) = echo_and_faulty_on(&server, "echo");
     config.nats.streams.insert("EU".into(), plugbus::backend::nats::StreamDef { subjects: vec!["orders.eu".into()] });
     let host = plugbus::Host::start(config).await.expect("the host starts without echo");
     assert!(host.router().contains("faulty") && !host.router().contains("echo"), "{:?}", host.router().names());
