@@ -304,6 +304,31 @@ async fn an_output_nats_can_never_carry_fails_its_attempt_as_the_handlers_before
     t.host.shutdown().await;
 }
 
+/// Review 61e (its check had no test of its own): a reply within `max_output_bytes` but over the
+/// server's `max_payload` once the host's attributes are on it fails its attempt as the
+/// handler's, naming the reply, before anything is published or committed
+/// (`Transport::reply_too_large`; it was dropped and counted as the bus's failure). Its requester
+/// gets no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_nats_can_never_carry_fails_its_attempt_as_the_handlers() {
+    // A server taking 64 KiB a message: a reply well within the host's 1 MiB and just under that
+    let conf = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(conf.path(), "max_payload: 65536\n").unwrap();
+    let server = NatsServer::start_with(&["-c", &conf.path().display().to_string()]).await;
+    let t = TestHost::start_on(&Bus::Core(&server), &["responder"], plugbus_tests::fast_retries).await;
+    let mut dead = t.observe(&["plugbus.dlq.responder"]).await;
+    let room = 65_536 - 100;
+    let url = format!("{}/v1/request/rpc.huge?timeout=5s", t.url());
+    let answer = reqwest::Client::new().post(url).body(room.to_string()).send().await.unwrap();
+    assert_ne!(answer.status().as_u16(), 200);
+    let letter = dead.next_on("plugbus.dlq.responder").await;
+    let error = letter.header(headers::ERROR).unwrap_or_default().to_string();
+    assert!(error.contains("its reply on rpc.huge can never be published"), "{error}");
+    assert!(error.contains("max_payload of 65536") && !error.contains("host error"), "{error}");
+    assert_eq!(t.counter("responder", "host_failures"), 0);
+    t.host.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_group_shares_the_work_of_two_hosts_each_event_once() {
     let server = NatsServer::start().await;
