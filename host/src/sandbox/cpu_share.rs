@@ -52,7 +52,7 @@ pub struct CpuShares {
     waits: Family<PluginLabels, Counter>,
     /// Each live plugin's share, by name: every loaded version of a plugin takes the one share
     /// (review 62d F4: a share a version, so a plugin reloading itself took a quota for each).
-    by_name: Mutex<HashMap<Arc<str>, std::sync::Weak<PluginShare>>>,
+    by_name: super::live_by_name::LiveByName<PluginShare>,
 }
 
 /// The turns held, and each plugin's line.
@@ -99,7 +99,7 @@ impl CpuShares {
             lines: AtomicUsize::new(0),
             next_plugin: AtomicU64::new(0),
             waits: Family::default(),
-            by_name: Mutex::default(),
+            by_name: Default::default(),
         })
     }
 
@@ -110,14 +110,7 @@ impl CpuShares {
 
     /// A new plugin version's share (`name` in the metrics).
     pub fn plugin(self: &Arc<Self>, name: &str) -> Arc<PluginShare> {
-        let mut by_name = self.by_name.lock().expect("poisoned");
-        if let Some(live) = by_name.get(name).and_then(std::sync::Weak::upgrade) {
-            return live;
-        }
-        by_name.retain(|_, share| share.strong_count() > 0);
-        let share = self.separate(name);
-        by_name.insert(share.name.clone(), Arc::downgrade(&share));
-        share
+        self.by_name.get_or_make(name, || self.separate(name))
     }
 
     /// A share of its own for `name`, beside the plugin's ([`PluginShare::another`]).

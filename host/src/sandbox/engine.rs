@@ -202,7 +202,7 @@ pub struct Sandbox {
     /// Each plugin's share of the CPUs (`cpu_share`).
     shares: Arc<super::cpu_share::CpuShares>,
     /// Each live plugin's DNS lookups in flight, by name: its versions share them.
-    lookups: Arc<std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<super::lookup::Lookups>>>>,
+    lookups: Arc<super::live_by_name::LiveByName<super::lookup::Lookups>>,
     _ticker: Arc<Ticker>,
 }
 
@@ -477,14 +477,7 @@ impl Sandbox {
     /// The DNS lookups in flight of the plugin `name` (at most `at_once`): those of its live
     /// versions, or new ones.
     fn lookups_of(&self, name: &str, at_once: u32) -> Arc<super::lookup::Lookups> {
-        let mut by_name = self.lookups.lock().expect("poisoned");
-        if let Some(live) = by_name.get(name).and_then(std::sync::Weak::upgrade) {
-            return live;
-        }
-        by_name.retain(|_, lookups| lookups.strong_count() > 0);
-        let lookups = Arc::new(super::lookup::Lookups::new(at_once as usize));
-        by_name.insert(name.to_string(), Arc::downgrade(&lookups));
-        lookups
+        self.lookups.get_or_make(name, || Arc::new(super::lookup::Lookups::new(at_once as usize)))
     }
 
     /// Charges `component`'s mapped image to `plugin` in the code budget, or refuses the load.
@@ -630,7 +623,7 @@ mod tests {
         assert!(!Arc::ptr_eq(&v1, &sandbox.lookups_of("q", 8)));
         drop((v1, v2));
         let _other = sandbox.lookups_of("x", 8);
-        assert!(!sandbox.lookups.lock().unwrap().contains_key("p"), "a gone plugin's lookups were kept");
+        assert!(!sandbox.lookups.lists("p"), "a gone plugin's lookups were kept");
     }
 
     /// The oldest wasmtime on the 48 LTS line with the 2026 advisories fixed

@@ -19,6 +19,7 @@ mod guest_stack;
 mod http_caps;
 pub mod http_stubs;
 pub mod limits;
+mod live_by_name;
 mod lookup;
 mod naps;
 pub mod outbound;
