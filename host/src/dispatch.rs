@@ -642,9 +642,7 @@ async fn attempts(
     record: &mut Option<Box<Record>>,
 ) -> Outcome {
     let serving = rt.plugin();
-    let max_bytes = serving.limits().max_event_bytes;
-    if ev.data.len() as u64 > max_bytes {
-        let failure = DeliveryError::Oversize { bytes: ev.data.len(), limit: max_bytes };
+    if let Some(failure) = crate::fate::unrunnable(ev, serving.limits()) {
         return Outcome::DeadLettered { attempts: 0, failure };
     }
     // The version of the first attempt; each later one takes the version serving then.

@@ -57,6 +57,13 @@ impl DeliveryError {
     }
 }
 
+/// Why `ev` is never run by a plugin with `limits`: its data is over the plugin's
+/// `max_event_bytes` (dead-lettered unrun). Dispatch and `plugbus test` both ask here.
+pub fn unrunnable(ev: &crate::event::Event, limits: &crate::sandbox::Limits) -> Option<DeliveryError> {
+    let limit = limits.max_event_bytes;
+    (ev.data.len() as u64 > limit).then(|| DeliveryError::Oversize { bytes: ev.data.len(), limit })
+}
+
 impl DeliveryError {
     /// The error of an attempt that failed with `failure`: the handler's, or the host's when
     /// the host failed it ([`Failure::Host`]).

@@ -184,7 +184,9 @@
 //! deadline (5 s) and caps on publishes (100), output bytes (1 MiB) and kv use per event; the
 //! operator can change every one per plugin. Past a cap the call fails with an error the handler
 //! sees ([`PublishError::Limit`], [`kv::KvError::TooLarge`]) or, for memory and time, the
-//! attempt fails and is retried.
+//! attempt fails and is retried. A single call far past a cap (more than about four times the
+//! largest call the caps allow, [`testing::Limits::hostcall_bytes`]) is not copied at all: the
+//! attempt fails there and is retried, whatever the handler does with errors.
 
 #![warn(missing_docs)]
 
@@ -216,8 +218,18 @@ pub use rpc::{ReplyError, RequestError, reply, reply_json, reply_with_headers, r
 /// `version = ".."` (default: the crate's), `queue_group = ".."`, `order_by_header = ".."` or
 /// `order_by_token = N`, `durable = true`, `deliver = "all" | "new"`.
 ///
+/// What the host accepts at load (a manifest past these is refused, naming the field):
+/// - at most 256 `subscribe` and 256 `publishes` patterns, none starting with `$` or `_INBOX`;
+/// - at most 64 `outbound` destinations, each `http(s)://host[:port]` or `http(s)://host:*`, no
+///   path, query or user;
+/// - `version` and the `order_by_header` name: at most 128 bytes, no spaces or control characters;
+/// - `queue_group`: `plugbus.<plugin>` or a group under it (`plugbus.<plugin>.<suffix>`), where
+///   `<plugin>` is the name the plugin is deployed under (its file's name); the operator sets
+///   any other group with `[plugins.NAME] queue_group`.
+///
 /// The function stays callable by its own name, and [`testing::TestHost`] applies its
-/// `publishes` and `subscribe` when it runs it.
+/// `publishes` and `subscribe` when it runs it, and fails the run on a manifest the host would
+/// refuse.
 ///
 /// ```
 /// use plugbus_sdk::{Event, HandlerError, handler};

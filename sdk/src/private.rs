@@ -26,6 +26,10 @@ pub struct Declared {
     pub publishes: &'static [&'static str],
     /// `outbound = [..]`.
     pub outbound: &'static [&'static str],
+    /// `queue_group = ".."`.
+    pub queue_group: Option<&'static str>,
+    /// `order_by_header = ".."`.
+    pub order_by_header: Option<&'static str>,
 }
 
 /// Called first thing by a `#[handler]` function on the native target: tells a running

@@ -167,6 +167,89 @@ fn a_manifest_the_host_would_refuse_fails_the_test() {
     TestHost::new().run(greedy, Event::new("a.b", ""));
 }
 
+#[handler(name = "shop", subscribe = ["a.b"], queue_group = "orders-workers")]
+fn joins_a_foreign_group(_ev: Event) -> Result<(), HandlerError> {
+    Ok(())
+}
+
+#[handler(name = "shop", subscribe = ["a.b"], queue_group = "plugbus.shop.v2")]
+fn splits_its_own_group(_ev: Event) -> Result<(), HandlerError> {
+    Ok(())
+}
+
+#[handler(name = "shop", subscribe = ["a.b"], order_by_header = "tenant id")]
+fn orders_by_a_spaced_header(_ev: Event) -> Result<(), HandlerError> {
+    Ok(())
+}
+
+#[handler(name = "shop", version = "1.0 beta", subscribe = ["a.b"])]
+fn spaced_version(_ev: Event) -> Result<(), HandlerError> {
+    Ok(())
+}
+
+#[handler(name = "shop", subscribe = ["a.b"], outbound = ["https://api.example.com/v1"])]
+fn outbound_with_a_path(_ev: Event) -> Result<(), HandlerError> {
+    Ok(())
+}
+
+/// Review 61f F5: `#[handler]` options the loader refuses passed `TestHost` silently (a queue
+/// group not the plugin's, a header name or version with a space, an outbound rule with a path,
+/// which `TestHost` even granted calls under). Each now fails the run as the loader would.
+#[test]
+fn manifest_options_the_loader_refuses_fail_the_test_naming_the_field() {
+    let refusal = |handler: fn(Event) -> Result<(), HandlerError>| {
+        let run = std::panic::catch_unwind(|| TestHost::new().run(handler, Event::new("a.b", "")));
+        let panic = run.expect_err("the host would refuse it at load");
+        panic.downcast_ref::<String>().cloned().unwrap_or_default()
+    };
+    let why = refusal(joins_a_foreign_group);
+    assert!(
+        why.contains("manifest field `queue-group` \"orders-workers\" is not this plugin's: a manifest may only use \"plugbus.shop\""),
+        "{why}"
+    );
+    let why = refusal(orders_by_a_spaced_header);
+    assert!(why.contains("manifest field `order-by` header name \"tenant id\" has spaces"), "{why}");
+    let why = refusal(spaced_version);
+    assert!(why.contains("manifest field `version` \"1.0 beta\" has spaces"), "{why}");
+    let why = refusal(outbound_with_a_path);
+    assert!(
+        why.contains("manifest field `outbound[0]`: \"https://api.example.com/v1\": only scheme, host and port"),
+        "{why}"
+    );
+    assert_eq!(TestHost::new().run(splits_its_own_group, Event::new("a.b", "")).result, Ok(()));
+}
+
+#[handler(subscribe = ["cache.fill"])]
+fn caches_what_fits(ev: Event) -> Result<(), HandlerError> {
+    let size: usize = ev.json()?;
+    match kv::set("k", vec![0u8; size]) {
+        Err(kv::KvError::TooLarge(_)) => Ok(()),
+        other => other.map_err(|e| HandlerError::retry(e.to_string())),
+    }
+}
+
+/// Review 61f F4: a call a little over a cap gets the cap's error, but one past the host's
+/// per-call copy limit (about four times the largest legitimate call) traps on the host: the
+/// attempt fails, and is retried, whatever the handler does with errors. `TestHost` returned the
+/// cap's error there too, so a handler tested to degrade gracefully was dead-lettered in
+/// production.
+#[test]
+fn a_call_far_past_a_cap_fails_the_run_as_the_hosts_trap_does() {
+    let mut host = TestHost::new();
+    let limit = Limits::default().hostcall_bytes();
+    assert_eq!(host.run(caches_what_fits, Event::new("cache.fill", "300000")).result, Ok(()), "TooLarge, handled");
+    let run = host.run(caches_what_fits, Event::new("cache.fill", (limit + 1).to_string()));
+    let err = run.result.unwrap_err();
+    assert!(err.is_retry(), "{err:?}");
+    assert_eq!(
+        err.message(),
+        format!(
+            "the handler passed more than {limit} bytes to the host in one call (the per-call copy limit, from \
+             max_output_bytes / max_kv_value_bytes / max_log_bytes)"
+        )
+    );
+}
+
 #[handler(subscribe = ["a.b"], publishes = ["out.>"])]
 fn headers(ev: Event) -> Result<(), HandlerError> {
     let name = ev.text()?;

@@ -128,6 +128,9 @@ pub async fn test_file(runner: &Runner, cases: &Path, update: bool) -> Result<Re
     // not kept: as JSON values they took up to 20 times their text).
     let mut updated = String::new();
     for (i, case) in file.cases.iter_mut().enumerate() {
+        if let Some(what) = runner.never_delivered(case) {
+            return Err(CaseError::Line { file: cases.to_path_buf(), line: case.line, what });
+        }
         let outcome = runner.run(case).await;
         if let Some(e) = failed_by_the_host(&outcome, cases, case.line) {
             return Err(e);

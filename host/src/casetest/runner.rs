@@ -4,6 +4,7 @@
 use super::CaseError;
 use super::case::{Case, Verdict};
 use crate::config::Config;
+use crate::fate::DeliveryError;
 use crate::kv::{KvError, KvStore, MemoryKv, Txn, Versioned};
 use crate::sandbox::http_stubs::{HttpCall, HttpStubs};
 use crate::sandbox::{Failure, FixedWorld, Plugin, Sandbox};
@@ -125,9 +126,32 @@ impl Runner {
         self.plugin.name()
     }
 
-    /// Runs one case: a fresh instance, the case's kv, clocks and random fixed by its event.
+    /// Why the host would never deliver a case's event to this plugin: its subject matches none
+    /// of the plugin's subscriptions (review 61f F3: such a case ran, and its snapshot passed).
+    pub fn never_delivered(&self, case: &Case) -> Option<String> {
+        let patterns = self.plugin.manifest().patterns();
+        let takes = crate::subject::PatternSet::parse(&patterns).is_ok_and(|set| set.matches(&case.event.subject));
+        (!takes).then(|| {
+            format!(
+                "the event's subject {} matches none of plugin {}'s subscriptions ({}): the host would never \
+                 deliver it to this plugin",
+                crate::event::quoted(&case.event.subject),
+                self.plugin.name(),
+                patterns.join(", ")
+            )
+        })
+    }
+
+    /// Runs one case as the host would deliver it: an event over the plugin's
+    /// `max_event_bytes` is dead-lettered unrun (the decision is dispatch's,
+    /// [`crate::fate::unrunnable`]); otherwise a fresh instance runs it with the case's kv and its
+    /// clocks and random fixed by the event, and the handler's kv writes are committed against
+    /// the plugin's `max_kv_bytes` (past it the attempt fails as the host fails it, a retry).
     pub async fn run(&self, case: &Case) -> Outcome {
         let name = self.plugin.name().to_string();
+        if let Some(never_run) = crate::fate::unrunnable(&case.event, self.plugin.limits()) {
+            return failed_delivery(never_run, case, Vec::new());
+        }
         if let Err(e) = self.kv.reset(&name, &case.kv).await {
             return failed(Failure::Host(format!("the case's kv could not be set: {e}")), case, Vec::new());
         }
@@ -137,6 +161,11 @@ impl Runner {
         let calls = stubs.calls();
         if let Err(failure) = attempt.result {
             return failed(failure, case, calls);
+        }
+        match self.plugin.commit(&attempt.txn).await {
+            Ok(()) => {}
+            Err(e) if e.is_quota() => return failed_delivery(DeliveryError::KvQuota(e.to_string()), case, calls),
+            Err(e) => return failed_delivery(DeliveryError::Kv(e.to_string()), case, calls),
         }
         let outputs = attempt
             .outputs
@@ -167,8 +196,15 @@ impl Runner {
 }
 
 pub(super) fn failed(failure: Failure, case: &Case, calls: Vec<HttpCall>) -> Outcome {
-    let verdict = if failure.is_retryable() { Verdict::Retry } else { Verdict::Reject };
-    let by_the_host = matches!(failure, Failure::Host(_));
-    let message = Some(failure.to_string());
+    failed_delivery(DeliveryError::of_attempt(failure), case, calls)
+}
+
+/// The outcome of a case whose delivery failed with `error`, as the host would settle it: a
+/// reject when no attempt could succeed, a retry otherwise; the host's own failures say nothing
+/// of the handler ([`Outcome::by_the_host`]).
+fn failed_delivery(error: DeliveryError, case: &Case, calls: Vec<HttpCall>) -> Outcome {
+    let verdict = if error.is_retryable() { Verdict::Retry } else { Verdict::Reject };
+    let by_the_host = error.is_the_hosts();
+    let message = Some(error.to_string());
     Outcome { verdict, message, outputs: Vec::new(), kv: case.kv.clone(), wrote_kv: false, calls, by_the_host }
 }

@@ -124,6 +124,14 @@ fn expand(opts: Options, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> 
     };
     let durable = opts.durable;
     let deliver = if opts.deliver_all { quote!(__p::DeliverPolicy::All) } else { quote!(__p::DeliverPolicy::New) };
+    let declared_queue_group = match &opts.queue_group {
+        Some(q) => quote!(Some(#q)),
+        None => quote!(None),
+    };
+    let declared_order_by_header = match &opts.order_by_header {
+        Some(h) => quote!(Some(#h)),
+        None => quote!(None),
+    };
     let subscribe = &opts.subscribe;
     let publishes = &opts.publishes;
     let outbound = &opts.outbound;
@@ -139,6 +147,8 @@ fn expand(opts: Options, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> 
             subscribe: &[#(#subscribe),*],
             publishes: &[#(#publishes),*],
             outbound: &[#(#outbound),*],
+            queue_group: #declared_queue_group,
+            order_by_header: #declared_order_by_header,
         });
     };
     func.block.stmts.insert(0, declare);

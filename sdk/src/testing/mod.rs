@@ -130,6 +130,19 @@ pub struct Limits {
     pub max_reply_bytes: u64,
 }
 
+impl Limits {
+    /// The most bytes one host call may pass (the host's per-call copy limit, wasmtime's
+    /// hostcall fuel): four times the largest legitimate call, plus 64 KiB. A call a little over
+    /// a cap gets the cap's error; one past this ends the run as the host's trap does, a retry.
+    pub fn hostcall_bytes(&self) -> u64 {
+        let headers = u64::from(self.max_headers) * 2 * ENTRY_COST;
+        let largest = (self.max_output_bytes + headers + MAX_SUBJECT_BYTES as u64)
+            .max(2 * self.max_kv_value_bytes)
+            .max(self.max_log_bytes);
+        largest.saturating_mul(4).saturating_add(64 * 1024)
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -401,6 +414,10 @@ impl TestHost {
             );
         }
         let result = match outcome {
+            _ if session.trapped.is_some() => Err(HandlerError::retry(session.trapped.clone().unwrap_or_default())),
+            Ok(Err(e)) if e.message().len() as u64 > session.limits.hostcall_bytes() => {
+                Err(HandlerError::retry(past_the_copy_limit(&session.limits)))
+            }
             Ok(Ok(())) => match &session.refused {
                 // A refused publish that the handler swallowed still fails the event: its outputs
                 // are incomplete.
@@ -819,6 +836,78 @@ fn valid_plugin_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// The most patterns a manifest may list in `subscribe` or `publishes` (`manifest::MAX_PATTERNS`).
+const MAX_PATTERNS: usize = 256;
+/// The most `outbound` destinations a manifest may list (`Manifest::validate_outbound`).
+const MAX_OUTBOUND: usize = 64;
+/// The longest version or header name a manifest may declare (`manifest::MAX_LABEL_LEN`).
+const MAX_LABEL_LEN: usize = 128;
+
+/// Why the host refuses `label` as a version or a header name (`manifest::check_label`).
+fn label_error(label: &str) -> Option<String> {
+    if label.len() > MAX_LABEL_LEN {
+        return Some(format!("is {} bytes, over {MAX_LABEL_LEN}", label.len()));
+    }
+    let spaced = label.chars().any(|c| c.is_whitespace() || c.is_control());
+    spaced.then(|| format!("{} has spaces or control characters", quoted(label)))
+}
+
+/// Why the host refuses `queue_group` in the manifest of plugin `name`: only `plugbus.<name>` or
+/// a group under it is the plugin's own (`Manifest::bind`; `-` and `_` in the name are one).
+fn queue_group_error(name: &str, queue_group: &str) -> Option<String> {
+    if queue_group.is_empty()
+        || queue_group.len() > MAX_LABEL_LEN
+        || queue_group.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Some("must be 1-128 bytes with no spaces or control characters".into());
+    }
+    // The file's name is the plugin's: `order-handler` may be deployed as `order_handler.wasm`.
+    let agrees = |plugin: &str| plugin.replace('-', "_") == name.replace('-', "_");
+    let own = queue_group.strip_prefix("plugbus.").is_some_and(|rest| match rest.split_once('.') {
+        None => agrees(rest),
+        Some((plugin, suffix)) => agrees(plugin) && !suffix.is_empty(),
+    });
+    (!own).then(|| {
+        format!(
+            "is not this plugin's: a manifest may only use \"plugbus.{name}\" or a group under it \
+             (plugbus.{name}.<suffix>); the operator sets any other with `[plugins.{name}] queue_group`"
+        )
+    })
+}
+
+/// Why the host refuses the `outbound` destination `rule` (`outbound::Rule::parse`):
+/// `http(s)://host[:port|:*]`, a trailing `/` allowed, nothing else.
+fn outbound_error(rule: &str) -> Option<&'static str> {
+    let Some((scheme, rest)) = rule.split_once("://") else { return Some("no scheme") };
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return Some("the scheme must be http or https");
+    }
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@']) || rest.chars().any(char::is_whitespace) {
+        return Some("only scheme, host and port, no path, query or user");
+    }
+    let (host, port) = match rest.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((host, "")) => (host, None),
+            Some((host, after)) => match after.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None => return Some("bad host or port"),
+            },
+            None => return Some("bad host or port"),
+        },
+        None => match rest.split_once(':') {
+            Some((host, port)) if !host.is_empty() && !port.contains(':') => (host, Some(port)),
+            Some(_) => return Some("bad host or port"),
+            None => (rest, None),
+        },
+    };
+    match port {
+        _ if host.is_empty() => Some("bad host or port"),
+        Some(p) if p != "*" && p.parse::<u16>().is_err() => Some("bad port"),
+        _ => None,
+    }
+}
+
 /// What the host would say at load about a declared manifest, if it refused it.
 fn load_error(d: &Declared) -> Option<String> {
     if !valid_plugin_name(d.name) {
@@ -827,8 +916,35 @@ fn load_error(d: &Declared) -> Option<String> {
             d.name
         ));
     }
+    if let Some(why) = label_error(d.version) {
+        return Some(format!("manifest field `version` {why}"));
+    }
     if d.subscribe.is_empty() {
         return Some("manifest field `subscriptions` is empty: the plugin would never run".into());
+    }
+    for (field, count) in [("subscriptions", d.subscribe.len()), ("publishes", d.publishes.len())] {
+        if count > MAX_PATTERNS {
+            return Some(format!("manifest field `{field}` lists {count} patterns, over {MAX_PATTERNS}"));
+        }
+    }
+    if let Some(q) = d.queue_group
+        && let Some(why) = queue_group_error(d.name, q)
+    {
+        return Some(format!("manifest field `queue-group` {} {why}", quoted(q)));
+    }
+    if let Some(h) = d.order_by_header {
+        let why = if h.is_empty() { Some("names an empty header".to_string()) } else { label_error(h) };
+        if let Some(why) = why {
+            return Some(format!("manifest field `order-by` header name {why}"));
+        }
+    }
+    if d.outbound.len() > MAX_OUTBOUND {
+        return Some(format!("manifest field `outbound` lists {} destinations, over {MAX_OUTBOUND}", d.outbound.len()));
+    }
+    for (i, rule) in d.outbound.iter().enumerate() {
+        if let Some(why) = outbound_error(rule) {
+            return Some(format!("manifest field `outbound[{i}]`: {}: {why}", quoted(rule)));
+        }
     }
     for (field, list) in [("subscriptions", d.subscribe), ("publishes", d.publishes)] {
         for (i, raw) in list.iter().enumerate() {
@@ -868,6 +984,8 @@ struct Session {
     outputs: Vec<Published>,
     output_bytes: u64,
     refused: Option<String>,
+    /// The host's words for a call past [`Limits::hostcall_bytes`]: the run ended there.
+    trapped: Option<String>,
     logs: Vec<LogLine>,
     log_bytes: u64,
     http: Vec<(String, crate::http::Response)>,
@@ -901,6 +1019,7 @@ impl Session {
             outputs: Vec::new(),
             output_bytes: 0,
             refused: None,
+            trapped: None,
             logs: Vec::new(),
             log_bytes: 0,
             http: host.http.clone(),
@@ -1249,25 +1368,55 @@ fn with_session<R>(call: &str, f: impl FnOnce(&mut Session) -> R) -> R {
     })
 }
 
+/// What the host says of a call past the per-call copy limit (`Limits::hostcall_bytes`).
+fn past_the_copy_limit(limits: &Limits) -> String {
+    format!(
+        "the handler passed more than {} bytes to the host in one call (the per-call copy limit, \
+         from max_output_bytes / max_kv_value_bytes / max_log_bytes)",
+        limits.hostcall_bytes()
+    )
+}
+
+/// The bytes a call passes to the host: its strings and byte lists.
+fn call_bytes(parts: &[&[u8]], headers: &[(String, String)]) -> u64 {
+    let headers: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    (parts.iter().map(|p| p.len()).sum::<usize>() + headers) as u64
+}
+
 /// The native side of the SDK's host calls (see `crate::host`).
 pub(crate) mod calls {
-    use super::with_session;
+    use super::{call_bytes, with_session};
     use crate::{PublishError, kv::KvError, log::Level};
 
+    /// `f` on the session, unless the call passes more than the host copies in one call: then
+    /// the run ends there, as the host's trap ends the attempt (unwinding without the panic
+    /// hook's message; `TestHost::run` makes it a retry with the host's words).
+    fn within_copy_limit<R>(call: &str, bytes: u64, f: impl FnOnce(&mut super::Session) -> R) -> R {
+        with_session(call, |s| {
+            if bytes > s.limits.hostcall_bytes() {
+                s.trapped = Some(super::past_the_copy_limit(&s.limits));
+                std::panic::resume_unwind(Box::new(()));
+            }
+            f(s)
+        })
+    }
+
     pub(crate) fn publish(subject: &str, data: &[u8], headers: &[(String, String)]) -> Result<(), PublishError> {
-        with_session("plugbus_sdk::publish", |s| s.publish(subject, data, headers))
+        let bytes = call_bytes(&[subject.as_bytes(), data], headers);
+        within_copy_limit("plugbus_sdk::publish", bytes, |s| s.publish(subject, data, headers))
     }
 
     pub(crate) fn kv_get(key: &str) -> Result<Option<Vec<u8>>, KvError> {
-        with_session("plugbus_sdk::kv::get", |s| s.kv_get(key))
+        within_copy_limit("plugbus_sdk::kv::get", key.len() as u64, |s| s.kv_get(key))
     }
 
     pub(crate) fn kv_set(key: &str, value: &[u8]) -> Result<(), KvError> {
-        with_session("plugbus_sdk::kv::set", |s| s.kv_write(key, Some(value)))
+        let bytes = call_bytes(&[key.as_bytes(), value], &[]);
+        within_copy_limit("plugbus_sdk::kv::set", bytes, |s| s.kv_write(key, Some(value)))
     }
 
     pub(crate) fn kv_delete(key: &str) -> Result<(), KvError> {
-        with_session("plugbus_sdk::kv::delete", |s| s.kv_write(key, None))
+        within_copy_limit("plugbus_sdk::kv::delete", key.len() as u64, |s| s.kv_write(key, None))
     }
 
     pub(crate) fn request(
@@ -1276,24 +1425,31 @@ pub(crate) mod calls {
         headers: &[(String, String)],
         timeout_ms: u64,
     ) -> Result<crate::Event, crate::RequestError> {
-        with_session("plugbus_sdk::request", |s| s.request(subject, data, headers, timeout_ms))
+        let bytes = call_bytes(&[subject.as_bytes(), data], headers);
+        within_copy_limit("plugbus_sdk::request", bytes, |s| s.request(subject, data, headers, timeout_ms))
     }
 
     pub(crate) fn reply(reply_to: &str, data: &[u8], headers: &[(String, String)]) -> Result<(), crate::ReplyError> {
-        with_session("plugbus_sdk::reply", |s| s.reply(reply_to, data, headers))
+        let bytes = call_bytes(&[reply_to.as_bytes(), data], headers);
+        within_copy_limit("plugbus_sdk::reply", bytes, |s| s.reply(reply_to, data, headers))
     }
 
     pub(crate) fn http_send(req: &crate::http::Request) -> Result<crate::http::Response, crate::http::HttpError> {
-        with_session("plugbus_sdk::http", |s| s.http_send(req))
+        let bytes = call_bytes(&[req.method.as_bytes(), req.url.as_bytes(), &req.body], &req.headers);
+        within_copy_limit("plugbus_sdk::http", bytes, |s| s.http_send(req))
     }
 
     pub(crate) fn config_get(key: &str) -> Option<String> {
-        with_session("plugbus_sdk::config::get", |s| s.config.get(key).cloned())
+        within_copy_limit("plugbus_sdk::config::get", key.len() as u64, |s| s.config.get(key).cloned())
     }
 
     /// Outside a run, a log line goes to stderr: a helper that logs stays callable on its own.
     pub(crate) fn log(level: Level, message: &str) {
         let logged = super::SESSION.with(|cell| match cell.borrow_mut().as_mut() {
+            Some(s) if message.len() as u64 > s.limits.hostcall_bytes() => {
+                s.trapped = Some(super::past_the_copy_limit(&s.limits));
+                std::panic::resume_unwind(Box::new(()));
+            }
             Some(s) => {
                 s.log(level, message);
                 true

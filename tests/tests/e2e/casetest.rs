@@ -280,6 +280,58 @@ async fn dlq_export_turns_dead_letters_into_cases_that_plugbus_test_runs() {
     assert!(out.contains("  result: expected ok, got reject (handler rejected the event: never)"), "{out}");
 }
 
+/// Review 61f F3: `plugbus test` passed cases the host fails. An event over the plugin's
+/// `max_event_bytes` is dead-lettered unrun (a reject naming the size), kv writes past its
+/// `max_kv_bytes` fail the attempt as a retry (the host's message), and a case on a subject the
+/// plugin does not subscribe to is refused naming the line: the host never delivers it there.
+#[test]
+fn plugbus_test_runs_a_case_as_the_host_would_its_size_kv_quota_and_subscriptions() {
+    let dir = tempfile::tempdir().unwrap();
+    let inventory = component_as(dir.path(), "inventory", "inventory.wasm");
+    let cases = dir.path().join("cases.jsonl");
+    let config = dir.path().join("plugbus.toml");
+    let with_config = |toml: &str| {
+        std::fs::write(&config, toml).unwrap();
+        vec!["--config".to_string(), config.to_str().unwrap().to_string()]
+    };
+    let run = |extra: &[String]| {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        test(&inventory, &cases, &extra)
+    };
+    // The widget is in stock: reserved, and that writes two keys.
+    write_lines(&cases, &[order_case("o-1", "widget", 2, Some(json!({"stock/widget": 5})))]);
+    let (code, out, err) = run(&with_config(""));
+    assert_eq!(code, 1, "no expectation yet: {out}{err}");
+    assert!(out.contains("got ok with 1 output(s)"), "{out}");
+
+    let (code, out, err) = run(&with_config("[plugins.inventory.limits]\nmax_event_bytes = 10\n"));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("got reject (event of ") && out.contains(" bytes is over the 10-byte limit)"), "{out}");
+
+    let (code, out, err) = run(&with_config("[plugins.inventory.limits]\nmax_kv_bytes = 20\n"));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("got retry (the attempt's kv writes were refused: "), "{out}");
+    let mut kept = with_config("[plugins.inventory.limits]\nmax_kv_bytes = 20\n");
+    kept.push("--update".into());
+    assert_eq!(run(&kept).0, 0);
+    let kept = &lines(&cases)[0]["expect"];
+    assert_eq!(kept["result"], "retry");
+    assert_eq!((kept["kv"].clone(), kept["outputs"].clone()), (json!({"stock/widget": 5}), json!([])), "nothing kept");
+
+    let mut cancelled = order_case("o-2", "widget", 1, None);
+    cancelled["event"]["subject"] = json!("orders.cancelled");
+    write_lines(&cases, &[order_case("o-1", "widget", 2, None), cancelled]);
+    let err = bad(&inventory, &cases);
+    assert!(
+        err.contains(&format!(
+            "{}:2: the event's subject \"orders.cancelled\" matches none of plugin inventory's subscriptions \
+             (orders.created): the host would never deliver it to this plugin",
+            cases.display()
+        )),
+        "{err}"
+    );
+}
+
 /// Bad input: exit 2 and one line on stderr naming the file, the line and what is wrong.
 fn bad(component: &Path, cases: &Path) -> String {
     bad_with(component, cases, &[])
