@@ -32,6 +32,7 @@ use tokio::sync::oneshot;
 
 mod applying;
 mod gathered;
+mod linked;
 
 /// Quiet time after the last file event before a change is acted on.
 const DEBOUNCE: Duration = Duration::from_millis(75);
@@ -108,6 +109,13 @@ pub struct Reloader {
 }
 
 impl Reloader {
+    /// Every file the host knows: the plugins' and the refused ones'.
+    fn known_files(&self) -> Vec<PathBuf> {
+        let mut known: Vec<PathBuf> = self.files.lock().expect("poisoned").keys().cloned().collect();
+        known.extend(self.rejected.lock().expect("poisoned").iter().map(|r| r.path.clone()));
+        known
+    }
+
     fn reject(&self, path: &Path, reason: String) {
         self.stats.load_errors.fetch_add(1, Ordering::Relaxed);
         self.metrics.load_error(path);
@@ -432,6 +440,7 @@ pub fn watch(reloader: Arc<Reloader>, folder: FolderWatch) -> WatchGuard {
         let mut stopping = std::pin::pin!(stop_rx);
         let mut folder_check = tokio::time::interval(FOLDER_CHECK);
         folder_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut linked = linked::LinkedTargets::default();
         loop {
             let retry = applying.next_retry();
             tokio::select! {
@@ -439,6 +448,7 @@ pub fn watch(reloader: Arc<Reloader>, folder: FolderWatch) -> WatchGuard {
                 () = changes.changed() => {}
                 _ = folder_check.tick() => {
                     watch_again_if_replaced(&mut watcher, &watched, &mut watching, &changes);
+                    linked.check(reloader.known_files(), &changes);
                     continue;
                 }
                 Some(ended) = applying.tasks.join_next() => {
@@ -467,9 +477,7 @@ pub fn watch(reloader: Arc<Reloader>, folder: FolderWatch) -> WatchGuard {
             let Gathered { mut paths, rescan } = changes.take();
             if rescan {
                 // Every file, the plugins' and the refused ones' too (they may be gone).
-                let mut known: Vec<PathBuf> = reloader.files.lock().expect("poisoned").keys().cloned().collect();
-                known.extend(reloader.rejected.lock().expect("poisoned").iter().map(|r| r.path.clone()));
-                paths.extend(rescan_paths(&watched, known));
+                paths.extend(rescan_paths(&watched, reloader.known_files()));
             }
             // Each file is applied on its own, beside the others: a removal does not wait for
             // a load, so of a rename the old name's plugin is usually removed before the new

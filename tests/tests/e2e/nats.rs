@@ -2572,6 +2572,35 @@ async fn jetstream_a_client_posting_the_same_event_twice_has_it_kept_and_handled
     assert_eq!(t.counter("echo", "received"), 1);
 }
 
+/// Review 63b F3: every host declares the streams of its `[nats.streams]`, and one started with
+/// an older config (a rollback, a host rescheduled mid-rollout) set exactly its own list, taking
+/// away the subjects a newer config added: events published there were answered `202` and
+/// stored nowhere. A host only adds subjects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_with_an_older_stream_list_removes_no_subject_another_added() {
+    use plugbus::backend::nats::{NatsSettings, NatsTransport, StreamDef};
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    let host_with = |subjects: &[&str]| {
+        let mut settings = NatsSettings { url: Some(server.url()), auto_streams: false, ..NatsSettings::default() };
+        let subjects = subjects.iter().map(|s| s.to_string()).collect();
+        settings.streams.insert("SHOP".into(), StreamDef { subjects });
+        settings
+    };
+    let subjects = || async {
+        let mut shop = js.get_stream("SHOP").await.unwrap();
+        shop.info().await.unwrap().config.subjects.clone()
+    };
+    let newer = NatsTransport::connect(&host_with(&["orders.>", "refunds.>"])).await.unwrap();
+    assert_eq!(subjects().await, ["orders.>", "refunds.>"]);
+    let older = NatsTransport::connect(&host_with(&["orders.>"])).await.unwrap();
+    assert_eq!(subjects().await, ["orders.>", "refunds.>"], "the older list took a subject away");
+    let wider = NatsTransport::connect(&host_with(&["orders.>", "returns.>"])).await.unwrap();
+    assert_eq!(subjects().await, ["orders.>", "refunds.>", "returns.>"], "a subject a config adds is added");
+    js.publish("refunds.created", "r".into()).await.unwrap().await.expect("a stream stores refunds");
+    drop((newer, older, wider));
+}
+
 /// A durable plugin's NATS feed with `patterns`, on a transport of its own (`[nats] auto_streams
 /// = false`, one declared stream `ORDERS` for `orders.>`): what a reload retargets.
 mod retarget {

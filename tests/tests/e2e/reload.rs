@@ -344,6 +344,29 @@ async fn a_plugins_folder_link_pointed_at_another_folder_is_followed() {
     eventually("echo, copied into the new release, is loaded", || router.contains("echo")).await;
 }
 
+/// Review 62d F6: a plugin file may be a symlink to a build elsewhere, and the folder's watch sees
+/// the link, not the build. A build written again in place, or renamed over, is loaded again
+/// (the old version served on silently).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_linked_to_a_build_elsewhere_reloads_when_the_build_changes() {
+    let builds = tempfile::tempdir().unwrap();
+    let build = builds.path().join("echo.wasm");
+    std::fs::copy(wasm("echo"), &build).unwrap();
+    let t = TestHost::start(&[]).await;
+    std::os::unix::fs::symlink(&build, t.dir.path().join("echo.wasm")).unwrap();
+    let router = t.host.router().clone();
+    let version = || router.plugins().first().map(|p| p.version.clone());
+    eventually("echo, linked into the folder, is loaded", || version().as_deref() == Some("0.1.0")).await;
+    // Written again in place, as a build that overwrites its output does.
+    std::fs::write(&build, std::fs::read(wasm("echo2")).unwrap()).unwrap();
+    eventually("the rebuilt echo serves", || version().as_deref() == Some("2.0.0")).await;
+    // Renamed over, as a build that writes a new file and moves it does.
+    let next = builds.path().join("echo.wasm.new");
+    std::fs::copy(wasm("echo"), &next).unwrap();
+    std::fs::rename(&next, &build).unwrap();
+    eventually("the build renamed over the target serves", || version().as_deref() == Some("0.1.0")).await;
+}
+
 /// The compile cache only saves compiles: a stray file where its folder goes (or a folder
 /// where its key goes) refused the whole start, so the events the log had accepted waited for
 /// an operator (review 61c L1). The host starts without it, compiling.

@@ -54,8 +54,13 @@ impl StreamIndex {
     }
 }
 
-/// Creates the streams the operator declared (`[nats.streams.NAME] subjects = [...]`), or
-/// brings their subjects up to date.
+/// Creates the streams the operator declared (`[nats.streams.NAME] subjects = [...]`), or adds
+/// the declared subjects an existing one lacks. Never removes one: every host of a cluster
+/// declares the stream, and a host started with an older config (a rollback, a host rescheduled
+/// during a rollout) set exactly its own list, taking away the subjects a newer config added, so
+/// events published there were answered `202` and stored nowhere (review 63b F3). A subject the
+/// stream holds beyond this host's config is named in a warning; removing it is the operator's
+/// (`nats stream edit`).
 pub async fn declare(js: &jetstream::Context, settings: &NatsSettings) -> Result<(), TransportError> {
     for (name, def) in &settings.streams {
         let config = stream_config(name, def.subjects.clone(), settings);
@@ -68,16 +73,31 @@ pub async fn declare(js: &jetstream::Context, settings: &NatsSettings) -> Result
             .await
             .map_err(|e| TransportError::Broker(format!("nats.streams.{name}: reading the stream: {e}")))?
             .clone();
-        if info.config.subjects != def.subjects {
+        let (subjects, added, beyond) = with_declared(&info.config.subjects, &def.subjects);
+        if !beyond.is_empty() {
+            tracing::warn!(stream = %name, subjects = ?beyond,
+                "the stream holds subjects this host's config does not declare (another host's config, or an \
+                 operator's): kept, since a host never removes a stream's subject; remove them with `nats stream edit`");
+        }
+        if !added.is_empty() {
             let mut config = info.config;
-            config.subjects = def.subjects.clone();
+            config.subjects = subjects;
             js.update_stream(config)
                 .await
-                .map_err(|e| TransportError::Broker(format!("nats.streams.{name}: updating its subjects: {e}")))?;
-            tracing::info!(stream = %name, subjects = ?def.subjects, "stream subjects updated");
+                .map_err(|e| TransportError::Broker(format!("nats.streams.{name}: adding subjects {added:?}: {e}")))?;
+            tracing::info!(stream = %name, added = ?added, "stream subjects added");
         }
     }
     Ok(())
+}
+
+/// A stream's subjects with `declared` added: (all of them, those added, those it holds that
+/// `declared` does not name), each in the order first seen.
+fn with_declared(existing: &[String], declared: &[String]) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let added: Vec<String> = declared.iter().filter(|s| !existing.contains(s)).cloned().collect();
+    let beyond = existing.iter().filter(|s| !declared.contains(s)).cloned().collect();
+    let all = existing.iter().chain(&added).cloned().collect();
+    (all, added, beyond)
 }
 
 fn stream_config(name: &str, subjects: Vec<String>, settings: &NatsSettings) -> stream::Config {
@@ -177,6 +197,15 @@ pub fn stream_token(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_declared_list_adds_subjects_and_takes_none_away() {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (all, added, beyond) = with_declared(&strings(&["orders.>", "refunds.>"]), &strings(&["orders.>"]));
+        assert_eq!((all, added, beyond), (strings(&["orders.>", "refunds.>"]), vec![], strings(&["refunds.>"])));
+        let (all, added, beyond) = with_declared(&strings(&["orders.>"]), &strings(&["returns.>", "orders.>"]));
+        assert_eq!((all, added, beyond), (strings(&["orders.>", "returns.>"]), strings(&["returns.>"]), vec![]));
+    }
 
     /// Review 62d F2: `ORDERS` and `orders` made one stream name.
     #[test]
