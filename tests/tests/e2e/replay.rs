@@ -68,6 +68,56 @@ async fn a_new_plugin_with_deliver_all_gets_the_history_and_replay_rewinds_a_liv
     host.shutdown().await;
 }
 
+/// Review 63a F2: a durable plugin not loaded for a while (refused at a start, its file being
+/// rewritten; or removed and copied back) got none of what was accepted meanwhile, answered
+/// `202`: the log made an event pending only for the plugins subscribed then. It resumes where
+/// it left off now, as a JetStream durable consumer does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_plugin_not_loaded_for_a_while_gets_what_was_accepted_meanwhile() {
+    let plugins = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let file = plugins.path().join("echo.wasm");
+    std::fs::copy(wasm("echo"), &file).unwrap();
+    let mut config = Config {
+        plugins_dir: plugins.path().to_path_buf(),
+        data_dir: data.path().to_path_buf(),
+        http: None,
+        ..Config::default()
+    };
+    config.plugins.entry("echo".into()).or_default().durable = Some(true);
+    let publish = async |host: &Host, n: usize, tag: &str| {
+        for i in 0..n {
+            host.publish(Event::new("orders.created", order(&format!("{tag}-{i}"), "widget", 1))).await.unwrap();
+        }
+    };
+    let host = Host::start(config.clone()).await.unwrap();
+    publish(&host, 3, "before").await;
+    wait_counter(&host, "echo", "ok", 3).await;
+    host.shutdown().await;
+
+    // The next start finds the file broken (a build half written): echo is refused.
+    std::fs::write(&file, b"\0asm half written").unwrap();
+    let host = Host::start(config.clone()).await.unwrap();
+    assert!(!host.router().contains("echo"));
+    publish(&host, 4, "refused").await;
+    std::fs::copy(wasm("echo"), &file).unwrap();
+    wait_counter(&host, "echo", "ok", 4).await;
+    // Removed, then copied back.
+    std::fs::remove_file(&file).unwrap();
+    let router = host.router().clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while router.contains("echo") {
+        assert!(Instant::now() < deadline, "echo was never removed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    publish(&host, 2, "removed").await;
+    std::fs::copy(wasm("echo"), &file).unwrap();
+    wait_counter(&host, "echo", "ok", 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(counter(&host, "echo", "received"), 2, "each once, none from before");
+    host.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_on_the_in_memory_bus_says_why_not() {
     let t = plugbus_tests::TestHost::start_with(&["echo"], |c| c.bus.durable = false).await;

@@ -2019,6 +2019,8 @@ enum Slot {
 struct Unsubscribe {
     table: Arc<RwLock<Table>>,
     id: u64,
+    /// The durable log, told when the plugin's last subscription goes ([`DurableLog::away`]).
+    log: Option<Arc<DurableLog>>,
 }
 
 impl Drop for Unsubscribe {
@@ -2026,11 +2028,20 @@ impl Drop for Unsubscribe {
         if let Ok(mut t) = self.table.write() {
             let Table { subs, retired, .. } = &mut *t;
             retired.retain(|(_, overflow)| overflow.strong_count() > 0);
+            let mut plugin = None;
             for s in subs.iter().filter(|s| s.id == self.id) {
                 s.overflow.unsubscribed.store(true, Ordering::Release);
                 retired.push((s.plugin.clone(), Arc::downgrade(&s.overflow)));
+                plugin = Some(s.plugin.clone());
             }
             subs.retain(|s| s.id != self.id);
+            // Under the table's lock: an append sent after it targets no subscription of the
+            // plugin, and one sent before has a lower sequence number.
+            if let (Some(log), Some(plugin)) = (&self.log, plugin)
+                && !subs.iter().any(|s| s.plugin == plugin)
+            {
+                log.away(plugin);
+            }
         }
     }
 }
@@ -2164,7 +2175,8 @@ impl Transport for EmbeddedBus {
         let patterns = PatternSet::parse(&spec.patterns)?;
         let (tx, rx) = mpsc::channel(spec.capacity.max(1));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let subscription = Subscription::new(id, &tx, rx, Unsubscribe { table: self.table.clone(), id });
+        let unsubscribe = Unsubscribe { table: self.table.clone(), id, log: self.log.clone() };
+        let subscription = Subscription::new(id, &tx, rx, unsubscribe);
         let plugin: Arc<str> = spec.plugin.as_str().into();
         // On the durable log it starts catching up: what was accepted for it before it subscribed
         // and since is delivered from the log, in order, before anything goes to it live.
@@ -2195,12 +2207,12 @@ impl Transport for EmbeddedBus {
             // pending in steps, each its own commit, before it reads back: a crash between two
             // leaves the rest due for its next subscription.
             let wants_history = spec.durable.as_ref().is_some_and(|d| d.deliver_all);
-            let history = wants_history.then(|| {
+            let durable = spec.durable.is_some().then(|| {
                 let patterns = patterns.clone();
                 let matches: super::log::SubjectMatcher = Box::new(move |s| patterns.matches(s));
                 matches
             });
-            let registered = log.register_with(plugin.clone(), history).await;
+            let registered = log.register_with(plugin.clone(), durable, wants_history).await;
             // `subscription` drops with the error: out of the table again.
             let registered = registered.map_err(|e| TransportError::Broker(e.to_string()))?;
             let mut made = registered.made;
@@ -2208,7 +2220,10 @@ impl Transport for EmbeddedBus {
                 let patterns = patterns.clone();
                 let rest = log.backfill_history(plugin.clone(), move |s: &str| patterns.matches(s), due).await;
                 made += rest.map_err(|e| {
-                    TransportError::Broker(format!("making the history of {plugin} pending (deliver = \"all\"): {e}"))
+                    TransportError::Broker(format!(
+                        "making the history of {plugin} pending (deliver = \"all\", or what was accepted while it was \
+                         away): {e}"
+                    ))
                 })?;
             }
             if wants_history && (registered.new || registered.history_due.is_some()) {
@@ -2511,6 +2526,26 @@ mod tests {
         again.extensions.push((crate::deadletter::headers::FAILED_AT.into(), "2999-01-01T00:00:00.000Z".into()));
         bus.publish(crate::deadletter::replay_event(&again).unwrap()).await.unwrap();
         assert_eq!(ack_through(&mut sub, "1").await, ["1"], "the later dead letter's replay did not run");
+    }
+
+    /// Review 63a F2: a durable plugin whose subscription went (its file removed, or refused at
+    /// a start for a transient reason) gets, when it subscribes again, what was accepted for its
+    /// patterns meanwhile, before anything after.
+    #[tokio::test]
+    async fn a_durable_plugin_subscribing_again_gets_what_was_accepted_while_it_was_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DurableLog::open(&dir.path().join("bus.redb"), super::super::log::SyncPolicy::Always).unwrap();
+        let bus = EmbeddedBus::durable(log);
+        let durable = || SubscriptionSpec {
+            durable: Some(crate::transport::Durability { deliver_all: false, give_up_after: 5, dead_letter: None }),
+            ..spec(&["a.>"], 16)
+        };
+        drop(bus.subscribe(durable()).await.unwrap());
+        bus.publish(Event::new("a.1", "1")).await.unwrap();
+        bus.publish(Event::new("b.2", "2")).await.unwrap();
+        let mut sub = bus.subscribe(durable()).await.unwrap();
+        bus.publish(Event::new("a.3", "3")).await.unwrap();
+        assert_eq!(ack_through(&mut sub, "3").await, ["1", "3"], "what it missed first, then what came after");
     }
 
     /// A durable bus over a new log at `dir/bus.redb` (`sync = "always"`) with plugin `p`

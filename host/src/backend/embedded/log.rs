@@ -36,6 +36,14 @@ const SUBSCRIBERS: TableDefinition<&str, u64> = TableDefinition::new("subscriber
 /// last step, so a crash between two steps resumes at its next subscription; retention keeps
 /// the range meanwhile.
 const HISTORY_DUE: TableDefinition<&str, (u64, u64)> = TableDefinition::new("history_due");
+/// plugin → the first sequence number accepted while it had no subscription (its file removed
+/// or refused, a host stopped), for a known plugin away since: set when its last subscription
+/// drops and, for every known plugin, at open; taken by its next registration, which makes a
+/// durable plugin's matching events of `[away, next)` pending (as its history: `HISTORY_DUE`),
+/// so a durable subscription resumes where it left off, as a JetStream durable consumer does
+/// (review 63a F2: a plugin refused at a start for a transient reason never got what was
+/// accepted until it loaded).
+const AWAY: TableDefinition<&str, u64> = TableDefinition::new("away");
 /// "ns\0key" → version (u64 LE) then the value: plugin kv, in the same file as the log so a
 /// handler's kv writes commit together with its outbox.
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
@@ -250,6 +258,23 @@ pub enum KvImport {
     LeftOut(usize),
 }
 
+/// Every plugin the log knows is away from `next_seq` until it subscribes again (`AWAY`; an
+/// earlier mark is kept): none has a subscription while the log opens.
+fn mark_known_plugins_away(db: &Database, next_seq: u64) -> Result<(), String> {
+    let w = db.begin_write().map_err(|e| e.to_string())?;
+    {
+        let subscribers = w.open_table(SUBSCRIBERS).map_err(|e| e.to_string())?;
+        let mut away = w.open_table(AWAY).map_err(|e| e.to_string())?;
+        for row in subscribers.iter().map_err(|e| e.to_string())? {
+            let (plugin, _) = row.map_err(|e| e.to_string())?;
+            if away.get(plugin.value()).map_err(|e| e.to_string())?.is_none() {
+                away.insert(plugin.value(), next_seq).map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    w.commit().map_err(|e| e.to_string())
+}
+
 /// The `meta` row keeping the digest of the last kv taken in ([`DurableLog::import_kv`]).
 const KV_IMPORTED: &str = "kv_imported";
 
@@ -286,12 +311,20 @@ enum Op {
         /// away (see `kv_replay`): applied as it was, without checking its reads.
         done: Option<oneshot::Sender<Result<(), crate::kv::KvError>>>,
     },
-    /// Records `plugin` as a subscriber, and a new one's `history` (the first step of it, in
-    /// the same commit); answers what it did.
+    /// Records `plugin` as a subscriber, and a new one's history (`deliver_all`: the first step
+    /// of it, in the same commit); a durable one (`matches`: its patterns) away since an earlier
+    /// subscription gets what was accepted meanwhile as history; answers what it did.
     Register {
         plugin: Arc<str>,
-        history: Option<SubjectMatcher>,
+        matches: Option<SubjectMatcher>,
+        deliver_all: bool,
         done: oneshot::Sender<Result<Registration, LogError>>,
+    },
+    /// `plugin`'s last subscription dropped: events from `seq` on are accepted while it is away
+    /// (`AWAY`; an earlier mark is kept).
+    Away {
+        plugin: Arc<str>,
+        seq: u64,
     },
     /// One step of a replay's backfill: makes every kept event with a sequence number in `seqs`
     /// (and appended since `from`'s time, if it has one) whose subject `matches` pending for
@@ -370,7 +403,7 @@ impl Op {
             }
             Op::Register { done, .. } => drop(done.send(Err(io()))),
             Op::Backfill { done, .. } => drop(done.send(Err(io()))),
-            Op::Append { done: None, .. } | Op::Ack { .. } | Op::KvCommit { done: None, .. } => {}
+            Op::Append { done: None, .. } | Op::Ack { .. } | Op::KvCommit { done: None, .. } | Op::Away { .. } => {}
         }
     }
 }
@@ -690,6 +723,7 @@ impl DurableLog {
             w.delete_table(REFS).map_err(|e| open_err(e.to_string()))?;
             w.open_table(SUBSCRIBERS).map_err(|e| open_err(e.to_string()))?;
             w.open_table(HISTORY_DUE).map_err(|e| open_err(e.to_string()))?;
+            w.open_table(AWAY).map_err(|e| open_err(e.to_string()))?;
             w.open_table(KV).map_err(|e| open_err(e.to_string()))?;
             w.open_table(OUTBOX).map_err(|e| open_err(e.to_string()))?;
         }
@@ -749,6 +783,7 @@ impl DurableLog {
             }
             (stored.max(last.saturating_add(1)), read("bytes")?.unwrap_or(0))
         };
+        mark_known_plugins_away(&db, next_seq).map_err(open_err)?;
         let outboxed = outboxed_in(&db).map_err(open_err)?;
         // Past every request outbox the last run left (released once the start has subscribed
         // every plugin, then settled).
@@ -1261,26 +1296,40 @@ impl DurableLog {
 
     /// Records `plugin` as a subscriber of the log; `true` when it had never subscribed before.
     pub async fn register(&self, plugin: Arc<str>) -> Result<bool, LogError> {
-        Ok(self.register_with(plugin, None).await?.new)
+        Ok(self.register_with(plugin, None, false).await?.new)
     }
 
-    /// Records `plugin` as a subscriber of the log. When it had never subscribed before and
-    /// `history` is given (`deliver = "all"`), every kept event whose subject it matches is to be
-    /// made pending for it: the first [`BACKFILL_STEP_RECORDS`] records' worth in the same
-    /// commit, and the rest is answered as `history_due` (kept in the log with the subscriber,
-    /// so a failure leaves neither and a crash after it leaves the rest due), for the caller to
-    /// make pending with [`DurableLog::backfill_history`] before the plugin reads back. One long
-    /// history is never one commit that holds every producer's append and every ack. A plugin
-    /// registered before with history still due is answered that (with `history`; without, it
-    /// no longer asks for it, and the rest is dropped).
+    /// Records `plugin` as a subscriber of the log; `matches` (its patterns) when it is durable.
+    /// When it had never subscribed before and it is durable with `deliver_all`, every kept
+    /// event whose subject it matches is to be made pending for it: the first
+    /// [`BACKFILL_STEP_RECORDS`] records' worth in the same commit, and the rest is answered as
+    /// `history_due` (kept in the log with the subscriber, so a failure leaves neither and a
+    /// crash after it leaves the rest due), for the caller to make pending with
+    /// [`DurableLog::backfill_history`] before the plugin reads back. One long history is never
+    /// one commit that holds every producer's append and every ack. A plugin registered before
+    /// with history still due is answered that (with `deliver_all`; without, it no longer asks
+    /// for it, and the rest is dropped). A durable plugin known before and away since (`AWAY`)
+    /// has the kept events accepted meanwhile that it matches answered as `history_due` too.
     pub async fn register_with(
         &self,
         plugin: Arc<str>,
-        history: Option<SubjectMatcher>,
+        matches: Option<SubjectMatcher>,
+        deliver_all: bool,
     ) -> Result<Registration, LogError> {
         let (done, wait) = oneshot::channel();
-        self.ops.send(Op::Register { plugin, history, done }).map_err(|_| LogError::Closed)?;
+        self.ops.send(Op::Register { plugin, matches, deliver_all, done }).map_err(|_| LogError::Closed)?;
         wait.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// `plugin` has no subscription any more: what is accepted from now on, it is away for (see
+    /// `AWAY`). Called with the bus's table locked for writing, so no append sent after it was
+    /// made for a subscription of the plugin, and each one sent before has a lower sequence
+    /// number.
+    pub fn away(&self, plugin: Arc<str>) {
+        let _in_order = self.appending.lock().expect("appending poisoned");
+        let seq = self.next_seq.load(std::sync::atomic::Ordering::Relaxed);
+        // A log closing (the host stopping) marks it at its next open.
+        let _ = self.ops.send(Op::Away { plugin, seq });
     }
 
     /// Makes every kept event from `from` on, below sequence number `until`, whose subject
@@ -2379,12 +2428,28 @@ impl Writer {
                                     .insert((outbox.plugin.clone(), outbox.seq));
                             }
                         }
-                        Op::Register { plugin, history, done } => {
+                        Op::Away { plugin, seq } => {
+                            let subscribers = w.open_table(SUBSCRIBERS).map_err(|e| e.to_string())?;
+                            let mut away = w.open_table(AWAY).map_err(|e| e.to_string())?;
+                            if subscribers.get(&*plugin).map_err(|e| e.to_string())?.is_some()
+                                && away.get(&*plugin).map_err(|e| e.to_string())?.is_none()
+                            {
+                                away.insert(&*plugin, seq).map_err(|e| e.to_string())?;
+                            }
+                        }
+                        Op::Register { plugin, matches, deliver_all, done } => {
                             // Answered before the first write that can fail (see `Append`).
                             registered.push((done, Registration::default()));
                             let answer = registered.len() - 1;
+                            let history = if deliver_all { matches.as_ref() } else { None };
                             let mut subscribers = w.open_table(SUBSCRIBERS).map_err(|e| e.to_string())?;
                             let mut due = w.open_table(HISTORY_DUE).map_err(|e| e.to_string())?;
+                            let away = w
+                                .open_table(AWAY)
+                                .map_err(|e| e.to_string())?
+                                .remove(&*plugin)
+                                .map_err(|e| e.to_string())?
+                                .map(|v| v.value());
                             if subscribers.get(&*plugin).map_err(|e| e.to_string())?.is_none() {
                                 subscribers.insert(&*plugin, next).map_err(|e| e.to_string())?;
                                 registered[answer].1.new = true;
@@ -2398,7 +2463,7 @@ impl Writer {
                                         &events,
                                         &mut pending,
                                         &plugin,
-                                        &*matches,
+                                        &**matches,
                                         all,
                                         0..next,
                                         BACKFILL_STEP_RECORDS,
@@ -2413,8 +2478,8 @@ impl Writer {
                                 let left = due.get(&*plugin).map_err(|e| e.to_string())?;
                                 left.map(|v| v.value())
                             } {
-                                match history {
-                                    Some(_) => {
+                                match (history, &matches) {
+                                    (Some(_), _) => {
                                         // Still owing its first history, it is still new: what
                                         // was accepted while it was not subscribed (a step that
                                         // failed took it out of the bus) is history too, up to
@@ -2425,13 +2490,34 @@ impl Writer {
                                         due.insert(&*plugin, (first, end)).map_err(|e| e.to_string())?;
                                         registered[answer].1.history_due = Some(first..end);
                                     }
-                                    None => {
+                                    // Durable still: what is due (the rest of a history, or of
+                                    // what was accepted while it was away) stays due, as a
+                                    // JetStream consumer keeps its start.
+                                    (None, Some(_)) => registered[answer].1.history_due = Some(first..end),
+                                    (None, None) => {
                                         tracing::warn!(log = %self.path.display(), plugin = %plugin, first, end,
-                                            "the plugin no longer asks for its history (deliver = \"all\"): the rest \
-                                             of it, not made pending yet, is dropped");
+                                            "the plugin is no longer durable: the rest of its history (deliver = \
+                                             \"all\"), or of what was accepted while it was away, not made pending \
+                                             yet, is dropped");
                                         due.remove(&*plugin).map_err(|e| e.to_string())?;
                                     }
                                 }
+                            }
+                            // Known and durable, away since `away`: what was accepted meanwhile is
+                            // due as history (review 63a F2). None of it was run: nothing was
+                            // pending for it but what an append sent before the mark left (pending
+                            // again changes nothing).
+                            if let (Some(away), Some(_), false) = (away, &matches, registered[answer].1.new)
+                                && away < next
+                            {
+                                row.flush(&mut events).map_err(|e| e.to_string())?;
+                                let now = due.get(&*plugin).map_err(|e| e.to_string())?.map(|v| v.value());
+                                let (first, end) = now.map_or((away, next), |(f, e)| (f.min(away), e.max(next)));
+                                due.insert(&*plugin, (first, end)).map_err(|e| e.to_string())?;
+                                registered[answer].1.history_due = Some(first..end);
+                                tracing::info!(log = %self.path.display(), plugin = %plugin, first = away, end = next,
+                                    "a durable plugin back after it had no subscription: what was accepted meanwhile is \
+                                     delivered to it");
                             }
                         }
                         Op::Backfill { plugin, matches, from, seqs, history, done } => {
@@ -4099,7 +4185,7 @@ pub(crate) mod tests {
         let (want, settled) = {
             let log = reopen(&path, retention.clone()).await;
             let want = append_history(&log, 300).await;
-            let first = log.register_with("q".into(), only_a()).await.unwrap();
+            let first = log.register_with("q".into(), only_a(), true).await.unwrap();
             assert!(first.new);
             // A step reads whole rows past its 64 records (a row holds a commit's events, as
             // many as the writer grouped): about 32 of the 150, never most of them.
@@ -4138,7 +4224,7 @@ pub(crate) mod tests {
         };
         let log = reopen(&path, retention).await;
         assert_eq!(log.metrics().histories_due.get(), 1, "counted at open");
-        let again = log.register_with("q".into(), only_a()).await.unwrap();
+        let again = log.register_with("q".into(), only_a(), true).await.unwrap();
         assert!(!again.new);
         let due = again.history_due.expect("still due after the restart");
         assert!(due.start > settled[0] && due.start > *settled.last().unwrap(), "{due:?} resumes after {settled:?}");
@@ -4146,7 +4232,11 @@ pub(crate) mod tests {
         let rest: Vec<u64> = want.iter().copied().filter(|seq| !settled.contains(seq)).collect();
         assert_eq!(pending_for(&log, "q"), rest, "the rest of the history, none of what was settled again");
         assert_eq!(log.metrics().histories_due.get(), 0, "all of it pending: none due");
-        assert_eq!(log.register_with("q".into(), only_a()).await.unwrap(), Registration::default(), "nothing due");
+        assert_eq!(
+            log.register_with("q".into(), only_a(), true).await.unwrap(),
+            Registration::default(),
+            "nothing due"
+        );
     }
 
     /// A plugin whose history was still due when its subscription went (a step that failed to
@@ -4157,7 +4247,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = DurableLog::open(&dir.path().join("bus.redb"), SyncPolicy::None).unwrap();
         let mut want = append_history(&log, 300).await;
-        let first = log.register_with("q".into(), only_a()).await.unwrap();
+        let first = log.register_with("q".into(), only_a(), true).await.unwrap();
         assert_eq!(first.history_due.as_ref().map(|d| d.end), Some(301), "{first:?}");
         for i in 0..6 {
             let subject = if i % 2 == 0 { "a.x" } else { "b.x" };
@@ -4165,11 +4255,60 @@ pub(crate) mod tests {
         }
         log.sync().await.unwrap();
         want.extend([301, 303, 305]);
-        let again = log.register_with("q".into(), only_a()).await.unwrap();
+        let again = log.register_with("q".into(), only_a(), true).await.unwrap();
         let due = again.history_due.clone().expect("due");
         assert_eq!(due.end, 307, "{again:?}");
         log.backfill_history("q".into(), |s: &str| s.starts_with("a."), due).await.unwrap();
         assert_eq!(pending_for(&log, "q"), want);
+    }
+
+    /// Review 63a F2: a durable plugin known to the log, away for a while (its last subscription
+    /// gone, or the host stopped and the plugin not subscribed again yet), gets what was accepted
+    /// meanwhile that it matches when it subscribes again, as a JetStream durable consumer
+    /// resumes; a plugin that is not durable does not, and neither gets what it had before.
+    #[tokio::test]
+    async fn a_durable_plugin_away_for_a_while_gets_what_was_accepted_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.redb");
+        let append = |log: &DurableLog, subject: &str, to: &[&str]| {
+            log.append_nowait(Arc::new(Event::new(subject, "x")), to.iter().map(|p| Arc::from(*p)).collect()).unwrap()
+        };
+        let gap = {
+            let log = DurableLog::open(&path, SyncPolicy::Always).unwrap();
+            assert!(log.register_with("q".into(), only_a(), false).await.unwrap().new);
+            assert!(log.register_with("r".into(), None, false).await.unwrap().new);
+            let handled = append(&log, "a.before", &["q", "r"]);
+            log.sync().await.unwrap();
+            log.ack("q".into(), handled);
+            log.ack("r".into(), handled);
+            log.away("q".into());
+            log.away("r".into());
+            let meanwhile = [append(&log, "a.1", &[]), append(&log, "b.2", &[]), append(&log, "a.3", &[])];
+            log.sync().await.unwrap();
+            assert_eq!(log.register_with("r".into(), None, false).await.unwrap().history_due, None, "not durable");
+            let back = log.register_with("q".into(), only_a(), false).await.unwrap();
+            let due = back.history_due.clone().expect("what was accepted while it was away is due");
+            assert_eq!(due, meanwhile[0]..meanwhile[2] + 1, "{back:?}");
+            log.backfill_history("q".into(), |s: &str| s.starts_with("a."), due).await.unwrap();
+            assert_eq!(pending_for(&log, "q"), [meanwhile[0], meanwhile[2]], "a.1 and a.3, not b.2 nor a.before");
+            assert_eq!(pending_for(&log, "r"), Vec::<u64>::new());
+            assert_eq!(log.register_with("q".into(), only_a(), false).await.unwrap(), Registration::default());
+            for seq in [meanwhile[0], meanwhile[2]] {
+                log.ack("q".into(), seq);
+            }
+            log.sync().await.unwrap();
+            meanwhile
+            // Dropped here: the host stops with q subscribed.
+        };
+        // Away from the log's open on: what is accepted before it subscribes again is its.
+        let log = reopen(&path, Retention::default()).await;
+        let at_the_start = append(&log, "a.4", &[]);
+        log.sync().await.unwrap();
+        let back = log.register_with("q".into(), only_a(), false).await.unwrap();
+        let due = back.history_due.clone().expect("due after the restart");
+        assert_eq!(due, at_the_start..at_the_start + 1, "{back:?} (before it: {gap:?})");
+        log.backfill_history("q".into(), |s: &str| s.starts_with("a."), due).await.unwrap();
+        assert_eq!(pending_for(&log, "q"), [at_the_start]);
     }
 
     /// A plugin whose history was still due subscribes again without `deliver = "all"`: the
@@ -4179,10 +4318,10 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = DurableLog::open(&dir.path().join("bus.redb"), SyncPolicy::None).unwrap();
         append_history(&log, 300).await;
-        let first = log.register_with("q".into(), only_a()).await.unwrap();
+        let first = log.register_with("q".into(), only_a(), true).await.unwrap();
         assert!(first.history_due.is_some(), "{first:?}");
-        assert_eq!(log.register_with("q".into(), None).await.unwrap(), Registration::default());
-        assert_eq!(log.register_with("q".into(), only_a()).await.unwrap(), Registration::default(), "dropped");
+        assert_eq!(log.register_with("q".into(), None, false).await.unwrap(), Registration::default());
+        assert_eq!(log.register_with("q".into(), only_a(), true).await.unwrap(), Registration::default(), "dropped");
         assert_eq!(log.unsettled("q").unwrap().len(), first.made);
     }
 
