@@ -135,6 +135,13 @@ impl Reloader {
         };
         let freed: Vec<PathBuf> =
             self.rejected.lock().expect("poisoned").iter().map(|r| r.path.clone()).filter(|p| spelled(p)).collect();
+        for path in &freed {
+            // Its identity is its own file's name (review 63a F1).
+            tracing::warn!(plugin = %name, file = %loader::shown(path),
+                "another spelling of the plugin whose file was removed is loaded in its place: a rename, so what the \
+                 event log, kv and JetStream hold under the old name (deliveries not settled yet, state, a durable \
+                 consumer) stays with that name");
+        }
         self.freed.lock().expect("poisoned").extend(freed);
     }
 

@@ -179,7 +179,12 @@ async fn a_plugin_whose_subscription_the_bus_refused_is_tried_again_by_itself() 
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(plugbus_tests::wasm("audit"), dir.path().join("audit.wasm")).unwrap();
     let data = tempfile::tempdir().unwrap();
-    let config = plugbus::Config { plugins_dir: dir.path().into(), data_dir: data.path().into(), ..Default::default() };
+    let config = plugbus::Config {
+        plugins_dir: dir.path().into(),
+        data_dir: data.path().into(),
+        http: None,
+        ..Default::default()
+    };
     let transport = PanicsOnOutput::new(std::sync::Arc::new(plugbus::backend::embedded::bus::EmbeddedBus::new()), 0);
     let kv = std::sync::Arc::new(plugbus::kv::MemoryKv::new());
     let host = plugbus::Host::start_on(config, transport.clone(), kv).await.expect("host starts");
@@ -207,8 +212,12 @@ async fn a_host_panic_delivering_an_event_of_a_key_hurts_only_that_event() {
     // echo's version 2 orders by the header `key` and copies each event to `echo.v2.<subject>`.
     std::fs::copy(plugbus_tests::wasm("echo2"), dir.path().join("echo.wasm")).unwrap();
     let data = tempfile::tempdir().unwrap();
-    let mut config =
-        plugbus::Config { plugins_dir: dir.path().into(), data_dir: data.path().into(), ..Default::default() };
+    let mut config = plugbus::Config {
+        plugins_dir: dir.path().into(),
+        data_dir: data.path().into(),
+        http: None,
+        ..Default::default()
+    };
     config.flow.queue = 2;
     fast_retries(&mut config);
     let transport =

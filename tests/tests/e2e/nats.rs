@@ -2680,6 +2680,25 @@ mod retarget {
     }
 }
 
+/// Review 63b F2: a swap that turns durable delivery off stranded what the consumer had not
+/// delivered (and what waited there for a retry), pulled by nobody, and while other hosts still
+/// pulled it every event was handled twice. It is refused, and the durable feed goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_swap_that_turns_durable_delivery_off_is_refused() {
+    use plugbus::transport::Transport;
+    let server = NatsServer::start().await;
+    let (nats, mut sub) = retarget::feed(&server, &["orders.*"]).await;
+    let js = jetstream::new(server.client().await);
+    retarget::delivered(&js, &mut sub, "orders.placed").await;
+    let core = plugbus::transport::SubscriptionSpec { durable: None, ..retarget::spec(&["orders.*"]) };
+    let err = nats.retarget(sub.id, &core).await.unwrap_err();
+    assert!(matches!(err, plugbus::transport::TransportError::Refused(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("turns durable delivery off for plugin p") && err.to_string().contains("plugbus_p")
+    );
+    retarget::delivered(&js, &mut sub, "orders.cancelled").await;
+}
+
 /// A reload whose new patterns no stream captures (`auto_streams = false`) is refused, and the
 /// version serving keeps its events: the feed's filter is not left on the refused patterns
 /// (its events were acked unrun, lost).

@@ -686,6 +686,19 @@ impl NatsTransport {
 
     /// A queue subscription per pattern; see [`Self::apply`].
     async fn apply_core(&self, feed: &mut Feed, spec: &SubscriptionSpec) -> Result<(), TransportError> {
+        // A swap that turns durable delivery off left the consumer's undelivered messages and
+        // those waiting for a retry on the server, pulled by nobody, and while other hosts still
+        // pull it every event was handled twice, once by each (review 63b F2).
+        if let Some(pump) = feed.durable.values().next() {
+            return Err(TransportError::Refused(format!(
+                "the new version (or its config) turns durable delivery off for plugin {plugin}: what its JetStream \
+                 consumer {consumer} has not delivered, and what waits there for a retry, would be left behind, and \
+                 hosts still pulling it would handle every event a second time. Keep `durable` (the manifest's, or \
+                 `[plugins.{plugin}] durable`); to turn it off, stop the plugin once its consumer is drained",
+                plugin = spec.plugin,
+                consumer = pump.spec().name,
+            )));
+        }
         let patterns = covering(spec);
         let mut added = Vec::new();
         let subscribed = async {
