@@ -86,21 +86,27 @@ impl DeliveryError {
 /// `plugbus-error`, a [`DeliveryError`]'s display), for a test case made of it
 /// (`plugbus dlq export`): `"reject"` or `"retry"` when the handler failed it (rejected it, asked
 /// to retry, trapped, went past its kv quota, or was kept waiting for a CPU past 4 times its
-/// deadline: whether it would have finished is not known), `"ok"` when something else did (the host or the
-/// bus failed, two of its events raced on a kv key, or it never ran: too large, undecodable,
-/// unclaimed). Read from the words [`DeliveryError`]'s display starts with.
+/// deadline: whether it would have finished is not known), `"reject"` too for an event over the
+/// plugin's `max_event_bytes` (never run: `plugbus test` dead-letters it unrun as the host does,
+/// review 63c F8), `"ok"` when something else did (the host or the bus failed, two of its events
+/// raced on a kv key, or it never ran: undecodable, unclaimed). Read from the words
+/// [`DeliveryError`]'s display starts with.
+/// Whether a dead letter's `error` says the event was over the plugin's `max_event_bytes` (never
+/// run: neither the handler's failure nor the host's).
+pub fn never_run_for_its_size(error: &str) -> bool {
+    error.starts_with("event of ") && error.contains("-byte limit")
+}
+
 pub fn expected_of(error: &str) -> &'static str {
     let not_the_handlers =
         ["host error:", "kv conflict:", "the message is not a valid event:", "no host of the plugin took it:"];
     let starved = error.strip_prefix("host error: ").is_some_and(|e| e.starts_with(crate::sandbox::cpu_wait::STARVED));
-    if error.starts_with("handler rejected the event") {
+    if error.starts_with("handler rejected the event") || never_run_for_its_size(error) {
         "reject"
     } else if starved {
         // It was kept waiting past 4 times its deadline: whether it would have finished is not known.
         "retry"
-    } else if not_the_handlers.iter().any(|p| error.starts_with(p))
-        || (error.starts_with("event of ") && error.contains("-byte limit"))
-    {
+    } else if not_the_handlers.iter().any(|p| error.starts_with(p)) {
         "ok"
     } else {
         "retry"
@@ -349,7 +355,7 @@ mod tests {
             (DeliveryError::Kv("the event log is closed".into()).to_string(), "ok"),
             (DeliveryError::Publish("full".into()).to_string(), "ok"),
             (DeliveryError::KvConflict("key \"n\" changed".into()).to_string(), "ok"),
-            (DeliveryError::Oversize { bytes: 2 << 20, limit: 1 << 20 }.to_string(), "ok"),
+            (DeliveryError::Oversize { bytes: 2 << 20, limit: 1 << 20 }.to_string(), "reject"),
             (DeliveryError::Undecodable("no id".into()).to_string(), "ok"),
             (DeliveryError::Unclaimed("5 deliveries".into()).to_string(), "ok"),
         ] {

@@ -52,7 +52,8 @@ pub fn case_from_entry(entry: &Value) -> Result<Value, String> {
     let result = crate::fate::expected_of(&error);
     // (An attempt the host ended after keeping it waiting for a CPU expects a retry, and is the
     // host's: `fate::expected_of`.)
-    let by_the_handler = result != "ok" && !error.starts_with("host error:");
+    let by_the_handler =
+        result != "ok" && !error.starts_with("host error:") && !crate::fate::never_run_for_its_size(&error);
     Ok(json!({
         "event": to_json(&ev),
         "attempt": attempts.max(1),
@@ -103,6 +104,14 @@ mod tests {
         let entry = serde_json::to_value(Entry { seq: 3, plugin: "faulty".into(), event: dead, record: None }).unwrap();
         let case = case_from_entry(&entry).unwrap();
         assert_eq!(case["expect"]["result"], "retry", "{case}");
+        assert_eq!(case["dead_letter"]["failed_by_the_handler"], false, "{case}");
+        // One over the plugin's `max_event_bytes`: never run, and `plugbus test` dead-letters it
+        // unrun with the same limits, so it expects that (review 63c F8); not the handler's.
+        let failure = crate::fate::DeliveryError::Oversize { bytes: 2 << 20, limit: 1 << 20 }.to_string();
+        let dead = dead_letter_event(&original, "faulty", "plugbus.dlq.faulty", &failure, 1);
+        let entry = serde_json::to_value(Entry { seq: 4, plugin: "faulty".into(), event: dead, record: None }).unwrap();
+        let case = case_from_entry(&entry).unwrap();
+        assert_eq!(case["expect"]["result"], "reject", "{case}");
         assert_eq!(case["dead_letter"]["failed_by_the_handler"], false, "{case}");
     }
 }

@@ -129,6 +129,15 @@ impl Runner {
     /// Why the host would never deliver a case's event to this plugin: its subject matches none
     /// of the plugin's subscriptions (review 61f F3: such a case ran, and its snapshot passed).
     pub fn never_delivered(&self, case: &Case) -> Option<String> {
+        // The replay of another plugin's dead letter goes to that plugin alone (review 63c F7).
+        if let Some(other) = crate::deadletter::replay_for(&case.event).filter(|p| *p != self.plugin.name()) {
+            return Some(format!(
+                "the event is the replay of a dead letter of plugin {} (plugbus-replay-for): the host delivers it to \
+                 that plugin alone, never to {}",
+                crate::event::quoted(other),
+                self.plugin.name()
+            ));
+        }
         let patterns = self.plugin.manifest().patterns();
         let takes = crate::subject::PatternSet::parse(&patterns).is_ok_and(|set| set.matches(&case.event.subject));
         (!takes).then(|| {

@@ -7,6 +7,8 @@
 use super::gathered::Changes;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// What identifies a target's content without reading it: device, inode, size, and the
 /// modification and change times (a rename over it changes the inode; a write in place, the times).
@@ -26,20 +28,37 @@ fn target_of(path: &Path) -> Option<Fingerprint> {
 /// The targets of the linked plugin files, as last looked at.
 #[derive(Debug, Default)]
 pub struct LinkedTargets {
-    seen: HashMap<PathBuf, Fingerprint>,
+    seen: Mutex<HashMap<PathBuf, Fingerprint>>,
+    /// A look is under way ([`LinkedTargets::look_in_background`]).
+    looking: AtomicBool,
 }
 
 impl LinkedTargets {
+    /// [`LinkedTargets::check`] in a blocking thread of its own, unless the last one is still
+    /// under way: a target on a file system that hangs (NFS, FUSE) holds no worker of the runtime
+    /// and no reload of the folder's own files (review 63c F4), only that one thread.
+    pub fn look_in_background(self: &Arc<Self>, known: Vec<PathBuf>, changes: &Arc<Changes>) {
+        if self.looking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (linked, changes) = (self.clone(), changes.clone());
+        tokio::task::spawn_blocking(move || {
+            linked.check(known, &changes);
+            linked.looking.store(false, Ordering::Release);
+        });
+    }
+
     /// Looks at the targets of `known` (the files the host serves or refused): one that changed
     /// since the last look, or is seen for the first time, is gathered into `changes` as its
     /// link's change; links no longer known are forgotten.
-    pub fn check(&mut self, known: impl IntoIterator<Item = PathBuf>, changes: &Changes) {
+    pub fn check(&self, known: impl IntoIterator<Item = PathBuf>, changes: &Changes) {
+        let mut seen = self.seen.lock().expect("linked targets poisoned");
         let mut now = HashMap::new();
         for path in known {
             let Some(target) = target_of(&path) else { continue };
             // First seen, it is looked at once too: the build may have changed between the load
             // that read it and this look (a reload of what serves already changes nothing).
-            match self.seen.get(&path) {
+            match seen.get(&path) {
                 Some(before) if *before == target => {}
                 Some(_) => {
                     tracing::info!(file = %path.display(), "the build a plugin file links to changed: loading it again");
@@ -49,7 +68,7 @@ impl LinkedTargets {
             }
             now.insert(path, target);
         }
-        self.seen = now;
+        *seen = now;
     }
 }
 
@@ -71,7 +90,7 @@ mod tests {
         std::fs::write(&plain, b"v1").unwrap();
         let known = || vec![link.clone(), plain.clone()];
         let changes = Changes::default();
-        let mut linked = LinkedTargets::default();
+        let linked = LinkedTargets::default();
 
         linked.check(known(), &changes);
         let first: Vec<PathBuf> = changes.take().paths.into_iter().collect();

@@ -447,7 +447,7 @@ pub fn watch(reloader: Arc<Reloader>, folder: FolderWatch) -> WatchGuard {
         let mut stopping = std::pin::pin!(stop_rx);
         let mut folder_check = tokio::time::interval(FOLDER_CHECK);
         folder_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut linked = linked::LinkedTargets::default();
+        let linked = Arc::new(linked::LinkedTargets::default());
         loop {
             let retry = applying.next_retry();
             tokio::select! {
@@ -455,7 +455,7 @@ pub fn watch(reloader: Arc<Reloader>, folder: FolderWatch) -> WatchGuard {
                 () = changes.changed() => {}
                 _ = folder_check.tick() => {
                     watch_again_if_replaced(&mut watcher, &watched, &mut watching, &changes);
-                    linked.check(reloader.known_files(), &changes);
+                    linked.look_in_background(reloader.known_files(), &changes);
                     continue;
                 }
                 Some(ended) = applying.tasks.join_next() => {

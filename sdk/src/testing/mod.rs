@@ -1377,9 +1377,13 @@ fn past_the_copy_limit(limits: &Limits) -> String {
     )
 }
 
-/// The bytes a call passes to the host: its strings and byte lists.
+/// What the host's per-call copy limit charges a header on top of its bytes (wasmtime's charge
+/// for one element of a list of string pairs).
+const HOSTCALL_ENTRY_BYTES: usize = 48;
+
+/// The bytes a call passes to the host: its strings and byte lists, and each header's entry.
 fn call_bytes(parts: &[&[u8]], headers: &[(String, String)]) -> u64 {
-    let headers: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let headers: usize = headers.iter().map(|(k, v)| k.len() + v.len() + HOSTCALL_ENTRY_BYTES).sum();
     (parts.iter().map(|p| p.len()).sum::<usize>() + headers) as u64
 }
 
@@ -1435,7 +1439,9 @@ pub(crate) mod calls {
     }
 
     pub(crate) fn http_send(req: &crate::http::Request) -> Result<crate::http::Response, crate::http::HttpError> {
-        let bytes = call_bytes(&[req.method.as_bytes(), req.url.as_bytes(), &req.body], &req.headers);
+        // The body is streamed to the host in small writes, each its own call (the limits of
+        // outbound requests apply to it, not the copy limit).
+        let bytes = call_bytes(&[req.method.as_bytes(), req.url.as_bytes()], &req.headers);
         within_copy_limit("plugbus_sdk::http", bytes, |s| s.http_send(req))
     }
 

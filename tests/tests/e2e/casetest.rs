@@ -318,6 +318,13 @@ fn plugbus_test_runs_a_case_as_the_host_would_its_size_kv_quota_and_subscription
     assert_eq!(kept["result"], "retry");
     assert_eq!((kept["kv"].clone(), kept["outputs"].clone()), (json!({"stock/widget": 5}), json!([])), "nothing kept");
 
+    // The replay of another plugin's dead letter goes to that plugin alone (review 63c F7).
+    let mut replay = order_case("o-3", "widget", 1, None);
+    replay["event"]["plugbus-replay-for"] = json!("billing");
+    write_lines(&cases, &[replay]);
+    let err = bad(&inventory, &cases);
+    assert!(err.contains(":1: the event is the replay of a dead letter of plugin \"billing\""), "{err}");
+
     let mut cancelled = order_case("o-2", "widget", 1, None);
     cancelled["event"]["subject"] = json!("orders.cancelled");
     write_lines(&cases, &[order_case("o-1", "widget", 2, None), cancelled]);

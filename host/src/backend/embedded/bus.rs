@@ -1066,6 +1066,15 @@ impl Overflow {
         }
     }
 
+    /// Whether an event logged at `logged` was appended after the subscription went (its targets
+    /// were taken before): on the log it is pending for the plugin's next subscription, which
+    /// gets it from there (a durable one as part of what was accepted while it was away), so the
+    /// worker still draining this one must not run it too (review 63c F2: it ran twice).
+    /// Checked after the append, which the log ordered after the plugin's `away` mark.
+    fn gone_before(&self, logged: Logged) -> bool {
+        logged.0.is_some() && self.unsubscribed.load(Ordering::Acquire)
+    }
+
     /// Whether the subscription is gone: its read-back has nobody to read for.
     fn is_gone(&self, tx: &mpsc::Sender<Delivery>) -> bool {
         tx.is_closed() || self.unsubscribed.load(Ordering::Acquire)
@@ -1686,6 +1695,9 @@ impl EmbeddedBus {
             // deliveries under it too, and they go behind what it read (or anything else) still
             // waiting there.
             let mut state = sub.overflow.state.lock().expect("overflow poisoned");
+            if sub.overflow.gone_before(logged) {
+                continue;
+            }
             if !Overflow::goes_live(&mut state, logged) {
                 Overflow::left_in_log(&mut state, &sub.tx, logged, event.buffered_cost(), None);
                 continue;
@@ -1840,6 +1852,9 @@ impl EmbeddedBus {
         // output each, once).
         for sub in targets.iter().chain(&late) {
             let mut state = sub.overflow.state.lock().expect("overflow poisoned");
+            if sub.overflow.gone_before(logged) {
+                continue;
+            }
             if Overflow::goes_live(&mut state, logged) {
                 sub.overflow.take(&mut state, &sub.tx, &event, publisher, cost, logged);
             } else {

@@ -378,6 +378,8 @@ impl Op {
                 Some(Op::Ack { plugin: plugin.clone(), seq: *seq, keep_pending: *keep_pending })
             }
             Op::KvCommit { ns, txn, outbox, done: None } => Some(kv_replay(ns, txn, outbox)),
+            // A mark lost with a failed commit would lose the plugin what it misses (review 63c F3).
+            Op::Away { plugin, seq } => Some(Op::Away { plugin: plugin.clone(), seq: *seq }),
             _ => None,
         }
     }
@@ -1307,8 +1309,8 @@ impl DurableLog {
     /// crash after it leaves the rest due), for the caller to make pending with
     /// [`DurableLog::backfill_history`] before the plugin reads back. One long history is never
     /// one commit that holds every producer's append and every ack. A plugin registered before
-    /// with history still due is answered that (with `deliver_all`; without, it no longer asks
-    /// for it, and the rest is dropped). A durable plugin known before and away since (`AWAY`)
+    /// with history still due is answered that while it is durable (even without `deliver_all`
+    /// now, as a JetStream consumer keeps its start); once it is not durable the rest is dropped. A durable plugin known before and away since (`AWAY`)
     /// has the kept events accepted meanwhile that it matches answered as `history_due` too.
     pub async fn register_with(
         &self,

@@ -54,6 +54,11 @@ impl StreamIndex {
     }
 }
 
+/// What a declared stream's refused change may mean: a host never takes a subject away from a
+/// stream, so one moved to another stream in the config is still held by the first.
+const MOVED: &str = " (if the config moved a subject from another stream, that stream still holds it: a host never \
+                     removes a stream's subject; take it away with `nats stream edit`)";
+
 /// Creates the streams the operator declared (`[nats.streams.NAME] subjects = [...]`), or adds
 /// the declared subjects an existing one lacks. Never removes one: every host of a cluster
 /// declares the stream, and a host started with an older config (a rollback, a host rescheduled
@@ -67,7 +72,7 @@ pub async fn declare(js: &jetstream::Context, settings: &NatsSettings) -> Result
         let mut existing = js
             .get_or_create_stream(config)
             .await
-            .map_err(|e| TransportError::Broker(format!("nats.streams.{name}: creating the stream: {e}")))?;
+            .map_err(|e| TransportError::Broker(format!("nats.streams.{name}: creating the stream: {e}{MOVED}")))?;
         let info = existing
             .info()
             .await
@@ -82,9 +87,9 @@ pub async fn declare(js: &jetstream::Context, settings: &NatsSettings) -> Result
         if !added.is_empty() {
             let mut config = info.config;
             config.subjects = subjects;
-            js.update_stream(config)
-                .await
-                .map_err(|e| TransportError::Broker(format!("nats.streams.{name}: adding subjects {added:?}: {e}")))?;
+            js.update_stream(config).await.map_err(|e| {
+                TransportError::Broker(format!("nats.streams.{name}: adding subjects {added:?}: {e}{MOVED}"))
+            })?;
             tracing::info!(stream = %name, added = ?added, "stream subjects added");
         }
     }
@@ -92,11 +97,18 @@ pub async fn declare(js: &jetstream::Context, settings: &NatsSettings) -> Result
 }
 
 /// A stream's subjects with `declared` added: (all of them, those added, those it holds that
-/// `declared` does not name), each in the order first seen.
+/// `declared` does not name). By coverage, as the server compares them (it refuses two subjects
+/// of a stream that overlap, review 63c F1): a declared subject one it holds covers is not added
+/// (`orders.>` held, `orders.created` declared: nothing changes), and one it holds that a
+/// declared subject covers is replaced by it (`orders.created` held, `orders.>` declared).
 fn with_declared(existing: &[String], declared: &[String]) -> (Vec<String>, Vec<String>, Vec<String>) {
-    let added: Vec<String> = declared.iter().filter(|s| !existing.contains(s)).cloned().collect();
-    let beyond = existing.iter().filter(|s| !declared.contains(s)).cloned().collect();
-    let all = existing.iter().chain(&added).cloned().collect();
+    let covers = |wide: &str, narrow: &str| {
+        wide == narrow || Pattern::parse(wide).ok().zip(Pattern::parse(narrow).ok()).is_some_and(|(w, n)| w.covers(&n))
+    };
+    let added: Vec<String> = declared.iter().filter(|d| !existing.iter().any(|e| covers(e, d))).cloned().collect();
+    let beyond = existing.iter().filter(|e| !declared.iter().any(|d| covers(d, e))).cloned().collect();
+    let kept = existing.iter().filter(|e| !added.iter().any(|a| covers(a, e)));
+    let all = kept.chain(&added).cloned().collect();
     (all, added, beyond)
 }
 
@@ -205,6 +217,12 @@ mod tests {
         assert_eq!((all, added, beyond), (strings(&["orders.>", "refunds.>"]), vec![], strings(&["refunds.>"])));
         let (all, added, beyond) = with_declared(&strings(&["orders.>"]), &strings(&["returns.>", "orders.>"]));
         assert_eq!((all, added, beyond), (strings(&["orders.>", "returns.>"]), strings(&["returns.>"]), vec![]));
+        // Widened: the held subject the declared one covers goes (the server refuses an overlap).
+        let (all, added, beyond) = with_declared(&strings(&["orders.created", "a"]), &strings(&["orders.>", "a"]));
+        assert_eq!((all, added, beyond), (strings(&["a", "orders.>"]), strings(&["orders.>"]), vec![]));
+        // Narrowed: nothing to add, the wider one held is kept and named.
+        let (all, added, beyond) = with_declared(&strings(&["orders.>"]), &strings(&["orders.created"]));
+        assert_eq!((all, added, beyond), (strings(&["orders.>"]), vec![], strings(&["orders.>"])));
     }
 
     /// Review 62d F2: `ORDERS` and `orders` made one stream name.
