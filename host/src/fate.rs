@@ -91,12 +91,6 @@ impl DeliveryError {
 /// review 63c F8), `"ok"` when something else did (the host or the bus failed, two of its events
 /// raced on a kv key, or it never ran: undecodable, unclaimed). Read from the words
 /// [`DeliveryError`]'s display starts with.
-/// Whether a dead letter's `error` says the event was over the plugin's `max_event_bytes` (never
-/// run: neither the handler's failure nor the host's).
-pub fn never_run_for_its_size(error: &str) -> bool {
-    error.starts_with("event of ") && error.contains("-byte limit")
-}
-
 pub fn expected_of(error: &str) -> &'static str {
     let not_the_handlers =
         ["host error:", "kv conflict:", "the message is not a valid event:", "no host of the plugin took it:"];
@@ -111,6 +105,12 @@ pub fn expected_of(error: &str) -> &'static str {
     } else {
         "retry"
     }
+}
+
+/// Whether a dead letter's `error` says the event was over the plugin's `max_event_bytes` (never
+/// run: neither the handler's failure nor the host's).
+pub fn never_run_for_its_size(error: &str) -> bool {
+    error.starts_with("event of ") && error.contains("-byte limit")
 }
 
 impl std::fmt::Display for DeliveryError {

@@ -41,11 +41,15 @@ impl LinkedTargets {
         if self.looking.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (linked, changes) = (self.clone(), changes.clone());
-        tokio::task::spawn_blocking(move || {
-            linked.check(known, &changes);
-            linked.looking.store(false, Ordering::Release);
-        });
+        /// Ends the look when dropped, even by a panic (looks would stop for good otherwise).
+        struct Looked(Arc<LinkedTargets>);
+        impl Drop for Looked {
+            fn drop(&mut self) {
+                self.0.looking.store(false, Ordering::Release);
+            }
+        }
+        let (looked, changes) = (Looked(self.clone()), changes.clone());
+        tokio::task::spawn_blocking(move || looked.0.check(known, &changes));
     }
 
     /// Looks at the targets of `known` (the files the host serves or refused): one that changed

@@ -2172,6 +2172,20 @@ impl Transport for EmbeddedBus {
         for held in held.into_iter().flatten() {
             self.read_back(log, held);
         }
+        // What the log owes a plugin that is not loaded waits for it, named nowhere else
+        // (review 63a F3): retention keeps it, and past `max_mib` drops other settled events.
+        let subscribed: Vec<Arc<str>> =
+            self.table.read().expect("bus table poisoned").subs.iter().map(|s| s.plugin.clone()).collect();
+        match log.owing_plugins() {
+            Ok(owing) => {
+                for plugin in owing.iter().filter(|p| !subscribed.iter().any(|s| &**s == p.as_str())) {
+                    tracing::warn!(plugin = %plugin,
+                        "the event log holds deliveries not settled for a plugin that is not loaded: they wait for it \
+                         (loaded again, it runs them), and retention keeps them meanwhile");
+                }
+            }
+            Err(e) => tracing::warn!("listing the plugins the event log owes deliveries: {e}"),
+        }
     }
 
     fn register_metrics(&self, registry: &mut crate::metrics::Registry) {

@@ -1451,6 +1451,16 @@ impl DurableLog {
     }
 }
 
+impl DurableLog {
+    /// The plugins with a delivery not settled yet, each named once.
+    pub fn owing_plugins(&self) -> Result<Vec<String>, LogError> {
+        let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
+        let r = self.store.get().map_err(|e| io(&e))?.begin_read().map_err(|e| io(&e))?;
+        let pending = r.open_table(PENDING).map_err(|e| io(&e))?;
+        owing_plugins(&pending).map_err(|e| io(&e))
+    }
+}
+
 /// Whether deliveries read back from the log were delivered before.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivered {
@@ -1848,7 +1858,13 @@ impl Writer {
             let wants_sync = batch.iter().any(|op| {
                 matches!(
                     op,
-                    Op::Sync { .. } | Op::Register { .. } | Op::Backfill { .. } | Op::Ack { keep_pending: Some(_), .. }
+                    Op::Sync { .. }
+                        | Op::Register { .. }
+                        | Op::Backfill { .. }
+                        | Op::Ack { keep_pending: Some(_), .. }
+                        // Rare (a plugin's last subscription going), and a mark kept only in
+                        // memory would be lost with a later failed write (review 63d D1).
+                        | Op::Away { .. }
                 )
             });
             let has_appends = batch.iter().any(|op| matches!(op, Op::Append { .. } | Op::KvCommit { .. }));
@@ -4293,6 +4309,7 @@ pub(crate) mod tests {
             assert_eq!(due, meanwhile[0]..meanwhile[2] + 1, "{back:?}");
             log.backfill_history("q".into(), |s: &str| s.starts_with("a."), due).await.unwrap();
             assert_eq!(pending_for(&log, "q"), [meanwhile[0], meanwhile[2]], "a.1 and a.3, not b.2 nor a.before");
+            assert_eq!(log.owing_plugins().unwrap(), ["q"], "the plugins owed a delivery, named once");
             assert_eq!(pending_for(&log, "r"), Vec::<u64>::new());
             assert_eq!(log.register_with("q".into(), only_a(), false).await.unwrap(), Registration::default());
             for seq in [meanwhile[0], meanwhile[2]] {

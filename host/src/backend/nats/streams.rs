@@ -54,10 +54,12 @@ impl StreamIndex {
     }
 }
 
-/// What a declared stream's refused change may mean: a host never takes a subject away from a
-/// stream, so one moved to another stream in the config is still held by the first.
-const MOVED: &str = " (if the config moved a subject from another stream, that stream still holds it: a host never \
-                     removes a stream's subject; take it away with `nats stream edit`)";
+/// What a declared stream's refused change may mean: the server refuses a subject that overlaps
+/// one a stream holds (this one, where neither covers the other, or another), and a host never
+/// takes a subject away from a stream, so one the config moved is still held where it was.
+const MOVED: &str = " (the server refuses a subject that overlaps one a stream holds, in this stream or another; a \
+                     host never removes a stream's subject, so one the config moved or narrowed is still held: change \
+                     the streams' subjects with `nats stream edit`)";
 
 /// Creates the streams the operator declared (`[nats.streams.NAME] subjects = [...]`), or adds
 /// the declared subjects an existing one lacks. Never removes one: every host of a cluster
