@@ -4330,6 +4330,38 @@ pub(crate) mod tests {
         assert_eq!(pending_for(&log, "q"), [at_the_start]);
     }
 
+    /// Review 63c F3: an away mark in a commit that failed (a full disk) was dropped, and the
+    /// plugin then missed for good what was accepted while it was away. It is done again with the
+    /// commit that lands once space returns.
+    #[tokio::test]
+    async fn an_away_mark_whose_commit_failed_is_done_again() {
+        let Some(disk) = Tmpfs::mount(16) else { return };
+        no_room_ahead(disk.0.path());
+        let path = disk.0.path().join("bus.redb");
+        let log = DurableLog::open_with(&path, SyncPolicy::Always, Retention::default()).unwrap();
+        assert!(log.register_with("q".into(), only_a(), false).await.unwrap().new);
+        log.sync().await.unwrap();
+        let filler = fill_up(disk.0.path());
+        // Something the commit must grow the file for, then the mark, in one commit that fails.
+        log.append_nowait(Arc::new(Event::new("b.big", vec![7u8; 256 << 10])), vec![]).unwrap();
+        log.away("q".into());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while log.metrics().commit_failures.get() == 0 {
+            assert!(std::time::Instant::now() < deadline, "the commit never failed");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        std::fs::remove_file(&filler).unwrap();
+        while let Err(e) = log.sync().await {
+            assert!(std::time::Instant::now() < deadline, "the log did not recover: {e}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let Appended::At(meanwhile) = log.append(Arc::new(Event::new("a.1", "x")), vec![], false).await.unwrap() else {
+            panic!("appended")
+        };
+        let back = log.register_with("q".into(), only_a(), false).await.unwrap();
+        assert_eq!(back.history_due, Some(meanwhile..meanwhile + 1), "the mark was lost: {back:?}");
+    }
+
     /// A plugin whose history was still due subscribes again without `deliver = "all"`: the
     /// rest is dropped, not made pending later.
     #[tokio::test]
