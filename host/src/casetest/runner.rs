@@ -90,6 +90,8 @@ impl KvStore for CaseKv {
 /// A component loaded for testing.
 pub struct Runner {
     plugin: Plugin,
+    /// What the plugin subscribes to, parsed once at load.
+    subscriptions: crate::subject::PatternSet,
     kv: Arc<CaseKv>,
     _sandbox: Sandbox,
 }
@@ -118,7 +120,9 @@ impl Runner {
         let plugin = crate::loader::load_file_as(&sandbox, component, &config, &store, grants)
             .await
             .map_err(|e| load_error(e.to_string()))?;
-        Ok(Self { plugin, kv, _sandbox: sandbox })
+        let subscriptions = crate::subject::PatternSet::parse(&plugin.manifest().patterns())
+            .map_err(|e| load_error(format!("its subscriptions: {e}")))?;
+        Ok(Self { plugin, subscriptions, kv, _sandbox: sandbox })
     }
 
     /// The plugin's name (its identity).
@@ -126,8 +130,9 @@ impl Runner {
         self.plugin.name()
     }
 
-    /// Why the host would never deliver a case's event to this plugin: its subject matches none
-    /// of the plugin's subscriptions (review 61f F3: such a case ran, and its snapshot passed).
+    /// Why the host would never deliver a case's event to this plugin: it is the replay of
+    /// another plugin's dead letter, or its subject matches none of the plugin's subscriptions
+    /// (review 61f F3: such a case ran, and its snapshot passed).
     pub fn never_delivered(&self, case: &Case) -> Option<String> {
         // The replay of another plugin's dead letter goes to that plugin alone (review 63c F7).
         if let Some(other) = crate::deadletter::replay_for(&case.event).filter(|p| *p != self.plugin.name()) {
@@ -138,15 +143,13 @@ impl Runner {
                 self.plugin.name()
             ));
         }
-        let patterns = self.plugin.manifest().patterns();
-        let takes = crate::subject::PatternSet::parse(&patterns).is_ok_and(|set| set.matches(&case.event.subject));
-        (!takes).then(|| {
+        (!self.subscriptions.matches(&case.event.subject)).then(|| {
             format!(
                 "the event's subject {} matches none of plugin {}'s subscriptions ({}): the host would never \
                  deliver it to this plugin",
                 crate::event::quoted(&case.event.subject),
                 self.plugin.name(),
-                patterns.join(", ")
+                self.plugin.manifest().patterns().join(", ")
             )
         })
     }

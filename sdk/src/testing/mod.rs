@@ -414,7 +414,8 @@ impl TestHost {
             );
         }
         let result = match outcome {
-            _ if session.trapped.is_some() => Err(HandlerError::retry(session.trapped.clone().unwrap_or_default())),
+            // A call past the copy limit ended the run, whatever the handler did with errors.
+            _ if let Some(why) = &session.trapped => Err(HandlerError::retry(why.clone())),
             Ok(Err(e)) if e.message().len() as u64 > session.limits.hostcall_bytes() => {
                 Err(HandlerError::retry(past_the_copy_limit(&session.limits)))
             }

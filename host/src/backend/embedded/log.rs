@@ -1310,8 +1310,9 @@ impl DurableLog {
     /// [`DurableLog::backfill_history`] before the plugin reads back. One long history is never
     /// one commit that holds every producer's append and every ack. A plugin registered before
     /// with history still due is answered that while it is durable (even without `deliver_all`
-    /// now, as a JetStream consumer keeps its start); once it is not durable the rest is dropped. A durable plugin known before and away since (`AWAY`)
-    /// has the kept events accepted meanwhile that it matches answered as `history_due` too.
+    /// now, as a JetStream consumer keeps its start); once it is not durable the rest is
+    /// dropped. A durable plugin known before and away since (`AWAY`) has the kept events
+    /// accepted meanwhile that it matches answered as `history_due` too.
     pub async fn register_with(
         &self,
         plugin: Arc<str>,
@@ -1449,9 +1450,7 @@ impl DurableLog {
         }
         Ok(UnsettledPage { deliveries, last_seq: owed[..looked].last().copied() })
     }
-}
 
-impl DurableLog {
     /// The plugins with a delivery not settled yet, each named once.
     pub fn owing_plugins(&self) -> Result<Vec<String>, LogError> {
         let io = |e: &dyn std::fmt::Display| LogError::Io { path: self.path.clone(), why: e.to_string() };
@@ -3931,6 +3930,23 @@ pub(crate) mod tests {
         filler
     }
 
+    /// Waits until a commit of `log` failed (on a full disk), by `deadline`.
+    async fn until_a_commit_failed(log: &DurableLog, deadline: std::time::Instant) {
+        while log.metrics().commit_failures.get() == 0 {
+            assert!(std::time::Instant::now() < deadline, "no commit failed");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Removes `filler` (space returns) and waits until `log` commits again, by `deadline`.
+    async fn until_space_returns(log: &DurableLog, filler: &Path, deadline: std::time::Instant) {
+        std::fs::remove_file(filler).unwrap();
+        while let Err(e) = log.sync().await {
+            assert!(std::time::Instant::now() < deadline, "the log did not recover: {e}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     impl Tmpfs {
         pub(crate) fn mount(mib: u32) -> Option<Self> {
             let dir = tempfile::tempdir().unwrap();
@@ -4070,10 +4086,7 @@ pub(crate) mod tests {
         // The flush when the log goes idle fails on the full disk (and the reopen throws away
         // what was kept in memory) ...
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while log.metrics().commit_failures.get() == 0 {
-            assert!(std::time::Instant::now() < deadline, "the flush never failed");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        until_a_commit_failed(&log, deadline).await;
         // While the disk stays full the file is behind what was answered (a commit tried again
         // reopened it, and failed): a kv read fails (its attempt fails as the host's, and is
         // retried) rather than see an answered write undone. (It read nothing, and a read-only
@@ -4086,11 +4099,7 @@ pub(crate) mod tests {
         let checked = log.kv_check_reads("p", &read_only);
         assert!(matches!(checked, Err(crate::kv::KvError::Unavailable(_))), "a read check while behind: {checked:?}");
         // ... then space returns: what was answered is still there.
-        std::fs::remove_file(&filler).unwrap();
-        while let Err(e) = log.sync().await {
-            assert!(std::time::Instant::now() < deadline, "the log did not recover: {e}");
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        until_space_returns(&log, &filler, deadline).await;
         let kept = log.kv_get("p", "k").unwrap().map(|v| v.value);
         assert_eq!(kept.as_deref(), Some(&b"v"[..]), "an answered kv commit was undone");
         assert!(log.kv_get("p", "k2").unwrap().is_none(), "a refused kv commit was applied after the reopen");
@@ -4346,15 +4355,8 @@ pub(crate) mod tests {
         log.append_nowait(Arc::new(Event::new("b.big", vec![7u8; 256 << 10])), vec![]).unwrap();
         log.away("q".into());
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while log.metrics().commit_failures.get() == 0 {
-            assert!(std::time::Instant::now() < deadline, "the commit never failed");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        std::fs::remove_file(&filler).unwrap();
-        while let Err(e) = log.sync().await {
-            assert!(std::time::Instant::now() < deadline, "the log did not recover: {e}");
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        until_a_commit_failed(&log, deadline).await;
+        until_space_returns(&log, &filler, deadline).await;
         let Appended::At(meanwhile) = log.append(Arc::new(Event::new("a.1", "x")), vec![], false).await.unwrap() else {
             panic!("appended")
         };
